@@ -1,0 +1,114 @@
+//! HBONE data-path benchmarks, each beside raw loopback TCP measured in the same run.
+//! See `benches/README.md` for how to run and read them.
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tokio::net::TcpStream;
+use ztunnel::hbone::client;
+use ztunnel::net::ConnectOptions;
+use ztunnel_benches::{push, round_trip, Fixture};
+
+const MIB: usize = 1024 * 1024;
+
+fn throughput(c: &mut Criterion) {
+    let f = Fixture::new();
+    let mut g = c.benchmark_group("throughput_1_stream");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    let len = 64 * MIB;
+    g.throughput(Throughput::Bytes(len as u64));
+    g.bench_function("raw_tcp", |b| b.iter(|| f.rt.block_on(push(f.sink, len))));
+    g.bench_function("hbone", |b| {
+        b.iter(|| f.rt.block_on(push(f.via_tunnel_sink, len)))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("throughput_8_streams");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    let each = 16 * MIB;
+    g.throughput(Throughput::Bytes((8 * each) as u64));
+    for (name, addr) in [("raw_tcp", f.sink), ("hbone", f.via_tunnel_sink)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                f.rt.block_on(async {
+                    let tasks: Vec<_> = (0..8).map(|_| tokio::spawn(push(addr, each))).collect();
+                    for t in tasks {
+                        t.await.expect("stream");
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn request_response(c: &mut Criterion) {
+    let f = Fixture::new();
+    let mut g = c.benchmark_group("rr_1kib");
+    let msg = vec![7u8; 1024];
+    for (name, addr) in [("raw_tcp", f.echo), ("hbone", f.via_tunnel_echo)] {
+        let mut s = f.rt.block_on(async {
+            let s = TcpStream::connect(addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            s
+        });
+        let mut reply = vec![0u8; 1024];
+        g.bench_function(name, |b| {
+            b.iter(|| f.rt.block_on(round_trip(&mut s, &msg, &mut reply)))
+        });
+    }
+    g.finish();
+}
+
+fn new_connections(c: &mut Criterion) {
+    let f = Fixture::new();
+    let mut g = c.benchmark_group("new_connection");
+    // A new TCP connection, one byte echoed, closed: directly, and through a warm pooled
+    // tunnel (a new stream, no handshake).
+    for (name, addr) in [("raw_tcp", f.echo), ("hbone_pooled", f.via_tunnel_echo)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                f.rt.block_on(async {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    s.set_nodelay(true).unwrap();
+                    let mut r = [0u8; 1];
+                    round_trip(&mut s, b"x", &mut r).await;
+                })
+            })
+        });
+    }
+    // A fresh mutual-TLS tunnel connection each time: TCP, TLS 1.3 handshake with both
+    // certificates checked, HTTP/2 handshake, CONNECT, one byte echoed.
+    let tls = f
+        .client_cert
+        .client_config(std::slice::from_ref(&f.server_id));
+    let opts = ConnectOptions {
+        mark: None,
+        timeout: Duration::from_secs(5),
+    };
+    g.bench_function("hbone_fresh_mtls", |b| {
+        b.iter_custom(|iters| {
+            f.rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let (send, conn) = client::connect(f.tunnel, tls.clone(), opts)
+                        .await
+                        .expect("tunnel");
+                    let driver = tokio::spawn(conn);
+                    let req = client::connect_request(f.echo, &Default::default()).unwrap();
+                    let (mut tx, mut rx) = client::open_stream(send, req).await.expect("stream");
+                    tx.send_data(bytes::Bytes::from_static(b"x"), true).unwrap();
+                    let got = rx.data().await.expect("echo").expect("data");
+                    assert_eq!(&got[..], b"x");
+                    drop((tx, rx));
+                    driver.abort();
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, throughput, request_response, new_connections);
+criterion_main!(benches);

@@ -1,0 +1,229 @@
+//! The benchmark fixture: loopback applications and the tunnel between them, in-process.
+//!
+//! Data path measured (HBONE): client → outbound listener (127.0.0.1) → pooled mTLS HTTP/2
+//! stream → the daemon's real inbound proxy (127.0.0.2, workload `server`) → application
+//! (127.0.0.2). The outbound side is the pool and copy loop of the daemon, fed by a listener
+//! with a fixed destination instead of `SO_ORIGINAL_DST` (no nftables needed). The baseline is
+//! the same client talking to the same application directly over loopback TCP, in the same run.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use ztunnel::ca::{issue, LocalCa};
+use ztunnel::discovery::Discovery;
+use ztunnel::hbone::client::connect_request;
+use ztunnel::hbone::copy::{copy_bidirectional, ByteCounters};
+use ztunnel::hbone::pool::{Pool, PoolKey, PoolSettings};
+use ztunnel::hbone::ConnectHeaders;
+use ztunnel::identity::{Identity, WorkloadCert};
+use ztunnel::metrics::Metrics;
+use ztunnel::net::ConnectOptions;
+use ztunnel::proxy::ProxyInputs;
+
+pub const SERVER_IP: &str = "127.0.0.2";
+const DAY: Duration = Duration::from_secs(86400);
+
+/// Applications and tunnel endpoints of one benchmark run.
+pub struct Fixture {
+    pub rt: Runtime,
+    /// Reads until EOF, then answers one byte.
+    pub sink: SocketAddr,
+    /// Echoes everything.
+    pub echo: SocketAddr,
+    /// Tunnel entry to `sink` and to `echo`.
+    pub via_tunnel_sink: SocketAddr,
+    pub via_tunnel_echo: SocketAddr,
+    /// The inbound tunnel listener (for fresh-handshake benchmarks).
+    pub tunnel: SocketAddr,
+    pub client_cert: Arc<WorkloadCert>,
+    pub server_id: Identity,
+    _dir: tempfile::TempDir,
+}
+
+fn yaml() -> String {
+    format!(
+        "trustDomain: cluster.local
+namespaces:
+  - name: bench
+    labels: {{ztunnel.dev/dataplane-mode: ambient}}
+workloads:
+  - {{uid: c, name: client, namespace: bench, serviceAccount: client, node: bench, ips: [127.0.0.1], protocol: HBONE}}
+  - {{uid: s, name: server, namespace: bench, serviceAccount: server, node: bench, ips: [{SERVER_IP}], protocol: HBONE}}
+"
+    )
+}
+
+async fn sink(l: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    let _ = s.write_all(b"k").await;
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn echo(l: TcpListener) {
+    loop {
+        let Ok((s, _)) = l.accept().await else { return };
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.into_split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Accepts connections and tunnels each to `target` through `pool`.
+async fn outbound(
+    l: TcpListener,
+    pool: Pool,
+    cert: Arc<WorkloadCert>,
+    key: PoolKey,
+    target: SocketAddr,
+) {
+    loop {
+        let Ok((tcp, peer)) = l.accept().await else {
+            return;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (pool, cert, key) = (pool.clone(), cert.clone(), key.clone());
+        tokio::spawn(async move {
+            let headers = ConnectHeaders {
+                forwarded_for: Some(peer),
+                ..Default::default()
+            };
+            let req = connect_request(target, &headers).expect("request");
+            let Ok(t) = pool.open(&key, &cert, req).await else {
+                return;
+            };
+            let (rd, wr) = tcp.into_split();
+            let counters = ByteCounters::default();
+            let _ = copy_bidirectional(rd, wr, t.send, t.recv, &counters).await;
+        });
+    }
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = LocalCa::load_or_create(dir.path(), "cluster.local").expect("CA");
+        let client_id: Identity = "spiffe://cluster.local/ns/bench/sa/client".parse().unwrap();
+        let server_id: Identity = "spiffe://cluster.local/ns/bench/sa/server".parse().unwrap();
+        let client_cert = Arc::new(issue(&ca, &client_id, DAY).expect("client cert"));
+        let ca = Arc::new(ca);
+        let state = ztunnel::discovery::parse(&yaml(), "cluster.local").expect("discovery");
+        let f = rt.block_on(async {
+            let bind = |ip: &str| {
+                let ip = ip.to_owned();
+                async move { TcpListener::bind((ip.as_str(), 0)).await.expect("bind") }
+            };
+            let (sink_l, echo_l) = (bind(SERVER_IP).await, bind(SERVER_IP).await);
+            let (sink_a, echo_a) = (sink_l.local_addr().unwrap(), echo_l.local_addr().unwrap());
+            tokio::spawn(sink(sink_l));
+            tokio::spawn(echo(echo_l));
+
+            let metrics = Arc::new(Metrics::default());
+            let connect = ConnectOptions {
+                mark: None,
+                timeout: Duration::from_secs(5),
+            };
+            let certs = ztunnel::identity::CertManager::new(ca.clone(), DAY);
+            let (_tx, draining) = tokio::sync::watch::channel(false);
+            std::mem::forget(_tx);
+            let settings = PoolSettings {
+                max_streams: 100,
+                idle_timeout: Duration::from_secs(300),
+                connect,
+            };
+            let pi = ProxyInputs::new(
+                "bench".into(),
+                "cluster.local".into(),
+                Discovery::fixed(state),
+                certs,
+                Pool::new(settings, metrics.clone()),
+                metrics.clone(),
+                connect,
+                100,
+                draining,
+            );
+            let tunnel_l = bind(SERVER_IP).await;
+            let tunnel = tunnel_l.local_addr().unwrap();
+            tokio::spawn(ztunnel::proxy::serve_inbound(pi, tunnel_l));
+
+            let pool = Pool::new(settings, metrics);
+            let key = PoolKey {
+                src: client_id,
+                dst: server_id.clone(),
+                addr: tunnel,
+            };
+            let mut entries = Vec::new();
+            for target in [sink_a, echo_a] {
+                let l = bind("127.0.0.1").await;
+                entries.push(l.local_addr().unwrap());
+                tokio::spawn(outbound(
+                    l,
+                    pool.clone(),
+                    client_cert.clone(),
+                    key.clone(),
+                    target,
+                ));
+            }
+            (sink_a, echo_a, entries[0], entries[1], tunnel)
+        });
+        Fixture {
+            rt,
+            sink: f.0,
+            echo: f.1,
+            via_tunnel_sink: f.2,
+            via_tunnel_echo: f.3,
+            tunnel: f.4,
+            client_cert,
+            server_id,
+            _dir: dir,
+        }
+    }
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Fixture::new()
+    }
+}
+
+/// Sends `len` bytes to a sink at `addr` on a new connection and waits for its answer.
+pub async fn push(addr: SocketAddr, len: usize) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.set_nodelay(true).unwrap();
+    let buf = vec![0x5au8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        s.write_all(&buf[..n]).await.expect("write");
+        left -= n;
+    }
+    s.shutdown().await.expect("shutdown");
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.expect("sink answer");
+}
+
+/// One request/response of `msg.len()` bytes over `s` (an echo).
+pub async fn round_trip(s: &mut TcpStream, msg: &[u8], reply: &mut [u8]) {
+    s.write_all(msg).await.expect("write");
+    s.read_exact(reply).await.expect("read");
+}

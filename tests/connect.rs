@@ -1,0 +1,142 @@
+//! CONNECT validation by a real daemon, from a client that holds a valid mesh certificate:
+//! reserved ports and closed application ports are 503, a target that is not the connection's
+//! local address is 400, a request that is not a CONNECT is 400, and a CONNECT carrying
+//! `:scheme`/`:path` is reset with PROTOCOL_ERROR (RFC 9113 §8.5; h2 does not surface it as a
+//! request, so no 400 can be sent). The application sees none of these.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use rustls_pki_types::ServerName;
+use ztunnel::ca::{issue, LocalCa};
+use ztunnel::hbone::client;
+use ztunnel::identity::Identity;
+use ztunnel::net::ConnectOptions;
+use ztunnel_e2e::apps;
+use ztunnel_e2e::daemon::metric;
+use ztunnel_e2e::mesh::{Mesh, B_IP, TRUST_DOMAIN};
+use ztunnel_e2e::raw_h2::{self, Outcome};
+
+fn tls(mesh: &Mesh) -> Arc<rustls::ClientConfig> {
+    let ca = LocalCa::load_or_create(&mesh.ca_dir, TRUST_DOMAIN).unwrap();
+    let me: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+    let cert = issue(&ca, &me, Duration::from_secs(3600)).unwrap();
+    let server: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+    cert.client_config(&[server])
+}
+
+#[test]
+fn connect_requests_get_the_contract_status() {
+    let mesh = Mesh::default_pair();
+    let accepted = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        tokio::time::timeout(Duration::from_secs(3), l.accept())
+            .await
+            .is_ok()
+    });
+    let cfg = tls(&mesh);
+    let statuses = mesh.c.block_on(async move {
+        let opts = ConnectOptions {
+            mark: None,
+            timeout: Duration::from_secs(5),
+        };
+        let tunnel = format!("{B_IP}:15008").parse().unwrap();
+        let (send, conn) = client::connect(tunnel, cfg.clone(), opts)
+            .await
+            .expect("tunnel");
+        tokio::spawn(conn);
+        let mut out = Vec::new();
+        for target in [
+            format!("{B_IP}:15008"),
+            format!("{B_IP}:15001"),
+            format!("{B_IP}:8081"),
+            "10.77.0.3:8080".into(),
+        ] {
+            let req =
+                client::connect_request(target.parse().unwrap(), &Default::default()).unwrap();
+            let status = match client::open_stream(send.clone(), req).await {
+                Ok(_) => StatusCode::OK,
+                Err(e) => e.status().expect("an HTTP answer"),
+            };
+            out.push((target, status.as_u16()));
+        }
+        let get = Request::builder()
+            .method(Method::GET)
+            .uri(format!("https://{B_IP}:8080/"))
+            .body(())
+            .unwrap();
+        let status = match client::open_stream(send.clone(), get).await {
+            Ok(_) => 200,
+            Err(e) => e.status().expect("an HTTP answer").as_u16(),
+        };
+        out.push(("GET".into(), status));
+
+        // The malformed CONNECT, by hand, on its own TLS connection.
+        let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from(B_IP).unwrap(), tcp)
+            .await
+            .unwrap();
+        let authority = format!("{B_IP}:8080");
+        let outcome = raw_h2::send(
+            &mut tls,
+            &[
+                (":method", "CONNECT"),
+                (":scheme", "https"),
+                (":path", "/"),
+                (":authority", &authority),
+            ],
+        )
+        .await
+        .unwrap();
+        (out, outcome)
+    });
+    let (out, outcome) = statuses;
+    let want = vec![
+        (format!("{B_IP}:15008"), 503),
+        (format!("{B_IP}:15001"), 503),
+        (format!("{B_IP}:8081"), 503),
+        ("10.77.0.3:8080".to_string(), 400),
+        ("GET".to_string(), 400),
+    ];
+    assert_eq!(out, want);
+    assert_eq!(outcome, Outcome::Reset(1), "PROTOCOL_ERROR");
+    assert!(
+        !mesh.b.join(accepted),
+        "the application must not see any of these"
+    );
+    let m = Mesh::metrics(&mesh.b);
+    assert_eq!(
+        metric(&m, "ztunnel_refusals_total", &[("reason", "recursion")]),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ztunnel_refusals_total",
+            &[("reason", "inbound_app_unreachable")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ztunnel_refusals_total",
+            &[("reason", "authority_not_local")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ztunnel_refusals_total",
+            &[("reason", "method_not_connect")]
+        ),
+        1.0,
+        "{m}"
+    );
+}

@@ -1,0 +1,118 @@
+//! Applications the tests run inside the hosts: a bulk transfer in both directions with
+//! SHA-256 digests, a half-close exchange, and a server that holds connections open.
+//! All are plain tokio TCP: they know nothing of the mesh.
+
+use std::net::SocketAddr;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Deterministic pseudo-random bytes (xorshift64), so both ends can predict a stream.
+pub struct Pattern(u64);
+
+impl Pattern {
+    pub fn new(seed: u64) -> Self {
+        Pattern(seed | 1)
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let b = self.0.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+}
+
+/// The SHA-256 of `len` bytes of `Pattern::new(seed)`.
+pub fn pattern_digest(seed: u64, len: usize) -> Vec<u8> {
+    let mut p = Pattern::new(seed);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        p.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        left -= n;
+    }
+    h.finalize().to_vec()
+}
+
+/// Writes `len` pattern bytes then shuts down the write side, while reading everything the
+/// peer sends until EOF. Returns (digest of what was read, bytes read).
+pub async fn exchange(
+    stream: TcpStream,
+    seed: u64,
+    len: usize,
+) -> std::io::Result<(Vec<u8>, usize)> {
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = async move {
+        let mut p = Pattern::new(seed);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len());
+            p.fill(&mut buf[..n]);
+            wr.write_all(&buf[..n]).await?;
+            left -= n;
+        }
+        wr.shutdown().await?;
+        Ok::<_, std::io::Error>(wr)
+    };
+    let reader = async move {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        loop {
+            let n = rd.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            total += n;
+        }
+        Ok::<_, std::io::Error>((h.finalize().to_vec(), total))
+    };
+    let (w, r) = tokio::try_join!(writer, reader)?;
+    drop(w);
+    Ok(r)
+}
+
+/// Accepts one connection and runs [`exchange`] on it; also returns the peer address.
+pub async fn exchange_server(
+    listener: TcpListener,
+    seed: u64,
+    len: usize,
+) -> std::io::Result<(Vec<u8>, usize, SocketAddr)> {
+    let (s, peer) = listener.accept().await?;
+    let (d, n) = exchange(s, seed, len).await?;
+    Ok((d, n, peer))
+}
+
+/// Accepts connections forever, holding each open until the peer closes it.
+pub async fn hold_server(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let _ = s.write_all(&buf[..n]).await;
+            }
+        });
+    }
+}
+
+/// Binds a listener on all addresses of the current namespace.
+pub async fn listen(port: u16) -> TcpListener {
+    TcpListener::bind(("0.0.0.0", port))
+        .await
+        .expect("bind test app")
+}

@@ -1,0 +1,204 @@
+//! Real `ztunnel` processes for the tests: the binary is built once (with the cargo that runs
+//! the tests), started inside a host's namespace with `ip netns exec`, its log kept in a file
+//! that is printed when a test fails, and its admin, metrics and readiness endpoints read
+//! over HTTP from inside that namespace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::netns::Netns;
+
+/// The target directory of the running test binary (`target/<profile>`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
+    dir.to_path_buf()
+}
+
+/// Path of a workspace binary, built on first use so a test never runs a stale one.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let dir = target_dir();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "ztunnel", "-p", "ztunnel-cni", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+    });
+    let p = target_dir().join(name);
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+/// A running daemon process inside a namespace.
+pub struct Process {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `ztunnel <args>` in `ns`, logging to `<dir>/<name>.log`.
+    pub fn start(
+        ns: &Netns,
+        name: &str,
+        dir: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .arg(binary("ztunnel"))
+            .args(args)
+            .env("RUST_LOG", "info,ztunnel=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("spawn ztunnel")?;
+        Ok(Process {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends SIGTERM and waits up to `grace` before SIGKILL.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("---- last lines of {} ----", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request from inside `ns`; returns (status, body).
+pub fn http(ns: &Netns, method: &str, addr: &str, path: &str) -> Result<(u16, String)> {
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+    let addr = addr.to_owned();
+    ns.block_on(async move {
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("no status line")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        // Chunked bodies: good enough to search in; tests look for lines and JSON keys.
+        Ok::<_, anyhow::Error>((status, body))
+    })
+}
+
+/// Waits until `GET addr path` answers 200.
+pub fn wait_ready(
+    ns: &Netns,
+    proc_: &mut Process,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !proc_.alive() {
+            bail!(
+                "{} exited before it was ready:\n{}",
+                proc_.name,
+                proc_.log()
+            );
+        }
+        if let Ok((200, _)) = http(ns, "GET", addr, path) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} not ready after {timeout:?}:\n{}",
+                proc_.name,
+                proc_.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads one sample from a Prometheus text exposition: the value of the first series whose
+/// name is `name` and whose labels contain every `k="v"` in `labels`; 0 when absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse().ok())?
+        })
+        .next()
+        .unwrap_or(0.0)
+}

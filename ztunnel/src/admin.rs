@@ -1,0 +1,196 @@
+//! The daemon's HTTP endpoints: admin (`/config_dump`, `/connections`, `/logging`; localhost
+//! only), metrics (`/metrics`, Prometheus text) and readiness (`/healthz/ready`).
+//!
+//! Each is a small HTTP/1.1 server (hyper). Handlers read shared state; nothing here touches
+//! the data path. `/config_dump` never includes private keys.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::discovery::Discovery;
+use crate::hbone::pool::Pool;
+use crate::identity::CertManager;
+use crate::proxy::conns::ConnTable;
+
+/// What the admin endpoints show.
+pub struct AdminState {
+    pub discovery: Discovery,
+    pub certs: Arc<CertManager>,
+    pub pool: Pool,
+    pub connections: Arc<ConnTable>,
+    pub registry: Registry,
+    /// Whether the daemon is ready (certificates loaded, discovery synced).
+    pub ready: tokio::sync::watch::Receiver<bool>,
+    /// Changes the log filter at run time; gets the new directive, returns an error text.
+    pub set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+}
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static response")
+}
+
+fn json_reply(v: &serde_json::Value) -> Response<Body> {
+    reply(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec_pretty(v).unwrap_or_default(),
+    )
+}
+
+/// The JSON of `/config_dump`.
+pub fn config_dump(s: &AdminState) -> serde_json::Value {
+    let state = s.discovery.current();
+    let certs: Vec<_> = s
+        .certs
+        .certs()
+        .iter()
+        .map(|c| {
+            json!({
+                "identity": c.identity.to_string(),
+                "serial": c.serial,
+                "notBefore": humantime::format_rfc3339_seconds(c.not_before).to_string(),
+                "notAfter": humantime::format_rfc3339_seconds(c.not_after).to_string(),
+                "chainLength": c.chain.len(),
+            })
+        })
+        .collect();
+    json!({
+        "discovery": state.dump(),
+        "certificates": certs,
+        "pool": s.pool.connections(),
+    })
+}
+
+async fn admin(s: Arc<AdminState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    Ok(match (req.method(), path) {
+        (&Method::GET, "/config_dump") => json_reply(&config_dump(&s)),
+        (&Method::GET, "/connections") => json_reply(&json!({
+            "connections": s.connections.rows(),
+            "pool": s.pool.connections(),
+        })),
+        (&Method::POST, "/logging") | (&Method::PUT, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
+                .unwrap_or("");
+            match (s.set_log_level)(level) {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("log level set to {level}\n"),
+                ),
+                Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            }
+        }
+        (&Method::GET, "/metrics") => metrics(&s),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    })
+}
+
+fn metrics(s: &AdminState) -> Response<Body> {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
+        Ok(()) => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            out,
+        ),
+        Err(_) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "encoding failed\n",
+        ),
+    }
+}
+
+async fn metrics_only(
+    s: Arc<AdminState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match req.uri().path() {
+        "/metrics" | "/stats/prometheus" => metrics(&s),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    })
+}
+
+async fn readiness(
+    s: Arc<AdminState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match req.uri().path() {
+        "/healthz/ready" if *s.ready.borrow() => reply(StatusCode::OK, "text/plain", "ready\n"),
+        "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    })
+}
+
+/// Which endpoint set a listener serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoint {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+/// Serves `endpoint` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    endpoint: Endpoint,
+    state: Arc<AdminState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer): (_, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move {
+                    match endpoint {
+                        Endpoint::Admin => admin(state, req).await,
+                        Endpoint::Metrics => metrics_only(state, req).await,
+                        Endpoint::Readiness => readiness(state, req).await,
+                    }
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "admin connection error");
+            }
+        });
+    }
+}

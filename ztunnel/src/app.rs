@@ -1,0 +1,227 @@
+//! The daemon, wired together: discovery, the certificate manager and its signer, the pool,
+//! the proxies, and the admin, metrics and readiness servers; then drain on SIGTERM.
+//!
+//! Readiness turns true once discovery has loaded and every local workload has a
+//! certificate. Certificates of local workloads are fetched ahead of traffic, again whenever
+//! discovery changes, so a new pod's first connection does not wait for signing.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState, Endpoint};
+use crate::ca::{CaClient, LocalCa};
+use crate::config::{CaSource, DiscoverySource, RunConfig};
+use crate::discovery::{self, Discovery};
+use crate::hbone::pool::{Pool, PoolSettings};
+use crate::identity::{CertManager, CertSigner, Identity};
+use crate::metrics::Metrics;
+use crate::net::{self, ConnectOptions};
+use crate::proxy::{self, Listeners, ProxyInputs};
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("discovery: {0}")]
+    Discovery(#[from] discovery::Error),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] crate::ca::Error),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running daemon; dropping it does not stop it, [`Daemon::drain`] does.
+pub struct Daemon {
+    pub proxy: Arc<ProxyInputs>,
+    draining: watch::Sender<bool>,
+    drain_grace: Duration,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn signer(cfg: &RunConfig) -> Result<Arc<dyn CertSigner>, StartError> {
+    Ok(match &cfg.ca {
+        CaSource::Dir(dir) => Arc::new(LocalCa::load_or_create(dir, &cfg.trust_domain)?),
+        CaSource::Remote {
+            address,
+            root_cert,
+            server_name,
+            token_file,
+        } => {
+            let root = std::fs::read_to_string(root_cert).map_err(|source| StartError::Read {
+                path: root_cert.clone(),
+                source,
+            })?;
+            let token = std::fs::read_to_string(token_file).map_err(|source| StartError::Read {
+                path: token_file.clone(),
+                source,
+            })?;
+            Arc::new(CaClient::new(
+                address.clone(),
+                server_name.clone(),
+                &root,
+                Some(token.trim().to_owned()),
+            )?)
+        }
+    })
+}
+
+fn bind(
+    what: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, StartError> {
+    net::listen(addr).map_err(|source| StartError::Listen { what, addr, source })
+}
+
+/// Starts the daemon. `set_log_level` backs the admin `/logging` endpoint.
+pub async fn start(
+    cfg: &RunConfig,
+    set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+) -> Result<Daemon, StartError> {
+    let DiscoverySource::File(path) = &cfg.discovery;
+    let (disc, watcher) =
+        discovery::watch_file(path.clone(), cfg.trust_domain.clone(), cfg.discovery_poll)?;
+    let certs = CertManager::new(signer(cfg)?, cfg.cert_lifetime);
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let connect = ConnectOptions {
+        mark: Some(crate::hbone::consts::SOCKET_MARK),
+        timeout: cfg.connect_timeout,
+    };
+    let pool = Pool::new(
+        PoolSettings {
+            max_streams: cfg.pool_max_streams as usize,
+            idle_timeout: cfg.pool_idle_timeout,
+            connect,
+        },
+        metrics.clone(),
+    );
+    let (draining, draining_rx) = watch::channel(false);
+    let pi = ProxyInputs::new(
+        cfg.node_name.clone(),
+        cfg.trust_domain.clone(),
+        disc.clone(),
+        certs.clone(),
+        pool.clone(),
+        metrics,
+        connect,
+        cfg.pool_max_streams,
+        draining_rx.clone(),
+    );
+    let listeners = Listeners {
+        outbound: bind("outbound", cfg.outbound_addr)?,
+        inbound: bind("inbound", cfg.inbound_addr)?,
+        inbound_plaintext: bind("inbound plaintext", cfg.inbound_plaintext_addr)?,
+    };
+    let admin_l = bind("admin", cfg.admin_addr)?;
+    let metrics_l = bind("metrics", cfg.metrics_addr)?;
+    let ready_l = bind("readiness", cfg.readiness_addr)?;
+
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let admin_state = Arc::new(AdminState {
+        discovery: disc.clone(),
+        certs: certs.clone(),
+        pool,
+        connections: pi.connections.clone(),
+        registry,
+        ready: ready_rx,
+        set_log_level,
+    });
+    let mut tasks = vec![watcher];
+    tasks.push(tokio::spawn(proxy::serve(pi.clone(), listeners)));
+    for (l, e) in [
+        (admin_l, Endpoint::Admin),
+        (metrics_l, Endpoint::Metrics),
+        (ready_l, Endpoint::Readiness),
+    ] {
+        tasks.push(tokio::spawn(admin::serve(
+            l,
+            e,
+            admin_state.clone(),
+            std::future::pending(),
+        )));
+    }
+    tasks.push(tokio::spawn(keep_certificates(
+        disc,
+        certs,
+        cfg.node_name.clone(),
+        cfg.trust_domain.clone(),
+        ready_tx,
+    )));
+    Ok(Daemon {
+        proxy: pi,
+        draining,
+        drain_grace: cfg.drain_grace,
+        tasks,
+    })
+}
+
+impl Daemon {
+    /// Stops accepting, lets established connections run for the grace period (or until none
+    /// is left), then stops every task.
+    pub async fn drain(self) {
+        let _ = self.draining.send(true);
+        let live = self.proxy.connections.len();
+        tracing::info!(live, grace = ?self.drain_grace, "draining");
+        let deadline = tokio::time::Instant::now() + self.drain_grace;
+        while !self.proxy.connections.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        tracing::info!(left = self.proxy.connections.len(), "drained");
+    }
+}
+
+/// Fetches certificates of this node's workloads on every discovery change, forgets those of
+/// workloads that left, and reports readiness once all are loaded.
+async fn keep_certificates(
+    mut disc: Discovery,
+    certs: Arc<CertManager>,
+    node: String,
+    trust_domain: String,
+    ready: watch::Sender<bool>,
+) {
+    let mut held: HashSet<Identity> = HashSet::new();
+    loop {
+        let state = disc.current();
+        let wanted: HashSet<Identity> = state
+            .local_workloads(&node)
+            .map(|w| w.identity(&trust_domain))
+            .collect();
+        drop(state);
+        for gone in held.difference(&wanted) {
+            certs.forget(gone);
+        }
+        let mut all = true;
+        for id in &wanted {
+            if let Err(e) = certs.fetch(id).await {
+                tracing::warn!(identity = %id, error = %e, "cannot get a certificate");
+                all = false;
+            }
+        }
+        held = wanted;
+        let _ = ready.send(all);
+        if all {
+            if disc.changed().await.is_err() {
+                return;
+            }
+        } else {
+            // Retry soon, or sooner if discovery changes.
+            let _ = tokio::time::timeout(Duration::from_secs(2), disc.changed()).await;
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The daemon's client of `ztunnel ca`: one HTTP/2 connection over TLS, verified against the
+//! configured root and server name, re-dialled when it fails; the token is sent as a bearer
+//! token and never logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::client::SendRequest;
+use http::{Method, Request};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use ztunnel_proto::ca::{ErrorBody, SignRequest, SignResponse, MAX_BODY, SIGN_PATH};
+
+use super::Error;
+use crate::identity::{
+    parse_pem_certs, root_store, tls::provider, BoxFuture, CertSigner, SignError,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client of a remote CA.
+pub struct CaClient {
+    addr: String,
+    server_name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+    token: Option<String>,
+    conn: tokio::sync::Mutex<Option<SendRequest<Bytes>>>,
+}
+
+impl CaClient {
+    /// `addr` is `host:port`; the CA's certificate must chain to `root_pem` and name
+    /// `server_name`.
+    pub fn new(
+        addr: String,
+        server_name: String,
+        root_pem: &str,
+        token: Option<String>,
+    ) -> Result<Self, Error> {
+        let roots = root_store(&parse_pem_certs(&[root_pem.to_owned()])?)?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let server_name = ServerName::try_from(server_name)
+            .map_err(|e| Error::Invalid(format!("CA server name: {e}")))?;
+        Ok(CaClient {
+            addr,
+            server_name,
+            tls: Arc::new(tls),
+            token,
+            conn: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    async fn dial(&self) -> Result<SendRequest<Bytes>, SignError> {
+        let t = |e: String| SignError::Transport(format!("{}: {e}", self.addr));
+        let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| t("connect timed out".into()))?
+            .map_err(|e| t(e.to_string()))?;
+        let tls = tokio::time::timeout(
+            TIMEOUT,
+            TlsConnector::from(self.tls.clone()).connect(self.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| t("TLS handshake timed out".into()))?
+        .map_err(|e| t(e.to_string()))?;
+        let (send, conn) = h2::client::handshake(tls)
+            .await
+            .map_err(|e| t(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "CA connection ended");
+            }
+        });
+        Ok(send)
+    }
+
+    pub(super) async fn request(
+        &self,
+        body: Bytes,
+    ) -> Result<(http::StatusCode, Bytes), SignError> {
+        let mut guard = self.conn.lock().await;
+        let send = match guard.as_ref() {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.dial().await?;
+                *guard = Some(s.clone());
+                s
+            }
+        };
+        drop(guard);
+        let result = self.exchange(send, body).await;
+        if result.is_err() {
+            *self.conn.lock().await = None;
+        }
+        result
+    }
+
+    async fn exchange(
+        &self,
+        send: SendRequest<Bytes>,
+        body: Bytes,
+    ) -> Result<(http::StatusCode, Bytes), SignError> {
+        let t = |e: h2::Error| SignError::Transport(e.to_string());
+        let mut b = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://{}{SIGN_PATH}", self.addr))
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(tok) = &self.token {
+            b = b.header(http::header::AUTHORIZATION, format!("Bearer {tok}"));
+        }
+        let req = b.body(()).map_err(|e| SignError::Invalid(e.to_string()))?;
+        let fut = async {
+            let mut send = send.ready().await.map_err(t)?;
+            let (resp, mut stream) = send.send_request(req, false).map_err(t)?;
+            stream.send_data(body, true).map_err(t)?;
+            let resp = resp.await.map_err(t)?;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            let mut buf = BytesMut::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.map_err(t)?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+                if buf.len() + chunk.len() > MAX_BODY * 4 {
+                    return Err(SignError::Invalid("CA answer too large".into()));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok((status, buf.freeze()))
+        };
+        tokio::time::timeout(TIMEOUT, fut)
+            .await
+            .map_err(|_| SignError::Transport("CA request timed out".into()))?
+    }
+}
+
+impl CertSigner for CaClient {
+    fn sign(&self, req: SignRequest) -> BoxFuture<'_, Result<SignResponse, SignError>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(&req).map_err(|e| SignError::Invalid(e.to_string()))?;
+            let (status, body) = self.request(body.into()).await?;
+            if status != http::StatusCode::OK {
+                let message = serde_json::from_slice::<ErrorBody>(&body)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+                return Err(SignError::Refused {
+                    status: status.as_u16(),
+                    message,
+                });
+            }
+            serde_json::from_slice(&body)
+                .map_err(|e| SignError::Invalid(format!("bad CA answer: {e}")))
+        })
+    }
+}

@@ -1,0 +1,715 @@
+//! Configuration of `ztunnel run` ([`RunConfig`]) and `ztunnel ca` ([`CaConfig`]), each parsed
+//! once from flags and environment variables (flags win) and validated before anything starts.
+//!
+//! The environment is injected (`env: &dyn Fn(&str) -> Option<String>`), so tests never touch
+//! the process environment. Every setting is printed at start by `Display`; the CA token is
+//! never read into the configuration (only its path), so there is no secret to leak.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
+    #[error("{name} is required (flag --{flag} or environment {env})")]
+    Missing {
+        name: &'static str,
+        flag: &'static str,
+        env: &'static str,
+    },
+    #[error("invalid {setting} {value:?}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Where discovery comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiscoverySource {
+    File(PathBuf),
+}
+
+/// Who signs workload certificates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaSource {
+    /// In-process, from a plugged-in CA directory (created with a fresh root if empty).
+    Dir(PathBuf),
+    /// A remote `ztunnel ca`.
+    Remote {
+        address: String,
+        root_cert: PathBuf,
+        server_name: String,
+        token_file: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("expected text or json".into()),
+        }
+    }
+}
+
+/// Settings of the node daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunConfig {
+    pub node_name: String,
+    pub trust_domain: String,
+    pub discovery: DiscoverySource,
+    pub ca: CaSource,
+    pub cert_lifetime: Duration,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub inbound_plaintext_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub pool_max_streams: u32,
+    pub pool_idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub drain_grace: Duration,
+    pub discovery_poll: Duration,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+}
+
+/// `ztunnel run`: every flag also reads the environment variable named in its help.
+#[derive(Parser, Debug)]
+#[command(about = "The node daemon", disable_version_flag = true)]
+struct RunArgs {
+    /// This node's name [env: NODE_NAME]
+    #[arg(long)]
+    node_name: Option<String>,
+    /// SPIFFE trust domain [env: TRUST_DOMAIN] [default: cluster.local]
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// The local discovery file (YAML) [env: ZTUNNEL_DISCOVERY_FILE]
+    #[arg(long)]
+    discovery_file: Option<PathBuf>,
+    /// In-process CA from this plugged-in CA directory [env: ZTUNNEL_CA_DIR] [default: /var/lib/ztunnel/ca]
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// host:port of a remote `ztunnel ca` [env: ZTUNNEL_CA_ADDRESS]
+    #[arg(long)]
+    ca_address: Option<String>,
+    /// PEM root that the remote CA's certificate must chain to [env: ZTUNNEL_CA_ROOT_CERT]
+    #[arg(long)]
+    ca_root_cert: Option<PathBuf>,
+    /// Name the remote CA's certificate must carry [env: ZTUNNEL_CA_SERVER_NAME] [default: ztunnel-ca.ztunnel-system.svc]
+    #[arg(long)]
+    ca_server_name: Option<String>,
+    /// File holding the bearer token for the remote CA [env: ZTUNNEL_CA_TOKEN_FILE]
+    #[arg(long)]
+    ca_token_file: Option<PathBuf>,
+    /// Workload certificate lifetime, renewed at half-life [env: ZTUNNEL_CERT_LIFETIME] [default: 24h]
+    #[arg(long)]
+    cert_lifetime: Option<String>,
+    /// Admin API address, loopback only [env: ZTUNNEL_ADMIN_ADDR] [default: 127.0.0.1:15000]
+    #[arg(long)]
+    admin_addr: Option<String>,
+    /// Prometheus metrics address [env: ZTUNNEL_METRICS_ADDR] [default: 0.0.0.0:15020]
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Readiness address [env: ZTUNNEL_READINESS_ADDR] [default: 0.0.0.0:15021]
+    #[arg(long)]
+    readiness_addr: Option<String>,
+    /// Outbound capture listener [env: ZTUNNEL_OUTBOUND_ADDR] [default: 0.0.0.0:15001]
+    #[arg(long)]
+    outbound_addr: Option<String>,
+    /// Inbound plaintext listener [env: ZTUNNEL_INBOUND_PLAINTEXT_ADDR] [default: 0.0.0.0:15006]
+    #[arg(long)]
+    inbound_plaintext_addr: Option<String>,
+    /// Inbound tunnel (HBONE) listener [env: ZTUNNEL_INBOUND_ADDR] [default: 0.0.0.0:15008]
+    #[arg(long)]
+    inbound_addr: Option<String>,
+    /// Streams per pooled tunnel connection [env: ZTUNNEL_POOL_MAX_STREAMS] [default: 100]
+    #[arg(long)]
+    pool_max_streams: Option<String>,
+    /// Idle pooled connections close after [env: ZTUNNEL_POOL_IDLE_TIMEOUT] [default: 5m]
+    #[arg(long)]
+    pool_idle_timeout: Option<String>,
+    /// Timeout of outgoing connects and handshakes [env: ZTUNNEL_CONNECT_TIMEOUT] [default: 10s]
+    #[arg(long)]
+    connect_timeout: Option<String>,
+    /// How long established connections may drain on SIGTERM [env: ZTUNNEL_DRAIN_GRACE] [default: 30s]
+    #[arg(long)]
+    drain_grace: Option<String>,
+    /// How often the discovery file is checked [env: ZTUNNEL_DISCOVERY_POLL] [default: 1s]
+    #[arg(long)]
+    discovery_poll: Option<String>,
+    /// Log format, text or json [env: ZTUNNEL_LOG_FORMAT] [default: text]; the level comes from RUST_LOG
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The flag, else the environment variable, else the default; then parsed.
+fn setting<T: FromStr>(
+    name: &'static str,
+    flag: Option<String>,
+    env: Env<'_>,
+    key: &str,
+    default: &str,
+) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    let value = flag
+        .or_else(|| env(key))
+        .unwrap_or_else(|| default.to_owned());
+    value.parse().map_err(|e: T::Err| ConfigError::Invalid {
+        setting: name,
+        value,
+        reason: e.to_string(),
+    })
+}
+
+fn duration(
+    name: &'static str,
+    flag: Option<String>,
+    env: Env<'_>,
+    key: &str,
+    default: &str,
+    min: Duration,
+) -> Result<Duration, ConfigError> {
+    let value = flag
+        .or_else(|| env(key))
+        .unwrap_or_else(|| default.to_owned());
+    let d = humantime::parse_duration(&value).map_err(|e| ConfigError::Invalid {
+        setting: name,
+        value: value.clone(),
+        reason: e.to_string(),
+    })?;
+    if d < min {
+        return Err(ConfigError::Invalid {
+            setting: name,
+            value,
+            reason: format!("must be at least {}", humantime::format_duration(min)),
+        });
+    }
+    Ok(d)
+}
+
+fn required<T>(
+    v: Option<T>,
+    name: &'static str,
+    flag: &'static str,
+    env: &'static str,
+) -> Result<T, ConfigError> {
+    v.ok_or(ConfigError::Missing { name, flag, env })
+}
+
+fn trust_domain(flag: Option<String>, env: Env<'_>) -> Result<String, ConfigError> {
+    let td: String = setting("trust domain", flag, env, "TRUST_DOMAIN", "cluster.local")?;
+    crate::identity::Identity::new(&td, "x", "y").map_err(|e| ConfigError::Invalid {
+        setting: "trust domain",
+        value: td.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(td)
+}
+
+fn log_filter(env: Env<'_>) -> String {
+    env("RUST_LOG")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "info".into())
+}
+
+impl RunConfig {
+    /// Parses `args` (`args[0]` is the program name) with `env` as the environment.
+    pub fn from_sources(args: Vec<String>, env: Env<'_>) -> Result<RunConfig, ConfigError> {
+        let a = RunArgs::try_parse_from(args)?;
+        let node_name = required(
+            a.node_name.or_else(|| env("NODE_NAME")),
+            "node name",
+            "node-name",
+            "NODE_NAME",
+        )?;
+        let discovery_file = required(
+            a.discovery_file
+                .or_else(|| env("ZTUNNEL_DISCOVERY_FILE").map(PathBuf::from)),
+            "discovery file",
+            "discovery-file",
+            "ZTUNNEL_DISCOVERY_FILE",
+        )?;
+        let ca_dir = a
+            .ca_dir
+            .or_else(|| env("ZTUNNEL_CA_DIR").map(PathBuf::from));
+        let ca_address = a.ca_address.or_else(|| env("ZTUNNEL_CA_ADDRESS"));
+        let ca =
+            match (ca_dir, ca_address) {
+                (Some(_), Some(_)) => return Err(ConfigError::Conflict(
+                    "--ca-dir and --ca-address are exclusive: sign in-process or ask a remote CA"
+                        .into(),
+                )),
+                (Some(dir), None) => CaSource::Dir(dir),
+                (None, None) => CaSource::Dir(PathBuf::from("/var/lib/ztunnel/ca")),
+                (None, Some(address)) => CaSource::Remote {
+                    address,
+                    root_cert: required(
+                        a.ca_root_cert
+                            .or_else(|| env("ZTUNNEL_CA_ROOT_CERT").map(PathBuf::from)),
+                        "CA root certificate",
+                        "ca-root-cert",
+                        "ZTUNNEL_CA_ROOT_CERT",
+                    )?,
+                    server_name: a
+                        .ca_server_name
+                        .or_else(|| env("ZTUNNEL_CA_SERVER_NAME"))
+                        .unwrap_or_else(|| "ztunnel-ca.ztunnel-system.svc".into()),
+                    token_file: required(
+                        a.ca_token_file
+                            .or_else(|| env("ZTUNNEL_CA_TOKEN_FILE").map(PathBuf::from)),
+                        "CA token file",
+                        "ca-token-file",
+                        "ZTUNNEL_CA_TOKEN_FILE",
+                    )?,
+                },
+            };
+        let admin_addr: SocketAddr = setting(
+            "admin address",
+            a.admin_addr,
+            env,
+            "ZTUNNEL_ADMIN_ADDR",
+            "127.0.0.1:15000",
+        )?;
+        if !admin_addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                setting: "admin address",
+                value: admin_addr.to_string(),
+                reason: "the admin API is served on loopback only".into(),
+            });
+        }
+        let pool_max_streams: u32 = setting(
+            "pool max streams",
+            a.pool_max_streams,
+            env,
+            "ZTUNNEL_POOL_MAX_STREAMS",
+            "100",
+        )?;
+        if !(1..=10_000).contains(&pool_max_streams) {
+            return Err(ConfigError::Invalid {
+                setting: "pool max streams",
+                value: pool_max_streams.to_string(),
+                reason: "must be 1 to 10000".into(),
+            });
+        }
+        let ms = Duration::from_millis;
+        Ok(RunConfig {
+            node_name,
+            trust_domain: trust_domain(a.trust_domain, env)?,
+            discovery: DiscoverySource::File(discovery_file),
+            ca,
+            cert_lifetime: duration(
+                "certificate lifetime",
+                a.cert_lifetime,
+                env,
+                "ZTUNNEL_CERT_LIFETIME",
+                "24h",
+                Duration::from_secs(2),
+            )?,
+            admin_addr,
+            metrics_addr: setting(
+                "metrics address",
+                a.metrics_addr,
+                env,
+                "ZTUNNEL_METRICS_ADDR",
+                "0.0.0.0:15020",
+            )?,
+            readiness_addr: setting(
+                "readiness address",
+                a.readiness_addr,
+                env,
+                "ZTUNNEL_READINESS_ADDR",
+                "0.0.0.0:15021",
+            )?,
+            outbound_addr: setting(
+                "outbound address",
+                a.outbound_addr,
+                env,
+                "ZTUNNEL_OUTBOUND_ADDR",
+                "0.0.0.0:15001",
+            )?,
+            inbound_plaintext_addr: setting(
+                "inbound plaintext address",
+                a.inbound_plaintext_addr,
+                env,
+                "ZTUNNEL_INBOUND_PLAINTEXT_ADDR",
+                "0.0.0.0:15006",
+            )?,
+            inbound_addr: setting(
+                "inbound address",
+                a.inbound_addr,
+                env,
+                "ZTUNNEL_INBOUND_ADDR",
+                "0.0.0.0:15008",
+            )?,
+            pool_max_streams,
+            pool_idle_timeout: duration(
+                "pool idle timeout",
+                a.pool_idle_timeout,
+                env,
+                "ZTUNNEL_POOL_IDLE_TIMEOUT",
+                "5m",
+                ms(100),
+            )?,
+            connect_timeout: duration(
+                "connect timeout",
+                a.connect_timeout,
+                env,
+                "ZTUNNEL_CONNECT_TIMEOUT",
+                "10s",
+                ms(100),
+            )?,
+            drain_grace: duration(
+                "drain grace",
+                a.drain_grace,
+                env,
+                "ZTUNNEL_DRAIN_GRACE",
+                "30s",
+                Duration::ZERO,
+            )?,
+            discovery_poll: duration(
+                "discovery poll",
+                a.discovery_poll,
+                env,
+                "ZTUNNEL_DISCOVERY_POLL",
+                "1s",
+                ms(10),
+            )?,
+            log_format: setting(
+                "log format",
+                a.log_format,
+                env,
+                "ZTUNNEL_LOG_FORMAT",
+                "text",
+            )?,
+            log_filter: log_filter(env),
+        })
+    }
+}
+
+impl fmt::Display for RunConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let DiscoverySource::File(file) = &self.discovery;
+        let ca = match &self.ca {
+            CaSource::Dir(d) => format!("in-process from {}", d.display()),
+            CaSource::Remote {
+                address,
+                root_cert,
+                server_name,
+                token_file,
+            } => format!(
+                "remote {address} (name {server_name}, root {}, token from {} <redacted>)",
+                root_cert.display(),
+                token_file.display()
+            ),
+        };
+        write!(
+            f,
+            "node={} trust_domain={} discovery_file={} ca=[{ca}] cert_lifetime={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} pool_idle_timeout={} connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
+            self.node_name,
+            self.trust_domain,
+            file.display(),
+            humantime::format_duration(self.cert_lifetime),
+            self.admin_addr,
+            self.metrics_addr,
+            self.readiness_addr,
+            self.outbound_addr,
+            self.inbound_plaintext_addr,
+            self.inbound_addr,
+            self.pool_max_streams,
+            humantime::format_duration(self.pool_idle_timeout),
+            humantime::format_duration(self.connect_timeout),
+            humantime::format_duration(self.drain_grace),
+            humantime::format_duration(self.discovery_poll),
+            self.log_format,
+            self.log_filter,
+        )
+    }
+}
+
+/// Settings of the certificate authority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaConfig {
+    pub ca_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    pub server_names: Vec<String>,
+    pub token_file: PathBuf,
+    pub max_lifetime: Duration,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+}
+
+/// `ztunnel ca`: every flag also reads the environment variable named in its help.
+#[derive(Parser, Debug)]
+#[command(about = "The certificate authority", disable_version_flag = true)]
+struct CaArgs {
+    /// Plugged-in CA directory (created with a fresh root if empty) [env: ZTUNNEL_CA_DIR]
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Listen address [env: ZTUNNEL_CA_LISTEN] [default: 0.0.0.0:15012]
+    #[arg(long)]
+    listen: Option<String>,
+    /// SPIFFE trust domain [env: TRUST_DOMAIN] [default: cluster.local]
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Names in the CA's serving certificate, repeatable [env: ZTUNNEL_CA_SERVER_NAMES, comma-separated] [default: ztunnel-ca.ztunnel-system.svc, localhost]
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// File of accepted bearer tokens, one per line [env: ZTUNNEL_CA_TOKEN_FILE]
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Longest lifetime the CA issues [env: ZTUNNEL_CA_MAX_LIFETIME] [default: 24h]
+    #[arg(long)]
+    max_lifetime: Option<String>,
+    /// Log format, text or json [env: ZTUNNEL_LOG_FORMAT] [default: text]
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+impl CaConfig {
+    pub fn from_sources(args: Vec<String>, env: Env<'_>) -> Result<CaConfig, ConfigError> {
+        let a = CaArgs::try_parse_from(args)?;
+        let mut server_names = a.server_names;
+        if server_names.is_empty() {
+            server_names = env("ZTUNNEL_CA_SERVER_NAMES")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_else(|| {
+                    vec!["ztunnel-ca.ztunnel-system.svc".into(), "localhost".into()]
+                });
+        }
+        Ok(CaConfig {
+            ca_dir: required(
+                a.ca_dir
+                    .or_else(|| env("ZTUNNEL_CA_DIR").map(PathBuf::from)),
+                "CA directory",
+                "ca-dir",
+                "ZTUNNEL_CA_DIR",
+            )?,
+            listen: setting(
+                "listen address",
+                a.listen,
+                env,
+                "ZTUNNEL_CA_LISTEN",
+                "0.0.0.0:15012",
+            )?,
+            trust_domain: trust_domain(a.trust_domain, env)?,
+            server_names,
+            token_file: required(
+                a.token_file
+                    .or_else(|| env("ZTUNNEL_CA_TOKEN_FILE").map(PathBuf::from)),
+                "token file",
+                "token-file",
+                "ZTUNNEL_CA_TOKEN_FILE",
+            )?,
+            max_lifetime: duration(
+                "max lifetime",
+                a.max_lifetime,
+                env,
+                "ZTUNNEL_CA_MAX_LIFETIME",
+                "24h",
+                Duration::from_secs(2),
+            )?,
+            log_format: setting(
+                "log format",
+                a.log_format,
+                env,
+                "ZTUNNEL_LOG_FORMAT",
+                "text",
+            )?,
+            log_filter: log_filter(env),
+        })
+    }
+}
+
+impl fmt::Display for CaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ca_dir={} listen={} trust_domain={} server_names={:?} token_file={} <redacted> max_lifetime={} log_format={:?} log={}",
+            self.ca_dir.display(),
+            self.listen,
+            self.trust_domain,
+            self.server_names,
+            self.token_file.display(),
+            humantime::format_duration(self.max_lifetime),
+            self.log_format,
+            self.log_filter
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn run(args: &[&str], env: &[(&str, &str)]) -> Result<RunConfig, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut a = vec!["ztunnel run".to_string()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        RunConfig::from_sources(a, &|k| env.get(k).cloned())
+    }
+
+    const BASE: &[&str] = &["--node-name", "n1", "--discovery-file", "/m.yaml"];
+
+    #[test]
+    fn defaults() {
+        let c = run(BASE, &[]).unwrap();
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.ca, CaSource::Dir("/var/lib/ztunnel/ca".into()));
+        assert_eq!(c.cert_lifetime, Duration::from_secs(86400));
+        assert_eq!(c.inbound_addr.port(), 15008);
+        assert_eq!(c.outbound_addr.port(), 15001);
+        assert_eq!(c.inbound_plaintext_addr.port(), 15006);
+        assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(
+            (c.metrics_addr.port(), c.readiness_addr.port()),
+            (15020, 15021)
+        );
+        assert_eq!(c.pool_max_streams, 100);
+        assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log_filter, "info");
+    }
+
+    #[test]
+    fn environment_and_flag_precedence() {
+        let env = [
+            ("NODE_NAME", "from-env"),
+            ("ZTUNNEL_DISCOVERY_FILE", "/e.yaml"),
+            ("ZTUNNEL_CERT_LIFETIME", "1h"),
+            ("RUST_LOG", "debug"),
+        ];
+        let c = run(&[], &env).unwrap();
+        assert_eq!(c.node_name, "from-env");
+        assert_eq!(c.cert_lifetime, Duration::from_secs(3600));
+        assert_eq!(c.log_filter, "debug");
+        let c = run(
+            &["--node-name", "from-flag", "--cert-lifetime", "10m"],
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.node_name, "from-flag");
+        assert_eq!(c.cert_lifetime, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn invalid_values() {
+        let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+            (&["--discovery-file", "/m"], &[], "node name is required"),
+            (&["--node-name", "n"], &[], "discovery file is required"),
+            (&["--cert-lifetime", "1s"], &[], "at least"),
+            (&["--cert-lifetime", "soon"], &[], "certificate lifetime"),
+            (&["--admin-addr", "0.0.0.0:15000"], &[], "loopback"),
+            (&["--inbound-addr", "nowhere"], &[], "inbound address"),
+            (&["--pool-max-streams", "0"], &[], "1 to 10000"),
+            (&["--trust-domain", "Bad Domain"], &[], "trust domain"),
+            (&["--log-format", "xml"], &[], "text or json"),
+            (
+                &["--ca-dir", "/ca", "--ca-address", "ca:15012"],
+                &[],
+                "exclusive",
+            ),
+            (
+                &["--ca-address", "ca:15012"],
+                &[],
+                "CA root certificate is required",
+            ),
+            (
+                &["--ca-address", "ca:15012", "--ca-root-cert", "/r.pem"],
+                &[],
+                "CA token file is required",
+            ),
+            (&["--no-such-flag"], &[], "no-such-flag"),
+        ];
+        for (args, env, want) in cases {
+            let mut a: Vec<&str> = BASE.to_vec();
+            a.extend_from_slice(args);
+            if args.first() == Some(&"--discovery-file") || args.first() == Some(&"--node-name") {
+                a = args.to_vec();
+            }
+            let e = run(&a, env).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: want {want:?} in {e}");
+        }
+    }
+
+    #[test]
+    fn remote_ca_and_display_redacts_the_token() {
+        let c = run(
+            &[
+                BASE,
+                &[
+                    "--ca-address",
+                    "ca:15012",
+                    "--ca-root-cert",
+                    "/r.pem",
+                    "--ca-token-file",
+                    "/t",
+                ],
+            ]
+            .concat(),
+            &[],
+        )
+        .unwrap();
+        assert!(
+            matches!(&c.ca, CaSource::Remote { server_name, .. } if server_name == "ztunnel-ca.ztunnel-system.svc")
+        );
+        let shown = c.to_string();
+        assert!(shown.contains("token from /t <redacted>"), "{shown}");
+        assert!(shown.contains("node=n1"));
+    }
+
+    #[test]
+    fn ca_config() {
+        let env: HashMap<String, String> = [("ZTUNNEL_CA_SERVER_NAMES", "a.svc, b.svc")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let args = ["ztunnel ca", "--ca-dir", "/ca", "--token-file", "/t"]
+            .map(String::from)
+            .to_vec();
+        let c = CaConfig::from_sources(args, &|k| env.get(k).cloned()).unwrap();
+        assert_eq!(c.server_names, ["a.svc", "b.svc"]);
+        assert_eq!(c.listen.port(), 15012);
+        let e = CaConfig::from_sources(
+            vec!["ztunnel ca".into(), "--ca-dir".into(), "/ca".into()],
+            &|_| None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("token file"), "{e}");
+    }
+}

@@ -1,0 +1,334 @@
+//! The local file source: the mesh described in one YAML file, reloaded when it changes.
+//!
+//! ```yaml
+//! trustDomain: cluster.local        # optional; must equal the daemon's trust domain
+//! namespaces:
+//!   - {name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}
+//! workloads:
+//!   - uid: 6f1c0a          # the pod's uid
+//!     name: web-0
+//!     namespace: demo
+//!     serviceAccount: web
+//!     node: node-a
+//!     ips: [10.0.1.10]
+//!     labels: {app: web}
+//!     protocol: HBONE      # HBONE (in the mesh, the default) or TCP (plain)
+//! services:
+//!   - {name: web, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
+//! policies:                # AuthorizationPolicy and PeerAuthentication objects
+//!   - {apiVersion: security.ztunnel.dev/v1, kind: AuthorizationPolicy, metadata: {name: p, namespace: demo}, spec: {}}
+//! ```
+//!
+//! Unknown fields are errors: a typo must never silently widen anything. The watcher polls
+//! the file (modification time, length and content); a good file replaces the state, a bad
+//! or missing one is logged and the last good state kept.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+
+use super::model::{Labels, Namespace, Protocol, Service, ServicePort, State, Workload};
+use super::policy::PolicyObject;
+use super::{Discovery, Error, Stats};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MeshFile {
+    trust_domain: Option<String>,
+    #[serde(default)]
+    namespaces: Vec<NamespaceEntry>,
+    #[serde(default)]
+    workloads: Vec<WorkloadEntry>,
+    #[serde(default)]
+    services: Vec<ServiceEntry>,
+    #[serde(default)]
+    policies: Vec<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceEntry {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WorkloadEntry {
+    uid: String,
+    name: String,
+    namespace: String,
+    service_account: String,
+    node: String,
+    ips: Vec<IpAddr>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    protocol: Protocol,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PortEntry {
+    port: u16,
+    target_port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceEntry {
+    name: String,
+    namespace: String,
+    vips: Vec<IpAddr>,
+    ports: Vec<PortEntry>,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+}
+
+fn labels(m: BTreeMap<String, String>) -> Labels {
+    m.into_iter().map(|(k, v)| (k.into(), v.into())).collect()
+}
+
+/// Parses and validates a mesh file for a daemon in `trust_domain`.
+pub fn parse(yaml: &str, trust_domain: &str) -> Result<State, Error> {
+    let f: MeshFile = serde_yaml::from_str(yaml).map_err(|e| Error::Parse(e.to_string()))?;
+    if let Some(td) = &f.trust_domain {
+        if td != trust_domain {
+            return Err(Error::Invalid(format!(
+                "the file's trustDomain {td} is not the daemon's ({trust_domain})"
+            )));
+        }
+    }
+    let namespaces = f
+        .namespaces
+        .into_iter()
+        .map(|n| Namespace {
+            name: n.name.into(),
+            labels: labels(n.labels),
+        })
+        .collect();
+    let workloads = f
+        .workloads
+        .into_iter()
+        .map(|w| Workload {
+            uid: w.uid.into(),
+            name: w.name.into(),
+            namespace: w.namespace.into(),
+            service_account: w.service_account.into(),
+            node: w.node.into(),
+            ips: w.ips,
+            labels: labels(w.labels),
+            protocol: w.protocol,
+        })
+        .collect();
+    let services = f
+        .services
+        .into_iter()
+        .map(|s| Service {
+            name: s.name.into(),
+            namespace: s.namespace.into(),
+            vips: s.vips,
+            ports: s
+                .ports
+                .into_iter()
+                .map(|p| ServicePort {
+                    port: p.port,
+                    target_port: p.target_port,
+                })
+                .collect(),
+            selector: labels(s.selector),
+        })
+        .collect();
+    let (mut authz, mut peer) = (Vec::new(), Vec::new());
+    for p in f.policies {
+        match PolicyObject::from_value(p).map_err(Error::Invalid)? {
+            PolicyObject::Authorization(a) => authz.push(a),
+            PolicyObject::PeerAuthentication(p) => peer.push(p),
+        }
+    }
+    State::build(trust_domain, namespaces, workloads, services, authz, peer)
+}
+
+fn read(path: &PathBuf) -> Result<(String, Option<SystemTime>), Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+        path: path.clone(),
+        source: e,
+    })?;
+    let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    Ok((text, mtime))
+}
+
+/// Loads `path` (which must be valid now) and watches it, polling every `poll`.
+pub fn watch_file(
+    path: PathBuf,
+    trust_domain: String,
+    poll: Duration,
+) -> Result<(Discovery, tokio::task::JoinHandle<()>), Error> {
+    let (text, mut mtime) = read(&path)?;
+    let state = parse(&text, &trust_domain).map_err(|e| Error::File {
+        path: path.clone(),
+        error: Box::new(e),
+    })?;
+    tracing::info!(
+        file = %path.display(),
+        workloads = state.workloads().len(),
+        services = state.services().len(),
+        "discovery loaded"
+    );
+    let stats = Arc::new(Stats::default());
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(state));
+    let disc = Discovery {
+        rx,
+        stats: stats.clone(),
+    };
+    let mut last = text;
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(poll).await;
+            let (text, new_mtime) = match read(&path) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "discovery file unreadable; keeping the last state");
+                    continue;
+                }
+            };
+            if text == last && new_mtime == mtime {
+                continue;
+            }
+            mtime = new_mtime;
+            if text == last {
+                continue;
+            }
+            match parse(&text, &trust_domain) {
+                Ok(state) => {
+                    tracing::info!(
+                        file = %path.display(),
+                        workloads = state.workloads().len(),
+                        services = state.services().len(),
+                        "discovery reloaded"
+                    );
+                    stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(Arc::new(state)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(file = %path.display(), error = %e, "bad discovery file; keeping the last good state");
+                }
+            }
+            last = text;
+        }
+    });
+    Ok((disc, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+trustDomain: cluster.local
+namespaces:
+  - {name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}
+  - {name: legacy}
+workloads:
+  - {uid: u1, name: web-0, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.1], labels: {app: web}}
+  - {uid: u2, name: web-1, namespace: demo, serviceAccount: web, node: n2, ips: [10.0.0.2, 'fd00::2'], labels: {app: web}}
+  - {uid: u3, name: old, namespace: legacy, serviceAccount: default, node: n1, ips: [10.0.0.3], protocol: TCP}
+  - {uid: u4, name: out, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.4], labels: {ztunnel.dev/dataplane-mode: none}}
+services:
+  - {name: web, namespace: demo, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
+";
+
+    #[test]
+    fn parses_a_mesh() {
+        let s = parse(GOOD, "cluster.local").unwrap();
+        assert_eq!(s.workloads().len(), 4);
+        let w = s.workload_by_ip("fd00::2".parse().unwrap()).unwrap();
+        assert_eq!(&*w.name, "web-1");
+        assert_eq!(
+            w.identity("cluster.local").to_string(),
+            "spiffe://cluster.local/ns/demo/sa/web"
+        );
+        assert_eq!(s.endpoints_of_vip("10.96.0.1".parse().unwrap()).len(), 2);
+        assert_eq!(s.local_workloads("n1").count(), 3);
+        assert!(s.enrolled(w));
+        assert!(
+            !s.enrolled(s.workload_by_uid("u3").unwrap()),
+            "namespace not enrolled"
+        );
+        assert!(
+            !s.enrolled(s.workload_by_uid("u4").unwrap()),
+            "pod opted out"
+        );
+        assert_eq!(s.workload_by_uid("u3").unwrap().protocol, Protocol::Tcp);
+        assert!(s.dump()["workloads"].as_array().unwrap().len() == 4);
+    }
+
+    #[test]
+    fn rejects_invalid_files() {
+        let cases = [
+            (GOOD.replace("trustDomain: cluster.local", "trustDomain: other.local"), "trustDomain"),
+            (GOOD.replace("uid: u2", "uid: u1"), "uid u1"),
+            (GOOD.replace("ips: [10.0.0.3]", "ips: [10.0.0.1]"), "10.0.0.1"),
+            (GOOD.replace("serviceAccount: default", "serviceAccount: Bad/Name"), "legacy/old"),
+            (GOOD.replace("targetPort: 8080", "targetPort: 0"), "port 0"),
+            (GOOD.replace("vips: [10.96.0.1]", "vips: [10.0.0.1]"), "workload IP"),
+            (GOOD.replace("serviceAccount: web, node: n2", "serviceAcount: web, node: n2"), "serviceAcount"),
+            (format!("{GOOD}extra: 1\n"), "extra"),
+            (format!("{GOOD}policies: [{{apiVersion: v1, kind: Pod, metadata: {{name: x, namespace: y}}}}]\n"), "apiVersion"),
+        ];
+        for (yaml, want) in cases {
+            let e = parse(&yaml, "cluster.local").unwrap_err().to_string();
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reloads_on_change_and_keeps_the_last_good_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let (mut disc, _task) = watch_file(
+            path.clone(),
+            "cluster.local".into(),
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        assert_eq!(disc.current().workloads().len(), 4);
+
+        // Replaced by rename, as editors and `mv` do.
+        let tmp = dir.path().join("new.yaml");
+        std::fs::write(&tmp, GOOD.replace("  - {uid: u4, name: out, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.4], labels: {ztunnel.dev/dataplane-mode: none}}\n", "")).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), disc.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(disc.current().workloads().len(), 3);
+
+        std::fs::write(&path, "workloads: [oops").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            disc.current().workloads().len(),
+            3,
+            "bad file keeps the last state"
+        );
+        assert_eq!(disc.reloads_failed(), 1);
+        std::fs::remove_file(&path).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            disc.current().workloads().len(),
+            3,
+            "missing file keeps the last state"
+        );
+        assert_eq!(disc.reloads_ok(), 1);
+    }
+}

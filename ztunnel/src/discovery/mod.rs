@@ -1,0 +1,75 @@
+//! Discovery: one in-memory model of workloads, services and policies ([`State`]), shared by
+//! every reader through a [`Discovery`] handle, and filled by a source — here the local YAML
+//! file ([`watch_file`]); the Kubernetes source fills the same model.
+
+mod file;
+mod model;
+pub mod policy;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use file::{parse, watch_file};
+pub use model::{
+    Labels, Namespace, Protocol, Service, ServicePort, State, Workload, DATAPLANE_MODE_LABEL,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {error}")]
+    File { path: PathBuf, error: Box<Error> },
+    #[error("malformed mesh file: {0}")]
+    Parse(String),
+    #[error("invalid mesh: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+}
+
+/// A reader's handle on the current state. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Discovery {
+    rx: tokio::sync::watch::Receiver<Arc<State>>,
+    stats: Arc<Stats>,
+}
+
+impl Discovery {
+    /// A handle on a state that never changes (tests, benchmarks).
+    pub fn fixed(state: State) -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(state));
+        // The sender lives as long as the process: `changed()` then waits forever.
+        std::mem::forget(tx);
+        Discovery {
+            rx,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The current state.
+    pub fn current(&self) -> Arc<State> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits for the next state; an error means the source is gone.
+    pub async fn changed(&mut self) -> Result<(), tokio::sync::watch::error::RecvError> {
+        self.rx.changed().await
+    }
+
+    pub fn reloads_ok(&self) -> u64 {
+        self.stats.reloads_ok.load(Ordering::Relaxed)
+    }
+
+    pub fn reloads_failed(&self) -> u64 {
+        self.stats.reloads_failed.load(Ordering::Relaxed)
+    }
+}

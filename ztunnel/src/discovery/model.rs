@@ -1,0 +1,250 @@
+//! The in-memory model of the mesh: workloads, namespaces, services and policies, as one
+//! immutable [`State`] with the indexes the data path needs (by IP, by uid, by VIP, by node)
+//! and every service's endpoints precomputed. Built and validated once per update; readers
+//! share it as `Arc<State>` and never lock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::policy::{AuthorizationPolicy, PeerAuthentication};
+use super::Error;
+use crate::identity::Identity;
+
+/// The namespace label that enrolls a namespace, and the pod label value that opts out.
+pub const DATAPLANE_MODE_LABEL: &str = "ztunnel.dev/dataplane-mode";
+
+/// Labels, compact: a sorted list of pairs.
+pub type Labels = BTreeMap<Arc<str>, Arc<str>>;
+
+/// Whether a workload speaks HBONE (is in the mesh) or plain TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "HBONE")]
+    Hbone,
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+/// A pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    pub uid: Arc<str>,
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub service_account: Arc<str>,
+    pub node: Arc<str>,
+    pub ips: Vec<IpAddr>,
+    pub labels: Labels,
+    pub protocol: Protocol,
+}
+
+impl Workload {
+    /// The workload's SPIFFE identity in `trust_domain` (validated when the state was built).
+    pub fn identity(&self, trust_domain: &str) -> Identity {
+        Identity::new(trust_domain, &self.namespace, &self.service_account)
+            .expect("validated when the state was built")
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Namespace {
+    pub name: Arc<str>,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub selector: Labels,
+}
+
+impl Service {
+    /// The target port for `port`, if the service has it.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.target_port)
+    }
+}
+
+/// The mesh as one immutable snapshot.
+#[derive(Debug, Default)]
+pub struct State {
+    trust_domain: String,
+    namespaces: HashMap<Arc<str>, Namespace>,
+    workloads: Vec<Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_uid: HashMap<Arc<str>, Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+    by_vip: HashMap<IpAddr, (Arc<Service>, usize)>,
+    endpoints: Vec<Vec<Arc<Workload>>>,
+    authz: Vec<AuthorizationPolicy>,
+    peer_authn: Vec<PeerAuthentication>,
+}
+
+fn selects(selector: &Labels, labels: &Labels) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+impl State {
+    /// Builds and validates a state.
+    pub fn build(
+        trust_domain: &str,
+        namespaces: Vec<Namespace>,
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        authz: Vec<AuthorizationPolicy>,
+        peer_authn: Vec<PeerAuthentication>,
+    ) -> Result<State, Error> {
+        let mut s = State {
+            trust_domain: trust_domain.to_owned(),
+            authz,
+            peer_authn,
+            ..Default::default()
+        };
+        for ns in namespaces {
+            if s.namespaces.insert(ns.name.clone(), ns.clone()).is_some() {
+                return Err(Error::Invalid(format!(
+                    "namespace {} is listed twice",
+                    ns.name
+                )));
+            }
+        }
+        for w in workloads {
+            let what = format!("workload {}/{}", w.namespace, w.name);
+            Identity::new(trust_domain, &w.namespace, &w.service_account)
+                .map_err(|e| Error::Invalid(format!("{what}: {e}")))?;
+            if w.ips.is_empty() {
+                return Err(Error::Invalid(format!("{what} has no IP")));
+            }
+            let w = Arc::new(w);
+            if s.by_uid.insert(w.uid.clone(), w.clone()).is_some() {
+                return Err(Error::Invalid(format!(
+                    "{what}: uid {} is used twice",
+                    w.uid
+                )));
+            }
+            for ip in &w.ips {
+                if let Some(other) = s.by_ip.insert(*ip, w.clone()) {
+                    return Err(Error::Invalid(format!(
+                        "{what}: IP {ip} is also {}/{}",
+                        other.namespace, other.name
+                    )));
+                }
+            }
+            s.workloads.push(w);
+        }
+        for svc in services {
+            let what = format!("service {}/{}", svc.namespace, svc.name);
+            if svc.ports.iter().any(|p| p.port == 0 || p.target_port == 0) {
+                return Err(Error::Invalid(format!("{what} has a port 0")));
+            }
+            let endpoints: Vec<Arc<Workload>> = s
+                .workloads
+                .iter()
+                .filter(|w| w.namespace == svc.namespace && selects(&svc.selector, &w.labels))
+                .cloned()
+                .collect();
+            let svc = Arc::new(svc);
+            let idx = s.services.len();
+            for vip in &svc.vips {
+                if s.by_vip.insert(*vip, (svc.clone(), idx)).is_some() {
+                    return Err(Error::Invalid(format!("{what}: VIP {vip} is used twice")));
+                }
+                if s.by_ip.contains_key(vip) {
+                    return Err(Error::Invalid(format!(
+                        "{what}: VIP {vip} is a workload IP"
+                    )));
+                }
+            }
+            s.services.push(svc);
+            s.endpoints.push(endpoints);
+        }
+        Ok(s)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+    pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.by_uid.get(uid)
+    }
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip).map(|(s, _)| s)
+    }
+    /// The workloads a service's selector picks (same namespace).
+    pub fn endpoints_of_vip(&self, ip: IpAddr) -> &[Arc<Workload>] {
+        self.by_vip
+            .get(&ip)
+            .map(|(_, i)| self.endpoints[*i].as_slice())
+            .unwrap_or(&[])
+    }
+    pub fn workloads(&self) -> &[Arc<Workload>] {
+        &self.workloads
+    }
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+    /// The workloads scheduled on `node`.
+    pub fn local_workloads<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads.iter().filter(move |w| &*w.node == node)
+    }
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.get(name)
+    }
+    pub fn authorization_policies(&self) -> &[AuthorizationPolicy] {
+        &self.authz
+    }
+    pub fn peer_authentications(&self) -> &[PeerAuthentication] {
+        &self.peer_authn
+    }
+
+    /// Whether `w` is enrolled: its namespace is labelled `ambient` and it did not opt out.
+    pub fn enrolled(&self, w: &Workload) -> bool {
+        let ns_on = self
+            .namespace(&w.namespace)
+            .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
+            .is_some_and(|v| &**v == "ambient");
+        let opted_out = w
+            .labels
+            .get(DATAPLANE_MODE_LABEL)
+            .is_some_and(|v| &**v == "none");
+        ns_on && !opted_out
+    }
+
+    /// The state as JSON for the admin API.
+    pub fn dump(&self) -> serde_json::Value {
+        let mut namespaces: Vec<&Namespace> = self.namespaces.values().collect();
+        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        serde_json::json!({
+            "trustDomain": self.trust_domain,
+            "namespaces": namespaces,
+            "workloads": self.workloads,
+            "services": self.services,
+            "authorizationPolicies": self.authz,
+            "peerAuthentications": self.peer_authn,
+        })
+    }
+}

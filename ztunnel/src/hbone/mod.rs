@@ -1,0 +1,47 @@
+//! HBONE: TCP connections carried as HTTP/2 `CONNECT` streams inside mutual-TLS connections
+//! to a destination's port 15008, as Istio's ambient mesh speaks it.
+//!
+//! - [`client`]: open a tunnel connection and `CONNECT` streams over it;
+//! - [`pool`]: share tunnel connections per (source identity, destination identity, address);
+//! - [`server`]: accept tunnel connections, validate each `CONNECT`, hand streams to a handler;
+//! - [`copy`]: move bytes between a TCP socket and a stream with half-close.
+
+pub mod client;
+pub mod copy;
+pub mod pool;
+pub mod server;
+
+pub use ztunnel_proto::hbone as consts;
+
+use std::net::SocketAddr;
+
+/// The request headers a client sends with `CONNECT` (all optional on the wire).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectHeaders {
+    /// The original client address, sent as `forwarded: for="<addr>"`.
+    pub forwarded_for: Option<SocketAddr>,
+    /// Sent as `baggage`.
+    pub baggage: Option<String>,
+    /// Sent as `traceparent`.
+    pub traceparent: Option<String>,
+}
+
+/// Formats the `:authority` of a CONNECT to `addr`: `ip:port`, IPv6 as `[addr]:port`.
+pub fn authority(addr: SocketAddr) -> String {
+    addr.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn authority_forms() {
+        assert_eq!(
+            super::authority("10.0.0.1:80".parse().unwrap()),
+            "10.0.0.1:80"
+        );
+        assert_eq!(
+            super::authority("[fd00::1]:8080".parse().unwrap()),
+            "[fd00::1]:8080"
+        );
+    }
+}

@@ -1,0 +1,219 @@
+//! The HBONE server side: HTTP/2 over an accepted mutual-TLS connection, and the validation
+//! of each `CONNECT`.
+//!
+//! [`validate`] is a pure function of the request and the connection's local address:
+//! - only classic `CONNECT` is accepted; any other method is `400` (h2 itself resets, with
+//!   `PROTOCOL_ERROR`, a `CONNECT` carrying `:scheme` or `:path`, as RFC 9113 §8.5 requires);
+//! - `:authority` must be `ip:port` whose IP is the connection's local address (`400`);
+//! - a target port of 15001, 15006 or 15008 would loop and is `503`.
+//!
+//! The caller then applies policy (`401` on deny), connects to the application (`503` on
+//! failure) and only then answers `200`.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::consts;
+
+/// A validated CONNECT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectTarget {
+    /// Where the stream goes: the local workload's address and the application port.
+    pub target: SocketAddr,
+    /// The original client address from `forwarded: for=...`, when present and well formed.
+    pub forwarded_for: Option<SocketAddr>,
+}
+
+/// Why a CONNECT is refused, and the status it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: &'static str,
+}
+
+impl Refusal {
+    const fn new(status: StatusCode, reason: &'static str) -> Self {
+        Refusal { status, reason }
+    }
+}
+
+/// Validates a request received on a tunnel connection whose local address is `local_ip`.
+pub fn validate<B>(req: &Request<B>, local_ip: IpAddr) -> Result<ConnectTarget, Refusal> {
+    if req.method() != Method::CONNECT {
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, "method_not_connect"));
+    }
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty()) {
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, "connect_with_path"));
+    }
+    let authority = uri
+        .authority()
+        .ok_or(Refusal::new(StatusCode::BAD_REQUEST, "missing_authority"))?;
+    let target: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "bad_authority"))?;
+    if target.ip().to_canonical() != local_ip.to_canonical() {
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, "authority_not_local"));
+    }
+    if consts::RESERVED_PORTS.contains(&target.port()) {
+        return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "recursion"));
+    }
+    let forwarded_for = req
+        .headers()
+        .get(consts::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_forwarded_for);
+    Ok(ConnectTarget {
+        target,
+        forwarded_for,
+    })
+}
+
+/// Reads the `for=` address of a `forwarded` header (RFC 7239), e.g. `for="10.0.0.1:3456"` or
+/// `for="[fd00::1]:80"`.
+fn parse_forwarded_for(v: &str) -> Option<SocketAddr> {
+    v.split([';', ','])
+        .filter_map(|p| p.trim().split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case("for"))
+        .and_then(|(_, v)| v.trim_matches('"').parse().ok())
+}
+
+/// Answers a stream with `status` and no body.
+pub fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let resp = Response::builder()
+        .status(status)
+        .body(())
+        .expect("static response");
+    let _ = respond.send_response(resp, true);
+}
+
+/// Runs the HTTP/2 server side of a tunnel connection with the tunnel's settings, calling
+/// `on_stream` in a new task for each request, until the peer goes away, a ping goes
+/// unanswered, or `shutdown` resolves (then a GOAWAY lets open streams finish).
+pub async fn serve<T, F, Fut>(
+    io: T,
+    max_streams: u32,
+    shutdown: impl Future<Output = ()>,
+    on_stream: F,
+) -> Result<(), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(consts::STREAM_WINDOW)
+        .initial_connection_window_size(consts::CONNECTION_WINDOW)
+        .max_frame_size(consts::MAX_FRAME_SIZE)
+        .max_send_buffer_size(consts::MAX_FRAME_SIZE as usize)
+        .max_concurrent_streams(max_streams)
+        .max_header_list_size(16 * 1024)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let keepalive = match conn.ping_pong() {
+        Some(p) => futures::future::Either::Left(super::client::keepalive(p)),
+        None => futures::future::Either::Right(std::future::pending()),
+    };
+    tokio::pin!(keepalive);
+    tokio::pin!(shutdown);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    tokio::spawn(on_stream(req, respond));
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+            r = &mut keepalive => {
+                if let Err(why) = r {
+                    tracing::debug!(why, "tunnel connection closed");
+                }
+                return Ok(());
+            }
+            _ = &mut shutdown, if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, uri: &str, fwd: Option<&str>) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(f) = fwd {
+            b = b.header("forwarded", f);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn validate_table() {
+        let local: IpAddr = "10.0.0.2".parse().unwrap();
+        type Case = (
+            Method,
+            &'static str,
+            Result<&'static str, (u16, &'static str)>,
+        );
+        let cases: &[Case] = &[
+            (Method::CONNECT, "10.0.0.2:8080", Ok("10.0.0.2:8080")),
+            (
+                Method::GET,
+                "10.0.0.2:8080",
+                Err((400, "method_not_connect")),
+            ),
+            (
+                Method::CONNECT,
+                "http://10.0.0.2:8080/x",
+                Err((400, "connect_with_path")),
+            ),
+            (
+                Method::CONNECT,
+                "10.0.0.3:8080",
+                Err((400, "authority_not_local")),
+            ),
+            (
+                Method::CONNECT,
+                "example.com:80",
+                Err((400, "bad_authority")),
+            ),
+            (Method::CONNECT, "10.0.0.2:15008", Err((503, "recursion"))),
+            (Method::CONNECT, "10.0.0.2:15001", Err((503, "recursion"))),
+            (Method::CONNECT, "10.0.0.2:15006", Err((503, "recursion"))),
+        ];
+        for (m, uri, want) in cases {
+            let got = validate(&req(m.clone(), uri, None), local)
+                .map(|t| t.target.to_string())
+                .map_err(|r| (r.status.as_u16(), r.reason));
+            let want = want.map(str::to_owned);
+            assert_eq!(got, want, "{m} {uri}");
+        }
+    }
+
+    #[test]
+    fn ipv6_authority_and_forwarded() {
+        let local: IpAddr = "fd00::2".parse().unwrap();
+        let r = req(
+            Method::CONNECT,
+            "[fd00::2]:80",
+            Some("for=\"[fd00::1]:4000\""),
+        );
+        let t = validate(&r, local).unwrap();
+        assert_eq!(t.target, "[fd00::2]:80".parse().unwrap());
+        assert_eq!(t.forwarded_for, Some("[fd00::1]:4000".parse().unwrap()));
+        let r = req(Method::CONNECT, "[fd00::2]:80", Some("by=x;for=garbage"));
+        assert_eq!(validate(&r, local).unwrap().forwarded_for, None);
+    }
+}

@@ -1,0 +1,217 @@
+//! Workload certificates: key generation and CSRs on the node, and the validated result of a
+//! signing.
+//!
+//! Keys are ECDSA P-256, generated here; only the CSR leaves the node. A signed chain is
+//! accepted only if its leaf's single URI SAN is the requested identity, its public key is
+//! the one we generated, and the trust bundle is not empty. Renewal is due at half of the
+//! remaining lifetime as seen when the certificate arrived, a pure function of the time given.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use super::{tls, Error, Identity};
+
+/// A workload's issued certificate, its private key and the trust bundle it came with.
+pub struct WorkloadCert {
+    pub identity: Identity,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    pub roots: Arc<RootCertStore>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Hex serial number of the leaf.
+    pub serial: String,
+    /// When this node received it (renewal is planned from here).
+    pub received_at: SystemTime,
+    server_config: OnceLock<Arc<ServerConfig>>,
+}
+
+impl fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("identity", &self.identity.to_string())
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A fresh key pair and the CSR for `identity`.
+pub struct KeyAndCsr {
+    pub key: KeyPair,
+    pub csr_pem: String,
+}
+
+/// Generates an ECDSA P-256 key and a CSR whose only SAN is the URI SAN of `identity`.
+pub fn generate_csr(identity: &Identity) -> Result<KeyAndCsr, Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+    let csr_pem = params.serialize_request(&key)?.pem()?;
+    Ok(KeyAndCsr { key, csr_pem })
+}
+
+/// Parses every certificate in a list of PEM texts (each may hold several).
+pub fn parse_pem_certs(pems: &[String]) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let mut out = Vec::new();
+    for p in pems {
+        for c in CertificateDer::pem_slice_iter(p.as_bytes()) {
+            out.push(c.map_err(|e| Error::Pem(e.to_string()))?);
+        }
+    }
+    Ok(out)
+}
+
+/// A trust bundle from PEM roots; at least one is required.
+pub fn root_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, Error> {
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store
+            .add(r.clone())
+            .map_err(|e| Error::Pem(format!("bad root certificate: {e}")))?;
+    }
+    if store.is_empty() {
+        return Err(Error::NoRoots);
+    }
+    Ok(store)
+}
+
+/// The URI SAN identity of a leaf certificate: exactly one URI SAN, a valid SPIFFE ID.
+pub fn leaf_identity(cert: &X509Certificate<'_>) -> Result<Identity, Error> {
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| Error::Certificate(format!("bad SAN extension: {e}")))?
+        .ok_or_else(|| Error::Certificate("no subject alternative name".into()))?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => Ok(one.parse()?),
+        [] => Err(Error::Certificate("no URI SAN".into())),
+        _ => Err(Error::Certificate(format!(
+            "{} URI SANs, expected one",
+            uris.len()
+        ))),
+    }
+}
+
+fn to_system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+    let secs = t.timestamp();
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        SystemTime::UNIX_EPOCH
+    }
+}
+
+impl WorkloadCert {
+    /// Validates a signing result for `identity` against the key we generated.
+    pub fn from_signed(
+        identity: Identity,
+        key: &KeyPair,
+        chain_pem: &[String],
+        roots_pem: &[String],
+        now: SystemTime,
+    ) -> Result<Self, Error> {
+        let chain = parse_pem_certs(chain_pem)?;
+        let leaf_der = chain
+            .first()
+            .ok_or_else(|| Error::Certificate("empty chain".into()))?;
+        let (_, leaf) = X509Certificate::from_der(leaf_der)
+            .map_err(|e| Error::Certificate(format!("cannot parse leaf: {e}")))?;
+        let got = leaf_identity(&leaf)?;
+        if got != identity {
+            return Err(Error::Certificate(format!(
+                "leaf is for {got}, expected {identity}"
+            )));
+        }
+        if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(Error::Certificate("leaf public key is not ours".into()));
+        }
+        let roots = root_store(&parse_pem_certs(roots_pem)?)?;
+        let not_before = to_system_time(leaf.validity().not_before);
+        let not_after = to_system_time(leaf.validity().not_after);
+        if not_after <= now {
+            return Err(Error::Certificate("certificate already expired".into()));
+        }
+        let serial = leaf.raw_serial_as_string().replace(':', "");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok(WorkloadCert {
+            identity,
+            chain,
+            key,
+            roots: Arc::new(roots),
+            not_before,
+            not_after,
+            serial,
+            received_at: now,
+            server_config: OnceLock::new(),
+        })
+    }
+
+    /// When renewal is due: half-way from its arrival to its expiry.
+    pub fn refresh_at(&self) -> SystemTime {
+        let left = self
+            .not_after
+            .duration_since(self.received_at)
+            .unwrap_or_default();
+        self.received_at + left / 2
+    }
+
+    /// Whether renewal is due at `now`.
+    pub fn needs_refresh(&self, now: SystemTime) -> bool {
+        now >= self.refresh_at()
+    }
+
+    /// Whether the certificate has expired at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        now >= self.not_after
+    }
+
+    /// The TLS server configuration presenting this certificate (built once).
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server_config
+            .get_or_init(|| {
+                Arc::new(
+                    tls::server_config(
+                        self.chain.clone(),
+                        self.key.clone_key(),
+                        self.roots.clone(),
+                        self.identity.trust_domain(),
+                    )
+                    .expect("a validated certificate makes a valid server config"),
+                )
+            })
+            .clone()
+    }
+
+    /// A TLS client configuration presenting this certificate and accepting only a server
+    /// whose identity is in `expected`.
+    pub fn client_config(&self, expected: &[Identity]) -> Arc<ClientConfig> {
+        Arc::new(
+            tls::client_config(
+                self.chain.clone(),
+                self.key.clone_key(),
+                self.roots.clone(),
+                expected.to_vec(),
+            )
+            .expect("a validated certificate makes a valid client config"),
+        )
+    }
+}

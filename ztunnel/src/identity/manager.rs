@@ -1,0 +1,315 @@
+//! The certificate manager: one certificate per identity the node serves, fetched on first
+//! use and renewed in the background at half-life.
+//!
+//! Each identity has a task that signs, publishes the certificate, sleeps until renewal is
+//! due, and signs again; failures back off (1 s doubling to 30 s) while the previous
+//! certificate, if still valid, stays in use. Concurrent first callers of [`CertManager::fetch`]
+//! share the one signing request. A renewal only swaps the published `Arc`: connections made
+//! with the old certificate keep it and are not disturbed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use ztunnel_proto::ca::SignRequest;
+
+use super::{generate_csr, CertSigner, Error, Identity, WorkloadCert};
+
+#[derive(Clone, Debug)]
+enum Slot {
+    Pending,
+    Ready(Arc<WorkloadCert>),
+    Failed(String),
+}
+
+struct Entry {
+    slot: watch::Receiver<Slot>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Counters {
+    issued: AtomicU64,
+    renewed: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Certificates of the identities this node serves.
+pub struct CertManager {
+    signer: Arc<dyn CertSigner>,
+    lifetime: Duration,
+    entries: Mutex<HashMap<Identity, Entry>>,
+    counters: Arc<Counters>,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl CertManager {
+    pub fn new(signer: Arc<dyn CertSigner>, lifetime: Duration) -> Arc<Self> {
+        Arc::new(CertManager {
+            signer,
+            lifetime,
+            entries: Mutex::default(),
+            counters: Arc::default(),
+        })
+    }
+
+    /// The current certificate of `id`, signing it first if needed. Never an expired one.
+    pub async fn fetch(&self, id: &Identity) -> Result<Arc<WorkloadCert>, Error> {
+        let mut rx = {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            match entries.get(id) {
+                Some(e) => e.slot.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(Slot::Pending);
+                    let task = tokio::spawn(keep(
+                        self.signer.clone(),
+                        id.clone(),
+                        self.lifetime,
+                        tx,
+                        self.counters.clone(),
+                    ));
+                    entries.insert(
+                        id.clone(),
+                        Entry {
+                            slot: rx.clone(),
+                            task,
+                        },
+                    );
+                    rx
+                }
+            }
+        };
+        let slot = rx
+            .wait_for(|s| match s {
+                Slot::Pending => false,
+                Slot::Ready(c) => !c.expired(SystemTime::now()),
+                Slot::Failed(_) => true,
+            })
+            .await
+            .map_err(|_| Error::Certificate(format!("certificate of {id} is no longer managed")))?
+            .clone();
+        match slot {
+            Slot::Ready(c) => Ok(c),
+            Slot::Failed(e) => Err(Error::Certificate(format!("no certificate for {id}: {e}"))),
+            Slot::Pending => unreachable!("waited past pending"),
+        }
+    }
+
+    /// Stops renewing `id` and drops its certificate.
+    pub fn forget(&self, id: &Identity) {
+        if let Some(e) = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+        {
+            e.task.abort();
+        }
+    }
+
+    /// The certificates currently held (for the admin API; no keys are reachable from here
+    /// but through the TLS configurations).
+    pub fn certs(&self) -> Vec<Arc<WorkloadCert>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = entries
+            .values()
+            .filter_map(|e| match &*e.slot.borrow() {
+                Slot::Ready(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    pub fn issued_total(&self) -> u64 {
+        self.counters.issued.load(Ordering::Relaxed)
+    }
+    pub fn renewed_total(&self) -> u64 {
+        self.counters.renewed.load(Ordering::Relaxed)
+    }
+    pub fn failed_total(&self) -> u64 {
+        self.counters.failed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for CertManager {
+    fn drop(&mut self) {
+        for e in self
+            .entries
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            e.task.abort();
+        }
+    }
+}
+
+async fn sign_once(
+    signer: &dyn CertSigner,
+    id: &Identity,
+    lifetime: Duration,
+) -> Result<WorkloadCert, Error> {
+    let kc = generate_csr(id)?;
+    let resp = signer
+        .sign(SignRequest {
+            csr_pem: kc.csr_pem,
+            identity: id.to_string(),
+            lifetime_secs: lifetime.as_secs(),
+        })
+        .await?;
+    WorkloadCert::from_signed(
+        id.clone(),
+        &kc.key,
+        &resp.cert_chain_pem,
+        &resp.roots_pem,
+        SystemTime::now(),
+    )
+}
+
+/// The per-identity task: sign, publish, sleep to half-life, repeat.
+async fn keep(
+    signer: Arc<dyn CertSigner>,
+    id: Identity,
+    lifetime: Duration,
+    tx: watch::Sender<Slot>,
+    counters: Arc<Counters>,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut have_one = false;
+    loop {
+        match sign_once(&*signer, &id, lifetime).await {
+            Ok(cert) => {
+                let cert = Arc::new(cert);
+                let wait = cert
+                    .refresh_at()
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                if have_one {
+                    counters.renewed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(identity = %id, serial = %cert.serial, "certificate renewed");
+                } else {
+                    counters.issued.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(identity = %id, serial = %cert.serial, "certificate issued");
+                }
+                have_one = true;
+                backoff = MIN_BACKOFF;
+                tx.send_replace(Slot::Ready(cert));
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate signing failed");
+                let still_valid =
+                    matches!(&*tx.borrow(), Slot::Ready(c) if !c.expired(SystemTime::now()));
+                if !still_valid {
+                    tx.send_replace(Slot::Failed(e.to_string()));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use ztunnel_proto::ca::SignResponse;
+
+    use super::*;
+    use crate::ca::LocalCa;
+    use crate::identity::{BoxFuture, SignError};
+
+    /// Counts calls; fails while `fail` is set.
+    struct Counting {
+        ca: LocalCa,
+        calls: AtomicUsize,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl CertSigner for Counting {
+        fn sign(&self, req: SignRequest) -> BoxFuture<'_, Result<SignResponse, SignError>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(SignError::Transport("down".into()));
+                }
+                CertSigner::sign(&self.ca, req).await
+            })
+        }
+    }
+
+    fn signer() -> (tempfile::TempDir, Arc<Counting>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), "cluster.local").unwrap();
+        let s = Arc::new(Counting {
+            ca,
+            calls: AtomicUsize::new(0),
+            fail: Default::default(),
+        });
+        (dir, s)
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_fetches_share_one_signing() {
+        let (_d, s) = signer();
+        let m = CertManager::new(s.clone(), Duration::from_secs(3600));
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let (a, b, c) = tokio::join!(m.fetch(&id), m.fetch(&id), m.fetch(&id));
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(s.calls.load(Ordering::SeqCst), 1);
+        assert_eq!((a.serial == b.serial, b.serial == c.serial), (true, true));
+        assert_eq!(m.issued_total(), 1);
+        assert_eq!(m.certs().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn renews_at_half_life_and_keeps_the_old_arc_usable() {
+        let (_d, s) = signer();
+        let m = CertManager::new(s.clone(), Duration::from_secs(2));
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let first = m.fetch(&id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let second = m.fetch(&id).await.unwrap();
+        assert_ne!(first.serial, second.serial, "renewed by now");
+        assert!(m.renewed_total() >= 1);
+        // The old certificate still builds a working configuration.
+        let _ = first.server_config();
+    }
+
+    #[tokio::test]
+    async fn signing_failure_is_an_error_and_counted() {
+        let (_d, s) = signer();
+        s.fail.store(true, Ordering::SeqCst);
+        let m = CertManager::new(s.clone(), Duration::from_secs(3600));
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let e = m.fetch(&id).await.unwrap_err();
+        assert!(e.to_string().contains("down"), "{e}");
+        assert_eq!(m.failed_total(), 1);
+        // Once the CA is back, the retry gives a certificate.
+        s.fail.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        m.fetch(&id).await.unwrap();
+    }
+
+    #[test]
+    fn refresh_is_due_half_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), "cluster.local").unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let c = crate::ca::issue(&ca, &id, Duration::from_secs(100)).unwrap();
+        let t0 = c.received_at;
+        assert!(!c.needs_refresh(t0 + Duration::from_secs(49)));
+        assert!(c.needs_refresh(t0 + Duration::from_secs(51)));
+        assert!(!c.expired(t0 + Duration::from_secs(99)));
+        assert!(c.expired(t0 + Duration::from_secs(101)));
+    }
+}

@@ -1,0 +1,421 @@
+//! The TLS configurations of the tunnel, both ends, as DESIGN.md fixes them: TLS 1.3 only,
+//! AES-256-GCM and AES-128-GCM suites, ALPN `h2` (a server also accepts no ALPN), no SNI,
+//! no session resumption (every handshake checks identity anew), and mutual authentication:
+//!
+//! - server: the client's chain must end in our roots, and its leaf's single URI SAN must be a
+//!   SPIFFE ID in our trust domain;
+//! - client: the server's chain must end in our roots (its DNS name is not checked), and its
+//!   leaf's SPIFFE ID must be one of the identities the destination is expected to have.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::{cert::leaf_identity, Error, Identity};
+
+/// The crypto provider of the tunnel: ring with only the two AES-GCM TLS 1.3 suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    P.get_or_init(|| {
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites = vec![
+            rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ];
+        Arc::new(p)
+    })
+    .clone()
+}
+
+const ALPN_H2: &[u8] = ztunnel_proto::hbone::ALPN_H2;
+
+/// Reads the SPIFFE identity of a peer from its presented chain (leaf first).
+pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Result<Identity, Error> {
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Error::Certificate("peer presented no certificate".into()))?;
+    let (_, x) = X509Certificate::from_der(leaf)
+        .map_err(|e| Error::Certificate(format!("cannot parse peer certificate: {e}")))?;
+    leaf_identity(&x)
+}
+
+fn bad_identity(msg: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        Error::Certificate(msg),
+    ))))
+}
+
+/// Server side: webpki chain verification, then the trust-domain check.
+#[derive(Debug)]
+struct ClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = peer_identity(std::slice::from_ref(end_entity))
+            .map_err(|e| bad_identity(e.to_string()))?;
+        if id.trust_domain() != self.trust_domain {
+            tracing::warn!(peer = %id, ours = %self.trust_domain, "client identity is from another trust domain");
+            return Err(bad_identity(format!(
+                "trust domain {} of {id} is not ours ({})",
+                id.trust_domain(),
+                self.trust_domain
+            )));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Client side: chain to our roots (no name check), then the expected-identity check.
+#[derive(Debug)]
+struct ServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: Vec<Identity>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        let id = peer_identity(std::slice::from_ref(end_entity))
+            .map_err(|e| bad_identity(e.to_string()))?;
+        if !self.expected.contains(&id) {
+            let expected: Vec<String> = self.expected.iter().map(|e| e.to_string()).collect();
+            tracing::warn!(peer = %id, ?expected, "server identity is not the expected one");
+            return Err(bad_identity(format!(
+                "server identity {id} not in expected {expected:?}"
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The tunnel server's TLS configuration.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    trust_domain: &str,
+) -> Result<ServerConfig, Error> {
+    let provider = provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let verifier = Arc::new(ClientVerifier {
+        inner,
+        trust_domain: trust_domain.to_owned(),
+    });
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    Ok(cfg)
+}
+
+/// The tunnel client's TLS configuration.
+pub fn client_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    expected: Vec<Identity>,
+) -> Result<ClientConfig, Error> {
+    let provider = provider();
+    let verifier = Arc::new(ServerVerifier {
+        roots,
+        expected,
+        algs: provider.signature_verification_algorithms,
+    });
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.enable_sni = false;
+    cfg.resumption = Resumption::disabled();
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls_pki_types::ServerName;
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+    use crate::ca::{issue, LocalCa};
+    use crate::identity::WorkloadCert;
+
+    const DAY: Duration = Duration::from_secs(86400);
+
+    fn id(s: &str) -> Identity {
+        s.parse().unwrap()
+    }
+
+    struct Cas {
+        _dir: tempfile::TempDir,
+        main: LocalCa,
+        /// The same root, issuing in another trust domain.
+        other_td: LocalCa,
+        /// An unrelated root.
+        untrusted: LocalCa,
+    }
+
+    fn cas() -> Cas {
+        let dir = tempfile::tempdir().unwrap();
+        let main = LocalCa::load_or_create(&dir.path().join("a"), "cluster.local").unwrap();
+        let other_td = LocalCa::load_or_create(&dir.path().join("a"), "other.local").unwrap();
+        let untrusted = LocalCa::load_or_create(&dir.path().join("b"), "cluster.local").unwrap();
+        Cas {
+            _dir: dir,
+            main,
+            other_td,
+            untrusted,
+        }
+    }
+
+    /// Runs a handshake; returns (client result, server result with the peer identity).
+    async fn handshake(
+        client: Arc<ClientConfig>,
+        server: &WorkloadCert,
+    ) -> (Result<(), String>, Result<Identity, String>) {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let acceptor = TlsAcceptor::from(server.server_config());
+        let connector = TlsConnector::from(client);
+        let server = async move {
+            let mut tls = acceptor.accept(s).await.map_err(|e| e.to_string())?;
+            let conn = tls.get_ref().1;
+            assert_eq!(
+                conn.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_3)
+            );
+            let suite = conn.negotiated_cipher_suite().unwrap().suite();
+            assert!(
+                [
+                    rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+                    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                ]
+                .contains(&suite),
+                "{suite:?}"
+            );
+            let id = peer_identity(conn.peer_certificates().unwrap()).map_err(|e| e.to_string())?;
+            use tokio::io::AsyncWriteExt;
+            tls.write_all(b"k").await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())?;
+            // Keep the connection open until the client has read.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(id)
+        };
+        let client = async move {
+            let name = ServerName::try_from("10.0.0.1").unwrap();
+            let mut tls = connector
+                .connect(name, c)
+                .await
+                .map_err(|e| e.to_string())?;
+            // TLS 1.3 client authentication failures surface on the first read.
+            use tokio::io::AsyncReadExt;
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            Ok(())
+        };
+        tokio::join!(client, server)
+    }
+
+    #[tokio::test]
+    async fn same_ca_mutual_tls_reads_the_client_identity() {
+        let cas = cas();
+        let client = issue(&cas.main, &id("spiffe://cluster.local/ns/a/sa/client"), DAY).unwrap();
+        let server = issue(&cas.main, &id("spiffe://cluster.local/ns/b/sa/server"), DAY).unwrap();
+        let cfg = client.client_config(std::slice::from_ref(&server.identity));
+        assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec()]);
+        let (c, s) = handshake(cfg, &server).await;
+        c.unwrap();
+        assert_eq!(s.unwrap(), client.identity);
+    }
+
+    #[tokio::test]
+    async fn client_without_alpn_is_accepted() {
+        let cas = cas();
+        let client = issue(&cas.main, &id("spiffe://cluster.local/ns/a/sa/client"), DAY).unwrap();
+        let server = issue(&cas.main, &id("spiffe://cluster.local/ns/b/sa/server"), DAY).unwrap();
+        let mut cfg = (*client.client_config(std::slice::from_ref(&server.identity))).clone();
+        cfg.alpn_protocols.clear();
+        let (c, s) = handshake(Arc::new(cfg), &server).await;
+        c.unwrap();
+        s.unwrap();
+    }
+
+    #[tokio::test]
+    async fn client_from_another_trust_domain_is_refused() {
+        let cas = cas();
+        let client = issue(
+            &cas.other_td,
+            &id("spiffe://other.local/ns/a/sa/client"),
+            DAY,
+        )
+        .unwrap();
+        let server = issue(&cas.main, &id("spiffe://cluster.local/ns/b/sa/server"), DAY).unwrap();
+        let (_, s) = handshake(
+            client.client_config(std::slice::from_ref(&server.identity)),
+            &server,
+        )
+        .await;
+        let e = s.unwrap_err();
+        assert!(e.contains("trust domain"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn client_from_an_untrusted_ca_is_refused() {
+        let cas = cas();
+        let client = issue(
+            &cas.untrusted,
+            &id("spiffe://cluster.local/ns/a/sa/client"),
+            DAY,
+        )
+        .unwrap();
+        let server = issue(&cas.main, &id("spiffe://cluster.local/ns/b/sa/server"), DAY).unwrap();
+        // The client trusts nothing the server has either: both sides refuse.
+        let (c, s) = handshake(
+            client.client_config(std::slice::from_ref(&server.identity)),
+            &server,
+        )
+        .await;
+        assert!(c.is_err());
+        assert!(s.is_err());
+    }
+
+    #[tokio::test]
+    async fn server_with_an_unexpected_identity_is_refused() {
+        let cas = cas();
+        let client = issue(&cas.main, &id("spiffe://cluster.local/ns/a/sa/client"), DAY).unwrap();
+        let server = issue(
+            &cas.main,
+            &id("spiffe://cluster.local/ns/b/sa/impostor"),
+            DAY,
+        )
+        .unwrap();
+        let (c, _) = handshake(
+            client.client_config(&[id("spiffe://cluster.local/ns/b/sa/server")]),
+            &server,
+        )
+        .await;
+        let e = c.unwrap_err();
+        assert!(e.contains("impostor"), "{e}");
+        let (c, _) = handshake(client.client_config(&[]), &server).await;
+        assert!(c.is_err(), "an empty expected set accepts nobody");
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_refused() {
+        let cas = cas();
+        let server = issue(&cas.main, &id("spiffe://cluster.local/ns/b/sa/server"), DAY).unwrap();
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+                roots: server.roots.clone(),
+                expected: vec![server.identity.clone()],
+                algs: provider().signature_verification_algorithms,
+            }))
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let (_, s) = handshake(Arc::new(cfg), &server).await;
+        assert!(s.is_err());
+    }
+
+    #[test]
+    fn bundle_with_two_roots_trusts_both() {
+        let cas = cas();
+        let a = cas.main.root_pem();
+        let b = cas.untrusted.root_pem();
+        let store =
+            crate::identity::root_store(&crate::identity::parse_pem_certs(&[a, b]).unwrap())
+                .unwrap();
+        assert_eq!(store.len(), 2);
+    }
+}

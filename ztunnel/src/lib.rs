@@ -1,0 +1,14 @@
+//! The ztunnel node daemon as a library: identity and certificates, the CA, discovery, HBONE
+//! tunnels and their pool, the proxies, and the admin and metrics servers. The binary in
+//! `main.rs` only parses the command line, sets up logging and calls [`app::start`].
+
+pub mod admin;
+pub mod app;
+pub mod ca;
+pub mod config;
+pub mod discovery;
+pub mod hbone;
+pub mod identity;
+pub mod metrics;
+pub mod net;
+pub mod proxy;

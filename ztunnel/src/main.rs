@@ -1,0 +1,134 @@
+//! The `ztunnel` binary: `ztunnel run` (the node daemon) and `ztunnel ca` (the certificate
+//! authority). Parses the configuration, sets up logging, and hands over to the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer};
+use ztunnel::config::{CaConfig, ConfigError, LogFormat, RunConfig};
+
+const USAGE: &str = "usage: ztunnel <command> [options]
+
+commands:
+  run    the node daemon
+  ca     the certificate authority that node daemons ask for workload certificates
+
+`ztunnel <command> --help` lists a command's options and their environment variables.";
+
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Installs the global subscriber; returns the handle behind the admin `/logging` endpoint.
+fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<SetLevel> {
+    let filter = EnvFilter::try_new(filter).context("invalid log filter")?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    Ok(Box::new(move |level: &str| {
+        let f =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
+}
+
+/// Prints a configuration error (or clap's help) and exits: 2 for errors, 0 for `--help`.
+fn config_error(e: ConfigError) -> ! {
+    match e {
+        ConfigError::Cli(c) => c.exit(),
+        other => {
+            eprintln!("ztunnel: invalid configuration: {other}");
+            std::process::exit(2)
+        }
+    }
+}
+
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+async fn run(args: Vec<String>) -> anyhow::Result<()> {
+    let cfg = RunConfig::from_sources(args, &env).unwrap_or_else(|e| config_error(e));
+    let set_level = init_logging(&cfg.log_filter, cfg.log_format)?;
+    tracing::info!(config = %cfg, "starting ztunnel");
+    let daemon = ztunnel::app::start(&cfg, set_level).await?;
+    tracing::info!("ready to serve");
+    wait_for_signal().await?;
+    daemon.drain().await;
+    Ok(())
+}
+
+async fn ca(args: Vec<String>) -> anyhow::Result<()> {
+    let cfg = CaConfig::from_sources(args, &env).unwrap_or_else(|e| config_error(e));
+    let _set_level = init_logging(&cfg.log_filter, cfg.log_format)?;
+    tracing::info!(config = %cfg, "starting ztunnel ca");
+    ztunnel::ca::run(&cfg, wait_for_signal_quiet()).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+    Ok(())
+}
+
+async fn wait_for_signal_quiet() {
+    let _ = wait_for_signal().await;
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().collect();
+    let cmd = if args.len() > 1 {
+        args.remove(1)
+    } else {
+        String::new()
+    };
+    args[0] = format!("ztunnel {cmd}");
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ztunnel: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cmd.as_str() {
+        "run" => rt.block_on(run(args)),
+        "ca" => rt.block_on(ca(args)),
+        "" | "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        "--version" | "version" => {
+            println!("ztunnel {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("ztunnel: unknown command {other:?}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ztunnel: {e:#}");
+            tracing::error!(error = format!("{e:#}"), "exiting");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The table of live proxied connections (the admin API's `/connections`) and the access log
+//! line written when each one closes.
+//!
+//! A [`Tracked`] guard is created when a connection is accepted; dropping it removes the
+//! connection from the table and logs one structured line with addresses, identities,
+//! direction, bytes each way, duration and the error, if any.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::hbone::copy::ByteCounters;
+
+/// Which proxy carried a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Captured outbound, tunnelled over HBONE.
+    Outbound,
+    /// Captured outbound to a destination outside the mesh, sent as plain TCP.
+    Passthrough,
+    /// Arrived through the tunnel (15008).
+    Inbound,
+    /// Arrived in plaintext (15006).
+    InboundPlaintext,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Passthrough => "passthrough",
+            Direction::Inbound => "inbound",
+            Direction::InboundPlaintext => "inbound_plaintext",
+        }
+    }
+}
+
+/// What is known about a connection; filled in as the proxy learns it.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ConnFacts {
+    pub src_addr: Option<SocketAddr>,
+    pub dst_addr: Option<SocketAddr>,
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    pub src_workload: Option<String>,
+    pub dst_workload: Option<String>,
+}
+
+/// One live connection.
+#[derive(Debug)]
+pub struct ConnRecord {
+    pub id: u64,
+    pub direction: Direction,
+    pub facts: Mutex<ConnFacts>,
+    pub bytes: ByteCounters,
+    pub started: Instant,
+}
+
+/// A snapshot row of `/connections`.
+#[derive(Debug, Serialize)]
+pub struct ConnRow {
+    pub id: u64,
+    pub direction: Direction,
+    #[serde(flatten)]
+    pub facts: ConnFacts,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u128,
+}
+
+/// All live connections.
+#[derive(Default)]
+pub struct ConnTable {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<ConnRecord>>>,
+}
+
+impl ConnTable {
+    /// Registers a new connection; the returned guard unregisters and logs it.
+    pub fn track(self: &Arc<Self>, direction: Direction, facts: ConnFacts) -> Tracked {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let rec = Arc::new(ConnRecord {
+            id,
+            direction,
+            facts: Mutex::new(facts),
+            bytes: ByteCounters::default(),
+            started: Instant::now(),
+        });
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, rec.clone());
+        Tracked {
+            table: self.clone(),
+            rec,
+            error: None,
+        }
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot for the admin API.
+    pub fn rows(&self) -> Vec<ConnRow> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<ConnRow> = live.values().map(|r| row(r)).collect();
+        rows.sort_by_key(|r| r.id);
+        rows
+    }
+}
+
+fn row(r: &ConnRecord) -> ConnRow {
+    ConnRow {
+        id: r.id,
+        direction: r.direction,
+        facts: r.facts.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        bytes_sent: r.bytes.sent(),
+        bytes_received: r.bytes.received(),
+        duration_ms: r.started.elapsed().as_millis(),
+    }
+}
+
+/// Guard of a tracked connection.
+pub struct Tracked {
+    table: Arc<ConnTable>,
+    rec: Arc<ConnRecord>,
+    error: Option<String>,
+}
+
+impl Tracked {
+    pub fn record(&self) -> &ConnRecord {
+        &self.rec
+    }
+
+    /// Updates the known facts.
+    pub fn update(&self, f: impl FnOnce(&mut ConnFacts)) {
+        f(&mut self.rec.facts.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Records the error that ended the connection (logged on close).
+    pub fn fail(&mut self, error: impl std::fmt::Display) {
+        self.error = Some(error.to_string());
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.table
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.rec.id);
+        let r = row(&self.rec);
+        let f = &r.facts;
+        let fmt_addr = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(
+            target: "access",
+            direction = r.direction.as_str(),
+            src_addr = %fmt_addr(f.src_addr),
+            dst_addr = %fmt_addr(f.dst_addr),
+            src_identity = f.src_identity.as_deref().unwrap_or(""),
+            dst_identity = f.dst_identity.as_deref().unwrap_or(""),
+            src_workload = f.src_workload.as_deref().unwrap_or(""),
+            dst_workload = f.dst_workload.as_deref().unwrap_or(""),
+            bytes_sent = r.bytes_sent,
+            bytes_received = r.bytes_received,
+            duration_ms = r.duration_ms as u64,
+            error = self.error.as_deref().unwrap_or(""),
+            "connection closed"
+        );
+    }
+}

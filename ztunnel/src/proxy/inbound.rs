@@ -1,0 +1,160 @@
+//! Inbound tunnel: mutual-TLS HBONE connections on 15008.
+//!
+//! The destination workload is the local workload owning the connection's local address; the
+//! TLS handshake presents its certificate and requires a client certificate from our trust
+//! domain, whose SPIFFE ID is the source identity. Each CONNECT is validated
+//! ([`crate::hbone::server::validate`]), then the application is connected and only then `200`
+//! is sent. Refusals are answered with their status, counted and logged.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::conns::{ConnFacts, Direction};
+use super::{reset, ProxyInputs};
+use crate::discovery::Workload;
+use crate::hbone::copy::copy_bidirectional;
+use crate::hbone::server;
+use crate::identity::{self, Identity};
+use crate::net;
+
+/// A peer that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Peer {
+    addr: SocketAddr,
+    local: SocketAddr,
+    identity: Identity,
+    dst: Arc<Workload>,
+    dst_identity: Identity,
+}
+
+pub(super) async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer: SocketAddr) {
+    let Ok(local) = tcp.local_addr() else { return };
+    let state = pi.discovery.current();
+    let Some(dst) = pi.local_workload(&state, local) else {
+        tracing::warn!(%peer, %local, "tunnel connection to an address of no local workload; refused");
+        pi.metrics.refused("inbound_unknown_destination");
+        return reset(tcp);
+    };
+    drop(state);
+    let dst_identity = pi.identity_of(&dst);
+    let cert = match pi.certs.fetch(&dst_identity).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(identity = %dst_identity, error = %e, "no certificate; tunnel refused");
+            pi.metrics.refused("inbound_no_certificate");
+            return reset(tcp);
+        }
+    };
+    let acceptor = TlsAcceptor::from(cert.server_config());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "tunnel TLS handshake failed");
+            pi.metrics.refused("inbound_tls_handshake");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "tunnel TLS handshake timed out");
+            pi.metrics.refused("inbound_tls_timeout");
+            return;
+        }
+    };
+    let src = match identity::peer_identity(tls.get_ref().1.peer_certificates().unwrap_or(&[])) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "tunnel peer identity unreadable; refused");
+            pi.metrics.refused("inbound_peer_identity");
+            return;
+        }
+    };
+    pi.metrics.hbone_connections_accepted.inc();
+    let conn = Arc::new(Peer {
+        addr: peer,
+        local,
+        identity: src,
+        dst,
+        dst_identity,
+    });
+    let drained = {
+        let pi = pi.clone();
+        async move { pi.drained().await }
+    };
+    let result = server::serve(tls, pi.max_streams, drained, |req, respond| {
+        stream(pi.clone(), conn.clone(), req, respond)
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
+    }
+}
+
+async fn stream(
+    pi: Arc<ProxyInputs>,
+    peer: Arc<Peer>,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) {
+    let mut tracked = pi.connections.track(
+        Direction::Inbound,
+        ConnFacts {
+            src_addr: Some(peer.addr),
+            dst_addr: None,
+            src_identity: Some(peer.identity.to_string()),
+            dst_identity: Some(peer.dst_identity.to_string()),
+            src_workload: None,
+            dst_workload: Some(format!("{}/{}", peer.dst.namespace, peer.dst.name)),
+        },
+    );
+    let target = match server::validate(&req, peer.local.ip()) {
+        Ok(t) => t,
+        Err(refusal) => {
+            tracing::warn!(src = %peer.identity, uri = %req.uri(), method = %req.method(),
+                status = refusal.status.as_u16(), reason = refusal.reason, "CONNECT refused");
+            pi.metrics.refused(refusal.reason);
+            tracked.fail(refusal.reason);
+            return server::refuse(respond, refusal.status);
+        }
+    };
+    tracked.update(|f| {
+        f.dst_addr = Some(target.target);
+        if let Some(fwd) = target.forwarded_for {
+            f.src_addr = Some(fwd);
+        }
+    });
+    pi.metrics.proxied("inbound");
+    let app = match net::connect(target.target, pi.connect).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(target = %target.target, error = %e, "application unreachable; 503");
+            pi.metrics.refused("inbound_app_unreachable");
+            tracked.fail(&e);
+            return server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let mut respond = respond;
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("static response");
+    let send = match respond.send_response(ok, false) {
+        Ok(s) => s,
+        Err(e) => {
+            tracked.fail(&e);
+            return;
+        }
+    };
+    let (rd, wr) = app.into_split();
+    if let Err(e) = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes).await
+    {
+        tracked.fail(e);
+    }
+}

@@ -1,0 +1,141 @@
+//! Outbound: a captured connection of a local workload, redirected to 15001.
+//!
+//! Original destination from `SO_ORIGINAL_DST`; source workload from the peer address; the
+//! [`plan`](super::plan) decides HBONE (to the endpoint's 15008, with the source's certificate
+//! and the destination's expected identity) or passthrough (plain TCP outside the mesh). A
+//! connection that cannot be carried is reset and counted; it is never sent in plaintext to a
+//! mesh workload.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::conns::{ConnFacts, Direction};
+use super::plan::{self, Plan};
+use super::{reset, ProxyInputs};
+use crate::hbone::client::connect_request;
+use crate::hbone::copy::copy_bidirectional;
+use crate::hbone::pool::PoolKey;
+use crate::hbone::ConnectHeaders;
+use crate::net;
+
+pub(super) async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer: SocketAddr) {
+    let orig = match net::original_dst(&tcp) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "outbound connection was not redirected; refused");
+            pi.metrics.refused("outbound_no_original_dst");
+            return reset(tcp);
+        }
+    };
+    let state = pi.discovery.current();
+    let Some(src) = pi.local_workload(&state, peer) else {
+        tracing::warn!(%peer, dst = %orig, "outbound connection from an unknown workload; refused");
+        pi.metrics.refused("outbound_unknown_source");
+        return reset(tcp);
+    };
+    let src_id = pi.identity_of(&src);
+    let plan = plan::outbound(&state, &src, orig, &mut |n| pi.pick(n));
+    drop(state);
+    let mut tracked = pi.connections.track(
+        match plan {
+            Ok(Plan::Passthrough { .. }) => Direction::Passthrough,
+            _ => Direction::Outbound,
+        },
+        ConnFacts {
+            src_addr: Some(peer),
+            dst_addr: Some(orig),
+            src_identity: Some(src_id.to_string()),
+            src_workload: Some(format!("{}/{}", src.namespace, src.name)),
+            ..Default::default()
+        },
+    );
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%peer, dst = %orig, error = %e, "no route; refused");
+            pi.metrics.refused("outbound_no_route");
+            tracked.fail(&e);
+            return reset(tcp);
+        }
+    };
+    match plan {
+        Plan::Passthrough { dst_addr } => {
+            pi.metrics.proxied("passthrough");
+            let mut upstream = match net::connect(dst_addr, pi.connect).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracked.fail(&e);
+                    return reset(tcp);
+                }
+            };
+            let mut tcp = tcp;
+            match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
+                Ok((sent, received)) => {
+                    let b = &tracked.record().bytes;
+                    b.sent.store(sent, std::sync::atomic::Ordering::Relaxed);
+                    b.received
+                        .store(received, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => tracked.fail(e),
+            }
+        }
+        Plan::Hbone {
+            dst_workload,
+            dst_addr,
+            tunnel_addr,
+            expected_identity,
+            ..
+        } => {
+            tracked.update(|f| {
+                f.dst_addr = Some(dst_addr);
+                f.dst_identity = Some(expected_identity.to_string());
+                f.dst_workload = Some(format!("{}/{}", dst_workload.namespace, dst_workload.name));
+            });
+            pi.metrics.proxied("outbound");
+            let cert = match pi.certs.fetch(&src_id).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(identity = %src_id, error = %e, "no certificate; refused");
+                    pi.metrics.refused("outbound_no_certificate");
+                    tracked.fail(&e);
+                    return reset(tcp);
+                }
+            };
+            let headers = ConnectHeaders {
+                forwarded_for: Some(peer),
+                baggage: Some(format!("k8s.namespace.name={}", src.namespace)),
+                traceparent: None,
+            };
+            let req = match connect_request(dst_addr, &headers) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracked.fail(&e);
+                    return reset(tcp);
+                }
+            };
+            let key = PoolKey {
+                src: src_id,
+                dst: expected_identity,
+                addr: tunnel_addr,
+            };
+            let tunnel = match pi.pool.open(&key, &cert, req).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
+                    pi.metrics.refused("outbound_tunnel_failed");
+                    tracked.fail(&e);
+                    return reset(tcp);
+                }
+            };
+            let (rd, wr) = tcp.into_split();
+            if let Err(e) =
+                copy_bidirectional(rd, wr, tunnel.send, tunnel.recv, &tracked.record().bytes).await
+            {
+                tracked.fail(e);
+            }
+            drop(tunnel.lease);
+        }
+    }
+}
