@@ -22,14 +22,14 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 pub fn capture_rules() -> String {
     "table inet zt_test {
   chain output {
-    type nat hook output priority dstnat; policy accept;
+    type nat hook output priority -100; policy accept;
     meta mark & 0xfff == 0x539 return
     ip daddr 127.0.0.0/8 return
     ip6 daddr ::1 return
     meta l4proto tcp redirect to :15001
   }
   chain prerouting {
-    type nat hook prerouting priority dstnat; policy accept;
+    type nat hook prerouting priority -100; policy accept;
     tcp dport 15008 return
     meta l4proto tcp redirect to :15006
   }
