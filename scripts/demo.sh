@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/prereqs.sh
-cargo build --bins -p ztunnel -p ztunnel-cni -p ztunnel-e2e
+cargo build --workspace --bins
 exec target/debug/ztunnel-demo

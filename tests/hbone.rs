@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use ztunnel::ca::{issue, LocalCa};
+use ztunnel::hbone::client;
+use ztunnel::identity::Identity;
+use ztunnel::net::ConnectOptions;
 use ztunnel_e2e::apps::{self, pattern_digest};
 use ztunnel_e2e::daemon::metric;
 use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, A_IP, B_IP, C_IP};
@@ -186,29 +190,37 @@ fn refused_connection(mesh: &Mesh) -> (String, String) {
 
 #[test]
 fn client_certificate_from_another_trust_domain_is_refused() {
-    let a = NodeOptions {
-        trust_domain: "other.local".into(),
-        ..Default::default()
-    };
-    let mesh = Mesh::start(a, NodeOptions::default()).expect("test bed");
-    let (ma, mb) = refused_connection(&mesh);
+    // A client holding a certificate for `spiffe://other.local/...`, signed by the mesh's own
+    // root (so only the trust domain is wrong), that accepts b's real identity: b must refuse it.
+    let mesh = Mesh::default_pair();
+    let ca = LocalCa::load_or_create(&mesh.ca_dir, "other.local").unwrap();
+    let me: Identity = "spiffe://other.local/ns/demo/sa/client".parse().unwrap();
+    let cert = issue(&ca, &me, Duration::from_secs(3600)).unwrap();
+    let server: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+    let cfg = cert.client_config(&[server]);
+    mesh.b
+        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
+    std::thread::sleep(Duration::from_millis(100));
+    let outcome = mesh.c.block_on(async move {
+        let opts = ConnectOptions {
+            mark: None,
+            timeout: Duration::from_secs(5),
+        };
+        let tunnel = format!("{B_IP}:15008").parse().unwrap();
+        let (send, conn) = client::connect(tunnel, cfg, opts).await?;
+        tokio::spawn(conn);
+        let req =
+            client::connect_request(format!("{B_IP}:8080").parse().unwrap(), &Default::default())?;
+        client::open_stream(send, req).await.map(|_| ())
+    });
+    assert!(outcome.is_err(), "b must refuse the foreign trust domain");
+    let labels = [("reason", "inbound_tls_handshake")];
+    let mb = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
+    assert_eq!(metric(&mb, "ztunnel_refusals_total", &labels), 1.0, "{mb}");
     assert_eq!(
-        metric(
-            &mb,
-            "ztunnel_refusals_total",
-            &[("reason", "inbound_tls_handshake")]
-        ),
-        1.0,
+        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
+        0.0,
         "{mb}"
-    );
-    assert_eq!(
-        metric(
-            &ma,
-            "ztunnel_refusals_total",
-            &[("reason", "outbound_tunnel_failed")]
-        ),
-        1.0,
-        "{ma}"
     );
 }
 
@@ -220,7 +232,13 @@ fn client_certificate_from_an_untrusted_ca_is_refused() {
         ..Default::default()
     };
     let mesh = Mesh::start(a, NodeOptions::default()).expect("test bed");
-    let (ma, mb) = refused_connection(&mesh);
+    let (ma, _) = refused_connection(&mesh);
+    let mb = Mesh::metrics_when(
+        &mesh.b,
+        "ztunnel_refusals_total",
+        &[("reason", "inbound_tls_handshake")],
+        1.0,
+    );
     // Both ends refuse: each sees a chain from a root it does not trust.
     assert_eq!(
         metric(

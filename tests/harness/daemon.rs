@@ -32,7 +32,7 @@ pub fn binary(name: &str) -> PathBuf {
         let dir = target_dir();
         let release = dir.file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "ztunnel", "-p", "ztunnel-cni", "--bins"]);
+        cmd.args(["build", "--workspace", "--bins"]);
         if release {
             cmd.arg("--release");
         }

@@ -46,7 +46,7 @@ fn main() -> Result<()> {
         mesh.dir.path().display()
     );
 
-    step("capturing the wire between the nodes while client → server:8080");
+    step("capturing the wire between the nodes (node-b's switch port) while client → server:8080");
     let pcap = mesh.dir.path().join("wire.pcap");
     let mut tcpdump = Command::new("ip")
         .args([
@@ -55,8 +55,9 @@ fn main() -> Result<()> {
             &mesh.sw.ns.name,
             "tcpdump",
             "-i",
-            "br0",
+            &mesh.b_port,
             "-U",
+            "--immediate-mode",
             "-w",
         ])
         .arg(&pcap)
@@ -64,7 +65,7 @@ fn main() -> Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("tcpdump (apt-get install tcpdump)")?;
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1500));
     let server = mesh.b.spawn(reply_once(8080, "server"));
     std::thread::sleep(Duration::from_millis(100));
     let answer = mesh
@@ -72,19 +73,24 @@ fn main() -> Result<()> {
         .block_on(request(B_IP, 8080, format!("hello from client {MARKER}")))?;
     println!("client got back: {answer}");
     println!("{}", mesh.b.join(server)?);
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = tcpdump.kill();
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = nix::unistd::Pid::from_raw(tcpdump.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let _ = tcpdump.wait();
     let wire = std::fs::read(&pcap)?;
     let plaintext_seen = wire.windows(MARKER.len()).any(|w| w == MARKER.as_bytes());
     let dump = Command::new("tcpdump")
         .args(["-nn", "-r"])
         .arg(&pcap)
+        .arg("tcp")
         .output()?;
     let lines = String::from_utf8_lossy(&dump.stdout).into_owned();
     let to_15008 = lines.lines().filter(|l| l.contains(".15008")).count();
     let to_8080 = lines.lines().filter(|l| l.contains(".8080")).count();
-    println!("packets on the wire: {} in all, {to_15008} to/from port 15008 (HBONE), {to_8080} to/from port 8080", lines.lines().count());
+    println!("TCP packets on the wire: {} in all, {to_15008} to/from port 15008 (HBONE), {to_8080} to/from port 8080", lines.lines().count());
+    for line in lines.lines().take(8) {
+        println!("  | {line}");
+    }
     println!("application marker visible on the wire: {plaintext_seen}");
     ensure!(
         !plaintext_seen && to_15008 > 0 && to_8080 == 0,

@@ -119,6 +119,8 @@ pub struct Mesh {
     pub b: Netns,
     pub c: Netns,
     pub sw: Switch,
+    /// The switch port of host `b`: a capture there sees everything `b` sends and receives.
+    pub b_port: String,
     pub ca_dir: PathBuf,
     pub dir: tempfile::TempDir,
 }
@@ -133,7 +135,7 @@ impl Mesh {
         let b = Netns::new(&format!("{prefix}-b"))?;
         let c = Netns::new(&format!("{prefix}-c"))?;
         sw.attach(&a, &format!("{A_IP}/24"))?;
-        sw.attach(&b, &format!("{B_IP}/24"))?;
+        let b_port = sw.attach(&b, &format!("{B_IP}/24"))?;
         sw.attach(&c, &format!("{C_IP}/24"))?;
         a.nft(&capture_rules())?;
         b.nft(&capture_rules())?;
@@ -148,6 +150,7 @@ impl Mesh {
             b,
             c,
             sw,
+            b_port,
             ca_dir,
             dir,
         };
@@ -174,6 +177,22 @@ impl Mesh {
     }
 
     /// The metrics text of the daemon in `ns`.
+    /// Waits (up to 5 s) until the metric reaches `want` in the daemon of `ns`, since the
+    /// far end of a refused connection may count it a moment after the near end sees it;
+    /// returns the last exposition read, for the assertion message.
+    pub fn metrics_when(ns: &Netns, name: &str, labels: &[(&str, &str)], want: f64) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let m = Self::metrics(ns);
+            if crate::daemon::metric(&m, name, labels) == want
+                || std::time::Instant::now() > deadline
+            {
+                return m;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn metrics(ns: &Netns) -> String {
         daemon::http(ns, "GET", "127.0.0.1:15020", "/metrics")
             .expect("scrape")

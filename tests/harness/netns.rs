@@ -174,8 +174,9 @@ impl Switch {
         })
     }
 
-    /// Attaches `host` with `cidr` (e.g. `10.9.0.1/24`) on its `eth0`.
-    pub fn attach(&self, host: &Netns, cidr: &str) -> Result<()> {
+    /// Attaches `host` with `cidr` (e.g. `10.9.0.1/24`) on its `eth0`; returns the name of
+    /// the switch port (in the switch's namespace), where a capture sees the host's traffic.
+    pub fn attach(&self, host: &Netns, cidr: &str) -> Result<String> {
         let n = self.ports.fetch_add(1, Ordering::Relaxed);
         let outer = format!("{}p{n}", self.prefix);
         let tmp = format!("{}h{n}", self.prefix);
@@ -201,6 +202,6 @@ impl Switch {
         host.ip(&["link", "set", &tmp, "name", "eth0"])?;
         host.ip(&["addr", "add", cidr, "dev", "eth0"])?;
         host.ip(&["link", "set", "eth0", "up"])?;
-        Ok(())
+        Ok(outer)
     }
 }

@@ -34,10 +34,13 @@ pub struct AdminState {
     /// Whether the daemon is ready (certificates loaded, discovery synced).
     pub ready: tokio::sync::watch::Receiver<bool>,
     /// Changes the log filter at run time; gets the new directive, returns an error text.
-    pub set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    pub set_log_level: SetLogLevel,
 }
 
 type Body = Full<Bytes>;
+
+/// Changes the log filter at run time; gets the new directive, returns an error text.
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()

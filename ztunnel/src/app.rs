@@ -87,7 +87,7 @@ fn bind(
 /// Starts the daemon. `set_log_level` backs the admin `/logging` endpoint.
 pub async fn start(
     cfg: &RunConfig,
-    set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    set_log_level: crate::admin::SetLogLevel,
 ) -> Result<Daemon, StartError> {
     let DiscoverySource::File(path) = &cfg.discovery;
     let (disc, watcher) =

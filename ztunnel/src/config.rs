@@ -627,9 +627,12 @@ mod tests {
         assert_eq!(c.cert_lifetime, Duration::from_secs(600));
     }
 
+    /// (flags, environment, expected error text)
+    type InvalidCase<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
     #[test]
     fn invalid_values() {
-        let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        let cases: &[InvalidCase<'_>] = &[
             (&["--discovery-file", "/m"], &[], "node name is required"),
             (&["--node-name", "n"], &[], "discovery file is required"),
             (&["--cert-lifetime", "1s"], &[], "at least"),

@@ -17,7 +17,7 @@ commands:
 
 `ztunnel <command> --help` lists a command's options and their environment variables.";
 
-type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+type SetLevel = ztunnel::admin::SetLogLevel;
 
 /// Installs the global subscriber; returns the handle behind the admin `/logging` endpoint.
 fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<SetLevel> {
@@ -30,6 +30,7 @@ fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<SetLevel> {
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed(),
     };

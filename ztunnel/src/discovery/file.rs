@@ -247,6 +247,19 @@ services:
   - {name: web, namespace: demo, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
 ";
 
+    /// The example the README points users to must stay valid and mean what it says.
+    #[test]
+    fn the_shipped_example_parses() {
+        let yaml = include_str!("../../../deploy/local/mesh.yaml");
+        let s = parse(yaml, "cluster.local").unwrap();
+        assert_eq!(s.workloads().len(), 3);
+        assert_eq!(s.endpoints_of_vip("10.96.0.10".parse().unwrap()).len(), 1);
+        assert_eq!(s.authorization_policies().len(), 1);
+        assert_eq!(s.peer_authentications().len(), 1);
+        let old = s.workload_by_ip("10.77.0.3".parse().unwrap()).unwrap();
+        assert!(!s.enrolled(old));
+    }
+
     #[test]
     fn parses_a_mesh() {
         let s = parse(GOOD, "cluster.local").unwrap();
