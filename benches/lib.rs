@@ -171,6 +171,7 @@ impl Fixture {
                 src: client_id,
                 dst: server_id.clone(),
                 addr: tunnel,
+                netns: None,
             };
             let mut entries = Vec::new();
             for target in [sink_a, echo_a] {

@@ -3,6 +3,7 @@
 //! HTTP/2 parameters. Anything a peer or another component depends on byte for byte lives here.
 
 pub mod ca;
+pub mod enroll;
 
 /// Constants of the HBONE tunnel and of in-pod capture.
 pub mod hbone {

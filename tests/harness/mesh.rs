@@ -220,6 +220,9 @@ fn start_daemon(
     let ca = o.ca_dir.clone().unwrap_or_else(|| ca_dir.to_path_buf());
     let mut args: Vec<String> = vec![
         "run".into(),
+        // This test bed installs its own node-wide rules; the daemon listens on its addresses.
+        "--capture-mode".into(),
+        "node".into(),
         "--node-name".into(),
         node.into(),
         "--trust-domain".into(),

@@ -14,13 +14,14 @@ use tokio::sync::watch;
 
 use crate::admin::{self, AdminState, Endpoint};
 use crate::ca::{CaClient, LocalCa};
-use crate::config::{CaSource, DiscoverySource, RunConfig};
+use crate::capture::{pods::Pods, rules, server as enrollment, store::Store};
+use crate::config::{CaSource, CaptureMode, DiscoverySource, RunConfig};
 use crate::discovery::{self, Discovery};
 use crate::hbone::pool::{Pool, PoolSettings};
 use crate::identity::{CertManager, CertSigner, Identity};
 use crate::metrics::Metrics;
 use crate::net::{self, ConnectOptions};
-use crate::proxy::{self, Listeners, ProxyInputs};
+use crate::proxy::{self, Listeners, ProxyInputs, Scope};
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,11 @@ pub enum StartError {
     Ca(#[from] crate::ca::Error),
     #[error("cannot read {path}: {source}")]
     Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    State {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -45,6 +51,8 @@ pub enum StartError {
 /// A running daemon; dropping it does not stop it, [`Daemon::drain`] does.
 pub struct Daemon {
     pub proxy: Arc<ProxyInputs>,
+    /// The enrolled pods (in-pod capture only).
+    pub pods: Option<Arc<Pods>>,
     draining: watch::Sender<bool>,
     drain_grace: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -120,11 +128,6 @@ pub async fn start(
         cfg.pool_max_streams,
         draining_rx.clone(),
     );
-    let listeners = Listeners {
-        outbound: bind("outbound", cfg.outbound_addr)?,
-        inbound: bind("inbound", cfg.inbound_addr)?,
-        inbound_plaintext: bind("inbound plaintext", cfg.inbound_plaintext_addr)?,
-    };
     let admin_l = bind("admin", cfg.admin_addr)?;
     let metrics_l = bind("metrics", cfg.metrics_addr)?;
     let ready_l = bind("readiness", cfg.readiness_addr)?;
@@ -140,7 +143,44 @@ pub async fn start(
         set_log_level,
     });
     let mut tasks = vec![watcher];
-    tasks.push(tokio::spawn(proxy::serve(pi.clone(), listeners)));
+    let mut pods = None;
+    match cfg.capture {
+        CaptureMode::Node => {
+            let listeners = Listeners {
+                outbound: bind("outbound", cfg.outbound_addr)?,
+                inbound: bind("inbound", cfg.inbound_addr)?,
+                inbound_plaintext: bind("inbound plaintext", cfg.inbound_plaintext_addr)?,
+            };
+            tasks.push(tokio::spawn(proxy::serve(
+                pi.clone(),
+                Scope::Node,
+                listeners,
+            )));
+        }
+        CaptureMode::InPod => {
+            let state_err = |source| StartError::State {
+                path: cfg.state_dir.clone(),
+                source,
+            };
+            let store = Store::open(&cfg.state_dir).map_err(state_err)?;
+            if let Err(e) = tokio::task::spawn_blocking(rules::install_node)
+                .await
+                .expect("node rules task")
+            {
+                tracing::warn!(error = %e, "cannot install the node's probe rules; kubelet probes to enrolled pods will be captured");
+            }
+            let p = Pods::new(pi.clone(), store, ready_rx_for_pods(&admin_state));
+            let recovering = p.clone();
+            let recovered = tokio::task::spawn_blocking(move || recovering.recover())
+                .await
+                .expect("recovery task");
+            tracing::info!(recovered, "enrolled pods recovered from the node's records");
+            let sock = enrollment::bind(&p).map_err(state_err)?;
+            tasks.push(tokio::spawn(enrollment::serve(sock, p.clone())));
+            tasks.push(tokio::spawn(publish_namespaces(disc.clone(), p.clone())));
+            pods = Some(p);
+        }
+    }
     for (l, e) in [
         (admin_l, Endpoint::Admin),
         (metrics_l, Endpoint::Metrics),
@@ -162,6 +202,7 @@ pub async fn start(
     )));
     Ok(Daemon {
         proxy: pi,
+        pods,
         draining,
         drain_grace: cfg.drain_grace,
         tasks,
@@ -183,6 +224,24 @@ impl Daemon {
             t.abort();
         }
         tracing::info!(left = self.proxy.connections.len(), "drained");
+    }
+}
+
+fn ready_rx_for_pods(admin: &AdminState) -> watch::Receiver<bool> {
+    admin.ready.clone()
+}
+
+/// Keeps the enrolled-namespaces file, which the CNI plugin reads when the daemon is down,
+/// in step with discovery.
+async fn publish_namespaces(mut disc: Discovery, pods: Arc<Pods>) {
+    loop {
+        let names = disc.current().enrolled_namespaces();
+        if let Err(e) = pods.store().save_namespaces(&names) {
+            tracing::warn!(error = %e, "cannot write the enrolled-namespaces file");
+        }
+        if disc.changed().await.is_err() {
+            return;
+        }
     }
 }
 

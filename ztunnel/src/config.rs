@@ -59,6 +59,27 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the proxies' listeners live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// Inside each enrolled pod's netns, enrolled by the CNI plugin (the product).
+    InPod,
+    /// On the node's own addresses (`--outbound-addr` …), serving every local workload; for
+    /// tests and setups whose capture rules are installed by someone else.
+    Node,
+}
+
+impl FromStr for CaptureMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "inpod" => Ok(CaptureMode::InPod),
+            "node" => Ok(CaptureMode::Node),
+            _ => Err("expected inpod or node".into()),
+        }
+    }
+}
+
 impl FromStr for LogFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -78,6 +99,10 @@ pub struct RunConfig {
     pub discovery: DiscoverySource,
     pub ca: CaSource,
     pub cert_lifetime: Duration,
+    pub capture: CaptureMode,
+    /// Holds the enrollment socket, the enrolled pods' records and the enrolled-namespaces
+    /// file the CNI plugin reads when the daemon is down.
+    pub state_dir: PathBuf,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
@@ -124,6 +149,12 @@ struct RunArgs {
     /// Workload certificate lifetime, renewed at half-life [env: ZTUNNEL_CERT_LIFETIME] [default: 24h]
     #[arg(long)]
     cert_lifetime: Option<String>,
+    /// Where listeners live: inpod (each enrolled pod's netns) or node (the addresses below) [env: ZTUNNEL_CAPTURE_MODE] [default: inpod]
+    #[arg(long)]
+    capture_mode: Option<String>,
+    /// Enrollment socket and enrolled pods' records [env: ZTUNNEL_STATE_DIR] [default: /var/run/ztunnel]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Admin API address, loopback only [env: ZTUNNEL_ADMIN_ADDR] [default: 127.0.0.1:15000]
     #[arg(long)]
     admin_addr: Option<String>,
@@ -329,6 +360,17 @@ impl RunConfig {
                 "24h",
                 Duration::from_secs(2),
             )?,
+            capture: setting(
+                "capture mode",
+                a.capture_mode,
+                env,
+                "ZTUNNEL_CAPTURE_MODE",
+                "inpod",
+            )?,
+            state_dir: a
+                .state_dir
+                .or_else(|| env("ZTUNNEL_STATE_DIR").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("/var/run/ztunnel")),
             admin_addr,
             metrics_addr: setting(
                 "metrics address",
@@ -428,11 +470,13 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} discovery_file={} ca=[{ca}] cert_lifetime={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} pool_idle_timeout={} connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
+            "node={} trust_domain={} discovery_file={} ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} pool_idle_timeout={} connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             file.display(),
             humantime::format_duration(self.cert_lifetime),
+            self.capture,
+            self.state_dir.display(),
             self.admin_addr,
             self.metrics_addr,
             self.readiness_addr,

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod ca;
+pub mod capture;
 pub mod config;
 pub mod discovery;
 pub mod hbone;

@@ -221,12 +221,35 @@ impl State {
         &self.peer_authn
     }
 
+    /// Whether namespace `name` is labelled `ztunnel.dev/dataplane-mode=ambient`.
+    pub fn namespace_enrolled(&self, name: &str) -> bool {
+        self.namespace(name)
+            .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
+            .is_some_and(|v| &**v == "ambient")
+    }
+
+    /// The enrolled namespaces, sorted.
+    pub fn enrolled_namespaces(&self) -> Vec<Arc<str>> {
+        let mut v: Vec<Arc<str>> = self
+            .namespaces
+            .keys()
+            .filter(|n| self.namespace_enrolled(n))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The workload named `namespace/name`.
+    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.workloads
+            .iter()
+            .find(|w| &*w.namespace == namespace && &*w.name == name)
+    }
+
     /// Whether `w` is enrolled: its namespace is labelled `ambient` and it did not opt out.
     pub fn enrolled(&self, w: &Workload) -> bool {
-        let ns_on = self
-            .namespace(&w.namespace)
-            .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
-            .is_some_and(|v| &**v == "ambient");
+        let ns_on = self.namespace_enrolled(&w.namespace);
         let opted_out = w
             .labels
             .get(DATAPLANE_MODE_LABEL)

@@ -65,7 +65,17 @@ pub async fn connect(
     tls: Arc<ClientConfig>,
     opts: net::ConnectOptions,
 ) -> Result<(SendRequest<Bytes>, Connection<Transport, Bytes>), ClientError> {
-    let tcp = net::connect(addr, opts)
+    connect_from(addr, tls, opts, &net::Origin::default()).await
+}
+
+/// Like [`connect`], with the TCP connection made from `origin` (a pod's netns).
+pub async fn connect_from(
+    addr: SocketAddr,
+    tls: Arc<ClientConfig>,
+    opts: net::ConnectOptions,
+    origin: &net::Origin,
+) -> Result<(SendRequest<Bytes>, Connection<Transport, Bytes>), ClientError> {
+    let tcp = net::connect_from(addr, opts, origin)
         .await
         .map_err(|source| ClientError::Connect { addr, source })?;
     // No SNI is sent (the config disables it); the name only satisfies the API.

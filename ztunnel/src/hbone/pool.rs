@@ -24,6 +24,7 @@ use rustls::ClientConfig;
 use serde::Serialize;
 
 use super::client::{self, ClientError};
+use crate::capture::netns::Netns;
 use crate::identity::{Identity, WorkloadCert};
 use crate::metrics::Metrics;
 use crate::net::ConnectOptions;
@@ -34,6 +35,10 @@ pub struct PoolKey {
     pub src: Identity,
     pub dst: Identity,
     pub addr: SocketAddr,
+    /// The pod network namespace the connection leaves from (`None`: the daemon's own).
+    /// Pods never share a connection, even under one identity: each pod's tunnels leave
+    /// from its own address.
+    pub netns: Option<Arc<Netns>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -240,8 +245,12 @@ impl Pool {
         cert: &WorkloadCert,
     ) -> Result<Arc<Conn>, ClientError> {
         let tls = self.client_config(cert, &key.dst);
+        let origin = crate::net::Origin {
+            netns: key.netns.clone(),
+            transparent_src: None,
+        };
         let (sender, mut connection) =
-            client::connect(key.addr, tls, self.inner.settings.connect).await?;
+            client::connect_from(key.addr, tls, self.inner.settings.connect, &origin).await?;
         let ping = connection.ping_pong();
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::conns::{ConnFacts, Direction};
-use super::{reset, ProxyInputs};
+use super::{reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::server;
@@ -36,10 +36,10 @@ struct Peer {
     dst_identity: Identity,
 }
 
-pub(super) async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
     let Ok(local) = tcp.local_addr() else { return };
     let state = pi.discovery.current();
-    let Some(dst) = pi.local_workload(&state, local) else {
+    let Some(dst) = scope.workload(&pi, &state, local) else {
         tracing::warn!(%peer, %local, "tunnel connection to an address of no local workload; refused");
         pi.metrics.refused("inbound_unknown_destination");
         return reset(tcp);
@@ -89,7 +89,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer: SocketAdd
         async move { pi.drained().await }
     };
     let result = server::serve(tls, pi.max_streams, drained, |req, respond| {
-        stream(pi.clone(), conn.clone(), req, respond)
+        stream(pi.clone(), scope.clone(), conn.clone(), req, respond)
     })
     .await;
     if let Err(e) = result {
@@ -99,6 +99,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer: SocketAdd
 
 async fn stream(
     pi: Arc<ProxyInputs>,
+    scope: Scope,
     peer: Arc<Peer>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
@@ -131,7 +132,9 @@ async fn stream(
         }
     });
     pi.metrics.proxied("inbound");
-    let app = match net::connect(target.target, pi.connect).await {
+    // The application sees the tunnel peer's address: the source pod's own.
+    let origin = scope.app_origin(peer.addr.ip());
+    let app = match net::connect_from(target.target, pi.connect, &origin).await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(target = %target.target, error = %e, "application unreachable; 503");

@@ -9,11 +9,16 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::conns::{ConnFacts, Direction};
-use super::{reset, ProxyInputs};
+use super::{reset, ProxyInputs, Scope};
 use crate::hbone::consts;
 use crate::net;
 
-pub(super) async fn handle(pi: Arc<ProxyInputs>, mut tcp: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(
+    pi: Arc<ProxyInputs>,
+    scope: Scope,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+) {
     let orig = match net::original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
@@ -23,7 +28,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, mut tcp: TcpStream, peer: Socke
         }
     };
     let state = pi.discovery.current();
-    let Some(dst) = pi.local_workload(&state, orig) else {
+    let Some(dst) = scope.workload(&pi, &state, orig) else {
         tracing::warn!(%peer, dst = %orig, "inbound plaintext to an unknown workload; refused");
         pi.metrics.refused("inbound_plaintext_unknown_destination");
         return reset(tcp);
@@ -45,7 +50,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, mut tcp: TcpStream, peer: Socke
         return reset(tcp);
     }
     pi.metrics.proxied("inbound_plaintext");
-    let mut app = match net::connect(orig, pi.connect).await {
+    let mut app = match net::connect_from(orig, pi.connect, &scope.app_origin(peer.ip())).await {
         Ok(a) => a,
         Err(e) => {
             pi.metrics.refused("inbound_plaintext_app_unreachable");

@@ -1,9 +1,11 @@
 //! The proxies: outbound capture (15001), inbound tunnel (15008) and inbound plaintext (15006).
 //!
-//! Each listener accepts connections and hands each one to its handler in its own task. A
-//! listener serves the workloads of this node: the source of an outbound connection is the
-//! local workload that owns the peer address; the destination of an inbound one is the local
-//! workload that owns the local address. Decisions (the outbound [`plan`], the CONNECT
+//! Each listener accepts connections and hands each one to its handler in its own task. A set
+//! of listeners has a [`Scope`]: inside one enrolled pod's netns ([`Scope::Pod`], the product),
+//! it serves that pod, and its sockets to peers and to the application are made in that netns
+//! (to the application from the real client's address); on the node's own addresses
+//! ([`Scope::Node`], for tests and benchmarks without capture), it serves the local workload
+//! that owns the peer address (outbound) or the local address (inbound). Decisions (the outbound [`plan`], the CONNECT
 //! validation in [`crate::hbone::server`]) are pure functions; the handlers do the I/O.
 //! On drain, listeners stop accepting and tunnel connections send GOAWAY; established
 //! connections run on until they end or the daemon's grace period is over.
@@ -14,7 +16,7 @@ mod inbound_plain;
 mod outbound;
 pub mod plan;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +25,63 @@ use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::capture::netns::Netns;
 use crate::discovery::{Discovery, State, Workload};
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
 use crate::metrics::Metrics;
-use crate::net::ConnectOptions;
+use crate::net::{ConnectOptions, Origin};
 use conns::ConnTable;
+
+/// Whom a set of listeners serves.
+#[derive(Clone, Debug)]
+pub enum Scope {
+    /// Listeners on the node's addresses, serving every workload of the node.
+    Node,
+    /// Listeners inside one enrolled pod's netns, serving that pod (by uid).
+    Pod { uid: Arc<str>, netns: Arc<Netns> },
+}
+
+impl Scope {
+    /// The workload served: for a pod, the pod itself (while discovery still has it on this
+    /// node); for the node, the local workload owning `addr`.
+    fn workload(&self, pi: &ProxyInputs, state: &State, addr: SocketAddr) -> Option<Arc<Workload>> {
+        match self {
+            Scope::Node => pi.local_workload(state, addr),
+            Scope::Pod { uid, .. } => state
+                .workload_by_uid(uid)
+                .filter(|w| &*w.node == pi.node.as_str())
+                .cloned(),
+        }
+    }
+
+    fn netns(&self) -> Option<Arc<Netns>> {
+        match self {
+            Scope::Node => None,
+            Scope::Pod { netns, .. } => Some(netns.clone()),
+        }
+    }
+
+    /// Where connections to peers leave from.
+    fn peer_origin(&self) -> Origin {
+        Origin {
+            netns: self.netns(),
+            transparent_src: None,
+        }
+    }
+
+    /// Where the connection to the application, on behalf of `client`, comes from: in a pod,
+    /// from the client's own address, so the application sees it.
+    fn app_origin(&self, client: IpAddr) -> Origin {
+        match self {
+            Scope::Node => Origin::default(),
+            Scope::Pod { netns, .. } => Origin {
+                netns: Some(netns.clone()),
+                transparent_src: Some(client.to_canonical()),
+            },
+        }
+    }
+}
 
 /// Everything the proxies share.
 pub struct ProxyInputs {
@@ -107,13 +160,39 @@ pub struct Listeners {
     pub inbound_plaintext: TcpListener,
 }
 
+impl Listeners {
+    /// Binds the three listeners on `ip` (`SO_REUSEPORT`), inside `netns` when given.
+    pub fn bind(netns: Option<&Netns>, ip: IpAddr) -> std::io::Result<Listeners> {
+        use ztunnel_proto::hbone as c;
+        let at = |port| crate::net::listen_in(netns, SocketAddr::new(ip, port));
+        Ok(Listeners {
+            outbound: at(c::OUTBOUND_PORT)?,
+            inbound: at(c::HBONE_PORT)?,
+            inbound_plaintext: at(c::INBOUND_PLAINTEXT_PORT)?,
+        })
+    }
+}
+
 /// Runs the accept loops until the daemon drains.
-pub async fn serve(pi: Arc<ProxyInputs>, l: Listeners) {
+pub async fn serve(pi: Arc<ProxyInputs>, scope: Scope, l: Listeners) {
     tokio::join!(
-        accept_loop(pi.clone(), l.outbound, "outbound", outbound::handle),
-        accept_loop(pi.clone(), l.inbound, "inbound", inbound::handle),
         accept_loop(
             pi.clone(),
+            scope.clone(),
+            l.outbound,
+            "outbound",
+            outbound::handle
+        ),
+        accept_loop(
+            pi.clone(),
+            scope.clone(),
+            l.inbound,
+            "inbound",
+            inbound::handle
+        ),
+        accept_loop(
+            pi.clone(),
+            scope,
             l.inbound_plaintext,
             "inbound_plaintext",
             inbound_plain::handle
@@ -123,16 +202,17 @@ pub async fn serve(pi: Arc<ProxyInputs>, l: Listeners) {
 
 /// Runs only the inbound tunnel listener (benchmarks, and nodes that only receive).
 pub async fn serve_inbound(pi: Arc<ProxyInputs>, listener: TcpListener) {
-    accept_loop(pi, listener, "inbound", inbound::handle).await
+    accept_loop(pi, Scope::Node, listener, "inbound", inbound::handle).await
 }
 
 async fn accept_loop<F, Fut>(
     pi: Arc<ProxyInputs>,
+    scope: Scope,
     listener: TcpListener,
     name: &'static str,
     handle: F,
 ) where
-    F: Fn(Arc<ProxyInputs>, TcpStream, SocketAddr) -> Fut,
+    F: Fn(Arc<ProxyInputs>, Scope, TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -140,7 +220,7 @@ async fn accept_loop<F, Fut>(
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    tokio::spawn(handle(pi.clone(), tcp, peer));
+                    tokio::spawn(handle(pi.clone(), scope.clone(), tcp, peer));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.

@@ -1,6 +1,6 @@
 //! Outbound: a captured connection of a local workload, redirected to 15001.
 //!
-//! Original destination from `SO_ORIGINAL_DST`; source workload from the peer address; the
+//! Original destination from `SO_ORIGINAL_DST`; source workload from the [`Scope`]; the
 //! [`plan`](super::plan) decides HBONE (to the endpoint's 15008, with the source's certificate
 //! and the destination's expected identity) or passthrough (plain TCP outside the mesh). A
 //! connection that cannot be carried is reset and counted; it is never sent in plaintext to a
@@ -13,14 +13,14 @@ use tokio::net::TcpStream;
 
 use super::conns::{ConnFacts, Direction};
 use super::plan::{self, Plan};
-use super::{reset, ProxyInputs};
+use super::{reset, ProxyInputs, Scope};
 use crate::hbone::client::connect_request;
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::ConnectHeaders;
 use crate::net;
 
-pub(super) async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
     let orig = match net::original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
@@ -30,7 +30,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer: SocketAdd
         }
     };
     let state = pi.discovery.current();
-    let Some(src) = pi.local_workload(&state, peer) else {
+    let Some(src) = scope.workload(&pi, &state, peer) else {
         tracing::warn!(%peer, dst = %orig, "outbound connection from an unknown workload; refused");
         pi.metrics.refused("outbound_unknown_source");
         return reset(tcp);
@@ -63,13 +63,14 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer: SocketAdd
     match plan {
         Plan::Passthrough { dst_addr } => {
             pi.metrics.proxied("passthrough");
-            let mut upstream = match net::connect(dst_addr, pi.connect).await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracked.fail(&e);
-                    return reset(tcp);
-                }
-            };
+            let mut upstream =
+                match net::connect_from(dst_addr, pi.connect, &scope.peer_origin()).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracked.fail(&e);
+                        return reset(tcp);
+                    }
+                };
             let mut tcp = tcp;
             match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
                 Ok((sent, received)) => {
@@ -119,6 +120,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer: SocketAdd
                 src: src_id,
                 dst: expected_identity,
                 addr: tunnel_addr,
+                netns: scope.peer_origin().netns,
             };
             let tunnel = match pi.pool.open(&key, &cert, req).await {
                 Ok(t) => t,

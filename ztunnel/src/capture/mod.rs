@@ -1,0 +1,16 @@
+//! In-pod capture: enrolled pods, their rules and listeners, the enrollment server that the
+//! CNI plugin talks to, and the records that let a restarted daemon recover every pod.
+//!
+//! The flow: the plugin sends ADD ([`ztunnel_proto::enroll`]); [`pods::decide`] (pure) says
+//! whether the pod is enrolled; if so [`pods::Pods`] installs the rules in the pod's netns
+//! ([`rules`]), binds the pod's three listeners there (`SO_REUSEPORT`) and serves them with
+//! the pod's identity ([`crate::proxy::Scope::Pod`]), writes the pod's record ([`store`]), and
+//! only then answers. On DEL it undoes all of it. While no daemon runs, the rules stay: an
+//! enrolled pod's connections are redirected to ports nobody listens on and are refused,
+//! never sent in plaintext.
+
+pub mod netns;
+pub mod pods;
+pub mod rules;
+pub mod server;
+pub mod store;

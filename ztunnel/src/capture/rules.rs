@@ -1,0 +1,306 @@
+//! The capture rules of one pod: an nftables table and a policy route inside the pod's netns.
+//!
+//! [`pod_ruleset`] renders the table (a pure function, tested as text); [`install`] replaces it
+//! in one `nft -f` transaction (atomic, idempotent: the table is declared, deleted and declared
+//! again in one batch) and adds the policy route; [`check`] reads it back; [`remove`] deletes
+//! both. What the rules do, in the pod's namespace:
+//! - outbound TCP not to loopback → `redirect` to 15001 (the daemon reads `SO_ORIGINAL_DST`);
+//! - inbound TCP other than to 15008 → `redirect` to 15006;
+//! - packets of the daemon's own sockets (mark `0x539/0xfff`) are never captured;
+//! - a connection the daemon opens to the application on behalf of a remote client (marked,
+//!   from the client's address with `IP_TRANSPARENT`) gets connmark `0x111`; the application's
+//!   replies are marked from it and routed by `fwmark 0x111/0xfff` to a table whose only route
+//!   is `local default dev lo`, so they reach the daemon's socket and the application sees the
+//!   real client address;
+//! - traffic from the probe address (`169.254.7.127`, to which the node SNATs kubelet probes,
+//!   see [`node_ruleset`]) and traffic within the pod over loopback pass uncaptured.
+//!
+//! `nft` and `ip` are run as child processes spawned inside the pod's netns.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use ztunnel_proto::hbone as consts;
+
+use super::netns::Netns;
+
+/// The table's name, in family `inet`, in every enrolled pod.
+pub const TABLE: &str = "ztunnel";
+/// The node-level table (in the daemon's own netns) that SNATs probes.
+pub const NODE_TABLE: &str = "ztunnel_node";
+/// The address kubelet probes are SNATed to.
+pub const PROBE_ADDR: &str = "169.254.7.127";
+/// The routing table of the policy route.
+pub const ROUTE_TABLE: u32 = 133;
+/// The priority of the policy rule.
+pub const RULE_PREF: u32 = 32764;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("cannot run {program} in the pod's netns: {source}")]
+    Spawn {
+        program: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{program} failed: {stderr}")]
+    Failed {
+        program: &'static str,
+        stderr: String,
+    },
+    #[error("the capture table is missing or altered: {0}")]
+    Altered(String),
+}
+
+/// The pod's table, as `nft -f` input that replaces any previous version atomically.
+pub fn pod_ruleset() -> String {
+    let mark = consts::SOCKET_MARK;
+    let mask = consts::MARK_MASK;
+    let connmark = consts::CONNMARK;
+    let out = consts::OUTBOUND_PORT;
+    let inb = consts::INBOUND_PLAINTEXT_PORT;
+    let hbone = consts::HBONE_PORT;
+    format!(
+        "table inet {TABLE}
+delete table inet {TABLE}
+table inet {TABLE} {{
+  chain prerouting_mangle {{
+    type filter hook prerouting priority mangle; policy accept;
+    meta mark & {mask:#x} == {mark:#x} ct mark set ct mark & {notmask:#x} | {connmark:#x}
+  }}
+  chain output_mangle {{
+    type route hook output priority mangle; policy accept;
+    ct mark & {mask:#x} == {connmark:#x} meta mark set meta mark & {notmask:#x} | {connmark:#x}
+  }}
+  chain prerouting_nat {{
+    type nat hook prerouting priority dstnat; policy accept;
+    ip saddr {PROBE_ADDR} accept
+    iifname \"lo\" accept
+    meta mark & {mask:#x} == {mark:#x} accept
+    tcp dport {hbone} accept
+    meta l4proto tcp redirect to :{inb}
+  }}
+  chain output_nat {{
+    type nat hook output priority -100; policy accept;
+    ip daddr {PROBE_ADDR} accept
+    meta mark & {mask:#x} == {mark:#x} accept
+    meta mark & {mask:#x} == {connmark:#x} accept
+    ip daddr 127.0.0.0/8 accept
+    ip6 daddr ::1 accept
+    oifname \"lo\" accept
+    meta l4proto tcp redirect to :{out}
+  }}
+}}
+",
+        notmask = !mask,
+    )
+}
+
+/// Lines that [`check`] expects in `nft list table` output: the captures and the skips.
+fn expected_lines() -> Vec<String> {
+    vec![
+        format!(
+            "meta l4proto tcp redirect to :{}",
+            consts::INBOUND_PLAINTEXT_PORT
+        ),
+        format!("meta l4proto tcp redirect to :{}", consts::OUTBOUND_PORT),
+        format!("tcp dport {} accept", consts::HBONE_PORT),
+        format!("ip saddr {PROBE_ADDR} accept"),
+    ]
+}
+
+/// The node-level table: kubelet probes (connections the node itself opens to an enrolled
+/// pod) leave with the probe address, which the pod's rules let through uncaptured.
+pub fn node_ruleset() -> String {
+    format!(
+        "table ip {NODE_TABLE}
+delete table ip {NODE_TABLE}
+table ip {NODE_TABLE} {{
+  set enrolled {{ type ipv4_addr; }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip daddr @enrolled meta l4proto tcp fib saddr type local snat to {PROBE_ADDR}
+  }}
+}}
+"
+    )
+}
+
+fn run(
+    ns: &Netns,
+    program: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, RulesError> {
+    let spawn_err = |source| RulesError::Spawn { program, source };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = ns
+        .run(|| cmd.spawn())
+        .map_err(spawn_err)?
+        .map_err(spawn_err)?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("piped");
+        pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if !out.status.success() {
+        return Err(RulesError::Failed {
+            program,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn policy_route(ns: &Netns, add: bool) -> Result<(), RulesError> {
+    let fwmark = format!("{:#x}/{:#x}", consts::CONNMARK, consts::MARK_MASK);
+    let table = ROUTE_TABLE.to_string();
+    let pref = RULE_PREF.to_string();
+    // Delete first (ignoring "not found"), so that adding is idempotent.
+    let _ = run(
+        ns,
+        "ip",
+        &[
+            "-4", "rule", "del", "fwmark", &fwmark, "table", &table, "pref", &pref,
+        ],
+        None,
+    );
+    if !add {
+        let _ = run(ns, "ip", &["-4", "route", "flush", "table", &table], None);
+        return Ok(());
+    }
+    run(
+        ns,
+        "ip",
+        &[
+            "-4", "rule", "add", "fwmark", &fwmark, "table", &table, "pref", &pref,
+        ],
+        None,
+    )?;
+    run(
+        ns,
+        "ip",
+        &[
+            "-4",
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ],
+        None,
+    )?;
+    Ok(())
+}
+
+/// Installs (or replaces) the pod's capture: the table, the policy route, and
+/// `tcp_migrate_req` so a restarting daemon's listeners inherit queued connections.
+pub fn install(ns: &Netns) -> Result<(), RulesError> {
+    run(ns, "nft", &["-f", "-"], Some(&pod_ruleset()))?;
+    policy_route(ns, true)?;
+    // Best effort: without it a rolling restart may reset connections still queued.
+    let migrate = ns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"));
+    if let Ok(Err(e)) | Err(e) = migrate {
+        tracing::debug!(error = %e, "cannot set tcp_migrate_req in the pod's netns");
+    }
+    Ok(())
+}
+
+/// Verifies the pod's table is present with its capture rules.
+pub fn check(ns: &Netns) -> Result<(), RulesError> {
+    let listing = run(ns, "nft", &["list", "table", "inet", TABLE], None)
+        .map_err(|e| RulesError::Altered(e.to_string()))?;
+    for want in expected_lines() {
+        if !listing.contains(&want) {
+            return Err(RulesError::Altered(format!("rule `{want}` is missing")));
+        }
+    }
+    Ok(())
+}
+
+/// Removes the pod's table and policy route; a missing table is not an error.
+pub fn remove(ns: &Netns) -> Result<(), RulesError> {
+    run(
+        ns,
+        "nft",
+        &["-f", "-"],
+        Some(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n")),
+    )?;
+    policy_route(ns, false)
+}
+
+/// Installs the node-level table in the daemon's own netns (idempotent, keeps nothing).
+pub fn install_node() -> Result<(), RulesError> {
+    run(Netns::host(), "nft", &["-f", "-"], Some(&node_ruleset()))?;
+    Ok(())
+}
+
+/// Adds or removes an enrolled pod's IPv4 addresses in the node's probe set.
+pub fn node_probe_set(ips: &[IpAddr], add: bool) -> Result<(), RulesError> {
+    let v4: Vec<String> = ips
+        .iter()
+        .filter(|ip| ip.is_ipv4())
+        .map(|ip| ip.to_string())
+        .collect();
+    if v4.is_empty() {
+        return Ok(());
+    }
+    let verb = if add { "add" } else { "delete" };
+    let script = format!(
+        "{verb} element ip {NODE_TABLE} enrolled {{ {} }}\n",
+        v4.join(", ")
+    );
+    match run(Netns::host(), "nft", &["-f", "-"], Some(&script)) {
+        Err(RulesError::Failed { .. }) if !add => Ok(()), // already gone
+        other => other.map(|_| ()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pod_table_captures_and_skips_what_the_contract_says() {
+        let r = pod_ruleset();
+        // Atomic replacement in one batch.
+        assert!(r.starts_with("table inet ztunnel\ndelete table inet ztunnel\n"));
+        for want in expected_lines() {
+            assert!(r.contains(&want), "missing {want}");
+        }
+        // The daemon's own sockets skip both nat chains, before any redirect.
+        let skip = "meta mark & 0xfff == 0x539 accept";
+        assert_eq!(r.matches(skip).count(), 2);
+        for chain in ["prerouting_nat", "output_nat"] {
+            let body = &r[r.find(chain).unwrap()..];
+            assert!(
+                body.find(skip).unwrap() < body.find("redirect").unwrap(),
+                "{chain}"
+            );
+        }
+        // Connmark on the way in, restored as a mark on the way out (a route chain, so the
+        // changed mark re-routes the reply).
+        assert!(r.contains("ct mark set ct mark & 0xfffff000 | 0x111"));
+        assert!(r.contains("type route hook output"));
+        assert!(r.contains("ct mark & 0xfff == 0x111 meta mark set"));
+    }
+
+    #[test]
+    fn the_node_table_snats_only_local_connections_to_enrolled_pods() {
+        let r = node_ruleset();
+        assert!(r.contains(
+            "ip daddr @enrolled meta l4proto tcp fib saddr type local snat to 169.254.7.127"
+        ));
+    }
+}
