@@ -95,6 +95,15 @@ impl Process {
     }
 
     /// Sends SIGTERM and waits up to `grace` before SIGKILL.
+    /// SIGKILL: the process dies at once, without draining or cleaning up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if the process has not exited within `grace`.
     pub fn stop(&mut self, grace: Duration) {
         let Some(mut child) = self.child.take() else {
             return;

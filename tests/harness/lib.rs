@@ -3,7 +3,9 @@
 //! the tests run on it ([`apps`]). See `tests/README.md` for the tiers of tests.
 
 pub mod apps;
+pub mod cni;
 pub mod daemon;
 pub mod mesh;
 pub mod netns;
 pub mod raw_h2;
+pub mod testbed;

@@ -1,0 +1,176 @@
+//! In-pod capture on the two-node test bed (`harness/testbed.rs`): pods wired by Debian's
+//! `bridge` + `host-local` with `ztunnel-cni` chained after them, one daemon per node. Needs
+//! root, `ip`, `nft`, `tcpdump` and `containernetworking-plugins`.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use ztunnel_e2e::daemon::metric;
+use ztunnel_e2e::testbed::{self, TestBed, MARKER, VIP};
+
+/// Accepts `n` connections; answers each with "<name> saw <peer>" after reading to EOF.
+async fn reply_server(l: TcpListener, name: &'static str, n: usize) -> Vec<String> {
+    let mut peers = Vec::new();
+    for _ in 0..n {
+        let (mut s, peer) = l.accept().await.expect("accept");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.expect("read");
+        s.write_all(format!("{name} saw {} ({} bytes)", peer.ip(), got.len()).as_bytes())
+            .await
+            .expect("write");
+        peers.push(peer.ip().to_string());
+    }
+    peers
+}
+
+async fn listen(port: u16) -> TcpListener {
+    TcpListener::bind(("0.0.0.0", port)).await.expect("bind")
+}
+
+/// Sends `msg`, half-closes, returns the answer.
+async fn request(ip: &str, port: u16, msg: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect((ip, port)).await?;
+    s.write_all(msg.as_bytes()).await?;
+    s.shutdown().await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[test]
+fn pod_to_pod_and_to_a_vip_carry_real_client_addresses_and_only_mtls_crosses_nodes() {
+    let bed = TestBed::start();
+    let server = bed.pod("server");
+    let echo = bed.pod("echo");
+    let client = bed.pod("client");
+    let srv = server
+        .ns
+        .spawn(async { reply_server(listen(8080).await, "server", 2).await });
+    let ech = echo
+        .ns
+        .spawn(async { reply_server(listen(8080).await, "echo", 1).await });
+    std::thread::sleep(Duration::from_millis(100));
+
+    let pcap = bed.dir().join("underlay.pcap");
+    let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
+    let msg = format!("hello {MARKER}");
+    let (cross, same, vip) = client.ns.block_on(async move {
+        (
+            request("10.20.2.10", 8080, &msg).await,
+            request("10.20.1.12", 8080, &msg).await,
+            request(VIP, 80, &msg).await,
+        )
+    });
+    let captured = testbed::stop_capture(cap, &pcap).unwrap();
+    let want = format!("saw 10.20.1.10 ({} bytes)", 6 + MARKER.len());
+    assert_eq!(cross.unwrap(), format!("server {want}"), "cross-node");
+    assert_eq!(same.unwrap(), format!("echo {want}"), "same node");
+    assert_eq!(vip.unwrap(), format!("server {want}"), "via the VIP");
+    assert_eq!(server.ns.join(srv), vec!["10.20.1.10", "10.20.1.10"]);
+    assert_eq!(echo.ns.join(ech), vec!["10.20.1.10"]);
+
+    // Between nodes: TLS to 15008 only, never the application's bytes or port.
+    assert!(!captured.marker_seen, "plaintext crossed the underlay");
+    assert!(!captured.lines.is_empty(), "the capture saw nothing");
+    for l in &captured.lines {
+        assert!(l.contains(".15008"), "non-tunnel TCP on the underlay: {l}");
+    }
+
+    // Identities, at both ends, from the daemons' own counts and logs.
+    let m2 = bed.metrics(1);
+    assert_eq!(
+        metric(
+            &m2,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "inbound")]
+        ),
+        2.0,
+        "{m2}"
+    );
+    let log2 = bed.log(1);
+    assert!(
+        log2.contains("src_identity=\"spiffe://cluster.local/ns/demo/sa/client\"")
+            && log2.contains("dst_identity=\"spiffe://cluster.local/ns/demo/sa/server\""),
+        "{log2}"
+    );
+    let m1 = bed.metrics(0);
+    // Outbound: three tunnels' streams from the client; the echo pod's inbound is on n1 too.
+    assert_eq!(
+        metric(
+            &m1,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "outbound")]
+        ),
+        3.0,
+        "{m1}"
+    );
+    assert_eq!(
+        metric(
+            &m1,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "inbound")]
+        ),
+        1.0,
+        "{m1}"
+    );
+}
+
+#[test]
+fn enrolled_to_plain_is_plain_tcp_and_plain_to_enrolled_arrives_through_15006() {
+    let bed = TestBed::start();
+    let legacy = bed.pod("legacy-2");
+    let server = bed.pod("server");
+    let client = bed.pod("client");
+    let leg = legacy
+        .ns
+        .spawn(async { reply_server(listen(9090).await, "legacy", 1).await });
+    let srv = server
+        .ns
+        .spawn(async { reply_server(listen(8080).await, "server", 1).await });
+    std::thread::sleep(Duration::from_millis(100));
+
+    let pcap = bed.dir().join("underlay.pcap");
+    let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
+    let msg = format!("hi {MARKER}");
+    let out = client
+        .ns
+        .block_on(async move { request("10.20.2.11", 9090, &msg).await });
+    let captured = testbed::stop_capture(cap, &pcap).unwrap();
+    assert_eq!(
+        out.unwrap(),
+        format!("legacy saw 10.20.1.10 ({} bytes)", 3 + MARKER.len())
+    );
+    assert_eq!(legacy.ns.join(leg), vec!["10.20.1.10"]);
+    assert!(
+        captured.marker_seen,
+        "a pod outside the mesh is reached in plain TCP"
+    );
+    assert!(captured.lines.iter().any(|l| l.contains("10.20.2.11.9090")));
+
+    let out = legacy
+        .ns
+        .block_on(async { request("10.20.2.10", 8080, "plain hello").await });
+    assert_eq!(out.unwrap(), "server saw 10.20.2.11 (11 bytes)");
+    assert_eq!(server.ns.join(srv), vec!["10.20.2.11"]);
+    let m2 = bed.metrics(1);
+    assert_eq!(
+        metric(
+            &m2,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "inbound_plaintext")]
+        ),
+        1.0,
+        "{m2}"
+    );
+    let m1 = bed.metrics(0);
+    assert_eq!(
+        metric(
+            &m1,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "passthrough")]
+        ),
+        1.0,
+        "{m1}"
+    );
+}

@@ -1,0 +1,410 @@
+//! The issue-3 test bed: nodes and pods as network namespaces, pods wired by Debian's real
+//! `bridge` + `host-local` plugins with `ztunnel-cni` chained after them, one daemon process
+//! (in-pod capture, the default) per node.
+//!
+//! ```text
+//!  node n1 (netns)                                   node n2 (netns)
+//!  cni0 10.20.1.1/24 ── pods 10.20.1.x              cni0 10.20.2.1/24 ── pods 10.20.2.x
+//!  ul0 192.168.77.1 ──────────── underlay ────────── ul0 192.168.77.2
+//! ```
+//! Each node routes the other's pod subnet over the underlay (no masquerade), so a capture on
+//! `ul0` sees exactly what crosses between nodes. Namespace `demo` is enrolled, `plain` is
+//! not. Pods get fixed addresses (`IP=` in `CNI_ARGS`, which `host-local` honours) so that the
+//! discovery file, written before the pods exist, can name them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::cni::{self, Attachment, Runtime};
+use crate::daemon::{self, Process};
+use crate::netns::{self, Netns};
+
+pub const VIP: &str = "10.96.0.10";
+pub const MARKER: &str = "ZT-TESTBED-PLAINTEXT-MARKER";
+
+/// A pod of the test bed.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: &'static str,
+    pub namespace: &'static str,
+    pub sa: &'static str,
+    pub app: &'static str,
+    pub node: usize,
+    pub ip: &'static str,
+}
+
+/// The default pods: on n1 `client` and `echo` (demo) and `legacy-1` (plain); on n2
+/// `server` (demo, behind the VIP) and `legacy-2` (plain).
+pub fn default_pods() -> Vec<PodSpec> {
+    let p = |name, namespace, sa, app, node, ip| PodSpec {
+        name,
+        namespace,
+        sa,
+        app,
+        node,
+        ip,
+    };
+    vec![
+        p("client", "demo", "client", "client", 0, "10.20.1.10"),
+        p("echo", "demo", "echo", "echo", 0, "10.20.1.12"),
+        p("legacy-1", "plain", "default", "legacy", 0, "10.20.1.11"),
+        p("server", "demo", "server", "server", 1, "10.20.2.10"),
+        p("legacy-2", "plain", "default", "legacy", 1, "10.20.2.11"),
+    ]
+}
+
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    pub runtime: Runtime,
+    pub conflist: Value,
+    pub state_dir: PathBuf,
+    pub daemon: Option<Process>,
+}
+
+pub struct Pod {
+    pub spec: PodSpec,
+    pub ns: Netns,
+    pub attachment: Attachment,
+    /// The result of the chain's ADD (kept for DEL and CHECK).
+    pub result: Value,
+}
+
+pub struct TestBed {
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub dir: tempfile::TempDir,
+    pub ca_dir: PathBuf,
+    pub discovery: PathBuf,
+    prefix: String,
+}
+
+fn uid(spec: &PodSpec) -> String {
+    format!("uid-{}-{}", spec.namespace, spec.name)
+}
+
+/// The discovery file for `pods`.
+pub fn discovery_yaml(pods: &[PodSpec]) -> String {
+    let workloads: Vec<Value> = pods
+        .iter()
+        .map(|p| {
+            json!({"uid": uid(p), "name": p.name, "namespace": p.namespace,
+                   "serviceAccount": p.sa, "node": format!("n{}", p.node + 1),
+                   "ips": [p.ip], "labels": {"app": p.app},
+                   "protocol": if p.namespace == "demo" { "HBONE" } else { "TCP" }})
+        })
+        .collect();
+    let doc = json!({
+        "trustDomain": "cluster.local",
+        "namespaces": [
+            {"name": "demo", "labels": {"ztunnel.dev/dataplane-mode": "ambient"}},
+            {"name": "plain", "labels": {}},
+        ],
+        "workloads": workloads,
+        "services": [{"name": "server", "namespace": "demo", "vips": [VIP],
+                      "ports": [{"port": 80, "targetPort": 8080}], "selector": {"app": "server"}}],
+        "policies": [],
+    });
+    serde_yaml::to_string(&doc).expect("yaml")
+}
+
+impl TestBed {
+    /// Two nodes with their daemons and the default pods, enrolled through the CNI chain.
+    pub fn start() -> TestBed {
+        Self::start_with(default_pods()).expect("test bed")
+    }
+
+    pub fn start_with(pods: Vec<PodSpec>) -> Result<TestBed> {
+        netns::require_prerequisites();
+        let prefix = netns::unique_prefix();
+        let dir = tempfile::tempdir()?;
+        let ca_dir = dir.path().join("ca");
+        let discovery = dir.path().join("mesh.yaml");
+        std::fs::write(&discovery, discovery_yaml(&pods))?;
+        let cni_bin = daemon::binary("ztunnel-cni");
+
+        let mut nodes = Vec::new();
+        for i in 0..2 {
+            let name = format!("n{}", i + 1);
+            let ns = Netns::new(&format!("{prefix}-{name}"))?;
+            ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            let state_dir = dir.path().join(format!("{name}-state"));
+            let conflist = json!({
+                "cniVersion": "1.0.0",
+                "name": "ztnet",
+                "plugins": [
+                    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+                     "ipam": {"type": "host-local", "dataDir": dir.path().join(format!("{name}-ipam")),
+                              "ranges": [[{"subnet": format!("10.20.{}.0/24", i + 1)}]],
+                              "routes": [{"dst": "0.0.0.0/0"}]}},
+                    {"type": "ztunnel-cni", "socket": state_dir.join("cni.sock"), "timeout": "5s",
+                     "enrolledNamespacesFile": state_dir.join("enrolled-namespaces.json")},
+                ],
+            });
+            let runtime = Runtime::new(&ns.name, &cni_bin)?;
+            nodes.push(Node {
+                name,
+                ns,
+                runtime,
+                conflist,
+                state_dir,
+                daemon: None,
+            });
+        }
+        // The underlay.
+        let (n1, n2) = (&nodes[0].ns.name, &nodes[1].ns.name);
+        netns::sh(
+            "ip",
+            &[
+                "link", "add", "ul0", "netns", n1, "type", "veth", "peer", "name", "ul0", "netns",
+                n2,
+            ],
+        )?;
+        for (i, node) in nodes.iter().enumerate() {
+            let other = 2 - i;
+            node.ns.ip(&[
+                "addr",
+                "add",
+                &format!("192.168.77.{}/24", i + 1),
+                "dev",
+                "ul0",
+            ])?;
+            node.ns.ip(&["link", "set", "ul0", "up"])?;
+            node.ns.ip(&[
+                "route",
+                "add",
+                &format!("10.20.{other}.0/24"),
+                "via",
+                &format!("192.168.77.{other}"),
+            ])?;
+        }
+        let mut bed = TestBed {
+            nodes,
+            pods: Vec::new(),
+            dir,
+            ca_dir,
+            discovery,
+            prefix,
+        };
+        for i in 0..2 {
+            bed.start_daemon(i)?;
+        }
+        for spec in pods {
+            bed.add_pod(spec)?;
+        }
+        Ok(bed)
+    }
+
+    /// Starts node `i`'s daemon and waits until it is ready.
+    pub fn start_daemon(&mut self, i: usize) -> Result<()> {
+        let p = self.spawn_daemon(i, "")?;
+        self.nodes[i].daemon = Some(p);
+        Ok(())
+    }
+
+    /// Starts another daemon process on node `i` (beside a running one, for a rolling
+    /// restart), waits until it is ready and returns it.
+    pub fn spawn_daemon(&self, i: usize, suffix: &str) -> Result<Process> {
+        let node = &self.nodes[i];
+        let args: Vec<String> = [
+            "run",
+            "--node-name",
+            &node.name,
+            "--discovery-file",
+            &self.discovery.display().to_string(),
+            "--ca-dir",
+            &self.ca_dir.display().to_string(),
+            "--state-dir",
+            &node.state_dir.display().to_string(),
+            "--drain-grace",
+            "2s",
+            "--discovery-poll",
+            "100ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut p = Process::start(
+            &node.ns,
+            &format!("{}{suffix}", node.name),
+            self.dir.path(),
+            &args,
+            &[],
+        )?;
+        daemon::wait_ready(
+            &node.ns,
+            &mut p,
+            "127.0.0.1:15021",
+            "/healthz/ready",
+            Duration::from_secs(20),
+        )?;
+        // With two daemons on the node, readiness may have been answered by the other one:
+        // wait for this one's own report that it has taken over the recorded pods.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !p.log().contains("enrolled pods recovered") {
+            anyhow::ensure!(p.alive(), "daemon exited:\n{}", p.log());
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "daemon did not start:\n{}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(p)
+    }
+
+    fn attachment(&self, spec: &PodSpec, ns: &Netns) -> Attachment {
+        Attachment {
+            container_id: format!("{}-{}", self.prefix, spec.name),
+            netns: PathBuf::from(format!("/var/run/netns/{}", ns.name)),
+            ifname: "eth0".into(),
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={};IP={}",
+                spec.namespace,
+                spec.name,
+                uid(spec),
+                spec.ip
+            ),
+        }
+    }
+
+    /// Creates the pod's netns and runs the node's CNI chain (and `loopback`) for it, as a
+    /// runtime would; fails when any plugin fails.
+    pub fn add_pod(&mut self, spec: PodSpec) -> Result<()> {
+        let ns = Netns::new(&format!("{}-{}", self.prefix, spec.name))?;
+        let a = self.attachment(&spec, &ns);
+        let node = &self.nodes[spec.node];
+        let lo = node.runtime.add(&cni::loopback_list(), &a)?;
+        anyhow::ensure!(lo.iter().all(|o| o.code == 0), "loopback: {lo:?}");
+        let outs = node.runtime.add(&node.conflist, &a)?;
+        let last = outs.last().context("no plugin ran")?;
+        anyhow::ensure!(
+            outs.iter().all(|o| o.code == 0),
+            "ADD of {} failed: {outs:?}",
+            spec.name
+        );
+        let result = last.json();
+        self.pods.push(Pod {
+            spec,
+            ns,
+            attachment: a,
+            result,
+        });
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn node_of(&self, pod: &Pod) -> &Node {
+        &self.nodes[pod.spec.node]
+    }
+
+    /// Kills node `i`'s daemon at once (SIGKILL): no drain, no cleanup.
+    pub fn kill_daemon(&mut self, i: usize) {
+        if let Some(mut d) = self.nodes[i].daemon.take() {
+            d.kill();
+        }
+    }
+
+    /// The daemon's Prometheus metrics.
+    pub fn metrics(&self, i: usize) -> String {
+        daemon::http(&self.nodes[i].ns, "GET", "127.0.0.1:15020", "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// The daemon's live connections (admin API).
+    pub fn connections(&self, i: usize) -> Value {
+        let (_, body) = daemon::http(&self.nodes[i].ns, "GET", "127.0.0.1:15000", "/connections")
+            .expect("admin");
+        serde_json::from_str(&body).expect("JSON")
+    }
+
+    /// All logs of node `i`'s daemon(s) so far.
+    pub fn log(&self, i: usize) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&self.nodes[i].name) && name.ends_with(".log") {
+                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut d) = n.daemon.take() {
+                d.stop(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Starts tcpdump on `iface` in `ns` writing to `pcap`; stop it with [`stop_capture`].
+pub fn start_capture(ns: &Netns, iface: &str, pcap: &Path) -> Result<std::process::Child> {
+    let child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "tcpdump",
+            "-i",
+            iface,
+            "-U",
+            "--immediate-mode",
+            "-w",
+        ])
+        .arg(pcap)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("tcpdump (apt-get install tcpdump)")?;
+    std::thread::sleep(Duration::from_millis(1000));
+    Ok(child)
+}
+
+/// What a capture saw: the TCP packet lines and whether the marker appeared in any byte.
+pub struct Captured {
+    pub lines: Vec<String>,
+    pub marker_seen: bool,
+}
+
+pub fn stop_capture(mut child: std::process::Child, pcap: &Path) -> Result<Captured> {
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+    let wire = std::fs::read(pcap)?;
+    let marker_seen = wire.windows(MARKER.len()).any(|w| w == MARKER.as_bytes());
+    let dump = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(pcap)
+        .arg("tcp")
+        .output()?;
+    Ok(Captured {
+        lines: String::from_utf8_lossy(&dump.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+        marker_seen,
+    })
+}
