@@ -117,13 +117,20 @@ impl TestBed {
         Self::start_with(default_pods()).expect("test bed")
     }
 
+    /// Like [`TestBed::start`], with `pods` created and `known` pods only in discovery (for
+    /// tests that create them later).
     pub fn start_with(pods: Vec<PodSpec>) -> Result<TestBed> {
+        Self::start_known(pods, Vec::new())
+    }
+
+    pub fn start_known(pods: Vec<PodSpec>, known: Vec<PodSpec>) -> Result<TestBed> {
         netns::require_prerequisites();
         let prefix = netns::unique_prefix();
         let dir = tempfile::tempdir()?;
         let ca_dir = dir.path().join("ca");
         let discovery = dir.path().join("mesh.yaml");
-        std::fs::write(&discovery, discovery_yaml(&pods))?;
+        let all: Vec<PodSpec> = pods.iter().chain(known.iter()).cloned().collect();
+        std::fs::write(&discovery, discovery_yaml(&all))?;
         let cni_bin = daemon::binary("ztunnel-cni");
 
         let mut nodes = Vec::new();
@@ -274,26 +281,35 @@ impl TestBed {
     /// Creates the pod's netns and runs the node's CNI chain (and `loopback`) for it, as a
     /// runtime would; fails when any plugin fails.
     pub fn add_pod(&mut self, spec: PodSpec) -> Result<()> {
+        let (outs, pod) = self.try_add_pod(spec)?;
+        anyhow::ensure!(
+            outs.iter().all(|o| o.code == 0),
+            "ADD of {} failed: {outs:?}",
+            pod.spec.name
+        );
+        self.pods.push(pod);
+        Ok(())
+    }
+
+    /// Creates the pod's netns and runs ADD; returns every plugin's outcome and the pod
+    /// (whose `result` is the last plugin's output), without judging them.
+    pub fn try_add_pod(&self, spec: PodSpec) -> Result<(Vec<cni::Outcome>, Pod)> {
         let ns = Netns::new(&format!("{}-{}", self.prefix, spec.name))?;
         let a = self.attachment(&spec, &ns);
         let node = &self.nodes[spec.node];
         let lo = node.runtime.add(&cni::loopback_list(), &a)?;
         anyhow::ensure!(lo.iter().all(|o| o.code == 0), "loopback: {lo:?}");
         let outs = node.runtime.add(&node.conflist, &a)?;
-        let last = outs.last().context("no plugin ran")?;
-        anyhow::ensure!(
-            outs.iter().all(|o| o.code == 0),
-            "ADD of {} failed: {outs:?}",
-            spec.name
-        );
-        let result = last.json();
-        self.pods.push(Pod {
-            spec,
-            ns,
-            attachment: a,
-            result,
-        });
-        Ok(())
+        let result = outs.last().context("no plugin ran")?.json();
+        Ok((
+            outs,
+            Pod {
+                spec,
+                ns,
+                attachment: a,
+                result,
+            },
+        ))
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

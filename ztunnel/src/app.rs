@@ -257,8 +257,10 @@ async fn keep_certificates(
     let mut held: HashSet<Identity> = HashSet::new();
     loop {
         let state = disc.current();
+        // Only workloads in the mesh need certificates.
         let wanted: HashSet<Identity> = state
             .local_workloads(&node)
+            .filter(|w| state.enrolled(w))
             .map(|w| w.identity(&trust_domain))
             .collect();
         drop(state);
