@@ -33,6 +33,19 @@ pub fn binary(name: &str) -> PathBuf {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--workspace", "--bins"]);
+        // Cargo gives a test process its own CARGO_* variables; passing them on would make
+        // build scripts that watch the environment rebuild (and the next plain build rebuild
+        // again). Build with the environment a shell would have.
+        cmd.env_clear();
+        for (k, v) in std::env::vars_os() {
+            let k_str = k.to_string_lossy();
+            let cargo_set = (k_str.starts_with("CARGO_")
+                && !matches!(&*k_str, "CARGO_HOME" | "CARGO_TARGET_DIR"))
+                || matches!(&*k_str, "OUT_DIR" | "RUST_TEST_THREADS" | "CARGO");
+            if !cargo_set {
+                cmd.env(k, v);
+            }
+        }
         if release {
             cmd.arg("--release");
         }
