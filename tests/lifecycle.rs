@@ -233,20 +233,22 @@ fn a_rolling_restart_refuses_no_new_connection() {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let load = {
-        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
-        bed.pod("client").ns.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match whoami("10.20.2.10", 8080).await {
-                    Ok(_) => {
-                        ok.fetch_add(1, Ordering::Relaxed);
+    // Four clients back to back, so that connections are always arriving and queued.
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            bed.pod("client").ns.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match whoami("10.20.2.10", 8080).await {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
                     }
-                    Err(e) => failures.lock().unwrap().push(e.to_string()),
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            })
         })
-    };
+        .collect();
     std::thread::sleep(Duration::from_millis(500));
     // Each node in turn: the new process starts beside the old, then the old one drains.
     for i in 0..2 {
@@ -257,14 +259,122 @@ fn a_rolling_restart_refuses_no_new_connection() {
         std::thread::sleep(Duration::from_millis(500));
     }
     stop.store(true, Ordering::Relaxed);
-    bed.pod("client").ns.join(load);
+    for l in load {
+        bed.pod("client").ns.join(l);
+    }
     let failures = failures.lock().unwrap();
     let ok = ok.load(Ordering::Relaxed);
     assert!(ok > 50, "the load ran: {ok} connections");
+    if !failures.is_empty() {
+        for i in 0..2 {
+            for l in bed.log(i).lines().filter(|l| {
+                l.contains("WARN") || (l.contains("error=") && !l.contains("error=\"\""))
+            }) {
+                eprintln!("n{}: {l}", i + 1);
+            }
+        }
+    }
     assert!(
         failures.is_empty(),
         "{} of {} connections refused: {failures:?}",
         failures.len(),
         ok + failures.len()
+    );
+}
+
+#[test]
+fn the_enrollment_socket_is_root_only_and_refuses_garbage_without_blocking_others() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    use ztunnel::capture::store::PodRecord;
+    use ztunnel_proto::enroll::{self, ErrorKind, Reply, Request};
+
+    let bed = TestBed::start();
+    let node = &bed.nodes[0];
+    let sock = node.state_dir.join("cni.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only root may open the socket");
+    let dir_mode = std::fs::metadata(&node.state_dir)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dir_mode, 0o700);
+
+    // A client that connects and says nothing must not hold up anyone else.
+    let mut silent = UnixStream::connect(&sock).unwrap();
+
+    let exchange = |bytes: &[u8]| -> Reply {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(bytes).unwrap();
+        enroll::read_frame(&mut c).expect("a framed reply")
+    };
+    let frame = |payload: &[u8]| {
+        let mut b = (payload.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(payload);
+        b
+    };
+    let kind = |r: Reply| match r {
+        Reply::Error { kind, .. } => Some(kind),
+        _ => None,
+    };
+    assert_eq!(
+        kind(exchange(&frame(b"{{{ not json"))),
+        Some(ErrorKind::Invalid)
+    );
+    assert_eq!(
+        kind(exchange(&frame(br#"{"version":1,"kind":"explode"}"#))),
+        Some(ErrorKind::Invalid)
+    );
+    assert_eq!(
+        kind(exchange(&frame(br#"{"version":7,"kind":"status"}"#))),
+        Some(ErrorKind::Unsupported)
+    );
+    assert_eq!(
+        kind(exchange(&u32::MAX.to_be_bytes())),
+        Some(ErrorKind::Invalid)
+    );
+    // A well-formed request still works, with the silent client still connected.
+    let mut ok = Vec::new();
+    enroll::write_frame(&mut ok, &Request::Status).unwrap();
+    assert_eq!(exchange(&ok), Reply::Ok);
+
+    let m = bed.metrics(0);
+    assert_eq!(
+        ztunnel_e2e::daemon::metric(
+            &m,
+            "ztunnel_refusals_total",
+            &[("reason", "enrollment_bad_request")]
+        ),
+        4.0,
+        "{m}"
+    );
+    // Nothing was enrolled or recorded by any of it.
+    let records: Vec<PodRecord> = std::fs::read_dir(node.state_dir.join("pods"))
+        .unwrap()
+        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2, "client and echo only");
+    // The silent client is cut off after the request timeout (5 s), and counted.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        silent.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed without a reply"
+    );
+    let m = bed.metrics(0);
+    assert_eq!(
+        ztunnel_e2e::daemon::metric(
+            &m,
+            "ztunnel_refusals_total",
+            &[("reason", "enrollment_timeout")]
+        ),
+        1.0,
+        "{m}"
     );
 }

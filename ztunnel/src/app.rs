@@ -217,7 +217,11 @@ impl Daemon {
         let live = self.proxy.connections.len();
         tracing::info!(live, grace = ?self.drain_grace, "draining");
         let deadline = tokio::time::Instant::now() + self.drain_grace;
-        while !self.proxy.connections.is_empty() && tokio::time::Instant::now() < deadline {
+        // Wait for every handler, including those accepted a moment before the listeners
+        // closed that have not yet registered their connection.
+        while (!self.proxy.connections.is_empty() || self.proxy.inflight() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         for t in &self.tasks {

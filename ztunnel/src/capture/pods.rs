@@ -190,8 +190,16 @@ impl Pods {
             pod: add.pod.clone(),
             ips: add.ips.clone(),
         };
-        // A repeated ADD for the same attachment replaces the old enrollment.
-        self.release(&add.attachment);
+        // A repeated ADD for the same attachment replaces the old listeners; the rules stay
+        // in place throughout (they are replaced atomically), so the pod is never uncaptured.
+        if let Some(old) = self
+            .enrolled
+            .lock()
+            .expect("pods lock")
+            .remove(&add.attachment)
+        {
+            old.serving.abort();
+        }
         match self.enroll(record, &w) {
             Ok(()) => Reply::Enrolled,
             Err(e) => {

@@ -164,27 +164,34 @@ fn policy_route(ns: &Netns, add: bool) -> Result<(), RulesError> {
     let fwmark = format!("{:#x}/{:#x}", consts::CONNMARK, consts::MARK_MASK);
     let table = ROUTE_TABLE.to_string();
     let pref = RULE_PREF.to_string();
-    // Delete first (ignoring "not found"), so that adding is idempotent.
-    let _ = run(
+    let rule = [
+        "fwmark",
+        fwmark.as_str(),
+        "table",
+        table.as_str(),
+        "pref",
+        pref.as_str(),
+    ];
+    let present = run(
         ns,
         "ip",
-        &[
-            "-4", "rule", "del", "fwmark", &fwmark, "table", &table, "pref", &pref,
-        ],
+        &[&["-4", "rule", "show"][..], &rule[..]].concat(),
         None,
-    );
+    )
+    .is_ok_and(|out| !out.trim().is_empty());
     if !add {
+        if present {
+            let _ = run(
+                ns,
+                "ip",
+                &[&["-4", "rule", "del"][..], &rule[..]].concat(),
+                None,
+            );
+        }
         let _ = run(ns, "ip", &["-4", "route", "flush", "table", &table], None);
         return Ok(());
     }
-    run(
-        ns,
-        "ip",
-        &[
-            "-4", "rule", "add", "fwmark", &fwmark, "table", &table, "pref", &pref,
-        ],
-        None,
-    )?;
+    // Never delete-and-add: replies routed in between would leave by the pod's interface.
     run(
         ns,
         "ip",
@@ -201,6 +208,14 @@ fn policy_route(ns: &Netns, add: bool) -> Result<(), RulesError> {
         ],
         None,
     )?;
+    if !present {
+        run(
+            ns,
+            "ip",
+            &[&["-4", "rule", "add"][..], &rule[..]].concat(),
+            None,
+        )?;
+    }
     Ok(())
 }
 

@@ -46,6 +46,17 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether the peer provably did not process the request, so it may be sent again on
+    /// another connection: the connection was going away (GOAWAY) or refused the stream.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ClientError::H2(e) => {
+                e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_io()
+            }
+            _ => false,
+        }
+    }
+
     /// The HTTP status the peer answered, if it answered one.
     pub fn status(&self) -> Option<StatusCode> {
         match self {

@@ -186,30 +186,40 @@ impl Pool {
     ) -> Result<Tunnel, PoolError> {
         let ks = self.key_state(key);
         let max = self.inner.settings.max_streams;
-        let conn = match ks.try_reserve(max) {
-            Some(c) => c,
-            None => {
-                let _dialing = ks.dialing.lock().await;
-                match ks.try_reserve(max) {
-                    Some(c) => c,
-                    None => self.dial(key, &ks, cert).await?,
+        // A pooled connection may be going away (the peer drains, or died unnoticed); a
+        // stream it refused was never processed, so it is retried once on a fresh one.
+        let mut retried = false;
+        loop {
+            let (conn, fresh) = match ks.try_reserve(max) {
+                Some(c) => (c, false),
+                None => {
+                    let _dialing = ks.dialing.lock().await;
+                    match ks.try_reserve(max) {
+                        Some(c) => (c, false),
+                        None => (self.dial(key, &ks, cert).await?, true),
+                    }
                 }
-            }
-        };
-        self.inner.metrics.pool_streams.inc();
-        let lease = Lease {
-            conn: conn.clone(),
-            metrics: self.inner.metrics.clone(),
-        };
-        match client::open_stream(conn.sender.clone(), req).await {
-            Ok((send, recv)) => Ok(Tunnel { send, recv, lease }),
-            Err(e) => {
-                if !matches!(e, ClientError::Status(_)) {
-                    // The connection itself failed: no new stream may land on it.
-                    conn.closed.store(true, Ordering::Release);
-                    ks.remove(conn.id);
+            };
+            self.inner.metrics.pool_streams.inc();
+            let lease = Lease {
+                conn: conn.clone(),
+                metrics: self.inner.metrics.clone(),
+            };
+            match client::open_stream(conn.sender.clone(), copy_request(&req)).await {
+                Ok((send, recv)) => return Ok(Tunnel { send, recv, lease }),
+                Err(e) => {
+                    if !matches!(e, ClientError::Status(_)) {
+                        // The connection itself failed: no new stream may land on it.
+                        conn.closed.store(true, Ordering::Release);
+                        ks.remove(conn.id);
+                    }
+                    if !fresh && !retried && e.retryable() {
+                        tracing::debug!(conn = conn.id, error = %e, "pooled connection refused the stream; retrying on a new one");
+                        retried = true;
+                        continue;
+                    }
+                    return Err(e.into());
                 }
-                Err(e.into())
             }
         }
     }
@@ -367,4 +377,14 @@ async fn watch_idle(conn: Weak<Conn>, ks: Arc<KeyState>, timeout: Duration) {
             return;
         }
     }
+}
+
+/// A copy of a bodiless request (`http::Request` is not `Clone`).
+fn copy_request(req: &Request<()>) -> Request<()> {
+    let mut r = Request::new(());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
 }

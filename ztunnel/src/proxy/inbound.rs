@@ -89,7 +89,12 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         async move { pi.drained().await }
     };
     let result = server::serve(tls, pi.max_streams, drained, |req, respond| {
-        stream(pi.clone(), scope.clone(), conn.clone(), req, respond)
+        let guard = pi.begin();
+        let fut = stream(pi.clone(), scope.clone(), conn.clone(), req, respond);
+        async move {
+            fut.await;
+            drop(guard);
+        }
     })
     .await;
     if let Err(e) = result {

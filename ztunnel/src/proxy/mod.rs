@@ -99,6 +99,9 @@ pub struct ProxyInputs {
     /// Becomes `true` when the daemon drains.
     pub draining: watch::Receiver<bool>,
     round_robin: AtomicUsize,
+    /// Accepted connections and tunnel streams whose handlers have not finished (including
+    /// those not yet in the connection table); drain waits for them.
+    inflight: Arc<AtomicUsize>,
 }
 
 impl ProxyInputs {
@@ -126,6 +129,7 @@ impl ProxyInputs {
             max_streams,
             draining,
             round_robin: AtomicUsize::new(0),
+            inflight: Arc::default(),
         })
     }
 
@@ -141,6 +145,17 @@ impl ProxyInputs {
         w.identity(&self.trust_domain)
     }
 
+    /// Handlers running (connections accepted, tunnel streams received) that drain waits for.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    /// Counts a handler until the returned guard drops.
+    fn begin(&self) -> Inflight {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        Inflight(self.inflight.clone())
+    }
+
     /// Round-robin choice among `n` endpoints.
     fn pick(&self, n: usize) -> usize {
         self.round_robin.fetch_add(1, Ordering::Relaxed) % n.max(1)
@@ -150,6 +165,15 @@ impl ProxyInputs {
     async fn drained(&self) {
         let mut rx = self.draining.clone();
         let _ = rx.wait_for(|d| *d).await;
+    }
+}
+
+/// One running handler, counted in [`ProxyInputs::inflight`] until dropped.
+struct Inflight(Arc<AtomicUsize>);
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -220,7 +244,12 @@ async fn accept_loop<F, Fut>(
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    tokio::spawn(handle(pi.clone(), scope.clone(), tcp, peer));
+                    let guard = pi.begin();
+                    let fut = handle(pi.clone(), scope.clone(), tcp, peer);
+                    tokio::spawn(async move {
+                        fut.await;
+                        drop(guard);
+                    });
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
