@@ -94,6 +94,13 @@ fn pod_to_pod_and_to_a_vip_carry_real_client_addresses_and_only_mtls_crosses_nod
             && log2.contains("dst_identity=\"spiffe://cluster.local/ns/demo/sa/server\""),
         "{log2}"
     );
+    let log1 = bed.log(0);
+    assert!(
+        log1.lines().any(|l| l.contains("direction=\"inbound\"")
+            && l.contains("src_identity=\"spiffe://cluster.local/ns/demo/sa/client\"")
+            && l.contains("dst_identity=\"spiffe://cluster.local/ns/demo/sa/echo\"")),
+        "same-node tunnel with both identities: {log1}"
+    );
     let m1 = bed.metrics(0);
     // Outbound: three tunnels' streams from the client; the echo pod's inbound is on n1 too.
     assert_eq!(
