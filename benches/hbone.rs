@@ -108,6 +108,40 @@ fn new_connections(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // The rate of fresh tunnels with handshakes in flight concurrently, as a node sees when
+    // many pods start talking at once: tunnels per second, both cores busy.
+    let mut g = c.benchmark_group("fresh_mtls_rate");
+    const IN_FLIGHT: usize = 8;
+    g.throughput(Throughput::Elements(IN_FLIGHT as u64));
+    g.bench_function("hbone_fresh_mtls_x8", |b| {
+        b.iter(|| {
+            f.rt.block_on(async {
+                let tasks: Vec<_> = (0..IN_FLIGHT)
+                    .map(|_| {
+                        let (tls, tunnel, echo) = (tls.clone(), f.tunnel, f.echo);
+                        tokio::spawn(async move {
+                            let (send, conn) =
+                                client::connect(tunnel, tls, opts).await.expect("tunnel");
+                            let driver = tokio::spawn(conn);
+                            let req = client::connect_request(echo, &Default::default()).unwrap();
+                            let (mut tx, mut rx) =
+                                client::open_stream(send, req).await.expect("stream");
+                            tx.send_data(bytes::Bytes::from_static(b"x"), true).unwrap();
+                            let got = rx.data().await.expect("echo").expect("data");
+                            assert_eq!(&got[..], b"x");
+                            drop((tx, rx));
+                            driver.abort();
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            })
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, throughput, request_response, new_connections);

@@ -108,6 +108,11 @@ impl Process {
     }
 
     /// Sends SIGTERM and waits up to `grace` before SIGKILL.
+    /// The process id (the daemon itself: `ip netns exec` execs it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL: the process dies at once, without draining or cleaning up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -61,11 +61,25 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     let cfg = RunConfig::from_sources(args, &env).unwrap_or_else(|e| config_error(e));
     let set_level = init_logging(&cfg.log_filter, cfg.log_format)?;
     tracing::info!(config = %cfg, "starting ztunnel");
+    raise_fd_limit();
     let daemon = ztunnel::app::start(&cfg, set_level).await?;
     tracing::info!("ready to serve");
     wait_for_signal().await?;
     daemon.drain().await;
     Ok(())
+}
+
+/// Every proxied connection holds two descriptors: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
 
 async fn ca(args: Vec<String>) -> anyhow::Result<()> {

@@ -3,9 +3,10 @@
 //! Contract: a TCP end-of-stream becomes the stream's END_STREAM and the stream's END_STREAM
 //! becomes a TCP write shutdown, so half-close crosses the tunnel in both directions. Memory
 //! is bounded: reads from TCP wait for HTTP/2 send capacity before reading more, and stream
-//! window is released only once the bytes are written to TCP. The read buffer starts small
-//! and grows only while reads keep filling it (bulk flows); chunks are handed to h2 as
-//! `Bytes` split off one buffer, whose allocation is reused once h2 has written them.
+//! window is released only once the bytes are written to TCP. No read buffer is held while
+//! the socket has nothing to read (an idle connection costs no buffer); when it becomes
+//! readable a buffer is taken whose size grows while reads keep filling it (bulk flows, up to
+//! 256 KiB) and shrinks when they do not; each chunk is handed to h2 as `Bytes` without copying.
 //! An error or reset in either direction aborts both (the stream is reset, the socket closed).
 
 use std::future::poll_fn;
@@ -14,7 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 const INITIAL_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 256 * 1024;
@@ -48,17 +50,13 @@ pub enum CopyError {
 }
 
 /// Copies `tcp` ⇄ (`send`, `recv`) until both directions have ended.
-pub async fn copy_bidirectional<R, W>(
-    tcp_read: R,
-    tcp_write: W,
+pub async fn copy_bidirectional(
+    tcp_read: OwnedReadHalf,
+    tcp_write: OwnedWriteHalf,
     send: SendStream<Bytes>,
     recv: RecvStream,
     counters: &ByteCounters,
-) -> Result<(), CopyError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> Result<(), CopyError> {
     tokio::try_join!(
         tcp_to_stream(tcp_read, send, &counters.sent),
         stream_to_tcp(recv, tcp_write, &counters.received),
@@ -66,16 +64,26 @@ where
     Ok(())
 }
 
-async fn tcp_to_stream<R: AsyncRead + Unpin>(
-    mut rd: R,
+async fn tcp_to_stream(
+    rd: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     counter: &AtomicU64,
 ) -> Result<(), CopyError> {
-    let mut buf = BytesMut::with_capacity(INITIAL_BUF);
+    let mut buf = BytesMut::new();
     let mut want = INITIAL_BUF;
     loop {
+        // Reuses the previous chunk's allocation when h2 has already written it.
         buf.reserve(want);
-        let n = rd.read_buf(&mut buf).await?;
+        let n = match rd.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing to read: hold no buffer while waiting (idle connections cost none).
+                buf = BytesMut::new();
+                rd.readable().await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             send.send_data(Bytes::new(), true)?;
             return Ok(());
@@ -83,6 +91,8 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
         counter.fetch_add(n as u64, Ordering::Relaxed);
         if n >= want && want < MAX_BUF {
             want *= 2;
+        } else if n < want / 4 && want > INITIAL_BUF {
+            want /= 2;
         }
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
@@ -100,9 +110,9 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
     }
 }
 
-async fn stream_to_tcp<W: AsyncWrite + Unpin>(
+async fn stream_to_tcp(
     mut recv: RecvStream,
-    mut wr: W,
+    mut wr: OwnedWriteHalf,
     counter: &AtomicU64,
 ) -> Result<(), CopyError> {
     while let Some(chunk) = recv.data().await {
