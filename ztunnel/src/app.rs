@@ -193,6 +193,7 @@ pub async fn start(
             std::future::pending(),
         )));
     }
+    tasks.push(tokio::spawn(reevaluate_on_change(disc.clone(), pi.clone())));
     tasks.push(tokio::spawn(keep_certificates(
         disc,
         certs,
@@ -228,6 +229,21 @@ impl Daemon {
             t.abort();
         }
         tracing::info!(left = self.proxy.connections.len(), "drained");
+    }
+}
+
+/// On every discovery change, judges established inbound connections again and closes those
+/// the new policies deny.
+async fn reevaluate_on_change(mut disc: Discovery, pi: Arc<ProxyInputs>) {
+    while disc.changed().await.is_ok() {
+        let state = disc.current();
+        let closed = pi.connections.reevaluate(&state);
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                "policy change: established connections now denied are closed"
+            );
+        }
     }
 }
 

@@ -12,4 +12,5 @@ pub mod hbone;
 pub mod identity;
 pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod proxy;

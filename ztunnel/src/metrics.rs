@@ -21,6 +21,12 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// Labels of the policy decision counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 /// Every metric the daemon exports.
 #[derive(Default)]
 pub struct Metrics {
@@ -36,6 +42,8 @@ pub struct Metrics {
     pub proxied_connections: Family<DirectionLabels, Counter>,
     /// Connections or streams refused, by reason.
     pub refusals: Family<ReasonLabels, Counter>,
+    /// Policy decisions, by result (allow, deny).
+    pub policy_decisions: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -73,7 +81,21 @@ impl Metrics {
             "Connections or streams refused, by reason",
             m.refusals.clone(),
         );
+        zt.register(
+            "policy_decisions",
+            "Authorization decisions, by result",
+            m.policy_decisions.clone(),
+        );
         m
+    }
+
+    /// Counts a policy decision.
+    pub fn policy_decision(&self, allowed: bool) {
+        self.policy_decisions
+            .get_or_create(&ResultLabels {
+                result: if allowed { "allow" } else { "deny" },
+            })
+            .inc();
     }
 
     /// Counts a refusal.

@@ -96,6 +96,7 @@ pub struct State {
     endpoints: Vec<Vec<Arc<Workload>>>,
     authz: Vec<AuthorizationPolicy>,
     peer_authn: Vec<PeerAuthentication>,
+    policy: crate::policy::PolicyIndex,
 }
 
 fn selects(selector: &Labels, labels: &Labels) -> bool {
@@ -112,10 +113,13 @@ impl State {
         authz: Vec<AuthorizationPolicy>,
         peer_authn: Vec<PeerAuthentication>,
     ) -> Result<State, Error> {
+        let policy = crate::policy::PolicyIndex::build(&authz, &peer_authn)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         let mut s = State {
             trust_domain: trust_domain.to_owned(),
             authz,
             peer_authn,
+            policy,
             ..Default::default()
         };
         for ns in namespaces {
@@ -213,6 +217,10 @@ impl State {
     }
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
         self.namespaces.get(name)
+    }
+    /// The compiled, indexed policies (the engine's input).
+    pub fn policy(&self) -> &crate::policy::PolicyIndex {
+        &self.policy
     }
     pub fn authorization_policies(&self) -> &[AuthorizationPolicy] {
         &self.authz

@@ -143,6 +143,34 @@ struct Raw {
     spec: serde_yaml::Value,
 }
 
+/// Fields of Istio's schema that need HTTP (or JWT) and so cannot be enforced at L4.
+const HTTP_ONLY: &[&str] = &[
+    "methods",
+    "notMethods",
+    "paths",
+    "notPaths",
+    "hosts",
+    "notHosts",
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+    "when",
+];
+
+/// The first HTTP-only field anywhere in `spec` (rules, sources, operations, conditions).
+fn http_only_field(spec: &serde_yaml::Value) -> Option<&'static str> {
+    match spec {
+        serde_yaml::Value::Mapping(m) => m.iter().find_map(|(k, v)| {
+            k.as_str()
+                .and_then(|k| HTTP_ONLY.iter().find(|f| **f == k).copied())
+                .or_else(|| http_only_field(v))
+        }),
+        serde_yaml::Value::Sequence(s) => s.iter().find_map(http_only_field),
+        _ => None,
+    }
+}
+
 impl PolicyObject {
     /// Parses one object, checking `apiVersion` and `kind`.
     pub fn from_value(v: serde_yaml::Value) -> Result<Self, String> {
@@ -155,6 +183,11 @@ impl PolicyObject {
             return Err(format!(
                 "{what}: apiVersion {} is not {API_VERSION}",
                 raw.api_version
+            ));
+        }
+        if let Some(field) = http_only_field(&raw.spec) {
+            return Err(format!(
+                "{what}: `{field}` is an HTTP attribute that L4 policy cannot see; the policy is refused rather than enforced without it"
             ));
         }
         let spec = if raw.spec.is_null() {
@@ -229,7 +262,15 @@ spec: {mtls: {mode: STRICT}}
             ("apiVersion: security.ztunnel.dev/v1\nkind: Sidecar\nmetadata: {name: p, namespace: d}\n", "unknown kind"),
             (
                 "apiVersion: security.ztunnel.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: d}\nspec: {rules: [{to: [{operation: {methods: [GET]}}]}]}\n",
-                "methods",
+                "`methods` is an HTTP attribute",
+            ),
+            (
+                "apiVersion: security.ztunnel.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: d}\nspec: {rules: [{when: [{key: request.auth.principal, values: [y]}]}]}\n",
+                "`when` is an HTTP attribute",
+            ),
+            (
+                "apiVersion: security.ztunnel.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: d}\nspec: {rules: [{from: [{source: {principalz: [x]}}]}]}\n",
+                "unknown field",
             ),
         ] {
             let e = parse(y).unwrap_err();

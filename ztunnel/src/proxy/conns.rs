@@ -3,10 +3,13 @@
 //!
 //! A [`Tracked`] guard is created when a connection is accepted; dropping it removes the
 //! connection from the table and logs one structured line with addresses, identities,
-//! direction, bytes each way, duration and the error, if any.
+//! direction, bytes each way, duration, the policy decision and the policy that made it, and
+//! the error, if any. Inbound connections carry what the policy engine needs
+//! ([`PolicyFacts`]), so that [`ConnTable::reevaluate`] can close those that a policy change
+//! now denies.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -49,6 +52,44 @@ pub struct ConnFacts {
     pub dst_identity: Option<String>,
     pub src_workload: Option<String>,
     pub dst_workload: Option<String>,
+    /// `allow` or `deny`, for connections the policy engine judged.
+    pub decision: Option<&'static str>,
+    /// The policy (`namespace/name`) that decided, when one did.
+    pub policy: Option<String>,
+}
+
+/// What the policy engine needs to judge an inbound connection again.
+#[derive(Debug, Clone)]
+pub struct PolicyFacts {
+    pub src_principal: Option<String>,
+    pub src_namespace: Option<String>,
+    pub src_ip: IpAddr,
+    pub dst_uid: Arc<str>,
+    pub dst_port: u16,
+}
+
+impl PolicyFacts {
+    /// The engine's decision for these facts in `state`; a destination that left discovery is
+    /// denied.
+    pub fn evaluate(&self, state: &crate::discovery::State) -> crate::policy::Decision {
+        use crate::policy::{Conn, Decision, Reason};
+        match state.workload_by_uid(&self.dst_uid) {
+            Some(w) => state.policy().evaluate(&Conn {
+                src_principal: self.src_principal.as_deref(),
+                src_namespace: self.src_namespace.as_deref(),
+                src_ip: self.src_ip,
+                dst_namespace: &w.namespace,
+                dst_labels: &w.labels,
+                dst_port: self.dst_port,
+            }),
+            None => Decision {
+                allowed: false,
+                reason: Reason::NoAllowMatched,
+                policy: None,
+                rule: None,
+            },
+        }
+    }
 }
 
 /// One live connection.
@@ -59,6 +100,8 @@ pub struct ConnRecord {
     pub facts: Mutex<ConnFacts>,
     pub bytes: ByteCounters,
     pub started: Instant,
+    policy_facts: Mutex<Option<PolicyFacts>>,
+    close: tokio::sync::Notify,
 }
 
 /// A snapshot row of `/connections`.
@@ -90,6 +133,8 @@ impl ConnTable {
             facts: Mutex::new(facts),
             bytes: ByteCounters::default(),
             started: Instant::now(),
+            policy_facts: Mutex::default(),
+            close: tokio::sync::Notify::new(),
         });
         self.live
             .lock()
@@ -109,6 +154,38 @@ impl ConnTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Judges every live connection that carries policy facts again in `state`; those now
+    /// denied are told to close. Returns how many.
+    pub fn reevaluate(&self, state: &crate::discovery::State) -> usize {
+        let live: Vec<Arc<ConnRecord>> = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut closed = 0;
+        for r in live {
+            let facts = r
+                .policy_facts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let Some(facts) = facts else { continue };
+            let d = facts.evaluate(state);
+            if !d.allowed {
+                {
+                    let mut f = r.facts.lock().unwrap_or_else(|e| e.into_inner());
+                    f.decision = Some("deny");
+                    f.policy = d.policy.as_ref().map(|p| p.to_string());
+                }
+                r.close.notify_one();
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// A snapshot for the admin API.
@@ -148,6 +225,20 @@ impl Tracked {
         f(&mut self.rec.facts.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
+    /// Keeps what the policy engine needs to judge this connection again.
+    pub fn set_policy_facts(&self, facts: PolicyFacts) {
+        *self
+            .rec
+            .policy_facts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(facts);
+    }
+
+    /// Resolves when a policy change has denied this connection.
+    pub async fn revoked(&self) {
+        self.rec.close.notified().await
+    }
+
     /// Records the error that ended the connection (logged on close).
     pub fn fail(&mut self, error: impl std::fmt::Display) {
         self.error = Some(error.to_string());
@@ -176,6 +267,8 @@ impl Drop for Tracked {
             bytes_sent = r.bytes_sent,
             bytes_received = r.bytes_received,
             duration_ms = r.duration_ms as u64,
+            decision = f.decision.unwrap_or(""),
+            policy = f.policy.as_deref().unwrap_or(""),
             error = self.error.as_deref().unwrap_or(""),
             "connection closed"
         );

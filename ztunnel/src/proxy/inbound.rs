@@ -4,7 +4,10 @@
 //! TLS handshake presents its certificate and requires a client certificate from our trust
 //! domain, whose SPIFFE ID is the source identity. Each CONNECT is validated
 //! ([`crate::hbone::server::validate`]), then the application is connected and only then `200`
-//! is sent. Refusals are answered with their status, counted and logged.
+//! is sent. The policy engine judges each stream first (source identity from the peer
+//! certificate): a denial is answered `401`, so the application never sees the connection.
+//! Refusals are answered with their status, counted and logged; a stream that a later policy
+//! change denies is reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::conns::{ConnFacts, Direction};
+use super::conns::{ConnFacts, Direction, PolicyFacts};
 use super::{reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
 use crate::hbone::copy::copy_bidirectional;
@@ -118,6 +121,7 @@ async fn stream(
             dst_identity: Some(peer.dst_identity.to_string()),
             src_workload: None,
             dst_workload: Some(format!("{}/{}", peer.dst.namespace, peer.dst.name)),
+            ..Default::default()
         },
     );
     let target = match server::validate(&req, peer.local.ip()) {
@@ -136,6 +140,28 @@ async fn stream(
             f.src_addr = Some(fwd);
         }
     });
+    let id = peer.identity.to_string();
+    let facts = PolicyFacts {
+        src_principal: Some(id.strip_prefix("spiffe://").unwrap_or(&id).to_owned()),
+        src_namespace: Some(peer.identity.namespace().to_owned()),
+        src_ip: peer.addr.ip().to_canonical(),
+        dst_uid: peer.dst.uid.clone(),
+        dst_port: target.target.port(),
+    };
+    let decision = facts.evaluate(&pi.discovery.current());
+    pi.metrics.policy_decision(decision.allowed);
+    tracked.update(|f| {
+        f.decision = Some(if decision.allowed { "allow" } else { "deny" });
+        f.policy = decision.policy.as_ref().map(|p| p.to_string());
+    });
+    if !decision.allowed {
+        tracing::warn!(src = %peer.identity, target = %target.target, policy = ?decision.policy,
+            rule = ?decision.rule, reason = ?decision.reason, "denied by policy; 401");
+        pi.metrics.refused("policy_denied");
+        tracked.fail("denied by policy");
+        return server::refuse(respond, StatusCode::UNAUTHORIZED);
+    }
+    tracked.set_policy_facts(facts);
     pi.metrics.proxied("inbound");
     // The application sees the tunnel peer's address: the source pod's own.
     let origin = scope.app_origin(peer.addr.ip());
@@ -161,8 +187,16 @@ async fn stream(
         }
     };
     let (rd, wr) = app.into_split();
-    if let Err(e) = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes).await
-    {
-        tracked.fail(e);
+    tokio::select! {
+        r = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes) => {
+            if let Err(e) = r {
+                tracked.fail(e);
+            }
+        }
+        _ = tracked.revoked() => {
+            tracing::info!(src = %peer.identity, target = %target.target, "closed: a policy change denies it");
+            pi.metrics.refused("policy_revoked");
+            tracked.fail("closed: denied by a policy change");
+        }
     }
 }

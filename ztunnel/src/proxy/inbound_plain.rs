@@ -1,15 +1,18 @@
 //! Inbound plaintext: a connection from outside the mesh to a local workload, redirected to
 //! 15006. There is no peer identity; it is delivered to the original destination (a port of
-//! 15001/15006/15008 is refused as recursion). Peer authentication (STRICT refuses this path)
-//! and policy apply here in the policy layer.
+//! 15001/15006/15008 is refused as recursion). A destination whose PeerAuthentication is
+//! STRICT refuses it; otherwise (PERMISSIVE) the policy engine judges it with no identity. A
+//! refused connection is reset before the application sees it; one that a later policy
+//! change denies is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::conns::{ConnFacts, Direction};
+use super::conns::{ConnFacts, Direction, PolicyFacts};
 use super::{reset, ProxyInputs, Scope};
+use crate::discovery::policy::MtlsMode;
 use crate::hbone::consts;
 use crate::net;
 
@@ -49,6 +52,36 @@ pub(super) async fn handle(
         tracked.fail("recursion");
         return reset(tcp);
     }
+    let state = pi.discovery.current();
+    if state.policy().mtls_mode(&dst.namespace, &dst.labels) == MtlsMode::Strict {
+        tracing::warn!(%peer, dst = %orig, "plaintext refused: the destination requires mutual TLS (STRICT)");
+        pi.metrics.refused("inbound_plaintext_strict");
+        tracked.update(|f| f.decision = Some("deny"));
+        tracked.fail("plaintext refused by STRICT peer authentication");
+        return reset(tcp);
+    }
+    let facts = PolicyFacts {
+        src_principal: None,
+        src_namespace: None,
+        src_ip: peer.ip().to_canonical(),
+        dst_uid: dst.uid.clone(),
+        dst_port: orig.port(),
+    };
+    let decision = facts.evaluate(&state);
+    drop(state);
+    pi.metrics.policy_decision(decision.allowed);
+    tracked.update(|f| {
+        f.decision = Some(if decision.allowed { "allow" } else { "deny" });
+        f.policy = decision.policy.as_ref().map(|p| p.to_string());
+    });
+    if !decision.allowed {
+        tracing::warn!(%peer, dst = %orig, policy = ?decision.policy, rule = ?decision.rule,
+            reason = ?decision.reason, "plaintext connection denied by policy");
+        pi.metrics.refused("policy_denied");
+        tracked.fail("denied by policy");
+        return reset(tcp);
+    }
+    tracked.set_policy_facts(facts);
     pi.metrics.proxied("inbound_plaintext");
     let mut app = match net::connect_from(orig, pi.connect, &scope.app_origin(peer.ip())).await {
         Ok(a) => a,
@@ -58,7 +91,16 @@ pub(super) async fn handle(
             return reset(tcp);
         }
     };
-    match tokio::io::copy_bidirectional(&mut tcp, &mut app).await {
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut tcp, &mut app) => r,
+        _ = tracked.revoked() => {
+            tracing::info!(%peer, dst = %orig, "closed: a policy change denies it");
+            pi.metrics.refused("policy_revoked");
+            tracked.fail("closed: denied by a policy change");
+            return;
+        }
+    };
+    match copied {
         Ok((from_client, to_client)) => {
             let b = &tracked.record().bytes;
             b.received

@@ -1,0 +1,11 @@
+//! L4 identity policy: the authorization engine and peer-authentication modes, compiled from
+//! discovery's policy objects. Decisions are pure functions ([`PolicyIndex::evaluate`]); the
+//! proxies enforce them.
+
+mod engine;
+mod matchers;
+
+pub use engine::{CompileError, Conn, Decision, PolicyIndex, PolicyRef, Reason, ROOT_NAMESPACE};
+
+#[cfg(test)]
+mod tests;
