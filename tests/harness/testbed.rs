@@ -74,6 +74,9 @@ pub struct Pod {
 }
 
 pub struct TestBed {
+    /// Every pod discovery knows (created or not).
+    pub specs: Vec<PodSpec>,
+    generation: std::sync::atomic::AtomicUsize,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub dir: tempfile::TempDir,
@@ -88,6 +91,17 @@ fn uid(spec: &PodSpec) -> String {
 
 /// The discovery file for `pods`.
 pub fn discovery_yaml(pods: &[PodSpec]) -> String {
+    discovery_yaml_with(pods, json!([]))
+}
+
+/// The discovery file for `pods` with `policies` (a JSON array of policy objects).
+pub fn discovery_yaml_with(pods: &[PodSpec], policies: Value) -> String {
+    discovery_yaml_gen(pods, policies, 0)
+}
+
+/// The same, with a marker namespace `gen-<generation>` by which a test sees that a daemon
+/// has loaded this version.
+fn discovery_yaml_gen(pods: &[PodSpec], policies: Value, generation: usize) -> String {
     let workloads: Vec<Value> = pods
         .iter()
         .map(|p| {
@@ -102,11 +116,12 @@ pub fn discovery_yaml(pods: &[PodSpec]) -> String {
         "namespaces": [
             {"name": "demo", "labels": {"ztunnel.dev/dataplane-mode": "ambient"}},
             {"name": "plain", "labels": {}},
+            {"name": format!("gen-{generation}"), "labels": {}},
         ],
         "workloads": workloads,
         "services": [{"name": "server", "namespace": "demo", "vips": [VIP],
                       "ports": [{"port": 80, "targetPort": 8080}], "selector": {"app": "server"}}],
-        "policies": [],
+        "policies": policies,
     });
     serde_yaml::to_string(&doc).expect("yaml")
 }
@@ -189,6 +204,8 @@ impl TestBed {
             ])?;
         }
         let mut bed = TestBed {
+            specs: all,
+            generation: Default::default(),
             nodes,
             pods: Vec::new(),
             dir,
@@ -358,6 +375,38 @@ impl TestBed {
             }
         }
         out
+    }
+
+    /// Rewrites the discovery file with `policies` and waits until both daemons serve them.
+    pub fn apply_policies(&self, policies: Value) -> Result<()> {
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let marker = format!("gen-{generation}");
+        std::fs::write(
+            &self.discovery,
+            discovery_yaml_gen(&self.specs, policies, generation),
+        )?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for node in &self.nodes {
+            loop {
+                let (_, body) = daemon::http(&node.ns, "GET", "127.0.0.1:15000", "/config_dump")?;
+                let dump: Value = serde_json::from_str(&body)?;
+                let loaded = dump["discovery"]["namespaces"]
+                    .as_array()
+                    .is_some_and(|ns| ns.iter().any(|n| n["name"] == marker.as_str()));
+                if loaded {
+                    break;
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "policies not loaded: {body}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {

@@ -126,7 +126,10 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
-                    pi.metrics.refused("outbound_tunnel_failed");
+                    pi.metrics.refused(match e.status() {
+                        Some(http::StatusCode::UNAUTHORIZED) => "outbound_denied_by_destination",
+                        _ => "outbound_tunnel_failed",
+                    });
                     tracked.fail(&e);
                     return reset(tcp);
                 }
