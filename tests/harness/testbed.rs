@@ -354,6 +354,18 @@ impl TestBed {
             .unwrap_or_default()
     }
 
+    /// Waits (up to 5 s) until node `i`'s metric reaches `want`; returns the last exposition.
+    pub fn metrics_when(&self, i: usize, name: &str, labels: &[(&str, &str)], want: f64) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = self.metrics(i);
+            if daemon::metric(&m, name, labels) == want || std::time::Instant::now() > deadline {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The daemon's live connections (admin API).
     pub fn connections(&self, i: usize) -> Value {
         let (_, body) = daemon::http(&self.nodes[i].ns, "GET", "127.0.0.1:15000", "/connections")

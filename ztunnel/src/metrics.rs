@@ -27,6 +27,49 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// The labels of Istio's TCP metric families, as its dashboards and Kiali read them.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IstioLabels {
+    /// `source` (reported by the client's daemon) or `destination` (by the server's).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+    pub response_flags: &'static str,
+}
+
+/// Istio's TCP families: connections opened and closed, bytes each way. `received` counts
+/// the request direction (client → server) and `sent` the response direction, at both
+/// reporters, as Istio defines them.
+#[derive(Default, Clone)]
+pub struct IstioTcp {
+    pub opened: Family<IstioLabels, Counter>,
+    pub closed: Family<IstioLabels, Counter>,
+    pub sent_bytes: Family<IstioLabels, Counter>,
+    pub received_bytes: Family<IstioLabels, Counter>,
+}
+
+impl IstioTcp {
+    /// Counts a connection opening.
+    pub fn open(&self, l: &IstioLabels) {
+        self.opened.get_or_create(l).inc();
+    }
+
+    /// Counts a connection closing after `request` bytes client → server and `response`
+    /// bytes back.
+    pub fn close(&self, l: &IstioLabels, request: u64, response: u64) {
+        self.closed.get_or_create(l).inc();
+        self.received_bytes.get_or_create(l).inc_by(request);
+        self.sent_bytes.get_or_create(l).inc_by(response);
+    }
+}
+
 /// Every metric the daemon exports.
 #[derive(Default)]
 pub struct Metrics {
@@ -44,12 +87,34 @@ pub struct Metrics {
     pub refusals: Family<ReasonLabels, Counter>,
     /// Policy decisions, by result (allow, deny).
     pub policy_decisions: Family<ResultLabels, Counter>,
+    /// Istio's TCP families.
+    pub istio: IstioTcp,
 }
 
 impl Metrics {
     /// Registers every metric in `registry` and returns the shared handles.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Metrics::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.istio.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.istio.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent in the response direction (server to client)",
+            m.istio.sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received in the request direction (client to server)",
+            m.istio.received_bytes.clone(),
+        );
         let zt = registry.sub_registry_with_prefix("ztunnel");
         zt.register(
             "pool_connections_opened",

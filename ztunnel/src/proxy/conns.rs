@@ -144,6 +144,7 @@ impl ConnTable {
             table: self.clone(),
             rec,
             error: None,
+            report: None,
         }
     }
 
@@ -213,6 +214,13 @@ pub struct Tracked {
     table: Arc<ConnTable>,
     rec: Arc<ConnRecord>,
     error: Option<String>,
+    report: Option<Report>,
+}
+
+/// Istio metrics reported for a connection: opened when set, closed with its bytes on drop.
+struct Report {
+    istio: crate::metrics::IstioTcp,
+    labels: crate::metrics::IstioLabels,
 }
 
 impl Tracked {
@@ -223,6 +231,20 @@ impl Tracked {
     /// Updates the known facts.
     pub fn update(&self, f: impl FnOnce(&mut ConnFacts)) {
         f(&mut self.rec.facts.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Reports the connection in Istio's TCP metrics: opened now, closed (with its bytes)
+    /// when the guard drops.
+    pub fn report(
+        &mut self,
+        istio: &crate::metrics::IstioTcp,
+        labels: crate::metrics::IstioLabels,
+    ) {
+        istio.open(&labels);
+        self.report = Some(Report {
+            istio: istio.clone(),
+            labels,
+        });
     }
 
     /// Keeps what the policy engine needs to judge this connection again.
@@ -253,6 +275,16 @@ impl Drop for Tracked {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.rec.id);
         let r = row(&self.rec);
+        if let Some(rep) = &self.report {
+            // Bytes: `sent` is what was read from this side's TCP peer. At the source that
+            // peer is the client (request direction); at the destination it is the server.
+            let (request, response) = if rep.labels.reporter == "source" {
+                (r.bytes_sent, r.bytes_received)
+            } else {
+                (r.bytes_received, r.bytes_sent)
+            };
+            rep.istio.close(&rep.labels, request, response);
+        }
         let f = &r.facts;
         let fmt_addr = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(

@@ -186,6 +186,26 @@ async fn stream(
             return;
         }
     };
+    // The source workload, by the tunnel peer's address, when its identity agrees.
+    let src = pi
+        .discovery
+        .current()
+        .workload_by_ip(peer.addr.ip().to_canonical())
+        .filter(|w| w.identity(&pi.trust_domain) == peer.identity)
+        .cloned();
+    tracked.report(
+        &pi.metrics.istio,
+        super::istio_labels(
+            "destination",
+            src.as_deref().map(|w| (w, peer.identity.to_string())),
+            Some((&peer.dst, peer.dst_identity.to_string())),
+            None,
+            true,
+        ),
+    );
+    if let Some(w) = &src {
+        tracked.update(|f| f.src_workload = Some(format!("{}/{}", w.namespace, w.name)));
+    }
     let (rd, wr) = app.into_split();
     tokio::select! {
         r = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes) => {

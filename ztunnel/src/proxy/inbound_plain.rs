@@ -60,6 +60,7 @@ pub(super) async fn handle(
         tracked.fail("plaintext refused by STRICT peer authentication");
         return reset(tcp);
     }
+    let src = state.workload_by_ip(peer.ip().to_canonical()).cloned();
     let facts = PolicyFacts {
         src_principal: None,
         src_namespace: None,
@@ -82,6 +83,16 @@ pub(super) async fn handle(
         return reset(tcp);
     }
     tracked.set_policy_facts(facts);
+    tracked.report(
+        &pi.metrics.istio,
+        super::istio_labels(
+            "destination",
+            src.as_deref().map(|w| (w, "unknown".to_owned())),
+            Some((&dst, pi.identity_of(&dst).to_string())),
+            None,
+            false,
+        ),
+    );
     pi.metrics.proxied("inbound_plaintext");
     let mut app = match net::connect_from(orig, pi.connect, &scope.app_origin(peer.ip())).await {
         Ok(a) => a,

@@ -168,6 +168,42 @@ impl ProxyInputs {
     }
 }
 
+/// The labels of Istio's TCP metrics for one connection. `service` is `namespace/name`;
+/// unknown values are `unknown`, as Istio reports them.
+pub(crate) fn istio_labels(
+    reporter: &'static str,
+    src: Option<(&Workload, String)>,
+    dst: Option<(&Workload, String)>,
+    service: Option<&str>,
+    mutual_tls: bool,
+) -> crate::metrics::IstioLabels {
+    let unknown = || "unknown".to_owned();
+    let (source_workload, source_workload_namespace, source_principal) = match src {
+        Some((w, id)) => (w.name.to_string(), w.namespace.to_string(), id),
+        None => (unknown(), unknown(), unknown()),
+    };
+    let (destination_workload, destination_workload_namespace, destination_principal) = match dst {
+        Some((w, id)) => (w.name.to_string(), w.namespace.to_string(), id),
+        None => (unknown(), unknown(), unknown()),
+    };
+    let destination_service = service
+        .and_then(|s| s.split_once('/'))
+        .map(|(ns, name)| format!("{name}.{ns}.svc.cluster.local"))
+        .unwrap_or_else(unknown);
+    crate::metrics::IstioLabels {
+        reporter,
+        source_workload,
+        source_workload_namespace,
+        source_principal,
+        destination_workload,
+        destination_workload_namespace,
+        destination_principal,
+        destination_service,
+        connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" },
+        response_flags: "-",
+    }
+}
+
 /// One running handler, counted in [`ProxyInputs::inflight`] until dropped.
 struct Inflight(Arc<AtomicUsize>);
 

@@ -63,6 +63,16 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     match plan {
         Plan::Passthrough { dst_addr } => {
             pi.metrics.proxied("passthrough");
+            tracked.report(
+                &pi.metrics.istio,
+                super::istio_labels(
+                    "source",
+                    Some((&src, src_id.to_string())),
+                    None,
+                    None,
+                    false,
+                ),
+            );
             let mut upstream =
                 match net::connect_from(dst_addr, pi.connect, &scope.peer_origin()).await {
                     Ok(u) => u,
@@ -87,7 +97,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             dst_addr,
             tunnel_addr,
             expected_identity,
-            ..
+            service,
         } => {
             tracked.update(|f| {
                 f.dst_addr = Some(dst_addr);
@@ -134,6 +144,16 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                     return reset(tcp);
                 }
             };
+            tracked.report(
+                &pi.metrics.istio,
+                super::istio_labels(
+                    "source",
+                    Some((&src, key.src.to_string())),
+                    Some((&dst_workload, key.dst.to_string())),
+                    service.as_deref(),
+                    true,
+                ),
+            );
             let (rd, wr) = tcp.into_split();
             if let Err(e) =
                 copy_bidirectional(rd, wr, tunnel.send, tunnel.recv, &tracked.record().bytes).await
