@@ -3,6 +3,11 @@
 //! connections from pod `client` (node n1) to pod `server` (node n2) are open and idle.
 //! A measurement, not a test: it prints figures (see `benches/README.md`).
 //! Run as root: `cargo run -p ztunnel-e2e --bin ztunnel-memory [--release] -- [N]`.
+//!
+//! With `discovery [WORKLOADS] [POLICIES]` it measures instead the daemon's memory for a large
+//! local discovery file (default 100 000 workloads in 1 000 namespaces on 5 000 nodes, and
+//! 10 000 policies): the RSS of a daemon loading only the policies, then of one loading both;
+//! the difference per workload is what each remote workload costs.
 
 use std::time::Duration;
 
@@ -28,7 +33,99 @@ fn raise_fd_limit() {
     }
 }
 
+/// A discovery file with `workloads` remote workloads and `policies` policies.
+fn big_mesh(workloads: usize, policies: usize) -> String {
+    use std::fmt::Write;
+    let mut y = String::from("trustDomain: cluster.local\nnamespaces:\n");
+    for i in 0..1000 {
+        let _ = writeln!(
+            y,
+            "  - {{name: ns-{i}, labels: {{ztunnel.dev/dataplane-mode: ambient}}}}"
+        );
+    }
+    y.push_str("workloads:\n");
+    for i in 0..workloads {
+        let _ = writeln!(
+            y,
+            "  - {{uid: {:08x}-6c1e-4d2a-9b7f-{:012x}, name: app-{}-7d4b9c-{:05}, namespace: ns-{}, serviceAccount: sa-{}, node: node-{}, ips: [10.{}.{}.{}], labels: {{app: app-{}, version: v1}}}}",
+            i, i, i % 500, i, i % 1000, i % 500, i % 5000, (i >> 16) & 255, (i >> 8) & 255, i & 255, i % 500
+        );
+    }
+    y.push_str("services: []\npolicies:\n");
+    for i in 0..policies {
+        let _ = writeln!(
+            y,
+            "  - {{apiVersion: security.ztunnel.dev/v1, kind: AuthorizationPolicy, metadata: {{name: p-{i}, namespace: ns-{}}}, spec: {{selector: {{matchLabels: {{app: app-{}}}}}, action: ALLOW, rules: [{{from: [{{source: {{principals: [cluster.local/ns/ns-{}/sa/*], ipBlocks: [10.0.0.0/8]}}}}], to: [{{operation: {{ports: ['8080']}}}}]}}]}}}}",
+            i % 1000, i % 500, (i + 1) % 1000
+        );
+    }
+    y
+}
+
+/// Starts a daemon on `file` in its own namespace, waits until ready and settled; its RSS.
+fn daemon_rss(dir: &std::path::Path, name: &str, file: &std::path::Path) -> Result<u64> {
+    let ns =
+        ztunnel_e2e::netns::Netns::new(&format!("{}-{name}", ztunnel_e2e::netns::unique_prefix()))?;
+    let args: Vec<String> = [
+        "run",
+        "--node-name",
+        "this-node",
+        "--discovery-file",
+        &file.display().to_string(),
+        "--ca-dir",
+        &dir.join("ca").display().to_string(),
+        "--state-dir",
+        &dir.join(format!("{name}-state")).display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = ztunnel_e2e::daemon::Process::start(&ns, name, dir, &args, &[])?;
+    ztunnel_e2e::daemon::wait_ready(
+        &ns,
+        &mut p,
+        "127.0.0.1:15021",
+        "/healthz/ready",
+        Duration::from_secs(120),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = rss_kib(p.pid().context("pid")?)?;
+    p.stop(Duration::from_secs(2));
+    Ok(rss)
+}
+
+fn discovery_memory(workloads: usize, policies: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let only_policies = dir.path().join("policies.yaml");
+    std::fs::write(&only_policies, big_mesh(0, policies))?;
+    let both = dir.path().join("both.yaml");
+    let yaml = big_mesh(workloads, policies);
+    println!(
+        "discovery file: {workloads} workloads, {policies} policies, {} MiB of YAML",
+        yaml.len() >> 20
+    );
+    std::fs::write(&both, yaml)?;
+    let base = daemon_rss(dir.path(), "policies", &only_policies)?;
+    let full = daemon_rss(dir.path(), "both", &both)?;
+    println!("RSS with the policies only: {base} KiB; with the workloads too: {full} KiB");
+    println!(
+        "per remote workload: {:.0} bytes",
+        (full.saturating_sub(base) * 1024) as f64 / workloads as f64
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("discovery") {
+        let arg = |i: usize, d: usize| -> Result<usize> {
+            Ok(std::env::args()
+                .nth(i)
+                .map(|a| a.parse())
+                .transpose()?
+                .unwrap_or(d))
+        };
+        return discovery_memory(arg(2, 100_000)?, arg(3, 10_000)?);
+    }
     let n: usize = std::env::args()
         .nth(1)
         .map(|a| a.parse())

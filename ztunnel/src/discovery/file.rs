@@ -91,8 +91,26 @@ struct ServiceEntry {
     selector: BTreeMap<String, String>,
 }
 
-fn labels(m: BTreeMap<String, String>) -> Labels {
-    m.into_iter().map(|(k, v)| (k.into(), v.into())).collect()
+/// Shares one allocation among equal strings (namespaces, service accounts, nodes, label
+/// keys and values repeat across thousands of workloads).
+#[derive(Default)]
+struct Interner(std::collections::HashSet<Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: String) -> Arc<str> {
+        if let Some(a) = self.0.get(s.as_str()) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        self.0.insert(a.clone());
+        a
+    }
+
+    fn labels(&mut self, m: BTreeMap<String, String>) -> Labels {
+        m.into_iter()
+            .map(|(k, v)| (self.get(k), self.get(v)))
+            .collect()
+    }
 }
 
 /// Parses and validates a mesh file for a daemon in `trust_domain`.
@@ -105,12 +123,13 @@ pub fn parse(yaml: &str, trust_domain: &str) -> Result<State, Error> {
             )));
         }
     }
+    let mut int = Interner::default();
     let namespaces = f
         .namespaces
         .into_iter()
         .map(|n| Namespace {
-            name: n.name.into(),
-            labels: labels(n.labels),
+            name: int.get(n.name),
+            labels: int.labels(n.labels),
         })
         .collect();
     let workloads = f
@@ -119,11 +138,11 @@ pub fn parse(yaml: &str, trust_domain: &str) -> Result<State, Error> {
         .map(|w| Workload {
             uid: w.uid.into(),
             name: w.name.into(),
-            namespace: w.namespace.into(),
-            service_account: w.service_account.into(),
-            node: w.node.into(),
+            namespace: int.get(w.namespace),
+            service_account: int.get(w.service_account),
+            node: int.get(w.node),
             ips: w.ips,
-            labels: labels(w.labels),
+            labels: int.labels(w.labels),
             protocol: w.protocol,
         })
         .collect();
@@ -132,7 +151,7 @@ pub fn parse(yaml: &str, trust_domain: &str) -> Result<State, Error> {
         .into_iter()
         .map(|s| Service {
             name: s.name.into(),
-            namespace: s.namespace.into(),
+            namespace: int.get(s.namespace),
             vips: s.vips,
             ports: s
                 .ports
@@ -142,7 +161,7 @@ pub fn parse(yaml: &str, trust_domain: &str) -> Result<State, Error> {
                     target_port: p.target_port,
                 })
                 .collect(),
-            selector: labels(s.selector),
+            selector: int.labels(s.selector),
         })
         .collect();
     let (mut authz, mut peer) = (Vec::new(), Vec::new());
@@ -164,17 +183,53 @@ fn read(path: &PathBuf) -> Result<(String, Option<SystemTime>), Error> {
     Ok((text, mtime))
 }
 
-/// Loads `path` (which must be valid now) and watches it, polling every `poll`.
+/// What tells that the file may have changed, without reading it: modification time and
+/// length. (Content changes are then told by a digest, so the text is not kept.)
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Version {
+    mtime: Option<SystemTime>,
+    len: u64,
+}
+
+fn stat(path: &PathBuf) -> Option<Version> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Version {
+        mtime: m.modified().ok(),
+        len: m.len(),
+    })
+}
+
+fn digest(text: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes()).into()
+}
+
+/// Hands memory freed after parsing a large file back to the system (glibc keeps it).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Loads `path` (which must be valid now) and watches it, polling every `poll`. A poll reads
+/// the file only when its modification time or length changed, and reloads only when its
+/// content did.
 pub fn watch_file(
     path: PathBuf,
     trust_domain: String,
     poll: Duration,
 ) -> Result<(Discovery, tokio::task::JoinHandle<()>), Error> {
-    let (text, mut mtime) = read(&path)?;
+    let (text, _) = read(&path)?;
+    let mut version = stat(&path);
     let state = parse(&text, &trust_domain).map_err(|e| Error::File {
         path: path.clone(),
         error: Box::new(e),
     })?;
+    let mut last = digest(&text);
+    drop(text);
+    release_freed_memory();
     tracing::info!(
         file = %path.display(),
         workloads = state.workloads().len(),
@@ -187,25 +242,29 @@ pub fn watch_file(
         rx,
         stats: stats.clone(),
     };
-    let mut last = text;
     let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(poll).await;
-            let (text, new_mtime) = match read(&path) {
-                Ok(x) => x,
+            let now = stat(&path);
+            if now.is_none() || now == version {
+                continue;
+            }
+            let text = match read(&path) {
+                Ok((t, _)) => t,
                 Err(e) => {
                     tracing::debug!(error = %e, "discovery file unreadable; keeping the last state");
                     continue;
                 }
             };
-            if text == last && new_mtime == mtime {
+            version = now;
+            let d = digest(&text);
+            if d == last {
                 continue;
             }
-            mtime = new_mtime;
-            if text == last {
-                continue;
-            }
-            match parse(&text, &trust_domain) {
+            last = d;
+            let parsed = parse(&text, &trust_domain);
+            drop(text);
+            match parsed {
                 Ok(state) => {
                     tracing::info!(
                         file = %path.display(),
@@ -223,7 +282,7 @@ pub fn watch_file(
                     tracing::warn!(file = %path.display(), error = %e, "bad discovery file; keeping the last good state");
                 }
             }
-            last = text;
+            release_freed_memory();
         }
     });
     Ok((disc, task))

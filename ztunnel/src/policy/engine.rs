@@ -112,6 +112,9 @@ struct Rule {
 /// One `key: value` of a selector.
 type LabelPair = (Arc<str>, Arc<str>);
 
+/// Policies selecting on one label key, by the label's value.
+type ByValue = HashMap<Arc<str>, Vec<Arc<Compiled>>>;
+
 #[derive(Debug)]
 struct Compiled {
     name: PolicyRef,
@@ -240,14 +243,15 @@ struct Scope {
     /// Policies without a selector: the whole namespace (or mesh, in the root namespace).
     wide: Vec<Arc<Compiled>>,
     /// Policies with a selector, under the selector's first label.
-    by_label: HashMap<LabelPair, Vec<Arc<Compiled>>>,
+    by_label: HashMap<Arc<str>, ByValue>,
 }
 
 impl Scope {
     fn applicable<'a>(&'a self, labels: &'a Labels) -> impl Iterator<Item = &'a Compiled> + 'a {
         let selected = labels.iter().flat_map(move |(k, v)| {
             self.by_label
-                .get(&(k.clone(), v.clone()))
+                .get(&**k)
+                .and_then(|by_value| by_value.get(&**v))
                 .into_iter()
                 .flatten()
                 .filter(move |p| p.selects(labels))
@@ -281,7 +285,13 @@ impl PolicyIndex {
             let scope = idx.scopes.entry(c.name.namespace.clone()).or_default();
             match c.selector.first() {
                 None => scope.wide.push(c),
-                Some(first) => scope.by_label.entry(first.clone()).or_default().push(c),
+                Some((k, v)) => scope
+                    .by_label
+                    .entry(k.clone())
+                    .or_default()
+                    .entry(v.clone())
+                    .or_default()
+                    .push(c),
             }
         }
         Ok(idx)
@@ -306,39 +316,48 @@ impl PolicyIndex {
             .flat_map(move |s| s.applicable(c.dst_labels))
     }
 
-    /// The decision for `c`.
+    /// The decision for `c`, in one pass over the applicable policies: any DENY match decides
+    /// at once; otherwise the first ALLOW match (if any ALLOW applies).
     pub fn evaluate(&self, c: &Conn<'_>) -> Decision {
-        for p in self.applicable(c).filter(|p| p.action == Action::Deny) {
-            if let Some(i) = p.matching_rule(c) {
-                return Decision {
-                    allowed: false,
-                    reason: Reason::DeniedByPolicy,
-                    policy: Some(p.name.clone()),
-                    rule: Some(i),
-                };
-            }
-        }
         let mut any_allow = false;
-        for p in self.applicable(c).filter(|p| p.action == Action::Allow) {
-            any_allow = true;
-            if let Some(i) = p.matching_rule(c) {
-                return Decision {
-                    allowed: true,
-                    reason: Reason::AllowedByPolicy,
-                    policy: Some(p.name.clone()),
-                    rule: Some(i),
-                };
+        let mut allowed_by: Option<(&Compiled, usize)> = None;
+        for p in self.applicable(c) {
+            match p.action {
+                Action::Deny => {
+                    if let Some(i) = p.matching_rule(c) {
+                        return Decision {
+                            allowed: false,
+                            reason: Reason::DeniedByPolicy,
+                            policy: Some(p.name.clone()),
+                            rule: Some(i),
+                        };
+                    }
+                }
+                Action::Allow => {
+                    any_allow = true;
+                    if allowed_by.is_none() {
+                        allowed_by = p.matching_rule(c).map(|i| (p, i));
+                    }
+                }
             }
         }
-        Decision {
-            allowed: !any_allow,
-            reason: if any_allow {
-                Reason::NoAllowMatched
-            } else {
-                Reason::NoPolicy
+        match allowed_by {
+            Some((p, i)) => Decision {
+                allowed: true,
+                reason: Reason::AllowedByPolicy,
+                policy: Some(p.name.clone()),
+                rule: Some(i),
             },
-            policy: None,
-            rule: None,
+            None => Decision {
+                allowed: !any_allow,
+                reason: if any_allow {
+                    Reason::NoAllowMatched
+                } else {
+                    Reason::NoPolicy
+                },
+                policy: None,
+                rule: None,
+            },
         }
     }
 

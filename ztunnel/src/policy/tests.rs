@@ -2,7 +2,6 @@
 //! precedence, selector vs namespace vs mesh-wide scope, empty rules, several ALLOWs,
 //! plaintext peers, and peer-authentication modes.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::*;
@@ -25,7 +24,7 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()
         .map(|(k, v)| (Arc::from(*k), Arc::from(*v)))
-        .collect::<BTreeMap<_, _>>()
+        .collect::<Labels>()
 }
 
 /// A connection: source principal (None = plaintext), source IP, destination namespace,
