@@ -247,3 +247,125 @@ fn a_new_deny_closes_an_established_connection() {
     let log = b.bed.log(1);
     assert!(log.contains("closed: denied by a policy change"), "{log}");
 }
+
+/// Runs `ztunnel ctl <args>` inside node `i`'s namespace (where its admin API listens).
+fn ctl(bed: &TestBed, i: usize, args: &[&str]) -> String {
+    let bin = ztunnel_e2e::daemon::binary("ztunnel");
+    let mut all = vec!["ctl"];
+    all.extend_from_slice(args);
+    let mut a: Vec<&str> = vec![bin.to_str().unwrap()];
+    a.extend(all);
+    bed.nodes[i].ns.exec(a[0], &a[1..]).expect("ztunnel ctl")
+}
+
+#[test]
+fn ctl_shows_the_daemon_and_explains_decisions_without_traffic() {
+    let b = Bed::start();
+    let deny = authz(
+        "deny-9090",
+        "DENY",
+        json!([{"to": [{"operation": {"ports": ["9090"]}}]}]),
+    );
+    b.bed
+        .apply_policies(json!([deny, peer_authn("STRICT")]))
+        .unwrap();
+    let before = b.accepted();
+
+    let workloads = ctl(&b.bed, 1, &["workloads"]);
+    assert!(workloads.starts_with("NAMESPACE"), "{workloads}");
+    assert!(
+        workloads
+            .lines()
+            .any(|l| l.contains("server") && l.contains("10.20.2.10")),
+        "{workloads}"
+    );
+    let certs = ctl(&b.bed, 1, &["certs"]);
+    assert!(
+        certs.contains("spiffe://cluster.local/ns/demo/sa/server"),
+        "{certs}"
+    );
+    assert!(!certs.contains("PRIVATE KEY"));
+    let policies = ctl(&b.bed, 1, &["policies"]);
+    assert!(
+        policies
+            .lines()
+            .any(|l| l.contains("deny-9090") && l.contains("DENY")),
+        "{policies}"
+    );
+    assert!(
+        policies
+            .lines()
+            .any(|l| l.contains("PeerAuthentication") && l.contains("STRICT")),
+        "{policies}"
+    );
+    let services: Value =
+        serde_json::from_str(&ctl(&b.bed, 1, &["services", "-o", "json"])).unwrap();
+    assert_eq!(services[0]["vips"][0], "10.96.0.10");
+
+    let explain = ctl(
+        &b.bed,
+        1,
+        &[
+            "explain",
+            "--from",
+            "demo/client",
+            "--to",
+            "demo/server:9090",
+        ],
+    );
+    assert!(
+        explain.contains("decision: DENY") && explain.contains("policy demo/deny-9090 rule 0"),
+        "{explain}"
+    );
+    let explain = ctl(
+        &b.bed,
+        1,
+        &["explain", "--from", "10.20.1.10", "--to", "10.96.0.10:80"],
+    );
+    assert!(
+        explain.contains("decision: ALLOW") && explain.contains("via service demo/server"),
+        "{explain}"
+    );
+    let json: Value = serde_json::from_str(&ctl(
+        &b.bed,
+        1,
+        &[
+            "explain",
+            "--from",
+            "plain/legacy-2",
+            "--to",
+            "demo/server:8080",
+            "-o",
+            "json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        json["decision"]["allowed"], false,
+        "STRICT: plaintext is refused"
+    );
+    assert_eq!(json["transport"], "plaintext");
+    assert_eq!(b.accepted(), before, "explain sends no traffic");
+
+    // A live connection shows up with its identities.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let held = b.bed.pod("client").ns.spawn(async move {
+        let mut s = TcpStream::connect(("10.20.2.10", 8080)).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        tx.send(()).unwrap();
+        let _ = stop_rx.await;
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let conns = ctl(&b.bed, 1, &["connections"]);
+    assert!(
+        conns.lines().any(|l| l.contains("inbound")
+            && l.contains("spiffe://cluster.local/ns/demo/sa/client")
+            && l.contains("spiffe://cluster.local/ns/demo/sa/server")),
+        "{conns}"
+    );
+    let _ = stop_tx.send(());
+    b.bed.pod("client").ns.join(held);
+}

@@ -106,6 +106,20 @@ async fn admin(s: Arc<AdminState>, req: Request<Incoming>) -> Result<Response<Bo
             }
         }
         (&Method::GET, "/metrics") => metrics(&s),
+        (&Method::GET, "/explain") => {
+            let q = req.uri().query().unwrap_or("");
+            let param = |name: &str| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let state = s.discovery.current();
+            match crate::policy::explain::explain(&state, &param("from"), &param("to")) {
+                Ok(e) => json_reply(&serde_json::to_value(&e).unwrap_or_default()),
+                Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            }
+        }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     })
 }

@@ -7,6 +7,7 @@ pub mod app;
 pub mod ca;
 pub mod capture;
 pub mod config;
+pub mod ctl;
 pub mod discovery;
 pub mod hbone;
 pub mod identity;

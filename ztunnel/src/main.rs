@@ -14,6 +14,7 @@ const USAGE: &str = "usage: ztunnel <command> [options]
 commands:
   run    the node daemon
   ca     the certificate authority that node daemons ask for workload certificates
+  ctl    inspect a running daemon: workloads, services, policies, certs, connections, explain
 
 `ztunnel <command> --help` lists a command's options and their environment variables.";
 
@@ -125,6 +126,22 @@ fn main() -> ExitCode {
     let result = match cmd.as_str() {
         "run" => rt.block_on(run(args)),
         "ca" => rt.block_on(ca(args)),
+        "ctl" => {
+            return match rt.block_on(ztunnel::ctl::run(args)) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(ztunnel::ctl::CtlError::Cli(e)) => {
+                    let _ = e.print();
+                    ExitCode::from(if e.use_stderr() { 2 } else { 0 })
+                }
+                Err(e) => {
+                    eprintln!("ztunnel ctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         "" | "help" | "-h" | "--help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

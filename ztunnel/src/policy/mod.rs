@@ -3,6 +3,7 @@
 //! proxies enforce them.
 
 mod engine;
+pub mod explain;
 mod matchers;
 
 pub use engine::{CompileError, Conn, Decision, PolicyIndex, PolicyRef, Reason, ROOT_NAMESPACE};

@@ -1,0 +1,169 @@
+//! `explain`: the decision the engine would make for a connection between two endpoints named
+//! by an operator (`namespace/name` or an IP; the destination with `:port`), without sending
+//! traffic. Pure: it reads a discovery snapshot. A Service VIP destination is explained for
+//! the endpoint and target port the outbound proxy would use first.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{Conn, Decision};
+use crate::discovery::policy::MtlsMode;
+use crate::discovery::{State, Workload};
+
+/// The explanation `ztunnel ctl explain` prints.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub source: Endpoint,
+    pub destination: Endpoint,
+    pub port: u16,
+    /// `namespace/name` when the destination was a Service VIP.
+    pub service: Option<String>,
+    /// How the source's daemon would carry it: `hbone` (mutual TLS) or `plaintext`.
+    pub transport: &'static str,
+    /// The destination's peer-authentication mode.
+    pub mtls_mode: MtlsMode,
+    pub decision: Decision,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Endpoint {
+    pub workload: String,
+    pub ip: IpAddr,
+    /// The SPIFFE ID, for a workload in the mesh.
+    pub identity: Option<String>,
+    pub in_mesh: bool,
+}
+
+fn find(state: &State, what: &str) -> Result<Arc<Workload>, String> {
+    if let Ok(ip) = what.parse::<IpAddr>() {
+        return state
+            .workload_by_ip(ip)
+            .cloned()
+            .ok_or_else(|| format!("no workload has IP {ip}"));
+    }
+    let (ns, name) = what
+        .split_once('/')
+        .ok_or_else(|| format!("{what:?} is neither namespace/name nor an IP"))?;
+    state
+        .workload_by_name(ns, name)
+        .cloned()
+        .ok_or_else(|| format!("no workload {ns}/{name}"))
+}
+
+fn endpoint(state: &State, w: &Workload) -> Endpoint {
+    let in_mesh = state.enrolled(w);
+    Endpoint {
+        workload: format!("{}/{}", w.namespace, w.name),
+        ip: w.ips[0],
+        identity: in_mesh.then(|| w.identity(state.trust_domain()).to_string()),
+        in_mesh,
+    }
+}
+
+/// Explains `from` → `to` (`to` is `namespace/name:port`, `ip:port` or `vip:port`).
+pub fn explain(state: &State, from: &str, to: &str) -> Result<Explanation, String> {
+    let src = find(state, from)?;
+    let (dst, port) = to
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{to:?} has no :port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port"))?;
+    let (dst, port, service) = match dst
+        .parse::<IpAddr>()
+        .ok()
+        .and_then(|ip| state.service_by_vip(ip))
+    {
+        Some(svc) => {
+            let ip: IpAddr = dst.parse().expect("parsed above");
+            let target = svc.target_port(port).ok_or_else(|| {
+                format!("service {}/{} has no port {port}", svc.namespace, svc.name)
+            })?;
+            let ep =
+                state.endpoints_of_vip(ip).first().cloned().ok_or_else(|| {
+                    format!("service {}/{} has no endpoint", svc.namespace, svc.name)
+                })?;
+            (ep, target, Some(format!("{}/{}", svc.namespace, svc.name)))
+        }
+        None => (find(state, dst)?, port, None),
+    };
+    let source = endpoint(state, &src);
+    let destination = endpoint(state, &dst);
+    let hbone = source.in_mesh && destination.in_mesh;
+    let principal = source
+        .identity
+        .as_deref()
+        .filter(|_| hbone)
+        .map(|id| id.strip_prefix("spiffe://").unwrap_or(id).to_owned());
+    let decision = state.policy().evaluate(&Conn {
+        src_principal: principal.as_deref(),
+        src_namespace: hbone.then_some(&*src.namespace),
+        src_ip: source.ip,
+        dst_namespace: &dst.namespace,
+        dst_labels: &dst.labels,
+        dst_port: port,
+    });
+    let mtls_mode = state.policy().mtls_mode(&dst.namespace, &dst.labels);
+    let mut decision = decision;
+    if !hbone && destination.in_mesh && mtls_mode == MtlsMode::Strict {
+        decision.allowed = false;
+    }
+    Ok(Explanation {
+        source,
+        destination,
+        port,
+        service,
+        transport: if hbone { "hbone" } else { "plaintext" },
+        mtls_mode,
+        decision,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = "
+trustDomain: cluster.local
+namespaces:
+  - {name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}
+  - {name: plain}
+workloads:
+  - {uid: c, name: client, namespace: demo, serviceAccount: client, node: n1, ips: [10.0.0.1], labels: {app: client}}
+  - {uid: s, name: server, namespace: demo, serviceAccount: server, node: n2, ips: [10.0.0.2], labels: {app: server}}
+  - {uid: l, name: legacy, namespace: plain, serviceAccount: default, node: n2, ips: [10.0.0.3], protocol: TCP}
+services:
+  - {name: server, namespace: demo, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: server}}
+policies:
+  - apiVersion: security.ztunnel.dev/v1
+    kind: AuthorizationPolicy
+    metadata: {name: only-8080, namespace: demo}
+    spec:
+      selector: {matchLabels: {app: server}}
+      rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}], to: [{operation: {ports: ['8080']}}]}]
+";
+
+    #[test]
+    fn explains_by_name_ip_and_vip() {
+        let s = crate::discovery::parse(MESH, "cluster.local").unwrap();
+        let e = explain(&s, "demo/client", "demo/server:8080").unwrap();
+        assert!(e.decision.allowed, "{e:?}");
+        assert_eq!(
+            e.decision.policy.as_ref().unwrap().to_string(),
+            "demo/only-8080"
+        );
+        assert_eq!(e.transport, "hbone");
+        let e = explain(&s, "10.0.0.1", "10.0.0.2:9090").unwrap();
+        assert!(!e.decision.allowed);
+        let e = explain(&s, "demo/client", "10.96.0.1:80").unwrap();
+        assert_eq!((e.port, e.service.as_deref()), (8080, Some("demo/server")));
+        assert!(e.decision.allowed);
+        let e = explain(&s, "plain/legacy", "demo/server:8080").unwrap();
+        assert_eq!(e.transport, "plaintext");
+        assert!(!e.decision.allowed, "no principal for plaintext");
+        assert!(explain(&s, "demo/nobody", "demo/server:80").is_err());
+        assert!(explain(&s, "demo/client", "demo/server").is_err());
+    }
+}
