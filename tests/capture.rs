@@ -94,6 +94,28 @@ fn pod_to_pod_and_to_a_vip_carry_real_client_addresses_and_only_mtls_crosses_nod
             && log2.contains("dst_identity=\"spiffe://cluster.local/ns/demo/sa/server\""),
         "{log2}"
     );
+    // The daemon's own gauges: enrolled pods, certificates and their expiry.
+    assert_eq!(metric(&m2, "ztunnel_enrolled_pods", &[]), 1.0, "{m2}");
+    let m1 = bed.metrics_when(0, "ztunnel_certificates", &[], 2.0);
+    assert_eq!(metric(&m1, "ztunnel_enrolled_pods", &[]), 2.0, "{m1}");
+    assert_eq!(
+        metric(&m1, "ztunnel_certificates", &[]),
+        2.0,
+        "client and echo: {m1}"
+    );
+    let expiry = metric(
+        &m1,
+        "ztunnel_certificate_expiry_seconds",
+        &[("identity", "spiffe://cluster.local/ns/demo/sa/client")],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        expiry > now + 3600.0,
+        "a day-long certificate: {expiry} vs {now}"
+    );
     let log1 = bed.log(0);
     assert!(
         log1.lines().any(|l| l.contains("direction=\"inbound\"")

@@ -194,6 +194,7 @@ pub async fn start(
         )));
     }
     tasks.push(tokio::spawn(reevaluate_on_change(disc.clone(), pi.clone())));
+    tasks.push(tokio::spawn(report_certificates(certs.clone(), pi.clone())));
     tasks.push(tokio::spawn(keep_certificates(
         disc,
         certs,
@@ -229,6 +230,39 @@ impl Daemon {
             t.abort();
         }
         tracing::info!(left = self.proxy.connections.len(), "drained");
+    }
+}
+
+/// Keeps the certificate gauges current (count, and each one's expiry).
+async fn report_certificates(certs: Arc<CertManager>, pi: Arc<ProxyInputs>) {
+    let mut reported: HashSet<String> = HashSet::new();
+    loop {
+        let held = certs.certs();
+        pi.metrics.certificates.set(held.len() as i64);
+        let mut now = HashSet::new();
+        for c in &held {
+            let id = c.identity.to_string();
+            let expiry = c
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            pi.metrics
+                .certificate_expiry
+                .get_or_create(&crate::metrics::IdentityLabels {
+                    identity: id.clone(),
+                })
+                .set(expiry);
+            now.insert(id);
+        }
+        for gone in reported.difference(&now) {
+            pi.metrics
+                .certificate_expiry
+                .remove(&crate::metrics::IdentityLabels {
+                    identity: gone.clone(),
+                });
+        }
+        reported = now;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

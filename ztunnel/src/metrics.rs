@@ -70,6 +70,12 @@ impl IstioTcp {
     }
 }
 
+/// Labels of per-certificate gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
 /// Every metric the daemon exports.
 #[derive(Default)]
 pub struct Metrics {
@@ -89,6 +95,12 @@ pub struct Metrics {
     pub policy_decisions: Family<ResultLabels, Counter>,
     /// Istio's TCP families.
     pub istio: IstioTcp,
+    /// Pods enrolled on this node (in-pod capture).
+    pub enrolled_pods: Gauge,
+    /// Workload certificates held.
+    pub certificates: Gauge,
+    /// Expiry of each held certificate, in seconds since the Unix epoch.
+    pub certificate_expiry: Family<IdentityLabels, Gauge>,
 }
 
 impl Metrics {
@@ -145,6 +157,21 @@ impl Metrics {
             "refusals",
             "Connections or streams refused, by reason",
             m.refusals.clone(),
+        );
+        zt.register(
+            "enrolled_pods",
+            "Pods enrolled on this node",
+            m.enrolled_pods.clone(),
+        );
+        zt.register(
+            "certificates",
+            "Workload certificates held",
+            m.certificates.clone(),
+        );
+        zt.register(
+            "certificate_expiry_seconds",
+            "Expiry of each held workload certificate (Unix time)",
+            m.certificate_expiry.clone(),
         );
         zt.register(
             "policy_decisions",

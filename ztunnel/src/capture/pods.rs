@@ -237,7 +237,8 @@ impl Pods {
             .spawn(proxy::serve(self.pi.clone(), scope, listeners));
         tracing::info!(pod = %format!("{}/{}", w.namespace, w.name), identity = %w.identity(&self.pi.trust_domain),
             netns = %record.netns.display(), ips = ?record.ips, "enrolled");
-        self.enrolled.lock().expect("pods lock").insert(
+        let mut enrolled = self.enrolled.lock().expect("pods lock");
+        enrolled.insert(
             record.attachment.clone(),
             Enrolled {
                 record,
@@ -245,12 +246,19 @@ impl Pods {
                 serving,
             },
         );
+        self.pi.metrics.enrolled_pods.set(enrolled.len() as i64);
         Ok(())
     }
 
     /// Stops the pod's listeners, removes its rules and record. Idempotent.
     fn release(&self, a: &Attachment) {
-        let Some(e) = self.enrolled.lock().expect("pods lock").remove(a) else {
+        let removed = {
+            let mut enrolled = self.enrolled.lock().expect("pods lock");
+            let e = enrolled.remove(a);
+            self.pi.metrics.enrolled_pods.set(enrolled.len() as i64);
+            e
+        };
+        let Some(e) = removed else {
             let _ = self.store.remove(a);
             return;
         };
