@@ -98,8 +98,12 @@ pub async fn start(
     set_log_level: crate::admin::SetLogLevel,
 ) -> Result<Daemon, StartError> {
     let DiscoverySource::File(path) = &cfg.discovery;
-    let (disc, watcher) =
-        discovery::watch_file(path.clone(), cfg.trust_domain.clone(), cfg.discovery_poll)?;
+    let (disc, watcher) = discovery::watch_file(
+        path.clone(),
+        cfg.trust_domain.clone(),
+        Some(cfg.node_name.clone()),
+        cfg.discovery_poll,
+    )?;
     let certs = CertManager::new(signer(cfg)?, cfg.cert_lifetime);
 
     let mut registry = Registry::default();

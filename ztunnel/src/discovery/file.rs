@@ -97,8 +97,8 @@ struct ServiceEntry {
 struct Interner(std::collections::HashSet<Arc<str>>);
 
 impl Interner {
-    fn get(&mut self, s: String) -> Arc<str> {
-        if let Some(a) = self.0.get(s.as_str()) {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
             return a.clone();
         }
         let a: Arc<str> = s.into();
@@ -106,15 +106,21 @@ impl Interner {
         a
     }
 
-    fn labels(&mut self, m: BTreeMap<String, String>) -> Labels {
-        m.into_iter()
-            .map(|(k, v)| (self.get(k), self.get(v)))
-            .collect()
+    fn labels(&mut self, m: &BTreeMap<String, String>) -> Labels {
+        m.iter().map(|(k, v)| (self.get(k), self.get(v))).collect()
     }
 }
 
-/// Parses and validates a mesh file for a daemon in `trust_domain`.
+/// Parses and validates a mesh file for a daemon in `trust_domain`, keeping every workload
+/// in full.
 pub fn parse(yaml: &str, trust_domain: &str) -> Result<State, Error> {
+    parse_for_node(yaml, trust_domain, None)
+}
+
+/// Like [`parse`], for the daemon of `node`: workloads on other nodes keep only what
+/// outbound routing and identity checks need (no uid, no labels; service endpoints are
+/// selected before their labels are dropped), so a large mesh costs each node little.
+pub fn parse_for_node(yaml: &str, trust_domain: &str, node: Option<&str>) -> Result<State, Error> {
     let f: MeshFile = serde_yaml::from_str(yaml).map_err(|e| Error::Parse(e.to_string()))?;
     if let Some(td) = &f.trust_domain {
         if td != trust_domain {
@@ -123,55 +129,94 @@ pub fn parse(yaml: &str, trust_domain: &str) -> Result<State, Error> {
             )));
         }
     }
+    // The state is built from borrowed entries while the parsed file is still alive, and the
+    // file is dropped only at the end: the state's long-lived allocations then sit together
+    // instead of between the parser's freed ones, and the allocator can return those pages.
     let mut int = Interner::default();
     let namespaces = f
         .namespaces
-        .into_iter()
+        .iter()
         .map(|n| Namespace {
-            name: int.get(n.name),
-            labels: int.labels(n.labels),
+            name: int.get(&n.name),
+            labels: int.labels(&n.labels),
         })
         .collect();
+    let remote = |w: &WorkloadEntry| node.is_some_and(|n| n != w.node);
+    let no_uid = int.get("");
     let workloads = f
         .workloads
-        .into_iter()
+        .iter()
         .map(|w| Workload {
-            uid: w.uid.into(),
-            name: w.name.into(),
-            namespace: int.get(w.namespace),
-            service_account: int.get(w.service_account),
-            node: int.get(w.node),
-            ips: w.ips,
-            labels: int.labels(w.labels),
+            uid: if remote(w) {
+                no_uid.clone()
+            } else {
+                w.uid.as_str().into()
+            },
+            name: w.name.as_str().into(),
+            namespace: int.get(&w.namespace),
+            service_account: int.get(&w.service_account),
+            node: int.get(&w.node),
+            ips: w.ips.clone(),
+            labels: if remote(w) {
+                Labels::default()
+            } else {
+                int.labels(&w.labels)
+            },
             protocol: w.protocol,
+        })
+        .collect();
+    let endpoints = f
+        .services
+        .iter()
+        .map(|svc| {
+            f.workloads
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| {
+                    w.namespace == svc.namespace
+                        && !svc.selector.is_empty()
+                        && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                })
+                .map(|(i, _)| i)
+                .collect()
         })
         .collect();
     let services = f
         .services
-        .into_iter()
+        .iter()
         .map(|s| Service {
-            name: s.name.into(),
-            namespace: int.get(s.namespace),
-            vips: s.vips,
+            name: s.name.as_str().into(),
+            namespace: int.get(&s.namespace),
+            vips: s.vips.clone(),
             ports: s
                 .ports
-                .into_iter()
+                .iter()
                 .map(|p| ServicePort {
                     port: p.port,
                     target_port: p.target_port,
                 })
                 .collect(),
-            selector: int.labels(s.selector),
+            selector: int.labels(&s.selector),
         })
         .collect();
     let (mut authz, mut peer) = (Vec::new(), Vec::new());
-    for p in f.policies {
-        match PolicyObject::from_value(p).map_err(Error::Invalid)? {
+    for p in &f.policies {
+        match PolicyObject::from_value(p.clone()).map_err(Error::Invalid)? {
             PolicyObject::Authorization(a) => authz.push(a),
             PolicyObject::PeerAuthentication(p) => peer.push(p),
         }
     }
-    State::build(trust_domain, namespaces, workloads, services, authz, peer)
+    let state = State::build(
+        trust_domain,
+        namespaces,
+        workloads,
+        services,
+        Some(endpoints),
+        authz,
+        peer,
+    );
+    drop(f);
+    state
 }
 
 fn read(path: &PathBuf) -> Result<(String, Option<SystemTime>), Error> {
@@ -219,11 +264,12 @@ fn release_freed_memory() {
 pub fn watch_file(
     path: PathBuf,
     trust_domain: String,
+    node: Option<String>,
     poll: Duration,
 ) -> Result<(Discovery, tokio::task::JoinHandle<()>), Error> {
     let (text, _) = read(&path)?;
     let mut version = stat(&path);
-    let state = parse(&text, &trust_domain).map_err(|e| Error::File {
+    let state = parse_for_node(&text, &trust_domain, node.as_deref()).map_err(|e| Error::File {
         path: path.clone(),
         error: Box::new(e),
     })?;
@@ -262,7 +308,7 @@ pub fn watch_file(
                 continue;
             }
             last = d;
-            let parsed = parse(&text, &trust_domain);
+            let parsed = parse_for_node(&text, &trust_domain, node.as_deref());
             drop(text);
             match parsed {
                 Ok(state) => {
@@ -305,6 +351,25 @@ workloads:
 services:
   - {name: web, namespace: demo, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
 ";
+
+    #[test]
+    fn a_node_keeps_remote_workloads_lean_and_their_endpoints() {
+        let s = parse_for_node(GOOD, "cluster.local", Some("n1")).unwrap();
+        let remote = s.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
+        assert!(
+            remote.labels.is_empty() && remote.uid.is_empty(),
+            "{remote:?}"
+        );
+        assert!(s.workload_by_uid("u2").is_none());
+        let local = s.workload_by_uid("u1").unwrap();
+        assert_eq!(local.labels.get("app").map(|v| &**v), Some("web"));
+        // Endpoints were selected with the remote workload's labels before they were dropped.
+        assert_eq!(s.endpoints_of_vip("10.96.0.1".parse().unwrap()).len(), 2);
+        assert_eq!(
+            remote.identity("cluster.local").to_string(),
+            "spiffe://cluster.local/ns/demo/sa/web"
+        );
+    }
 
     /// The example the README points users to must stay valid and mean what it says.
     #[test]
@@ -371,6 +436,7 @@ services:
         let (mut disc, _task) = watch_file(
             path.clone(),
             "cluster.local".into(),
+            None,
             Duration::from_millis(20),
         )
         .unwrap();

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub use file::{parse, watch_file};
+pub use file::{parse, parse_for_node, watch_file};
 pub use model::{
     Labels, Namespace, Protocol, Service, ServicePort, State, Workload, DATAPLANE_MODE_LABEL,
 };

@@ -151,11 +151,17 @@ fn selects(selector: &Labels, labels: &Labels) -> bool {
 
 impl State {
     /// Builds and validates a state.
+    ///
+    /// `endpoints[i]` lists the indices in `workloads` of service `i`'s endpoints, when the
+    /// caller selected them already (it may have dropped the labels of remote workloads,
+    /// which this node needs for nothing else); `None` selects them here by label.
+    /// Workloads with an empty uid (remote ones, scoped) are not indexed by uid.
     pub fn build(
         trust_domain: &str,
         namespaces: Vec<Namespace>,
         workloads: Vec<Workload>,
         services: Vec<Service>,
+        endpoints: Option<Vec<Vec<usize>>>,
         authz: Vec<AuthorizationPolicy>,
         peer_authn: Vec<PeerAuthentication>,
     ) -> Result<State, Error> {
@@ -176,6 +182,8 @@ impl State {
                 )));
             }
         }
+        s.workloads.reserve_exact(workloads.len());
+        s.by_ip.reserve(workloads.len());
         for w in workloads {
             let what = format!("workload {}/{}", w.namespace, w.name);
             Identity::new(trust_domain, &w.namespace, &w.service_account)
@@ -184,7 +192,7 @@ impl State {
                 return Err(Error::Invalid(format!("{what} has no IP")));
             }
             let w = Arc::new(w);
-            if s.by_uid.insert(w.uid.clone(), w.clone()).is_some() {
+            if !w.uid.is_empty() && s.by_uid.insert(w.uid.clone(), w.clone()).is_some() {
                 return Err(Error::Invalid(format!(
                     "{what}: uid {} is used twice",
                     w.uid
@@ -200,17 +208,25 @@ impl State {
             }
             s.workloads.push(w);
         }
-        for svc in services {
+        for (i, svc) in services.into_iter().enumerate() {
             let what = format!("service {}/{}", svc.namespace, svc.name);
             if svc.ports.iter().any(|p| p.port == 0 || p.target_port == 0) {
                 return Err(Error::Invalid(format!("{what} has a port 0")));
             }
-            let endpoints: Vec<Arc<Workload>> = s
-                .workloads
-                .iter()
-                .filter(|w| w.namespace == svc.namespace && selects(&svc.selector, &w.labels))
-                .cloned()
-                .collect();
+            let endpoints: Vec<Arc<Workload>> = match &endpoints {
+                Some(e) => e
+                    .get(i)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|&j| s.workloads.get(j).cloned())
+                    .collect(),
+                None => s
+                    .workloads
+                    .iter()
+                    .filter(|w| w.namespace == svc.namespace && selects(&svc.selector, &w.labels))
+                    .cloned()
+                    .collect(),
+            };
             let svc = Arc::new(svc);
             let idx = s.services.len();
             for vip in &svc.vips {

@@ -53,7 +53,8 @@ fn find(state: &State, what: &str) -> Result<Arc<Workload>, String> {
 }
 
 fn endpoint(state: &State, w: &Workload) -> Endpoint {
-    let in_mesh = state.enrolled(w);
+    let in_mesh =
+        w.protocol == crate::discovery::Protocol::Hbone && state.namespace_enrolled(&w.namespace);
     Endpoint {
         workload: format!("{}/{}", w.namespace, w.name),
         ip: w.ips[0],
