@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use ztunnel_e2e::daemon::metric;
+use ztunnel_e2e::daemon::{access_lines, metric};
 use ztunnel_e2e::testbed::{self, TestBed, MARKER, VIP};
 
 /// Accepts `n` connections; answers each with "<name> saw <peer>" after reading to EOF.
@@ -89,10 +89,20 @@ fn pod_to_pod_and_to_a_vip_carry_real_client_addresses_and_only_mtls_crosses_nod
         "{m2}"
     );
     let log2 = bed.log(1);
-    assert!(
-        log2.contains("src_identity=\"spiffe://cluster.local/ns/demo/sa/client\"")
-            && log2.contains("dst_identity=\"spiffe://cluster.local/ns/demo/sa/server\""),
-        "{log2}"
+    let lines = access_lines(&log2);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["message"] == "connection closed"
+                && l["direction"] == "inbound"
+                && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+                && l["dst_identity"] == "spiffe://cluster.local/ns/demo/sa/server"
+                && l["src_workload"] == "demo/client"
+                && l["bytes_received"] == 6 + MARKER.len()
+                && l["decision"] == "allow")
+            .count(),
+        2,
+        "one JSON access line per connection, with identities and bytes: {log2}"
     );
     // The daemon's own gauges: enrolled pods, certificates and their expiry.
     assert_eq!(metric(&m2, "ztunnel_enrolled_pods", &[]), 1.0, "{m2}");
@@ -118,9 +128,11 @@ fn pod_to_pod_and_to_a_vip_carry_real_client_addresses_and_only_mtls_crosses_nod
     );
     let log1 = bed.log(0);
     assert!(
-        log1.lines().any(|l| l.contains("direction=\"inbound\"")
-            && l.contains("src_identity=\"spiffe://cluster.local/ns/demo/sa/client\"")
-            && l.contains("dst_identity=\"spiffe://cluster.local/ns/demo/sa/echo\"")),
+        access_lines(&log1)
+            .iter()
+            .any(|l| l["direction"] == "inbound"
+                && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+                && l["dst_identity"] == "spiffe://cluster.local/ns/demo/sa/echo"),
         "same-node tunnel with both identities: {log1}"
     );
     let m1 = bed.metrics(0);

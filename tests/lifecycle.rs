@@ -268,7 +268,7 @@ fn a_rolling_restart_refuses_no_new_connection() {
     if !failures.is_empty() {
         for i in 0..2 {
             for l in bed.log(i).lines().filter(|l| {
-                l.contains("WARN") || (l.contains("error=") && !l.contains("error=\"\""))
+                l.contains("WARN") || (l.contains("\"error\":") && !l.contains("\"error\":\"\""))
             }) {
                 eprintln!("n{}: {l}", i + 1);
             }

@@ -139,10 +139,10 @@ fn denials_by_principal_namespace_port_and_ip_block() {
         // The destination's access log names the policy (written as the stream ends, a moment
         // after the source saw the refusal).
         let names_it = |log: &str| {
-            log.lines().any(|l| {
-                l.contains("connection closed")
-                    && l.contains("decision=\"deny\"")
-                    && l.contains(&format!("policy=\"demo/{name}\""))
+            ztunnel_e2e::daemon::access_lines(log).iter().any(|l| {
+                l["decision"] == "deny"
+                    && l["policy"] == format!("demo/{name}").as_str()
+                    && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
             })
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -209,6 +209,17 @@ pub fn wait_ready(
     }
 }
 
+/// The access-log lines of a daemon's log: one JSON object per closed (or refused)
+/// connection. Fails the test if an access line is not valid JSON.
+pub fn access_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("access line is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
 /// Reads one sample from a Prometheus text exposition: the value of the first series whose
 /// name is `name` and whose labels contain every `k="v"` in `labels`; 0 when absent.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

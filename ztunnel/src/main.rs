@@ -21,21 +21,36 @@ commands:
 type SetLevel = ztunnel::admin::SetLogLevel;
 
 /// Installs the global subscriber; returns the handle behind the admin `/logging` endpoint.
+/// Access-log lines (target `access`) are always one JSON object per line; the rest follows
+/// `format`.
 fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<SetLevel> {
+    use tracing_subscriber::filter::filter_fn;
     let filter = EnvFilter::try_new(filter).context("invalid log filter")?;
     let (filter, handle) = reload::Layer::new(filter);
+    let not_access = filter_fn(|m| m.target() != "access");
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_writer(std::io::stderr)
+            .with_filter(not_access)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
+            .with_filter(not_access)
             .boxed(),
     };
-    tracing_subscriber::registry().with(filter).with(fmt).init();
+    let access = tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_writer(std::io::stderr)
+        .with_filter(filter_fn(|m| m.target() == "access"));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(access)
+        .init();
     Ok(Box::new(move |level: &str| {
         let f =
             EnvFilter::try_new(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?;
