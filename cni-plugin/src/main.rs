@@ -2,10 +2,13 @@
 //! the mesh by asking the node daemon over its Unix socket. This file is the entry only: it
 //! gathers the `CNI_*` environment and stdin, calls [`plugin::run`], prints the result or the
 //! error object on stdout (nothing else goes there), logs on stderr, and sets the exit status.
+//! With `install` or `uninstall` as its first argument it is the node installer instead
+//! ([`install::main`]).
 
 mod conf;
 mod daemon;
 mod error;
+mod install;
 mod plugin;
 mod snapshot;
 
@@ -13,6 +16,14 @@ use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Runtimes invoke the plugin with no arguments; the DaemonSet runs the installer modes.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(mode) = args.get(1).and_then(|a| a.to_str()) {
+        if matches!(mode, "install" | "uninstall" | "help" | "--help" | "-h") {
+            return install::main(args);
+        }
+    }
+
     let vars: conf::Vars = std::env::vars_os()
         .filter_map(|(k, v)| {
             let k = k.into_string().ok()?;

@@ -1,0 +1,886 @@
+//! The node installer: `ztunnel-cni install` / `ztunnel-cni uninstall`, what the DaemonSet runs
+//! instead of the plugin. Install copies this binary into the CNI bin directory and chains the
+//! plugin into the node's primary network configuration (the lexically first `*.conflist` or
+//! `*.conf` in the conf directory), converting a single-plugin `.conf` into a `.conflist`;
+//! uninstall takes the entry and the binary out again. Both are idempotent.
+//!
+//! The configuration is handled as [`Json`], a JSON value that keeps object keys in document
+//! order, so every key and plugin that is not ours is written back as it was (re-serialized,
+//! pretty-printed). The transformation is pure ([`insert`], [`remove`], [`render`]); the
+//! I/O around it ([`install`], [`uninstall`], [`watch`]) writes every file atomically (a temp
+//! file in the same directory, then a rename).
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+use crate::conf;
+
+/// The plugin's `type`, which is also the binary's name in the CNI bin directory.
+pub const PLUGIN_TYPE: &str = "ztunnel-cni";
+/// The watch loop's period.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The command line of the installer modes.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "ztunnel-cni",
+    about = "Chained CNI plugin for ztunnel; `install`/`uninstall` set it up on a node"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Mode,
+}
+
+/// `install` or `uninstall`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Mode {
+    /// Copy the plugin binary and chain the plugin into the primary CNI configuration.
+    Install(InstallArgs),
+    /// Remove the plugin from the CNI configuration and its binary from the bin directory.
+    Uninstall(Options),
+}
+
+/// The options of `install`.
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub options: Options,
+    /// Keep running and re-insert the plugin whenever the primary configuration loses it.
+    #[arg(long, conflicts_with = "once")]
+    pub watch: bool,
+    /// Install and exit (the default).
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// The options both modes accept.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// The directory holding the CNI network configurations.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The directory holding the CNI plugin binaries.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The plugin binary to install [default: this executable].
+    #[arg(long)]
+    pub plugin_binary: Option<PathBuf>,
+    /// The daemon's Unix socket, written into the plugin's configuration.
+    #[arg(long, default_value = ztunnel_proto::enroll::DEFAULT_SOCKET)]
+    pub socket: String,
+    /// The daemon's snapshot of enrolled namespaces, written into the plugin's configuration.
+    #[arg(long, default_value = conf::DEFAULT_ENROLLED_NAMESPACES_FILE)]
+    pub enrolled_namespaces_file: String,
+    /// The deadline of one daemon call, written into the plugin's configuration.
+    #[arg(long, default_value = "5s")]
+    pub timeout: String,
+}
+
+impl Options {
+    /// The values of the plugin's configuration entry, with `timeout` validated.
+    pub fn settings(&self) -> Result<Settings, InstallError> {
+        conf::parse_timeout(&self.timeout)
+            .map_err(|e| InstallError::Option(format!("--timeout: {}", e.details())))?;
+        Ok(Settings {
+            socket: self.socket.clone(),
+            timeout: self.timeout.clone(),
+            enrolled_namespaces_file: self.enrolled_namespaces_file.clone(),
+        })
+    }
+}
+
+/// The installer's failures.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("invalid option {0}")]
+    Option(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: malformed JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: {reason}")]
+    Shape { path: PathBuf, reason: String },
+    #[error("no CNI network configuration (*.conflist, *.conf) in {0}")]
+    NoPrimary(PathBuf),
+    #[error("setting up signal handling: {0}")]
+    Signal(#[from] nix::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+    move |source| InstallError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What goes into the plugin's configuration entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub socket: String,
+    pub timeout: String,
+    pub enrolled_namespaces_file: String,
+}
+
+impl Settings {
+    fn fields(&self) -> [(&'static str, &str); 3] {
+        [
+            ("socket", &self.socket),
+            ("timeout", &self.timeout),
+            ("enrolledNamespacesFile", &self.enrolled_namespaces_file),
+        ]
+    }
+
+    /// The plugin's entry in a conflist's `plugins`.
+    pub fn entry(&self) -> Json {
+        let mut fields = vec![("type".to_string(), Json::String(PLUGIN_TYPE.to_string()))];
+        for (k, v) in self.fields() {
+            fields.push((k.to_string(), Json::String(v.to_string())));
+        }
+        Json::Object(fields)
+    }
+}
+
+/// A JSON value whose objects keep their keys in document order (duplicates included).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Json {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(String),
+    Array(Vec<Json>),
+    Object(Vec<(String, Json)>),
+}
+
+impl Json {
+    /// The value of `key` if this is an object holding it (the first, if repeated).
+    pub fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Object(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    fn get_mut(&mut self, key: &str) -> Option<&mut Json> {
+        match self {
+            Json::Object(fields) => fields.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// Sets `key` in an object: in place if present, appended otherwise.
+    fn set(&mut self, key: &str, value: Json) {
+        if let Some(slot) = self.get_mut(key) {
+            *slot = value;
+        } else if let Json::Object(fields) = self {
+            fields.push((key.to_string(), value));
+        }
+    }
+
+    fn is_ours(&self) -> bool {
+        matches!(self.get("type"), Some(Json::String(t)) if t == PLUGIN_TYPE)
+    }
+}
+
+impl Serialize for Json {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Json::Null => s.serialize_unit(),
+            Json::Bool(b) => s.serialize_bool(*b),
+            Json::Number(n) => n.serialize(s),
+            Json::String(v) => s.serialize_str(v),
+            Json::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Json::Object(fields) => {
+                let mut map = s.serialize_map(Some(fields.len()))?;
+                for (k, v) in fields {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Json, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Json;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Json, E> {
+                Ok(Json::Null)
+            }
+            fn visit_none<E>(self) -> Result<Json, E> {
+                Ok(Json::Null)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Json, D::Error> {
+                Json::deserialize(d)
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Json, E> {
+                Ok(Json::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Json, E> {
+                Ok(Json::Number(n.into()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Json, E> {
+                Ok(Json::Number(n.into()))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Json, E> {
+                serde_json::Number::from_f64(n)
+                    .map(Json::Number)
+                    .ok_or_else(|| E::custom("a non-finite number"))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Json, E> {
+                Ok(Json::String(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Json, E> {
+                Ok(Json::String(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Json::Array(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+                let mut fields = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, Json>()? {
+                    fields.push((k, v));
+                }
+                Ok(Json::Object(fields))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses a configuration file's text.
+pub fn parse(text: &str) -> Result<Json, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// The file's text: pretty-printed with a trailing newline.
+pub fn render(json: &Json) -> String {
+    let mut s = serde_json::to_string_pretty(json).expect("a Json value always serializes");
+    s.push('\n');
+    s
+}
+
+/// Whether the configuration is a conflist whose `plugins` hold our entry.
+pub fn contains_ours(conf: &Json) -> bool {
+    matches!(conf.get("plugins"), Some(Json::Array(p)) if p.iter().any(Json::is_ours))
+}
+
+/// What [`insert`] did with a configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inserted {
+    /// A conflist (or a `.conf` already in conflist form), updated in place.
+    Conflist(Json),
+    /// A single-plugin configuration, turned into a conflist (to be written as `.conflist`).
+    Converted(Json),
+}
+
+impl Inserted {
+    pub fn json(&self) -> &Json {
+        match self {
+            Inserted::Conflist(j) | Inserted::Converted(j) => j,
+        }
+    }
+}
+
+/// Chains our entry into a configuration. A conflist (an object with a `plugins` array) gets
+/// the entry appended, or an existing entry of ours updated in place (further duplicates of
+/// ours are dropped); a single-plugin configuration (an object with `type`) becomes a conflist
+/// with the original plugin first. The error is the reason the shape is not usable.
+pub fn insert(conf: Json, settings: &Settings) -> Result<Inserted, String> {
+    let Json::Object(mut fields) = conf else {
+        return Err("the configuration is not a JSON object".to_string());
+    };
+    if let Some((_, plugins)) = fields.iter_mut().find(|(k, _)| k == "plugins") {
+        let Json::Array(list) = plugins else {
+            return Err("`plugins` is not an array".to_string());
+        };
+        match list.iter().position(Json::is_ours) {
+            Some(i) => {
+                let mut n = 0;
+                list.retain(|p| {
+                    let keep = !p.is_ours() || n == i;
+                    n += 1;
+                    keep
+                });
+                for (k, v) in settings.fields() {
+                    list[i].set(k, Json::String(v.to_string()));
+                }
+            }
+            None => list.push(settings.entry()),
+        }
+        return Ok(Inserted::Conflist(Json::Object(fields)));
+    }
+    match fields.iter().find(|(k, _)| k == "type") {
+        Some((_, Json::String(_))) => {}
+        Some(_) => return Err("`type` is not a string".to_string()),
+        None => return Err("neither a conflist (`plugins`) nor a plugin (`type`)".to_string()),
+    }
+    let mut version = None;
+    let mut name = None;
+    let mut plugin = Vec::new();
+    for (k, v) in fields {
+        match k.as_str() {
+            "cniVersion" if version.is_none() => version = Some(v),
+            "name" if name.is_none() => name = Some(v),
+            _ => plugin.push((k, v)),
+        }
+    }
+    let mut list = Vec::new();
+    if let Some(v) = version {
+        list.push(("cniVersion".to_string(), v));
+    }
+    if let Some(n) = name {
+        list.push(("name".to_string(), n));
+    }
+    list.push((
+        "plugins".to_string(),
+        Json::Array(vec![Json::Object(plugin), settings.entry()]),
+    ));
+    Ok(Inserted::Converted(Json::Object(list)))
+}
+
+/// Takes our entries out of a conflist's `plugins`; `None` when there were none.
+pub fn remove(conf: &Json) -> Option<Json> {
+    if !contains_ours(conf) {
+        return None;
+    }
+    let mut out = conf.clone();
+    if let Some(Json::Array(list)) = out.get_mut("plugins") {
+        list.retain(|p| !p.is_ours());
+    }
+    Some(out)
+}
+
+fn is_config_name(name: &str) -> bool {
+    (name.ends_with(".conflist") || name.ends_with(".conf")) && !name.starts_with('.')
+}
+
+/// The configuration files of `dir`, sorted by name (temp files, hidden, are left out).
+pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if is_config_name(name) && entry.path().is_file() {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The primary configuration: the lexically first configuration file, if any.
+pub fn find_primary(dir: &Path) -> Result<Option<PathBuf>, InstallError> {
+    Ok(config_files(dir)?.into_iter().next())
+}
+
+/// Writes `data` to `path` via a temp file in the same directory and a rename.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+fn read_conf(path: &Path) -> Result<Json, InstallError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    parse(&text).map_err(|source| InstallError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn file_mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644)
+}
+
+/// Chains the plugin into the primary configuration of `dir`; returns the file written and
+/// whether anything changed.
+pub fn install_config(dir: &Path, settings: &Settings) -> Result<(PathBuf, bool), InstallError> {
+    let primary = find_primary(dir)?.ok_or_else(|| InstallError::NoPrimary(dir.to_path_buf()))?;
+    let original = fs::read_to_string(&primary).map_err(io_err(&primary))?;
+    let conf = parse(&original).map_err(|source| InstallError::Json {
+        path: primary.clone(),
+        source,
+    })?;
+    let inserted = insert(conf, settings).map_err(|reason| InstallError::Shape {
+        path: primary.clone(),
+        reason,
+    })?;
+    let text = render(inserted.json());
+    let mode = file_mode(&primary);
+    match inserted {
+        Inserted::Conflist(_) => {
+            let changed = text != original;
+            if changed {
+                write_atomic(&primary, text.as_bytes(), mode)?;
+            }
+            Ok((primary, changed))
+        }
+        Inserted::Converted(_) => {
+            let target = primary.with_extension("conflist");
+            write_atomic(&target, text.as_bytes(), mode)?;
+            fs::remove_file(&primary).map_err(io_err(&primary))?;
+            Ok((target, true))
+        }
+    }
+}
+
+/// Copies the plugin binary to `<bin_dir>/ztunnel-cni`, mode 0755; nothing if it is that file.
+pub fn install_binary(binary: &Path, bin_dir: &Path) -> Result<PathBuf, InstallError> {
+    let target = bin_dir.join(PLUGIN_TYPE);
+    if let (Ok(a), Ok(b)) = (binary.canonicalize(), target.canonicalize()) {
+        if a == b {
+            return Ok(target);
+        }
+    }
+    let data = fs::read(binary).map_err(io_err(binary))?;
+    write_atomic(&target, &data, 0o755)?;
+    Ok(target)
+}
+
+/// `install` without `--watch`: the binary, then the configuration.
+pub fn install(options: &Options) -> Result<(), InstallError> {
+    let settings = options.settings()?;
+    let binary = match &options.plugin_binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().map_err(io_err(Path::new("current executable")))?,
+    };
+    let target = install_binary(&binary, &options.cni_bin_dir)?;
+    log(&format!(
+        "installed {} as {}",
+        binary.display(),
+        target.display()
+    ));
+    let (file, changed) = install_config(&options.cni_conf_dir, &settings)?;
+    if changed {
+        log(&format!("chained {PLUGIN_TYPE} into {}", file.display()));
+    } else {
+        log(&format!("{} already chains {PLUGIN_TYPE}", file.display()));
+    }
+    Ok(())
+}
+
+/// `uninstall`: our entry out of every configuration file holding it, then the binary.
+/// Files that do not parse are reported and left alone.
+pub fn uninstall(options: &Options) -> Result<(), InstallError> {
+    let dir = &options.cni_conf_dir;
+    let files = match config_files(dir) {
+        Ok(f) => f,
+        Err(InstallError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    for file in files {
+        let conf = match read_conf(&file) {
+            Ok(c) => c,
+            Err(e) => {
+                log(&format!("skipping {e}"));
+                continue;
+            }
+        };
+        if let Some(out) = remove(&conf) {
+            write_atomic(&file, render(&out).as_bytes(), file_mode(&file))?;
+            log(&format!("removed {PLUGIN_TYPE} from {}", file.display()));
+        }
+    }
+    let target = options.cni_bin_dir.join(PLUGIN_TYPE);
+    match fs::remove_file(&target) {
+        Ok(()) => log(&format!("removed {}", target.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&target)(e)),
+    }
+    Ok(())
+}
+
+/// A flag raised by SIGTERM or SIGINT. The signals are blocked in the calling thread (call it
+/// before starting other threads, which inherit the mask) and taken by a thread in `sigwait`.
+pub fn stop_on_signal() -> Result<Arc<AtomicBool>, InstallError> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block()?;
+    let flag = Arc::new(AtomicBool::new(false));
+    let raised = Arc::clone(&flag);
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            log(&format!("{sig}: stopping"));
+        }
+        raised.store(true, Ordering::SeqCst);
+    });
+    Ok(flag)
+}
+
+/// `install --watch`: installs (waiting for a primary configuration if there is none yet),
+/// then every [`POLL_INTERVAL`] re-inserts the entry if the primary configuration lost it,
+/// until `stop` is raised. A malformed file is reported and retried on the next change.
+pub fn watch(options: &Options, stop: &AtomicBool) -> Result<(), InstallError> {
+    let settings = options.settings()?;
+    let binary = match &options.plugin_binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().map_err(io_err(Path::new("current executable")))?,
+    };
+    let target = install_binary(&binary, &options.cni_bin_dir)?;
+    log(&format!(
+        "installed {} as {}",
+        binary.display(),
+        target.display()
+    ));
+    let dir = &options.cni_conf_dir;
+    // The primary file and its text when last looked at; an unchanged file is not re-read.
+    let mut seen: Option<(PathBuf, String)> = None;
+    let mut reported: Option<String> = None;
+    while !stop.load(Ordering::SeqCst) {
+        match check_once(dir, &settings, &mut seen) {
+            Ok(Some(msg)) => {
+                log(&msg);
+                reported = None;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let msg = e.to_string();
+                if reported.as_deref() != Some(msg.as_str()) {
+                    log(&format!("{msg}; retrying"));
+                    reported = Some(msg);
+                }
+            }
+        }
+        sleep_unless(stop, POLL_INTERVAL);
+    }
+    Ok(())
+}
+
+/// One pass of the watch loop: a message when the entry was (re-)inserted.
+fn check_once(
+    dir: &Path,
+    settings: &Settings,
+    seen: &mut Option<(PathBuf, String)>,
+) -> Result<Option<String>, InstallError> {
+    let primary = find_primary(dir)?.ok_or_else(|| InstallError::NoPrimary(dir.to_path_buf()))?;
+    let text = fs::read_to_string(&primary).map_err(io_err(&primary))?;
+    if matches!(seen, Some((p, t)) if *p == primary && *t == text) {
+        return Ok(None);
+    }
+    *seen = Some((primary.clone(), text.clone()));
+    let conf = parse(&text).map_err(|source| InstallError::Json {
+        path: primary.clone(),
+        source,
+    })?;
+    if contains_ours(&conf) {
+        return Ok(None);
+    }
+    let (file, _) = install_config(dir, settings)?;
+    let now = fs::read_to_string(&file).map_err(io_err(&file))?;
+    *seen = Some((file.clone(), now));
+    Ok(Some(format!(
+        "chained {PLUGIN_TYPE} into {}",
+        file.display()
+    )))
+}
+
+fn sleep_unless(stop: &AtomicBool, total: Duration) {
+    let step = Duration::from_millis(50);
+    let mut left = total;
+    while !left.is_zero() && !stop.load(Ordering::SeqCst) {
+        let d = left.min(step);
+        std::thread::sleep(d);
+        left -= d;
+    }
+}
+
+fn log(msg: &str) {
+    eprintln!("ztunnel-cni: {msg}");
+}
+
+/// Runs the installer mode named by the command line; the process's exit status.
+pub fn main(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
+    use clap::Parser;
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let result = match &cli.command {
+        Mode::Install(a) if a.watch => stop_on_signal().and_then(|stop| watch(&a.options, &stop)),
+        Mode::Install(a) => install(&a.options),
+        Mode::Uninstall(o) => uninstall(o),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            log(&format!("error: {e}"));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CALICO: &str = r#"{
+  "name": "k8s-pod-network",
+  "cniVersion": "0.3.1",
+  "plugins": [
+    {
+      "type": "calico",
+      "log_level": "info",
+      "datastore_type": "kubernetes",
+      "nodename": "node-1",
+      "mtu": 1440,
+      "ipam": {"type": "calico-ipam", "assign_ipv4": "true"},
+      "policy": {"type": "k8s"},
+      "kubernetes": {"kubeconfig": "/etc/cni/net.d/calico-kubeconfig"}
+    },
+    {"type": "portmap", "snat": true, "capabilities": {"portMappings": true}},
+    {"type": "bandwidth", "capabilities": {"bandwidth": true}}
+  ]
+}"#;
+
+    const FLANNEL: &str = r#"{
+  "name": "cbr0",
+  "cniVersion": "0.3.1",
+  "plugins": [
+    {"type": "flannel", "delegate": {"hairpinMode": true, "isDefaultGateway": true}},
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}"#;
+
+    const CILIUM: &str =
+        r#"{"cniVersion":"0.3.1","name":"cilium","type":"cilium-cni","enable-debug":false}"#;
+
+    fn settings() -> Settings {
+        Settings {
+            socket: "/run/z/cni.sock".into(),
+            timeout: "3s".into(),
+            enrolled_namespaces_file: "/run/z/ns.json".into(),
+        }
+    }
+
+    fn ours() -> Json {
+        parse(r#"{"type":"ztunnel-cni","socket":"/run/z/cni.sock","timeout":"3s","enrolledNamespacesFile":"/run/z/ns.json"}"#).unwrap()
+    }
+
+    fn plugins(j: &Json) -> Vec<Json> {
+        match j.get("plugins") {
+            Some(Json::Array(p)) => p.clone(),
+            other => panic!("no plugins: {other:?}"),
+        }
+    }
+
+    fn keys(j: &Json) -> Vec<&str> {
+        match j {
+            Json::Object(f) => f.iter().map(|(k, _)| k.as_str()).collect(),
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn conflists_get_our_entry_appended() {
+        for (name, text) in [("calico", CALICO), ("flannel", FLANNEL)] {
+            let original = parse(text).unwrap();
+            let inserted = insert(original.clone(), &settings()).unwrap();
+            let Inserted::Conflist(out) = &inserted else {
+                panic!("{name}: converted")
+            };
+            let mut expected = plugins(&original);
+            expected.push(ours());
+            assert_eq!(plugins(out), expected, "{name}");
+            assert_eq!(keys(out), keys(&original), "{name}");
+            assert_eq!(out.get("name"), original.get("name"), "{name}");
+            // Rendering keeps the document order of every nested key.
+            let rendered = render(out);
+            assert!(rendered.ends_with("}\n"), "{name}");
+            assert_eq!(parse(&rendered).unwrap(), *out, "{name}");
+        }
+        let out = insert(parse(CALICO).unwrap(), &settings()).unwrap();
+        let calico = &plugins(out.json())[0];
+        assert_eq!(
+            keys(calico),
+            [
+                "type",
+                "log_level",
+                "datastore_type",
+                "nodename",
+                "mtu",
+                "ipam",
+                "policy",
+                "kubernetes"
+            ]
+        );
+        assert_eq!(keys(calico.get("ipam").unwrap()), ["type", "assign_ipv4"]);
+    }
+
+    #[test]
+    fn single_plugin_conf_becomes_a_conflist() {
+        let out = insert(parse(CILIUM).unwrap(), &settings()).unwrap();
+        let Inserted::Converted(out) = out else {
+            panic!("not converted")
+        };
+        let expected = parse(
+            r#"{"cniVersion":"0.3.1","name":"cilium","plugins":[
+                {"type":"cilium-cni","enable-debug":false},
+                {"type":"ztunnel-cni","socket":"/run/z/cni.sock","timeout":"3s","enrolledNamespacesFile":"/run/z/ns.json"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(out, expected);
+        assert_eq!(keys(&out), ["cniVersion", "name", "plugins"]);
+        // Converting again is a conflist update that changes nothing.
+        let again = insert(out.clone(), &settings()).unwrap();
+        assert_eq!(again, Inserted::Conflist(out));
+    }
+
+    #[test]
+    fn inserting_twice_is_identical() {
+        for text in [CALICO, FLANNEL, CILIUM] {
+            let once = render(insert(parse(text).unwrap(), &settings()).unwrap().json());
+            let twice = render(insert(parse(&once).unwrap(), &settings()).unwrap().json());
+            assert_eq!(once, twice);
+        }
+    }
+
+    #[test]
+    fn an_existing_entry_is_updated_in_place() {
+        let text = r#"{"name":"n","plugins":[
+            {"type":"ztunnel-cni","timeout":"9s","extra":1,"socket":"/old"},
+            {"type":"portmap"},
+            {"type":"ztunnel-cni","socket":"/dup"}]}"#;
+        let out = insert(parse(text).unwrap(), &settings()).unwrap();
+        let expected = parse(
+            r#"{"name":"n","plugins":[
+            {"type":"ztunnel-cni","timeout":"3s","extra":1,"socket":"/run/z/cni.sock","enrolledNamespacesFile":"/run/z/ns.json"},
+            {"type":"portmap"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(out, Inserted::Conflist(expected));
+    }
+
+    #[test]
+    fn removal_restores_the_original() {
+        for text in [CALICO, FLANNEL] {
+            let original = parse(text).unwrap();
+            let inserted = insert(original.clone(), &settings()).unwrap();
+            let removed = remove(inserted.json()).unwrap();
+            assert_eq!(removed, original);
+            assert_eq!(render(&removed), render(&original));
+            assert_eq!(remove(&removed), None);
+        }
+    }
+
+    #[test]
+    fn unusable_configurations_are_errors() {
+        for text in ["{\"plugins\": [", "", "{\"type\": \"x\",}", "nul"] {
+            assert!(parse(text).is_err(), "{text:?}");
+        }
+        for (text, reason) in [
+            ("[1]", "not a JSON object"),
+            (r#"{"plugins":{}}"#, "not an array"),
+            (r#"{"name":"x"}"#, "neither"),
+            (r#"{"type":3}"#, "not a string"),
+        ] {
+            let err = insert(parse(text).unwrap(), &settings()).unwrap_err();
+            assert!(err.contains(reason), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn json_round_trips_scalars_and_order() {
+        let text = r#"{"z":1,"a":-2,"m":1.5,"n":null,"b":[true,false,"s\"q"],"e":{}}"#;
+        let j = parse(text).unwrap();
+        assert_eq!(serde_json::to_string(&j).unwrap(), text);
+    }
+
+    #[test]
+    fn the_primary_is_the_first_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(find_primary(dir.path()).unwrap(), None);
+        for name in [
+            "README.txt",
+            "20-b.conf",
+            "10-a.conflist",
+            ".10-a.conflist.1.tmp",
+            "00.json",
+        ] {
+            fs::write(dir.path().join(name), "{}").unwrap();
+        }
+        fs::create_dir(dir.path().join("05-dir.conf")).unwrap();
+        assert_eq!(
+            find_primary(dir.path()).unwrap(),
+            Some(dir.path().join("10-a.conflist"))
+        );
+    }
+
+    #[test]
+    fn malformed_primary_is_named_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("10-bad.conflist");
+        fs::write(&path, "{\"plugins\": [").unwrap();
+        let err = install_config(dir.path(), &settings()).unwrap_err();
+        assert!(matches!(err, InstallError::Json { .. }), "{err:?}");
+        assert!(err.to_string().contains("10-bad.conflist"), "{err}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "{\"plugins\": [");
+    }
+
+    #[test]
+    fn a_bad_timeout_option_is_refused() {
+        let mut o = Options {
+            cni_conf_dir: "/nonexistent".into(),
+            cni_bin_dir: "/nonexistent".into(),
+            plugin_binary: None,
+            socket: "/s".into(),
+            enrolled_namespaces_file: "/e".into(),
+            timeout: "soon".into(),
+        };
+        assert!(matches!(o.settings(), Err(InstallError::Option(_))));
+        o.timeout = "250ms".into();
+        assert_eq!(o.settings().unwrap().timeout, "250ms");
+    }
+}

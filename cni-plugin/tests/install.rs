@@ -1,0 +1,313 @@
+//! Runs the built `ztunnel-cni` binary in its installer modes (`install`, `install --watch`,
+//! `uninstall`) against temporary CNI conf and bin directories.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ztunnel-cni");
+
+const CALICO: &str = r#"{
+  "name": "k8s-pod-network",
+  "cniVersion": "0.3.1",
+  "plugins": [
+    {"type": "calico", "log_level": "info", "datastore_type": "kubernetes",
+     "ipam": {"type": "calico-ipam"}, "policy": {"type": "k8s"},
+     "kubernetes": {"kubeconfig": "/etc/cni/net.d/calico-kubeconfig"}},
+    {"type": "portmap", "snat": true, "capabilities": {"portMappings": true}},
+    {"type": "bandwidth", "capabilities": {"bandwidth": true}}
+  ]
+}"#;
+
+const FLANNEL: &str = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[
+  {"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true}},
+  {"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+
+const CILIUM: &str =
+    r#"{"cniVersion":"0.3.1","name":"cilium","type":"cilium-cni","enable-debug":false}"#;
+
+struct Node {
+    _tmp: tempfile::TempDir,
+    conf: PathBuf,
+    bin: PathBuf,
+}
+
+impl Node {
+    fn new(files: &[(&str, &str)]) -> Node {
+        let tmp = tempfile::tempdir().unwrap();
+        let conf = tmp.path().join("net.d");
+        let bin = tmp.path().join("bin");
+        fs::create_dir(&conf).unwrap();
+        fs::create_dir(&bin).unwrap();
+        for (name, text) in files {
+            fs::write(conf.join(name), text).unwrap();
+        }
+        Node {
+            _tmp: tmp,
+            conf,
+            bin,
+        }
+    }
+
+    fn command(&self, mode: &str) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg(mode)
+            .arg("--cni-conf-dir")
+            .arg(&self.conf)
+            .arg("--cni-bin-dir")
+            .arg(&self.bin)
+            .args(["--socket", "/run/z/cni.sock", "--timeout", "2s"])
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, mode: &str) -> Output {
+        let out = self.command(mode).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn read(&self, name: &str) -> String {
+        fs::read_to_string(self.conf.join(name)).unwrap()
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = fs::read_dir(&self.conf)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        n.sort();
+        n
+    }
+
+    fn installed(&self) -> PathBuf {
+        self.bin.join("ztunnel-cni")
+    }
+}
+
+fn types(text: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(text).unwrap();
+    v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn ours(text: &str) -> Value {
+    let v: Value = serde_json::from_str(text).unwrap();
+    v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["type"] == "ztunnel-cni")
+        .cloned()
+        .unwrap()
+}
+
+fn assert_executable_copy(path: &Path) {
+    let meta = fs::metadata(path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+    assert_eq!(fs::read(path).unwrap(), fs::read(BIN).unwrap());
+}
+
+#[test]
+fn install_chains_into_conflists_and_is_idempotent() {
+    for (name, text, expected) in [
+        (
+            "10-calico.conflist",
+            CALICO,
+            &["calico", "portmap", "bandwidth", "ztunnel-cni"][..],
+        ),
+        (
+            "10-flannel.conflist",
+            FLANNEL,
+            &["flannel", "portmap", "ztunnel-cni"][..],
+        ),
+    ] {
+        let node = Node::new(&[(name, text), ("README.txt", "not a config")]);
+        node.run("install");
+        assert_executable_copy(&node.installed());
+        let once = node.read(name);
+        assert!(once.ends_with("}\n"));
+        assert_eq!(types(&once), expected, "{name}");
+        assert_eq!(
+            ours(&once),
+            serde_json::json!({"type": "ztunnel-cni", "socket": "/run/z/cni.sock",
+                "timeout": "2s",
+                "enrolledNamespacesFile": "/var/run/ztunnel/enrolled-namespaces.json"})
+        );
+        node.run("install");
+        assert_eq!(
+            node.read(name),
+            once,
+            "{name}: second install changed the file"
+        );
+        assert_eq!(node.names(), [name, "README.txt"]);
+        assert_eq!(node.read("README.txt"), "not a config");
+    }
+}
+
+#[test]
+fn install_converts_a_single_plugin_conf() {
+    let node = Node::new(&[("05-cilium.conf", CILIUM)]);
+    node.run("install");
+    assert_eq!(node.names(), ["05-cilium.conflist"]);
+    let text = node.read("05-cilium.conflist");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["cniVersion"], "0.3.1");
+    assert_eq!(v["name"], "cilium");
+    assert_eq!(
+        v["plugins"][0],
+        serde_json::json!({"type": "cilium-cni", "enable-debug": false})
+    );
+    assert_eq!(types(&text), ["cilium-cni", "ztunnel-cni"]);
+    node.run("install");
+    assert_eq!(node.read("05-cilium.conflist"), text);
+}
+
+#[test]
+fn install_picks_the_lexically_first_config() {
+    let node = Node::new(&[
+        ("20-flannel.conflist", FLANNEL),
+        ("10-calico.conflist", CALICO),
+        ("00-notes.txt", "{"),
+    ]);
+    node.run("install");
+    assert!(types(&node.read("10-calico.conflist")).contains(&"ztunnel-cni".to_string()));
+    assert_eq!(node.read("20-flannel.conflist"), FLANNEL);
+    assert_eq!(node.read("00-notes.txt"), "{");
+}
+
+#[test]
+fn install_refuses_malformed_json_and_missing_config() {
+    let node = Node::new(&[("10-bad.conflist", "{\"plugins\": [")]);
+    let out = node.command("install").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("10-bad.conflist"), "{err}");
+    assert_eq!(node.read("10-bad.conflist"), "{\"plugins\": [");
+
+    let empty = Node::new(&[]);
+    let out = empty.command("install").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no CNI network configuration"));
+}
+
+#[test]
+fn uninstall_removes_entry_and_binary_idempotently() {
+    let node = Node::new(&[("10-calico.conflist", CALICO)]);
+    let original: Value = serde_json::from_str(CALICO).unwrap();
+    node.run("install");
+    assert!(node.installed().exists());
+    node.run("uninstall");
+    let after = node.read("10-calico.conflist");
+    assert_eq!(serde_json::from_str::<Value>(&after).unwrap(), original);
+    assert_eq!(types(&after), ["calico", "portmap", "bandwidth"]);
+    assert!(!node.installed().exists());
+    node.run("uninstall");
+    assert_eq!(node.read("10-calico.conflist"), after);
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn has_ours(path: &Path) -> bool {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| {
+            v["plugins"]
+                .as_array()
+                .map(|p| p.iter().any(|p| p["type"] == "ztunnel-cni"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn watch_reinserts_after_the_primary_rewrites_its_file_and_stops_on_sigterm() {
+    let node = Node::new(&[("10-flannel.conflist", FLANNEL)]);
+    let path = node.conf.join("10-flannel.conflist");
+    let child = node
+        .command("install")
+        .arg("--watch")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    wait_for("the first install", || has_ours(&path));
+    assert_executable_copy(&node.installed());
+    let installed = fs::read_to_string(&path).unwrap();
+
+    for _ in 0..2 {
+        // The primary CNI writes its own configuration back.
+        fs::write(&path, FLANNEL).unwrap();
+        wait_for("the re-insert", || has_ours(&path));
+        wait_for("the complete file", || {
+            fs::read_to_string(&path).unwrap() == installed
+        });
+    }
+
+    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut status = None;
+    wait_for("the watcher to exit", || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "{status:?}");
+}
+
+#[test]
+fn watch_waits_for_a_primary_and_converts_a_conf() {
+    let node = Node::new(&[]);
+    let child = node
+        .command("install")
+        .arg("--watch")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Killed(child);
+    std::thread::sleep(Duration::from_millis(300));
+    fs::write(node.conf.join("05-cilium.conf"), CILIUM).unwrap();
+    let list = node.conf.join("05-cilium.conflist");
+    wait_for("the conversion", || has_ours(&list));
+    wait_for("the .conf removal", || {
+        node.names() == ["05-cilium.conflist"]
+    });
+}
+
+#[test]
+fn no_arguments_is_still_the_plugin() {
+    let out = Command::new(BIN)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["supportedVersions"].is_array(), "{v}");
+}
