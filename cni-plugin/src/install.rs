@@ -4,13 +4,12 @@
 //! `*.conf` in the conf directory), converting a single-plugin `.conf` into a `.conflist`;
 //! uninstall takes the entry and the binary out again. Both are idempotent.
 //!
-//! The configuration is handled as [`Json`], a JSON value that keeps object keys in document
-//! order, so every key and plugin that is not ours is written back as it was (re-serialized,
+//! The configuration is handled as a `serde_json::Value` built with `preserve_order`, so every
+//! key and plugin that is not ours is written back as it was, in document order (re-serialized,
 //! pretty-printed). The transformation is pure ([`insert`], [`remove`], [`render`]); the
 //! I/O around it ([`install`], [`uninstall`], [`watch`]) writes every file atomically (a temp
 //! file in the same directory, then a rename).
 
-use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -19,8 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde_json::{Map, Value as Json};
 
 use crate::conf;
 
@@ -149,134 +147,17 @@ impl Settings {
 
     /// The plugin's entry in a conflist's `plugins`.
     pub fn entry(&self) -> Json {
-        let mut fields = vec![("type".to_string(), Json::String(PLUGIN_TYPE.to_string()))];
+        let mut fields = Map::new();
+        fields.insert("type".into(), Json::String(PLUGIN_TYPE.into()));
         for (k, v) in self.fields() {
-            fields.push((k.to_string(), Json::String(v.to_string())));
+            fields.insert(k.into(), Json::String(v.into()));
         }
         Json::Object(fields)
     }
 }
 
-/// A JSON value whose objects keep their keys in document order (duplicates included).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    Number(serde_json::Number),
-    String(String),
-    Array(Vec<Json>),
-    Object(Vec<(String, Json)>),
-}
-
-impl Json {
-    /// The value of `key` if this is an object holding it (the first, if repeated).
-    pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Object(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    fn get_mut(&mut self, key: &str) -> Option<&mut Json> {
-        match self {
-            Json::Object(fields) => fields.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    /// Sets `key` in an object: in place if present, appended otherwise.
-    fn set(&mut self, key: &str, value: Json) {
-        if let Some(slot) = self.get_mut(key) {
-            *slot = value;
-        } else if let Json::Object(fields) = self {
-            fields.push((key.to_string(), value));
-        }
-    }
-
-    fn is_ours(&self) -> bool {
-        matches!(self.get("type"), Some(Json::String(t)) if t == PLUGIN_TYPE)
-    }
-}
-
-impl Serialize for Json {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Json::Null => s.serialize_unit(),
-            Json::Bool(b) => s.serialize_bool(*b),
-            Json::Number(n) => n.serialize(s),
-            Json::String(v) => s.serialize_str(v),
-            Json::Array(items) => {
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(item)?;
-                }
-                seq.end()
-            }
-            Json::Object(fields) => {
-                let mut map = s.serialize_map(Some(fields.len()))?;
-                for (k, v) in fields {
-                    map.serialize_entry(k, v)?;
-                }
-                map.end()
-            }
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Json {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Json, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Json;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_unit<E>(self) -> Result<Json, E> {
-                Ok(Json::Null)
-            }
-            fn visit_none<E>(self) -> Result<Json, E> {
-                Ok(Json::Null)
-            }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Json, D::Error> {
-                Json::deserialize(d)
-            }
-            fn visit_bool<E>(self, b: bool) -> Result<Json, E> {
-                Ok(Json::Bool(b))
-            }
-            fn visit_i64<E>(self, n: i64) -> Result<Json, E> {
-                Ok(Json::Number(n.into()))
-            }
-            fn visit_u64<E>(self, n: u64) -> Result<Json, E> {
-                Ok(Json::Number(n.into()))
-            }
-            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Json, E> {
-                serde_json::Number::from_f64(n)
-                    .map(Json::Number)
-                    .ok_or_else(|| E::custom("a non-finite number"))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Json, E> {
-                Ok(Json::String(v.to_string()))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Json, E> {
-                Ok(Json::String(v))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
-                }
-                Ok(Json::Array(items))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
-                let mut fields = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, Json>()? {
-                    fields.push((k, v));
-                }
-                Ok(Json::Object(fields))
-            }
-        }
-        d.deserialize_any(V)
-    }
+fn is_ours(plugin: &Json) -> bool {
+    plugin.get("type").and_then(Json::as_str) == Some(PLUGIN_TYPE)
 }
 
 /// Parses a configuration file's text.
@@ -293,7 +174,7 @@ pub fn render(json: &Json) -> String {
 
 /// Whether the configuration is a conflist whose `plugins` hold our entry.
 pub fn contains_ours(conf: &Json) -> bool {
-    matches!(conf.get("plugins"), Some(Json::Array(p)) if p.iter().any(Json::is_ours))
+    matches!(conf.get("plugins"), Some(Json::Array(p)) if p.iter().any(is_ours))
 }
 
 /// What [`insert`] did with a configuration.
@@ -321,52 +202,43 @@ pub fn insert(conf: Json, settings: &Settings) -> Result<Inserted, String> {
     let Json::Object(mut fields) = conf else {
         return Err("the configuration is not a JSON object".to_string());
     };
-    if let Some((_, plugins)) = fields.iter_mut().find(|(k, _)| k == "plugins") {
+    if let Some(plugins) = fields.get_mut("plugins") {
         let Json::Array(list) = plugins else {
             return Err("`plugins` is not an array".to_string());
         };
-        match list.iter().position(Json::is_ours) {
+        match list.iter().position(is_ours) {
             Some(i) => {
                 let mut n = 0;
                 list.retain(|p| {
-                    let keep = !p.is_ours() || n == i;
+                    let keep = !is_ours(p) || n == i;
                     n += 1;
                     keep
                 });
-                for (k, v) in settings.fields() {
-                    list[i].set(k, Json::String(v.to_string()));
+                if let Json::Object(ours) = &mut list[i] {
+                    for (k, v) in settings.fields() {
+                        ours.insert(k.into(), Json::String(v.into()));
+                    }
                 }
             }
             None => list.push(settings.entry()),
         }
         return Ok(Inserted::Conflist(Json::Object(fields)));
     }
-    match fields.iter().find(|(k, _)| k == "type") {
-        Some((_, Json::String(_))) => {}
+    match fields.get("type") {
+        Some(Json::String(_)) => {}
         Some(_) => return Err("`type` is not a string".to_string()),
         None => return Err("neither a conflist (`plugins`) nor a plugin (`type`)".to_string()),
     }
-    let mut version = None;
-    let mut name = None;
-    let mut plugin = Vec::new();
-    for (k, v) in fields {
-        match k.as_str() {
-            "cniVersion" if version.is_none() => version = Some(v),
-            "name" if name.is_none() => name = Some(v),
-            _ => plugin.push((k, v)),
+    let mut list = Map::new();
+    for key in ["cniVersion", "name"] {
+        if let Some(v) = fields.shift_remove(key) {
+            list.insert(key.into(), v);
         }
     }
-    let mut list = Vec::new();
-    if let Some(v) = version {
-        list.push(("cniVersion".to_string(), v));
-    }
-    if let Some(n) = name {
-        list.push(("name".to_string(), n));
-    }
-    list.push((
-        "plugins".to_string(),
-        Json::Array(vec![Json::Object(plugin), settings.entry()]),
-    ));
+    list.insert(
+        "plugins".into(),
+        Json::Array(vec![Json::Object(fields), settings.entry()]),
+    );
     Ok(Inserted::Converted(Json::Object(list)))
 }
 
@@ -377,7 +249,7 @@ pub fn remove(conf: &Json) -> Option<Json> {
     }
     let mut out = conf.clone();
     if let Some(Json::Array(list)) = out.get_mut("plugins") {
-        list.retain(|p| !p.is_ours());
+        list.retain(|p| !is_ours(p));
     }
     Some(out)
 }
