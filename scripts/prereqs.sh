@@ -18,3 +18,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is missing: install a Rust toolchain (https://rustup.rs), then run this again" >&2
   exit 1
 fi
+if ! kubectl kustomize --help >/dev/null 2>&1; then
+  echo "kubectl (with kustomize) is missing: the deploy/ test renders the manifests with" \
+    "\`kubectl kustomize\`; install kubectl (https://kubernetes.io/docs/tasks/tools/), then run this again" >&2
+  exit 1
+fi
