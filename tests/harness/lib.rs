@@ -2,6 +2,7 @@
 //! processes inside them ([`daemon`]), the two-node test bed ([`mesh`]) and the applications
 //! the tests run on it ([`apps`]). See `tests/README.md` for the tiers of tests.
 
+pub mod apiserver;
 pub mod apps;
 pub mod cni;
 pub mod daemon;

@@ -1,6 +1,7 @@
 //! The issue-3 test bed: nodes and pods as network namespaces, pods wired by Debian's real
-//! `bridge` + `host-local` plugins with `ztunnel-cni` chained after them, one daemon process
-//! (in-pod capture, the default) per node.
+//! `bridge` + `host-local` plugins with `ztunnel-cni` chained after them by `ztunnel-cni install`
+//! (as the DaemonSet chains it on a real node), one daemon process per node (in-pod capture,
+//! the default).
 //!
 //! ```text
 //!  node n1 (netns)                                   node n2 (netns)
@@ -126,6 +127,47 @@ fn discovery_yaml_gen(pods: &[PodSpec], policies: Value, generation: usize) -> S
     serde_yaml::to_string(&doc).expect("yaml")
 }
 
+/// The discovery file for `pods` with `namespaces` (a JSON array of `{name, labels}`; the
+/// generation marker is added) and extra labels per pod name (`{"web": {"k": "v"}}`). A
+/// workload speaks HBONE when its namespace is `ambient` and it did not opt out.
+pub fn discovery_yaml_labels(
+    pods: &[PodSpec],
+    namespaces: &Value,
+    pod_labels: &Value,
+    generation: usize,
+) -> String {
+    let mut namespaces = namespaces.as_array().cloned().unwrap_or_default();
+    namespaces.push(json!({"name": format!("gen-{generation}"), "labels": {}}));
+    let ambient = |ns: &str| {
+        namespaces
+            .iter()
+            .any(|n| n["name"] == ns && n["labels"]["ztunnel.dev/dataplane-mode"] == "ambient")
+    };
+    let workloads: Vec<Value> = pods
+        .iter()
+        .map(|p| {
+            let mut labels = json!({"app": p.app});
+            if let Some(extra) = pod_labels[p.name].as_object() {
+                for (k, v) in extra {
+                    labels[k] = v.clone();
+                }
+            }
+            let hbone = ambient(p.namespace) && labels["ztunnel.dev/dataplane-mode"] != "none";
+            json!({"uid": uid(p), "name": p.name, "namespace": p.namespace,
+                   "serviceAccount": p.sa, "node": format!("n{}", p.node + 1),
+                   "ips": [p.ip], "labels": labels,
+                   "protocol": if hbone { "HBONE" } else { "TCP" }})
+        })
+        .collect();
+    let doc = json!({
+        "trustDomain": "cluster.local",
+        "namespaces": namespaces,
+        "workloads": workloads,
+        "services": [],
+    });
+    serde_yaml::to_string(&doc).expect("yaml")
+}
+
 impl TestBed {
     /// Two nodes with their daemons and the default pods, enrolled through the CNI chain.
     pub fn start() -> TestBed {
@@ -154,7 +196,9 @@ impl TestBed {
             let ns = Netns::new(&format!("{prefix}-{name}"))?;
             ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
             let state_dir = dir.path().join(format!("{name}-state"));
-            let conflist = json!({
+            // The node's primary network: Debian's bridge + host-local; `ztunnel-cni install`
+            // chains our plugin into it, as the DaemonSet does on a real node.
+            let primary = json!({
                 "cniVersion": "1.0.0",
                 "name": "ztnet",
                 "plugins": [
@@ -162,11 +206,15 @@ impl TestBed {
                      "ipam": {"type": "host-local", "dataDir": dir.path().join(format!("{name}-ipam")),
                               "ranges": [[{"subnet": format!("10.20.{}.0/24", i + 1)}]],
                               "routes": [{"dst": "0.0.0.0/0"}]}},
-                    {"type": "ztunnel-cni", "socket": state_dir.join("cni.sock"), "timeout": "5s",
-                     "enrolledNamespacesFile": state_dir.join("enrolled-namespaces.json")},
                 ],
             });
-            let runtime = Runtime::new(&ns.name, &cni_bin)?;
+            let (conflist, installed) = install_cni(
+                &dir.path().join(format!("{name}-cni")),
+                &primary,
+                &cni_bin,
+                &state_dir,
+            )?;
+            let runtime = Runtime::new(&ns.name, &installed)?;
             nodes.push(Node {
                 name,
                 ns,
@@ -400,6 +448,25 @@ impl TestBed {
             &self.discovery,
             discovery_yaml_gen(&self.specs, policies, generation),
         )?;
+        self.wait_loaded(&marker)
+    }
+
+    /// Rewrites the discovery file with these namespaces and pod labels (see
+    /// [`discovery_yaml_labels`]) and waits until both daemons have loaded it.
+    pub fn apply_labels(&self, namespaces: Value, pod_labels: Value) -> Result<()> {
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        std::fs::write(
+            &self.discovery,
+            discovery_yaml_labels(&self.specs, &namespaces, &pod_labels, generation),
+        )?;
+        self.wait_loaded(&format!("gen-{generation}"))
+    }
+
+    /// Waits until both daemons serve the discovery file holding namespace `marker`.
+    fn wait_loaded(&self, marker: &str) -> Result<()> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         for node in &self.nodes {
             loop {
@@ -407,7 +474,7 @@ impl TestBed {
                 let dump: Value = serde_json::from_str(&body)?;
                 let loaded = dump["discovery"]["namespaces"]
                     .as_array()
-                    .is_some_and(|ns| ns.iter().any(|n| n["name"] == marker.as_str()));
+                    .is_some_and(|ns| ns.iter().any(|n| n["name"] == marker));
                 if loaded {
                     break;
                 }
@@ -484,4 +551,50 @@ pub fn stop_capture(mut child: std::process::Child, pcap: &Path) -> Result<Captu
             .collect(),
         marker_seen,
     })
+}
+
+/// Writes `primary` as the node's only conflist under `root/net.d`, runs `ztunnel-cni install
+/// --once` into it (binary into `root/bin`), checks that it chained exactly one entry of ours
+/// after the primary's plugins, and returns the resulting conflist and the installed binary.
+fn install_cni(
+    root: &Path,
+    primary: &Value,
+    built: &Path,
+    state_dir: &Path,
+) -> Result<(Value, PathBuf)> {
+    let (conf_dir, bin_dir) = (root.join("net.d"), root.join("bin"));
+    std::fs::create_dir_all(&conf_dir)?;
+    std::fs::create_dir_all(&bin_dir)?;
+    let file = conf_dir.join("10-ztnet.conflist");
+    std::fs::write(&file, serde_json::to_string_pretty(primary)?)?;
+    let out = std::process::Command::new(built)
+        .arg("install")
+        .arg("--once")
+        .arg("--cni-conf-dir")
+        .arg(&conf_dir)
+        .arg("--cni-bin-dir")
+        .arg(&bin_dir)
+        .arg("--socket")
+        .arg(state_dir.join("cni.sock"))
+        .arg("--enrolled-namespaces-file")
+        .arg(state_dir.join("enrolled-namespaces.json"))
+        .args(["--timeout", "5s"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ztunnel-cni install failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conflist: Value = serde_json::from_str(&std::fs::read_to_string(&file)?)?;
+    let types: Vec<&str> = conflist["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["type"].as_str())
+        .collect();
+    anyhow::ensure!(
+        types == ["bridge", "ztunnel-cni"],
+        "the installer left the chain as {types:?}"
+    );
+    Ok((conflist, bin_dir.join("ztunnel-cni")))
 }

@@ -71,15 +71,12 @@ fn signer(cfg: &RunConfig) -> Result<Arc<dyn CertSigner>, StartError> {
                 path: root_cert.clone(),
                 source,
             })?;
-            let token = std::fs::read_to_string(token_file).map_err(|source| StartError::Read {
-                path: token_file.clone(),
-                source,
-            })?;
-            Arc::new(CaClient::new(
+            // The token file is re-read for every request (projected tokens rotate).
+            Arc::new(CaClient::with_token_file(
                 address.clone(),
                 server_name.clone(),
                 &root,
-                Some(token.trim().to_owned()),
+                token_file.clone(),
             )?)
         }
     })
@@ -97,13 +94,27 @@ pub async fn start(
     cfg: &RunConfig,
     set_log_level: crate::admin::SetLogLevel,
 ) -> Result<Daemon, StartError> {
-    let DiscoverySource::File(path) = &cfg.discovery;
-    let (disc, watcher) = discovery::watch_file(
-        path.clone(),
-        cfg.trust_domain.clone(),
-        Some(cfg.node_name.clone()),
-        cfg.discovery_poll,
-    )?;
+    // The API client, when discovery has one (the pods' enrollment annotation uses it too).
+    let mut kube_client = None;
+    let (disc, watcher) = match &cfg.discovery {
+        DiscoverySource::File(path) => discovery::watch_file(
+            path.clone(),
+            cfg.trust_domain.clone(),
+            Some(cfg.node_name.clone()),
+            cfg.discovery_poll,
+        )?,
+        DiscoverySource::Kubernetes { kubeconfig } => {
+            let client = discovery::kube::client(kubeconfig.as_deref()).await?;
+            kube_client = Some(client.clone());
+            discovery::watch_kubernetes(
+                client,
+                cfg.trust_domain.clone(),
+                cfg.node_name.clone(),
+                std::time::Duration::from_millis(100),
+            )
+            .await?
+        }
+    };
     let certs = CertManager::new(signer(cfg)?, cfg.cert_lifetime);
 
     let mut registry = Registry::default();
@@ -174,6 +185,12 @@ pub async fn start(
                 tracing::warn!(error = %e, "cannot install the node's probe rules; kubelet probes to enrolled pods will be captured");
             }
             let p = Pods::new(pi.clone(), store, ready_rx_for_pods(&admin_state));
+            if let Some(client) = &kube_client {
+                p.set_annotator(crate::capture::annotate::KubeAnnotator::start(
+                    client.clone(),
+                    pi.metrics.clone(),
+                ));
+            }
             let recovering = p.clone();
             let recovered = tokio::task::spawn_blocking(move || recovering.recover())
                 .await
@@ -182,6 +199,17 @@ pub async fn start(
             let sock = enrollment::bind(&p).map_err(state_err)?;
             tasks.push(tokio::spawn(enrollment::serve(sock, p.clone())));
             tasks.push(tokio::spawn(publish_namespaces(disc.clone(), p.clone())));
+            // Enrolls and releases running pods as namespace and pod labels change.
+            tasks.push(tokio::spawn(
+                crate::capture::reconcile::Reconciler::new(
+                    p.clone(),
+                    disc.clone(),
+                    cfg.node_name.clone(),
+                    cfg.host_proc.clone(),
+                    pi.metrics.clone(),
+                )
+                .run(),
+            ));
             pods = Some(p);
         }
     }

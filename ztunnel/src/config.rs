@@ -37,6 +37,11 @@ pub enum ConfigError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DiscoverySource {
     File(PathBuf),
+    /// The API server, through this kubeconfig, or else the standard resolution (in-cluster
+    /// ServiceAccount, `KUBECONFIG`, `~/.kube/config`).
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 /// Who signs workload certificates.
@@ -103,6 +108,8 @@ pub struct RunConfig {
     /// Holds the enrollment socket, the enrolled pods' records and the enrolled-namespaces
     /// file the CNI plugin reads when the daemon is down.
     pub state_dir: PathBuf,
+    /// The host's `/proc`, scanned for running pods' network namespaces.
+    pub host_proc: PathBuf,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
@@ -131,6 +138,12 @@ struct RunArgs {
     /// The local discovery file (YAML) [env: ZTUNNEL_DISCOVERY_FILE]
     #[arg(long)]
     discovery_file: Option<PathBuf>,
+    /// Where discovery comes from, file or kubernetes [env: ZTUNNEL_DISCOVERY_SOURCE] [default: file]
+    #[arg(long)]
+    discovery_source: Option<String>,
+    /// The kubeconfig for `--discovery-source kubernetes` [env: KUBECONFIG] [default: in-cluster]
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// In-process CA from this plugged-in CA directory [env: ZTUNNEL_CA_DIR] [default: /var/lib/ztunnel/ca]
     #[arg(long)]
     ca_dir: Option<PathBuf>,
@@ -155,6 +168,9 @@ struct RunArgs {
     /// Enrollment socket and enrolled pods' records [env: ZTUNNEL_STATE_DIR] [default: /var/run/ztunnel]
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// The host's /proc, where running pods' netns are found [env: ZTUNNEL_HOST_PROC] [default: /proc]
+    #[arg(long)]
+    host_proc: Option<String>,
     /// Admin API address, loopback only [env: ZTUNNEL_ADMIN_ADDR] [default: 127.0.0.1:15000]
     #[arg(long)]
     admin_addr: Option<String>,
@@ -277,13 +293,40 @@ impl RunConfig {
             "node-name",
             "NODE_NAME",
         )?;
-        let discovery_file = required(
-            a.discovery_file
-                .or_else(|| env("ZTUNNEL_DISCOVERY_FILE").map(PathBuf::from)),
-            "discovery file",
-            "discovery-file",
-            "ZTUNNEL_DISCOVERY_FILE",
-        )?;
+        let discovery_file = a
+            .discovery_file
+            .or_else(|| env("ZTUNNEL_DISCOVERY_FILE").map(PathBuf::from));
+        let discovery = match a
+            .discovery_source
+            .or_else(|| env("ZTUNNEL_DISCOVERY_SOURCE"))
+            .as_deref()
+        {
+            None | Some("file") => DiscoverySource::File(required(
+                discovery_file,
+                "discovery file",
+                "discovery-file",
+                "ZTUNNEL_DISCOVERY_FILE",
+            )?),
+            Some("kubernetes") => {
+                if discovery_file.is_some() {
+                    return Err(ConfigError::Conflict(
+                        "--discovery-file is for --discovery-source file, not kubernetes".into(),
+                    ));
+                }
+                DiscoverySource::Kubernetes {
+                    kubeconfig: a
+                        .kubeconfig
+                        .or_else(|| env("KUBECONFIG").map(PathBuf::from)),
+                }
+            }
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    setting: "discovery source",
+                    value: other.into(),
+                    reason: "must be file or kubernetes".into(),
+                })
+            }
+        };
         let ca_dir = a
             .ca_dir
             .or_else(|| env("ZTUNNEL_CA_DIR").map(PathBuf::from));
@@ -350,7 +393,7 @@ impl RunConfig {
         Ok(RunConfig {
             node_name,
             trust_domain: trust_domain(a.trust_domain, env)?,
-            discovery: DiscoverySource::File(discovery_file),
+            discovery,
             ca,
             cert_lifetime: duration(
                 "certificate lifetime",
@@ -371,6 +414,7 @@ impl RunConfig {
                 .state_dir
                 .or_else(|| env("ZTUNNEL_STATE_DIR").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from("/var/run/ztunnel")),
+            host_proc: setting("host proc", a.host_proc, env, "ZTUNNEL_HOST_PROC", "/proc")?,
             admin_addr,
             metrics_addr: setting(
                 "metrics address",
@@ -454,7 +498,13 @@ impl RunConfig {
 
 impl fmt::Display for RunConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let DiscoverySource::File(file) = &self.discovery;
+        let discovery = match &self.discovery {
+            DiscoverySource::File(file) => format!("file {}", file.display()),
+            DiscoverySource::Kubernetes { kubeconfig: None } => "kubernetes (in-cluster)".into(),
+            DiscoverySource::Kubernetes {
+                kubeconfig: Some(k),
+            } => format!("kubernetes (kubeconfig {})", k.display()),
+        };
         let ca = match &self.ca {
             CaSource::Dir(d) => format!("in-process from {}", d.display()),
             CaSource::Remote {
@@ -470,13 +520,13 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} discovery_file={} ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} pool_idle_timeout={} connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
+            "node={} trust_domain={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} pool_idle_timeout={} connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
-            file.display(),
             humantime::format_duration(self.cert_lifetime),
             self.capture,
             self.state_dir.display(),
+            self.host_proc.display(),
             self.admin_addr,
             self.metrics_addr,
             self.readiness_addr,
@@ -494,14 +544,85 @@ impl fmt::Display for RunConfig {
     }
 }
 
+/// `namespace/name` of a Kubernetes object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl FromStr for NamespacedName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let valid = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 253
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+        };
+        match s.split_once('/') {
+            Some((ns, name)) if valid(ns) && valid(name) => Ok(NamespacedName {
+                namespace: ns.into(),
+                name: name.into(),
+            }),
+            _ => Err("expected namespace/name (lowercase DNS names)".into()),
+        }
+    }
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where the CA's signing material lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaMaterialSource {
+    /// A plugged-in CA directory (created with a fresh root if empty).
+    Dir(PathBuf),
+    /// A Secret in the same layout, read and watched through the API (created if absent).
+    Secret(NamespacedName),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AuthorizerKind {
+    Static,
+    Kubernetes,
+}
+
+impl FromStr for AuthorizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "static" => Ok(AuthorizerKind::Static),
+            "kubernetes" => Ok(AuthorizerKind::Kubernetes),
+            _ => Err("expected static or kubernetes".into()),
+        }
+    }
+}
+
+/// Who may have which identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaAuthorizer {
+    /// Holders of a token from this file (one per line) may have any identity.
+    Static { token_file: PathBuf },
+    /// Node daemons, by their projected ServiceAccount token (TokenReview), for the
+    /// ServiceAccounts of the Running pods on their node.
+    Kubernetes {
+        audience: String,
+        daemon_service_account: NamespacedName,
+    },
+}
+
 /// Settings of the certificate authority.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaConfig {
-    pub ca_dir: PathBuf,
+    pub material: CaMaterialSource,
     pub listen: SocketAddr,
     pub trust_domain: String,
     pub server_names: Vec<String>,
-    pub token_file: PathBuf,
+    pub authorizer: CaAuthorizer,
     pub max_lifetime: Duration,
     pub log_format: LogFormat,
     pub log_filter: String,
@@ -514,6 +635,18 @@ struct CaArgs {
     /// Plugged-in CA directory (created with a fresh root if empty) [env: ZTUNNEL_CA_DIR]
     #[arg(long)]
     ca_dir: Option<PathBuf>,
+    /// Signing material from this Secret, namespace/name, created if absent and watched [env: ZTUNNEL_CA_SECRET]
+    #[arg(long)]
+    ca_secret: Option<String>,
+    /// Who may have which identity: static (the token file) or kubernetes (TokenReview + pods on the caller's node) [env: ZTUNNEL_CA_AUTHORIZER] [default: static]
+    #[arg(long)]
+    authorizer: Option<String>,
+    /// Audience the daemons' tokens must carry (kubernetes authorizer) [env: ZTUNNEL_CA_TOKEN_AUDIENCE] [default: ztunnel-ca]
+    #[arg(long)]
+    token_audience: Option<String>,
+    /// The node daemon's ServiceAccount, namespace/name (kubernetes authorizer) [env: ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT] [default: ztunnel-system/ztunnel]
+    #[arg(long)]
+    daemon_service_account: Option<String>,
     /// Listen address [env: ZTUNNEL_CA_LISTEN] [default: 0.0.0.0:15012]
     #[arg(long)]
     listen: Option<String>,
@@ -523,7 +656,7 @@ struct CaArgs {
     /// Names in the CA's serving certificate, repeatable [env: ZTUNNEL_CA_SERVER_NAMES, comma-separated] [default: ztunnel-ca.ztunnel-system.svc, localhost]
     #[arg(long = "server-name")]
     server_names: Vec<String>,
-    /// File of accepted bearer tokens, one per line [env: ZTUNNEL_CA_TOKEN_FILE]
+    /// File of accepted bearer tokens, one per line (static authorizer) [env: ZTUNNEL_CA_TOKEN_FILE]
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Longest lifetime the CA issues [env: ZTUNNEL_CA_MAX_LIFETIME] [default: 24h]
@@ -551,14 +684,83 @@ impl CaConfig {
                     vec!["ztunnel-ca.ztunnel-system.svc".into(), "localhost".into()]
                 });
         }
+        let ca_dir = a
+            .ca_dir
+            .or_else(|| env("ZTUNNEL_CA_DIR").map(PathBuf::from));
+        let ca_secret = a.ca_secret.or_else(|| env("ZTUNNEL_CA_SECRET"));
+        let material = match (ca_dir, ca_secret) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict(
+                    "--ca-dir and --ca-secret are exclusive: one source of signing material".into(),
+                ))
+            }
+            (Some(dir), None) => CaMaterialSource::Dir(dir),
+            (None, secret) => {
+                let value = required(
+                    secret,
+                    "CA directory or secret",
+                    "ca-dir or --ca-secret",
+                    "ZTUNNEL_CA_DIR or ZTUNNEL_CA_SECRET",
+                )?;
+                CaMaterialSource::Secret(value.parse().map_err(|reason| ConfigError::Invalid {
+                    setting: "CA secret",
+                    value,
+                    reason,
+                })?)
+            }
+        };
+        let token_file = a
+            .token_file
+            .or_else(|| env("ZTUNNEL_CA_TOKEN_FILE").map(PathBuf::from));
+        let authorizer = match setting(
+            "authorizer",
+            a.authorizer,
+            env,
+            "ZTUNNEL_CA_AUTHORIZER",
+            "static",
+        )? {
+            AuthorizerKind::Static => CaAuthorizer::Static {
+                token_file: required(
+                    token_file,
+                    "token file",
+                    "token-file",
+                    "ZTUNNEL_CA_TOKEN_FILE",
+                )?,
+            },
+            AuthorizerKind::Kubernetes => {
+                if token_file.is_some() {
+                    return Err(ConfigError::Conflict(
+                        "a token file is only for --authorizer static".into(),
+                    ));
+                }
+                let audience: String = setting(
+                    "token audience",
+                    a.token_audience,
+                    env,
+                    "ZTUNNEL_CA_TOKEN_AUDIENCE",
+                    "ztunnel-ca",
+                )?;
+                if audience.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        setting: "token audience",
+                        value: audience,
+                        reason: "must not be empty".into(),
+                    });
+                }
+                CaAuthorizer::Kubernetes {
+                    audience,
+                    daemon_service_account: setting(
+                        "daemon service account",
+                        a.daemon_service_account,
+                        env,
+                        "ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT",
+                        "ztunnel-system/ztunnel",
+                    )?,
+                }
+            }
+        };
         Ok(CaConfig {
-            ca_dir: required(
-                a.ca_dir
-                    .or_else(|| env("ZTUNNEL_CA_DIR").map(PathBuf::from)),
-                "CA directory",
-                "ca-dir",
-                "ZTUNNEL_CA_DIR",
-            )?,
+            material,
             listen: setting(
                 "listen address",
                 a.listen,
@@ -568,13 +770,7 @@ impl CaConfig {
             )?,
             trust_domain: trust_domain(a.trust_domain, env)?,
             server_names,
-            token_file: required(
-                a.token_file
-                    .or_else(|| env("ZTUNNEL_CA_TOKEN_FILE").map(PathBuf::from)),
-                "token file",
-                "token-file",
-                "ZTUNNEL_CA_TOKEN_FILE",
-            )?,
+            authorizer,
             max_lifetime: duration(
                 "max lifetime",
                 a.max_lifetime,
@@ -597,14 +793,27 @@ impl CaConfig {
 
 impl fmt::Display for CaConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let material = match &self.material {
+            CaMaterialSource::Dir(d) => format!("ca_dir={}", d.display()),
+            CaMaterialSource::Secret(s) => format!("ca_secret={s}"),
+        };
+        let authorizer = match &self.authorizer {
+            CaAuthorizer::Static { token_file } => {
+                format!("static token_file={} <redacted>", token_file.display())
+            }
+            CaAuthorizer::Kubernetes {
+                audience,
+                daemon_service_account,
+            } => format!(
+                "kubernetes audience={audience} daemon_service_account={daemon_service_account}"
+            ),
+        };
         write!(
             f,
-            "ca_dir={} listen={} trust_domain={} server_names={:?} token_file={} <redacted> max_lifetime={} log_format={:?} log={}",
-            self.ca_dir.display(),
+            "{material} listen={} trust_domain={} server_names={:?} authorizer=[{authorizer}] max_lifetime={} log_format={:?} log={}",
             self.listen,
             self.trust_domain,
             self.server_names,
-            self.token_file.display(),
             humantime::format_duration(self.max_lifetime),
             self.log_format,
             self.log_filter
@@ -648,6 +857,7 @@ mod tests {
         assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.log_filter, "info");
+        assert_eq!(c.host_proc, PathBuf::from("/proc"));
     }
 
     #[test]
@@ -657,9 +867,15 @@ mod tests {
             ("ZTUNNEL_DISCOVERY_FILE", "/e.yaml"),
             ("ZTUNNEL_CERT_LIFETIME", "1h"),
             ("RUST_LOG", "debug"),
+            ("ZTUNNEL_HOST_PROC", "/host/proc"),
         ];
         let c = run(&[], &env).unwrap();
         assert_eq!(c.node_name, "from-env");
+        assert_eq!(c.host_proc, PathBuf::from("/host/proc"));
+        assert_eq!(
+            run(&["--host-proc", "/hp"], &env).unwrap().host_proc,
+            PathBuf::from("/hp")
+        );
         assert_eq!(c.cert_lifetime, Duration::from_secs(3600));
         assert_eq!(c.log_filter, "debug");
         let c = run(
@@ -715,6 +931,77 @@ mod tests {
     }
 
     #[test]
+    fn discovery_source() {
+        let n = ["--node-name", "n1"];
+        // (args, env, want source or error)
+        type Case<'a> = (
+            &'a [&'a str],
+            &'a [(&'a str, &'a str)],
+            Result<DiscoverySource, &'a str>,
+        );
+        let cases: &[Case<'_>] = &[
+            (
+                &["--discovery-file", "/m"],
+                &[],
+                Ok(DiscoverySource::File("/m".into())),
+            ),
+            (
+                &["--discovery-source", "file", "--discovery-file", "/m"],
+                &[],
+                Ok(DiscoverySource::File("/m".into())),
+            ),
+            (
+                &["--discovery-source", "kubernetes"],
+                &[],
+                Ok(DiscoverySource::Kubernetes { kubeconfig: None }),
+            ),
+            (
+                &[],
+                &[
+                    ("ZTUNNEL_DISCOVERY_SOURCE", "kubernetes"),
+                    ("KUBECONFIG", "/k"),
+                ],
+                Ok(DiscoverySource::Kubernetes {
+                    kubeconfig: Some("/k".into()),
+                }),
+            ),
+            (
+                &["--discovery-source", "kubernetes", "--kubeconfig", "/f"],
+                &[("KUBECONFIG", "/k")],
+                Ok(DiscoverySource::Kubernetes {
+                    kubeconfig: Some("/f".into()),
+                }),
+            ),
+            (
+                &["--discovery-source", "file"],
+                &[],
+                Err("discovery file is required"),
+            ),
+            (
+                &["--discovery-source", "etcd"],
+                &[],
+                Err("file or kubernetes"),
+            ),
+            (
+                &["--discovery-source", "kubernetes", "--discovery-file", "/m"],
+                &[],
+                Err("not kubernetes"),
+            ),
+        ];
+        for (args, env, want) in cases {
+            let got = run(&[&n[..], args].concat(), env);
+            match (got, want) {
+                (Ok(c), Ok(w)) => {
+                    assert_eq!(&c.discovery, w, "{args:?}");
+                    assert!(c.to_string().contains("discovery=["), "{c}");
+                }
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{args:?}: {e}"),
+                (got, want) => panic!("{args:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn remote_ca_and_display_redacts_the_token() {
         let c = run(
             &[
@@ -758,5 +1045,128 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("token file"), "{e}");
+    }
+
+    fn ca(args: &[&str], env: &[(&str, &str)]) -> Result<CaConfig, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut a = vec!["ztunnel ca".to_string()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        CaConfig::from_sources(a, &|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn ca_config_kubernetes() {
+        let c = ca(
+            &[
+                "--authorizer",
+                "kubernetes",
+                "--ca-secret",
+                "ztunnel-system/ca",
+            ],
+            &[],
+        )
+        .unwrap();
+        let ns = |s: &str| s.parse::<NamespacedName>().unwrap();
+        assert_eq!(
+            c.material,
+            CaMaterialSource::Secret(ns("ztunnel-system/ca"))
+        );
+        assert_eq!(
+            c.authorizer,
+            CaAuthorizer::Kubernetes {
+                audience: "ztunnel-ca".into(),
+                daemon_service_account: ns("ztunnel-system/ztunnel"),
+            }
+        );
+        let shown = c.to_string();
+        assert!(shown.contains("ca_secret=ztunnel-system/ca"), "{shown}");
+        let c = ca(
+            &["--token-audience", "flag-aud"],
+            &[
+                ("ZTUNNEL_CA_AUTHORIZER", "kubernetes"),
+                ("ZTUNNEL_CA_SECRET", "sys/ca"),
+                ("ZTUNNEL_CA_TOKEN_AUDIENCE", "env-aud"),
+                ("ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT", "kube-system/zt"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.authorizer,
+            CaAuthorizer::Kubernetes {
+                audience: "flag-aud".into(),
+                daemon_service_account: ns("kube-system/zt"),
+            }
+        );
+        // (flags, expected error text)
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--authorizer", "kubernetes"],
+                "CA directory or secret is required",
+            ),
+            (
+                &[
+                    "--ca-dir",
+                    "/ca",
+                    "--ca-secret",
+                    "a/b",
+                    "--authorizer",
+                    "kubernetes",
+                ],
+                "exclusive",
+            ),
+            (
+                &["--ca-secret", "nons", "--authorizer", "kubernetes"],
+                "CA secret",
+            ),
+            (
+                &["--ca-secret", "a/B", "--authorizer", "kubernetes"],
+                "CA secret",
+            ),
+            (
+                &["--ca-secret", "a/b", "--authorizer", "oidc"],
+                "static or kubernetes",
+            ),
+            (&["--ca-secret", "a/b"], "token file is required"),
+            (
+                &[
+                    "--ca-secret",
+                    "a/b",
+                    "--authorizer",
+                    "kubernetes",
+                    "--token-file",
+                    "/t",
+                ],
+                "only for --authorizer static",
+            ),
+            (
+                &[
+                    "--ca-secret",
+                    "a/b",
+                    "--authorizer",
+                    "kubernetes",
+                    "--daemon-service-account",
+                    "zt",
+                ],
+                "daemon service account",
+            ),
+            (
+                &[
+                    "--ca-secret",
+                    "a/b",
+                    "--authorizer",
+                    "kubernetes",
+                    "--token-audience",
+                    "",
+                ],
+                "token audience",
+            ),
+        ];
+        for (args, want) in cases {
+            let e = ca(args, &[]).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: want {want:?} in {e}");
+        }
     }
 }

@@ -15,6 +15,7 @@ commands:
   run    the node daemon
   ca     the certificate authority that node daemons ask for workload certificates
   ctl    inspect a running daemon: workloads, services, policies, certs, connections, explain
+  crds   print the policy CustomResourceDefinitions (YAML) for `kubectl apply -f -`
 
 `ztunnel <command> --help` lists a command's options and their environment variables.";
 
@@ -153,6 +154,18 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("ztunnel ctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        "crds" => {
+            return match ztunnel::discovery::crd::crds_yaml() {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ztunnel crds: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -70,6 +70,14 @@ impl IstioTcp {
     }
 }
 
+/// Labels of the reconciler's enrollment counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    /// `enroll`, `release` or `enroll_failed`.
+    pub action: &'static str,
+    pub reason: &'static str,
+}
+
 /// Labels of per-certificate gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
@@ -101,6 +109,10 @@ pub struct Metrics {
     pub certificates: Gauge,
     /// Expiry of each held certificate, in seconds since the Unix epoch.
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
+    /// Pods enrolled or released by the reconciler (cluster state, not CNI), by reason.
+    pub reconciler: Family<ReconcileLabels, Counter>,
+    /// Pod annotation patches that failed (retried).
+    pub annotation_failures: Counter,
 }
 
 impl Metrics {
@@ -172,6 +184,16 @@ impl Metrics {
             "certificate_expiry_seconds",
             "Expiry of each held workload certificate (Unix time)",
             m.certificate_expiry.clone(),
+        );
+        zt.register(
+            "reconciler_actions",
+            "Pods enrolled or released by the reconciler, by action and reason",
+            m.reconciler.clone(),
+        );
+        zt.register(
+            "annotation_failures",
+            "Pod enrollment annotations that could not be written",
+            m.annotation_failures.clone(),
         );
         zt.register(
             "policy_decisions",

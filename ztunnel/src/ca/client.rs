@@ -1,7 +1,10 @@
 //! The daemon's client of `ztunnel ca`: one HTTP/2 connection over TLS, verified against the
-//! configured root and server name, re-dialled when it fails; the token is sent as a bearer
-//! token and never logged.
+//! configured root bundle (one or more roots, so a CA rotating its root stays trusted) and
+//! server name, re-dialled when it fails; the token is sent as a bearer token and never
+//! logged. A token file is re-read for every signing request: projected ServiceAccount
+//! tokens are rotated by the kubelet.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,12 +23,30 @@ use crate::identity::{
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where the bearer token comes from.
+enum Token {
+    None,
+    Fixed(String),
+    /// Read for every request.
+    File(PathBuf),
+}
+
+/// Reads a token file: its trimmed content, which must not be empty.
+fn read_token(path: &Path) -> Result<String, String> {
+    let t = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let t = t.trim();
+    if t.is_empty() {
+        return Err(format!("{}: empty token", path.display()));
+    }
+    Ok(t.to_owned())
+}
+
 /// A client of a remote CA.
 pub struct CaClient {
     addr: String,
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
-    token: Option<String>,
+    token: Token,
     conn: tokio::sync::Mutex<Option<SendRequest<Bytes>>>,
 }
 
@@ -37,6 +58,35 @@ impl CaClient {
         server_name: String,
         root_pem: &str,
         token: Option<String>,
+    ) -> Result<Self, Error> {
+        Self::build(
+            addr,
+            server_name,
+            root_pem,
+            token.map_or(Token::None, Token::Fixed),
+        )
+    }
+
+    /// Like [`CaClient::new`], with the token read from `token_file` for every request; the
+    /// file must be readable now.
+    pub fn with_token_file(
+        addr: String,
+        server_name: String,
+        root_pem: &str,
+        token_file: PathBuf,
+    ) -> Result<Self, Error> {
+        read_token(&token_file).map_err(|reason| Error::Token {
+            path: token_file.clone(),
+            reason,
+        })?;
+        Self::build(addr, server_name, root_pem, Token::File(token_file))
+    }
+
+    fn build(
+        addr: String,
+        server_name: String,
+        root_pem: &str,
+        token: Token,
     ) -> Result<Self, Error> {
         let roots = root_store(&parse_pem_certs(&[root_pem.to_owned()])?)?;
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -83,6 +133,21 @@ impl CaClient {
         &self,
         body: Bytes,
     ) -> Result<(http::StatusCode, Bytes), SignError> {
+        self.call(Method::POST, SIGN_PATH, Some(body)).await
+    }
+
+    /// `GET path` on the CA (e.g. `/metrics`): the status and the body as text.
+    pub async fn get(&self, path: &str) -> Result<(u16, String), SignError> {
+        let (status, body) = self.call(Method::GET, path, None).await?;
+        Ok((status.as_u16(), String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<(http::StatusCode, Bytes), SignError> {
         let mut guard = self.conn.lock().await;
         let send = match guard.as_ref() {
             Some(s) => s.clone(),
@@ -93,7 +158,7 @@ impl CaClient {
             }
         };
         drop(guard);
-        let result = self.exchange(send, body).await;
+        let result = self.exchange(send, method, path, body).await;
         if result.is_err() {
             *self.conn.lock().await = None;
         }
@@ -103,21 +168,32 @@ impl CaClient {
     async fn exchange(
         &self,
         send: SendRequest<Bytes>,
-        body: Bytes,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
     ) -> Result<(http::StatusCode, Bytes), SignError> {
         let t = |e: h2::Error| SignError::Transport(e.to_string());
         let mut b = Request::builder()
-            .method(Method::POST)
-            .uri(format!("https://{}{SIGN_PATH}", self.addr))
+            .method(method)
+            .uri(format!("https://{}{path}", self.addr))
             .header(http::header::CONTENT_TYPE, "application/json");
-        if let Some(tok) = &self.token {
+        let token = match &self.token {
+            Token::None => None,
+            Token::Fixed(t) => Some(t.clone()),
+            Token::File(p) => {
+                Some(read_token(p).map_err(|e| SignError::Invalid(format!("CA token file {e}")))?)
+            }
+        };
+        if let Some(tok) = token {
             b = b.header(http::header::AUTHORIZATION, format!("Bearer {tok}"));
         }
         let req = b.body(()).map_err(|e| SignError::Invalid(e.to_string()))?;
         let fut = async {
             let mut send = send.ready().await.map_err(t)?;
-            let (resp, mut stream) = send.send_request(req, false).map_err(t)?;
-            stream.send_data(body, true).map_err(t)?;
+            let (resp, mut stream) = send.send_request(req, body.is_none()).map_err(t)?;
+            if let Some(body) = body {
+                stream.send_data(body, true).map_err(t)?;
+            }
             let resp = resp.await.map_err(t)?;
             let status = resp.status();
             let mut body = resp.into_body();

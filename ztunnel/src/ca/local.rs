@@ -8,6 +8,10 @@
 //! | `root-cert.pem` | the trust bundle: one or more roots |
 //! | `cert-chain.pem` | the chain from the signing certificate up to the root |
 //!
+//! The same four texts can come from elsewhere (a Secret, see `super::secret`) through
+//! [`CaMaterial`] and [`LocalCa::from_material`]; material whose key does not match its
+//! signing certificate is refused.
+//!
 //! An empty or missing directory gets a fresh self-signed ECDSA P-256 root (10 years) in all
 //! four files; a directory with only some of them is an error, never overwritten.
 //!
@@ -53,8 +57,76 @@ pub struct LocalCa {
     max_lifetime: Duration,
 }
 
+/// The four PEM texts of the plugged-in CA layout.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaMaterial {
+    /// `ca-cert.pem`: the signing certificate.
+    pub ca_cert: String,
+    /// `ca-key.pem`: its private key.
+    pub ca_key: String,
+    /// `root-cert.pem`: the trust bundle, one or more roots.
+    pub root_cert: String,
+    /// `cert-chain.pem`: the chain from the signing certificate up to the root.
+    pub cert_chain: String,
+}
+
+impl std::fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaMaterial")
+            .field("ca_cert", &self.ca_cert)
+            .field("ca_key", &"<redacted>")
+            .field("root_cert", &self.root_cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaMaterial {
+    /// The file (or Secret key) names, in the order of [`CaMaterial::files`].
+    pub const NAMES: [&'static str; 4] = FILES;
+
+    /// A fresh self-signed ECDSA P-256 root (10 years) that is also the signing certificate.
+    pub fn generate(trust_domain: &str) -> Result<Self, Error> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let now = SystemTime::now();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, "ztunnel root CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = offset(now - Duration::from_secs(3600));
+        params.not_after = offset(now + ROOT_LIFETIME);
+        params.serial_number = Some(random_serial());
+        let root = params.self_signed(&key)?.pem();
+        Ok(CaMaterial {
+            ca_cert: root.clone(),
+            ca_key: key.serialize_pem(),
+            root_cert: root.clone(),
+            cert_chain: root,
+        })
+    }
+
+    /// (name, content) of each of the four files.
+    pub fn files(&self) -> [(&'static str, &str); 4] {
+        [
+            (FILES[0], &self.ca_cert),
+            (FILES[1], &self.ca_key),
+            (FILES[2], &self.root_cert),
+            (FILES[3], &self.cert_chain),
+        ]
+    }
+}
+
 fn pem_of(der: &CertificateDer<'_>) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 fn read(dir: &Path, name: &str) -> Result<String, Error> {
@@ -125,55 +197,68 @@ impl LocalCa {
                 path: dir.to_path_buf(),
                 source,
             })?;
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let now = SystemTime::now();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, trust_domain);
-        dn.push(DnType::CommonName, "ztunnel root CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = offset(now - Duration::from_secs(3600));
-        params.not_after = offset(now + ROOT_LIFETIME);
-        params.serial_number = Some(random_serial());
-        let root = params.self_signed(&key)?;
-        let root_pem = root.pem();
-        write(dir.join("ca-key.pem"), &key.serialize_pem(), 0o600)?;
-        write(dir.join("ca-cert.pem"), &root_pem, 0o644)?;
-        write(dir.join("root-cert.pem"), &root_pem, 0o644)?;
-        write(dir.join("cert-chain.pem"), &root_pem, 0o644)?;
+        let m = CaMaterial::generate(trust_domain)?;
+        write(dir.join("ca-key.pem"), &m.ca_key, 0o600)?;
+        write(dir.join("ca-cert.pem"), &m.ca_cert, 0o644)?;
+        write(dir.join("root-cert.pem"), &m.root_cert, 0o644)?;
+        write(dir.join("cert-chain.pem"), &m.cert_chain, 0o644)?;
         tracing::info!(dir = %dir.display(), "created a new self-signed root CA");
         Ok(())
     }
 
     fn load(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
-        let ca_cert = read(dir, "ca-cert.pem")?;
-        let key = KeyPair::from_pem(&read(dir, "ca-key.pem")?)?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_cert, key)?;
-        let roots = parse_pem_certs(&[read(dir, "root-cert.pem")?])?;
+        let m = CaMaterial {
+            ca_cert: read(dir, "ca-cert.pem")?,
+            ca_key: read(dir, "ca-key.pem")?,
+            root_cert: read(dir, "root-cert.pem")?,
+            cert_chain: read(dir, "cert-chain.pem")?,
+        };
+        Self::from_material(&m, trust_domain)
+    }
+
+    /// Loads the CA from the four PEM texts of the plugged-in CA layout (e.g. a Secret's data).
+    pub fn from_material(m: &CaMaterial, trust_domain: &str) -> Result<Self, Error> {
+        let key = KeyPair::from_pem(&m.ca_key)?;
+        let issuer = Issuer::from_ca_cert_pem(&m.ca_cert, key)?;
+        let roots = parse_pem_certs(std::slice::from_ref(&m.root_cert))?;
         if roots.is_empty() {
             return Err(Error::Invalid("root-cert.pem holds no certificate".into()));
         }
-        let signing = parse_pem_certs(&[ca_cert])?;
-        let chain = parse_pem_certs(&[read(dir, "cert-chain.pem")?])?;
+        let signing = parse_pem_certs(std::slice::from_ref(&m.ca_cert))?;
+        if signing.is_empty() {
+            return Err(Error::Invalid("ca-cert.pem holds no certificate".into()));
+        }
+        let chain = parse_pem_certs(std::slice::from_ref(&m.cert_chain))?;
         let mut intermediates: Vec<CertificateDer<'static>> = Vec::new();
         for c in signing.iter().chain(chain.iter()) {
             if !roots.contains(c) && !intermediates.contains(c) {
                 intermediates.push(c.clone());
             }
         }
-        Ok(LocalCa {
+        let ca = LocalCa {
             trust_domain: trust_domain.to_owned(),
             issuer,
             intermediates_pem: intermediates.iter().map(pem_of).collect(),
             roots_pem: roots.iter().map(pem_of).collect(),
             max_lifetime: DEFAULT_MAX_LIFETIME,
-        })
+        };
+        ca.check_key_matches(&signing[0])?;
+        Ok(ca)
+    }
+
+    /// Refuses material whose key does not belong to its signing certificate: a leaf signed
+    /// with the wrong key would never verify, so such an update must not replace a good one.
+    fn check_key_matches(&self, signing: &CertificateDer<'_>) -> Result<(), Error> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(signing)
+            .map_err(|e| Error::Invalid(format!("ca-cert.pem: {e}")))?;
+        let spki = cert.public_key().subject_public_key.data.as_ref();
+        if spki != rcgen::PublicKeyData::der_bytes(self.issuer.key()) {
+            return Err(Error::Invalid(
+                "ca-key.pem is not the key of ca-cert.pem".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Caps issued lifetimes at `max`.
@@ -185,6 +270,11 @@ impl LocalCa {
     /// The trust bundle, PEM.
     pub fn root_pem(&self) -> String {
         self.roots_pem.concat()
+    }
+
+    /// How many roots the trust bundle holds (two during a rotation).
+    pub fn root_count(&self) -> usize {
+        self.roots_pem.len()
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -335,6 +425,46 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let b = LocalCa::load_or_create(&ca_dir, "cluster.local").unwrap();
         assert_eq!(a.root_pem(), b.root_pem());
+    }
+
+    #[test]
+    fn material_from_bytes_checks_the_key_and_keeps_every_root() {
+        let a = CaMaterial::generate("cluster.local").unwrap();
+        let b = CaMaterial::generate("cluster.local").unwrap();
+        let ca = LocalCa::from_material(&a, "cluster.local").unwrap();
+        assert_eq!(ca.root_count(), 1);
+        let mismatched = CaMaterial {
+            ca_key: b.ca_key.clone(),
+            ..a.clone()
+        };
+        let err = LocalCa::from_material(&mismatched, "cluster.local")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("not the key"), "{err}");
+        let no_roots = CaMaterial {
+            root_cert: String::new(),
+            ..a.clone()
+        };
+        assert!(LocalCa::from_material(&no_roots, "cluster.local").is_err());
+        let garbage = CaMaterial {
+            ca_cert: "junk".into(),
+            ..a.clone()
+        };
+        assert!(LocalCa::from_material(&garbage, "cluster.local").is_err());
+        // Rotation: b signs, the bundle holds both roots; leaves verify against it.
+        let both = CaMaterial {
+            root_cert: format!("{}{}", a.root_cert, b.root_cert),
+            ..b.clone()
+        };
+        let ca = LocalCa::from_material(&both, "cluster.local").unwrap();
+        assert_eq!(ca.root_count(), 2);
+        let cert = issue(
+            &ca,
+            &id("spiffe://cluster.local/ns/d/sa/w"),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert_eq!(cert.chain.len(), 1, "a root signs: no intermediates sent");
     }
 
     #[test]

@@ -1,19 +1,28 @@
-//! The certificate authority: signing material from a plugged-in CA directory ([`LocalCa`],
-//! also used in-process by a daemon), the `ztunnel ca` server ([`server`]) and the daemon's
-//! client of it ([`CaClient`]). The API is in `ztunnel_proto::ca`.
+//! The certificate authority: signing material from a plugged-in CA directory or a Secret
+//! ([`LocalCa`], also used in-process by a daemon; [`secret`]), the `ztunnel ca` server
+//! ([`server`]), who may have which identity (a static token list or Kubernetes: [`kube`]),
+//! and the daemon's client of it ([`CaClient`]). The API is in `ztunnel_proto::ca`.
+//!
+//! [`run`] starts, in order: the signing material (Secret: read or created, then watched), the
+//! authorizer (Kubernetes: the pod index is listed completely before the first request is
+//! served), then the listener.
 
 mod client;
+pub mod kube;
 mod local;
+pub mod metrics;
+pub mod pods;
+pub mod secret;
 pub mod server;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 pub use client::CaClient;
-pub use local::{issue, LocalCa, DEFAULT_MAX_LIFETIME};
-pub use server::{SignAuthorizer, StaticTokenAuthorizer};
+pub use local::{issue, CaMaterial, LocalCa, DEFAULT_MAX_LIFETIME};
+pub use server::{Denied, SignAuthorizer, StaticTokenAuthorizer};
 
-use crate::config::CaConfig;
+use crate::config::{CaAuthorizer, CaConfig, CaMaterialSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,6 +45,10 @@ pub enum Error {
     Tls(#[from] rustls::Error),
     #[error("token file {path}: {reason}")]
     Token { path: PathBuf, reason: String },
+    #[error("Kubernetes API: {0}")]
+    Kube(String),
+    #[error("shut down before the CA was ready")]
+    Shutdown,
 }
 
 /// Runs `ztunnel ca` until `shutdown` resolves.
@@ -43,17 +56,100 @@ pub async fn run(
     cfg: &CaConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
-    let ca = Arc::new(
-        LocalCa::load_or_create(&cfg.ca_dir, &cfg.trust_domain)?
-            .with_max_lifetime(cfg.max_lifetime),
-    );
-    let auth = Arc::new(StaticTokenAuthorizer::from_file(&cfg.token_file)?);
+    tokio::pin!(shutdown);
+    let metrics = Arc::new(metrics::CaMetrics::default());
+    let needs_api = matches!(cfg.material, CaMaterialSource::Secret(_))
+        || matches!(cfg.authorizer, CaAuthorizer::Kubernetes { .. });
+    let client = if needs_api {
+        Some(
+            ::kube::Client::try_default()
+                .await
+                .map_err(|e| Error::Kube(format!("client configuration: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let mut tasks = Vec::new();
+    let ca = match (&cfg.material, &client) {
+        (CaMaterialSource::Secret(s), Some(client)) => {
+            let w = secret::SecretWatch {
+                secrets: ::kube::Api::namespaced(client.clone(), &s.namespace),
+                configmaps: ::kube::Api::namespaced(client.clone(), &s.namespace),
+                name: s.name.clone(),
+                trust_domain: cfg.trust_domain.clone(),
+                max_lifetime: cfg.max_lifetime,
+                metrics: metrics.clone(),
+            };
+            let (rx, task) = tokio::select! {
+                r = w.start() => r?,
+                _ = &mut shutdown => return Err(Error::Shutdown),
+            };
+            tracing::info!(secret = %s, "CA: signing material from the Secret");
+            tasks.push(task);
+            rx
+        }
+        (CaMaterialSource::Dir(dir), _) => {
+            let ca = LocalCa::load_or_create(dir, &cfg.trust_domain)?
+                .with_max_lifetime(cfg.max_lifetime);
+            tokio::sync::watch::channel(Arc::new(ca)).1
+        }
+        (CaMaterialSource::Secret(_), None) => unreachable!("a Secret needs the API"),
+    };
+    let auth: Arc<dyn SignAuthorizer> = match (&cfg.authorizer, &client) {
+        (CaAuthorizer::Static { token_file }, _) => {
+            Arc::new(StaticTokenAuthorizer::from_file(token_file)?)
+        }
+        (
+            CaAuthorizer::Kubernetes {
+                audience,
+                daemon_service_account,
+            },
+            Some(client),
+        ) => {
+            let index = Arc::new(RwLock::new(pods::PodIndex::default()));
+            let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+            tasks.push(pods::spawn_watcher(
+                ::kube::Api::all(client.clone()),
+                index.clone(),
+                synced_tx,
+            ));
+            tracing::info!("CA: listing pods before serving");
+            tokio::select! {
+                r = synced.wait_for(|s| *s) => { r.map_err(|_| Error::Kube("pod watcher ended".into()))?; }
+                _ = &mut shutdown => return Err(Error::Shutdown),
+            }
+            Arc::new(kube::KubeAuthorizer::new(
+                client.clone(),
+                kube::KubeAuthzConfig {
+                    audience: audience.clone(),
+                    daemon_namespace: daemon_service_account.namespace.clone(),
+                    daemon_service_account: daemon_service_account.name.clone(),
+                    trust_domain: cfg.trust_domain.clone(),
+                },
+                index,
+                metrics.clone(),
+            ))
+        }
+        (CaAuthorizer::Kubernetes { .. }, None) => unreachable!("kubernetes needs the API"),
+    };
     let listener = crate::net::listen(cfg.listen).map_err(|source| Error::Io {
         path: PathBuf::from(cfg.listen.to_string()),
         source,
     })?;
     tracing::info!(listen = %cfg.listen, "CA serving");
-    server::serve(listener, ca, auth, cfg.server_names.clone(), shutdown).await
+    let result = server::serve(
+        listener,
+        ca,
+        auth,
+        cfg.server_names.clone(),
+        metrics,
+        shutdown,
+    )
+    .await;
+    for t in tasks {
+        t.abort();
+    }
+    result
 }
 
 #[cfg(test)]
@@ -72,9 +168,10 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         tokio::spawn(server::serve(
             l,
-            ca.clone(),
+            tokio::sync::watch::channel(ca.clone()).1,
             auth,
             vec!["localhost".into()],
+            Arc::new(metrics::CaMetrics::default()),
             std::future::pending(),
         ));
         (dir, ca, addr)
@@ -117,6 +214,115 @@ mod tests {
             .duration_since(std::time::SystemTime::now())
             .unwrap();
         assert!(life <= Duration::from_secs(600));
+    }
+
+    /// Whether a leaf chain verifies (webpki, as a client certificate) against `roots_pem`.
+    pub(crate) fn chains_to(chain_pem: &[String], roots_pem: &str) -> bool {
+        use rustls::server::WebPkiClientVerifier;
+        let chain = crate::identity::parse_pem_certs(chain_pem).unwrap();
+        let roots = crate::identity::root_store(
+            &crate::identity::parse_pem_certs(&[roots_pem.to_owned()]).unwrap(),
+        )
+        .unwrap();
+        let v = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            crate::identity::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        v.verify_client_cert(&chain[0], &chain[1..], rustls_pki_types::UnixTime::now())
+            .is_ok()
+    }
+
+    /// The material a rotation publishes: a new signing root, and a bundle with both roots.
+    fn rotated(old: &LocalCa) -> CaMaterial {
+        let fresh = CaMaterial::generate("cluster.local").unwrap();
+        CaMaterial {
+            root_cert: format!("{}{}", old.root_pem(), fresh.root_cert),
+            ..fresh
+        }
+    }
+
+    #[tokio::test]
+    async fn rotation_swaps_the_signer_and_the_serving_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
+        let (tx, rx) = tokio::sync::watch::channel(old.clone());
+        let auth = Arc::new(StaticTokenAuthorizer::new(vec!["s3cret".into()]).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(server::serve(
+            l,
+            rx,
+            auth,
+            vec!["localhost".into()],
+            Arc::new(metrics::CaMetrics::default()),
+            std::future::pending(),
+        ));
+        let client = |root: &str| {
+            CaClient::new(
+                addr.clone(),
+                "localhost".into(),
+                root,
+                Some("s3cret".into()),
+            )
+            .unwrap()
+        };
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let resp = client(&old.root_pem()).sign(request(&id).1).await.unwrap();
+        assert_eq!(resp.roots_pem.len(), 1);
+
+        let m = rotated(&old);
+        let new = Arc::new(LocalCa::from_material(&m, "cluster.local").unwrap());
+        assert_eq!(new.root_count(), 2);
+        tx.send_replace(new.clone());
+        // A daemon that only knows the new root can reach the CA: the serving certificate
+        // was re-issued from the new material.
+        let new_root_only = m.ca_cert.clone(); // the new root signs
+        let (key, req) = request(&id);
+        let resp = client(&new_root_only).sign(req).await.unwrap();
+        assert_eq!(resp.roots_pem.len(), 2, "both roots served");
+        // The leaf is signed by the new root, and verifies against the bundle.
+        let cert = WorkloadCert::from_signed(
+            id.clone(),
+            &key,
+            &resp.cert_chain_pem,
+            &resp.roots_pem,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(cert.chain.len(), 1);
+        assert!(chains_to(&resp.cert_chain_pem, &new_root_only));
+        assert!(!chains_to(&resp.cert_chain_pem, &old.root_pem()));
+        // A daemon holding the bundle trusts the CA too.
+        client(&m.root_cert)
+            .sign(request(&"spiffe://cluster.local/ns/a/sa/c".parse().unwrap()).1)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_token_file_is_read_for_every_request() {
+        let (_d, ca, addr) = start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let client =
+            CaClient::with_token_file(addr, "localhost".into(), &ca.root_pem(), file.clone())
+                .unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        client.sign(request(&id).1).await.unwrap();
+        std::fs::write(&file, "rotated-away").unwrap();
+        let err = client.sign(request(&id).1).await.unwrap_err();
+        assert!(
+            matches!(err, SignError::Refused { status: 401, .. }),
+            "{err}"
+        );
+        std::fs::write(&file, "s3cret").unwrap();
+        client.sign(request(&id).1).await.unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let err = client.sign(request(&id).1).await.unwrap_err();
+        assert!(err.to_string().contains("token"), "{err}");
     }
 
     #[tokio::test]

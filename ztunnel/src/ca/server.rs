@@ -1,9 +1,15 @@
 //! `ztunnel ca`'s server: HTTP/2 over TLS 1.3, `POST /v1/sign` (see `ztunnel_proto::ca`).
 //!
-//! Who may have which identity is decided by a [`SignAuthorizer`]; here a static bearer token
-//! list ([`StaticTokenAuthorizer`]), compared in constant time. A peer must finish its TLS
-//! handshake within 10 s and send its request within 10 s; bodies are capped; every refusal is
-//! logged with its reason.
+//! Who may have which identity is decided by a [`SignAuthorizer`] (async): a static bearer
+//! token list ([`StaticTokenAuthorizer`], compared in constant time) or Kubernetes
+//! (`super::kube`). A peer must finish its TLS handshake within 10 s and send its request within
+//! 10 s; bodies are capped; every refusal is logged with its reason (never the token) and
+//! counted in `ztunnel_ca_refusals_total{reason}`; `GET /metrics` on the same port serves the
+//! counters.
+//!
+//! The signing material is a `watch` of [`LocalCa`]: each request signs with the current one,
+//! and when it changes (rotation) the serving certificate is re-issued from the new material
+//! for the connections accepted from then on.
 
 use std::future::Future;
 use std::path::Path;
@@ -18,24 +24,71 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use ztunnel_proto::ca::{ErrorBody, SignRequest, MAX_BODY, SIGN_PATH};
 
+use tokio::sync::watch;
+
+use super::metrics::CaMetrics;
 use super::{Error, LocalCa};
-use crate::identity::{tls::provider, Identity};
+use crate::identity::{tls::provider, BoxFuture, Identity};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why a caller may not have an identity.
-#[derive(Debug, thiserror::Error)]
+/// Why a caller may not have an identity: `reason` is a short label for the refusal counter,
+/// `detail` the message sent back and logged (never a token).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
-    #[error("missing or unknown token")]
-    Unauthenticated,
+    /// 401: no token, or one that does not authenticate for this CA.
+    #[error("{detail}")]
+    Unauthenticated {
+        reason: &'static str,
+        detail: String,
+    },
+    /// 403: an authenticated caller that may not have this identity.
+    #[error("{detail}")]
+    Forbidden {
+        reason: &'static str,
+        detail: String,
+    },
+    /// 500: the decision could not be made (e.g. the API server did not answer).
     #[error("{0}")]
-    Forbidden(String),
+    Unavailable(String),
+}
+
+impl Denied {
+    pub fn unauthenticated(reason: &'static str, detail: impl Into<String>) -> Self {
+        Denied::Unauthenticated {
+            reason,
+            detail: detail.into(),
+        }
+    }
+    pub fn forbidden(reason: &'static str, detail: impl Into<String>) -> Self {
+        Denied::Forbidden {
+            reason,
+            detail: detail.into(),
+        }
+    }
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Denied::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Denied::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Denied::Unavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denied::Unauthenticated { reason, .. } | Denied::Forbidden { reason, .. } => reason,
+            Denied::Unavailable(_) => "unavailable",
+        }
+    }
 }
 
 /// Decides whether the holder of a bearer token may get a certificate for an identity.
 pub trait SignAuthorizer: Send + Sync + 'static {
-    fn authorize(&self, bearer_token: Option<&str>, identity: &Identity) -> Result<(), Denied>;
+    fn authorize<'a>(
+        &'a self,
+        bearer_token: Option<&'a str>,
+        identity: &'a Identity,
+    ) -> BoxFuture<'a, Result<(), Denied>>;
 }
 
 /// Accepts any identity for a holder of one of a fixed list of tokens.
@@ -77,9 +130,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-impl SignAuthorizer for StaticTokenAuthorizer {
-    fn authorize(&self, token: Option<&str>, _identity: &Identity) -> Result<(), Denied> {
-        let token = token.ok_or(Denied::Unauthenticated)?.as_bytes();
+impl StaticTokenAuthorizer {
+    fn check(&self, token: Option<&str>) -> Result<(), Denied> {
+        let token = token
+            .ok_or_else(|| Denied::unauthenticated("no_token", "missing bearer token"))?
+            .as_bytes();
         // Compare against every token so timing does not tell which one matched.
         let ok = self
             .tokens
@@ -88,8 +143,18 @@ impl SignAuthorizer for StaticTokenAuthorizer {
         if ok {
             Ok(())
         } else {
-            Err(Denied::Unauthenticated)
+            Err(Denied::unauthenticated("unknown_token", "unknown token"))
         }
+    }
+}
+
+impl SignAuthorizer for StaticTokenAuthorizer {
+    fn authorize<'a>(
+        &'a self,
+        token: Option<&'a str>,
+        _identity: &'a Identity,
+    ) -> BoxFuture<'a, Result<(), Denied>> {
+        Box::pin(std::future::ready(self.check(token)))
     }
 }
 
@@ -108,15 +173,17 @@ fn tls_acceptor(ca: &LocalCa, names: &[String]) -> Result<TlsAcceptor, Error> {
 
 use rustls_pki_types::pem::PemObject;
 
-/// Serves signing requests on `listener` until `shutdown` resolves.
+/// Serves signing requests on `listener` until `shutdown` resolves, signing with the current
+/// value of `ca`.
 pub async fn serve(
     listener: TcpListener,
-    ca: Arc<LocalCa>,
+    mut ca: watch::Receiver<Arc<LocalCa>>,
     auth: Arc<dyn SignAuthorizer>,
     server_names: Vec<String>,
+    metrics: Arc<CaMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let acceptor = tls_acceptor(&ca, &server_names)?;
+    let mut acceptor = tls_acceptor(&ca.borrow_and_update(), &server_names)?;
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -130,10 +197,27 @@ pub async fn serve(
             },
             _ = &mut shutdown => return Ok(()),
         };
-        let (acceptor, ca, auth) = (acceptor.clone(), ca.clone(), auth.clone());
+        if ca.has_changed().unwrap_or(false) {
+            let current = ca.borrow_and_update().clone();
+            match tls_acceptor(&current, &server_names) {
+                Ok(a) => {
+                    acceptor = a;
+                    tracing::info!("CA: serving certificate re-issued from the new material");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "CA: cannot re-issue the serving certificate; keeping the old one")
+                }
+            }
+        }
+        let (acceptor, ca, auth, metrics) =
+            (acceptor.clone(), ca.clone(), auth.clone(), metrics.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
+                // A connection closed before any TLS byte is a TCP probe (readiness): quiet.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return tracing::debug!(%peer, error = %e, "CA: connection closed before TLS")
+                }
                 Ok(Err(e)) => return tracing::warn!(%peer, error = %e, "CA: TLS handshake failed"),
                 Err(_) => return tracing::warn!(%peer, "CA: TLS handshake timed out"),
             };
@@ -142,23 +226,57 @@ pub async fn serve(
                 Err(e) => return tracing::warn!(%peer, error = %e, "CA: HTTP/2 handshake failed"),
             };
             while let Some(Ok((req, respond))) = conn.accept().await {
-                let (ca, auth) = (ca.clone(), auth.clone());
+                let (ca, auth, metrics) = (ca.clone(), auth.clone(), metrics.clone());
                 tokio::spawn(async move {
-                    let (status, body) =
-                        match tokio::time::timeout(REQUEST_TIMEOUT, handle(&ca, &*auth, req)).await
-                        {
-                            Ok(r) => r,
-                            Err(_) => {
-                                error(StatusCode::REQUEST_TIMEOUT, "request timed out".into())
-                            }
-                        };
-                    if status != StatusCode::OK {
-                        tracing::warn!(%peer, status = status.as_u16(), body = %String::from_utf8_lossy(&body), "CA: request refused");
+                    let outcome = match tokio::time::timeout(
+                        REQUEST_TIMEOUT,
+                        handle(&ca, &*auth, &metrics, req),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Outcome::refused(
+                            "timeout",
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request timed out".into(),
+                        ),
+                    };
+                    if let Some(reason) = outcome.refusal {
+                        metrics.refused(reason);
+                        tracing::warn!(%peer, status = outcome.status.as_u16(), reason, body = %String::from_utf8_lossy(&outcome.body), "CA: request refused");
                     }
-                    reply(respond, status, body);
+                    reply(respond, outcome.status, outcome.content_type, outcome.body);
                 });
             }
         });
+    }
+}
+
+/// An answer, and the refusal reason to count when it is one.
+struct Outcome {
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+    refusal: Option<&'static str>,
+}
+
+impl Outcome {
+    fn refused(reason: &'static str, status: StatusCode, msg: String) -> Self {
+        let (status, body) = error(status, msg);
+        Outcome {
+            status,
+            content_type: "application/json",
+            body,
+            refusal: Some(reason),
+        }
+    }
+    fn ok(content_type: &'static str, body: Bytes) -> Self {
+        Outcome {
+            status: StatusCode::OK,
+            content_type,
+            body,
+            refusal: None,
+        }
     }
 }
 
@@ -167,10 +285,15 @@ fn error(status: StatusCode, msg: String) -> (StatusCode, Bytes) {
     (status, body.into())
 }
 
-fn reply(mut respond: SendResponse<Bytes>, status: StatusCode, body: Bytes) {
+fn reply(
+    mut respond: SendResponse<Bytes>,
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+) {
     let resp = Response::builder()
         .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_TYPE, content_type)
         .body(())
         .expect("static response");
     if let Ok(mut s) = respond.send_response(resp, false) {
@@ -195,12 +318,20 @@ async fn read_body(mut body: RecvStream) -> Result<Bytes, (StatusCode, Bytes)> {
 }
 
 async fn handle(
-    ca: &LocalCa,
+    ca: &watch::Receiver<Arc<LocalCa>>,
     auth: &dyn SignAuthorizer,
+    metrics: &CaMetrics,
     req: Request<RecvStream>,
-) -> (StatusCode, Bytes) {
+) -> Outcome {
+    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        return Outcome::ok(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode().into(),
+        );
+    }
     if req.method() != Method::POST || req.uri().path() != SIGN_PATH {
-        return error(
+        return Outcome::refused(
+            "not_found",
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {} {}", req.method(), req.uri().path()),
         );
@@ -213,30 +344,38 @@ async fn handle(
         .map(str::to_owned);
     let body = match read_body(req.into_body()).await {
         Ok(b) => b,
-        Err(e) => return e,
+        Err((status, body)) => {
+            return Outcome {
+                status,
+                content_type: "application/json",
+                body,
+                refusal: Some("bad_request"),
+            }
+        }
     };
+    let bad = |m: String| Outcome::refused("bad_request", StatusCode::BAD_REQUEST, m);
     let sign_req: SignRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed request: {e}")),
+        Err(e) => return bad(format!("malformed request: {e}")),
     };
     let id: Identity = match sign_req.identity.parse() {
         Ok(id) => id,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => return bad(e.to_string()),
     };
-    match auth.authorize(token.as_deref(), &id) {
-        Ok(()) => {}
-        Err(d @ Denied::Unauthenticated) => return error(StatusCode::UNAUTHORIZED, d.to_string()),
-        Err(d @ Denied::Forbidden(_)) => return error(StatusCode::FORBIDDEN, d.to_string()),
+    if let Err(d) = auth.authorize(token.as_deref(), &id).await {
+        return Outcome::refused(d.reason(), d.status(), d.to_string());
     }
-    match ca.sign(&sign_req, SystemTime::now()) {
+    let current = ca.borrow().clone();
+    match current.sign(&sign_req, SystemTime::now()) {
         Ok(resp) => {
+            metrics.signed();
             tracing::info!(identity = %id, "CA: signed");
-            (
-                StatusCode::OK,
+            Outcome::ok(
+                "application/json",
                 serde_json::to_vec(&resp).unwrap_or_default().into(),
             )
         }
-        Err(Error::BadRequest(m)) => error(StatusCode::BAD_REQUEST, m),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(Error::BadRequest(m)) => bad(m),
+        Err(e) => Outcome::refused("internal", StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -7,10 +7,15 @@
 //! the pod's identity ([`crate::proxy::Scope::Pod`]), writes the pod's record ([`store`]), and
 //! only then answers. On DEL it undoes all of it. While no daemon runs, the rules stay: an
 //! enrolled pod's connections are redirected to ports nobody listens on and are refused,
-//! never sent in plaintext.
+//! never sent in plaintext. Besides CNI, the reconciler ([`reconcile`]) enrolls and releases
+//! running pods as namespace and pod labels change, finding each pod's netns by its IP
+//! ([`find`]); the pod's annotation shows the outcome ([`annotate`]).
 
+pub mod annotate;
+pub mod find;
 pub mod netns;
 pub mod pods;
+pub mod reconcile;
 pub mod rules;
 pub mod server;
 pub mod store;

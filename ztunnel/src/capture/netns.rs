@@ -67,6 +67,11 @@ impl Netns {
         self.id.1
     }
 
+    /// (device, inode): equal for two handles of the same namespace.
+    pub fn id(&self) -> (u64, u64) {
+        self.id
+    }
+
     /// Runs `f` with the calling thread inside this namespace, then switches back.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
         let host = Netns::host();

@@ -4,15 +4,21 @@
 //! [`decide`] is the pure enrollment decision. [`Pods`] applies it: it owns, per attachment,
 //! the pod's netns handle and the task serving its listeners, and answers each
 //! [`Request`]. Operations are serialized (one at a time) and blocking (they run `nft` and
-//! `ip`); the server calls [`Pods::handle`] from a blocking thread.
+//! `ip`); the server calls [`Pods::handle`] from a blocking thread. The reconciler
+//! ([`super::reconcile`]) enrolls running pods it found itself ([`Pods::enroll_found`], under
+//! a `ztunnel-reconciled-<uid>` attachment that a CNI DEL for the pod also releases) and
+//! releases through the same path as DEL. Outcomes are published as the pod's annotation
+//! ([`super::annotate`]).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::watch;
 use ztunnel_proto::enroll::{Attachment, ErrorKind, PodAdd, PodRef, Reply, Request};
 
+use super::annotate::{Annotator, Status};
 use super::netns::Netns;
 use super::rules::{self, RulesError};
 use super::store::{PodRecord, Store};
@@ -36,7 +42,8 @@ pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decisi
         .then(|| state.workload_by_uid(&pod.uid))
         .flatten()
         .or_else(|| state.workload_by_name(&pod.namespace, &pod.name))
-        .or_else(|| ips.iter().find_map(|ip| state.workload_by_ip(*ip)));
+        .or_else(|| ips.iter().find_map(|ip| state.workload_by_ip(*ip)))
+        .or_else(|| state.pending_by_name(&pod.namespace, &pod.name));
     let Some(w) = known else {
         if pod.namespace.is_empty() {
             return Decision::NotEnrolled("not a Kubernetes pod (no K8S_POD_NAMESPACE)".into());
@@ -60,6 +67,20 @@ pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decisi
             "discovery places pod {}/{} on node {}, not {node}",
             w.namespace, w.name, w.node
         ));
+    }
+    if w.ips.is_empty() {
+        // Discovery knows the pod (by uid) but not its IPs yet: they are the ones the
+        // plugin was just given.
+        if ips.is_empty() {
+            return Decision::TryAgain(format!(
+                "pod {}/{} has no IP yet, neither in discovery nor in the request",
+                w.namespace, w.name
+            ));
+        }
+        return Decision::Enroll(Arc::new(Workload {
+            ips: ips.to_vec(),
+            ..(**w).clone()
+        }));
     }
     Decision::Enroll(w.clone())
 }
@@ -85,6 +106,40 @@ struct Enrolled {
     serving: tokio::task::JoinHandle<()>,
 }
 
+/// The container id recorded for a pod the reconciler enrolled (the runtime's id is not
+/// known): `ztunnel-reconciled-<pod uid>`, interface `eth0`. A later CNI DEL for the pod
+/// matches it by pod (uid, else namespace/name) or by netns, and CNI GC leaves it alone.
+pub const RECONCILED_PREFIX: &str = "ztunnel-reconciled-";
+
+/// The attachment of a pod enrolled by the reconciler.
+pub fn reconciled_attachment(uid: &str) -> Attachment {
+    Attachment {
+        container_id: format!("{RECONCILED_PREFIX}{uid}"),
+        ifname: "eth0".into(),
+    }
+}
+
+/// Whether `a` was enrolled by the reconciler rather than by CNI ADD.
+pub fn is_reconciled(a: &Attachment) -> bool {
+    a.container_id.starts_with(RECONCILED_PREFIX)
+}
+
+/// Whether two references name the same pod (by uid when both have one).
+fn same_pod(a: &PodRef, b: &PodRef) -> bool {
+    if !a.uid.is_empty() && !b.uid.is_empty() {
+        return a.uid == b.uid;
+    }
+    !a.name.is_empty() && a.namespace == b.namespace && a.name == b.name
+}
+
+/// An enrolled pod, as the reconciler sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrolledPod {
+    pub attachment: Attachment,
+    pub pod: PodRef,
+    pub ips: Vec<IpAddr>,
+}
+
 /// The pods this daemon serves.
 pub struct Pods {
     pi: Arc<ProxyInputs>,
@@ -92,6 +147,9 @@ pub struct Pods {
     ready: watch::Receiver<bool>,
     rt: tokio::runtime::Handle,
     enrolled: Mutex<HashMap<Attachment, Enrolled>>,
+    /// Serializes enrollments and releases (CNI and reconciler).
+    op: Mutex<()>,
+    annotator: OnceLock<Arc<dyn Annotator>>,
 }
 
 fn error(kind: ErrorKind, message: impl ToString) -> Reply {
@@ -110,7 +168,109 @@ impl Pods {
             ready,
             rt: tokio::runtime::Handle::current(),
             enrolled: Mutex::default(),
+            op: Mutex::default(),
+            annotator: OnceLock::new(),
         })
+    }
+
+    /// Publishes enrollment status through `a` from now on (set once).
+    pub fn set_annotator(&self, a: Arc<dyn Annotator>) {
+        let _ = self.annotator.set(a);
+    }
+
+    /// Queues `pod`'s status for its annotation (never blocks).
+    pub fn annotate(&self, pod: &PodRef, status: Status) {
+        if let Some(a) = self.annotator.get() {
+            a.annotate(pod, status);
+        }
+    }
+
+    fn op(&self) -> MutexGuard<'_, ()> {
+        self.op.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every enrolled pod.
+    pub fn list(&self) -> Vec<EnrolledPod> {
+        self.enrolled
+            .lock()
+            .expect("pods lock")
+            .iter()
+            .map(|(a, e)| EnrolledPod {
+                attachment: a.clone(),
+                pod: e.record.pod.clone(),
+                ips: e.record.ips.clone(),
+            })
+            .collect()
+    }
+
+    /// Enrolls `w` in the netns found at `path` (by the reconciler), which must still be the
+    /// namespace `id`; a no-op (false) if the pod is enrolled already. Blocking.
+    pub fn enroll_found(
+        &self,
+        w: &Workload,
+        path: &Path,
+        id: (u64, u64),
+    ) -> Result<bool, EnrollError> {
+        let _op = self.op();
+        let pod = PodRef {
+            namespace: w.namespace.to_string(),
+            name: w.name.to_string(),
+            uid: w.uid.to_string(),
+        };
+        // Enrolled meanwhile (by CNI ADD, perhaps under another name or by address only).
+        if self
+            .list()
+            .iter()
+            .any(|e| same_pod(&e.pod, &pod) || e.ips.iter().any(|ip| w.ips.contains(ip)))
+        {
+            return Ok(false);
+        }
+        let netns_err = |source| EnrollError::Netns {
+            path: path.display().to_string(),
+            source,
+        };
+        let netns = Netns::open(path).map_err(netns_err)?;
+        if netns.id() != id {
+            return Err(netns_err(std::io::Error::other(
+                "the process left; the path now names another namespace",
+            )));
+        }
+        let record = PodRecord {
+            attachment: reconciled_attachment(&w.uid),
+            netns: path.to_owned(),
+            pod,
+            ips: w.ips.clone(),
+        };
+        self.enroll_in(record, w, Arc::new(netns))?;
+        Ok(true)
+    }
+
+    /// Releases the pod enrolled under `a` (for the reconciler); whether it was enrolled.
+    pub fn release_attachment(&self, a: &Attachment) -> bool {
+        let _op = self.op();
+        self.release(a)
+    }
+
+    /// The reconciler-enrolled attachments of the pod `pod` or in the netns at `netns`.
+    fn reconciled_of(&self, pod: Option<&PodRef>, netns: &str) -> Vec<Attachment> {
+        let id = (!netns.is_empty())
+            .then(|| std::fs::metadata(netns).ok())
+            .flatten()
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
+        self.enrolled
+            .lock()
+            .expect("pods lock")
+            .iter()
+            .filter(|(a, e)| {
+                is_reconciled(a)
+                    && (pod.is_some_and(|p| same_pod(p, &e.record.pod))
+                        || id.is_some_and(|id| e.netns.id() == id))
+            })
+            .map(|(a, _)| a.clone())
+            .collect()
     }
 
     /// Counts a refused enrollment request.
@@ -134,9 +294,19 @@ impl Pods {
     /// Answers one request of the CNI plugin (blocking).
     pub fn handle(&self, req: Request) -> Reply {
         match req {
-            Request::Add(add) => self.add(add),
+            Request::Add(add) => {
+                let _op = self.op();
+                self.add(add)
+            }
             Request::Del(del) => {
-                self.release(&del.attachment);
+                let _op = self.op();
+                let mut released = self.release(&del.attachment);
+                for a in self.reconciled_of(del.pod.as_ref(), &del.netns) {
+                    released |= self.release(&a);
+                }
+                if let (true, Some(pod)) = (released, &del.pod) {
+                    self.annotate(pod, Status::Released);
+                }
                 Reply::Ok
             }
             Request::Check(add) => self.check(add),
@@ -151,13 +321,16 @@ impl Pods {
                 }
             }
             Request::Gc { valid } => {
+                let _op = self.op();
                 let valid: HashSet<Attachment> = valid.into_iter().collect();
+                // The runtime does not know the reconciler's attachments: the reconciler
+                // and DEL release those.
                 let stale: Vec<Attachment> = self
                     .enrolled
                     .lock()
                     .expect("pods lock")
                     .keys()
-                    .filter(|a| !valid.contains(a))
+                    .filter(|a| !valid.contains(a) && !is_reconciled(a))
                     .cloned()
                     .collect();
                 for a in &stale {
@@ -180,10 +353,33 @@ impl Pods {
             Decision::TryAgain(reason) => {
                 tracing::warn!(pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "cannot enroll yet");
                 self.pi.metrics.refused("enrollment_try_again");
+                self.annotate(&add.pod, Status::Failed(reason.clone()));
                 return error(ErrorKind::TryAgain, reason);
             }
         };
         drop(state);
+        // The reconciler may have enrolled this pod already (found by its IP): CNI takes
+        // over. Same netns: the rules stay and are replaced atomically below; another netns
+        // (a new sandbox): the old one is released in full.
+        let new_id = std::fs::metadata(&add.netns).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        for a in self.reconciled_of(Some(&add.pod), "") {
+            let old = self.enrolled.lock().expect("pods lock").remove(&a);
+            if let Some(old) = old {
+                if Some(old.netns.id()) != new_id {
+                    self.enrolled
+                        .lock()
+                        .expect("pods lock")
+                        .insert(a.clone(), old);
+                    self.release(&a);
+                } else {
+                    old.serving.abort();
+                    let _ = self.store.remove(&a);
+                }
+            }
+        }
         let record = PodRecord {
             attachment: add.attachment.clone(),
             netns: add.netns.clone().into(),
@@ -201,10 +397,14 @@ impl Pods {
             old.serving.abort();
         }
         match self.enroll(record, &w) {
-            Ok(()) => Reply::Enrolled,
+            Ok(()) => {
+                self.annotate(&add.pod, Status::Enrolled);
+                Reply::Enrolled
+            }
             Err(e) => {
                 tracing::warn!(pod = %format!("{}/{}", add.pod.namespace, add.pod.name), error = %e, "enrollment failed");
                 self.pi.metrics.refused("enrollment_failed");
+                self.annotate(&add.pod, Status::Failed(e.to_string()));
                 error(ErrorKind::TryAgain, e)
             }
         }
@@ -218,6 +418,15 @@ impl Pods {
                 source,
             })?,
         );
+        self.enroll_in(record, w, netns)
+    }
+
+    fn enroll_in(
+        &self,
+        record: PodRecord,
+        w: &Workload,
+        netns: Arc<Netns>,
+    ) -> Result<(), EnrollError> {
         rules::install(&netns)?;
         let listeners = {
             let _rt = self.rt.enter();
@@ -250,8 +459,15 @@ impl Pods {
         Ok(())
     }
 
-    /// Stops the pod's listeners, removes its rules and record. Idempotent.
-    fn release(&self, a: &Attachment) {
+    /// Stops the pod's listeners, removes its rules and record. Idempotent; whether the pod
+    /// was enrolled.
+    ///
+    /// Established connections are not cut: their handlers run on as their own tasks, and
+    /// conntrack keeps the redirect of flows that were already redirected, so outbound ones
+    /// run to their end through the daemon. Inbound ones that the daemon connected to the
+    /// application transparently lose their reply route with the rules and stall until a
+    /// side gives up. New connections go plain at once.
+    fn release(&self, a: &Attachment) -> bool {
         let removed = {
             let mut enrolled = self.enrolled.lock().expect("pods lock");
             let e = enrolled.remove(a);
@@ -260,7 +476,7 @@ impl Pods {
         };
         let Some(e) = removed else {
             let _ = self.store.remove(a);
-            return;
+            return false;
         };
         e.serving.abort();
         if let Err(err) = rules::remove(&e.netns) {
@@ -271,11 +487,18 @@ impl Pods {
             tracing::warn!(error = %err, "cannot remove the pod's record");
         }
         tracing::info!(pod = %format!("{}/{}", e.record.pod.namespace, e.record.pod.name), "released");
+        true
     }
 
     fn check(&self, add: PodAdd) -> Reply {
+        // A pod the reconciler enrolled is checked under its own attachment.
+        let key = self
+            .reconciled_of(Some(&add.pod), &add.netns)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| add.attachment.clone());
         let guard = self.enrolled.lock().expect("pods lock");
-        match guard.get(&add.attachment) {
+        match guard.get(&add.attachment).or_else(|| guard.get(&key)) {
             Some(e) => {
                 if e.serving.is_finished() {
                     return error(
@@ -314,6 +537,16 @@ impl Pods {
         };
         let mut n = 0;
         for r in records {
+            // A reconciler record names `<proc>/<pid>/ns/net`: the pid may have been reused
+            // since. Serve it again only if that namespace still holds the pod's IP;
+            // otherwise forget the record without touching that namespace (the reconciler
+            // finds the pod again).
+            if is_reconciled(&r.attachment) && !holds_ips(&r.netns, &r.ips) {
+                tracing::info!(pod = %format!("{}/{}", r.pod.namespace, r.pod.name), netns = %r.netns.display(),
+                    "reconciler record no longer names the pod's netns; forgotten");
+                let _ = self.store.remove(&r.attachment);
+                continue;
+            }
             let state = self.pi.discovery.current();
             let decision = decide(&state, &self.pi.node, &r.pod, &r.ips);
             drop(state);
@@ -334,6 +567,13 @@ impl Pods {
         }
         n
     }
+}
+
+/// Whether the namespace at `path` has one of `ips` on an interface.
+fn holds_ips(path: &Path, ips: &[IpAddr]) -> bool {
+    Netns::open(path)
+        .and_then(|ns| ns.run(super::find::local_addresses))
+        .is_ok_and(|r| r.is_ok_and(|have| have.iter().any(|ip| ips.contains(ip))))
 }
 
 #[cfg(test)]
@@ -358,6 +598,73 @@ workloads:
             name: name.into(),
             uid: uid.into(),
         }
+    }
+
+    #[test]
+    fn a_record_names_the_pods_netns_only_if_it_holds_the_pods_ip() {
+        let here = Path::new("/proc/self/ns/net");
+        let mine = super::super::find::local_addresses().unwrap();
+        if let Some(ip) = mine.first() {
+            assert!(holds_ips(here, &[*ip]));
+        }
+        assert!(!holds_ips(here, &["203.0.113.77".parse().unwrap()]));
+        assert!(!holds_ips(Path::new("/proc/0/ns/net"), &mine));
+    }
+
+    #[test]
+    fn same_pod_by_uid_else_by_name() {
+        let cases = [
+            (pod("a", "x", "u1"), pod("a", "x", "u1"), true),
+            (pod("a", "x", "u1"), pod("a", "x", "u2"), false), // recreated under the same name
+            (pod("a", "x", "u1"), pod("b", "y", "u1"), true),
+            (pod("a", "x", ""), pod("a", "x", "u1"), true),
+            (pod("a", "x", ""), pod("b", "x", ""), false),
+            (pod("", "", ""), pod("", "", ""), false),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(same_pod(&a, &b), want, "{a:?} {b:?}");
+            assert!(is_reconciled(&reconciled_attachment(&a.uid)));
+        }
+    }
+
+    #[test]
+    fn a_pod_known_without_an_ip_enrolls_with_the_plugins_ips() {
+        let pending = |ns: &str, name: &str, uid: &str, node: &str| Workload {
+            uid: uid.into(),
+            name: name.into(),
+            namespace: ns.into(),
+            service_account: "sa".into(),
+            node: node.into(),
+            ips: Vec::new(),
+            labels: Default::default(),
+            protocol: crate::discovery::Protocol::Hbone,
+        };
+        let s = crate::discovery::parse(MESH, "cluster.local")
+            .unwrap()
+            .with_pending(vec![
+                pending("demo", "fresh", "u20", "n1"),
+                pending("demo", "elsewhere", "u21", "n2"),
+                pending("plain", "fresh", "u22", "n1"),
+            ]);
+        let ip: Vec<IpAddr> = vec!["10.0.0.20".parse().unwrap()];
+        for (p, ips, want) in [
+            (pod("demo", "fresh", "u20"), ip.clone(), Some("u20")),
+            (pod("demo", "fresh", ""), ip.clone(), Some("u20")), // by name
+            (pod("demo", "fresh", "u20"), vec![], None),         // no IP anywhere
+            (pod("demo", "elsewhere", "u21"), ip.clone(), None), // another node
+            (pod("plain", "fresh", "u22"), ip.clone(), None),    // namespace not enrolled
+        ] {
+            match decide(&s, "n1", &p, &ips) {
+                Decision::Enroll(w) => {
+                    assert_eq!(Some(&*w.uid), want, "{p:?}");
+                    assert_eq!(w.ips, ips, "{p:?}");
+                }
+                other => assert_eq!(want, None, "{p:?}: {other:?}"),
+            }
+        }
+        // Still not a workload: nothing routes to it until discovery has its IP.
+        assert!(s.workload_by_ip(ip[0]).is_none());
+        assert!(s.workload_by_uid("u20").is_some_and(|w| w.ips.is_empty()));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! every reader through a [`Discovery`] handle, and filled by a source — here the local YAML
 //! file ([`watch_file`]); the Kubernetes source fills the same model.
 
+pub mod crd;
 mod file;
+pub mod kube;
 mod model;
 pub mod policy;
 
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use file::{parse, parse_for_node, watch_file};
+pub use kube::watch_kubernetes;
 pub use model::{
     Labels, Namespace, Protocol, Service, ServicePort, State, Workload, DATAPLANE_MODE_LABEL,
 };
@@ -28,12 +31,15 @@ pub enum Error {
     Parse(String),
     #[error("invalid mesh: {0}")]
     Invalid(String),
+    #[error("kubernetes: {0}")]
+    Kube(String),
 }
 
 #[derive(Debug, Default)]
 struct Stats {
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
+    objects_refused: AtomicU64,
 }
 
 /// A reader's handle on the current state. Cheap to clone.
@@ -71,5 +77,10 @@ impl Discovery {
 
     pub fn reloads_failed(&self) -> u64 {
         self.stats.reloads_failed.load(Ordering::Relaxed)
+    }
+
+    /// Objects a source refused or skipped (Kubernetes: each time one arrives bad).
+    pub fn objects_refused(&self) -> u64 {
+        self.stats.objects_refused.load(Ordering::Relaxed)
     }
 }

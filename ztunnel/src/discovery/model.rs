@@ -143,6 +143,8 @@ pub struct State {
     authz: Vec<AuthorizationPolicy>,
     peer_authn: Vec<PeerAuthentication>,
     policy: crate::policy::PolicyIndex,
+    /// This node's pods that have no IP yet; also in `by_uid`.
+    pending: Vec<Arc<Workload>>,
 }
 
 fn selects(selector: &Labels, labels: &Labels) -> bool {
@@ -243,6 +245,29 @@ impl State {
             s.endpoints.push(endpoints);
         }
         Ok(s)
+    }
+
+    /// Adds this node's pods that have no IP yet, found by uid only: they are not
+    /// workloads (nothing can be routed to them) until discovery learns their IPs, but the
+    /// CNI plugin adding one may enroll it with the IPs it was just given
+    /// ([`crate::capture::pods::decide`]). A uid already known is left as it is.
+    pub fn with_pending(mut self, pending: Vec<Workload>) -> State {
+        for w in pending {
+            if !w.uid.is_empty() && !self.by_uid.contains_key(&w.uid) {
+                let w = Arc::new(w);
+                self.by_uid.insert(w.uid.clone(), w.clone());
+                self.pending.push(w);
+            }
+        }
+        self
+    }
+
+    /// A pod of this node that has no IP yet (see [`State::with_pending`]), by name, for a
+    /// runtime that does not pass the pod's uid to the CNI plugin.
+    pub fn pending_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.pending
+            .iter()
+            .find(|w| &*w.namespace == namespace && &*w.name == name)
     }
 
     pub fn trust_domain(&self) -> &str {

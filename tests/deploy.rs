@@ -1,0 +1,1000 @@
+//! The manifests in `deploy/`, rendered with `kubectl kustomize` exactly as users apply them,
+//! checked against the code they deploy:
+//! - every object parses into its `k8s-openapi` type (the policy samples into the CRD types of
+//!   `ztunnel::discovery::crd`) with no field ignored: k8s-openapi silently skips unknown
+//!   fields, so the parse goes through `serde_ignored`, which reports each one by path; an
+//!   unexpected kind is an error too;
+//! - the CRDs in the rendered base are exactly what `ztunnel crds` generates;
+//! - the DaemonSet's daemon container, fed to the daemon's own parser
+//!   (`RunConfig::from_sources`, its env with downward-API values replaced by samples),
+//!   parses, and its readiness probe, metrics port, hostPath mounts, CA token and root,
+//!   capabilities, grace period and rollout agree with that configuration;
+//! - the installer container's flags, run through the real `ztunnel-cni install` against a
+//!   temporary CNI directory, chain the plugin with the daemon's socket and namespaces file;
+//!   the uninstall DaemonSet's flags take it out again;
+//! - the CA Deployment parses with `CaConfig::from_sources` and agrees with the DaemonSet
+//!   (audience, ServiceAccount, address, port), its Service, and RBAC as the contract lists it;
+//! - the samples parse (the policies also with the daemon's policy parser) and refer to each
+//!   other consistently.
+//!
+//! `kubectl` (kustomize v5 built in) is required: without it the tests fail, never skip.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount, Volume, VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+use ztunnel::config::{CaAuthorizer, CaConfig, CaMaterialSource, CaSource, RunConfig};
+use ztunnel::discovery::crd::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use ztunnel::discovery::policy::{MtlsMode, PolicyObject};
+
+const IMAGE: &str = "ghcr.io/ztunnel-dev/ztunnel:0.1.0";
+const SYSTEM_NS: &str = "ztunnel-system";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Renders `deploy/<dir>` as `kubectl kustomize` does; fails loudly without kubectl.
+fn render(dir: &str) -> Vec<Value> {
+    let path = repo().join("deploy").join(dir);
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run kubectl ({e}): deploy/ is tested with kubectl (kustomize v5)")
+        });
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8 output");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// `v` as `T`, refusing any field that `T` would ignore (reported by path).
+fn strict<T: DeserializeOwned>(v: &Value) -> Result<T, String> {
+    strict_except::<T>(v, &[])
+}
+
+/// [`strict`], except for the top-level fields in `allowed`: kube-derived resources take
+/// `apiVersion` and `kind` from their type, not from the document (checked by the caller).
+fn strict_except<T: DeserializeOwned>(v: &Value, allowed: &[&str]) -> Result<T, String> {
+    let mut ignored = Vec::new();
+    let t = serde_ignored::deserialize(v.clone(), |path| {
+        // `?` marks an Option in serde_ignored's paths; leave it out.
+        let path = path.to_string();
+        let path: Vec<&str> = path.split('.').filter(|p| *p != "?").collect();
+        let path = path.join(".");
+        if !allowed.contains(&path.as_str()) {
+            ignored.push(path);
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    if ignored.is_empty() {
+        Ok(t)
+    } else {
+        Err(format!("unknown fields: {}", ignored.join(", ")))
+    }
+}
+
+/// Every object of a rendering, by kind.
+#[derive(Default, Debug)]
+struct Objects {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
+    daemon_sets: Vec<DaemonSet>,
+    deployments: Vec<Deployment>,
+    services: Vec<Service>,
+    config_maps: Vec<ConfigMap>,
+    crds: Vec<CustomResourceDefinition>,
+    authorization_policies: Vec<AuthorizationPolicyResource>,
+    peer_authentications: Vec<PeerAuthenticationResource>,
+    count: usize,
+}
+
+impl Objects {
+    fn add(&mut self, v: &Value) -> Result<(), String> {
+        let api = v["apiVersion"].as_str().unwrap_or_default();
+        let kind = v["kind"].as_str().unwrap_or_default();
+        match (api, kind) {
+            ("v1", "Namespace") => self.namespaces.push(strict(v)?),
+            ("v1", "ServiceAccount") => self.service_accounts.push(strict(v)?),
+            ("v1", "Service") => self.services.push(strict(v)?),
+            ("v1", "ConfigMap") => self.config_maps.push(strict(v)?),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => self.cluster_roles.push(strict(v)?),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                self.cluster_role_bindings.push(strict(v)?)
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => self.roles.push(strict(v)?),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => self.role_bindings.push(strict(v)?),
+            ("apps/v1", "DaemonSet") => self.daemon_sets.push(strict(v)?),
+            ("apps/v1", "Deployment") => self.deployments.push(strict(v)?),
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => self.crds.push(strict(v)?),
+            ("security.ztunnel.dev/v1", "AuthorizationPolicy") => self
+                .authorization_policies
+                .push(strict_except(v, &["apiVersion", "kind"])?),
+            ("security.ztunnel.dev/v1", "PeerAuthentication") => self
+                .peer_authentications
+                .push(strict_except(v, &["apiVersion", "kind"])?),
+            other => return Err(format!("unexpected kind {other:?}")),
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Parses every object, reporting all failures at once.
+    fn parse(values: &[Value]) -> Objects {
+        let mut objects = Objects::default();
+        let errors: Vec<String> = values
+            .iter()
+            .filter_map(|v| {
+                objects.add(v).err().map(|e| {
+                    format!(
+                        "{} {}/{}: {e}",
+                        v["kind"],
+                        v["metadata"]["namespace"].as_str().unwrap_or(""),
+                        v["metadata"]["name"].as_str().unwrap_or("")
+                    )
+                })
+            })
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "objects that do not parse strictly:\n{}",
+            errors.join("\n")
+        );
+        assert_eq!(objects.count, values.len());
+        objects
+    }
+}
+
+fn named<'a, T: k8s_openapi::Metadata<Ty = ObjectMeta>>(items: &'a [T], name: &str) -> &'a T {
+    items
+        .iter()
+        .find(|i| i.metadata().name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no {} named {name}", std::any::type_name::<T>()))
+}
+
+fn pod_spec_ds(ds: &DaemonSet) -> &PodSpec {
+    ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+fn pod_spec_deploy(d: &Deployment) -> &PodSpec {
+    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+fn container<'a>(spec: &'a PodSpec, name: &str) -> &'a Container {
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// The container's environment as its process sees it; downward-API fields get samples.
+fn env_of(c: &Container) -> BTreeMap<String, String> {
+    assert!(c.env_from.is_none(), "{}: envFrom hides settings", c.name);
+    c.env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let value = match (&e.value, &e.value_from) {
+                (Some(v), None) => v.clone(),
+                (None, Some(from)) => {
+                    let field = from
+                        .field_ref
+                        .as_ref()
+                        .unwrap_or_else(|| panic!("{}: only downward-API fields", e.name));
+                    match field.field_path.as_str() {
+                        "spec.nodeName" => "node-1".into(),
+                        "metadata.name" => "ztunnel-x7k2p".into(),
+                        "metadata.namespace" => SYSTEM_NS.into(),
+                        "status.podIP" | "status.hostIP" => "10.0.0.7".into(),
+                        other => panic!("{}: unexpected field {other}", e.name),
+                    }
+                }
+                other => panic!("{}: unexpected env source {other:?}", e.name),
+            };
+            (e.name.clone(), value)
+        })
+        .collect()
+}
+
+/// The program's argv: `ztunnel <cmd>` as `args[0]`, as `main.rs` hands it to the parsers.
+fn argv(c: &Container, cmd: &str) -> Vec<String> {
+    assert!(
+        c.command.is_none(),
+        "{}: the image's entrypoint is ztunnel",
+        c.name
+    );
+    let args = c.args.clone().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some(cmd), "{}", c.name);
+    let mut argv = vec![format!("ztunnel {cmd}")];
+    argv.extend(args.into_iter().skip(1));
+    argv
+}
+
+/// The value following `flag` in `args`.
+fn flag<'a>(args: &'a [String], flag: &str) -> &'a str {
+    let i = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("{flag} missing from {args:?}"));
+    args.get(i + 1)
+        .unwrap_or_else(|| panic!("{flag} has no value"))
+}
+
+/// The mount whose path is the longest prefix of `path`, with its volume and the rest of
+/// the path inside it.
+fn mount_for<'a>(
+    spec: &'a PodSpec,
+    c: &'a Container,
+    path: &Path,
+) -> (&'a VolumeMount, &'a Volume, PathBuf) {
+    let m = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| path.starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .unwrap_or_else(|| panic!("{}: nothing mounted at {}", c.name, path.display()));
+    let v = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == m.name)
+        .unwrap_or_else(|| panic!("no volume {}", m.name));
+    let rest = path.strip_prefix(&m.mount_path).unwrap().to_path_buf();
+    (m, v, rest)
+}
+
+fn host_path(v: &Volume) -> &str {
+    &v.host_path
+        .as_ref()
+        .unwrap_or_else(|| panic!("volume {} is not a hostPath", v.name))
+        .path
+}
+
+fn caps(c: &Container) -> (BTreeSet<String>, BTreeSet<String>) {
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_ne!(
+        sc.privileged,
+        Some(true),
+        "{} must not be privileged",
+        c.name
+    );
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    let set = |v: &Option<Vec<String>>| v.iter().flatten().cloned().collect::<BTreeSet<_>>();
+    (set(&caps.add), set(&caps.drop))
+}
+
+fn strings(v: &[&str]) -> BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// RBAC rules flattened to (apiGroup, resource, verb, resourceName or "*").
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String, String)> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        let names = r.resource_names.clone().unwrap_or_else(|| vec!["*".into()]);
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for verb in &r.verbs {
+                    for n in &names {
+                        out.insert((g.clone(), res.clone(), verb.clone(), n.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn grant_set(list: &[(&str, &str, &[&str], &str)]) -> BTreeSet<(String, String, String, String)> {
+    let mut out = BTreeSet::new();
+    for (g, res, verbs, name) in list {
+        for v in *verbs {
+            out.insert((
+                g.to_string(),
+                res.to_string(),
+                v.to_string(),
+                name.to_string(),
+            ));
+        }
+    }
+    out
+}
+
+/// The file names the daemon's state directory holds (socket, enrolled-namespaces file),
+/// learnt from the daemon's own store rather than repeated here.
+fn state_file_names() -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ztunnel::capture::store::Store::open(dir.path()).unwrap();
+    let socket = store
+        .socket_path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    store.save_namespaces(&[]).unwrap();
+    let files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    (socket, files[0].clone())
+}
+
+/// The daemon's configuration from the DaemonSet's container, parsed by the daemon itself.
+fn daemon_config(c: &Container) -> RunConfig {
+    let env = env_of(c);
+    RunConfig::from_sources(argv(c, "run"), &|k| env.get(k).cloned())
+        .unwrap_or_else(|e| panic!("the daemon refuses the DaemonSet's settings: {e}"))
+}
+
+#[test]
+fn strict_parsing_reports_unknown_fields_by_path() {
+    let mut ds = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "x"},
+        "spec": {"selector": {}, "template": {"spec": {"containers": [
+            {"name": "c", "image": "i", "imagePullPolicyy": "Always"}
+        ]}}}
+    });
+    let e = strict::<DaemonSet>(&ds).unwrap_err();
+    assert!(
+        e.contains("spec.template.spec.containers.0.imagePullPolicyy"),
+        "{e}"
+    );
+    ds["spec"]["template"]["spec"]["containers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("imagePullPolicyy");
+    strict::<DaemonSet>(&ds).unwrap();
+    let mut o = Objects::default();
+    let e = o
+        .add(&serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}}))
+        .unwrap_err();
+    assert!(e.contains("unexpected kind"), "{e}");
+}
+
+#[test]
+fn base_renders_and_every_object_parses_strictly() {
+    let o = Objects::parse(&render("base"));
+    assert_eq!(o.namespaces.len(), 1);
+    assert_eq!(o.namespaces[0].metadata.name.as_deref(), Some(SYSTEM_NS));
+    // Namespaced objects all live in ztunnel-system.
+    let namespaced: Vec<&ObjectMeta> = o
+        .service_accounts
+        .iter()
+        .map(|x| &x.metadata)
+        .chain(o.roles.iter().map(|x| &x.metadata))
+        .chain(o.role_bindings.iter().map(|x| &x.metadata))
+        .chain(o.daemon_sets.iter().map(|x| &x.metadata))
+        .chain(o.deployments.iter().map(|x| &x.metadata))
+        .chain(o.services.iter().map(|x| &x.metadata))
+        .collect();
+    for m in namespaced {
+        assert_eq!(m.namespace.as_deref(), Some(SYSTEM_NS), "{:?}", m.name);
+    }
+    // Every container runs the one image, tag set by the kustomization.
+    let specs = o
+        .daemon_sets
+        .iter()
+        .map(pod_spec_ds)
+        .chain(o.deployments.iter().map(pod_spec_deploy));
+    for spec in specs {
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            assert_eq!(c.image.as_deref(), Some(IMAGE), "{}", c.name);
+        }
+    }
+    // The CRDs are exactly the generated ones (kustomize adds only its label).
+    let mut rendered = o.crds.clone();
+    for crd in &mut rendered {
+        let labels = crd.metadata.labels.as_mut().expect("kustomize labels");
+        labels.remove("app.kubernetes.io/part-of");
+        if labels.is_empty() {
+            crd.metadata.labels = None;
+        }
+    }
+    assert_eq!(
+        rendered,
+        ztunnel::discovery::crd::crds(),
+        "the CRDs in deploy/base differ from the code: {}",
+        ztunnel::discovery::crd::REGENERATE
+    );
+}
+
+#[test]
+fn daemonset_agrees_with_the_daemon_configuration() {
+    let o = Objects::parse(&render("base"));
+    let ds = named(&o.daemon_sets, "ztunnel");
+    let spec = pod_spec_ds(ds);
+    let daemon = container(spec, "ztunnel");
+    let cfg = daemon_config(daemon);
+
+    // What the daemon is told to be.
+    assert_eq!(cfg.node_name, "node-1", "NODE_NAME from spec.nodeName");
+    assert_eq!(cfg.capture, ztunnel::config::CaptureMode::InPod);
+    assert_eq!(cfg.log_format, ztunnel::config::LogFormat::Json);
+    let discovery = format!("{:?}", cfg.discovery);
+    assert!(discovery.starts_with("Kubernetes"), "{discovery}");
+
+    // Readiness: the probe asks the daemon's readiness server, reachable on the node.
+    let probe = daemon.readiness_probe.as_ref().expect("readiness probe");
+    let get = probe.http_get.as_ref().expect("HTTP readiness probe");
+    assert_eq!(get.path.as_deref(), Some("/healthz/ready"));
+    assert_eq!(get.port, IntOrString::Int(cfg.readiness_addr.port().into()));
+    assert!(
+        !cfg.readiness_addr.ip().is_loopback(),
+        "kubelet probes the node's address"
+    );
+
+    // hostNetwork: no declared ports (they would be host ports and block the surge pod);
+    // metrics are advertised by annotation, on the daemon's metrics port.
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    for c in &spec.containers {
+        assert!(
+            c.ports.as_ref().is_none_or(|p| p.is_empty()),
+            "{} declares ports",
+            c.name
+        );
+    }
+    let annotations = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap();
+    let annotations = annotations.annotations.as_ref().expect("annotations");
+    assert_eq!(
+        annotations.get("prometheus.io/port").map(String::as_str),
+        Some(cfg.metrics_addr.port().to_string().as_str())
+    );
+    assert!(!cfg.metrics_addr.ip().is_loopback());
+    assert!(cfg.admin_addr.ip().is_loopback());
+
+    // Mounts: the state directory at the host's own path (the plugin on the host uses it),
+    // the host's /proc read-only, the runtime's netns directory with propagation.
+    let (m, v, rest) = mount_for(spec, daemon, &cfg.state_dir);
+    assert_eq!(rest, Path::new(""));
+    assert_eq!(Path::new(host_path(v)), cfg.state_dir);
+    assert_ne!(m.read_only, Some(true));
+    let (m, v, rest) = mount_for(spec, daemon, &cfg.host_proc);
+    assert_eq!((host_path(v), rest.as_path()), ("/proc", Path::new("")));
+    assert_eq!(m.read_only, Some(true));
+    let (m, v, _) = mount_for(spec, daemon, Path::new("/var/run/netns"));
+    assert_eq!(host_path(v), "/var/run/netns");
+    assert_eq!(m.mount_propagation.as_deref(), Some("HostToContainer"));
+
+    // The remote CA: projected token (audience ztunnel-ca) and the published root.
+    let CaSource::Remote {
+        address,
+        root_cert,
+        server_name,
+        token_file,
+    } = &cfg.ca
+    else {
+        panic!("the DaemonSet must use the remote CA: {:?}", cfg.ca)
+    };
+    assert_eq!(address, "ztunnel-ca.ztunnel-system.svc:15012");
+    assert_eq!(server_name, "ztunnel-ca.ztunnel-system.svc");
+    assert_eq!(token_file, Path::new("/var/run/secrets/ztunnel/token"));
+    let (_, v, rest) = mount_for(spec, daemon, token_file);
+    let sources = &v
+        .projected
+        .as_ref()
+        .expect("projected token volume")
+        .sources;
+    let token = sources
+        .iter()
+        .flatten()
+        .find_map(|s| s.service_account_token.as_ref())
+        .expect("serviceAccountToken source");
+    assert_eq!(token.audience.as_deref(), Some("ztunnel-ca"));
+    assert_eq!(Path::new(&token.path), rest);
+    let (_, v, rest) = mount_for(spec, daemon, root_cert);
+    let cm = v.config_map.as_ref().expect("CA root ConfigMap volume");
+    assert_eq!(cm.name, "ztunnel-ca-root");
+    assert!(cm.items.is_none() && cm.optional != Some(true));
+    assert_eq!(rest, Path::new("root-cert.pem"), "the ConfigMap's key");
+
+    // Least privilege: exactly these capabilities, everything else dropped.
+    let (add, drop) = caps(daemon);
+    assert_eq!(add, strings(&["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]));
+    assert_eq!(drop, strings(&["ALL"]));
+
+    // Lifecycle: room to drain, every node, node-critical, surge rollout one node at a time.
+    let grace = spec.termination_grace_period_seconds.expect("grace period");
+    assert!(
+        grace as u64 > cfg.drain_grace.as_secs(),
+        "terminationGracePeriodSeconds {grace} must exceed the drain grace {:?}",
+        cfg.drain_grace
+    );
+    assert!(spec.tolerations.iter().flatten().any(|t| {
+        t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()
+    }));
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let strategy = ds.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let ru = strategy.rolling_update.as_ref().unwrap();
+    assert_eq!(ru.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+
+    // Identity and RBAC, as the contract lists them.
+    assert_eq!(spec.service_account_name.as_deref(), Some("ztunnel"));
+    let role = named(&o.cluster_roles, "ztunnel");
+    assert_eq!(
+        grants(role.rules.as_deref().unwrap_or_default()),
+        grant_set(&[
+            ("", "namespaces", &["get", "list", "watch"], "*"),
+            ("", "services", &["get", "list", "watch"], "*"),
+            ("", "pods", &["get", "list", "watch", "patch"], "*"),
+            (
+                "discovery.k8s.io",
+                "endpointslices",
+                &["list", "watch"],
+                "*"
+            ),
+            (
+                "security.ztunnel.dev",
+                "authorizationpolicies",
+                &["list", "watch"],
+                "*"
+            ),
+            (
+                "security.ztunnel.dev",
+                "peerauthentications",
+                &["list", "watch"],
+                "*"
+            ),
+        ])
+    );
+    let binding = named(&o.cluster_role_bindings, "ztunnel");
+    assert_eq!(binding.role_ref.name, "ztunnel");
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (
+            subject.kind.as_str(),
+            subject.name.as_str(),
+            subject.namespace.as_deref()
+        ),
+        ("ServiceAccount", "ztunnel", Some(SYSTEM_NS))
+    );
+}
+
+#[test]
+fn installer_container_chains_the_plugin_to_the_daemons_socket() {
+    let o = Objects::parse(&render("base"));
+    let spec = pod_spec_ds(named(&o.daemon_sets, "ztunnel"));
+    let cfg = daemon_config(container(spec, "ztunnel"));
+    let installer = container(spec, "install-cni");
+    assert_eq!(
+        installer.command.as_deref(),
+        Some(&["ztunnel-cni".to_string()][..])
+    );
+    let args = installer.args.clone().unwrap();
+    assert_eq!(args[0], "install");
+    assert!(
+        args.contains(&"--watch".to_string()),
+        "keeps the plugin chained"
+    );
+    let (sock_name, ns_name) = state_file_names();
+    assert_eq!(
+        Path::new(flag(&args, "--socket")),
+        cfg.state_dir.join(&sock_name)
+    );
+    assert_eq!(
+        flag(&args, "--socket"),
+        ztunnel_proto::enroll::DEFAULT_SOCKET
+    );
+    assert_eq!(
+        Path::new(flag(&args, "--enrolled-namespaces-file")),
+        cfg.state_dir.join(&ns_name)
+    );
+    // The installer's directories are the node's CNI directories.
+    for (f, host) in [
+        ("--cni-conf-dir", "/etc/cni/net.d"),
+        ("--cni-bin-dir", "/opt/cni/bin"),
+    ] {
+        let (m, v, rest) = mount_for(spec, installer, Path::new(flag(&args, f)));
+        assert_eq!((host_path(v), rest.as_path()), (host, Path::new("")), "{f}");
+        assert_ne!(m.read_only, Some(true), "{f}");
+    }
+    let (add, drop) = caps(installer);
+    assert!(add.is_empty(), "the installer needs no capability: {add:?}");
+    assert_eq!(drop, strings(&["ALL"]));
+
+    // The real installer, with these flags (directories moved to a temporary node, once).
+    let node = tempfile::tempdir().unwrap();
+    let conf = node.path().join("net.d");
+    let bin = node.path().join("bin");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        conf.join("10-flannel.conflist"),
+        r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"flannel","delegate":{"isDefaultGateway":true}},{"type":"portmap","capabilities":{"portMappings":true}}]}"#,
+    )
+    .unwrap();
+    let moved = |args: &[String]| -> Vec<String> {
+        let mut out = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--watch" => {}
+                "--cni-conf-dir" | "--cni-bin-dir" => {
+                    it.next();
+                    out.push(a.clone());
+                    out.push(
+                        if a == "--cni-conf-dir" { &conf } else { &bin }
+                            .display()
+                            .to_string(),
+                    );
+                }
+                _ => out.push(a.clone()),
+            }
+        }
+        out
+    };
+    let cni = ztunnel_e2e::daemon::binary("ztunnel-cni");
+    let out = Command::new(&cni).args(moved(&args)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(bin.join("ztunnel-cni").exists());
+    let list: Value =
+        serde_json::from_str(&std::fs::read_to_string(conf.join("10-flannel.conflist")).unwrap())
+            .unwrap();
+    let ours = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["type"] == "ztunnel-cni")
+        .expect("plugin chained");
+    assert_eq!(
+        ours["socket"],
+        cfg.state_dir.join(&sock_name).display().to_string()
+    );
+    assert_eq!(
+        ours["enrolledNamespacesFile"],
+        cfg.state_dir.join(&ns_name).display().to_string()
+    );
+
+    // The uninstall DaemonSet's flags take it out of the same directories.
+    let u = Objects::parse(&render("uninstall"));
+    assert_eq!(u.count, 1);
+    let uspec = pod_spec_ds(named(&u.daemon_sets, "ztunnel-cni-uninstall"));
+    assert_eq!(
+        uspec.host_network,
+        Some(true),
+        "its pods must not need the CNI chain"
+    );
+    let un = container(uspec, "uninstall-cni");
+    let uargs = un.args.clone().unwrap();
+    assert_eq!(uargs[0], "uninstall");
+    for f in ["--cni-conf-dir", "--cni-bin-dir"] {
+        let (_, v, _) = mount_for(uspec, un, Path::new(flag(&uargs, f)));
+        let (_, iv, _) = mount_for(spec, installer, Path::new(flag(&args, f)));
+        assert_eq!(host_path(v), host_path(iv), "{f}");
+    }
+    let out = Command::new(&cni).args(moved(&uargs)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!bin.join("ztunnel-cni").exists());
+    let text = std::fs::read_to_string(conf.join("10-flannel.conflist")).unwrap();
+    assert!(!text.contains("ztunnel-cni"), "{text}");
+}
+
+#[test]
+fn ca_deployment_agrees_with_the_ca_configuration_and_the_daemonset() {
+    let o = Objects::parse(&render("base"));
+    let ds_spec = pod_spec_ds(named(&o.daemon_sets, "ztunnel"));
+    let daemon = container(ds_spec, "ztunnel");
+    let dcfg = daemon_config(daemon);
+    let CaSource::Remote {
+        address,
+        server_name,
+        token_file,
+        ..
+    } = &dcfg.ca
+    else {
+        panic!("remote CA expected")
+    };
+
+    let dep = named(&o.deployments, "ztunnel-ca");
+    let spec = pod_spec_deploy(dep);
+    let ca = container(spec, "ca");
+    let env = env_of(ca);
+    let cfg = CaConfig::from_sources(argv(ca, "ca"), &|k| env.get(k).cloned())
+        .unwrap_or_else(|e| panic!("the CA refuses the Deployment's settings: {e}"));
+
+    // Material from the Secret the Role names.
+    let CaMaterialSource::Secret(secret) = &cfg.material else {
+        panic!(
+            "the CA must read its material from a Secret: {:?}",
+            cfg.material
+        )
+    };
+    assert_eq!(secret.to_string(), "ztunnel-system/cacerts");
+    // Authorizes the DaemonSet's ServiceAccount by the audience of its projected token.
+    let CaAuthorizer::Kubernetes {
+        audience,
+        daemon_service_account,
+    } = &cfg.authorizer
+    else {
+        panic!(
+            "the CA must use the kubernetes authorizer: {:?}",
+            cfg.authorizer
+        )
+    };
+    let (_, v, _) = mount_for(ds_spec, daemon, token_file);
+    let token_audience = v
+        .projected
+        .as_ref()
+        .unwrap()
+        .sources
+        .iter()
+        .flatten()
+        .find_map(|s| s.service_account_token.as_ref())
+        .and_then(|t| t.audience.clone());
+    assert_eq!(Some(audience.clone()), token_audience);
+    assert_eq!(
+        daemon_service_account.to_string(),
+        format!(
+            "{SYSTEM_NS}/{}",
+            ds_spec.service_account_name.as_deref().unwrap()
+        )
+    );
+    // Its serving name is the one the daemon checks, and the Service routes the address.
+    assert!(
+        cfg.server_names.contains(server_name),
+        "{:?}",
+        cfg.server_names
+    );
+    let (host, port) = address.rsplit_once(':').unwrap();
+    let svc = named(&o.services, "ztunnel-ca");
+    assert_eq!(host, format!("ztunnel-ca.{SYSTEM_NS}.svc"));
+    let svc_spec = svc.spec.as_ref().unwrap();
+    let sp = &svc_spec.ports.as_ref().unwrap()[0];
+    assert_eq!(sp.port.to_string(), port);
+    let listen = i32::from(cfg.listen.port());
+    assert_eq!(sp.target_port, Some(IntOrString::Int(listen)));
+    assert_eq!(ca.ports.as_ref().unwrap()[0].container_port, listen);
+    let tcp = ca
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .tcp_socket
+        .as_ref()
+        .expect("tcp probe");
+    assert_eq!(tcp.port, IntOrString::Int(listen));
+    let pod_labels = dep
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    for (k, v) in svc_spec.selector.as_ref().unwrap() {
+        assert_eq!(pod_labels.get(k), Some(v), "Service selector {k}");
+    }
+
+    // Unprivileged.
+    let pod_sc = spec.security_context.as_ref().unwrap();
+    let sc = ca.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_non_root.or(pod_sc.run_as_non_root), Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let (add, drop) = caps(ca);
+    assert!(add.is_empty());
+    assert_eq!(drop, strings(&["ALL"]));
+
+    // RBAC as the contract lists it; the Secret by name.
+    assert_eq!(spec.service_account_name.as_deref(), Some("ztunnel-ca"));
+    assert_eq!(
+        grants(
+            named(&o.cluster_roles, "ztunnel-ca")
+                .rules
+                .as_deref()
+                .unwrap()
+        ),
+        grant_set(&[
+            ("authentication.k8s.io", "tokenreviews", &["create"], "*"),
+            ("", "pods", &["list", "watch"], "*"),
+        ])
+    );
+    assert_eq!(
+        grants(named(&o.roles, "ztunnel-ca").rules.as_deref().unwrap()),
+        grant_set(&[
+            ("", "secrets", &["get", "list", "watch"], &secret.name),
+            ("", "secrets", &["create"], "*"),
+            ("", "configmaps", &["get", "update"], "ztunnel-ca-root"),
+            ("", "configmaps", &["create"], "*"),
+        ])
+    );
+    for (kind, role_ref, subjects) in [
+        (
+            "ClusterRoleBinding",
+            &named(&o.cluster_role_bindings, "ztunnel-ca").role_ref,
+            &named(&o.cluster_role_bindings, "ztunnel-ca").subjects,
+        ),
+        (
+            "RoleBinding",
+            &named(&o.role_bindings, "ztunnel-ca").role_ref,
+            &named(&o.role_bindings, "ztunnel-ca").subjects,
+        ),
+    ] {
+        assert_eq!(role_ref.name, "ztunnel-ca", "{kind}");
+        let s = &subjects.as_ref().unwrap()[0];
+        assert_eq!(
+            (s.name.as_str(), s.namespace.as_deref()),
+            ("ztunnel-ca", Some(SYSTEM_NS))
+        );
+    }
+    assert!(o
+        .service_accounts
+        .iter()
+        .any(|s| s.metadata.name.as_deref() == Some("ztunnel-ca")));
+}
+
+#[test]
+fn samples_parse_and_agree_with_each_other() {
+    let values = render("samples");
+    let o = Objects::parse(&values);
+    // The policies also pass the daemon's own policy parser.
+    for v in values
+        .iter()
+        .filter(|v| v["apiVersion"] == "security.ztunnel.dev/v1")
+    {
+        PolicyObject::from_value(serde_yaml::to_value(v).unwrap())
+            .unwrap_or_else(|e| panic!("the daemon refuses a sample policy: {e}"));
+    }
+    let ns = &o.namespaces[0];
+    let ns_name = ns.metadata.name.clone().unwrap();
+    assert_eq!(
+        ns.metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .get(ztunnel::discovery::DATAPLANE_MODE_LABEL)
+            .map(String::as_str),
+        Some("ambient")
+    );
+    let server = named(&o.deployments, "server");
+    let server_spec = pod_spec_deploy(server);
+    let server_labels = server
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let server_port = container(server_spec, "server").ports.as_ref().unwrap()[0].container_port;
+    let client_sa = pod_spec_deploy(named(&o.deployments, "client"))
+        .service_account_name
+        .clone()
+        .unwrap();
+    for sa in [
+        &client_sa,
+        server_spec.service_account_name.as_ref().unwrap(),
+    ] {
+        named(&o.service_accounts, sa);
+    }
+    let svc = named(&o.services, "server").spec.as_ref().unwrap();
+    for (k, v) in svc.selector.as_ref().unwrap() {
+        assert_eq!(server_labels.get(k), Some(v));
+    }
+    assert_eq!(
+        svc.ports.as_ref().unwrap()[0].target_port,
+        Some(IntOrString::Int(server_port))
+    );
+
+    let ap = &o.authorization_policies[0].to_policy();
+    assert_eq!(ap.metadata.namespace, ns_name);
+    for (k, v) in &ap.spec.selector.as_ref().unwrap().match_labels {
+        assert_eq!(server_labels.get(k), Some(v), "policy selector {k}");
+    }
+    let rule = &ap.spec.rules[0];
+    assert_eq!(
+        rule.from[0].source.principals,
+        [format!("cluster.local/ns/{ns_name}/sa/{client_sa}")]
+    );
+    assert_eq!(rule.to[0].operation.ports, [server_port.to_string()]);
+    let pa = &o.peer_authentications[0].to_policy();
+    assert_eq!(
+        (pa.metadata.namespace.as_str(), pa.spec.mtls.mode),
+        (ns_name.as_str(), MtlsMode::Strict)
+    );
+    // What the README promises: the client reaches the server's port; nobody else does,
+    // nor the client another port; plaintext is refused.
+    let index =
+        ztunnel::policy::PolicyIndex::build(std::slice::from_ref(ap), std::slice::from_ref(pa))
+            .unwrap();
+    let labels: ztunnel::discovery::Labels = server_labels
+        .iter()
+        .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+        .collect();
+    let client = format!("cluster.local/ns/{ns_name}/sa/{client_sa}");
+    let other = format!("cluster.local/ns/{ns_name}/sa/default");
+    let port = u16::try_from(server_port).unwrap();
+    for (principal, dst_port, allowed) in [
+        (client.as_str(), port, true),
+        (other.as_str(), port, false),
+        (client.as_str(), port + 1, false),
+    ] {
+        let conn = ztunnel::policy::Conn {
+            src_principal: Some(principal),
+            src_namespace: Some(&ns_name),
+            src_ip: "10.1.0.5".parse().unwrap(),
+            dst_namespace: &ns_name,
+            dst_labels: &labels,
+            dst_port,
+        };
+        let d = index.evaluate(&conn);
+        assert_eq!(d.allowed, allowed, "{principal} -> :{dst_port}: {d:?}");
+    }
+    assert_eq!(index.mtls_mode(&ns_name, &labels), MtlsMode::Strict);
+    // Every namespaced sample is in the sample namespace.
+    for d in &o.deployments {
+        assert_eq!(d.metadata.namespace.as_deref(), Some(ns_name.as_str()));
+    }
+}
+
+#[test]
+fn dockerfile_installs_both_binaries_and_the_entrypoint_the_manifests_assume() {
+    let text = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    for want in [
+        "/usr/local/bin/ztunnel-cni",
+        "/usr/local/bin/ztunnel",
+        "ENTRYPOINT [\"/usr/local/bin/ztunnel\"]",
+        "nftables",
+        "iproute2",
+    ] {
+        assert!(text.contains(want), "Dockerfile lacks {want}");
+    }
+}

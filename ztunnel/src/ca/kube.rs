@@ -1,0 +1,516 @@
+//! The Kubernetes [`SignAuthorizer`]: a node daemon proves who it is with its projected
+//! ServiceAccount token, and gets certificates only for the ServiceAccounts of pods running on
+//! its own node.
+//!
+//! For each request (the decision itself is the pure [`authorize`]):
+//! 1. the bearer token goes to the API server in a TokenReview (`authentication.k8s.io/v1`,
+//!    `spec.audiences = [<audience>]`); refused (401) unless `status.authenticated` and the
+//!    audience is in `status.audiences`;
+//! 2. refused (403) unless the user is `system:serviceaccount:<daemon ns>:<daemon sa>`;
+//! 3. the caller's node is `status.user.extra["authentication.kubernetes.io/node-name"]`
+//!    (pod-bound tokens, Kubernetes ≥ 1.30), else the node of the pod the token is bound to
+//!    (`…/pod-uid`, which must be a pod of the daemon's ServiceAccount in the pod index);
+//!    neither → 403;
+//! 4. the requested SPIFFE ID must be in the CA's trust domain and a Running pod with its
+//!    namespace/ServiceAccount must be on that node ([`PodIndex`]) → else 403.
+//!
+//! Authenticated reviews are cached for [`REVIEW_TTL`] under the SHA-256 of the token (never
+//! the token), so a node renewing many certificates sends one review a minute; a pod deleted
+//! meanwhile still fails step 4 at once. Tokens are never logged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use kube::api::PostParams;
+use kube::Api;
+use sha2::{Digest, Sha256};
+
+use super::metrics::CaMetrics;
+use super::pods::PodIndex;
+use super::server::{Denied, SignAuthorizer};
+use crate::identity::{BoxFuture, Identity};
+
+/// How long an authenticated TokenReview is reused.
+pub const REVIEW_TTL: Duration = Duration::from_secs(60);
+/// Most cached reviews; beyond it the cache is emptied (each node holds one token at a time).
+const CACHE_MAX: usize = 20_000;
+
+pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// What the decision needs to know about this cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeAuthzConfig {
+    /// The audience daemons' tokens must carry (`ztunnel-ca`).
+    pub audience: String,
+    pub daemon_namespace: String,
+    pub daemon_service_account: String,
+    pub trust_domain: String,
+}
+
+/// A granted request: the node it was granted to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub node: String,
+}
+
+fn single<'a>(extra: &'a BTreeMap<String, Vec<String>>, key: &str) -> Option<&'a str> {
+    match extra.get(key).map(Vec::as_slice) {
+        Some([v]) if !v.is_empty() => Some(v),
+        _ => None,
+    }
+}
+
+/// The decision, from a TokenReview's status, the pod index and the requested identity.
+pub fn authorize(
+    review: &TokenReviewStatus,
+    pods: &PodIndex,
+    requested: &Identity,
+    cfg: &KubeAuthzConfig,
+) -> Result<Grant, Denied> {
+    if review.authenticated != Some(true) {
+        return Err(Denied::unauthenticated(
+            "unauthenticated",
+            format!(
+                "token not authenticated{}",
+                review
+                    .error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    if !review
+        .audiences
+        .as_deref()
+        .unwrap_or_default()
+        .contains(&cfg.audience)
+    {
+        return Err(Denied::unauthenticated(
+            "audience",
+            format!("token is not for audience {}", cfg.audience),
+        ));
+    }
+    let user = review.user.clone().unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    let daemon = format!(
+        "system:serviceaccount:{}:{}",
+        cfg.daemon_namespace, cfg.daemon_service_account
+    );
+    if username != daemon {
+        return Err(Denied::forbidden(
+            "not_daemon",
+            format!("{username:?} is not the node daemon's ServiceAccount ({daemon})"),
+        ));
+    }
+    let extra = user.extra.unwrap_or_default();
+    let node = match single(&extra, EXTRA_NODE_NAME) {
+        Some(n) => n.to_owned(),
+        None => {
+            let (Some(pod), Some(uid)) = (
+                single(&extra, EXTRA_POD_NAME),
+                single(&extra, EXTRA_POD_UID),
+            ) else {
+                return Err(Denied::forbidden(
+                    "no_node",
+                    "the token is not bound to a pod: cannot tell the caller's node",
+                ));
+            };
+            match pods.get(uid) {
+                Some(p)
+                    if p.namespace == cfg.daemon_namespace
+                        && p.service_account == cfg.daemon_service_account
+                        && !p.node.is_empty() =>
+                {
+                    p.node.clone()
+                }
+                _ => {
+                    return Err(Denied::forbidden(
+                        "no_node",
+                        format!(
+                            "the token's pod {}/{pod} (uid {uid}) is not a scheduled daemon pod",
+                            cfg.daemon_namespace
+                        ),
+                    ))
+                }
+            }
+        }
+    };
+    if requested.trust_domain() != cfg.trust_domain {
+        return Err(Denied::forbidden(
+            "trust_domain",
+            format!("{requested} is not in trust domain {}", cfg.trust_domain),
+        ));
+    }
+    if !pods.running_on(&node, requested.namespace(), requested.service_account()) {
+        return Err(Denied::forbidden(
+            "no_pod_on_node",
+            format!(
+                "no Running pod with service account {}/{} on node {node}",
+                requested.namespace(),
+                requested.service_account()
+            ),
+        ));
+    }
+    Ok(Grant { node })
+}
+
+/// Authenticated reviews by token hash, each with its expiry.
+#[derive(Default)]
+pub struct ReviewCache {
+    entries: HashMap<[u8; 32], (Instant, TokenReviewStatus)>,
+}
+
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl ReviewCache {
+    pub fn get(&mut self, key: &[u8; 32], now: Instant) -> Option<TokenReviewStatus> {
+        match self.entries.get(key) {
+            Some((until, s)) if *until > now => Some(s.clone()),
+            Some(_) => {
+                self.entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Keeps `status` until `now + REVIEW_TTL` if it is authenticated; never a refusal.
+    pub fn put(&mut self, key: [u8; 32], status: &TokenReviewStatus, now: Instant) {
+        if status.authenticated != Some(true) {
+            return;
+        }
+        if self.entries.len() >= CACHE_MAX {
+            self.entries.retain(|_, (until, _)| *until > now);
+            if self.entries.len() >= CACHE_MAX {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(key, (now + REVIEW_TTL, status.clone()));
+    }
+}
+
+/// The authorizer: TokenReviews through `kube`, the decision against a watched pod index.
+pub struct KubeAuthorizer {
+    reviews: Api<TokenReview>,
+    cfg: KubeAuthzConfig,
+    pods: Arc<RwLock<PodIndex>>,
+    cache: Mutex<ReviewCache>,
+    metrics: Arc<CaMetrics>,
+}
+
+impl KubeAuthorizer {
+    pub fn new(
+        client: kube::Client,
+        cfg: KubeAuthzConfig,
+        pods: Arc<RwLock<PodIndex>>,
+        metrics: Arc<CaMetrics>,
+    ) -> Self {
+        KubeAuthorizer {
+            reviews: Api::all(client),
+            cfg,
+            pods,
+            cache: Mutex::new(ReviewCache::default()),
+            metrics,
+        }
+    }
+
+    async fn review(&self, token: &str) -> Result<TokenReviewStatus, Denied> {
+        let key = token_hash(token);
+        if let Some(s) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key, Instant::now())
+        {
+            return Ok(s);
+        }
+        let req = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.cfg.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let status = match self.reviews.create(&PostParams::default(), &req).await {
+            Ok(r) => r.status.unwrap_or_default(),
+            Err(e) => {
+                self.metrics.token_review("error");
+                return Err(Denied::Unavailable(format!("TokenReview failed: {e}")));
+            }
+        };
+        let ok = status.authenticated == Some(true);
+        self.metrics
+            .token_review(if ok { "authenticated" } else { "rejected" });
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(key, &status, Instant::now());
+        Ok(status)
+    }
+}
+
+impl SignAuthorizer for KubeAuthorizer {
+    fn authorize<'a>(
+        &'a self,
+        token: Option<&'a str>,
+        identity: &'a Identity,
+    ) -> BoxFuture<'a, Result<(), Denied>> {
+        Box::pin(async move {
+            let token = token
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| Denied::unauthenticated("no_token", "missing bearer token"))?;
+            let status = self.review(token).await?;
+            let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
+            let grant = authorize(&status, &pods, identity, &self.cfg)?;
+            tracing::info!(%identity, node = %grant.node, "CA: authorized");
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::authentication::v1::UserInfo;
+
+    use super::super::pods::PodEntry;
+    use super::*;
+
+    const DAEMON: &str = "system:serviceaccount:ztunnel-system:ztunnel";
+
+    fn cfg() -> KubeAuthzConfig {
+        KubeAuthzConfig {
+            audience: "ztunnel-ca".into(),
+            daemon_namespace: "ztunnel-system".into(),
+            daemon_service_account: "ztunnel".into(),
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    fn review(auth: bool, aud: &[&str], user: &str, extra: &[(&str, &str)]) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(auth),
+            audiences: Some(aud.iter().map(|s| s.to_string()).collect()),
+            error: None,
+            user: Some(UserInfo {
+                username: Some(user.into()),
+                extra: Some(
+                    extra
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn pods() -> PodIndex {
+        let mut ix = PodIndex::default();
+        let mut add = |uid: &str, node: &str, ns: &str, sa: &str, running: bool| {
+            ix.apply(
+                uid.into(),
+                PodEntry {
+                    node: node.into(),
+                    namespace: ns.into(),
+                    service_account: sa.into(),
+                    running,
+                },
+            )
+        };
+        add("web-1", "n1", "demo", "web", true);
+        add("db-1", "n2", "demo", "db", true);
+        add("job-1", "n1", "demo", "job", false);
+        add("zt-1", "n1", "ztunnel-system", "ztunnel", true);
+        add("other-1", "n2", "demo", "ztunnel", true);
+        ix
+    }
+
+    const NODE: (&str, &str) = (EXTRA_NODE_NAME, "n1");
+    const POD: (&str, &str) = (EXTRA_POD_NAME, "ztunnel-abc");
+
+    #[test]
+    fn decisions() {
+        // (case, review, requested identity, expected: Ok(node) or Err(reason))
+        type Case<'a> = (
+            &'a str,
+            TokenReviewStatus,
+            &'a str,
+            Result<&'a str, &'a str>,
+        );
+        let web = "spiffe://cluster.local/ns/demo/sa/web";
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "node from the token",
+                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                web,
+                Ok("n1"),
+            ),
+            (
+                "node from the bound pod",
+                review(
+                    true,
+                    &["ztunnel-ca"],
+                    DAEMON,
+                    &[POD, (EXTRA_POD_UID, "zt-1")],
+                ),
+                web,
+                Ok("n1"),
+            ),
+            (
+                "not authenticated",
+                review(false, &["ztunnel-ca"], DAEMON, &[NODE]),
+                web,
+                Err("unauthenticated"),
+            ),
+            (
+                "wrong audience",
+                review(true, &["kubernetes"], DAEMON, &[NODE]),
+                web,
+                Err("audience"),
+            ),
+            (
+                "no audience",
+                review(true, &[], DAEMON, &[NODE]),
+                web,
+                Err("audience"),
+            ),
+            (
+                "another ServiceAccount",
+                review(
+                    true,
+                    &["ztunnel-ca"],
+                    "system:serviceaccount:demo:web",
+                    &[NODE],
+                ),
+                web,
+                Err("not_daemon"),
+            ),
+            (
+                "same SA name, other namespace",
+                review(
+                    true,
+                    &["ztunnel-ca"],
+                    "system:serviceaccount:demo:ztunnel",
+                    &[NODE],
+                ),
+                web,
+                Err("not_daemon"),
+            ),
+            (
+                "a user, not a ServiceAccount",
+                review(true, &["ztunnel-ca"], "admin", &[NODE]),
+                web,
+                Err("not_daemon"),
+            ),
+            (
+                "not bound to a pod",
+                review(true, &["ztunnel-ca"], DAEMON, &[]),
+                web,
+                Err("no_node"),
+            ),
+            (
+                "bound pod unknown",
+                review(
+                    true,
+                    &["ztunnel-ca"],
+                    DAEMON,
+                    &[POD, (EXTRA_POD_UID, "gone")],
+                ),
+                web,
+                Err("no_node"),
+            ),
+            (
+                "bound pod of another ServiceAccount",
+                review(
+                    true,
+                    &["ztunnel-ca"],
+                    DAEMON,
+                    &[POD, (EXTRA_POD_UID, "other-1")],
+                ),
+                web,
+                Err("no_node"),
+            ),
+            (
+                "pod name without uid",
+                review(true, &["ztunnel-ca"], DAEMON, &[POD]),
+                web,
+                Err("no_node"),
+            ),
+            (
+                "identity on another node",
+                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                "spiffe://cluster.local/ns/demo/sa/db",
+                Err("no_pod_on_node"),
+            ),
+            (
+                "identity with no pod at all",
+                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                "spiffe://cluster.local/ns/demo/sa/ghost",
+                Err("no_pod_on_node"),
+            ),
+            (
+                "pod not Running",
+                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                "spiffe://cluster.local/ns/demo/sa/job",
+                Err("no_pod_on_node"),
+            ),
+            (
+                "other trust domain",
+                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                "spiffe://evil.local/ns/demo/sa/web",
+                Err("trust_domain"),
+            ),
+            (
+                "several audiences, ours among them",
+                review(
+                    true,
+                    &["kubernetes", "ztunnel-ca"],
+                    DAEMON,
+                    &[(EXTRA_NODE_NAME, "n2")],
+                ),
+                "spiffe://cluster.local/ns/demo/sa/db",
+                Ok("n2"),
+            ),
+        ];
+        let ix = pods();
+        for (name, r, id, want) in cases {
+            let id: Identity = id.parse().unwrap();
+            let got = authorize(&r, &ix, &id, &cfg());
+            match (got, want) {
+                (Ok(g), Ok(node)) => assert_eq!(g.node, node, "{name}"),
+                (Err(d), Err(reason)) => {
+                    assert_eq!(d.reason(), reason, "{name}: {d}");
+                    let status = if matches!(reason, "unauthenticated" | "audience") {
+                        401
+                    } else {
+                        403
+                    };
+                    assert_eq!(d.status().as_u16(), status, "{name}");
+                }
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn cache_keeps_only_authenticated_reviews_for_a_while() {
+        let mut c = ReviewCache::default();
+        let t0 = Instant::now();
+        let good = review(true, &["ztunnel-ca"], DAEMON, &[NODE]);
+        let bad = review(false, &[], "", &[]);
+        c.put(token_hash("good"), &good, t0);
+        c.put(token_hash("bad"), &bad, t0);
+        assert_eq!(c.get(&token_hash("good"), t0), Some(good));
+        assert_eq!(c.get(&token_hash("bad"), t0), None);
+        assert_eq!(c.get(&token_hash("other"), t0), None);
+        assert_eq!(c.get(&token_hash("good"), t0 + REVIEW_TTL), None);
+        assert!(c.entries.is_empty());
+    }
+}

@@ -1,0 +1,260 @@
+//! Signing material from a Kubernetes Secret in the plugged-in CA layout (keys `ca-cert.pem`,
+//! `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`), read through the API.
+//!
+//! - At start ([`load_or_create`]): the Secret is read; if it does not exist, a fresh
+//!   self-signed root is created in it (another replica creating it first is a `409`, after
+//!   which its Secret is read). A Secret that exists but is incomplete or invalid is an error,
+//!   never overwritten.
+//! - Then ([`spawn_watcher`]) the Secret is watched: a valid new content replaces the signer
+//!   (rotation: `root-cert.pem` may hold several roots, all served in `roots_pem`; a new
+//!   `ca-cert.pem`/`ca-key.pem` signs from then on); an invalid one is refused, logged and
+//!   counted, and the old material kept; a deleted Secret keeps the current material.
+//! - The trust bundle is published into the ConfigMap `ztunnel-ca-root` (key `root-cert.pem`)
+//!   in the Secret's namespace, created or updated (get/create/update) whenever it changes, so
+//!   daemons can mount it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use kube::api::PostParams;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Api;
+use tokio::sync::watch;
+
+use super::local::CaMaterial;
+use super::metrics::CaMetrics;
+use super::{Error, LocalCa};
+
+/// The ConfigMap the trust bundle is published in.
+pub const ROOT_CONFIGMAP: &str = "ztunnel-ca-root";
+/// Its key.
+pub const ROOT_KEY: &str = "root-cert.pem";
+
+/// The material in a Secret's data; every key must be present and UTF-8.
+pub fn material_of(secret: &Secret) -> Result<CaMaterial, String> {
+    let empty = BTreeMap::new();
+    let data = secret.data.as_ref().unwrap_or(&empty);
+    let get = |k: &str| -> Result<String, String> {
+        let v = data.get(k).ok_or_else(|| format!("key {k} is missing"))?;
+        String::from_utf8(v.0.clone()).map_err(|_| format!("key {k} is not UTF-8"))
+    };
+    let [a, b, c, d] = CaMaterial::NAMES;
+    Ok(CaMaterial {
+        ca_cert: get(a)?,
+        ca_key: get(b)?,
+        root_cert: get(c)?,
+        cert_chain: get(d)?,
+    })
+}
+
+fn secret_of(name: &str, m: &CaMaterial) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                "ztunnel-ca".to_owned(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(
+            m.files()
+                .iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+fn kube_err(what: String) -> impl FnOnce(kube::Error) -> Error {
+    move |e| Error::Kube(format!("{what}: {e}"))
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Reads the material of Secret `name`, creating it with a fresh root when absent.
+pub async fn load_or_create(
+    api: &Api<Secret>,
+    name: &str,
+    trust_domain: &str,
+) -> Result<CaMaterial, Error> {
+    let what = || format!("Secret {name}");
+    if let Some(s) = api.get_opt(name).await.map_err(kube_err(what()))? {
+        return material_of(&s).map_err(|e| Error::Invalid(format!("{}: {e}", what())));
+    }
+    let fresh = CaMaterial::generate(trust_domain)?;
+    match api
+        .create(&PostParams::default(), &secret_of(name, &fresh))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(
+                secret = name,
+                "CA: created a new self-signed root in the Secret"
+            );
+            Ok(fresh)
+        }
+        Err(e) if is_conflict(&e) => {
+            let s = api.get(name).await.map_err(kube_err(what()))?;
+            material_of(&s).map_err(|e| Error::Invalid(format!("{}: {e}", what())))
+        }
+        Err(e) => Err(kube_err(format!("creating {}", what()))(e)),
+    }
+}
+
+/// Makes ConfigMap [`ROOT_CONFIGMAP`] hold `bundle` under [`ROOT_KEY`].
+pub async fn publish_root(api: &Api<ConfigMap>, bundle: &str) -> Result<(), Error> {
+    let what = || format!("ConfigMap {ROOT_CONFIGMAP}");
+    for _ in 0..3 {
+        match api
+            .get_opt(ROOT_CONFIGMAP)
+            .await
+            .map_err(kube_err(what()))?
+        {
+            None => {
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(ROOT_CONFIGMAP.into()),
+                        ..Default::default()
+                    },
+                    data: Some(BTreeMap::from([(ROOT_KEY.into(), bundle.into())])),
+                    ..Default::default()
+                };
+                match api.create(&PostParams::default(), &cm).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if is_conflict(&e) => continue,
+                    Err(e) => return Err(kube_err(format!("creating {}", what()))(e)),
+                }
+            }
+            Some(mut cm) => {
+                let data = cm.data.get_or_insert_with(BTreeMap::new);
+                if data.get(ROOT_KEY).map(String::as_str) == Some(bundle) {
+                    return Ok(());
+                }
+                data.insert(ROOT_KEY.into(), bundle.into());
+                match api
+                    .replace(ROOT_CONFIGMAP, &PostParams::default(), &cm)
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    Err(e) if is_conflict(&e) => continue,
+                    Err(e) => return Err(kube_err(format!("updating {}", what()))(e)),
+                }
+            }
+        }
+    }
+    Err(Error::Kube(format!("{}: conflicting updates", what())))
+}
+
+/// What the watcher needs to build a signer.
+pub struct SecretWatch {
+    pub secrets: Api<Secret>,
+    pub configmaps: Api<ConfigMap>,
+    pub name: String,
+    pub trust_domain: String,
+    pub max_lifetime: std::time::Duration,
+    pub metrics: Arc<CaMetrics>,
+}
+
+impl SecretWatch {
+    fn build(&self, m: &CaMaterial) -> Result<LocalCa, Error> {
+        Ok(LocalCa::from_material(m, &self.trust_domain)?.with_max_lifetime(self.max_lifetime))
+    }
+
+    /// Loads (or creates) the material, publishes its bundle, and starts watching; the
+    /// receiver always holds the current signer.
+    pub async fn start(
+        self,
+    ) -> Result<(watch::Receiver<Arc<LocalCa>>, tokio::task::JoinHandle<()>), Error> {
+        let material = load_or_create(&self.secrets, &self.name, &self.trust_domain).await?;
+        let ca = self.build(&material)?;
+        let bundle = ca.root_pem();
+        if let Err(e) = publish_root(&self.configmaps, &bundle).await {
+            tracing::warn!(error = %e, "CA: cannot publish the trust bundle yet; will retry on the next change");
+        }
+        let (tx, rx) = watch::channel(Arc::new(ca));
+        let task = tokio::spawn(self.watch(material, bundle, tx));
+        Ok((rx, task))
+    }
+
+    async fn watch(
+        self,
+        mut current: CaMaterial,
+        mut bundle: String,
+        tx: watch::Sender<Arc<LocalCa>>,
+    ) {
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        let stream = watcher::watcher(self.secrets.clone(), cfg).default_backoff();
+        futures::pin_mut!(stream);
+        let mut published = false;
+        while let Some(ev) = stream.next().await {
+            let secret = match ev {
+                Ok(Event::Apply(s)) | Ok(Event::InitApply(s)) => s,
+                Ok(Event::Delete(_)) => {
+                    tracing::warn!(secret = %self.name, "CA: the Secret was deleted; keeping the current material");
+                    continue;
+                }
+                Ok(Event::Init) | Ok(Event::InitDone) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "CA: Secret watch failed; retrying");
+                    continue;
+                }
+            };
+            match material_of(&secret)
+                .map_err(Error::Invalid)
+                .and_then(|m| self.build(&m).map(|ca| (m, ca)))
+            {
+                Ok((m, _)) if m == current => {}
+                Ok((m, ca)) => {
+                    current = m;
+                    bundle = ca.root_pem();
+                    published = false;
+                    self.metrics.reload(true);
+                    tracing::info!(
+                        secret = %self.name,
+                        roots = ca.root_count(),
+                        "CA: new signing material applied"
+                    );
+                    tx.send_replace(Arc::new(ca));
+                }
+                Err(e) => {
+                    self.metrics.reload(false);
+                    tracing::error!(secret = %self.name, error = %e, "CA: refusing an invalid update of the Secret; keeping the current material");
+                }
+            }
+            if !published {
+                match publish_root(&self.configmaps, &bundle).await {
+                    Ok(()) => published = true,
+                    Err(e) => tracing::warn!(error = %e, "CA: cannot publish the trust bundle"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_round_trip_and_missing_keys() {
+        let m = CaMaterial::generate("cluster.local").unwrap();
+        let s = secret_of("ca", &m);
+        assert_eq!(material_of(&s).unwrap(), m);
+        let mut partial = s.clone();
+        partial.data.as_mut().unwrap().remove("cert-chain.pem");
+        assert!(material_of(&partial)
+            .unwrap_err()
+            .contains("cert-chain.pem"));
+        assert!(material_of(&Secret::default()).is_err());
+    }
+}

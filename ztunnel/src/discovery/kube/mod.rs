@@ -1,0 +1,410 @@
+//! The Kubernetes source: watchers on the API server fill a store of compact entries
+//! ([`translate::Store`]), from which the same [`State`](super::State) the file source builds
+//! is rebuilt and published through the [`Discovery`] handle.
+//!
+//! Watched (each a `kube::runtime::watcher`: list then watch, resumed from the last
+//! resourceVersion when the server closes the stream, re-listed on `410 Gone` with the
+//! collection replaced as a whole — so objects deleted during a gap are gone and none is
+//! counted twice —, bookmarks accepted, errors retried with `default_backoff`; lists ask for
+//! `resourceVersion=0` so the API server answers them from its watch cache, not etcd):
+//! - namespaces (all; small);
+//! - pods on this node (`fieldSelector=spec.nodeName=<node>`), kept in full (labels, uid);
+//! - pods on other nodes (`fieldSelector=spec.nodeName!=<node>`), decoded straight into a lean
+//!   type and kept lean (see [`objects`]): never a full Pod in memory;
+//! - services and `discovery.k8s.io/v1` EndpointSlices (all: any pod may call any service);
+//! - `security.ztunnel.dev/v1` AuthorizationPolicy and PeerAuthentication (all).
+//!
+//! A change marks the store dirty; the publisher rebuilds the state at most once per
+//! `coalesce` (bursts — a rollout, a re-list — become one rebuild) and counts reloads. An
+//! object that cannot be in the model (a policy with an HTTP-only or unknown field, a malformed
+//! IP, …) is logged, counted ([`Discovery::objects_refused`]) and skipped; everything else
+//! stays. When an object that was good is updated into a bad one, its last good version is
+//! kept (as the file source keeps the last good file): refusing the update must not silently
+//! widen access by dropping, e.g., a DENY policy. [`watch_kubernetes`] returns once every
+//! collection has been listed, so the first state is complete.
+
+pub mod objects;
+pub mod translate;
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+
+use super::policy::PolicyObject;
+use super::{Discovery, Error, Stats};
+use objects::{Interner, Key};
+use translate::Store;
+
+/// A client from `kubeconfig`, or else the standard resolution (in-cluster ServiceAccount,
+/// `KUBECONFIG`, `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+    let cfg = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Kube(format!("kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| Error::Kube(format!("kubeconfig {}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::Kube(format!("no Kubernetes configuration: {e}")))?,
+    };
+    Client::try_from(cfg).map_err(|e| Error::Kube(e.to_string()))
+}
+
+struct Inner {
+    store: Store,
+    interner: Interner,
+    /// Collections listed at least once.
+    synced: usize,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    dirty: tokio::sync::Notify,
+    synced: tokio::sync::Notify,
+    stats: Arc<Stats>,
+}
+
+/// How one watched kind maps into the store.
+struct Kind<K, V> {
+    what: &'static str,
+    /// The entry for an object (`Ok(None)`: not kept), and its key.
+    #[allow(clippy::type_complexity)]
+    entry: Box<dyn Fn(&K, &mut Interner) -> Result<Option<V>, String> + Send + Sync>,
+    slot: fn(&mut Store) -> &mut BTreeMap<Key, V>,
+}
+
+fn key<K: Resource>(k: &K) -> Key {
+    objects::key_of(k.meta())
+}
+
+impl Shared {
+    fn refuse(&self, what: &str, key: &Key, e: &str) {
+        self.stats.objects_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(kind = what, namespace = %key.0, name = %key.1, error = %e, "Kubernetes object refused; skipped (an earlier good version, if any, is kept)");
+    }
+
+    /// Applies one watcher event to the store; `buffer` holds a re-list in progress.
+    fn apply<K: Resource, V: Clone>(
+        &self,
+        kind: &Kind<K, V>,
+        ev: watcher::Event<K>,
+        buffer: &mut Option<BTreeMap<Key, V>>,
+    ) {
+        let mut inner = self.inner.lock().unwrap();
+        let inner = &mut *inner;
+        match ev {
+            watcher::Event::Init => *buffer = Some(BTreeMap::new()),
+            watcher::Event::InitApply(o) => {
+                let k = key(&o);
+                let entry = (kind.entry)(&o, &mut inner.interner);
+                drop(o);
+                let buf = buffer.get_or_insert_with(BTreeMap::new);
+                match entry {
+                    Ok(Some(v)) => {
+                        buf.insert(k, v);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.refuse(kind.what, &k, &e);
+                        if let Some(old) = (kind.slot)(&mut inner.store).get(&k) {
+                            buf.insert(k, old.clone());
+                        }
+                    }
+                }
+            }
+            watcher::Event::InitDone => {
+                *(kind.slot)(&mut inner.store) = buffer.take().unwrap_or_default();
+                inner.synced += 1;
+                self.synced.notify_one();
+                self.dirty.notify_one();
+            }
+            watcher::Event::Apply(o) => {
+                let k = key(&o);
+                let entry = (kind.entry)(&o, &mut inner.interner);
+                drop(o);
+                let slot = (kind.slot)(&mut inner.store);
+                match entry {
+                    Ok(Some(v)) => {
+                        slot.insert(k, v);
+                    }
+                    Ok(None) => {
+                        slot.remove(&k);
+                    }
+                    Err(e) => self.refuse(kind.what, &k, &e),
+                }
+                self.dirty.notify_one();
+            }
+            watcher::Event::Delete(o) => {
+                (kind.slot)(&mut inner.store).remove(&key(&o));
+                self.dirty.notify_one();
+            }
+        }
+    }
+}
+
+/// Runs one watcher until the process ends.
+fn spawn_watcher<K, V>(
+    shared: Arc<Shared>,
+    api: Api<K>,
+    cfg: watcher::Config,
+    kind: Kind<K, V>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    V: Clone + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = watcher(api, cfg.any_semantic()).default_backoff().boxed();
+        let mut buffer = None;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(ev) => shared.apply(&kind, ev, &mut buffer),
+                Err(e) => {
+                    tracing::warn!(kind = kind.what, error = %e, "Kubernetes watch failed; retrying with backoff")
+                }
+            }
+        }
+    })
+}
+
+fn policy_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "security.ztunnel.dev".into(),
+        version: "v1".into(),
+        api_version: super::policy::API_VERSION.into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn policy_json(o: &DynamicObject, kind: &str) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "apiVersion": super::policy::API_VERSION,
+        "kind": kind,
+        "metadata": {
+            "name": o.metadata.name.clone().unwrap_or_default(),
+            "namespace": o.metadata.namespace.clone().unwrap_or_default(),
+        },
+    });
+    if let Some(spec) = o.data.get("spec") {
+        v["spec"] = spec.clone();
+    }
+    v
+}
+
+/// Watches the API server for the daemon of `node`; returns once every collection has been
+/// listed, with the first state published.
+pub async fn watch_kubernetes(
+    client: Client,
+    trust_domain: String,
+    node: String,
+    coalesce: Duration,
+) -> Result<(Discovery, tokio::task::JoinHandle<()>), Error> {
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            store: Store::default(),
+            interner: Interner::default(),
+            synced: 0,
+        }),
+        dirty: tokio::sync::Notify::new(),
+        synced: tokio::sync::Notify::new(),
+        stats: Arc::new(Stats::default()),
+    });
+    let mut tasks = Vec::new();
+    tasks.push(spawn_watcher(
+        shared.clone(),
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+        Kind {
+            what: "Namespace",
+            entry: Box::new(|n: &Namespace, int: &mut Interner| {
+                Ok(Some(translate::namespace_labels(
+                    n.metadata.labels.as_ref(),
+                    int,
+                )))
+            }),
+            slot: |s| &mut s.namespaces,
+        },
+    ));
+    tasks.push(spawn_watcher(
+        shared.clone(),
+        Api::<objects::LeanPod>::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+        Kind {
+            what: "Pod",
+            entry: Box::new({
+                let node = node.clone();
+                move |p, int| objects::pod_entry(p, &node, int)
+            }),
+            slot: |s| &mut s.pods,
+        },
+    ));
+    tasks.push(spawn_watcher(
+        shared.clone(),
+        Api::<objects::LeanPod>::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName!={node}")),
+        Kind {
+            what: "Pod",
+            entry: Box::new({
+                let node = node.clone();
+                move |p, int| objects::pod_entry(p, &node, int)
+            }),
+            slot: |s| &mut s.remote_pods,
+        },
+    ));
+    tasks.push(spawn_watcher(
+        shared.clone(),
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        Kind {
+            what: "Service",
+            entry: Box::new(objects::service_entry),
+            slot: |s| &mut s.services,
+        },
+    ));
+    tasks.push(spawn_watcher(
+        shared.clone(),
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        Kind {
+            what: "EndpointSlice",
+            entry: Box::new(|s, _| objects::slice_entry(s)),
+            slot: |s| &mut s.slices,
+        },
+    ));
+    let ar = policy_resource("AuthorizationPolicy", "authorizationpolicies");
+    tasks.push(spawn_watcher(
+        shared.clone(),
+        Api::<DynamicObject>::all_with(client.clone(), &ar),
+        watcher::Config::default(),
+        Kind {
+            what: "AuthorizationPolicy",
+            entry: Box::new(|o, _| {
+                match objects::policy_entry(policy_json(o, "AuthorizationPolicy"))? {
+                    PolicyObject::Authorization(a) => Ok(Some(a)),
+                    PolicyObject::PeerAuthentication(_) => Err("not an AuthorizationPolicy".into()),
+                }
+            }),
+            slot: |s| &mut s.authz,
+        },
+    ));
+    let ar = policy_resource("PeerAuthentication", "peerauthentications");
+    tasks.push(spawn_watcher(
+        shared.clone(),
+        Api::<DynamicObject>::all_with(client.clone(), &ar),
+        watcher::Config::default(),
+        Kind {
+            what: "PeerAuthentication",
+            entry: Box::new(|o, _| {
+                match objects::policy_entry(policy_json(o, "PeerAuthentication"))? {
+                    PolicyObject::PeerAuthentication(p) => Ok(Some(p)),
+                    PolicyObject::Authorization(_) => Err("not a PeerAuthentication".into()),
+                }
+            }),
+            slot: |s| &mut s.peer_authn,
+        },
+    ));
+    let total = tasks.len();
+
+    // Wait until every collection has been listed once.
+    loop {
+        let notified = shared.synced.notified();
+        let synced = shared.inner.lock().unwrap().synced;
+        if synced >= total {
+            break;
+        }
+        tracing::debug!(synced, total, "waiting for the initial Kubernetes lists");
+        notified.await;
+    }
+    let mut last_skipped = Vec::new();
+    let state = rebuild(&shared, &trust_domain, &mut last_skipped)?;
+    tracing::info!(
+        node = %node,
+        workloads = state.workloads().len(),
+        services = state.services().len(),
+        "discovery loaded from Kubernetes"
+    );
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(state));
+    let disc = Discovery {
+        rx,
+        stats: shared.stats.clone(),
+    };
+    let publisher = tokio::spawn(async move {
+        let _watchers = AbortOnDrop(tasks);
+        loop {
+            shared.dirty.notified().await;
+            tokio::time::sleep(coalesce).await;
+            match rebuild(&shared, &trust_domain, &mut last_skipped) {
+                Ok(state) => {
+                    tracing::debug!(
+                        workloads = state.workloads().len(),
+                        services = state.services().len(),
+                        "discovery rebuilt"
+                    );
+                    shared.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(Arc::new(state)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    shared.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "discovery rebuild failed; keeping the last state");
+                }
+            }
+        }
+    });
+    Ok((disc, publisher))
+}
+
+/// Aborts the watchers when the publisher ends.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+fn rebuild(
+    shared: &Shared,
+    trust_domain: &str,
+    last_skipped: &mut Vec<String>,
+) -> Result<super::State, Error> {
+    let mut inner = shared.inner.lock().unwrap();
+    let (state, skipped) = translate::build(trust_domain, &inner.store);
+    inner.interner.prune();
+    drop(inner);
+    for s in skipped.iter().filter(|s| !last_skipped.contains(s)) {
+        shared.stats.objects_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(reason = %s, "Kubernetes object skipped");
+    }
+    *last_skipped = skipped;
+    release_freed_memory();
+    state
+}
+
+/// Hands memory freed after a rebuild (the previous state, decoded lists) back to the system;
+/// glibc keeps it otherwise.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

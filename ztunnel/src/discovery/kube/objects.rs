@@ -1,0 +1,389 @@
+//! Kubernetes objects as the node keeps them: each object is reduced to a compact entry the
+//! moment it arrives, and the full object is dropped (pure functions, no I/O).
+//!
+//! - Pods arrive as [`LeanPod`], a `kube::Resource` that deserializes only the fields the model
+//!   needs (name, namespace, uid, labels, node, host network, service account, phase, IPs):
+//!   the rest of the Pod (containers, managed fields, annotations, conditions…) is skipped by
+//!   the JSON decoder and never allocated. A pod is a workload only if it is not host-network,
+//!   not terminal (`Succeeded`/`Failed`: its IP may already belong to another pod) and has an
+//!   IP. A pod on another node keeps no uid and, of its labels, only
+//!   `ztunnel.dev/dataplane-mode` (its opt-out), which is all outbound routing and identity
+//!   checks need; its service membership comes from EndpointSlices.
+//! - Services keep name, VIPs (`clusterIPs`; headless and ExternalName services have none and
+//!   are not kept), ports with their `targetPort` (a number, or a name resolved against the
+//!   EndpointSlices), and selector.
+//! - EndpointSlices keep the service they belong to (`kubernetes.io/service-name`), their named
+//!   ports, and the addresses of ready endpoints only (`conditions.ready` absent counts as ready,
+//!   as the API documents).
+//! - Policies go through [`PolicyObject::from_value`] (the file source's validation: HTTP-only
+//!   and unknown fields refused) and must compile on their own.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Service as K8sService;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::{Deserialize, Deserializer};
+
+use crate::discovery::model::{Labels, DATAPLANE_MODE_LABEL};
+use crate::discovery::policy::PolicyObject;
+
+/// A Pod with only the fields discovery reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LeanPod {
+    #[serde(deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: LeanPodSpec,
+    #[serde(default)]
+    pub status: LeanPodStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeanPodSpec {
+    pub node_name: Option<String>,
+    pub host_network: Option<bool>,
+    pub service_account_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeanPodStatus {
+    pub phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pub pod_ips: Option<Vec<PodIp>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+/// Object metadata without managed fields, annotations, owners or finalizers.
+fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        resource_version: Option<String>,
+        labels: Option<BTreeMap<String, String>>,
+    }
+    let m = Meta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        labels: m.labels,
+        ..Default::default()
+    })
+}
+
+impl kube::Resource for LeanPod {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "Pod".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "pods".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Shares one allocation among equal strings (namespaces, service accounts, nodes, labels).
+#[derive(Default, Debug)]
+pub struct Interner(HashSet<Arc<str>>);
+
+impl Interner {
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        self.0.insert(a.clone());
+        a
+    }
+
+    pub fn labels(&mut self, m: &BTreeMap<String, String>) -> Labels {
+        m.iter().map(|(k, v)| (self.get(k), self.get(v))).collect()
+    }
+
+    /// Forgets strings nothing else holds any more.
+    pub fn prune(&mut self) {
+        self.0.retain(|a| Arc::strong_count(a) > 1);
+    }
+}
+
+/// (namespace, name); namespace empty for cluster-scoped objects.
+pub type Key = (String, String);
+
+pub fn key_of(meta: &ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// A pod as the node keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    /// Empty for a pod on another node.
+    pub uid: Arc<str>,
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub service_account: Arc<str>,
+    pub node: Arc<str>,
+    pub ips: Box<[IpAddr]>,
+    /// All labels for a local pod; only the dataplane-mode label for a remote one.
+    pub labels: Labels,
+}
+
+/// The entry for `pod` on the daemon of `node`: `Ok(None)` when the pod is not a workload
+/// (host network, terminal, not scheduled, or on another node with no IP yet); `Err` when it
+/// is malformed. A pod of this node with no IP yet is kept with empty `ips`: it is the pod
+/// the CNI plugin is adding right now, and its IP is in the plugin's request, not yet in the
+/// API.
+pub fn pod_entry(
+    pod: &LeanPod,
+    node: &str,
+    int: &mut Interner,
+) -> Result<Option<PodEntry>, String> {
+    let (ns, name) = key_of(&pod.metadata);
+    let what = format!("pod {ns}/{name}");
+    if pod.spec.host_network == Some(true) {
+        return Ok(None);
+    }
+    if matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return Ok(None);
+    }
+    let Some(pod_node) = pod.spec.node_name.as_deref().filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    let mut raw: Vec<&str> = pod
+        .status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    if raw.is_empty() {
+        raw.extend(pod.status.pod_ip.as_deref().filter(|s| !s.is_empty()));
+    }
+    let local = pod_node == node;
+    if raw.is_empty() && !local {
+        return Ok(None);
+    }
+    let ips = raw
+        .iter()
+        .map(|s| {
+            s.parse::<IpAddr>()
+                .map_err(|e| format!("{what}: IP {s:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let labels = if local {
+        int.labels(labels)
+    } else {
+        labels
+            .get(DATAPLANE_MODE_LABEL)
+            .map(|v| (int.get(DATAPLANE_MODE_LABEL), int.get(v)))
+            .into_iter()
+            .collect()
+    };
+    Ok(Some(PodEntry {
+        uid: if local {
+            pod.metadata.uid.as_deref().unwrap_or_default().into()
+        } else {
+            int.get("")
+        },
+        name: name.as_str().into(),
+        namespace: int.get(&ns),
+        service_account: int.get(
+            pod.spec
+                .service_account_name
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .unwrap_or("default"),
+        ),
+        node: int.get(pod_node),
+        ips: ips.into_boxed_slice(),
+        labels,
+    }))
+}
+
+/// A service port's target: a number, or a port name resolved through the EndpointSlices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortEntry {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target: Target,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceEntry {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<PortEntry>,
+    pub selector: Labels,
+}
+
+/// The entry for a Service: `Ok(None)` for services without a VIP (headless, ExternalName).
+pub fn service_entry(svc: &K8sService, int: &mut Interner) -> Result<Option<ServiceEntry>, String> {
+    let (ns, name) = key_of(&svc.metadata);
+    let what = format!("service {ns}/{name}");
+    let Some(spec) = &svc.spec else {
+        return Ok(None);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None);
+    }
+    let raw: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    let raw: Vec<&str> = raw
+        .into_iter()
+        .filter(|s| !s.is_empty() && *s != "None")
+        .collect();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let vips = raw
+        .iter()
+        .map(|s| {
+            s.parse::<IpAddr>()
+                .map_err(|e| format!("{what}: VIP {s:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
+            continue; // the mesh carries TCP only
+        }
+        let port = u16::try_from(p.port).map_err(|_| format!("{what}: port {}", p.port))?;
+        let target = match &p.target_port {
+            None => Target::Number(port),
+            Some(IntOrString::Int(n)) => {
+                Target::Number(u16::try_from(*n).map_err(|_| format!("{what}: targetPort {n}"))?)
+            }
+            Some(IntOrString::String(s)) => match s.parse::<u16>() {
+                Ok(n) => Target::Number(n),
+                Err(_) => Target::Name(s.clone()),
+            },
+        };
+        ports.push(PortEntry {
+            name: p.name.clone().filter(|n| !n.is_empty()),
+            port,
+            target,
+        });
+    }
+    Ok(Some(ServiceEntry {
+        name: name.as_str().into(),
+        namespace: int.get(&ns),
+        vips,
+        ports,
+        selector: int.labels(spec.selector.as_ref().unwrap_or(&BTreeMap::new())),
+    }))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEntry {
+    /// The service it belongs to, in the slice's namespace.
+    pub service: String,
+    /// Port name ("" when unnamed) → port number on the endpoints.
+    pub ports: Vec<(String, u16)>,
+    /// Addresses of ready endpoints.
+    pub ready: Vec<IpAddr>,
+}
+
+/// The entry for an EndpointSlice: `Ok(None)` when it names no service.
+pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
+    let Some(service) = s
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("kubernetes.io/service-name"))
+    else {
+        return Ok(None);
+    };
+    let (ns, name) = key_of(&s.metadata);
+    let what = format!("endpointslice {ns}/{name}");
+    let ports = s
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            let port = u16::try_from(p.port?).ok()?;
+            Some((p.name.clone().unwrap_or_default(), port))
+        })
+        .collect();
+    let mut ready = Vec::new();
+    for ep in &s.endpoints {
+        if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            continue;
+        }
+        for a in &ep.addresses {
+            // FQDN slices carry names, not addresses: nothing the mesh can route to.
+            if s.address_type == "FQDN" {
+                continue;
+            }
+            ready.push(
+                a.parse::<IpAddr>()
+                    .map_err(|e| format!("{what}: address {a:?}: {e}"))?,
+            );
+        }
+    }
+    Ok(Some(SliceEntry {
+        service: service.clone(),
+        ports,
+        ready,
+    }))
+}
+
+/// A policy object (AuthorizationPolicy or PeerAuthentication) as JSON, validated the way
+/// the file source validates it, and compiled on its own so one bad policy cannot fail the
+/// index of all the others.
+pub fn policy_entry(obj: serde_json::Value) -> Result<PolicyObject, String> {
+    let v = serde_yaml::to_value(obj).map_err(|e| e.to_string())?;
+    let p = PolicyObject::from_value(v)?;
+    let compiled = match &p {
+        PolicyObject::Authorization(a) => {
+            crate::policy::PolicyIndex::build(std::slice::from_ref(a), &[])
+        }
+        PolicyObject::PeerAuthentication(pa) => {
+            crate::policy::PolicyIndex::build(&[], std::slice::from_ref(pa))
+        }
+    };
+    compiled.map_err(|e| e.to_string())?;
+    Ok(p)
+}

@@ -1,0 +1,531 @@
+//! The node's store of compact Kubernetes entries ([`Store`]) and its translation into the
+//! discovery model ([`build`], pure).
+//!
+//! One bad object never drops the rest: objects that cannot be in the model (a duplicate IP,
+//! an invalid identity, a VIP that is a pod IP…) are skipped and reported, and everything else
+//! is built. A workload's protocol is HBONE when its namespace is labelled
+//! `ztunnel.dev/dataplane-mode=ambient` and it did not opt out with `=none`, else TCP. A
+//! service's endpoints are the workloads at the ready addresses of its EndpointSlices; a named
+//! `targetPort` is resolved through the slices' ports (unresolved: the port is skipped).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use super::objects::{Key, PodEntry, ServiceEntry, SliceEntry, Target};
+use crate::discovery::model::{
+    Labels, Namespace, Protocol, Service, ServicePort, State, Workload, DATAPLANE_MODE_LABEL,
+};
+use crate::discovery::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::discovery::Error;
+use crate::identity::Identity;
+
+/// Everything the node keeps, by (namespace, name).
+#[derive(Debug, Default)]
+pub struct Store {
+    /// By ("", name).
+    pub namespaces: BTreeMap<Key, Labels>,
+    /// Pods on this node.
+    pub pods: BTreeMap<Key, PodEntry>,
+    /// Pods on other nodes (lean).
+    pub remote_pods: BTreeMap<Key, PodEntry>,
+    pub services: BTreeMap<Key, ServiceEntry>,
+    pub slices: BTreeMap<Key, SliceEntry>,
+    pub authz: BTreeMap<Key, AuthorizationPolicy>,
+    pub peer_authn: BTreeMap<Key, PeerAuthentication>,
+}
+
+fn ambient(ns: &HashMap<&str, &Labels>, name: &str) -> bool {
+    ns.get(name)
+        .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+        .is_some_and(|v| &**v == "ambient")
+}
+
+/// Builds the state for the daemon of a node in `trust_domain`; returns it with the objects
+/// that were skipped, and why.
+pub fn build(trust_domain: &str, store: &Store) -> (Result<State, Error>, Vec<String>) {
+    let mut skipped = Vec::new();
+    let namespaces: Vec<Namespace> = store
+        .namespaces
+        .iter()
+        .map(|((_, n), l)| Namespace {
+            name: n.as_str().into(),
+            labels: l.clone(),
+        })
+        .collect();
+
+    let ns_labels: HashMap<&str, &Labels> = store
+        .namespaces
+        .iter()
+        .map(|((_, n), l)| (n.as_str(), l))
+        .collect();
+    // Workloads, in (namespace, name) order; of two pods claiming one IP (a stale status),
+    // neither can be trusted with it: both are skipped.
+    let mut ip_count: HashMap<IpAddr, usize> = HashMap::new();
+    let pods = || store.pods.values().chain(store.remote_pods.values());
+    for p in pods() {
+        for ip in p.ips.iter() {
+            *ip_count.entry(*ip).or_default() += 1;
+        }
+    }
+    let n = store.pods.len() + store.remote_pods.len();
+    let mut workloads = Vec::with_capacity(n);
+    let mut index_of_ip: HashMap<IpAddr, usize> = HashMap::with_capacity(n);
+    // This node's pods that have no IP yet (being added by the CNI plugin right now).
+    let mut pending = Vec::new();
+    for p in pods() {
+        let what = format!("pod {}/{}", p.namespace, p.name);
+        if let Err(e) = Identity::new(trust_domain, &p.namespace, &p.service_account) {
+            skipped.push(format!("{what}: {e}"));
+            continue;
+        }
+        if let Some(ip) = p.ips.iter().find(|ip| ip_count[*ip] > 1) {
+            skipped.push(format!("{what}: IP {ip} is claimed by another pod too"));
+            continue;
+        }
+        let enrolled = ambient(&ns_labels, &p.namespace)
+            && p.labels
+                .get(DATAPLANE_MODE_LABEL)
+                .is_none_or(|v| &**v != "none");
+        for ip in p.ips.iter() {
+            index_of_ip.insert(*ip, workloads.len());
+        }
+        let list = if p.ips.is_empty() {
+            &mut pending
+        } else {
+            &mut workloads
+        };
+        list.push(Workload {
+            uid: p.uid.clone(),
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            service_account: p.service_account.clone(),
+            node: p.node.clone(),
+            ips: p.ips.to_vec(),
+            labels: p.labels.clone(),
+            protocol: if enrolled {
+                Protocol::Hbone
+            } else {
+                Protocol::Tcp
+            },
+        });
+    }
+
+    // Slices by service.
+    let mut slices_of: HashMap<(&str, &str), Vec<&SliceEntry>> = HashMap::new();
+    for ((ns, _), s) in &store.slices {
+        slices_of
+            .entry((ns.as_str(), s.service.as_str()))
+            .or_default()
+            .push(s);
+    }
+    let mut vip_owner: HashMap<IpAddr, usize> = HashMap::new();
+    for s in store.services.values() {
+        for v in &s.vips {
+            *vip_owner.entry(*v).or_default() += 1;
+        }
+    }
+    let mut services = Vec::new();
+    let mut endpoints = Vec::new();
+    for s in store.services.values() {
+        let what = format!("service {}/{}", s.namespace, s.name);
+        if let Some(v) = s.vips.iter().find(|v| vip_owner[*v] > 1) {
+            skipped.push(format!("{what}: VIP {v} is used by another service too"));
+            continue;
+        }
+        if let Some(v) = s.vips.iter().find(|v| index_of_ip.contains_key(*v)) {
+            skipped.push(format!("{what}: VIP {v} is a pod IP"));
+            continue;
+        }
+        let slices = slices_of
+            .get(&(&*s.namespace, &*s.name))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let mut ports = Vec::new();
+        for p in &s.ports {
+            let target = match &p.target {
+                Target::Number(n) => Some(*n),
+                Target::Name(_) => {
+                    let pname = p.name.as_deref().unwrap_or("");
+                    slices
+                        .iter()
+                        .flat_map(|sl| sl.ports.iter())
+                        .find(|(n, _)| n == pname)
+                        .map(|(_, n)| *n)
+                }
+            };
+            match target {
+                Some(t) if t != 0 && p.port != 0 => ports.push(ServicePort {
+                    port: p.port,
+                    target_port: t,
+                }),
+                _ => skipped.push(format!(
+                    "{what}: port {} has no resolvable target port",
+                    p.port
+                )),
+            }
+        }
+        let mut eps: Vec<usize> = slices
+            .iter()
+            .flat_map(|sl| sl.ready.iter())
+            .filter_map(|ip| index_of_ip.get(ip).copied())
+            .collect();
+        eps.sort_unstable();
+        eps.dedup();
+        services.push(Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            vips: s.vips.clone(),
+            ports,
+            selector: s.selector.clone(),
+        });
+        endpoints.push(eps);
+    }
+    let state = State::build(
+        trust_domain,
+        namespaces,
+        workloads,
+        services,
+        Some(endpoints),
+        store.authz.values().cloned().collect(),
+        store.peer_authn.values().cloned().collect(),
+    )
+    .map(|s| s.with_pending(pending));
+    (state, skipped)
+}
+
+/// The labels of a namespace, interned.
+pub fn namespace_labels(
+    labels: Option<&BTreeMap<String, String>>,
+    int: &mut super::objects::Interner,
+) -> Labels {
+    labels.map(|l| int.labels(l)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::objects::*;
+    use super::*;
+    use serde_json::json;
+
+    const NODE: &str = "n1";
+
+    /// A store filled from Kubernetes objects (JSON), through the same conversions the
+    /// watchers use.
+    fn store(objs: &[serde_json::Value]) -> (Store, Vec<String>) {
+        let mut st = Store::default();
+        let mut int = Interner::default();
+        let mut refused = vec![];
+        for o in objs {
+            let kind = o["kind"].as_str().unwrap();
+            let r: Result<(), String> = (|| {
+                match kind {
+                    "Namespace" => {
+                        let n: k8s_openapi::api::core::v1::Namespace =
+                            serde_json::from_value(o.clone()).unwrap();
+                        st.namespaces.insert(
+                            key_of(&n.metadata),
+                            namespace_labels(n.metadata.labels.as_ref(), &mut int),
+                        );
+                    }
+                    "Pod" => {
+                        let p: LeanPod = serde_json::from_value(o.clone()).unwrap();
+                        if let Some(e) = pod_entry(&p, NODE, &mut int)? {
+                            let local = &*e.node == NODE;
+                            let m = if local {
+                                &mut st.pods
+                            } else {
+                                &mut st.remote_pods
+                            };
+                            m.insert(key_of(&p.metadata), e);
+                        }
+                    }
+                    "Service" => {
+                        let s: k8s_openapi::api::core::v1::Service =
+                            serde_json::from_value(o.clone()).unwrap();
+                        if let Some(e) = service_entry(&s, &mut int)? {
+                            st.services.insert(key_of(&s.metadata), e);
+                        }
+                    }
+                    "EndpointSlice" => {
+                        let s: k8s_openapi::api::discovery::v1::EndpointSlice =
+                            serde_json::from_value(o.clone()).unwrap();
+                        if let Some(e) = slice_entry(&s)? {
+                            st.slices.insert(key_of(&s.metadata), e);
+                        }
+                    }
+                    _ => match policy_entry(o.clone())? {
+                        crate::discovery::policy::PolicyObject::Authorization(a) => {
+                            st.authz
+                                .insert((a.metadata.namespace.clone(), a.metadata.name.clone()), a);
+                        }
+                        crate::discovery::policy::PolicyObject::PeerAuthentication(p) => {
+                            st.peer_authn
+                                .insert((p.metadata.namespace.clone(), p.metadata.name.clone()), p);
+                        }
+                    },
+                }
+                Ok(())
+            })();
+            if let Err(e) = r {
+                refused.push(e);
+            }
+        }
+        (st, refused)
+    }
+
+    fn ns(name: &str, ambient: bool) -> serde_json::Value {
+        let labels = if ambient {
+            json!({DATAPLANE_MODE_LABEL: "ambient"})
+        } else {
+            json!({})
+        };
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+    }
+
+    fn pod(ns: &str, name: &str, node: &str, ip: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": {"app": "web"},
+                         "managedFields": [{"manager": "kubelet"}], "annotations": {"a": "b"}},
+            "spec": {"nodeName": node, "serviceAccountName": "web", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+    }
+
+    fn svc(ns: &str, name: &str, vip: &str, target: serde_json::Value) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": vip, "clusterIPs": [vip], "selector": {"app": "web"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": target, "protocol": "TCP"}]}})
+    }
+
+    fn slice(ns: &str, svc: &str, eps: &[(&str, Option<bool>)]) -> serde_json::Value {
+        let eps: Vec<_> = eps
+            .iter()
+            .map(|(ip, ready)| json!({"addresses": [ip], "conditions": {"ready": ready}}))
+            .collect();
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{svc}-abc"), "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps})
+    }
+
+    #[test]
+    fn pods_become_workloads_by_the_rules() {
+        let with = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut p = pod("demo", "p", NODE, "10.0.0.1");
+            f(&mut p);
+            p
+        };
+        // (pod, is a workload?, protocol, what)
+        let cases: Vec<(serde_json::Value, Option<Protocol>, &str)> = vec![
+            (
+                with(&|_| {}),
+                Some(Protocol::Hbone),
+                "running, enrolled namespace",
+            ),
+            (
+                with(&|p| p["spec"]["hostNetwork"] = json!(true)),
+                None,
+                "host network",
+            ),
+            (
+                with(&|p| p["status"]["phase"] = json!("Succeeded")),
+                None,
+                "terminal",
+            ),
+            (
+                with(&|p| p["status"]["phase"] = json!("Failed")),
+                None,
+                "terminal",
+            ),
+            (
+                with(&|p| p["status"] = json!({"phase": "Pending"})),
+                None,
+                "no IP yet",
+            ),
+            (
+                with(&|p| p["status"]["phase"] = json!("Pending")),
+                Some(Protocol::Hbone),
+                "pending with an IP (init containers run)",
+            ),
+            (
+                with(&|p| p["metadata"]["labels"][DATAPLANE_MODE_LABEL] = json!("none")),
+                Some(Protocol::Tcp),
+                "opted out",
+            ),
+            (
+                with(&|p| p["metadata"]["namespace"] = json!("legacy")),
+                Some(Protocol::Tcp),
+                "namespace not enrolled",
+            ),
+        ];
+        for (p, want, what) in cases {
+            let (st, refused) = store(&[ns("demo", true), ns("legacy", false), p]);
+            assert!(refused.is_empty(), "{what}: {refused:?}");
+            let (s, skipped) = build("cluster.local", &st);
+            assert!(skipped.is_empty(), "{what}: {skipped:?}");
+            let s = s.unwrap();
+            let got = s
+                .workload_by_ip("10.0.0.1".parse().unwrap())
+                .map(|w| w.protocol);
+            assert_eq!(got, want, "{what}");
+            if let Some(w) = s.workload_by_ip("10.0.0.1".parse().unwrap()) {
+                assert_eq!(s.enrolled(w), want == Some(Protocol::Hbone), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn remote_pods_are_lean_local_pods_full() {
+        let mut remote = pod("demo", "r", "n2", "10.0.0.2");
+        remote["metadata"]["labels"][DATAPLANE_MODE_LABEL] = json!("none");
+        let (st, _) = store(&[ns("demo", true), pod("demo", "l", NODE, "10.0.0.1"), remote]);
+        let (s, _) = build("cluster.local", &st);
+        let s = s.unwrap();
+        let l = s.workload_by_uid("uid-l").unwrap();
+        assert_eq!(l.labels.get("app").map(|v| &**v), Some("web"));
+        let r = s.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
+        assert!(r.uid.is_empty());
+        assert_eq!(r.labels.len(), 1, "only the opt-out label: {:?}", r.labels);
+        assert!(!s.enrolled(r));
+        assert_eq!(&*r.node, "n2");
+        assert_eq!(
+            r.identity("cluster.local").to_string(),
+            "spiffe://cluster.local/ns/demo/sa/web"
+        );
+    }
+
+    #[test]
+    fn services_get_ready_endpoints_and_resolved_ports() {
+        let base = vec![
+            ns("demo", true),
+            pod("demo", "a", NODE, "10.0.0.1"),
+            pod("demo", "b", "n2", "10.0.0.2"),
+            pod("demo", "c", "n2", "10.0.0.3"),
+        ];
+        // (service target, slice endpoints, want target port, want endpoint IPs)
+        type Case<'a> = (
+            serde_json::Value,
+            Vec<(&'a str, Option<bool>)>,
+            Option<u16>,
+            Vec<&'a str>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            (
+                json!(8080),
+                vec![("10.0.0.1", Some(true)), ("10.0.0.2", Some(false))],
+                Some(8080),
+                vec!["10.0.0.1"],
+            ),
+            (
+                json!("http"),
+                vec![("10.0.0.2", None), ("10.0.0.3", Some(true))],
+                Some(8080),
+                vec!["10.0.0.2", "10.0.0.3"],
+            ),
+            (
+                json!(9090),
+                vec![("10.9.9.9", Some(true))],
+                Some(9090),
+                vec![],
+            ),
+            (json!(8080), vec![], Some(8080), vec![]),
+        ];
+        for (target, eps, want_port, want_eps) in cases {
+            let mut objs = base.clone();
+            objs.push(svc("demo", "web", "10.96.0.1", target.clone()));
+            if !eps.is_empty() {
+                objs.push(slice("demo", "web", &eps));
+            }
+            let (st, refused) = store(&objs);
+            assert!(refused.is_empty(), "{refused:?}");
+            let (s, _) = build("cluster.local", &st);
+            let s = s.unwrap();
+            let vip = "10.96.0.1".parse().unwrap();
+            let sv = s.service_by_vip(vip).unwrap();
+            assert_eq!(sv.target_port(80), want_port, "{target}");
+            let mut got: Vec<String> = s
+                .endpoints_of_vip(vip)
+                .iter()
+                .map(|w| w.ips[0].to_string())
+                .collect();
+            got.sort();
+            assert_eq!(got, want_eps, "{target} {eps:?}");
+        }
+        // A named port with no slice to resolve it: the port is skipped and said so.
+        let mut objs = base.clone();
+        objs.push(svc("demo", "web", "10.96.0.1", json!("http")));
+        let (st, _) = store(&objs);
+        let (s, skipped) = build("cluster.local", &st);
+        assert!(s
+            .unwrap()
+            .service_by_vip("10.96.0.1".parse().unwrap())
+            .unwrap()
+            .ports
+            .is_empty());
+        assert!(
+            skipped[0].contains("no resolvable target port"),
+            "{skipped:?}"
+        );
+    }
+
+    #[test]
+    fn headless_and_external_services_have_no_vip() {
+        let mut headless = svc("demo", "h", "None", json!(80));
+        headless["spec"]["clusterIPs"] = json!(["None"]);
+        let mut ext = svc("demo", "e", "", json!(80));
+        ext["spec"] = json!({"type": "ExternalName", "externalName": "example.com"});
+        let (st, refused) = store(&[ns("demo", true), headless, ext]);
+        assert!(refused.is_empty() && st.services.is_empty(), "{refused:?}");
+    }
+
+    #[test]
+    fn one_bad_object_is_skipped_and_the_rest_kept() {
+        let bad_policy = json!({"apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "http", "namespace": "demo"},
+            "spec": {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}});
+        let unknown_field = json!({"apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "typo", "namespace": "demo"},
+            "spec": {"rules": [{"from": [{"source": {"principalz": ["x"]}}]}]}});
+        let good_policy = json!({"apiVersion": "security.ztunnel.dev/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "strict", "namespace": "demo"}, "spec": {"mtls": {"mode": "STRICT"}}});
+        let mut bad_ip = pod("demo", "badip", NODE, "10.0.0.9");
+        bad_ip["status"]["podIPs"] = json!([{"ip": "not-an-ip"}]);
+        let mut bad_sa = pod("demo", "badsa", NODE, "10.0.0.8");
+        bad_sa["spec"]["serviceAccountName"] = json!("Bad/SA");
+        let (st, refused) = store(&[
+            ns("demo", true),
+            pod("demo", "a", NODE, "10.0.0.1"),
+            pod("demo", "dup1", "n2", "10.0.0.5"),
+            pod("demo", "dup2", "n3", "10.0.0.5"),
+            svc("demo", "clash", "10.0.0.1", json!(80)),
+            svc("demo", "web", "10.96.0.1", json!(80)),
+            bad_policy,
+            unknown_field,
+            good_policy,
+            bad_ip,
+            bad_sa,
+        ]);
+        assert_eq!(refused.len(), 3, "{refused:?}");
+        assert!(refused
+            .iter()
+            .any(|r| r.contains("`methods` is an HTTP attribute")));
+        assert!(refused.iter().any(|r| r.contains("principalz")));
+        assert!(refused.iter().any(|r| r.contains("not-an-ip")));
+        let (s, skipped) = build("cluster.local", &st);
+        let s = s.unwrap();
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        for want in [
+            "demo/dup1",
+            "demo/dup2",
+            "clash: VIP 10.0.0.1 is a pod IP",
+            "demo/badsa",
+        ] {
+            assert!(
+                skipped.iter().any(|x| x.contains(want)),
+                "{want} in {skipped:?}"
+            );
+        }
+        assert!(s.workload_by_uid("uid-a").is_some());
+        assert!(s.service_by_vip("10.96.0.1".parse().unwrap()).is_some());
+        assert_eq!(s.peer_authentications().len(), 1);
+        assert!(s.authorization_policies().is_empty());
+    }
+}
