@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::ByteString;
 use serde_json::{json, Value};
 use ztunnel::ca::{CaClient, CaMaterial};
 use ztunnel::identity::{generate_csr, CertSigner, Identity, SignError, WorkloadCert};
@@ -244,21 +243,8 @@ fn secret_material(api: &ApiServer, name: &str) -> Option<CaMaterial> {
 }
 
 fn put_secret(api: &ApiServer, name: &str, m: &CaMaterial) {
-    let s = Secret {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("ztunnel-system".into()),
-            ..Default::default()
-        },
-        type_: Some("Opaque".into()),
-        data: Some(
-            m.files()
-                .iter()
-                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-                .collect(),
-        ),
-        ..Default::default()
-    };
+    let mut s = ztunnel::ca::secret::secret_of(name, m);
+    s.metadata.namespace = Some("ztunnel-system".into());
     let mut v = serde_json::to_value(&s).unwrap();
     v["apiVersion"] = json!("v1");
     v["kind"] = json!("Secret");

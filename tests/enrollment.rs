@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use ztunnel::capture::annotate::{Annotator, KubeAnnotator, Status, ANNOTATION};
 use ztunnel::capture::find::{self, FindError};
 use ztunnel::capture::netns::Netns as ZNetns;
 use ztunnel_e2e::apiserver::ApiServer;
+use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::{self, access_lines, metric, Process};
 use ztunnel_e2e::netns::{self, Netns};
 use ztunnel_e2e::testbed::{PodSpec, TestBed};
@@ -94,21 +95,6 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Answers every connection with the peer's address.
-async fn whoami_server(port: u16) {
-    let l = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
-    loop {
-        let Ok((mut s, peer)) = l.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut b = [0u8; 64];
-            let _ = s.read(&mut b).await;
-            let _ = s.write_all(peer.ip().to_string().as_bytes()).await;
-        });
-    }
-}
-
 async fn whoami(ip: &'static str, port: u16) -> String {
     let io = async {
         let mut s = TcpStream::connect((ip, port)).await?;
@@ -161,7 +147,7 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
         .map(Pause::start)
         .collect();
     let (web, api) = (bed.pod("web"), bed.pod("api"));
-    let _srv = api.ns.spawn(whoami_server(8080));
+    let _srv = api.ns.spawn(apps::whoami_server(8080));
     std::thread::sleep(Duration::from_millis(100));
 
     // Not ambient: the CNI ADD left them alone, their traffic is plain.

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+use ztunnel_e2e::apps;
 use ztunnel_e2e::cni::Runtime;
 use ztunnel_e2e::testbed::{self, default_pods, PodSpec, TestBed};
 
@@ -22,21 +23,6 @@ fn late(name: &'static str, namespace: &'static str, ip: &'static str) -> PodSpe
         app: "late",
         node: 0,
         ip,
-    }
-}
-
-/// Answers every connection with the peer's address, until the task is dropped.
-async fn whoami_server(port: u16) {
-    let l = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
-    loop {
-        let Ok((mut s, peer)) = l.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut b = [0u8; 64];
-            let _ = s.read(&mut b).await;
-            let _ = s.write_all(peer.ip().to_string().as_bytes()).await;
-        });
     }
 }
 
@@ -194,7 +180,7 @@ fn an_unreachable_daemon_fails_enrolled_pods_and_lets_others_through() {
 fn a_dead_daemon_refuses_enrolled_connections_lets_probes_through_and_a_restart_restores_service() {
     let mut bed = TestBed::start();
     let server = bed.pod("server");
-    server.ns.spawn(whoami_server(8080));
+    server.ns.spawn(apps::whoami_server(8080));
     std::thread::sleep(Duration::from_millis(100));
     let call = |bed: &TestBed| bed.pod("client").ns.block_on(whoami("10.20.2.10", 8080));
     assert_eq!(call(&bed).unwrap(), "10.20.1.10");
@@ -228,7 +214,7 @@ fn a_dead_daemon_refuses_enrolled_connections_lets_probes_through_and_a_restart_
 #[test]
 fn a_rolling_restart_refuses_no_new_connection() {
     let mut bed = TestBed::start();
-    bed.pod("server").ns.spawn(whoami_server(8080));
+    bed.pod("server").ns.spawn(apps::whoami_server(8080));
     std::thread::sleep(Duration::from_millis(100));
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));

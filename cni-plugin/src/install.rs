@@ -358,9 +358,8 @@ pub fn install_binary(binary: &Path, bin_dir: &Path) -> Result<PathBuf, InstallE
     Ok(target)
 }
 
-/// `install` without `--watch`: the binary, then the configuration.
-pub fn install(options: &Options) -> Result<(), InstallError> {
-    let settings = options.settings()?;
+/// Copies `--plugin-binary` (default: this executable) into the CNI bin directory.
+fn install_plugin_binary(options: &Options) -> Result<(), InstallError> {
     let binary = match &options.plugin_binary {
         Some(b) => b.clone(),
         None => std::env::current_exe().map_err(io_err(Path::new("current executable")))?,
@@ -371,6 +370,13 @@ pub fn install(options: &Options) -> Result<(), InstallError> {
         binary.display(),
         target.display()
     ));
+    Ok(())
+}
+
+/// `install` without `--watch`: the binary, then the configuration.
+pub fn install(options: &Options) -> Result<(), InstallError> {
+    let settings = options.settings()?;
+    install_plugin_binary(options)?;
     let (file, changed) = install_config(&options.cni_conf_dir, &settings)?;
     if changed {
         log(&format!("chained {PLUGIN_TYPE} into {}", file.display()));
@@ -437,16 +443,7 @@ pub fn stop_on_signal() -> Result<Arc<AtomicBool>, InstallError> {
 /// until `stop` is raised. A malformed file is reported and retried on the next change.
 pub fn watch(options: &Options, stop: &AtomicBool) -> Result<(), InstallError> {
     let settings = options.settings()?;
-    let binary = match &options.plugin_binary {
-        Some(b) => b.clone(),
-        None => std::env::current_exe().map_err(io_err(Path::new("current executable")))?,
-    };
-    let target = install_binary(&binary, &options.cni_bin_dir)?;
-    log(&format!(
-        "installed {} as {}",
-        binary.display(),
-        target.display()
-    ));
+    install_plugin_binary(options)?;
     let dir = &options.cni_conf_dir;
     // The primary file and its text when last looked at; an unchanged file is not re-read.
     let mut seen: Option<(PathBuf, String)> = None;

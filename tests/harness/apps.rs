@@ -116,3 +116,18 @@ pub async fn listen(port: u16) -> TcpListener {
         .await
         .expect("bind test app")
 }
+
+/// Answers every connection on `port` with the peer's address, until the task is dropped.
+pub async fn whoami_server(port: u16) {
+    let l = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
+    loop {
+        let Ok((mut s, peer)) = l.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut b = [0u8; 64];
+            let _ = s.read(&mut b).await;
+            let _ = s.write_all(peer.ip().to_string().as_bytes()).await;
+        });
+    }
+}

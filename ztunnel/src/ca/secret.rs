@@ -52,7 +52,8 @@ pub fn material_of(secret: &Secret) -> Result<CaMaterial, String> {
     })
 }
 
-fn secret_of(name: &str, m: &CaMaterial) -> Secret {
+/// The Secret holding `m` in the plugged-in CA layout.
+pub fn secret_of(name: &str, m: &CaMaterial) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),

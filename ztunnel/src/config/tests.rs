@@ -1,0 +1,346 @@
+use std::collections::HashMap;
+
+use super::*;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Result<RunConfig, ConfigError> {
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut a = vec!["ztunnel run".to_string()];
+    a.extend(args.iter().map(|s| s.to_string()));
+    RunConfig::from_sources(a, &|k| env.get(k).cloned())
+}
+
+const BASE: &[&str] = &["--node-name", "n1", "--discovery-file", "/m.yaml"];
+
+#[test]
+fn defaults() {
+    let c = run(BASE, &[]).unwrap();
+    assert_eq!(c.trust_domain, "cluster.local");
+    assert_eq!(c.ca, CaSource::Dir("/var/lib/ztunnel/ca".into()));
+    assert_eq!(c.cert_lifetime, Duration::from_secs(86400));
+    assert_eq!(c.inbound_addr.port(), 15008);
+    assert_eq!(c.outbound_addr.port(), 15001);
+    assert_eq!(c.inbound_plaintext_addr.port(), 15006);
+    assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
+    assert_eq!(
+        (c.metrics_addr.port(), c.readiness_addr.port()),
+        (15020, 15021)
+    );
+    assert_eq!(c.pool_max_streams, 100);
+    assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));
+    assert_eq!(c.log_format, LogFormat::Text);
+    assert_eq!(c.log_filter, "info");
+    assert_eq!(c.host_proc, PathBuf::from("/proc"));
+}
+
+#[test]
+fn environment_and_flag_precedence() {
+    let env = [
+        ("NODE_NAME", "from-env"),
+        ("ZTUNNEL_DISCOVERY_FILE", "/e.yaml"),
+        ("ZTUNNEL_CERT_LIFETIME", "1h"),
+        ("RUST_LOG", "debug"),
+        ("ZTUNNEL_HOST_PROC", "/host/proc"),
+    ];
+    let c = run(&[], &env).unwrap();
+    assert_eq!(c.node_name, "from-env");
+    assert_eq!(c.host_proc, PathBuf::from("/host/proc"));
+    assert_eq!(
+        run(&["--host-proc", "/hp"], &env).unwrap().host_proc,
+        PathBuf::from("/hp")
+    );
+    assert_eq!(c.cert_lifetime, Duration::from_secs(3600));
+    assert_eq!(c.log_filter, "debug");
+    let c = run(
+        &["--node-name", "from-flag", "--cert-lifetime", "10m"],
+        &env,
+    )
+    .unwrap();
+    assert_eq!(c.node_name, "from-flag");
+    assert_eq!(c.cert_lifetime, Duration::from_secs(600));
+}
+
+/// (flags, environment, expected error text)
+type InvalidCase<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn invalid_values() {
+    let cases: &[InvalidCase<'_>] = &[
+        (&["--discovery-file", "/m"], &[], "node name is required"),
+        (&["--node-name", "n"], &[], "discovery file is required"),
+        (&["--cert-lifetime", "1s"], &[], "at least"),
+        (&["--cert-lifetime", "soon"], &[], "certificate lifetime"),
+        (&["--admin-addr", "0.0.0.0:15000"], &[], "loopback"),
+        (&["--inbound-addr", "nowhere"], &[], "inbound address"),
+        (&["--pool-max-streams", "0"], &[], "1 to 10000"),
+        (&["--trust-domain", "Bad Domain"], &[], "trust domain"),
+        (&["--log-format", "xml"], &[], "text or json"),
+        (
+            &["--ca-dir", "/ca", "--ca-address", "ca:15012"],
+            &[],
+            "exclusive",
+        ),
+        (
+            &["--ca-address", "ca:15012"],
+            &[],
+            "CA root certificate is required",
+        ),
+        (
+            &["--ca-address", "ca:15012", "--ca-root-cert", "/r.pem"],
+            &[],
+            "CA token file is required",
+        ),
+        (&["--no-such-flag"], &[], "no-such-flag"),
+    ];
+    for (args, env, want) in cases {
+        let mut a: Vec<&str> = BASE.to_vec();
+        a.extend_from_slice(args);
+        if args.first() == Some(&"--discovery-file") || args.first() == Some(&"--node-name") {
+            a = args.to_vec();
+        }
+        let e = run(&a, env).unwrap_err().to_string();
+        assert!(e.contains(want), "{args:?}: want {want:?} in {e}");
+    }
+}
+
+#[test]
+fn discovery_source() {
+    let n = ["--node-name", "n1"];
+    // (args, env, want source or error)
+    type Case<'a> = (
+        &'a [&'a str],
+        &'a [(&'a str, &'a str)],
+        Result<DiscoverySource, &'a str>,
+    );
+    let cases: &[Case<'_>] = &[
+        (
+            &["--discovery-file", "/m"],
+            &[],
+            Ok(DiscoverySource::File("/m".into())),
+        ),
+        (
+            &["--discovery-source", "file", "--discovery-file", "/m"],
+            &[],
+            Ok(DiscoverySource::File("/m".into())),
+        ),
+        (
+            &["--discovery-source", "kubernetes"],
+            &[],
+            Ok(DiscoverySource::Kubernetes { kubeconfig: None }),
+        ),
+        (
+            &[],
+            &[
+                ("ZTUNNEL_DISCOVERY_SOURCE", "kubernetes"),
+                ("KUBECONFIG", "/k"),
+            ],
+            Ok(DiscoverySource::Kubernetes {
+                kubeconfig: Some("/k".into()),
+            }),
+        ),
+        (
+            &["--discovery-source", "kubernetes", "--kubeconfig", "/f"],
+            &[("KUBECONFIG", "/k")],
+            Ok(DiscoverySource::Kubernetes {
+                kubeconfig: Some("/f".into()),
+            }),
+        ),
+        (
+            &["--discovery-source", "file"],
+            &[],
+            Err("discovery file is required"),
+        ),
+        (
+            &["--discovery-source", "etcd"],
+            &[],
+            Err("file or kubernetes"),
+        ),
+        (
+            &["--discovery-source", "kubernetes", "--discovery-file", "/m"],
+            &[],
+            Err("not kubernetes"),
+        ),
+    ];
+    for (args, env, want) in cases {
+        let got = run(&[&n[..], args].concat(), env);
+        match (got, want) {
+            (Ok(c), Ok(w)) => {
+                assert_eq!(&c.discovery, w, "{args:?}");
+                assert!(c.to_string().contains("discovery=["), "{c}");
+            }
+            (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{args:?}: {e}"),
+            (got, want) => panic!("{args:?}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn remote_ca_and_display_redacts_the_token() {
+    let c = run(
+        &[
+            BASE,
+            &[
+                "--ca-address",
+                "ca:15012",
+                "--ca-root-cert",
+                "/r.pem",
+                "--ca-token-file",
+                "/t",
+            ],
+        ]
+        .concat(),
+        &[],
+    )
+    .unwrap();
+    assert!(
+        matches!(&c.ca, CaSource::Remote { server_name, .. } if server_name == "ztunnel-ca.ztunnel-system.svc")
+    );
+    let shown = c.to_string();
+    assert!(shown.contains("token from /t <redacted>"), "{shown}");
+    assert!(shown.contains("node=n1"));
+}
+
+#[test]
+fn ca_config() {
+    let env: HashMap<String, String> = [("ZTUNNEL_CA_SERVER_NAMES", "a.svc, b.svc")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let args = ["ztunnel ca", "--ca-dir", "/ca", "--token-file", "/t"]
+        .map(String::from)
+        .to_vec();
+    let c = CaConfig::from_sources(args, &|k| env.get(k).cloned()).unwrap();
+    assert_eq!(c.server_names, ["a.svc", "b.svc"]);
+    assert_eq!(c.listen.port(), 15012);
+    let e = CaConfig::from_sources(
+        vec!["ztunnel ca".into(), "--ca-dir".into(), "/ca".into()],
+        &|_| None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("token file"), "{e}");
+}
+
+fn ca(args: &[&str], env: &[(&str, &str)]) -> Result<CaConfig, ConfigError> {
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut a = vec!["ztunnel ca".to_string()];
+    a.extend(args.iter().map(|s| s.to_string()));
+    CaConfig::from_sources(a, &|k| env.get(k).cloned())
+}
+
+#[test]
+fn ca_config_kubernetes() {
+    let c = ca(
+        &[
+            "--authorizer",
+            "kubernetes",
+            "--ca-secret",
+            "ztunnel-system/ca",
+        ],
+        &[],
+    )
+    .unwrap();
+    let ns = |s: &str| s.parse::<NamespacedName>().unwrap();
+    assert_eq!(
+        c.material,
+        CaMaterialSource::Secret(ns("ztunnel-system/ca"))
+    );
+    assert_eq!(
+        c.authorizer,
+        CaAuthorizer::Kubernetes {
+            audience: "ztunnel-ca".into(),
+            daemon_service_account: ns("ztunnel-system/ztunnel"),
+        }
+    );
+    let shown = c.to_string();
+    assert!(shown.contains("ca_secret=ztunnel-system/ca"), "{shown}");
+    let c = ca(
+        &["--token-audience", "flag-aud"],
+        &[
+            ("ZTUNNEL_CA_AUTHORIZER", "kubernetes"),
+            ("ZTUNNEL_CA_SECRET", "sys/ca"),
+            ("ZTUNNEL_CA_TOKEN_AUDIENCE", "env-aud"),
+            ("ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT", "kube-system/zt"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        c.authorizer,
+        CaAuthorizer::Kubernetes {
+            audience: "flag-aud".into(),
+            daemon_service_account: ns("kube-system/zt"),
+        }
+    );
+    // (flags, expected error text)
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--authorizer", "kubernetes"],
+            "CA directory or secret is required",
+        ),
+        (
+            &[
+                "--ca-dir",
+                "/ca",
+                "--ca-secret",
+                "a/b",
+                "--authorizer",
+                "kubernetes",
+            ],
+            "exclusive",
+        ),
+        (
+            &["--ca-secret", "nons", "--authorizer", "kubernetes"],
+            "CA secret",
+        ),
+        (
+            &["--ca-secret", "a/B", "--authorizer", "kubernetes"],
+            "CA secret",
+        ),
+        (
+            &["--ca-secret", "a/b", "--authorizer", "oidc"],
+            "static or kubernetes",
+        ),
+        (&["--ca-secret", "a/b"], "token file is required"),
+        (
+            &[
+                "--ca-secret",
+                "a/b",
+                "--authorizer",
+                "kubernetes",
+                "--token-file",
+                "/t",
+            ],
+            "only for --authorizer static",
+        ),
+        (
+            &[
+                "--ca-secret",
+                "a/b",
+                "--authorizer",
+                "kubernetes",
+                "--daemon-service-account",
+                "zt",
+            ],
+            "daemon service account",
+        ),
+        (
+            &[
+                "--ca-secret",
+                "a/b",
+                "--authorizer",
+                "kubernetes",
+                "--token-audience",
+                "",
+            ],
+            "token audience",
+        ),
+    ];
+    for (args, want) in cases {
+        let e = ca(args, &[]).unwrap_err().to_string();
+        assert!(e.contains(want), "{args:?}: want {want:?} in {e}");
+    }
+}
