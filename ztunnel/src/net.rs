@@ -23,7 +23,7 @@ pub struct Origin {
     pub transparent_src: Option<IpAddr>,
 }
 
-use socket2::SockRef;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// How the daemon's outbound sockets are made.
@@ -50,33 +50,54 @@ pub async fn connect_from(
     opts: ConnectOptions,
     origin: &Origin,
 ) -> io::Result<TcpStream> {
-    let new = || match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    let new = || {
+        Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )
     };
     let sock = match &origin.netns {
         Some(ns) => ns.run(new)??,
         None => new()?,
     };
     if let Some(src) = origin.transparent_src {
-        let s = SockRef::from(&sock);
         match src {
-            IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
-            IpAddr::V6(_) => s.set_ip_transparent_v6(true)?,
+            IpAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
+            IpAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
         }
-        s.set_reuse_address(true)?;
-        sock.bind(SocketAddr::new(src, 0))?;
+        sock.set_reuse_address(true)?;
+        sock.bind(&SocketAddr::new(src, 0).into())?;
     }
     if let Some(mark) = opts.mark {
-        if let Err(e) = SockRef::from(&sock).set_mark(mark) {
+        if let Err(e) = sock.set_mark(mark) {
             if !MARK_WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(error = %e, "cannot mark the daemon's sockets (needs CAP_NET_ADMIN)");
             }
         }
     }
-    sock.set_nodelay(true)?;
-    match tokio::time::timeout(opts.timeout, sock.connect(addr)).await {
-        Ok(r) => r,
+    sock.set_tcp_nodelay(true)?;
+    let in_progress = match sock.connect(&addr.into()) {
+        Ok(()) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
+        Err(e) => return Err(e),
+    };
+    let tcp = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    // A connection on the same host is usually established before `connect` returns: use it
+    // at once rather than waiting a reactor turn to be told it is writable.
+    if !in_progress || tcp.peer_addr().is_ok() {
+        return Ok(tcp);
+    }
+    let established = async {
+        tcp.writable().await?;
+        if let Some(e) = tcp.take_error()? {
+            return Err(e);
+        }
+        tcp.peer_addr().map(|_| ())
+    };
+    match tokio::time::timeout(opts.timeout, established).await {
+        Ok(Ok(())) => Ok(tcp),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("connect to {addr} timed out after {:?}", opts.timeout),
@@ -123,4 +144,66 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
             "original destination is not an IP address",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{connect, ConnectOptions};
+
+    const OPTS: ConnectOptions = ConnectOptions {
+        mark: None,
+        timeout: Duration::from_secs(5),
+    };
+
+    #[tokio::test]
+    async fn connect_returns_an_established_stream() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = connect(addr, OPTS).await.expect("connect");
+        assert_eq!(c.peer_addr().unwrap(), addr);
+        assert!(c.nodelay().unwrap());
+        let (s, _) = l.accept().await.unwrap();
+        assert_eq!(s.peer_addr().unwrap(), c.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn connect_to_a_closed_port_is_refused() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let e = connect(addr, OPTS).await.expect_err("nothing listens");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn connect_gives_up_after_the_timeout() {
+        // A listener whose accept queue is full drops further SYNs: connects then hang.
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        l.listen(0).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let opts = ConnectOptions {
+            mark: None,
+            timeout: Duration::from_millis(300),
+        };
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            match connect(addr, opts).await {
+                Ok(c) => held.push(c),
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e:?}");
+                    return;
+                }
+            }
+        }
+        panic!("{} connections made to a full accept queue", held.len());
+    }
 }
