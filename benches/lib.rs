@@ -16,7 +16,7 @@ use tokio::runtime::Runtime;
 use ztunnel::ca::{issue, LocalCa};
 use ztunnel::discovery::Discovery;
 use ztunnel::hbone::client::connect_request;
-use ztunnel::hbone::copy::{copy_bidirectional, ByteCounters};
+use ztunnel::hbone::copy::{copy_bidirectional, read_early, ByteCounters};
 use ztunnel::hbone::pool::{Pool, PoolKey, PoolSettings};
 use ztunnel::hbone::ConnectHeaders;
 use ztunnel::identity::{Identity, WorkloadCert};
@@ -104,7 +104,10 @@ async fn outbound(
                 ..Default::default()
             };
             let req = connect_request(target, &headers).expect("request");
-            let Ok(t) = pool.open(&key, &cert, req).await else {
+            let Ok(first) = read_early(&tcp) else {
+                return;
+            };
+            let Ok(t) = pool.open(&key, &cert, req, first).await else {
                 return;
             };
             let (rd, wr) = tcp.into_split();
@@ -116,6 +119,8 @@ async fn outbound(
 
 impl Fixture {
     pub fn new() -> Fixture {
+        // As the daemon does at start (see `ztunnel::alloc`).
+        ztunnel::alloc::tune();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

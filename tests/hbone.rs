@@ -107,6 +107,63 @@ fn half_close_crosses_the_tunnel_both_ways() {
     assert_eq!(mesh.b.join(server).expect("server"), b"after your FIN");
 }
 
+/// A client that writes before the tunnel is up (its first bytes then ride right behind the
+/// CONNECT, the rest follows through the stream) and half-closes at once: everything arrives,
+/// in order, and the source's daemon counts every byte it sent.
+#[test]
+fn bytes_written_before_the_tunnel_is_up_arrive_in_order_and_are_counted() {
+    let mesh = Mesh::default_pair();
+    let len = 40 * 1024; // more than the daemon takes with the CONNECT (16 KiB)
+    let server = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        let (mut s, _) = l.accept().await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        s.write_all(&got).await?;
+        s.shutdown().await?;
+        Ok::<_, std::io::Error>(got)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let echoed = {
+        let sent = sent.clone();
+        mesh.a
+            .block_on(async move {
+                let mut s = TcpStream::connect((B_IP, 8080)).await?;
+                s.write_all(&sent).await?;
+                s.shutdown().await?;
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await?;
+                Ok::<_, std::io::Error>(back)
+            })
+            .expect("client")
+    };
+    assert!(
+        mesh.b.join(server).expect("server") == sent,
+        "server got other bytes"
+    );
+    assert!(echoed == sent, "client got other bytes back");
+    let source = [("reporter", "source")];
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = Mesh::metrics(&mesh.a);
+        if metric(&m, "istio_tcp_connections_closed_total", &source) >= 1.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        metric(&m, "istio_tcp_sent_bytes_total", &source),
+        len as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "istio_tcp_received_bytes_total", &source),
+        len as f64,
+        "{m}"
+    );
+}
+
 #[test]
 fn hundred_streams_share_one_connection_and_the_next_opens_another() {
     let mesh = Mesh::default_pair();

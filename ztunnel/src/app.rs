@@ -225,6 +225,7 @@ pub async fn start(
             std::future::pending(),
         )));
     }
+    tasks.push(tokio::spawn(crate::alloc::trim_periodically()));
     tasks.push(tokio::spawn(reevaluate_on_change(disc.clone(), pi.clone())));
     tasks.push(tokio::spawn(report_certificates(certs.clone(), pi.clone())));
     tasks.push(tokio::spawn(keep_certificates(

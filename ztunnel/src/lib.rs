@@ -3,6 +3,7 @@
 //! `main.rs` only parses the command line, sets up logging and calls [`app::start`].
 
 pub mod admin;
+pub mod alloc;
 pub mod app;
 pub mod ca;
 pub mod capture;

@@ -129,6 +129,7 @@ fn main() -> ExitCode {
         String::new()
     };
     args[0] = format!("ztunnel {cmd}");
+    ztunnel::alloc::tune();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

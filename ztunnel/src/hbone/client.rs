@@ -137,8 +137,23 @@ pub async fn open_stream(
     sender: SendRequest<Bytes>,
     req: Request<()>,
 ) -> Result<(SendStream<Bytes>, RecvStream), ClientError> {
+    open_stream_with(sender, req, None).await
+}
+
+/// Like [`open_stream`], sending `first` (bytes the client has already written) right behind
+/// the request instead of a round trip later, so that they reach the peer with it. The peer
+/// holds them in the stream's flow-control window and forwards them only if it answers `200`.
+pub async fn open_stream_with(
+    sender: SendRequest<Bytes>,
+    req: Request<()>,
+    first: Option<&Bytes>,
+) -> Result<(SendStream<Bytes>, RecvStream), ClientError> {
     let mut sender = sender.ready().await?;
-    let (response, send) = sender.send_request(req, false)?;
+    let (response, mut send) = sender.send_request(req, false)?;
+    if let Some(first) = first {
+        // Well within the initial stream window: h2 sends it at once.
+        send.send_data(first.clone(), false)?;
+    }
     let response = response.await?;
     if response.status() != StatusCode::OK {
         return Err(ClientError::Status(response.status()));

@@ -177,12 +177,15 @@ impl Pool {
     }
 
     /// Opens a stream for `req` to `key`, on a pooled connection when one has room.
-    /// `cert` is the source workload's current certificate (used only to dial).
+    /// `cert` is the source workload's current certificate (used only to dial). `first`, the
+    /// bytes the client already sent (see [`super::copy::read_early`]), goes out right behind
+    /// the request (again on a retry); the stream then carries what follows.
     pub async fn open(
         &self,
         key: &PoolKey,
         cert: &Arc<WorkloadCert>,
         req: Request<()>,
+        first: Option<Bytes>,
     ) -> Result<Tunnel, PoolError> {
         let ks = self.key_state(key);
         let max = self.inner.settings.max_streams;
@@ -205,7 +208,9 @@ impl Pool {
                 conn: conn.clone(),
                 metrics: self.inner.metrics.clone(),
             };
-            match client::open_stream(conn.sender.clone(), copy_request(&req)).await {
+            let opened =
+                client::open_stream_with(conn.sender.clone(), copy_request(&req), first.as_ref());
+            match opened.await {
                 Ok((send, recv)) => return Ok(Tunnel { send, recv, lease }),
                 Err(e) => {
                     if !matches!(e, ClientError::Status(_)) {

@@ -5,6 +5,11 @@
 //! and the destination's expected identity) or passthrough (plain TCP outside the mesh). A
 //! connection that cannot be carried is reset and counted; it is never sent in plaintext to a
 //! mesh workload.
+//!
+//! Bytes the client has already written when the stream opens are sent right behind the
+//! `CONNECT` ([`copy::read_early`]): they go only to the peer whose identity the TLS handshake
+//! checked, and that peer forwards them only if it answers `200` (a denied or failed stream
+//! discards them), so nothing reaches an application earlier than before, only sooner.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +20,7 @@ use super::conns::{ConnFacts, Direction};
 use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
 use crate::hbone::client::connect_request;
-use crate::hbone::copy::copy_bidirectional;
+use crate::hbone::copy::{self, copy_bidirectional};
 use crate::hbone::pool::PoolKey;
 use crate::hbone::ConnectHeaders;
 use crate::net;
@@ -132,7 +137,15 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 addr: tunnel_addr,
                 netns: scope.peer_origin().netns,
             };
-            let tunnel = match pi.pool.open(&key, &cert, req).await {
+            let first = match copy::read_early(&tcp) {
+                Ok(first) => first,
+                Err(e) => {
+                    tracked.fail(&e);
+                    return reset(tcp);
+                }
+            };
+            let early = first.as_ref().map_or(0, |b| b.len() as u64);
+            let tunnel = match pi.pool.open(&key, &cert, req, first).await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
@@ -154,6 +167,10 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                     true,
                 ),
             );
+            let bytes = &tracked.record().bytes;
+            bytes
+                .sent
+                .fetch_add(early, std::sync::atomic::Ordering::Relaxed);
             let (rd, wr) = tcp.into_split();
             if let Err(e) =
                 copy_bidirectional(rd, wr, tunnel.send, tunnel.recv, &tracked.record().bytes).await

@@ -1,0 +1,67 @@
+//! Tuning of the C allocator (glibc malloc) for the data path.
+//!
+//! Bulk flows hand h2 read buffers of up to 256 KiB that stay alive until the peer has taken
+//! them, so a new buffer is allocated while the previous one is still held. With glibc's
+//! defaults those buffers are `mmap`ed, or carved from heap memory that `free` has just given
+//! back to the kernel, and every one is page-faulted in again: a profile of 8 bulk streams showed
+//! 14 % of the CPU in page faults (≈ 316 000 faults in 4 s; 7 000 with this tuning).
+//!
+//! Contract: [`tune`] raises the `mmap` threshold to [`MMAP_THRESHOLD`] and the trim threshold
+//! to [`TRIM_THRESHOLD`], so buffers of a bulk flow are reused from the heap; [`trim`] returns
+//! the heap's free memory to the kernel, and [`trim_periodically`] does so every
+//! [`TRIM_INTERVAL`], so that an idle daemon does not keep what a past burst used. Both are
+//! no-ops on other C libraries.
+
+use std::time::Duration;
+
+/// Allocations at least this large are `mmap`ed (glibc's default is 128 KiB, adjusted upward
+/// as such chunks are freed).
+pub const MMAP_THRESHOLD: usize = 1024 * 1024;
+/// Free memory at the top of a heap beyond this is returned to the kernel at `free`.
+pub const TRIM_THRESHOLD: usize = 8 * 1024 * 1024;
+/// How often [`trim_periodically`] returns free heap memory to the kernel.
+pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Applies the thresholds; call once at start, before the runtime spawns its threads.
+/// Returns whether the C library accepted them.
+pub fn tune() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets allocator parameters; both values are within its limits.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
+
+/// Returns free heap memory to the kernel (all arenas).
+pub fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Calls [`trim`] every [`TRIM_INTERVAL`], forever.
+pub async fn trim_periodically() {
+    let mut tick = tokio::time::interval(TRIM_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        trim();
+    }
+}
+
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+mod tests {
+    #[test]
+    fn glibc_accepts_the_thresholds() {
+        assert!(super::tune());
+        super::trim();
+    }
+}
