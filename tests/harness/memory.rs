@@ -17,13 +17,18 @@ use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::testbed::TestBed;
 
 fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// One `kB` field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, `RssFile`, …).
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("VmRSS")
+        .with_context(|| field.to_owned())
 }
 
 fn raise_fd_limit() {
@@ -165,6 +170,13 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let (idle1, idle2) = (rss_kib(p1)?, rss_kib(p2)?);
     println!("idle RSS (2 enrolled pods on n1, 1 on n2, one pooled tunnel): n1 {idle1} KiB, n2 {idle2} KiB");
+    for (name, pid) in [("n1", p1), ("n2", p2)] {
+        println!(
+            "  {name}: {} KiB anonymous (heap, stacks), {} KiB mapped from the binary and libraries",
+            status_kib(pid, "RssAnon")?,
+            status_kib(pid, "RssFile")?
+        );
+    }
 
     let conns = client.ns.block_on(async move {
         let mut v = Vec::with_capacity(n);
