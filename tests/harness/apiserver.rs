@@ -47,24 +47,12 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-/// Kinds that are not namespaced.
-pub const CLUSTER_SCOPED: &[&str] = &[
-    "Namespace",
-    "Node",
-    "PersistentVolume",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "CustomResourceDefinition",
-    "TokenReview",
-    "SubjectAccessReview",
-    "SelfSubjectAccessReview",
-    "CertificateSigningRequest",
-    "StorageClass",
-    "PriorityClass",
-    "MutatingWebhookConfiguration",
-    "ValidatingWebhookConfiguration",
-    "APIService",
-];
+mod paths;
+mod selector;
+
+pub use paths::{collection_path, plural, CLUSTER_SCOPED};
+use paths::{is_cluster_scoped, parse_path, query_map};
+use selector::Selector;
 
 /// Kinds known before any object of them exists, so that an empty collection lists (and
 /// watches) instead of answering 404. Any other kind becomes known when first applied.
@@ -87,47 +75,6 @@ const KNOWN_KINDS: &[(&str, &str)] = &[
     ("apps/v1", "Deployment"),
 ];
 
-/// The plural resource name of a kind, as the API server's paths use it.
-pub fn plural(kind: &str) -> String {
-    let lower = kind.to_ascii_lowercase();
-    // Overrides: kinds whose plural is not the rule's.
-    if lower == "endpoints" {
-        return lower;
-    }
-    if let Some(stem) = lower.strip_suffix('y') {
-        if !stem.ends_with(['a', 'e', 'i', 'o', 'u']) {
-            return format!("{stem}ies");
-        }
-    }
-    if lower.ends_with('s')
-        || lower.ends_with('x')
-        || lower.ends_with("ch")
-        || lower.ends_with("sh")
-    {
-        return format!("{lower}es");
-    }
-    format!("{lower}s")
-}
-
-fn is_cluster_scoped(kind: &str) -> bool {
-    CLUSTER_SCOPED.contains(&kind)
-}
-
-/// The URL path of a collection (`namespace` None: all namespaces, or a cluster-scoped kind).
-pub fn collection_path(api_version: &str, kind: &str, namespace: Option<&str>) -> String {
-    let prefix = if api_version.contains('/') {
-        format!("/apis/{api_version}")
-    } else {
-        format!("/api/{api_version}")
-    };
-    match namespace {
-        Some(ns) if !is_cluster_scoped(kind) => {
-            format!("{prefix}/namespaces/{ns}/{}", plural(kind))
-        }
-        _ => format!("{prefix}/{}", plural(kind)),
-    }
-}
-
 type Key = (String, String); // (namespace or "", name)
 type Collection = (String, String); // (apiVersion, kind)
 type Body = BoxBody<Bytes, Infallible>;
@@ -142,91 +89,6 @@ struct Change {
     old: Option<Value>,
     /// The object after the change (None for a deletion).
     new: Option<Value>,
-}
-
-/// What a watch (or list) selects.
-#[derive(Clone, Default)]
-struct Selector {
-    namespace: Option<String>,
-    fields: Vec<(String, bool, String)>, // (path, equal?, value)
-    labels: Vec<LabelReq>,
-}
-
-#[derive(Clone)]
-enum LabelReq {
-    Eq(String, String),
-    Ne(String, String),
-    Exists(String),
-    NotExists(String),
-}
-
-impl Selector {
-    fn parse(namespace: Option<String>, fields: &str, labels: &str) -> Result<Self, String> {
-        let mut sel = Selector {
-            namespace,
-            ..Default::default()
-        };
-        for term in fields.split(',').filter(|t| !t.is_empty()) {
-            let (path, eq, value) = if let Some((p, v)) = term.split_once("!=") {
-                (p, false, v)
-            } else if let Some((p, v)) = term.split_once("==") {
-                (p, true, v)
-            } else if let Some((p, v)) = term.split_once('=') {
-                (p, true, v)
-            } else {
-                return Err(format!("invalid field selector {term:?}"));
-            };
-            sel.fields
-                .push((path.trim().into(), eq, value.trim().into()));
-        }
-        for term in labels.split(',').filter(|t| !t.is_empty()) {
-            let term = term.trim();
-            let req = if term.contains(" in ") || term.contains(" notin ") || term.contains('(') {
-                return Err(format!("unsupported label selector {term:?}"));
-            } else if let Some((k, v)) = term.split_once("!=") {
-                LabelReq::Ne(k.trim().into(), v.trim().into())
-            } else if let Some((k, v)) = term.split_once("==") {
-                LabelReq::Eq(k.trim().into(), v.trim().into())
-            } else if let Some((k, v)) = term.split_once('=') {
-                LabelReq::Eq(k.trim().into(), v.trim().into())
-            } else if let Some(k) = term.strip_prefix('!') {
-                LabelReq::NotExists(k.trim().into())
-            } else {
-                LabelReq::Exists(term.into())
-            };
-            sel.labels.push(req);
-        }
-        Ok(sel)
-    }
-
-    fn matches(&self, obj: &Value) -> bool {
-        if let Some(ns) = &self.namespace {
-            if obj["metadata"]["namespace"].as_str() != Some(ns) {
-                return false;
-            }
-        }
-        for (path, eq, want) in &self.fields {
-            let mut v = obj;
-            for part in path.split('.') {
-                v = &v[part];
-            }
-            let got = match v {
-                Value::String(s) => s.clone(),
-                Value::Null => String::new(),
-                other => other.to_string(),
-            };
-            if (got == *want) != *eq {
-                return false;
-            }
-        }
-        let labels = &obj["metadata"]["labels"];
-        self.labels.iter().all(|req| match req {
-            LabelReq::Eq(k, v) => labels[k].as_str() == Some(v),
-            LabelReq::Ne(k, v) => labels[k].as_str() != Some(v),
-            LabelReq::Exists(k) => labels.get(k).is_some(),
-            LabelReq::NotExists(k) => labels.get(k).is_none(),
-        })
-    }
 }
 
 struct Watch {
@@ -407,44 +269,6 @@ fn respond(code: u16, body: &Value) -> Response<Body> {
 
 fn fail(code: u16, reason: &str, message: &str) -> Response<Body> {
     respond(code, &status(code, reason, message))
-}
-
-/// A parsed resource path.
-struct Target {
-    api_version: String,
-    plural: String,
-    namespace: Option<String>,
-    name: Option<String>,
-}
-
-fn parse_path(path: &str) -> Option<Target> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (api_version, rest) = match segs.as_slice() {
-        ["api", v, rest @ ..] => (v.to_string(), rest),
-        ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
-        _ => return None,
-    };
-    let (namespace, plural, name) = match rest {
-        [p] => (None, *p, None),
-        ["namespaces", ns, p] => (Some(ns.to_string()), *p, None),
-        ["namespaces", ns, p, n] | ["namespaces", ns, p, n, "status"] => {
-            (Some(ns.to_string()), *p, Some(n.to_string()))
-        }
-        [p, n] | [p, n, "status"] => (None, *p, Some(n.to_string())),
-        _ => return None,
-    };
-    Some(Target {
-        api_version,
-        plural: plural.to_string(),
-        namespace,
-        name,
-    })
-}
-
-fn query_map(query: Option<&str>) -> HashMap<String, String> {
-    form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .into_owned()
-        .collect()
 }
 
 struct Shared {
