@@ -187,7 +187,9 @@ async fn the_initial_list_fills_the_model() {
     assert_eq!(endpoints(&s, "10.96.0.1"), ["local", "remote"]);
     assert_eq!(s.authorization_policies().len(), 1);
     assert_eq!(s.enrolled_namespaces(), vec![Arc::from("demo")]);
-    // Local pods are watched by node, remote ones without this node.
+    // Local pods are watched by node, remote ones without this node. The watches open after
+    // the initial lists have returned, so wait for them rather than race them.
+    b.until_watching(WATCHES).await;
     let w = b.pod_watches();
     assert!(
         w.iter()
