@@ -1,7 +1,8 @@
 //! The CA's compact view of the cluster's pods: for each pod (by uid) only its node, namespace,
-//! service account and whether it is Running — never whole pods — plus a count of Running pods
-//! per (node, namespace, service account), so "may this node have that identity?" is one
-//! lookup.
+//! service account and whether it is Running — never whole pods (they are decoded as
+//! [`LeanPod`](crate::discovery::kube::objects::LeanPod), which skips the rest) — plus a count
+//! of Running pods per (node, namespace, service account), so "may this node have that
+//! identity?" is one lookup.
 //!
 //! [`spawn_watcher`] keeps an index current from a `kube-runtime` watcher over every pod
 //! (re-list on `410 Gone`, backoff on errors). A re-list is buffered and swapped in whole at
@@ -12,10 +13,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Api;
+
+use crate::discovery::kube::objects::LeanPod as Pod;
 use tokio::sync::watch;
 
 /// What the CA keeps of a pod.
@@ -101,19 +103,16 @@ impl PodIndex {
 pub fn entry_of(pod: &Pod) -> Option<(String, PodEntry)> {
     let uid = pod.metadata.uid.clone()?;
     let namespace = pod.metadata.namespace.clone()?;
-    let spec = pod.spec.as_ref();
     let entry = PodEntry {
-        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        node: pod.spec.node_name.clone().unwrap_or_default(),
         namespace,
-        service_account: spec
-            .and_then(|s| s.service_account_name.clone())
+        service_account: pod
+            .spec
+            .service_account_name
+            .clone()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".into()),
-        running: pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .is_some_and(|p| p == "Running"),
+        running: pod.status.phase.as_deref() == Some("Running"),
     };
     Some((uid, entry))
 }

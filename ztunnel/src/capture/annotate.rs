@@ -12,11 +12,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use tokio::sync::mpsc;
 use ztunnel_proto::enroll::PodRef;
 
+use crate::discovery::kube::objects::LeanPod;
 use crate::metrics::Metrics;
 
 /// The annotation's key.
@@ -111,7 +111,8 @@ async fn worker(
             if applied.get(&key) == Some(&status) {
                 continue;
             }
-            let api: Api<Pod> = Api::namespaced(client.clone(), &key.0);
+            // The patched pod comes back in the answer; decode only the few fields a `LeanPod` has.
+            let api: Api<LeanPod> = Api::namespaced(client.clone(), &key.0);
             match api
                 .patch(
                     &key.1,
