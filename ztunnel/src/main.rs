@@ -160,16 +160,8 @@ fn main() -> ExitCode {
             }
         }
         "crds" => {
-            return match ztunnel::discovery::crd::crds_yaml() {
-                Ok(yaml) => {
-                    print!("{yaml}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ztunnel crds: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            print!("{}", ztunnel::discovery::crd::CRDS_YAML);
+            return ExitCode::SUCCESS;
         }
         "" | "help" | "-h" | "--help" => {
             println!("{USAGE}");
