@@ -7,11 +7,12 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-# The daemon and the CA, linked against the runtime image's glibc.
+# The daemon and the CA, linked against the runtime image's glibc; the `dist` profile is
+# release with whole-program LTO (smaller code, so a smaller idle RSS).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p ztunnel \
- && install -D -m 0755 target/release/ztunnel /out/ztunnel
+    cargo build --profile dist --locked -p ztunnel \
+ && install -D -m 0755 target/dist/ztunnel /out/ztunnel
 # The CNI plugin is copied onto the node and run there by the container runtime, on whatever
 # glibc the node has: link it statically (the target is explicit so that only the plugin, not
 # build scripts or proc macros, is built static).

@@ -30,7 +30,12 @@ pub fn binary(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let dir = target_dir();
-        let release = dir.file_name().is_some_and(|n| n == "release");
+        // target/debug is the dev profile; any other directory is named after its profile
+        // (release, dist).
+        let profile = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| n != "debug");
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--workspace", "--bins"]);
         // Cargo gives a test process its own CARGO_* variables; passing them on would make
@@ -46,8 +51,8 @@ pub fn binary(name: &str) -> PathBuf {
                 cmd.env(k, v);
             }
         }
-        if release {
-            cmd.arg("--release");
+        if let Some(profile) = profile {
+            cmd.args(["--profile", &profile]);
         }
         let status = cmd
             .current_dir(env!("CARGO_MANIFEST_DIR"))

@@ -2,7 +2,14 @@
 //! the idle RSS of each daemon, then the RSS added per idle proxied connection when `N`
 //! connections from pod `client` (node n1) to pod `server` (node n2) are open and idle.
 //! A measurement, not a test: it prints figures (see `benches/README.md`).
-//! Run as root: `cargo run -p ztunnel-e2e --bin ztunnel-memory [--release] -- [N]`.
+//! Run as root: `cargo run -p ztunnel-e2e --bin ztunnel-memory --profile dist -- [N]` (the
+//! shipped build; `--release` measures the benchmarks' build).
+//!
+//! Most of an idle daemon's RSS is its own code, mapped from the page cache, and how much of
+//! it is mapped depends on how the binary's pages got there: the kernel maps a whole cached
+//! folio on a fault, and a file just written by the linker or `cp` is cached in larger folios
+//! than one read back by page faults. To measure the same way every time, the binary is
+//! evicted from the page cache first, as after a reboot or a reclaim.
 //!
 //! With `discovery [WORKLOADS] [POLICIES]` it measures instead the daemon's memory for a large
 //! local discovery file (default 100 000 workloads in 1 000 namespaces on 5 000 nodes, and
@@ -29,6 +36,16 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .with_context(|| field.to_owned())
+}
+
+/// Drops `path`'s clean pages from the page cache (see the module doc).
+fn evict_from_page_cache(path: &std::path::Path) -> Result<()> {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    let f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    f.sync_all()?;
+    posix_fadvise(&f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+        .with_context(|| format!("posix_fadvise {}", path.display()))?;
+    Ok(())
 }
 
 fn raise_fd_limit() {
@@ -110,6 +127,7 @@ fn discovery_memory(workloads: usize, policies: usize) -> Result<()> {
         yaml.len() >> 20
     );
     std::fs::write(&both, yaml)?;
+    evict_from_page_cache(&ztunnel_e2e::daemon::binary("ztunnel"))?;
     let base = daemon_rss(dir.path(), "policies", &only_policies)?;
     let full = daemon_rss(dir.path(), "both", &both)?;
     println!("RSS with the policies only: {base} KiB; with the workloads too: {full} KiB");
@@ -137,6 +155,7 @@ fn main() -> Result<()> {
         .transpose()?
         .unwrap_or(2000);
     raise_fd_limit();
+    evict_from_page_cache(&ztunnel_e2e::daemon::binary("ztunnel"))?;
     let bed = TestBed::start_with(ztunnel_e2e::testbed::default_pods())?;
     let pid = |i: usize| {
         bed.nodes[i]
