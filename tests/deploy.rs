@@ -4,7 +4,7 @@
 //!   `ztunnel::discovery::crd`) with no field ignored: k8s-openapi silently skips unknown
 //!   fields, so the parse goes through `serde_ignored`, which reports each one by path; an
 //!   unexpected kind is an error too;
-//! - the CRDs in the rendered base are exactly what `ztunnel crds` generates;
+//! - the CRDs in the rendered base are exactly the generated ones, and `ztunnel crds` prints them;
 //! - the DaemonSet's daemon container, fed to the daemon's own parser
 //!   (`RunConfig::from_sources`, its env with downward-API values replaced by samples),
 //!   parses, and its readiness probe, metrics port, hostPath mounts, CA token and root,
@@ -106,6 +106,19 @@ fn base_renders_and_every_object_parses_strictly() {
         ztunnel::discovery::crd::crds(),
         "the CRDs in deploy/base differ from the code: {}",
         ztunnel::discovery::crd::REGENERATE
+    );
+    // And `ztunnel crds`, the real binary, prints that same file.
+    let out = std::process::Command::new(ztunnel_e2e::daemon::binary("ztunnel"))
+        .arg("crds")
+        .output()
+        .expect("run ztunnel crds");
+    assert!(out.status.success(), "ztunnel crds: {out:?}");
+    let file = std::fs::read(manifests::repo().join(ztunnel::discovery::crd::CRDS_FILE))
+        .expect("the CRD file");
+    assert!(
+        out.stdout == file,
+        "ztunnel crds does not print {}",
+        ztunnel::discovery::crd::CRDS_FILE
     );
 }
 
