@@ -16,9 +16,9 @@ use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Api;
-
-use crate::discovery::kube::objects::LeanPod as Pod;
 use tokio::sync::watch;
+
+use crate::discovery::kube::objects::LeanPod;
 
 /// What the CA keeps of a pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,7 +100,7 @@ impl PodIndex {
 }
 
 /// The uid and compact entry of a pod; `None` for a pod without uid or namespace.
-pub fn entry_of(pod: &Pod) -> Option<(String, PodEntry)> {
+pub fn entry_of(pod: &LeanPod) -> Option<(String, PodEntry)> {
     let uid = pod.metadata.uid.clone()?;
     let namespace = pod.metadata.namespace.clone()?;
     let entry = PodEntry {
@@ -120,7 +120,7 @@ pub fn entry_of(pod: &Pod) -> Option<(String, PodEntry)> {
 /// Keeps `index` current from a watch over every pod of the cluster; `synced` becomes true
 /// after the first complete list. Runs until the task is dropped.
 pub fn spawn_watcher(
-    api: Api<Pod>,
+    api: Api<LeanPod>,
     index: Arc<RwLock<PodIndex>>,
     synced: watch::Sender<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn entry_of_a_pod() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
+        let pod: LeanPod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "demo", "uid": "u1"},
             "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": []},
             "status": {"phase": "Running"}
@@ -213,7 +213,7 @@ mod tests {
             entry_of(&pod),
             Some(("u1".into(), e("n1", "demo", "web", true)))
         );
-        let bare: Pod = serde_json::from_value(serde_json::json!({
+        let bare: LeanPod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "demo", "uid": "u2"},
             "spec": {"containers": []}
         }))

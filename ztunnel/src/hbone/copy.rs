@@ -156,7 +156,7 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::read_early;
+    use super::{read_early, INITIAL_BUF};
 
     /// A connected pair on loopback: (client, accepted).
     async fn pair() -> (TcpStream, TcpStream) {
@@ -188,12 +188,11 @@ mod tests {
     #[tokio::test]
     async fn read_early_takes_at_most_the_initial_buffer() {
         let (mut c, s) = pair().await;
-        c.write_all(&vec![1u8; 3 * INITIAL]).await.unwrap();
+        c.write_all(&vec![1u8; 3 * INITIAL_BUF]).await.unwrap();
         settle(&s).await;
         let first = read_early(&s).unwrap().expect("bytes");
-        assert_eq!(first.len(), INITIAL);
+        assert_eq!(first.len(), INITIAL_BUF);
     }
-    const INITIAL: usize = super::INITIAL_BUF;
 
     #[tokio::test]
     async fn read_early_leaves_eof_to_the_copy_loop_and_returns_a_reset() {

@@ -172,9 +172,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 .sent
                 .fetch_add(early, std::sync::atomic::Ordering::Relaxed);
             let (rd, wr) = tcp.into_split();
-            if let Err(e) =
-                copy_bidirectional(rd, wr, tunnel.send, tunnel.recv, &tracked.record().bytes).await
-            {
+            if let Err(e) = copy_bidirectional(rd, wr, tunnel.send, tunnel.recv, bytes).await {
                 tracked.fail(e);
             }
             drop(tunnel.lease);
