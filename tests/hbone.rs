@@ -16,9 +16,39 @@ use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, A_IP, B_IP, C_IP};
 
 const MIB: usize = 1024 * 1024;
 
+/// Waits until `daemon` has logged that it released its start-up code pages (see
+/// `ztunnel::residency`) and returns how many mappings it advised.
+fn wait_for_released_pages(daemon: &ztunnel_e2e::daemon::Process) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = daemon.log();
+        assert!(
+            !log.contains("could not release start-up code pages"),
+            "{log}"
+        );
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("released the code pages only start-up used"))
+        {
+            return line
+                .split_once("mappings=")
+                .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no mapping count in {line:?}"));
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// 64 MiB each way, after both daemons have given back their start-up code pages: the code
+/// the transfer needs is read back in as it runs.
 #[test]
 fn bulk_64_mib_each_way_arrives_intact() {
     let mesh = Mesh::default_pair();
+    for daemon in [&mesh.a_daemon, &mesh.b_daemon] {
+        // At least the code and the read-only data of the executable.
+        assert!(wait_for_released_pages(daemon) >= 2);
+    }
     let len = 64 * MIB;
     let server = mesh
         .b

@@ -9,7 +9,8 @@
 //! it is mapped depends on how the binary's pages got there: the kernel maps a whole cached
 //! folio on a fault, and a file just written by the linker or `cp` is cached in larger folios
 //! than one read back by page faults. To measure the same way every time, the binary is
-//! evicted from the page cache first, as after a reboot or a reclaim.
+//! evicted from the page cache first, as after a reboot or a reclaim. Each daemon's RSS is
+//! also printed split by mapping (the binary, each library, heap, stacks).
 //!
 //! With `discovery [WORKLOADS] [POLICIES]` it measures instead the daemon's memory for a large
 //! local discovery file (default 100 000 workloads in 1 000 namespaces on 5 000 nodes, and
@@ -36,6 +37,28 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .with_context(|| field.to_owned())
+}
+
+/// `/proc/<pid>/smaps` summed per mapped file (anonymous mappings under their bracketed
+/// names or `[anon]`): `(name, Rss KiB)`, largest first.
+fn rss_by_mapping(pid: u32) -> Result<Vec<(String, u64)>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut sums: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            let name = fields.nth(4).unwrap_or("[anon]");
+            current = name.rsplit('/').next().unwrap_or(name).to_owned();
+        } else if first == "Rss:" {
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *sums.entry(current.clone()).or_default() += kib;
+        }
+    }
+    let mut v: Vec<_> = sums.into_iter().filter(|(_, k)| *k > 0).collect();
+    v.sort_by_key(|(_, kib)| std::cmp::Reverse(*kib));
+    Ok(v)
 }
 
 /// Drops `path`'s clean pages from the page cache (see the module doc).
@@ -195,6 +218,11 @@ fn main() -> Result<()> {
             status_kib(pid, "RssAnon")?,
             status_kib(pid, "RssFile")?
         );
+        let parts: Vec<String> = rss_by_mapping(pid)?
+            .into_iter()
+            .map(|(name, kib)| format!("{name} {kib}"))
+            .collect();
+        println!("    by mapping (KiB): {}", parts.join(", "));
     }
 
     let conns = client.ns.block_on(async move {
