@@ -121,6 +121,13 @@ impl Fixture {
     pub fn new() -> Fixture {
         // As the daemon does at start (see `ztunnel::alloc`).
         ztunnel::alloc::tune();
+        // The daemon always has a subscriber (at `info` by default); without one, every span
+        // of h2 and rustls would take tracing's `log` fallback, a cost the daemon never pays.
+        // Events are formatted, as the daemon's are, and thrown away.
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_writer(std::io::sink)
+            .try_init();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use ztunnel::ca::{CaClient, CaMaterial};
 use ztunnel::identity::{generate_csr, CertSigner, Identity, SignError, WorkloadCert};
 use ztunnel_e2e::apiserver::ApiServer;
-use ztunnel_e2e::daemon::binary;
+use ztunnel_e2e::daemon::{binary, die_with_test};
 use ztunnel_proto::ca::{SignRequest, SignResponse};
 
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
@@ -52,7 +52,7 @@ impl CaProcess {
         let addr = format!("127.0.0.1:{port}");
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary("ztunnel"))
+        let child = die_with_test(&mut Command::new(binary("ztunnel")))
             .arg("ca")
             .args(["--listen", &addr, "--server-name", "localhost"])
             .args(args)
@@ -439,6 +439,12 @@ async fn authorizes_nodes_by_token_and_pods() {
     for token in ["tok-daemon", "tok-web", "tok-wrong", "tok-unknown"] {
         assert!(!log.contains(token), "a token reached the log:\n{log}");
     }
+    // Once serving, the CA gave back the code pages only its start-up ran, as the daemon does.
+    assert!(
+        log.contains("released the code pages only start-up used")
+            && !log.contains("could not release start-up code pages"),
+        "start-up pages not released:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

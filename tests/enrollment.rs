@@ -24,7 +24,7 @@ use ztunnel::capture::find::{self, FindError};
 use ztunnel::capture::netns::Netns as ZNetns;
 use ztunnel_e2e::apiserver::ApiServer;
 use ztunnel_e2e::apps;
-use ztunnel_e2e::daemon::{self, access_lines, metric, Process};
+use ztunnel_e2e::daemon::{self, access_lines, die_with_test, metric, Process};
 use ztunnel_e2e::netns::{self, Netns};
 use ztunnel_e2e::testbed::{PodSpec, TestBed};
 use ztunnel_proto::enroll::{self, Attachment, PodAdd, PodRef, Reply, Request};
@@ -47,7 +47,7 @@ impl Pause {
     /// Starts it and waits until it is inside `ns`.
     fn start(ns: &Netns) -> Pause {
         use std::os::unix::fs::MetadataExt;
-        let child = Command::new("ip")
+        let child = die_with_test(&mut Command::new("ip"))
             .args(["netns", "exec", &ns.name, "sleep", "600"])
             .stdin(Stdio::null())
             .spawn()

@@ -65,6 +65,20 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
+/// Makes the child die with the test: the kernel sends it `SIGKILL` when the thread that
+/// spawned it exits, so a test binary killed by a signal (whose `Drop`s never run) leaves no
+/// daemon behind. Processes are spawned from the test's own thread, which outlives them.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only makes one system call.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        })
+    }
+}
+
 /// A running daemon process inside a namespace.
 pub struct Process {
     pub name: String,
@@ -94,7 +108,7 @@ impl Process {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().context("spawn ztunnel")?;
+        let child = die_with_test(&mut cmd).spawn().context("spawn ztunnel")?;
         Ok(Process {
             name: name.to_owned(),
             child: Some(child),

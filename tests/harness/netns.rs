@@ -68,10 +68,58 @@ pub fn require_prerequisites() {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A unique short prefix for one topology's namespace and link names.
+/// A unique short prefix for one topology's namespace and link names. The first call of a
+/// test process also deletes the namespaces that earlier test processes left behind.
 pub fn unique_prefix() -> String {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(sweep_leftovers);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("zt{}x{n}", std::process::id() % 100_000)
+}
+
+/// Deletes the test namespaces (`zt<pid>x<n>-…`) of other processes that no thread is in any
+/// more: those of a test binary killed by a signal, whose `Drop`s never ran (its daemons die
+/// with it, see [`crate::daemon::die_with_test`]). A live test's namespaces always hold its
+/// runtime's worker threads, a daemon or a pause process.
+fn sweep_leftovers() {
+    use std::collections::HashSet;
+    use std::os::unix::fs::MetadataExt;
+    let mine = format!("zt{}x", std::process::id() % 100_000);
+    let ours = |name: &str| {
+        name.strip_prefix("zt")
+            .and_then(|r| r.split_once('x'))
+            .is_some_and(|(pid, _)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    let candidates: Vec<(String, (u64, u64))> = dir
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let m = e.metadata().ok()?;
+            (ours(&name) && !name.starts_with(&mine)).then(|| (name, (m.dev(), m.ino())))
+        })
+        .collect();
+    if candidates.is_empty() {
+        return;
+    }
+    // Every namespace some thread of some process is in.
+    let mut in_use = HashSet::new();
+    for proc_entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let tasks = proc_entry.path().join("task");
+        for task in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+            if let Ok(m) = std::fs::metadata(task.path().join("ns/net")) {
+                in_use.insert((m.dev(), m.ino()));
+            }
+        }
+    }
+    for (name, id) in candidates {
+        if !in_use.contains(&id) {
+            eprintln!("deleting the network namespace {name}, left behind by a dead test process");
+            let _ = sh("ip", &["netns", "del", &name]);
+        }
+    }
 }
 
 /// One network namespace with a runtime inside it.

@@ -505,7 +505,7 @@ impl Drop for TestBed {
 
 /// Starts tcpdump on `iface` in `ns` writing to `pcap`; stop it with [`stop_capture`].
 pub fn start_capture(ns: &Netns, iface: &str, pcap: &Path) -> Result<std::process::Child> {
-    let child = std::process::Command::new("ip")
+    let child = crate::daemon::die_with_test(&mut std::process::Command::new("ip"))
         .args([
             "netns",
             "exec",

@@ -90,15 +90,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     raise_fd_limit();
     let daemon = ztunnel::app::start(&cfg, set_level).await?;
     tracing::info!("ready to serve");
-    match ztunnel::residency::release_startup_pages() {
-        Ok(r) => tracing::info!(
-            mappings = r.mappings,
-            rss_before_kib = r.rss_before_kib,
-            rss_after_kib = r.rss_after_kib,
-            "released the code pages only start-up used"
-        ),
-        Err(e) => tracing::warn!(error = %e, "could not release start-up code pages"),
-    }
+    ztunnel::residency::release_startup_pages_logged();
     wait_for_signal().await?;
     daemon.drain().await;
     Ok(())

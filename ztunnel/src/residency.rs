@@ -126,6 +126,20 @@ fn madvise(range: (usize, usize), advice: libc::c_int) -> Result<(), ResidencyEr
     }
 }
 
+/// [`release_startup_pages`], with the outcome logged (`info`, or `warn` on failure): what
+/// `ztunnel run` and `ztunnel ca` call once they are ready.
+pub fn release_startup_pages_logged() {
+    match release_startup_pages() {
+        Ok(r) => tracing::info!(
+            mappings = r.mappings,
+            rss_before_kib = r.rss_before_kib,
+            rss_after_kib = r.rss_after_kib,
+            "released the code pages only start-up used"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not release start-up code pages"),
+    }
+}
+
 /// See the module documentation.
 pub fn release_startup_pages() -> Result<Released, ResidencyError> {
     let rss_before_kib = rss_kib()?;

@@ -137,6 +137,7 @@ pub async fn run(
         source,
     })?;
     tracing::info!(listen = %cfg.listen, "CA serving");
+    crate::residency::release_startup_pages_logged();
     let result = server::serve(
         listener,
         ca,
