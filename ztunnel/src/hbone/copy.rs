@@ -15,7 +15,9 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -88,25 +90,14 @@ pub async fn copy_bidirectional(
 }
 
 async fn tcp_to_stream(
-    rd: OwnedReadHalf,
+    mut rd: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     counter: &AtomicU64,
 ) -> Result<(), CopyError> {
     let mut buf = BytesMut::new();
     let mut want = INITIAL_BUF;
     loop {
-        // Reuses the previous chunk's allocation when h2 has already written it.
-        buf.reserve(want);
-        let n = match rd.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Nothing to read: hold no buffer while waiting (idle connections cost none).
-                buf = BytesMut::new();
-                rd.readable().await?;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let n = poll_fn(|cx| read_chunk(&mut rd, cx, &mut buf, want)).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true)?;
             return Ok(());
@@ -131,6 +122,29 @@ async fn tcp_to_stream(
             send.send_data(piece, false)?;
         }
     }
+}
+
+/// Reads what `rd` has into `buf`, taking a buffer of `want` bytes only once the socket is
+/// readable (reusing the previous chunk's allocation when h2 has already written it), and
+/// dropping it whenever the read has to wait: an idle connection holds no buffer. Reading
+/// through `AsyncRead` lets tokio note a short read as "drained", so the next read waits for
+/// the socket instead of costing a `recv` that fails with `EAGAIN`. Both polls below spend
+/// the task's cooperative budget, so a busy flow yields rather than spins.
+fn read_chunk(
+    rd: &mut OwnedReadHalf,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    if let Poll::Ready(r) = rd.as_ref().poll_read_ready(cx) {
+        r?;
+        buf.reserve(want);
+        if let Poll::Ready(r) = tokio_util::io::poll_read_buf(Pin::new(rd), cx, buf) {
+            return Poll::Ready(r);
+        }
+    }
+    *buf = BytesMut::new();
+    Poll::Pending
 }
 
 async fn stream_to_tcp(
@@ -172,6 +186,36 @@ mod tests {
             .await
             .expect("readable in time")
             .expect("readable");
+    }
+
+    #[tokio::test]
+    async fn read_chunk_holds_no_buffer_while_waiting() {
+        use std::future::poll_fn;
+        use std::task::Poll;
+
+        use bytes::BytesMut;
+
+        let (mut c, s) = pair().await;
+        let (mut rd, _wr) = s.into_split();
+        let mut buf = BytesMut::with_capacity(INITIAL_BUF);
+        // Nothing to read: the poll waits, and the buffer is given up.
+        let waited = poll_fn(|cx| Poll::Ready(super::read_chunk(&mut rd, cx, &mut buf, 64))).await;
+        assert!(waited.is_pending());
+        assert_eq!(buf.capacity(), 0, "an idle connection holds no buffer");
+
+        c.write_all(b"hello").await.unwrap();
+        let n = poll_fn(|cx| super::read_chunk(&mut rd, cx, &mut buf, 64))
+            .await
+            .unwrap();
+        assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
+        assert!(buf.capacity() >= 64, "a buffer of the size asked for");
+
+        drop(c);
+        buf.clear();
+        let n = poll_fn(|cx| super::read_chunk(&mut rd, cx, &mut buf, 64))
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "EOF");
     }
 
     #[tokio::test]
