@@ -4,27 +4,16 @@
 //! `:scheme`/`:path` is reset with PROTOCOL_ERROR (RFC 9113 §8.5; h2 does not surface it as a
 //! request, so no 400 can be sent). The application sees none of these.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
-use ztunnel::ca::{issue, LocalCa};
 use ztunnel::hbone::client;
-use ztunnel::identity::Identity;
 use ztunnel::net::ConnectOptions;
 use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::metric;
-use ztunnel_e2e::mesh::{Mesh, B_IP, TRUST_DOMAIN};
+use ztunnel_e2e::mesh::{Mesh, B_IP};
 use ztunnel_e2e::raw_h2::{self, Outcome};
-
-fn tls(mesh: &Mesh) -> Arc<rustls::ClientConfig> {
-    let ca = LocalCa::load_or_create(&mesh.ca_dir, TRUST_DOMAIN).unwrap();
-    let me: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
-    let cert = issue(&ca, &me, Duration::from_secs(3600)).unwrap();
-    let server: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
-    cert.client_config(&[server])
-}
 
 #[test]
 fn connect_requests_get_the_contract_status() {
@@ -35,7 +24,7 @@ fn connect_requests_get_the_contract_status() {
             .await
             .is_ok()
     });
-    let cfg = tls(&mesh);
+    let cfg = mesh.client_tls();
     let statuses = mesh.c.block_on(async move {
         let opts = ConnectOptions {
             mark: None,

@@ -193,6 +193,17 @@ impl Mesh {
         }
     }
 
+    /// A TLS client configuration for a tunnel from outside the nodes: a certificate of the
+    /// mesh CA for `…/ns/demo/sa/client`, expecting the server workload's identity.
+    pub fn client_tls(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        use ztunnel::identity::Identity;
+        let ca = ztunnel::ca::LocalCa::load_or_create(&self.ca_dir, TRUST_DOMAIN).unwrap();
+        let me: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+        let cert = ztunnel::ca::issue(&ca, &me, Duration::from_secs(3600)).unwrap();
+        let server: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+        cert.client_config(&[server])
+    }
+
     pub fn metrics(ns: &Netns) -> String {
         daemon::http(ns, "GET", "127.0.0.1:15020", "/metrics")
             .expect("scrape")

@@ -80,6 +80,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         }
     };
     pi.metrics.hbone_connections_accepted.inc();
+    let conn_identity = src.clone();
     let conn = Arc::new(Peer {
         addr: peer,
         local,
@@ -100,8 +101,18 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         }
     })
     .await;
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
+    match result {
+        // The peer went away (reset, closed mid-frame): not a refusal.
+        Err(e) if e.is_io() => {
+            tracing::debug!(%peer, error = %e, "tunnel connection ended with an error")
+        }
+        // A protocol violation (a garbled frame or preface, a flow-control or header-size
+        // breach) answered with GOAWAY, or one the peer reported: the connection is closed.
+        Err(e) => {
+            tracing::warn!(%peer, src = %conn_identity, error = %e, "tunnel connection closed on an HTTP/2 error");
+            pi.metrics.refused("inbound_http2_error");
+        }
+        Ok(()) => {}
     }
 }
 
