@@ -17,3 +17,4 @@ pub mod net;
 pub mod policy;
 pub mod proxy;
 pub mod residency;
+pub mod throttle;

@@ -7,7 +7,8 @@
 //! is sent. The policy engine judges each stream first (source identity from the peer
 //! certificate): a denial is answered `401`, so the application never sees the connection.
 //! Refusals are answered with their status, counted and logged; a stream that a later policy
-//! change denies is reset.
+//! change denies is reset. The warnings that a peer can provoke before it has authenticated
+//! are throttled ([`crate::throttle`]); the counts never are.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     let Ok(local) = tcp.local_addr() else { return };
     let state = pi.discovery.current();
     let Some(dst) = scope.workload(&pi, &state, local) else {
-        tracing::warn!(%peer, %local, "tunnel connection to an address of no local workload; refused");
+        crate::warn_throttled!(%peer, %local, "tunnel connection to an address of no local workload; refused");
         pi.metrics.refused("inbound_unknown_destination");
         return reset(tcp);
     };
@@ -61,12 +62,12 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::warn!(%peer, error = %e, "tunnel TLS handshake failed");
+            crate::warn_throttled!(%peer, error = %e, "tunnel TLS handshake failed");
             pi.metrics.refused("inbound_tls_handshake");
             return;
         }
         Err(_) => {
-            tracing::warn!(%peer, "tunnel TLS handshake timed out");
+            crate::warn_throttled!(%peer, "tunnel TLS handshake timed out");
             pi.metrics.refused("inbound_tls_timeout");
             return;
         }
@@ -109,7 +110,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         // A protocol violation (a garbled frame or preface, a flow-control or header-size
         // breach) answered with GOAWAY, or one the peer reported: the connection is closed.
         Err(e) => {
-            tracing::warn!(%peer, src = %conn_identity, error = %e, "tunnel connection closed on an HTTP/2 error");
+            crate::warn_throttled!(%peer, src = %conn_identity, error = %e, "tunnel connection closed on an HTTP/2 error");
             pi.metrics.refused("inbound_http2_error");
         }
         Ok(()) => {}

@@ -3,7 +3,9 @@
 //! 15001/15006/15008 is refused as recursion). A destination whose PeerAuthentication is
 //! STRICT refuses it; otherwise (PERMISSIVE) the policy engine judges it with no identity. A
 //! refused connection is reset before the application sees it; one that a later policy
-//! change denies is closed.
+//! change denies is closed. Refusals are counted; the warnings anyone can provoke (not
+//! redirected, unknown destination, STRICT) are throttled ([`crate::throttle`]), while policy
+//! denials, an audit trail, are not.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,14 +27,14 @@ pub(super) async fn handle(
     let orig = match net::original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
-            tracing::warn!(%peer, error = %e, "inbound plaintext connection was not redirected; refused");
+            crate::warn_throttled!(%peer, error = %e, "inbound plaintext connection was not redirected; refused");
             pi.metrics.refused("inbound_plaintext_no_original_dst");
             return reset(tcp);
         }
     };
     let state = pi.discovery.current();
     let Some(dst) = scope.workload(&pi, &state, orig) else {
-        tracing::warn!(%peer, dst = %orig, "inbound plaintext to an unknown workload; refused");
+        crate::warn_throttled!(%peer, dst = %orig, "inbound plaintext to an unknown workload; refused");
         pi.metrics.refused("inbound_plaintext_unknown_destination");
         return reset(tcp);
     };
@@ -54,7 +56,7 @@ pub(super) async fn handle(
     }
     let state = pi.discovery.current();
     if state.policy().mtls_mode(&dst.namespace, &dst.labels) == MtlsMode::Strict {
-        tracing::warn!(%peer, dst = %orig, "plaintext refused: the destination requires mutual TLS (STRICT)");
+        crate::warn_throttled!(%peer, dst = %orig, "plaintext refused: the destination requires mutual TLS (STRICT)");
         pi.metrics.refused("inbound_plaintext_strict");
         tracked.update(|f| f.decision = Some("deny"));
         tracked.fail("plaintext refused by STRICT peer authentication");
