@@ -1,9 +1,11 @@
-//! Log throttling for refusals that anyone who can reach a port can provoke.
+//! Log throttling for refusals that a peer or a local application can provoke at will.
 //!
 //! A peer that has not authenticated (a TLS handshake that fails or never comes, bytes sent to
-//! an address that is no workload's, a garbled HTTP/2 frame) must not be able to fill the
-//! node's disk with warnings at the rate it can open connections. Every refusal is still
-//! counted in `ztunnel_refusals_total`; only the log line is throttled:
+//! an address that is no workload's, a garbled HTTP/2 frame), or a local application retrying
+//! in a loop against a destination it cannot reach, must not be able to fill the node's disk
+//! with warnings at the rate it can open connections. Every refusal is still counted in
+//! `ztunnel_refusals_total` (and each proxied connection still leaves its access-log line);
+//! only the warning is throttled:
 //! [`warn_throttled!`](crate::warn_throttled) lets through at most [`BURST`] lines per
 //! [`WINDOW`] from one call site, and the next line let through carries, in its `suppressed`
 //! field, how many were dropped since the previous one.

@@ -4,7 +4,8 @@
 //! [`plan`](super::plan) decides HBONE (to the endpoint's 15008, with the source's certificate
 //! and the destination's expected identity) or passthrough (plain TCP outside the mesh). A
 //! connection that cannot be carried is reset and counted; it is never sent in plaintext to a
-//! mesh workload.
+//! mesh workload. Its warning is throttled ([`crate::throttle`]): an application retrying in a
+//! loop must not flood the node's log.
 //!
 //! Bytes the client has already written when the stream opens are sent right behind the
 //! `CONNECT` ([`copy::read_early`]): they go only to the peer whose identity the TLS handshake
@@ -29,14 +30,14 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     let orig = match net::original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
-            tracing::warn!(%peer, error = %e, "outbound connection was not redirected; refused");
+            crate::warn_throttled!(%peer, error = %e, "outbound connection was not redirected; refused");
             pi.metrics.refused("outbound_no_original_dst");
             return reset(tcp);
         }
     };
     let state = pi.discovery.current();
     let Some(src) = scope.workload(&pi, &state, peer) else {
-        tracing::warn!(%peer, dst = %orig, "outbound connection from an unknown workload; refused");
+        crate::warn_throttled!(%peer, dst = %orig, "outbound connection from an unknown workload; refused");
         pi.metrics.refused("outbound_unknown_source");
         return reset(tcp);
     };
@@ -59,7 +60,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     let plan = match plan {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(%peer, dst = %orig, error = %e, "no route; refused");
+            crate::warn_throttled!(%peer, dst = %orig, error = %e, "no route; refused");
             pi.metrics.refused("outbound_no_route");
             tracked.fail(&e);
             return reset(tcp);
@@ -113,7 +114,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let cert = match pi.certs.fetch(&src_id).await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(identity = %src_id, error = %e, "no certificate; refused");
+                    crate::warn_throttled!(identity = %src_id, error = %e, "no certificate; refused");
                     pi.metrics.refused("outbound_no_certificate");
                     tracked.fail(&e);
                     return reset(tcp);
@@ -148,7 +149,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let tunnel = match pi.pool.open(&key, &cert, req, first).await {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::warn!(dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
+                    crate::warn_throttled!(dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
                     pi.metrics.refused(match e.status() {
                         Some(http::StatusCode::UNAUTHORIZED) => "outbound_denied_by_destination",
                         _ => "outbound_tunnel_failed",
