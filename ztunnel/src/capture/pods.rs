@@ -433,6 +433,10 @@ impl Pods {
             Listeners::bind(Some(&netns), IpAddr::V4(Ipv4Addr::UNSPECIFIED))
                 .map_err(EnrollError::Listen)?
         };
+        // Held from before the record is written until the pod is in the table, so that a
+        // CHECK (or anything else that reads the table) never sees the record of a pod that
+        // the table does not hold yet.
+        let mut enrolled = self.enrolled.lock().expect("pods lock");
         self.store.save(&record).map_err(EnrollError::Store)?;
         if let Err(e) = rules::node_probe_set(&record.ips, true) {
             tracing::warn!(error = %e, "cannot add the pod to the node's probe set; kubelet probes may be captured");
@@ -446,7 +450,6 @@ impl Pods {
             .spawn(proxy::serve(self.pi.clone(), scope, listeners));
         tracing::info!(pod = %format!("{}/{}", w.namespace, w.name), identity = %w.identity(&self.pi.trust_domain),
             netns = %record.netns.display(), ips = ?record.ips, "enrolled");
-        let mut enrolled = self.enrolled.lock().expect("pods lock");
         enrolled.insert(
             record.attachment.clone(),
             Enrolled {
