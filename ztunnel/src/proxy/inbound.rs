@@ -81,7 +81,6 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         }
     };
     pi.metrics.hbone_connections_accepted.inc();
-    let conn_identity = src.clone();
     let conn = Arc::new(Peer {
         addr: peer,
         local,
@@ -110,7 +109,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         // A protocol violation (a garbled frame or preface, a flow-control or header-size
         // breach) answered with GOAWAY, or one the peer reported: the connection is closed.
         Err(e) => {
-            crate::warn_throttled!(%peer, src = %conn_identity, error = %e, "tunnel connection closed on an HTTP/2 error");
+            crate::warn_throttled!(%peer, src = %conn.identity, error = %e, "tunnel connection closed on an HTTP/2 error");
             pi.metrics.refused("inbound_http2_error");
         }
         Ok(()) => {}
