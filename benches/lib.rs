@@ -172,6 +172,7 @@ impl Fixture {
                 metrics.clone(),
                 connect,
                 100,
+                Default::default(),
                 draining,
             );
             let tunnel_l = bind(SERVER_IP).await;

@@ -1,9 +1,11 @@
-//! Hostile and broken peers at a real daemon's tunnel port (15008): a hundred peers that
-//! connect and never speak, bytes that are not TLS, and a peer with a valid mesh certificate
-//! that sends a garbled HTTP/2 frame. Each is refused, counted in
-//! `ztunnel_refusals_total{reason}` and logged (the warnings throttled); while the silent peers
-//! hold their connections a legitimate client still gets its tunnel, and the silent ones are
-//! dropped once the handshake timeout (10 s) has passed.
+//! Hostile and broken peers at a real daemon's tunnel port (15008): peers that connect and
+//! never speak, bytes that are not TLS, and a peer with a valid mesh certificate that sends a
+//! garbled HTTP/2 frame. Each is refused, counted in `ztunnel_refusals_total{reason}` and logged
+//! (the warnings throttled). Daemon `b` runs with small caps on pending handshakes (60 on the
+//! node, 50 per peer): of a hundred silent peers from one address fifty are held and fifty
+//! refused at once; a legitimate client from another address still gets its tunnel; twenty
+//! more silent peers from that address find ten places before the node's cap. The held ones
+//! are dropped once the handshake timeout (10 s) has passed, and their places are free again.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,12 +14,10 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztunnel::hbone::client;
-use ztunnel::net::ConnectOptions;
+use ztunnel::net::{self, ConnectOptions};
 use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::metric;
-use ztunnel_e2e::mesh::{Mesh, B_IP};
-
-const SILENT_PEERS: usize = 100;
+use ztunnel_e2e::mesh::{Mesh, NodeOptions, B_IP};
 
 /// Reads until the peer closes (EOF or reset) and returns what arrived; fails if the peer
 /// keeps the connection open past `within`.
@@ -55,22 +55,78 @@ fn goaway_codes(mut bytes: &[u8]) -> Vec<u32> {
     codes
 }
 
+/// The node's and each peer's cap on pending handshakes in daemon `b`.
+const NODE_CAP: usize = 60;
+const PEER_CAP: usize = 50;
+/// Silent peers from host `c`: `PEER_CAP` are held, the rest refused.
+const SILENT_FROM_C: usize = 100;
+/// Silent peers from host `a`: `NODE_CAP - PEER_CAP` are held, the rest refused.
+const SILENT_FROM_A: usize = 20;
+/// The daemon's mark, so that connections from host `a` skip its capture rules.
+const MARK: u32 = 0x539;
+/// How long a refused connection may take to be closed.
+const PROBE: Duration = Duration::from_secs(3);
+
+/// Opens `n` connections to `addr` that never speak, then tells apart those the daemon closed
+/// at once (refused) from those it still holds after `PROBE` (well within the handshake
+/// timeout): returns the held ones and the number closed.
+async fn silent_peers(addr: SocketAddr, n: usize, mark: Option<u32>) -> (Vec<TcpStream>, usize) {
+    let opts = ConnectOptions {
+        mark,
+        timeout: Duration::from_secs(5),
+    };
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        // The daemon may reset a refused connection before the connect call has returned.
+        match net::connect(addr, opts).await {
+            Ok(s) => conns.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    let mut probes = tokio::task::JoinSet::new();
+    for mut s in conns {
+        probes.spawn(async move {
+            let mut b = [0u8; 1];
+            match tokio::time::timeout(PROBE, s.read(&mut b)).await {
+                Err(_) => Some(s),
+                Ok(Ok(0) | Err(_)) => None,
+                Ok(Ok(_)) => panic!("a silent peer was sent data before it spoke"),
+            }
+        });
+    }
+    let mut held = Vec::new();
+    while let Some(probe) = probes.join_next().await {
+        held.extend(probe.unwrap());
+    }
+    let closed = n - held.len();
+    (held, closed)
+}
+
 #[test]
 fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
-    let mesh = Mesh::default_pair();
+    let caps = NodeOptions {
+        extra_args: vec![
+            "--max-pending-handshakes".into(),
+            NODE_CAP.to_string(),
+            "--max-pending-handshakes-per-peer".into(),
+            PEER_CAP.to_string(),
+        ],
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), caps).expect("start the test bed");
     let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
     let cfg = mesh.client_tls();
 
-    // A hundred peers connect and say nothing.
-    let silent = mesh.c.block_on(async move {
-        let mut held = Vec::new();
-        for _ in 0..SILENT_PEERS {
-            held.push(TcpStream::connect(tunnel).await.expect("connect"));
-        }
-        held
-    });
+    // A hundred peers from one address connect and say nothing: the peer's cap holds.
+    let (from_c, refused) = mesh.c.block_on(silent_peers(tunnel, SILENT_FROM_C, None));
+    assert_eq!(
+        (from_c.len(), refused),
+        (PEER_CAP, SILENT_FROM_C - PEER_CAP),
+        "silent peers from one address (held, refused)"
+    );
 
-    // While they hold on, a legitimate client gets a tunnel and an answer.
+    // While they hold on, a legitimate client from another address gets a tunnel and an answer.
     let app = mesh.b.spawn(async {
         let l = apps::listen(8080).await;
         let (mut s, _) = l.accept().await.unwrap();
@@ -79,9 +135,9 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
         s.write_all(&b).await.unwrap();
     });
     let legit_cfg = cfg.clone();
-    let echoed = mesh.c.block_on(async move {
+    let echoed = mesh.a.block_on(async move {
         let opts = ConnectOptions {
-            mark: None,
+            mark: Some(MARK),
             timeout: Duration::from_secs(5),
         };
         let (send, conn) = client::connect(tunnel, legit_cfg, opts)
@@ -98,6 +154,29 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
     assert_eq!(&echoed[..], b"x");
     mesh.b.join(app);
 
+    // Silent peers from that other address: the node's cap holds.
+    let (from_a, refused) = mesh
+        .a
+        .block_on(silent_peers(tunnel, SILENT_FROM_A, Some(MARK)));
+    assert_eq!(
+        (from_a.len(), refused),
+        (NODE_CAP - PEER_CAP, SILENT_FROM_A - (NODE_CAP - PEER_CAP)),
+        "silent peers once the node is nearly full (held, refused)"
+    );
+
+    // The held peers are dropped after the handshake timeout.
+    mesh.c.block_on(async move {
+        for mut s in from_c {
+            read_until_closed(&mut s, Duration::from_secs(20)).await;
+        }
+    });
+    mesh.a.block_on(async move {
+        for mut s in from_a {
+            read_until_closed(&mut s, Duration::from_secs(20)).await;
+        }
+    });
+
+    // Their places are free again: the next peers from `c` reach the handshake.
     // Bytes that are not TLS: closed at once.
     mesh.c.block_on(async move {
         let mut s = TcpStream::connect(tunnel).await.unwrap();
@@ -126,14 +205,8 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
         "a GOAWAY with an error code expected, got {answer:?}"
     );
 
-    // The silent peers are dropped after the handshake timeout.
-    mesh.c.block_on(async move {
-        for mut s in silent {
-            read_until_closed(&mut s, Duration::from_secs(20)).await;
-        }
-    });
-
-    let counted = |reason: &str, want: f64| {
+    let counted = |reason: &str, want: usize| {
+        let want = want as f64;
         let m = Mesh::metrics_when(
             &mesh.b,
             "ztunnel_refusals_total",
@@ -146,27 +219,39 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
             "{reason}: {m}"
         );
     };
-    counted("inbound_tls_timeout", SILENT_PEERS as f64);
-    counted("inbound_tls_handshake", 1.0);
-    counted("inbound_http2_error", 1.0);
+    counted(
+        "inbound_handshake_limit",
+        SILENT_FROM_C + SILENT_FROM_A - NODE_CAP,
+    );
+    counted("inbound_tls_timeout", NODE_CAP);
+    counted("inbound_tls_handshake", 1);
+    counted("inbound_http2_error", 1);
     let log = mesh.b_daemon.log();
     for line in [
+        "tunnel connection refused before its handshake",
+        "too many pending tunnel handshakes from this peer (50)",
+        "too many pending tunnel handshakes on this node (60)",
         "tunnel TLS handshake timed out",
         "tunnel TLS handshake failed",
         "tunnel connection closed on an HTTP/2 error",
     ] {
         assert!(log.contains(line), "not logged: {line}");
     }
-    // The 100 timeouts came within a fraction of a second: all counted, but their warnings
-    // throttled to a burst per second, so hostile peers cannot flood the log.
-    let timeouts = log
-        .lines()
-        .filter(|l| l.contains("tunnel TLS handshake timed out"))
-        .count();
-    assert!(
-        (1..SILENT_PEERS / 2).contains(&timeouts),
-        "{timeouts} timeout warnings for {SILENT_PEERS} peers"
-    );
+    // The refusals and timeouts came in bursts: all counted, but their warnings throttled to a
+    // burst per second, so hostile peers cannot flood the log.
+    for (warning, events) in [
+        ("tunnel TLS handshake timed out", NODE_CAP),
+        (
+            "tunnel connection refused before its handshake",
+            SILENT_FROM_C + SILENT_FROM_A - NODE_CAP,
+        ),
+    ] {
+        let lines = log.lines().filter(|l| l.contains(warning)).count();
+        assert!(
+            (1..=events / 2).contains(&lines),
+            "{lines} warnings '{warning}' for {events} events"
+        );
+    }
     // Still serving.
     let (status, _) =
         ztunnel_e2e::daemon::http(&mesh.b, "GET", "127.0.0.1:15021", "/healthz/ready").unwrap();

@@ -141,6 +141,7 @@ pub async fn start(
         metrics,
         connect,
         cfg.pool_max_streams,
+        cfg.handshake_limits,
         draining_rx.clone(),
     );
     let admin_l = bind("admin", cfg.admin_addr)?;

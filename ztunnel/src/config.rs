@@ -117,6 +117,8 @@ pub struct RunConfig {
     pub inbound_plaintext_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub pool_max_streams: u32,
+    /// Caps on tunnel connections still in their TLS handshake.
+    pub handshake_limits: crate::proxy::handshakes::HandshakeLimits,
     pub pool_idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub drain_grace: Duration,
@@ -192,6 +194,12 @@ struct RunArgs {
     /// Streams per pooled tunnel connection [env: ZTUNNEL_POOL_MAX_STREAMS] [default: 100]
     #[arg(long)]
     pool_max_streams: Option<String>,
+    /// Tunnel connections in their TLS handshake, node-wide; more are refused [env: ZTUNNEL_MAX_PENDING_HANDSHAKES] [default: 2048]
+    #[arg(long)]
+    max_pending_handshakes: Option<String>,
+    /// Tunnel connections in their TLS handshake from one source address [env: ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_PEER] [default: 256]
+    #[arg(long)]
+    max_pending_handshakes_per_peer: Option<String>,
     /// Idle pooled connections close after [env: ZTUNNEL_POOL_IDLE_TIMEOUT] [default: 5m]
     #[arg(long)]
     pool_idle_timeout: Option<String>,
@@ -230,6 +238,50 @@ where
         value,
         reason: e.to_string(),
     })
+}
+
+/// The caps on pending tunnel handshakes: each 1 to 1 000 000, the per-peer one no larger
+/// than the node's.
+fn handshake_limits(
+    per_node: Option<String>,
+    per_peer: Option<String>,
+    env: Env<'_>,
+) -> Result<crate::proxy::handshakes::HandshakeLimits, ConfigError> {
+    let d = crate::proxy::handshakes::HandshakeLimits::default();
+    let per_node: usize = setting(
+        "max pending handshakes",
+        per_node,
+        env,
+        "ZTUNNEL_MAX_PENDING_HANDSHAKES",
+        &d.per_node.to_string(),
+    )?;
+    let per_peer: usize = setting(
+        "max pending handshakes per peer",
+        per_peer,
+        env,
+        "ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_PEER",
+        &d.per_peer.to_string(),
+    )?;
+    for (setting, value) in [
+        ("max pending handshakes", per_node),
+        ("max pending handshakes per peer", per_peer),
+    ] {
+        if !(1..=1_000_000).contains(&value) {
+            return Err(ConfigError::Invalid {
+                setting,
+                value: value.to_string(),
+                reason: "must be 1 to 1000000".into(),
+            });
+        }
+    }
+    if per_peer > per_node {
+        return Err(ConfigError::Invalid {
+            setting: "max pending handshakes per peer",
+            value: per_peer.to_string(),
+            reason: format!("must not exceed max pending handshakes ({per_node})"),
+        });
+    }
+    Ok(crate::proxy::handshakes::HandshakeLimits { per_node, per_peer })
 }
 
 fn duration(
@@ -389,6 +441,11 @@ impl RunConfig {
                 reason: "must be 1 to 10000".into(),
             });
         }
+        let handshake_limits = handshake_limits(
+            a.max_pending_handshakes,
+            a.max_pending_handshakes_per_peer,
+            env,
+        )?;
         let ms = Duration::from_millis;
         Ok(RunConfig {
             node_name,
@@ -452,6 +509,7 @@ impl RunConfig {
                 "0.0.0.0:15008",
             )?,
             pool_max_streams,
+            handshake_limits,
             pool_idle_timeout: duration(
                 "pool idle timeout",
                 a.pool_idle_timeout,
@@ -520,7 +578,7 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} pool_idle_timeout={} connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
+            "node={} trust_domain={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             humantime::format_duration(self.cert_lifetime),
@@ -534,6 +592,8 @@ impl fmt::Display for RunConfig {
             self.inbound_plaintext_addr,
             self.inbound_addr,
             self.pool_max_streams,
+            self.handshake_limits.per_node,
+            self.handshake_limits.per_peer,
             humantime::format_duration(self.pool_idle_timeout),
             humantime::format_duration(self.connect_timeout),
             humantime::format_duration(self.drain_grace),

@@ -29,6 +29,10 @@ fn defaults() {
         (15020, 15021)
     );
     assert_eq!(c.pool_max_streams, 100);
+    assert_eq!(
+        (c.handshake_limits.per_node, c.handshake_limits.per_peer),
+        (2048, 256)
+    );
     assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));
     assert_eq!(c.log_format, LogFormat::Text);
     assert_eq!(c.log_filter, "info");
@@ -75,6 +79,17 @@ fn invalid_values() {
         (&["--admin-addr", "0.0.0.0:15000"], &[], "loopback"),
         (&["--inbound-addr", "nowhere"], &[], "inbound address"),
         (&["--pool-max-streams", "0"], &[], "1 to 10000"),
+        (&["--max-pending-handshakes", "0"], &[], "1 to 1000000"),
+        (
+            &[],
+            &[("ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_PEER", "many")],
+            "max pending handshakes per peer",
+        ),
+        (
+            &["--max-pending-handshakes", "10"],
+            &[],
+            "must not exceed max pending handshakes (10)",
+        ),
         (&["--trust-domain", "Bad Domain"], &[], "trust domain"),
         (&["--log-format", "xml"], &[], "text or json"),
         (

@@ -6,8 +6,9 @@
 //! ([`crate::hbone::server::validate`]), then the application is connected and only then `200`
 //! is sent. The policy engine judges each stream first (source identity from the peer
 //! certificate): a denial is answered `401`, so the application never sees the connection.
-//! Refusals are answered with their status, counted and logged; a stream that a later policy
-//! change denies is reset. The warnings that a peer can provoke before it has authenticated
+//! Before any TLS, a connection must find a place among the pending handshakes
+//! ([`super::handshakes`]), or it is reset. Refusals are answered with their status, counted
+//! and logged; a stream that a later policy change denies is reset. The warnings that a peer can provoke before it has authenticated
 //! are throttled ([`crate::throttle`]); the counts never are.
 
 use std::net::SocketAddr;
@@ -42,6 +43,14 @@ struct Peer {
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
     let Ok(local) = tcp.local_addr() else { return };
+    let admitted = match pi.handshakes.try_admit(peer.ip()) {
+        Ok(permit) => permit,
+        Err(full) => {
+            crate::warn_throttled!(%peer, error = %full, "tunnel connection refused before its handshake");
+            pi.metrics.refused("inbound_handshake_limit");
+            return reset(tcp);
+        }
+    };
     let state = pi.discovery.current();
     let Some(dst) = scope.workload(&pi, &state, local) else {
         crate::warn_throttled!(%peer, %local, "tunnel connection to an address of no local workload; refused");
@@ -72,6 +81,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             return;
         }
     };
+    drop(admitted);
     let src = match identity::peer_identity(tls.get_ref().1.peer_certificates().unwrap_or(&[])) {
         Ok(id) => id,
         Err(e) => {

@@ -11,6 +11,7 @@
 //! connections run on until they end or the daemon's grace period is over.
 
 pub mod conns;
+pub mod handshakes;
 mod inbound;
 mod inbound_plain;
 mod outbound;
@@ -32,6 +33,7 @@ use crate::identity::{CertManager, Identity};
 use crate::metrics::Metrics;
 use crate::net::{ConnectOptions, Origin};
 use conns::ConnTable;
+use handshakes::{HandshakeGate, HandshakeLimits};
 
 /// Whom a set of listeners serves.
 #[derive(Clone, Debug)]
@@ -98,6 +100,8 @@ pub struct ProxyInputs {
     pub max_streams: u32,
     /// Becomes `true` when the daemon drains.
     pub draining: watch::Receiver<bool>,
+    /// Tunnel connections not yet authenticated, capped ([`handshakes`]).
+    pub handshakes: Arc<HandshakeGate>,
     round_robin: AtomicUsize,
     /// Accepted connections and tunnel streams whose handlers have not finished (including
     /// those not yet in the connection table); drain waits for them.
@@ -115,6 +119,7 @@ impl ProxyInputs {
         metrics: Arc<Metrics>,
         connect: ConnectOptions,
         max_streams: u32,
+        handshake_limits: HandshakeLimits,
         draining: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(ProxyInputs {
@@ -128,6 +133,7 @@ impl ProxyInputs {
             connect,
             max_streams,
             draining,
+            handshakes: HandshakeGate::new(handshake_limits),
             round_robin: AtomicUsize::new(0),
             inflight: Arc::default(),
         })
