@@ -172,7 +172,7 @@ impl Fixture {
                 metrics.clone(),
                 connect,
                 100,
-                Default::default(),
+                ztunnel::gate::Limits::PENDING_HANDSHAKES,
                 draining,
             );
             let tunnel_l = bind(SERVER_IP).await;

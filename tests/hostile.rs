@@ -230,7 +230,7 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
     for line in [
         "tunnel connection refused before its handshake",
         "too many pending tunnel handshakes from this peer (50)",
-        "too many pending tunnel handshakes on this node (60)",
+        "too many pending tunnel handshakes in all (60)",
         "tunnel TLS handshake timed out",
         "tunnel TLS handshake failed",
         "tunnel connection closed on an HTTP/2 error",

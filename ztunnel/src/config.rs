@@ -118,7 +118,7 @@ pub struct RunConfig {
     pub inbound_addr: SocketAddr,
     pub pool_max_streams: u32,
     /// Caps on tunnel connections still in their TLS handshake.
-    pub handshake_limits: crate::proxy::handshakes::HandshakeLimits,
+    pub handshake_limits: crate::gate::Limits,
     pub pool_idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub drain_grace: Duration,
@@ -246,14 +246,14 @@ fn handshake_limits(
     per_node: Option<String>,
     per_peer: Option<String>,
     env: Env<'_>,
-) -> Result<crate::proxy::handshakes::HandshakeLimits, ConfigError> {
-    let d = crate::proxy::handshakes::HandshakeLimits::default();
+) -> Result<crate::gate::Limits, ConfigError> {
+    let d = crate::gate::Limits::PENDING_HANDSHAKES;
     let per_node: usize = setting(
         "max pending handshakes",
         per_node,
         env,
         "ZTUNNEL_MAX_PENDING_HANDSHAKES",
-        &d.per_node.to_string(),
+        &d.total.to_string(),
     )?;
     let per_peer: usize = setting(
         "max pending handshakes per peer",
@@ -281,7 +281,10 @@ fn handshake_limits(
             reason: format!("must not exceed max pending handshakes ({per_node})"),
         });
     }
-    Ok(crate::proxy::handshakes::HandshakeLimits { per_node, per_peer })
+    Ok(crate::gate::Limits {
+        total: per_node,
+        per_peer,
+    })
 }
 
 fn duration(
@@ -592,7 +595,7 @@ impl fmt::Display for RunConfig {
             self.inbound_plaintext_addr,
             self.inbound_addr,
             self.pool_max_streams,
-            self.handshake_limits.per_node,
+            self.handshake_limits.total,
             self.handshake_limits.per_peer,
             humantime::format_duration(self.pool_idle_timeout),
             humantime::format_duration(self.connect_timeout),

@@ -10,6 +10,7 @@ pub mod capture;
 pub mod config;
 pub mod ctl;
 pub mod discovery;
+pub mod gate;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;

@@ -146,6 +146,12 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     })
 }
 
+/// Closes `tcp` with a reset, so the peer sees a refusal rather than a clean end.
+pub fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -3,7 +3,7 @@
 //! | metric | labels | what |
 //! |---|---|---|
 //! | `ztunnel_ca_signed_total` | | certificates signed |
-//! | `ztunnel_ca_refusals_total` | `reason` | requests refused, by reason (`audience`, `not_daemon`, `no_pod_on_node`, …) |
+//! | `ztunnel_ca_refusals_total` | `reason` | requests and connections refused, by reason (`audience`, `not_daemon`, `no_pod_on_node`, `rate_limited`, `connection_limit`, `tls_handshake`, …) |
 //! | `ztunnel_ca_token_reviews_total` | `result` | TokenReviews sent (`authenticated`, `rejected`, `error`); cache hits are not sent |
 //! | `ztunnel_ca_material_reloads_total` | `result` | signing-material updates (`applied`, `refused`) |
 

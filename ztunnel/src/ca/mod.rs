@@ -9,6 +9,7 @@
 
 mod client;
 pub mod kube;
+pub mod limits;
 mod local;
 pub mod metrics;
 pub mod pods;
@@ -144,6 +145,7 @@ pub async fn run(
         auth,
         cfg.server_names.clone(),
         metrics,
+        limits::CaLimits::default(),
         shutdown,
     )
     .await;
@@ -173,6 +175,7 @@ mod tests {
             auth,
             vec!["localhost".into()],
             Arc::new(metrics::CaMetrics::default()),
+            limits::CaLimits::default(),
             std::future::pending(),
         ));
         (dir, ca, addr)
@@ -258,6 +261,7 @@ mod tests {
             auth,
             vec!["localhost".into()],
             Arc::new(metrics::CaMetrics::default()),
+            limits::CaLimits::default(),
             std::future::pending(),
         ));
         let client = |root: &str| {

@@ -3,9 +3,10 @@
 //! Who may have which identity is decided by a [`SignAuthorizer`] (async): a static bearer
 //! token list ([`StaticTokenAuthorizer`], compared in constant time) or Kubernetes
 //! (`super::kube`). A peer must finish its TLS handshake within 10 s and send its request within
-//! 10 s; bodies are capped; every refusal is logged with its reason (never the token) and
-//! counted in `ztunnel_ca_refusals_total{reason}`; `GET /metrics` on the same port serves the
-//! counters.
+//! 10 s; bodies are capped; connections, streams, requests in flight and the request rate of
+//! each source address are capped ([`super::limits`]); every refusal is logged with its reason
+//! (never the token; throttled unless it is a `403` to an authenticated caller) and counted in
+//! `ztunnel_ca_refusals_total{reason}`; `GET /metrics` on the same port serves the counters.
 //!
 //! The signing material is a `watch` of [`LocalCa`]: each request signs with the current one,
 //! and when it changes (rotation) the serving certificate is re-issued from the new material
@@ -26,12 +27,15 @@ use ztunnel_proto::ca::{ErrorBody, SignRequest, MAX_BODY, SIGN_PATH};
 
 use tokio::sync::watch;
 
+use super::limits::{CaLimits, Guard};
 use super::metrics::CaMetrics;
 use super::{Error, LocalCa};
 use crate::identity::{tls::provider, BoxFuture, Identity};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the rate limiter forgets the addresses that have been quiet long enough.
+const FORGET_IDLE_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a caller may not have an identity: `reason` is a short label for the refusal counter,
 /// `detail` the message sent back and logged (never a token).
@@ -174,16 +178,19 @@ fn tls_acceptor(ca: &LocalCa, names: &[String]) -> Result<TlsAcceptor, Error> {
 use rustls_pki_types::pem::PemObject;
 
 /// Serves signing requests on `listener` until `shutdown` resolves, signing with the current
-/// value of `ca`.
+/// value of `ca`, within `limits` ([`super::limits`]).
 pub async fn serve(
     listener: TcpListener,
     mut ca: watch::Receiver<Arc<LocalCa>>,
     auth: Arc<dyn SignAuthorizer>,
     server_names: Vec<String>,
     metrics: Arc<CaMetrics>,
+    limits: CaLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let mut acceptor = tls_acceptor(&ca.borrow_and_update(), &server_names)?;
+    let guard = Arc::new(Guard::new(limits));
+    let mut forget = tokio::time::interval(FORGET_IDLE_EVERY);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -195,7 +202,20 @@ pub async fn serve(
                     continue;
                 }
             },
+            _ = forget.tick() => {
+                guard.forget_idle();
+                continue;
+            }
             _ = &mut shutdown => return Ok(()),
+        };
+        let connection = match guard.admit_connection(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refused) => {
+                metrics.refused(refused.reason());
+                crate::warn_throttled!(%peer, error = %refused, "CA: connection refused");
+                crate::net::reset(tcp);
+                continue;
+            }
         };
         if ca.has_changed().unwrap_or(false) {
             let current = ca.borrow_and_update().clone();
@@ -209,41 +229,77 @@ pub async fn serve(
                 }
             }
         }
-        let (acceptor, ca, auth, metrics) =
-            (acceptor.clone(), ca.clone(), auth.clone(), metrics.clone());
+        let (acceptor, ca, auth, metrics, guard) = (
+            acceptor.clone(),
+            ca.clone(),
+            auth.clone(),
+            metrics.clone(),
+            guard.clone(),
+        );
         tokio::spawn(async move {
+            let _connection = connection;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 // A connection closed before any TLS byte is a TCP probe (readiness): quiet.
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return tracing::debug!(%peer, error = %e, "CA: connection closed before TLS")
                 }
-                Ok(Err(e)) => return tracing::warn!(%peer, error = %e, "CA: TLS handshake failed"),
-                Err(_) => return tracing::warn!(%peer, "CA: TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    metrics.refused("tls_handshake");
+                    return crate::warn_throttled!(%peer, error = %e, "CA: TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.refused("tls_timeout");
+                    return crate::warn_throttled!(%peer, "CA: TLS handshake timed out");
+                }
             };
-            let mut conn = match h2::server::handshake(tls).await {
+            let mut conn = match h2::server::Builder::new()
+                .max_concurrent_streams(guard.limits().streams_per_connection)
+                .handshake(tls)
+                .await
+            {
                 Ok(c) => c,
-                Err(e) => return tracing::warn!(%peer, error = %e, "CA: HTTP/2 handshake failed"),
+                Err(e) => {
+                    metrics.refused("http2_error");
+                    return crate::warn_throttled!(%peer, error = %e, "CA: HTTP/2 handshake failed");
+                }
             };
             while let Some(Ok((req, respond))) = conn.accept().await {
                 let (ca, auth, metrics) = (ca.clone(), auth.clone(), metrics.clone());
+                let admitted = guard.admit_request(peer.ip());
                 tokio::spawn(async move {
-                    let outcome = match tokio::time::timeout(
-                        REQUEST_TIMEOUT,
-                        handle(&ca, &*auth, &metrics, req),
-                    )
-                    .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Outcome::refused(
-                            "timeout",
-                            StatusCode::REQUEST_TIMEOUT,
-                            "request timed out".into(),
+                    let outcome = match admitted {
+                        Ok(_in_flight) => match tokio::time::timeout(
+                            REQUEST_TIMEOUT,
+                            handle(&ca, &*auth, &metrics, req),
+                        )
+                        .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => Outcome::refused(
+                                "timeout",
+                                StatusCode::REQUEST_TIMEOUT,
+                                "request timed out".into(),
+                            ),
+                        },
+                        Err(refused) => Outcome::refused(
+                            refused.reason(),
+                            StatusCode::TOO_MANY_REQUESTS,
+                            refused.to_string(),
                         ),
                     };
                     if let Some(reason) = outcome.refusal {
                         metrics.refused(reason);
-                        tracing::warn!(%peer, status = outcome.status.as_u16(), reason, body = %String::from_utf8_lossy(&outcome.body), "CA: request refused");
+                        let (status, body) = (
+                            outcome.status.as_u16(),
+                            String::from_utf8_lossy(&outcome.body),
+                        );
+                        // An authenticated caller refused an identity is never throttled.
+                        if outcome.status == StatusCode::FORBIDDEN {
+                            tracing::warn!(%peer, status, reason, %body, "CA: request refused");
+                        } else {
+                            crate::warn_throttled!(%peer, status, reason, %body, "CA: request refused");
+                        }
                     }
                     reply(respond, outcome.status, outcome.content_type, outcome.body);
                 });
@@ -379,3 +435,6 @@ async fn handle(
         Err(e) => Outcome::refused("internal", StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests;

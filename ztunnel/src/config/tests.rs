@@ -30,7 +30,7 @@ fn defaults() {
     );
     assert_eq!(c.pool_max_streams, 100);
     assert_eq!(
-        (c.handshake_limits.per_node, c.handshake_limits.per_peer),
+        (c.handshake_limits.total, c.handshake_limits.per_peer),
         (2048, 256)
     );
     assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));

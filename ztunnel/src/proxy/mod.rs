@@ -11,7 +11,6 @@
 //! connections run on until they end or the daemon's grace period is over.
 
 pub mod conns;
-pub mod handshakes;
 mod inbound;
 mod inbound_plain;
 mod outbound;
@@ -22,18 +21,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::capture::netns::Netns;
 use crate::discovery::{Discovery, State, Workload};
+use crate::gate::{self, Gate};
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
 use crate::metrics::Metrics;
-use crate::net::{ConnectOptions, Origin};
+use crate::net::{reset, ConnectOptions, Origin};
 use conns::ConnTable;
-use handshakes::{HandshakeGate, HandshakeLimits};
 
 /// Whom a set of listeners serves.
 #[derive(Clone, Debug)]
@@ -100,8 +98,8 @@ pub struct ProxyInputs {
     pub max_streams: u32,
     /// Becomes `true` when the daemon drains.
     pub draining: watch::Receiver<bool>,
-    /// Tunnel connections not yet authenticated, capped ([`handshakes`]).
-    pub handshakes: Arc<HandshakeGate>,
+    /// Tunnel connections still in their TLS handshake, capped ([`gate`]).
+    pub handshakes: Arc<Gate>,
     round_robin: AtomicUsize,
     /// Accepted connections and tunnel streams whose handlers have not finished (including
     /// those not yet in the connection table); drain waits for them.
@@ -119,7 +117,7 @@ impl ProxyInputs {
         metrics: Arc<Metrics>,
         connect: ConnectOptions,
         max_streams: u32,
-        handshake_limits: HandshakeLimits,
+        handshake_limits: gate::Limits,
         draining: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(ProxyInputs {
@@ -133,7 +131,7 @@ impl ProxyInputs {
             connect,
             max_streams,
             draining,
-            handshakes: HandshakeGate::new(handshake_limits),
+            handshakes: Gate::new("pending tunnel handshakes", handshake_limits),
             round_robin: AtomicUsize::new(0),
             inflight: Arc::default(),
         })
@@ -305,10 +303,4 @@ async fn accept_loop<F, Fut>(
             }
         }
     }
-}
-
-/// Closes `tcp` with a reset, so the application sees a refusal rather than a clean end.
-fn reset(tcp: TcpStream) {
-    let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-    drop(tcp);
 }

@@ -1,0 +1,220 @@
+//! What one peer, and all peers together, may hold of `ztunnel ca` before anything has said who
+//! they are.
+//!
+//! The CA's callers authenticate per request (a bearer token), so until a request has been
+//! judged a peer is nobody, and judging it may cost a TokenReview at the API server. A flood from
+//! one address must not exhaust the CA's descriptors, tasks or memory, nor be amplified into a
+//! flood of TokenReviews; a legitimate daemon, which keeps one connection and asks for a
+//! certificate per local identity at start-up and at each renewal, must never notice. Hence:
+//!
+//! - connections (from accept until closed): per source address and in all ([`crate::gate`]);
+//!   over either the connection is reset before TLS (`connection_limit`);
+//! - streams on one connection: HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`, which a conforming
+//!   client waits on;
+//! - requests being handled: per source address and in all; over either, `429`
+//!   (`too_many_requests`);
+//! - requests started per source address: a burst, then one per refill period (GCRA,
+//!   `governor`); over it, `429` (`rate_limited`).
+//!
+//! [`Guard`] makes these decisions; the server acts on them.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::gate::{Full, Gate, Limits, Permit};
+
+/// The CA's caps; [`Default`] is what `ztunnel ca` runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaLimits {
+    pub connections: Limits,
+    pub streams_per_connection: u32,
+    pub requests_in_flight: Limits,
+    /// Requests one address may start at once after a quiet spell.
+    pub burst: NonZeroU32,
+    /// Then one more per this period.
+    pub refill: Duration,
+}
+
+impl Default for CaLimits {
+    /// A node's daemon asks for at most one certificate per identity on the node at once (a
+    /// few hundred on a full node), over one connection.
+    fn default() -> Self {
+        CaLimits {
+            connections: Limits {
+                total: 4096,
+                per_peer: 32,
+            },
+            streams_per_connection: 64,
+            requests_in_flight: Limits {
+                total: 1024,
+                per_peer: 64,
+            },
+            burst: NonZeroU32::new(256).expect("non-zero"),
+            refill: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Why a peer was turned away: the refusal counter's label and the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("{0}")]
+    Connections(Full),
+    #[error("{0}")]
+    InFlight(Full),
+    #[error("too many requests from this peer: at most {burst} at once, then one per {refill:?}")]
+    Rate { burst: NonZeroU32, refill: Duration },
+}
+
+impl Refused {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refused::Connections(_) => "connection_limit",
+            Refused::InFlight(_) => "too_many_requests",
+            Refused::Rate { .. } => "rate_limited",
+        }
+    }
+}
+
+/// The CA's gates and rate limiter.
+pub struct Guard {
+    limits: CaLimits,
+    connections: Arc<Gate>,
+    requests: Arc<Gate>,
+    rate: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl Guard {
+    pub fn new(limits: CaLimits) -> Self {
+        // A zero period would be no limit at all: at least a nanosecond.
+        let period = limits.refill.max(Duration::from_nanos(1));
+        let quota = Quota::with_period(period)
+            .expect("a non-zero period")
+            .allow_burst(limits.burst);
+        Guard {
+            limits,
+            connections: Gate::new("connections", limits.connections),
+            requests: Gate::new("requests in flight", limits.requests_in_flight),
+            rate: RateLimiter::keyed(quota),
+        }
+    }
+
+    pub fn limits(&self) -> &CaLimits {
+        &self.limits
+    }
+
+    /// A new connection from `peer`; the permit is held until it closes.
+    pub fn admit_connection(&self, peer: IpAddr) -> Result<Permit, Refused> {
+        self.connections
+            .try_admit(peer)
+            .map_err(Refused::Connections)
+    }
+
+    /// A new request from `peer`; the permit is held until it has been answered. A request
+    /// refused for being one too many in flight does not spend the peer's rate.
+    pub fn admit_request(&self, peer: IpAddr) -> Result<Permit, Refused> {
+        let permit = self.requests.try_admit(peer).map_err(Refused::InFlight)?;
+        self.rate
+            .check_key(&peer.to_canonical())
+            .map_err(|_| Refused::Rate {
+                burst: self.limits.burst,
+                refill: self.limits.refill,
+            })?;
+        Ok(permit)
+    }
+
+    /// Forgets the addresses whose rate has fully refilled (call now and then: the table
+    /// otherwise keeps every address ever seen).
+    pub fn forget_idle(&self) {
+        self.rate.retain_recent();
+    }
+
+    /// Addresses the rate limiter remembers.
+    pub fn remembered(&self) -> usize {
+        self.rate.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn small() -> CaLimits {
+        CaLimits {
+            connections: Limits {
+                total: 3,
+                per_peer: 2,
+            },
+            streams_per_connection: 4,
+            requests_in_flight: Limits {
+                total: 4,
+                per_peer: 3,
+            },
+            burst: NonZeroU32::new(5).unwrap(),
+            refill: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn connections_are_capped_per_peer_and_in_all() {
+        let g = Guard::new(small());
+        let a1 = g.admit_connection(ip("10.0.0.1")).unwrap();
+        let _a2 = g.admit_connection(ip("10.0.0.1")).unwrap();
+        let e = g.admit_connection(ip("10.0.0.1")).unwrap_err();
+        assert_eq!(e.reason(), "connection_limit");
+        assert_eq!(e.to_string(), "too many connections from this peer (2)");
+        let _b = g.admit_connection(ip("10.0.0.2")).unwrap();
+        let e = g.admit_connection(ip("10.0.0.3")).unwrap_err();
+        assert_eq!(e.to_string(), "too many connections in all (3)");
+        drop(a1);
+        g.admit_connection(ip("10.0.0.3"))
+            .expect("a closed connection frees its place");
+    }
+
+    #[test]
+    fn requests_are_capped_in_flight_and_by_rate() {
+        let g = Guard::new(small());
+        let a = ip("10.0.0.1");
+        // Three in flight, the fourth refused without spending the rate.
+        let held: Vec<_> = (0..3).map(|_| g.admit_request(a).unwrap()).collect();
+        let e = g.admit_request(a).unwrap_err();
+        assert_eq!(e.reason(), "too_many_requests");
+        drop(held);
+        // Two more fit the burst of five; the sixth is over the rate, while another peer
+        // still has its own burst.
+        for _ in 0..2 {
+            drop(g.admit_request(a).unwrap());
+        }
+        let e = g.admit_request(a).unwrap_err();
+        assert_eq!(e.reason(), "rate_limited");
+        assert!(e.to_string().contains("at most 5 at once"), "{e}");
+        // The IPv4-mapped form is the same peer.
+        assert!(g.admit_request(ip("::ffff:10.0.0.1")).is_err());
+        drop(g.admit_request(ip("10.0.0.2")).unwrap());
+        assert_eq!(g.remembered(), 2);
+        // Neither has refilled within the hour: both remembered.
+        g.forget_idle();
+        assert_eq!(g.remembered(), 2);
+    }
+
+    #[test]
+    fn a_peer_whose_rate_has_refilled_is_forgotten() {
+        let g = Guard::new(CaLimits {
+            refill: Duration::from_millis(1),
+            ..small()
+        });
+        drop(g.admit_request(ip("10.0.0.1")).unwrap());
+        assert_eq!(g.remembered(), 1);
+        std::thread::sleep(Duration::from_millis(20));
+        g.forget_idle();
+        assert_eq!(g.remembered(), 0);
+    }
+}

@@ -1,0 +1,235 @@
+//! The CA server's limits, end to end over real TLS and HTTP/2 on loopback: silent connections
+//! from one address capped, requests over the rate and over the in-flight cap answered `429`,
+//! each counted, while other addresses are served.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use ztunnel_proto::ca::SignRequest;
+
+use super::*;
+use crate::ca::CaClient;
+use crate::gate::Limits;
+use crate::identity::{generate_csr, CertSigner, SignError};
+
+const TOKEN: &str = "s3cret";
+
+struct Ca {
+    _dir: tempfile::TempDir,
+    root: String,
+    addr: SocketAddr,
+    metrics: Arc<CaMetrics>,
+}
+
+async fn start(limits: CaLimits, auth: Arc<dyn SignAuthorizer>) -> Ca {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let metrics = Arc::new(CaMetrics::default());
+    tokio::spawn(serve(
+        l,
+        watch::channel(ca.clone()).1,
+        auth,
+        vec!["localhost".into()],
+        metrics.clone(),
+        limits,
+        std::future::pending(),
+    ));
+    Ca {
+        _dir: dir,
+        root: ca.root_pem(),
+        addr,
+        metrics,
+    }
+}
+
+fn static_auth() -> Arc<dyn SignAuthorizer> {
+    Arc::new(StaticTokenAuthorizer::new(vec![TOKEN.into()]).unwrap())
+}
+
+fn client(ca: &Ca) -> CaClient {
+    CaClient::new(
+        ca.addr.to_string(),
+        "localhost".into(),
+        &ca.root,
+        Some(TOKEN.into()),
+    )
+    .unwrap()
+}
+
+fn request() -> SignRequest {
+    let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+    SignRequest {
+        csr_pem: generate_csr(&id).unwrap().csr_pem,
+        identity: id.to_string(),
+        lifetime_secs: 600,
+    }
+}
+
+fn limits(connections_per_peer: usize, in_flight_per_peer: usize, burst: u32) -> CaLimits {
+    CaLimits {
+        connections: Limits {
+            total: 100,
+            per_peer: connections_per_peer,
+        },
+        streams_per_connection: 64,
+        requests_in_flight: Limits {
+            total: 100,
+            per_peer: in_flight_per_peer,
+        },
+        burst: NonZeroU32::new(burst).unwrap(),
+        refill: Duration::from_secs(3600),
+    }
+}
+
+/// A connection from `src` that never speaks; `None` if the CA reset it at once.
+async fn silent_from(src: &str, to: SocketAddr) -> Option<TcpStream> {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src.parse::<IpAddr>().unwrap(), 0))
+        .unwrap();
+    let mut s = sock.connect(to).await.ok()?;
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await {
+        Err(_) => Some(s),
+        Ok(Ok(0) | Err(_)) => None,
+        Ok(Ok(_)) => panic!("the CA spoke first"),
+    }
+}
+
+#[tokio::test]
+async fn connections_from_one_address_are_capped_and_others_still_served() {
+    let ca = start(limits(4, 64, 256), static_auth()).await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..6 {
+        match silent_from("127.0.0.2", ca.addr).await {
+            Some(s) => held.push(s),
+            None => refused += 1,
+        }
+    }
+    assert_eq!((held.len(), refused), (4, 2));
+    assert_eq!(ca.metrics.refusals("connection_limit"), 2);
+    // Another address is served meanwhile.
+    client(&ca).sign(request()).await.expect("signed");
+    // A closed connection frees its place (once the CA has seen it close).
+    drop(held.pop());
+    let mut tries = 0;
+    while silent_from("127.0.0.2", ca.addr).await.is_none() {
+        tries += 1;
+        assert!(tries < 50, "the closed connection's place was never freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ca.metrics.refusals("connection_limit"), 2 + tries);
+}
+
+#[tokio::test]
+async fn requests_over_the_rate_get_429_and_other_addresses_do_not_pay() {
+    let ca = start(limits(4, 64, 3), static_auth()).await;
+    let c = client(&ca);
+    for _ in 0..3 {
+        c.sign(request()).await.expect("within the burst");
+    }
+    let err = c.sign(request()).await.unwrap_err();
+    assert!(
+        matches!(&err, SignError::Refused { status: 429, message } if message.contains("at most 3 at once")),
+        "{err}"
+    );
+    // Refused before the token is judged: a flood with bad tokens costs no authorization.
+    let bad = CaClient::new(
+        ca.addr.to_string(),
+        "localhost".into(),
+        &ca.root,
+        Some("wrong".into()),
+    )
+    .unwrap();
+    let err = bad.sign(request()).await.unwrap_err();
+    assert!(
+        matches!(err, SignError::Refused { status: 429, .. }),
+        "{err}"
+    );
+    assert_eq!(ca.metrics.refusals("rate_limited"), 2);
+    assert_eq!(ca.metrics.refusals("unknown_token"), 0);
+}
+
+/// Holds every authorization until released; counts those waiting.
+struct Held {
+    waiting: AtomicUsize,
+    release: Semaphore,
+}
+
+impl SignAuthorizer for Held {
+    fn authorize<'a>(
+        &'a self,
+        _token: Option<&'a str>,
+        _identity: &'a Identity,
+    ) -> crate::identity::BoxFuture<'a, Result<(), Denied>> {
+        Box::pin(async move {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            self.release.acquire().await.unwrap().forget();
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn requests_over_the_in_flight_cap_get_429_without_waiting() {
+    let held = Arc::new(Held {
+        waiting: AtomicUsize::new(0),
+        release: Semaphore::new(0),
+    });
+    let ca = start(limits(4, 2, 256), held.clone()).await;
+    let c = Arc::new(client(&ca));
+    let pending: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.sign(request()).await })
+        })
+        .collect();
+    while held.waiting.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = c.sign(request()).await.unwrap_err();
+    assert!(
+        matches!(&err, SignError::Refused { status: 429, message } if message.contains("requests in flight from this peer (2)")),
+        "{err}"
+    );
+    assert_eq!(ca.metrics.refusals("too_many_requests"), 1);
+    held.release.add_permits(2);
+    for p in pending {
+        p.await.unwrap().expect("signed once authorized");
+    }
+    // Answered requests free their places.
+    held.release.add_permits(1);
+    c.sign(request()).await.expect("signed");
+    assert_eq!(held.waiting.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn failed_handshakes_are_counted() {
+    let ca = start(CaLimits::default(), static_auth()).await;
+    let other = tempfile::tempdir().unwrap();
+    let stranger = LocalCa::load_or_create(other.path(), "cluster.local").unwrap();
+    let c = CaClient::new(
+        ca.addr.to_string(),
+        "localhost".into(),
+        &stranger.root_pem(),
+        Some(TOKEN.into()),
+    )
+    .unwrap();
+    let err = c.sign(request()).await.unwrap_err();
+    assert!(matches!(err, SignError::Transport(_)), "{err}");
+    for _ in 0..100 {
+        if ca.metrics.refusals("tls_handshake") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ca.metrics.refusals("tls_handshake"), 1);
+}
