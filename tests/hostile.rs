@@ -6,6 +6,8 @@
 //! refused at once; a legitimate client from another address still gets its tunnel; twenty
 //! more silent peers from that address find ten places before the node's cap. The held ones
 //! are dropped once the handshake timeout (10 s) has passed, and their places are free again.
+//! Connections held open at the metrics endpoint, which listens on every address, are capped
+//! per peer as well.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -256,4 +258,24 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
     let (status, _) =
         ztunnel_e2e::daemon::http(&mesh.b, "GET", "127.0.0.1:15021", "/healthz/ready").unwrap();
     assert_eq!(status, 200);
+
+    // The metrics endpoint listens on every address: connections held open there are capped
+    // per peer too, and the scrape from another address is still answered.
+    let cap = ztunnel::admin::ENDPOINT_CONNECTIONS.per_peer;
+    let metrics_addr: SocketAddr = format!("{B_IP}:15020").parse().unwrap();
+    let held = mesh.b.block_on(async move {
+        let (held, refused) = silent_peers(metrics_addr, cap + 4, Some(MARK)).await;
+        assert_eq!(
+            (held.len(), refused),
+            (cap, 4),
+            "metrics connections (held, refused)"
+        );
+        held
+    });
+    counted("admin_connection_limit", 4);
+    assert!(mesh
+        .b_daemon
+        .log()
+        .contains(&format!("too many connections from this peer ({cap})")));
+    mesh.b.block_on(async move { drop(held) });
 }

@@ -2,7 +2,10 @@
 //! only), metrics (`/metrics`, Prometheus text) and readiness (`/healthz/ready`).
 //!
 //! Each is a small HTTP/1.1 server (hyper). Handlers read shared state; nothing here touches
-//! the data path. `/config_dump` never includes private keys.
+//! the data path. `/config_dump` never includes private keys. Metrics and readiness listen on
+//! every address, so each endpoint caps its open connections ([`ENDPOINT_CONNECTIONS`]: a
+//! scraper or a prober needs one or two) and a peer over the cap is reset, counted as
+//! `admin_connection_limit` and logged (throttled); a request's headers must arrive within 10 s.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,8 +23,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::discovery::Discovery;
+use crate::gate::{Gate, Limits};
 use crate::hbone::pool::Pool;
 use crate::identity::CertManager;
+use crate::metrics::Metrics;
 use crate::proxy::conns::ConnTable;
 
 /// What the admin endpoints show.
@@ -31,6 +36,8 @@ pub struct AdminState {
     pub pool: Pool,
     pub connections: Arc<ConnTable>,
     pub registry: Registry,
+    /// Counts refused connections.
+    pub metrics: Arc<Metrics>,
     /// Whether the daemon is ready (certificates loaded, discovery synced).
     pub ready: tokio::sync::watch::Receiver<bool>,
     /// Changes the log filter at run time; gets the new directive, returns an error text.
@@ -169,6 +176,12 @@ pub enum Endpoint {
     Readiness,
 }
 
+/// Open connections to one endpoint, per source address and in all.
+pub const ENDPOINT_CONNECTIONS: Limits = Limits {
+    total: 256,
+    per_peer: 16,
+};
+
 /// Serves `endpoint` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -176,6 +189,7 @@ pub async fn serve(
     state: Arc<AdminState>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let gate = Gate::new("connections", ENDPOINT_CONNECTIONS);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer): (_, SocketAddr) = tokio::select! {
@@ -189,8 +203,18 @@ pub async fn serve(
             },
             _ = &mut shutdown => return,
         };
+        let permit = match gate.try_admit(peer.ip()) {
+            Ok(p) => p,
+            Err(full) => {
+                state.metrics.refused("admin_connection_limit");
+                crate::warn_throttled!(%peer, ?endpoint, error = %full, "admin connection refused");
+                crate::net::reset(tcp);
+                continue;
+            }
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move {

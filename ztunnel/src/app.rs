@@ -155,6 +155,7 @@ pub async fn start(
         pool,
         connections: pi.connections.clone(),
         registry,
+        metrics: pi.metrics.clone(),
         ready: ready_rx,
         set_log_level,
     });
