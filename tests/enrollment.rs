@@ -109,6 +109,27 @@ async fn whoami(ip: &'static str, port: u16) -> String {
         .expect("whoami")
 }
 
+/// Fails unless the peer closes `s` (end or reset) within 5 s.
+async fn closed_promptly(mut s: TcpStream) {
+    let mut b = [0u8; 8];
+    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+        Ok(Ok(0) | Err(_)) => {}
+        Ok(Ok(n)) => panic!("unexpected bytes {:?}", &b[..n]),
+        Err(_) => panic!("the connection of a released pod stalled"),
+    }
+}
+
+/// Writes `msg` on `s` and reads it echoed back.
+async fn echo(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("echo timed out")
+        .expect("echo");
+    assert_eq!(got, msg);
+}
+
 /// Access lines of node `i` for connections to `shop/api`.
 fn api_lines(bed: &TestBed, i: usize) -> Vec<Value> {
     access_lines(&bed.log(i))
@@ -148,6 +169,9 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
         .collect();
     let (web, api) = (bed.pod("web"), bed.pod("api"));
     let _srv = api.ns.spawn(apps::whoami_server(8080));
+    let _echo = api
+        .ns
+        .spawn(async { apps::hold_server(apps::listen(9090).await).await });
     std::thread::sleep(Duration::from_millis(100));
 
     // Not ambient: the CNI ADD left them alone, their traffic is plain.
@@ -193,6 +217,13 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
         })
     });
 
+    // A long-lived connection from web to api, through the tunnel.
+    let held = web.ns.block_on(async {
+        let mut s = TcpStream::connect("10.20.2.80:9090").await.unwrap();
+        echo(&mut s, b"one").await;
+        s
+    });
+
     // web opts out: released (rules and record gone), api stays.
     bed.apply_labels(
         namespaces(ambient()),
@@ -208,10 +239,32 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
         .state_dir
         .join("pods/ztunnel-reconciled-uid-shop-web.eth0.json")
         .exists());
+    // Its established connection could not outlive web's rules: the daemon closed it first,
+    // so the application sees the end instead of a stall.
+    web.ns.block_on(closed_promptly(held));
+    wait_for("web's closed connection's access line", || {
+        access_lines(&bed.log(0)).iter().any(|l| {
+            l["direction"] == "outbound" && l["error"] == "closed: the source pod left the mesh"
+        })
+    });
+    // A new connection from web is plain now, and reaches api through its plaintext inbound.
+    let held = web.ns.block_on(async {
+        let mut s = TcpStream::connect("10.20.2.80:9090").await.unwrap();
+        echo(&mut s, b"two").await;
+        s
+    });
 
-    // The label goes: api is released; traffic is plain again.
+    // The label goes: api is released; traffic is plain again. The connection that api's
+    // daemon was carrying is closed too.
     bed.apply_labels(namespaces(json!({})), json!({})).unwrap();
     wait_for("api released", || !has_table(&api.ns));
+    web.ns.block_on(closed_promptly(held));
+    wait_for("api's closed connection's access line", || {
+        api_lines(&bed, 1).iter().any(|l| {
+            l["direction"] == "inbound_plaintext"
+                && l["error"] == "closed: the destination pod left the mesh"
+        })
+    });
     wait_for("api's release counted", || {
         reconciler(&bed, 1, "release", "namespace_not_ambient") == 1.0
     });

@@ -25,6 +25,10 @@ use super::store::{PodRecord, Store};
 use crate::discovery::{State, Workload};
 use crate::proxy::{self, Listeners, ProxyInputs, Scope};
 
+/// How long a release waits for the pod's connections to close before it removes the rules
+/// that carry them.
+pub const RELEASE_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The enrollment decision for a pod.
 #[derive(Debug, PartialEq)]
 pub enum Decision {
@@ -462,14 +466,20 @@ impl Pods {
         Ok(())
     }
 
-    /// Stops the pod's listeners, removes its rules and record. Idempotent; whether the pod
-    /// was enrolled.
+    /// Stops the pod's listeners, closes its connections, removes its rules and record.
+    /// Idempotent; whether the pod was enrolled.
     ///
-    /// Established connections are not cut: their handlers run on as their own tasks, and
-    /// conntrack keeps the redirect of flows that were already redirected, so outbound ones
-    /// run to their end through the daemon. Inbound ones that the daemon connected to the
-    /// application transparently lose their reply route with the rules and stall until a
-    /// side gives up. New connections go plain at once.
+    /// No connection of the pod survives its rules. An outbound one was redirected by the
+    /// pod's NAT chain, and with the last NAT chain gone from the netns the kernel no longer
+    /// translates the flow: the application's next segment goes to the real destination, which
+    /// answers with a reset, and the daemon's side is left open. An inbound one was connected
+    /// to the application from the client's address, and without the policy route the
+    /// application's replies leave the pod instead of reaching the daemon: both ends stall.
+    /// So each is told to close while the rules still carry it ([`ConnTable::close_pod`]),
+    /// and the rules go once they have (or after [`RELEASE_DRAIN`]). New connections go plain
+    /// at once.
+    ///
+    /// [`ConnTable::close_pod`]: crate::proxy::conns::ConnTable::close_pod
     fn release(&self, a: &Attachment) -> bool {
         let removed = {
             let mut enrolled = self.enrolled.lock().expect("pods lock");
@@ -482,6 +492,20 @@ impl Pods {
             return false;
         };
         e.serving.abort();
+        let ips: Vec<IpAddr> = e.record.ips.iter().map(|ip| ip.to_canonical()).collect();
+        let closing = self.pi.connections.close_pod(&ips);
+        let deadline = std::time::Instant::now() + RELEASE_DRAIN;
+        while self.pi.connections.of_pod(&ips) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if closing > 0 {
+            let left = self.pi.connections.of_pod(&ips);
+            tracing::info!(
+                closing,
+                left,
+                "closed the pod's connections before removing its rules"
+            );
+        }
         if let Err(err) = rules::remove(&e.netns) {
             tracing::debug!(error = %err, "cannot remove the pod's rules (netns gone?)");
         }

@@ -6,12 +6,13 @@
 //! direction, bytes each way, duration, the policy decision and the policy that made it, and
 //! the error, if any. Inbound connections carry what the policy engine needs
 //! ([`PolicyFacts`]), so that [`ConnTable::reevaluate`] can close those that a policy change
-//! now denies.
+//! now denies; [`ConnTable::close_pod`] closes those from and to a pod leaving the mesh. A
+//! handler learns which from [`Tracked::told_to_close`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -102,6 +103,36 @@ pub struct ConnRecord {
     pub started: Instant,
     policy_facts: Mutex<Option<PolicyFacts>>,
     close: tokio::sync::Notify,
+    close_cause: OnceLock<CloseCause>,
+}
+
+/// Why the daemon tells a live connection to close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseCause {
+    /// A policy change denies it.
+    PolicyDenied,
+    /// Its pod (the source of an outbound connection, the destination of an inbound one) is
+    /// being released from the mesh: without the pod's rules neither kind can go on (see
+    /// `capture::pods`), so they are closed first.
+    Released,
+}
+
+impl ConnRecord {
+    fn tell_to_close(&self, cause: CloseCause) {
+        // The first cause told is the one reported.
+        let _ = self.close_cause.set(cause);
+        self.close.notify_one();
+    }
+
+    /// Whether this is a connection from (outbound) or to (inbound) one of `ips`.
+    fn is_of_pod(&self, ips: &[IpAddr]) -> bool {
+        let f = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        let pod_side = match self.direction {
+            Direction::Outbound | Direction::Passthrough => f.src_addr,
+            Direction::Inbound | Direction::InboundPlaintext => f.dst_addr,
+        };
+        pod_side.is_some_and(|a| ips.contains(&a.ip().to_canonical()))
+    }
 }
 
 /// A snapshot row of `/connections`.
@@ -135,6 +166,7 @@ impl ConnTable {
             started: Instant::now(),
             policy_facts: Mutex::default(),
             close: tokio::sync::Notify::new(),
+            close_cause: OnceLock::new(),
         });
         self.live
             .lock()
@@ -160,15 +192,8 @@ impl ConnTable {
     /// Judges every live connection that carries policy facts again in `state`; those now
     /// denied are told to close. Returns how many.
     pub fn reevaluate(&self, state: &crate::discovery::State) -> usize {
-        let live: Vec<Arc<ConnRecord>> = self
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
         let mut closed = 0;
-        for r in live {
+        for r in self.snapshot() {
             let facts = r
                 .policy_facts
                 .lock()
@@ -182,11 +207,39 @@ impl ConnTable {
                     f.decision = Some("deny");
                     f.policy = d.policy.as_ref().map(|p| p.to_string());
                 }
-                r.close.notify_one();
+                r.tell_to_close(CloseCause::PolicyDenied);
                 closed += 1;
             }
         }
         closed
+    }
+
+    /// Tells every connection of the pod with addresses `ips` to close (outbound from it,
+    /// inbound to it); returns how many.
+    pub fn close_pod(&self, ips: &[IpAddr]) -> usize {
+        let doomed: Vec<_> = self
+            .snapshot()
+            .into_iter()
+            .filter(|r| r.is_of_pod(ips))
+            .collect();
+        for r in &doomed {
+            r.tell_to_close(CloseCause::Released);
+        }
+        doomed.len()
+    }
+
+    /// Connections of the pod with addresses `ips` still live.
+    pub fn of_pod(&self, ips: &[IpAddr]) -> usize {
+        self.snapshot().iter().filter(|r| r.is_of_pod(ips)).count()
+    }
+
+    fn snapshot(&self) -> Vec<Arc<ConnRecord>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// A snapshot for the admin API.
@@ -256,9 +309,14 @@ impl Tracked {
             .unwrap_or_else(|e| e.into_inner()) = Some(facts);
     }
 
-    /// Resolves when a policy change has denied this connection.
-    pub async fn revoked(&self) {
-        self.rec.close.notified().await
+    /// Resolves when the daemon tells this connection to close, with the cause.
+    pub async fn told_to_close(&self) -> CloseCause {
+        self.rec.close.notified().await;
+        self.rec
+            .close_cause
+            .get()
+            .copied()
+            .unwrap_or(CloseCause::PolicyDenied)
     }
 
     /// Records the error that ended the connection (logged on close).
@@ -304,5 +362,76 @@ impl Drop for Tracked {
             error = self.error.as_deref().unwrap_or(""),
             "connection closed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn addr(s: &str) -> Option<SocketAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_released_pod_closes_its_own_connections_only() {
+        let table = Arc::new(ConnTable::default());
+        let pod = ["10.0.0.5".parse().unwrap()];
+        // (direction, source, destination, told to close)
+        let cases = [
+            (Direction::Outbound, "10.0.0.5:40000", "10.0.1.9:80", true),
+            (
+                Direction::Passthrough,
+                "10.0.0.5:40001",
+                "1.1.1.1:443",
+                true,
+            ),
+            (Direction::Inbound, "10.0.1.9:40002", "10.0.0.5:8080", true),
+            (
+                Direction::InboundPlaintext,
+                "10.0.1.9:40003",
+                "[::ffff:10.0.0.5]:8080",
+                true,
+            ),
+            // The pod at the far end of another pod's connections: not its own.
+            (
+                Direction::Outbound,
+                "10.0.1.9:40004",
+                "10.0.0.5:8080",
+                false,
+            ),
+            (Direction::Inbound, "10.0.0.5:40005", "10.0.1.9:8080", false),
+            (
+                Direction::InboundPlaintext,
+                "10.0.1.9:40006",
+                "10.0.2.1:8080",
+                false,
+            ),
+        ];
+        let tracked: Vec<Tracked> = cases
+            .iter()
+            .map(|(direction, src, dst, _)| {
+                let facts = ConnFacts {
+                    src_addr: addr(src),
+                    dst_addr: addr(dst),
+                    ..Default::default()
+                };
+                table.track(*direction, facts)
+            })
+            .collect();
+        assert_eq!(table.of_pod(&pod), 4);
+        assert_eq!(table.close_pod(&pod), 4);
+        for (t, (direction, src, _, closed)) in tracked.iter().zip(&cases) {
+            // Telling is done by now: a connection told resolves at once.
+            let told = tokio::time::timeout(Duration::from_millis(20), t.told_to_close())
+                .await
+                .ok();
+            let want = closed.then_some(CloseCause::Released);
+            assert_eq!(told, want, "{direction:?} from {src}");
+        }
+        drop(tracked);
+        assert_eq!(table.of_pod(&pod), 0);
+        assert!(table.is_empty());
     }
 }

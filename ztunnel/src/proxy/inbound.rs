@@ -22,7 +22,7 @@ use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::conns::{ConnFacts, Direction, PolicyFacts};
+use super::conns::{CloseCause, ConnFacts, Direction, PolicyFacts};
 use super::{reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
 use crate::hbone::copy::copy_bidirectional;
@@ -234,10 +234,16 @@ async fn stream(
                 tracked.fail(e);
             }
         }
-        _ = tracked.revoked() => {
-            tracing::info!(src = %peer.identity, target = %target.target, "closed: a policy change denies it");
-            pi.metrics.refused("policy_revoked");
-            tracked.fail("closed: denied by a policy change");
+        cause = tracked.told_to_close() => match cause {
+            CloseCause::PolicyDenied => {
+                tracing::info!(src = %peer.identity, target = %target.target, "closed: a policy change denies it");
+                pi.metrics.refused("policy_revoked");
+                tracked.fail("closed: denied by a policy change");
+            }
+            CloseCause::Released => {
+                tracing::info!(src = %peer.identity, target = %target.target, "closed: the destination pod left the mesh");
+                tracked.fail("closed: the destination pod left the mesh");
+            }
         }
     }
 }

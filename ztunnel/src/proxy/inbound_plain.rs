@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::conns::{ConnFacts, Direction, PolicyFacts};
+use super::conns::{CloseCause, ConnFacts, Direction, PolicyFacts};
 use super::{reset, ProxyInputs, Scope};
 use crate::discovery::policy::MtlsMode;
 use crate::hbone::consts;
@@ -106,10 +106,15 @@ pub(super) async fn handle(
     };
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut tcp, &mut app) => r,
-        _ = tracked.revoked() => {
-            tracing::info!(%peer, dst = %orig, "closed: a policy change denies it");
-            pi.metrics.refused("policy_revoked");
-            tracked.fail("closed: denied by a policy change");
+        cause = tracked.told_to_close() => {
+            if cause == CloseCause::PolicyDenied {
+                tracing::info!(%peer, dst = %orig, "closed: a policy change denies it");
+                pi.metrics.refused("policy_revoked");
+                tracked.fail("closed: denied by a policy change");
+            } else {
+                tracing::info!(%peer, dst = %orig, "closed: the destination pod left the mesh");
+                tracked.fail("closed: the destination pod left the mesh");
+            }
             return;
         }
     };

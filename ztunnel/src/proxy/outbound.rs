@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::conns::{ConnFacts, Direction};
+use super::conns::{CloseCause, ConnFacts, Direction, Tracked};
 use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
 use crate::hbone::client::connect_request;
@@ -88,7 +88,11 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                     }
                 };
             let mut tcp = tcp;
-            match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
+            let copied = tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => r,
+                cause = tracked.told_to_close() => return closed_by_daemon(&mut tracked, cause),
+            };
+            match copied {
                 Ok((sent, received)) => {
                     let b = &tracked.record().bytes;
                     b.sent.store(sent, std::sync::atomic::Ordering::Relaxed);
@@ -173,10 +177,26 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 .sent
                 .fetch_add(early, std::sync::atomic::Ordering::Relaxed);
             let (rd, wr) = tcp.into_split();
-            if let Err(e) = copy_bidirectional(rd, wr, tunnel.send, tunnel.recv, bytes).await {
-                tracked.fail(e);
+            tokio::select! {
+                r = copy_bidirectional(rd, wr, tunnel.send, tunnel.recv, bytes) => {
+                    if let Err(e) = r {
+                        tracked.fail(e);
+                    }
+                }
+                cause = tracked.told_to_close() => closed_by_daemon(&mut tracked, cause),
             }
             drop(tunnel.lease);
         }
     }
+}
+
+/// The daemon closed the connection: its source pod is leaving the mesh (outbound connections
+/// carry no policy facts, so no policy change closes them).
+fn closed_by_daemon(tracked: &mut Tracked, cause: CloseCause) {
+    tracing::info!(
+        id = tracked.record().id,
+        ?cause,
+        "closed: the source pod left the mesh"
+    );
+    tracked.fail("closed: the source pod left the mesh");
 }
