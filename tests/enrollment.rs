@@ -223,6 +223,10 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
         echo(&mut s, b"one").await;
         s
     });
+    assert_eq!(
+        metric(&bed.metrics(0), "ztunnel_pool_connections", &[]),
+        1.0
+    );
 
     // web opts out: released (rules and record gone), api stays.
     bed.apply_labels(
@@ -246,6 +250,10 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
         access_lines(&bed.log(0)).iter().any(|l| {
             l["direction"] == "outbound" && l["error"] == "closed: the source pod left the mesh"
         })
+    });
+    // The tunnel connection that left from web's netns is closed too, not kept idle.
+    wait_for("web's tunnel connection closed", || {
+        metric(&bed.metrics(0), "ztunnel_pool_connections", &[]) == 0.0
     });
     // A new connection from web is plain now, and reaches api through its plaintext inbound.
     let held = web.ns.block_on(async {

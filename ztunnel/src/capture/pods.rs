@@ -506,6 +506,11 @@ impl Pods {
                 "closed the pod's connections before removing its rules"
             );
         }
+        let tunnels = self.pi.pool.evict_netns(&e.netns);
+        tracing::debug!(
+            tunnels,
+            "closed the tunnel connections leaving from the pod"
+        );
         if let Err(err) = rules::remove(&e.netns) {
             tracing::debug!(error = %err, "cannot remove the pod's rules (netns gone?)");
         }

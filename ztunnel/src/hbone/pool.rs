@@ -5,7 +5,9 @@
 //! connection. Only one connection is dialled per key at a time: concurrent first requests
 //! wait for that one handshake rather than each opening their own. A connection whose driver
 //! ended (peer closed, ping timeout, error) is removed at once, so the next stream dials anew;
-//! a connection with no streams for `idle_timeout` is closed.
+//! a connection with no streams for `idle_timeout` is closed. The connections that leave from
+//! a pod's network namespace are closed when the pod leaves the mesh ([`Pool::evict_netns`]),
+//! so that the pool does not keep the namespace open.
 //!
 //! Reservation and idle-closing both happen under the key's lock, so a connection is never
 //! closed as idle while a stream is being placed on it.
@@ -93,6 +95,8 @@ struct Conn {
     closed: AtomicBool,
     key_state: Weak<KeyState>,
     opened: Instant,
+    /// Told when the connection is evicted (its pod left the mesh).
+    evicted: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -275,6 +279,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             key_state: Arc::downgrade(ks),
             opened: Instant::now(),
+            evicted: Arc::default(),
         });
         ks.conns
             .lock()
@@ -292,6 +297,7 @@ impl Pool {
         let metrics = metrics.clone();
         let idle_timeout = self.inner.settings.idle_timeout;
         let id = conn.id;
+        let evicted = conn.evicted.clone();
         tokio::spawn(async move {
             let idle = watch_idle(weak, ks.clone(), idle_timeout);
             let keepalive = async {
@@ -315,6 +321,10 @@ impl Pool {
                     // Removed from the pool; let h2 finish with a GOAWAY once unused.
                     let _ = tokio::time::timeout(Duration::from_secs(5), &mut connection).await;
                 }
+                _ = evicted.notified() => {
+                    tracing::debug!(id, "tunnel connection evicted");
+                    let _ = tokio::time::timeout(Duration::from_secs(5), &mut connection).await;
+                }
             }
             ks.remove(id);
             metrics.pool_connections.dec();
@@ -323,6 +333,25 @@ impl Pool {
             }
         });
         Ok(conn)
+    }
+
+    /// Closes the connections that leave from `netns` (a pod leaving the mesh): no new stream
+    /// lands on them, and each ends once its last stream has (within 5 s). Returns how many.
+    pub fn evict_netns(&self, netns: &Netns) -> usize {
+        let keys = self.inner.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let mut evicted = 0;
+        for (_, ks) in keys
+            .iter()
+            .filter(|(k, _)| k.netns.as_deref() == Some(netns))
+        {
+            let mut conns = ks.conns.lock().unwrap_or_else(|e| e.into_inner());
+            for c in conns.drain(..) {
+                c.closed.store(true, Ordering::Release);
+                c.evicted.notify_one();
+                evicted += 1;
+            }
+        }
+        evicted
     }
 
     /// The open connections, for the admin API and tests.
