@@ -287,6 +287,48 @@ fn handshake_limits(
     })
 }
 
+/// The CA's per-address request rate: a burst and a rate per second, each 1 to 1 000 000.
+fn ca_limits(
+    burst: Option<String>,
+    rate: Option<String>,
+    env: Env<'_>,
+) -> Result<crate::ca::limits::CaLimits, ConfigError> {
+    let d = crate::ca::limits::CaLimits::default();
+    let in_range = |setting: &'static str, value: u32| {
+        if (1..=1_000_000).contains(&value) {
+            Ok(value)
+        } else {
+            Err(ConfigError::Invalid {
+                setting,
+                value: value.to_string(),
+                reason: "must be 1 to 1000000".into(),
+            })
+        }
+    };
+    let burst = setting(
+        "peer request burst",
+        burst,
+        env,
+        "ZTUNNEL_CA_PEER_REQUEST_BURST",
+        &d.burst.to_string(),
+    )
+    .and_then(|v| in_range("peer request burst", v))?;
+    let default_rate = (Duration::from_secs(1).as_nanos() / d.refill.as_nanos()).to_string();
+    let rate = setting(
+        "peer request rate",
+        rate,
+        env,
+        "ZTUNNEL_CA_PEER_REQUEST_RATE",
+        &default_rate,
+    )
+    .and_then(|v| in_range("peer request rate", v))?;
+    Ok(crate::ca::limits::CaLimits {
+        burst: std::num::NonZeroU32::new(burst).expect("checked above"),
+        refill: Duration::from_secs(1) / rate,
+        ..d
+    })
+}
+
 fn duration(
     name: &'static str,
     flag: Option<String>,
@@ -687,6 +729,8 @@ pub struct CaConfig {
     pub server_names: Vec<String>,
     pub authorizer: CaAuthorizer,
     pub max_lifetime: Duration,
+    /// What one caller may hold or start ([`crate::ca::limits`]).
+    pub limits: crate::ca::limits::CaLimits,
     pub log_format: LogFormat,
     pub log_filter: String,
 }
@@ -725,6 +769,12 @@ struct CaArgs {
     /// Longest lifetime the CA issues [env: ZTUNNEL_CA_MAX_LIFETIME] [default: 24h]
     #[arg(long)]
     max_lifetime: Option<String>,
+    /// Requests one source address may start at once after a quiet spell [env: ZTUNNEL_CA_PEER_REQUEST_BURST] [default: 256]
+    #[arg(long)]
+    peer_request_burst: Option<String>,
+    /// Then requests per second from one source address [env: ZTUNNEL_CA_PEER_REQUEST_RATE] [default: 20]
+    #[arg(long)]
+    peer_request_rate: Option<String>,
     /// Log format, text or json [env: ZTUNNEL_LOG_FORMAT] [default: text]
     #[arg(long)]
     log_format: Option<String>,
@@ -842,6 +892,7 @@ impl CaConfig {
                 "24h",
                 Duration::from_secs(2),
             )?,
+            limits: ca_limits(a.peer_request_burst, a.peer_request_rate, env)?,
             log_format: setting(
                 "log format",
                 a.log_format,
@@ -873,11 +924,13 @@ impl fmt::Display for CaConfig {
         };
         write!(
             f,
-            "{material} listen={} trust_domain={} server_names={:?} authorizer=[{authorizer}] max_lifetime={} log_format={:?} log={}",
+            "{material} listen={} trust_domain={} server_names={:?} authorizer=[{authorizer}] max_lifetime={} peer_request_burst={} peer_request_refill={:?} log_format={:?} log={}",
             self.listen,
             self.trust_domain,
             self.server_names,
             humantime::format_duration(self.max_lifetime),
+            self.limits.burst,
+            self.limits.refill,
             self.log_format,
             self.log_filter
         )

@@ -145,7 +145,7 @@ pub async fn run(
         auth,
         cfg.server_names.clone(),
         metrics,
-        limits::CaLimits::default(),
+        cfg.limits,
         shutdown,
     )
     .await;

@@ -229,6 +229,39 @@ fn ca_config() {
     let c = CaConfig::from_sources(args, &|k| env.get(k).cloned()).unwrap();
     assert_eq!(c.server_names, ["a.svc", "b.svc"]);
     assert_eq!(c.listen.port(), 15012);
+    assert_eq!(c.limits, crate::ca::limits::CaLimits::default());
+    assert_eq!(
+        (c.limits.burst.get(), c.limits.refill),
+        (256, Duration::from_millis(50))
+    );
+    let c = ca(
+        &[
+            "--ca-dir",
+            "/ca",
+            "--token-file",
+            "/t",
+            "--peer-request-burst",
+            "10",
+        ],
+        &[("ZTUNNEL_CA_PEER_REQUEST_RATE", "4")],
+    )
+    .unwrap();
+    assert_eq!(
+        (c.limits.burst.get(), c.limits.refill),
+        (10, Duration::from_millis(250))
+    );
+    assert!(c.to_string().contains("peer_request_burst=10"), "{c}");
+    for (flag, value) in [
+        ("--peer-request-burst", "0"),
+        ("--peer-request-rate", "0"),
+        ("--peer-request-rate", "fast"),
+    ] {
+        let e = ca(&["--ca-dir", "/ca", "--token-file", "/t", flag, value], &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("peer request"),
+            "{flag} {value}: {e}"
+        );
+    }
     let e = CaConfig::from_sources(
         vec!["ztunnel ca".into(), "--ca-dir".into(), "/ca".into()],
         &|_| None,
