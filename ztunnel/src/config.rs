@@ -1,4 +1,4 @@
-//! Configuration of `ztunnel run` ([`RunConfig`]) and `ztunnel ca` ([`CaConfig`]), each parsed
+//! Configuration of `ztunnel run` ([`RunConfig`]) and `ztunnel ca` ([`CaConfig`], in [`ca`]), each parsed
 //! once from flags and environment variables (flags win) and validated before anything starts.
 //!
 //! The environment is injected (`env: &dyn Fn(&str) -> Option<String>`), so tests never touch
@@ -12,6 +12,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
+
+mod ca;
+pub use ca::{CaAuthorizer, CaConfig, CaMaterialSource, NamespacedName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -240,6 +243,26 @@ where
     })
 }
 
+/// A whole number from 1 to `max`: the flag, else the environment variable, else `default`.
+fn count(
+    name: &'static str,
+    flag: Option<String>,
+    env: Env<'_>,
+    key: &str,
+    default: u32,
+    max: u32,
+) -> Result<u32, ConfigError> {
+    let value: u32 = setting(name, flag, env, key, &default.to_string())?;
+    if !(1..=max).contains(&value) {
+        return Err(ConfigError::Invalid {
+            setting: name,
+            value: value.to_string(),
+            reason: format!("must be 1 to {max}"),
+        });
+    }
+    Ok(value)
+}
+
 /// The caps on pending tunnel handshakes: each 1 to 1 000 000, the per-peer one no larger
 /// than the node's.
 fn handshake_limits(
@@ -248,32 +271,22 @@ fn handshake_limits(
     env: Env<'_>,
 ) -> Result<crate::gate::Limits, ConfigError> {
     let d = crate::gate::Limits::PENDING_HANDSHAKES;
-    let per_node: usize = setting(
+    let per_node = count(
         "max pending handshakes",
         per_node,
         env,
         "ZTUNNEL_MAX_PENDING_HANDSHAKES",
-        &d.total.to_string(),
-    )?;
-    let per_peer: usize = setting(
+        d.total as u32,
+        1_000_000,
+    )? as usize;
+    let per_peer = count(
         "max pending handshakes per peer",
         per_peer,
         env,
         "ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_PEER",
-        &d.per_peer.to_string(),
-    )?;
-    for (setting, value) in [
-        ("max pending handshakes", per_node),
-        ("max pending handshakes per peer", per_peer),
-    ] {
-        if !(1..=1_000_000).contains(&value) {
-            return Err(ConfigError::Invalid {
-                setting,
-                value: value.to_string(),
-                reason: "must be 1 to 1000000".into(),
-            });
-        }
-    }
+        d.per_peer as u32,
+        1_000_000,
+    )? as usize;
     if per_peer > per_node {
         return Err(ConfigError::Invalid {
             setting: "max pending handshakes per peer",
@@ -284,48 +297,6 @@ fn handshake_limits(
     Ok(crate::gate::Limits {
         total: per_node,
         per_peer,
-    })
-}
-
-/// The CA's per-address request rate: a burst and a rate per second, each 1 to 1 000 000.
-fn ca_limits(
-    burst: Option<String>,
-    rate: Option<String>,
-    env: Env<'_>,
-) -> Result<crate::ca::limits::CaLimits, ConfigError> {
-    let d = crate::ca::limits::CaLimits::default();
-    let in_range = |setting: &'static str, value: u32| {
-        if (1..=1_000_000).contains(&value) {
-            Ok(value)
-        } else {
-            Err(ConfigError::Invalid {
-                setting,
-                value: value.to_string(),
-                reason: "must be 1 to 1000000".into(),
-            })
-        }
-    };
-    let burst = setting(
-        "peer request burst",
-        burst,
-        env,
-        "ZTUNNEL_CA_PEER_REQUEST_BURST",
-        &d.burst.to_string(),
-    )
-    .and_then(|v| in_range("peer request burst", v))?;
-    let default_rate = (Duration::from_secs(1).as_nanos() / d.refill.as_nanos()).to_string();
-    let rate = setting(
-        "peer request rate",
-        rate,
-        env,
-        "ZTUNNEL_CA_PEER_REQUEST_RATE",
-        &default_rate,
-    )
-    .and_then(|v| in_range("peer request rate", v))?;
-    Ok(crate::ca::limits::CaLimits {
-        burst: std::num::NonZeroU32::new(burst).expect("checked above"),
-        refill: Duration::from_secs(1) / rate,
-        ..d
     })
 }
 
@@ -472,20 +443,14 @@ impl RunConfig {
                 reason: "the admin API is served on loopback only".into(),
             });
         }
-        let pool_max_streams: u32 = setting(
+        let pool_max_streams = count(
             "pool max streams",
             a.pool_max_streams,
             env,
             "ZTUNNEL_POOL_MAX_STREAMS",
-            "100",
+            100,
+            10_000,
         )?;
-        if !(1..=10_000).contains(&pool_max_streams) {
-            return Err(ConfigError::Invalid {
-                setting: "pool max streams",
-                value: pool_max_streams.to_string(),
-                reason: "must be 1 to 10000".into(),
-            });
-        }
         let handshake_limits = handshake_limits(
             a.max_pending_handshakes,
             a.max_pending_handshakes_per_peer,
@@ -645,294 +610,6 @@ impl fmt::Display for RunConfig {
             humantime::format_duration(self.discovery_poll),
             self.log_format,
             self.log_filter,
-        )
-    }
-}
-
-/// `namespace/name` of a Kubernetes object.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NamespacedName {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl FromStr for NamespacedName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let valid = |p: &str| {
-            !p.is_empty()
-                && p.len() <= 253
-                && p.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
-        };
-        match s.split_once('/') {
-            Some((ns, name)) if valid(ns) && valid(name) => Ok(NamespacedName {
-                namespace: ns.into(),
-                name: name.into(),
-            }),
-            _ => Err("expected namespace/name (lowercase DNS names)".into()),
-        }
-    }
-}
-
-impl fmt::Display for NamespacedName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-/// Where the CA's signing material lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CaMaterialSource {
-    /// A plugged-in CA directory (created with a fresh root if empty).
-    Dir(PathBuf),
-    /// A Secret in the same layout, read and watched through the API (created if absent).
-    Secret(NamespacedName),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum AuthorizerKind {
-    Static,
-    Kubernetes,
-}
-
-impl FromStr for AuthorizerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "static" => Ok(AuthorizerKind::Static),
-            "kubernetes" => Ok(AuthorizerKind::Kubernetes),
-            _ => Err("expected static or kubernetes".into()),
-        }
-    }
-}
-
-/// Who may have which identity.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CaAuthorizer {
-    /// Holders of a token from this file (one per line) may have any identity.
-    Static { token_file: PathBuf },
-    /// Node daemons, by their projected ServiceAccount token (TokenReview), for the
-    /// ServiceAccounts of the Running pods on their node.
-    Kubernetes {
-        audience: String,
-        daemon_service_account: NamespacedName,
-    },
-}
-
-/// Settings of the certificate authority.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CaConfig {
-    pub material: CaMaterialSource,
-    pub listen: SocketAddr,
-    pub trust_domain: String,
-    pub server_names: Vec<String>,
-    pub authorizer: CaAuthorizer,
-    pub max_lifetime: Duration,
-    /// What one caller may hold or start ([`crate::ca::limits`]).
-    pub limits: crate::ca::limits::CaLimits,
-    pub log_format: LogFormat,
-    pub log_filter: String,
-}
-
-/// `ztunnel ca`: every flag also reads the environment variable named in its help.
-#[derive(Parser, Debug)]
-#[command(about = "The certificate authority", disable_version_flag = true)]
-struct CaArgs {
-    /// Plugged-in CA directory (created with a fresh root if empty) [env: ZTUNNEL_CA_DIR]
-    #[arg(long)]
-    ca_dir: Option<PathBuf>,
-    /// Signing material from this Secret, namespace/name, created if absent and watched [env: ZTUNNEL_CA_SECRET]
-    #[arg(long)]
-    ca_secret: Option<String>,
-    /// Who may have which identity: static (the token file) or kubernetes (TokenReview + pods on the caller's node) [env: ZTUNNEL_CA_AUTHORIZER] [default: static]
-    #[arg(long)]
-    authorizer: Option<String>,
-    /// Audience the daemons' tokens must carry (kubernetes authorizer) [env: ZTUNNEL_CA_TOKEN_AUDIENCE] [default: ztunnel-ca]
-    #[arg(long)]
-    token_audience: Option<String>,
-    /// The node daemon's ServiceAccount, namespace/name (kubernetes authorizer) [env: ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT] [default: ztunnel-system/ztunnel]
-    #[arg(long)]
-    daemon_service_account: Option<String>,
-    /// Listen address [env: ZTUNNEL_CA_LISTEN] [default: 0.0.0.0:15012]
-    #[arg(long)]
-    listen: Option<String>,
-    /// SPIFFE trust domain [env: TRUST_DOMAIN] [default: cluster.local]
-    #[arg(long)]
-    trust_domain: Option<String>,
-    /// Names in the CA's serving certificate, repeatable [env: ZTUNNEL_CA_SERVER_NAMES, comma-separated] [default: ztunnel-ca.ztunnel-system.svc, localhost]
-    #[arg(long = "server-name")]
-    server_names: Vec<String>,
-    /// File of accepted bearer tokens, one per line (static authorizer) [env: ZTUNNEL_CA_TOKEN_FILE]
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Longest lifetime the CA issues [env: ZTUNNEL_CA_MAX_LIFETIME] [default: 24h]
-    #[arg(long)]
-    max_lifetime: Option<String>,
-    /// Requests one source address may start at once after a quiet spell [env: ZTUNNEL_CA_PEER_REQUEST_BURST] [default: 256]
-    #[arg(long)]
-    peer_request_burst: Option<String>,
-    /// Then requests per second from one source address [env: ZTUNNEL_CA_PEER_REQUEST_RATE] [default: 20]
-    #[arg(long)]
-    peer_request_rate: Option<String>,
-    /// Log format, text or json [env: ZTUNNEL_LOG_FORMAT] [default: text]
-    #[arg(long)]
-    log_format: Option<String>,
-}
-
-impl CaConfig {
-    pub fn from_sources(args: Vec<String>, env: Env<'_>) -> Result<CaConfig, ConfigError> {
-        let a = CaArgs::try_parse_from(args)?;
-        let mut server_names = a.server_names;
-        if server_names.is_empty() {
-            server_names = env("ZTUNNEL_CA_SERVER_NAMES")
-                .map(|v| {
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_else(|| {
-                    vec!["ztunnel-ca.ztunnel-system.svc".into(), "localhost".into()]
-                });
-        }
-        let ca_dir = a
-            .ca_dir
-            .or_else(|| env("ZTUNNEL_CA_DIR").map(PathBuf::from));
-        let ca_secret = a.ca_secret.or_else(|| env("ZTUNNEL_CA_SECRET"));
-        let material = match (ca_dir, ca_secret) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Conflict(
-                    "--ca-dir and --ca-secret are exclusive: one source of signing material".into(),
-                ))
-            }
-            (Some(dir), None) => CaMaterialSource::Dir(dir),
-            (None, secret) => {
-                let value = required(
-                    secret,
-                    "CA directory or secret",
-                    "ca-dir or --ca-secret",
-                    "ZTUNNEL_CA_DIR or ZTUNNEL_CA_SECRET",
-                )?;
-                CaMaterialSource::Secret(value.parse().map_err(|reason| ConfigError::Invalid {
-                    setting: "CA secret",
-                    value,
-                    reason,
-                })?)
-            }
-        };
-        let token_file = a
-            .token_file
-            .or_else(|| env("ZTUNNEL_CA_TOKEN_FILE").map(PathBuf::from));
-        let authorizer = match setting(
-            "authorizer",
-            a.authorizer,
-            env,
-            "ZTUNNEL_CA_AUTHORIZER",
-            "static",
-        )? {
-            AuthorizerKind::Static => CaAuthorizer::Static {
-                token_file: required(
-                    token_file,
-                    "token file",
-                    "token-file",
-                    "ZTUNNEL_CA_TOKEN_FILE",
-                )?,
-            },
-            AuthorizerKind::Kubernetes => {
-                if token_file.is_some() {
-                    return Err(ConfigError::Conflict(
-                        "a token file is only for --authorizer static".into(),
-                    ));
-                }
-                let audience: String = setting(
-                    "token audience",
-                    a.token_audience,
-                    env,
-                    "ZTUNNEL_CA_TOKEN_AUDIENCE",
-                    "ztunnel-ca",
-                )?;
-                if audience.is_empty() {
-                    return Err(ConfigError::Invalid {
-                        setting: "token audience",
-                        value: audience,
-                        reason: "must not be empty".into(),
-                    });
-                }
-                CaAuthorizer::Kubernetes {
-                    audience,
-                    daemon_service_account: setting(
-                        "daemon service account",
-                        a.daemon_service_account,
-                        env,
-                        "ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT",
-                        "ztunnel-system/ztunnel",
-                    )?,
-                }
-            }
-        };
-        Ok(CaConfig {
-            material,
-            listen: setting(
-                "listen address",
-                a.listen,
-                env,
-                "ZTUNNEL_CA_LISTEN",
-                "0.0.0.0:15012",
-            )?,
-            trust_domain: trust_domain(a.trust_domain, env)?,
-            server_names,
-            authorizer,
-            max_lifetime: duration(
-                "max lifetime",
-                a.max_lifetime,
-                env,
-                "ZTUNNEL_CA_MAX_LIFETIME",
-                "24h",
-                Duration::from_secs(2),
-            )?,
-            limits: ca_limits(a.peer_request_burst, a.peer_request_rate, env)?,
-            log_format: setting(
-                "log format",
-                a.log_format,
-                env,
-                "ZTUNNEL_LOG_FORMAT",
-                "text",
-            )?,
-            log_filter: log_filter(env),
-        })
-    }
-}
-
-impl fmt::Display for CaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let material = match &self.material {
-            CaMaterialSource::Dir(d) => format!("ca_dir={}", d.display()),
-            CaMaterialSource::Secret(s) => format!("ca_secret={s}"),
-        };
-        let authorizer = match &self.authorizer {
-            CaAuthorizer::Static { token_file } => {
-                format!("static token_file={} <redacted>", token_file.display())
-            }
-            CaAuthorizer::Kubernetes {
-                audience,
-                daemon_service_account,
-            } => format!(
-                "kubernetes audience={audience} daemon_service_account={daemon_service_account}"
-            ),
-        };
-        write!(
-            f,
-            "{material} listen={} trust_domain={} server_names={:?} authorizer=[{authorizer}] max_lifetime={} peer_request_burst={} peer_request_refill={:?} log_format={:?} log={}",
-            self.listen,
-            self.trust_domain,
-            self.server_names,
-            humantime::format_duration(self.max_lifetime),
-            self.limits.burst,
-            self.limits.refill,
-            self.log_format,
-            self.log_filter
         )
     }
 }

@@ -323,6 +323,36 @@ impl Tracked {
     pub fn fail(&mut self, error: impl std::fmt::Display) {
         self.error = Some(error.to_string());
     }
+
+    /// Records that the daemon closed the connection for `cause` (logged now and on close; a
+    /// policy change is counted as `policy_revoked`).
+    pub fn closed_by_daemon(&mut self, cause: CloseCause, metrics: &crate::metrics::Metrics) {
+        let (log, error) = match (cause, self.rec.direction) {
+            (CloseCause::PolicyDenied, _) => {
+                metrics.refused("policy_revoked");
+                (
+                    "closed: a policy change denies it",
+                    "closed: denied by a policy change",
+                )
+            }
+            (CloseCause::Released, Direction::Outbound | Direction::Passthrough) => (
+                "closed: the source pod left the mesh",
+                "closed: the source pod left the mesh",
+            ),
+            (CloseCause::Released, Direction::Inbound | Direction::InboundPlaintext) => (
+                "closed: the destination pod left the mesh",
+                "closed: the destination pod left the mesh",
+            ),
+        };
+        let f = self
+            .rec
+            .facts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        tracing::info!(id = self.rec.id, src = ?f.src_addr, src_identity = ?f.src_identity, dst = ?f.dst_addr, "{log}");
+        self.fail(error);
+    }
 }
 
 impl Drop for Tracked {

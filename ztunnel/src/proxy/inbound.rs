@@ -7,9 +7,10 @@
 //! is sent. The policy engine judges each stream first (source identity from the peer
 //! certificate): a denial is answered `401`, so the application never sees the connection.
 //! Before any TLS, a connection must find a place among the pending handshakes
-//! ([`crate::gate`]), or it is reset. Refusals are answered with their status, counted
-//! and logged; a stream that a later policy change denies is reset. The warnings that a peer can provoke before it has authenticated
-//! are throttled ([`crate::throttle`]); the counts never are.
+//! ([`crate::gate`]), or it is reset. Refusals are answered with their status, counted and
+//! logged; a stream that a later policy change denies is reset. The warnings that a peer can
+//! provoke before it has authenticated are throttled ([`crate::throttle`]); the counts never
+//! are.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::conns::{CloseCause, ConnFacts, Direction, PolicyFacts};
+use super::conns::{ConnFacts, Direction, PolicyFacts};
 use super::{reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
 use crate::hbone::copy::copy_bidirectional;
@@ -234,16 +235,6 @@ async fn stream(
                 tracked.fail(e);
             }
         }
-        cause = tracked.told_to_close() => match cause {
-            CloseCause::PolicyDenied => {
-                tracing::info!(src = %peer.identity, target = %target.target, "closed: a policy change denies it");
-                pi.metrics.refused("policy_revoked");
-                tracked.fail("closed: denied by a policy change");
-            }
-            CloseCause::Released => {
-                tracing::info!(src = %peer.identity, target = %target.target, "closed: the destination pod left the mesh");
-                tracked.fail("closed: the destination pod left the mesh");
-            }
-        }
+        cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::conns::{CloseCause, ConnFacts, Direction, PolicyFacts};
+use super::conns::{ConnFacts, Direction, PolicyFacts};
 use super::{reset, ProxyInputs, Scope};
 use crate::discovery::policy::MtlsMode;
 use crate::hbone::consts;
@@ -106,17 +106,7 @@ pub(super) async fn handle(
     };
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut tcp, &mut app) => r,
-        cause = tracked.told_to_close() => {
-            if cause == CloseCause::PolicyDenied {
-                tracing::info!(%peer, dst = %orig, "closed: a policy change denies it");
-                pi.metrics.refused("policy_revoked");
-                tracked.fail("closed: denied by a policy change");
-            } else {
-                tracing::info!(%peer, dst = %orig, "closed: the destination pod left the mesh");
-                tracked.fail("closed: the destination pod left the mesh");
-            }
-            return;
-        }
+        cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),
     };
     match copied {
         Ok((from_client, to_client)) => {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::conns::{CloseCause, ConnFacts, Direction, Tracked};
+use super::conns::{ConnFacts, Direction};
 use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
 use crate::hbone::client::connect_request;
@@ -90,7 +90,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let mut tcp = tcp;
             let copied = tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => r,
-                cause = tracked.told_to_close() => return closed_by_daemon(&mut tracked, cause),
+                cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),
             };
             match copied {
                 Ok((sent, received)) => {
@@ -183,20 +183,9 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                         tracked.fail(e);
                     }
                 }
-                cause = tracked.told_to_close() => closed_by_daemon(&mut tracked, cause),
+                cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
             }
             drop(tunnel.lease);
         }
     }
-}
-
-/// The daemon closed the connection: its source pod is leaving the mesh (outbound connections
-/// carry no policy facts, so no policy change closes them).
-fn closed_by_daemon(tracked: &mut Tracked, cause: CloseCause) {
-    tracing::info!(
-        id = tracked.record().id,
-        ?cause,
-        "closed: the source pod left the mesh"
-    );
-    tracked.fail("closed: the source pod left the mesh");
 }
