@@ -1,9 +1,11 @@
 //! Wire types and constants shared by the ztunnel daemon, its CA and its CNI plugin: the ports
-//! of the contract, the socket mark of the daemon's own traffic, and the HBONE tunnel's
-//! HTTP/2 parameters. Anything a peer or another component depends on byte for byte lives here.
+//! of the contract, the socket mark of the daemon's own traffic, the HBONE tunnel's HTTP/2
+//! parameters and its QUIC stream header. Anything a peer or another component depends on
+//! byte for byte lives here.
 
 pub mod ca;
 pub mod enroll;
+pub mod quic;
 
 /// Constants of the HBONE tunnel and of in-pod capture.
 pub mod hbone {
