@@ -17,7 +17,7 @@ use crate::ca::{CaClient, LocalCa};
 use crate::capture::{pods::Pods, rules, server as enrollment, store::Store};
 use crate::config::{CaSource, CaptureMode, DiscoverySource, RunConfig};
 use crate::discovery::{self, Discovery};
-use crate::hbone::pool::{Pool, PoolSettings};
+use crate::hbone::pool::{Pool, PoolSettings, QuicSettings};
 use crate::identity::{CertManager, CertSigner, Identity};
 use crate::metrics::Metrics;
 use crate::net::{self, ConnectOptions};
@@ -128,6 +128,9 @@ pub async fn start(
             max_streams: cfg.pool_max_streams as usize,
             idle_timeout: cfg.pool_idle_timeout,
             connect,
+            quic: QuicSettings {
+                destinations: cfg.quic_destinations.clone(),
+            },
         },
         metrics.clone(),
     );
@@ -142,6 +145,7 @@ pub async fn start(
         connect,
         cfg.pool_max_streams,
         cfg.handshake_limits,
+        cfg.quic_listen,
         draining_rx.clone(),
     );
     let admin_l = bind("admin", cfg.admin_addr)?;
@@ -167,6 +171,19 @@ pub async fn start(
                 outbound: bind("outbound", cfg.outbound_addr)?,
                 inbound: bind("inbound", cfg.inbound_addr)?,
                 inbound_plaintext: bind("inbound plaintext", cfg.inbound_plaintext_addr)?,
+                quic: if cfg.quic_listen {
+                    Some(
+                        proxy::quic_endpoint(None, cfg.inbound_addr).map_err(|source| {
+                            StartError::Listen {
+                                what: "inbound QUIC",
+                                addr: cfg.inbound_addr,
+                                source,
+                            }
+                        })?,
+                    )
+                } else {
+                    None
+                },
             };
             tasks.push(tokio::spawn(proxy::serve(
                 pi.clone(),

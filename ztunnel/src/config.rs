@@ -123,6 +123,10 @@ pub struct RunConfig {
     /// Caps on tunnel connections still in their TLS handshake.
     pub handshake_limits: crate::gate::Limits,
     pub pool_idle_timeout: Duration,
+    /// Whether tunnels are also accepted on QUIC (UDP, on the inbound tunnel port).
+    pub quic_listen: bool,
+    /// Tunnel addresses dialled on QUIC first (falling back to HTTP/2); empty: none.
+    pub quic_destinations: Vec<ipnet::IpNet>,
     pub connect_timeout: Duration,
     pub drain_grace: Duration,
     pub discovery_poll: Duration,
@@ -206,6 +210,12 @@ struct RunArgs {
     /// Idle pooled connections close after [env: ZTUNNEL_POOL_IDLE_TIMEOUT] [default: 5m]
     #[arg(long)]
     pool_idle_timeout: Option<String>,
+    /// Also accept tunnels on QUIC, UDP on the inbound tunnel port: true or false [env: ZTUNNEL_QUIC_LISTEN] [default: false]
+    #[arg(long)]
+    quic_listen: Option<String>,
+    /// Destinations (comma-separated CIDRs or IPs) whose tunnels are tried on QUIC first, falling back to HTTP/2 [env: ZTUNNEL_QUIC_DESTINATIONS] [default: none]
+    #[arg(long)]
+    quic_destinations: Option<String>,
     /// Timeout of outgoing connects and handshakes [env: ZTUNNEL_CONNECT_TIMEOUT] [default: 10s]
     #[arg(long)]
     connect_timeout: Option<String>,
@@ -298,6 +308,30 @@ fn handshake_limits(
         total: per_node,
         per_peer,
     })
+}
+
+/// A comma-separated list of CIDRs (a bare IP is its own /32 or /128); empty is none.
+fn cidrs(
+    name: &'static str,
+    flag: Option<String>,
+    env: Env<'_>,
+    key: &str,
+) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let value = flag.or_else(|| env(key)).unwrap_or_default();
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<ipnet::IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| ConfigError::Invalid {
+                    setting: name,
+                    value: value.clone(),
+                    reason: format!("{p:?} is not a CIDR or an IP address"),
+                })
+        })
+        .collect()
 }
 
 fn duration(
@@ -528,6 +562,19 @@ impl RunConfig {
                 "5m",
                 ms(100),
             )?,
+            quic_listen: setting(
+                "QUIC listen",
+                a.quic_listen,
+                env,
+                "ZTUNNEL_QUIC_LISTEN",
+                "false",
+            )?,
+            quic_destinations: cidrs(
+                "QUIC destinations",
+                a.quic_destinations,
+                env,
+                "ZTUNNEL_QUIC_DESTINATIONS",
+            )?,
             connect_timeout: duration(
                 "connect timeout",
                 a.connect_timeout,
@@ -588,7 +635,7 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
+            "node={} trust_domain={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             humantime::format_duration(self.cert_lifetime),
@@ -605,6 +652,12 @@ impl fmt::Display for RunConfig {
             self.handshake_limits.total,
             self.handshake_limits.per_peer,
             humantime::format_duration(self.pool_idle_timeout),
+            self.quic_listen,
+            self.quic_destinations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             humantime::format_duration(self.connect_timeout),
             humantime::format_duration(self.drain_grace),
             humantime::format_duration(self.discovery_poll),

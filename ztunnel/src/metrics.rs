@@ -95,6 +95,10 @@ pub struct Metrics {
     pub pool_streams: Gauge,
     /// Inbound tunnel (15008) TLS connections accepted.
     pub hbone_connections_accepted: Counter,
+    /// Inbound QUIC tunnel connections (UDP 15008) accepted.
+    pub quic_connections_accepted: Counter,
+    /// Tunnel dials that got no answer on QUIC and fell back to HTTP/2.
+    pub quic_fallbacks: Counter,
     /// Proxied connections, by direction (outbound, inbound, inbound_plaintext, passthrough).
     pub proxied_connections: Family<DirectionLabels, Counter>,
     /// Connections or streams refused, by reason.
@@ -159,6 +163,16 @@ impl Metrics {
             "hbone_connections_accepted",
             "Inbound tunnel TLS connections accepted",
             m.hbone_connections_accepted.clone(),
+        );
+        zt.register(
+            "quic_connections_accepted",
+            "Inbound QUIC tunnel connections (UDP 15008) accepted",
+            m.quic_connections_accepted.clone(),
+        );
+        zt.register(
+            "quic_fallbacks",
+            "Tunnel dials that got no answer on QUIC and fell back to HTTP/2",
+            m.quic_fallbacks.clone(),
         );
         zt.register(
             "proxied_connections",

@@ -434,8 +434,12 @@ impl Pods {
         rules::install(&netns)?;
         let listeners = {
             let _rt = self.rt.enter();
-            Listeners::bind(Some(&netns), IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-                .map_err(EnrollError::Listen)?
+            Listeners::bind(
+                Some(&netns),
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                self.pi.quic_listen,
+            )
+            .map_err(EnrollError::Listen)?
         };
         // Held from before the record is written until the pod is in the table, so that a
         // CHECK (or anything else that reads the table) never sees the record of a pod that

@@ -34,9 +34,37 @@ fn defaults() {
         (2048, 256)
     );
     assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));
+    assert!(!c.quic_listen, "QUIC is off unless asked for");
+    assert!(c.quic_destinations.is_empty());
     assert_eq!(c.log_format, LogFormat::Text);
     assert_eq!(c.log_filter, "info");
     assert_eq!(c.host_proc, PathBuf::from("/proc"));
+}
+
+#[test]
+fn quic_settings() {
+    let env = [
+        ("ZTUNNEL_QUIC_LISTEN", "true"),
+        (
+            "ZTUNNEL_QUIC_DESTINATIONS",
+            " 10.0.0.0/8, fd00::/64,192.0.2.7 ,",
+        ),
+    ];
+    let c = run(BASE, &env).unwrap();
+    assert!(c.quic_listen);
+    let want: Vec<ipnet::IpNet> = ["10.0.0.0/8", "fd00::/64", "192.0.2.7/32"]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(c.quic_destinations, want);
+    assert!(c
+        .to_string()
+        .contains("quic_listen=true quic_destinations=[10.0.0.0/8,fd00::/64,192.0.2.7/32]"));
+    let mut a = BASE.to_vec();
+    a.extend(["--quic-listen", "false", "--quic-destinations", ""]);
+    let c = run(&a, &env).unwrap();
+    assert!(!c.quic_listen, "the flag wins over the environment");
+    assert!(c.quic_destinations.is_empty());
 }
 
 #[test]
@@ -91,6 +119,12 @@ fn invalid_values() {
             "must not exceed max pending handshakes (10)",
         ),
         (&["--trust-domain", "Bad Domain"], &[], "trust domain"),
+        (&["--quic-listen", "yes"], &[], "QUIC listen"),
+        (
+            &[],
+            &[("ZTUNNEL_QUIC_DESTINATIONS", "10.0.0.0/8,pods")],
+            "\"pods\" is not a CIDR",
+        ),
         (&["--log-format", "xml"], &[], "text or json"),
         (
             &["--ca-dir", "/ca", "--ca-address", "ca:15012"],

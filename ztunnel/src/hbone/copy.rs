@@ -24,8 +24,8 @@ use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-const INITIAL_BUF: usize = 16 * 1024;
-const MAX_BUF: usize = 256 * 1024;
+pub(super) const INITIAL_BUF: usize = 16 * 1024;
+pub(super) const MAX_BUF: usize = 256 * 1024;
 
 /// Live byte counts of one proxied connection, readable while it runs.
 #[derive(Debug, Default)]
@@ -53,6 +53,49 @@ pub enum CopyError {
     Stream(#[from] h2::Error),
     #[error("tunnel stream closed by the peer")]
     StreamClosed,
+    #[error("tunnel stream (QUIC): {0}")]
+    Quic(String),
+}
+
+/// The two halves of an open tunnel stream, on either transport.
+pub enum TunnelStream {
+    H2 {
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+    },
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+}
+
+/// Copies `tcp` ⇄ `stream` until both directions have ended, on the stream's transport.
+pub async fn copy_tunnel(
+    tcp_read: OwnedReadHalf,
+    tcp_write: OwnedWriteHalf,
+    stream: TunnelStream,
+    counters: &ByteCounters,
+) -> Result<(), CopyError> {
+    match stream {
+        TunnelStream::H2 { send, recv } => {
+            copy_bidirectional(tcp_read, tcp_write, send, recv, counters).await
+        }
+        TunnelStream::Quic { send, recv } => {
+            super::quic::copy_bidirectional(tcp_read, tcp_write, send, recv, counters).await
+        }
+    }
+}
+
+/// The next read size: doubled after a read that filled the buffer (a bulk flow, up to
+/// [`MAX_BUF`]), halved after one that used less than a quarter of it.
+pub(super) fn next_want(want: usize, n: usize) -> usize {
+    if n >= want && want < MAX_BUF {
+        want * 2
+    } else if n < want / 4 && want > INITIAL_BUF {
+        want / 2
+    } else {
+        want
+    }
 }
 
 /// The bytes a just-accepted client has already written (up to 16 KiB), read without waiting,
@@ -103,11 +146,7 @@ async fn tcp_to_stream(
             return Ok(());
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
-        if n >= want && want < MAX_BUF {
-            want *= 2;
-        } else if n < want / 4 && want > INITIAL_BUF {
-            want /= 2;
-        }
+        want = next_want(want, n);
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
@@ -130,7 +169,7 @@ async fn tcp_to_stream(
 /// through `AsyncRead` lets tokio note a short read as "drained", so the next read waits for
 /// the socket instead of costing a `recv` that fails with `EAGAIN`. Both polls below spend
 /// the task's cooperative budget, so a busy flow yields rather than spins.
-fn read_chunk(
+pub(super) fn read_chunk(
     rd: &mut OwnedReadHalf,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,

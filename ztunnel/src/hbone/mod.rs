@@ -4,11 +4,13 @@
 //! - [`client`]: open a tunnel connection and `CONNECT` streams over it;
 //! - [`pool`]: share tunnel connections per (source identity, destination identity, address);
 //! - [`server`]: accept tunnel connections, validate each `CONNECT`, hand streams to a handler;
-//! - [`copy`]: move bytes between a TCP socket and a stream with half-close.
+//! - [`copy`]: move bytes between a TCP socket and a stream with half-close;
+//! - [`quic`]: the same tunnels over QUIC (UDP 15008), one stream per connection.
 
 pub mod client;
 pub mod copy;
 pub mod pool;
+pub mod quic;
 pub mod server;
 
 pub use ztunnel_proto::hbone as consts;

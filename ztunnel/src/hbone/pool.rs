@@ -11,8 +11,17 @@
 //!
 //! Reservation and idle-closing both happen under the key's lock, so a connection is never
 //! closed as idle while a stream is being placed on it.
+//!
+//! A connection is HTTP/2 over TLS, or QUIC ([`super::quic`]) when the tunnel address is one
+//! of the configured QUIC destinations ([`QuicSettings`]). A QUIC dial that gets no answer
+//! falls back to HTTP/2 (counted), and that address is dialled on HTTP/2 only for
+//! [`QUIC_RETRY_AFTER`]; a QUIC dial refused on its certificates is an error, as on HTTP/2.
+//! QUIC connections leave from one UDP endpoint per network namespace, closed with the
+//! namespace's connections.
 
 use std::collections::HashMap;
+
+use ipnet::IpNet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -20,12 +29,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
 use http::Request;
+use quinn::VarInt;
 use rustls::ClientConfig;
 use serde::Serialize;
 
 use super::client::{self, ClientError};
+use super::copy::TunnelStream;
+use super::quic::{self, QuicError, QuicStreamError};
 use crate::capture::netns::Netns;
 use crate::identity::{Identity, WorkloadCert};
 use crate::metrics::Metrics;
@@ -43,17 +54,35 @@ pub struct PoolKey {
     pub netns: Option<Arc<Netns>>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PoolSettings {
     pub max_streams: usize,
     pub idle_timeout: Duration,
     pub connect: ConnectOptions,
+    pub quic: QuicSettings,
 }
+
+/// Which tunnels are tried on QUIC first.
+#[derive(Clone, Debug, Default)]
+pub struct QuicSettings {
+    /// Tunnel addresses (destination pods) dialled on QUIC first; empty: none.
+    pub destinations: Vec<IpNet>,
+}
+
+impl QuicSettings {
+    /// Whether tunnels to `addr` are tried on QUIC first.
+    pub fn wants(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
+        self.destinations.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// How long an address that did not answer on QUIC is dialled on HTTP/2 only.
+pub const QUIC_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// An open stream and the lease that keeps its connection's stream count.
 pub struct Tunnel {
-    pub send: SendStream<Bytes>,
-    pub recv: RecvStream,
+    pub stream: TunnelStream,
     pub lease: Lease,
 }
 
@@ -87,9 +116,25 @@ impl Drop for Lease {
     }
 }
 
+/// What a pooled connection is.
+enum Link {
+    H2(SendRequest<Bytes>),
+    Quic(quinn::Connection),
+}
+
+impl Link {
+    /// The transport's name, as the admin API shows it.
+    fn transport(&self) -> &'static str {
+        match self {
+            Link::H2(_) => "h2",
+            Link::Quic(_) => "quic",
+        }
+    }
+}
+
 struct Conn {
     id: u64,
-    sender: SendRequest<Bytes>,
+    link: Link,
     streams: AtomicUsize,
     idle_since: Mutex<Instant>,
     closed: AtomicBool,
@@ -130,12 +175,46 @@ impl KeyState {
 pub enum PoolError {
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Quic(#[from] QuicError),
+    #[error("CONNECT refused with status {0}")]
+    Status(http::StatusCode),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
 }
 
 impl PoolError {
     pub fn status(&self) -> Option<http::StatusCode> {
         match self {
             PoolError::Client(c) => c.status(),
+            PoolError::Status(s) => Some(*s),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection failed (not the stream), so no stream may land on it again.
+    fn connection_failed(&self) -> bool {
+        !matches!(
+            self,
+            PoolError::Status(_) | PoolError::Client(ClientError::Status(_))
+        )
+    }
+
+    /// Whether the peer provably did not process the stream, so it may be sent again.
+    fn retryable(&self) -> bool {
+        match self {
+            PoolError::Client(c) => c.retryable(),
+            PoolError::Quic(q) => q.connection_failed(),
+            _ => false,
+        }
+    }
+}
+
+impl From<QuicStreamError> for PoolError {
+    fn from(e: QuicStreamError) -> Self {
+        match e {
+            QuicStreamError::Quic(q) => PoolError::Quic(q),
+            QuicStreamError::Status(s) => PoolError::Status(s),
         }
     }
 }
@@ -147,6 +226,8 @@ pub struct ConnInfo {
     pub src: String,
     pub dst: String,
     pub addr: SocketAddr,
+    /// `h2` or `quic`.
+    pub transport: &'static str,
     pub streams: usize,
     pub age_secs: u64,
 }
@@ -163,6 +244,10 @@ struct Inner {
     settings: PoolSettings,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
+    /// The QUIC client endpoint of each network namespace (`None`: the daemon's own).
+    quic_endpoints: Mutex<HashMap<Option<(u64, u64)>, quinn::Endpoint>>,
+    /// Addresses that did not answer on QUIC, and when.
+    quic_unanswered: Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 const TLS_CACHE_LIMIT: usize = 4096;
@@ -176,6 +261,8 @@ impl Pool {
                 settings,
                 metrics,
                 next_id: AtomicU64::new(1),
+                quic_endpoints: Mutex::default(),
+                quic_unanswered: Mutex::default(),
             }),
         }
     }
@@ -212,12 +299,22 @@ impl Pool {
                 conn: conn.clone(),
                 metrics: self.inner.metrics.clone(),
             };
-            let opened =
-                client::open_stream_with(conn.sender.clone(), copy_request(&req), first.as_ref());
-            match opened.await {
-                Ok((send, recv)) => return Ok(Tunnel { send, recv, lease }),
+            let opened: Result<TunnelStream, PoolError> = match &conn.link {
+                Link::H2(sender) => {
+                    client::open_stream_with(sender.clone(), copy_request(&req), first.as_ref())
+                        .await
+                        .map(|(send, recv)| TunnelStream::H2 { send, recv })
+                        .map_err(PoolError::from)
+                }
+                Link::Quic(c) => quic::open_stream(c, &quic::header_of(&req), first.as_ref())
+                    .await
+                    .map(|(send, recv)| TunnelStream::Quic { send, recv })
+                    .map_err(PoolError::from),
+            };
+            match opened {
+                Ok(stream) => return Ok(Tunnel { stream, lease }),
                 Err(e) => {
-                    if !matches!(e, ClientError::Status(_)) {
+                    if e.connection_failed() {
                         // The connection itself failed: no new stream may land on it.
                         conn.closed.store(true, Ordering::Release);
                         ks.remove(conn.id);
@@ -227,7 +324,7 @@ impl Pool {
                         retried = true;
                         continue;
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -255,15 +352,84 @@ impl Pool {
         c
     }
 
+    /// Whether a dial to `addr` tries QUIC first: a QUIC destination that has not recently
+    /// failed to answer.
+    fn tries_quic(&self, addr: SocketAddr) -> bool {
+        if !self.inner.settings.quic.wants(addr) {
+            return false;
+        }
+        let mut unanswered = self
+            .inner
+            .quic_unanswered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match unanswered.get(&addr) {
+            Some(at) if at.elapsed() < QUIC_RETRY_AFTER => false,
+            Some(_) => {
+                unanswered.remove(&addr);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// The QUIC client endpoint of `netns`, made on first use.
+    fn quic_endpoint(
+        &self,
+        netns: Option<&Arc<Netns>>,
+        addr: SocketAddr,
+    ) -> std::io::Result<quinn::Endpoint> {
+        let mut eps = self
+            .inner
+            .quic_endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let k = netns.map(|n| n.id());
+        if let Some(ep) = eps.get(&k) {
+            return Ok(ep.clone());
+        }
+        let any: SocketAddr = match addr {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let ep = quic::endpoint(
+            netns.map(|n| &**n),
+            any,
+            self.inner.settings.connect.mark,
+            None,
+        )?;
+        eps.insert(k, ep.clone());
+        Ok(ep)
+    }
+
     /// Dials a new connection for `key` (caller holds the key's dial lock) and reserves a
-    /// stream on it.
+    /// stream on it: QUIC first when [`Self::tries_quic`], falling back to HTTP/2 when the
+    /// peer does not answer on it.
     async fn dial(
         &self,
         key: &PoolKey,
         ks: &Arc<KeyState>,
         cert: &WorkloadCert,
-    ) -> Result<Arc<Conn>, ClientError> {
+    ) -> Result<Arc<Conn>, PoolError> {
         let tls = self.client_config(cert, &key.dst);
+        if self.tries_quic(key.addr) {
+            let ep = self
+                .quic_endpoint(key.netns.as_ref(), key.addr)
+                .map_err(PoolError::Endpoint)?;
+            match quic::connect(&ep, key.addr, quic::client_config(&tls)?).await {
+                Ok(c) => return Ok(self.add_quic(key, ks, c)),
+                Err(e) if e.no_answer() => {
+                    crate::warn_throttled!(addr = %key.addr, error = %e, "no answer on QUIC; tunnelling on HTTP/2");
+                    self.inner.metrics.quic_fallbacks.inc();
+                    self.inner
+                        .quic_unanswered
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.addr, Instant::now());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let origin = crate::net::Origin {
             netns: key.netns.clone(),
             transparent_src: None,
@@ -271,35 +437,14 @@ impl Pool {
         let (sender, mut connection) =
             client::connect_from(key.addr, tls, self.inner.settings.connect, &origin).await?;
         let ping = connection.ping_pong();
-        let conn = Arc::new(Conn {
-            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
-            sender,
-            streams: AtomicUsize::new(1),
-            idle_since: Mutex::new(Instant::now()),
-            closed: AtomicBool::new(false),
-            key_state: Arc::downgrade(ks),
-            opened: Instant::now(),
-            evicted: Arc::default(),
-        });
-        ks.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn.clone());
-        let metrics = &self.inner.metrics;
-        metrics.pool_connections_opened.inc();
-        metrics.pool_connections.inc();
-        tracing::debug!(id = conn.id, src = %key.src, dst = %key.dst, addr = %key.addr, "tunnel connection opened");
-
-        let weak = Arc::downgrade(&conn);
-        let ks = ks.clone();
-        let pool = Arc::downgrade(&self.inner);
-        let key = key.clone();
-        let metrics = metrics.clone();
-        let idle_timeout = self.inner.settings.idle_timeout;
-        let id = conn.id;
-        let evicted = conn.evicted.clone();
-        tokio::spawn(async move {
-            let idle = watch_idle(weak, ks.clone(), idle_timeout);
+        let conn = self.register(key, ks, Link::H2(sender));
+        let (id, evicted) = (conn.id, conn.evicted.clone());
+        let idle = watch_idle(
+            Arc::downgrade(&conn),
+            ks.clone(),
+            self.inner.settings.idle_timeout,
+        );
+        self.supervise(key, ks, id, async move {
             let keepalive = async {
                 match ping {
                     Some(p) => client::keepalive(p).await,
@@ -326,13 +471,81 @@ impl Pool {
                     let _ = tokio::time::timeout(Duration::from_secs(5), &mut connection).await;
                 }
             }
+        });
+        Ok(conn)
+    }
+
+    /// Adds a QUIC connection for `key`, with one stream reserved, and the task that removes
+    /// it when it ends, idles out or is evicted.
+    fn add_quic(&self, key: &PoolKey, ks: &Arc<KeyState>, qc: quinn::Connection) -> Arc<Conn> {
+        let conn = self.register(key, ks, Link::Quic(qc.clone()));
+        let (id, evicted, weak) = (conn.id, conn.evicted.clone(), Arc::downgrade(&conn));
+        let idle = watch_idle(weak.clone(), ks.clone(), self.inner.settings.idle_timeout);
+        self.supervise(key, ks, id, async move {
+            tokio::select! {
+                e = qc.closed() => tracing::debug!(id, error = %e, "QUIC tunnel connection ended"),
+                _ = idle => qc.close(VarInt::from_u32(0), b"idle"),
+                _ = evicted.notified() => {
+                    // Let the streams still open finish, for at most 5 s.
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while Instant::now() < deadline
+                        && weak.upgrade().is_some_and(|c| c.streams.load(Ordering::Acquire) > 0)
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    tracing::debug!(id, "QUIC tunnel connection evicted");
+                    qc.close(VarInt::from_u32(0), b"evicted");
+                }
+            }
+        });
+        conn
+    }
+
+    /// Puts a new connection for `key` in the pool, with one stream reserved, and counts it.
+    fn register(&self, key: &PoolKey, ks: &Arc<KeyState>, link: Link) -> Arc<Conn> {
+        let transport = link.transport();
+        let conn = Arc::new(Conn {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            link,
+            streams: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+            closed: AtomicBool::new(false),
+            key_state: Arc::downgrade(ks),
+            opened: Instant::now(),
+            evicted: Arc::default(),
+        });
+        ks.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn.clone());
+        let metrics = &self.inner.metrics;
+        metrics.pool_connections_opened.inc();
+        metrics.pool_connections.inc();
+        tracing::debug!(id = conn.id, src = %key.src, dst = %key.dst, addr = %key.addr, transport, "tunnel connection opened");
+        conn
+    }
+
+    /// Runs `until` (the connection's life: it resolves once the connection has ended or
+    /// must go) in a task, then takes connection `id` out of the pool.
+    fn supervise(
+        &self,
+        key: &PoolKey,
+        ks: &Arc<KeyState>,
+        id: u64,
+        until: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let ks = ks.clone();
+        let pool = Arc::downgrade(&self.inner);
+        let key = key.clone();
+        let metrics = self.inner.metrics.clone();
+        tokio::spawn(async move {
+            until.await;
             ks.remove(id);
             metrics.pool_connections.dec();
             if let Some(pool) = pool.upgrade() {
                 pool.forget_key_if_unused(&key, ks);
             }
         });
-        Ok(conn)
     }
 
     /// Closes the connections that leave from `netns` (a pod leaving the mesh): no new stream
@@ -351,6 +564,13 @@ impl Pool {
                 evicted += 1;
             }
         }
+        drop(keys);
+        // The endpoint's socket closes once its last connection has.
+        self.inner
+            .quic_endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&Some(netns.id()));
         evicted
     }
 
@@ -365,6 +585,7 @@ impl Pool {
                     src: key.src.to_string(),
                     dst: key.dst.to_string(),
                     addr: key.addr,
+                    transport: c.link.transport(),
                     streams: c.streams.load(Ordering::Relaxed),
                     age_secs: c.opened.elapsed().as_secs(),
                 });

@@ -23,7 +23,7 @@ use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::conns::{ConnFacts, Direction, PolicyFacts};
+use super::conns::{ConnFacts, Direction, PolicyFacts, Tracked};
 use super::{reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
 use crate::hbone::copy::copy_bidirectional;
@@ -32,14 +32,15 @@ use crate::identity::{self, Identity};
 use crate::net;
 
 /// A peer that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct Peer {
-    addr: SocketAddr,
-    local: SocketAddr,
-    identity: Identity,
-    dst: Arc<Workload>,
-    dst_identity: Identity,
+/// An authenticated tunnel peer: its address and identity, and the local workload it reached.
+pub(super) struct Peer {
+    pub(super) addr: SocketAddr,
+    pub(super) local: SocketAddr,
+    pub(super) identity: Identity,
+    pub(super) dst: Arc<Workload>,
+    pub(super) dst_identity: Identity,
 }
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
@@ -134,7 +135,38 @@ async fn stream(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) {
-    let mut tracked = pi.connections.track(
+    let mut tracked = track(&pi, &peer);
+    let app = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
+        Ok(app) => app,
+        Err(status) => return server::refuse(respond, status),
+    };
+    let mut respond = respond;
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("static response");
+    let send = match respond.send_response(ok, false) {
+        Ok(s) => s,
+        Err(e) => {
+            tracked.fail(&e);
+            return;
+        }
+    };
+    established(&pi, &peer, &mut tracked);
+    let (rd, wr) = app.into_split();
+    tokio::select! {
+        r = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes) => {
+            if let Err(e) = r {
+                tracked.fail(e);
+            }
+        }
+        cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
+    }
+}
+
+/// Starts tracking a stream received from `peer` (either transport).
+pub(super) fn track(pi: &ProxyInputs, peer: &Peer) -> Tracked {
+    pi.connections.track(
         Direction::Inbound,
         ConnFacts {
             src_addr: Some(peer.addr),
@@ -145,15 +177,28 @@ async fn stream(
             dst_workload: Some(format!("{}/{}", peer.dst.namespace, peer.dst.name)),
             ..Default::default()
         },
-    );
-    let target = match server::validate(&req, peer.local.ip()) {
+    )
+}
+
+/// Decides a tunnel request (either transport) and connects the application: validation
+/// ([`server::validate`]), then policy, then the connect. `Ok` is the application's
+/// connection, to be answered `200`; `Err` is the status to refuse with, the refusal already
+/// logged, counted and recorded.
+pub(super) async fn admit<B>(
+    pi: &ProxyInputs,
+    scope: &Scope,
+    peer: &Peer,
+    req: &Request<B>,
+    tracked: &mut Tracked,
+) -> Result<TcpStream, StatusCode> {
+    let target = match server::validate(req, peer.local.ip()) {
         Ok(t) => t,
         Err(refusal) => {
             tracing::warn!(src = %peer.identity, uri = %req.uri(), method = %req.method(),
                 status = refusal.status.as_u16(), reason = refusal.reason, "CONNECT refused");
             pi.metrics.refused(refusal.reason);
             tracked.fail(refusal.reason);
-            return server::refuse(respond, refusal.status);
+            return Err(refusal.status);
         }
     };
     tracked.update(|f| {
@@ -181,34 +226,26 @@ async fn stream(
             rule = ?decision.rule, reason = ?decision.reason, "denied by policy; 401");
         pi.metrics.refused("policy_denied");
         tracked.fail("denied by policy");
-        return server::refuse(respond, StatusCode::UNAUTHORIZED);
+        return Err(StatusCode::UNAUTHORIZED);
     }
     tracked.set_policy_facts(facts);
     pi.metrics.proxied("inbound");
     // The application sees the tunnel peer's address: the source pod's own.
     let origin = scope.app_origin(peer.addr.ip());
-    let app = match net::connect_from(target.target, pi.connect, &origin).await {
-        Ok(a) => a,
+    match net::connect_from(target.target, pi.connect, &origin).await {
+        Ok(a) => Ok(a),
         Err(e) => {
             tracing::warn!(target = %target.target, error = %e, "application unreachable; 503");
             pi.metrics.refused("inbound_app_unreachable");
             tracked.fail(&e);
-            return server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+            Err(StatusCode::SERVICE_UNAVAILABLE)
         }
-    };
-    let mut respond = respond;
-    let ok = Response::builder()
-        .status(StatusCode::OK)
-        .body(())
-        .expect("static response");
-    let send = match respond.send_response(ok, false) {
-        Ok(s) => s,
-        Err(e) => {
-            tracked.fail(&e);
-            return;
-        }
-    };
-    // The source workload, by the tunnel peer's address, when its identity agrees.
+    }
+}
+
+/// Once a stream is answered `200`: reports its metrics, with the source workload (by the
+/// tunnel peer's address, when its identity agrees).
+pub(super) fn established(pi: &ProxyInputs, peer: &Peer, tracked: &mut Tracked) {
     let src = pi
         .discovery
         .current()
@@ -227,14 +264,5 @@ async fn stream(
     );
     if let Some(w) = &src {
         tracked.update(|f| f.src_workload = Some(format!("{}/{}", w.namespace, w.name)));
-    }
-    let (rd, wr) = app.into_split();
-    tokio::select! {
-        r = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes) => {
-            if let Err(e) = r {
-                tracked.fail(e);
-            }
-        }
-        cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
     }
 }

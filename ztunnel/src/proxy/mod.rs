@@ -1,6 +1,7 @@
 //! The proxies: outbound capture (15001), inbound tunnel (15008) and inbound plaintext (15006).
 //!
-//! Each listener accepts connections and hands each one to its handler in its own task. A set
+//! Each listener accepts connections and hands each one to its handler in its own task; with
+//! QUIC enabled, a UDP endpoint on the tunnel port accepts tunnels too ([`inbound_quic`]). A set
 //! of listeners has a [`Scope`]: inside one enrolled pod's netns ([`Scope::Pod`], the product),
 //! it serves that pod, and its sockets to peers and to the application are made in that netns
 //! (to the application from the real client's address); on the node's own addresses
@@ -13,6 +14,7 @@
 pub mod conns;
 mod inbound;
 mod inbound_plain;
+mod inbound_quic;
 mod outbound;
 pub mod plan;
 
@@ -96,6 +98,8 @@ pub struct ProxyInputs {
     pub connect: ConnectOptions,
     /// Streams the inbound tunnel server accepts per connection.
     pub max_streams: u32,
+    /// Whether tunnels are also accepted on QUIC ([`Listeners::bind`] binds its endpoint).
+    pub quic_listen: bool,
     /// Becomes `true` when the daemon drains.
     pub draining: watch::Receiver<bool>,
     /// Tunnel connections still in their TLS handshake, capped ([`gate`]).
@@ -118,6 +122,7 @@ impl ProxyInputs {
         connect: ConnectOptions,
         max_streams: u32,
         handshake_limits: gate::Limits,
+        quic_listen: bool,
         draining: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(ProxyInputs {
@@ -130,6 +135,7 @@ impl ProxyInputs {
             connections: Arc::default(),
             connect,
             max_streams,
+            quic_listen,
             draining,
             handshakes: Gate::new("pending tunnel handshakes", handshake_limits),
             round_robin: AtomicUsize::new(0),
@@ -217,29 +223,56 @@ impl Drop for Inflight {
     }
 }
 
-/// The three listeners of a proxy instance.
+/// The listeners of a proxy instance.
 pub struct Listeners {
     pub outbound: TcpListener,
     pub inbound: TcpListener,
     pub inbound_plaintext: TcpListener,
+    /// The QUIC tunnel endpoint (UDP, the tunnel port), when QUIC is accepted.
+    pub quic: Option<quinn::Endpoint>,
 }
 
 impl Listeners {
-    /// Binds the three listeners on `ip` (`SO_REUSEPORT`), inside `netns` when given.
-    pub fn bind(netns: Option<&Netns>, ip: IpAddr) -> std::io::Result<Listeners> {
+    /// Binds the three listeners on `ip` (`SO_REUSEPORT`), and the QUIC endpoint when `quic`,
+    /// inside `netns` when given. Needs a runtime context (the endpoint registers its socket).
+    pub fn bind(netns: Option<&Netns>, ip: IpAddr, quic: bool) -> std::io::Result<Listeners> {
         use ztunnel_proto::hbone as c;
         let at = |port| crate::net::listen_in(netns, SocketAddr::new(ip, port));
         Ok(Listeners {
             outbound: at(c::OUTBOUND_PORT)?,
             inbound: at(c::HBONE_PORT)?,
             inbound_plaintext: at(c::INBOUND_PLAINTEXT_PORT)?,
+            quic: if quic {
+                Some(quic_endpoint(netns, SocketAddr::new(ip, c::HBONE_PORT))?)
+            } else {
+                None
+            },
         })
     }
 }
 
+/// The QUIC tunnel endpoint on `addr` (UDP), inside `netns` when given.
+pub fn quic_endpoint(netns: Option<&Netns>, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    crate::hbone::quic::endpoint(
+        netns,
+        addr,
+        Some(crate::hbone::consts::SOCKET_MARK),
+        Some(crate::hbone::quic::placeholder_server_config()),
+    )
+}
+
 /// Runs the accept loops until the daemon drains.
 pub async fn serve(pi: Arc<ProxyInputs>, scope: Scope, l: Listeners) {
+    let quic = {
+        let (pi, scope) = (pi.clone(), scope.clone());
+        async move {
+            if let Some(ep) = l.quic {
+                inbound_quic::serve(pi, scope, ep).await
+            }
+        }
+    };
     tokio::join!(
+        quic,
         accept_loop(
             pi.clone(),
             scope.clone(),
@@ -267,6 +300,11 @@ pub async fn serve(pi: Arc<ProxyInputs>, scope: Scope, l: Listeners) {
 /// Runs only the inbound tunnel listener (benchmarks, and nodes that only receive).
 pub async fn serve_inbound(pi: Arc<ProxyInputs>, listener: TcpListener) {
     accept_loop(pi, Scope::Node, listener, "inbound", inbound::handle).await
+}
+
+/// Runs only the inbound QUIC tunnel endpoint (benchmarks).
+pub async fn serve_inbound_quic(pi: Arc<ProxyInputs>, endpoint: quinn::Endpoint) {
+    inbound_quic::serve(pi, Scope::Node, endpoint).await
 }
 
 async fn accept_loop<F, Fut>(

@@ -21,7 +21,7 @@ use super::conns::{ConnFacts, Direction};
 use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
 use crate::hbone::client::connect_request;
-use crate::hbone::copy::{self, copy_bidirectional};
+use crate::hbone::copy;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::ConnectHeaders;
 use crate::net;
@@ -178,7 +178,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 .fetch_add(early, std::sync::atomic::Ordering::Relaxed);
             let (rd, wr) = tcp.into_split();
             tokio::select! {
-                r = copy_bidirectional(rd, wr, tunnel.send, tunnel.recv, bytes) => {
+                r = copy::copy_tunnel(rd, wr, tunnel.stream, bytes) => {
                     if let Err(e) = r {
                         tracked.fail(e);
                     }

@@ -1,0 +1,475 @@
+//! HBONE over QUIC (quinn): the second transport of the same tunnels, on UDP 15008.
+//!
+//! One QUIC connection per pool key, one bidirectional stream per proxied TCP connection,
+//! opened with the stream header of [`ztunnel_proto::quic`] (what `CONNECT` carries) and
+//! answered with a status, as the HTTP/2 tunnel answers a `CONNECT`. TLS is the same mutual
+//! TLS 1.3 with the same certificates and identity checks (the rustls configurations of
+//! [`crate::identity`], with the QUIC ALPN); the transport's windows mirror the HTTP/2
+//! tunnel's (4 MiB per stream, 16 MiB per connection) and its keep-alive the pings (10 s,
+//! closed after 20 s of silence).
+//!
+//! Copying keeps the HTTP/2 copy's contract ([`super::copy`]): a TCP EOF is a FIN, a FIN is a
+//! TCP write shutdown, memory is bounded by the windows, and an error in either direction
+//! resets the stream both ways (a dropped quinn stream would otherwise end cleanly).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, StatusCode};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{RecvStream, SendStream, TransportConfig, VarInt};
+use rustls_pki_types::CertificateDer;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use ztunnel_proto::quic::{self as wire, HeaderError, RequestHeader};
+
+use super::consts;
+use super::copy::{ByteCounters, CopyError};
+use crate::capture::netns::Netns;
+
+/// A peer that does not complete the QUIC handshake within this time is taken as not
+/// answering on QUIC: the pool falls back to HTTP/2 ([`super::pool`]).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A stream whose request header has not arrived by then is refused.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Application error code of a stream reset because its copy failed or was cut short.
+const RESET: VarInt = VarInt::from_u32(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("QUIC TLS configuration: {0}")]
+    Config(String),
+    #[error("QUIC connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: quinn::ConnectError,
+    },
+    #[error("QUIC handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+    #[error("no QUIC answer from {0} within {HANDSHAKE_TIMEOUT:?}")]
+    NoAnswer(SocketAddr),
+    #[error("QUIC connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("QUIC stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("QUIC stream: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("QUIC stream header: {0}")]
+    Header(#[from] HeaderError),
+    #[error("no QUIC stream header within {HEADER_TIMEOUT:?}")]
+    HeaderTimeout,
+}
+
+impl QuicError {
+    /// Whether the peer gave no sign of taking QUIC tunnels (so HTTP/2 may be tried
+    /// instead): no answer in time, or a handshake that ended without a TLS verdict (it timed
+    /// out, the peer speaks another version or ALPN, or refused the connection: a daemon that
+    /// drains, or is at its handshake cap). A failed certificate check is not: it would fail
+    /// on HTTP/2 too, and must be refused, not retried elsewhere.
+    pub fn no_answer(&self) -> bool {
+        match self {
+            QuicError::NoAnswer(_) => true,
+            QuicError::Handshake { source, .. } => {
+                matches!(
+                    source,
+                    quinn::ConnectionError::TimedOut | quinn::ConnectionError::VersionMismatch
+                ) || transport_code(source).is_some_and(|c| {
+                    c == quinn::TransportErrorCode::crypto(120)
+                        || c == quinn::TransportErrorCode::CONNECTION_REFUSED
+                })
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the connection, not the stream, failed (a stream may be tried on another).
+    pub fn connection_failed(&self) -> bool {
+        matches!(
+            self,
+            QuicError::Connection(_)
+                | QuicError::Write(quinn::WriteError::ConnectionLost(_))
+                | QuicError::Read(quinn::ReadExactError::ReadError(
+                    quinn::ReadError::ConnectionLost(_)
+                ))
+        )
+    }
+}
+
+/// The transport error code a connection was closed with, if any (a TLS alert `a` is the
+/// CRYPTO_ERROR `0x100 + a`; `no_application_protocol` is 120).
+fn transport_code(e: &quinn::ConnectionError) -> Option<quinn::TransportErrorCode> {
+    match e {
+        quinn::ConnectionError::TransportError(t) => Some(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => Some(c.error_code),
+        _ => None,
+    }
+}
+
+/// The transport parameters of a tunnel connection: the server takes `max_streams` streams
+/// at once, the client none (a server never opens one).
+fn transport(max_streams: u32) -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(consts::STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(consts::CONNECTION_WINDOW))
+        .send_window(u64::from(consts::CONNECTION_WINDOW))
+        .keep_alive_interval(Some(consts::PING_INTERVAL))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(consts::PING_TIMEOUT).expect("20 s is a valid timeout"),
+        ));
+    Arc::new(t)
+}
+
+/// The QUIC client configuration for a rustls tunnel client configuration (its certificate
+/// and expected peer identities), with the QUIC ALPN.
+pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(transport(0));
+    Ok(c)
+}
+
+/// The QUIC server configuration for a rustls tunnel server configuration, accepting
+/// `max_streams` streams at once per connection and requiring the QUIC ALPN.
+pub fn server_config(
+    tls: &rustls::ServerConfig,
+    max_streams: u32,
+) -> Result<quinn::ServerConfig, QuicError> {
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut s = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    s.transport_config(transport(max_streams));
+    // A tunnel's source is its pod's address; it does not move.
+    s.migration(false);
+    Ok(s)
+}
+
+/// A QUIC endpoint on a UDP socket bound to `addr` (inside `netns` when given), its socket
+/// marked with `mark` so capture rules skip it. With `server`, it accepts connections (each
+/// is then accepted with the certificate of its destination, [`quinn::Incoming::accept_with`]).
+pub fn endpoint(
+    netns: Option<&Netns>,
+    addr: SocketAddr,
+    mark: Option<u32>,
+    server: Option<quinn::ServerConfig>,
+) -> io::Result<quinn::Endpoint> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let new = || Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP));
+    let sock = match netns {
+        Some(ns) => ns.run(new)??,
+        None => new()?,
+    };
+    if let Some(mark) = mark {
+        // Without CAP_NET_ADMIN there are no capture rules to skip (see `net::connect_from`).
+        let _ = sock.set_mark(mark);
+    }
+    if server.is_some() {
+        sock.set_reuse_address(true)?;
+        sock.set_reuse_port(true)?;
+    }
+    sock.bind(&addr.into())?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        sock.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// Dials `addr` from `endpoint`; a peer that does not answer in [`HANDSHAKE_TIMEOUT`] is
+/// [`QuicError::NoAnswer`].
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Connection, QuicError> {
+    // No SNI is sent (the TLS config disables it); the name only satisfies the API.
+    let connecting = endpoint
+        .connect_with(config, addr, &addr.ip().to_string())
+        .map_err(|source| QuicError::Connect { addr, source })?;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(source)) => Err(QuicError::Handshake { addr, source }),
+        Err(_) => Err(QuicError::NoAnswer(addr)),
+    }
+}
+
+/// The peer's certificate chain, as the TLS handshake verified it.
+pub fn peer_certificates(conn: &quinn::Connection) -> Vec<CertificateDer<'static>> {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|b| *b)
+        .unwrap_or_default()
+}
+
+/// The stream header of a `CONNECT` request built by [`super::client::connect_request`].
+pub fn header_of(req: &Request<()>) -> RequestHeader {
+    let get = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    RequestHeader {
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default(),
+        forwarded: get(consts::FORWARDED),
+        baggage: get(consts::BAGGAGE),
+        traceparent: get(consts::TRACEPARENT),
+    }
+}
+
+/// The `CONNECT` request a stream header stands for, to be validated as one
+/// ([`super::server::validate`]); `None` when its authority is not a URI authority.
+pub fn request_of(h: &RequestHeader) -> Option<Request<()>> {
+    let mut b = Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(h.authority.as_str());
+    for (name, v) in [
+        (consts::FORWARDED, &h.forwarded),
+        (consts::BAGGAGE, &h.baggage),
+        (consts::TRACEPARENT, &h.traceparent),
+    ] {
+        if let Some(v) = v {
+            b = b.header(name, v.as_str());
+        }
+    }
+    b.body(()).ok()
+}
+
+/// Opens a stream on `conn` for `header`, sending `first` (bytes the client already wrote)
+/// right behind it, and waits for the answer: `200` yields the stream, another status is
+/// [`QuicStreamError::Status`].
+pub async fn open_stream(
+    conn: &quinn::Connection,
+    header: &RequestHeader,
+    first: Option<&Bytes>,
+) -> Result<(SendStream, RecvStream), QuicStreamError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(QuicError::from)?;
+    let mut head = header.encode().map_err(QuicError::from)?;
+    if let Some(first) = first {
+        head.extend_from_slice(first);
+    }
+    send.write_all(&head).await.map_err(QuicError::from)?;
+    let mut resp = [0u8; wire::RESPONSE_LEN];
+    recv.read_exact(&mut resp).await.map_err(QuicError::from)?;
+    let status = wire::decode_response(resp).map_err(QuicError::from)?;
+    if status != 200 {
+        let _ = send.reset(RESET);
+        return Err(QuicStreamError::Status(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+        ));
+    }
+    Ok((send, recv))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicStreamError {
+    #[error(transparent)]
+    Quic(#[from] QuicError),
+    #[error("stream refused with status {0}")]
+    Status(StatusCode),
+}
+
+/// Reads a stream's request header (server side), within [`HEADER_TIMEOUT`].
+pub async fn read_header(recv: &mut RecvStream) -> Result<RequestHeader, QuicError> {
+    let read = async {
+        let mut prefix = [0u8; wire::PREFIX_LEN];
+        recv.read_exact(&mut prefix).await?;
+        let len = RequestHeader::fields_len(prefix)?;
+        let mut fields = vec![0u8; len];
+        recv.read_exact(&mut fields).await?;
+        Ok(RequestHeader::decode_fields(&fields)?)
+    };
+    match tokio::time::timeout(HEADER_TIMEOUT, read).await {
+        Ok(r) => r,
+        Err(_) => Err(QuicError::HeaderTimeout),
+    }
+}
+
+/// Answers a stream with `status`; anything but `200` ends the stream both ways.
+pub async fn respond(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    status: StatusCode,
+) -> Result<(), quinn::WriteError> {
+    let sent = send
+        .write_all(&wire::encode_response(status.as_u16()))
+        .await;
+    if status != StatusCode::OK {
+        let _ = send.finish();
+        let _ = recv.stop(RESET);
+    }
+    sent
+}
+
+/// The server configuration an endpoint starts with: it presents no certificate, so it
+/// completes no handshake. Every connection is accepted with its destination's own
+/// configuration instead ([`quinn::Incoming::accept_with`]).
+pub fn placeholder_server_config() -> quinn::ServerConfig {
+    #[derive(Debug)]
+    struct NoCertificate;
+    impl rustls::server::ResolvesServerCert for NoCertificate {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            None
+        }
+    }
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("ring supports TLS 1.3")
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(NoCertificate));
+    server_config(&tls, 1).expect("a TLS 1.3 configuration suits QUIC")
+}
+
+/// The local address a connection arrived on (the destination pod's IP).
+pub fn local_ip(conn: &quinn::Connection, bound: SocketAddr) -> Option<IpAddr> {
+    conn.local_ip()
+        .or_else(|| (!bound.ip().is_unspecified()).then_some(bound.ip()))
+}
+
+/// Copies `tcp` ⇄ (`send`, `recv`) until both directions have ended ([`super::copy`]'s
+/// contract); on an error both directions are reset.
+pub async fn copy_bidirectional(
+    tcp_read: OwnedReadHalf,
+    tcp_write: OwnedWriteHalf,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    counters: &ByteCounters,
+) -> Result<(), CopyError> {
+    let r = tokio::try_join!(
+        tcp_to_stream(tcp_read, &mut send, &counters.sent),
+        stream_to_tcp(&mut recv, tcp_write, &counters.received),
+    );
+    if r.is_err() {
+        let _ = send.reset(RESET);
+        let _ = recv.stop(RESET);
+    }
+    r.map(|_| ())
+}
+
+async fn tcp_to_stream(
+    mut rd: OwnedReadHalf,
+    send: &mut SendStream,
+    counter: &AtomicU64,
+) -> Result<(), CopyError> {
+    let mut buf = BytesMut::new();
+    let mut want = super::copy::INITIAL_BUF;
+    loop {
+        let n =
+            std::future::poll_fn(|cx| super::copy::read_chunk(&mut rd, cx, &mut buf, want)).await?;
+        if n == 0 {
+            send.finish().map_err(|_| CopyError::StreamClosed)?;
+            return Ok(());
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        want = super::copy::next_want(want, n);
+        send.write_chunk(buf.split().freeze())
+            .await
+            .map_err(|e| CopyError::Quic(e.to_string()))?;
+    }
+}
+
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    mut wr: OwnedWriteHalf,
+    counter: &AtomicU64,
+) -> Result<(), CopyError> {
+    while let Some(chunk) = recv
+        .read_chunk(super::copy::MAX_BUF, true)
+        .await
+        .map_err(|e| CopyError::Quic(e.to_string()))?
+    {
+        wr.write_all(&chunk.bytes).await?;
+        counter.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+    }
+    wr.shutdown().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_and_request_agree() {
+        let req = super::super::client::connect_request(
+            "10.0.0.2:8080".parse().unwrap(),
+            &super::super::ConnectHeaders {
+                forwarded_for: Some("10.0.0.1:4000".parse().unwrap()),
+                baggage: Some("k8s.namespace.name=a".into()),
+                traceparent: None,
+            },
+        )
+        .unwrap();
+        let h = header_of(&req);
+        assert_eq!(h.authority, "10.0.0.2:8080");
+        assert_eq!(h.forwarded.as_deref(), Some("for=\"10.0.0.1:4000\""));
+        let back = request_of(&h).unwrap();
+        let t = super::super::server::validate(&back, "10.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(t.target, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(t.forwarded_for, Some("10.0.0.1:4000".parse().unwrap()));
+        // An authority that is not one (a path smuggled in) is refused as a CONNECT would be.
+        let bad = RequestHeader {
+            authority: "10.0.0.2:8080/x".into(),
+            ..Default::default()
+        };
+        let refused = request_of(&bad)
+            .map(|r| super::super::server::validate(&r, "10.0.0.2".parse().unwrap()));
+        assert!(!matches!(refused, Some(Ok(_))));
+    }
+
+    #[test]
+    fn no_alpn_is_no_answer_but_a_certificate_failure_is_not() {
+        let addr: SocketAddr = "10.0.0.2:15008".parse().unwrap();
+        let closed = |alert: u8| QuicError::Handshake {
+            addr,
+            source: quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::crypto(alert),
+                frame_type: None,
+                reason: Bytes::new(),
+            }),
+        };
+        assert!(closed(120).no_answer(), "no_application_protocol");
+        let refused = QuicError::Handshake {
+            addr,
+            source: quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
+                frame_type: None,
+                reason: Bytes::new(),
+            }),
+        };
+        assert!(refused.no_answer(), "a draining or full daemon");
+        assert!(!closed(42).no_answer(), "bad_certificate");
+        assert!(QuicError::NoAnswer(addr).no_answer());
+        assert!(QuicError::Handshake {
+            addr,
+            source: quinn::ConnectionError::TimedOut
+        }
+        .no_answer());
+        assert!(!QuicError::Handshake {
+            addr,
+            source: quinn::ConnectionError::LocallyClosed
+        }
+        .no_answer());
+    }
+}

@@ -1,0 +1,224 @@
+//! Inbound tunnel over QUIC: connections on UDP 15008 ([`crate::hbone::quic`]).
+//!
+//! The same contract as the HTTP/2 inbound tunnel ([`super::inbound`]), with the same
+//! decisions ([`super::inbound::admit`]): the destination is the local workload owning the
+//! address the connection arrived on, and the handshake presents its certificate (chosen per
+//! connection) and requires a client certificate of our trust domain; a connection must find
+//! a place among the pending handshakes ([`crate::gate`]) or it is refused before any TLS.
+//! Each stream's header stands for a `CONNECT` and is validated, judged by policy and
+//! answered like one; a malformed or late header is `400` (`quic_bad_header`). A connection
+//! that breaks the QUIC protocol is counted (`inbound_quic_error`). On drain, no new stream
+//! is taken and each connection closes once its streams have ended.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use quinn::{Incoming, RecvStream, SendStream, VarInt};
+
+use super::inbound::{admit, established, track, Peer, HANDSHAKE_TIMEOUT};
+use super::{ProxyInputs, Scope};
+use crate::hbone::quic;
+use crate::identity;
+
+/// Accepts QUIC tunnel connections on `endpoint` until the daemon drains. When the task is
+/// dropped (its pod left the mesh) rather than drained, the endpoint and its connections
+/// are closed.
+pub(super) async fn serve(pi: Arc<ProxyInputs>, scope: Scope, endpoint: quinn::Endpoint) {
+    struct CloseOnDrop(Option<quinn::Endpoint>);
+    impl Drop for CloseOnDrop {
+        fn drop(&mut self) {
+            if let Some(ep) = self.0.take() {
+                ep.close(VarInt::from_u32(0), b"stopped");
+            }
+        }
+    }
+    let Ok(bound) = endpoint.local_addr() else {
+        return;
+    };
+    let mut guard = CloseOnDrop(Some(endpoint.clone()));
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    let inflight = pi.begin();
+                    let fut = connection(pi.clone(), scope.clone(), incoming, bound);
+                    tokio::spawn(async move {
+                        fut.await;
+                        drop(inflight);
+                    });
+                }
+                None => return,
+            },
+            _ = pi.drained() => {
+                tracing::info!(listener = "inbound_quic", "stopped accepting (draining)");
+                // Connections finish their streams; the endpoint lives while they do.
+                endpoint.set_server_config(None);
+                guard.0 = None;
+                return;
+            }
+        }
+    }
+}
+
+async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, bound: SocketAddr) {
+    let addr = incoming.remote_address();
+    let admitted = match pi.handshakes.try_admit(addr.ip()) {
+        Ok(permit) => permit,
+        Err(full) => {
+            crate::warn_throttled!(peer = %addr, error = %full, "QUIC tunnel connection refused before its handshake");
+            pi.metrics.refused("inbound_handshake_limit");
+            return incoming.refuse();
+        }
+    };
+    let Some(local_ip) = incoming
+        .local_ip()
+        .or_else(|| (!bound.ip().is_unspecified()).then_some(bound.ip()))
+    else {
+        pi.metrics.refused("inbound_unknown_destination");
+        return incoming.refuse();
+    };
+    let local = SocketAddr::new(local_ip, bound.port());
+    let state = pi.discovery.current();
+    let Some(dst) = scope.workload(&pi, &state, local) else {
+        crate::warn_throttled!(peer = %addr, %local, "QUIC tunnel connection to an address of no local workload; refused");
+        pi.metrics.refused("inbound_unknown_destination");
+        return incoming.refuse();
+    };
+    drop(state);
+    let dst_identity = pi.identity_of(&dst);
+    let config = match pi.certs.fetch(&dst_identity).await.map(|cert| {
+        quic::server_config(&cert.server_config(), pi.max_streams).map_err(|e| e.to_string())
+    }) {
+        Ok(Ok(c)) => Arc::new(c),
+        Ok(Err(e)) => {
+            tracing::warn!(identity = %dst_identity, error = %e, "no QUIC configuration; tunnel refused");
+            pi.metrics.refused("inbound_no_certificate");
+            return incoming.refuse();
+        }
+        Err(e) => {
+            tracing::warn!(identity = %dst_identity, error = %e, "no certificate; tunnel refused");
+            pi.metrics.refused("inbound_no_certificate");
+            return incoming.refuse();
+        }
+    };
+    let handshake = async {
+        match incoming.accept_with(config) {
+            Ok(connecting) => connecting.await,
+            Err(e) => Err(e),
+        }
+    };
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            crate::warn_throttled!(peer = %addr, error = %e, "QUIC tunnel handshake failed");
+            pi.metrics.refused("inbound_tls_handshake");
+            return;
+        }
+        Err(_) => {
+            crate::warn_throttled!(peer = %addr, "QUIC tunnel handshake timed out");
+            pi.metrics.refused("inbound_tls_timeout");
+            return;
+        }
+    };
+    drop(admitted);
+    let identity = match identity::peer_identity(&quic::peer_certificates(&conn)) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(peer = %addr, error = %e, "QUIC tunnel peer identity unreadable; refused");
+            pi.metrics.refused("inbound_peer_identity");
+            conn.close(VarInt::from_u32(1), b"identity");
+            return;
+        }
+    };
+    pi.metrics.quic_connections_accepted.inc();
+    let peer = Arc::new(Peer {
+        addr,
+        local,
+        identity,
+        dst,
+        dst_identity,
+    });
+    let streams = Arc::new(());
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    let inflight = pi.begin();
+                    let fut = stream(pi.clone(), scope.clone(), peer.clone(), send, recv);
+                    let held = streams.clone();
+                    tokio::spawn(async move {
+                        fut.await;
+                        drop((inflight, held));
+                    });
+                }
+                Err(e) => {
+                    use quinn::ConnectionError as E;
+                    match e {
+                        E::ApplicationClosed(_) | E::LocallyClosed | E::TimedOut | E::Reset => {
+                            tracing::debug!(peer = %addr, error = %e, "QUIC tunnel connection ended")
+                        }
+                        _ => {
+                            crate::warn_throttled!(peer = %addr, src = %peer.identity, error = %e, "QUIC tunnel connection closed on an error");
+                            pi.metrics.refused("inbound_quic_error");
+                        }
+                    }
+                    return;
+                }
+            },
+            _ = pi.drained() => {
+                while Arc::strong_count(&streams) > 1 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                conn.close(VarInt::from_u32(0), b"draining");
+                return;
+            }
+        }
+    }
+}
+
+async fn stream(
+    pi: Arc<ProxyInputs>,
+    scope: Scope,
+    peer: Arc<Peer>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let mut tracked = track(&pi, &peer);
+    let req = match quic::read_header(&mut recv)
+        .await
+        .map(|h| quic::request_of(&h))
+    {
+        Ok(Some(req)) => req,
+        Ok(None) | Err(_) => {
+            let why = "malformed or missing QUIC stream header";
+            crate::warn_throttled!(src = %peer.identity, "{why}; 400");
+            pi.metrics.refused("quic_bad_header");
+            tracked.fail(why);
+            let _ = quic::respond(&mut send, &mut recv, StatusCode::BAD_REQUEST).await;
+            return;
+        }
+    };
+    let app = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
+        Ok(app) => app,
+        Err(status) => {
+            let _ = quic::respond(&mut send, &mut recv, status).await;
+            return;
+        }
+    };
+    if let Err(e) = quic::respond(&mut send, &mut recv, StatusCode::OK).await {
+        tracked.fail(&e);
+        return;
+    }
+    established(&pi, &peer, &mut tracked);
+    let (rd, wr) = app.into_split();
+    tokio::select! {
+        r = quic::copy_bidirectional(rd, wr, send, recv, &tracked.record().bytes) => {
+            if let Err(e) = r {
+                tracked.fail(e);
+            }
+        }
+        cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
+    }
+}
