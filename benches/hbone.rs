@@ -21,13 +21,20 @@ fn throughput(c: &mut Criterion) {
     g.bench_function("hbone", |b| {
         b.iter(|| f.rt.block_on(push(f.via_tunnel_sink, len)))
     });
+    g.bench_function("hbone_quic", |b| {
+        b.iter(|| f.rt.block_on(push(f.via_quic_sink, len)))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("throughput_8_streams");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
     let each = 16 * MIB;
     g.throughput(Throughput::Bytes((8 * each) as u64));
-    for (name, addr) in [("raw_tcp", f.sink), ("hbone", f.via_tunnel_sink)] {
+    for (name, addr) in [
+        ("raw_tcp", f.sink),
+        ("hbone", f.via_tunnel_sink),
+        ("hbone_quic", f.via_quic_sink),
+    ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 f.rt.block_on(async {
@@ -46,7 +53,11 @@ fn request_response(c: &mut Criterion) {
     let f = Fixture::new();
     let mut g = c.benchmark_group("rr_1kib");
     let msg = vec![7u8; 1024];
-    for (name, addr) in [("raw_tcp", f.echo), ("hbone", f.via_tunnel_echo)] {
+    for (name, addr) in [
+        ("raw_tcp", f.echo),
+        ("hbone", f.via_tunnel_echo),
+        ("hbone_quic", f.via_quic_echo),
+    ] {
         let mut s = f.rt.block_on(async {
             let s = TcpStream::connect(addr).await.unwrap();
             s.set_nodelay(true).unwrap();
@@ -65,7 +76,11 @@ fn new_connections(c: &mut Criterion) {
     let mut g = c.benchmark_group("new_connection");
     // A new TCP connection, one byte echoed, closed: directly, and through a warm pooled
     // tunnel (a new stream, no handshake).
-    for (name, addr) in [("raw_tcp", f.echo), ("hbone_pooled", f.via_tunnel_echo)] {
+    for (name, addr) in [
+        ("raw_tcp", f.echo),
+        ("hbone_pooled", f.via_tunnel_echo),
+        ("hbone_quic_pooled", f.via_quic_echo),
+    ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 f.rt.block_on(async {
@@ -102,6 +117,40 @@ fn new_connections(c: &mut Criterion) {
                     assert_eq!(&got[..], b"x");
                     drop((tx, rx));
                     driver.abort();
+                }
+                start.elapsed()
+            })
+        })
+    });
+    // The same over QUIC: one UDP handshake (TLS 1.3, both certificates checked), a stream
+    // with its header and the byte behind it, the echo.
+    let quic_config = ztunnel::hbone::quic::client_config(&tls).expect("QUIC config");
+    let quic_ep = f.rt.block_on(async {
+        ztunnel::hbone::quic::endpoint(None, "127.0.0.1:0".parse().unwrap(), None, None)
+            .expect("QUIC endpoint")
+    });
+    let header = ztunnel::hbone::quic::header_of(
+        &client::connect_request(f.echo, &Default::default()).unwrap(),
+    );
+    g.bench_function("hbone_quic_fresh_mtls", |b| {
+        b.iter_custom(|iters| {
+            f.rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let conn =
+                        ztunnel::hbone::quic::connect(&quic_ep, f.tunnel, quic_config.clone())
+                            .await
+                            .expect("QUIC tunnel");
+                    let x = bytes::Bytes::from_static(b"x");
+                    let (mut tx, mut rx) =
+                        ztunnel::hbone::quic::open_stream(&conn, &header, Some(&x))
+                            .await
+                            .expect("stream");
+                    let mut got = [0u8; 1];
+                    rx.read_exact(&mut got).await.expect("echo");
+                    assert_eq!(&got, b"x");
+                    let _ = tx.finish();
+                    conn.close(0u32.into(), b"done");
                 }
                 start.elapsed()
             })

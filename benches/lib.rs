@@ -5,6 +5,8 @@
 //! (127.0.0.2). The outbound side is the pool and copy loop of the daemon, fed by a listener
 //! with a fixed destination instead of `SO_ORIGINAL_DST` (no nftables needed). The baseline is
 //! the same client talking to the same application directly over loopback TCP, in the same run.
+//! The QUIC path is the same with a pool that dials QUIC (UDP, the tunnel's port) and the
+//! daemon's inbound QUIC server.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +18,8 @@ use tokio::runtime::Runtime;
 use ztunnel::ca::{issue, LocalCa};
 use ztunnel::discovery::Discovery;
 use ztunnel::hbone::client::connect_request;
-use ztunnel::hbone::copy::{copy_bidirectional, read_early, ByteCounters};
-use ztunnel::hbone::pool::{Pool, PoolKey, PoolSettings};
+use ztunnel::hbone::copy::{copy_tunnel, read_early, ByteCounters};
+use ztunnel::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings};
 use ztunnel::hbone::ConnectHeaders;
 use ztunnel::identity::{Identity, WorkloadCert};
 use ztunnel::metrics::Metrics;
@@ -37,6 +39,9 @@ pub struct Fixture {
     /// Tunnel entry to `sink` and to `echo`.
     pub via_tunnel_sink: SocketAddr,
     pub via_tunnel_echo: SocketAddr,
+    /// The same over QUIC.
+    pub via_quic_sink: SocketAddr,
+    pub via_quic_echo: SocketAddr,
     /// The inbound tunnel listener (for fresh-handshake benchmarks).
     pub tunnel: SocketAddr,
     pub client_cert: Arc<WorkloadCert>,
@@ -112,7 +117,7 @@ async fn outbound(
             };
             let (rd, wr) = tcp.into_split();
             let counters = ByteCounters::default();
-            let _ = copy_bidirectional(rd, wr, t.send, t.recv, &counters).await;
+            let _ = copy_tunnel(rd, wr, t.stream, &counters).await;
         });
     }
 }
@@ -162,23 +167,36 @@ impl Fixture {
                 max_streams: 100,
                 idle_timeout: Duration::from_secs(300),
                 connect,
+                quic: QuicSettings::default(),
             };
             let pi = ProxyInputs::new(
                 "bench".into(),
                 "cluster.local".into(),
                 Discovery::fixed(state),
                 certs,
-                Pool::new(settings, metrics.clone()),
+                Pool::new(settings.clone(), metrics.clone()),
                 metrics.clone(),
                 connect,
                 100,
                 ztunnel::gate::Limits::PENDING_HANDSHAKES,
+                true,
                 draining,
             );
             let tunnel_l = bind(SERVER_IP).await;
             let tunnel = tunnel_l.local_addr().unwrap();
-            tokio::spawn(ztunnel::proxy::serve_inbound(pi, tunnel_l));
+            let quic = ztunnel::proxy::quic_endpoint(None, tunnel).expect("QUIC endpoint");
+            tokio::spawn(ztunnel::proxy::serve_inbound(pi.clone(), tunnel_l));
+            tokio::spawn(ztunnel::proxy::serve_inbound_quic(pi, quic));
 
+            let quic_pool = Pool::new(
+                PoolSettings {
+                    quic: QuicSettings {
+                        destinations: vec![format!("{SERVER_IP}/32").parse().expect("CIDR")],
+                    },
+                    ..settings.clone()
+                },
+                metrics.clone(),
+            );
             let pool = Pool::new(settings, metrics);
             let key = PoolKey {
                 src: client_id,
@@ -187,26 +205,30 @@ impl Fixture {
                 netns: None,
             };
             let mut entries = Vec::new();
-            for target in [sink_a, echo_a] {
-                let l = bind("127.0.0.1").await;
-                entries.push(l.local_addr().unwrap());
-                tokio::spawn(outbound(
-                    l,
-                    pool.clone(),
-                    client_cert.clone(),
-                    key.clone(),
-                    target,
-                ));
+            for pool in [&pool, &quic_pool] {
+                for target in [sink_a, echo_a] {
+                    let l = bind("127.0.0.1").await;
+                    entries.push(l.local_addr().unwrap());
+                    tokio::spawn(outbound(
+                        l,
+                        pool.clone(),
+                        client_cert.clone(),
+                        key.clone(),
+                        target,
+                    ));
+                }
             }
-            (sink_a, echo_a, entries[0], entries[1], tunnel)
+            (sink_a, echo_a, entries, tunnel)
         });
         Fixture {
             rt,
             sink: f.0,
             echo: f.1,
-            via_tunnel_sink: f.2,
-            via_tunnel_echo: f.3,
-            tunnel: f.4,
+            via_tunnel_sink: f.2[0],
+            via_tunnel_echo: f.2[1],
+            via_quic_sink: f.2[2],
+            via_quic_echo: f.2[3],
+            tunnel: f.3,
             client_cert,
             server_id,
             _dir: dir,
