@@ -289,3 +289,111 @@ fn istio_metrics_at_both_reporters_count_exact_bytes() {
         );
     }
 }
+
+/// The same pods with QUIC on: `--quic-listen` on both nodes and every pod a QUIC
+/// destination. The tunnel between the nodes is QUIC (UDP 15008 only on the underlay, no TCP
+/// at all, never the application's bytes), accepted in the destination pod's netns and dialled
+/// from the source pod's (the application sees the real client address), same-node too.
+#[test]
+fn quic_tunnels_between_pods_carry_real_client_addresses_and_only_udp_15008_crosses_nodes() {
+    let bed = TestBed::start_configured(
+        testbed::default_pods(),
+        Vec::new(),
+        &[
+            ("ZTUNNEL_QUIC_LISTEN", "true"),
+            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16"),
+        ],
+    )
+    .unwrap();
+    let server = bed.pod("server");
+    let echo = bed.pod("echo");
+    let client = bed.pod("client");
+    let srv = server
+        .ns
+        .spawn(async { reply_server(listen(8080).await, "server", 2).await });
+    let ech = echo
+        .ns
+        .spawn(async { reply_server(listen(8080).await, "echo", 1).await });
+    std::thread::sleep(Duration::from_millis(100));
+
+    let pcap = bed.dir().join("underlay.pcap");
+    let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
+    let msg = format!("hello {MARKER}");
+    let (cross, again, same) = client.ns.block_on(async move {
+        (
+            request("10.20.2.10", 8080, &msg).await,
+            request("10.20.2.10", 8080, &msg).await,
+            request("10.20.1.12", 8080, &msg).await,
+        )
+    });
+    let tcp = testbed::stop_capture(cap, &pcap).unwrap();
+    let udp = testbed::read_capture(&pcap, "udp").unwrap();
+    let want = format!("saw 10.20.1.10 ({} bytes)", 6 + MARKER.len());
+    assert_eq!(cross.unwrap(), format!("server {want}"), "cross-node");
+    assert_eq!(
+        again.unwrap(),
+        format!("server {want}"),
+        "cross-node, pooled"
+    );
+    assert_eq!(same.unwrap(), format!("echo {want}"), "same node");
+    assert_eq!(server.ns.join(srv), vec!["10.20.1.10", "10.20.1.10"]);
+    assert_eq!(echo.ns.join(ech), vec!["10.20.1.10"]);
+
+    assert!(!tcp.marker_seen, "plaintext crossed the underlay");
+    assert!(tcp.lines.is_empty(), "TCP on the underlay: {:?}", tcp.lines);
+    assert!(!udp.lines.is_empty(), "the capture saw no QUIC");
+    for l in &udp.lines {
+        assert!(
+            l.contains("10.20.1.10.") && l.contains("10.20.2.10.15008")
+                || l.contains("10.20.2.10.15008 >"),
+            "UDP other than the pods' tunnel on the underlay: {l}"
+        );
+    }
+
+    // One QUIC connection into the server pod, carrying both streams; none over HTTP/2.
+    let m2 = bed.metrics(1);
+    assert_eq!(
+        metric(&m2, "ztunnel_quic_connections_accepted_total", &[]),
+        1.0,
+        "{m2}"
+    );
+    assert_eq!(
+        metric(&m2, "ztunnel_hbone_connections_accepted_total", &[]),
+        0.0,
+        "{m2}"
+    );
+    assert_eq!(
+        metric(
+            &m2,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "inbound")]
+        ),
+        2.0,
+        "{m2}"
+    );
+    assert!(
+        access_lines(&bed.log(1))
+            .iter()
+            .any(|l| l["direction"] == "inbound"
+                && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+                && l["dst_identity"] == "spiffe://cluster.local/ns/demo/sa/server"
+                && l["decision"] == "allow"),
+        "the QUIC stream's identities in the access log"
+    );
+    let m1 = bed.metrics(0);
+    assert_eq!(
+        metric(&m1, "ztunnel_quic_fallbacks_total", &[]),
+        0.0,
+        "{m1}"
+    );
+    assert_eq!(
+        metric(&m1, "ztunnel_quic_connections_accepted_total", &[]),
+        1.0,
+        "the same-node tunnel to the echo pod: {m1}"
+    );
+    assert_eq!(
+        metric(&m1, "ztunnel_pool_connections_opened_total", &[]),
+        2.0,
+        "one per destination pod: {m1}"
+    );
+}

@@ -84,6 +84,8 @@ pub struct TestBed {
     pub ca_dir: PathBuf,
     pub discovery: PathBuf,
     prefix: String,
+    /// Environment of every daemon the bed starts (settings beyond the defaults).
+    daemon_env: Vec<(String, String)>,
 }
 
 fn uid(spec: &PodSpec) -> String {
@@ -181,6 +183,15 @@ impl TestBed {
     }
 
     pub fn start_known(pods: Vec<PodSpec>, known: Vec<PodSpec>) -> Result<TestBed> {
+        Self::start_configured(pods, known, &[])
+    }
+
+    /// Like [`TestBed::start_known`], with `daemon_env` in every daemon's environment.
+    pub fn start_configured(
+        pods: Vec<PodSpec>,
+        known: Vec<PodSpec>,
+        daemon_env: &[(&str, &str)],
+    ) -> Result<TestBed> {
         netns::require_prerequisites();
         let prefix = netns::unique_prefix();
         let dir = tempfile::tempdir()?;
@@ -260,6 +271,10 @@ impl TestBed {
             ca_dir,
             discovery,
             prefix,
+            daemon_env: daemon_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         for i in 0..2 {
             bed.start_daemon(i)?;
@@ -299,12 +314,17 @@ impl TestBed {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let env: Vec<(&str, &str)> = self
+            .daemon_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut p = Process::start(
             &node.ns,
             &format!("{}{suffix}", node.name),
             self.dir.path(),
             &args,
-            &[],
+            &env,
         )?;
         daemon::wait_ready(
             &node.ns,
@@ -526,23 +546,39 @@ pub fn start_capture(ns: &Netns, iface: &str, pcap: &Path) -> Result<std::proces
     Ok(child)
 }
 
-/// What a capture saw: the TCP packet lines and whether the marker appeared in any byte.
+/// What a capture saw: the packet lines (TCP unless another filter was asked for) and
+/// whether the marker appeared in any byte.
 pub struct Captured {
     pub lines: Vec<String>,
     pub marker_seen: bool,
 }
 
-pub fn stop_capture(mut child: std::process::Child, pcap: &Path) -> Result<Captured> {
+/// Stops the capture; the lines are its TCP packets.
+pub fn stop_capture(child: std::process::Child, pcap: &Path) -> Result<Captured> {
+    stop_capture_filtered(child, pcap, "tcp")
+}
+
+/// Stops the capture; the lines are its packets that match the tcpdump `filter`.
+pub fn stop_capture_filtered(
+    mut child: std::process::Child,
+    pcap: &Path,
+    filter: &str,
+) -> Result<Captured> {
     std::thread::sleep(Duration::from_millis(1000));
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
+    read_capture(pcap, filter)
+}
+
+/// Reads a finished capture: the packets that match the tcpdump `filter`.
+pub fn read_capture(pcap: &Path, filter: &str) -> Result<Captured> {
     let wire = std::fs::read(pcap)?;
     let marker_seen = wire.windows(MARKER.len()).any(|w| w == MARKER.as_bytes());
     let dump = std::process::Command::new("tcpdump")
         .args(["-nn", "-r"])
         .arg(pcap)
-        .arg("tcp")
+        .arg(filter)
         .output()?;
     Ok(Captured {
         lines: String::from_utf8_lossy(&dump.stdout)
