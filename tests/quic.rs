@@ -1,0 +1,723 @@
+//! HBONE over QUIC between two real daemon processes on the test bed (see `harness/mesh.rs`):
+//! `b` accepts tunnels on UDP 15008 (`--quic-listen true`), `a` dials `b` on QUIC first
+//! (`--quic-destinations`). Bulk integrity, half-close, bytes written before the tunnel is up
+//! and pooling (100 streams a connection) across QUIC tunnels (proved to be QUIC by both
+//! daemons' counters and `a`'s pool listing), the fall back to HTTP/2 when `b`
+//! does not answer on UDP (counted once, then HTTP/2 only), an unexpected server identity
+//! refused with no fall back, and, from a raw QUIC client outside the mesh, the status of
+//! each stream header and a client certificate of an untrusted CA refused at the handshake.
+//! Needs root, `ip` and `nft`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use ztunnel::ca::{issue, LocalCa};
+use ztunnel::hbone::quic::{self, QuicError, QuicStreamError};
+use ztunnel::identity::Identity;
+use ztunnel_e2e::apps::{self, pattern_digest};
+use ztunnel_e2e::daemon::metric;
+use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, B_IP, C_IP, TRUST_DOMAIN};
+use ztunnel_e2e::netns::Netns;
+use ztunnel_proto::quic::{self as wire, RequestHeader};
+
+const MIB: usize = 1024 * 1024;
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// `a` dials `b` on QUIC first.
+fn quic_client() -> NodeOptions {
+    NodeOptions {
+        extra_args: args(&["--quic-destinations", B_IP]),
+        ..Default::default()
+    }
+}
+
+/// `b` accepts tunnels on QUIC too.
+fn quic_server() -> NodeOptions {
+    NodeOptions {
+        extra_args: args(&["--quic-listen", "true"]),
+        ..Default::default()
+    }
+}
+
+fn quic_pair() -> Mesh {
+    Mesh::start(quic_client(), quic_server()).expect("start the test bed")
+}
+
+/// The pool listing of the daemon in `ns` (admin `/config_dump`): the connections it holds.
+fn pool(ns: &Netns) -> Vec<serde_json::Value> {
+    Mesh::config_dump(ns)["pool"]
+        .as_array()
+        .expect("the config dump lists the pool")
+        .clone()
+}
+
+fn counter(ns: &Netns, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(&Mesh::metrics(ns), name, labels)
+}
+
+/// 64 MiB each way over a QUIC tunnel, and proof that it was one: `b` accepted one QUIC
+/// connection and no TLS-over-TCP one, `a` pools one `quic` connection and fell back never.
+#[test]
+fn bulk_64_mib_each_way_arrives_intact_over_quic() {
+    let mesh = quic_pair();
+    let len = 64 * MIB;
+    let server = mesh
+        .b
+        .spawn(async move { apps::exchange_server(apps::listen(8080).await, 2, len).await });
+    std::thread::sleep(Duration::from_millis(100));
+    let (digest, n) = mesh
+        .a
+        .block_on(async move {
+            let s = TcpStream::connect((B_IP, 8080)).await?;
+            apps::exchange(s, 1, len).await
+        })
+        .expect("client exchange");
+    let (server_digest, server_n, peer) = mesh.b.join(server).expect("server exchange");
+    assert_eq!((n, server_n), (len, len));
+    assert_eq!(
+        digest,
+        pattern_digest(2, len),
+        "server → client bytes differ"
+    );
+    assert_eq!(
+        server_digest,
+        pattern_digest(1, len),
+        "client → server bytes differ"
+    );
+    assert_eq!(peer.ip().to_string(), B_IP);
+
+    let mb = Mesh::metrics(&mesh.b);
+    assert_eq!(
+        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
+        1.0,
+        "{mb}"
+    );
+    assert_eq!(
+        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
+        0.0,
+        "{mb}"
+    );
+    assert_eq!(
+        metric(
+            &mb,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "inbound")]
+        ),
+        1.0,
+        "{mb}"
+    );
+    let ma = Mesh::metrics(&mesh.a);
+    assert_eq!(
+        metric(&ma, "ztunnel_quic_fallbacks_total", &[]),
+        0.0,
+        "{ma}"
+    );
+    assert_eq!(
+        metric(
+            &ma,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "outbound")]
+        ),
+        1.0,
+        "{ma}"
+    );
+    assert_eq!(
+        metric(&ma, "ztunnel_pool_connections_opened_total", &[]),
+        1.0,
+        "{ma}"
+    );
+    // The connection stays pooled (idle timeout 5 min) after its stream ended.
+    let listing = pool(&mesh.a);
+    assert_eq!(listing.len(), 1, "{listing:?}");
+    assert_eq!(listing[0]["transport"], "quic", "{listing:?}");
+    assert_eq!(listing[0]["addr"], format!("{B_IP}:15008"), "{listing:?}");
+}
+
+#[test]
+fn half_close_crosses_the_quic_tunnel_both_ways() {
+    let mesh = quic_pair();
+    // Client half-closes first: the server still answers after reading EOF.
+    let server = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        let (mut s, _) = l.accept().await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        s.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await?;
+        s.shutdown().await?;
+        // Server half-closes first: the client still sends after reading EOF.
+        let (mut s, _) = l.accept().await?;
+        s.write_all(b"hello").await?;
+        s.shutdown().await?;
+        let mut tail = Vec::new();
+        s.read_to_end(&mut tail).await?;
+        Ok::<_, std::io::Error>(tail)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let (first, second) = mesh
+        .a
+        .block_on(async {
+            let mut s = TcpStream::connect((B_IP, 8080)).await?;
+            s.write_all(b"ping pong").await?;
+            s.shutdown().await?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).await?;
+
+            let mut s = TcpStream::connect((B_IP, 8080)).await?;
+            let mut greeting = String::new();
+            s.read_to_string(&mut greeting).await?;
+            s.write_all(b"after your FIN").await?;
+            s.shutdown().await?;
+            Ok::<_, std::io::Error>((reply, greeting))
+        })
+        .expect("client");
+    assert_eq!(first, "got 9 bytes");
+    assert_eq!(second, "hello");
+    assert_eq!(mesh.b.join(server).expect("server"), b"after your FIN");
+    // Both streams rode the one QUIC connection.
+    let mb = Mesh::metrics(&mesh.b);
+    assert_eq!(
+        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
+        1.0,
+        "{mb}"
+    );
+    assert_eq!(
+        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
+        0.0,
+        "{mb}"
+    );
+    assert_eq!(counter(&mesh.a, "ztunnel_quic_fallbacks_total", &[]), 0.0);
+}
+
+/// A client that writes 40 KiB before the tunnel is up and half-closes at once: its first
+/// bytes ride right behind the QUIC stream header, the rest follow on the stream; all arrive
+/// in order, and the source's daemon counts every byte each way.
+#[test]
+fn bytes_written_before_the_quic_tunnel_is_up_arrive_in_order_and_are_counted() {
+    let mesh = quic_pair();
+    let len = 40 * 1024; // more than the daemon takes with the header (16 KiB)
+    let server = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        let (mut s, _) = l.accept().await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        s.write_all(&got).await?;
+        s.shutdown().await?;
+        Ok::<_, std::io::Error>(got)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let echoed = {
+        let sent = sent.clone();
+        mesh.a
+            .block_on(async move {
+                let mut s = TcpStream::connect((B_IP, 8080)).await?;
+                s.write_all(&sent).await?;
+                s.shutdown().await?;
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await?;
+                Ok::<_, std::io::Error>(back)
+            })
+            .expect("client")
+    };
+    assert!(
+        mesh.b.join(server).expect("server") == sent,
+        "server got other bytes"
+    );
+    assert!(echoed == sent, "client got other bytes back");
+    let source = [("reporter", "source")];
+    let m = Mesh::metrics_when(&mesh.a, "istio_tcp_connections_closed_total", &source, 1.0);
+    assert_eq!(
+        metric(&m, "istio_tcp_sent_bytes_total", &source),
+        len as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "istio_tcp_received_bytes_total", &source),
+        len as f64,
+        "{m}"
+    );
+    assert_eq!(pool(&mesh.a)[0]["transport"], "quic");
+    assert_eq!(
+        counter(&mesh.b, "ztunnel_quic_connections_accepted_total", &[]),
+        1.0
+    );
+}
+
+/// 100 concurrent streams share one QUIC connection (the transport's stream limit agrees
+/// with the pool's), and the 101st opens a second QUIC connection.
+#[test]
+fn hundred_streams_share_one_quic_connection_and_the_next_opens_another() {
+    let mesh = quic_pair();
+    mesh.b
+        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
+    std::thread::sleep(Duration::from_millis(100));
+    let conns = mesh.a.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            set.spawn(async {
+                let mut s = TcpStream::connect((B_IP, 8080)).await?;
+                s.write_all(b"x").await?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await?;
+                Ok::<_, std::io::Error>(s)
+            });
+        }
+        let mut conns = Vec::new();
+        while let Some(r) = set.join_next().await {
+            conns.push(r.expect("join").expect("connect"));
+        }
+        conns
+    });
+    assert_eq!(conns.len(), 100);
+    let m = Mesh::metrics(&mesh.a);
+    assert_eq!(
+        metric(&m, "ztunnel_pool_connections_opened_total", &[]),
+        1.0,
+        "100 streams must share one QUIC connection: {m}"
+    );
+    assert_eq!(metric(&m, "ztunnel_pool_streams", &[]), 100.0, "{m}");
+    let extra = mesh.a.block_on(async {
+        let mut s = TcpStream::connect((B_IP, 8080)).await.unwrap();
+        s.write_all(b"y").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        s
+    });
+    let m = Mesh::metrics(&mesh.a);
+    assert_eq!(
+        metric(&m, "ztunnel_pool_connections_opened_total", &[]),
+        2.0,
+        "the 101st stream must open a second connection: {m}"
+    );
+    assert_eq!(metric(&m, "ztunnel_quic_fallbacks_total", &[]), 0.0, "{m}");
+    let mut listing: Vec<(String, u64)> = pool(&mesh.a)
+        .iter()
+        .map(|c| {
+            (
+                c["transport"].as_str().unwrap_or_default().to_owned(),
+                c["streams"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    listing.sort_by_key(|(_, n)| *n);
+    assert_eq!(
+        listing,
+        vec![("quic".to_owned(), 1), ("quic".to_owned(), 100)]
+    );
+    let mb = Mesh::metrics(&mesh.b);
+    assert_eq!(
+        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
+        2.0,
+        "{mb}"
+    );
+    assert_eq!(
+        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
+        0.0,
+        "{mb}"
+    );
+    drop((conns, extra));
+}
+
+/// UDP datagrams `ns` received for a port nothing listens on (`Udp: NoPorts`).
+fn udp_no_ports(ns: &Netns) -> u64 {
+    let snmp = ns
+        .exec("cat", &["/proc/net/snmp"])
+        .expect("read /proc/net/snmp");
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let names = udp.next().expect("Udp header");
+    let values = udp.next().expect("Udp values");
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "NoPorts")
+        .expect("NoPorts column");
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// A round trip on a fresh connection a → b:8080, kept open.
+async fn round_trip(msg: &'static [u8]) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect((B_IP, 8080)).await?;
+    s.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).await?;
+    assert_eq!(back, msg);
+    Ok(s)
+}
+
+/// `b` does not listen on QUIC: `a`'s QUIC dial gets no answer, falls back to HTTP/2 (counted
+/// once), and the next dial to `b` shortly after goes straight to HTTP/2: no QUIC packet
+/// reaches `b` again and the fallback is not counted again.
+#[test]
+fn no_quic_answer_falls_back_to_http2_and_is_remembered() {
+    let a = NodeOptions {
+        // Closes the first pooled connection soon, so the second connection must dial.
+        extra_args: args(&[
+            "--quic-destinations",
+            "10.77.0.0/24",
+            "--pool-idle-timeout",
+            "300ms",
+        ]),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(a, NodeOptions::default()).expect("test bed");
+    let server = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        for _ in 0..2 {
+            let (s, _) = l.accept().await?;
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = s.into_split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let no_ports_before = udp_no_ports(&mesh.b);
+
+    let first = mesh
+        .a
+        .block_on(round_trip(b"one"))
+        .expect("first connection");
+    let ma = Mesh::metrics(&mesh.a);
+    assert_eq!(
+        metric(&ma, "ztunnel_quic_fallbacks_total", &[]),
+        1.0,
+        "{ma}"
+    );
+    let listing = pool(&mesh.a);
+    assert_eq!(listing.len(), 1, "{listing:?}");
+    assert_eq!(listing[0]["transport"], "h2", "{listing:?}");
+    let mb = Mesh::metrics(&mesh.b);
+    assert_eq!(
+        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
+        1.0,
+        "{mb}"
+    );
+    assert_eq!(
+        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
+        0.0,
+        "{mb}"
+    );
+    let no_ports_after_first = udp_no_ports(&mesh.b);
+    assert!(
+        no_ports_after_first > no_ports_before,
+        "a's QUIC dial must have reached b's UDP 15008 ({no_ports_before} → {no_ports_after_first})"
+    );
+
+    // Close the first connection and let its pooled tunnel idle out.
+    drop(first);
+    let ma = Mesh::metrics_when(&mesh.a, "ztunnel_pool_connections", &[], 0.0);
+    assert_eq!(metric(&ma, "ztunnel_pool_connections", &[]), 0.0, "{ma}");
+    assert!(pool(&mesh.a).is_empty());
+
+    let second = mesh
+        .a
+        .block_on(round_trip(b"two"))
+        .expect("second connection");
+    let ma = Mesh::metrics(&mesh.a);
+    assert_eq!(
+        metric(&ma, "ztunnel_pool_connections_opened_total", &[]),
+        2.0,
+        "the second connection must have dialled again: {ma}"
+    );
+    assert_eq!(
+        metric(&ma, "ztunnel_quic_fallbacks_total", &[]),
+        1.0,
+        "the second dial must not try QUIC: {ma}"
+    );
+    let listing = pool(&mesh.a);
+    assert_eq!(listing.len(), 1, "{listing:?}");
+    assert_eq!(listing[0]["transport"], "h2", "{listing:?}");
+    assert_eq!(
+        counter(&mesh.b, "ztunnel_hbone_connections_accepted_total", &[]),
+        2.0
+    );
+    assert_eq!(
+        udp_no_ports(&mesh.b),
+        no_ports_after_first,
+        "no QUIC packet may reach b for the second dial"
+    );
+    drop(second);
+    mesh.b.join(server).expect("server");
+}
+
+/// `b` presents the certificate of `impostor` on QUIC; `a` expects `server`: the tunnel is
+/// refused on the certificate, and not retried on HTTP/2.
+#[test]
+fn server_with_an_unexpected_identity_is_refused_over_quic_without_fallback() {
+    let mut wl = ztunnel_e2e::mesh::default_workloads();
+    wl[1] = Wl {
+        sa: "impostor".into(),
+        ..wl[1].clone()
+    };
+    let b = NodeOptions {
+        workloads: wl,
+        ..quic_server()
+    };
+    let mesh = Mesh::start(quic_client(), b).expect("test bed");
+    mesh.b
+        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
+    std::thread::sleep(Duration::from_millis(100));
+    let outcome = mesh.a.block_on(async {
+        let mut s = TcpStream::connect((B_IP, 8080)).await?;
+        s.write_all(b"secret").await?;
+        let mut b = [0u8; 6];
+        s.read_exact(&mut b).await
+    });
+    assert!(
+        outcome.is_err(),
+        "the connection must not get through: {outcome:?}"
+    );
+    let ma = Mesh::metrics(&mesh.a);
+    assert_eq!(
+        metric(
+            &ma,
+            "ztunnel_refusals_total",
+            &[("reason", "outbound_tunnel_failed")]
+        ),
+        1.0,
+        "{ma}"
+    );
+    assert_eq!(
+        metric(&ma, "ztunnel_quic_fallbacks_total", &[]),
+        0.0,
+        "{ma}"
+    );
+    assert!(pool(&mesh.a).is_empty());
+    let labels = [("reason", "inbound_tls_handshake")];
+    let mb = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
+    assert_eq!(metric(&mb, "ztunnel_refusals_total", &labels), 1.0, "{mb}");
+    assert_eq!(
+        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
+        0.0,
+        "{mb}"
+    );
+    assert_eq!(
+        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
+        0.0,
+        "no fallback to HTTP/2: {mb}"
+    );
+    let log = mesh.a_daemon.log();
+    assert!(
+        log.contains("impostor"),
+        "a's log names the identity it refused:\n{log}"
+    );
+    let log = mesh.b_daemon.log();
+    assert!(
+        log.contains("QUIC tunnel handshake failed"),
+        "b refused the handshake on QUIC:\n{log}"
+    );
+}
+
+fn tunnel_addr() -> std::net::SocketAddr {
+    format!("{B_IP}:15008").parse().unwrap()
+}
+
+/// A QUIC client endpoint in the namespace of the running task.
+fn client_endpoint() -> quinn::Endpoint {
+    quic::endpoint(None, "0.0.0.0:0".parse().unwrap(), None, None).expect("QUIC endpoint")
+}
+
+fn header(authority: &str) -> RequestHeader {
+    RequestHeader {
+        authority: authority.into(),
+        ..Default::default()
+    }
+}
+
+/// From `c` (outside the mesh) with a mesh certificate, straight to `b`'s UDP 15008: each
+/// stream header gets the status its `CONNECT` would (503 for a closed port and for the
+/// daemon's own ports, 400 for an address that is not `b`'s, 400 for a header of another
+/// version), and a valid one carries bytes both ways with half-close.
+#[test]
+fn quic_stream_headers_get_the_contract_status() {
+    let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
+    let server = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        let (mut s, _) = l.accept().await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        s.write_all(&got).await?;
+        s.shutdown().await?;
+        // Only the valid stream reaches the application.
+        let another = tokio::time::timeout(Duration::from_secs(1), l.accept())
+            .await
+            .is_ok();
+        Ok::<_, std::io::Error>((got, another))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
+    let (statuses, garbled, echoed) = mesh.c.block_on(async move {
+        let ep = client_endpoint();
+        let conn = quic::connect(&ep, tunnel_addr(), cfg)
+            .await
+            .expect("QUIC handshake with b");
+        let mut statuses = Vec::new();
+        for target in [
+            format!("{B_IP}:8081"),
+            format!("{B_IP}:15008"),
+            format!("{B_IP}:15001"),
+            format!("{C_IP}:8080"),
+        ] {
+            let status = match quic::open_stream(&conn, &header(&target), None).await {
+                Ok(_) => 200,
+                Err(QuicStreamError::Status(s)) => s.as_u16(),
+                Err(e) => panic!("{target}: no status: {e}"),
+            };
+            statuses.push((target, status));
+        }
+
+        // A header of version 2, written by hand.
+        let mut raw = header(&format!("{B_IP}:8080")).encode().unwrap();
+        raw[0] = 2;
+        let (mut send, mut recv) = conn.open_bi().await.expect("open a stream");
+        send.write_all(&raw).await.expect("write the header");
+        let mut resp = [0u8; wire::RESPONSE_LEN];
+        recv.read_exact(&mut resp).await.expect("a response header");
+        let status = wire::decode_response(resp).expect("a version-1 response");
+        // After a refusal the server ends its side.
+        let rest = recv.read_to_end(1024).await.expect("the stream ends");
+        let garbled = (status, rest);
+
+        // A valid stream, with bytes right behind the header and more after the answer.
+        let early = Bytes::from_static(b"early ");
+        let (mut send, mut recv) =
+            quic::open_stream(&conn, &header(&format!("{B_IP}:8080")), Some(&early))
+                .await
+                .expect("a 200 stream");
+        send.write_all(b"late").await.unwrap();
+        send.finish().unwrap();
+        let echoed = recv.read_to_end(1024).await.expect("the echo");
+        conn.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+        (statuses, garbled, echoed)
+    });
+    assert_eq!(
+        statuses,
+        vec![
+            (format!("{B_IP}:8081"), 503),
+            (format!("{B_IP}:15008"), 503),
+            (format!("{B_IP}:15001"), 503),
+            (format!("{C_IP}:8080"), 400),
+        ]
+    );
+    assert_eq!(garbled, (400, Vec::new()));
+    assert_eq!(echoed, b"early late");
+    let (got, another) = mesh.b.join(server).expect("server");
+    assert_eq!(got, b"early late");
+    assert!(!another, "a refused stream reached the application");
+
+    let m = Mesh::metrics(&mesh.b);
+    for (reason, n) in [
+        ("quic_bad_header", 1.0),
+        ("inbound_app_unreachable", 1.0),
+        ("recursion", 2.0),
+        ("authority_not_local", 1.0),
+    ] {
+        assert_eq!(
+            metric(&m, "ztunnel_refusals_total", &[("reason", reason)]),
+            n,
+            "{reason}: {m}"
+        );
+    }
+    assert_eq!(
+        metric(&m, "ztunnel_quic_connections_accepted_total", &[]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "ztunnel_hbone_connections_accepted_total", &[]),
+        0.0,
+        "{m}"
+    );
+}
+
+/// The connection-level error a QUIC operation ended with.
+fn connection_error(e: &QuicError) -> Option<&quinn::ConnectionError> {
+    match e {
+        QuicError::Handshake { source, .. } => Some(source),
+        QuicError::Connection(c) => Some(c),
+        QuicError::Write(quinn::WriteError::ConnectionLost(c)) => Some(c),
+        QuicError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => {
+            Some(c)
+        }
+        _ => None,
+    }
+}
+
+/// A client whose certificate (of the right trust domain) comes from a CA `b` does not
+/// trust, but which itself trusts `b`: `b` closes the connection at the TLS handshake with a
+/// TLS alert, no stream gets through, and `b` counts the refusal.
+#[test]
+fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
+    let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
+    let accepted = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        tokio::time::timeout(Duration::from_secs(3), l.accept())
+            .await
+            .is_ok()
+    });
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = LocalCa::load_or_create(&other.path().join("ca"), TRUST_DOMAIN).unwrap();
+    let mesh_ca = LocalCa::load_or_create(&mesh.ca_dir, TRUST_DOMAIN).unwrap();
+    let me: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+    let mut cert = issue(&other_ca, &me, Duration::from_secs(3600)).unwrap();
+    // The client verifies b with the mesh's roots, so only b's check of the client can fail.
+    cert.roots = issue(&mesh_ca, &me, Duration::from_secs(3600))
+        .unwrap()
+        .roots;
+    let server: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+    let cfg = quic::client_config(&cert.client_config(&[server])).unwrap();
+    let outcome = mesh.c.block_on(async move {
+        let ep = client_endpoint();
+        let r = async {
+            // On QUIC the client's handshake may complete before the server has judged the
+            // client's certificate; the refusal then ends the connection under the stream.
+            let conn = quic::connect(&ep, tunnel_addr(), cfg).await?;
+            quic::open_stream(&conn, &header(&format!("{B_IP}:8080")), None)
+                .await
+                .map(|_| ())
+                .map_err(|e| match e {
+                    QuicStreamError::Quic(q) => q,
+                    QuicStreamError::Status(s) => panic!("the stream was answered {s}"),
+                })
+        }
+        .await;
+        ep.wait_idle().await;
+        r
+    });
+    let err = outcome.expect_err("b must refuse a client certificate of an untrusted CA");
+    match connection_error(&err) {
+        Some(quinn::ConnectionError::ConnectionClosed(close)) => {
+            let code = u64::from(close.error_code);
+            assert!(
+                (0x100..=0x1ff).contains(&code),
+                "b closes with a TLS alert (CRYPTO_ERROR), got {close:?}"
+            );
+        }
+        other => panic!("b must close the connection at the handshake: {err} ({other:?})"),
+    }
+    let labels = [("reason", "inbound_tls_handshake")];
+    let mb = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
+    assert_eq!(metric(&mb, "ztunnel_refusals_total", &labels), 1.0, "{mb}");
+    assert_eq!(
+        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
+        0.0,
+        "{mb}"
+    );
+    assert!(
+        !mesh.b.join(accepted),
+        "the application must not see the refused client"
+    );
+    let log = mesh.b_daemon.log();
+    assert!(
+        log.contains("QUIC tunnel handshake failed"),
+        "b logs the refused handshake:\n{log}"
+    );
+}
