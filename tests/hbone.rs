@@ -97,44 +97,7 @@ fn bulk_64_mib_each_way_arrives_intact() {
 #[test]
 fn half_close_crosses_the_tunnel_both_ways() {
     let mesh = Mesh::default_pair();
-    // Client half-closes first: the server still answers after reading EOF.
-    let server = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
-        let (mut s, _) = l.accept().await?;
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await?;
-        s.write_all(format!("got {} bytes", got.len()).as_bytes())
-            .await?;
-        s.shutdown().await?;
-        // Server half-closes first: the client still sends after reading EOF.
-        let (mut s, _) = l.accept().await?;
-        s.write_all(b"hello").await?;
-        s.shutdown().await?;
-        let mut tail = Vec::new();
-        s.read_to_end(&mut tail).await?;
-        Ok::<_, std::io::Error>(tail)
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    let (first, second) = mesh
-        .a
-        .block_on(async {
-            let mut s = TcpStream::connect((B_IP, 8080)).await?;
-            s.write_all(b"ping pong").await?;
-            s.shutdown().await?;
-            let mut reply = String::new();
-            s.read_to_string(&mut reply).await?;
-
-            let mut s = TcpStream::connect((B_IP, 8080)).await?;
-            let mut greeting = String::new();
-            s.read_to_string(&mut greeting).await?;
-            s.write_all(b"after your FIN").await?;
-            s.shutdown().await?;
-            Ok::<_, std::io::Error>((reply, greeting))
-        })
-        .expect("client");
-    assert_eq!(first, "got 9 bytes");
-    assert_eq!(second, "hello");
-    assert_eq!(mesh.b.join(server).expect("server"), b"after your FIN");
+    mesh.check_half_close_both_ways();
 }
 
 /// A client that writes before the tunnel is up (its first bytes then ride right behind the

@@ -56,6 +56,11 @@ fn pool(ns: &Netns) -> Vec<serde_json::Value> {
         .clone()
 }
 
+/// Asserts that `name{labels}` in the exposition `m` is `want`, showing `m` when it is not.
+fn expect_metric(m: &str, name: &str, labels: &[(&str, &str)], want: f64) {
+    assert_eq!(metric(m, name, labels), want, "{name}{labels:?} in:\n{m}");
+}
+
 fn counter(ns: &Netns, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&Mesh::metrics(ns), name, labels)
 }
@@ -92,45 +97,23 @@ fn bulk_64_mib_each_way_arrives_intact_over_quic() {
     assert_eq!(peer.ip().to_string(), B_IP);
 
     let mb = Mesh::metrics(&mesh.b);
-    assert_eq!(
-        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
+    expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 1.0);
+    expect_metric(&mb, "ztunnel_hbone_connections_accepted_total", &[], 0.0);
+    expect_metric(
+        &mb,
+        "ztunnel_proxied_connections_total",
+        &[("direction", "inbound")],
         1.0,
-        "{mb}"
-    );
-    assert_eq!(
-        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
-        0.0,
-        "{mb}"
-    );
-    assert_eq!(
-        metric(
-            &mb,
-            "ztunnel_proxied_connections_total",
-            &[("direction", "inbound")]
-        ),
-        1.0,
-        "{mb}"
     );
     let ma = Mesh::metrics(&mesh.a);
-    assert_eq!(
-        metric(&ma, "ztunnel_quic_fallbacks_total", &[]),
-        0.0,
-        "{ma}"
-    );
-    assert_eq!(
-        metric(
-            &ma,
-            "ztunnel_proxied_connections_total",
-            &[("direction", "outbound")]
-        ),
+    expect_metric(&ma, "ztunnel_quic_fallbacks_total", &[], 0.0);
+    expect_metric(
+        &ma,
+        "ztunnel_proxied_connections_total",
+        &[("direction", "outbound")],
         1.0,
-        "{ma}"
     );
-    assert_eq!(
-        metric(&ma, "ztunnel_pool_connections_opened_total", &[]),
-        1.0,
-        "{ma}"
-    );
+    expect_metric(&ma, "ztunnel_pool_connections_opened_total", &[], 1.0);
     // The connection stays pooled (idle timeout 5 min) after its stream ended.
     let listing = pool(&mesh.a);
     assert_eq!(listing.len(), 1, "{listing:?}");
@@ -141,56 +124,11 @@ fn bulk_64_mib_each_way_arrives_intact_over_quic() {
 #[test]
 fn half_close_crosses_the_quic_tunnel_both_ways() {
     let mesh = quic_pair();
-    // Client half-closes first: the server still answers after reading EOF.
-    let server = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
-        let (mut s, _) = l.accept().await?;
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await?;
-        s.write_all(format!("got {} bytes", got.len()).as_bytes())
-            .await?;
-        s.shutdown().await?;
-        // Server half-closes first: the client still sends after reading EOF.
-        let (mut s, _) = l.accept().await?;
-        s.write_all(b"hello").await?;
-        s.shutdown().await?;
-        let mut tail = Vec::new();
-        s.read_to_end(&mut tail).await?;
-        Ok::<_, std::io::Error>(tail)
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    let (first, second) = mesh
-        .a
-        .block_on(async {
-            let mut s = TcpStream::connect((B_IP, 8080)).await?;
-            s.write_all(b"ping pong").await?;
-            s.shutdown().await?;
-            let mut reply = String::new();
-            s.read_to_string(&mut reply).await?;
-
-            let mut s = TcpStream::connect((B_IP, 8080)).await?;
-            let mut greeting = String::new();
-            s.read_to_string(&mut greeting).await?;
-            s.write_all(b"after your FIN").await?;
-            s.shutdown().await?;
-            Ok::<_, std::io::Error>((reply, greeting))
-        })
-        .expect("client");
-    assert_eq!(first, "got 9 bytes");
-    assert_eq!(second, "hello");
-    assert_eq!(mesh.b.join(server).expect("server"), b"after your FIN");
+    mesh.check_half_close_both_ways();
     // Both streams rode the one QUIC connection.
     let mb = Mesh::metrics(&mesh.b);
-    assert_eq!(
-        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
-        1.0,
-        "{mb}"
-    );
-    assert_eq!(
-        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
-        0.0,
-        "{mb}"
-    );
+    expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 1.0);
+    expect_metric(&mb, "ztunnel_hbone_connections_accepted_total", &[], 0.0);
     assert_eq!(counter(&mesh.a, "ztunnel_quic_fallbacks_total", &[]), 0.0);
 }
 
@@ -281,7 +219,7 @@ fn hundred_streams_share_one_quic_connection_and_the_next_opens_another() {
         1.0,
         "100 streams must share one QUIC connection: {m}"
     );
-    assert_eq!(metric(&m, "ztunnel_pool_streams", &[]), 100.0, "{m}");
+    expect_metric(&m, "ztunnel_pool_streams", &[], 100.0);
     let extra = mesh.a.block_on(async {
         let mut s = TcpStream::connect((B_IP, 8080)).await.unwrap();
         s.write_all(b"y").await.unwrap();
@@ -295,7 +233,7 @@ fn hundred_streams_share_one_quic_connection_and_the_next_opens_another() {
         2.0,
         "the 101st stream must open a second connection: {m}"
     );
-    assert_eq!(metric(&m, "ztunnel_quic_fallbacks_total", &[]), 0.0, "{m}");
+    expect_metric(&m, "ztunnel_quic_fallbacks_total", &[], 0.0);
     let mut listing: Vec<(String, u64)> = pool(&mesh.a)
         .iter()
         .map(|c| {
@@ -311,16 +249,8 @@ fn hundred_streams_share_one_quic_connection_and_the_next_opens_another() {
         vec![("quic".to_owned(), 1), ("quic".to_owned(), 100)]
     );
     let mb = Mesh::metrics(&mesh.b);
-    assert_eq!(
-        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
-        2.0,
-        "{mb}"
-    );
-    assert_eq!(
-        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
-        0.0,
-        "{mb}"
-    );
+    expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 2.0);
+    expect_metric(&mb, "ztunnel_hbone_connections_accepted_total", &[], 0.0);
     drop((conns, extra));
 }
 
@@ -385,25 +315,13 @@ fn no_quic_answer_falls_back_to_http2_and_is_remembered() {
         .block_on(round_trip(b"one"))
         .expect("first connection");
     let ma = Mesh::metrics(&mesh.a);
-    assert_eq!(
-        metric(&ma, "ztunnel_quic_fallbacks_total", &[]),
-        1.0,
-        "{ma}"
-    );
+    expect_metric(&ma, "ztunnel_quic_fallbacks_total", &[], 1.0);
     let listing = pool(&mesh.a);
     assert_eq!(listing.len(), 1, "{listing:?}");
     assert_eq!(listing[0]["transport"], "h2", "{listing:?}");
     let mb = Mesh::metrics(&mesh.b);
-    assert_eq!(
-        metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
-        1.0,
-        "{mb}"
-    );
-    assert_eq!(
-        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
-        0.0,
-        "{mb}"
-    );
+    expect_metric(&mb, "ztunnel_hbone_connections_accepted_total", &[], 1.0);
+    expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 0.0);
     let no_ports_after_first = udp_no_ports(&mesh.b);
     assert!(
         no_ports_after_first > no_ports_before,
@@ -413,7 +331,7 @@ fn no_quic_answer_falls_back_to_http2_and_is_remembered() {
     // Close the first connection and let its pooled tunnel idle out.
     drop(first);
     let ma = Mesh::metrics_when(&mesh.a, "ztunnel_pool_connections", &[], 0.0);
-    assert_eq!(metric(&ma, "ztunnel_pool_connections", &[]), 0.0, "{ma}");
+    expect_metric(&ma, "ztunnel_pool_connections", &[], 0.0);
     assert!(pool(&mesh.a).is_empty());
 
     let second = mesh
@@ -475,29 +393,18 @@ fn server_with_an_unexpected_identity_is_refused_over_quic_without_fallback() {
         "the connection must not get through: {outcome:?}"
     );
     let ma = Mesh::metrics(&mesh.a);
-    assert_eq!(
-        metric(
-            &ma,
-            "ztunnel_refusals_total",
-            &[("reason", "outbound_tunnel_failed")]
-        ),
+    expect_metric(
+        &ma,
+        "ztunnel_refusals_total",
+        &[("reason", "outbound_tunnel_failed")],
         1.0,
-        "{ma}"
     );
-    assert_eq!(
-        metric(&ma, "ztunnel_quic_fallbacks_total", &[]),
-        0.0,
-        "{ma}"
-    );
+    expect_metric(&ma, "ztunnel_quic_fallbacks_total", &[], 0.0);
     assert!(pool(&mesh.a).is_empty());
     let labels = [("reason", "inbound_tls_handshake")];
     let mb = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
     assert_eq!(metric(&mb, "ztunnel_refusals_total", &labels), 1.0, "{mb}");
-    assert_eq!(
-        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
-        0.0,
-        "{mb}"
-    );
+    expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 0.0);
     assert_eq!(
         metric(&mb, "ztunnel_hbone_connections_accepted_total", &[]),
         0.0,
@@ -626,16 +533,8 @@ fn quic_stream_headers_get_the_contract_status() {
             "{reason}: {m}"
         );
     }
-    assert_eq!(
-        metric(&m, "ztunnel_quic_connections_accepted_total", &[]),
-        1.0,
-        "{m}"
-    );
-    assert_eq!(
-        metric(&m, "ztunnel_hbone_connections_accepted_total", &[]),
-        0.0,
-        "{m}"
-    );
+    expect_metric(&m, "ztunnel_quic_connections_accepted_total", &[], 1.0);
+    expect_metric(&m, "ztunnel_hbone_connections_accepted_total", &[], 0.0);
 }
 
 /// The connection-level error a QUIC operation ended with.
@@ -706,11 +605,7 @@ fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
     let labels = [("reason", "inbound_tls_handshake")];
     let mb = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
     assert_eq!(metric(&mb, "ztunnel_refusals_total", &labels), 1.0, "{mb}");
-    assert_eq!(
-        metric(&mb, "ztunnel_quic_connections_accepted_total", &[]),
-        0.0,
-        "{mb}"
-    );
+    expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 0.0);
     assert!(
         !mesh.b.join(accepted),
         "the application must not see the refused client"

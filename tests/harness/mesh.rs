@@ -126,6 +126,54 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// Half-close across the tunnel from `a` to `b`'s port 8080, both ways: a client that
+    /// half-closes first still gets the server's answer after its EOF, and a server that
+    /// half-closes first still gets what the client sends after reading its EOF. Panics
+    /// when either is lost.
+    pub fn check_half_close_both_ways(&self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpStream;
+        let server = self.b.spawn(async {
+            let l = crate::apps::listen(8080).await;
+            let (mut s, _) = l.accept().await?;
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await?;
+            s.write_all(format!("got {} bytes", got.len()).as_bytes())
+                .await?;
+            s.shutdown().await?;
+            let (mut s, _) = l.accept().await?;
+            s.write_all(b"hello").await?;
+            s.shutdown().await?;
+            let mut tail = Vec::new();
+            s.read_to_end(&mut tail).await?;
+            Ok::<_, std::io::Error>(tail)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (first, second) = self
+            .a
+            .block_on(async {
+                let mut s = TcpStream::connect((B_IP, 8080)).await?;
+                s.write_all(b"ping pong").await?;
+                s.shutdown().await?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply).await?;
+
+                let mut s = TcpStream::connect((B_IP, 8080)).await?;
+                let mut greeting = String::new();
+                s.read_to_string(&mut greeting).await?;
+                s.write_all(b"after your FIN").await?;
+                s.shutdown().await?;
+                Ok::<_, std::io::Error>((reply, greeting))
+            })
+            .expect("client");
+        assert_eq!(first, "got 9 bytes", "the answer after the client's FIN");
+        assert_eq!(second, "hello", "the server's bytes before its FIN");
+        assert_eq!(
+            self.b.join(server).expect("server"),
+            b"after your FIN",
+            "the client's bytes after the server's FIN"
+        );
+    }
     pub fn start(a_opts: NodeOptions, b_opts: NodeOptions) -> Result<Mesh> {
         netns::require_prerequisites();
         let dir = tempfile::tempdir()?;
