@@ -2,7 +2,7 @@
 //! daemon (prevResult, CHECK, DEL, the spec's errors), a daemon killed (enrolled pods'
 //! connections refused, never plaintext; kubelet-style probes still reach the application),
 //! a daemon restarted (pods created before it are served again), and a rolling restart under
-//! a steady stream of new connections (none refused).
+//! a steady stream of new connections (none refused), with HTTP/2 and with QUIC tunnels.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use ztunnel_e2e::apps;
 use ztunnel_e2e::cni::Runtime;
 use ztunnel_e2e::testbed::{self, default_pods, PodSpec, TestBed};
+use ztunnel_e2e::{apps, daemon};
 
 fn late(name: &'static str, namespace: &'static str, ip: &'static str) -> PodSpec {
     PodSpec {
@@ -214,6 +214,63 @@ fn a_dead_daemon_refuses_enrolled_connections_lets_probes_through_and_a_restart_
 #[test]
 fn a_rolling_restart_refuses_no_new_connection() {
     let mut bed = TestBed::start();
+    rolling_restart_refuses_nothing(&mut bed);
+}
+
+/// The same with QUIC tunnels. The new daemon cannot share the UDP port with the draining
+/// one (datagrams of the old one's connections would reach it), so it binds the port once the
+/// old one has let it go; meanwhile the draining daemon refuses QUIC dials, which fall back
+/// to HTTP/2 for that dial only, and nothing is refused. Afterwards the new daemons carry
+/// QUIC tunnels again.
+#[test]
+fn a_rolling_restart_with_quic_refuses_no_new_connection_and_quic_resumes() {
+    let mut bed = TestBed::start_configured(
+        testbed::default_pods(),
+        Vec::new(),
+        &[
+            ("ZTUNNEL_QUIC_LISTEN", "true"),
+            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16"),
+            // So that the tunnel is dialled again once the load stops.
+            ("ZTUNNEL_POOL_IDLE_TIMEOUT", "300ms"),
+        ],
+    )
+    .unwrap();
+    rolling_restart_refuses_nothing(&mut bed);
+    // No QUIC dial went unanswered (n2's old daemon refuses while it drains, and the new one
+    // binds the port moments after the old one exits); one would keep n1 off QUIC a minute.
+    let log1 = bed.log(0);
+    assert!(!log1.contains("no answer on QUIC"), "{log1}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !bed.log(1).contains("QUIC tunnel port bound") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n2's new daemon never took the QUIC port: {}",
+            bed.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m1 = bed.metrics_when(0, "ztunnel_pool_connections", &[], 0.0);
+    assert_eq!(
+        daemon::metric(&m1, "ztunnel_pool_connections", &[]),
+        0.0,
+        "{m1}"
+    );
+    let got = bed
+        .pod("client")
+        .ns
+        .block_on(async { whoami("10.20.2.10", 8080).await });
+    assert!(got.is_ok(), "{got:?}");
+    let m2 = bed.metrics_when(1, "ztunnel_quic_connections_accepted_total", &[], 1.0);
+    assert!(
+        daemon::metric(&m2, "ztunnel_quic_connections_accepted_total", &[]) >= 1.0,
+        "the new daemon takes QUIC tunnels: {m2}"
+    );
+}
+
+/// Runs four clients back to back from `client` to `server` (n2) while each node's daemon in
+/// turn is replaced by a new process (started beside the old, then the old drains), and
+/// asserts that no connection failed.
+fn rolling_restart_refuses_nothing(bed: &mut TestBed) {
     bed.pod("server").ns.spawn(apps::whoami_server(8080));
     std::thread::sleep(Duration::from_millis(100));
     let stop = Arc::new(AtomicBool::new(false));

@@ -21,7 +21,7 @@ use crate::hbone::pool::{Pool, PoolSettings, QuicSettings};
 use crate::identity::{CertManager, CertSigner, Identity};
 use crate::metrics::Metrics;
 use crate::net::{self, ConnectOptions};
-use crate::proxy::{self, Listeners, ProxyInputs, Scope};
+use crate::proxy::{self, Listeners, ProxyInputs, QuicListener, Scope};
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,7 @@ pub async fn start(
                 inbound_plaintext: bind("inbound plaintext", cfg.inbound_plaintext_addr)?,
                 quic: if cfg.quic_listen {
                     Some(
-                        proxy::quic_endpoint(None, cfg.inbound_addr).map_err(|source| {
+                        QuicListener::bind(None, cfg.inbound_addr).map_err(|source| {
                             StartError::Listen {
                                 what: "inbound QUIC",
                                 addr: cfg.inbound_addr,

@@ -15,7 +15,9 @@
 //! A connection is HTTP/2 over TLS, or QUIC ([`super::quic`]) when the tunnel address is one
 //! of the configured QUIC destinations ([`QuicSettings`]). A QUIC dial that gets no answer
 //! falls back to HTTP/2 (counted), and that address is dialled on HTTP/2 only for
-//! [`QUIC_RETRY_AFTER`]; a QUIC dial refused on its certificates is an error, as on HTTP/2.
+//! [`QUIC_RETRY_AFTER`]; one the peer refuses (it drains, or is at its handshake cap) falls
+//! back this time only; one that fails on its certificates is an error, as on HTTP/2
+//! ([`quic::Fallback`]).
 //! QUIC connections leave from one UDP endpoint per network namespace, closed with the
 //! namespace's connections.
 
@@ -36,7 +38,7 @@ use serde::Serialize;
 
 use super::client::{self, ClientError};
 use super::copy::TunnelStream;
-use super::quic::{self, QuicError, QuicStreamError};
+use super::quic::{self, Fallback, QuicError, QuicStreamError};
 use crate::capture::netns::Netns;
 use crate::identity::{Identity, WorkloadCert};
 use crate::metrics::Metrics;
@@ -418,16 +420,22 @@ impl Pool {
                 .map_err(PoolError::Endpoint)?;
             match quic::connect(&ep, key.addr, quic::client_config(&tls)?).await {
                 Ok(c) => return Ok(self.add_quic(key, ks, c)),
-                Err(e) if e.no_answer() => {
-                    crate::warn_throttled!(addr = %key.addr, error = %e, "no answer on QUIC; tunnelling on HTTP/2");
-                    self.inner.metrics.quic_fallbacks.inc();
-                    self.inner
-                        .quic_unanswered
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(key.addr, Instant::now());
-                }
-                Err(e) => return Err(e.into()),
+                Err(e) => match e.fallback() {
+                    Fallback::No => return Err(e.into()),
+                    Fallback::ThisDial => {
+                        crate::warn_throttled!(addr = %key.addr, error = %e, "QUIC refused; tunnelling on HTTP/2 this time");
+                        self.inner.metrics.quic_fallbacks.inc();
+                    }
+                    Fallback::Remember => {
+                        crate::warn_throttled!(addr = %key.addr, error = %e, "no answer on QUIC; tunnelling on HTTP/2");
+                        self.inner.metrics.quic_fallbacks.inc();
+                        self.inner
+                            .quic_unanswered
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key.addr, Instant::now());
+                    }
+                },
             }
         }
         let origin = crate::net::Origin {

@@ -68,24 +68,29 @@ pub enum QuicError {
 }
 
 impl QuicError {
-    /// Whether the peer gave no sign of taking QUIC tunnels (so HTTP/2 may be tried
-    /// instead): no answer in time, or a handshake that ended without a TLS verdict (it timed
-    /// out, the peer speaks another version or ALPN, or refused the connection: a daemon that
-    /// drains, or is at its handshake cap). A failed certificate check is not: it would fail
-    /// on HTTP/2 too, and must be refused, not retried elsewhere.
-    pub fn no_answer(&self) -> bool {
-        match self {
-            QuicError::NoAnswer(_) => true,
-            QuicError::Handshake { source, .. } => {
-                matches!(
-                    source,
-                    quinn::ConnectionError::TimedOut | quinn::ConnectionError::VersionMismatch
-                ) || transport_code(source).is_some_and(|c| {
-                    c == quinn::TransportErrorCode::crypto(120)
-                        || c == quinn::TransportErrorCode::CONNECTION_REFUSED
-                })
-            }
-            _ => false,
+    /// What a failed dial means for HTTP/2 ([`Fallback`]). A peer that gave no sign of
+    /// taking QUIC tunnels (no answer in time, another QUIC version or ALPN) is dialled on
+    /// HTTP/2 for a while; one that refused the connection (a daemon that drains, or is at its
+    /// handshake cap) only this time. A failed certificate check is no reason: it would fail
+    /// on HTTP/2 too, and is refused, not retried elsewhere.
+    pub fn fallback(&self) -> Fallback {
+        let QuicError::Handshake { source, .. } = self else {
+            return match self {
+                QuicError::NoAnswer(_) => Fallback::Remember,
+                _ => Fallback::No,
+            };
+        };
+        let code = transport_code(source);
+        if matches!(
+            source,
+            quinn::ConnectionError::TimedOut | quinn::ConnectionError::VersionMismatch
+        ) || code == Some(quinn::TransportErrorCode::crypto(120))
+        {
+            Fallback::Remember
+        } else if code == Some(quinn::TransportErrorCode::CONNECTION_REFUSED) {
+            Fallback::ThisDial
+        } else {
+            Fallback::No
         }
     }
 
@@ -100,6 +105,17 @@ impl QuicError {
                 ))
         )
     }
+}
+
+/// Whether a failed QUIC dial is tried again on HTTP/2 ([`QuicError::fallback`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// No: the failure is the answer.
+    No,
+    /// Yes, and QUIC is tried again on the next dial.
+    ThisDial,
+    /// Yes, and the address is dialled on HTTP/2 only for a while.
+    Remember,
 }
 
 /// The transport error code a connection was closed with, if any (a TLS alert `a` is the
@@ -124,7 +140,12 @@ fn transport(max_streams: u32) -> Arc<TransportConfig> {
         .keep_alive_interval(Some(consts::PING_INTERVAL))
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(consts::PING_TIMEOUT).expect("20 s is a valid timeout"),
-        ));
+        ))
+        // Nodes of a cluster are well under this apart (quinn assumes 333 ms, the Internet's
+        // RFC 9002 default): a lost first packet (a peer's port being re-bound by the daemon
+        // that replaces it) is sent again after about 150 ms, not a second, well within
+        // `HANDSHAKE_TIMEOUT`.
+        .initial_rtt(Duration::from_millis(50));
     Arc::new(t)
 }
 
@@ -158,6 +179,11 @@ pub fn server_config(
 /// A QUIC endpoint on a UDP socket bound to `addr` (inside `netns` when given), its socket
 /// marked with `mark` so capture rules skip it. With `server`, it accepts connections (each
 /// is then accepted with the certificate of its destination, [`quinn::Incoming::accept_with`]).
+///
+/// The socket is bound exclusively (no `SO_REUSEPORT`, unlike the TCP listeners): the kernel
+/// spreads a shared UDP port's datagrams over its sockets by address, so a second daemon
+/// bound beside a draining one would receive datagrams of the old one's connections and
+/// reset them. While the port is held, binding fails with `AddrInUse`.
 pub fn endpoint(
     netns: Option<&Netns>,
     addr: SocketAddr,
@@ -173,10 +199,6 @@ pub fn endpoint(
     if let Some(mark) = mark {
         // Without CAP_NET_ADMIN there are no capture rules to skip (see `net::connect_from`).
         let _ = sock.set_mark(mark);
-    }
-    if server.is_some() {
-        sock.set_reuse_address(true)?;
-        sock.set_reuse_port(true)?;
     }
     sock.bind(&addr.into())?;
     quinn::Endpoint::new(
@@ -439,37 +461,50 @@ mod tests {
     }
 
     #[test]
-    fn no_alpn_is_no_answer_but_a_certificate_failure_is_not() {
+    fn which_failures_fall_back_to_http2() {
         let addr: SocketAddr = "10.0.0.2:15008".parse().unwrap();
-        let closed = |alert: u8| QuicError::Handshake {
+        let closed = |code: quinn::TransportErrorCode| QuicError::Handshake {
             addr,
             source: quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
-                error_code: quinn::TransportErrorCode::crypto(alert),
+                error_code: code,
                 frame_type: None,
                 reason: Bytes::new(),
             }),
         };
-        assert!(closed(120).no_answer(), "no_application_protocol");
-        let refused = QuicError::Handshake {
-            addr,
-            source: quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
-                error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
-                frame_type: None,
-                reason: Bytes::new(),
-            }),
-        };
-        assert!(refused.no_answer(), "a draining or full daemon");
-        assert!(!closed(42).no_answer(), "bad_certificate");
-        assert!(QuicError::NoAnswer(addr).no_answer());
-        assert!(QuicError::Handshake {
-            addr,
-            source: quinn::ConnectionError::TimedOut
+        let handshake = |source| QuicError::Handshake { addr, source };
+        let crypto = quinn::TransportErrorCode::crypto;
+        let cases = [
+            (QuicError::NoAnswer(addr), Fallback::Remember, "no answer"),
+            (
+                handshake(quinn::ConnectionError::TimedOut),
+                Fallback::Remember,
+                "handshake timed out",
+            ),
+            (
+                closed(crypto(120)),
+                Fallback::Remember,
+                "no_application_protocol",
+            ),
+            (
+                closed(quinn::TransportErrorCode::CONNECTION_REFUSED),
+                Fallback::ThisDial,
+                "a draining or full daemon",
+            ),
+            (closed(crypto(42)), Fallback::No, "bad_certificate"),
+            (closed(crypto(48)), Fallback::No, "unknown_ca"),
+            (
+                handshake(quinn::ConnectionError::LocallyClosed),
+                Fallback::No,
+                "closed here",
+            ),
+            (
+                QuicError::Config("x".into()),
+                Fallback::No,
+                "a local configuration error",
+            ),
+        ];
+        for (e, want, what) in cases {
+            assert_eq!(e.fallback(), want, "{what}: {e}");
         }
-        .no_answer());
-        assert!(!QuicError::Handshake {
-            addr,
-            source: quinn::ConnectionError::LocallyClosed
-        }
-        .no_answer());
     }
 }

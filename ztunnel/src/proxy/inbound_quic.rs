@@ -7,8 +7,10 @@
 //! a place among the pending handshakes ([`crate::gate`]) or it is refused before any TLS.
 //! Each stream's header stands for a `CONNECT` and is validated, judged by policy and
 //! answered like one; a malformed or late header is `400` (`quic_bad_header`). A connection
-//! that breaks the QUIC protocol is counted (`inbound_quic_error`). On drain, no new stream
-//! is taken and each connection closes once its streams have ended.
+//! that breaks the QUIC protocol is counted (`inbound_quic_error`). On drain, no new connection
+//! is taken (a peer's dial is refused, and it falls back to HTTP/2) and each connection closes
+//! once its streams have ended. A daemon that starts while another still holds the port (a
+//! rolling restart) binds it once that one has let it go.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,26 +20,53 @@ use http::StatusCode;
 use quinn::{Incoming, RecvStream, SendStream, VarInt};
 
 use super::inbound::{admit, established, track, Peer, HANDSHAKE_TIMEOUT};
-use super::{ProxyInputs, Scope};
+use super::{ProxyInputs, QuicListener, Scope};
 use crate::hbone::quic;
 use crate::identity;
 
-/// Accepts QUIC tunnel connections on `endpoint` until the daemon drains. When the task is
-/// dropped (its pod left the mesh) rather than drained, the endpoint and its connections
-/// are closed.
+/// Binds the endpoint if another daemon held it (trying again every [`REBIND`] until it is
+/// free, or the daemon drains), then serves it ([`serve`]).
+pub(super) async fn serve_listener(pi: Arc<ProxyInputs>, scope: Scope, listener: QuicListener) {
+    let endpoint = match listener {
+        QuicListener::Bound(ep) => ep,
+        QuicListener::Held { netns, addr } => {
+            tracing::info!(%addr, "the QUIC tunnel port is held by another daemon (draining?); QUIC tunnels are taken here once it lets it go");
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(REBIND) => {}
+                    _ = pi.drained() => return,
+                }
+                match super::quic_endpoint(netns.as_deref(), addr) {
+                    Ok(ep) => {
+                        tracing::info!(%addr, "QUIC tunnel port bound");
+                        break ep;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "cannot bind the QUIC tunnel port; tunnels here are taken on HTTP/2 only");
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    serve(pi, scope, endpoint).await
+}
+
+/// Accepts QUIC tunnel connections on `endpoint` until the daemon drains, then refuses them.
+/// When the task is dropped (its pod left the mesh, or the drain is over), the endpoint and
+/// its connections are closed.
 pub(super) async fn serve(pi: Arc<ProxyInputs>, scope: Scope, endpoint: quinn::Endpoint) {
-    struct CloseOnDrop(Option<quinn::Endpoint>);
+    struct CloseOnDrop(quinn::Endpoint);
     impl Drop for CloseOnDrop {
         fn drop(&mut self) {
-            if let Some(ep) = self.0.take() {
-                ep.close(VarInt::from_u32(0), b"stopped");
-            }
+            self.0.close(VarInt::from_u32(0), b"stopped");
         }
     }
     let Ok(bound) = endpoint.local_addr() else {
         return;
     };
-    let mut guard = CloseOnDrop(Some(endpoint.clone()));
+    let _guard = CloseOnDrop(endpoint.clone());
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
@@ -53,14 +82,22 @@ pub(super) async fn serve(pi: Arc<ProxyInputs>, scope: Scope, endpoint: quinn::E
             },
             _ = pi.drained() => {
                 tracing::info!(listener = "inbound_quic", "stopped accepting (draining)");
-                // Connections finish their streams; the endpoint lives while they do.
-                endpoint.set_server_config(None);
-                guard.0 = None;
-                return;
+                break;
             }
         }
     }
+    // Draining: a dial is refused (CONNECTION_REFUSED), so that the peer falls back to
+    // HTTP/2 at once for that dial (it would wait for a timeout on a silent port, and then
+    // keep off QUIC for a while); the connections already here finish their streams.
+    while let Some(incoming) = endpoint.accept().await {
+        incoming.refuse();
+    }
 }
+
+/// How often a daemon tries to bind a QUIC port another daemon holds: short, since a peer
+/// that dials in the gap between the old daemon's exit and the bind gets no answer, and
+/// keeps off QUIC for a while ([`crate::hbone::pool::QUIC_RETRY_AFTER`]).
+const REBIND: Duration = Duration::from_millis(100);
 
 async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, bound: SocketAddr) {
     let addr = incoming.remote_address();

@@ -229,21 +229,51 @@ pub struct Listeners {
     pub inbound: TcpListener,
     pub inbound_plaintext: TcpListener,
     /// The QUIC tunnel endpoint (UDP, the tunnel port), when QUIC is accepted.
-    pub quic: Option<quinn::Endpoint>,
+    pub quic: Option<QuicListener>,
+}
+
+/// The QUIC tunnel endpoint of a set of listeners.
+pub enum QuicListener {
+    Bound(quinn::Endpoint),
+    /// The port is still held by another daemon (a rolling restart: the one draining); the
+    /// endpoint is bound once that one lets it go ([`inbound_quic`]).
+    Held {
+        netns: Option<Arc<Netns>>,
+        addr: SocketAddr,
+    },
+}
+
+impl QuicListener {
+    /// Binds the endpoint on `addr` (inside `netns` when given), or notes that another
+    /// daemon holds it.
+    pub fn bind(netns: Option<&Arc<Netns>>, addr: SocketAddr) -> std::io::Result<QuicListener> {
+        match quic_endpoint(netns.map(|n| &**n), addr) {
+            Ok(ep) => Ok(QuicListener::Bound(ep)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(QuicListener::Held {
+                netns: netns.cloned(),
+                addr,
+            }),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl Listeners {
-    /// Binds the three listeners on `ip` (`SO_REUSEPORT`), and the QUIC endpoint when `quic`,
-    /// inside `netns` when given. Needs a runtime context (the endpoint registers its socket).
-    pub fn bind(netns: Option<&Netns>, ip: IpAddr, quic: bool) -> std::io::Result<Listeners> {
+    /// Binds the three listeners on `ip` (`SO_REUSEPORT`), and the QUIC endpoint when `quic`
+    /// ([`QuicListener::bind`]), inside `netns` when given. Needs a runtime context (the
+    /// endpoint registers its socket).
+    pub fn bind(netns: Option<&Arc<Netns>>, ip: IpAddr, quic: bool) -> std::io::Result<Listeners> {
         use ztunnel_proto::hbone as c;
-        let at = |port| crate::net::listen_in(netns, SocketAddr::new(ip, port));
+        let at = |port| crate::net::listen_in(netns.map(|n| &**n), SocketAddr::new(ip, port));
         Ok(Listeners {
             outbound: at(c::OUTBOUND_PORT)?,
             inbound: at(c::HBONE_PORT)?,
             inbound_plaintext: at(c::INBOUND_PLAINTEXT_PORT)?,
             quic: if quic {
-                Some(quic_endpoint(netns, SocketAddr::new(ip, c::HBONE_PORT))?)
+                Some(QuicListener::bind(
+                    netns,
+                    SocketAddr::new(ip, c::HBONE_PORT),
+                )?)
             } else {
                 None
             },
@@ -266,8 +296,8 @@ pub async fn serve(pi: Arc<ProxyInputs>, scope: Scope, l: Listeners) {
     let quic = {
         let (pi, scope) = (pi.clone(), scope.clone());
         async move {
-            if let Some(ep) = l.quic {
-                inbound_quic::serve(pi, scope, ep).await
+            if let Some(q) = l.quic {
+                inbound_quic::serve_listener(pi, scope, q).await
             }
         }
     };
