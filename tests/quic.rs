@@ -616,3 +616,69 @@ fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
         "b logs the refused handshake:\n{log}"
     );
 }
+
+/// A hostile peer that opens a stream and never finishes its header holds nothing for long:
+/// the stream is answered `400` once the header timeout passes (counted as `quic_bad_header`),
+/// and the same connection's other streams are served meanwhile.
+#[test]
+fn a_stream_whose_header_never_completes_is_refused_and_blocks_nothing() {
+    let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
+    let server = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        let (mut s, _) = l.accept().await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        s.write_all(&got).await?;
+        s.shutdown().await?;
+        Ok::<_, std::io::Error>(got)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
+    let (echoed, status, rest) = mesh.c.block_on(async move {
+        let ep = client_endpoint();
+        let conn = quic::connect(&ep, tunnel_addr(), cfg)
+            .await
+            .expect("QUIC handshake with b");
+        // Two bytes of a header, then silence.
+        let raw = header(&format!("{B_IP}:8080")).encode().unwrap();
+        let (mut stalled_send, mut stalled_recv) = conn.open_bi().await.expect("open a stream");
+        stalled_send.write_all(&raw[..2]).await.expect("write");
+        // Meanwhile a well-formed stream on the same connection is served.
+        let (mut send, mut recv) = quic::open_stream(&conn, &header(&format!("{B_IP}:8080")), None)
+            .await
+            .expect("a 200 stream beside the stalled one");
+        send.write_all(b"served").await.unwrap();
+        send.finish().unwrap();
+        let echoed = recv.read_to_end(1024).await.expect("the echo");
+        // The stalled stream gets its answer once the header timeout has passed.
+        let mut resp = [0u8; wire::RESPONSE_LEN];
+        tokio::time::timeout(Duration::from_secs(20), stalled_recv.read_exact(&mut resp))
+            .await
+            .expect("an answer to the stalled stream within 20 s")
+            .expect("a response header");
+        let status = wire::decode_response(resp).expect("a version-1 response");
+        let rest = stalled_recv
+            .read_to_end(1024)
+            .await
+            .expect("the stream ends");
+        conn.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+        (echoed, status, rest)
+    });
+    assert_eq!(echoed, b"served");
+    assert_eq!((status, rest), (400, Vec::new()));
+    assert_eq!(mesh.b.join(server).expect("server"), b"served");
+    let mb = Mesh::metrics(&mesh.b);
+    expect_metric(
+        &mb,
+        "ztunnel_refusals_total",
+        &[("reason", "quic_bad_header")],
+        1.0,
+    );
+    expect_metric(
+        &mb,
+        "ztunnel_proxied_connections_total",
+        &[("direction", "inbound")],
+        1.0,
+    );
+}
