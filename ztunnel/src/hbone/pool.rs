@@ -246,8 +246,9 @@ struct Inner {
     settings: PoolSettings,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
-    /// The QUIC client endpoint of each network namespace (`None`: the daemon's own).
-    quic_endpoints: Mutex<HashMap<Option<(u64, u64)>, quinn::Endpoint>>,
+    /// The QUIC client endpoints of each network namespace (`None`: the daemon's own), one
+    /// per address family (`true`: IPv6).
+    quic_endpoints: Mutex<HashMap<(Option<(u64, u64)>, bool), quinn::Endpoint>>,
     /// Addresses that did not answer on QUIC, and when.
     quic_unanswered: Mutex<HashMap<SocketAddr, Instant>>,
 }
@@ -365,17 +366,14 @@ impl Pool {
             .quic_unanswered
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match unanswered.get(&addr) {
-            Some(at) if at.elapsed() < QUIC_RETRY_AFTER => false,
-            Some(_) => {
-                unanswered.remove(&addr);
-                true
-            }
-            None => true,
+        let due = quic_due(unanswered.get(&addr).copied(), Instant::now());
+        if due {
+            unanswered.remove(&addr);
         }
+        due
     }
 
-    /// The QUIC client endpoint of `netns`, made on first use.
+    /// The QUIC client endpoint of `netns` for `addr`'s family, made on first use.
     fn quic_endpoint(
         &self,
         netns: Option<&Arc<Netns>>,
@@ -386,7 +384,7 @@ impl Pool {
             .quic_endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let k = netns.map(|n| n.id());
+        let k = (netns.map(|n| n.id()), addr.is_ipv6());
         if let Some(ep) = eps.get(&k) {
             return Ok(ep.clone());
         }
@@ -429,11 +427,14 @@ impl Pool {
                     Fallback::Remember => {
                         crate::warn_throttled!(addr = %key.addr, error = %e, "no answer on QUIC; tunnelling on HTTP/2");
                         self.inner.metrics.quic_fallbacks.inc();
-                        self.inner
+                        let mut unanswered = self
+                            .inner
                             .quic_unanswered
                             .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(key.addr, Instant::now());
+                            .unwrap_or_else(|e| e.into_inner());
+                        // Bounded by the destinations that went silent within the period.
+                        unanswered.retain(|_, at| at.elapsed() < QUIC_RETRY_AFTER);
+                        unanswered.insert(key.addr, Instant::now());
                     }
                 },
             }
@@ -578,7 +579,7 @@ impl Pool {
             .quic_endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&Some(netns.id()));
+            .retain(|(ns, _), _| *ns != Some(netns.id()));
         evicted
     }
 
@@ -642,6 +643,12 @@ async fn watch_idle(conn: Weak<Conn>, ks: Arc<KeyState>, timeout: Duration) {
     }
 }
 
+/// Whether a QUIC destination is dialled on QUIC at `now`, given when (if ever) it last went
+/// unanswered: not within [`QUIC_RETRY_AFTER`] of that.
+fn quic_due(unanswered_at: Option<Instant>, now: Instant) -> bool {
+    unanswered_at.is_none_or(|at| now.saturating_duration_since(at) >= QUIC_RETRY_AFTER)
+}
+
 /// A copy of a bodiless request (`http::Request` is not `Clone`).
 fn copy_request(req: &Request<()>) -> Request<()> {
     let mut r = Request::new(());
@@ -650,4 +657,46 @@ fn copy_request(req: &Request<()>) -> Request<()> {
     *r.version_mut() = req.version();
     *r.headers_mut() = req.headers().clone();
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{quic_due, QuicSettings, QUIC_RETRY_AFTER};
+
+    #[test]
+    fn quic_destinations_match_by_cidr_and_ip() {
+        let q = QuicSettings {
+            destinations: vec![
+                "10.20.0.0/16".parse().unwrap(),
+                "fd00::7/128".parse().unwrap(),
+            ],
+        };
+        let cases = [
+            ("10.20.2.10:15008", true),
+            ("[::ffff:10.20.2.10]:15008", true),
+            ("10.21.0.1:15008", false),
+            ("[fd00::7]:15008", true),
+            ("[fd00::8]:15008", false),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(q.wants(addr.parse().unwrap()), want, "{addr}");
+        }
+        assert!(!QuicSettings::default().wants("10.20.2.10:15008".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_unanswered_destination_is_retried_on_quic_after_the_period() {
+        let t = Instant::now();
+        let cases = [
+            (None, Duration::ZERO, true),
+            (Some(t), Duration::ZERO, false),
+            (Some(t), QUIC_RETRY_AFTER - Duration::from_millis(1), false),
+            (Some(t), QUIC_RETRY_AFTER, true),
+        ];
+        for (at, later, want) in cases {
+            assert_eq!(quic_due(at, t + later), want, "{at:?} +{later:?}");
+        }
+    }
 }
