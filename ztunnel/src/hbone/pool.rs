@@ -234,6 +234,10 @@ pub struct ConnInfo {
     pub age_secs: u64,
 }
 
+/// Whose QUIC client endpoint: the network namespace's id (`None`: the daemon's own) and
+/// whether it is for IPv6.
+type EndpointKey = (Option<(u64, u64)>, bool);
+
 /// The pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Pool {
@@ -246,9 +250,8 @@ struct Inner {
     settings: PoolSettings,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
-    /// The QUIC client endpoints of each network namespace (`None`: the daemon's own), one
-    /// per address family (`true`: IPv6).
-    quic_endpoints: Mutex<HashMap<(Option<(u64, u64)>, bool), quinn::Endpoint>>,
+    /// The QUIC client endpoints of each network namespace, one per address family.
+    quic_endpoints: Mutex<HashMap<EndpointKey, quinn::Endpoint>>,
     /// Addresses that did not answer on QUIC, and when.
     quic_unanswered: Mutex<HashMap<SocketAddr, Instant>>,
 }
