@@ -267,6 +267,91 @@ fn a_rolling_restart_with_quic_refuses_no_new_connection_and_quic_resumes() {
     );
 }
 
+/// A QUIC tunnel connection that outlives its daemon (a connection held past the drain
+/// grace): the daemon that replaces it on the node shares the node's reset secret, so it
+/// answers the peer's next packet with a stateless reset the peer accepts. The peer's pooled
+/// connection ends at once: a new connection is served and the held one learns it is cut,
+/// instead of both hanging until the 20 s idle timeout.
+#[test]
+fn a_quic_connection_outliving_its_daemon_is_reset_by_the_next_one() {
+    let mut bed = TestBed::start_configured(
+        testbed::default_pods(),
+        Vec::new(),
+        &[
+            ("ZTUNNEL_QUIC_LISTEN", "true"),
+            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16"),
+        ],
+    )
+    .unwrap();
+    bed.pod("server").ns.spawn(async {
+        let l = apps::listen(8080).await;
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let (held, got) = bed
+        .pod("client")
+        .ns
+        .block_on(async {
+            let s = TcpStream::connect(("10.20.2.10", 8080)).await?;
+            echo_on(s, b"one").await
+        })
+        .expect("the first connection");
+    assert_eq!(got, b"one");
+    let m1 = bed.metrics(0);
+    assert_eq!(
+        daemon::metric(&m1, "ztunnel_quic_fallbacks_total", &[]),
+        0.0,
+        "the tunnel is QUIC: {m1}"
+    );
+
+    // n2's daemon is replaced; the held connection outlives the old one's 2 s drain grace.
+    let newer = bed.spawn_daemon(1, "-next").unwrap();
+    let mut old = bed.nodes[1].daemon.replace(newer).unwrap();
+    old.stop(Duration::from_secs(10));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !bed.log(1).contains("QUIC tunnel port bound") {
+        assert!(std::time::Instant::now() < deadline, "{}", bed.log(1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A new connection rides the pool's connection to the old daemon first: the new daemon's
+    // reset ends it, and the stream is carried on a new one.
+    let fresh = bed.pod("client").ns.block_on(async {
+        let s = TcpStream::connect(("10.20.2.10", 8080)).await?;
+        echo_on(s, b"two").await
+    });
+    assert_eq!(fresh.expect("a new connection is served").1, b"two");
+    // The held connection learns that its tunnel is gone.
+    let cut = bed.pod("client").ns.block_on(async move {
+        let mut held = held;
+        let _ = held.write_all(b"three").await;
+        let mut buf = [0u8; 16];
+        tokio::time::timeout(Duration::from_secs(5), held.read(&mut buf)).await
+    });
+    match cut {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        other => panic!("the held connection was not cut: {other:?}"),
+    }
+    let log1 = bed.log(0);
+    assert!(!log1.contains("no answer on QUIC"), "{log1}");
+}
+
+/// Writes `msg` on `s` and reads its echo (within 3 s).
+async fn echo_on(mut s: TcpStream, msg: &'static [u8]) -> std::io::Result<(TcpStream, Vec<u8>)> {
+    s.write_all(msg).await?;
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut got))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo"))??;
+    Ok((s, got))
+}
+
 /// Runs four clients back to back from `client` to `server` (n2) while each node's daemon in
 /// turn is replaced by a new process (started beside the old, then the old drains), and
 /// asserts that no connection failed.

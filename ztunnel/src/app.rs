@@ -197,6 +197,14 @@ pub async fn start(
                 source,
             };
             let store = Store::open(&cfg.state_dir).map_err(state_err)?;
+            if cfg.quic_listen || !cfg.quic_destinations.is_empty() {
+                match store.quic_reset_secret() {
+                    Ok(secret) => crate::hbone::quic::use_reset_secret(&secret),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no QUIC reset secret; peers of a replaced daemon's QUIC connections learn it is gone only at their idle timeout")
+                    }
+                }
+            }
             if let Err(e) = tokio::task::spawn_blocking(rules::install_node)
                 .await
                 .expect("node rules task")

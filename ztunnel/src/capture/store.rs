@@ -67,6 +67,50 @@ impl Store {
         &self.dir
     }
 
+    /// The node's secret for QUIC stateless resets (`quic-reset-key`, 32 random bytes, mode
+    /// 0600), made on first use; the daemons that follow one another on the node share it
+    /// ([`crate::hbone::quic::use_reset_secret`]).
+    pub fn quic_reset_secret(&self) -> io::Result<Vec<u8>> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join("quic-reset-key");
+        match std::fs::read(&path) {
+            Ok(secret) if secret.len() == 32 => return Ok(secret),
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is not 32 bytes", path.display()),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut secret = vec![0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| io::Error::other("no randomness"))?;
+        let tmp = self
+            .dir
+            .join(format!("quic-reset-key.{}.tmp", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&secret)?;
+        f.sync_all()?;
+        // A link, unlike a rename, fails when the name exists: of two daemons starting at
+        // once, the first to link wins, and both read what it left.
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::read(&path)
+    }
+
     pub fn socket_path(&self) -> PathBuf {
         self.dir.join("cni.sock")
     }
@@ -144,5 +188,32 @@ mod tests {
         store.remove(&r.attachment).unwrap();
         store.remove(&r.attachment).unwrap();
         assert!(store.load_all().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_quic_reset_secret_is_made_once_private_and_then_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let first = store.quic_reset_secret().unwrap();
+        assert_eq!(first.len(), 32);
+        let path = store.dir().join("quic-reset-key");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A later daemon on the node (another Store on the same directory) gets the same.
+        let again = Store::open(store.dir())
+            .unwrap()
+            .quic_reset_secret()
+            .unwrap();
+        assert_eq!(again, first);
+        let leftovers: Vec<_> = std::fs::read_dir(store.dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // A damaged file is an error, not a silently different key.
+        std::fs::write(&path, b"short").unwrap();
+        assert!(store.quic_reset_secret().is_err());
     }
 }

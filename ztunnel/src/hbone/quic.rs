@@ -15,7 +15,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -118,6 +118,46 @@ pub enum Fallback {
     Remember,
 }
 
+/// What this process derives stateless-reset tokens and connection IDs from, when set
+/// ([`use_reset_secret`]).
+static NODE_KEYS: OnceLock<NodeKeys> = OnceLock::new();
+
+struct NodeKeys {
+    reset: Arc<ring::hmac::Key>,
+    /// Signs the connection IDs endpoints hand out, so that the next daemon recognises the
+    /// old one's as valid (it drops packets whose IDs it does not, without a reset).
+    cid: u64,
+}
+
+/// Makes every QUIC endpoint this process creates afterwards derive its stateless-reset
+/// tokens and its connection IDs' signatures from `secret` (the node's, kept in its state
+/// directory). A daemon that replaces another on the node then answers packets of the old
+/// one's connections with a reset their peers accept, so that a peer whose pooled connection
+/// outlived the old daemon (its drain grace ran out) learns at its next packet that it is
+/// gone, instead of waiting out the idle timeout. Without it each process has random keys.
+/// Only the first call counts.
+pub fn use_reset_secret(secret: &[u8]) {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let derive = |label: &[u8]| ring::hmac::sign(&key, label);
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derive(b"quic reset").as_ref());
+    let mut cid = [0u8; 8];
+    cid.copy_from_slice(&derive(b"quic cid").as_ref()[..8]);
+    let _ = NODE_KEYS.set(NodeKeys {
+        reset: Arc::new(reset),
+        cid: u64::from_le_bytes(cid),
+    });
+}
+
+fn endpoint_config() -> quinn::EndpointConfig {
+    let Some(keys) = NODE_KEYS.get() else {
+        return quinn::EndpointConfig::default();
+    };
+    let mut c = quinn::EndpointConfig::new(keys.reset.clone());
+    let cid = keys.cid;
+    c.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
+    c
+}
+
 /// The transport error code a connection was closed with, if any (a TLS alert `a` is the
 /// CRYPTO_ERROR `0x100 + a`; `no_application_protocol` is 120).
 fn transport_code(e: &quinn::ConnectionError) -> Option<quinn::TransportErrorCode> {
@@ -202,7 +242,7 @@ pub fn endpoint(
     }
     sock.bind(&addr.into())?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config(),
         server,
         sock.into(),
         Arc::new(quinn::TokioRuntime),
