@@ -107,28 +107,13 @@ fn half_close_crosses_the_tunnel_both_ways() {
 fn bytes_written_before_the_tunnel_is_up_arrive_in_order_and_are_counted() {
     let mesh = Mesh::default_pair();
     let len = 40 * 1024; // more than the daemon takes with the CONNECT (16 KiB)
-    let server = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
-        let (mut s, _) = l.accept().await?;
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await?;
-        s.write_all(&got).await?;
-        s.shutdown().await?;
-        Ok::<_, std::io::Error>(got)
-    });
+    let server = mesh.b.spawn(apps::echo_once(8080));
     std::thread::sleep(Duration::from_millis(100));
     let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let echoed = {
         let sent = sent.clone();
         mesh.a
-            .block_on(async move {
-                let mut s = TcpStream::connect((B_IP, 8080)).await?;
-                s.write_all(&sent).await?;
-                s.shutdown().await?;
-                let mut back = Vec::new();
-                s.read_to_end(&mut back).await?;
-                Ok::<_, std::io::Error>(back)
-            })
+            .block_on(async move { apps::send_and_read(B_IP, 8080, &sent).await })
             .expect("client")
     };
     assert!(

@@ -139,28 +139,13 @@ fn half_close_crosses_the_quic_tunnel_both_ways() {
 fn bytes_written_before_the_quic_tunnel_is_up_arrive_in_order_and_are_counted() {
     let mesh = quic_pair();
     let len = 40 * 1024; // more than the daemon takes with the header (16 KiB)
-    let server = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
-        let (mut s, _) = l.accept().await?;
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await?;
-        s.write_all(&got).await?;
-        s.shutdown().await?;
-        Ok::<_, std::io::Error>(got)
-    });
+    let server = mesh.b.spawn(apps::echo_once(8080));
     std::thread::sleep(Duration::from_millis(100));
     let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let echoed = {
         let sent = sent.clone();
         mesh.a
-            .block_on(async move {
-                let mut s = TcpStream::connect((B_IP, 8080)).await?;
-                s.write_all(&sent).await?;
-                s.shutdown().await?;
-                let mut back = Vec::new();
-                s.read_to_end(&mut back).await?;
-                Ok::<_, std::io::Error>(back)
-            })
+            .block_on(async move { apps::send_and_read(B_IP, 8080, &sent).await })
             .expect("client")
     };
     assert!(
@@ -447,11 +432,7 @@ fn quic_stream_headers_get_the_contract_status() {
     let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
     let server = mesh.b.spawn(async {
         let l = apps::listen(8080).await;
-        let (mut s, _) = l.accept().await?;
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await?;
-        s.write_all(&got).await?;
-        s.shutdown().await?;
+        let got = apps::echo_one(&l).await?;
         // Only the valid stream reaches the application.
         let another = tokio::time::timeout(Duration::from_secs(1), l.accept())
             .await
@@ -623,15 +604,7 @@ fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
 #[test]
 fn a_stream_whose_header_never_completes_is_refused_and_blocks_nothing() {
     let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
-    let server = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
-        let (mut s, _) = l.accept().await?;
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await?;
-        s.write_all(&got).await?;
-        s.shutdown().await?;
-        Ok::<_, std::io::Error>(got)
-    });
+    let server = mesh.b.spawn(apps::echo_once(8080));
     std::thread::sleep(Duration::from_millis(100));
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     let (echoed, status, rest) = mesh.c.block_on(async move {
@@ -681,4 +654,89 @@ fn a_stream_whose_header_never_completes_is_refused_and_blocks_nothing() {
         &[("direction", "inbound")],
         1.0,
     );
+}
+
+/// Silent QUIC peers (each sends its first handshake packet and never another, nor reads the
+/// answer) hold at most the per-peer cap of pending handshakes: the rest are refused before
+/// any TLS and counted, a legitimate client from another address still gets its tunnel, and
+/// the held ones are dropped at the handshake timeout.
+#[test]
+fn silent_quic_handshakes_are_capped_per_peer_and_keep_no_one_out() {
+    let b_opts = NodeOptions {
+        extra_args: args(&[
+            "--quic-listen",
+            "true",
+            "--max-pending-handshakes",
+            "50",
+            "--max-pending-handshakes-per-peer",
+            "5",
+        ]),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(quic_client(), b_opts).expect("test bed");
+    let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
+    // From c: 20 clients, each behind a relay that passes only its first datagram (the
+    // Initial with the ClientHello) to b and drops b's answers.
+    let silent = mesh.c.spawn(async move {
+        let b = tunnel_addr();
+        let mut keep = Vec::new();
+        for _ in 0..20 {
+            let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+            let upstream = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+            let relay_addr = relay.local_addr()?;
+            let ep = client_endpoint();
+            let connecting = ep
+                .connect_with(cfg.clone(), relay_addr, B_IP)
+                .expect("connect");
+            let mut first = vec![0u8; 2048];
+            let (n, _) = relay.recv_from(&mut first).await?;
+            upstream.send_to(&first[..n], b).await?;
+            keep.push((relay, upstream, ep, connecting));
+        }
+        // Held open until the test has counted.
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        drop(keep);
+        Ok::<_, std::io::Error>(())
+    });
+    let m = Mesh::metrics_when(
+        &mesh.b,
+        "ztunnel_refusals_total",
+        &[("reason", "inbound_handshake_limit")],
+        15.0,
+    );
+    expect_metric(
+        &m,
+        "ztunnel_refusals_total",
+        &[("reason", "inbound_handshake_limit")],
+        15.0,
+    );
+
+    // Meanwhile a's daemon tunnels a connection to b over QUIC.
+    let server = mesh.b.spawn(apps::echo_once(8080));
+    std::thread::sleep(Duration::from_millis(100));
+    let echoed = mesh
+        .a
+        .block_on(apps::send_and_read(B_IP, 8080, b"still served"))
+        .expect("a legitimate client");
+    assert_eq!(echoed, b"still served");
+    assert_eq!(mesh.b.join(server).expect("server"), b"still served");
+    let mb = Mesh::metrics(&mesh.b);
+    expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 1.0);
+    expect_metric(&mb, "ztunnel_hbone_connections_accepted_total", &[], 0.0);
+
+    // The five held are dropped when the handshake timeout (10 s) passes.
+    let m = Mesh::metrics_when_within(
+        &mesh.b,
+        "ztunnel_refusals_total",
+        &[("reason", "inbound_tls_timeout")],
+        5.0,
+        Duration::from_secs(15),
+    );
+    expect_metric(
+        &m,
+        "ztunnel_refusals_total",
+        &[("reason", "inbound_tls_timeout")],
+        5.0,
+    );
+    mesh.c.join(silent).expect("silent peers");
 }

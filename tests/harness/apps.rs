@@ -117,6 +117,32 @@ pub async fn listen(port: u16) -> TcpListener {
         .expect("bind test app")
 }
 
+/// Accepts one connection on `port`, reads it to its end, echoes what it read and half-closes;
+/// returns what it read.
+pub async fn echo_once(port: u16) -> std::io::Result<Vec<u8>> {
+    echo_one(&listen(port).await).await
+}
+
+/// Like [`echo_once`], on a listener the caller keeps.
+pub async fn echo_one(l: &TcpListener) -> std::io::Result<Vec<u8>> {
+    let (mut s, _) = l.accept().await?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await?;
+    s.write_all(&got).await?;
+    s.shutdown().await?;
+    Ok(got)
+}
+
+/// Connects to `ip:port`, sends `msg`, half-closes, and reads the answer to its end.
+pub async fn send_and_read(ip: &str, port: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect((ip, port)).await?;
+    s.write_all(msg).await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await?;
+    Ok(back)
+}
+
 /// Answers every connection on `port` with the peer's address, until the task is dropped.
 pub async fn whoami_server(port: u16) {
     let l = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");

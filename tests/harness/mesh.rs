@@ -229,7 +229,18 @@ impl Mesh {
     /// far end of a refused connection may count it a moment after the near end sees it;
     /// returns the last exposition read, for the assertion message.
     pub fn metrics_when(ns: &Netns, name: &str, labels: &[(&str, &str)], want: f64) -> String {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        Self::metrics_when_within(ns, name, labels, want, std::time::Duration::from_secs(5))
+    }
+
+    /// Like [`Mesh::metrics_when`], waiting up to `limit`.
+    pub fn metrics_when_within(
+        ns: &Netns,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        limit: std::time::Duration,
+    ) -> String {
+        let deadline = std::time::Instant::now() + limit;
         loop {
             let m = Self::metrics(ns);
             if crate::daemon::metric(&m, name, labels) == want
