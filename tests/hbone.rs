@@ -10,7 +10,7 @@ use ztunnel::ca::{issue, LocalCa};
 use ztunnel::hbone::client;
 use ztunnel::identity::Identity;
 use ztunnel::net::ConnectOptions;
-use ztunnel_e2e::apps::{self, pattern_digest};
+use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::metric;
 use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, A_IP, B_IP, C_IP};
 
@@ -49,33 +49,7 @@ fn bulk_64_mib_each_way_arrives_intact() {
         // At least the code and the read-only data of the executable.
         assert!(wait_for_released_pages(daemon) >= 2);
     }
-    let len = 64 * MIB;
-    let server = mesh
-        .b
-        .spawn(async move { apps::exchange_server(apps::listen(8080).await, 2, len).await });
-    std::thread::sleep(Duration::from_millis(100));
-    let (digest, n) = mesh
-        .a
-        .block_on(async move {
-            let s = TcpStream::connect((B_IP, 8080)).await?;
-            apps::exchange(s, 1, len).await
-        })
-        .expect("client exchange");
-    let (server_digest, server_n, peer) = mesh.b.join(server).expect("server exchange");
-    assert_eq!((n, server_n), (len, len));
-    assert_eq!(
-        digest,
-        pattern_digest(2, len),
-        "server → client bytes differ"
-    );
-    assert_eq!(
-        server_digest,
-        pattern_digest(1, len),
-        "client → server bytes differ"
-    );
-    // The application saw the daemon's connection from its own address (in this layout the
-    // daemon shares the workload's namespace); the tunnel carried it, not the plain network.
-    assert_eq!(peer.ip().to_string(), B_IP);
+    mesh.check_bulk_each_way(64 * MIB);
     let m = Mesh::metrics(&mesh.b);
     assert_eq!(
         metric(&m, "ztunnel_hbone_connections_accepted_total", &[]),

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use ztunnel::ca::{issue, LocalCa};
 use ztunnel::hbone::quic::{self, QuicError, QuicStreamError};
 use ztunnel::identity::Identity;
-use ztunnel_e2e::apps::{self, pattern_digest};
+use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::metric;
 use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, B_IP, C_IP, TRUST_DOMAIN};
 use ztunnel_e2e::netns::Netns;
@@ -70,31 +70,7 @@ fn counter(ns: &Netns, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[test]
 fn bulk_64_mib_each_way_arrives_intact_over_quic() {
     let mesh = quic_pair();
-    let len = 64 * MIB;
-    let server = mesh
-        .b
-        .spawn(async move { apps::exchange_server(apps::listen(8080).await, 2, len).await });
-    std::thread::sleep(Duration::from_millis(100));
-    let (digest, n) = mesh
-        .a
-        .block_on(async move {
-            let s = TcpStream::connect((B_IP, 8080)).await?;
-            apps::exchange(s, 1, len).await
-        })
-        .expect("client exchange");
-    let (server_digest, server_n, peer) = mesh.b.join(server).expect("server exchange");
-    assert_eq!((n, server_n), (len, len));
-    assert_eq!(
-        digest,
-        pattern_digest(2, len),
-        "server → client bytes differ"
-    );
-    assert_eq!(
-        server_digest,
-        pattern_digest(1, len),
-        "client → server bytes differ"
-    );
-    assert_eq!(peer.ip().to_string(), B_IP);
+    mesh.check_bulk_each_way(64 * MIB);
 
     let mb = Mesh::metrics(&mesh.b);
     expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 1.0);

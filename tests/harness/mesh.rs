@@ -126,6 +126,38 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// `len` bytes each way between `a` and `b`'s port 8080 at once, compared by SHA-256 in
+    /// both directions; the application on `b` sees the connection come from `B_IP` (in this
+    /// layout the daemon shares the workload's namespace: the tunnel carried it, not the plain
+    /// network). Panics when anything differs.
+    pub fn check_bulk_each_way(&self, len: usize) {
+        use crate::apps::{self, pattern_digest};
+        let server = self
+            .b
+            .spawn(async move { apps::exchange_server(apps::listen(8080).await, 2, len).await });
+        std::thread::sleep(Duration::from_millis(100));
+        let (digest, n) = self
+            .a
+            .block_on(async move {
+                let s = tokio::net::TcpStream::connect((B_IP, 8080)).await?;
+                apps::exchange(s, 1, len).await
+            })
+            .expect("client exchange");
+        let (server_digest, server_n, peer) = self.b.join(server).expect("server exchange");
+        assert_eq!((n, server_n), (len, len));
+        assert_eq!(
+            digest,
+            pattern_digest(2, len),
+            "server → client bytes differ"
+        );
+        assert_eq!(
+            server_digest,
+            pattern_digest(1, len),
+            "client → server bytes differ"
+        );
+        assert_eq!(peer.ip().to_string(), B_IP);
+    }
+
     /// Half-close across the tunnel from `a` to `b`'s port 8080, both ways: a client that
     /// half-closes first still gets the server's answer after its EOF, and a server that
     /// half-closes first still gets what the client sends after reading its EOF. Panics

@@ -22,8 +22,6 @@
 //! namespace's connections.
 
 use std::collections::HashMap;
-
-use ipnet::IpNet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -32,6 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::Request;
+use ipnet::IpNet;
 use quinn::VarInt;
 use rustls::ClientConfig;
 use serde::Serialize;
@@ -179,8 +178,6 @@ pub enum PoolError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Quic(#[from] QuicError),
-    #[error("CONNECT refused with status {0}")]
-    Status(http::StatusCode),
     #[error("QUIC endpoint: {0}")]
     Endpoint(std::io::Error),
 }
@@ -189,17 +186,13 @@ impl PoolError {
     pub fn status(&self) -> Option<http::StatusCode> {
         match self {
             PoolError::Client(c) => c.status(),
-            PoolError::Status(s) => Some(*s),
             _ => None,
         }
     }
 
     /// Whether the connection failed (not the stream), so no stream may land on it again.
     fn connection_failed(&self) -> bool {
-        !matches!(
-            self,
-            PoolError::Status(_) | PoolError::Client(ClientError::Status(_))
-        )
+        !matches!(self, PoolError::Client(ClientError::Status(_)))
     }
 
     /// Whether the peer provably did not process the stream, so it may be sent again.
@@ -216,7 +209,8 @@ impl From<QuicStreamError> for PoolError {
     fn from(e: QuicStreamError) -> Self {
         match e {
             QuicStreamError::Quic(q) => PoolError::Quic(q),
-            QuicStreamError::Status(s) => PoolError::Status(s),
+            // The peer answered, as an HTTP/2 peer answers a CONNECT.
+            QuicStreamError::Status(s) => PoolError::Client(ClientError::Status(s)),
         }
     }
 }

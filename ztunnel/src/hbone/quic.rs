@@ -13,7 +13,7 @@
 //! resets the stream both ways (a dropped quinn stream would otherwise end cleanly).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -401,12 +401,6 @@ pub fn placeholder_server_config() -> quinn::ServerConfig {
     .with_no_client_auth()
     .with_cert_resolver(Arc::new(NoCertificate));
     server_config(&tls, 1).expect("a TLS 1.3 configuration suits QUIC")
-}
-
-/// The local address a connection arrived on (the destination pod's IP).
-pub fn local_ip(conn: &quinn::Connection, bound: SocketAddr) -> Option<IpAddr> {
-    conn.local_ip()
-        .or_else(|| (!bound.ip().is_unspecified()).then_some(bound.ip()))
 }
 
 /// Copies `tcp` ⇄ (`send`, `recv`) until both directions have ended ([`super::copy`]'s
