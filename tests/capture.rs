@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::{access_lines, metric};
 use ztunnel_e2e::testbed::{self, TestBed, MARKER, VIP};
 
@@ -394,5 +395,179 @@ fn quic_tunnels_between_pods_carry_real_client_addresses_and_only_udp_15008_cros
         metric(&m1, "ztunnel_pool_connections_opened_total", &[]),
         2.0,
         "one per destination pod: {m1}"
+    );
+}
+
+/// The default pods, dual-stack: each has an IPv6 address too, which makes the whole bed
+/// dual-stack (`fd20:<node>::/64` pod networks, `fd77::/64` underlay).
+fn dual_stack_pods() -> Vec<testbed::PodSpec> {
+    let mut pods = testbed::default_pods();
+    for p in &mut pods {
+        p.ip6 = Some(match p.name {
+            "client" => "fd20:1::10",
+            "legacy-1" => "fd20:1::11",
+            "echo" => "fd20:1::12",
+            "server" => "fd20:2::10",
+            "legacy-2" => "fd20:2::11",
+            other => panic!("no IPv6 address for {other}"),
+        });
+    }
+    pods
+}
+
+#[test]
+fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_probes_pass() {
+    let bed = TestBed::start_with(dual_stack_pods()).unwrap();
+    for name in ["server", "echo", "legacy-2"] {
+        bed.pod(name).ns.spawn(apps::whoami_server(8080));
+    }
+    let (client, server) = (bed.pod("client"), bed.pod("server"));
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Enrolled to enrolled over IPv6 (cross node and same node) and, in the same bed, IPv4.
+    let pcap = bed.dir().join("underlay.pcap");
+    let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
+    let (cross6, same6, cross4) = client.ns.block_on(async {
+        (
+            apps::whoami("fd20:2::10", 8080, MARKER).await,
+            apps::whoami("fd20:1::12", 8080, MARKER).await,
+            apps::whoami("10.20.2.10", 8080, MARKER).await,
+        )
+    });
+    let captured = testbed::stop_capture(cap, &pcap).unwrap();
+    assert_eq!(cross6.unwrap(), "fd20:1::10", "cross node, IPv6");
+    assert_eq!(same6.unwrap(), "fd20:1::10", "same node, IPv6");
+    assert_eq!(cross4.unwrap(), "10.20.1.10", "cross node, IPv4");
+    assert!(!captured.marker_seen, "plaintext crossed the underlay");
+    assert!(
+        captured
+            .lines
+            .iter()
+            .any(|l| l.contains("fd20:2::10.15008")),
+        "an IPv6 tunnel to the server pod: {:?}",
+        captured.lines
+    );
+    for l in &captured.lines {
+        assert!(l.contains(".15008"), "non-tunnel TCP on the underlay: {l}");
+    }
+    let log2 = bed.log(1);
+    assert!(
+        access_lines(&log2)
+            .iter()
+            .any(|l| l["direction"] == "inbound"
+                && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+                && l["dst_addr"] == "[fd20:2::10]:8080"),
+        "an mTLS access line for the IPv6 connection: {log2}"
+    );
+
+    // Out of the mesh and into it over IPv6: passthrough, and inbound capture to 15006.
+    let plain6 = client
+        .ns
+        .block_on(apps::whoami("fd20:2::11", 8080, "plain"));
+    assert_eq!(plain6.unwrap(), "fd20:1::10", "enrolled to plain");
+    let into6 = bed
+        .pod("legacy-2")
+        .ns
+        .block_on(apps::whoami("fd20:2::10", 8080, "plain"));
+    assert_eq!(into6.unwrap(), "fd20:2::11", "plain to enrolled");
+    let m2 = bed.metrics(1);
+    for (direction, want) in [("inbound", 2.0), ("inbound_plaintext", 1.0)] {
+        let got = metric(
+            &m2,
+            "ztunnel_proxied_connections_total",
+            &[("direction", direction)],
+        );
+        assert_eq!(got, want, "{direction}: {m2}");
+    }
+
+    // A kubelet-style probe from the node over IPv6 leaves with the IPv6 probe address and is
+    // let through uncaptured.
+    let probe = bed.nodes[1]
+        .ns
+        .block_on(apps::whoami("fd20:2::10", 8080, "probe"));
+    assert_eq!(probe.unwrap(), "fd7a:7475:6e6e:656c::7f");
+
+    // The IPv6 policy route and probe-set entry exist while the pod is enrolled, and DEL
+    // removes them with the rest.
+    let rule = "fwmark 0x111/0xfff lookup 133";
+    let probe_set = |bed: &TestBed| {
+        bed.nodes[1]
+            .ns
+            .exec("nft", &["list", "set", "ip6", "ztunnel_node", "enrolled"])
+            .unwrap()
+    };
+    let rules6 = server.ns.ip(&["-6", "rule", "show"]).unwrap();
+    assert!(rules6.contains(rule), "{rules6}");
+    assert!(
+        probe_set(&bed).contains("fd20:2::10"),
+        "{}",
+        probe_set(&bed)
+    );
+    let node = bed.node_of(server);
+    let outs = node
+        .runtime
+        .del(&node.conflist, &server.attachment, Some(&server.result))
+        .unwrap();
+    assert!(outs.iter().all(|o| o.code == 0), "{outs:?}");
+    let rules6 = server.ns.ip(&["-6", "rule", "show"]).unwrap();
+    assert!(!rules6.contains(rule), "{rules6}");
+    assert!(
+        !probe_set(&bed).contains("fd20:2::10"),
+        "{}",
+        probe_set(&bed)
+    );
+}
+
+#[test]
+fn dual_stack_quic_tunnels_carry_both_families_over_udp_15008_only() {
+    let bed = TestBed::start_configured(
+        dual_stack_pods(),
+        Vec::new(),
+        &[
+            ("ZTUNNEL_QUIC_LISTEN", "true"),
+            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16,fd20::/16"),
+        ],
+    )
+    .unwrap();
+    bed.pod("server").ns.spawn(apps::whoami_server(8080));
+    std::thread::sleep(Duration::from_millis(100));
+
+    let pcap = bed.dir().join("underlay.pcap");
+    let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
+    let (first, again, v4) = bed.pod("client").ns.block_on(async {
+        (
+            apps::whoami("fd20:2::10", 8080, MARKER).await,
+            apps::whoami("fd20:2::10", 8080, MARKER).await,
+            apps::whoami("10.20.2.10", 8080, MARKER).await,
+        )
+    });
+    let tcp = testbed::stop_capture(cap, &pcap).unwrap();
+    let udp = testbed::read_capture(&pcap, "udp").unwrap();
+    assert_eq!(first.unwrap(), "fd20:1::10");
+    assert_eq!(again.unwrap(), "fd20:1::10", "pooled");
+    assert_eq!(v4.unwrap(), "10.20.1.10", "IPv4 beside IPv6");
+    assert!(!tcp.marker_seen, "plaintext crossed the underlay");
+    assert!(tcp.lines.is_empty(), "TCP on the underlay: {:?}", tcp.lines);
+    assert!(!udp.lines.is_empty(), "the capture saw no QUIC");
+    for l in &udp.lines {
+        assert!(
+            (l.contains("fd20:1::10.") && l.contains("fd20:2::10.15008"))
+                || (l.contains("10.20.1.10.") && l.contains("10.20.2.10.15008")),
+            "UDP other than the pods' tunnels on the underlay: {l}"
+        );
+    }
+    let m2 = bed.metrics(1);
+    for (name, want) in [
+        // One per destination address, each on the server pod's endpoint of its family.
+        ("ztunnel_quic_connections_accepted_total", 2.0),
+        ("ztunnel_hbone_connections_accepted_total", 0.0),
+    ] {
+        assert_eq!(metric(&m2, name, &[]), want, "{name}: {m2}");
+    }
+    let m1 = bed.metrics(0);
+    assert_eq!(
+        metric(&m1, "ztunnel_quic_fallbacks_total", &[]),
+        0.0,
+        "{m1}"
     );
 }

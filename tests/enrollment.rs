@@ -37,6 +37,7 @@ fn spec(name: &'static str, sa: &'static str, node: usize, ip: &'static str) -> 
         app: name,
         node,
         ip,
+        ip6: None,
     }
 }
 

@@ -143,9 +143,10 @@ pub async fn send_and_read(ip: &str, port: u16, msg: &[u8]) -> std::io::Result<V
     Ok(back)
 }
 
-/// Answers every connection on `port` with the peer's address, until the task is dropped.
+/// Answers every connection on `port` (both address families: `[::]` takes IPv4 too) with the
+/// peer's address, until the task is dropped.
 pub async fn whoami_server(port: u16) {
-    let l = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
+    let l = TcpListener::bind(("::", port)).await.expect("bind");
     loop {
         let Ok((mut s, peer)) = l.accept().await else {
             continue;
@@ -153,7 +154,28 @@ pub async fn whoami_server(port: u16) {
         tokio::spawn(async move {
             let mut b = [0u8; 64];
             let _ = s.read(&mut b).await;
-            let _ = s.write_all(peer.ip().to_string().as_bytes()).await;
+            let _ = s
+                .write_all(peer.ip().to_canonical().to_string().as_bytes())
+                .await;
         });
     }
+}
+
+/// Connects to `ip:port`, sends `msg` and reads the answer to its end (3 s for each): with
+/// [`whoami_server`], the address the application saw. No answer is an error.
+pub async fn whoami(ip: &str, port: u16, msg: &str) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    use std::time::Duration;
+    let mut s = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect((ip, port)))
+        .await
+        .map_err(|_| Error::new(ErrorKind::TimedOut, "connect timed out"))??;
+    s.write_all(msg.as_bytes()).await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut out))
+        .await
+        .map_err(|_| Error::new(ErrorKind::TimedOut, "read timed out"))??;
+    if out.is_empty() {
+        return Err(Error::new(ErrorKind::UnexpectedEof, "no answer"));
+    }
+    Ok(out)
 }

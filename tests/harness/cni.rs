@@ -55,6 +55,9 @@ pub struct Attachment {
     pub ifname: String,
     /// `CNI_ARGS` (`K=V;K=V`).
     pub args: String,
+    /// The runtime's dynamic parameters (`{"ips": [...]}`): each is given, as `runtimeConfig`,
+    /// to the plugins that declare it among their `capabilities`.
+    pub runtime_config: Value,
 }
 
 impl Runtime {
@@ -121,12 +124,29 @@ impl Runtime {
         conf
     }
 
+    /// `conf` with the `runtimeConfig` entries of `a` that the plugin declares in its
+    /// `capabilities`, as the specification's runtime does.
+    fn with_runtime_config(mut conf: Value, a: &Attachment) -> Value {
+        let mut rc = serde_json::Map::new();
+        if let Some(given) = a.runtime_config.as_object() {
+            for (k, v) in given {
+                if conf["capabilities"][k] == true {
+                    rc.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        if !rc.is_empty() {
+            conf["runtimeConfig"] = Value::Object(rc);
+        }
+        conf
+    }
+
     /// ADD through the list; returns every plugin's outcome, stopping at the first failure.
     pub fn add(&self, list: &Value, a: &Attachment) -> Result<Vec<Outcome>> {
         let mut prev: Option<Value> = None;
         let mut outs = Vec::new();
         for plugin in list["plugins"].as_array().context("plugins")? {
-            let conf = Self::plugin_conf(list, plugin, prev.as_ref());
+            let conf = Self::with_runtime_config(Self::plugin_conf(list, plugin, prev.as_ref()), a);
             let out = self.exec(
                 plugin["type"].as_str().context("type")?,
                 "ADD",
@@ -152,7 +172,7 @@ impl Runtime {
     ) -> Result<Vec<Outcome>> {
         let mut outs = Vec::new();
         for plugin in list["plugins"].as_array().context("plugins")?.iter().rev() {
-            let conf = Self::plugin_conf(list, plugin, cached);
+            let conf = Self::with_runtime_config(Self::plugin_conf(list, plugin, cached), a);
             outs.push(self.exec(
                 plugin["type"].as_str().context("type")?,
                 "DEL",
@@ -167,7 +187,7 @@ impl Runtime {
     pub fn check(&self, list: &Value, a: &Attachment, cached: &Value) -> Result<Vec<Outcome>> {
         let mut outs = Vec::new();
         for plugin in list["plugins"].as_array().context("plugins")? {
-            let conf = Self::plugin_conf(list, plugin, Some(cached));
+            let conf = Self::with_runtime_config(Self::plugin_conf(list, plugin, Some(cached)), a);
             let out = self.exec(
                 plugin["type"].as_str().context("type")?,
                 "CHECK",

@@ -10,8 +10,8 @@
 //! ```
 //! Each node routes the other's pod subnet over the underlay (no masquerade), so a capture on
 //! `ul0` sees exactly what crosses between nodes. Namespace `demo` is enrolled, `plain` is
-//! not. Pods get fixed addresses (`IP=` in `CNI_ARGS`, which `host-local` honours) so that the
-//! discovery file, written before the pods exist, can name them.
+//! not. Pods get fixed addresses (the `ips` capability in `runtimeConfig`, which `host-local`
+//! honours) so that the discovery file, written before the pods exist, can name them.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,6 +35,9 @@ pub struct PodSpec {
     pub app: &'static str,
     pub node: usize,
     pub ip: &'static str,
+    /// The pod's IPv6 address, for a dual-stack pod. A bed with any such pod is dual-stack:
+    /// every node's pod network and the underlay carry IPv6 too ([`TestBed::start_configured`]).
+    pub ip6: Option<&'static str>,
 }
 
 /// The default pods: on n1 `client` and `echo` (demo) and `legacy-1` (plain); on n2
@@ -47,6 +50,7 @@ pub fn default_pods() -> Vec<PodSpec> {
         app,
         node,
         ip,
+        ip6: None,
     };
     vec![
         p("client", "demo", "client", "client", 0, "10.20.1.10"),
@@ -55,6 +59,18 @@ pub fn default_pods() -> Vec<PodSpec> {
         p("server", "demo", "server", "server", 1, "10.20.2.10"),
         p("legacy-2", "plain", "default", "legacy", 1, "10.20.2.11"),
     ]
+}
+
+impl PodSpec {
+    /// The pod's addresses: its IPv4 one, then its IPv6 one if it has one.
+    pub fn ips(&self) -> Vec<&'static str> {
+        std::iter::once(self.ip).chain(self.ip6).collect()
+    }
+}
+
+/// Whether a bed with `pods` is dual-stack (any pod has an IPv6 address).
+fn dual_stack(pods: &[PodSpec]) -> bool {
+    pods.iter().any(|p| p.ip6.is_some())
 }
 
 pub struct Node {
@@ -86,6 +102,8 @@ pub struct TestBed {
     prefix: String,
     /// Environment of every daemon the bed starts (settings beyond the defaults).
     daemon_env: Vec<(String, String)>,
+    /// Whether pods and nodes carry IPv6 too.
+    dual_stack: bool,
 }
 
 fn uid(spec: &PodSpec) -> String {
@@ -110,7 +128,7 @@ fn discovery_yaml_gen(pods: &[PodSpec], policies: Value, generation: usize) -> S
         .map(|p| {
             json!({"uid": uid(p), "name": p.name, "namespace": p.namespace,
                    "serviceAccount": p.sa, "node": format!("n{}", p.node + 1),
-                   "ips": [p.ip], "labels": {"app": p.app},
+                   "ips": p.ips(), "labels": {"app": p.app},
                    "protocol": if p.namespace == "demo" { "HBONE" } else { "TCP" }})
         })
         .collect();
@@ -157,7 +175,7 @@ pub fn discovery_yaml_labels(
             let hbone = ambient(p.namespace) && labels["ztunnel.dev/dataplane-mode"] != "none";
             json!({"uid": uid(p), "name": p.name, "namespace": p.namespace,
                    "serviceAccount": p.sa, "node": format!("n{}", p.node + 1),
-                   "ips": [p.ip], "labels": labels,
+                   "ips": p.ips(), "labels": labels,
                    "protocol": if hbone { "HBONE" } else { "TCP" }})
         })
         .collect();
@@ -168,6 +186,22 @@ pub fn discovery_yaml_labels(
         "services": [],
     });
     serde_yaml::to_string(&doc).expect("yaml")
+}
+
+/// Turns off duplicate address detection in `ns` (so IPv6 addresses are usable at once, not
+/// tentative for a second or two) and, for a node, turns on IPv6 forwarding.
+fn ipv6_without_dad(ns: &Netns, forward: bool) -> Result<()> {
+    let mut keys = vec![
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ];
+    if forward {
+        keys.push("net.ipv6.conf.all.forwarding=1");
+    }
+    for k in keys {
+        ns.exec("sysctl", &["-qw", k])?;
+    }
+    Ok(())
 }
 
 impl TestBed {
@@ -198,6 +232,7 @@ impl TestBed {
         let ca_dir = dir.path().join("ca");
         let discovery = dir.path().join("mesh.yaml");
         let all: Vec<PodSpec> = pods.iter().chain(known.iter()).cloned().collect();
+        let v6 = dual_stack(&all);
         std::fs::write(&discovery, discovery_yaml(&all))?;
         let cni_bin = daemon::binary("ztunnel-cni");
 
@@ -206,6 +241,13 @@ impl TestBed {
             let name = format!("n{}", i + 1);
             let ns = Netns::new(&format!("{prefix}-{name}"))?;
             ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            let mut ranges = vec![json!([{"subnet": format!("10.20.{}.0/24", i + 1)}])];
+            let mut routes = vec![json!({"dst": "0.0.0.0/0"})];
+            if v6 {
+                ipv6_without_dad(&ns, true)?;
+                ranges.push(json!([{"subnet": format!("fd20:{}::/64", i + 1)}]));
+                routes.push(json!({"dst": "::/0"}));
+            }
             let state_dir = dir.path().join(format!("{name}-state"));
             // The node's primary network: Debian's bridge + host-local; `ztunnel-cni install`
             // chains our plugin into it, as the DaemonSet does on a real node.
@@ -214,9 +256,9 @@ impl TestBed {
                 "name": "ztnet",
                 "plugins": [
                     {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+                     "capabilities": {"ips": true},
                      "ipam": {"type": "host-local", "dataDir": dir.path().join(format!("{name}-ipam")),
-                              "ranges": [[{"subnet": format!("10.20.{}.0/24", i + 1)}]],
-                              "routes": [{"dst": "0.0.0.0/0"}]}},
+                              "ranges": ranges, "routes": routes}},
                 ],
             });
             let (conflist, installed) = install_cni(
@@ -261,6 +303,13 @@ impl TestBed {
                 "via",
                 &format!("192.168.77.{other}"),
             ])?;
+            if v6 {
+                let addr = format!("fd77::{}/64", i + 1);
+                node.ns
+                    .ip(&["-6", "addr", "add", &addr, "dev", "ul0", "nodad"])?;
+                let (net, via) = (format!("fd20:{other}::/64"), format!("fd77::{other}"));
+                node.ns.ip(&["-6", "route", "add", &net, "via", &via])?;
+            }
         }
         let mut bed = TestBed {
             specs: all,
@@ -275,6 +324,7 @@ impl TestBed {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            dual_stack: v6,
         };
         for i in 0..2 {
             bed.start_daemon(i)?;
@@ -354,12 +404,12 @@ impl TestBed {
             netns: PathBuf::from(format!("/var/run/netns/{}", ns.name)),
             ifname: "eth0".into(),
             args: format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={};IP={}",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
                 spec.namespace,
                 spec.name,
                 uid(spec),
-                spec.ip
             ),
+            runtime_config: json!({"ips": spec.ips()}),
         }
     }
 
@@ -380,6 +430,9 @@ impl TestBed {
     /// (whose `result` is the last plugin's output), without judging them.
     pub fn try_add_pod(&self, spec: PodSpec) -> Result<(Vec<cni::Outcome>, Pod)> {
         let ns = Netns::new(&format!("{}-{}", self.prefix, spec.name))?;
+        if self.dual_stack {
+            ipv6_without_dad(&ns, false)?;
+        }
         let a = self.attachment(&spec, &ns);
         let node = &self.nodes[spec.node];
         let lo = node.runtime.add(&cni::loopback_list(), &a)?;

@@ -121,6 +121,10 @@ pub fn listen_in(netns: Option<&Netns>, addr: SocketAddr) -> io::Result<TcpListe
         Some(ns) => ns.run(new)??,
         None => new()?,
     };
+    if addr.is_ipv6() {
+        // Beside an IPv4 listener on the same port: IPv4 connections stay with that one.
+        SockRef::from(&sock).set_only_v6(true)?;
+    }
     sock.set_reuseaddr(true)?;
     sock.set_reuseport(true)?;
     sock.set_nodelay(true)?;

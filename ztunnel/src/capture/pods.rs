@@ -11,7 +11,7 @@
 //! ([`super::annotate`]).
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -431,15 +431,20 @@ impl Pods {
         w: &Workload,
         netns: Arc<Netns>,
     ) -> Result<(), EnrollError> {
-        rules::install(&netns)?;
-        let listeners = {
+        // A pod with an IPv6 address gets the IPv6 policy route and a second set of listeners
+        // on `[::]` (IPv6 only), beside the IPv4 ones.
+        let ipv6 = record.ips.iter().any(IpAddr::is_ipv6);
+        rules::install(&netns, ipv6)?;
+        let (listeners, listeners6) = {
             let _rt = self.rt.enter();
-            Listeners::bind(
-                Some(&netns),
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                self.pi.quic_listen,
-            )
-            .map_err(EnrollError::Listen)?
+            let bind = |ip| {
+                Listeners::bind(Some(&netns), ip, self.pi.quic_listen).map_err(EnrollError::Listen)
+            };
+            let v6 = match ipv6 {
+                true => Some(bind(IpAddr::V6(Ipv6Addr::UNSPECIFIED))?),
+                false => None,
+            };
+            (bind(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?, v6)
         };
         // Held from before the record is written until the pod is in the table, so that a
         // CHECK (or anything else that reads the table) never sees the record of a pod that
@@ -453,9 +458,14 @@ impl Pods {
             uid: w.uid.clone(),
             netns: netns.clone(),
         };
-        let serving = self
-            .rt
-            .spawn(proxy::serve(self.pi.clone(), scope, listeners));
+        let pi = self.pi.clone();
+        let serving = self.rt.spawn(async move {
+            let v4 = proxy::serve(pi.clone(), scope.clone(), listeners);
+            match listeners6 {
+                Some(l) => drop(tokio::join!(v4, proxy::serve(pi, scope, l))),
+                None => v4.await,
+            }
+        });
         tracing::info!(pod = %format!("{}/{}", w.namespace, w.name), identity = %w.identity(&self.pi.trust_domain),
             netns = %record.netns.display(), ips = ?record.ips, "enrolled");
         enrolled.insert(

@@ -12,8 +12,12 @@
 //!   replies are marked from it and routed by `fwmark 0x111/0xfff` to a table whose only route
 //!   is `local default dev lo`, so they reach the daemon's socket and the application sees the
 //!   real client address;
-//! - traffic from the probe address (`169.254.7.127`, to which the node SNATs kubelet probes,
-//!   see [`node_ruleset`]) and traffic within the pod over loopback pass uncaptured.
+//! - traffic from the probe address (`169.254.7.127`, or `fd7a:7475:6e6e:656c::7f` over IPv6,
+//!   to which the node SNATs kubelet probes, see [`node_ruleset`]) and traffic within the pod
+//!   over loopback pass uncaptured.
+//!
+//! Both address families are captured (the table is `inet`); the policy route is added for
+//! IPv6 too when the pod has an IPv6 address ([`install`]'s `ipv6`).
 //!
 //! `nft` and `ip` are run as child processes spawned inside the pod's netns.
 
@@ -31,6 +35,9 @@ pub const TABLE: &str = "ztunnel";
 pub const NODE_TABLE: &str = "ztunnel_node";
 /// The address kubelet probes are SNATed to.
 pub const PROBE_ADDR: &str = "169.254.7.127";
+/// The address kubelet probes over IPv6 are SNATed to (a unique local address, "ztunnel" in
+/// its hex digits).
+pub const PROBE_ADDR6: &str = "fd7a:7475:6e6e:656c::7f";
 /// The routing table of the policy route.
 pub const ROUTE_TABLE: u32 = 133;
 /// The priority of the policy rule.
@@ -75,6 +82,7 @@ table inet {TABLE} {{
   chain prerouting_nat {{
     type nat hook prerouting priority dstnat; policy accept;
     ip saddr {PROBE_ADDR} accept
+    ip6 saddr {PROBE_ADDR6} accept
     iifname \"lo\" accept
     meta mark & {mask:#x} == {mark:#x} accept
     tcp dport {hbone} accept
@@ -83,6 +91,7 @@ table inet {TABLE} {{
   chain output_nat {{
     type nat hook output priority -100; policy accept;
     ip daddr {PROBE_ADDR} accept
+    ip6 daddr {PROBE_ADDR6} accept
     meta mark & {mask:#x} == {mark:#x} accept
     meta mark & {mask:#x} == {connmark:#x} accept
     ip daddr 127.0.0.0/8 accept
@@ -106,24 +115,29 @@ fn expected_lines() -> Vec<String> {
         format!("meta l4proto tcp redirect to :{}", consts::OUTBOUND_PORT),
         format!("tcp dport {} accept", consts::HBONE_PORT),
         format!("ip saddr {PROBE_ADDR} accept"),
+        format!("ip6 saddr {PROBE_ADDR6} accept"),
     ]
 }
 
-/// The node-level table: kubelet probes (connections the node itself opens to an enrolled
-/// pod) leave with the probe address, which the pod's rules let through uncaptured.
+/// The node-level tables, one per address family: kubelet probes (connections the node itself
+/// opens to an enrolled pod) leave with the probe address, which the pod's rules let through
+/// uncaptured.
 pub fn node_ruleset() -> String {
-    format!(
-        "table ip {NODE_TABLE}
-delete table ip {NODE_TABLE}
-table ip {NODE_TABLE} {{
-  set enrolled {{ type ipv4_addr; }}
+    let table = |family: &str, addr_type: &str, probe: &str| {
+        format!(
+            "table {family} {NODE_TABLE}
+delete table {family} {NODE_TABLE}
+table {family} {NODE_TABLE} {{
+  set enrolled {{ type {addr_type}; }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip daddr @enrolled meta l4proto tcp fib saddr type local snat to {PROBE_ADDR}
+    {family} daddr @enrolled meta l4proto tcp fib saddr type local snat to {probe}
   }}
 }}
 "
-    )
+        )
+    };
+    table("ip", "ipv4_addr", PROBE_ADDR) + &table("ip6", "ipv6_addr", PROBE_ADDR6)
 }
 
 fn run(
@@ -160,70 +174,85 @@ fn run(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn policy_route(ns: &Netns, add: bool) -> Result<(), RulesError> {
+/// Adds (or, with `add` false, removes) the policy route of one address family: replies
+/// marked from connmark `0x111` are routed to `lo`, to the daemon's transparent socket.
+fn policy_route(ns: &Netns, family: Family, add: bool) -> Result<(), RulesError> {
     let fwmark = format!("{:#x}/{:#x}", consts::CONNMARK, consts::MARK_MASK);
     let table = ROUTE_TABLE.to_string();
     let pref = RULE_PREF.to_string();
-    let rule = [
-        "fwmark",
-        fwmark.as_str(),
-        "table",
-        table.as_str(),
-        "pref",
-        pref.as_str(),
-    ];
-    let present = run(
-        ns,
-        "ip",
-        &[&["-4", "rule", "show"][..], &rule[..]].concat(),
-        None,
-    )
-    .is_ok_and(|out| !out.trim().is_empty());
+    let ip = |args: &[&str]| {
+        let mut all = vec![family.flag()];
+        all.extend_from_slice(args);
+        run(ns, "ip", &all, None)
+    };
+    let rule = |verb: &'static str| {
+        ip(&[
+            "rule",
+            verb,
+            "fwmark",
+            fwmark.as_str(),
+            "table",
+            table.as_str(),
+            "pref",
+            pref.as_str(),
+        ])
+    };
+    let present = rule("show").is_ok_and(|out| !out.trim().is_empty());
     if !add {
         if present {
-            let _ = run(
-                ns,
-                "ip",
-                &[&["-4", "rule", "del"][..], &rule[..]].concat(),
-                None,
-            );
+            let _ = rule("del");
         }
-        let _ = run(ns, "ip", &["-4", "route", "flush", "table", &table], None);
+        let _ = ip(&["route", "flush", "table", &table]);
         return Ok(());
     }
     // Never delete-and-add: replies routed in between would leave by the pod's interface.
-    run(
-        ns,
-        "ip",
-        &[
-            "-4",
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ],
-        None,
-    )?;
+    ip(&[
+        "route",
+        "replace",
+        "local",
+        family.any(),
+        "dev",
+        "lo",
+        "table",
+        &table,
+    ])?;
     if !present {
-        run(
-            ns,
-            "ip",
-            &[&["-4", "rule", "add"][..], &rule[..]].concat(),
-            None,
-        )?;
+        rule("add")?;
     }
     Ok(())
 }
 
-/// Installs (or replaces) the pod's capture: the table, the policy route, and
-/// `tcp_migrate_req` so a restarting daemon's listeners inherit queued connections.
-pub fn install(ns: &Netns) -> Result<(), RulesError> {
+/// An address family of the policy route.
+#[derive(Clone, Copy, Debug)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+    fn any(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+    }
+}
+
+/// Installs (or replaces) the pod's capture: the table, the policy route (for IPv6 too when
+/// `ipv6`: the pod has an IPv6 address), and `tcp_migrate_req` so a restarting daemon's
+/// listeners inherit queued connections.
+pub fn install(ns: &Netns, ipv6: bool) -> Result<(), RulesError> {
     run(ns, "nft", &["-f", "-"], Some(&pod_ruleset()))?;
-    policy_route(ns, true)?;
+    policy_route(ns, Family::V4, true)?;
+    if ipv6 {
+        policy_route(ns, Family::V6, true)?;
+    }
     // Best effort: without it a rolling restart may reset connections still queued.
     let migrate = ns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"));
     if let Ok(Err(e)) | Err(e) = migrate {
@@ -252,7 +281,8 @@ pub fn remove(ns: &Netns) -> Result<(), RulesError> {
         &["-f", "-"],
         Some(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n")),
     )?;
-    policy_route(ns, false)
+    policy_route(ns, Family::V4, false)?;
+    policy_route(ns, Family::V6, false)
 }
 
 /// Installs the node-level table in the daemon's own netns (idempotent, keeps nothing).
@@ -261,25 +291,36 @@ pub fn install_node() -> Result<(), RulesError> {
     Ok(())
 }
 
-/// Adds or removes an enrolled pod's IPv4 addresses in the node's probe set.
+/// Adds or removes an enrolled pod's addresses in the node's probe sets (one per family).
 pub fn node_probe_set(ips: &[IpAddr], add: bool) -> Result<(), RulesError> {
-    let v4: Vec<String> = ips
-        .iter()
-        .filter(|ip| ip.is_ipv4())
-        .map(|ip| ip.to_string())
-        .collect();
-    if v4.is_empty() {
+    let Some(script) = probe_set_script(ips, add) else {
         return Ok(());
-    }
-    let verb = if add { "add" } else { "delete" };
-    let script = format!(
-        "{verb} element ip {NODE_TABLE} enrolled {{ {} }}\n",
-        v4.join(", ")
-    );
+    };
     match run(Netns::host(), "nft", &["-f", "-"], Some(&script)) {
         Err(RulesError::Failed { .. }) if !add => Ok(()), // already gone
         other => other.map(|_| ()),
     }
+}
+
+/// The `nft` script that adds (or deletes) `ips` in the probe set of their family; `None`
+/// when there are none.
+fn probe_set_script(ips: &[IpAddr], add: bool) -> Option<String> {
+    let verb = if add { "add" } else { "delete" };
+    let mut script = String::new();
+    for (family, v6) in [("ip", false), ("ip6", true)] {
+        let of: Vec<String> = ips
+            .iter()
+            .filter(|ip| ip.is_ipv6() == v6)
+            .map(|ip| ip.to_string())
+            .collect();
+        if !of.is_empty() {
+            script += &format!(
+                "{verb} element {family} {NODE_TABLE} enrolled {{ {} }}\n",
+                of.join(", ")
+            );
+        }
+    }
+    (!script.is_empty()).then_some(script)
 }
 
 #[cfg(test)]
@@ -314,8 +355,38 @@ mod tests {
     #[test]
     fn the_node_table_snats_only_local_connections_to_enrolled_pods() {
         let r = node_ruleset();
+        assert!(r.starts_with("table ip ztunnel_node\ndelete table ip ztunnel_node\n"));
         assert!(r.contains(
             "ip daddr @enrolled meta l4proto tcp fib saddr type local snat to 169.254.7.127"
         ));
+        assert!(r.contains("table ip6 ztunnel_node\ndelete table ip6 ztunnel_node\n"));
+        assert!(r.contains(
+            "ip6 daddr @enrolled meta l4proto tcp fib saddr type local snat to fd7a:7475:6e6e:656c::7f"
+        ));
+    }
+
+    #[test]
+    fn probe_set_updates_go_to_the_table_of_each_address_family() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cases: &[(&[&str], bool, Option<&str>)] = &[
+            (&[], true, None),
+            (
+                &["10.1.0.5"],
+                true,
+                Some("add element ip ztunnel_node enrolled { 10.1.0.5 }\n"),
+            ),
+            (
+                &["fd00::5", "10.1.0.5", "fd00::6"],
+                false,
+                Some(
+                    "delete element ip ztunnel_node enrolled { 10.1.0.5 }\n\
+                     delete element ip6 ztunnel_node enrolled { fd00::5, fd00::6 }\n",
+                ),
+            ),
+        ];
+        for (ips, add, want) in cases {
+            let ips: Vec<IpAddr> = ips.iter().map(|s| ip(s)).collect();
+            assert_eq!(probe_set_script(&ips, *add).as_deref(), *want, "{ips:?}");
+        }
     }
 }

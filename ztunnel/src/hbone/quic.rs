@@ -240,6 +240,10 @@ pub fn endpoint(
         // Without CAP_NET_ADMIN there are no capture rules to skip (see `net::connect_from`).
         let _ = sock.set_mark(mark);
     }
+    if addr.is_ipv6() {
+        // Beside an IPv4 endpoint on the same port, which keeps the IPv4 datagrams.
+        sock.set_only_v6(true)?;
+    }
     sock.bind(&addr.into())?;
     quinn::Endpoint::new(
         endpoint_config(),
