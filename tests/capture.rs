@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::{access_lines, metric};
-use ztunnel_e2e::testbed::{self, TestBed, MARKER, VIP};
+use ztunnel_e2e::testbed::{self, TestBed, MARKER, VIP, VIP6};
 
 /// Accepts `n` connections; answers each with "<name> saw <peer>" after reading to EOF.
 async fn reply_server(l: TcpListener, name: &'static str, n: usize) -> Vec<String> {
@@ -427,16 +427,18 @@ fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_pro
     // Enrolled to enrolled over IPv6 (cross node and same node) and, in the same bed, IPv4.
     let pcap = bed.dir().join("underlay.pcap");
     let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
-    let (cross6, same6, cross4) = client.ns.block_on(async {
+    let (cross6, same6, vip6, cross4) = client.ns.block_on(async {
         (
             apps::whoami("fd20:2::10", 8080, MARKER).await,
             apps::whoami("fd20:1::12", 8080, MARKER).await,
+            apps::whoami(VIP6, 80, MARKER).await,
             apps::whoami("10.20.2.10", 8080, MARKER).await,
         )
     });
     let captured = testbed::stop_capture(cap, &pcap).unwrap();
     assert_eq!(cross6.unwrap(), "fd20:1::10", "cross node, IPv6");
     assert_eq!(same6.unwrap(), "fd20:1::10", "same node, IPv6");
+    assert_eq!(vip6.unwrap(), "fd20:1::10", "the service's IPv6 VIP");
     assert_eq!(cross4.unwrap(), "10.20.1.10", "cross node, IPv4");
     assert!(!captured.marker_seen, "plaintext crossed the underlay");
     assert!(
@@ -471,7 +473,7 @@ fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_pro
         .block_on(apps::whoami("fd20:2::10", 8080, "plain"));
     assert_eq!(into6.unwrap(), "fd20:2::11", "plain to enrolled");
     let m2 = bed.metrics(1);
-    for (direction, want) in [("inbound", 2.0), ("inbound_plaintext", 1.0)] {
+    for (direction, want) in [("inbound", 3.0), ("inbound_plaintext", 1.0)] {
         let got = metric(
             &m2,
             "ztunnel_proxied_connections_total",

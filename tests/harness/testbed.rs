@@ -24,6 +24,8 @@ use crate::daemon::{self, Process};
 use crate::netns::{self, Netns};
 
 pub const VIP: &str = "10.96.0.10";
+/// The service's second VIP, in a dual-stack bed.
+pub const VIP6: &str = "fd96::10";
 pub const MARKER: &str = "ZT-TESTBED-PLAINTEXT-MARKER";
 
 /// A pod of the test bed.
@@ -123,6 +125,10 @@ pub fn discovery_yaml_with(pods: &[PodSpec], policies: Value) -> String {
 /// The same, with a marker namespace `gen-<generation>` by which a test sees that a daemon
 /// has loaded this version.
 fn discovery_yaml_gen(pods: &[PodSpec], policies: Value, generation: usize) -> String {
+    let vips = match dual_stack(pods) {
+        true => vec![VIP, VIP6],
+        false => vec![VIP],
+    };
     let workloads: Vec<Value> = pods
         .iter()
         .map(|p| {
@@ -140,7 +146,7 @@ fn discovery_yaml_gen(pods: &[PodSpec], policies: Value, generation: usize) -> S
             {"name": format!("gen-{generation}"), "labels": {}},
         ],
         "workloads": workloads,
-        "services": [{"name": "server", "namespace": "demo", "vips": [VIP],
+        "services": [{"name": "server", "namespace": "demo", "vips": vips,
                       "ports": [{"port": 80, "targetPort": 8080}], "selector": {"app": "server"}}],
         "policies": policies,
     });
