@@ -398,26 +398,9 @@ fn quic_tunnels_between_pods_carry_real_client_addresses_and_only_udp_15008_cros
     );
 }
 
-/// The default pods, dual-stack: each has an IPv6 address too, which makes the whole bed
-/// dual-stack (`fd20:<node>::/64` pod networks, `fd77::/64` underlay).
-fn dual_stack_pods() -> Vec<testbed::PodSpec> {
-    let mut pods = testbed::default_pods();
-    for p in &mut pods {
-        p.ip6 = Some(match p.name {
-            "client" => "fd20:1::10",
-            "legacy-1" => "fd20:1::11",
-            "echo" => "fd20:1::12",
-            "server" => "fd20:2::10",
-            "legacy-2" => "fd20:2::11",
-            other => panic!("no IPv6 address for {other}"),
-        });
-    }
-    pods
-}
-
 #[test]
 fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_probes_pass() {
-    let bed = TestBed::start_with(dual_stack_pods()).unwrap();
+    let bed = TestBed::start_with(testbed::dual_stack_pods()).unwrap();
     for name in ["server", "echo", "legacy-2"] {
         bed.pod(name).ns.spawn(apps::whoami_server(8080));
     }
@@ -523,7 +506,7 @@ fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_pro
 #[test]
 fn dual_stack_quic_tunnels_carry_both_families_over_udp_15008_only() {
     let bed = TestBed::start_configured(
-        dual_stack_pods(),
+        testbed::dual_stack_pods(),
         Vec::new(),
         &[
             ("ZTUNNEL_QUIC_LISTEN", "true"),

@@ -5,20 +5,23 @@
 //!
 //! ```text
 //!  node n1 (netns)                                   node n2 (netns)
-//!  cni0 10.20.1.1/24                                 cni0 10.20.2.1/24
+//!  cni0 10.20.1.1/24 fd20:1::1/64                    cni0 10.20.2.1/24 fd20:2::1/64
 //!    client   10.20.1.10  demo  (enrolled)             server   10.20.2.10  demo  (enrolled)
 //!    echo     10.20.1.12  demo  (enrolled)             legacy-2 10.20.2.11  plain
 //!    legacy-1 10.20.1.11  plain
-//!  ul0 192.168.77.1 ──────────── underlay ────────── ul0 192.168.77.2
+//!  ul0 192.168.77.1 fd77::1 ───── underlay ───── ul0 192.168.77.2 fd77::2
 //! ```
+//! The pods are dual-stack: each also has `fd20:<node>::<same last number>` (client
+//! `fd20:1::10`, server `fd20:2::10`, …).
 //!
 //! 1. Brings up the nodes, one `ztunnel` daemon each (local CA, local discovery file), and
 //!    the pods, wired by Debian's `bridge` + `host-local` CNI plugins with `ztunnel-cni`
 //!    chained after them; prints the topology, one pod's CNI result and the nftables table
 //!    the daemon put into an enrolled pod.
 //! 2. Sends traffic: same node, cross node (capturing the underlay: only mutual TLS on port
-//!    15008 may cross), to the Service VIP, from an enrolled pod to a pod outside the mesh
-//!    and back the other way; every server reports which client address it saw.
+//!    15008 may cross) over IPv4 and IPv6, to the Service VIP, from an enrolled pod to a pod
+//!    outside the mesh and back the other way; every server reports which client address it
+//!    saw.
 //! 3. Shows what the mesh did: each daemon's certificates, counters and access log.
 //!
 //! Any broken expectation (plaintext on the underlay, a packet between nodes not on 15008,
@@ -35,6 +38,9 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use ztunnel_e2e::daemon::{self, metric};
 use ztunnel_e2e::testbed::{self, Pod, TestBed, MARKER, VIP};
+
+/// The server pod's IPv6 address, for the IPv6 step.
+const SERVER_IP6: &str = "fd20:2::10";
 
 /// How long any single connection, read or accept may take before the demo gives up.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -67,20 +73,21 @@ fn identity(pod: &Pod) -> String {
     }
 }
 
-/// A tiny server in `pod`'s network namespace: it accepts one connection on `port`, reads
-/// the request to its end and answers `<pod> saw <peer IP>`. The task resolves to the peer
+/// A tiny server in `pod`'s network namespace: it accepts one connection on `port` (IPv4 or
+/// IPv6), reads the request to its end and answers `<pod> saw <peer IP>`. The task resolves to the peer
 /// address the application saw. The socket is bound before this returns, so a client may
 /// connect at once.
 fn serve_once(pod: &Pod, port: u16) -> Result<JoinHandle<Result<IpAddr>>> {
     let listener = pod
         .ns
-        .block_on(TcpListener::bind(("0.0.0.0", port)))
+        .block_on(TcpListener::bind(("::", port)))
         .with_context(|| format!("listen on {}:{port}", pod.spec.name))?;
     let name = pod.spec.name;
     Ok(pod.ns.spawn(async move {
         let (mut s, peer) = timeout(PATIENCE, listener.accept())
             .await
             .with_context(|| format!("no connection reached {name}:{port}"))??;
+        let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let mut request = Vec::new();
         timeout(PATIENCE, s.read_to_end(&mut request))
             .await
@@ -110,13 +117,17 @@ async fn request(addr: String, msg: String) -> Result<String> {
 
 /// Runs a server in pod `to` (listening on `listen_port`) and a client in pod `from` that
 /// connects to `addr`; prints what both applications saw and checks that the server saw
-/// the client pod's own address.
+/// the client pod's own address (of `addr`'s family).
 fn exchange(bed: &TestBed, from: &str, to: &str, addr: &str, listen_port: u16) -> Result<()> {
     let (client, server) = (bed.pod(from), bed.pod(to));
     let task = serve_once(server, listen_port)?;
+    let own = |p: &Pod| match addr.starts_with('[') {
+        true => p.spec.ip6.unwrap_or("-"),
+        false => p.spec.ip,
+    };
     println!(
-        "{from} ({}) connects to {addr}; {to} listens on {}:{listen_port}",
-        client.spec.ip, server.spec.ip
+        "{from} ({}) connects to {addr}; {to} listens on port {listen_port}",
+        own(client)
     );
     let msg = format!("hello from {from} {MARKER}");
     let answer = client.ns.block_on(request(addr.to_owned(), msg));
@@ -126,9 +137,9 @@ fn exchange(bed: &TestBed, from: &str, to: &str, addr: &str, listen_port: u16) -
     println!("  {from} got back: \"{answer}\"");
     println!("  {to}'s application saw the connection come from {seen}");
     ensure!(
-        seen.to_string() == client.spec.ip,
+        seen.to_string() == own(client),
         "{to} saw {seen}, not the client pod's address {}",
-        client.spec.ip
+        own(client)
     );
     println!("  ok: that is {from}'s own pod IP, not a node or proxy address");
     Ok(())
@@ -138,21 +149,23 @@ fn topology(bed: &TestBed) -> Result<()> {
     step("the test bed: two nodes, their daemons and five pods");
     println!(
         "Nodes n1 and n2 are network namespaces joined by an underlay link ul0 \
-         (192.168.77.1 <-> 192.168.77.2);\neach routes the other's pod subnet over it and \
+         (192.168.77.1 <-> 192.168.77.2, fd77::1 <-> fd77::2);\neach routes the other's pod \
+         subnets over it and \
          runs one ztunnel daemon (local CA, local discovery file).\nNamespace \
          '{ENROLLED_NAMESPACE}' is enrolled in the mesh, 'plain' is not.\n"
     );
     println!(
-        "  {:<9} {:<6} {:<5} {:<11} {:<9} identity",
-        "pod", "ns", "node", "ip", "enrolled"
+        "  {:<9} {:<6} {:<5} {:<11} {:<11} {:<9} identity",
+        "pod", "ns", "node", "ip", "ipv6", "enrolled"
     );
     for p in &bed.pods {
         println!(
-            "  {:<9} {:<6} {:<5} {:<11} {:<9} {}",
+            "  {:<9} {:<6} {:<5} {:<11} {:<11} {:<9} {}",
             p.spec.name,
             p.spec.namespace,
             bed.node_of(p).name,
             p.spec.ip,
+            p.spec.ip6.unwrap_or("-"),
             if enrolled(p) { "yes" } else { "no" },
             identity(p)
         );
@@ -276,6 +289,35 @@ fn traffic(bed: &TestBed) -> Result<()> {
     );
 
     step(&format!(
+        "cross node over IPv6: client (n1) -> server ([{SERVER_IP6}]:8080, n2), capturing the underlay"
+    ));
+    println!(
+        "The pods are dual-stack, and IPv6 is captured as IPv4 is: the tunnel goes to the\n\
+         server pod's IPv6 address, port 15008."
+    );
+    let captured = on_the_underlay(bed, "cross-node-ipv6", || {
+        exchange(
+            bed,
+            "client",
+            "server",
+            &format!("[{SERVER_IP6}]:8080"),
+            8080,
+        )
+    })?;
+    print_capture(&captured);
+    ensure!(
+        !captured.marker_seen,
+        "the plaintext marker crossed the underlay"
+    );
+    let tunnel = format!("{SERVER_IP6}.15008");
+    ensure!(
+        !captured.lines.is_empty() && captured.lines.iter().all(|l| l.contains(&tunnel)),
+        "TCP between the nodes other than the IPv6 tunnel to {tunnel}: {:#?}",
+        captured.lines
+    );
+    println!("  ok: only the IPv6 tunnel to port 15008 crossed, encrypted");
+
+    step(&format!(
         "Service VIP: client -> {VIP}:80 (Service demo/server, port 80 -> targetPort 8080)"
     ));
     println!(
@@ -382,7 +424,7 @@ fn main() -> Result<()> {
         "this needs root, ip, nft, tcpdump and containernetworking-plugins (scripts/prereqs.sh)"
     );
     // `TestBed::start()` with the default pods, but failing with an error rather than a panic.
-    let bed = TestBed::start_with(testbed::default_pods()).context("starting the test bed")?;
+    let bed = TestBed::start_with(testbed::dual_stack_pods()).context("starting the test bed")?;
     println!(
         "both daemons are ready; state, logs and the discovery file are in {} (removed at the end)",
         bed.dir().display()

@@ -63,6 +63,23 @@ pub fn default_pods() -> Vec<PodSpec> {
     ]
 }
 
+/// The default pods, dual-stack: each has an IPv6 address too, which makes the whole bed
+/// dual-stack (`fd20:<node>::/64` pod networks, `fd77::/64` underlay).
+pub fn dual_stack_pods() -> Vec<PodSpec> {
+    let mut pods = default_pods();
+    for p in &mut pods {
+        p.ip6 = Some(match p.name {
+            "client" => "fd20:1::10",
+            "legacy-1" => "fd20:1::11",
+            "echo" => "fd20:1::12",
+            "server" => "fd20:2::10",
+            "legacy-2" => "fd20:2::11",
+            other => panic!("no IPv6 address for {other}"),
+        });
+    }
+    pods
+}
+
 impl PodSpec {
     /// The pod's addresses: its IPv4 one, then its IPv6 one if it has one.
     pub fn ips(&self) -> Vec<&'static str> {
