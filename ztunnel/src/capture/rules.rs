@@ -119,25 +119,26 @@ fn expected_lines() -> Vec<String> {
     ]
 }
 
-/// The node-level tables, one per address family: kubelet probes (connections the node itself
+/// The node-level table of one address family: kubelet probes (connections the node itself
 /// opens to an enrolled pod) leave with the probe address, which the pod's rules let through
 /// uncaptured.
-pub fn node_ruleset() -> String {
-    let table = |family: &str, addr_type: &str, probe: &str| {
-        format!(
-            "table {family} {NODE_TABLE}
-delete table {family} {NODE_TABLE}
-table {family} {NODE_TABLE} {{
+pub fn node_ruleset(family: Family) -> String {
+    let (f, addr_type, probe) = match family {
+        Family::V4 => ("ip", "ipv4_addr", PROBE_ADDR),
+        Family::V6 => ("ip6", "ipv6_addr", PROBE_ADDR6),
+    };
+    format!(
+        "table {f} {NODE_TABLE}
+delete table {f} {NODE_TABLE}
+table {f} {NODE_TABLE} {{
   set enrolled {{ type {addr_type}; }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    {family} daddr @enrolled meta l4proto tcp fib saddr type local snat to {probe}
+    {f} daddr @enrolled meta l4proto tcp fib saddr type local snat to {probe}
   }}
 }}
 "
-        )
-    };
-    table("ip", "ipv4_addr", PROBE_ADDR) + &table("ip6", "ipv6_addr", PROBE_ADDR6)
+    )
 }
 
 fn run(
@@ -222,9 +223,9 @@ fn policy_route(ns: &Netns, family: Family, add: bool) -> Result<(), RulesError>
     Ok(())
 }
 
-/// An address family of the policy route.
-#[derive(Clone, Copy, Debug)]
-enum Family {
+/// An address family of the policy route and of the node's probe table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
     V4,
     V6,
 }
@@ -285,42 +286,56 @@ pub fn remove(ns: &Netns) -> Result<(), RulesError> {
     policy_route(ns, Family::V6, false)
 }
 
-/// Installs the node-level table in the daemon's own netns (idempotent, keeps nothing).
+/// Installs the node-level tables in the daemon's own netns (idempotent, keeps nothing), one
+/// batch per family: a node without IPv6 still gets its IPv4 table (the IPv6 one's failure is
+/// logged).
 pub fn install_node() -> Result<(), RulesError> {
-    run(Netns::host(), "nft", &["-f", "-"], Some(&node_ruleset()))?;
+    let install = |f| run(Netns::host(), "nft", &["-f", "-"], Some(&node_ruleset(f)));
+    install(Family::V4)?;
+    if let Err(e) = install(Family::V6) {
+        tracing::warn!(error = %e, "cannot install the node's IPv6 probe rules; kubelet probes over IPv6 to enrolled pods will be captured");
+    }
     Ok(())
 }
 
-/// Adds or removes an enrolled pod's addresses in the node's probe sets (one per family).
+/// Adds or removes an enrolled pod's addresses in the node's probe sets, one batch per
+/// family (so that one family's failure leaves the other's done); the first error.
 pub fn node_probe_set(ips: &[IpAddr], add: bool) -> Result<(), RulesError> {
-    let Some(script) = probe_set_script(ips, add) else {
-        return Ok(());
-    };
-    match run(Netns::host(), "nft", &["-f", "-"], Some(&script)) {
-        Err(RulesError::Failed { .. }) if !add => Ok(()), // already gone
-        other => other.map(|_| ()),
-    }
-}
-
-/// The `nft` script that adds (or deletes) `ips` in the probe set of their family; `None`
-/// when there are none.
-fn probe_set_script(ips: &[IpAddr], add: bool) -> Option<String> {
-    let verb = if add { "add" } else { "delete" };
-    let mut script = String::new();
-    for (family, v6) in [("ip", false), ("ip6", true)] {
-        let of: Vec<String> = ips
-            .iter()
-            .filter(|ip| ip.is_ipv6() == v6)
-            .map(|ip| ip.to_string())
-            .collect();
-        if !of.is_empty() {
-            script += &format!(
-                "{verb} element {family} {NODE_TABLE} enrolled {{ {} }}\n",
-                of.join(", ")
-            );
+    let mut first = Ok(());
+    for script in probe_set_scripts(ips, add) {
+        match run(Netns::host(), "nft", &["-f", "-"], Some(&script)) {
+            Ok(_) | Err(RulesError::Failed { .. }) if !add => {} // already gone
+            Ok(_) => {}
+            Err(e) => {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
         }
     }
-    (!script.is_empty()).then_some(script)
+    first
+}
+
+/// The `nft` scripts that add (or delete) `ips` in the probe sets: one per family that has
+/// any.
+fn probe_set_scripts(ips: &[IpAddr], add: bool) -> Vec<String> {
+    let verb = if add { "add" } else { "delete" };
+    [("ip", false), ("ip6", true)]
+        .into_iter()
+        .filter_map(|(family, v6)| {
+            let of: Vec<String> = ips
+                .iter()
+                .filter(|ip| ip.is_ipv6() == v6)
+                .map(|ip| ip.to_string())
+                .collect();
+            (!of.is_empty()).then(|| {
+                format!(
+                    "{verb} element {family} {NODE_TABLE} enrolled {{ {} }}\n",
+                    of.join(", ")
+                )
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -354,12 +369,13 @@ mod tests {
 
     #[test]
     fn the_node_table_snats_only_local_connections_to_enrolled_pods() {
-        let r = node_ruleset();
+        let r = node_ruleset(Family::V4);
         assert!(r.starts_with("table ip ztunnel_node\ndelete table ip ztunnel_node\n"));
         assert!(r.contains(
             "ip daddr @enrolled meta l4proto tcp fib saddr type local snat to 169.254.7.127"
         ));
-        assert!(r.contains("table ip6 ztunnel_node\ndelete table ip6 ztunnel_node\n"));
+        let r = node_ruleset(Family::V6);
+        assert!(r.starts_with("table ip6 ztunnel_node\ndelete table ip6 ztunnel_node\n"));
         assert!(r.contains(
             "ip6 daddr @enrolled meta l4proto tcp fib saddr type local snat to fd7a:7475:6e6e:656c::7f"
         ));
@@ -368,25 +384,25 @@ mod tests {
     #[test]
     fn probe_set_updates_go_to_the_table_of_each_address_family() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let cases: &[(&[&str], bool, Option<&str>)] = &[
-            (&[], true, None),
+        let cases: &[(&[&str], bool, &[&str])] = &[
+            (&[], true, &[]),
             (
                 &["10.1.0.5"],
                 true,
-                Some("add element ip ztunnel_node enrolled { 10.1.0.5 }\n"),
+                &["add element ip ztunnel_node enrolled { 10.1.0.5 }\n"],
             ),
             (
                 &["fd00::5", "10.1.0.5", "fd00::6"],
                 false,
-                Some(
-                    "delete element ip ztunnel_node enrolled { 10.1.0.5 }\n\
-                     delete element ip6 ztunnel_node enrolled { fd00::5, fd00::6 }\n",
-                ),
+                &[
+                    "delete element ip ztunnel_node enrolled { 10.1.0.5 }\n",
+                    "delete element ip6 ztunnel_node enrolled { fd00::5, fd00::6 }\n",
+                ],
             ),
         ];
         for (ips, add, want) in cases {
             let ips: Vec<IpAddr> = ips.iter().map(|s| ip(s)).collect();
-            assert_eq!(probe_set_script(&ips, *add).as_deref(), *want, "{ips:?}");
+            assert_eq!(probe_set_scripts(&ips, *add), *want, "{ips:?}");
         }
     }
 }
