@@ -45,6 +45,14 @@ fn spec(name: &'static str, sa: &'static str, node: usize, ip: &'static str) -> 
 struct Pause(Child);
 
 impl Pause {
+    /// Starts the sandbox process of `bed`'s pod `name`, on the pod's node.
+    fn of(bed: &TestBed, name: &str) -> Pause {
+        let pod = bed.pod(name);
+        let p = Pause::start(&pod.ns);
+        bed.run_on_node(pod.spec.node, p.0.id()).unwrap();
+        p
+    }
+
     /// Starts it and waits until it is inside `ns`.
     fn start(ns: &Netns) -> Pause {
         use std::os::unix::fs::MetadataExt;
@@ -163,11 +171,12 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
             ns
         })
         .collect();
-    let _pauses: Vec<Pause> = [&bed.pod("web").ns, &bed.pod("api").ns]
-        .into_iter()
-        .chain(dups.iter())
-        .map(Pause::start)
-        .collect();
+    let mut _pauses = vec![Pause::of(&bed, "web"), Pause::of(&bed, "api")];
+    for ns in &dups {
+        let p = Pause::start(ns);
+        bed.run_on_node(0, p.0.id()).unwrap();
+        _pauses.push(p);
+    }
     let (web, api) = (bed.pod("web"), bed.pod("api"));
     let _srv = api.ns.spawn(apps::whoami_server(8080));
     let _echo = api
@@ -295,7 +304,7 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
 fn a_reconciler_enrollment_survives_a_restart_and_a_cni_del_releases_it() {
     let cart = spec("cart", "cart", 0, "10.20.1.82");
     let mut bed = TestBed::start_with(vec![cart]).expect("test bed");
-    let mut pause = Some(Pause::start(&bed.pod("cart").ns));
+    let mut pause = Some(Pause::of(&bed, "cart"));
     bed.apply_labels(namespaces(ambient()), json!({})).unwrap();
     wait_for("cart enrolled", || {
         reconciler(&bed, 0, "enroll", "running_pod") == 1.0
@@ -340,7 +349,7 @@ fn a_cni_add_takes_over_a_pod_the_reconciler_enrolled() {
     let cart = spec("cart2", "cart", 0, "10.20.1.83");
     let bed = TestBed::start_with(vec![cart]).expect("test bed");
     let pod = bed.pod("cart2");
-    let _pause = Pause::start(&pod.ns);
+    let _pause = Pause::of(&bed, "cart2");
     bed.apply_labels(namespaces(ambient()), json!({})).unwrap();
     wait_for("cart2 enrolled", || has_table(&pod.ns));
     let records = || -> Vec<String> {
@@ -564,7 +573,9 @@ fn the_daemon_annotates_pods_from_the_api_server_as_it_enrolls_and_releases_them
     ]
     .map(String::from)
     .to_vec();
-    let mut p = Process::start(&node.ns, "n1-kube", bed.dir(), &args, &[]).unwrap();
+    let host_proc = node.proc_dir.display().to_string();
+    let env = [("ZTUNNEL_HOST_PROC", host_proc.as_str())];
+    let mut p = Process::start(&node.ns, "n1-kube", bed.dir(), &args, &env).unwrap();
     daemon::wait_ready(
         &node.ns,
         &mut p,
@@ -577,7 +588,7 @@ fn the_daemon_annotates_pods_from_the_api_server_as_it_enrolls_and_releases_them
 
     // web starts in the unlabelled namespace: CNI leaves it alone, nothing is annotated.
     bed.add_pod(spec("web", "web", 0, "10.20.1.86")).unwrap();
-    let _pause = Pause::start(&bed.pod("web").ns);
+    let _pause = Pause::of(&bed, "web");
     assert!(!has_table(&bed.pod("web").ns));
     assert_eq!(annotation("web"), Value::Null);
 

@@ -98,6 +98,11 @@ pub struct Node {
     pub runtime: Runtime,
     pub conflist: Value,
     pub state_dir: PathBuf,
+    /// The node's view of the host's processes (`--host-proc`): links to the processes that
+    /// run "on" this node ([`TestBed::run_on_node`]). A daemon on a real node sees only that
+    /// node's pods in `/proc`; on this shared machine every bed's pods, with the same
+    /// addresses, would be visible to every daemon's netns scan.
+    pub proc_dir: PathBuf,
     pub daemon: Option<Process>,
 }
 
@@ -272,6 +277,8 @@ impl TestBed {
                 routes.push(json!({"dst": "::/0"}));
             }
             let state_dir = dir.path().join(format!("{name}-state"));
+            let proc_dir = dir.path().join(format!("{name}-proc"));
+            std::fs::create_dir(&proc_dir)?;
             // The node's primary network: Debian's bridge + host-local; `ztunnel-cni install`
             // chains our plugin into it, as the DaemonSet does on a real node.
             let primary = json!({
@@ -297,6 +304,7 @@ impl TestBed {
                 runtime,
                 conflist,
                 state_dir,
+                proc_dir,
                 daemon: None,
             });
         }
@@ -387,10 +395,14 @@ impl TestBed {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let env: Vec<(&str, &str)> = self
-            .daemon_env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+        let host_proc = node.proc_dir.display().to_string();
+        let env: Vec<(&str, &str)> = [("ZTUNNEL_HOST_PROC", host_proc.as_str())]
+            .into_iter()
+            .chain(
+                self.daemon_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .collect();
         let mut p = Process::start(
             &node.ns,
@@ -478,6 +490,14 @@ impl TestBed {
             .iter()
             .find(|p| p.spec.name == name)
             .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Makes process `pid` visible to node `i`'s daemon (in its `--host-proc`), as a process
+    /// running on that node, such as a pod sandbox's `pause`.
+    pub fn run_on_node(&self, i: usize, pid: u32) -> Result<()> {
+        let link = self.nodes[i].proc_dir.join(pid.to_string());
+        std::os::unix::fs::symlink(format!("/proc/{pid}"), link)?;
+        Ok(())
     }
 
     pub fn node_of(&self, pod: &Pod) -> &Node {
