@@ -123,9 +123,10 @@ fn expected_lines() -> Vec<String> {
 /// opens to an enrolled pod) leave with the probe address, which the pod's rules let through
 /// uncaptured.
 pub fn node_ruleset(family: Family) -> String {
-    let (f, addr_type, probe) = match family {
-        Family::V4 => ("ip", "ipv4_addr", PROBE_ADDR),
-        Family::V6 => ("ip6", "ipv6_addr", PROBE_ADDR6),
+    let f = family.nft();
+    let (addr_type, probe) = match family {
+        Family::V4 => ("ipv4_addr", PROBE_ADDR),
+        Family::V6 => ("ipv6_addr", PROBE_ADDR6),
     };
     format!(
         "table {f} {NODE_TABLE}
@@ -243,6 +244,19 @@ impl Family {
             Family::V6 => "::/0",
         }
     }
+    /// The nftables family of the node's probe table.
+    fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+    fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
 }
 
 /// Installs (or replaces) the pod's capture: the table, the policy route (for IPv6 too when
@@ -320,17 +334,18 @@ pub fn node_probe_set(ips: &[IpAddr], add: bool) -> Result<(), RulesError> {
 /// any.
 fn probe_set_scripts(ips: &[IpAddr], add: bool) -> Vec<String> {
     let verb = if add { "add" } else { "delete" };
-    [("ip", false), ("ip6", true)]
+    [Family::V4, Family::V6]
         .into_iter()
-        .filter_map(|(family, v6)| {
+        .filter_map(|family| {
             let of: Vec<String> = ips
                 .iter()
-                .filter(|ip| ip.is_ipv6() == v6)
+                .filter(|ip| Family::of(ip) == family)
                 .map(|ip| ip.to_string())
                 .collect();
             (!of.is_empty()).then(|| {
                 format!(
-                    "{verb} element {family} {NODE_TABLE} enrolled {{ {} }}\n",
+                    "{verb} element {} {NODE_TABLE} enrolled {{ {} }}\n",
+                    family.nft(),
                     of.join(", ")
                 )
             })
