@@ -9,6 +9,7 @@ mod conf;
 mod daemon;
 mod error;
 mod install;
+mod netns;
 mod plugin;
 mod snapshot;
 
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
         }
     }
 
-    let outcome = plugin::run(&vars, &stdin, &daemon::UnixDaemon);
+    let outcome = plugin::run(&vars, &stdin, &daemon::UnixDaemon, &netns::HostNetns);
     for line in &outcome.logs {
         eprintln!("ztunnel-cni: {line}");
     }

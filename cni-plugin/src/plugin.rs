@@ -1,5 +1,6 @@
-//! The plugin's behaviour, pure apart from the daemon and its snapshot file: [`run`] takes the
-//! environment, stdin and a [`Daemon`] and returns an [`Outcome`] (what to print on stdout, or
+//! The plugin's behaviour, pure apart from the daemon, its snapshot file and the pod's netns:
+//! [`run`] takes the environment, stdin, a [`Daemon`] and a [`PodNetns`] and returns an
+//! [`Outcome`] (what to print on stdout, or
 //! the error object, and the lines to log on stderr). It never touches stdout or stderr itself.
 
 use serde::Serialize;
@@ -8,6 +9,7 @@ use ztunnel_proto::enroll::{Attachment, ErrorKind, PodAdd, PodDel, PodRef, Reply
 use crate::conf::{self, Command, Env, NetConf, Vars, LATEST_VERSION, SUPPORTED_VERSIONS};
 use crate::daemon::{CallError, Daemon, Endpoint};
 use crate::error::CniError;
+use crate::netns::PodNetns;
 use crate::snapshot::{self, Fallback};
 
 /// The result of one invocation.
@@ -23,14 +25,21 @@ pub struct Outcome {
 }
 
 /// Runs one CNI command.
-pub fn run(vars: &Vars, stdin: &[u8], daemon: &dyn Daemon) -> Outcome {
+pub fn run(vars: &Vars, stdin: &[u8], daemon: &dyn Daemon, netns: &dyn PodNetns) -> Outcome {
     let text = String::from_utf8_lossy(stdin);
     let mut out = Outcome {
         result: Ok(None),
         cni_version: conf::error_version(&text).to_string(),
         logs: Vec::new(),
     };
-    out.result = dispatch(vars, stdin, daemon, &mut out.logs, &mut out.cni_version);
+    out.result = dispatch(
+        vars,
+        stdin,
+        daemon,
+        netns,
+        &mut out.logs,
+        &mut out.cni_version,
+    );
     out
 }
 
@@ -38,6 +47,7 @@ fn dispatch(
     vars: &Vars,
     stdin: &[u8],
     daemon: &dyn Daemon,
+    netns: &dyn PodNetns,
     logs: &mut Vec<String>,
     cni_version: &mut String,
 ) -> Result<Option<String>, CniError> {
@@ -56,7 +66,7 @@ fn dispatch(
     };
     let call = |req: &Request| daemon.call(&endpoint, req);
     match command {
-        Command::Add => add(&env, &conf, &call, logs),
+        Command::Add => add(&env, &conf, &call, netns, logs),
         Command::Check => check(&env, &conf, &call, logs),
         Command::Del => del(&env, &conf, &call, logs),
         Command::Status => status(&call),
@@ -153,6 +163,7 @@ fn add(
     env: &Env,
     conf: &NetConf,
     call: &Call<'_>,
+    netns: &dyn PodNetns,
     logs: &mut Vec<String>,
 ) -> Result<Option<String>, CniError> {
     let prev = conf
@@ -164,6 +175,12 @@ fn add(
     match call(&Request::Add(pod_add(env, conf))) {
         Ok(Reply::Enrolled) => {
             logs.push(format!("ADD {who}: enrolled"));
+            // Best effort: without it, a rolling restart may reset connections still queued.
+            if let Err(e) = netns.enable_listener_migration(std::path::Path::new(&env.netns)) {
+                logs.push(format!(
+                    "ADD {who}: cannot set tcp_migrate_req in the pod's netns ({e}); a daemon restart may reset connections still queued"
+                ));
+            }
             pass()
         }
         Ok(Reply::NotEnrolled { reason }) => {
@@ -276,6 +293,8 @@ mod tests {
     struct Fake {
         reply: Result<Reply, CallError>,
         seen: RefCell<Vec<(Endpoint, Request)>>,
+        /// The netns paths [`PodNetns::enable_listener_migration`] was asked for.
+        migrations: RefCell<Vec<std::path::PathBuf>>,
     }
 
     impl Fake {
@@ -283,6 +302,7 @@ mod tests {
             Fake {
                 reply,
                 seen: RefCell::new(Vec::new()),
+                migrations: RefCell::new(Vec::new()),
             }
         }
         fn answering(reply: Reply) -> Fake {
@@ -293,6 +313,13 @@ mod tests {
         }
         fn requests(&self) -> Vec<Request> {
             self.seen.borrow().iter().map(|(_, r)| r.clone()).collect()
+        }
+    }
+
+    impl PodNetns for Fake {
+        fn enable_listener_migration(&self, path: &std::path::Path) -> std::io::Result<()> {
+            self.migrations.borrow_mut().push(path.to_owned());
+            Err(std::io::Error::other("not in tests"))
         }
     }
 
@@ -354,7 +381,7 @@ mod tests {
     fn version_needs_no_config() {
         let fake = Fake::unreachable();
         for input in ["", r#"{"cniVersion":"1.0.0"}"#] {
-            let o = run(&env("VERSION"), input.as_bytes(), &fake);
+            let o = run(&env("VERSION"), input.as_bytes(), &fake, &fake);
             let v: serde_json::Value =
                 serde_json::from_str(o.result.unwrap().as_deref().unwrap()).unwrap();
             assert_eq!(v["cniVersion"], "1.1.0");
@@ -371,9 +398,24 @@ mod tests {
                 reason: "namespace not labelled".into(),
             },
         ] {
+            let enrolled = reply == Reply::Enrolled;
             let fake = Fake::answering(reply);
-            let o = run(&env("ADD"), stdin("").as_bytes(), &fake);
-            assert_eq!(o.result.unwrap().as_deref(), Some(PREV));
+            let o = run(&env("ADD"), stdin("").as_bytes(), &fake, &fake);
+            assert_eq!(o.result.unwrap().as_deref(), Some(PREV), "{:?}", o.logs);
+            // Only an enrolled pod's netns is touched, and its failure is logged, not fatal.
+            let want: Vec<std::path::PathBuf> = match enrolled {
+                true => vec!["/var/run/netns/p1".into()],
+                false => vec![],
+            };
+            assert_eq!(*fake.migrations.borrow(), want);
+            assert_eq!(
+                o.logs
+                    .iter()
+                    .any(|l| l.contains("cannot set tcp_migrate_req")),
+                enrolled,
+                "{:?}",
+                o.logs
+            );
             let seen = fake.seen.borrow();
             assert_eq!(seen.len(), 1);
             assert_eq!(seen[0].1, Request::Add(pod_add()));
@@ -398,7 +440,7 @@ mod tests {
                     message: "m".into(),
                 });
                 let input = stdin(r#","cni.dev/valid-attachments":[]"#);
-                let o = run(&env(cmd), input.as_bytes(), &fake);
+                let o = run(&env(cmd), input.as_bytes(), &fake, &fake);
                 assert_eq!(code(&o), Some(want), "{cmd} {kind:?}");
                 assert_eq!(o.cni_version, "1.1.0");
             }
@@ -415,7 +457,7 @@ mod tests {
             for cmd in ["ADD", "CHECK", "GC"] {
                 let fake = Fake::new(Err(err.clone()));
                 let input = stdin(r#","cni.dev/valid-attachments":[]"#);
-                let o = run(&env(cmd), input.as_bytes(), &fake);
+                let o = run(&env(cmd), input.as_bytes(), &fake, &fake);
                 assert_eq!(code(&o), Some(want), "{cmd} {err:?}");
             }
         }
@@ -429,7 +471,14 @@ mod tests {
             r#","enrolledNamespacesFile":"{}""#,
             file.display()
         ));
-        let add = |vars: &Vars| run(vars, input.as_bytes(), &Fake::unreachable());
+        let add = |vars: &Vars| {
+            run(
+                vars,
+                input.as_bytes(),
+                &Fake::unreachable(),
+                &Fake::unreachable(),
+            )
+        };
 
         // No snapshot: fail closed.
         let o = add(&env("ADD"));
@@ -474,7 +523,7 @@ mod tests {
         for fake in failures {
             let mut vars = env("DEL");
             vars.insert("CNI_NETNS".into(), String::new());
-            let o = run(&vars, stdin("").as_bytes(), &fake);
+            let o = run(&vars, stdin("").as_bytes(), &fake, &fake);
             assert_eq!(o.result, Ok(None));
             assert_eq!(
                 fake.requests(),
@@ -488,7 +537,9 @@ mod tests {
         let fake = Fake::answering(Reply::Ok);
         let mut vars = env("DEL");
         vars.remove("CNI_ARGS");
-        run(&vars, stdin("").as_bytes(), &fake).result.unwrap();
+        run(&vars, stdin("").as_bytes(), &fake, &fake)
+            .result
+            .unwrap();
         assert!(matches!(&fake.requests()[0], Request::Del(d) if d.pod.is_none()));
     }
 
@@ -500,22 +551,24 @@ mod tests {
             Reply::NotEnrolled { reason: "r".into() },
         ] {
             let fake = Fake::answering(reply);
-            let o = run(&env("CHECK"), stdin("").as_bytes(), &fake);
+            let o = run(&env("CHECK"), stdin("").as_bytes(), &fake, &fake);
             assert_eq!(o.result, Ok(None));
             assert_eq!(fake.requests(), vec![Request::Check(pod_add())]);
         }
-        let o = run(&env("CHECK"), stdin("").as_bytes(), &Fake::unreachable());
+        let o = run(
+            &env("CHECK"),
+            stdin("").as_bytes(),
+            &Fake::unreachable(),
+            &Fake::unreachable(),
+        );
         assert_eq!(code(&o), Some(11));
     }
 
     #[test]
     fn status() {
         let input = r#"{"cniVersion":"1.1.0","name":"k8s"}"#;
-        let o = run(
-            &env("STATUS"),
-            input.as_bytes(),
-            &Fake::answering(Reply::Ok),
-        );
+        let fake = Fake::answering(Reply::Ok);
+        let o = run(&env("STATUS"), input.as_bytes(), &fake, &fake);
         assert_eq!(o.result, Ok(None));
         let not_ready = [
             Fake::unreachable(),
@@ -527,7 +580,7 @@ mod tests {
             Fake::answering(Reply::Enrolled),
         ];
         for fake in not_ready {
-            let o = run(&env("STATUS"), input.as_bytes(), &fake);
+            let o = run(&env("STATUS"), input.as_bytes(), &fake, &fake);
             assert_eq!(code(&o), Some(50));
             assert_eq!(fake.requests(), vec![Request::Status]);
         }
@@ -542,6 +595,7 @@ mod tests {
             &Vars::from([("CNI_COMMAND".into(), "GC".into())]),
             input.as_bytes(),
             &fake,
+            &fake,
         );
         assert_eq!(o.result, Ok(None));
         let at = |c: &str, i: &str| Attachment {
@@ -554,7 +608,12 @@ mod tests {
                 valid: vec![at("c1", "eth0"), at("c2", "net1")]
             }]
         );
-        let o = run(&env("GC"), input.as_bytes(), &Fake::unreachable());
+        let o = run(
+            &env("GC"),
+            input.as_bytes(),
+            &Fake::unreachable(),
+            &Fake::unreachable(),
+        );
         assert_eq!(code(&o), Some(11));
     }
 
@@ -572,12 +631,17 @@ mod tests {
         ];
         for (vars, input, want, version) in cases {
             let fake = Fake::answering(Reply::Enrolled);
-            let o = run(&vars, input.as_bytes(), &fake);
+            let o = run(&vars, input.as_bytes(), &fake, &fake);
             assert_eq!(code(&o), Some(want), "{input}");
             assert_eq!(o.cni_version, version, "{input}");
             assert!(fake.requests().is_empty());
         }
-        let o = run(&env("ADD"), b"\xff\xfe", &Fake::unreachable());
+        let o = run(
+            &env("ADD"),
+            b"\xff\xfe",
+            &Fake::unreachable(),
+            &Fake::unreachable(),
+        );
         assert_eq!(code(&o), Some(6));
     }
 }

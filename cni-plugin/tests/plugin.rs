@@ -479,3 +479,70 @@ fn gc_sends_the_valid_attachments() {
     let absent = input.replace("cni.sock", "absent.sock");
     plugin(&[("CNI_COMMAND", "GC")], Some(&absent)).assert_error(11);
 }
+
+/// A real network namespace (`ip netns add`), deleted on drop. Needs root and `ip`.
+struct Namespace(String);
+
+impl Namespace {
+    fn new(tag: &str) -> Namespace {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test enters a real network namespace: run it as root (scripts/test.sh)"
+        );
+        let name = format!("ztcni-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("`ip` (apt-get install iproute2)")
+            .success();
+        assert!(ok, "ip netns add {name}");
+        Namespace(name)
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.0)
+    }
+
+    fn migrate_req(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sysctl", "-n"])
+            .arg("net.ipv4.tcp_migrate_req")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn add_of_an_enrolled_pod_lets_its_listeners_hand_over_queued_connections() {
+    // The daemon's container cannot write the pod's /proc/sys; the plugin, run by the
+    // runtime on the host, sets tcp_migrate_req in an enrolled pod's netns, and only there.
+    for (reply, want) in [
+        (Reply::Enrolled, "1"),
+        (
+            Reply::NotEnrolled {
+                reason: "namespace not labelled".into(),
+            },
+            "0",
+        ),
+    ] {
+        let ns = Namespace::new(if want == "1" { "in" } else { "out" });
+        assert_eq!(ns.migrate_req(), "0", "a new namespace's default");
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = FakeDaemon::serve(dir.path(), vec![reply]);
+        let path = ns.path();
+        let run = plugin(
+            &env("ADD", &path),
+            Some(&conf(&daemon.socket, &dir.path().join("ns.json"), "")),
+        );
+        assert_passed_through(&run);
+        assert!(!run.stderr.contains("cannot set"), "{}", run.stderr);
+        assert_eq!(ns.migrate_req(), want, "{}", run.stderr);
+    }
+}
