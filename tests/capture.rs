@@ -398,9 +398,21 @@ fn quic_tunnels_between_pods_carry_real_client_addresses_and_only_udp_15008_cros
     );
 }
 
+/// Asserts that node `i`'s daemon started with a runtime of `n` worker threads.
+fn assert_workers(bed: &TestBed, i: usize, n: usize) {
+    let log = bed.log(i);
+    let want = format!(" workers={n}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("starting ztunnel") && l.ends_with(&want)),
+        "{log}"
+    );
+}
+
 #[test]
 fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_probes_pass() {
     let bed = TestBed::start_with(testbed::dual_stack_pods()).unwrap();
+    assert_workers(&bed, 1, 2);
     for name in ["server", "echo", "legacy-2"] {
         bed.pod(name).ns.spawn(apps::whoami_server(8080));
     }
@@ -511,9 +523,12 @@ fn dual_stack_quic_tunnels_carry_both_families_over_udp_15008_only() {
         &[
             ("ZTUNNEL_QUIC_LISTEN", "true"),
             ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16,fd20::/16"),
+            ("ZTUNNEL_WORKER_THREADS", "3"),
         ],
     )
     .unwrap();
+    // The runtime is sized by the setting (2 by default, not one thread per core).
+    assert_workers(&bed, 0, 3);
     bed.pod("server").ns.spawn(apps::whoami_server(8080));
     std::thread::sleep(Duration::from_millis(100));
 

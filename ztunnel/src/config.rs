@@ -132,6 +132,9 @@ pub struct RunConfig {
     pub discovery_poll: Duration,
     pub log_format: LogFormat,
     pub log_filter: String,
+    /// The runtime's worker threads: a node daemon takes a fixed, small share of the node's
+    /// cores, not one thread per core.
+    pub worker_threads: usize,
 }
 
 /// `ztunnel run`: every flag also reads the environment variable named in its help.
@@ -210,6 +213,9 @@ struct RunArgs {
     /// Idle pooled connections close after [env: ZTUNNEL_POOL_IDLE_TIMEOUT] [default: 5m]
     #[arg(long)]
     pool_idle_timeout: Option<String>,
+    /// Worker threads of the daemon's runtime [env: ZTUNNEL_WORKER_THREADS] [default: 2]
+    #[arg(long)]
+    worker_threads: Option<String>,
     /// Also accept tunnels on QUIC, UDP on the inbound tunnel port: true or false [env: ZTUNNEL_QUIC_LISTEN] [default: false]
     #[arg(long)]
     quic_listen: Option<String>,
@@ -490,6 +496,14 @@ impl RunConfig {
             a.max_pending_handshakes_per_peer,
             env,
         )?;
+        let worker_threads = count(
+            "worker threads",
+            a.worker_threads,
+            env,
+            "ZTUNNEL_WORKER_THREADS",
+            2,
+            1024,
+        )? as usize;
         let ms = Duration::from_millis;
         Ok(RunConfig {
             node_name,
@@ -554,6 +568,7 @@ impl RunConfig {
             )?,
             pool_max_streams,
             handshake_limits,
+            worker_threads,
             pool_idle_timeout: duration(
                 "pool idle timeout",
                 a.pool_idle_timeout,
@@ -635,7 +650,7 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} log_format={:?} log={}",
+            "node={} trust_domain={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             humantime::format_duration(self.cert_lifetime),
@@ -661,6 +676,7 @@ impl fmt::Display for RunConfig {
             humantime::format_duration(self.connect_timeout),
             humantime::format_duration(self.drain_grace),
             humantime::format_duration(self.discovery_poll),
+            self.worker_threads,
             self.log_format,
             self.log_filter,
         )

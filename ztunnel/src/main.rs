@@ -83,10 +83,10 @@ fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }
 
-async fn run(args: Vec<String>) -> anyhow::Result<()> {
-    let cfg = RunConfig::from_sources(args, &env).unwrap_or_else(|e| config_error(e));
+async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let set_level = init_logging(&cfg.log_filter, cfg.log_format)?;
-    tracing::info!(config = %cfg, "starting ztunnel");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(config = %cfg, workers, "starting ztunnel");
     raise_fd_limit();
     let daemon = ztunnel::app::start(&cfg, set_level).await?;
     tracing::info!("ready to serve");
@@ -140,10 +140,14 @@ fn main() -> ExitCode {
     };
     args[0] = format!("ztunnel {cmd}");
     ztunnel::alloc::tune();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The daemon's configuration is read first: it sizes the runtime.
+    let run_cfg = (cmd == "run")
+        .then(|| RunConfig::from_sources(args.clone(), &env).unwrap_or_else(|e| config_error(e)));
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(cfg) = &run_cfg {
+        builder.worker_threads(cfg.worker_threads);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ztunnel: cannot start the runtime: {e}");
@@ -151,7 +155,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cmd.as_str() {
-        "run" => rt.block_on(run(args)),
+        "run" => rt.block_on(run(run_cfg.expect("parsed for `run`"))),
         "ca" => rt.block_on(ca(args)),
         "ctl" => {
             return match rt.block_on(ztunnel::ctl::run(args)) {

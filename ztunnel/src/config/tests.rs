@@ -39,6 +39,8 @@ fn defaults() {
     assert_eq!(c.log_format, LogFormat::Text);
     assert_eq!(c.log_filter, "info");
     assert_eq!(c.host_proc, PathBuf::from("/proc"));
+    assert_eq!(c.worker_threads, 2, "not one thread per core");
+    assert!(c.to_string().contains(" worker_threads=2 "));
 }
 
 #[test]
@@ -75,8 +77,10 @@ fn environment_and_flag_precedence() {
         ("ZTUNNEL_CERT_LIFETIME", "1h"),
         ("RUST_LOG", "debug"),
         ("ZTUNNEL_HOST_PROC", "/host/proc"),
+        ("ZTUNNEL_WORKER_THREADS", "4"),
     ];
     let c = run(&[], &env).unwrap();
+    assert_eq!(c.worker_threads, 4);
     assert_eq!(c.node_name, "from-env");
     assert_eq!(c.host_proc, PathBuf::from("/host/proc"));
     assert_eq!(
@@ -107,6 +111,8 @@ fn invalid_values() {
         (&["--admin-addr", "0.0.0.0:15000"], &[], "loopback"),
         (&["--inbound-addr", "nowhere"], &[], "inbound address"),
         (&["--pool-max-streams", "0"], &[], "1 to 10000"),
+        (&[], &[("ZTUNNEL_WORKER_THREADS", "0")], "1 to 1024"),
+        (&["--worker-threads", "all"], &[], "worker threads"),
         (&["--max-pending-handshakes", "0"], &[], "1 to 1000000"),
         (
             &[],
