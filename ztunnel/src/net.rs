@@ -111,7 +111,7 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     listen_in(None, addr)
 }
 
-/// Like [`listen`], inside `netns` when given.
+/// Like [`listen`], inside `netns` when given (where an IPv6 listener is IPv6 only).
 pub fn listen_in(netns: Option<&Netns>, addr: SocketAddr) -> io::Result<TcpListener> {
     let new = || match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
@@ -121,8 +121,9 @@ pub fn listen_in(netns: Option<&Netns>, addr: SocketAddr) -> io::Result<TcpListe
         Some(ns) => ns.run(new)??,
         None => new()?,
     };
-    if addr.is_ipv6() {
-        // Beside an IPv4 listener on the same port: IPv4 connections stay with that one.
+    if netns.is_some() && addr.is_ipv6() {
+        // In a pod's netns each family has its own listeners: IPv4 connections stay with the
+        // IPv4 one beside it. Elsewhere `[::]` keeps the system's default (both families).
         SockRef::from(&sock).set_only_v6(true)?;
     }
     sock.set_reuseaddr(true)?;
@@ -166,6 +167,16 @@ mod tests {
         mark: None,
         timeout: Duration::from_secs(5),
     };
+
+    #[tokio::test]
+    async fn an_ipv6_listener_outside_a_pod_keeps_the_system_default() {
+        // `[::]` in the daemon's own namespace (node mode, the CA) serves both families where
+        // the system does: only in-pod listeners, beside their IPv4 twins, are IPv6 only.
+        let l = super::listen("[::]:0".parse().unwrap()).unwrap();
+        let system = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").unwrap();
+        let only_v6 = socket2::SockRef::from(&l).only_v6().unwrap();
+        assert_eq!(only_v6, system.trim() == "1");
+    }
 
     #[tokio::test]
     async fn connect_returns_an_established_stream() {

@@ -240,8 +240,9 @@ pub fn endpoint(
         // Without CAP_NET_ADMIN there are no capture rules to skip (see `net::connect_from`).
         let _ = sock.set_mark(mark);
     }
-    if addr.is_ipv6() {
-        // Beside an IPv4 endpoint on the same port, which keeps the IPv4 datagrams.
+    if netns.is_some() && addr.is_ipv6() {
+        // In a pod's netns each family has its own endpoint: the IPv4 one beside it keeps the
+        // IPv4 datagrams. Elsewhere `[::]` keeps the system's default (both families).
         sock.set_only_v6(true)?;
     }
     sock.bind(&addr.into())?;
