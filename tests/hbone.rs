@@ -130,24 +130,10 @@ fn hundred_streams_share_one_connection_and_the_next_opens_another() {
         )
     };
     // Connect all 100 at once: concurrent first requests must wait for one handshake.
-    let conns = mesh.a.block_on(async {
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..100 {
-            set.spawn(async {
-                let mut s = TcpStream::connect((B_IP, 8080)).await?;
-                // A round trip proves the stream is established end to end.
-                s.write_all(b"x").await?;
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b).await?;
-                Ok::<_, std::io::Error>(s)
-            });
-        }
-        let mut conns = Vec::new();
-        while let Some(r) = set.join_next().await {
-            conns.push(r.expect("join").expect("connect"));
-        }
-        conns
-    });
+    let conns = mesh
+        .a
+        .block_on(apps::open_held(B_IP, 8080, 100))
+        .expect("connect");
     assert_eq!(conns.len(), 100);
     assert_eq!(
         opened(&mesh.a),
@@ -156,13 +142,10 @@ fn hundred_streams_share_one_connection_and_the_next_opens_another() {
     );
     let m = Mesh::metrics(&mesh.a);
     assert_eq!(metric(&m, "ztunnel_pool_streams", &[]), 100.0, "{m}");
-    let extra = mesh.a.block_on(async {
-        let mut s = TcpStream::connect((B_IP, 8080)).await.unwrap();
-        s.write_all(b"y").await.unwrap();
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        s
-    });
+    let extra = mesh
+        .a
+        .block_on(apps::open_held(B_IP, 8080, 1))
+        .expect("the 101st");
     assert_eq!(
         opened(&mesh.a),
         2.0,

@@ -156,23 +156,10 @@ fn hundred_streams_share_one_quic_connection_and_the_next_opens_another() {
     mesh.b
         .spawn(async { apps::hold_server(apps::listen(8080).await).await });
     std::thread::sleep(Duration::from_millis(100));
-    let conns = mesh.a.block_on(async {
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..100 {
-            set.spawn(async {
-                let mut s = TcpStream::connect((B_IP, 8080)).await?;
-                s.write_all(b"x").await?;
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b).await?;
-                Ok::<_, std::io::Error>(s)
-            });
-        }
-        let mut conns = Vec::new();
-        while let Some(r) = set.join_next().await {
-            conns.push(r.expect("join").expect("connect"));
-        }
-        conns
-    });
+    let conns = mesh
+        .a
+        .block_on(apps::open_held(B_IP, 8080, 100))
+        .expect("connect");
     assert_eq!(conns.len(), 100);
     let m = Mesh::metrics(&mesh.a);
     assert_eq!(
@@ -181,13 +168,10 @@ fn hundred_streams_share_one_quic_connection_and_the_next_opens_another() {
         "100 streams must share one QUIC connection: {m}"
     );
     expect_metric(&m, "ztunnel_pool_streams", &[], 100.0);
-    let extra = mesh.a.block_on(async {
-        let mut s = TcpStream::connect((B_IP, 8080)).await.unwrap();
-        s.write_all(b"y").await.unwrap();
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        s
-    });
+    let extra = mesh
+        .a
+        .block_on(apps::open_held(B_IP, 8080, 1))
+        .expect("the 101st");
     let m = Mesh::metrics(&mesh.a);
     assert_eq!(
         metric(&m, "ztunnel_pool_connections_opened_total", &[]),

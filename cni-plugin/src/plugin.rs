@@ -403,9 +403,10 @@ mod tests {
             let o = run(&env("ADD"), stdin("").as_bytes(), &fake, &fake);
             assert_eq!(o.result.unwrap().as_deref(), Some(PREV), "{:?}", o.logs);
             // Only an enrolled pod's netns is touched, and its failure is logged, not fatal.
-            let want: Vec<std::path::PathBuf> = match enrolled {
-                true => vec!["/var/run/netns/p1".into()],
-                false => vec![],
+            let want: Vec<std::path::PathBuf> = if enrolled {
+                vec!["/var/run/netns/p1".into()]
+            } else {
+                vec![]
             };
             assert_eq!(*fake.migrations.borrow(), want);
             assert_eq!(

@@ -179,3 +179,24 @@ pub async fn whoami(ip: &str, port: u16, msg: &str) -> std::io::Result<String> {
     }
     Ok(out)
 }
+
+/// Opens `n` connections to `ip:port` at once, proves each end to end with a one-byte round
+/// trip (the server echoes, as [`hold_server`] does), and returns them open.
+pub async fn open_held(ip: &str, port: u16, n: usize) -> std::io::Result<Vec<TcpStream>> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let ip = ip.to_owned();
+        set.spawn(async move {
+            let mut s = TcpStream::connect((ip.as_str(), port)).await?;
+            s.write_all(b"x").await?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await?;
+            Ok::<_, std::io::Error>(s)
+        });
+    }
+    let mut conns = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        conns.push(r.expect("join")?);
+    }
+    Ok(conns)
+}

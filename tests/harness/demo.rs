@@ -121,9 +121,12 @@ async fn request(addr: String, msg: String) -> Result<String> {
 fn exchange(bed: &TestBed, from: &str, to: &str, addr: &str, listen_port: u16) -> Result<()> {
     let (client, server) = (bed.pod(from), bed.pod(to));
     let task = serve_once(server, listen_port)?;
-    let own = |p: &Pod| match addr.starts_with('[') {
-        true => p.spec.ip6.unwrap_or("-"),
-        false => p.spec.ip,
+    let own = |p: &Pod| {
+        if addr.starts_with('[') {
+            p.spec.ip6.unwrap_or("-")
+        } else {
+            p.spec.ip
+        }
     };
     println!(
         "{from} ({}) connects to {addr}; {to} listens on port {listen_port}",

@@ -147,9 +147,10 @@ pub fn discovery_yaml_with(pods: &[PodSpec], policies: Value) -> String {
 /// The same, with a marker namespace `gen-<generation>` by which a test sees that a daemon
 /// has loaded this version.
 fn discovery_yaml_gen(pods: &[PodSpec], policies: Value, generation: usize) -> String {
-    let vips = match dual_stack(pods) {
-        true => vec![VIP, VIP6],
-        false => vec![VIP],
+    let vips = if dual_stack(pods) {
+        vec![VIP, VIP6]
+    } else {
+        vec![VIP]
     };
     let workloads: Vec<Value> = pods
         .iter()

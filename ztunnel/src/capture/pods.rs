@@ -440,9 +440,10 @@ impl Pods {
             let bind = |ip| {
                 Listeners::bind(Some(&netns), ip, self.pi.quic_listen).map_err(EnrollError::Listen)
             };
-            let v6 = match ipv6 {
-                true => Some(bind(IpAddr::V6(Ipv6Addr::UNSPECIFIED))?),
-                false => None,
+            let v6 = if ipv6 {
+                Some(bind(IpAddr::V6(Ipv6Addr::UNSPECIFIED))?)
+            } else {
+                None
             };
             (bind(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?, v6)
         };

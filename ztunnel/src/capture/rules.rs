@@ -318,13 +318,9 @@ pub fn node_probe_set(ips: &[IpAddr], add: bool) -> Result<(), RulesError> {
     let mut first = Ok(());
     for script in probe_set_scripts(ips, add) {
         match run(Netns::host(), "nft", &["-f", "-"], Some(&script)) {
-            Ok(_) | Err(RulesError::Failed { .. }) if !add => {} // already gone
             Ok(_) => {}
-            Err(e) => {
-                if first.is_ok() {
-                    first = Err(e);
-                }
-            }
+            Err(RulesError::Failed { .. }) if !add => {} // already gone
+            Err(e) => first = first.and(Err(e)),
         }
     }
     first
