@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tokio::net::TcpStream;
 use ztunnel::hbone::client;
+use ztunnel::hbone::early::Early;
 use ztunnel::net::ConnectOptions;
 use ztunnel_benches::{push, round_trip, Fixture};
 
@@ -141,9 +142,9 @@ fn new_connections(c: &mut Criterion) {
                         ztunnel::hbone::quic::connect(&quic_ep, f.tunnel, quic_config.clone())
                             .await
                             .expect("QUIC tunnel");
-                    let x = bytes::Bytes::from_static(b"x");
+                    let mut x = Early::of(Some(bytes::Bytes::from_static(b"x")));
                     let (mut tx, mut rx) =
-                        ztunnel::hbone::quic::open_stream(&conn, &header, Some(&x))
+                        ztunnel::hbone::quic::open_stream(&conn, &header, &mut x)
                             .await
                             .expect("stream");
                     let mut got = [0u8; 1];

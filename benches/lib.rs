@@ -18,7 +18,8 @@ use tokio::runtime::Runtime;
 use ztunnel::ca::{issue, LocalCa};
 use ztunnel::discovery::Discovery;
 use ztunnel::hbone::client::connect_request;
-use ztunnel::hbone::copy::{copy_tunnel, read_early, ByteCounters};
+use ztunnel::hbone::copy::{copy_tunnel, ByteCounters};
+use ztunnel::hbone::early::Early;
 use ztunnel::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings};
 use ztunnel::hbone::ConnectHeaders;
 use ztunnel::identity::{Identity, WorkloadCert};
@@ -109,10 +110,10 @@ async fn outbound(
                 ..Default::default()
             };
             let req = connect_request(target, &headers).expect("request");
-            let Ok(first) = read_early(&tcp) else {
+            let Ok(mut early) = Early::read(&tcp) else {
                 return;
             };
-            let Ok(t) = pool.open(&key, &cert, req, first).await else {
+            let Ok(t) = pool.open(&key, &cert, req, &mut early).await else {
                 return;
             };
             let (rd, wr) = tcp.into_split();

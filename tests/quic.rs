@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztunnel::ca::{issue, LocalCa};
+use ztunnel::hbone::early::Early;
 use ztunnel::hbone::quic::{self, QuicError, QuicStreamError};
 use ztunnel::identity::Identity;
 use ztunnel_e2e::apps;
@@ -413,11 +414,12 @@ fn quic_stream_headers_get_the_contract_status() {
             format!("{B_IP}:15001"),
             format!("{C_IP}:8080"),
         ] {
-            let status = match quic::open_stream(&conn, &header(&target), None).await {
-                Ok(_) => 200,
-                Err(QuicStreamError::Status(s)) => s.as_u16(),
-                Err(e) => panic!("{target}: no status: {e}"),
-            };
+            let status =
+                match quic::open_stream(&conn, &header(&target), &mut Early::default()).await {
+                    Ok(_) => 200,
+                    Err(QuicStreamError::Status(s)) => s.as_u16(),
+                    Err(e) => panic!("{target}: no status: {e}"),
+                };
             statuses.push((target, status));
         }
 
@@ -435,10 +437,13 @@ fn quic_stream_headers_get_the_contract_status() {
 
         // A valid stream, with bytes right behind the header and more after the answer.
         let early = Bytes::from_static(b"early ");
-        let (mut send, mut recv) =
-            quic::open_stream(&conn, &header(&format!("{B_IP}:8080")), Some(&early))
-                .await
-                .expect("a 200 stream");
+        let (mut send, mut recv) = quic::open_stream(
+            &conn,
+            &header(&format!("{B_IP}:8080")),
+            &mut Early::of(Some(early)),
+        )
+        .await
+        .expect("a 200 stream");
         send.write_all(b"late").await.unwrap();
         send.finish().unwrap();
         let echoed = recv.read_to_end(1024).await.expect("the echo");
@@ -520,13 +525,17 @@ fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
             // On QUIC the client's handshake may complete before the server has judged the
             // client's certificate; the refusal then ends the connection under the stream.
             let conn = quic::connect(&ep, tunnel_addr(), cfg).await?;
-            quic::open_stream(&conn, &header(&format!("{B_IP}:8080")), None)
-                .await
-                .map(|_| ())
-                .map_err(|e| match e {
-                    QuicStreamError::Quic(q) => q,
-                    QuicStreamError::Status(s) => panic!("the stream was answered {s}"),
-                })
+            quic::open_stream(
+                &conn,
+                &header(&format!("{B_IP}:8080")),
+                &mut Early::default(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                QuicStreamError::Quic(q) => q,
+                QuicStreamError::Status(s) => panic!("the stream was answered {s}"),
+            })
         }
         .await;
         ep.wait_idle().await;
@@ -577,9 +586,13 @@ fn a_stream_whose_header_never_completes_is_refused_and_blocks_nothing() {
         let (mut stalled_send, mut stalled_recv) = conn.open_bi().await.expect("open a stream");
         stalled_send.write_all(&raw[..2]).await.expect("write");
         // Meanwhile a well-formed stream on the same connection is served.
-        let (mut send, mut recv) = quic::open_stream(&conn, &header(&format!("{B_IP}:8080")), None)
-            .await
-            .expect("a 200 stream beside the stalled one");
+        let (mut send, mut recv) = quic::open_stream(
+            &conn,
+            &header(&format!("{B_IP}:8080")),
+            &mut Early::default(),
+        )
+        .await
+        .expect("a 200 stream beside the stalled one");
         send.write_all(b"served").await.unwrap();
         send.finish().unwrap();
         let echoed = recv.read_to_end(1024).await.expect("the echo");

@@ -20,6 +20,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::consts;
+use super::early::Early;
 use super::ConnectHeaders;
 use crate::net;
 
@@ -137,24 +138,37 @@ pub async fn open_stream(
     sender: SendRequest<Bytes>,
     req: Request<()>,
 ) -> Result<(SendStream<Bytes>, RecvStream), ClientError> {
-    open_stream_with(sender, req, None).await
+    open_stream_with(sender, req, &mut Early::default()).await
 }
 
-/// Like [`open_stream`], sending `first` (bytes the client has already written) right behind
-/// the request instead of a round trip later, so that they reach the peer with it. The peer
-/// holds them in the stream's flow-control window and forwards them only if it answers `200`.
+/// Like [`open_stream`], sending the client's `early` bytes right behind the request: those
+/// already taken at once, then those the client writes while the answer is in flight, instead
+/// of a round trip later ([`super::early`]). The peer holds them in the stream's flow-control
+/// window and forwards them only if it answers `200`.
 pub async fn open_stream_with(
     sender: SendRequest<Bytes>,
     req: Request<()>,
-    first: Option<&Bytes>,
+    early: &mut Early<'_>,
 ) -> Result<(SendStream<Bytes>, RecvStream), ClientError> {
     let mut sender = sender.ready().await?;
     let (response, mut send) = sender.send_request(req, false)?;
-    if let Some(first) = first {
-        // Well within the initial stream window: h2 sends it at once.
-        send.send_data(first.clone(), false)?;
+    // All within the initial stream window (`EARLY_LIMIT`): h2 sends each at once.
+    for chunk in early.chunks() {
+        send.send_data(chunk.clone(), false)?;
     }
-    let response = response.await?;
+    tokio::pin!(response);
+    let response = loop {
+        tokio::select! {
+            biased;
+            r = &mut response => break r?,
+            more = early.next() => {
+                // A stream the peer already reset takes nothing more; its answer tells why.
+                if send.send_data(more, false).is_err() {
+                    early.stop();
+                }
+            }
+        }
+    };
     if response.status() != StatusCode::OK {
         return Err(ClientError::Status(response.status()));
     }
@@ -172,5 +186,76 @@ pub async fn keepalive(mut ping: PingPong) -> Result<(), &'static str> {
             Ok(Err(_)) => return Err("connection failed"),
             Err(_) => return Err("ping timed out"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{connect_request, open_stream_with};
+    use crate::hbone::early::Early;
+
+    /// A peer that answers a `CONNECT` only once `want` bytes of its body have arrived, and
+    /// returns them.
+    async fn answer_after(l: TcpListener, want: usize) -> Vec<u8> {
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut conn = h2::server::handshake(tcp).await.unwrap();
+        let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let mut body = req.into_body();
+        let mut got = Vec::new();
+        while got.len() < want {
+            let data = body.data().await.expect("more body").unwrap();
+            let _ = body.flow_control().release_capacity(data.len());
+            got.extend_from_slice(&data);
+        }
+        let ok = Response::builder().status(StatusCode::OK).body(()).unwrap();
+        let _send = respond.send_response(ok, false).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        got
+    }
+
+    #[tokio::test]
+    async fn bytes_written_while_the_answer_is_in_flight_go_out_before_it() {
+        // The application's connection to the daemon: `c` is the client, `s` the accepted end.
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(app.local_addr().unwrap()).await.unwrap();
+        let (s, _) = app.accept().await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        s.readable().await.unwrap();
+        let mut early = Early::read(&s).unwrap();
+        assert_eq!(early.len(), 5);
+
+        let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = peer.local_addr().unwrap();
+        let peer = tokio::spawn(answer_after(peer, 11));
+        let (sender, conn) = h2::client::handshake(TcpStream::connect(addr).await.unwrap())
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        // The rest of the request, written once the CONNECT is on its way.
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.write_all(b" world").await.unwrap();
+            c
+        });
+        let req: Request<()> = connect_request(addr, &Default::default()).unwrap();
+        let opened = tokio::time::timeout(
+            Duration::from_secs(5),
+            open_stream_with(sender, req, &mut early),
+        )
+        .await
+        .expect("answered: the late bytes went out before the answer")
+        .expect("200");
+        assert_eq!(peer.await.unwrap(), b"hello world");
+        let kept: Vec<Bytes> = early.chunks().to_vec();
+        assert_eq!(kept.concat(), b"hello world", "kept for a retry");
+        drop((opened, late));
     }
 }

@@ -9,9 +9,8 @@
 //! 256 KiB) and shrinks when they do not; each chunk is handed to h2 as `Bytes` without copying.
 //! An error or reset in either direction aborts both (the stream is reset, the socket closed).
 //!
-//! Before a stream is opened, [`read_early`] takes what a just-accepted client has already
-//! written (at most 16 KiB, without waiting), so that it goes out right behind the `CONNECT`
-//! instead of one tunnel round trip later; the copy loop then carries what follows.
+//! What the client writes before its stream is open goes out right behind the `CONNECT`
+//! ([`super::early`]); the copy loop carries what follows.
 
 use std::future::poll_fn;
 use std::io;
@@ -95,25 +94,6 @@ pub(super) fn next_want(want: usize, n: usize) -> usize {
         want / 2
     } else {
         want
-    }
-}
-
-/// The bytes a just-accepted client has already written (up to 16 KiB), read without waiting,
-/// to be sent right behind the tunnel's `CONNECT` ([`super::pool::Pool::open`]): a client
-/// that speaks first then does not wait one more tunnel round trip. `Ok(None)` when nothing
-/// is waiting, and at EOF (which the copy loop meets again); a socket error (a client that
-/// reset at once) is returned, so the caller resets rather than opening a stream.
-pub fn read_early(tcp: &tokio::net::TcpStream) -> std::io::Result<Option<Bytes>> {
-    use std::io::Read;
-    // A plain non-blocking `recv`: tokio's `try_read` would not even try before the reactor
-    // has reported the new socket readable.
-    let sock = socket2::SockRef::from(tcp);
-    let mut buf = BytesMut::zeroed(INITIAL_BUF);
-    match (&*sock).read(&mut buf) {
-        Ok(0) => Ok(None),
-        Ok(n) => Ok(Some(buf.split_to(n).freeze())),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) => Err(e),
     }
 }
 
@@ -204,28 +184,10 @@ async fn stream_to_tcp(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use tokio::io::AsyncWriteExt;
-    use tokio::net::{TcpListener, TcpStream};
 
-    use super::{read_early, INITIAL_BUF};
-
-    /// A connected pair on loopback: (client, accepted).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
-    }
-
-    /// Waits until `s` has something to read (data, EOF or an error) without consuming it.
-    async fn settle(s: &TcpStream) {
-        tokio::time::timeout(Duration::from_secs(5), s.readable())
-            .await
-            .expect("readable in time")
-            .expect("readable");
-    }
+    use super::INITIAL_BUF;
+    use crate::hbone::tests::pair;
 
     #[tokio::test]
     async fn read_chunk_holds_no_buffer_while_waiting() {
@@ -255,42 +217,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 0, "EOF");
-    }
-
-    #[tokio::test]
-    async fn read_early_takes_what_the_client_already_wrote() {
-        let (mut c, s) = pair().await;
-        assert!(read_early(&s).unwrap().is_none(), "nothing written yet");
-        c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        settle(&s).await;
-        let first = read_early(&s).unwrap().expect("bytes");
-        assert_eq!(&first[..], b"GET / HTTP/1.1\r\n\r\n");
-        assert!(read_early(&s).unwrap().is_none(), "taken once");
-    }
-
-    #[tokio::test]
-    async fn read_early_takes_at_most_the_initial_buffer() {
-        let (mut c, s) = pair().await;
-        c.write_all(&vec![1u8; 3 * INITIAL_BUF]).await.unwrap();
-        settle(&s).await;
-        let first = read_early(&s).unwrap().expect("bytes");
-        assert_eq!(first.len(), INITIAL_BUF);
-    }
-
-    #[tokio::test]
-    async fn read_early_leaves_eof_to_the_copy_loop_and_returns_a_reset() {
-        let (c, s) = pair().await;
-        drop(c);
-        settle(&s).await;
-        assert!(read_early(&s).unwrap().is_none(), "EOF is not data");
-
-        let (c, s) = pair().await;
-        socket2::SockRef::from(&c)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(c);
-        settle(&s).await;
-        let e = read_early(&s).expect_err("a reset is an error");
-        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
     }
 }

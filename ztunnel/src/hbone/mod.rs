@@ -5,10 +5,12 @@
 //! - [`pool`]: share tunnel connections per (source identity, destination identity, address);
 //! - [`server`]: accept tunnel connections, validate each `CONNECT`, hand streams to a handler;
 //! - [`copy`]: move bytes between a TCP socket and a stream with half-close;
+//! - [`early`]: send what a client writes before its stream is open right behind the `CONNECT`;
 //! - [`quic`]: the same tunnels over QUIC (UDP 15008), one stream per connection.
 
 pub mod client;
 pub mod copy;
+pub mod early;
 pub mod pool;
 pub mod quic;
 pub mod server;
@@ -34,7 +36,17 @@ pub fn authority(addr: SocketAddr) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected pair on loopback: (client, accepted).
+    pub(crate) async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
     #[test]
     fn authority_forms() {
         assert_eq!(

@@ -37,6 +37,7 @@ use serde::Serialize;
 
 use super::client::{self, ClientError};
 use super::copy::TunnelStream;
+use super::early::Early;
 use super::quic::{self, Fallback, QuicError, QuicStreamError};
 use crate::capture::netns::Netns;
 use crate::identity::{Identity, WorkloadCert};
@@ -268,15 +269,16 @@ impl Pool {
     }
 
     /// Opens a stream for `req` to `key`, on a pooled connection when one has room.
-    /// `cert` is the source workload's current certificate (used only to dial). `first`, the
-    /// bytes the client already sent (see [`super::copy::read_early`]), goes out right behind
-    /// the request (again on a retry); the stream then carries what follows.
+    /// `cert` is the source workload's current certificate (used only to dial). The client's
+    /// `early` bytes (see [`super::early`]) go out right behind the request, those it writes
+    /// while the answer is in flight too, all of them again on a retry; the stream then
+    /// carries what follows.
     pub async fn open(
         &self,
         key: &PoolKey,
         cert: &Arc<WorkloadCert>,
         req: Request<()>,
-        first: Option<Bytes>,
+        early: &mut Early<'_>,
     ) -> Result<Tunnel, PoolError> {
         let ks = self.key_state(key);
         let max = self.inner.settings.max_streams;
@@ -301,12 +303,12 @@ impl Pool {
             };
             let opened: Result<TunnelStream, PoolError> = match &conn.link {
                 Link::H2(sender) => {
-                    client::open_stream_with(sender.clone(), copy_request(&req), first.as_ref())
+                    client::open_stream_with(sender.clone(), copy_request(&req), early)
                         .await
                         .map(|(send, recv)| TunnelStream::H2 { send, recv })
                         .map_err(PoolError::from)
                 }
-                Link::Quic(c) => quic::open_stream(c, &quic::header_of(&req), first.as_ref())
+                Link::Quic(c) => quic::open_stream(c, &quic::header_of(&req), early)
                     .await
                     .map(|(send, recv)| TunnelStream::Quic { send, recv })
                     .map_err(PoolError::from),

@@ -29,6 +29,7 @@ use ztunnel_proto::quic::{self as wire, HeaderError, RequestHeader};
 
 use super::consts;
 use super::copy::{ByteCounters, CopyError};
+use super::early::Early;
 use crate::capture::netns::Netns;
 
 /// A peer that does not complete the QUIC handshake within this time is taken as not
@@ -318,22 +319,41 @@ pub fn request_of(h: &RequestHeader) -> Option<Request<()>> {
     b.body(()).ok()
 }
 
-/// Opens a stream on `conn` for `header`, sending `first` (bytes the client already wrote)
-/// right behind it, and waits for the answer: `200` yields the stream, another status is
+/// Opens a stream on `conn` for `header`, sending the client's `early` bytes right behind it
+/// (those taken at once, then those written while the answer is in flight; see
+/// [`super::early`]), and waits for the answer: `200` yields the stream, another status is
 /// [`QuicStreamError::Status`].
 pub async fn open_stream(
     conn: &quinn::Connection,
     header: &RequestHeader,
-    first: Option<&Bytes>,
+    early: &mut Early<'_>,
 ) -> Result<(SendStream, RecvStream), QuicStreamError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(QuicError::from)?;
     let mut head = header.encode().map_err(QuicError::from)?;
-    if let Some(first) = first {
-        head.extend_from_slice(first);
+    for chunk in early.chunks() {
+        head.extend_from_slice(chunk);
     }
     send.write_all(&head).await.map_err(QuicError::from)?;
     let mut resp = [0u8; wire::RESPONSE_LEN];
-    recv.read_exact(&mut resp).await.map_err(QuicError::from)?;
+    {
+        let answer = recv.read_exact(&mut resp);
+        tokio::pin!(answer);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut answer => {
+                    r.map_err(QuicError::from)?;
+                    break;
+                }
+                more = early.next() => {
+                    // A stream the peer stopped takes nothing more; its answer tells why.
+                    if send.write_all(&more).await.is_err() {
+                        early.stop();
+                    }
+                }
+            }
+        }
+    }
     let status = wire::decode_response(resp).map_err(QuicError::from)?;
     if status != 200 {
         let _ = send.reset(RESET);

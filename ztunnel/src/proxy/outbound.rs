@@ -7,10 +7,10 @@
 //! mesh workload. Its warning is throttled ([`crate::throttle`]): an application retrying in a
 //! loop must not flood the node's log.
 //!
-//! Bytes the client has already written when the stream opens are sent right behind the
-//! `CONNECT` ([`copy::read_early`]): they go only to the peer whose identity the TLS handshake
-//! checked, and that peer forwards them only if it answers `200` (a denied or failed stream
-//! discards them), so nothing reaches an application earlier than before, only sooner.
+//! Bytes the client writes before its stream is open (up to 64 KiB) are sent right behind the
+//! `CONNECT` ([`Early`]): they go only to the peer whose identity the TLS handshake checked,
+//! and that peer forwards them only if it answers `200` (a denied or failed stream discards
+//! them), so nothing reaches an application earlier than before, only sooner.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
 use crate::hbone::client::connect_request;
 use crate::hbone::copy;
+use crate::hbone::early::Early;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::ConnectHeaders;
 use crate::net;
@@ -142,15 +143,14 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 addr: tunnel_addr,
                 netns: scope.peer_origin().netns,
             };
-            let first = match copy::read_early(&tcp) {
-                Ok(first) => first,
+            let mut early = match Early::read(&tcp) {
+                Ok(early) => early,
                 Err(e) => {
                     tracked.fail(&e);
                     return reset(tcp);
                 }
             };
-            let early = first.as_ref().map_or(0, |b| b.len() as u64);
-            let tunnel = match pi.pool.open(&key, &cert, req, first).await {
+            let tunnel = match pi.pool.open(&key, &cert, req, &mut early).await {
                 Ok(t) => t,
                 Err(e) => {
                     crate::warn_throttled!(dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
@@ -162,6 +162,12 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                     return reset(tcp);
                 }
             };
+            if let Some(e) = early.take_error() {
+                // The client reset while its stream was being opened: the stream is reset too.
+                tracked.fail(&e);
+                return reset(tcp);
+            }
+            let early = early.len() as u64;
             tracked.report(
                 &pi.metrics.istio,
                 super::istio_labels(
