@@ -25,6 +25,9 @@ fn throughput(c: &mut Criterion) {
     g.bench_function("hbone_quic", |b| {
         b.iter(|| f.rt.block_on(push(f.via_quic_sink, len)))
     });
+    g.bench_function("relay_2hops", |b| {
+        b.iter(|| f.rt.block_on(push(f.via_relay_sink, len)))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("throughput_8_streams");
@@ -35,6 +38,7 @@ fn throughput(c: &mut Criterion) {
         ("raw_tcp", f.sink),
         ("hbone", f.via_tunnel_sink),
         ("hbone_quic", f.via_quic_sink),
+        ("relay_2hops", f.via_relay_sink),
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {
@@ -58,6 +62,7 @@ fn request_response(c: &mut Criterion) {
         ("raw_tcp", f.echo),
         ("hbone", f.via_tunnel_echo),
         ("hbone_quic", f.via_quic_echo),
+        ("relay_2hops", f.via_relay_echo),
     ] {
         let mut s = f.rt.block_on(async {
             let s = TcpStream::connect(addr).await.unwrap();
@@ -81,6 +86,7 @@ fn new_connections(c: &mut Criterion) {
         ("raw_tcp", f.echo),
         ("hbone_pooled", f.via_tunnel_echo),
         ("hbone_quic_pooled", f.via_quic_echo),
+        ("relay_2hops", f.via_relay_echo),
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {

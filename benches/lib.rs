@@ -6,7 +6,8 @@
 //! with a fixed destination instead of `SO_ORIGINAL_DST` (no nftables needed). The baseline is
 //! the same client talking to the same application directly over loopback TCP, in the same run.
 //! The QUIC path is the same with a pool that dials QUIC (UDP, the tunnel's port) and the
-//! daemon's inbound QUIC server.
+//! daemon's inbound QUIC server. A third path relays plain TCP through the same hops
+//! ([`relay`]), to show what the layout costs without any tunnel work.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +44,9 @@ pub struct Fixture {
     /// The same over QUIC.
     pub via_quic_sink: SocketAddr,
     pub via_quic_echo: SocketAddr,
+    /// Plain TCP relayed twice ([`relay`]): the tunnel's loopback crossings and nothing else.
+    pub via_relay_sink: SocketAddr,
+    pub via_relay_echo: SocketAddr,
     /// The inbound tunnel listener (for fresh-handshake benchmarks).
     pub tunnel: SocketAddr,
     pub client_cert: Arc<WorkloadCert>,
@@ -86,6 +90,37 @@ async fn echo(l: TcpListener) {
         tokio::spawn(async move {
             let (mut r, mut w) = s.into_split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Accepts connections and relays each, as plain TCP, to `to`: two of these in a row make the
+/// same three loopback crossings as the tunnel (application → source daemon → destination
+/// daemon → application) with no TLS, no HTTP/2 and no policy. What a relay chain adds to raw
+/// TCP is what this single-host layout costs by itself; what the tunnel adds beyond it is its
+/// own.
+async fn relay(l: TcpListener, to: SocketAddr) {
+    loop {
+        let Ok((a, _)) = l.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = a.set_nodelay(true);
+            let Ok(b) = TcpStream::connect(to).await else {
+                return;
+            };
+            let _ = b.set_nodelay(true);
+            // One task per direction, as the tunnel's copy loop, with a buffer as large as
+            // the one it grows to for bulk flows.
+            let (ar, mut aw) = a.into_split();
+            let (br, mut bw) = b.into_split();
+            let big = |r| tokio::io::BufReader::with_capacity(256 << 10, r);
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_buf(&mut big(br), &mut aw).await;
+                let _ = aw.shutdown().await;
+            });
+            let _ = tokio::io::copy_buf(&mut big(ar), &mut bw).await;
+            let _ = bw.shutdown().await;
         });
     }
 }
@@ -219,6 +254,12 @@ impl Fixture {
                     ));
                 }
             }
+            for target in [sink_a, echo_a] {
+                let (first, second) = (bind("127.0.0.1").await, bind(SERVER_IP).await);
+                entries.push(first.local_addr().unwrap());
+                tokio::spawn(relay(first, second.local_addr().unwrap()));
+                tokio::spawn(relay(second, target));
+            }
             (sink_a, echo_a, entries, tunnel)
         });
         Fixture {
@@ -229,6 +270,8 @@ impl Fixture {
             via_tunnel_echo: f.2[1],
             via_quic_sink: f.2[2],
             via_quic_echo: f.2[3],
+            via_relay_sink: f.2[4],
+            via_relay_echo: f.2[5],
             tunnel: f.3,
             client_cert,
             server_id,
