@@ -75,12 +75,13 @@ fn half_close_crosses_the_tunnel_both_ways() {
 }
 
 /// A client that writes before the tunnel is up (its first bytes then ride right behind the
-/// CONNECT, the rest follows through the stream) and half-closes at once: everything arrives,
-/// in order, and the source's daemon counts every byte it sent.
+/// CONNECT, then those it writes while the answer is in flight, up to 64 KiB; the rest follows
+/// through the stream) and half-closes at once: everything arrives, in order, and the source's
+/// daemon counts every byte it sent.
 #[test]
 fn bytes_written_before_the_tunnel_is_up_arrive_in_order_and_are_counted() {
     let mesh = Mesh::default_pair();
-    let len = 40 * 1024; // more than the daemon takes with the CONNECT (16 KiB)
+    let len = 160 * 1024; // more than the daemon takes before the stream is open
     let server = mesh.b.spawn(apps::echo_once(8080));
     std::thread::sleep(Duration::from_millis(100));
     let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
