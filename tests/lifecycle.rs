@@ -1,8 +1,9 @@
 //! Enrollment and daemon lifecycle on the two-node test bed: the CNI chain with a real
 //! daemon (prevResult, CHECK, DEL, the spec's errors), a daemon killed (enrolled pods'
 //! connections refused, never plaintext; kubelet-style probes still reach the application),
-//! a daemon restarted (pods created before it are served again), and a rolling restart under
-//! a steady stream of new connections (none refused), with HTTP/2 and with QUIC tunnels.
+//! a daemon restarted (pods created before it are served again), a new daemon beside the old
+//! one taking every new connection, and a rolling restart under a steady stream of new
+//! connections (none refused), with HTTP/2 and with QUIC tunnels.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -202,6 +203,44 @@ fn a_dead_daemon_refuses_enrolled_connections_lets_probes_through_and_a_restart_
 fn a_rolling_restart_refuses_no_new_connection() {
     let mut bed = TestBed::start();
     rolling_restart_refuses_nothing(&mut bed);
+}
+
+/// During a rolling update the new daemon, once it listens beside the old one, takes every
+/// new connection: each listener steers its `SO_REUSEPORT` group to the newest socket. So
+/// nothing is left queued on the old daemon when it closes its listeners, even in a pod
+/// without `tcp_migrate_req` (one enrolled by relabelling its namespace); here the client's
+/// is set to 0 to be sure.
+#[test]
+fn a_new_daemon_beside_the_old_one_takes_every_new_connection() {
+    let mut bed = TestBed::start();
+    let client = &bed.pod("client").ns;
+    client
+        .exec("sysctl", &["-qw", "net.ipv4.tcp_migrate_req=0"])
+        .unwrap();
+    bed.pod("server").ns.spawn(apps::whoami_server(8080));
+    std::thread::sleep(Duration::from_millis(100));
+    let newer = bed.spawn_daemon(0, "-next").unwrap();
+    for i in 0..16 {
+        let got = client.block_on(whoami("10.20.2.10", 8080));
+        assert!(got.is_ok(), "connection {i}: {got:?}");
+    }
+    let outbound = |log: &str| {
+        daemon::access_lines(log)
+            .iter()
+            .filter(|l| l["message"] == "connection closed" && l["direction"] == "outbound")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while outbound(&newer.log()) < 16 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let old = bed.nodes[0].daemon.as_ref().unwrap().log();
+    assert_eq!(outbound(&newer.log()), 16, "{}", newer.log());
+    assert_eq!(outbound(&old), 0, "the old daemon took some: {old}");
+    let mut old = bed.nodes[0].daemon.replace(newer).unwrap();
+    old.stop(Duration::from_secs(5));
+    let got = bed.pod("client").ns.block_on(whoami("10.20.2.10", 8080));
+    assert!(got.is_ok(), "after the old one left: {got:?}");
 }
 
 /// The same with QUIC tunnels. The new daemon cannot share the UDP port with the draining

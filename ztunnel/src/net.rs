@@ -2,6 +2,12 @@
 //! traffic), listeners with `SO_REUSEPORT` (so a restarting daemon can take over), and the
 //! original destination of a redirected connection (`SO_ORIGINAL_DST`).
 //!
+//! Listeners steer new connections to the newest daemon ([`steer_to_newest`]): during a
+//! rolling update the new daemon's listener joins the old one's `SO_REUSEPORT` group, and from
+//! then on every new connection is queued on the new one. The old daemon's queue stops
+//! growing at that moment and is emptied by its accept loop long before it drains, so closing
+//! its listeners leaves no queued connection to reset, with or without `tcp_migrate_req`.
+//!
 //! A socket can be made inside a pod's network namespace ([`Origin::netns`]) and, for the
 //! daemon's connection to an application on behalf of a remote client, bound to that client's
 //! address with `IP_TRANSPARENT` ([`Origin::transparent_src`]), so the application sees the
@@ -130,7 +136,48 @@ pub fn listen_in(netns: Option<&Netns>, addr: SocketAddr) -> io::Result<TcpListe
     sock.set_reuseport(true)?;
     sock.set_nodelay(true)?;
     sock.bind(addr)?;
-    sock.listen(1024)
+    let listener = sock.listen(1024)?;
+    if let Err(e) = steer_to_newest(&listener) {
+        // The listener works without it; only a rolling update loses its steering.
+        crate::warn_throttled!(%addr, error = %e, "cannot steer the listener's new connections to the newest daemon");
+    }
+    Ok(listener)
+}
+
+/// Sets the program that picks the socket of `listener`'s `SO_REUSEPORT` group for each new
+/// connection: a one-instruction classic BPF program returning index 1. A group's sockets are
+/// indexed in the order they joined, so while an old and a new daemon both listen, index 1 is
+/// the new one's; alone, a socket has no index 1 and the kernel falls back to its usual
+/// hashing, which picks it. The program belongs to the group, so it stays after the socket
+/// that set it closes; every daemon sets the same one. Joining a group takes the same user,
+/// so no other process can be steered to.
+pub fn steer_to_newest(listener: &TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut code = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 1,
+    }];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: `prog` and the `code` it points to outlive the call, which copies them.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The destination a connection had before a `redirect`/`dnat` rule sent it to us.
@@ -161,7 +208,7 @@ pub fn reset(tcp: TcpStream) {
 mod tests {
     use std::time::Duration;
 
-    use super::{connect, ConnectOptions};
+    use super::{connect, listen, ConnectOptions};
 
     const OPTS: ConnectOptions = ConnectOptions {
         mark: None,
@@ -226,5 +273,40 @@ mod tests {
             }
         }
         panic!("{} connections made to a full accept queue", held.len());
+    }
+
+    #[tokio::test]
+    async fn a_new_listener_beside_an_old_one_takes_every_new_connection() {
+        let old = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = old.local_addr().unwrap();
+        // Alone, the old listener takes everything (the program's index 1 does not exist).
+        let c = connect(addr, OPTS).await.unwrap();
+        let (_, peer) = old.accept().await.unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+
+        let new = listen(addr).unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..32 {
+            clients.push(connect(addr, OPTS).await.unwrap());
+        }
+        for c in &clients {
+            let (_, peer) = tokio::time::timeout(Duration::from_secs(5), new.accept())
+                .await
+                .expect("queued on the new listener")
+                .unwrap();
+            assert_eq!(
+                peer,
+                c.local_addr().unwrap(),
+                "in order, on the new listener"
+            );
+        }
+        let queued_on_old = futures::poll!(std::pin::pin!(old.accept())).is_ready();
+        assert!(!queued_on_old, "nothing queued on the old listener");
+
+        // Once the old one is gone, the new one alone takes what comes.
+        drop(old);
+        let c = connect(addr, OPTS).await.unwrap();
+        let (_, peer) = new.accept().await.unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
     }
 }
