@@ -7,7 +7,7 @@
 //! the same client talking to the same application directly over loopback TCP, in the same run.
 //! The QUIC path is the same with a pool that dials QUIC (UDP, the tunnel's port) and the
 //! daemon's inbound QUIC server. A third path relays plain TCP through the same hops
-//! ([`relay`]), to show what the layout costs without any tunnel work.
+//! (`relay`), to show what the layout costs without any tunnel work.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,7 +44,7 @@ pub struct Fixture {
     /// The same over QUIC.
     pub via_quic_sink: SocketAddr,
     pub via_quic_echo: SocketAddr,
-    /// Plain TCP relayed twice ([`relay`]): the tunnel's loopback crossings and nothing else.
+    /// Plain TCP relayed twice (`relay`): the tunnel's loopback crossings and nothing else.
     pub via_relay_sink: SocketAddr,
     pub via_relay_echo: SocketAddr,
     /// The inbound tunnel listener (for fresh-handshake benchmarks).

@@ -1,4 +1,4 @@
-//! Configuration of `ztunnel run` ([`RunConfig`]) and `ztunnel ca` ([`CaConfig`], in [`ca`]), each parsed
+//! Configuration of `ztunnel run` ([`RunConfig`]) and `ztunnel ca` ([`CaConfig`], in `config/ca.rs`), each parsed
 //! once from flags and environment variables (flags win) and validated before anything starts.
 //!
 //! The environment is injected (`env: &dyn Fn(&str) -> Option<String>`), so tests never touch

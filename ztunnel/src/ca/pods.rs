@@ -1,6 +1,6 @@
 //! The CA's compact view of the cluster's pods: for each pod (by uid) only its node, namespace,
 //! service account and whether it is Running — never whole pods (they are decoded as
-//! [`LeanPod`](crate::discovery::kube::objects::LeanPod), which skips the rest) — plus a count
+//! [`crate::discovery::kube::objects::LeanPod`], which skips the rest) — plus a count
 //! of Running pods per (node, namespace, service account), so "may this node have that
 //! identity?" is one lookup.
 //!

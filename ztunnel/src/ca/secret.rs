@@ -5,7 +5,7 @@
 //!   self-signed root is created in it (another replica creating it first is a `409`, after
 //!   which its Secret is read). A Secret that exists but is incomplete or invalid is an error,
 //!   never overwritten.
-//! - Then ([`spawn_watcher`]) the Secret is watched: a valid new content replaces the signer
+//! - Then ([`SecretWatch::start`]) the Secret is watched: a valid new content replaces the signer
 //!   (rotation: `root-cert.pem` may hold several roots, all served in `roots_pem`; a new
 //!   `ca-cert.pem`/`ca-key.pem` signs from then on); an invalid one is refused, logged and
 //!   counted, and the old material kept; a deleted Secret keeps the current material.

@@ -1,7 +1,7 @@
 //! The proxies: outbound capture (15001), inbound tunnel (15008) and inbound plaintext (15006).
 //!
 //! Each listener accepts connections and hands each one to its handler in its own task; with
-//! QUIC enabled, a UDP endpoint on the tunnel port accepts tunnels too ([`inbound_quic`]). A set
+//! QUIC enabled, a UDP endpoint on the tunnel port accepts tunnels too (`inbound_quic.rs`). A set
 //! of listeners has a [`Scope`]: inside one enrolled pod's netns ([`Scope::Pod`], the product),
 //! it serves that pod, and its sockets to peers and to the application are made in that netns
 //! (to the application from the real client's address); on the node's own addresses
@@ -236,7 +236,7 @@ pub struct Listeners {
 pub enum QuicListener {
     Bound(quinn::Endpoint),
     /// The port is still held by another daemon (a rolling restart: the one draining); the
-    /// endpoint is bound once that one lets it go ([`inbound_quic`]).
+    /// endpoint is bound once that one lets it go (`inbound_quic.rs`).
     Held {
         netns: Option<Arc<Netns>>,
         addr: SocketAddr,
