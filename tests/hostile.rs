@@ -7,7 +7,8 @@
 //! more silent peers from that address find ten places before the node's cap. The held ones
 //! are dropped once the handshake timeout (10 s) has passed, and their places are free again.
 //! Connections held open at the metrics endpoint, which listens on every address, are capped
-//! per peer as well.
+//! per peer as well. On the other side, a destination that never answers a `CONNECT` is given
+//! up on, and the client it would hold is reset.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -278,4 +279,113 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
         .log()
         .contains(&format!("too many connections from this peer ({cap})")));
     mesh.b.block_on(async move { drop(held) });
+}
+
+/// A destination that completes the mutual-TLS and HTTP/2 handshakes as the workload it
+/// should be, then never answers a `CONNECT` (a wedged or hostile node): the source's daemon
+/// gives the stream up after twice its connect timeout (1 s here), resets the client instead
+/// of holding it for ever, counts and logs it, and takes the connection out of its pool, so
+/// the next stream dials a new one.
+#[test]
+fn a_destination_that_never_answers_is_given_up_on_and_the_client_reset() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use ztunnel::ca::{issue, LocalCa};
+    use ztunnel::identity::Identity;
+    use ztunnel_e2e::mesh::{default_workloads, Wl, C_IP, TRUST_DOMAIN};
+
+    let mut workloads = default_workloads();
+    workloads.push(Wl {
+        name: "silent",
+        sa: "server".into(),
+        node: "node-c",
+        ip: C_IP,
+    });
+    let a = NodeOptions {
+        workloads,
+        extra_args: vec!["--connect-timeout".into(), "1s".into()],
+        ..Default::default()
+    };
+    let mesh = Mesh::start(a, NodeOptions::default()).expect("start the test bed");
+    let ca = LocalCa::load_or_create(&mesh.ca_dir, TRUST_DOMAIN).unwrap();
+    let id: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+    let tls = issue(&ca, &id, Duration::from_secs(3600))
+        .unwrap()
+        .server_config();
+    let dialled = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    {
+        let (dialled, requests) = (dialled.clone(), requests.clone());
+        mesh.c.spawn(async move {
+            let l = tokio::net::TcpListener::bind((C_IP, 15008)).await.unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                dialled.fetch_add(1, Ordering::Relaxed);
+                let (acceptor, requests) = (acceptor.clone(), requests.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut conn) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    // Every request is held, unanswered, while the connection lives.
+                    let mut held = Vec::new();
+                    while let Some(Ok(r)) = conn.accept().await {
+                        requests.fetch_add(1, Ordering::Relaxed);
+                        held.push(r);
+                    }
+                });
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_millis(100));
+
+    let attempt = || {
+        mesh.a.block_on(async {
+            let mut s = TcpStream::connect((C_IP, 8080)).await?;
+            s.write_all(b"hello").await?;
+            let mut buf = [0u8; 16];
+            // A bound far above the 2 s the daemon waits: reaching it means the client hangs.
+            match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+                Ok(Ok(0)) => Ok("closed"),
+                Ok(Ok(_)) => Ok("answered"),
+                Ok(Err(_)) => Ok("reset"),
+                Err(_) => Ok::<_, std::io::Error>("still waiting"),
+            }
+        })
+    };
+    for i in 0..2 {
+        let got = attempt().expect("connect");
+        assert!(got == "reset" || got == "closed", "attempt {i}: {got}");
+    }
+    assert_eq!(
+        requests.load(Ordering::Relaxed),
+        2,
+        "both requests reached it"
+    );
+    assert_eq!(
+        dialled.load(Ordering::Relaxed),
+        2,
+        "the silent connection was taken out of the pool, the next stream dialled anew"
+    );
+    let m = Mesh::metrics_when(
+        &mesh.a,
+        "ztunnel_refusals_total",
+        &[("reason", "outbound_tunnel_failed")],
+        2.0,
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ztunnel_refusals_total",
+            &[("reason", "outbound_tunnel_failed")]
+        ),
+        2.0,
+        "{m}"
+    );
+    let log = mesh.a_daemon.log();
+    assert!(log.contains("no answer to the stream's request"), "{log}");
 }

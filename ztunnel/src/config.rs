@@ -222,7 +222,7 @@ struct RunArgs {
     /// Destinations (comma-separated CIDRs or IPs) whose tunnels are tried on QUIC first, falling back to HTTP/2 [env: ZTUNNEL_QUIC_DESTINATIONS] [default: none]
     #[arg(long)]
     quic_destinations: Option<String>,
-    /// Timeout of outgoing connects and handshakes [env: ZTUNNEL_CONNECT_TIMEOUT] [default: 10s]
+    /// Timeout of outgoing connects and handshakes; a tunnel stream's request waits twice this for its answer [env: ZTUNNEL_CONNECT_TIMEOUT] [default: 10s]
     #[arg(long)]
     connect_timeout: Option<String>,
     /// How long established connections may drain on SIGTERM [env: ZTUNNEL_DRAIN_GRACE] [default: 30s]

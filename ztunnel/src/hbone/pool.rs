@@ -20,6 +20,12 @@
 //! ([`quic::Fallback`]).
 //! QUIC connections leave from one UDP endpoint per network namespace, closed with the
 //! namespace's connections.
+//!
+//! A stream whose request gets no answer within twice the connect timeout
+//! ([`Pool::answer_timeout`]) is given up ([`PoolError::NoAnswer`]) and its connection taken
+//! out of the pool: a peer answers within its own connect timeout to the application (`503`
+//! when that fails), so a silent one is wedged or hostile, and the client it would hold is
+//! reset instead of waiting for ever.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -181,6 +187,8 @@ pub enum PoolError {
     Quic(#[from] QuicError),
     #[error("QUIC endpoint: {0}")]
     Endpoint(std::io::Error),
+    #[error("no answer to the stream's request within {0:?}")]
+    NoAnswer(Duration),
 }
 
 impl PoolError {
@@ -301,18 +309,25 @@ impl Pool {
                 conn: conn.clone(),
                 metrics: self.inner.metrics.clone(),
             };
-            let opened: Result<TunnelStream, PoolError> = match &conn.link {
-                Link::H2(sender) => {
-                    client::open_stream_with(sender.clone(), copy_request(&req), early)
+            let open = async {
+                match &conn.link {
+                    Link::H2(sender) => {
+                        client::open_stream_with(sender.clone(), copy_request(&req), early)
+                            .await
+                            .map(|(send, recv)| TunnelStream::H2 { send, recv })
+                            .map_err(PoolError::from)
+                    }
+                    Link::Quic(c) => quic::open_stream(c, &quic::header_of(&req), early)
                         .await
-                        .map(|(send, recv)| TunnelStream::H2 { send, recv })
-                        .map_err(PoolError::from)
+                        .map(|(send, recv)| TunnelStream::Quic { send, recv })
+                        .map_err(PoolError::from),
                 }
-                Link::Quic(c) => quic::open_stream(c, &quic::header_of(&req), early)
-                    .await
-                    .map(|(send, recv)| TunnelStream::Quic { send, recv })
-                    .map_err(PoolError::from),
             };
+            let within = self.answer_timeout();
+            // On timeout the stream is dropped, which resets it.
+            let opened = tokio::time::timeout(within, open)
+                .await
+                .unwrap_or(Err(PoolError::NoAnswer(within)));
             match opened {
                 Ok(stream) => return Ok(Tunnel { stream, lease }),
                 Err(e) => {
@@ -330,6 +345,12 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// How long a stream's request may wait for the peer's answer: twice the connect timeout,
+    /// since the peer answers within its own connect timeout to the application.
+    pub fn answer_timeout(&self) -> Duration {
+        self.inner.settings.connect.timeout * 2
     }
 
     fn key_state(&self, key: &PoolKey) -> Arc<KeyState> {
