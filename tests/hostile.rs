@@ -7,8 +7,9 @@
 //! more silent peers from that address find ten places before the node's cap. The held ones
 //! are dropped once the handshake timeout (10 s) has passed, and their places are free again.
 //! Connections held open at the metrics endpoint, which listens on every address, are capped
-//! per peer as well. On the other side, a destination that never answers a `CONNECT` is given
-//! up on, and the client it would hold is reset.
+//! per peer as well. A peer that authenticates and then never sends the HTTP/2 preface is
+//! dropped at the same deadline as the TLS handshake. On the other side, a destination that
+//! never answers a `CONNECT` is given up on, and the client it would hold is reset.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -279,6 +280,30 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
         .log()
         .contains(&format!("too many connections from this peer ({cap})")));
     mesh.b.block_on(async move { drop(held) });
+}
+
+/// A peer with a valid mesh certificate that completes TLS and then never sends the HTTP/2
+/// preface is dropped at the handshakes' deadline (10 s after it connected), counted and
+/// logged: authenticating does not let it hold a connection for ever.
+#[test]
+fn an_authenticated_peer_that_never_speaks_http2_is_dropped_at_the_deadline() {
+    let mesh = Mesh::default_pair();
+    let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
+    let cfg = mesh.client_tls();
+    mesh.c.block_on(async move {
+        let tcp = TcpStream::connect(tunnel).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from(B_IP).unwrap(), tcp)
+            .await
+            .expect("TLS");
+        // Silent after TLS: the daemon must close it (a bound far above its 10 s).
+        read_until_closed(&mut tls, Duration::from_secs(25)).await
+    });
+    let reason = [("reason", "inbound_http2_timeout")];
+    let m = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &reason, 1.0);
+    assert_eq!(metric(&m, "ztunnel_refusals_total", &reason), 1.0, "{m}");
+    let log = mesh.b_daemon.log();
+    assert!(log.contains("tunnel HTTP/2 handshake timed out"), "{log}");
 }
 
 /// A destination that completes the mutual-TLS and HTTP/2 handshakes as the workload it

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
-use h2::server::SendResponse;
+use h2::server::{Connection, SendResponse};
 use h2::RecvStream;
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -94,12 +94,29 @@ pub fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(resp, true);
 }
 
-/// Runs the HTTP/2 server side of a tunnel connection with the tunnel's settings, calling
+/// The HTTP/2 server handshake of a tunnel connection, with the tunnel's settings: ours sent,
+/// the client's preface read. It waits as long as the client stays silent, so the caller
+/// bounds it (the inbound proxy, by the same deadline as the TLS handshake).
+pub async fn handshake<T>(io: T, max_streams: u32) -> Result<Connection<T, Bytes>, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    h2::server::Builder::new()
+        .initial_window_size(consts::STREAM_WINDOW)
+        .initial_connection_window_size(consts::CONNECTION_WINDOW)
+        .max_frame_size(consts::MAX_FRAME_SIZE)
+        .max_send_buffer_size(consts::MAX_FRAME_SIZE as usize)
+        .max_concurrent_streams(max_streams)
+        .max_header_list_size(16 * 1024)
+        .handshake::<_, Bytes>(io)
+        .await
+}
+
+/// Runs the HTTP/2 server side of a tunnel connection after its [`handshake`], calling
 /// `on_stream` in a new task for each request, until the peer goes away, a ping goes
 /// unanswered, or `shutdown` resolves (then a GOAWAY lets open streams finish).
 pub async fn serve<T, F, Fut>(
-    io: T,
-    max_streams: u32,
+    mut conn: Connection<T, Bytes>,
     shutdown: impl Future<Output = ()>,
     on_stream: F,
 ) -> Result<(), h2::Error>
@@ -108,15 +125,6 @@ where
     F: Fn(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
-        .initial_window_size(consts::STREAM_WINDOW)
-        .initial_connection_window_size(consts::CONNECTION_WINDOW)
-        .max_frame_size(consts::MAX_FRAME_SIZE)
-        .max_send_buffer_size(consts::MAX_FRAME_SIZE as usize)
-        .max_concurrent_streams(max_streams)
-        .max_header_list_size(16 * 1024)
-        .handshake::<_, Bytes>(io)
-        .await?;
     let keepalive = match conn.ping_pong() {
         Some(p) => futures::future::Either::Left(super::client::keepalive(p)),
         None => futures::future::Either::Right(std::future::pending()),

@@ -31,7 +31,7 @@ use crate::hbone::server;
 use crate::identity::{self, Identity};
 use crate::net;
 
-/// A peer that has not finished its TLS handshake by then is dropped.
+/// A peer that has not finished its TLS and HTTP/2 handshakes by then is dropped.
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An authenticated tunnel peer: its address and identity, and the local workload it reached.
@@ -70,7 +70,10 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         }
     };
     let acceptor = TlsAcceptor::from(cert.server_config());
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    // One deadline for both handshakes: a peer must not hold a connection by authenticating
+    // and then never sending the HTTP/2 preface.
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             crate::warn_throttled!(%peer, error = %e, "tunnel TLS handshake failed");
@@ -83,7 +86,6 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             return;
         }
     };
-    drop(admitted);
     let src = match identity::peer_identity(tls.get_ref().1.peer_certificates().unwrap_or(&[])) {
         Ok(id) => id,
         Err(e) => {
@@ -92,6 +94,16 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             return;
         }
     };
+    let h2 = match tokio::time::timeout_at(deadline, server::handshake(tls, pi.max_streams)).await {
+        Ok(Ok(h2)) => h2,
+        Ok(Err(e)) => return http2_ended(&pi, peer, &src, e),
+        Err(_) => {
+            crate::warn_throttled!(%peer, %src, "tunnel HTTP/2 handshake timed out");
+            pi.metrics.refused("inbound_http2_timeout");
+            return;
+        }
+    };
+    drop(admitted);
     pi.metrics.hbone_connections_accepted.inc();
     let conn = Arc::new(Peer {
         addr: peer,
@@ -104,7 +116,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         let pi = pi.clone();
         async move { pi.drained().await }
     };
-    let result = server::serve(tls, pi.max_streams, drained, |req, respond| {
+    let result = server::serve(h2, drained, |req, respond| {
         let guard = pi.begin();
         let fut = stream(pi.clone(), scope.clone(), conn.clone(), req, respond);
         async move {
@@ -113,18 +125,21 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         }
     })
     .await;
-    match result {
+    if let Err(e) = result {
+        http2_ended(&pi, peer, &conn.identity, e);
+    }
+}
+
+/// A tunnel connection's HTTP/2 ended on an error.
+fn http2_ended(pi: &ProxyInputs, peer: SocketAddr, src: &Identity, e: h2::Error) {
+    if e.is_io() {
         // The peer went away (reset, closed mid-frame): not a refusal.
-        Err(e) if e.is_io() => {
-            tracing::debug!(%peer, error = %e, "tunnel connection ended with an error")
-        }
+        tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
+    } else {
         // A protocol violation (a garbled frame or preface, a flow-control or header-size
         // breach) answered with GOAWAY, or one the peer reported: the connection is closed.
-        Err(e) => {
-            crate::warn_throttled!(%peer, src = %conn.identity, error = %e, "tunnel connection closed on an HTTP/2 error");
-            pi.metrics.refused("inbound_http2_error");
-        }
-        Ok(()) => {}
+        crate::warn_throttled!(%peer, %src, error = %e, "tunnel connection closed on an HTTP/2 error");
+        pi.metrics.refused("inbound_http2_error");
     }
 }
 
