@@ -7,7 +7,8 @@
 //! is sent. The policy engine judges each stream first (source identity from the peer
 //! certificate): a denial is answered `401`, so the application never sees the connection.
 //! Before any TLS, a connection must find a place among the pending handshakes
-//! ([`crate::gate`]), or it is reset. Refusals are answered with their status, counted and
+//! ([`crate::gate`]), or it is reset; it keeps that place until its TLS and HTTP/2 handshakes
+//! are both done, and must finish them within [`HANDSHAKE_TIMEOUT`] of being accepted. Refusals are answered with their status, counted and
 //! logged; a stream that a later policy change denies is reset. The warnings that a peer can
 //! provoke before it has authenticated are throttled ([`crate::throttle`]); the counts never
 //! are.
