@@ -8,8 +8,9 @@
 //! are dropped once the handshake timeout (10 s) has passed, and their places are free again.
 //! Connections held open at the metrics endpoint, which listens on every address, are capped
 //! per peer as well. A peer that authenticates and then never sends the HTTP/2 preface is
-//! dropped at the same deadline as the TLS handshake. On the other side, a destination that
-//! never answers a `CONNECT` is given up on, and the client it would hold is reset.
+//! dropped at the same deadline as the TLS handshake, and one that keeps a connection without
+//! streams has it closed after twice the pool idle timeout. On the other side, a destination
+//! that never answers a `CONNECT` is given up on, and the client it would hold is reset.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -413,4 +414,49 @@ fn a_destination_that_never_answers_is_given_up_on_and_the_client_reset() {
     );
     let log = mesh.a_daemon.log();
     assert!(log.contains("no answer to the stream's request"), "{log}");
+}
+
+/// A peer that keeps a tunnel connection without streams (answering pings, where a pool would
+/// have closed it) has it closed by the daemon once no stream has started for twice the
+/// daemon's pool idle timeout (1 s here), with a GOAWAY; a connection whose stream stays open
+/// across several such periods is kept, and the stream still works.
+#[test]
+fn idle_tunnel_connections_are_closed_and_busy_ones_kept() {
+    let b = NodeOptions {
+        extra_args: vec!["--pool-idle-timeout".into(), "500ms".into()],
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), b).expect("start the test bed");
+    mesh.b.spawn(apps::echo_interactive(8080));
+    std::thread::sleep(Duration::from_millis(100));
+    let cfg = mesh.client_tls();
+    let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
+    let opts = ConnectOptions {
+        mark: None,
+        timeout: Duration::from_secs(5),
+    };
+    mesh.c.block_on(async move {
+        let (_send, conn) = client::connect(tunnel, cfg.clone(), opts)
+            .await
+            .expect("tunnel");
+        // A bound far above the daemon's 1 s: reaching it means the connection is held.
+        let ended = tokio::time::timeout(Duration::from_secs(15), conn).await;
+        assert!(
+            ended.is_ok(),
+            "the idle connection was closed by the daemon"
+        );
+
+        let (send, conn) = client::connect(tunnel, cfg, opts).await.expect("tunnel");
+        let driver = tokio::spawn(conn);
+        let req =
+            client::connect_request(format!("{B_IP}:8080").parse().unwrap(), &Default::default())
+                .unwrap();
+        let (mut tx, mut rx) = client::open_stream(send, req).await.expect("200");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tx.send_data(bytes::Bytes::from_static(b"still here"), false)
+            .unwrap();
+        let got = rx.data().await.expect("echo").unwrap();
+        assert_eq!(&got[..], b"still here");
+        assert!(!driver.is_finished(), "the busy connection was kept");
+    });
 }

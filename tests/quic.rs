@@ -713,3 +713,50 @@ fn silent_quic_handshakes_are_capped_per_peer_and_keep_no_one_out() {
     );
     mesh.c.join(silent).expect("silent peers");
 }
+
+/// As on HTTP/2 (`hostile.rs`): a QUIC tunnel connection without streams is closed by the
+/// daemon once no stream has started for twice its pool idle timeout (1 s here), although the
+/// client's keep-alives would keep it open; one whose stream stays open is kept.
+#[test]
+fn idle_quic_connections_are_closed_and_busy_ones_kept() {
+    let b = NodeOptions {
+        extra_args: args(&["--quic-listen", "true", "--pool-idle-timeout", "500ms"]),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    mesh.b.spawn(apps::echo_interactive(8080));
+    std::thread::sleep(Duration::from_millis(100));
+    let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
+    mesh.c.block_on(async move {
+        let ep = client_endpoint();
+        let idle = quic::connect(&ep, tunnel_addr(), cfg.clone())
+            .await
+            .expect("QUIC handshake with b");
+        // A bound far above the daemon's 1 s: reaching it means the connection is held.
+        let closed = tokio::time::timeout(Duration::from_secs(15), idle.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "the idle connection was closed by the daemon"
+        );
+
+        let busy = quic::connect(&ep, tunnel_addr(), cfg)
+            .await
+            .expect("QUIC handshake with b");
+        let (mut send, mut recv) = quic::open_stream(
+            &busy,
+            &header(&format!("{B_IP}:8080")),
+            &mut Early::default(),
+        )
+        .await
+        .expect("a 200 stream");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        send.write_all(b"still here").await.unwrap();
+        let mut got = [0u8; 10];
+        recv.read_exact(&mut got).await.expect("the echo");
+        assert_eq!(&got, b"still here");
+        assert!(
+            busy.close_reason().is_none(),
+            "the busy connection was kept"
+        );
+    });
+}

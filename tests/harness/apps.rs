@@ -123,6 +123,14 @@ pub async fn echo_once(port: u16) -> std::io::Result<Vec<u8>> {
     echo_one(&listen(port).await).await
 }
 
+/// Accepts one connection on `port` and echoes it as bytes arrive, until it ends.
+pub async fn echo_interactive(port: u16) {
+    let l = listen(port).await;
+    let (s, _) = l.accept().await.expect("accept");
+    let (mut r, mut w) = s.into_split();
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+}
+
 /// Like [`echo_once`], on a listener the caller keeps.
 pub async fn echo_one(l: &TcpListener) -> std::io::Result<Vec<u8>> {
     let (mut s, _) = l.accept().await?;

@@ -347,6 +347,14 @@ impl Pool {
         }
     }
 
+    /// How long a tunnel connection accepted from a peer may stay without streams before this
+    /// daemon closes it: twice the idle timeout of its own pool, so that a peer's pool (with
+    /// the same setting) closes its idle connections first and this catches only peers that
+    /// keep them for ever.
+    pub fn serve_idle_timeout(&self) -> Duration {
+        self.inner.settings.idle_timeout * 2
+    }
+
     /// How long a stream's request may wait for the peer's answer: twice the connect timeout,
     /// since the peer answers within its own connect timeout to the application.
     pub fn answer_timeout(&self) -> Duration {

@@ -12,6 +12,8 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::{Connection, SendResponse};
@@ -114,9 +116,13 @@ where
 
 /// Runs the HTTP/2 server side of a tunnel connection after its [`handshake`], calling
 /// `on_stream` in a new task for each request, until the peer goes away, a ping goes
-/// unanswered, or `shutdown` resolves (then a GOAWAY lets open streams finish).
+/// unanswered, or `shutdown` resolves (then a GOAWAY lets open streams finish). A connection
+/// on which no stream has started for `idle` and none is open is closed the same way: a
+/// peer's pool closes its idle connections itself, and one that keeps them (answering pings)
+/// must not hold them for ever.
 pub async fn serve<T, F, Fut>(
     mut conn: Connection<T, Bytes>,
+    idle: Duration,
     shutdown: impl Future<Output = ()>,
     on_stream: F,
 ) -> Result<(), h2::Error>
@@ -131,12 +137,20 @@ where
     };
     tokio::pin!(keepalive);
     tokio::pin!(shutdown);
+    let open = Arc::new(());
+    let idle_check = tokio::time::sleep(idle);
+    tokio::pin!(idle_check);
     let mut draining = false;
     loop {
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
-                    tokio::spawn(on_stream(req, respond));
+                    idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
+                    let (fut, held) = (on_stream(req, respond), open.clone());
+                    tokio::spawn(async move {
+                        fut.await;
+                        drop(held);
+                    });
                 }
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),
@@ -150,6 +164,15 @@ where
             _ = &mut shutdown, if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
+            }
+            _ = &mut idle_check, if !draining => {
+                if Arc::strong_count(&open) == 1 {
+                    tracing::debug!(?idle, "idle tunnel connection closed");
+                    draining = true;
+                    conn.graceful_shutdown();
+                } else {
+                    idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
             }
         }
     }

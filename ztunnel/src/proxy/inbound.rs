@@ -117,7 +117,8 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         let pi = pi.clone();
         async move { pi.drained().await }
     };
-    let result = server::serve(h2, drained, |req, respond| {
+    let idle = pi.pool.serve_idle_timeout();
+    let result = server::serve(h2, idle, drained, |req, respond| {
         let guard = pi.begin();
         let fut = stream(pi.clone(), scope.clone(), conn.clone(), req, respond);
         async move {

@@ -178,10 +178,16 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
         dst_identity,
     });
     let streams = Arc::new(());
+    // As on HTTP/2 (`hbone::server::serve`): no stream started for this long and none open,
+    // and the connection is closed.
+    let idle = pi.pool.serve_idle_timeout();
+    let idle_check = tokio::time::sleep(idle);
+    tokio::pin!(idle_check);
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
+                    idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
                     let inflight = pi.begin();
                     let fut = stream(pi.clone(), scope.clone(), peer.clone(), send, recv);
                     let held = streams.clone();
@@ -204,6 +210,14 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
                     return;
                 }
             },
+            _ = &mut idle_check => {
+                if Arc::strong_count(&streams) == 1 {
+                    tracing::debug!(peer = %addr, ?idle, "idle QUIC tunnel connection closed");
+                    conn.close(VarInt::from_u32(0), b"idle");
+                    return;
+                }
+                idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
+            }
             _ = pi.drained() => {
                 while Arc::strong_count(&streams) > 1 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
