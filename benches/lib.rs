@@ -151,7 +151,6 @@ async fn outbound(
             let Ok(t) = pool.open(&key, &cert, req, &mut early).await else {
                 return;
             };
-            drop(early);
             let (rd, wr) = tcp.into_split();
             let counters = ByteCounters::default();
             let _ = copy_tunnel(rd, wr, t.stream, &counters).await;

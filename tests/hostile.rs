@@ -43,6 +43,19 @@ async fn read_until_closed<R: AsyncReadExt + Unpin>(r: &mut R, within: Duration)
     got
 }
 
+/// Asserts that the daemon in `ns` counts `want` refusals for `reason` (waiting a moment for
+/// the count, since the far end of a refusal may count it after the near end sees it).
+fn assert_refusals(ns: &ztunnel_e2e::netns::Netns, reason: &str, want: usize) {
+    let want = want as f64;
+    let labels = [("reason", reason)];
+    let m = Mesh::metrics_when(ns, "ztunnel_refusals_total", &labels, want);
+    assert_eq!(
+        metric(&m, "ztunnel_refusals_total", &labels),
+        want,
+        "{reason}: {m}"
+    );
+}
+
 /// The error codes of the GOAWAY frames in an HTTP/2 byte stream (server side: no preface).
 fn goaway_codes(mut bytes: &[u8]) -> Vec<u32> {
     let mut codes = Vec::new();
@@ -210,20 +223,7 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
         "a GOAWAY with an error code expected, got {answer:?}"
     );
 
-    let counted = |reason: &str, want: usize| {
-        let want = want as f64;
-        let m = Mesh::metrics_when(
-            &mesh.b,
-            "ztunnel_refusals_total",
-            &[("reason", reason)],
-            want,
-        );
-        assert_eq!(
-            metric(&m, "ztunnel_refusals_total", &[("reason", reason)]),
-            want,
-            "{reason}: {m}"
-        );
-    };
+    let counted = |reason: &str, want: usize| assert_refusals(&mesh.b, reason, want);
     counted(
         "inbound_handshake_limit",
         SILENT_FROM_C + SILENT_FROM_A - NODE_CAP,
@@ -300,9 +300,7 @@ fn an_authenticated_peer_that_never_speaks_http2_is_dropped_at_the_deadline() {
         // Silent after TLS: the daemon must close it (a bound far above its 10 s).
         read_until_closed(&mut tls, Duration::from_secs(25)).await
     });
-    let reason = [("reason", "inbound_http2_timeout")];
-    let m = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &reason, 1.0);
-    assert_eq!(metric(&m, "ztunnel_refusals_total", &reason), 1.0, "{m}");
+    assert_refusals(&mesh.b, "inbound_http2_timeout", 1);
     let log = mesh.b_daemon.log();
     assert!(log.contains("tunnel HTTP/2 handshake timed out"), "{log}");
 }
@@ -397,21 +395,7 @@ fn a_destination_that_never_answers_is_given_up_on_and_the_client_reset() {
         2,
         "the silent connection was taken out of the pool, the next stream dialled anew"
     );
-    let m = Mesh::metrics_when(
-        &mesh.a,
-        "ztunnel_refusals_total",
-        &[("reason", "outbound_tunnel_failed")],
-        2.0,
-    );
-    assert_eq!(
-        metric(
-            &m,
-            "ztunnel_refusals_total",
-            &[("reason", "outbound_tunnel_failed")]
-        ),
-        2.0,
-        "{m}"
-    );
+    assert_refusals(&mesh.a, "outbound_tunnel_failed", 2);
     let log = mesh.a_daemon.log();
     assert!(log.contains("no answer to the stream's request"), "{log}");
 }

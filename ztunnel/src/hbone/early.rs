@@ -12,8 +12,9 @@
 //! Contract:
 //! - At most [`EARLY_LIMIT`] bytes are taken this way; after that the client waits for the
 //!   answer, as it waits for the copy loop's flow control later.
-//! - Every piece is kept until the stream is open, so that a stream the peer refused unread
-//!   (a pooled connection going away) can be retried on a new one with the same bytes.
+//! - Every piece is kept until the stream is open ([`Early::release`]), so that a stream the
+//!   peer refused unread (a pooled connection going away) can be retried on a new one with
+//!   the same bytes; a connection does not hold them afterwards.
 //! - End of stream is left in the socket for the copy loop to meet (a read after it reads it
 //!   again); a socket error (a client that reset) is kept for the caller
 //!   ([`Early::take_error`]), which then resets instead of copying.
@@ -116,6 +117,13 @@ impl<'a> Early<'a> {
         }
     }
 
+    /// The stream is open: the bytes are its own now, so the copies kept for a retry are given
+    /// up ([`Early::len`] still counts them); nothing more is taken.
+    pub fn release(&mut self) {
+        self.chunks = Vec::new();
+        self.done = true;
+    }
+
     /// Takes nothing more (the stream can no longer carry it).
     pub fn stop(&mut self) {
         self.done = true;
@@ -201,6 +209,12 @@ mod tests {
         c.write_all(b" world").await.unwrap();
         assert_eq!(&yields(&mut early).await.expect("bytes")[..], b" world");
         assert_eq!(joined(&early), b"hello world", "kept for a retry");
+        early.release();
+        assert!(
+            early.chunks().is_empty(),
+            "not held once the stream is open"
+        );
+        assert_eq!(early.len(), 11, "still counted");
     }
 
     #[tokio::test]

@@ -329,7 +329,10 @@ impl Pool {
                 .await
                 .unwrap_or(Err(PoolError::NoAnswer(within)));
             match opened {
-                Ok(stream) => return Ok(Tunnel { stream, lease }),
+                Ok(stream) => {
+                    early.release();
+                    return Ok(Tunnel { stream, lease });
+                }
                 Err(e) => {
                     if e.connection_failed() {
                         // The connection itself failed: no new stream may land on it.

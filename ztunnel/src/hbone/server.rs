@@ -20,6 +20,7 @@ use h2::server::{Connection, SendResponse};
 use h2::RecvStream;
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
 use super::consts;
 
@@ -96,6 +97,49 @@ pub fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(resp, true);
 }
 
+/// The streams of a served tunnel connection, for closing it when idle: no stream started for
+/// `idle` and none open. Shared by [`serve`] and the QUIC inbound loop; a stream start costs
+/// a clock read, not a timer reset, and the decision takes the time as a value.
+#[derive(Debug)]
+pub struct Idle {
+    idle: Duration,
+    last_start: Instant,
+    open: Arc<()>,
+}
+
+impl Idle {
+    pub fn new(idle: Duration, now: Instant) -> Idle {
+        Idle {
+            idle,
+            last_start: now,
+            open: Arc::new(()),
+        }
+    }
+
+    /// A stream starts at `now`; the token returned is held while it is open.
+    pub fn start(&mut self, now: Instant) -> Arc<()> {
+        self.last_start = now;
+        self.open.clone()
+    }
+
+    /// How many streams are open.
+    pub fn open(&self) -> usize {
+        Arc::strong_count(&self.open) - 1
+    }
+
+    /// At `now`: `None` when the connection is idle (close it), else when to look again.
+    pub fn check(&self, now: Instant) -> Option<Instant> {
+        let due = self.last_start + self.idle;
+        if self.open() > 0 {
+            Some(now + self.idle)
+        } else if now >= due {
+            None
+        } else {
+            Some(due)
+        }
+    }
+}
+
 /// The HTTP/2 server handshake of a tunnel connection, with the tunnel's settings: ours sent,
 /// the client's preface read. It waits as long as the client stays silent, so the caller
 /// bounds it (the inbound proxy, by the same deadline as the TLS handshake).
@@ -137,7 +181,7 @@ where
     };
     tokio::pin!(keepalive);
     tokio::pin!(shutdown);
-    let open = Arc::new(());
+    let mut streams = Idle::new(idle, Instant::now());
     let idle_check = tokio::time::sleep(idle);
     tokio::pin!(idle_check);
     let mut draining = false;
@@ -145,8 +189,7 @@ where
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
-                    idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
-                    let (fut, held) = (on_stream(req, respond), open.clone());
+                    let (fut, held) = (on_stream(req, respond), streams.start(Instant::now()));
                     tokio::spawn(async move {
                         fut.await;
                         drop(held);
@@ -165,15 +208,14 @@ where
                 draining = true;
                 conn.graceful_shutdown();
             }
-            _ = &mut idle_check, if !draining => {
-                if Arc::strong_count(&open) == 1 {
+            _ = &mut idle_check, if !draining => match streams.check(Instant::now()) {
+                Some(later) => idle_check.as_mut().reset(later),
+                None => {
                     tracing::debug!(?idle, "idle tunnel connection closed");
                     draining = true;
                     conn.graceful_shutdown();
-                } else {
-                    idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
-            }
+            },
         }
     }
 }
@@ -188,6 +230,30 @@ mod tests {
             b = b.header("forwarded", f);
         }
         b.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_connection_is_idle_once_no_stream_started_for_the_period_and_none_is_open() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut idle = Idle::new(s(10), t0);
+        assert_eq!(
+            idle.check(t0 + s(3)),
+            Some(t0 + s(10)),
+            "young: look again at the end"
+        );
+        assert_eq!(idle.check(t0 + s(10)), None, "no stream for the period");
+        let token = idle.start(t0 + s(8));
+        assert_eq!(idle.open(), 1);
+        assert_eq!(idle.check(t0 + s(30)), Some(t0 + s(40)), "a stream is open");
+        drop(token);
+        assert_eq!(idle.open(), 0);
+        assert_eq!(
+            idle.check(t0 + s(12)),
+            Some(t0 + s(18)),
+            "counted from the last start"
+        );
+        assert_eq!(idle.check(t0 + s(18)), None);
     }
 
     #[test]

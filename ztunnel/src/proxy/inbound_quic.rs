@@ -18,10 +18,12 @@ use std::time::Duration;
 
 use http::StatusCode;
 use quinn::{Incoming, RecvStream, SendStream, VarInt};
+use tokio::time::Instant;
 
 use super::inbound::{admit, established, track, Peer, HANDSHAKE_TIMEOUT};
 use super::{ProxyInputs, QuicListener, Scope};
 use crate::hbone::quic;
+use crate::hbone::server::Idle;
 use crate::identity;
 
 /// Binds the endpoint if another daemon held it (trying again every [`REBIND`] until it is
@@ -177,20 +179,19 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
         dst,
         dst_identity,
     });
-    let streams = Arc::new(());
     // As on HTTP/2 (`hbone::server::serve`): no stream started for this long and none open,
     // and the connection is closed.
     let idle = pi.pool.serve_idle_timeout();
+    let mut streams = Idle::new(idle, Instant::now());
     let idle_check = tokio::time::sleep(idle);
     tokio::pin!(idle_check);
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
                     let inflight = pi.begin();
                     let fut = stream(pi.clone(), scope.clone(), peer.clone(), send, recv);
-                    let held = streams.clone();
+                    let held = streams.start(Instant::now());
                     tokio::spawn(async move {
                         fut.await;
                         drop((inflight, held));
@@ -210,16 +211,16 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
                     return;
                 }
             },
-            _ = &mut idle_check => {
-                if Arc::strong_count(&streams) == 1 {
+            _ = &mut idle_check => match streams.check(Instant::now()) {
+                Some(later) => idle_check.as_mut().reset(later),
+                None => {
                     tracing::debug!(peer = %addr, ?idle, "idle QUIC tunnel connection closed");
                     conn.close(VarInt::from_u32(0), b"idle");
                     return;
                 }
-                idle_check.as_mut().reset(tokio::time::Instant::now() + idle);
-            }
+            },
             _ = pi.drained() => {
-                while Arc::strong_count(&streams) > 1 {
+                while streams.open() > 0 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 conn.close(VarInt::from_u32(0), b"draining");

@@ -162,11 +162,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                     return reset(tcp);
                 }
             };
-            // The early bytes are sent: drop them now, or the connection would hold them to its
-            // end (a variable lives to the end of its scope, across the copy below).
-            let (early_error, early_len) = (early.take_error(), early.len() as u64);
-            drop(early);
-            if let Some(e) = early_error {
+            if let Some(e) = early.take_error() {
                 // The client reset while its stream was being opened: the stream is reset too.
                 tracked.fail(&e);
                 return reset(tcp);
@@ -184,7 +180,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let bytes = &tracked.record().bytes;
             bytes
                 .sent
-                .fetch_add(early_len, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let (rd, wr) = tcp.into_split();
             tokio::select! {
                 r = copy::copy_tunnel(rd, wr, tunnel.stream, bytes) => {
