@@ -11,8 +11,8 @@
 //! - `400` malformed request or CSR (SAN not the requested identity, other trust domain);
 //! - `401` missing or unknown token (with the Kubernetes authorizer: a TokenReview that does
 //!   not authenticate it for the CA's audience); `403` the caller may not have that identity
-//!   (not the node daemon's ServiceAccount, or no Running pod of that ServiceAccount on the
-//!   caller's node);
+//!   (not the node daemon's ServiceAccount, or no active — Pending or Running — pod of that
+//!   ServiceAccount on the caller's node);
 //! - `500` the CA failed.
 //!
 //! Every non-200 answer carries an [`ErrorBody`]. `GET /metrics` on the same port serves the

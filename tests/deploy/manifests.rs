@@ -6,6 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount, Volume, VolumeMount,
@@ -89,6 +92,8 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub config_maps: Vec<ConfigMap>,
     pub crds: Vec<CustomResourceDefinition>,
+    pub admission_policies: Vec<ValidatingAdmissionPolicy>,
+    pub admission_policy_bindings: Vec<ValidatingAdmissionPolicyBinding>,
     pub authorization_policies: Vec<AuthorizationPolicyResource>,
     pub peer_authentications: Vec<PeerAuthenticationResource>,
     pub count: usize,
@@ -112,6 +117,12 @@ impl Objects {
             ("apps/v1", "DaemonSet") => self.daemon_sets.push(strict(v)?),
             ("apps/v1", "Deployment") => self.deployments.push(strict(v)?),
             ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => self.crds.push(strict(v)?),
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+                self.admission_policies.push(strict(v)?)
+            }
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+                self.admission_policy_bindings.push(strict(v)?)
+            }
             ("security.ztunnel.dev/v1", "AuthorizationPolicy") => self
                 .authorization_policies
                 .push(strict_except(v, &["apiVersion", "kind"])?),

@@ -5,7 +5,9 @@
 pub mod apiserver;
 pub mod apps;
 pub mod cni;
+pub mod controlplane;
 pub mod daemon;
+pub mod kubebed;
 pub mod mesh;
 pub mod netns;
 pub mod raw_h2;

@@ -128,6 +128,8 @@ pub struct TestBed {
     daemon_env: Vec<(String, String)>,
     /// Whether pods and nodes carry IPv6 too.
     dual_stack: bool,
+    /// Set when the daemons discover the cluster from the real API server instead of the file.
+    pub kube: Option<crate::kubebed::KubeSource>,
 }
 
 fn uid(spec: &PodSpec) -> String {
@@ -255,6 +257,17 @@ impl TestBed {
         known: Vec<PodSpec>,
         daemon_env: &[(&str, &str)],
     ) -> Result<TestBed> {
+        Self::build(pods, known, daemon_env, None)
+    }
+
+    /// The bed: nodes, underlay, daemons (on the discovery file, or on the real API server
+    /// when `kube` is given), then `pods`.
+    pub(crate) fn build(
+        pods: Vec<PodSpec>,
+        known: Vec<PodSpec>,
+        daemon_env: &[(&str, &str)],
+        kube: Option<&'static crate::controlplane::ControlPlane>,
+    ) -> Result<TestBed> {
         netns::require_prerequisites();
         let prefix = netns::unique_prefix();
         let dir = tempfile::tempdir()?;
@@ -267,8 +280,13 @@ impl TestBed {
 
         let mut nodes = Vec::new();
         for i in 0..2 {
-            let name = format!("n{}", i + 1);
-            let ns = Netns::new(&format!("{prefix}-{name}"))?;
+            // On the real API server node names are cluster-wide: one bed's must not be
+            // another's.
+            let name = match kube {
+                None => format!("n{}", i + 1),
+                Some(_) => format!("{prefix}-n{}", i + 1),
+            };
+            let ns = Netns::new(&format!("{prefix}-n{}", i + 1))?;
             ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
             let mut ranges = vec![json!([{"subnet": format!("10.20.{}.0/24", i + 1)}])];
             let mut routes = vec![json!({"dst": "0.0.0.0/0"})];
@@ -357,7 +375,11 @@ impl TestBed {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             dual_stack: v6,
+            kube: None,
         };
+        if let Some(cp) = kube {
+            bed.kube = Some(crate::kubebed::KubeSource::set_up(cp, &bed)?);
+        }
         for i in 0..2 {
             bed.start_daemon(i)?;
         }
@@ -378,24 +400,29 @@ impl TestBed {
     /// restart), waits until it is ready and returns it.
     pub fn spawn_daemon(&self, i: usize, suffix: &str) -> Result<Process> {
         let node = &self.nodes[i];
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "run",
             "--node-name",
             &node.name,
-            "--discovery-file",
-            &self.discovery.display().to_string(),
             "--ca-dir",
             &self.ca_dir.display().to_string(),
             "--state-dir",
             &node.state_dir.display().to_string(),
             "--drain-grace",
             "2s",
-            "--discovery-poll",
-            "100ms",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        match &self.kube {
+            None => args.extend([
+                "--discovery-file".to_string(),
+                self.discovery.display().to_string(),
+                "--discovery-poll".to_string(),
+                "100ms".to_string(),
+            ]),
+            Some(k) => args.extend(k.daemon_args(i)),
+        }
         let host_proc = node.proc_dir.display().to_string();
         let env: Vec<(&str, &str)> = [("ZTUNNEL_HOST_PROC", host_proc.as_str())]
             .into_iter()
@@ -435,15 +462,18 @@ impl TestBed {
     }
 
     fn attachment(&self, spec: &PodSpec, ns: &Netns) -> Attachment {
+        let uid = match &self.kube {
+            None => uid(spec),
+            Some(k) => k.uid(&self.api_namespace(spec.namespace), spec.name),
+        };
         Attachment {
             container_id: format!("{}-{}", self.prefix, spec.name),
             netns: PathBuf::from(format!("/var/run/netns/{}", ns.name)),
             ifname: "eth0".into(),
             args: format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
-                spec.namespace,
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={uid}",
+                self.api_namespace(spec.namespace),
                 spec.name,
-                uid(spec),
             ),
             runtime_config: json!({"ips": spec.ips()}),
         }
@@ -452,6 +482,9 @@ impl TestBed {
     /// Creates the pod's netns and runs the node's CNI chain (and `loopback`) for it, as a
     /// runtime would; fails when any plugin fails.
     pub fn add_pod(&mut self, spec: PodSpec) -> Result<()> {
+        if self.kube.is_some() {
+            return self.add_kube_pod(spec);
+        }
         let (outs, pod) = self.try_add_pod(spec)?;
         anyhow::ensure!(
             outs.iter().all(|o| o.code == 0),
@@ -607,6 +640,21 @@ impl TestBed {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The Kubernetes namespace of the bed's namespace `ns` (`demo`, `plain`, …): the same on
+    /// the discovery file; prefixed with the bed's name on the real API server, which every
+    /// test binary's beds share.
+    pub fn api_namespace(&self, ns: &str) -> String {
+        match self.kube {
+            None => ns.to_string(),
+            Some(_) => format!("{}-{ns}", self.prefix),
+        }
+    }
+
+    /// The bed's unique prefix (namespaces and links).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 }
 

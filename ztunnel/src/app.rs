@@ -18,8 +18,8 @@ use crate::capture::{pods::Pods, rules, server as enrollment, store::Store};
 use crate::config::{CaSource, CaptureMode, DiscoverySource, RunConfig};
 use crate::discovery::{self, Discovery};
 use crate::hbone::pool::{Pool, PoolSettings, QuicSettings};
-use crate::identity::{CertManager, CertSigner, Identity};
-use crate::metrics::Metrics;
+use crate::identity::{CertManager, CertSigner, Identity, SignError};
+use crate::metrics::{IdentityLabels, Metrics};
 use crate::net::{self, ConnectOptions};
 use crate::proxy::{self, Listeners, ProxyInputs, QuicListener, Scope};
 
@@ -260,6 +260,7 @@ pub async fn start(
         certs,
         cfg.node_name.clone(),
         cfg.trust_domain.clone(),
+        pi.metrics.clone(),
         ready_tx,
     )));
     Ok(Daemon {
@@ -360,12 +361,18 @@ async fn publish_namespaces(mut disc: Discovery, pods: Arc<Pods>) {
 }
 
 /// Fetches certificates of this node's workloads on every discovery change, forgets those of
-/// workloads that left, and reports readiness once all are loaded.
+/// workloads that left, and reports readiness once the CA has answered for all of them.
+///
+/// A certificate the CA refuses (it does not yet see the pod on this node, say) is that one
+/// identity's problem: logged, counted in `ztunnel_certificate_refusals_total{identity}`,
+/// retried, and its pod's connections are refused meanwhile; it never turns the node's daemon
+/// NotReady. Only a CA that cannot be reached (or answers nonsense) does, for every workload.
 async fn keep_certificates(
     mut disc: Discovery,
     certs: Arc<CertManager>,
     node: String,
     trust_domain: String,
+    metrics: Arc<Metrics>,
     ready: watch::Sender<bool>,
 ) {
     let mut held: HashSet<Identity> = HashSet::new();
@@ -382,14 +389,29 @@ async fn keep_certificates(
             certs.forget(gone);
         }
         let mut all = true;
+        let mut reachable = true;
         for id in &wanted {
-            if let Err(e) = certs.fetch(id).await {
-                tracing::warn!(identity = %id, error = %e, "cannot get a certificate");
-                all = false;
+            match certs.fetch(id).await {
+                Ok(_) => {}
+                Err(crate::identity::Error::Sign(SignError::Refused { status, message })) => {
+                    tracing::warn!(identity = %id, status, error = %message, "the CA refused a certificate; this workload's connections are refused until it signs");
+                    metrics
+                        .certificate_refusals
+                        .get_or_create(&IdentityLabels {
+                            identity: id.to_string(),
+                        })
+                        .inc();
+                    all = false;
+                }
+                Err(e) => {
+                    tracing::warn!(identity = %id, error = %e, "cannot get a certificate");
+                    all = false;
+                    reachable = false;
+                }
             }
         }
         held = wanted;
-        let _ = ready.send(all);
+        let _ = ready.send(reachable);
         if all {
             if disc.changed().await.is_err() {
                 return;

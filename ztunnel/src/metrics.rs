@@ -113,6 +113,8 @@ pub struct Metrics {
     pub certificates: Gauge,
     /// Expiry of each held certificate, in seconds since the Unix epoch.
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
+    /// Certificates the CA refused, by identity (retried).
+    pub certificate_refusals: Family<IdentityLabels, Counter>,
     /// Pods enrolled or released by the reconciler (cluster state, not CNI), by reason.
     pub reconciler: Family<ReconcileLabels, Counter>,
     /// Pod annotation patches that failed (retried).
@@ -198,6 +200,11 @@ impl Metrics {
             "certificate_expiry_seconds",
             "Expiry of each held workload certificate (Unix time)",
             m.certificate_expiry.clone(),
+        );
+        zt.register(
+            "certificate_refusals",
+            "Workload certificates the CA refused, by identity (each retried)",
+            m.certificate_refusals.clone(),
         );
         zt.register(
             "reconciler_actions",

@@ -11,8 +11,9 @@
 //!    (pod-bound tokens, Kubernetes ≥ 1.30), else the node of the pod the token is bound to
 //!    (`…/pod-uid`, which must be a pod of the daemon's ServiceAccount in the pod index);
 //!    neither → 403;
-//! 4. the requested SPIFFE ID must be in the CA's trust domain and a Running pod with its
-//!    namespace/ServiceAccount must be on that node ([`PodIndex`]) → else 403.
+//! 4. the requested SPIFFE ID must be in the CA's trust domain and an active pod (Pending or
+//!    Running: not finished) with its namespace/ServiceAccount must be on that node
+//!    ([`PodIndex`]) → else 403.
 //!
 //! Authenticated reviews are cached for [`REVIEW_TTL`] under the SHA-256 of the token (never
 //! the token), so a node renewing many certificates sends one review a minute; a pod deleted
@@ -146,11 +147,11 @@ pub fn authorize(
             format!("{requested} is not in trust domain {}", cfg.trust_domain),
         ));
     }
-    if !pods.running_on(&node, requested.namespace(), requested.service_account()) {
+    if !pods.active_on(&node, requested.namespace(), requested.service_account()) {
         return Err(Denied::forbidden(
             "no_pod_on_node",
             format!(
-                "no Running pod with service account {}/{} on node {node}",
+                "no active pod with service account {}/{} on node {node}",
                 requested.namespace(),
                 requested.service_account()
             ),
@@ -313,14 +314,14 @@ mod tests {
 
     fn pods() -> PodIndex {
         let mut ix = PodIndex::default();
-        let mut add = |uid: &str, node: &str, ns: &str, sa: &str, running: bool| {
+        let mut add = |uid: &str, node: &str, ns: &str, sa: &str, active: bool| {
             ix.apply(
                 uid.into(),
                 PodEntry {
                     node: node.into(),
                     namespace: ns.into(),
                     service_account: sa.into(),
-                    running,
+                    active,
                 },
             )
         };
@@ -456,7 +457,7 @@ mod tests {
                 Err("no_pod_on_node"),
             ),
             (
-                "pod not Running",
+                "pod finished",
                 review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
                 "spiffe://cluster.local/ns/demo/sa/job",
                 Err("no_pod_on_node"),

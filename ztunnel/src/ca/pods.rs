@@ -1,7 +1,8 @@
 //! The CA's compact view of the cluster's pods: for each pod (by uid) only its node, namespace,
-//! service account and whether it is Running — never whole pods (they are decoded as
-//! [`crate::discovery::kube::objects::LeanPod`], which skips the rest) — plus a count
-//! of Running pods per (node, namespace, service account), so "may this node have that
+//! service account and whether it is active (not finished: Pending or Running) — never whole
+//! pods (they are decoded as [`crate::discovery::kube::objects::LeanPod`], which skips the
+//! rest) — plus a count
+//! of active pods per (node, namespace, service account), so "may this node have that
 //! identity?" is one lookup.
 //!
 //! [`spawn_watcher`] keeps an index current from a `kube-runtime` watcher over every pod
@@ -27,16 +28,17 @@ pub struct PodEntry {
     pub node: String,
     pub namespace: String,
     pub service_account: String,
-    /// `status.phase == Running`.
-    pub running: bool,
+    /// Scheduled and not finished: `status.phase` is not `Succeeded` or `Failed` (a Pending
+    /// pod counts: its init containers and first connections need certificates).
+    pub active: bool,
 }
 
-/// Pods by uid, and Running pods counted per (node, namespace, service account).
+/// Pods by uid, and active pods counted per (node, namespace, service account).
 #[derive(Debug, Default)]
 pub struct PodIndex {
     by_uid: HashMap<String, PodEntry>,
     /// Key `node/namespace/service-account`: none of the three may contain `/`.
-    running: HashMap<String, u32>,
+    active: HashMap<String, u32>,
 }
 
 fn key(node: &str, namespace: &str, service_account: &str) -> String {
@@ -46,10 +48,10 @@ fn key(node: &str, namespace: &str, service_account: &str) -> String {
 impl PodIndex {
     /// Adds or replaces the pod `uid`.
     pub fn apply(&mut self, uid: String, entry: PodEntry) {
-        let add = entry.running && !entry.node.is_empty();
+        let add = entry.active && !entry.node.is_empty();
         if add {
             *self
-                .running
+                .active
                 .entry(key(&entry.node, &entry.namespace, &entry.service_account))
                 .or_default() += 1;
         }
@@ -66,14 +68,14 @@ impl PodIndex {
     }
 
     fn uncount(&mut self, old: &PodEntry) {
-        if !old.running || old.node.is_empty() {
+        if !old.active || old.node.is_empty() {
             return;
         }
         let k = key(&old.node, &old.namespace, &old.service_account);
-        if let Some(n) = self.running.get_mut(&k) {
+        if let Some(n) = self.active.get_mut(&k) {
             *n -= 1;
             if *n == 0 {
-                self.running.remove(&k);
+                self.active.remove(&k);
             }
         }
     }
@@ -82,11 +84,11 @@ impl PodIndex {
         self.by_uid.get(uid)
     }
 
-    /// Whether a Running pod with `namespace/service_account` is on `node`.
-    pub fn running_on(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+    /// Whether an active (Pending or Running) pod with `namespace/service_account` is on `node`.
+    pub fn active_on(&self, node: &str, namespace: &str, service_account: &str) -> bool {
         !node.is_empty()
             && self
-                .running
+                .active
                 .contains_key(&key(node, namespace, service_account))
     }
 
@@ -112,7 +114,9 @@ pub fn entry_of(pod: &LeanPod) -> Option<(String, PodEntry)> {
             .clone()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".into()),
-        running: pod.status.phase.as_deref() == Some("Running"),
+        // Pending included: init containers and a pod's first connections need certificates
+        // before the kubelet reports Running. Finished pods need none.
+        active: !matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")),
     };
     Some((uid, entry))
 }
@@ -165,12 +169,12 @@ pub fn spawn_watcher(
 mod tests {
     use super::*;
 
-    fn e(node: &str, ns: &str, sa: &str, running: bool) -> PodEntry {
+    fn e(node: &str, ns: &str, sa: &str, active: bool) -> PodEntry {
         PodEntry {
             node: node.into(),
             namespace: ns.into(),
             service_account: sa.into(),
-            running,
+            active,
         }
     }
 
@@ -179,26 +183,26 @@ mod tests {
         let mut ix = PodIndex::default();
         ix.apply("u1".into(), e("n1", "demo", "web", false));
         assert!(
-            !ix.running_on("n1", "demo", "web"),
+            !ix.active_on("n1", "demo", "web"),
             "pending pods do not count"
         );
         ix.apply("u1".into(), e("n1", "demo", "web", true));
         ix.apply("u2".into(), e("n1", "demo", "web", true));
-        assert!(ix.running_on("n1", "demo", "web"));
-        assert!(!ix.running_on("n2", "demo", "web"));
-        assert!(!ix.running_on("n1", "demo", "db"));
+        assert!(ix.active_on("n1", "demo", "web"));
+        assert!(!ix.active_on("n2", "demo", "web"));
+        assert!(!ix.active_on("n1", "demo", "db"));
         ix.delete("u1");
-        assert!(ix.running_on("n1", "demo", "web"), "u2 still runs");
-        // u2 finishes: no longer Running.
+        assert!(ix.active_on("n1", "demo", "web"), "u2 still runs");
+        // u2 finishes: no longer active.
         ix.apply("u2".into(), e("n1", "demo", "web", false));
-        assert!(!ix.running_on("n1", "demo", "web"));
+        assert!(!ix.active_on("n1", "demo", "web"));
         ix.delete("u2");
         ix.delete("never-seen");
         assert!(ix.is_empty());
-        assert!(ix.running.is_empty());
+        assert!(ix.active.is_empty());
         // Unscheduled pods never count, even for an empty node name.
         ix.apply("u3".into(), e("", "demo", "web", true));
-        assert!(!ix.running_on("", "demo", "web"));
+        assert!(!ix.active_on("", "demo", "web"));
     }
 
     #[test]
@@ -220,7 +224,22 @@ mod tests {
         .unwrap();
         assert_eq!(
             entry_of(&bare),
-            Some(("u2".into(), e("", "demo", "default", false)))
+            Some(("u2".into(), e("", "demo", "default", true)))
         );
+        for (phase, active) in [
+            ("Pending", true),
+            ("Running", true),
+            ("Unknown", true),
+            ("Succeeded", false),
+            ("Failed", false),
+        ] {
+            let pod: LeanPod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "demo", "uid": "u3"},
+                "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": []},
+                "status": {"phase": phase}
+            }))
+            .unwrap();
+            assert_eq!(entry_of(&pod).unwrap().1.active, active, "{phase}");
+        }
     }
 }

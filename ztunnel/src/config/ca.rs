@@ -78,7 +78,7 @@ pub enum CaAuthorizer {
     /// Holders of a token from this file (one per line) may have any identity.
     Static { token_file: PathBuf },
     /// Node daemons, by their projected ServiceAccount token (TokenReview), for the
-    /// ServiceAccounts of the Running pods on their node.
+    /// ServiceAccounts of the active (Pending or Running) pods on their node.
     Kubernetes {
         audience: String,
         daemon_service_account: NamespacedName,

@@ -1,0 +1,243 @@
+//! The in-pod test bed ([`crate::testbed`]) with its daemons discovering the cluster from the
+//! real API server ([`crate::controlplane`]) instead of the discovery file, the test playing
+//! the kubelet's and the controllers' parts:
+//!
+//! - each node is attached to the control plane; its daemon runs with a kubeconfig holding a
+//!   ServiceAccount token of `ztunnel-system/ztunnel` from the TokenRequest API, bound to a Pod
+//!   object of that ServiceAccount on the node (as the DaemonSet's projected token is), so it
+//!   has exactly `deploy/`'s permissions;
+//! - the bed's namespaces are Kubernetes namespaces prefixed with the bed's name
+//!   ([`TestBed::api_namespace`]); `demo` is labelled ambient, `plain` is not;
+//! - a pod is created as the scheduler leaves it (`spec.nodeName`, no status), then the
+//!   runtime's CNI ADD runs (retried on code 11, as the kubelet retries a sandbox), then its
+//!   status is written through the status subresource (Running, its IPs, Ready), and the
+//!   Service `server`'s EndpointSlice is written as the endpoint-slice controller would.
+//!
+//! Every bed uses the same pod addresses (10.20.x.x) and each daemon sees every pod of the
+//! cluster, so one bed of a test binary runs on the API server at a time ([`KubeSource`] holds
+//! the turn), and its pods are deleted when it ends (no kubelet confirms a deletion here: they
+//! are removed at once, as `--force` does).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::controlplane::{self, ControlPlane, KubePod};
+use crate::testbed::{PodSpec, TestBed};
+
+const SYSTEM: &str = "ztunnel-system";
+const AMBIENT: &str = "ztunnel.dev/dataplane-mode";
+
+/// One bed at a time on the API server (see the module doc).
+static TURN: Mutex<()> = Mutex::new(());
+
+/// What a bed on the real API server keeps.
+pub struct KubeSource {
+    pub cp: &'static ControlPlane,
+    /// Each node's daemon kubeconfig.
+    kubeconfigs: Vec<PathBuf>,
+    /// The uid of each pod the bed created, by (namespace, name).
+    uids: Mutex<HashMap<(String, String), String>>,
+    /// The cluster IP the API server gave the Service `server`.
+    pub vip: String,
+    /// The bed's Kubernetes namespaces and its daemons' pods, deleted at the end.
+    namespaces: Vec<String>,
+    daemon_pods: Vec<String>,
+    /// Released last, once the bed's pods are gone.
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = self.cp.kubectl(&[
+                "delete", "pods", "--all", "-n", ns, "--grace-period=0", "--force",
+            ]);
+        }
+        for pod in &self.daemon_pods {
+            let _ = self.cp.kubectl(&[
+                "delete", "pod", "-n", SYSTEM, pod, "--grace-period=0", "--force",
+            ]);
+        }
+    }
+}
+
+impl KubeSource {
+    /// Attaches the bed's nodes to the control plane and creates what exists before any pod:
+    /// the namespaces, the Service, the daemons' pods and tokens.
+    pub(crate) fn set_up(cp: &'static ControlPlane, bed: &TestBed) -> Result<KubeSource> {
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        for node in &bed.nodes {
+            cp.attach(&node.ns)?;
+        }
+        let demo = bed.api_namespace("demo");
+        cp.create_namespace(&demo, json!({AMBIENT: "ambient"}))?;
+        cp.create_namespace(&bed.api_namespace("plain"), json!({}))?;
+        let svc = cp.apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "server", "namespace": demo},
+            "spec": {"selector": {"app": "server"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}))?;
+        let vip = svc[0]["spec"]["clusterIP"]
+            .as_str()
+            .context("the Service got no cluster IP")?
+            .to_string();
+        let mut kubeconfigs = Vec::new();
+        let mut daemon_pods = Vec::new();
+        for node in &bed.nodes {
+            let pod = format!("ztunnel-{}", node.name);
+            daemon_pods.push(pod.clone());
+            let uid = cp.run_pod(&KubePod {
+                labels: json!({"app": "ztunnel"}),
+                ..KubePod::running(SYSTEM, &pod, "ztunnel", &node.name, &[])
+            })?;
+            let token = cp.token(
+                SYSTEM,
+                "ztunnel",
+                &[controlplane::ISSUER],
+                3600,
+                Some((&pod, &uid)),
+            )?;
+            kubeconfigs.push(cp.token_kubeconfig(
+                bed.dir(),
+                &format!("{}.kubeconfig", node.name),
+                &token,
+            )?);
+        }
+        Ok(KubeSource {
+            cp,
+            kubeconfigs,
+            uids: Mutex::new(HashMap::new()),
+            vip,
+            namespaces: vec![demo, bed.api_namespace("plain")],
+            daemon_pods,
+            _turn: turn,
+        })
+    }
+
+    /// The daemon's discovery arguments on node `i`.
+    pub(crate) fn daemon_args(&self, i: usize) -> Vec<String> {
+        vec![
+            "--discovery-source".into(),
+            "kubernetes".into(),
+            "--kubeconfig".into(),
+            self.kubeconfigs[i].display().to_string(),
+        ]
+    }
+
+    /// The uid the API server gave pod `ns/name` (empty before it exists).
+    pub(crate) fn uid(&self, ns: &str, name: &str) -> String {
+        self.uids
+            .lock()
+            .unwrap()
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl TestBed {
+    /// The two-node bed with its daemons on the real API server (see the module doc), with
+    /// `pods` created.
+    pub fn start_kube(pods: Vec<PodSpec>) -> Result<TestBed> {
+        let cp = controlplane::shared().install_base();
+        TestBed::build(pods, Vec::new(), &[], Some(cp))
+    }
+
+    fn kube_source(&self) -> &KubeSource {
+        self.kube.as_ref().expect("a bed on the real API server")
+    }
+
+    /// A pod's life on a real node: scheduled, sandbox (CNI ADD, retried while the daemon
+    /// answers "try again"), status reported.
+    pub(crate) fn add_kube_pod(&mut self, spec: PodSpec) -> Result<()> {
+        let k = self.kube_source();
+        let ns = self.api_namespace(spec.namespace);
+        let node = self.nodes[spec.node].name.clone();
+        let uid = k.cp.run_pod(&KubePod {
+            labels: json!({"app": spec.app}),
+            phase: None,
+            ..KubePod::running(&ns, spec.name, spec.sa, &node, &[])
+        })?;
+        k.uids
+            .lock()
+            .unwrap()
+            .insert((ns.clone(), spec.name.to_string()), uid);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (outs, pod) = self.try_add_pod(spec.clone())?;
+            if outs.iter().all(|o| o.code == 0) {
+                self.pods.push(pod);
+                break;
+            }
+            let code = outs.last().and_then(|o| o.error_code());
+            if code != Some(11) || Instant::now() > deadline {
+                bail!("ADD of {} failed: {outs:?}", spec.name);
+            }
+            let node = &self.nodes[spec.node];
+            node.runtime.del(&node.conflist, &pod.attachment, None)?;
+            drop(pod);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let k = self.kube_source();
+        k.cp.set_pod_status(&ns, spec.name, "Running", &spec.ips())?;
+        self.sync_endpoints()
+    }
+
+    /// The Service `server`'s EndpointSlice, as the endpoint-slice controller writes it: the
+    /// bed's running pods of app `server` in `demo`, ready.
+    pub fn sync_endpoints(&self) -> Result<()> {
+        let k = self.kube_source();
+        let ns = self.api_namespace("demo");
+        let endpoints: Vec<Value> = self
+            .pods
+            .iter()
+            .filter(|p| p.spec.namespace == "demo" && p.spec.app == "server")
+            .map(|p| {
+                json!({"addresses": [p.spec.ip], "conditions": {"ready": true},
+                       "nodeName": self.nodes[p.spec.node].name,
+                       "targetRef": {"kind": "Pod", "namespace": ns, "name": p.spec.name,
+                                     "uid": k.uid(&ns, p.spec.name)}})
+            })
+            .collect();
+        k.cp.apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "server-ipv4", "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": "server"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints}))?;
+        Ok(())
+    }
+
+    /// The Service `server`'s cluster IP.
+    pub fn service_vip(&self) -> String {
+        self.kube_source().vip.clone()
+    }
+
+    /// Labels the bed's namespace `ns` (`demo`, `plain`) with `labels` (replacing the ones the
+    /// tests manage).
+    pub fn label_namespace(&self, ns: &str, labels: Value) -> Result<()> {
+        self.kube_source().cp.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": self.api_namespace(ns), "labels": labels}}))?;
+        Ok(())
+    }
+
+    /// Applies policy objects (JSON), their `metadata.namespace` a bed namespace (`demo`, …)
+    /// mapped to its Kubernetes namespace.
+    pub fn apply_kube_policies(&self, policies: Value) -> Result<Vec<Value>> {
+        let mut list = match policies {
+            Value::Array(v) => v,
+            o => vec![o],
+        };
+        for p in &mut list {
+            let ns = p["metadata"]["namespace"]
+                .as_str()
+                .context("a policy without a namespace")?;
+            p["metadata"]["namespace"] = json!(self.api_namespace(ns));
+        }
+        self.kube_source().cp.apply(Value::Array(list))
+    }
+}

@@ -1,0 +1,183 @@
+//! The in-pod test bed driven entirely by the real Kubernetes API server
+//! (`harness::kubebed`): the daemons discover namespaces, pods, services, endpoint slices and
+//! policies from it with `deploy/`'s credentials, while the test plays the kubelet and the
+//! controllers. Needs root, `ip`, `nft`, `containernetworking-plugins` and the control plane
+//! that `scripts/prereqs.sh` builds.
+//!
+//! - `pods_policies_and_enrollment_follow_the_api_server`: pods of an ambient namespace are
+//!   enrolled at CNI ADD and carried in mutual TLS (real client address, the client's identity
+//!   at the destination), through the Service's cluster IP too; a plain pod reaches them in
+//!   plaintext; labelling the plain namespace enrolls its running pod without CNI, removing
+//!   the label releases it; an `AuthorizationPolicy` written to the API server closes a live
+//!   connection it denies and refuses new ones; `deploy/`'s RBAC for the daemon matches what
+//!   the daemons did (every grant used, nothing forbidden).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use ztunnel_e2e::apps;
+use ztunnel_e2e::daemon::{access_lines, die_with_test};
+use ztunnel_e2e::netns::Netns;
+use ztunnel_e2e::testbed::{PodSpec, TestBed};
+
+fn spec(name: &'static str, ns: &'static str, node: usize, ip: &'static str) -> PodSpec {
+    PodSpec {
+        name,
+        namespace: ns,
+        sa: name,
+        app: name,
+        node,
+        ip,
+        ip6: None,
+    }
+}
+
+/// Waits up to 20 s for `f`; fails with `what` otherwise.
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A process holding a netns, as a pod sandbox's `pause` does; killed on drop.
+struct Pause(Child);
+
+impl Pause {
+    fn of(bed: &TestBed, name: &str) -> Pause {
+        use std::os::unix::fs::MetadataExt;
+        let pod = bed.pod(name);
+        let child = die_with_test(&mut Command::new("ip"))
+            .args(["netns", "exec", &pod.ns.name, "sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep in the pod's netns");
+        let id = |p: String| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+        let want = id(format!("/var/run/netns/{}", pod.ns.name));
+        let pid = child.id();
+        wait_for("the pause process in its netns", || {
+            id(format!("/proc/{pid}/ns/net")) == want
+        });
+        bed.run_on_node(pod.spec.node, pid).unwrap();
+        Pause(child)
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn has_table(ns: &Netns) -> bool {
+    ns.exec("nft", &["list", "table", "inet", "ztunnel"]).is_ok()
+}
+
+fn whoami(bed: &TestBed, from: &str, ip: &str, port: u16) -> std::io::Result<String> {
+    let ip = ip.to_string();
+    bed.pod(from)
+        .ns
+        .block_on(async move { apps::whoami(&ip, port, "who").await })
+}
+
+#[test]
+fn pods_policies_and_enrollment_follow_the_api_server() {
+    let bed = TestBed::start_kube(vec![
+        spec("client", "demo", 0, "10.20.1.10"),
+        spec("server", "demo", 1, "10.20.2.10"),
+        spec("legacy", "plain", 0, "10.20.1.11"),
+    ])
+    .expect("the bed on the real API server");
+    let demo = bed.api_namespace("demo");
+    let plain = bed.api_namespace("plain");
+    bed.pod("server").ns.spawn(apps::whoami_server(8080));
+    bed.pod("legacy").ns.spawn(apps::whoami_server(8080));
+
+    // Enrolled at CNI ADD, from what the API server says of the namespace.
+    assert!(has_table(&bed.pod("client").ns));
+    assert!(has_table(&bed.pod("server").ns));
+    assert!(!has_table(&bed.pod("legacy").ns));
+
+    // In the mesh: the real client address, through the pod IP and the Service's cluster IP.
+    wait_for("the server app", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
+    });
+    assert_eq!(whoami(&bed, "client", "10.20.2.10", 8080).unwrap(), "10.20.1.10");
+    let vip = bed.service_vip();
+    assert_eq!(whoami(&bed, "client", &vip, 80).unwrap(), "10.20.1.10");
+    // A plain pod reaches the server in plaintext (PERMISSIVE by default).
+    assert_eq!(whoami(&bed, "legacy", "10.20.2.10", 8080).unwrap(), "10.20.1.11");
+    let client_id = format!("spiffe://cluster.local/ns/{demo}/sa/client");
+    let inbound_from_client = |bed: &TestBed| {
+        access_lines(&bed.log(1))
+            .iter()
+            .filter(|l| {
+                l["message"] == "connection closed"
+                    && l["direction"] == "inbound"
+                    && l["src_identity"] == client_id.as_str()
+                    && l["src_workload"] == format!("{demo}/client").as_str()
+            })
+            .count()
+    };
+    wait_for("the server's daemon to log both tunnelled connections", || {
+        inbound_from_client(&bed) >= 2
+    });
+
+    // Labelling the plain namespace enrolls its running pod without CNI; removing the label
+    // releases it.
+    let _pause = Pause::of(&bed, "legacy");
+    bed.label_namespace("plain", json!({"ztunnel.dev/dataplane-mode": "ambient"}))
+        .unwrap();
+    wait_for("legacy enrolled by the label", || has_table(&bed.pod("legacy").ns));
+    wait_for("the enrollment annotation", || {
+        bed.kube.as_ref().unwrap().cp.get("v1", "Pod", Some(&plain), "legacy").unwrap()
+            ["metadata"]["annotations"]["ztunnel.dev/enrollment"]
+            == "enrolled"
+    });
+    assert_eq!(whoami(&bed, "client", "10.20.1.11", 8080).unwrap(), "10.20.1.10");
+    bed.label_namespace("plain", json!({})).unwrap();
+    wait_for("legacy released", || !has_table(&bed.pod("legacy").ns));
+
+    // A policy written to the API server: a live connection it denies is closed, new ones
+    // are refused.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    bed.pod("server").ns.spawn(apps::echo_interactive(9090));
+    std::thread::sleep(Duration::from_millis(100));
+    let held = bed.pod("client").ns.spawn(async move {
+        let mut s = TcpStream::connect(("10.20.2.10", 9090)).await.expect("connect");
+        s.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.expect("echo");
+        tx.send(()).unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await
+    });
+    rx.recv_timeout(Duration::from_secs(10)).expect("established");
+    bed.apply_kube_policies(json!({
+        "apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-client", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+                 "rules": [{"from": [{"source": {"principals": [client_id.trim_start_matches("spiffe://")]}}]}]}}))
+    .unwrap();
+    let outcome = bed.pod("client").ns.join(held);
+    assert!(outcome.is_ok(), "the denied connection was not closed");
+    assert!(
+        whoami(&bed, "client", "10.20.2.10", 8080).is_err(),
+        "a new connection was let through"
+    );
+    let log = bed.log(1);
+    assert!(log.contains("closed: denied by a policy change"), "{log}");
+    // The plain pod is not in the policy's scope of principals: still let in.
+    assert_eq!(whoami(&bed, "legacy", "10.20.2.10", 8080).unwrap(), "10.20.1.11");
+
+    // deploy/'s RBAC for the daemon, against what the daemons did: every grant used, nothing
+    // forbidden.
+    let cp = bed.kube.as_ref().unwrap().cp;
+    let problems = cp.rbac_problems("ztunnel-system", "ztunnel").unwrap();
+    assert!(problems.is_empty(), "deploy/'s RBAC for the daemon: {problems:#?}");
+}
