@@ -65,7 +65,13 @@ impl CaProcess {
     fn start(cp: &ControlPlane, host: &Host, dir: &Path, name: &str, args: &[&str]) -> CaProcess {
         let pod = format!("ztunnel-ca-{name}-{}", std::process::id());
         let uid = cp
-            .run_pod(&KubePod::running(SYSTEM, &pod, "ztunnel-ca", "cp", &["10.254.255.1"]))
+            .run_pod(&KubePod::running(
+                SYSTEM,
+                &pod,
+                "ztunnel-ca",
+                "cp",
+                &["10.254.255.1"],
+            ))
             .unwrap();
         let token = cp
             .token(
@@ -237,7 +243,8 @@ fn put_secret(cp: &ControlPlane, m: &CaMaterial) {
 /// The CA's Secret and ConfigMap removed, for a test that starts from none.
 fn fresh_ca_objects(cp: &ControlPlane) {
     cp.delete("v1", "Secret", Some(SYSTEM), SECRET).unwrap();
-    cp.delete("v1", "ConfigMap", Some(SYSTEM), CONFIGMAP).unwrap();
+    cp.delete("v1", "ConfigMap", Some(SYSTEM), CONFIGMAP)
+        .unwrap();
 }
 
 /// Whether a chain verifies (webpki, as a client certificate) against the roots in `roots_pem`.
@@ -266,7 +273,10 @@ fn the_ca_on_the_real_api_server() {
     authorizes_nodes_by_token_and_pods(cp);
     secret_is_created_reused_and_rotated(cp);
     let problems = cp.rbac_problems(SYSTEM, "ztunnel-ca").unwrap();
-    assert!(problems.is_empty(), "deploy/'s RBAC for the CA: {problems:#?}");
+    assert!(
+        problems.is_empty(),
+        "deploy/'s RBAC for the CA: {problems:#?}"
+    );
 }
 
 fn authorizes_nodes_by_token_and_pods(cp: &ControlPlane) {
@@ -288,7 +298,13 @@ fn authorizes_nodes_by_token_and_pods(cp: &ControlPlane) {
     // The daemons' pods, and their projected tokens (audience ztunnel-ca, bound to the pod).
     let daemon_token = |node: &str, pod: &str| {
         let uid = cp
-            .run_pod(&KubePod::running(SYSTEM, pod, "ztunnel", node, &["10.254.255.2"]))
+            .run_pod(&KubePod::running(
+                SYSTEM,
+                pod,
+                "ztunnel",
+                node,
+                &["10.254.255.2"],
+            ))
             .unwrap();
         cp.token(SYSTEM, "ztunnel", &["ztunnel-ca"], 3600, Some((pod, &uid)))
             .unwrap()
@@ -300,8 +316,9 @@ fn authorizes_nodes_by_token_and_pods(cp: &ControlPlane) {
     cp.delete("v1", "Pod", Some(SYSTEM), &gone_pod).unwrap();
     let tok_expired = cp.expired_copy(&tok_n1).unwrap();
     // The API server's own audience, and a workload's ServiceAccount with the right audience.
-    let n1_uid = cp.get("v1", "Pod", Some(SYSTEM), &format!("ztunnel-{n1}")).unwrap()
-        ["metadata"]["uid"]
+    let n1_uid = cp
+        .get("v1", "Pod", Some(SYSTEM), &format!("ztunnel-{n1}"))
+        .unwrap()["metadata"]["uid"]
         .as_str()
         .unwrap()
         .to_string();
@@ -404,7 +421,12 @@ fn authorizes_nodes_by_token_and_pods(cp: &ControlPlane) {
     );
 
     let log = ca.stop();
-    for reason in ["not_daemon", "no_pod_on_node", "unauthenticated", "no_token"] {
+    for reason in [
+        "not_daemon",
+        "no_pod_on_node",
+        "unauthenticated",
+        "no_token",
+    ] {
         assert!(log.contains(reason), "refusal {reason} not logged:\n{log}");
     }
     for token in [&tok_n1, &tok_n2, &tok_web, &tok_gone, &tok_expired] {
@@ -434,7 +456,10 @@ fn secret_is_created_reused_and_rotated(cp: &ControlPlane) {
     let h = host(cp, "rot");
     let ca = CaProcess::start(cp, &h, dir.path(), "ca-1", &args);
     let first = secret_material(cp).expect("the Secret was created");
-    assert_eq!(configmap_root(cp).as_deref(), Some(first.root_cert.as_str()));
+    assert_eq!(
+        configmap_root(cp).as_deref(),
+        Some(first.root_cert.as_str())
+    );
     let id = "spiffe://cluster.local/ns/demo/sa/web";
     let resp = sign(&h, &ca, &first.root_cert, Some("s3cret"), id).unwrap();
     assert_eq!(resp.roots_pem.len(), 1);
@@ -442,8 +467,7 @@ fn secret_is_created_reused_and_rotated(cp: &ControlPlane) {
     ca.stop();
 
     // Restart: the same Secret is reused, not replaced.
-    let rv = cp.get("v1", "Secret", Some(SYSTEM), SECRET).unwrap()["metadata"]
-        ["resourceVersion"]
+    let rv = cp.get("v1", "Secret", Some(SYSTEM), SECRET).unwrap()["metadata"]["resourceVersion"]
         .clone();
     let ca = CaProcess::start(cp, &h, dir.path(), "ca-2", &args);
     assert_eq!(secret_material(cp).unwrap(), first);

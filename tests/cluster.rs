@@ -22,11 +22,7 @@ const ANNOTATION: &str = "ztunnel.dev/enrollment";
 
 /// A client for the API server with `token`, on the cp host.
 fn client_with_token(cp: &ControlPlane, token: &str) -> kube::Client {
-    let kc = controlplane::kubeconfig(
-        &cp.dir.join("ca.crt"),
-        &cp.url(),
-        json!({"token": token}),
-    );
+    let kc = controlplane::kubeconfig(&cp.dir.join("ca.crt"), &cp.url(), json!({"token": token}));
     cp.ns.block_on(async move {
         let kc: kube::config::Kubeconfig = serde_yaml::from_str(&kc).unwrap();
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
@@ -87,7 +83,12 @@ fn deploy_base_is_accepted_and_policies_keep_every_field() {
         "the API server pruned fields of the policy"
     );
     let stored = cp
-        .get("security.ztunnel.dev/v1", "AuthorizationPolicy", Some(&ns), "http-fields")
+        .get(
+            "security.ztunnel.dev/v1",
+            "AuthorizationPolicy",
+            Some(&ns),
+            "http-fields",
+        )
         .unwrap();
     assert_eq!(stored["spec"], spec);
 }
@@ -98,16 +99,40 @@ fn the_admission_policy_keeps_the_daemon_to_its_annotation_on_its_node() {
     let ns = cp.namespace("vap");
     cp.create_namespace(&ns, json!({})).unwrap();
     let (node_a, node_b) = (format!("{ns}-a"), format!("{ns}-b"));
-    cp.run_pod(&KubePod::running(&ns, "on-a", "web", &node_a, &["10.99.1.1"]))
-        .unwrap();
-    cp.run_pod(&KubePod::running(&ns, "on-b", "web", &node_b, &["10.99.1.2"]))
-        .unwrap();
+    cp.run_pod(&KubePod::running(
+        &ns,
+        "on-a",
+        "web",
+        &node_a,
+        &["10.99.1.1"],
+    ))
+    .unwrap();
+    cp.run_pod(&KubePod::running(
+        &ns,
+        "on-b",
+        "web",
+        &node_b,
+        &["10.99.1.2"],
+    ))
+    .unwrap();
     let daemon_pod = format!("ztunnel-{node_a}");
     let uid = cp
-        .run_pod(&KubePod::running(SYSTEM, &daemon_pod, "ztunnel", &node_a, &["10.99.1.3"]))
+        .run_pod(&KubePod::running(
+            SYSTEM,
+            &daemon_pod,
+            "ztunnel",
+            &node_a,
+            &["10.99.1.3"],
+        ))
         .unwrap();
     let token = cp
-        .token(SYSTEM, "ztunnel", &[controlplane::ISSUER], 3600, Some((&daemon_pod, &uid)))
+        .token(
+            SYSTEM,
+            "ztunnel",
+            &[controlplane::ISSUER],
+            3600,
+            Some((&daemon_pod, &uid)),
+        )
         .unwrap();
     let daemon = client_with_token(cp, &token);
     let patch = |pod: &str, body: Value| -> Result<(), String> {
@@ -115,17 +140,24 @@ fn the_admission_policy_keeps_the_daemon_to_its_annotation_on_its_node() {
         cp.ns.block_on(async move {
             let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
                 kube::Api::namespaced(daemon, &ns);
-            api.patch(&pod, &Default::default(), &kube::api::Patch::Strategic(&body))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            api.patch(
+                &pod,
+                &Default::default(),
+                &kube::api::Patch::Strategic(&body),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         })
     };
     let annotate = |value: &str| json!({"metadata": {"annotations": {ANNOTATION: value}}});
 
     patch("on-a", annotate("enrolled")).expect("the annotation on the daemon's own node");
-    patch("on-a", json!({"metadata": {"annotations": {ANNOTATION: null}}}))
-        .expect("removing it");
+    patch(
+        "on-a",
+        json!({"metadata": {"annotations": {ANNOTATION: null}}}),
+    )
+    .expect("removing it");
     let refused: Vec<(&str, Value, &str)> = vec![
         ("on-b", annotate("enrolled"), "only pods on its own node"),
         (
@@ -146,13 +178,18 @@ fn the_admission_policy_keeps_the_daemon_to_its_annotation_on_its_node() {
     ];
     // The API server loads admission policies within a second or so of their creation
     // (deploy/base may have just been applied): wait for the first refusal.
-    controlplane::wait_until("the admission policy in force", Duration::from_secs(10), || {
-        patch("on-b", annotate("probe")).is_err()
-    })
+    controlplane::wait_until(
+        "the admission policy in force",
+        Duration::from_secs(10),
+        || patch("on-b", annotate("probe")).is_err(),
+    )
     .unwrap();
     for (pod, body, why) in refused {
         let e = patch(pod, body.clone()).expect_err(&format!("{pod}: {body} was let through"));
-        assert!(e.contains(why), "{pod}: {body}: refused for another reason: {e}");
+        assert!(
+            e.contains(why),
+            "{pod}: {body}: refused for another reason: {e}"
+        );
     }
     let on_a = cp.get("v1", "Pod", Some(&ns), "on-a").unwrap();
     assert_eq!(on_a["metadata"]["labels"]["app"], "on-a");

@@ -250,9 +250,9 @@ fn daemonset_agrees_with_the_daemon_configuration() {
     assert_eq!(
         grants(role.rules.as_deref().unwrap_or_default()),
         grant_set(&[
-            ("", "namespaces", &["get", "list", "watch"], "*"),
-            ("", "services", &["get", "list", "watch"], "*"),
-            ("", "pods", &["get", "list", "watch", "patch"], "*"),
+            ("", "namespaces", &["list", "watch"], "*"),
+            ("", "services", &["list", "watch"], "*"),
+            ("", "pods", &["list", "watch", "patch"], "*"),
             (
                 "discovery.k8s.io",
                 "endpointslices",

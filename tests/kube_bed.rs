@@ -75,7 +75,8 @@ impl Drop for Pause {
 }
 
 fn has_table(ns: &Netns) -> bool {
-    ns.exec("nft", &["list", "table", "inet", "ztunnel"]).is_ok()
+    ns.exec("nft", &["list", "table", "inet", "ztunnel"])
+        .is_ok()
 }
 
 fn whoami(bed: &TestBed, from: &str, ip: &str, port: u16) -> std::io::Result<String> {
@@ -107,11 +108,21 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
     wait_for("the server app", || {
         whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
     });
-    assert_eq!(whoami(&bed, "client", "10.20.2.10", 8080).unwrap(), "10.20.1.10");
+    assert_eq!(
+        whoami(&bed, "client", "10.20.2.10", 8080).unwrap(),
+        "10.20.1.10"
+    );
     let vip = bed.service_vip();
+    wait_for(
+        "the client's daemon to learn the Service's endpoint",
+        || whoami(&bed, "client", &vip, 80).is_ok(),
+    );
     assert_eq!(whoami(&bed, "client", &vip, 80).unwrap(), "10.20.1.10");
     // A plain pod reaches the server in plaintext (PERMISSIVE by default).
-    assert_eq!(whoami(&bed, "legacy", "10.20.2.10", 8080).unwrap(), "10.20.1.11");
+    assert_eq!(
+        whoami(&bed, "legacy", "10.20.2.10", 8080).unwrap(),
+        "10.20.1.11"
+    );
     let client_id = format!("spiffe://cluster.local/ns/{demo}/sa/client");
     let inbound_from_client = |bed: &TestBed| {
         access_lines(&bed.log(1))
@@ -124,22 +135,32 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
             })
             .count()
     };
-    wait_for("the server's daemon to log both tunnelled connections", || {
-        inbound_from_client(&bed) >= 2
-    });
+    wait_for(
+        "the server's daemon to log both tunnelled connections",
+        || inbound_from_client(&bed) >= 2,
+    );
 
     // Labelling the plain namespace enrolls its running pod without CNI; removing the label
     // releases it.
     let _pause = Pause::of(&bed, "legacy");
     bed.label_namespace("plain", json!({"ztunnel.dev/dataplane-mode": "ambient"}))
         .unwrap();
-    wait_for("legacy enrolled by the label", || has_table(&bed.pod("legacy").ns));
+    wait_for("legacy enrolled by the label", || {
+        has_table(&bed.pod("legacy").ns)
+    });
     wait_for("the enrollment annotation", || {
-        bed.kube.as_ref().unwrap().cp.get("v1", "Pod", Some(&plain), "legacy").unwrap()
-            ["metadata"]["annotations"]["ztunnel.dev/enrollment"]
+        bed.kube
+            .as_ref()
+            .unwrap()
+            .cp
+            .get("v1", "Pod", Some(&plain), "legacy")
+            .unwrap()["metadata"]["annotations"]["ztunnel.dev/enrollment"]
             == "enrolled"
     });
-    assert_eq!(whoami(&bed, "client", "10.20.1.11", 8080).unwrap(), "10.20.1.10");
+    assert_eq!(
+        whoami(&bed, "client", "10.20.1.11", 8080).unwrap(),
+        "10.20.1.10"
+    );
     bed.label_namespace("plain", json!({})).unwrap();
     wait_for("legacy released", || !has_table(&bed.pod("legacy").ns));
 
@@ -149,7 +170,9 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
     bed.pod("server").ns.spawn(apps::echo_interactive(9090));
     std::thread::sleep(Duration::from_millis(100));
     let held = bed.pod("client").ns.spawn(async move {
-        let mut s = TcpStream::connect(("10.20.2.10", 9090)).await.expect("connect");
+        let mut s = TcpStream::connect(("10.20.2.10", 9090))
+            .await
+            .expect("connect");
         s.write_all(b"ping").await.expect("write");
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).await.expect("echo");
@@ -157,7 +180,8 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await
     });
-    rx.recv_timeout(Duration::from_secs(10)).expect("established");
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("established");
     bed.apply_kube_policies(json!({
         "apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
         "metadata": {"name": "deny-client", "namespace": "demo"},
@@ -173,11 +197,17 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
     let log = bed.log(1);
     assert!(log.contains("closed: denied by a policy change"), "{log}");
     // The plain pod is not in the policy's scope of principals: still let in.
-    assert_eq!(whoami(&bed, "legacy", "10.20.2.10", 8080).unwrap(), "10.20.1.11");
+    assert_eq!(
+        whoami(&bed, "legacy", "10.20.2.10", 8080).unwrap(),
+        "10.20.1.11"
+    );
 
     // deploy/'s RBAC for the daemon, against what the daemons did: every grant used, nothing
     // forbidden.
     let cp = bed.kube.as_ref().unwrap().cp;
     let problems = cp.rbac_problems("ztunnel-system", "ztunnel").unwrap();
-    assert!(problems.is_empty(), "deploy/'s RBAC for the daemon: {problems:#?}");
+    assert!(
+        problems.is_empty(),
+        "deploy/'s RBAC for the daemon: {problems:#?}"
+    );
 }

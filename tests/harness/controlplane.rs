@@ -142,7 +142,9 @@ fn make_pki(dir: &Path) -> Result<String> {
             .subject_alt_names
             .push(SanType::IpAddress(ip.parse()?));
     }
-    serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    serving
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
     serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let serving_pem = serving.signed_by(&serving_key, &issuer)?.pem();
 
@@ -199,7 +201,10 @@ impl ControlPlane {
         let bin = binaries()?;
         for b in ["etcd", "kube-apiserver"] {
             if !bin.join(b).exists() {
-                bail!("{} is missing (run scripts/prereqs.sh)", bin.join(b).display());
+                bail!(
+                    "{} is missing (run scripts/prereqs.sh)",
+                    bin.join(b).display()
+                );
             }
         }
         let root = std::env::temp_dir().join("ztunnel-controlplane");
@@ -422,11 +427,22 @@ impl ControlPlane {
         netns::sh(
             "ip",
             &[
-                "link", "add", &outer, "netns", &self.ns.name, "type", "veth", "peer", "name",
-                &inner, "netns", &host.name,
+                "link",
+                "add",
+                &outer,
+                "netns",
+                &self.ns.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &inner,
+                "netns",
+                &host.name,
             ],
         )?;
-        self.ns.ip(&["link", "set", &outer, "master", "br0", "up"])?;
+        self.ns
+            .ip(&["link", "set", &outer, "master", "br0", "up"])?;
         host.ip(&["link", "set", &inner, "name", "cp0"])?;
         host.ip(&["addr", "add", &format!("{addr}/16"), "dev", "cp0"])?;
         host.ip(&["link", "set", "cp0", "up"])?;
@@ -470,7 +486,13 @@ impl ControlPlane {
     }
 
     /// The object (`None` when it does not exist).
-    pub fn get(&self, api_version: &str, kind: &str, ns: Option<&str>, name: &str) -> Option<Value> {
+    pub fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Option<Value> {
         let o = json!({"apiVersion": api_version, "kind": kind,
                        "metadata": {"name": name, "namespace": ns}});
         self.run(|client| async move {
@@ -482,7 +504,13 @@ impl ControlPlane {
 
     /// Deletes the object (not found is fine) at once: no kubelet runs here to confirm a
     /// graceful deletion, so a pod would otherwise stay, terminating, for ever.
-    pub fn delete(&self, api_version: &str, kind: &str, ns: Option<&str>, name: &str) -> Result<()> {
+    pub fn delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<()> {
         let o = json!({"apiVersion": api_version, "kind": kind,
                        "metadata": {"name": name, "namespace": ns}});
         self.run(|client| async move {
@@ -584,7 +612,11 @@ impl ControlPlane {
         let path = dir.join(name);
         write(
             &path,
-            &kubeconfig(&self.dir.join("ca.crt"), &self.url(), json!({"token": token})),
+            &kubeconfig(
+                &self.dir.join("ca.crt"),
+                &self.url(),
+                json!({"token": token}),
+            ),
         )?;
         Ok(path)
     }
@@ -675,10 +707,17 @@ impl ControlPlane {
         let events: Vec<Value> = self
             .audit_events()
             .into_iter()
-            .filter(|e| e["user"]["username"] == user.as_str() && e["stage"] == "ResponseComplete")
+            // A watch is logged when its answer starts (it completes only when it ends).
+            .filter(|e| {
+                e["user"]["username"] == user.as_str()
+                    && (e["stage"] == "ResponseComplete" || e["stage"] == "ResponseStarted")
+            })
             .collect();
         let resource_of = |e: &Value| {
-            let r = e["objectRef"]["resource"].as_str().unwrap_or("").to_string();
+            let r = e["objectRef"]["resource"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             match e["objectRef"]["subresource"].as_str() {
                 Some(sub) => format!("{r}/{sub}"),
                 None => r,
@@ -773,7 +812,13 @@ pub struct KubePod<'a> {
 
 impl<'a> KubePod<'a> {
     /// A Running pod with one IP.
-    pub fn running(namespace: &'a str, name: &'a str, sa: &'a str, node: &'a str, ips: &'a [&'a str]) -> Self {
+    pub fn running(
+        namespace: &'a str,
+        name: &'a str,
+        sa: &'a str,
+        node: &'a str,
+        ips: &'a [&'a str],
+    ) -> Self {
         KubePod {
             namespace,
             name,
@@ -800,7 +845,10 @@ fn describe(o: &Value) -> String {
 async fn dynamic_api(client: &kube::Client, o: &Value) -> Result<(Api<DynamicObject>, String)> {
     let api_version = o["apiVersion"].as_str().context("no apiVersion")?;
     let kind = o["kind"].as_str().context("no kind")?;
-    let name = o["metadata"]["name"].as_str().context("no name")?.to_string();
+    let name = o["metadata"]["name"]
+        .as_str()
+        .context("no name")?
+        .to_string();
     let (group, version) = match api_version.split_once('/') {
         Some((g, v)) => (g, v),
         None => ("", api_version),

@@ -32,6 +32,11 @@ use crate::testbed::{PodSpec, TestBed};
 const SYSTEM: &str = "ztunnel-system";
 const AMBIENT: &str = "ztunnel.dev/dataplane-mode";
 
+/// The Kubernetes namespace of a bed's namespace `ns`.
+pub(crate) fn namespace_of(prefix: &str, ns: &str) -> String {
+    format!("{prefix}-{ns}")
+}
+
 /// One bed at a time on the API server (see the module doc).
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -55,12 +60,24 @@ impl Drop for KubeSource {
     fn drop(&mut self) {
         for ns in &self.namespaces {
             let _ = self.cp.kubectl(&[
-                "delete", "pods", "--all", "-n", ns, "--grace-period=0", "--force",
+                "delete",
+                "pods",
+                "--all",
+                "-n",
+                ns,
+                "--grace-period=0",
+                "--force",
             ]);
         }
         for pod in &self.daemon_pods {
             let _ = self.cp.kubectl(&[
-                "delete", "pod", "-n", SYSTEM, pod, "--grace-period=0", "--force",
+                "delete",
+                "pod",
+                "-n",
+                SYSTEM,
+                pod,
+                "--grace-period=0",
+                "--force",
             ]);
         }
     }
@@ -74,9 +91,11 @@ impl KubeSource {
         for node in &bed.nodes {
             cp.attach(&node.ns)?;
         }
-        let demo = bed.api_namespace("demo");
+        // `bed.api_namespace` maps names only once `bed.kube` is set, after this.
+        let demo = namespace_of(bed.prefix(), "demo");
+        let plain = namespace_of(bed.prefix(), "plain");
         cp.create_namespace(&demo, json!({AMBIENT: "ambient"}))?;
-        cp.create_namespace(&bed.api_namespace("plain"), json!({}))?;
+        cp.create_namespace(&plain, json!({}))?;
         let svc = cp.apply(json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "server", "namespace": demo},
             "spec": {"selector": {"app": "server"},
@@ -112,7 +131,7 @@ impl KubeSource {
             kubeconfigs,
             uids: Mutex::new(HashMap::new()),
             vip,
-            namespaces: vec![demo, bed.api_namespace("plain")],
+            namespaces: vec![demo, plain],
             daemon_pods,
             _turn: turn,
         })
@@ -203,12 +222,14 @@ impl TestBed {
                                      "uid": k.uid(&ns, p.spec.name)}})
             })
             .collect();
-        k.cp.apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        k.cp.apply(
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "server-ipv4", "namespace": ns,
                          "labels": {"kubernetes.io/service-name": "server"}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": endpoints}))?;
+            "endpoints": endpoints}),
+        )?;
         Ok(())
     }
 
@@ -220,7 +241,9 @@ impl TestBed {
     /// Labels the bed's namespace `ns` (`demo`, `plain`) with `labels` (replacing the ones the
     /// tests manage).
     pub fn label_namespace(&self, ns: &str, labels: Value) -> Result<()> {
-        self.kube_source().cp.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        self.kube_source()
+            .cp
+            .apply(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": self.api_namespace(ns), "labels": labels}}))?;
         Ok(())
     }

@@ -648,7 +648,7 @@ impl TestBed {
     pub fn api_namespace(&self, ns: &str) -> String {
         match self.kube {
             None => ns.to_string(),
-            Some(_) => format!("{}-{ns}", self.prefix),
+            Some(_) => crate::kubebed::namespace_of(&self.prefix, ns),
         }
     }
 
