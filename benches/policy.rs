@@ -3,7 +3,6 @@
 //! does not match until the last one, so a decision looks at every applying policy: the
 //! worst case for that many. One iteration is one decision.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -21,11 +20,10 @@ fn policy(ns: &str, name: String, app: &str, principal: &str, port: &str) -> Aut
         metadata: ObjectMeta {
             name,
             namespace: ns.into(),
+            ..Default::default()
         },
         spec: AuthorizationPolicySpec {
-            selector: Some(Selector {
-                match_labels: BTreeMap::from([("app".to_string(), app.to_string())]),
-            }),
+            selector: Some(Selector::labels([("app".to_string(), app.to_string())])),
             action: Action::Allow,
             rules: vec![Rule {
                 from: vec![From {
@@ -41,8 +39,11 @@ fn policy(ns: &str, name: String, app: &str, principal: &str, port: &str) -> Aut
                         ..Default::default()
                     },
                 }],
+                ..Default::default()
             }],
+            ..Default::default()
         },
+        invalid: None,
     }
 }
 
@@ -86,7 +87,7 @@ fn mesh(applying: usize) -> PolicyIndex {
         ));
         i += 1;
     }
-    PolicyIndex::build(&v, &[]).expect("valid policies")
+    PolicyIndex::build(&v, &[], ztunnel::policy::ROOT_NAMESPACE)
 }
 
 fn decisions(c: &mut Criterion) {
@@ -105,6 +106,7 @@ fn decisions(c: &mut Criterion) {
             src_principal: Some("cluster.local/ns/client/sa/default"),
             src_namespace: Some("client"),
             src_ip: "10.1.2.3".parse().unwrap(),
+            dst_ip: "10.2.0.7".parse().unwrap(),
             dst_namespace: "target",
             dst_labels: &labels,
             dst_port: 8080,

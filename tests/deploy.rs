@@ -627,7 +627,8 @@ fn samples_parse_and_agree_with_each_other() {
 
     let ap = &o.authorization_policies[0].to_policy();
     assert_eq!(ap.metadata.namespace, ns_name);
-    for (k, v) in &ap.spec.selector.as_ref().unwrap().match_labels {
+    let selector = ap.spec.selector.as_ref().unwrap();
+    for (k, v) in selector.match_labels.iter().flatten() {
         assert_eq!(server_labels.get(k), Some(v), "policy selector {k}");
     }
     let rule = &ap.spec.rules[0];
@@ -643,9 +644,11 @@ fn samples_parse_and_agree_with_each_other() {
     );
     // What the README promises: the client reaches the server's port; nobody else does,
     // nor the client another port; plaintext is refused.
-    let index =
-        ztunnel::policy::PolicyIndex::build(std::slice::from_ref(ap), std::slice::from_ref(pa))
-            .unwrap();
+    let index = ztunnel::policy::PolicyIndex::build(
+        std::slice::from_ref(ap),
+        std::slice::from_ref(pa),
+        ztunnel::policy::ROOT_NAMESPACE,
+    );
     let labels: ztunnel::discovery::Labels = server_labels
         .iter()
         .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
@@ -662,6 +665,7 @@ fn samples_parse_and_agree_with_each_other() {
             src_principal: Some(principal),
             src_namespace: Some(&ns_name),
             src_ip: "10.1.0.5".parse().unwrap(),
+            dst_ip: "10.1.0.6".parse().unwrap(),
             dst_namespace: &ns_name,
             dst_labels: &labels,
             dst_port,
@@ -669,7 +673,7 @@ fn samples_parse_and_agree_with_each_other() {
         let d = index.evaluate(&conn);
         assert_eq!(d.allowed, allowed, "{principal} -> :{dst_port}: {d:?}");
     }
-    assert_eq!(index.mtls_mode(&ns_name, &labels), MtlsMode::Strict);
+    assert_eq!(index.mtls_mode(&ns_name, &labels, port), MtlsMode::Strict);
     // Every namespaced sample is in the sample namespace.
     for d in &o.deployments {
         assert_eq!(d.metadata.namespace.as_deref(), Some(ns_name.as_str()));

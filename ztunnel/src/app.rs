@@ -94,6 +94,16 @@ pub async fn start(
     cfg: &RunConfig,
     set_log_level: crate::admin::SetLogLevel,
 ) -> Result<Daemon, StartError> {
+    // Before discovery builds its first policy index.
+    if !crate::policy::set_root_namespace(&cfg.root_namespace)
+        && crate::policy::root_namespace() != cfg.root_namespace
+    {
+        tracing::warn!(
+            configured = %cfg.root_namespace,
+            in_use = %crate::policy::root_namespace(),
+            "the root namespace is set once per process; keeping the first"
+        );
+    }
     // The API client, when discovery has one (the pods' enrollment annotation uses it too).
     let mut kube_client = None;
     let (disc, watcher) = match &cfg.discovery {

@@ -104,6 +104,8 @@ impl FromStr for LogFormat {
 pub struct RunConfig {
     pub node_name: String,
     pub trust_domain: String,
+    /// Policies in this namespace apply to the whole mesh.
+    pub root_namespace: String,
     pub discovery: DiscoverySource,
     pub ca: CaSource,
     pub cert_lifetime: Duration,
@@ -147,6 +149,9 @@ struct RunArgs {
     /// SPIFFE trust domain [env: TRUST_DOMAIN] [default: cluster.local]
     #[arg(long)]
     trust_domain: Option<String>,
+    /// The namespace whose policies apply to the whole mesh [env: ZTUNNEL_ROOT_NAMESPACE] [default: ztunnel-system]
+    #[arg(long)]
+    root_namespace: Option<String>,
     /// The local discovery file (YAML) [env: ZTUNNEL_DISCOVERY_FILE]
     #[arg(long)]
     discovery_file: Option<PathBuf>,
@@ -385,6 +390,32 @@ fn trust_domain(flag: Option<String>, env: Env<'_>) -> Result<String, ConfigErro
     Ok(td)
 }
 
+fn root_namespace(flag: Option<String>, env: Env<'_>) -> Result<String, ConfigError> {
+    let ns: String = setting(
+        "root namespace",
+        flag,
+        env,
+        "ZTUNNEL_ROOT_NAMESPACE",
+        crate::policy::ROOT_NAMESPACE,
+    )?;
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    if !label(&ns) {
+        return Err(ConfigError::Invalid {
+            setting: "root namespace",
+            value: ns.clone(),
+            reason: "not a namespace name (a DNS-1123 label)".into(),
+        });
+    }
+    Ok(ns)
+}
+
 fn log_filter(env: Env<'_>) -> String {
     env("RUST_LOG")
         .filter(|s| !s.is_empty())
@@ -508,6 +539,7 @@ impl RunConfig {
         Ok(RunConfig {
             node_name,
             trust_domain: trust_domain(a.trust_domain, env)?,
+            root_namespace: root_namespace(a.root_namespace, env)?,
             discovery,
             ca,
             cert_lifetime: duration(
@@ -650,9 +682,10 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} root_namespace={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
+            self.root_namespace,
             humantime::format_duration(self.cert_lifetime),
             self.capture,
             self.state_dir.display(),

@@ -305,6 +305,24 @@ fn render(cmd: &Cmd, v: &Value) -> String {
                 s(&v["mtls_mode"])
             );
             let _ = writeln!(out, "decision: {verdict} — {by} ({})", s(&d["reason"]));
+            for c in v["considered"].as_array().into_iter().flatten() {
+                let p = &c["policy"];
+                let _ = writeln!(
+                    out,
+                    "  {} {}/{} ({}): {}",
+                    s(&c["kind"]),
+                    s(&p["namespace"]),
+                    s(&p["name"]),
+                    s(&c["action"]),
+                    match c["matched_rule"].as_u64() {
+                        Some(r) => format!("rule {r} matched"),
+                        None => "no match".into(),
+                    }
+                );
+                for note in c["dropped"].as_array().into_iter().flatten() {
+                    let _ = writeln!(out, "    dropped: {}", s(note));
+                }
+            }
             out
         }
     }

@@ -432,3 +432,15 @@ fn ca_config_kubernetes() {
         assert!(e.contains(want), "{args:?}: want {want:?} in {e}");
     }
 }
+
+#[test]
+fn root_namespace_flag_env_default() {
+    assert_eq!(run(BASE, &[]).unwrap().root_namespace, "ztunnel-system");
+    let c = run(BASE, &[("ZTUNNEL_ROOT_NAMESPACE", "istio-system")]).unwrap();
+    assert_eq!(c.root_namespace, "istio-system");
+    let mut args = BASE.to_vec();
+    args.extend(["--root-namespace", "mesh-root"]);
+    let c = run(&args, &[("ZTUNNEL_ROOT_NAMESPACE", "istio-system")]).unwrap();
+    assert_eq!(c.root_namespace, "mesh-root", "the flag wins");
+    assert!(run(BASE, &[("ZTUNNEL_ROOT_NAMESPACE", "Bad_Name")]).is_err());
+}

@@ -52,6 +52,17 @@ fn meta(m: &kube::core::ObjectMeta) -> policy::ObjectMeta {
     policy::ObjectMeta {
         name: m.name.clone().unwrap_or_default(),
         namespace: m.namespace.clone().unwrap_or_default(),
+        creation_timestamp: m
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| serde_json::to_value(t).ok())
+            .and_then(|v| v.as_str().map(str::to_owned)),
+        annotations: m
+            .annotations
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -61,6 +72,7 @@ impl AuthorizationPolicyResource {
         policy::AuthorizationPolicy {
             metadata: meta(&self.metadata),
             spec: self.spec.clone(),
+            invalid: None,
         }
     }
 }
@@ -71,6 +83,7 @@ impl PeerAuthenticationResource {
         policy::PeerAuthentication {
             metadata: meta(&self.metadata),
             spec: self.spec.clone(),
+            invalid: None,
         }
     }
 }
@@ -162,16 +175,18 @@ mod tests {
 
     fn enum_values(schema: &Value) -> Vec<String> {
         assert_eq!(schema["type"], "string", "{schema}");
-        schema["enum"]
+        let mut v: Vec<String> = schema["enum"]
             .as_array()
             .unwrap_or_else(|| panic!("not an enum: {schema}"))
             .iter()
             .map(|v| v.as_str().unwrap().to_owned())
-            .collect()
+            .collect();
+        v.sort();
+        v
     }
 
     fn serialized<T: serde::Serialize>(values: &[T]) -> Vec<String> {
-        values
+        let mut v: Vec<String> = values
             .iter()
             .map(|v| {
                 serde_json::to_value(v)
@@ -180,7 +195,9 @@ mod tests {
                     .unwrap()
                     .to_owned()
             })
-            .collect()
+            .collect();
+        v.sort();
+        v
     }
 
     #[test]
@@ -220,7 +237,7 @@ mod tests {
         let action = at(&ap, &["properties", "spec", "properties", "action"]);
         assert_eq!(
             enum_values(action),
-            serialized(&[Action::Allow, Action::Deny])
+            serialized(&[Action::Allow, Action::Deny, Action::Audit, Action::Custom])
         );
         assert_eq!(action["default"], "ALLOW");
         let mode = at(
@@ -236,7 +253,12 @@ mod tests {
         );
         assert_eq!(
             enum_values(mode),
-            serialized(&[MtlsMode::Unset, MtlsMode::Strict, MtlsMode::Permissive])
+            serialized(&[
+                MtlsMode::Unset,
+                MtlsMode::Disable,
+                MtlsMode::Permissive,
+                MtlsMode::Strict
+            ])
         );
         // The source's fields are exactly the parser's (deny_unknown_fields).
         let source = at(
@@ -265,9 +287,87 @@ mod tests {
                 "notIpBlocks",
                 "notNamespaces",
                 "notPrincipals",
-                "principals"
+                "notRemoteIpBlocks",
+                "notRequestPrincipals",
+                "notServiceAccounts",
+                "notTrustDomains",
+                "principals",
+                "remoteIpBlocks",
+                "requestPrincipals",
+                "serviceAccounts",
+                "trustDomains"
             ]
         );
+    }
+
+    /// Istio's CRDs: short names `ap`/`pa`, a status subresource, and checks the API server
+    /// can make (istio/istio `manifests/charts/base/files/crd-all.gen.yaml`,
+    /// `pkg/config/validation/validation.go`).
+    #[test]
+    fn short_names_status_and_server_side_checks() {
+        let all = crds();
+        for (crd, short) in all.iter().zip(["ap", "pa"]) {
+            assert_eq!(
+                crd.spec.names.short_names.clone().unwrap_or_default(),
+                [short.to_string()]
+            );
+            let v = &crd.spec.versions[0];
+            assert!(v.subresources.as_ref().unwrap().status.is_some());
+            let schema = schema_of(crd);
+            let conditions = at(
+                &schema,
+                &["properties", "status", "properties", "conditions"],
+            );
+            assert_eq!(conditions["type"], "array", "{short}");
+            let rules = serde_json::to_string(&schema["x-kubernetes-validations"]).unwrap();
+            assert!(rules.contains("rule"), "{short}: {rules}");
+        }
+        let ap = schema_of(&all[0]);
+        let op = at(
+            &ap,
+            &[
+                "properties",
+                "spec",
+                "properties",
+                "rules",
+                "items",
+                "properties",
+                "to",
+                "items",
+                "properties",
+                "operation",
+                "properties",
+            ],
+        );
+        for f in ["ports", "notPorts"] {
+            assert_eq!(op[f]["items"]["pattern"], policy::PORT_PATTERN, "{f}");
+        }
+        let src = at(
+            &ap,
+            &[
+                "properties",
+                "spec",
+                "properties",
+                "rules",
+                "items",
+                "properties",
+                "from",
+                "items",
+                "properties",
+                "source",
+                "properties",
+            ],
+        );
+        for f in [
+            "ipBlocks",
+            "notIpBlocks",
+            "remoteIpBlocks",
+            "notRemoteIpBlocks",
+        ] {
+            assert_eq!(src[f]["items"]["pattern"], policy::IP_BLOCK_PATTERN, "{f}");
+        }
+        let rules = serde_json::to_string(&ap["x-kubernetes-validations"]).unwrap();
+        assert!(rules.contains("targetRef"), "{rules}");
     }
 
     #[test]
@@ -315,7 +415,7 @@ spec: {mtls: {mode: STRICT}}
         let bad = "apiVersion: security.ztunnel.dev/v1
 kind: PeerAuthentication
 metadata: {name: x, namespace: demo}
-spec: {mtls: {mode: STRICT}, portLevelMtls: {}}
+spec: {mtls: {mode: STRICT}, portLevelMtlz: {}}
 ";
         assert!(serde_yaml::from_str::<PeerAuthenticationResource>(bad).is_err());
     }

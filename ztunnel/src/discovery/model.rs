@@ -167,8 +167,8 @@ impl State {
         authz: Vec<AuthorizationPolicy>,
         peer_authn: Vec<PeerAuthentication>,
     ) -> Result<State, Error> {
-        let policy = crate::policy::PolicyIndex::build(&authz, &peer_authn)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let policy =
+            crate::policy::PolicyIndex::build(&authz, &peer_authn, crate::policy::root_namespace());
         let mut s = State {
             trust_domain: trust_domain.to_owned(),
             authz,

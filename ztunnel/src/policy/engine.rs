@@ -1,35 +1,51 @@
 //! The L4 authorization engine: (connection facts, policies) → a [`Decision`] naming the policy
 //! and rule that made it. Pure: no I/O; the caller enforces.
 //!
-//! Semantics (Istio's, for the L4 fields): DENY policies first — any matching rule denies; then
-//! if any ALLOW policy applies to the destination workload, a connection that no ALLOW rule
-//! matches is denied; with no ALLOW policy, it is allowed. A policy applies to a workload when
-//! it is in the workload's namespace, or in the root namespace [`ROOT_NAMESPACE`] (mesh-wide),
-//! and its selector (if any) matches the workload's labels. A rule matches when any of its
-//! `from` sources and any of its `to` operations match (an empty list matches anything); a
-//! policy without rules matches nothing (so an ALLOW without rules allows nothing). Within a
-//! source every given field must hold. A connection without a peer identity (plaintext) has no
-//! principal or namespace: a positive `principals`/`namespaces` never matches it, and a
-//! negative one (`notPrincipals`/`notNamespaces`) matches it in a DENY rule and not in an
-//! ALLOW rule — either way the policy fails closed.
+//! The engine is Istio's ambient mode in two steps, as Istio runs them: each policy object is
+//! first converted as istiod converts it for ztunnel ([`super::convert`]: what is dropped, what
+//! is ignored, what fails closed), then connections are matched as Istio's ztunnel matches the
+//! converted policies (here: [`Compiled::matching_rule`]). DENY policies first (any match
+//! denies, a STRICT PeerAuthentication being one: it denies a peer without identity); then, if
+//! any ALLOW policy applies to the destination workload, a connection that none matches is
+//! denied; with none, it is allowed.
 //!
-//! Policies are compiled and indexed when discovery changes ([`PolicyIndex::build`]): by
-//! namespace, then by one label of the selector, so a decision looks only at policies that can
-//! apply, however many the mesh holds.
+//! Scope: a policy applies to a workload of its own namespace (any namespace, when the policy
+//! is in the root namespace) when it has no selector, or when its selector's labels are all
+//! the workload's. Policies are indexed when discovery changes ([`PolicyIndex::build`]): by
+//! namespace, then by one label of the selector, so a decision looks only at policies that
+//! can apply, however many the mesh holds.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 use serde::Serialize;
 
+use super::convert::{self, Converted, PeerEntry};
 use super::matchers::{self, StrMatch};
-use crate::discovery::policy::{Action, AuthorizationPolicy, MtlsMode, PeerAuthentication};
+use crate::discovery::policy::{AuthorizationPolicy, MtlsMode, PeerAuthentication};
 use crate::discovery::Labels;
 
-/// Policies here apply to the whole mesh.
+/// The default root namespace: policies here apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "ztunnel-system";
+
+static CONFIGURED_ROOT: OnceLock<String> = OnceLock::new();
+
+/// Sets the process's root namespace (`--root-namespace`), once, before discovery starts;
+/// later calls are ignored. Returns whether this call set it.
+pub fn set_root_namespace(ns: &str) -> bool {
+    CONFIGURED_ROOT.set(ns.to_owned()).is_ok()
+}
+
+/// The process's root namespace: the configured one, else [`ROOT_NAMESPACE`]. Discovery
+/// ([`crate::discovery::State::build`]) builds the policy index with it.
+pub fn root_namespace() -> &'static str {
+    CONFIGURED_ROOT
+        .get()
+        .map(String::as_str)
+        .unwrap_or(ROOT_NAMESPACE)
+}
 
 /// What the engine knows about a connection.
 #[derive(Clone, Copy, Debug)]
@@ -39,9 +55,26 @@ pub struct Conn<'a> {
     /// The peer identity's namespace; `None` for plaintext.
     pub src_namespace: Option<&'a str>,
     pub src_ip: IpAddr,
+    /// The destination address (the workload's IP the connection is for).
+    pub dst_ip: IpAddr,
     pub dst_namespace: &'a str,
     pub dst_labels: &'a Labels,
     pub dst_port: u16,
+}
+
+impl Conn<'_> {
+    /// The peer identity's namespace and service account, from its principal.
+    fn namespace_and_sa(&self) -> Option<(&str, &str)> {
+        let mut parts = self.src_principal?.split('/');
+        let (_td, ns_key, ns, sa_key, sa) = (
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+        );
+        (ns_key == "ns" && sa_key == "sa" && parts.next().is_none()).then_some((ns, sa))
+    }
 }
 
 /// A policy's name.
@@ -61,8 +94,10 @@ impl std::fmt::Display for PolicyRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
-    /// A DENY policy's rule matched.
+    /// A DENY AuthorizationPolicy's rule matched.
     DeniedByPolicy,
+    /// A peer without identity (plaintext) where a PeerAuthentication requires mutual TLS.
+    DeniedByPeerAuthentication,
     /// ALLOW policies apply and none of their rules matched.
     NoAllowMatched,
     /// An ALLOW policy's rule matched.
@@ -71,7 +106,7 @@ pub enum Reason {
     NoPolicy,
 }
 
-/// The decision, with the policy and rule (index in `rules`) that made it.
+/// The decision, with the policy and rule (index in its `rules`) that made it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Decision {
     pub allowed: bool,
@@ -80,173 +115,159 @@ pub struct Decision {
     pub rule: Option<usize>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("AuthorizationPolicy {policy}: {reason}")]
-pub struct CompileError {
-    pub policy: String,
-    pub reason: String,
+/// Which kind of object a compiled policy comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Kind {
+    AuthorizationPolicy,
+    PeerAuthentication,
 }
 
-#[derive(Debug, Default)]
-struct Source {
-    principals: Vec<StrMatch>,
-    not_principals: Vec<StrMatch>,
-    namespaces: Vec<StrMatch>,
-    not_namespaces: Vec<StrMatch>,
-    ip_blocks: Vec<IpNet>,
-    not_ip_blocks: Vec<IpNet>,
+/// ALLOW or DENY: the only actions that reach the matcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Effect {
+    Allow,
+    Deny,
 }
 
-#[derive(Debug, Default)]
-struct Operation {
-    ports: Vec<u16>,
-    not_ports: Vec<u16>,
+/// One converted match: every non-empty field must hold (within a field, any value).
+#[derive(Debug, Default, Clone)]
+pub(super) struct Match {
+    pub namespaces: Vec<StrMatch>,
+    pub not_namespaces: Vec<StrMatch>,
+    /// (namespace, service account).
+    pub service_accounts: Vec<(Box<str>, Box<str>)>,
+    pub not_service_accounts: Vec<(Box<str>, Box<str>)>,
+    pub principals: Vec<StrMatch>,
+    pub not_principals: Vec<StrMatch>,
+    pub source_ips: Vec<IpNet>,
+    pub not_source_ips: Vec<IpNet>,
+    pub destination_ips: Vec<IpNet>,
+    pub not_destination_ips: Vec<IpNet>,
+    pub destination_ports: Vec<u16>,
+    pub not_destination_ports: Vec<u16>,
 }
 
+/// Positive values: any must match (if any are given); negative: none may.
+fn both<T>(pos: &[T], neg: &[T], f: impl Fn(&T) -> bool) -> bool {
+    (pos.is_empty() || pos.iter().any(&f)) && (neg.is_empty() || !neg.iter().any(&f))
+}
+
+impl Match {
+    /// A match that nothing was kept in: ztunnel skips it (it matches nothing).
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.service_accounts.is_empty()
+            && self.not_service_accounts.is_empty()
+            && self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.source_ips.is_empty()
+            && self.not_source_ips.is_empty()
+            && self.destination_ips.is_empty()
+            && self.not_destination_ips.is_empty()
+            && self.destination_ports.is_empty()
+            && self.not_destination_ports.is_empty()
+    }
+
+    /// A peer without identity has principal and namespace `""`: no principal pattern
+    /// matches it (a principal must be a `spiffe://` ID), a namespace pattern only if it
+    /// matches the empty string, and no service account; so every `not` form matches it.
+    fn matches(&self, c: &Conn<'_>) -> bool {
+        let ns = c.src_namespace.unwrap_or("");
+        both(&self.destination_ips, &self.not_destination_ips, |b| {
+            matchers::in_blocks(std::slice::from_ref(b), c.dst_ip)
+        }) && both(&self.source_ips, &self.not_source_ips, |b| {
+            matchers::in_blocks(std::slice::from_ref(b), c.src_ip)
+        }) && both(&self.destination_ports, &self.not_destination_ports, |p| {
+            *p == c.dst_port
+        }) && both(&self.service_accounts, &self.not_service_accounts, |m| {
+            c.namespace_and_sa()
+                .is_some_and(|(n, s)| n == &*m.0 && s == &*m.1)
+        }) && both(&self.principals, &self.not_principals, |m| {
+            c.src_principal.is_some_and(|p| m.matches(p))
+        }) && both(&self.namespaces, &self.not_namespaces, |m| m.matches(ns))
+    }
+}
+
+/// A converted rule: every clause must match; a clause matches when any of its non-empty
+/// matches does (a clause without matches always does).
+#[derive(Debug, Clone)]
+pub(super) struct Group {
+    /// The index of the rule in the object's `rules` it comes from.
+    pub rule: usize,
+    pub clauses: Vec<Vec<Match>>,
+}
+
+impl Group {
+    fn matches(&self, c: &Conn<'_>) -> bool {
+        self.clauses
+            .iter()
+            .all(|clause| clause.is_empty() || clause.iter().any(|m| !m.is_empty() && m.matches(c)))
+    }
+
+    /// Whether some connection could match (no clause is left with only empty matches).
+    pub fn effective(&self) -> bool {
+        self.clauses
+            .iter()
+            .all(|clause| clause.is_empty() || clause.iter().any(|m| !m.is_empty()))
+    }
+}
+
+/// A policy as the matcher sees it.
 #[derive(Debug)]
-struct Rule {
-    from: Vec<Source>,
-    to: Vec<Operation>,
+pub struct Compiled {
+    pub(super) name: PolicyRef,
+    pub(super) kind: Kind,
+    pub(super) effect: Effect,
+    /// Label pairs, sorted; empty: every workload in scope.
+    pub(super) selector: Vec<LabelPair>,
+    pub(super) groups: Vec<Group>,
+    /// What the conversion dropped or narrowed, and why.
+    pub(super) notes: Arc<[String]>,
 }
 
 /// One `key: value` of a selector.
-type LabelPair = (Arc<str>, Arc<str>);
+pub(super) type LabelPair = (Arc<str>, Arc<str>);
 
 /// Policies selecting on one label key, by the label's value.
 type ByValue = HashMap<Arc<str>, Vec<Arc<Compiled>>>;
 
-#[derive(Debug)]
-struct Compiled {
-    name: PolicyRef,
-    action: Action,
-    selector: Vec<LabelPair>,
-    rules: Vec<Rule>,
-}
-
-/// A field that a plaintext connection lacks, in a rule of `action`: positive fields never
-/// match it; negative ones match it only in DENY rules (fail closed both ways).
-fn identity_field(
-    v: Option<&str>,
-    positive: &[StrMatch],
-    negative: &[StrMatch],
-    action: Action,
-) -> bool {
-    match v {
-        Some(v) => {
-            (positive.is_empty() || matchers::any(positive, v))
-                && (negative.is_empty() || !matchers::any(negative, v))
-        }
-        None => positive.is_empty() && (negative.is_empty() || action == Action::Deny),
-    }
-}
-
-impl Source {
-    fn matches(&self, c: &Conn<'_>, action: Action) -> bool {
-        identity_field(
-            c.src_principal,
-            &self.principals,
-            &self.not_principals,
-            action,
-        ) && identity_field(
-            c.src_namespace,
-            &self.namespaces,
-            &self.not_namespaces,
-            action,
-        ) && (self.ip_blocks.is_empty() || matchers::in_blocks(&self.ip_blocks, c.src_ip))
-            && (self.not_ip_blocks.is_empty()
-                || !matchers::in_blocks(&self.not_ip_blocks, c.src_ip))
-    }
-}
-
-impl Operation {
-    fn matches(&self, c: &Conn<'_>) -> bool {
-        (self.ports.is_empty() || self.ports.contains(&c.dst_port))
-            && (self.not_ports.is_empty() || !self.not_ports.contains(&c.dst_port))
-    }
-}
-
 impl Compiled {
-    fn compile(p: &AuthorizationPolicy) -> Result<Compiled, CompileError> {
-        let name = PolicyRef {
-            namespace: p.metadata.namespace.as_str().into(),
-            name: p.metadata.name.as_str().into(),
-        };
-        let err = |reason: String| CompileError {
-            policy: name.to_string(),
-            reason,
-        };
-        let strs = |v: &[String], f: fn(&str) -> StrMatch| v.iter().map(|s| f(s)).collect();
-        let blocks = |v: &[String]| -> Result<Vec<IpNet>, CompileError> {
-            v.iter()
-                .map(|s| matchers::ip_block(s).map_err(err))
-                .collect()
-        };
-        let ports = |v: &[String]| -> Result<Vec<u16>, CompileError> {
-            v.iter().map(|s| matchers::port(s).map_err(err)).collect()
-        };
-        let mut rules = Vec::new();
-        for r in &p.spec.rules {
-            let mut from = Vec::new();
-            for f in &r.from {
-                let s = &f.source;
-                from.push(Source {
-                    principals: strs(&s.principals, matchers::principal),
-                    not_principals: strs(&s.not_principals, matchers::principal),
-                    namespaces: strs(&s.namespaces, StrMatch::parse),
-                    not_namespaces: strs(&s.not_namespaces, StrMatch::parse),
-                    ip_blocks: blocks(&s.ip_blocks)?,
-                    not_ip_blocks: blocks(&s.not_ip_blocks)?,
-                });
-            }
-            let mut to = Vec::new();
-            for t in &r.to {
-                to.push(Operation {
-                    ports: ports(&t.operation.ports)?,
-                    not_ports: ports(&t.operation.not_ports)?,
-                });
-            }
-            rules.push(Rule { from, to });
-        }
-        let mut selector: Vec<LabelPair> = p
-            .spec
-            .selector
-            .iter()
-            .flat_map(|s| s.match_labels.iter())
-            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
-            .collect();
-        selector.sort();
-        Ok(Compiled {
-            name,
-            action: p.spec.action,
-            selector,
-            rules,
-        })
-    }
-
     fn selects(&self, labels: &Labels) -> bool {
         self.selector
             .iter()
             .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
     }
 
-    /// The index of the first rule that matches `c`.
+    /// The rule (index in the object's `rules`) of the first group that matches `c`.
     fn matching_rule(&self, c: &Conn<'_>) -> Option<usize> {
-        self.rules.iter().position(|r| {
-            (r.from.is_empty() || r.from.iter().any(|s| s.matches(c, self.action)))
-                && (r.to.is_empty() || r.to.iter().any(|o| o.matches(c)))
-        })
+        self.groups.iter().find(|g| g.matches(c)).map(|g| g.rule)
     }
 }
 
 #[derive(Debug, Default)]
 struct Scope {
-    /// Policies without a selector: the whole namespace (or mesh, in the root namespace).
+    /// Policies without labels to select on: the whole namespace (or mesh, in the root).
     wide: Vec<Arc<Compiled>>,
     /// Policies with a selector, under the selector's first label.
     by_label: HashMap<Arc<str>, ByValue>,
 }
 
 impl Scope {
+    fn insert(&mut self, c: Arc<Compiled>) {
+        match c.selector.first() {
+            None => self.wide.push(c),
+            Some((k, v)) => self
+                .by_label
+                .entry(k.clone())
+                .or_default()
+                .entry(v.clone())
+                .or_default()
+                .push(c),
+        }
+    }
+
     fn applicable<'a>(&'a self, labels: &'a Labels) -> impl Iterator<Item = &'a Compiled> + 'a {
         let selected = labels.iter().flat_map(move |(k, v)| {
             self.by_label
@@ -260,41 +281,125 @@ impl Scope {
     }
 }
 
-/// Every authorization policy of the mesh, compiled and indexed, and the peer
-/// authentication modes.
+/// A policy that took part in a decision, for `explain`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Considered {
+    pub kind: Kind,
+    pub policy: PolicyRef,
+    pub action: Effect,
+    /// The rule that matched (index in the object's `rules`), if one did.
+    pub matched_rule: Option<usize>,
+    /// What the conversion dropped from the policy or narrowed, and why.
+    pub dropped: Vec<String>,
+}
+
+/// Receives each policy the engine looked at.
+trait Tracer {
+    /// Whether to go on after the decision is known (to report every applicable policy).
+    const FULL: bool;
+    fn saw(&mut self, p: &Compiled, matched: Option<usize>);
+}
+
+struct NoTrace;
+impl Tracer for NoTrace {
+    const FULL: bool = false;
+    #[inline]
+    fn saw(&mut self, _: &Compiled, _: Option<usize>) {}
+}
+
+struct Trace(Vec<Considered>);
+impl Tracer for Trace {
+    const FULL: bool = true;
+    fn saw(&mut self, p: &Compiled, matched: Option<usize>) {
+        self.0.push(Considered {
+            kind: p.kind,
+            policy: p.name.clone(),
+            action: p.effect,
+            matched_rule: matched,
+            dropped: p.notes.to_vec(),
+        });
+    }
+}
+
+/// Peer authentications of one namespace, oldest first (then by name).
+#[derive(Debug, Default)]
+struct PeerScope {
+    entries: Vec<Arc<PeerEntry>>,
+}
+
+/// Every authorization policy of the mesh, converted and indexed, and the peer
+/// authentications.
 #[derive(Debug, Default)]
 pub struct PolicyIndex {
+    root: Arc<str>,
     scopes: HashMap<Arc<str>, Scope>,
-    peer_authn: Vec<PeerAuthentication>,
+    peers: HashMap<Arc<str>, PeerScope>,
     count: usize,
 }
 
 impl PolicyIndex {
-    /// Compiles and indexes; a policy that cannot be compiled is an error naming it.
+    /// Converts and indexes every policy; never fails: a policy that cannot be read in full
+    /// fails closed (see [`crate::policy::status_of`]). `root_namespace` holds mesh-wide
+    /// policies.
     pub fn build(
         authz: &[AuthorizationPolicy],
         peer_authn: &[PeerAuthentication],
-    ) -> Result<PolicyIndex, CompileError> {
+        root_namespace: &str,
+    ) -> PolicyIndex {
         let mut idx = PolicyIndex {
-            peer_authn: peer_authn.to_vec(),
+            root: root_namespace.into(),
             count: authz.len(),
             ..Default::default()
         };
         for p in authz {
-            let c = Arc::new(Compiled::compile(p)?);
-            let scope = idx.scopes.entry(c.name.namespace.clone()).or_default();
-            match c.selector.first() {
-                None => scope.wide.push(c),
-                Some((k, v)) => scope
-                    .by_label
-                    .entry(k.clone())
-                    .or_default()
-                    .entry(v.clone())
-                    .or_default()
-                    .push(c),
+            if let (Converted::Enforced(c), _) = convert::authorization(p) {
+                idx.insert(c);
             }
         }
-        Ok(idx)
+        // Peer authentications: the readable ones by namespace, oldest first; the others
+        // fail closed as DENY policies refusing plaintext where their selector reaches.
+        let mut readable: Vec<&PeerAuthentication> = Vec::new();
+        for p in peer_authn {
+            match convert::peer_fail_closed(p) {
+                Some(c) => idx.insert(c),
+                None => readable.push(p),
+            }
+        }
+        readable.sort_by(|a, b| {
+            (&a.metadata.creation_timestamp, &a.metadata.name)
+                .cmp(&(&b.metadata.creation_timestamp, &b.metadata.name))
+        });
+        let root = idx.root.clone();
+        let oldest_unselected = |ns: &str| {
+            readable
+                .iter()
+                .find(|p| p.metadata.namespace == ns && p.spec.selector.is_none())
+                .copied()
+        };
+        let root_pol = oldest_unselected(&root);
+        for p in &readable {
+            let ns_pol = oldest_unselected(&p.metadata.namespace);
+            let entry = convert::peer_entry(p, &root, ns_pol, root_pol);
+            idx.peers
+                .entry(p.metadata.namespace.as_str().into())
+                .or_default()
+                .entries
+                .push(Arc::new(entry));
+        }
+        idx
+    }
+
+    fn insert(&mut self, c: Compiled) {
+        let c = Arc::new(c);
+        self.scopes
+            .entry(c.name.namespace.clone())
+            .or_default()
+            .insert(c);
+    }
+
+    /// The root namespace this index was built for.
+    pub fn root_namespace(&self) -> &str {
+        &self.root
     }
 
     /// How many authorization policies the mesh holds.
@@ -308,38 +413,103 @@ impl PolicyIndex {
 
     fn applicable<'a>(&'a self, c: &'a Conn<'a>) -> impl Iterator<Item = &'a Compiled> + 'a {
         let own = self.scopes.get(c.dst_namespace);
-        let root = (c.dst_namespace != ROOT_NAMESPACE)
-            .then(|| self.scopes.get(ROOT_NAMESPACE))
+        let root = (c.dst_namespace != &*self.root)
+            .then(|| self.scopes.get(&*self.root))
             .flatten();
         own.into_iter()
             .chain(root)
             .flat_map(move |s| s.applicable(c.dst_labels))
     }
 
-    /// The decision for `c`, in one pass over the applicable policies: any DENY match decides
-    /// at once; otherwise the first ALLOW match (if any ALLOW applies).
+    /// The decision for `c`: the peer-authentication DENYs, then one pass over the
+    /// applicable policies: any DENY match decides at once; otherwise the first ALLOW match
+    /// (if any ALLOW applies).
     pub fn evaluate(&self, c: &Conn<'_>) -> Decision {
-        let mut any_allow = false;
-        let mut allowed_by: Option<(&Compiled, usize)> = None;
-        for p in self.applicable(c) {
-            match p.action {
-                Action::Deny => {
-                    if let Some(i) = p.matching_rule(c) {
-                        return Decision {
-                            allowed: false,
-                            reason: Reason::DeniedByPolicy,
-                            policy: Some(p.name.clone()),
-                            rule: Some(i),
-                        };
-                    }
-                }
-                Action::Allow => {
-                    any_allow = true;
-                    if allowed_by.is_none() {
-                        allowed_by = p.matching_rule(c).map(|i| (p, i));
+        self.decide(c, &mut NoTrace)
+    }
+
+    /// [`Self::evaluate`], and every policy that took part (each applicable one, whether it
+    /// matched, and what its conversion dropped), by the same code.
+    pub fn evaluate_traced(&self, c: &Conn<'_>) -> (Decision, Vec<Considered>) {
+        let mut t = Trace(Vec::new());
+        let d = self.decide(c, &mut t);
+        (d, t.0)
+    }
+
+    fn decide<T: Tracer>(&self, c: &Conn<'_>, t: &mut T) -> Decision {
+        let mut decided: Option<Decision> = None;
+        if !self.peers.is_empty() {
+            let (strict_by, port_policy) = self.peer_policies(c.dst_namespace, c.dst_labels);
+            if let Some(by) = strict_by {
+                // Istio's static STRICT policy: DENY a peer without identity.
+                let matched = c.src_principal.is_none().then_some(0);
+                t.saw(&by.strict, matched);
+                if matched.is_some() {
+                    decided = Some(Decision {
+                        allowed: false,
+                        reason: Reason::DeniedByPeerAuthentication,
+                        policy: Some(by.strict.name.clone()),
+                        rule: None,
+                    });
+                    if !T::FULL {
+                        return decided.unwrap();
                     }
                 }
             }
+            if let Some(p) = port_policy {
+                let matched = p.matching_rule(c);
+                t.saw(p, matched);
+                if matched.is_some() && decided.is_none() {
+                    decided = Some(Decision {
+                        allowed: false,
+                        reason: Reason::DeniedByPeerAuthentication,
+                        policy: Some(p.name.clone()),
+                        rule: None,
+                    });
+                    if !T::FULL {
+                        return decided.unwrap();
+                    }
+                }
+            }
+        }
+        let mut any_allow = false;
+        let mut allowed_by: Option<(&Compiled, usize)> = None;
+        for p in self.applicable(c) {
+            match p.effect {
+                Effect::Deny => {
+                    let matched = p.matching_rule(c);
+                    t.saw(p, matched);
+                    if let Some(i) = matched {
+                        if decided.is_none() {
+                            decided = Some(Decision {
+                                allowed: false,
+                                reason: match p.kind {
+                                    Kind::AuthorizationPolicy => Reason::DeniedByPolicy,
+                                    Kind::PeerAuthentication => Reason::DeniedByPeerAuthentication,
+                                },
+                                policy: Some(p.name.clone()),
+                                rule: (p.kind == Kind::AuthorizationPolicy).then_some(i),
+                            });
+                        }
+                        if !T::FULL {
+                            return decided.unwrap();
+                        }
+                    }
+                }
+                Effect::Allow => {
+                    any_allow = true;
+                    if allowed_by.is_none() || T::FULL {
+                        let matched = p.matching_rule(c);
+                        t.saw(p, matched);
+                        if allowed_by.is_none() {
+                            allowed_by = matched.map(|i| (p, i));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(d) = decided {
+            return d;
         }
         match allowed_by {
             Some((p, i)) => Decision {
@@ -361,34 +531,74 @@ impl PolicyIndex {
         }
     }
 
-    /// The mutual-TLS mode for a workload: a selector-scoped PeerAuthentication in its
-    /// namespace, else the namespace's, else the root namespace's; PERMISSIVE when none says.
-    pub fn mtls_mode(&self, namespace: &str, labels: &Labels) -> MtlsMode {
-        let selects = |p: &PeerAuthentication| match &p.spec.selector {
-            None => false,
-            Some(s) => {
-                !s.match_labels.is_empty()
-                    && s.match_labels
-                        .iter()
-                        .all(|(k, v)| labels.get(k.as_str()).is_some_and(|l| &**l == v))
+    /// For a workload: the peer authentication that makes it STRICT as a whole (Istio's
+    /// static strict policy, if it applies), and the converted port-level policy it
+    /// references (istiod's `convertedSelectorPeerAuthentications`).
+    fn peer_policies(&self, ns: &str, labels: &Labels) -> (Option<&PeerEntry>, Option<&Compiled>) {
+        let root = &*self.root;
+        let own = self
+            .peers
+            .get(ns)
+            .map(|s| s.entries.as_slice())
+            .unwrap_or(&[]);
+        let from_root = if ns != root {
+            self.peers
+                .get(root)
+                .map(|s| s.entries.as_slice())
+                .unwrap_or(&[])
+        } else {
+            &[]
+        };
+        // The policies that reach the workload: its namespace's without a selector or whose
+        // selector's labels it has; the root namespace's without a selector.
+        let reaching = own
+            .iter()
+            .filter(|e| e.selects(labels))
+            .chain(from_root.iter().filter(|e| e.selector.is_none()));
+        let (mut mesh, mut namespace, mut workload) = (None, None, None);
+        for e in reaching {
+            let slot = if !e.has_labels() {
+                if &*e.strict.name.namespace == root {
+                    &mut mesh
+                } else {
+                    &mut namespace
+                }
+            } else if &*e.strict.name.namespace != root {
+                &mut workload
+            } else {
+                continue;
+            };
+            // Oldest first in each list: keep the first.
+            if slot.is_none() {
+                *slot = Some(&**e);
             }
+        }
+        convert::effective_peer(mesh, namespace, workload)
+    }
+
+    /// The mutual-TLS mode in force for plaintext to `port` of a workload: `Strict` when a
+    /// PeerAuthentication refuses a peer without identity there, else `Permissive`.
+    pub fn mtls_mode(&self, namespace: &str, labels: &Labels, port: u16) -> MtlsMode {
+        let plain = Conn {
+            src_principal: None,
+            src_namespace: None,
+            src_ip: IpAddr::from([0, 0, 0, 0]),
+            dst_ip: IpAddr::from([0, 0, 0, 0]),
+            dst_namespace: namespace,
+            dst_labels: labels,
+            dst_port: port,
         };
-        let wide = |p: &PeerAuthentication| {
-            p.spec
-                .selector
-                .as_ref()
-                .is_none_or(|s| s.match_labels.is_empty())
-        };
-        let set = |m: MtlsMode| (m != MtlsMode::Unset).then_some(m);
-        let find = |ns: &str, pick: &dyn Fn(&PeerAuthentication) -> bool| {
-            self.peer_authn
-                .iter()
-                .filter(|p| p.metadata.namespace == ns && pick(p))
-                .find_map(|p| set(p.spec.mtls.mode))
-        };
-        find(namespace, &selects)
-            .or_else(|| find(namespace, &wide))
-            .or_else(|| find(ROOT_NAMESPACE, &wide))
-            .unwrap_or(MtlsMode::Permissive)
+        let (strict, port_policy) = self.peer_policies(namespace, labels);
+        let scoped_deny = self
+            .applicable(&plain)
+            .any(|p| p.kind == Kind::PeerAuthentication && p.matching_rule(&plain).is_some());
+        if strict.is_some()
+            || port_policy.is_some_and(|p| p.matching_rule(&plain).is_some())
+            || scoped_deny
+        {
+            MtlsMode::Strict
+        } else {
+            MtlsMode::Permissive
+        }
     }
 }

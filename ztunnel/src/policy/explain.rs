@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Conn, Decision};
+use super::{Conn, Considered, Decision};
 use crate::discovery::policy::MtlsMode;
 use crate::discovery::{State, Workload};
 
@@ -22,9 +22,13 @@ pub struct Explanation {
     pub service: Option<String>,
     /// How the source's daemon would carry it: `hbone` (mutual TLS) or `plaintext`.
     pub transport: &'static str,
-    /// The destination's peer-authentication mode.
+    /// The destination's peer-authentication mode for plaintext to this port.
     pub mtls_mode: MtlsMode,
+    /// The engine's decision ([`crate::policy::PolicyIndex::evaluate`]'s, by the same code).
     pub decision: Decision,
+    /// Every policy that took part: each one applying to the destination, whether a rule of
+    /// it matched, and what its conversion dropped and why.
+    pub considered: Vec<Considered>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,19 +102,16 @@ pub fn explain(state: &State, from: &str, to: &str) -> Result<Explanation, Strin
         .as_deref()
         .filter(|_| hbone)
         .map(|id| id.strip_prefix("spiffe://").unwrap_or(id).to_owned());
-    let decision = state.policy().evaluate(&Conn {
+    let (decision, considered) = state.policy().evaluate_traced(&Conn {
         src_principal: principal.as_deref(),
         src_namespace: hbone.then_some(&*src.namespace),
         src_ip: source.ip,
+        dst_ip: destination.ip,
         dst_namespace: &dst.namespace,
         dst_labels: &dst.labels,
         dst_port: port,
     });
-    let mtls_mode = state.policy().mtls_mode(&dst.namespace, &dst.labels);
-    let mut decision = decision;
-    if !hbone && destination.in_mesh && mtls_mode == MtlsMode::Strict {
-        decision.allowed = false;
-    }
+    let mtls_mode = state.policy().mtls_mode(&dst.namespace, &dst.labels, port);
     Ok(Explanation {
         source,
         destination,
@@ -119,6 +120,7 @@ pub fn explain(state: &State, from: &str, to: &str) -> Result<Explanation, Strin
         transport: if hbone { "hbone" } else { "plaintext" },
         mtls_mode,
         decision,
+        considered,
     })
 }
 

@@ -1,70 +1,75 @@
-//! The compiled forms of policy fields: string matchers with Istio's `*` wildcards, address
-//! blocks and ports, each parsed once when discovery changes so that a decision does no
-//! parsing.
+//! The compiled forms of policy fields, as Istio's ambient mode converts them (istiod's
+//! `stringToMatch`, `stringToIP`, `stringToPort`) and Istio's ztunnel matches them: string
+//! matchers with `*` wildcards, address blocks and ports, each parsed once when discovery
+//! changes so that a decision does no parsing.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-/// A principal or namespace pattern: exact, `prefix*`, `*suffix`, or `*`.
+/// A principal or namespace pattern: `*` (any non-empty value), `*suffix`, `prefix*`, or
+/// exact; checked in that order (so `*a*` is a suffix match on `a*`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StrMatch {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Any,
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+    /// Any non-empty value.
+    Presence,
 }
 
 impl StrMatch {
     pub fn parse(s: &str) -> StrMatch {
         if s == "*" {
-            StrMatch::Any
-        } else if let Some(p) = s.strip_suffix('*') {
-            StrMatch::Prefix(p.to_owned())
+            StrMatch::Presence
         } else if let Some(p) = s.strip_prefix('*') {
-            StrMatch::Suffix(p.to_owned())
+            StrMatch::Suffix(p.into())
+        } else if let Some(p) = s.strip_suffix('*') {
+            StrMatch::Prefix(p.into())
         } else {
-            StrMatch::Exact(s.to_owned())
+            StrMatch::Exact(s.into())
         }
     }
 
     pub fn matches(&self, v: &str) -> bool {
         match self {
-            StrMatch::Exact(e) => v == e,
-            StrMatch::Prefix(p) => v.starts_with(p.as_str()),
-            StrMatch::Suffix(p) => v.ends_with(p.as_str()),
-            StrMatch::Any => true,
+            StrMatch::Exact(e) => v == &**e,
+            StrMatch::Prefix(p) => v.starts_with(&**p),
+            StrMatch::Suffix(p) => v.ends_with(&**p),
+            StrMatch::Presence => !v.is_empty(),
         }
     }
 }
 
-/// A principal as policies write it: the SPIFFE ID without `spiffe://`
-/// (`cluster.local/ns/foo/sa/bar`); a leading `spiffe://` is accepted and dropped.
-pub fn principal(s: &str) -> StrMatch {
-    StrMatch::parse(s.strip_prefix("spiffe://").unwrap_or(s))
-}
-
-/// An address block: a CIDR, or one address.
-pub fn ip_block(s: &str) -> Result<IpNet, String> {
-    if let Ok(n) = s.parse::<IpNet>() {
-        return Ok(n.trunc());
+/// An address block as istiod reads it: a CIDR (`a/n`) or one address; `None` for what
+/// istiod would skip (empty or unparsable).
+pub fn ip_block(s: &str) -> Option<IpNet> {
+    if s.is_empty() {
+        return None;
     }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("ipBlocks entry {s:?} is not an address or CIDR"))
-}
-
-/// A port (`"80"`): 1–65535; Istio writes ports as strings.
-pub fn port(s: &str) -> Result<u16, String> {
-    match s.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!("port {s:?} is not a number from 1 to 65535")),
+    if s.contains('/') {
+        s.parse::<IpNet>().ok()
+    } else {
+        s.parse::<IpAddr>().ok().map(IpNet::from)
     }
 }
 
-/// Whether any of `ms` matches `v`.
-pub fn any(ms: &[StrMatch], v: &str) -> bool {
-    ms.iter().any(|m| m.matches(v))
+/// A port as istiod reads it: decimal, 0-65535; `None` for what istiod would skip.
+pub fn port(s: &str) -> Option<u16> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = s.trim_start_matches('0');
+    if digits.len() > 5 {
+        return None;
+    }
+    if digits.is_empty() {
+        return Some(0);
+    }
+    digits
+        .parse::<u32>()
+        .ok()
+        .and_then(|p| u16::try_from(p).ok())
 }
 
 /// Whether any of `blocks` contains `ip`.
@@ -77,8 +82,10 @@ pub fn in_blocks(blocks: &[IpNet], ip: IpAddr) -> bool {
 mod tests {
     use super::*;
 
+    /// istio/istio `pilot/pkg/serviceregistry/ambient/authorization.go` (stringToMatch) and
+    /// istio/ztunnel `src/rbac.rs` (StringMatch::matches).
     #[test]
-    fn wildcards_as_istio_users_write_them() {
+    fn wildcards_as_istio_converts_them() {
         let cases = [
             (
                 "cluster.local/ns/foo/sa/bar",
@@ -103,17 +110,21 @@ mod tests {
             ("*/ns/foo/sa/bar", "other.domain/ns/foo/sa/bar", true),
             ("*/ns/foo/sa/bar", "cluster.local/ns/foo/sa/bar2", false),
             ("*", "anything", true),
-            (
-                "spiffe://cluster.local/ns/a/sa/b",
-                "cluster.local/ns/a/sa/b",
-                true,
-            ),
+            ("*", "", false),
+            ("*a*", "xa*", true),
+            ("*a*", "xab", false),
         ];
         for (pattern, v, want) in cases {
-            assert_eq!(principal(pattern).matches(v), want, "{pattern} vs {v}");
+            assert_eq!(
+                StrMatch::parse(pattern).matches(v),
+                want,
+                "{pattern} vs {v}"
+            );
         }
     }
 
+    /// istio/istio `pkg/config/security/security.go` (ValidatePorts, ValidateIPs) and
+    /// `authorization.go` (stringToPort, stringToIP).
     #[test]
     fn blocks_and_ports() {
         let b = [
@@ -127,9 +138,27 @@ mod tests {
             in_blocks(&b, "::ffff:10.1.0.9".parse().unwrap()),
             "v4-mapped"
         );
-        assert!(ip_block("10.0.0.0/33").is_err());
-        assert!(ip_block("nope").is_err());
-        assert_eq!(port("8080"), Ok(8080));
-        assert!(port("0").is_err() && port("65536").is_err() && port("http").is_err());
+        assert!(in_blocks(
+            &[ip_block("10.1.2.3/16").unwrap()],
+            "10.1.9.9".parse().unwrap()
+        ));
+        assert!(ip_block("10.0.0.0/33").is_none());
+        assert!(ip_block("nope").is_none());
+        assert!(ip_block("").is_none());
+        assert_eq!(port("8080"), Some(8080));
+        assert_eq!(port("0"), Some(0));
+        assert_eq!(port("0080"), Some(80));
+        assert_eq!(port("65535"), Some(65535));
+        for bad in [
+            "65536",
+            "http",
+            "",
+            "+80",
+            "80-90",
+            "-1",
+            "99999999999999999999",
+        ] {
+            assert_eq!(port(bad), None, "{bad}");
+        }
     }
 }

@@ -1,12 +1,20 @@
-//! L4 identity policy: the authorization engine and peer-authentication modes, compiled from
-//! discovery's policy objects. Decisions are pure functions ([`PolicyIndex::evaluate`]); the
-//! proxies enforce them.
+//! L4 identity policy, as Istio's ambient mode decides it: each policy object converted as
+//! istiod converts it ([`convert`]), then matched as Istio's ztunnel matches ([`engine`]).
+//! Decisions are pure functions ([`PolicyIndex::evaluate`]); the proxies enforce them. Each
+//! object's status for Kubernetes comes from the same conversion ([`status_of`]).
 
+mod convert;
 mod engine;
 pub mod explain;
 mod matchers;
 
-pub use engine::{CompileError, Conn, Decision, PolicyIndex, PolicyRef, Reason, ROOT_NAMESPACE};
+pub use convert::{status_of, PolicyStatus, CONDITION_TYPE, DRY_RUN_ANNOTATION};
+pub use engine::{
+    root_namespace, set_root_namespace, Conn, Considered, Decision, Effect, Kind, PolicyIndex,
+    PolicyRef, Reason, ROOT_NAMESPACE,
+};
 
+#[cfg(test)]
+mod istio_tests;
 #[cfg(test)]
 mod tests;

@@ -65,6 +65,8 @@ pub struct PolicyFacts {
     pub src_principal: Option<String>,
     pub src_namespace: Option<String>,
     pub src_ip: IpAddr,
+    /// The destination address the connection is for.
+    pub dst_ip: IpAddr,
     pub dst_uid: Arc<str>,
     pub dst_port: u16,
 }
@@ -79,6 +81,7 @@ impl PolicyFacts {
                 src_principal: self.src_principal.as_deref(),
                 src_namespace: self.src_namespace.as_deref(),
                 src_ip: self.src_ip,
+                dst_ip: self.dst_ip,
                 dst_namespace: &w.namespace,
                 dst_labels: &w.labels,
                 dst_port: self.dst_port,

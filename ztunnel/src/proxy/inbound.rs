@@ -229,6 +229,7 @@ pub(super) async fn admit<B>(
         src_principal: Some(id.strip_prefix("spiffe://").unwrap_or(&id).to_owned()),
         src_namespace: Some(peer.identity.namespace().to_owned()),
         src_ip: peer.addr.ip().to_canonical(),
+        dst_ip: target.target.ip().to_canonical(),
         dst_uid: peer.dst.uid.clone(),
         dst_port: target.target.port(),
     };

@@ -55,7 +55,11 @@ pub(super) async fn handle(
         return reset(tcp);
     }
     let state = pi.discovery.current();
-    if state.policy().mtls_mode(&dst.namespace, &dst.labels) == MtlsMode::Strict {
+    if state
+        .policy()
+        .mtls_mode(&dst.namespace, &dst.labels, orig.port())
+        == MtlsMode::Strict
+    {
         crate::warn_throttled!(%peer, dst = %orig, "plaintext refused: the destination requires mutual TLS (STRICT)");
         pi.metrics.refused("inbound_plaintext_strict");
         tracked.update(|f| f.decision = Some("deny"));
@@ -67,6 +71,7 @@ pub(super) async fn handle(
         src_principal: None,
         src_namespace: None,
         src_ip: peer.ip().to_canonical(),
+        dst_ip: orig.ip().to_canonical(),
         dst_uid: dst.uid.clone(),
         dst_port: orig.port(),
     };

@@ -370,20 +370,10 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
     }))
 }
 
-/// A policy object (AuthorizationPolicy or PeerAuthentication) as JSON, validated the way
-/// the file source validates it, and compiled on its own so one bad policy cannot fail the
-/// index of all the others.
+/// A policy object (AuthorizationPolicy or PeerAuthentication) as JSON, parsed the way the
+/// file source parses it: `Err` only for an object that cannot be identified; a spec that
+/// cannot be read in full makes a policy that fails closed.
 pub fn policy_entry(obj: serde_json::Value) -> Result<PolicyObject, String> {
     let v = serde_yaml::to_value(obj).map_err(|e| e.to_string())?;
-    let p = PolicyObject::from_value(v)?;
-    let compiled = match &p {
-        PolicyObject::Authorization(a) => {
-            crate::policy::PolicyIndex::build(std::slice::from_ref(a), &[])
-        }
-        PolicyObject::PeerAuthentication(pa) => {
-            crate::policy::PolicyIndex::build(&[], std::slice::from_ref(pa))
-        }
-    };
-    compiled.map_err(|e| e.to_string())?;
-    Ok(p)
+    PolicyObject::from_value(v)
 }
