@@ -6,6 +6,10 @@
 //!   validation (the API server's default for clients that do not ask, and for GitOps tools
 //!   that turn validation off) comes back with every field: nothing pruned, so the daemon sees
 //!   what the user wrote.
+//! - `the_api_server_refuses_what_its_schema_can_tell_is_wrong`: ports that are not numbers
+//!   of 0–65535, blocks that are not addresses or CIDRs, a selector beside a `targetRef`, an
+//!   unknown action or mode, port-level mTLS without a selector: each refused by the API
+//!   server itself (schema patterns and CEL rules), with the reason; the valid forms accepted.
 //! - `the_admission_policy_keeps_the_daemon_to_its_annotation_on_its_node`: with a token bound
 //!   to a daemon pod on node A (as the DaemonSet's projected token is), the daemon's
 //!   ServiceAccount may write the enrollment annotation of a pod on A, and nothing else: a pod
@@ -91,6 +95,64 @@ fn deploy_base_is_accepted_and_policies_keep_every_field() {
         )
         .unwrap();
     assert_eq!(stored["spec"], spec);
+}
+
+#[test]
+fn the_api_server_refuses_what_its_schema_can_tell_is_wrong() {
+    let cp = controlplane::shared().install_base();
+    let ns = cp.namespace("schema");
+    cp.create_namespace(&ns, json!({})).unwrap();
+    let ap = |name: &str, spec: Value| {
+        json!({"apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": name, "namespace": ns}, "spec": spec})
+    };
+    let pa = |name: &str, spec: Value| {
+        json!({"apiVersion": "security.ztunnel.dev/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": name, "namespace": ns}, "spec": spec})
+    };
+    let port_rule = |port: &str| json!({"rules": [{"to": [{"operation": {"ports": [port]}}]}]});
+    let block_rule =
+        |block: &str| json!({"rules": [{"from": [{"source": {"ipBlocks": [block]}}]}]});
+    let refused = [
+        (ap("named-port", port_rule("http")), "ports"),
+        (ap("big-port", port_rule("65536")), "ports"),
+        (ap("negative-port", port_rule("-1")), "ports"),
+        (ap("bad-prefix", block_rule("10.0.0.0/33")), "ipBlocks"),
+        (ap("not-an-ip", block_rule("10.0.0.256")), "ipBlocks"),
+        (ap("bad-action", json!({"action": "PERMIT"})), "action"),
+        (
+            ap(
+                "both-targets",
+                json!({"selector": {"matchLabels": {"app": "a"}},
+                       "targetRef": {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "g"}}),
+            ),
+            "only one of targetRefs or selector",
+        ),
+        (
+            pa("bad-mode", json!({"mtls": {"mode": "SOMETIMES"}})),
+            "mode",
+        ),
+        (
+            pa(
+                "port-level-without-selector",
+                json!({"portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
+            ),
+            "port level mTLS",
+        ),
+    ];
+    for (object, why) in refused {
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let e = cp.apply(object).expect_err(&format!("{name} was accepted"));
+        let e = format!("{e:#}");
+        assert!(e.contains(why), "{name}: refused for another reason: {e}");
+    }
+    cp.apply(json!([
+        ap("ok-port", port_rule("8080")),
+        ap("ok-block", block_rule("10.0.0.0/8")),
+        ap("ok-block6", block_rule("fd00::/8")),
+        pa("ok-mode", json!({"mtls": {"mode": "DISABLE"}})),
+    ]))
+    .expect("the valid forms");
 }
 
 #[test]

@@ -271,6 +271,18 @@ fn daemonset_agrees_with_the_daemon_configuration() {
                 &["list", "watch"],
                 "*"
             ),
+            (
+                "security.ztunnel.dev",
+                "authorizationpolicies/status",
+                &["patch"],
+                "*"
+            ),
+            (
+                "security.ztunnel.dev",
+                "peerauthentications/status",
+                &["patch"],
+                "*"
+            ),
         ])
     );
     let binding = named(&o.cluster_role_bindings, "ztunnel");

@@ -9,13 +9,16 @@
 //!   at the destination), through the Service's cluster IP too; a plain pod reaches them in
 //!   plaintext; labelling the plain namespace enrolls its running pod without CNI, removing
 //!   the label releases it; an `AuthorizationPolicy` written to the API server closes a live
-//!   connection it denies and refuses new ones; `deploy/`'s RBAC for the daemon matches what
-//!   the daemons did (every grant used, nothing forbidden).
+//!   connection it denies and refuses new ones; an ALLOW whose rule names only HTTP methods
+//!   keeps its fields, denies as Istio's ambient mode does (the rule matches nothing) and says
+//!   why in its status; a DENY with a value the schema lets through but no daemon can read
+//!   fails closed and says so; a STRICT PeerAuthentication refuses the plain pod; `deploy/`'s
+//!   RBAC for the daemon matches what the daemons did (every grant used, nothing forbidden).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztunnel_e2e::apps;
@@ -202,9 +205,128 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         "10.20.1.11"
     );
 
+    let cp = bed.kube.as_ref().unwrap().cp;
+    let condition = |kind: &str, name: &str| -> Value {
+        cp.get("security.ztunnel.dev/v1", kind, Some(&demo), name)
+            .and_then(|o| {
+                o["status"]["conditions"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["type"] == "ZtunnelAccepted").cloned())
+            })
+            .unwrap_or(Value::Null)
+    };
+    wait_for("the DENY's status", || {
+        !condition("AuthorizationPolicy", "deny-client").is_null()
+    });
+    let deny_status = condition("AuthorizationPolicy", "deny-client");
+    assert_eq!(deny_status["status"], "True", "{deny_status}");
+    assert_eq!(deny_status["reason"], "Accepted", "{deny_status}");
+    cp.delete(
+        "security.ztunnel.dev/v1",
+        "AuthorizationPolicy",
+        Some(&demo),
+        "deny-client",
+    )
+    .unwrap();
+    wait_for("the client let in again", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
+    });
+
+    // An ALLOW whose only `to` names HTTP methods. Nothing is pruned (the CRD declares every
+    // field of Istio's schema), and as in Istio's ambient mode the node daemon cannot check a
+    // method, so the rule matches no connection: with an ALLOW in force, every connection to
+    // the server is denied, in the mesh and in plaintext. The status says why.
+    bed.apply_kube_policies(json!({
+        "apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "get-only", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "ALLOW",
+                 "rules": [{"from": [{"source": {"principals": [client_id.trim_start_matches("spiffe://")]}}],
+                            "to": [{"operation": {"methods": ["GET"]}}]}]}}))
+    .unwrap();
+    let stored = cp
+        .get(
+            "security.ztunnel.dev/v1",
+            "AuthorizationPolicy",
+            Some(&demo),
+            "get-only",
+        )
+        .unwrap();
+    assert_eq!(
+        stored["spec"]["rules"][0]["to"][0]["operation"]["methods"][0],
+        "GET"
+    );
+    wait_for("the HTTP-only ALLOW to deny the client", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_err()
+    });
+    assert!(whoami(&bed, "legacy", "10.20.2.10", 8080).is_err());
+    wait_for("the status of the HTTP-only ALLOW", || {
+        condition("AuthorizationPolicy", "get-only")["reason"] == "UnsupportedValue"
+    });
+    let c = condition("AuthorizationPolicy", "get-only");
+    assert!(c["message"].as_str().unwrap().contains("methods"), "{c}");
+    cp.delete(
+        "security.ztunnel.dev/v1",
+        "AuthorizationPolicy",
+        Some(&demo),
+        "get-only",
+    )
+    .unwrap();
+    wait_for("the client let in again", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
+    });
+
+    // A value the API server's schema lets through but that is no address (its IPv6 pattern
+    // is loose): the DENY fails closed, denying every connection to the server, and says so.
+    bed.apply_kube_policies(json!({
+        "apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "bad-block", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+                 "rules": [{"from": [{"source": {"ipBlocks": ["1:2:3:4:5:6:7:8:9"]}}]}]}}))
+        .unwrap();
+    wait_for("the unreadable DENY to fail closed", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_err()
+    });
+    wait_for("the status of the unreadable DENY", || {
+        condition("AuthorizationPolicy", "bad-block")["reason"] == "Invalid"
+    });
+    let c = condition("AuthorizationPolicy", "bad-block");
+    assert_eq!(c["status"], "False", "{c}");
+    assert!(
+        c["message"].as_str().unwrap().contains("fails closed"),
+        "{c}"
+    );
+    cp.delete(
+        "security.ztunnel.dev/v1",
+        "AuthorizationPolicy",
+        Some(&demo),
+        "bad-block",
+    )
+    .unwrap();
+    wait_for("both let in again", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
+            && whoami(&bed, "legacy", "10.20.2.10", 8080).is_ok()
+    });
+
+    // STRICT from a PeerAuthentication on the API server: the plain pod is refused, the mesh
+    // client let in; its status is written too.
+    bed.apply_kube_policies(json!({
+        "apiVersion": "security.ztunnel.dev/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "demo"},
+        "spec": {"mtls": {"mode": "STRICT"}}}))
+        .unwrap();
+    wait_for("STRICT to refuse the plain pod", || {
+        whoami(&bed, "legacy", "10.20.2.10", 8080).is_err()
+    });
+    assert_eq!(
+        whoami(&bed, "client", "10.20.2.10", 8080).unwrap(),
+        "10.20.1.10"
+    );
+    wait_for("the PeerAuthentication's status", || {
+        condition("PeerAuthentication", "strict")["reason"] == "Accepted"
+    });
+
     // deploy/'s RBAC for the daemon, against what the daemons did: every grant used, nothing
     // forbidden.
-    let cp = bed.kube.as_ref().unwrap().cp;
     let problems = cp.rbac_problems("ztunnel-system", "ztunnel").unwrap();
     assert!(
         problems.is_empty(),

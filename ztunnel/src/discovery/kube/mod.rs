@@ -12,7 +12,8 @@
 //! - pods on other nodes (`fieldSelector=spec.nodeName!=<node>`), decoded straight into a lean
 //!   type and kept lean (see [`objects`]): never a full Pod in memory;
 //! - services and `discovery.k8s.io/v1` EndpointSlices (all: any pod may call any service);
-//! - `security.ztunnel.dev/v1` AuthorizationPolicy and PeerAuthentication (all).
+//! - `security.ztunnel.dev/v1` AuthorizationPolicy and PeerAuthentication (all); each one's
+//!   status condition is kept current by [`status::StatusWriter`].
 //!
 //! A change marks the store dirty; the publisher rebuilds the state at most once per
 //! `coalesce` (bursts — a rollout, a re-list — become one rebuild) and counts reloads. An
@@ -24,6 +25,7 @@
 //! collection has been listed, so the first state is complete.
 
 pub mod objects;
+pub mod status;
 pub mod translate;
 
 use std::collections::BTreeMap;
@@ -191,6 +193,8 @@ fn policy_resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
+/// A policy resource as the policy parser reads it: kind, name, namespace, creation time
+/// (oldest-wins among PeerAuthentications), annotations (`istio.io/dry-run`) and spec.
 fn policy_json(o: &DynamicObject, kind: &str) -> serde_json::Value {
     let mut v = serde_json::json!({
         "apiVersion": super::policy::API_VERSION,
@@ -200,10 +204,37 @@ fn policy_json(o: &DynamicObject, kind: &str) -> serde_json::Value {
             "namespace": o.metadata.namespace.clone().unwrap_or_default(),
         },
     });
+    if let Some(t) = &o.metadata.creation_timestamp {
+        v["metadata"]["creationTimestamp"] = serde_json::json!(t.0.to_string());
+    }
+    if let Some(a) = o.metadata.annotations.as_ref().filter(|a| !a.is_empty()) {
+        v["metadata"]["annotations"] = serde_json::json!(a);
+    }
     if let Some(spec) = o.data.get("spec") {
         v["spec"] = spec.clone();
     }
     v
+}
+
+/// The entry of a policy resource of `kind`, and the status it should carry reported to
+/// `writer`.
+fn policy_object(
+    o: &DynamicObject,
+    kind: &'static str,
+    writer: &status::StatusWriter,
+) -> Result<PolicyObject, String> {
+    let p = objects::policy_entry(policy_json(o, kind))?;
+    writer.observe(
+        &serde_json::json!({"status": o.data.get("status")}),
+        status::Wanted {
+            kind,
+            namespace: o.metadata.namespace.clone().unwrap_or_default(),
+            name: o.metadata.name.clone().unwrap_or_default(),
+            generation: o.metadata.generation,
+            status: status::status_of(&p),
+        },
+    );
+    Ok(p)
 }
 
 /// Watches the API server for the daemon of `node`; returns once every collection has been
@@ -286,6 +317,7 @@ pub async fn watch_kubernetes(
             slot: |s| &mut s.slices,
         },
     ));
+    let writer = status::StatusWriter::start(client.clone());
     let ar = policy_resource("AuthorizationPolicy", "authorizationpolicies");
     tasks.push(spawn_watcher(
         shared.clone(),
@@ -293,8 +325,9 @@ pub async fn watch_kubernetes(
         watcher::Config::default(),
         Kind {
             what: "AuthorizationPolicy",
-            entry: Box::new(|o, _| {
-                match objects::policy_entry(policy_json(o, "AuthorizationPolicy"))? {
+            entry: Box::new({
+                let writer = writer.clone();
+                move |o, _| match policy_object(o, "AuthorizationPolicy", &writer)? {
                     PolicyObject::Authorization(a) => Ok(Some(a)),
                     PolicyObject::PeerAuthentication(_) => Err("not an AuthorizationPolicy".into()),
                 }
@@ -309,12 +342,12 @@ pub async fn watch_kubernetes(
         watcher::Config::default(),
         Kind {
             what: "PeerAuthentication",
-            entry: Box::new(|o, _| {
-                match objects::policy_entry(policy_json(o, "PeerAuthentication"))? {
+            entry: Box::new(
+                move |o, _| match policy_object(o, "PeerAuthentication", &writer)? {
                     PolicyObject::PeerAuthentication(p) => Ok(Some(p)),
                     PolicyObject::Authorization(_) => Err("not a PeerAuthentication".into()),
-                }
-            }),
+                },
+            ),
             slot: |s| &mut s.peer_authn,
         },
     ));

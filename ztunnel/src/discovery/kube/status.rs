@@ -10,7 +10,8 @@
 //! write makes the others' writes unnecessary, so a cluster of many nodes sends a few writes
 //! per change, not one per node. Writes are server-side applies of the status subresource
 //! with field manager [`FIELD_MANAGER`]; a failed write is logged and retried on the next
-//! change of the object.
+//! change of the object (or the watch's next re-list). A deleted object's pending write
+//! fails with `404`, which is logged at debug level only.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -72,8 +73,8 @@ type Key = (&'static str, String, String);
 /// it is already there; the writer applies the missing ones.
 #[derive(Clone)]
 pub struct StatusWriter {
-    /// The latest report per object: the wanted condition, `None` once it is up to date.
-    pending: Arc<Mutex<HashMap<Key, Option<Wanted>>>>,
+    /// Objects whose condition is not (yet) the wanted one, as last reported.
+    pending: Arc<Mutex<HashMap<Key, Wanted>>>,
     wake: Arc<tokio::sync::Notify>,
 }
 
@@ -94,35 +95,33 @@ impl StatusWriter {
         let fresh = up_to_date(object, &wanted);
         let mut pending = self.pending.lock().unwrap();
         if fresh {
-            pending.insert(key, None);
+            pending.remove(&key);
         } else {
-            pending.insert(key, Some(wanted));
+            pending.insert(key, wanted);
             drop(pending);
             self.wake.notify_one();
         }
-    }
-
-    /// Forgets a deleted object.
-    pub fn forget(&self, kind: &'static str, namespace: &str, name: &str) {
-        self.pending
-            .lock()
-            .unwrap()
-            .remove(&(kind, namespace.to_string(), name.to_string()));
     }
 
     async fn run(self, client: Client) {
         loop {
             self.wake.notified().await;
             tokio::time::sleep(jitter()).await;
+            // What is still pending after the delay: another daemon's write, seen by the
+            // watch meanwhile, has removed what it made unnecessary.
             let due: Vec<Wanted> = self
                 .pending
                 .lock()
                 .unwrap()
-                .values_mut()
-                .filter_map(|w| w.take())
+                .drain()
+                .map(|(_, w)| w)
                 .collect();
             for w in due {
                 if let Err(e) = write(&client, &w).await {
+                    if matches!(&e, kube::Error::Api(s) if s.code == 404) {
+                        tracing::debug!(kind = w.kind, namespace = %w.namespace, name = %w.name, "policy gone before its status was written");
+                        continue;
+                    }
                     tracing::warn!(kind = w.kind, namespace = %w.namespace, name = %w.name, error = %e, "cannot write the policy's status; retried on its next change");
                 } else {
                     tracing::info!(kind = w.kind, namespace = %w.namespace, name = %w.name, reason = w.status.reason, message = %w.status.message, "policy status written");
@@ -172,7 +171,9 @@ async fn write(client: &Client, w: &Wanted) -> Result<(), kube::Error> {
 }
 
 fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     now.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
