@@ -370,6 +370,34 @@ async fn publish_namespaces(mut disc: Discovery, pods: Arc<Pods>) {
     }
 }
 
+/// How fetching one workload's certificate went, as readiness sees it.
+#[derive(Debug)]
+enum Fetched {
+    Loaded,
+    /// The CA answered and refused: this workload's matter.
+    Refused(String),
+    /// No answer (the CA unreachable), or one that makes no sense: the node's matter.
+    Failed(String),
+}
+
+impl Fetched {
+    fn of<T>(r: &Result<T, crate::identity::Error>) -> Fetched {
+        match r {
+            Ok(_) => Fetched::Loaded,
+            Err(crate::identity::Error::Sign(e @ SignError::Refused { .. })) => {
+                Fetched::Refused(e.to_string())
+            }
+            Err(e) => Fetched::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Whether the daemon is ready once its workloads' certificates have been asked for: not
+/// while the CA cannot be reached; whatever it refused for some workloads.
+fn ready_after(outcomes: &[Fetched]) -> bool {
+    !outcomes.iter().any(|o| matches!(o, Fetched::Failed(_)))
+}
+
 /// Fetches certificates of this node's workloads on every discovery change, forgets those of
 /// workloads that left, and reports readiness once the CA has answered for all of them.
 ///
@@ -399,12 +427,13 @@ async fn keep_certificates(
             certs.forget(gone);
         }
         let mut all = true;
-        let mut reachable = true;
+        let mut outcomes = Vec::with_capacity(wanted.len());
         for id in &wanted {
-            match certs.fetch(id).await {
-                Ok(_) => {}
-                Err(crate::identity::Error::Sign(SignError::Refused { status, message })) => {
-                    tracing::warn!(identity = %id, status, error = %message, "the CA refused a certificate; this workload's connections are refused until it signs");
+            let outcome = Fetched::of(&certs.fetch(id).await);
+            match &outcome {
+                Fetched::Loaded => {}
+                Fetched::Refused(e) => {
+                    tracing::warn!(identity = %id, error = %e, "the CA refused a certificate; this workload's connections are refused until it signs");
                     metrics
                         .certificate_refusals
                         .get_or_create(&IdentityLabels {
@@ -413,15 +442,15 @@ async fn keep_certificates(
                         .inc();
                     all = false;
                 }
-                Err(e) => {
+                Fetched::Failed(e) => {
                     tracing::warn!(identity = %id, error = %e, "cannot get a certificate");
                     all = false;
-                    reachable = false;
                 }
             }
+            outcomes.push(outcome);
         }
         held = wanted;
-        let _ = ready.send(reachable);
+        let _ = ready.send(ready_after(&outcomes));
         if all {
             if disc.changed().await.is_err() {
                 return;
@@ -429,6 +458,41 @@ async fn keep_certificates(
         } else {
             // Retry soon, or sooner if discovery changes.
             let _ = tokio::time::timeout(Duration::from_secs(2), disc.changed()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_refused_identity_leaves_the_daemon_ready_an_unreachable_ca_does_not() {
+        let refused = || {
+            Fetched::of::<()>(&Err(crate::identity::Error::Sign(SignError::Refused {
+                status: 403,
+                message: "no active pod".into(),
+            })))
+        };
+        let unreachable = || {
+            Fetched::of::<()>(&Err(crate::identity::Error::Sign(SignError::Transport(
+                "connection refused".into(),
+            ))))
+        };
+        let loaded = || Fetched::of(&Ok::<(), crate::identity::Error>(()));
+        for (outcomes, want) in [
+            (vec![], true),
+            (vec![loaded()], true),
+            (vec![loaded(), refused()], true),
+            (vec![refused()], true),
+            (vec![loaded(), unreachable()], false),
+            (vec![refused(), unreachable()], false),
+            (
+                vec![Fetched::of::<()>(&Err(crate::identity::Error::NoRoots))],
+                false,
+            ),
+        ] {
+            assert_eq!(ready_after(&outcomes), want, "{outcomes:?}");
         }
     }
 }
