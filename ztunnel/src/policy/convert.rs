@@ -69,8 +69,9 @@ pub fn status_of(obj: &PolicyObject) -> PolicyStatus {
 pub(super) enum Converted {
     /// Sent to the matcher.
     Enforced(Compiled),
-    /// Not enforced at all (AUDIT, CUSTOM, dry-run, targetRef, a selector selecting nothing).
-    Ignored,
+    /// Not enforced at all (AUDIT, CUSTOM, dry-run, targetRef, a selector selecting nothing),
+    /// with the labels of the workloads it would have selected (`None`: none).
+    Ignored(Option<Vec<LabelPair>>),
 }
 
 fn policy_ref(m: &crate::discovery::policy::ObjectMeta) -> PolicyRef {
@@ -395,7 +396,10 @@ fn fail_closed(
                     p.spec.action
                 ),
             };
-            return (Converted::Ignored, status);
+            return (
+                Converted::Ignored(authz_scope(p.spec.selector.as_ref())),
+                status,
+            );
         }
     };
     let selector = if selector_ok {
@@ -422,7 +426,7 @@ fn fail_closed(
         message: message.clone(),
     };
     let Some(selector) = selector else {
-        return (Converted::Ignored, status);
+        return (Converted::Ignored(None), status);
     };
     let groups = match effect {
         Effect::Allow => Vec::new(),
@@ -467,9 +471,10 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
         .get(DRY_RUN_ANNOTATION)
         .and_then(|v| go_bool(v))
         .unwrap_or(false);
+    let scope = authz_scope(spec.selector.as_ref());
     if dry_run {
         return (
-            Converted::Ignored,
+            Converted::Ignored(scope),
             PolicyStatus {
                 accepted: false,
                 fail_closed: false,
@@ -482,7 +487,8 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
     }
     if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
         return (
-            Converted::Ignored,
+            // A waypoint's policy selects no workload.
+            Converted::Ignored(None),
             PolicyStatus {
                 accepted: false,
                 fail_closed: false,
@@ -501,7 +507,7 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
                 "CUSTOM"
             };
             return (
-                Converted::Ignored,
+                Converted::Ignored(scope),
                 PolicyStatus {
                     accepted: false,
                     fail_closed: false,
@@ -568,7 +574,7 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
         message: notes.join("; "),
     };
     let Some(selector) = selector else {
-        return (Converted::Ignored, status);
+        return (Converted::Ignored(None), status);
     };
     let c = Compiled {
         name: policy_ref(&p.metadata),

@@ -564,3 +564,22 @@ fn explain_names_every_policy_and_what_was_dropped() {
         "{a:?}"
     );
 }
+
+/// authz.go convertAuthorizationPolicy: AUDIT, CUSTOM and dry-run policies are not sent to
+/// ztunnel; explain lists them as ignored where they would have applied.
+#[test]
+fn ignored_policies_are_listed_for_explain() {
+    let idx = index(&format!(
+        "{}{}{}",
+        ap("web", "audit", "{action: AUDIT, rules: [{}]}"),
+        ap("web", "custom-api", "{action: CUSTOM, provider: {name: ext}, selector: {matchLabels: {app: api}}, rules: [{}]}"),
+        ap(ROOT, "wp", "{targetRefs: [{kind: Gateway, name: w}]}"),
+    ));
+    let names: Vec<String> = idx
+        .ignored_for("web", &labels("app=web"))
+        .iter()
+        .map(|i| i.policy.to_string())
+        .collect();
+    assert_eq!(names, ["web/audit"]);
+    assert_eq!(idx.ignored_for("web", &labels("app=api")).len(), 2);
+}
