@@ -39,7 +39,9 @@ pub struct PolicyStatus {
     pub accepted: bool,
     /// The policy could not be read in full and is enforced fail-closed.
     pub fail_closed: bool,
-    /// CamelCase: `Accepted`, `UnsupportedValue` (Istio's), `Invalid`, `TargetRefIgnored`.
+    /// CamelCase: `Accepted`, `UnsupportedValue` (Istio's: HTTP attributes dropped, or an
+    /// action or dry-run the daemon does not enforce), `Invalid` (fails closed),
+    /// `TargetRefIgnored` (a waypoint policy; Istio writes no ztunnel condition for it).
     pub reason: &'static str,
     /// What was dropped or narrowed and why, or why it fails closed or is ignored; empty
     /// when the policy is enforced as written.
@@ -458,7 +460,9 @@ fn go_bool(s: &str) -> Option<bool> {
 /// istiod's `convertAuthorizationPolicy`, and the status it gives.
 pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus) {
     if let Some(reason) = &p.invalid {
-        return fail_closed(p, reason.clone(), false);
+        // `spec.selector` holds the selector if it could be read.
+        let selector_ok = selector_error(p.spec.selector.as_ref()).is_none();
+        return fail_closed(p, reason.clone(), selector_ok);
     }
     if let Err(reason) = validate(&p.spec) {
         let selector_ok = selector_error(p.spec.selector.as_ref()).is_none();
@@ -566,7 +570,9 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
     let status = PolicyStatus {
         accepted: true,
         fail_closed: false,
-        reason: if http_all.is_empty() && notes.is_empty() {
+        // Istio's reasons: UnsupportedValue when HTTP attributes were found, else Accepted
+        // (the message still says what else the conversion ignored).
+        reason: if http_all.is_empty() {
             "Accepted"
         } else {
             "UnsupportedValue"
@@ -631,8 +637,9 @@ fn peer_error(p: &PeerAuthentication) -> Option<String> {
 /// where its selector reaches (the whole namespace if the selector is unreadable).
 pub(super) fn peer_fail_closed(p: &PeerAuthentication) -> Option<Compiled> {
     let reason = peer_error(p)?;
-    let selector = match (&p.invalid, &p.spec.selector) {
-        (None, Some(s)) if selector_error(Some(s)).is_none() => sorted_labels(s),
+    // `spec.selector` holds the selector if it could be read.
+    let selector = match &p.spec.selector {
+        Some(s) if selector_error(Some(s)).is_none() => sorted_labels(s),
         _ => Vec::new(),
     };
     Some(Compiled {
