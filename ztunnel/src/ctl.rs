@@ -323,6 +323,16 @@ fn render(cmd: &Cmd, v: &Value) -> String {
                     let _ = writeln!(out, "    dropped: {}", s(note));
                 }
             }
+            for i in v["ignored"].as_array().into_iter().flatten() {
+                let p = &i["policy"];
+                let _ = writeln!(
+                    out,
+                    "  ignored {}/{}: {}",
+                    s(&p["namespace"]),
+                    s(&p["name"]),
+                    s(&i["reason"])
+                );
+            }
             out
         }
     }

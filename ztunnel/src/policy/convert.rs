@@ -39,7 +39,9 @@ pub struct PolicyStatus {
     pub accepted: bool,
     /// The policy could not be read in full and is enforced fail-closed.
     pub fail_closed: bool,
-    /// CamelCase: `Accepted`, `UnsupportedValue` (Istio's), `Invalid`, `TargetRefIgnored`.
+    /// CamelCase: `Accepted`, `UnsupportedValue` (Istio's: HTTP attributes dropped, or an
+    /// action or dry-run the daemon does not enforce), `Invalid` (fails closed),
+    /// `TargetRefIgnored` (a waypoint policy; Istio writes no ztunnel condition for it).
     pub reason: &'static str,
     /// What was dropped or narrowed and why, or why it fails closed or is ignored; empty
     /// when the policy is enforced as written.
@@ -69,8 +71,9 @@ pub fn status_of(obj: &PolicyObject) -> PolicyStatus {
 pub(super) enum Converted {
     /// Sent to the matcher.
     Enforced(Compiled),
-    /// Not enforced at all (AUDIT, CUSTOM, dry-run, targetRef, a selector selecting nothing).
-    Ignored,
+    /// Not enforced at all (AUDIT, CUSTOM, dry-run, targetRef, a selector selecting nothing),
+    /// with the labels of the workloads it would have selected (`None`: none).
+    Ignored(Option<Vec<LabelPair>>),
 }
 
 fn policy_ref(m: &crate::discovery::policy::ObjectMeta) -> PolicyRef {
@@ -395,7 +398,10 @@ fn fail_closed(
                     p.spec.action
                 ),
             };
-            return (Converted::Ignored, status);
+            return (
+                Converted::Ignored(authz_scope(p.spec.selector.as_ref())),
+                status,
+            );
         }
     };
     let selector = if selector_ok {
@@ -422,7 +428,7 @@ fn fail_closed(
         message: message.clone(),
     };
     let Some(selector) = selector else {
-        return (Converted::Ignored, status);
+        return (Converted::Ignored(None), status);
     };
     let groups = match effect {
         Effect::Allow => Vec::new(),
@@ -454,7 +460,9 @@ fn go_bool(s: &str) -> Option<bool> {
 /// istiod's `convertAuthorizationPolicy`, and the status it gives.
 pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus) {
     if let Some(reason) = &p.invalid {
-        return fail_closed(p, reason.clone(), false);
+        // `spec.selector` holds the selector if it could be read.
+        let selector_ok = selector_error(p.spec.selector.as_ref()).is_none();
+        return fail_closed(p, reason.clone(), selector_ok);
     }
     if let Err(reason) = validate(&p.spec) {
         let selector_ok = selector_error(p.spec.selector.as_ref()).is_none();
@@ -467,9 +475,10 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
         .get(DRY_RUN_ANNOTATION)
         .and_then(|v| go_bool(v))
         .unwrap_or(false);
+    let scope = authz_scope(spec.selector.as_ref());
     if dry_run {
         return (
-            Converted::Ignored,
+            Converted::Ignored(scope),
             PolicyStatus {
                 accepted: false,
                 fail_closed: false,
@@ -482,7 +491,8 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
     }
     if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
         return (
-            Converted::Ignored,
+            // A waypoint's policy selects no workload.
+            Converted::Ignored(None),
             PolicyStatus {
                 accepted: false,
                 fail_closed: false,
@@ -501,7 +511,7 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
                 "CUSTOM"
             };
             return (
-                Converted::Ignored,
+                Converted::Ignored(scope),
                 PolicyStatus {
                     accepted: false,
                     fail_closed: false,
@@ -560,7 +570,9 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
     let status = PolicyStatus {
         accepted: true,
         fail_closed: false,
-        reason: if http_all.is_empty() && notes.is_empty() {
+        // Istio's reasons: UnsupportedValue when HTTP attributes were found, else Accepted
+        // (the message still says what else the conversion ignored).
+        reason: if http_all.is_empty() {
             "Accepted"
         } else {
             "UnsupportedValue"
@@ -568,7 +580,7 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
         message: notes.join("; "),
     };
     let Some(selector) = selector else {
-        return (Converted::Ignored, status);
+        return (Converted::Ignored(None), status);
     };
     let c = Compiled {
         name: policy_ref(&p.metadata),
@@ -625,8 +637,9 @@ fn peer_error(p: &PeerAuthentication) -> Option<String> {
 /// where its selector reaches (the whole namespace if the selector is unreadable).
 pub(super) fn peer_fail_closed(p: &PeerAuthentication) -> Option<Compiled> {
     let reason = peer_error(p)?;
-    let selector = match (&p.invalid, &p.spec.selector) {
-        (None, Some(s)) if selector_error(Some(s)).is_none() => sorted_labels(s),
+    // `spec.selector` holds the selector if it could be read.
+    let selector = match &p.spec.selector {
+        Some(s) if selector_error(Some(s)).is_none() => sorted_labels(s),
         _ => Vec::new(),
     };
     Some(Compiled {

@@ -293,6 +293,21 @@ pub struct Considered {
     pub dropped: Vec<String>,
 }
 
+/// A policy in scope of a workload that the daemon does not enforce (AUDIT, CUSTOM,
+/// dry-run, targetRef), for `explain`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ignored {
+    pub policy: PolicyRef,
+    pub reason: String,
+}
+
+/// An ignored policy and the labels it selects (empty: every workload in scope).
+#[derive(Debug)]
+struct IgnoredEntry {
+    ignored: Ignored,
+    selector: Vec<LabelPair>,
+}
+
 /// Receives each policy the engine looked at.
 trait Tracer {
     /// Whether to go on after the decision is known (to report every applicable policy).
@@ -334,6 +349,7 @@ pub struct PolicyIndex {
     root: Arc<str>,
     scopes: HashMap<Arc<str>, Scope>,
     peers: HashMap<Arc<str>, PeerScope>,
+    ignored: HashMap<Arc<str>, Vec<IgnoredEntry>>,
     count: usize,
 }
 
@@ -352,8 +368,23 @@ impl PolicyIndex {
             ..Default::default()
         };
         for p in authz {
-            if let (Converted::Enforced(c), _) = convert::authorization(p) {
-                idx.insert(c);
+            match convert::authorization(p) {
+                (Converted::Enforced(c), _) => idx.insert(c),
+                (Converted::Ignored(Some(selector)), status) => idx
+                    .ignored
+                    .entry(p.metadata.namespace.as_str().into())
+                    .or_default()
+                    .push(IgnoredEntry {
+                        ignored: Ignored {
+                            policy: PolicyRef {
+                                namespace: p.metadata.namespace.as_str().into(),
+                                name: p.metadata.name.as_str().into(),
+                            },
+                            reason: status.message,
+                        },
+                        selector,
+                    }),
+                (Converted::Ignored(None), _) => {}
             }
         }
         // Peer authentications: the readable ones by namespace, oldest first; the others
@@ -426,6 +457,24 @@ impl PolicyIndex {
     /// (if any ALLOW applies).
     pub fn evaluate(&self, c: &Conn<'_>) -> Decision {
         self.decide(c, &mut NoTrace)
+    }
+
+    /// The policies in scope of a workload that the daemon ignores, and why.
+    pub fn ignored_for(&self, namespace: &str, labels: &Labels) -> Vec<Ignored> {
+        let own = self.ignored.get(namespace);
+        let root = (namespace != &*self.root)
+            .then(|| self.ignored.get(&*self.root))
+            .flatten();
+        own.into_iter()
+            .chain(root)
+            .flatten()
+            .filter(|e| {
+                e.selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+            })
+            .map(|e| e.ignored.clone())
+            .collect()
     }
 
     /// [`Self::evaluate`], and every policy that took part (each applicable one, whether it

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Conn, Considered, Decision};
+use super::{Conn, Considered, Decision, Ignored};
 use crate::discovery::policy::MtlsMode;
 use crate::discovery::{State, Workload};
 
@@ -29,6 +29,8 @@ pub struct Explanation {
     /// Every policy that took part: each one applying to the destination, whether a rule of
     /// it matched, and what its conversion dropped and why.
     pub considered: Vec<Considered>,
+    /// Policies in scope of the destination that the daemon does not enforce, and why.
+    pub ignored: Vec<Ignored>,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,6 +114,7 @@ pub fn explain(state: &State, from: &str, to: &str) -> Result<Explanation, Strin
         dst_port: port,
     });
     let mtls_mode = state.policy().mtls_mode(&dst.namespace, &dst.labels, port);
+    let ignored = state.policy().ignored_for(&dst.namespace, &dst.labels);
     Ok(Explanation {
         source,
         destination,
@@ -121,6 +124,7 @@ pub fn explain(state: &State, from: &str, to: &str) -> Result<Explanation, Strin
         mtls_mode,
         decision,
         considered,
+        ignored,
     })
 }
 

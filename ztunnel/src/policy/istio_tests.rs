@@ -411,6 +411,8 @@ fn unreadable_policies_fail_closed() {
         ("README: a bad port fails an ALLOW closed", ap("web", "a", "{rules: [{to: [{operation: {ports: ['80-90']}}]}]}"), BASE, false),
         ("README: a wrong type fails a DENY closed (denies all)", ap("web", "d", "{action: DENY, rules: [{from: [{source: {principals: 7}}]}]}"), BASE.from("cluster.local/ns/z/sa/z"), false),
         ("README: a DENY fails closed within its selector only", ap("web", "d", "{action: DENY, selector: {matchLabels: {app: api}}, rules: [{to: [{operation: {ports: [x]}}]}]}"), BASE, true),
+        ("README: an unknown field fails a DENY closed within its readable selector", ap("web", "d", "{action: DENY, selector: {matchLabels: {app: api}}, rules: [{from: [{source: {principalz: [x]}}]}]}"), BASE, true),
+        ("README: ...and denies what it selects", ap("web", "d", "{action: DENY, selector: {matchLabels: {app: api}}, rules: [{from: [{source: {principalz: [x]}}]}]}"), BASE.labels("app=api"), false),
         ("README: unreadable selector: the whole namespace", ap("web", "d", "{action: DENY, selector: {matchLabels: 3}, rules: [{}]}"), BASE, false),
         ("README: an unknown field fails closed", ap("web", "d", "{action: DENY, rules: [{from: [{source: {principalz: [x]}}]}]}"), BASE, false),
         ("README: an unreadable action fails closed as DENY", ap("web", "d", "{action: REJECT}"), BASE, false),
@@ -449,6 +451,8 @@ fn peer_authentication() {
         ("...UNSET workload, no parent: STRICT port", pa("web", "w", t0, "{selector: {matchLabels: {app: web}}, portLevelMtls: {8080: {mode: STRICT}}}"), BASE.plain().port(8080), false),
         ("...mTLS is never refused by a port rule", pa("web", "w", t0, "{selector: {matchLabels: {app: web}}, portLevelMtls: {8080: {mode: STRICT}}}"), BASE.port(8080), true),
         ("README: an unreadable PeerAuthentication is STRICT", pa("web", "n", t0, "{mtls: {mode: SOMETIMES}}"), BASE.plain(), false),
+        ("README: ...within its readable selector", pa("web", "w", t0, "{selector: {matchLabels: {app: api}}, mtls: {mode: SOMETIMES}}"), BASE.plain(), true),
+        ("README: ...which it makes STRICT", pa("web", "w", t0, "{selector: {matchLabels: {app: api}}, mtls: {mode: SOMETIMES}}"), BASE.plain().labels("app=api"), false),
         ("validation.go: namespace-level portLevelMtls is refused: fails closed", pa("web", "n", t0, "{mtls: {mode: PERMISSIVE}, portLevelMtls: {80: {mode: PERMISSIVE}}}"), BASE.plain(), false),
     ];
     run(cases);
@@ -519,6 +523,14 @@ fn statuses() {
     assert!(s.message.contains("\"http\""), "{s:?}");
     let s = one(ap("web", "x", "{targetRefs: [{kind: Gateway, name: w}]}"));
     assert_eq!((s.accepted, s.reason), (false, "TargetRefIgnored"));
+    // Ignored trust domains: Istio says Accepted; the message says what was ignored.
+    let s = one(ap(
+        "web",
+        "a",
+        "{rules: [{from: [{source: {namespaces: [a], trustDomains: [td]}}]}]}",
+    ));
+    assert_eq!((s.accepted, s.reason), (true, "Accepted"));
+    assert!(s.message.contains("trustDomains"), "{s:?}");
     let s = one(pa(
         "web",
         "p",
@@ -563,4 +575,23 @@ fn explain_names_every_policy_and_what_was_dropped() {
         a.dropped[0].contains("rule 0") && a.dropped[0].contains("methods"),
         "{a:?}"
     );
+}
+
+/// authz.go convertAuthorizationPolicy: AUDIT, CUSTOM and dry-run policies are not sent to
+/// ztunnel; explain lists them as ignored where they would have applied.
+#[test]
+fn ignored_policies_are_listed_for_explain() {
+    let idx = index(&format!(
+        "{}{}{}",
+        ap("web", "audit", "{action: AUDIT, rules: [{}]}"),
+        ap("web", "custom-api", "{action: CUSTOM, provider: {name: ext}, selector: {matchLabels: {app: api}}, rules: [{}]}"),
+        ap(ROOT, "wp", "{targetRefs: [{kind: Gateway, name: w}]}"),
+    ));
+    let names: Vec<String> = idx
+        .ignored_for("web", &labels("app=web"))
+        .iter()
+        .map(|i| i.policy.to_string())
+        .collect();
+    assert_eq!(names, ["web/audit"]);
+    assert_eq!(idx.ignored_for("web", &labels("app=api")).len(), 2);
 }

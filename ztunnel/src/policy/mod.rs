@@ -10,8 +10,8 @@ mod matchers;
 
 pub use convert::{status_of, PolicyStatus, CONDITION_TYPE, DRY_RUN_ANNOTATION};
 pub use engine::{
-    root_namespace, set_root_namespace, Conn, Considered, Decision, Effect, Kind, PolicyIndex,
-    PolicyRef, Reason, ROOT_NAMESPACE,
+    root_namespace, set_root_namespace, Conn, Considered, Decision, Effect, Ignored, Kind,
+    PolicyIndex, PolicyRef, Reason, ROOT_NAMESPACE,
 };
 
 #[cfg(test)]

@@ -15,8 +15,8 @@
 //! - EndpointSlices keep the service they belong to (`kubernetes.io/service-name`), their named
 //!   ports, and the addresses of ready endpoints only (`conditions.ready` absent counts as ready,
 //!   as the API documents).
-//! - Policies go through [`PolicyObject::from_value`] (the file source's validation: HTTP-only
-//!   and unknown fields refused) and must compile on their own.
+//! - Policies go through [`PolicyObject::from_value`], as the file source's do: refused only
+//!   when they cannot be identified; an unreadable spec makes a policy that fails closed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
