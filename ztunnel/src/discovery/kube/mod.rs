@@ -17,8 +17,8 @@
 //!
 //! A change marks the store dirty; the publisher rebuilds the state at most once per
 //! `coalesce` (bursts — a rollout, a re-list — become one rebuild) and counts reloads. An
-//! object that cannot be in the model (a policy that cannot be identified, a malformed IP, …;
-//! a policy whose spec cannot be read is kept, and fails closed) is logged, counted ([`Discovery::objects_refused`]) and skipped; everything else
+//! object that cannot be in the model (a policy with an HTTP-only or unknown field, a malformed
+//! IP, …) is logged, counted ([`Discovery::objects_refused`]) and skipped; everything else
 //! stays. When an object that was good is updated into a bad one, its last good version is
 //! kept (as the file source keeps the last good file): refusing the update must not silently
 //! widen access by dropping, e.g., a DENY policy. [`watch_kubernetes`] returns once every
