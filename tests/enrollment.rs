@@ -26,7 +26,7 @@ use ztunnel::capture::find::{self, FindError};
 use ztunnel::capture::netns::Netns as ZNetns;
 use ztunnel_e2e::apps;
 use ztunnel_e2e::controlplane::{self, KubePod};
-use ztunnel_e2e::daemon::{self, access_lines, die_with_test, metric, Process};
+use ztunnel_e2e::daemon::{self, access_lines, die_with_test, metric};
 use ztunnel_e2e::netns::{self, Netns};
 use ztunnel_e2e::testbed::{PodSpec, TestBed};
 use ztunnel_proto::enroll::{self, Attachment, PodAdd, PodRef, Reply, Request};

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use ztunnel::capture::pods::{decide, Decision};
 use ztunnel::discovery::{Discovery, State, DATAPLANE_MODE_LABEL};
 use ztunnel_e2e::apiserver::ApiServer;
 

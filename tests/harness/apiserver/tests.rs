@@ -43,7 +43,7 @@ fn selectors() {
     assert!(!sel("spec.nodeName=n2"));
     assert!(sel("spec.nodeName!=n2,metadata.namespace=a"));
     assert!(!sel("spec.nodeName!=n1"));
-    assert!(Selector::parse(Some("b".into()), "").unwrap().matches(&pod) == false);
+    assert!(!Selector::parse(Some("b".into()), "").unwrap().matches(&pod));
     let q = query_map(Some("fieldSelector=spec.nodeName%3Dn1&watch=true"));
     assert_eq!(q["fieldSelector"], "spec.nodeName=n1");
 }
