@@ -3,8 +3,10 @@
 //! namespace is labelled ambient in the mesh file (the daemon finds each pod's netns itself by
 //! its IP under /proc), released when a pod opts out or the label goes, released by a later
 //! CNI DEL, and served again by a restarted daemon; a netns it cannot tell apart is refused.
-//! The pod annotation is tested in-process against the stand-in API server, and end to end
-//! with a daemon whose discovery is that stand-in.
+//! The pod annotation is tested against the real API server (`harness::controlplane`) with
+//! the daemon's own credentials (a token of `ztunnel-system/ztunnel` bound to a daemon Pod on
+//! the annotated pods' node): in-process through the annotator, and end to end with the bed's
+//! daemons discovering the cluster from that API server (`harness::kubebed`).
 //!
 //! Each test pod gets a `sleep` process in its netns (a sandbox's `pause`), since the daemon
 //! finds namespaces through processes. Pod IPs (10.20.x.8x) are unused by other tests, so test
@@ -22,9 +24,9 @@ use tokio::net::TcpStream;
 use ztunnel::capture::annotate::{Annotator, KubeAnnotator, Status, ANNOTATION};
 use ztunnel::capture::find::{self, FindError};
 use ztunnel::capture::netns::Netns as ZNetns;
-use ztunnel_e2e::apiserver::ApiServer;
 use ztunnel_e2e::apps;
-use ztunnel_e2e::daemon::{self, access_lines, die_with_test, metric, Process};
+use ztunnel_e2e::controlplane::{self, KubePod};
+use ztunnel_e2e::daemon::{self, access_lines, die_with_test, metric};
 use ztunnel_e2e::netns::{self, Netns};
 use ztunnel_e2e::testbed::{PodSpec, TestBed};
 use ztunnel_proto::enroll::{self, Attachment, PodAdd, PodRef, Reply, Request};
@@ -440,26 +442,69 @@ fn finding_a_netns_by_ip_refuses_ambiguity_and_the_host() {
 
 #[test]
 fn the_annotation_follows_the_enrollment_status_through_the_api() {
-    let server = ApiServer::start();
-    server.apply(json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "web", "namespace": "shop", "annotations": {"other": "kept"}},
-        "spec": {"containers": [{"name": "app", "image": "app"}]}}));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let _in_rt = rt.enter();
-    let client = |url: &str| {
-        kube::Client::try_from(kube::Config::new(url.parse().unwrap())).expect("client")
-    };
+    // On the real API server, with the daemon's credentials: a token of
+    // ztunnel-system/ztunnel bound to a daemon Pod on the node of the annotated pod (deploy/'s
+    // admission policy refuses the daemon other nodes' pods).
+    let cp = controlplane::shared().install_base();
+    let shop = cp.namespace("shop");
+    let node = format!("{shop}-n1");
+    cp.create_namespace(&shop, json!({})).unwrap();
+    cp.run_pod(&KubePod::running(
+        &shop,
+        "web",
+        "web",
+        &node,
+        &["10.30.0.1"],
+    ))
+    .unwrap();
+    cp.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": shop, "labels": {"app": "web"},
+                     "annotations": {"other": "kept"}},
+        "spec": {"nodeName": node, "serviceAccountName": "web", "hostNetwork": false,
+                 "containers": [{"name": "app", "image": "registry.invalid/app"}]}}))
+        .unwrap();
+    let daemon_pod = format!("ztunnel-{node}");
+    let uid = cp
+        .run_pod(&KubePod {
+            labels: json!({"app": "ztunnel"}),
+            ..KubePod::running("ztunnel-system", &daemon_pod, "ztunnel", &node, &[])
+        })
+        .unwrap();
+    let token = cp
+        .token(
+            "ztunnel-system",
+            "ztunnel",
+            &[controlplane::ISSUER],
+            3600,
+            Some((&daemon_pod, &uid)),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kc = cp
+        .token_kubeconfig(dir.path(), "daemon.kubeconfig", &token)
+        .unwrap();
     let metrics = Arc::new(ztunnel::metrics::Metrics::default());
-    let annotator = KubeAnnotator::start(client(&server.url()), metrics.clone());
+    // The annotators' workers run on the control plane host's runtime.
+    let (annotator, unreachable) = {
+        let metrics = metrics.clone();
+        cp.ns.block_on(async move {
+            let client = ztunnel::discovery::kube::client(Some(&kc)).await.unwrap();
+            let nowhere =
+                kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap()))
+                    .expect("client");
+            (
+                KubeAnnotator::start(client, metrics.clone()),
+                KubeAnnotator::start(nowhere, metrics),
+            )
+        })
+    };
     let pod = |name: &str| PodRef {
-        namespace: "shop".into(),
+        namespace: shop.clone(),
         name: name.into(),
         uid: String::new(),
     };
-    let annotations = || {
-        server.get("v1", "Pod", Some("shop"), "web").expect("pod")["metadata"]["annotations"]
-            .clone()
-    };
+    let annotations =
+        || cp.get("v1", "Pod", Some(&shop), "web").expect("pod")["metadata"]["annotations"].clone();
     for (status, want) in [
         (Status::Enrolled, json!("enrolled")),
         (
@@ -475,42 +520,34 @@ fn the_annotation_follows_the_enrollment_status_through_the_api() {
     }
     // A pod that is gone is not a failure; an unreachable API server is, counted and retried.
     annotator.annotate(&pod("gone"), Status::Enrolled);
-    let unreachable = KubeAnnotator::start(client("http://127.0.0.1:1"), metrics.clone());
     unreachable.annotate(&pod("web"), Status::Enrolled);
     wait_for("failures counted", || {
         metrics.annotation_failures.get() >= 2
     });
-    wait_for("the gone pod's patch", || {
-        server
-            .requests()
-            .iter()
-            .any(|r| r.starts_with("PATCH /api/v1/namespaces/shop/pods/gone"))
+    wait_for("the gone pod's patch, answered 404", || {
+        cp.audit_events().iter().any(|e| {
+            e["verb"] == "patch"
+                && e["stage"] == "ResponseComplete"
+                && e["objectRef"]["namespace"] == shop.as_str()
+                && e["objectRef"]["name"] == "gone"
+                && e["user"]["extra"]["authentication.kubernetes.io/pod-name"][0]
+                    == daemon_pod.as_str()
+                && e["responseStatus"]["code"] == 404
+        })
     });
-}
-
-/// ADD through the chain, retried while the daemon answers "try again" (code 11: it has not
-/// seen the pod yet), after a DEL of the failed attempt: what the kubelet does.
-fn add_pod_as_kubelet_does(bed: &mut TestBed, spec: PodSpec) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (outs, pod) = bed.try_add_pod(spec.clone()).unwrap();
-        if outs.iter().all(|o| o.code == 0) {
-            bed.pods.push(pod);
-            return;
-        }
-        let code = outs.last().and_then(|o| o.error_code());
-        assert!(
-            code == Some(11) && Instant::now() < deadline,
-            "ADD of {} failed: {outs:?}",
-            spec.name
-        );
-        let node = &bed.nodes[spec.node];
-        node.runtime
-            .del(&node.conflist, &pod.attachment, None)
-            .unwrap();
-        drop(pod);
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    // The daemon's patches were all allowed (the admission policy let them through).
+    let refused: Vec<Value> = cp
+        .audit_events()
+        .into_iter()
+        .filter(|e| {
+            e["user"]["extra"]["authentication.kubernetes.io/pod-name"][0] == daemon_pod.as_str()
+                && e["stage"] == "ResponseComplete"
+                && e["responseStatus"]["code"]
+                    .as_u64()
+                    .is_some_and(|c| c >= 400 && c != 404)
+        })
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
 }
 
 /// Whether node `i`'s daemon knows workload `name`.
@@ -522,101 +559,52 @@ fn knows(bed: &TestBed, i: usize, name: &str) -> bool {
         .is_some_and(|ws| ws.iter().any(|w| w["name"] == name))
 }
 
-fn pod_object(name: &str, ip: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "shop", "labels": {"app": name}},
-        "spec": {"nodeName": "n1", "serviceAccountName": name,
-                 "containers": [{"name": "app", "image": "app"}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
-}
-
+/// The daemons of the in-pod bed on the real API server (`harness::kubebed`, with deploy/'s
+/// credentials): pods of the bed's `plain` namespace annotated as they are enrolled and
+/// released.
 #[test]
 fn the_daemon_annotates_pods_from_the_api_server_as_it_enrolls_and_releases_them() {
-    let mut bed = TestBed::start_with(vec![]).expect("test bed");
-    // The stand-in API server listens inside node n1's namespace, where the daemon runs.
-    let l = bed.nodes[0]
-        .ns
-        .block_on(async { std::net::TcpListener::bind("127.0.0.1:0") })
-        .unwrap();
-    let server = ApiServer::start_on(l);
-    let kubeconfig = bed.dir().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig, "token");
-    let ns_object = |labels: Value| {
-        json!({"apiVersion": "v1", "kind": "Namespace",
-               "metadata": {"name": "shop", "labels": labels}})
-    };
-    server.apply(ns_object(json!({})));
-    server.apply(pod_object("web", "10.20.1.86"));
+    let mut bed = TestBed::start_kube(vec![]).expect("the bed on the real API server");
+    let cp = bed.kube.as_ref().unwrap().cp;
+    let plain = bed.api_namespace("plain");
     let annotation = |name: &str| {
-        server.get("v1", "Pod", Some("shop"), name).expect("pod")["metadata"]["annotations"]
-            [ANNOTATION]
+        cp.get("v1", "Pod", Some(&plain), name).expect("pod")["metadata"]["annotations"][ANNOTATION]
             .clone()
     };
-
-    // n1's daemon, now with Kubernetes discovery.
-    bed.kill_daemon(0);
-    let node = &bed.nodes[0];
-    let args: Vec<String> = [
-        "run",
-        "--node-name",
-        "n1",
-        "--discovery-source",
-        "kubernetes",
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--ca-dir",
-        &bed.ca_dir.display().to_string(),
-        "--state-dir",
-        &node.state_dir.display().to_string(),
-        "--drain-grace",
-        "1s",
-    ]
-    .map(String::from)
-    .to_vec();
-    let host_proc = node.proc_dir.display().to_string();
-    let env = [("ZTUNNEL_HOST_PROC", host_proc.as_str())];
-    let mut p = Process::start(&node.ns, "n1-kube", bed.dir(), &args, &env).unwrap();
-    daemon::wait_ready(
-        &node.ns,
-        &mut p,
-        "127.0.0.1:15021",
-        "/healthz/ready",
-        Duration::from_secs(20),
-    )
-    .unwrap();
-    bed.nodes[0].daemon = Some(p);
+    let plain_pod = |name: &'static str, ip: &'static str| PodSpec {
+        name,
+        namespace: "plain",
+        sa: name,
+        app: name,
+        node: 0,
+        ip,
+        ip6: None,
+    };
 
     // web starts in the unlabelled namespace: CNI leaves it alone, nothing is annotated.
-    bed.add_pod(spec("web", "web", 0, "10.20.1.86")).unwrap();
+    bed.add_pod(plain_pod("web", "10.20.1.86")).unwrap();
     let _pause = Pause::of(&bed, "web");
     assert!(!has_table(&bed.pod("web").ns));
     assert_eq!(annotation("web"), Value::Null);
 
     // The namespace is labelled through the API: the reconciler enrolls web and annotates it.
-    server.apply(ns_object(ambient()));
+    bed.label_namespace("plain", ambient()).unwrap();
     wait_for("web enrolled and annotated", || {
         has_table(&bed.pod("web").ns) && annotation("web") == "enrolled"
     });
 
     // A pod created in the ambient namespace is enrolled at CNI ADD, and annotated too. As on
-    // a real cluster, the API has it scheduled but without an IP when the plugin runs: the
-    // IP is the one the chain just assigned, which the plugin passes to the daemon.
-    let mut pending = pod_object("web2", "10.20.1.87");
-    pending["status"] = json!({"phase": "Pending"});
-    server.apply(pending);
-    add_pod_as_kubelet_does(&mut bed, spec("web2", "web2", 0, "10.20.1.87"));
-    assert!(
-        !knows(&bed, 0, "web2"),
-        "a pod without an IP is not a workload"
-    );
+    // a real cluster, the API has it scheduled but without an IP when the plugin runs (the
+    // bed writes its status once the sandbox is up): the IP is the one the chain just
+    // assigned, which the plugin passes to the daemon. Then the pod becomes a workload like
+    // any other.
+    bed.add_pod(plain_pod("web2", "10.20.1.87")).unwrap();
     assert!(has_table(&bed.pod("web2").ns));
     wait_for("web2 annotated", || annotation("web2") == "enrolled");
-    // Then the kubelet reports the IP, and the pod becomes a workload like any other.
-    server.apply(pod_object("web2", "10.20.1.87"));
     wait_for("web2 known to the daemon", || knows(&bed, 0, "web2"));
 
     // The label goes: both are released and their annotations removed.
-    server.apply(ns_object(json!({})));
+    bed.label_namespace("plain", json!({})).unwrap();
     wait_for("both released, annotations removed", || {
         !has_table(&bed.pod("web").ns)
             && !has_table(&bed.pod("web2").ns)

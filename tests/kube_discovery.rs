@@ -1,23 +1,49 @@
-//! Discovery from the Kubernetes API server, against the stand-in API server
-//! (`harness::apiserver`) speaking the real list/watch protocol over HTTP: the daemon's
-//! watchers fill the model from the initial lists, follow adds, updates, deletes and label
-//! changes (down to the enrollment decision), resume a watch the server closed, re-list after
-//! `410 Gone`, accept bookmarks, and refuse a bad policy while keeping the rest. The last test
-//! runs the real `ztunnel run --discovery-source kubernetes` in a network namespace.
+//! Discovery from the Kubernetes API server, against the real control plane
+//! (`harness::controlplane`: kube-apiserver and etcd, `deploy/base` applied): the daemon's
+//! watchers (`ztunnel::discovery::watch_kubernetes`, run in-process on the control plane
+//! host's runtime) use a ServiceAccount token of `ztunnel-system/ztunnel` bound to a daemon
+//! Pod on the test's node, so they have exactly `deploy/`'s permissions. They fill the model
+//! from the initial lists (local pods watched by node, remote ones without it, every watch
+//! asking for bookmarks, as the audit log shows), follow adds, updates and
+//! deletes of pods, services, endpoint slices and both policy kinds, namespace and pod label
+//! changes down to the enrollment decision, and refuse a policy the CRD admits but the
+//! daemon cannot enforce while keeping the rest. The last test runs the real
+//! `ztunnel run --discovery-source kubernetes` in a network namespace attached to the control
+//! plane.
+//!
+//! The API server is shared by every test of the binary, and the daemon sees every object of
+//! the cluster: each test works in namespaces and on nodes of its own, gives its pods
+//! addresses of its own (`10.<net>.0.x`), and asserts only on its own objects. Faults the real
+//! server will not produce on demand (a watch closed mid-stream, `410 Gone`, a bookmark before
+//! a closed watch) are tested against the stand-in in `kube_faults.rs`.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use ztunnel::capture::pods::{decide, Decision};
 use ztunnel::discovery::{Discovery, State, DATAPLANE_MODE_LABEL};
-use ztunnel_e2e::apiserver::ApiServer;
+use ztunnel_e2e::controlplane::{self, ControlPlane, KubePod};
 
-const NODE: &str = "n1";
+const SYSTEM: &str = "ztunnel-system";
+const DAEMON_USER: &str = "system:serviceaccount:ztunnel-system:ztunnel";
 const POLICY: &str = "security.ztunnel.dev/v1";
 
-fn ns(name: &str, ambient: bool) -> Value {
+/// Every collection the source watches: namespaces, local and remote pods, services,
+/// endpoint slices, two policy kinds.
+const WATCHES: usize = 7;
+
+/// The second octet of each test's pod addresses.
+static NEXT_NET: AtomicU8 = AtomicU8::new(40);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn ns_object(name: &str, ambient: bool) -> Value {
     let labels = if ambient {
         json!({DATAPLANE_MODE_LABEL: "ambient"})
     } else {
@@ -26,16 +52,9 @@ fn ns(name: &str, ambient: bool) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }
 
-fn pod(ns: &str, name: &str, node: &str, ip: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": {"app": "web"}},
-        "spec": {"nodeName": node, "serviceAccountName": "web", "containers": [{"name": "c", "image": "i"}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
-}
-
-fn svc(ns: &str, name: &str, vip: &str) -> Value {
+fn svc(ns: &str, name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-        "spec": {"clusterIP": vip, "clusterIPs": [vip], "selector": {"app": "web"},
+        "spec": {"selector": {"app": "web"},
                  "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
 }
 
@@ -54,50 +73,191 @@ fn deny(ns: &str, name: &str, principal: &str) -> Value {
         "spec": {"action": "DENY", "rules": [{"from": [{"source": {"principals": [principal]}}]}]}})
 }
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
+/// One test's objects on the shared API server: namespaces `demo` (ambient) and `legacy`,
+/// nodes `node` (the daemon's) and `other`, pod addresses `10.<net>.0.x`, and the daemon's
+/// Pod and kubeconfig.
+struct Names {
+    cp: &'static ControlPlane,
+    demo: String,
+    legacy: String,
+    node: String,
+    other: String,
+    net: u8,
+    daemon_pod: String,
+    kubeconfig: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Names {
+    /// The namespaces, the seed objects and the daemon's Pod and token.
+    fn seeded() -> Names {
+        let cp = controlplane::shared().install_base();
+        let demo = cp.namespace("demo");
+        let legacy = cp.namespace("legacy");
+        let node = format!("{demo}-n1");
+        let other = format!("{demo}-n2");
+        let net = NEXT_NET.fetch_add(1, Ordering::Relaxed);
+        cp.create_namespace(&demo, json!({DATAPLANE_MODE_LABEL: "ambient"}))
+            .unwrap();
+        cp.create_namespace(&legacy, json!({})).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let daemon_pod = format!("ztunnel-{node}");
+        let uid = cp
+            .run_pod(&KubePod {
+                labels: json!({"app": "ztunnel"}),
+                ..KubePod::running(SYSTEM, &daemon_pod, "ztunnel", &node, &[])
+            })
+            .unwrap();
+        let token = cp
+            .token(
+                SYSTEM,
+                "ztunnel",
+                &[controlplane::ISSUER],
+                3600,
+                Some((&daemon_pod, &uid)),
+            )
+            .unwrap();
+        let kubeconfig = cp
+            .token_kubeconfig(dir.path(), "daemon.kubeconfig", &token)
+            .unwrap();
+        let n = Names {
+            cp,
+            demo,
+            legacy,
+            node,
+            other,
+            net,
+            daemon_pod,
+            kubeconfig,
+            dir,
+        };
+        let (demo, legacy) = (n.demo.clone(), n.legacy.clone());
+        let (node, other) = (n.node.clone(), n.other.clone());
+        n.pod(&demo, "local", &node, "0.1", json!({}));
+        n.pod(&demo, "remote", &other, "0.2", json!({}));
+        n.pod(&legacy, "old", &other, "0.3", json!({}));
+        cp.apply(svc(&demo, "web")).unwrap();
+        cp.apply(slice(
+            &demo,
+            "web",
+            &[(&n.addr("0.1"), true), (&n.addr("0.2"), true)],
+        ))
+        .unwrap();
+        cp.apply(deny(&demo, "no-evil", "cluster.local/ns/evil/sa/*"))
+            .unwrap();
+        n
+    }
+
+    /// This test's address `10.<net>.<host>`.
+    fn addr(&self, host: &str) -> String {
+        format!("10.{}.{host}", self.net)
+    }
+
+    /// A Running pod of ServiceAccount `web` at `10.<net>.<host>` with labels `app: <name>`
+    /// and `extra`.
+    fn pod(&self, ns: &str, name: &str, node: &str, host: &str, extra: Value) {
+        let mut labels = json!({"app": name});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            labels[k] = v.clone();
+        }
+        let addr = self.addr(host);
+        self.cp
+            .run_pod(&KubePod {
+                labels,
+                ..KubePod::running(ns, name, "web", node, &[&addr])
+            })
+            .unwrap();
+    }
+
+    /// The Service's cluster IP (the API server allocates it).
+    fn vip(&self, ns: &str, name: &str) -> String {
+        self.cp.get("v1", "Service", Some(ns), name).unwrap()["spec"]["clusterIP"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// The audit events of requests made with this test's daemon token.
+    fn daemon_requests(&self) -> Vec<Value> {
+        self.cp
+            .audit_events()
+            .into_iter()
+            .filter(|e| {
+                e["user"]["username"] == DAEMON_USER
+                    && e["user"]["extra"]["authentication.kubernetes.io/pod-name"][0]
+                        == self.daemon_pod.as_str()
+            })
+            .collect()
+    }
+
+    /// The request URIs of the daemon's watches, as they started.
+    fn watches(&self) -> Vec<String> {
+        self.daemon_requests()
+            .iter()
+            .filter(|e| e["verb"] == "watch" && e["stage"] == "ResponseStarted")
+            .filter_map(|e| e["requestURI"].as_str().map(String::from))
+            .collect()
+    }
 }
 
 struct Bed {
-    api: ApiServer,
+    n: Names,
     disc: Discovery,
-    _dir: tempfile::TempDir,
-    _task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-/// The stand-in seeded with `objs`, and the daemon's Kubernetes source for node n1 on it.
-async fn bed(objs: Vec<Value>) -> Bed {
-    let api = ApiServer::start();
-    for o in objs {
-        api.apply(o);
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.task.abort();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kc, "daemon-token");
-    let client = ztunnel::discovery::kube::client(Some(&kc)).await.unwrap();
-    let (disc, task) = tokio::time::timeout(
-        Duration::from_secs(20),
-        ztunnel::discovery::watch_kubernetes(
-            client,
-            "cluster.local".into(),
-            NODE.into(),
-            Duration::from_millis(20),
-        ),
-    )
-    .await
-    .expect("the initial lists complete")
-    .unwrap();
-    Bed {
-        api,
-        disc,
-        _dir: dir,
-        _task: task,
-    }
+}
+
+/// The seeded objects, and the daemon's Kubernetes source for the test's node on them.
+fn bed() -> Bed {
+    let n = Names::seeded();
+    let (kc, node) = (n.kubeconfig.clone(), n.node.clone());
+    let (disc, task) = n.cp.ns.block_on(async move {
+        let client = ztunnel::discovery::kube::client(Some(&kc)).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            ztunnel::discovery::watch_kubernetes(
+                client,
+                "cluster.local".into(),
+                node,
+                Duration::from_millis(20),
+            ),
+        )
+        .await
+        .expect("the initial lists complete")
+        .unwrap()
+    });
+    Bed { n, disc, task }
 }
 
 impl Bed {
+    /// The workloads of this test's namespaces, by name.
+    fn mine(&self, s: &State) -> Vec<String> {
+        let mut v: Vec<String> = s
+            .workloads()
+            .iter()
+            .filter(|w| *w.namespace == *self.n.demo || *w.namespace == *self.n.legacy)
+            .map(|w| w.name.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// This test's AuthorizationPolicies.
+    fn policies(&self, s: &State) -> Vec<ztunnel::discovery::policy::AuthorizationPolicy> {
+        s.authorization_policies()
+            .iter()
+            .filter(|p| p.metadata.namespace == self.n.demo)
+            .cloned()
+            .collect()
+    }
+
     /// Waits until the published state satisfies `f` (what: for the failure message).
-    async fn until(&self, what: &str, f: impl Fn(&State) -> bool) -> Arc<State> {
+    fn until(&self, what: &str, f: impl Fn(&State) -> bool) -> Arc<State> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let s = self.disc.current();
@@ -105,56 +265,45 @@ impl Bed {
                 return s;
             }
             if Instant::now() > deadline {
+                let mine: Vec<Value> = s.dump()["workloads"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|w| w["namespace"] == self.n.demo.as_str())
+                    .cloned()
+                    .collect();
                 panic!(
-                    "{what}: not reached; state: {:#}\nrequests: {:#?}",
-                    s.dump(),
-                    self.api.requests()
+                    "{what}: not reached; workloads of {}: {mine:#?}",
+                    self.n.demo
                 );
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    fn pod_watches(&self) -> Vec<String> {
-        self.api
-            .requests()
-            .into_iter()
-            .filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=true"))
-            .collect()
-    }
-
-    fn pod_lists(&self) -> usize {
-        self.api
-            .requests()
-            .iter()
-            .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch="))
-            .count()
-    }
-
-    async fn until_watching(&self, n: usize) {
+    fn until_watching(&self) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.api.open_watches() < n {
-            assert!(Instant::now() < deadline, "watches not reopened");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        loop {
+            let w = self.n.watches();
+            if w.len() >= WATCHES {
+                return w;
+            }
+            assert!(Instant::now() < deadline, "watches not opened: {w:#?}");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
 
-/// Every collection the source watches: namespaces, local and remote pods, services,
-/// endpoint slices, two policy kinds.
-const WATCHES: usize = 7;
+    fn pod(&self, ns: &str, name: &str, node: &str, host: &str) {
+        self.n.pod(ns, name, node, host, json!({}));
+    }
 
-fn seed() -> Vec<Value> {
-    vec![
-        ns("demo", true),
-        ns("legacy", false),
-        pod("demo", "local", NODE, "10.0.0.1"),
-        pod("demo", "remote", "n2", "10.0.0.2"),
-        pod("legacy", "old", "n2", "10.0.0.3"),
-        svc("demo", "web", "10.96.0.1"),
-        slice("demo", "web", &[("10.0.0.1", true), ("10.0.0.2", true)]),
-        deny("demo", "no-evil", "cluster.local/ns/evil/sa/*"),
-    ]
+    fn apply(&self, o: Value) {
+        self.n.cp.apply(o).unwrap();
+    }
+
+    fn delete(&self, api_version: &str, kind: &str, ns: &str, name: &str) {
+        self.n.cp.delete(api_version, kind, Some(ns), name).unwrap();
+    }
 }
 
 fn endpoints(s: &State, vip: &str) -> Vec<String> {
@@ -167,127 +316,153 @@ fn endpoints(s: &State, vip: &str) -> Vec<String> {
     v
 }
 
-#[tokio::test]
-async fn the_initial_list_fills_the_model() {
-    let b = bed(seed()).await;
+#[test]
+fn the_initial_list_fills_the_model() {
+    let b = bed();
+    let n = &b.n;
     let s = b.disc.current();
-    assert_eq!(s.workloads().len(), 3);
-    let local = s.workload_by_name("demo", "local").unwrap();
+    assert_eq!(b.mine(&s), ["local", "old", "remote"]);
+    let local = s.workload_by_name(&n.demo, "local").unwrap();
     assert!(!local.uid.is_empty() && local.labels.get("app").is_some());
     assert!(s.enrolled(local));
-    let remote = s.workload_by_ip(ip("10.0.0.2")).unwrap();
+    let remote = s.workload_by_ip(ip(&n.addr("0.2"))).unwrap();
     assert!(
         remote.uid.is_empty() && remote.labels.is_empty(),
         "remote pods are lean"
     );
-    assert_eq!(&*remote.node, "n2");
-    assert!(!s.enrolled(s.workload_by_ip(ip("10.0.0.3")).unwrap()));
-    let web = s.service_by_vip(ip("10.96.0.1")).unwrap();
+    assert_eq!(*remote.node, *n.other);
+    assert!(!s.enrolled(s.workload_by_ip(ip(&n.addr("0.3"))).unwrap()));
+    let vip = n.vip(&n.demo, "web");
+    let web = s.service_by_vip(ip(&vip)).unwrap();
     assert_eq!(web.target_port(80), Some(8080), "named targetPort resolved");
-    assert_eq!(endpoints(&s, "10.96.0.1"), ["local", "remote"]);
-    assert_eq!(s.authorization_policies().len(), 1);
-    assert_eq!(s.enrolled_namespaces(), vec![Arc::from("demo")]);
-    // Local pods are watched by node, remote ones without this node. The watches open after
-    // the initial lists have returned, so wait for them rather than race them.
-    b.until_watching(WATCHES).await;
-    let w = b.pod_watches();
+    assert_eq!(endpoints(&s, &vip), ["local", "remote"]);
+    assert_eq!(b.policies(&s).len(), 1);
+    let enrolled = s.enrolled_namespaces();
+    assert!(enrolled.contains(&Arc::from(n.demo.as_str())));
+    assert!(!enrolled.contains(&Arc::from(n.legacy.as_str())));
+
+    // What the daemon asked the API server, from its audit log: local pods watched by node,
+    // remote ones without this node, every watch allowing bookmarks, every list answered.
+    // (The lists do not carry resourceVersion=0: kube-core drops it when the watcher pages
+    // its lists, `limit=500`.) The watches open after the initial lists have returned, so
+    // wait for them rather than race them.
+    let w = b.until_watching();
+    let sel = |op: &str| format!("fieldSelector=spec.nodeName{op}{}", n.node);
     assert!(
         w.iter()
-            .any(|r| r.contains("fieldSelector=spec.nodeName%3Dn1")),
-        "{w:?}"
+            .any(|r| r.starts_with("/api/v1/pods?") && r.contains(&sel("%3D"))),
+        "{w:#?}"
     );
     assert!(
         w.iter()
-            .any(|r| r.contains("fieldSelector=spec.nodeName%21%3Dn1")),
-        "{w:?}"
+            .any(|r| r.starts_with("/api/v1/pods?") && r.contains(&sel("%21%3D"))),
+        "{w:#?}"
     );
+    assert!(
+        w.iter().all(|r| r.contains("allowWatchBookmarks=true")),
+        "{w:#?}"
+    );
+    let lists: Vec<Value> = n
+        .daemon_requests()
+        .into_iter()
+        .filter(|e| e["verb"] == "list" && e["stage"] == "ResponseComplete")
+        .collect();
+    assert!(lists.len() >= WATCHES, "{lists:#?}");
+    for l in &lists {
+        assert_eq!(l["responseStatus"]["code"], 200, "{l:#}");
+    }
 }
 
-#[tokio::test]
-async fn adds_updates_and_deletes_reach_the_model() {
-    let b = bed(seed()).await;
-    let api = &b.api;
-    // Pods.
-    api.apply(pod("demo", "new", NODE, "10.0.0.4"));
-    b.until("pod added", |s| s.workload_by_name("demo", "new").is_some())
-        .await;
-    api.apply(pod("demo", "new", NODE, "10.0.0.5"));
-    b.until("pod updated (new IP)", |s| {
-        s.workload_by_ip(ip("10.0.0.5")).is_some() && s.workload_by_ip(ip("10.0.0.4")).is_none()
+#[test]
+fn adds_updates_and_deletes_reach_the_model() {
+    let b = bed();
+    let n = &b.n;
+    let (demo, node, other) = (n.demo.as_str(), n.node.as_str(), n.other.as_str());
+    // Pods. Scheduled without an address (the kubelet has not reported one) it is no
+    // workload; a pod created after it, on the same watch, shows that it was seen.
+    n.cp.run_pod(&KubePod {
+        phase: None,
+        ..KubePod::running(demo, "new", "web", node, &[])
     })
-    .await;
-    let mut done = pod("demo", "new", NODE, "10.0.0.5");
-    done["status"]["phase"] = json!("Succeeded");
-    api.apply(done);
+    .unwrap();
+    b.pod(demo, "marker", node, "0.9");
+    let s = b.until("the pod after the scheduled one", |s| {
+        s.workload_by_name(demo, "marker").is_some()
+    });
+    assert!(s.workload_by_name(demo, "new").is_none(), "no address yet");
+    let new_ip = n.addr("0.4");
+    n.cp.set_pod_status(demo, "new", "Running", &[&new_ip])
+        .unwrap();
+    b.until("pod updated (running, its address)", |s| {
+        s.workload_by_ip(ip(&new_ip))
+            .is_some_and(|w| &*w.name == "new")
+    });
+    n.pod(demo, "new", node, "0.4", json!({"tier": "front"}));
+    b.until("pod labels updated", |s| {
+        s.workload_by_name(demo, "new")
+            .is_some_and(|w| w.labels.get("tier").map(|v| &**v) == Some("front"))
+    });
+    n.cp.set_pod_status(demo, "new", "Succeeded", &[&new_ip])
+        .unwrap();
     b.until("terminal pod dropped", |s| {
-        s.workload_by_name("demo", "new").is_none()
-    })
-    .await;
-    api.delete("v1", "Pod", Some("demo"), "remote");
+        s.workload_by_name(demo, "new").is_none()
+    });
+    b.delete("v1", "Pod", demo, "remote");
     b.until("pod deleted", |s| {
-        s.workload_by_ip(ip("10.0.0.2")).is_none()
-    })
-    .await;
+        s.workload_by_ip(ip(&n.addr("0.2"))).is_none()
+    });
     // Endpoint slices: readiness and deletion.
-    api.apply(pod("demo", "remote", "n2", "10.0.0.2"));
-    api.apply(slice(
-        "demo",
+    let vip = n.vip(demo, "web");
+    b.pod(demo, "remote", other, "0.2");
+    b.apply(slice(
+        demo,
         "web",
-        &[("10.0.0.1", false), ("10.0.0.2", true)],
+        &[(&n.addr("0.1"), false), (&n.addr("0.2"), true)],
     ));
     b.until("not-ready endpoint dropped", |s| {
-        endpoints(s, "10.96.0.1") == ["remote"]
-    })
-    .await;
-    api.delete(
-        "discovery.k8s.io/v1",
-        "EndpointSlice",
-        Some("demo"),
-        "web-x1",
-    );
-    b.until("slice deleted", |s| endpoints(s, "10.96.0.1").is_empty())
-        .await;
-    // Services.
-    api.apply(svc("demo", "api", "10.96.0.2"));
+        endpoints(s, &vip) == ["remote"]
+    });
+    b.delete("discovery.k8s.io/v1", "EndpointSlice", demo, "web-x1");
+    b.until("slice deleted", |s| endpoints(s, &vip).is_empty());
+    // Services (a cluster IP cannot change: the target port does).
+    b.apply(svc(demo, "api"));
+    let api_vip = n.vip(demo, "api");
     b.until("service added", |s| {
-        s.service_by_vip(ip("10.96.0.2")).is_some()
-    })
-    .await;
-    let mut moved = svc("demo", "api", "10.96.0.3");
+        s.service_by_vip(ip(&api_vip))
+            .is_some_and(|v| &*v.name == "api")
+    });
+    let mut moved = svc(demo, "api");
     moved["spec"]["ports"][0]["targetPort"] = json!(9090);
-    api.apply(moved);
+    b.apply(moved);
     b.until("service updated", |s| {
-        s.service_by_vip(ip("10.96.0.2")).is_none()
-            && s.service_by_vip(ip("10.96.0.3"))
-                .is_some_and(|v| v.target_port(80) == Some(9090))
-    })
-    .await;
-    api.delete("v1", "Service", Some("demo"), "api");
+        s.service_by_vip(ip(&api_vip))
+            .is_some_and(|v| v.target_port(80) == Some(9090))
+    });
+    b.delete("v1", "Service", demo, "api");
     b.until("service deleted", |s| {
-        s.service_by_vip(ip("10.96.0.3")).is_none()
-    })
-    .await;
+        s.service_by_vip(ip(&api_vip)).is_none()
+    });
     // Policies.
-    api.apply(json!({"apiVersion": POLICY, "kind": "PeerAuthentication",
-        "metadata": {"name": "strict", "namespace": "demo"}, "spec": {"mtls": {"mode": "STRICT"}}}));
+    b.apply(json!({"apiVersion": POLICY, "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": demo}, "spec": {"mtls": {"mode": "STRICT"}}}));
     b.until("peer authentication added", |s| {
-        s.peer_authentications().len() == 1
-    })
-    .await;
-    api.apply(deny("demo", "no-evil", "cluster.local/ns/worse/sa/*"));
+        s.peer_authentications()
+            .iter()
+            .any(|p| p.metadata.namespace == demo)
+    });
+    b.apply(deny(demo, "no-evil", "cluster.local/ns/worse/sa/*"));
     b.until("policy updated", |s| {
-        s.authorization_policies()[0].spec.rules[0].from[0]
-            .source
-            .principals
-            == ["cluster.local/ns/worse/sa/*"]
-    })
-    .await;
-    api.delete(POLICY, "AuthorizationPolicy", Some("demo"), "no-evil");
-    api.delete(POLICY, "PeerAuthentication", Some("demo"), "strict");
+        b.policies(s)[0].spec.rules[0].from[0].source.principals == ["cluster.local/ns/worse/sa/*"]
+    });
+    b.delete(POLICY, "AuthorizationPolicy", demo, "no-evil");
+    b.delete(POLICY, "PeerAuthentication", demo, "strict");
     b.until("policies deleted", |s| {
-        s.authorization_policies().is_empty() && s.peer_authentications().is_empty()
-    })
-    .await;
+        b.policies(s).is_empty()
+            && !s
+                .peer_authentications()
+                .iter()
+                .any(|p| p.metadata.namespace == demo)
+    });
     assert!(b.disc.reloads_ok() > 0);
     assert_eq!(b.disc.reloads_failed(), 0);
 }
@@ -300,184 +475,97 @@ fn pod_ref(ns: &str, name: &str) -> ztunnel_proto::enroll::PodRef {
     }
 }
 
-fn enrolls(s: &State, ns: &str, name: &str, addr: &str) -> bool {
+fn enrolls(s: &State, node: &str, ns: &str, name: &str, addr: &str) -> bool {
     matches!(
-        decide(s, NODE, &pod_ref(ns, name), &[ip(addr)]),
+        decide(s, node, &pod_ref(ns, name), &[ip(addr)]),
         Decision::Enroll(_)
     )
 }
 
-#[tokio::test]
-async fn label_changes_reach_the_model_and_the_enrollment_decision() {
-    let b = bed(seed()).await;
-    let api = &b.api;
-    api.apply(pod("legacy", "here", NODE, "10.0.1.1"));
-    let s = b
-        .until("legacy pod known", |s| {
-            s.workload_by_name("legacy", "here").is_some()
-        })
-        .await;
-    assert!(!enrolls(&s, "legacy", "here", "10.0.1.1"));
-    assert!(enrolls(&s, "demo", "local", "10.0.0.1"));
+#[test]
+fn label_changes_reach_the_model_and_the_enrollment_decision() {
+    let b = bed();
+    let n = &b.n;
+    let (demo, legacy, node) = (n.demo.as_str(), n.legacy.as_str(), n.node.as_str());
+    let (here, local) = (n.addr("1.1"), n.addr("0.1"));
+    b.pod(legacy, "here", node, "1.1");
+    let s = b.until("legacy pod known", |s| {
+        s.workload_by_name(legacy, "here").is_some()
+    });
+    assert!(!enrolls(&s, node, legacy, "here", &here));
+    assert!(enrolls(&s, node, demo, "local", &local));
 
     // The namespace gains the label: its pods enroll, remote ones become HBONE.
-    api.apply(ns("legacy", true));
-    let s = b
-        .until("legacy enrolled", |s| s.namespace_enrolled("legacy"))
-        .await;
-    assert!(enrolls(&s, "legacy", "here", "10.0.1.1"));
-    assert!(s.enrolled(s.workload_by_ip(ip("10.0.0.3")).unwrap()));
+    b.apply(ns_object(legacy, true));
+    let s = b.until("legacy enrolled", |s| s.namespace_enrolled(legacy));
+    assert!(enrolls(&s, node, legacy, "here", &here));
+    assert!(s.enrolled(s.workload_by_ip(ip(&n.addr("0.3"))).unwrap()));
 
     // A pod opts out.
-    let mut out = pod("demo", "local", NODE, "10.0.0.1");
-    out["metadata"]["labels"][DATAPLANE_MODE_LABEL] = json!("none");
-    api.apply(out);
-    let s = b
-        .until("pod opted out", |s| {
-            !s.enrolled(s.workload_by_name("demo", "local").unwrap())
-        })
-        .await;
+    n.pod(
+        demo,
+        "local",
+        node,
+        "0.1",
+        json!({DATAPLANE_MODE_LABEL: "none"}),
+    );
+    let s = b.until("pod opted out", |s| {
+        !s.enrolled(s.workload_by_name(demo, "local").unwrap())
+    });
     assert!(matches!(
-        decide(&s, NODE, &pod_ref("demo", "local"), &[ip("10.0.0.1")]),
+        decide(&s, node, &pod_ref(demo, "local"), &[ip(&local)]),
         Decision::NotEnrolled(ref why) if why.contains("opted out")
     ));
     // A remote pod opts out: outbound to it is plain TCP.
-    let mut out = pod("demo", "remote", "n2", "10.0.0.2");
-    out["metadata"]["labels"][DATAPLANE_MODE_LABEL] = json!("none");
-    api.apply(out);
+    n.pod(
+        demo,
+        "remote",
+        &n.other,
+        "0.2",
+        json!({DATAPLANE_MODE_LABEL: "none"}),
+    );
     b.until("remote pod opted out", |s| {
-        !s.enrolled(s.workload_by_ip(ip("10.0.0.2")).unwrap())
-    })
-    .await;
+        !s.enrolled(s.workload_by_ip(ip(&n.addr("0.2"))).unwrap())
+    });
 
     // The namespace loses the label: release.
-    api.apply(ns("legacy", false));
-    let s = b
-        .until("legacy released", |s| !s.namespace_enrolled("legacy"))
-        .await;
+    b.apply(ns_object(legacy, false));
+    let s = b.until("legacy released", |s| !s.namespace_enrolled(legacy));
     assert!(matches!(
-        decide(&s, NODE, &pod_ref("legacy", "here"), &[ip("10.0.1.1")]),
+        decide(&s, node, &pod_ref(legacy, "here"), &[ip(&here)]),
         Decision::NotEnrolled(_)
     ));
 }
 
-#[tokio::test]
-async fn a_watch_closed_by_the_server_resumes_without_loss_or_duplicates() {
-    let b = bed(seed()).await;
-    b.until_watching(WATCHES).await;
-    let lists = b.pod_lists();
-    for round in 0..3 {
-        b.api.close_watches();
-        b.api.apply(pod(
-            "demo",
-            &format!("r{round}"),
-            "n2",
-            &format!("10.0.2.{round}"),
-        ));
-        b.until_watching(WATCHES).await;
-    }
-    let s = b
-        .until("pods added across closed watches", |s| {
-            s.workload_by_name("demo", "r2").is_some()
-        })
-        .await;
-    assert_eq!(s.workloads().len(), 6, "{:#}", s.dump());
-    assert_eq!(b.pod_lists(), lists, "resumed from its version, no re-list");
-    // Each resumed watch started at a resourceVersion, not from scratch.
-    assert!(b
-        .pod_watches()
-        .iter()
-        .all(|r| r.contains("resourceVersion=") && !r.contains("resourceVersion=0&")));
-}
-
-#[tokio::test]
-async fn gone_410_relists_and_objects_deleted_in_the_gap_are_gone() {
-    let b = bed(seed()).await;
-    b.until_watching(WATCHES).await;
-    let lists = b.pod_lists();
-    b.api.refuse_watches(true);
-    b.api.close_watches();
-    b.api.delete("v1", "Pod", Some("demo"), "remote");
-    b.api.delete("v1", "Pod", Some("demo"), "local");
-    b.api.apply(pod("demo", "fresh", NODE, "10.0.0.9"));
-    b.api
-        .delete(POLICY, "AuthorizationPolicy", Some("demo"), "no-evil");
-    b.api.expire_history();
-    b.api.refuse_watches(false);
-    let s = b
-        .until("re-listed after 410", |s| {
-            s.workload_by_name("demo", "fresh").is_some()
-                && s.workload_by_ip(ip("10.0.0.2")).is_none()
-                && s.authorization_policies().is_empty()
-        })
-        .await;
-    assert!(s.workload_by_name("demo", "local").is_none());
-    assert_eq!(s.workloads().len(), 2, "{:#}", s.dump());
-    assert_eq!(endpoints(&s, "10.96.0.1"), Vec::<String>::new());
-    assert!(b.pod_lists() >= lists + 2, "both pod watchers re-listed");
-}
-
-#[tokio::test]
-async fn bookmarks_are_accepted() {
-    let b = bed(seed()).await;
-    b.until_watching(WATCHES).await;
-    // Other collections move the global version on; pods do not.
-    for i in 0..5 {
-        b.api.apply(ns(&format!("other{i}"), false));
-    }
-    let rv = b.api.resource_version();
-    b.api.bookmark();
-    // Give the bookmark time to arrive (nothing else changes the pods meanwhile).
-    b.until("namespaces seen", |s| s.namespace("other4").is_some())
-        .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    b.api.close_watches();
-    b.until_watching(WATCHES).await;
-    let w = b.pod_watches();
-    assert!(
-        w.iter()
-            .rev()
-            .take(2)
-            .all(|r| r.contains(&format!("resourceVersion={rv}&"))
-                || r.ends_with(&format!("resourceVersion={rv}"))),
-        "pod watches resume from the bookmark's version {rv}: {w:#?}"
-    );
-    assert!(w.iter().all(|r| r.contains("allowWatchBookmarks=true")));
-    b.api.apply(pod("demo", "after", NODE, "10.0.0.7"));
-    b.until("still following", |s| {
-        s.workload_by_name("demo", "after").is_some()
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_bad_policy_is_refused_and_counted_and_the_rest_stays() {
-    let b = bed(seed()).await;
-    let http_only = json!({"apiVersion": POLICY, "kind": "AuthorizationPolicy",
-        "metadata": {"name": "http", "namespace": "demo"},
-        "spec": {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}});
-    b.api.apply(http_only);
-    b.api.apply(pod("demo", "next", NODE, "10.0.0.8"));
-    let s = b
-        .until("the pod after the bad policy arrives", |s| {
-            s.workload_by_name("demo", "next").is_some()
-        })
-        .await;
-    assert_eq!(b.disc.objects_refused(), 1);
-    assert_eq!(s.authorization_policies().len(), 1, "only the good one");
-    assert_eq!(s.workloads().len(), 4);
-    // A good policy updated into a bad one: refused, and its last good version kept.
-    let mut typo = deny("demo", "no-evil", "x");
-    typo["spec"]["rules"][0]["from"][0]["source"] = json!({"principalz": ["x"]});
-    b.api.apply(typo);
-    b.api.apply(pod("demo", "next2", NODE, "10.0.0.10"));
-    let s = b
-        .until("the next pod arrives", |s| {
-            s.workload_by_name("demo", "next2").is_some()
-        })
-        .await;
-    assert_eq!(b.disc.objects_refused(), 2);
-    let p = &s.authorization_policies()[0];
+#[test]
+fn a_bad_policy_is_refused_and_counted_and_the_rest_stays() {
+    let b = bed();
+    let n = &b.n;
+    let demo = n.demo.as_str();
+    let refused = b.disc.objects_refused();
+    // The CRD admits ports as strings; the daemon cannot enforce a named one.
+    let named_port = json!({"apiVersion": POLICY, "kind": "AuthorizationPolicy",
+        "metadata": {"name": "named-port", "namespace": demo},
+        "spec": {"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}});
+    b.apply(named_port);
+    b.pod(demo, "next", &n.node, "0.8");
+    let s = b.until("the pod after the bad policy arrives", |s| {
+        s.workload_by_name(demo, "next").is_some()
+    });
+    assert_eq!(b.disc.objects_refused(), refused + 1);
+    assert_eq!(b.policies(&s).len(), 1, "only the good one");
+    assert_eq!(b.mine(&s).len(), 4);
+    // A good policy updated into a bad one (an address the CRD admits as a string):
+    // refused, and its last good version kept.
+    let mut typo = deny(demo, "no-evil", "x");
+    typo["spec"]["rules"][0]["from"][0]["source"] = json!({"ipBlocks": ["10.0.0.300/8"]});
+    b.apply(typo);
+    b.pod(demo, "next2", &n.node, "0.10");
+    let s = b.until("the next pod arrives", |s| {
+        s.workload_by_name(demo, "next2").is_some()
+    });
+    assert_eq!(b.disc.objects_refused(), refused + 2);
+    let p = &b.policies(&s)[0];
     assert_eq!(p.metadata.name, "no-evil");
     assert_eq!(
         p.spec.rules[0].from[0].source.principals,
@@ -486,44 +574,37 @@ async fn a_bad_policy_is_refused_and_counted_and_the_rest_stays() {
     assert_eq!(b.disc.reloads_failed(), 0);
 }
 
-/// The real daemon, `--discovery-source kubernetes`, against the stand-in inside its own
-/// network namespace: the workload shows in `/config_dump`.
+/// The real daemon, `--discovery-source kubernetes`, in a network namespace attached to the
+/// control plane, with its bound token: its workloads show in `/config_dump` and follow the
+/// API server.
 #[test]
 fn the_daemon_runs_on_kubernetes_discovery() {
     use ztunnel_e2e::{daemon, netns};
-    netns::require_prerequisites();
+    let n = Names::seeded();
     let host = netns::Netns::new("kd-n1").unwrap();
-    let listener = host
-        .block_on(async { std::net::TcpListener::bind("127.0.0.1:0") })
-        .unwrap();
-    let api = ApiServer::start_on(listener);
-    for o in seed() {
-        api.apply(o);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kc, "daemon-token");
+    n.cp.attach(&host).unwrap();
+    let dir = n.dir.path();
     let args: Vec<String> = [
         "run",
         "--capture-mode",
         "node",
         "--node-name",
-        NODE,
+        &n.node,
         "--discovery-source",
         "kubernetes",
         "--kubeconfig",
-        kc.to_str().unwrap(),
+        n.kubeconfig.to_str().unwrap(),
         "--ca-dir",
-        dir.path().join("ca").to_str().unwrap(),
+        dir.join("ca").to_str().unwrap(),
         "--state-dir",
-        dir.path().join("state").to_str().unwrap(),
+        dir.join("state").to_str().unwrap(),
         "--drain-grace",
         "1s",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut p = daemon::Process::start(&host, "n1", dir.path(), &args, &[]).unwrap();
+    let mut p = daemon::Process::start(&host, "n1", dir, &args, &[]).unwrap();
     daemon::wait_ready(
         &host,
         &mut p,
@@ -542,13 +623,14 @@ fn the_daemon_runs_on_kubernetes_discovery() {
             .as_array()
             .unwrap()
             .iter()
+            .filter(|w| w["namespace"] == n.demo.as_str() || w["namespace"] == n.legacy.as_str())
             .map(|w| w["name"].as_str().unwrap().to_string())
             .collect();
         v.sort();
         v
     };
     assert_eq!(names(&dump("initial")), ["local", "old", "remote"]);
-    api.apply(pod("demo", "later", "n2", "10.0.0.6"));
+    n.pod(&n.demo, "later", &n.other, "0.6", json!({}));
     let deadline = Instant::now() + Duration::from_secs(20);
     while !names(&dump("later")).contains(&"later".to_string()) {
         assert!(
@@ -559,4 +641,11 @@ fn the_daemon_runs_on_kubernetes_discovery() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(p.log().contains("discovery loaded from Kubernetes"));
+    // Nothing it asked was forbidden.
+    let forbidden: Vec<Value> = n
+        .daemon_requests()
+        .into_iter()
+        .filter(|e| e["responseStatus"]["code"] == 403)
+        .collect();
+    assert!(forbidden.is_empty(), "{forbidden:#?}");
 }

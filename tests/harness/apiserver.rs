@@ -1,36 +1,31 @@
-//! A stand-in Kubernetes API server for tests: a real HTTP/1.1 server (hyper) on its own thread
-//! and tokio runtime, speaking the list/watch protocol the way the real one does, so that
-//! `kube::Client`, `kube::runtime::watcher` and the daemon's and CA's code can be tested
-//! against it without a cluster.
+//! A stand-in Kubernetes API server, kept for the faults the real one (`controlplane.rs`) will
+//! not produce on demand: a watch closed mid-stream, `410 Gone` on resuming, a BOOKMARK at a
+//! moment of the test's choosing (used by `tests/kube_faults.rs`). A real HTTP/1.1 server
+//! (hyper) on its own thread and tokio runtime, answering the lists and watches of
+//! `kube::runtime::watcher` the way the real one does; objects are written by the test
+//! ([`ApiServer::apply`], [`ApiServer::delete`]), not through HTTP.
 //!
-//! Contract (shared with every helper, see `notes/contract.md`):
-//! - Objects live per collection (apiVersion, kind), keyed by (namespace, name), with one global
-//!   `resourceVersion` counter; every change (apply, create, replace, patch, delete) takes the
-//!   next version and is recorded in a history that watches replay.
-//! - Paths are mapped the way kube maps them: `/api/v1/[namespaces/{ns}/]{plural}[/{name}]`
-//!   for the core group, `/apis/{group}/{version}/[namespaces/{ns}/]{plural}[/{name}]` for the
-//!   others; the plural is the lowercase kind made plural (`…y` → `…ies`, `…s` → `…ses`), with an
-//!   override table (`Endpoints` → `endpoints`). Cluster-scoped kinds are in [`CLUSTER_SCOPED`].
+//! - Objects live per collection (apiVersion, kind), keyed by (namespace, name), with one
+//!   global `resourceVersion` counter; every change takes the next version and is recorded in
+//!   a history that watches replay.
+//! - Paths: `/api/v1/[namespaces/{ns}/]{plural}` for the core group,
+//!   `/apis/{group}/{version}/[namespaces/{ns}/]{plural}` for the others; the plural is the
+//!   lowercase kind made plural (`…y` → `…ies`). `Namespace` is the one cluster-scoped kind.
 //! - GET list answers `{"kind":"<Kind>List","apiVersion":..,"metadata":{"resourceVersion":..},
-//!   "items":[..]}`; `fieldSelector` (any dotted path, `=`, `==`, `!=`, comma-separated) and
-//!   `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`) filter; `limit` pages the answer (except
-//!   at `resourceVersion=0`, answered in one page as the real watch cache does), with a
-//!   `continue` token (pages of the current objects, not of a snapshot: a test that changes
-//!   objects between pages sees the change; the list's resourceVersion is the first page's).
-//! - GET with `watch=1|true` answers 200 and streams one `{"type":..,"object":..}` JSON per line:
-//!   without a `resourceVersion` (or with `0`) it starts with ADDED for every current object;
-//!   with one, it replays the recorded history newer than it, then live changes. A version older
-//!   than the last [`ApiServer::expire_history`] answers one `ERROR` event carrying a 410
-//!   `Expired` Status and ends the stream. An object that stops (starts) matching a watch's
-//!   selectors is DELETED (ADDED) for that watch. `allowWatchBookmarks` enables BOOKMARK events
-//!   ([`ApiServer::bookmark`]); `timeoutSeconds` ends the stream after that long;
-//!   [`ApiServer::close_watches`] ends every open stream.
-//! - POST create (409 `AlreadyExists`), PUT replace (404; 409 `Conflict` on a stale
-//!   `metadata.resourceVersion`), PATCH (JSON merge patch for merge/strategic-merge/apply
-//!   patches, apply creating a missing object; RFC 6902 JSON patch), DELETE (answers the deleted
-//!   object), with real `Status` bodies. [`ApiServer::on_create`] replaces POST on a path with a
-//!   test's handler (e.g. TokenReview).
-//! - Every request is logged as `"METHOD /path?query"` ([`ApiServer::requests`]).
+//!   "items":[..]}` in one page (as the real server answers a list at `resourceVersion=0` from
+//!   its watch cache, whatever the limit); `fieldSelector` (any dotted path, `=`, `==`, `!=`,
+//!   comma-separated) filters.
+//! - GET with `watch=1|true` answers 200 and streams one `{"type":..,"object":..}` JSON per
+//!   line: without a `resourceVersion` (or with `0`) it starts with ADDED for every current
+//!   object; with one, it replays the recorded history newer than it, then live changes. A
+//!   version older than the last [`ApiServer::expire_history`] answers one `ERROR` event
+//!   carrying a 410 `Expired` Status and ends the stream. An object that stops (starts)
+//!   matching a watch's selector is DELETED (ADDED) for that watch. `allowWatchBookmarks`
+//!   enables BOOKMARK events ([`ApiServer::bookmark`]); `timeoutSeconds` ends the stream after
+//!   that long; [`ApiServer::close_watches`] ends every open stream;
+//!   [`ApiServer::refuse_watches`] answers new ones 503.
+//! - Any other request answers 405. Every request is logged as `"METHOD /path?query"`
+//!   ([`ApiServer::requests`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -50,35 +45,23 @@ use tokio::sync::mpsc;
 mod paths;
 mod selector;
 
-pub use paths::{collection_path, plural, CLUSTER_SCOPED};
-use paths::{is_cluster_scoped, parse_path, query_map};
+use paths::{is_cluster_scoped, parse_path, plural, query_map};
 use selector::Selector;
 
-/// Kinds known before any object of them exists, so that an empty collection lists (and
-/// watches) instead of answering 404. Any other kind becomes known when first applied.
+/// The kinds the daemon watches, known before any object of them exists, so that an empty
+/// collection lists (and watches) instead of answering 404.
 const KNOWN_KINDS: &[(&str, &str)] = &[
     ("v1", "Namespace"),
     ("v1", "Pod"),
     ("v1", "Service"),
-    ("v1", "Endpoints"),
-    ("v1", "Node"),
-    ("v1", "ConfigMap"),
-    ("v1", "Secret"),
-    ("v1", "ServiceAccount"),
-    ("v1", "Event"),
     ("discovery.k8s.io/v1", "EndpointSlice"),
     ("security.ztunnel.dev/v1", "AuthorizationPolicy"),
     ("security.ztunnel.dev/v1", "PeerAuthentication"),
-    ("authentication.k8s.io/v1", "TokenReview"),
-    ("coordination.k8s.io/v1", "Lease"),
-    ("apps/v1", "DaemonSet"),
-    ("apps/v1", "Deployment"),
 ];
 
 type Key = (String, String); // (namespace or "", name)
 type Collection = (String, String); // (apiVersion, kind)
 type Body = BoxBody<Bytes, Infallible>;
-type CreateHandler = Arc<dyn Fn(Value) -> (u16, Value) + Send + Sync>;
 
 /// One recorded change.
 #[derive(Clone)]
@@ -138,7 +121,6 @@ struct Store {
     watches: Vec<Watch>,
     /// plural path prefix ("/api/v1/pods" style key: (apiVersion, plural)) → kind
     kinds: HashMap<(String, String), String>,
-    handlers: HashMap<String, CreateHandler>,
     requests: Vec<String>,
     next_uid: u64,
     /// New watches answer 503 (an API server going away) while set.
@@ -241,10 +223,6 @@ impl Store {
         });
         Some(old)
     }
-
-    fn lookup(&self, collection: &Collection, key: &Key) -> Option<Value> {
-        self.objects.get(collection)?.get(key).cloned()
-    }
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Value {
@@ -279,43 +257,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
-    let content_type = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
     let line = match &query {
         Some(q) => format!("{method} {path}?{q}"),
         None => format!("{method} {path}"),
     };
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return fail(400, "BadRequest", &format!("reading body: {e}")),
-    };
-    let handler = {
-        let mut store = shared.store.lock().unwrap();
-        store.requests.push(line);
-        if method == Method::POST {
-            store.handlers.get(&path).cloned()
-        } else {
-            None
-        }
-    };
-    if let Some(h) = handler {
-        let obj: Value = match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => return fail(400, "BadRequest", &format!("body: {e}")),
-        };
-        let (code, answer) = tokio::task::spawn_blocking(move || h(obj))
-            .await
-            .expect("create handler panicked");
-        return respond(code, &answer);
-    }
-    if path == "/version" {
-        return respond(
-            200,
-            &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-standin", "platform": "linux/amd64"}),
+    let mut store = shared.store.lock().unwrap();
+    store.requests.push(line);
+    if method != Method::GET {
+        return fail(
+            405,
+            "MethodNotAllowed",
+            "the stand-in only lists and watches",
         );
     }
     let Some(target) = parse_path(&path) else {
@@ -326,7 +278,6 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let q = query_map(query.as_deref());
-    let mut store = shared.store.lock().unwrap();
     let Some(kind) = store
         .kinds
         .get(&(target.api_version.clone(), target.plural.clone()))
@@ -339,204 +290,46 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let collection = (target.api_version.clone(), kind.clone());
-    let ns_key = if is_cluster_scoped(&kind) {
-        String::new()
-    } else {
-        target.namespace.clone().unwrap_or_default()
+    let selector = match Selector::parse(
+        target
+            .namespace
+            .clone()
+            .filter(|_| !is_cluster_scoped(&kind)),
+        q.get("fieldSelector").map(String::as_str).unwrap_or(""),
+    ) {
+        Ok(s) => s,
+        Err(e) => return fail(400, "BadRequest", &e),
     };
-    let gr = format!(
-        "{} \"{}\"",
-        target.plural,
-        target.name.clone().unwrap_or_default()
-    );
-
-    match (method, &target.name) {
-        (Method::GET, None) => {
-            let selector = match Selector::parse(
-                target
-                    .namespace
-                    .clone()
-                    .filter(|_| !is_cluster_scoped(&kind)),
-                q.get("fieldSelector").map(String::as_str).unwrap_or(""),
-                q.get("labelSelector").map(String::as_str).unwrap_or(""),
-            ) {
-                Ok(s) => s,
-                Err(e) => return fail(400, "BadRequest", &e),
-            };
-            let watch = matches!(q.get("watch").map(String::as_str), Some("1" | "true"));
-            if watch && store.refuse_watches {
-                fail(
-                    503,
-                    "ServiceUnavailable",
-                    "the stand-in refuses watches for now",
-                )
-            } else if watch {
-                start_watch(&mut store, collection, selector, &q)
-            } else {
-                let items: Vec<Value> = store
-                    .objects
-                    .get(&collection)
-                    .map(|c| {
-                        c.values()
-                            .filter(|o| selector.matches(o))
-                            .cloned()
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                // Pages: `continue` is "<resourceVersion of the first page>/<offset>".
-                let (first_rv, offset) = match q.get("continue").filter(|c| !c.is_empty()) {
-                    Some(c) => match c.split_once('/').and_then(|(rv, off)| {
-                        Some((rv.parse::<u64>().ok()?, off.parse::<usize>().ok()?))
-                    }) {
-                        Some(t) => t,
-                        None => return fail(400, "BadRequest", "invalid continue token"),
-                    },
-                    None => (store.rv, 0),
-                };
-                // As the real server: a list at resourceVersion=0 is answered from its watch
-                // cache, in one page whatever the limit.
-                let from_cache = q.get("resourceVersion").map(String::as_str) == Some("0");
-                let limit = q
-                    .get("limit")
-                    .and_then(|l| l.parse::<usize>().ok())
-                    .filter(|l| *l > 0 && !from_cache)
-                    .unwrap_or(usize::MAX);
-                let end = offset.saturating_add(limit).min(items.len());
-                let page: Vec<Value> = items
-                    .get(offset.min(items.len())..end)
-                    .unwrap_or_default()
-                    .to_vec();
-                let mut meta = json!({"resourceVersion": first_rv.to_string()});
-                if end < items.len() {
-                    meta["continue"] = json!(format!("{first_rv}/{end}"));
-                }
-                respond(
-                    200,
-                    &json!({
-                        "kind": format!("{kind}List"),
-                        "apiVersion": target.api_version,
-                        "metadata": meta,
-                        "items": page,
-                    }),
-                )
-            }
-        }
-        (Method::GET, Some(name)) => match store.lookup(&collection, &(ns_key, name.clone())) {
-            Some(o) => respond(200, &o),
-            None => fail(404, "NotFound", &format!("{gr} not found")),
-        },
-        (Method::POST, None) => {
-            let mut obj: Value = match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(e) => return fail(400, "BadRequest", &format!("body: {e}")),
-            };
-            obj["apiVersion"] = json!(target.api_version);
-            obj["kind"] = json!(kind);
-            if !is_cluster_scoped(&kind) {
-                if let Some(ns) = &target.namespace {
-                    obj["metadata"]["namespace"] = json!(ns);
-                }
-            }
-            let Some(name) = obj["metadata"]["name"].as_str().map(str::to_string) else {
-                return fail(422, "Invalid", "metadata.name: Required value");
-            };
-            let ns = if is_cluster_scoped(&kind) {
-                String::new()
-            } else {
-                obj["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or("default")
-                    .to_string()
-            };
-            if store.lookup(&collection, &(ns, name.clone())).is_some() {
-                return fail(
-                    409,
-                    "AlreadyExists",
-                    &format!("{} \"{name}\" already exists", target.plural),
-                );
-            }
-            if let Some(m) = obj["metadata"].as_object_mut() {
-                m.remove("resourceVersion");
-            }
-            let stored = store.put(obj);
-            respond(201, &stored)
-        }
-        (Method::PUT, Some(name)) => {
-            let mut obj: Value = match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(e) => return fail(400, "BadRequest", &format!("body: {e}")),
-            };
-            let Some(current) = store.lookup(&collection, &(ns_key.clone(), name.clone())) else {
-                return fail(404, "NotFound", &format!("{gr} not found"));
-            };
-            if let Some(rv) = obj["metadata"]["resourceVersion"].as_str() {
-                if !rv.is_empty() && Some(rv) != current["metadata"]["resourceVersion"].as_str() {
-                    return fail(
-                        409,
-                        "Conflict",
-                        &format!(
-                            "Operation cannot be fulfilled on {gr}: the object has been modified; please apply your changes to the latest version and try again"
-                        ),
-                    );
-                }
-            }
-            obj["apiVersion"] = json!(target.api_version);
-            obj["kind"] = json!(kind);
-            obj["metadata"]["name"] = json!(name);
-            if !ns_key.is_empty() {
-                obj["metadata"]["namespace"] = json!(ns_key);
-            }
-            let stored = store.put(obj);
-            respond(200, &stored)
-        }
-        (Method::PATCH, Some(name)) => {
-            let patch: Value = match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(e) => return fail(400, "BadRequest", &format!("body: {e}")),
-            };
-            let current = store.lookup(&collection, &(ns_key.clone(), name.clone()));
-            let apply = content_type.starts_with("application/apply-patch");
-            let mut obj = match current {
-                Some(o) => o,
-                None if apply => {
-                    let mut o = json!({"apiVersion": target.api_version, "kind": kind, "metadata": {"name": name}});
-                    if !ns_key.is_empty() {
-                        o["metadata"]["namespace"] = json!(ns_key);
-                    }
-                    o
-                }
-                None => return fail(404, "NotFound", &format!("{gr} not found")),
-            };
-            if content_type.starts_with("application/json-patch+json") {
-                let p: json_patch::Patch = match serde_json::from_value(patch) {
-                    Ok(p) => p,
-                    Err(e) => return fail(400, "BadRequest", &format!("json patch: {e}")),
-                };
-                if let Err(e) = json_patch::patch(&mut obj, &p) {
-                    return fail(422, "Invalid", &format!("json patch: {e}"));
-                }
-            } else {
-                json_patch::merge(&mut obj, &patch);
-            }
-            obj["apiVersion"] = json!(target.api_version);
-            obj["kind"] = json!(kind);
-            obj["metadata"]["name"] = json!(name);
-            if !ns_key.is_empty() {
-                obj["metadata"]["namespace"] = json!(ns_key);
-            }
-            let stored = store.put(obj);
-            respond(200, &stored)
-        }
-        (Method::DELETE, Some(name)) => match store.remove(&collection, &(ns_key, name.clone())) {
-            Some(o) => respond(200, &o),
-            None => fail(404, "NotFound", &format!("{gr} not found")),
-        },
-        _ => fail(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method",
-        ),
+    let watch = matches!(q.get("watch").map(String::as_str), Some("1" | "true"));
+    if watch && store.refuse_watches {
+        return fail(
+            503,
+            "ServiceUnavailable",
+            "the stand-in refuses watches for now",
+        );
     }
+    if watch {
+        return start_watch(&mut store, collection, selector, &q);
+    }
+    let items: Vec<Value> = store
+        .objects
+        .get(&collection)
+        .map(|c| {
+            c.values()
+                .filter(|o| selector.matches(o))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    respond(
+        200,
+        &json!({
+            "kind": format!("{kind}List"),
+            "apiVersion": target.api_version,
+            "metadata": {"resourceVersion": store.rv.to_string()},
+            "items": items,
+        }),
+    )
 }
 
 fn start_watch(
@@ -625,11 +418,7 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts on 127.0.0.1 on a free port.
     pub fn start() -> ApiServer {
-        Self::start_on(TcpListener::bind("127.0.0.1:0").expect("bind the stand-in API server"))
-    }
-
-    /// Starts on a listener the caller bound (e.g. inside a test's network namespace).
-    pub fn start_on(l: TcpListener) -> ApiServer {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind the stand-in API server");
         l.set_nonblocking(true).expect("nonblocking listener");
         let addr = l.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
@@ -718,22 +507,6 @@ impl ApiServer {
             .remove(&(api_version.into(), kind.into()), &(ns, name.into()));
     }
 
-    pub fn get(
-        &self,
-        api_version: &str,
-        kind: &str,
-        namespace: Option<&str>,
-        name: &str,
-    ) -> Option<Value> {
-        let ns = if is_cluster_scoped(kind) {
-            String::new()
-        } else {
-            namespace.unwrap_or("default").to_string()
-        };
-        self.store()
-            .lookup(&(api_version.into(), kind.into()), &(ns, name.into()))
-    }
-
     /// Ends every open watch stream (the clients see a clean end of the response).
     pub fn close_watches(&self) {
         self.store().watches.clear();
@@ -768,17 +541,6 @@ impl ApiServer {
             });
             w.tx.send(event_line("BOOKMARK", &obj)).is_ok()
         });
-    }
-
-    /// Answers POSTs to `collection_path` with `f(body)` = (status, body) instead of storing.
-    pub fn on_create(
-        &self,
-        collection_path: &str,
-        f: impl Fn(Value) -> (u16, Value) + Send + Sync + 'static,
-    ) {
-        self.store()
-            .handlers
-            .insert(collection_path.to_string(), Arc::new(f));
     }
 
     /// Every request so far, as `"METHOD /path?query"`.

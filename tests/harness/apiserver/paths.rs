@@ -1,76 +1,34 @@
-//! Resource paths of the stand-in API server: kinds to plurals and collection paths, request
-//! paths back to (apiVersion, plural, namespace, name), and query strings.
+//! Resource paths of the stand-in API server: kinds to plurals, request paths back to
+//! (apiVersion, plural, namespace), and query strings.
 
 use std::collections::HashMap;
 
-/// Kinds that are not namespaced.
-pub const CLUSTER_SCOPED: &[&str] = &[
-    "Namespace",
-    "Node",
-    "PersistentVolume",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "CustomResourceDefinition",
-    "TokenReview",
-    "SubjectAccessReview",
-    "SelfSubjectAccessReview",
-    "CertificateSigningRequest",
-    "StorageClass",
-    "PriorityClass",
-    "MutatingWebhookConfiguration",
-    "ValidatingWebhookConfiguration",
-    "APIService",
-];
-
-/// The plural resource name of a kind, as the API server's paths use it.
-pub fn plural(kind: &str) -> String {
+/// The plural resource name of a kind, as the API server's paths use it (for the kinds the
+/// daemon watches).
+pub(super) fn plural(kind: &str) -> String {
     let lower = kind.to_ascii_lowercase();
-    // Overrides: kinds whose plural is not the rule's.
-    if lower == "endpoints" {
-        return lower;
-    }
     if let Some(stem) = lower.strip_suffix('y') {
         if !stem.ends_with(['a', 'e', 'i', 'o', 'u']) {
             return format!("{stem}ies");
         }
     }
-    if lower.ends_with('s')
-        || lower.ends_with('x')
-        || lower.ends_with("ch")
-        || lower.ends_with("sh")
-    {
-        return format!("{lower}es");
-    }
     format!("{lower}s")
 }
 
+/// Whether `kind` is not namespaced (of the kinds the daemon watches, only `Namespace`).
 pub(super) fn is_cluster_scoped(kind: &str) -> bool {
-    CLUSTER_SCOPED.contains(&kind)
+    kind == "Namespace"
 }
 
-/// The URL path of a collection (`namespace` None: all namespaces, or a cluster-scoped kind).
-pub fn collection_path(api_version: &str, kind: &str, namespace: Option<&str>) -> String {
-    let prefix = if api_version.contains('/') {
-        format!("/apis/{api_version}")
-    } else {
-        format!("/api/{api_version}")
-    };
-    match namespace {
-        Some(ns) if !is_cluster_scoped(kind) => {
-            format!("{prefix}/namespaces/{ns}/{}", plural(kind))
-        }
-        _ => format!("{prefix}/{}", plural(kind)),
-    }
-}
-
-/// A parsed resource path.
+/// A parsed collection path.
 pub(super) struct Target {
     pub(super) api_version: String,
     pub(super) plural: String,
     pub(super) namespace: Option<String>,
-    pub(super) name: Option<String>,
 }
 
+/// `/api/v1/[namespaces/{ns}/]{plural}` or `/apis/{group}/{version}/[namespaces/{ns}/]{plural}`;
+/// `None` for anything else (an object's path: the stand-in only lists and watches).
 pub(super) fn parse_path(path: &str) -> Option<Target> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (api_version, rest) = match segs.as_slice() {
@@ -78,20 +36,15 @@ pub(super) fn parse_path(path: &str) -> Option<Target> {
         ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
         _ => return None,
     };
-    let (namespace, plural, name) = match rest {
-        [p] => (None, *p, None),
-        ["namespaces", ns, p] => (Some(ns.to_string()), *p, None),
-        ["namespaces", ns, p, n] | ["namespaces", ns, p, n, "status"] => {
-            (Some(ns.to_string()), *p, Some(n.to_string()))
-        }
-        [p, n] | [p, n, "status"] => (None, *p, Some(n.to_string())),
+    let (namespace, plural) = match rest {
+        [p] => (None, *p),
+        ["namespaces", ns, p] => (Some(ns.to_string()), *p),
         _ => return None,
     };
     Some(Target {
         api_version,
         plural: plural.to_string(),
         namespace,
-        name,
     })
 }
 

@@ -1,4 +1,5 @@
-//! Field and label selectors of the stand-in API server's lists and watches.
+//! The field selectors of the stand-in API server's lists and watches (the daemon selects its
+//! pods by `spec.nodeName`; it uses no label selector).
 
 use serde_json::Value;
 
@@ -7,23 +8,10 @@ use serde_json::Value;
 pub(super) struct Selector {
     pub(super) namespace: Option<String>,
     pub(super) fields: Vec<(String, bool, String)>, // (path, equal?, value)
-    pub(super) labels: Vec<LabelReq>,
-}
-
-#[derive(Clone)]
-pub(super) enum LabelReq {
-    Eq(String, String),
-    Ne(String, String),
-    Exists(String),
-    NotExists(String),
 }
 
 impl Selector {
-    pub(super) fn parse(
-        namespace: Option<String>,
-        fields: &str,
-        labels: &str,
-    ) -> Result<Self, String> {
+    pub(super) fn parse(namespace: Option<String>, fields: &str) -> Result<Self, String> {
         let mut sel = Selector {
             namespace,
             ..Default::default()
@@ -41,23 +29,6 @@ impl Selector {
             sel.fields
                 .push((path.trim().into(), eq, value.trim().into()));
         }
-        for term in labels.split(',').filter(|t| !t.is_empty()) {
-            let term = term.trim();
-            let req = if term.contains(" in ") || term.contains(" notin ") || term.contains('(') {
-                return Err(format!("unsupported label selector {term:?}"));
-            } else if let Some((k, v)) = term.split_once("!=") {
-                LabelReq::Ne(k.trim().into(), v.trim().into())
-            } else if let Some((k, v)) = term.split_once("==") {
-                LabelReq::Eq(k.trim().into(), v.trim().into())
-            } else if let Some((k, v)) = term.split_once('=') {
-                LabelReq::Eq(k.trim().into(), v.trim().into())
-            } else if let Some(k) = term.strip_prefix('!') {
-                LabelReq::NotExists(k.trim().into())
-            } else {
-                LabelReq::Exists(term.into())
-            };
-            sel.labels.push(req);
-        }
         Ok(sel)
     }
 
@@ -67,7 +38,7 @@ impl Selector {
                 return false;
             }
         }
-        for (path, eq, want) in &self.fields {
+        self.fields.iter().all(|(path, eq, want)| {
             let mut v = obj;
             for part in path.split('.') {
                 v = &v[part];
@@ -77,16 +48,7 @@ impl Selector {
                 Value::Null => String::new(),
                 other => other.to_string(),
             };
-            if (got == *want) != *eq {
-                return false;
-            }
-        }
-        let labels = &obj["metadata"]["labels"];
-        self.labels.iter().all(|req| match req {
-            LabelReq::Eq(k, v) => labels[k].as_str() == Some(v),
-            LabelReq::Ne(k, v) => labels[k].as_str() != Some(v),
-            LabelReq::Exists(k) => labels.get(k).is_some(),
-            LabelReq::NotExists(k) => labels.get(k).is_none(),
+            (got == *want) == *eq
         })
     }
 }
