@@ -129,7 +129,11 @@ pub fn spawn_watcher(
     synced: watch::Sender<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+        // `resourceVersion=0` and no page size: the API server answers the list of every pod
+        // from its watch cache, in one response, not as paged reads of etcd.
+        let mut cfg = watcher::Config::default().any_semantic();
+        cfg.page_size = None;
+        let stream = watcher::watcher(api, cfg).default_backoff();
         futures::pin_mut!(stream);
         let mut buffer: Option<PodIndex> = None;
         while let Some(ev) = stream.next().await {

@@ -1,5 +1,5 @@
 //! L4 identity policy, as Istio's ambient mode decides it: each policy object converted as
-//! istiod converts it ([`convert`]), then matched as Istio's ztunnel matches ([`engine`]).
+//! istiod converts it (`convert`), then matched as Istio's ztunnel matches (`engine`).
 //! Decisions are pure functions ([`PolicyIndex::evaluate`]); the proxies enforce them. Each
 //! object's status for Kubernetes comes from the same conversion ([`status_of`]).
 

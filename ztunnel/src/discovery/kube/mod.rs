@@ -16,13 +16,14 @@
 //!   status condition is kept current by [`status::StatusWriter`].
 //!
 //! A change marks the store dirty; the publisher rebuilds the state at most once per
-//! `coalesce` (bursts — a rollout, a re-list — become one rebuild) and counts reloads. An
-//! object that cannot be in the model (a policy with an HTTP-only or unknown field, a malformed
-//! IP, …) is logged, counted ([`Discovery::objects_refused`]) and skipped; everything else
-//! stays. When an object that was good is updated into a bad one, its last good version is
-//! kept (as the file source keeps the last good file): refusing the update must not silently
-//! widen access by dropping, e.g., a DENY policy. [`watch_kubernetes`] returns once every
-//! collection has been listed, so the first state is complete.
+//! `coalesce` (bursts — a rollout, a re-list — become one rebuild) and counts reloads. A policy
+//! is never refused: one whose spec cannot be read in full is kept and fails closed (see
+//! [`crate::discovery::policy`]), and its status says why. Another object that cannot be in the
+//! model (a malformed IP, an object without a name, …) is logged, counted
+//! ([`Discovery::objects_refused`]) and skipped; everything else stays. When such an object
+//! that was good is updated into a bad one, its last good version is kept (as the file source
+//! keeps the last good file). [`watch_kubernetes`] returns once every collection has been
+//! listed, so the first state is complete.
 
 pub mod objects;
 pub mod status;
@@ -170,7 +171,11 @@ where
     V: Clone + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut stream = watcher(api, cfg.any_semantic()).default_backoff().boxed();
+        // `resourceVersion=0` without a page size: the API server answers the list from its
+        // watch cache in one response (kube drops `resourceVersion=0` from paged lists).
+        let mut cfg = cfg.any_semantic();
+        cfg.page_size = None;
+        let mut stream = watcher(api, cfg).default_backoff().boxed();
         let mut buffer = None;
         while let Some(ev) = stream.next().await {
             match ev {
