@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use ztunnel::capture::pods::{decide, Decision};
+use ztunnel::discovery::policy::PolicyObject;
 use ztunnel::discovery::{Discovery, State, DATAPLANE_MODE_LABEL};
+use ztunnel::policy::status_of;
 use ztunnel_e2e::controlplane::{self, ControlPlane, KubePod};
 
 const SYSTEM: &str = "ztunnel-system";
@@ -564,13 +566,10 @@ fn a_policy_the_daemon_cannot_read_is_kept_and_fails_closed() {
         .into_iter()
         .find(|p| p.metadata.name == "unreadable")
         .unwrap();
+    let status = status_of(&PolicyObject::Authorization(p));
     assert!(
-        p.invalid
-            .as_deref()
-            .unwrap_or_default()
-            .contains("1:2:3:4:5:6:7:8:9"),
-        "{:?}",
-        p.invalid
+        status.fail_closed && status.message.contains("1:2:3:4:5:6:7:8:9"),
+        "{status:?}"
     );
     assert_eq!(b.policies(&s).len(), 2, "the good one stays");
     // A good policy updated into one the daemon cannot read: the new version is what counts
@@ -578,10 +577,13 @@ fn a_policy_the_daemon_cannot_read_is_kept_and_fails_closed() {
     let mut typo = deny(demo, "no-evil", "x");
     typo["spec"]["rules"][0]["from"][0]["source"] = json!({"ipBlocks": ["fd00::1::2"]});
     b.apply(typo);
+    let fails_closed = |p: &ztunnel::discovery::policy::AuthorizationPolicy| {
+        status_of(&PolicyObject::Authorization(p.clone())).fail_closed
+    };
     let s = b.until("the updated policy arrives", |s| {
         b.policies(s)
             .iter()
-            .any(|p| p.metadata.name == "no-evil" && p.invalid.is_some())
+            .any(|p| p.metadata.name == "no-evil" && fails_closed(p))
     });
     assert_eq!(b.policies(&s).len(), 2);
     assert_eq!(
