@@ -36,7 +36,7 @@ use ztunnel_proto::ca::{SignRequest, SignResponse};
 const TIMEOUT: Duration = Duration::from_secs(30);
 const SECRET: &str = "cacerts";
 const CONFIGMAP: &str = "ztunnel-ca-root";
-const SYSTEM: &str = "ztunnel-system";
+const SYSTEM: &str = controlplane::SYSTEM_NAMESPACE;
 const CA_PORT: u16 = 15012;
 
 /// A host attached to the control plane, where the CA runs and the test's clients connect
@@ -64,23 +64,8 @@ impl CaProcess {
     /// bound to a Pod object of that ServiceAccount, as in the CA Deployment.
     fn start(cp: &ControlPlane, host: &Host, dir: &Path, name: &str, args: &[&str]) -> CaProcess {
         let pod = format!("ztunnel-ca-{name}-{}", std::process::id());
-        let uid = cp
-            .run_pod(&KubePod::running(
-                SYSTEM,
-                &pod,
-                "ztunnel-ca",
-                "cp",
-                &["10.254.255.1"],
-            ))
-            .unwrap();
         let token = cp
-            .token(
-                SYSTEM,
-                "ztunnel-ca",
-                &[controlplane::ISSUER],
-                3600,
-                Some((&pod, &uid)),
-            )
+            .system_pod_token("ztunnel-ca", &pod, "cp", &[controlplane::ISSUER])
             .unwrap();
         let kubeconfig = cp
             .token_kubeconfig(dir, &format!("{name}.kubeconfig"), &token)
@@ -297,16 +282,7 @@ fn authorizes_nodes_by_token_and_pods(cp: &ControlPlane) {
     pod("job-1", "job", &n1, Some("Succeeded"));
     // The daemons' pods, and their projected tokens (audience ztunnel-ca, bound to the pod).
     let daemon_token = |node: &str, pod: &str| {
-        let uid = cp
-            .run_pod(&KubePod::running(
-                SYSTEM,
-                pod,
-                "ztunnel",
-                node,
-                &["10.254.255.2"],
-            ))
-            .unwrap();
-        cp.token(SYSTEM, "ztunnel", &["ztunnel-ca"], 3600, Some((pod, &uid)))
+        cp.system_pod_token("ztunnel", pod, node, &["ztunnel-ca"])
             .unwrap()
     };
     let tok_n1 = daemon_token(&n1, &format!("ztunnel-{n1}"));

@@ -21,7 +21,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use ztunnel_e2e::controlplane::{self, ControlPlane, KubePod};
 
-const SYSTEM: &str = "ztunnel-system";
 const ANNOTATION: &str = "ztunnel.dev/enrollment";
 
 /// A client for the API server with `token`, on the cp host.
@@ -178,23 +177,8 @@ fn the_admission_policy_keeps_the_daemon_to_its_annotation_on_its_node() {
     ))
     .unwrap();
     let daemon_pod = format!("ztunnel-{node_a}");
-    let uid = cp
-        .run_pod(&KubePod::running(
-            SYSTEM,
-            &daemon_pod,
-            "ztunnel",
-            &node_a,
-            &["10.99.1.3"],
-        ))
-        .unwrap();
     let token = cp
-        .token(
-            SYSTEM,
-            "ztunnel",
-            &[controlplane::ISSUER],
-            3600,
-            Some((&daemon_pod, &uid)),
-        )
+        .system_pod_token("ztunnel", &daemon_pod, &node_a, &[controlplane::ISSUER])
         .unwrap();
     let daemon = client_with_token(cp, &token);
     let patch = |pod: &str, body: Value| -> Result<(), String> {

@@ -30,7 +30,6 @@ use ztunnel::discovery::{Discovery, State, DATAPLANE_MODE_LABEL};
 use ztunnel::policy::status_of;
 use ztunnel_e2e::controlplane::{self, ControlPlane, KubePod};
 
-const SYSTEM: &str = "ztunnel-system";
 const DAEMON_USER: &str = "system:serviceaccount:ztunnel-system:ztunnel";
 const POLICY: &str = "security.ztunnel.dev/v1";
 
@@ -104,20 +103,8 @@ impl Names {
         cp.create_namespace(&legacy, json!({})).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let daemon_pod = format!("ztunnel-{node}");
-        let uid = cp
-            .run_pod(&KubePod {
-                labels: json!({"app": "ztunnel"}),
-                ..KubePod::running(SYSTEM, &daemon_pod, "ztunnel", &node, &[])
-            })
-            .unwrap();
         let token = cp
-            .token(
-                SYSTEM,
-                "ztunnel",
-                &[controlplane::ISSUER],
-                3600,
-                Some((&daemon_pod, &uid)),
-            )
+            .system_pod_token("ztunnel", &daemon_pod, &node, &[controlplane::ISSUER])
             .unwrap();
         let kubeconfig = cp
             .token_kubeconfig(dir.path(), "daemon.kubeconfig", &token)

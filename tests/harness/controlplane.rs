@@ -38,6 +38,8 @@ use crate::netns::{self, Netns};
 /// The API server's address on the cp host's bridge, reachable from attached hosts.
 pub const API_IP: &str = "10.254.0.1";
 pub const API_PORT: u16 = 6443;
+/// The namespace of `deploy/base`'s components.
+pub const SYSTEM_NAMESPACE: &str = "ztunnel-system";
 /// The issuer (and default audience) of the ServiceAccount tokens the API server signs.
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
@@ -604,6 +606,23 @@ impl ControlPlane {
                 .with_context(|| format!("TokenRequest for {ns}/{sa}"))?;
             Ok(got.status.context("no token in the answer")?.token)
         })
+    }
+
+    /// What the kubelet gives a system component's pod: a Running pod `pod` of ServiceAccount
+    /// `ztunnel-system/<sa>` on `node`, and a projected token of that ServiceAccount for
+    /// `audiences`, bound to the pod (so it names the node). Returns the token.
+    pub fn system_pod_token(
+        &self,
+        sa: &str,
+        pod: &str,
+        node: &str,
+        audiences: &[&str],
+    ) -> Result<String> {
+        let uid = self.run_pod(&KubePod {
+            labels: json!({"app": sa}),
+            ..KubePod::running(SYSTEM_NAMESPACE, pod, sa, node, &[])
+        })?;
+        self.token(SYSTEM_NAMESPACE, sa, audiences, 3600, Some((pod, &uid)))
     }
 
     /// A kubeconfig file in `dir` that reaches the API server from an attached host with

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use crate::controlplane::{self, ControlPlane, KubePod};
 use crate::testbed::{PodSpec, TestBed};
 
-const SYSTEM: &str = "ztunnel-system";
+const SYSTEM: &str = controlplane::SYSTEM_NAMESPACE;
 const AMBIENT: &str = "ztunnel.dev/dataplane-mode";
 
 /// The Kubernetes namespace of a bed's namespace `ns`.
@@ -109,17 +109,8 @@ impl KubeSource {
         for node in &bed.nodes {
             let pod = format!("ztunnel-{}", node.name);
             daemon_pods.push(pod.clone());
-            let uid = cp.run_pod(&KubePod {
-                labels: json!({"app": "ztunnel"}),
-                ..KubePod::running(SYSTEM, &pod, "ztunnel", &node.name, &[])
-            })?;
-            let token = cp.token(
-                SYSTEM,
-                "ztunnel",
-                &[controlplane::ISSUER],
-                3600,
-                Some((&pod, &uid)),
-            )?;
+            let token =
+                cp.system_pod_token("ztunnel", &pod, &node.name, &[controlplane::ISSUER])?;
             kubeconfigs.push(cp.token_kubeconfig(
                 bed.dir(),
                 &format!("{}.kubeconfig", node.name),
