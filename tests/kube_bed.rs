@@ -164,6 +164,19 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         whoami(&bed, "client", "10.20.1.11", 8080).unwrap(),
         "10.20.1.10"
     );
+    // Carried in the mesh: the enrolled pod's side saw the client's identity.
+    let legacy_id = format!("spiffe://cluster.local/ns/{plain}/sa/legacy");
+    wait_for(
+        "the tunnel into the relabelled pod in the access log",
+        || {
+            access_lines(&bed.log(0)).iter().any(|l| {
+                l["message"] == "connection closed"
+                    && l["direction"] == "inbound"
+                    && l["src_identity"] == client_id.as_str()
+                    && l["dst_identity"] == legacy_id.as_str()
+            })
+        },
+    );
     bed.label_namespace("plain", json!({})).unwrap();
     wait_for("legacy released", || !has_table(&bed.pod("legacy").ns));
 

@@ -201,8 +201,8 @@ pub struct Rule {
     pub when: Vec<Condition>,
 }
 
-/// One condition of a policy's `status` (written by the controller, never read by the
-/// daemon).
+/// One condition of a policy's `status`: the node daemons keep `ZtunnelAccepted` current
+/// (`discovery::kube::status`); it never changes what a policy means.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusCondition {
