@@ -372,35 +372,10 @@ impl ControlPlane {
 
     /// Runs `kubectl` as admin with `stdin` (e.g. `apply -f -`).
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
-        use std::io::Write;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns.name, "kubectl"])
-            .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("run kubectl")?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(stdin.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// The admin's client; use it through [`Self::run`] (its connections live in the cp host).
-    pub fn client(&self) -> kube::Client {
-        self.client.clone()
+        let kc = format!("--kubeconfig={}", self.admin_kubeconfig.display());
+        let mut a = vec!["netns", "exec", &self.ns.name, "kubectl", &kc];
+        a.extend_from_slice(args);
+        netns::sh_stdin("ip", &a, stdin)
     }
 
     /// Runs `f(admin client)` on the cp host and waits for it.
@@ -547,7 +522,6 @@ impl ControlPlane {
         let pod = self.apply(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
             "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
-                     "hostNetwork": p.host_network,
                      "containers": [{"name": "app", "image": "registry.invalid/app"}]}}))?;
         let uid = pod[0]["metadata"]["uid"]
             .as_str()
@@ -826,7 +800,6 @@ pub struct KubePod<'a> {
     /// `None`: created without a status (scheduled, not yet started by the kubelet).
     pub phase: Option<&'a str>,
     pub ips: &'a [&'a str],
-    pub host_network: bool,
 }
 
 impl<'a> KubePod<'a> {
@@ -846,7 +819,6 @@ impl<'a> KubePod<'a> {
             labels: json!({"app": name}),
             phase: Some("Running"),
             ips,
-            host_network: false,
         }
     }
 }

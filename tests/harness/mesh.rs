@@ -1,4 +1,4 @@
-//! The issue-2 test bed: three hosts on one bridge. `a` (10.77.0.1) and `b` (10.77.0.2) each
+//! The node-mode test bed: three hosts on one bridge. `a` (10.77.0.1) and `b` (10.77.0.2) each
 //! run a daemon and carry one workload whose network namespace is the host's own (the layout
 //! of in-pod capture, with the daemon inside); `c` (10.77.0.3) is outside the mesh. `a` and
 //! `b` have the capture rules, so applications there see plain TCP while the daemons tunnel.

@@ -27,12 +27,14 @@ pub fn sh(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `program` with `stdin` as its standard input.
-pub fn sh_stdin(program: &str, args: &[&str], stdin: &str) -> Result<()> {
+/// Runs `program` with `stdin` as its standard input; returns its standard output, or fails
+/// with its stderr.
+pub fn sh_stdin(program: &str, args: &[&str], stdin: &str) -> Result<String> {
     use std::io::Write;
     let mut child = Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {program} (is it installed?)"))?;
@@ -49,7 +51,7 @@ pub fn sh_stdin(program: &str, args: &[&str], stdin: &str) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Fails loudly unless the tests can build hosts: root, `ip` and `nft`.
@@ -170,6 +172,7 @@ impl Netns {
             &["netns", "exec", &self.name, "nft", "-f", "-"],
             ruleset,
         )
+        .map(|_| ())
     }
 
     /// Runs `fut` on a runtime thread inside the namespace and waits for it.

@@ -1,4 +1,4 @@
-//! The issue-3 test bed: nodes and pods as network namespaces, pods wired by Debian's real
+//! The in-pod test bed: nodes and pods as network namespaces, pods wired by Debian's real
 //! `bridge` + `host-local` plugins with `ztunnel-cni` chained after them by `ztunnel-cni install`
 //! (as the DaemonSet chains it on a real node), one daemon process per node (in-pod capture,
 //! the default).

@@ -426,7 +426,6 @@ async fn keep_certificates(
         for gone in held.difference(&wanted) {
             certs.forget(gone);
         }
-        let mut all = true;
         let mut outcomes = Vec::with_capacity(wanted.len());
         for id in &wanted {
             let outcome = Fetched::of(&certs.fetch(id).await);
@@ -440,18 +439,16 @@ async fn keep_certificates(
                             identity: id.to_string(),
                         })
                         .inc();
-                    all = false;
                 }
                 Fetched::Failed(e) => {
                     tracing::warn!(identity = %id, error = %e, "cannot get a certificate");
-                    all = false;
                 }
             }
             outcomes.push(outcome);
         }
         held = wanted;
         let _ = ready.send(ready_after(&outcomes));
-        if all {
+        if outcomes.iter().all(|o| matches!(o, Fetched::Loaded)) {
             if disc.changed().await.is_err() {
                 return;
             }
