@@ -15,7 +15,7 @@
 //!
 //! Test hosts reach it through [`ControlPlane::attach`] (a veth into the cp host's bridge, an
 //! address in `10.254.0.0/16`); the test itself talks to it as admin through
-//! [`ControlPlane::client`] or `kubectl` ([`ControlPlane::kubectl`]). Every test works in
+//! [`ControlPlane::run`] or `kubectl` ([`ControlPlane::kubectl`]). Every test works in
 //! namespaces of its own ([`ControlPlane::namespace`]), so tests stay parallel.
 
 use std::path::{Path, PathBuf};
