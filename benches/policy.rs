@@ -87,7 +87,7 @@ fn mesh(applying: usize) -> PolicyIndex {
         ));
         i += 1;
     }
-    PolicyIndex::build(&v, &[], ztunnel::policy::ROOT_NAMESPACE)
+    PolicyIndex::build(&v, &[], &[ztunnel::policy::ROOT_NAMESPACE])
 }
 
 fn decisions(c: &mut Criterion) {

@@ -15,7 +15,9 @@
 //! - the CA Deployment parses with `CaConfig::from_sources` and agrees with the DaemonSet
 //!   (audience, ServiceAccount, address, port), its Service, and RBAC as the contract lists it;
 //! - the samples parse (the policies also with the daemon's policy parser) and refer to each
-//!   other consistently.
+//!   other consistently;
+//! - the Istio-compatible overlay is the base with the setting turned on and read access to
+//!   Istio's two policy kinds, and nothing else changed.
 //!
 //! `kubectl` (kustomize v5 built in) is required: without it the tests fail, never skip.
 use std::path::Path;
@@ -120,6 +122,62 @@ fn base_renders_and_every_object_parses_strictly() {
         "ztunnel crds does not print {}",
         ztunnel::discovery::crd::CRDS_FILE
     );
+}
+
+#[test]
+fn istio_compat_overlay_is_the_base_with_the_setting_and_its_read_access() {
+    let base = Objects::parse(&render("base"));
+    let o = Objects::parse(&render("istio-compat"));
+    let cfg = daemon_config(container(
+        pod_spec_ds(named(&o.daemon_sets, "ztunnel")),
+        "ztunnel",
+    ));
+    assert_eq!(cfg.istio_root_namespace.as_deref(), Some("istio-system"));
+    assert_eq!(cfg.root_namespaces(), ["ztunnel-system", "istio-system"]);
+    let base_cfg = daemon_config(container(
+        pod_spec_ds(named(&base.daemon_sets, "ztunnel")),
+        "ztunnel",
+    ));
+    assert_eq!(base_cfg.istio_root_namespace, None, "off in the base");
+    assert_eq!(
+        RunConfigWithoutIstio(&cfg),
+        RunConfigWithoutIstio(&base_cfg),
+        "only the setting differs"
+    );
+    // One more ClusterRole, bound to the daemon: list and watch of Istio's two kinds.
+    assert_eq!(o.cluster_roles.len(), base.cluster_roles.len() + 1);
+    let role = named(&o.cluster_roles, "ztunnel-istio-compat");
+    let rules = role.rules.as_ref().expect("rules");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].api_groups.as_deref(),
+        Some(&["security.istio.io".to_owned()][..])
+    );
+    let mut res = rules[0].resources.clone().unwrap_or_default();
+    res.sort();
+    assert_eq!(res, ["authorizationpolicies", "peerauthentications"]);
+    assert_eq!(rules[0].verbs, ["list", "watch"]);
+    let binding = named(&o.cluster_role_bindings, "ztunnel-istio-compat");
+    assert_eq!(binding.role_ref.name, "ztunnel-istio-compat");
+    let subjects = binding.subjects.as_ref().expect("subjects");
+    assert_eq!(
+        (subjects[0].name.as_str(), subjects[0].namespace.as_deref()),
+        ("ztunnel", Some(SYSTEM_NS))
+    );
+}
+
+/// A daemon configuration compared without the Istio-compatible setting.
+#[derive(Debug)]
+struct RunConfigWithoutIstio<'a>(&'a ztunnel::config::RunConfig);
+
+impl PartialEq for RunConfigWithoutIstio<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        let strip = |c: &ztunnel::config::RunConfig| ztunnel::config::RunConfig {
+            istio_root_namespace: None,
+            ..c.clone()
+        };
+        strip(self.0) == strip(other.0)
+    }
 }
 
 #[test]
@@ -659,7 +717,7 @@ fn samples_parse_and_agree_with_each_other() {
     let index = ztunnel::policy::PolicyIndex::build(
         std::slice::from_ref(ap),
         std::slice::from_ref(pa),
-        ztunnel::policy::ROOT_NAMESPACE,
+        &[ztunnel::policy::ROOT_NAMESPACE],
     );
     let labels: ztunnel::discovery::Labels = server_labels
         .iter()

@@ -213,6 +213,7 @@ fn bed() -> Bed {
                 client,
                 "cluster.local".into(),
                 node,
+                Default::default(),
                 Duration::from_millis(20),
             ),
         )

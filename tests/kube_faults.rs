@@ -92,6 +92,7 @@ async fn bed(objs: Vec<Value>) -> Bed {
             client,
             "cluster.local".into(),
             NODE.into(),
+            Default::default(),
             Duration::from_millis(20),
         ),
     )

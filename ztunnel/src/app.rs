@@ -95,13 +95,12 @@ pub async fn start(
     set_log_level: crate::admin::SetLogLevel,
 ) -> Result<Daemon, StartError> {
     // Before discovery builds its first policy index.
-    if !crate::policy::set_root_namespace(&cfg.root_namespace)
-        && crate::policy::root_namespace() != cfg.root_namespace
-    {
+    let roots = cfg.root_namespaces();
+    if !crate::policy::set_root_namespaces(&roots) && crate::policy::root_namespaces() != roots {
         tracing::warn!(
-            configured = %cfg.root_namespace,
-            in_use = %crate::policy::root_namespace(),
-            "the root namespace is set once per process; keeping the first"
+            configured = ?roots,
+            in_use = ?crate::policy::root_namespaces(),
+            "the root namespaces are set once per process; keeping the first"
         );
     }
     // The API client, when discovery has one (the pods' enrollment annotation uses it too).
@@ -120,6 +119,9 @@ pub async fn start(
                 client,
                 cfg.trust_domain.clone(),
                 cfg.node_name.clone(),
+                discovery::enrollment::Rules {
+                    istio: cfg.istio_root_namespace.is_some(),
+                },
                 std::time::Duration::from_millis(100),
             )
             .await?

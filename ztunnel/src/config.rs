@@ -106,6 +106,10 @@ pub struct RunConfig {
     pub trust_domain: String,
     /// Policies in this namespace apply to the whole mesh.
     pub root_namespace: String,
+    /// The Istio-compatible setting (cluster mode only), with Istio's root namespace: the
+    /// daemon also reads `security.istio.io/v1` policies and honours the
+    /// `istio.io/dataplane-mode` labels. `None`: off.
+    pub istio_root_namespace: Option<String>,
     pub discovery: DiscoverySource,
     pub ca: CaSource,
     pub cert_lifetime: Duration,
@@ -152,6 +156,12 @@ struct RunArgs {
     /// The namespace whose policies apply to the whole mesh [env: ZTUNNEL_ROOT_NAMESPACE] [default: ztunnel-system]
     #[arg(long)]
     root_namespace: Option<String>,
+    /// Also read Istio's policies (security.istio.io/v1) and istio.io/dataplane-mode labels, for clusters moving from Istio; needs --discovery-source kubernetes: true or false [env: ZTUNNEL_ISTIO_COMPAT] [default: false]
+    #[arg(long)]
+    istio_compat: Option<String>,
+    /// Istio's root namespace, whose policies apply to the whole mesh too, under --istio-compat [env: ZTUNNEL_ISTIO_ROOT_NAMESPACE] [default: istio-system]
+    #[arg(long)]
+    istio_root_namespace: Option<String>,
     /// The local discovery file (YAML) [env: ZTUNNEL_DISCOVERY_FILE]
     #[arg(long)]
     discovery_file: Option<PathBuf>,
@@ -391,13 +401,56 @@ fn trust_domain(flag: Option<String>, env: Env<'_>) -> Result<String, ConfigErro
 }
 
 fn root_namespace(flag: Option<String>, env: Env<'_>) -> Result<String, ConfigError> {
-    let ns: String = setting(
+    namespace_setting(
         "root namespace",
         flag,
         env,
         "ZTUNNEL_ROOT_NAMESPACE",
         crate::policy::ROOT_NAMESPACE,
-    )?;
+    )
+}
+
+/// Istio's root namespace when `--istio-compat` is on, else `None`; the setting needs
+/// Kubernetes discovery (Istio's objects and labels live on the API server).
+fn istio_root_namespace(
+    compat: Option<String>,
+    root: Option<String>,
+    env: Env<'_>,
+    discovery: &DiscoverySource,
+) -> Result<Option<String>, ConfigError> {
+    let on: bool = setting("istio compat", compat, env, "ZTUNNEL_ISTIO_COMPAT", "false")?;
+    let root = root.or_else(|| env("ZTUNNEL_ISTIO_ROOT_NAMESPACE"));
+    if !on {
+        return match root {
+            Some(_) => Err(ConfigError::Conflict(
+                "--istio-root-namespace is for --istio-compat true".into(),
+            )),
+            None => Ok(None),
+        };
+    }
+    if !matches!(discovery, DiscoverySource::Kubernetes { .. }) {
+        return Err(ConfigError::Conflict(
+            "--istio-compat reads Istio's objects and labels from the API server: it needs --discovery-source kubernetes".into(),
+        ));
+    }
+    namespace_setting(
+        "istio root namespace",
+        root,
+        env,
+        "ZTUNNEL_ISTIO_ROOT_NAMESPACE",
+        "istio-system",
+    )
+    .map(Some)
+}
+
+fn namespace_setting(
+    name: &'static str,
+    flag: Option<String>,
+    env: Env<'_>,
+    key: &str,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let ns: String = setting(name, flag, env, key, default)?;
     let label = |s: &str| {
         !s.is_empty()
             && s.len() <= 63
@@ -408,7 +461,7 @@ fn root_namespace(flag: Option<String>, env: Env<'_>) -> Result<String, ConfigEr
     };
     if !label(&ns) {
         return Err(ConfigError::Invalid {
-            setting: "root namespace",
+            setting: name,
             value: ns.clone(),
             reason: "not a namespace name (a DNS-1123 label)".into(),
         });
@@ -423,6 +476,14 @@ fn log_filter(env: Env<'_>) -> String {
 }
 
 impl RunConfig {
+    /// The namespaces whose policies apply to the whole mesh: ours, then Istio's under the
+    /// Istio-compatible setting.
+    pub fn root_namespaces(&self) -> Vec<&str> {
+        std::iter::once(self.root_namespace.as_str())
+            .chain(self.istio_root_namespace.as_deref())
+            .collect()
+    }
+
     /// Parses `args` (`args[0]` is the program name) with `env` as the environment.
     pub fn from_sources(args: Vec<String>, env: Env<'_>) -> Result<RunConfig, ConfigError> {
         let a = RunArgs::try_parse_from(args)?;
@@ -540,6 +601,12 @@ impl RunConfig {
             node_name,
             trust_domain: trust_domain(a.trust_domain, env)?,
             root_namespace: root_namespace(a.root_namespace, env)?,
+            istio_root_namespace: istio_root_namespace(
+                a.istio_compat,
+                a.istio_root_namespace,
+                env,
+                &discovery,
+            )?,
             discovery,
             ca,
             cert_lifetime: duration(
@@ -682,10 +749,14 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} root_namespace={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             self.root_namespace,
+            match &self.istio_root_namespace {
+                Some(root) => format!("on (root namespace {root})"),
+                None => "off".into(),
+            },
             humantime::format_duration(self.cert_lifetime),
             self.capture,
             self.state_dir.display(),

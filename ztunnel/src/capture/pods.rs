@@ -22,6 +22,7 @@ use super::annotate::{Annotator, Status};
 use super::netns::Netns;
 use super::rules::{self, RulesError};
 use super::store::{PodRecord, Store};
+use crate::discovery::enrollment::NotEnrolled;
 use crate::discovery::{State, Workload};
 use crate::proxy::{self, Listeners, ProxyInputs, Scope};
 
@@ -37,10 +38,12 @@ pub enum Decision {
     NotEnrolled(String),
     /// Should be in the mesh but cannot be served yet (discovery has not caught up).
     TryAgain(String),
+    /// Would be in the mesh, but another mesh handles it already, with the reason.
+    OtherMesh(String),
 }
 
-/// Decides whether the pod joins the mesh on `node`: its namespace is labelled `ambient`, it
-/// did not opt out, and discovery knows it on this node.
+/// Decides whether the pod joins the mesh on `node`: discovery knows it on this node and
+/// enrolls it (see [`crate::discovery::enrollment`]).
 pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decision {
     let known = (!pod.uid.is_empty())
         .then(|| state.workload_by_uid(&pod.uid))
@@ -52,7 +55,8 @@ pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decisi
         if pod.namespace.is_empty() {
             return Decision::NotEnrolled("not a Kubernetes pod (no K8S_POD_NAMESPACE)".into());
         }
-        if !state.namespace_enrolled(&pod.namespace) {
+        // Under Istio's rules a pod's own label may enroll it: its labels must be known.
+        if !state.namespace_enrolled(&pod.namespace) && !state.enrollment().istio {
             return Decision::NotEnrolled(format!("namespace {} is not enrolled", pod.namespace));
         }
         return Decision::TryAgain(format!(
@@ -60,11 +64,13 @@ pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decisi
             pod.namespace, pod.name
         ));
     };
-    if !state.namespace_enrolled(&w.namespace) {
-        return Decision::NotEnrolled(format!("namespace {} is not enrolled", w.namespace));
-    }
-    if !state.enrolled(w) {
-        return Decision::NotEnrolled("the pod opted out (ztunnel.dev/dataplane-mode=none)".into());
+    match state.enrollment_of(w) {
+        Ok(()) => {}
+        Err(NotEnrolled::NotAsked) => {
+            return Decision::NotEnrolled(format!("namespace {} is not enrolled", w.namespace))
+        }
+        Err(why @ NotEnrolled::Other(_)) => return Decision::OtherMesh(why.to_string()),
+        Err(why) => return Decision::NotEnrolled(why.to_string()),
     }
     if &*w.node != node {
         return Decision::TryAgain(format!(
@@ -354,6 +360,11 @@ impl Pods {
                 tracing::info!(pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "not enrolled");
                 return Reply::NotEnrolled { reason };
             }
+            Decision::OtherMesh(reason) => {
+                tracing::warn!(pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "not enrolled: refused");
+                self.pi.metrics.refused("enrollment_other_mesh");
+                return Reply::NotEnrolled { reason };
+            }
             Decision::TryAgain(reason) => {
                 tracing::warn!(pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "cannot enroll yet");
                 self.pi.metrics.refused("enrollment_try_again");
@@ -599,7 +610,9 @@ impl Pods {
             drop(state);
             let result = match decision {
                 Decision::Enroll(w) => self.enroll(r.clone(), &w).map_err(|e| e.to_string()),
-                Decision::NotEnrolled(reason) | Decision::TryAgain(reason) => Err(reason),
+                Decision::NotEnrolled(reason)
+                | Decision::TryAgain(reason)
+                | Decision::OtherMesh(reason) => Err(reason),
             };
             match result {
                 Ok(()) => n += 1,
@@ -685,6 +698,7 @@ workloads:
             ips: Vec::new(),
             labels: Default::default(),
             protocol: crate::discovery::Protocol::Hbone,
+            other_mesh: None,
         };
         let s = crate::discovery::parse(MESH, "cluster.local")
             .unwrap()
@@ -737,8 +751,67 @@ workloads:
                 }
                 Decision::NotEnrolled(_) => "not",
                 Decision::TryAgain(_) => "try",
+                Decision::OtherMesh(_) => "other",
             };
             assert_eq!(got, want, "{p:?} {ips:?}");
+        }
+    }
+
+    #[test]
+    fn decisions_under_istios_rules() {
+        let mesh = format!(
+            "{MESH}
+  - {{uid: u5, name: sidecar, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.5], annotations: {{sidecar.istio.io/status: '{{}}'}}}}
+  - {{uid: u6, name: moved, namespace: istio, serviceAccount: web, node: n1, ips: [10.0.0.6]}}
+  - {{uid: u7, name: own, namespace: plain, serviceAccount: web, node: n1, ips: [10.0.0.7], labels: {{istio.io/dataplane-mode: ambient}}}}
+  - {{uid: u10, name: no, namespace: istio, serviceAccount: web, node: n1, ips: [10.0.0.10], labels: {{istio.io/dataplane-mode: none}}}}
+"
+        )
+        .replace(
+            "  - {name: plain}",
+            "  - {name: plain}\n  - {name: istio, labels: {istio.io/dataplane-mode: ambient}}",
+        );
+        let plain = crate::discovery::parse(&mesh, "cluster.local").unwrap();
+        let istio = crate::discovery::parse(&mesh, "cluster.local")
+            .unwrap()
+            .with_enrollment(crate::discovery::enrollment::Rules { istio: true });
+        let ip = |s: &str| vec![s.parse::<IpAddr>().unwrap()];
+        // (pod, want without Istio's rules, with them)
+        let cases = [
+            (
+                pod("demo", "web-0", "u1"),
+                ip("10.0.0.1"),
+                "enroll",
+                "enroll",
+            ),
+            (
+                pod("demo", "sidecar", "u5"),
+                ip("10.0.0.5"),
+                "other",
+                "other",
+            ),
+            (pod("istio", "moved", "u6"), ip("10.0.0.6"), "not", "enroll"),
+            (pod("plain", "own", "u7"), ip("10.0.0.7"), "not", "enroll"),
+            (pod("istio", "no", "u10"), ip("10.0.0.10"), "not", "not"),
+            // Unknown in a plain namespace: its own label may enroll it under Istio's rules.
+            (pod("plain", "new", "u8"), ip("10.0.0.8"), "not", "try"),
+        ];
+        for (p, ips, without, with) in cases {
+            for (s, want) in [(&plain, without), (&istio, with)] {
+                let got = match decide(s, "n1", &p, &ips) {
+                    Decision::Enroll(w) => {
+                        assert_eq!(&*w.uid, &*p.uid);
+                        "enroll"
+                    }
+                    Decision::NotEnrolled(_) => "not",
+                    Decision::TryAgain(_) => "try",
+                    Decision::OtherMesh(why) => {
+                        assert!(why.contains("sidecar.istio.io/status"), "{why}");
+                        "other"
+                    }
+                };
+                assert_eq!(got, want, "{p:?} istio={}", s.enrollment().istio);
+            }
         }
     }
 }

@@ -34,6 +34,7 @@ use super::annotate::Status;
 use super::find::{self, FindError};
 use super::netns::Netns;
 use super::pods::{EnrolledPod, Pods};
+use crate::discovery::enrollment::NotEnrolled;
 use crate::discovery::{Discovery, State, Workload};
 use crate::metrics::{Metrics, ReconcileLabels};
 
@@ -45,6 +46,8 @@ pub const RESYNC: Duration = Duration::from_secs(10);
 pub enum ReleaseReason {
     NamespaceNotAmbient,
     OptedOut,
+    /// Another mesh (Istio) handles the pod now.
+    OtherMesh,
 }
 
 impl ReleaseReason {
@@ -52,6 +55,7 @@ impl ReleaseReason {
         match self {
             ReleaseReason::NamespaceNotAmbient => "namespace_not_ambient",
             ReleaseReason::OptedOut => "opted_out",
+            ReleaseReason::OtherMesh => "other_mesh",
         }
     }
 }
@@ -75,12 +79,6 @@ fn lookup<'a>(state: &'a State, pod: &PodRef, ips: &[IpAddr]) -> Option<&'a Arc<
         .or_else(|| ips.iter().find_map(|ip| state.workload_by_ip(*ip)))
 }
 
-fn opted_out(w: &Workload) -> bool {
-    w.labels
-        .get(crate::discovery::DATAPLANE_MODE_LABEL)
-        .is_some_and(|v| &**v == "none")
-}
-
 /// The plan for `node`, given what is `enrolled` there.
 pub fn plan(state: &State, node: &str, enrolled: &[EnrolledPod]) -> Plan {
     let mut out = Plan::default();
@@ -98,15 +96,16 @@ pub fn plan(state: &State, node: &str, enrolled: &[EnrolledPod]) -> Plan {
                 covered.insert(&w.uid);
                 if &*w.node != node {
                     None
-                } else if ns_known_unlabelled(&w.namespace) {
-                    release(ReleaseReason::NamespaceNotAmbient)
-                } else if opted_out(w) {
-                    release(ReleaseReason::OptedOut)
                 } else {
-                    if !state.namespace_enrolled(&w.namespace) {
-                        out.unknown.push(e.clone());
+                    match state.enrollment_of(w) {
+                        Ok(()) => continue,
+                        Err(NotEnrolled::NotAsked) if state.namespace(&w.namespace).is_some() => {
+                            release(ReleaseReason::NamespaceNotAmbient)
+                        }
+                        Err(NotEnrolled::NotAsked) => None,
+                        Err(NotEnrolled::OptedOut(_)) => release(ReleaseReason::OptedOut),
+                        Err(NotEnrolled::Other(_)) => release(ReleaseReason::OtherMesh),
                     }
-                    continue;
                 }
             }
         };

@@ -444,3 +444,59 @@ fn root_namespace_flag_env_default() {
     assert_eq!(c.root_namespace, "mesh-root", "the flag wins");
     assert!(run(BASE, &[("ZTUNNEL_ROOT_NAMESPACE", "Bad_Name")]).is_err());
 }
+
+#[test]
+fn istio_compat_needs_kubernetes_and_adds_istios_root() {
+    let kube = &["--node-name", "n1", "--discovery-source", "kubernetes"];
+    let c = run(kube, &[]).unwrap();
+    assert_eq!(c.istio_root_namespace, None, "off by default");
+    assert_eq!(c.root_namespaces(), ["ztunnel-system"]);
+    let c = run(kube, &[("ZTUNNEL_ISTIO_COMPAT", "true")]).unwrap();
+    assert_eq!(c.istio_root_namespace.as_deref(), Some("istio-system"));
+    assert_eq!(c.root_namespaces(), ["ztunnel-system", "istio-system"]);
+    assert!(
+        c.to_string()
+            .contains("istio_compat=on (root namespace istio-system)"),
+        "{c}"
+    );
+    let mut args = kube.to_vec();
+    args.extend([
+        "--istio-compat",
+        "true",
+        "--istio-root-namespace",
+        "mesh-root",
+    ]);
+    let c = run(&args, &[]).unwrap();
+    assert_eq!(c.root_namespaces(), ["ztunnel-system", "mesh-root"]);
+
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let table: &[Case<'_>] = &[
+        (
+            BASE,
+            &[("ZTUNNEL_ISTIO_COMPAT", "true")],
+            "needs --discovery-source kubernetes",
+        ),
+        (
+            kube,
+            &[("ZTUNNEL_ISTIO_COMPAT", "yes")],
+            "invalid istio compat",
+        ),
+        (
+            kube,
+            &[("ZTUNNEL_ISTIO_ROOT_NAMESPACE", "x")],
+            "is for --istio-compat true",
+        ),
+        (
+            kube,
+            &[
+                ("ZTUNNEL_ISTIO_COMPAT", "true"),
+                ("ZTUNNEL_ISTIO_ROOT_NAMESPACE", "Bad_Name"),
+            ],
+            "invalid istio root namespace",
+        ),
+    ];
+    for (args, env, want) in table {
+        let e = run(args, env).unwrap_err().to_string();
+        assert!(e.contains(want), "{args:?} {env:?}: {e}");
+    }
+}

@@ -63,6 +63,7 @@ fn meta(m: &kube::core::ObjectMeta) -> policy::ObjectMeta {
             .unwrap_or_default()
             .into_iter()
             .collect(),
+        istio: false,
     }
 }
 

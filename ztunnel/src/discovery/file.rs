@@ -12,6 +12,7 @@
 //!     node: node-a
 //!     ips: [10.0.1.10]
 //!     labels: {app: web}
+//!     annotations: {}      # optional; only those that say another mesh handles the pod are read
 //!     protocol: HBONE      # HBONE (in the mesh, the default) or TCP (plain)
 //! services:
 //!   - {name: web, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
@@ -69,6 +70,8 @@ struct WorkloadEntry {
     ips: Vec<IpAddr>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
     #[serde(default)]
     protocol: Protocol,
 }
@@ -163,6 +166,9 @@ pub fn parse_for_node(yaml: &str, trust_domain: &str, node: Option<&str>) -> Res
                 int.labels(&w.labels)
             },
             protocol: w.protocol,
+            other_mesh: super::enrollment::OtherMesh::of(|k| {
+                w.annotations.get(k).map(String::as_str)
+            }),
         })
         .collect();
     let endpoints = f

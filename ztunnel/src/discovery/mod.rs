@@ -3,6 +3,7 @@
 //! file ([`watch_file`]); the Kubernetes source fills the same model.
 
 pub mod crd;
+pub mod enrollment;
 mod file;
 pub mod kube;
 mod model;

@@ -13,8 +13,8 @@ use super::policy::{AuthorizationPolicy, PeerAuthentication};
 use super::Error;
 use crate::identity::Identity;
 
-/// The namespace label that enrolls a namespace, and the pod label value that opts out.
-pub const DATAPLANE_MODE_LABEL: &str = "ztunnel.dev/dataplane-mode";
+pub use super::enrollment::DATAPLANE_MODE_LABEL;
+use super::enrollment::{NotEnrolled, OtherMesh, Rules};
 
 /// Labels, compact: pairs sorted by key in one allocation. (A `BTreeMap` node costs about
 /// 370 bytes even for two labels, and every one of 100 000 workloads has labels.)
@@ -87,6 +87,9 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     pub labels: Labels,
     pub protocol: Protocol,
+    /// Another mesh that handles the pod already (read from its annotations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_mesh: Option<OtherMesh>,
 }
 
 impl Workload {
@@ -145,6 +148,8 @@ pub struct State {
     policy: crate::policy::PolicyIndex,
     /// This node's pods that have no IP yet; also in `by_uid`.
     pending: Vec<Arc<Workload>>,
+    /// Which labels enroll a pod.
+    enrollment: Rules,
 }
 
 fn selects(selector: &Labels, labels: &Labels) -> bool {
@@ -167,8 +172,11 @@ impl State {
         authz: Vec<AuthorizationPolicy>,
         peer_authn: Vec<PeerAuthentication>,
     ) -> Result<State, Error> {
-        let policy =
-            crate::policy::PolicyIndex::build(&authz, &peer_authn, crate::policy::root_namespace());
+        let policy = crate::policy::PolicyIndex::build(
+            &authz,
+            &peer_authn,
+            &crate::policy::root_namespaces(),
+        );
         let mut s = State {
             trust_domain: trust_domain.to_owned(),
             authz,
@@ -316,11 +324,21 @@ impl State {
         &self.peer_authn
     }
 
-    /// Whether namespace `name` is labelled `ztunnel.dev/dataplane-mode=ambient`.
+    /// The state under these enrollment rules (the default: our labels only).
+    pub fn with_enrollment(mut self, rules: Rules) -> State {
+        self.enrollment = rules;
+        self
+    }
+
+    /// The enrollment rules in force.
+    pub fn enrollment(&self) -> Rules {
+        self.enrollment
+    }
+
+    /// Whether namespace `name` enrolls its pods (see [`super::enrollment`]).
     pub fn namespace_enrolled(&self, name: &str) -> bool {
         self.namespace(name)
-            .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
-            .is_some_and(|v| &**v == "ambient")
+            .is_some_and(|n| self.enrollment.namespace(&n.labels))
     }
 
     /// The enrolled namespaces, sorted.
@@ -342,14 +360,15 @@ impl State {
             .find(|w| &*w.namespace == namespace && &*w.name == name)
     }
 
-    /// Whether `w` is enrolled: its namespace is labelled `ambient` and it did not opt out.
+    /// Whether `w` is enrolled, and if not, why (see [`super::enrollment`]).
+    pub fn enrollment_of(&self, w: &Workload) -> Result<(), NotEnrolled> {
+        let ns = self.namespace(&w.namespace).map(|n| &n.labels);
+        self.enrollment.pod(ns, &w.labels, w.other_mesh)
+    }
+
+    /// Whether `w` is enrolled.
     pub fn enrolled(&self, w: &Workload) -> bool {
-        let ns_on = self.namespace_enrolled(&w.namespace);
-        let opted_out = w
-            .labels
-            .get(DATAPLANE_MODE_LABEL)
-            .is_some_and(|v| &**v == "none");
-        ns_on && !opted_out
+        self.enrollment_of(w).is_ok()
     }
 
     /// The state as JSON for the admin API.

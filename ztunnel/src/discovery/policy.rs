@@ -9,6 +9,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// The API group of the policy resources.
+pub const GROUP: &str = "security.ztunnel.dev";
 /// The API group and version of the policy resources.
 pub const API_VERSION: &str = "security.ztunnel.dev/v1";
 
@@ -33,6 +35,10 @@ pub struct ObjectMeta {
     /// Read for `istio.io/dry-run`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Istio's own object (`security.istio.io`, read from the API server under the
+    /// Istio-compatible setting); never read from a document.
+    #[serde(skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
+    pub istio: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

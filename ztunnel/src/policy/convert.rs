@@ -76,10 +76,11 @@ pub(super) enum Converted {
     Ignored(Option<Vec<LabelPair>>),
 }
 
-fn policy_ref(m: &crate::discovery::policy::ObjectMeta) -> PolicyRef {
+pub(super) fn policy_ref(m: &crate::discovery::policy::ObjectMeta) -> PolicyRef {
     PolicyRef {
         namespace: m.namespace.as_str().into(),
         name: m.name.as_str().into(),
+        istio: m.istio,
     }
 }
 
@@ -673,7 +674,7 @@ fn peer_status(p: &PeerAuthentication) -> PolicyStatus {
         .selector
         .as_ref()
         .is_some_and(|s| s.match_labels.as_ref().is_some_and(|m| !m.is_empty()));
-    if labelled && p.metadata.namespace.as_str() == super::engine::root_namespace() {
+    if labelled && super::engine::root_namespaces().contains(&p.metadata.namespace.as_str()) {
         return PolicyStatus {
             message: "a PeerAuthentication with a selector in the root namespace applies to no workload (as in Istio's ambient mode)".into(),
             ..PolicyStatus::accepted()
@@ -685,6 +686,8 @@ fn peer_status(p: &PeerAuthentication) -> PolicyStatus {
 /// A readable peer authentication, ready for `convertedSelectorPeerAuthentications`.
 #[derive(Debug)]
 pub(super) struct PeerEntry {
+    /// Its place among the readable peer authentications, oldest first.
+    pub rank: usize,
     /// Istio's static STRICT policy, named after this object (for decisions and explain).
     pub strict: Compiled,
     /// `None`: no selector; `Some(labels)`: a selector (without labels: namespace-level).
@@ -710,7 +713,8 @@ impl PeerEntry {
 
 pub(super) fn peer_entry(
     p: &PeerAuthentication,
-    root: &str,
+    rank: usize,
+    in_root: bool,
     ns_pol: Option<&PeerAuthentication>,
     root_pol: Option<&PeerAuthentication>,
 ) -> PeerEntry {
@@ -725,12 +729,13 @@ pub(super) fn peer_entry(
     });
     let converted = convert_peer(
         p,
-        root,
+        in_root,
         port_level.as_deref().unwrap_or(&[]),
         ns_pol.map(|p| p.spec.mtls.mode),
         root_pol.map(|p| p.spec.mtls.mode),
     );
     PeerEntry {
+        rank,
         strict: Compiled {
             name,
             kind: Kind::PeerAuthentication,
@@ -751,15 +756,16 @@ pub(super) fn peer_entry(
 
 /// istiod's `convertPeerAuthentication`: a workload-level policy with port-level modes as a
 /// DENY of plaintext where its effective mode is STRICT (`ns`/`root`: the modes of the
-/// oldest namespace- and mesh-level policies without a selector).
+/// oldest namespace- and mesh-level policies without a selector; `in_root`: `p` is in a root
+/// namespace).
 fn convert_peer(
     p: &PeerAuthentication,
-    root: &str,
+    in_root: bool,
     ports: &[(u16, MtlsMode)],
     ns: Option<MtlsMode>,
     root_mode: Option<MtlsMode>,
 ) -> Option<Compiled> {
-    if p.metadata.namespace == root || p.spec.selector.is_none() || ports.is_empty() {
+    if in_root || p.spec.selector.is_none() || ports.is_empty() {
         return None;
     }
     let mode = p.spec.mtls.mode;

@@ -10,10 +10,14 @@
 //! denied; with none, it is allowed.
 //!
 //! Scope: a policy applies to a workload of its own namespace (any namespace, when the policy
-//! is in the root namespace) when it has no selector, or when its selector's labels are all
-//! the workload's. Policies are indexed when discovery changes ([`PolicyIndex::build`]): by
-//! namespace, then by one label of the selector, so a decision looks only at policies that
-//! can apply, however many the mesh holds.
+//! is in a root namespace) when it has no selector, or when its selector's labels are all
+//! the workload's. There is one root namespace (`--root-namespace`), or two under the
+//! Istio-compatible setting (ours and Istio's, `--istio-root-namespace`): a policy in either is
+//! mesh-wide, so turning the setting on never narrows a policy that was mesh-wide.
+//!
+//! Policies are indexed when discovery changes ([`PolicyIndex::build`]): by namespace, then by
+//! one label of the selector, so a decision looks only at policies that can apply, however
+//! many the mesh holds.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,21 +34,28 @@ use crate::discovery::Labels;
 /// The default root namespace: policies here apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "ztunnel-system";
 
-static CONFIGURED_ROOT: OnceLock<String> = OnceLock::new();
+static CONFIGURED_ROOTS: OnceLock<Vec<String>> = OnceLock::new();
 
-/// Sets the process's root namespace (`--root-namespace`), once, before discovery starts;
-/// later calls are ignored. Returns whether this call set it.
-pub fn set_root_namespace(ns: &str) -> bool {
-    CONFIGURED_ROOT.set(ns.to_owned()).is_ok()
+/// Sets the process's root namespaces (`--root-namespace`, then Istio's under the
+/// Istio-compatible setting), once, before discovery starts; later calls are ignored.
+/// Returns whether this call set them.
+pub fn set_root_namespaces(roots: &[&str]) -> bool {
+    let mut v: Vec<String> = Vec::with_capacity(roots.len());
+    for r in roots {
+        if !v.iter().any(|x| x == r) {
+            v.push((*r).to_owned());
+        }
+    }
+    !v.is_empty() && CONFIGURED_ROOTS.set(v).is_ok()
 }
 
-/// The process's root namespace: the configured one, else [`ROOT_NAMESPACE`]. Discovery
-/// ([`crate::discovery::State::build`]) builds the policy index with it.
-pub fn root_namespace() -> &'static str {
-    CONFIGURED_ROOT
-        .get()
-        .map(String::as_str)
-        .unwrap_or(ROOT_NAMESPACE)
+/// The process's root namespaces: the configured ones, else [`ROOT_NAMESPACE`]. Discovery
+/// ([`crate::discovery::State::build`]) builds the policy index with them.
+pub fn root_namespaces() -> Vec<&'static str> {
+    match CONFIGURED_ROOTS.get() {
+        Some(v) => v.iter().map(String::as_str).collect(),
+        None => vec![ROOT_NAMESPACE],
+    }
 }
 
 /// What the engine knows about a connection.
@@ -77,16 +88,21 @@ impl Conn<'_> {
     }
 }
 
-/// A policy's name.
+/// A policy's name: `namespace/name`, written `istio:namespace/name` for Istio's own objects
+/// (`security.istio.io`, read under the Istio-compatible setting), which may share a name
+/// with one of ours.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct PolicyRef {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub istio: bool,
 }
 
 impl std::fmt::Display for PolicyRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        let group = if self.istio { "istio:" } else { "" };
+        write!(f, "{group}{}/{}", self.namespace, self.name)
     }
 }
 
@@ -346,7 +362,8 @@ struct PeerScope {
 /// authentications.
 #[derive(Debug, Default)]
 pub struct PolicyIndex {
-    root: Arc<str>,
+    /// The root namespaces, ours first.
+    roots: Box<[Arc<str>]>,
     scopes: HashMap<Arc<str>, Scope>,
     peers: HashMap<Arc<str>, PeerScope>,
     ignored: HashMap<Arc<str>, Vec<IgnoredEntry>>,
@@ -355,15 +372,14 @@ pub struct PolicyIndex {
 
 impl PolicyIndex {
     /// Converts and indexes every policy; never fails: a policy that cannot be read in full
-    /// fails closed (see [`crate::policy::status_of`]). `root_namespace` holds mesh-wide
-    /// policies.
+    /// fails closed (see [`crate::policy::status_of`]). `roots` hold mesh-wide policies.
     pub fn build(
         authz: &[AuthorizationPolicy],
         peer_authn: &[PeerAuthentication],
-        root_namespace: &str,
+        roots: &[&str],
     ) -> PolicyIndex {
         let mut idx = PolicyIndex {
-            root: root_namespace.into(),
+            roots: roots.iter().map(|r| Arc::from(*r)).collect(),
             count: authz.len(),
             ..Default::default()
         };
@@ -376,10 +392,7 @@ impl PolicyIndex {
                     .or_default()
                     .push(IgnoredEntry {
                         ignored: Ignored {
-                            policy: PolicyRef {
-                                namespace: p.metadata.namespace.as_str().into(),
-                                name: p.metadata.name.as_str().into(),
-                            },
+                            policy: convert::policy_ref(&p.metadata),
                             reason: status.message,
                         },
                         selector,
@@ -400,17 +413,20 @@ impl PolicyIndex {
             (&a.metadata.creation_timestamp, &a.metadata.name)
                 .cmp(&(&b.metadata.creation_timestamp, &b.metadata.name))
         });
-        let root = idx.root.clone();
-        let oldest_unselected = |ns: &str| {
+        let roots = idx.roots.clone();
+        let is_root = |ns: &str| roots.iter().any(|r| &**r == ns);
+        let oldest_unselected = |in_ns: &dyn Fn(&str) -> bool| {
             readable
                 .iter()
-                .find(|p| p.metadata.namespace == ns && p.spec.selector.is_none())
+                .find(|p| in_ns(&p.metadata.namespace) && p.spec.selector.is_none())
                 .copied()
         };
-        let root_pol = oldest_unselected(&root);
-        for p in &readable {
-            let ns_pol = oldest_unselected(&p.metadata.namespace);
-            let entry = convert::peer_entry(p, &root, ns_pol, root_pol);
+        // Mesh-level: the oldest without a selector in any root namespace.
+        let root_pol = oldest_unselected(&is_root);
+        for (rank, p) in readable.iter().enumerate() {
+            let ns_pol = oldest_unselected(&|ns| ns == p.metadata.namespace);
+            let entry =
+                convert::peer_entry(p, rank, is_root(&p.metadata.namespace), ns_pol, root_pol);
             idx.peers
                 .entry(p.metadata.namespace.as_str().into())
                 .or_default()
@@ -428,9 +444,25 @@ impl PolicyIndex {
             .insert(c);
     }
 
-    /// The root namespace this index was built for.
-    pub fn root_namespace(&self) -> &str {
-        &self.root
+    /// The root namespaces this index was built for, ours first.
+    pub fn root_namespaces(&self) -> &[Arc<str>] {
+        &self.roots
+    }
+
+    fn is_root(&self, ns: &str) -> bool {
+        self.roots.iter().any(|r| &**r == ns)
+    }
+
+    /// `map`'s entries for the root namespaces other than `ns`.
+    fn in_other_roots<'a, V>(
+        &'a self,
+        map: &'a HashMap<Arc<str>, V>,
+        ns: &'a str,
+    ) -> impl Iterator<Item = &'a V> + 'a {
+        self.roots
+            .iter()
+            .filter(move |r| &***r != ns)
+            .filter_map(move |r| map.get(r))
     }
 
     /// How many authorization policies the mesh holds.
@@ -444,11 +476,8 @@ impl PolicyIndex {
 
     fn applicable<'a>(&'a self, c: &'a Conn<'a>) -> impl Iterator<Item = &'a Compiled> + 'a {
         let own = self.scopes.get(c.dst_namespace);
-        let root = (c.dst_namespace != &*self.root)
-            .then(|| self.scopes.get(&*self.root))
-            .flatten();
         own.into_iter()
-            .chain(root)
+            .chain(self.in_other_roots(&self.scopes, c.dst_namespace))
             .flat_map(move |s| s.applicable(c.dst_labels))
     }
 
@@ -462,11 +491,8 @@ impl PolicyIndex {
     /// The policies in scope of a workload that the daemon ignores, and why.
     pub fn ignored_for(&self, namespace: &str, labels: &Labels) -> Vec<Ignored> {
         let own = self.ignored.get(namespace);
-        let root = (namespace != &*self.root)
-            .then(|| self.ignored.get(&*self.root))
-            .flatten();
         own.into_iter()
-            .chain(root)
+            .chain(self.in_other_roots(&self.ignored, namespace))
             .flatten()
             .filter(|e| {
                 e.selector
@@ -583,42 +609,39 @@ impl PolicyIndex {
     /// For a workload: the peer authentication that makes it STRICT as a whole (Istio's
     /// static strict policy, if it applies), and the converted port-level policy it
     /// references (istiod's `convertedSelectorPeerAuthentications`).
-    fn peer_policies(&self, ns: &str, labels: &Labels) -> (Option<&PeerEntry>, Option<&Compiled>) {
-        let root = &*self.root;
+    fn peer_policies<'a>(
+        &'a self,
+        ns: &'a str,
+        labels: &Labels,
+    ) -> (Option<&'a PeerEntry>, Option<&'a Compiled>) {
         let own = self
             .peers
             .get(ns)
             .map(|s| s.entries.as_slice())
             .unwrap_or(&[]);
-        let from_root = if ns != root {
-            self.peers
-                .get(root)
-                .map(|s| s.entries.as_slice())
-                .unwrap_or(&[])
-        } else {
-            &[]
-        };
         // The policies that reach the workload: its namespace's without a selector or whose
-        // selector's labels it has; the root namespace's without a selector.
-        let reaching = own
-            .iter()
-            .filter(|e| e.selects(labels))
-            .chain(from_root.iter().filter(|e| e.selector.is_none()));
-        let (mut mesh, mut namespace, mut workload) = (None, None, None);
+        // selector's labels it has; the root namespaces' without a selector.
+        let reaching = own.iter().filter(|e| e.selects(labels)).chain(
+            self.in_other_roots(&self.peers, ns)
+                .flat_map(|s| s.entries.iter())
+                .filter(|e| e.selector.is_none()),
+        );
+        let (mut mesh, mut namespace, mut workload) = (None::<&PeerEntry>, None, None);
         for e in reaching {
+            let in_root = self.is_root(&e.strict.name.namespace);
             let slot = if !e.has_labels() {
-                if &*e.strict.name.namespace == root {
+                if in_root {
                     &mut mesh
                 } else {
                     &mut namespace
                 }
-            } else if &*e.strict.name.namespace != root {
+            } else if !in_root {
                 &mut workload
             } else {
                 continue;
             };
-            // Oldest first in each list: keep the first.
-            if slot.is_none() {
+            // Each list is oldest first; of two roots' mesh-level policies, the older wins.
+            if slot.is_none_or(|s| e.rank < s.rank) {
                 *slot = Some(&**e);
             }
         }

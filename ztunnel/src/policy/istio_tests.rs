@@ -27,7 +27,7 @@ fn index(yaml: &str) -> PolicyIndex {
             PolicyObject::PeerAuthentication(p) => pa.push(p),
         }
     }
-    PolicyIndex::build(&authz, &pa, ROOT)
+    PolicyIndex::build(&authz, &pa, &[ROOT])
 }
 
 fn labels(s: &str) -> Labels {

@@ -10,7 +10,7 @@ mod matchers;
 
 pub use convert::{status_of, PolicyStatus, CONDITION_TYPE, DRY_RUN_ANNOTATION};
 pub use engine::{
-    root_namespace, set_root_namespace, Conn, Considered, Decision, Effect, Ignored, Kind,
+    root_namespaces, set_root_namespaces, Conn, Considered, Decision, Effect, Ignored, Kind,
     PolicyIndex, PolicyRef, Reason, ROOT_NAMESPACE,
 };
 

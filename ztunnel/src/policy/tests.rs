@@ -17,7 +17,7 @@ fn policies(yaml: &str) -> PolicyIndex {
             PolicyObject::PeerAuthentication(p) => pa.push(p),
         }
     }
-    PolicyIndex::build(&authz, &pa, ROOT_NAMESPACE)
+    PolicyIndex::build(&authz, &pa, &[ROOT_NAMESPACE])
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -578,4 +578,89 @@ fn peer_authentication_modes() {
         policies("[]").mtls_mode("x", &labels(&[]), 80),
         MtlsMode::Permissive
     );
+}
+
+/// Two root namespaces (ours and Istio's, under the Istio-compatible setting): a policy in
+/// either is mesh-wide; the mesh-level PeerAuthentication is the oldest of both roots'; a
+/// policy in a root namespace still applies to that namespace's own workloads once.
+#[test]
+fn two_root_namespaces() {
+    let build = |yaml: &str, istio_named: &[&str]| {
+        let docs: Vec<serde_yaml::Value> = serde_yaml::from_str(yaml).unwrap();
+        let (mut authz, mut pa) = (Vec::new(), Vec::new());
+        for d in docs {
+            match PolicyObject::from_value(d).unwrap() {
+                PolicyObject::Authorization(mut a) => {
+                    a.metadata.istio = istio_named.contains(&a.metadata.name.as_str());
+                    authz.push(a)
+                }
+                PolicyObject::PeerAuthentication(mut p) => {
+                    p.metadata.istio = istio_named.contains(&p.metadata.name.as_str());
+                    pa.push(p)
+                }
+            }
+        }
+        PolicyIndex::build(&authz, &pa, &[ROOT_NAMESPACE, "istio-system"])
+    };
+    let deny_foo = |ns: &str, name: &str| {
+        format!("- {{apiVersion: security.ztunnel.dev/v1, kind: AuthorizationPolicy, metadata: {{name: {name}, namespace: {ns}}}, spec: {{action: DENY, rules: [{{from: [{{source: {{namespaces: [foo]}}}}]}}]}}}}\n")
+    };
+    // Istio's root: mesh-wide, and named as Istio's.
+    let idx = build(&deny_foo("istio-system", "deny"), &["deny"]);
+    let d = decide(&idx, &c(FOO, "10.0.0.1", "web", "web", 80));
+    assert!(!d.allowed);
+    assert_eq!(d.policy.unwrap().to_string(), "istio:istio-system/deny");
+    assert!(decide(&idx, &c(BAR, "10.0.0.1", "web", "web", 80)).allowed);
+    // Ours stays mesh-wide beside it; each applies once to its own namespace's workloads.
+    let idx = build(
+        &format!(
+            "{}{}",
+            deny_foo(ROOT_NAMESPACE, "ours"),
+            deny_foo("istio-system", "theirs")
+        ),
+        &["theirs"],
+    );
+    for ns in ["web", ROOT_NAMESPACE, "istio-system"] {
+        let (d, seen) = idx.evaluate_traced(&Conn {
+            src_principal: FOO,
+            src_namespace: Some("foo"),
+            src_ip: "10.0.0.1".parse().unwrap(),
+            dst_ip: "10.9.9.9".parse().unwrap(),
+            dst_namespace: ns,
+            dst_labels: &labels(&[("app", "web")]),
+            dst_port: 80,
+        });
+        assert!(!d.allowed, "{ns}");
+        assert_eq!(seen.len(), 2, "{ns}: each policy once: {seen:?}");
+    }
+    // Mesh-level PeerAuthentication: the oldest without a selector in either root.
+    let pa = |ns: &str, name: &str, t: &str, mode: &str| {
+        format!("- {{apiVersion: security.ztunnel.dev/v1, kind: PeerAuthentication, metadata: {{name: {name}, namespace: {ns}, creationTimestamp: '{t}'}}, spec: {{mtls: {{mode: {mode}}}}}}}\n")
+    };
+    let t0 = "2024-01-01T00:00:00Z";
+    let t1 = "2024-02-01T00:00:00Z";
+    for (ours_t, theirs_t, plaintext_allowed) in [(t0, t1, true), (t1, t0, false)] {
+        let idx = build(
+            &format!(
+                "{}{}",
+                pa(ROOT_NAMESPACE, "ours", ours_t, "PERMISSIVE"),
+                pa("istio-system", "theirs", theirs_t, "STRICT")
+            ),
+            &["theirs"],
+        );
+        let d = decide(&idx, &c(PLAIN, "10.0.0.1", "web", "web", 80));
+        assert_eq!(d.allowed, plaintext_allowed, "ours at {ours_t}: {d:?}");
+        assert_eq!(
+            idx.mtls_mode("web", &labels(&[]), 80) == MtlsMode::Strict,
+            !plaintext_allowed
+        );
+    }
+    assert_eq!(
+        idx_roots(&build("[]", &[])),
+        [ROOT_NAMESPACE, "istio-system"]
+    );
+}
+
+fn idx_roots(idx: &PolicyIndex) -> Vec<&str> {
+    idx.root_namespaces().iter().map(|r| &**r).collect()
 }

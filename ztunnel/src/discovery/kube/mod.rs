@@ -13,7 +13,13 @@
 //!   type and kept lean (see [`objects`]): never a full Pod in memory;
 //! - services and `discovery.k8s.io/v1` EndpointSlices (all: any pod may call any service);
 //! - `security.ztunnel.dev/v1` AuthorizationPolicy and PeerAuthentication (all); each one's
-//!   status condition is kept current by [`status::StatusWriter`].
+//!   status condition is kept current by [`status::StatusWriter`];
+//! - under the Istio-compatible setting ([`Rules::istio`]), Istio's own
+//!   `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication too, decided exactly as
+//!   ours and named `istio:namespace/name`. Their status is Istio's (istiod writes it): what
+//!   the daemons narrow or fail closed in them is logged and shown by `/explain`, not written
+//!   there. The daemon refuses to start if the API server does not serve them (Istio's CRDs
+//!   are not installed): a setting that cannot be honoured is an error, not a silent no-op.
 //!
 //! A change marks the store dirty; the publisher rebuilds the state at most once per
 //! `coalesce` (bursts — a rollout, a re-list — become one rebuild) and counts reloads. A policy
@@ -44,6 +50,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
+use super::enrollment::Rules;
 use super::policy::PolicyObject;
 use super::{Discovery, Error, Stats};
 use objects::{Interner, Key};
@@ -188,11 +195,14 @@ where
     })
 }
 
-fn policy_resource(kind: &str, plural: &str) -> ApiResource {
+/// The API group of Istio's policy resources, read under the Istio-compatible setting.
+pub const ISTIO_GROUP: &str = "security.istio.io";
+
+fn policy_resource(group: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource {
-        group: "security.ztunnel.dev".into(),
+        group: group.into(),
         version: "v1".into(),
-        api_version: super::policy::API_VERSION.into(),
+        api_version: format!("{group}/v1"),
         kind: kind.into(),
         plural: plural.into(),
     }
@@ -222,13 +232,32 @@ fn policy_json(o: &DynamicObject, kind: &str) -> serde_json::Value {
 }
 
 /// The entry of a policy resource of `kind`, and the status it should carry reported to
-/// `writer`.
+/// `writer`; Istio's objects (no writer) are marked as such, and what the daemons do not
+/// enforce of them as written is logged.
 fn policy_object(
     o: &DynamicObject,
     kind: &'static str,
-    writer: &status::StatusWriter,
+    writer: Option<&status::StatusWriter>,
 ) -> Result<PolicyObject, String> {
-    let p = objects::policy_entry(policy_json(o, kind))?;
+    let mut p = objects::policy_entry(policy_json(o, kind))?;
+    let Some(writer) = writer else {
+        match &mut p {
+            PolicyObject::Authorization(a) => a.metadata.istio = true,
+            PolicyObject::PeerAuthentication(pa) => pa.metadata.istio = true,
+        }
+        let st = status::status_of(&p);
+        if !st.accepted || !st.message.is_empty() {
+            tracing::warn!(
+                kind,
+                namespace = %o.metadata.namespace.as_deref().unwrap_or_default(),
+                name = %o.metadata.name.as_deref().unwrap_or_default(),
+                reason = st.reason,
+                message = %st.message,
+                "Istio policy not enforced as written"
+            );
+        }
+        return Ok(p);
+    };
     writer.observe(
         &serde_json::json!({"status": o.data.get("status")}),
         status::Wanted {
@@ -248,8 +277,12 @@ pub async fn watch_kubernetes(
     client: Client,
     trust_domain: String,
     node: String,
+    rules: Rules,
     coalesce: Duration,
 ) -> Result<(Discovery, tokio::task::JoinHandle<()>), Error> {
+    if rules.istio {
+        istio_served(&client).await?;
+    }
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             store: Store::default(),
@@ -284,7 +317,7 @@ pub async fn watch_kubernetes(
             what: "Pod",
             entry: Box::new({
                 let node = node.clone();
-                move |p, int| objects::pod_entry(p, &node, int)
+                move |p, int| objects::pod_entry(p, &node, rules, int)
             }),
             slot: |s| &mut s.pods,
         },
@@ -297,7 +330,7 @@ pub async fn watch_kubernetes(
             what: "Pod",
             entry: Box::new({
                 let node = node.clone();
-                move |p, int| objects::pod_entry(p, &node, int)
+                move |p, int| objects::pod_entry(p, &node, rules, int)
             }),
             slot: |s| &mut s.remote_pods,
         },
@@ -323,39 +356,15 @@ pub async fn watch_kubernetes(
         },
     ));
     let writer = status::StatusWriter::start(client.clone());
-    let ar = policy_resource("AuthorizationPolicy", "authorizationpolicies");
-    tasks.push(spawn_watcher(
-        shared.clone(),
-        Api::<DynamicObject>::all_with(client.clone(), &ar),
-        watcher::Config::default(),
-        Kind {
-            what: "AuthorizationPolicy",
-            entry: Box::new({
-                let writer = writer.clone();
-                move |o, _| match policy_object(o, "AuthorizationPolicy", &writer)? {
-                    PolicyObject::Authorization(a) => Ok(Some(a)),
-                    PolicyObject::PeerAuthentication(_) => Err("not an AuthorizationPolicy".into()),
-                }
-            }),
-            slot: |s| &mut s.authz,
-        },
+    tasks.extend(spawn_policy_watchers(
+        &shared,
+        &client,
+        super::policy::GROUP,
+        Some(writer),
     ));
-    let ar = policy_resource("PeerAuthentication", "peerauthentications");
-    tasks.push(spawn_watcher(
-        shared.clone(),
-        Api::<DynamicObject>::all_with(client.clone(), &ar),
-        watcher::Config::default(),
-        Kind {
-            what: "PeerAuthentication",
-            entry: Box::new(
-                move |o, _| match policy_object(o, "PeerAuthentication", &writer)? {
-                    PolicyObject::PeerAuthentication(p) => Ok(Some(p)),
-                    PolicyObject::Authorization(_) => Err("not a PeerAuthentication".into()),
-                },
-            ),
-            slot: |s| &mut s.peer_authn,
-        },
-    ));
+    if rules.istio {
+        tasks.extend(spawn_policy_watchers(&shared, &client, ISTIO_GROUP, None));
+    }
     let total = tasks.len();
 
     // Wait until every collection has been listed once.
@@ -369,7 +378,7 @@ pub async fn watch_kubernetes(
         notified.await;
     }
     let mut last_skipped = Vec::new();
-    let state = rebuild(&shared, &trust_domain, &mut last_skipped)?;
+    let state = rebuild(&shared, &trust_domain, rules, &mut last_skipped)?;
     tracing::info!(
         node = %node,
         workloads = state.workloads().len(),
@@ -386,7 +395,7 @@ pub async fn watch_kubernetes(
         loop {
             shared.dirty.notified().await;
             tokio::time::sleep(coalesce).await;
-            match rebuild(&shared, &trust_domain, &mut last_skipped) {
+            match rebuild(&shared, &trust_domain, rules, &mut last_skipped) {
                 Ok(state) => {
                     tracing::debug!(
                         workloads = state.workloads().len(),
@@ -408,6 +417,87 @@ pub async fn watch_kubernetes(
     Ok((disc, publisher))
 }
 
+/// The watchers of one group's AuthorizationPolicy and PeerAuthentication: ours, with their
+/// status kept by `writer`, or Istio's (no writer).
+fn spawn_policy_watchers(
+    shared: &Arc<Shared>,
+    client: &Client,
+    group: &'static str,
+    writer: Option<status::StatusWriter>,
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let istio = group == ISTIO_GROUP;
+    let ar = policy_resource(group, "AuthorizationPolicy", "authorizationpolicies");
+    let authz = spawn_watcher(
+        shared.clone(),
+        Api::<DynamicObject>::all_with(client.clone(), &ar),
+        watcher::Config::default(),
+        Kind {
+            what: if istio {
+                "AuthorizationPolicy (security.istio.io)"
+            } else {
+                "AuthorizationPolicy"
+            },
+            entry: Box::new({
+                let writer = writer.clone();
+                move |o, _| match policy_object(o, "AuthorizationPolicy", writer.as_ref())? {
+                    PolicyObject::Authorization(a) => Ok(Some(a)),
+                    PolicyObject::PeerAuthentication(_) => Err("not an AuthorizationPolicy".into()),
+                }
+            }),
+            slot: if istio {
+                |s| &mut s.istio_authz
+            } else {
+                |s| &mut s.authz
+            },
+        },
+    );
+    let ar = policy_resource(group, "PeerAuthentication", "peerauthentications");
+    let peer = spawn_watcher(
+        shared.clone(),
+        Api::<DynamicObject>::all_with(client.clone(), &ar),
+        watcher::Config::default(),
+        Kind {
+            what: if istio {
+                "PeerAuthentication (security.istio.io)"
+            } else {
+                "PeerAuthentication"
+            },
+            entry: Box::new(move |o, _| {
+                match policy_object(o, "PeerAuthentication", writer.as_ref())? {
+                    PolicyObject::PeerAuthentication(p) => Ok(Some(p)),
+                    PolicyObject::Authorization(_) => Err("not a PeerAuthentication".into()),
+                }
+            }),
+            slot: if istio {
+                |s| &mut s.istio_peer_authn
+            } else {
+                |s| &mut s.peer_authn
+            },
+        },
+    );
+    [authz, peer]
+}
+
+/// Fails unless the API server serves Istio's two policy resources to this client.
+async fn istio_served(client: &Client) -> Result<(), Error> {
+    for (kind, plural) in [
+        ("AuthorizationPolicy", "authorizationpolicies"),
+        ("PeerAuthentication", "peerauthentications"),
+    ] {
+        let ar = policy_resource(ISTIO_GROUP, kind, plural);
+        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+        if let Err(e) = api
+            .list_metadata(&kube::api::ListParams::default().limit(1))
+            .await
+        {
+            return Err(Error::Kube(format!(
+                "--istio-compat: cannot list {ISTIO_GROUP}/v1 {plural} (are Istio's CRDs installed, and may the daemon list them?): {e}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Aborts the watchers when the publisher ends.
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
 
@@ -422,10 +512,11 @@ impl Drop for AbortOnDrop {
 fn rebuild(
     shared: &Shared,
     trust_domain: &str,
+    rules: Rules,
     last_skipped: &mut Vec<String>,
 ) -> Result<super::State, Error> {
     let mut inner = shared.inner.lock().unwrap();
-    let (state, skipped) = translate::build(trust_domain, &inner.store);
+    let (state, skipped) = translate::build(trust_domain, rules, &inner.store);
     inner.interner.prune();
     drop(inner);
     for s in skipped.iter().filter(|s| !last_skipped.contains(s)) {

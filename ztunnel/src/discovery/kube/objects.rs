@@ -2,13 +2,14 @@
 //! moment it arrives, and the full object is dropped (pure functions, no I/O).
 //!
 //! - Pods arrive as [`LeanPod`], a `kube::Resource` that deserializes only the fields the model
-//!   needs (name, namespace, uid, labels, node, host network, service account, phase, IPs):
-//!   the rest of the Pod (containers, managed fields, annotations, conditions…) is skipped by
-//!   the JSON decoder and never allocated. A pod is a workload only if it is not host-network,
-//!   not terminal (`Succeeded`/`Failed`: its IP may already belong to another pod) and has an
-//!   IP. A pod on another node keeps no uid and, of its labels, only
-//!   `ztunnel.dev/dataplane-mode` (its opt-out), which is all outbound routing and identity
-//!   checks need; its service membership comes from EndpointSlices.
+//!   needs (name, namespace, uid, labels, the annotations that say another mesh handles the
+//!   pod, node, host network, service account, phase, IPs): the rest of the Pod (containers,
+//!   managed fields, other annotations, conditions…) is skipped by the JSON decoder and never
+//!   allocated. A pod is a workload only if it is not host-network, not terminal
+//!   (`Succeeded`/`Failed`: its IP may already belong to another pod) and has an IP. A pod on
+//!   another node keeps no uid and, of its labels, only the enrollment labels
+//!   ([`Rules::keeps`]), which is all outbound routing and identity checks need; its service
+//!   membership comes from EndpointSlices.
 //! - Services keep name, VIPs (`clusterIPs`; headless and ExternalName services have none and
 //!   are not kept), ports with their `targetPort` (a number, or a name resolved against the
 //!   EndpointSlices), and selector.
@@ -28,7 +29,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Deserializer};
 
-use crate::discovery::model::{Labels, DATAPLANE_MODE_LABEL};
+use crate::discovery::enrollment::{OtherMesh, Rules};
+use crate::discovery::model::Labels;
 use crate::discovery::policy::PolicyObject;
 
 /// A Pod with only the fields discovery reads.
@@ -65,7 +67,8 @@ pub struct PodIp {
     pub ip: String,
 }
 
-/// Object metadata without managed fields, annotations, owners or finalizers.
+/// Object metadata without managed fields, owners or finalizers, and of the annotations only
+/// those [`OtherMesh::of`] reads.
 fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -75,6 +78,8 @@ fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
         uid: Option<String>,
         resource_version: Option<String>,
         labels: Option<BTreeMap<String, String>>,
+        #[serde(default, deserialize_with = "read_annotations")]
+        annotations: Option<BTreeMap<String, String>>,
     }
     let m = Meta::deserialize(d)?;
     Ok(ObjectMeta {
@@ -83,8 +88,40 @@ fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
         uid: m.uid,
         resource_version: m.resource_version,
         labels: m.labels,
+        annotations: m.annotations,
         ..Default::default()
     })
+}
+
+/// The annotations [`OtherMesh::of`] reads; the others' values are skipped unread.
+fn read_annotations<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Option<BTreeMap<String, String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of annotations")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut kept = BTreeMap::new();
+            while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                if OtherMesh::reads(&k) {
+                    kept.insert(k.into_owned(), m.next_value::<String>()?);
+                } else {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok((!kept.is_empty()).then_some(kept))
+        }
+    }
+    d.deserialize_any(Visit)
 }
 
 impl kube::Resource for LeanPod {
@@ -155,8 +192,10 @@ pub struct PodEntry {
     pub service_account: Arc<str>,
     pub node: Arc<str>,
     pub ips: Box<[IpAddr]>,
-    /// All labels for a local pod; only the dataplane-mode label for a remote one.
+    /// All labels for a local pod; only the enrollment labels for a remote one.
     pub labels: Labels,
+    /// Another mesh that handles the pod already.
+    pub other_mesh: Option<OtherMesh>,
 }
 
 /// The entry for `pod` on the daemon of `node`: `Ok(None)` when the pod is not a workload
@@ -167,6 +206,7 @@ pub struct PodEntry {
 pub fn pod_entry(
     pod: &LeanPod,
     node: &str,
+    rules: Rules,
     int: &mut Interner,
 ) -> Result<Option<PodEntry>, String> {
     let (ns, name) = key_of(&pod.metadata);
@@ -207,11 +247,13 @@ pub fn pod_entry(
         int.labels(labels)
     } else {
         labels
-            .get(DATAPLANE_MODE_LABEL)
-            .map(|v| (int.get(DATAPLANE_MODE_LABEL), int.get(v)))
-            .into_iter()
+            .iter()
+            .filter(|(k, _)| rules.keeps(k))
+            .map(|(k, v)| (int.get(k), int.get(v)))
             .collect()
     };
+    let annotations = pod.metadata.annotations.as_ref();
+    let other_mesh = OtherMesh::of(|k| annotations?.get(k).map(String::as_str));
     Ok(Some(PodEntry {
         uid: if local {
             pod.metadata.uid.as_deref().unwrap_or_default().into()
@@ -230,6 +272,7 @@ pub fn pod_entry(
         node: int.get(pod_node),
         ips: ips.into_boxed_slice(),
         labels,
+        other_mesh,
     }))
 }
 

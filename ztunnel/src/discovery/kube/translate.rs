@@ -3,8 +3,8 @@
 //!
 //! One bad object never drops the rest: objects that cannot be in the model (a duplicate IP,
 //! an invalid identity, a VIP that is a pod IP…) are skipped and reported, and everything else
-//! is built. A workload's protocol is HBONE when its namespace is labelled
-//! `ztunnel.dev/dataplane-mode=ambient` and it did not opt out with `=none`, else TCP. A
+//! is built. A workload's protocol is HBONE when it is enrolled (see
+//! [`crate::discovery::enrollment`]), else TCP. A
 //! service's endpoints are the workloads at the ready addresses of its EndpointSlices; a named
 //! `targetPort` is resolved through the slices' ports (unresolved: the port is skipped).
 
@@ -12,9 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::objects::{Key, PodEntry, ServiceEntry, SliceEntry, Target};
-use crate::discovery::model::{
-    Labels, Namespace, Protocol, Service, ServicePort, State, Workload, DATAPLANE_MODE_LABEL,
-};
+use crate::discovery::enrollment::Rules;
+use crate::discovery::model::{Labels, Namespace, Protocol, Service, ServicePort, State, Workload};
 use crate::discovery::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::discovery::Error;
 use crate::identity::Identity;
@@ -32,17 +31,18 @@ pub struct Store {
     pub slices: BTreeMap<Key, SliceEntry>,
     pub authz: BTreeMap<Key, AuthorizationPolicy>,
     pub peer_authn: BTreeMap<Key, PeerAuthentication>,
+    /// Istio's own (`security.istio.io/v1`), under the Istio-compatible setting.
+    pub istio_authz: BTreeMap<Key, AuthorizationPolicy>,
+    pub istio_peer_authn: BTreeMap<Key, PeerAuthentication>,
 }
 
-fn ambient(ns: &HashMap<&str, &Labels>, name: &str) -> bool {
-    ns.get(name)
-        .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
-        .is_some_and(|v| &**v == "ambient")
-}
-
-/// Builds the state for the daemon of a node in `trust_domain`; returns it with the objects
-/// that were skipped, and why.
-pub fn build(trust_domain: &str, store: &Store) -> (Result<State, Error>, Vec<String>) {
+/// Builds the state for the daemon of a node in `trust_domain`, under enrollment `rules`;
+/// returns it with the objects that were skipped, and why.
+pub fn build(
+    trust_domain: &str,
+    rules: Rules,
+    store: &Store,
+) -> (Result<State, Error>, Vec<String>) {
     let mut skipped = Vec::new();
     let namespaces: Vec<Namespace> = store
         .namespaces
@@ -82,10 +82,13 @@ pub fn build(trust_domain: &str, store: &Store) -> (Result<State, Error>, Vec<St
             skipped.push(format!("{what}: IP {ip} is claimed by another pod too"));
             continue;
         }
-        let enrolled = ambient(&ns_labels, &p.namespace)
-            && p.labels
-                .get(DATAPLANE_MODE_LABEL)
-                .is_none_or(|v| &**v != "none");
+        let enrolled = rules
+            .pod(
+                ns_labels.get(&*p.namespace).copied(),
+                &p.labels,
+                p.other_mesh,
+            )
+            .is_ok();
         for ip in p.ips.iter() {
             index_of_ip.insert(*ip, workloads.len());
         }
@@ -107,6 +110,7 @@ pub fn build(trust_domain: &str, store: &Store) -> (Result<State, Error>, Vec<St
             } else {
                 Protocol::Tcp
             },
+            other_mesh: p.other_mesh,
         });
     }
 
@@ -186,10 +190,20 @@ pub fn build(trust_domain: &str, store: &Store) -> (Result<State, Error>, Vec<St
         workloads,
         services,
         Some(endpoints),
-        store.authz.values().cloned().collect(),
-        store.peer_authn.values().cloned().collect(),
+        store
+            .authz
+            .values()
+            .chain(store.istio_authz.values())
+            .cloned()
+            .collect(),
+        store
+            .peer_authn
+            .values()
+            .chain(store.istio_peer_authn.values())
+            .cloned()
+            .collect(),
     )
-    .map(|s| s.with_pending(pending));
+    .map(|s| s.with_pending(pending).with_enrollment(rules));
     (state, skipped)
 }
 
@@ -205,6 +219,7 @@ pub fn namespace_labels(
 mod tests {
     use super::super::objects::*;
     use super::*;
+    use crate::discovery::DATAPLANE_MODE_LABEL;
     use serde_json::json;
 
     const NODE: &str = "n1";
@@ -212,6 +227,10 @@ mod tests {
     /// A store filled from Kubernetes objects (JSON), through the same conversions the
     /// watchers use.
     fn store(objs: &[serde_json::Value]) -> (Store, Vec<String>) {
+        store_with(objs, Rules::default())
+    }
+
+    fn store_with(objs: &[serde_json::Value], rules: Rules) -> (Store, Vec<String>) {
         let mut st = Store::default();
         let mut int = Interner::default();
         let mut refused = vec![];
@@ -229,7 +248,7 @@ mod tests {
                     }
                     "Pod" => {
                         let p: LeanPod = serde_json::from_value(o.clone()).unwrap();
-                        if let Some(e) = pod_entry(&p, NODE, &mut int)? {
+                        if let Some(e) = pod_entry(&p, NODE, rules, &mut int)? {
                             let local = &*e.node == NODE;
                             let m = if local {
                                 &mut st.pods
@@ -359,7 +378,7 @@ mod tests {
         for (p, want, what) in cases {
             let (st, refused) = store(&[ns("demo", true), ns("legacy", false), p]);
             assert!(refused.is_empty(), "{what}: {refused:?}");
-            let (s, skipped) = build("cluster.local", &st);
+            let (s, skipped) = build("cluster.local", Rules::default(), &st);
             assert!(skipped.is_empty(), "{what}: {skipped:?}");
             let s = s.unwrap();
             let got = s
@@ -377,7 +396,7 @@ mod tests {
         let mut remote = pod("demo", "r", "n2", "10.0.0.2");
         remote["metadata"]["labels"][DATAPLANE_MODE_LABEL] = json!("none");
         let (st, _) = store(&[ns("demo", true), pod("demo", "l", NODE, "10.0.0.1"), remote]);
-        let (s, _) = build("cluster.local", &st);
+        let (s, _) = build("cluster.local", Rules::default(), &st);
         let s = s.unwrap();
         let l = s.workload_by_uid("uid-l").unwrap();
         assert_eq!(l.labels.get("app").map(|v| &**v), Some("web"));
@@ -389,6 +408,97 @@ mod tests {
         assert_eq!(
             r.identity("cluster.local").to_string(),
             "spiffe://cluster.local/ns/demo/sa/web"
+        );
+    }
+
+    #[test]
+    fn istios_labels_and_annotations_under_each_rule() {
+        use crate::discovery::enrollment::{
+            ISTIO_DATAPLANE_MODE_LABEL, ISTIO_REDIRECTION, ISTIO_SIDECAR_STATUS,
+        };
+        let istio_ns = json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "moved", "labels": {ISTIO_DATAPLANE_MODE_LABEL: "ambient"}}});
+        let with = |ns: &str, node: &str, ip: &str, f: &dyn Fn(&mut serde_json::Value)| {
+            let mut p = pod(ns, &format!("p{}", &ip[7..]), node, ip);
+            f(&mut p);
+            p
+        };
+        let pods = [
+            // (pod, protocol without the setting, with it)
+            (
+                with("moved", NODE, "10.0.0.1", &|_| {}),
+                Protocol::Tcp,
+                Protocol::Hbone,
+            ),
+            (
+                with("legacy", NODE, "10.0.0.2", &|p| {
+                    p["metadata"]["labels"][ISTIO_DATAPLANE_MODE_LABEL] = json!("ambient")
+                }),
+                Protocol::Tcp,
+                Protocol::Hbone,
+            ),
+            (
+                with("demo", NODE, "10.0.0.3", &|p| {
+                    p["metadata"]["labels"][ISTIO_DATAPLANE_MODE_LABEL] = json!("none")
+                }),
+                Protocol::Hbone,
+                Protocol::Tcp,
+            ),
+            (
+                with("demo", NODE, "10.0.0.4", &|p| {
+                    p["metadata"]["annotations"][ISTIO_SIDECAR_STATUS] =
+                        json!("{\"containers\":[]}")
+                }),
+                Protocol::Tcp,
+                Protocol::Tcp,
+            ),
+            // Remote pods keep what enrollment reads: Istio's label and annotations.
+            (
+                with("legacy", "n2", "10.0.0.5", &|p| {
+                    p["metadata"]["labels"][ISTIO_DATAPLANE_MODE_LABEL] = json!("ambient")
+                }),
+                Protocol::Tcp,
+                Protocol::Hbone,
+            ),
+            (
+                with("moved", "n2", "10.0.0.6", &|p| {
+                    p["metadata"]["annotations"][ISTIO_REDIRECTION] = json!("enabled")
+                }),
+                Protocol::Tcp,
+                Protocol::Tcp,
+            ),
+        ];
+        for istio in [false, true] {
+            let rules = Rules { istio };
+            let mut objs = vec![ns("demo", true), ns("legacy", false), istio_ns.clone()];
+            objs.extend(pods.iter().map(|p| p.0.clone()));
+            let (st, refused) = store_with(&objs, rules);
+            assert!(refused.is_empty(), "{refused:?}");
+            let (s, skipped) = build("cluster.local", rules, &st);
+            assert!(skipped.is_empty(), "{skipped:?}");
+            let s = s.unwrap();
+            assert_eq!(s.namespace_enrolled("moved"), istio);
+            for (p, without, with) in &pods {
+                let ip = p["status"]["podIP"].as_str().unwrap();
+                let w = s.workload_by_ip(ip.parse().unwrap()).unwrap();
+                let want = if istio { *with } else { *without };
+                assert_eq!(w.protocol, want, "{ip} istio={istio}");
+                assert_eq!(s.enrolled(w), want == Protocol::Hbone, "{ip} istio={istio}");
+            }
+        }
+        let (st, _) = store_with(&[pods[4].0.clone()], Rules { istio: true });
+        let r = st.remote_pods.values().next().unwrap();
+        assert_eq!(
+            r.labels.len(),
+            1,
+            "only the enrollment label: {:?}",
+            r.labels
+        );
+        let (st, _) = store_with(&[pods[5].0.clone()], Rules { istio: true });
+        let r = st.remote_pods.values().next().unwrap();
+        assert_eq!(
+            r.other_mesh,
+            Some(crate::discovery::enrollment::OtherMesh::IstioAmbient)
         );
     }
 
@@ -436,7 +546,7 @@ mod tests {
             }
             let (st, refused) = store(&objs);
             assert!(refused.is_empty(), "{refused:?}");
-            let (s, _) = build("cluster.local", &st);
+            let (s, _) = build("cluster.local", Rules::default(), &st);
             let s = s.unwrap();
             let vip = "10.96.0.1".parse().unwrap();
             let sv = s.service_by_vip(vip).unwrap();
@@ -453,7 +563,7 @@ mod tests {
         let mut objs = base.clone();
         objs.push(svc("demo", "web", "10.96.0.1", json!("http")));
         let (st, _) = store(&objs);
-        let (s, skipped) = build("cluster.local", &st);
+        let (s, skipped) = build("cluster.local", Rules::default(), &st);
         assert!(s
             .unwrap()
             .service_by_vip("10.96.0.1".parse().unwrap())
@@ -507,7 +617,7 @@ mod tests {
         // that cannot be read in full is kept and fails closed.
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert!(refused.iter().any(|r| r.contains("not-an-ip")));
-        let (s, skipped) = build("cluster.local", &st);
+        let (s, skipped) = build("cluster.local", Rules::default(), &st);
         let s = s.unwrap();
         assert_eq!(skipped.len(), 4, "{skipped:?}");
         for want in [
