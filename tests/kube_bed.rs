@@ -15,15 +15,14 @@
 //!   fails closed and says so; a STRICT PeerAuthentication refuses the plain pod; `deploy/`'s
 //!   RBAC for the daemon matches what the daemons did (every grant used, nothing forbidden).
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztunnel_e2e::apps;
-use ztunnel_e2e::daemon::{access_lines, die_with_test};
-use ztunnel_e2e::netns::Netns;
+use ztunnel_e2e::daemon::access_lines;
+use ztunnel_e2e::kubebed::{has_table, wait_for, Pause};
 use ztunnel_e2e::testbed::{PodSpec, TestBed};
 
 fn spec(name: &'static str, ns: &'static str, node: usize, ip: &'static str) -> PodSpec {
@@ -36,50 +35,6 @@ fn spec(name: &'static str, ns: &'static str, node: usize, ip: &'static str) -> 
         ip,
         ip6: None,
     }
-}
-
-/// Waits up to 20 s for `f`; fails with `what` otherwise.
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A process holding a netns, as a pod sandbox's `pause` does; killed on drop.
-struct Pause(Child);
-
-impl Pause {
-    fn of(bed: &TestBed, name: &str) -> Pause {
-        use std::os::unix::fs::MetadataExt;
-        let pod = bed.pod(name);
-        let child = die_with_test(&mut Command::new("ip"))
-            .args(["netns", "exec", &pod.ns.name, "sleep", "600"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn sleep in the pod's netns");
-        let id = |p: String| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
-        let want = id(format!("/var/run/netns/{}", pod.ns.name));
-        let pid = child.id();
-        wait_for("the pause process in its netns", || {
-            id(format!("/proc/{pid}/ns/net")) == want
-        });
-        bed.run_on_node(pod.spec.node, pid).unwrap();
-        Pause(child)
-    }
-}
-
-impl Drop for Pause {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn has_table(ns: &Netns) -> bool {
-    ns.exec("nft", &["list", "table", "inet", "ztunnel"])
-        .is_ok()
 }
 
 fn whoami(bed: &TestBed, from: &str, ip: &str, port: u16) -> std::io::Result<String> {

@@ -640,6 +640,44 @@ impl ControlPlane {
         self
     }
 
+    /// Istio's own `security.istio.io` CRDs (AuthorizationPolicy, PeerAuthentication,
+    /// RequestAuthentication), as Istio publishes them (`tools/istio/crds.sh` fetches them
+    /// from the `istio.io/api` Go module), applied once per test binary and established.
+    pub fn install_istio_crds(&self) -> &Self {
+        static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+        let done = DONE.get_or_init(|| {
+            let apply = || -> Result<()> {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/istio/crds.sh");
+                let path = netns::sh("bash", &[&script.display().to_string()])?;
+                let all = std::fs::read_to_string(path.trim())
+                    .with_context(|| format!("read {}", path.trim()))?;
+                let mut names = Vec::new();
+                for doc in serde_yaml::Deserializer::from_str(&all) {
+                    let crd: Value = serde::Deserialize::deserialize(doc)?;
+                    if crd["spec"]["group"] == "security.istio.io" {
+                        names.push(format!(
+                            "crd/{}",
+                            crd["metadata"]["name"].as_str().unwrap_or("")
+                        ));
+                        self.apply(crd)?;
+                    }
+                }
+                if names.len() != 3 {
+                    bail!("expected Istio's three security.istio.io CRDs, found {names:?}");
+                }
+                let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+                args.extend(names.iter().map(String::as_str));
+                self.kubectl(&args)?;
+                Ok(())
+            };
+            apply().map_err(|e| format!("{e:#}"))
+        });
+        if let Err(e) = done {
+            panic!("installing Istio's CRDs on the real API server failed: {e}");
+        }
+        self
+    }
+
     /// Every request the API server has answered so far, as audit events (JSON): `user`
     /// (`username`, `extra` with the bound pod's name), `verb`, `objectRef`, `responseStatus`.
     pub fn audit_events(&self) -> Vec<Value> {
@@ -656,8 +694,15 @@ impl ControlPlane {
     /// uses is an excess), and no request of it may have been forbidden (a permission it
     /// needs is missing). Returns the problems found, empty when none.
     pub fn rbac_problems(&self, ns: &str, sa: &str) -> Result<Vec<String>> {
+        self.rbac_problems_in("base", ns, sa)
+    }
+
+    /// [`Self::rbac_problems`] for the RBAC of kustomization `deploy/<dir>`.
+    pub fn rbac_problems_in(&self, dir: &str, ns: &str, sa: &str) -> Result<Vec<String>> {
         let user = format!("system:serviceaccount:{ns}:{sa}");
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base");
+        let base = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(dir);
         let rendered = netns::sh("kubectl", &["kustomize", &base.display().to_string()])?;
         let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
             .map(|d| serde::Deserialize::deserialize(d).map_err(anyhow::Error::from))

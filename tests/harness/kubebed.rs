@@ -86,7 +86,11 @@ impl Drop for KubeSource {
 impl KubeSource {
     /// Attaches the bed's nodes to the control plane and creates what exists before any pod:
     /// the namespaces, the Service, the daemons' pods and tokens.
-    pub(crate) fn set_up(cp: &'static ControlPlane, bed: &TestBed) -> Result<KubeSource> {
+    pub(crate) fn set_up(
+        cp: &'static ControlPlane,
+        bed: &TestBed,
+        plain_labels: Value,
+    ) -> Result<KubeSource> {
         let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         for node in &bed.nodes {
             cp.attach(&node.ns)?;
@@ -95,7 +99,7 @@ impl KubeSource {
         let demo = namespace_of(bed.prefix(), "demo");
         let plain = namespace_of(bed.prefix(), "plain");
         cp.create_namespace(&demo, json!({AMBIENT: "ambient"}))?;
-        cp.create_namespace(&plain, json!({}))?;
+        cp.create_namespace(&plain, plain_labels)?;
         let svc = cp.apply(json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "server", "namespace": demo},
             "spec": {"selector": {"app": "server"},
@@ -153,8 +157,18 @@ impl TestBed {
     /// The two-node bed with its daemons on the real API server (see the module doc), with
     /// `pods` created.
     pub fn start_kube(pods: Vec<PodSpec>) -> Result<TestBed> {
+        Self::start_kube_with(pods, &[], json!({}))
+    }
+
+    /// [`TestBed::start_kube`] with `daemon_env` in every daemon's environment and namespace
+    /// `plain` created with `plain_labels`.
+    pub fn start_kube_with(
+        pods: Vec<PodSpec>,
+        daemon_env: &[(&str, &str)],
+        plain_labels: Value,
+    ) -> Result<TestBed> {
         let cp = controlplane::shared().install_base();
-        TestBed::build(pods, Vec::new(), &[], Some(cp))
+        TestBed::build(pods, Vec::new(), daemon_env, Some((cp, plain_labels)))
     }
 
     fn kube_source(&self) -> &KubeSource {
@@ -253,5 +267,51 @@ impl TestBed {
             p["metadata"]["namespace"] = json!(self.api_namespace(ns));
         }
         self.kube_source().cp.apply(Value::Array(list))
+    }
+}
+
+/// Waits up to 20 s for `f`; fails with `what` otherwise.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether a pod's netns holds the capture rules.
+pub fn has_table(ns: &crate::netns::Netns) -> bool {
+    ns.exec("nft", &["list", "table", "inet", "ztunnel"])
+        .is_ok()
+}
+
+/// A process holding a pod's netns, as a pod sandbox's `pause` does, visible to its node's
+/// daemon (which finds a running pod's netns by scanning processes); killed on drop.
+pub struct Pause(std::process::Child);
+
+impl Pause {
+    pub fn of(bed: &TestBed, name: &str) -> Pause {
+        use std::os::unix::fs::MetadataExt;
+        let pod = bed.pod(name);
+        let child = crate::daemon::die_with_test(&mut std::process::Command::new("ip"))
+            .args(["netns", "exec", &pod.ns.name, "sleep", "600"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sleep in the pod's netns");
+        let id = |p: String| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+        let want = id(format!("/var/run/netns/{}", pod.ns.name));
+        let pid = child.id();
+        wait_for("the pause process in its netns", || {
+            id(format!("/proc/{pid}/ns/net")) == want
+        });
+        bed.run_on_node(pod.spec.node, pid).unwrap();
+        Pause(child)
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -261,12 +261,15 @@ impl TestBed {
     }
 
     /// The bed: nodes, underlay, daemons (on the discovery file, or on the real API server
-    /// when `kube` is given), then `pods`.
+    /// when `kube` is given, with the labels of namespace `plain`), then `pods`.
     pub(crate) fn build(
         pods: Vec<PodSpec>,
         known: Vec<PodSpec>,
         daemon_env: &[(&str, &str)],
-        kube: Option<&'static crate::controlplane::ControlPlane>,
+        kube: Option<(
+            &'static crate::controlplane::ControlPlane,
+            serde_json::Value,
+        )>,
     ) -> Result<TestBed> {
         netns::require_prerequisites();
         let prefix = netns::unique_prefix();
@@ -377,8 +380,8 @@ impl TestBed {
             dual_stack: v6,
             kube: None,
         };
-        if let Some(cp) = kube {
-            bed.kube = Some(crate::kubebed::KubeSource::set_up(cp, &bed)?);
+        if let Some((cp, plain_labels)) = kube {
+            bed.kube = Some(crate::kubebed::KubeSource::set_up(cp, &bed, plain_labels)?);
         }
         for i in 0..2 {
             bed.start_daemon(i)?;

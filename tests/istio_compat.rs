@@ -1,0 +1,189 @@
+//! The Istio-compatible setting (`ZTUNNEL_ISTIO_COMPAT=true`, as `deploy/istio-compat` sets
+//! it) on the in-pod bed with its daemons on the real API server, with Istio's own
+//! `security.istio.io` CRDs installed as Istio publishes them (`tools/istio/crds.sh`) and the
+//! overlay's RBAC. Needs root, `ip`, `nft`, `containernetworking-plugins`, Go and the control
+//! plane that `scripts/prereqs.sh` builds.
+//!
+//! - `istios_objects_and_labels_are_enforced`: a `security.istio.io/v1` AuthorizationPolicy
+//!   in an enrolled namespace refuses the tunnel streams it denies (the source's daemon is
+//!   answered 401, the application sees nothing, the destination's access log names
+//!   `istio:<ns>/<name>`) and lets the rest through; a `security.istio.io/v1` STRICT
+//!   PeerAuthentication in Istio's root namespace (`istio-system`) refuses a plaintext pod
+//!   mesh-wide until it is deleted; a namespace labelled `istio.io/dataplane-mode=ambient`
+//!   has its running pod enrolled, and that pod's own `istio.io/dataplane-mode=none` label
+//!   releases it; the overlay's Istio grants are all used and nothing was forbidden.
+
+use std::time::Duration;
+
+use serde_json::json;
+use ztunnel_e2e::apps;
+use ztunnel_e2e::controlplane::{self, SYSTEM_NAMESPACE};
+use ztunnel_e2e::daemon::{access_lines, metric};
+use ztunnel_e2e::kubebed::{has_table, wait_for, Pause};
+use ztunnel_e2e::testbed::{PodSpec, TestBed};
+
+fn spec(name: &'static str, ns: &'static str, node: usize, ip: &'static str) -> PodSpec {
+    PodSpec {
+        name,
+        namespace: ns,
+        sa: name,
+        app: name,
+        node,
+        ip,
+        ip6: None,
+    }
+}
+
+fn whoami(bed: &TestBed, from: &str, ip: &str, port: u16) -> std::io::Result<String> {
+    let ip = ip.to_string();
+    bed.pod(from)
+        .ns
+        .block_on(async move { apps::whoami(&ip, port, "who").await })
+}
+
+#[test]
+fn istios_objects_and_labels_are_enforced() {
+    let cp = controlplane::shared().install_base().install_istio_crds();
+    cp.apply_kustomization(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/istio-compat"),
+    )
+    .expect("deploy/istio-compat applied");
+    let bed = TestBed::start_kube_with(
+        vec![
+            spec("client", "demo", 0, "10.20.1.10"),
+            spec("server", "demo", 1, "10.20.2.10"),
+            spec("legacy", "plain", 0, "10.20.1.11"),
+        ],
+        &[("ZTUNNEL_ISTIO_COMPAT", "true")],
+        json!({}),
+    )
+    .expect("the bed on the real API server");
+    let demo = bed.api_namespace("demo");
+    let plain = bed.api_namespace("plain");
+    for port in [8080, 9090] {
+        bed.pod("server").ns.spawn(apps::whoami_server(port));
+    }
+    bed.pod("legacy").ns.spawn(apps::whoami_server(8080));
+    wait_for("the server app", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
+    });
+
+    // Istio's AuthorizationPolicy, enforced as ours would be, named as Istio's.
+    let accepted = |bed: &TestBed| {
+        access_lines(&bed.log(1))
+            .iter()
+            .filter(|l| l["direction"] == "inbound" && l["dst_port"] == 9090)
+            .count()
+    };
+    cp.apply(
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-9090", "namespace": demo},
+        "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+                 "rules": [{"to": [{"operation": {"ports": ["9090"]}}]}]}}),
+    )
+    .expect("an Istio AuthorizationPolicy");
+    let refused = |bed: &TestBed| {
+        metric(
+            &bed.metrics(0),
+            "ztunnel_refusals_total",
+            &[("reason", "outbound_denied_by_destination")],
+        )
+    };
+    wait_for("Istio's DENY to be enforced", || {
+        whoami(&bed, "client", "10.20.2.10", 9090).is_err()
+    });
+    assert!(refused(&bed) >= 1.0, "the source's daemon was answered 401");
+    let before = accepted(&bed);
+    assert!(whoami(&bed, "client", "10.20.2.10", 9090).is_err());
+    assert_eq!(
+        whoami(&bed, "client", "10.20.2.10", 8080).unwrap(),
+        "10.20.1.10",
+        "what the policy does not cover still passes"
+    );
+    let name = format!("istio:{demo}/no-9090");
+    wait_for("the access log naming Istio's policy", || {
+        access_lines(&bed.log(1))
+            .iter()
+            .any(|l| l["decision"] == "deny" && l["policy"] == name.as_str())
+    });
+    assert_eq!(
+        accepted(&bed),
+        before,
+        "the denied connection was never accepted"
+    );
+
+    // Istio's root namespace: a STRICT PeerAuthentication there is mesh-wide.
+    cp.create_namespace("istio-system", json!({}))
+        .expect("istio-system");
+    assert_eq!(
+        whoami(&bed, "legacy", "10.20.2.10", 8080).unwrap(),
+        "10.20.1.11",
+        "plaintext is let in before"
+    );
+    cp.apply(
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": "istio-system"},
+        "spec": {"mtls": {"mode": "STRICT"}}}),
+    )
+    .expect("an Istio PeerAuthentication");
+    wait_for("mesh-wide STRICT from Istio's root namespace", || {
+        whoami(&bed, "legacy", "10.20.2.10", 8080).is_err()
+    });
+    assert_eq!(
+        whoami(&bed, "client", "10.20.2.10", 8080).unwrap(),
+        "10.20.1.10",
+        "mutual TLS still passes"
+    );
+    cp.delete(
+        "security.istio.io/v1",
+        "PeerAuthentication",
+        Some("istio-system"),
+        "default",
+    )
+    .expect("delete");
+    wait_for("plaintext let in again", || {
+        whoami(&bed, "legacy", "10.20.2.10", 8080).is_ok()
+    });
+
+    // Istio's namespace label enrolls the running pod; its own `none` label releases it.
+    let _pause = Pause::of(&bed, "legacy");
+    assert!(!has_table(&bed.pod("legacy").ns));
+    bed.label_namespace("plain", json!({"istio.io/dataplane-mode": "ambient"}))
+        .unwrap();
+    wait_for("legacy enrolled by Istio's namespace label", || {
+        has_table(&bed.pod("legacy").ns)
+    });
+    let legacy_id = format!("spiffe://cluster.local/ns/{plain}/sa/legacy");
+    wait_for("the client's daemon to see legacy in the mesh", || {
+        whoami(&bed, "client", "10.20.1.11", 8080).is_ok()
+    });
+    wait_for("a tunnel into legacy in the access log", || {
+        access_lines(&bed.log(0)).iter().any(|l| {
+            l["message"] == "connection closed"
+                && l["direction"] == "inbound"
+                && l["dst_identity"] == legacy_id.as_str()
+        })
+    });
+    cp.kubectl(&[
+        "label",
+        "pod",
+        "-n",
+        &plain,
+        "legacy",
+        "istio.io/dataplane-mode=none",
+    ])
+    .expect("label the pod");
+    wait_for("legacy released by its own label", || {
+        !has_table(&bed.pod("legacy").ns)
+    });
+
+    // The overlay's RBAC: Istio's two kinds listed and watched, nothing forbidden.
+    std::thread::sleep(Duration::from_millis(200));
+    let problems: Vec<String> = cp
+        .rbac_problems_in("istio-compat", SYSTEM_NAMESPACE, "ztunnel")
+        .expect("audit log")
+        .into_iter()
+        .filter(|p| p.contains("security.istio.io") || p.contains("forbidden"))
+        .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+}
