@@ -1,7 +1,9 @@
 //! `ztunnel ctl`: the operator's view over a daemon's admin API (`/config_dump`,
 //! `/connections`, `/explain` on localhost:15000): workloads, services, policies,
 //! certificates, live connections, and `explain`, the decision the policy engine would make
-//! for a connection, without sending it. Tables by default, JSON with `-o json`.
+//! for a connection, without sending it. Tables by default, JSON with `-o json`. And
+//! `convert`, which needs no daemon: Istio's policy YAML turned into ours
+//! ([`crate::policy::from_istio`]).
 
 use std::fmt::Write;
 
@@ -21,6 +23,10 @@ pub enum CtlError {
     Status { status: u16, body: String },
     #[error("unexpected answer from the admin API: {0}")]
     Body(String),
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: String },
+    #[error("{path}: {error}")]
+    Convert { path: String, error: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -63,6 +69,19 @@ enum Cmd {
         /// Destination: namespace/name:port, IP:port or a Service VIP:port
         #[arg(long)]
         to: String,
+    },
+    /// Istio's AuthorizationPolicy and PeerAuthentication YAML turned into ztunnel's, with
+    /// what had to change written as comments (needs no daemon)
+    Convert {
+        /// The YAML file (several documents, or a List), `-` for standard input
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        /// Istio's root namespace: its policies move to ztunnel's root namespace
+        #[arg(long, default_value = "istio-system")]
+        istio_root_namespace: String,
+        /// ztunnel's root namespace
+        #[arg(long, default_value = crate::policy::ROOT_NAMESPACE)]
+        root_namespace: String,
     },
 }
 
@@ -268,6 +287,7 @@ fn render(cmd: &Cmd, v: &Value) -> String {
                 ],
             ),
         ),
+        Cmd::Convert { .. } => unreachable!("convert returns before rendering"),
         Cmd::Explain { .. } => {
             let d = &v["decision"];
             let verdict = if d["allowed"] == true {
@@ -277,7 +297,8 @@ fn render(cmd: &Cmd, v: &Value) -> String {
             };
             let by = match (&d["policy"], &d["rule"]) {
                 (Value::Object(p), rule) => format!(
-                    "policy {}/{} rule {}",
+                    "policy {}{}/{} rule {}",
+                    if p["istio"] == true { "istio:" } else { "" },
                     s(&p["namespace"]),
                     s(&p["name"]),
                     s(rule)
@@ -341,6 +362,27 @@ fn render(cmd: &Cmd, v: &Value) -> String {
 /// Runs `ztunnel ctl` with `args` (`args[0]` is the program name); returns what to print.
 pub async fn run(args: Vec<String>) -> Result<String, CtlError> {
     let a = CtlArgs::try_parse_from(args)?;
+    if let Cmd::Convert {
+        file,
+        istio_root_namespace,
+        root_namespace,
+    } = &a.cmd
+    {
+        let text = if file == "-" {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(file)
+        }
+        .map_err(|e| CtlError::Read {
+            path: file.clone(),
+            error: e.to_string(),
+        })?;
+        return crate::policy::from_istio::convert(&text, istio_root_namespace, root_namespace)
+            .map_err(|e| CtlError::Convert {
+                path: file.clone(),
+                error: e.to_string(),
+            });
+    }
     let dump = || get(&a.admin, "/config_dump");
     let v = match &a.cmd {
         Cmd::Workloads => dump().await?["discovery"]["workloads"].take(),
@@ -369,6 +411,7 @@ pub async fn run(args: Vec<String>) -> Result<String, CtlError> {
         Cmd::Explain { from, to } => {
             get(&a.admin, &format!("/explain?from={from}&to={to}")).await?
         }
+        Cmd::Convert { .. } => unreachable!("convert returns above"),
     };
     Ok(match a.output {
         Output::Json => serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
@@ -414,6 +457,38 @@ mod tests {
             rt.block_on(run(args(&["ctl", "explain", "--from", "a/b"]))),
             Err(CtlError::Cli(_))
         ));
+        // convert: a missing file and bad YAML are clear errors; a file converts.
+        let e = rt
+            .block_on(run(args(&["ctl", "convert", "-f", "/nonexistent.yaml"])))
+            .unwrap_err();
+        assert!(matches!(e, CtlError::Read { .. }), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, "a: [b").unwrap();
+        let e = rt
+            .block_on(run(args(&["ctl", "convert", "-f", bad.to_str().unwrap()])))
+            .unwrap_err();
+        assert!(matches!(e, CtlError::Convert { .. }), "{e}");
+        let good = dir.path().join("good.yaml");
+        std::fs::write(
+            &good,
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: d, namespace: mesh}\nspec: {mtls: {mode: STRICT}}\n",
+        )
+        .unwrap();
+        let out = rt
+            .block_on(run(args(&[
+                "ctl",
+                "convert",
+                "-f",
+                good.to_str().unwrap(),
+                "--istio-root-namespace",
+                "mesh",
+                "--root-namespace",
+                "root",
+            ])))
+            .unwrap();
+        assert!(out.contains("apiVersion: security.ztunnel.dev/v1"), "{out}");
+        assert!(out.contains("namespace: root"), "{out}");
         // Nothing listens on this port: a clear connection error.
         let e = rt
             .block_on(run(args(&["ctl", "--admin", "127.0.0.1:1", "certs"])))

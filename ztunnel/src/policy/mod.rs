@@ -6,6 +6,7 @@
 mod convert;
 mod engine;
 pub mod explain;
+pub mod from_istio;
 mod matchers;
 
 pub use convert::{status_of, PolicyStatus, CONDITION_TYPE, DRY_RUN_ANNOTATION};

@@ -1,0 +1,275 @@
+//! `ztunnel ctl convert`: Istio's policy YAML (as written, or as `kubectl get -o yaml` prints
+//! it) turned into ours, pure (text in, text out).
+//!
+//! Each `security.istio.io` (`v1` or `v1beta1`) `AuthorizationPolicy` and `PeerAuthentication`
+//! becomes a `security.ztunnel.dev/v1` object with the same spec (our schema is Istio's). What
+//! had to change is written as YAML comments above the object (so they stay with it when the
+//! output is saved and applied):
+//! - the `apiVersion`;
+//! - the namespace, when it is Istio's root namespace: moved to ours, so that it stays
+//!   mesh-wide;
+//! - what the API server set (`status`, `uid`, `resourceVersion`, `generation`,
+//!   `creationTimestamp`, `managedFields`, `ownerReferences`, kubectl's last-applied
+//!   annotation), removed;
+//! - what the daemons will not enforce as written, from the same conversion the engine runs
+//!   ([`super::status_of`]): it is the same in Istio's ambient mode, so the converted object
+//!   means what the original meant there.
+//!
+//! Any other object (another kind, another group) is left out, and a comment says so. `List`
+//! objects are read item by item.
+
+use serde_yaml::{Mapping, Value};
+
+use crate::discovery::policy::{PolicyObject, API_VERSION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FromIstioError {
+    #[error("not YAML: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+}
+
+const ISTIO_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
+const SERVER_SET: &[&str] = &[
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "managedFields",
+    "ownerReferences",
+    "selfLink",
+];
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Converts every document of `yaml`; `istio_root` objects move to `root`.
+pub fn convert(yaml: &str, istio_root: &str, root: &str) -> Result<String, FromIstioError> {
+    let mut objects = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let v = <Value as serde::Deserialize>::deserialize(doc)?;
+        flatten(v, &mut objects);
+    }
+    let mut out = String::new();
+    for o in objects {
+        out.push_str("---\n");
+        out.push_str(&one(o, istio_root, root)?);
+    }
+    Ok(out)
+}
+
+/// The objects of one document: itself, or a `List`'s items; nothing for an empty document.
+fn flatten(v: Value, out: &mut Vec<Value>) {
+    if v.is_null() {
+        return;
+    }
+    let is_list = v
+        .get("kind")
+        .and_then(Value::as_str)
+        .is_some_and(|k| k.ends_with("List"))
+        && v.get("items").is_some_and(Value::is_sequence);
+    match v {
+        Value::Mapping(mut m) if is_list => {
+            if let Some(Value::Sequence(items)) = m.remove("items") {
+                for i in items {
+                    flatten(i, out);
+                }
+            }
+        }
+        v => out.push(v),
+    }
+}
+
+fn str_of<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    let mut cur = v;
+    for p in path {
+        match cur.get(*p) {
+            Some(x) => cur = x,
+            None => return "",
+        }
+    }
+    cur.as_str().unwrap_or("")
+}
+
+fn comment(notes: &[String]) -> String {
+    notes
+        .iter()
+        .map(|n| format!("# ztunnel ctl convert: {n}\n"))
+        .collect()
+}
+
+/// One object, converted (with its notes as comments) or left out (a comment only).
+fn one(mut o: Value, istio_root: &str, root: &str) -> Result<String, FromIstioError> {
+    let api = str_of(&o, &["apiVersion"]).to_owned();
+    let kind = str_of(&o, &["kind"]).to_owned();
+    let ns = str_of(&o, &["metadata", "namespace"]).to_owned();
+    let name = str_of(&o, &["metadata", "name"]).to_owned();
+    let what = format!(
+        "{kind} {}{name}",
+        if ns.is_empty() {
+            String::new()
+        } else {
+            format!("{ns}/")
+        }
+    );
+    if !ISTIO_VERSIONS.contains(&api.as_str())
+        || !matches!(kind.as_str(), "AuthorizationPolicy" | "PeerAuthentication")
+    {
+        return Ok(comment(&[format!(
+            "left out {what} ({api}): only security.istio.io AuthorizationPolicy and PeerAuthentication are converted"
+        )]));
+    }
+    let mut notes = vec![format!("apiVersion {api} → {API_VERSION}")];
+    let Value::Mapping(m) = &mut o else {
+        unreachable!("an object with an apiVersion is a mapping")
+    };
+    m.insert("apiVersion".into(), API_VERSION.into());
+    if m.remove("status").is_some() {
+        notes.push("status removed (the daemons write their own condition)".into());
+    }
+    let meta = m
+        .entry("metadata".into())
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    if let Value::Mapping(meta) = meta {
+        let mut removed: Vec<&str> = SERVER_SET
+            .iter()
+            .copied()
+            .filter(|k| meta.remove(*k).is_some())
+            .collect();
+        if let Some(Value::Mapping(a)) = meta.get_mut("annotations") {
+            if a.remove(LAST_APPLIED).is_some() {
+                removed.push(LAST_APPLIED);
+            }
+            if a.is_empty() {
+                meta.remove("annotations");
+            }
+        }
+        if !removed.is_empty() {
+            notes.push(format!(
+                "set by the API server, removed: {}",
+                removed.join(", ")
+            ));
+        }
+        if ns == istio_root {
+            meta.insert("namespace".into(), root.into());
+            notes.push(format!(
+                "namespace {istio_root} (Istio's root namespace) → {root} (ztunnel's root namespace), so that it stays mesh-wide"
+            ));
+        } else if ns.is_empty() {
+            notes.push("no namespace: it will be created in kubectl's current namespace".into());
+        }
+    }
+    match PolicyObject::from_value(o.clone()) {
+        Ok(p) => {
+            let st = super::status_of(&p);
+            if !st.message.is_empty() {
+                notes.push(format!(
+                    "enforced as Istio's ambient mode enforces it ({}): {}",
+                    st.reason, st.message
+                ));
+            }
+        }
+        Err(e) => notes.push(format!("the daemon cannot read it: {e}")),
+    }
+    Ok(comment(&notes) + &serde_yaml::to_string(&o)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docs(out: &str) -> Vec<Value> {
+        serde_yaml::Deserializer::from_str(out)
+            .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+            .filter(|v| !v.is_null())
+            .collect()
+    }
+
+    #[test]
+    fn converts_istios_policies_and_says_what_changed() {
+        let input = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-get
+  namespace: web
+  uid: 1234
+  resourceVersion: "77"
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: "{}"
+    team: a
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - to: [{operation: {methods: [GET], ports: ["8080"]}}]
+status:
+  validationMessages: []
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: web}
+spec: {}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: deny-all, namespace: web}
+  spec: {action: DENY, rules: [{}]}
+"#;
+        let out = convert(input, "istio-system", "ztunnel-system").unwrap();
+        let d = docs(&out);
+        assert_eq!(d.len(), 3, "{out}");
+        for o in &d {
+            assert_eq!(str_of(o, &["apiVersion"]), API_VERSION);
+            PolicyObject::from_value(o.clone()).expect("ours parses it");
+        }
+        let allow = &d[0];
+        assert!(allow.get("status").is_none());
+        assert!(allow["metadata"].get("uid").is_none());
+        assert!(allow["metadata"].get("resourceVersion").is_none());
+        assert_eq!(
+            allow["metadata"]["annotations"],
+            serde_yaml::from_str::<Value>("{team: a}").unwrap()
+        );
+        assert_eq!(
+            allow["spec"]["rules"][0]["to"][0]["operation"]["methods"][0], "GET",
+            "the spec is kept as written"
+        );
+        assert_eq!(str_of(&d[1], &["metadata", "namespace"]), "ztunnel-system");
+        assert_eq!(
+            str_of(&d[2], &["metadata", "name"]),
+            "deny-all",
+            "List items are read"
+        );
+        for want in [
+            "# ztunnel ctl convert: apiVersion security.istio.io/v1 → security.ztunnel.dev/v1",
+            "# ztunnel ctl convert: apiVersion security.istio.io/v1beta1 → security.ztunnel.dev/v1",
+            "# ztunnel ctl convert: status removed",
+            "set by the API server, removed: uid, resourceVersion, kubectl.kubernetes.io/last-applied-configuration",
+            "namespace istio-system (Istio's root namespace) → ztunnel-system",
+            "left out RequestAuthentication web/jwt (security.istio.io/v1)",
+            // The HTTP-only rule: what Istio's ambient conversion does to it.
+            "enforced as Istio's ambient mode enforces it (UnsupportedValue)",
+        ] {
+            assert!(out.contains(want), "missing {want:?} in:\n{out}");
+        }
+    }
+
+    #[test]
+    fn other_objects_are_left_out_and_bad_yaml_is_an_error() {
+        let out = convert(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\n",
+            "istio-system",
+            "ztunnel-system",
+        )
+        .unwrap();
+        assert!(docs(&out).is_empty(), "{out}");
+        assert!(out.contains("left out ConfigMap x (v1)"), "{out}");
+        assert!(convert("a: [b", "istio-system", "ztunnel-system").is_err());
+        assert_eq!(convert("", "istio-system", "ztunnel-system").unwrap(), "");
+    }
+}
