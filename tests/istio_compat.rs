@@ -19,27 +19,8 @@ use serde_json::json;
 use ztunnel_e2e::apps;
 use ztunnel_e2e::controlplane::{self, SYSTEM_NAMESPACE};
 use ztunnel_e2e::daemon::{access_lines, metric};
-use ztunnel_e2e::kubebed::{has_table, wait_for, Pause};
-use ztunnel_e2e::testbed::{PodSpec, TestBed};
-
-fn spec(name: &'static str, ns: &'static str, node: usize, ip: &'static str) -> PodSpec {
-    PodSpec {
-        name,
-        namespace: ns,
-        sa: name,
-        app: name,
-        node,
-        ip,
-        ip6: None,
-    }
-}
-
-fn whoami(bed: &TestBed, from: &str, ip: &str, port: u16) -> std::io::Result<String> {
-    let ip = ip.to_string();
-    bed.pod(from)
-        .ns
-        .block_on(async move { apps::whoami(&ip, port, "who").await })
-}
+use ztunnel_e2e::kubebed::{has_table, spec, wait_for, whoami, Pause};
+use ztunnel_e2e::testbed::TestBed;
 
 #[test]
 fn istios_objects_and_labels_are_enforced() {

@@ -315,3 +315,24 @@ impl Drop for Pause {
         let _ = self.0.wait();
     }
 }
+
+/// A pod of the bed whose ServiceAccount and `app` label are its name.
+pub fn spec(name: &'static str, ns: &'static str, node: usize, ip: &'static str) -> PodSpec {
+    PodSpec {
+        name,
+        namespace: ns,
+        sa: name,
+        app: name,
+        node,
+        ip,
+        ip6: None,
+    }
+}
+
+/// What the whoami application at `ip:port` saw of a connection from pod `from`.
+pub fn whoami(bed: &TestBed, from: &str, ip: &str, port: u16) -> std::io::Result<String> {
+    let ip = ip.to_string();
+    bed.pod(from)
+        .ns
+        .block_on(async move { crate::apps::whoami(&ip, port, "who").await })
+}
