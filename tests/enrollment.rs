@@ -2,14 +2,16 @@
 //! pods that run unenrolled in a plain namespace are enrolled without any CNI call when the
 //! namespace is labelled ambient in the mesh file (the daemon finds each pod's netns itself by
 //! its IP under /proc), released when a pod opts out or the label goes, released by a later
-//! CNI DEL, and served again by a restarted daemon; a netns it cannot tell apart is refused.
+//! CNI DEL, and served again by a restarted daemon; a netns it cannot tell apart is refused,
+//! and so is one that holds a pod's IP but whose processes are another pod's (by the UID
+//! their cgroups name).
 //! The pod annotation is tested against the real API server (`harness::controlplane`) with
 //! the daemon's own credentials (a token of `ztunnel-system/ztunnel` bound to a daemon Pod on
 //! the annotated pods' node): in-process through the annotator, and end to end with the bed's
 //! daemons discovering the cluster from that API server (`harness::kubebed`).
 //!
-//! Each test pod gets a `sleep` process in its netns (a sandbox's `pause`), since the daemon
-//! finds namespaces through processes. Pod IPs (10.20.x.8x) are unused by other tests, so test
+//! Each test pod gets a `sleep` process in its netns and its pod cgroup (a sandbox's
+//! `pause`), since the daemon finds namespaces through processes. Pod IPs (10.20.x.8x) are unused by other tests, so test
 //! beds of other test binaries on the same machine cannot make a pod's IP ambiguous. Needs
 //! root, `ip`, `nft` and `containernetworking-plugins`.
 
@@ -47,11 +49,10 @@ fn spec(name: &'static str, sa: &'static str, node: usize, ip: &'static str) -> 
 struct Pause(Child);
 
 impl Pause {
-    /// Starts the sandbox process of `bed`'s pod `name`, on the pod's node.
+    /// Starts the sandbox process of `bed`'s pod `name`, in the pod's cgroup, on its node.
     fn of(bed: &TestBed, name: &str) -> Pause {
-        let pod = bed.pod(name);
-        let p = Pause::start(&pod.ns);
-        bed.run_on_node(pod.spec.node, p.0.id()).unwrap();
+        let p = Pause::start(&bed.pod(name).ns);
+        bed.run_in_pod(name, p.0.id()).unwrap();
         p
     }
 
@@ -403,7 +404,7 @@ fn a_cni_add_takes_over_a_pod_the_reconciler_enrolled() {
 }
 
 #[test]
-fn finding_a_netns_by_ip_refuses_ambiguity_and_the_host() {
+fn finding_a_netns_by_ip_and_uid_refuses_ambiguity_the_host_and_another_pods_namespace() {
     netns::require_prerequisites();
     let prefix = netns::unique_prefix();
     let make = |n: &str, ip: &str| {
@@ -415,29 +416,93 @@ fn finding_a_netns_by_ip_refuses_ambiguity_and_the_host() {
     let a = make("a", "10.77.0.2/32");
     let b = make("b", "10.77.0.2/32");
     let quiet = make("quiet", "10.77.0.3/32"); // no process: not found through /proc
-    let _p: Vec<Pause> = [&one, &a, &b].into_iter().map(Pause::start).collect();
+                                               // Another pod's namespace holding a victim's address, as a pod with CAP_NET_ADMIN can.
+    let evil = make("evil", "10.77.0.4/32");
+    let nobody = make("nobody", "10.77.0.5/32"); // its process is in no pod's cgroup
+    let pauses: Vec<Pause> = [&one, &a, &b, &evil, &nobody]
+        .into_iter()
+        .map(Pause::start)
+        .collect();
+    ztunnel_e2e::cgroup::put_in_pod(&prefix, "uid-one", pauses[0].0.id()).unwrap();
+    ztunnel_e2e::cgroup::put_in_pod(&prefix, "uid-evil", pauses[3].0.id()).unwrap();
     let seen = find::scan(std::path::Path::new("/proc"), ZNetns::host()).unwrap();
     let host_ips = find::local_addresses().unwrap();
     let ip = |s: &str| vec![s.parse().unwrap()];
-    let found = find::choose(&ip("10.77.0.1"), &host_ips, &seen).unwrap();
+    let found = find::choose(&ip("10.77.0.1"), "uid-one", &host_ips, &seen).unwrap();
     let want = std::fs::metadata(format!("/var/run/netns/{}", one.name)).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!(found.id, (want.dev(), want.ino()));
+    assert_eq!(found.uids, ["uid-one"]);
     assert!(matches!(
-        find::choose(&ip("10.77.0.2"), &host_ips, &seen),
+        find::choose(&ip("10.77.0.2"), "uid-a", &host_ips, &seen),
         Err(FindError::Ambiguous { count: 2, .. })
     ));
     assert!(matches!(
-        find::choose(&ip("10.77.0.3"), &host_ips, &seen),
+        find::choose(&ip("10.77.0.3"), "uid-quiet", &host_ips, &seen),
         Err(FindError::NotFound(_))
+    ));
+    // The victim's address in the attacker's namespace: refused, naming the attacker's UID.
+    match find::choose(&ip("10.77.0.4"), "uid-victim", &host_ips, &seen) {
+        Err(FindError::UidMismatch { found, .. }) => assert_eq!(found, ["uid-evil"]),
+        other => panic!("another pod's namespace accepted: {other:?}"),
+    }
+    assert!(matches!(
+        find::choose(&ip("10.77.0.5"), "uid-nobody", &host_ips, &seen),
+        Err(FindError::UidMismatch { .. })
     ));
     drop(quiet);
     if let Some(h) = host_ips.first() {
         assert!(matches!(
-            find::choose(&[*h], &host_ips, &seen),
+            find::choose(&[*h], "uid-host", &host_ips, &seen),
             Err(FindError::HostNetwork(_))
         ));
     }
+    drop(pauses);
+    ztunnel_e2e::cgroup::remove(&prefix);
+}
+
+/// The attack: a pod adds the IP of a pod whose sandbox is not running (being re-created) to
+/// its own namespace, and waits for the daemon to enroll that namespace as the victim, with
+/// the victim's identity. The daemon finds the namespace by the IP, sees that its processes
+/// are another pod's, and refuses (counted, logged, the victim's annotation says why); once
+/// the victim's own sandbox runs with its address, that one is enrolled.
+#[test]
+fn a_pod_holding_another_pods_ip_is_not_enrolled_as_it() {
+    let attacker = spec("evil", "evil", 0, "10.20.1.87");
+    let victim = spec("cart3", "cart", 0, "10.20.1.86");
+    let bed = TestBed::start_known(vec![attacker], vec![victim]).expect("test bed");
+    let evil = bed.pod("evil");
+    evil.ns
+        .ip(&["addr", "add", "10.20.1.86/32", "dev", "lo"])
+        .unwrap();
+    let _pause = Pause::of(&bed, "evil");
+    bed.apply_labels(namespaces(ambient()), json!({})).unwrap();
+    wait_for("the refusal", || {
+        reconciler(&bed, 0, "enroll_failed", "netns_uid_mismatch") >= 1.0
+    });
+    // The attacker is enrolled as itself (its own IP, its namespace, its cgroup) and never
+    // as the victim: one enrolled pod, the attacker's, and its listeners answer as `evil`.
+    wait_for("the attacker enrolled as itself", || {
+        reconciler(&bed, 0, "enroll", "running_pod") == 1.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let m = bed.metrics(0);
+    assert_eq!(metric(&m, "ztunnel_enrolled_pods", &[]), 1.0, "{m}");
+    let records: Vec<String> = std::fs::read_dir(bed.nodes[0].state_dir.join("pods"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        records,
+        ["ztunnel-reconciled-uid-shop-evil.eth0.json"],
+        "no record for the victim"
+    );
+    let log = bed.log(0);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("uid-shop-evil") && l.contains("not uid-shop-cart3")),
+        "no refusal naming both pods:\n{log}"
+    );
 }
 
 #[test]

@@ -14,6 +14,9 @@
 //!   why in its status; a DENY with a value the schema lets through but no daemon can read
 //!   fails closed and says so; a STRICT PeerAuthentication refuses the plain pod; `deploy/`'s
 //!   RBAC for the daemon matches what the daemons did (every grant used, nothing forbidden).
+//! - `when_disable_and_port_level_mtls_from_the_api_server`: a workload STRICT with a
+//!   PERMISSIVE port, a namespace DISABLE and an ALLOW on `when` conditions, each written to
+//!   the API server, accepted as written and deciding as Istio's ambient mode does.
 
 use std::time::Duration;
 
@@ -281,4 +284,93 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         problems.is_empty(),
         "deploy/'s RBAC for the daemon: {problems:#?}"
     );
+}
+
+/// `when` conditions, PeerAuthentication DISABLE and `portLevelMtls` written to the API
+/// server: each is accepted as written (status `ZtunnelAccepted=True`, `Accepted`) and
+/// decides as Istio's ambient mode does, on real traffic.
+#[test]
+fn when_disable_and_port_level_mtls_from_the_api_server() {
+    let bed = TestBed::start_kube(vec![
+        spec("client", "demo", 0, "10.20.1.10"),
+        spec("server", "demo", 1, "10.20.2.10"),
+        spec("legacy", "plain", 0, "10.20.1.11"),
+    ])
+    .expect("the bed on the real API server");
+    let demo = bed.api_namespace("demo");
+    let cp = bed.kube.as_ref().unwrap().cp;
+    for port in [8080, 9090] {
+        bed.pod("server").ns.spawn(apps::whoami_server(port));
+    }
+    wait_for("the server app", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
+            && whoami(&bed, "legacy", "10.20.2.10", 9090).is_ok()
+    });
+    let accepted = |kind: &str, name: &str| {
+        wait_for(&format!("{kind} {name} accepted as written"), || {
+            cp.get("security.ztunnel.dev/v1", kind, Some(&demo), name)
+                .and_then(|o| {
+                    o["status"]["conditions"]
+                        .as_array()
+                        .and_then(|c| c.iter().find(|c| c["type"] == "ZtunnelAccepted").cloned())
+                })
+                .is_some_and(|c| c["status"] == "True" && c["reason"] == "Accepted")
+        })
+    };
+    let pa = |name: &str, spec: Value| {
+        json!({"apiVersion": "security.ztunnel.dev/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": name, "namespace": "demo"}, "spec": spec})
+    };
+    let plain_gets = |port: u16| whoami(&bed, "legacy", "10.20.2.10", port).is_ok();
+    let client_gets = |port: u16| whoami(&bed, "client", "10.20.2.10", port).is_ok();
+
+    // A STRICT workload with a PERMISSIVE port (istiod's convertPeerAuthentication): plaintext
+    // refused on 8080 only; mutual TLS on both.
+    bed.apply_kube_policies(pa(
+        "server-ports",
+        json!({"selector": {"matchLabels": {"app": "server"}}, "mtls": {"mode": "STRICT"},
+               "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}}}),
+    ))
+    .unwrap();
+    wait_for("STRICT on 8080", || !plain_gets(8080));
+    assert!(plain_gets(9090), "9090 is PERMISSIVE");
+    assert!(client_gets(8080) && client_gets(9090));
+    accepted("PeerAuthentication", "server-ports");
+    cp.delete(
+        "security.ztunnel.dev/v1",
+        "PeerAuthentication",
+        Some(&demo),
+        "server-ports",
+    )
+    .unwrap();
+    wait_for("plaintext let in again", || plain_gets(8080));
+
+    // A namespace STRICT, then the same object turned DISABLE: DISABLE accepts plaintext, as
+    // PERMISSIVE does in ambient mode.
+    bed.apply_kube_policies(pa("ns", json!({"mtls": {"mode": "STRICT"}})))
+        .unwrap();
+    wait_for("namespace STRICT", || !plain_gets(8080));
+    bed.apply_kube_policies(pa("ns", json!({"mtls": {"mode": "DISABLE"}})))
+        .unwrap();
+    wait_for("DISABLE lets plaintext in", || plain_gets(8080));
+    assert!(client_gets(8080), "mutual TLS still passes");
+    accepted("PeerAuthentication", "ns");
+
+    // An ALLOW on `when` conditions (L4 keys, ANDed): the plain pod's address on 9090 only,
+    // and anyone from namespace demo.
+    bed.apply_kube_policies(json!({
+        "apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "when", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "ALLOW", "rules": [
+            {"when": [{"key": "source.ip", "values": ["10.20.1.11"]},
+                      {"key": "destination.port", "values": ["9090"]}]},
+            {"when": [{"key": "source.namespace", "values": [demo]}]}]}}))
+        .unwrap();
+    wait_for("the ALLOW in force", || !plain_gets(8080));
+    assert!(
+        plain_gets(9090),
+        "address and port both match the first rule"
+    );
+    assert!(client_gets(8080) && client_gets(9090), "namespace demo");
+    accepted("AuthorizationPolicy", "when");
 }

@@ -285,8 +285,9 @@ pub fn has_table(ns: &crate::netns::Netns) -> bool {
         .is_ok()
 }
 
-/// A process holding a pod's netns, as a pod sandbox's `pause` does, visible to its node's
-/// daemon (which finds a running pod's netns by scanning processes); killed on drop.
+/// A process holding a pod's netns, as a pod sandbox's `pause` does, in the pod's cgroup and
+/// visible to its node's daemon (which finds a running pod's netns by scanning processes);
+/// killed on drop.
 pub struct Pause(std::process::Child);
 
 impl Pause {
@@ -304,7 +305,7 @@ impl Pause {
         wait_for("the pause process in its netns", || {
             id(format!("/proc/{pid}/ns/net")) == want
         });
-        bed.run_on_node(pod.spec.node, pid).unwrap();
+        bed.run_in_pod(name, pid).unwrap();
         Pause(child)
     }
 }

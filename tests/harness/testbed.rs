@@ -529,8 +529,24 @@ impl TestBed {
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
+    /// The UID of pod `name`: the discovery file's, or the one the API server gave it.
+    pub fn pod_uid(&self, name: &str) -> String {
+        let spec = &self.pod(name).spec;
+        match &self.kube {
+            None => uid(spec),
+            Some(k) => k.uid(&self.api_namespace(spec.namespace), spec.name),
+        }
+    }
+
+    /// Makes process `pid` a process of pod `name` (in the pod's cgroup, as the kubelet puts
+    /// a sandbox's `pause`), then visible to the pod's node's daemon.
+    pub fn run_in_pod(&self, name: &str, pid: u32) -> Result<()> {
+        crate::cgroup::put_in_pod(self.prefix(), &self.pod_uid(name), pid)?;
+        self.run_on_node(self.pod(name).spec.node, pid)
+    }
+
     /// Makes process `pid` visible to node `i`'s daemon (in its `--host-proc`), as a process
-    /// running on that node, such as a pod sandbox's `pause`.
+    /// running on that node (in no pod's cgroup: see [`TestBed::run_in_pod`]).
     pub fn run_on_node(&self, i: usize, pid: u32) -> Result<()> {
         let link = self.nodes[i].proc_dir.join(pid.to_string());
         std::os::unix::fs::symlink(format!("/proc/{pid}"), link)?;
@@ -668,6 +684,7 @@ impl Drop for TestBed {
                 d.stop(Duration::from_millis(200));
             }
         }
+        crate::cgroup::remove(self.prefix());
     }
 }
 

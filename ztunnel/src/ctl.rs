@@ -146,6 +146,13 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// A policy's name as the daemon writes it: `namespace/name`, `istio:namespace/name` for
+/// Istio's own objects.
+fn policy_name(p: &Value) -> String {
+    let group = if p["istio"] == true { "istio:" } else { "" };
+    format!("{group}{}/{}", s(&p["namespace"]), s(&p["name"]))
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -295,14 +302,8 @@ fn render(cmd: &Cmd, v: &Value) -> String {
             } else {
                 "DENY"
             };
-            let by = match (&d["policy"], &d["rule"]) {
-                (Value::Object(p), rule) => format!(
-                    "policy {}{}/{} rule {}",
-                    if p["istio"] == true { "istio:" } else { "" },
-                    s(&p["namespace"]),
-                    s(&p["name"]),
-                    s(rule)
-                ),
+            let by = match &d["policy"] {
+                p @ Value::Object(_) => format!("policy {} rule {}", policy_name(p), s(&d["rule"])),
                 _ => "no policy".into(),
             };
             let mut out = String::new();
@@ -327,13 +328,11 @@ fn render(cmd: &Cmd, v: &Value) -> String {
             );
             let _ = writeln!(out, "decision: {verdict} — {by} ({})", s(&d["reason"]));
             for c in v["considered"].as_array().into_iter().flatten() {
-                let p = &c["policy"];
                 let _ = writeln!(
                     out,
-                    "  {} {}/{} ({}): {}",
+                    "  {} {} ({}): {}",
                     s(&c["kind"]),
-                    s(&p["namespace"]),
-                    s(&p["name"]),
+                    policy_name(&c["policy"]),
                     s(&c["action"]),
                     match c["matched_rule"].as_u64() {
                         Some(r) => format!("rule {r} matched"),
@@ -440,6 +439,46 @@ mod tests {
             out.contains("demo       web   10.0.0.1,10.0.0.2  n1    web              HBONE"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn explain_names_our_policies_and_istios() {
+        let cmd = Cmd::Explain {
+            from: "a/b".into(),
+            to: "c/d:80".into(),
+        };
+        let v = |policy: Value| {
+            serde_json::json!({
+                "source": {"workload": "a/b", "identity": "spiffe://td/ns/a/sa/b"},
+                "destination": {"workload": "c/d", "identity": "spiffe://td/ns/c/sa/d"},
+                "port": 80, "transport": "HBONE", "mtls_mode": "PERMISSIVE",
+                "decision": {"allowed": false, "reason": "denied_by_policy", "policy": policy, "rule": 0},
+                "considered": [{"kind": "AuthorizationPolicy", "policy": policy, "action": "DENY", "matched_rule": 0}],
+            })
+        };
+        let ours = render(
+            &cmd,
+            &v(serde_json::json!({"namespace": "c", "name": "deny"})),
+        );
+        assert!(
+            ours.contains("decision: DENY — policy c/deny rule 0"),
+            "{ours}"
+        );
+        assert!(
+            ours.contains("AuthorizationPolicy c/deny (DENY): rule 0 matched"),
+            "{ours}"
+        );
+        let istio = render(
+            &cmd,
+            &v(serde_json::json!({"namespace": "c", "name": "deny", "istio": true})),
+        );
+        assert!(istio.contains("policy istio:c/deny rule 0"), "{istio}");
+        assert!(
+            istio.contains("AuthorizationPolicy istio:c/deny"),
+            "{istio}"
+        );
+        let none = render(&cmd, &v(Value::Null));
+        assert!(none.contains("no policy"), "{none}");
     }
 
     #[test]

@@ -596,10 +596,15 @@ impl Pods {
         let mut n = 0;
         for r in records {
             // A reconciler record names `<proc>/<pid>/ns/net`: the pid may have been reused
-            // since. Serve it again only if that namespace still holds the pod's IP;
+            // since, by any process. Serve it again only if that namespace still holds the
+            // pod's IP and the process is still the pod's (its cgroup names the pod's UID);
             // otherwise forget the record without touching that namespace (the reconciler
             // finds the pod again).
-            if is_reconciled(&r.attachment) && !holds_ips(&r.netns, &r.ips) {
+            if is_reconciled(&r.attachment)
+                && !(holds_ips(&r.netns, &r.ips)
+                    && super::find::pod_uid_of_netns_path(&r.netns).as_deref()
+                        == Some(r.pod.uid.as_str()))
+            {
                 tracing::info!(pod = %format!("{}/{}", r.pod.namespace, r.pod.name), netns = %r.netns.display(),
                     "reconciler record no longer names the pod's netns; forgotten");
                 let _ = self.store.remove(&r.attachment);

@@ -218,7 +218,7 @@ impl Reconciler {
                 name: w.name.to_string(),
                 uid: w.uid.to_string(),
             };
-            let result = match find::choose(&w.ips, &host_ips, &seen) {
+            let result = match find::choose(&w.ips, &w.uid, &host_ips, &seen) {
                 Ok(s) => self
                     .pods
                     .enroll_found(w, &s.path, s.id)
@@ -230,6 +230,9 @@ impl Reconciler {
                 Err(e @ FindError::Ambiguous { .. }) => Err(("netns_ambiguous", e.to_string())),
                 Err(e @ FindError::NotFound(_)) => Err(("netns_not_found", e.to_string())),
                 Err(e @ FindError::NoIp) => Err(("netns_not_found", e.to_string())),
+                Err(e @ FindError::UidMismatch { .. }) => {
+                    Err(("netns_uid_mismatch", e.to_string()))
+                }
             };
             match result {
                 Ok(enrolled) => {
