@@ -175,8 +175,10 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
         })
         .collect();
     let mut _pauses = vec![Pause::of(&bed, "web"), Pause::of(&bed, "api")];
+    // Two sandboxes of the pod `dup` (its cgroup) hold its address.
     for ns in &dups {
         let p = Pause::start(ns);
+        ztunnel_e2e::cgroup::put_in_pod(bed.prefix(), "uid-shop-dup", p.0.id()).unwrap();
         bed.run_on_node(0, p.0.id()).unwrap();
         _pauses.push(p);
     }
@@ -405,6 +407,7 @@ fn a_cni_add_takes_over_a_pod_the_reconciler_enrolled() {
 
 #[test]
 fn finding_a_netns_by_ip_and_uid_refuses_ambiguity_the_host_and_another_pods_namespace() {
+    use std::os::unix::fs::MetadataExt;
     netns::require_prerequisites();
     let prefix = netns::unique_prefix();
     let make = |n: &str, ip: &str| {
@@ -419,18 +422,27 @@ fn finding_a_netns_by_ip_and_uid_refuses_ambiguity_the_host_and_another_pods_nam
                                                // Another pod's namespace holding a victim's address, as a pod with CAP_NET_ADMIN can.
     let evil = make("evil", "10.77.0.4/32");
     let nobody = make("nobody", "10.77.0.5/32"); // its process is in no pod's cgroup
-    let pauses: Vec<Pause> = [&one, &a, &b, &evil, &nobody]
+                                                 // The victim's own namespace and an impostor's holding the same address.
+    let victim = make("victim", "10.77.0.6/32");
+    let impostor = make("impostor", "10.77.0.6/32");
+    let pauses: Vec<Pause> = [&one, &a, &b, &evil, &nobody, &victim, &impostor]
         .into_iter()
         .map(Pause::start)
         .collect();
-    ztunnel_e2e::cgroup::put_in_pod(&prefix, "uid-one", pauses[0].0.id()).unwrap();
-    ztunnel_e2e::cgroup::put_in_pod(&prefix, "uid-evil", pauses[3].0.id()).unwrap();
+    let put = |i: usize, uid: &str| {
+        ztunnel_e2e::cgroup::put_in_pod(&prefix, uid, pauses[i].0.id()).unwrap()
+    };
+    put(0, "uid-one");
+    put(1, "uid-a");
+    put(2, "uid-a"); // two sandboxes of one pod
+    put(3, "uid-evil");
+    put(5, "uid-victim2");
+    put(6, "uid-evil");
     let seen = find::scan(std::path::Path::new("/proc"), ZNetns::host()).unwrap();
     let host_ips = find::local_addresses().unwrap();
     let ip = |s: &str| vec![s.parse().unwrap()];
     let found = find::choose(&ip("10.77.0.1"), "uid-one", &host_ips, &seen).unwrap();
     let want = std::fs::metadata(format!("/var/run/netns/{}", one.name)).unwrap();
-    use std::os::unix::fs::MetadataExt;
     assert_eq!(found.id, (want.dev(), want.ino()));
     assert_eq!(found.uids, ["uid-one"]);
     assert!(matches!(
@@ -450,6 +462,10 @@ fn finding_a_netns_by_ip_and_uid_refuses_ambiguity_the_host_and_another_pods_nam
         find::choose(&ip("10.77.0.5"), "uid-nobody", &host_ips, &seen),
         Err(FindError::UidMismatch { .. })
     ));
+    // The impostor beside the victim neither takes its place nor keeps it out.
+    let found = find::choose(&ip("10.77.0.6"), "uid-victim2", &host_ips, &seen).unwrap();
+    let want = std::fs::metadata(format!("/var/run/netns/{}", victim.name)).unwrap();
+    assert_eq!(found.id, (want.dev(), want.ino()));
     drop(quiet);
     if let Some(h) = host_ips.first() {
         assert!(matches!(
@@ -500,7 +516,7 @@ fn a_pod_holding_another_pods_ip_is_not_enrolled_as_it() {
     let log = bed.log(0);
     assert!(
         log.lines()
-            .any(|l| l.contains("uid-shop-evil") && l.contains("not uid-shop-cart3")),
+            .any(|l| l.contains("uid-shop-evil") && l.contains("is pod uid-shop-cart3's")),
         "no refusal naming both pods:\n{log}"
     );
 }

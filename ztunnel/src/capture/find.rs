@@ -10,15 +10,16 @@
 //! the namespace that holds the pod's IPs, and refuses rather than guess:
 //! - no namespace holds any of the pod's IPs → [`FindError::NotFound`] (not started yet, or
 //!   gone);
-//! - more than one distinct namespace holds them → [`FindError::Ambiguous`] (never pick a
-//!   wrong netns: a leftover namespace or another node's pod on a shared test machine);
+//! - more than one distinct namespace of the pod holds them → [`FindError::Ambiguous`] (never
+//!   pick a wrong netns: a leftover sandbox of the same pod);
 //! - the node's own namespace holds one → [`FindError::HostNetwork`] (host-network pods never
 //!   enroll);
-//! - the namespace's processes are not the pod's: another pod's UID, or none →
-//!   [`FindError::UidMismatch`]. An address is a claim any process with `CAP_NET_ADMIN` in its
-//!   own namespace can make; the UID is not. Without this check, a pod that adds another
+//! - no namespace holding them is the pod's (its processes carry another pod's UID, or none)
+//!   → [`FindError::UidMismatch`]. An address is a claim any process with `CAP_NET_ADMIN` in
+//!   its own namespace can make; the UID is not. Without this check, a pod that adds another
 //!   pod's IP to its namespace while that pod's sandbox is being re-created would be enrolled
-//!   as it, carrying its identity.
+//!   as it, carrying its identity; and a namespace of another pod holding the same IP beside
+//!   the pod's own is ignored, so that the same trick cannot keep the pod out of the mesh.
 //!
 //! The path handed back names the lowest pid seen in the namespace (in Kubernetes the
 //! sandbox's `pause` process, which lives as long as the pod). Loopback addresses never
@@ -62,7 +63,7 @@ pub enum FindError {
     HostNetwork(IpAddr),
     #[error("the pod has no IP")]
     NoIp,
-    #[error("the network namespace holding {ips:?} ({path}) belongs to pod UID {found:?}, not {expected}; refusing it")]
+    #[error("no network namespace holding {ips:?} ({path}) is pod {expected}'s: their processes are pod UID {found:?}; refusing them")]
     UidMismatch {
         ips: Vec<IpAddr>,
         path: String,
@@ -133,23 +134,36 @@ pub fn choose<'a>(
         .collect();
     hits.sort_by_key(|s| s.id);
     hits.dedup_by_key(|s| s.id);
-    match hits.as_slice() {
-        [] => Err(FindError::NotFound(ips)),
-        [one] if !pod_uid.is_empty() && one.uids == [pod_uid] => Ok(one),
-        [one] => Err(FindError::UidMismatch {
-            ips,
-            path: one.path.display().to_string(),
-            expected: pod_uid.to_owned(),
-            found: one.uids.clone(),
-        }),
-        many => Err(FindError::Ambiguous {
+    let paths = |v: &[&Seen]| {
+        v.iter()
+            .map(|s| s.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // Of the namespaces holding the IPs, those whose processes are the pod's and only its.
+    let pods: Vec<&Seen> = hits
+        .iter()
+        .copied()
+        .filter(|s| !pod_uid.is_empty() && s.uids == [pod_uid])
+        .collect();
+    match (hits.as_slice(), pods.as_slice()) {
+        ([], _) => Err(FindError::NotFound(ips)),
+        (_, [one]) => Ok(one),
+        (_, []) => {
+            let mut found: Vec<String> = hits.iter().flat_map(|s| s.uids.clone()).collect();
+            found.sort();
+            found.dedup();
+            Err(FindError::UidMismatch {
+                ips,
+                path: paths(&hits),
+                expected: pod_uid.to_owned(),
+                found,
+            })
+        }
+        (_, many) => Err(FindError::Ambiguous {
             ips,
             count: many.len(),
-            paths: many
-                .iter()
-                .map(|s| s.path.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            paths: paths(many),
         }),
     }
 }
@@ -271,7 +285,15 @@ mod tests {
             seen(10, &["10.0.0.1", "fd00::1"]),
             seen(11, &["10.0.0.2"]),
             seen(12, &["10.0.0.3"]),
-            seen(13, &["10.0.0.3"]), // a second namespace with the same IP
+            seen(13, &["10.0.0.3"]), // another pod's namespace with the same IP
+            Seen {
+                uids: vec!["uid-12".into()],
+                ..seen(18, &["10.0.0.8"])
+            },
+            Seen {
+                uids: vec!["uid-12".into()],
+                ..seen(19, &["10.0.0.8"])
+            },
             // Another pod's namespace holding a victim's IP (uid-15's pod is not running).
             seen(14, &["10.0.0.5"]),
             Seen {
@@ -291,13 +313,13 @@ mod tests {
             (vec![ip("10.0.0.1"), ip("fd00::1")], "uid-10", Ok(10)),
             (vec![ip("10.0.0.2")], "uid-11", Ok(11)),
             (vec![ip("10.0.0.9")], "uid-9", Err("NotFound")),
-            (vec![ip("10.0.0.3")], "uid-12", Err("Ambiguous")),
-            // Two IPs of one pod found in two namespaces: refused, not guessed.
-            (
-                vec![ip("10.0.0.1"), ip("10.0.0.2")],
-                "uid-10",
-                Err("Ambiguous"),
-            ),
+            // Another pod's namespace beside the pod's own: the pod's is found.
+            (vec![ip("10.0.0.3")], "uid-12", Ok(12)),
+            (vec![ip("10.0.0.3")], "uid-13", Ok(13)),
+            (vec![ip("10.0.0.3")], "uid-99", Err("UidMismatch")),
+            (vec![ip("10.0.0.1"), ip("10.0.0.2")], "uid-10", Ok(10)),
+            // Two namespaces of the pod (an old sandbox and a new one): refused, not guessed.
+            (vec![ip("10.0.0.8")], "uid-12", Err("Ambiguous")),
             (vec![ip("192.168.1.5")], "uid-1", Err("HostNetwork")),
             (vec![ip("127.0.0.1")], "uid-1", Err("NoIp")),
             (vec![], "uid-1", Err("NoIp")),
