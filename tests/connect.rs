@@ -2,7 +2,8 @@
 //! reserved ports and closed application ports are 503, a target that is not the connection's
 //! local address is 400, a request that is not a CONNECT is 400, and a CONNECT carrying
 //! `:scheme`/`:path` is reset with PROTOCOL_ERROR (RFC 9113 §8.5; h2 does not surface it as a
-//! request, so no 400 can be sent). The application sees none of these.
+//! request, so no 400 can be sent). The application sees none of these. A `forwarded` header
+//! is recorded in the access log beside the tunnel peer's own address, never in its place.
 
 use std::time::Duration;
 
@@ -127,5 +128,54 @@ fn connect_requests_get_the_contract_status() {
         ),
         1.0,
         "{m}"
+    );
+}
+
+/// A peer's `forwarded` header is what it claims of its client: the destination's access log
+/// keeps the tunnel's own source address and records the claim beside it, never in its place.
+#[test]
+fn the_access_log_keeps_the_tunnel_peer_address_beside_a_forwarded_claim() {
+    let mesh = Mesh::default_pair();
+    mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        while let Ok((s, _)) = l.accept().await {
+            drop(s);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let cfg = mesh.client_tls();
+    mesh.c.block_on(async move {
+        let opts = ConnectOptions {
+            mark: None,
+            timeout: Duration::from_secs(5),
+        };
+        let tunnel = format!("{B_IP}:15008").parse().unwrap();
+        let (send, conn) = client::connect(tunnel, cfg, opts).await.expect("tunnel");
+        tokio::spawn(conn);
+        let headers = ztunnel::hbone::ConnectHeaders {
+            forwarded_for: Some("203.0.113.9:4444".parse().unwrap()),
+            ..Default::default()
+        };
+        let req =
+            client::connect_request(format!("{B_IP}:8080").parse().unwrap(), &headers).unwrap();
+        let stream = client::open_stream(send, req).await.expect("200");
+        drop(stream);
+    });
+    let line = |log: &str| {
+        ztunnel_e2e::daemon::access_lines(log)
+            .into_iter()
+            .find(|l| l["direction"] == "inbound" && l["forwarded_for"] != "")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while line(&mesh.b_daemon.log()).is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = mesh.b_daemon.log();
+    let l = line(&log).unwrap_or_else(|| panic!("no inbound access line:\n{log}"));
+    assert_eq!(l["forwarded_for"], "203.0.113.9:4444", "{l}");
+    let src = l["src_addr"].as_str().unwrap();
+    assert!(
+        src.starts_with("10.77.0.3:"),
+        "src_addr is the tunnel peer's own address, not the claim: {l}"
     );
 }

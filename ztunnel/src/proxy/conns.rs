@@ -47,7 +47,13 @@ impl Direction {
 /// What is known about a connection; filled in as the proxy learns it.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ConnFacts {
+    /// The peer the daemon accepted the connection from (for a tunnel stream, the tunnel's
+    /// source address: never what the peer says of itself).
     pub src_addr: Option<SocketAddr>,
+    /// The original client address a tunnel stream's `forwarded` header claims, recorded
+    /// beside `src_addr`, never in its place.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_for: Option<SocketAddr>,
     pub dst_addr: Option<SocketAddr>,
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
@@ -382,6 +388,7 @@ impl Drop for Tracked {
             target: "access",
             direction = r.direction.as_str(),
             src_addr = %fmt_addr(f.src_addr),
+            forwarded_for = %fmt_addr(f.forwarded_for),
             dst_addr = %fmt_addr(f.dst_addr),
             src_identity = f.src_identity.as_deref().unwrap_or(""),
             dst_identity = f.dst_identity.as_deref().unwrap_or(""),

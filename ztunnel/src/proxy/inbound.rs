@@ -220,9 +220,7 @@ pub(super) async fn admit<B>(
     };
     tracked.update(|f| {
         f.dst_addr = Some(target.target);
-        if let Some(fwd) = target.forwarded_for {
-            f.src_addr = Some(fwd);
-        }
+        f.forwarded_for = target.forwarded_for;
     });
     let id = peer.identity.to_string();
     let facts = PolicyFacts {
