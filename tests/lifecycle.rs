@@ -3,7 +3,8 @@
 //! connections refused, never plaintext; kubelet-style probes still reach the application),
 //! a daemon restarted (pods created before it are served again), a new daemon beside the old
 //! one taking every new connection, and a rolling restart under a steady stream of new
-//! connections (none refused), with HTTP/2 and with QUIC tunnels.
+//! connections (none refused), with HTTP/2 and with QUIC tunnels; the admin port's one
+//! mutation refused without the node's token.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -531,4 +532,54 @@ fn the_enrollment_socket_is_root_only_and_refuses_garbage_without_blocking_other
         1.0,
         "{m}"
     );
+}
+
+/// `POST /logging` on the admin port, with `token` as a bearer token if given; the status.
+fn post_logging(bed: &TestBed, token: Option<&str>) -> u16 {
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "POST /logging?level=debug HTTP/1.1\r\nhost: 127.0.0.1\r\n{auth}connection: close\r\ncontent-length: 0\r\n\r\n"
+    );
+    let text = bed.nodes[0].ns.block_on(async move {
+        let mut s = TcpStream::connect("127.0.0.1:15000").await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The admin port is on the node's loopback, which host-network pods share: the request that
+/// changes the daemon needs the token only root on the node can read.
+#[test]
+fn the_admin_port_changes_nothing_without_the_nodes_token_and_probes_answer_both_families() {
+    let bed = TestBed::start();
+    let path = bed.nodes[0].state_dir.join("admin-token");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the token file is root's only");
+    let token = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(post_logging(&bed, None), 401);
+    assert_eq!(post_logging(&bed, Some("0000")), 401);
+    let m = bed.metrics(0);
+    assert_eq!(
+        daemon::metric(
+            &m,
+            "ztunnel_refusals_total",
+            &[("reason", "admin_unauthorized")]
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(post_logging(&bed, Some(token.trim())), 200);
+    // Reading stays open to the node's loopback.
+    let (status, _) =
+        daemon::http(&bed.nodes[0].ns, "GET", "127.0.0.1:15000", "/config_dump").unwrap();
+    assert_eq!(status, 200);
 }

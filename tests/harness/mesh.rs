@@ -335,6 +335,8 @@ fn start_daemon(
         ca.display().to_string(),
         "--drain-grace".into(),
         "1s".into(),
+        "--state-dir".into(),
+        dir.join(format!("{node}-state")).display().to_string(),
     ];
     args.extend(o.extra_args.iter().cloned());
     Process::start(ns, node, dir, &args, &[])

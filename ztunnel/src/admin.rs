@@ -1,6 +1,11 @@
 //! The daemon's HTTP endpoints: admin (`/config_dump`, `/connections`, `/logging`; localhost
 //! only), metrics (`/metrics`, Prometheus text) and readiness (`/healthz/ready`).
 //!
+//! The node's loopback is shared with every host-network pod, so the one request that changes
+//! the daemon (`/logging`) also needs a local credential: `Authorization: Bearer <token>`, the
+//! token the daemon writes at start to `<state-dir>/admin-token` (mode 0600, root only). Without
+//! it the answer is `401`, counted as `admin_unauthorized`.
+//!
 //! Each is a small HTTP/1.1 server (hyper). Handlers read shared state; nothing here touches
 //! the data path. `/config_dump` never includes private keys. Metrics and readiness listen on
 //! every address, so each endpoint caps its open connections ([`ENDPOINT_CONNECTIONS`]: a
@@ -42,6 +47,53 @@ pub struct AdminState {
     pub ready: tokio::sync::watch::Receiver<bool>,
     /// Changes the log filter at run time; gets the new directive, returns an error text.
     pub set_log_level: SetLogLevel,
+    /// The bearer token `/logging` requires ([`write_token`]).
+    pub token: String,
+}
+
+/// The file, in the state directory, holding the admin token.
+pub const TOKEN_FILE: &str = "admin-token";
+
+/// A fresh random token, written to `<dir>/admin-token` readable by its owner only (the file
+/// is replaced, never widened).
+pub fn write_token(dir: &std::path::Path) -> std::io::Result<String> {
+    use ring::rand::SecureRandom;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut raw = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| std::io::Error::other("no system randomness"))?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(TOKEN_FILE);
+    let tmp = dir.join(format!(".{TOKEN_FILE}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(token)
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorized<B>(req: &Request<B>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len()
+        && !token.is_empty()
+        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type Body = Full<Bytes>;
@@ -97,6 +149,15 @@ async fn admin(s: Arc<AdminState>, req: Request<Incoming>) -> Result<Response<Bo
             "connections": s.connections.rows(),
             "pool": s.pool.connections(),
         })),
+        (&Method::POST, "/logging") | (&Method::PUT, "/logging") if !authorized(&req, &s.token) => {
+            s.metrics.refused("admin_unauthorized");
+            tracing::warn!("admin /logging refused: no valid token");
+            reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                format!("a bearer token is required: the one in <state-dir>/{TOKEN_FILE}\n"),
+            )
+        }
         (&Method::POST, "/logging") | (&Method::PUT, "/logging") => {
             let level = req
                 .uri()

@@ -82,11 +82,26 @@ fn signer(cfg: &RunConfig) -> Result<Arc<dyn CertSigner>, StartError> {
     })
 }
 
+/// Listens on `addr`; `[::]` on a node without IPv6 falls back to `0.0.0.0`.
 fn bind(
     what: &'static str,
     addr: std::net::SocketAddr,
 ) -> Result<tokio::net::TcpListener, StartError> {
-    net::listen(addr).map_err(|source| StartError::Listen { what, addr, source })
+    match net::listen(addr) {
+        Err(e)
+            if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        {
+            let v4 = std::net::SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::info!(what, %addr, fallback = %v4, "no IPv6 on this node; listening on IPv4 only");
+            net::listen(v4).map_err(|source| StartError::Listen {
+                what,
+                addr: v4,
+                source,
+            })
+        }
+        r => r.map_err(|source| StartError::Listen { what, addr, source }),
+    }
 }
 
 /// Starts the daemon. `set_log_level` backs the admin `/logging` endpoint.
@@ -165,6 +180,10 @@ pub async fn start(
     let ready_l = bind("readiness", cfg.readiness_addr)?;
 
     let (ready_tx, ready_rx) = watch::channel(false);
+    let token = crate::admin::write_token(&cfg.state_dir).map_err(|source| StartError::State {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
     let admin_state = Arc::new(AdminState {
         discovery: disc.clone(),
         certs: certs.clone(),
@@ -174,6 +193,7 @@ pub async fn start(
         metrics: pi.metrics.clone(),
         ready: ready_rx,
         set_log_level,
+        token,
     });
     let mut tasks = vec![watcher];
     let mut pods = None;

@@ -201,10 +201,10 @@ struct RunArgs {
     /// Admin API address, loopback only [env: ZTUNNEL_ADMIN_ADDR] [default: 127.0.0.1:15000]
     #[arg(long)]
     admin_addr: Option<String>,
-    /// Prometheus metrics address [env: ZTUNNEL_METRICS_ADDR] [default: 0.0.0.0:15020]
+    /// Prometheus metrics address; [::] is both families [env: ZTUNNEL_METRICS_ADDR] [default: [::]:15020]
     #[arg(long)]
     metrics_addr: Option<String>,
-    /// Readiness address [env: ZTUNNEL_READINESS_ADDR] [default: 0.0.0.0:15021]
+    /// Readiness address; [::] is both families [env: ZTUNNEL_READINESS_ADDR] [default: [::]:15021]
     #[arg(long)]
     readiness_addr: Option<String>,
     /// Outbound capture listener [env: ZTUNNEL_OUTBOUND_ADDR] [default: 0.0.0.0:15001]
@@ -635,14 +635,14 @@ impl RunConfig {
                 a.metrics_addr,
                 env,
                 "ZTUNNEL_METRICS_ADDR",
-                "0.0.0.0:15020",
+                "[::]:15020",
             )?,
             readiness_addr: setting(
                 "readiness address",
                 a.readiness_addr,
                 env,
                 "ZTUNNEL_READINESS_ADDR",
-                "0.0.0.0:15021",
+                "[::]:15021",
             )?,
             outbound_addr: setting(
                 "outbound address",

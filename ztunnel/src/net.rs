@@ -129,8 +129,11 @@ pub fn listen_in(netns: Option<&Netns>, addr: SocketAddr) -> io::Result<TcpListe
     };
     if netns.is_some() && addr.is_ipv6() {
         // In a pod's netns each family has its own listeners: IPv4 connections stay with the
-        // IPv4 one beside it. Elsewhere `[::]` keeps the system's default (both families).
+        // IPv4 one beside it.
         SockRef::from(&sock).set_only_v6(true)?;
+    } else if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+        // Elsewhere `[::]` is both families, whatever the system's default.
+        SockRef::from(&sock).set_only_v6(false)?;
     }
     sock.set_reuseaddr(true)?;
     sock.set_reuseport(true)?;
