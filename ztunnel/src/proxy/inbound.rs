@@ -15,9 +15,9 @@
 //! `inbound_tls_first_bytes_timeout`) and finish both handshakes within [`HANDSHAKE_TIMEOUT`]
 //! of being accepted. A few addresses opening silent connections thus hold places for
 //! seconds, not ten, and keep out no peer from elsewhere. Refusals are answered with their
-//! status, counted and logged; a stream that a later policy change denies is reset. The warnings that a peer can
-//! provoke before it has authenticated are throttled ([`crate::throttle`]); the counts never
-//! are.
+//! status, counted and logged; a stream that a later policy change denies is reset. The
+//! warnings that a peer can provoke before it has authenticated are throttled
+//! ([`crate::throttle`]); the counts never are.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
