@@ -214,7 +214,7 @@ impl Fixture {
                 metrics.clone(),
                 connect,
                 100,
-                ztunnel::gate::Limits::PENDING_HANDSHAKES,
+                ztunnel::proxy::HandshakeSettings::default(),
                 true,
                 draining,
             );

@@ -1,18 +1,21 @@
 //! Hostile and broken peers at a real daemon's tunnel port (15008): peers that connect and
-//! never speak, bytes that are not TLS, and a peer with a valid mesh certificate that sends a
-//! garbled HTTP/2 frame. Each is refused, counted in `ztunnel_refusals_total{reason}` and logged
-//! (the warnings throttled). Daemon `b` runs with small caps on pending handshakes (60 on the
-//! node, 50 per peer): of a hundred silent peers from one address fifty are held and fifty
-//! refused at once; a legitimate client from another address still gets its tunnel; twenty
-//! more silent peers from that address find ten places before the node's cap. The held ones
-//! are dropped once the handshake timeout (10 s) has passed, and their places are free again.
-//! Connections held open at the metrics endpoint, which listens on every address, are capped
-//! per peer as well. A peer that authenticates and then never sends the HTTP/2 preface is
+//! never speak or stall in their TLS handshake, bytes that are not TLS, and a peer with a valid
+//! mesh certificate that sends a garbled HTTP/2 frame. Each is refused, counted in
+//! `ztunnel_refusals_total{reason}` and logged (the warnings throttled). Daemon `b` runs with
+//! small caps on pending handshakes (60 on the node, 50 per peer): of a hundred stalled
+//! handshakes from one address fifty are held and fifty refused at once; a legitimate client
+//! from another address still gets its tunnel; twenty more stalled handshakes from that address
+//! all find places, ten of them by evicting the first address's oldest. The held ones are
+//! dropped once the handshake timeout (10 s) has passed, and their places are free again.
+//! Eight addresses holding every place with silent connections keep no one out: a legitimate
+//! tunnel takes the oldest place of one of them, and the silent connections are closed at the
+//! first-bytes deadline. Connections held open at the metrics endpoint, which listens on every
+//! address, are capped per peer as well. A peer that authenticates and then never sends the HTTP/2 preface is
 //! dropped at the same deadline as the TLS handshake, and one that keeps a connection without
 //! streams has it closed after twice the pool idle timeout. On the other side, a destination
 //! that never answers a `CONNECT` is given up on, and the client it would hold is reset.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use rustls_pki_types::ServerName;
@@ -76,19 +79,27 @@ fn goaway_codes(mut bytes: &[u8]) -> Vec<u32> {
 /// The node's and each peer's cap on pending handshakes in daemon `b`.
 const NODE_CAP: usize = 60;
 const PEER_CAP: usize = 50;
-/// Silent peers from host `c`: `PEER_CAP` are held, the rest refused.
-const SILENT_FROM_C: usize = 100;
-/// Silent peers from host `a`: `NODE_CAP - PEER_CAP` are held, the rest refused.
-const SILENT_FROM_A: usize = 20;
+/// Stalled handshakes from host `c`: `PEER_CAP` are held, the rest refused.
+const STALLED_FROM_C: usize = 100;
+/// Stalled handshakes from host `a`: all held, those beyond the free places by evicting `c`'s
+/// oldest.
+const STALLED_FROM_A: usize = 20;
+/// What a stalled handshake sends: the first byte of a TLS record, and nothing more.
+const TLS_FIRST_BYTE: &[u8] = &[0x16];
 /// The daemon's mark, so that connections from host `a` skip its capture rules.
 const MARK: u32 = 0x539;
 /// How long a refused connection may take to be closed.
 const PROBE: Duration = Duration::from_secs(3);
 
-/// Opens `n` connections to `addr` that never speak, then tells apart those the daemon closed
-/// at once (refused) from those it still holds after `PROBE` (well within the handshake
-/// timeout): returns the held ones and the number closed.
-async fn silent_peers(addr: SocketAddr, n: usize, mark: Option<u32>) -> (Vec<TcpStream>, usize) {
+/// Opens `n` connections to `addr` that send `first` (or nothing) and then never speak again,
+/// then tells apart those the daemon closed at once (refused) from those it still holds after
+/// `PROBE` (well within the handshake timeout): returns the held ones and the number closed.
+async fn silent_peers(
+    addr: SocketAddr,
+    n: usize,
+    mark: Option<u32>,
+    first: &[u8],
+) -> (Vec<TcpStream>, usize) {
     let opts = ConnectOptions {
         mark,
         timeout: Duration::from_secs(5),
@@ -97,7 +108,11 @@ async fn silent_peers(addr: SocketAddr, n: usize, mark: Option<u32>) -> (Vec<Tcp
     for _ in 0..n {
         // The daemon may reset a refused connection before the connect call has returned.
         match net::connect(addr, opts).await {
-            Ok(s) => conns.push(s),
+            Ok(mut s) => {
+                // A refused connection may be reset before this is written.
+                let _ = s.write_all(first).await;
+                conns.push(s)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
             Err(e) => panic!("connect: {e}"),
         }
@@ -121,6 +136,39 @@ async fn silent_peers(addr: SocketAddr, n: usize, mark: Option<u32>) -> (Vec<Tcp
     (held, closed)
 }
 
+/// A tunnel to `b` from host `a` (with the daemon's mark, so that `a`'s capture rules let it
+/// by) with a client certificate of the mesh, and a byte echoed through it by an application
+/// on `b`; panics with `what` when the tunnel is refused.
+fn legit_tunnel(mesh: &Mesh, what: &'static str) {
+    let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
+    let app = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        s.write_all(&b).await.unwrap();
+    });
+    let cfg = mesh.client_tls();
+    let echoed = mesh.a.block_on(async move {
+        let opts = ConnectOptions {
+            mark: Some(MARK),
+            timeout: Duration::from_secs(5),
+        };
+        let (send, conn) = client::connect(tunnel, cfg, opts)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        tokio::spawn(conn);
+        let target = format!("{B_IP}:8080").parse().unwrap();
+        let req = client::connect_request(target, &Default::default()).unwrap();
+        let (mut tx, mut rx) = client::open_stream(send, req).await.expect("200");
+        tx.send_data(bytes::Bytes::from_static(b"x"), false)
+            .unwrap();
+        rx.data().await.expect("echo").expect("data")
+    });
+    assert_eq!(&echoed[..], b"x");
+    mesh.b.join(app);
+}
+
 #[test]
 fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
     let caps = NodeOptions {
@@ -136,50 +184,33 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
     let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
     let cfg = mesh.client_tls();
 
-    // A hundred peers from one address connect and say nothing: the peer's cap holds.
-    let (from_c, refused) = mesh.c.block_on(silent_peers(tunnel, SILENT_FROM_C, None));
+    // A hundred peers from one address start their TLS handshake and stall: the peer's cap
+    // holds. (Having sent a byte, they are past the first-bytes deadline.)
+    let (from_c, refused) =
+        mesh.c
+            .block_on(silent_peers(tunnel, STALLED_FROM_C, None, TLS_FIRST_BYTE));
     assert_eq!(
         (from_c.len(), refused),
-        (PEER_CAP, SILENT_FROM_C - PEER_CAP),
-        "silent peers from one address (held, refused)"
+        (PEER_CAP, STALLED_FROM_C - PEER_CAP),
+        "stalled handshakes from one address (held, refused)"
     );
 
     // While they hold on, a legitimate client from another address gets a tunnel and an answer.
-    let app = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        s.write_all(&b).await.unwrap();
-    });
-    let legit_cfg = cfg.clone();
-    let echoed = mesh.a.block_on(async move {
-        let opts = ConnectOptions {
-            mark: Some(MARK),
-            timeout: Duration::from_secs(5),
-        };
-        let (send, conn) = client::connect(tunnel, legit_cfg, opts)
-            .await
-            .expect("a legitimate tunnel despite the silent peers");
-        tokio::spawn(conn);
-        let target = format!("{B_IP}:8080").parse().unwrap();
-        let req = client::connect_request(target, &Default::default()).unwrap();
-        let (mut tx, mut rx) = client::open_stream(send, req).await.expect("200");
-        tx.send_data(bytes::Bytes::from_static(b"x"), false)
-            .unwrap();
-        rx.data().await.expect("echo").expect("data")
-    });
-    assert_eq!(&echoed[..], b"x");
-    mesh.b.join(app);
+    legit_tunnel(&mesh, "a legitimate tunnel despite the stalled handshakes");
 
-    // Silent peers from that other address: the node's cap holds.
-    let (from_a, refused) = mesh
-        .a
-        .block_on(silent_peers(tunnel, SILENT_FROM_A, Some(MARK)));
+    // Stalled handshakes from that other address: ten find the free places, and ten more take
+    // the places of the oldest from `c`, which still holds more.
+    let (from_a, refused) = mesh.a.block_on(silent_peers(
+        tunnel,
+        STALLED_FROM_A,
+        Some(MARK),
+        TLS_FIRST_BYTE,
+    ));
+    let evicted = STALLED_FROM_A - (NODE_CAP - PEER_CAP);
     assert_eq!(
         (from_a.len(), refused),
-        (NODE_CAP - PEER_CAP, SILENT_FROM_A - (NODE_CAP - PEER_CAP)),
-        "silent peers once the node is nearly full (held, refused)"
+        (STALLED_FROM_A, 0),
+        "stalled handshakes from another address once the node is nearly full (held, refused)"
     );
 
     // The held peers are dropped after the handshake timeout.
@@ -224,18 +255,17 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
     );
 
     let counted = |reason: &str, want: usize| assert_refusals(&mesh.b, reason, want);
-    counted(
-        "inbound_handshake_limit",
-        SILENT_FROM_C + SILENT_FROM_A - NODE_CAP,
-    );
+    counted("inbound_handshake_limit", STALLED_FROM_C - PEER_CAP);
+    counted("inbound_handshake_evicted", evicted);
     counted("inbound_tls_timeout", NODE_CAP);
+    counted("inbound_tls_first_bytes_timeout", 0);
     counted("inbound_tls_handshake", 1);
     counted("inbound_http2_error", 1);
     let log = mesh.b_daemon.log();
     for line in [
         "tunnel connection refused before its handshake",
         "too many pending tunnel handshakes from this peer (50)",
-        "too many pending tunnel handshakes in all (60)",
+        "its place went to a peer from an address holding fewer",
         "tunnel TLS handshake timed out",
         "tunnel TLS handshake failed",
         "tunnel connection closed on an HTTP/2 error",
@@ -248,7 +278,7 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
         ("tunnel TLS handshake timed out", NODE_CAP),
         (
             "tunnel connection refused before its handshake",
-            SILENT_FROM_C + SILENT_FROM_A - NODE_CAP,
+            STALLED_FROM_C - PEER_CAP,
         ),
     ] {
         let lines = log.lines().filter(|l| l.contains(warning)).count();
@@ -267,7 +297,7 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
     let cap = ztunnel::admin::ENDPOINT_CONNECTIONS.per_peer;
     let metrics_addr: SocketAddr = format!("{B_IP}:15020").parse().unwrap();
     let held = mesh.b.block_on(async move {
-        let (held, refused) = silent_peers(metrics_addr, cap + 4, Some(MARK)).await;
+        let (held, refused) = silent_peers(metrics_addr, cap + 4, Some(MARK), b"").await;
         assert_eq!(
             (held.len(), refused),
             (cap, 4),
@@ -281,6 +311,141 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
         .log()
         .contains(&format!("too many connections from this peer ({cap})")));
     mesh.b.block_on(async move { drop(held) });
+}
+
+/// Source addresses of the flood: host `c`'s own and seven more on its interface.
+const FLOOD_SOURCES: [&str; 8] = [
+    "10.77.0.3",
+    "10.77.0.40",
+    "10.77.0.41",
+    "10.77.0.42",
+    "10.77.0.43",
+    "10.77.0.44",
+    "10.77.0.45",
+    "10.77.0.46",
+];
+/// Silent connections from each flood source: together they hold every place.
+const FLOOD_PER_SOURCE: usize = 8;
+const FLOOD_NODE_CAP: usize = FLOOD_SOURCES.len() * FLOOD_PER_SOURCE;
+/// Above what each source holds, so that the node's cap, not the peer's, is what they fill.
+const FLOOD_PEER_CAP: usize = 2 * FLOOD_PER_SOURCE;
+
+/// A few addresses cannot fill the pending-handshake places: eight source addresses hold every
+/// place with connections that never send a byte. Another connection from one of them is
+/// refused (its source already holds the most), yet a legitimate tunnel from elsewhere gets
+/// through while they hold on: it takes the place of the oldest silent connection of a source
+/// holding the most, which is closed and counted. The other silent connections are closed at
+/// the first-bytes deadline (5 s here; the TLS handshake's own is 10 s), counted, and every
+/// place is free again.
+#[test]
+fn a_few_addresses_holding_every_place_keep_no_one_out() {
+    let b = NodeOptions {
+        extra_args: vec![
+            "--max-pending-handshakes".into(),
+            FLOOD_NODE_CAP.to_string(),
+            "--max-pending-handshakes-per-peer".into(),
+            FLOOD_PEER_CAP.to_string(),
+            "--tls-first-bytes-timeout".into(),
+            "5s".into(),
+        ],
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), b).expect("start the test bed");
+    for src in &FLOOD_SOURCES[1..] {
+        mesh.c
+            .ip(&["addr", "add", &format!("{src}/24"), "dev", "eth0"])
+            .expect("an address for the flood");
+    }
+    let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
+    let sources: Vec<IpAddr> = FLOOD_SOURCES.iter().map(|s| s.parse().unwrap()).collect();
+
+    // The flood: every place held by silent connections, as many from each source.
+    let flood = {
+        let sources = sources.clone();
+        mesh.c.block_on(async move {
+            let mut held = Vec::new();
+            for _ in 0..FLOOD_PER_SOURCE {
+                for &src in &sources {
+                    held.push(
+                        connect_from(src, tunnel)
+                            .await
+                            .expect("a place for the flood"),
+                    );
+                }
+            }
+            held
+        })
+    };
+    let gauge = |want: usize| {
+        let m = Mesh::metrics_when(&mesh.b, "ztunnel_pending_handshakes", &[], want as f64);
+        assert_eq!(
+            metric(&m, "ztunnel_pending_handshakes", &[]),
+            want as f64,
+            "pending handshakes: {m}"
+        );
+    };
+    gauge(FLOOD_NODE_CAP);
+
+    // One more from a source of the flood: it would hold more than any other, so it is
+    // refused, and no place changes hands.
+    let extra = mesh.c.block_on(connect_from(sources[0], tunnel));
+    assert_refusals(&mesh.b, "inbound_handshake_limit", 1);
+    gauge(FLOOD_NODE_CAP);
+
+    // While the flood holds every place, a legitimate tunnel from elsewhere gets through.
+    legit_tunnel(
+        &mesh,
+        "a legitimate tunnel while silent peers hold every place",
+    );
+    assert_refusals(&mesh.b, "inbound_handshake_evicted", 1);
+
+    // The silent connections, the one evicted included, are all closed: none waits for the
+    // TLS handshake's deadline.
+    mesh.c.block_on(async move {
+        drop(extra);
+        for mut s in flood {
+            read_until_closed(&mut s, Duration::from_secs(20)).await;
+        }
+    });
+    assert_refusals(
+        &mesh.b,
+        "inbound_tls_first_bytes_timeout",
+        FLOOD_NODE_CAP - 1,
+    );
+    assert_refusals(&mesh.b, "inbound_handshake_evicted", 1);
+    assert_refusals(&mesh.b, "inbound_handshake_limit", 1);
+    assert_refusals(&mesh.b, "inbound_tls_timeout", 0);
+    gauge(0);
+    let log = mesh.b_daemon.log();
+    for line in [
+        "too many pending tunnel handshakes in all (64)",
+        "its place went to a peer from an address holding fewer",
+        "tunnel connection sent no TLS bytes in time; closed",
+    ] {
+        assert!(log.contains(line), "not logged: {line}");
+    }
+    // The places are free again: a tunnel from the flood's first source gets through too.
+    let cfg = mesh.client_tls();
+    mesh.c.block_on(async move {
+        let tcp = TcpStream::connect(tunnel).await.unwrap();
+        tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from(B_IP).unwrap(), tcp)
+            .await
+            .expect("TLS once the flood is gone");
+    });
+}
+
+/// A connection to `addr` from the local address `src`, sending nothing: `None` when the daemon
+/// reset it at once (before or just after the connect returned).
+async fn connect_from(src: IpAddr, addr: SocketAddr) -> Option<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src, 0)).unwrap();
+    let s = match sock.connect(addr).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+        Err(e) => panic!("connect from {src}: {e}"),
+    };
+    Some(s)
 }
 
 /// A peer with a valid mesh certificate that completes TLS and then never sends the HTTP/2

@@ -6,7 +6,8 @@
 //! does not answer on UDP (counted once, then HTTP/2 only), an unexpected server identity
 //! refused with no fall back, and, from a raw QUIC client outside the mesh, the status of
 //! each stream header and a client certificate of an untrusted CA refused at the handshake.
-//! Needs root, `ip` and `nft`.
+//! Silent QUIC handshakes are capped per peer, and under load new connections must answer a
+//! Retry before they take a place. Needs root, `ip` and `nft`.
 
 use std::time::Duration;
 
@@ -712,6 +713,98 @@ fn silent_quic_handshakes_are_capped_per_peer_and_keep_no_one_out() {
         5.0,
     );
     mesh.c.join(silent).expect("silent peers");
+}
+
+/// A QUIC client behind a relay on `c` that passes only its first datagram (the Initial with
+/// the ClientHello) to `b` and drops whatever comes back: a handshake that never goes on, as
+/// from a forged source address. Held until dropped.
+async fn silent_quic_peer(
+    cfg: quinn::ClientConfig,
+) -> (
+    tokio::net::UdpSocket,
+    tokio::net::UdpSocket,
+    quinn::Endpoint,
+    quinn::Connecting,
+) {
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+    let ep = client_endpoint();
+    let connecting = ep
+        .connect_with(cfg, relay.local_addr().unwrap(), B_IP)
+        .expect("connect");
+    let mut first = vec![0u8; 2048];
+    let (n, _) = relay.recv_from(&mut first).await.unwrap();
+    upstream.send_to(&first[..n], tunnel_addr()).await.unwrap();
+    (relay, upstream, ep, connecting)
+}
+
+/// Under load (more than half the places among pending handshakes held: 3 of 4 here) a new
+/// QUIC connection is answered with a Retry before it may take a place. Silent peers that
+/// never read the answer, as a peer behind a forged address could not, then take no place
+/// and are not even refused; a legitimate daemon answers the Retry with its token and gets
+/// its tunnel on QUIC, not HTTP/2.
+#[test]
+fn under_load_new_quic_connections_must_prove_their_address() {
+    let b_opts = NodeOptions {
+        extra_args: args(&[
+            "--quic-listen",
+            "true",
+            "--max-pending-handshakes",
+            "4",
+            "--max-pending-handshakes-per-peer",
+            "4",
+        ]),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(quic_client(), b_opts).expect("test bed");
+    let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
+    let pending = |want: f64| {
+        let m = Mesh::metrics_when(&mesh.b, "ztunnel_pending_handshakes", &[], want);
+        expect_metric(&m, "ztunnel_pending_handshakes", &[], want);
+    };
+    // Up to half full and one more: each silent peer takes a place (one at a time, so that
+    // each finds the gate as the one before left it).
+    let mut silent = Vec::new();
+    for held in 1..=3 {
+        silent.push(mesh.c.block_on(silent_quic_peer(cfg.clone())));
+        pending(held as f64);
+    }
+    // More than half full: the next ones get a Retry, which they never answer.
+    for _ in 0..17 {
+        silent.push(mesh.c.block_on(silent_quic_peer(cfg.clone())));
+    }
+    let m = Mesh::metrics_when(&mesh.b, "ztunnel_quic_retries_total", &[], 17.0);
+    expect_metric(&m, "ztunnel_quic_retries_total", &[], 17.0);
+    expect_metric(
+        &m,
+        "ztunnel_refusals_total",
+        &[("reason", "inbound_handshake_limit")],
+        0.0,
+    );
+    pending(3.0);
+
+    // a's daemon dials b on QUIC, answers the Retry and carries a connection.
+    let server = mesh.b.spawn(apps::echo_once(8080));
+    std::thread::sleep(Duration::from_millis(100));
+    let echoed = mesh
+        .a
+        .block_on(apps::send_and_read(B_IP, 8080, b"validated"))
+        .expect("a legitimate client");
+    assert_eq!(echoed, b"validated");
+    assert_eq!(mesh.b.join(server).expect("server"), b"validated");
+    let mb = Mesh::metrics(&mesh.b);
+    // One Retry for it (more only if its Initial was sent again before the Retry arrived).
+    let retries = metric(&mb, "ztunnel_quic_retries_total", &[]);
+    assert!(retries >= 18.0, "a's connection had a Retry: {retries}");
+    expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 1.0);
+    expect_metric(&mb, "ztunnel_hbone_connections_accepted_total", &[], 0.0);
+    expect_metric(
+        &Mesh::metrics(&mesh.a),
+        "ztunnel_quic_fallbacks_total",
+        &[],
+        0.0,
+    );
+    mesh.c.block_on(async move { drop(silent) });
 }
 
 /// As on HTTP/2 (`hostile.rs`): a QUIC tunnel connection without streams is closed by the

@@ -128,6 +128,8 @@ pub struct RunConfig {
     pub pool_max_streams: u32,
     /// Caps on tunnel connections still in their TLS handshake.
     pub handshake_limits: crate::gate::Limits,
+    /// A tunnel connection on TCP that has sent no TLS byte by then is closed.
+    pub tls_first_bytes_timeout: Duration,
     pub pool_idle_timeout: Duration,
     /// Whether tunnels are also accepted on QUIC (UDP, on the inbound tunnel port).
     pub quic_listen: bool,
@@ -225,6 +227,9 @@ struct RunArgs {
     /// Tunnel connections in their TLS handshake from one source address [env: ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_PEER] [default: 256]
     #[arg(long)]
     max_pending_handshakes_per_peer: Option<String>,
+    /// A tunnel connection that has not sent the first bytes of its TLS handshake by then is closed, 100ms to 10s [env: ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT] [default: 2s]
+    #[arg(long)]
+    tls_first_bytes_timeout: Option<String>,
     /// Idle pooled connections close after [env: ZTUNNEL_POOL_IDLE_TIMEOUT] [default: 5m]
     #[arg(long)]
     pool_idle_timeout: Option<String>,
@@ -376,6 +381,26 @@ fn duration(
             setting: name,
             value,
             reason: format!("must be at least {}", humantime::format_duration(min)),
+        });
+    }
+    Ok(d)
+}
+
+/// A duration from `min` to `max`.
+fn duration_within(
+    name: &'static str,
+    flag: Option<String>,
+    env: Env<'_>,
+    key: &str,
+    default: &str,
+    (min, max): (Duration, Duration),
+) -> Result<Duration, ConfigError> {
+    let d = duration(name, flag, env, key, default, min)?;
+    if d > max {
+        return Err(ConfigError::Invalid {
+            setting: name,
+            value: humantime::format_duration(d).to_string(),
+            reason: format!("must be at most {}", humantime::format_duration(max)),
         });
     }
     Ok(d)
@@ -667,6 +692,18 @@ impl RunConfig {
             )?,
             pool_max_streams,
             handshake_limits,
+            // Beyond the handshakes' own deadline it would never fire.
+            tls_first_bytes_timeout: duration_within(
+                "TLS first bytes timeout",
+                a.tls_first_bytes_timeout,
+                env,
+                "ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT",
+                &humantime::format_duration(
+                    crate::proxy::HandshakeSettings::TLS_FIRST_BYTES_TIMEOUT,
+                )
+                .to_string(),
+                (ms(100), crate::proxy::HANDSHAKE_TIMEOUT),
+            )?,
             worker_threads,
             pool_idle_timeout: duration(
                 "pool idle timeout",
@@ -749,7 +786,7 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             self.root_namespace,
@@ -770,6 +807,7 @@ impl fmt::Display for RunConfig {
             self.pool_max_streams,
             self.handshake_limits.total,
             self.handshake_limits.per_peer,
+            humantime::format_duration(self.tls_first_bytes_timeout),
             humantime::format_duration(self.pool_idle_timeout),
             self.quic_listen,
             self.quic_destinations

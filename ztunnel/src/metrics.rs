@@ -97,6 +97,12 @@ pub struct Metrics {
     pub hbone_connections_accepted: Counter,
     /// Inbound QUIC tunnel connections (UDP 15008) accepted.
     pub quic_connections_accepted: Counter,
+    /// Inbound tunnel connections (either transport) holding a place among the pending
+    /// handshakes ([`crate::gate`]).
+    pub pending_handshakes: Gauge,
+    /// New QUIC tunnel connections asked to prove their address (a Retry) because the pending
+    /// handshakes were more than half full.
+    pub quic_retries: Counter,
     /// Tunnel dials that got no answer on QUIC and fell back to HTTP/2.
     pub quic_fallbacks: Counter,
     /// Proxied connections, by direction (outbound, inbound, inbound_plaintext, passthrough).
@@ -170,6 +176,16 @@ impl Metrics {
             "quic_connections_accepted",
             "Inbound QUIC tunnel connections (UDP 15008) accepted",
             m.quic_connections_accepted.clone(),
+        );
+        zt.register(
+            "pending_handshakes",
+            "Inbound tunnel connections still in their handshakes, holding a place among the pending ones",
+            m.pending_handshakes.clone(),
+        );
+        zt.register(
+            "quic_retries",
+            "New QUIC tunnel connections asked to validate their address (Retry) under load",
+            m.quic_retries.clone(),
         );
         zt.register(
             "quic_fallbacks",

@@ -33,6 +33,8 @@ fn defaults() {
         (c.handshake_limits.total, c.handshake_limits.per_peer),
         (2048, 256)
     );
+    assert_eq!(c.tls_first_bytes_timeout, Duration::from_secs(2));
+    assert!(c.to_string().contains(" tls_first_bytes_timeout=2s "));
     assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));
     assert!(!c.quic_listen, "QUIC is off unless asked for");
     assert!(c.quic_destinations.is_empty());
@@ -78,9 +80,17 @@ fn environment_and_flag_precedence() {
         ("RUST_LOG", "debug"),
         ("ZTUNNEL_HOST_PROC", "/host/proc"),
         ("ZTUNNEL_WORKER_THREADS", "4"),
+        ("ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT", "1500ms"),
     ];
     let c = run(&[], &env).unwrap();
     assert_eq!(c.worker_threads, 4);
+    assert_eq!(c.tls_first_bytes_timeout, Duration::from_millis(1500));
+    assert_eq!(
+        run(&["--tls-first-bytes-timeout", "10s"], &env)
+            .unwrap()
+            .tls_first_bytes_timeout,
+        Duration::from_secs(10)
+    );
     assert_eq!(c.node_name, "from-env");
     assert_eq!(c.host_proc, PathBuf::from("/host/proc"));
     assert_eq!(
@@ -123,6 +133,21 @@ fn invalid_values() {
             &["--max-pending-handshakes", "10"],
             &[],
             "must not exceed max pending handshakes (10)",
+        ),
+        (
+            &["--tls-first-bytes-timeout", "50ms"],
+            &[],
+            "at least 100ms",
+        ),
+        (
+            &[],
+            &[("ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT", "11s")],
+            "TLS first bytes timeout \"11s\": must be at most 10s",
+        ),
+        (
+            &["--tls-first-bytes-timeout", "soon"],
+            &[],
+            "TLS first bytes timeout",
         ),
         (&["--trust-domain", "Bad Domain"], &[], "trust domain"),
         (&["--quic-listen", "yes"], &[], "QUIC listen"),

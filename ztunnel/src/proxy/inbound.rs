@@ -7,11 +7,17 @@
 //! is sent. The policy engine judges each stream first (source identity from the peer
 //! certificate): a denial is answered `401`, so the application never sees the connection.
 //! Before any TLS, a connection must find a place among the pending handshakes
-//! ([`crate::gate`]), or it is reset; it keeps that place until its TLS and HTTP/2 handshakes
-//! are both done, and must finish them within [`HANDSHAKE_TIMEOUT`] of being accepted. Refusals are answered with their status, counted and
-//! logged; a stream that a later policy change denies is reset. The warnings that a peer can
-//! provoke before it has authenticated are throttled ([`crate::throttle`]); the counts never
-//! are.
+//! ([`crate::gate`]), which are shared fairly between source addresses, or it is reset. It
+//! keeps that place until its TLS and HTTP/2 handshakes are both done, unless the gate gives it
+//! to a newcomer from an address holding fewer places (the connection is then dropped,
+//! `inbound_handshake_evicted`). It must send its first TLS bytes within the first-bytes
+//! timeout ([`super::HandshakeSettings`], 2 s by default; else it is reset,
+//! `inbound_tls_first_bytes_timeout`) and finish both handshakes within [`HANDSHAKE_TIMEOUT`]
+//! of being accepted. A few addresses opening silent connections thus hold places for
+//! seconds, not ten, and keep out no peer from elsewhere. Refusals are answered with their
+//! status, counted and logged; a stream that a later policy change denies is reset. The
+//! warnings that a peer can provoke before it has authenticated are throttled
+//! ([`crate::throttle`]); the counts never are.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +28,7 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::conns::{ConnFacts, Direction, PolicyFacts, Tracked};
@@ -33,7 +40,7 @@ use crate::identity::{self, Identity};
 use crate::net;
 
 /// A peer that has not finished its TLS and HTTP/2 handshakes by then is dropped.
-pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An authenticated tunnel peer: its address and identity, and the local workload it reached.
 pub(super) struct Peer {
@@ -45,8 +52,9 @@ pub(super) struct Peer {
 }
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
+    let accepted = Instant::now();
     let Ok(local) = tcp.local_addr() else { return };
-    let admitted = match pi.handshakes.try_admit(peer.ip()) {
+    let mut admitted = match pi.handshakes.try_admit(peer.ip()) {
         Ok(permit) => permit,
         Err(full) => {
             crate::warn_throttled!(%peer, error = %full, "tunnel connection refused before its handshake");
@@ -54,65 +62,23 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             return reset(tcp);
         }
     };
-    let state = pi.discovery.current();
-    let Some(dst) = scope.workload(&pi, &state, local) else {
-        crate::warn_throttled!(%peer, %local, "tunnel connection to an address of no local workload; refused");
-        pi.metrics.refused("inbound_unknown_destination");
-        return reset(tcp);
-    };
-    drop(state);
-    let dst_identity = pi.identity_of(&dst);
-    let cert = match pi.certs.fetch(&dst_identity).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(identity = %dst_identity, error = %e, "no certificate; tunnel refused");
-            pi.metrics.refused("inbound_no_certificate");
-            return reset(tcp);
-        }
-    };
-    let acceptor = TlsAcceptor::from(cert.server_config());
-    // One deadline for both handshakes: a peer must not hold a connection by authenticating
-    // and then never sending the HTTP/2 preface.
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            crate::warn_throttled!(%peer, error = %e, "tunnel TLS handshake failed");
-            pi.metrics.refused("inbound_tls_handshake");
-            return;
-        }
-        Err(_) => {
-            crate::warn_throttled!(%peer, "tunnel TLS handshake timed out");
-            pi.metrics.refused("inbound_tls_timeout");
-            return;
-        }
-    };
-    let src = match identity::peer_identity(tls.get_ref().1.peer_certificates().unwrap_or(&[])) {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "tunnel peer identity unreadable; refused");
-            pi.metrics.refused("inbound_peer_identity");
-            return;
-        }
-    };
-    let h2 = match tokio::time::timeout_at(deadline, server::handshake(tls, pi.max_streams)).await {
-        Ok(Ok(h2)) => h2,
-        Ok(Err(e)) => return http2_ended(&pi, peer, &src, e),
-        Err(_) => {
-            crate::warn_throttled!(%peer, %src, "tunnel HTTP/2 handshake timed out");
-            pi.metrics.refused("inbound_http2_timeout");
+    // Until both handshakes are done the connection holds a place, which the gate may give to
+    // a newcomer from a source holding fewer: then the connection is dropped.
+    let handshakes = handshakes(&pi, &scope, tcp, peer, local, accepted);
+    let (h2, conn) = tokio::select! {
+        done = handshakes => match done {
+            Some(done) => done,
+            None => return,
+        },
+        _ = admitted.evicted() => {
+            crate::warn_throttled!(%peer, "tunnel connection dropped during its handshake: its place went to a peer from an address holding fewer");
+            pi.metrics.refused("inbound_handshake_evicted");
             return;
         }
     };
     drop(admitted);
     pi.metrics.hbone_connections_accepted.inc();
-    let conn = Arc::new(Peer {
-        addr: peer,
-        local,
-        identity: src,
-        dst,
-        dst_identity,
-    });
+    let conn = Arc::new(conn);
     let drained = {
         let pi = pi.clone();
         async move { pi.drained().await }
@@ -130,6 +96,100 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     if let Err(e) = result {
         http2_ended(&pi, peer, &conn.identity, e);
     }
+}
+
+/// A tunnel connection after both handshakes: its HTTP/2 server side, and who it is.
+type Handshaken = (
+    h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+    Peer,
+);
+
+/// The TLS and HTTP/2 handshakes of a tunnel connection accepted at `accepted`: the first TLS
+/// bytes within the first-bytes timeout, both handshakes within [`HANDSHAKE_TIMEOUT`].
+/// `None` when the connection was refused (counted and logged here).
+async fn handshakes(
+    pi: &ProxyInputs,
+    scope: &Scope,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    accepted: Instant,
+) -> Option<Handshaken> {
+    let state = pi.discovery.current();
+    let Some(dst) = scope.workload(pi, &state, local) else {
+        crate::warn_throttled!(%peer, %local, "tunnel connection to an address of no local workload; refused");
+        pi.metrics.refused("inbound_unknown_destination");
+        reset(tcp);
+        return None;
+    };
+    drop(state);
+    // One deadline for both handshakes: a peer must not hold a connection by authenticating
+    // and then never sending the HTTP/2 preface.
+    let deadline = accepted + HANDSHAKE_TIMEOUT;
+    // A silent peer is let go long before that. The bytes are peeked, not read: rustls reads
+    // them as if nothing had looked. An EOF or an error is left to the TLS handshake to report.
+    let first_bytes = (accepted + pi.tls_first_bytes_timeout).min(deadline);
+    if tokio::time::timeout_at(first_bytes, tcp.peek(&mut [0u8; 1]))
+        .await
+        .is_err()
+    {
+        crate::warn_throttled!(%peer, "tunnel connection sent no TLS bytes in time; closed");
+        pi.metrics.refused("inbound_tls_first_bytes_timeout");
+        reset(tcp);
+        return None;
+    }
+    let dst_identity = pi.identity_of(&dst);
+    let cert = match pi.certs.fetch(&dst_identity).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(identity = %dst_identity, error = %e, "no certificate; tunnel refused");
+            pi.metrics.refused("inbound_no_certificate");
+            reset(tcp);
+            return None;
+        }
+    };
+    let acceptor = TlsAcceptor::from(cert.server_config());
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            crate::warn_throttled!(%peer, error = %e, "tunnel TLS handshake failed");
+            pi.metrics.refused("inbound_tls_handshake");
+            return None;
+        }
+        Err(_) => {
+            crate::warn_throttled!(%peer, "tunnel TLS handshake timed out");
+            pi.metrics.refused("inbound_tls_timeout");
+            return None;
+        }
+    };
+    let src = match identity::peer_identity(tls.get_ref().1.peer_certificates().unwrap_or(&[])) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "tunnel peer identity unreadable; refused");
+            pi.metrics.refused("inbound_peer_identity");
+            return None;
+        }
+    };
+    let h2 = match tokio::time::timeout_at(deadline, server::handshake(tls, pi.max_streams)).await {
+        Ok(Ok(h2)) => h2,
+        Ok(Err(e)) => {
+            http2_ended(pi, peer, &src, e);
+            return None;
+        }
+        Err(_) => {
+            crate::warn_throttled!(%peer, %src, "tunnel HTTP/2 handshake timed out");
+            pi.metrics.refused("inbound_http2_timeout");
+            return None;
+        }
+    };
+    let conn = Peer {
+        addr: peer,
+        local,
+        identity: src,
+        dst,
+        dst_identity,
+    };
+    Some((h2, conn))
 }
 
 /// A tunnel connection's HTTP/2 ended on an error.

@@ -4,7 +4,12 @@
 //! decisions ([`super::inbound::admit`]): the destination is the local workload owning the
 //! address the connection arrived on, and the handshake presents its certificate (chosen per
 //! connection) and requires a client certificate of our trust domain; a connection must find
-//! a place among the pending handshakes ([`crate::gate`]) or it is refused before any TLS.
+//! a place among the pending handshakes ([`crate::gate`], shared with the HTTP/2 tunnel and
+//! fairly between source addresses) or it is refused before any TLS, and it loses that place
+//! to a newcomer from an address holding fewer (`inbound_handshake_evicted`) as on HTTP/2.
+//! When more than half the places are held, a new connection is first answered with a Retry
+//! (`ztunnel_quic_retries_total`): only a peer that receives at its source address comes back
+//! with the token and may take a place, so forged source addresses take none.
 //! Each stream's header stands for a `CONNECT` and is validated, judged by policy and
 //! answered like one; a malformed or late header is `400` (`quic_bad_header`). A connection
 //! that breaks the QUIC protocol is counted (`inbound_quic_error`). On drain, no new connection
@@ -101,9 +106,30 @@ pub(super) async fn serve(pi: Arc<ProxyInputs>, scope: Scope, endpoint: quinn::E
 /// keeps off QUIC for a while ([`crate::hbone::pool::QUIC_RETRY_AFTER`]).
 const REBIND: Duration = Duration::from_millis(100);
 
+/// Whether new QUIC connections must prove their address before they take a place: the
+/// pending handshakes are more than half full.
+fn under_load(pi: &ProxyInputs) -> bool {
+    pi.handshakes.held() * 2 > pi.handshakes.limits().total
+}
+
 async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, bound: SocketAddr) {
     let addr = incoming.remote_address();
-    let admitted = match pi.handshakes.try_admit(addr.ip()) {
+    // A datagram's source is easily forged: under load, a new connection is answered with a
+    // Retry, and only the Initial that comes back with its token (so from a peer that
+    // receives at that address) may take a place.
+    let incoming = if !incoming.remote_address_validated() && under_load(&pi) {
+        match incoming.retry() {
+            Ok(()) => {
+                pi.metrics.quic_retries.inc();
+                return;
+            }
+            // Not allowed (it already answered a Retry): judged as any other.
+            Err(e) => e.into_incoming(),
+        }
+    } else {
+        incoming
+    };
+    let mut admitted = match pi.handshakes.try_admit(addr.ip()) {
         Ok(permit) => permit,
         Err(full) => {
             crate::warn_throttled!(peer = %addr, error = %full, "QUIC tunnel connection refused before its handshake");
@@ -148,14 +174,26 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
             Err(e) => Err(e),
         }
     };
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
+    let handshake = async {
+        tokio::select! {
+            done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => Some(done),
+            _ = admitted.evicted() => None,
+        }
+    };
+    let conn = match handshake.await {
+        None => {
+            // The dropped handshake closes the connection.
+            crate::warn_throttled!(peer = %addr, "QUIC tunnel connection dropped during its handshake: its place went to a peer from an address holding fewer");
+            pi.metrics.refused("inbound_handshake_evicted");
+            return;
+        }
+        Some(Ok(Ok(c))) => c,
+        Some(Ok(Err(e))) => {
             crate::warn_throttled!(peer = %addr, error = %e, "QUIC tunnel handshake failed");
             pi.metrics.refused("inbound_tls_handshake");
             return;
         }
-        Err(_) => {
+        Some(Err(_)) => {
             crate::warn_throttled!(peer = %addr, "QUIC tunnel handshake timed out");
             pi.metrics.refused("inbound_tls_timeout");
             return;

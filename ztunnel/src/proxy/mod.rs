@@ -28,12 +28,13 @@ use tokio::sync::watch;
 
 use crate::capture::netns::Netns;
 use crate::discovery::{Discovery, State, Workload};
-use crate::gate::{self, Gate};
+use crate::gate::{self, Gate, WhenFull};
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
 use crate::metrics::Metrics;
 use crate::net::{reset, ConnectOptions, Origin};
 use conns::ConnTable;
+pub use inbound::HANDSHAKE_TIMEOUT;
 
 /// Whom a set of listeners serves.
 #[derive(Clone, Debug)]
@@ -85,6 +86,30 @@ impl Scope {
     }
 }
 
+/// What an inbound tunnel connection may hold, and for how long, before its handshakes are
+/// done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandshakeSettings {
+    /// Places among the pending handshakes, on the node and per source address.
+    pub limits: gate::Limits,
+    /// A TCP tunnel connection that has sent no byte of its TLS handshake by then is closed.
+    pub tls_first_bytes_timeout: Duration,
+}
+
+impl HandshakeSettings {
+    /// The default of [`HandshakeSettings::tls_first_bytes_timeout`].
+    pub const TLS_FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(2);
+}
+
+impl Default for HandshakeSettings {
+    fn default() -> Self {
+        HandshakeSettings {
+            limits: gate::Limits::PENDING_HANDSHAKES,
+            tls_first_bytes_timeout: Self::TLS_FIRST_BYTES_TIMEOUT,
+        }
+    }
+}
+
 /// Everything the proxies share.
 pub struct ProxyInputs {
     pub node: String,
@@ -102,8 +127,11 @@ pub struct ProxyInputs {
     pub quic_listen: bool,
     /// Becomes `true` when the daemon drains.
     pub draining: watch::Receiver<bool>,
-    /// Tunnel connections still in their TLS handshake, capped ([`gate`]).
+    /// Tunnel connections still in their handshakes, capped and shared fairly between
+    /// sources ([`gate`], [`WhenFull::EvictLargest`]).
     pub handshakes: Arc<Gate>,
+    /// How long a tunnel connection on TCP may stay silent before its first TLS bytes.
+    pub tls_first_bytes_timeout: Duration,
     round_robin: AtomicUsize,
     /// Accepted connections and tunnel streams whose handlers have not finished (including
     /// those not yet in the connection table); drain waits for them.
@@ -121,7 +149,7 @@ impl ProxyInputs {
         metrics: Arc<Metrics>,
         connect: ConnectOptions,
         max_streams: u32,
-        handshake_limits: gate::Limits,
+        handshakes: HandshakeSettings,
         quic_listen: bool,
         draining: watch::Receiver<bool>,
     ) -> Arc<Self> {
@@ -131,13 +159,19 @@ impl ProxyInputs {
             discovery,
             certs,
             pool,
-            metrics,
+            metrics: metrics.clone(),
             connections: Arc::default(),
             connect,
             max_streams,
             quic_listen,
             draining,
-            handshakes: Gate::new("pending tunnel handshakes", handshake_limits),
+            handshakes: Gate::with(
+                "pending tunnel handshakes",
+                handshakes.limits,
+                WhenFull::EvictLargest,
+                Some(metrics.pending_handshakes.clone()),
+            ),
+            tls_first_bytes_timeout: handshakes.tls_first_bytes_timeout,
             round_robin: AtomicUsize::new(0),
             inflight: Arc::default(),
         })
