@@ -1,7 +1,8 @@
 //! The daemon's client of `ztunnel ca`: one HTTP/2 connection over TLS, verified against the
 //! configured root bundle (one or more roots, so a CA rotating its root stays trusted) and
-//! server name, re-dialled when it fails; the token is sent as a bearer token and never
-//! logged. A token file is re-read for every signing request: projected ServiceAccount
+//! server name, re-dialled when it fails or has been closed (the CA closes idle connections);
+//! a request that fails on a kept connection before any answer is tried once more on a new
+//! one. The token is sent as a bearer token and never logged. A token file is re-read for every signing request: projected ServiceAccount
 //! tokens are rotated by the kubelet.
 
 use std::path::{Path, PathBuf};
@@ -47,7 +48,19 @@ pub struct CaClient {
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
     token: Token,
-    conn: tokio::sync::Mutex<Option<SendRequest<Bytes>>>,
+    conn: tokio::sync::Mutex<Option<Pooled>>,
+}
+
+/// The kept connection: its handle, and the task driving it (finished once it is closed).
+struct Pooled {
+    send: SendRequest<Bytes>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A failed exchange; `unanswered` when no answer had begun (safe to try again elsewhere).
+struct Failed {
+    error: SignError,
+    unanswered: bool,
 }
 
 impl CaClient {
@@ -105,7 +118,7 @@ impl CaClient {
         })
     }
 
-    async fn dial(&self) -> Result<SendRequest<Bytes>, SignError> {
+    async fn dial(&self) -> Result<Pooled, SignError> {
         let t = |e: String| SignError::Transport(format!("{}: {e}", self.addr));
         let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(&self.addr))
             .await
@@ -121,12 +134,12 @@ impl CaClient {
         let (send, conn) = h2::client::handshake(tls)
             .await
             .map_err(|e| t(e.to_string()))?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "CA connection ended");
             }
         });
-        Ok(send)
+        Ok(Pooled { send, task })
     }
 
     pub(super) async fn request(
@@ -148,21 +161,38 @@ impl CaClient {
         path: &str,
         body: Option<Bytes>,
     ) -> Result<(http::StatusCode, Bytes), SignError> {
-        let mut guard = self.conn.lock().await;
-        let send = match guard.as_ref() {
-            Some(s) => s.clone(),
-            None => {
-                let s = self.dial().await?;
-                *guard = Some(s.clone());
-                s
+        // On a kept connection, once more on a new one if it failed before any answer (the CA
+        // may have closed it meanwhile).
+        loop {
+            let (send, task, kept) = {
+                let mut guard = self.conn.lock().await;
+                match guard.as_ref() {
+                    Some(p) if !p.task.is_finished() => (p.send.clone(), p.task.id(), true),
+                    _ => {
+                        let p = self.dial().await?;
+                        let got = (p.send.clone(), p.task.id(), false);
+                        *guard = Some(p);
+                        got
+                    }
+                }
+            };
+            match self
+                .exchange(send, method.clone(), path, body.clone())
+                .await
+            {
+                Ok(r) => return Ok(r),
+                Err(failed) => {
+                    let mut guard = self.conn.lock().await;
+                    if guard.as_ref().is_some_and(|p| p.task.id() == task) {
+                        *guard = None;
+                    }
+                    if !(kept && failed.unanswered) {
+                        return Err(failed.error);
+                    }
+                    tracing::debug!(error = %failed.error, "CA connection lost; dialling again");
+                }
             }
-        };
-        drop(guard);
-        let result = self.exchange(send, method, path, body).await;
-        if result.is_err() {
-            *self.conn.lock().await = None;
         }
-        result
     }
 
     async fn exchange(
@@ -171,8 +201,17 @@ impl CaClient {
         method: Method,
         path: &str,
         body: Option<Bytes>,
-    ) -> Result<(http::StatusCode, Bytes), SignError> {
+    ) -> Result<(http::StatusCode, Bytes), Failed> {
         let t = |e: h2::Error| SignError::Transport(e.to_string());
+        // Before the answer's headers nothing has been answered.
+        let unanswered = |e: h2::Error| Failed {
+            error: t(e),
+            unanswered: true,
+        };
+        let answered = |error: SignError| Failed {
+            error,
+            unanswered: false,
+        };
         let mut b = Request::builder()
             .method(method)
             .uri(format!("https://{}{path}", self.addr))
@@ -180,29 +219,32 @@ impl CaClient {
         let token = match &self.token {
             Token::None => None,
             Token::Fixed(t) => Some(t.clone()),
-            Token::File(p) => {
-                Some(read_token(p).map_err(|e| SignError::Invalid(format!("CA token file {e}")))?)
-            }
+            Token::File(p) => Some(
+                read_token(p)
+                    .map_err(|e| answered(SignError::Invalid(format!("CA token file {e}"))))?,
+            ),
         };
         if let Some(tok) = token {
             b = b.header(http::header::AUTHORIZATION, format!("Bearer {tok}"));
         }
-        let req = b.body(()).map_err(|e| SignError::Invalid(e.to_string()))?;
+        let req = b
+            .body(())
+            .map_err(|e| answered(SignError::Invalid(e.to_string())))?;
         let fut = async {
-            let mut send = send.ready().await.map_err(t)?;
-            let (resp, mut stream) = send.send_request(req, body.is_none()).map_err(t)?;
+            let mut send = send.ready().await.map_err(unanswered)?;
+            let (resp, mut stream) = send.send_request(req, body.is_none()).map_err(unanswered)?;
             if let Some(body) = body {
-                stream.send_data(body, true).map_err(t)?;
+                stream.send_data(body, true).map_err(unanswered)?;
             }
-            let resp = resp.await.map_err(t)?;
+            let resp = resp.await.map_err(unanswered)?;
             let status = resp.status();
             let mut body = resp.into_body();
             let mut buf = BytesMut::new();
             while let Some(chunk) = body.data().await {
-                let chunk = chunk.map_err(t)?;
+                let chunk = chunk.map_err(|e| answered(t(e)))?;
                 let _ = body.flow_control().release_capacity(chunk.len());
                 if buf.len() + chunk.len() > MAX_BODY * 4 {
-                    return Err(SignError::Invalid("CA answer too large".into()));
+                    return Err(answered(SignError::Invalid("CA answer too large".into())));
                 }
                 buf.extend_from_slice(&chunk);
             }
@@ -210,7 +252,7 @@ impl CaClient {
         };
         tokio::time::timeout(TIMEOUT, fut)
             .await
-            .map_err(|_| SignError::Transport("CA request timed out".into()))?
+            .map_err(|_| answered(SignError::Transport("CA request timed out".into())))?
     }
 }
 

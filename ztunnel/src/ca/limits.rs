@@ -9,14 +9,25 @@
 //!
 //! - connections (from accept until closed): per source address and in all ([`crate::gate`]);
 //!   over either the connection is reset before TLS (`connection_limit`);
+//! - time to become a client: the TLS handshake and the HTTP/2 client preface must both be
+//!   done within [`CaLimits::handshake_timeout`] of the accept, or the connection is closed
+//!   (`tls_timeout`, `preface_timeout`);
+//! - time doing nothing: a connection on which no stream has started for
+//!   [`CaLimits::idle_timeout`] and none is open is closed with a GOAWAY (the daemon's client
+//!   dials again when it next needs the CA);
 //! - streams on one connection: HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`, which a conforming
 //!   client waits on;
-//! - requests being handled: per source address and in all; over either, `429`
-//!   (`too_many_requests`);
-//! - requests started per source address: a burst, then one per refill period (GCRA,
-//!   `governor`); over it, `429` (`rate_limited`).
+//! - a request's body: at most `MAX_BODY` bytes, all of it within
+//!   [`CaLimits::request_timeout`] of the headers, or `408` (`body_timeout`); until then the
+//!   request holds only its stream;
+//! - requests being handled (from a complete body until answered): per source address and in
+//!   all; over either, `429` (`too_many_requests`);
+//! - requests started per source address (counted once their body is in): a burst, then one
+//!   per refill period (GCRA, `governor`); over it, `429` (`rate_limited`).
 //!
-//! [`Guard`] makes these decisions; the server acts on them.
+//! So a peer that never finishes its handshake, never sends its preface, never opens a stream
+//! or never sends a body holds a connection's place for a bounded time and never a request's.
+//! [`Guard`] makes the admission decisions; the server acts on them and keeps the clocks.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -24,8 +35,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus_client::metrics::gauge::Gauge;
 
-use crate::gate::{Full, Gate, Limits, Permit};
+use crate::gate::{Full, Gate, Limits, Permit, WhenFull};
 
 /// The CA's caps; [`Default`] is what `ztunnel ca` runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +49,12 @@ pub struct CaLimits {
     pub burst: NonZeroU32,
     /// Then one more per this period.
     pub refill: Duration,
+    /// From accept until the TLS handshake is done and the HTTP/2 client preface read.
+    pub handshake_timeout: Duration,
+    /// A connection on which no stream has started for this long, and none is open, is closed.
+    pub idle_timeout: Duration,
+    /// To send a request's whole body (from its headers); then, again, to answer it.
+    pub request_timeout: Duration,
 }
 
 impl Default for CaLimits {
@@ -55,6 +73,9 @@ impl Default for CaLimits {
             },
             burst: NonZeroU32::new(256).expect("non-zero"),
             refill: Duration::from_millis(50),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -89,7 +110,8 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn new(limits: CaLimits) -> Self {
+    /// The CA's gates; `connections_held` (when given) follows the number of open connections.
+    pub fn new(limits: CaLimits, connections_held: Option<Gauge>) -> Self {
         // A zero period would be no limit at all: at least a nanosecond.
         let period = limits.refill.max(Duration::from_nanos(1));
         let quota = Quota::with_period(period)
@@ -97,7 +119,12 @@ impl Guard {
             .allow_burst(limits.burst);
         Guard {
             limits,
-            connections: Gate::new("connections", limits.connections),
+            connections: Gate::with(
+                "connections",
+                limits.connections,
+                WhenFull::Refuse,
+                connections_held,
+            ),
             requests: Gate::new("requests in flight", limits.requests_in_flight),
             rate: RateLimiter::keyed(quota),
         }
@@ -114,8 +141,9 @@ impl Guard {
             .map_err(Refused::Connections)
     }
 
-    /// A new request from `peer`; the permit is held until it has been answered. A request
-    /// refused for being one too many in flight does not spend the peer's rate.
+    /// A new request from `peer`, its body read; the permit is held until it has been
+    /// answered. A request refused for being one too many in flight does not spend the peer's
+    /// rate.
     pub fn admit_request(&self, peer: IpAddr) -> Result<Permit, Refused> {
         let permit = self.requests.try_admit(peer).map_err(Refused::InFlight)?;
         self.rate
@@ -160,12 +188,13 @@ mod tests {
             },
             burst: NonZeroU32::new(5).unwrap(),
             refill: Duration::from_secs(3600),
+            ..CaLimits::default()
         }
     }
 
     #[test]
     fn connections_are_capped_per_peer_and_in_all() {
-        let g = Guard::new(small());
+        let g = Guard::new(small(), None);
         let a1 = g.admit_connection(ip("10.0.0.1")).unwrap();
         let _a2 = g.admit_connection(ip("10.0.0.1")).unwrap();
         let e = g.admit_connection(ip("10.0.0.1")).unwrap_err();
@@ -181,7 +210,7 @@ mod tests {
 
     #[test]
     fn requests_are_capped_in_flight_and_by_rate() {
-        let g = Guard::new(small());
+        let g = Guard::new(small(), None);
         let a = ip("10.0.0.1");
         // Three in flight, the fourth refused without spending the rate.
         let held: Vec<_> = (0..3).map(|_| g.admit_request(a).unwrap()).collect();
@@ -207,10 +236,13 @@ mod tests {
 
     #[test]
     fn a_peer_whose_rate_has_refilled_is_forgotten() {
-        let g = Guard::new(CaLimits {
-            refill: Duration::from_millis(1),
-            ..small()
-        });
+        let g = Guard::new(
+            CaLimits {
+                refill: Duration::from_millis(1),
+                ..small()
+            },
+            None,
+        );
         drop(g.admit_request(ip("10.0.0.1")).unwrap());
         assert_eq!(g.remembered(), 1);
         std::thread::sleep(Duration::from_millis(20));

@@ -3,13 +3,15 @@
 //! | metric | labels | what |
 //! |---|---|---|
 //! | `ztunnel_ca_signed_total` | | certificates signed |
-//! | `ztunnel_ca_refusals_total` | `reason` | requests and connections refused, by reason (`audience`, `not_daemon`, `no_pod_on_node`, `rate_limited`, `connection_limit`, `tls_handshake`, …) |
+//! | `ztunnel_ca_refusals_total` | `reason` | requests and connections refused, by reason (`audience`, `not_daemon`, `no_pod_on_node`, `rate_limited`, `connection_limit`, `tls_handshake`, `tls_timeout`, `preface_timeout`, `body_timeout`, …) |
+//! | `ztunnel_ca_connections` | | connections open (each holds a place of `--max-connections`) |
 //! | `ztunnel_ca_token_reviews_total` | `result` | TokenReviews sent (`authenticated`, `rejected`, `error`); cache hits are not sent |
 //! | `ztunnel_ca_material_reloads_total` | `result` | signing-material updates (`applied`, `refused`) |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,6 +31,7 @@ pub struct CaMetrics {
     refusals: Family<ReasonLabels, Counter>,
     token_reviews: Family<ResultLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    connections: Gauge,
 }
 
 impl Default for CaMetrics {
@@ -40,6 +43,7 @@ impl Default for CaMetrics {
             refusals: Family::default(),
             token_reviews: Family::default(),
             reloads: Family::default(),
+            connections: Gauge::default(),
         };
         registry.register("ztunnel_ca_signed", "Certificates signed", m.signed.clone());
         registry.register(
@@ -56,6 +60,11 @@ impl Default for CaMetrics {
             "ztunnel_ca_material_reloads",
             "Signing material updates, by result",
             m.reloads.clone(),
+        );
+        registry.register(
+            "ztunnel_ca_connections",
+            "Connections open",
+            m.connections.clone(),
         );
         CaMetrics { registry, ..m }
     }
@@ -76,6 +85,14 @@ impl CaMetrics {
     pub fn reload(&self, applied: bool) {
         let result = if applied { "applied" } else { "refused" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+    /// The gauge of open connections, for the connection gate to set.
+    pub fn connections_gauge(&self) -> Gauge {
+        self.connections.clone()
+    }
+    /// Connections open now (tests and tools).
+    pub fn connections(&self) -> i64 {
+        self.connections.get()
     }
     /// Refusals counted so far for `reason` (tests and tools).
     pub fn refusals(&self, reason: &'static str) -> u64 {

@@ -2,17 +2,21 @@
 //!
 //! Who may have which identity is decided by a [`SignAuthorizer`] (async): a static bearer
 //! token list ([`StaticTokenAuthorizer`], compared in constant time) or Kubernetes
-//! (`super::kube`). A peer must finish its TLS handshake within 10 s and send its request within
-//! 10 s; bodies are capped; connections, streams, requests in flight and the request rate of
-//! each source address are capped ([`super::limits`]); every refusal is logged with its reason
-//! (never the token; throttled unless it is a `403` to an authenticated caller) and counted in
-//! `ztunnel_ca_refusals_total{reason}`; `GET /metrics` on the same port serves the counters.
+//! (`super::kube`). A peer must finish its TLS handshake and send the HTTP/2 client preface
+//! within one deadline from the accept, send each request's body within the request timeout
+//! and is answered within it again; a connection with no stream for the idle timeout is closed
+//! (GOAWAY); bodies are capped; connections, streams, requests in flight (from a complete body
+//! until answered) and the request rate of each source address are capped ([`super::limits`]);
+//! every refusal is logged with its reason (never the token; throttled unless it is a `403` to
+//! an authenticated caller) and counted in `ztunnel_ca_refusals_total{reason}`; `GET /metrics`
+//! on the same port serves the counters.
 //!
 //! The signing material is a `watch` of [`LocalCa`]: each request signs with the current one,
 //! and when it changes (rotation) the serving certificate is re-issued from the new material
 //! for the connections accepted from then on.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -22,6 +26,7 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use ztunnel_proto::ca::{ErrorBody, SignRequest, MAX_BODY, SIGN_PATH};
 
@@ -30,10 +35,9 @@ use tokio::sync::watch;
 use super::limits::{CaLimits, Guard};
 use super::metrics::CaMetrics;
 use super::{Error, LocalCa};
+use crate::hbone::server::Idle;
 use crate::identity::{tls::provider, BoxFuture, Identity};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the rate limiter forgets the addresses that have been quiet long enough.
 const FORGET_IDLE_EVERY: Duration = Duration::from_secs(60);
 
@@ -189,7 +193,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let mut acceptor = tls_acceptor(&ca.borrow_and_update(), &server_names)?;
-    let guard = Arc::new(Guard::new(limits));
+    let guard = Arc::new(Guard::new(limits, Some(metrics.connections_gauge())));
     let mut forget = tokio::time::interval(FORGET_IDLE_EVERY);
     tokio::pin!(shutdown);
     loop {
@@ -236,9 +240,11 @@ pub async fn serve(
             metrics.clone(),
             guard.clone(),
         );
+        // One deadline from the accept for the TLS handshake and the HTTP/2 preface.
+        let deadline = Instant::now() + guard.limits().handshake_timeout;
         tokio::spawn(async move {
             let _connection = connection;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 // A connection closed before any TLS byte is a TCP probe (readiness): quiet.
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -253,59 +259,136 @@ pub async fn serve(
                     return crate::warn_throttled!(%peer, "CA: TLS handshake timed out");
                 }
             };
-            let mut conn = match h2::server::Builder::new()
+            let handshake = h2::server::Builder::new()
                 .max_concurrent_streams(guard.limits().streams_per_connection)
-                .handshake(tls)
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
+                .handshake(tls);
+            let conn = match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     metrics.refused("http2_error");
                     return crate::warn_throttled!(%peer, error = %e, "CA: HTTP/2 handshake failed");
                 }
+                Err(_) => {
+                    metrics.refused("preface_timeout");
+                    return crate::warn_throttled!(%peer, "CA: no HTTP/2 preface in time");
+                }
             };
-            while let Some(Ok((req, respond))) = conn.accept().await {
-                let (ca, auth, metrics) = (ca.clone(), auth.clone(), metrics.clone());
-                let admitted = guard.admit_request(peer.ip());
-                tokio::spawn(async move {
-                    let outcome = match admitted {
-                        Ok(_in_flight) => match tokio::time::timeout(
-                            REQUEST_TIMEOUT,
-                            handle(&ca, &*auth, &metrics, req),
-                        )
-                        .await
-                        {
-                            Ok(r) => r,
-                            Err(_) => Outcome::refused(
-                                "timeout",
-                                StatusCode::REQUEST_TIMEOUT,
-                                "request timed out".into(),
-                            ),
-                        },
-                        Err(refused) => Outcome::refused(
-                            refused.reason(),
-                            StatusCode::TOO_MANY_REQUESTS,
-                            refused.to_string(),
-                        ),
-                    };
-                    if let Some(reason) = outcome.refusal {
-                        metrics.refused(reason);
-                        let (status, body) = (
-                            outcome.status.as_u16(),
-                            String::from_utf8_lossy(&outcome.body),
-                        );
-                        // An authenticated caller refused an identity is never throttled.
-                        if outcome.status == StatusCode::FORBIDDEN {
-                            tracing::warn!(%peer, status, reason, %body, "CA: request refused");
-                        } else {
-                            crate::warn_throttled!(%peer, status, reason, %body, "CA: request refused");
-                        }
-                    }
-                    reply(respond, outcome.status, outcome.content_type, outcome.body);
-                });
-            }
+            serve_connection(conn, peer, ca, auth, metrics, guard).await;
         });
     }
+}
+
+/// Answers the requests of one connection, each in its own task, until the peer goes away or
+/// the connection has been idle (no stream started for the idle timeout and none open): then a
+/// GOAWAY, and the connection is dropped once closed or after the request timeout.
+async fn serve_connection<T>(
+    mut conn: h2::server::Connection<T, Bytes>,
+    peer: SocketAddr,
+    ca: watch::Receiver<Arc<LocalCa>>,
+    auth: Arc<dyn SignAuthorizer>,
+    metrics: Arc<CaMetrics>,
+    guard: Arc<Guard>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let limits = *guard.limits();
+    let mut streams = Idle::new(limits.idle_timeout, Instant::now());
+    // The idle check; once draining, the end of the drain.
+    let timer = tokio::time::sleep(limits.idle_timeout);
+    tokio::pin!(timer);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let held = streams.start(Instant::now());
+                    let (ca, auth, metrics, guard) =
+                        (ca.clone(), auth.clone(), metrics.clone(), guard.clone());
+                    tokio::spawn(async move {
+                        answer(req, respond, peer, &ca, &*auth, &metrics, &guard).await;
+                        drop(held);
+                    });
+                }
+                Some(Err(e)) => {
+                    return tracing::debug!(%peer, error = %e, "CA: connection ended")
+                }
+                None => return,
+            },
+            _ = &mut timer => {
+                if draining {
+                    return tracing::debug!(%peer, "CA: idle connection dropped after its GOAWAY");
+                }
+                match streams.check(Instant::now()) {
+                    Some(later) => timer.as_mut().reset(later),
+                    None => {
+                        tracing::debug!(%peer, idle = ?limits.idle_timeout, "CA: idle connection closed");
+                        draining = true;
+                        conn.graceful_shutdown();
+                        timer.as_mut().reset(Instant::now() + limits.request_timeout);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads one request's body (within the request timeout), then takes its place in flight
+/// and answers it (within the request timeout again).
+async fn answer(
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    ca: &watch::Receiver<Arc<LocalCa>>,
+    auth: &dyn SignAuthorizer,
+    metrics: &CaMetrics,
+    guard: &Guard,
+) {
+    let timeout = guard.limits().request_timeout;
+    let (head, body) = req.into_parts();
+    let outcome = match tokio::time::timeout(timeout, read_body(body)).await {
+        Err(_) => Outcome::refused(
+            "body_timeout",
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time".into(),
+        ),
+        Ok(Err((status, body))) => Outcome {
+            status,
+            content_type: "application/json",
+            body,
+            refusal: Some("bad_request"),
+        },
+        Ok(Ok(body)) => match guard.admit_request(peer.ip()) {
+            Ok(_in_flight) => {
+                match tokio::time::timeout(timeout, handle(ca, auth, metrics, &head, body)).await {
+                    Ok(r) => r,
+                    Err(_) => Outcome::refused(
+                        "timeout",
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request timed out".into(),
+                    ),
+                }
+            }
+            Err(refused) => Outcome::refused(
+                refused.reason(),
+                StatusCode::TOO_MANY_REQUESTS,
+                refused.to_string(),
+            ),
+        },
+    };
+    if let Some(reason) = outcome.refusal {
+        metrics.refused(reason);
+        let (status, body) = (
+            outcome.status.as_u16(),
+            String::from_utf8_lossy(&outcome.body),
+        );
+        // An authenticated caller refused an identity is never throttled.
+        if outcome.status == StatusCode::FORBIDDEN {
+            tracing::warn!(%peer, status, reason, %body, "CA: request refused");
+        } else {
+            crate::warn_throttled!(%peer, status, reason, %body, "CA: request refused");
+        }
+    }
+    reply(respond, outcome.status, outcome.content_type, outcome.body);
 }
 
 /// An answer, and the refusal reason to count when it is one.
@@ -377,38 +460,28 @@ async fn handle(
     ca: &watch::Receiver<Arc<LocalCa>>,
     auth: &dyn SignAuthorizer,
     metrics: &CaMetrics,
-    req: Request<RecvStream>,
+    req: &http::request::Parts,
+    body: Bytes,
 ) -> Outcome {
-    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+    if req.method == Method::GET && req.uri.path() == "/metrics" {
         return Outcome::ok(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode().into(),
         );
     }
-    if req.method() != Method::POST || req.uri().path() != SIGN_PATH {
+    if req.method != Method::POST || req.uri.path() != SIGN_PATH {
         return Outcome::refused(
             "not_found",
             StatusCode::NOT_FOUND,
-            format!("no such endpoint: {} {}", req.method(), req.uri().path()),
+            format!("no such endpoint: {} {}", req.method, req.uri.path()),
         );
     }
     let token = req
-        .headers()
+        .headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let body = match read_body(req.into_body()).await {
-        Ok(b) => b,
-        Err((status, body)) => {
-            return Outcome {
-                status,
-                content_type: "application/json",
-                body,
-                refusal: Some("bad_request"),
-            }
-        }
-    };
     let bad = |m: String| Outcome::refused("bad_request", StatusCode::BAD_REQUEST, m);
     let sign_req: SignRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,

@@ -1,6 +1,8 @@
 //! The CA server's limits, end to end over real TLS and HTTP/2 on loopback: silent connections
 //! from one address capped, requests over the rate and over the in-flight cap answered `429`,
-//! each counted, while other addresses are served.
+//! each counted, while other addresses are served; connections that never become clients
+//! (no TLS, no HTTP/2 preface) closed at the deadline, idle ones closed and the client dialling
+//! again, requests whose body never comes holding no place in flight.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -8,9 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls_pki_types::ServerName;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 use ztunnel_proto::ca::SignRequest;
 
 use super::*;
@@ -86,15 +91,52 @@ fn limits(connections_per_peer: usize, in_flight_per_peer: usize, burst: u32) ->
         },
         burst: NonZeroU32::new(burst).unwrap(),
         refill: Duration::from_secs(3600),
+        ..CaLimits::default()
     }
+}
+
+/// A TCP connection from `src`.
+async fn connect_from(src: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src.parse::<IpAddr>().unwrap(), 0))
+        .unwrap();
+    sock.connect(to).await
+}
+
+/// A connection from `src` that has done its TLS handshake with the CA (ALPN `h2`) and sent
+/// nothing since.
+async fn tls_from(src: &str, ca: &Ca) -> TlsStream<TcpStream> {
+    let roots = crate::identity::root_store(
+        &crate::identity::parse_pem_certs(std::slice::from_ref(&ca.root)).unwrap(),
+    )
+    .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = connect_from(src, ca.addr).await.unwrap();
+    TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the CA")
+}
+
+/// Waits up to 5 s for `done`.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..250 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 5 s: {what}");
 }
 
 /// A connection from `src` that never speaks; `None` if the CA reset it at once.
 async fn silent_from(src: &str, to: SocketAddr) -> Option<TcpStream> {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(src.parse::<IpAddr>().unwrap(), 0))
-        .unwrap();
-    let mut s = sock.connect(to).await.ok()?;
+    let mut s = connect_from(src, to).await.ok()?;
     let mut b = [0u8; 1];
     match tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await {
         Err(_) => Some(s),
@@ -232,4 +274,148 @@ async fn failed_handshakes_are_counted() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(ca.metrics.refusals("tls_handshake"), 1);
+}
+
+#[tokio::test]
+async fn connections_that_never_become_clients_are_closed_at_the_deadline() {
+    let deadline = Duration::from_millis(1500);
+    let ca = start(
+        CaLimits {
+            connections: Limits {
+                total: 8,
+                per_peer: 8,
+            },
+            handshake_timeout: deadline,
+            ..limits(8, 64, 256)
+        },
+        static_auth(),
+    )
+    .await;
+    // Every place: four connections that never send a byte, four that complete TLS and never
+    // send the HTTP/2 preface.
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(connect_from("127.0.0.2", ca.addr).await.unwrap());
+    }
+    let mut mute = Vec::new();
+    for _ in 0..4 {
+        mute.push(tls_from("127.0.0.3", &ca).await);
+    }
+    assert_eq!(ca.metrics.connections(), 8);
+    // Meanwhile a legitimate client is shut out.
+    let err = client(&ca).sign(request()).await.unwrap_err();
+    assert!(matches!(err, SignError::Transport(_)), "{err}");
+    assert_eq!(ca.metrics.refusals("connection_limit"), 1);
+    // At the deadline they are closed and counted, and the places are free again.
+    eventually("the silent connections closed", || {
+        ca.metrics.refusals("tls_timeout") == 4 && ca.metrics.refusals("preface_timeout") == 4
+    })
+    .await;
+    eventually("every place freed", || ca.metrics.connections() == 0).await;
+    for mut s in mute {
+        let mut b = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                .await
+                .expect("the CA closed the connection")
+            {
+                Ok(0) | Err(_) => break,
+                // Session tickets.
+                Ok(_) => continue,
+            }
+        }
+    }
+    client(&ca).sign(request()).await.expect("signed");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_the_client_dials_again() {
+    let held = Arc::new(Held {
+        waiting: AtomicUsize::new(0),
+        release: Semaphore::new(0),
+    });
+    let ca = start(
+        CaLimits {
+            idle_timeout: Duration::from_millis(300),
+            ..limits(4, 64, 256)
+        },
+        held.clone(),
+    )
+    .await;
+    let c = Arc::new(client(&ca));
+    // A request answered after longer than the idle timeout: an open stream is not idle.
+    let slow = {
+        let c = c.clone();
+        tokio::spawn(async move { c.sign(request()).await })
+    };
+    eventually("the request waiting", || {
+        held.waiting.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    held.release.add_permits(1);
+    slow.await
+        .unwrap()
+        .expect("signed on the connection kept open");
+    assert_eq!(ca.metrics.connections(), 1);
+    // Then nothing: the connection is closed, its place freed.
+    eventually("the idle connection closed", || {
+        ca.metrics.connections() == 0
+    })
+    .await;
+    // The same client dials again when it next needs the CA.
+    held.release.add_permits(1);
+    c.sign(request()).await.expect("signed on a new connection");
+    assert_eq!(ca.metrics.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_request_whose_body_never_comes_holds_no_place_in_flight() {
+    let ca = start(
+        CaLimits {
+            request_timeout: Duration::from_millis(800),
+            ..limits(4, 2, 256)
+        },
+        static_auth(),
+    )
+    .await;
+    let (mut send, conn) = h2::client::handshake(tls_from("127.0.0.1", &ca).await)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let headers = |method: Method, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("https://localhost{path}"))
+            .header(http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(())
+            .unwrap()
+    };
+    // As many requests as the address may have in flight, headers only, bodies never sent.
+    let mut stuck = Vec::new();
+    for _ in 0..2 {
+        send = send.ready().await.unwrap();
+        let (resp, body) = send
+            .send_request(headers(Method::POST, SIGN_PATH), false)
+            .unwrap();
+        stuck.push((resp, body));
+    }
+    // A later stream on the same connection is answered: the server has seen the others.
+    send = send.ready().await.unwrap();
+    let (resp, _) = send
+        .send_request(headers(Method::GET, "/metrics"), true)
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::OK);
+    // A legitimate request from the same address is served meanwhile.
+    client(&ca).sign(request()).await.expect("signed");
+    assert_eq!(ca.metrics.refusals("too_many_requests"), 0);
+    // The bodies' deadline: `408`, counted.
+    for (resp, _body) in stuck {
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("answered at the deadline")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    }
+    assert_eq!(ca.metrics.refusals("body_timeout"), 2);
 }
