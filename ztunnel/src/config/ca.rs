@@ -11,8 +11,11 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::{
-    count, duration, log_filter, required, setting, trust_domain, ConfigError, Env, LogFormat,
+    count, duration, duration_within, log_filter, required, setting, trust_domain, ConfigError,
+    Env, LogFormat,
 };
+use crate::ca::limits::CaLimits;
+use crate::gate::Limits;
 
 /// `namespace/name` of a Kubernetes object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,8 +97,8 @@ pub struct CaConfig {
     pub server_names: Vec<String>,
     pub authorizer: CaAuthorizer,
     pub max_lifetime: Duration,
-    /// What one caller may hold or start ([`crate::ca::limits`]).
-    pub limits: crate::ca::limits::CaLimits,
+    /// What one caller, and all together, may hold or start ([`crate::ca::limits`]).
+    pub limits: CaLimits,
     pub log_format: LogFormat,
     pub log_filter: String,
 }
@@ -140,6 +143,24 @@ struct CaArgs {
     /// Then requests per second from one source address [env: ZTUNNEL_CA_PEER_REQUEST_RATE] [default: 20]
     #[arg(long)]
     peer_request_rate: Option<String>,
+    /// Connections open, in all; beyond, reset before TLS [env: ZTUNNEL_CA_MAX_CONNECTIONS] [default: 4096]
+    #[arg(long)]
+    max_connections: Option<String>,
+    /// Connections open from one source address [env: ZTUNNEL_CA_MAX_CONNECTIONS_PER_PEER] [default: 32]
+    #[arg(long)]
+    max_connections_per_peer: Option<String>,
+    /// Requests being answered (body read), in all; beyond, 429 [env: ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT] [default: 1024]
+    #[arg(long)]
+    max_requests_in_flight: Option<String>,
+    /// Requests being answered from one source address [env: ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT_PER_PEER] [default: 64]
+    #[arg(long)]
+    max_requests_in_flight_per_peer: Option<String>,
+    /// From accept until the TLS handshake is done and the HTTP/2 preface received, 100ms to 1m [env: ZTUNNEL_CA_HANDSHAKE_TIMEOUT] [default: 10s]
+    #[arg(long)]
+    handshake_timeout: Option<String>,
+    /// A connection with no stream started for this long and none open is closed, 1s to 1d [env: ZTUNNEL_CA_IDLE_TIMEOUT] [default: 60s]
+    #[arg(long)]
+    idle_timeout: Option<String>,
     /// Log format, text or json [env: ZTUNNEL_LOG_FORMAT] [default: text]
     #[arg(long)]
     log_format: Option<String>,
@@ -148,7 +169,7 @@ struct CaArgs {
 impl CaConfig {
     pub fn from_sources(args: Vec<String>, env: Env<'_>) -> Result<CaConfig, ConfigError> {
         let a = CaArgs::try_parse_from(args)?;
-        let mut server_names = a.server_names;
+        let mut server_names = a.server_names.clone();
         if server_names.is_empty() {
             server_names = env("ZTUNNEL_CA_SERVER_NAMES")
                 .map(|v| {
@@ -164,8 +185,9 @@ impl CaConfig {
         }
         let ca_dir = a
             .ca_dir
+            .clone()
             .or_else(|| env("ZTUNNEL_CA_DIR").map(PathBuf::from));
-        let ca_secret = a.ca_secret.or_else(|| env("ZTUNNEL_CA_SECRET"));
+        let ca_secret = a.ca_secret.clone().or_else(|| env("ZTUNNEL_CA_SECRET"));
         let material = match (ca_dir, ca_secret) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Conflict(
@@ -189,10 +211,11 @@ impl CaConfig {
         };
         let token_file = a
             .token_file
+            .clone()
             .or_else(|| env("ZTUNNEL_CA_TOKEN_FILE").map(PathBuf::from));
         let authorizer = match setting(
             "authorizer",
-            a.authorizer,
+            a.authorizer.clone(),
             env,
             "ZTUNNEL_CA_AUTHORIZER",
             "static",
@@ -213,7 +236,7 @@ impl CaConfig {
                 }
                 let audience: String = setting(
                     "token audience",
-                    a.token_audience,
+                    a.token_audience.clone(),
                     env,
                     "ZTUNNEL_CA_TOKEN_AUDIENCE",
                     "ztunnel-ca",
@@ -229,7 +252,7 @@ impl CaConfig {
                     audience,
                     daemon_service_account: setting(
                         "daemon service account",
-                        a.daemon_service_account,
+                        a.daemon_service_account.clone(),
                         env,
                         "ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT",
                         "ztunnel-system/ztunnel",
@@ -241,26 +264,26 @@ impl CaConfig {
             material,
             listen: setting(
                 "listen address",
-                a.listen,
+                a.listen.clone(),
                 env,
                 "ZTUNNEL_CA_LISTEN",
                 "0.0.0.0:15012",
             )?,
-            trust_domain: trust_domain(a.trust_domain, env)?,
+            trust_domain: trust_domain(a.trust_domain.clone(), env)?,
             server_names,
             authorizer,
             max_lifetime: duration(
                 "max lifetime",
-                a.max_lifetime,
+                a.max_lifetime.clone(),
                 env,
                 "ZTUNNEL_CA_MAX_LIFETIME",
                 "24h",
                 Duration::from_secs(2),
             )?,
-            limits: ca_limits(a.peer_request_burst, a.peer_request_rate, env)?,
+            limits: ca_limits(&a, env)?,
             log_format: setting(
                 "log format",
-                a.log_format,
+                a.log_format.clone(),
                 env,
                 "ZTUNNEL_LOG_FORMAT",
                 "text",
@@ -289,29 +312,34 @@ impl fmt::Display for CaConfig {
         };
         write!(
             f,
-            "{material} listen={} trust_domain={} server_names={:?} authorizer=[{authorizer}] max_lifetime={} peer_request_burst={} peer_request_refill={:?} log_format={:?} log={}",
+            "{material} listen={} trust_domain={} server_names={:?} authorizer=[{authorizer}] max_lifetime={} peer_request_burst={} peer_request_refill={:?} max_connections={} max_connections_per_peer={} max_requests_in_flight={} max_requests_in_flight_per_peer={} handshake_timeout={} idle_timeout={} log_format={:?} log={}",
             self.listen,
             self.trust_domain,
             self.server_names,
             humantime::format_duration(self.max_lifetime),
             self.limits.burst,
             self.limits.refill,
+            self.limits.connections.total,
+            self.limits.connections.per_peer,
+            self.limits.requests_in_flight.total,
+            self.limits.requests_in_flight.per_peer,
+            humantime::format_duration(self.limits.handshake_timeout),
+            humantime::format_duration(self.limits.idle_timeout),
             self.log_format,
             self.log_filter
         )
     }
 }
 
-/// The CA's per-address request rate: a burst and a rate per second, each 1 to 1 000 000.
-fn ca_limits(
-    burst: Option<String>,
-    rate: Option<String>,
-    env: Env<'_>,
-) -> Result<crate::ca::limits::CaLimits, ConfigError> {
-    let d = crate::ca::limits::CaLimits::default();
+/// The CA's caps: the per-address request rate (a burst and a rate per second), connections
+/// and requests in flight (in all and per address, each 1 to 1 000 000, the per-address one no
+/// larger than the total), the handshake deadline (100 ms to 1 min) and the idle timeout (1 s
+/// to 1 day).
+fn ca_limits(a: &CaArgs, env: Env<'_>) -> Result<CaLimits, ConfigError> {
+    let d = CaLimits::default();
     let burst = count(
         "peer request burst",
-        burst,
+        a.peer_request_burst.clone(),
         env,
         "ZTUNNEL_CA_PEER_REQUEST_BURST",
         d.burst.get(),
@@ -320,15 +348,91 @@ fn ca_limits(
     let default_rate = (Duration::from_secs(1).as_nanos() / d.refill.as_nanos()) as u32;
     let rate = count(
         "peer request rate",
-        rate,
+        a.peer_request_rate.clone(),
         env,
         "ZTUNNEL_CA_PEER_REQUEST_RATE",
         default_rate,
         1_000_000,
     )?;
-    Ok(crate::ca::limits::CaLimits {
+    Ok(CaLimits {
         burst: std::num::NonZeroU32::new(burst).expect("checked above"),
         refill: Duration::from_secs(1) / rate,
+        connections: caps(
+            ("max connections", "max connections per peer"),
+            (
+                a.max_connections.clone(),
+                a.max_connections_per_peer.clone(),
+            ),
+            env,
+            (
+                "ZTUNNEL_CA_MAX_CONNECTIONS",
+                "ZTUNNEL_CA_MAX_CONNECTIONS_PER_PEER",
+            ),
+            d.connections,
+        )?,
+        requests_in_flight: caps(
+            ("max requests in flight", "max requests in flight per peer"),
+            (
+                a.max_requests_in_flight.clone(),
+                a.max_requests_in_flight_per_peer.clone(),
+            ),
+            env,
+            (
+                "ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT",
+                "ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT_PER_PEER",
+            ),
+            d.requests_in_flight,
+        )?,
+        handshake_timeout: duration_within(
+            "handshake timeout",
+            a.handshake_timeout.clone(),
+            env,
+            "ZTUNNEL_CA_HANDSHAKE_TIMEOUT",
+            &humantime::format_duration(d.handshake_timeout).to_string(),
+            (Duration::from_millis(100), Duration::from_secs(60)),
+        )?,
+        idle_timeout: duration_within(
+            "idle timeout",
+            a.idle_timeout.clone(),
+            env,
+            "ZTUNNEL_CA_IDLE_TIMEOUT",
+            &humantime::format_duration(d.idle_timeout).to_string(),
+            (Duration::from_secs(1), Duration::from_secs(86_400)),
+        )?,
         ..d
     })
+}
+
+/// A cap in all and per address: each 1 to 1 000 000, the per-address one no larger.
+fn caps(
+    (total_name, peer_name): (&'static str, &'static str),
+    (total, per_peer): (Option<String>, Option<String>),
+    env: Env<'_>,
+    (total_key, peer_key): (&str, &str),
+    default: Limits,
+) -> Result<Limits, ConfigError> {
+    let total = count(
+        total_name,
+        total,
+        env,
+        total_key,
+        default.total as u32,
+        1_000_000,
+    )? as usize;
+    let per_peer = count(
+        peer_name,
+        per_peer,
+        env,
+        peer_key,
+        default.per_peer as u32,
+        1_000_000,
+    )? as usize;
+    if per_peer > total {
+        return Err(ConfigError::Invalid {
+            setting: peer_name,
+            value: per_peer.to_string(),
+            reason: format!("must not exceed {total_name} ({total})"),
+        });
+    }
+    Ok(Limits { total, per_peer })
 }

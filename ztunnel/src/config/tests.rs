@@ -335,6 +335,136 @@ fn ca_config() {
     assert!(e.to_string().contains("token file"), "{e}");
 }
 
+#[test]
+fn ca_config_caps_and_timeouts() {
+    use crate::gate::Limits;
+    let base = ["--ca-dir", "/ca", "--token-file", "/t"];
+    let d = crate::ca::limits::CaLimits::default();
+    let shown = ca(&base, &[]).unwrap().to_string();
+    for part in [
+        "max_connections=4096 max_connections_per_peer=32",
+        "max_requests_in_flight=1024 max_requests_in_flight_per_peer=64",
+        "handshake_timeout=10s idle_timeout=1m",
+    ] {
+        assert!(shown.contains(part), "{part}: {shown}");
+    }
+    let lim = |total, per_peer| Limits { total, per_peer };
+    // (flags, environment, connections, requests in flight, handshake and idle timeouts)
+    type Want = (Limits, Limits, Duration, Duration);
+    let cases: &[(&[&str], &[(&str, &str)], Want)] = &[
+        (
+            &[],
+            &[],
+            (
+                d.connections,
+                d.requests_in_flight,
+                d.handshake_timeout,
+                d.idle_timeout,
+            ),
+        ),
+        (
+            &[
+                "--max-connections",
+                "100",
+                "--max-connections-per-peer",
+                "100",
+                "--max-requests-in-flight",
+                "10",
+                "--max-requests-in-flight-per-peer",
+                "1",
+                "--handshake-timeout",
+                "100ms",
+                "--idle-timeout",
+                "1d",
+            ],
+            &[],
+            (
+                lim(100, 100),
+                lim(10, 1),
+                Duration::from_millis(100),
+                Duration::from_secs(86_400),
+            ),
+        ),
+        (
+            &["--max-connections", "64"],
+            &[
+                ("ZTUNNEL_CA_MAX_CONNECTIONS", "1"),
+                ("ZTUNNEL_CA_MAX_CONNECTIONS_PER_PEER", "8"),
+                ("ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT", "1000000"),
+                ("ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT_PER_PEER", "1000000"),
+                ("ZTUNNEL_CA_HANDSHAKE_TIMEOUT", "1m"),
+                ("ZTUNNEL_CA_IDLE_TIMEOUT", "1s"),
+            ],
+            (
+                lim(64, 8),
+                lim(1_000_000, 1_000_000),
+                Duration::from_secs(60),
+                Duration::from_secs(1),
+            ),
+        ),
+    ];
+    for (flags, env, (connections, in_flight, handshake, idle)) in cases {
+        let c = ca(&[&base[..], flags].concat(), env).unwrap();
+        let got = c.limits;
+        assert_eq!(
+            (
+                got.connections,
+                got.requests_in_flight,
+                got.handshake_timeout,
+                got.idle_timeout
+            ),
+            (*connections, *in_flight, *handshake, *idle),
+            "{flags:?} {env:?}"
+        );
+        // The rest keeps its defaults.
+        assert_eq!(
+            (got.burst, got.refill, got.streams_per_connection),
+            (d.burst, d.refill, d.streams_per_connection),
+        );
+        assert_eq!(got.request_timeout, d.request_timeout);
+    }
+    // (flags, expected error text)
+    let bad: &[(&[&str], &str)] = &[
+        (
+            &["--max-connections", "0"],
+            "invalid max connections \"0\": must be 1 to 1000000",
+        ),
+        (&["--max-connections", "1000001"], "must be 1 to 1000000"),
+        (
+            &["--max-connections-per-peer", "0"],
+            "max connections per peer",
+        ),
+        (&["--max-connections", "many"], "max connections"),
+        (
+            &[
+                "--max-connections",
+                "16",
+                "--max-connections-per-peer",
+                "17",
+            ],
+            "must not exceed max connections (16)",
+        ),
+        (
+            &["--max-connections-per-peer", "4097"],
+            "must not exceed max connections (4096)",
+        ),
+        (&["--max-requests-in-flight", "0"], "max requests in flight"),
+        (
+            &["--max-requests-in-flight-per-peer", "1025"],
+            "must not exceed max requests in flight (1024)",
+        ),
+        (&["--handshake-timeout", "99ms"], "at least 100ms"),
+        (&["--handshake-timeout", "61s"], "at most 1m"),
+        (&["--handshake-timeout", "soon"], "handshake timeout"),
+        (&["--idle-timeout", "999ms"], "at least 1s"),
+        (&["--idle-timeout", "2d"], "at most 1day"),
+    ];
+    for (flags, want) in bad {
+        let e = ca(&[&base[..], flags].concat(), &[]).unwrap_err();
+        assert!(e.to_string().contains(want), "{flags:?}: {e}");
+    }
+}
+
 fn ca(args: &[&str], env: &[(&str, &str)]) -> Result<CaConfig, ConfigError> {
     let env: HashMap<String, String> = env
         .iter()
