@@ -351,7 +351,8 @@ fn ca_config_caps_and_timeouts() {
     let lim = |total, per_peer| Limits { total, per_peer };
     // (flags, environment, connections, requests in flight, handshake and idle timeouts)
     type Want = (Limits, Limits, Duration, Duration);
-    let cases: &[(&[&str], &[(&str, &str)], Want)] = &[
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], Want);
+    let cases: &[Case<'_>] = &[
         (
             &[],
             &[],
