@@ -25,8 +25,10 @@
 //! - requests started per source address (counted once their body is in): a burst, then one
 //!   per refill period (GCRA, `governor`); over it, `429` (`rate_limited`).
 //!
-//! So a peer that never finishes its handshake, never sends its preface, never opens a stream
-//! or never sends a body holds a connection's place for a bounded time and never a request's.
+//! So a peer that never finishes its handshake, never sends its preface or never opens a
+//! stream holds a connection's place for a bounded time, and a request whose body never comes
+//! holds its stream for the request timeout and no place in flight. The bodies being read are
+//! bounded by the streams: at most `streams_per_connection` × `MAX_BODY` bytes per connection.
 //! [`Guard`] makes the admission decisions; the server acts on them and keeps the clocks.
 
 use std::net::IpAddr;
