@@ -2,7 +2,8 @@
 //! from one address capped, requests over the rate and over the in-flight cap answered `429`,
 //! each counted, while other addresses are served; connections that never become clients
 //! (no TLS, no HTTP/2 preface) closed at the deadline, idle ones closed and the client dialling
-//! again, requests whose body never comes holding no place in flight.
+//! again, requests whose body never comes holding no place in flight; and the client trying a
+//! request refused unanswered on its kept connection once more on a new one.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -418,4 +419,44 @@ async fn a_request_whose_body_never_comes_holds_no_place_in_flight() {
         assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
     }
     assert_eq!(ca.metrics.refusals("body_timeout"), 2);
+}
+
+#[tokio::test]
+async fn a_request_refused_unanswered_on_the_kept_connection_is_tried_on_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = LocalCa::load_or_create(dir.path(), "cluster.local").unwrap();
+    let acceptor = tls_acceptor(&ca, &["localhost".into()]).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    // A server whose first connection answers one request, then refuses the next one
+    // unprocessed (`REFUSED_STREAM`, as a closing connection does); later ones answer all.
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            let tls = acceptor.accept(tcp).await.unwrap();
+            let mut conn = h2::server::handshake(tls).await.unwrap();
+            tokio::spawn(async move {
+                let mut answered = 0;
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if first && answered == 1 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        let resp = Response::builder().status(200).body(()).unwrap();
+                        let _ = respond.send_response(resp, true);
+                    }
+                    answered += 1;
+                }
+            });
+        }
+    });
+    let c = CaClient::new(addr.to_string(), "localhost".into(), &ca.root_pem(), None).unwrap();
+    assert_eq!(c.get("/").await.unwrap().0, 200);
+    assert_eq!(
+        c.get("/").await.expect("tried again on a new connection").0,
+        200
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
