@@ -162,7 +162,8 @@ impl CaClient {
         body: Option<Bytes>,
     ) -> Result<(http::StatusCode, Bytes), SignError> {
         // On a kept connection, once more on a new one if it failed before any answer (the CA
-        // may have closed it meanwhile).
+        // may have closed it meanwhile); never more than once.
+        let mut tried_again = false;
         loop {
             let (send, task, kept) = {
                 let mut guard = self.conn.lock().await;
@@ -186,9 +187,10 @@ impl CaClient {
                     if guard.as_ref().is_some_and(|p| p.task.id() == task) {
                         *guard = None;
                     }
-                    if !(kept && failed.unanswered) {
+                    if tried_again || !(kept && failed.unanswered) {
                         return Err(failed.error);
                     }
+                    tried_again = true;
                     tracing::debug!(error = %failed.error, "CA connection lost; dialling again");
                 }
             }
