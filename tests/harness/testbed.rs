@@ -465,10 +465,7 @@ impl TestBed {
     }
 
     fn attachment(&self, spec: &PodSpec, ns: &Netns) -> Attachment {
-        let uid = match &self.kube {
-            None => uid(spec),
-            Some(k) => k.uid(&self.api_namespace(spec.namespace), spec.name),
-        };
+        let uid = self.uid_of(spec);
         Attachment {
             container_id: format!("{}-{}", self.prefix, spec.name),
             netns: PathBuf::from(format!("/var/run/netns/{}", ns.name)),
@@ -531,7 +528,10 @@ impl TestBed {
 
     /// The UID of pod `name`: the discovery file's, or the one the API server gave it.
     pub fn pod_uid(&self, name: &str) -> String {
-        let spec = &self.pod(name).spec;
+        self.uid_of(&self.pod(name).spec)
+    }
+
+    fn uid_of(&self, spec: &PodSpec) -> String {
         match &self.kube {
             None => uid(spec),
             Some(k) => k.uid(&self.api_namespace(spec.namespace), spec.name),
