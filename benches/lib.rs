@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use ztunnel::ca::{issue, LocalCa};
 use ztunnel::discovery::Discovery;
+use ztunnel::hbone::budget::{self, BufferBudget};
 use ztunnel::hbone::client::connect_request;
 use ztunnel::hbone::copy::{copy_tunnel, ByteCounters};
 use ztunnel::hbone::early::Early;
@@ -133,12 +134,14 @@ async fn outbound(
     key: PoolKey,
     target: SocketAddr,
 ) {
+    // As in the daemon: what waits for the client is counted in a node-wide budget.
+    let budget = Arc::new(BufferBudget::new(budget::DEFAULT_LIMIT, None));
     loop {
         let Ok((tcp, peer)) = l.accept().await else {
             return;
         };
         let _ = tcp.set_nodelay(true);
-        let (pool, cert, key) = (pool.clone(), cert.clone(), key.clone());
+        let (pool, cert, key, budget) = (pool.clone(), cert.clone(), key.clone(), budget.clone());
         tokio::spawn(async move {
             let headers = ConnectHeaders {
                 forwarded_for: Some(peer),
@@ -153,7 +156,7 @@ async fn outbound(
             };
             let (rd, wr) = tcp.into_split();
             let counters = ByteCounters::default();
-            let _ = copy_tunnel(rd, wr, t.stream, &counters).await;
+            let _ = copy_tunnel(rd, wr, t.stream, &counters, &budget).await;
         });
     }
 }
@@ -214,7 +217,7 @@ impl Fixture {
                 metrics.clone(),
                 connect,
                 100,
-                ztunnel::proxy::HandshakeSettings::default(),
+                ztunnel::proxy::TunnelLimits::default(),
                 true,
                 draining,
             );

@@ -14,6 +14,9 @@
 //! dropped at the same deadline as the TLS handshake, and one that keeps a connection without
 //! streams has it closed after twice the pool idle timeout. On the other side, a destination
 //! that never answers a `CONNECT` is given up on, and the client it would hold is reset.
+//! A peer that policy allows gets no more than its caps of connections and streams, and
+//! streams to an application that does not read hold no more than the node's budget of
+//! buffered bytes.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -608,4 +611,219 @@ fn idle_tunnel_connections_are_closed_and_busy_ones_kept() {
         assert_eq!(&got[..], b"still here");
         assert!(!driver.is_finished(), "the busy connection was kept");
     });
+}
+
+/// Counts the connections an application on `port` accepts; holds each open, reading and
+/// echoing when `read`, never reading otherwise.
+fn counting_app(
+    ns: &ztunnel_e2e::netns::Netns,
+    port: u16,
+    read: bool,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let l = ns.block_on(async move { apps::listen(port).await });
+    ns.spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            if read {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            } else {
+                held.push(s);
+            }
+        }
+    });
+    accepted
+}
+
+/// A peer that policy allows, holding a valid mesh certificate, opens tunnel connections and
+/// streams from one address beyond daemon `b`'s caps (3 connections and 5 streams per address
+/// here): the fourth connection is closed before it carries a stream
+/// (`inbound_peer_connection_limit`), the sixth stream is answered `429` before the
+/// application sees it (`inbound_peer_stream_limit`), and a stream that ends gives its place
+/// back.
+#[test]
+fn a_peer_allowed_by_policy_holds_no_more_than_its_connection_and_stream_caps() {
+    use std::sync::atomic::Ordering;
+    let b = NodeOptions {
+        extra_args: [
+            "--max-peer-connections-per-address",
+            "3",
+            "--max-peer-streams-per-address",
+            "5",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), b).expect("start the test bed");
+    let accepted = counting_app(&mesh.b, 8080, true);
+    let cfg = mesh.client_tls();
+    let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
+    let target: SocketAddr = format!("{B_IP}:8080").parse().unwrap();
+    let opts = ConnectOptions {
+        mark: None,
+        timeout: Duration::from_secs(5),
+    };
+    mesh.c.block_on(async move {
+        let req = || client::connect_request(target, &Default::default()).unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            let (send, conn) = client::connect(tunnel, cfg.clone(), opts)
+                .await
+                .expect("tunnel");
+            tokio::spawn(conn);
+            conns.push(send);
+        }
+        // The fourth: the daemon closes it once it knows who the peer is, so no stream gets
+        // through (the client may or may not have finished its side of the handshakes).
+        if let Ok((send, conn)) = client::connect(tunnel, cfg.clone(), opts).await {
+            tokio::spawn(conn);
+            let fourth = client::open_stream(send, req()).await;
+            assert!(fourth.is_err(), "a fourth connection carried a stream");
+        }
+
+        let mut streams = Vec::new();
+        for i in 0..5 {
+            let s = client::open_stream(conns[i % 3].clone(), req())
+                .await
+                .unwrap_or_else(|e| panic!("stream {i}: {e}"));
+            streams.push(s);
+        }
+        let sixth = client::open_stream(conns[2].clone(), req()).await;
+        assert_eq!(
+            sixth.err().and_then(|e| e.status()),
+            Some(http::StatusCode::TOO_MANY_REQUESTS),
+            "the sixth stream"
+        );
+        // One ends (both ways); its place is given back once the daemon has seen it end.
+        let (mut tx, mut rx) = streams.pop().unwrap();
+        tx.send_data(bytes::Bytes::new(), true).unwrap();
+        while let Some(d) = rx.data().await {
+            d.unwrap();
+        }
+        let mut again = None;
+        for _ in 0..100 {
+            match client::open_stream(conns[0].clone(), req()).await {
+                Ok(s) => {
+                    again = Some(s);
+                    break;
+                }
+                Err(e) => assert_eq!(e.status(), Some(http::StatusCode::TOO_MANY_REQUESTS)),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(again.is_some(), "the ended stream's place was given back");
+        drop(streams);
+    });
+    assert_refusals(&mesh.b, "inbound_peer_connection_limit", 1);
+    let m = Mesh::metrics(&mesh.b);
+    let refused = metric(
+        &m,
+        "ztunnel_refusals_total",
+        &[("reason", "inbound_peer_stream_limit")],
+    );
+    assert!(refused >= 1.0, "{m}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        6,
+        "the application saw the five streams and the one after a place was given back, no other"
+    );
+    let log = mesh.b_daemon.log();
+    assert!(log.contains("over the peer's cap"), "{log}");
+}
+
+/// A peer that policy allows pushes data on many streams to an application that never reads.
+/// Daemon `b`'s node-wide buffered-bytes budget (1 MiB here) is soon spent, and each stream
+/// that keeps receiving beyond what a stream may always hold is reset (`buffer_budget`), what
+/// it held given back: the daemon holds about the budget, never a window per stream (each
+/// stream here is pushed far more than its window and the socket buffers can take, so every
+/// one of them is reset). A stream to an application that reads is served as before.
+#[test]
+fn streams_to_an_application_that_does_not_read_hold_no_more_than_the_node_budget() {
+    let b = NodeOptions {
+        extra_args: ["--max-buffered-mib", "1"].map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), b).expect("start the test bed");
+    let _sink = counting_app(&mesh.b, 8080, false);
+    let _echo = counting_app(&mesh.b, 8081, true);
+    let cfg = mesh.client_tls();
+    let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
+    let opts = ConnectOptions {
+        mark: None,
+        timeout: Duration::from_secs(5),
+    };
+    const STREAMS: usize = 8;
+    const EACH: usize = 16 << 20;
+    let outcomes = mesh.c.block_on(async move {
+        let (send, conn) = client::connect(tunnel, cfg, opts).await.expect("tunnel");
+        tokio::spawn(conn);
+        let target: SocketAddr = format!("{B_IP}:8080").parse().unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..STREAMS {
+            let req = client::connect_request(target, &Default::default()).unwrap();
+            let (mut tx, _rx) = client::open_stream(send.clone(), req).await.expect("200");
+            tasks.push(tokio::spawn(async move {
+                let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+                let mut sent = 0;
+                while sent < EACH {
+                    tx.reserve_capacity(chunk.len());
+                    // The application never reads: flow control stalls a stream that is not
+                    // reset (a bound far above what filling the windows takes).
+                    let cap = std::future::poll_fn(|cx| tx.poll_capacity(cx));
+                    match tokio::time::timeout(Duration::from_secs(5), cap).await {
+                        Err(_) => return ("stalled", sent),
+                        Ok(None) | Ok(Some(Err(_))) => return ("reset", sent),
+                        Ok(Some(Ok(n))) => {
+                            if tx
+                                .send_data(chunk.slice(..n.min(chunk.len())), false)
+                                .is_err()
+                            {
+                                return ("reset", sent);
+                            }
+                            sent += n.min(chunk.len());
+                        }
+                    }
+                }
+                ("sent", sent)
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        // Another stream of the same peer, to an application that reads, still works.
+        let echo: SocketAddr = format!("{B_IP}:8081").parse().unwrap();
+        let req = client::connect_request(echo, &Default::default()).unwrap();
+        let (mut tx, mut rx) = client::open_stream(send, req).await.expect("200");
+        tx.send_data(bytes::Bytes::from_static(b"still served"), false)
+            .unwrap();
+        let got = rx.data().await.expect("echo").unwrap();
+        assert_eq!(&got[..], b"still served");
+        outcomes
+    });
+    assert!(
+        outcomes.iter().all(|(o, _)| *o == "reset"),
+        "every stream is reset once it holds more than its floor on a full node: {outcomes:?}"
+    );
+    assert_refusals(&mesh.b, "buffer_budget", STREAMS);
+    let m = Mesh::metrics(&mesh.b);
+    assert!(m.contains("ztunnel_buffered_bytes"), "{m}");
+    assert_eq!(
+        metric(&m, "ztunnel_buffered_bytes", &[]),
+        0.0,
+        "what the reset streams held was given back"
+    );
+    let log = mesh.b_daemon.log();
+    assert!(log.contains("buffered-bytes budget is spent"), "{log}");
 }

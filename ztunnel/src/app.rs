@@ -21,7 +21,7 @@ use crate::hbone::pool::{Pool, PoolSettings, QuicSettings};
 use crate::identity::{CertManager, CertSigner, Identity, SignError};
 use crate::metrics::{IdentityLabels, Metrics};
 use crate::net::{self, ConnectOptions};
-use crate::proxy::{self, HandshakeSettings, Listeners, ProxyInputs, QuicListener, Scope};
+use crate::proxy::{self, Listeners, ProxyInputs, QuicListener, Scope};
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -171,10 +171,7 @@ pub async fn start(
         metrics,
         connect,
         cfg.pool_max_streams,
-        HandshakeSettings {
-            limits: cfg.handshake_limits,
-            tls_first_bytes_timeout: cfg.tls_first_bytes_timeout,
-        },
+        cfg.tunnel,
         cfg.quic_listen,
         draining_rx.clone(),
     );

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 
 mod ca;
+mod tunnel;
 pub use ca::{CaAuthorizer, CaConfig, CaMaterialSource, NamespacedName};
 
 #[derive(Debug, thiserror::Error)]
@@ -126,10 +127,8 @@ pub struct RunConfig {
     pub inbound_plaintext_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub pool_max_streams: u32,
-    /// Caps on tunnel connections still in their TLS handshake.
-    pub handshake_limits: crate::gate::Limits,
-    /// A tunnel connection on TCP that has sent no TLS byte by then is closed.
-    pub tls_first_bytes_timeout: Duration,
+    /// Caps on tunnel peers: pending handshakes, authenticated peers, buffered bytes.
+    pub tunnel: crate::proxy::TunnelLimits,
     pub pool_idle_timeout: Duration,
     /// Whether tunnels are also accepted on QUIC (UDP, on the inbound tunnel port).
     pub quic_listen: bool,
@@ -221,15 +220,8 @@ struct RunArgs {
     /// Streams per pooled tunnel connection [env: ZTUNNEL_POOL_MAX_STREAMS] [default: 100]
     #[arg(long)]
     pool_max_streams: Option<String>,
-    /// Tunnel connections in their TLS handshake, node-wide; more are refused [env: ZTUNNEL_MAX_PENDING_HANDSHAKES] [default: 2048]
-    #[arg(long)]
-    max_pending_handshakes: Option<String>,
-    /// Tunnel connections in their TLS handshake from one source address [env: ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_PEER] [default: 256]
-    #[arg(long)]
-    max_pending_handshakes_per_peer: Option<String>,
-    /// A tunnel connection that has not sent the first bytes of its TLS handshake by then is closed, 100ms to 10s [env: ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT] [default: 2s]
-    #[arg(long)]
-    tls_first_bytes_timeout: Option<String>,
+    #[command(flatten)]
+    tunnel: tunnel::TunnelArgs,
     /// Idle pooled connections close after [env: ZTUNNEL_POOL_IDLE_TIMEOUT] [default: 5m]
     #[arg(long)]
     pool_idle_timeout: Option<String>,
@@ -297,43 +289,6 @@ fn count(
         });
     }
     Ok(value)
-}
-
-/// The caps on pending tunnel handshakes: each 1 to 1 000 000, the per-peer one no larger
-/// than the node's.
-fn handshake_limits(
-    per_node: Option<String>,
-    per_peer: Option<String>,
-    env: Env<'_>,
-) -> Result<crate::gate::Limits, ConfigError> {
-    let d = crate::gate::Limits::PENDING_HANDSHAKES;
-    let per_node = count(
-        "max pending handshakes",
-        per_node,
-        env,
-        "ZTUNNEL_MAX_PENDING_HANDSHAKES",
-        d.total as u32,
-        1_000_000,
-    )? as usize;
-    let per_peer = count(
-        "max pending handshakes per peer",
-        per_peer,
-        env,
-        "ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_PEER",
-        d.per_peer as u32,
-        1_000_000,
-    )? as usize;
-    if per_peer > per_node {
-        return Err(ConfigError::Invalid {
-            setting: "max pending handshakes per peer",
-            value: per_peer.to_string(),
-            reason: format!("must not exceed max pending handshakes ({per_node})"),
-        });
-    }
-    Ok(crate::gate::Limits {
-        total: per_node,
-        per_peer,
-    })
 }
 
 /// A comma-separated list of CIDRs (a bare IP is its own /32 or /128); empty is none.
@@ -608,11 +563,7 @@ impl RunConfig {
             100,
             10_000,
         )?;
-        let handshake_limits = handshake_limits(
-            a.max_pending_handshakes,
-            a.max_pending_handshakes_per_peer,
-            env,
-        )?;
+        let tunnel = a.tunnel.resolve(env)?;
         let worker_threads = count(
             "worker threads",
             a.worker_threads,
@@ -691,19 +642,7 @@ impl RunConfig {
                 "0.0.0.0:15008",
             )?,
             pool_max_streams,
-            handshake_limits,
-            // Beyond the handshakes' own deadline it would never fire.
-            tls_first_bytes_timeout: duration_within(
-                "TLS first bytes timeout",
-                a.tls_first_bytes_timeout,
-                env,
-                "ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT",
-                &humantime::format_duration(
-                    crate::proxy::HandshakeSettings::TLS_FIRST_BYTES_TIMEOUT,
-                )
-                .to_string(),
-                (ms(100), crate::proxy::HANDSHAKE_TIMEOUT),
-            )?,
+            tunnel,
             worker_threads,
             pool_idle_timeout: duration(
                 "pool idle timeout",
@@ -786,7 +725,7 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             self.root_namespace,
@@ -805,9 +744,14 @@ impl fmt::Display for RunConfig {
             self.inbound_plaintext_addr,
             self.inbound_addr,
             self.pool_max_streams,
-            self.handshake_limits.total,
-            self.handshake_limits.per_peer,
-            humantime::format_duration(self.tls_first_bytes_timeout),
+            self.tunnel.handshakes.total,
+            self.tunnel.handshakes.per_peer,
+            humantime::format_duration(self.tunnel.tls_first_bytes_timeout),
+            self.tunnel.peers.connections_per_address,
+            self.tunnel.peers.connections_per_identity,
+            self.tunnel.peers.streams_per_address,
+            self.tunnel.peers.streams_per_identity,
+            self.tunnel.buffered_bytes >> 20,
             humantime::format_duration(self.pool_idle_timeout),
             self.quic_listen,
             self.quic_destinations

@@ -100,6 +100,9 @@ pub struct Metrics {
     /// Inbound tunnel connections (either transport) holding a place among the pending
     /// handshakes ([`crate::gate`]).
     pub pending_handshakes: Gauge,
+    /// Bytes tunnel streams hold for applications that have not read them yet, node-wide
+    /// ([`crate::hbone::budget`]).
+    pub buffered_bytes: Gauge,
     /// New QUIC tunnel connections asked to prove their address (a Retry) because the pending
     /// handshakes were more than half full.
     pub quic_retries: Counter,
@@ -181,6 +184,11 @@ impl Metrics {
             "pending_handshakes",
             "Inbound tunnel connections still in their handshakes, holding a place among the pending ones",
             m.pending_handshakes.clone(),
+        );
+        zt.register(
+            "buffered_bytes",
+            "Bytes received on tunnel streams and not yet written to their applications, node-wide",
+            m.buffered_bytes.clone(),
         );
         zt.register(
             "quic_retries",

@@ -30,10 +30,10 @@ fn defaults() {
     );
     assert_eq!(c.pool_max_streams, 100);
     assert_eq!(
-        (c.handshake_limits.total, c.handshake_limits.per_peer),
+        (c.tunnel.handshakes.total, c.tunnel.handshakes.per_peer),
         (2048, 256)
     );
-    assert_eq!(c.tls_first_bytes_timeout, Duration::from_secs(2));
+    assert_eq!(c.tunnel.tls_first_bytes_timeout, Duration::from_secs(2));
     assert!(c.to_string().contains(" tls_first_bytes_timeout=2s "));
     assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));
     assert!(!c.quic_listen, "QUIC is off unless asked for");
@@ -84,10 +84,14 @@ fn environment_and_flag_precedence() {
     ];
     let c = run(&[], &env).unwrap();
     assert_eq!(c.worker_threads, 4);
-    assert_eq!(c.tls_first_bytes_timeout, Duration::from_millis(1500));
+    assert_eq!(
+        c.tunnel.tls_first_bytes_timeout,
+        Duration::from_millis(1500)
+    );
     assert_eq!(
         run(&["--tls-first-bytes-timeout", "10s"], &env)
             .unwrap()
+            .tunnel
             .tls_first_bytes_timeout,
         Duration::from_secs(10)
     );

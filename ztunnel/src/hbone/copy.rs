@@ -3,7 +3,10 @@
 //! Contract: a TCP end-of-stream becomes the stream's END_STREAM and the stream's END_STREAM
 //! becomes a TCP write shutdown, so half-close crosses the tunnel in both directions. Memory
 //! is bounded: reads from TCP wait for HTTP/2 send capacity before reading more, and stream
-//! window is released only once the bytes are written to TCP. No read buffer is held while
+//! window is released only once the bytes are written to TCP. What arrives from the stream
+//! while the TCP side is slow is taken at once (up to a window) and counted in the node's
+//! buffered-bytes budget until written ([`super::budget`]); a stream the
+//! budget refuses is reset. No read buffer is held while
 //! the socket has nothing to read (an idle connection costs no buffer); when it becomes
 //! readable a buffer is taken whose size grows while reads keep filling it (bulk flows, up to
 //! 256 KiB) and shrinks when they do not; each chunk is handed to h2 as `Bytes` without copying.
@@ -22,6 +25,9 @@ use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::budget::{BufferBudget, OverBudget, QUEUE_MAX};
+use super::queue::Queue;
 
 pub(super) const INITIAL_BUF: usize = 16 * 1024;
 pub(super) const MAX_BUF: usize = 256 * 1024;
@@ -54,6 +60,8 @@ pub enum CopyError {
     StreamClosed,
     #[error("tunnel stream (QUIC): {0}")]
     Quic(String),
+    #[error(transparent)]
+    OverBudget(#[from] OverBudget),
 }
 
 /// The two halves of an open tunnel stream, on either transport.
@@ -68,19 +76,21 @@ pub enum TunnelStream {
     },
 }
 
-/// Copies `tcp` ⇄ `stream` until both directions have ended, on the stream's transport.
+/// Copies `tcp` ⇄ `stream` until both directions have ended, on the stream's transport; what
+/// waits for the TCP side is counted in `budget`.
 pub async fn copy_tunnel(
     tcp_read: OwnedReadHalf,
     tcp_write: OwnedWriteHalf,
     stream: TunnelStream,
     counters: &ByteCounters,
+    budget: &BufferBudget,
 ) -> Result<(), CopyError> {
     match stream {
         TunnelStream::H2 { send, recv } => {
-            copy_bidirectional(tcp_read, tcp_write, send, recv, counters).await
+            copy_bidirectional(tcp_read, tcp_write, send, recv, counters, budget).await
         }
         TunnelStream::Quic { send, recv } => {
-            super::quic::copy_bidirectional(tcp_read, tcp_write, send, recv, counters).await
+            super::quic::copy_bidirectional(tcp_read, tcp_write, send, recv, counters, budget).await
         }
     }
 }
@@ -104,10 +114,11 @@ pub async fn copy_bidirectional(
     send: SendStream<Bytes>,
     recv: RecvStream,
     counters: &ByteCounters,
+    budget: &BufferBudget,
 ) -> Result<(), CopyError> {
     tokio::try_join!(
         tcp_to_stream(tcp_read, send, &counters.sent),
-        stream_to_tcp(recv, tcp_write, &counters.received),
+        stream_to_tcp(recv, tcp_write, &counters.received, budget),
     )?;
     Ok(())
 }
@@ -170,16 +181,44 @@ async fn stream_to_tcp(
     mut recv: RecvStream,
     mut wr: OwnedWriteHalf,
     counter: &AtomicU64,
+    budget: &BufferBudget,
 ) -> Result<(), CopyError> {
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk?;
-        let n = chunk.len();
-        wr.write_all(&chunk).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        recv.flow_control().release_capacity(n)?;
+    let mut queue = Queue::new(budget);
+    let mut ended = false;
+    loop {
+        let step = if queue.is_empty() {
+            if ended {
+                break;
+            }
+            Step::Data(recv.data().await)
+        } else {
+            // Write, and meanwhile take what arrives (up to a window), so that what waits for
+            // a slow application is counted in the budget.
+            let take = !ended && queue.len() < QUEUE_MAX;
+            tokio::select! {
+                biased;
+                w = queue.write_some(&mut wr) => Step::Wrote(w),
+                d = recv.data(), if take => Step::Data(d),
+            }
+        };
+        match step {
+            Step::Wrote(w) => {
+                let n = w?;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+                recv.flow_control().release_capacity(n)?;
+            }
+            Step::Data(Some(chunk)) => queue.push(chunk?)?,
+            Step::Data(None) => ended = true,
+        }
     }
     wr.shutdown().await?;
     Ok(())
+}
+
+/// What one turn of a copy loop towards TCP did.
+pub(super) enum Step<W, D> {
+    Wrote(W),
+    Data(D),
 }
 
 #[cfg(test)]

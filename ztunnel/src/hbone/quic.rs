@@ -27,9 +27,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use ztunnel_proto::quic::{self as wire, HeaderError, RequestHeader};
 
+use super::budget::{BufferBudget, QUEUE_MAX};
 use super::consts;
-use super::copy::{ByteCounters, CopyError};
+use super::copy::{ByteCounters, CopyError, Step};
 use super::early::Early;
+use super::queue::{Queue, CHUNKS_PER_WRITE};
 use crate::capture::netns::Netns;
 
 /// A peer that does not complete the QUIC handshake within this time is taken as not
@@ -429,17 +431,19 @@ pub fn placeholder_server_config() -> quinn::ServerConfig {
 }
 
 /// Copies `tcp` ⇄ (`send`, `recv`) until both directions have ended ([`super::copy`]'s
-/// contract); on an error both directions are reset.
+/// contract, and what waits for the TCP side counted in `budget`); on an error both directions
+/// are reset.
 pub async fn copy_bidirectional(
     tcp_read: OwnedReadHalf,
     tcp_write: OwnedWriteHalf,
     mut send: SendStream,
     mut recv: RecvStream,
     counters: &ByteCounters,
+    budget: &BufferBudget,
 ) -> Result<(), CopyError> {
     let r = tokio::try_join!(
         tcp_to_stream(tcp_read, &mut send, &counters.sent),
-        stream_to_tcp(&mut recv, tcp_write, &counters.received),
+        stream_to_tcp(&mut recv, tcp_write, &counters.received, budget),
     );
     if r.is_err() {
         let _ = send.reset(RESET);
@@ -470,90 +474,52 @@ async fn tcp_to_stream(
     }
 }
 
-/// What one read takes from the stream at most: the chunks (one per received packet's worth
-/// of data) already waiting, written to TCP in one `writev` rather than one `write` each.
-const CHUNKS_PER_WRITE: usize = 32;
-
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     mut wr: OwnedWriteHalf,
     counter: &AtomicU64,
+    budget: &BufferBudget,
 ) -> Result<(), CopyError> {
+    let mut queue = Queue::new(budget);
     let mut chunks: [Bytes; CHUNKS_PER_WRITE] = Default::default();
-    while let Some(n) = recv
-        .read_chunks(&mut chunks)
-        .await
-        .map_err(|e| CopyError::Quic(e.to_string()))?
-    {
-        let written = write_all_chunks(&mut wr, &mut chunks[..n]).await?;
-        counter.fetch_add(written as u64, Ordering::Relaxed);
+    let mut ended = false;
+    loop {
+        let step = if queue.is_empty() {
+            if ended {
+                break;
+            }
+            Step::Data(recv.read_chunks(&mut chunks).await)
+        } else {
+            // As on HTTP/2: take what arrives while writing, up to a window, counted. A read
+            // here gives the peer credit, so no more than a window is taken.
+            let take = !ended && queue.len() < QUEUE_MAX;
+            tokio::select! {
+                biased;
+                w = queue.write_some(&mut wr) => Step::Wrote(w),
+                d = recv.read_chunks(&mut chunks), if take => Step::Data(d),
+            }
+        };
+        match step {
+            Step::Wrote(w) => {
+                counter.fetch_add(w? as u64, Ordering::Relaxed);
+            }
+            Step::Data(d) => match d.map_err(|e| CopyError::Quic(e.to_string()))? {
+                Some(n) => {
+                    for chunk in &mut chunks[..n] {
+                        queue.push(std::mem::take(chunk))?;
+                    }
+                }
+                None => ended = true,
+            },
+        }
     }
     wr.shutdown().await?;
     Ok(())
 }
 
-/// Writes every byte of `chunks` to `wr`, gathered (`writev`); returns how many. The chunks
-/// are consumed (left empty).
-async fn write_all_chunks(wr: &mut OwnedWriteHalf, chunks: &mut [Bytes]) -> io::Result<usize> {
-    use bytes::Buf;
-    let total = chunks.iter().map(Bytes::len).sum();
-    let mut first = 0;
-    while first < chunks.len() {
-        let mut n = {
-            let mut slices = [io::IoSlice::new(&[]); CHUNKS_PER_WRITE];
-            let left = &chunks[first..];
-            for (slice, chunk) in slices.iter_mut().zip(left) {
-                *slice = io::IoSlice::new(chunk);
-            }
-            wr.write_vectored(&slices[..left.len().min(CHUNKS_PER_WRITE)])
-                .await?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while first < chunks.len() && n >= chunks[first].len() {
-            n -= chunks[first].len();
-            chunks[first] = Bytes::new();
-            first += 1;
-        }
-        if n > 0 {
-            chunks[first].advance(n);
-        }
-    }
-    Ok(total)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn gathered_writes_deliver_every_chunk_in_order_across_partial_writes() {
-        use tokio::io::AsyncReadExt;
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut s, _) = l.accept().await.unwrap();
-        // 32 chunks of distinct sizes and contents, 8 MiB and more in all: far beyond the
-        // socket buffers, so the gathered writes are partial and end inside chunks.
-        let mut chunks: Vec<Bytes> = (0..CHUNKS_PER_WRITE)
-            .map(|i| Bytes::from(vec![i as u8; 256 * 1024 + 7 * i]))
-            .collect();
-        let want: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            s.read_to_end(&mut got).await.unwrap();
-            got
-        });
-        let (_, mut wr) = c.into_split();
-        let n = write_all_chunks(&mut wr, &mut chunks).await.unwrap();
-        assert_eq!(n, want.len());
-        assert!(chunks.iter().all(Bytes::is_empty), "every chunk consumed");
-        drop(wr);
-        let got = reader.await.unwrap();
-        assert!(got == want, "bytes out of order or lost");
-    }
 
     #[test]
     fn header_and_request_agree() {

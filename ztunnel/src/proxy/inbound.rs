@@ -11,7 +11,7 @@
 //! keeps that place until its TLS and HTTP/2 handshakes are both done, unless the gate gives it
 //! to a newcomer from an address holding fewer places (the connection is then dropped,
 //! `inbound_handshake_evicted`). It must send its first TLS bytes within the first-bytes
-//! timeout ([`super::HandshakeSettings`], 2 s by default; else it is reset,
+//! timeout ([`super::TunnelLimits`], 2 s by default; else it is reset,
 //! `inbound_tls_first_bytes_timeout`) and finish both handshakes within [`HANDSHAKE_TIMEOUT`]
 //! of being accepted. A few addresses opening silent connections thus hold places for
 //! seconds, not ten, and keep out no peer from elsewhere. Refusals are answered with their
@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::conns::{ConnFacts, Direction, PolicyFacts, Tracked};
+use super::peers::{PeerConn, PeerStream};
 use super::{reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
 use crate::hbone::copy::copy_bidirectional;
@@ -42,13 +43,59 @@ use crate::net;
 /// A peer that has not finished its TLS and HTTP/2 handshakes by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An authenticated tunnel peer: its address and identity, and the local workload it reached.
+/// An authenticated tunnel peer: its address and identity, the local workload it reached, and
+/// its connection's place among what peers hold ([`super::peers`]).
 pub(super) struct Peer {
     pub(super) addr: SocketAddr,
     pub(super) local: SocketAddr,
     pub(super) identity: Identity,
     pub(super) dst: Arc<Workload>,
     pub(super) dst_identity: Identity,
+    pub(super) place: PeerConn,
+}
+
+impl Peer {
+    /// The peer's connection after its handshakes, if its caps allow one more: else `None`
+    /// (counted and logged), and the caller closes the connection.
+    pub(super) fn admit(
+        pi: &ProxyInputs,
+        addr: SocketAddr,
+        local: SocketAddr,
+        identity: Identity,
+        dst: Arc<Workload>,
+        dst_identity: Identity,
+    ) -> Option<Peer> {
+        match pi.peers.connect(addr.ip(), &identity) {
+            Ok(place) => Some(Peer {
+                addr,
+                local,
+                identity,
+                dst,
+                dst_identity,
+                place,
+            }),
+            Err(over) => {
+                crate::warn_throttled!(peer = %addr, src = %identity, error = %over, "tunnel connection closed: over the peer's cap");
+                pi.metrics.refused(over.reason());
+                None
+            }
+        }
+    }
+
+    /// A place for a new stream of this peer's, if its caps allow one more: else the `429`
+    /// to answer (counted, logged and recorded).
+    pub(super) fn stream_place(
+        &self,
+        pi: &ProxyInputs,
+        tracked: &mut Tracked,
+    ) -> Result<PeerStream, StatusCode> {
+        self.place.stream().map_err(|over| {
+            crate::warn_throttled!(peer = %self.addr, src = %self.identity, error = %over, "tunnel stream refused: over the peer's cap; 429");
+            pi.metrics.refused(over.reason());
+            tracked.fail(over);
+            StatusCode::TOO_MANY_REQUESTS
+        })
+    }
 }
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
@@ -182,13 +229,7 @@ async fn handshakes(
             return None;
         }
     };
-    let conn = Peer {
-        addr: peer,
-        local,
-        identity: src,
-        dst,
-        dst_identity,
-    };
+    let conn = Peer::admit(pi, peer, local, src, dst, dst_identity)?;
     Some((h2, conn))
 }
 
@@ -213,6 +254,10 @@ async fn stream(
     respond: SendResponse<Bytes>,
 ) {
     let mut tracked = track(&pi, &peer);
+    let _place = match peer.stream_place(&pi, &mut tracked) {
+        Ok(place) => place,
+        Err(status) => return server::refuse(respond, status),
+    };
     let app = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
         Ok(app) => app,
         Err(status) => return server::refuse(respond, status),
@@ -232,9 +277,9 @@ async fn stream(
     established(&pi, &peer, &mut tracked);
     let (rd, wr) = app.into_split();
     tokio::select! {
-        r = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes) => {
+        r = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes, &pi.budget) => {
             if let Err(e) = r {
-                tracked.fail(e);
+                super::copy_failed(&pi, &mut tracked, e);
             }
         }
         cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),

@@ -210,13 +210,11 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
         }
     };
     pi.metrics.quic_connections_accepted.inc();
-    let peer = Arc::new(Peer {
-        addr,
-        local,
-        identity,
-        dst,
-        dst_identity,
-    });
+    let Some(peer) = Peer::admit(&pi, addr, local, identity, dst, dst_identity) else {
+        conn.close(VarInt::from_u32(1), b"peer limit");
+        return;
+    };
+    let peer = Arc::new(peer);
     // As on HTTP/2 (`hbone::server::serve`): no stream started for this long and none open,
     // and the connection is closed.
     let idle = pi.pool.serve_idle_timeout();
@@ -276,6 +274,13 @@ async fn stream(
     mut recv: RecvStream,
 ) {
     let mut tracked = track(&pi, &peer);
+    let _place = match peer.stream_place(&pi, &mut tracked) {
+        Ok(place) => place,
+        Err(status) => {
+            let _ = quic::respond(&mut send, &mut recv, status).await;
+            return;
+        }
+    };
     let req = match quic::read_header(&mut recv)
         .await
         .map(|h| quic::request_of(&h))
@@ -304,9 +309,9 @@ async fn stream(
     established(&pi, &peer, &mut tracked);
     let (rd, wr) = app.into_split();
     tokio::select! {
-        r = quic::copy_bidirectional(rd, wr, send, recv, &tracked.record().bytes) => {
+        r = quic::copy_bidirectional(rd, wr, send, recv, &tracked.record().bytes, &pi.budget) => {
             if let Err(e) = r {
-                tracked.fail(e);
+                super::copy_failed(&pi, &mut tracked, e);
             }
         }
         cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),

@@ -16,6 +16,7 @@ mod inbound;
 mod inbound_plain;
 mod inbound_quic;
 mod outbound;
+pub mod peers;
 pub mod plan;
 
 use std::net::{IpAddr, SocketAddr};
@@ -29,12 +30,15 @@ use tokio::sync::watch;
 use crate::capture::netns::Netns;
 use crate::discovery::{Discovery, State, Workload};
 use crate::gate::{self, Gate, WhenFull};
+use crate::hbone::budget::{self, BufferBudget};
+use crate::hbone::copy::CopyError;
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
 use crate::metrics::Metrics;
 use crate::net::{reset, ConnectOptions, Origin};
 use conns::ConnTable;
 pub use inbound::HANDSHAKE_TIMEOUT;
+use peers::{PeerLimits, Peers};
 
 /// Whom a set of listeners serves.
 #[derive(Clone, Debug)]
@@ -86,26 +90,33 @@ impl Scope {
     }
 }
 
-/// What an inbound tunnel connection may hold, and for how long, before its handshakes are
-/// done.
+/// What tunnel peers may hold: before their handshakes are done (and for how long), once
+/// authenticated, and what streams may hold for slow applications, node-wide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HandshakeSettings {
+pub struct TunnelLimits {
     /// Places among the pending handshakes, on the node and per source address.
-    pub limits: gate::Limits,
+    pub handshakes: gate::Limits,
     /// A TCP tunnel connection that has sent no byte of its TLS handshake by then is closed.
     pub tls_first_bytes_timeout: Duration,
+    /// Connections and streams per authenticated peer ([`peers`]).
+    pub peers: PeerLimits,
+    /// Bytes tunnel streams may hold for their applications, node-wide
+    /// ([`crate::hbone::budget`]).
+    pub buffered_bytes: usize,
 }
 
-impl HandshakeSettings {
-    /// The default of [`HandshakeSettings::tls_first_bytes_timeout`].
+impl TunnelLimits {
+    /// The default of [`TunnelLimits::tls_first_bytes_timeout`].
     pub const TLS_FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(2);
 }
 
-impl Default for HandshakeSettings {
+impl Default for TunnelLimits {
     fn default() -> Self {
-        HandshakeSettings {
-            limits: gate::Limits::PENDING_HANDSHAKES,
+        TunnelLimits {
+            handshakes: gate::Limits::PENDING_HANDSHAKES,
             tls_first_bytes_timeout: Self::TLS_FIRST_BYTES_TIMEOUT,
+            peers: PeerLimits::default(),
+            buffered_bytes: budget::DEFAULT_LIMIT,
         }
     }
 }
@@ -132,6 +143,10 @@ pub struct ProxyInputs {
     pub handshakes: Arc<Gate>,
     /// How long a tunnel connection on TCP may stay silent before its first TLS bytes.
     pub tls_first_bytes_timeout: Duration,
+    /// What authenticated tunnel peers hold.
+    pub peers: Arc<Peers>,
+    /// What tunnel streams hold for slow applications, node-wide.
+    pub budget: Arc<BufferBudget>,
     round_robin: AtomicUsize,
     /// Accepted connections and tunnel streams whose handlers have not finished (including
     /// those not yet in the connection table); drain waits for them.
@@ -149,7 +164,7 @@ impl ProxyInputs {
         metrics: Arc<Metrics>,
         connect: ConnectOptions,
         max_streams: u32,
-        handshakes: HandshakeSettings,
+        limits: TunnelLimits,
         quic_listen: bool,
         draining: watch::Receiver<bool>,
     ) -> Arc<Self> {
@@ -167,11 +182,16 @@ impl ProxyInputs {
             draining,
             handshakes: Gate::with(
                 "pending tunnel handshakes",
-                handshakes.limits,
+                limits.handshakes,
                 WhenFull::EvictLargest,
                 Some(metrics.pending_handshakes.clone()),
             ),
-            tls_first_bytes_timeout: handshakes.tls_first_bytes_timeout,
+            tls_first_bytes_timeout: limits.tls_first_bytes_timeout,
+            peers: Peers::new(limits.peers),
+            budget: Arc::new(BufferBudget::new(
+                limits.buffered_bytes,
+                Some(metrics.buffered_bytes.clone()),
+            )),
             round_robin: AtomicUsize::new(0),
             inflight: Arc::default(),
         })
@@ -214,6 +234,16 @@ impl ProxyInputs {
 
 /// The labels of Istio's TCP metrics for one connection. `service` is `namespace/name`;
 /// unknown values are `unknown`, as Istio reports them.
+/// A proxied stream's copy ended on `e`: recorded, and a stream given up for the node's
+/// buffered-bytes budget counted (`buffer_budget`) and logged.
+fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
+    if let CopyError::OverBudget(over) = &e {
+        crate::warn_throttled!(error = %over, "tunnel stream reset: its application does not read, and the node's buffered-bytes budget is spent");
+        pi.metrics.refused("buffer_budget");
+    }
+    tracked.fail(e);
+}
+
 pub(crate) fn istio_labels(
     reporter: &'static str,
     src: Option<(&Workload, String)>,

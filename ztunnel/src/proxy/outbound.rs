@@ -183,9 +183,9 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let (rd, wr) = tcp.into_split();
             tokio::select! {
-                r = copy::copy_tunnel(rd, wr, tunnel.stream, bytes) => {
+                r = copy::copy_tunnel(rd, wr, tunnel.stream, bytes, &pi.budget) => {
                     if let Err(e) = r {
-                        tracked.fail(e);
+                        super::copy_failed(&pi, &mut tracked, e);
                     }
                 }
                 cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
