@@ -9,6 +9,7 @@ pub mod cni;
 pub mod controlplane;
 pub mod daemon;
 pub mod kubebed;
+pub mod load;
 pub mod mesh;
 pub mod netns;
 pub mod raw_h2;
