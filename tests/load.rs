@@ -17,6 +17,7 @@ fn connections_held_and_churned_through_a_roll_and_a_kill_lose_nothing_and_leak_
         churn: Duration::from_secs(30),
         workers: 16,
         bulk_bytes: 256 * 1024,
+        server_program: None,
     };
     load::raise_fd_limit(16_384);
     let mut bed = TestBed::start_with(default_pods()).expect("start the test bed");

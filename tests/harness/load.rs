@@ -43,6 +43,10 @@ pub struct Plan {
     pub workers: usize,
     /// Bytes each way of a bulk churn connection (every fourth one).
     pub bulk_bytes: usize,
+    /// Runs the server pod's echo application as this program in its own process
+    /// (`<program> echo-server <port>`, see [`serve_echo`]) rather than in this one: a process
+    /// may not hold both ends of many thousand connections under its descriptor limit.
+    pub server_program: Option<std::path::PathBuf>,
 }
 
 /// The phases of the churn. A connection is tagged with every phase it overlapped.
@@ -193,6 +197,30 @@ impl Report {
     }
 }
 
+/// The daemons' warnings so far, to explain a failure.
+pub fn warnings(bed: &TestBed) -> String {
+    (0..2)
+        .flat_map(|i| {
+            bed.log(i)
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("\"level\":\"WARN\""))
+                .map(|l| format!("n{}: {l}", i + 1))
+                .collect::<Vec<_>>()
+        })
+        .take(200)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A daemon's usage now.
 pub fn usage(pid: u32) -> Result<Usage> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -244,13 +272,31 @@ fn settled(bed: &TestBed) -> Result<[Usage; 2]> {
 
 /// An echo server: every connection's bytes are written back until it half-closes.
 async fn echo_server(l: TcpListener) {
-    while let Ok((s, _)) = l.accept().await {
+    loop {
+        let s = match l.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => panic!("the echo server cannot accept: {e}"),
+        };
         tokio::spawn(async move {
             let (mut rd, mut wr) = s.into_split();
             let _ = tokio::io::copy(&mut rd, &mut wr).await;
             let _ = wr.shutdown().await;
         });
     }
+}
+
+/// The echo application on `port` in the current network namespace, until killed: what
+/// [`Plan::server_program`] runs.
+pub fn serve_echo(port: u16) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let l = TcpListener::bind(("0.0.0.0", port)).await?;
+        echo_server(l).await;
+        Ok(())
+    })
 }
 
 /// One exchange on a held connection: a byte out, the same byte back.
@@ -365,16 +411,43 @@ pub fn run(bed: &mut TestBed, plan: &Plan) -> Result<Report> {
         ..Default::default()
     };
     let server = bed.pod("server");
-    let l = server
-        .ns
-        .block_on(async { crate::apps::listen(SERVER.1).await });
-    server.ns.spawn(echo_server(l));
-    // Warm both paths (certificates, a pooled tunnel), then the baseline.
+    let _app = match &plan.server_program {
+        Some(program) => {
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["netns", "exec", &server.ns.name])
+                .arg(program)
+                .args(["echo-server", &SERVER.1.to_string()]);
+            let child = crate::daemon::die_with_test(&mut cmd)
+                .spawn()
+                .context("start the echo server")?;
+            Some(KillOnDrop(child))
+        }
+        None => {
+            let l = server
+                .ns
+                .block_on(async { crate::apps::listen(SERVER.1).await });
+            server.ns.spawn(echo_server(l));
+            None
+        }
+    };
+    // Warm both paths (certificates, a pooled tunnel), then the baseline. The application
+    // may still be starting.
     let client = &bed.pod("client").ns;
     client
         .block_on(async {
-            let mut s = TcpStream::connect(SERVER).await?;
-            ping(&mut s, 1).await
+            let mut last = None;
+            for _ in 0..100 {
+                let first = async {
+                    let mut s = TcpStream::connect(SERVER).await?;
+                    ping(&mut s, 1).await
+                };
+                match first.await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(last.expect("tried"))
         })
         .context("a first connection")?;
     report.before = settled(bed)?;
@@ -386,13 +459,19 @@ pub fn run(bed: &mut TestBed, plan: &Plan) -> Result<Report> {
         .block_on(async move {
             let mut v = Vec::with_capacity(held);
             for i in 0..held {
-                let mut s = TcpStream::connect(SERVER).await?;
-                ping(&mut s, i as u8).await?;
-                v.push(s);
+                let opened = async {
+                    let mut s = TcpStream::connect(SERVER).await?;
+                    ping(&mut s, i as u8).await?;
+                    Ok::<_, std::io::Error>(s)
+                };
+                match opened.await {
+                    Ok(s) => v.push(s),
+                    Err(e) => return Err(anyhow::anyhow!("held connection {i}: {e}")),
+                }
             }
-            Ok::<_, std::io::Error>(v)
+            Ok(v)
         })
-        .context("open the held connections")?;
+        .with_context(|| warnings(bed))?;
     report.holding = settled(bed)?;
     bed.pod("client")
         .ns

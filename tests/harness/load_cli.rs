@@ -12,6 +12,10 @@ use ztunnel_e2e::load::{self, Plan};
 use ztunnel_e2e::testbed::{default_pods, TestBed};
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("echo-server") {
+        let port = std::env::args().nth(2).unwrap_or_default().parse()?;
+        return load::serve_echo(port);
+    }
     let arg = |i: usize, d: u64| -> Result<u64> {
         Ok(std::env::args()
             .nth(i)
@@ -24,6 +28,7 @@ fn main() -> Result<()> {
         churn: Duration::from_secs(arg(2, 300)?),
         workers: arg(3, 32)? as usize,
         bulk_bytes: 1 << 20,
+        server_program: Some(std::env::current_exe()?),
     };
     load::raise_fd_limit(4 * plan.held as u64 + 4096);
     let mut bed = TestBed::start_with(default_pods())?;
@@ -32,6 +37,7 @@ fn main() -> Result<()> {
     report.print();
     let unexpected = report.unexpected_failures();
     if report.count(load::Outcome::Corrupted) > 0 || !unexpected.is_empty() {
+        println!("the daemons' warnings:\n{}", load::warnings(&bed));
         anyhow::bail!(
             "{} failures outside the kill, {} corrupted",
             unexpected.len(),
