@@ -240,9 +240,39 @@ pub fn access_lines(log: &str) -> Vec<serde_json::Value> {
 }
 
 /// Reads one sample from a Prometheus text exposition: the value of the first series whose
-/// name is `name` and whose labels contain every `k="v"` in `labels`; 0 when absent.
+/// name is `name` and whose labels contain every `k="v"` in `labels`; 0 when that series is
+/// absent but its metric is declared (a `# TYPE` line: a counter family nothing has
+/// incremented yet). Panics when the metric is not declared at all (renamed, never
+/// registered, or an empty scrape from a daemon that is down): a missing metric never reads
+/// as zero.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
+    try_metric(text, name, labels).unwrap_or_else(|| {
+        let declared: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .take(80)
+            .collect();
+        panic!("metric {name} is not in the scrape; declared: {declared:?}")
+    })
+}
+
+/// Like [`metric`], `None` when the metric is not declared (for polling a daemon that may
+/// still be starting).
+pub fn try_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let family = ["_total", "_bucket", "_sum", "_count", "_created"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(name);
+    let declared = text.lines().any(|l| {
+        l.strip_prefix("# TYPE ")
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|n| n == name || n == family)
+    });
+    if !declared {
+        return None;
+    }
+    let value = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
@@ -256,6 +286,41 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                     .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
             .then(|| value.parse().ok())?
         })
-        .next()
-        .unwrap_or(0.0)
+        .next();
+    Some(value.unwrap_or(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{metric, try_metric};
+
+    const SCRAPE: &str = "# HELP ztunnel_refusals Refusals.\n# TYPE ztunnel_refusals counter\nztunnel_refusals_total{reason=\"policy_denied\"} 3\n# TYPE ztunnel_enrolled_pods gauge\nztunnel_enrolled_pods 2\n# TYPE ztunnel_latency histogram\nztunnel_latency_bucket{le=\"1\"} 5\nztunnel_latency_count 7\n# EOF\n";
+
+    #[test]
+    fn a_declared_metric_reads_its_series_or_zero_and_an_undeclared_one_is_none() {
+        let reasons = |r| [("reason", r)];
+        assert_eq!(
+            try_metric(SCRAPE, "ztunnel_refusals_total", &reasons("policy_denied")),
+            Some(3.0)
+        );
+        assert_eq!(
+            try_metric(SCRAPE, "ztunnel_refusals_total", &reasons("other")),
+            Some(0.0),
+            "declared, nothing counted yet"
+        );
+        assert_eq!(try_metric(SCRAPE, "ztunnel_enrolled_pods", &[]), Some(2.0));
+        assert_eq!(try_metric(SCRAPE, "ztunnel_latency_count", &[]), Some(7.0));
+        assert_eq!(try_metric(SCRAPE, "ztunnel_renamed_total", &[]), None);
+        assert_eq!(
+            try_metric("", "ztunnel_enrolled_pods", &[]),
+            None,
+            "empty scrape"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "is not in the scrape")]
+    fn a_missing_metric_never_reads_as_zero() {
+        metric("", "ztunnel_refusals_total", &[]);
+    }
 }

@@ -275,7 +275,7 @@ impl Mesh {
         let deadline = std::time::Instant::now() + limit;
         loop {
             let m = Self::metrics(ns);
-            if crate::daemon::metric(&m, name, labels) == want
+            if crate::daemon::try_metric(&m, name, labels) == Some(want)
                 || std::time::Instant::now() > deadline
             {
                 return m;

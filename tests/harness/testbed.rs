@@ -576,7 +576,9 @@ impl TestBed {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             let m = self.metrics(i);
-            if daemon::metric(&m, name, labels) == want || std::time::Instant::now() > deadline {
+            if daemon::try_metric(&m, name, labels) == Some(want)
+                || std::time::Instant::now() > deadline
+            {
                 return m;
             }
             std::thread::sleep(Duration::from_millis(50));
