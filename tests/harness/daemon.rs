@@ -239,36 +239,23 @@ pub fn access_lines(log: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Reads one sample from a Prometheus text exposition: the value of the first series whose
-/// name is `name` and whose labels contain every `k="v"` in `labels`; 0 when that series is
-/// absent but its metric is declared (a `# TYPE` line: a counter family nothing has
-/// incremented yet). Panics when the metric is not declared at all (renamed, never
-/// registered, or an empty scrape from a daemon that is down): a missing metric never reads
-/// as zero.
+/// Reads one sample from an OpenMetrics text exposition (the daemon's `/metrics`): the value
+/// of the first series whose name is `name` and whose labels contain every `k="v"` in
+/// `labels`; 0 when that series is absent (a counter nothing has incremented yet is not
+/// exposed). Panics when `text` is not a whole exposition (no `# EOF` line: an empty scrape
+/// from a daemon that is down, an error page, a cut-off body), so that a dead daemon never
+/// reads as "nothing counted".
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     try_metric(text, name, labels).unwrap_or_else(|| {
-        let declared: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .take(80)
-            .collect();
-        panic!("metric {name} is not in the scrape; declared: {declared:?}")
+        let start: String = text.chars().take(300).collect();
+        panic!("reading {name}: not a whole metrics exposition (no `# EOF`): {start:?}")
     })
 }
 
-/// Like [`metric`], `None` when the metric is not declared (for polling a daemon that may
-/// still be starting).
+/// Like [`metric`], `None` when `text` is not a whole exposition (for polling a daemon that
+/// may still be starting).
 pub fn try_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let family = ["_total", "_bucket", "_sum", "_count", "_created"]
-        .iter()
-        .find_map(|s| name.strip_suffix(s))
-        .unwrap_or(name);
-    let declared = text.lines().any(|l| {
-        l.strip_prefix("# TYPE ")
-            .and_then(|r| r.split_whitespace().next())
-            .is_some_and(|n| n == name || n == family)
-    });
-    if !declared {
+    if !text.lines().any(|l| l.trim_end() == "# EOF") {
         return None;
     }
     let value = text
@@ -297,7 +284,7 @@ mod tests {
     const SCRAPE: &str = "# HELP ztunnel_refusals Refusals.\n# TYPE ztunnel_refusals counter\nztunnel_refusals_total{reason=\"policy_denied\"} 3\n# TYPE ztunnel_enrolled_pods gauge\nztunnel_enrolled_pods 2\n# TYPE ztunnel_latency histogram\nztunnel_latency_bucket{le=\"1\"} 5\nztunnel_latency_count 7\n# EOF\n";
 
     #[test]
-    fn a_declared_metric_reads_its_series_or_zero_and_an_undeclared_one_is_none() {
+    fn a_series_reads_its_value_or_zero_and_a_cut_or_empty_scrape_is_none() {
         let reasons = |r| [("reason", r)];
         assert_eq!(
             try_metric(SCRAPE, "ztunnel_refusals_total", &reasons("policy_denied")),
@@ -306,21 +293,26 @@ mod tests {
         assert_eq!(
             try_metric(SCRAPE, "ztunnel_refusals_total", &reasons("other")),
             Some(0.0),
-            "declared, nothing counted yet"
+            "nothing counted yet"
         );
         assert_eq!(try_metric(SCRAPE, "ztunnel_enrolled_pods", &[]), Some(2.0));
         assert_eq!(try_metric(SCRAPE, "ztunnel_latency_count", &[]), Some(7.0));
-        assert_eq!(try_metric(SCRAPE, "ztunnel_renamed_total", &[]), None);
         assert_eq!(
             try_metric("", "ztunnel_enrolled_pods", &[]),
             None,
             "empty scrape"
         );
+        let cut = &SCRAPE[..SCRAPE.find("# EOF").unwrap()];
+        assert_eq!(
+            try_metric(cut, "ztunnel_enrolled_pods", &[]),
+            None,
+            "cut off"
+        );
     }
 
     #[test]
-    #[should_panic(expected = "is not in the scrape")]
-    fn a_missing_metric_never_reads_as_zero() {
+    #[should_panic(expected = "not a whole metrics exposition")]
+    fn a_dead_daemons_empty_scrape_never_reads_as_zero() {
         metric("", "ztunnel_refusals_total", &[]);
     }
 }
