@@ -13,6 +13,7 @@ pub mod limits;
 mod local;
 pub mod metrics;
 pub mod pods;
+pub mod reviews;
 pub mod secret;
 pub mod server;
 
