@@ -7,6 +7,8 @@
 //! and is answered within it again; a connection with no stream for the idle timeout is closed
 //! (GOAWAY); bodies are capped; connections, streams, requests in flight (from a complete body
 //! until answered) and the request rate of each source address are capped ([`super::limits`]);
+//! a connection whose place the connection gate gives to a newcomer (every place held, its
+//! address holding the most) is closed at once, whatever its stage;
 //! every refusal is logged with its reason (never the token; throttled unless it is a `403` to
 //! an authenticated caller) and counted in `ztunnel_ca_refusals_total{reason}`; `GET /metrics`
 //! on the same port serves the counters.
