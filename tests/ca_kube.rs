@@ -16,6 +16,10 @@
 //!   `root-cert.pem`, a new signing key) is picked up live: both roots are served, the leaf
 //!   and the CA's serving certificate chain to the new root; an invalid update is refused and
 //!   the CA keeps signing;
+//! - `replicas_starting_together_agree_on_one_root`: two replicas that both found no Secret
+//!   both create it: one create wins, the other (409) takes the winner's material; and two CA
+//!   processes started at once on a namespace without the Secret create it once between them
+//!   and serve, sign with and publish the same root;
 //! - `deploy/`'s RBAC for the CA's ServiceAccount checked against the API server's audit log:
 //!   every verb it grants was used, no request was forbidden.
 
@@ -26,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::json;
-use ztunnel::ca::{CaClient, CaMaterial};
+use ztunnel::ca::{secret, CaClient, CaMaterial};
 use ztunnel::identity::{generate_csr, CertSigner, Identity, SignError, WorkloadCert};
 use ztunnel_e2e::controlplane::{self, ControlPlane, KubePod};
 use ztunnel_e2e::daemon::{binary, die_with_test};
@@ -59,17 +63,28 @@ struct CaProcess {
     addr: String,
 }
 
+/// A kubeconfig holding a token of `ztunnel-system/ztunnel-ca` bound to a Pod object of that
+/// ServiceAccount, as in the CA Deployment.
+fn ca_kubeconfig(cp: &ControlPlane, dir: &Path, name: &str) -> PathBuf {
+    let pod = format!("ztunnel-ca-{name}-{}", std::process::id());
+    let token = cp
+        .system_pod_token("ztunnel-ca", &pod, "cp", &[controlplane::ISSUER])
+        .unwrap();
+    cp.token_kubeconfig(dir, &format!("{name}.kubeconfig"), &token)
+        .unwrap()
+}
+
 impl CaProcess {
-    /// Starts the CA in `host` with a kubeconfig holding a token of `ztunnel-system/ztunnel-ca`
-    /// bound to a Pod object of that ServiceAccount, as in the CA Deployment.
+    /// Starts the CA in `host` with a kubeconfig from [`ca_kubeconfig`].
     fn start(cp: &ControlPlane, host: &Host, dir: &Path, name: &str, args: &[&str]) -> CaProcess {
-        let pod = format!("ztunnel-ca-{name}-{}", std::process::id());
-        let token = cp
-            .system_pod_token("ztunnel-ca", &pod, "cp", &[controlplane::ISSUER])
-            .unwrap();
-        let kubeconfig = cp
-            .token_kubeconfig(dir, &format!("{name}.kubeconfig"), &token)
-            .unwrap();
+        let kubeconfig = ca_kubeconfig(cp, dir, name);
+        let mut p = Self::launch(host, dir, name, &kubeconfig, args);
+        p.wait_listening(host);
+        p
+    }
+
+    /// Starts the CA in `host` with `kubeconfig`, without waiting for it to listen.
+    fn launch(host: &Host, dir: &Path, name: &str, kubeconfig: &Path, args: &[&str]) -> CaProcess {
         let addr = format!("{}:{CA_PORT}", host.addr);
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
@@ -79,16 +94,14 @@ impl CaProcess {
             .args(["--listen", &addr, "--server-name", "localhost"])
             .args(args)
             .env_clear()
-            .env("KUBECONFIG", &kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .expect("start ztunnel ca");
-        let mut p = CaProcess { child, log, addr };
-        p.wait_listening(host);
-        p
+        CaProcess { child, log, addr }
     }
 
     fn wait_listening(&mut self, host: &Host) {
@@ -257,6 +270,7 @@ fn the_ca_on_the_real_api_server() {
     let cp = controlplane::shared().install_base();
     authorizes_nodes_by_token_and_pods(cp);
     secret_is_created_reused_and_rotated(cp);
+    replicas_starting_together_agree_on_one_root(cp);
     let problems = cp.rbac_problems(SYSTEM, "ztunnel-ca").unwrap();
     assert!(
         problems.is_empty(),
@@ -506,4 +520,84 @@ fn secret_is_created_reused_and_rotated(cp: &ControlPlane) {
         401
     );
     ca.stop();
+}
+
+fn replicas_starting_together_agree_on_one_root(cp: &ControlPlane) {
+    // Deterministically, in this process, as the CA's ServiceAccount: two replicas both find
+    // no Secret, then both create one with their own root. One create wins; the other is a
+    // 409 and that replica takes the winner's material. Nothing overwrites the Secret.
+    fresh_ca_objects(cp);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ca_kubeconfig(cp, dir.path(), "racer");
+    let (a, b) = (
+        CaMaterial::generate("cluster.local").unwrap(),
+        CaMaterial::generate("cluster.local").unwrap(),
+    );
+    let (got_a, got_b) = {
+        let (a, b) = (a.clone(), b.clone());
+        cp.ns.block_on(async move {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap();
+            let api: kube::Api<Secret> =
+                kube::Api::namespaced(kube::Client::try_from(cfg).unwrap(), SYSTEM);
+            let (ra, rb) = tokio::join!(secret::read(&api, SECRET), secret::read(&api, SECRET));
+            assert!(ra.unwrap().is_none() && rb.unwrap().is_none());
+            let (ga, gb) = tokio::join!(
+                secret::create_or_adopt(&api, SECRET, a),
+                secret::create_or_adopt(&api, SECRET, b)
+            );
+            (ga.unwrap(), gb.unwrap())
+        })
+    };
+    assert_eq!(got_a, got_b, "the replicas disagree");
+    assert!(got_a == a || got_a == b);
+    assert_eq!(secret_material(cp).as_ref(), Some(&got_a));
+
+    // And as processes, both started before either is waited for, on an empty namespace: one
+    // root, created once, served by both.
+    let token_file = dir.path().join("tokens");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let secret_arg = format!("{SYSTEM}/{SECRET}");
+    let args = [
+        "--ca-secret",
+        &secret_arg,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    let hosts = [host(cp, "rep-a"), host(cp, "rep-b")];
+    let id = "spiffe://cluster.local/ns/demo/sa/web";
+    fresh_ca_objects(cp);
+    let kubeconfigs: Vec<PathBuf> = (0..2)
+        .map(|i| ca_kubeconfig(cp, dir.path(), &format!("rep-{i}")))
+        .collect();
+    let mut cas: Vec<CaProcess> = hosts
+        .iter()
+        .zip(&kubeconfigs)
+        .enumerate()
+        .map(|(i, (h, kc))| CaProcess::launch(h, dir.path(), &format!("rep-{i}"), kc, &args))
+        .collect();
+    for (ca, h) in cas.iter_mut().zip(&hosts) {
+        ca.wait_listening(h);
+    }
+    let m = secret_material(cp).expect("the Secret was created");
+    for (ca, h) in cas.iter().zip(&hosts) {
+        let resp = sign(h, ca, &m.root_cert, Some("s3cret"), id)
+            .unwrap_or_else(|e| panic!("{e}\n{}", ca.log_text()));
+        assert_eq!(resp.roots_pem, std::slice::from_ref(&m.root_cert));
+        assert!(chains_to(&resp.cert_chain_pem, &m.root_cert));
+    }
+    assert_eq!(configmap_root(cp).as_deref(), Some(m.root_cert.as_str()));
+    let logs: Vec<String> = cas.into_iter().map(CaProcess::stop).collect();
+    let creators = logs
+        .iter()
+        .filter(|l| l.contains("created a new self-signed root"))
+        .count();
+    assert_eq!(creators, 1, "{logs:#?}");
+    assert_eq!(
+        secret_material(cp).as_ref(),
+        Some(&m),
+        "the Secret was rewritten"
+    );
 }

@@ -13,7 +13,10 @@
 //!   temporary CNI directory, chain the plugin with the daemon's socket and namespaces file;
 //!   the uninstall DaemonSet's flags take it out again;
 //! - the CA Deployment parses with `CaConfig::from_sources` and agrees with the DaemonSet
-//!   (audience, ServiceAccount, address, port), its Service, and RBAC as the contract lists it;
+//!   (audience, ServiceAccount, address, port), its Service, and RBAC as the contract lists it
+//!   (the Secret created, never updated); it runs at least two replicas spread over nodes, a
+//!   PodDisruptionBudget keeps one of them, and its NetworkPolicy admits the CA's port, from
+//!   peers that can match the (host-network) daemons, and no other;
 //! - the samples parse (the policies also with the daemon's policy parser) and refer to each
 //!   other consistently;
 //! - the Istio-compatible overlay is the base with the setting turned on and read access to
@@ -24,7 +27,7 @@ use std::path::Path;
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 use ztunnel::config::{CaAuthorizer, CaConfig, CaMaterialSource, CaSource};
@@ -75,6 +78,8 @@ fn base_renders_and_every_object_parses_strictly() {
         .chain(o.daemon_sets.iter().map(|x| &x.metadata))
         .chain(o.deployments.iter().map(|x| &x.metadata))
         .chain(o.services.iter().map(|x| &x.metadata))
+        .chain(o.network_policies.iter().map(|x| &x.metadata))
+        .chain(o.disruption_budgets.iter().map(|x| &x.metadata))
         .collect();
     for m in namespaced {
         assert_eq!(m.namespace.as_deref(), Some(SYSTEM_NS), "{:?}", m.name);
@@ -580,6 +585,78 @@ fn ca_deployment_agrees_with_the_ca_configuration_and_the_daemonset() {
     for (k, v) in svc_spec.selector.as_ref().unwrap() {
         assert_eq!(pod_labels.get(k), Some(v), "Service selector {k}");
     }
+    let selects_the_ca = |what: &str, sel: &LabelSelector| {
+        assert!(sel.match_expressions.is_none(), "{what}: labels only");
+        let labels = sel.match_labels.as_ref().expect("match labels");
+        assert!(!labels.is_empty(), "{what} selects every pod");
+        for (k, v) in labels {
+            assert_eq!(pod_labels.get(k), Some(v), "{what} selector {k}");
+        }
+    };
+
+    // Available: two replicas or more, spread over nodes where possible, one kept through
+    // disruptions.
+    let dep_spec = dep.spec.as_ref().unwrap();
+    assert!(
+        dep_spec.replicas.unwrap_or(1) >= 2,
+        "the CA runs one replica"
+    );
+    let spread = &spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .expect("pod anti-affinity")
+        .preferred_during_scheduling_ignored_during_execution
+        .as_ref()
+        .expect("preferred, so that a one-node cluster still runs it")[0]
+        .pod_affinity_term;
+    assert_eq!(spread.topology_key, "kubernetes.io/hostname");
+    selects_the_ca("anti-affinity", spread.label_selector.as_ref().unwrap());
+    let pdb = named(&o.disruption_budgets, "ztunnel-ca")
+        .spec
+        .as_ref()
+        .unwrap();
+    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
+    assert!(pdb.max_unavailable.is_none());
+    selects_the_ca("PodDisruptionBudget", pdb.selector.as_ref().unwrap());
+
+    // Reachable on the CA's port only, and by the daemons: they run with hostNetwork, so
+    // their connections come from node addresses, which pod and namespace selectors do not
+    // match (deploy/README.md); a rule admitting the port must not rely on those alone.
+    let np = named(&o.network_policies, "ztunnel-ca")
+        .spec
+        .as_ref()
+        .unwrap();
+    selects_the_ca("NetworkPolicy", np.pod_selector.as_ref().unwrap());
+    assert_eq!(
+        np.policy_types.as_deref(),
+        Some(&["Ingress".to_string()][..]),
+        "egress open"
+    );
+    let rules = np.ingress.as_ref().expect("ingress rules");
+    assert!(!rules.is_empty(), "the CA admits nothing");
+    for r in rules {
+        let ports = r.ports.as_ref().expect("a rule names its ports");
+        let ports: Vec<_> = ports
+            .iter()
+            .map(|p| {
+                (
+                    p.protocol.as_deref().unwrap_or("TCP"),
+                    p.port.clone(),
+                    p.end_port,
+                )
+            })
+            .collect();
+        assert_eq!(ports, [("TCP", Some(IntOrString::Int(listen)), None)]);
+    }
+    assert_eq!(ds_spec.host_network, Some(true));
+    assert!(
+        rules.iter().any(|r| r
+            .from
+            .as_ref()
+            .is_none_or(|from| from.iter().any(|p| p.ip_block.is_some()))),
+        "no rule can admit the host-network daemons"
+    );
 
     // Unprivileged.
     let pod_sc = spec.security_context.as_ref().unwrap();

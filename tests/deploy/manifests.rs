@@ -13,6 +13,8 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount, Volume, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -90,6 +92,8 @@ pub struct Objects {
     pub daemon_sets: Vec<DaemonSet>,
     pub deployments: Vec<Deployment>,
     pub services: Vec<Service>,
+    pub network_policies: Vec<NetworkPolicy>,
+    pub disruption_budgets: Vec<PodDisruptionBudget>,
     pub config_maps: Vec<ConfigMap>,
     pub crds: Vec<CustomResourceDefinition>,
     pub admission_policies: Vec<ValidatingAdmissionPolicy>,
@@ -116,6 +120,8 @@ impl Objects {
             ("rbac.authorization.k8s.io/v1", "RoleBinding") => self.role_bindings.push(strict(v)?),
             ("apps/v1", "DaemonSet") => self.daemon_sets.push(strict(v)?),
             ("apps/v1", "Deployment") => self.deployments.push(strict(v)?),
+            ("networking.k8s.io/v1", "NetworkPolicy") => self.network_policies.push(strict(v)?),
+            ("policy/v1", "PodDisruptionBudget") => self.disruption_budgets.push(strict(v)?),
             ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => self.crds.push(strict(v)?),
             ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
                 self.admission_policies.push(strict(v)?)

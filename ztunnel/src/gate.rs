@@ -9,15 +9,17 @@
 //! [`Permit`] counts until it is dropped. What a full gate does with a newcomer is the gate's
 //! [`WhenFull`]:
 //!
-//! - [`WhenFull::Refuse`] (the CA, the admin endpoints): the newcomer is refused, whoever holds
-//!   the places. Their holders never look for eviction.
-//! - [`WhenFull::EvictLargest`] (pending tunnel handshakes): places are shared between sources.
+//! - [`WhenFull::Refuse`] (the CA's requests in flight, the admin endpoints): the newcomer is
+//!   refused, whoever holds the places. Their holders never look for eviction.
+//! - [`WhenFull::EvictLargest`] (pending tunnel handshakes, the CA's connections): places are
+//!   shared between sources.
 //!   A newcomer whose source, even with it, would hold fewer places than the source holding the
 //!   most takes the place of that source's oldest holder, which is told
 //!   ([`Permit::evicted`]) and must give it up (close its connection). A newcomer from the
 //!   largest holder, or from a source that would then hold as many as it, is refused. A few
 //!   addresses holding every place therefore keep out nobody who comes from elsewhere; they
-//!   only churn among themselves.
+//!   only churn among themselves. A source holding a single place is never evicted (the
+//!   evicted source holds more than the newcomer's would with it, so at least two).
 //!
 //! Over the per-peer cap a newcomer is always refused. The decision is a pure function of the
 //! holders ([`decide`]); nothing here touches a socket.

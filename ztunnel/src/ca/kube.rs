@@ -15,28 +15,23 @@
 //!    Running: not finished) with its namespace/ServiceAccount must be on that node
 //!    ([`PodIndex`]) → else 403.
 //!
-//! Authenticated reviews are cached for [`REVIEW_TTL`] under the SHA-256 of the token (never
-//! the token), so a node renewing many certificates sends one review a minute; a pod deleted
-//! meanwhile still fails step 4 at once. Tokens are never logged.
+//! Reviews are cached under the SHA-256 of the token (never the token), authenticated ones for
+//! a minute, refused ones for a few seconds, de-duplicated while in flight and bounded in all
+//! ([`super::reviews`]); a pod deleted meanwhile still fails step 4 at once, as the pod index is
+//! consulted for every request. Tokens are never logged.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
-use kube::api::PostParams;
+use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 use kube::Api;
-use sha2::{Digest, Sha256};
 
 use super::metrics::CaMetrics;
 use super::pods::PodIndex;
+use super::reviews::{KubeReviewer, Reviews};
 use super::server::{Denied, SignAuthorizer};
 use crate::identity::{BoxFuture, Identity};
-
-/// How long an authenticated TokenReview is reused.
-pub const REVIEW_TTL: Duration = Duration::from_secs(60);
-/// Most cached reviews; beyond it the cache is emptied (each node holds one token at a time).
-const CACHE_MAX: usize = 20_000;
 
 pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -160,100 +155,34 @@ pub fn authorize(
     Ok(Grant { node })
 }
 
-/// Authenticated reviews by token hash, each with its expiry.
-#[derive(Default)]
-pub struct ReviewCache {
-    entries: HashMap<[u8; 32], (Instant, TokenReviewStatus)>,
-}
-
-pub fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-impl ReviewCache {
-    pub fn get(&mut self, key: &[u8; 32], now: Instant) -> Option<TokenReviewStatus> {
-        match self.entries.get(key) {
-            Some((until, s)) if *until > now => Some(s.clone()),
-            Some(_) => {
-                self.entries.remove(key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    /// Keeps `status` until `now + REVIEW_TTL` if it is authenticated; never a refusal.
-    pub fn put(&mut self, key: [u8; 32], status: &TokenReviewStatus, now: Instant) {
-        if status.authenticated != Some(true) {
-            return;
-        }
-        if self.entries.len() >= CACHE_MAX {
-            self.entries.retain(|_, (until, _)| *until > now);
-            if self.entries.len() >= CACHE_MAX {
-                self.entries.clear();
-            }
-        }
-        self.entries.insert(key, (now + REVIEW_TTL, status.clone()));
-    }
-}
-
-/// The authorizer: TokenReviews through `kube`, the decision against a watched pod index.
+/// The authorizer: TokenReviews ([`Reviews`]), the decision against a watched pod index.
 pub struct KubeAuthorizer {
-    reviews: Api<TokenReview>,
+    reviews: Reviews,
     cfg: KubeAuthzConfig,
     pods: Arc<RwLock<PodIndex>>,
-    cache: Mutex<ReviewCache>,
-    metrics: Arc<CaMetrics>,
 }
 
 impl KubeAuthorizer {
+    /// Reviews through the API server of `client`.
     pub fn new(
         client: kube::Client,
         cfg: KubeAuthzConfig,
         pods: Arc<RwLock<PodIndex>>,
         metrics: Arc<CaMetrics>,
     ) -> Self {
-        KubeAuthorizer {
-            reviews: Api::all(client),
-            cfg,
-            pods,
-            cache: Mutex::new(ReviewCache::default()),
-            metrics,
-        }
+        let reviewer = KubeReviewer {
+            api: Api::all(client),
+            audience: cfg.audience.clone(),
+        };
+        Self::with_reviews(Reviews::new(reviewer, metrics), cfg, pods)
     }
 
-    async fn review(&self, token: &str) -> Result<TokenReviewStatus, Denied> {
-        let key = token_hash(token);
-        if let Some(s) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key, Instant::now())
-        {
-            return Ok(s);
-        }
-        let req = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                audiences: Some(vec![self.cfg.audience.clone()]),
-            },
-            ..Default::default()
-        };
-        let status = match self.reviews.create(&PostParams::default(), &req).await {
-            Ok(r) => r.status.unwrap_or_default(),
-            Err(e) => {
-                self.metrics.token_review("error");
-                return Err(Denied::Unavailable(format!("TokenReview failed: {e}")));
-            }
-        };
-        let ok = status.authenticated == Some(true);
-        self.metrics
-            .token_review(if ok { "authenticated" } else { "rejected" });
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(key, &status, Instant::now());
-        Ok(status)
+    pub fn with_reviews(
+        reviews: Reviews,
+        cfg: KubeAuthzConfig,
+        pods: Arc<RwLock<PodIndex>>,
+    ) -> Self {
+        KubeAuthorizer { reviews, cfg, pods }
     }
 }
 
@@ -267,7 +196,7 @@ impl SignAuthorizer for KubeAuthorizer {
             let token = token
                 .filter(|t| !t.is_empty())
                 .ok_or_else(|| Denied::unauthenticated("no_token", "missing bearer token"))?;
-            let status = self.review(token).await?;
+            let status = self.reviews.review(token, Instant::now()).await?;
             let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
             let grant = authorize(&status, &pods, identity, &self.cfg)?;
             tracing::info!(%identity, node = %grant.node, "CA: authorized");
@@ -498,20 +427,5 @@ mod tests {
                 (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
             }
         }
-    }
-
-    #[test]
-    fn cache_keeps_only_authenticated_reviews_for_a_while() {
-        let mut c = ReviewCache::default();
-        let t0 = Instant::now();
-        let good = review(true, &["ztunnel-ca"], DAEMON, &[NODE]);
-        let bad = review(false, &[], "", &[]);
-        c.put(token_hash("good"), &good, t0);
-        c.put(token_hash("bad"), &bad, t0);
-        assert_eq!(c.get(&token_hash("good"), t0), Some(good));
-        assert_eq!(c.get(&token_hash("bad"), t0), None);
-        assert_eq!(c.get(&token_hash("other"), t0), None);
-        assert_eq!(c.get(&token_hash("good"), t0 + REVIEW_TTL), None);
-        assert!(c.entries.is_empty());
     }
 }

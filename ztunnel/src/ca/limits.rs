@@ -7,8 +7,15 @@
 //! flood of TokenReviews; a legitimate daemon, which keeps one connection and asks for a
 //! certificate per local identity at start-up and at each renewal, must never notice. Hence:
 //!
-//! - connections (from accept until closed): per source address and in all ([`crate::gate`]);
-//!   over either the connection is reset before TLS (`connection_limit`);
+//! - connections (from accept until closed): per source address and in all ([`crate::gate`]).
+//!   Over the per-address cap the connection is reset before TLS (`connection_limit`). When
+//!   every place is held, the gate evicts ([`WhenFull::EvictLargest`]): a newcomer whose
+//!   address, even with it, would hold fewer connections than the address holding the most
+//!   takes the place of that address's oldest connection, which is closed at once, whatever
+//!   it was doing (`connection_evicted`); otherwise the newcomer is reset before TLS
+//!   (`connection_limit`). So addresses that fill every place with silent or mute
+//!   connections keep out nobody from elsewhere, only churn among themselves, and it is
+//!   eviction, not the handshake deadline, that lets the newcomer in;
 //! - time to become a client: the TLS handshake and the HTTP/2 client preface must both be
 //!   done within [`CaLimits::handshake_timeout`] of the accept, or the connection is closed
 //!   (`tls_timeout`, `preface_timeout`);
@@ -24,6 +31,14 @@
 //!   all; over either, `429` (`too_many_requests`);
 //! - requests started per source address (counted once their body is in): a burst, then one
 //!   per refill period (GCRA, `governor`); over it, `429` (`rate_limited`).
+//!
+//! Whom eviction can reach: only an address holding more places than the newcomer's would
+//! with it (so at least two), and of it the oldest connection. An address holding a
+//! single connection is never evicted: a daemon keeps one connection to the CA, so an idle
+//! but authenticated daemon connection, however old, outlives any flood that is not from its
+//! own address. What can lose its connection is an address holding many, such as a flooder,
+//! or several daemons behind one SNAT address (raise the per-address caps for those, so they
+//! are not the largest holder).
 //!
 //! So a peer that never finishes its handshake, never sends its preface or never opens a
 //! stream holds a connection's place for a bounded time, and a request whose body never comes
@@ -82,6 +97,9 @@ impl Default for CaLimits {
     }
 }
 
+/// The refusal reason of a connection closed because its place went to a newcomer.
+pub const EVICTED: &str = "connection_evicted";
+
 /// Why a peer was turned away: the refusal counter's label and the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
@@ -124,7 +142,7 @@ impl Guard {
             connections: Gate::with(
                 "connections",
                 limits.connections,
-                WhenFull::Refuse,
+                WhenFull::EvictLargest,
                 connections_held,
             ),
             requests: Gate::new("requests in flight", limits.requests_in_flight),
@@ -136,7 +154,8 @@ impl Guard {
         &self.limits
     }
 
-    /// A new connection from `peer`; the permit is held until it closes.
+    /// A new connection from `peer`, perhaps in place of another's (which is told through its
+    /// [`Permit::evicted`] and must then close); the permit is held until it closes.
     pub fn admit_connection(&self, peer: IpAddr) -> Result<Permit, Refused> {
         self.connections
             .try_admit(peer)
@@ -195,18 +214,32 @@ mod tests {
     }
 
     #[test]
-    fn connections_are_capped_per_peer_and_in_all() {
+    fn connections_are_capped_per_peer_and_shared_in_all() {
+        use futures::FutureExt;
         let g = Guard::new(small(), None);
-        let a1 = g.admit_connection(ip("10.0.0.1")).unwrap();
-        let _a2 = g.admit_connection(ip("10.0.0.1")).unwrap();
+        let mut a1 = g.admit_connection(ip("10.0.0.1")).unwrap();
+        let mut a2 = g.admit_connection(ip("10.0.0.1")).unwrap();
         let e = g.admit_connection(ip("10.0.0.1")).unwrap_err();
         assert_eq!(e.reason(), "connection_limit");
         assert_eq!(e.to_string(), "too many connections from this peer (2)");
-        let _b = g.admit_connection(ip("10.0.0.2")).unwrap();
-        let e = g.admit_connection(ip("10.0.0.3")).unwrap_err();
+        let mut b = g.admit_connection(ip("10.0.0.2")).unwrap();
+        // Full: a newcomer from elsewhere takes the place of the largest holder's oldest.
+        let _c = g.admit_connection(ip("10.0.0.3")).unwrap();
+        assert!(a1.evicted().now_or_never().is_some(), "the oldest evicted");
+        assert!(a2.evicted().now_or_never().is_none());
+        // One each: nobody holds more than a newcomer would, so it is refused, and an address
+        // holding a single connection is never evicted.
+        let e = g.admit_connection(ip("10.0.0.4")).unwrap_err();
+        assert_eq!(e.reason(), "connection_limit");
         assert_eq!(e.to_string(), "too many connections in all (3)");
+        assert!(b.evicted().now_or_never().is_none());
         drop(a1);
-        g.admit_connection(ip("10.0.0.3"))
+        assert!(
+            g.admit_connection(ip("10.0.0.4")).is_err(),
+            "an evicted connection frees nothing more"
+        );
+        drop(a2);
+        g.admit_connection(ip("10.0.0.4"))
             .expect("a closed connection frees its place");
     }
 

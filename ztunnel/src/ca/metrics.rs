@@ -3,9 +3,10 @@
 //! | metric | labels | what |
 //! |---|---|---|
 //! | `ztunnel_ca_signed_total` | | certificates signed |
-//! | `ztunnel_ca_refusals_total` | `reason` | requests and connections refused, by reason (`audience`, `not_daemon`, `no_pod_on_node`, `rate_limited`, `connection_limit`, `tls_handshake`, `tls_timeout`, `preface_timeout`, `body_timeout`, …) |
+//! | `ztunnel_ca_refusals_total` | `reason` | requests and connections refused, by reason (`audience`, `not_daemon`, `no_pod_on_node`, `rate_limited`, `connection_limit`, `connection_evicted`, `tls_handshake`, `tls_timeout`, `preface_timeout`, `body_timeout`, `token_reviews_busy`, …) |
 //! | `ztunnel_ca_connections` | | connections open (each holds a place of `--max-connections`) |
-//! | `ztunnel_ca_token_reviews_total` | `result` | TokenReviews sent (`authenticated`, `rejected`, `error`); cache hits are not sent |
+//! | `ztunnel_ca_token_reviews_total` | `result` | TokenReviews sent (`authenticated`, `rejected`, `error`) |
+//! | `ztunnel_ca_token_reviews_saved_total` | `result` | TokenReviews not sent: answered from the cache (`cached_authenticated`, `cached_rejected`) or by the review of a concurrent request with the same token (`joined`) |
 //! | `ztunnel_ca_material_reloads_total` | `result` | signing-material updates (`applied`, `refused`) |
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -30,6 +31,7 @@ pub struct CaMetrics {
     signed: Counter,
     refusals: Family<ReasonLabels, Counter>,
     token_reviews: Family<ResultLabels, Counter>,
+    token_reviews_saved: Family<ResultLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     connections: Gauge,
 }
@@ -42,6 +44,7 @@ impl Default for CaMetrics {
             signed: Counter::default(),
             refusals: Family::default(),
             token_reviews: Family::default(),
+            token_reviews_saved: Family::default(),
             reloads: Family::default(),
             connections: Gauge::default(),
         };
@@ -55,6 +58,11 @@ impl Default for CaMetrics {
             "ztunnel_ca_token_reviews",
             "TokenReviews sent to the API server, by result",
             m.token_reviews.clone(),
+        );
+        registry.register(
+            "ztunnel_ca_token_reviews_saved",
+            "TokenReviews not sent: answered from the cache or by a concurrent review, by how",
+            m.token_reviews_saved.clone(),
         );
         registry.register(
             "ztunnel_ca_material_reloads",
@@ -81,6 +89,23 @@ impl CaMetrics {
         self.token_reviews
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+    pub fn token_review_saved(&self, result: &'static str) {
+        self.token_reviews_saved
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+    /// TokenReviews sent so far with `result` (tests and tools).
+    pub fn token_reviews(&self, result: &'static str) -> u64 {
+        self.token_reviews
+            .get_or_create(&ResultLabels { result })
+            .get()
+    }
+    /// TokenReviews saved so far as `result` (tests and tools).
+    pub fn token_reviews_saved(&self, result: &'static str) -> u64 {
+        self.token_reviews_saved
+            .get_or_create(&ResultLabels { result })
+            .get()
     }
     pub fn reload(&self, applied: bool) {
         let result = if applied { "applied" } else { "refused" };

@@ -1,7 +1,8 @@
 //! The certificate authority: signing material from a plugged-in CA directory or a Secret
 //! ([`LocalCa`], also used in-process by a daemon; [`secret`]), the `ztunnel ca` server
-//! ([`server`]), who may have which identity (a static token list or Kubernetes: [`kube`]),
-//! and the daemon's client of it ([`CaClient`]). The API is in `ztunnel_proto::ca`.
+//! ([`server`]), who may have which identity (a static token list or Kubernetes: [`kube`], whose
+//! TokenReviews are cached, shared and bounded: [`reviews`]), and the daemon's client of it
+//! ([`CaClient`]). The API is in `ztunnel_proto::ca`.
 //!
 //! [`run`] starts, in order: the signing material (Secret: read or created, then watched), the
 //! authorizer (Kubernetes: the pod index is listed completely before the first request is
@@ -13,6 +14,7 @@ pub mod limits;
 mod local;
 pub mod metrics;
 pub mod pods;
+pub mod reviews;
 pub mod secret;
 pub mod server;
 

@@ -1,10 +1,13 @@
 //! Signing material from a Kubernetes Secret in the plugged-in CA layout (keys `ca-cert.pem`,
 //! `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`), read through the API.
 //!
-//! - At start ([`load_or_create`]): the Secret is read; if it does not exist, a fresh
-//!   self-signed root is created in it (another replica creating it first is a `409`, after
-//!   which its Secret is read). A Secret that exists but is incomplete or invalid is an error,
-//!   never overwritten.
+//! - At start ([`load_or_create`]): the Secret is read ([`read`]); if it does not exist, a fresh
+//!   self-signed root is created in it (a create, which the API server accepts only while no
+//!   Secret of that name exists: another replica creating it first is a `409`, after which
+//!   its Secret is read and its material used, so replicas starting together serve one root:
+//!   [`create_or_adopt`]).
+//!   A Secret that exists, complete or not, is never written: incomplete or invalid, it is an
+//!   error.
 //! - Then ([`SecretWatch::start`]) the Secret is watched: a valid new content replaces the signer
 //!   (rotation: `root-cert.pem` may hold several roots, all served in `roots_pem`; a new
 //!   `ca-cert.pem`/`ca-key.pem` signs from then on); an invalid one is refused, logged and
@@ -88,11 +91,32 @@ pub async fn load_or_create(
     name: &str,
     trust_domain: &str,
 ) -> Result<CaMaterial, Error> {
-    let what = || format!("Secret {name}");
-    if let Some(s) = api.get_opt(name).await.map_err(kube_err(what()))? {
-        return material_of(&s).map_err(|e| Error::Invalid(format!("{}: {e}", what())));
+    if let Some(m) = read(api, name).await? {
+        return Ok(m);
     }
-    let fresh = CaMaterial::generate(trust_domain)?;
+    create_or_adopt(api, name, CaMaterial::generate(trust_domain)?).await
+}
+
+/// The material of Secret `name`, if it exists.
+pub async fn read(api: &Api<Secret>, name: &str) -> Result<Option<CaMaterial>, Error> {
+    let what = || format!("Secret {name}");
+    match api.get_opt(name).await.map_err(kube_err(what()))? {
+        Some(s) => material_of(&s)
+            .map(Some)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", what()))),
+        None => Ok(None),
+    }
+}
+
+/// Creates Secret `name` holding `fresh`, and returns `fresh`; if a Secret of that name exists
+/// (`409`: another replica created it first), returns its material instead and drops
+/// `fresh`. An existing Secret is never written.
+pub async fn create_or_adopt(
+    api: &Api<Secret>,
+    name: &str,
+    fresh: CaMaterial,
+) -> Result<CaMaterial, Error> {
+    let what = || format!("Secret {name}");
     match api
         .create(&PostParams::default(), &secret_of(name, &fresh))
         .await
@@ -106,6 +130,10 @@ pub async fn load_or_create(
         }
         Err(e) if is_conflict(&e) => {
             let s = api.get(name).await.map_err(kube_err(what()))?;
+            tracing::info!(
+                secret = name,
+                "CA: another replica created the Secret first; using its root"
+            );
             material_of(&s).map_err(|e| Error::Invalid(format!("{}: {e}", what())))
         }
         Err(e) => Err(kube_err(format!("creating {}", what()))(e)),

@@ -7,6 +7,8 @@
 //! and is answered within it again; a connection with no stream for the idle timeout is closed
 //! (GOAWAY); bodies are capped; connections, streams, requests in flight (from a complete body
 //! until answered) and the request rate of each source address are capped ([`super::limits`]);
+//! a connection whose place the connection gate gives to a newcomer (every place held, its
+//! address holding the most) is closed at once, whatever its stage;
 //! every refusal is logged with its reason (never the token; throttled unless it is a `403` to
 //! an authenticated caller) and counted in `ztunnel_ca_refusals_total{reason}`; `GET /metrics`
 //! on the same port serves the counters.
@@ -32,7 +34,7 @@ use ztunnel_proto::ca::{ErrorBody, SignRequest, MAX_BODY, SIGN_PATH};
 
 use tokio::sync::watch;
 
-use super::limits::{CaLimits, Guard};
+use super::limits::{CaLimits, Guard, EVICTED};
 use super::metrics::CaMetrics;
 use super::{Error, LocalCa};
 use crate::hbone::server::Idle;
@@ -60,6 +62,13 @@ pub enum Denied {
     /// 500: the decision could not be made (e.g. the API server did not answer).
     #[error("{0}")]
     Unavailable(String),
+    /// 503: the decision was not attempted, for want of capacity (e.g. too many TokenReviews
+    /// in flight); the caller may try again shortly.
+    #[error("{detail}")]
+    Busy {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 impl Denied {
@@ -80,11 +89,14 @@ impl Denied {
             Denied::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Denied::Forbidden { .. } => StatusCode::FORBIDDEN,
             Denied::Unavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Denied::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
     pub fn reason(&self) -> &'static str {
         match self {
-            Denied::Unauthenticated { reason, .. } | Denied::Forbidden { reason, .. } => reason,
+            Denied::Unauthenticated { reason, .. }
+            | Denied::Forbidden { reason, .. }
+            | Denied::Busy { reason, .. } => reason,
             Denied::Unavailable(_) => "unavailable",
         }
     }
@@ -243,39 +255,62 @@ pub async fn serve(
         // One deadline from the accept for the TLS handshake and the HTTP/2 preface.
         let deadline = Instant::now() + guard.limits().handshake_timeout;
         tokio::spawn(async move {
-            let _connection = connection;
-            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                Ok(Ok(t)) => t,
-                // A connection closed before any TLS byte is a TCP probe (readiness): quiet.
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return tracing::debug!(%peer, error = %e, "CA: connection closed before TLS")
+            let mut connection = connection;
+            tokio::select! {
+                () = connect(tcp, peer, deadline, acceptor, ca, auth, metrics.clone(), guard) => {}
+                // Dropping the connection's future closes it, whatever stage it is at.
+                () = connection.evicted() => {
+                    metrics.refused(EVICTED);
+                    crate::warn_throttled!(%peer, "CA: connection closed: its place went to a peer from an address holding fewer");
                 }
-                Ok(Err(e)) => {
-                    metrics.refused("tls_handshake");
-                    return crate::warn_throttled!(%peer, error = %e, "CA: TLS handshake failed");
-                }
-                Err(_) => {
-                    metrics.refused("tls_timeout");
-                    return crate::warn_throttled!(%peer, "CA: TLS handshake timed out");
-                }
-            };
-            let handshake = h2::server::Builder::new()
-                .max_concurrent_streams(guard.limits().streams_per_connection)
-                .handshake(tls);
-            let conn = match tokio::time::timeout_at(deadline, handshake).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    metrics.refused("http2_error");
-                    return crate::warn_throttled!(%peer, error = %e, "CA: HTTP/2 handshake failed");
-                }
-                Err(_) => {
-                    metrics.refused("preface_timeout");
-                    return crate::warn_throttled!(%peer, "CA: no HTTP/2 preface in time");
-                }
-            };
-            serve_connection(conn, peer, ca, auth, metrics, guard).await;
+            }
         });
     }
+}
+
+/// Makes one accepted connection a client (TLS, then the HTTP/2 preface, both by `deadline`)
+/// and serves it.
+#[allow(clippy::too_many_arguments)]
+async fn connect(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    acceptor: TlsAcceptor,
+    ca: watch::Receiver<Arc<LocalCa>>,
+    auth: Arc<dyn SignAuthorizer>,
+    metrics: Arc<CaMetrics>,
+    guard: Arc<Guard>,
+) {
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        // A connection closed before any TLS byte is a TCP probe (readiness): quiet.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return tracing::debug!(%peer, error = %e, "CA: connection closed before TLS")
+        }
+        Ok(Err(e)) => {
+            metrics.refused("tls_handshake");
+            return crate::warn_throttled!(%peer, error = %e, "CA: TLS handshake failed");
+        }
+        Err(_) => {
+            metrics.refused("tls_timeout");
+            return crate::warn_throttled!(%peer, "CA: TLS handshake timed out");
+        }
+    };
+    let handshake = h2::server::Builder::new()
+        .max_concurrent_streams(guard.limits().streams_per_connection)
+        .handshake(tls);
+    let conn = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            metrics.refused("http2_error");
+            return crate::warn_throttled!(%peer, error = %e, "CA: HTTP/2 handshake failed");
+        }
+        Err(_) => {
+            metrics.refused("preface_timeout");
+            return crate::warn_throttled!(%peer, "CA: no HTTP/2 preface in time");
+        }
+    };
+    serve_connection(conn, peer, ca, auth, metrics, guard).await;
 }
 
 /// Answers the requests of one connection, each in its own task, until the peer goes away or

@@ -1,5 +1,7 @@
 //! The CA server's limits, end to end over real TLS and HTTP/2 on loopback: silent connections
-//! from one address capped, requests over the rate and over the in-flight cap answered `429`,
+//! from one address capped; every place held by mute connections from a few addresses, yet a
+//! newcomer from elsewhere served by eviction while a daemon's single idle connection is
+//! kept; requests over the rate and over the in-flight cap answered `429`,
 //! each counted, while other addresses are served; connections that never become clients
 //! (no TLS, no HTTP/2 preface) closed at the deadline, idle ones closed and the client dialling
 //! again, requests whose body never comes holding no place in flight; and the client trying a
@@ -303,9 +305,8 @@ async fn connections_that_never_become_clients_are_closed_at_the_deadline() {
         mute.push(tls_from("127.0.0.3", &ca).await);
     }
     assert_eq!(ca.metrics.connections(), 8);
-    // Meanwhile a legitimate client is shut out.
-    let err = client(&ca).sign(request()).await.unwrap_err();
-    assert!(matches!(err, SignError::Transport(_)), "{err}");
+    // Both addresses hold as many: another connection from either is refused, not evicted.
+    assert!(silent_from("127.0.0.3", ca.addr).await.is_none());
     assert_eq!(ca.metrics.refusals("connection_limit"), 1);
     // At the deadline they are closed and counted, and the places are free again.
     eventually("the silent connections closed", || {
@@ -459,4 +460,88 @@ async fn a_request_refused_unanswered_on_the_kept_connection_is_tried_on_a_new_o
         200
     );
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// An HTTP/2 connection from `src`, idle once it has been answered `GET /metrics` (no token
+/// needed), as a daemon keeps its connection between renewals.
+async fn daemon_connection_from(src: &str, ca: &Ca) -> h2::client::SendRequest<Bytes> {
+    let tls = tls_from(src, ca).await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    assert_eq!(metrics_on(send.clone()).await, Some(StatusCode::OK));
+    send
+}
+
+/// `GET /metrics` on a kept connection: its status, or `None` if the connection is gone.
+async fn metrics_on(send: h2::client::SendRequest<Bytes>) -> Option<StatusCode> {
+    let mut send = send.ready().await.ok()?;
+    let req = Request::get("https://localhost/metrics").body(()).unwrap();
+    let (resp, _) = send.send_request(req, true).ok()?;
+    Some(resp.await.ok()?.status())
+}
+
+/// Whether the CA has closed `s` (session tickets read past), within 5 s.
+async fn closed_by_the_ca(s: &mut TlsStream<TcpStream>) -> bool {
+    let mut b = [0u8; 64];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn mute_connections_holding_every_place_keep_out_neither_newcomers_nor_a_daemon() {
+    // A deadline far beyond the test: only eviction can admit anyone.
+    let ca = start(
+        CaLimits {
+            connections: Limits {
+                total: 13,
+                per_peer: 4,
+            },
+            handshake_timeout: Duration::from_secs(3600),
+            ..limits(4, 64, 256)
+        },
+        static_auth(),
+    )
+    .await;
+    // A daemon's connection, established, answered once, then idle.
+    let daemon = daemon_connection_from("127.0.0.5", &ca).await;
+    // Every other place: connections from three addresses that complete TLS and never send
+    // the HTTP/2 preface.
+    let mut mute = Vec::new();
+    for src in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        for _ in 0..4 {
+            mute.push(tls_from(src, &ca).await);
+        }
+    }
+    assert_eq!(ca.metrics.connections(), 13);
+    // A legitimate client from a new address gets its certificate: its connection takes the
+    // place of the oldest connection of an address holding the most.
+    let legit = client(&ca);
+    legit
+        .sign(request())
+        .await
+        .expect("signed during the flood");
+    assert_eq!(ca.metrics.refusals(EVICTED), 1);
+    assert!(
+        closed_by_the_ca(&mut mute[0]).await,
+        "the oldest mute connection closed"
+    );
+    // More newcomers, each from an address of its own, each in place of a mute connection.
+    let mut newcomers = Vec::new();
+    for src in ["127.0.0.6", "127.0.0.7", "127.0.0.8", "127.0.0.9"] {
+        newcomers.push(tls_from(src, &ca).await);
+    }
+    assert_eq!(ca.metrics.refusals(EVICTED), 5);
+    assert_eq!(ca.metrics.refusals("connection_limit"), 0);
+    assert_eq!(ca.metrics.connections(), 13);
+    // The daemon's single connection, the oldest of all, was never the one to go.
+    assert_eq!(metrics_on(daemon).await, Some(StatusCode::OK));
+    assert_eq!(ca.metrics.refusals("preface_timeout"), 0);
+    drop(legit);
 }

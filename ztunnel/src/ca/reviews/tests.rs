@@ -1,0 +1,209 @@
+//! The reviews' cache, de-duplication and bound, with a reviewer that answers by token and
+//! holds each review until the test lets it go: no API server, time passed in.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::future::join_all;
+
+use super::*;
+
+/// Answers `good` authenticated, `error` with an error, anything else refused; each review
+/// waits for a place of `gate` (the test adds places to let reviews finish).
+struct Fake {
+    gate: Semaphore,
+    calls: AtomicUsize,
+    active: AtomicUsize,
+    max_active: AtomicUsize,
+}
+
+impl Default for Fake {
+    fn default() -> Self {
+        Fake {
+            gate: Semaphore::new(0),
+            calls: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            max_active: AtomicUsize::new(0),
+        }
+    }
+}
+
+fn status(authenticated: bool) -> TokenReviewStatus {
+    TokenReviewStatus {
+        authenticated: Some(authenticated),
+        ..Default::default()
+    }
+}
+
+fn reviewer(fake: &Arc<Fake>) -> impl Reviewer {
+    let fake = fake.clone();
+    move |token: String| -> BoxFuture<'static, Result<TokenReviewStatus, String>> {
+        let fake = fake.clone();
+        Box::pin(async move {
+            fake.calls.fetch_add(1, Ordering::SeqCst);
+            let now = fake.active.fetch_add(1, Ordering::SeqCst) + 1;
+            fake.max_active.fetch_max(now, Ordering::SeqCst);
+            fake.gate.acquire().await.unwrap().forget();
+            fake.active.fetch_sub(1, Ordering::SeqCst);
+            match token.as_str() {
+                "good" => Ok(status(true)),
+                "error" => Err("the API server is down".into()),
+                _ => Ok(status(false)),
+            }
+        })
+    }
+}
+
+/// Lets `n` reviews finish.
+fn release(fake: &Fake, n: usize) {
+    fake.gate.add_permits(n);
+}
+
+fn reviews(fake: &Arc<Fake>, bound: usize, wait: Duration) -> (Reviews, Arc<CaMetrics>) {
+    let metrics = Arc::new(CaMetrics::default());
+    (
+        Reviews::with_bound(reviewer(fake), metrics.clone(), bound, wait),
+        metrics,
+    )
+}
+
+/// Yields until `done`: the other futures of this task, or other tasks, make progress.
+async fn until(done: impl Fn() -> bool) {
+    while !done() {
+        tokio::task::yield_now().await;
+    }
+}
+
+const LONG: Duration = Duration::from_secs(3600);
+
+#[test]
+fn the_cache_keeps_authenticated_reviews_a_minute_and_refused_ones_a_few_seconds() {
+    let mut c = ReviewCache::default();
+    let t0 = Instant::now();
+    c.put(token_hash("good"), &status(true), t0);
+    c.put(token_hash("bad"), &status(false), t0);
+    assert_eq!(c.get(&token_hash("good"), t0), Some(status(true)));
+    assert_eq!(c.get(&token_hash("bad"), t0), Some(status(false)));
+    assert_eq!(c.get(&token_hash("other"), t0), None);
+    let later = t0 + NEGATIVE_TTL;
+    assert_eq!(c.get(&token_hash("bad"), later), None);
+    assert_eq!(c.get(&token_hash("good"), later), Some(status(true)));
+    assert_eq!(c.get(&token_hash("good"), t0 + REVIEW_TTL), None);
+    assert!(c.is_empty());
+}
+
+#[tokio::test]
+async fn a_hundred_requests_with_one_bad_token_send_one_review_until_it_expires() {
+    let fake = Arc::new(Fake::default());
+    let (r, metrics) = reviews(&fake, 4, LONG);
+    let t0 = Instant::now();
+    let (answers, ()) = tokio::join!(
+        join_all((0..100).map(|_| r.review("bad-token", t0))),
+        async {
+            // Every request is waiting on the one review before it is answered.
+            until(|| metrics.token_reviews_saved("joined") == 99).await;
+            release(&fake, 1);
+        }
+    );
+    for a in answers {
+        assert_eq!(a, Ok(status(false)));
+    }
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(metrics.token_reviews("rejected"), 1);
+    // Kept for a few seconds: no review.
+    release(&fake, 10);
+    let soon = t0 + NEGATIVE_TTL - Duration::from_millis(1);
+    assert_eq!(r.review("bad-token", soon).await, Ok(status(false)));
+    assert_eq!(metrics.token_reviews_saved("cached_rejected"), 1);
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    // Then it is asked about again.
+    assert_eq!(
+        r.review("bad-token", t0 + NEGATIVE_TTL).await,
+        Ok(status(false))
+    );
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    // An authenticated review is kept for longer.
+    assert_eq!(r.review("good", t0).await, Ok(status(true)));
+    assert_eq!(
+        r.review("good", t0 + REVIEW_TTL - Duration::from_millis(1))
+            .await,
+        Ok(status(true))
+    );
+    assert_eq!(metrics.token_reviews_saved("cached_authenticated"), 1);
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(metrics.token_reviews("authenticated"), 1);
+}
+
+#[tokio::test]
+async fn errors_are_shared_by_concurrent_requests_but_never_kept() {
+    let fake = Arc::new(Fake::default());
+    let (r, metrics) = reviews(&fake, 4, LONG);
+    let t0 = Instant::now();
+    let (answers, ()) = tokio::join!(join_all((0..10).map(|_| r.review("error", t0))), async {
+        until(|| metrics.token_reviews_saved("joined") == 9).await;
+        release(&fake, 1);
+    });
+    for a in answers {
+        let d = a.unwrap_err();
+        assert_eq!((d.status().as_u16(), d.reason()), (500, "unavailable"));
+    }
+    assert_eq!(r.cached(), 0);
+    // The next request asks again.
+    release(&fake, 1);
+    assert!(r.review("error", t0).await.is_err());
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(metrics.token_reviews("error"), 2);
+}
+
+#[tokio::test]
+async fn reviews_in_flight_are_bounded_and_those_over_wait_then_get_503() {
+    let fake = Arc::new(Fake::default());
+    let (r, metrics) = reviews(&fake, 2, LONG);
+    let t0 = Instant::now();
+    // Three distinct tokens: two reviews are sent, the third waits for a place.
+    let tokens = ["a", "b", "c"];
+    let (answers, ()) = tokio::join!(join_all(tokens.map(|t| r.review(t, t0))), async {
+        until(|| fake.calls.load(Ordering::SeqCst) == 2).await;
+        // However long the others are held, the third is not sent until one is done.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+        release(&fake, 1);
+        until(|| fake.calls.load(Ordering::SeqCst) == 3).await;
+        release(&fake, 2);
+    });
+    assert!(answers.iter().all(|a| a == &Ok(status(false))));
+    assert_eq!(fake.max_active.load(Ordering::SeqCst), 2);
+
+    // With a short wait, a review finding no place is answered 503 and not kept.
+    let fake = Arc::new(Fake::default());
+    let (r, metrics2) = reviews(&fake, 1, Duration::from_millis(20));
+    let (held, busy) = tokio::join!(r.review("a", t0), async {
+        until(|| fake.calls.load(Ordering::SeqCst) == 1).await;
+        let busy = r.review("b", t0).await;
+        release(&fake, 1);
+        busy
+    });
+    assert_eq!(held, Ok(status(false)));
+    let d = busy.unwrap_err();
+    assert_eq!((d.status().as_u16(), d.reason()), (503, BUSY));
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    release(&fake, 1);
+    assert_eq!(r.review("b", t0).await, Ok(status(false)));
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(metrics.token_reviews("rejected"), 3);
+    assert_eq!(metrics2.token_reviews("rejected"), 2);
+}
+
+#[tokio::test]
+async fn a_review_whose_requests_all_gave_up_is_resumed_not_sent_again() {
+    let fake = Arc::new(Fake::default());
+    let (r, _) = reviews(&fake, 4, LONG);
+    let t0 = Instant::now();
+    let gave_up = tokio::time::timeout(Duration::from_millis(20), r.review("good", t0)).await;
+    assert!(gave_up.is_err());
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    release(&fake, 1);
+    assert_eq!(r.review("good", t0).await, Ok(status(true)));
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+}
