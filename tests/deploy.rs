@@ -237,6 +237,27 @@ fn daemonset_agrees_with_the_daemon_configuration() {
     assert!(!cfg.metrics_addr.ip().is_loopback());
     assert!(cfg.admin_addr.ip().is_loopback());
 
+    // Resources: no CPU limit (throttling slows every pod on the node); a memory limit that
+    // leaves room, beyond the buffered-bytes budget the daemon is configured with, for tens of
+    // thousands of connections (about 15 KiB each, measured by `ztunnel-load`).
+    let resources = daemon.resources.as_ref().expect("resources");
+    let limits = resources.limits.clone().unwrap_or_default();
+    assert!(
+        !limits.contains_key("cpu"),
+        "a CPU limit throttles the data path"
+    );
+    let memory = limits.get("memory").expect("a memory limit").0.clone();
+    let mib: usize = memory
+        .strip_suffix("Gi")
+        .map(|g| g.parse::<usize>().unwrap() * 1024)
+        .or_else(|| memory.strip_suffix("Mi").map(|m| m.parse().unwrap()))
+        .unwrap_or_else(|| panic!("memory limit in Mi or Gi: {memory}"));
+    let budget_mib = cfg.tunnel.buffered_bytes >> 20;
+    assert!(
+        mib >= budget_mib + 20_000 * 15 / 1024 + 64,
+        "memory limit {mib} MiB: the budget ({budget_mib} MiB), 20 000 connections and the idle daemon must fit"
+    );
+
     // Mounts: the state directory at the host's own path (the plugin on the host uses it),
     // the host's /proc read-only, the runtime's netns directory with propagation.
     let (m, v, rest) = mount_for(spec, daemon, &cfg.state_dir);
