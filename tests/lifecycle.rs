@@ -3,8 +3,9 @@
 //! connections refused, never plaintext; kubelet-style probes still reach the application),
 //! a daemon restarted (pods created before it are served again), a new daemon beside the old
 //! one taking every new connection, and a rolling restart under a steady stream of new
-//! connections (none refused), with HTTP/2 and with QUIC tunnels; the admin port's one
-//! mutation refused without the node's token.
+//! connections (none refused), with HTTP/2 and with QUIC tunnels; a stream refused by a
+//! destination draining every pooled connection at once, tried again on a new connection; the
+//! admin port's one mutation refused without the node's token.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -582,4 +583,128 @@ fn the_admin_port_changes_nothing_without_the_nodes_token_and_probes_answer_both
     let (status, _) =
         daemon::http(&bed.nodes[0].ns, "GET", "127.0.0.1:15000", "/config_dump").unwrap();
     assert_eq!(status, 200);
+}
+
+/// A destination whose every pooled connection is going away at once (it drains: a GOAWAY on
+/// each, their open streams still served) refuses no new connection: the stream the first
+/// pooled connection refuses is tried again on a newly dialled one, not on the next pooled
+/// connection, which is going away too. Here `a`'s pool holds three connections (two streams
+/// each at most) to a hand-driven HBONE server on host `c`, each with one stream open and room
+/// for another; the server sends a GOAWAY on each, and a new client connection from `a` must
+/// get through.
+#[test]
+fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
+    use bytes::Bytes;
+    use ztunnel::ca::{issue, LocalCa};
+    use ztunnel::identity::Identity;
+    use ztunnel_e2e::mesh::{default_workloads, Mesh, NodeOptions, Wl, C_IP, TRUST_DOMAIN};
+
+    let mut workloads = default_workloads();
+    workloads.push(Wl {
+        name: "draining",
+        sa: "server".into(),
+        node: "node-c",
+        ip: C_IP,
+    });
+    let a = NodeOptions {
+        workloads,
+        extra_args: vec!["--pool-max-streams".into(), "2".into()],
+        ..Default::default()
+    };
+    let mesh = Mesh::start(a, NodeOptions::default()).expect("start the test bed");
+    let ca = LocalCa::load_or_create(&mesh.ca_dir, TRUST_DOMAIN).unwrap();
+    let id: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+    let tls = issue(&ca, &id, Duration::from_secs(3600))
+        .unwrap()
+        .server_config();
+    // Each accepted connection answers every CONNECT with 200 and echoes its stream; a
+    // message on `drain` makes every connection accepted so far send a GOAWAY and go on
+    // serving its open streams.
+    let (drain, _) = tokio::sync::broadcast::channel::<()>(1);
+    let dialled = Arc::new(AtomicUsize::new(0));
+    {
+        let (drain, dialled) = (drain.clone(), dialled.clone());
+        let l = mesh
+            .c
+            .block_on(async { tokio::net::TcpListener::bind((C_IP, 15008)).await.unwrap() });
+        mesh.c.spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                dialled.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, mut drain) = (acceptor.clone(), drain.subscribe());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut conn) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    let mut draining = false;
+                    loop {
+                        tokio::select! {
+                            r = conn.accept() => {
+                                let Some(Ok((req, mut respond))) = r else { return };
+                                let ok = http::Response::builder().status(200).body(()).unwrap();
+                                let Ok(mut send) = respond.send_response(ok, false) else { return };
+                                tokio::spawn(async move {
+                                    let mut body = req.into_body();
+                                    while let Some(Ok(d)) = body.data().await {
+                                        let _ = body.flow_control().release_capacity(d.len());
+                                        let _ = send.send_data(d, false);
+                                    }
+                                    let _ = send.send_data(Bytes::new(), true);
+                                });
+                            }
+                            _ = drain.recv(), if !draining => {
+                                draining = true;
+                                conn.graceful_shutdown();
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let echo = |msg: &'static [u8]| async move {
+        let s = TcpStream::connect((C_IP, 8080)).await?;
+        echo_on(s, msg).await
+    };
+    // Six client connections: three pooled connections of two streams each. One stream of
+    // each ends: each pooled connection has one open and room for one.
+    let mut held = mesh.a.block_on(async move {
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            held.push(echo(b"hold").await.expect("through the tunnel").0);
+        }
+        held
+    });
+    assert_eq!(
+        dialled.load(Ordering::SeqCst),
+        3,
+        "two streams per pooled connection"
+    );
+    for i in [4, 2, 0] {
+        drop(held.remove(i));
+    }
+    // The ended streams' places are free once `a` has seen them end; then the destination
+    // drains every connection at once (a GOAWAY each reaches `a` within moments).
+    std::thread::sleep(Duration::from_millis(300));
+    drain.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, got) = mesh
+        .a
+        .block_on(echo(b"after the drain"))
+        .expect("a new connection gets through while the destination drains");
+    assert_eq!(got, b"after the drain");
+    assert_eq!(
+        dialled.load(Ordering::SeqCst),
+        4,
+        "the refused stream went to a newly dialled connection"
+    );
+    let (_, got) = mesh
+        .a
+        .block_on(echo_on(held.pop().unwrap(), b"still served"))
+        .expect("an open stream of a draining connection is still served");
+    assert_eq!(got, b"still served");
 }

@@ -159,12 +159,17 @@ struct KeyState {
 }
 
 impl KeyState {
-    /// Takes a stream slot on an open connection with room, if any.
-    fn try_reserve(&self, max: usize) -> Option<Arc<Conn>> {
+    /// Takes a stream slot on an open connection with room, dialled after connection
+    /// `newer_than`, if any.
+    fn try_reserve(&self, max: usize, newer_than: u64) -> Option<Arc<Conn>> {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns
             .iter()
-            .find(|c| !c.closed.load(Ordering::Acquire) && c.streams.load(Ordering::Acquire) < max)
+            .find(|c| {
+                c.id > newer_than
+                    && !c.closed.load(Ordering::Acquire)
+                    && c.streams.load(Ordering::Acquire) < max
+            })
             .map(|c| {
                 c.streams.fetch_add(1, Ordering::AcqRel);
                 c.clone()
@@ -291,14 +296,17 @@ impl Pool {
         let ks = self.key_state(key);
         let max = self.inner.settings.max_streams;
         // A pooled connection may be going away (the peer drains, or died unnoticed); a
-        // stream it refused was never processed, so it is retried once on a fresh one.
+        // stream it refused was never processed, so it is retried once, on a connection dialled
+        // after the refusal: the key's other pooled connections are likely going away too
+        // (every connection to a draining peer gets its GOAWAY at once).
         let mut retried = false;
+        let mut newer_than = 0;
         loop {
-            let (conn, fresh) = match ks.try_reserve(max) {
+            let (conn, fresh) = match ks.try_reserve(max, newer_than) {
                 Some(c) => (c, false),
                 None => {
                     let _dialing = ks.dialing.lock().await;
-                    match ks.try_reserve(max) {
+                    match ks.try_reserve(max, newer_than) {
                         Some(c) => (c, false),
                         None => (self.dial(key, &ks, cert).await?, true),
                     }
@@ -342,6 +350,7 @@ impl Pool {
                     if !fresh && !retried && e.retryable() {
                         tracing::debug!(conn = conn.id, error = %e, "pooled connection refused the stream; retrying on a new one");
                         retried = true;
+                        newer_than = self.inner.next_id.load(Ordering::Relaxed) - 1;
                         continue;
                     }
                     return Err(e);
