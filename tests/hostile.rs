@@ -483,28 +483,10 @@ fn a_destination_that_never_answers_is_given_up_on_and_the_client_reset() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use ztunnel::ca::{issue, LocalCa};
-    use ztunnel::identity::Identity;
-    use ztunnel_e2e::mesh::{default_workloads, Wl, C_IP, TRUST_DOMAIN};
+    use ztunnel_e2e::mesh::C_IP;
 
-    let mut workloads = default_workloads();
-    workloads.push(Wl {
-        name: "silent",
-        sa: "server".into(),
-        node: "node-c",
-        ip: C_IP,
-    });
-    let a = NodeOptions {
-        workloads,
-        extra_args: vec!["--connect-timeout".into(), "1s".into()],
-        ..Default::default()
-    };
-    let mesh = Mesh::start(a, NodeOptions::default()).expect("start the test bed");
-    let ca = LocalCa::load_or_create(&mesh.ca_dir, TRUST_DOMAIN).unwrap();
-    let id: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
-    let tls = issue(&ca, &id, Duration::from_secs(3600))
-        .unwrap()
-        .server_config();
+    let (mesh, tls) =
+        Mesh::with_destination_on_c("silent", vec!["--connect-timeout".into(), "1s".into()]);
     let dialled = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     {

@@ -595,28 +595,10 @@ fn the_admin_port_changes_nothing_without_the_nodes_token_and_probes_answer_both
 #[test]
 fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
     use bytes::Bytes;
-    use ztunnel::ca::{issue, LocalCa};
-    use ztunnel::identity::Identity;
-    use ztunnel_e2e::mesh::{default_workloads, Mesh, NodeOptions, Wl, C_IP, TRUST_DOMAIN};
+    use ztunnel_e2e::mesh::{Mesh, C_IP};
 
-    let mut workloads = default_workloads();
-    workloads.push(Wl {
-        name: "draining",
-        sa: "server".into(),
-        node: "node-c",
-        ip: C_IP,
-    });
-    let a = NodeOptions {
-        workloads,
-        extra_args: vec!["--pool-max-streams".into(), "2".into()],
-        ..Default::default()
-    };
-    let mesh = Mesh::start(a, NodeOptions::default()).expect("start the test bed");
-    let ca = LocalCa::load_or_create(&mesh.ca_dir, TRUST_DOMAIN).unwrap();
-    let id: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
-    let tls = issue(&ca, &id, Duration::from_secs(3600))
-        .unwrap()
-        .server_config();
+    let (mesh, tls) =
+        Mesh::with_destination_on_c("draining", vec!["--pool-max-streams".into(), "2".into()]);
     // Each accepted connection answers every CONNECT with 200 and echoes its stream; a
     // message on `drain` makes every connection accepted so far send a GOAWAY and go on
     // serving its open streams.

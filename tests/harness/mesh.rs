@@ -284,6 +284,36 @@ impl Mesh {
         }
     }
 
+    /// A bed whose host `c` is also a destination driven by the test itself: discovery (on
+    /// `a`, started with `a_args`) knows workload `name` on `node-c` at [`C_IP`], of
+    /// ServiceAccount `demo/server`. Returns the bed and a TLS server configuration with that
+    /// workload's certificate, for the test's own HBONE server on `C_IP:15008`.
+    pub fn with_destination_on_c(
+        name: &'static str,
+        a_args: Vec<String>,
+    ) -> (Mesh, std::sync::Arc<rustls::ServerConfig>) {
+        use ztunnel::identity::Identity;
+        let mut workloads = default_workloads();
+        workloads.push(Wl {
+            name,
+            sa: "server".into(),
+            node: "node-c",
+            ip: C_IP,
+        });
+        let a = NodeOptions {
+            workloads,
+            extra_args: a_args,
+            ..Default::default()
+        };
+        let mesh = Mesh::start(a, NodeOptions::default()).expect("start the test bed");
+        let ca = ztunnel::ca::LocalCa::load_or_create(&mesh.ca_dir, TRUST_DOMAIN).unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+        let tls = ztunnel::ca::issue(&ca, &id, Duration::from_secs(3600))
+            .unwrap()
+            .server_config();
+        (mesh, tls)
+    }
+
     /// A TLS client configuration for a tunnel from outside the nodes: a certificate of the
     /// mesh CA for `…/ns/demo/sa/client`, expecting the server workload's identity.
     pub fn client_tls(&self) -> std::sync::Arc<rustls::ClientConfig> {
