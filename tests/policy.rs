@@ -2,7 +2,8 @@
 //! traffic: denials by principal, namespace, port and ipBlock (the source's daemon gets 401,
 //! the application never sees a connection, the access log names the policy); ALLOW
 //! semantics; STRICT vs PERMISSIVE for a plaintext client; a new DENY closing an established
-//! connection; `ztunnel ctl`. Istio's finer semantics (`when`, DISABLE, `portLevelMtls`) are
+//! connection; two pods of one node, of two identities, each with its own tunnel connection to
+//! one destination and judged by its own identity; `ztunnel ctl`. Istio's finer semantics (`when`, DISABLE, `portLevelMtls`) are
 //! in `policy_istio.rs`.
 
 #[path = "policy/bed.rs"]
@@ -295,4 +296,72 @@ fn ctl_shows_the_daemon_and_explains_decisions_without_traffic() {
     );
     let _ = stop_tx.send(());
     b.bed.pod("client").ns.join(held);
+}
+
+/// Two enrolled pods of one node, of two identities, reach the same destination: each has its
+/// own tunnel connection, and the destination judges each by its own identity. With an ALLOW
+/// for `client` only, `echo` is refused while `client` holds a connection open to the same
+/// destination (so a pooled connection carrying `client`'s identity exists and has room): if
+/// `echo`'s stream rode it, it would be allowed as `client`.
+#[test]
+fn two_pods_never_share_a_tunnel_and_each_is_judged_by_its_own_identity() {
+    let b = Bed::start();
+    b.bed
+        .apply_policies(json!([authz(
+            "only-client",
+            "ALLOW",
+            json!([{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]}])
+        )]))
+        .unwrap();
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let held = b.bed.pod("client").ns.spawn(async move {
+        let mut s = TcpStream::connect(("10.20.2.10", 8080)).await?;
+        s.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await?;
+        // Held open while the other pod tries.
+        let _ = up_tx.send(());
+        let _ = go_rx.await;
+        s.write_all(b"pong").await?;
+        s.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    });
+    up_rx.blocking_recv().expect("client's connection is up");
+    let before = b.accepted();
+    b.check("echo", "server", 8080, false, "echo is not allowed");
+    assert_eq!(b.accepted(), before, "the application never saw echo");
+    let pool = b.bed.connections(0)["pool"].clone();
+    let srcs: Vec<&str> = pool
+        .as_array()
+        .expect("the pool is a list")
+        .iter()
+        .filter(|c| c["addr"] == "10.20.2.10:15008")
+        .map(|c| c["src"].as_str().expect("src"))
+        .collect();
+    let mut distinct = srcs.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct,
+        [
+            "spiffe://cluster.local/ns/demo/sa/client",
+            "spiffe://cluster.local/ns/demo/sa/echo"
+        ],
+        "one tunnel connection per source identity: {pool}"
+    );
+    go_tx.send(()).unwrap();
+    let done = b.bed.pod("client").ns.join(held);
+    assert_eq!(&done.expect("client's connection still works")[..], b"pong");
+    let log = b.bed.log(1);
+    let denied = log
+        .lines()
+        .filter(|l| l.contains("denied by policy") && l.contains("sa/echo"))
+        .count();
+    assert!(denied >= 1, "the destination judged echo as echo: {log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("denied by policy") && l.contains("sa/client")),
+        "client was never denied"
+    );
 }
