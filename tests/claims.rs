@@ -1,0 +1,135 @@
+//! The README's claims, read by the tests: every refusal reason of the daemon's table
+//! (`ztunnel_refusals_total{reason}`) is named by at least one test, which checks that
+//! refusal's effect and counter. A test names a reason by its quoted label in `tests/` or in a
+//! unit-test module of the daemon (the code after a `#[cfg(test)]` line). Reasons not yet
+//! covered are listed in [`UNTESTED`]; the list may only shrink: a reason in it that a test
+//! now names fails this test too, so that it is taken off.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Reasons of the README's table that no test names yet.
+const UNTESTED: &[&str] = &[
+    "enrollment_failed",
+    "enrollment_other_mesh",
+    "enrollment_try_again",
+    "inbound_no_certificate",
+    "inbound_peer_identity",
+    "inbound_plaintext_app_unreachable",
+    "inbound_plaintext_no_original_dst",
+    "inbound_plaintext_recursion",
+    "inbound_plaintext_unknown_destination",
+    "inbound_quic_error",
+    "inbound_unknown_destination",
+    "missing_authority",
+    "outbound_no_certificate",
+    "outbound_no_original_dst",
+    "outbound_no_route",
+    "outbound_unknown_source",
+    "policy_revoked",
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The reasons in the first column of the README's refusal table (the one after the sentence
+/// naming `ztunnel_refusals_total{reason}`); a name ending in `*` is expanded to the reasons
+/// the daemon's code counts with that prefix.
+fn readme_reasons() -> BTreeSet<String> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme
+        .find("Every refusal is counted in `ztunnel_refusals_total{reason}`")
+        .expect("the README's refusal sentence");
+    let table = readme[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with("| reason |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect::<Vec<_>>();
+    assert!(table.len() > 10, "the README's refusal table: {table:?}");
+    let mut src = Vec::new();
+    rust_files(&root().join("ztunnel/src"), &mut src);
+    let code: String = src
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let mut reasons = BTreeSet::new();
+    for row in table {
+        let first = row.split('|').nth(1).unwrap_or_default();
+        for name in first.split('`').skip(1).step_by(2) {
+            match name.strip_suffix('*') {
+                Some(prefix) => {
+                    let found: Vec<String> = code
+                        .split('"')
+                        .skip(1)
+                        .step_by(2)
+                        .filter(|s| {
+                            s.starts_with(prefix)
+                                && s.len() > prefix.len()
+                                && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        })
+                        .map(str::to_owned)
+                        .collect();
+                    assert!(!found.is_empty(), "no reason in the code matches {name}");
+                    reasons.extend(found);
+                }
+                None => {
+                    reasons.insert(name.to_owned());
+                }
+            }
+        }
+    }
+    reasons
+}
+
+/// The text of every test: all of `tests/`, and the daemon's unit-test modules.
+fn test_text() -> String {
+    let mut files = Vec::new();
+    rust_files(&root().join("tests"), &mut files);
+    let mut text: String = files
+        .iter()
+        .filter(|p| !p.ends_with("claims.rs"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let mut src = Vec::new();
+    rust_files(&root().join("ztunnel/src"), &mut src);
+    for p in src {
+        let s = std::fs::read_to_string(&p).unwrap();
+        if p.file_name().is_some_and(|n| n == "tests.rs") {
+            text.push_str(&s);
+        } else if let Some(at) = s.find("#[cfg(test)]") {
+            text.push_str(&s[at..]);
+        }
+    }
+    text
+}
+
+#[test]
+fn every_refusal_reason_of_the_readme_is_named_by_a_test() {
+    let reasons = readme_reasons();
+    let tests = test_text();
+    let named = |r: &str| tests.contains(&format!("\"{r}\""));
+    let missing: Vec<&String> = reasons
+        .iter()
+        .filter(|r| !named(r) && !UNTESTED.contains(&r.as_str()))
+        .collect();
+    let now_tested: Vec<&&str> = UNTESTED.iter().filter(|r| named(r)).collect();
+    let unknown: Vec<&&str> = UNTESTED.iter().filter(|r| !reasons.contains(**r)).collect();
+    assert!(
+        missing.is_empty() && now_tested.is_empty() && unknown.is_empty(),
+        "reasons no test names: {missing:?}; tested now, take them off UNTESTED: {now_tested:?}; \
+         in UNTESTED but not in the README: {unknown:?}"
+    );
+}
