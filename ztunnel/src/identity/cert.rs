@@ -215,3 +215,69 @@ impl WorkloadCert {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    use super::leaf_identity;
+
+    /// A self-signed certificate with these subject alternative names.
+    fn cert_with(sans: Vec<SanType>) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn the_identity_is_the_one_spiffe_uri_san_and_anything_else_is_refused() {
+        let alice = "spiffe://cluster.local/ns/demo/sa/alice";
+        let cases: Vec<(&str, Vec<SanType>, Result<&str, &str>)> = vec![
+            ("one SPIFFE URI", vec![uri(alice)], Ok(alice)),
+            (
+                "beside a DNS name",
+                vec![
+                    SanType::DnsName("alice.demo".try_into().unwrap()),
+                    uri(alice),
+                ],
+                Ok(alice),
+            ),
+            ("no SAN at all", vec![], Err("no subject alternative name")),
+            (
+                "a DNS name only",
+                vec![SanType::DnsName("alice.demo".try_into().unwrap())],
+                Err("no URI SAN"),
+            ),
+            (
+                "two URIs, even both SPIFFE",
+                vec![uri(alice), uri("spiffe://cluster.local/ns/demo/sa/bob")],
+                Err("2 URI SANs, expected one"),
+            ),
+            (
+                "a URI that is not SPIFFE",
+                vec![uri("https://alice.demo/")],
+                Err(""),
+            ),
+            (
+                "a SPIFFE URI that is not a ServiceAccount's",
+                vec![uri("spiffe://cluster.local/alice")],
+                Err(""),
+            ),
+        ];
+        for (what, sans, want) in cases {
+            let der = cert_with(sans);
+            let (_, x) = X509Certificate::from_der(&der).unwrap();
+            match (leaf_identity(&x), want) {
+                (Ok(id), Ok(want)) => assert_eq!(id.to_string(), want, "{what}"),
+                (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{what}: {e}"),
+                (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}
