@@ -26,7 +26,6 @@ const UNTESTED: &[&str] = &[
     "outbound_no_original_dst",
     "outbound_no_route",
     "outbound_unknown_source",
-    "policy_revoked",
 ];
 
 fn root() -> PathBuf {
