@@ -20,7 +20,6 @@ const UNTESTED: &[&str] = &[
     "inbound_plaintext_recursion",
     "inbound_plaintext_unknown_destination",
     "inbound_quic_error",
-    "inbound_unknown_destination",
     "missing_authority",
     "outbound_no_certificate",
     "outbound_no_original_dst",

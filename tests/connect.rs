@@ -3,7 +3,8 @@
 //! local address is 400, a request that is not a CONNECT is 400, and a CONNECT carrying
 //! `:scheme`/`:path` is reset with PROTOCOL_ERROR (RFC 9113 §8.5; h2 does not surface it as a
 //! request, so no 400 can be sent). The application sees none of these. A `forwarded` header
-//! is recorded in the access log beside the tunnel peer's own address, never in its place.
+//! is recorded in the access log beside the tunnel peer's own address, never in its place. A
+//! tunnel connection to an address of no local workload is reset before TLS.
 
 use std::time::Duration;
 
@@ -178,4 +179,37 @@ fn the_access_log_keeps_the_tunnel_peer_address_beside_a_forwarded_claim() {
         src.starts_with("10.77.0.3:"),
         "src_addr is the tunnel peer's own address, not the claim: {l}"
     );
+}
+
+/// A tunnel connection to an address of the node that is no local workload's (here the
+/// node's loopback) is reset before any TLS, with the certificate of no workload ever shown,
+/// counted and logged.
+#[test]
+fn a_tunnel_to_an_address_of_no_local_workload_is_reset_before_tls() {
+    let mesh = Mesh::default_pair();
+    let cfg = mesh.client_tls();
+    let outcome = mesh.b.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect("127.0.0.1:15008")
+            .await
+            .expect("the tunnel port listens on every address");
+        tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .map(|_| ())
+    });
+    assert!(outcome.is_err(), "a TLS handshake completed");
+    let labels = [("reason", "inbound_unknown_destination")];
+    let m = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
+    assert_eq!(metric(&m, "ztunnel_refusals_total", &labels), 1.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "ztunnel_refusals_total",
+            &[("reason", "inbound_tls_handshake")]
+        ),
+        0.0,
+        "refused before TLS: {m}"
+    );
+    let log = mesh.b_daemon.log();
+    assert!(log.contains("address of no local workload"), "{log}");
 }
