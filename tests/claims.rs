@@ -24,7 +24,6 @@ const UNTESTED: &[&str] = &[
     "outbound_no_certificate",
     "outbound_no_original_dst",
     "outbound_no_route",
-    "outbound_unknown_source",
 ];
 
 fn root() -> PathBuf {

@@ -4,12 +4,14 @@
 //! `:scheme`/`:path` is reset with PROTOCOL_ERROR (RFC 9113 §8.5; h2 does not surface it as a
 //! request, so no 400 can be sent). The application sees none of these. A `forwarded` header
 //! is recorded in the access log beside the tunnel peer's own address, never in its place. A
-//! tunnel connection to an address of no local workload is reset before TLS.
+//! tunnel connection to an address of no local workload is reset before TLS; a captured
+//! connection from an address of no workload is reset by the source's daemon.
 
 use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztunnel::hbone::client;
 use ztunnel::net::ConnectOptions;
 use ztunnel_e2e::apps;
@@ -212,4 +214,39 @@ fn a_tunnel_to_an_address_of_no_local_workload_is_reset_before_tls() {
     );
     let log = mesh.b_daemon.log();
     assert!(log.contains("address of no local workload"), "{log}");
+}
+
+/// A captured connection whose source address is no local workload's (host `a` given a second
+/// address that discovery does not know) is reset at once by the source's daemon, counted and
+/// logged: it is never tunnelled under some workload's identity, nor sent in plaintext.
+#[test]
+fn a_captured_connection_from_an_address_of_no_workload_is_reset() {
+    let mesh = Mesh::default_pair();
+    mesh.a
+        .ip(&["addr", "add", "10.77.0.99/24", "dev", "eth0"])
+        .expect("a second address");
+    let accepted = mesh.b.spawn(async {
+        let l = apps::listen(8080).await;
+        tokio::time::timeout(Duration::from_secs(3), l.accept())
+            .await
+            .is_ok()
+    });
+    let outcome = mesh.a.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("10.77.0.99:0".parse().unwrap()).unwrap();
+        let mut s = sock
+            .connect(format!("{B_IP}:8080").parse().unwrap())
+            .await?;
+        s.write_all(b"hello").await?;
+        let mut buf = [0u8; 16];
+        s.read(&mut buf).await
+    });
+    assert!(
+        matches!(outcome, Ok(0) | Err(_)),
+        "closed or reset, nothing answered: {outcome:?}"
+    );
+    assert!(!mesh.b.join(accepted), "the application saw the connection");
+    let labels = [("reason", "outbound_unknown_source")];
+    let m = Mesh::metrics_when(&mesh.a, "ztunnel_refusals_total", &labels, 1.0);
+    assert_eq!(metric(&m, "ztunnel_refusals_total", &labels), 1.0, "{m}");
 }
