@@ -297,7 +297,11 @@ items:
         let input = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: \"x\\r\\nkind: Secret\\u2028a: b\"}\n";
         let out = convert(input, "istio-system", "ztunnel-system").unwrap();
         assert!(docs(&out).is_empty(), "{out}");
-        assert_eq!(out.lines().count(), 2, "the separator and one comment: {out}");
+        assert_eq!(
+            out.lines().count(),
+            2,
+            "the separator and one comment: {out}"
+        );
         assert!(
             out.contains(r"x\u{d}\u{a}kind: Secret\u{2028}a: b"),
             "{out}"
