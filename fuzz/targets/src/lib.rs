@@ -30,9 +30,12 @@ use ztunnel_proto::enroll::{self, ErrorKind, FrameError, Reply, Request as Enrol
 use ztunnel_proto::hbone::RESERVED_PORTS;
 use ztunnel_proto::quic::{self as wire, RequestHeader};
 
+/// A target's function: the whole input, in one call.
+pub type Target = fn(&[u8]);
+
 /// Every target: its name (the directory of its corpus and the file of its cargo-fuzz
 /// target) and its function.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("hbone_connect", hbone_connect),
     ("quic_header", quic_header),
     ("enroll_frame", enroll_frame),
