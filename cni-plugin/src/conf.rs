@@ -276,6 +276,11 @@ pub fn decode_object(stdin: &str) -> Result<BTreeMap<String, Box<RawValue>>, Cni
     if !stdin.trim_start().starts_with('{') {
         return Err(CniError::Decode("stdin is not a JSON object".into()));
     }
+    // Splitting into raw fields does not check inside them: serde_json skips a string's
+    // escapes without checking that a `\u` surrogate is paired. A full parse checks every
+    // byte, so that what ADD hands on verbatim (`prevResult`) is JSON.
+    serde_json::from_str::<serde_json::Value>(stdin)
+        .map_err(|e| CniError::Decode(e.to_string()))?;
     serde_json::from_str(stdin).map_err(|e| CniError::Decode(e.to_string()))
 }
 
@@ -400,6 +405,19 @@ mod tests {
 
     fn code<T>(r: Result<T, CniError>) -> Option<u32> {
         r.err().map(|e| e.code())
+    }
+
+    #[test]
+    fn stdin_is_json_throughout() {
+        let lone = r#"{"cniVersion":"1.0.0","prevResult":{"ips":[],"x":"\udaef"}}"#;
+        assert_eq!(code(decode_object(lone)), Some(6));
+        assert_eq!(code(parse_conf(Command::Add, lone)), Some(6));
+        let paired = r#"{"cniVersion":"1.0.0","prevResult":{"ips":[],"x":"\ud83d\ude00"}}"#;
+        let conf = parse_conf(Command::Add, paired).unwrap();
+        assert_eq!(
+            conf.prev_result.unwrap().raw.get(),
+            r#"{"ips":[],"x":"\ud83d\ude00"}"#
+        );
     }
 
     #[test]

@@ -3,18 +3,12 @@
 //! gathers the `CNI_*` environment and stdin, calls [`plugin::run`], prints the result or the
 //! error object on stdout (nothing else goes there), logs on stderr, and sets the exit status.
 //! With `install` or `uninstall` as its first argument it is the node installer instead
-//! ([`install::main`]).
-
-mod conf;
-mod daemon;
-mod error;
-mod install;
-mod netns;
-mod plugin;
-mod snapshot;
+//! ([`install::main`]). Everything else is in the library (`src/lib.rs`).
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
+
+use ztunnel_cni::{conf, daemon, install, netns, plugin};
 
 fn main() -> ExitCode {
     // Runtimes invoke the plugin with no arguments; the DaemonSet runs the installer modes.

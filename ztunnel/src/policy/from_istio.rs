@@ -88,10 +88,25 @@ fn str_of<'a>(v: &'a Value, path: &[&str]) -> &'a str {
     cur.as_str().unwrap_or("")
 }
 
+/// The notes as YAML comments, one line each. A note quotes names from the input, so every
+/// character YAML could read as a line break (or any other control character) is escaped
+/// (`\u{a}`): nothing in a note can end its comment and become part of the output's YAML.
 fn comment(notes: &[String]) -> String {
     notes
         .iter()
-        .map(|n| format!("# ztunnel ctl convert: {n}\n"))
+        .map(|n| {
+            let line: String = n
+                .chars()
+                .map(|c| {
+                    if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                        c.escape_unicode().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect();
+            format!("# ztunnel ctl convert: {line}\n")
+        })
         .collect()
 }
 
@@ -116,10 +131,14 @@ fn one(mut o: Value, istio_root: &str, root: &str) -> Result<String, FromIstioEr
             "left out {what} ({api}): only security.istio.io AuthorizationPolicy and PeerAuthentication are converted"
         )]));
     }
-    let mut notes = vec![format!("apiVersion {api} → {API_VERSION}")];
+    // `str_of` reads through a YAML tag (`!x {apiVersion: …}`); such an object is no plain
+    // mapping, and is not one Kubernetes would read as written.
     let Value::Mapping(m) = &mut o else {
-        unreachable!("an object with an apiVersion is a mapping")
+        return Ok(comment(&[format!(
+            "left out {what} ({api}): a tagged YAML value, not a plain mapping"
+        )]));
     };
+    let mut notes = vec![format!("apiVersion {api} → {API_VERSION}")];
     m.insert("apiVersion".into(), API_VERSION.into());
     if m.remove("status").is_some() {
         notes.push("status removed (the daemons write their own condition)".into());
@@ -271,5 +290,33 @@ items:
         assert!(out.contains("left out ConfigMap x (v1)"), "{out}");
         assert!(convert("a: [b", "istio-system", "ztunnel-system").is_err());
         assert_eq!(convert("", "istio-system", "ztunnel-system").unwrap(), "");
+    }
+
+    #[test]
+    fn names_cannot_break_out_of_a_comment() {
+        let input = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: \"x\\r\\nkind: Secret\\u2028a: b\"}\n";
+        let out = convert(input, "istio-system", "ztunnel-system").unwrap();
+        assert!(docs(&out).is_empty(), "{out}");
+        assert_eq!(
+            out.lines().count(),
+            2,
+            "the separator and one comment: {out}"
+        );
+        assert!(
+            out.contains(r"x\u{d}\u{a}kind: Secret\u{2028}a: b"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_tagged_object_is_left_out() {
+        let out = convert(
+            "!x {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: p, namespace: a}}",
+            "istio-system",
+            "ztunnel-system",
+        )
+        .unwrap();
+        assert!(docs(&out).is_empty(), "{out}");
+        assert!(out.contains("left out AuthorizationPolicy a/p"), "{out}");
     }
 }
