@@ -135,7 +135,7 @@ async fn outbound(
     target: SocketAddr,
 ) {
     // As in the daemon: what waits for the client is counted in a node-wide budget.
-    let budget = Arc::new(BufferBudget::new(budget::DEFAULT_LIMIT, None));
+    let budget = Arc::new(BufferBudget::new(budget::DEFAULT_LIMIT, Default::default()));
     loop {
         let Ok((tcp, peer)) = l.accept().await else {
             return;

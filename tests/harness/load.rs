@@ -318,7 +318,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// One churn connection: `rounds` request/response exchanges of 1 KiB, or one bulk exchange
 /// of `bulk` bytes each way; every byte compared.
-async fn churn_once(seed: u64, bulk: Option<usize>) -> (Outcome, u64, Option<String>) {
+async fn churn_once(seed: u64, bulk: Option<usize>) -> (Outcome, Option<String>) {
     let mut came_back = 0usize;
     let run = async {
         let s = TcpStream::connect(SERVER).await?;
@@ -374,7 +374,7 @@ async fn churn_once(seed: u64, bulk: Option<usize>) -> (Outcome, u64, Option<Str
         Ok::<_, std::io::Error>((want, sent))
     };
     match tokio::time::timeout(ATTEMPT_TIMEOUT, run).await {
-        Ok(Ok((want, got))) if want == got => (Outcome::Completed, want.len() as u64, None),
+        Ok(Ok((want, got))) if want == got => (Outcome::Completed, None),
         Ok(Ok((want, got))) => {
             let why = if got.len() == want.len() {
                 "different bytes came back".to_owned()
@@ -386,7 +386,6 @@ async fn churn_once(seed: u64, bulk: Option<usize>) -> (Outcome, u64, Option<Str
                     } else {
                         Outcome::Broken
                     },
-                    0,
                     Some(format!(
                         "closed after {} of {} bytes",
                         got.len(),
@@ -396,11 +395,11 @@ async fn churn_once(seed: u64, bulk: Option<usize>) -> (Outcome, u64, Option<Str
             } else {
                 format!("{} bytes came back for {}", got.len(), want.len())
             };
-            (Outcome::Corrupted, 0, Some(why))
+            (Outcome::Corrupted, Some(why))
         }
-        Ok(Err(e)) if came_back == 0 => (Outcome::Refused, 0, Some(e.to_string())),
-        Ok(Err(e)) => (Outcome::Broken, 0, Some(e.to_string())),
-        Err(_) => (Outcome::Broken, 0, Some("timed out".into())),
+        Ok(Err(e)) if came_back == 0 => (Outcome::Refused, Some(e.to_string())),
+        Ok(Err(e)) => (Outcome::Broken, Some(e.to_string())),
+        Err(_) => (Outcome::Broken, Some("timed out".into())),
     }
 }
 
@@ -508,7 +507,7 @@ fn churn(bed: &mut TestBed, plan: &Plan) -> Result<Vec<Attempt>> {
                     let bulk = i % 4 == 3;
                     let start = Phase::from_u8(phase.load(Ordering::SeqCst));
                     let seed = (w as u64) << 32 | i;
-                    let (outcome, _, error) = churn_once(seed, bulk.then_some(bulk_bytes)).await;
+                    let (outcome, error) = churn_once(seed, bulk.then_some(bulk_bytes)).await;
                     let end = Phase::from_u8(phase.load(Ordering::SeqCst));
                     attempts.lock().unwrap().push(Attempt {
                         outcome,

@@ -19,8 +19,6 @@
 //! not counted: the loop takes each chunk as it arrives, whether or not the application is
 //! reading ([`super::copy`]), up to a window's worth ([`QUEUE_MAX`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use prometheus_client::metrics::gauge::Gauge;
 
 /// What a stream may always hold, whatever the node holds.
@@ -47,35 +45,28 @@ pub fn admits(node: usize, mine: usize, n: usize, limit: usize) -> bool {
     mine + n <= FLOOR || node + n <= limit
 }
 
-/// The node's budget; one per daemon, shared by every copy loop.
+/// The node's budget; one per daemon, shared by every copy loop. What the node holds is kept
+/// in one gauge, which the daemon exports as is (`ztunnel_buffered_bytes`).
 #[derive(Debug)]
 pub struct BufferBudget {
     limit: usize,
-    held: AtomicUsize,
-    gauge: Option<Gauge>,
+    held: Gauge,
 }
 
 impl BufferBudget {
-    pub fn new(limit: usize, gauge: Option<Gauge>) -> Self {
-        BufferBudget {
-            limit,
-            held: AtomicUsize::new(0),
-            gauge,
-        }
+    /// A budget of `limit` bytes, counted in `held` (a fresh gauge when not exported).
+    pub fn new(limit: usize, held: Gauge) -> Self {
+        BufferBudget { limit, held }
     }
 
     /// A budget that never refuses (tools and benches that measure something else).
     pub fn unlimited() -> Self {
-        Self::new(usize::MAX, None)
-    }
-
-    pub fn limit(&self) -> usize {
-        self.limit
+        Self::new(usize::MAX, Gauge::default())
     }
 
     /// Bytes held on the node now.
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
+        self.held.get() as usize
     }
 
     /// What one stream holds, counted in the budget until dropped.
@@ -83,20 +74,6 @@ impl BufferBudget {
         Holding {
             budget: self,
             mine: 0,
-        }
-    }
-
-    fn add(&self, n: usize) {
-        self.held.fetch_add(n, Ordering::Relaxed);
-        if let Some(g) = &self.gauge {
-            g.inc_by(n as i64);
-        }
-    }
-
-    fn sub(&self, n: usize) {
-        self.held.fetch_sub(n, Ordering::Relaxed);
-        if let Some(g) = &self.gauge {
-            g.dec_by(n as i64);
         }
     }
 }
@@ -118,7 +95,7 @@ impl Holding<'_> {
                 held: self.mine,
             });
         }
-        b.add(n);
+        b.held.inc_by(n as i64);
         self.mine += n;
         Ok(())
     }
@@ -126,7 +103,7 @@ impl Holding<'_> {
     /// `n` bytes were written on: no longer held.
     pub fn give(&mut self, n: usize) {
         let n = n.min(self.mine);
-        self.budget.sub(n);
+        self.budget.held.dec_by(n as i64);
         self.mine -= n;
     }
 
@@ -138,7 +115,7 @@ impl Holding<'_> {
 
 impl Drop for Holding<'_> {
     fn drop(&mut self) {
-        self.budget.sub(self.mine);
+        self.budget.held.dec_by(self.mine as i64);
     }
 }
 
@@ -168,7 +145,7 @@ mod tests {
     #[test]
     fn a_stream_over_the_floor_is_refused_once_the_node_is_full_and_gives_back_on_drop() {
         let gauge = Gauge::default();
-        let budget = BufferBudget::new(4 * FLOOR, Some(gauge.clone()));
+        let budget = BufferBudget::new(4 * FLOOR, gauge.clone());
         let mut big = budget.holding();
         big.take(3 * FLOOR).unwrap();
         let mut small = budget.holding();

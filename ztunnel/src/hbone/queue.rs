@@ -125,7 +125,7 @@ mod tests {
 
     #[test]
     fn a_chunk_over_the_budget_is_refused_and_not_queued() {
-        let budget = BufferBudget::new(super::super::budget::FLOOR, None);
+        let budget = BufferBudget::new(super::super::budget::FLOOR, Default::default());
         let mut q = Queue::new(&budget);
         q.push(Bytes::from(vec![0; super::super::budget::FLOOR]))
             .unwrap();

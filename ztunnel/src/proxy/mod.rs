@@ -190,7 +190,7 @@ impl ProxyInputs {
             peers: Peers::new(limits.peers),
             budget: Arc::new(BufferBudget::new(
                 limits.buffered_bytes,
-                Some(metrics.buffered_bytes.clone()),
+                metrics.buffered_bytes.clone(),
             )),
             round_robin: AtomicUsize::new(0),
             inflight: Arc::default(),

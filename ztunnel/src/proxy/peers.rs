@@ -146,10 +146,6 @@ impl Peers {
         })
     }
 
-    pub fn limits(&self) -> PeerLimits {
-        self.limits
-    }
-
     /// A connection from `addr` authenticated as `identity`, if its caps allow it.
     pub fn connect(self: &Arc<Self>, addr: IpAddr, identity: &Identity) -> Result<PeerConn, Over> {
         let key = Arc::new(Key {
