@@ -1,5 +1,6 @@
-//! The README's claims, read by the tests: every refusal reason of the daemon's table
-//! (`ztunnel_refusals_total{reason}`) is named by at least one test, which checks that
+//! The README's claims, read by the tests: the README's refusal table documents exactly the
+//! daemon's reasons ([`Reason`]), and every one of them (`ztunnel_refusals_total{reason}`) is
+//! named by at least one test, by its label or its variant, which checks that
 //! refusal's effect and counter. A test names a reason by its quoted label in `tests/` or in a
 //! unit-test module of the daemon (the code after a `#[cfg(test)]` line). Reasons not yet
 //! covered are listed in [`UNTESTED`]; the list may only shrink: a reason in it that a test
@@ -7,6 +8,8 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+
+use ztunnel::refusal::Reason;
 
 /// Reasons of the README's table that no test names yet.
 const UNTESTED: &[&str] = &[
@@ -42,9 +45,9 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// The reasons in the first column of the README's refusal table (the one after the sentence
-/// naming `ztunnel_refusals_total{reason}`); a name ending in `*` is expanded to the reasons
-/// the daemon's code counts with that prefix.
-fn readme_reasons() -> BTreeSet<String> {
+/// naming `ztunnel_refusals_total{reason}`); a name ending in `*` stands for every reason of the
+/// daemon's with that prefix.
+fn readme_reasons() -> BTreeSet<Reason> {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let start = readme
         .find("Every refusal is counted in `ztunnel_refusals_total{reason}`")
@@ -56,36 +59,27 @@ fn readme_reasons() -> BTreeSet<String> {
         .take_while(|l| l.starts_with('|'))
         .collect::<Vec<_>>();
     assert!(table.len() > 10, "the README's refusal table: {table:?}");
-    let mut src = Vec::new();
-    rust_files(&root().join("ztunnel/src"), &mut src);
-    let code: String = src
-        .iter()
-        .map(|p| std::fs::read_to_string(p).unwrap())
-        .collect();
     let mut reasons = BTreeSet::new();
     for row in table {
         let first = row.split('|').nth(1).unwrap_or_default();
         for name in first.split('`').skip(1).step_by(2) {
-            match name.strip_suffix('*') {
-                Some(prefix) => {
-                    let found: Vec<String> = code
-                        .split('"')
-                        .skip(1)
-                        .step_by(2)
-                        .filter(|s| {
-                            s.starts_with(prefix)
-                                && s.len() > prefix.len()
-                                && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                        })
-                        .map(str::to_owned)
-                        .collect();
-                    assert!(!found.is_empty(), "no reason in the code matches {name}");
-                    reasons.extend(found);
-                }
-                None => {
-                    reasons.insert(name.to_owned());
-                }
-            }
+            let found: Vec<Reason> = match name.strip_suffix('*') {
+                Some(prefix) => Reason::ALL
+                    .iter()
+                    .copied()
+                    .filter(|r| r.label().starts_with(prefix))
+                    .collect(),
+                None => Reason::ALL
+                    .iter()
+                    .copied()
+                    .filter(|r| r.label() == name)
+                    .collect(),
+            };
+            assert!(
+                !found.is_empty(),
+                "the README names {name}, the daemon has no such reason"
+            );
+            reasons.extend(found);
         }
     }
     reasons
@@ -113,17 +107,39 @@ fn test_text() -> String {
     text
 }
 
+/// The README's table and the daemon's reasons are the same set: a reason the daemon counts is
+/// documented, and the README promises none that the daemon lacks.
+#[test]
+fn the_readme_documents_every_refusal_reason_of_the_daemon() {
+    let documented = readme_reasons();
+    let undocumented: Vec<&str> = Reason::ALL
+        .iter()
+        .filter(|r| !documented.contains(r))
+        .map(|r| r.label())
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in the README's table: {undocumented:?}"
+    );
+}
+
 #[test]
 fn every_refusal_reason_of_the_readme_is_named_by_a_test() {
-    let reasons = readme_reasons();
+    let reasons: BTreeSet<&str> = readme_reasons().iter().map(|r| r.label()).collect();
     let tests = test_text();
-    let named = |r: &str| tests.contains(&format!("\"{r}\""));
-    let missing: Vec<&String> = reasons
+    let named = |r: &str| {
+        let variant = Reason::ALL
+            .iter()
+            .find(|x| x.label() == r)
+            .map(|x| format!("Reason::{x:?}"));
+        tests.contains(&format!("\"{r}\"")) || variant.is_some_and(|v| tests.contains(&v))
+    };
+    let missing: Vec<&&str> = reasons
         .iter()
-        .filter(|r| !named(r) && !UNTESTED.contains(&r.as_str()))
+        .filter(|r| !named(r) && !UNTESTED.contains(r))
         .collect();
     let now_tested: Vec<&&str> = UNTESTED.iter().filter(|r| named(r)).collect();
-    let unknown: Vec<&&str> = UNTESTED.iter().filter(|r| !reasons.contains(**r)).collect();
+    let unknown: Vec<&&str> = UNTESTED.iter().filter(|r| !reasons.contains(*r)).collect();
     assert!(
         missing.is_empty() && now_tested.is_empty() && unknown.is_empty(),
         "reasons no test names: {missing:?}; tested now, take them off UNTESTED: {now_tested:?}; \

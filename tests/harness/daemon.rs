@@ -241,25 +241,43 @@ pub fn access_lines(log: &str) -> Vec<serde_json::Value> {
 
 /// Reads one sample from an OpenMetrics text exposition (the daemon's `/metrics`): the value
 /// of the first series whose name is `name` and whose labels contain every `k="v"` in
-/// `labels`; 0 when that series is absent (a counter nothing has incremented yet is not
-/// exposed). Panics when `text` is not a whole exposition (no `# EOF` line: an empty scrape
-/// from a daemon that is down, an error page, a cut-off body), so that a dead daemon never
+/// `labels`. Panics when that series is absent (a renamed metric or label, a reason the daemon
+/// does not have: the daemon exports every series of a closed label set from the start, at
+/// zero), and when `text` is not a whole exposition (no `# EOF` line: an empty scrape from a
+/// daemon that is down, an error page, a cut-off body). So neither a rename nor a dead daemon
 /// reads as "nothing counted".
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    try_metric(text, name, labels).unwrap_or_else(|| {
-        let start: String = text.chars().take(300).collect();
-        panic!("reading {name}: not a whole metrics exposition (no `# EOF`): {start:?}")
-    })
+    sample(text, name, labels)
+        .unwrap_or_else(|| panic!("{name}{labels:?}: no such series in the exposition:\n{text}"))
 }
 
-/// Like [`metric`], `None` when `text` is not a whole exposition (for polling a daemon that
-/// may still be starting).
+/// Like [`metric`], 0 when the series is absent: for families whose labels are open (Istio's
+/// per-workload series, per-identity certificates), where a series appears when first counted.
+pub fn metric_or_zero(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(text, name, labels).unwrap_or(0.0)
+}
+
+/// Like [`metric`], `None` when `text` is not a whole exposition or the series is absent (for
+/// polling a daemon that may still be starting).
 pub fn try_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    if !text.lines().any(|l| l.trim_end() == "# EOF") {
-        return None;
+    whole(text).then(|| find(text, name, labels)).flatten()
+}
+
+fn whole(text: &str) -> bool {
+    text.lines().any(|l| l.trim_end() == "# EOF")
+}
+
+/// The series' value; panics when `text` is not a whole exposition.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    if !whole(text) {
+        let start: String = text.chars().take(300).collect();
+        panic!("reading {name}: not a whole metrics exposition (no `# EOF`): {start:?}")
     }
-    let value = text
-        .lines()
+    find(text, name, labels)
+}
+
+fn find(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
@@ -273,18 +291,17 @@ pub fn try_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64
                     .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
             .then(|| value.parse().ok())?
         })
-        .next();
-    Some(value.unwrap_or(0.0))
+        .next()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{metric, try_metric};
+    use super::{metric, metric_or_zero, try_metric};
 
     const SCRAPE: &str = "# HELP ztunnel_refusals Refusals.\n# TYPE ztunnel_refusals counter\nztunnel_refusals_total{reason=\"policy_denied\"} 3\n# TYPE ztunnel_enrolled_pods gauge\nztunnel_enrolled_pods 2\n# TYPE ztunnel_latency histogram\nztunnel_latency_bucket{le=\"1\"} 5\nztunnel_latency_count 7\n# EOF\n";
 
     #[test]
-    fn a_series_reads_its_value_or_zero_and_a_cut_or_empty_scrape_is_none() {
+    fn a_series_reads_its_value_and_an_absent_series_or_a_cut_scrape_is_none() {
         let reasons = |r| [("reason", r)];
         assert_eq!(
             try_metric(SCRAPE, "ztunnel_refusals_total", &reasons("policy_denied")),
@@ -292,16 +309,16 @@ mod tests {
         );
         assert_eq!(
             try_metric(SCRAPE, "ztunnel_refusals_total", &reasons("other")),
-            Some(0.0),
-            "nothing counted yet"
+            None,
+            "no such series"
+        );
+        assert_eq!(
+            metric_or_zero(SCRAPE, "ztunnel_refusals_total", &reasons("other")),
+            0.0
         );
         assert_eq!(try_metric(SCRAPE, "ztunnel_enrolled_pods", &[]), Some(2.0));
-        assert_eq!(try_metric(SCRAPE, "ztunnel_latency_count", &[]), Some(7.0));
-        assert_eq!(
-            try_metric("", "ztunnel_enrolled_pods", &[]),
-            None,
-            "empty scrape"
-        );
+        assert_eq!(metric(SCRAPE, "ztunnel_latency_count", &[]), 7.0);
+        assert_eq!(try_metric("", "ztunnel_enrolled_pods", &[]), None, "empty");
         let cut = &SCRAPE[..SCRAPE.find("# EOF").unwrap()];
         assert_eq!(
             try_metric(cut, "ztunnel_enrolled_pods", &[]),
@@ -313,6 +330,16 @@ mod tests {
     #[test]
     #[should_panic(expected = "not a whole metrics exposition")]
     fn a_dead_daemons_empty_scrape_never_reads_as_zero() {
-        metric("", "ztunnel_refusals_total", &[]);
+        metric_or_zero("", "ztunnel_refusals_total", &[]);
+    }
+
+    #[test]
+    #[should_panic(expected = "no such series")]
+    fn a_renamed_series_never_reads_as_zero() {
+        metric(
+            SCRAPE,
+            "ztunnel_refusals_total",
+            &[("reason", "policy_denid")],
+        );
     }
 }

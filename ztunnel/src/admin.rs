@@ -33,6 +33,7 @@ use crate::hbone::pool::Pool;
 use crate::identity::CertManager;
 use crate::metrics::Metrics;
 use crate::proxy::conns::ConnTable;
+use crate::refusal::Reason;
 
 /// What the admin endpoints show.
 pub struct AdminState {
@@ -150,8 +151,11 @@ async fn admin(s: Arc<AdminState>, req: Request<Incoming>) -> Result<Response<Bo
             "pool": s.pool.connections(),
         })),
         (&Method::POST, "/logging") | (&Method::PUT, "/logging") if !authorized(&req, &s.token) => {
-            s.metrics.refused("admin_unauthorized");
-            tracing::warn!("admin /logging refused: no valid token");
+            crate::refused!(
+                s.metrics,
+                Reason::AdminUnauthorized,
+                "admin /logging refused: no valid token"
+            );
             reply(
                 StatusCode::UNAUTHORIZED,
                 "text/plain",
@@ -267,8 +271,7 @@ pub async fn serve(
         let permit = match gate.try_admit(peer.ip()) {
             Ok(p) => p,
             Err(full) => {
-                state.metrics.refused("admin_connection_limit");
-                crate::warn_throttled!(%peer, ?endpoint, error = %full, "admin connection refused");
+                crate::refused!(state.metrics, Reason::AdminConnectionLimit, %peer, ?endpoint, error = %full, "admin connection refused");
                 crate::net::reset(tcp);
                 continue;
             }

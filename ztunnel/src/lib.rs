@@ -17,5 +17,6 @@ pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod refusal;
 pub mod residency;
 pub mod throttle;

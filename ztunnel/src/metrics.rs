@@ -9,10 +9,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::refusal::Reason;
+
+/// Every value of `ztunnel_proxied_connections_total{direction}`.
+pub const DIRECTIONS: &[&str] = &["outbound", "inbound", "inbound_plaintext", "passthrough"];
+
 /// Labels of a refusal counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 /// Labels of per-direction proxy counters.
@@ -132,8 +137,25 @@ pub struct Metrics {
 
 impl Metrics {
     /// Registers every metric in `registry` and returns the shared handles.
+    /// The families with a closed set of labels (refusals, directions, policy results) export
+    /// every series from the start, at zero.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Metrics::default();
+        for r in Reason::ALL {
+            drop(
+                m.refusals
+                    .get_or_create(&ReasonLabels { reason: r.label() }),
+            );
+        }
+        for &direction in DIRECTIONS {
+            drop(
+                m.proxied_connections
+                    .get_or_create(&DirectionLabels { direction }),
+            );
+        }
+        for result in ["allow", "deny"] {
+            drop(m.policy_decisions.get_or_create(&ResultLabels { result }));
+        }
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -257,11 +279,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a refusal.
-    pub fn refused(&self, reason: &str) {
+    /// Counts a refusal; [`crate::refused!`] also logs it.
+    pub fn refused(&self, reason: Reason) {
         self.refusals
             .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
+                reason: reason.label(),
             })
             .inc();
     }

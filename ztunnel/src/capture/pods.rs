@@ -25,6 +25,7 @@ use super::store::{PodRecord, Store};
 use crate::discovery::enrollment::NotEnrolled;
 use crate::discovery::{State, Workload};
 use crate::proxy::{self, Listeners, ProxyInputs, Scope};
+use crate::refusal::Reason;
 
 /// How long a release waits for the pod's connections to close before it removes the rules
 /// that carry them.
@@ -284,7 +285,7 @@ impl Pods {
     }
 
     /// Counts a refused enrollment request.
-    pub fn refused(&self, reason: &'static str) {
+    pub fn refused(&self, reason: Reason) {
         self.pi.metrics.refused(reason);
     }
 
@@ -361,13 +362,11 @@ impl Pods {
                 return Reply::NotEnrolled { reason };
             }
             Decision::OtherMesh(reason) => {
-                tracing::warn!(pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "not enrolled: refused");
-                self.pi.metrics.refused("enrollment_other_mesh");
+                crate::refused!(self.pi.metrics, Reason::EnrollmentOtherMesh, pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "not enrolled: refused");
                 return Reply::NotEnrolled { reason };
             }
             Decision::TryAgain(reason) => {
-                tracing::warn!(pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "cannot enroll yet");
-                self.pi.metrics.refused("enrollment_try_again");
+                crate::refused!(self.pi.metrics, Reason::EnrollmentTryAgain, pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "cannot enroll yet");
                 self.annotate(&add.pod, Status::Failed(reason.clone()));
                 return error(ErrorKind::TryAgain, reason);
             }
@@ -417,8 +416,7 @@ impl Pods {
                 Reply::Enrolled
             }
             Err(e) => {
-                tracing::warn!(pod = %format!("{}/{}", add.pod.namespace, add.pod.name), error = %e, "enrollment failed");
-                self.pi.metrics.refused("enrollment_failed");
+                crate::refused!(self.pi.metrics, Reason::EnrollmentFailed, pod = %format!("{}/{}", add.pod.namespace, add.pod.name), error = %e, "enrollment failed");
                 self.annotate(&add.pod, Status::Failed(e.to_string()));
                 error(ErrorKind::TryAgain, e)
             }

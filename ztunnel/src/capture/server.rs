@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use ztunnel_proto::enroll::{self, ErrorKind, FrameError, Reply, Request};
 
 use super::pods::Pods;
+use crate::refusal::Reason;
 
 /// How long a client may take to send its request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,29 +58,31 @@ async fn read_request(conn: &mut UnixStream) -> Result<Request, FrameError> {
 async fn one(mut conn: UnixStream, pods: Arc<Pods>) {
     let reply = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut conn)).await {
         Err(_) => {
-            tracing::warn!("enrollment client sent no request in time; dropped");
-            pods.refused("enrollment_timeout");
+            crate::refused!(
+                pods,
+                Reason::EnrollmentTimeout,
+                "enrollment client sent no request in time; dropped"
+            );
             return;
         }
         Ok(Err(FrameError::Version(v))) => {
-            tracing::warn!(
+            crate::refused!(
+                pods,
+                Reason::EnrollmentBadRequest,
                 version = v,
                 "enrollment request of an unsupported protocol version"
             );
-            pods.refused("enrollment_bad_request");
             Reply::Error {
                 kind: ErrorKind::Unsupported,
                 message: FrameError::Version(v).to_string(),
             }
         }
         Ok(Err(FrameError::Io(e))) => {
-            tracing::warn!(error = %e, "enrollment client went away mid-request");
-            pods.refused("enrollment_bad_request");
+            crate::refused!(pods, Reason::EnrollmentBadRequest, error = %e, "enrollment client went away mid-request");
             return;
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "malformed enrollment request");
-            pods.refused("enrollment_bad_request");
+            crate::refused!(pods, Reason::EnrollmentBadRequest, error = %e, "malformed enrollment request");
             Reply::Error {
                 kind: ErrorKind::Invalid,
                 message: e.to_string(),

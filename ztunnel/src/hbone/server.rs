@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use super::consts;
+use crate::refusal::Reason;
 
 /// A validated CONNECT.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,11 +38,11 @@ pub struct ConnectTarget {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refusal {
     pub status: StatusCode,
-    pub reason: &'static str,
+    pub reason: Reason,
 }
 
 impl Refusal {
-    const fn new(status: StatusCode, reason: &'static str) -> Self {
+    const fn new(status: StatusCode, reason: Reason) -> Self {
         Refusal { status, reason }
     }
 }
@@ -49,24 +50,37 @@ impl Refusal {
 /// Validates a request received on a tunnel connection whose local address is `local_ip`.
 pub fn validate<B>(req: &Request<B>, local_ip: IpAddr) -> Result<ConnectTarget, Refusal> {
     if req.method() != Method::CONNECT {
-        return Err(Refusal::new(StatusCode::BAD_REQUEST, "method_not_connect"));
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Reason::MethodNotConnect,
+        ));
     }
     let uri = req.uri();
     if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty()) {
-        return Err(Refusal::new(StatusCode::BAD_REQUEST, "connect_with_path"));
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Reason::ConnectWithPath,
+        ));
     }
-    let authority = uri
-        .authority()
-        .ok_or(Refusal::new(StatusCode::BAD_REQUEST, "missing_authority"))?;
+    let authority = uri.authority().ok_or(Refusal::new(
+        StatusCode::BAD_REQUEST,
+        Reason::MissingAuthority,
+    ))?;
     let target: SocketAddr = authority
         .as_str()
         .parse()
-        .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "bad_authority"))?;
+        .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, Reason::BadAuthority))?;
     if target.ip().to_canonical() != local_ip.to_canonical() {
-        return Err(Refusal::new(StatusCode::BAD_REQUEST, "authority_not_local"));
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Reason::AuthorityNotLocal,
+        ));
     }
     if consts::RESERVED_PORTS.contains(&target.port()) {
-        return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "recursion"));
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Reason::Recursion,
+        ));
     }
     let forwarded_for = req
         .headers()
@@ -293,7 +307,7 @@ mod tests {
         for (m, uri, want) in cases {
             let got = validate(&req(m.clone(), uri, None), local)
                 .map(|t| t.target.to_string())
-                .map_err(|r| (r.status.as_u16(), r.reason));
+                .map_err(|r| (r.status.as_u16(), r.reason.label()));
             let want = want.map(str::to_owned);
             assert_eq!(got, want, "{m} {uri}");
         }

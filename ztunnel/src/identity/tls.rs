@@ -408,14 +408,35 @@ mod tests {
         assert!(s.is_err());
     }
 
-    #[test]
-    fn bundle_with_two_roots_trusts_both() {
+    /// A trust bundle of two roots (a root rotation in progress): each side's leaf chains to a
+    /// different root, and both handshakes complete, each reading the other's identity.
+    #[tokio::test]
+    async fn bundle_with_two_roots_trusts_leaves_of_both() {
         let cas = cas();
-        let a = cas.main.root_pem();
-        let b = cas.untrusted.root_pem();
-        let store =
-            crate::identity::root_store(&crate::identity::parse_pem_certs(&[a, b]).unwrap())
-                .unwrap();
-        assert_eq!(store.len(), 2);
+        let both = Arc::new(
+            crate::identity::root_store(
+                &crate::identity::parse_pem_certs(&[cas.main.root_pem(), cas.untrusted.root_pem()])
+                    .unwrap(),
+            )
+            .unwrap(),
+        );
+        let mut old = issue(&cas.main, &id("spiffe://cluster.local/ns/a/sa/old"), DAY).unwrap();
+        let mut new = issue(
+            &cas.untrusted,
+            &id("spiffe://cluster.local/ns/b/sa/new"),
+            DAY,
+        )
+        .unwrap();
+        old.roots = both.clone();
+        new.roots = both;
+        for (client, server) in [(&old, &new), (&new, &old)] {
+            let (c, s) = handshake(
+                client.client_config(std::slice::from_ref(&server.identity)),
+                server,
+            )
+            .await;
+            c.unwrap_or_else(|e| panic!("{} to {}: {e}", client.identity, server.identity));
+            assert_eq!(s.unwrap(), client.identity);
+        }
     }
 }

@@ -18,6 +18,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::hbone::copy::ByteCounters;
+use crate::refusal::Reason;
 
 /// Which proxy carried a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -338,7 +339,7 @@ impl Tracked {
     pub fn closed_by_daemon(&mut self, cause: CloseCause, metrics: &crate::metrics::Metrics) {
         let (log, error) = match (cause, self.rec.direction) {
             (CloseCause::PolicyDenied, _) => {
-                metrics.refused("policy_revoked");
+                metrics.refused(Reason::PolicyRevoked);
                 (
                     "closed: a policy change denies it",
                     "closed: denied by a policy change",

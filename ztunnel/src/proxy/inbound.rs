@@ -39,6 +39,7 @@ use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::server;
 use crate::identity::{self, Identity};
 use crate::net;
+use crate::refusal::Reason;
 
 /// A peer that has not finished its TLS and HTTP/2 handshakes by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,8 +76,7 @@ impl Peer {
                 place,
             }),
             Err(over) => {
-                crate::warn_throttled!(peer = %addr, src = %identity, error = %over, "tunnel connection closed: over the peer's cap");
-                pi.metrics.refused(over.reason());
+                crate::refused!(pi.metrics, over.reason(), peer = %addr, src = %identity, error = %over, "tunnel connection closed: over the peer's cap");
                 None
             }
         }
@@ -90,8 +90,7 @@ impl Peer {
         tracked: &mut Tracked,
     ) -> Result<PeerStream, StatusCode> {
         self.place.stream().map_err(|over| {
-            crate::warn_throttled!(peer = %self.addr, src = %self.identity, error = %over, "tunnel stream refused: over the peer's cap; 429");
-            pi.metrics.refused(over.reason());
+            crate::refused!(pi.metrics, over.reason(), peer = %self.addr, src = %self.identity, error = %over, "tunnel stream refused: over the peer's cap; 429");
             tracked.fail(over);
             StatusCode::TOO_MANY_REQUESTS
         })
@@ -104,8 +103,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     let mut admitted = match pi.handshakes.try_admit(peer.ip()) {
         Ok(permit) => permit,
         Err(full) => {
-            crate::warn_throttled!(%peer, error = %full, "tunnel connection refused before its handshake");
-            pi.metrics.refused("inbound_handshake_limit");
+            crate::refused!(pi.metrics, Reason::InboundHandshakeLimit, %peer, error = %full, "tunnel connection refused before its handshake");
             return reset(tcp);
         }
     };
@@ -118,8 +116,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             None => return,
         },
         _ = admitted.evicted() => {
-            crate::warn_throttled!(%peer, "tunnel connection dropped during its handshake: its place went to a peer from an address holding fewer");
-            pi.metrics.refused("inbound_handshake_evicted");
+            crate::refused!(pi.metrics, Reason::InboundHandshakeEvicted, %peer, "tunnel connection dropped during its handshake: its place went to a peer from an address holding fewer");
             return;
         }
     };
@@ -164,8 +161,7 @@ async fn handshakes(
 ) -> Option<Handshaken> {
     let state = pi.discovery.current();
     let Some(dst) = scope.workload(pi, &state, local) else {
-        crate::warn_throttled!(%peer, %local, "tunnel connection to an address of no local workload; refused");
-        pi.metrics.refused("inbound_unknown_destination");
+        crate::refused!(pi.metrics, Reason::InboundUnknownDestination, %peer, %local, "tunnel connection to an address of no local workload; refused");
         reset(tcp);
         return None;
     };
@@ -180,8 +176,7 @@ async fn handshakes(
         .await
         .is_err()
     {
-        crate::warn_throttled!(%peer, "tunnel connection sent no TLS bytes in time; closed");
-        pi.metrics.refused("inbound_tls_first_bytes_timeout");
+        crate::refused!(pi.metrics, Reason::InboundTlsFirstBytesTimeout, %peer, "tunnel connection sent no TLS bytes in time; closed");
         reset(tcp);
         return None;
     }
@@ -189,8 +184,7 @@ async fn handshakes(
     let cert = match pi.certs.fetch(&dst_identity).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(identity = %dst_identity, error = %e, "no certificate; tunnel refused");
-            pi.metrics.refused("inbound_no_certificate");
+            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, error = %e, "no certificate; tunnel refused");
             reset(tcp);
             return None;
         }
@@ -199,21 +193,18 @@ async fn handshakes(
     let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            crate::warn_throttled!(%peer, error = %e, "tunnel TLS handshake failed");
-            pi.metrics.refused("inbound_tls_handshake");
+            crate::refused!(pi.metrics, Reason::InboundTlsHandshake, %peer, error = %e, "tunnel TLS handshake failed");
             return None;
         }
         Err(_) => {
-            crate::warn_throttled!(%peer, "tunnel TLS handshake timed out");
-            pi.metrics.refused("inbound_tls_timeout");
+            crate::refused!(pi.metrics, Reason::InboundTlsTimeout, %peer, "tunnel TLS handshake timed out");
             return None;
         }
     };
     let src = match identity::peer_identity(tls.get_ref().1.peer_certificates().unwrap_or(&[])) {
         Ok(id) => id,
         Err(e) => {
-            tracing::warn!(%peer, error = %e, "tunnel peer identity unreadable; refused");
-            pi.metrics.refused("inbound_peer_identity");
+            crate::refused!(pi.metrics, Reason::InboundPeerIdentity, %peer, error = %e, "tunnel peer identity unreadable; refused");
             return None;
         }
     };
@@ -224,8 +215,7 @@ async fn handshakes(
             return None;
         }
         Err(_) => {
-            crate::warn_throttled!(%peer, %src, "tunnel HTTP/2 handshake timed out");
-            pi.metrics.refused("inbound_http2_timeout");
+            crate::refused!(pi.metrics, Reason::InboundHttp2Timeout, %peer, %src, "tunnel HTTP/2 handshake timed out");
             return None;
         }
     };
@@ -241,8 +231,7 @@ fn http2_ended(pi: &ProxyInputs, peer: SocketAddr, src: &Identity, e: h2::Error)
     } else {
         // A protocol violation (a garbled frame or preface, a flow-control or header-size
         // breach) answered with GOAWAY, or one the peer reported: the connection is closed.
-        crate::warn_throttled!(%peer, %src, error = %e, "tunnel connection closed on an HTTP/2 error");
-        pi.metrics.refused("inbound_http2_error");
+        crate::refused!(pi.metrics, Reason::InboundHttp2Error, %peer, %src, error = %e, "tunnel connection closed on an HTTP/2 error");
     }
 }
 
@@ -316,9 +305,8 @@ pub(super) async fn admit<B>(
     let target = match server::validate(req, peer.local.ip()) {
         Ok(t) => t,
         Err(refusal) => {
-            tracing::warn!(src = %peer.identity, uri = %req.uri(), method = %req.method(),
-                status = refusal.status.as_u16(), reason = refusal.reason, "CONNECT refused");
-            pi.metrics.refused(refusal.reason);
+            crate::refused!(pi.metrics, refusal.reason, src = %peer.identity, uri = %req.uri(),
+                method = %req.method(), status = refusal.status.as_u16(), "CONNECT refused");
             tracked.fail(refusal.reason);
             return Err(refusal.status);
         }
@@ -343,9 +331,8 @@ pub(super) async fn admit<B>(
         f.policy = decision.policy.as_ref().map(|p| p.to_string());
     });
     if !decision.allowed {
-        tracing::warn!(src = %peer.identity, target = %target.target, policy = ?decision.policy,
-            rule = ?decision.rule, reason = ?decision.reason, "denied by policy; 401");
-        pi.metrics.refused("policy_denied");
+        crate::refused!(pi.metrics, Reason::PolicyDenied, src = %peer.identity, target = %target.target,
+            policy = ?decision.policy, rule = ?decision.rule, why = ?decision.reason, "denied by policy; 401");
         tracked.fail("denied by policy");
         return Err(StatusCode::UNAUTHORIZED);
     }
@@ -356,8 +343,7 @@ pub(super) async fn admit<B>(
     match net::connect_from(target.target, pi.connect, &origin).await {
         Ok(a) => Ok(a),
         Err(e) => {
-            tracing::warn!(target = %target.target, error = %e, "application unreachable; 503");
-            pi.metrics.refused("inbound_app_unreachable");
+            crate::refused!(pi.metrics, Reason::InboundAppUnreachable, target = %target.target, error = %e, "application unreachable; 503");
             tracked.fail(&e);
             Err(StatusCode::SERVICE_UNAVAILABLE)
         }

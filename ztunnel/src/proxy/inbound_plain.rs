@@ -17,6 +17,7 @@ use super::{reset, ProxyInputs, Scope};
 use crate::discovery::policy::MtlsMode;
 use crate::hbone::consts;
 use crate::net;
+use crate::refusal::Reason;
 
 pub(super) async fn handle(
     pi: Arc<ProxyInputs>,
@@ -27,15 +28,13 @@ pub(super) async fn handle(
     let orig = match net::original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
-            crate::warn_throttled!(%peer, error = %e, "inbound plaintext connection was not redirected; refused");
-            pi.metrics.refused("inbound_plaintext_no_original_dst");
+            crate::refused!(pi.metrics, Reason::InboundPlaintextNoOriginalDst, %peer, error = %e, "inbound plaintext connection was not redirected; refused");
             return reset(tcp);
         }
     };
     let state = pi.discovery.current();
     let Some(dst) = scope.workload(&pi, &state, orig) else {
-        crate::warn_throttled!(%peer, dst = %orig, "inbound plaintext to an unknown workload; refused");
-        pi.metrics.refused("inbound_plaintext_unknown_destination");
+        crate::refused!(pi.metrics, Reason::InboundPlaintextUnknownDestination, %peer, dst = %orig, "inbound plaintext to an unknown workload; refused");
         return reset(tcp);
     };
     drop(state);
@@ -50,7 +49,7 @@ pub(super) async fn handle(
         },
     );
     if consts::RESERVED_PORTS.contains(&orig.port()) {
-        pi.metrics.refused("inbound_plaintext_recursion");
+        crate::refused!(pi.metrics, Reason::InboundPlaintextRecursion, %peer, dst = %orig, "plaintext to a daemon port; refused");
         tracked.fail("recursion");
         return reset(tcp);
     }
@@ -60,8 +59,7 @@ pub(super) async fn handle(
         .mtls_mode(&dst.namespace, &dst.labels, orig.port())
         == MtlsMode::Strict
     {
-        crate::warn_throttled!(%peer, dst = %orig, "plaintext refused: the destination requires mutual TLS (STRICT)");
-        pi.metrics.refused("inbound_plaintext_strict");
+        crate::refused!(pi.metrics, Reason::InboundPlaintextStrict, %peer, dst = %orig, "plaintext refused: the destination requires mutual TLS (STRICT)");
         tracked.update(|f| f.decision = Some("deny"));
         tracked.fail("plaintext refused by STRICT peer authentication");
         return reset(tcp);
@@ -83,9 +81,8 @@ pub(super) async fn handle(
         f.policy = decision.policy.as_ref().map(|p| p.to_string());
     });
     if !decision.allowed {
-        tracing::warn!(%peer, dst = %orig, policy = ?decision.policy, rule = ?decision.rule,
-            reason = ?decision.reason, "plaintext connection denied by policy");
-        pi.metrics.refused("policy_denied");
+        crate::refused!(pi.metrics, Reason::PolicyDenied, %peer, dst = %orig, policy = ?decision.policy, rule = ?decision.rule,
+            why = ?decision.reason, "plaintext connection denied by policy");
         tracked.fail("denied by policy");
         return reset(tcp);
     }
@@ -104,7 +101,7 @@ pub(super) async fn handle(
     let mut app = match net::connect_from(orig, pi.connect, &scope.app_origin(peer.ip())).await {
         Ok(a) => a,
         Err(e) => {
-            pi.metrics.refused("inbound_plaintext_app_unreachable");
+            crate::refused!(pi.metrics, Reason::InboundPlaintextAppUnreachable, %peer, dst = %orig, error = %e, "plaintext: application unreachable; reset");
             tracked.fail(&e);
             return reset(tcp);
         }

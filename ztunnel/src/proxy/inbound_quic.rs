@@ -30,6 +30,7 @@ use super::{ProxyInputs, QuicListener, Scope};
 use crate::hbone::quic;
 use crate::hbone::server::Idle;
 use crate::identity;
+use crate::refusal::Reason;
 
 /// Binds the endpoint if another daemon held it (trying again every [`REBIND`] until it is
 /// free, or the daemon drains), then serves it ([`serve`]).
@@ -132,8 +133,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     let mut admitted = match pi.handshakes.try_admit(addr.ip()) {
         Ok(permit) => permit,
         Err(full) => {
-            crate::warn_throttled!(peer = %addr, error = %full, "QUIC tunnel connection refused before its handshake");
-            pi.metrics.refused("inbound_handshake_limit");
+            crate::refused!(pi.metrics, Reason::InboundHandshakeLimit, peer = %addr, error = %full, "QUIC tunnel connection refused before its handshake");
             return incoming.refuse();
         }
     };
@@ -141,14 +141,13 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
         .local_ip()
         .or_else(|| (!bound.ip().is_unspecified()).then_some(bound.ip()))
     else {
-        pi.metrics.refused("inbound_unknown_destination");
+        crate::refused!(pi.metrics, Reason::InboundUnknownDestination, peer = %addr, "QUIC tunnel connection to an unknown local address; refused");
         return incoming.refuse();
     };
     let local = SocketAddr::new(local_ip, bound.port());
     let state = pi.discovery.current();
     let Some(dst) = scope.workload(&pi, &state, local) else {
-        crate::warn_throttled!(peer = %addr, %local, "QUIC tunnel connection to an address of no local workload; refused");
-        pi.metrics.refused("inbound_unknown_destination");
+        crate::refused!(pi.metrics, Reason::InboundUnknownDestination, peer = %addr, %local, "QUIC tunnel connection to an address of no local workload; refused");
         return incoming.refuse();
     };
     drop(state);
@@ -158,13 +157,11 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     }) {
         Ok(Ok(c)) => Arc::new(c),
         Ok(Err(e)) => {
-            tracing::warn!(identity = %dst_identity, error = %e, "no QUIC configuration; tunnel refused");
-            pi.metrics.refused("inbound_no_certificate");
+            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, error = %e, "no QUIC configuration; tunnel refused");
             return incoming.refuse();
         }
         Err(e) => {
-            tracing::warn!(identity = %dst_identity, error = %e, "no certificate; tunnel refused");
-            pi.metrics.refused("inbound_no_certificate");
+            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, error = %e, "no certificate; tunnel refused");
             return incoming.refuse();
         }
     };
@@ -183,19 +180,16 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     let conn = match handshake.await {
         None => {
             // The dropped handshake closes the connection.
-            crate::warn_throttled!(peer = %addr, "QUIC tunnel connection dropped during its handshake: its place went to a peer from an address holding fewer");
-            pi.metrics.refused("inbound_handshake_evicted");
+            crate::refused!(pi.metrics, Reason::InboundHandshakeEvicted, peer = %addr, "QUIC tunnel connection dropped during its handshake: its place went to a peer from an address holding fewer");
             return;
         }
         Some(Ok(Ok(c))) => c,
         Some(Ok(Err(e))) => {
-            crate::warn_throttled!(peer = %addr, error = %e, "QUIC tunnel handshake failed");
-            pi.metrics.refused("inbound_tls_handshake");
+            crate::refused!(pi.metrics, Reason::InboundTlsHandshake, peer = %addr, error = %e, "QUIC tunnel handshake failed");
             return;
         }
         Some(Err(_)) => {
-            crate::warn_throttled!(peer = %addr, "QUIC tunnel handshake timed out");
-            pi.metrics.refused("inbound_tls_timeout");
+            crate::refused!(pi.metrics, Reason::InboundTlsTimeout, peer = %addr, "QUIC tunnel handshake timed out");
             return;
         }
     };
@@ -203,8 +197,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     let identity = match identity::peer_identity(&quic::peer_certificates(&conn)) {
         Ok(id) => id,
         Err(e) => {
-            tracing::warn!(peer = %addr, error = %e, "QUIC tunnel peer identity unreadable; refused");
-            pi.metrics.refused("inbound_peer_identity");
+            crate::refused!(pi.metrics, Reason::InboundPeerIdentity, peer = %addr, error = %e, "QUIC tunnel peer identity unreadable; refused");
             conn.close(VarInt::from_u32(1), b"identity");
             return;
         }
@@ -240,8 +233,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
                             tracing::debug!(peer = %addr, error = %e, "QUIC tunnel connection ended")
                         }
                         _ => {
-                            crate::warn_throttled!(peer = %addr, src = %peer.identity, error = %e, "QUIC tunnel connection closed on an error");
-                            pi.metrics.refused("inbound_quic_error");
+                            crate::refused!(pi.metrics, Reason::InboundQuicError, peer = %addr, src = %peer.identity, error = %e, "QUIC tunnel connection closed on an error");
                         }
                     }
                     return;
@@ -288,8 +280,7 @@ async fn stream(
         Ok(Some(req)) => req,
         Ok(None) | Err(_) => {
             let why = "malformed or missing QUIC stream header";
-            crate::warn_throttled!(src = %peer.identity, "{why}; 400");
-            pi.metrics.refused("quic_bad_header");
+            crate::refused!(pi.metrics, Reason::QuicBadHeader, src = %peer.identity, "{why}; 400");
             tracked.fail(why);
             let _ = quic::respond(&mut send, &mut recv, StatusCode::BAD_REQUEST).await;
             return;

@@ -36,6 +36,7 @@ use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
 use crate::metrics::Metrics;
 use crate::net::{reset, ConnectOptions, Origin};
+use crate::refusal::Reason;
 use conns::ConnTable;
 pub use inbound::HANDSHAKE_TIMEOUT;
 use peers::{PeerLimits, Peers};
@@ -238,8 +239,7 @@ impl ProxyInputs {
 /// buffered-bytes budget counted (`buffer_budget`) and logged.
 fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
     if let CopyError::OverBudget(over) = &e {
-        crate::warn_throttled!(error = %over, "tunnel stream reset: its application does not read, and the node's buffered-bytes budget is spent");
-        pi.metrics.refused("buffer_budget");
+        crate::refused!(pi.metrics, Reason::BufferBudget, error = %over, "tunnel stream reset: its application does not read, and the node's buffered-bytes budget is spent");
     }
     tracked.fail(e);
 }

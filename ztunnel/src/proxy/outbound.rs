@@ -26,20 +26,19 @@ use crate::hbone::early::Early;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::ConnectHeaders;
 use crate::net;
+use crate::refusal::Reason;
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
     let orig = match net::original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
-            crate::warn_throttled!(%peer, error = %e, "outbound connection was not redirected; refused");
-            pi.metrics.refused("outbound_no_original_dst");
+            crate::refused!(pi.metrics, Reason::OutboundNoOriginalDst, %peer, error = %e, "outbound connection was not redirected; refused");
             return reset(tcp);
         }
     };
     let state = pi.discovery.current();
     let Some(src) = scope.workload(&pi, &state, peer) else {
-        crate::warn_throttled!(%peer, dst = %orig, "outbound connection from an unknown workload; refused");
-        pi.metrics.refused("outbound_unknown_source");
+        crate::refused!(pi.metrics, Reason::OutboundUnknownSource, %peer, dst = %orig, "outbound connection from an unknown workload; refused");
         return reset(tcp);
     };
     let src_id = pi.identity_of(&src);
@@ -61,8 +60,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     let plan = match plan {
         Ok(p) => p,
         Err(e) => {
-            crate::warn_throttled!(%peer, dst = %orig, error = %e, "no route; refused");
-            pi.metrics.refused("outbound_no_route");
+            crate::refused!(pi.metrics, Reason::OutboundNoRoute, %peer, dst = %orig, error = %e, "no route; refused");
             tracked.fail(&e);
             return reset(tcp);
         }
@@ -119,8 +117,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let cert = match pi.certs.fetch(&src_id).await {
                 Ok(c) => c,
                 Err(e) => {
-                    crate::warn_throttled!(identity = %src_id, error = %e, "no certificate; refused");
-                    pi.metrics.refused("outbound_no_certificate");
+                    crate::refused!(pi.metrics, Reason::OutboundNoCertificate, identity = %src_id, error = %e, "no certificate; refused");
                     tracked.fail(&e);
                     return reset(tcp);
                 }
@@ -153,11 +150,11 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let tunnel = match pi.pool.open(&key, &cert, req, &mut early).await {
                 Ok(t) => t,
                 Err(e) => {
-                    crate::warn_throttled!(dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
-                    pi.metrics.refused(match e.status() {
-                        Some(http::StatusCode::UNAUTHORIZED) => "outbound_denied_by_destination",
-                        _ => "outbound_tunnel_failed",
-                    });
+                    let reason = match e.status() {
+                        Some(http::StatusCode::UNAUTHORIZED) => Reason::OutboundDeniedByDestination,
+                        _ => Reason::OutboundTunnelFailed,
+                    };
+                    crate::refused!(pi.metrics, reason, dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
                     tracked.fail(&e);
                     return reset(tcp);
                 }

@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::identity::Identity;
+use crate::refusal::Reason;
 
 /// The caps; [`Default`] is the daemon's default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,12 +57,14 @@ pub enum Over {
 
 impl Over {
     /// The refusal's metric label.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> Reason {
         match self {
             Over::ConnectionsPerAddress(_) | Over::ConnectionsPerIdentity(_) => {
-                "inbound_peer_connection_limit"
+                Reason::InboundPeerConnectionLimit
             }
-            Over::StreamsPerAddress(_) | Over::StreamsPerIdentity(_) => "inbound_peer_stream_limit",
+            Over::StreamsPerAddress(_) | Over::StreamsPerIdentity(_) => {
+                Reason::InboundPeerStreamLimit
+            }
         }
     }
 }

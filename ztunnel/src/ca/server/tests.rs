@@ -545,3 +545,52 @@ async fn mute_connections_holding_every_place_keep_out_neither_newcomers_nor_a_d
     assert_eq!(ca.metrics.refusals("preface_timeout"), 0);
     drop(legit);
 }
+
+/// A connection carries at most `streams_per_connection` requests at once: the CA says so in
+/// its HTTP/2 settings, and with two requests held open (bodies never sent) a third on the
+/// same connection waits until one of them ends, while another connection is served.
+#[tokio::test]
+async fn a_connection_carries_at_most_its_streams_at_once() {
+    let ca = start(
+        CaLimits {
+            streams_per_connection: 2,
+            request_timeout: Duration::from_secs(3600),
+            ..limits(4, 8, 256)
+        },
+        static_auth(),
+    )
+    .await;
+    let (mut send, conn) = h2::client::handshake(tls_from("127.0.0.1", &ca).await)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send = send.ready().await.unwrap();
+    let settings = send.clone();
+    eventually("the CA's settings", || {
+        settings.current_max_send_streams() == 2
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        send = send.ready().await.unwrap();
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://localhost{SIGN_PATH}"))
+            .header(http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(())
+            .unwrap();
+        held.push(send.send_request(req, false).unwrap());
+    }
+    let third = tokio::spawn(metrics_on(send));
+    client(&ca)
+        .sign(request())
+        .await
+        .expect("another connection is served");
+    assert!(!third.is_finished(), "a third stream was carried");
+    drop(held.remove(0));
+    let third = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the third is carried once a place is free")
+        .unwrap();
+    assert_eq!(third, Some(StatusCode::OK));
+}

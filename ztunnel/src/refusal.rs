@@ -1,0 +1,176 @@
+//! Why the daemon refuses a connection, a stream or a request: one [`Reason`] per row of the
+//! README's refusal table, with the label it is counted under in
+//! `ztunnel_refusals_total{reason}` and whether its warning is throttled.
+//!
+//! Every refusal is recorded through [`refused!`](crate::refused), which counts it and logs one
+//! warning carrying its label, so that a refusal can neither be counted under a misspelt label
+//! nor go unlogged. Every reason's series is exported from the start, at zero
+//! ([`crate::metrics::Metrics::register`]): a dashboard (or a test) that reads a reason which
+//! does not exist finds nothing, rather than a zero that looks like good news.
+//!
+//! Throttled warnings are those a peer can provoke before it authenticates, and those of
+//! outbound connections that cannot be carried (an application retrying in a loop): at most a
+//! burst per second per call site ([`crate::throttle`]). The others, policy denials first, are
+//! logged every time.
+
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $variant:ident = $label:literal, $throttled:literal;)+) => {
+        /// A reason for a refusal; see the module's documentation.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl Reason {
+            /// Every reason, in the order of the README's table.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)+];
+
+            /// The value of the `reason` label it is counted under.
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $label,)+
+                }
+            }
+
+            /// Whether its warning is throttled.
+            pub const fn throttled(self) -> bool {
+                match self {
+                    $(Reason::$variant => $throttled,)+
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// A captured connection whose original destination cannot be read.
+    OutboundNoOriginalDst = "outbound_no_original_dst", true;
+    /// A captured connection whose source is no local workload.
+    OutboundUnknownSource = "outbound_unknown_source", true;
+    /// A captured connection with nowhere to go (a Service with no ready endpoint, …).
+    OutboundNoRoute = "outbound_no_route", true;
+    /// No certificate for the source workload.
+    OutboundNoCertificate = "outbound_no_certificate", true;
+    /// The tunnel to the destination could not be opened.
+    OutboundTunnelFailed = "outbound_tunnel_failed", true;
+    /// The destination's policy answered `401`.
+    OutboundDeniedByDestination = "outbound_denied_by_destination", true;
+    /// A tunnel connection to an address of no local workload.
+    InboundUnknownDestination = "inbound_unknown_destination", true;
+    /// No certificate for the destination workload.
+    InboundNoCertificate = "inbound_no_certificate", false;
+    /// Too many tunnel connections in their handshakes.
+    InboundHandshakeLimit = "inbound_handshake_limit", true;
+    /// A pending handshake whose place went to a newcomer.
+    InboundHandshakeEvicted = "inbound_handshake_evicted", true;
+    /// No TLS byte within the first-bytes timeout.
+    InboundTlsFirstBytesTimeout = "inbound_tls_first_bytes_timeout", true;
+    /// A failed mutual-TLS handshake.
+    InboundTlsHandshake = "inbound_tls_handshake", true;
+    /// No TLS handshake within its deadline.
+    InboundTlsTimeout = "inbound_tls_timeout", true;
+    /// A peer certificate without a readable SPIFFE ID.
+    InboundPeerIdentity = "inbound_peer_identity", false;
+    /// A tunnel connection closed on an HTTP/2 protocol error.
+    InboundHttp2Error = "inbound_http2_error", true;
+    /// No HTTP/2 preface within the handshakes' deadline.
+    InboundHttp2Timeout = "inbound_http2_timeout", true;
+    /// An authenticated tunnel connection over its peer's cap.
+    InboundPeerConnectionLimit = "inbound_peer_connection_limit", true;
+    /// A tunnel stream over its peer's cap: `429`.
+    InboundPeerStreamLimit = "inbound_peer_stream_limit", true;
+    /// A stream holding more than its share while the node's buffer budget is spent.
+    BufferBudget = "buffer_budget", true;
+    /// A QUIC tunnel stream whose header is malformed or late: `400`.
+    QuicBadHeader = "quic_bad_header", true;
+    /// A QUIC tunnel connection closed on a protocol error.
+    InboundQuicError = "inbound_quic_error", true;
+    /// A tunnel request that is not `CONNECT`: `400`.
+    MethodNotConnect = "method_not_connect", false;
+    /// A `CONNECT` with a scheme or path: `400`.
+    ConnectWithPath = "connect_with_path", false;
+    /// A `CONNECT` without `:authority`: `400`.
+    MissingAuthority = "missing_authority", false;
+    /// A `CONNECT` whose `:authority` is not `ip:port`: `400`.
+    BadAuthority = "bad_authority", false;
+    /// A `CONNECT` to an address other than the connection's own: `400`.
+    AuthorityNotLocal = "authority_not_local", false;
+    /// A `CONNECT` to one of the daemon's own ports: `503`.
+    Recursion = "recursion", false;
+    /// The application port is closed: `503`.
+    InboundAppUnreachable = "inbound_app_unreachable", false;
+    /// Plaintext inbound whose original destination cannot be read.
+    InboundPlaintextNoOriginalDst = "inbound_plaintext_no_original_dst", true;
+    /// Plaintext inbound to an address of no local workload.
+    InboundPlaintextUnknownDestination = "inbound_plaintext_unknown_destination", true;
+    /// Plaintext inbound to one of the daemon's own ports.
+    InboundPlaintextRecursion = "inbound_plaintext_recursion", true;
+    /// Plaintext inbound to a destination that requires mutual TLS.
+    InboundPlaintextStrict = "inbound_plaintext_strict", true;
+    /// Plaintext inbound whose application port is closed.
+    InboundPlaintextAppUnreachable = "inbound_plaintext_app_unreachable", true;
+    /// Too many connections to an admin, metrics or readiness endpoint.
+    AdminConnectionLimit = "admin_connection_limit", true;
+    /// A request to a mutating admin endpoint without the admin token: `401`.
+    AdminUnauthorized = "admin_unauthorized", false;
+    /// Denied by policy.
+    PolicyDenied = "policy_denied", false;
+    /// An open connection closed because a policy change now denies it.
+    PolicyRevoked = "policy_revoked", false;
+    /// An enrollment client that sent no request in time.
+    EnrollmentTimeout = "enrollment_timeout", false;
+    /// A malformed enrollment request.
+    EnrollmentBadRequest = "enrollment_bad_request", false;
+    /// A pod that another mesh (Istio) already handles.
+    EnrollmentOtherMesh = "enrollment_other_mesh", false;
+    /// A pod that cannot be enrolled yet: the plugin retries.
+    EnrollmentTryAgain = "enrollment_try_again", false;
+    /// A pod whose enrollment failed.
+    EnrollmentFailed = "enrollment_failed", false;
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Counts a refusal in `$metrics` ([`crate::metrics::Metrics`]) and logs one warning with its
+/// `reason` label and the given fields and message, throttled or not as the reason says.
+#[macro_export]
+macro_rules! refused {
+    ($metrics:expr, $reason:expr, $($arg:tt)+) => {{
+        let reason: $crate::refusal::Reason = $reason;
+        $metrics.refused(reason);
+        if reason.throttled() {
+            $crate::warn_throttled!(reason = reason.label(), $($arg)+);
+        } else {
+            ::tracing::warn!(reason = reason.label(), $($arg)+);
+        }
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reason;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn labels_are_distinct_snake_case_and_policy_denials_are_never_throttled() {
+        let labels: BTreeSet<_> = Reason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), Reason::ALL.len(), "a label used twice");
+        for r in Reason::ALL {
+            let l = r.label();
+            assert!(
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{l}"
+            );
+            assert_eq!(r.to_string(), l);
+        }
+        assert!(!Reason::PolicyDenied.throttled());
+        assert!(!Reason::PolicyRevoked.throttled());
+        assert!(Reason::InboundTlsHandshake.throttled());
+    }
+}
