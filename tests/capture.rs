@@ -2,8 +2,6 @@
 //! `bridge` + `host-local` with `ztunnel-cni` chained after them, one daemon per node. Needs
 //! root, `ip`, `nft`, `tcpdump` and `containernetworking-plugins`.
 
-use std::time::Duration;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::apps;
@@ -25,10 +23,6 @@ async fn reply_server(l: TcpListener, name: &'static str, n: usize) -> Vec<Strin
     peers
 }
 
-async fn listen(port: u16) -> TcpListener {
-    TcpListener::bind(("0.0.0.0", port)).await.expect("bind")
-}
-
 /// Sends `msg`, half-closes, returns the answer.
 async fn request(ip: &str, port: u16, msg: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect((ip, port)).await?;
@@ -47,11 +41,10 @@ fn pod_to_pod_and_to_a_vip_carry_real_client_addresses_and_only_mtls_crosses_nod
     let client = bed.pod("client");
     let srv = server
         .ns
-        .spawn(async { reply_server(listen(8080).await, "server", 2).await });
+        .serve(8080, |l| async move { reply_server(l, "server", 2).await });
     let ech = echo
         .ns
-        .spawn(async { reply_server(listen(8080).await, "echo", 1).await });
-    std::thread::sleep(Duration::from_millis(100));
+        .serve(8080, |l| async move { reply_server(l, "echo", 1).await });
 
     let pcap = bed.dir().join("underlay.pcap");
     let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
@@ -166,11 +159,10 @@ fn enrolled_to_plain_is_plain_tcp_and_plain_to_enrolled_arrives_through_15006() 
     let client = bed.pod("client");
     let leg = legacy
         .ns
-        .spawn(async { reply_server(listen(9090).await, "legacy", 1).await });
+        .serve(9090, |l| async move { reply_server(l, "legacy", 1).await });
     let srv = server
         .ns
-        .spawn(async { reply_server(listen(8080).await, "server", 1).await });
-    std::thread::sleep(Duration::from_millis(100));
+        .serve(8080, |l| async move { reply_server(l, "server", 1).await });
 
     let pcap = bed.dir().join("underlay.pcap");
     let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
@@ -232,8 +224,7 @@ fn istio_metrics_at_both_reporters_count_exact_bytes() {
     let srv = bed
         .pod("server")
         .ns
-        .spawn(async { sized_server(listen(8080).await, 333).await });
-    std::thread::sleep(Duration::from_millis(100));
+        .serve(8080, |l| async move { sized_server(l, 333).await });
     let got = bed.pod("client").ns.block_on(async {
         let mut s = TcpStream::connect((VIP, 80)).await?;
         s.write_all(&[b'q'; 1000]).await?;
@@ -311,11 +302,10 @@ fn quic_tunnels_between_pods_carry_real_client_addresses_and_only_udp_15008_cros
     let client = bed.pod("client");
     let srv = server
         .ns
-        .spawn(async { reply_server(listen(8080).await, "server", 2).await });
+        .serve(8080, |l| async move { reply_server(l, "server", 2).await });
     let ech = echo
         .ns
-        .spawn(async { reply_server(listen(8080).await, "echo", 1).await });
-    std::thread::sleep(Duration::from_millis(100));
+        .serve(8080, |l| async move { reply_server(l, "echo", 1).await });
 
     let pcap = bed.dir().join("underlay.pcap");
     let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
@@ -414,10 +404,9 @@ fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_pro
     let bed = TestBed::start_with(testbed::dual_stack_pods()).unwrap();
     assert_workers(&bed, 1, 2);
     for name in ["server", "echo", "legacy-2"] {
-        bed.pod(name).ns.spawn(apps::whoami_server(8080));
+        bed.pod(name).ns.serve_dual(8080, apps::whoami_server);
     }
     let (client, server) = (bed.pod("client"), bed.pod("server"));
-    std::thread::sleep(Duration::from_millis(100));
 
     // Enrolled to enrolled over IPv6 (cross node and same node) and, in the same bed, IPv4.
     let pcap = bed.dir().join("underlay.pcap");
@@ -505,7 +494,10 @@ fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_pro
         .runtime
         .del(&node.conflist, &server.attachment, Some(&server.result))
         .unwrap();
-    assert!(outs.iter().all(|o| o.code == 0), "{outs:?}");
+    assert!(
+        outs.len() == 2 && outs.iter().all(|o| o.code == 0),
+        "both plugins of the chain succeed: {outs:?}"
+    );
     let rules6 = server.ns.ip(&["-6", "rule", "show"]).unwrap();
     assert!(!rules6.contains(rule), "{rules6}");
     assert!(
@@ -529,8 +521,7 @@ fn dual_stack_quic_tunnels_carry_both_families_over_udp_15008_only() {
     .unwrap();
     // The runtime is sized by the setting (2 by default, not one thread per core).
     assert_workers(&bed, 0, 3);
-    bed.pod("server").ns.spawn(apps::whoami_server(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    bed.pod("server").ns.serve_dual(8080, apps::whoami_server);
 
     let pcap = bed.dir().join("underlay.pcap");
     let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();

@@ -82,8 +82,7 @@ fn half_close_crosses_the_tunnel_both_ways() {
 fn bytes_written_before_the_tunnel_is_up_arrive_in_order_and_are_counted() {
     let mesh = Mesh::default_pair();
     let len = 160 * 1024; // more than the daemon takes before the stream is open
-    let server = mesh.b.spawn(apps::echo_once(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    let server = mesh.b.serve(8080, apps::echo_once);
     let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let echoed = {
         let sent = sent.clone();
@@ -97,14 +96,7 @@ fn bytes_written_before_the_tunnel_is_up_arrive_in_order_and_are_counted() {
     );
     assert!(echoed == sent, "client got other bytes back");
     let source = [("reporter", "source")];
-    let mut m = String::new();
-    for _ in 0..50 {
-        m = Mesh::metrics(&mesh.a);
-        if metric(&m, "istio_tcp_connections_closed_total", &source) >= 1.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let m = Mesh::metrics_when(&mesh.a, "istio_tcp_connections_closed_total", &source, 1.0);
     assert_eq!(
         metric(&m, "istio_tcp_sent_bytes_total", &source),
         len as f64,
@@ -121,8 +113,7 @@ fn bytes_written_before_the_tunnel_is_up_arrive_in_order_and_are_counted() {
 fn hundred_streams_share_one_connection_and_the_next_opens_another() {
     let mesh = Mesh::default_pair();
     mesh.b
-        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
-    std::thread::sleep(Duration::from_millis(100));
+        .serve(8080, |l| async move { apps::hold_server(l).await });
     let opened = |ns| {
         metric(
             &Mesh::metrics(ns),
@@ -166,8 +157,7 @@ fn hundred_streams_share_one_connection_and_the_next_opens_another() {
 /// Runs one connection a → b:8080 that the mesh must refuse; returns the metrics of a and b.
 fn refused_connection(mesh: &Mesh) -> (String, String) {
     mesh.b
-        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
-    std::thread::sleep(Duration::from_millis(100));
+        .serve(8080, |l| async move { apps::hold_server(l).await });
     let outcome = mesh.a.block_on(async {
         let mut s = TcpStream::connect((B_IP, 8080)).await?;
         s.write_all(b"secret").await?;
@@ -192,8 +182,7 @@ fn client_certificate_from_another_trust_domain_is_refused() {
     let server: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
     let cfg = cert.client_config(&[server]);
     mesh.b
-        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
-    std::thread::sleep(Duration::from_millis(100));
+        .serve(8080, |l| async move { apps::hold_server(l).await });
     let outcome = mesh.c.block_on(async move {
         let opts = ConnectOptions {
             mark: None,
@@ -287,14 +276,12 @@ fn server_with_an_unexpected_identity_is_refused() {
 fn passthrough_and_plaintext_inbound() {
     let mesh = Mesh::default_pair();
     // a → c: c is not in the mesh, so the connection leaves a as plain TCP from a's address.
-    let c_server = mesh.c.spawn(async {
-        let l = apps::listen(9090).await;
+    let c_server = mesh.c.serve(9090, |l| async move {
         let (mut s, peer) = l.accept().await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         Ok::<_, std::io::Error>((buf, peer))
     });
-    std::thread::sleep(Duration::from_millis(100));
     mesh.a
         .block_on(async {
             let mut s = TcpStream::connect((C_IP, 9090)).await?;
@@ -315,14 +302,12 @@ fn passthrough_and_plaintext_inbound() {
     );
 
     // c → b: no tunnel from outside the mesh; b's daemon takes it on 15006.
-    let b_server = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
+    let b_server = mesh.b.serve(8080, |l| async move {
         let (mut s, _) = l.accept().await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         Ok::<_, std::io::Error>(buf)
     });
-    std::thread::sleep(Duration::from_millis(100));
     mesh.c
         .block_on(async {
             let mut s = TcpStream::connect((B_IP, 8080)).await?;

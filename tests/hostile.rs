@@ -491,8 +491,10 @@ fn a_destination_that_never_answers_is_given_up_on_and_the_client_reset() {
     let requests = Arc::new(AtomicUsize::new(0));
     {
         let (dialled, requests) = (dialled.clone(), requests.clone());
+        let l = mesh
+            .c
+            .block_on(async { tokio::net::TcpListener::bind((C_IP, 15008)).await.unwrap() });
         mesh.c.spawn(async move {
-            let l = tokio::net::TcpListener::bind((C_IP, 15008)).await.unwrap();
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
             loop {
                 let (tcp, _) = l.accept().await.unwrap();
@@ -515,7 +517,6 @@ fn a_destination_that_never_answers_is_given_up_on_and_the_client_reset() {
             }
         });
     }
-    std::thread::sleep(Duration::from_millis(100));
 
     let attempt = || {
         mesh.a.block_on(async {
@@ -561,8 +562,7 @@ fn idle_tunnel_connections_are_closed_and_busy_ones_kept() {
         ..Default::default()
     };
     let mesh = Mesh::start(NodeOptions::default(), b).expect("start the test bed");
-    mesh.b.spawn(apps::echo_interactive(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    mesh.b.serve(8080, apps::echo_interactive);
     let cfg = mesh.client_tls();
     let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
     let opts = ConnectOptions {

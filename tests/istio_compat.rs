@@ -42,9 +42,9 @@ fn istios_objects_and_labels_are_enforced() {
     let demo = bed.api_namespace("demo");
     let plain = bed.api_namespace("plain");
     for port in [8080, 9090] {
-        bed.pod("server").ns.spawn(apps::whoami_server(port));
+        bed.pod("server").ns.serve_dual(port, apps::whoami_server);
     }
-    bed.pod("legacy").ns.spawn(apps::whoami_server(8080));
+    bed.pod("legacy").ns.serve_dual(8080, apps::whoami_server);
     wait_for("the server app", || {
         whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
     });

@@ -38,8 +38,8 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
     .expect("the bed on the real API server");
     let demo = bed.api_namespace("demo");
     let plain = bed.api_namespace("plain");
-    bed.pod("server").ns.spawn(apps::whoami_server(8080));
-    bed.pod("legacy").ns.spawn(apps::whoami_server(8080));
+    bed.pod("server").ns.serve_dual(8080, apps::whoami_server);
+    bed.pod("legacy").ns.serve_dual(8080, apps::whoami_server);
 
     // Enrolled at CNI ADD, from what the API server says of the namespace.
     assert!(has_table(&bed.pod("client").ns));
@@ -122,8 +122,7 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
     // A policy written to the API server: a live connection it denies is closed, new ones
     // are refused.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
-    bed.pod("server").ns.spawn(apps::echo_interactive(9090));
-    std::thread::sleep(Duration::from_millis(100));
+    bed.pod("server").ns.serve(9090, apps::echo_interactive);
     let held = bed.pod("client").ns.spawn(async move {
         let mut s = TcpStream::connect(("10.20.2.10", 9090))
             .await
@@ -300,7 +299,7 @@ fn when_disable_and_port_level_mtls_from_the_api_server() {
     let demo = bed.api_namespace("demo");
     let cp = bed.kube.as_ref().unwrap().cp;
     for port in [8080, 9090] {
-        bed.pod("server").ns.spawn(apps::whoami_server(port));
+        bed.pod("server").ns.serve_dual(port, apps::whoami_server);
     }
     wait_for("the server app", || {
         whoami(&bed, "client", "10.20.2.10", 8080).is_ok()

@@ -52,7 +52,10 @@ fn the_cni_chain_with_a_real_daemon() {
     // ADD: ztunnel-cni passes the bridge plugin's result through unchanged.
     let (outs, pod) = bed.try_add_pod(known[0].clone()).unwrap();
     assert_eq!(outs.len(), 2);
-    assert!(outs.iter().all(|o| o.code == 0), "{outs:?}");
+    assert!(
+        outs.len() == 2 && outs.iter().all(|o| o.code == 0),
+        "both plugins of the chain succeed: {outs:?}"
+    );
     assert_eq!(
         outs[1].json(),
         outs[0].json(),
@@ -74,7 +77,10 @@ fn the_cni_chain_with_a_real_daemon() {
         .runtime
         .check(&node.conflist, &pod.attachment, &pod.result)
         .unwrap();
-    assert!(check.iter().all(|o| o.code == 0), "{check:?}");
+    assert!(
+        check.len() == 2 && check.iter().all(|o| o.code == 0),
+        "both plugins of the chain succeed: {check:?}"
+    );
     pod.ns
         .exec("nft", &["flush", "table", "inet", "ztunnel"])
         .unwrap();
@@ -90,7 +96,10 @@ fn the_cni_chain_with_a_real_daemon() {
             .runtime
             .del(&node.conflist, &pod.attachment, Some(&pod.result))
             .unwrap();
-        assert!(del.iter().all(|o| o.code == 0), "{del:?}");
+        assert!(
+            del.len() == 2 && del.iter().all(|o| o.code == 0),
+            "both plugins of the chain succeed: {del:?}"
+        );
     }
     assert!(!has_table(&pod.ns));
     let records = std::fs::read_dir(node.state_dir.join("pods"))
@@ -100,7 +109,10 @@ fn the_cni_chain_with_a_real_daemon() {
 
     // STATUS: the daemon is ready. GC: pods not in the valid list are released.
     let (outs, late2) = bed.try_add_pod(known[1].clone()).unwrap();
-    assert!(outs.iter().all(|o| o.code == 0), "{outs:?}");
+    assert!(
+        outs.len() == 2 && outs.iter().all(|o| o.code == 0),
+        "both plugins of the chain succeed: {outs:?}"
+    );
     assert!(has_table(&late2.ns));
     let mut gc = json!({"cniVersion": "1.1.0", "name": "ztnet", "type": "ztunnel-cni",
         "socket": node.state_dir.join("cni.sock")});
@@ -162,7 +174,10 @@ fn an_unreachable_daemon_fails_enrolled_pods_and_lets_others_through() {
     assert_eq!(outs[0].code, 0, "bridge");
     assert_eq!(outs[1].error_code(), Some(11), "{:?}", outs[1]);
     let (outs, _) = bed.try_add_pod(known[1].clone()).unwrap();
-    assert!(outs.iter().all(|o| o.code == 0), "{outs:?}");
+    assert!(
+        outs.len() == 2 && outs.iter().all(|o| o.code == 0),
+        "both plugins of the chain succeed: {outs:?}"
+    );
     assert_eq!(outs[1].json(), outs[0].json());
 }
 
@@ -170,8 +185,7 @@ fn an_unreachable_daemon_fails_enrolled_pods_and_lets_others_through() {
 fn a_dead_daemon_refuses_enrolled_connections_lets_probes_through_and_a_restart_restores_service() {
     let mut bed = TestBed::start();
     let server = bed.pod("server");
-    server.ns.spawn(apps::whoami_server(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    server.ns.serve_dual(8080, apps::whoami_server);
     let call = |bed: &TestBed| bed.pod("client").ns.block_on(whoami("10.20.2.10", 8080));
     assert_eq!(call(&bed).unwrap(), "10.20.1.10");
 
@@ -219,8 +233,7 @@ fn a_new_daemon_beside_the_old_one_takes_every_new_connection() {
     client
         .exec("sysctl", &["-qw", "net.ipv4.tcp_migrate_req=0"])
         .unwrap();
-    bed.pod("server").ns.spawn(apps::whoami_server(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    bed.pod("server").ns.serve_dual(8080, apps::whoami_server);
     let newer = bed.spawn_daemon(0, "-next").unwrap();
     for i in 0..16 {
         let got = client.block_on(whoami("10.20.2.10", 8080));
@@ -311,8 +324,7 @@ fn a_quic_connection_outliving_its_daemon_is_reset_by_the_next_one() {
         ],
     )
     .unwrap();
-    bed.pod("server").ns.spawn(async {
-        let l = apps::listen(8080).await;
+    bed.pod("server").ns.serve(8080, |l| async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
             tokio::spawn(async move {
@@ -321,7 +333,6 @@ fn a_quic_connection_outliving_its_daemon_is_reset_by_the_next_one() {
             });
         }
     });
-    std::thread::sleep(Duration::from_millis(100));
     let (held, got) = bed
         .pod("client")
         .ns
@@ -384,8 +395,7 @@ async fn echo_on(mut s: TcpStream, msg: &'static [u8]) -> std::io::Result<(TcpSt
 /// turn is replaced by a new process (started beside the old, then the old drains), and
 /// asserts that no connection failed.
 fn rolling_restart_refuses_nothing(bed: &mut TestBed) {
-    bed.pod("server").ns.spawn(apps::whoami_server(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    bed.pod("server").ns.serve_dual(8080, apps::whoami_server);
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -671,7 +681,8 @@ fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
     }
     // The ended streams' places are free once `a` has seen them end; then the destination
     // drains every connection at once (a GOAWAY each reaches `a` within moments).
-    std::thread::sleep(Duration::from_millis(300));
+    let m = Mesh::metrics_when(&mesh.a, "ztunnel_pool_streams", &[], 3.0);
+    assert_eq!(daemon::metric(&m, "ztunnel_pool_streams", &[]), 3.0, "{m}");
     drain.send(()).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let (_, got) = mesh

@@ -301,10 +301,18 @@ fn ctl_shows_the_daemon_and_explains_decisions_without_traffic() {
 /// own tunnel connection, and the destination judges each by its own identity. With an ALLOW
 /// for `client` only, `echo` is refused while `client` holds a connection open to the same
 /// destination (so a pooled connection carrying `client`'s identity exists and has room): if
-/// `echo`'s stream rode it, it would be allowed as `client`.
+/// `echo`'s stream rode it, it would be allowed as `client`. Over HTTP/2 and over QUIC.
 #[test]
 fn two_pods_never_share_a_tunnel_and_each_is_judged_by_its_own_identity() {
-    let b = Bed::start();
+    isolation(Bed::start(), "h2");
+}
+
+#[test]
+fn two_pods_never_share_a_quic_tunnel_and_each_is_judged_by_its_own_identity() {
+    isolation(Bed::start_quic(), "quic");
+}
+
+fn isolation(b: Bed, transport: &str) {
     b.bed
         .apply_policies(json!([authz(
             "only-client",
@@ -336,7 +344,10 @@ fn two_pods_never_share_a_tunnel_and_each_is_judged_by_its_own_identity() {
         .expect("the pool is a list")
         .iter()
         .filter(|c| c["addr"] == "10.20.2.10:15008")
-        .map(|c| c["src"].as_str().expect("src"))
+        .map(|c| {
+            assert_eq!(c["transport"], transport, "{pool}");
+            c["src"].as_str().expect("src")
+        })
         .collect();
     let mut distinct = srcs.clone();
     distinct.sort();

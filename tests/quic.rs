@@ -117,8 +117,7 @@ fn half_close_crosses_the_quic_tunnel_both_ways() {
 fn bytes_written_before_the_quic_tunnel_is_up_arrive_in_order_and_are_counted() {
     let mesh = quic_pair();
     let len = 40 * 1024; // more than the daemon takes with the header (16 KiB)
-    let server = mesh.b.spawn(apps::echo_once(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    let server = mesh.b.serve(8080, apps::echo_once);
     let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let echoed = {
         let sent = sent.clone();
@@ -156,8 +155,7 @@ fn bytes_written_before_the_quic_tunnel_is_up_arrive_in_order_and_are_counted() 
 fn hundred_streams_share_one_quic_connection_and_the_next_opens_another() {
     let mesh = quic_pair();
     mesh.b
-        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
-    std::thread::sleep(Duration::from_millis(100));
+        .serve(8080, |l| async move { apps::hold_server(l).await });
     let conns = mesh
         .a
         .block_on(apps::open_held(B_IP, 8080, 100))
@@ -242,8 +240,7 @@ fn no_quic_answer_falls_back_to_http2_and_is_remembered() {
         ..Default::default()
     };
     let mesh = Mesh::start(a, NodeOptions::default()).expect("test bed");
-    let server = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
+    let server = mesh.b.serve(8080, |l| async move {
         for _ in 0..2 {
             let (s, _) = l.accept().await?;
             tokio::spawn(async move {
@@ -254,7 +251,6 @@ fn no_quic_answer_falls_back_to_http2_and_is_remembered() {
         }
         Ok::<_, std::io::Error>(())
     });
-    std::thread::sleep(Duration::from_millis(100));
     let no_ports_before = udp_no_ports(&mesh.b);
 
     let first = mesh
@@ -327,8 +323,7 @@ fn server_with_an_unexpected_identity_is_refused_over_quic_without_fallback() {
     };
     let mesh = Mesh::start(quic_client(), b).expect("test bed");
     mesh.b
-        .spawn(async { apps::hold_server(apps::listen(8080).await).await });
-    std::thread::sleep(Duration::from_millis(100));
+        .serve(8080, |l| async move { apps::hold_server(l).await });
     let outcome = mesh.a.block_on(async {
         let mut s = TcpStream::connect((B_IP, 8080)).await?;
         s.write_all(b"secret").await?;
@@ -392,8 +387,7 @@ fn header(authority: &str) -> RequestHeader {
 #[test]
 fn quic_stream_headers_get_the_contract_status() {
     let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
-    let server = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
+    let server = mesh.b.serve(8080, |l| async move {
         let got = apps::echo_one(&l).await?;
         // Only the valid stream reaches the application.
         let another = tokio::time::timeout(Duration::from_secs(1), l.accept())
@@ -401,7 +395,6 @@ fn quic_stream_headers_get_the_contract_status() {
             .is_ok();
         Ok::<_, std::io::Error>((got, another))
     });
-    std::thread::sleep(Duration::from_millis(100));
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     let (statuses, garbled, echoed) = mesh.c.block_on(async move {
         let ep = client_endpoint();
@@ -574,8 +567,7 @@ fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
 #[test]
 fn a_stream_whose_header_never_completes_is_refused_and_blocks_nothing() {
     let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
-    let server = mesh.b.spawn(apps::echo_once(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    let server = mesh.b.serve(8080, apps::echo_once);
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     let (echoed, status, rest) = mesh.c.block_on(async move {
         let ep = client_endpoint();
@@ -686,8 +678,7 @@ fn silent_quic_handshakes_are_capped_per_peer_and_keep_no_one_out() {
     );
 
     // Meanwhile a's daemon tunnels a connection to b over QUIC.
-    let server = mesh.b.spawn(apps::echo_once(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    let server = mesh.b.serve(8080, apps::echo_once);
     let echoed = mesh
         .a
         .block_on(apps::send_and_read(B_IP, 8080, b"still served"))
@@ -784,8 +775,7 @@ fn under_load_new_quic_connections_must_prove_their_address() {
     pending(3.0);
 
     // a's daemon dials b on QUIC, answers the Retry and carries a connection.
-    let server = mesh.b.spawn(apps::echo_once(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    let server = mesh.b.serve(8080, apps::echo_once);
     let echoed = mesh
         .a
         .block_on(apps::send_and_read(B_IP, 8080, b"validated"))
@@ -817,8 +807,7 @@ fn idle_quic_connections_are_closed_and_busy_ones_kept() {
         ..Default::default()
     };
     let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
-    mesh.b.spawn(apps::echo_interactive(8080));
-    std::thread::sleep(Duration::from_millis(100));
+    mesh.b.serve(8080, apps::echo_interactive);
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     mesh.c.block_on(async move {
         let ep = client_endpoint();

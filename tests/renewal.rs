@@ -27,8 +27,7 @@ fn transfer_spanning_a_certificate_renewal_is_not_interrupted() {
     let mesh = Mesh::start(short(), short()).expect("test bed");
     let before = serials(&mesh.a);
     assert_eq!(before.len(), 1, "one local workload on node a");
-    let server = mesh.b.spawn(async {
-        let l = apps::listen(8080).await;
+    let server = mesh.b.serve(8080, |l| async move {
         let (mut s, _) = l.accept().await?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -42,7 +41,6 @@ fn transfer_spanning_a_certificate_renewal_is_not_interrupted() {
         s.write_all(&h.finalize()).await?;
         Ok::<_, std::io::Error>(())
     });
-    std::thread::sleep(Duration::from_millis(100));
     let (sent, echoed) = mesh
         .a
         .block_on(async {

@@ -117,15 +117,14 @@ pub async fn listen(port: u16) -> TcpListener {
         .expect("bind test app")
 }
 
-/// Accepts one connection on `port`, reads it to its end, echoes what it read and half-closes;
+/// Accepts one connection on `l`, reads it to its end, echoes what it read and half-closes;
 /// returns what it read.
-pub async fn echo_once(port: u16) -> std::io::Result<Vec<u8>> {
-    echo_one(&listen(port).await).await
+pub async fn echo_once(l: TcpListener) -> std::io::Result<Vec<u8>> {
+    echo_one(&l).await
 }
 
-/// Accepts one connection on `port` and echoes it as bytes arrive, until it ends.
-pub async fn echo_interactive(port: u16) {
-    let l = listen(port).await;
+/// Accepts one connection on `l` and echoes it as bytes arrive, until it ends.
+pub async fn echo_interactive(l: TcpListener) {
     let (s, _) = l.accept().await.expect("accept");
     let (mut r, mut w) = s.into_split();
     let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -151,10 +150,9 @@ pub async fn send_and_read(ip: &str, port: u16, msg: &[u8]) -> std::io::Result<V
     Ok(back)
 }
 
-/// Answers every connection on `port` (both address families: `[::]` takes IPv4 too) with the
-/// peer's address, until the task is dropped.
-pub async fn whoami_server(port: u16) {
-    let l = TcpListener::bind(("::", port)).await.expect("bind");
+/// Answers every connection on `l` with the peer's address, until the task is dropped (bound
+/// on `[::]` by [`crate::netns::Netns::serve_dual`], it takes both address families).
+pub async fn whoami_server(l: TcpListener) {
     loop {
         let Ok((mut s, peer)) = l.accept().await else {
             continue;

@@ -14,3 +14,4 @@ pub mod mesh;
 pub mod netns;
 pub mod raw_h2;
 pub mod testbed;
+pub mod watchdog;

@@ -134,8 +134,7 @@ impl Mesh {
         use crate::apps::{self, pattern_digest};
         let server = self
             .b
-            .spawn(async move { apps::exchange_server(apps::listen(8080).await, 2, len).await });
-        std::thread::sleep(Duration::from_millis(100));
+            .serve(8080, move |l| apps::exchange_server(l, 2, len));
         let (digest, n) = self
             .a
             .block_on(async move {
@@ -165,8 +164,7 @@ impl Mesh {
     pub fn check_half_close_both_ways(&self) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         use tokio::net::TcpStream;
-        let server = self.b.spawn(async {
-            let l = crate::apps::listen(8080).await;
+        let server = self.b.serve(8080, |l| async move {
             let (mut s, _) = l.accept().await?;
             let mut got = Vec::new();
             s.read_to_end(&mut got).await?;
@@ -180,7 +178,6 @@ impl Mesh {
             s.read_to_end(&mut tail).await?;
             Ok::<_, std::io::Error>(tail)
         });
-        std::thread::sleep(Duration::from_millis(100));
         let (first, second) = self
             .a
             .block_on(async {

@@ -133,6 +133,7 @@ pub struct Netns {
 impl Netns {
     /// Creates the namespace with `lo` up.
     pub fn new(name: &str) -> Result<Self> {
+        crate::watchdog::arm();
         let _ = sh("ip", &["netns", "del", name]);
         sh("ip", &["netns", "add", name])?;
         sh("ip", &["-n", name, "link", "set", "lo", "up"])?;
@@ -192,6 +193,33 @@ impl Netns {
         F::Output: Send + 'static,
     {
         self.rt.spawn(fut)
+    }
+
+    /// Binds `port` on every IPv4 address of this host, then runs `serve` on the listener inside
+    /// the namespace: a client started once this returns finds the port open, with no wait.
+    pub fn serve<F, Fut>(&self, port: u16, serve: F) -> tokio::task::JoinHandle<Fut::Output>
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut,
+        Fut: Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let l = self.block_on(crate::apps::listen(port));
+        self.spawn(serve(l))
+    }
+
+    /// Like [`Netns::serve`], on `[::]`: both address families.
+    pub fn serve_dual<F, Fut>(&self, port: u16, serve: F) -> tokio::task::JoinHandle<Fut::Output>
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut,
+        Fut: Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let l = self.block_on(async move {
+            tokio::net::TcpListener::bind(("::", port))
+                .await
+                .expect("bind test app on [::]")
+        });
+        self.spawn(serve(l))
     }
 
     /// Waits for a task started with [`Netns::spawn`].

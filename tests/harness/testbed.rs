@@ -690,9 +690,12 @@ impl Drop for TestBed {
     }
 }
 
-/// Starts tcpdump on `iface` in `ns` writing to `pcap`; stop it with [`stop_capture`].
+/// Starts tcpdump on `iface` in `ns` writing to `pcap`, and returns once it is capturing (it
+/// said `listening on`, which it says once its capture is open and filtered): a packet sent
+/// after this returns is in the capture. Stop it with [`stop_capture`].
 pub fn start_capture(ns: &Netns, iface: &str, pcap: &Path) -> Result<std::process::Child> {
-    let child = crate::daemon::die_with_test(&mut std::process::Command::new("ip"))
+    use std::io::BufRead;
+    let mut child = crate::daemon::die_with_test(&mut std::process::Command::new("ip"))
         .args([
             "netns",
             "exec",
@@ -706,11 +709,32 @@ pub fn start_capture(ns: &Netns, iface: &str, pcap: &Path) -> Result<std::proces
         ])
         .arg(pcap)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .context("tcpdump (apt-get install tcpdump)")?;
-    std::thread::sleep(Duration::from_millis(1000));
-    Ok(child)
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut said = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            said.push_str(&line);
+            said.push('\n');
+            // Read on until tcpdump exits, so that it never blocks on a full pipe.
+            if line.contains("listening on") {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        let _ = tx.send(Err(said));
+    });
+    let failed = match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Ok(())) => return Ok(child),
+        Ok(Err(said)) => format!("exited without capturing: {said}"),
+        Err(_) => "not capturing after 10 s".to_owned(),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    anyhow::bail!("tcpdump on {iface} in {}: {failed}", ns.name)
 }
 
 /// What a capture saw: the packet lines (TCP unless another filter was asked for) and

@@ -10,11 +10,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::daemon::metric;
-use ztunnel_e2e::testbed::TestBed;
+use ztunnel_e2e::testbed::{self, TestBed};
 
 /// Echoes on `port`, counting the connections the application accepted.
-pub async fn counting_echo(port: u16, accepted: Arc<AtomicUsize>) {
-    let l = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
+pub async fn counting_echo(l: TcpListener, accepted: Arc<AtomicUsize>) {
     loop {
         let Ok((mut s, _)) = l.accept().await else {
             continue;
@@ -78,18 +77,38 @@ pub struct Bed {
 
 impl Bed {
     pub fn start() -> Bed {
-        let bed = TestBed::start();
+        Self::with(TestBed::start())
+    }
+
+    /// The bed with every daemon tunnelling over QUIC between the pods (HTTP/2 only as its
+    /// fallback).
+    pub fn start_quic() -> Bed {
+        Self::with(
+            TestBed::start_configured(
+                testbed::default_pods(),
+                Vec::new(),
+                &[
+                    ("ZTUNNEL_QUIC_LISTEN", "true"),
+                    ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16"),
+                ],
+            )
+            .expect("test bed"),
+        )
+    }
+
+    fn with(bed: TestBed) -> Bed {
         let accepted = Arc::new(AtomicUsize::new(0));
         for port in [8080, 9090] {
+            let accepted = accepted.clone();
             bed.pod("server")
                 .ns
-                .spawn(counting_echo(port, accepted.clone()));
+                .serve(port, |l| counting_echo(l, accepted));
         }
         let echo_accepted = Arc::new(AtomicUsize::new(0));
+        let accepted_by_echo = echo_accepted.clone();
         bed.pod("echo")
             .ns
-            .spawn(counting_echo(8080, echo_accepted.clone()));
-        std::thread::sleep(Duration::from_millis(100));
+            .serve(8080, |l| counting_echo(l, accepted_by_echo));
         Bed {
             bed,
             accepted,
