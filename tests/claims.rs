@@ -15,15 +15,9 @@ const UNTESTED: &[&str] = &[
     "enrollment_try_again",
     "inbound_no_certificate",
     "inbound_peer_identity",
-    "inbound_plaintext_app_unreachable",
-    "inbound_plaintext_no_original_dst",
-    "inbound_plaintext_recursion",
-    "inbound_plaintext_unknown_destination",
     "inbound_quic_error",
     "missing_authority",
     "outbound_no_certificate",
-    "outbound_no_original_dst",
-    "outbound_no_route",
 ];
 
 fn root() -> PathBuf {
