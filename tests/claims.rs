@@ -13,11 +13,9 @@ const UNTESTED: &[&str] = &[
     "enrollment_failed",
     "enrollment_other_mesh",
     "enrollment_try_again",
-    "inbound_no_certificate",
     "inbound_peer_identity",
     "inbound_quic_error",
     "missing_authority",
-    "outbound_no_certificate",
 ];
 
 fn root() -> PathBuf {

@@ -3,8 +3,10 @@
 //! original destination, to an address of `b` that is no workload's, to a daemon port, or to a
 //! closed application port; an outbound connection of `a`'s workload that reaches `a`'s daemon
 //! without a readable original destination, or whose destination is a mesh workload's daemon
-//! port. Each is reset, reaches no application, and is counted in
-//! `ztunnel_refusals_total{reason}` and logged. Needs root, `ip` and `nft`.
+//! port; and, with a CA that cannot be reached, a workload without a certificate, as the
+//! source of an outbound connection and as the destination of a tunnel. Each is reset, reaches
+//! no application, and is counted in `ztunnel_refusals_total{reason}` and logged. Needs root,
+//! `ip` and `nft`.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -13,8 +15,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::apps;
-use ztunnel_e2e::daemon::{access_lines, metric};
-use ztunnel_e2e::mesh::{Mesh, B_IP, C_IP};
+use ztunnel_e2e::daemon::{self, access_lines, metric};
+use ztunnel_e2e::mesh::{Mesh, NodeOptions, A_IP, B_IP, C_IP};
 use ztunnel_e2e::netns::Netns;
 
 /// Connects from `ns` to `dst`, writes a few bytes and reads: the error the connection ended
@@ -243,4 +245,70 @@ fn an_outbound_connection_with_no_route_is_reset_at_the_source() {
         0.0,
         "{mb}"
     );
+}
+
+/// A CA address where nothing listens (in the daemon's own namespace): every signing
+/// request fails at once.
+const NO_CA: &str = "127.0.0.1:15012";
+
+/// `b`'s daemon asks a CA that cannot be reached: it is not ready, and its workload has no
+/// certificate. A tunnel from `a`'s workload is reset by `b` before any TLS (counted as
+/// `inbound_no_certificate`, logged); `a`'s daemon, whose tunnel failed, resets its client;
+/// `b`'s application sees nothing.
+#[test]
+fn a_tunnel_to_a_workload_without_a_certificate_is_refused() {
+    let b = NodeOptions {
+        ca_address: Some(NO_CA.into()),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    let (status, _) = daemon::http(&mesh.b, "GET", "127.0.0.1:15021", "/healthz/ready")
+        .expect("the readiness endpoint answers");
+    assert_ne!(status, 200, "a daemon whose CA is unreachable is not ready");
+    let l = app(&mesh.b, 8080);
+    assert_reset(&exchange(&mesh.a, format!("{B_IP}:8080").parse().unwrap()));
+    let mb = assert_refused_once(&mesh.b, "inbound_no_certificate");
+    assert_eq!(
+        metric(
+            &mb,
+            "ztunnel_refusals_total",
+            &[("reason", "inbound_tls_handshake")]
+        ),
+        0.0,
+        "refused before TLS: {mb}"
+    );
+    assert_refused_once(&mesh.a, "outbound_tunnel_failed");
+    assert_nothing_accepted(&mesh.b, l);
+    let log = mesh.b_daemon.log();
+    assert!(log.contains("no certificate; tunnel refused"), "{log}");
+}
+
+/// `b`'s daemon asks a CA that cannot be reached, so its workload has no certificate: an
+/// outbound connection of that workload (to `a`'s application) is reset by `b`'s daemon
+/// without any tunnel (never sent in plaintext), counted as `outbound_no_certificate` and
+/// logged; `a`'s application sees nothing.
+#[test]
+fn an_outbound_connection_of_a_workload_without_a_certificate_is_reset() {
+    let b = NodeOptions {
+        ca_address: Some(NO_CA.into()),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    let l = app(&mesh.a, 8080);
+    assert_reset(&exchange(&mesh.b, format!("{A_IP}:8080").parse().unwrap()));
+    let mb = assert_refused_once(&mesh.b, "outbound_no_certificate");
+    assert_eq!(
+        metric(&mb, "ztunnel_pool_connections_opened_total", &[]),
+        0.0,
+        "{mb}"
+    );
+    assert_nothing_accepted(&mesh.a, l);
+    let ma = Mesh::metrics(&mesh.a);
+    assert_eq!(
+        metric(&ma, "ztunnel_hbone_connections_accepted_total", &[]),
+        0.0,
+        "{ma}"
+    );
+    let log = mesh.b_daemon.log();
+    assert!(log.contains("no certificate; refused"), "{log}");
 }
