@@ -10,9 +10,6 @@ use std::path::{Path, PathBuf};
 
 /// Reasons of the README's table that no test names yet.
 const UNTESTED: &[&str] = &[
-    "enrollment_failed",
-    "enrollment_other_mesh",
-    "enrollment_try_again",
     "inbound_peer_identity",
     "inbound_quic_error",
     "missing_authority",
