@@ -9,11 +9,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Reasons of the README's table that no test names yet.
-const UNTESTED: &[&str] = &[
-    "inbound_peer_identity",
-    "inbound_quic_error",
-    "missing_authority",
-];
+const UNTESTED: &[&str] = &["inbound_peer_identity", "missing_authority"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
