@@ -1,6 +1,7 @@
 //! In-pod capture on the two-node test bed (`harness/testbed.rs`): pods wired by Debian's
-//! `bridge` + `host-local` with `ztunnel-cni` chained after them, one daemon per node. Needs
-//! root, `ip`, `nft`, `tcpdump` and `containernetworking-plugins`.
+//! `bridge` + `host-local` with `ztunnel-cni` chained after them, one daemon per node; a
+//! connection to a Service with no endpoint reset at the source. Needs root, `ip`, `nft`,
+//! `tcpdump` and `containernetworking-plugins`.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -560,5 +561,49 @@ fn dual_stack_quic_tunnels_carry_both_families_over_udp_15008_only() {
         metric(&m1, "ztunnel_quic_fallbacks_total", &[]),
         0.0,
         "{m1}"
+    );
+}
+
+/// A connection from an enrolled pod to the Service's VIP while the Service has no endpoint
+/// (its one pod, `server`, does not run): the source's daemon has nowhere to send it and
+/// resets it at once, counts it as `outbound_no_route` and logs it; no tunnel is opened.
+#[test]
+fn a_connection_to_a_service_with_no_endpoint_is_reset_at_the_source() {
+    let pods = testbed::default_pods()
+        .into_iter()
+        .filter(|p| p.name != "server")
+        .collect();
+    let bed = TestBed::start_with(pods).expect("test bed");
+    let outcome = bed.pod("client").ns.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), request(VIP, 80, "hello"))
+            .await
+            .expect("the connection was neither answered nor ended within 5 s")
+    });
+    match &outcome {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) => {}
+        other => panic!("the connection must be reset: {other:?}"),
+    }
+    let labels = [("reason", "outbound_no_route")];
+    let m = bed.metrics_when(0, "ztunnel_refusals_total", &labels, 1.0);
+    assert_eq!(metric(&m, "ztunnel_refusals_total", &labels), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "ztunnel_pool_connections_opened_total", &[]),
+        0.0,
+        "{m}"
+    );
+    let log = bed.log(0);
+    assert!(log.contains("no route; refused"), "{log}");
+    let dst = format!("{VIP}:80");
+    let line = access_lines(&log)
+        .into_iter()
+        .find(|l| l["dst_addr"] == dst.as_str())
+        .unwrap_or_else(|| panic!("no access line for {dst}:\n{log}"));
+    assert_eq!(
+        line["error"], "service demo/server has no endpoint",
+        "{line}"
     );
 }

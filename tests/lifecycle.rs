@@ -1,5 +1,6 @@
 //! Enrollment and daemon lifecycle on the two-node test bed: the CNI chain with a real
-//! daemon (prevResult, CHECK, DEL, the spec's errors), a daemon killed (enrolled pods'
+//! daemon (prevResult, CHECK, DEL, the spec's errors, ADDs the daemon refuses: not known yet,
+//! handled by Istio already, listeners that cannot be bound), a daemon killed (enrolled pods'
 //! connections refused, never plaintext; kubelet-style probes still reach the application),
 //! a daemon restarted (pods created before it are served again), a new daemon beside the old
 //! one taking every new connection, and a rolling restart under a steady stream of new
@@ -700,4 +701,108 @@ fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
         .block_on(echo_on(held.pop().unwrap(), b"still served"))
         .expect("an open stream of a draining connection is still served");
     assert_eq!(got, b"still served");
+}
+
+/// The daemon's reason for refusing an ADD, from the plugin's error object.
+fn add_error_details(out: &ztunnel_e2e::cni::Outcome) -> String {
+    out.json()["details"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Waits (up to 5 s) until node `i`'s daemon counts `reason` once; asserts it.
+fn assert_refused_once(bed: &TestBed, i: usize, reason: &str) {
+    let labels = [("reason", reason)];
+    let m = bed.metrics_when(i, "ztunnel_refusals_total", &labels, 1.0);
+    assert_eq!(
+        daemon::metric(&m, "ztunnel_refusals_total", &labels),
+        1.0,
+        "{m}"
+    );
+}
+
+/// The ADD of a pod of an enrolled namespace that discovery does not know yet fails with CNI
+/// code 11 (the runtime tries again) and the daemon's reason; the pod gets no capture rules;
+/// the daemon counts `enrollment_try_again` and logs it.
+#[test]
+fn an_add_for_a_pod_discovery_does_not_know_yet_fails_to_be_tried_again() {
+    let bed = TestBed::start();
+    let (outs, pod) = bed
+        .try_add_pod(late("stranger", "demo", "10.20.1.30"))
+        .unwrap();
+    assert_eq!(outs[0].code, 0, "bridge: {:?}", outs[0]);
+    assert_eq!(outs[1].error_code(), Some(11), "{:?}", outs[1]);
+    let details = add_error_details(&outs[1]);
+    assert!(
+        details.contains("demo/stranger is not known to discovery yet"),
+        "{:?}",
+        outs[1]
+    );
+    assert!(!has_table(&pod.ns), "no capture rules for a refused pod");
+    assert_refused_once(&bed, 0, "enrollment_try_again");
+    let log = bed.log(0);
+    assert!(log.contains("cannot enroll yet"), "{log}");
+}
+
+/// The ADD of a pod that Istio already handles (annotated `sidecar.istio.io/status`, in an
+/// enrolled namespace) is refused: the plugin answers "not enrolled", so the chain succeeds
+/// with the primary plugin's result unchanged, the pod gets no capture rules, and the daemon
+/// counts `enrollment_other_mesh` and logs why.
+#[test]
+fn an_add_for_a_pod_istio_already_handles_is_refused_and_let_through() {
+    let known = vec![late("sidecar", "demo", "10.20.1.31")];
+    let bed = TestBed::start_known(default_pods(), known.clone()).expect("test bed");
+    bed.edit_discovery(|doc| {
+        for w in doc["workloads"].as_array_mut().expect("workloads") {
+            if w["name"] == "sidecar" {
+                w["annotations"] = json!({"sidecar.istio.io/status": "{}"});
+            }
+        }
+    })
+    .expect("the annotated pod loaded");
+    let (outs, pod) = bed.try_add_pod(known[0].clone()).unwrap();
+    assert!(outs.iter().all(|o| o.code == 0), "{outs:?}");
+    assert_eq!(
+        outs[1].json(),
+        outs[0].json(),
+        "prevResult must pass through"
+    );
+    assert!(!has_table(&pod.ns), "no capture rules for a refused pod");
+    assert_refused_once(&bed, 0, "enrollment_other_mesh");
+    let log = bed.log(0);
+    let line = log
+        .lines()
+        .find(|l| l.contains("not enrolled: refused"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    assert!(line.contains("sidecar.istio.io/status"), "{line}");
+}
+
+/// The ADD of a pod whose tunnel port (15008) is already held in its netns, so that the
+/// daemon cannot bind its listeners there, fails with CNI code 11 and the daemon's error; the
+/// daemon counts `enrollment_failed` and logs it.
+#[test]
+fn an_add_whose_listeners_cannot_be_bound_fails_to_be_tried_again() {
+    let known = vec![late("busy", "demo", "10.20.1.32")];
+    let bed = TestBed::start_known(default_pods(), known.clone()).expect("test bed");
+    let mut held = None;
+    let (outs, _pod) = bed
+        .try_add_pod_after(known[0].clone(), |ns| {
+            let l = ns.block_on(async { std::net::TcpListener::bind("0.0.0.0:15008") })?;
+            held = Some(l);
+            Ok(())
+        })
+        .unwrap();
+    assert!(held.is_some());
+    assert_eq!(outs[0].code, 0, "bridge: {:?}", outs[0]);
+    assert_eq!(outs[1].error_code(), Some(11), "{:?}", outs[1]);
+    let details = add_error_details(&outs[1]);
+    assert!(
+        details.contains("cannot listen in the pod's netns"),
+        "{:?}",
+        outs[1]
+    );
+    assert_refused_once(&bed, 0, "enrollment_failed");
+    let log = bed.log(0);
+    assert!(log.contains("enrollment failed"), "{log}");
 }

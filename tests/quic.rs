@@ -5,13 +5,20 @@
 //! daemons' counters and `a`'s pool listing), the fall back to HTTP/2 when `b`
 //! does not answer on UDP (counted once, then HTTP/2 only), an unexpected server identity
 //! refused with no fall back, and, from a raw QUIC client outside the mesh, the status of
-//! each stream header and a client certificate of an untrusted CA refused at the handshake.
+//! each stream header and a client certificate of an untrusted CA refused at the handshake;
+//! a peer that breaks the protocol once authenticated closed on the error and counted.
 //! Silent QUIC handshakes are capped per peer, and under load new connections must answer a
 //! Retry before they take a place. Needs root, `ip` and `nft`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use quinn_proto::crypto::{
+    ClientConfig as CryptoClientConfig, ExportKeyingMaterialError, HeaderKey, KeyPair, Keys,
+    PacketKey, Session,
+};
+use quinn_proto::transport_parameters::TransportParameters;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztunnel::ca::{issue, LocalCa};
@@ -841,4 +848,138 @@ fn idle_quic_connections_are_closed_and_busy_ones_kept() {
             "the busy connection was kept"
         );
     });
+}
+
+/// A client crypto configuration that tells its QUIC connection the server allows one
+/// unidirectional stream where the server allows none (the tunnel uses bidirectional streams
+/// only): the connection then opens one, a protocol violation of a broken or hostile peer.
+struct ClaimsOneUniStream(Arc<quinn::crypto::rustls::QuicClientConfig>);
+
+impl CryptoClientConfig for ClaimsOneUniStream {
+    fn start_session(
+        self: Arc<Self>,
+        version: u32,
+        server_name: &str,
+        params: &TransportParameters,
+    ) -> Result<Box<dyn Session>, quinn_proto::ConnectError> {
+        let inner = self.0.clone().start_session(version, server_name, params)?;
+        Ok(Box::new(OneUniStreamSession(inner)))
+    }
+}
+
+/// The rustls session, but for the server's transport parameters it reports: those it
+/// received plus `initial_max_streams_uni = 1`.
+struct OneUniStreamSession(Box<dyn Session>);
+
+impl Session for OneUniStreamSession {
+    fn initial_keys(&self, dst_cid: &quinn_proto::ConnectionId, side: quinn_proto::Side) -> Keys {
+        self.0.initial_keys(dst_cid, side)
+    }
+    fn handshake_data(&self) -> Option<Box<dyn std::any::Any>> {
+        self.0.handshake_data()
+    }
+    fn peer_identity(&self) -> Option<Box<dyn std::any::Any>> {
+        self.0.peer_identity()
+    }
+    fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn PacketKey>)> {
+        self.0.early_crypto()
+    }
+    fn early_data_accepted(&self) -> Option<bool> {
+        self.0.early_data_accepted()
+    }
+    fn is_handshaking(&self) -> bool {
+        self.0.is_handshaking()
+    }
+    fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, quinn_proto::TransportError> {
+        self.0.read_handshake(buf)
+    }
+    fn transport_parameters(
+        &self,
+    ) -> Result<Option<TransportParameters>, quinn_proto::TransportError> {
+        let Some(params) = self.0.transport_parameters()? else {
+            return Ok(None);
+        };
+        let mut raw = Vec::new();
+        params.write(&mut raw);
+        // initial_max_streams_uni (id 0x09, one byte long) = 1. The server's is 0, the
+        // default, which is never written: the parameter is not there twice.
+        raw.extend_from_slice(&[0x09, 0x01, 0x01]);
+        Ok(Some(TransportParameters::read(
+            quinn_proto::Side::Client,
+            &mut raw.as_slice(),
+        )?))
+    }
+    fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
+        self.0.write_handshake(buf)
+    }
+    fn next_1rtt_keys(&mut self) -> Option<KeyPair<Box<dyn PacketKey>>> {
+        self.0.next_1rtt_keys()
+    }
+    fn is_valid_retry(
+        &self,
+        orig_dst_cid: &quinn_proto::ConnectionId,
+        header: &[u8],
+        payload: &[u8],
+    ) -> bool {
+        self.0.is_valid_retry(orig_dst_cid, header, payload)
+    }
+    fn export_keying_material(
+        &self,
+        output: &mut [u8],
+        label: &[u8],
+        context: &[u8],
+    ) -> Result<(), ExportKeyingMaterialError> {
+        self.0.export_keying_material(output, label, context)
+    }
+}
+
+/// A peer that authenticates with a mesh certificate and then breaks the QUIC protocol (it
+/// opens a unidirectional stream, which the daemon allows none of): `b` closes the connection
+/// with `STREAM_LIMIT_ERROR`, counts `inbound_quic_error` and logs it; the application sees
+/// nothing.
+#[test]
+fn a_quic_connection_closed_on_a_protocol_error_is_counted() {
+    let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
+    let l = mesh.b.block_on(apps::listen(8080));
+    let mut tls = (*mesh.client_tls()).clone();
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
+    let cfg = quinn::ClientConfig::new(Arc::new(ClaimsOneUniStream(Arc::new(crypto))));
+    let closed = mesh.c.block_on(async move {
+        let ep = client_endpoint();
+        let conn = quic::connect(&ep, tunnel_addr(), cfg)
+            .await
+            .expect("QUIC handshake with b");
+        let mut uni = conn.open_uni().await.expect("a stream b never allowed");
+        // The write may fail once b has closed the connection: what b did is in `closed`.
+        let _ = uni.write_all(b"not allowed").await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .expect("b closes the connection within 5 s");
+        ep.wait_idle().await;
+        closed
+    });
+    match &closed {
+        quinn::ConnectionError::ConnectionClosed(close) => assert_eq!(
+            u64::from(close.error_code),
+            0x4,
+            "STREAM_LIMIT_ERROR: {close:?}"
+        ),
+        other => panic!("b must close the connection with a transport error: {other:?}"),
+    }
+    let labels = [("reason", "inbound_quic_error")];
+    let mb = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
+    expect_metric(&mb, "ztunnel_refusals_total", &labels, 1.0);
+    expect_metric(&mb, "ztunnel_quic_connections_accepted_total", &[], 1.0);
+    let accepted = mesh.b.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(1), l.accept())
+            .await
+            .is_ok()
+    });
+    assert!(!accepted, "the application must not see the broken peer");
+    let log = mesh.b_daemon.log();
+    assert!(
+        log.contains("QUIC tunnel connection closed on an error"),
+        "b logs the closed connection:\n{log}"
+    );
 }

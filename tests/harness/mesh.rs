@@ -81,6 +81,10 @@ pub struct NodeOptions {
     /// Workloads as this daemon's discovery file describes them.
     pub workloads: Vec<Wl>,
     pub extra_args: Vec<String>,
+    /// Ask the `ztunnel ca` at this address (trusting the bed's root, with a token file)
+    /// instead of signing in-process. A daemon whose CA does not answer never becomes ready:
+    /// the bed waits for it to serve its metrics instead.
+    pub ca_address: Option<String>,
 }
 
 pub fn default_workloads() -> Vec<Wl> {
@@ -107,6 +111,7 @@ impl Default for NodeOptions {
             ca_dir: None,
             workloads: default_workloads(),
             extra_args: Vec::new(),
+            ca_address: None,
         }
     }
 }
@@ -220,6 +225,13 @@ impl Mesh {
         ztunnel::ca::LocalCa::load_or_create(&ca_dir, TRUST_DOMAIN)?;
         let a_daemon = start_daemon(&a, "node-a", dir.path(), &ca_dir, &a_opts)?;
         let b_daemon = start_daemon(&b, "node-b", dir.path(), &ca_dir, &b_opts)?;
+        // A daemon of a remote CA is ready only if that CA answers; it serves its metrics
+        // (and its listeners, bound before) either way.
+        let wait_on = |o: &NodeOptions| match o.ca_address {
+            None => ("127.0.0.1:15021", "/healthz/ready"),
+            Some(_) => ("127.0.0.1:15020", "/metrics"),
+        };
+        let (a_wait, b_wait) = (wait_on(&a_opts), wait_on(&b_opts));
         let mut mesh = Mesh {
             a_daemon,
             b_daemon,
@@ -234,15 +246,15 @@ impl Mesh {
         daemon::wait_ready(
             &mesh.a,
             &mut mesh.a_daemon,
-            "127.0.0.1:15021",
-            "/healthz/ready",
+            a_wait.0,
+            a_wait.1,
             Duration::from_secs(20),
         )?;
         daemon::wait_ready(
             &mesh.b,
             &mut mesh.b_daemon,
-            "127.0.0.1:15021",
-            "/healthz/ready",
+            b_wait.0,
+            b_wait.1,
             Duration::from_secs(20),
         )?;
         Ok(mesh)
@@ -347,6 +359,21 @@ fn start_daemon(
     let file = dir.join(format!("{node}.yaml"));
     std::fs::write(&file, discovery_yaml(&o.trust_domain, &o.workloads))?;
     let ca = o.ca_dir.clone().unwrap_or_else(|| ca_dir.to_path_buf());
+    let signer: Vec<String> = match &o.ca_address {
+        None => vec!["--ca-dir".into(), ca.display().to_string()],
+        Some(address) => {
+            let token = dir.join(format!("{node}-ca-token"));
+            std::fs::write(&token, "a-token\n")?;
+            vec![
+                "--ca-address".into(),
+                address.clone(),
+                "--ca-root-cert".into(),
+                ca.join("root-cert.pem").display().to_string(),
+                "--ca-token-file".into(),
+                token.display().to_string(),
+            ]
+        }
+    };
     let mut args: Vec<String> = vec![
         "run".into(),
         // This test bed installs its own node-wide rules; the daemon listens on its addresses.
@@ -358,13 +385,12 @@ fn start_daemon(
         o.trust_domain.clone(),
         "--discovery-file".into(),
         file.display().to_string(),
-        "--ca-dir".into(),
-        ca.display().to_string(),
         "--drain-grace".into(),
         "1s".into(),
         "--state-dir".into(),
         dir.join(format!("{node}-state")).display().to_string(),
     ];
+    args.extend(signer);
     args.extend(o.extra_args.iter().cloned());
     Process::start(ns, node, dir, &args, &[])
 }

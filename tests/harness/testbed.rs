@@ -498,10 +498,21 @@ impl TestBed {
     /// Creates the pod's netns and runs ADD; returns every plugin's outcome and the pod
     /// (whose `result` is the last plugin's output), without judging them.
     pub fn try_add_pod(&self, spec: PodSpec) -> Result<(Vec<cni::Outcome>, Pod)> {
+        self.try_add_pod_after(spec, |_| Ok(()))
+    }
+
+    /// Like [`TestBed::try_add_pod`], running `prepare` in the pod's new netns before the
+    /// chain's ADD (to hold a port there, say, as a process of the sandbox may).
+    pub fn try_add_pod_after(
+        &self,
+        spec: PodSpec,
+        prepare: impl FnOnce(&Netns) -> Result<()>,
+    ) -> Result<(Vec<cni::Outcome>, Pod)> {
         let ns = Netns::new(&format!("{}-{}", self.prefix, spec.name))?;
         if self.dual_stack {
             ipv6_without_dad(&ns, false)?;
         }
+        prepare(&ns)?;
         let a = self.attachment(&spec, &ns);
         let node = &self.nodes[spec.node];
         let lo = node.runtime.add(&cni::loopback_list(), &a)?;
@@ -634,6 +645,24 @@ impl TestBed {
             discovery_yaml_labels(&self.specs, &namespaces, &pod_labels, generation),
         )?;
         self.wait_loaded(&format!("gen-{generation}"))
+    }
+
+    /// Rewrites the discovery file as `edit` changes its document (as JSON), with a new
+    /// generation marker, and waits until both daemons have loaded it.
+    pub fn edit_discovery(&self, edit: impl FnOnce(&mut Value)) -> Result<()> {
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let marker = format!("gen-{generation}");
+        let mut doc: Value = serde_yaml::from_str(&std::fs::read_to_string(&self.discovery)?)?;
+        edit(&mut doc);
+        doc["namespaces"]
+            .as_array_mut()
+            .context("the discovery file lists namespaces")?
+            .push(json!({"name": marker, "labels": {}}));
+        std::fs::write(&self.discovery, serde_yaml::to_string(&doc)?)?;
+        self.wait_loaded(&marker)
     }
 
     /// Waits until both daemons serve the discovery file holding namespace `marker`.
