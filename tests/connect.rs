@@ -1,6 +1,7 @@
 //! CONNECT validation by a real daemon, from a client that holds a valid mesh certificate:
 //! reserved ports and closed application ports are 503, a target that is not the connection's
-//! local address is 400, a request that is not a CONNECT is 400, and a CONNECT carrying
+//! local address is 400, a request that is not a CONNECT is 400, a CONNECT without `:authority`
+//! (written by hand) is 400, and a CONNECT carrying
 //! `:scheme`/`:path` is reset with PROTOCOL_ERROR (RFC 9113 §8.5; h2 does not surface it as a
 //! request, so no 400 can be sent). The application sees none of these. A `forwarded` header
 //! is recorded in the access log beside the tunnel peer's own address, never in its place. A
@@ -251,4 +252,49 @@ fn a_captured_connection_from_an_address_of_no_workload_is_reset() {
     let labels = [("reason", "outbound_unknown_source")];
     let m = Mesh::metrics_when(&mesh.a, "ztunnel_refusals_total", &labels, 1.0);
     assert_eq!(metric(&m, "ztunnel_refusals_total", &labels), 1.0, "{m}");
+}
+
+/// A `CONNECT` without `:authority` (which HTTP/2 lets through: only the daemon can refuse it)
+/// is answered `400` on its stream, never reaches the application, and is counted as
+/// `missing_authority` and logged.
+#[test]
+fn a_connect_without_authority_is_answered_400() {
+    let mesh = Mesh::default_pair();
+    let l = mesh.b.block_on(apps::listen(8080));
+    let cfg = mesh.client_tls();
+    let outcome = mesh.c.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(format!("{B_IP}:15008"))
+            .await
+            .unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from(B_IP).unwrap(), tcp)
+            .await
+            .expect("mutual TLS with b");
+        let io = raw_h2::send(&mut tls, &[(":method", "CONNECT")]);
+        tokio::time::timeout(Duration::from_secs(5), io)
+            .await
+            .expect("an answer within 5 s")
+            .expect("the stream's answer")
+    });
+    // `:status: 400` is entry 12 of HPACK's static table: an indexed field, 0x80 | 12, first
+    // in the response's header block.
+    match &outcome {
+        Outcome::Headers(block) if block.first() == Some(&0x8c) => {}
+        other => panic!("the stream must be answered 400: {other:?}"),
+    }
+    let labels = [("reason", "missing_authority")];
+    let m = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
+    assert_eq!(metric(&m, "ztunnel_refusals_total", &labels), 1.0, "{m}");
+    let accepted = mesh.b.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(1), l.accept())
+            .await
+            .is_ok()
+    });
+    assert!(!accepted, "the application must not see the refused stream");
+    let log = mesh.b_daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("CONNECT refused") && l.contains("missing_authority")),
+        "{log}"
+    );
 }

@@ -56,16 +56,17 @@ pub fn validate<B>(req: &Request<B>, local_ip: IpAddr) -> Result<ConnectTarget, 
         ));
     }
     let uri = req.uri();
+    // The authority first: a URI without one reports a path (`/`) whatever was sent.
+    let authority = uri.authority().ok_or(Refusal::new(
+        StatusCode::BAD_REQUEST,
+        Reason::MissingAuthority,
+    ))?;
     if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty()) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             Reason::ConnectWithPath,
         ));
     }
-    let authority = uri.authority().ok_or(Refusal::new(
-        StatusCode::BAD_REQUEST,
-        Reason::MissingAuthority,
-    ))?;
     let target: SocketAddr = authority
         .as_str()
         .parse()
@@ -290,6 +291,9 @@ mod tests {
                 "http://10.0.0.2:8080/x",
                 Err((400, "connect_with_path")),
             ),
+            // What h2 hands over for a CONNECT without `:authority`: a URI of a path alone.
+            (Method::CONNECT, "/", Err((400, "missing_authority"))),
+            (Method::CONNECT, "/x", Err((400, "missing_authority"))),
             (
                 Method::CONNECT,
                 "10.0.0.3:8080",
