@@ -15,13 +15,30 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use ztunnel_proto::ca::SignRequest;
 
-use super::{generate_csr, CertSigner, Error, Identity, WorkloadCert};
+use super::{generate_csr, CertSigner, Error, Identity, SignError, WorkloadCert};
 
 #[derive(Clone, Debug)]
 enum Slot {
     Pending,
     Ready(Arc<WorkloadCert>),
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why the last signing failed. A refusal by the CA keeps its type through [`CertManager::fetch`]:
+/// readiness tells one identity's refusal from a CA that cannot be reached.
+#[derive(Clone, Debug)]
+enum Failure {
+    Refused(SignError),
+    Other(String),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Sign(refused @ SignError::Refused { .. }) => Failure::Refused(refused),
+            e => Failure::Other(e.to_string()),
+        }
+    }
 }
 
 struct Entry {
@@ -94,7 +111,10 @@ impl CertManager {
             .clone();
         match slot {
             Slot::Ready(c) => Ok(c),
-            Slot::Failed(e) => Err(Error::Certificate(format!("no certificate for {id}: {e}"))),
+            Slot::Failed(Failure::Refused(e)) => Err(Error::Sign(e)),
+            Slot::Failed(Failure::Other(e)) => {
+                Err(Error::Certificate(format!("no certificate for {id}: {e}")))
+            }
             Slot::Pending => unreachable!("waited past pending"),
         }
     }
@@ -208,7 +228,7 @@ async fn keep(
                 let still_valid =
                     matches!(&*tx.borrow(), Slot::Ready(c) if !c.expired(SystemTime::now()));
                 if !still_valid {
-                    tx.send_replace(Slot::Failed(e.to_string()));
+                    tx.send_replace(Slot::Failed(e.into()));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -227,11 +247,12 @@ mod tests {
     use crate::ca::LocalCa;
     use crate::identity::{BoxFuture, SignError};
 
-    /// Counts calls; fails while `fail` is set.
+    /// Counts calls; fails while `fail` is set, refuses while `refuse` is.
     struct Counting {
         ca: LocalCa,
         calls: AtomicUsize,
         fail: std::sync::atomic::AtomicBool,
+        refuse: std::sync::atomic::AtomicBool,
     }
 
     impl CertSigner for Counting {
@@ -241,6 +262,12 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 if self.fail.load(Ordering::SeqCst) {
                     return Err(SignError::Transport("down".into()));
+                }
+                if self.refuse.load(Ordering::SeqCst) {
+                    return Err(SignError::Refused {
+                        status: 403,
+                        message: "no such pod on this node".into(),
+                    });
                 }
                 CertSigner::sign(&self.ca, req).await
             })
@@ -254,6 +281,7 @@ mod tests {
             ca,
             calls: AtomicUsize::new(0),
             fail: Default::default(),
+            refuse: Default::default(),
         });
         (dir, s)
     }
@@ -283,6 +311,29 @@ mod tests {
         assert!(m.renewed_total() >= 1);
         // The old certificate still builds a working configuration.
         let _ = first.server_config();
+    }
+
+    /// A refusal reaches the caller as a refusal (readiness counts it against the identity, not
+    /// the node); an unreachable CA as another error.
+    #[tokio::test]
+    async fn a_refusal_keeps_its_type_through_fetch() {
+        let (_d, s) = signer();
+        s.refuse.store(true, Ordering::SeqCst);
+        let m = CertManager::new(s.clone(), Duration::from_secs(3600));
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let e = m.fetch(&id).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::Sign(SignError::Refused { status: 403, .. })),
+            "{e:?}"
+        );
+        let (_d, s) = signer();
+        s.fail.store(true, Ordering::SeqCst);
+        let m = CertManager::new(s, Duration::from_secs(3600));
+        let e = m.fetch(&id).await.unwrap_err();
+        assert!(
+            !matches!(&e, Error::Sign(SignError::Refused { .. })),
+            "{e:?}"
+        );
     }
 
     #[tokio::test]
