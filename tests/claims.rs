@@ -12,18 +12,7 @@ use std::path::{Path, PathBuf};
 use ztunnel::refusal::Reason;
 
 /// Reasons of the README's table that no test names yet.
-const UNTESTED: &[&str] = &[
-    // A peer certificate without a readable SPIFFE ID fails the daemon's TLS client-certificate
-    // verifier, which reads the identity with the same function (counted as
-    // `inbound_tls_handshake`): the check after the handshake is a second line that no peer,
-    // over TCP or QUIC, can reach.
-    "inbound_peer_identity",
-    // A `CONNECT` without `:authority` is answered `400` but counted as `connect_with_path`:
-    // `hbone::server::validate` checks the path first, and a URI without an authority always
-    // reports a path (`http::Uri` renders an empty one as `/`). Over QUIC an empty authority
-    // is a malformed stream header (`quic_bad_header`).
-    "missing_authority",
-];
+const UNTESTED: &[&str] = &[];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -65,12 +65,11 @@ reasons! {
     InboundHandshakeEvicted = "inbound_handshake_evicted", true;
     /// No TLS byte within the first-bytes timeout.
     InboundTlsFirstBytesTimeout = "inbound_tls_first_bytes_timeout", true;
-    /// A failed mutual-TLS handshake.
+    /// A failed mutual-TLS handshake, a peer certificate without exactly one readable SPIFFE ID
+    /// among them (the verifier reads the identity that policy sees).
     InboundTlsHandshake = "inbound_tls_handshake", true;
     /// No TLS handshake within its deadline.
     InboundTlsTimeout = "inbound_tls_timeout", true;
-    /// A peer certificate without a readable SPIFFE ID.
-    InboundPeerIdentity = "inbound_peer_identity", false;
     /// A tunnel connection closed on an HTTP/2 protocol error.
     InboundHttp2Error = "inbound_http2_error", true;
     /// No HTTP/2 preface within the handshakes' deadline.

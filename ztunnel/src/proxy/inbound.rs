@@ -204,7 +204,8 @@ async fn handshakes(
     let src = match identity::peer_identity(tls.get_ref().1.peer_certificates().unwrap_or(&[])) {
         Ok(id) => id,
         Err(e) => {
-            crate::refused!(pi.metrics, Reason::InboundPeerIdentity, %peer, error = %e, "tunnel peer identity unreadable; refused");
+            // The handshake's verifier has read the same identity: this is a second line.
+            crate::refused!(pi.metrics, Reason::InboundTlsHandshake, %peer, error = %e, "tunnel peer identity unreadable; refused");
             return None;
         }
     };

@@ -197,7 +197,8 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     let identity = match identity::peer_identity(&quic::peer_certificates(&conn)) {
         Ok(id) => id,
         Err(e) => {
-            crate::refused!(pi.metrics, Reason::InboundPeerIdentity, peer = %addr, error = %e, "QUIC tunnel peer identity unreadable; refused");
+            // The handshake's verifier has read the same identity: this is a second line.
+            crate::refused!(pi.metrics, Reason::InboundTlsHandshake, peer = %addr, error = %e, "QUIC tunnel peer identity unreadable; refused");
             conn.close(VarInt::from_u32(1), b"identity");
             return;
         }
