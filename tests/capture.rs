@@ -3,6 +3,8 @@
 //! connection to a Service with no endpoint reset at the source. Needs root, `ip`, `nft`,
 //! `tcpdump` and `containernetworking-plugins`.
 
+use std::time::Duration;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::apps;

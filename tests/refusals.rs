@@ -4,7 +4,8 @@
 //! closed application port; an outbound connection of `a`'s workload that reaches `a`'s daemon
 //! without a readable original destination, or whose destination is a mesh workload's daemon
 //! port; and, with a CA that cannot be reached, a workload without a certificate, as the
-//! source of an outbound connection and as the destination of a tunnel. Each is reset, reaches
+//! source of an outbound connection and as the destination of a tunnel; with a CA that
+//! refuses the workload's certificate, a daemon that stays ready and counts the refusal. Each is reset, reaches
 //! no application, and is counted in `ztunnel_refusals_total{reason}` and logged. Needs root,
 //! `ip` and `nft`.
 
@@ -15,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::apps;
-use ztunnel_e2e::daemon::{self, access_lines, metric};
+use ztunnel_e2e::daemon::{self, access_lines, metric, metric_or_zero};
 use ztunnel_e2e::mesh::{Mesh, NodeOptions, A_IP, B_IP, C_IP};
 use ztunnel_e2e::netns::Netns;
 
@@ -251,6 +252,9 @@ fn an_outbound_connection_with_no_route_is_reset_at_the_source() {
 /// request fails at once.
 const NO_CA: &str = "127.0.0.1:15012";
 
+/// Where the test's own refusing CA listens, in `b`'s namespace.
+const REFUSING_CA: &str = "127.0.0.1:15013";
+
 /// `b`'s daemon asks a CA that cannot be reached: it is not ready, and its workload has no
 /// certificate. A tunnel from `a`'s workload is reset by `b` before any TLS (counted as
 /// `inbound_no_certificate`, logged); `a`'s daemon, whose tunnel failed, resets its client;
@@ -311,4 +315,60 @@ fn an_outbound_connection_of_a_workload_without_a_certificate_is_reset() {
     );
     let log = mesh.b_daemon.log();
     assert!(log.contains("no certificate; refused"), "{log}");
+}
+
+/// A CA that answers and refuses `b`'s workload its certificate (a `ztunnel ca` issuing for
+/// another trust domain only) makes that one identity's problem, never the node's: `b`'s
+/// daemon becomes ready, counts the refusal against that identity
+/// (`ztunnel_certificate_refusals_total{identity}`) and logs it, and a tunnel to the workload
+/// is refused before TLS (`inbound_no_certificate`) while its application sees nothing.
+#[test]
+fn a_certificate_the_ca_refuses_leaves_the_daemon_ready_and_is_counted() {
+    let b = NodeOptions {
+        ca_address: Some(REFUSING_CA.into()),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    let tokens = mesh.dir.path().join("refusing-ca-tokens");
+    std::fs::write(&tokens, "a-token\n").unwrap();
+    let args: Vec<String> = [
+        "ca",
+        "--ca-dir",
+        &mesh.ca_dir.display().to_string(),
+        "--trust-domain",
+        "other.local",
+        "--listen",
+        REFUSING_CA,
+        "--token-file",
+        &tokens.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut ca = daemon::Process::start(&mesh.b, "refusing-ca", mesh.dir.path(), &args, &[])
+        .expect("start the CA");
+    let server = [("identity", "spiffe://cluster.local/ns/demo/sa/server")];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = Mesh::metrics(&mesh.b);
+        let refused = metric_or_zero(&m, "ztunnel_certificate_refusals_total", &server);
+        let (ready, _) = daemon::http(&mesh.b, "GET", "127.0.0.1:15021", "/healthz/ready")
+            .expect("the readiness endpoint answers");
+        if refused >= 1.0 && ready == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "refusals {refused}, readiness {ready}; CA alive: {}\n{}\n{}",
+            ca.alive(),
+            ca.log(),
+            mesh.b_daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = mesh.b_daemon.log();
+    assert!(log.contains("the CA refused a certificate"), "{log}");
+    let l = app(&mesh.b, 8080);
+    assert_reset(&exchange(&mesh.a, format!("{B_IP}:8080").parse().unwrap()));
+    assert_refused_once(&mesh.b, "inbound_no_certificate");
+    assert_nothing_accepted(&mesh.b, l);
 }
