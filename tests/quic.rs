@@ -648,6 +648,7 @@ fn silent_quic_handshakes_are_capped_per_peer_and_keep_no_one_out() {
     };
     let mesh = Mesh::start(quic_client(), b_opts).expect("test bed");
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
+    let (counted, release) = tokio::sync::oneshot::channel::<()>();
     // From c: 20 clients, each behind a relay that passes only its first datagram (the
     // Initial with the ClientHello) to b and drops b's answers.
     let silent = mesh.c.spawn(async move {
@@ -667,7 +668,7 @@ fn silent_quic_handshakes_are_capped_per_peer_and_keep_no_one_out() {
             keep.push((relay, upstream, ep, connecting));
         }
         // Held open until the test has counted.
-        tokio::time::sleep(Duration::from_secs(15)).await;
+        let _ = release.await;
         drop(keep);
         Ok::<_, std::io::Error>(())
     });
@@ -710,6 +711,7 @@ fn silent_quic_handshakes_are_capped_per_peer_and_keep_no_one_out() {
         &[("reason", "inbound_tls_timeout")],
         5.0,
     );
+    let _ = counted.send(());
     mesh.c.join(silent).expect("silent peers");
 }
 
