@@ -108,6 +108,23 @@ fn the_readme_documents_every_refusal_reason_of_the_daemon() {
     );
 }
 
+/// Each reason answered with an HTTP status has that status in its row of the README's table.
+#[test]
+fn the_readme_gives_each_answered_refusal_its_status() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let wrong: Vec<String> = Reason::ALL
+        .iter()
+        .filter_map(|r| {
+            let status = r.status()?.as_u16();
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with('|') && l.contains(&format!("`{}`", r.label())))?;
+            (!row.contains(&format!("`{status}`"))).then(|| format!("{} ({status})", r.label()))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "rows without their status: {wrong:?}");
+}
+
 #[test]
 fn every_refusal_reason_of_the_readme_is_named_by_a_test() {
     let reasons: BTreeSet<&str> = readme_reasons().iter().map(|r| r.label()).collect();

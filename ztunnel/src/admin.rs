@@ -157,7 +157,9 @@ async fn admin(s: Arc<AdminState>, req: Request<Incoming>) -> Result<Response<Bo
                 "admin /logging refused: no valid token"
             );
             reply(
-                StatusCode::UNAUTHORIZED,
+                Reason::AdminUnauthorized
+                    .status()
+                    .unwrap_or(StatusCode::UNAUTHORIZED),
                 "text/plain",
                 format!("a bearer token is required: the one in <state-dir>/{TOKEN_FILE}\n"),
             )

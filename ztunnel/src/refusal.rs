@@ -1,6 +1,8 @@
 //! Why the daemon refuses a connection, a stream or a request: one [`Reason`] per row of the
 //! README's refusal table, with the label it is counted under in
-//! `ztunnel_refusals_total{reason}` and whether its warning is throttled.
+//! `ztunnel_refusals_total{reason}`, whether its warning is throttled, and the HTTP status it
+//! is answered with (a refusal of a request or a tunnel stream; `policy_denied` is answered
+//! `401` over HBONE and reset in plaintext).
 //!
 //! Every refusal is recorded through [`refused!`](crate::refused), which counts it and logs one
 //! warning carrying its label, so that a refusal can neither be counted under a misspelt label
@@ -14,7 +16,7 @@
 //! logged every time.
 
 macro_rules! reasons {
-    ($($(#[$doc:meta])* $variant:ident = $label:literal, $throttled:literal;)+) => {
+    ($($(#[$doc:meta])* $variant:ident = $label:literal, $throttled:literal, $status:expr;)+) => {
         /// A reason for a refusal; see the module's documentation.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum Reason {
@@ -38,94 +40,103 @@ macro_rules! reasons {
                     $(Reason::$variant => $throttled,)+
                 }
             }
+
+            /// The HTTP status a refused request or tunnel stream is answered with; `None` for
+            /// a refusal that resets or closes a connection instead.
+            pub fn status(self) -> Option<http::StatusCode> {
+                let code: Option<u16> = match self {
+                    $(Reason::$variant => $status,)+
+                };
+                code.map(|c| http::StatusCode::from_u16(c).expect("a valid status"))
+            }
         }
     };
 }
 
 reasons! {
     /// A captured connection whose original destination cannot be read.
-    OutboundNoOriginalDst = "outbound_no_original_dst", true;
+    OutboundNoOriginalDst = "outbound_no_original_dst", true, None;
     /// A captured connection whose source is no local workload.
-    OutboundUnknownSource = "outbound_unknown_source", true;
+    OutboundUnknownSource = "outbound_unknown_source", true, None;
     /// A captured connection with nowhere to go (a Service with no ready endpoint, …).
-    OutboundNoRoute = "outbound_no_route", true;
+    OutboundNoRoute = "outbound_no_route", true, None;
     /// No certificate for the source workload.
-    OutboundNoCertificate = "outbound_no_certificate", true;
+    OutboundNoCertificate = "outbound_no_certificate", true, None;
     /// The tunnel to the destination could not be opened.
-    OutboundTunnelFailed = "outbound_tunnel_failed", true;
+    OutboundTunnelFailed = "outbound_tunnel_failed", true, None;
     /// The destination's policy answered `401`.
-    OutboundDeniedByDestination = "outbound_denied_by_destination", true;
+    OutboundDeniedByDestination = "outbound_denied_by_destination", true, None;
     /// A tunnel connection to an address of no local workload.
-    InboundUnknownDestination = "inbound_unknown_destination", true;
+    InboundUnknownDestination = "inbound_unknown_destination", true, None;
     /// No certificate for the destination workload.
-    InboundNoCertificate = "inbound_no_certificate", false;
+    InboundNoCertificate = "inbound_no_certificate", false, None;
     /// Too many tunnel connections in their handshakes.
-    InboundHandshakeLimit = "inbound_handshake_limit", true;
+    InboundHandshakeLimit = "inbound_handshake_limit", true, None;
     /// A pending handshake whose place went to a newcomer.
-    InboundHandshakeEvicted = "inbound_handshake_evicted", true;
+    InboundHandshakeEvicted = "inbound_handshake_evicted", true, None;
     /// No TLS byte within the first-bytes timeout.
-    InboundTlsFirstBytesTimeout = "inbound_tls_first_bytes_timeout", true;
+    InboundTlsFirstBytesTimeout = "inbound_tls_first_bytes_timeout", true, None;
     /// A failed mutual-TLS handshake, a peer certificate without exactly one readable SPIFFE ID
     /// among them (the verifier reads the identity that policy sees).
-    InboundTlsHandshake = "inbound_tls_handshake", true;
+    InboundTlsHandshake = "inbound_tls_handshake", true, None;
     /// No TLS handshake within its deadline.
-    InboundTlsTimeout = "inbound_tls_timeout", true;
+    InboundTlsTimeout = "inbound_tls_timeout", true, None;
     /// A tunnel connection closed on an HTTP/2 protocol error.
-    InboundHttp2Error = "inbound_http2_error", true;
+    InboundHttp2Error = "inbound_http2_error", true, None;
     /// No HTTP/2 preface within the handshakes' deadline.
-    InboundHttp2Timeout = "inbound_http2_timeout", true;
+    InboundHttp2Timeout = "inbound_http2_timeout", true, None;
     /// An authenticated tunnel connection over its peer's cap.
-    InboundPeerConnectionLimit = "inbound_peer_connection_limit", true;
+    InboundPeerConnectionLimit = "inbound_peer_connection_limit", true, None;
     /// A tunnel stream over its peer's cap: `429`.
-    InboundPeerStreamLimit = "inbound_peer_stream_limit", true;
+    InboundPeerStreamLimit = "inbound_peer_stream_limit", true, Some(429);
     /// A stream holding more than its share while the node's buffer budget is spent.
-    BufferBudget = "buffer_budget", true;
+    BufferBudget = "buffer_budget", true, None;
     /// A QUIC tunnel stream whose header is malformed or late: `400`.
-    QuicBadHeader = "quic_bad_header", true;
+    QuicBadHeader = "quic_bad_header", true, Some(400);
     /// A QUIC tunnel connection closed on a protocol error.
-    InboundQuicError = "inbound_quic_error", true;
+    InboundQuicError = "inbound_quic_error", true, None;
     /// A tunnel request that is not `CONNECT`: `400`.
-    MethodNotConnect = "method_not_connect", false;
+    MethodNotConnect = "method_not_connect", false, Some(400);
     /// A `CONNECT` with a scheme or path: `400`.
-    ConnectWithPath = "connect_with_path", false;
+    ConnectWithPath = "connect_with_path", false, Some(400);
     /// A `CONNECT` without `:authority`: `400`.
-    MissingAuthority = "missing_authority", false;
+    MissingAuthority = "missing_authority", false, Some(400);
     /// A `CONNECT` whose `:authority` is not `ip:port`: `400`.
-    BadAuthority = "bad_authority", false;
+    BadAuthority = "bad_authority", false, Some(400);
     /// A `CONNECT` to an address other than the connection's own: `400`.
-    AuthorityNotLocal = "authority_not_local", false;
+    AuthorityNotLocal = "authority_not_local", false, Some(400);
     /// A `CONNECT` to one of the daemon's own ports: `503`.
-    Recursion = "recursion", false;
+    Recursion = "recursion", false, Some(503);
     /// The application port is closed: `503`.
-    InboundAppUnreachable = "inbound_app_unreachable", false;
+    InboundAppUnreachable = "inbound_app_unreachable", false, Some(503);
     /// Plaintext inbound whose original destination cannot be read.
-    InboundPlaintextNoOriginalDst = "inbound_plaintext_no_original_dst", true;
+    InboundPlaintextNoOriginalDst = "inbound_plaintext_no_original_dst", true, None;
     /// Plaintext inbound to an address of no local workload.
-    InboundPlaintextUnknownDestination = "inbound_plaintext_unknown_destination", true;
+    InboundPlaintextUnknownDestination = "inbound_plaintext_unknown_destination", true, None;
     /// Plaintext inbound to one of the daemon's own ports.
-    InboundPlaintextRecursion = "inbound_plaintext_recursion", true;
+    InboundPlaintextRecursion = "inbound_plaintext_recursion", true, None;
     /// Plaintext inbound to a destination that requires mutual TLS.
-    InboundPlaintextStrict = "inbound_plaintext_strict", true;
+    InboundPlaintextStrict = "inbound_plaintext_strict", true, None;
     /// Plaintext inbound whose application port is closed.
-    InboundPlaintextAppUnreachable = "inbound_plaintext_app_unreachable", true;
+    InboundPlaintextAppUnreachable = "inbound_plaintext_app_unreachable", true, None;
     /// Too many connections to an admin, metrics or readiness endpoint.
-    AdminConnectionLimit = "admin_connection_limit", true;
+    AdminConnectionLimit = "admin_connection_limit", true, None;
     /// A request to a mutating admin endpoint without the admin token: `401`.
-    AdminUnauthorized = "admin_unauthorized", false;
+    AdminUnauthorized = "admin_unauthorized", false, Some(401);
     /// Denied by policy.
-    PolicyDenied = "policy_denied", false;
+    PolicyDenied = "policy_denied", false, Some(401);
     /// An open connection closed because a policy change now denies it.
-    PolicyRevoked = "policy_revoked", false;
+    PolicyRevoked = "policy_revoked", false, None;
     /// An enrollment client that sent no request in time.
-    EnrollmentTimeout = "enrollment_timeout", false;
+    EnrollmentTimeout = "enrollment_timeout", false, None;
     /// A malformed enrollment request.
-    EnrollmentBadRequest = "enrollment_bad_request", false;
+    EnrollmentBadRequest = "enrollment_bad_request", false, None;
     /// A pod that another mesh (Istio) already handles.
-    EnrollmentOtherMesh = "enrollment_other_mesh", false;
+    EnrollmentOtherMesh = "enrollment_other_mesh", false, None;
     /// A pod that cannot be enrolled yet: the plugin retries.
-    EnrollmentTryAgain = "enrollment_try_again", false;
+    EnrollmentTryAgain = "enrollment_try_again", false, None;
     /// A pod whose enrollment failed.
-    EnrollmentFailed = "enrollment_failed", false;
+    EnrollmentFailed = "enrollment_failed", false, None;
 }
 
 impl std::fmt::Display for Reason {

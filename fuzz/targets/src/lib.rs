@@ -21,8 +21,9 @@ use http::uri::{Authority, Parts};
 use http::{Method, Request, Uri};
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
-use ztunnel::hbone::server::{validate, ConnectTarget, Refusal};
+use ztunnel::hbone::server::{validate, ConnectTarget};
 use ztunnel::identity::Identity;
+use ztunnel::refusal::Reason;
 use ztunnel_cni::conf::{self, Command, Vars, SUPPORTED_VERSIONS};
 use ztunnel_cni::daemon::{CallError, Daemon, Endpoint};
 use ztunnel_cni::netns::PodNetns;
@@ -117,7 +118,7 @@ fn local_ips(authority: Option<&str>) -> Vec<IpAddr> {
 }
 
 /// What an accepted CONNECT must be.
-fn check_connect(req: &Request<()>, local: IpAddr, verdict: &Result<ConnectTarget, Refusal>) {
+fn check_connect(req: &Request<()>, local: IpAddr, verdict: &Result<ConnectTarget, Reason>) {
     let Ok(t) = verdict else { return };
     assert_eq!(req.method(), Method::CONNECT, "accepted {req:?}");
     assert_eq!(

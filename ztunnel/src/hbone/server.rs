@@ -34,54 +34,27 @@ pub struct ConnectTarget {
     pub forwarded_for: Option<SocketAddr>,
 }
 
-/// Why a CONNECT is refused, and the status it gets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub reason: Reason,
-}
-
-impl Refusal {
-    const fn new(status: StatusCode, reason: Reason) -> Self {
-        Refusal { status, reason }
-    }
-}
-
-/// Validates a request received on a tunnel connection whose local address is `local_ip`.
-pub fn validate<B>(req: &Request<B>, local_ip: IpAddr) -> Result<ConnectTarget, Refusal> {
+/// Validates a request received on a tunnel connection whose local address is `local_ip`: the
+/// target, or why it is refused (answered with [`Reason::status`]).
+pub fn validate<B>(req: &Request<B>, local_ip: IpAddr) -> Result<ConnectTarget, Reason> {
     if req.method() != Method::CONNECT {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            Reason::MethodNotConnect,
-        ));
+        return Err(Reason::MethodNotConnect);
     }
     let uri = req.uri();
     // The authority first: a URI without one reports a path (`/`) whatever was sent.
-    let authority = uri.authority().ok_or(Refusal::new(
-        StatusCode::BAD_REQUEST,
-        Reason::MissingAuthority,
-    ))?;
+    let authority = uri.authority().ok_or(Reason::MissingAuthority)?;
     if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty()) {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            Reason::ConnectWithPath,
-        ));
+        return Err(Reason::ConnectWithPath);
     }
     let target: SocketAddr = authority
         .as_str()
         .parse()
-        .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, Reason::BadAuthority))?;
+        .map_err(|_| Reason::BadAuthority)?;
     if target.ip().to_canonical() != local_ip.to_canonical() {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            Reason::AuthorityNotLocal,
-        ));
+        return Err(Reason::AuthorityNotLocal);
     }
     if consts::RESERVED_PORTS.contains(&target.port()) {
-        return Err(Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Reason::Recursion,
-        ));
+        return Err(Reason::Recursion);
     }
     let forwarded_for = req
         .headers()
@@ -311,7 +284,7 @@ mod tests {
         for (m, uri, want) in cases {
             let got = validate(&req(m.clone(), uri, None), local)
                 .map(|t| t.target.to_string())
-                .map_err(|r| (r.status.as_u16(), r.reason.label()));
+                .map_err(|r| (r.status().expect("answered").as_u16(), r.label()));
             let want = want.map(str::to_owned);
             assert_eq!(got, want, "{m} {uri}");
         }

@@ -92,7 +92,7 @@ impl Peer {
         self.place.stream().map_err(|over| {
             crate::refused!(pi.metrics, over.reason(), peer = %self.addr, src = %self.identity, error = %over, "tunnel stream refused: over the peer's cap; 429");
             tracked.fail(over);
-            StatusCode::TOO_MANY_REQUESTS
+            over.reason().status().unwrap_or(StatusCode::TOO_MANY_REQUESTS)
         })
     }
 }
@@ -305,11 +305,12 @@ pub(super) async fn admit<B>(
 ) -> Result<TcpStream, StatusCode> {
     let target = match server::validate(req, peer.local.ip()) {
         Ok(t) => t,
-        Err(refusal) => {
-            crate::refused!(pi.metrics, refusal.reason, src = %peer.identity, uri = %req.uri(),
-                method = %req.method(), status = refusal.status.as_u16(), "CONNECT refused");
-            tracked.fail(refusal.reason);
-            return Err(refusal.status);
+        Err(reason) => {
+            let status = reason.status().unwrap_or(StatusCode::BAD_REQUEST);
+            crate::refused!(pi.metrics, reason, src = %peer.identity, uri = %req.uri(),
+                method = %req.method(), status = status.as_u16(), "CONNECT refused");
+            tracked.fail(reason);
+            return Err(status);
         }
     };
     tracked.update(|f| {
@@ -335,7 +336,9 @@ pub(super) async fn admit<B>(
         crate::refused!(pi.metrics, Reason::PolicyDenied, src = %peer.identity, target = %target.target,
             policy = ?decision.policy, rule = ?decision.rule, why = ?decision.reason, "denied by policy; 401");
         tracked.fail("denied by policy");
-        return Err(StatusCode::UNAUTHORIZED);
+        return Err(Reason::PolicyDenied
+            .status()
+            .unwrap_or(StatusCode::UNAUTHORIZED));
     }
     tracked.set_policy_facts(facts);
     pi.metrics.proxied("inbound");
@@ -346,7 +349,9 @@ pub(super) async fn admit<B>(
         Err(e) => {
             crate::refused!(pi.metrics, Reason::InboundAppUnreachable, target = %target.target, error = %e, "application unreachable; 503");
             tracked.fail(&e);
-            Err(StatusCode::SERVICE_UNAVAILABLE)
+            Err(Reason::InboundAppUnreachable
+                .status()
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE))
         }
     }
 }

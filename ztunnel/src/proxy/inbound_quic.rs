@@ -283,7 +283,10 @@ async fn stream(
             let why = "malformed or missing QUIC stream header";
             crate::refused!(pi.metrics, Reason::QuicBadHeader, src = %peer.identity, "{why}; 400");
             tracked.fail(why);
-            let _ = quic::respond(&mut send, &mut recv, StatusCode::BAD_REQUEST).await;
+            let status = Reason::QuicBadHeader
+                .status()
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            let _ = quic::respond(&mut send, &mut recv, status).await;
             return;
         }
     };
