@@ -182,6 +182,37 @@ fn an_unreachable_daemon_fails_enrolled_pods_and_lets_others_through() {
     assert_eq!(outs[1].json(), outs[0].json());
 }
 
+/// With the daemon down and its snapshot of enrolled namespaces gone (a node whose daemon
+/// never started), a pod of a namespace the plugin does not know fails closed (code 11), while
+/// a pod of `kube-system` (excluded by default) is let through by the real chain without the
+/// daemon: the cluster's own pods start even when the daemon cannot.
+#[test]
+fn pods_of_excluded_namespaces_start_without_the_daemon() {
+    let known = vec![
+        late("late-plain", "plain", "10.20.1.22"),
+        late("late-system", "kube-system", "10.20.1.23"),
+    ];
+    let mut bed = TestBed::start_known(default_pods(), known.clone()).expect("test bed");
+    bed.kill_daemon(0);
+    let snapshot = bed.nodes[0].state_dir.join("enrolled-namespaces.json");
+    std::fs::remove_file(&snapshot).expect("the daemon's snapshot");
+    let (outs, _) = bed.try_add_pod(known[0].clone()).unwrap();
+    assert_eq!(outs[0].code, 0, "bridge");
+    assert_eq!(outs[1].error_code(), Some(11), "{:?}", outs[1]);
+    let (outs, pod) = bed.try_add_pod(known[1].clone()).unwrap();
+    assert!(
+        outs.len() == 2 && outs.iter().all(|o| o.code == 0),
+        "both plugins of the chain succeed: {outs:?}"
+    );
+    assert_eq!(outs[1].json(), outs[0].json());
+    assert!(
+        outs[1].stderr.contains("excluded"),
+        "the plugin says why: {}",
+        outs[1].stderr
+    );
+    assert!(!has_table(&pod.ns), "never enrolled");
+}
+
 #[test]
 fn a_dead_daemon_refuses_enrolled_connections_lets_probes_through_and_a_restart_restores_service() {
     let mut bed = TestBed::start();

@@ -27,6 +27,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where the daemon keeps the list of enrolled namespaces when the configuration does not say.
 pub const DEFAULT_ENROLLED_NAMESPACES_FILE: &str = "/var/run/ztunnel/enrolled-namespaces.json";
 
+/// Namespaces whose pods the plugin lets through without asking the daemon when the
+/// configuration does not say (`excludeNamespaces`): the cluster's own pods and the mesh's CA
+/// start even when the daemon cannot.
+pub const DEFAULT_EXCLUDE_NAMESPACES: &[&str] = &["kube-system", "ztunnel-system"];
+
 /// The environment variables the plugin reads, by name.
 pub type Vars = BTreeMap<String, String>;
 
@@ -105,6 +110,10 @@ pub struct NetConf {
     pub timeout: Duration,
     /// The daemon's snapshot of enrolled namespaces (`enrolledNamespacesFile`).
     pub enrolled_namespaces_file: PathBuf,
+    /// Namespaces whose pods are never enrolled and never wait on the daemon
+    /// (`excludeNamespaces`, a list of names; [`DEFAULT_EXCLUDE_NAMESPACES`] when absent or
+    /// `null`, none when empty).
+    pub exclude_namespaces: Vec<String>,
     /// Present, and required, on ADD and CHECK.
     pub prev_result: Option<PrevResult>,
     /// `cni.dev/valid-attachments`: present, and required, on GC.
@@ -212,6 +221,18 @@ pub fn parse_conf(command: Command, stdin: &str) -> Result<NetConf, CniError> {
         None => DEFAULT_TIMEOUT,
         Some(t) => parse_timeout(&t)?,
     };
+    let exclude_namespaces: Vec<String> = match fields.get("excludeNamespaces") {
+        Some(raw) if raw.get() != "null" => field(raw, "excludeNamespaces")?,
+        _ => DEFAULT_EXCLUDE_NAMESPACES
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
+    };
+    if exclude_namespaces.iter().any(|n| n.is_empty()) {
+        return Err(CniError::InvalidConfig(
+            "excludeNamespaces: an empty namespace name".into(),
+        ));
+    }
 
     let prev_result = match command {
         Command::Add | Command::Check => {
@@ -249,6 +270,7 @@ pub fn parse_conf(command: Command, stdin: &str) -> Result<NetConf, CniError> {
         socket,
         timeout,
         enrolled_namespaces_file,
+        exclude_namespaces,
         prev_result,
         valid_attachments,
     })

@@ -172,6 +172,12 @@ fn add(
         .ok_or_else(|| CniError::InvalidConfig("prevResult is required for ADD".into()))?;
     let pass = || Ok(Some(prev.raw.get().to_string()));
     let who = who(env, conf);
+    if excluded(env, conf) {
+        logs.push(format!(
+            "ADD {who}: namespace excluded (excludeNamespaces); not enrolled, the daemon not asked"
+        ));
+        return pass();
+    }
     match call(&Request::Add(pod_add(env, conf))) {
         Ok(Reply::Enrolled) => {
             logs.push(format!("ADD {who}: enrolled"));
@@ -207,12 +213,23 @@ fn add(
     }
 }
 
+/// Whether the pod's namespace is one the plugin lets through without asking the daemon.
+fn excluded(env: &Env, conf: &NetConf) -> bool {
+    env.args
+        .pod_namespace
+        .as_ref()
+        .is_some_and(|ns| conf.exclude_namespaces.contains(ns))
+}
+
 fn check(
     env: &Env,
     conf: &NetConf,
     call: &Call<'_>,
     logs: &mut Vec<String>,
 ) -> Result<Option<String>, CniError> {
+    if excluded(env, conf) {
+        return Ok(None);
+    }
     match call(&Request::Check(pod_add(env, conf)))? {
         Reply::Ok | Reply::Enrolled => Ok(None),
         Reply::NotEnrolled { reason } => {
@@ -461,6 +478,72 @@ mod tests {
                 let o = run(&env(cmd), input.as_bytes(), &fake, &fake);
                 assert_eq!(code(&o), Some(want), "{cmd} {err:?}");
             }
+        }
+    }
+
+    /// A pod of an excluded namespace is let through without asking the daemon (ADD passes
+    /// `prevResult` on, CHECK succeeds), even with the daemon unreachable and no snapshot; by
+    /// default `kube-system` and `ztunnel-system`; a configured list replaces the default.
+    #[test]
+    fn excluded_namespaces_never_wait_on_the_daemon() {
+        let in_ns = |cmd: &str, ns: &str| {
+            let mut v = env(cmd);
+            v.insert(
+                "CNI_ARGS".into(),
+                format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME=p;K8S_POD_UID=u"),
+            );
+            v
+        };
+        let cases: &[(&str, &str, bool)] = &[
+            ("", "kube-system", true),
+            ("", "ztunnel-system", true),
+            ("", "demo", false),
+            (r#","excludeNamespaces":null"#, "kube-system", true),
+            (r#","excludeNamespaces":["infra"]"#, "infra", true),
+            (r#","excludeNamespaces":["infra"]"#, "kube-system", false),
+            (r#","excludeNamespaces":[]"#, "kube-system", false),
+        ];
+        for &(extra, ns, excluded) in cases {
+            let input = stdin(extra);
+            let daemon = Fake::unreachable();
+            let o = run(&in_ns("ADD", ns), input.as_bytes(), &daemon, &daemon);
+            if excluded {
+                assert_eq!(o.result.unwrap().as_deref(), Some(PREV), "{extra} {ns}");
+                assert!(
+                    daemon.requests().is_empty(),
+                    "{extra} {ns}: the daemon was asked"
+                );
+                assert!(
+                    o.logs.iter().any(|l| l.contains("excluded")),
+                    "{:?}",
+                    o.logs
+                );
+                let o = run(&in_ns("CHECK", ns), input.as_bytes(), &daemon, &daemon);
+                assert!(
+                    o.result.is_ok() && daemon.requests().is_empty(),
+                    "{extra} {ns}"
+                );
+            } else {
+                assert_eq!(
+                    code(&o),
+                    Some(11),
+                    "{extra} {ns}: asked, unreachable, no snapshot"
+                );
+                assert_eq!(daemon.requests().len(), 1, "{extra} {ns}");
+            }
+        }
+        for bad in [
+            r#","excludeNamespaces":"kube-system""#,
+            r#","excludeNamespaces":[""]"#,
+        ] {
+            let daemon = Fake::unreachable();
+            let o = run(
+                &in_ns("ADD", "demo"),
+                stdin(bad).as_bytes(),
+                &daemon,
+                &daemon,
+            );
+            assert_eq!(code(&o), Some(7), "{bad}");
         }
     }
 
