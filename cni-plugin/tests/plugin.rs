@@ -8,7 +8,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
@@ -105,7 +105,16 @@ fn plugin(vars: &[(&str, &str)], stdin: Option<&str>) -> Run {
             .write_all(input.as_bytes())
             .unwrap();
     }
+    // A plugin that is still running after 30 s is killed: the test fails instead of hanging.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (exited, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if wait.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
     let out = child.wait_with_output().unwrap();
+    let _ = exited.send(());
     Run {
         ok: out.status.success(),
         stdout: String::from_utf8(out.stdout).unwrap(),
@@ -267,16 +276,24 @@ fn add_with_a_silent_daemon_times_out_with_11() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("cni.sock");
     let listener = UnixListener::bind(&socket).unwrap();
+    // The daemon accepts and never answers until the plugin has exited: only the plugin's
+    // own deadline can end the call.
+    let (done, plugin_exited) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
-        std::thread::sleep(Duration::from_secs(5));
+        let _ = plugin_exited.recv();
         drop(conn);
     });
     let input = conf(&socket, &dir.path().join("ns.json"), "").replace("\"2s\"", "\"300ms\"");
-    let started = Instant::now();
     let run = plugin(&env("ADD", "/var/run/netns/p1"), Some(&input));
-    run.assert_error(11);
-    assert!(started.elapsed() < Duration::from_secs(3));
+    let _ = done.send(());
+    let v = run.assert_error(11);
+    assert!(
+        v["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("timed out")),
+        "{v}"
+    );
 }
 
 #[test]
