@@ -165,6 +165,11 @@ fn proxied(bed: &TestBed) -> f64 {
         .sum()
 }
 
+/// Passes node `i`'s reconciler has completed.
+fn reconciler_passes(bed: &TestBed, i: usize) -> f64 {
+    metric(&bed.metrics(i), "ztunnel_reconciler_passes_total", &[])
+}
+
 fn reconciler(bed: &TestBed, i: usize, action: &str, reason: &str) -> f64 {
     metric_or_zero(
         &bed.metrics(i),
@@ -312,6 +317,10 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
     assert_eq!(web.ns.block_on(whoami("10.20.2.80", 8080)), "10.20.1.80");
     assert_eq!(proxied(&bed), before, "released traffic still proxied");
     // Neither pod is enrolled again on the next passes.
+    let passes = [reconciler_passes(&bed, 0), reconciler_passes(&bed, 1)];
+    wait_for("a later pass on each node", || {
+        reconciler_passes(&bed, 0) > passes[0] && reconciler_passes(&bed, 1) > passes[1]
+    });
     assert!(!has_table(&web.ns) && !has_table(&api.ns));
 }
 
@@ -522,7 +531,11 @@ fn a_pod_holding_another_pods_ip_is_not_enrolled_as_it() {
     wait_for("the attacker enrolled as itself", || {
         reconciler(&bed, 0, "enroll", "running_pod") == 1.0
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The pass that enrolled it has completed: whatever it would do to the victim is done.
+    let passes = reconciler_passes(&bed, 0);
+    wait_for("the reconciler's pass completed", || {
+        reconciler_passes(&bed, 0) > passes
+    });
     let m = bed.metrics(0);
     assert_eq!(metric(&m, "ztunnel_enrolled_pods", &[]), 1.0, "{m}");
     let records: Vec<String> = std::fs::read_dir(bed.nodes[0].state_dir.join("pods"))

@@ -131,6 +131,8 @@ pub struct Metrics {
     pub certificate_refusals: Family<IdentityLabels, Counter>,
     /// Pods enrolled or released by the reconciler (cluster state, not CNI), by reason.
     pub reconciler: Family<ReconcileLabels, Counter>,
+    /// Reconciler passes completed.
+    pub reconciler_passes: Counter,
     /// Pod annotation patches that failed (retried).
     pub annotation_failures: Counter,
 }
@@ -256,6 +258,11 @@ impl Metrics {
             "reconciler_actions",
             "Pods enrolled or released by the reconciler, by action and reason",
             m.reconciler.clone(),
+        );
+        zt.register(
+            "reconciler_passes",
+            "Reconciler passes completed (on every discovery change and every 10 s)",
+            m.reconciler_passes.clone(),
         );
         zt.register(
             "annotation_failures",

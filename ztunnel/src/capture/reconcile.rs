@@ -20,7 +20,8 @@
 //!
 //! Host-network pods are never enrolled (their IP is the node's own address). Every enroll
 //! and release is counted (`ztunnel_reconciler_actions_total{action,reason}`) and the pod's
-//! annotation updated ([`super::annotate`]).
+//! annotation updated ([`super::annotate`]); every completed pass is counted
+//! (`ztunnel_reconciler_passes_total`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -180,8 +181,14 @@ impl Reconciler {
             .inc();
     }
 
-    /// One pass (blocking: scans `/proc`, runs `nft`).
+    /// One pass (blocking: scans `/proc`, runs `nft`), counted once it is complete
+    /// (`ztunnel_reconciler_passes_total`): what a pass would do has been done by then.
     pub fn pass(&mut self) {
+        self.apply();
+        self.metrics.reconciler_passes.inc();
+    }
+
+    fn apply(&mut self) {
         let state = self.discovery.current();
         let p = plan(&state, &self.node, &self.pods.list());
         drop(state);
