@@ -81,6 +81,10 @@ pub struct Options {
     /// The deadline of one daemon call, written into the plugin's configuration.
     #[arg(long, default_value = "5s")]
     pub timeout: String,
+    /// Namespaces whose pods the plugin lets through without asking the daemon, written into
+    /// the plugin's configuration (`excludeNamespaces`); comma-separated, empty for none.
+    #[arg(long, default_value = "kube-system,ztunnel-system")]
+    pub exclude_namespaces: String,
 }
 
 impl Options {
@@ -88,10 +92,18 @@ impl Options {
     pub fn settings(&self) -> Result<Settings, InstallError> {
         conf::parse_timeout(&self.timeout)
             .map_err(|e| InstallError::Option(format!("--timeout: {}", e.details())))?;
+        let exclude_namespaces: Vec<String> = self
+            .exclude_namespaces
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
         Ok(Settings {
             socket: self.socket.clone(),
             timeout: self.timeout.clone(),
             enrolled_namespaces_file: self.enrolled_namespaces_file.clone(),
+            exclude_namespaces,
         })
     }
 }
@@ -134,14 +146,23 @@ pub struct Settings {
     pub socket: String,
     pub timeout: String,
     pub enrolled_namespaces_file: String,
+    pub exclude_namespaces: Vec<String>,
 }
 
 impl Settings {
-    fn fields(&self) -> [(&'static str, &str); 3] {
+    fn fields(&self) -> [(&'static str, Json); 4] {
+        let text = |s: &String| Json::String(s.clone());
         [
-            ("socket", &self.socket),
-            ("timeout", &self.timeout),
-            ("enrolledNamespacesFile", &self.enrolled_namespaces_file),
+            ("socket", text(&self.socket)),
+            ("timeout", text(&self.timeout)),
+            (
+                "enrolledNamespacesFile",
+                text(&self.enrolled_namespaces_file),
+            ),
+            (
+                "excludeNamespaces",
+                Json::Array(self.exclude_namespaces.iter().map(text).collect()),
+            ),
         ]
     }
 
@@ -150,7 +171,7 @@ impl Settings {
         let mut fields = Map::new();
         fields.insert("type".into(), Json::String(PLUGIN_TYPE.into()));
         for (k, v) in self.fields() {
-            fields.insert(k.into(), Json::String(v.into()));
+            fields.insert(k.into(), v);
         }
         Json::Object(fields)
     }
@@ -216,7 +237,7 @@ pub fn insert(conf: Json, settings: &Settings) -> Result<Inserted, String> {
                 });
                 if let Json::Object(ours) = &mut list[i] {
                     for (k, v) in settings.fields() {
-                        ours.insert(k.into(), Json::String(v.into()));
+                        ours.insert(k.into(), v);
                     }
                 }
             }
@@ -571,11 +592,12 @@ mod tests {
             socket: "/run/z/cni.sock".into(),
             timeout: "3s".into(),
             enrolled_namespaces_file: "/run/z/ns.json".into(),
+            exclude_namespaces: vec!["kube-system".into(), "infra".into()],
         }
     }
 
     fn ours() -> Json {
-        parse(r#"{"type":"ztunnel-cni","socket":"/run/z/cni.sock","timeout":"3s","enrolledNamespacesFile":"/run/z/ns.json"}"#).unwrap()
+        parse(r#"{"type":"ztunnel-cni","socket":"/run/z/cni.sock","timeout":"3s","enrolledNamespacesFile":"/run/z/ns.json","excludeNamespaces":["kube-system","infra"]}"#).unwrap()
     }
 
     fn plugins(j: &Json) -> Vec<Json> {
@@ -637,7 +659,7 @@ mod tests {
         let expected = parse(
             r#"{"cniVersion":"0.3.1","name":"cilium","plugins":[
                 {"type":"cilium-cni","enable-debug":false},
-                {"type":"ztunnel-cni","socket":"/run/z/cni.sock","timeout":"3s","enrolledNamespacesFile":"/run/z/ns.json"}]}"#,
+                {"type":"ztunnel-cni","socket":"/run/z/cni.sock","timeout":"3s","enrolledNamespacesFile":"/run/z/ns.json","excludeNamespaces":["kube-system","infra"]}]}"#,
         )
         .unwrap();
         assert_eq!(out, expected);
@@ -665,7 +687,7 @@ mod tests {
         let out = insert(parse(text).unwrap(), &settings()).unwrap();
         let expected = parse(
             r#"{"name":"n","plugins":[
-            {"type":"ztunnel-cni","timeout":"3s","extra":1,"socket":"/run/z/cni.sock","enrolledNamespacesFile":"/run/z/ns.json"},
+            {"type":"ztunnel-cni","timeout":"3s","extra":1,"socket":"/run/z/cni.sock","enrolledNamespacesFile":"/run/z/ns.json","excludeNamespaces":["kube-system","infra"]},
             {"type":"portmap"}]}"#,
         )
         .unwrap();
@@ -747,9 +769,45 @@ mod tests {
             socket: "/s".into(),
             enrolled_namespaces_file: "/e".into(),
             timeout: "soon".into(),
+            exclude_namespaces: "kube-system".into(),
         };
         assert!(matches!(o.settings(), Err(InstallError::Option(_))));
         o.timeout = "250ms".into();
         assert_eq!(o.settings().unwrap().timeout, "250ms");
+    }
+
+    /// `--exclude-namespaces` is a comma-separated list (blanks ignored, empty for none),
+    /// written as the plugin's `excludeNamespaces` array, which the plugin reads back.
+    #[test]
+    fn excluded_namespaces_are_written_as_the_plugin_reads_them() {
+        let mut o = Options {
+            cni_conf_dir: "/nonexistent".into(),
+            cni_bin_dir: "/nonexistent".into(),
+            plugin_binary: None,
+            socket: "/s".into(),
+            enrolled_namespaces_file: "/e".into(),
+            timeout: "5s".into(),
+            exclude_namespaces: String::new(),
+        };
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "kube-system,ztunnel-system",
+                &["kube-system", "ztunnel-system"],
+            ),
+            (" infra , ,istio-system", &["infra", "istio-system"]),
+            ("", &[]),
+        ];
+        for (flag, want) in cases {
+            o.exclude_namespaces = flag.to_string();
+            let entry = o.settings().unwrap().entry();
+            let mut plugin = entry.as_object().unwrap().clone();
+            plugin.insert("cniVersion".into(), Json::String("1.0.0".into()));
+            let read = crate::conf::parse_conf(
+                crate::conf::Command::Del,
+                &Json::Object(plugin).to_string(),
+            )
+            .unwrap();
+            assert_eq!(read.exclude_namespaces, *want, "{flag:?}");
+        }
     }
 }

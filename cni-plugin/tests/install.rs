@@ -144,7 +144,8 @@ fn install_chains_into_conflists_and_is_idempotent() {
             ours(&once),
             serde_json::json!({"type": "ztunnel-cni", "socket": "/run/z/cni.sock",
                 "timeout": "2s",
-                "enrolledNamespacesFile": "/var/run/ztunnel/enrolled-namespaces.json"})
+                "enrolledNamespacesFile": "/var/run/ztunnel/enrolled-namespaces.json",
+                "excludeNamespaces": ["kube-system", "ztunnel-system"]})
         );
         node.run("install");
         assert_eq!(
