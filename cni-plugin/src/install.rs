@@ -460,8 +460,10 @@ pub fn stop_on_signal() -> Result<Arc<AtomicBool>, InstallError> {
 }
 
 /// `install --watch`: installs (waiting for a primary configuration if there is none yet),
-/// then every [`POLL_INTERVAL`] re-inserts the entry if the primary configuration lost it,
-/// until `stop` is raised. A malformed file is reported and retried on the next change.
+/// then every [`POLL_INTERVAL`] re-inserts the entry if the primary configuration lost it and
+/// copies the plugin binary again if it is gone from the CNI bin directory (a CNI upgrade
+/// that empties it), until `stop` is raised. A malformed file is reported and retried on the
+/// next change.
 pub fn watch(options: &Options, stop: &AtomicBool) -> Result<(), InstallError> {
     let settings = options.settings()?;
     install_plugin_binary(options)?;
@@ -470,6 +472,15 @@ pub fn watch(options: &Options, stop: &AtomicBool) -> Result<(), InstallError> {
     let mut seen: Option<(PathBuf, String)> = None;
     let mut reported: Option<String> = None;
     while !stop.load(Ordering::SeqCst) {
+        if !options.cni_bin_dir.join(PLUGIN_TYPE).exists() {
+            log(&format!(
+                "{PLUGIN_TYPE} is gone from {}; copying it again",
+                options.cni_bin_dir.display()
+            ));
+            if let Err(e) = install_plugin_binary(options) {
+                log(&format!("{e}; retrying"));
+            }
+        }
         match check_once(dir, &settings, &mut seen) {
             Ok(Some(msg)) => {
                 log(&msg);

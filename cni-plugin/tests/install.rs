@@ -282,6 +282,24 @@ fn watch_reinserts_after_the_primary_rewrites_its_file_and_stops_on_sigterm() {
     assert!(status.unwrap().success(), "{status:?}");
 }
 
+/// A plugin binary removed from the CNI bin directory (a CNI upgrade that empties it) is
+/// copied there again by the watcher.
+#[test]
+fn watch_copies_a_missing_plugin_binary_again() {
+    let node = Node::new(&[("10-flannel.conflist", FLANNEL)]);
+    let child = node
+        .command("install")
+        .arg("--watch")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Killed(child);
+    wait_for("the first install", || node.installed().exists());
+    fs::remove_file(node.installed()).unwrap();
+    wait_for("the binary copied again", || node.installed().exists());
+    assert_executable_copy(&node.installed());
+}
+
 #[test]
 fn watch_waits_for_a_primary_and_converts_a_conf() {
     let node = Node::new(&[]);
