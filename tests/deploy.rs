@@ -264,6 +264,18 @@ fn daemonset_agrees_with_the_daemon_configuration() {
     assert_eq!(rest, Path::new(""));
     assert_eq!(Path::new(host_path(v)), cfg.state_dir);
     assert_ne!(m.read_only, Some(true));
+    // The enrolled-namespaces file: at the host's own path too (the plugin reads it there
+    // while the daemon is down), and off the tmpfs of /run, so that after a reboot the
+    // plugin still knows which namespaces are enrolled before the daemon is back.
+    let file = &cfg.enrolled_namespaces_file;
+    let (m, v, rest) = mount_for(spec, daemon, file);
+    assert_eq!(Path::new(host_path(v)).join(&rest), *file);
+    assert_ne!(m.read_only, Some(true));
+    assert!(
+        !file.starts_with("/run") && !file.starts_with("/var/run") && !file.starts_with("/tmp"),
+        "the enrolled-namespaces file is on tmpfs: {}",
+        file.display()
+    );
     let (m, v, rest) = mount_for(spec, daemon, &cfg.host_proc);
     assert_eq!((host_path(v), rest.as_path()), ("/proc", Path::new("")));
     assert_eq!(m.read_only, Some(true));
@@ -398,7 +410,7 @@ fn installer_container_chains_the_plugin_to_the_daemons_socket() {
         args.contains(&"--watch".to_string()),
         "keeps the plugin chained"
     );
-    let (sock_name, ns_name) = state_file_names();
+    let sock_name = socket_file_name();
     assert_eq!(
         Path::new(flag(&args, "--socket")),
         cfg.state_dir.join(&sock_name)
@@ -409,7 +421,7 @@ fn installer_container_chains_the_plugin_to_the_daemons_socket() {
     );
     assert_eq!(
         Path::new(flag(&args, "--enrolled-namespaces-file")),
-        cfg.state_dir.join(&ns_name)
+        cfg.enrolled_namespaces_file
     );
     // The installer's directories are the node's CNI directories.
     for (f, host) in [
@@ -478,7 +490,7 @@ fn installer_container_chains_the_plugin_to_the_daemons_socket() {
     );
     assert_eq!(
         ours["enrolledNamespacesFile"],
-        cfg.state_dir.join(&ns_name).display().to_string()
+        cfg.enrolled_namespaces_file.display().to_string()
     );
 
     // The uninstall DaemonSet's flags take it out of the same directories.

@@ -326,25 +326,17 @@ pub fn grant_set(
     out
 }
 
-/// The file names the daemon's state directory holds (socket, enrolled-namespaces file),
-/// learnt from the daemon's own store rather than repeated here.
-pub fn state_file_names() -> (String, String) {
+/// The socket's file name in the daemon's state directory, learnt from the daemon's own store
+/// rather than repeated here.
+pub fn socket_file_name() -> String {
     let dir = tempfile::tempdir().unwrap();
     let store = ztunnel::capture::store::Store::open(dir.path()).unwrap();
-    let socket = store
+    store
         .socket_path()
         .file_name()
         .unwrap()
         .to_string_lossy()
-        .into_owned();
-    store.save_namespaces(&[]).unwrap();
-    let files: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".json"))
-        .collect();
-    assert_eq!(files.len(), 1, "{files:?}");
-    (socket, files[0].clone())
+        .into_owned()
 }
 
 /// The daemon's configuration from the DaemonSet's container, parsed by the daemon itself.

@@ -257,7 +257,10 @@ pub async fn start(
             tracing::info!(recovered, "enrolled pods recovered from the node's records");
             let sock = enrollment::bind(&p).map_err(state_err)?;
             tasks.push(tokio::spawn(enrollment::serve(sock, p.clone())));
-            tasks.push(tokio::spawn(publish_namespaces(disc.clone(), p.clone())));
+            tasks.push(tokio::spawn(publish_namespaces(
+                disc.clone(),
+                cfg.enrolled_namespaces_file.clone(),
+            )));
             // Enrolls and releases running pods as namespace and pod labels change.
             tasks.push(tokio::spawn(
                 crate::capture::reconcile::Reconciler::new(
@@ -380,11 +383,11 @@ fn ready_rx_for_pods(admin: &AdminState) -> watch::Receiver<bool> {
 
 /// Keeps the enrolled-namespaces file, which the CNI plugin reads when the daemon is down,
 /// in step with discovery.
-async fn publish_namespaces(mut disc: Discovery, pods: Arc<Pods>) {
+async fn publish_namespaces(mut disc: Discovery, file: std::path::PathBuf) {
     loop {
         let names = disc.current().enrolled_namespaces();
-        if let Err(e) = pods.store().save_namespaces(&names) {
-            tracing::warn!(error = %e, "cannot write the enrolled-namespaces file");
+        if let Err(e) = crate::capture::store::save_namespaces(&file, &names) {
+            tracing::warn!(file = %file.display(), error = %e, "cannot write the enrolled-namespaces file");
         }
         if disc.changed().await.is_err() {
             return;

@@ -115,9 +115,12 @@ pub struct RunConfig {
     pub ca: CaSource,
     pub cert_lifetime: Duration,
     pub capture: CaptureMode,
-    /// Holds the enrollment socket, the enrolled pods' records and the enrolled-namespaces
-    /// file the CNI plugin reads when the daemon is down.
+    /// Holds the enrollment socket and the enrolled pods' records.
     pub state_dir: PathBuf,
+    /// The enrolled-namespaces file the CNI plugin reads when the daemon is down (in the state
+    /// directory unless set; a node's deployment keeps it off tmpfs, so that it survives a
+    /// reboot).
+    pub enrolled_namespaces_file: PathBuf,
     /// The host's `/proc`, scanned for running pods' network namespaces.
     pub host_proc: PathBuf,
     pub admin_addr: SocketAddr,
@@ -196,6 +199,9 @@ struct RunArgs {
     /// Enrollment socket and enrolled pods' records [env: ZTUNNEL_STATE_DIR] [default: /var/run/ztunnel]
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// The enrolled-namespaces file the CNI plugin reads while the daemon is down [env: ZTUNNEL_ENROLLED_NAMESPACES_FILE] [default: <state dir>/enrolled-namespaces.json]
+    #[arg(long)]
+    enrolled_namespaces_file: Option<PathBuf>,
     /// The host's /proc, where running pods' netns are found [env: ZTUNNEL_HOST_PROC] [default: /proc]
     #[arg(long)]
     host_proc: Option<String>,
@@ -573,6 +579,14 @@ impl RunConfig {
             1024,
         )? as usize;
         let ms = Duration::from_millis;
+        let state_dir = a
+            .state_dir
+            .or_else(|| env("ZTUNNEL_STATE_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/run/ztunnel"));
+        let enrolled_namespaces_file = a
+            .enrolled_namespaces_file
+            .or_else(|| env("ZTUNNEL_ENROLLED_NAMESPACES_FILE").map(PathBuf::from))
+            .unwrap_or_else(|| state_dir.join(crate::capture::store::NAMESPACES_FILE));
         Ok(RunConfig {
             node_name,
             trust_domain: trust_domain(a.trust_domain, env)?,
@@ -600,10 +614,8 @@ impl RunConfig {
                 "ZTUNNEL_CAPTURE_MODE",
                 "inpod",
             )?,
-            state_dir: a
-                .state_dir
-                .or_else(|| env("ZTUNNEL_STATE_DIR").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from("/var/run/ztunnel")),
+            state_dir,
+            enrolled_namespaces_file,
             host_proc: setting("host proc", a.host_proc, env, "ZTUNNEL_HOST_PROC", "/proc")?,
             admin_addr,
             metrics_addr: setting(
@@ -725,7 +737,7 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             self.root_namespace,
@@ -736,6 +748,7 @@ impl fmt::Display for RunConfig {
             humantime::format_duration(self.cert_lifetime),
             self.capture,
             self.state_dir.display(),
+            self.enrolled_namespaces_file.display(),
             self.host_proc.display(),
             self.admin_addr,
             self.metrics_addr,

@@ -150,12 +150,20 @@ impl Store {
         }
         Ok(out)
     }
+}
 
-    /// Writes the enrolled namespaces (a JSON array of names) for the CNI plugin.
-    pub fn save_namespaces(&self, names: &[std::sync::Arc<str>]) -> io::Result<()> {
-        let bytes = serde_json::to_vec(names).map_err(io::Error::other)?;
-        write_atomic(&self.dir.join("enrolled-namespaces.json"), &bytes)
+/// The enrolled-namespaces file's name in the state directory, where it is unless configured
+/// elsewhere (`--enrolled-namespaces-file`).
+pub const NAMESPACES_FILE: &str = "enrolled-namespaces.json";
+
+/// Writes the enrolled namespaces (a JSON array of names) for the CNI plugin to `file`,
+/// creating its directory if needed.
+pub fn save_namespaces(file: &Path, names: &[std::sync::Arc<str>]) -> io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
     }
+    let bytes = serde_json::to_vec(names).map_err(io::Error::other)?;
+    write_atomic(file, &bytes)
 }
 
 #[cfg(test)]

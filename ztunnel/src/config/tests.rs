@@ -43,6 +43,34 @@ fn defaults() {
     assert_eq!(c.host_proc, PathBuf::from("/proc"));
     assert_eq!(c.worker_threads, 2, "not one thread per core");
     assert!(c.to_string().contains(" worker_threads=2 "));
+    assert_eq!(
+        c.enrolled_namespaces_file,
+        PathBuf::from("/var/run/ztunnel/enrolled-namespaces.json")
+    );
+}
+
+/// The enrolled-namespaces file follows the state directory unless it is set itself (the
+/// flag over the environment).
+#[test]
+fn enrolled_namespaces_file() {
+    let file = |args: &[&str], env: &[(&str, &str)]| {
+        run(&[BASE, args].concat(), env)
+            .unwrap()
+            .enrolled_namespaces_file
+    };
+    assert_eq!(
+        file(&["--state-dir", "/s"], &[]),
+        PathBuf::from("/s/enrolled-namespaces.json")
+    );
+    let env = [("ZTUNNEL_ENROLLED_NAMESPACES_FILE", "/var/lib/z/ns.json")];
+    assert_eq!(
+        file(&["--state-dir", "/s"], &env),
+        PathBuf::from("/var/lib/z/ns.json")
+    );
+    assert_eq!(
+        file(&["--enrolled-namespaces-file", "/f.json"], &env),
+        PathBuf::from("/f.json")
+    );
 }
 
 #[test]
