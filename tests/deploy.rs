@@ -468,6 +468,24 @@ fn installer_container_chains_the_plugin_to_the_daemons_socket() {
         out
     };
     let cni = ztunnel_e2e::daemon::binary("ztunnel-cni");
+    // The installer's readiness probe: the real binary with the probe's own arguments,
+    // not ready before the install, ready after it.
+    let probe = installer
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .expect("the installer's readiness probe runs a command");
+    assert_eq!(probe[..2], ["ztunnel-cni", "installed"]);
+    let probe_ready = || {
+        Command::new(&cni)
+            .args(moved(&probe[1..]))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(!probe_ready(), "ready before the plugin is installed");
     let out = Command::new(&cni).args(moved(&args)).output().unwrap();
     assert!(
         out.status.success(),
@@ -475,6 +493,7 @@ fn installer_container_chains_the_plugin_to_the_daemons_socket() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(bin.join("ztunnel-cni").exists());
+    assert!(probe_ready(), "not ready once installed");
     let list: Value =
         serde_json::from_str(&std::fs::read_to_string(conf.join("10-flannel.conflist")).unwrap())
             .unwrap();

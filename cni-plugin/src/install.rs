@@ -45,6 +45,9 @@ pub enum Mode {
     Install(InstallArgs),
     /// Remove the plugin from the CNI configuration and its binary from the bin directory.
     Uninstall(Options),
+    /// Exit 0 when the node is set up (the plugin binary in the bin directory, the primary
+    /// configuration chaining it), else say what is missing and exit 1: a readiness probe.
+    Installed(Options),
 }
 
 /// The options of `install`.
@@ -129,6 +132,8 @@ pub enum InstallError {
     Shape { path: PathBuf, reason: String },
     #[error("no CNI network configuration (*.conflist, *.conf) in {0}")]
     NoPrimary(PathBuf),
+    #[error("not installed: {0}")]
+    NotInstalled(String),
     #[error("setting up signal handling: {0}")]
     Signal(#[from] nix::Error),
 }
@@ -440,6 +445,27 @@ pub fn uninstall(options: &Options) -> Result<(), InstallError> {
     Ok(())
 }
 
+/// `installed`: the plugin binary is in the bin directory and the primary configuration
+/// chains the plugin; else what is missing.
+pub fn installed(options: &Options) -> Result<(), InstallError> {
+    let bin = options.cni_bin_dir.join(PLUGIN_TYPE);
+    if !bin.is_file() {
+        return Err(InstallError::NotInstalled(format!(
+            "{} is missing",
+            bin.display()
+        )));
+    }
+    let dir = &options.cni_conf_dir;
+    let primary = find_primary(dir)?.ok_or_else(|| InstallError::NoPrimary(dir.to_path_buf()))?;
+    if !contains_ours(&read_conf(&primary)?) {
+        return Err(InstallError::NotInstalled(format!(
+            "{} does not chain {PLUGIN_TYPE}",
+            primary.display()
+        )));
+    }
+    Ok(())
+}
+
 /// A flag raised by SIGTERM or SIGINT. The signals are blocked in the calling thread (call it
 /// before starting other threads, which inherit the mask) and taken by a thread in `sigwait`.
 pub fn stop_on_signal() -> Result<Arc<AtomicBool>, InstallError> {
@@ -553,6 +579,7 @@ pub fn main(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
         Mode::Install(a) if a.watch => stop_on_signal().and_then(|stop| watch(&a.options, &stop)),
         Mode::Install(a) => install(&a.options),
         Mode::Uninstall(o) => uninstall(o),
+        Mode::Installed(o) => installed(o),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

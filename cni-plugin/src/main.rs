@@ -2,8 +2,8 @@
 //! the mesh by asking the node daemon over its Unix socket. This file is the entry only: it
 //! gathers the `CNI_*` environment and stdin, calls [`plugin::run`], prints the result or the
 //! error object on stdout (nothing else goes there), logs on stderr, and sets the exit status.
-//! With `install` or `uninstall` as its first argument it is the node installer instead
-//! ([`install::main`]). Everything else is in the library (`src/lib.rs`).
+//! With `install`, `uninstall` or `installed` as its first argument it is the node installer
+//! instead ([`install::main`]). Everything else is in the library (`src/lib.rs`).
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
@@ -14,7 +14,10 @@ fn main() -> ExitCode {
     // Runtimes invoke the plugin with no arguments; the DaemonSet runs the installer modes.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(mode) = args.get(1).and_then(|a| a.to_str()) {
-        if matches!(mode, "install" | "uninstall" | "help" | "--help" | "-h") {
+        if matches!(
+            mode,
+            "install" | "uninstall" | "installed" | "help" | "--help" | "-h"
+        ) {
             return install::main(args);
         }
     }

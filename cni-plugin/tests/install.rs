@@ -282,6 +282,26 @@ fn watch_reinserts_after_the_primary_rewrites_its_file_and_stops_on_sigterm() {
     assert!(status.unwrap().success(), "{status:?}");
 }
 
+/// `installed` (the installer's readiness probe) is ready only while the binary is in place
+/// and the primary configuration chains the plugin.
+#[test]
+fn installed_says_whether_the_node_is_set_up() {
+    let node = Node::new(&[("10-flannel.conflist", FLANNEL)]);
+    let probe = || node.command("installed").output().unwrap();
+    let out = probe();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
+    node.run("install");
+    assert!(probe().status.success());
+    fs::write(node.conf.join("10-flannel.conflist"), FLANNEL).unwrap();
+    let out = probe();
+    assert!(!out.status.success(), "the primary lost the entry");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not chain"));
+    node.run("install");
+    fs::remove_file(node.installed()).unwrap();
+    assert!(!probe().status.success(), "the binary is gone");
+}
+
 /// A plugin binary removed from the CNI bin directory (a CNI upgrade that empties it) is
 /// copied there again by the watcher.
 #[test]
