@@ -798,17 +798,22 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap(), "{\"plugins\": [");
     }
 
-    #[test]
-    fn a_bad_timeout_option_is_refused() {
-        let mut o = Options {
+    fn options() -> Options {
+        Options {
             cni_conf_dir: "/nonexistent".into(),
             cni_bin_dir: "/nonexistent".into(),
             plugin_binary: None,
             socket: "/s".into(),
             enrolled_namespaces_file: "/e".into(),
-            timeout: "soon".into(),
+            timeout: "5s".into(),
             exclude_namespaces: "kube-system".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_bad_timeout_option_is_refused() {
+        let mut o = options();
+        o.timeout = "soon".into();
         assert!(matches!(o.settings(), Err(InstallError::Option(_))));
         o.timeout = "250ms".into();
         assert_eq!(o.settings().unwrap().timeout, "250ms");
@@ -818,15 +823,7 @@ mod tests {
     /// written as the plugin's `excludeNamespaces` array, which the plugin reads back.
     #[test]
     fn excluded_namespaces_are_written_as_the_plugin_reads_them() {
-        let mut o = Options {
-            cni_conf_dir: "/nonexistent".into(),
-            cni_bin_dir: "/nonexistent".into(),
-            plugin_binary: None,
-            socket: "/s".into(),
-            enrolled_namespaces_file: "/e".into(),
-            timeout: "5s".into(),
-            exclude_namespaces: String::new(),
-        };
+        let mut o = options();
         let cases: &[(&str, &[&str])] = &[
             (
                 "kube-system,ztunnel-system",

@@ -88,6 +88,17 @@ impl Node {
         n
     }
 
+    /// `install --watch` running until the returned guard is dropped.
+    fn watch(&self) -> Killed {
+        let child = self
+            .command("install")
+            .arg("--watch")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Killed(child)
+    }
+
     fn installed(&self) -> PathBuf {
         self.bin.join("ztunnel-cni")
     }
@@ -252,13 +263,7 @@ fn has_ours(path: &Path) -> bool {
 fn watch_reinserts_after_the_primary_rewrites_its_file_and_stops_on_sigterm() {
     let node = Node::new(&[("10-flannel.conflist", FLANNEL)]);
     let path = node.conf.join("10-flannel.conflist");
-    let child = node
-        .command("install")
-        .arg("--watch")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = Killed(child);
+    let mut child = node.watch();
     wait_for("the first install", || has_ours(&path));
     assert_executable_copy(&node.installed());
     let installed = fs::read_to_string(&path).unwrap();
@@ -307,13 +312,7 @@ fn installed_says_whether_the_node_is_set_up() {
 #[test]
 fn watch_copies_a_missing_plugin_binary_again() {
     let node = Node::new(&[("10-flannel.conflist", FLANNEL)]);
-    let child = node
-        .command("install")
-        .arg("--watch")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = Killed(child);
+    let _child = node.watch();
     wait_for("the first install", || node.installed().exists());
     fs::remove_file(node.installed()).unwrap();
     wait_for("the binary copied again", || node.installed().exists());
@@ -323,13 +322,7 @@ fn watch_copies_a_missing_plugin_binary_again() {
 #[test]
 fn watch_waits_for_a_primary_and_converts_a_conf() {
     let node = Node::new(&[]);
-    let child = node
-        .command("install")
-        .arg("--watch")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = Killed(child);
+    let _child = node.watch();
     std::thread::sleep(Duration::from_millis(300));
     fs::write(node.conf.join("05-cilium.conf"), CILIUM).unwrap();
     let list = node.conf.join("05-cilium.conflist");
