@@ -400,6 +400,46 @@ pub fn issue(
     )?)
 }
 
+/// A workload certificate for `id` whose leaf carries the URI SANs `uris` (in that order), as a
+/// CA other than ours may issue: for tests of how such a peer is read.
+#[cfg(test)]
+pub(crate) fn issue_with_uris(
+    ca: &LocalCa,
+    id: &Identity,
+    uris: &[&str],
+) -> Result<crate::identity::WorkloadCert, Error> {
+    let kc = crate::identity::generate_csr(id)?;
+    let now = SystemTime::now();
+    let mut csr = CertificateSigningRequestParams::from_pem(&kc.csr_pem)
+        .map_err(|e| Error::BadRequest(format!("bad CSR: {e}")))?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| Ok(SanType::URI(u.to_string().try_into()?)))
+        .collect::<Result<_, Error>>()?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = offset(now - CLOCK_SKEW);
+    params.not_after = offset(now + Duration::from_secs(3600));
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    csr.params = params;
+    let leaf = csr.signed_by(&ca.issuer)?;
+    let mut chain = vec![leaf.pem()];
+    chain.extend(ca.intermediates_pem.iter().cloned());
+    Ok(crate::identity::WorkloadCert::from_signed(
+        id.clone(),
+        &kc.key,
+        &chain,
+        &ca.roots_pem,
+        now,
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,7 +527,7 @@ mod tests {
         let me = id("spiffe://cluster.local/ns/demo/sa/web");
         let cert = issue(&ca, &me, Duration::from_secs(48 * 3600)).unwrap();
         let (_, leaf) = X509Certificate::from_der(&cert.chain[0]).unwrap();
-        assert_eq!(crate::identity::leaf_identity(&leaf).unwrap(), me);
+        assert_eq!(crate::identity::leaf_identities(&leaf).unwrap(), vec![me]);
         let eku = leaf.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
         assert!(!leaf.is_ca());

@@ -22,6 +22,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 pub use client::CaClient;
+#[cfg(test)]
+pub(crate) use local::issue_with_uris;
 pub use local::{issue, CaMaterial, LocalCa, DEFAULT_MAX_LIFETIME};
 pub use server::{Denied, SignAuthorizer, StaticTokenAuthorizer};
 

@@ -10,7 +10,10 @@ pub mod tls;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use cert::{generate_csr, leaf_identity, parse_pem_certs, root_store, KeyAndCsr, WorkloadCert};
+pub use cert::{
+    generate_csr, leaf_identities, leaf_identity_in, parse_pem_certs, root_store, KeyAndCsr,
+    WorkloadCert,
+};
 pub use manager::CertManager;
 pub use spiffe::{Identity, ParseError};
 pub use tls::peer_identity;

@@ -2,10 +2,14 @@
 //! AES-256-GCM and AES-128-GCM suites, ALPN `h2` (a server also accepts no ALPN), no SNI,
 //! no session resumption (every handshake checks identity anew), and mutual authentication:
 //!
-//! - server: the client's chain must end in our roots, and its leaf's single URI SAN must be a
-//!   SPIFFE ID in our trust domain;
-//! - client: the server's chain must end in our roots (its DNS name is not checked), and its
-//!   leaf's SPIFFE ID must be one of the identities the destination is expected to have.
+//! - server: the client's chain must end in our roots, and one of its leaf's URI SANs must be a
+//!   SPIFFE ID in our trust domain: the first such is the client's identity;
+//! - client: the server's chain must end in our roots (its DNS name is not checked), and one of
+//!   its leaf's SPIFFE IDs must be one of the identities the destination is expected to have.
+//!
+//! A leaf with several URI SANs is accepted as Istio accepts it: any SAN may satisfy each check.
+//! The identity a server reads for policy is the first in its own trust domain (Istio takes the
+//! first SAN, even from a trust domain no check has looked at).
 
 use std::sync::{Arc, OnceLock};
 
@@ -21,7 +25,8 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{cert::leaf_identity, Error, Identity};
+use super::cert::{leaf_identities, leaf_identity_in};
+use super::{Error, Identity};
 
 /// The crypto provider of the tunnel: ring with only the two AES-GCM TLS 1.3 suites.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -39,14 +44,24 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 const ALPN_H2: &[u8] = ztunnel_proto::hbone::ALPN_H2;
 
-/// Reads the SPIFFE identity of a peer from its presented chain (leaf first).
-pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Result<Identity, Error> {
+/// The SPIFFE identity of a peer in `trust_domain`, read from its presented chain (leaf
+/// first): the first of its URI SANs that is a ServiceAccount's SPIFFE ID there.
+pub fn peer_identity(certs: &[CertificateDer<'_>], trust_domain: &str) -> Result<Identity, Error> {
+    leaf_identity_in(&parse_leaf(certs)?, trust_domain)
+}
+
+/// Every SPIFFE identity of a peer's leaf certificate, in the order of its URI SANs.
+fn peer_identities(certs: &[CertificateDer<'_>]) -> Result<Vec<Identity>, Error> {
+    leaf_identities(&parse_leaf(certs)?)
+}
+
+fn parse_leaf<'a>(certs: &'a [CertificateDer<'_>]) -> Result<X509Certificate<'a>, Error> {
     let leaf = certs
         .first()
         .ok_or_else(|| Error::Certificate("peer presented no certificate".into()))?;
     let (_, x) = X509Certificate::from_der(leaf)
         .map_err(|e| Error::Certificate(format!("cannot parse peer certificate: {e}")))?;
-    leaf_identity(&x)
+    Ok(x)
 }
 
 fn bad_identity(msg: String) -> rustls::Error {
@@ -80,15 +95,9 @@ impl ClientCertVerifier for ClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let id = peer_identity(std::slice::from_ref(end_entity))
-            .map_err(|e| bad_identity(e.to_string()))?;
-        if id.trust_domain() != self.trust_domain {
-            tracing::warn!(peer = %id, ours = %self.trust_domain, "client identity is from another trust domain");
-            return Err(bad_identity(format!(
-                "trust domain {} of {id} is not ours ({})",
-                id.trust_domain(),
-                self.trust_domain
-            )));
+        if let Err(e) = peer_identity(std::slice::from_ref(end_entity), &self.trust_domain) {
+            tracing::warn!(ours = %self.trust_domain, error = %e, "client certificate carries no identity of our trust domain");
+            return Err(bad_identity(e.to_string()));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -138,13 +147,14 @@ impl ServerCertVerifier for ServerVerifier {
             now,
             self.algs.all,
         )?;
-        let id = peer_identity(std::slice::from_ref(end_entity))
+        let ids = peer_identities(std::slice::from_ref(end_entity))
             .map_err(|e| bad_identity(e.to_string()))?;
-        if !self.expected.contains(&id) {
+        if !ids.iter().any(|id| self.expected.contains(id)) {
             let expected: Vec<String> = self.expected.iter().map(|e| e.to_string()).collect();
-            tracing::warn!(peer = %id, ?expected, "server identity is not the expected one");
+            let ids: Vec<String> = ids.iter().map(|e| e.to_string()).collect();
+            tracing::warn!(peer = ?ids, ?expected, "server identity is not the expected one");
             return Err(bad_identity(format!(
-                "server identity {id} not in expected {expected:?}"
+                "server identities {ids:?} not in expected {expected:?}"
             )));
         }
         Ok(ServerCertVerified::assertion())
@@ -282,7 +292,8 @@ mod tests {
                 .contains(&suite),
                 "{suite:?}"
             );
-            let id = peer_identity(conn.peer_certificates().unwrap()).map_err(|e| e.to_string())?;
+            let id = peer_identity(conn.peer_certificates().unwrap(), "cluster.local")
+                .map_err(|e| e.to_string())?;
             use tokio::io::AsyncWriteExt;
             tls.write_all(b"k").await.map_err(|e| e.to_string())?;
             tls.flush().await.map_err(|e| e.to_string())?;
@@ -387,6 +398,55 @@ mod tests {
         assert!(e.contains("impostor"), "{e}");
         let (c, _) = handshake(client.client_config(&[]), &server).await;
         assert!(c.is_err(), "an empty expected set accepts nobody");
+    }
+
+    /// A leaf with several URI SANs, as Istio accepts it: the server reads the first identity
+    /// of its trust domain, the client accepts a server any of whose identities it expects.
+    #[tokio::test]
+    async fn leaves_with_several_uri_sans_are_read_as_istio_reads_them() {
+        let cas = cas();
+        let ours = "spiffe://cluster.local/ns/a/sa/client";
+        let client = crate::ca::issue_with_uris(
+            &cas.main,
+            &id(ours),
+            &[
+                "spiffe://other.local/ns/a/sa/x",
+                ours,
+                "spiffe://cluster.local/ns/a/sa/later",
+            ],
+        )
+        .unwrap();
+        let server_id = "spiffe://cluster.local/ns/b/sa/server";
+        let server = crate::ca::issue_with_uris(
+            &cas.main,
+            &id(server_id),
+            &["spiffe://cluster.local/ns/b/sa/alias", server_id],
+        )
+        .unwrap();
+        let cfg = client.client_config(&[id(server_id)]);
+        let (c, s) = handshake(cfg, &server).await;
+        c.unwrap();
+        assert_eq!(
+            s.unwrap(),
+            id(ours),
+            "the first identity of the server's trust domain"
+        );
+        // Neither of the server's identities expected: refused.
+        let cfg = client.client_config(&[id("spiffe://cluster.local/ns/b/sa/other")]);
+        let (c, _) = handshake(cfg, &server).await;
+        assert!(c.unwrap_err().contains("alias"));
+        // A client none of whose identities is in the server's trust domain: refused.
+        let foreign = crate::ca::issue_with_uris(
+            &cas.main,
+            &id("spiffe://other.local/ns/a/sa/x"),
+            &[
+                "spiffe://other.local/ns/a/sa/x",
+                "spiffe://third.local/ns/a/sa/x",
+            ],
+        )
+        .unwrap();
+        let (_, s) = handshake(foreign.client_config(&[id(server_id)]), &server).await;
+        assert!(s.unwrap_err().contains("trust domain"));
     }
 
     #[tokio::test]

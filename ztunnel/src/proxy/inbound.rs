@@ -201,7 +201,10 @@ async fn handshakes(
             return None;
         }
     };
-    let src = match identity::peer_identity(tls.get_ref().1.peer_certificates().unwrap_or(&[])) {
+    let src = match identity::peer_identity(
+        tls.get_ref().1.peer_certificates().unwrap_or(&[]),
+        &pi.trust_domain,
+    ) {
         Ok(id) => id,
         Err(e) => {
             // The handshake's verifier has read the same identity: this is a second line.

@@ -194,7 +194,8 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
         }
     };
     drop(admitted);
-    let identity = match identity::peer_identity(&quic::peer_certificates(&conn)) {
+    let identity = match identity::peer_identity(&quic::peer_certificates(&conn), &pi.trust_domain)
+    {
         Ok(id) => id,
         Err(e) => {
             // The handshake's verifier has read the same identity: this is a second line.
