@@ -211,6 +211,7 @@ impl Fixture {
             let pi = ProxyInputs::new(
                 "bench".into(),
                 "cluster.local".into(),
+                "Kubernetes",
                 Discovery::fixed(state),
                 certs,
                 Pool::new(settings.clone(), metrics.clone()),

@@ -39,6 +39,13 @@ pub mod hbone {
     pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
     /// Streams one pooled tunnel connection carries before the pool opens another.
     pub const DEFAULT_MAX_STREAMS: u32 = 100;
+    /// Concurrent streams a tunnel server accepts per connection (`SETTINGS_MAX_CONCURRENT_STREAMS`),
+    /// as Istio's ztunnel advertises; a pool configured for more is allowed that many.
+    pub const SERVER_MAX_STREAMS: u32 = 200;
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE` a tunnel server advertises, as Istio's ztunnel does.
+    pub const SERVER_MAX_HEADER_LIST: u32 = 64 * 1024;
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE` a tunnel client advertises, as Istio's ztunnel does.
+    pub const CLIENT_MAX_HEADER_LIST: u32 = 16 * 1024;
     /// ALPN protocol of the tunnel.
     pub const ALPN_H2: &[u8] = b"h2";
 

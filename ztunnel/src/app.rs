@@ -165,6 +165,7 @@ pub async fn start(
     let pi = ProxyInputs::new(
         cfg.node_name.clone(),
         cfg.trust_domain.clone(),
+        &cfg.cluster_id,
         disc.clone(),
         certs.clone(),
         pool.clone(),

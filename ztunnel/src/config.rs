@@ -105,6 +105,8 @@ impl FromStr for LogFormat {
 pub struct RunConfig {
     pub node_name: String,
     pub trust_domain: String,
+    /// The cluster's id, as Istio's telemetry reports it (`*_cluster` labels).
+    pub cluster_id: String,
     /// Policies in this namespace apply to the whole mesh.
     pub root_namespace: String,
     /// The Istio-compatible setting (cluster mode only), with Istio's root namespace: the
@@ -157,6 +159,9 @@ struct RunArgs {
     /// SPIFFE trust domain [env: TRUST_DOMAIN] [default: cluster.local]
     #[arg(long)]
     trust_domain: Option<String>,
+    /// The cluster's id in Istio's telemetry (the source_cluster and destination_cluster labels) [env: CLUSTER_ID] [default: Kubernetes]
+    #[arg(long)]
+    cluster_id: Option<String>,
     /// The namespace whose policies apply to the whole mesh [env: ZTUNNEL_ROOT_NAMESPACE] [default: ztunnel-system]
     #[arg(long)]
     root_namespace: Option<String>,
@@ -386,6 +391,22 @@ fn trust_domain(flag: Option<String>, env: Env<'_>) -> Result<String, ConfigErro
     Ok(td)
 }
 
+/// The cluster's id: Istio's default, `Kubernetes`, unless set; a label value, so printable
+/// ASCII without spaces.
+fn cluster_id(flag: Option<String>, env: Env<'_>) -> Result<String, ConfigError> {
+    let id = flag
+        .or_else(|| env("CLUSTER_ID"))
+        .unwrap_or_else(|| "Kubernetes".into());
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::Invalid {
+            setting: "cluster id",
+            value: id,
+            reason: "must be non-empty printable ASCII without spaces".into(),
+        });
+    }
+    Ok(id)
+}
+
 fn root_namespace(flag: Option<String>, env: Env<'_>) -> Result<String, ConfigError> {
     namespace_setting(
         "root namespace",
@@ -590,6 +611,7 @@ impl RunConfig {
         Ok(RunConfig {
             node_name,
             trust_domain: trust_domain(a.trust_domain, env)?,
+            cluster_id: cluster_id(a.cluster_id, env)?,
             root_namespace: root_namespace(a.root_namespace, env)?,
             istio_root_namespace: istio_root_namespace(
                 a.istio_compat,
@@ -737,9 +759,10 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} cluster_id={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
+            self.cluster_id,
             self.root_namespace,
             match &self.istio_root_namespace {
                 Some(root) => format!("on (root namespace {root})"),

@@ -66,6 +66,8 @@ reasons! {
     OutboundTunnelFailed = "outbound_tunnel_failed", true, None;
     /// The destination's policy answered `401`.
     OutboundDeniedByDestination = "outbound_denied_by_destination", true, None;
+    /// A `CONNECT` to a service hostname, or a port of it, this node does not know.
+    InboundUnknownService = "inbound_unknown_service", true, Some(503);
     /// A tunnel connection to an address of no local workload.
     InboundUnknownDestination = "inbound_unknown_destination", true, None;
     /// No certificate for the destination workload.

@@ -121,19 +121,30 @@ fn local_ips(authority: Option<&str>) -> Vec<IpAddr> {
 fn check_connect(req: &Request<()>, local: IpAddr, verdict: &Result<ConnectTarget, Reason>) {
     let Ok(t) = verdict else { return };
     assert_eq!(req.method(), Method::CONNECT, "accepted {req:?}");
+    let target = match &t.authority {
+        ztunnel::hbone::server::Authority::Addr(a) => *a,
+        ztunnel::hbone::server::Authority::Service { host, .. } => {
+            assert!(
+                host.parse::<IpAddr>().is_err() && !host.is_empty(),
+                "a service hostname that is no name: {req:?}"
+            );
+            assert_eq!(host, &host.to_ascii_lowercase(), "{req:?}");
+            return;
+        }
+    };
     assert_eq!(
-        t.target.ip().to_canonical(),
+        target.ip().to_canonical(),
         local.to_canonical(),
         "accepted a foreign authority: {req:?}"
     );
     assert!(
-        !RESERVED_PORTS.contains(&t.target.port()),
+        !RESERVED_PORTS.contains(&target.port()),
         "accepted a reserved port: {req:?}"
     );
-    let rendered = ztunnel::hbone::authority(t.target);
+    let rendered = ztunnel::hbone::authority(target);
     assert_eq!(
         rendered.parse::<SocketAddr>().ok(),
-        Some(t.target),
+        Some(target),
         "{rendered}"
     );
 }
@@ -410,7 +421,7 @@ pub fn ca_sign(data: &[u8]) {
     let wanted: Identity = req.identity.parse().expect("a signed identity parses");
     assert_eq!(wanted.trust_domain(), TRUST_DOMAIN);
     let chain = ztunnel::identity::parse_pem_certs(&resp.cert_chain_pem).expect("chain PEM");
-    let got = ztunnel::identity::peer_identity(&chain).expect("the leaf's identity");
+    let got = ztunnel::identity::peer_identity(&chain, TRUST_DOMAIN).expect("the leaf's identity");
     assert_eq!(got, wanted);
     assert!(!resp.roots_pem.is_empty());
 }
@@ -433,18 +444,18 @@ pub fn spiffe_id(data: &[u8]) {
     assert_eq!(serde_json::from_str::<Identity>(&json).ok(), Some(id));
 }
 
-/// A peer's leaf certificate, DER, as a TLS handshake hands it over: its identity
-/// ([`ztunnel::identity::peer_identity`]), which must be a SPIFFE ID that parses back to
-/// itself, and the one URI SAN of a certificate that parses.
+/// A peer's leaf certificate, DER, as a TLS handshake hands it over: its identity in the
+/// trust domain ([`ztunnel::identity::peer_identity`]), which must be a SPIFFE ID of that
+/// trust domain that parses back to itself, and one of the certificate's identities.
 pub fn peer_cert(data: &[u8]) {
     let cert = CertificateDer::from(data);
-    let Ok(id) = ztunnel::identity::peer_identity(std::slice::from_ref(&cert)) else {
+    let td = TRUST_DOMAIN;
+    let Ok(id) = ztunnel::identity::peer_identity(std::slice::from_ref(&cert), td) else {
         return;
     };
     assert_eq!(id.to_string().parse::<Identity>().as_ref(), Ok(&id));
+    assert_eq!(id.trust_domain(), td);
     let (_, x) = X509Certificate::from_der(data).expect("a certificate with an identity parses");
-    assert_eq!(
-        ztunnel::identity::leaf_identity(&x).ok().as_ref(),
-        Some(&id)
-    );
+    let all = ztunnel::identity::leaf_identities(&x).expect("it has identities");
+    assert_eq!(all.iter().find(|i| i.trust_domain() == td), Some(&id));
 }

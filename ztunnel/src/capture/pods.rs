@@ -702,6 +702,7 @@ workloads:
             labels: Default::default(),
             protocol: crate::discovery::Protocol::Hbone,
             other_mesh: None,
+            telemetry: Default::default(),
         };
         let s = crate::discovery::parse(MESH, "cluster.local")
             .unwrap()

@@ -14,6 +14,7 @@
 //!     labels: {app: web}
 //!     annotations: {}      # optional; only those that say another mesh handles the pod are read
 //!     protocol: HBONE      # HBONE (in the mesh, the default) or TCP (plain)
+//!     workloadName: web    # optional: its Deployment, StatefulSet, …; the pod's name by default
 //! services:
 //!   - {name: web, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
 //! policies:                # AuthorizationPolicy and PeerAuthentication objects
@@ -33,7 +34,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-use super::model::{Labels, Namespace, Protocol, Service, ServicePort, State, Workload};
+use super::model::{Interner, Labels, Namespace, Protocol, Service, ServicePort, State, Workload};
 use super::policy::PolicyObject;
 use super::{Discovery, Error, Stats};
 
@@ -74,6 +75,9 @@ struct WorkloadEntry {
     annotations: BTreeMap<String, String>,
     #[serde(default)]
     protocol: Protocol,
+    /// The workload it belongs to, as Istio names it (e.g. its Deployment); the label
+    /// `service.istio.io/workload-name` overrides it, the pod's name is the default.
+    workload_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -92,26 +96,6 @@ struct ServiceEntry {
     ports: Vec<PortEntry>,
     #[serde(default)]
     selector: BTreeMap<String, String>,
-}
-
-/// Shares one allocation among equal strings (namespaces, service accounts, nodes, label
-/// keys and values repeat across thousands of workloads).
-#[derive(Default)]
-struct Interner(std::collections::HashSet<Arc<str>>);
-
-impl Interner {
-    fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.0.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = s.into();
-        self.0.insert(a.clone());
-        a
-    }
-
-    fn labels(&mut self, m: &BTreeMap<String, String>) -> Labels {
-        m.iter().map(|(k, v)| (self.get(k), self.get(v))).collect()
-    }
 }
 
 /// Parses and validates a mesh file for a daemon in `trust_domain`, keeping every workload
@@ -169,6 +153,11 @@ pub fn parse_for_node(yaml: &str, trust_domain: &str, node: Option<&str>) -> Res
             other_mesh: super::enrollment::OtherMesh::of(|k| {
                 w.annotations.get(k).map(String::as_str)
             }),
+            telemetry: {
+                let name = w.workload_name.as_deref().unwrap_or(&w.name);
+                let name = super::telemetry::workload_name(name, None, None, &w.labels);
+                int.telemetry(name, &w.labels)
+            },
         })
         .collect();
     let endpoints = f

@@ -8,6 +8,7 @@ mod file;
 pub mod kube;
 mod model;
 pub mod policy;
+pub mod telemetry;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,8 @@ use std::sync::Arc;
 pub use file::{parse, parse_for_node, watch_file};
 pub use kube::watch_kubernetes;
 pub use model::{
-    Labels, Namespace, Protocol, Service, ServicePort, State, Workload, DATAPLANE_MODE_LABEL,
+    Interner, Labels, Namespace, Protocol, Service, ServicePort, State, Telemetry, Workload,
+    DATAPLANE_MODE_LABEL,
 };
 
 #[derive(Debug, thiserror::Error)]

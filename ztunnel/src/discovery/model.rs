@@ -3,7 +3,7 @@
 //! and every service's endpoints precomputed. Built and validated once per update; readers
 //! share it as `Arc<State>` and never lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use crate::identity::Identity;
 
 pub use super::enrollment::DATAPLANE_MODE_LABEL;
 use super::enrollment::{NotEnrolled, OtherMesh, Rules};
+pub use super::telemetry::Telemetry;
 
 /// Labels, compact: pairs sorted by key in one allocation. (A `BTreeMap` node costs about
 /// 370 bytes even for two labels, and every one of 100 000 workloads has labels.)
@@ -65,6 +66,55 @@ impl Serialize for Labels {
     }
 }
 
+/// Shares one allocation among equal strings (namespaces, service accounts, nodes, label keys
+/// and values repeat across thousands of workloads) and among equal [`Telemetry`] (replicas).
+#[derive(Default, Debug)]
+pub struct Interner {
+    strs: HashSet<Arc<str>>,
+    telemetry: HashSet<Arc<Telemetry>>,
+}
+
+impl Interner {
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.strs.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        self.strs.insert(a.clone());
+        a
+    }
+
+    pub fn labels(&mut self, m: &BTreeMap<String, String>) -> Labels {
+        m.iter().map(|(k, v)| (self.get(k), self.get(v))).collect()
+    }
+
+    /// The telemetry of a workload named `workload_name` with these labels.
+    pub fn telemetry(
+        &mut self,
+        workload_name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Arc<Telemetry> {
+        let (name, revision) = super::telemetry::canonical(labels, workload_name);
+        let t = Telemetry {
+            workload_name: self.get(workload_name),
+            canonical_name: self.get(name),
+            canonical_revision: self.get(revision),
+        };
+        if let Some(a) = self.telemetry.get(&t) {
+            return a.clone();
+        }
+        let a = Arc::new(t);
+        self.telemetry.insert(a.clone());
+        a
+    }
+
+    /// Forgets what nothing else holds any more.
+    pub fn prune(&mut self) {
+        self.telemetry.retain(|a| Arc::strong_count(a) > 1);
+        self.strs.retain(|a| Arc::strong_count(a) > 1);
+    }
+}
+
 /// Whether a workload speaks HBONE (is in the mesh) or plain TCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
 pub enum Protocol {
@@ -90,9 +140,35 @@ pub struct Workload {
     /// Another mesh that handles the pod already (read from its annotations).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub other_mesh: Option<OtherMesh>,
+    /// Its workload and canonical service, kept even where its labels are not.
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Workload {
+    /// The workload it belongs to (Istio's name); the pod's own name when none is known.
+    pub fn workload_name(&self) -> &str {
+        match &*self.telemetry.workload_name {
+            "" => &self.name,
+            n => n,
+        }
+    }
+
+    /// Its canonical service; the workload name when none is known.
+    pub fn canonical_name(&self) -> &str {
+        match &*self.telemetry.canonical_name {
+            "" => self.workload_name(),
+            n => n,
+        }
+    }
+
+    /// Its canonical revision; `latest` when none is known.
+    pub fn canonical_revision(&self) -> &str {
+        match &*self.telemetry.canonical_revision {
+            "" => "latest",
+            n => n,
+        }
+    }
+
     /// The workload's SPIFFE identity in `trust_domain` (validated when the state was built).
     pub fn identity(&self, trust_domain: &str) -> Identity {
         Identity::new(trust_domain, &self.namespace, &self.service_account)
@@ -143,6 +219,8 @@ pub struct State {
     services: Vec<Arc<Service>>,
     by_vip: HashMap<IpAddr, (Arc<Service>, usize)>,
     endpoints: Vec<Vec<Arc<Workload>>>,
+    /// The services (indices in `services`) each workload with a uid is an endpoint of.
+    services_of_uid: HashMap<Arc<str>, Vec<usize>>,
     authz: Vec<AuthorizationPolicy>,
     peer_authn: Vec<PeerAuthentication>,
     policy: crate::policy::PolicyIndex,
@@ -249,6 +327,12 @@ impl State {
                     )));
                 }
             }
+            for w in endpoints.iter().filter(|w| !w.uid.is_empty()) {
+                s.services_of_uid
+                    .entry(w.uid.clone())
+                    .or_default()
+                    .push(idx);
+            }
             s.services.push(svc);
             s.endpoints.push(endpoints);
         }
@@ -299,6 +383,22 @@ impl State {
     }
     pub fn workloads(&self) -> &[Arc<Workload>] {
         &self.workloads
+    }
+    /// The services `w` is an endpoint of, when it has a uid (this node's workloads do).
+    pub fn services_of(&self, w: &Workload) -> impl Iterator<Item = &Arc<Service>> {
+        self.services_of_uid
+            .get(&w.uid)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.services[i])
+    }
+    /// The service whose hostname is `host` (`<name>.<namespace>.svc.cluster.local`).
+    pub fn service_by_hostname(&self, host: &str) -> Option<&Arc<Service>> {
+        let rest = host.strip_suffix(crate::metrics::CLUSTER_DOMAIN)?;
+        let (name, ns) = rest.strip_suffix(".svc.")?.split_once('.')?;
+        self.services
+            .iter()
+            .find(|s| &*s.name == name && &*s.namespace == ns)
     }
     pub fn services(&self) -> &[Arc<Service>] {
         &self.services

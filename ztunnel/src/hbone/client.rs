@@ -107,6 +107,7 @@ pub async fn connect_from(
         .initial_connection_window_size(consts::CONNECTION_WINDOW)
         .max_frame_size(consts::MAX_FRAME_SIZE)
         .max_send_buffer_size(consts::MAX_FRAME_SIZE as usize)
+        .max_header_list_size(consts::CLIENT_MAX_HEADER_LIST)
         .enable_push(false)
         .handshake(tls_stream)
         .await?;
@@ -121,8 +122,14 @@ pub fn connect_request(
     let mut b = Request::builder()
         .method(Method::CONNECT)
         .uri(super::authority(target));
-    if let Some(addr) = headers.forwarded_for {
-        b = b.header(consts::FORWARDED, format!("for=\"{addr}\""));
+    let forwarded = match (headers.forwarded_for, &headers.forwarded_host) {
+        (Some(addr), Some(host)) => Some(format!("for=\"{addr}\";host={host}")),
+        (Some(addr), None) => Some(format!("for=\"{addr}\"")),
+        (None, Some(host)) => Some(format!("host={host}")),
+        (None, None) => None,
+    };
+    if let Some(v) = forwarded {
+        b = b.header(consts::FORWARDED, v);
     }
     if let Some(v) = &headers.baggage {
         b = b.header(consts::BAGGAGE, v.as_str());

@@ -27,10 +27,38 @@ use std::net::SocketAddr;
 pub struct ConnectHeaders {
     /// The original client address, sent as `forwarded: for="<addr>"`.
     pub forwarded_for: Option<SocketAddr>,
+    /// The hostname of the service the client connected to, sent as `;host=<hostname>` in
+    /// `forwarded` (with `for`).
+    pub forwarded_host: Option<String>,
     /// Sent as `baggage`.
     pub baggage: Option<String>,
     /// Sent as `traceparent`.
     pub traceparent: Option<String>,
+}
+
+/// A new W3C trace context for a connection: version `00`, a random trace id and parent id,
+/// no flags (not sampled), as Istio's ztunnel starts one per connection.
+pub fn new_traceparent() -> String {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut seed = [0u8; 8];
+            let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+            u64::from_ne_bytes(seed) | 1
+        });
+    }
+    // xorshift64*: ids that differ per connection, not secrets.
+    let next = || {
+        STATE.with(|s| {
+            let mut x = s.get();
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            s.set(x);
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        })
+    };
+    format!("00-{:016x}{:016x}-{:016x}-00", next(), next(), next())
 }
 
 /// Formats the `:authority` of a CONNECT to `addr`: `ip:port`, IPv6 as `[addr]:port`.
@@ -48,6 +76,14 @@ pub(crate) mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
+    }
+
+    #[test]
+    fn new_traceparents_are_well_formed_and_differ() {
+        let a = super::new_traceparent();
+        let b = super::new_traceparent();
+        assert!(super::server::is_traceparent(&a), "{a}");
+        assert_ne!(a, b);
     }
 
     #[test]

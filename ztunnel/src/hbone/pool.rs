@@ -47,7 +47,7 @@ use super::early::Early;
 use super::quic::{self, Fallback, QuicError, QuicStreamError};
 use crate::capture::netns::Netns;
 use crate::identity::{Identity, WorkloadCert};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ResponseFlag};
 use crate::net::ConnectOptions;
 
 /// What makes two streams share a connection.
@@ -201,6 +201,19 @@ impl PoolError {
         match self {
             PoolError::Client(c) => c.status(),
             _ => None,
+        }
+    }
+
+    /// How Istio's telemetry reports this failure ([`ResponseFlag`]): a failed TLS or HTTP/2
+    /// handshake as such, anything else (unreachable, refused, a status) as `CONNECT`.
+    pub fn response_flag(&self) -> ResponseFlag {
+        match self {
+            PoolError::Client(ClientError::Tls { .. } | ClientError::Alpn { .. }) => {
+                ResponseFlag::TlsFailure
+            }
+            PoolError::Quic(QuicError::Handshake { .. }) => ResponseFlag::TlsFailure,
+            PoolError::Client(ClientError::H2(_)) => ResponseFlag::H2HandshakeFailure,
+            _ => ResponseFlag::Connect,
         }
     }
 

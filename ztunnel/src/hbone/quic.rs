@@ -527,18 +527,30 @@ mod tests {
             "10.0.0.2:8080".parse().unwrap(),
             &super::super::ConnectHeaders {
                 forwarded_for: Some("10.0.0.1:4000".parse().unwrap()),
+                forwarded_host: Some("b.demo.svc.cluster.local".into()),
                 baggage: Some("k8s.namespace.name=a".into()),
-                traceparent: None,
+                traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00".into()),
             },
         )
         .unwrap();
         let h = header_of(&req);
         assert_eq!(h.authority, "10.0.0.2:8080");
-        assert_eq!(h.forwarded.as_deref(), Some("for=\"10.0.0.1:4000\""));
+        assert_eq!(
+            h.forwarded.as_deref(),
+            Some("for=\"10.0.0.1:4000\";host=b.demo.svc.cluster.local")
+        );
         let back = request_of(&h).unwrap();
         let t = super::super::server::validate(&back, "10.0.0.2".parse().unwrap()).unwrap();
-        assert_eq!(t.target, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(
+            t.authority,
+            super::super::server::Authority::Addr("10.0.0.2:8080".parse().unwrap())
+        );
         assert_eq!(t.forwarded_for, Some("10.0.0.1:4000".parse().unwrap()));
+        assert_eq!(
+            t.forwarded_host.as_deref(),
+            Some("b.demo.svc.cluster.local")
+        );
+        assert!(t.traceparent.is_some());
         // An authority that is not one (a path smuggled in) is refused as a CONNECT would be.
         let bad = RequestHeader {
             authority: "10.0.0.2:8080/x".into(),

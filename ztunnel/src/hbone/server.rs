@@ -4,8 +4,13 @@
 //! [`validate`] is a pure function of the request and the connection's local address:
 //! - only classic `CONNECT` is accepted; any other method is `400` (h2 itself resets, with
 //!   `PROTOCOL_ERROR`, a `CONNECT` carrying `:scheme` or `:path`, as RFC 9113 §8.5 requires);
-//! - `:authority` must be `ip:port` whose IP is the connection's local address (`400`);
-//! - a target port of 15001, 15006 or 15008 would loop and is `503`.
+//! - `:authority` is either `ip:port`, whose IP must be the connection's local address (`400`),
+//!   or `hostname:port`, a service's hostname and port (as Istio's east-west gateways send it),
+//!   which the caller resolves to the local workload's target port
+//!   ([`crate::proxy::plan::inbound`]); anything else is `400`;
+//! - a target port of 15001, 15006 or 15008 would loop and is `503`;
+//! - `forwarded` gives the client's address (`for=`) and the service it went through
+//!   (`host=`); `traceparent` the W3C trace context. Malformed values are ignored.
 //!
 //! The caller then applies policy (`401` on deny), connects to the application (`503` on
 //! failure) and only then answers `200`.
@@ -25,13 +30,25 @@ use tokio::time::Instant;
 use super::consts;
 use crate::refusal::Reason;
 
+/// What a CONNECT's `:authority` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Authority {
+    /// The local workload's address and the application port.
+    Addr(SocketAddr),
+    /// A service's hostname (lower case) and one of its ports.
+    Service { host: String, port: u16 },
+}
+
 /// A validated CONNECT.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectTarget {
-    /// Where the stream goes: the local workload's address and the application port.
-    pub target: SocketAddr,
+    pub authority: Authority,
     /// The original client address from `forwarded: for=...`, when present and well formed.
     pub forwarded_for: Option<SocketAddr>,
+    /// The service hostname from `forwarded: host=...`, when present and well formed.
+    pub forwarded_host: Option<String>,
+    /// The W3C `traceparent`, when well formed.
+    pub traceparent: Option<String>,
 }
 
 /// Validates a request received on a tunnel connection whose local address is `local_ip`: the
@@ -46,34 +63,71 @@ pub fn validate<B>(req: &Request<B>, local_ip: IpAddr) -> Result<ConnectTarget, 
     if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty()) {
         return Err(Reason::ConnectWithPath);
     }
-    let target: SocketAddr = authority
-        .as_str()
-        .parse()
-        .map_err(|_| Reason::BadAuthority)?;
-    if target.ip().to_canonical() != local_ip.to_canonical() {
-        return Err(Reason::AuthorityNotLocal);
-    }
-    if consts::RESERVED_PORTS.contains(&target.port()) {
-        return Err(Reason::Recursion);
-    }
-    let forwarded_for = req
-        .headers()
-        .get(consts::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_forwarded_for);
+    let authority = match authority.as_str().parse::<SocketAddr>() {
+        Ok(target) => {
+            if target.ip().to_canonical() != local_ip.to_canonical() {
+                return Err(Reason::AuthorityNotLocal);
+            }
+            if consts::RESERVED_PORTS.contains(&target.port()) {
+                return Err(Reason::Recursion);
+            }
+            Authority::Addr(target)
+        }
+        Err(_) => match (authority.host(), authority.port_u16()) {
+            (host, Some(port)) if is_hostname(host) => Authority::Service {
+                host: host.to_ascii_lowercase(),
+                port,
+            },
+            _ => return Err(Reason::BadAuthority),
+        },
+    };
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let forwarded = header(consts::FORWARDED);
     Ok(ConnectTarget {
-        target,
-        forwarded_for,
+        authority,
+        forwarded_for: forwarded
+            .and_then(|v| forwarded_param(v, "for"))
+            .and_then(|v| v.parse().ok()),
+        forwarded_host: forwarded
+            .and_then(|v| forwarded_param(v, "host"))
+            .filter(|h| is_hostname(h))
+            .map(str::to_ascii_lowercase),
+        traceparent: header(consts::TRACEPARENT)
+            .filter(|v| is_traceparent(v))
+            .map(str::to_owned),
     })
 }
 
-/// Reads the `for=` address of a `forwarded` header (RFC 7239), e.g. `for="10.0.0.1:3456"` or
-/// `for="[fd00::1]:80"`.
-fn parse_forwarded_for(v: &str) -> Option<SocketAddr> {
+/// The value of parameter `key` of a `forwarded` header (RFC 7239), unquoted, e.g. `for` in
+/// `for="10.0.0.1:3456";host=web.demo.svc.cluster.local`.
+fn forwarded_param<'a>(v: &'a str, key: &str) -> Option<&'a str> {
     v.split([';', ','])
         .filter_map(|p| p.trim().split_once('='))
-        .find(|(k, _)| k.eq_ignore_ascii_case("for"))
-        .and_then(|(_, v)| v.trim_matches('"').parse().ok())
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// A DNS name: dot-separated labels of letters, digits and `-`, at least one letter (so that
+/// no IP address reads as one).
+fn is_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        && h.bytes().any(|b| b.is_ascii_alphabetic())
+}
+
+/// A W3C trace context: `<2 hex>-<32 hex>-<16 hex>-<2 hex>`, version `ff` excluded.
+pub fn is_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    matches!(parts.as_slice(), [ver, trace, parent, flags]
+        if hex(ver, 2) && *ver != "ff" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2))
 }
 
 /// Answers a stream with `status` and no body.
@@ -140,8 +194,8 @@ where
         .initial_connection_window_size(consts::CONNECTION_WINDOW)
         .max_frame_size(consts::MAX_FRAME_SIZE)
         .max_send_buffer_size(consts::MAX_FRAME_SIZE as usize)
-        .max_concurrent_streams(max_streams)
-        .max_header_list_size(16 * 1024)
+        .max_concurrent_streams(max_streams.max(consts::SERVER_MAX_STREAMS))
+        .max_header_list_size(consts::SERVER_MAX_HEADER_LIST)
         .handshake::<_, Bytes>(io)
         .await
 }
@@ -274,16 +328,27 @@ mod tests {
             ),
             (
                 Method::CONNECT,
-                "example.com:80",
+                "Web.Demo.svc.cluster.local:80",
+                Ok("service web.demo.svc.cluster.local:80"),
+            ),
+            (
+                Method::CONNECT,
+                "web.demo.svc.cluster.local",
                 Err((400, "bad_authority")),
             ),
+            (Method::CONNECT, "10.0.0.2", Err((400, "bad_authority"))),
+            (Method::CONNECT, "[fd00::2]:x", Err((400, "bad_authority"))),
+            (Method::CONNECT, "we_b.demo:80", Err((400, "bad_authority"))),
             (Method::CONNECT, "10.0.0.2:15008", Err((503, "recursion"))),
             (Method::CONNECT, "10.0.0.2:15001", Err((503, "recursion"))),
             (Method::CONNECT, "10.0.0.2:15006", Err((503, "recursion"))),
         ];
         for (m, uri, want) in cases {
             let got = validate(&req(m.clone(), uri, None), local)
-                .map(|t| t.target.to_string())
+                .map(|t| match t.authority {
+                    Authority::Addr(a) => a.to_string(),
+                    Authority::Service { host, port } => format!("service {host}:{port}"),
+                })
                 .map_err(|r| (r.status().expect("answered").as_u16(), r.label()));
             let want = want.map(str::to_owned);
             assert_eq!(got, want, "{m} {uri}");
@@ -299,9 +364,65 @@ mod tests {
             Some("for=\"[fd00::1]:4000\""),
         );
         let t = validate(&r, local).unwrap();
-        assert_eq!(t.target, "[fd00::2]:80".parse().unwrap());
+        assert_eq!(
+            t.authority,
+            Authority::Addr("[fd00::2]:80".parse().unwrap())
+        );
         assert_eq!(t.forwarded_for, Some("[fd00::1]:4000".parse().unwrap()));
         let r = req(Method::CONNECT, "[fd00::2]:80", Some("by=x;for=garbage"));
         assert_eq!(validate(&r, local).unwrap().forwarded_for, None);
+    }
+
+    #[test]
+    fn forwarded_host_and_traceparent_are_read_when_well_formed() {
+        let local: IpAddr = "10.0.0.2".parse().unwrap();
+        let cases: &[(&str, Option<&str>, Option<&str>)] = &[
+            (
+                "for=\"10.0.0.1:4000\";host=Web.demo.svc.cluster.local",
+                Some("10.0.0.1:4000"),
+                Some("web.demo.svc.cluster.local"),
+            ),
+            (
+                "host=\"web.demo.svc.cluster.local\"",
+                None,
+                Some("web.demo.svc.cluster.local"),
+            ),
+            (
+                "for=\"10.0.0.1:4000\";host=a b",
+                Some("10.0.0.1:4000"),
+                None,
+            ),
+            ("host=", None, None),
+        ];
+        for (fwd, want_for, want_host) in cases {
+            let t = validate(&req(Method::CONNECT, "10.0.0.2:80", Some(fwd)), local).unwrap();
+            assert_eq!(
+                t.forwarded_for.map(|a| a.to_string()).as_deref(),
+                *want_for,
+                "{fwd}"
+            );
+            assert_eq!(t.forwarded_host.as_deref(), *want_host, "{fwd}");
+        }
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        for (v, ok) in [
+            (good, true),
+            (
+                "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                false,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+                false,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319x-b7ad6b7169203331-01",
+                false,
+            ),
+        ] {
+            let mut r = req(Method::CONNECT, "10.0.0.2:80", None);
+            r.headers_mut().insert("traceparent", v.parse().unwrap());
+            let t = validate(&r, local).unwrap();
+            assert_eq!(t.traceparent.as_deref(), ok.then_some(v), "{v}");
+        }
     }
 }

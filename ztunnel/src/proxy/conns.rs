@@ -64,6 +64,10 @@ pub struct ConnFacts {
     pub decision: Option<&'static str>,
     /// The policy (`namespace/name`) that decided, when one did.
     pub policy: Option<String>,
+    /// The W3C trace context of a tunnel stream: the one the source's daemon started and
+    /// sent, which the destination's records too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// What the policy engine needs to judge an inbound connection again.
@@ -282,8 +286,9 @@ pub struct Tracked {
 
 /// Istio metrics reported for a connection: opened when set, closed with its bytes on drop.
 struct Report {
-    istio: crate::metrics::IstioTcp,
-    labels: crate::metrics::IstioLabels,
+    opened: crate::metrics::Opened,
+    /// Reported by the client's daemon (`reporter="source"`).
+    at_source: bool,
 }
 
 impl Tracked {
@@ -301,12 +306,11 @@ impl Tracked {
     pub fn report(
         &mut self,
         istio: &crate::metrics::IstioTcp,
-        labels: crate::metrics::IstioLabels,
+        labels: &crate::metrics::IstioLabels,
     ) {
-        istio.open(&labels);
         self.report = Some(Report {
-            istio: istio.clone(),
-            labels,
+            opened: istio.open(labels),
+            at_source: labels.reporter == "source",
         });
     }
 
@@ -376,12 +380,12 @@ impl Drop for Tracked {
         if let Some(rep) = &self.report {
             // Bytes: `sent` is what was read from this side's TCP peer. At the source that
             // peer is the client (request direction); at the destination it is the server.
-            let (request, response) = if rep.labels.reporter == "source" {
+            let (request, response) = if rep.at_source {
                 (r.bytes_sent, r.bytes_received)
             } else {
                 (r.bytes_received, r.bytes_sent)
             };
-            rep.istio.close(&rep.labels, request, response);
+            rep.opened.close(request, response);
         }
         let f = &r.facts;
         let fmt_addr = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
@@ -400,6 +404,7 @@ impl Drop for Tracked {
             duration_ms = r.duration_ms as u64,
             decision = f.decision.unwrap_or(""),
             policy = f.policy.as_deref().unwrap_or(""),
+            traceparent = f.traceparent.as_deref().unwrap_or(""),
             error = self.error.as_deref().unwrap_or(""),
             "connection closed"
         );

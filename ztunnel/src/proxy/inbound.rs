@@ -33,11 +33,12 @@ use tokio_rustls::TlsAcceptor;
 
 use super::conns::{ConnFacts, Direction, PolicyFacts, Tracked};
 use super::peers::{PeerConn, PeerStream};
-use super::{reset, ProxyInputs, Scope};
+use super::{plan, reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::server;
 use crate::identity::{self, Identity};
+use crate::metrics::{End, IstioLabels, ResponseFlag};
 use crate::net;
 use crate::refusal::Reason;
 
@@ -251,24 +252,20 @@ async fn stream(
         Ok(place) => place,
         Err(status) => return server::refuse(respond, status),
     };
-    let app = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
-        Ok(app) => app,
+    let admitted = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
+        Ok(a) => a,
         Err(status) => return server::refuse(respond, status),
     };
     let mut respond = respond;
-    let ok = Response::builder()
-        .status(StatusCode::OK)
-        .body(())
-        .expect("static response");
-    let send = match respond.send_response(ok, false) {
+    let send = match respond.send_response(ok_response(&pi, &peer), false) {
         Ok(s) => s,
         Err(e) => {
             tracked.fail(&e);
             return;
         }
     };
-    established(&pi, &peer, &mut tracked);
-    let (rd, wr) = app.into_split();
+    established(&pi, &admitted, &mut tracked);
+    let (rd, wr) = admitted.app.into_split();
     tokio::select! {
         r = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes, &pi.budget) => {
             if let Err(e) = r {
@@ -295,49 +292,90 @@ pub(super) fn track(pi: &ProxyInputs, peer: &Peer) -> Tracked {
     )
 }
 
+/// A tunnel stream admitted: the application's connection, and the labels it is reported
+/// with once answered `200` ([`established`]).
+pub(super) struct Admitted {
+    pub(super) app: TcpStream,
+    labels: IstioLabels,
+}
+
 /// Decides a tunnel request (either transport) and connects the application: validation
-/// ([`server::validate`]), then policy, then the connect. `Ok` is the application's
-/// connection, to be answered `200`; `Err` is the status to refuse with, the refusal already
-/// logged, counted and recorded.
+/// ([`server::validate`]), the plan ([`plan::inbound`]), then policy, then the connect. `Err`
+/// is the status to refuse with, the refusal already logged, counted and recorded. A stream
+/// refused after its plan (by policy, or an unreachable application) is reported in Istio's
+/// metrics with its flag, the source workload included.
 pub(super) async fn admit<B>(
     pi: &ProxyInputs,
     scope: &Scope,
     peer: &Peer,
     req: &Request<B>,
     tracked: &mut Tracked,
-) -> Result<TcpStream, StatusCode> {
-    let target = match server::validate(req, peer.local.ip()) {
-        Ok(t) => t,
-        Err(reason) => {
-            let status = reason.status().unwrap_or(StatusCode::BAD_REQUEST);
-            crate::refused!(pi.metrics, reason, src = %peer.identity, uri = %req.uri(),
-                method = %req.method(), status = status.as_u16(), "CONNECT refused");
-            tracked.fail(reason);
-            return Err(status);
-        }
+) -> Result<Admitted, StatusCode> {
+    let refuse = |reason: Reason, tracked: &mut Tracked| {
+        let status = reason.status().unwrap_or(StatusCode::BAD_REQUEST);
+        crate::refused!(pi.metrics, reason, src = %peer.identity, uri = %req.uri(),
+            method = %req.method(), status = status.as_u16(), "CONNECT refused");
+        tracked.fail(reason);
+        status
     };
+    let connect = match server::validate(req, peer.local.ip()) {
+        Ok(t) => t,
+        Err(reason) => return Err(refuse(reason, tracked)),
+    };
+    let state = pi.discovery.current();
+    let plan = match plan::inbound(&state, &peer.dst, peer.local.ip(), &connect) {
+        Ok(p) => p,
+        Err(reason) => return Err(refuse(reason, tracked)),
+    };
+    let target = plan.target;
     tracked.update(|f| {
-        f.dst_addr = Some(target.target);
-        f.forwarded_for = target.forwarded_for;
+        f.dst_addr = Some(target);
+        f.forwarded_for = connect.forwarded_for;
+        f.traceparent = connect.traceparent.clone();
     });
+    // The source workload: the one at the tunnel peer's address, when its identity agrees.
+    let src = state
+        .workload_by_ip(peer.addr.ip().to_canonical())
+        .filter(|w| w.identity(&pi.trust_domain) == peer.identity)
+        .cloned();
+    if let Some(w) = &src {
+        tracked.update(|f| f.src_workload = Some(format!("{}/{}", w.namespace, w.name)));
+    }
+    let src_principal = peer.identity.to_string();
+    let dst_principal = peer.dst_identity.to_string();
+    let labels = pi.istio_labels(
+        "destination",
+        End {
+            workload: src.as_deref(),
+            principal: Some(&src_principal),
+        },
+        End {
+            workload: Some(&peer.dst),
+            principal: Some(&dst_principal),
+        },
+        plan.service.as_deref(),
+        true,
+    );
     let id = peer.identity.to_string();
     let facts = PolicyFacts {
         src_principal: Some(id.strip_prefix("spiffe://").unwrap_or(&id).to_owned()),
         src_namespace: Some(peer.identity.namespace().to_owned()),
         src_ip: peer.addr.ip().to_canonical(),
-        dst_ip: target.target.ip().to_canonical(),
+        dst_ip: target.ip().to_canonical(),
         dst_uid: peer.dst.uid.clone(),
-        dst_port: target.target.port(),
+        dst_port: target.port(),
     };
-    let decision = facts.evaluate(&pi.discovery.current());
+    let decision = facts.evaluate(&state);
+    drop(state);
     pi.metrics.policy_decision(decision.allowed);
     tracked.update(|f| {
         f.decision = Some(if decision.allowed { "allow" } else { "deny" });
         f.policy = decision.policy.as_ref().map(|p| p.to_string());
     });
     if !decision.allowed {
-        crate::refused!(pi.metrics, Reason::PolicyDenied, src = %peer.identity, target = %target.target,
+        crate::refused!(pi.metrics, Reason::PolicyDenied, src = %peer.identity, %target,
             policy = ?decision.policy, rule = ?decision.rule, why = ?decision.reason, "denied by policy; 401");
+        pi.metrics.istio.refused(labels, ResponseFlag::Deny);
         tracked.fail("denied by policy");
         return Err(Reason::PolicyDenied
             .status()
@@ -347,10 +385,11 @@ pub(super) async fn admit<B>(
     pi.metrics.proxied("inbound");
     // The application sees the tunnel peer's address: the source pod's own.
     let origin = scope.app_origin(peer.addr.ip());
-    match net::connect_from(target.target, pi.connect, &origin).await {
-        Ok(a) => Ok(a),
+    match net::connect_from(target, pi.connect, &origin).await {
+        Ok(app) => Ok(Admitted { app, labels }),
         Err(e) => {
-            crate::refused!(pi.metrics, Reason::InboundAppUnreachable, target = %target.target, error = %e, "application unreachable; 503");
+            crate::refused!(pi.metrics, Reason::InboundAppUnreachable, %target, error = %e, "application unreachable; 503");
+            pi.metrics.istio.refused(labels, ResponseFlag::Connect);
             tracked.fail(&e);
             Err(Reason::InboundAppUnreachable
                 .status()
@@ -359,26 +398,20 @@ pub(super) async fn admit<B>(
     }
 }
 
-/// Once a stream is answered `200`: reports its metrics, with the source workload (by the
-/// tunnel peer's address, when its identity agrees).
-pub(super) fn established(pi: &ProxyInputs, peer: &Peer, tracked: &mut Tracked) {
-    let src = pi
-        .discovery
-        .current()
-        .workload_by_ip(peer.addr.ip().to_canonical())
-        .filter(|w| w.identity(&pi.trust_domain) == peer.identity)
-        .cloned();
-    tracked.report(
-        &pi.metrics.istio,
-        super::istio_labels(
-            "destination",
-            src.as_deref().map(|w| (w, peer.identity.to_string())),
-            Some((&peer.dst, peer.dst_identity.to_string())),
-            None,
-            true,
-        ),
-    );
-    if let Some(w) = &src {
-        tracked.update(|f| f.src_workload = Some(format!("{}/{}", w.namespace, w.name)));
-    }
+/// Once a stream is answered `200`: reports it in Istio's metrics.
+pub(super) fn established(pi: &ProxyInputs, admitted: &Admitted, tracked: &mut Tracked) {
+    tracked.report(&pi.metrics.istio, &admitted.labels);
+}
+
+/// The `200` that admits a stream, with the `baggage` of the workload that answers, as Istio's
+/// ztunnel sends it.
+fn ok_response(pi: &ProxyInputs, peer: &Peer) -> Response<()> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(
+            crate::hbone::consts::BAGGAGE,
+            crate::metrics::baggage(&peer.dst, &pi.cluster_id),
+        )
+        .body(())
+        .unwrap_or_else(|_| Response::new(()))
 }

@@ -16,6 +16,7 @@ use super::conns::{ConnFacts, Direction, PolicyFacts};
 use super::{reset, ProxyInputs, Scope};
 use crate::discovery::policy::MtlsMode;
 use crate::hbone::consts;
+use crate::metrics::{End, ResponseFlag};
 use crate::net;
 use crate::refusal::Reason;
 
@@ -54,17 +55,37 @@ pub(super) async fn handle(
         return reset(tcp);
     }
     let state = pi.discovery.current();
+    // Reported as Istio reports plaintext: the source workload by address, no principal.
+    let src = state.workload_by_ip(peer.ip().to_canonical()).cloned();
+    let dst_principal = pi.identity_of(&dst).to_string();
+    let service = state
+        .services_of(&dst)
+        .find(|s| s.ports.iter().any(|p| p.target_port == orig.port()))
+        .cloned();
+    let labels = pi.istio_labels(
+        "destination",
+        End {
+            workload: src.as_deref(),
+            principal: None,
+        },
+        End {
+            workload: Some(&dst),
+            principal: Some(&dst_principal),
+        },
+        service.as_deref(),
+        false,
+    );
     if state
         .policy()
         .mtls_mode(&dst.namespace, &dst.labels, orig.port())
         == MtlsMode::Strict
     {
         crate::refused!(pi.metrics, Reason::InboundPlaintextStrict, %peer, dst = %orig, "plaintext refused: the destination requires mutual TLS (STRICT)");
+        pi.metrics.istio.refused(labels, ResponseFlag::Deny);
         tracked.update(|f| f.decision = Some("deny"));
         tracked.fail("plaintext refused by STRICT peer authentication");
         return reset(tcp);
     }
-    let src = state.workload_by_ip(peer.ip().to_canonical()).cloned();
     let facts = PolicyFacts {
         src_principal: None,
         src_namespace: None,
@@ -83,29 +104,22 @@ pub(super) async fn handle(
     if !decision.allowed {
         crate::refused!(pi.metrics, Reason::PolicyDenied, %peer, dst = %orig, policy = ?decision.policy, rule = ?decision.rule,
             why = ?decision.reason, "plaintext connection denied by policy");
+        pi.metrics.istio.refused(labels, ResponseFlag::Deny);
         tracked.fail("denied by policy");
         return reset(tcp);
     }
     tracked.set_policy_facts(facts);
-    tracked.report(
-        &pi.metrics.istio,
-        super::istio_labels(
-            "destination",
-            src.as_deref().map(|w| (w, "unknown".to_owned())),
-            Some((&dst, pi.identity_of(&dst).to_string())),
-            None,
-            false,
-        ),
-    );
     pi.metrics.proxied("inbound_plaintext");
     let mut app = match net::connect_from(orig, pi.connect, &scope.app_origin(peer.ip())).await {
         Ok(a) => a,
         Err(e) => {
             crate::refused!(pi.metrics, Reason::InboundPlaintextAppUnreachable, %peer, dst = %orig, error = %e, "plaintext: application unreachable; reset");
+            pi.metrics.istio.refused(labels, ResponseFlag::Connect);
             tracked.fail(&e);
             return reset(tcp);
         }
     };
+    tracked.report(&pi.metrics.istio, &labels);
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut tcp, &mut app) => r,
         cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),

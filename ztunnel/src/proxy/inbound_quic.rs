@@ -291,8 +291,8 @@ async fn stream(
             return;
         }
     };
-    let app = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
-        Ok(app) => app,
+    let admitted = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
+        Ok(a) => a,
         Err(status) => {
             let _ = quic::respond(&mut send, &mut recv, status).await;
             return;
@@ -302,8 +302,8 @@ async fn stream(
         tracked.fail(&e);
         return;
     }
-    established(&pi, &peer, &mut tracked);
-    let (rd, wr) = app.into_split();
+    established(&pi, &admitted, &mut tracked);
+    let (rd, wr) = admitted.app.into_split();
     tokio::select! {
         r = quic::copy_bidirectional(rd, wr, send, recv, &tracked.record().bytes, &pi.budget) => {
             if let Err(e) = r {

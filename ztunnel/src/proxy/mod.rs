@@ -28,13 +28,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::capture::netns::Netns;
-use crate::discovery::{Discovery, State, Workload};
+use crate::discovery::{Discovery, Service, State, Workload};
 use crate::gate::{self, Gate, WhenFull};
 use crate::hbone::budget::{self, BufferBudget};
 use crate::hbone::copy::CopyError;
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
-use crate::metrics::Metrics;
+use crate::metrics::{End, IstioLabels, Metrics};
 use crate::net::{reset, ConnectOptions, Origin};
 use crate::refusal::Reason;
 use conns::ConnTable;
@@ -126,6 +126,8 @@ impl Default for TunnelLimits {
 pub struct ProxyInputs {
     pub node: String,
     pub trust_domain: String,
+    /// The cluster's id, as Istio's telemetry reports it.
+    pub cluster_id: Arc<str>,
     pub discovery: Discovery,
     pub certs: Arc<CertManager>,
     pub pool: Pool,
@@ -159,6 +161,7 @@ impl ProxyInputs {
     pub fn new(
         node: String,
         trust_domain: String,
+        cluster_id: &str,
         discovery: Discovery,
         certs: Arc<CertManager>,
         pool: Pool,
@@ -172,6 +175,7 @@ impl ProxyInputs {
         Arc::new(ProxyInputs {
             node,
             trust_domain,
+            cluster_id: cluster_id.into(),
             discovery,
             certs,
             pool,
@@ -210,6 +214,18 @@ impl ProxyInputs {
         w.identity(&self.trust_domain)
     }
 
+    /// Istio's labels of a connection reported by this daemon ([`crate::metrics::IstioLabels`]).
+    fn istio_labels(
+        &self,
+        reporter: &'static str,
+        src: End<'_>,
+        dst: End<'_>,
+        service: Option<&Service>,
+        mutual_tls: bool,
+    ) -> IstioLabels {
+        IstioLabels::new(reporter, &self.cluster_id, src, dst, service, mutual_tls)
+    }
+
     /// Handlers running (connections accepted, tunnel streams received) that drain waits for.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
@@ -242,40 +258,6 @@ fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
         crate::refused!(pi.metrics, Reason::BufferBudget, error = %over, "tunnel stream reset: its application does not read, and the node's buffered-bytes budget is spent");
     }
     tracked.fail(e);
-}
-
-pub(crate) fn istio_labels(
-    reporter: &'static str,
-    src: Option<(&Workload, String)>,
-    dst: Option<(&Workload, String)>,
-    service: Option<&str>,
-    mutual_tls: bool,
-) -> crate::metrics::IstioLabels {
-    let unknown = || "unknown".to_owned();
-    let (source_workload, source_workload_namespace, source_principal) = match src {
-        Some((w, id)) => (w.name.to_string(), w.namespace.to_string(), id),
-        None => (unknown(), unknown(), unknown()),
-    };
-    let (destination_workload, destination_workload_namespace, destination_principal) = match dst {
-        Some((w, id)) => (w.name.to_string(), w.namespace.to_string(), id),
-        None => (unknown(), unknown(), unknown()),
-    };
-    let destination_service = service
-        .and_then(|s| s.split_once('/'))
-        .map(|(ns, name)| format!("{name}.{ns}.svc.cluster.local"))
-        .unwrap_or_else(unknown);
-    crate::metrics::IstioLabels {
-        reporter,
-        source_workload,
-        source_workload_namespace,
-        source_principal,
-        destination_workload,
-        destination_workload_namespace,
-        destination_principal,
-        destination_service,
-        connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" },
-        response_flags: "-",
-    }
 }
 
 /// One running handler, counted in [`ProxyInputs::inflight`] until dropped.

@@ -25,6 +25,7 @@ use crate::hbone::copy;
 use crate::hbone::early::Early;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::ConnectHeaders;
+use crate::metrics::{End, ResponseFlag};
 use crate::net;
 use crate::refusal::Reason;
 
@@ -43,7 +44,35 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     };
     let src_id = pi.identity_of(&src);
     let plan = plan::outbound(&state, &src, orig, &mut |n| pi.pick(n));
+    // What Istio's telemetry reports of the destination: the workload reached, and the
+    // service when the destination was its VIP.
+    let service = state.service_by_vip(orig.ip().to_canonical()).cloned();
+    let dst_workload = match &plan {
+        Ok(Plan::Hbone { dst_workload, .. }) => Some(dst_workload.clone()),
+        Ok(Plan::Passthrough { dst_addr }) => {
+            state.workload_by_ip(dst_addr.ip().to_canonical()).cloned()
+        }
+        Err(_) => None,
+    };
     drop(state);
+    let src_principal = src_id.to_string();
+    let dst_principal = dst_workload
+        .as_deref()
+        .map(|w| pi.identity_of(w).to_string());
+    let mutual_tls = matches!(plan, Ok(Plan::Hbone { .. }));
+    let labels = pi.istio_labels(
+        "source",
+        End {
+            workload: Some(&src),
+            principal: mutual_tls.then_some(src_principal.as_str()),
+        },
+        End {
+            workload: dst_workload.as_deref(),
+            principal: dst_principal.as_deref(),
+        },
+        service.as_deref(),
+        mutual_tls,
+    );
     let mut tracked = pi.connections.track(
         match plan {
             Ok(Plan::Passthrough { .. }) => Direction::Passthrough,
@@ -68,24 +97,16 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     match plan {
         Plan::Passthrough { dst_addr } => {
             pi.metrics.proxied("passthrough");
-            tracked.report(
-                &pi.metrics.istio,
-                super::istio_labels(
-                    "source",
-                    Some((&src, src_id.to_string())),
-                    None,
-                    None,
-                    false,
-                ),
-            );
             let mut upstream =
                 match net::connect_from(dst_addr, pi.connect, &scope.peer_origin()).await {
                     Ok(u) => u,
                     Err(e) => {
+                        pi.metrics.istio.refused(labels, ResponseFlag::Connect);
                         tracked.fail(&e);
                         return reset(tcp);
                     }
                 };
+            tracked.report(&pi.metrics.istio, &labels);
             let mut tcp = tcp;
             let copied = tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => r,
@@ -106,7 +127,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             dst_addr,
             tunnel_addr,
             expected_identity,
-            service,
+            ..
         } => {
             tracked.update(|f| {
                 f.dst_addr = Some(dst_addr);
@@ -118,14 +139,20 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 Ok(c) => c,
                 Err(e) => {
                     crate::refused!(pi.metrics, Reason::OutboundNoCertificate, identity = %src_id, error = %e, "no certificate; refused");
+                    pi.metrics
+                        .istio
+                        .refused(labels, ResponseFlag::IdentityError);
                     tracked.fail(&e);
                     return reset(tcp);
                 }
             };
+            let traceparent = crate::hbone::new_traceparent();
+            tracked.update(|f| f.traceparent = Some(traceparent.clone()));
             let headers = ConnectHeaders {
                 forwarded_for: Some(peer),
-                baggage: Some(format!("k8s.namespace.name={}", src.namespace)),
-                traceparent: None,
+                forwarded_host: service.as_deref().map(crate::metrics::hostname),
+                baggage: Some(crate::metrics::baggage(&src, &pi.cluster_id)),
+                traceparent: Some(traceparent),
             };
             let req = match connect_request(dst_addr, &headers) {
                 Ok(r) => r,
@@ -155,25 +182,17 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                         _ => Reason::OutboundTunnelFailed,
                     };
                     crate::refused!(pi.metrics, reason, dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
+                    pi.metrics.istio.refused(labels, e.response_flag());
                     tracked.fail(&e);
                     return reset(tcp);
                 }
             };
+            tracked.report(&pi.metrics.istio, &labels);
             if let Some(e) = early.take_error() {
                 // The client reset while its stream was being opened: the stream is reset too.
                 tracked.fail(&e);
                 return reset(tcp);
             }
-            tracked.report(
-                &pi.metrics.istio,
-                super::istio_labels(
-                    "source",
-                    Some((&src, key.src.to_string())),
-                    Some((&dst_workload, key.dst.to_string())),
-                    service.as_deref(),
-                    true,
-                ),
-            );
             let bytes = &tracked.record().bytes;
             bytes
                 .sent

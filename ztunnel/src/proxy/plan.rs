@@ -6,13 +6,19 @@
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
 //! - a workload that speaks plain TCP, or an address outside the mesh: passthrough;
 //! - a mesh workload's 15001/15006/15008: refused, it would loop.
+//!
+//! The inbound plan ([`inbound`]) is where a validated tunnel stream goes on the local
+//! workload, and which service it was for (what Istio's telemetry reports as the destination
+//! service).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::discovery::{Protocol, State, Workload};
+use crate::discovery::{Protocol, Service, State, Workload};
 use crate::hbone::consts;
+use crate::hbone::server::{Authority, ConnectTarget};
 use crate::identity::Identity;
+use crate::refusal::Reason;
 
 /// Where the connection goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +100,67 @@ pub fn outbound(
         dst_workload: dst,
         service,
     })
+}
+
+/// Where an inbound tunnel stream goes.
+#[derive(Clone, Debug)]
+pub struct InboundPlan {
+    /// The application: the local workload's address and the target port.
+    pub target: SocketAddr,
+    /// The service the stream was for, when known.
+    pub service: Option<Arc<Service>>,
+}
+
+/// Plans a validated CONNECT received on `local_ip`, an address of local workload `dst`:
+/// - to a service hostname: that service's target port for the requested port, on `local_ip`
+///   (as Istio, the service need not select `dst`: the hostname only chooses the port); a
+///   hostname or a port this node does not know is refused; a target port that would loop is
+///   [`Reason::Recursion`];
+/// - to an address: that address.
+///
+/// The service reported is the one the hostname named; else, among the services `dst` is an
+/// endpoint of, the one `forwarded: host=` names, else the first whose target port is the
+/// stream's (Istio's guess).
+pub fn inbound(
+    state: &State,
+    dst: &Workload,
+    local_ip: std::net::IpAddr,
+    t: &ConnectTarget,
+) -> Result<InboundPlan, Reason> {
+    match &t.authority {
+        Authority::Service { host, port } => {
+            let svc = state
+                .service_by_hostname(host)
+                .ok_or(Reason::InboundUnknownService)?;
+            let target_port = svc
+                .target_port(*port)
+                .ok_or(Reason::InboundUnknownService)?;
+            if consts::RESERVED_PORTS.contains(&target_port) {
+                return Err(Reason::Recursion);
+            }
+            Ok(InboundPlan {
+                target: SocketAddr::new(local_ip, target_port),
+                service: Some(svc.clone()),
+            })
+        }
+        Authority::Addr(target) => {
+            let mut services = state.services_of(dst);
+            let service = match &t.forwarded_host {
+                Some(h) => services.find(|s| crate::metrics::hostname(s) == *h),
+                None => None,
+            }
+            .or_else(|| {
+                state
+                    .services_of(dst)
+                    .find(|s| s.ports.iter().any(|p| p.target_port == target.port()))
+            })
+            .cloned();
+            Ok(InboundPlan {
+                target: *target,
+                service,
+            })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +259,72 @@ services:
                 (Want::Err(e), Err(got)) => assert_eq!(got, e, "{dst}"),
                 (_, got) => panic!("{dst}: unexpected {got:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn inbound_table() {
+        let mut mesh = MESH.to_owned();
+        mesh.push_str("  - {name: b-admin, namespace: demo, vips: [10.96.0.3], ports: [{port: 90, targetPort: 9090}, {port: 91, targetPort: 15006}], selector: {app: b}}\n");
+        let state = crate::discovery::parse(&mesh, "cluster.local").unwrap();
+        let dst = state.workload_by_uid("b1").unwrap().clone();
+        let local: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let target = |authority: Authority, host: Option<&str>| ConnectTarget {
+            authority,
+            forwarded_for: None,
+            forwarded_host: host.map(str::to_owned),
+            traceparent: None,
+        };
+        let addr = |port| Authority::Addr(SocketAddr::new(local, port));
+        let svc = |host: &str, port| Authority::Service {
+            host: host.into(),
+            port,
+        };
+        type Want = Result<(u16, Option<&'static str>), Reason>;
+        let cases: Vec<(ConnectTarget, Want)> = vec![
+            (target(addr(8080), None), Ok((8080, Some("b")))),
+            (target(addr(9090), None), Ok((9090, Some("b-admin")))),
+            (target(addr(7000), None), Ok((7000, None))),
+            (
+                target(addr(8080), Some("b-admin.demo.svc.cluster.local")),
+                Ok((8080, Some("b-admin"))),
+            ),
+            (
+                target(addr(8080), Some("elsewhere.demo.svc.cluster.local")),
+                Ok((8080, Some("b"))),
+            ),
+            (
+                target(svc("b.demo.svc.cluster.local", 80), None),
+                Ok((8080, Some("b"))),
+            ),
+            (
+                target(svc("empty.demo.svc.cluster.local", 80), None),
+                Ok((8080, Some("empty"))),
+            ),
+            (
+                target(svc("b.demo.svc.cluster.local", 81), None),
+                Err(Reason::InboundUnknownService),
+            ),
+            (
+                target(svc("b.other.svc.cluster.local", 80), None),
+                Err(Reason::InboundUnknownService),
+            ),
+            (
+                target(svc("b.demo", 80), None),
+                Err(Reason::InboundUnknownService),
+            ),
+            (
+                target(svc("b-admin.demo.svc.cluster.local", 91), None),
+                Err(Reason::Recursion),
+            ),
+        ];
+        for (t, want) in cases {
+            let got = inbound(&state, &dst, local, &t).map(|p| {
+                assert_eq!(p.target.ip(), local);
+                (p.target.port(), p.service.map(|s| s.name.to_string()))
+            });
+            let want = want.map(|(p, s)| (p, s.map(str::to_owned)));
+            assert_eq!(got, want, "{t:?}");
         }
     }
 }

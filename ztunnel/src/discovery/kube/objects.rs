@@ -3,7 +3,7 @@
 //!
 //! - Pods arrive as [`LeanPod`], a `kube::Resource` that deserializes only the fields the model
 //!   needs (name, namespace, uid, labels, the annotations that say another mesh handles the
-//!   pod, node, host network, service account, phase, IPs): the rest of the Pod (containers,
+//!   pod, its generated name and controller, node, host network, service account, phase, IPs): the rest of the Pod (containers,
 //!   managed fields, other annotations, conditions…) is skipped by the JSON decoder and never
 //!   allocated. A pod is a workload only if it is not host-network, not terminal
 //!   (`Succeeded`/`Failed`: its IP may already belong to another pod) and has an IP. A pod on
@@ -19,18 +19,19 @@
 //! - Policies go through [`PolicyObject::from_value`], as the file source's do: refused only
 //!   when they cannot be identified; an unreadable spec makes a policy that fails closed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Deserializer};
 
 use crate::discovery::enrollment::{OtherMesh, Rules};
-use crate::discovery::model::Labels;
+pub use crate::discovery::model::Interner;
+use crate::discovery::model::{Labels, Telemetry};
 use crate::discovery::policy::PolicyObject;
 
 /// A Pod with only the fields discovery reads.
@@ -67,28 +68,37 @@ pub struct PodIp {
     pub ip: String,
 }
 
-/// Object metadata without managed fields, owners or finalizers, and of the annotations only
-/// those [`OtherMesh::of`] reads.
+/// Object metadata without managed fields or finalizers, of the owners only the controller,
+/// and of the annotations only those [`OtherMesh::of`] reads.
 fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Meta {
         name: Option<String>,
+        generate_name: Option<String>,
         namespace: Option<String>,
         uid: Option<String>,
         resource_version: Option<String>,
         labels: Option<BTreeMap<String, String>>,
         #[serde(default, deserialize_with = "read_annotations")]
         annotations: Option<BTreeMap<String, String>>,
+        owner_references: Option<Vec<OwnerReference>>,
     }
     let m = Meta::deserialize(d)?;
+    let controller = m
+        .owner_references
+        .into_iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
     Ok(ObjectMeta {
         name: m.name,
+        generate_name: m.generate_name,
         namespace: m.namespace,
         uid: m.uid,
         resource_version: m.resource_version,
         labels: m.labels,
         annotations: m.annotations,
+        owner_references: controller.map(|c| vec![c]),
         ..Default::default()
     })
 }
@@ -148,30 +158,6 @@ impl kube::Resource for LeanPod {
     }
 }
 
-/// Shares one allocation among equal strings (namespaces, service accounts, nodes, labels).
-#[derive(Default, Debug)]
-pub struct Interner(HashSet<Arc<str>>);
-
-impl Interner {
-    pub fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.0.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = s.into();
-        self.0.insert(a.clone());
-        a
-    }
-
-    pub fn labels(&mut self, m: &BTreeMap<String, String>) -> Labels {
-        m.iter().map(|(k, v)| (self.get(k), self.get(v))).collect()
-    }
-
-    /// Forgets strings nothing else holds any more.
-    pub fn prune(&mut self) {
-        self.0.retain(|a| Arc::strong_count(a) > 1);
-    }
-}
-
 /// (namespace, name); namespace empty for cluster-scoped objects.
 pub type Key = (String, String);
 
@@ -196,6 +182,8 @@ pub struct PodEntry {
     pub labels: Labels,
     /// Another mesh that handles the pod already.
     pub other_mesh: Option<OtherMesh>,
+    /// Its workload and canonical service ([`crate::discovery::telemetry`]).
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// The entry for `pod` on the daemon of `node`: `Ok(None)` when the pod is not a workload
@@ -243,6 +231,20 @@ pub fn pod_entry(
         .collect::<Result<Vec<_>, _>>()?;
     let empty = BTreeMap::new();
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let controller = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| (o.kind.as_str(), o.name.as_str()));
+    let workload = crate::discovery::telemetry::workload_name(
+        &name,
+        pod.metadata.generate_name.as_deref(),
+        controller,
+        labels,
+    );
+    let telemetry = int.telemetry(workload, labels);
     let labels = if local {
         int.labels(labels)
     } else {
@@ -273,6 +275,7 @@ pub fn pod_entry(
         ips: ips.into_boxed_slice(),
         labels,
         other_mesh,
+        telemetry,
     }))
 }
 

@@ -111,6 +111,7 @@ pub fn build(
                 Protocol::Tcp
             },
             other_mesh: p.other_mesh,
+            telemetry: p.telemetry.clone(),
         });
     }
 
@@ -408,6 +409,59 @@ mod tests {
         assert_eq!(
             r.identity("cluster.local").to_string(),
             "spiffe://cluster.local/ns/demo/sa/web"
+        );
+    }
+
+    /// A Deployment's pod is reported as the Deployment, with its canonical service from its
+    /// labels, on the nodes that keep the pod's labels and on those that do not.
+    #[test]
+    fn pods_are_named_after_their_controller_on_every_node() {
+        let of_deployment = |name: &str, node: &str, ip: &str| {
+            let mut p = pod("demo", name, node, ip);
+            p["metadata"]["generateName"] = json!("web-5d8f7c-");
+            p["metadata"]["labels"] =
+                json!({"app": "web", "version": "v2", "pod-template-hash": "5d8f7c"});
+            p["metadata"]["ownerReferences"] = json!([
+                {"apiVersion": "v1", "kind": "ConfigMap", "name": "not-the-controller", "uid": "u0"},
+                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f7c", "uid": "u1", "controller": true}
+            ]);
+            p
+        };
+        let (st, refused) = store(&[
+            ns("demo", true),
+            of_deployment("web-5d8f7c-aaaaa", NODE, "10.0.0.1"),
+            of_deployment("web-5d8f7c-bbbbb", "n2", "10.0.0.2"),
+            pod("demo", "bare", NODE, "10.0.0.3"),
+        ]);
+        assert!(refused.is_empty(), "{refused:?}");
+        let (s, _) = build("cluster.local", Rules::default(), &st);
+        let s = s.unwrap();
+        for ip in ["10.0.0.1", "10.0.0.2"] {
+            let w = s.workload_by_ip(ip.parse().unwrap()).unwrap();
+            assert_eq!(
+                (
+                    w.workload_name(),
+                    w.canonical_name(),
+                    w.canonical_revision()
+                ),
+                ("web", "web", "v2"),
+                "{ip}"
+            );
+        }
+        let local = s.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap();
+        let remote = s.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&local.telemetry, &remote.telemetry),
+            "replicas share one"
+        );
+        let bare = s.workload_by_ip("10.0.0.3".parse().unwrap()).unwrap();
+        assert_eq!(
+            (
+                bare.workload_name(),
+                bare.canonical_name(),
+                bare.canonical_revision()
+            ),
+            ("bare", "web", "latest")
         );
     }
 

@@ -11,6 +11,11 @@ use prometheus_client::registry::Registry;
 
 use crate::refusal::Reason;
 
+mod istio;
+pub use istio::{
+    baggage, hostname, End, IstioLabels, IstioTcp, Opened, ResponseFlag, CLUSTER_DOMAIN,
+};
+
 /// Every value of `ztunnel_proxied_connections_total{direction}`.
 pub const DIRECTIONS: &[&str] = &["outbound", "inbound", "inbound_plaintext", "passthrough"];
 
@@ -30,49 +35,6 @@ pub struct DirectionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
-}
-
-/// The labels of Istio's TCP metric families, as its dashboards and Kiali read them.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IstioLabels {
-    /// `source` (reported by the client's daemon) or `destination` (by the server's).
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_service: String,
-    /// `mutual_tls` or `none`.
-    pub connection_security_policy: &'static str,
-    pub response_flags: &'static str,
-}
-
-/// Istio's TCP families: connections opened and closed, bytes each way. `received` counts
-/// the request direction (client → server) and `sent` the response direction, at both
-/// reporters, as Istio defines them.
-#[derive(Default, Clone)]
-pub struct IstioTcp {
-    pub opened: Family<IstioLabels, Counter>,
-    pub closed: Family<IstioLabels, Counter>,
-    pub sent_bytes: Family<IstioLabels, Counter>,
-    pub received_bytes: Family<IstioLabels, Counter>,
-}
-
-impl IstioTcp {
-    /// Counts a connection opening.
-    pub fn open(&self, l: &IstioLabels) {
-        self.opened.get_or_create(l).inc();
-    }
-
-    /// Counts a connection closing after `request` bytes client → server and `response`
-    /// bytes back.
-    pub fn close(&self, l: &IstioLabels, request: u64, response: u64) {
-        self.closed.get_or_create(l).inc();
-        self.received_bytes.get_or_create(l).inc_by(request);
-        self.sent_bytes.get_or_create(l).inc_by(response);
-    }
 }
 
 /// Labels of the reconciler's enrollment counter.
@@ -167,6 +129,11 @@ impl Metrics {
             "istio_tcp_connections_closed",
             "TCP connections closed",
             m.istio.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_failed",
+            "TCP connections that were not carried (denied, or the next hop unreachable)",
+            m.istio.failed.clone(),
         );
         registry.register(
             "istio_tcp_sent_bytes",
