@@ -14,6 +14,19 @@ if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# An independent HBONE peer for the tests: Python's `h2` (tests/peers/hbone_client.py).
+command -v python3 >/dev/null 2>&1 || need_python=1
+if [ -n "${need_python:-}" ] || ! python3 -c 'import h2' 2>/dev/null; then
+  if [ -n "${need_python:-}" ] || ! python3 -m pip install --quiet 'h2==4.1.0' >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-h2 >/dev/null
+  fi
+fi
+python3 -c 'import h2' || {
+  echo "python3 with the h2 module is missing: the HBONE tests use it as an independent peer" >&2
+  exit 1
+}
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is missing: install a Rust toolchain (https://rustup.rs), then run this again" >&2
   exit 1

@@ -1,6 +1,7 @@
 //! In-pod capture on the two-node test bed (`harness/testbed.rs`): pods wired by Debian's
 //! `bridge` + `host-local` with `ztunnel-cni` chained after them, one daemon per node; a
-//! connection to a Service with no endpoint reset at the source. Needs root, `ip`, `nft`,
+//! connection to a Service with no endpoint reset at the source; Istio's telemetry
+//! (`capture/telemetry.rs`). Needs root, `ip`, `nft`,
 //! `tcpdump` and `containernetworking-plugins`.
 
 use std::time::Duration;
@@ -10,6 +11,9 @@ use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::{access_lines, metric};
 use ztunnel_e2e::testbed::{self, TestBed, MARKER, VIP, VIP6};
+
+#[path = "capture/telemetry.rs"]
+mod telemetry;
 
 /// Accepts `n` connections; answers each with "<name> saw <peer>" after reading to EOF.
 async fn reply_server(l: TcpListener, name: &'static str, n: usize) -> Vec<String> {
@@ -210,79 +214,6 @@ fn enrolled_to_plain_is_plain_tcp_and_plain_to_enrolled_arrives_through_15006() 
         1.0,
         "{m1}"
     );
-}
-
-/// Accepts one connection, reads to EOF, answers `reply` bytes.
-async fn sized_server(l: TcpListener, reply: usize) -> usize {
-    let (mut s, _) = l.accept().await.expect("accept");
-    let mut got = Vec::new();
-    s.read_to_end(&mut got).await.expect("read");
-    s.write_all(&vec![b'r'; reply]).await.expect("write");
-    got.len()
-}
-
-#[test]
-fn istio_metrics_at_both_reporters_count_exact_bytes() {
-    let bed = TestBed::start();
-    let srv = bed
-        .pod("server")
-        .ns
-        .serve(8080, |l| async move { sized_server(l, 333).await });
-    let got = bed.pod("client").ns.block_on(async {
-        let mut s = TcpStream::connect((VIP, 80)).await?;
-        s.write_all(&[b'q'; 1000]).await?;
-        s.shutdown().await?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await?;
-        Ok::<_, std::io::Error>(out.len())
-    });
-    assert_eq!(got.unwrap(), 333);
-    assert_eq!(bed.pod("server").ns.join(srv), 1000);
-    let common = [
-        ("source_workload", "client"),
-        ("source_workload_namespace", "demo"),
-        (
-            "source_principal",
-            "spiffe://cluster.local/ns/demo/sa/client",
-        ),
-        ("destination_workload", "server"),
-        ("destination_workload_namespace", "demo"),
-        (
-            "destination_principal",
-            "spiffe://cluster.local/ns/demo/sa/server",
-        ),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    for (node, reporter) in [(0, "source"), (1, "destination")] {
-        let mut labels = common.to_vec();
-        labels.push(("reporter", reporter));
-        if reporter == "source" {
-            labels.push(("destination_service", "server.demo.svc.cluster.local"));
-        }
-        // The close is counted when both directions have ended, a moment after the client's.
-        let m = bed.metrics_when(node, "istio_tcp_connections_closed_total", &labels, 1.0);
-        let value = |name| metric(&m, name, &labels);
-        assert_eq!(
-            value("istio_tcp_connections_opened_total"),
-            1.0,
-            "{reporter}: {m}"
-        );
-        assert_eq!(
-            value("istio_tcp_connections_closed_total"),
-            1.0,
-            "{reporter}: {m}"
-        );
-        assert_eq!(
-            value("istio_tcp_received_bytes_total"),
-            1000.0,
-            "{reporter}: {m}"
-        );
-        assert_eq!(
-            value("istio_tcp_sent_bytes_total"),
-            333.0,
-            "{reporter}: {m}"
-        );
-    }
 }
 
 /// The same pods with QUIC on: `--quic-listen` on both nodes and every pod a QUIC

@@ -1,6 +1,8 @@
 //! HBONE between two real daemon processes on the test bed (see `harness/mesh.rs`): bulk
 //! integrity, half-close, pooling, identity refusals, CONNECT validation, and a transfer
-//! across a certificate renewal. Needs root, `ip` and `nft`.
+//! across a certificate renewal; HBONE's forms and headers as Istio's gateways use them
+//! (`hbone/forms.rs`, also against Python's `h2`). Needs root, `ip`, `nft` and `python3`
+//! with `h2`.
 
 use std::time::Duration;
 
@@ -13,6 +15,9 @@ use ztunnel::net::ConnectOptions;
 use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::metric;
 use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, A_IP, B_IP, C_IP};
+
+#[path = "hbone/forms.rs"]
+mod forms;
 
 const MIB: usize = 1024 * 1024;
 

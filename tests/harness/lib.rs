@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod apps;
+pub mod certs;
 pub mod cgroup;
 pub mod cni;
 pub mod controlplane;

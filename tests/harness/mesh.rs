@@ -47,8 +47,12 @@ pub struct Wl {
     pub ip: &'static str,
 }
 
-/// The discovery file for a mesh of `workloads`.
-pub fn discovery_yaml(trust_domain: &str, workloads: &[Wl]) -> String {
+/// The discovery file for a mesh of `workloads` and `services` (discovery file entries).
+pub fn discovery_yaml(
+    trust_domain: &str,
+    workloads: &[Wl],
+    services: &[serde_json::Value],
+) -> String {
     let wls: Vec<_> = workloads
         .iter()
         .map(|w| {
@@ -68,6 +72,7 @@ pub fn discovery_yaml(trust_domain: &str, workloads: &[Wl]) -> String {
         "trustDomain": trust_domain,
         "namespaces": [{"name": "demo", "labels": {"ztunnel.dev/dataplane-mode": "ambient"}}],
         "workloads": wls,
+        "services": services,
     });
     serde_yaml::to_string(&doc).expect("yaml")
 }
@@ -80,6 +85,8 @@ pub struct NodeOptions {
     pub ca_dir: Option<PathBuf>,
     /// Workloads as this daemon's discovery file describes them.
     pub workloads: Vec<Wl>,
+    /// Services of this daemon's discovery file (entries as the file spells them).
+    pub services: Vec<serde_json::Value>,
     pub extra_args: Vec<String>,
     /// Ask the `ztunnel ca` at this address (trusting the bed's root, with a token file)
     /// instead of signing in-process. A daemon whose CA does not answer never becomes ready:
@@ -110,6 +117,7 @@ impl Default for NodeOptions {
             trust_domain: TRUST_DOMAIN.into(),
             ca_dir: None,
             workloads: default_workloads(),
+            services: Vec::new(),
             extra_args: Vec::new(),
             ca_address: None,
         }
@@ -357,7 +365,10 @@ fn start_daemon(
     o: &NodeOptions,
 ) -> Result<Process> {
     let file = dir.join(format!("{node}.yaml"));
-    std::fs::write(&file, discovery_yaml(&o.trust_domain, &o.workloads))?;
+    std::fs::write(
+        &file,
+        discovery_yaml(&o.trust_domain, &o.workloads, &o.services),
+    )?;
     let ca = o.ca_dir.clone().unwrap_or_else(|| ca_dir.to_path_buf());
     let signer: Vec<String> = match &o.ca_address {
         None => vec!["--ca-dir".into(), ca.display().to_string()],
