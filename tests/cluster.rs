@@ -15,6 +15,9 @@
 //!   ServiceAccount may write the enrollment annotation of a pod on A, and nothing else: a pod
 //!   on node B, a label, another annotation or the image are refused by the
 //!   `ValidatingAdmissionPolicy`.
+//! - `ztunnel_removed_reads_its_own_daemonset_with_the_installers_credentials`: the check the
+//!   CNI installer runs when stopped reads the DaemonSet with the installer's own token
+//!   (present), counts a `403` as removed, and an unreachable API server as unknown.
 
 use std::time::Duration;
 
@@ -246,4 +249,58 @@ fn the_admission_policy_keeps_the_daemon_to_its_annotation_on_its_node() {
     // The policy binds the daemon only: the admin still may.
     cp.kubectl(&["label", "pod", "-n", &ns, "on-b", "tier=x"])
         .expect("the admin labels a pod");
+}
+
+/// `ztunnel removed`, as the CNI installer runs it when stopped, with the credentials the
+/// installer container has (the daemon's ServiceAccount, a token bound to its pod):
+/// `deploy/base`'s Role lets it read its own DaemonSet, which is there (exit 1); a DaemonSet
+/// it may not read counts as removed (`403`, exit 0), as when the installation's RBAC is
+/// deleted; an API server it cannot reach tells nothing (exit 2).
+#[test]
+fn ztunnel_removed_reads_its_own_daemonset_with_the_installers_credentials() {
+    let cp = controlplane::shared().install_base();
+    let node = cp.namespace("removed-node");
+    let token = cp
+        .system_pod_token(
+            "ztunnel",
+            &format!("ztunnel-{node}"),
+            &node,
+            &[controlplane::ISSUER],
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kc = cp
+        .token_kubeconfig(dir.path(), "installer", &token)
+        .unwrap();
+    let unreachable = dir.path().join("unreachable");
+    std::fs::write(
+        &unreachable,
+        controlplane::kubeconfig(
+            &cp.dir.join("ca.crt"),
+            "https://127.0.0.1:1",
+            json!({"token": token}),
+        ),
+    )
+    .unwrap();
+    let removed = |daemonset: &str, kubeconfig: &std::path::Path| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &cp.ns.name])
+            .arg(ztunnel_e2e::daemon::binary("ztunnel"))
+            .args(["removed", "--daemonset", daemonset, "--timeout", "5s"])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, said) = removed("ztunnel-system/ztunnel", &kc);
+    assert_eq!(code, Some(1), "its own DaemonSet is there: {said}");
+    let (code, said) = removed("kube-system/kube-proxy", &kc);
+    assert_eq!(code, Some(0), "not readable counts as removed: {said}");
+    assert!(said.contains("403"), "{said}");
+    let (code, said) = removed("ztunnel-system/ztunnel", &unreachable);
+    assert_eq!(code, Some(2), "nothing to conclude: {said}");
 }

@@ -410,6 +410,18 @@ fn installer_container_chains_the_plugin_to_the_daemons_socket() {
         args.contains(&"--watch".to_string()),
         "keeps the plugin chained"
     );
+    // Stopped, it unchains the plugin only if this very DaemonSet is being removed, asked with
+    // the pod's ServiceAccount token (its Role is checked on the real API server, cluster.rs).
+    let ds = named(&o.daemon_sets, "ztunnel");
+    assert_eq!(
+        flag(&args, "--uninstall-if"),
+        format!(
+            "ztunnel removed --daemonset {}/{}",
+            ds.metadata.namespace.as_deref().unwrap(),
+            ds.metadata.name.as_deref().unwrap()
+        )
+    );
+    assert_ne!(spec.automount_service_account_token, Some(false));
     let sock_name = socket_file_name();
     assert_eq!(
         Path::new(flag(&args, "--socket")),
@@ -453,6 +465,10 @@ fn installer_container_chains_the_plugin_to_the_daemons_socket() {
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--watch" => {}
+                // Only with --watch, which a run once has not.
+                "--uninstall-if" => {
+                    it.next();
+                }
                 "--cni-conf-dir" | "--cni-bin-dir" => {
                     it.next();
                     out.push(a.clone());

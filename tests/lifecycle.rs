@@ -6,7 +6,9 @@
 //! one taking every new connection, and a rolling restart under a steady stream of new
 //! connections (none refused), with HTTP/2 and with QUIC tunnels; a stream refused by a
 //! destination draining every pooled connection at once, tried again on a new connection; the
-//! admin port's one mutation refused without the node's token.
+//! admin port's one mutation refused without the node's token; with the daemon down, the
+//! cluster's own pods start, and removing the DaemonSet unchains the plugin
+//! (`lifecycle/uninstall.rs`).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,6 +20,9 @@ use tokio::net::TcpStream;
 use ztunnel_e2e::cni::Runtime;
 use ztunnel_e2e::testbed::{self, default_pods, PodSpec, TestBed};
 use ztunnel_e2e::{apps, daemon};
+
+#[path = "lifecycle/uninstall.rs"]
+mod uninstall;
 
 fn late(name: &'static str, namespace: &'static str, ip: &'static str) -> PodSpec {
     PodSpec {
@@ -180,37 +185,6 @@ fn an_unreachable_daemon_fails_enrolled_pods_and_lets_others_through() {
         "both plugins of the chain succeed: {outs:?}"
     );
     assert_eq!(outs[1].json(), outs[0].json());
-}
-
-/// With the daemon down and its snapshot of enrolled namespaces gone (a node whose daemon
-/// never started), a pod of a namespace the plugin does not know fails closed (code 11), while
-/// a pod of `kube-system` (excluded by default) is let through by the real chain without the
-/// daemon: the cluster's own pods start even when the daemon cannot.
-#[test]
-fn pods_of_excluded_namespaces_start_without_the_daemon() {
-    let known = vec![
-        late("late-plain", "plain", "10.20.1.22"),
-        late("late-system", "kube-system", "10.20.1.23"),
-    ];
-    let mut bed = TestBed::start_known(default_pods(), known.clone()).expect("test bed");
-    bed.kill_daemon(0);
-    let snapshot = bed.nodes[0].state_dir.join("enrolled-namespaces.json");
-    std::fs::remove_file(&snapshot).expect("the daemon's snapshot");
-    let (outs, _) = bed.try_add_pod(known[0].clone()).unwrap();
-    assert_eq!(outs[0].code, 0, "bridge");
-    assert_eq!(outs[1].error_code(), Some(11), "{:?}", outs[1]);
-    let (outs, pod) = bed.try_add_pod(known[1].clone()).unwrap();
-    assert!(
-        outs.len() == 2 && outs.iter().all(|o| o.code == 0),
-        "both plugins of the chain succeed: {outs:?}"
-    );
-    assert_eq!(outs[1].json(), outs[0].json());
-    assert!(
-        outs[1].stderr.contains("excluded"),
-        "the plugin says why: {}",
-        outs[1].stderr
-    );
-    assert!(!has_table(&pod.ns), "never enrolled");
 }
 
 #[test]

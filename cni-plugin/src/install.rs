@@ -61,6 +61,12 @@ pub struct InstallArgs {
     /// Install and exit (the default).
     #[arg(long)]
     pub once: bool,
+    /// With `--watch`: when stopped (SIGTERM), run this command (split on whitespace, no
+    /// shell) and uninstall if it exits 0, e.g. `ztunnel removed --daemonset
+    /// ztunnel-system/ztunnel`, which says whether the DaemonSet is being removed. Otherwise,
+    /// or without this option, the plugin stays chained (a restart or an upgrade).
+    #[arg(long, requires = "watch")]
+    pub uninstall_if: Option<String>,
 }
 
 /// The options both modes accept.
@@ -494,6 +500,7 @@ pub fn watch(options: &Options, stop: &AtomicBool) -> Result<(), InstallError> {
     let settings = options.settings()?;
     install_plugin_binary(options)?;
     let dir = &options.cni_conf_dir;
+    log(&format!("watching {}", dir.display()));
     // The primary file and its text when last looked at; an unchanged file is not re-read.
     let mut seen: Option<(PathBuf, String)> = None;
     let mut reported: Option<String> = None;
@@ -524,6 +531,35 @@ pub fn watch(options: &Options, stop: &AtomicBool) -> Result<(), InstallError> {
         sleep_unless(stop, POLL_INTERVAL);
     }
     Ok(())
+}
+
+/// When `install --watch` has been stopped: runs `command` (see
+/// [`InstallArgs::uninstall_if`]) and uninstalls when it exits 0; any other outcome, a
+/// command that cannot run included, leaves the plugin chained, which fails closed.
+pub fn on_stop(options: &Options, command: &str) -> Result<(), InstallError> {
+    let mut words = command.split_whitespace();
+    let Some(program) = words.next() else {
+        log("--uninstall-if is empty; leaving the plugin chained");
+        return Ok(());
+    };
+    match std::process::Command::new(program).args(words).status() {
+        Ok(s) if s.success() => {
+            log(&format!(
+                "`{command}` says the installation is being removed; uninstalling"
+            ));
+            uninstall(options)
+        }
+        Ok(s) => {
+            log(&format!("`{command}` {s}; leaving the plugin chained"));
+            Ok(())
+        }
+        Err(e) => {
+            log(&format!(
+                "cannot run `{command}`: {e}; leaving the plugin chained"
+            ));
+            Ok(())
+        }
+    }
 }
 
 /// One pass of the watch loop: a message when the entry was (re-)inserted.
@@ -576,7 +612,12 @@ pub fn main(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
         Err(e) => e.exit(),
     };
     let result = match &cli.command {
-        Mode::Install(a) if a.watch => stop_on_signal().and_then(|stop| watch(&a.options, &stop)),
+        Mode::Install(a) if a.watch => stop_on_signal()
+            .and_then(|stop| watch(&a.options, &stop))
+            .and_then(|()| match &a.uninstall_if {
+                Some(command) => on_stop(&a.options, command),
+                None => Ok(()),
+            }),
         Mode::Install(a) => install(&a.options),
         Mode::Uninstall(o) => uninstall(o),
         Mode::Installed(o) => installed(o),

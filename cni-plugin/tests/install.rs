@@ -90,9 +90,14 @@ impl Node {
 
     /// `install --watch` running until the returned guard is dropped.
     fn watch(&self) -> Killed {
+        self.watch_with(&[])
+    }
+
+    fn watch_with(&self, extra: &[&str]) -> Killed {
         let child = self
             .command("install")
             .arg("--watch")
+            .args(extra)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -285,6 +290,38 @@ fn watch_reinserts_after_the_primary_rewrites_its_file_and_stops_on_sigterm() {
         status.is_some()
     });
     assert!(status.unwrap().success(), "{status:?}");
+}
+
+/// Stopped with `--uninstall-if`, the watcher uninstalls only when the command says so (exits
+/// 0); a command that says no, or cannot run, leaves the plugin chained.
+#[test]
+fn a_stopped_watcher_uninstalls_only_when_its_command_says_so() {
+    for (command, uninstalls) in [
+        ("true", true),
+        ("false", false),
+        ("/nonexistent/ztunnel removed", false),
+    ] {
+        let node = Node::new(&[("10-flannel.conflist", FLANNEL)]);
+        let path = node.conf.join("10-flannel.conflist");
+        let mut child = node.watch_with(&["--uninstall-if", command]);
+        wait_for("the first install", || has_ours(&path));
+        let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let mut status = None;
+        wait_for("the watcher to exit", || {
+            status = child.0.try_wait().unwrap();
+            status.is_some()
+        });
+        assert!(status.unwrap().success(), "{command}: {status:?}");
+        assert_eq!(has_ours(&path), !uninstalls, "{command}: chained?");
+        assert_eq!(node.installed().exists(), !uninstalls, "{command}: binary?");
+        if uninstalls {
+            let restored: Value =
+                serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+            let original: Value = serde_json::from_str(FLANNEL).unwrap();
+            assert_eq!(restored, original, "restored as it was");
+        }
+    }
 }
 
 /// `installed` (the installer's readiness probe) is ready only while the binary is in place

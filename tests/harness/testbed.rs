@@ -97,6 +97,9 @@ pub struct Node {
     pub ns: Netns,
     pub runtime: Runtime,
     pub conflist: Value,
+    /// The node's CNI directories: `net.d` (the primary conflist, with our plugin chained)
+    /// and `bin` (our plugin).
+    pub cni_dir: PathBuf,
     pub state_dir: PathBuf,
     /// The node's view of the host's processes (`--host-proc`): links to the processes that
     /// run "on" this node ([`TestBed::run_on_node`]). A daemon on a real node sees only that
@@ -313,18 +316,15 @@ impl TestBed {
                               "ranges": ranges, "routes": routes}},
                 ],
             });
-            let (conflist, installed) = install_cni(
-                &dir.path().join(format!("{name}-cni")),
-                &primary,
-                &cni_bin,
-                &state_dir,
-            )?;
+            let cni_dir = dir.path().join(format!("{name}-cni"));
+            let (conflist, installed) = install_cni(&cni_dir, &primary, &cni_bin, &state_dir)?;
             let runtime = Runtime::new(&ns.name, &installed)?;
             nodes.push(Node {
                 name,
                 ns,
                 runtime,
                 conflist,
+                cni_dir,
                 state_dir,
                 proc_dir,
                 daemon: None,

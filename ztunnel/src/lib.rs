@@ -18,5 +18,6 @@ pub mod net;
 pub mod policy;
 pub mod proxy;
 pub mod refusal;
+pub mod removed;
 pub mod residency;
 pub mod throttle;

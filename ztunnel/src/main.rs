@@ -1,5 +1,6 @@
-//! The `ztunnel` binary: `ztunnel run` (the node daemon) and `ztunnel ca` (the certificate
-//! authority). Parses the configuration, sets up logging, and hands over to the library.
+//! The `ztunnel` binary: `ztunnel run` (the node daemon), `ztunnel ca` (the certificate
+//! authority), and the small commands `ctl`, `crds` and `removed`. Parses the configuration,
+//! sets up logging, and hands over to the library.
 
 use std::process::ExitCode;
 
@@ -16,6 +17,8 @@ commands:
   ca     the certificate authority that node daemons ask for workload certificates
   ctl    inspect a running daemon: workloads, services, policies, certs, connections, explain
   crds   print the policy CustomResourceDefinitions (YAML) for `kubectl apply -f -`
+  removed  whether the daemon's DaemonSet is being removed (exit 0), present (1) or unknown (2),
+         for the CNI installer when it stops
 
 `ztunnel <command> --help` lists a command's options and their environment variables.";
 
@@ -173,6 +176,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        "removed" => return rt.block_on(ztunnel::removed::run(args)),
         "crds" => {
             print!("{}", ztunnel::discovery::crd::CRDS_YAML);
             return ExitCode::SUCCESS;
