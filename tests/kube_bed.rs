@@ -276,8 +276,12 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         condition("PeerAuthentication", "strict")["reason"] == "Accepted"
     });
 
-    // deploy/'s RBAC for the daemon, against what the daemons did: every grant used, nothing
-    // forbidden.
+    // Node 1's installer, stopped now, would find its DaemonSet there: the plugin stays.
+    let (code, said) = bed.installer_removal_check(0);
+    assert_eq!(code, Some(1), "{said}");
+
+    // deploy/'s RBAC for the daemon, against what the daemons and installers did: every grant
+    // used, nothing forbidden.
     let problems = cp.rbac_problems("ztunnel-system", "ztunnel").unwrap();
     assert!(
         problems.is_empty(),

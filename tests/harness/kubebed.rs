@@ -171,6 +171,29 @@ impl TestBed {
         TestBed::build(pods, Vec::new(), daemon_env, Some((cp, plain_labels)))
     }
 
+    /// What node `i`'s CNI installer asks when it is stopped (`ztunnel removed` about
+    /// `deploy/base`'s DaemonSet), with the node's credentials: the exit status (0 removed, 1
+    /// present, 2 cannot tell) and what it said.
+    pub fn installer_removal_check(&self, i: usize) -> (Option<i32>, String) {
+        let kubeconfig = &self.kube_source().kubeconfigs[i];
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.nodes[i].ns.name])
+            .arg(crate::daemon::binary("ztunnel"))
+            .args([
+                "removed",
+                "--daemonset",
+                "ztunnel-system/ztunnel",
+                "--kubeconfig",
+            ])
+            .arg(kubeconfig)
+            .output()
+            .expect("ztunnel removed");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     fn kube_source(&self) -> &KubeSource {
         self.kube.as_ref().expect("a bed on the real API server")
     }
