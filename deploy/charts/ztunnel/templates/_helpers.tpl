@@ -45,7 +45,7 @@ platform fails the rendering.
 {{- $name := .Values.platform | default "generic" -}}
 {{- $file := .Files.Get (printf "files/platforms/%s.yaml" $name) -}}
 {{- if not $file -}}
-{{- fail (printf "platform %q is not one of gke, k3s, openshift (or empty)" .Values.platform) -}}
+{{- fail (printf "platform %q has no file in files/platforms/" .Values.platform) -}}
 {{- end -}}
 {{- $file -}}
 {{- end }}
