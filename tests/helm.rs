@@ -37,14 +37,30 @@ mod invariants;
 use invariants::{Node, GENERIC};
 
 /// The labels Helm's conventions put on every object's metadata and kustomize does not: which
-/// release, which chart version and which tool manage it. They are the only thing left out
+/// tool, which release and which chart version manage it. They are the only thing left out
 /// when the chart's rendering is checked or compared with kustomize's (each object must carry
-/// all three, with these values for the release `ztunnel`).
-const HELM_LABELS: [(&str, &str); 3] = [
-    ("app.kubernetes.io/managed-by", "Helm"),
-    ("app.kubernetes.io/instance", "ztunnel"),
-    ("helm.sh/chart", "ztunnel-0.1.0"),
+/// all three, with [`helm_labels`]' values for the release `ztunnel`).
+const HELM_LABELS: [&str; 3] = [
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/instance",
+    "helm.sh/chart",
 ];
+
+/// [`HELM_LABELS`] with their values: `Helm`, the release, `<chart>-<version>` of Chart.yaml.
+fn helm_labels() -> [(&'static str, String); 3] {
+    let text = std::fs::read_to_string(chart().join("Chart.yaml")).expect("Chart.yaml");
+    let meta: Value = serde_yaml::from_str(&text).expect("Chart.yaml parses");
+    let chart = format!(
+        "{}-{}",
+        meta["name"].as_str().unwrap(),
+        meta["version"].as_str().unwrap()
+    );
+    [
+        (HELM_LABELS[0], "Helm".into()),
+        (HELM_LABELS[1], "ztunnel".into()),
+        (HELM_LABELS[2], chart),
+    ]
+}
 
 /// A platform profile: its `--set`, and the node directories it is meant for.
 struct Profile {
@@ -172,10 +188,10 @@ fn without_helm_labels(v: &mut Value) {
     let labels = v["metadata"]["labels"]
         .as_object_mut()
         .unwrap_or_else(|| panic!("{what} has no labels"));
-    for (k, want) in HELM_LABELS {
+    for (k, want) in helm_labels() {
         assert_eq!(
             labels.remove(k).as_ref().and_then(Value::as_str),
-            Some(want),
+            Some(want.as_str()),
             "{what}: label {k}"
         );
     }
@@ -541,7 +557,7 @@ fn helm_install_creates_every_object_on_the_api_server() {
     for v in &rendered {
         let got = on_server(v).unwrap_or_else(|| panic!("{} is not on the server", describe(v)));
         let labels = &got["metadata"]["labels"];
-        for (k, want) in HELM_LABELS {
+        for (k, want) in helm_labels() {
             assert_eq!(labels[k], want, "{}: {k}", describe(v));
         }
     }
