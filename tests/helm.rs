@@ -13,7 +13,7 @@
 //!   Istio-compatible one `deploy/istio-compat`, once the labels in [`HELM_LABELS`] are left
 //!   out;
 //! - `helm install` into the real test API server (`harness::controlplane`) creates every
-//!   object of the rendering, `helm upgrade` to the GKE profile adds its quota, and
+//!   object of the rendering (the CRDs established), `helm upgrade` to the GKE profile adds its quota, and
 //!   `helm uninstall` deletes them.
 //!
 //! `helm` comes from `tools/helm/build.sh` (or `$ZTUNNEL_HELM_DIR`) and `kubectl` is needed
@@ -554,6 +554,15 @@ fn helm_install_creates_every_object_on_the_api_server() {
 
     run(&["install", "ztunnel", &chart]);
     let rendered = template(&[]);
+    // The chart's CRDs are accepted and serve their kinds.
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/authorizationpolicies.security.ztunnel.dev",
+        "crd/peerauthentications.security.ztunnel.dev",
+    ])
+    .unwrap_or_else(|e| panic!("{e:#}"));
     for v in &rendered {
         let got = on_server(v).unwrap_or_else(|| panic!("{} is not on the server", describe(v)));
         let labels = &got["metadata"]["labels"];
