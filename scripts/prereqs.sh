@@ -42,3 +42,5 @@ bash "$(dirname "$0")/../tools/controlplane/build.sh" >/dev/null
 # Istio's own CRDs (from the istio.io/api Go module), for the tests of the Istio-compatible
 # setting.
 bash "$(dirname "$0")/../tools/istio/crds.sh" >/dev/null
+# helm (from its Go module, cached outside the clone), for the tests of the Helm chart.
+bash "$(dirname "$0")/../tools/helm/build.sh" >/dev/null

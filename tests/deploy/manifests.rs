@@ -11,7 +11,8 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount, Volume, VolumeMount,
+    ConfigMap, Container, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -95,6 +96,7 @@ pub struct Objects {
     pub network_policies: Vec<NetworkPolicy>,
     pub disruption_budgets: Vec<PodDisruptionBudget>,
     pub config_maps: Vec<ConfigMap>,
+    pub resource_quotas: Vec<ResourceQuota>,
     pub crds: Vec<CustomResourceDefinition>,
     pub admission_policies: Vec<ValidatingAdmissionPolicy>,
     pub admission_policy_bindings: Vec<ValidatingAdmissionPolicyBinding>,
@@ -112,6 +114,7 @@ impl Objects {
             ("v1", "ServiceAccount") => self.service_accounts.push(strict(v)?),
             ("v1", "Service") => self.services.push(strict(v)?),
             ("v1", "ConfigMap") => self.config_maps.push(strict(v)?),
+            ("v1", "ResourceQuota") => self.resource_quotas.push(strict(v)?),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => self.cluster_roles.push(strict(v)?),
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 self.cluster_role_bindings.push(strict(v)?)
