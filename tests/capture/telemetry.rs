@@ -47,7 +47,8 @@ fn exactly(text: &str, name: &str, want: &BTreeMap<String, String>) -> f64 {
 /// The labels Istio's documentation lists for its TCP metrics, with what each must be for a
 /// connection from pod `client` (canonical service `frontend`, revision `r2`, by Istio's
 /// labels) to pod `server` (of workload `server-deploy`, label `app: server`,
-/// `version: v1`) through Service `server`, both in namespace `demo` of cluster `Kubernetes`.
+/// `version: v1`, on a node of zone `eu-west1-b`) through Service `server`, both in namespace
+/// `demo` of cluster `Kubernetes` (the client's node has no locality).
 fn expected(reporter: &str, flags: &str) -> BTreeMap<String, String> {
     [
         // Who reported it: the client's proxy or the server's.
@@ -85,6 +86,11 @@ fn expected(reporter: &str, flags: &str) -> BTreeMap<String, String> {
         ("request_protocol", "tcp"),
         ("response_flags", flags),
         ("connection_security_policy", "mutual_tls"),
+        // Where each end runs, as Istio's ztunnel adds it.
+        ("source_region", "unknown"),
+        ("source_zone", "unknown"),
+        ("destination_region", "eu-west1"),
+        ("destination_zone", "eu-west1-b"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -100,6 +106,7 @@ fn istio_tcp_metrics_carry_istios_labels_and_values_at_both_reporters() {
                 Some("server") => {
                     w["workloadName"] = json!("server-deploy");
                     w["labels"]["version"] = json!("v1");
+                    w["locality"] = json!("eu-west1/eu-west1-b");
                 }
                 Some("client") => {
                     w["labels"]["service.istio.io/canonical-name"] = json!("frontend");

@@ -703,6 +703,7 @@ workloads:
             protocol: crate::discovery::Protocol::Hbone,
             other_mesh: None,
             telemetry: Default::default(),
+            locality: Default::default(),
         };
         let s = crate::discovery::parse(MESH, "cluster.local")
             .unwrap()

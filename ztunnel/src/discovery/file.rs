@@ -15,6 +15,7 @@
 //!     annotations: {}      # optional; only those that say another mesh handles the pod are read
 //!     protocol: HBONE      # HBONE (in the mesh, the default) or TCP (plain)
 //!     workloadName: web    # optional: its Deployment, StatefulSet, …; the pod's name by default
+//!     locality: us-east1/us-east1-b   # optional: its node's region/zone
 //! services:
 //!   - {name: web, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
 //! policies:                # AuthorizationPolicy and PeerAuthentication objects
@@ -34,7 +35,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-use super::model::{Interner, Labels, Namespace, Protocol, Service, ServicePort, State, Workload};
+use super::model::{
+    Interner, Labels, Locality, Namespace, Protocol, Service, ServicePort, State, Workload,
+};
 use super::policy::PolicyObject;
 use super::{Discovery, Error, Stats};
 
@@ -78,6 +81,8 @@ struct WorkloadEntry {
     /// The workload it belongs to, as Istio names it (e.g. its Deployment); the label
     /// `service.istio.io/workload-name` overrides it, the pod's name is the default.
     workload_name: Option<String>,
+    /// Its node's `<region>/<zone>`, as Istio writes a locality.
+    locality: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -158,6 +163,12 @@ pub fn parse_for_node(yaml: &str, trust_domain: &str, node: Option<&str>) -> Res
                 let name = super::telemetry::workload_name(name, None, None, &w.labels);
                 int.telemetry(name, &w.labels)
             },
+            locality: int.locality(
+                w.locality
+                    .as_deref()
+                    .map(Locality::parse)
+                    .unwrap_or_default(),
+            ),
         })
         .collect();
     let endpoints = f

@@ -17,8 +17,8 @@ use std::sync::Arc;
 pub use file::{parse, parse_for_node, watch_file};
 pub use kube::watch_kubernetes;
 pub use model::{
-    Interner, Labels, Namespace, Protocol, Service, ServicePort, State, Telemetry, Workload,
-    DATAPLANE_MODE_LABEL,
+    Interner, Labels, Locality, Namespace, Protocol, Service, ServicePort, State, Telemetry,
+    Workload, DATAPLANE_MODE_LABEL,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use crate::identity::Identity;
 
 pub use super::enrollment::DATAPLANE_MODE_LABEL;
 use super::enrollment::{NotEnrolled, OtherMesh, Rules};
-pub use super::telemetry::Telemetry;
+pub use super::telemetry::{Locality, Telemetry};
 
 /// Labels, compact: pairs sorted by key in one allocation. (A `BTreeMap` node costs about
 /// 370 bytes even for two labels, and every one of 100 000 workloads has labels.)
@@ -72,6 +72,7 @@ impl Serialize for Labels {
 pub struct Interner {
     strs: HashSet<Arc<str>>,
     telemetry: HashSet<Arc<Telemetry>>,
+    localities: HashSet<Arc<Locality>>,
 }
 
 impl Interner {
@@ -108,9 +109,24 @@ impl Interner {
         a
     }
 
+    /// The locality `l`, shared.
+    pub fn locality(&mut self, l: Locality) -> Arc<Locality> {
+        let l = Locality {
+            region: self.get(&l.region),
+            zone: self.get(&l.zone),
+        };
+        if let Some(a) = self.localities.get(&l) {
+            return a.clone();
+        }
+        let a = Arc::new(l);
+        self.localities.insert(a.clone());
+        a
+    }
+
     /// Forgets what nothing else holds any more.
     pub fn prune(&mut self) {
         self.telemetry.retain(|a| Arc::strong_count(a) > 1);
+        self.localities.retain(|a| Arc::strong_count(a) > 1);
         self.strs.retain(|a| Arc::strong_count(a) > 1);
     }
 }
@@ -142,6 +158,8 @@ pub struct Workload {
     pub other_mesh: Option<OtherMesh>,
     /// Its workload and canonical service, kept even where its labels are not.
     pub telemetry: Arc<Telemetry>,
+    /// Its node's region and zone.
+    pub locality: Arc<Locality>,
 }
 
 impl Workload {

@@ -13,6 +13,9 @@
 //!   CronJob `<name>`'s; any other controller (StatefulSet, DaemonSet, Job, …) by its own name;
 //! - else the pod's own name.
 //!
+//! Locality: the region and zone of the workload's node, from the node's labels
+//! `topology.kubernetes.io/region` and `topology.kubernetes.io/zone`, as istiod reads them.
+//!
 //! Canonical service: the first of the labels `service.istio.io/canonical-name`,
 //! `app.kubernetes.io/name`, `app`; else the workload name. Canonical revision: the first of
 //! `service.istio.io/canonical-revision`, `app.kubernetes.io/version`, `version`; else
@@ -43,6 +46,42 @@ pub struct Telemetry {
     pub workload_name: Arc<str>,
     pub canonical_name: Arc<str>,
     pub canonical_revision: Arc<str>,
+}
+
+/// Where a workload runs: its node's region and zone (empty when not known).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Locality {
+    pub region: Arc<str>,
+    pub zone: Arc<str>,
+}
+
+/// The node label that names its region.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// The node label that names its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+impl Locality {
+    /// The locality of a node with these labels.
+    pub fn of_node(labels: &BTreeMap<String, String>) -> Locality {
+        let get = |k: &str| Arc::from(labels.get(k).map_or("", String::as_str));
+        Locality {
+            region: get(REGION_LABEL),
+            zone: get(ZONE_LABEL),
+        }
+    }
+
+    /// A locality written as Istio writes one, `<region>/<zone>[/<subzone>]`.
+    pub fn parse(s: &str) -> Locality {
+        let mut parts = s.split('/');
+        Locality {
+            region: parts.next().unwrap_or("").into(),
+            zone: parts.next().unwrap_or("").into(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty() && self.zone.is_empty()
+    }
 }
 
 /// A pod's controlling owner reference: (kind, name).
@@ -219,6 +258,22 @@ mod tests {
                 "{pod} {controller:?}"
             );
         }
+    }
+
+    #[test]
+    fn localities_come_from_node_labels_or_istios_string() {
+        let node = labels(&[
+            (REGION_LABEL, "eu-west1"),
+            (ZONE_LABEL, "eu-west1-b"),
+            ("other", "x"),
+        ]);
+        let l = Locality::of_node(&node);
+        assert_eq!((&*l.region, &*l.zone), ("eu-west1", "eu-west1-b"));
+        assert!(Locality::of_node(&labels(&[])).is_empty());
+        let l = Locality::parse("us-east1/us-east1-c/rack-7");
+        assert_eq!((&*l.region, &*l.zone), ("us-east1", "us-east1-c"));
+        let l = Locality::parse("us-east1");
+        assert_eq!((&*l.region, &*l.zone), ("us-east1", ""));
     }
 
     #[test]

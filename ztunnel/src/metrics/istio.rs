@@ -16,11 +16,12 @@
 //! `*_cluster` the cluster's id; `destination_service` the service's hostname
 //! (`<name>.<namespace>.svc.cluster.local`) with its name and namespace;
 //! `connection_security_policy` `mutual_tls` through a tunnel, else `unknown`;
-//! `request_protocol` `tcp`.
+//! `request_protocol` `tcp`; once either workload is known, `*_region` and `*_zone` its node's
+//! ([`crate::discovery::Locality`]).
 
 use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
@@ -62,6 +63,31 @@ pub struct IstioLabels {
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
+    /// `source_region`, `source_zone`, `destination_region`, `destination_zone`: present once
+    /// either end's workload is known, as Istio's ztunnel writes them.
+    #[prometheus(flatten)]
+    pub locality: Localities,
+}
+
+/// The locality labels of a connection, or none.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Localities(Option<LocalityLabels>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalityLabels {
+    pub source_region: Arc<str>,
+    pub source_zone: Arc<str>,
+    pub destination_region: Arc<str>,
+    pub destination_zone: Arc<str>,
+}
+
+impl EncodeLabelSet for Localities {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some(l) => l.encode(encoder),
+            None => Ok(()),
+        }
+    }
 }
 
 /// One end of a connection as the labels describe it: its workload, when known, and its
@@ -149,6 +175,19 @@ impl IstioLabels {
             request_protocol: "tcp",
             response_flags: "-",
             connection_security_policy: if mutual_tls { "mutual_tls" } else { "unknown" },
+            locality: Localities((s.is_some() || d.is_some()).then(|| {
+                let of = |w: Option<&Workload>, f: fn(&crate::discovery::Locality) -> &Arc<str>| {
+                    w.map(|w| f(&w.locality))
+                        .filter(|v| !v.is_empty())
+                        .map_or_else(unknown, Arc::clone)
+                };
+                LocalityLabels {
+                    source_region: of(s, |l| &l.region),
+                    source_zone: of(s, |l| &l.zone),
+                    destination_region: of(d, |l| &l.region),
+                    destination_zone: of(d, |l| &l.zone),
+                }
+            })),
         }
     }
 }
@@ -156,15 +195,23 @@ impl IstioLabels {
 /// The W3C `baggage` that describes workload `w` of cluster `cluster`, as Istio's ztunnel
 /// sends it with a `CONNECT` (the source) and answers it with `200` (the destination):
 /// `k8s.cluster.name`, `k8s.namespace.name`, `k8s.pod.name` (the workload name, as istiod
-/// types every pod's workload), `service.name`, `service.version`.
+/// types every pod's workload), `service.name`, `service.version`, and when known
+/// `cloud.region` and `cloud.availability_zone`.
 pub fn baggage(w: &Workload, cluster: &str) -> String {
-    format!(
+    let mut b = format!(
         "k8s.cluster.name={cluster},k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
         w.namespace,
         w.workload_name(),
         w.canonical_name(),
         w.canonical_revision()
-    )
+    );
+    if !w.locality.region.is_empty() {
+        b.push_str(&format!(",cloud.region={}", w.locality.region));
+    }
+    if !w.locality.zone.is_empty() {
+        b.push_str(&format!(",cloud.availability_zone={}", w.locality.zone));
+    }
+    b
 }
 
 /// A service's hostname: `<name>.<namespace>.svc.cluster.local`.

@@ -8,6 +8,7 @@
 //! counted twice —, bookmarks accepted, errors retried with `default_backoff`; lists ask for
 //! `resourceVersion=0` so the API server answers them from its watch cache, not etcd):
 //! - namespaces (all; small);
+//! - nodes (all), decoded into a lean type: their names and labels only, for their locality;
 //! - pods on this node (`fieldSelector=spec.nodeName=<node>`), kept in full (labels, uid);
 //! - pods on other nodes (`fieldSelector=spec.nodeName!=<node>`), decoded straight into a lean
 //!   type and kept lean (see [`objects`]): never a full Pod in memory;
@@ -307,6 +308,16 @@ pub async fn watch_kubernetes(
                 )))
             }),
             slot: |s| &mut s.namespaces,
+        },
+    ));
+    tasks.push(spawn_watcher(
+        shared.clone(),
+        Api::<objects::LeanNode>::all(client.clone()),
+        watcher::Config::default(),
+        Kind {
+            what: "Node",
+            entry: Box::new(|n, int| Ok(Some(objects::node_locality(n, int)))),
+            slot: |s| &mut s.nodes,
         },
     ));
     tasks.push(spawn_watcher(

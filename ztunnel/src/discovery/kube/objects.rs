@@ -10,6 +10,8 @@
 //!   another node keeps no uid and, of its labels, only the enrollment labels
 //!   ([`Rules::keeps`]), which is all outbound routing and identity checks need; its service
 //!   membership comes from EndpointSlices.
+//! - Nodes keep their locality (region and zone, from their topology labels), which their
+//!   pods' telemetry reports.
 //! - Services keep name, VIPs (`clusterIPs`; headless and ExternalName services have none and
 //!   are not kept), ports with their `targetPort` (a number, or a name resolved against the
 //!   EndpointSlices), and selector.
@@ -31,7 +33,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::discovery::enrollment::{OtherMesh, Rules};
 pub use crate::discovery::model::Interner;
-use crate::discovery::model::{Labels, Telemetry};
+use crate::discovery::model::{Labels, Locality, Telemetry};
 use crate::discovery::policy::PolicyObject;
 
 /// A Pod with only the fields discovery reads.
@@ -156,6 +158,45 @@ impl kube::Resource for LeanPod {
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
     }
+}
+
+/// A Node with only its name and labels (its status, with every image it holds, is skipped).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LeanNode {
+    #[serde(deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+}
+
+impl kube::Resource for LeanNode {
+    type DynamicType = ();
+    type Scope = k8s_openapi::ClusterResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "Node".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "nodes".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// A node's locality, from its topology labels.
+pub fn node_locality(node: &LeanNode, int: &mut Interner) -> Arc<Locality> {
+    let empty = BTreeMap::new();
+    int.locality(Locality::of_node(
+        node.metadata.labels.as_ref().unwrap_or(&empty),
+    ))
 }
 
 /// (namespace, name); namespace empty for cluster-scoped objects.

@@ -6,14 +6,18 @@
 //! is built. A workload's protocol is HBONE when it is enrolled (see
 //! [`crate::discovery::enrollment`]), else TCP. A
 //! service's endpoints are the workloads at the ready addresses of its EndpointSlices; a named
-//! `targetPort` is resolved through the slices' ports (unresolved: the port is skipped).
+//! `targetPort` is resolved through the slices' ports (unresolved: the port is skipped). A
+//! workload's locality is its node's (none while the node is not known).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::objects::{Key, PodEntry, ServiceEntry, SliceEntry, Target};
 use crate::discovery::enrollment::Rules;
-use crate::discovery::model::{Labels, Namespace, Protocol, Service, ServicePort, State, Workload};
+use crate::discovery::model::{
+    Labels, Locality, Namespace, Protocol, Service, ServicePort, State, Workload,
+};
 use crate::discovery::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::discovery::Error;
 use crate::identity::Identity;
@@ -23,6 +27,8 @@ use crate::identity::Identity;
 pub struct Store {
     /// By ("", name).
     pub namespaces: BTreeMap<Key, Labels>,
+    /// Nodes' localities, by ("", name).
+    pub nodes: BTreeMap<Key, Arc<Locality>>,
     /// Pods on this node.
     pub pods: BTreeMap<Key, PodEntry>,
     /// Pods on other nodes (lean).
@@ -112,6 +118,11 @@ pub fn build(
             },
             other_mesh: p.other_mesh,
             telemetry: p.telemetry.clone(),
+            locality: store
+                .nodes
+                .get(&(String::new(), p.node.to_string()))
+                .cloned()
+                .unwrap_or_default(),
         });
     }
 
@@ -239,6 +250,11 @@ mod tests {
             let kind = o["kind"].as_str().unwrap();
             let r: Result<(), String> = (|| {
                 match kind {
+                    "Node" => {
+                        let n: LeanNode = serde_json::from_value(o.clone()).unwrap();
+                        st.nodes
+                            .insert(key_of(&n.metadata), node_locality(&n, &mut int));
+                    }
                     "Namespace" => {
                         let n: k8s_openapi::api::core::v1::Namespace =
                             serde_json::from_value(o.clone()).unwrap();
@@ -413,7 +429,8 @@ mod tests {
     }
 
     /// A Deployment's pod is reported as the Deployment, with its canonical service from its
-    /// labels, on the nodes that keep the pod's labels and on those that do not.
+    /// labels, on the nodes that keep the pod's labels and on those that do not, and in its
+    /// node's locality.
     #[test]
     fn pods_are_named_after_their_controller_on_every_node() {
         let of_deployment = |name: &str, node: &str, ip: &str| {
@@ -428,6 +445,10 @@ mod tests {
             p
         };
         let (st, refused) = store(&[
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": "n2", "labels": {"topology.kubernetes.io/region": "eu-west1",
+                                                         "topology.kubernetes.io/zone": "eu-west1-b"}},
+                   "status": {"images": [{"names": ["a"], "sizeBytes": 1}]}}),
             ns("demo", true),
             of_deployment("web-5d8f7c-aaaaa", NODE, "10.0.0.1"),
             of_deployment("web-5d8f7c-bbbbb", "n2", "10.0.0.2"),
