@@ -303,6 +303,7 @@ pub fn daemonset_agrees_with_the_daemon_configuration(o: &Objects, dirs: &Node) 
         grant_set(&[
             ("", "namespaces", &["list", "watch"], "*"),
             ("", "services", &["list", "watch"], "*"),
+            ("", "nodes", &["list", "watch"], "*"),
             ("", "pods", &["list", "watch", "patch"], "*"),
             (
                 "discovery.k8s.io",

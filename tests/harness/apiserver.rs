@@ -10,7 +10,8 @@
 //!   a history that watches replay.
 //! - Paths: `/api/v1/[namespaces/{ns}/]{plural}` for the core group,
 //!   `/apis/{group}/{version}/[namespaces/{ns}/]{plural}` for the others; the plural is the
-//!   lowercase kind made plural (`…y` → `…ies`). `Namespace` is the one cluster-scoped kind.
+//!   lowercase kind made plural (`…y` → `…ies`). `Namespace` and `Node` are the cluster-scoped
+//!   kinds.
 //! - GET list answers `{"kind":"<Kind>List","apiVersion":..,"metadata":{"resourceVersion":..},
 //!   "items":[..]}` in one page (as the real server answers a list at `resourceVersion=0` from
 //!   its watch cache, whatever the limit); `fieldSelector` (any dotted path, `=`, `==`, `!=`,
@@ -52,6 +53,7 @@ use selector::Selector;
 /// collection lists (and watches) instead of answering 404.
 const KNOWN_KINDS: &[(&str, &str)] = &[
     ("v1", "Namespace"),
+    ("v1", "Node"),
     ("v1", "Pod"),
     ("v1", "Service"),
     ("discovery.k8s.io/v1", "EndpointSlice"),

@@ -17,7 +17,7 @@ pub(super) fn plural(kind: &str) -> String {
 
 /// Whether `kind` is not namespaced (of the kinds the daemon watches, only `Namespace`).
 pub(super) fn is_cluster_scoped(kind: &str) -> bool {
-    kind == "Namespace"
+    matches!(kind, "Namespace" | "Node")
 }
 
 /// A parsed collection path.
