@@ -633,6 +633,18 @@ fn the_annotation_follows_the_enrollment_status_through_the_api() {
             annotations()[ANNOTATION] == want && annotations()["other"] == "kept"
         });
     }
+    // An enrolled pod whose certificate the CA refuses shows it, until it is issued.
+    annotator.annotate(&pod("web"), Status::Enrolled);
+    annotator.certificate(&pod("web"), Some("403 no active pod".into()));
+    wait_for("the refusal shown", || {
+        annotations()[ANNOTATION] == "enrolled; certificate refused: 403 no active pod"
+    });
+    annotator.certificate(&pod("web"), None);
+    wait_for("the refusal gone", || {
+        annotations()[ANNOTATION] == "enrolled"
+    });
+    annotator.annotate(&pod("web"), Status::Released);
+    wait_for("released", || annotations()[ANNOTATION] == Value::Null);
     // A pod that is gone is not a failure; an unreachable API server is, counted and retried.
     annotator.annotate(&pod("gone"), Status::Enrolled);
     unreachable.annotate(&pod("web"), Status::Enrolled);
@@ -732,4 +744,99 @@ fn the_daemon_annotates_pods_from_the_api_server_as_it_enrolls_and_releases_them
         0.0,
         "{m}"
     );
+}
+
+/// One identity the CA refuses is that identity's matter, shown where its users look: on the
+/// real API server, with the daemons asking a `ztunnel ca` that answers but issues for another
+/// trust domain only, an enrolled pod's annotation says its certificate is refused and why, the
+/// refusal is counted against its identity, and neither the node's readiness nor the CNI
+/// plugin's STATUS turns to failed.
+#[test]
+fn a_refused_certificate_shows_on_its_pod_and_fails_neither_readiness_nor_status() {
+    let cp = controlplane::shared().install_base();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("refusing-ca");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "a-token\n").unwrap();
+    let address = format!("{}:15013", controlplane::API_IP);
+    let args: Vec<String> = [
+        "ca",
+        "--ca-dir",
+        &ca_dir.display().to_string(),
+        "--trust-domain",
+        "other.local",
+        "--listen",
+        &address,
+        "--token-file",
+        &tokens.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let ca = daemon::Process::start(&cp.ns, "refusing-ca", dir.path(), &args, &[]).unwrap();
+    let root = ca_dir.join("root-cert.pem");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(root.exists() && ca.log().contains("CA serving")) {
+        assert!(
+            Instant::now() < deadline,
+            "the CA did not start:\n{}",
+            ca.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (root, tokens) = (root.display().to_string(), tokens.display().to_string());
+    let env = [
+        ("ZTUNNEL_CA_ADDRESS", address.as_str()),
+        ("ZTUNNEL_CA_ROOT_CERT", root.as_str()),
+        ("ZTUNNEL_CA_TOKEN_FILE", tokens.as_str()),
+    ];
+    let web = ztunnel_e2e::kubebed::spec("web", "demo", 0, "10.20.1.88");
+    let bed = TestBed::start_kube_with(vec![web], &env, json!({})).expect("the bed");
+    let demo = bed.api_namespace("demo");
+    let annotation = || {
+        cp.get("v1", "Pod", Some(&demo), "web").expect("pod")["metadata"]["annotations"][ANNOTATION]
+            .clone()
+    };
+    wait_for("the refusal on the pod", || {
+        annotation()
+            .as_str()
+            .is_some_and(|a| a.starts_with("enrolled; certificate refused: "))
+    });
+    let shown = annotation();
+    assert!(
+        shown.as_str().unwrap().contains("other.local"),
+        "why: {shown}"
+    );
+    let identity = format!("spiffe://cluster.local/ns/{demo}/sa/web");
+    let m = bed.metrics(0);
+    assert!(
+        metric_or_zero(
+            &m,
+            "ztunnel_certificate_refusals_total",
+            &[("identity", &identity)]
+        ) >= 1.0,
+        "{m}"
+    );
+    let (ready, _) = daemon::http(&bed.nodes[0].ns, "GET", "127.0.0.1:15021", "/healthz/ready")
+        .expect("readiness answers");
+    assert_eq!(ready, 200);
+    let node = &bed.nodes[0];
+    let ours = node.conflist["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["type"] == "ztunnel-cni")
+        .unwrap()
+        .clone();
+    let mut conf = ztunnel_e2e::cni::Runtime::plugin_conf(&node.conflist, &ours, None);
+    conf["cniVersion"] = json!("1.1.0"); // STATUS is a CNI 1.1 verb
+    let status = node
+        .runtime
+        .exec(
+            "ztunnel-cni",
+            "STATUS",
+            &bed.pod("web").attachment,
+            &conf.to_string(),
+        )
+        .unwrap();
+    assert_eq!(status.code, 0, "STATUS: {status:?}");
 }

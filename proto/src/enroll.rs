@@ -34,7 +34,7 @@ pub const MAX_FRAME: usize = 1 << 20;
 
 /// A pod as Kubernetes names it (from `CNI_ARGS`: `K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
 /// `K8S_POD_UID`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodRef {
     pub namespace: String,

@@ -407,8 +407,6 @@ impl TestBed {
             "run",
             "--node-name",
             &node.name,
-            "--ca-dir",
-            &self.ca_dir.display().to_string(),
             "--state-dir",
             &node.state_dir.display().to_string(),
             "--drain-grace",
@@ -417,6 +415,14 @@ impl TestBed {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // The bed's CA, in-process, unless the daemons are told to ask a remote one.
+        if !self
+            .daemon_env
+            .iter()
+            .any(|(k, _)| k == "ZTUNNEL_CA_ADDRESS")
+        {
+            args.extend(["--ca-dir".to_string(), self.ca_dir.display().to_string()]);
+        }
         match &self.kube {
             None => args.extend([
                 "--discovery-file".to_string(),

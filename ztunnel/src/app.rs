@@ -5,7 +5,7 @@
 //! certificate. Certificates of local workloads are fetched ahead of traffic, again whenever
 //! discovery changes, so a new pod's first connection does not wait for signing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use crate::identity::{CertManager, CertSigner, Identity, SignError};
 use crate::metrics::{IdentityLabels, Metrics};
 use crate::net::{self, ConnectOptions};
 use crate::proxy::{self, Listeners, ProxyInputs, QuicListener, Scope};
+use ztunnel_proto::enroll::PodRef;
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -298,6 +299,7 @@ pub async fn start(
         cfg.trust_domain.clone(),
         pi.metrics.clone(),
         ready_tx,
+        pods.clone(),
     )));
     Ok(Daemon {
         proxy: pi,
@@ -429,7 +431,8 @@ fn ready_after(outcomes: &[Fetched]) -> bool {
 ///
 /// A certificate the CA refuses (it does not yet see the pod on this node, say) is that one
 /// identity's problem: logged, counted in `ztunnel_certificate_refusals_total{identity}`,
-/// retried, and its pod's connections are refused meanwhile; it never turns the node's daemon
+/// shown on its pods' annotation ([`crate::capture::annotate`]) until it is issued, retried,
+/// and its pods' connections are refused meanwhile; it never turns the node's daemon
 /// NotReady. Only a CA that cannot be reached (or answers nonsense) does, for every workload.
 async fn keep_certificates(
     mut disc: Discovery,
@@ -438,8 +441,11 @@ async fn keep_certificates(
     trust_domain: String,
     metrics: Arc<Metrics>,
     ready: watch::Sender<bool>,
+    pods: Option<Arc<Pods>>,
 ) {
     let mut held: HashSet<Identity> = HashSet::new();
+    // The pods whose annotation shows a refused certificate, and why.
+    let mut shown: HashMap<PodRef, String> = HashMap::new();
     loop {
         let state = disc.current();
         // Only workloads in the mesh need certificates.
@@ -453,11 +459,13 @@ async fn keep_certificates(
             certs.forget(gone);
         }
         let mut outcomes = Vec::with_capacity(wanted.len());
+        let mut refused: HashMap<Identity, String> = HashMap::new();
         for id in &wanted {
             let outcome = Fetched::of(&certs.fetch(id).await);
             match &outcome {
                 Fetched::Loaded => {}
                 Fetched::Refused(e) => {
+                    refused.insert(id.clone(), e.clone());
                     tracing::warn!(identity = %id, error = %e, "the CA refused a certificate; this workload's connections are refused until it signs");
                     metrics
                         .certificate_refusals
@@ -473,6 +481,20 @@ async fn keep_certificates(
             outcomes.push(outcome);
         }
         held = wanted;
+        if let Some(pods) = &pods {
+            let state = disc.current();
+            let now = refused_pods(&state, &node, &trust_domain, &refused);
+            drop(state);
+            for (pod, why) in &now {
+                if shown.get(pod) != Some(why) {
+                    pods.certificate(pod, Some(why.clone()));
+                }
+            }
+            for pod in shown.keys().filter(|p| !now.contains_key(*p)) {
+                pods.certificate(pod, None);
+            }
+            shown = now;
+        }
         let _ = ready.send(ready_after(&outcomes));
         if outcomes.iter().all(|o| matches!(o, Fetched::Loaded)) {
             if disc.changed().await.is_err() {
@@ -485,9 +507,68 @@ async fn keep_certificates(
     }
 }
 
+/// The enrolled pods of this node whose identity the CA refuses, with why.
+fn refused_pods(
+    state: &crate::discovery::State,
+    node: &str,
+    trust_domain: &str,
+    refused: &HashMap<Identity, String>,
+) -> HashMap<PodRef, String> {
+    if refused.is_empty() {
+        return HashMap::new();
+    }
+    state
+        .local_workloads(node)
+        .filter(|w| state.enrolled(w))
+        .filter_map(|w| {
+            let why = refused.get(&w.identity(trust_domain))?;
+            let pod = PodRef {
+                namespace: w.namespace.to_string(),
+                name: w.name.to_string(),
+                uid: w.uid.to_string(),
+            };
+            Some((pod, why.clone()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pods whose annotation shows a refused certificate: this node's enrolled pods of a
+    /// refused identity, no other.
+    #[test]
+    fn a_refused_identity_shows_on_this_nodes_enrolled_pods_of_it() {
+        let mesh = "
+namespaces:
+  - {name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}
+  - {name: plain, labels: {}}
+workloads:
+  - {uid: u1, name: web-1, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.1]}
+  - {uid: u2, name: web-2, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.2]}
+  - {uid: u3, name: web-3, namespace: demo, serviceAccount: web, node: n2, ips: [10.0.0.3]}
+  - {uid: u4, name: db-1, namespace: demo, serviceAccount: db, node: n1, ips: [10.0.0.4]}
+  - {uid: u5, name: web-1, namespace: plain, serviceAccount: web, node: n1, ips: [10.0.0.5]}
+";
+        let state = crate::discovery::parse(mesh, "cluster.local").unwrap();
+        let web: Identity = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
+        let refused = HashMap::from([(web, "403 no active pod".to_string())]);
+        let got = refused_pods(&state, "n1", "cluster.local", &refused);
+        let mut names: Vec<(String, String, &str)> = got
+            .iter()
+            .map(|(p, why)| (p.name.clone(), p.uid.clone(), why.as_str()))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ("web-1".into(), "u1".into(), "403 no active pod"),
+                ("web-2".into(), "u2".into(), "403 no active pod")
+            ]
+        );
+        assert!(refused_pods(&state, "n1", "cluster.local", &HashMap::new()).is_empty());
+    }
 
     #[test]
     fn one_refused_identity_leaves_the_daemon_ready_an_unreachable_ca_does_not() {

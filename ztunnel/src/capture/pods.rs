@@ -196,6 +196,13 @@ impl Pods {
         }
     }
 
+    /// Queues whether the CA refuses `pod`'s certificate, for its annotation (never blocks).
+    pub fn certificate(&self, pod: &PodRef, refused: Option<String>) {
+        if let Some(a) = self.annotator.get() {
+            a.certificate(pod, refused);
+        }
+    }
+
     fn op(&self) -> MutexGuard<'_, ()> {
         self.op.lock().unwrap_or_else(|e| e.into_inner())
     }
