@@ -20,7 +20,8 @@
 //! - the samples parse (the policies also with the daemon's policy parser) and refer to each
 //!   other consistently;
 //! - the Istio-compatible overlay is the base with the setting turned on and read access to
-//!   Istio's two policy kinds, and nothing else changed.
+//!   Istio's two policy kinds, and nothing else changed;
+//! - `deploy/README.md` explains exactly the capabilities and host paths the DaemonSet holds.
 //!
 //! The checks of a rendering that `helm.rs` makes of the Helm chart too are in
 //! `deploy/invariants.rs`.
@@ -272,4 +273,64 @@ fn dockerfile_installs_both_binaries_and_the_entrypoint_the_manifests_assume() {
     ] {
         assert!(text.contains(want), "Dockerfile lacks {want}");
     }
+}
+
+/// `deploy/README.md` says why the DaemonSet holds each privilege ("Privileges, and why"): the
+/// table names exactly the capabilities each container adds and the host paths each mounts,
+/// no more and no fewer, and the one it says is not added is not.
+#[test]
+fn every_privilege_of_the_daemonset_is_explained_in_deploy_readme() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/README.md"))
+            .unwrap();
+    let section = readme
+        .split("## Privileges, and why")
+        .nth(1)
+        .expect("the section")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    // (name, container) of each row: `| `NAME` … | container | why |`.
+    let rows: Vec<(String, String)> = section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cells[1].split('`').nth(1).unwrap().to_string();
+            (name, cells[2].to_string())
+        })
+        .collect();
+    let listed = |container: &str, host_path: bool| -> std::collections::BTreeSet<String> {
+        rows.iter()
+            .filter(|(n, c)| (c == container || c == "both") && n.starts_with('/') == host_path)
+            .filter(|(n, _)| n != "hostNetwork")
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    let o = Objects::parse(&render("base"));
+    let spec = pod_spec_ds(named(&o.daemon_sets, "ztunnel"));
+    assert_eq!(spec.host_network, Some(true));
+    assert!(rows.iter().any(|(n, c)| n == "hostNetwork" && c == "both"));
+    for (name, row) in [("ztunnel", "daemon"), ("install-cni", "installer")] {
+        let c = container(spec, name);
+        let (add, _) = caps(c);
+        assert_eq!(add, listed(row, false), "{name}'s capabilities");
+        let mounted: std::collections::BTreeSet<String> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter_map(|m| {
+                let v = spec.volumes.iter().flatten().find(|v| v.name == m.name)?;
+                Some(v.host_path.as_ref()?.path.clone())
+            })
+            .collect();
+        assert_eq!(mounted, listed(row, true), "{name}'s host paths");
+    }
+    let not_added: Vec<&String> = rows
+        .iter()
+        .filter(|(_, c)| c == "—")
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(not_added, ["NET_RAW"]);
+    assert!(!caps(container(spec, "ztunnel")).0.contains("NET_RAW"));
 }
