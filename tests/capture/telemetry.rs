@@ -3,13 +3,14 @@
 //! documentation of its standard metrics (istio.io, "Istio Standard Metrics": the labels of
 //! `istio_tcp_*` and what each says), as Istio's ztunnel fills them in, and the bytes are
 //! counted exactly. A stream denied at the destination is reported there with its source
-//! workload and `response_flags="DENY"`.
+//! workload and `response_flags="DENY"`. Metrics and readiness answer on IPv4 and IPv6.
 
 use std::collections::BTreeMap;
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use ztunnel_e2e::daemon;
 use ztunnel_e2e::testbed::{TestBed, VIP};
 
 /// The series of family `name`: each one's labels and value.
@@ -100,6 +101,16 @@ fn expected(reporter: &str, flags: &str) -> BTreeMap<String, String> {
 #[test]
 fn istio_tcp_metrics_carry_istios_labels_and_values_at_both_reporters() {
     let bed = TestBed::start();
+    // Metrics and readiness answer on both address families of the node (bound on `[::]`).
+    for host in ["127.0.0.1", "[::1]"] {
+        let ns = &bed.nodes[1].ns;
+        let (ready, _) = daemon::http(ns, "GET", &format!("{host}:15021"), "/healthz/ready")
+            .unwrap_or_else(|e| panic!("readiness on {host}: {e:#}"));
+        assert_eq!(ready, 200, "{host}");
+        let (status, body) = daemon::http(ns, "GET", &format!("{host}:15020"), "/metrics")
+            .unwrap_or_else(|e| panic!("metrics on {host}: {e:#}"));
+        assert!(status == 200 && body.contains("# EOF"), "{host}: {status}");
+    }
     bed.edit_discovery(|doc| {
         for w in doc["workloads"].as_array_mut().unwrap() {
             match w["name"].as_str() {
