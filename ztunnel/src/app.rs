@@ -68,15 +68,12 @@ fn signer(cfg: &RunConfig) -> Result<Arc<dyn CertSigner>, StartError> {
             server_name,
             token_file,
         } => {
-            let root = std::fs::read_to_string(root_cert).map_err(|source| StartError::Read {
-                path: root_cert.clone(),
-                source,
-            })?;
-            // The token file is re-read for every request (projected tokens rotate).
-            Arc::new(CaClient::with_token_file(
+            // The token file is re-read for every request (projected tokens rotate), the root
+            // bundle at every dial (the CA's roots rotate).
+            Arc::new(CaClient::with_files(
                 address.clone(),
                 server_name.clone(),
-                &root,
+                root_cert.clone(),
                 token_file.clone(),
             )?)
         }

@@ -1,6 +1,9 @@
 //! The daemon's client of `ztunnel ca`: one HTTP/2 connection over TLS, verified against the
 //! configured root bundle (one or more roots, so a CA rotating its root stays trusted) and
-//! server name, re-dialled when it fails or has been closed (the CA closes idle connections);
+//! server name, re-dialled when it fails or has been closed (the CA closes idle connections).
+//! A bundle given as a file is read again at every dial, so a daemon follows a root rotation
+//! (the CA publishes both roots, then serves from the new one) without a restart; a file that
+//! cannot be read or holds no root keeps the last good bundle, logged;
 //! a request that fails on a kept connection before any answer is tried once more on a new
 //! one. The token is sent as a bearer token and never logged. A token file is re-read for every signing request: projected ServiceAccount
 //! tokens are rotated by the kubelet.
@@ -42,13 +45,34 @@ fn read_token(path: &Path) -> Result<String, String> {
     Ok(t.to_owned())
 }
 
+/// Where the root bundle comes from.
+enum Roots {
+    Fixed(Arc<rustls::ClientConfig>),
+    /// Read at every dial; the last good bundle (its text) and its configuration.
+    File {
+        path: PathBuf,
+        last: std::sync::Mutex<(String, Arc<rustls::ClientConfig>)>,
+    },
+}
+
 /// A client of a remote CA.
 pub struct CaClient {
     addr: String,
     server_name: ServerName<'static>,
-    tls: Arc<rustls::ClientConfig>,
+    roots: Roots,
     token: Token,
     conn: tokio::sync::Mutex<Option<Pooled>>,
+}
+
+/// The TLS configuration that trusts the roots of `root_pem`.
+fn tls_config(root_pem: &str) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let roots = root_store(&parse_pem_certs(&[root_pem.to_owned()])?)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(tls))
 }
 
 /// The kept connection: its handle, and the task driving it (finished once it is closed).
@@ -95,27 +119,75 @@ impl CaClient {
         Self::build(addr, server_name, root_pem, Token::File(token_file))
     }
 
+    /// Like [`CaClient::with_token_file`], with the root bundle read from `root_file` at
+    /// every dial; the file must hold a good bundle now.
+    pub fn with_files(
+        addr: String,
+        server_name: String,
+        root_file: PathBuf,
+        token_file: PathBuf,
+    ) -> Result<Self, Error> {
+        let pem = std::fs::read_to_string(&root_file).map_err(|source| Error::Io {
+            path: root_file.clone(),
+            source,
+        })?;
+        let mut c = Self::with_token_file(addr, server_name, &pem, token_file)?;
+        let tls = c.tls();
+        c.roots = Roots::File {
+            path: root_file,
+            last: std::sync::Mutex::new((pem, tls)),
+        };
+        Ok(c)
+    }
+
     fn build(
         addr: String,
         server_name: String,
         root_pem: &str,
         token: Token,
     ) -> Result<Self, Error> {
-        let roots = root_store(&parse_pem_certs(&[root_pem.to_owned()])?)?;
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
         let server_name = ServerName::try_from(server_name)
             .map_err(|e| Error::Invalid(format!("CA server name: {e}")))?;
         Ok(CaClient {
             addr,
             server_name,
-            tls: Arc::new(tls),
+            roots: Roots::Fixed(tls_config(root_pem)?),
             token,
             conn: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Drops the kept connection, so that the next request dials (for tests of what a dial
+    /// reads).
+    #[cfg(test)]
+    pub(crate) async fn redial(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    /// The TLS configuration for the next dial: the bundle file's, read now, when there is
+    /// one.
+    fn tls(&self) -> Arc<rustls::ClientConfig> {
+        let (path, last) = match &self.roots {
+            Roots::Fixed(tls) => return tls.clone(),
+            Roots::File { path, last } => (path, last),
+        };
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        match std::fs::read_to_string(path) {
+            Ok(pem) if pem == last.0 => {}
+            Ok(pem) => match tls_config(&pem) {
+                Ok(tls) => {
+                    tracing::info!(path = %path.display(), "CA root bundle changed; trusting it from now on");
+                    *last = (pem, tls);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "CA root bundle unusable; keeping the last good one");
+                }
+            },
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "CA root bundle unreadable; keeping the last good one");
+            }
+        }
+        last.1.clone()
     }
 
     async fn dial(&self) -> Result<Pooled, SignError> {
@@ -126,7 +198,7 @@ impl CaClient {
             .map_err(|e| t(e.to_string()))?;
         let tls = tokio::time::timeout(
             TIMEOUT,
-            TlsConnector::from(self.tls.clone()).connect(self.server_name.clone(), tcp),
+            TlsConnector::from(self.tls()).connect(self.server_name.clone(), tcp),
         )
         .await
         .map_err(|_| t("TLS handshake timed out".into()))?

@@ -310,6 +310,75 @@ mod tests {
             .unwrap();
     }
 
+    /// A root rotation in two phases, as a daemon lives it with its bundle file: the CA first
+    /// publishes both roots (signing with the old key), then signs and serves from the new
+    /// one. The same client, never restarted, follows the file: with the old root alone it
+    /// cannot reach the CA once the CA serves from the new root; with both it can, in both
+    /// phases.
+    #[tokio::test]
+    async fn a_client_follows_its_root_bundle_file_through_a_two_phase_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_material = CaMaterial::generate("cluster.local").unwrap();
+        let old = Arc::new(LocalCa::from_material(&old_material, "cluster.local").unwrap());
+        let (tx, rx) = tokio::sync::watch::channel(old.clone());
+        let auth = Arc::new(StaticTokenAuthorizer::new(vec!["s3cret".into()]).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(server::serve(
+            l,
+            rx,
+            auth,
+            vec!["localhost".into()],
+            Arc::new(metrics::CaMetrics::default()),
+            limits::CaLimits::default(),
+            std::future::pending(),
+        ));
+        let (roots, token) = (dir.path().join("roots.pem"), dir.path().join("token"));
+        std::fs::write(&roots, old.root_pem()).unwrap();
+        std::fs::write(&token, "s3cret").unwrap();
+        let client = CaClient::with_files(addr, "localhost".into(), roots.clone(), token).unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let sign = || async {
+            // Each request on a new connection, as after the CA closed an idle one.
+            client.redial().await;
+            client.sign(request(&id).1).await
+        };
+        sign().await.unwrap();
+
+        // Phase 1: both roots published, the old key still signs and serves.
+        let fresh = CaMaterial::generate("cluster.local").unwrap();
+        let bundle = format!("{}{}", old.root_pem(), fresh.root_cert);
+        let phase1 = CaMaterial {
+            root_cert: bundle.clone(),
+            ..old_material.clone()
+        };
+        tx.send_replace(Arc::new(
+            LocalCa::from_material(&phase1, "cluster.local").unwrap(),
+        ));
+        assert_eq!(sign().await.unwrap().roots_pem.len(), 2);
+        std::fs::write(&roots, &bundle).unwrap();
+        sign().await.unwrap();
+
+        // Phase 2: the new key signs and serves; the client trusts it from its file.
+        let phase2 = CaMaterial {
+            root_cert: bundle.clone(),
+            ..fresh.clone()
+        };
+        tx.send_replace(Arc::new(
+            LocalCa::from_material(&phase2, "cluster.local").unwrap(),
+        ));
+        let resp = sign().await.unwrap();
+        assert!(chains_to(&resp.cert_chain_pem, &fresh.root_cert));
+        // Had the file kept the old root alone, the CA would be out of reach.
+        std::fs::write(&roots, old.root_pem()).unwrap();
+        assert!(sign().await.is_err());
+        // An unusable file keeps the last good bundle (here the old root alone).
+        std::fs::write(&roots, "garbage").unwrap();
+        assert!(sign().await.is_err());
+        std::fs::write(&roots, &bundle).unwrap();
+        sign().await.unwrap();
+    }
+
     #[tokio::test]
     async fn the_token_file_is_read_for_every_request() {
         let (_d, ca, addr) = start().await;
