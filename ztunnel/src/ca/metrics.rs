@@ -111,6 +111,12 @@ impl CaMetrics {
         let result = if applied { "applied" } else { "refused" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
+    /// Material updates refused so far (tests and tools).
+    pub fn reloads_refused(&self) -> u64 {
+        self.reloads
+            .get_or_create(&ResultLabels { result: "refused" })
+            .get()
+    }
     /// The gauge of open connections, for the connection gate to set.
     pub fn connections_gauge(&self) -> Gauge {
         self.connections.clone()

@@ -4,11 +4,13 @@
 //! TokenReviews are cached, shared and bounded: [`reviews`]), and the daemon's client of it
 //! ([`CaClient`]). The API is in `ztunnel_proto::ca`.
 //!
-//! [`run`] starts, in order: the signing material (Secret: read or created, then watched), the
+//! [`run`] starts, in order: the signing material (Secret or directory: read or created, then
+//! watched), the
 //! authorizer (Kubernetes: the pod index is listed completely before the first request is
 //! served), then the listener.
 
 mod client;
+mod dir;
 pub mod kube;
 pub mod limits;
 mod local;
@@ -93,10 +95,19 @@ pub async fn run(
             tasks.push(task);
             rx
         }
-        (CaMaterialSource::Dir(dir), _) => {
-            let ca = LocalCa::load_or_create(dir, &cfg.trust_domain)?
-                .with_max_lifetime(cfg.max_lifetime);
-            tokio::sync::watch::channel(Arc::new(ca)).1
+        (CaMaterialSource::Dir(d), _) => {
+            let ca =
+                LocalCa::load_or_create(d, &cfg.trust_domain)?.with_max_lifetime(cfg.max_lifetime);
+            tracing::info!(dir = %d.display(), "CA: signing material from the directory, watched");
+            let (rx, task) = dir::watch(
+                d.clone(),
+                ca,
+                cfg.trust_domain.clone(),
+                cfg.max_lifetime,
+                metrics.clone(),
+            );
+            tasks.push(task);
+            rx
         }
         (CaMaterialSource::Secret(_), None) => unreachable!("a Secret needs the API"),
     };
