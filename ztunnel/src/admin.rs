@@ -132,6 +132,8 @@ pub fn config_dump(s: &AdminState) -> serde_json::Value {
                 "notBefore": humantime::format_rfc3339_seconds(c.not_before).to_string(),
                 "notAfter": humantime::format_rfc3339_seconds(c.not_after).to_string(),
                 "chainLength": c.chain.len(),
+                // Roots it trusts peers by: two while a CA root rotation is in progress.
+                "roots": c.roots.len(),
             })
         })
         .collect();
