@@ -487,36 +487,21 @@ fn a_destination_that_never_answers_is_given_up_on_and_the_client_reset() {
 
     let (mesh, tls) =
         Mesh::with_destination_on_c("silent", vec!["--connect-timeout".into(), "1s".into()]);
-    let dialled = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
-    {
-        let (dialled, requests) = (dialled.clone(), requests.clone());
-        let l = mesh
-            .c
-            .block_on(async { tokio::net::TcpListener::bind((C_IP, 15008)).await.unwrap() });
-        mesh.c.spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            loop {
-                let (tcp, _) = l.accept().await.unwrap();
-                dialled.fetch_add(1, Ordering::Relaxed);
-                let (acceptor, requests) = (acceptor.clone(), requests.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let Ok(mut conn) = h2::server::handshake(tls).await else {
-                        return;
-                    };
-                    // Every request is held, unanswered, while the connection lives.
-                    let mut held = Vec::new();
-                    while let Some(Ok(r)) = conn.accept().await {
-                        requests.fetch_add(1, Ordering::Relaxed);
-                        held.push(r);
-                    }
-                });
+    let dialled = {
+        let requests = requests.clone();
+        mesh.serve_tunnels_on_c(tls, move |mut conn| {
+            let requests = requests.clone();
+            async move {
+                // Every request is held, unanswered, while the connection lives.
+                let mut held = Vec::new();
+                while let Some(Ok(r)) = conn.accept().await {
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    held.push(r);
+                }
             }
-        });
-    }
+        })
+    };
 
     let attempt = || {
         mesh.a.block_on(async {

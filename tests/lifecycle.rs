@@ -619,51 +619,36 @@ fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
     // message on `drain` makes every connection accepted so far send a GOAWAY and go on
     // serving its open streams.
     let (drain, _) = tokio::sync::broadcast::channel::<()>(1);
-    let dialled = Arc::new(AtomicUsize::new(0));
-    {
-        let (drain, dialled) = (drain.clone(), dialled.clone());
-        let l = mesh
-            .c
-            .block_on(async { tokio::net::TcpListener::bind((C_IP, 15008)).await.unwrap() });
-        mesh.c.spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            loop {
-                let (tcp, _) = l.accept().await.unwrap();
-                dialled.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, mut drain) = (acceptor.clone(), drain.subscribe());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let Ok(mut conn) = h2::server::handshake(tls).await else {
-                        return;
-                    };
-                    let mut draining = false;
-                    loop {
-                        tokio::select! {
-                            r = conn.accept() => {
-                                let Some(Ok((req, mut respond))) = r else { return };
-                                let ok = http::Response::builder().status(200).body(()).unwrap();
-                                let Ok(mut send) = respond.send_response(ok, false) else { return };
-                                tokio::spawn(async move {
-                                    let mut body = req.into_body();
-                                    while let Some(Ok(d)) = body.data().await {
-                                        let _ = body.flow_control().release_capacity(d.len());
-                                        let _ = send.send_data(d, false);
-                                    }
-                                    let _ = send.send_data(Bytes::new(), true);
-                                });
-                            }
-                            _ = drain.recv(), if !draining => {
-                                draining = true;
-                                conn.graceful_shutdown();
-                            }
+    let dialled = {
+        let drain = drain.clone();
+        mesh.serve_tunnels_on_c(tls, move |mut conn| {
+            let mut drain = drain.subscribe();
+            async move {
+                let mut draining = false;
+                loop {
+                    tokio::select! {
+                        r = conn.accept() => {
+                            let Some(Ok((req, mut respond))) = r else { return };
+                            let ok = http::Response::builder().status(200).body(()).unwrap();
+                            let Ok(mut send) = respond.send_response(ok, false) else { return };
+                            tokio::spawn(async move {
+                                let mut body = req.into_body();
+                                while let Some(Ok(d)) = body.data().await {
+                                    let _ = body.flow_control().release_capacity(d.len());
+                                    let _ = send.send_data(d, false);
+                                }
+                                let _ = send.send_data(Bytes::new(), true);
+                            });
+                        }
+                        _ = drain.recv(), if !draining => {
+                            draining = true;
+                            conn.graceful_shutdown();
                         }
                     }
-                });
+                }
             }
-        });
-    }
+        })
+    };
     let echo = |msg: &'static [u8]| async move {
         let s = TcpStream::connect((C_IP, 8080)).await?;
         echo_on(s, msg).await

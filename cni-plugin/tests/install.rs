@@ -245,6 +245,20 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 struct Killed(Child);
 
+impl Killed {
+    /// SIGTERM, as the kubelet stops the container; waits for the exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let mut status = None;
+        wait_for("the watcher to exit", || {
+            status = self.0.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -282,14 +296,8 @@ fn watch_reinserts_after_the_primary_rewrites_its_file_and_stops_on_sigterm() {
         });
     }
 
-    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let mut status = None;
-    wait_for("the watcher to exit", || {
-        status = child.0.try_wait().unwrap();
-        status.is_some()
-    });
-    assert!(status.unwrap().success(), "{status:?}");
+    let status = child.terminate();
+    assert!(status.success(), "{status:?}");
 }
 
 /// Stopped with `--uninstall-if`, the watcher uninstalls only when the command says so (exits
@@ -305,14 +313,8 @@ fn a_stopped_watcher_uninstalls_only_when_its_command_says_so() {
         let path = node.conf.join("10-flannel.conflist");
         let mut child = node.watch_with(&["--uninstall-if", command]);
         wait_for("the first install", || has_ours(&path));
-        let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let mut status = None;
-        wait_for("the watcher to exit", || {
-            status = child.0.try_wait().unwrap();
-            status.is_some()
-        });
-        assert!(status.unwrap().success(), "{command}: {status:?}");
+        let status = child.terminate();
+        assert!(status.success(), "{command}: {status:?}");
         assert_eq!(has_ours(&path), !uninstalls, "{command}: chained?");
         assert_eq!(node.installed().exists(), !uninstalls, "{command}: binary?");
         if uninstalls {

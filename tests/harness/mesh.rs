@@ -38,6 +38,10 @@ pub fn capture_rules() -> String {
     .to_owned()
 }
 
+/// An HTTP/2 connection accepted by [`Mesh::serve_tunnels_on_c`].
+pub type TunnelConn =
+    h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, bytes::Bytes>;
+
 /// A workload in the discovery file.
 #[derive(Clone, Debug)]
 pub struct Wl {
@@ -329,6 +333,47 @@ impl Mesh {
             .unwrap()
             .server_config();
         (mesh, tls)
+    }
+
+    /// The test's own tunnel server on host c, `C_IP:15008` (bound before this returns), with
+    /// `tls`: each accepted connection is counted in the result, and once its TLS and HTTP/2
+    /// handshakes are done `serve` runs it, in a task of its own; a failed handshake is
+    /// dropped.
+    pub fn serve_tunnels_on_c<F, Fut>(
+        &self,
+        tls: std::sync::Arc<rustls::ServerConfig>,
+        serve: F,
+    ) -> std::sync::Arc<std::sync::atomic::AtomicUsize>
+    where
+        F: Fn(TunnelConn) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let l = self
+            .c
+            .block_on(async { tokio::net::TcpListener::bind((C_IP, 15008)).await.unwrap() });
+        let counted = accepted.clone();
+        let serve = std::sync::Arc::new(serve);
+        self.c.spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (acceptor, serve) = (acceptor.clone(), serve.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(conn) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    serve(conn).await;
+                });
+            }
+        });
+        accepted
     }
 
     /// A TLS client configuration for a tunnel from outside the nodes: a certificate of the

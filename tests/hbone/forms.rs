@@ -300,35 +300,18 @@ fn a_server_certificate_with_several_uri_sans_is_accepted_as_istio_accepts_it() 
         "server",
         &["spiffe://cluster.local/ns/demo/sa/alias", SERVER],
     );
-    let tls = server.server_config();
-    let l = mesh
-        .c
-        .block_on(async { tokio::net::TcpListener::bind((C_IP, 15008)).await.unwrap() });
-    mesh.c.spawn(async move {
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        loop {
-            let (tcp, _) = l.accept().await.unwrap();
-            let acceptor = acceptor.clone();
+    mesh.serve_tunnels_on_c(server.server_config(), |mut conn| async move {
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut conn) = h2::server::handshake(tls).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    tokio::spawn(async move {
-                        let mut send = respond
-                            .send_response(http::Response::new(()), false)
-                            .unwrap();
-                        let mut body = req.into_body();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                            let _ = send.send_data(chunk, false);
-                        }
-                        let _ = send.send_data(Bytes::new(), true);
-                    });
+                let mut send = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                let mut body = req.into_body();
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    let _ = send.send_data(chunk, false);
                 }
+                let _ = send.send_data(Bytes::new(), true);
             });
         }
     });

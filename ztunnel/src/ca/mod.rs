@@ -253,6 +253,24 @@ mod tests {
             .is_ok()
     }
 
+    /// A CA server (token `s3cret`) signing with what the returned sender sends; its address.
+    async fn serve_watched(ca: Arc<LocalCa>) -> (tokio::sync::watch::Sender<Arc<LocalCa>>, String) {
+        let (tx, rx) = tokio::sync::watch::channel(ca);
+        let auth = Arc::new(StaticTokenAuthorizer::new(vec!["s3cret".into()]).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(server::serve(
+            l,
+            rx,
+            auth,
+            vec!["localhost".into()],
+            Arc::new(metrics::CaMetrics::default()),
+            limits::CaLimits::default(),
+            std::future::pending(),
+        ));
+        (tx, addr)
+    }
+
     /// The material a rotation publishes: a new signing root, and a bundle with both roots.
     fn rotated(old: &LocalCa) -> CaMaterial {
         let fresh = CaMaterial::generate("cluster.local").unwrap();
@@ -266,19 +284,7 @@ mod tests {
     async fn rotation_swaps_the_signer_and_the_serving_certificate() {
         let dir = tempfile::tempdir().unwrap();
         let old = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
-        let (tx, rx) = tokio::sync::watch::channel(old.clone());
-        let auth = Arc::new(StaticTokenAuthorizer::new(vec!["s3cret".into()]).unwrap());
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(server::serve(
-            l,
-            rx,
-            auth,
-            vec!["localhost".into()],
-            Arc::new(metrics::CaMetrics::default()),
-            limits::CaLimits::default(),
-            std::future::pending(),
-        ));
+        let (tx, addr) = serve_watched(old.clone()).await;
         let client = |root: &str| {
             CaClient::new(
                 addr.clone(),
@@ -331,19 +337,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old_material = CaMaterial::generate("cluster.local").unwrap();
         let old = Arc::new(LocalCa::from_material(&old_material, "cluster.local").unwrap());
-        let (tx, rx) = tokio::sync::watch::channel(old.clone());
-        let auth = Arc::new(StaticTokenAuthorizer::new(vec!["s3cret".into()]).unwrap());
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(server::serve(
-            l,
-            rx,
-            auth,
-            vec!["localhost".into()],
-            Arc::new(metrics::CaMetrics::default()),
-            limits::CaLimits::default(),
-            std::future::pending(),
-        ));
+        let (tx, addr) = serve_watched(old.clone()).await;
         let (roots, token) = (dir.path().join("roots.pem"), dir.path().join("token"));
         std::fs::write(&roots, old.root_pem()).unwrap();
         std::fs::write(&token, "s3cret").unwrap();
