@@ -98,10 +98,19 @@ impl Node {
             .command("install")
             .arg("--watch")
             .args(extra)
-            .stderr(Stdio::null())
+            .stderr(fs::File::create(self.log_path()).unwrap())
             .spawn()
             .unwrap();
         Killed(child)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.conf.parent().unwrap().join("watch.log")
+    }
+
+    /// What the watcher has logged so far.
+    fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     fn installed(&self) -> PathBuf {
@@ -362,7 +371,9 @@ fn watch_copies_a_missing_plugin_binary_again() {
 fn watch_waits_for_a_primary_and_converts_a_conf() {
     let node = Node::new(&[]);
     let _child = node.watch();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("the watcher to find no primary configuration", || {
+        node.log().contains("retrying")
+    });
     fs::write(node.conf.join("05-cilium.conf"), CILIUM).unwrap();
     let list = node.conf.join("05-cilium.conflist");
     wait_for("the conversion", || has_ours(&list));
