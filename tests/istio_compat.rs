@@ -158,13 +158,19 @@ fn istios_objects_and_labels_are_enforced() {
         !has_table(&bed.pod("legacy").ns)
     });
 
-    // The overlay's RBAC: Istio's two kinds listed and watched, nothing forbidden.
-    std::thread::sleep(Duration::from_millis(200));
-    let problems: Vec<String> = cp
-        .rbac_problems_in("istio-compat", SYSTEM_NAMESPACE, "ztunnel")
-        .expect("audit log")
-        .into_iter()
-        .filter(|p| p.contains("security.istio.io") || p.contains("forbidden"))
-        .collect();
+    // The overlay's RBAC: Istio's two kinds listed and watched, nothing forbidden (the API
+    // server writes its audit log a moment after each request: read until it shows them).
+    let problems = || -> Vec<String> {
+        cp.rbac_problems_in("istio-compat", SYSTEM_NAMESPACE, "ztunnel")
+            .expect("audit log")
+            .into_iter()
+            .filter(|p| p.contains("security.istio.io") || p.contains("forbidden"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !problems().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let problems = problems();
     assert!(problems.is_empty(), "{problems:#?}");
 }
