@@ -33,9 +33,9 @@ use ztunnel_e2e::controlplane::{self, ControlPlane, KubePod};
 const DAEMON_USER: &str = "system:serviceaccount:ztunnel-system:ztunnel";
 const POLICY: &str = "security.ztunnel.dev/v1";
 
-/// Every collection the source watches: namespaces, local and remote pods, services,
+/// Every collection the source watches: namespaces, nodes, local and remote pods, services,
 /// endpoint slices, two policy kinds.
-const WATCHES: usize = 7;
+const WATCHES: usize = 8;
 
 /// The second octet of each test's pod addresses.
 static NEXT_NET: AtomicU8 = AtomicU8::new(40);

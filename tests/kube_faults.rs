@@ -152,9 +152,9 @@ impl Bed {
     }
 }
 
-/// Every collection the source watches: namespaces, local and remote pods, services,
+/// Every collection the source watches: namespaces, nodes, local and remote pods, services,
 /// endpoint slices, two policy kinds.
-const WATCHES: usize = 7;
+const WATCHES: usize = 8;
 
 fn seed() -> Vec<Value> {
     vec![
