@@ -283,18 +283,7 @@ fn ztunnel_removed_reads_its_own_daemonset_with_the_installers_credentials() {
     )
     .unwrap();
     let removed = |daemonset: &str, kubeconfig: &std::path::Path| {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &cp.ns.name])
-            .arg(ztunnel_e2e::daemon::binary("ztunnel"))
-            .args(["removed", "--daemonset", daemonset, "--timeout", "5s"])
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        ztunnel_e2e::daemon::ztunnel_removed(&cp.ns, daemonset, kubeconfig)
     };
     let (code, said) = removed("ztunnel-system/ztunnel", &kc);
     assert_eq!(code, Some(1), "its own DaemonSet is there: {said}");

@@ -173,6 +173,24 @@ impl Drop for Process {
     }
 }
 
+/// `ztunnel removed --daemonset <daemonset> --kubeconfig <kubeconfig>` run in `ns`, as the CNI
+/// installer runs it when stopped: its exit status (0 removed, 1 present, 2 cannot tell) and
+/// what it said.
+pub fn ztunnel_removed(ns: &Netns, daemonset: &str, kubeconfig: &Path) -> (Option<i32>, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(binary("ztunnel"))
+        .args(["removed", "--daemonset", daemonset, "--timeout", "5s"])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .output()
+        .expect("ztunnel removed");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A minimal HTTP/1.1 request from inside `ns`; returns (status, body).
 pub fn http(ns: &Netns, method: &str, addr: &str, path: &str) -> Result<(u16, String)> {
     let req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");

@@ -175,22 +175,10 @@ impl TestBed {
     /// `deploy/base`'s DaemonSet), with the node's credentials: the exit status (0 removed, 1
     /// present, 2 cannot tell) and what it said.
     pub fn installer_removal_check(&self, i: usize) -> (Option<i32>, String) {
-        let kubeconfig = &self.kube_source().kubeconfigs[i];
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.nodes[i].ns.name])
-            .arg(crate::daemon::binary("ztunnel"))
-            .args([
-                "removed",
-                "--daemonset",
-                "ztunnel-system/ztunnel",
-                "--kubeconfig",
-            ])
-            .arg(kubeconfig)
-            .output()
-            .expect("ztunnel removed");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        crate::daemon::ztunnel_removed(
+            &self.nodes[i].ns,
+            "ztunnel-system/ztunnel",
+            &self.kube_source().kubeconfigs[i],
         )
     }
 

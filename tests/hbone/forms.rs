@@ -114,6 +114,28 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/hbone_client.py")
 }
 
+/// Runs the Python client from c to b: its output, or why it failed (a refused handshake).
+fn run_python(
+    mesh: &Mesh,
+    cert: &TestCert,
+    authority: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<String> {
+    let (script, addr) = (script(), format!("{B_IP}:15008"));
+    let mut args = vec![
+        script.to_str().unwrap(),
+        &addr,
+        authority,
+        cert.chain_pem.to_str().unwrap(),
+        cert.key_pem.to_str().unwrap(),
+        cert.roots_pem.to_str().unwrap(),
+        "ping",
+    ];
+    let extra: Vec<String> = headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    args.extend(extra.iter().map(String::as_str));
+    mesh.c.exec("python3", &args)
+}
+
 /// One `CONNECT` from c to b with Python's `h2`; the script's JSON report.
 fn connect_python(
     mesh: &Mesh,
@@ -121,38 +143,30 @@ fn connect_python(
     authority: &str,
     headers: &[(&str, &str)],
 ) -> Value {
-    let script = script();
-    let (chain, key, roots) = (
-        cert.chain_pem.to_str().unwrap(),
-        cert.key_pem.to_str().unwrap(),
-        cert.roots_pem.to_str().unwrap(),
-    );
-    let addr = format!("{B_IP}:15008");
-    let mut args = vec![
-        script.to_str().unwrap(),
-        &addr,
-        authority,
-        chain,
-        key,
-        roots,
-        "ping",
-    ];
-    let extra: Vec<String> = headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    args.extend(extra.iter().map(String::as_str));
-    let out = mesh.c.exec("python3", &args).unwrap_or_else(|e| {
+    let out = run_python(mesh, cert, authority, headers).unwrap_or_else(|e| {
         panic!("python3 with h2 is a prerequisite (scripts/prereqs.sh installs it): {e:#}")
     });
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-/// The `istio_tcp_connections_opened_total` series of b for streams to `service`.
-fn opened_for(mesh: &Mesh, service: &str, want: f64) -> String {
-    let labels = [
-        ("reporter", "destination"),
-        ("destination_service", service),
-        ("source_principal", CLIENT),
-    ];
-    Mesh::metrics_when(&mesh.b, "istio_tcp_connections_opened_total", &labels, want)
+/// b has counted `want` streams from the client to `service` (waiting for the count).
+fn opened_for(mesh: &Mesh, service: &str, want: f64) {
+    assert_metric(
+        &mesh.b,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("destination_service", service),
+            ("source_principal", CLIENT),
+        ],
+        want,
+    );
+}
+
+/// The daemon in `ns` reaches `want` on the series (waiting for it), or the test fails.
+fn assert_metric(ns: &ztunnel_e2e::netns::Netns, name: &str, labels: &[(&str, &str)], want: f64) {
+    let m = Mesh::metrics_when(ns, name, labels, want);
+    assert_eq!(metric(&m, name, labels), want, "{name}{labels:?}:\n{m}");
 }
 
 #[test]
@@ -267,26 +281,19 @@ fn a_client_certificate_with_several_uri_sans_is_accepted_as_istio_accepts_it() 
         "foreign",
         &["spiffe://other.local/ns/demo/sa/client"],
     );
-    let outcome = mesh.c.exec(
-        "python3",
-        &[
-            script().to_str().unwrap(),
-            &format!("{B_IP}:15008"),
-            &format!("{B_IP}:8080"),
-            foreign.chain_pem.to_str().unwrap(),
-            foreign.key_pem.to_str().unwrap(),
-            foreign.roots_pem.to_str().unwrap(),
-            "ping",
-        ],
-    );
+    let outcome = run_python(&mesh, &foreign, &format!("{B_IP}:8080"), &[]);
     assert!(
         outcome
             .as_ref()
             .map_or(true, |o| !o.contains("\"status\": 200")),
         "{outcome:?}"
     );
-    let labels = [("reason", "inbound_tls_handshake")];
-    Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
+    assert_metric(
+        &mesh.b,
+        "ztunnel_refusals_total",
+        &[("reason", "inbound_tls_handshake")],
+        1.0,
+    );
 }
 
 /// A server certificate with several URI SANs: a's daemon accepts it when one of them is the
@@ -324,6 +331,10 @@ fn a_server_certificate_with_several_uri_sans_is_accepted_as_istio_accepts_it() 
         Ok::<_, std::io::Error>(back)
     });
     assert_eq!(echoed.expect("through the tunnel"), b"hello");
-    let labels = [("reporter", "source"), ("destination_principal", SERVER)];
-    Mesh::metrics_when(&mesh.a, "istio_tcp_connections_closed_total", &labels, 1.0);
+    assert_metric(
+        &mesh.a,
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "source"), ("destination_principal", SERVER)],
+        1.0,
+    );
 }

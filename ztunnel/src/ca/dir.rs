@@ -18,18 +18,6 @@ use super::metrics::CaMetrics;
 /// How often the directory is read.
 pub const POLL: Duration = Duration::from_secs(1);
 
-/// The material of `dir` now, as its four texts.
-fn read(dir: &std::path::Path) -> std::io::Result<CaMaterial> {
-    let r = |name: &str| std::fs::read_to_string(dir.join(name));
-    let [cert, key, root, chain] = CaMaterial::NAMES;
-    Ok(CaMaterial {
-        ca_cert: r(cert)?,
-        ca_key: r(key)?,
-        root_cert: r(root)?,
-        cert_chain: r(chain)?,
-    })
-}
-
 /// Watches `dir`, whose material `ca` was loaded from; the receiver always holds the last
 /// good material.
 pub fn watch(
@@ -40,11 +28,11 @@ pub fn watch(
     metrics: Arc<CaMetrics>,
 ) -> (watch::Receiver<Arc<LocalCa>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(Arc::new(ca));
-    let mut seen = read(&dir).ok();
+    let mut seen = CaMaterial::read(&dir).ok();
     let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(POLL).await;
-            let now = match read(&dir) {
+            let now = match CaMaterial::read(&dir) {
                 Ok(m) => m,
                 Err(e) => {
                     if seen.take().is_some() {

@@ -84,6 +84,16 @@ impl CaMaterial {
     /// The file (or Secret key) names, in the order of [`CaMaterial::files`].
     pub const NAMES: [&'static str; 4] = FILES;
 
+    /// The four files of the layout in `dir`, as they are now (not checked).
+    pub fn read(dir: &Path) -> Result<Self, Error> {
+        Ok(CaMaterial {
+            ca_cert: read(dir, "ca-cert.pem")?,
+            ca_key: read(dir, "ca-key.pem")?,
+            root_cert: read(dir, "root-cert.pem")?,
+            cert_chain: read(dir, "cert-chain.pem")?,
+        })
+    }
+
     /// A fresh self-signed ECDSA P-256 root (10 years) that is also the signing certificate.
     pub fn generate(trust_domain: &str) -> Result<Self, Error> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -207,13 +217,7 @@ impl LocalCa {
     }
 
     fn load(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
-        let m = CaMaterial {
-            ca_cert: read(dir, "ca-cert.pem")?,
-            ca_key: read(dir, "ca-key.pem")?,
-            root_cert: read(dir, "root-cert.pem")?,
-            cert_chain: read(dir, "cert-chain.pem")?,
-        };
-        Self::from_material(&m, trust_domain)
+        Self::from_material(&CaMaterial::read(dir)?, trust_domain)
     }
 
     /// Loads the CA from the four PEM texts of the plugged-in CA layout (e.g. a Secret's data).
@@ -305,23 +309,7 @@ impl LocalCa {
             d if d.is_zero() => self.max_lifetime,
             d => d.min(self.max_lifetime),
         };
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![want];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = offset(now - CLOCK_SKEW);
-        params.not_after = offset(now + lifetime);
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
-        csr.params = params;
+        csr.params = leaf_params(vec![want], now, lifetime);
         let leaf = csr.signed_by(&self.issuer)?;
         let mut chain = vec![leaf.pem()];
         chain.extend(self.intermediates_pem.iter().cloned());
@@ -400,6 +388,28 @@ pub fn issue(
     )?)
 }
 
+/// The parameters of a workload leaf with `sans`, valid from `now` (less the clock skew) for
+/// `lifetime`: no CA, for both TLS ends.
+fn leaf_params(sans: Vec<SanType>, now: SystemTime, lifetime: Duration) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = offset(now - CLOCK_SKEW);
+    params.not_after = offset(now + lifetime);
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    params
+}
+
 /// A workload certificate for `id` whose leaf carries the URI SANs `uris` (in that order), as a
 /// CA other than ours may issue: for tests of how such a peer is read.
 #[cfg(test)]
@@ -412,22 +422,11 @@ pub(crate) fn issue_with_uris(
     let now = SystemTime::now();
     let mut csr = CertificateSigningRequestParams::from_pem(&kc.csr_pem)
         .map_err(|e| Error::BadRequest(format!("bad CSR: {e}")))?;
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = uris
+    let sans = uris
         .iter()
         .map(|u| Ok(SanType::URI(u.to_string().try_into()?)))
         .collect::<Result<_, Error>>()?;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.not_before = offset(now - CLOCK_SKEW);
-    params.not_after = offset(now + Duration::from_secs(3600));
-    params.serial_number = Some(random_serial());
-    params.use_authority_key_identifier_extension = true;
-    csr.params = params;
+    csr.params = leaf_params(sans, now, Duration::from_secs(3600));
     let leaf = csr.signed_by(&ca.issuer)?;
     let mut chain = vec![leaf.pem()];
     chain.extend(ca.intermediates_pem.iter().cloned());

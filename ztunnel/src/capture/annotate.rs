@@ -43,11 +43,11 @@ impl Status {
             Status::Released => None,
         }
     }
+}
 
-    /// The JSON merge patch that sets (or removes) the annotation.
-    pub fn patch(&self) -> serde_json::Value {
-        serde_json::json!({"metadata": {"annotations": {ANNOTATION: self.value()}}})
-    }
+/// The JSON merge patch that sets the annotation to `value`, or removes it (`None`).
+pub fn patch(value: Option<String>) -> serde_json::Value {
+    serde_json::json!({"metadata": {"annotations": {ANNOTATION: value}}})
 }
 
 /// The annotation's value for a pod in `status` whose certificate is refused for
@@ -188,11 +188,11 @@ async fn worker(
             if applied.get(&key) == Some(&value) {
                 continue;
             }
-            let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION: value}}});
+            let body = patch(value.clone());
             // The patched pod comes back in the answer; decode only the few fields a `LeanPod` has.
             let api: Api<LeanPod> = Api::namespaced(client.clone(), &key.0);
             match api
-                .patch(&key.1, &PatchParams::default(), &Patch::Merge(patch))
+                .patch(&key.1, &PatchParams::default(), &Patch::Merge(body))
                 .await
             {
                 Ok(_) => {
@@ -256,7 +256,7 @@ mod tests {
         ];
         for (s, want) in cases {
             assert_eq!(
-                s.patch(),
+                patch(s.value()),
                 serde_json::json!({"metadata": {"annotations": {ANNOTATION: want}}}),
                 "{s:?}"
             );

@@ -163,27 +163,29 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// The workload it belongs to (Istio's name); the pod's own name when none is known.
-    pub fn workload_name(&self) -> &str {
+    /// The workload it belongs to (Istio's name); the pod's own name when none is known. The
+    /// names are the model's shared strings: a label set takes them by reference count.
+    pub fn workload_name(&self) -> &Arc<str> {
         match &*self.telemetry.workload_name {
             "" => &self.name,
-            n => n,
+            _ => &self.telemetry.workload_name,
         }
     }
 
     /// Its canonical service; the workload name when none is known.
-    pub fn canonical_name(&self) -> &str {
+    pub fn canonical_name(&self) -> &Arc<str> {
         match &*self.telemetry.canonical_name {
             "" => self.workload_name(),
-            n => n,
+            _ => &self.telemetry.canonical_name,
         }
     }
 
     /// Its canonical revision; `latest` when none is known.
-    pub fn canonical_revision(&self) -> &str {
+    pub fn canonical_revision(&self) -> &Arc<str> {
+        static LATEST: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
         match &*self.telemetry.canonical_revision {
-            "" => "latest",
-            n => n,
+            "" => LATEST.get_or_init(|| "latest".into()),
+            _ => &self.telemetry.canonical_revision,
         }
     }
 

@@ -137,8 +137,8 @@ impl IstioLabels {
         service: Option<&Service>,
         mutual_tls: bool,
     ) -> IstioLabels {
-        let name = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
-            w.map_or_else(unknown, |w| Arc::from(f(w)))
+        let name = |w: Option<&Workload>, f: fn(&Workload) -> &Arc<str>| {
+            w.map_or_else(unknown, |w| f(w).clone())
         };
         let principal = |p: Option<&str>| p.map_or_else(unknown, Arc::from);
         let cluster_of = |w: Option<&Workload>| w.map_or_else(unknown, |_| cluster.clone());
@@ -205,11 +205,12 @@ pub fn baggage(w: &Workload, cluster: &str) -> String {
         w.canonical_name(),
         w.canonical_revision()
     );
+    use std::fmt::Write;
     if !w.locality.region.is_empty() {
-        b.push_str(&format!(",cloud.region={}", w.locality.region));
+        let _ = write!(b, ",cloud.region={}", w.locality.region);
     }
     if !w.locality.zone.is_empty() {
-        b.push_str(&format!(",cloud.availability_zone={}", w.locality.zone));
+        let _ = write!(b, ",cloud.availability_zone={}", w.locality.zone);
     }
     b
 }

@@ -356,9 +356,13 @@ pub(super) async fn admit<B>(
         plan.service.as_deref(),
         true,
     );
-    let id = peer.identity.to_string();
     let facts = PolicyFacts {
-        src_principal: Some(id.strip_prefix("spiffe://").unwrap_or(&id).to_owned()),
+        src_principal: Some(
+            src_principal
+                .strip_prefix("spiffe://")
+                .unwrap_or(&src_principal)
+                .to_owned(),
+        ),
         src_namespace: Some(peer.identity.namespace().to_owned()),
         src_ip: peer.addr.ip().to_canonical(),
         dst_ip: target.ip().to_canonical(),

@@ -461,9 +461,9 @@ mod tests {
             let w = s.workload_by_ip(ip.parse().unwrap()).unwrap();
             assert_eq!(
                 (
-                    w.workload_name(),
-                    w.canonical_name(),
-                    w.canonical_revision()
+                    &**w.workload_name(),
+                    &**w.canonical_name(),
+                    &**w.canonical_revision()
                 ),
                 ("web", "web", "v2"),
                 "{ip}"
@@ -478,9 +478,9 @@ mod tests {
         let bare = s.workload_by_ip("10.0.0.3".parse().unwrap()).unwrap();
         assert_eq!(
             (
-                bare.workload_name(),
-                bare.canonical_name(),
-                bare.canonical_revision()
+                &**bare.workload_name(),
+                &**bare.canonical_name(),
+                &**bare.canonical_revision()
             ),
             ("bare", "web", "latest")
         );
