@@ -30,7 +30,7 @@ const ANNOTATION: &str = "ztunnel.dev/enrollment";
 fn client_with_token(cp: &ControlPlane, token: &str) -> kube::Client {
     let kc = controlplane::kubeconfig(&cp.dir.join("ca.crt"), &cp.url(), json!({"token": token}));
     cp.ns.block_on(async move {
-        let kc: kube::config::Kubeconfig = serde_yaml::from_str(&kc).unwrap();
+        let kc: kube::config::Kubeconfig = serde_saphyr::from_str(&kc).unwrap();
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
             .await
             .unwrap();

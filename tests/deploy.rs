@@ -159,7 +159,7 @@ fn samples_parse_and_agree_with_each_other() {
         .iter()
         .filter(|v| v["apiVersion"] == "security.ztunnel.dev/v1")
     {
-        PolicyObject::from_value(serde_yaml::to_value(v).unwrap())
+        PolicyObject::from_value(v.clone())
             .unwrap_or_else(|e| panic!("the daemon refuses a sample policy: {e}"));
     }
     let ns = &o.namespaces[0];

@@ -25,7 +25,6 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Container;
-use serde::Deserialize;
 use serde_json::Value;
 use ztunnel_e2e::controlplane;
 
@@ -49,7 +48,7 @@ const HELM_LABELS: [&str; 3] = [
 /// [`HELM_LABELS`] with their values: `Helm`, the release, `<chart>-<version>` of Chart.yaml.
 fn helm_labels() -> [(&'static str, String); 3] {
     let text = std::fs::read_to_string(chart().join("Chart.yaml")).expect("Chart.yaml");
-    let meta: Value = serde_yaml::from_str(&text).expect("Chart.yaml parses");
+    let meta: Value = serde_saphyr::from_str(&text).expect("Chart.yaml parses");
     let chart = format!(
         "{}-{}",
         meta["name"].as_str().unwrap(),
@@ -172,8 +171,9 @@ fn template(sets: &[&str]) -> Vec<Value> {
         args.extend(["--set", s]);
     }
     let text = helm_ok(None, &args);
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
+    serde_saphyr::from_multiple::<Value>(&text)
+        .expect("rendered YAML parses")
+        .into_iter()
         .filter(|v| !v.is_null())
         .map(|mut v| {
             without_helm_labels(&mut v);

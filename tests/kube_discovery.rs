@@ -299,7 +299,6 @@ impl Bed {
 fn endpoints(s: &State, vip: &str) -> Vec<String> {
     let mut v: Vec<String> = s
         .endpoints_of_vip(ip(vip))
-        .iter()
         .map(|w| w.name.to_string())
         .collect();
     v.sort();

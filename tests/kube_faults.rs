@@ -172,7 +172,6 @@ fn seed() -> Vec<Value> {
 fn endpoints(s: &State, vip: &str) -> Vec<String> {
     let mut v: Vec<String> = s
         .endpoints_of_vip(ip(vip))
-        .iter()
         .map(|w| w.name.to_string())
         .collect();
     v.sort();

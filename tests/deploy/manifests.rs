@@ -20,7 +20,6 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Ro
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::Value;
 use ztunnel::config::RunConfig;
 use ztunnel::discovery::crd::{AuthorizationPolicyResource, PeerAuthenticationResource};
@@ -49,8 +48,9 @@ pub fn render(dir: &str) -> Vec<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("UTF-8 output");
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
+    serde_saphyr::from_multiple::<Value>(&text)
+        .expect("rendered YAML parses")
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }

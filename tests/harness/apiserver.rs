@@ -482,7 +482,8 @@ impl ApiServer {
             "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "standin", "namespace": "default"}}],
             "current-context": "standin",
         });
-        std::fs::write(path, serde_yaml::to_string(&cfg).expect("yaml")).expect("write kubeconfig");
+        std::fs::write(path, serde_saphyr::to_string(&cfg).expect("yaml"))
+            .expect("write kubeconfig");
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {

@@ -654,8 +654,7 @@ impl ControlPlane {
                 let all = std::fs::read_to_string(path.trim())
                     .with_context(|| format!("read {}", path.trim()))?;
                 let mut names = Vec::new();
-                for doc in serde_yaml::Deserializer::from_str(&all) {
-                    let crd: Value = serde::Deserialize::deserialize(doc)?;
+                for crd in serde_saphyr::from_multiple::<Value>(&all)? {
                     if crd["spec"]["group"] == "security.istio.io" {
                         names.push(format!(
                             "crd/{}",

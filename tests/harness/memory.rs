@@ -12,10 +12,11 @@
 //! evicted from the page cache first, as after a reboot or a reclaim. Each daemon's RSS is
 //! also printed split by mapping (the binary, each library, heap, stacks).
 //!
-//! With `discovery [WORKLOADS] [POLICIES]` it measures instead the daemon's memory for a large
-//! local discovery file (default 100 000 workloads in 1 000 namespaces on 5 000 nodes, and
-//! 10 000 policies): the RSS of a daemon loading only the policies, then of one loading both;
-//! the difference per workload is what each remote workload costs.
+//! With `discovery [WORKLOADS] [SERVICES] [POLICIES]` it measures instead a daemon loading a
+//! large local discovery file (default 100 000 workloads in 1 000 namespaces on 5 000 nodes,
+//! 10 000 services of ten endpoints each, and 10 000 policies), against one loading only the
+//! policies: the time until ready, the settled RSS and the peak RSS (`VmHWM`); the
+//! differences, per workload, are what the workloads and services cost.
 
 use std::time::Duration;
 
@@ -78,8 +79,10 @@ fn raise_fd_limit() {
     }
 }
 
-/// A discovery file with `workloads` remote workloads and `policies` policies.
-fn big_mesh(workloads: usize, policies: usize) -> String {
+/// A discovery file with `workloads` remote workloads in 1 000 namespaces on 5 000 nodes,
+/// `services` services (ten per namespace, each selecting ten of its workloads when there are
+/// 100 per namespace) and `policies` policies.
+fn big_mesh(workloads: usize, services: usize, policies: usize) -> String {
     use std::fmt::Write;
     let mut y = String::from("trustDomain: cluster.local\nnamespaces:\n");
     for i in 0..1000 {
@@ -92,11 +95,20 @@ fn big_mesh(workloads: usize, policies: usize) -> String {
     for i in 0..workloads {
         let _ = writeln!(
             y,
-            "  - {{uid: {:08x}-6c1e-4d2a-9b7f-{:012x}, name: app-{}-7d4b9c-{:05}, namespace: ns-{}, serviceAccount: sa-{}, node: node-{}, ips: [10.{}.{}.{}], labels: {{app: app-{}, version: v1}}}}",
-            i, i, i % 500, i, i % 1000, i % 500, i % 5000, (i >> 16) & 255, (i >> 8) & 255, i & 255, i % 500
+            "  - {{uid: {:08x}-6c1e-4d2a-9b7f-{:012x}, name: app-{}-7d4b9c-{:05}, namespace: ns-{}, serviceAccount: sa-{}, node: node-{}, ips: [10.{}.{}.{}], labels: {{app: app-{}, shard: s-{}, version: v1}}}}",
+            i, i, i % 500, i, i % 1000, i % 500, i % 5000, (i >> 16) & 255, (i >> 8) & 255, i & 255, i % 500, (i / 10_000) % 10
         );
     }
-    y.push_str("services: []\npolicies:\n");
+    y.push_str("services:\n");
+    for i in 0..services {
+        let (ns, shard) = (i % 1000, (i / 1000) % 10);
+        let _ = writeln!(
+            y,
+            "  - {{name: svc-{i}, namespace: ns-{ns}, vips: [172.{}.{}.{}], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: app-{}, shard: s-{shard}}}}}",
+            16 + ((i >> 16) & 15), (i >> 8) & 255, i & 255, ns % 500
+        );
+    }
+    y.push_str("policies:\n");
     for i in 0..policies {
         let _ = writeln!(
             y,
@@ -107,8 +119,18 @@ fn big_mesh(workloads: usize, policies: usize) -> String {
     y
 }
 
-/// Starts a daemon on `file` in its own namespace, waits until ready and settled; its RSS.
-fn daemon_rss(dir: &std::path::Path, name: &str, file: &std::path::Path) -> Result<u64> {
+/// What one daemon loading a discovery file measured.
+struct Loaded {
+    /// From the process's start to its readiness (which waits for discovery).
+    ready: Duration,
+    /// RSS once ready and settled, KiB.
+    settled: u64,
+    /// The highest RSS it reached (`VmHWM`), KiB.
+    peak: u64,
+}
+
+/// Starts a daemon on `file` in its own namespace, waits until ready and settled.
+fn load_discovery(dir: &std::path::Path, name: &str, file: &std::path::Path) -> Result<Loaded> {
     let ns =
         ztunnel_e2e::netns::Netns::new(&format!("{}-{name}", ztunnel_e2e::netns::unique_prefix()))?;
     let args: Vec<String> = [
@@ -125,38 +147,68 @@ fn daemon_rss(dir: &std::path::Path, name: &str, file: &std::path::Path) -> Resu
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let start = std::time::Instant::now();
     let mut p = ztunnel_e2e::daemon::Process::start(&ns, name, dir, &args, &[])?;
     ztunnel_e2e::daemon::wait_ready(
         &ns,
         &mut p,
         "127.0.0.1:15021",
         "/healthz/ready",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
     )?;
+    let ready = start.elapsed();
     std::thread::sleep(Duration::from_secs(2));
-    let rss = rss_kib(p.pid().context("pid")?)?;
+    let pid = p.pid().context("pid")?;
+    let loaded = Loaded {
+        ready,
+        settled: rss_kib(pid)?,
+        peak: status_kib(pid, "VmHWM")?,
+    };
     p.stop(Duration::from_secs(2));
-    Ok(rss)
+    Ok(loaded)
 }
 
-fn discovery_memory(workloads: usize, policies: usize) -> Result<()> {
+/// The discovery-scale measurement: a daemon on a file with the policies only (the
+/// baseline), then one on the same file with the workloads and services too.
+fn discovery_scale(workloads: usize, services: usize, policies: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let only_policies = dir.path().join("policies.yaml");
-    std::fs::write(&only_policies, big_mesh(0, policies))?;
-    let both = dir.path().join("both.yaml");
-    let yaml = big_mesh(workloads, policies);
+    std::fs::write(&only_policies, big_mesh(0, 0, policies))?;
+    let full = dir.path().join("full.yaml");
+    let yaml = big_mesh(workloads, services, policies);
     println!(
-        "discovery file: {workloads} workloads, {policies} policies, {} MiB of YAML",
+        "discovery file: {workloads} workloads, {services} services, {policies} policies, {} MiB of YAML",
         yaml.len() >> 20
     );
-    std::fs::write(&both, yaml)?;
+    std::fs::write(&full, yaml)?;
     evict_from_page_cache(&ztunnel_e2e::daemon::binary("ztunnel"))?;
-    let base = daemon_rss(dir.path(), "policies", &only_policies)?;
-    let full = daemon_rss(dir.path(), "both", &both)?;
-    println!("RSS with the policies only: {base} KiB; with the workloads too: {full} KiB");
+    let base = load_discovery(dir.path(), "policies", &only_policies)?;
+    let all = load_discovery(dir.path(), "full", &full)?;
+    let per = |kib: u64| (kib * 1024) as f64 / workloads.max(1) as f64;
+    let (settled, peak) = (
+        all.settled.saturating_sub(base.settled),
+        all.peak.saturating_sub(base.peak),
+    );
+    println!("| | policies only | full | added |");
+    println!("|---|---|---|---|");
     println!(
-        "per remote workload: {:.0} bytes",
-        (full.saturating_sub(base) * 1024) as f64 / workloads as f64
+        "| ready after | {:.2} s | {:.2} s | {:.2} s |",
+        base.ready.as_secs_f64(),
+        all.ready.as_secs_f64(),
+        all.ready.as_secs_f64() - base.ready.as_secs_f64()
+    );
+    println!(
+        "| settled RSS | {} KiB | {} KiB | {settled} KiB ({:.0} B per workload) |",
+        base.settled,
+        all.settled,
+        per(settled)
+    );
+    println!(
+        "| peak RSS | {} KiB | {} KiB | {peak} KiB ({:.0} B per workload; {:.2}x settled) |",
+        base.peak,
+        all.peak,
+        per(peak),
+        peak as f64 / settled.max(1) as f64
     );
     Ok(())
 }
@@ -170,7 +222,7 @@ fn main() -> Result<()> {
                 .transpose()?
                 .unwrap_or(d))
         };
-        return discovery_memory(arg(2, 100_000)?, arg(3, 10_000)?);
+        return discovery_scale(arg(2, 100_000)?, arg(3, 10_000)?, arg(4, 10_000)?);
     }
     let n: usize = std::env::args()
         .nth(1)

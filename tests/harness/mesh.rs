@@ -78,7 +78,7 @@ pub fn discovery_yaml(
         "workloads": wls,
         "services": services,
     });
-    serde_yaml::to_string(&doc).expect("yaml")
+    serde_saphyr::to_string(&doc).expect("yaml")
 }
 
 /// How one daemon of the test bed differs from the default.

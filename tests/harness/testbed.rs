@@ -178,7 +178,7 @@ fn discovery_yaml_gen(pods: &[PodSpec], policies: Value, generation: usize) -> S
                       "ports": [{"port": 80, "targetPort": 8080}], "selector": {"app": "server"}}],
         "policies": policies,
     });
-    serde_yaml::to_string(&doc).expect("yaml")
+    serde_saphyr::to_string(&doc).expect("yaml")
 }
 
 /// The discovery file for `pods` with `namespaces` (a JSON array of `{name, labels}`; the
@@ -219,7 +219,7 @@ pub fn discovery_yaml_labels(
         "workloads": workloads,
         "services": [],
     });
-    serde_yaml::to_string(&doc).expect("yaml")
+    serde_saphyr::to_string(&doc).expect("yaml")
 }
 
 /// Turns off duplicate address detection in `ns` (so IPv6 addresses are usable at once, not
@@ -661,13 +661,13 @@ impl TestBed {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         let marker = format!("gen-{generation}");
-        let mut doc: Value = serde_yaml::from_str(&std::fs::read_to_string(&self.discovery)?)?;
+        let mut doc: Value = serde_saphyr::from_str(&std::fs::read_to_string(&self.discovery)?)?;
         edit(&mut doc);
         doc["namespaces"]
             .as_array_mut()
             .context("the discovery file lists namespaces")?
             .push(json!({"name": marker, "labels": {}}));
-        std::fs::write(&self.discovery, serde_yaml::to_string(&doc)?)?;
+        std::fs::write(&self.discovery, serde_saphyr::to_string(&doc)?)?;
         self.wait_loaded(&marker)
     }
 

@@ -368,14 +368,14 @@ pub fn istio_convert(data: &[u8]) {
     else {
         return;
     };
-    for doc in serde_yaml::Deserializer::from_str(&out) {
-        let v = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
-            .unwrap_or_else(|e| panic!("the output is not YAML ({e}):\n{out}"));
+    let docs = serde_saphyr::from_multiple::<serde_json::Value>(&out)
+        .unwrap_or_else(|e| panic!("the output is not YAML ({e}):\n{out}"));
+    for v in docs {
         if v.is_null() {
             continue;
         }
         assert_eq!(
-            v.get("apiVersion").and_then(serde_yaml::Value::as_str),
+            v.get("apiVersion").and_then(serde_json::Value::as_str),
             Some(ztunnel::discovery::policy::API_VERSION),
             "{out}"
         );

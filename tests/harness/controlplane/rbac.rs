@@ -36,9 +36,7 @@ impl ControlPlane {
             .join("../deploy")
             .join(dir);
         let rendered = netns::sh("kubectl", &["kustomize", &base.display().to_string()])?;
-        let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
-            .map(|d| serde::Deserialize::deserialize(d).map_err(anyhow::Error::from))
-            .collect::<Result<_>>()?;
+        let objects: Vec<Value> = serde_saphyr::from_multiple(&rendered)?;
         let bound = |kind: &str| -> Vec<String> {
             objects
                 .iter()

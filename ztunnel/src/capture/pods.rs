@@ -89,7 +89,7 @@ pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decisi
             ));
         }
         return Decision::Enroll(Arc::new(Workload {
-            ips: ips.to_vec(),
+            ips: ips.into(),
             ..(**w).clone()
         }));
     }
@@ -257,7 +257,7 @@ impl Pods {
             attachment: reconciled_attachment(&w.uid),
             netns: path.to_owned(),
             pod,
-            ips: w.ips.clone(),
+            ips: w.ips.to_vec(),
         };
         self.enroll_in(record, w, Arc::new(netns))?;
         Ok(true)
@@ -705,7 +705,7 @@ workloads:
             namespace: ns.into(),
             service_account: "sa".into(),
             node: node.into(),
-            ips: Vec::new(),
+            ips: Vec::new().into(),
             labels: Default::default(),
             protocol: crate::discovery::Protocol::Hbone,
             other_mesh: None,
@@ -730,7 +730,7 @@ workloads:
             match decide(&s, "n1", &p, &ips) {
                 Decision::Enroll(w) => {
                     assert_eq!(Some(&*w.uid), want, "{p:?}");
-                    assert_eq!(w.ips, ips, "{p:?}");
+                    assert_eq!(*w.ips, *ips, "{p:?}");
                 }
                 other => assert_eq!(want, None, "{p:?}: {other:?}"),
             }

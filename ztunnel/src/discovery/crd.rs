@@ -25,7 +25,7 @@ pub const CRDS_YAML: &str = include_str!("../../../deploy/base/crds/crds.yaml");
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot render the CRDs as YAML: {0}")]
-pub struct CrdError(#[from] serde_yaml::Error);
+pub struct CrdError(#[from] serde_saphyr::SerializeError);
 
 /// The CustomResourceDefinitions of both policy kinds.
 pub fn crds() -> Vec<CustomResourceDefinition> {
@@ -43,7 +43,7 @@ pub fn crds_yaml() -> Result<String, CrdError> {
     );
     for crd in crds() {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd)?);
+        out.push_str(&super::yaml_to_string(&crd)?);
     }
     Ok(out)
 }
@@ -396,16 +396,17 @@ spec: {mtls: {mode: STRICT}}
 ",
         ];
         for y in cases {
-            let value: serde_yaml::Value = serde_yaml::from_str(y).unwrap();
+            let value: serde_json::Value =
+                serde_saphyr::from_str_with_options(y, crate::discovery::yaml_options()).unwrap();
             let parsed = PolicyObject::from_value(value.clone()).unwrap();
             let via_resource = match &parsed {
                 PolicyObject::Authorization(_) => PolicyObject::Authorization(
-                    serde_yaml::from_value::<AuthorizationPolicyResource>(value)
+                    serde_json::from_value::<AuthorizationPolicyResource>(value)
                         .unwrap()
                         .to_policy(),
                 ),
                 PolicyObject::PeerAuthentication(_) => PolicyObject::PeerAuthentication(
-                    serde_yaml::from_value::<PeerAuthenticationResource>(value)
+                    serde_json::from_value::<PeerAuthenticationResource>(value)
                         .unwrap()
                         .to_policy(),
                 ),
@@ -418,6 +419,12 @@ kind: PeerAuthentication
 metadata: {name: x, namespace: demo}
 spec: {mtls: {mode: STRICT}, portLevelMtlz: {}}
 ";
-        assert!(serde_yaml::from_str::<PeerAuthenticationResource>(bad).is_err());
+        assert!(
+            serde_saphyr::from_str_with_options::<PeerAuthenticationResource>(
+                bad,
+                crate::discovery::yaml_options()
+            )
+            .is_err()
+        );
     }
 }

@@ -42,20 +42,6 @@ use super::policy::PolicyObject;
 use super::{Discovery, Error, Stats};
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct MeshFile {
-    trust_domain: Option<String>,
-    #[serde(default)]
-    namespaces: Vec<NamespaceEntry>,
-    #[serde(default)]
-    workloads: Vec<WorkloadEntry>,
-    #[serde(default)]
-    services: Vec<ServiceEntry>,
-    #[serde(default)]
-    policies: Vec<serde_yaml::Value>,
-}
-
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NamespaceEntry {
     name: String,
@@ -112,88 +98,109 @@ pub fn parse(yaml: &str, trust_domain: &str) -> Result<State, Error> {
 /// Like [`parse`], for the daemon of `node`: workloads on other nodes keep only what
 /// outbound routing and identity checks need (no uid, no labels; service endpoints are
 /// selected before their labels are dropped), so a large mesh costs each node little.
+///
+/// Each entry is converted into the model as soon as it is read: no tree of the whole file is
+/// ever built.
 pub fn parse_for_node(yaml: &str, trust_domain: &str, node: Option<&str>) -> Result<State, Error> {
-    let f: MeshFile = serde_yaml::from_str(yaml).map_err(|e| Error::Parse(e.to_string()))?;
-    if let Some(td) = &f.trust_domain {
+    let mut b = Builder {
+        node,
+        ..Default::default()
+    };
+    let parsed =
+        serde_saphyr::with_deserializer_from_str_with_options(yaml, super::yaml_options(), |de| {
+            serde::de::DeserializeSeed::deserialize(&mut b, de)
+        });
+    if let Some(invalid) = b.invalid.take() {
+        return Err(Error::Invalid(invalid));
+    }
+    parsed.map_err(|e| Error::Parse(e.to_string()))?;
+    if let Some(td) = &b.trust_domain {
         if td != trust_domain {
             return Err(Error::Invalid(format!(
                 "the file's trustDomain {td} is not the daemon's ({trust_domain})"
             )));
         }
     }
-    // The state is built from borrowed entries while the parsed file is still alive, and the
-    // file is dropped only at the end: the state's long-lived allocations then sit together
-    // instead of between the parser's freed ones, and the allocator can return those pages.
-    let mut int = Interner::default();
-    let namespaces = f
-        .namespaces
-        .iter()
-        .map(|n| Namespace {
-            name: int.get(&n.name),
-            labels: int.labels(&n.labels),
-        })
-        .collect();
-    let remote = |w: &WorkloadEntry| node.is_some_and(|n| n != w.node);
-    let no_uid = int.get("");
-    let workloads = f
-        .workloads
-        .iter()
-        .map(|w| Workload {
-            uid: if remote(w) {
-                no_uid.clone()
-            } else {
-                w.uid.as_str().into()
-            },
-            name: w.name.as_str().into(),
+    b.build(trust_domain)
+}
+
+/// The model as the file is read, entry by entry.
+#[derive(Default)]
+struct Builder<'a> {
+    node: Option<&'a str>,
+    int: Interner,
+    trust_domain: Option<String>,
+    namespaces: Vec<Namespace>,
+    workloads: Vec<Arc<Workload>>,
+    /// The labels of remote workloads, needed only to select endpoints: kept in one array,
+    /// (`remote_labels[i]` is workload `i`'s range of it), so that they leave no holes in the
+    /// heap when they go.
+    label_arena: Vec<super::model::Label>,
+    remote_labels: Vec<std::ops::Range<usize>>,
+    services: Vec<Service>,
+    authz: Vec<super::policy::AuthorizationPolicy>,
+    peer: Vec<super::policy::PeerAuthentication>,
+    /// The first policy object that cannot be identified.
+    invalid: Option<String>,
+}
+
+const FIELDS: &[&str] = &[
+    "trustDomain",
+    "namespaces",
+    "workloads",
+    "services",
+    "policies",
+];
+
+impl Builder<'_> {
+    fn namespace(&mut self, n: NamespaceEntry) -> Result<(), String> {
+        let ns = Namespace {
+            name: self.int.get(&n.name),
+            labels: self.int.labels(&n.labels),
+        };
+        self.namespaces.push(ns);
+        Ok(())
+    }
+
+    fn workload(&mut self, w: WorkloadEntry) -> Result<(), String> {
+        let int = &mut self.int;
+        let remote = self.node.is_some_and(|n| n != w.node);
+        let name = w.workload_name.as_deref().unwrap_or(&w.name);
+        let name = super::telemetry::workload_name(name, None, None, &w.labels);
+        let labels = int.labels(&w.labels);
+        let start = self.label_arena.len();
+        if remote {
+            self.label_arena.extend_from_slice(labels.as_slice());
+        }
+        self.remote_labels.push(start..self.label_arena.len());
+        self.workloads.push(Arc::new(Workload {
+            uid: if remote { int.get("") } else { w.uid.into() },
+            telemetry: int.telemetry(&w.name, name, &w.labels),
+            name: w.name.into(),
             namespace: int.get(&w.namespace),
             service_account: int.get(&w.service_account),
             node: int.get(&w.node),
-            ips: w.ips.clone(),
-            labels: if remote(w) {
-                Labels::default()
-            } else {
-                int.labels(&w.labels)
-            },
+            ips: w.ips.into(),
+            labels: if remote { Labels::default() } else { labels },
             protocol: w.protocol,
             other_mesh: super::enrollment::OtherMesh::of(|k| {
                 w.annotations.get(k).map(String::as_str)
             }),
-            telemetry: {
-                let name = w.workload_name.as_deref().unwrap_or(&w.name);
-                let name = super::telemetry::workload_name(name, None, None, &w.labels);
-                int.telemetry(name, &w.labels)
-            },
             locality: int.locality(
                 w.locality
                     .as_deref()
                     .map(Locality::parse)
                     .unwrap_or_default(),
             ),
-        })
-        .collect();
-    let endpoints = f
-        .services
-        .iter()
-        .map(|svc| {
-            f.workloads
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| {
-                    w.namespace == svc.namespace
-                        && !svc.selector.is_empty()
-                        && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                })
-                .map(|(i, _)| i)
-                .collect()
-        })
-        .collect();
-    let services = f
-        .services
-        .iter()
-        .map(|s| Service {
-            name: s.name.as_str().into(),
-            namespace: int.get(&s.namespace),
-            vips: s.vips.clone(),
+        }));
+        Ok(())
+    }
+
+    fn service(&mut self, s: ServiceEntry) -> Result<(), String> {
+        let svc = Service {
+            name: s.name.into(),
+            namespace: self.int.get(&s.namespace),
+            vips: s.vips,
             ports: s
                 .ports
                 .iter()
@@ -202,27 +209,128 @@ pub fn parse_for_node(yaml: &str, trust_domain: &str, node: Option<&str>) -> Res
                     target_port: p.target_port,
                 })
                 .collect(),
-            selector: int.labels(&s.selector),
-        })
-        .collect();
-    let (mut authz, mut peer) = (Vec::new(), Vec::new());
-    for p in &f.policies {
-        match PolicyObject::from_value(p.clone()).map_err(Error::Invalid)? {
-            PolicyObject::Authorization(a) => authz.push(a),
-            PolicyObject::PeerAuthentication(p) => peer.push(p),
-        }
+            selector: self.int.labels(&s.selector),
+        };
+        self.services.push(svc);
+        Ok(())
     }
-    let state = State::build(
-        trust_domain,
-        namespaces,
-        workloads,
-        services,
-        Some(endpoints),
-        authz,
-        peer,
-    );
-    drop(f);
-    state
+
+    fn policy(&mut self, v: serde_json::Value) -> Result<(), String> {
+        match PolicyObject::from_value(v)? {
+            PolicyObject::Authorization(a) => self.authz.push(a),
+            PolicyObject::PeerAuthentication(p) => self.peer.push(p),
+        }
+        Ok(())
+    }
+
+    /// Selects the services' endpoints, drops the remote workloads' labels, builds.
+    fn build(self, trust_domain: &str) -> Result<State, Error> {
+        let endpoints = {
+            let ws: Vec<(&str, &[super::model::Label])> = self
+                .workloads
+                .iter()
+                .zip(&self.remote_labels)
+                .map(|(w, r)| {
+                    let labels = match r.is_empty() {
+                        true => w.labels.as_slice(),
+                        false => &self.label_arena[r.clone()],
+                    };
+                    (&*w.namespace, labels)
+                })
+                .collect();
+            let ss: Vec<(&str, &Labels)> = self
+                .services
+                .iter()
+                .map(|s| (&*s.namespace, &s.selector))
+                .collect();
+            super::model::select_endpoints(&ws, &ss)
+        };
+        drop((self.label_arena, self.remote_labels));
+        State::build(
+            trust_domain,
+            self.namespaces,
+            self.workloads,
+            self.services,
+            Some(endpoints),
+            self.authz,
+            self.peer,
+        )
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut Builder<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut Builder<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a mesh file (a mapping)")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        use serde::de::Error as _;
+        let mut seen = Vec::new();
+        while let Some(key) = m.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(A::Error::custom(format!("duplicate field `{key}`")));
+            }
+            let b = &mut *self;
+            let r = match key.as_str() {
+                "trustDomain" => {
+                    b.trust_domain = Some(m.next_value()?);
+                    Ok(())
+                }
+                "namespaces" => m.next_value_seed(Each(b, Builder::namespace)),
+                "workloads" => m.next_value_seed(Each(b, Builder::workload)),
+                "services" => m.next_value_seed(Each(b, Builder::service)),
+                "policies" => m.next_value_seed(Each(b, Builder::policy)),
+                other => Err(A::Error::unknown_field(other, FIELDS)),
+            };
+            r?;
+            seen.push(key);
+        }
+        Ok(())
+    }
+}
+
+/// A sequence (or nothing) whose elements are handed to a [`Builder`] one at a time, as they are read.
+struct Each<'b, 'a, T>(
+    &'b mut Builder<'a>,
+    fn(&mut Builder<'a>, T) -> Result<(), String>,
+);
+
+impl<'de, T: Deserialize<'de>> serde::de::DeserializeSeed<'de> for Each<'_, '_, T> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Each<'_, '_, T> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence")
+    }
+    /// An empty entry (`workloads:`) is an empty list.
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Each(b, add) = self;
+        while let Some(e) = seq.next_element()? {
+            if let Err(why) = add(b, e) {
+                b.invalid.get_or_insert(why.clone());
+                return Err(serde::de::Error::custom(why));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn read(path: &PathBuf) -> Result<(String, Option<SystemTime>), Error> {
@@ -377,6 +485,64 @@ services:
         );
     }
 
+    #[test]
+    fn empty_sections_are_empty_lists() {
+        let s = parse(
+            "namespaces:\nworkloads:\nservices: []\npolicies:\n",
+            "cluster.local",
+        )
+        .unwrap();
+        assert!(s.workloads().is_empty() && s.services().is_empty());
+    }
+
+    /// Each service gets exactly the workloads of its namespace that carry every label of its
+    /// selector, in file order, whichever of its labels is rarest.
+    #[test]
+    fn endpoints_are_selected_by_namespace_and_every_label() {
+        let mut y = String::from("namespaces: [{name: a}, {name: b}]\nworkloads:\n");
+        for i in 0..40 {
+            let ns = if i % 2 == 0 { "a" } else { "b" };
+            y.push_str(&format!(
+                "  - {{uid: u{i}, name: w{i}, namespace: {ns}, serviceAccount: s, node: n, ips: [10.0.1.{i}], labels: {{app: x, tier: t{}}}}}\n",
+                i % 4
+            ));
+        }
+        y.push_str(
+            "services:
+  - {name: all-a, namespace: a, vips: [10.96.1.1], ports: [{port: 80, targetPort: 80}], selector: {app: x}}
+  - {name: t0-a, namespace: a, vips: [10.96.1.2], ports: [{port: 80, targetPort: 80}], selector: {app: x, tier: t0}}
+  - {name: t1-a, namespace: a, vips: [10.96.1.3], ports: [{port: 80, targetPort: 80}], selector: {tier: t1, app: x}}
+  - {name: t1-b, namespace: b, vips: [10.96.1.4], ports: [{port: 80, targetPort: 80}], selector: {tier: t1, app: x}}
+  - {name: none, namespace: b, vips: [10.96.1.5], ports: [{port: 80, targetPort: 80}], selector: {app: x, tier: t9}}
+  - {name: empty, namespace: a, vips: [10.96.1.6], ports: [{port: 80, targetPort: 80}]}
+",
+        );
+        let s = parse(&y, "cluster.local").unwrap();
+        let names = |vip: &str| -> Vec<String> {
+            s.endpoints_of_vip(vip.parse().unwrap())
+                .map(|w| w.name.to_string())
+                .collect()
+        };
+        let want = |f: &dyn Fn(usize) -> bool| -> Vec<String> {
+            (0..40).filter(|&i| f(i)).map(|i| format!("w{i}")).collect()
+        };
+        assert_eq!(names("10.96.1.1"), want(&|i| i % 2 == 0));
+        assert_eq!(names("10.96.1.2"), want(&|i| i % 4 == 0));
+        assert_eq!(names("10.96.1.3"), Vec::<String>::new(), "t1 is in b only");
+        assert_eq!(names("10.96.1.4"), want(&|i| i % 4 == 1));
+        assert!(names("10.96.1.5").is_empty());
+        assert!(
+            names("10.96.1.6").is_empty(),
+            "an empty selector selects nothing"
+        );
+        assert_eq!(
+            s.service_by_hostname("t1-b.b.svc.cluster.local")
+                .map(|v| &*v.name),
+            Some("t1-b")
+        );
+        assert!(s.service_by_hostname("t1-b.a.svc.cluster.local").is_none());
+    }
+
     /// The example the README points users to must stay valid and mean what it says.
     #[test]
     fn the_shipped_example_parses() {
@@ -421,12 +587,16 @@ services:
             (GOOD.replace("trustDomain: cluster.local", "trustDomain: other.local"), "trustDomain"),
             (GOOD.replace("uid: u2", "uid: u1"), "uid u1"),
             (GOOD.replace("ips: [10.0.0.3]", "ips: [10.0.0.1]"), "10.0.0.1"),
+            (GOOD.replace("ips: [10.0.0.3]", "ips: [10.0.0.3, 10.0.0.3]"), "IP 10.0.0.3 is also legacy/old"),
             (GOOD.replace("serviceAccount: default", "serviceAccount: Bad/Name"), "legacy/old"),
             (GOOD.replace("targetPort: 8080", "targetPort: 0"), "port 0"),
             (GOOD.replace("vips: [10.96.0.1]", "vips: [10.0.0.1]"), "workload IP"),
             (GOOD.replace("serviceAccount: web, node: n2", "serviceAcount: web, node: n2"), "serviceAcount"),
             (format!("{GOOD}extra: 1\n"), "extra"),
             (format!("{GOOD}policies: [{{apiVersion: v1, kind: Pod, metadata: {{name: x, namespace: y}}}}]\n"), "apiVersion"),
+            (format!("{GOOD}  - {{name: web, namespace: demo, vips: [10.96.0.2], ports: [], selector: {{}}}}\n"), "service demo/web is listed twice"),
+            (format!("{GOOD}trustDomain: cluster.local\n"), "duplicate"),
+            (GOOD.replace("workloads:", "workloads: 3"), "sequence"),
         ];
         for (yaml, want) in cases {
             let e = parse(&yaml, "cluster.local").unwrap_err().to_string();

@@ -17,6 +17,9 @@ pub use super::enrollment::DATAPLANE_MODE_LABEL;
 use super::enrollment::{NotEnrolled, OtherMesh, Rules};
 pub use super::telemetry::{Locality, Telemetry};
 
+/// A label: key and value.
+pub type Label = (Arc<str>, Arc<str>);
+
 /// Labels, compact: pairs sorted by key in one allocation. (A `BTreeMap` node costs about
 /// 370 bytes even for two labels, and every one of 100 000 workloads has labels.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,6 +45,11 @@ impl Labels {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+
+    /// The pairs, sorted by key.
+    pub fn as_slice(&self) -> &[Label] {
+        &self.0
+    }
 }
 
 impl FromIterator<(Arc<str>, Arc<str>)> for Labels {
@@ -63,6 +71,65 @@ impl Serialize for Labels {
             m.serialize_entry(&**k, &**v)?;
         }
         m.end()
+    }
+}
+
+/// A workload's IPs, in order: one (as nearly every pod has) held inline, more in one
+/// allocation. Reads as a slice.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ips(IpsRepr);
+
+#[derive(Clone, PartialEq, Eq)]
+enum IpsRepr {
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+impl std::ops::Deref for Ips {
+    type Target = [IpAddr];
+    fn deref(&self) -> &[IpAddr] {
+        match &self.0 {
+            IpsRepr::One(ip) => std::slice::from_ref(ip),
+            IpsRepr::Many(ips) => ips,
+        }
+    }
+}
+
+impl From<Vec<IpAddr>> for Ips {
+    fn from(v: Vec<IpAddr>) -> Self {
+        match *v {
+            [ip] => Ips(IpsRepr::One(ip)),
+            _ => Ips(IpsRepr::Many(v.into_boxed_slice())),
+        }
+    }
+}
+
+impl From<&[IpAddr]> for Ips {
+    fn from(v: &[IpAddr]) -> Self {
+        match *v {
+            [ip] => Ips(IpsRepr::One(ip)),
+            _ => Ips(IpsRepr::Many(v.into())),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Ips {
+    type Item = &'a IpAddr;
+    type IntoIter = std::slice::Iter<'a, IpAddr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl std::fmt::Debug for Ips {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Ips {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
     }
 }
 
@@ -89,16 +156,24 @@ impl Interner {
         m.iter().map(|(k, v)| (self.get(k), self.get(v))).collect()
     }
 
-    /// The telemetry of a workload named `workload_name` with these labels.
+    /// The telemetry of pod `pod_name` of workload `workload_name` with these labels. A name
+    /// that its fallback gives is left empty (the workload name when it is the pod's, the
+    /// canonical service when it is the workload's), so that the replicas of a workload share
+    /// one, and a pod that is its own workload keeps its name once.
     pub fn telemetry(
         &mut self,
+        pod_name: &str,
         workload_name: &str,
         labels: &BTreeMap<String, String>,
     ) -> Arc<Telemetry> {
         let (name, revision) = super::telemetry::canonical(labels, workload_name);
         let t = Telemetry {
-            workload_name: self.get(workload_name),
-            canonical_name: self.get(name),
+            workload_name: self.get(if workload_name == pod_name {
+                ""
+            } else {
+                workload_name
+            }),
+            canonical_name: self.get(if name == workload_name { "" } else { name }),
             canonical_revision: self.get(revision),
         };
         if let Some(a) = self.telemetry.get(&t) {
@@ -150,7 +225,7 @@ pub struct Workload {
     pub namespace: Arc<str>,
     pub service_account: Arc<str>,
     pub node: Arc<str>,
-    pub ips: Vec<IpAddr>,
+    pub ips: Ips,
     pub labels: Labels,
     pub protocol: Protocol,
     /// Another mesh that handles the pod already (read from its annotations).
@@ -234,11 +309,16 @@ pub struct State {
     trust_domain: String,
     namespaces: HashMap<Arc<str>, Namespace>,
     workloads: Vec<Arc<Workload>>,
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Indices in `workloads`.
+    by_ip: HashMap<IpAddr, u32>,
     by_uid: HashMap<Arc<str>, Arc<Workload>>,
     services: Vec<Arc<Service>>,
-    by_vip: HashMap<IpAddr, (Arc<Service>, usize)>,
-    endpoints: Vec<Vec<Arc<Workload>>>,
+    /// Indices in `services`.
+    by_vip: HashMap<IpAddr, u32>,
+    /// Indices in `services`, sorted by (namespace, name).
+    services_by_name: Vec<u32>,
+    /// Each service's endpoints, as indices in `workloads`.
+    endpoints: Vec<Box<[u32]>>,
     /// The services (indices in `services`) each workload with a uid is an endpoint of.
     services_of_uid: HashMap<Arc<str>, Vec<usize>>,
     authz: Vec<AuthorizationPolicy>,
@@ -250,8 +330,57 @@ pub struct State {
     enrollment: Rules,
 }
 
-fn selects(selector: &Labels, labels: &Labels) -> bool {
-    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+/// Whether a non-empty `selector` matches `labels` (pairs sorted by key, as in [`Labels`]).
+fn selects(selector: &Labels, labels: &[Label]) -> bool {
+    let get = |key: &str| {
+        labels
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &labels[i].1)
+    };
+    !selector.is_empty() && selector.iter().all(|(k, v)| get(k) == Some(v))
+}
+
+/// The endpoints of each service by its selector: for `services[i]` as (namespace,
+/// selector), the indices in `workloads` (as (namespace, labels sorted by key)) of those it
+/// selects, in order. An empty selector selects nothing.
+///
+/// Linear in the input and the output, not in their product: the workloads are indexed by
+/// the (namespace, key, value) pairs that some selector uses, and each service filters only
+/// the workloads of its rarest pair.
+pub fn select_endpoints(
+    workloads: &[(&str, &[Label])],
+    services: &[(&str, &Labels)],
+) -> Vec<Vec<usize>> {
+    let mut postings: HashMap<(&str, &str, &str), Vec<usize>> = services
+        .iter()
+        .flat_map(|(ns, sel)| {
+            sel.iter()
+                .map(move |(k, v)| ((*ns, &**k, &**v), Vec::new()))
+        })
+        .collect();
+    for (i, (ns, labels)) in workloads.iter().enumerate() {
+        for (k, v) in labels.iter() {
+            if let Some(p) = postings.get_mut(&(*ns, &**k, &**v)) {
+                p.push(i);
+            }
+        }
+    }
+    services
+        .iter()
+        .map(|(ns, sel)| {
+            let rarest = sel
+                .iter()
+                .map(|(k, v)| &postings[&(*ns, &**k, &**v)])
+                .min_by_key(|p| p.len());
+            rarest
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&i| selects(sel, workloads[i].1))
+                .collect()
+        })
+        .collect()
 }
 
 impl State {
@@ -264,7 +393,7 @@ impl State {
     pub fn build(
         trust_domain: &str,
         namespaces: Vec<Namespace>,
-        workloads: Vec<Workload>,
+        workloads: Vec<Arc<Workload>>,
         services: Vec<Service>,
         endpoints: Option<Vec<Vec<usize>>>,
         authz: Vec<AuthorizationPolicy>,
@@ -293,52 +422,62 @@ impl State {
         s.workloads.reserve_exact(workloads.len());
         s.by_ip.reserve(workloads.len());
         for w in workloads {
-            let what = format!("workload {}/{}", w.namespace, w.name);
+            let what = |w: &Workload| format!("workload {}/{}", w.namespace, w.name);
             Identity::new(trust_domain, &w.namespace, &w.service_account)
-                .map_err(|e| Error::Invalid(format!("{what}: {e}")))?;
+                .map_err(|e| Error::Invalid(format!("{}: {e}", what(&w))))?;
             if w.ips.is_empty() {
-                return Err(Error::Invalid(format!("{what} has no IP")));
+                return Err(Error::Invalid(format!("{} has no IP", what(&w))));
             }
-            let w = Arc::new(w);
             if !w.uid.is_empty() && s.by_uid.insert(w.uid.clone(), w.clone()).is_some() {
                 return Err(Error::Invalid(format!(
-                    "{what}: uid {} is used twice",
+                    "{}: uid {} is used twice",
+                    what(&w),
                     w.uid
                 )));
             }
+            let index = s.workloads.len() as u32;
             for ip in &w.ips {
-                if let Some(other) = s.by_ip.insert(*ip, w.clone()) {
+                if let Some(other) = s.by_ip.insert(*ip, index) {
+                    // `other` is `w` itself when it lists the IP twice.
+                    let other = s.workloads.get(other as usize).unwrap_or(&w);
                     return Err(Error::Invalid(format!(
-                        "{what}: IP {ip} is also {}/{}",
-                        other.namespace, other.name
+                        "{}: IP {ip} is also {}/{}",
+                        what(&w),
+                        other.namespace,
+                        other.name
                     )));
                 }
             }
             s.workloads.push(w);
         }
+        let endpoints = endpoints.unwrap_or_else(|| {
+            let ws: Vec<(&str, &[Label])> = s
+                .workloads
+                .iter()
+                .map(|w| (&*w.namespace, w.labels.as_slice()))
+                .collect();
+            let ss: Vec<(&str, &Labels)> = services
+                .iter()
+                .map(|svc| (&*svc.namespace, &svc.selector))
+                .collect();
+            select_endpoints(&ws, &ss)
+        });
         for (i, svc) in services.into_iter().enumerate() {
             let what = format!("service {}/{}", svc.namespace, svc.name);
             if svc.ports.iter().any(|p| p.port == 0 || p.target_port == 0) {
                 return Err(Error::Invalid(format!("{what} has a port 0")));
             }
-            let endpoints: Vec<Arc<Workload>> = match &endpoints {
-                Some(e) => e
-                    .get(i)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|&j| s.workloads.get(j).cloned())
-                    .collect(),
-                None => s
-                    .workloads
-                    .iter()
-                    .filter(|w| w.namespace == svc.namespace && selects(&svc.selector, &w.labels))
-                    .cloned()
-                    .collect(),
-            };
+            let endpoints: Box<[u32]> = endpoints
+                .get(i)
+                .into_iter()
+                .flatten()
+                .filter(|&&j| j < s.workloads.len())
+                .map(|&j| j as u32)
+                .collect();
             let svc = Arc::new(svc);
             let idx = s.services.len();
             for vip in &svc.vips {
-                if s.by_vip.insert(*vip, (svc.clone(), idx)).is_some() {
+                if s.by_vip.insert(*vip, idx as u32).is_some() {
                     return Err(Error::Invalid(format!("{what}: VIP {vip} is used twice")));
                 }
                 if s.by_ip.contains_key(vip) {
@@ -347,7 +486,8 @@ impl State {
                     )));
                 }
             }
-            for w in endpoints.iter().filter(|w| !w.uid.is_empty()) {
+            let workloads = endpoints.iter().map(|&j| &s.workloads[j as usize]);
+            for w in workloads.filter(|w| !w.uid.is_empty()) {
                 s.services_of_uid
                     .entry(w.uid.clone())
                     .or_default()
@@ -356,6 +496,22 @@ impl State {
             s.services.push(svc);
             s.endpoints.push(endpoints);
         }
+        let mut by_name: Vec<u32> = (0..s.services.len() as u32).collect();
+        by_name.sort_by(|&a, &b| {
+            let (a, b) = (&s.services[a as usize], &s.services[b as usize]);
+            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+        });
+        if let Some(w) = by_name.windows(2).find(|w| {
+            let (a, b) = (&s.services[w[0] as usize], &s.services[w[1] as usize]);
+            (&a.namespace, &a.name) == (&b.namespace, &b.name)
+        }) {
+            let svc = &s.services[w[0] as usize];
+            return Err(Error::Invalid(format!(
+                "service {}/{} is listed twice",
+                svc.namespace, svc.name
+            )));
+        }
+        s.services_by_name = by_name;
         Ok(s)
     }
 
@@ -386,20 +542,24 @@ impl State {
         &self.trust_domain
     }
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip)
+        self.by_ip.get(&ip).map(|&i| &self.workloads[i as usize])
     }
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.by_uid.get(uid)
     }
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(&ip).map(|(s, _)| s)
+        self.by_vip.get(&ip).map(|&i| &self.services[i as usize])
     }
     /// The workloads a service's selector picks (same namespace).
-    pub fn endpoints_of_vip(&self, ip: IpAddr) -> &[Arc<Workload>] {
-        self.by_vip
-            .get(&ip)
-            .map(|(_, i)| self.endpoints[*i].as_slice())
-            .unwrap_or(&[])
+    pub fn endpoints_of_vip(
+        &self,
+        ip: IpAddr,
+    ) -> impl ExactSizeIterator<Item = &Arc<Workload>> + Clone + '_ {
+        let endpoints = match self.by_vip.get(&ip) {
+            Some(&i) => &*self.endpoints[i as usize],
+            None => &[],
+        };
+        endpoints.iter().map(|&j| &self.workloads[j as usize])
     }
     pub fn workloads(&self) -> &[Arc<Workload>] {
         &self.workloads
@@ -416,9 +576,14 @@ impl State {
     pub fn service_by_hostname(&self, host: &str) -> Option<&Arc<Service>> {
         let rest = host.strip_suffix(crate::metrics::CLUSTER_DOMAIN)?;
         let (name, ns) = rest.strip_suffix(".svc.")?.split_once('.')?;
-        self.services
-            .iter()
-            .find(|s| &*s.name == name && &*s.namespace == ns)
+        let i = self
+            .services_by_name
+            .binary_search_by(|&i| {
+                let s = &self.services[i as usize];
+                (&*s.namespace, &*s.name).cmp(&(ns, name))
+            })
+            .ok()?;
+        self.services.get(self.services_by_name[i] as usize)
     }
     pub fn services(&self) -> &[Arc<Service>] {
         &self.services

@@ -404,21 +404,21 @@ struct Raw {
     kind: String,
     metadata: ObjectMeta,
     #[serde(default)]
-    spec: serde_yaml::Value,
+    spec: serde_json::Value,
 }
 
 /// Reads `v[key]` as `T`, if it is there and readable.
-fn field<T: serde::de::DeserializeOwned>(v: &serde_yaml::Value, key: &str) -> Option<T> {
+fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value, key: &str) -> Option<T> {
     v.get(key)
-        .and_then(|f| serde_yaml::from_value(f.clone()).ok())
+        .and_then(|f| serde_json::from_value(f.clone()).ok())
 }
 
 impl PolicyObject {
     /// Parses one object. `Err` only when the object cannot be identified (its `apiVersion`,
     /// `kind` or `metadata` is unusable). A spec that cannot be read in full still makes a
     /// policy, marked `invalid`, which fails closed: never dropped, never widened.
-    pub fn from_value(v: serde_yaml::Value) -> Result<Self, String> {
-        let raw: Raw = serde_yaml::from_value(v)
+    pub fn from_value(v: serde_json::Value) -> Result<Self, String> {
+        let raw: Raw = serde_json::from_value(v)
             .map_err(|e| format!("not a policy object (apiVersion, kind, metadata): {e}"))?;
         let what = format!(
             "{} {}/{}",
@@ -434,18 +434,18 @@ impl PolicyObject {
             return Err(format!("{what}: metadata needs a name and a namespace"));
         }
         let spec = if raw.spec.is_null() {
-            serde_yaml::Value::Mapping(Default::default())
+            serde_json::Value::Object(Default::default())
         } else {
             raw.spec
         };
         match raw.kind.as_str() {
             "AuthorizationPolicy" => {
-                let (spec, invalid) = match serde_yaml::from_value(spec.clone()) {
+                let (spec, invalid) = match serde_json::from_value(spec.clone()) {
                     Ok(s) => (s, None),
                     Err(e) => (
                         AuthorizationPolicySpec {
                             // Absent: ALLOW; unreadable: fails closed as a DENY.
-                            action: match (spec.is_mapping(), spec.get("action")) {
+                            action: match (spec.is_object(), spec.get("action")) {
                                 (true, None) => Action::Allow,
                                 _ => field(&spec, "action").unwrap_or(Action::Deny),
                             },
@@ -462,7 +462,7 @@ impl PolicyObject {
                 }))
             }
             "PeerAuthentication" => {
-                let (spec, invalid) = match serde_yaml::from_value(spec.clone()) {
+                let (spec, invalid) = match serde_json::from_value(spec.clone()) {
                     Ok(s) => (s, None),
                     Err(e) => (
                         PeerAuthenticationSpec {
@@ -488,7 +488,9 @@ mod tests {
     use super::*;
 
     fn parse(y: &str) -> Result<PolicyObject, String> {
-        PolicyObject::from_value(serde_yaml::from_str(y).unwrap())
+        PolicyObject::from_value(
+            serde_saphyr::from_str_with_options(y, crate::discovery::yaml_options()).unwrap(),
+        )
     }
 
     #[test]

@@ -39,11 +39,16 @@ const REVISION_LABELS: [&str; 3] = [
     "version",
 ];
 
-/// A workload's telemetry names; the replicas of one workload share one.
+/// A workload's telemetry names; the replicas of one workload share one. Read them through
+/// [`crate::discovery::Workload`]'s accessors: an empty name is its fallback's (the pod's
+/// name for the workload, the workload's for the canonical service, `latest` for the
+/// revision).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Telemetry {
+    #[serde(skip_serializing_if = "str::is_empty")]
     pub workload_name: Arc<str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
     pub canonical_name: Arc<str>,
     pub canonical_revision: Arc<str>,
 }

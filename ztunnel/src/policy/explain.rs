@@ -89,7 +89,7 @@ pub fn explain(state: &State, from: &str, to: &str) -> Result<Explanation, Strin
                 format!("service {}/{} has no port {port}", svc.namespace, svc.name)
             })?;
             let ep =
-                state.endpoints_of_vip(ip).first().cloned().ok_or_else(|| {
+                state.endpoints_of_vip(ip).next().cloned().ok_or_else(|| {
                     format!("service {}/{} has no endpoint", svc.namespace, svc.name)
                 })?;
             (ep, target, Some(format!("{}/{}", svc.namespace, svc.name)))

@@ -18,14 +18,16 @@
 //! Any other object (another kind, another group) is left out, and a comment says so. `List`
 //! objects are read item by item.
 
-use serde_yaml::{Mapping, Value};
+use serde_json::{Map as Mapping, Value};
 
 use crate::discovery::policy::{PolicyObject, API_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FromIstioError {
     #[error("not YAML: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] serde_saphyr::Error),
+    #[error("cannot write YAML: {0}")]
+    Write(#[from] serde_saphyr::SerializeError),
 }
 
 const ISTIO_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
@@ -43,8 +45,9 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Converts every document of `yaml`; `istio_root` objects move to `root`.
 pub fn convert(yaml: &str, istio_root: &str, root: &str) -> Result<String, FromIstioError> {
     let mut objects = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v = <Value as serde::Deserialize>::deserialize(doc)?;
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(yaml, crate::discovery::yaml_options())?;
+    for v in docs {
         flatten(v, &mut objects);
     }
     let mut out = String::new();
@@ -64,10 +67,10 @@ fn flatten(v: Value, out: &mut Vec<Value>) {
         .get("kind")
         .and_then(Value::as_str)
         .is_some_and(|k| k.ends_with("List"))
-        && v.get("items").is_some_and(Value::is_sequence);
+        && v.get("items").is_some_and(Value::is_array);
     match v {
-        Value::Mapping(mut m) if is_list => {
-            if let Some(Value::Sequence(items)) = m.remove("items") {
+        Value::Object(mut m) if is_list => {
+            if let Some(Value::Array(items)) = m.shift_remove("items") {
                 for i in items {
                     flatten(i, out);
                 }
@@ -131,33 +134,31 @@ fn one(mut o: Value, istio_root: &str, root: &str) -> Result<String, FromIstioEr
             "left out {what} ({api}): only security.istio.io AuthorizationPolicy and PeerAuthentication are converted"
         )]));
     }
-    // `str_of` reads through a YAML tag (`!x {apiVersion: …}`); such an object is no plain
-    // mapping, and is not one Kubernetes would read as written.
-    let Value::Mapping(m) = &mut o else {
+    let Value::Object(m) = &mut o else {
         return Ok(comment(&[format!(
-            "left out {what} ({api}): a tagged YAML value, not a plain mapping"
+            "left out {what} ({api}): not a mapping"
         )]));
     };
     let mut notes = vec![format!("apiVersion {api} → {API_VERSION}")];
     m.insert("apiVersion".into(), API_VERSION.into());
-    if m.remove("status").is_some() {
+    if m.shift_remove("status").is_some() {
         notes.push("status removed (the daemons write their own condition)".into());
     }
     let meta = m
-        .entry("metadata".into())
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
-    if let Value::Mapping(meta) = meta {
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Mapping::new()));
+    if let Value::Object(meta) = meta {
         let mut removed: Vec<&str> = SERVER_SET
             .iter()
             .copied()
-            .filter(|k| meta.remove(*k).is_some())
+            .filter(|k| meta.shift_remove(*k).is_some())
             .collect();
-        if let Some(Value::Mapping(a)) = meta.get_mut("annotations") {
-            if a.remove(LAST_APPLIED).is_some() {
+        if let Some(Value::Object(a)) = meta.get_mut("annotations") {
+            if a.shift_remove(LAST_APPLIED).is_some() {
                 removed.push(LAST_APPLIED);
             }
             if a.is_empty() {
-                meta.remove("annotations");
+                meta.shift_remove("annotations");
             }
         }
         if !removed.is_empty() {
@@ -187,7 +188,7 @@ fn one(mut o: Value, istio_root: &str, root: &str) -> Result<String, FromIstioEr
         }
         Err(e) => notes.push(format!("the daemon cannot read it: {e}")),
     }
-    Ok(comment(&notes) + &serde_yaml::to_string(&o)?)
+    Ok(comment(&notes) + &crate::discovery::yaml_to_string(&o)?)
 }
 
 #[cfg(test)]
@@ -195,8 +196,9 @@ mod tests {
     use super::*;
 
     fn docs(out: &str) -> Vec<Value> {
-        serde_yaml::Deserializer::from_str(out)
-            .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        serde_saphyr::from_multiple_with_options::<Value>(out, crate::discovery::yaml_options())
+            .unwrap()
+            .into_iter()
             .filter(|v| !v.is_null())
             .collect()
     }
@@ -252,7 +254,7 @@ items:
         assert!(allow["metadata"].get("resourceVersion").is_none());
         assert_eq!(
             allow["metadata"]["annotations"],
-            serde_yaml::from_str::<Value>("{team: a}").unwrap()
+            serde_json::json!({"team": "a"})
         );
         assert_eq!(
             allow["spec"]["rules"][0]["to"][0]["operation"]["methods"][0], "GET",
@@ -308,15 +310,19 @@ items:
         );
     }
 
+    /// A YAML tag is not part of the data (Kubernetes' YAML reader drops it too): a tagged
+    /// object is read, and written back, as the mapping it tags.
     #[test]
-    fn a_tagged_object_is_left_out() {
+    fn a_tagged_object_is_read_as_its_mapping() {
         let out = convert(
             "!x {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: p, namespace: a}}",
             "istio-system",
             "ztunnel-system",
         )
         .unwrap();
-        assert!(docs(&out).is_empty(), "{out}");
-        assert!(out.contains("left out AuthorizationPolicy a/p"), "{out}");
+        let d = docs(&out);
+        assert_eq!(d.len(), 1, "{out}");
+        assert_eq!(str_of(&d[0], &["apiVersion"]), API_VERSION);
+        assert!(!out.contains("!x"), "{out}");
     }
 }

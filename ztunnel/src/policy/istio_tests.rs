@@ -13,7 +13,8 @@ use crate::discovery::Labels;
 const ROOT: &str = "istio-root";
 
 fn objects(yaml: &str) -> Vec<PolicyObject> {
-    let docs: Vec<serde_yaml::Value> = serde_yaml::from_str(yaml).unwrap();
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_str_with_options(yaml, crate::discovery::yaml_options()).unwrap();
     docs.into_iter()
         .map(|d| PolicyObject::from_value(d).unwrap())
         .collect()

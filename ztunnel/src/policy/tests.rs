@@ -9,7 +9,8 @@ use crate::discovery::policy::{MtlsMode, PolicyObject};
 use crate::discovery::Labels;
 
 fn policies(yaml: &str) -> PolicyIndex {
-    let docs: Vec<serde_yaml::Value> = serde_yaml::from_str(yaml).unwrap();
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_str_with_options(yaml, crate::discovery::yaml_options()).unwrap();
     let (mut authz, mut pa) = (Vec::new(), Vec::new());
     for d in docs {
         match PolicyObject::from_value(d).unwrap() {
@@ -542,7 +543,8 @@ fn bad_fields_fail_closed_not_widened() {
         let idx = policies(&yaml);
         let d = decide(&idx, &c(FOO, "10.1.0.1", "web", "web", 80));
         assert!(!d.allowed, "{yaml}: {d:?}");
-        let docs: Vec<serde_yaml::Value> = serde_yaml::from_str(&yaml).unwrap();
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_str_with_options(&yaml, crate::discovery::yaml_options()).unwrap();
         let s = status_of(&PolicyObject::from_value(docs[0].clone()).unwrap());
         assert!(s.fail_closed && !s.accepted, "{s:?}");
         assert!(s.message.contains(want), "{s:?}");
@@ -586,7 +588,8 @@ fn peer_authentication_modes() {
 #[test]
 fn two_root_namespaces() {
     let build = |yaml: &str, istio_named: &[&str]| {
-        let docs: Vec<serde_yaml::Value> = serde_yaml::from_str(yaml).unwrap();
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_str_with_options(yaml, crate::discovery::yaml_options()).unwrap();
         let (mut authz, mut pa) = (Vec::new(), Vec::new());
         for d in docs {
             match PolicyObject::from_value(d).unwrap() {

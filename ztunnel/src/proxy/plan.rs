@@ -68,7 +68,6 @@ pub fn outbound(
                     })?;
             let candidates: Vec<(&Arc<Workload>, std::net::IpAddr)> = state
                 .endpoints_of_vip(ip)
-                .iter()
                 .filter_map(|w| {
                     w.ips
                         .iter()

@@ -285,7 +285,7 @@ pub fn pod_entry(
         controller,
         labels,
     );
-    let telemetry = int.telemetry(workload, labels);
+    let telemetry = int.telemetry(&name, workload, labels);
     let labels = if local {
         int.labels(labels)
     } else {
@@ -461,6 +461,5 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
 /// file source parses it: `Err` only for an object that cannot be identified; a spec that
 /// cannot be read in full makes a policy that fails closed.
 pub fn policy_entry(obj: serde_json::Value) -> Result<PolicyObject, String> {
-    let v = serde_yaml::to_value(obj).map_err(|e| e.to_string())?;
-    PolicyObject::from_value(v)
+    PolicyObject::from_value(obj)
 }

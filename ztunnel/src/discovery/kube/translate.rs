@@ -109,7 +109,7 @@ pub fn build(
             namespace: p.namespace.clone(),
             service_account: p.service_account.clone(),
             node: p.node.clone(),
-            ips: p.ips.to_vec(),
+            ips: (&*p.ips).into(),
             labels: p.labels.clone(),
             protocol: if enrolled {
                 Protocol::Hbone
@@ -199,7 +199,7 @@ pub fn build(
     let state = State::build(
         trust_domain,
         namespaces,
-        workloads,
+        workloads.into_iter().map(Arc::new).collect(),
         services,
         Some(endpoints),
         store
@@ -628,7 +628,6 @@ mod tests {
             assert_eq!(sv.target_port(80), want_port, "{target}");
             let mut got: Vec<String> = s
                 .endpoints_of_vip(vip)
-                .iter()
                 .map(|w| w.ips[0].to_string())
                 .collect();
             got.sort();
