@@ -32,7 +32,7 @@ use super::consts;
 use super::copy::{ByteCounters, CopyError, Step};
 use super::early::Early;
 use super::queue::{Queue, CHUNKS_PER_WRITE};
-use crate::capture::netns::Netns;
+use crate::net::netns::Netns;
 
 /// A peer that does not complete the QUIC handshake within this time is taken as not
 /// answering on QUIC: the pool falls back to HTTP/2 ([`super::pool`]).

@@ -27,7 +27,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::capture::netns::Netns;
 use crate::discovery::{Discovery, Service, State, Workload};
 use crate::gate::{self, Gate, WhenFull};
 use crate::hbone::budget::{self, BufferBudget};
@@ -35,6 +34,7 @@ use crate::hbone::copy::CopyError;
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
 use crate::metrics::{End, IstioLabels, Metrics};
+use crate::net::netns::Netns;
 use crate::net::{reset, ConnectOptions, Origin};
 use crate::refusal::Reason;
 use conns::ConnTable;
