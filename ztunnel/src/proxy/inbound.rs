@@ -35,7 +35,7 @@ use super::conns::{ConnFacts, Direction, PolicyFacts, Tracked};
 use super::peers::{PeerConn, PeerStream};
 use super::{plan, reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
-use crate::hbone::copy::copy_bidirectional;
+use crate::hbone::copy::copy_h2;
 use crate::hbone::server;
 use crate::identity::{self, Identity};
 use crate::metrics::{End, IstioLabels, ResponseFlag};
@@ -267,7 +267,7 @@ async fn stream(
     established(&pi, &admitted, &mut tracked);
     let (rd, wr) = admitted.app.into_split();
     tokio::select! {
-        r = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes, &pi.budget) => {
+        r = copy_h2(rd, wr, send, req.into_body(), &tracked.record().bytes, &pi.budget) => {
             if let Err(e) = r {
                 super::copy_failed(&pi, &mut tracked, e);
             }

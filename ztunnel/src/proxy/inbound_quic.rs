@@ -27,8 +27,8 @@ use tokio::time::Instant;
 
 use super::inbound::{admit, established, track, Peer, HANDSHAKE_TIMEOUT};
 use super::{ProxyInputs, QuicListener, Scope};
-use crate::hbone::quic;
 use crate::hbone::server::Idle;
+use crate::hbone::{copy, quic};
 use crate::identity;
 use crate::refusal::Reason;
 
@@ -305,7 +305,7 @@ async fn stream(
     established(&pi, &admitted, &mut tracked);
     let (rd, wr) = admitted.app.into_split();
     tokio::select! {
-        r = quic::copy_bidirectional(rd, wr, send, recv, &tracked.record().bytes, &pi.budget) => {
+        r = copy::copy_quic(rd, wr, send, recv, &tracked.record().bytes, &pi.budget) => {
             if let Err(e) = r {
                 super::copy_failed(&pi, &mut tracked, e);
             }
