@@ -126,22 +126,51 @@ pub async fn copy_h2(
     Ok(())
 }
 
+/// What a copy loop reads from its TCP side: chunks sized to the flow ([`next_want`]), read
+/// by [`read_chunk`], each counted in `counter` as it is read.
+struct TcpChunks<'a> {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    want: usize,
+    counter: &'a AtomicU64,
+}
+
+impl<'a> TcpChunks<'a> {
+    fn new(rd: OwnedReadHalf, counter: &'a AtomicU64) -> Self {
+        TcpChunks {
+            rd,
+            buf: BytesMut::new(),
+            want: INITIAL_BUF,
+            counter,
+        }
+    }
+
+    /// The next chunk read; `None` at the TCP side's end-of-stream.
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        let TcpChunks {
+            rd,
+            buf,
+            want,
+            counter,
+        } = self;
+        let asked = *want;
+        let n = poll_fn(|cx| read_chunk(rd, cx, buf, asked)).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        *want = next_want(asked, n);
+        Ok(Some(buf.split().freeze()))
+    }
+}
+
 async fn h2_tcp_to_stream(
-    mut rd: OwnedReadHalf,
+    rd: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     counter: &AtomicU64,
 ) -> Result<(), CopyError> {
-    let mut buf = BytesMut::new();
-    let mut want = INITIAL_BUF;
-    loop {
-        let n = poll_fn(|cx| read_chunk(&mut rd, cx, &mut buf, want)).await?;
-        if n == 0 {
-            send.send_data(Bytes::new(), true)?;
-            return Ok(());
-        }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        want = next_want(want, n);
-        let mut chunk = buf.split().freeze();
+    let mut tcp = TcpChunks::new(rd, counter);
+    while let Some(mut chunk) = tcp.next().await? {
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -155,6 +184,8 @@ async fn h2_tcp_to_stream(
             send.send_data(piece, false)?;
         }
     }
+    send.send_data(Bytes::new(), true)?;
+    Ok(())
 }
 
 /// Reads what `rd` has into `buf`, taking a buffer of `want` bytes only once the socket is
@@ -240,24 +271,18 @@ pub async fn copy_quic(
 }
 
 async fn quic_tcp_to_stream(
-    mut rd: OwnedReadHalf,
+    rd: OwnedReadHalf,
     send: &mut quinn::SendStream,
     counter: &AtomicU64,
 ) -> Result<(), CopyError> {
-    let mut buf = BytesMut::new();
-    let mut want = INITIAL_BUF;
-    loop {
-        let n = poll_fn(|cx| read_chunk(&mut rd, cx, &mut buf, want)).await?;
-        if n == 0 {
-            send.finish().map_err(|_| CopyError::StreamClosed)?;
-            return Ok(());
-        }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        want = next_want(want, n);
-        send.write_chunk(buf.split().freeze())
+    let mut tcp = TcpChunks::new(rd, counter);
+    while let Some(chunk) = tcp.next().await? {
+        send.write_chunk(chunk)
             .await
             .map_err(|e| CopyError::Quic(e.to_string()))?;
     }
+    send.finish().map_err(|_| CopyError::StreamClosed)?;
+    Ok(())
 }
 
 async fn quic_stream_to_tcp(
