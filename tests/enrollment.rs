@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztunnel::capture::annotate::{Annotator, KubeAnnotator, Status, ANNOTATION};
 use ztunnel::capture::find::{self, FindError};
-use ztunnel::capture::netns::Netns as ZNetns;
+use ztunnel::net::netns::Netns as ZNetns;
 use ztunnel_e2e::apps;
 use ztunnel_e2e::controlplane::{self, KubePod};
 use ztunnel_e2e::daemon::{self, access_lines, die_with_test, metric, metric_or_zero};

@@ -15,7 +15,7 @@ use clap::Parser;
 
 mod ca;
 mod tunnel;
-pub use ca::{CaAuthorizer, CaConfig, CaMaterialSource, NamespacedName};
+pub use ca::{CaAuthorizer, CaConfig, CaLimits, CaMaterialSource, NamespacedName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

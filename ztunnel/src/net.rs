@@ -11,7 +11,10 @@
 //! A socket can be made inside a pod's network namespace ([`Origin::netns`]) and, for the
 //! daemon's connection to an application on behalf of a remote client, bound to that client's
 //! address with `IP_TRANSPARENT` ([`Origin::transparent_src`]), so the application sees the
-//! real client address.
+//! real client address. Network namespaces themselves, and running code inside one, are
+//! [`netns`].
+
+pub mod netns;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -19,7 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::capture::netns::Netns;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use netns::Netns;
 
 /// Where a connection comes from: the namespace its socket is made in, and the source address
 /// it claims. The default is the daemon's own namespace and an ordinary source.
@@ -28,9 +34,6 @@ pub struct Origin {
     pub netns: Option<Arc<Netns>>,
     pub transparent_src: Option<IpAddr>,
 }
-
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// How the daemon's outbound sockets are made.
 #[derive(Clone, Copy, Debug)]

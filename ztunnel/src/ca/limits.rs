@@ -17,15 +17,15 @@
 //!   connections keep out nobody from elsewhere, only churn among themselves, and it is
 //!   eviction, not the handshake deadline, that lets the newcomer in;
 //! - time to become a client: the TLS handshake and the HTTP/2 client preface must both be
-//!   done within [`CaLimits::handshake_timeout`] of the accept, or the connection is closed
+//!   done within [`CaLimits::handshake_timeout`](crate::config::CaLimits::handshake_timeout) of the accept, or the connection is closed
 //!   (`tls_timeout`, `preface_timeout`);
 //! - time doing nothing: a connection on which no stream has started for
-//!   [`CaLimits::idle_timeout`] and none is open is closed with a GOAWAY (the daemon's client
+//!   [`CaLimits::idle_timeout`](crate::config::CaLimits::idle_timeout) and none is open is closed with a GOAWAY (the daemon's client
 //!   dials again when it next needs the CA);
 //! - streams on one connection: HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`, which a conforming
 //!   client waits on;
 //! - a request's body: at most `MAX_BODY` bytes, all of it within
-//!   [`CaLimits::request_timeout`] of the headers, or `408` (`body_timeout`); until then the
+//!   [`CaLimits::request_timeout`](crate::config::CaLimits::request_timeout) of the headers, or `408` (`body_timeout`); until then the
 //!   request holds only its stream;
 //! - requests being handled (from a complete body until answered): per source address and in
 //!   all; over either, `429` (`too_many_requests`);
@@ -54,48 +54,8 @@ use std::time::Duration;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::gate::{Full, Gate, Limits, Permit, WhenFull};
-
-/// The CA's caps; [`Default`] is what `ztunnel ca` runs with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CaLimits {
-    pub connections: Limits,
-    pub streams_per_connection: u32,
-    pub requests_in_flight: Limits,
-    /// Requests one address may start at once after a quiet spell.
-    pub burst: NonZeroU32,
-    /// Then one more per this period.
-    pub refill: Duration,
-    /// From accept until the TLS handshake is done and the HTTP/2 client preface read.
-    pub handshake_timeout: Duration,
-    /// A connection on which no stream has started for this long, and none is open, is closed.
-    pub idle_timeout: Duration,
-    /// To send a request's whole body (from its headers); then, again, to answer it.
-    pub request_timeout: Duration,
-}
-
-impl Default for CaLimits {
-    /// A node's daemon asks for at most one certificate per identity on the node at once (a
-    /// few hundred on a full node), over one connection.
-    fn default() -> Self {
-        CaLimits {
-            connections: Limits {
-                total: 4096,
-                per_peer: 32,
-            },
-            streams_per_connection: 64,
-            requests_in_flight: Limits {
-                total: 1024,
-                per_peer: 64,
-            },
-            burst: NonZeroU32::new(256).expect("non-zero"),
-            refill: Duration::from_millis(50),
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(10),
-        }
-    }
-}
+use crate::config::CaLimits;
+use crate::gate::{Full, Gate, Permit, WhenFull};
 
 /// The refusal reason of a connection closed because its place went to a newcomer.
 pub const EVICTED: &str = "connection_evicted";
@@ -191,6 +151,7 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gate::Limits;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -175,6 +175,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::config::CaLimits;
     use crate::identity::{generate_csr, CertSigner, Identity, SignError, WorkloadCert};
     use ztunnel_proto::ca::SignRequest;
 
@@ -190,7 +191,7 @@ mod tests {
             auth,
             vec!["localhost".into()],
             Arc::new(metrics::CaMetrics::default()),
-            limits::CaLimits::default(),
+            CaLimits::default(),
             std::future::pending(),
         ));
         (dir, ca, addr)
@@ -265,7 +266,7 @@ mod tests {
             auth,
             vec!["localhost".into()],
             Arc::new(metrics::CaMetrics::default()),
-            limits::CaLimits::default(),
+            CaLimits::default(),
             std::future::pending(),
         ));
         (tx, addr)

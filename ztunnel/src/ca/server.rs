@@ -34,9 +34,10 @@ use ztunnel_proto::ca::{ErrorBody, SignRequest, MAX_BODY, SIGN_PATH};
 
 use tokio::sync::watch;
 
-use super::limits::{CaLimits, Guard, EVICTED};
+use super::limits::{Guard, EVICTED};
 use super::metrics::CaMetrics;
 use super::{Error, LocalCa};
+use crate::config::CaLimits;
 use crate::hbone::server::Idle;
 use crate::identity::{tls::provider, BoxFuture, Identity};
 

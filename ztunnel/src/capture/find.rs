@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::netns::Netns;
+use crate::net::netns::Netns;
 
 /// One network namespace seen on the host, and its addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]

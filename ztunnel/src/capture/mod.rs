@@ -13,7 +13,6 @@
 
 pub mod annotate;
 pub mod find;
-pub mod netns;
 pub mod pods;
 pub mod reconcile;
 pub mod rules;

@@ -19,11 +19,11 @@ use tokio::sync::watch;
 use ztunnel_proto::enroll::{Attachment, ErrorKind, PodAdd, PodRef, Reply, Request};
 
 use super::annotate::{Annotator, Status};
-use super::netns::Netns;
 use super::rules::{self, RulesError};
 use super::store::{PodRecord, Store};
 use crate::discovery::enrollment::NotEnrolled;
 use crate::discovery::{State, Workload};
+use crate::net::netns::Netns;
 use crate::proxy::{self, Listeners, ProxyInputs, Scope};
 use crate::refusal::Reason;
 

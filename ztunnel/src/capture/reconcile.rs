@@ -33,11 +33,11 @@ use ztunnel_proto::enroll::PodRef;
 
 use super::annotate::Status;
 use super::find::{self, FindError};
-use super::netns::Netns;
 use super::pods::{EnrolledPod, Pods};
 use crate::discovery::enrollment::NotEnrolled;
 use crate::discovery::{Discovery, State, Workload};
 use crate::metrics::{Metrics, ReconcileLabels};
+use crate::net::netns::Netns;
 
 /// How often the reconciler runs without a discovery change (retries failed enrollments).
 pub const RESYNC: Duration = Duration::from_secs(10);

@@ -27,7 +27,7 @@ use std::process::{Command, Stdio};
 
 use ztunnel_proto::hbone as consts;
 
-use super::netns::Netns;
+use crate::net::netns::Netns;
 
 /// The table's name, in family `inet`, in every enrolled pod.
 pub const TABLE: &str = "ztunnel";

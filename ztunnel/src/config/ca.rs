@@ -1,9 +1,10 @@
 //! `ztunnel ca`'s configuration ([`CaConfig`]): where the signing material lives, who may have
-//! which identity, and how much one caller may ask of the CA; parsed with the helpers of
-//! [`super`], flags winning over the environment.
+//! which identity, and how much one caller may ask of the CA ([`CaLimits`]); parsed with the
+//! helpers of [`super`], flags winning over the environment.
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,8 +15,48 @@ use super::{
     count, duration, duration_within, log_filter, required, setting, trust_domain, ConfigError,
     Env, LogFormat,
 };
-use crate::ca::limits::CaLimits;
 use crate::gate::Limits;
+
+/// The CA's caps; [`Default`] is what `ztunnel ca` runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaLimits {
+    pub connections: Limits,
+    pub streams_per_connection: u32,
+    pub requests_in_flight: Limits,
+    /// Requests one address may start at once after a quiet spell.
+    pub burst: NonZeroU32,
+    /// Then one more per this period.
+    pub refill: Duration,
+    /// From accept until the TLS handshake is done and the HTTP/2 client preface read.
+    pub handshake_timeout: Duration,
+    /// A connection on which no stream has started for this long, and none is open, is closed.
+    pub idle_timeout: Duration,
+    /// To send a request's whole body (from its headers); then, again, to answer it.
+    pub request_timeout: Duration,
+}
+
+impl Default for CaLimits {
+    /// A node's daemon asks for at most one certificate per identity on the node at once (a
+    /// few hundred on a full node), over one connection.
+    fn default() -> Self {
+        CaLimits {
+            connections: Limits {
+                total: 4096,
+                per_peer: 32,
+            },
+            streams_per_connection: 64,
+            requests_in_flight: Limits {
+                total: 1024,
+                per_peer: 64,
+            },
+            burst: NonZeroU32::new(256).expect("non-zero"),
+            refill: Duration::from_millis(50),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// `namespace/name` of a Kubernetes object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,7 +138,7 @@ pub struct CaConfig {
     pub server_names: Vec<String>,
     pub authorizer: CaAuthorizer,
     pub max_lifetime: Duration,
-    /// What one caller, and all together, may hold or start ([`crate::ca::limits`]).
+    /// What one caller, and all together, may hold or start ([`crate::ca::limits`] enforces it).
     pub limits: CaLimits,
     pub log_format: LogFormat,
     pub log_filter: String,
@@ -355,7 +396,7 @@ fn ca_limits(a: &CaArgs, env: Env<'_>) -> Result<CaLimits, ConfigError> {
         1_000_000,
     )?;
     Ok(CaLimits {
-        burst: std::num::NonZeroU32::new(burst).expect("checked above"),
+        burst: NonZeroU32::new(burst).expect("checked above"),
         refill: Duration::from_secs(1) / rate,
         connections: caps(
             ("max connections", "max connections per peer"),

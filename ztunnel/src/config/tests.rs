@@ -326,7 +326,7 @@ fn ca_config() {
     let c = CaConfig::from_sources(args, &|k| env.get(k).cloned()).unwrap();
     assert_eq!(c.server_names, ["a.svc", "b.svc"]);
     assert_eq!(c.listen.port(), 15012);
-    assert_eq!(c.limits, crate::ca::limits::CaLimits::default());
+    assert_eq!(c.limits, CaLimits::default());
     assert_eq!(
         (c.limits.burst.get(), c.limits.refill),
         (256, Duration::from_millis(50))
@@ -371,7 +371,7 @@ fn ca_config() {
 fn ca_config_caps_and_timeouts() {
     use crate::gate::Limits;
     let base = ["--ca-dir", "/ca", "--token-file", "/t"];
-    let d = crate::ca::limits::CaLimits::default();
+    let d = CaLimits::default();
     let shown = ca(&base, &[]).unwrap().to_string();
     for part in [
         "max_connections=4096 max_connections_per_peer=32",

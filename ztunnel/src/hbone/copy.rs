@@ -1,16 +1,18 @@
-//! Copying bytes between a TCP socket and an HBONE stream, both ways at once.
+//! Copying bytes between a TCP socket and an HBONE stream, both ways at once, on either
+//! transport: [`copy_h2`] for an HTTP/2 `CONNECT` stream, [`copy_quic`] for a QUIC stream
+//! ([`super::quic`]), [`copy_tunnel`] for whichever a [`TunnelStream`] holds.
 //!
-//! Contract: a TCP end-of-stream becomes the stream's END_STREAM and the stream's END_STREAM
-//! becomes a TCP write shutdown, so half-close crosses the tunnel in both directions. Memory
-//! is bounded: reads from TCP wait for HTTP/2 send capacity before reading more, and stream
-//! window is released only once the bytes are written to TCP. What arrives from the stream
-//! while the TCP side is slow is taken at once (up to a window) and counted in the node's
-//! buffered-bytes budget until written ([`super::budget`]); a stream the
-//! budget refuses is reset. No read buffer is held while
-//! the socket has nothing to read (an idle connection costs no buffer); when it becomes
-//! readable a buffer is taken whose size grows while reads keep filling it (bulk flows, up to
-//! 256 KiB) and shrinks when they do not; each chunk is handed to h2 as `Bytes` without copying.
-//! An error or reset in either direction aborts both (the stream is reset, the socket closed).
+//! Contract: a TCP end-of-stream ends the stream (HTTP/2 END_STREAM, QUIC FIN) and the
+//! stream's end becomes a TCP write shutdown, so half-close crosses the tunnel in both
+//! directions. Memory is bounded: reads from TCP wait for the stream's send capacity before
+//! reading more, and stream window is released only once the bytes are written to TCP. What
+//! arrives from the stream while the TCP side is slow is taken at once (up to a window) and
+//! counted in the node's buffered-bytes budget until written ([`super::budget`]); a stream the
+//! budget refuses is reset. No read buffer is held while the socket has nothing to read (an
+//! idle connection costs no buffer); when it becomes readable a buffer is taken whose size
+//! grows while reads keep filling it (bulk flows, up to 256 KiB) and shrinks when they do not;
+//! each chunk is handed to the stream as `Bytes` without copying. An error or reset in either
+//! direction aborts both (the stream is reset, the socket closed).
 //!
 //! What the client writes before its stream is open goes out right behind the `CONNECT`
 //! ([`super::early`]); the copy loop carries what follows.
@@ -27,10 +29,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::budget::{BufferBudget, OverBudget, QUEUE_MAX};
-use super::queue::Queue;
+use super::queue::{Queue, CHUNKS_PER_WRITE};
+use super::quic;
 
-pub(super) const INITIAL_BUF: usize = 16 * 1024;
-pub(super) const MAX_BUF: usize = 256 * 1024;
+const INITIAL_BUF: usize = 16 * 1024;
+const MAX_BUF: usize = 256 * 1024;
 
 /// Live byte counts of one proxied connection, readable while it runs.
 #[derive(Debug, Default)]
@@ -87,17 +90,17 @@ pub async fn copy_tunnel(
 ) -> Result<(), CopyError> {
     match stream {
         TunnelStream::H2 { send, recv } => {
-            copy_bidirectional(tcp_read, tcp_write, send, recv, counters, budget).await
+            copy_h2(tcp_read, tcp_write, send, recv, counters, budget).await
         }
         TunnelStream::Quic { send, recv } => {
-            super::quic::copy_bidirectional(tcp_read, tcp_write, send, recv, counters, budget).await
+            copy_quic(tcp_read, tcp_write, send, recv, counters, budget).await
         }
     }
 }
 
 /// The next read size: doubled after a read that filled the buffer (a bulk flow, up to
 /// [`MAX_BUF`]), halved after one that used less than a quarter of it.
-pub(super) fn next_want(want: usize, n: usize) -> usize {
+fn next_want(want: usize, n: usize) -> usize {
     if n >= want && want < MAX_BUF {
         want * 2
     } else if n < want / 4 && want > INITIAL_BUF {
@@ -107,8 +110,8 @@ pub(super) fn next_want(want: usize, n: usize) -> usize {
     }
 }
 
-/// Copies `tcp` ⇄ (`send`, `recv`) until both directions have ended.
-pub async fn copy_bidirectional(
+/// Copies `tcp` ⇄ (`send`, `recv`) of an HTTP/2 tunnel stream until both directions have ended.
+pub async fn copy_h2(
     tcp_read: OwnedReadHalf,
     tcp_write: OwnedWriteHalf,
     send: SendStream<Bytes>,
@@ -117,28 +120,57 @@ pub async fn copy_bidirectional(
     budget: &BufferBudget,
 ) -> Result<(), CopyError> {
     tokio::try_join!(
-        tcp_to_stream(tcp_read, send, &counters.sent),
-        stream_to_tcp(recv, tcp_write, &counters.received, budget),
+        h2_tcp_to_stream(tcp_read, send, &counters.sent),
+        h2_stream_to_tcp(recv, tcp_write, &counters.received, budget),
     )?;
     Ok(())
 }
 
-async fn tcp_to_stream(
-    mut rd: OwnedReadHalf,
+/// What a copy loop reads from its TCP side: chunks sized to the flow ([`next_want`]), read
+/// by [`read_chunk`], each counted in `counter` as it is read.
+struct TcpChunks<'a> {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    want: usize,
+    counter: &'a AtomicU64,
+}
+
+impl<'a> TcpChunks<'a> {
+    fn new(rd: OwnedReadHalf, counter: &'a AtomicU64) -> Self {
+        TcpChunks {
+            rd,
+            buf: BytesMut::new(),
+            want: INITIAL_BUF,
+            counter,
+        }
+    }
+
+    /// The next chunk read; `None` at the TCP side's end-of-stream.
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        let TcpChunks {
+            rd,
+            buf,
+            want,
+            counter,
+        } = self;
+        let asked = *want;
+        let n = poll_fn(|cx| read_chunk(rd, cx, buf, asked)).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        *want = next_want(asked, n);
+        Ok(Some(buf.split().freeze()))
+    }
+}
+
+async fn h2_tcp_to_stream(
+    rd: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     counter: &AtomicU64,
 ) -> Result<(), CopyError> {
-    let mut buf = BytesMut::new();
-    let mut want = INITIAL_BUF;
-    loop {
-        let n = poll_fn(|cx| read_chunk(&mut rd, cx, &mut buf, want)).await?;
-        if n == 0 {
-            send.send_data(Bytes::new(), true)?;
-            return Ok(());
-        }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        want = next_want(want, n);
-        let mut chunk = buf.split().freeze();
+    let mut tcp = TcpChunks::new(rd, counter);
+    while let Some(mut chunk) = tcp.next().await? {
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -152,6 +184,8 @@ async fn tcp_to_stream(
             send.send_data(piece, false)?;
         }
     }
+    send.send_data(Bytes::new(), true)?;
+    Ok(())
 }
 
 /// Reads what `rd` has into `buf`, taking a buffer of `want` bytes only once the socket is
@@ -160,7 +194,7 @@ async fn tcp_to_stream(
 /// through `AsyncRead` lets tokio note a short read as "drained", so the next read waits for
 /// the socket instead of costing a `recv` that fails with `EAGAIN`. Both polls below spend
 /// the task's cooperative budget, so a busy flow yields rather than spins.
-pub(super) fn read_chunk(
+fn read_chunk(
     rd: &mut OwnedReadHalf,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
@@ -177,7 +211,7 @@ pub(super) fn read_chunk(
     Poll::Pending
 }
 
-async fn stream_to_tcp(
+async fn h2_stream_to_tcp(
     mut recv: RecvStream,
     mut wr: OwnedWriteHalf,
     counter: &AtomicU64,
@@ -215,8 +249,87 @@ async fn stream_to_tcp(
     Ok(())
 }
 
+/// Copies `tcp` ⇄ (`send`, `recv`) of a QUIC tunnel stream until both directions have ended;
+/// on an error both directions are reset (a dropped quinn stream would otherwise end cleanly).
+pub async fn copy_quic(
+    tcp_read: OwnedReadHalf,
+    tcp_write: OwnedWriteHalf,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    counters: &ByteCounters,
+    budget: &BufferBudget,
+) -> Result<(), CopyError> {
+    let r = tokio::try_join!(
+        quic_tcp_to_stream(tcp_read, &mut send, &counters.sent),
+        quic_stream_to_tcp(&mut recv, tcp_write, &counters.received, budget),
+    );
+    if r.is_err() {
+        let _ = send.reset(quic::RESET);
+        let _ = recv.stop(quic::RESET);
+    }
+    r.map(|_| ())
+}
+
+async fn quic_tcp_to_stream(
+    rd: OwnedReadHalf,
+    send: &mut quinn::SendStream,
+    counter: &AtomicU64,
+) -> Result<(), CopyError> {
+    let mut tcp = TcpChunks::new(rd, counter);
+    while let Some(chunk) = tcp.next().await? {
+        send.write_chunk(chunk)
+            .await
+            .map_err(|e| CopyError::Quic(e.to_string()))?;
+    }
+    send.finish().map_err(|_| CopyError::StreamClosed)?;
+    Ok(())
+}
+
+async fn quic_stream_to_tcp(
+    recv: &mut quinn::RecvStream,
+    mut wr: OwnedWriteHalf,
+    counter: &AtomicU64,
+    budget: &BufferBudget,
+) -> Result<(), CopyError> {
+    let mut queue = Queue::new(budget);
+    let mut chunks: [Bytes; CHUNKS_PER_WRITE] = Default::default();
+    let mut ended = false;
+    loop {
+        let step = if queue.is_empty() {
+            if ended {
+                break;
+            }
+            Step::Data(recv.read_chunks(&mut chunks).await)
+        } else {
+            // As on HTTP/2: take what arrives while writing, up to a window, counted. A read
+            // here gives the peer credit, so no more than a window is taken.
+            let take = !ended && queue.len() < QUEUE_MAX;
+            tokio::select! {
+                biased;
+                w = queue.write_some(&mut wr) => Step::Wrote(w),
+                d = recv.read_chunks(&mut chunks), if take => Step::Data(d),
+            }
+        };
+        match step {
+            Step::Wrote(w) => {
+                counter.fetch_add(w? as u64, Ordering::Relaxed);
+            }
+            Step::Data(d) => match d.map_err(|e| CopyError::Quic(e.to_string()))? {
+                Some(n) => {
+                    for chunk in &mut chunks[..n] {
+                        queue.push(std::mem::take(chunk))?;
+                    }
+                }
+                None => ended = true,
+            },
+        }
+    }
+    wr.shutdown().await?;
+    Ok(())
+}
+
 /// What one turn of a copy loop towards TCP did.
-pub(super) enum Step<W, D> {
+enum Step<W, D> {
     Wrote(W),
     Data(D),
 }

@@ -45,9 +45,9 @@ use super::client::{self, ClientError};
 use super::copy::TunnelStream;
 use super::early::Early;
 use super::quic::{self, Fallback, QuicError, QuicStreamError};
-use crate::capture::netns::Netns;
 use crate::identity::{Identity, WorkloadCert};
 use crate::metrics::{Metrics, ResponseFlag};
+use crate::net::netns::Netns;
 use crate::net::ConnectOptions;
 
 /// What makes two streams share a connection.

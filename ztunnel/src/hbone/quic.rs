@@ -8,31 +8,22 @@
 //! tunnel's (4 MiB per stream, 16 MiB per connection) and its keep-alive the pings (10 s,
 //! closed after 20 s of silence).
 //!
-//! Copying keeps the HTTP/2 copy's contract ([`super::copy`]): a TCP EOF is a FIN, a FIN is a
-//! TCP write shutdown, memory is bounded by the windows, and an error in either direction
-//! resets the stream both ways (a dropped quinn stream would otherwise end cleanly).
+//! Bytes are copied over a stream by [`super::copy::copy_quic`].
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{RecvStream, SendStream, TransportConfig, VarInt};
 use rustls_pki_types::CertificateDer;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use ztunnel_proto::quic::{self as wire, HeaderError, RequestHeader};
 
-use super::budget::{BufferBudget, QUEUE_MAX};
 use super::consts;
-use super::copy::{ByteCounters, CopyError, Step};
 use super::early::Early;
-use super::queue::{Queue, CHUNKS_PER_WRITE};
-use crate::capture::netns::Netns;
+use crate::net::netns::Netns;
 
 /// A peer that does not complete the QUIC handshake within this time is taken as not
 /// answering on QUIC: the pool falls back to HTTP/2 ([`super::pool`]).
@@ -40,7 +31,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A stream whose request header has not arrived by then is refused.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Application error code of a stream reset because its copy failed or was cut short.
-const RESET: VarInt = VarInt::from_u32(1);
+pub(super) const RESET: VarInt = VarInt::from_u32(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuicError {
@@ -430,95 +421,10 @@ pub fn placeholder_server_config() -> quinn::ServerConfig {
     server_config(&tls, 1).expect("a TLS 1.3 configuration suits QUIC")
 }
 
-/// Copies `tcp` ⇄ (`send`, `recv`) until both directions have ended ([`super::copy`]'s
-/// contract, and what waits for the TCP side counted in `budget`); on an error both directions
-/// are reset.
-pub async fn copy_bidirectional(
-    tcp_read: OwnedReadHalf,
-    tcp_write: OwnedWriteHalf,
-    mut send: SendStream,
-    mut recv: RecvStream,
-    counters: &ByteCounters,
-    budget: &BufferBudget,
-) -> Result<(), CopyError> {
-    let r = tokio::try_join!(
-        tcp_to_stream(tcp_read, &mut send, &counters.sent),
-        stream_to_tcp(&mut recv, tcp_write, &counters.received, budget),
-    );
-    if r.is_err() {
-        let _ = send.reset(RESET);
-        let _ = recv.stop(RESET);
-    }
-    r.map(|_| ())
-}
-
-async fn tcp_to_stream(
-    mut rd: OwnedReadHalf,
-    send: &mut SendStream,
-    counter: &AtomicU64,
-) -> Result<(), CopyError> {
-    let mut buf = BytesMut::new();
-    let mut want = super::copy::INITIAL_BUF;
-    loop {
-        let n =
-            std::future::poll_fn(|cx| super::copy::read_chunk(&mut rd, cx, &mut buf, want)).await?;
-        if n == 0 {
-            send.finish().map_err(|_| CopyError::StreamClosed)?;
-            return Ok(());
-        }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        want = super::copy::next_want(want, n);
-        send.write_chunk(buf.split().freeze())
-            .await
-            .map_err(|e| CopyError::Quic(e.to_string()))?;
-    }
-}
-
-async fn stream_to_tcp(
-    recv: &mut RecvStream,
-    mut wr: OwnedWriteHalf,
-    counter: &AtomicU64,
-    budget: &BufferBudget,
-) -> Result<(), CopyError> {
-    let mut queue = Queue::new(budget);
-    let mut chunks: [Bytes; CHUNKS_PER_WRITE] = Default::default();
-    let mut ended = false;
-    loop {
-        let step = if queue.is_empty() {
-            if ended {
-                break;
-            }
-            Step::Data(recv.read_chunks(&mut chunks).await)
-        } else {
-            // As on HTTP/2: take what arrives while writing, up to a window, counted. A read
-            // here gives the peer credit, so no more than a window is taken.
-            let take = !ended && queue.len() < QUEUE_MAX;
-            tokio::select! {
-                biased;
-                w = queue.write_some(&mut wr) => Step::Wrote(w),
-                d = recv.read_chunks(&mut chunks), if take => Step::Data(d),
-            }
-        };
-        match step {
-            Step::Wrote(w) => {
-                counter.fetch_add(w? as u64, Ordering::Relaxed);
-            }
-            Step::Data(d) => match d.map_err(|e| CopyError::Quic(e.to_string()))? {
-                Some(n) => {
-                    for chunk in &mut chunks[..n] {
-                        queue.push(std::mem::take(chunk))?;
-                    }
-                }
-                None => ended = true,
-            },
-        }
-    }
-    wr.shutdown().await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     #[test]

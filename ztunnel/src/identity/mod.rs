@@ -3,6 +3,7 @@
 //! [`CertSigner`]), and the mutual-TLS configurations that carry them ([`tls`]).
 
 mod cert;
+mod leaf;
 mod manager;
 mod spiffe;
 pub mod tls;
@@ -10,10 +11,8 @@ pub mod tls;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use cert::{
-    generate_csr, leaf_identities, leaf_identity_in, parse_pem_certs, root_store, KeyAndCsr,
-    WorkloadCert,
-};
+pub use cert::{generate_csr, parse_pem_certs, root_store, KeyAndCsr, WorkloadCert};
+pub use leaf::{leaf_identities, leaf_identity_in};
 pub use manager::CertManager;
 pub use spiffe::{Identity, ParseError};
 pub use tls::peer_identity;

@@ -25,7 +25,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::cert::{leaf_identities, leaf_identity_in};
+use super::leaf::{leaf_identities, leaf_identity_in};
 use super::{Error, Identity};
 
 /// The crypto provider of the tunnel: ring with only the two AES-GCM TLS 1.3 suites.

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::engine::{Compiled, Effect, Group, Kind, LabelPair, Match, PolicyRef};
+use super::compiled::{Compiled, Effect, Group, Kind, LabelPair, Match, PolicyRef};
 use super::matchers::{self, StrMatch};
 use crate::discovery::policy::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, MtlsMode, PeerAuthentication,
@@ -674,7 +674,7 @@ fn peer_status(p: &PeerAuthentication) -> PolicyStatus {
         .selector
         .as_ref()
         .is_some_and(|s| s.match_labels.as_ref().is_some_and(|m| !m.is_empty()));
-    if labelled && super::engine::root_namespaces().contains(&p.metadata.namespace.as_str()) {
+    if labelled && super::roots::root_namespaces().contains(&p.metadata.namespace.as_str()) {
         return PolicyStatus {
             message: "a PeerAuthentication with a selector in the root namespace applies to no workload (as in Istio's ambient mode)".into(),
             ..PolicyStatus::accepted()

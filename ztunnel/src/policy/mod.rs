@@ -1,19 +1,21 @@
 //! L4 identity policy, as Istio's ambient mode decides it: each policy object converted as
-//! istiod converts it (`convert`), then matched as Istio's ztunnel matches (`engine`).
-//! Decisions are pure functions ([`PolicyIndex::evaluate`]); the proxies enforce them. Each
-//! object's status for Kubernetes comes from the same conversion ([`status_of`]).
+//! istiod converts it (`convert`) into the form the matcher reads (`compiled`), then matched
+//! as Istio's ztunnel matches (`engine`); a policy in a root namespace (`roots`) applies
+//! mesh-wide. Decisions are pure functions ([`PolicyIndex::evaluate`]); the proxies enforce
+//! them. Each object's status for Kubernetes comes from the same conversion ([`status_of`]).
 
+mod compiled;
 mod convert;
 mod engine;
 pub mod explain;
 pub mod from_istio;
 mod matchers;
+mod roots;
 
+pub use compiled::{Conn, Decision, Effect, Kind, PolicyRef, Reason};
 pub use convert::{status_of, PolicyStatus, CONDITION_TYPE, DRY_RUN_ANNOTATION};
-pub use engine::{
-    root_namespaces, set_root_namespaces, Conn, Considered, Decision, Effect, Ignored, Kind,
-    PolicyIndex, PolicyRef, Reason, ROOT_NAMESPACE,
-};
+pub use engine::{Considered, Ignored, PolicyIndex};
+pub use roots::{root_namespaces, set_root_namespaces, ROOT_NAMESPACE};
 
 #[cfg(test)]
 mod istio_tests;

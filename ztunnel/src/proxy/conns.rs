@@ -4,10 +4,12 @@
 //! A [`Tracked`] guard is created when a connection is accepted; dropping it removes the
 //! connection from the table and logs one structured line with addresses, identities,
 //! direction, bytes each way, duration, the policy decision and the policy that made it, and
-//! the error, if any. Inbound connections carry what the policy engine needs
-//! ([`PolicyFacts`]), so that [`ConnTable::reevaluate`] can close those that a policy change
-//! now denies; [`ConnTable::close_pod`] closes those from and to a pod leaving the mesh. A
-//! handler learns which from [`Tracked::told_to_close`].
+//! how it ended ([`Outcome`], recorded by [`Tracked::fail`]). The guard also reports the
+//! connection in Istio's TCP metrics ([`Tracked::report`], or at its end with a response
+//! flag). Inbound connections carry what the policy engine needs ([`PolicyFacts`]), so that
+//! [`ConnTable::reevaluate`] can close those that a policy change now denies;
+//! [`ConnTable::close_pod`] closes those from and to a pod leaving the mesh. A handler learns
+//! which from [`Tracked::told_to_close`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,8 +19,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::outcome::Outcome;
 use crate::hbone::copy::ByteCounters;
-use crate::refusal::Reason;
+use crate::metrics::{IstioLabels, IstioTcp, Metrics};
 
 /// Which proxy carried a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -161,14 +164,23 @@ pub struct ConnRow {
     pub duration_ms: u128,
 }
 
-/// All live connections.
+/// All live connections, and Istio's TCP families they are reported in.
 #[derive(Default)]
 pub struct ConnTable {
     next: AtomicU64,
     live: Mutex<HashMap<u64, Arc<ConnRecord>>>,
+    istio: IstioTcp,
 }
 
 impl ConnTable {
+    /// An empty table whose connections are reported in `istio`.
+    pub fn new(istio: IstioTcp) -> Self {
+        ConnTable {
+            istio,
+            ..Default::default()
+        }
+    }
+
     /// Registers a new connection; the returned guard unregisters and logs it.
     pub fn track(self: &Arc<Self>, direction: Direction, facts: ConnFacts) -> Tracked {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
@@ -189,7 +201,8 @@ impl ConnTable {
         Tracked {
             table: self.clone(),
             rec,
-            error: None,
+            outcome: Outcome::Completed,
+            labels: None,
             report: None,
         }
     }
@@ -280,7 +293,9 @@ fn row(r: &ConnRecord) -> ConnRow {
 pub struct Tracked {
     table: Arc<ConnTable>,
     rec: Arc<ConnRecord>,
-    error: Option<String>,
+    outcome: Outcome,
+    /// Istio's labels for it, until it is reported.
+    labels: Option<IstioLabels>,
     report: Option<Report>,
 }
 
@@ -301,17 +316,22 @@ impl Tracked {
         f(&mut self.rec.facts.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    /// Reports the connection in Istio's TCP metrics: opened now, closed (with its bytes)
-    /// when the guard drops.
-    pub fn report(
-        &mut self,
-        istio: &crate::metrics::IstioTcp,
-        labels: &crate::metrics::IstioLabels,
-    ) {
-        self.report = Some(Report {
-            opened: istio.open(labels),
-            at_source: labels.reporter == "source",
-        });
+    /// Sets the labels Istio's TCP metrics report the connection with: once it is carried
+    /// ([`Tracked::report`]), or when it ends with a response flag before
+    /// ([`Tracked::fail`]). A connection never given labels is not in those metrics.
+    pub fn label(&mut self, labels: IstioLabels) {
+        self.labels = Some(labels);
+    }
+
+    /// Reports the connection in Istio's TCP metrics with its [labels](Tracked::label): opened
+    /// now, closed (with its bytes) when the guard drops.
+    pub fn report(&mut self) {
+        if let Some(labels) = self.labels.take() {
+            self.report = Some(Report {
+                opened: self.table.istio.open(&labels),
+                at_source: labels.reporter == "source",
+            });
+        }
     }
 
     /// Keeps what the policy engine needs to judge this connection again.
@@ -333,39 +353,51 @@ impl Tracked {
             .unwrap_or(CloseCause::PolicyDenied)
     }
 
-    /// Records the error that ended the connection (logged on close).
-    pub fn fail(&mut self, error: impl std::fmt::Display) {
-        self.error = Some(error.to_string());
+    /// Records how the connection ended: its access-log line shows it on close, and one that
+    /// ends with a response flag before it was reported is counted in Istio's metrics now
+    /// (opened, closed with the flag, and failed). The reason of a refusal is counted by the
+    /// caller (`refuse!` in [`super::outcome`]).
+    pub fn fail(&mut self, outcome: Outcome) {
+        if self.report.is_none() {
+            if let (Some(flag), Some(labels)) = (outcome.response_flag(), self.labels.take()) {
+                self.table.istio.refused(labels, flag);
+            }
+        }
+        self.outcome = outcome;
     }
 
     /// Records that the daemon closed the connection for `cause` (logged now and on close; a
     /// policy change is counted as `policy_revoked`).
-    pub fn closed_by_daemon(&mut self, cause: CloseCause, metrics: &crate::metrics::Metrics) {
-        let (log, error) = match (cause, self.rec.direction) {
-            (CloseCause::PolicyDenied, _) => {
-                metrics.refused(Reason::PolicyRevoked);
-                (
-                    "closed: a policy change denies it",
-                    "closed: denied by a policy change",
-                )
-            }
-            (CloseCause::Released, Direction::Outbound | Direction::Passthrough) => (
-                "closed: the source pod left the mesh",
-                "closed: the source pod left the mesh",
-            ),
-            (CloseCause::Released, Direction::Inbound | Direction::InboundPlaintext) => (
-                "closed: the destination pod left the mesh",
-                "closed: the destination pod left the mesh",
-            ),
-        };
+    pub fn closed_by_daemon(&mut self, cause: CloseCause, metrics: &Metrics) {
+        let outcome = closed_by(cause, self.rec.direction);
+        if let Some(reason) = outcome.reason() {
+            metrics.refused(reason);
+        }
         let f = self
             .rec
             .facts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let log = match outcome {
+            Outcome::PolicyRevoked => "closed: a policy change denies it".into(),
+            _ => outcome.text(),
+        };
         tracing::info!(id = self.rec.id, src = ?f.src_addr, src_identity = ?f.src_identity, dst = ?f.dst_addr, "{log}");
-        self.fail(error);
+        self.fail(outcome);
+    }
+}
+
+/// How a connection of `direction` ends when the daemon closes it for `cause`.
+fn closed_by(cause: CloseCause, direction: Direction) -> Outcome {
+    match (cause, direction) {
+        (CloseCause::PolicyDenied, _) => Outcome::PolicyRevoked,
+        (CloseCause::Released, Direction::Outbound | Direction::Passthrough) => {
+            Outcome::SourceReleased
+        }
+        (CloseCause::Released, Direction::Inbound | Direction::InboundPlaintext) => {
+            Outcome::DestinationReleased
+        }
     }
 }
 
@@ -405,7 +437,7 @@ impl Drop for Tracked {
             decision = f.decision.unwrap_or(""),
             policy = f.policy.as_deref().unwrap_or(""),
             traceparent = f.traceparent.as_deref().unwrap_or(""),
-            error = self.error.as_deref().unwrap_or(""),
+            error = &*self.outcome.text(),
             "connection closed"
         );
     }
@@ -479,5 +511,30 @@ mod tests {
         drop(tracked);
         assert_eq!(table.of_pod(&pod), 0);
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn the_daemon_closing_a_connection_says_which_pod_left_or_that_policy_denies_it() {
+        use Direction::*;
+        let cases = [
+            (CloseCause::PolicyDenied, Outbound, Outcome::PolicyRevoked),
+            (CloseCause::PolicyDenied, Inbound, Outcome::PolicyRevoked),
+            (
+                CloseCause::PolicyDenied,
+                InboundPlaintext,
+                Outcome::PolicyRevoked,
+            ),
+            (CloseCause::Released, Outbound, Outcome::SourceReleased),
+            (CloseCause::Released, Passthrough, Outcome::SourceReleased),
+            (CloseCause::Released, Inbound, Outcome::DestinationReleased),
+            (
+                CloseCause::Released,
+                InboundPlaintext,
+                Outcome::DestinationReleased,
+            ),
+        ];
+        for (cause, direction, want) in cases {
+            assert_eq!(closed_by(cause, direction), want, "{cause:?} {direction:?}");
+        }
     }
 }

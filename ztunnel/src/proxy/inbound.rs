@@ -32,13 +32,14 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::conns::{ConnFacts, Direction, PolicyFacts, Tracked};
+use super::outcome::{refuse, Outcome};
 use super::peers::{PeerConn, PeerStream};
 use super::{plan, reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
-use crate::hbone::copy::copy_bidirectional;
+use crate::hbone::copy::copy_h2;
 use crate::hbone::server;
 use crate::identity::{self, Identity};
-use crate::metrics::{End, IstioLabels, ResponseFlag};
+use crate::metrics::End;
 use crate::net;
 use crate::refusal::Reason;
 
@@ -91,8 +92,7 @@ impl Peer {
         tracked: &mut Tracked,
     ) -> Result<PeerStream, StatusCode> {
         self.place.stream().map_err(|over| {
-            crate::refused!(pi.metrics, over.reason(), peer = %self.addr, src = %self.identity, error = %over, "tunnel stream refused: over the peer's cap; 429");
-            tracked.fail(over);
+            refuse!(pi, tracked, Outcome::OverPeerCap(over), peer = %self.addr, src = %self.identity, error = %over, "tunnel stream refused: over the peer's cap; 429");
             over.reason().status().unwrap_or(StatusCode::TOO_MANY_REQUESTS)
         })
     }
@@ -252,22 +252,22 @@ async fn stream(
         Ok(place) => place,
         Err(status) => return server::refuse(respond, status),
     };
-    let admitted = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
-        Ok(a) => a,
+    let app = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
+        Ok(app) => app,
         Err(status) => return server::refuse(respond, status),
     };
     let mut respond = respond;
     let send = match respond.send_response(ok_response(&pi, &peer), false) {
         Ok(s) => s,
         Err(e) => {
-            tracked.fail(&e);
+            tracked.fail(Outcome::Failed(e.to_string()));
             return;
         }
     };
-    established(&pi, &admitted, &mut tracked);
-    let (rd, wr) = admitted.app.into_split();
+    tracked.report();
+    let (rd, wr) = app.into_split();
     tokio::select! {
-        r = copy_bidirectional(rd, wr, send, req.into_body(), &tracked.record().bytes, &pi.budget) => {
+        r = copy_h2(rd, wr, send, req.into_body(), &tracked.record().bytes, &pi.budget) => {
             if let Err(e) = r {
                 super::copy_failed(&pi, &mut tracked, e);
             }
@@ -292,40 +292,34 @@ pub(super) fn track(pi: &ProxyInputs, peer: &Peer) -> Tracked {
     )
 }
 
-/// A tunnel stream admitted: the application's connection, and the labels it is reported
-/// with once answered `200` ([`established`]).
-pub(super) struct Admitted {
-    pub(super) app: TcpStream,
-    labels: IstioLabels,
-}
-
 /// Decides a tunnel request (either transport) and connects the application: validation
-/// ([`server::validate`]), the plan ([`plan::inbound`]), then policy, then the connect. `Err`
-/// is the status to refuse with, the refusal already logged, counted and recorded. A stream
-/// refused after its plan (by policy, or an unreachable application) is reported in Istio's
-/// metrics with its flag, the source workload included.
+/// ([`server::validate`]), the plan ([`plan::inbound`]), then policy, then the connect. `Ok`
+/// is the application's connection, and `tracked` has the labels it is reported with once
+/// answered `200` ([`Tracked::report`]); `Err` is the status to refuse with, the refusal
+/// already logged, counted and recorded. A stream refused after its plan (by policy, or an
+/// unreachable application) is reported in Istio's metrics with its flag, the source
+/// workload included.
 pub(super) async fn admit<B>(
     pi: &ProxyInputs,
     scope: &Scope,
     peer: &Peer,
     req: &Request<B>,
     tracked: &mut Tracked,
-) -> Result<Admitted, StatusCode> {
-    let refuse = |reason: Reason, tracked: &mut Tracked| {
+) -> Result<TcpStream, StatusCode> {
+    let invalid = |reason: Reason, tracked: &mut Tracked| {
         let status = reason.status().unwrap_or(StatusCode::BAD_REQUEST);
-        crate::refused!(pi.metrics, reason, src = %peer.identity, uri = %req.uri(),
+        refuse!(pi, tracked, Outcome::Refused(reason), src = %peer.identity, uri = %req.uri(),
             method = %req.method(), status = status.as_u16(), "CONNECT refused");
-        tracked.fail(reason);
         status
     };
     let connect = match server::validate(req, peer.local.ip()) {
         Ok(t) => t,
-        Err(reason) => return Err(refuse(reason, tracked)),
+        Err(reason) => return Err(invalid(reason, tracked)),
     };
     let state = pi.discovery.current();
     let plan = match plan::inbound(&state, &peer.dst, peer.local.ip(), &connect) {
         Ok(p) => p,
-        Err(reason) => return Err(refuse(reason, tracked)),
+        Err(reason) => return Err(invalid(reason, tracked)),
     };
     let target = plan.target;
     tracked.update(|f| {
@@ -343,7 +337,7 @@ pub(super) async fn admit<B>(
     }
     let src_principal = peer.identity.to_string();
     let dst_principal = peer.dst_identity.to_string();
-    let labels = pi.istio_labels(
+    tracked.label(pi.istio_labels(
         "destination",
         End {
             workload: src.as_deref(),
@@ -355,7 +349,7 @@ pub(super) async fn admit<B>(
         },
         plan.service.as_deref(),
         true,
-    );
+    ));
     let facts = PolicyFacts {
         src_principal: Some(
             src_principal
@@ -377,10 +371,8 @@ pub(super) async fn admit<B>(
         f.policy = decision.policy.as_ref().map(|p| p.to_string());
     });
     if !decision.allowed {
-        crate::refused!(pi.metrics, Reason::PolicyDenied, src = %peer.identity, %target,
+        refuse!(pi, tracked, Outcome::DeniedByPolicy, src = %peer.identity, %target,
             policy = ?decision.policy, rule = ?decision.rule, why = ?decision.reason, "denied by policy; 401");
-        pi.metrics.istio.refused(labels, ResponseFlag::Deny);
-        tracked.fail("denied by policy");
         return Err(Reason::PolicyDenied
             .status()
             .unwrap_or(StatusCode::UNAUTHORIZED));
@@ -390,21 +382,14 @@ pub(super) async fn admit<B>(
     // The application sees the tunnel peer's address: the source pod's own.
     let origin = scope.app_origin(peer.addr.ip());
     match net::connect_from(target, pi.connect, &origin).await {
-        Ok(app) => Ok(Admitted { app, labels }),
+        Ok(app) => Ok(app),
         Err(e) => {
-            crate::refused!(pi.metrics, Reason::InboundAppUnreachable, %target, error = %e, "application unreachable; 503");
-            pi.metrics.istio.refused(labels, ResponseFlag::Connect);
-            tracked.fail(&e);
+            refuse!(pi, tracked, Outcome::AppUnreachable(e.to_string()), %target, error = %e, "application unreachable; 503");
             Err(Reason::InboundAppUnreachable
                 .status()
                 .unwrap_or(StatusCode::SERVICE_UNAVAILABLE))
         }
     }
-}
-
-/// Once a stream is answered `200`: reports it in Istio's metrics.
-pub(super) fn established(pi: &ProxyInputs, admitted: &Admitted, tracked: &mut Tracked) {
-    tracked.report(&pi.metrics.istio, &admitted.labels);
 }
 
 /// The `200` that admits a stream, with the `baggage` of the workload that answers, as Istio's

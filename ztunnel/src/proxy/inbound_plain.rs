@@ -13,10 +13,11 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::conns::{ConnFacts, Direction, PolicyFacts};
+use super::outcome::{refuse, Outcome};
 use super::{reset, ProxyInputs, Scope};
 use crate::discovery::policy::MtlsMode;
 use crate::hbone::consts;
-use crate::metrics::{End, ResponseFlag};
+use crate::metrics::End;
 use crate::net;
 use crate::refusal::Reason;
 
@@ -50,8 +51,7 @@ pub(super) async fn handle(
         },
     );
     if consts::RESERVED_PORTS.contains(&orig.port()) {
-        crate::refused!(pi.metrics, Reason::InboundPlaintextRecursion, %peer, dst = %orig, "plaintext to a daemon port; refused");
-        tracked.fail("recursion");
+        refuse!(pi, tracked, Outcome::PlaintextRecursion, %peer, dst = %orig, "plaintext to a daemon port; refused");
         return reset(tcp);
     }
     let state = pi.discovery.current();
@@ -62,7 +62,7 @@ pub(super) async fn handle(
         .services_of(&dst)
         .find(|s| s.ports.iter().any(|p| p.target_port == orig.port()))
         .cloned();
-    let labels = pi.istio_labels(
+    tracked.label(pi.istio_labels(
         "destination",
         End {
             workload: src.as_deref(),
@@ -74,16 +74,14 @@ pub(super) async fn handle(
         },
         service.as_deref(),
         false,
-    );
+    ));
     if state
         .policy()
         .mtls_mode(&dst.namespace, &dst.labels, orig.port())
         == MtlsMode::Strict
     {
-        crate::refused!(pi.metrics, Reason::InboundPlaintextStrict, %peer, dst = %orig, "plaintext refused: the destination requires mutual TLS (STRICT)");
-        pi.metrics.istio.refused(labels, ResponseFlag::Deny);
         tracked.update(|f| f.decision = Some("deny"));
-        tracked.fail("plaintext refused by STRICT peer authentication");
+        refuse!(pi, tracked, Outcome::PlaintextStrict, %peer, dst = %orig, "plaintext refused: the destination requires mutual TLS (STRICT)");
         return reset(tcp);
     }
     let facts = PolicyFacts {
@@ -102,10 +100,8 @@ pub(super) async fn handle(
         f.policy = decision.policy.as_ref().map(|p| p.to_string());
     });
     if !decision.allowed {
-        crate::refused!(pi.metrics, Reason::PolicyDenied, %peer, dst = %orig, policy = ?decision.policy, rule = ?decision.rule,
+        refuse!(pi, tracked, Outcome::DeniedByPolicy, %peer, dst = %orig, policy = ?decision.policy, rule = ?decision.rule,
             why = ?decision.reason, "plaintext connection denied by policy");
-        pi.metrics.istio.refused(labels, ResponseFlag::Deny);
-        tracked.fail("denied by policy");
         return reset(tcp);
     }
     tracked.set_policy_facts(facts);
@@ -113,13 +109,11 @@ pub(super) async fn handle(
     let mut app = match net::connect_from(orig, pi.connect, &scope.app_origin(peer.ip())).await {
         Ok(a) => a,
         Err(e) => {
-            crate::refused!(pi.metrics, Reason::InboundPlaintextAppUnreachable, %peer, dst = %orig, error = %e, "plaintext: application unreachable; reset");
-            pi.metrics.istio.refused(labels, ResponseFlag::Connect);
-            tracked.fail(&e);
+            refuse!(pi, tracked, Outcome::PlaintextAppUnreachable(e.to_string()), %peer, dst = %orig, error = %e, "plaintext: application unreachable; reset");
             return reset(tcp);
         }
     };
-    tracked.report(&pi.metrics.istio, &labels);
+    tracked.report();
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut tcp, &mut app) => r,
         cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),
@@ -132,6 +126,6 @@ pub(super) async fn handle(
             b.sent
                 .store(to_client, std::sync::atomic::Ordering::Relaxed);
         }
-        Err(e) => tracked.fail(e),
+        Err(e) => tracked.fail(Outcome::Broken(e.to_string())),
     }
 }

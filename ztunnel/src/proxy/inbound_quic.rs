@@ -25,10 +25,11 @@ use http::StatusCode;
 use quinn::{Incoming, RecvStream, SendStream, VarInt};
 use tokio::time::Instant;
 
-use super::inbound::{admit, established, track, Peer, HANDSHAKE_TIMEOUT};
+use super::inbound::{admit, track, Peer, HANDSHAKE_TIMEOUT};
+use super::outcome::{refuse, Outcome};
 use super::{ProxyInputs, QuicListener, Scope};
-use crate::hbone::quic;
 use crate::hbone::server::Idle;
+use crate::hbone::{copy, quic};
 use crate::identity;
 use crate::refusal::Reason;
 
@@ -281,9 +282,7 @@ async fn stream(
     {
         Ok(Some(req)) => req,
         Ok(None) | Err(_) => {
-            let why = "malformed or missing QUIC stream header";
-            crate::refused!(pi.metrics, Reason::QuicBadHeader, src = %peer.identity, "{why}; 400");
-            tracked.fail(why);
+            refuse!(pi, tracked, Outcome::QuicBadHeader, src = %peer.identity, "{}; 400", Outcome::QuicBadHeader);
             let status = Reason::QuicBadHeader
                 .status()
                 .unwrap_or(StatusCode::BAD_REQUEST);
@@ -291,21 +290,21 @@ async fn stream(
             return;
         }
     };
-    let admitted = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
-        Ok(a) => a,
+    let app = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
+        Ok(app) => app,
         Err(status) => {
             let _ = quic::respond(&mut send, &mut recv, status).await;
             return;
         }
     };
     if let Err(e) = quic::respond(&mut send, &mut recv, StatusCode::OK).await {
-        tracked.fail(&e);
+        tracked.fail(Outcome::Failed(e.to_string()));
         return;
     }
-    established(&pi, &admitted, &mut tracked);
-    let (rd, wr) = admitted.app.into_split();
+    tracked.report();
+    let (rd, wr) = app.into_split();
     tokio::select! {
-        r = quic::copy_bidirectional(rd, wr, send, recv, &tracked.record().bytes, &pi.budget) => {
+        r = copy::copy_quic(rd, wr, send, recv, &tracked.record().bytes, &pi.budget) => {
             if let Err(e) = r {
                 super::copy_failed(&pi, &mut tracked, e);
             }

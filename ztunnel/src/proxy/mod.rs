@@ -16,6 +16,7 @@ mod inbound;
 mod inbound_plain;
 mod inbound_quic;
 mod outbound;
+pub mod outcome;
 pub mod peers;
 pub mod plan;
 
@@ -27,7 +28,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::capture::netns::Netns;
 use crate::discovery::{Discovery, Service, State, Workload};
 use crate::gate::{self, Gate, WhenFull};
 use crate::hbone::budget::{self, BufferBudget};
@@ -35,10 +35,11 @@ use crate::hbone::copy::CopyError;
 use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
 use crate::metrics::{End, IstioLabels, Metrics};
+use crate::net::netns::Netns;
 use crate::net::{reset, ConnectOptions, Origin};
-use crate::refusal::Reason;
 use conns::ConnTable;
 pub use inbound::HANDSHAKE_TIMEOUT;
+use outcome::{refuse, Outcome};
 use peers::{PeerLimits, Peers};
 
 /// Whom a set of listeners serves.
@@ -180,7 +181,7 @@ impl ProxyInputs {
             certs,
             pool,
             metrics: metrics.clone(),
-            connections: Arc::default(),
+            connections: Arc::new(ConnTable::new(metrics.istio.clone())),
             connect,
             max_streams,
             quic_listen,
@@ -249,15 +250,15 @@ impl ProxyInputs {
     }
 }
 
-/// The labels of Istio's TCP metrics for one connection. `service` is `namespace/name`;
-/// unknown values are `unknown`, as Istio reports them.
 /// A proxied stream's copy ended on `e`: recorded, and a stream given up for the node's
 /// buffered-bytes budget counted (`buffer_budget`) and logged.
 fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
-    if let CopyError::OverBudget(over) = &e {
-        crate::refused!(pi.metrics, Reason::BufferBudget, error = %over, "tunnel stream reset: its application does not read, and the node's buffered-bytes budget is spent");
+    match &e {
+        CopyError::OverBudget(over) => {
+            refuse!(pi, tracked, Outcome::OverBudget(over.to_string()), error = %over, "tunnel stream reset: its application does not read, and the node's buffered-bytes budget is spent");
+        }
+        _ => tracked.fail(Outcome::Broken(e.to_string())),
     }
-    tracked.fail(e);
 }
 
 /// One running handler, counted in [`ProxyInputs::inflight`] until dropped.

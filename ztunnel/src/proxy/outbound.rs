@@ -18,6 +18,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::conns::{ConnFacts, Direction};
+use super::outcome::{refuse, Outcome};
 use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
 use crate::hbone::client::connect_request;
@@ -25,7 +26,7 @@ use crate::hbone::copy;
 use crate::hbone::early::Early;
 use crate::hbone::pool::PoolKey;
 use crate::hbone::ConnectHeaders;
-use crate::metrics::{End, ResponseFlag};
+use crate::metrics::End;
 use crate::net;
 use crate::refusal::Reason;
 
@@ -86,11 +87,11 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             ..Default::default()
         },
     );
+    tracked.label(labels);
     let plan = match plan {
         Ok(p) => p,
         Err(e) => {
-            crate::refused!(pi.metrics, Reason::OutboundNoRoute, %peer, dst = %orig, error = %e, "no route; refused");
-            tracked.fail(&e);
+            refuse!(pi, tracked, Outcome::NoRoute(e.to_string()), %peer, dst = %orig, error = %e, "no route; refused");
             return reset(tcp);
         }
     };
@@ -101,12 +102,11 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 match net::connect_from(dst_addr, pi.connect, &scope.peer_origin()).await {
                     Ok(u) => u,
                     Err(e) => {
-                        pi.metrics.istio.refused(labels, ResponseFlag::Connect);
-                        tracked.fail(&e);
+                        tracked.fail(Outcome::PassthroughUnreachable(e.to_string()));
                         return reset(tcp);
                     }
                 };
-            tracked.report(&pi.metrics.istio, &labels);
+            tracked.report();
             let mut tcp = tcp;
             let copied = tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => r,
@@ -119,7 +119,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                     b.received
                         .store(received, std::sync::atomic::Ordering::Relaxed);
                 }
-                Err(e) => tracked.fail(e),
+                Err(e) => tracked.fail(Outcome::Broken(e.to_string())),
             }
         }
         Plan::Hbone {
@@ -138,11 +138,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let cert = match pi.certs.fetch(&src_id).await {
                 Ok(c) => c,
                 Err(e) => {
-                    crate::refused!(pi.metrics, Reason::OutboundNoCertificate, identity = %src_id, error = %e, "no certificate; refused");
-                    pi.metrics
-                        .istio
-                        .refused(labels, ResponseFlag::IdentityError);
-                    tracked.fail(&e);
+                    refuse!(pi, tracked, Outcome::NoCertificate(e.to_string()), identity = %src_id, error = %e, "no certificate; refused");
                     return reset(tcp);
                 }
             };
@@ -157,7 +153,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let req = match connect_request(dst_addr, &headers) {
                 Ok(r) => r,
                 Err(e) => {
-                    tracked.fail(&e);
+                    tracked.fail(Outcome::Failed(e.to_string()));
                     return reset(tcp);
                 }
             };
@@ -170,27 +166,21 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let mut early = match Early::read(&tcp) {
                 Ok(early) => early,
                 Err(e) => {
-                    tracked.fail(&e);
+                    tracked.fail(Outcome::Failed(e.to_string()));
                     return reset(tcp);
                 }
             };
             let tunnel = match pi.pool.open(&key, &cert, req, &mut early).await {
                 Ok(t) => t,
                 Err(e) => {
-                    let reason = match e.status() {
-                        Some(http::StatusCode::UNAUTHORIZED) => Reason::OutboundDeniedByDestination,
-                        _ => Reason::OutboundTunnelFailed,
-                    };
-                    crate::refused!(pi.metrics, reason, dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
-                    pi.metrics.istio.refused(labels, e.response_flag());
-                    tracked.fail(&e);
+                    refuse!(pi, tracked, Outcome::tunnel(&e), dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
                     return reset(tcp);
                 }
             };
-            tracked.report(&pi.metrics.istio, &labels);
+            tracked.report();
             if let Some(e) = early.take_error() {
                 // The client reset while its stream was being opened: the stream is reset too.
-                tracked.fail(&e);
+                tracked.fail(Outcome::Failed(e.to_string()));
                 return reset(tcp);
             }
             let bytes = &tracked.record().bytes;
