@@ -6,6 +6,7 @@ pub mod crd;
 pub mod enrollment;
 mod file;
 pub mod kube;
+mod labels;
 mod model;
 pub mod policy;
 pub mod telemetry;
@@ -16,6 +17,9 @@ use std::sync::Arc;
 
 pub use file::{parse, parse_for_node, watch_file};
 pub use kube::watch_kubernetes;
+/// The DNS suffix of service hostnames.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
 pub use model::{
     Interner, Labels, Locality, Namespace, Protocol, Service, ServicePort, State, Telemetry,
     Workload, DATAPLANE_MODE_LABEL,

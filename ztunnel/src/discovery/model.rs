@@ -15,64 +15,8 @@ use crate::identity::Identity;
 
 pub use super::enrollment::DATAPLANE_MODE_LABEL;
 use super::enrollment::{NotEnrolled, OtherMesh, Rules};
+pub use super::labels::{Label, Labels};
 pub use super::telemetry::{Locality, Telemetry};
-
-/// A label: key and value.
-pub type Label = (Arc<str>, Arc<str>);
-
-/// Labels, compact: pairs sorted by key in one allocation. (A `BTreeMap` node costs about
-/// 370 bytes even for two labels, and every one of 100 000 workloads has labels.)
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Labels(Box<[(Arc<str>, Arc<str>)]>);
-
-impl Labels {
-    /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&Arc<str>> {
-        self.0
-            .binary_search_by(|(k, _)| (**k).cmp(key))
-            .ok()
-            .map(|i| &self.0[i].1)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<str>)> {
-        self.0.iter().map(|(k, v)| (k, v))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// The pairs, sorted by key.
-    pub fn as_slice(&self) -> &[Label] {
-        &self.0
-    }
-}
-
-impl FromIterator<(Arc<str>, Arc<str>)> for Labels {
-    /// Sorted by key; of repeated keys, the last wins.
-    fn from_iter<I: IntoIterator<Item = (Arc<str>, Arc<str>)>>(it: I) -> Self {
-        let mut v: Vec<(Arc<str>, Arc<str>)> = it.into_iter().collect();
-        v.reverse();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v.dedup_by(|a, b| a.0 == b.0);
-        Labels(v.into_boxed_slice())
-    }
-}
-
-impl Serialize for Labels {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.iter() {
-            m.serialize_entry(&**k, &**v)?;
-        }
-        m.end()
-    }
-}
 
 /// A workload's IPs, in order: one (as nearly every pod has) held inline, more in one
 /// allocation. Reads as a slice.
@@ -303,6 +247,32 @@ impl Service {
     }
 }
 
+/// Indices by IP, one map per family: an IPv4 entry takes 8 bytes where an `IpAddr` key
+/// alone takes 17.
+#[derive(Debug, Default)]
+struct IpIndex {
+    v4: HashMap<std::net::Ipv4Addr, u32>,
+    v6: HashMap<std::net::Ipv6Addr, u32>,
+}
+
+impl IpIndex {
+    /// Maps `ip` to `i`; the index it had, if any.
+    fn insert(&mut self, ip: IpAddr, i: u32) -> Option<u32> {
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(a, i),
+            IpAddr::V6(a) => self.v6.insert(a, i),
+        }
+    }
+
+    fn get(&self, ip: IpAddr) -> Option<u32> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&a),
+            IpAddr::V6(a) => self.v6.get(&a),
+        }
+        .copied()
+    }
+}
+
 /// The mesh as one immutable snapshot.
 #[derive(Debug, Default)]
 pub struct State {
@@ -310,7 +280,7 @@ pub struct State {
     namespaces: HashMap<Arc<str>, Namespace>,
     workloads: Vec<Arc<Workload>>,
     /// Indices in `workloads`.
-    by_ip: HashMap<IpAddr, u32>,
+    by_ip: IpIndex,
     by_uid: HashMap<Arc<str>, Arc<Workload>>,
     services: Vec<Arc<Service>>,
     /// Indices in `services`.
@@ -420,7 +390,7 @@ impl State {
             }
         }
         s.workloads.reserve_exact(workloads.len());
-        s.by_ip.reserve(workloads.len());
+        s.by_ip.v4.reserve(workloads.len());
         for w in workloads {
             let what = |w: &Workload| format!("workload {}/{}", w.namespace, w.name);
             Identity::new(trust_domain, &w.namespace, &w.service_account)
@@ -480,7 +450,7 @@ impl State {
                 if s.by_vip.insert(*vip, idx as u32).is_some() {
                     return Err(Error::Invalid(format!("{what}: VIP {vip} is used twice")));
                 }
-                if s.by_ip.contains_key(vip) {
+                if s.by_ip.get(*vip).is_some() {
                     return Err(Error::Invalid(format!(
                         "{what}: VIP {vip} is a workload IP"
                     )));
@@ -542,7 +512,7 @@ impl State {
         &self.trust_domain
     }
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip).map(|&i| &self.workloads[i as usize])
+        self.by_ip.get(ip).map(|i| &self.workloads[i as usize])
     }
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.by_uid.get(uid)
@@ -574,7 +544,7 @@ impl State {
     }
     /// The service whose hostname is `host` (`<name>.<namespace>.svc.cluster.local`).
     pub fn service_by_hostname(&self, host: &str) -> Option<&Arc<Service>> {
-        let rest = host.strip_suffix(crate::metrics::CLUSTER_DOMAIN)?;
+        let rest = host.strip_suffix(super::CLUSTER_DOMAIN)?;
         let (name, ns) = rest.strip_suffix(".svc.")?.split_once('.')?;
         let i = self
             .services_by_name

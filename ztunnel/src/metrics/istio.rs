@@ -27,8 +27,7 @@ use prometheus_client::metrics::family::Family;
 
 use crate::discovery::{Service, Workload};
 
-/// The DNS suffix of service hostnames.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
+pub use crate::discovery::CLUSTER_DOMAIN;
 
 /// `unknown`, shared.
 fn unknown() -> Arc<str> {
