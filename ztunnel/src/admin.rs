@@ -191,7 +191,7 @@ async fn admin(s: Arc<AdminState>, req: Request<Incoming>) -> Result<Response<Bo
                     .to_owned()
             };
             let state = s.discovery.current();
-            match crate::policy::explain::explain(&state, &param("from"), &param("to")) {
+            match crate::explain::explain(&state, &param("from"), &param("to")) {
                 Ok(e) => json_reply(&serde_json::to_value(&e).unwrap_or_default()),
                 Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
             }

@@ -38,12 +38,12 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 /// [`crds`] as one multi-document YAML file, with a header saying where it comes from.
 pub fn crds_yaml() -> Result<String, CrdError> {
     let mut out = format!(
-        "# Generated from ztunnel/src/discovery/policy.rs: do not edit.\n\
+        "# Generated from ztunnel/src/policy/objects.rs: do not edit.\n\
          # Regenerate from the repository root with: {REGENERATE}\n"
     );
     for crd in crds() {
         out.push_str("---\n");
-        out.push_str(&super::yaml_to_string(&crd)?);
+        out.push_str(&crate::yaml::to_string(&crd)?);
     }
     Ok(out)
 }
@@ -397,7 +397,7 @@ spec: {mtls: {mode: STRICT}}
         ];
         for y in cases {
             let value: serde_json::Value =
-                serde_saphyr::from_str_with_options(y, crate::discovery::yaml_options()).unwrap();
+                serde_saphyr::from_str_with_options(y, crate::yaml::options()).unwrap();
             let parsed = PolicyObject::from_value(value.clone()).unwrap();
             let via_resource = match &parsed {
                 PolicyObject::Authorization(_) => PolicyObject::Authorization(
@@ -422,7 +422,7 @@ spec: {mtls: {mode: STRICT}, portLevelMtlz: {}}
         assert!(
             serde_saphyr::from_str_with_options::<PeerAuthenticationResource>(
                 bad,
-                crate::discovery::yaml_options()
+                crate::yaml::options()
             )
             .is_err()
         );

@@ -16,7 +16,7 @@
 
 use serde::Serialize;
 
-use super::labels::Labels;
+use crate::labels::Labels;
 
 /// The label that enrolls a namespace (`ambient`) and opts a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "ztunnel.dev/dataplane-mode";

@@ -107,7 +107,7 @@ pub fn parse_for_node(yaml: &str, trust_domain: &str, node: Option<&str>) -> Res
         ..Default::default()
     };
     let parsed =
-        serde_saphyr::with_deserializer_from_str_with_options(yaml, super::yaml_options(), |de| {
+        serde_saphyr::with_deserializer_from_str_with_options(yaml, crate::yaml::options(), |de| {
             serde::de::DeserializeSeed::deserialize(&mut b, de)
         });
     if let Some(invalid) = b.invalid.take() {

@@ -6,15 +6,14 @@ pub mod crd;
 pub mod enrollment;
 mod file;
 pub mod kube;
-mod labels;
 mod model;
-pub mod policy;
 pub mod telemetry;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use crate::policy::objects as policy;
 pub use file::{parse, parse_for_node, watch_file};
 pub use kube::watch_kubernetes;
 /// The DNS suffix of service hostnames.
@@ -90,34 +89,4 @@ impl Discovery {
     pub fn objects_refused(&self) -> u64 {
         self.stats.objects_refused.load(Ordering::Relaxed)
     }
-}
-
-/// How the daemon reads YAML: straight into typed values, as it streams (serde-saphyr), under
-/// YAML 1.2's core schema: `yes`, `on` or `y` are text, not booleans, and plain numbers whose
-/// meaning differs between YAML's versions (leading zeros, underscores) stay the text they
-/// were written as, so a field that wants a number refuses them. The budget bounds
-/// what aliases may expand to, and lets a discovery file be as large as its mesh (up to 1 GiB).
-pub(crate) fn yaml_options() -> serde_saphyr::Options {
-    serde_saphyr::options! {
-        budget: serde_saphyr::budget! {
-            max_reader_input_bytes: Some(1 << 30),
-            max_events: usize::MAX,
-            max_nodes: usize::MAX,
-            max_total_scalar_bytes: usize::MAX,
-        },
-        leading_zero_numbers_as_strings: true,
-        underscored_numbers_as_strings: true,
-        strict_booleans: true,
-    }
-}
-
-/// `v` as YAML, every string a plain or quoted scalar (no folded blocks: a long pattern or
-/// description stays on its line).
-pub(crate) fn yaml_to_string<T: serde::Serialize>(
-    v: &T,
-) -> Result<String, serde_saphyr::SerializeError> {
-    serde_saphyr::to_string_with_options(
-        v,
-        serde_saphyr::ser_options! { prefer_block_scalars: false },
-    )
 }

@@ -15,8 +15,8 @@ use crate::identity::Identity;
 
 pub use super::enrollment::DATAPLANE_MODE_LABEL;
 use super::enrollment::{NotEnrolled, OtherMesh, Rules};
-pub use super::labels::{Label, Labels};
 pub use super::telemetry::{Locality, Telemetry};
+pub use crate::labels::{Label, Labels};
 
 /// A workload's IPs, in order: one (as nearly every pod has) held inline, more in one
 /// allocation. Reads as a slice.

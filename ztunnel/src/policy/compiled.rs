@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use super::matchers::{self, StrMatch};
-use crate::discovery::Labels;
+use crate::labels::Labels;
 
 /// What the engine knows about a connection.
 #[derive(Clone, Copy, Debug)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::compiled::{Compiled, Effect, Group, Kind, LabelPair, Match, PolicyRef};
 use super::matchers::{self, StrMatch};
-use crate::discovery::policy::{
+use super::objects::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, MtlsMode, PeerAuthentication,
     PolicyObject, Rule, Selector,
 };
@@ -76,7 +76,7 @@ pub(super) enum Converted {
     Ignored(Option<Vec<LabelPair>>),
 }
 
-pub(super) fn policy_ref(m: &crate::discovery::policy::ObjectMeta) -> PolicyRef {
+pub(super) fn policy_ref(m: &super::objects::ObjectMeta) -> PolicyRef {
     PolicyRef {
         namespace: m.namespace.as_str().into(),
         name: m.name.as_str().into(),
@@ -699,7 +699,7 @@ pub(super) struct PeerEntry {
 }
 
 impl PeerEntry {
-    pub fn selects(&self, labels: &crate::discovery::Labels) -> bool {
+    pub fn selects(&self, labels: &crate::labels::Labels) -> bool {
         self.selector
             .as_ref()
             .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k).is_some_and(|l| l == v)))

@@ -28,8 +28,8 @@ use serde::Serialize;
 
 use super::compiled::{Compiled, Conn, Decision, Effect, Kind, LabelPair, PolicyRef, Reason};
 use super::convert::{self, Converted, PeerEntry};
-use crate::discovery::policy::{AuthorizationPolicy, MtlsMode, PeerAuthentication};
-use crate::discovery::Labels;
+use super::objects::{AuthorizationPolicy, MtlsMode, PeerAuthentication};
+use crate::labels::Labels;
 
 /// Policies selecting on one label key, by the label's value.
 type ByValue = HashMap<Arc<str>, Vec<Arc<Compiled>>>;

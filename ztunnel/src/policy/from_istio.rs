@@ -20,7 +20,7 @@
 
 use serde_json::{Map as Mapping, Value};
 
-use crate::discovery::policy::{PolicyObject, API_VERSION};
+use super::objects::{PolicyObject, API_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FromIstioError {
@@ -45,8 +45,7 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Converts every document of `yaml`; `istio_root` objects move to `root`.
 pub fn convert(yaml: &str, istio_root: &str, root: &str) -> Result<String, FromIstioError> {
     let mut objects = Vec::new();
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple_with_options(yaml, crate::discovery::yaml_options())?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(yaml, crate::yaml::options())?;
     for v in docs {
         flatten(v, &mut objects);
     }
@@ -188,7 +187,7 @@ fn one(mut o: Value, istio_root: &str, root: &str) -> Result<String, FromIstioEr
         }
         Err(e) => notes.push(format!("the daemon cannot read it: {e}")),
     }
-    Ok(comment(&notes) + &crate::discovery::yaml_to_string(&o)?)
+    Ok(comment(&notes) + &crate::yaml::to_string(&o)?)
 }
 
 #[cfg(test)]
@@ -196,7 +195,7 @@ mod tests {
     use super::*;
 
     fn docs(out: &str) -> Vec<Value> {
-        serde_saphyr::from_multiple_with_options::<Value>(out, crate::discovery::yaml_options())
+        serde_saphyr::from_multiple_with_options::<Value>(out, crate::yaml::options())
             .unwrap()
             .into_iter()
             .filter(|v| !v.is_null())

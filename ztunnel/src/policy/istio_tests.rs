@@ -6,15 +6,15 @@
 
 use std::sync::Arc;
 
+use super::objects::{MtlsMode, PolicyObject};
 use super::*;
-use crate::discovery::policy::{MtlsMode, PolicyObject};
-use crate::discovery::Labels;
+use crate::labels::Labels;
 
 const ROOT: &str = "istio-root";
 
 fn objects(yaml: &str) -> Vec<PolicyObject> {
     let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_str_with_options(yaml, crate::discovery::yaml_options()).unwrap();
+        serde_saphyr::from_str_with_options(yaml, crate::yaml::options()).unwrap();
     docs.into_iter()
         .map(|d| PolicyObject::from_value(d).unwrap())
         .collect()

@@ -1,4 +1,5 @@
-//! L4 identity policy, as Istio's ambient mode decides it: each policy object converted as
+//! L4 identity policy, as Istio's ambient mode decides it: each policy object (`objects`, the
+//! Kubernetes shape that discovery reads) converted as
 //! istiod converts it (`convert`) into the form the matcher reads (`compiled`), then matched
 //! as Istio's ztunnel matches (`engine`); a policy in a root namespace (`roots`) applies
 //! mesh-wide. Decisions are pure functions ([`PolicyIndex::evaluate`]); the proxies enforce
@@ -7,9 +8,9 @@
 mod compiled;
 mod convert;
 mod engine;
-pub mod explain;
 pub mod from_istio;
 mod matchers;
+pub mod objects;
 mod roots;
 
 pub use compiled::{Conn, Decision, Effect, Kind, PolicyRef, Reason};

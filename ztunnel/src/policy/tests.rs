@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
+use super::objects::{MtlsMode, PolicyObject};
 use super::*;
-use crate::discovery::policy::{MtlsMode, PolicyObject};
-use crate::discovery::Labels;
+use crate::labels::Labels;
 
 fn policies(yaml: &str) -> PolicyIndex {
     let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_str_with_options(yaml, crate::discovery::yaml_options()).unwrap();
+        serde_saphyr::from_str_with_options(yaml, crate::yaml::options()).unwrap();
     let (mut authz, mut pa) = (Vec::new(), Vec::new());
     for d in docs {
         match PolicyObject::from_value(d).unwrap() {
@@ -544,7 +544,7 @@ fn bad_fields_fail_closed_not_widened() {
         let d = decide(&idx, &c(FOO, "10.1.0.1", "web", "web", 80));
         assert!(!d.allowed, "{yaml}: {d:?}");
         let docs: Vec<serde_json::Value> =
-            serde_saphyr::from_str_with_options(&yaml, crate::discovery::yaml_options()).unwrap();
+            serde_saphyr::from_str_with_options(&yaml, crate::yaml::options()).unwrap();
         let s = status_of(&PolicyObject::from_value(docs[0].clone()).unwrap());
         assert!(s.fail_closed && !s.accepted, "{s:?}");
         assert!(s.message.contains(want), "{s:?}");
@@ -589,7 +589,7 @@ fn peer_authentication_modes() {
 fn two_root_namespaces() {
     let build = |yaml: &str, istio_named: &[&str]| {
         let docs: Vec<serde_json::Value> =
-            serde_saphyr::from_str_with_options(yaml, crate::discovery::yaml_options()).unwrap();
+            serde_saphyr::from_str_with_options(yaml, crate::yaml::options()).unwrap();
         let (mut authz, mut pa) = (Vec::new(), Vec::new());
         for d in docs {
             match PolicyObject::from_value(d).unwrap() {

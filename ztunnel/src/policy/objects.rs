@@ -489,7 +489,7 @@ mod tests {
 
     fn parse(y: &str) -> Result<PolicyObject, String> {
         PolicyObject::from_value(
-            serde_saphyr::from_str_with_options(y, crate::discovery::yaml_options()).unwrap(),
+            serde_saphyr::from_str_with_options(y, crate::yaml::options()).unwrap(),
         )
     }
 

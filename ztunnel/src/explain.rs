@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Conn, Considered, Decision, Ignored};
 use crate::discovery::policy::MtlsMode;
 use crate::discovery::{State, Workload};
+use crate::policy::{Conn, Considered, Decision, Ignored};
 
 /// The explanation `ztunnel ctl explain` prints.
 #[derive(Debug, Serialize)]
