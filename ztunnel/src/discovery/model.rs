@@ -393,7 +393,7 @@ impl State {
         s.by_ip.v4.reserve(workloads.len());
         for w in workloads {
             let what = |w: &Workload| format!("workload {}/{}", w.namespace, w.name);
-            Identity::new(trust_domain, &w.namespace, &w.service_account)
+            Identity::check(trust_domain, &w.namespace, &w.service_account)
                 .map_err(|e| Error::Invalid(format!("{}: {e}", what(&w))))?;
             if w.ips.is_empty() {
                 return Err(Error::Invalid(format!("{} has no IP", what(&w))));

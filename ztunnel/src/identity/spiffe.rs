@@ -51,18 +51,28 @@ impl Identity {
         namespace: &str,
         service_account: &str,
     ) -> Result<Self, ParseError> {
-        let id = Identity {
+        Self::check(trust_domain, namespace, service_account)?;
+        Ok(Identity {
             trust_domain: trust_domain.to_owned(),
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-        };
+        })
+    }
+
+    /// Whether [`Identity::new`] would accept these parts; allocates only to say why not.
+    pub fn check(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<(), ParseError> {
+        let id = || format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
         if !valid_trust_domain(trust_domain) {
-            return Err(ParseError::TrustDomain(id.to_string()));
+            return Err(ParseError::TrustDomain(id()));
         }
         if !valid_segment(namespace) || !valid_segment(service_account) {
-            return Err(ParseError::Segment(id.to_string()));
+            return Err(ParseError::Segment(id()));
         }
-        Ok(id)
+        Ok(())
     }
 
     pub fn trust_domain(&self) -> &str {

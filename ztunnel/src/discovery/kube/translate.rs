@@ -78,14 +78,19 @@ pub fn build(
     let mut index_of_ip: HashMap<IpAddr, usize> = HashMap::with_capacity(n);
     // This node's pods that have no IP yet (being added by the CNI plugin right now).
     let mut pending = Vec::new();
+    let locality_of: HashMap<&str, &Arc<Locality>> = store
+        .nodes
+        .iter()
+        .map(|((_, n), l)| (n.as_str(), l))
+        .collect();
     for p in pods() {
-        let what = format!("pod {}/{}", p.namespace, p.name);
-        if let Err(e) = Identity::new(trust_domain, &p.namespace, &p.service_account) {
-            skipped.push(format!("{what}: {e}"));
+        let what = || format!("pod {}/{}", p.namespace, p.name);
+        if let Err(e) = Identity::check(trust_domain, &p.namespace, &p.service_account) {
+            skipped.push(format!("{}: {e}", what()));
             continue;
         }
         if let Some(ip) = p.ips.iter().find(|ip| ip_count[*ip] > 1) {
-            skipped.push(format!("{what}: IP {ip} is claimed by another pod too"));
+            skipped.push(format!("{}: IP {ip} is claimed by another pod too", what()));
             continue;
         }
         let enrolled = rules
@@ -98,12 +103,7 @@ pub fn build(
         for ip in p.ips.iter() {
             index_of_ip.insert(*ip, workloads.len());
         }
-        let list = if p.ips.is_empty() {
-            &mut pending
-        } else {
-            &mut workloads
-        };
-        list.push(Workload {
+        let w = Workload {
             uid: p.uid.clone(),
             name: p.name.clone(),
             namespace: p.namespace.clone(),
@@ -118,12 +118,15 @@ pub fn build(
             },
             other_mesh: p.other_mesh,
             telemetry: p.telemetry.clone(),
-            locality: store
-                .nodes
-                .get(&(String::new(), p.node.to_string()))
-                .cloned()
+            locality: locality_of
+                .get(&*p.node)
+                .map(|l| (*l).clone())
                 .unwrap_or_default(),
-        });
+        };
+        match p.ips.is_empty() {
+            true => pending.push(w),
+            false => workloads.push(Arc::new(w)),
+        }
     }
 
     // Slices by service.
@@ -199,7 +202,7 @@ pub fn build(
     let state = State::build(
         trust_domain,
         namespaces,
-        workloads.into_iter().map(Arc::new).collect(),
+        workloads,
         services,
         Some(endpoints),
         store
