@@ -317,10 +317,14 @@ impl Daemon {
         let deadline = tokio::time::Instant::now() + self.drain_grace;
         // Wait for every handler, including those accepted a moment before the listeners
         // closed that have not yet registered their connection.
-        while (!self.proxy.connections.is_empty() || self.proxy.inflight() > 0)
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        loop {
+            let changed = self.proxy.connections.changed();
+            if self.proxy.connections.is_empty() && self.proxy.inflight() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break;
+            }
         }
         for t in &self.tasks {
             t.abort();

@@ -140,13 +140,33 @@ pub fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
 }
 
 /// The streams of a served tunnel connection, for closing it when idle: no stream started for
-/// `idle` and none open. Shared by [`serve`] and the QUIC inbound loop; a stream start costs
-/// a clock read, not a timer reset, and the decision takes the time as a value.
+/// `idle` and none open, and for draining it: [`Idle::all_closed`] resolves when the last
+/// stream ends. Shared by [`serve`] and the QUIC inbound loop; a stream start costs a clock
+/// read, not a timer reset, and the decision takes the time as a value.
 #[derive(Debug)]
 pub struct Idle {
     idle: Duration,
     last_start: Instant,
-    open: Arc<()>,
+    open: Arc<OpenStreams>,
+}
+
+#[derive(Debug, Default)]
+struct OpenStreams {
+    count: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+/// Held while a stream is open; its drop ends the stream for [`Idle`].
+#[derive(Debug)]
+pub struct StreamToken(Arc<OpenStreams>);
+
+impl Drop for StreamToken {
+    fn drop(&mut self) {
+        self.0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.closed.notify_waiters();
+    }
 }
 
 impl Idle {
@@ -154,19 +174,33 @@ impl Idle {
         Idle {
             idle,
             last_start: now,
-            open: Arc::new(()),
+            open: Arc::default(),
         }
     }
 
     /// A stream starts at `now`; the token returned is held while it is open.
-    pub fn start(&mut self, now: Instant) -> Arc<()> {
+    pub fn start(&mut self, now: Instant) -> StreamToken {
         self.last_start = now;
-        self.open.clone()
+        self.open
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        StreamToken(self.open.clone())
     }
 
     /// How many streams are open.
     pub fn open(&self) -> usize {
-        Arc::strong_count(&self.open) - 1
+        self.open.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once no stream is open.
+    pub async fn all_closed(&self) {
+        loop {
+            let closed = self.open.closed.notified();
+            if self.open() == 0 {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// At `now`: `None` when the connection is idle (close it), else when to look again.
@@ -296,6 +330,27 @@ mod tests {
             "counted from the last start"
         );
         assert_eq!(idle.check(t0 + s(18)), None);
+    }
+
+    /// Drain waits for the last stream, and only for it.
+    #[tokio::test]
+    async fn all_closed_resolves_when_the_last_stream_ends() {
+        let mut idle = Idle::new(Duration::from_secs(10), Instant::now());
+        idle.all_closed().await;
+        let (a, b) = (idle.start(Instant::now()), idle.start(Instant::now()));
+        let idle = Arc::new(idle);
+        let waiter = tokio::spawn({
+            let idle = idle.clone();
+            async move { idle.all_closed().await }
+        });
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one stream is still open");
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("resolved once both ended")
+            .unwrap();
     }
 
     #[test]

@@ -170,6 +170,9 @@ pub struct ConnTable {
     next: AtomicU64,
     live: Mutex<HashMap<u64, Arc<ConnRecord>>>,
     istio: IstioTcp,
+    /// Notified whenever a connection leaves the table, or a handler counted by the proxy
+    /// ends ([`ConnTable::changed`]).
+    changed: tokio::sync::Notify,
 }
 
 impl ConnTable {
@@ -205,6 +208,17 @@ impl ConnTable {
             labels: None,
             report: None,
         }
+    }
+
+    /// A future that resolves at the next departure: of a connection from the table, or of a
+    /// handler the proxy counts. Take it before checking, so that none is missed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Says that something [`ConnTable::changed`] waits for happened.
+    pub(super) fn notify_changed(&self) {
+        self.changed.notify_waiters();
     }
 
     /// Number of live connections.
@@ -408,6 +422,7 @@ impl Drop for Tracked {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.rec.id);
+        self.table.notify_changed();
         let r = row(&self.rec);
         if let Some(rep) = &self.report {
             // Bytes: `sent` is what was read from this side's TCP peer. At the source that

@@ -251,9 +251,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
                 }
             },
             _ = pi.drained() => {
-                while streams.open() > 0 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                streams.all_closed().await;
                 conn.close(VarInt::from_u32(0), b"draining");
                 return;
             }

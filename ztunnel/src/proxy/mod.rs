@@ -235,7 +235,7 @@ impl ProxyInputs {
     /// Counts a handler until the returned guard drops.
     fn begin(&self) -> Inflight {
         self.inflight.fetch_add(1, Ordering::AcqRel);
-        Inflight(self.inflight.clone())
+        Inflight(self.inflight.clone(), self.connections.clone())
     }
 
     /// Round-robin choice among `n` endpoints.
@@ -261,12 +261,14 @@ fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
     }
 }
 
-/// One running handler, counted in [`ProxyInputs::inflight`] until dropped.
-struct Inflight(Arc<AtomicUsize>);
+/// One running handler, counted in [`ProxyInputs::inflight`] until dropped (which
+/// [`ConnTable::changed`] reports).
+struct Inflight(Arc<AtomicUsize>, Arc<ConnTable>);
 
 impl Drop for Inflight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.notify_changed();
     }
 }
 
