@@ -119,6 +119,7 @@ impl Drop for Lease {
                 .idle_since
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            self.conn.unused.notify_waiters();
         }
         self.metrics.pool_streams.dec();
     }
@@ -150,6 +151,8 @@ struct Conn {
     opened: Instant,
     /// Told when the connection is evicted (its pod left the mesh).
     evicted: Arc<tokio::sync::Notify>,
+    /// Told when its last stream ends.
+    unused: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -541,7 +544,8 @@ impl Pool {
     /// it when it ends, idles out or is evicted.
     fn add_quic(&self, key: &PoolKey, ks: &Arc<KeyState>, qc: quinn::Connection) -> Arc<Conn> {
         let conn = self.register(key, ks, Link::Quic(qc.clone()));
-        let (id, evicted, weak) = (conn.id, conn.evicted.clone(), Arc::downgrade(&conn));
+        let (id, evicted, unused) = (conn.id, conn.evicted.clone(), conn.unused.clone());
+        let weak = Arc::downgrade(&conn);
         let idle = watch_idle(weak.clone(), ks.clone(), self.inner.settings.idle_timeout);
         self.supervise(key, ks, id, async move {
             tokio::select! {
@@ -549,12 +553,16 @@ impl Pool {
                 _ = idle => qc.close(VarInt::from_u32(0), b"idle"),
                 _ = evicted.notified() => {
                     // Let the streams still open finish, for at most 5 s.
-                    let deadline = Instant::now() + Duration::from_secs(5);
-                    while Instant::now() < deadline
-                        && weak.upgrade().is_some_and(|c| c.streams.load(Ordering::Acquire) > 0)
-                    {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                    let finished = async {
+                        loop {
+                            let ended = unused.notified();
+                            if weak.upgrade().is_none_or(|c| c.streams.load(Ordering::Acquire) == 0) {
+                                return;
+                            }
+                            ended.await;
+                        }
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), finished).await;
                     tracing::debug!(id, "QUIC tunnel connection evicted");
                     qc.close(VarInt::from_u32(0), b"evicted");
                 }
@@ -575,6 +583,7 @@ impl Pool {
             key_state: Arc::downgrade(ks),
             opened: Instant::now(),
             evicted: Arc::default(),
+            unused: Arc::default(),
         });
         ks.conns
             .lock()
