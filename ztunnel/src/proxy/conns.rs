@@ -308,8 +308,9 @@ pub struct Tracked {
     table: Arc<ConnTable>,
     rec: Arc<ConnRecord>,
     outcome: Outcome,
-    /// Istio's labels for it, until it is reported.
-    labels: Option<IstioLabels>,
+    /// Istio's labels for it, until it is reported (boxed: the guard lives in the handler's
+    /// future for the connection's life, and the labels only until it is carried).
+    labels: Option<Box<IstioLabels>>,
     report: Option<Report>,
 }
 
@@ -334,7 +335,7 @@ impl Tracked {
     /// ([`Tracked::report`]), or when it ends with a response flag before
     /// ([`Tracked::fail`]). A connection never given labels is not in those metrics.
     pub fn label(&mut self, labels: IstioLabels) {
-        self.labels = Some(labels);
+        self.labels = Some(Box::new(labels));
     }
 
     /// Reports the connection in Istio's TCP metrics with its [labels](Tracked::label): opened
@@ -374,7 +375,7 @@ impl Tracked {
     pub fn fail(&mut self, outcome: Outcome) {
         if self.report.is_none() {
             if let (Some(flag), Some(labels)) = (outcome.response_flag(), self.labels.take()) {
-                self.table.istio.refused(labels, flag);
+                self.table.istio.refused(*labels, flag);
             }
         }
         self.outcome = outcome;
