@@ -40,6 +40,15 @@ impl Labels {
     pub fn as_slice(&self) -> &[Label] {
         self.0.as_deref().map_or(&[], |b| b)
     }
+
+    /// Labels from literal pairs, for tests.
+    #[cfg(test)]
+    pub(crate) fn of(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
 }
 
 impl FromIterator<Label> for Labels {
@@ -71,22 +80,15 @@ impl Serialize for Labels {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into()))
-            .collect()
-    }
-
     #[test]
     fn sorted_by_key_the_last_of_a_repeated_key_wins_and_none_is_empty() {
-        let l = labels(&[("b", "1"), ("a", "2"), ("b", "3")]);
+        let l = Labels::of(&[("b", "1"), ("a", "2"), ("b", "3")]);
         let pairs: Vec<(&str, &str)> = l.iter().map(|(k, v)| (&**k, &**v)).collect();
         assert_eq!(pairs, [("a", "2"), ("b", "3")]);
         assert_eq!(l.get("b").map(|v| &**v), Some("3"));
         assert_eq!(l.get("c"), None);
         assert_eq!(l.len(), 2);
-        let none = labels(&[]);
+        let none = Labels::of(&[]);
         assert!(none.is_empty() && none.as_slice().is_empty() && none == Labels::default());
         assert_eq!(std::mem::size_of::<Labels>(), std::mem::size_of::<usize>());
     }

@@ -140,10 +140,7 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into()))
-            .collect()
+        Labels::of(pairs)
     }
 
     const OURS: (&str, &str) = (DATAPLANE_MODE_LABEL, "ambient");
