@@ -251,7 +251,7 @@ impl Builder<'_> {
             self.namespaces,
             self.workloads,
             self.services,
-            Some(endpoints),
+            endpoints,
             self.authz,
             self.peer,
         )
@@ -270,27 +270,18 @@ impl<'de> serde::de::Visitor<'de> for &mut Builder<'_> {
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a mesh file (a mapping)")
     }
+    /// A key given twice is refused by the parser (serde-saphyr's default).
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
-        use serde::de::Error as _;
-        let mut seen = Vec::new();
         while let Some(key) = m.next_key::<String>()? {
-            if seen.contains(&key) {
-                return Err(A::Error::custom(format!("duplicate field `{key}`")));
-            }
             let b = &mut *self;
-            let r = match key.as_str() {
-                "trustDomain" => {
-                    b.trust_domain = Some(m.next_value()?);
-                    Ok(())
-                }
-                "namespaces" => m.next_value_seed(Each(b, Builder::namespace)),
-                "workloads" => m.next_value_seed(Each(b, Builder::workload)),
-                "services" => m.next_value_seed(Each(b, Builder::service)),
-                "policies" => m.next_value_seed(Each(b, Builder::policy)),
-                other => Err(A::Error::unknown_field(other, FIELDS)),
-            };
-            r?;
-            seen.push(key);
+            match key.as_str() {
+                "trustDomain" => b.trust_domain = Some(m.next_value()?),
+                "namespaces" => m.next_value_seed(Each(b, Builder::namespace))?,
+                "workloads" => m.next_value_seed(Each(b, Builder::workload))?,
+                "services" => m.next_value_seed(Each(b, Builder::service))?,
+                "policies" => m.next_value_seed(Each(b, Builder::policy))?,
+                other => return Err(serde::de::Error::unknown_field(other, FIELDS)),
+            }
         }
         Ok(())
     }

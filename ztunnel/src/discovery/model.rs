@@ -356,16 +356,16 @@ pub fn select_endpoints(
 impl State {
     /// Builds and validates a state.
     ///
-    /// `endpoints[i]` lists the indices in `workloads` of service `i`'s endpoints, when the
-    /// caller selected them already (it may have dropped the labels of remote workloads,
-    /// which this node needs for nothing else); `None` selects them here by label.
+    /// `endpoints[i]` lists the indices in `workloads` of service `i`'s endpoints, as the
+    /// source found them (by selector with `select_endpoints`, before the labels of remote
+    /// workloads were dropped; or from EndpointSlices).
     /// Workloads with an empty uid (remote ones, scoped) are not indexed by uid.
     pub fn build(
         trust_domain: &str,
         namespaces: Vec<Namespace>,
         workloads: Vec<Arc<Workload>>,
         services: Vec<Service>,
-        endpoints: Option<Vec<Vec<usize>>>,
+        endpoints: Vec<Vec<usize>>,
         authz: Vec<AuthorizationPolicy>,
         peer_authn: Vec<PeerAuthentication>,
     ) -> Result<State, Error> {
@@ -420,18 +420,6 @@ impl State {
             }
             s.workloads.push(w);
         }
-        let endpoints = endpoints.unwrap_or_else(|| {
-            let ws: Vec<(&str, &[Label])> = s
-                .workloads
-                .iter()
-                .map(|w| (&*w.namespace, w.labels.as_slice()))
-                .collect();
-            let ss: Vec<(&str, &Labels)> = services
-                .iter()
-                .map(|svc| (&*svc.namespace, &svc.selector))
-                .collect();
-            select_endpoints(&ws, &ss)
-        });
         for (i, svc) in services.into_iter().enumerate() {
             let what = format!("service {}/{}", svc.namespace, svc.name);
             if svc.ports.iter().any(|p| p.port == 0 || p.target_port == 0) {

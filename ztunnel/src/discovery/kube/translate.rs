@@ -204,7 +204,7 @@ pub fn build(
         namespaces,
         workloads,
         services,
-        Some(endpoints),
+        endpoints,
         store
             .authz
             .values()
