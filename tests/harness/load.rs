@@ -223,13 +223,7 @@ impl Drop for KillOnDrop {
 
 /// A daemon's usage now.
 pub fn usage(pid: u32) -> Result<Usage> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")?;
+    let rss_kib = crate::procfs::rss_kib(pid)?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
     Ok(Usage { rss_kib, fds })
 }

@@ -23,44 +23,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use ztunnel_e2e::procfs::{rss_by_mapping, rss_kib, status_kib};
 use ztunnel_e2e::testbed::TestBed;
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    status_kib(pid, "VmRSS")
-}
-
-/// One `kB` field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, `RssFile`, …).
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| field.to_owned())
-}
-
-/// `/proc/<pid>/smaps` summed per mapped file (anonymous mappings under their bracketed
-/// names or `[anon]`): `(name, Rss KiB)`, largest first.
-fn rss_by_mapping(pid: u32) -> Result<Vec<(String, u64)>> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let mut sums: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut current = String::new();
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let first = fields.next().unwrap_or_default();
-        if first.contains('-') && !first.ends_with(':') {
-            let name = fields.nth(4).unwrap_or("[anon]");
-            current = name.rsplit('/').next().unwrap_or(name).to_owned();
-        } else if first == "Rss:" {
-            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            *sums.entry(current.clone()).or_default() += kib;
-        }
-    }
-    let mut v: Vec<_> = sums.into_iter().filter(|(_, k)| *k > 0).collect();
-    v.sort_by_key(|(_, kib)| std::cmp::Reverse(*kib));
-    Ok(v)
-}
 
 /// Drops `path`'s clean pages from the page cache (see the module doc).
 fn evict_from_page_cache(path: &std::path::Path) -> Result<()> {
