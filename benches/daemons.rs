@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use ztunnel_e2e::procfs::{cpu_time, rss_kib};
+use ztunnel_e2e::procfs::{cpu_time, rss_kib, status_kib};
 use ztunnel_e2e::testbed::{default_pods, PodSpec, TestBed};
 
 /// The applications' port in every server pod.
@@ -223,6 +223,28 @@ fn quantile<T: Copy + PartialOrd>(v: &mut [T], q: f64) -> T {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
+/// A daemon's resident memory, KiB: in all, anonymous (heap, stacks) and mapped from files
+/// (its code, mostly).
+#[derive(Clone, Copy)]
+struct Memory {
+    rss: u64,
+    anon: u64,
+    file: u64,
+}
+
+impl Memory {
+    /// What `self` holds beyond `before`, as a table cell.
+    fn minus(self, before: Memory) -> String {
+        let d = |a: u64, b: u64| a as i64 - b as i64;
+        format!(
+            "{:+} KiB (anonymous {:+}, files {:+})",
+            d(self.rss, before.rss),
+            d(self.anon, before.anon),
+            d(self.file, before.file)
+        )
+    }
+}
+
 struct Bed {
     bed: TestBed,
     pids: [u32; 2],
@@ -266,8 +288,15 @@ impl Bed {
         Ok(cpu_time(self.pids[0])? + cpu_time(self.pids[1])?)
     }
 
-    fn rss(&self) -> Result<[u64; 2]> {
-        Ok([rss_kib(self.pids[0])?, rss_kib(self.pids[1])?])
+    fn memory(&self) -> Result<[Memory; 2]> {
+        let of = |pid: u32| -> Result<Memory> {
+            Ok(Memory {
+                rss: rss_kib(pid)?,
+                anon: status_kib(pid, "RssAnon")?,
+                file: status_kib(pid, "RssFile")?,
+            })
+        };
+        Ok([of(self.pids[0])?, of(self.pids[1])?])
     }
 
     /// Runs `fut` in `path`'s client pod.
@@ -448,35 +477,39 @@ fn run_h2(reps: usize, held: usize) -> Result<()> {
     let paths = [PLAIN, HTTP2];
     bed.measure(&paths, 0)?;
     std::thread::sleep(Duration::from_secs(2));
-    let idle = bed.rss()?;
+    let idle = bed.memory()?;
     let conns = bed.client(HTTP2, hold(HTTP2.server, held))?;
     std::thread::sleep(Duration::from_secs(2));
-    let busy = bed.rss()?;
+    let busy = bed.memory()?;
     drop(conns);
     let samples = bed.measure(&paths, reps)?;
     std::thread::sleep(AFTER_LOAD);
-    let after = bed.rss()?;
+    let after = bed.memory()?;
     println!("\n## HTTP/2 tunnels, the daemons' defaults ({reps} repetitions, medians)\n");
     let medians: Vec<Sample> = samples.iter().map(|s| median(s)).collect();
     print_table(&paths, &medians);
-    let per = |i: usize| (busy[i].saturating_sub(idle[i]) * 1024) as f64 / held as f64;
+    let per = |i: usize| (busy[i].rss.saturating_sub(idle[i].rss) * 1024) as f64 / held as f64;
     println!("\n| memory | n1 (source) | n2 (destination) |\n|---|---|---|");
-    println!("| RSS idle | {} KiB | {} KiB |", idle[0], idle[1]);
+    let cells = |m: [Memory; 2]| {
+        let c = |m: Memory| format!("{} KiB (anonymous {}, files {})", m.rss, m.anon, m.file);
+        format!("{} | {}", c(m[0]), c(m[1]))
+    };
+    println!("| RSS idle | {} |", cells(idle));
     println!(
-        "| RSS with {held} idle proxied connections | {} KiB | {} KiB |",
-        busy[0], busy[1]
+        "| with {held} idle proxied connections, minus idle | {} | {} |",
+        busy[0].minus(idle[0]),
+        busy[1].minus(idle[1])
     );
     println!(
         "| per held connection | {:.0} B | {:.0} B |",
         per(0),
         per(1)
     );
-    let delta = |i: usize| after[i] as i64 - idle[i] as i64;
     println!(
-        "| RSS {} s after the load, minus idle | {:+} KiB | {:+} KiB |",
+        "| {} s after the load, minus idle | {} | {} |",
         AFTER_LOAD.as_secs(),
-        delta(0),
-        delta(1)
+        after[0].minus(idle[0]),
+        after[1].minus(idle[1])
     );
     Ok(())
 }
