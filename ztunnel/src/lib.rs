@@ -22,5 +22,6 @@ pub mod proxy;
 pub mod refusal;
 pub mod removed;
 pub mod residency;
+pub mod task;
 pub mod throttle;
 pub mod yaml;

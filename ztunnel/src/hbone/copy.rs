@@ -92,8 +92,10 @@ pub async fn copy_tunnel(
         TunnelStream::H2 { send, recv } => {
             copy_h2(tcp_read, tcp_write, send, recv, counters, budget).await
         }
+        // Boxed: QUIC's copy state is twice HTTP/2's, and a connection on HTTP/2 should not
+        // carry room for it (see `crate::task`).
         TunnelStream::Quic { send, recv } => {
-            copy_quic(tcp_read, tcp_write, send, recv, counters, budget).await
+            Box::pin(copy_quic(tcp_read, tcp_write, send, recv, counters, budget)).await
         }
     }
 }

@@ -266,10 +266,7 @@ where
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     let (fut, held) = (on_stream(req, respond), streams.start(Instant::now()));
-                    tokio::spawn(async move {
-                        fut.await;
-                        drop(held);
-                    });
+                    tokio::spawn(crate::task::guarded(fut, held));
                 }
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),

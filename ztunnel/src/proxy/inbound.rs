@@ -132,10 +132,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     let result = server::serve(h2, idle, drained, |req, respond| {
         let guard = pi.begin();
         let fut = stream(pi.clone(), scope.clone(), conn.clone(), req, respond);
-        async move {
-            fut.await;
-            drop(guard);
-        }
+        crate::task::guarded(fut, guard)
     })
     .await;
     if let Err(e) = result {
@@ -240,7 +237,7 @@ fn http2_ended(pi: &ProxyInputs, peer: SocketAddr, src: &Identity, e: h2::Error)
     }
 }
 
-async fn stream(
+pub(super) async fn stream(
     pi: Arc<ProxyInputs>,
     scope: Scope,
     peer: Arc<Peer>,
@@ -252,7 +249,7 @@ async fn stream(
         Ok(place) => place,
         Err(status) => return server::refuse(respond, status),
     };
-    let app = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
+    let app = match Box::pin(admit(&pi, &scope, &peer, &req, &mut tracked)).await {
         Ok(app) => app,
         Err(status) => return server::refuse(respond, status),
     };

@@ -82,10 +82,7 @@ pub(super) async fn serve(pi: Arc<ProxyInputs>, scope: Scope, endpoint: quinn::E
                 Some(incoming) => {
                     let inflight = pi.begin();
                     let fut = connection(pi.clone(), scope.clone(), incoming, bound);
-                    tokio::spawn(async move {
-                        fut.await;
-                        drop(inflight);
-                    });
+                    tokio::spawn(crate::task::guarded(fut, inflight));
                 }
                 None => return,
             },
@@ -224,10 +221,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
                     let inflight = pi.begin();
                     let fut = stream(pi.clone(), scope.clone(), peer.clone(), send, recv);
                     let held = streams.start(Instant::now());
-                    tokio::spawn(async move {
-                        fut.await;
-                        drop((inflight, held));
-                    });
+                    tokio::spawn(crate::task::guarded(fut, (inflight, held)));
                 }
                 Err(e) => {
                     use quinn::ConnectionError as E;
@@ -259,7 +253,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     }
 }
 
-async fn stream(
+pub(super) async fn stream(
     pi: Arc<ProxyInputs>,
     scope: Scope,
     peer: Arc<Peer>,
@@ -288,7 +282,7 @@ async fn stream(
             return;
         }
     };
-    let app = match admit(&pi, &scope, &peer, &req, &mut tracked).await {
+    let app = match Box::pin(admit(&pi, &scope, &peer, &req, &mut tracked)).await {
         Ok(app) => app,
         Err(status) => {
             let _ = quic::respond(&mut send, &mut recv, status).await;

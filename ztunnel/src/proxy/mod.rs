@@ -403,10 +403,7 @@ async fn accept_loop<F, Fut>(
                     let _ = tcp.set_nodelay(true);
                     let guard = pi.begin();
                     let fut = handle(pi.clone(), scope.clone(), tcp, peer);
-                    tokio::spawn(async move {
-                        fut.await;
-                        drop(guard);
-                    });
+                    tokio::spawn(crate::task::guarded(fut, guard));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
@@ -419,5 +416,35 @@ async fn accept_loop<F, Fut>(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future that a handler of four arguments returns.
+    fn future_size4<A, B, C, D, F: std::future::Future>(_: impl Fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The size of the future that a handler of five arguments returns.
+    fn future_size5<A, B, C, D, E, F: std::future::Future>(
+        _: impl Fn(A, B, C, D, E) -> F,
+    ) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Each proxied connection holds its handler's future for its whole life (see
+    /// `crate::task`): these budgets keep a large short-lived step from being inlined into it.
+    #[test]
+    fn handlers_futures_stay_small() {
+        let outbound = future_size4(super::outbound::handle);
+        let inbound = future_size5(super::inbound::stream);
+        let inbound_quic = future_size5(super::inbound_quic::stream);
+        assert!(outbound <= 2048, "outbound handler: {outbound} bytes");
+        assert!(inbound <= 2048, "inbound stream handler: {inbound} bytes");
+        assert!(
+            inbound_quic <= 4096,
+            "inbound QUIC stream handler: {inbound_quic} bytes"
+        );
     }
 }

@@ -13,35 +13,100 @@
 //! them), so nothing reaches an application earlier than before, only sooner.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::conns::{ConnFacts, Direction};
+use super::conns::{ConnFacts, Direction, Tracked};
 use super::outcome::{refuse, Outcome};
 use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
 use crate::hbone::client::connect_request;
 use crate::hbone::copy;
 use crate::hbone::early::Early;
-use crate::hbone::pool::PoolKey;
+use crate::hbone::pool::{PoolKey, Tunnel};
 use crate::hbone::ConnectHeaders;
 use crate::metrics::End;
 use crate::net;
 use crate::refusal::Reason;
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
+    // The setup is boxed (see `crate::task`): a dial's handshakes make its state large, and
+    // only the copy lasts as long as the connection.
+    let Some(open) = Box::pin(open(&pi, &scope, tcp, peer)).await else {
+        return;
+    };
+    match open {
+        Open::Passthrough {
+            mut tcp,
+            mut upstream,
+            mut tracked,
+        } => {
+            let copied = tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => r,
+                cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),
+            };
+            match copied {
+                Ok((sent, received)) => {
+                    let b = &tracked.record().bytes;
+                    b.sent.store(sent, Ordering::Relaxed);
+                    b.received.store(received, Ordering::Relaxed);
+                }
+                Err(e) => tracked.fail(Outcome::Broken(e.to_string())),
+            }
+        }
+        Open::Hbone {
+            tcp,
+            tunnel,
+            mut tracked,
+        } => {
+            let (rd, wr) = tcp.into_split();
+            let bytes = &tracked.record().bytes;
+            tokio::select! {
+                r = copy::copy_tunnel(rd, wr, tunnel.stream, bytes, &pi.budget) => {
+                    if let Err(e) = r {
+                        super::copy_failed(&pi, &mut tracked, e);
+                    }
+                }
+                cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
+            }
+            drop(tunnel.lease);
+        }
+    }
+}
+
+/// A connection ready to be copied: its plan carried out up to the first byte.
+enum Open {
+    Passthrough {
+        tcp: TcpStream,
+        upstream: TcpStream,
+        tracked: Tracked,
+    },
+    Hbone {
+        tcp: TcpStream,
+        tunnel: Tunnel,
+        tracked: Tracked,
+    },
+}
+
+/// Plans the connection and carries the plan out: the upstream connected, or the tunnel's
+/// stream open with the client's first bytes sent. `None` when it was refused (counted,
+/// logged, and the client reset).
+async fn open(pi: &ProxyInputs, scope: &Scope, tcp: TcpStream, peer: SocketAddr) -> Option<Open> {
     let orig = match net::original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
             crate::refused!(pi.metrics, Reason::OutboundNoOriginalDst, %peer, error = %e, "outbound connection was not redirected; refused");
-            return reset(tcp);
+            reset(tcp);
+            return None;
         }
     };
     let state = pi.discovery.current();
-    let Some(src) = scope.workload(&pi, &state, peer) else {
+    let Some(src) = scope.workload(pi, &state, peer) else {
         crate::refused!(pi.metrics, Reason::OutboundUnknownSource, %peer, dst = %orig, "outbound connection from an unknown workload; refused");
-        return reset(tcp);
+        reset(tcp);
+        return None;
     };
     let src_id = pi.identity_of(&src);
     let plan = plan::outbound(&state, &src, orig, &mut |n| pi.pick(n));
@@ -92,35 +157,28 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         Ok(p) => p,
         Err(e) => {
             refuse!(pi, tracked, Outcome::NoRoute(e.to_string()), %peer, dst = %orig, error = %e, "no route; refused");
-            return reset(tcp);
+            reset(tcp);
+            return None;
         }
     };
     match plan {
         Plan::Passthrough { dst_addr } => {
             pi.metrics.proxied("passthrough");
-            let mut upstream =
-                match net::connect_from(dst_addr, pi.connect, &scope.peer_origin()).await {
-                    Ok(u) => u,
-                    Err(e) => {
-                        tracked.fail(Outcome::PassthroughUnreachable(e.to_string()));
-                        return reset(tcp);
-                    }
-                };
-            tracked.report();
-            let mut tcp = tcp;
-            let copied = tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => r,
-                cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),
-            };
-            match copied {
-                Ok((sent, received)) => {
-                    let b = &tracked.record().bytes;
-                    b.sent.store(sent, std::sync::atomic::Ordering::Relaxed);
-                    b.received
-                        .store(received, std::sync::atomic::Ordering::Relaxed);
+            let upstream = match net::connect_from(dst_addr, pi.connect, &scope.peer_origin()).await
+            {
+                Ok(u) => u,
+                Err(e) => {
+                    tracked.fail(Outcome::PassthroughUnreachable(e.to_string()));
+                    reset(tcp);
+                    return None;
                 }
-                Err(e) => tracked.fail(Outcome::Broken(e.to_string())),
-            }
+            };
+            tracked.report();
+            Some(Open::Passthrough {
+                tcp,
+                upstream,
+                tracked,
+            })
         }
         Plan::Hbone {
             dst_workload,
@@ -139,7 +197,8 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 Ok(c) => c,
                 Err(e) => {
                     refuse!(pi, tracked, Outcome::NoCertificate(e.to_string()), identity = %src_id, error = %e, "no certificate; refused");
-                    return reset(tcp);
+                    reset(tcp);
+                    return None;
                 }
             };
             let traceparent = crate::hbone::new_traceparent();
@@ -154,7 +213,8 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 Ok(r) => r,
                 Err(e) => {
                     tracked.fail(Outcome::Failed(e.to_string()));
-                    return reset(tcp);
+                    reset(tcp);
+                    return None;
                 }
             };
             let key = PoolKey {
@@ -167,36 +227,35 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                 Ok(early) => early,
                 Err(e) => {
                     tracked.fail(Outcome::Failed(e.to_string()));
-                    return reset(tcp);
+                    reset(tcp);
+                    return None;
                 }
             };
             let tunnel = match pi.pool.open(&key, &cert, req, &mut early).await {
                 Ok(t) => t,
                 Err(e) => {
                     refuse!(pi, tracked, Outcome::tunnel(&e), dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
-                    return reset(tcp);
+                    reset(tcp);
+                    return None;
                 }
             };
             tracked.report();
             if let Some(e) = early.take_error() {
                 // The client reset while its stream was being opened: the stream is reset too.
                 tracked.fail(Outcome::Failed(e.to_string()));
-                return reset(tcp);
+                reset(tcp);
+                return None;
             }
-            let bytes = &tracked.record().bytes;
-            bytes
+            tracked
+                .record()
+                .bytes
                 .sent
-                .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let (rd, wr) = tcp.into_split();
-            tokio::select! {
-                r = copy::copy_tunnel(rd, wr, tunnel.stream, bytes, &pi.budget) => {
-                    if let Err(e) = r {
-                        super::copy_failed(&pi, &mut tracked, e);
-                    }
-                }
-                cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
-            }
-            drop(tunnel.lease);
+                .fetch_add(early.len() as u64, Ordering::Relaxed);
+            Some(Open::Hbone {
+                tcp,
+                tunnel,
+                tracked,
+            })
         }
     }
 }
