@@ -262,7 +262,7 @@ struct RunArgs {
     quic_listen: bool,
     /// Destinations (comma-separated CIDRs or IPs) whose tunnels are tried on QUIC first,
     /// falling back to HTTP/2; unset or empty: none
-    // `std::vec::Vec`: the list is one value.
+    // Spelt `std::vec::Vec` so that clap takes the whole list as one value.
     #[arg(long, env = "ZTUNNEL_QUIC_DESTINATIONS", value_parser = cidrs)]
     quic_destinations: Option<std::vec::Vec<ipnet::IpNet>>,
     /// Timeout of outgoing connects and handshakes; a tunnel stream's request waits twice this

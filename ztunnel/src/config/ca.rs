@@ -172,7 +172,7 @@ pub(super) struct CaArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// Names in the CA's serving certificate, repeatable or comma-separated
-    // `std::vec::Vec`: one list per occurrence, not one value.
+    // Spelt `std::vec::Vec` so that clap takes each occurrence's list as one value.
     #[arg(long = "server-name", env = "ZTUNNEL_CA_SERVER_NAMES", value_parser = names,
           default_value = "ztunnel-ca.ztunnel-system.svc,localhost")]
     server_names: Vec<std::vec::Vec<String>>,
