@@ -1,11 +1,12 @@
 //! Configuration of `ztunnel run` ([`RunConfig`]) and `ztunnel ca` ([`CaConfig`], in
 //! `config/ca.rs`), each parsed once from flags and environment variables and validated before
-//! anything starts. Each flag declares its variable, default and typed parser; `config/settings.rs`
-//! parses (a flag wins over its variable, which wins over the default) and holds what both
-//! commands share; `from_sources` checks what spans several flags.
+//! anything starts. Each flag declares its variable, default and typed parser;
+//! `config/settings.rs` parses (a flag wins over its variable, which wins over the default) and
+//! holds what both commands share; `from_sources` checks what spans several flags.
 //!
-//! The environment is injected ([`Env`]), so tests never touch the process environment. Every setting is printed at start by `Display`; the CA token is
-//! never read into the configuration (only its path), so there is no secret to leak.
+//! The environment is injected ([`Env`]), so tests never touch the process environment. Every
+//! setting is printed at start by `Display`; the CA token is never read into the configuration
+//! (only its path), so there is no secret to leak.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -19,7 +20,9 @@ mod settings;
 mod tunnel;
 pub use ca::{CaAuthorizer, CaConfig, CaLimits, CaMaterialSource, NamespacedName};
 pub use settings::Env;
-use settings::{at_least, cidrs, count, label_value, log_filter, loopback, namespace, CommonArgs};
+use settings::{
+    at_least, cidrs, count, label_value, log_filter, loopback, namespace, path, CommonArgs,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -167,7 +170,7 @@ struct RunArgs {
           value_parser = namespace)]
     istio_root_namespace: String,
     /// The local discovery file (YAML), required with --discovery-source file
-    #[arg(long, env = "ZTUNNEL_DISCOVERY_FILE")]
+    #[arg(long, env = "ZTUNNEL_DISCOVERY_FILE", value_parser = path)]
     discovery_file: Option<PathBuf>,
     /// Where discovery comes from
     #[arg(
@@ -178,16 +181,16 @@ struct RunArgs {
     )]
     discovery_source: DiscoveryKind,
     /// The kubeconfig for --discovery-source kubernetes; unset: in-cluster
-    #[arg(long, env = "KUBECONFIG")]
+    #[arg(long, env = "KUBECONFIG", value_parser = path)]
     kubeconfig: Option<PathBuf>,
     /// In-process CA from this plugged-in CA directory, unless --ca-address
-    #[arg(long, env = "ZTUNNEL_CA_DIR", default_value = "/var/lib/ztunnel/ca")]
+    #[arg(long, env = "ZTUNNEL_CA_DIR", default_value = "/var/lib/ztunnel/ca", value_parser = path)]
     ca_dir: PathBuf,
     /// host:port of a remote `ztunnel ca`
     #[arg(long, env = "ZTUNNEL_CA_ADDRESS")]
     ca_address: Option<String>,
     /// PEM root that the remote CA's certificate must chain to
-    #[arg(long, env = "ZTUNNEL_CA_ROOT_CERT")]
+    #[arg(long, env = "ZTUNNEL_CA_ROOT_CERT", value_parser = path)]
     ca_root_cert: Option<PathBuf>,
     /// Name the remote CA's certificate must carry
     #[arg(
@@ -197,7 +200,7 @@ struct RunArgs {
     )]
     ca_server_name: String,
     /// File holding the bearer token for the remote CA
-    #[arg(long, env = "ZTUNNEL_CA_TOKEN_FILE")]
+    #[arg(long, env = "ZTUNNEL_CA_TOKEN_FILE", value_parser = path)]
     ca_token_file: Option<PathBuf>,
     /// Workload certificate lifetime, renewed at half-life
     #[arg(long, env = "ZTUNNEL_CERT_LIFETIME", default_value = "24h",
@@ -212,14 +215,14 @@ struct RunArgs {
     )]
     capture_mode: CaptureMode,
     /// Enrollment socket and enrolled pods' records
-    #[arg(long, env = "ZTUNNEL_STATE_DIR", default_value = "/var/run/ztunnel")]
+    #[arg(long, env = "ZTUNNEL_STATE_DIR", default_value = "/var/run/ztunnel", value_parser = path)]
     state_dir: PathBuf,
     /// The enrolled-namespaces file the CNI plugin reads while the daemon is down; unset: in
     /// the state directory
-    #[arg(long, env = "ZTUNNEL_ENROLLED_NAMESPACES_FILE")]
+    #[arg(long, env = "ZTUNNEL_ENROLLED_NAMESPACES_FILE", value_parser = path)]
     enrolled_namespaces_file: Option<PathBuf>,
     /// The host's /proc, where running pods' netns are found
-    #[arg(long, env = "ZTUNNEL_HOST_PROC", default_value = "/proc")]
+    #[arg(long, env = "ZTUNNEL_HOST_PROC", default_value = "/proc", value_parser = path)]
     host_proc: PathBuf,
     /// Admin API address, loopback only
     #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000",

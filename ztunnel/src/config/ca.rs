@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::settings::{
-    self, at_least, caps, count, duration, log_filter, names, non_empty, CommonArgs, Env,
+    self, at_least, caps, count, duration, log_filter, names, non_empty, path, CommonArgs, Env,
 };
 use super::{ConfigError, LogFormat};
 use crate::gate::Limits;
@@ -141,7 +141,7 @@ pub struct CaConfig {
 #[command(about = "The certificate authority", disable_version_flag = true)]
 pub(super) struct CaArgs {
     /// Plugged-in CA directory (created with a fresh root if empty)
-    #[arg(long, env = "ZTUNNEL_CA_DIR")]
+    #[arg(long, env = "ZTUNNEL_CA_DIR", value_parser = path)]
     ca_dir: Option<PathBuf>,
     /// Signing material from this Secret, namespace/name, created if absent and watched
     #[arg(long, env = "ZTUNNEL_CA_SECRET")]
@@ -177,7 +177,7 @@ pub(super) struct CaArgs {
           default_value = "ztunnel-ca.ztunnel-system.svc,localhost")]
     server_names: Vec<std::vec::Vec<String>>,
     /// File of accepted bearer tokens, one per line (static authorizer)
-    #[arg(long, env = "ZTUNNEL_CA_TOKEN_FILE")]
+    #[arg(long, env = "ZTUNNEL_CA_TOKEN_FILE", value_parser = path)]
     token_file: Option<PathBuf>,
     /// Longest lifetime the CA issues
     #[arg(long, env = "ZTUNNEL_CA_MAX_LIFETIME", default_value = "24h",
@@ -189,7 +189,7 @@ pub(super) struct CaArgs {
     peer_request_burst: u32,
     /// Then requests per second from one source address
     #[arg(long, env = "ZTUNNEL_CA_PEER_REQUEST_RATE", value_parser = count(MILLION),
-          default_value_t = (Duration::from_secs(1).as_nanos() / CaLimits::default().refill.as_nanos()) as u32)]
+          default_value_t = per_second(CaLimits::default().refill))]
     peer_request_rate: u32,
     /// Connections open, in all; beyond, reset before TLS
     #[arg(long, env = "ZTUNNEL_CA_MAX_CONNECTIONS", value_parser = count(MILLION),
@@ -218,6 +218,11 @@ pub(super) struct CaArgs {
 }
 
 const MILLION: u32 = 1_000_000;
+
+/// How many `period`s fit in a second.
+fn per_second(period: Duration) -> u32 {
+    (Duration::from_secs(1).as_nanos() / period.as_nanos()) as u32
+}
 
 impl CaConfig {
     /// Parses `args` (`args[0]` is the program name) with `env` as the environment.

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
@@ -299,6 +300,12 @@ pub(super) fn names(s: &str) -> Result<Vec<String>, String> {
 
 fn list(s: &str) -> impl Iterator<Item = &str> {
     s.split(',').map(str::trim).filter(|p| !p.is_empty())
+}
+
+/// A path, as given: any text, the empty one too (the variable of a setting that the chosen
+/// mode leaves unused, such as `KUBECONFIG` with a discovery file, is not refused).
+pub(super) fn path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }
 
 /// An address on loopback.

@@ -296,3 +296,19 @@ fn help_shows_variables_and_defaults() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A variable of a setting that the chosen mode leaves unused is read as given, even empty:
+/// a path is any text.
+#[test]
+fn empty_path_variables_are_taken_as_given() {
+    let c = run(BASE, &[("KUBECONFIG", "")]).unwrap();
+    assert!(matches!(c.discovery, super::DiscoverySource::File(_)));
+    let kube = ["--node-name", "n1", "--discovery-source", "kubernetes"];
+    let c = run(&kube, &[("KUBECONFIG", "")]).unwrap();
+    assert_eq!(
+        c.discovery,
+        super::DiscoverySource::Kubernetes {
+            kubeconfig: Some("".into())
+        }
+    );
+}
