@@ -41,7 +41,7 @@ pub(super) fn log_filter(env: Env<'_>) -> String {
 }
 
 /// `A`'s command as `--help` shows it: each flag with its variable's name (not its value).
-pub(crate) fn command<A: CommandFactory>() -> Command {
+pub(super) fn command<A: CommandFactory>() -> Command {
     A::command().mut_args(|a| a.hide_env_values(true))
 }
 
