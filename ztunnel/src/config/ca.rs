@@ -1,6 +1,8 @@
 //! `ztunnel ca`'s configuration ([`CaConfig`]): where the signing material lives, who may have
-//! which identity, and how much one caller may ask of the CA ([`CaLimits`]); parsed with the
-//! helpers of [`super`], flags winning over the environment.
+//! which identity, and how much one caller may ask of the CA ([`CaLimits`]). Its flags are
+//! parsed by [`super::settings`] (a flag wins over its environment variable, which wins over
+//! the default), typed and bounded by their parsers; [`CaConfig::from_sources`] checks what
+//! spans several flags.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,10 +13,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use super::{
-    count, duration, duration_within, log_filter, required, setting, trust_domain, ConfigError,
-    Env, LogFormat,
+use super::settings::{
+    self, at_least, caps, count, duration, log_filter, names, non_empty, path, CommonArgs, Env,
 };
+use super::{ConfigError, LogFormat};
 use crate::gate::Limits;
 
 /// The CA's caps; [`Default`] is what `ztunnel ca` runs with.
@@ -99,21 +101,11 @@ pub enum CaMaterialSource {
     Secret(NamespacedName),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The `--authorizer` choices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum AuthorizerKind {
     Static,
     Kubernetes,
-}
-
-impl FromStr for AuthorizerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "static" => Ok(AuthorizerKind::Static),
-            "kubernetes" => Ok(AuthorizerKind::Kubernetes),
-            _ => Err("expected static or kubernetes".into()),
-        }
-    }
 }
 
 /// Who may have which identity.
@@ -144,191 +136,157 @@ pub struct CaConfig {
     pub log_filter: String,
 }
 
-/// `ztunnel ca`: every flag also reads the environment variable named in its help.
+/// `ztunnel ca`'s flags, each also read from the environment variable its help names.
 #[derive(Parser, Debug)]
 #[command(about = "The certificate authority", disable_version_flag = true)]
-struct CaArgs {
-    /// Plugged-in CA directory (created with a fresh root if empty) [env: ZTUNNEL_CA_DIR]
-    #[arg(long)]
+pub(super) struct CaArgs {
+    /// Plugged-in CA directory (created with a fresh root if empty)
+    #[arg(long, env = "ZTUNNEL_CA_DIR", value_parser = path)]
     ca_dir: Option<PathBuf>,
-    /// Signing material from this Secret, namespace/name, created if absent and watched [env: ZTUNNEL_CA_SECRET]
-    #[arg(long)]
-    ca_secret: Option<String>,
-    /// Who may have which identity: static (the token file) or kubernetes (TokenReview + pods on the caller's node) [env: ZTUNNEL_CA_AUTHORIZER] [default: static]
-    #[arg(long)]
-    authorizer: Option<String>,
-    /// Audience the daemons' tokens must carry (kubernetes authorizer) [env: ZTUNNEL_CA_TOKEN_AUDIENCE] [default: ztunnel-ca]
-    #[arg(long)]
-    token_audience: Option<String>,
-    /// The node daemon's ServiceAccount, namespace/name (kubernetes authorizer) [env: ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT] [default: ztunnel-system/ztunnel]
-    #[arg(long)]
-    daemon_service_account: Option<String>,
-    /// Listen address [env: ZTUNNEL_CA_LISTEN] [default: 0.0.0.0:15012]
-    #[arg(long)]
-    listen: Option<String>,
-    /// SPIFFE trust domain [env: TRUST_DOMAIN] [default: cluster.local]
-    #[arg(long)]
-    trust_domain: Option<String>,
-    /// Names in the CA's serving certificate, repeatable [env: ZTUNNEL_CA_SERVER_NAMES, comma-separated] [default: ztunnel-ca.ztunnel-system.svc, localhost]
-    #[arg(long = "server-name")]
-    server_names: Vec<String>,
-    /// File of accepted bearer tokens, one per line (static authorizer) [env: ZTUNNEL_CA_TOKEN_FILE]
-    #[arg(long)]
+    /// Signing material from this Secret, namespace/name, created if absent and watched
+    #[arg(long, env = "ZTUNNEL_CA_SECRET")]
+    ca_secret: Option<NamespacedName>,
+    /// Who may have which identity: static (the token file) or kubernetes (TokenReview + pods
+    /// on the caller's node)
+    #[arg(
+        long,
+        env = "ZTUNNEL_CA_AUTHORIZER",
+        value_enum,
+        default_value = "static"
+    )]
+    authorizer: AuthorizerKind,
+    /// Audience the daemons' tokens must carry (kubernetes authorizer)
+    #[arg(long, env = "ZTUNNEL_CA_TOKEN_AUDIENCE", default_value = "ztunnel-ca",
+          value_parser = non_empty)]
+    token_audience: String,
+    /// The node daemon's ServiceAccount, namespace/name (kubernetes authorizer)
+    #[arg(
+        long,
+        env = "ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT",
+        default_value = "ztunnel-system/ztunnel"
+    )]
+    daemon_service_account: NamespacedName,
+    /// Listen address
+    #[arg(long, env = "ZTUNNEL_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Names in the CA's serving certificate, repeatable or comma-separated
+    // Spelt `std::vec::Vec` so that clap takes each occurrence's list as one value.
+    #[arg(long = "server-name", env = "ZTUNNEL_CA_SERVER_NAMES", value_parser = names,
+          default_value = "ztunnel-ca.ztunnel-system.svc,localhost")]
+    server_names: Vec<std::vec::Vec<String>>,
+    /// File of accepted bearer tokens, one per line (static authorizer)
+    #[arg(long, env = "ZTUNNEL_CA_TOKEN_FILE", value_parser = path)]
     token_file: Option<PathBuf>,
-    /// Longest lifetime the CA issues [env: ZTUNNEL_CA_MAX_LIFETIME] [default: 24h]
-    #[arg(long)]
-    max_lifetime: Option<String>,
-    /// Requests one source address may start at once after a quiet spell [env: ZTUNNEL_CA_PEER_REQUEST_BURST] [default: 256]
-    #[arg(long)]
-    peer_request_burst: Option<String>,
-    /// Then requests per second from one source address [env: ZTUNNEL_CA_PEER_REQUEST_RATE] [default: 20]
-    #[arg(long)]
-    peer_request_rate: Option<String>,
-    /// Connections open, in all; beyond, reset before TLS [env: ZTUNNEL_CA_MAX_CONNECTIONS] [default: 4096]
-    #[arg(long)]
-    max_connections: Option<String>,
-    /// Connections open from one source address [env: ZTUNNEL_CA_MAX_CONNECTIONS_PER_PEER] [default: 32]
-    #[arg(long)]
-    max_connections_per_peer: Option<String>,
-    /// Requests being answered (body read), in all; beyond, 429 [env: ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT] [default: 1024]
-    #[arg(long)]
-    max_requests_in_flight: Option<String>,
-    /// Requests being answered from one source address [env: ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT_PER_PEER] [default: 64]
-    #[arg(long)]
-    max_requests_in_flight_per_peer: Option<String>,
-    /// From accept until the TLS handshake is done and the HTTP/2 preface received, 100ms to 1m [env: ZTUNNEL_CA_HANDSHAKE_TIMEOUT] [default: 10s]
-    #[arg(long)]
-    handshake_timeout: Option<String>,
-    /// A connection with no stream started for this long and none open is closed, 1s to 1d [env: ZTUNNEL_CA_IDLE_TIMEOUT] [default: 60s]
-    #[arg(long)]
-    idle_timeout: Option<String>,
-    /// Log format, text or json [env: ZTUNNEL_LOG_FORMAT] [default: text]
-    #[arg(long)]
-    log_format: Option<String>,
+    /// Longest lifetime the CA issues
+    #[arg(long, env = "ZTUNNEL_CA_MAX_LIFETIME", default_value = "24h",
+          value_parser = at_least(Duration::from_secs(2)))]
+    max_lifetime: Duration,
+    /// Requests one source address may start at once after a quiet spell
+    #[arg(long, env = "ZTUNNEL_CA_PEER_REQUEST_BURST", value_parser = count(MILLION),
+          default_value_t = CaLimits::default().burst.get())]
+    peer_request_burst: u32,
+    /// Then requests per second from one source address
+    #[arg(long, env = "ZTUNNEL_CA_PEER_REQUEST_RATE", value_parser = count(MILLION),
+          default_value_t = per_second(CaLimits::default().refill))]
+    peer_request_rate: u32,
+    /// Connections open, in all; beyond, reset before TLS
+    #[arg(long, env = "ZTUNNEL_CA_MAX_CONNECTIONS", value_parser = count(MILLION),
+          default_value_t = CaLimits::default().connections.total as u32)]
+    max_connections: u32,
+    /// Connections open from one source address
+    #[arg(long, env = "ZTUNNEL_CA_MAX_CONNECTIONS_PER_PEER", value_parser = count(MILLION),
+          default_value_t = CaLimits::default().connections.per_peer as u32)]
+    max_connections_per_peer: u32,
+    /// Requests being answered (body read), in all; beyond, 429
+    #[arg(long, env = "ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT", value_parser = count(MILLION),
+          default_value_t = CaLimits::default().requests_in_flight.total as u32)]
+    max_requests_in_flight: u32,
+    /// Requests being answered from one source address
+    #[arg(long, env = "ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT_PER_PEER", value_parser = count(MILLION),
+          default_value_t = CaLimits::default().requests_in_flight.per_peer as u32)]
+    max_requests_in_flight_per_peer: u32,
+    /// From accept until the TLS handshake is done and the HTTP/2 preface received, 100ms to 1m
+    #[arg(long, env = "ZTUNNEL_CA_HANDSHAKE_TIMEOUT", default_value = "10s",
+          value_parser = duration(Duration::from_millis(100), Duration::from_secs(60)))]
+    handshake_timeout: Duration,
+    /// A connection with no stream started for this long and none open is closed, 1s to 1d
+    #[arg(long, env = "ZTUNNEL_CA_IDLE_TIMEOUT", default_value = "60s",
+          value_parser = duration(Duration::from_secs(1), Duration::from_secs(86_400)))]
+    idle_timeout: Duration,
+}
+
+const MILLION: u32 = 1_000_000;
+
+/// How many `period`s fit in a second.
+fn per_second(period: Duration) -> u32 {
+    (Duration::from_secs(1).as_nanos() / period.as_nanos()) as u32
 }
 
 impl CaConfig {
+    /// Parses `args` (`args[0]` is the program name) with `env` as the environment.
     pub fn from_sources(args: Vec<String>, env: Env<'_>) -> Result<CaConfig, ConfigError> {
-        let a = CaArgs::try_parse_from(args)?;
-        let mut server_names = a.server_names.clone();
-        if server_names.is_empty() {
-            server_names = env("ZTUNNEL_CA_SERVER_NAMES")
-                .map(|v| {
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_else(|| {
-                    vec!["ztunnel-ca.ztunnel-system.svc".into(), "localhost".into()]
-                });
-        }
-        let ca_dir = a
-            .ca_dir
-            .clone()
-            .or_else(|| env("ZTUNNEL_CA_DIR").map(PathBuf::from));
-        let ca_secret = a.ca_secret.clone().or_else(|| env("ZTUNNEL_CA_SECRET"));
-        let material = match (ca_dir, ca_secret) {
+        let (a, origins) = settings::parse::<CaArgs>(&args, env)?;
+        let material = match (a.ca_dir, a.ca_secret) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Conflict(
                     "--ca-dir and --ca-secret are exclusive: one source of signing material".into(),
                 ))
             }
             (Some(dir), None) => CaMaterialSource::Dir(dir),
-            (None, secret) => {
-                let value = required(
-                    secret,
-                    "CA directory or secret",
-                    "ca-dir or --ca-secret",
-                    "ZTUNNEL_CA_DIR or ZTUNNEL_CA_SECRET",
-                )?;
-                CaMaterialSource::Secret(value.parse().map_err(|reason| ConfigError::Invalid {
-                    setting: "CA secret",
-                    value,
-                    reason,
-                })?)
+            (None, Some(secret)) => CaMaterialSource::Secret(secret),
+            (None, None) => {
+                return Err(origins.missing("CA directory or secret", &["ca_dir", "ca_secret"]))
             }
         };
-        let token_file = a
-            .token_file
-            .clone()
-            .or_else(|| env("ZTUNNEL_CA_TOKEN_FILE").map(PathBuf::from));
-        let authorizer = match setting(
-            "authorizer",
-            a.authorizer.clone(),
-            env,
-            "ZTUNNEL_CA_AUTHORIZER",
-            "static",
-        )? {
+        let authorizer = match a.authorizer {
             AuthorizerKind::Static => CaAuthorizer::Static {
-                token_file: required(
-                    token_file,
-                    "token file",
-                    "token-file",
-                    "ZTUNNEL_CA_TOKEN_FILE",
-                )?,
+                token_file: a
+                    .token_file
+                    .ok_or_else(|| origins.missing("token file", &["token_file"]))?,
             },
             AuthorizerKind::Kubernetes => {
-                if token_file.is_some() {
+                if a.token_file.is_some() {
                     return Err(ConfigError::Conflict(
                         "a token file is only for --authorizer static".into(),
                     ));
                 }
-                let audience: String = setting(
-                    "token audience",
-                    a.token_audience.clone(),
-                    env,
-                    "ZTUNNEL_CA_TOKEN_AUDIENCE",
-                    "ztunnel-ca",
-                )?;
-                if audience.is_empty() {
-                    return Err(ConfigError::Invalid {
-                        setting: "token audience",
-                        value: audience,
-                        reason: "must not be empty".into(),
-                    });
-                }
                 CaAuthorizer::Kubernetes {
-                    audience,
-                    daemon_service_account: setting(
-                        "daemon service account",
-                        a.daemon_service_account.clone(),
-                        env,
-                        "ZTUNNEL_CA_DAEMON_SERVICE_ACCOUNT",
-                        "ztunnel-system/ztunnel",
-                    )?,
+                    audience: a.token_audience,
+                    daemon_service_account: a.daemon_service_account,
                 }
             }
         };
+        let limits = CaLimits {
+            burst: NonZeroU32::new(a.peer_request_burst).expect("at least 1 by its parser"),
+            refill: Duration::from_secs(1) / a.peer_request_rate,
+            connections: caps(
+                &origins,
+                (a.max_connections, "max_connections"),
+                (a.max_connections_per_peer, "max_connections_per_peer"),
+            )?,
+            requests_in_flight: caps(
+                &origins,
+                (a.max_requests_in_flight, "max_requests_in_flight"),
+                (
+                    a.max_requests_in_flight_per_peer,
+                    "max_requests_in_flight_per_peer",
+                ),
+            )?,
+            handshake_timeout: a.handshake_timeout,
+            idle_timeout: a.idle_timeout,
+            ..CaLimits::default()
+        };
         Ok(CaConfig {
             material,
-            listen: setting(
-                "listen address",
-                a.listen.clone(),
-                env,
-                "ZTUNNEL_CA_LISTEN",
-                "0.0.0.0:15012",
-            )?,
-            trust_domain: trust_domain(a.trust_domain.clone(), env)?,
-            server_names,
+            listen: a.listen,
+            trust_domain: a.common.trust_domain,
+            server_names: a.server_names.concat(),
             authorizer,
-            max_lifetime: duration(
-                "max lifetime",
-                a.max_lifetime.clone(),
-                env,
-                "ZTUNNEL_CA_MAX_LIFETIME",
-                "24h",
-                Duration::from_secs(2),
-            )?,
-            limits: ca_limits(&a, env)?,
-            log_format: setting(
-                "log format",
-                a.log_format.clone(),
-                env,
-                "ZTUNNEL_LOG_FORMAT",
-                "text",
-            )?,
+            max_lifetime: a.max_lifetime,
+            limits,
+            log_format: a.common.log_format,
             log_filter: log_filter(env),
         })
     }
@@ -370,110 +328,4 @@ impl fmt::Display for CaConfig {
             self.log_filter
         )
     }
-}
-
-/// The CA's caps: the per-address request rate (a burst and a rate per second), connections
-/// and requests in flight (in all and per address, each 1 to 1 000 000, the per-address one no
-/// larger than the total), the handshake deadline (100 ms to 1 min) and the idle timeout (1 s
-/// to 1 day).
-fn ca_limits(a: &CaArgs, env: Env<'_>) -> Result<CaLimits, ConfigError> {
-    let d = CaLimits::default();
-    let burst = count(
-        "peer request burst",
-        a.peer_request_burst.clone(),
-        env,
-        "ZTUNNEL_CA_PEER_REQUEST_BURST",
-        d.burst.get(),
-        1_000_000,
-    )?;
-    let default_rate = (Duration::from_secs(1).as_nanos() / d.refill.as_nanos()) as u32;
-    let rate = count(
-        "peer request rate",
-        a.peer_request_rate.clone(),
-        env,
-        "ZTUNNEL_CA_PEER_REQUEST_RATE",
-        default_rate,
-        1_000_000,
-    )?;
-    Ok(CaLimits {
-        burst: NonZeroU32::new(burst).expect("checked above"),
-        refill: Duration::from_secs(1) / rate,
-        connections: caps(
-            ("max connections", "max connections per peer"),
-            (
-                a.max_connections.clone(),
-                a.max_connections_per_peer.clone(),
-            ),
-            env,
-            (
-                "ZTUNNEL_CA_MAX_CONNECTIONS",
-                "ZTUNNEL_CA_MAX_CONNECTIONS_PER_PEER",
-            ),
-            d.connections,
-        )?,
-        requests_in_flight: caps(
-            ("max requests in flight", "max requests in flight per peer"),
-            (
-                a.max_requests_in_flight.clone(),
-                a.max_requests_in_flight_per_peer.clone(),
-            ),
-            env,
-            (
-                "ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT",
-                "ZTUNNEL_CA_MAX_REQUESTS_IN_FLIGHT_PER_PEER",
-            ),
-            d.requests_in_flight,
-        )?,
-        handshake_timeout: duration_within(
-            "handshake timeout",
-            a.handshake_timeout.clone(),
-            env,
-            "ZTUNNEL_CA_HANDSHAKE_TIMEOUT",
-            &humantime::format_duration(d.handshake_timeout).to_string(),
-            (Duration::from_millis(100), Duration::from_secs(60)),
-        )?,
-        idle_timeout: duration_within(
-            "idle timeout",
-            a.idle_timeout.clone(),
-            env,
-            "ZTUNNEL_CA_IDLE_TIMEOUT",
-            &humantime::format_duration(d.idle_timeout).to_string(),
-            (Duration::from_secs(1), Duration::from_secs(86_400)),
-        )?,
-        ..d
-    })
-}
-
-/// A cap in all and per address: each 1 to 1 000 000, the per-address one no larger.
-fn caps(
-    (total_name, peer_name): (&'static str, &'static str),
-    (total, per_peer): (Option<String>, Option<String>),
-    env: Env<'_>,
-    (total_key, peer_key): (&str, &str),
-    default: Limits,
-) -> Result<Limits, ConfigError> {
-    let total = count(
-        total_name,
-        total,
-        env,
-        total_key,
-        default.total as u32,
-        1_000_000,
-    )? as usize;
-    let per_peer = count(
-        peer_name,
-        per_peer,
-        env,
-        peer_key,
-        default.per_peer as u32,
-        1_000_000,
-    )? as usize;
-    if per_peer > total {
-        return Err(ConfigError::Invalid {
-            setting: peer_name,
-            value: per_peer.to_string(),
-            reason: format!("must not exceed {total_name} ({total})"),
-        });
-    }
-    Ok(Limits { total, per_peer })
 }

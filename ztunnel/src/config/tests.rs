@@ -1,6 +1,11 @@
+//! Table tests of `ztunnel run`'s and `ztunnel ca`'s configuration: defaults, flags over
+//! variables over defaults, every refusal and its message, and what `--help` shows.
+
 use std::collections::HashMap;
 
 use super::*;
+
+mod sources;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Result<RunConfig, ConfigError> {
     let env: HashMap<String, String> = env
@@ -34,6 +39,7 @@ fn defaults() {
         (2048, 256)
     );
     assert_eq!(c.tunnel.tls_first_bytes_timeout, Duration::from_secs(2));
+    assert_eq!(c.tunnel, crate::proxy::TunnelLimits::default());
     assert!(c.to_string().contains(" tls_first_bytes_timeout=2s "));
     assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));
     assert!(!c.quic_listen, "QUIC is off unless asked for");
@@ -149,22 +155,22 @@ fn invalid_values() {
         (&["--discovery-file", "/m"], &[], "node name is required"),
         (&["--node-name", "n"], &[], "discovery file is required"),
         (&["--cert-lifetime", "1s"], &[], "at least"),
-        (&["--cert-lifetime", "soon"], &[], "certificate lifetime"),
+        (&["--cert-lifetime", "soon"], &[], "invalid --cert-lifetime \"soon\""),
         (&["--admin-addr", "0.0.0.0:15000"], &[], "loopback"),
-        (&["--inbound-addr", "nowhere"], &[], "inbound address"),
+        (&["--inbound-addr", "nowhere"], &[], "invalid --inbound-addr"),
         (&["--pool-max-streams", "0"], &[], "1 to 10000"),
         (&[], &[("ZTUNNEL_WORKER_THREADS", "0")], "1 to 1024"),
-        (&["--worker-threads", "all"], &[], "worker threads"),
+        (&["--worker-threads", "all"], &[], "invalid --worker-threads"),
         (&["--max-pending-handshakes", "0"], &[], "1 to 1000000"),
         (
             &[],
             &[("ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_PEER", "many")],
-            "max pending handshakes per peer",
+            "invalid ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_PEER \"many\"",
         ),
         (
             &["--max-pending-handshakes", "10"],
             &[],
-            "must not exceed max pending handshakes (10)",
+            "invalid --max-pending-handshakes-per-peer \"256\": must not exceed --max-pending-handshakes (10)",
         ),
         (
             &["--tls-first-bytes-timeout", "50ms"],
@@ -174,15 +180,15 @@ fn invalid_values() {
         (
             &[],
             &[("ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT", "11s")],
-            "TLS first bytes timeout \"11s\": must be at most 10s",
+            "ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT \"11s\": must be at most 10s",
         ),
         (
             &["--tls-first-bytes-timeout", "soon"],
             &[],
-            "TLS first bytes timeout",
+            "invalid --tls-first-bytes-timeout",
         ),
-        (&["--trust-domain", "Bad Domain"], &[], "trust domain"),
-        (&["--quic-listen", "yes"], &[], "QUIC listen"),
+        (&["--trust-domain", "Bad Domain"], &[], "invalid --trust-domain"),
+        (&["--quic-listen", "yes"], &[], "invalid --quic-listen"),
         (
             &[],
             &[("ZTUNNEL_QUIC_DESTINATIONS", "10.0.0.0/8,pods")],
@@ -355,7 +361,7 @@ fn ca_config() {
     ] {
         let e = ca(&["--ca-dir", "/ca", "--token-file", "/t", flag, value], &[]).unwrap_err();
         assert!(
-            e.to_string().contains("peer request"),
+            e.to_string().contains(&format!("invalid {flag} {value:?}")),
             "{flag} {value}: {e}"
         );
     }
@@ -460,14 +466,14 @@ fn ca_config_caps_and_timeouts() {
     let bad: &[(&[&str], &str)] = &[
         (
             &["--max-connections", "0"],
-            "invalid max connections \"0\": must be 1 to 1000000",
+            "invalid --max-connections \"0\": must be 1 to 1000000",
         ),
         (&["--max-connections", "1000001"], "must be 1 to 1000000"),
         (
             &["--max-connections-per-peer", "0"],
-            "max connections per peer",
+            "invalid --max-connections-per-peer",
         ),
-        (&["--max-connections", "many"], "max connections"),
+        (&["--max-connections", "many"], "invalid --max-connections"),
         (
             &[
                 "--max-connections",
@@ -475,20 +481,26 @@ fn ca_config_caps_and_timeouts() {
                 "--max-connections-per-peer",
                 "17",
             ],
-            "must not exceed max connections (16)",
+            "must not exceed --max-connections (16)",
         ),
         (
             &["--max-connections-per-peer", "4097"],
-            "must not exceed max connections (4096)",
+            "must not exceed --max-connections (4096)",
         ),
-        (&["--max-requests-in-flight", "0"], "max requests in flight"),
+        (
+            &["--max-requests-in-flight", "0"],
+            "invalid --max-requests-in-flight",
+        ),
         (
             &["--max-requests-in-flight-per-peer", "1025"],
-            "must not exceed max requests in flight (1024)",
+            "must not exceed --max-requests-in-flight (1024)",
         ),
         (&["--handshake-timeout", "99ms"], "at least 100ms"),
         (&["--handshake-timeout", "61s"], "at most 1m"),
-        (&["--handshake-timeout", "soon"], "handshake timeout"),
+        (
+            &["--handshake-timeout", "soon"],
+            "invalid --handshake-timeout",
+        ),
         (&["--idle-timeout", "999ms"], "at least 1s"),
         (&["--idle-timeout", "2d"], "at most 1day"),
     ];
@@ -570,11 +582,11 @@ fn ca_config_kubernetes() {
         ),
         (
             &["--ca-secret", "nons", "--authorizer", "kubernetes"],
-            "CA secret",
+            "invalid --ca-secret",
         ),
         (
             &["--ca-secret", "a/B", "--authorizer", "kubernetes"],
-            "CA secret",
+            "invalid --ca-secret",
         ),
         (
             &["--ca-secret", "a/b", "--authorizer", "oidc"],
@@ -601,7 +613,7 @@ fn ca_config_kubernetes() {
                 "--daemon-service-account",
                 "zt",
             ],
-            "daemon service account",
+            "invalid --daemon-service-account",
         ),
         (
             &[
@@ -612,7 +624,7 @@ fn ca_config_kubernetes() {
                 "--token-audience",
                 "",
             ],
-            "token audience",
+            "invalid --token-audience",
         ),
     ];
     for (args, want) in cases {
@@ -667,7 +679,7 @@ fn istio_compat_needs_kubernetes_and_adds_istios_root() {
         (
             kube,
             &[("ZTUNNEL_ISTIO_COMPAT", "yes")],
-            "invalid istio compat",
+            "invalid ZTUNNEL_ISTIO_COMPAT",
         ),
         (
             kube,
@@ -680,7 +692,7 @@ fn istio_compat_needs_kubernetes_and_adds_istios_root() {
                 ("ZTUNNEL_ISTIO_COMPAT", "true"),
                 ("ZTUNNEL_ISTIO_ROOT_NAMESPACE", "Bad_Name"),
             ],
-            "invalid istio root namespace",
+            "invalid ZTUNNEL_ISTIO_ROOT_NAMESPACE",
         ),
     ];
     for (args, env, want) in table {
