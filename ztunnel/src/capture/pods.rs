@@ -525,12 +525,11 @@ impl Pods {
         e.serving.abort();
         let ips: Vec<IpAddr> = e.record.ips.iter().map(|ip| ip.to_canonical()).collect();
         let closing = self.pi.connections.close_pod(&ips);
-        let deadline = std::time::Instant::now() + RELEASE_DRAIN;
-        while self.pi.connections.of_pod(&ips) > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let deadline = tokio::time::Instant::now() + RELEASE_DRAIN;
+        let left = self
+            .rt
+            .block_on(self.pi.connections.until_pod_closed(&ips, deadline));
         if closing > 0 {
-            let left = self.pi.connections.of_pod(&ips);
             tracing::info!(
                 closing,
                 left,

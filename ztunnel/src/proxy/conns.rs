@@ -274,6 +274,19 @@ impl ConnTable {
         self.snapshot().iter().filter(|r| r.is_of_pod(ips)).count()
     }
 
+    /// Waits until no connection of the pod with addresses `ips` is left, or until
+    /// `deadline`: woken by each departure ([`ConnTable::changed`]), never by polling. Returns
+    /// how many are left.
+    pub async fn until_pod_closed(&self, ips: &[IpAddr], deadline: tokio::time::Instant) -> usize {
+        loop {
+            let changed = self.changed();
+            let left = self.of_pod(ips);
+            if left == 0 || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.of_pod(ips);
+            }
+        }
+    }
+
     fn snapshot(&self) -> Vec<Arc<ConnRecord>> {
         self.live
             .lock()
@@ -466,6 +479,47 @@ mod tests {
 
     fn addr(s: &str) -> Option<SocketAddr> {
         Some(s.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_release_waits_for_the_pods_connections_to_leave() {
+        let table = Arc::new(ConnTable::default());
+        let pod: [IpAddr; 1] = ["10.0.0.5".parse().unwrap()];
+        let conn = |src: &str| {
+            table.track(
+                Direction::Outbound,
+                ConnFacts {
+                    src_addr: addr(src),
+                    dst_addr: addr("10.0.1.9:80"),
+                    ..Default::default()
+                },
+            )
+        };
+        let (a, b, other) = (
+            conn("10.0.0.5:40000"),
+            conn("10.0.0.5:40001"),
+            conn("10.0.0.6:40000"),
+        );
+        let leave = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(a);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(b);
+        });
+        // Woken by the last departure, long before the deadline (a wait that missed it
+        // would sleep for the whole minute).
+        let far = tokio::time::Instant::now() + Duration::from_secs(60);
+        let waited =
+            tokio::time::timeout(Duration::from_secs(10), table.until_pod_closed(&pod, far));
+        assert_eq!(waited.await.expect("woken by the departures"), 0);
+        leave.await.unwrap();
+
+        // One that stays: the wait ends at the deadline and counts it; another pod's
+        // connection is not counted.
+        let stays = conn("10.0.0.5:40002");
+        let soon = tokio::time::Instant::now() + Duration::from_millis(50);
+        assert_eq!(table.until_pod_closed(&pod, soon).await, 1);
+        drop((stays, other));
     }
 
     #[tokio::test]
