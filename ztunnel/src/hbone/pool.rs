@@ -685,22 +685,33 @@ impl Inner {
 
 /// Resolves once the connection has had no stream for `timeout`, after marking it closed and
 /// removing it from its key (both under the key's lock, so no stream lands on it meanwhile).
+/// It sleeps while streams are open until the last one ends (`unused`), and while there are
+/// none until `timeout` after the last one ended; it never polls.
 async fn watch_idle(conn: Weak<Conn>, ks: Arc<KeyState>, timeout: Duration) {
-    let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     loop {
-        tokio::time::sleep(tick).await;
         let Some(c) = conn.upgrade() else { return };
-        let mut conns = ks.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let idle_for = c
-            .idle_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed();
-        if c.streams.load(Ordering::Acquire) == 0 && idle_for >= timeout {
-            c.closed.store(true, Ordering::Release);
-            conns.retain(|x| x.id != c.id);
-            tracing::debug!(id = c.id, "idle tunnel connection closed");
-            return;
+        let unused = c.unused.clone();
+        // Taken before the check, so that the last stream ending after it is not missed.
+        let last_stream_ended = unused.notified();
+        let idle_until = {
+            let mut conns = ks.conns.lock().unwrap_or_else(|e| e.into_inner());
+            if c.streams.load(Ordering::Acquire) > 0 {
+                None
+            } else {
+                let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                if since.elapsed() >= timeout {
+                    c.closed.store(true, Ordering::Release);
+                    conns.retain(|x| x.id != c.id);
+                    tracing::debug!(id = c.id, "idle tunnel connection closed");
+                    return;
+                }
+                Some(since + timeout)
+            }
+        };
+        drop(c);
+        match idle_until {
+            None => last_stream_ended.await,
+            Some(at) => tokio::time::sleep_until(at.into()).await,
         }
     }
 }
