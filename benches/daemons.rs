@@ -268,14 +268,7 @@ impl Bed {
             env.push(("ZTUNNEL_QUIC_DESTINATIONS", QUIC.server));
         }
         let bed = TestBed::start_configured(pods, Vec::new(), &env)?;
-        let pid = |i: usize| {
-            bed.nodes[i]
-                .daemon
-                .as_ref()
-                .and_then(|d| d.pid())
-                .context("daemon pid")
-        };
-        let pids = [pid(0)?, pid(1)?];
+        let pids = [bed.daemon_pid(0)?, bed.daemon_pid(1)?];
         for server in ["server", "legacy-2", "server-quic"] {
             if bed.pods.iter().any(|p| p.spec.name == server) {
                 bed.pod(server).ns.serve(PORT, serve);
@@ -337,11 +330,17 @@ impl Bed {
         })
     }
 
-    /// Every path once (a warm-up, not counted), then `reps` repetitions of every path in turn.
-    fn measure(&self, paths: &[Path], reps: usize) -> Result<Vec<Vec<Sample>>> {
+    /// A few connections on every path (certificates fetched, tunnels pooled), not counted.
+    fn warm_up(&self, paths: &[Path]) -> Result<()> {
         for &p in paths {
             self.client(p, connections(p.server, 1, 20))?;
         }
+        Ok(())
+    }
+
+    /// [`Bed::warm_up`], then `reps` repetitions of every path in turn.
+    fn measure(&self, paths: &[Path], reps: usize) -> Result<Vec<Vec<Sample>>> {
+        self.warm_up(paths)?;
         let mut samples = vec![Vec::new(); paths.len()];
         for rep in 0..reps {
             for (i, &p) in paths.iter().enumerate() {
@@ -383,7 +382,7 @@ enum Compare {
     Own,
 }
 
-/// A row of the table: its name (with its unit), what its figure is divided by (0: nothing),
+/// A row of the table: its name (with its unit), what its figure is divided by,
 /// how it compares, and the figure of a sample.
 type Row = (&'static str, f64, Compare, fn(&Sample) -> f64);
 
@@ -410,18 +409,18 @@ fn print_table(paths: &[Path], medians: &[Sample]) {
     let bulk_gib = (2 * BULK_BYTES) as f64 / f64::from(1 << 30);
     let thousands = (SERIAL_CONNECTIONS + PARALLEL_CONNECTIONS) as f64 / 1000.0;
     let rows: [Row; 8] = [
-        ("bulk, 1 stream (GiB/s)", 0.0, Compare::Ratio, |s| s.bulk_1),
-        ("bulk, 8 streams (GiB/s)", 0.0, Compare::Ratio, |s| s.bulk_8),
-        ("1 KiB round trip, median (µs)", 0.0, Compare::Added, |s| {
+        ("bulk, 1 stream (GiB/s)", 1.0, Compare::Ratio, |s| s.bulk_1),
+        ("bulk, 8 streams (GiB/s)", 1.0, Compare::Ratio, |s| s.bulk_8),
+        ("1 KiB round trip, median (µs)", 1.0, Compare::Added, |s| {
             s.rr_median.as_secs_f64()
         }),
-        ("1 KiB round trip, p99 (µs)", 0.0, Compare::Added, |s| {
+        ("1 KiB round trip, p99 (µs)", 1.0, Compare::Added, |s| {
             s.rr_p99.as_secs_f64()
         }),
-        ("connections/s, one at a time", 0.0, Compare::Ratio, |s| {
+        ("connections/s, one at a time", 1.0, Compare::Ratio, |s| {
             s.conns_1
         }),
-        ("connections/s, 8 in parallel", 0.0, Compare::Ratio, |s| {
+        ("connections/s, 8 in parallel", 1.0, Compare::Ratio, |s| {
             s.conns_8
         }),
         ("daemons' CPU per GiB (s)", bulk_gib, Compare::Own, |s| {
@@ -435,10 +434,7 @@ fn print_table(paths: &[Path], medians: &[Sample]) {
         ),
     ];
     for (name, per, compare, get) in rows {
-        let value = |m: &Sample| match per {
-            0.0 => get(m),
-            per => get(m) / per,
-        };
+        let value = |m: &Sample| get(m) / per;
         let show = |v: f64| {
             if name.contains("GiB/s") {
                 format!("{:.2}", v / f64::from(1 << 30))
@@ -475,7 +471,7 @@ fn print_table(paths: &[Path], medians: &[Sample]) {
 fn run_h2(reps: usize, held: usize) -> Result<()> {
     let bed = Bed::start(false)?;
     let paths = [PLAIN, HTTP2];
-    bed.measure(&paths, 0)?;
+    bed.warm_up(&paths)?;
     std::thread::sleep(Duration::from_secs(2));
     let idle = bed.memory()?;
     let conns = bed.client(HTTP2, hold(HTTP2.server, held))?;

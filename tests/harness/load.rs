@@ -240,12 +240,7 @@ pub fn raise_fd_limit(want: u64) {
 }
 
 fn daemon_usage(bed: &TestBed, i: usize) -> Result<Usage> {
-    let pid = bed.nodes[i]
-        .daemon
-        .as_ref()
-        .and_then(|d| d.pid())
-        .context("daemon pid")?;
-    usage(pid)
+    usage(bed.daemon_pid(i)?)
 }
 
 /// The usage of both daemons once it has settled: the figures read twice, a second apart,

@@ -196,14 +196,7 @@ fn main() -> Result<()> {
     raise_fd_limit();
     evict_from_page_cache(&ztunnel_e2e::daemon::binary("ztunnel"))?;
     let bed = TestBed::start_with(ztunnel_e2e::testbed::default_pods())?;
-    let pid = |i: usize| {
-        bed.nodes[i]
-            .daemon
-            .as_ref()
-            .and_then(|d| d.pid())
-            .context("pid")
-    };
-    let (p1, p2) = (pid(0)?, pid(1)?);
+    let (p1, p2) = (bed.daemon_pid(0)?, bed.daemon_pid(1)?);
     // Warm both paths once (certificates, the pooled tunnel), then let things settle.
     let server = bed.pod("server");
     server.ns.spawn(async move {

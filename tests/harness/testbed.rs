@@ -581,6 +581,15 @@ impl TestBed {
         }
     }
 
+    /// The process id of node `i`'s daemon, for reading its figures from `/proc`.
+    pub fn daemon_pid(&self, i: usize) -> Result<u32> {
+        self.nodes[i]
+            .daemon
+            .as_ref()
+            .and_then(|d| d.pid())
+            .with_context(|| format!("node {i} has no running daemon"))
+    }
+
     /// The daemon's Prometheus metrics.
     pub fn metrics(&self, i: usize) -> String {
         daemon::http(&self.nodes[i].ns, "GET", "127.0.0.1:15020", "/metrics")
