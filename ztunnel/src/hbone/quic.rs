@@ -6,7 +6,8 @@
 //! TLS 1.3 with the same certificates and identity checks (the rustls configurations of
 //! [`crate::identity`], with the QUIC ALPN); the transport's windows mirror the HTTP/2
 //! tunnel's (4 MiB per stream, 16 MiB per connection) and its keep-alive the pings (10 s,
-//! closed after 20 s of silence).
+//! closed after 20 s of silence). Each endpoint's UDP socket has buffers large enough for a
+//! window's bursts ([`SOCKET_BUFFER`]).
 //!
 //! Bytes are copied over a stream by [`super::copy::copy_quic`].
 
@@ -240,12 +241,45 @@ pub fn endpoint(
         sock.set_only_v6(true)?;
     }
     sock.bind(&addr.into())?;
+    set_buffers(&sock);
     quinn::Endpoint::new(
         endpoint_config(),
         server,
         sock.into(),
         Arc::new(quinn::TokioRuntime),
     )
+}
+
+/// The size of each QUIC socket's kernel send and receive buffers.
+///
+/// A tunnel connection may have 16 MiB in flight ([`consts::CONNECTION_WINDOW`]); while the
+/// daemon's thread is busy elsewhere, what arrives waits in the socket, and the default buffer
+/// (about 200 KiB) overflows: each dropped datagram is a loss to the congestion controller,
+/// which halves the sending rate. This is a limit, not an allocation: an idle socket holds
+/// nothing.
+pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Sets [`SOCKET_BUFFER`] on a QUIC socket, above the system's `rmem_max`/`wmem_max` when the
+/// daemon may (`CAP_NET_ADMIN`), else as far as they allow.
+fn set_buffers(sock: &socket2::Socket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let n = SOCKET_BUFFER;
+    if setsockopt(sock, sockopt::RcvBufForce, &n).is_err() {
+        let _ = sock.set_recv_buffer_size(n);
+    }
+    if setsockopt(sock, sockopt::SndBufForce, &n).is_err() {
+        let _ = sock.set_send_buffer_size(n);
+    }
+    if let Ok(got) = sock.recv_buffer_size() {
+        // Linux reports twice what was set (the other half is its bookkeeping).
+        if got < n {
+            tracing::debug!(
+                wanted = n,
+                got,
+                "QUIC socket receive buffer limited by net.core.rmem_max"
+            );
+        }
+    }
 }
 
 /// Dials `addr` from `endpoint`; a peer that does not answer in [`HANDSHAKE_TIMEOUT`] is
@@ -465,6 +499,29 @@ mod tests {
         let refused = request_of(&bad)
             .map(|r| super::super::server::validate(&r, "10.0.0.2".parse().unwrap()));
         assert!(!matches!(refused, Some(Ok(_))));
+    }
+
+    /// The socket gets the buffers asked for, or all the system allows without the capability
+    /// (twice its `*mem_max`: Linux reports its bookkeeping half too); the default is below both.
+    #[test]
+    fn sockets_get_large_buffers() {
+        use socket2::{Domain, Socket, Type};
+        let max = |f: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{f}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        set_buffers(&sock);
+        let (rcv, snd) = (
+            sock.recv_buffer_size().unwrap(),
+            sock.send_buffer_size().unwrap(),
+        );
+        assert!(rcv >= SOCKET_BUFFER.min(2 * max("rmem_max")), "{rcv}");
+        assert!(snd >= SOCKET_BUFFER.min(2 * max("wmem_max")), "{snd}");
+        assert!(rcv > max("rmem_default") && snd > max("wmem_default"));
     }
 
     #[test]
