@@ -1,7 +1,7 @@
 //! In-pod capture: enrolled pods, their rules and listeners, the enrollment server that the
 //! CNI plugin talks to, and the records that let a restarted daemon recover every pod.
 //!
-//! The flow: the plugin sends ADD ([`ztunnel_proto::enroll`]); [`pods::decide`] (pure) says
+//! The flow: the plugin sends ADD ([`ztunnel_proto::enroll`]); [`decide::decide`] (pure) says
 //! whether the pod is enrolled; if so [`pods::Pods`] installs the rules in the pod's netns
 //! ([`rules`]), binds the pod's three listeners there (`SO_REUSEPORT`) and serves them with
 //! the pod's identity ([`crate::proxy::Scope::Pod`]), writes the pod's record ([`store`]), and
@@ -12,6 +12,7 @@
 //! ([`find`]); the pod's annotation shows the outcome ([`annotate`]).
 
 pub mod annotate;
+pub mod decide;
 pub mod find;
 pub mod pods;
 pub mod reconcile;
