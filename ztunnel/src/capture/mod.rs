@@ -23,3 +23,6 @@ pub mod registry;
 pub mod rules;
 pub mod server;
 pub mod store;
+
+#[cfg(test)]
+mod registry_tests;
