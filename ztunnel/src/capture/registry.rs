@@ -1,8 +1,8 @@
 //! The enrolled pods of this node, with a single owner.
 //!
 //! [`Registry`] holds, per attachment, the pod's record, its open netns and what serves its
-//! listeners. One thread owns it ([`Registry::run`], started by [`super::pods::Pods`]) and
-//! applies the operations sent to it ([`Op`]) one at a time, each to completion: CNI ADD, DEL,
+//! listeners. One thread owns it (`Registry::run`, started by [`super::pods::Pods`]) and
+//! applies the operations sent to it (`Op`) one at a time, each to completion: CNI ADD, DEL,
 //! CHECK and GC, the reconciler's enrollments and releases, the listing the reconciler plans
 //! from, restart recovery. So two operations never interleave (a CNI DEL racing an ADD or the
 //! reconciler on the same pod waits for it), nothing else reads or writes the map, and there is
@@ -512,7 +512,7 @@ impl<D: Dataplane> Registry<D> {
         for r in records {
             // A reconciler record names `<proc>/<pid>/ns/net`: the pid may have been reused
             // since, by any process. Serve it again only if that namespace is still the pod's
-            // ([`Dataplane::still_the_pods`]); otherwise forget the record without touching
+            // (`Dataplane::still_the_pods`); otherwise forget the record without touching
             // that namespace (the reconciler finds the pod again).
             if is_reconciled(&r.attachment) && !self.dp.still_the_pods(&r) {
                 tracing::info!(pod = %format!("{}/{}", r.pod.namespace, r.pod.name), netns = %r.netns.display(),

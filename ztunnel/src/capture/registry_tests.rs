@@ -365,8 +365,8 @@ fn a_cni_add_takes_over_the_reconcilers_attachment_of_its_pod() {
     let reconciled = reconciled_attachment("u1").container_id;
     let w = workload();
     assert!(bed.pods.enroll_found(&w, &a, Bed::ns_id(&a)).unwrap());
-    assert_eq!(bed.held(), [reconciled.clone()]);
-    assert_eq!(bed.recorded(), [reconciled.clone()]);
+    assert_eq!(bed.held(), [reconciled.as_str()]);
+    assert_eq!(bed.recorded(), [reconciled.as_str()]);
     // Found again: enrolled already.
     assert!(!bed.pods.enroll_found(&w, &a, Bed::ns_id(&a)).unwrap());
     // CHECK of the pod under the runtime's attachment finds the reconciler's.
@@ -432,7 +432,7 @@ fn a_cni_del_releases_the_reconcilers_attachment_of_its_pod_and_gc_leaves_it() {
     assert!(bed.pods.enroll_found(&w, &a, Bed::ns_id(&a)).unwrap());
     // GC: the runtime does not know the reconciler's attachments.
     assert_eq!(bed.call(Request::Gc { valid: vec![] }), Reply::Ok);
-    assert_eq!(bed.held(), [reconciled.clone()]);
+    assert_eq!(bed.held(), [reconciled.as_str()]);
     bed.events();
     bed.notes();
 
