@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use ztunnel::capture::pods::{decide, Decision};
+use ztunnel::capture::decide::{decide, Decision};
 use ztunnel::discovery::policy::PolicyObject;
 use ztunnel::discovery::{Discovery, State, DATAPLANE_MODE_LABEL};
 use ztunnel::policy::status_of;

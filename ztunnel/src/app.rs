@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, AdminState, Endpoint};
 use crate::ca::{CaClient, LocalCa};
+use crate::capture::annotate::{Annotator, KubeAnnotator, NoAnnotator};
 use crate::capture::{pods::Pods, rules, server as enrollment, store::Store};
 use crate::config::{CaSource, CaptureMode, DiscoverySource, RunConfig};
 use crate::discovery::{self, Discovery};
@@ -41,6 +42,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start the pod registry's thread: {0}")]
+    Registry(std::io::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Listen {
         what: &'static str,
@@ -242,17 +245,18 @@ pub async fn start(
             {
                 tracing::warn!(error = %e, "cannot install the node's probe rules; kubelet probes to enrolled pods will be captured");
             }
-            let p = Pods::new(pi.clone(), store, ready_rx_for_pods(&admin_state));
-            if let Some(client) = &kube_client {
-                p.set_annotator(crate::capture::annotate::KubeAnnotator::start(
-                    client.clone(),
-                    pi.metrics.clone(),
-                ));
-            }
-            let recovering = p.clone();
-            let recovered = tokio::task::spawn_blocking(move || recovering.recover())
-                .await
-                .expect("recovery task");
+            let annotator: Arc<dyn Annotator> = match &kube_client {
+                Some(client) => KubeAnnotator::start(client.clone(), pi.metrics.clone()),
+                None => Arc::new(NoAnnotator),
+            };
+            let p = Pods::new(
+                pi.clone(),
+                store,
+                ready_rx_for_pods(&admin_state),
+                annotator,
+            )
+            .map_err(StartError::Registry)?;
+            let recovered = p.recover().await;
             tracing::info!(recovered, "enrolled pods recovered from the node's records");
             let sock = enrollment::bind(&p).map_err(state_err)?;
             tasks.push(tokio::spawn(enrollment::serve(sock, p.clone())));

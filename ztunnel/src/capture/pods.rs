@@ -1,828 +1,173 @@
-//! The enrolled pods of this node, and the enrollment operations behind the CNI plugin's
-//! requests.
+//! The handle on this node's enrolled pods that the enrollment server, the reconciler and
+//! the daemon hold.
 //!
-//! [`decide`] is the pure enrollment decision. [`Pods`] applies it: it owns, per attachment,
-//! the pod's netns handle and the task serving its listeners, and answers each
-//! [`Request`]. Operations are serialized (one at a time) and blocking (they run `nft` and
-//! `ip`); the server calls [`Pods::handle`] from a blocking thread. The reconciler
-//! ([`super::reconcile`]) enrolls running pods it found itself ([`Pods::enroll_found`], under
-//! a `ztunnel-reconciled-<uid>` attachment that a CNI DEL for the pod also releases) and
-//! releases through the same path as DEL. Outcomes are published as the pod's annotation
-//! ([`super::annotate`]).
+//! [`Pods`] sends each operation to the [`Registry`]'s thread, which owns the pods and applies
+//! operations one at a time, and waits for the outcome on a oneshot channel: asynchronously
+//! for the CNI plugin's requests ([`Pods::handle`]) and recovery, blocking for the
+//! reconciler's pass (itself on a blocking thread). An operation is queued when the call is
+//! made, so the order of calls is the order of application. STATUS and the annotations never
+//! wait for the registry: readiness is a watch, and the annotator only queues.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::future::Future;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{mpsc, Arc};
 
-use tokio::sync::watch;
-use ztunnel_proto::enroll::{Attachment, ErrorKind, PodAdd, PodRef, Reply, Request};
+use tokio::sync::{oneshot, watch};
+use ztunnel_proto::enroll::{ErrorKind, PodRef, Reply, Request};
 
 use super::annotate::{Annotator, Status};
-use super::rules::{self, RulesError};
-use super::store::{PodRecord, Store};
-use crate::discovery::enrollment::NotEnrolled;
-use crate::discovery::{State, Workload};
-use crate::net::netns::Netns;
-use crate::proxy::{self, Listeners, ProxyInputs, Scope};
+use super::dataplane::Node;
+use super::registry::{Context, Dataplane, EnrollError, EnrolledPod, Op, Registry};
+use super::store::Store;
+use crate::discovery::Workload;
+use crate::metrics::Metrics;
+use crate::proxy::ProxyInputs;
 use crate::refusal::Reason;
-
-/// How long a release waits for the pod's connections to close before it removes the rules
-/// that carry them.
-pub const RELEASE_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The enrollment decision for a pod.
-#[derive(Debug, PartialEq)]
-pub enum Decision {
-    Enroll(Arc<Workload>),
-    /// Not in the mesh, with the reason.
-    NotEnrolled(String),
-    /// Should be in the mesh but cannot be served yet (discovery has not caught up).
-    TryAgain(String),
-    /// Would be in the mesh, but another mesh handles it already, with the reason.
-    OtherMesh(String),
-}
-
-/// Decides whether the pod joins the mesh on `node`: discovery knows it on this node and
-/// enrolls it (see [`crate::discovery::enrollment`]).
-pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decision {
-    let known = (!pod.uid.is_empty())
-        .then(|| state.workload_by_uid(&pod.uid))
-        .flatten()
-        .or_else(|| state.workload_by_name(&pod.namespace, &pod.name))
-        .or_else(|| ips.iter().find_map(|ip| state.workload_by_ip(*ip)))
-        .or_else(|| state.pending_by_name(&pod.namespace, &pod.name));
-    let Some(w) = known else {
-        if pod.namespace.is_empty() {
-            return Decision::NotEnrolled("not a Kubernetes pod (no K8S_POD_NAMESPACE)".into());
-        }
-        // Under Istio's rules a pod's own label may enroll it: its labels must be known.
-        if !state.namespace_enrolled(&pod.namespace) && !state.enrollment().istio {
-            return Decision::NotEnrolled(format!("namespace {} is not enrolled", pod.namespace));
-        }
-        return Decision::TryAgain(format!(
-            "pod {}/{} is not known to discovery yet",
-            pod.namespace, pod.name
-        ));
-    };
-    match state.enrollment_of(w) {
-        Ok(()) => {}
-        Err(NotEnrolled::NotAsked) => {
-            return Decision::NotEnrolled(format!("namespace {} is not enrolled", w.namespace))
-        }
-        Err(why @ NotEnrolled::Other(_)) => return Decision::OtherMesh(why.to_string()),
-        Err(why) => return Decision::NotEnrolled(why.to_string()),
-    }
-    if &*w.node != node {
-        return Decision::TryAgain(format!(
-            "discovery places pod {}/{} on node {}, not {node}",
-            w.namespace, w.name, w.node
-        ));
-    }
-    if w.ips.is_empty() {
-        // Discovery knows the pod (by uid) but not its IPs yet: they are the ones the
-        // plugin was just given.
-        if ips.is_empty() {
-            return Decision::TryAgain(format!(
-                "pod {}/{} has no IP yet, neither in discovery nor in the request",
-                w.namespace, w.name
-            ));
-        }
-        return Decision::Enroll(Arc::new(Workload {
-            ips: ips.into(),
-            ..(**w).clone()
-        }));
-    }
-    Decision::Enroll(w.clone())
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum EnrollError {
-    #[error("cannot open the pod's netns {path}: {source}")]
-    Netns {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("capture rules: {0}")]
-    Rules(#[from] RulesError),
-    #[error("cannot listen in the pod's netns: {0}")]
-    Listen(std::io::Error),
-    #[error("cannot record the pod: {0}")]
-    Store(std::io::Error),
-}
-
-struct Enrolled {
-    record: PodRecord,
-    netns: Arc<Netns>,
-    serving: tokio::task::JoinHandle<()>,
-}
-
-/// The container id recorded for a pod the reconciler enrolled (the runtime's id is not
-/// known): `ztunnel-reconciled-<pod uid>`, interface `eth0`. A later CNI DEL for the pod
-/// matches it by pod (uid, else namespace/name) or by netns, and CNI GC leaves it alone.
-pub const RECONCILED_PREFIX: &str = "ztunnel-reconciled-";
-
-/// The attachment of a pod enrolled by the reconciler.
-pub fn reconciled_attachment(uid: &str) -> Attachment {
-    Attachment {
-        container_id: format!("{RECONCILED_PREFIX}{uid}"),
-        ifname: "eth0".into(),
-    }
-}
-
-/// Whether `a` was enrolled by the reconciler rather than by CNI ADD.
-pub fn is_reconciled(a: &Attachment) -> bool {
-    a.container_id.starts_with(RECONCILED_PREFIX)
-}
-
-/// Whether two references name the same pod (by uid when both have one).
-fn same_pod(a: &PodRef, b: &PodRef) -> bool {
-    if !a.uid.is_empty() && !b.uid.is_empty() {
-        return a.uid == b.uid;
-    }
-    !a.name.is_empty() && a.namespace == b.namespace && a.name == b.name
-}
-
-/// An enrolled pod, as the reconciler sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EnrolledPod {
-    pub attachment: Attachment,
-    pub pod: PodRef,
-    pub ips: Vec<IpAddr>,
-}
 
 /// The pods this daemon serves.
 pub struct Pods {
-    pi: Arc<ProxyInputs>,
-    store: Store,
+    ops: mpsc::Sender<Op>,
     ready: watch::Receiver<bool>,
-    rt: tokio::runtime::Handle,
-    enrolled: Mutex<HashMap<Attachment, Enrolled>>,
-    /// Serializes enrollments and releases (CNI and reconciler).
-    op: Mutex<()>,
-    annotator: OnceLock<Arc<dyn Annotator>>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    annotator: Arc<dyn Annotator>,
 }
 
-fn error(kind: ErrorKind, message: impl ToString) -> Reply {
+/// The reply to a CNI request whose operation failed inside the registry.
+fn registry_failed() -> Reply {
     Reply::Error {
-        kind,
-        message: message.to_string(),
+        kind: ErrorKind::TryAgain,
+        message: format!("enrollment failed: {}", EnrollError::Registry),
     }
 }
 
 impl Pods {
-    /// Must be called inside the daemon's runtime.
-    pub fn new(pi: Arc<ProxyInputs>, store: Store, ready: watch::Receiver<bool>) -> Arc<Pods> {
-        Arc::new(Pods {
-            pi,
+    /// Starts the registry of the daemon's real dataplane on its own thread; must be called
+    /// inside the daemon's runtime. The pods' status is published through `annotator`.
+    pub fn new(
+        pi: Arc<ProxyInputs>,
+        store: Store,
+        ready: watch::Receiver<bool>,
+        annotator: Arc<dyn Annotator>,
+    ) -> std::io::Result<Arc<Pods>> {
+        let cx = Context {
+            discovery: pi.discovery.clone(),
+            node: pi.node.clone(),
+            trust_domain: pi.trust_domain.clone(),
+            metrics: pi.metrics.clone(),
             store,
-            ready,
+            annotator,
+        };
+        let node = Node {
+            pi,
             rt: tokio::runtime::Handle::current(),
-            enrolled: Mutex::default(),
-            op: Mutex::default(),
-            annotator: OnceLock::new(),
+        };
+        Pods::start(Registry::new(node, cx), ready).map(Arc::new)
+    }
+
+    /// Starts `registry` on its own thread, which ends once the handle is dropped.
+    pub fn start<D: Dataplane>(
+        registry: Registry<D>,
+        ready: watch::Receiver<bool>,
+    ) -> std::io::Result<Pods> {
+        let store = registry.context().store.clone();
+        let metrics = registry.context().metrics.clone();
+        let annotator = registry.context().annotator.clone();
+        let (ops, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("ztunnel-pods".into())
+            .spawn(move || registry.run(rx))?;
+        Ok(Pods {
+            ops,
+            ready,
+            store,
+            metrics,
+            annotator,
         })
     }
 
-    /// Publishes enrollment status through `a` from now on (set once).
-    pub fn set_annotator(&self, a: Arc<dyn Annotator>) {
-        let _ = self.annotator.set(a);
+    /// Queues an operation; the receiver gets its outcome (or is closed if it failed).
+    fn send<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> oneshot::Receiver<T> {
+        let (tx, rx) = oneshot::channel();
+        // A send fails only if the registry's thread is gone: the receiver is closed then.
+        let _ = self.ops.send(op(tx));
+        rx
     }
 
-    /// Queues `pod`'s status for its annotation (never blocks).
-    pub fn annotate(&self, pod: &PodRef, status: Status) {
-        if let Some(a) = self.annotator.get() {
-            a.annotate(pod, status);
-        }
-    }
-
-    /// Queues whether the CA refuses `pod`'s certificate, for its annotation (never blocks).
-    pub fn certificate(&self, pod: &PodRef, refused: Option<String>) {
-        if let Some(a) = self.annotator.get() {
-            a.certificate(pod, refused);
-        }
-    }
-
-    fn op(&self) -> MutexGuard<'_, ()> {
-        self.op.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Every enrolled pod.
-    pub fn list(&self) -> Vec<EnrolledPod> {
-        self.enrolled
-            .lock()
-            .expect("pods lock")
-            .iter()
-            .map(|(a, e)| EnrolledPod {
-                attachment: a.clone(),
-                pod: e.record.pod.clone(),
-                ips: e.record.ips.clone(),
-            })
-            .collect()
-    }
-
-    /// Enrolls `w` in the netns found at `path` (by the reconciler), which must still be the
-    /// namespace `id`; a no-op (false) if the pod is enrolled already. Blocking.
-    pub fn enroll_found(
-        &self,
-        w: &Workload,
-        path: &Path,
-        id: (u64, u64),
-    ) -> Result<bool, EnrollError> {
-        let _op = self.op();
-        let pod = PodRef {
-            namespace: w.namespace.to_string(),
-            name: w.name.to_string(),
-            uid: w.uid.to_string(),
-        };
-        // Enrolled meanwhile (by CNI ADD, perhaps under another name or by address only).
-        if self
-            .list()
-            .iter()
-            .any(|e| same_pod(&e.pod, &pod) || e.ips.iter().any(|ip| w.ips.contains(ip)))
-        {
-            return Ok(false);
-        }
-        let netns_err = |source| EnrollError::Netns {
-            path: path.display().to_string(),
-            source,
-        };
-        let netns = Netns::open(path).map_err(netns_err)?;
-        if netns.id() != id {
-            return Err(netns_err(std::io::Error::other(
-                "the process left; the path now names another namespace",
-            )));
-        }
-        let record = PodRecord {
-            attachment: reconciled_attachment(&w.uid),
-            netns: path.to_owned(),
-            pod,
-            ips: w.ips.to_vec(),
-        };
-        self.enroll_in(record, w, Arc::new(netns))?;
-        Ok(true)
-    }
-
-    /// Releases the pod enrolled under `a` (for the reconciler); whether it was enrolled.
-    pub fn release_attachment(&self, a: &Attachment) -> bool {
-        let _op = self.op();
-        self.release(a)
-    }
-
-    /// The reconciler-enrolled attachments of the pod `pod` or in the netns at `netns`.
-    fn reconciled_of(&self, pod: Option<&PodRef>, netns: &str) -> Vec<Attachment> {
-        let id = (!netns.is_empty())
-            .then(|| std::fs::metadata(netns).ok())
-            .flatten()
-            .map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                (m.dev(), m.ino())
-            });
-        self.enrolled
-            .lock()
-            .expect("pods lock")
-            .iter()
-            .filter(|(a, e)| {
-                is_reconciled(a)
-                    && (pod.is_some_and(|p| same_pod(p, &e.record.pod))
-                        || id.is_some_and(|id| e.netns.id() == id))
-            })
-            .map(|(a, _)| a.clone())
-            .collect()
-    }
-
-    /// Counts a refused enrollment request.
-    pub fn refused(&self, reason: Reason) {
-        self.pi.metrics.refused(reason);
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// How many pods are enrolled.
-    pub fn len(&self) -> usize {
-        self.enrolled.lock().expect("pods lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Answers one request of the CNI plugin (blocking).
-    pub fn handle(&self, req: Request) -> Reply {
-        match req {
-            Request::Add(add) => {
-                let _op = self.op();
-                self.add(add)
-            }
-            Request::Del(del) => {
-                let _op = self.op();
-                let mut released = self.release(&del.attachment);
-                for a in self.reconciled_of(del.pod.as_ref(), &del.netns) {
-                    released |= self.release(&a);
-                }
-                if let (true, Some(pod)) = (released, &del.pod) {
-                    self.annotate(pod, Status::Released);
-                }
+    /// Answers one request of the CNI plugin. The operation is queued at the call, before
+    /// the returned future is polled.
+    pub fn handle(&self, req: Request) -> impl Future<Output = Reply> + Send + 'static {
+        let queued = match req {
+            Request::Status => Err(if *self.ready.borrow() {
                 Reply::Ok
-            }
-            Request::Check(add) => self.check(add),
-            Request::Status => {
-                if *self.ready.borrow() {
-                    Reply::Ok
-                } else {
-                    error(
-                        ErrorKind::NotAvailable,
-                        "the daemon is not ready (certificates or discovery)",
-                    )
-                }
-            }
-            Request::Gc { valid } => {
-                let _op = self.op();
-                let valid: HashSet<Attachment> = valid.into_iter().collect();
-                // The runtime does not know the reconciler's attachments: the reconciler
-                // and DEL release those.
-                let stale: Vec<Attachment> = self
-                    .enrolled
-                    .lock()
-                    .expect("pods lock")
-                    .keys()
-                    .filter(|a| !valid.contains(a) && !is_reconciled(a))
-                    .cloned()
-                    .collect();
-                for a in &stale {
-                    self.release(a);
-                }
-                tracing::info!(released = stale.len(), "garbage collection");
-                Reply::Ok
-            }
-        }
-    }
-
-    fn add(&self, add: PodAdd) -> Reply {
-        let state = self.pi.discovery.current();
-        let w = match decide(&state, &self.pi.node, &add.pod, &add.ips) {
-            Decision::Enroll(w) => w,
-            Decision::NotEnrolled(reason) => {
-                tracing::info!(pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "not enrolled");
-                return Reply::NotEnrolled { reason };
-            }
-            Decision::OtherMesh(reason) => {
-                crate::refused!(self.pi.metrics, Reason::EnrollmentOtherMesh, pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "not enrolled: refused");
-                return Reply::NotEnrolled { reason };
-            }
-            Decision::TryAgain(reason) => {
-                crate::refused!(self.pi.metrics, Reason::EnrollmentTryAgain, pod = %format!("{}/{}", add.pod.namespace, add.pod.name), %reason, "cannot enroll yet");
-                self.annotate(&add.pod, Status::Failed(reason.clone()));
-                return error(ErrorKind::TryAgain, reason);
-            }
-        };
-        drop(state);
-        // The reconciler may have enrolled this pod already (found by its IP): CNI takes
-        // over. Same netns: the rules stay and are replaced atomically below; another netns
-        // (a new sandbox): the old one is released in full.
-        let new_id = std::fs::metadata(&add.netns).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.dev(), m.ino())
-        });
-        for a in self.reconciled_of(Some(&add.pod), "") {
-            let old = self.enrolled.lock().expect("pods lock").remove(&a);
-            if let Some(old) = old {
-                if Some(old.netns.id()) != new_id {
-                    self.enrolled
-                        .lock()
-                        .expect("pods lock")
-                        .insert(a.clone(), old);
-                    self.release(&a);
-                } else {
-                    old.serving.abort();
-                    let _ = self.store.remove(&a);
-                }
-            }
-        }
-        let record = PodRecord {
-            attachment: add.attachment.clone(),
-            netns: add.netns.clone().into(),
-            pod: add.pod.clone(),
-            ips: add.ips.clone(),
-        };
-        // A repeated ADD for the same attachment replaces the old listeners; the rules stay
-        // in place throughout (they are replaced atomically), so the pod is never uncaptured.
-        if let Some(old) = self
-            .enrolled
-            .lock()
-            .expect("pods lock")
-            .remove(&add.attachment)
-        {
-            old.serving.abort();
-        }
-        match self.enroll(record, &w) {
-            Ok(()) => {
-                self.annotate(&add.pod, Status::Enrolled);
-                Reply::Enrolled
-            }
-            Err(e) => {
-                crate::refused!(self.pi.metrics, Reason::EnrollmentFailed, pod = %format!("{}/{}", add.pod.namespace, add.pod.name), error = %e, "enrollment failed");
-                self.annotate(&add.pod, Status::Failed(e.to_string()));
-                error(ErrorKind::TryAgain, e)
-            }
-        }
-    }
-
-    /// Installs the rules, starts the listeners, records the pod.
-    fn enroll(&self, record: PodRecord, w: &Workload) -> Result<(), EnrollError> {
-        let netns = Arc::new(
-            Netns::open(&record.netns).map_err(|source| EnrollError::Netns {
-                path: record.netns.display().to_string(),
-                source,
-            })?,
-        );
-        self.enroll_in(record, w, netns)
-    }
-
-    fn enroll_in(
-        &self,
-        record: PodRecord,
-        w: &Workload,
-        netns: Arc<Netns>,
-    ) -> Result<(), EnrollError> {
-        // A pod with an IPv6 address gets the IPv6 policy route and a second set of listeners
-        // on `[::]` (IPv6 only), beside the IPv4 ones.
-        let ipv6 = record.ips.iter().any(IpAddr::is_ipv6);
-        rules::install(&netns, ipv6)?;
-        let (listeners, listeners6) = {
-            let _rt = self.rt.enter();
-            let bind = |ip| {
-                Listeners::bind(Some(&netns), ip, self.pi.quic_listen).map_err(EnrollError::Listen)
-            };
-            let v6 = if ipv6 {
-                Some(bind(IpAddr::V6(Ipv6Addr::UNSPECIFIED))?)
             } else {
-                None
-            };
-            (bind(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?, v6)
-        };
-        // Held from before the record is written until the pod is in the table, so that a
-        // CHECK (or anything else that reads the table) never sees the record of a pod that
-        // the table does not hold yet.
-        let mut enrolled = self.enrolled.lock().expect("pods lock");
-        self.store.save(&record).map_err(EnrollError::Store)?;
-        if let Err(e) = rules::node_probe_set(&record.ips, true) {
-            tracing::warn!(error = %e, "cannot add the pod to the node's probe set; kubelet probes may be captured");
-        }
-        let scope = Scope::Pod {
-            uid: w.uid.clone(),
-            netns: netns.clone(),
-        };
-        let pi = self.pi.clone();
-        let serving = self.rt.spawn(async move {
-            let v4 = proxy::serve(pi.clone(), scope.clone(), listeners);
-            match listeners6 {
-                Some(l) => drop(tokio::join!(v4, proxy::serve(pi, scope, l))),
-                None => v4.await,
-            }
-        });
-        tracing::info!(pod = %format!("{}/{}", w.namespace, w.name), identity = %w.identity(&self.pi.trust_domain),
-            netns = %record.netns.display(), ips = ?record.ips, "enrolled");
-        enrolled.insert(
-            record.attachment.clone(),
-            Enrolled {
-                record,
-                netns,
-                serving,
-            },
-        );
-        self.pi.metrics.enrolled_pods.set(enrolled.len() as i64);
-        Ok(())
-    }
-
-    /// Stops the pod's listeners, closes its connections, removes its rules and record.
-    /// Idempotent; whether the pod was enrolled.
-    ///
-    /// No connection of the pod survives its rules. An outbound one was redirected by the
-    /// pod's NAT chain, and with the last NAT chain gone from the netns the kernel no longer
-    /// translates the flow: the application's next segment goes to the real destination, which
-    /// answers with a reset, and the daemon's side is left open. An inbound one was connected
-    /// to the application from the client's address, and without the policy route the
-    /// application's replies leave the pod instead of reaching the daemon: both ends stall.
-    /// So each is told to close while the rules still carry it ([`ConnTable::close_pod`]),
-    /// and the rules go once they have (or after [`RELEASE_DRAIN`]). New connections go plain
-    /// at once.
-    ///
-    /// [`ConnTable::close_pod`]: crate::proxy::conns::ConnTable::close_pod
-    fn release(&self, a: &Attachment) -> bool {
-        let removed = {
-            let mut enrolled = self.enrolled.lock().expect("pods lock");
-            let e = enrolled.remove(a);
-            self.pi.metrics.enrolled_pods.set(enrolled.len() as i64);
-            e
-        };
-        let Some(e) = removed else {
-            let _ = self.store.remove(a);
-            return false;
-        };
-        e.serving.abort();
-        let ips: Vec<IpAddr> = e.record.ips.iter().map(|ip| ip.to_canonical()).collect();
-        let closing = self.pi.connections.close_pod(&ips);
-        let deadline = tokio::time::Instant::now() + RELEASE_DRAIN;
-        let left = self
-            .rt
-            .block_on(self.pi.connections.until_pod_closed(&ips, deadline));
-        if closing > 0 {
-            tracing::info!(
-                closing,
-                left,
-                "closed the pod's connections before removing its rules"
-            );
-        }
-        let tunnels = self.pi.pool.evict_netns(&e.netns);
-        tracing::debug!(
-            tunnels,
-            "closed the tunnel connections leaving from the pod"
-        );
-        if let Err(err) = rules::remove(&e.netns) {
-            tracing::debug!(error = %err, "cannot remove the pod's rules (netns gone?)");
-        }
-        let _ = rules::node_probe_set(&e.record.ips, false);
-        if let Err(err) = self.store.remove(a) {
-            tracing::warn!(error = %err, "cannot remove the pod's record");
-        }
-        tracing::info!(pod = %format!("{}/{}", e.record.pod.namespace, e.record.pod.name), "released");
-        true
-    }
-
-    fn check(&self, add: PodAdd) -> Reply {
-        // A pod the reconciler enrolled is checked under its own attachment.
-        let key = self
-            .reconciled_of(Some(&add.pod), &add.netns)
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| add.attachment.clone());
-        let guard = self.enrolled.lock().expect("pods lock");
-        match guard.get(&add.attachment).or_else(|| guard.get(&key)) {
-            Some(e) => {
-                if e.serving.is_finished() {
-                    return error(
-                        ErrorKind::CheckFailed,
-                        "the pod's listeners are not running",
-                    );
+                Reply::Error {
+                    kind: ErrorKind::NotAvailable,
+                    message: "the daemon is not ready (certificates or discovery)".into(),
                 }
-                match rules::check(&e.netns) {
-                    Ok(()) => Reply::Ok,
-                    Err(err) => error(ErrorKind::CheckFailed, err),
-                }
-            }
-            None => {
-                drop(guard);
-                let state = self.pi.discovery.current();
-                match decide(&state, &self.pi.node, &add.pod, &add.ips) {
-                    Decision::NotEnrolled(_) => Reply::Ok,
-                    _ => error(
-                        ErrorKind::CheckFailed,
-                        "the pod should be enrolled but is not",
-                    ),
-                }
+            }),
+            Request::Add(add) => Ok(self.send(|tx| Op::Add(add, tx))),
+            Request::Del(del) => Ok(self.send(|tx| Op::Del(del, tx))),
+            Request::Check(add) => Ok(self.send(|tx| Op::Check(add, tx))),
+            Request::Gc { valid } => Ok(self.send(|tx| Op::Gc(valid, tx))),
+        };
+        async move {
+            match queued {
+                Ok(rx) => rx.await.unwrap_or_else(|_| registry_failed()),
+                Err(reply) => reply,
             }
         }
     }
 
     /// Serves again every pod recorded on the node whose netns still exists; forgets the
     /// others. Returns how many were recovered.
-    pub fn recover(&self) -> usize {
-        let records = match self.store.load_all() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the pod records");
-                return 0;
-            }
-        };
-        let mut n = 0;
-        for r in records {
-            // A reconciler record names `<proc>/<pid>/ns/net`: the pid may have been reused
-            // since, by any process. Serve it again only if that namespace still holds the
-            // pod's IP and the process is still the pod's (its cgroup names the pod's UID);
-            // otherwise forget the record without touching that namespace (the reconciler
-            // finds the pod again).
-            if is_reconciled(&r.attachment)
-                && !(holds_ips(&r.netns, &r.ips)
-                    && super::find::pod_uid_of_netns_path(&r.netns).as_deref()
-                        == Some(r.pod.uid.as_str()))
-            {
-                tracing::info!(pod = %format!("{}/{}", r.pod.namespace, r.pod.name), netns = %r.netns.display(),
-                    "reconciler record no longer names the pod's netns; forgotten");
-                let _ = self.store.remove(&r.attachment);
-                continue;
-            }
-            let state = self.pi.discovery.current();
-            let decision = decide(&state, &self.pi.node, &r.pod, &r.ips);
-            drop(state);
-            let result = match decision {
-                Decision::Enroll(w) => self.enroll(r.clone(), &w).map_err(|e| e.to_string()),
-                Decision::NotEnrolled(reason)
-                | Decision::TryAgain(reason)
-                | Decision::OtherMesh(reason) => Err(reason),
-            };
-            match result {
-                Ok(()) => n += 1,
-                Err(e) => {
-                    tracing::warn!(pod = %format!("{}/{}", r.pod.namespace, r.pod.name), error = %e, "not recovered; released");
-                    if let Ok(ns) = Netns::open(&r.netns) {
-                        let _ = rules::remove(&ns);
-                    }
-                    let _ = self.store.remove(&r.attachment);
-                }
-            }
-        }
-        n
-    }
-}
-
-/// Whether the namespace at `path` has one of `ips` on an interface.
-fn holds_ips(path: &Path, ips: &[IpAddr]) -> bool {
-    Netns::open(path)
-        .and_then(|ns| ns.run(super::find::local_addresses))
-        .is_ok_and(|r| r.is_ok_and(|have| have.iter().any(|ip| ips.contains(ip))))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MESH: &str = "
-trustDomain: cluster.local
-namespaces:
-  - {name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}
-  - {name: plain}
-workloads:
-  - {uid: u1, name: web-0, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.1]}
-  - {uid: u2, name: web-1, namespace: demo, serviceAccount: web, node: n2, ips: [10.0.0.2]}
-  - {uid: u3, name: out, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.3], labels: {ztunnel.dev/dataplane-mode: none}}
-  - {uid: u4, name: old, namespace: plain, serviceAccount: default, node: n1, ips: [10.0.0.4]}
-";
-
-    fn pod(ns: &str, name: &str, uid: &str) -> PodRef {
-        PodRef {
-            namespace: ns.into(),
-            name: name.into(),
-            uid: uid.into(),
-        }
+    pub async fn recover(&self) -> usize {
+        self.send(Op::Recover).await.unwrap_or(0)
     }
 
-    #[test]
-    fn a_record_names_the_pods_netns_only_if_it_holds_the_pods_ip() {
-        let here = Path::new("/proc/self/ns/net");
-        let mine = super::super::find::local_addresses().unwrap();
-        if let Some(ip) = mine.first() {
-            assert!(holds_ips(here, &[*ip]));
-        }
-        assert!(!holds_ips(here, &["203.0.113.77".parse().unwrap()]));
-        assert!(!holds_ips(Path::new("/proc/0/ns/net"), &mine));
+    /// Every enrolled pod. Blocking.
+    pub fn list(&self) -> Vec<EnrolledPod> {
+        self.send(Op::List).blocking_recv().unwrap_or_default()
     }
 
-    #[test]
-    fn same_pod_by_uid_else_by_name() {
-        let cases = [
-            (pod("a", "x", "u1"), pod("a", "x", "u1"), true),
-            (pod("a", "x", "u1"), pod("a", "x", "u2"), false), // recreated under the same name
-            (pod("a", "x", "u1"), pod("b", "y", "u1"), true),
-            (pod("a", "x", ""), pod("a", "x", "u1"), true),
-            (pod("a", "x", ""), pod("b", "x", ""), false),
-            (pod("", "", ""), pod("", "", ""), false),
-        ];
-        for (a, b, want) in cases {
-            assert_eq!(same_pod(&a, &b), want, "{a:?} {b:?}");
-            assert!(is_reconciled(&reconciled_attachment(&a.uid)));
-        }
+    /// Enrolls `w` in the netns found at `path` (by the reconciler), which must still be the
+    /// namespace `id`; a no-op (false) if the pod is enrolled already. Blocking.
+    pub fn enroll_found(
+        &self,
+        w: &Arc<Workload>,
+        path: &Path,
+        id: (u64, u64),
+    ) -> Result<bool, EnrollError> {
+        let (w, path) = (w.clone(), path.to_owned());
+        self.send(|reply| Op::EnrollFound { w, path, id, reply })
+            .blocking_recv()
+            .unwrap_or(Err(EnrollError::Registry))
     }
 
-    #[test]
-    fn a_pod_known_without_an_ip_enrolls_with_the_plugins_ips() {
-        let pending = |ns: &str, name: &str, uid: &str, node: &str| Workload {
-            uid: uid.into(),
-            name: name.into(),
-            namespace: ns.into(),
-            service_account: "sa".into(),
-            node: node.into(),
-            ips: Vec::new().into(),
-            labels: Default::default(),
-            protocol: crate::discovery::Protocol::Hbone,
-            other_mesh: None,
-            telemetry: Default::default(),
-            locality: Default::default(),
-        };
-        let s = crate::discovery::parse(MESH, "cluster.local")
-            .unwrap()
-            .with_pending(vec![
-                pending("demo", "fresh", "u20", "n1"),
-                pending("demo", "elsewhere", "u21", "n2"),
-                pending("plain", "fresh", "u22", "n1"),
-            ]);
-        let ip: Vec<IpAddr> = vec!["10.0.0.20".parse().unwrap()];
-        for (p, ips, want) in [
-            (pod("demo", "fresh", "u20"), ip.clone(), Some("u20")),
-            (pod("demo", "fresh", ""), ip.clone(), Some("u20")), // by name
-            (pod("demo", "fresh", "u20"), vec![], None),         // no IP anywhere
-            (pod("demo", "elsewhere", "u21"), ip.clone(), None), // another node
-            (pod("plain", "fresh", "u22"), ip.clone(), None),    // namespace not enrolled
-        ] {
-            match decide(&s, "n1", &p, &ips) {
-                Decision::Enroll(w) => {
-                    assert_eq!(Some(&*w.uid), want, "{p:?}");
-                    assert_eq!(*w.ips, *ips, "{p:?}");
-                }
-                other => assert_eq!(want, None, "{p:?}: {other:?}"),
-            }
-        }
-        // Still not a workload: nothing routes to it until discovery has its IP.
-        assert!(s.workload_by_ip(ip[0]).is_none());
-        assert!(s.workload_by_uid("u20").is_some_and(|w| w.ips.is_empty()));
+    /// Releases the pod enrolled under `a` (for the reconciler); whether it was enrolled.
+    /// Blocking.
+    pub fn release_attachment(&self, a: &ztunnel_proto::enroll::Attachment) -> bool {
+        self.send(|tx| Op::Release(a.clone(), tx))
+            .blocking_recv()
+            .unwrap_or(false)
     }
 
-    #[test]
-    fn decisions() {
-        let s = crate::discovery::parse(MESH, "cluster.local").unwrap();
-        let ip = |s: &str| vec![s.parse::<IpAddr>().unwrap()];
-        let cases: Vec<(PodRef, Vec<IpAddr>, &str)> = vec![
-            (pod("demo", "web-0", "u1"), ip("10.0.0.1"), "enroll"),
-            (pod("demo", "web-0", ""), ip("10.0.0.1"), "enroll"), // by name
-            (pod("", "", ""), ip("10.0.0.1"), "enroll"),          // by address
-            (pod("demo", "web-1", "u2"), ip("10.0.0.2"), "try"),  // other node
-            (pod("demo", "new", "u9"), ip("10.0.0.9"), "try"),    // discovery lags
-            (pod("demo", "out", "u3"), ip("10.0.0.3"), "not"),    // opted out
-            (pod("plain", "old", "u4"), ip("10.0.0.4"), "not"),   // namespace not enrolled
-            (pod("plain", "new", "u8"), ip("10.0.0.8"), "not"),   // unknown, plain namespace
-            (pod("", "", ""), ip("10.9.9.9"), "not"),             // not a Kubernetes pod
-        ];
-        for (p, ips, want) in cases {
-            let got = match decide(&s, "n1", &p, &ips) {
-                Decision::Enroll(w) => {
-                    assert_eq!(&*w.uid, "u1");
-                    "enroll"
-                }
-                Decision::NotEnrolled(_) => "not",
-                Decision::TryAgain(_) => "try",
-                Decision::OtherMesh(_) => "other",
-            };
-            assert_eq!(got, want, "{p:?} {ips:?}");
-        }
+    /// Queues `pod`'s status for its annotation (never blocks).
+    pub fn annotate(&self, pod: &PodRef, status: Status) {
+        self.annotator.annotate(pod, status);
     }
 
-    #[test]
-    fn decisions_under_istios_rules() {
-        let mesh = format!(
-            "{MESH}
-  - {{uid: u5, name: sidecar, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.5], annotations: {{sidecar.istio.io/status: '{{}}'}}}}
-  - {{uid: u6, name: moved, namespace: istio, serviceAccount: web, node: n1, ips: [10.0.0.6]}}
-  - {{uid: u7, name: own, namespace: plain, serviceAccount: web, node: n1, ips: [10.0.0.7], labels: {{istio.io/dataplane-mode: ambient}}}}
-  - {{uid: u10, name: no, namespace: istio, serviceAccount: web, node: n1, ips: [10.0.0.10], labels: {{istio.io/dataplane-mode: none}}}}
-"
-        )
-        .replace(
-            "  - {name: plain}",
-            "  - {name: plain}\n  - {name: istio, labels: {istio.io/dataplane-mode: ambient}}",
-        );
-        let plain = crate::discovery::parse(&mesh, "cluster.local").unwrap();
-        let istio = crate::discovery::parse(&mesh, "cluster.local")
-            .unwrap()
-            .with_enrollment(crate::discovery::enrollment::Rules { istio: true });
-        let ip = |s: &str| vec![s.parse::<IpAddr>().unwrap()];
-        // (pod, want without Istio's rules, with them)
-        let cases = [
-            (
-                pod("demo", "web-0", "u1"),
-                ip("10.0.0.1"),
-                "enroll",
-                "enroll",
-            ),
-            (
-                pod("demo", "sidecar", "u5"),
-                ip("10.0.0.5"),
-                "other",
-                "other",
-            ),
-            (pod("istio", "moved", "u6"), ip("10.0.0.6"), "not", "enroll"),
-            (pod("plain", "own", "u7"), ip("10.0.0.7"), "not", "enroll"),
-            (pod("istio", "no", "u10"), ip("10.0.0.10"), "not", "not"),
-            // Unknown in a plain namespace: its own label may enroll it under Istio's rules.
-            (pod("plain", "new", "u8"), ip("10.0.0.8"), "not", "try"),
-        ];
-        for (p, ips, without, with) in cases {
-            for (s, want) in [(&plain, without), (&istio, with)] {
-                let got = match decide(s, "n1", &p, &ips) {
-                    Decision::Enroll(w) => {
-                        assert_eq!(&*w.uid, &*p.uid);
-                        "enroll"
-                    }
-                    Decision::NotEnrolled(_) => "not",
-                    Decision::TryAgain(_) => "try",
-                    Decision::OtherMesh(why) => {
-                        assert!(why.contains("sidecar.istio.io/status"), "{why}");
-                        "other"
-                    }
-                };
-                assert_eq!(got, want, "{p:?} istio={}", s.enrollment().istio);
-            }
-        }
+    /// Queues whether the CA refuses `pod`'s certificate, for its annotation (never blocks).
+    pub fn certificate(&self, pod: &PodRef, refused: Option<String>) {
+        self.annotator.certificate(pod, refused);
+    }
+
+    /// Counts a refused enrollment request.
+    pub fn refused(&self, reason: Reason) {
+        self.metrics.refused(reason);
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 }

@@ -33,7 +33,8 @@ use ztunnel_proto::enroll::PodRef;
 
 use super::annotate::Status;
 use super::find::{self, FindError};
-use super::pods::{EnrolledPod, Pods};
+use super::pods::Pods;
+use super::registry::EnrolledPod;
 use crate::discovery::enrollment::NotEnrolled;
 use crate::discovery::{Discovery, State, Workload};
 use crate::metrics::{Metrics, ReconcileLabels};
@@ -266,7 +267,7 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::pods::reconciled_attachment;
+    use crate::capture::registry::reconciled_attachment;
     use ztunnel_proto::enroll::Attachment;
 
     const MESH: &str = "

@@ -90,14 +90,7 @@ async fn one(mut conn: UnixStream, pods: Arc<Pods>) {
         }
         Ok(Ok(req)) => {
             tracing::debug!(?req, "enrollment request");
-            let p = pods.clone();
-            match tokio::task::spawn_blocking(move || p.handle(req)).await {
-                Ok(r) => r,
-                Err(e) => Reply::Error {
-                    kind: ErrorKind::TryAgain,
-                    message: format!("enrollment failed: {e}"),
-                },
-            }
+            pods.handle(req).await
         }
     };
     let mut out = Vec::new();

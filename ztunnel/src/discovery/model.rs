@@ -476,7 +476,7 @@ impl State {
     /// Adds this node's pods that have no IP yet, found by uid only: they are not
     /// workloads (nothing can be routed to them) until discovery learns their IPs, but the
     /// CNI plugin adding one may enroll it with the IPs it was just given
-    /// ([`crate::capture::pods::decide`]). A uid already known is left as it is.
+    /// ([`crate::capture::decide::decide`]). A uid already known is left as it is.
     pub fn with_pending(mut self, pending: Vec<Workload>) -> State {
         for w in pending {
             if !w.uid.is_empty() && !self.by_uid.contains_key(&w.uid) {

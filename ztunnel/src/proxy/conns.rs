@@ -130,7 +130,7 @@ pub enum CloseCause {
     PolicyDenied,
     /// Its pod (the source of an outbound connection, the destination of an inbound one) is
     /// being released from the mesh: without the pod's rules neither kind can go on (see
-    /// `capture::pods`), so they are closed first.
+    /// `capture::registry`), so they are closed first.
     Released,
 }
 
