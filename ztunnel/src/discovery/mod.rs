@@ -5,6 +5,8 @@
 pub mod crd;
 pub mod enrollment;
 mod file;
+mod interner;
+mod ips;
 pub mod kube;
 mod model;
 mod overlay;

@@ -1,155 +1,26 @@
 //! The in-memory model of the mesh: workloads, namespaces, services and policies, as one
-//! immutable [`State`] with the indexes the data path needs (by IP, by uid, by VIP, by node)
-//! and every service's endpoints precomputed. Built and validated once per update; readers
-//! share it as `Arc<State>` and never lock.
+//! immutable [`State`] with the indexes the data path needs (by IP, by uid, by VIP, by name)
+//! and every service's endpoints precomputed. Built and validated by [`State::build`]; a state
+//! derived from it by a few changes (see [`super::overlay`]) shares its [`Base`] and holds
+//! those changes as a small [`Patch`] that every lookup consults first. Readers share a state
+//! as `Arc<State>` and never lock.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::overlay::Patch;
 use super::policy::{AuthorizationPolicy, PeerAuthentication};
 use super::Error;
 use crate::identity::Identity;
 
 pub use super::enrollment::DATAPLANE_MODE_LABEL;
 use super::enrollment::{NotEnrolled, OtherMesh, Rules};
+pub use super::interner::Interner;
+pub use super::ips::Ips;
 pub use super::telemetry::{Locality, Telemetry};
 pub use crate::labels::{Label, Labels};
-
-/// A workload's IPs, in order: one (as nearly every pod has) held inline, more in one
-/// allocation. Reads as a slice.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Ips(IpsRepr);
-
-#[derive(Clone, PartialEq, Eq)]
-enum IpsRepr {
-    One(IpAddr),
-    Many(Box<[IpAddr]>),
-}
-
-impl std::ops::Deref for Ips {
-    type Target = [IpAddr];
-    fn deref(&self) -> &[IpAddr] {
-        match &self.0 {
-            IpsRepr::One(ip) => std::slice::from_ref(ip),
-            IpsRepr::Many(ips) => ips,
-        }
-    }
-}
-
-impl From<Vec<IpAddr>> for Ips {
-    fn from(v: Vec<IpAddr>) -> Self {
-        match *v {
-            [ip] => Ips(IpsRepr::One(ip)),
-            _ => Ips(IpsRepr::Many(v.into_boxed_slice())),
-        }
-    }
-}
-
-impl From<&[IpAddr]> for Ips {
-    fn from(v: &[IpAddr]) -> Self {
-        match *v {
-            [ip] => Ips(IpsRepr::One(ip)),
-            _ => Ips(IpsRepr::Many(v.into())),
-        }
-    }
-}
-
-impl<'a> IntoIterator for &'a Ips {
-    type Item = &'a IpAddr;
-    type IntoIter = std::slice::Iter<'a, IpAddr>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
-
-impl std::fmt::Debug for Ips {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
-    }
-}
-
-impl Serialize for Ips {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.iter())
-    }
-}
-
-/// Shares one allocation among equal strings (namespaces, service accounts, nodes, label keys
-/// and values repeat across thousands of workloads) and among equal [`Telemetry`] (replicas).
-#[derive(Default, Debug)]
-pub struct Interner {
-    strs: HashSet<Arc<str>>,
-    telemetry: HashSet<Arc<Telemetry>>,
-    localities: HashSet<Arc<Locality>>,
-}
-
-impl Interner {
-    pub fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.strs.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = s.into();
-        self.strs.insert(a.clone());
-        a
-    }
-
-    pub fn labels(&mut self, m: &BTreeMap<String, String>) -> Labels {
-        m.iter().map(|(k, v)| (self.get(k), self.get(v))).collect()
-    }
-
-    /// The telemetry of pod `pod_name` of workload `workload_name` with these labels. A name
-    /// that its fallback gives is left empty (the workload name when it is the pod's, the
-    /// canonical service when it is the workload's), so that the replicas of a workload share
-    /// one, and a pod that is its own workload keeps its name once.
-    pub fn telemetry(
-        &mut self,
-        pod_name: &str,
-        workload_name: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Arc<Telemetry> {
-        let (name, revision) = super::telemetry::canonical(labels, workload_name);
-        let t = Telemetry {
-            workload_name: self.get(if workload_name == pod_name {
-                ""
-            } else {
-                workload_name
-            }),
-            canonical_name: self.get(if name == workload_name { "" } else { name }),
-            canonical_revision: self.get(revision),
-        };
-        if let Some(a) = self.telemetry.get(&t) {
-            return a.clone();
-        }
-        let a = Arc::new(t);
-        self.telemetry.insert(a.clone());
-        a
-    }
-
-    /// The locality `l`, shared.
-    pub fn locality(&mut self, l: Locality) -> Arc<Locality> {
-        let l = Locality {
-            region: self.get(&l.region),
-            zone: self.get(&l.zone),
-        };
-        if let Some(a) = self.localities.get(&l) {
-            return a.clone();
-        }
-        let a = Arc::new(l);
-        self.localities.insert(a.clone());
-        a
-    }
-
-    /// Forgets what nothing else holds any more.
-    pub fn prune(&mut self) {
-        self.telemetry.retain(|a| Arc::strong_count(a) > 1);
-        self.localities.retain(|a| Arc::strong_count(a) > 1);
-        self.strs.retain(|a| Arc::strong_count(a) > 1);
-    }
-}
 
 /// Whether a workload speaks HBONE (is in the mesh) or plain TCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
@@ -756,5 +627,109 @@ impl Base {
             (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
         });
         by_name
+    }
+}
+
+/// The changes of a state from its base. `None` entries are removals.
+#[derive(Clone, Debug, Default)]
+pub struct Patch {
+    pub(super) workloads: HashMap<u32, Option<Arc<Workload>>>,
+    /// One past the last slot of a workload.
+    pub(super) workloads_end: u32,
+    pub(super) workload_count: usize,
+    pub(super) by_ip: HashMap<IpAddr, Option<u32>>,
+    pub(super) by_uid: HashMap<Arc<str>, Option<Arc<Workload>>>,
+    pub(super) services: HashMap<u32, Option<Arc<Service>>>,
+    /// One past the last slot of a service.
+    pub(super) services_end: u32,
+    pub(super) service_count: usize,
+    pub(super) by_vip: HashMap<IpAddr, Option<u32>>,
+    /// By `<name>.<namespace>`.
+    pub(super) by_name: HashMap<Box<str>, Option<u32>>,
+    pub(super) endpoints: HashMap<u32, Box<[u32]>>,
+    pub(super) services_of_uid: HashMap<Arc<str>, Vec<usize>>,
+    pub(super) pending: Option<Vec<Arc<Workload>>>,
+}
+
+impl Patch {
+    /// No change from `base`.
+    pub(super) fn empty(base: &Base) -> Patch {
+        Patch {
+            workloads_end: base.workloads.len() as u32,
+            workload_count: base.workload_count,
+            services_end: base.services.len() as u32,
+            service_count: base.service_count,
+            ..Default::default()
+        }
+    }
+
+    /// Its entries.
+    pub(super) fn size(&self) -> usize {
+        self.workloads.len()
+            + self.by_ip.len()
+            + self.by_uid.len()
+            + self.services.len()
+            + self.by_vip.len()
+            + self.by_name.len()
+            + self.endpoints.len()
+            + self.services_of_uid.len()
+            + self.pending.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// Slot lookups of a state: its base, then its patch.
+impl State {
+    pub(super) fn workload_at(&self, i: u32) -> Option<&Arc<Workload>> {
+        if let Some(w) = self.patch.as_ref().and_then(|p| p.workloads.get(&i)) {
+            return w.as_ref();
+        }
+        self.base.workloads.get(i as usize)?.as_ref()
+    }
+    pub(super) fn slot_of_ip(&self, ip: IpAddr) -> Option<u32> {
+        if let Some(i) = self.patch.as_ref().and_then(|p| p.by_ip.get(&ip)) {
+            return *i;
+        }
+        self.base.by_ip.get(ip)
+    }
+    pub(super) fn service_at(&self, i: u32) -> Option<&Arc<Service>> {
+        if let Some(s) = self.patch.as_ref().and_then(|p| p.services.get(&i)) {
+            return s.as_ref();
+        }
+        self.base.services.get(i as usize)?.as_ref()
+    }
+    pub(super) fn slot_of_vip(&self, ip: IpAddr) -> Option<u32> {
+        if let Some(i) = self.patch.as_ref().and_then(|p| p.by_vip.get(&ip)) {
+            return *i;
+        }
+        self.base.by_vip.get(&ip).copied()
+    }
+    pub(super) fn endpoints_at(&self, i: u32) -> &[u32] {
+        if let Some(e) = self.patch.as_ref().and_then(|p| p.endpoints.get(&i)) {
+            return e;
+        }
+        self.base.endpoints.get(i as usize).map_or(&[], |e| e)
+    }
+    /// The services (slots) the workload with `uid` is an endpoint of.
+    pub(super) fn services_of_uid(&self, uid: &str) -> &[usize] {
+        if let Some(v) = self.patch.as_ref().and_then(|p| p.services_of_uid.get(uid)) {
+            return v;
+        }
+        self.base.services_of_uid.get(uid).map_or(&[], |v| v)
+    }
+    /// The slot of the service named by `<name>.<namespace>`.
+    pub(super) fn service_by_hostname_key(&self, key: &str) -> Option<u32> {
+        if let Some(i) = self.patch.as_ref().and_then(|p| p.by_name.get(key)) {
+            return *i;
+        }
+        let (name, ns) = key.split_once('.')?;
+        let b = &self.base;
+        let at = b
+            .services_by_name
+            .binary_search_by(|&i| {
+                let s = b.services[i as usize].as_ref().expect("indexed");
+                (&*s.namespace, &*s.name).cmp(&(ns, name))
+            })
+            .ok()?;
+        Some(b.services_by_name[at])
     }
 }

@@ -10,105 +10,17 @@
 //! an endpoint, a uid's services) names a slot that holds a workload or service; a slot given
 //! up is emptied and every index to it updated before the next snapshot.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::model::{Base, Service, State, Workload};
+use super::model::{Base, Patch, Service, State, Workload};
 
 /// Entries of a patch past which [`Overlay::snapshot`] folds it into a new base.
 pub const PATCH_LIMIT: usize = 4096;
 
-/// The changes of a state from its base. `None` entries are removals.
-#[derive(Clone, Debug, Default)]
-pub struct Patch {
-    pub(super) workloads: HashMap<u32, Option<Arc<Workload>>>,
-    /// One past the last slot of a workload.
-    pub(super) workloads_end: u32,
-    pub(super) workload_count: usize,
-    pub(super) by_ip: HashMap<IpAddr, Option<u32>>,
-    pub(super) by_uid: HashMap<Arc<str>, Option<Arc<Workload>>>,
-    pub(super) services: HashMap<u32, Option<Arc<Service>>>,
-    /// One past the last slot of a service.
-    pub(super) services_end: u32,
-    pub(super) service_count: usize,
-    pub(super) by_vip: HashMap<IpAddr, Option<u32>>,
-    /// By `<name>.<namespace>`.
-    pub(super) by_name: HashMap<Box<str>, Option<u32>>,
-    pub(super) endpoints: HashMap<u32, Box<[u32]>>,
-    pub(super) services_of_uid: HashMap<Arc<str>, Vec<usize>>,
-    pub(super) pending: Option<Vec<Arc<Workload>>>,
-}
-
-impl Patch {
-    /// No change from `base`.
-    fn empty(base: &Base) -> Patch {
-        Patch {
-            workloads_end: base.workloads.len() as u32,
-            workload_count: base.workload_count,
-            services_end: base.services.len() as u32,
-            service_count: base.service_count,
-            ..Default::default()
-        }
-    }
-
-    /// Its entries.
-    fn size(&self) -> usize {
-        self.workloads.len()
-            + self.by_ip.len()
-            + self.by_uid.len()
-            + self.services.len()
-            + self.by_vip.len()
-            + self.by_name.len()
-            + self.endpoints.len()
-            + self.services_of_uid.len()
-            + self.pending.as_ref().map_or(0, Vec::len)
-    }
-}
-
+/// The key of `s` in a patch's index by name.
 fn name_key(s: &Service) -> Box<str> {
     format!("{}.{}", s.name, s.namespace).into()
-}
-
-/// Slot lookups of a state: its base, then its patch.
-impl State {
-    pub(super) fn workload_at(&self, i: u32) -> Option<&Arc<Workload>> {
-        if let Some(w) = self.patch.as_ref().and_then(|p| p.workloads.get(&i)) {
-            return w.as_ref();
-        }
-        self.base.workloads.get(i as usize)?.as_ref()
-    }
-    pub(super) fn slot_of_ip(&self, ip: IpAddr) -> Option<u32> {
-        if let Some(i) = self.patch.as_ref().and_then(|p| p.by_ip.get(&ip)) {
-            return *i;
-        }
-        self.base.by_ip.get(ip)
-    }
-    pub(super) fn service_at(&self, i: u32) -> Option<&Arc<Service>> {
-        if let Some(s) = self.patch.as_ref().and_then(|p| p.services.get(&i)) {
-            return s.as_ref();
-        }
-        self.base.services.get(i as usize)?.as_ref()
-    }
-    pub(super) fn slot_of_vip(&self, ip: IpAddr) -> Option<u32> {
-        if let Some(i) = self.patch.as_ref().and_then(|p| p.by_vip.get(&ip)) {
-            return *i;
-        }
-        self.base.by_vip.get(&ip).copied()
-    }
-    pub(super) fn endpoints_at(&self, i: u32) -> &[u32] {
-        if let Some(e) = self.patch.as_ref().and_then(|p| p.endpoints.get(&i)) {
-            return e;
-        }
-        self.base.endpoints.get(i as usize).map_or(&[], |e| e)
-    }
-    /// The services (slots) the workload with `uid` is an endpoint of.
-    pub(super) fn services_of_uid(&self, uid: &str) -> &[usize] {
-        if let Some(v) = self.patch.as_ref().and_then(|p| p.services_of_uid.get(uid)) {
-            return v;
-        }
-        self.base.services_of_uid.get(uid).map_or(&[], |v| v)
-    }
 }
 
 /// A state being changed in place: a base and the patch of the changes so far.
@@ -291,25 +203,6 @@ impl Overlay {
             base: base.clone(),
             patch: changed.then(|| Arc::new((**patch).clone())),
         }
-    }
-}
-
-impl State {
-    /// The slot of the service named by `<name>.<namespace>`.
-    pub(super) fn service_by_hostname_key(&self, key: &str) -> Option<u32> {
-        if let Some(i) = self.patch.as_ref().and_then(|p| p.by_name.get(key)) {
-            return *i;
-        }
-        let (name, ns) = key.split_once('.')?;
-        let b = &self.base;
-        let at = b
-            .services_by_name
-            .binary_search_by(|&i| {
-                let s = b.services[i as usize].as_ref().expect("indexed");
-                (&*s.namespace, &*s.name).cmp(&(ns, name))
-            })
-            .ok()?;
-        Some(b.services_by_name[at])
     }
 }
 
