@@ -5,8 +5,11 @@
 pub mod crd;
 pub mod enrollment;
 mod file;
+mod interner;
+mod ips;
 pub mod kube;
 mod model;
+mod overlay;
 pub mod telemetry;
 
 use std::path::PathBuf;
@@ -20,8 +23,8 @@ pub use kube::watch_kubernetes;
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 pub use model::{
-    Interner, Labels, Locality, Namespace, Protocol, Service, ServicePort, State, Telemetry,
-    Workload, DATAPLANE_MODE_LABEL,
+    Interner, Labels, Locality, Namespace, Protocol, Service, ServicePort, Services, State,
+    Telemetry, Workload, Workloads, DATAPLANE_MODE_LABEL,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,11 @@
 //! The in-memory model of the mesh: workloads, namespaces, services and policies, as one
-//! immutable [`State`] with the indexes the data path needs (by IP, by uid, by VIP, by node)
-//! and every service's endpoints precomputed. Built and validated once per update; readers
-//! share it as `Arc<State>` and never lock.
+//! immutable [`State`] with the indexes the data path needs (by IP, by uid, by VIP, by name)
+//! and every service's endpoints precomputed. Built and validated by [`State::build`]; a state
+//! derived from it by a few changes (see [`super::overlay`]) shares its [`Base`] and holds
+//! those changes as a small [`Patch`] that every lookup consults first. Readers share a state
+//! as `Arc<State>` and never lock.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -15,140 +17,10 @@ use crate::identity::Identity;
 
 pub use super::enrollment::DATAPLANE_MODE_LABEL;
 use super::enrollment::{NotEnrolled, OtherMesh, Rules};
+pub use super::interner::Interner;
+pub use super::ips::Ips;
 pub use super::telemetry::{Locality, Telemetry};
 pub use crate::labels::{Label, Labels};
-
-/// A workload's IPs, in order: one (as nearly every pod has) held inline, more in one
-/// allocation. Reads as a slice.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Ips(IpsRepr);
-
-#[derive(Clone, PartialEq, Eq)]
-enum IpsRepr {
-    One(IpAddr),
-    Many(Box<[IpAddr]>),
-}
-
-impl std::ops::Deref for Ips {
-    type Target = [IpAddr];
-    fn deref(&self) -> &[IpAddr] {
-        match &self.0 {
-            IpsRepr::One(ip) => std::slice::from_ref(ip),
-            IpsRepr::Many(ips) => ips,
-        }
-    }
-}
-
-impl From<Vec<IpAddr>> for Ips {
-    fn from(v: Vec<IpAddr>) -> Self {
-        match *v {
-            [ip] => Ips(IpsRepr::One(ip)),
-            _ => Ips(IpsRepr::Many(v.into_boxed_slice())),
-        }
-    }
-}
-
-impl From<&[IpAddr]> for Ips {
-    fn from(v: &[IpAddr]) -> Self {
-        match *v {
-            [ip] => Ips(IpsRepr::One(ip)),
-            _ => Ips(IpsRepr::Many(v.into())),
-        }
-    }
-}
-
-impl<'a> IntoIterator for &'a Ips {
-    type Item = &'a IpAddr;
-    type IntoIter = std::slice::Iter<'a, IpAddr>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
-
-impl std::fmt::Debug for Ips {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
-    }
-}
-
-impl Serialize for Ips {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.iter())
-    }
-}
-
-/// Shares one allocation among equal strings (namespaces, service accounts, nodes, label keys
-/// and values repeat across thousands of workloads) and among equal [`Telemetry`] (replicas).
-#[derive(Default, Debug)]
-pub struct Interner {
-    strs: HashSet<Arc<str>>,
-    telemetry: HashSet<Arc<Telemetry>>,
-    localities: HashSet<Arc<Locality>>,
-}
-
-impl Interner {
-    pub fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.strs.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = s.into();
-        self.strs.insert(a.clone());
-        a
-    }
-
-    pub fn labels(&mut self, m: &BTreeMap<String, String>) -> Labels {
-        m.iter().map(|(k, v)| (self.get(k), self.get(v))).collect()
-    }
-
-    /// The telemetry of pod `pod_name` of workload `workload_name` with these labels. A name
-    /// that its fallback gives is left empty (the workload name when it is the pod's, the
-    /// canonical service when it is the workload's), so that the replicas of a workload share
-    /// one, and a pod that is its own workload keeps its name once.
-    pub fn telemetry(
-        &mut self,
-        pod_name: &str,
-        workload_name: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Arc<Telemetry> {
-        let (name, revision) = super::telemetry::canonical(labels, workload_name);
-        let t = Telemetry {
-            workload_name: self.get(if workload_name == pod_name {
-                ""
-            } else {
-                workload_name
-            }),
-            canonical_name: self.get(if name == workload_name { "" } else { name }),
-            canonical_revision: self.get(revision),
-        };
-        if let Some(a) = self.telemetry.get(&t) {
-            return a.clone();
-        }
-        let a = Arc::new(t);
-        self.telemetry.insert(a.clone());
-        a
-    }
-
-    /// The locality `l`, shared.
-    pub fn locality(&mut self, l: Locality) -> Arc<Locality> {
-        let l = Locality {
-            region: self.get(&l.region),
-            zone: self.get(&l.zone),
-        };
-        if let Some(a) = self.localities.get(&l) {
-            return a.clone();
-        }
-        let a = Arc::new(l);
-        self.localities.insert(a.clone());
-        a
-    }
-
-    /// Forgets what nothing else holds any more.
-    pub fn prune(&mut self) {
-        self.telemetry.retain(|a| Arc::strong_count(a) > 1);
-        self.localities.retain(|a| Arc::strong_count(a) > 1);
-        self.strs.retain(|a| Arc::strong_count(a) > 1);
-    }
-}
 
 /// Whether a workload speaks HBONE (is in the mesh) or plain TCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
@@ -249,22 +121,29 @@ impl Service {
 
 /// Indices by IP, one map per family: an IPv4 entry takes 8 bytes where an `IpAddr` key
 /// alone takes 17.
-#[derive(Debug, Default)]
-struct IpIndex {
+#[derive(Clone, Debug, Default)]
+pub(super) struct IpIndex {
     v4: HashMap<std::net::Ipv4Addr, u32>,
     v6: HashMap<std::net::Ipv6Addr, u32>,
 }
 
 impl IpIndex {
     /// Maps `ip` to `i`; the index it had, if any.
-    fn insert(&mut self, ip: IpAddr, i: u32) -> Option<u32> {
+    pub(super) fn insert(&mut self, ip: IpAddr, i: u32) -> Option<u32> {
         match ip {
             IpAddr::V4(a) => self.v4.insert(a, i),
             IpAddr::V6(a) => self.v6.insert(a, i),
         }
     }
 
-    fn get(&self, ip: IpAddr) -> Option<u32> {
+    pub(super) fn remove(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(&a),
+            IpAddr::V6(a) => self.v6.remove(&a),
+        };
+    }
+
+    pub(super) fn get(&self, ip: IpAddr) -> Option<u32> {
         match ip {
             IpAddr::V4(a) => self.v4.get(&a),
             IpAddr::V6(a) => self.v6.get(&a),
@@ -273,31 +152,51 @@ impl IpIndex {
     }
 }
 
-/// The mesh as one immutable snapshot.
+/// The bulk of a snapshot: what a [`State`] shares with the states built after it from the
+/// same base (see [`super::overlay`]). Its slots (indices in `workloads` and `services`) are
+/// stable: a removed workload or service leaves an empty slot, which a later one may take.
 #[derive(Debug, Default)]
-pub struct State {
-    trust_domain: String,
-    namespaces: HashMap<Arc<str>, Namespace>,
-    workloads: Vec<Arc<Workload>>,
+pub(super) struct Base {
+    pub(super) trust_domain: String,
+    pub(super) namespaces: Arc<HashMap<Arc<str>, Namespace>>,
+    pub(super) workloads: Vec<Option<Arc<Workload>>>,
+    /// Slots in `workloads` that hold one.
+    pub(super) workload_count: usize,
     /// Indices in `workloads`.
-    by_ip: IpIndex,
-    by_uid: HashMap<Arc<str>, Arc<Workload>>,
-    services: Vec<Arc<Service>>,
+    pub(super) by_ip: IpIndex,
+    pub(super) by_uid: HashMap<Arc<str>, Arc<Workload>>,
+    pub(super) services: Vec<Option<Arc<Service>>>,
+    /// Slots in `services` that hold one.
+    pub(super) service_count: usize,
     /// Indices in `services`.
-    by_vip: HashMap<IpAddr, u32>,
-    /// Indices in `services`, sorted by (namespace, name).
-    services_by_name: Vec<u32>,
-    /// Each service's endpoints, as indices in `workloads`.
-    endpoints: Vec<Box<[u32]>>,
+    pub(super) by_vip: HashMap<IpAddr, u32>,
+    /// Indices in `services` of every service, sorted by (namespace, name).
+    pub(super) services_by_name: Vec<u32>,
+    /// Each service's endpoints, as indices in `workloads` (empty for an empty slot).
+    pub(super) endpoints: Vec<Box<[u32]>>,
     /// The services (indices in `services`) each workload with a uid is an endpoint of.
-    services_of_uid: HashMap<Arc<str>, Vec<usize>>,
+    pub(super) services_of_uid: HashMap<Arc<str>, Vec<usize>>,
+    pub(super) policies: Arc<Policies>,
+    /// This node's pods that have no IP yet; also in `by_uid`.
+    pub(super) pending: Vec<Arc<Workload>>,
+    /// Which labels enroll a pod.
+    pub(super) enrollment: Rules,
+}
+
+/// The policies as listed and as compiled.
+#[derive(Debug, Default)]
+pub(super) struct Policies {
     authz: Vec<AuthorizationPolicy>,
     peer_authn: Vec<PeerAuthentication>,
-    policy: crate::policy::PolicyIndex,
-    /// This node's pods that have no IP yet; also in `by_uid`.
-    pending: Vec<Arc<Workload>>,
-    /// Which labels enroll a pod.
-    enrollment: Rules,
+    index: crate::policy::PolicyIndex,
+}
+
+/// The mesh as one immutable snapshot: a shared [`Base`] and, for a state derived from it by
+/// a few changes, the [`Patch`] of those changes, consulted first.
+#[derive(Debug, Default)]
+pub struct State {
+    pub(super) base: Arc<Base>,
+    pub(super) patch: Option<Arc<Patch>>,
 }
 
 /// Whether a non-empty `selector` matches `labels` (pairs sorted by key, as in [`Labels`]).
@@ -369,26 +268,30 @@ impl State {
         authz: Vec<AuthorizationPolicy>,
         peer_authn: Vec<PeerAuthentication>,
     ) -> Result<State, Error> {
-        let policy = crate::policy::PolicyIndex::build(
+        let index = crate::policy::PolicyIndex::build(
             &authz,
             &peer_authn,
             &crate::policy::root_namespaces(),
         );
-        let mut s = State {
+        let mut s = Base {
             trust_domain: trust_domain.to_owned(),
-            authz,
-            peer_authn,
-            policy,
+            policies: Arc::new(Policies {
+                authz,
+                peer_authn,
+                index,
+            }),
             ..Default::default()
         };
+        let mut ns_map = HashMap::with_capacity(namespaces.len());
         for ns in namespaces {
-            if s.namespaces.insert(ns.name.clone(), ns.clone()).is_some() {
+            if ns_map.insert(ns.name.clone(), ns.clone()).is_some() {
                 return Err(Error::Invalid(format!(
                     "namespace {} is listed twice",
                     ns.name
                 )));
             }
         }
+        s.namespaces = Arc::new(ns_map);
         s.workloads.reserve_exact(workloads.len());
         s.by_ip.v4.reserve(workloads.len());
         for w in workloads {
@@ -409,7 +312,11 @@ impl State {
             for ip in &w.ips {
                 if let Some(other) = s.by_ip.insert(*ip, index) {
                     // `other` is `w` itself when it lists the IP twice.
-                    let other = s.workloads.get(other as usize).unwrap_or(&w);
+                    let other = s
+                        .workloads
+                        .get(other as usize)
+                        .and_then(Option::as_ref)
+                        .unwrap_or(&w);
                     return Err(Error::Invalid(format!(
                         "{}: IP {ip} is also {}/{}",
                         what(&w),
@@ -418,8 +325,9 @@ impl State {
                     )));
                 }
             }
-            s.workloads.push(w);
+            s.workloads.push(Some(w));
         }
+        s.workload_count = s.workloads.len();
         for (i, svc) in services.into_iter().enumerate() {
             let what = format!("service {}/{}", svc.namespace, svc.name);
             if svc.ports.iter().any(|p| p.port == 0 || p.target_port == 0) {
@@ -444,33 +352,39 @@ impl State {
                     )));
                 }
             }
-            let workloads = endpoints.iter().map(|&j| &s.workloads[j as usize]);
+            let workloads = endpoints
+                .iter()
+                .filter_map(|&j| s.workloads[j as usize].as_ref());
             for w in workloads.filter(|w| !w.uid.is_empty()) {
                 s.services_of_uid
                     .entry(w.uid.clone())
                     .or_default()
                     .push(idx);
             }
-            s.services.push(svc);
+            s.services.push(Some(svc));
             s.endpoints.push(endpoints);
         }
-        let mut by_name: Vec<u32> = (0..s.services.len() as u32).collect();
-        by_name.sort_by(|&a, &b| {
-            let (a, b) = (&s.services[a as usize], &s.services[b as usize]);
-            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
-        });
-        if let Some(w) = by_name.windows(2).find(|w| {
-            let (a, b) = (&s.services[w[0] as usize], &s.services[w[1] as usize]);
+        s.service_count = s.services.len();
+        s.services_by_name = Base::sorted_by_name(&s.services);
+        if let Some(w) = s.services_by_name.windows(2).find(|w| {
+            let (a, b) = (s.service(w[0]), s.service(w[1]));
             (&a.namespace, &a.name) == (&b.namespace, &b.name)
         }) {
-            let svc = &s.services[w[0] as usize];
+            let svc = s.service(w[0]);
             return Err(Error::Invalid(format!(
                 "service {}/{} is listed twice",
                 svc.namespace, svc.name
             )));
         }
-        s.services_by_name = by_name;
-        Ok(s)
+        Ok(State {
+            base: Arc::new(s),
+            patch: None,
+        })
+    }
+
+    /// The base of a state being built (not shared yet).
+    fn base_mut(&mut self) -> &mut Base {
+        Arc::get_mut(&mut self.base).expect("a state being built is not shared")
     }
 
     /// Adds this node's pods that have no IP yet, found by uid only: they are not
@@ -478,11 +392,12 @@ impl State {
     /// CNI plugin adding one may enroll it with the IPs it was just given
     /// ([`crate::capture::decide::decide`]). A uid already known is left as it is.
     pub fn with_pending(mut self, pending: Vec<Workload>) -> State {
+        let base = self.base_mut();
         for w in pending {
-            if !w.uid.is_empty() && !self.by_uid.contains_key(&w.uid) {
+            if !w.uid.is_empty() && !base.by_uid.contains_key(&w.uid) {
                 let w = Arc::new(w);
-                self.by_uid.insert(w.uid.clone(), w.clone());
-                self.pending.push(w);
+                base.by_uid.insert(w.uid.clone(), w.clone());
+                base.pending.push(w);
             }
         }
         self
@@ -491,102 +406,108 @@ impl State {
     /// A pod of this node that has no IP yet (see [`State::with_pending`]), by name, for a
     /// runtime that does not pass the pod's uid to the CNI plugin.
     pub fn pending_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.pending
+        self.pending()
             .iter()
             .find(|w| &*w.namespace == namespace && &*w.name == name)
     }
 
+    /// This node's pods that have no IP yet.
+    pub fn pending(&self) -> &[Arc<Workload>] {
+        match self.patch.as_ref().and_then(|p| p.pending.as_ref()) {
+            Some(p) => p,
+            None => &self.base.pending,
+        }
+    }
+
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.base.trust_domain
     }
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(ip).map(|i| &self.workloads[i as usize])
+        self.workload_at(self.slot_of_ip(ip)?)
     }
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
-        self.by_uid.get(uid)
+        if let Some(w) = self.patch.as_ref().and_then(|p| p.by_uid.get(uid)) {
+            return w.as_ref();
+        }
+        self.base.by_uid.get(uid)
     }
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(&ip).map(|&i| &self.services[i as usize])
+        self.service_at(self.slot_of_vip(ip)?)
     }
     /// The workloads a service's selector picks (same namespace).
     pub fn endpoints_of_vip(
         &self,
         ip: IpAddr,
     ) -> impl ExactSizeIterator<Item = &Arc<Workload>> + Clone + '_ {
-        let endpoints = match self.by_vip.get(&ip) {
-            Some(&i) => &*self.endpoints[i as usize],
+        let endpoints = match self.slot_of_vip(ip) {
+            Some(i) => self.endpoints_at(i),
             None => &[],
         };
-        endpoints.iter().map(|&j| &self.workloads[j as usize])
+        endpoints
+            .iter()
+            .map(|&j| self.workload_at(j).expect("an endpoint is a workload"))
     }
-    pub fn workloads(&self) -> &[Arc<Workload>] {
-        &self.workloads
+    /// Every workload, in no guaranteed order.
+    pub fn workloads(&self) -> Workloads<'_> {
+        Workloads(self)
     }
     /// The services `w` is an endpoint of, when it has a uid (this node's workloads do).
     pub fn services_of(&self, w: &Workload) -> impl Iterator<Item = &Arc<Service>> {
-        self.services_of_uid
-            .get(&w.uid)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.services[i])
+        self.services_of_uid(&w.uid)
+            .iter()
+            .filter_map(|&i| self.service_at(i as u32))
     }
     /// The service whose hostname is `host` (`<name>.<namespace>.svc.cluster.local`).
     pub fn service_by_hostname(&self, host: &str) -> Option<&Arc<Service>> {
         let rest = host.strip_suffix(super::CLUSTER_DOMAIN)?;
-        let (name, ns) = rest.strip_suffix(".svc.")?.split_once('.')?;
-        let i = self
-            .services_by_name
-            .binary_search_by(|&i| {
-                let s = &self.services[i as usize];
-                (&*s.namespace, &*s.name).cmp(&(ns, name))
-            })
-            .ok()?;
-        self.services.get(self.services_by_name[i] as usize)
+        self.service_at(self.service_by_hostname_key(rest.strip_suffix(".svc.")?)?)
     }
-    pub fn services(&self) -> &[Arc<Service>] {
-        &self.services
+    /// Every service, in no guaranteed order.
+    pub fn services(&self) -> Services<'_> {
+        Services(self)
     }
     /// The workloads scheduled on `node`.
     pub fn local_workloads<'a>(
         &'a self,
         node: &'a str,
     ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
-        self.workloads.iter().filter(move |w| &*w.node == node)
+        self.workloads().iter().filter(move |w| &*w.node == node)
     }
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
-        self.namespaces.get(name)
+        self.base.namespaces.get(name)
     }
     /// The compiled, indexed policies (the engine's input).
     pub fn policy(&self) -> &crate::policy::PolicyIndex {
-        &self.policy
+        &self.base.policies.index
     }
     pub fn authorization_policies(&self) -> &[AuthorizationPolicy] {
-        &self.authz
+        &self.base.policies.authz
     }
     pub fn peer_authentications(&self) -> &[PeerAuthentication] {
-        &self.peer_authn
+        &self.base.policies.peer_authn
     }
 
     /// The state under these enrollment rules (the default: our labels only).
     pub fn with_enrollment(mut self, rules: Rules) -> State {
-        self.enrollment = rules;
+        self.base_mut().enrollment = rules;
         self
     }
 
     /// The enrollment rules in force.
     pub fn enrollment(&self) -> Rules {
-        self.enrollment
+        self.base.enrollment
     }
 
     /// Whether namespace `name` enrolls its pods (see [`super::enrollment`]).
     pub fn namespace_enrolled(&self, name: &str) -> bool {
         self.namespace(name)
-            .is_some_and(|n| self.enrollment.namespace(&n.labels))
+            .is_some_and(|n| self.base.enrollment.namespace(&n.labels))
     }
 
     /// The enrolled namespaces, sorted.
     pub fn enrolled_namespaces(&self) -> Vec<Arc<str>> {
         let mut v: Vec<Arc<str>> = self
+            .base
             .namespaces
             .keys()
             .filter(|n| self.namespace_enrolled(n))
@@ -598,7 +519,7 @@ impl State {
 
     /// The workload named `namespace/name`.
     pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.workloads
+        self.workloads()
             .iter()
             .find(|w| &*w.namespace == namespace && &*w.name == name)
     }
@@ -606,7 +527,7 @@ impl State {
     /// Whether `w` is enrolled, and if not, why (see [`super::enrollment`]).
     pub fn enrollment_of(&self, w: &Workload) -> Result<(), NotEnrolled> {
         let ns = self.namespace(&w.namespace).map(|n| &n.labels);
-        self.enrollment.pod(ns, &w.labels, w.other_mesh)
+        self.base.enrollment.pod(ns, &w.labels, w.other_mesh)
     }
 
     /// Whether `w` is enrolled.
@@ -616,15 +537,199 @@ impl State {
 
     /// The state as JSON for the admin API.
     pub fn dump(&self) -> serde_json::Value {
-        let mut namespaces: Vec<&Namespace> = self.namespaces.values().collect();
+        let mut namespaces: Vec<&Namespace> = self.base.namespaces.values().collect();
         namespaces.sort_by(|a, b| a.name.cmp(&b.name));
         serde_json::json!({
-            "trustDomain": self.trust_domain,
+            "trustDomain": self.base.trust_domain,
             "namespaces": namespaces,
-            "workloads": self.workloads,
-            "services": self.services,
-            "authorizationPolicies": self.authz,
-            "peerAuthentications": self.peer_authn,
+            "workloads": self.workloads(),
+            "services": self.services(),
+            "authorizationPolicies": self.base.policies.authz,
+            "peerAuthentications": self.base.policies.peer_authn,
         })
+    }
+}
+
+/// Every workload of a [`State`].
+#[derive(Clone, Copy)]
+pub struct Workloads<'a>(&'a State);
+
+impl<'a> Workloads<'a> {
+    pub fn len(&self) -> usize {
+        match &self.0.patch {
+            Some(p) => p.workload_count,
+            None => self.0.base.workload_count,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        let s = self.0;
+        let end = s.patch.as_ref().map_or(0, |p| p.workloads_end);
+        (0..s.base.workloads.len() as u32)
+            .chain(s.base.workloads.len() as u32..end)
+            .filter_map(move |i| s.workload_at(i))
+    }
+}
+
+impl Serialize for Workloads<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+/// Every service of a [`State`].
+#[derive(Clone, Copy)]
+pub struct Services<'a>(&'a State);
+
+impl<'a> Services<'a> {
+    pub fn len(&self) -> usize {
+        match &self.0.patch {
+            Some(p) => p.service_count,
+            None => self.0.base.service_count,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        let s = self.0;
+        let end = s.patch.as_ref().map_or(0, |p| p.services_end);
+        (0..s.base.services.len() as u32)
+            .chain(s.base.services.len() as u32..end)
+            .filter_map(move |i| s.service_at(i))
+    }
+}
+
+impl Serialize for Services<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl Base {
+    /// The service in slot `i`, which holds one.
+    fn service(&self, i: u32) -> &Service {
+        self.services[i as usize]
+            .as_ref()
+            .expect("an index lists services only")
+    }
+
+    /// The slots of `services` that hold one, sorted by (namespace, name).
+    pub(super) fn sorted_by_name(services: &[Option<Arc<Service>>]) -> Vec<u32> {
+        let mut by_name: Vec<u32> = (0..services.len() as u32)
+            .filter(|&i| services[i as usize].is_some())
+            .collect();
+        by_name.sort_by(|&a, &b| {
+            let (a, b) = (&services[a as usize], &services[b as usize]);
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+        });
+        by_name
+    }
+}
+
+/// The changes of a state from its base. `None` entries are removals.
+#[derive(Clone, Debug, Default)]
+pub struct Patch {
+    pub(super) workloads: HashMap<u32, Option<Arc<Workload>>>,
+    /// One past the last slot of a workload.
+    pub(super) workloads_end: u32,
+    pub(super) workload_count: usize,
+    pub(super) by_ip: HashMap<IpAddr, Option<u32>>,
+    pub(super) by_uid: HashMap<Arc<str>, Option<Arc<Workload>>>,
+    pub(super) services: HashMap<u32, Option<Arc<Service>>>,
+    /// One past the last slot of a service.
+    pub(super) services_end: u32,
+    pub(super) service_count: usize,
+    pub(super) by_vip: HashMap<IpAddr, Option<u32>>,
+    /// By `<name>.<namespace>`.
+    pub(super) by_name: HashMap<Box<str>, Option<u32>>,
+    pub(super) endpoints: HashMap<u32, Box<[u32]>>,
+    pub(super) services_of_uid: HashMap<Arc<str>, Vec<usize>>,
+    pub(super) pending: Option<Vec<Arc<Workload>>>,
+}
+
+impl Patch {
+    /// No change from `base`.
+    pub(super) fn empty(base: &Base) -> Patch {
+        Patch {
+            workloads_end: base.workloads.len() as u32,
+            workload_count: base.workload_count,
+            services_end: base.services.len() as u32,
+            service_count: base.service_count,
+            ..Default::default()
+        }
+    }
+
+    /// Its entries.
+    pub(super) fn size(&self) -> usize {
+        self.workloads.len()
+            + self.by_ip.len()
+            + self.by_uid.len()
+            + self.services.len()
+            + self.by_vip.len()
+            + self.by_name.len()
+            + self.endpoints.len()
+            + self.services_of_uid.len()
+            + self.pending.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// Slot lookups of a state: its base, then its patch.
+impl State {
+    pub(super) fn workload_at(&self, i: u32) -> Option<&Arc<Workload>> {
+        if let Some(w) = self.patch.as_ref().and_then(|p| p.workloads.get(&i)) {
+            return w.as_ref();
+        }
+        self.base.workloads.get(i as usize)?.as_ref()
+    }
+    pub(super) fn slot_of_ip(&self, ip: IpAddr) -> Option<u32> {
+        if let Some(i) = self.patch.as_ref().and_then(|p| p.by_ip.get(&ip)) {
+            return *i;
+        }
+        self.base.by_ip.get(ip)
+    }
+    pub(super) fn service_at(&self, i: u32) -> Option<&Arc<Service>> {
+        if let Some(s) = self.patch.as_ref().and_then(|p| p.services.get(&i)) {
+            return s.as_ref();
+        }
+        self.base.services.get(i as usize)?.as_ref()
+    }
+    pub(super) fn slot_of_vip(&self, ip: IpAddr) -> Option<u32> {
+        if let Some(i) = self.patch.as_ref().and_then(|p| p.by_vip.get(&ip)) {
+            return *i;
+        }
+        self.base.by_vip.get(&ip).copied()
+    }
+    pub(super) fn endpoints_at(&self, i: u32) -> &[u32] {
+        if let Some(e) = self.patch.as_ref().and_then(|p| p.endpoints.get(&i)) {
+            return e;
+        }
+        self.base.endpoints.get(i as usize).map_or(&[], |e| e)
+    }
+    /// The services (slots) the workload with `uid` is an endpoint of.
+    pub(super) fn services_of_uid(&self, uid: &str) -> &[usize] {
+        if let Some(v) = self.patch.as_ref().and_then(|p| p.services_of_uid.get(uid)) {
+            return v;
+        }
+        self.base.services_of_uid.get(uid).map_or(&[], |v| v)
+    }
+    /// The slot of the service named by `<name>.<namespace>`.
+    pub(super) fn service_by_hostname_key(&self, key: &str) -> Option<u32> {
+        if let Some(i) = self.patch.as_ref().and_then(|p| p.by_name.get(key)) {
+            return *i;
+        }
+        let (name, ns) = key.split_once('.')?;
+        let b = &self.base;
+        let at = b
+            .services_by_name
+            .binary_search_by(|&i| {
+                let s = b.services[i as usize].as_ref().expect("indexed");
+                (&*s.namespace, &*s.name).cmp(&(ns, name))
+            })
+            .ok()?;
+        Some(b.services_by_name[at])
     }
 }

@@ -1,6 +1,6 @@
 //! The Kubernetes source: watchers on the API server fill a store of compact entries
 //! ([`translate::Store`]), from which the same [`State`](super::State) the file source builds
-//! is rebuilt and published through the [`Discovery`] handle.
+//! is kept up to date and published through the [`Discovery`] handle.
 //!
 //! Watched (each a `kube::runtime::watcher`: list then watch, resumed from the last
 //! resourceVersion when the server closes the stream, re-listed on `410 Gone` with the
@@ -22,8 +22,11 @@
 //!   there. The daemon refuses to start if the API server does not serve them (Istio's CRDs
 //!   are not installed): a setting that cannot be honoured is an error, not a silent no-op.
 //!
-//! A change marks the store dirty; the publisher rebuilds the state at most once per
-//! `coalesce` (bursts — a rollout, a re-list — become one rebuild) and counts reloads. A policy
+//! A change marks the store dirty and is recorded with the entry it replaced
+//! ([`incremental::Changes`]); the publisher updates the state at most once per `coalesce`
+//! (bursts — a rollout, a re-list — become one update) and counts reloads. An update costs
+//! what the changed objects touch, not the cluster ([`incremental::Engine`]); a re-list, a
+//! namespace, node or policy change rebuilds in full. A policy
 //! is never refused: one whose spec cannot be read in full is kept and fails closed (see
 //! [`crate::discovery::policy`]), and its status says why. Another object that cannot be in the
 //! model (a malformed IP, an object without a name, …) is logged, counted
@@ -32,6 +35,7 @@
 //! keeps the last good file). [`watch_kubernetes`] returns once every collection has been
 //! listed, so the first state is complete.
 
+pub mod incremental;
 pub mod objects;
 pub mod status;
 pub mod translate;
@@ -54,6 +58,7 @@ use serde::de::DeserializeOwned;
 use super::enrollment::Rules;
 use super::policy::PolicyObject;
 use super::{Discovery, Error, Stats};
+use incremental::{Changes, Engine};
 use objects::{Interner, Key};
 use translate::Store;
 
@@ -77,6 +82,11 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
 
 struct Inner {
     store: Store,
+    /// What changed in `store` since the model was last updated.
+    changes: Changes,
+    engine: Engine,
+    /// Updates since the interner was last pruned.
+    since_prune: u32,
     interner: Interner,
     /// Collections listed at least once.
     synced: usize,
@@ -96,6 +106,8 @@ struct Kind<K, V> {
     #[allow(clippy::type_complexity)]
     entry: Box<dyn Fn(&K, &mut Interner) -> Result<Option<V>, String> + Send + Sync>,
     slot: fn(&mut Store) -> &mut BTreeMap<Key, V>,
+    /// Records that the entry at a key changed, and what it was.
+    change: fn(&mut Changes, Key, Option<V>),
 }
 
 fn key<K: Resource>(k: &K) -> Key {
@@ -139,6 +151,7 @@ impl Shared {
             }
             watcher::Event::InitDone => {
                 *(kind.slot)(&mut inner.store) = buffer.take().unwrap_or_default();
+                inner.changes.full = true;
                 inner.synced += 1;
                 self.synced.notify_one();
                 self.dirty.notify_one();
@@ -150,17 +163,23 @@ impl Shared {
                 let slot = (kind.slot)(&mut inner.store);
                 match entry {
                     Ok(Some(v)) => {
-                        slot.insert(k, v);
+                        let old = slot.insert(k.clone(), v);
+                        (kind.change)(&mut inner.changes, k, old);
                     }
                     Ok(None) => {
-                        slot.remove(&k);
+                        if let Some(old) = slot.remove(&k) {
+                            (kind.change)(&mut inner.changes, k, Some(old));
+                        }
                     }
                     Err(e) => self.refuse(kind.what, &k, &e),
                 }
                 self.dirty.notify_one();
             }
             watcher::Event::Delete(o) => {
-                (kind.slot)(&mut inner.store).remove(&key(&o));
+                let k = key(&o);
+                if let Some(old) = (kind.slot)(&mut inner.store).remove(&k) {
+                    (kind.change)(&mut inner.changes, k, Some(old));
+                }
                 self.dirty.notify_one();
             }
         }
@@ -287,6 +306,9 @@ pub async fn watch_kubernetes(
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             store: Store::default(),
+            changes: Changes::default(),
+            engine: Engine::new(&trust_domain, &node, rules),
+            since_prune: 0,
             interner: Interner::default(),
             synced: 0,
         }),
@@ -308,6 +330,7 @@ pub async fn watch_kubernetes(
                 )))
             }),
             slot: |s| &mut s.namespaces,
+            change: |c, _, _| c.full = true,
         },
     ));
     tasks.push(spawn_watcher(
@@ -318,6 +341,7 @@ pub async fn watch_kubernetes(
             what: "Node",
             entry: Box::new(|n, int| Ok(Some(objects::node_locality(n, int)))),
             slot: |s| &mut s.nodes,
+            change: |c, _, _| c.full = true,
         },
     ));
     tasks.push(spawn_watcher(
@@ -331,6 +355,7 @@ pub async fn watch_kubernetes(
                 move |p, int| objects::pod_entry(p, &node, rules, int)
             }),
             slot: |s| &mut s.pods,
+            change: |c, k, old| c.pod(true, k, old),
         },
     ));
     tasks.push(spawn_watcher(
@@ -344,6 +369,7 @@ pub async fn watch_kubernetes(
                 move |p, int| objects::pod_entry(p, &node, rules, int)
             }),
             slot: |s| &mut s.remote_pods,
+            change: |c, k, old| c.pod(false, k, old),
         },
     ));
     tasks.push(spawn_watcher(
@@ -354,6 +380,7 @@ pub async fn watch_kubernetes(
             what: "Service",
             entry: Box::new(objects::service_entry),
             slot: |s| &mut s.services,
+            change: |c, k, old| c.service(k, old),
         },
     ));
     tasks.push(spawn_watcher(
@@ -364,6 +391,7 @@ pub async fn watch_kubernetes(
             what: "EndpointSlice",
             entry: Box::new(|s, _| objects::slice_entry(s)),
             slot: |s| &mut s.slices,
+            change: |c, k, old| c.slice(k, old),
         },
     ));
     let writer = status::StatusWriter::start(client.clone());
@@ -388,8 +416,7 @@ pub async fn watch_kubernetes(
         tracing::debug!(synced, total, "waiting for the initial Kubernetes lists");
         notified.await;
     }
-    let mut last_skipped = Vec::new();
-    let state = rebuild(&shared, &trust_domain, rules, &mut last_skipped)?;
+    let state = update(&shared)?;
     tracing::info!(
         node = %node,
         workloads = state.workloads().len(),
@@ -406,12 +433,12 @@ pub async fn watch_kubernetes(
         loop {
             shared.dirty.notified().await;
             tokio::time::sleep(coalesce).await;
-            match rebuild(&shared, &trust_domain, rules, &mut last_skipped) {
+            match update(&shared) {
                 Ok(state) => {
                     tracing::debug!(
                         workloads = state.workloads().len(),
                         services = state.services().len(),
-                        "discovery rebuilt"
+                        "discovery updated"
                     );
                     shared.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
                     if tx.send(Arc::new(state)).is_err() {
@@ -420,7 +447,7 @@ pub async fn watch_kubernetes(
                 }
                 Err(e) => {
                     shared.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "discovery rebuild failed; keeping the last state");
+                    tracing::warn!(error = %e, "discovery update failed; keeping the last state");
                 }
             }
         }
@@ -460,6 +487,7 @@ fn spawn_policy_watchers(
             } else {
                 |s| &mut s.authz
             },
+            change: |c, _, _| c.full = true,
         },
     );
     let ar = policy_resource(group, "PeerAuthentication", "peerauthentications");
@@ -484,6 +512,7 @@ fn spawn_policy_watchers(
             } else {
                 |s| &mut s.peer_authn
             },
+            change: |c, _, _| c.full = true,
         },
     );
     [authz, peer]
@@ -520,24 +549,31 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn rebuild(
-    shared: &Shared,
-    trust_domain: &str,
-    rules: Rules,
-    last_skipped: &mut Vec<String>,
-) -> Result<super::State, Error> {
-    let mut inner = shared.inner.lock().unwrap();
-    let (state, skipped) = translate::build(trust_domain, rules, &inner.store);
-    inner.interner.prune();
-    drop(inner);
-    for s in skipped.iter().filter(|s| !last_skipped.contains(s)) {
+/// The model after the store's changes since the last update (see [`incremental`]).
+fn update(shared: &Shared) -> Result<super::State, Error> {
+    let mut guard = shared.inner.lock().unwrap();
+    let inner = &mut *guard;
+    let changes = std::mem::take(&mut inner.changes);
+    let full = changes.full;
+    let (state, fresh) = inner.engine.update(&inner.store, changes);
+    inner.since_prune += 1;
+    if full || inner.since_prune >= PRUNE_EVERY {
+        inner.interner.prune();
+        inner.since_prune = 0;
+    }
+    drop(guard);
+    for s in &fresh {
         shared.stats.objects_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(reason = %s, "Kubernetes object skipped");
     }
-    *last_skipped = skipped;
-    release_freed_memory();
+    if full {
+        release_freed_memory();
+    }
     state
 }
+
+/// Updates between two prunings of the interner (which walks every string it holds).
+const PRUNE_EVERY: u32 = 256;
 
 /// Hands memory freed after a rebuild (the previous state, decoded lists) back to the system;
 /// glibc keeps it otherwise.

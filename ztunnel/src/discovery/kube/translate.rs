@@ -42,6 +42,125 @@ pub struct Store {
     pub istio_peer_authn: BTreeMap<Key, PeerAuthentication>,
 }
 
+/// Which object a skip is about: a pod (on this node or not) or a service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Of {
+    Pod(bool, Key),
+    Service(Key),
+}
+
+/// What a pod becomes in the model.
+#[derive(Debug)]
+pub enum PodOutcome {
+    /// A workload (it has IPs).
+    Workload(Workload),
+    /// A pod of this node with no IP yet.
+    Pending(Workload),
+    /// Not in the model, and why.
+    Skipped(String),
+}
+
+/// What pod `p` becomes under `rules`, given its namespace's labels, its node's locality,
+/// and whether an IP is claimed by more than one pod.
+pub fn pod_outcome(
+    trust_domain: &str,
+    rules: Rules,
+    p: &PodEntry,
+    ns_labels: Option<&Labels>,
+    locality: Option<&Arc<Locality>>,
+    claimed_twice: impl Fn(&IpAddr) -> bool,
+) -> PodOutcome {
+    let what = || format!("pod {}/{}", p.namespace, p.name);
+    if let Err(e) = Identity::check(trust_domain, &p.namespace, &p.service_account) {
+        return PodOutcome::Skipped(format!("{}: {e}", what()));
+    }
+    if let Some(ip) = p.ips.iter().find(|ip| claimed_twice(ip)) {
+        return PodOutcome::Skipped(format!("{}: IP {ip} is claimed by another pod too", what()));
+    }
+    let enrolled = rules.pod(ns_labels, &p.labels, p.other_mesh).is_ok();
+    let w = Workload {
+        uid: p.uid.clone(),
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        service_account: p.service_account.clone(),
+        node: p.node.clone(),
+        ips: (&*p.ips).into(),
+        labels: p.labels.clone(),
+        protocol: if enrolled {
+            Protocol::Hbone
+        } else {
+            Protocol::Tcp
+        },
+        other_mesh: p.other_mesh,
+        telemetry: p.telemetry.clone(),
+        locality: locality.cloned().unwrap_or_default(),
+    };
+    match p.ips.is_empty() {
+        true => PodOutcome::Pending(w),
+        false => PodOutcome::Workload(w),
+    }
+}
+
+/// The addresses `slices` list as ready.
+pub fn ready<'a>(slices: &'a [&'a SliceEntry]) -> impl Iterator<Item = &'a IpAddr> + 'a {
+    slices.iter().flat_map(|sl| sl.ready.iter())
+}
+
+/// What service `s` becomes, given its EndpointSlices, whether a VIP is claimed by another
+/// service too, and whether an IP is a workload's: the service (none when it is skipped),
+/// and the reasons it or some of its ports were skipped. Its endpoints are the workloads at
+/// [`ready`] addresses.
+pub fn service_outcome(
+    s: &ServiceEntry,
+    slices: &[&SliceEntry],
+    shared_vip: impl Fn(&IpAddr) -> bool,
+    workload_ip: impl Fn(&IpAddr) -> bool,
+) -> (Option<Service>, Vec<String>) {
+    let what = format!("service {}/{}", s.namespace, s.name);
+    if let Some(v) = s.vips.iter().find(|v| shared_vip(v)) {
+        return (
+            None,
+            vec![format!("{what}: VIP {v} is used by another service too")],
+        );
+    }
+    if let Some(v) = s.vips.iter().find(|v| workload_ip(v)) {
+        return (None, vec![format!("{what}: VIP {v} is a pod IP")]);
+    }
+    let mut skipped = Vec::new();
+    let mut ports = Vec::new();
+    for p in &s.ports {
+        let target = match &p.target {
+            Target::Number(n) => Some(*n),
+            Target::Name(_) => {
+                let pname = p.name.as_deref().unwrap_or("");
+                slices
+                    .iter()
+                    .flat_map(|sl| sl.ports.iter())
+                    .find(|(n, _)| n == pname)
+                    .map(|(_, n)| *n)
+            }
+        };
+        match target {
+            Some(t) if t != 0 && p.port != 0 => ports.push(ServicePort {
+                port: p.port,
+                target_port: t,
+            }),
+            _ => skipped.push(format!(
+                "{what}: port {} has no resolvable target port",
+                p.port
+            )),
+        }
+    }
+    let svc = Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        vips: s.vips.clone(),
+        ports,
+        selector: s.selector.clone(),
+    };
+    (Some(svc), skipped)
+}
+
 /// Builds the state for the daemon of a node in `trust_domain`, under enrollment `rules`;
 /// returns it with the objects that were skipped, and why.
 pub fn build(
@@ -49,6 +168,16 @@ pub fn build(
     rules: Rules,
     store: &Store,
 ) -> (Result<State, Error>, Vec<String>) {
+    let (state, skipped) = build_keyed(trust_domain, rules, store);
+    (state, skipped.into_iter().map(|(_, why)| why).collect())
+}
+
+/// [`build`], with each skip's object.
+pub fn build_keyed(
+    trust_domain: &str,
+    rules: Rules,
+    store: &Store,
+) -> (Result<State, Error>, Vec<(Of, String)>) {
     let mut skipped = Vec::new();
     let namespaces: Vec<Namespace> = store
         .namespaces
@@ -64,11 +193,14 @@ pub fn build(
         .iter()
         .map(|((_, n), l)| (n.as_str(), l))
         .collect();
-    // Workloads, in (namespace, name) order; of two pods claiming one IP (a stale status),
-    // neither can be trusted with it: both are skipped.
+    // Workloads, in (namespace, name) order, this node's first; of two pods claiming one IP
+    // (a stale status), neither can be trusted with it: both are skipped.
     let mut ip_count: HashMap<IpAddr, usize> = HashMap::new();
-    let pods = || store.pods.values().chain(store.remote_pods.values());
-    for p in pods() {
+    let pods = || {
+        let local = store.pods.iter().map(|(k, p)| (true, k, p));
+        local.chain(store.remote_pods.iter().map(|(k, p)| (false, k, p)))
+    };
+    for (_, _, p) in pods() {
         for ip in p.ips.iter() {
             *ip_count.entry(*ip).or_default() += 1;
         }
@@ -83,49 +215,23 @@ pub fn build(
         .iter()
         .map(|((_, n), l)| (n.as_str(), l))
         .collect();
-    for p in pods() {
-        let what = || format!("pod {}/{}", p.namespace, p.name);
-        if let Err(e) = Identity::check(trust_domain, &p.namespace, &p.service_account) {
-            skipped.push(format!("{}: {e}", what()));
-            continue;
-        }
-        if let Some(ip) = p.ips.iter().find(|ip| ip_count[*ip] > 1) {
-            skipped.push(format!("{}: IP {ip} is claimed by another pod too", what()));
-            continue;
-        }
-        let enrolled = rules
-            .pod(
-                ns_labels.get(&*p.namespace).copied(),
-                &p.labels,
-                p.other_mesh,
-            )
-            .is_ok();
-        for ip in p.ips.iter() {
-            index_of_ip.insert(*ip, workloads.len());
-        }
-        let w = Workload {
-            uid: p.uid.clone(),
-            name: p.name.clone(),
-            namespace: p.namespace.clone(),
-            service_account: p.service_account.clone(),
-            node: p.node.clone(),
-            ips: (&*p.ips).into(),
-            labels: p.labels.clone(),
-            protocol: if enrolled {
-                Protocol::Hbone
-            } else {
-                Protocol::Tcp
-            },
-            other_mesh: p.other_mesh,
-            telemetry: p.telemetry.clone(),
-            locality: locality_of
-                .get(&*p.node)
-                .map(|l| (*l).clone())
-                .unwrap_or_default(),
-        };
-        match p.ips.is_empty() {
-            true => pending.push(w),
-            false => workloads.push(Arc::new(w)),
+    for (local, k, p) in pods() {
+        match pod_outcome(
+            trust_domain,
+            rules,
+            p,
+            ns_labels.get(&*p.namespace).copied(),
+            locality_of.get(&*p.node).copied(),
+            |ip| ip_count[ip] > 1,
+        ) {
+            PodOutcome::Skipped(why) => skipped.push((Of::Pod(local, k.clone()), why)),
+            PodOutcome::Pending(w) => pending.push(w),
+            PodOutcome::Workload(w) => {
+                for ip in p.ips.iter() {
+                    index_of_ip.insert(*ip, workloads.len());
+                }
+                workloads.push(Arc::new(w));
+            }
         }
     }
 
@@ -145,58 +251,25 @@ pub fn build(
     }
     let mut services = Vec::new();
     let mut endpoints = Vec::new();
-    for s in store.services.values() {
-        let what = format!("service {}/{}", s.namespace, s.name);
-        if let Some(v) = s.vips.iter().find(|v| vip_owner[*v] > 1) {
-            skipped.push(format!("{what}: VIP {v} is used by another service too"));
-            continue;
-        }
-        if let Some(v) = s.vips.iter().find(|v| index_of_ip.contains_key(*v)) {
-            skipped.push(format!("{what}: VIP {v} is a pod IP"));
-            continue;
-        }
+    for (k, s) in &store.services {
         let slices = slices_of
             .get(&(&*s.namespace, &*s.name))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let mut ports = Vec::new();
-        for p in &s.ports {
-            let target = match &p.target {
-                Target::Number(n) => Some(*n),
-                Target::Name(_) => {
-                    let pname = p.name.as_deref().unwrap_or("");
-                    slices
-                        .iter()
-                        .flat_map(|sl| sl.ports.iter())
-                        .find(|(n, _)| n == pname)
-                        .map(|(_, n)| *n)
-                }
-            };
-            match target {
-                Some(t) if t != 0 && p.port != 0 => ports.push(ServicePort {
-                    port: p.port,
-                    target_port: t,
-                }),
-                _ => skipped.push(format!(
-                    "{what}: port {} has no resolvable target port",
-                    p.port
-                )),
-            }
-        }
-        let mut eps: Vec<usize> = slices
-            .iter()
-            .flat_map(|sl| sl.ready.iter())
+        let (svc, why) = service_outcome(
+            s,
+            slices,
+            |v| vip_owner[v] > 1,
+            |v| index_of_ip.contains_key(v),
+        );
+        skipped.extend(why.into_iter().map(|w| (Of::Service(k.clone()), w)));
+        let Some(svc) = svc else { continue };
+        let mut eps: Vec<usize> = ready(slices)
             .filter_map(|ip| index_of_ip.get(ip).copied())
             .collect();
         eps.sort_unstable();
         eps.dedup();
-        services.push(Service {
-            name: s.name.clone(),
-            namespace: s.namespace.clone(),
-            vips: s.vips.clone(),
-            ports,
-            selector: s.selector.clone(),
-        });
+        services.push(svc);
         endpoints.push(eps);
     }
     let state = State::build(
