@@ -421,14 +421,28 @@ fn rolling_restart_refuses_nothing(bed: &mut TestBed) {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // Connections go through before, beside and after each change, each phase counted: the
+    // load is waited for, not slept through.
+    let flowing = |phase: &str| {
+        let want = ok.load(Ordering::Relaxed) + 20;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ok.load(Ordering::Relaxed) < want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no load {phase}: {:?}",
+                failures.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    flowing("before the restarts");
     // Each node in turn: the new process starts beside the old, then the old one drains.
     for i in 0..2 {
         let newer = bed.spawn_daemon(i, "-next").unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        flowing("with both processes");
         let mut old = bed.nodes[i].daemon.replace(newer).unwrap();
         old.stop(Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(500));
+        flowing("after the old process left");
     }
     stop.store(true, Ordering::Relaxed);
     for l in load {
