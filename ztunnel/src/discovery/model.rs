@@ -191,8 +191,8 @@ pub(super) struct Policies {
     index: crate::policy::PolicyIndex,
 }
 
-/// The mesh as one immutable snapshot: a shared [`Base`] and, for a state derived from it by
-/// a few changes, the [`Patch`] of those changes, consulted first.
+/// The mesh as one immutable snapshot: a shared `Base` and, for a state derived from it by
+/// a few changes, the `Patch` of those changes, consulted first.
 #[derive(Debug, Default)]
 pub struct State {
     pub(super) base: Arc<Base>,

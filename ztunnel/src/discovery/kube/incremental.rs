@@ -4,7 +4,7 @@
 //!
 //! Each pod, service or EndpointSlice changed is translated by the same functions as
 //! [`translate::build`] ([`translate::pod_outcome`], [`translate::service_outcome`]), and the
-//! model ([`Overlay`]) is updated where it depends on it: the pod's workload and its IPs, the
+//! model (`Overlay`) is updated where it depends on it: the pod's workload and its IPs, the
 //! services whose EndpointSlices list those IPs ready or whose VIP is one of them, the services
 //! sharing a changed service's VIPs, a changed slice's services, and the services of this
 //! node's workloads (by uid). The result is the state a full [`translate::build`] of the same
