@@ -469,7 +469,7 @@ services:
         let local = s.workload_by_uid("u1").unwrap();
         assert_eq!(local.labels.get("app").map(|v| &**v), Some("web"));
         // Endpoints were selected with the remote workload's labels before they were dropped.
-        assert_eq!(s.endpoints_of_vip("10.96.0.1".parse().unwrap()).len(), 2);
+        assert_eq!(s.endpoints_of_vip("10.96.0.1".parse().unwrap()).count(), 2);
         assert_eq!(
             remote.identity("cluster.local").to_string(),
             "spiffe://cluster.local/ns/demo/sa/web"
@@ -540,7 +540,7 @@ services:
         let yaml = include_str!("../../../deploy/local/mesh.yaml");
         let s = parse(yaml, "cluster.local").unwrap();
         assert_eq!(s.workloads().len(), 3);
-        assert_eq!(s.endpoints_of_vip("10.96.0.10".parse().unwrap()).len(), 1);
+        assert_eq!(s.endpoints_of_vip("10.96.0.10".parse().unwrap()).count(), 1);
         assert_eq!(s.authorization_policies().len(), 1);
         assert_eq!(s.peer_authentications().len(), 1);
         let old = s.workload_by_ip("10.77.0.3".parse().unwrap()).unwrap();
@@ -557,7 +557,7 @@ services:
             w.identity("cluster.local").to_string(),
             "spiffe://cluster.local/ns/demo/sa/web"
         );
-        assert_eq!(s.endpoints_of_vip("10.96.0.1".parse().unwrap()).len(), 2);
+        assert_eq!(s.endpoints_of_vip("10.96.0.1".parse().unwrap()).count(), 2);
         assert_eq!(s.local_workloads("n1").count(), 3);
         assert!(s.enrolled(w));
         assert!(

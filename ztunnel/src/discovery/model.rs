@@ -434,18 +434,17 @@ impl State {
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.service_at(self.slot_of_vip(ip)?)
     }
-    /// The workloads a service's selector picks (same namespace).
+    /// The workloads a service's selector picks (same namespace); a slot emptied since the
+    /// endpoints were chosen is skipped, never a panic on the data path.
     pub fn endpoints_of_vip(
         &self,
         ip: IpAddr,
-    ) -> impl ExactSizeIterator<Item = &Arc<Workload>> + Clone + '_ {
+    ) -> impl Iterator<Item = &Arc<Workload>> + Clone + '_ {
         let endpoints = match self.slot_of_vip(ip) {
             Some(i) => self.endpoints_at(i),
             None => &[],
         };
-        endpoints
-            .iter()
-            .map(|&j| self.workload_at(j).expect("an endpoint is a workload"))
+        endpoints.iter().filter_map(|&j| self.workload_at(j))
     }
     /// Every workload, in no guaranteed order.
     pub fn workloads(&self) -> Workloads<'_> {
