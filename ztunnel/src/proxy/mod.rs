@@ -15,6 +15,8 @@ pub mod conns;
 mod inbound;
 mod inbound_plain;
 mod inbound_quic;
+#[cfg(test)]
+mod loopback_tests;
 mod outbound;
 pub mod outcome;
 pub mod peers;

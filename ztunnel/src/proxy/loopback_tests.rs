@@ -1,0 +1,216 @@
+//! The tunnel pool against the daemon's real inbound proxy on loopback, in-process and
+//! without root: mutual TLS and HTTP/2 as in the daemon, with `netns: None` so the pool dials
+//! from the process's own namespace. What the pool promises: streams share a connection up
+//! to its limit and the next one dials another, an ended stream frees its place, an unused
+//! connection is closed after the idle timeout, and many opens at once are all served on as
+//! few connections as the limit allows.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::ProxyInputs;
+use crate::ca::{issue, LocalCa};
+use crate::discovery::Discovery;
+use crate::hbone::client::connect_request;
+use crate::hbone::early::Early;
+use crate::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings, Tunnel};
+use crate::identity::{CertManager, Identity, WorkloadCert};
+use crate::metrics::Metrics;
+use crate::net::ConnectOptions;
+
+const SERVER_IP: &str = "127.0.0.2";
+const DAY: Duration = Duration::from_secs(86400);
+
+fn mesh() -> String {
+    format!(
+        "trustDomain: cluster.local
+namespaces:
+  - {{name: t, labels: {{ztunnel.dev/dataplane-mode: ambient}}}}
+workloads:
+  - {{uid: c, name: client, namespace: t, serviceAccount: client, node: n, ips: [127.0.0.1], protocol: HBONE}}
+  - {{uid: s, name: server, namespace: t, serviceAccount: server, node: n, ips: [{SERVER_IP}], protocol: HBONE}}
+"
+    )
+}
+
+/// A client pool, the inbound proxy it dials and an echo application behind it.
+struct Bed {
+    pool: Pool,
+    /// The client pool's own metrics.
+    metrics: Arc<Metrics>,
+    key: PoolKey,
+    cert: Arc<WorkloadCert>,
+    app: SocketAddr,
+    _draining: tokio::sync::watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+impl Bed {
+    async fn start(max_streams: usize, idle_timeout: Duration) -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
+        let client: Identity = "spiffe://cluster.local/ns/t/sa/client".parse().unwrap();
+        let server: Identity = "spiffe://cluster.local/ns/t/sa/server".parse().unwrap();
+        let cert = Arc::new(issue(&ca, &client, DAY).unwrap());
+        let state = crate::discovery::parse(&mesh(), "cluster.local").unwrap();
+
+        let app_l = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
+        let app = app_l.local_addr().unwrap();
+        tokio::spawn(echo(app_l));
+
+        let connect = ConnectOptions {
+            mark: None,
+            timeout: Duration::from_secs(5),
+        };
+        let settings = PoolSettings {
+            max_streams,
+            idle_timeout,
+            connect,
+            quic: QuicSettings::default(),
+        };
+        let (draining_tx, draining) = tokio::sync::watch::channel(false);
+        let server_metrics = Arc::new(Metrics::default());
+        let pi = ProxyInputs::new(
+            "n".into(),
+            "cluster.local".into(),
+            "Kubernetes",
+            Discovery::fixed(state),
+            CertManager::new(ca, DAY),
+            Pool::new(settings.clone(), server_metrics.clone()),
+            server_metrics,
+            connect,
+            1000,
+            super::TunnelLimits::default(),
+            false,
+            draining,
+        );
+        let tunnel_l = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
+        let tunnel = tunnel_l.local_addr().unwrap();
+        tokio::spawn(super::serve_inbound(pi, tunnel_l));
+
+        let metrics = Arc::new(Metrics::default());
+        Bed {
+            pool: Pool::new(settings, metrics.clone()),
+            metrics,
+            key: PoolKey {
+                src: client,
+                dst: server,
+                addr: tunnel,
+                netns: None,
+            },
+            cert,
+            app,
+            _draining: draining_tx,
+            _dir: dir,
+        }
+    }
+
+    /// A stream to the application, answered `200` by the inbound proxy.
+    async fn open(&self) -> Tunnel {
+        let req = connect_request(self.app, &Default::default()).unwrap();
+        self.pool
+            .open(&self.key, &self.cert, req, &mut Early::default())
+            .await
+            .expect("a tunnel to the application")
+    }
+
+    fn dialled(&self) -> u64 {
+        self.metrics.pool_connections_opened.get()
+    }
+
+    /// Waits (up to 10 s) until the pool holds `n` connections.
+    async fn until_connections(&self, n: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.metrics.pool_connections.get() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pool holds {} connections, not {n}",
+                self.metrics.pool_connections.get()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+async fn echo(l: TcpListener) {
+    while let Ok((mut s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_share_a_connection_up_to_its_limit_and_the_next_dials_another() {
+    let bed = Bed::start(2, Duration::from_secs(300)).await;
+    let a = bed.open().await;
+    let b = bed.open().await;
+    assert_eq!(
+        bed.dialled(),
+        1,
+        "the second stream shares the first's connection"
+    );
+    let c = bed.open().await;
+    assert_eq!(bed.dialled(), 2, "the third is past the limit of two");
+    assert_eq!(bed.metrics.pool_streams.get(), 3);
+    drop((a, b, c));
+    assert_eq!(
+        bed.metrics.pool_streams.get(),
+        0,
+        "a dropped lease frees its place"
+    );
+    bed.until_connections(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_stream_frees_its_place_for_the_next() {
+    let bed = Bed::start(1, Duration::from_secs(300)).await;
+    for _ in 0..3 {
+        drop(bed.open().await);
+    }
+    assert_eq!(
+        bed.dialled(),
+        1,
+        "each stream took the place the last one left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_connection_is_closed_after_the_idle_timeout_and_dialled_again() {
+    let bed = Bed::start(100, Duration::from_millis(100)).await;
+    let held = bed.open().await;
+    bed.until_connections(1).await;
+    drop(held);
+    bed.until_connections(0).await;
+    let _again = bed.open().await;
+    assert_eq!(bed.dialled(), 2, "a new stream dials a new connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_opens_at_once_are_all_served_on_as_few_connections_as_the_limit_allows() {
+    const OPENS: usize = 250;
+    let bed = Arc::new(Bed::start(100, Duration::from_secs(300)).await);
+    let opens: Vec<_> = (0..OPENS)
+        .map(|_| {
+            let bed = bed.clone();
+            tokio::spawn(async move { bed.open().await })
+        })
+        .collect();
+    let mut held = Vec::with_capacity(OPENS);
+    for o in opens {
+        held.push(o.await.expect("no open panicked"));
+    }
+    assert_eq!(bed.metrics.pool_streams.get(), OPENS as i64);
+    assert_eq!(bed.dialled(), 3, "250 streams at 100 per connection");
+    drop(held);
+    assert_eq!(bed.metrics.pool_streams.get(), 0);
+}
