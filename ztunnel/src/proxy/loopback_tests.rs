@@ -2,8 +2,9 @@
 //! without root: mutual TLS and HTTP/2 as in the daemon, with `netns: None` so the pool dials
 //! from the process's own namespace. What the pool promises: streams share a connection up
 //! to its limit and the next one dials another, an ended stream frees its place, an unused
-//! connection is closed after the idle timeout, and many opens at once are all served on as
-//! few connections as the limit allows.
+//! connection is closed after the idle timeout, many opens at once are all served on as few
+//! connections as the limit allows, and a stream opened as the destination drains (a GOAWAY,
+//! the stream refused) goes to a newly dialled connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,8 +46,43 @@ struct Bed {
     key: PoolKey,
     cert: Arc<WorkloadCert>,
     app: SocketAddr,
-    _draining: tokio::sync::watch::Sender<bool>,
+    ca: Arc<LocalCa>,
+    /// Each inbound proxy's drain switch, oldest first.
+    servers: Vec<tokio::sync::watch::Sender<bool>>,
     _dir: tempfile::TempDir,
+}
+
+const CONNECT: ConnectOptions = ConnectOptions {
+    mark: None,
+    timeout: Duration::from_secs(5),
+};
+
+/// Serves the daemon's inbound proxy on `listener`; returns its drain switch.
+fn inbound(ca: &Arc<LocalCa>, listener: TcpListener) -> tokio::sync::watch::Sender<bool> {
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
+    let metrics = Arc::new(Metrics::default());
+    let settings = PoolSettings {
+        max_streams: 100,
+        idle_timeout: Duration::from_secs(300),
+        connect: CONNECT,
+        quic: QuicSettings::default(),
+    };
+    let pi = ProxyInputs::new(
+        "n".into(),
+        "cluster.local".into(),
+        "Kubernetes",
+        Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
+        CertManager::new(ca.clone(), DAY),
+        Pool::new(settings, metrics.clone()),
+        metrics,
+        CONNECT,
+        1000,
+        super::TunnelLimits::default(),
+        false,
+        draining,
+    );
+    tokio::spawn(super::serve_inbound(pi, listener));
+    draining_tx
 }
 
 impl Bed {
@@ -56,42 +92,18 @@ impl Bed {
         let client: Identity = "spiffe://cluster.local/ns/t/sa/client".parse().unwrap();
         let server: Identity = "spiffe://cluster.local/ns/t/sa/server".parse().unwrap();
         let cert = Arc::new(issue(&ca, &client, DAY).unwrap());
-        let state = crate::discovery::parse(&mesh(), "cluster.local").unwrap();
-
         let app_l = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
         let app = app_l.local_addr().unwrap();
         tokio::spawn(echo(app_l));
-
-        let connect = ConnectOptions {
-            mark: None,
-            timeout: Duration::from_secs(5),
-        };
+        let tunnel_l = crate::net::listen(SocketAddr::new(SERVER_IP.parse().unwrap(), 0)).unwrap();
+        let tunnel = tunnel_l.local_addr().unwrap();
+        let servers = vec![inbound(&ca, tunnel_l)];
         let settings = PoolSettings {
             max_streams,
             idle_timeout,
-            connect,
+            connect: CONNECT,
             quic: QuicSettings::default(),
         };
-        let (draining_tx, draining) = tokio::sync::watch::channel(false);
-        let server_metrics = Arc::new(Metrics::default());
-        let pi = ProxyInputs::new(
-            "n".into(),
-            "cluster.local".into(),
-            "Kubernetes",
-            Discovery::fixed(state),
-            CertManager::new(ca, DAY),
-            Pool::new(settings.clone(), server_metrics.clone()),
-            server_metrics,
-            connect,
-            1000,
-            super::TunnelLimits::default(),
-            false,
-            draining,
-        );
-        let tunnel_l = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
-        let tunnel = tunnel_l.local_addr().unwrap();
-        tokio::spawn(super::serve_inbound(pi, tunnel_l));
-
         let metrics = Arc::new(Metrics::default());
         Bed {
             pool: Pool::new(settings, metrics.clone()),
@@ -104,7 +116,8 @@ impl Bed {
             },
             cert,
             app,
-            _draining: draining_tx,
+            ca,
+            servers,
             _dir: dir,
         }
     }
@@ -116,6 +129,13 @@ impl Bed {
             .open(&self.key, &self.cert, req, &mut Early::default())
             .await
             .expect("a tunnel to the application")
+    }
+
+    /// Starts another inbound proxy on the same port, which takes the new connections from
+    /// then on (as a daemon replacing another does, see [`crate::net::listen`]).
+    fn add_server(&mut self) {
+        let l = crate::net::listen(self.key.addr).unwrap();
+        self.servers.push(inbound(&self.ca, l));
     }
 
     fn dialled(&self) -> u64 {
@@ -213,4 +233,24 @@ async fn many_opens_at_once_are_all_served_on_as_few_connections_as_the_limit_al
     assert_eq!(bed.dialled(), 3, "250 streams at 100 per connection");
     drop(held);
     assert_eq!(bed.metrics.pool_streams.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opened_as_the_destination_drains_goes_to_a_newly_dialled_connection() {
+    let mut bed = Bed::start(100, Duration::from_secs(300)).await;
+    let held = bed.open().await;
+    // A new daemon beside the old one, then the old one drains: its connections get a GOAWAY
+    // and it accepts no more. The pool must not fail the next stream: either it has seen the
+    // GOAWAY and dials, or the stream is refused and retried on a connection dialled after.
+    bed.add_server();
+    bed.servers[0].send(true).unwrap();
+    for _ in 0..3 {
+        drop(bed.open().await);
+    }
+    assert_eq!(
+        bed.dialled(),
+        2,
+        "one connection dialled after the drain, then reused"
+    );
+    drop(held);
 }
