@@ -10,6 +10,7 @@
 //! an endpoint, a uid's services) names a slot that holds a workload or service; a slot given
 //! up is emptied and every index to it updated before the next snapshot.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -21,6 +22,19 @@ pub const PATCH_LIMIT: usize = 4096;
 /// The key of `s` in a patch's index by name.
 fn name_key(s: &Service) -> Box<str> {
     format!("{}.{}", s.name, s.namespace).into()
+}
+
+/// The empty slots below `end`: those the patch empties, and the base's empty ones that the
+/// patch leaves alone.
+fn free_slots<T>(patch: &HashMap<u32, Option<T>>, base: &[Option<T>], end: u32) -> Vec<u32> {
+    (0..end)
+        .filter(|i| {
+            patch.get(i).map_or_else(
+                || base.get(*i as usize).is_some_and(Option::is_none),
+                Option::is_none,
+            )
+        })
+        .collect()
 }
 
 /// A state being changed in place: a base and the patch of the changes so far.
@@ -42,22 +56,8 @@ impl Overlay {
             Some(p) => Arc::unwrap_or_clone(p),
             None => Patch::empty(&base),
         };
-        let end = patch.workloads_end;
-        let free_workloads = (0..end).filter(|i| {
-            patch.workloads.get(i).map_or_else(
-                || base.workloads.get(*i as usize).is_some_and(Option::is_none),
-                Option::is_none,
-            )
-        });
-        let free_workloads = free_workloads.collect();
-        let end = patch.services_end;
-        let free_services = (0..end).filter(|i| {
-            patch.services.get(i).map_or_else(
-                || base.services.get(*i as usize).is_some_and(Option::is_none),
-                Option::is_none,
-            )
-        });
-        let free_services = free_services.collect();
+        let free_workloads = free_slots(&patch.workloads, &base.workloads, patch.workloads_end);
+        let free_services = free_slots(&patch.services, &base.services, patch.services_end);
         Overlay {
             state: State {
                 base,
