@@ -272,7 +272,7 @@ fn set_buffers(sock: &socket2::Socket) {
     }
     if let Ok(got) = sock.recv_buffer_size() {
         // Linux reports twice what was set (the other half is its bookkeeping).
-        if got < n {
+        if got < 2 * n {
             tracing::debug!(
                 wanted = n,
                 got,
