@@ -159,6 +159,7 @@ pub async fn start(
             quic: QuicSettings {
                 destinations: cfg.quic_destinations.clone(),
             },
+            sockets: crate::net::sockets::Kernel::shared(),
         },
         metrics.clone(),
     );

@@ -12,9 +12,10 @@
 //! daemon's connection to an application on behalf of a remote client, bound to that client's
 //! address with `IP_TRANSPARENT` ([`Origin::transparent_src`]), so the application sees the
 //! real client address. Network namespaces themselves, and running code inside one, are
-//! [`netns`].
+//! [`netns`]; the proxies reach all of this through the factory of [`sockets`].
 
 pub mod netns;
+pub mod sockets;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

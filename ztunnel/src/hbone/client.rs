@@ -90,9 +90,20 @@ pub async fn connect_from(
     let tcp = net::connect_from(addr, opts, origin)
         .await
         .map_err(|source| ClientError::Connect { addr, source })?;
+    handshake(tcp, addr, tls, opts.timeout).await
+}
+
+/// The TLS and HTTP/2 handshakes of a tunnel connection on `tcp`, connected to `addr`, the
+/// TLS one within `timeout`.
+pub async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls: Arc<ClientConfig>,
+    timeout: std::time::Duration,
+) -> Result<(SendRequest<Bytes>, Connection<Transport, Bytes>), ClientError> {
     // No SNI is sent (the config disables it); the name only satisfies the API.
     let name = ServerName::IpAddress(addr.ip().into());
-    let tls_stream = tokio::time::timeout(opts.timeout, TlsConnector::from(tls).connect(name, tcp))
+    let tls_stream = tokio::time::timeout(timeout, TlsConnector::from(tls).connect(name, tcp))
         .await
         .map_err(|_| ClientError::Tls {
             addr,

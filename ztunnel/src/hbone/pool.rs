@@ -48,6 +48,7 @@ use super::quic::{self, Fallback, QuicError, QuicStreamError};
 use crate::identity::{Identity, WorkloadCert};
 use crate::metrics::{Metrics, ResponseFlag};
 use crate::net::netns::Netns;
+use crate::net::sockets::Sockets;
 use crate::net::ConnectOptions;
 
 /// What makes two streams share a connection.
@@ -68,6 +69,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     pub connect: ConnectOptions,
     pub quic: QuicSettings,
+    /// Where tunnel connections are dialled from ([`crate::net::sockets`]).
+    pub sockets: Arc<dyn Sockets>,
 }
 
 /// Which tunnels are tried on QUIC first.
@@ -297,6 +300,11 @@ impl Pool {
         }
     }
 
+    /// The socket factory tunnel connections are dialled with.
+    pub fn sockets(&self) -> &Arc<dyn Sockets> {
+        &self.inner.settings.sockets
+    }
+
     /// Opens a stream for `req` to `key`, on a pooled connection when one has room.
     /// `cert` is the source workload's current certificate (used only to dial). The client's
     /// `early` bytes (see [`super::early`]) go out right behind the request, those it writes
@@ -472,7 +480,8 @@ impl Pool {
             let ep = self
                 .quic_endpoint(key.netns.as_ref(), key.addr)
                 .map_err(PoolError::Endpoint)?;
-            match quic::connect(&ep, key.addr, quic::client_config(&tls)?).await {
+            let peer = self.inner.settings.sockets.quic_peer(key.addr);
+            match quic::connect(&ep, peer, quic::client_config(&tls)?).await {
                 Ok(c) => return Ok(self.add_quic(key, ks, c)),
                 Err(e) => match e.fallback() {
                     Fallback::No => return Err(e.into()),
@@ -499,8 +508,17 @@ impl Pool {
             netns: key.netns.clone(),
             transparent_src: None,
         };
+        let settings = &self.inner.settings;
+        let tcp = settings
+            .sockets
+            .connect(key.addr, settings.connect, &origin)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: key.addr,
+                source,
+            })?;
         let (sender, mut connection) =
-            client::connect_from(key.addr, tls, self.inner.settings.connect, &origin).await?;
+            client::handshake(tcp, key.addr, tls, settings.connect.timeout).await?;
         let ping = connection.ping_pong();
         let conn = self.register(key, ks, Link::H2(sender));
         let (id, evicted) = (conn.id, conn.evicted.clone());

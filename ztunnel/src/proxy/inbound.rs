@@ -40,7 +40,6 @@ use crate::hbone::copy::copy_h2;
 use crate::hbone::server;
 use crate::identity::{self, Identity};
 use crate::metrics::End;
-use crate::net;
 use crate::refusal::Reason;
 
 /// A peer that has not finished its TLS and HTTP/2 handshakes by then is dropped.
@@ -378,7 +377,7 @@ pub(super) async fn admit<B>(
     pi.metrics.proxied("inbound");
     // The application sees the tunnel peer's address: the source pod's own.
     let origin = scope.app_origin(peer.addr.ip());
-    match net::connect_from(target, pi.connect, &origin).await {
+    match pi.sockets.connect(target, pi.connect, &origin).await {
         Ok(app) => Ok(app),
         Err(e) => {
             refuse!(pi, tracked, Outcome::AppUnreachable(e.to_string()), %target, error = %e, "application unreachable; 503");

@@ -18,7 +18,6 @@ use super::{reset, ProxyInputs, Scope};
 use crate::discovery::policy::MtlsMode;
 use crate::hbone::consts;
 use crate::metrics::End;
-use crate::net;
 use crate::refusal::Reason;
 
 pub(super) async fn handle(
@@ -27,7 +26,7 @@ pub(super) async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
 ) {
-    let orig = match net::original_dst(&tcp) {
+    let orig = match pi.sockets.original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
             crate::refused!(pi.metrics, Reason::InboundPlaintextNoOriginalDst, %peer, error = %e, "inbound plaintext connection was not redirected; refused");
@@ -106,7 +105,11 @@ pub(super) async fn handle(
     }
     tracked.set_policy_facts(facts);
     pi.metrics.proxied("inbound_plaintext");
-    let mut app = match net::connect_from(orig, pi.connect, &scope.app_origin(peer.ip())).await {
+    let mut app = match pi
+        .sockets
+        .connect(orig, pi.connect, &scope.app_origin(peer.ip()))
+        .await
+    {
         Ok(a) => a,
         Err(e) => {
             refuse!(pi, tracked, Outcome::PlaintextAppUnreachable(e.to_string()), %peer, dst = %orig, error = %e, "plaintext: application unreachable; reset");

@@ -21,6 +21,7 @@ use crate::hbone::early::Early;
 use crate::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings, Tunnel};
 use crate::identity::{CertManager, Identity, WorkloadCert};
 use crate::metrics::Metrics;
+use crate::net::sockets::Kernel;
 use crate::net::ConnectOptions;
 
 const SERVER_IP: &str = "127.0.0.2";
@@ -66,6 +67,7 @@ fn inbound(ca: &Arc<LocalCa>, listener: TcpListener) -> tokio::sync::watch::Send
         idle_timeout: Duration::from_secs(300),
         connect: CONNECT,
         quic: QuicSettings::default(),
+        sockets: Kernel::shared(),
     };
     let pi = ProxyInputs::new(
         "n".into(),
@@ -103,6 +105,7 @@ impl Bed {
             idle_timeout,
             connect: CONNECT,
             quic: QuicSettings::default(),
+            sockets: Kernel::shared(),
         };
         let metrics = Arc::new(Metrics::default());
         Bed {

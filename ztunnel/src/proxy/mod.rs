@@ -38,6 +38,7 @@ use crate::hbone::pool::Pool;
 use crate::identity::{CertManager, Identity};
 use crate::metrics::{End, IstioLabels, Metrics};
 use crate::net::netns::Netns;
+use crate::net::sockets::Sockets;
 use crate::net::{reset, ConnectOptions, Origin};
 use conns::ConnTable;
 pub use inbound::HANDSHAKE_TIMEOUT;
@@ -153,6 +154,9 @@ pub struct ProxyInputs {
     pub peers: Arc<Peers>,
     /// What tunnel streams hold for slow applications, node-wide.
     pub budget: Arc<BufferBudget>,
+    /// The socket factory: the pool's, so that the proxies and their tunnels reach the
+    /// network the same way.
+    sockets: Arc<dyn Sockets>,
     round_robin: AtomicUsize,
     /// Accepted connections and tunnel streams whose handlers have not finished (including
     /// those not yet in the connection table); drain waits for them.
@@ -181,6 +185,7 @@ impl ProxyInputs {
             cluster_id: cluster_id.into(),
             discovery,
             certs,
+            sockets: pool.sockets().clone(),
             pool,
             metrics: metrics.clone(),
             connections: Arc::new(ConnTable::new(metrics.istio.clone())),
@@ -376,6 +381,11 @@ pub async fn serve(pi: Arc<ProxyInputs>, scope: Scope, l: Listeners) {
             inbound_plain::handle
         ),
     );
+}
+
+/// Runs only the outbound listener (benchmarks).
+pub async fn serve_outbound(pi: Arc<ProxyInputs>, listener: TcpListener) {
+    accept_loop(pi, Scope::Node, listener, "outbound", outbound::handle).await
 }
 
 /// Runs only the inbound tunnel listener (benchmarks, and nodes that only receive).

@@ -28,7 +28,6 @@ use crate::hbone::early::Early;
 use crate::hbone::pool::{PoolKey, Tunnel};
 use crate::hbone::ConnectHeaders;
 use crate::metrics::End;
-use crate::net;
 use crate::refusal::Reason;
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
@@ -94,7 +93,7 @@ enum Open {
 /// stream open with the client's first bytes sent. `None` when it was refused (counted,
 /// logged, and the client reset).
 async fn open(pi: &ProxyInputs, scope: &Scope, tcp: TcpStream, peer: SocketAddr) -> Option<Open> {
-    let orig = match net::original_dst(&tcp) {
+    let orig = match pi.sockets.original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
             crate::refused!(pi.metrics, Reason::OutboundNoOriginalDst, %peer, error = %e, "outbound connection was not redirected; refused");
@@ -164,7 +163,10 @@ async fn open(pi: &ProxyInputs, scope: &Scope, tcp: TcpStream, peer: SocketAddr)
     match plan {
         Plan::Passthrough { dst_addr } => {
             pi.metrics.proxied("passthrough");
-            let upstream = match net::connect_from(dst_addr, pi.connect, &scope.peer_origin()).await
+            let upstream = match pi
+                .sockets
+                .connect(dst_addr, pi.connect, &scope.peer_origin())
+                .await
             {
                 Ok(u) => u,
                 Err(e) => {
