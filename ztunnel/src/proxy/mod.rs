@@ -12,6 +12,8 @@
 //! connections run on until they end or the daemon's grace period is over.
 
 pub mod conns;
+#[cfg(test)]
+mod handler_tests;
 mod inbound;
 mod inbound_plain;
 mod inbound_quic;

@@ -1,0 +1,403 @@
+//! The outbound, inbound and inbound-plaintext handlers in-process, without root: one node's
+//! proxies on loopback addresses, with [`Redirects`] in place of the capture rules (each
+//! outbound or plaintext listener stands for one original destination; a workload's tunnel
+//! port is moved to an inbound listener on its address). What is checked is what the daemon
+//! promises of a connection: it reaches the application through a mutual-TLS tunnel with both
+//! identities known, the bytes a client writes before the tunnel is open arrive first and in
+//! order, a destination's policy is enforced (each over HTTP/2 and over QUIC), an address
+//! outside the mesh is reached in plain TCP, and each refusal (not redirected, unknown source,
+//! denied by the destination's policy, a tunnel that cannot be opened, plaintext to a STRICT
+//! workload) resets the client and is counted under its reason.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use super::conns::{ConnRow, Direction};
+use super::{accept_loop, inbound_plain, ProxyInputs, Scope};
+use crate::ca::LocalCa;
+use crate::discovery::Discovery;
+use crate::hbone::consts::HBONE_PORT;
+use crate::hbone::pool::{Pool, PoolSettings, QuicSettings};
+use crate::identity::CertManager;
+use crate::metrics::Metrics;
+use crate::net::sockets::Redirects;
+use crate::net::ConnectOptions;
+use crate::refusal::Reason;
+
+const CLIENT: &str = "127.0.0.1";
+const SERVER: &str = "127.0.0.2";
+/// A workload whose policy admits only another identity, and only in mutual TLS.
+const GUARDED: &str = "127.0.0.3";
+/// An address outside the mesh.
+const OUTSIDE: &str = "127.0.0.4";
+/// A workload whose tunnel port answers, but not with TLS.
+const BROKEN: &str = "127.0.0.5";
+/// An address of no workload.
+const STRANGER: &str = "127.0.0.9";
+
+fn mesh() -> String {
+    format!(
+        "trustDomain: cluster.local
+namespaces:
+  - {{name: t, labels: {{ztunnel.dev/dataplane-mode: ambient}}}}
+  - {{name: g, labels: {{ztunnel.dev/dataplane-mode: ambient}}}}
+workloads:
+  - {{uid: c, name: client, namespace: t, serviceAccount: client, node: n, ips: [{CLIENT}], protocol: HBONE}}
+  - {{uid: s, name: server, namespace: t, serviceAccount: server, node: n, ips: [{SERVER}], protocol: HBONE}}
+  - {{uid: g, name: guarded, namespace: g, serviceAccount: guarded, node: n, ips: [{GUARDED}], protocol: HBONE, labels: {{app: guarded}}}}
+  - {{uid: b, name: broken, namespace: t, serviceAccount: broken, node: n, ips: [{BROKEN}], protocol: HBONE}}
+policies:
+  - apiVersion: security.ztunnel.dev/v1
+    kind: AuthorizationPolicy
+    metadata: {{name: only-other, namespace: g}}
+    spec:
+      selector: {{matchLabels: {{app: guarded}}}}
+      rules: [{{from: [{{source: {{principals: [cluster.local/ns/t/sa/other]}}}}]}}]
+  - apiVersion: security.ztunnel.dev/v1
+    kind: PeerAuthentication
+    metadata: {{name: strict, namespace: g}}
+    spec: {{mtls: {{mode: STRICT}}}}
+"
+    )
+}
+
+const CONNECT: ConnectOptions = ConnectOptions {
+    mark: None,
+    timeout: Duration::from_secs(5),
+};
+
+/// One node's proxies on loopback and an echo application on each workload address.
+struct Node {
+    pi: Arc<ProxyInputs>,
+    redirects: Arc<Redirects>,
+    /// The echo application's port (the same on every address).
+    app_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// The node, its pool dialling QUIC when `quic` (its inbound proxies then accept QUIC
+    /// too, on their listeners' addresses).
+    async fn start(quic: bool) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
+        let redirects = Arc::new(Redirects::default());
+        let metrics = Arc::new(Metrics::default());
+        let settings = PoolSettings {
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(300),
+            connect: CONNECT,
+            quic: QuicSettings {
+                destinations: if quic {
+                    [SERVER, GUARDED]
+                        .map(|ip| format!("{ip}/32").parse().unwrap())
+                        .into()
+                } else {
+                    Vec::new()
+                },
+            },
+            sockets: redirects.clone(),
+        };
+        let (draining_tx, draining) = tokio::sync::watch::channel(false);
+        // The node never drains during a test.
+        std::mem::forget(draining_tx);
+        let pi = ProxyInputs::new(
+            "n".into(),
+            "cluster.local".into(),
+            "Kubernetes",
+            Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
+            CertManager::new(ca, Duration::from_secs(86400)),
+            Pool::new(settings, metrics.clone()),
+            metrics,
+            CONNECT,
+            100,
+            super::TunnelLimits::default(),
+            false,
+            draining,
+        );
+        // A tunnel is accepted only for the address it was dialled at: one listener each.
+        for ip in [SERVER, GUARDED] {
+            let tunnel = TcpListener::bind((ip, 0)).await.unwrap();
+            redirects.move_to(at(ip, HBONE_PORT), tunnel.local_addr().unwrap());
+            if quic {
+                let ep = super::quic_endpoint(None, tunnel.local_addr().unwrap()).unwrap();
+                tokio::spawn(super::serve_inbound_quic(pi.clone(), ep));
+            }
+            tokio::spawn(super::serve_inbound(pi.clone(), tunnel));
+        }
+        let not_tls = TcpListener::bind((BROKEN, 0)).await.unwrap();
+        redirects.move_to(at(BROKEN, HBONE_PORT), not_tls.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = not_tls.accept().await {
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let app = TcpListener::bind((SERVER, 0)).await.unwrap();
+        let app_port = app.local_addr().unwrap().port();
+        tokio::spawn(echo(app));
+        for ip in [GUARDED, OUTSIDE] {
+            tokio::spawn(echo(TcpListener::bind((ip, app_port)).await.unwrap()));
+        }
+        Node {
+            pi,
+            redirects,
+            app_port,
+            _dir: dir,
+        }
+    }
+
+    /// An outbound listener standing for `original_dst` (`None`: not redirected).
+    async fn outbound(&self, original_dst: Option<SocketAddr>) -> SocketAddr {
+        let l = TcpListener::bind((CLIENT, 0)).await.unwrap();
+        self.serve(l, original_dst, "outbound", super::outbound::handle)
+    }
+
+    /// An inbound plaintext listener standing for `original_dst`.
+    async fn plaintext(&self, original_dst: SocketAddr) -> SocketAddr {
+        let l = TcpListener::bind((SERVER, 0)).await.unwrap();
+        self.serve(l, Some(original_dst), "plaintext", inbound_plain::handle)
+    }
+
+    fn serve<F, Fut>(
+        &self,
+        l: TcpListener,
+        original_dst: Option<SocketAddr>,
+        name: &'static str,
+        handle: F,
+    ) -> SocketAddr
+    where
+        F: Fn(Arc<ProxyInputs>, Scope, TcpStream, SocketAddr) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let addr = l.local_addr().unwrap();
+        if let Some(dst) = original_dst {
+            self.redirects.redirect(addr, dst);
+        }
+        tokio::spawn(accept_loop(self.pi.clone(), Scope::Node, l, name, handle));
+        addr
+    }
+
+    fn app(&self, ip: &str) -> SocketAddr {
+        at(ip, self.app_port)
+    }
+
+    fn refusals(&self, reason: Reason) -> u64 {
+        self.pi
+            .metrics
+            .refusals
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: reason.label(),
+            })
+            .get()
+    }
+
+    fn proxied(&self, direction: &'static str) -> u64 {
+        self.pi
+            .metrics
+            .proxied_connections
+            .get_or_create(&crate::metrics::DirectionLabels { direction })
+            .get()
+    }
+
+    /// The connection table's row of `direction` (exactly one expected).
+    fn row(&self, direction: Direction) -> ConnRow {
+        let mut rows: Vec<_> = self
+            .pi
+            .connections
+            .rows()
+            .into_iter()
+            .filter(|r| r.direction == direction)
+            .collect();
+        assert_eq!(rows.len(), 1, "{direction:?} rows: {rows:?}");
+        rows.remove(0)
+    }
+}
+
+fn at(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+async fn echo(l: TcpListener) {
+    while let Ok((s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.into_split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// A client connection to `to` from `from`.
+async fn connect(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(at(from, 0))?;
+    s.connect(to).await
+}
+
+/// Writes `msg` and reads as many bytes back.
+async fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(msg).await?;
+    let mut back = vec![0; msg.len()];
+    s.read_exact(&mut back).await?;
+    Ok(back)
+}
+
+/// A client from `from` to `to` is reset (the reset can come as soon as the connect), never
+/// answered.
+async fn assert_reset(from: &str, to: SocketAddr) {
+    let attempt = async {
+        let mut s = connect(from, to).await?;
+        s.write_all(b"hello").await?;
+        let mut buf = [0u8; 16];
+        s.read(&mut buf).await
+    };
+    let r = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("refused within 10 s");
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client is reset, not answered: {r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirected_connection_reaches_the_application_through_a_tunnel_with_both_identities() {
+    for quic in [false, true] {
+        let node = Node::start(quic).await;
+        let entry = node.outbound(Some(node.app(SERVER))).await;
+        let mut s = connect(CLIENT, entry).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"ping").await.unwrap(), b"ping");
+        let out = node.row(Direction::Outbound);
+        let inb = node.row(Direction::Inbound);
+        let client = "spiffe://cluster.local/ns/t/sa/client";
+        let server = "spiffe://cluster.local/ns/t/sa/server";
+        assert_eq!(out.facts.src_identity.as_deref(), Some(client));
+        assert_eq!(out.facts.dst_identity.as_deref(), Some(server));
+        assert_eq!(out.facts.dst_addr, Some(node.app(SERVER)));
+        assert_eq!(
+            inb.facts.src_identity.as_deref(),
+            Some(client),
+            "the destination knows the source by its certificate (QUIC: {quic})"
+        );
+        assert_eq!(inb.facts.dst_workload.as_deref(), Some("t/server"));
+        assert_eq!(inb.facts.decision, Some("allow"));
+        assert_eq!(
+            inb.facts.traceparent, out.facts.traceparent,
+            "both ends record the trace the source started (QUIC: {quic})"
+        );
+        assert_eq!((node.proxied("outbound"), node.proxied("inbound")), (1, 1));
+        assert_eq!(node.pi.metrics.pool_connections_opened.get(), 1);
+        assert_eq!(
+            node.pi.metrics.quic_fallbacks.get(),
+            0,
+            "the tunnel is on the transport asked for (QUIC: {quic})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_written_before_the_tunnel_is_open_arrive_first_and_in_order() {
+    for quic in [false, true] {
+        let node = Node::start(quic).await;
+        let entry = node.outbound(Some(node.app(SERVER))).await;
+        let mut s = connect(CLIENT, entry).await.unwrap();
+        // More than the early-bytes limit (64 KiB), written before any answer could come.
+        let msg: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let (mut r, mut w) = s.split();
+        let (wrote, back) = tokio::join!(w.write_all(&msg), async {
+            let mut back = vec![0; msg.len()];
+            r.read_exact(&mut back).await.map(|_| back)
+        });
+        wrote.unwrap();
+        assert!(
+            back.unwrap() == msg,
+            "the echo is what was sent, in order (QUIC: {quic})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_outside_the_mesh_is_reached_in_plain_tcp() {
+    let node = Node::start(false).await;
+    let entry = node.outbound(Some(node.app(OUTSIDE))).await;
+    let mut s = connect(CLIENT, entry).await.unwrap();
+    assert_eq!(round_trip(&mut s, b"plain").await.unwrap(), b"plain");
+    let row = node.row(Direction::Passthrough);
+    assert_eq!(row.facts.dst_addr, Some(node.app(OUTSIDE)));
+    assert_eq!(node.proxied("passthrough"), 1);
+    assert_eq!(
+        node.pi.metrics.pool_connections_opened.get(),
+        0,
+        "no tunnel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_was_not_redirected_is_reset_and_counted() {
+    let node = Node::start(false).await;
+    let entry = node.outbound(None).await;
+    assert_reset(CLIENT, entry).await;
+    assert_eq!(node.refusals(Reason::OutboundNoOriginalDst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_from_no_local_workload_is_reset_and_counted() {
+    let node = Node::start(false).await;
+    let entry = node.outbound(Some(node.app(SERVER))).await;
+    assert_reset(STRANGER, entry).await;
+    assert_eq!(node.refusals(Reason::OutboundUnknownSource), 1);
+    assert_eq!(node.proxied("outbound"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_destination_denies_resets_the_client_and_both_ends_count_it() {
+    for quic in [false, true] {
+        let node = Node::start(quic).await;
+        let entry = node.outbound(Some(node.app(GUARDED))).await;
+        assert_reset(CLIENT, entry).await;
+        assert_eq!(
+            node.refusals(Reason::PolicyDenied),
+            1,
+            "at the destination (QUIC: {quic})"
+        );
+        assert_eq!(
+            node.refusals(Reason::OutboundDeniedByDestination),
+            1,
+            "at the source (QUIC: {quic})"
+        );
+        let denials = node
+            .pi
+            .metrics
+            .policy_decisions
+            .get_or_create(&crate::metrics::ResultLabels { result: "deny" })
+            .get();
+        assert_eq!(denials, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_that_cannot_be_opened_resets_the_client_and_is_counted() {
+    let node = Node::start(false).await;
+    let entry = node.outbound(Some(node.app(BROKEN))).await;
+    assert_reset(CLIENT, entry).await;
+    assert_eq!(node.refusals(Reason::OutboundTunnelFailed), 1);
+    assert_eq!(node.proxied("inbound"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_reaches_a_permissive_workload_and_not_a_strict_one() {
+    let node = Node::start(false).await;
+    let permissive = node.plaintext(node.app(SERVER)).await;
+    let mut s = connect(STRANGER, permissive).await.unwrap();
+    assert_eq!(round_trip(&mut s, b"clear").await.unwrap(), b"clear");
+    let row = node.row(Direction::InboundPlaintext);
+    assert_eq!(row.facts.src_identity, None, "plaintext has no identity");
+    assert_eq!(row.facts.decision, Some("allow"));
+
+    let strict = node.plaintext(node.app(GUARDED)).await;
+    assert_reset(STRANGER, strict).await;
+    assert_eq!(node.refusals(Reason::InboundPlaintextStrict), 1);
+}
