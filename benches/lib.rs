@@ -2,8 +2,9 @@
 //!
 //! Data path measured (HBONE): client → outbound listener (127.0.0.1) → pooled mTLS HTTP/2
 //! stream → the daemon's real inbound proxy (127.0.0.2, workload `server`) → application
-//! (127.0.0.2). The outbound side is the pool and copy loop of the daemon, fed by a listener
-//! with a fixed destination instead of `SO_ORIGINAL_DST` (no nftables needed). The baseline is
+//! (127.0.0.2). Both sides are the daemon's own handlers (one in-process node serving both
+//! workloads); a table of redirects ([`ztunnel::net::sockets::Redirects`]) stands in for the
+//! capture rules, so no root or nftables is needed. The baseline is
 //! the same client talking to the same application directly over loopback TCP, in the same run.
 //! The QUIC path is the same with a pool that dials QUIC (UDP, the tunnel's port) and the
 //! daemon's inbound QUIC server. A third path relays plain TCP through the same hops
@@ -18,14 +19,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use ztunnel::ca::{issue, LocalCa};
 use ztunnel::discovery::Discovery;
-use ztunnel::hbone::budget::{self, BufferBudget};
-use ztunnel::hbone::client::connect_request;
-use ztunnel::hbone::copy::{copy_tunnel, ByteCounters};
-use ztunnel::hbone::early::Early;
-use ztunnel::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings};
-use ztunnel::hbone::ConnectHeaders;
+use ztunnel::hbone::consts::HBONE_PORT;
+use ztunnel::hbone::pool::{Pool, PoolSettings, QuicSettings};
 use ztunnel::identity::{Identity, WorkloadCert};
 use ztunnel::metrics::Metrics;
+use ztunnel::net::sockets::Redirects;
 use ztunnel::net::ConnectOptions;
 use ztunnel::proxy::ProxyInputs;
 
@@ -126,41 +124,6 @@ async fn relay(l: TcpListener, to: SocketAddr) {
     }
 }
 
-/// Accepts connections and tunnels each to `target` through `pool`.
-async fn outbound(
-    l: TcpListener,
-    pool: Pool,
-    cert: Arc<WorkloadCert>,
-    key: PoolKey,
-    target: SocketAddr,
-) {
-    // As in the daemon: what waits for the client is counted in a node-wide budget.
-    let budget = Arc::new(BufferBudget::new(budget::DEFAULT_LIMIT, Default::default()));
-    loop {
-        let Ok((tcp, peer)) = l.accept().await else {
-            return;
-        };
-        let _ = tcp.set_nodelay(true);
-        let (pool, cert, key, budget) = (pool.clone(), cert.clone(), key.clone(), budget.clone());
-        tokio::spawn(async move {
-            let headers = ConnectHeaders {
-                forwarded_for: Some(peer),
-                ..Default::default()
-            };
-            let req = connect_request(target, &headers).expect("request");
-            let Ok(mut early) = Early::read(&tcp) else {
-                return;
-            };
-            let Ok(t) = pool.open(&key, &cert, req, &mut early).await else {
-                return;
-            };
-            let (rd, wr) = tcp.into_split();
-            let counters = ByteCounters::default();
-            let _ = copy_tunnel(rd, wr, t.stream, &counters, &budget).await;
-        });
-    }
-}
-
 impl Fixture {
     pub fn new() -> Fixture {
         // As the daemon does at start (see `ztunnel::alloc`).
@@ -183,7 +146,9 @@ impl Fixture {
         let server_id: Identity = "spiffe://cluster.local/ns/bench/sa/server".parse().unwrap();
         let client_cert = Arc::new(issue(&ca, &client_id, DAY).expect("client cert"));
         let ca = Arc::new(ca);
-        let state = ztunnel::discovery::parse(&yaml(), "cluster.local").expect("discovery");
+        let discovery = Discovery::fixed(
+            ztunnel::discovery::parse(&yaml(), "cluster.local").expect("discovery"),
+        );
         let f = rt.block_on(async {
             let bind = |ip: &str| {
                 let ip = ip.to_owned();
@@ -202,60 +167,55 @@ impl Fixture {
             let certs = ztunnel::identity::CertManager::new(ca.clone(), DAY);
             let (_tx, draining) = tokio::sync::watch::channel(false);
             std::mem::forget(_tx);
+            // The daemon's own handlers on both sides; a table stands in for the capture
+            // rules: each entry listener is redirected to one application, and the server's
+            // tunnel port (TCP and QUIC) is where the inbound proxy listens here.
+            let redirects = Arc::new(Redirects::default());
             let settings = PoolSettings {
                 max_streams: 100,
                 idle_timeout: Duration::from_secs(300),
                 connect,
                 quic: QuicSettings::default(),
+                sockets: redirects.clone(),
             };
-            let pi = ProxyInputs::new(
-                "bench".into(),
-                "cluster.local".into(),
-                "Kubernetes",
-                Discovery::fixed(state),
-                certs,
-                Pool::new(settings.clone(), metrics.clone()),
-                metrics.clone(),
-                connect,
-                100,
-                ztunnel::proxy::TunnelLimits::default(),
-                true,
-                draining,
-            );
+            let proxies = |settings: PoolSettings| {
+                ProxyInputs::new(
+                    "bench".into(),
+                    "cluster.local".into(),
+                    "Kubernetes",
+                    discovery.clone(),
+                    certs.clone(),
+                    Pool::new(settings, metrics.clone()),
+                    metrics.clone(),
+                    connect,
+                    100,
+                    ztunnel::proxy::TunnelLimits::default(),
+                    true,
+                    draining.clone(),
+                )
+            };
+            let pi = proxies(settings.clone());
+            let quic_pi = proxies(PoolSettings {
+                quic: QuicSettings {
+                    destinations: vec![format!("{SERVER_IP}/32").parse().expect("CIDR")],
+                },
+                ..settings
+            });
             let tunnel_l = bind(SERVER_IP).await;
             let tunnel = tunnel_l.local_addr().unwrap();
+            redirects.move_to(SocketAddr::new(tunnel.ip(), HBONE_PORT), tunnel);
             let quic = ztunnel::proxy::quic_endpoint(None, tunnel).expect("QUIC endpoint");
             tokio::spawn(ztunnel::proxy::serve_inbound(pi.clone(), tunnel_l));
-            tokio::spawn(ztunnel::proxy::serve_inbound_quic(pi, quic));
+            tokio::spawn(ztunnel::proxy::serve_inbound_quic(pi.clone(), quic));
 
-            let quic_pool = Pool::new(
-                PoolSettings {
-                    quic: QuicSettings {
-                        destinations: vec![format!("{SERVER_IP}/32").parse().expect("CIDR")],
-                    },
-                    ..settings.clone()
-                },
-                metrics.clone(),
-            );
-            let pool = Pool::new(settings, metrics);
-            let key = PoolKey {
-                src: client_id,
-                dst: server_id.clone(),
-                addr: tunnel,
-                netns: None,
-            };
             let mut entries = Vec::new();
-            for pool in [&pool, &quic_pool] {
+            for pi in [&pi, &quic_pi] {
                 for target in [sink_a, echo_a] {
                     let l = bind("127.0.0.1").await;
-                    entries.push(l.local_addr().unwrap());
-                    tokio::spawn(outbound(
-                        l,
-                        pool.clone(),
-                        client_cert.clone(),
-                        key.clone(),
-                        target,
-                    ));
+                    let entry = l.local_addr().unwrap();
+                    redirects.redirect(entry, target);
+                    entries.push(entry);
+                    tokio::spawn(ztunnel::proxy::serve_outbound(pi.clone(), l));
                 }
             }
             for target in [sink_a, echo_a] {
