@@ -17,13 +17,14 @@
 //! What the client writes before its stream is open goes out right behind the `CONNECT`
 //! ([`super::early`]); the copy loop carries what follows.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use futures::future::Either;
 use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -81,22 +82,24 @@ pub enum TunnelStream {
 
 /// Copies `tcp` ⇄ `stream` until both directions have ended, on the stream's transport; what
 /// waits for the TCP side is counted in `budget`.
-pub async fn copy_tunnel(
+///
+/// Not an `async fn`: the future is the transport's own copy, without a copy of `stream` kept
+/// beside it for the connection's whole life (see `crate::task`); QUIC's is boxed, its state
+/// being twice HTTP/2's, so that a connection on HTTP/2 carries no room for it.
+pub fn copy_tunnel<'a>(
     tcp_read: OwnedReadHalf,
     tcp_write: OwnedWriteHalf,
     stream: TunnelStream,
-    counters: &ByteCounters,
-    budget: &BufferBudget,
-) -> Result<(), CopyError> {
+    counters: &'a ByteCounters,
+    budget: &'a BufferBudget,
+) -> impl Future<Output = Result<(), CopyError>> + Send + 'a {
     match stream {
         TunnelStream::H2 { send, recv } => {
-            copy_h2(tcp_read, tcp_write, send, recv, counters, budget).await
+            Either::Left(copy_h2(tcp_read, tcp_write, send, recv, counters, budget))
         }
-        // Boxed: QUIC's copy state is twice HTTP/2's, and a connection on HTTP/2 should not
-        // carry room for it (see `crate::task`).
-        TunnelStream::Quic { send, recv } => {
-            Box::pin(copy_quic(tcp_read, tcp_write, send, recv, counters, budget)).await
-        }
+        TunnelStream::Quic { send, recv } => Either::Right(Box::pin(copy_quic(
+            tcp_read, tcp_write, send, recv, counters, budget,
+        ))),
     }
 }
 

@@ -4,11 +4,13 @@
 //! - [`client`]: open a tunnel connection and `CONNECT` streams over it;
 //! - [`pool`]: share tunnel connections per (source identity, destination identity, address);
 //! - [`server`]: accept tunnel connections, validate each `CONNECT`, hand streams to a handler;
+//! - [`answer`]: answer a received request on either transport, its stream then the tunnel;
 //! - [`copy`]: move bytes between a TCP socket and a stream with half-close;
 //! - [`budget`], `queue`: count what streams hold for slow applications, node-wide;
 //! - [`early`]: send what a client writes before its stream is open right behind the `CONNECT`;
 //! - [`quic`]: the same tunnels over QUIC (UDP 15008), one stream per connection.
 
+pub mod answer;
 pub mod budget;
 pub mod client;
 pub mod copy;

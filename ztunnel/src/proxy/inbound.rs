@@ -19,6 +19,7 @@
 //! warnings that a peer can provoke before it has authenticated are throttled
 //! ([`crate::throttle`]); the counts never are.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +37,8 @@ use super::outcome::{refuse, Outcome};
 use super::peers::{PeerConn, PeerStream};
 use super::{plan, reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
-use crate::hbone::copy::copy_h2;
+use crate::hbone::answer::Answer;
+use crate::hbone::copy::copy_tunnel;
 use crate::hbone::server;
 use crate::identity::{self, Identity};
 use crate::metrics::End;
@@ -236,39 +238,71 @@ fn http2_ended(pi: &ProxyInputs, peer: SocketAddr, src: &Identity, e: h2::Error)
     }
 }
 
-pub(super) async fn stream(
+/// An HTTP/2 tunnel stream's handler: its place taken at once, then [`serve_stream`] (the
+/// one future the stream's task holds, see `crate::task`).
+pub(super) fn stream(
     pi: Arc<ProxyInputs>,
     scope: Scope,
     peer: Arc<Peer>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
+    let (parts, body) = req.into_parts();
     let mut tracked = track(&pi, &peer);
-    let _place = match peer.stream_place(&pi, &mut tracked) {
-        Ok(place) => place,
-        Err(status) => return server::refuse(respond, status),
-    };
-    let app = match Box::pin(admit(&pi, &scope, &peer, &req, &mut tracked)).await {
-        Ok(app) => app,
-        Err(status) => return server::refuse(respond, status),
-    };
-    let mut respond = respond;
-    let send = match respond.send_response(ok_response(&pi, &peer), false) {
-        Ok(s) => s,
-        Err(e) => {
-            tracked.fail(Outcome::Failed(e.to_string()));
-            return;
-        }
-    };
-    tracked.report();
-    let (rd, wr) = app.into_split();
-    tokio::select! {
-        r = copy_h2(rd, wr, send, req.into_body(), &tracked.record().bytes, &pi.budget) => {
-            if let Err(e) = r {
-                super::copy_failed(&pi, &mut tracked, e);
+    let place = peer.stream_place(&pi, &mut tracked);
+    let req = Request::from_parts(parts, ());
+    serve_stream(
+        pi,
+        scope,
+        peer,
+        tracked,
+        place,
+        req,
+        Answer::H2 { respond, body },
+    )
+}
+
+/// Serves a tunnel request received on either transport: refused when it has no `place`
+/// (the status to answer), else decided ([`admit`]), answered, and once admitted its stream
+/// copied to the application until either side ends or the daemon closes it.
+///
+/// An `async` block rather than an `async fn`, which would keep a second copy of its
+/// arguments for the stream's whole life (see `crate::task`).
+#[allow(clippy::manual_async_fn)]
+pub(super) fn serve_stream(
+    pi: Arc<ProxyInputs>,
+    scope: Scope,
+    peer: Arc<Peer>,
+    mut tracked: Tracked,
+    place: Result<PeerStream, StatusCode>,
+    req: Request<()>,
+    answer: Answer,
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let _place = match place {
+            Ok(place) => place,
+            Err(status) => return answer.refuse(status).await,
+        };
+        let app = match Box::pin(admit(&pi, &scope, &peer, &req, &mut tracked)).await {
+            Ok(app) => app,
+            Err(status) => return answer.refuse(status).await,
+        };
+        // Its headers are not needed while the stream lasts.
+        drop(req);
+        let stream = match answer.accept(ok_response(&pi, &peer)).await {
+            Ok(stream) => stream,
+            Err(e) => return tracked.fail(Outcome::Failed(e.to_string())),
+        };
+        tracked.report();
+        let (rd, wr) = app.into_split();
+        tokio::select! {
+            r = copy_tunnel(rd, wr, stream, &tracked.record().bytes, &pi.budget) => {
+                if let Err(e) = r {
+                    super::copy_failed(&pi, &mut tracked, e);
+                }
             }
+            cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
         }
-        cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Inbound tunnel over QUIC: connections on UDP 15008 ([`crate::hbone::quic`]).
 //!
 //! The same contract as the HTTP/2 inbound tunnel ([`super::inbound`]), with the same
-//! decisions ([`super::inbound::admit`]): the destination is the local workload owning the
+//! decisions and the same stream path ([`super::inbound::serve_stream`]): the destination is the local workload owning the
 //! address the connection arrived on, and the handshake presents its certificate (chosen per
 //! connection) and requires a client certificate of our trust domain; a connection must find
 //! a place among the pending handshakes ([`crate::gate`], shared with the HTTP/2 tunnel and
@@ -25,11 +25,12 @@ use http::StatusCode;
 use quinn::{Incoming, RecvStream, SendStream, VarInt};
 use tokio::time::Instant;
 
-use super::inbound::{admit, track, Peer, HANDSHAKE_TIMEOUT};
+use super::inbound::{serve_stream, track, Peer, HANDSHAKE_TIMEOUT};
 use super::outcome::{refuse, Outcome};
 use super::{ProxyInputs, QuicListener, Scope};
+use crate::hbone::answer::Answer;
+use crate::hbone::quic;
 use crate::hbone::server::Idle;
-use crate::hbone::{copy, quic};
 use crate::identity;
 use crate::refusal::Reason;
 
@@ -261,7 +262,7 @@ pub(super) async fn stream(
     mut recv: RecvStream,
 ) {
     let mut tracked = track(&pi, &peer);
-    let _place = match peer.stream_place(&pi, &mut tracked) {
+    let place = match peer.stream_place(&pi, &mut tracked) {
         Ok(place) => place,
         Err(status) => {
             let _ = quic::respond(&mut send, &mut recv, status).await;
@@ -282,25 +283,6 @@ pub(super) async fn stream(
             return;
         }
     };
-    let app = match Box::pin(admit(&pi, &scope, &peer, &req, &mut tracked)).await {
-        Ok(app) => app,
-        Err(status) => {
-            let _ = quic::respond(&mut send, &mut recv, status).await;
-            return;
-        }
-    };
-    if let Err(e) = quic::respond(&mut send, &mut recv, StatusCode::OK).await {
-        tracked.fail(Outcome::Failed(e.to_string()));
-        return;
-    }
-    tracked.report();
-    let (rd, wr) = app.into_split();
-    tokio::select! {
-        r = copy::copy_quic(rd, wr, send, recv, &tracked.record().bytes, &pi.budget) => {
-            if let Err(e) = r {
-                super::copy_failed(&pi, &mut tracked, e);
-            }
-        }
-        cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
-    }
+    let answer = Answer::Quic { send, recv };
+    serve_stream(pi, scope, peer, tracked, Ok(place), req, answer).await
 }

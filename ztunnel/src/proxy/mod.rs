@@ -457,7 +457,7 @@ mod tests {
         assert!(outbound <= 2048, "outbound handler: {outbound} bytes");
         assert!(inbound <= 2048, "inbound stream handler: {inbound} bytes");
         assert!(
-            inbound_quic <= 4096,
+            inbound_quic <= 2560,
             "inbound QUIC stream handler: {inbound_quic} bytes"
         );
     }
