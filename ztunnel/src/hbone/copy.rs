@@ -1,6 +1,6 @@
-//! Copying bytes between a TCP socket and an HBONE stream, both ways at once, on either
-//! transport: [`copy_h2`] for an HTTP/2 `CONNECT` stream, [`copy_quic`] for a QUIC stream
-//! ([`super::quic`]), [`copy_tunnel`] for whichever a [`TunnelStream`] holds.
+//! Copying bytes between a TCP socket and an HBONE stream, both ways at once:
+//! [`copy_tunnel`], on whichever transport a [`TunnelStream`] holds (an HTTP/2 `CONNECT`
+//! stream, or a QUIC stream of [`super::quic`]), each with its own loop below.
 //!
 //! Contract: a TCP end-of-stream ends the stream (HTTP/2 END_STREAM, QUIC FIN) and the
 //! stream's end becomes a TCP write shutdown, so half-close crosses the tunnel in both
@@ -116,7 +116,7 @@ fn next_want(want: usize, n: usize) -> usize {
 }
 
 /// Copies `tcp` ⇄ (`send`, `recv`) of an HTTP/2 tunnel stream until both directions have ended.
-pub async fn copy_h2(
+async fn copy_h2(
     tcp_read: OwnedReadHalf,
     tcp_write: OwnedWriteHalf,
     send: SendStream<Bytes>,
@@ -256,7 +256,7 @@ async fn h2_stream_to_tcp(
 
 /// Copies `tcp` ⇄ (`send`, `recv`) of a QUIC tunnel stream until both directions have ended;
 /// on an error both directions are reset (a dropped quinn stream would otherwise end cleanly).
-pub async fn copy_quic(
+async fn copy_quic(
     tcp_read: OwnedReadHalf,
     tcp_write: OwnedWriteHalf,
     mut send: quinn::SendStream,

@@ -9,7 +9,7 @@
 //! closed after 20 s of silence). Each endpoint's UDP socket has buffers large enough for a
 //! window's bursts ([`SOCKET_BUFFER`]).
 //!
-//! Bytes are copied over a stream by [`super::copy::copy_quic`].
+//! Bytes are copied over a stream by [`super::copy::copy_tunnel`].
 
 use std::io;
 use std::net::SocketAddr;
