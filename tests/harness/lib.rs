@@ -16,4 +16,5 @@ pub mod netns;
 pub mod procfs;
 pub mod raw_h2;
 pub mod testbed;
+pub mod transport;
 pub mod watchdog;
