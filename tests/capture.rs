@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::{access_lines, metric};
 use ztunnel_e2e::testbed::{self, TestBed, MARKER, VIP, VIP6};
+use ztunnel_e2e::transport::Transport;
 
 #[path = "capture/telemetry.rs"]
 mod telemetry;
@@ -222,15 +223,7 @@ fn enrolled_to_plain_is_plain_tcp_and_plain_to_enrolled_arrives_through_15006() 
 /// from the source pod's (the application sees the real client address), same-node too.
 #[test]
 fn quic_tunnels_between_pods_carry_real_client_addresses_and_only_udp_15008_crosses_nodes() {
-    let bed = TestBed::start_configured(
-        testbed::default_pods(),
-        Vec::new(),
-        &[
-            ("ZTUNNEL_QUIC_LISTEN", "true"),
-            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16"),
-        ],
-    )
-    .unwrap();
+    let bed = TestBed::builder().transport(Transport::Quic).start();
     let server = bed.pod("server");
     let echo = bed.pod("echo");
     let client = bed.pod("client");
@@ -335,7 +328,7 @@ fn assert_workers(bed: &TestBed, i: usize, n: usize) {
 
 #[test]
 fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_probes_pass() {
-    let bed = TestBed::start_with(testbed::dual_stack_pods()).unwrap();
+    let bed = TestBed::builder().pods(testbed::dual_stack_pods()).start();
     assert_workers(&bed, 1, 2);
     for name in ["server", "echo", "legacy-2"] {
         bed.pod(name).ns.serve_dual(8080, apps::whoami_server);
@@ -443,16 +436,11 @@ fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_pro
 
 #[test]
 fn dual_stack_quic_tunnels_carry_both_families_over_udp_15008_only() {
-    let bed = TestBed::start_configured(
-        testbed::dual_stack_pods(),
-        Vec::new(),
-        &[
-            ("ZTUNNEL_QUIC_LISTEN", "true"),
-            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16,fd20::/16"),
-            ("ZTUNNEL_WORKER_THREADS", "3"),
-        ],
-    )
-    .unwrap();
+    let bed = TestBed::builder()
+        .pods(testbed::dual_stack_pods())
+        .transport(Transport::Quic)
+        .daemon_env(&[("ZTUNNEL_WORKER_THREADS", "3")])
+        .start();
     // The runtime is sized by the setting (2 by default, not one thread per core).
     assert_workers(&bed, 0, 3);
     bed.pod("server").ns.serve_dual(8080, apps::whoami_server);
@@ -506,7 +494,7 @@ fn a_connection_to_a_service_with_no_endpoint_is_reset_at_the_source() {
         .into_iter()
         .filter(|p| p.name != "server")
         .collect();
-    let bed = TestBed::start_with(pods).expect("test bed");
+    let bed = TestBed::builder().pods(pods).start();
     let outcome = bed.pod("client").ns.block_on(async {
         tokio::time::timeout(Duration::from_secs(5), request(VIP, 80, "hello"))
             .await

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use crate::cni::{self, Attachment, Runtime};
 use crate::daemon::{self, Process};
 use crate::netns::{self, Netns};
+use crate::transport::Transport;
 
 pub const VIP: &str = "10.96.0.10";
 /// The service's second VIP, in a dual-stack bed.
@@ -38,7 +39,7 @@ pub struct PodSpec {
     pub node: usize,
     pub ip: &'static str,
     /// The pod's IPv6 address, for a dual-stack pod. A bed with any such pod is dual-stack:
-    /// every node's pod network and the underlay carry IPv6 too ([`TestBed::start_configured`]).
+    /// every node's pod network and the underlay carry IPv6 too.
     pub ip6: Option<&'static str>,
 }
 
@@ -238,37 +239,93 @@ fn ipv6_without_dad(ns: &Netns, forward: bool) -> Result<()> {
     Ok(())
 }
 
+/// How to start a [`TestBed`] ([`TestBed::builder`]): the pods, the daemons' environment and
+/// tunnel transport, and where discovery comes from.
+pub struct Builder {
+    pods: Vec<PodSpec>,
+    known: Vec<PodSpec>,
+    daemon_env: Vec<(String, String)>,
+    transport: Transport,
+    kube: Option<Value>,
+}
+
+impl Builder {
+    /// The pods created at the start (the default pods unless set).
+    pub fn pods(mut self, pods: Vec<PodSpec>) -> Self {
+        self.pods = pods;
+        self
+    }
+
+    /// Pods only in discovery, for tests that create them later.
+    pub fn known(mut self, known: Vec<PodSpec>) -> Self {
+        self.known = known;
+        self
+    }
+
+    /// Settings beyond the defaults in every daemon's environment (added to those given
+    /// before).
+    pub fn daemon_env(mut self, env: &[(&str, &str)]) -> Self {
+        self.daemon_env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// The transport of the tunnels between the pods (HTTP/2 unless set; with QUIC, HTTP/2 is
+    /// the fallback): see [`Transport::pod_env`].
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// The daemons discover the cluster from the real API server ([`crate::controlplane`],
+    /// `deploy/base` installed) instead of the discovery file; namespace `plain` is created
+    /// with `plain_labels` (see `kubebed.rs`).
+    pub fn kube(mut self, plain_labels: Value) -> Self {
+        self.kube = Some(plain_labels);
+        self
+    }
+
+    /// Starts the bed; panics when it cannot.
+    pub fn start(self) -> TestBed {
+        self.try_start().expect("test bed")
+    }
+
+    /// Starts the bed: nodes, underlay, daemons, then the pods.
+    pub fn try_start(self) -> Result<TestBed> {
+        let dual = dual_stack(&self.pods) || dual_stack(&self.known);
+        let mut env = self.transport.pod_env(dual);
+        env.extend(self.daemon_env);
+        let kube = self
+            .kube
+            .map(|labels| (crate::controlplane::shared().install_base(), labels));
+        TestBed::build(self.pods, self.known, env, kube)
+    }
+}
+
 impl TestBed {
-    /// Two nodes with their daemons and the default pods, enrolled through the CNI chain.
+    /// A bed of two nodes with their daemons and the default pods, enrolled through the CNI
+    /// chain, unless the builder says otherwise.
+    pub fn builder() -> Builder {
+        Builder {
+            pods: default_pods(),
+            known: Vec::new(),
+            daemon_env: Vec::new(),
+            transport: Transport::Http2,
+            kube: None,
+        }
+    }
+
+    /// The default bed (`TestBed::builder().start()`).
     pub fn start() -> TestBed {
-        Self::start_with(default_pods()).expect("test bed")
-    }
-
-    /// Like [`TestBed::start`], with `pods` created and `known` pods only in discovery (for
-    /// tests that create them later).
-    pub fn start_with(pods: Vec<PodSpec>) -> Result<TestBed> {
-        Self::start_known(pods, Vec::new())
-    }
-
-    pub fn start_known(pods: Vec<PodSpec>, known: Vec<PodSpec>) -> Result<TestBed> {
-        Self::start_configured(pods, known, &[])
-    }
-
-    /// Like [`TestBed::start_known`], with `daemon_env` in every daemon's environment.
-    pub fn start_configured(
-        pods: Vec<PodSpec>,
-        known: Vec<PodSpec>,
-        daemon_env: &[(&str, &str)],
-    ) -> Result<TestBed> {
-        Self::build(pods, known, daemon_env, None)
+        Self::builder().start()
     }
 
     /// The bed: nodes, underlay, daemons (on the discovery file, or on the real API server
     /// when `kube` is given, with the labels of namespace `plain`), then `pods`.
-    pub(crate) fn build(
+    fn build(
         pods: Vec<PodSpec>,
         known: Vec<PodSpec>,
-        daemon_env: &[(&str, &str)],
+        daemon_env: Vec<(String, String)>,
         kube: Option<(
             &'static crate::controlplane::ControlPlane,
             serde_json::Value,
@@ -373,10 +430,7 @@ impl TestBed {
             ca_dir,
             discovery,
             prefix,
-            daemon_env: daemon_env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            daemon_env,
             dual_stack: v6,
             kube: None,
         };
