@@ -13,6 +13,7 @@ pub mod kubebed;
 pub mod load;
 pub mod mesh;
 pub mod netns;
+pub mod objects;
 pub mod procfs;
 pub mod raw_h2;
 pub mod testbed;
