@@ -214,10 +214,10 @@ async fn bookmarks_are_accepted() {
     }
     let rv = b.api.resource_version();
     b.api.bookmark();
-    // Give the bookmark time to arrive (nothing else changes the pods meanwhile).
     b.until("namespaces seen", |s| s.namespace("other4").is_some())
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The bookmark was queued on every watch stream before the streams are ended, so each
+    // watcher reads it before the end of its stream (nothing else changes the pods meanwhile).
     b.api.close_watches();
     b.until_watching(WATCHES).await;
     let w = b.pod_watches();
