@@ -20,6 +20,17 @@ use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, A_IP, B_IP, C_IP};
 #[path = "hbone/forms.rs"]
 mod forms;
 
+// The other tests of the two-node bed, in this binary: one link of the harness and the daemon
+// library for all of them.
+mod connect;
+mod quic;
+mod quic_peers;
+// Helpers of `quic.rs` and `quic_peers.rs`.
+#[path = "quic/common.rs"]
+mod quic_common;
+mod refusals;
+mod renewal;
+
 const MIB: usize = 1024 * 1024;
 
 /// Waits until `daemon` has logged that it released its start-up code pages (see

@@ -31,6 +31,10 @@ use ztunnel::policy::status_of;
 use ztunnel_e2e::controlplane::{self, ControlPlane, KubePod};
 use ztunnel_e2e::objects::{deny, namespace, service, slice, POLICY};
 
+// The faults the real server will not produce, against the stand-in, in this binary (they do
+// not use the shared control plane).
+mod kube_faults;
+
 const DAEMON_USER: &str = "system:serviceaccount:ztunnel-system:ztunnel";
 
 /// Every collection the source watches: namespaces, nodes, local and remote pods, services,

@@ -25,6 +25,9 @@ use ztunnel_e2e::{apps, daemon};
 #[path = "lifecycle/uninstall.rs"]
 mod uninstall;
 
+// Load and faults on the same bed, in this binary.
+mod load;
+
 fn late(name: &'static str, namespace: &'static str, ip: &'static str) -> PodSpec {
     PodSpec {
         name,

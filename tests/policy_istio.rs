@@ -13,11 +13,7 @@
 //! - one file holding HTTP fields, `when` conditions, DISABLE and `portLevelMtls` together:
 //!   loaded, nothing failing closed, shown by `ztunnel ctl`, deciding as Istio does.
 
-#[path = "policy/bed.rs"]
-#[allow(dead_code)]
-mod bed;
-
-use bed::*;
+use super::bed::*;
 use serde_json::{json, Value};
 
 /// `when` conditions on the L4 keys istiod translates for ztunnel (istiod ambient

@@ -11,10 +11,7 @@ use ztunnel_e2e::daemon::metric;
 use ztunnel_e2e::mesh::{Mesh, NodeOptions, B_IP};
 use ztunnel_e2e::netns::Netns;
 
-#[path = "quic/common.rs"]
-#[allow(dead_code)]
-mod common;
-use common::*;
+use crate::quic_common::*;
 
 /// UDP datagrams `ns` received for a port nothing listens on (`Udp: NoPorts`).
 fn udp_no_ports(ns: &Netns) -> u64 {

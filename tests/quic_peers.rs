@@ -25,10 +25,7 @@ use ztunnel_e2e::mesh::{Mesh, NodeOptions, B_IP, C_IP, TRUST_DOMAIN};
 use ztunnel_e2e::transport::Transport;
 use ztunnel_proto::quic as wire;
 
-#[path = "quic/common.rs"]
-#[allow(dead_code)]
-mod common;
-use common::*;
+use crate::quic_common::*;
 
 /// From `c` (outside the mesh) with a mesh certificate, straight to `b`'s UDP 15008: each
 /// stream header gets the status its `CONNECT` would (503 for a closed port and for the

@@ -1,6 +1,6 @@
-//! Helpers of the QUIC tests (`quic.rs`, `quic_peers.rs`): what the daemons report, and a raw
-//! QUIC client's endpoint and stream header. The daemons' QUIC settings are
-//! [`ztunnel_e2e::transport::Transport::Quic`]'s.
+//! Helpers of the QUIC tests (`quic.rs` and `quic_peers.rs`, modules of the `hbone` binary):
+//! what the daemons report, and a raw QUIC client's endpoint and stream header. The daemons'
+//! QUIC settings are [`ztunnel_e2e::transport::Transport::Quic`]'s.
 
 use ztunnel::hbone::quic;
 pub use ztunnel_e2e::daemon::expect_metric;
