@@ -9,8 +9,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::apps;
-use ztunnel_e2e::daemon::{access_lines, metric};
+use ztunnel_e2e::daemon::{access_lines, expect_metric, metric};
+use ztunnel_e2e::for_each_transport;
 use ztunnel_e2e::testbed::{self, TestBed, MARKER, VIP, VIP6};
+use ztunnel_e2e::transport::Transport;
 
 #[path = "capture/telemetry.rs"]
 mod telemetry;
@@ -40,122 +42,152 @@ async fn request(ip: &str, port: u16, msg: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
-#[test]
-fn pod_to_pod_and_to_a_vip_carry_real_client_addresses_and_only_mtls_crosses_nodes() {
-    let bed = TestBed::start();
-    let server = bed.pod("server");
-    let echo = bed.pod("echo");
-    let client = bed.pod("client");
-    let srv = server
-        .ns
-        .serve(8080, |l| async move { reply_server(l, "server", 2).await });
-    let ech = echo
-        .ns
-        .serve(8080, |l| async move { reply_server(l, "echo", 1).await });
+for_each_transport! {
+    /// Pod to pod across nodes (twice: the second stream on the pooled connection), through
+    /// the Service's VIP and on the same node, over tunnels of either transport (with QUIC,
+    /// `--quic-listen` on both nodes and every pod a QUIC destination): the applications see
+    /// the real client address; only the tunnels cross the underlay (TLS to TCP 15008, or
+    /// QUIC to UDP 15008 with no TCP at all), never the application's bytes; the tunnels are
+    /// accepted in the destination pod's netns and dialled from the source pod's, one
+    /// connection per destination pod; both ends log the identities; the daemons' gauges count
+    /// the enrolled pods and their certificates.
+    fn pod_to_pod_and_to_a_vip_carry_real_client_addresses_and_only_tunnels_cross_nodes(
+        t: Transport
+    ) {
+        let bed = TestBed::builder().transport(t).start();
+        let server = bed.pod("server");
+        let echo = bed.pod("echo");
+        let client = bed.pod("client");
+        let srv = server
+            .ns
+            .serve(8080, |l| async move { reply_server(l, "server", 3).await });
+        let ech = echo
+            .ns
+            .serve(8080, |l| async move { reply_server(l, "echo", 1).await });
 
-    let pcap = bed.dir().join("underlay.pcap");
-    let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
-    let msg = format!("hello {MARKER}");
-    let (cross, same, vip) = client.ns.block_on(async move {
-        (
-            request("10.20.2.10", 8080, &msg).await,
-            request("10.20.1.12", 8080, &msg).await,
-            request(VIP, 80, &msg).await,
-        )
-    });
-    let captured = testbed::stop_capture(cap, &pcap).unwrap();
-    let want = format!("saw 10.20.1.10 ({} bytes)", 6 + MARKER.len());
-    assert_eq!(cross.unwrap(), format!("server {want}"), "cross-node");
-    assert_eq!(same.unwrap(), format!("echo {want}"), "same node");
-    assert_eq!(vip.unwrap(), format!("server {want}"), "via the VIP");
-    assert_eq!(server.ns.join(srv), vec!["10.20.1.10", "10.20.1.10"]);
-    assert_eq!(echo.ns.join(ech), vec!["10.20.1.10"]);
+        let pcap = bed.dir().join("underlay.pcap");
+        let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
+        let msg = format!("hello {MARKER}");
+        let (cross, again, vip, same) = client.ns.block_on(async move {
+            (
+                request("10.20.2.10", 8080, &msg).await,
+                request("10.20.2.10", 8080, &msg).await,
+                request(VIP, 80, &msg).await,
+                request("10.20.1.12", 8080, &msg).await,
+            )
+        });
+        let tcp = testbed::stop_capture(cap, &pcap).unwrap();
+        let udp = testbed::read_capture(&pcap, "udp").unwrap();
+        let want = format!("saw 10.20.1.10 ({} bytes)", 6 + MARKER.len());
+        assert_eq!(cross.unwrap(), format!("server {want}"), "cross-node");
+        assert_eq!(again.unwrap(), format!("server {want}"), "cross-node, pooled");
+        assert_eq!(vip.unwrap(), format!("server {want}"), "via the VIP");
+        assert_eq!(same.unwrap(), format!("echo {want}"), "same node");
+        assert_eq!(server.ns.join(srv), vec!["10.20.1.10"; 3]);
+        assert_eq!(echo.ns.join(ech), vec!["10.20.1.10"]);
 
-    // Between nodes: TLS to 15008 only, never the application's bytes or port.
-    assert!(!captured.marker_seen, "plaintext crossed the underlay");
-    assert!(!captured.lines.is_empty(), "the capture saw nothing");
-    for l in &captured.lines {
-        assert!(l.contains(".15008"), "non-tunnel TCP on the underlay: {l}");
-    }
+        // Between nodes: the tunnel only, never the application's bytes or port.
+        assert!(!tcp.marker_seen, "plaintext crossed the underlay");
+        match t {
+            Transport::Http2 => {
+                assert!(!tcp.lines.is_empty(), "the capture saw nothing");
+                for l in &tcp.lines {
+                    assert!(l.contains(".15008"), "non-tunnel TCP on the underlay: {l}");
+                }
+            }
+            Transport::Quic => {
+                assert!(tcp.lines.is_empty(), "TCP on the underlay: {:?}", tcp.lines);
+                assert!(!udp.lines.is_empty(), "the capture saw no QUIC");
+                for l in &udp.lines {
+                    assert!(
+                        l.contains("10.20.1.10.") && l.contains("10.20.2.10.15008"),
+                        "UDP other than the pods' tunnel on the underlay: {l}"
+                    );
+                }
+            }
+        }
 
-    // Identities, at both ends, from the daemons' own counts and logs.
-    let m2 = bed.metrics(1);
-    assert_eq!(
-        metric(
+        // One tunnel connection into the server pod, carrying its three streams, none of the
+        // other transport; identities at both ends, from the daemons' own counts and logs.
+        let m2 = bed.metrics(1);
+        expect_metric(&m2, t.accepted_metric(), &[], 1.0);
+        expect_metric(&m2, t.other().accepted_metric(), &[], 0.0);
+        expect_metric(
             &m2,
             "ztunnel_proxied_connections_total",
-            &[("direction", "inbound")]
-        ),
-        2.0,
-        "{m2}"
-    );
-    let log2 = bed.log(1);
-    let lines = access_lines(&log2);
-    assert_eq!(
-        lines
-            .iter()
-            .filter(|l| l["message"] == "connection closed"
-                && l["direction"] == "inbound"
-                && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
-                && l["dst_identity"] == "spiffe://cluster.local/ns/demo/sa/server"
-                && l["src_workload"] == "demo/client"
-                && l["bytes_received"] == 6 + MARKER.len()
-                && l["decision"] == "allow")
-            .count(),
-        2,
-        "one JSON access line per connection, with identities and bytes: {log2}"
-    );
-    // The daemon's own gauges: enrolled pods, certificates and their expiry.
-    assert_eq!(metric(&m2, "ztunnel_enrolled_pods", &[]), 1.0, "{m2}");
-    let m1 = bed.metrics_when(0, "ztunnel_certificates", &[], 2.0);
-    assert_eq!(metric(&m1, "ztunnel_enrolled_pods", &[]), 2.0, "{m1}");
-    assert_eq!(
-        metric(&m1, "ztunnel_certificates", &[]),
-        2.0,
-        "client and echo: {m1}"
-    );
-    let expiry = metric(
-        &m1,
-        "ztunnel_certificate_expiry_seconds",
-        &[("identity", "spiffe://cluster.local/ns/demo/sa/client")],
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    assert!(
-        expiry > now + 3600.0,
-        "a day-long certificate: {expiry} vs {now}"
-    );
-    let log1 = bed.log(0);
-    assert!(
-        access_lines(&log1)
-            .iter()
-            .any(|l| l["direction"] == "inbound"
-                && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
-                && l["dst_identity"] == "spiffe://cluster.local/ns/demo/sa/echo"),
-        "same-node tunnel with both identities: {log1}"
-    );
-    let m1 = bed.metrics(0);
-    // Outbound: three tunnels' streams from the client; the echo pod's inbound is on n1 too.
-    assert_eq!(
-        metric(
+            &[("direction", "inbound")],
+            3.0,
+        );
+        let log2 = bed.log(1);
+        let lines = access_lines(&log2);
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l["message"] == "connection closed"
+                    && l["direction"] == "inbound"
+                    && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+                    && l["dst_identity"] == "spiffe://cluster.local/ns/demo/sa/server"
+                    && l["src_workload"] == "demo/client"
+                    && l["bytes_received"] == 6 + MARKER.len()
+                    && l["decision"] == "allow")
+                .count(),
+            3,
+            "one JSON access line per connection, with identities and bytes: {log2}"
+        );
+        // The daemon's own gauges: enrolled pods, certificates and their expiry.
+        expect_metric(&m2, "ztunnel_enrolled_pods", &[], 1.0);
+        let m1 = bed.metrics_when(0, "ztunnel_certificates", &[], 2.0);
+        expect_metric(&m1, "ztunnel_enrolled_pods", &[], 2.0);
+        assert_eq!(
+            metric(&m1, "ztunnel_certificates", &[]),
+            2.0,
+            "client and echo: {m1}"
+        );
+        let expiry = metric(
+            &m1,
+            "ztunnel_certificate_expiry_seconds",
+            &[("identity", "spiffe://cluster.local/ns/demo/sa/client")],
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            expiry > now + 3600.0,
+            "a day-long certificate: {expiry} vs {now}"
+        );
+        let log1 = bed.log(0);
+        assert!(
+            access_lines(&log1)
+                .iter()
+                .any(|l| l["direction"] == "inbound"
+                    && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+                    && l["dst_identity"] == "spiffe://cluster.local/ns/demo/sa/echo"),
+            "same-node tunnel with both identities: {log1}"
+        );
+        let m1 = bed.metrics(0);
+        // Outbound: four streams from the client; the echo pod's inbound is on n1 too, on a
+        // same-node tunnel of the transport.
+        expect_metric(
             &m1,
             "ztunnel_proxied_connections_total",
-            &[("direction", "outbound")]
-        ),
-        3.0,
-        "{m1}"
-    );
-    assert_eq!(
-        metric(
+            &[("direction", "outbound")],
+            4.0,
+        );
+        expect_metric(
             &m1,
             "ztunnel_proxied_connections_total",
-            &[("direction", "inbound")]
-        ),
-        1.0,
-        "{m1}"
-    );
+            &[("direction", "inbound")],
+            1.0,
+        );
+        expect_metric(&m1, t.accepted_metric(), &[], 1.0);
+        expect_metric(&m1, "ztunnel_quic_fallbacks_total", &[], 0.0);
+        assert_eq!(
+            metric(&m1, "ztunnel_pool_connections_opened_total", &[]),
+            2.0,
+            "one per destination pod: {m1}"
+        );
+    }
 }
 
 #[test]
@@ -216,112 +248,6 @@ fn enrolled_to_plain_is_plain_tcp_and_plain_to_enrolled_arrives_through_15006() 
     );
 }
 
-/// The same pods with QUIC on: `--quic-listen` on both nodes and every pod a QUIC
-/// destination. The tunnel between the nodes is QUIC (UDP 15008 only on the underlay, no TCP
-/// at all, never the application's bytes), accepted in the destination pod's netns and dialled
-/// from the source pod's (the application sees the real client address), same-node too.
-#[test]
-fn quic_tunnels_between_pods_carry_real_client_addresses_and_only_udp_15008_crosses_nodes() {
-    let bed = TestBed::start_configured(
-        testbed::default_pods(),
-        Vec::new(),
-        &[
-            ("ZTUNNEL_QUIC_LISTEN", "true"),
-            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16"),
-        ],
-    )
-    .unwrap();
-    let server = bed.pod("server");
-    let echo = bed.pod("echo");
-    let client = bed.pod("client");
-    let srv = server
-        .ns
-        .serve(8080, |l| async move { reply_server(l, "server", 2).await });
-    let ech = echo
-        .ns
-        .serve(8080, |l| async move { reply_server(l, "echo", 1).await });
-
-    let pcap = bed.dir().join("underlay.pcap");
-    let cap = testbed::start_capture(&bed.nodes[0].ns, "ul0", &pcap).unwrap();
-    let msg = format!("hello {MARKER}");
-    let (cross, again, same) = client.ns.block_on(async move {
-        (
-            request("10.20.2.10", 8080, &msg).await,
-            request("10.20.2.10", 8080, &msg).await,
-            request("10.20.1.12", 8080, &msg).await,
-        )
-    });
-    let tcp = testbed::stop_capture(cap, &pcap).unwrap();
-    let udp = testbed::read_capture(&pcap, "udp").unwrap();
-    let want = format!("saw 10.20.1.10 ({} bytes)", 6 + MARKER.len());
-    assert_eq!(cross.unwrap(), format!("server {want}"), "cross-node");
-    assert_eq!(
-        again.unwrap(),
-        format!("server {want}"),
-        "cross-node, pooled"
-    );
-    assert_eq!(same.unwrap(), format!("echo {want}"), "same node");
-    assert_eq!(server.ns.join(srv), vec!["10.20.1.10", "10.20.1.10"]);
-    assert_eq!(echo.ns.join(ech), vec!["10.20.1.10"]);
-
-    assert!(!tcp.marker_seen, "plaintext crossed the underlay");
-    assert!(tcp.lines.is_empty(), "TCP on the underlay: {:?}", tcp.lines);
-    assert!(!udp.lines.is_empty(), "the capture saw no QUIC");
-    for l in &udp.lines {
-        assert!(
-            l.contains("10.20.1.10.") && l.contains("10.20.2.10.15008"),
-            "UDP other than the pods' tunnel on the underlay: {l}"
-        );
-    }
-
-    // One QUIC connection into the server pod, carrying both streams; none over HTTP/2.
-    let m2 = bed.metrics(1);
-    assert_eq!(
-        metric(&m2, "ztunnel_quic_connections_accepted_total", &[]),
-        1.0,
-        "{m2}"
-    );
-    assert_eq!(
-        metric(&m2, "ztunnel_hbone_connections_accepted_total", &[]),
-        0.0,
-        "{m2}"
-    );
-    assert_eq!(
-        metric(
-            &m2,
-            "ztunnel_proxied_connections_total",
-            &[("direction", "inbound")]
-        ),
-        2.0,
-        "{m2}"
-    );
-    assert!(
-        access_lines(&bed.log(1))
-            .iter()
-            .any(|l| l["direction"] == "inbound"
-                && l["src_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
-                && l["dst_identity"] == "spiffe://cluster.local/ns/demo/sa/server"
-                && l["decision"] == "allow"),
-        "the QUIC stream's identities in the access log"
-    );
-    let m1 = bed.metrics(0);
-    assert_eq!(
-        metric(&m1, "ztunnel_quic_fallbacks_total", &[]),
-        0.0,
-        "{m1}"
-    );
-    assert_eq!(
-        metric(&m1, "ztunnel_quic_connections_accepted_total", &[]),
-        1.0,
-        "the same-node tunnel to the echo pod: {m1}"
-    );
-    assert_eq!(
-        metric(&m1, "ztunnel_pool_connections_opened_total", &[]),
-        2.0,
-        "one per destination pod: {m1}"
-    );
-}
-
 /// Asserts that node `i`'s daemon started with a runtime of `n` worker threads.
 fn assert_workers(bed: &TestBed, i: usize, n: usize) {
     let log = bed.log(i);
@@ -335,7 +261,7 @@ fn assert_workers(bed: &TestBed, i: usize, n: usize) {
 
 #[test]
 fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_probes_pass() {
-    let bed = TestBed::start_with(testbed::dual_stack_pods()).unwrap();
+    let bed = TestBed::builder().pods(testbed::dual_stack_pods()).start();
     assert_workers(&bed, 1, 2);
     for name in ["server", "echo", "legacy-2"] {
         bed.pod(name).ns.serve_dual(8080, apps::whoami_server);
@@ -443,16 +369,11 @@ fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_pro
 
 #[test]
 fn dual_stack_quic_tunnels_carry_both_families_over_udp_15008_only() {
-    let bed = TestBed::start_configured(
-        testbed::dual_stack_pods(),
-        Vec::new(),
-        &[
-            ("ZTUNNEL_QUIC_LISTEN", "true"),
-            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16,fd20::/16"),
-            ("ZTUNNEL_WORKER_THREADS", "3"),
-        ],
-    )
-    .unwrap();
+    let bed = TestBed::builder()
+        .pods(testbed::dual_stack_pods())
+        .transport(Transport::Quic)
+        .daemon_env(&[("ZTUNNEL_WORKER_THREADS", "3")])
+        .start();
     // The runtime is sized by the setting (2 by default, not one thread per core).
     assert_workers(&bed, 0, 3);
     bed.pod("server").ns.serve_dual(8080, apps::whoami_server);
@@ -506,7 +427,7 @@ fn a_connection_to_a_service_with_no_endpoint_is_reset_at_the_source() {
         .into_iter()
         .filter(|p| p.name != "server")
         .collect();
-    let bed = TestBed::start_with(pods).expect("test bed");
+    let bed = TestBed::builder().pods(pods).start();
     let outcome = bed.pod("client").ns.block_on(async {
         tokio::time::timeout(Duration::from_secs(5), request(VIP, 80, "hello"))
             .await

@@ -41,6 +41,9 @@ use manifests::*;
 mod invariants;
 use invariants::GENERIC;
 
+// The README's claims (no bed either), in this binary.
+mod claims;
+
 #[test]
 fn strict_parsing_reports_unknown_fields_by_path() {
     let mut ds = serde_json::json!({

@@ -184,7 +184,10 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
     let api = spec("api", "api", 1, "10.20.2.80");
     // Known to discovery on n1, but its IP is held by two namespaces: never guessed.
     let dup = spec("dup", "dup", 0, "10.20.1.85");
-    let bed = TestBed::start_known(vec![web, api], vec![dup]).expect("test bed");
+    let bed = TestBed::builder()
+        .pods(vec![web, api])
+        .known(vec![dup])
+        .start();
     let prefix = netns::unique_prefix();
     let dups: Vec<Netns> = (0..2)
         .map(|i| {
@@ -327,7 +330,7 @@ fn relabelling_enrolls_and_releases_running_pods_without_cni() {
 #[test]
 fn a_reconciler_enrollment_survives_a_restart_and_a_cni_del_releases_it() {
     let cart = spec("cart", "cart", 0, "10.20.1.82");
-    let mut bed = TestBed::start_with(vec![cart]).expect("test bed");
+    let mut bed = TestBed::builder().pods(vec![cart]).start();
     let mut pause = Some(Pause::of(&bed, "cart"));
     bed.apply_labels(namespaces(ambient()), json!({})).unwrap();
     wait_for("cart enrolled", || {
@@ -374,7 +377,7 @@ fn cni_request(bed: &TestBed, i: usize, req: &Request) -> Reply {
 #[test]
 fn a_cni_add_takes_over_a_pod_the_reconciler_enrolled() {
     let cart = spec("cart2", "cart", 0, "10.20.1.83");
-    let bed = TestBed::start_with(vec![cart]).expect("test bed");
+    let bed = TestBed::builder().pods(vec![cart]).start();
     let pod = bed.pod("cart2");
     let _pause = Pause::of(&bed, "cart2");
     bed.apply_labels(namespaces(ambient()), json!({})).unwrap();
@@ -516,7 +519,10 @@ fn finding_a_netns_by_ip_and_uid_refuses_ambiguity_the_host_and_another_pods_nam
 fn a_pod_holding_another_pods_ip_is_not_enrolled_as_it() {
     let attacker = spec("evil", "evil", 0, "10.20.1.87");
     let victim = spec("cart3", "cart", 0, "10.20.1.86");
-    let bed = TestBed::start_known(vec![attacker], vec![victim]).expect("test bed");
+    let bed = TestBed::builder()
+        .pods(vec![attacker])
+        .known(vec![victim])
+        .start();
     let evil = bed.pod("evil");
     evil.ns
         .ip(&["addr", "add", "10.20.1.86/32", "dev", "lo"])
@@ -691,7 +697,11 @@ fn knows(bed: &TestBed, i: usize, name: &str) -> bool {
 /// released.
 #[test]
 fn the_daemon_annotates_pods_from_the_api_server_as_it_enrolls_and_releases_them() {
-    let mut bed = TestBed::start_kube(vec![]).expect("the bed on the real API server");
+    let mut bed = TestBed::builder()
+        .pods(vec![])
+        .kube(json!({}))
+        .try_start()
+        .expect("the bed on the real API server");
     let cp = bed.kube.as_ref().unwrap().cp;
     let plain = bed.api_namespace("plain");
     let annotation = |name: &str| {
@@ -790,7 +800,12 @@ fn a_refused_certificate_shows_on_its_pod_and_fails_neither_readiness_nor_status
         ("ZTUNNEL_CA_TOKEN_FILE", tokens.as_str()),
     ];
     let web = ztunnel_e2e::kubebed::spec("web", "demo", 0, "10.20.1.88");
-    let bed = TestBed::start_kube_with(vec![web], &env, json!({})).expect("the bed");
+    let bed = TestBed::builder()
+        .pods(vec![web])
+        .daemon_env(&env)
+        .kube(json!({}))
+        .try_start()
+        .expect("the bed");
     let demo = bed.api_namespace("demo");
     let annotation = || {
         cp.get("v1", "Pod", Some(&demo), "web").expect("pod")["metadata"]["annotations"][ANNOTATION]

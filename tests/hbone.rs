@@ -1,9 +1,9 @@
 //! HBONE between two real daemon processes on the test bed (see `harness/mesh.rs`): bulk
-//! integrity, half-close, pooling, identity refusals, CONNECT validation, and a transfer
-//! across a certificate renewal; HBONE's forms and headers as Istio's gateways use them
-//! (`hbone/forms.rs`, also against Python's `h2`). Needs root, `ip`, `nft` and `python3`
-//! with `h2`.
-
+//! integrity, half-close, bytes written before the tunnel is up, pooling and an unexpected
+//! server identity, each run over HTTP/2 and over QUIC (`for_each_transport!`); identity
+//! refusals, CONNECT validation, and a transfer across a certificate renewal; HBONE's forms and
+//! headers as Istio's gateways use them (`hbone/forms.rs`, also against Python's `h2`). Needs
+//! root, `ip`, `nft` and `python3` with `h2`.
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,11 +13,23 @@ use ztunnel::hbone::client;
 use ztunnel::identity::Identity;
 use ztunnel::net::ConnectOptions;
 use ztunnel_e2e::apps;
-use ztunnel_e2e::daemon::metric;
+use ztunnel_e2e::daemon::{expect_metric, metric};
+use ztunnel_e2e::for_each_transport;
 use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, A_IP, B_IP, C_IP};
 
 #[path = "hbone/forms.rs"]
 mod forms;
+
+// The other tests of the two-node bed, in this binary: one link of the harness and the daemon
+// library for all of them.
+mod connect;
+mod quic;
+mod quic_peers;
+// Helpers of `quic.rs` and `quic_peers.rs`.
+#[path = "quic/common.rs"]
+mod quic_common;
+mod refusals;
+mod renewal;
 
 const MIB: usize = 1024 * 1024;
 
@@ -45,118 +57,170 @@ fn wait_for_released_pages(daemon: &ztunnel_e2e::daemon::Process) -> usize {
     }
 }
 
-/// 64 MiB each way, after both daemons have given back their start-up code pages: the code
-/// the transfer needs is read back in as it runs.
-#[test]
-fn bulk_64_mib_each_way_arrives_intact() {
-    let mesh = Mesh::default_pair();
-    for daemon in [&mesh.a_daemon, &mesh.b_daemon] {
-        // At least the code and the read-only data of the executable.
-        assert!(wait_for_released_pages(daemon) >= 2);
-    }
-    mesh.check_bulk_each_way(64 * MIB);
-    let m = Mesh::metrics(&mesh.b);
-    assert_eq!(
-        metric(&m, "ztunnel_hbone_connections_accepted_total", &[]),
-        1.0,
-        "{m}"
-    );
-    let m = Mesh::metrics(&mesh.a);
-    assert_eq!(
-        metric(
-            &m,
+for_each_transport! {
+    /// 64 MiB each way, after both daemons have given back their start-up code pages (the
+    /// code the transfer needs is read back in as it runs), and proof of the transport: `b`
+    /// accepted one connection of it and none of the other, `a` pools one connection of it
+    /// (idle timeout 5 min) after its stream ended and fell back never.
+    fn bulk_64_mib_each_way_arrives_intact(t: Transport) {
+        let mesh = t.pair();
+        for daemon in [&mesh.a_daemon, &mesh.b_daemon] {
+            // At least the code and the read-only data of the executable.
+            assert!(wait_for_released_pages(daemon) >= 2);
+        }
+        mesh.check_bulk_each_way(64 * MIB);
+        let mb = Mesh::metrics(&mesh.b);
+        expect_metric(&mb, t.accepted_metric(), &[], 1.0);
+        expect_metric(&mb, t.other().accepted_metric(), &[], 0.0);
+        expect_metric(
+            &mb,
             "ztunnel_proxied_connections_total",
-            &[("direction", "outbound")]
-        ),
-        1.0,
-        "{m}"
-    );
-}
+            &[("direction", "inbound")],
+            1.0,
+        );
+        let ma = Mesh::metrics(&mesh.a);
+        expect_metric(&ma, "ztunnel_quic_fallbacks_total", &[], 0.0);
+        expect_metric(
+            &ma,
+            "ztunnel_proxied_connections_total",
+            &[("direction", "outbound")],
+            1.0,
+        );
+        expect_metric(&ma, "ztunnel_pool_connections_opened_total", &[], 1.0);
+        let listing = Mesh::pool(&mesh.a);
+        assert_eq!(listing.len(), 1, "{listing:?}");
+        assert_eq!(listing[0]["transport"], t.pool_name(), "{listing:?}");
+        assert_eq!(listing[0]["addr"], format!("{B_IP}:15008"), "{listing:?}");
+    }
 
-#[test]
-fn half_close_crosses_the_tunnel_both_ways() {
-    let mesh = Mesh::default_pair();
-    mesh.check_half_close_both_ways();
-}
+    /// Half-close both ways; both connections ride the one tunnel connection.
+    fn half_close_crosses_the_tunnel_both_ways(t: Transport) {
+        let mesh = t.pair();
+        mesh.check_half_close_both_ways();
+        let mb = Mesh::metrics(&mesh.b);
+        expect_metric(&mb, t.accepted_metric(), &[], 1.0);
+        expect_metric(&mb, t.other().accepted_metric(), &[], 0.0);
+        let ma = Mesh::metrics(&mesh.a);
+        expect_metric(&ma, "ztunnel_quic_fallbacks_total", &[], 0.0);
+    }
 
-/// A client that writes before the tunnel is up (its first bytes then ride right behind the
-/// CONNECT, then those it writes while the answer is in flight, up to 64 KiB; the rest follows
-/// through the stream) and half-closes at once: everything arrives, in order, and the source's
-/// daemon counts every byte it sent.
-#[test]
-fn bytes_written_before_the_tunnel_is_up_arrive_in_order_and_are_counted() {
-    let mesh = Mesh::default_pair();
-    let len = 160 * 1024; // more than the daemon takes before the stream is open
-    let server = mesh.b.serve(8080, apps::echo_once);
-    let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    let echoed = {
-        let sent = sent.clone();
-        mesh.a
-            .block_on(async move { apps::send_and_read(B_IP, 8080, &sent).await })
-            .expect("client")
-    };
-    assert!(
-        mesh.b.join(server).expect("server") == sent,
-        "server got other bytes"
-    );
-    assert!(echoed == sent, "client got other bytes back");
-    let source = [("reporter", "source")];
-    let m = Mesh::metrics_when(&mesh.a, "istio_tcp_connections_closed_total", &source, 1.0);
-    assert_eq!(
-        metric(&m, "istio_tcp_sent_bytes_total", &source),
-        len as f64,
-        "{m}"
-    );
-    assert_eq!(
-        metric(&m, "istio_tcp_received_bytes_total", &source),
-        len as f64,
-        "{m}"
-    );
-}
+    /// A client that writes before the tunnel is up and half-closes at once: its first bytes
+    /// ride right behind the CONNECT (HTTP/2) or the stream header (QUIC), then those it
+    /// writes while the answer is in flight; the rest follows through the stream. Everything
+    /// arrives, in order, and the source's daemon counts every byte each way.
+    fn bytes_written_before_the_tunnel_is_up_arrive_in_order_and_are_counted(t: Transport) {
+        let mesh = t.pair();
+        // More than the daemon takes before the stream is open (64 KiB on HTTP/2, 16 KiB with
+        // the QUIC header).
+        let len = 160 * 1024;
+        let server = mesh.b.serve(8080, apps::echo_once);
+        let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let echoed = {
+            let sent = sent.clone();
+            mesh.a
+                .block_on(async move { apps::send_and_read(B_IP, 8080, &sent).await })
+                .expect("client")
+        };
+        assert!(
+            mesh.b.join(server).expect("server") == sent,
+            "server got other bytes"
+        );
+        assert!(echoed == sent, "client got other bytes back");
+        let source = [("reporter", "source")];
+        let m = Mesh::metrics_when(&mesh.a, "istio_tcp_connections_closed_total", &source, 1.0);
+        expect_metric(&m, "istio_tcp_sent_bytes_total", &source, len as f64);
+        expect_metric(&m, "istio_tcp_received_bytes_total", &source, len as f64);
+        assert_eq!(Mesh::pool(&mesh.a)[0]["transport"], t.pool_name());
+        expect_metric(&Mesh::metrics(&mesh.b), t.accepted_metric(), &[], 1.0);
+    }
 
-#[test]
-fn hundred_streams_share_one_connection_and_the_next_opens_another() {
-    let mesh = Mesh::default_pair();
-    mesh.b
-        .serve(8080, |l| async move { apps::hold_server(l).await });
-    let opened = |ns| {
-        metric(
-            &Mesh::metrics(ns),
-            "ztunnel_pool_connections_opened_total",
-            &[],
-        )
-    };
-    // Connect all 100 at once: concurrent first requests must wait for one handshake.
-    let conns = mesh
-        .a
-        .block_on(apps::open_held(B_IP, 8080, 100))
-        .expect("connect");
-    assert_eq!(conns.len(), 100);
-    assert_eq!(
-        opened(&mesh.a),
-        1.0,
-        "100 streams must share one TLS connection"
-    );
-    let m = Mesh::metrics(&mesh.a);
-    assert_eq!(metric(&m, "ztunnel_pool_streams", &[]), 100.0, "{m}");
-    let extra = mesh
-        .a
-        .block_on(apps::open_held(B_IP, 8080, 1))
-        .expect("the 101st");
-    assert_eq!(
-        opened(&mesh.a),
-        2.0,
-        "the 101st stream must open a second connection"
-    );
-    assert_eq!(
-        metric(
-            &Mesh::metrics(&mesh.b),
-            "ztunnel_hbone_connections_accepted_total",
-            &[]
-        ),
-        2.0
-    );
-    drop((conns, extra));
+    /// 100 concurrent streams share one tunnel connection (on QUIC the transport's stream
+    /// limit agrees with the pool's), and the 101st opens a second connection.
+    fn hundred_streams_share_one_connection_and_the_next_opens_another(t: Transport) {
+        let mesh = t.pair();
+        mesh.b
+            .serve(8080, |l| async move { apps::hold_server(l).await });
+        // Connect all 100 at once: concurrent first requests must wait for one handshake.
+        let conns = mesh
+            .a
+            .block_on(apps::open_held(B_IP, 8080, 100))
+            .expect("connect");
+        assert_eq!(conns.len(), 100);
+        let m = Mesh::metrics(&mesh.a);
+        assert_eq!(
+            metric(&m, "ztunnel_pool_connections_opened_total", &[]),
+            1.0,
+            "100 streams must share one connection: {m}"
+        );
+        expect_metric(&m, "ztunnel_pool_streams", &[], 100.0);
+        let extra = mesh
+            .a
+            .block_on(apps::open_held(B_IP, 8080, 1))
+            .expect("the 101st");
+        let m = Mesh::metrics(&mesh.a);
+        assert_eq!(
+            metric(&m, "ztunnel_pool_connections_opened_total", &[]),
+            2.0,
+            "the 101st stream must open a second connection: {m}"
+        );
+        expect_metric(&m, "ztunnel_quic_fallbacks_total", &[], 0.0);
+        let mut listing: Vec<(String, u64)> = Mesh::pool(&mesh.a)
+            .iter()
+            .map(|c| {
+                (
+                    c["transport"].as_str().unwrap_or_default().to_owned(),
+                    c["streams"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        listing.sort_by_key(|(_, n)| *n);
+        let name = t.pool_name().to_owned();
+        assert_eq!(listing, vec![(name.clone(), 1), (name, 100)]);
+        let mb = Mesh::metrics(&mesh.b);
+        expect_metric(&mb, t.accepted_metric(), &[], 2.0);
+        expect_metric(&mb, t.other().accepted_metric(), &[], 0.0);
+        drop((conns, extra));
+    }
+
+    /// `b`'s daemon believes its workload runs as `impostor` and presents that certificate;
+    /// `a` expects `server`: the tunnel is refused on the certificate (at both ends) and not
+    /// retried on the other transport, and nothing stays pooled.
+    fn server_with_an_unexpected_identity_is_refused(t: Transport) {
+        let mut wl = ztunnel_e2e::mesh::default_workloads();
+        wl[1] = Wl {
+            sa: "impostor".into(),
+            ..wl[1].clone()
+        };
+        let b = NodeOptions {
+            workloads: wl,
+            ..t.server()
+        };
+        let mesh = Mesh::start(t.client(), b).expect("test bed");
+        let (ma, _) = refused_connection(&mesh);
+        expect_metric(
+            &ma,
+            "ztunnel_refusals_total",
+            &[("reason", "outbound_tunnel_failed")],
+            1.0,
+        );
+        expect_metric(&ma, "ztunnel_quic_fallbacks_total", &[], 0.0);
+        assert!(Mesh::pool(&mesh.a).is_empty());
+        let labels = [("reason", "inbound_tls_handshake")];
+        let mb = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
+        expect_metric(&mb, "ztunnel_refusals_total", &labels, 1.0);
+        expect_metric(&mb, t.accepted_metric(), &[], 0.0);
+        expect_metric(&mb, t.other().accepted_metric(), &[], 0.0);
+        let log = mesh.a_daemon.log();
+        assert!(
+            log.contains("impostor"),
+            "a's log names the identity it refused:\n{log}"
+        );
+        let log = mesh.b_daemon.log();
+        assert!(
+            log.contains(t.handshake_failed_log()),
+            "b refused the handshake:\n{log}"
+        );
+    }
 }
 
 /// Runs one connection a → b:8080 that the mesh must refuse; returns the metrics of a and b.
@@ -244,36 +308,6 @@ fn client_certificate_from_an_untrusted_ca_is_refused() {
         ),
         1.0,
         "{mb}"
-    );
-}
-
-#[test]
-fn server_with_an_unexpected_identity_is_refused() {
-    // b's daemon believes its workload runs as `impostor`; a expects `server`.
-    let mut wl = ztunnel_e2e::mesh::default_workloads();
-    wl[1] = Wl {
-        sa: "impostor".into(),
-        ..wl[1].clone()
-    };
-    let b = NodeOptions {
-        workloads: wl,
-        ..Default::default()
-    };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
-    let (ma, _) = refused_connection(&mesh);
-    assert_eq!(
-        metric(
-            &ma,
-            "ztunnel_refusals_total",
-            &[("reason", "outbound_tunnel_failed")]
-        ),
-        1.0,
-        "{ma}"
-    );
-    let log = mesh.a_daemon.log();
-    assert!(
-        log.contains("impostor"),
-        "a's log names the identity it refused:\n{log}"
     );
 }
 

@@ -29,16 +29,16 @@ fn istios_objects_and_labels_are_enforced() {
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/istio-compat"),
     )
     .expect("deploy/istio-compat applied");
-    let bed = TestBed::start_kube_with(
-        vec![
+    let bed = TestBed::builder()
+        .pods(vec![
             spec("client", "demo", 0, "10.20.1.10"),
             spec("server", "demo", 1, "10.20.2.10"),
             spec("legacy", "plain", 0, "10.20.1.11"),
-        ],
-        &[("ZTUNNEL_ISTIO_COMPAT", "true")],
-        json!({}),
-    )
-    .expect("the bed on the real API server");
+        ])
+        .daemon_env(&[("ZTUNNEL_ISTIO_COMPAT", "true")])
+        .kube(json!({}))
+        .try_start()
+        .expect("the bed on the real API server");
     let demo = bed.api_namespace("demo");
     let plain = bed.api_namespace("plain");
     for port in [8080, 9090] {

@@ -29,9 +29,13 @@ use ztunnel::discovery::policy::PolicyObject;
 use ztunnel::discovery::{Discovery, State, DATAPLANE_MODE_LABEL};
 use ztunnel::policy::status_of;
 use ztunnel_e2e::controlplane::{self, ControlPlane, KubePod};
+use ztunnel_e2e::objects::{deny, namespace, service, slice, POLICY};
+
+// The faults the real server will not produce, against the stand-in, in this binary (they do
+// not use the shared control plane).
+mod kube_faults;
 
 const DAEMON_USER: &str = "system:serviceaccount:ztunnel-system:ztunnel";
-const POLICY: &str = "security.ztunnel.dev/v1";
 
 /// Every collection the source watches: namespaces, nodes, local and remote pods, services,
 /// endpoint slices, two policy kinds.
@@ -42,36 +46,6 @@ static NEXT_NET: AtomicU8 = AtomicU8::new(40);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-fn ns_object(name: &str, ambient: bool) -> Value {
-    let labels = if ambient {
-        json!({DATAPLANE_MODE_LABEL: "ambient"})
-    } else {
-        json!({})
-    };
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
-}
-
-fn svc(ns: &str, name: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-        "spec": {"selector": {"app": "web"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
-}
-
-fn slice(ns: &str, svc: &str, eps: &[(&str, bool)]) -> Value {
-    let eps: Vec<_> = eps
-        .iter()
-        .map(|(ip, ready)| json!({"addresses": [ip], "conditions": {"ready": ready}}))
-        .collect();
-    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{svc}-x1"), "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps})
-}
-
-fn deny(ns: &str, name: &str, principal: &str) -> Value {
-    json!({"apiVersion": POLICY, "kind": "AuthorizationPolicy", "metadata": {"name": name, "namespace": ns},
-        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"principals": [principal]}}]}]}})
 }
 
 /// One test's objects on the shared API server: namespaces `demo` (ambient) and `legacy`,
@@ -125,7 +99,7 @@ impl Names {
         n.pod(&demo, "local", &node, "0.1", json!({}));
         n.pod(&demo, "remote", &other, "0.2", json!({}));
         n.pod(&legacy, "old", &other, "0.3", json!({}));
-        cp.apply(svc(&demo, "web")).unwrap();
+        cp.apply(service(&demo, "web", None)).unwrap();
         cp.apply(slice(
             &demo,
             "web",
@@ -419,13 +393,13 @@ fn adds_updates_and_deletes_reach_the_model() {
     b.delete("discovery.k8s.io/v1", "EndpointSlice", demo, "web-x1");
     b.until("slice deleted", |s| endpoints(s, &vip).is_empty());
     // Services (a cluster IP cannot change: the target port does).
-    b.apply(svc(demo, "api"));
+    b.apply(service(demo, "api", None));
     let api_vip = n.vip(demo, "api");
     b.until("service added", |s| {
         s.service_by_vip(ip(&api_vip))
             .is_some_and(|v| &*v.name == "api")
     });
-    let mut moved = svc(demo, "api");
+    let mut moved = service(demo, "api", None);
     moved["spec"]["ports"][0]["targetPort"] = json!(9090);
     b.apply(moved);
     b.until("service updated", |s| {
@@ -490,7 +464,7 @@ fn label_changes_reach_the_model_and_the_enrollment_decision() {
     assert!(enrolls(&s, node, demo, "local", &local));
 
     // The namespace gains the label: its pods enroll, remote ones become HBONE.
-    b.apply(ns_object(legacy, true));
+    b.apply(namespace(legacy, true));
     let s = b.until("legacy enrolled", |s| s.namespace_enrolled(legacy));
     assert!(enrolls(&s, node, legacy, "here", &here));
     assert!(s.enrolled(s.workload_by_ip(ip(&n.addr("0.3"))).unwrap()));
@@ -523,7 +497,7 @@ fn label_changes_reach_the_model_and_the_enrollment_decision() {
     });
 
     // The namespace loses the label: release.
-    b.apply(ns_object(legacy, false));
+    b.apply(namespace(legacy, false));
     let s = b.until("legacy released", |s| !s.namespace_enrolled(legacy));
     assert!(matches!(
         decide(&s, node, &pod_ref(legacy, "here"), &[ip(&here)]),

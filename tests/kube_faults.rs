@@ -22,47 +22,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use ztunnel::discovery::{Discovery, State, DATAPLANE_MODE_LABEL};
+use ztunnel::discovery::{Discovery, State};
 use ztunnel_e2e::apiserver::ApiServer;
+use ztunnel_e2e::objects::{deny, namespace, service, slice, POLICY};
 
 const NODE: &str = "n1";
-const POLICY: &str = "security.ztunnel.dev/v1";
-
-fn ns(name: &str, ambient: bool) -> Value {
-    let labels = if ambient {
-        json!({DATAPLANE_MODE_LABEL: "ambient"})
-    } else {
-        json!({})
-    };
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
-}
 
 fn pod(ns: &str, name: &str, node: &str, ip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "labels": {"app": "web"}},
         "spec": {"nodeName": node, "serviceAccountName": "web", "containers": [{"name": "c", "image": "i"}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
-}
-
-fn svc(ns: &str, name: &str, vip: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-        "spec": {"clusterIP": vip, "clusterIPs": [vip], "selector": {"app": "web"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
-}
-
-fn slice(ns: &str, svc: &str, eps: &[(&str, bool)]) -> Value {
-    let eps: Vec<_> = eps
-        .iter()
-        .map(|(ip, ready)| json!({"addresses": [ip], "conditions": {"ready": ready}}))
-        .collect();
-    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{svc}-x1"), "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps})
-}
-
-fn deny(ns: &str, name: &str, principal: &str) -> Value {
-    json!({"apiVersion": POLICY, "kind": "AuthorizationPolicy", "metadata": {"name": name, "namespace": ns},
-        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"principals": [principal]}}]}]}})
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -158,12 +128,12 @@ const WATCHES: usize = 8;
 
 fn seed() -> Vec<Value> {
     vec![
-        ns("demo", true),
-        ns("legacy", false),
+        namespace("demo", true),
+        namespace("legacy", false),
         pod("demo", "local", NODE, "10.0.0.1"),
         pod("demo", "remote", "n2", "10.0.0.2"),
         pod("legacy", "old", "n2", "10.0.0.3"),
-        svc("demo", "web", "10.96.0.1"),
+        service("demo", "web", Some("10.96.0.1")),
         slice("demo", "web", &[("10.0.0.1", true), ("10.0.0.2", true)]),
         deny("demo", "no-evil", "cluster.local/ns/evil/sa/*"),
     ]
@@ -240,14 +210,14 @@ async fn bookmarks_are_accepted() {
     b.until_watching(WATCHES).await;
     // Other collections move the global version on; pods do not.
     for i in 0..5 {
-        b.api.apply(ns(&format!("other{i}"), false));
+        b.api.apply(namespace(&format!("other{i}"), false));
     }
     let rv = b.api.resource_version();
     b.api.bookmark();
-    // Give the bookmark time to arrive (nothing else changes the pods meanwhile).
     b.until("namespaces seen", |s| s.namespace("other4").is_some())
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The bookmark was queued on every watch stream before the streams are ended, so each
+    // watcher reads it before the end of its stream (nothing else changes the pods meanwhile).
     b.api.close_watches();
     b.until_watching(WATCHES).await;
     let w = b.pod_watches();

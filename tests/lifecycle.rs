@@ -18,11 +18,15 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztunnel_e2e::cni::Runtime;
-use ztunnel_e2e::testbed::{self, default_pods, PodSpec, TestBed};
+use ztunnel_e2e::testbed::{self, PodSpec, TestBed};
+use ztunnel_e2e::transport::Transport;
 use ztunnel_e2e::{apps, daemon};
 
 #[path = "lifecycle/uninstall.rs"]
 mod uninstall;
+
+// Load and faults on the same bed, in this binary.
+mod load;
 
 fn late(name: &'static str, namespace: &'static str, ip: &'static str) -> PodSpec {
     PodSpec {
@@ -52,7 +56,7 @@ fn the_cni_chain_with_a_real_daemon() {
         late("late-2", "demo", "10.20.1.21"),
         late("late-plain", "plain", "10.20.1.22"),
     ];
-    let bed = TestBed::start_known(default_pods(), known.clone()).expect("test bed");
+    let bed = TestBed::builder().known(known.clone()).start();
     let node = &bed.nodes[0];
 
     // ADD: ztunnel-cni passes the bridge plugin's result through unchanged.
@@ -174,7 +178,7 @@ fn an_unreachable_daemon_fails_enrolled_pods_and_lets_others_through() {
         late("late", "demo", "10.20.1.20"),
         late("late-plain", "plain", "10.20.1.22"),
     ];
-    let mut bed = TestBed::start_known(default_pods(), known.clone()).expect("test bed");
+    let mut bed = TestBed::builder().known(known.clone()).start();
     bed.kill_daemon(0);
     let (outs, _) = bed.try_add_pod(known[0].clone()).unwrap();
     assert_eq!(outs[0].code, 0, "bridge");
@@ -271,17 +275,13 @@ fn a_new_daemon_beside_the_old_one_takes_every_new_connection() {
 /// QUIC tunnels again.
 #[test]
 fn a_rolling_restart_with_quic_refuses_no_new_connection_and_quic_resumes() {
-    let mut bed = TestBed::start_configured(
-        testbed::default_pods(),
-        Vec::new(),
-        &[
-            ("ZTUNNEL_QUIC_LISTEN", "true"),
-            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16"),
+    let mut bed = TestBed::builder()
+        .transport(Transport::Quic)
+        .daemon_env(&[
             // So that the tunnel is dialled again once the load stops.
             ("ZTUNNEL_POOL_IDLE_TIMEOUT", "300ms"),
-        ],
-    )
-    .unwrap();
+        ])
+        .start();
     rolling_restart_refuses_nothing(&mut bed);
     // No QUIC dial went unanswered (n2's old daemon refuses while it drains, and the new one
     // binds the port moments after the old one exits); one would keep n1 off QUIC a minute.
@@ -321,15 +321,7 @@ fn a_rolling_restart_with_quic_refuses_no_new_connection_and_quic_resumes() {
 /// instead of both hanging until the 20 s idle timeout.
 #[test]
 fn a_quic_connection_outliving_its_daemon_is_reset_by_the_next_one() {
-    let mut bed = TestBed::start_configured(
-        testbed::default_pods(),
-        Vec::new(),
-        &[
-            ("ZTUNNEL_QUIC_LISTEN", "true"),
-            ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16"),
-        ],
-    )
-    .unwrap();
+    let mut bed = TestBed::builder().transport(Transport::Quic).start();
     bed.pod("server").ns.serve(8080, |l| async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
@@ -756,7 +748,7 @@ fn an_add_for_a_pod_discovery_does_not_know_yet_fails_to_be_tried_again() {
 #[test]
 fn an_add_for_a_pod_istio_already_handles_is_refused_and_let_through() {
     let known = vec![late("sidecar", "demo", "10.20.1.31")];
-    let bed = TestBed::start_known(default_pods(), known.clone()).expect("test bed");
+    let bed = TestBed::builder().known(known.clone()).start();
     bed.edit_discovery(|doc| {
         for w in doc["workloads"].as_array_mut().expect("workloads") {
             if w["name"] == "sidecar" {
@@ -788,7 +780,7 @@ fn an_add_for_a_pod_istio_already_handles_is_refused_and_let_through() {
 #[test]
 fn an_add_whose_listeners_cannot_be_bound_fails_to_be_tried_again() {
     let known = vec![late("busy", "demo", "10.20.1.32")];
-    let bed = TestBed::start_known(default_pods(), known.clone()).expect("test bed");
+    let bed = TestBed::builder().known(known.clone()).start();
     let mut held = None;
     let (outs, _pod) = bed
         .try_add_pod_after(known[0].clone(), |ns| {

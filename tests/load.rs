@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use ztunnel_e2e::load::{self, Outcome, Plan};
-use ztunnel_e2e::testbed::{default_pods, TestBed};
+use ztunnel_e2e::testbed::TestBed;
 
 #[test]
 fn connections_held_and_churned_through_a_roll_and_a_kill_lose_nothing_and_leak_nothing() {
@@ -20,7 +20,7 @@ fn connections_held_and_churned_through_a_roll_and_a_kill_lose_nothing_and_leak_
         server_program: None,
     };
     load::raise_fd_limit(16_384);
-    let mut bed = TestBed::start_with(default_pods()).expect("start the test bed");
+    let mut bed = TestBed::builder().try_start().expect("start the test bed");
     let report = load::run(&mut bed, &plan).expect("the load ran");
     report.print();
     assert_eq!(

@@ -13,6 +13,9 @@ mod bed;
 use std::time::Duration;
 
 use bed::*;
+
+// Policy decided as Istio's ambient mode decides, on the same bed, in this binary.
+mod policy_istio;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -13,11 +13,7 @@
 //! - one file holding HTTP fields, `when` conditions, DISABLE and `portLevelMtls` together:
 //!   loaded, nothing failing closed, shown by `ztunnel ctl`, deciding as Istio does.
 
-#[path = "policy/bed.rs"]
-#[allow(dead_code)]
-mod bed;
-
-use bed::*;
+use super::bed::*;
 use serde_json::{json, Value};
 
 /// `when` conditions on the L4 keys istiod translates for ztunnel (istiod ambient
@@ -47,13 +43,7 @@ fn when_conditions_on_l4_keys() {
     // A plaintext peer has no namespace: `source.namespace` never matches it.
     b.check("legacy-2", "server", 8080, false, what);
     policy_denied += 2.0;
-    b.refusals(
-        0,
-        "outbound_denied_by_destination",
-        denied_by_destination,
-        what,
-    );
-    b.refusals(1, "policy_denied", policy_denied, what);
+    b.denials(denied_by_destination, policy_denied, what);
 
     // DENY on a port: that port only, for every peer.
     b.bed
@@ -70,13 +60,7 @@ fn when_conditions_on_l4_keys() {
     policy_denied += 2.0;
     b.check("client", "server", 8080, true, what);
     b.check("legacy-2", "server", 8080, true, what);
-    b.refusals(
-        0,
-        "outbound_denied_by_destination",
-        denied_by_destination,
-        what,
-    );
-    b.refusals(1, "policy_denied", policy_denied, what);
+    b.denials(denied_by_destination, policy_denied, what);
 
     // DENY every source address but the client's. A tunnel's source address is the client
     // pod's own (the tunnel leaves from its netns), for the engine as for the application.
@@ -94,13 +78,7 @@ fn when_conditions_on_l4_keys() {
     b.check("legacy-1", "server", 8080, false, what);
     b.check("legacy-2", "server", 8080, false, what);
     policy_denied += 3.0;
-    b.refusals(
-        0,
-        "outbound_denied_by_destination",
-        denied_by_destination,
-        what,
-    );
-    b.refusals(1, "policy_denied", policy_denied, what);
+    b.denials(denied_by_destination, policy_denied, what);
 
     // ALLOW every principal but echo's. A plaintext peer's empty principal is not echo's, so
     // the condition holds for it (rbac.rs: a negative match passes a peer without identity).
@@ -118,13 +96,7 @@ fn when_conditions_on_l4_keys() {
     b.check("echo", "server", 8080, false, what);
     denied_by_destination += 1.0;
     policy_denied += 1.0;
-    b.refusals(
-        0,
-        "outbound_denied_by_destination",
-        denied_by_destination,
-        what,
-    );
-    b.refusals(1, "policy_denied", policy_denied, what);
+    b.denials(denied_by_destination, policy_denied, what);
 
     b.bed.apply_policies(json!([])).unwrap();
     b.check("echo", "server", 9090, true, "no policy");
@@ -160,13 +132,7 @@ fn a_when_on_an_http_key_drops_an_allow_rule_and_voids_a_deny_rule() {
     policy_denied += 2.0;
     b.check("client", "server", 9090, true, what);
     b.check("legacy-2", "server", 9090, true, what);
-    b.refusals(
-        0,
-        "outbound_denied_by_destination",
-        denied_by_destination,
-        what,
-    );
-    b.refusals(1, "policy_denied", policy_denied, what);
+    b.denials(denied_by_destination, policy_denied, what);
     let e = b.explain(1, "demo/client", "demo/server:8080");
     assert_eq!(e["decision"]["allowed"], false, "{e}");
     assert_eq!(e["decision"]["reason"], "no_allow_matched", "{e}");
@@ -200,13 +166,7 @@ fn a_when_on_an_http_key_drops_an_allow_rule_and_voids_a_deny_rule() {
     denied_by_destination += 1.0;
     b.check("legacy-2", "server", 9090, false, what);
     policy_denied += 2.0;
-    b.refusals(
-        0,
-        "outbound_denied_by_destination",
-        denied_by_destination,
-        what,
-    );
-    b.refusals(1, "policy_denied", policy_denied, what);
+    b.denials(denied_by_destination, policy_denied, what);
     let e = b.explain(1, "demo/client", "demo/server:9090");
     assert_eq!(e["decision"]["allowed"], false, "{e}");
     assert_eq!(e["decision"]["policy"]["name"], "deny-header", "{e}");

@@ -22,12 +22,10 @@ use ztunnel::identity::Identity;
 use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::metric;
 use ztunnel_e2e::mesh::{Mesh, NodeOptions, B_IP, C_IP, TRUST_DOMAIN};
+use ztunnel_e2e::transport::Transport;
 use ztunnel_proto::quic as wire;
 
-#[path = "quic/common.rs"]
-#[allow(dead_code)]
-mod common;
-use common::*;
+use crate::quic_common::*;
 
 /// From `c` (outside the mesh) with a mesh certificate, straight to `b`'s UDP 15008: each
 /// stream header gets the status its `CONNECT` would (503 for a closed port and for the
@@ -35,7 +33,7 @@ use common::*;
 /// version), and a valid one carries bytes both ways with half-close.
 #[test]
 fn quic_stream_headers_get_the_contract_status() {
-    let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
+    let mesh = Mesh::start(NodeOptions::default(), Transport::Quic.server()).expect("test bed");
     let server = mesh.b.serve(8080, |l| async move {
         let got = apps::echo_one(&l).await?;
         // Only the valid stream reaches the application.
@@ -144,7 +142,7 @@ fn connection_error(e: &QuicError) -> Option<&quinn::ConnectionError> {
 /// TLS alert, no stream gets through, and `b` counts the refusal.
 #[test]
 fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
-    let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
+    let mesh = Mesh::start(NodeOptions::default(), Transport::Quic.server()).expect("test bed");
     let accepted = mesh.b.spawn(async {
         let l = apps::listen(8080).await;
         tokio::time::timeout(Duration::from_secs(3), l.accept())
@@ -215,7 +213,7 @@ fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
 /// and the same connection's other streams are served meanwhile.
 #[test]
 fn a_stream_whose_header_never_completes_is_refused_and_blocks_nothing() {
-    let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
+    let mesh = Mesh::start(NodeOptions::default(), Transport::Quic.server()).expect("test bed");
     let server = mesh.b.serve(8080, apps::echo_once);
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     let (echoed, status, rest) = mesh.c.block_on(async move {
@@ -288,7 +286,7 @@ fn silent_quic_handshakes_are_capped_per_peer_and_keep_no_one_out() {
         ]),
         ..Default::default()
     };
-    let mesh = Mesh::start(quic_client(), b_opts).expect("test bed");
+    let mesh = Mesh::start(Transport::Quic.client(), b_opts).expect("test bed");
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     let (counted, release) = tokio::sync::oneshot::channel::<()>();
     // From c: 20 clients, each behind a relay that passes only its first datagram (the
@@ -398,7 +396,7 @@ fn under_load_new_quic_connections_must_prove_their_address() {
         ]),
         ..Default::default()
     };
-    let mesh = Mesh::start(quic_client(), b_opts).expect("test bed");
+    let mesh = Mesh::start(Transport::Quic.client(), b_opts).expect("test bed");
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     let pending = |want: f64| {
         let m = Mesh::metrics_when(&mesh.b, "ztunnel_pending_handshakes", &[], want);
@@ -583,7 +581,7 @@ impl Session for OneUniStreamSession {
 /// nothing.
 #[test]
 fn a_quic_connection_closed_on_a_protocol_error_is_counted() {
-    let mesh = Mesh::start(NodeOptions::default(), quic_server()).expect("test bed");
+    let mesh = Mesh::start(NodeOptions::default(), Transport::Quic.server()).expect("test bed");
     let l = mesh.b.block_on(apps::listen(8080));
     let mut tls = (*mesh.client_tls()).clone();
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];

@@ -269,6 +269,15 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or_else(|| panic!("{name}{labels:?}: no such series in the exposition:\n{text}"))
 }
 
+/// Asserts that `name{labels}` in the exposition `text` is `want`, showing `text` when it is not.
+pub fn expect_metric(text: &str, name: &str, labels: &[(&str, &str)], want: f64) {
+    assert_eq!(
+        metric(text, name, labels),
+        want,
+        "{name}{labels:?} in:\n{text}"
+    );
+}
+
 /// Like [`metric`], 0 when the series is absent: for families whose labels are open (Istio's
 /// per-workload series, per-identity certificates), where a series appears when first counted.
 pub fn metric_or_zero(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

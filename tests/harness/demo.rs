@@ -427,7 +427,10 @@ fn main() -> Result<()> {
         "this needs root, ip, nft, tcpdump and containernetworking-plugins (scripts/prereqs.sh)"
     );
     // `TestBed::start()` with the default pods, but failing with an error rather than a panic.
-    let bed = TestBed::start_with(testbed::dual_stack_pods()).context("starting the test bed")?;
+    let bed = TestBed::builder()
+        .pods(testbed::dual_stack_pods())
+        .try_start()
+        .context("starting the test bed")?;
     println!(
         "both daemons are ready; state, logs and the discovery file are in {} (removed at the end)",
         bed.dir().display()

@@ -154,23 +154,6 @@ impl KubeSource {
 }
 
 impl TestBed {
-    /// The two-node bed with its daemons on the real API server (see the module doc), with
-    /// `pods` created.
-    pub fn start_kube(pods: Vec<PodSpec>) -> Result<TestBed> {
-        Self::start_kube_with(pods, &[], json!({}))
-    }
-
-    /// [`TestBed::start_kube`] with `daemon_env` in every daemon's environment and namespace
-    /// `plain` created with `plain_labels`.
-    pub fn start_kube_with(
-        pods: Vec<PodSpec>,
-        daemon_env: &[(&str, &str)],
-        plain_labels: Value,
-    ) -> Result<TestBed> {
-        let cp = controlplane::shared().install_base();
-        TestBed::build(pods, Vec::new(), daemon_env, Some((cp, plain_labels)))
-    }
-
     /// What node `i`'s CNI installer asks when it is stopped (`ztunnel removed` about
     /// `deploy/base`'s DaemonSet), with the node's credentials: the exit status (0 removed, 1
     /// present, 2 cannot tell) and what it said.

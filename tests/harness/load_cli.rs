@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use ztunnel_e2e::load::{self, Plan};
-use ztunnel_e2e::testbed::{default_pods, TestBed};
+use ztunnel_e2e::testbed::TestBed;
 
 fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some("echo-server") {
@@ -31,7 +31,7 @@ fn main() -> Result<()> {
         server_program: Some(std::env::current_exe()?),
     };
     load::raise_fd_limit(4 * plan.held as u64 + 4096);
-    let mut bed = TestBed::start_with(default_pods())?;
+    let mut bed = TestBed::builder().try_start()?;
     println!("{plan:?}");
     let report = load::run(&mut bed, &plan)?;
     report.print();

@@ -195,7 +195,7 @@ fn main() -> Result<()> {
         .unwrap_or(2000);
     raise_fd_limit();
     evict_from_page_cache(&ztunnel_e2e::daemon::binary("ztunnel"))?;
-    let bed = TestBed::start_with(ztunnel_e2e::testbed::default_pods())?;
+    let bed = TestBed::builder().try_start()?;
     let (p1, p2) = (bed.daemon_pid(0)?, bed.daemon_pid(1)?);
     // Warm both paths once (certificates, the pooled tunnel), then let things settle.
     let server = bed.pod("server");

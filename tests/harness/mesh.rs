@@ -393,6 +393,14 @@ impl Mesh {
             .1
     }
 
+    /// The pool listing of the daemon in `ns` (admin `/config_dump`): the connections it holds.
+    pub fn pool(ns: &Netns) -> Vec<serde_json::Value> {
+        Self::config_dump(ns)["pool"]
+            .as_array()
+            .expect("the config dump lists the pool")
+            .clone()
+    }
+
     /// The admin `/config_dump` of the daemon in `ns`.
     pub fn config_dump(ns: &Netns) -> serde_json::Value {
         let body = daemon::http(ns, "GET", "127.0.0.1:15000", "/config_dump")

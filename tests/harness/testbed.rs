@@ -23,6 +23,9 @@ use crate::cni::{self, Attachment, Runtime};
 use crate::daemon::{self, Process};
 use crate::netns::{self, Netns};
 
+mod builder;
+pub use builder::Builder;
+
 pub const VIP: &str = "10.96.0.10";
 /// The service's second VIP, in a dual-stack bed.
 pub const VIP6: &str = "fd96::10";
@@ -38,7 +41,7 @@ pub struct PodSpec {
     pub node: usize,
     pub ip: &'static str,
     /// The pod's IPv6 address, for a dual-stack pod. A bed with any such pod is dual-stack:
-    /// every node's pod network and the underlay carry IPv6 too ([`TestBed::start_configured`]).
+    /// every node's pod network and the underlay carry IPv6 too.
     pub ip6: Option<&'static str>,
 }
 
@@ -239,36 +242,17 @@ fn ipv6_without_dad(ns: &Netns, forward: bool) -> Result<()> {
 }
 
 impl TestBed {
-    /// Two nodes with their daemons and the default pods, enrolled through the CNI chain.
+    /// The default bed (`TestBed::builder().start()`).
     pub fn start() -> TestBed {
-        Self::start_with(default_pods()).expect("test bed")
-    }
-
-    /// Like [`TestBed::start`], with `pods` created and `known` pods only in discovery (for
-    /// tests that create them later).
-    pub fn start_with(pods: Vec<PodSpec>) -> Result<TestBed> {
-        Self::start_known(pods, Vec::new())
-    }
-
-    pub fn start_known(pods: Vec<PodSpec>, known: Vec<PodSpec>) -> Result<TestBed> {
-        Self::start_configured(pods, known, &[])
-    }
-
-    /// Like [`TestBed::start_known`], with `daemon_env` in every daemon's environment.
-    pub fn start_configured(
-        pods: Vec<PodSpec>,
-        known: Vec<PodSpec>,
-        daemon_env: &[(&str, &str)],
-    ) -> Result<TestBed> {
-        Self::build(pods, known, daemon_env, None)
+        Self::builder().start()
     }
 
     /// The bed: nodes, underlay, daemons (on the discovery file, or on the real API server
     /// when `kube` is given, with the labels of namespace `plain`), then `pods`.
-    pub(crate) fn build(
+    fn build(
         pods: Vec<PodSpec>,
         known: Vec<PodSpec>,
-        daemon_env: &[(&str, &str)],
+        daemon_env: Vec<(String, String)>,
         kube: Option<(
             &'static crate::controlplane::ControlPlane,
             serde_json::Value,
@@ -373,10 +357,7 @@ impl TestBed {
             ca_dir,
             discovery,
             prefix,
-            daemon_env: daemon_env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            daemon_env,
             dual_stack: v6,
             kube: None,
         };

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use ztunnel_e2e::controlplane::{self, wait_until};
 use ztunnel_e2e::daemon;
 use ztunnel_e2e::kubebed::has_table;
-use ztunnel_e2e::testbed::{default_pods, TestBed};
+use ztunnel_e2e::testbed::TestBed;
 
 use super::late;
 
@@ -102,7 +102,7 @@ fn with_the_daemon_down_system_pods_start_and_removing_the_daemonset_unchains_th
         late("late-system", "kube-system", "10.20.1.23"),
         late("after-plain", "plain", "10.20.1.24"),
     ];
-    let mut bed = TestBed::start_known(default_pods(), known.clone()).expect("test bed");
+    let mut bed = TestBed::builder().known(known.clone()).start();
     bed.kill_daemon(0);
     let snapshot = bed.nodes[0].state_dir.join("enrolled-namespaces.json");
     std::fs::remove_file(&snapshot).expect("the daemon's snapshot");

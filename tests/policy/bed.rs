@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztunnel_e2e::daemon::metric;
-use ztunnel_e2e::testbed::{self, TestBed};
+use ztunnel_e2e::testbed::TestBed;
+use ztunnel_e2e::transport::Transport;
 
 /// Echoes on `port`, counting the connections the application accepted.
 pub async fn counting_echo(l: TcpListener, accepted: Arc<AtomicUsize>) {
@@ -83,17 +84,7 @@ impl Bed {
     /// The bed with every daemon tunnelling over QUIC between the pods (HTTP/2 only as its
     /// fallback).
     pub fn start_quic() -> Bed {
-        Self::with(
-            TestBed::start_configured(
-                testbed::default_pods(),
-                Vec::new(),
-                &[
-                    ("ZTUNNEL_QUIC_LISTEN", "true"),
-                    ("ZTUNNEL_QUIC_DESTINATIONS", "10.20.0.0/16"),
-                ],
-            )
-            .expect("test bed"),
-        )
+        Self::with(TestBed::builder().transport(Transport::Quic).start())
     }
 
     fn with(bed: TestBed) -> Bed {
@@ -162,6 +153,14 @@ impl Bed {
             want,
             "{what}: refusals {reason:?} on daemon {i}\n{m}"
         );
+    }
+
+    /// Asserts the policy denials at the server so far: `by_destination` tunnels from n1
+    /// refused by the server's daemon, as n1's daemon counts them
+    /// (`outbound_denied_by_destination`), and `policy_denied` denials of every kind on n2's.
+    pub fn denials(&self, by_destination: f64, policy_denied: f64, what: &str) {
+        self.refusals(0, "outbound_denied_by_destination", by_destination, what);
+        self.refusals(1, "policy_denied", policy_denied, what);
     }
 
     /// `ztunnel ctl explain --from <from> --to <to> -o json` on daemon `i`.
