@@ -267,7 +267,7 @@ impl Bed {
             env.push(("ZTUNNEL_QUIC_LISTEN", "true"));
             env.push(("ZTUNNEL_QUIC_DESTINATIONS", QUIC.server));
         }
-        let bed = TestBed::start_configured(pods, Vec::new(), &env)?;
+        let bed = TestBed::builder().pods(pods).daemon_env(&env).try_start()?;
         let pids = [bed.daemon_pid(0)?, bed.daemon_pid(1)?];
         for server in ["server", "legacy-2", "server-quic"] {
             if bed.pods.iter().any(|p| p.spec.name == server) {

@@ -1,4 +1,4 @@
-//! The tunnel transport of a test bed's daemons, and [`for_each_transport!`], which writes a
+//! The tunnel transport of a test bed's daemons, and [`for_each_transport!`](crate::for_each_transport), which writes a
 //! test once for both.
 
 use crate::mesh::{Mesh, NodeOptions, B_IP};
