@@ -77,17 +77,7 @@ pub async fn connect(
     tls: Arc<ClientConfig>,
     opts: net::ConnectOptions,
 ) -> Result<(SendRequest<Bytes>, Connection<Transport, Bytes>), ClientError> {
-    connect_from(addr, tls, opts, &net::Origin::default()).await
-}
-
-/// Like [`connect`], with the TCP connection made from `origin` (a pod's netns).
-pub async fn connect_from(
-    addr: SocketAddr,
-    tls: Arc<ClientConfig>,
-    opts: net::ConnectOptions,
-    origin: &net::Origin,
-) -> Result<(SendRequest<Bytes>, Connection<Transport, Bytes>), ClientError> {
-    let tcp = net::connect_from(addr, opts, origin)
+    let tcp = net::connect(addr, opts)
         .await
         .map_err(|source| ClientError::Connect { addr, source })?;
     handshake(tcp, addr, tls, opts.timeout).await

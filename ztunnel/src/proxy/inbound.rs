@@ -393,13 +393,8 @@ pub(super) async fn admit<B>(
         dst_uid: peer.dst.uid.clone(),
         dst_port: target.port(),
     };
-    let decision = facts.evaluate(&state);
+    let decision = super::judge(pi, &state, tracked, facts);
     drop(state);
-    pi.metrics.policy_decision(decision.allowed);
-    tracked.update(|f| {
-        f.decision = Some(if decision.allowed { "allow" } else { "deny" });
-        f.policy = decision.policy.as_ref().map(|p| p.to_string());
-    });
     if !decision.allowed {
         refuse!(pi, tracked, Outcome::DeniedByPolicy, src = %peer.identity, %target,
             policy = ?decision.policy, rule = ?decision.rule, why = ?decision.reason, "denied by policy; 401");
@@ -407,7 +402,6 @@ pub(super) async fn admit<B>(
             .status()
             .unwrap_or(StatusCode::UNAUTHORIZED));
     }
-    tracked.set_policy_facts(facts);
     pi.metrics.proxied("inbound");
     // The application sees the tunnel peer's address: the source pod's own.
     let origin = scope.app_origin(peer.addr.ip());

@@ -91,19 +91,13 @@ pub(super) async fn handle(
         dst_uid: dst.uid.clone(),
         dst_port: orig.port(),
     };
-    let decision = facts.evaluate(&state);
+    let decision = super::judge(&pi, &state, &tracked, facts);
     drop(state);
-    pi.metrics.policy_decision(decision.allowed);
-    tracked.update(|f| {
-        f.decision = Some(if decision.allowed { "allow" } else { "deny" });
-        f.policy = decision.policy.as_ref().map(|p| p.to_string());
-    });
     if !decision.allowed {
         refuse!(pi, tracked, Outcome::DeniedByPolicy, %peer, dst = %orig, policy = ?decision.policy, rule = ?decision.rule,
             why = ?decision.reason, "plaintext connection denied by policy");
         return reset(tcp);
     }
-    tracked.set_policy_facts(facts);
     pi.metrics.proxied("inbound_plaintext");
     let mut app = match pi
         .sockets

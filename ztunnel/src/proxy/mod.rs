@@ -259,6 +259,27 @@ impl ProxyInputs {
     }
 }
 
+/// Judges an inbound connection by the policies of `state`: the decision counted and recorded
+/// on `tracked`, and, when it allows, the facts kept on it to judge it again when policies
+/// change ([`ConnTable::reevaluate`]).
+fn judge(
+    pi: &ProxyInputs,
+    state: &State,
+    tracked: &conns::Tracked,
+    facts: conns::PolicyFacts,
+) -> crate::policy::Decision {
+    let decision = facts.evaluate(state);
+    pi.metrics.policy_decision(decision.allowed);
+    tracked.update(|f| {
+        f.decision = Some(if decision.allowed { "allow" } else { "deny" });
+        f.policy = decision.policy.as_ref().map(|p| p.to_string());
+    });
+    if decision.allowed {
+        tracked.set_policy_facts(facts);
+    }
+    decision
+}
+
 /// A proxied stream's copy ended on `e`: recorded, and a stream given up for the node's
 /// buffered-bytes budget counted (`buffer_budget`) and logged.
 fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
