@@ -1,12 +1,13 @@
 //! Inbound tunnel over QUIC: connections on UDP 15008 ([`crate::hbone::quic`]).
 //!
 //! The same contract as the HTTP/2 inbound tunnel ([`super::inbound`]), with the same
-//! decisions and the same stream path ([`super::inbound::serve_stream`]): the destination is the local workload owning the
-//! address the connection arrived on, and the handshake presents its certificate (chosen per
-//! connection) and requires a client certificate of our trust domain; a connection must find
-//! a place among the pending handshakes ([`crate::gate`], shared with the HTTP/2 tunnel and
-//! fairly between source addresses) or it is refused before any TLS, and it loses that place
-//! to a newcomer from an address holding fewer (`inbound_handshake_evicted`) as on HTTP/2.
+//! decisions and the same stream path ([`super::inbound::serve_stream`]): the destination is
+//! the local workload owning the address the connection arrived on, and the handshake
+//! presents its certificate (chosen per connection) and requires a client certificate of our
+//! trust domain; a connection must find a place among the pending handshakes ([`crate::gate`],
+//! shared with the HTTP/2 tunnel and fairly between source addresses) or it is refused before
+//! any TLS, and it loses that place to a newcomer from an address holding fewer
+//! (`inbound_handshake_evicted`) as on HTTP/2.
 //! When more than half the places are held, a new connection is first answered with a Retry
 //! (`ztunnel_quic_retries_total`): only a peer that receives at its source address comes back
 //! with the token and may take a place, so forged source addresses take none.
