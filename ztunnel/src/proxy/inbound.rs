@@ -238,8 +238,9 @@ fn http2_ended(pi: &ProxyInputs, peer: SocketAddr, src: &Identity, e: h2::Error)
     }
 }
 
-/// An HTTP/2 tunnel stream's handler: its place taken at once, then [`serve_stream`] (the
-/// one future the stream's task holds, see `crate::task`).
+/// An HTTP/2 tunnel stream's handler: [`serve_stream`], the one future the stream's task
+/// holds (see `crate::task`). It runs in that task: nothing of it runs in the connection's
+/// own loop ([`server::serve`]).
 pub(super) fn stream(
     pi: Arc<ProxyInputs>,
     scope: Scope,
@@ -248,42 +249,42 @@ pub(super) fn stream(
     respond: SendResponse<Bytes>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let (parts, body) = req.into_parts();
-    let mut tracked = track(&pi, &peer);
-    let place = peer.stream_place(&pi, &mut tracked);
     let req = Request::from_parts(parts, ());
-    serve_stream(
-        pi,
-        scope,
-        peer,
-        tracked,
-        place,
-        req,
-        Answer::H2 { respond, body },
-    )
+    serve_stream(pi, scope, peer, None, req, Answer::H2 { respond, body })
 }
 
-/// Serves a tunnel request received on either transport: refused when it has no `place`
-/// (the status to answer), else decided ([`admit`]), answered, and once admitted its stream
+/// A stream's record and its place among what its peer holds ([`Peer::stream_place`]).
+pub(super) type Placed = (Tracked, PeerStream);
+
+/// Serves a tunnel request received on either transport: tracked and given its place first,
+/// unless `placed` already holds both (QUIC takes them before it reads the request); refused
+/// when there is no place; else decided ([`admit`]), answered, and once admitted its stream
 /// copied to the application until either side ends or the daemon closes it.
 ///
 /// An `async` block rather than an `async fn`, which would keep a second copy of its
-/// arguments for the stream's whole life (see `crate::task`).
+/// arguments for the stream's whole life (see `crate::task`); `placed` is filled in place
+/// for the same reason.
 #[allow(clippy::manual_async_fn)]
 pub(super) fn serve_stream(
     pi: Arc<ProxyInputs>,
     scope: Scope,
     peer: Arc<Peer>,
-    mut tracked: Tracked,
-    place: Result<PeerStream, StatusCode>,
+    mut placed: Option<Placed>,
     req: Request<()>,
     answer: Answer,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
-        let _place = match place {
-            Ok(place) => place,
-            Err(status) => return answer.refuse(status).await,
+        if placed.is_none() {
+            let mut tracked = track(&pi, &peer);
+            match peer.stream_place(&pi, &mut tracked) {
+                Ok(place) => placed = Some((tracked, place)),
+                Err(status) => return answer.refuse(status).await,
+            }
+        }
+        let Some((tracked, _place)) = placed.as_mut() else {
+            return;
         };
-        let app = match Box::pin(admit(&pi, &scope, &peer, &req, &mut tracked)).await {
+        let app = match Box::pin(admit(&pi, &scope, &peer, &req, tracked)).await {
             Ok(app) => app,
             Err(status) => return answer.refuse(status).await,
         };
@@ -298,7 +299,7 @@ pub(super) fn serve_stream(
         tokio::select! {
             r = copy_tunnel(rd, wr, stream, &tracked.record().bytes, &pi.budget) => {
                 if let Err(e) = r {
-                    super::copy_failed(&pi, &mut tracked, e);
+                    super::copy_failed(&pi, tracked, e);
                 }
             }
             cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),

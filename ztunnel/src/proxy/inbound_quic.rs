@@ -285,5 +285,5 @@ pub(super) async fn stream(
         }
     };
     let answer = Answer::Quic { send, recv };
-    serve_stream(pi, scope, peer, tracked, Ok(place), req, answer).await
+    serve_stream(pi, scope, peer, Some((tracked, place)), req, answer).await
 }
