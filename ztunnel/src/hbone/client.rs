@@ -160,9 +160,15 @@ pub async fn open_stream_with(
 ) -> Result<(SendStream<Bytes>, RecvStream), ClientError> {
     let mut sender = sender.ready().await?;
     let (response, mut send) = sender.send_request(req, false)?;
-    // All within the initial stream window (`EARLY_LIMIT`): h2 sends each at once.
-    for chunk in early.chunks() {
-        send.send_data(chunk.clone(), false)?;
+    // All within the initial stream window (`EARLY_LIMIT`): h2 sends each at once. A stream
+    // the peer has already answered and reset (a refusal can arrive before these are sent)
+    // takes nothing more; its answer, read below, tells why.
+    let sent = early
+        .chunks()
+        .iter()
+        .all(|chunk| send.send_data(chunk.clone(), false).is_ok());
+    if !sent {
+        early.stop();
     }
     tokio::pin!(response);
     let response = loop {
@@ -170,7 +176,6 @@ pub async fn open_stream_with(
             biased;
             r = &mut response => break r?,
             more = early.next() => {
-                // A stream the peer already reset takes nothing more; its answer tells why.
                 if send.send_data(more, false).is_err() {
                     early.stop();
                 }

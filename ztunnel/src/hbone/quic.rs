@@ -360,7 +360,12 @@ pub async fn open_stream(
     for chunk in early.chunks() {
         head.extend_from_slice(chunk);
     }
-    send.write_all(&head).await.map_err(QuicError::from)?;
+    match send.write_all(&head).await {
+        Ok(()) => {}
+        // The peer read the header and stopped the stream: a refusal, its answer tells why.
+        Err(quinn::WriteError::Stopped(_)) => early.stop(),
+        Err(e) => return Err(QuicError::from(e).into()),
+    }
     let mut resp = [0u8; wire::RESPONSE_LEN];
     {
         let answer = recv.read_exact(&mut resp);
