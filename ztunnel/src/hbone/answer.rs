@@ -1,13 +1,13 @@
 //! The server's side of one tunnel request, on either transport: it is answered once, with a
 //! refusal (a status, no body, the stream closed) or with `200`, after which its stream is
-//! the tunnel ([`TunnelStream`], copied by [`super::copy::copy_tunnel`]). The inbound proxy
+//! the tunnel ([`TunnelStream`], copied by [`super::copy_tunnel`]). The inbound proxy
 //! decides and copies without knowing which transport carried the request.
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
-use super::copy::TunnelStream;
 use super::quic;
+use super::TunnelStream;
 
 /// A received tunnel request's pending answer.
 pub enum Answer {

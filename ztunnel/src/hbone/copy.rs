@@ -1,6 +1,6 @@
-//! Copying bytes between a TCP socket and an HBONE stream, both ways at once:
-//! [`copy_tunnel`], on whichever transport a [`TunnelStream`] holds (an HTTP/2 `CONNECT`
-//! stream, or a QUIC stream of [`super::quic`]), each with its own loop below.
+//! Copying bytes between a TCP socket and an HBONE stream, both ways at once, on either
+//! transport ([`super::copy_tunnel`]). One loop serves both: a transport is what implements
+//! `StreamSend` and `StreamRecv` (HTTP/2's below, QUIC's in [`super::quic`]).
 //!
 //! Contract: a TCP end-of-stream ends the stream (HTTP/2 END_STREAM, QUIC FIN) and the
 //! stream's end becomes a TCP write shutdown, so half-close crosses the tunnel in both
@@ -17,21 +17,19 @@
 //! What the client writes before its stream is open goes out right behind the `CONNECT`
 //! ([`super::early`]); the copy loop carries what follows.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use futures::future::Either;
 use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::budget::{BufferBudget, OverBudget, QUEUE_MAX};
-use super::queue::{Queue, CHUNKS_PER_WRITE};
-use super::quic;
+use super::queue::Queue;
 
 const INITIAL_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 256 * 1024;
@@ -68,39 +66,49 @@ pub enum CopyError {
     OverBudget(#[from] OverBudget),
 }
 
-/// The two halves of an open tunnel stream, on either transport.
-pub enum TunnelStream {
-    H2 {
-        send: SendStream<Bytes>,
-        recv: RecvStream,
-    },
-    Quic {
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-    },
+/// The sending half of a tunnel stream, as the copy loop sees it.
+pub(super) trait StreamSend {
+    /// Sends `chunk`, waiting for the stream's flow-control credit as needed.
+    async fn send(&mut self, chunk: Bytes) -> Result<(), CopyError>;
+    /// Ends this direction of the stream (HTTP/2 END_STREAM, QUIC FIN).
+    fn finish(&mut self) -> Result<(), CopyError>;
+    /// Resets the stream after a failure in either direction.
+    fn reset(&mut self);
 }
 
-/// Copies `tcp` ⇄ `stream` until both directions have ended, on the stream's transport; what
-/// waits for the TCP side is counted in `budget`.
-///
-/// Not an `async fn`: the future is the transport's own copy, without a copy of `stream` kept
-/// beside it for the connection's whole life (see `crate::task`); QUIC's is boxed, its state
-/// being twice HTTP/2's, so that a connection on HTTP/2 carries no room for it.
-pub fn copy_tunnel<'a>(
+/// The receiving half of a tunnel stream, as the copy loop sees it.
+pub(super) trait StreamRecv {
+    /// What one read takes from the stream.
+    type Arrived;
+    /// Waits for what arrives next; `None` once the stream has ended. Cancel-safe.
+    async fn arrived(&mut self) -> Result<Option<Self::Arrived>, CopyError>;
+    /// Moves what arrived into `queue`.
+    fn take(&mut self, arrived: Self::Arrived, queue: &mut Queue<'_>) -> Result<(), OverBudget>;
+    /// `n` bytes were written to TCP: the peer may send as many more.
+    fn written(&mut self, n: usize) -> Result<(), CopyError>;
+    /// Stops reading after a failure in either direction.
+    fn stop(&mut self);
+}
+
+/// Copies `tcp` ⇄ (`send`, `recv`) until both directions have ended; on an error both
+/// directions are reset (a dropped QUIC stream would otherwise end cleanly).
+pub(super) async fn copy<S: StreamSend, R: StreamRecv>(
     tcp_read: OwnedReadHalf,
     tcp_write: OwnedWriteHalf,
-    stream: TunnelStream,
-    counters: &'a ByteCounters,
-    budget: &'a BufferBudget,
-) -> impl Future<Output = Result<(), CopyError>> + Send + 'a {
-    match stream {
-        TunnelStream::H2 { send, recv } => {
-            Either::Left(copy_h2(tcp_read, tcp_write, send, recv, counters, budget))
-        }
-        TunnelStream::Quic { send, recv } => Either::Right(Box::pin(copy_quic(
-            tcp_read, tcp_write, send, recv, counters, budget,
-        ))),
+    mut send: S,
+    mut recv: R,
+    counters: &ByteCounters,
+    budget: &BufferBudget,
+) -> Result<(), CopyError> {
+    let r = tokio::try_join!(
+        tcp_to_stream(tcp_read, &mut send, &counters.sent),
+        stream_to_tcp(&mut recv, tcp_write, &counters.received, budget),
+    );
+    if r.is_err() {
+        send.reset();
+        recv.stop();
     }
+    r.map(|_| ())
 }
 
 /// The next read size: doubled after a read that filled the buffer (a bulk flow, up to
@@ -115,87 +123,28 @@ fn next_want(want: usize, n: usize) -> usize {
     }
 }
 
-/// Copies `tcp` ⇄ (`send`, `recv`) of an HTTP/2 tunnel stream until both directions have ended.
-async fn copy_h2(
-    tcp_read: OwnedReadHalf,
-    tcp_write: OwnedWriteHalf,
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    counters: &ByteCounters,
-    budget: &BufferBudget,
-) -> Result<(), CopyError> {
-    tokio::try_join!(
-        h2_tcp_to_stream(tcp_read, send, &counters.sent),
-        h2_stream_to_tcp(recv, tcp_write, &counters.received, budget),
-    )?;
-    Ok(())
-}
-
-/// What a copy loop reads from its TCP side: chunks sized to the flow ([`next_want`]), read
-/// by [`read_chunk`], each counted in `counter` as it is read.
-struct TcpChunks<'a> {
-    rd: OwnedReadHalf,
-    buf: BytesMut,
-    want: usize,
-    counter: &'a AtomicU64,
-}
-
-impl<'a> TcpChunks<'a> {
-    fn new(rd: OwnedReadHalf, counter: &'a AtomicU64) -> Self {
-        TcpChunks {
-            rd,
-            buf: BytesMut::new(),
-            want: INITIAL_BUF,
-            counter,
-        }
-    }
-
-    /// The next chunk read; `None` at the TCP side's end-of-stream.
-    async fn next(&mut self) -> io::Result<Option<Bytes>> {
-        let TcpChunks {
-            rd,
-            buf,
-            want,
-            counter,
-        } = self;
-        let asked = *want;
-        let n = poll_fn(|cx| read_chunk(rd, cx, buf, asked)).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        *want = next_want(asked, n);
-        Ok(Some(buf.split().freeze()))
-    }
-}
-
-async fn h2_tcp_to_stream(
-    rd: OwnedReadHalf,
-    mut send: SendStream<Bytes>,
+async fn tcp_to_stream(
+    mut rd: OwnedReadHalf,
+    send: &mut impl StreamSend,
     counter: &AtomicU64,
 ) -> Result<(), CopyError> {
-    let mut tcp = TcpChunks::new(rd, counter);
-    while let Some(mut chunk) = tcp.next().await? {
-        while !chunk.is_empty() {
-            send.reserve_capacity(chunk.len());
-            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(r) => r?,
-                None => return Err(CopyError::StreamClosed),
-            };
-            if granted == 0 {
-                continue;
-            }
-            let piece = chunk.split_to(granted.min(chunk.len()));
-            send.send_data(piece, false)?;
+    let mut buf = BytesMut::new();
+    let mut want = INITIAL_BUF;
+    loop {
+        let asked = want;
+        let n = poll_fn(|cx| read_chunk(&mut rd, cx, &mut buf, asked)).await?;
+        if n == 0 {
+            return send.finish();
         }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        want = next_want(asked, n);
+        send.send(buf.split().freeze()).await?;
     }
-    send.send_data(Bytes::new(), true)?;
-    Ok(())
 }
 
 /// Reads what `rd` has into `buf`, taking a buffer of `want` bytes only once the socket is
-/// readable (reusing the previous chunk's allocation when h2 has already written it), and
-/// dropping it whenever the read has to wait: an idle connection holds no buffer. Reading
+/// readable (reusing the previous chunk's allocation when the stream has already sent it),
+/// and dropping it whenever the read has to wait: an idle connection holds no buffer. Reading
 /// through `AsyncRead` lets tokio note a short read as "drained", so the next read waits for
 /// the socket instead of costing a `recv` that fails with `EAGAIN`. Both polls below spend
 /// the task's cooperative budget, so a busy flow yields rather than spins.
@@ -216,8 +165,8 @@ fn read_chunk(
     Poll::Pending
 }
 
-async fn h2_stream_to_tcp(
-    mut recv: RecvStream,
+async fn stream_to_tcp<R: StreamRecv>(
+    recv: &mut R,
     mut wr: OwnedWriteHalf,
     counter: &AtomicU64,
     budget: &BufferBudget,
@@ -229,7 +178,7 @@ async fn h2_stream_to_tcp(
             if ended {
                 break;
             }
-            Step::Data(recv.data().await)
+            Step::Arrived(recv.arrived().await)
         } else {
             // Write, and meanwhile take what arrives (up to a window), so that what waits for
             // a slow application is counted in the budget.
@@ -237,94 +186,17 @@ async fn h2_stream_to_tcp(
             tokio::select! {
                 biased;
                 w = queue.write_some(&mut wr) => Step::Wrote(w),
-                d = recv.data(), if take => Step::Data(d),
+                more = recv.arrived(), if take => Step::Arrived(more),
             }
         };
         match step {
             Step::Wrote(w) => {
                 let n = w?;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
-                recv.flow_control().release_capacity(n)?;
+                recv.written(n)?;
             }
-            Step::Data(Some(chunk)) => queue.push(chunk?)?,
-            Step::Data(None) => ended = true,
-        }
-    }
-    wr.shutdown().await?;
-    Ok(())
-}
-
-/// Copies `tcp` ⇄ (`send`, `recv`) of a QUIC tunnel stream until both directions have ended;
-/// on an error both directions are reset (a dropped quinn stream would otherwise end cleanly).
-async fn copy_quic(
-    tcp_read: OwnedReadHalf,
-    tcp_write: OwnedWriteHalf,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    counters: &ByteCounters,
-    budget: &BufferBudget,
-) -> Result<(), CopyError> {
-    let r = tokio::try_join!(
-        quic_tcp_to_stream(tcp_read, &mut send, &counters.sent),
-        quic_stream_to_tcp(&mut recv, tcp_write, &counters.received, budget),
-    );
-    if r.is_err() {
-        let _ = send.reset(quic::RESET);
-        let _ = recv.stop(quic::RESET);
-    }
-    r.map(|_| ())
-}
-
-async fn quic_tcp_to_stream(
-    rd: OwnedReadHalf,
-    send: &mut quinn::SendStream,
-    counter: &AtomicU64,
-) -> Result<(), CopyError> {
-    let mut tcp = TcpChunks::new(rd, counter);
-    while let Some(chunk) = tcp.next().await? {
-        send.write_chunk(chunk)
-            .await
-            .map_err(|e| CopyError::Quic(e.to_string()))?;
-    }
-    send.finish().map_err(|_| CopyError::StreamClosed)?;
-    Ok(())
-}
-
-async fn quic_stream_to_tcp(
-    recv: &mut quinn::RecvStream,
-    mut wr: OwnedWriteHalf,
-    counter: &AtomicU64,
-    budget: &BufferBudget,
-) -> Result<(), CopyError> {
-    let mut queue = Queue::new(budget);
-    let mut chunks: [Bytes; CHUNKS_PER_WRITE] = Default::default();
-    let mut ended = false;
-    loop {
-        let step = if queue.is_empty() {
-            if ended {
-                break;
-            }
-            Step::Data(recv.read_chunks(&mut chunks).await)
-        } else {
-            // As on HTTP/2: take what arrives while writing, up to a window, counted. A read
-            // here gives the peer credit, so no more than a window is taken.
-            let take = !ended && queue.len() < QUEUE_MAX;
-            tokio::select! {
-                biased;
-                w = queue.write_some(&mut wr) => Step::Wrote(w),
-                d = recv.read_chunks(&mut chunks), if take => Step::Data(d),
-            }
-        };
-        match step {
-            Step::Wrote(w) => {
-                counter.fetch_add(w? as u64, Ordering::Relaxed);
-            }
-            Step::Data(d) => match d.map_err(|e| CopyError::Quic(e.to_string()))? {
-                Some(n) => {
-                    for chunk in &mut chunks[..n] {
-                        queue.push(std::mem::take(chunk))?;
-                    }
-                }
+            Step::Arrived(more) => match more? {
+                Some(arrived) => recv.take(arrived, &mut queue)?,
                 None => ended = true,
             },
         }
@@ -333,10 +205,54 @@ async fn quic_stream_to_tcp(
     Ok(())
 }
 
-/// What one turn of a copy loop towards TCP did.
-enum Step<W, D> {
-    Wrote(W),
-    Data(D),
+/// What one turn of the copy loop towards TCP did.
+enum Step<A> {
+    Wrote(io::Result<usize>),
+    Arrived(Result<Option<A>, CopyError>),
+}
+
+impl StreamSend for SendStream<Bytes> {
+    async fn send(&mut self, mut chunk: Bytes) -> Result<(), CopyError> {
+        while !chunk.is_empty() {
+            self.reserve_capacity(chunk.len());
+            let granted = match poll_fn(|cx| self.poll_capacity(cx)).await {
+                Some(r) => r?,
+                None => return Err(CopyError::StreamClosed),
+            };
+            if granted > 0 {
+                self.send_data(chunk.split_to(granted.min(chunk.len())), false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), CopyError> {
+        Ok(self.send_data(Bytes::new(), true)?)
+    }
+
+    fn reset(&mut self) {
+        self.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+/// An HTTP/2 stream's receiving half: one `DATA` frame at a time, its window released once
+/// its bytes are written.
+impl StreamRecv for RecvStream {
+    type Arrived = Bytes;
+
+    async fn arrived(&mut self) -> Result<Option<Bytes>, CopyError> {
+        Ok(self.data().await.transpose()?)
+    }
+
+    fn take(&mut self, chunk: Bytes, queue: &mut Queue<'_>) -> Result<(), OverBudget> {
+        queue.push(chunk)
+    }
+
+    fn written(&mut self, n: usize) -> Result<(), CopyError> {
+        Ok(self.flow_control().release_capacity(n)?)
+    }
+
+    fn stop(&mut self) {}
 }
 
 #[cfg(test)]

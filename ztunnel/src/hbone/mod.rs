@@ -5,7 +5,8 @@
 //! - [`pool`]: share tunnel connections per (source identity, destination identity, address);
 //! - [`server`]: accept tunnel connections, validate each `CONNECT`, hand streams to a handler;
 //! - [`answer`]: answer a received request on either transport, its stream then the tunnel;
-//! - [`copy`]: move bytes between a TCP socket and a stream with half-close;
+//! - [`copy`]: move bytes between a TCP socket and a stream with half-close, one loop for both
+//!   transports ([`copy_tunnel`] over a [`TunnelStream`]);
 //! - [`budget`], `queue`: count what streams hold for slow applications, node-wide;
 //! - [`early`]: send what a client writes before its stream is open right behind the `CONNECT`;
 //! - [`quic`]: the same tunnels over QUIC (UDP 15008), one stream per connection.
@@ -22,7 +23,12 @@ pub mod server;
 
 pub use ztunnel_proto::hbone as consts;
 
+use std::future::Future;
 use std::net::SocketAddr;
+
+use bytes::Bytes;
+use futures::future::Either;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// The request headers a client sends with `CONNECT` (all optional on the wire).
 #[derive(Clone, Debug, Default)]
@@ -36,6 +42,46 @@ pub struct ConnectHeaders {
     pub baggage: Option<String>,
     /// Sent as `traceparent`.
     pub traceparent: Option<String>,
+}
+
+/// The two halves of an open tunnel stream, on either transport.
+pub enum TunnelStream {
+    H2 {
+        send: h2::SendStream<Bytes>,
+        recv: h2::RecvStream,
+    },
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+}
+
+/// Copies `tcp` ⇄ `stream` until both directions have ended, on the stream's transport; what
+/// waits for the TCP side is counted in `budget`.
+///
+/// Not an `async fn`: the future is the transport's own copy, without a copy of `stream` kept
+/// beside it for the connection's whole life (see `crate::task`); QUIC's is boxed, its state
+/// being twice HTTP/2's, so that a connection on HTTP/2 carries no room for it.
+pub fn copy_tunnel<'a>(
+    tcp_read: OwnedReadHalf,
+    tcp_write: OwnedWriteHalf,
+    stream: TunnelStream,
+    counters: &'a copy::ByteCounters,
+    budget: &'a budget::BufferBudget,
+) -> impl Future<Output = Result<(), copy::CopyError>> + Send + 'a {
+    match stream {
+        TunnelStream::H2 { send, recv } => Either::Left(copy::copy(
+            tcp_read, tcp_write, send, recv, counters, budget,
+        )),
+        TunnelStream::Quic { send, recv } => Either::Right(Box::pin(copy::copy(
+            tcp_read,
+            tcp_write,
+            send,
+            quic::Chunks::new(recv),
+            counters,
+            budget,
+        ))),
+    }
 }
 
 /// A new W3C trace context for a connection: version `00`, a random trace id and parent id,

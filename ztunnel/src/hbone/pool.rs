@@ -42,9 +42,9 @@ use rustls::ClientConfig;
 use serde::Serialize;
 
 use super::client::{self, ClientError};
-use super::copy::TunnelStream;
 use super::early::Early;
 use super::quic::{self, Fallback, QuicError, QuicStreamError};
+use super::TunnelStream;
 use crate::identity::{Identity, WorkloadCert};
 use crate::metrics::{Metrics, ResponseFlag};
 use crate::net::netns::Netns;

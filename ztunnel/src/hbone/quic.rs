@@ -9,21 +9,25 @@
 //! closed after 20 s of silence). Each endpoint's UDP socket has buffers large enough for a
 //! window's bursts ([`SOCKET_BUFFER`]).
 //!
-//! Bytes are copied over a stream by [`super::copy::copy_tunnel`].
+//! Bytes are copied over a stream by [`super::copy_tunnel`].
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, StatusCode};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{RecvStream, SendStream, TransportConfig, VarInt};
 use rustls_pki_types::CertificateDer;
 use ztunnel_proto::quic::{self as wire, HeaderError, RequestHeader};
 
+use super::budget::OverBudget;
 use super::consts;
+use super::copy::{CopyError, StreamRecv, StreamSend};
 use super::early::Early;
+use super::queue::{Queue, CHUNKS_PER_WRITE};
 use crate::net::netns::Netns;
 
 /// A peer that does not complete the QUIC handshake within this time is taken as not
@@ -402,6 +406,64 @@ pub enum QuicStreamError {
     Quic(#[from] QuicError),
     #[error("stream refused with status {0}")]
     Status(StatusCode),
+}
+
+impl StreamSend for SendStream {
+    async fn send(&mut self, chunk: Bytes) -> Result<(), CopyError> {
+        self.write_chunk(chunk)
+            .await
+            .map_err(|e| CopyError::Quic(e.to_string()))
+    }
+
+    fn finish(&mut self) -> Result<(), CopyError> {
+        SendStream::finish(self).map_err(|_| CopyError::StreamClosed)
+    }
+
+    fn reset(&mut self) {
+        let _ = SendStream::reset(self, RESET);
+    }
+}
+
+/// A QUIC stream's receiving half: up to [`CHUNKS_PER_WRITE`] chunks taken at a time (the
+/// peer gets credit for them as they are read).
+pub(super) struct Chunks {
+    recv: RecvStream,
+    chunks: [Bytes; CHUNKS_PER_WRITE],
+}
+
+impl Chunks {
+    pub(super) fn new(recv: RecvStream) -> Self {
+        Chunks {
+            recv,
+            chunks: Default::default(),
+        }
+    }
+}
+
+impl StreamRecv for Chunks {
+    /// How many of the chunks were filled.
+    type Arrived = usize;
+
+    async fn arrived(&mut self) -> Result<Option<usize>, CopyError> {
+        self.recv
+            .read_chunks(&mut self.chunks)
+            .await
+            .map_err(|e| CopyError::Quic(e.to_string()))
+    }
+
+    fn take(&mut self, n: usize, queue: &mut Queue<'_>) -> Result<(), OverBudget> {
+        self.chunks[..n]
+            .iter_mut()
+            .try_for_each(|chunk| queue.push(std::mem::take(chunk)))
+    }
+
+    fn written(&mut self, _: usize) -> Result<(), CopyError> {
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        let _ = self.recv.stop(RESET);
+    }
 }
 
 /// Reads a stream's request header (server side), within [`HEADER_TIMEOUT`].

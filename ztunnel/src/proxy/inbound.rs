@@ -38,7 +38,7 @@ use super::peers::{PeerConn, PeerStream};
 use super::{plan, reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
 use crate::hbone::answer::Answer;
-use crate::hbone::copy::copy_tunnel;
+use crate::hbone::copy_tunnel;
 use crate::hbone::server;
 use crate::identity::{self, Identity};
 use crate::metrics::End;

@@ -23,7 +23,7 @@ use super::outcome::{refuse, Outcome};
 use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
 use crate::hbone::client::connect_request;
-use crate::hbone::copy;
+use crate::hbone::copy_tunnel;
 use crate::hbone::early::Early;
 use crate::hbone::pool::{PoolKey, Tunnel};
 use crate::hbone::ConnectHeaders;
@@ -63,7 +63,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             let (rd, wr) = tcp.into_split();
             let bytes = &tracked.record().bytes;
             tokio::select! {
-                r = copy::copy_tunnel(rd, wr, tunnel.stream, bytes, &pi.budget) => {
+                r = copy_tunnel(rd, wr, tunnel.stream, bytes, &pi.budget) => {
                     if let Err(e) = r {
                         super::copy_failed(&pi, &mut tracked, e);
                     }
