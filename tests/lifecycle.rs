@@ -612,8 +612,9 @@ fn the_admin_port_changes_nothing_without_the_nodes_token_and_probes_answer_both
 /// pooled connection refuses is tried again on a newly dialled one, not on the next pooled
 /// connection, which is going away too. Here `a`'s pool holds three connections (two streams
 /// each at most) to a hand-driven HBONE server on host `c`, each with one stream open and room
-/// for another; the server sends a GOAWAY on each, and a new client connection from `a` must
-/// get through.
+/// for another; the server sends a GOAWAY on each and refuses (`REFUSED_STREAM`) any stream
+/// that reaches it before the GOAWAY has reached `a`, and a new client connection from `a`
+/// must get through.
 #[test]
 fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
     use bytes::Bytes;
@@ -622,19 +623,31 @@ fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
     let (mesh, tls) =
         Mesh::with_destination_on_c("draining", vec!["--pool-max-streams".into(), "2".into()]);
     // Each accepted connection answers every CONNECT with 200 and echoes its stream; a
-    // message on `drain` makes every connection accepted so far send a GOAWAY and go on
-    // serving its open streams.
+    // message on `drain` makes every connection accepted so far send a GOAWAY (counted in
+    // `draining`), refuse new streams and go on serving its open ones.
     let (drain, _) = tokio::sync::broadcast::channel::<()>(1);
+    let draining_conns = Arc::new(AtomicUsize::new(0));
     let dialled = {
-        let drain = drain.clone();
+        let (drain, draining_conns) = (drain.clone(), draining_conns.clone());
         mesh.serve_tunnels_on_c(tls, move |mut conn| {
             let mut drain = drain.subscribe();
+            let draining_conns = draining_conns.clone();
             async move {
                 let mut draining = false;
                 loop {
                     tokio::select! {
+                        biased;
+                        _ = drain.recv(), if !draining => {
+                            draining = true;
+                            conn.graceful_shutdown();
+                            draining_conns.fetch_add(1, Ordering::SeqCst);
+                        }
                         r = conn.accept() => {
                             let Some(Ok((req, mut respond))) = r else { return };
+                            if draining {
+                                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                continue;
+                            }
                             let ok = http::Response::builder().status(200).body(()).unwrap();
                             let Ok(mut send) = respond.send_response(ok, false) else { return };
                             tokio::spawn(async move {
@@ -645,10 +658,6 @@ fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
                                 }
                                 let _ = send.send_data(Bytes::new(), true);
                             });
-                        }
-                        _ = drain.recv(), if !draining => {
-                            draining = true;
-                            conn.graceful_shutdown();
                         }
                     }
                 }
@@ -677,11 +686,19 @@ fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
         drop(held.remove(i));
     }
     // The ended streams' places are free once `a` has seen them end; then the destination
-    // drains every connection at once (a GOAWAY each reaches `a` within moments).
+    // drains every connection at once. Whether or not a GOAWAY has reached `a` when the new
+    // stream is sent, the first pooled connection refuses it.
     let m = Mesh::metrics_when(&mesh.a, "ztunnel_pool_streams", &[], 3.0);
     assert_eq!(daemon::metric(&m, "ztunnel_pool_streams", &[]), 3.0, "{m}");
     drain.send(()).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while draining_conns.load(Ordering::SeqCst) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every connection drains"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let (_, got) = mesh
         .a
         .block_on(echo(b"after the drain"))
