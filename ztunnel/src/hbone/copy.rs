@@ -257,10 +257,155 @@ impl StreamRecv for RecvStream {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::AsyncWriteExt;
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
 
-    use super::INITIAL_BUF;
+    use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{copy, ByteCounters, CopyError, Queue, StreamRecv, StreamSend, INITIAL_BUF};
+    use crate::hbone::budget::{BufferBudget, OverBudget, FLOOR};
     use crate::hbone::tests::pair;
+
+    /// What the fake stream saw, shared with the test.
+    #[derive(Debug, Default)]
+    struct Seen {
+        sent: Vec<u8>,
+        finished: bool,
+        reset: bool,
+        stopped: bool,
+        released: usize,
+    }
+
+    /// A stream whose sending half records what it is given, and whose receiving half hands
+    /// out `script` in order, then waits for ever: the faults a real peer cannot produce on
+    /// demand (an error at a chosen point) are in the script.
+    struct Fake {
+        seen: Arc<Mutex<Seen>>,
+        script: VecDeque<Result<Option<Bytes>, CopyError>>,
+    }
+
+    impl Fake {
+        fn new(script: Vec<Result<Option<Bytes>, CopyError>>) -> (Fake, Arc<Mutex<Seen>>) {
+            let seen = Arc::default();
+            let fake = Fake {
+                seen: Arc::clone(&seen),
+                script: script.into(),
+            };
+            (fake, seen)
+        }
+    }
+
+    impl StreamSend for Arc<Mutex<Seen>> {
+        async fn send(&mut self, chunk: Bytes) -> Result<(), CopyError> {
+            self.lock().unwrap().sent.extend_from_slice(&chunk);
+            Ok(())
+        }
+        fn finish(&mut self) -> Result<(), CopyError> {
+            self.lock().unwrap().finished = true;
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.lock().unwrap().reset = true;
+        }
+    }
+
+    impl StreamRecv for Fake {
+        type Arrived = Bytes;
+        async fn arrived(&mut self) -> Result<Option<Bytes>, CopyError> {
+            match self.script.pop_front() {
+                Some(next) => next,
+                None => std::future::pending().await,
+            }
+        }
+        fn take(&mut self, chunk: Bytes, queue: &mut Queue<'_>) -> Result<(), OverBudget> {
+            queue.push(chunk)
+        }
+        fn written(&mut self, n: usize) -> Result<(), CopyError> {
+            self.seen.lock().unwrap().released += n;
+            Ok(())
+        }
+        fn stop(&mut self) {
+            self.seen.lock().unwrap().stopped = true;
+        }
+    }
+
+    /// Runs the copy loop between the accepted end of a loopback pair and `fake`; returns the
+    /// client end and the copy's task.
+    async fn run(
+        fake: Fake,
+        seen: &Arc<Mutex<Seen>>,
+        budget: BufferBudget,
+    ) -> (
+        tokio::net::TcpStream,
+        tokio::task::JoinHandle<Result<(), CopyError>>,
+    ) {
+        let (client, accepted) = pair().await;
+        let (rd, wr) = accepted.into_split();
+        let send = Arc::clone(seen);
+        let task = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            copy(rd, wr, send, fake, &counters, &budget).await
+        });
+        (client, task)
+    }
+
+    #[tokio::test]
+    async fn both_directions_carry_their_bytes_and_their_end() {
+        let script = vec![Ok(Some(Bytes::from_static(b"world"))), Ok(None)];
+        let (fake, seen) = Fake::new(script);
+        let (mut client, task) = run(fake, &seen, BufferBudget::unlimited()).await;
+        client.write_all(b"hello").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        task.await.unwrap().expect("a clean end");
+        assert_eq!(got, b"world", "the stream's bytes, then its end as EOF");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.sent, b"hello");
+        assert!(seen.finished, "the client's EOF ends the stream");
+        assert_eq!(seen.released, 5, "window given back once written");
+        assert!(!seen.reset && !seen.stopped);
+    }
+
+    #[tokio::test]
+    async fn an_error_from_the_stream_resets_both_directions() {
+        let script = vec![
+            Ok(Some(Bytes::from_static(b"partial"))),
+            Err(CopyError::StreamClosed),
+        ];
+        let (fake, seen) = Fake::new(script);
+        let (mut client, task) = run(fake, &seen, BufferBudget::unlimited()).await;
+        let err = task.await.unwrap().expect_err("the stream's error");
+        assert!(matches!(err, CopyError::StreamClosed), "{err}");
+        {
+            let seen = seen.lock().unwrap();
+            assert!(
+                seen.reset && seen.stopped,
+                "both directions reset: {seen:?}"
+            );
+            assert!(!seen.finished, "an aborted stream is not ended cleanly");
+        }
+        // The loop let go of the client's socket: its reads end rather than wait.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.read_to_end(&mut rest),
+        );
+        assert!(read.await.is_ok(), "the client's socket is closed");
+    }
+
+    #[tokio::test]
+    async fn bytes_beyond_the_budget_reset_the_stream() {
+        // The client does not read, so what arrives waits in the queue, counted.
+        let big = Bytes::from(vec![7u8; FLOOR + 1]);
+        let (fake, seen) = Fake::new(vec![Ok(Some(big))]);
+        let budget = BufferBudget::new(FLOOR, Default::default());
+        let (_client, task) = run(fake, &seen, budget).await;
+        let err = task.await.unwrap().expect_err("over the budget");
+        assert!(matches!(err, CopyError::OverBudget(_)), "{err}");
+        assert!(seen.lock().unwrap().reset, "the stream is reset");
+    }
 
     #[tokio::test]
     async fn read_chunk_holds_no_buffer_while_waiting() {
