@@ -372,10 +372,23 @@ fn dual_stack_quic_tunnels_carry_both_families_over_udp_15008_only() {
     let bed = TestBed::builder()
         .pods(testbed::dual_stack_pods())
         .transport(Transport::Quic)
-        .daemon_env(&[("ZTUNNEL_WORKER_THREADS", "3")])
+        .daemon_env(&[
+            ("ZTUNNEL_WORKER_THREADS", "3"),
+            ("ZTUNNEL_WORKER_THRADS", "4"),
+        ])
         .start();
-    // The runtime is sized by the setting (2 by default, not one thread per core).
+    // The runtime is sized by the setting (2 by default, not one thread per core); a
+    // misspelt setting beside it is named in a warning, not silently ignored.
     assert_workers(&bed, 0, 3);
+    let log = bed.log(0);
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("no setting reads this environment variable"))
+        .collect();
+    assert!(
+        warned.len() == 1 && warned[0].contains("ZTUNNEL_WORKER_THRADS"),
+        "{warned:?}"
+    );
     bed.pod("server").ns.serve_dual(8080, apps::whoami_server);
 
     let pcap = bed.dir().join("underlay.pcap");

@@ -87,7 +87,8 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `ztunnel <args>` in `ns`, logging to `<dir>/<name>.log`.
+    /// Starts `ztunnel <args>` in `ns`, logging to `<dir>/<name>.log`. Its settings are
+    /// `args` and `env` only: the test process's own `ZTUNNEL_…` variables are not passed on.
     pub fn start(
         ns: &Netns,
         name: &str,
@@ -105,6 +106,11 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ZTUNNEL_") {
+                cmd.env_remove(k);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -292,6 +292,13 @@ impl RunConfig {
             .collect()
     }
 
+    /// The environment's `ZTUNNEL_…` variables (of `names`) that no setting of `run` reads
+    /// (misspelt or retired settings, not Kubernetes service links): the daemon warns of each
+    /// at start.
+    pub fn unknown_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
+        settings::unknown_variables::<RunArgs>(names)
+    }
+
     /// Parses `args` (`args[0]` is the program name) with `env` as the environment.
     pub fn from_sources(args: Vec<String>, env: Env<'_>) -> Result<RunConfig, ConfigError> {
         let (a, origins) = settings::parse::<RunArgs>(&args, env)?;

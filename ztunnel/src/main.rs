@@ -90,6 +90,7 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let set_level = init_logging(&cfg.log_filter, cfg.log_format)?;
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(config = %cfg, workers, "starting ztunnel");
+    warn_unknown_variables(RunConfig::unknown_variables(env_names()));
     raise_fd_limit();
     let daemon = ztunnel::app::start(&cfg, set_level).await?;
     tracing::info!("ready to serve");
@@ -97,6 +98,19 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     wait_for_signal().await?;
     daemon.drain().await;
     Ok(())
+}
+
+/// The names of the process's environment variables.
+fn env_names() -> impl Iterator<Item = String> {
+    std::env::vars_os().filter_map(|(name, _)| name.into_string().ok())
+}
+
+/// A `ZTUNNEL_…` variable that no setting reads is most likely a misspelt one: said, not
+/// silently ignored.
+fn warn_unknown_variables(names: Vec<String>) {
+    for name in names {
+        tracing::warn!(variable = %name, "no setting reads this environment variable; ignored (misspelt?)");
+    }
 }
 
 /// Every proxied connection holds two descriptors: lift the soft limit to the hard one.
@@ -116,6 +130,7 @@ async fn ca(args: Vec<String>) -> anyhow::Result<()> {
     let cfg = CaConfig::from_sources(args, &env).unwrap_or_else(|e| config_error(e));
     let _set_level = init_logging(&cfg.log_filter, cfg.log_format)?;
     tracing::info!(config = %cfg, "starting ztunnel ca");
+    warn_unknown_variables(CaConfig::unknown_variables(env_names()));
     ztunnel::ca::run(&cfg, wait_for_signal_quiet()).await?;
     Ok(())
 }

@@ -225,6 +225,11 @@ fn per_second(period: Duration) -> u32 {
 }
 
 impl CaConfig {
+    /// The environment's `ZTUNNEL_…` variables (of `names`) that no setting of `ca` reads.
+    pub fn unknown_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
+        settings::unknown_variables::<CaArgs>(names)
+    }
+
     /// Parses `args` (`args[0]` is the program name) with `env` as the environment.
     pub fn from_sources(args: Vec<String>, env: Env<'_>) -> Result<CaConfig, ConfigError> {
         let (a, origins) = settings::parse::<CaArgs>(&args, env)?;

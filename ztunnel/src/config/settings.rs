@@ -45,6 +45,37 @@ pub(super) fn command<A: CommandFactory>() -> Command {
     A::command().mut_args(|a| a.hide_env_values(true))
 }
 
+/// The names among `names` (the environment's) that look meant for `A` (they start with
+/// `ZTUNNEL_`) but that none of its flags reads: a misspelt or retired setting, which would
+/// otherwise be ignored without a word. Kubernetes' service links (`<SERVICE>_SERVICE_HOST`,
+/// `<SERVICE>_PORT…`, set in every pod of a namespace that has a Service named `ztunnel…`)
+/// are not settings and are left out.
+pub(super) fn unknown_variables<A: CommandFactory>(
+    names: impl IntoIterator<Item = String>,
+) -> Vec<String> {
+    let cmd = A::command();
+    let known: BTreeSet<&str> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env()?.to_str())
+        .collect();
+    let service_link = |name: &str| {
+        name.contains("_SERVICE_HOST")
+            || name.contains("_SERVICE_PORT")
+            || name.ends_with("_PORT")
+            || name.split("_PORT_").skip(1).any(|rest| {
+                rest.split('_')
+                    .next()
+                    .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            })
+    };
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.starts_with("ZTUNNEL_") && !known.contains(n.as_str()) && !service_link(n))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// Parses `args` (`args[0]` is the program name) into `A`, the variables read from `env`.
 ///
 /// A first pass parses the command line alone, so that its invalid values are named by their

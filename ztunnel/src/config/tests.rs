@@ -700,3 +700,29 @@ fn istio_compat_needs_kubernetes_and_adds_istios_root() {
         assert!(e.contains(want), "{args:?} {env:?}: {e}");
     }
 }
+
+#[test]
+fn unknown_variables_are_the_misspelt_settings_only() {
+    let names = [
+        "ZTUNNEL_QUIC_LISTEN",         // a setting of `run`
+        "ZTUNNEL_QUIC_LISTN",          // misspelt
+        "ZTUNNEL_CA_LISTEN",           // a setting of `ca`, not of `run`
+        "PATH",                        // not ours
+        "TRUST_DOMAIN",                // a setting without the prefix
+        "ZTUNNEL_SERVICE_HOST",        // Kubernetes' links to a Service named `ztunnel`
+        "ZTUNNEL_SERVICE_PORT_ADMIN",  //
+        "ZTUNNEL_PORT",                //
+        "ZTUNNEL_PORT_15020_TCP_ADDR", //
+        "ZTUNNEL_CA_PORT_15012_TCP",   // and to one named `ztunnel-ca`
+        "ZTUNNEL_PORTS",               // not a link
+    ]
+    .map(String::from);
+    assert_eq!(
+        RunConfig::unknown_variables(names.clone()),
+        ["ZTUNNEL_CA_LISTEN", "ZTUNNEL_PORTS", "ZTUNNEL_QUIC_LISTN"]
+    );
+    assert_eq!(
+        CaConfig::unknown_variables(names),
+        ["ZTUNNEL_PORTS", "ZTUNNEL_QUIC_LISTEN", "ZTUNNEL_QUIC_LISTN"]
+    );
+}
