@@ -22,7 +22,7 @@ use ztunnel_e2e::raw_h2::{self, Outcome};
 
 #[test]
 fn connect_requests_get_the_contract_status() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     let accepted = mesh.b.spawn(async {
         let l = apps::listen(8080).await;
         tokio::time::timeout(Duration::from_secs(3), l.accept())
@@ -139,7 +139,7 @@ fn connect_requests_get_the_contract_status() {
 /// keeps the tunnel's own source address and records the claim beside it, never in its place.
 #[test]
 fn the_access_log_keeps_the_tunnel_peer_address_beside_a_forwarded_claim() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     mesh.b.serve(8080, |l| async move {
         while let Ok((s, _)) = l.accept().await {
             drop(s);
@@ -187,7 +187,7 @@ fn the_access_log_keeps_the_tunnel_peer_address_beside_a_forwarded_claim() {
 /// counted and logged.
 #[test]
 fn a_tunnel_to_an_address_of_no_local_workload_is_reset_before_tls() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     let cfg = mesh.client_tls();
     let outcome = mesh.b.block_on(async move {
         // The reset can come before the connect has completed on this side.
@@ -224,7 +224,7 @@ fn a_tunnel_to_an_address_of_no_local_workload_is_reset_before_tls() {
 /// logged: it is never tunnelled under some workload's identity, nor sent in plaintext.
 #[test]
 fn a_captured_connection_from_an_address_of_no_workload_is_reset() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     mesh.a
         .ip(&["addr", "add", "10.77.0.99/24", "dev", "eth0"])
         .expect("a second address");
@@ -259,7 +259,7 @@ fn a_captured_connection_from_an_address_of_no_workload_is_reset() {
 /// `missing_authority` and logged.
 #[test]
 fn a_connect_without_authority_is_answered_400() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     let l = mesh.b.block_on(apps::listen(8080));
     let cfg = mesh.client_tls();
     let outcome = mesh.c.block_on(async move {

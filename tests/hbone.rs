@@ -195,7 +195,7 @@ for_each_transport! {
             workloads: wl,
             ..t.server()
         };
-        let mesh = Mesh::start(t.client(), b).expect("test bed");
+        let mesh = Mesh::builder().a(t.client()).b(b).start();
         let (ma, _) = refused_connection(&mesh);
         expect_metric(
             &ma,
@@ -244,7 +244,7 @@ fn refused_connection(mesh: &Mesh) -> (String, String) {
 fn client_certificate_from_another_trust_domain_is_refused() {
     // A client holding a certificate for `spiffe://other.local/...`, signed by the mesh's own
     // root (so only the trust domain is wrong), that accepts b's real identity: b must refuse it.
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     let ca = LocalCa::load_or_create(&mesh.ca_dir, "other.local").unwrap();
     let me: Identity = "spiffe://other.local/ns/demo/sa/client".parse().unwrap();
     let cert = issue(&ca, &me, Duration::from_secs(3600)).unwrap();
@@ -282,7 +282,7 @@ fn client_certificate_from_an_untrusted_ca_is_refused() {
         ca_dir: Some(other_ca.path().join("ca")),
         ..Default::default()
     };
-    let mesh = Mesh::start(a, NodeOptions::default()).expect("test bed");
+    let mesh = Mesh::builder().a(a).start();
     let (ma, _) = refused_connection(&mesh);
     let mb = Mesh::metrics_when(
         &mesh.b,
@@ -313,7 +313,7 @@ fn client_certificate_from_an_untrusted_ca_is_refused() {
 
 #[test]
 fn passthrough_and_plaintext_inbound() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     // a → c: c is not in the mesh, so the connection leaves a as plain TCP from a's address.
     let c_server = mesh.c.serve(9090, |l| async move {
         let (mut s, peer) = l.accept().await?;

@@ -183,7 +183,7 @@ fn hostile_peers_are_refused_counted_and_keep_no_one_out() {
         ],
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), caps).expect("start the test bed");
+    let mesh = Mesh::builder().b(caps).start();
     let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
     let cfg = mesh.client_tls();
 
@@ -353,7 +353,7 @@ fn a_few_addresses_holding_every_place_keep_no_one_out() {
         ],
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("start the test bed");
+    let mesh = Mesh::builder().b(b).start();
     for src in &FLOOD_SOURCES[1..] {
         mesh.c
             .ip(&["addr", "add", &format!("{src}/24"), "dev", "eth0"])
@@ -456,7 +456,7 @@ async fn connect_from(src: IpAddr, addr: SocketAddr) -> Option<TcpStream> {
 /// logged: authenticating does not let it hold a connection for ever.
 #[test]
 fn an_authenticated_peer_that_never_speaks_http2_is_dropped_at_the_deadline() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
     let cfg = mesh.client_tls();
     mesh.c.block_on(async move {
@@ -485,8 +485,12 @@ fn a_destination_that_never_answers_is_given_up_on_and_the_client_reset() {
 
     use ztunnel_e2e::mesh::C_IP;
 
-    let (mesh, tls) =
-        Mesh::with_destination_on_c("silent", vec!["--connect-timeout".into(), "1s".into()]);
+    let a = NodeOptions {
+        extra_args: vec!["--connect-timeout".into(), "1s".into()],
+        ..Default::default()
+    };
+    let mesh = Mesh::builder().a(a).destination_on_c("silent").start();
+    let tls = mesh.destination_tls();
     let requests = Arc::new(AtomicUsize::new(0));
     let dialled = {
         let requests = requests.clone();
@@ -546,7 +550,7 @@ fn idle_tunnel_connections_are_closed_and_busy_ones_kept() {
         extra_args: vec!["--pool-idle-timeout".into(), "500ms".into()],
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("start the test bed");
+    let mesh = Mesh::builder().b(b).start();
     mesh.b.serve(8080, apps::echo_interactive);
     let cfg = mesh.client_tls();
     let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
@@ -632,7 +636,7 @@ fn a_peer_allowed_by_policy_holds_no_more_than_its_connection_and_stream_caps() 
         .to_vec(),
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("start the test bed");
+    let mesh = Mesh::builder().b(b).start();
     let accepted = counting_app(&mesh.b, 8080, true);
     let cfg = mesh.client_tls();
     let tunnel: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
@@ -721,7 +725,7 @@ fn streams_to_an_application_that_does_not_read_hold_no_more_than_the_node_budge
         extra_args: ["--max-buffered-mib", "1"].map(String::from).to_vec(),
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("start the test bed");
+    let mesh = Mesh::builder().b(b).start();
     let _sink = counting_app(&mesh.b, 8080, false);
     let _echo = counting_app(&mesh.b, 8081, true);
     let cfg = mesh.client_tls();

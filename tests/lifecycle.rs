@@ -618,10 +618,14 @@ fn the_admin_port_changes_nothing_without_the_nodes_token_and_probes_answer_both
 #[test]
 fn a_stream_refused_by_a_draining_destination_is_retried_on_a_new_connection() {
     use bytes::Bytes;
-    use ztunnel_e2e::mesh::{Mesh, C_IP};
+    use ztunnel_e2e::mesh::{Mesh, NodeOptions, C_IP};
 
-    let (mesh, tls) =
-        Mesh::with_destination_on_c("draining", vec!["--pool-max-streams".into(), "2".into()]);
+    let a = NodeOptions {
+        extra_args: vec!["--pool-max-streams".into(), "2".into()],
+        ..Default::default()
+    };
+    let mesh = Mesh::builder().a(a).destination_on_c("draining").start();
+    let tls = mesh.destination_tls();
     // Each accepted connection answers every CONNECT with 200 and echoes its stream; a
     // message on `drain` makes every connection accepted so far send a GOAWAY (counted in
     // `draining`), refuse new streams and go on serving its open ones.

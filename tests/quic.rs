@@ -53,7 +53,7 @@ fn no_quic_answer_falls_back_to_http2_and_is_remembered() {
         ]),
         ..Default::default()
     };
-    let mesh = Mesh::start(a, NodeOptions::default()).expect("test bed");
+    let mesh = Mesh::builder().a(a).start();
     let server = mesh.b.serve(8080, |l| async move {
         for _ in 0..2 {
             let (s, _) = l.accept().await?;

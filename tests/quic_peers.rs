@@ -33,7 +33,7 @@ use crate::quic_common::*;
 /// version), and a valid one carries bytes both ways with half-close.
 #[test]
 fn quic_stream_headers_get_the_contract_status() {
-    let mesh = Mesh::start(NodeOptions::default(), Transport::Quic.server()).expect("test bed");
+    let mesh = Mesh::builder().b(Transport::Quic.server()).start();
     let server = mesh.b.serve(8080, |l| async move {
         let got = apps::echo_one(&l).await?;
         // Only the valid stream reaches the application.
@@ -142,7 +142,7 @@ fn connection_error(e: &QuicError) -> Option<&quinn::ConnectionError> {
 /// TLS alert, no stream gets through, and `b` counts the refusal.
 #[test]
 fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
-    let mesh = Mesh::start(NodeOptions::default(), Transport::Quic.server()).expect("test bed");
+    let mesh = Mesh::builder().b(Transport::Quic.server()).start();
     let accepted = mesh.b.spawn(async {
         let l = apps::listen(8080).await;
         tokio::time::timeout(Duration::from_secs(3), l.accept())
@@ -213,7 +213,7 @@ fn client_certificate_from_an_untrusted_ca_is_refused_at_the_quic_handshake() {
 /// and the same connection's other streams are served meanwhile.
 #[test]
 fn a_stream_whose_header_never_completes_is_refused_and_blocks_nothing() {
-    let mesh = Mesh::start(NodeOptions::default(), Transport::Quic.server()).expect("test bed");
+    let mesh = Mesh::builder().b(Transport::Quic.server()).start();
     let server = mesh.b.serve(8080, apps::echo_once);
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     let (echoed, status, rest) = mesh.c.block_on(async move {
@@ -286,7 +286,10 @@ fn silent_quic_handshakes_are_capped_per_peer_and_keep_no_one_out() {
         ]),
         ..Default::default()
     };
-    let mesh = Mesh::start(Transport::Quic.client(), b_opts).expect("test bed");
+    let mesh = Mesh::builder()
+        .a(Transport::Quic.client())
+        .b(b_opts)
+        .start();
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     let (counted, release) = tokio::sync::oneshot::channel::<()>();
     // From c: 20 clients, each behind a relay that passes only its first datagram (the
@@ -396,7 +399,10 @@ fn under_load_new_quic_connections_must_prove_their_address() {
         ]),
         ..Default::default()
     };
-    let mesh = Mesh::start(Transport::Quic.client(), b_opts).expect("test bed");
+    let mesh = Mesh::builder()
+        .a(Transport::Quic.client())
+        .b(b_opts)
+        .start();
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     let pending = |want: f64| {
         let m = Mesh::metrics_when(&mesh.b, "ztunnel_pending_handshakes", &[], want);
@@ -455,7 +461,7 @@ fn idle_quic_connections_are_closed_and_busy_ones_kept() {
         extra_args: args(&["--quic-listen", "true", "--pool-idle-timeout", "500ms"]),
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    let mesh = Mesh::builder().b(b).start();
     mesh.b.serve(8080, apps::echo_interactive);
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
     mesh.c.block_on(async move {
@@ -581,7 +587,7 @@ impl Session for OneUniStreamSession {
 /// nothing.
 #[test]
 fn a_quic_connection_closed_on_a_protocol_error_is_counted() {
-    let mesh = Mesh::start(NodeOptions::default(), Transport::Quic.server()).expect("test bed");
+    let mesh = Mesh::builder().b(Transport::Quic.server()).start();
     let l = mesh.b.block_on(apps::listen(8080));
     let mut tls = (*mesh.client_tls()).clone();
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];

@@ -88,7 +88,7 @@ fn access_error(log: &str, dst: &str) -> String {
 /// and its access-log line says why.
 #[test]
 fn plaintext_to_a_daemon_port_is_refused_as_recursion() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     let dst = format!("{B_IP}:15001");
     assert_reset(&exchange(&mesh.c, dst.parse().unwrap()));
     let m = assert_refused_once(&mesh.b, "inbound_plaintext_recursion");
@@ -113,7 +113,7 @@ fn plaintext_to_a_daemon_port_is_refused_as_recursion() {
 /// counted, and its access-log line carries the dial's error.
 #[test]
 fn plaintext_to_a_closed_application_port_is_reset() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     let dst = format!("{B_IP}:8081");
     assert_reset(&exchange(&mesh.c, dst.parse().unwrap()));
     assert_refused_once(&mesh.b, "inbound_plaintext_app_unreachable");
@@ -130,7 +130,7 @@ fn plaintext_to_a_closed_application_port_is_reset() {
 /// address never sees it; counted and logged.
 #[test]
 fn plaintext_to_an_address_of_no_local_workload_is_reset() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     mesh.b
         .ip(&["addr", "add", "10.77.0.98/24", "dev", "eth0"])
         .expect("a second address");
@@ -150,7 +150,7 @@ fn plaintext_to_an_address_of_no_local_workload_is_reset() {
 /// 15006 from connection tracking, so there is none): it is reset, counted and logged.
 #[test]
 fn a_plaintext_connection_that_was_not_redirected_is_reset() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     mesh.b
         .nft(&format!(
             "table inet zt_untracked {{
@@ -185,7 +185,7 @@ fn a_plaintext_connection_that_was_not_redirected_is_reset() {
 /// original destination to read: it is reset, counted and logged, and nothing is tunnelled.
 #[test]
 fn an_outbound_connection_that_was_not_redirected_is_reset() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     mesh.a
         .nft(
             "table inet zt_untracked {
@@ -222,7 +222,7 @@ fn an_outbound_connection_that_was_not_redirected_is_reset() {
 /// it and logs it; `b`'s daemon sees nothing of it.
 #[test]
 fn an_outbound_connection_with_no_route_is_reset_at_the_source() {
-    let mesh = Mesh::default_pair();
+    let mesh = Mesh::builder().start();
     let dst = format!("{B_IP}:15006");
     assert_reset(&exchange(&mesh.a, dst.parse().unwrap()));
     let ma = assert_refused_once(&mesh.a, "outbound_no_route");
@@ -265,7 +265,7 @@ fn a_tunnel_to_a_workload_without_a_certificate_is_refused() {
         ca_address: Some(NO_CA.into()),
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    let mesh = Mesh::builder().b(b).start();
     let (status, _) = daemon::http(&mesh.b, "GET", "127.0.0.1:15021", "/healthz/ready")
         .expect("the readiness endpoint answers");
     assert_ne!(status, 200, "a daemon whose CA is unreachable is not ready");
@@ -297,7 +297,7 @@ fn an_outbound_connection_of_a_workload_without_a_certificate_is_reset() {
         ca_address: Some(NO_CA.into()),
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    let mesh = Mesh::builder().b(b).start();
     let l = app(&mesh.a, 8080);
     assert_reset(&exchange(&mesh.b, format!("{A_IP}:8080").parse().unwrap()));
     let mb = assert_refused_once(&mesh.b, "outbound_no_certificate");
@@ -328,7 +328,7 @@ fn a_certificate_the_ca_refuses_leaves_the_daemon_ready_and_is_counted() {
         ca_address: Some(REFUSING_CA.into()),
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    let mesh = Mesh::builder().b(b).start();
     let tokens = mesh.dir.path().join("refusing-ca-tokens");
     std::fs::write(&tokens, "a-token\n").unwrap();
     let args: Vec<String> = [

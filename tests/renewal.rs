@@ -25,7 +25,7 @@ fn transfer_spanning_a_certificate_renewal_is_not_interrupted() {
         extra_args: vec!["--cert-lifetime".into(), "4s".into()],
         ..Default::default()
     };
-    let mesh = Mesh::start(short(), short()).expect("test bed");
+    let mesh = Mesh::builder().a(short()).b(short()).start();
     let before = serials(&mesh.a);
     assert_eq!(before.len(), 1, "one local workload on node a");
     let server = mesh.b.serve(8080, |l| async move {
@@ -89,7 +89,7 @@ fn a_two_phase_root_rotation_refuses_no_connection() {
         extra_args: vec!["--cert-lifetime".into(), "4s".into()],
         ..Default::default()
     };
-    let mesh = Mesh::start(node(), node()).expect("test bed");
+    let mesh = Mesh::builder().a(node()).b(node()).start();
     let tokens = mesh.dir.path().join("ca-tokens");
     std::fs::write(&tokens, "a-token\n").unwrap();
     let args: Vec<String> = [

@@ -128,6 +128,54 @@ impl Default for NodeOptions {
     }
 }
 
+/// How the two-node bed is built: each daemon's options, then [`MeshBuilder::start`].
+#[derive(Default)]
+pub struct MeshBuilder {
+    a: NodeOptions,
+    b: NodeOptions,
+    on_c: Option<&'static str>,
+}
+
+impl MeshBuilder {
+    /// How the daemon on host `a` differs from the default.
+    pub fn a(mut self, options: NodeOptions) -> Self {
+        self.a = options;
+        self
+    }
+
+    /// How the daemon on host `b` differs from the default.
+    pub fn b(mut self, options: NodeOptions) -> Self {
+        self.b = options;
+        self
+    }
+
+    /// Host `c` is also a destination that the test drives itself: `a`'s discovery knows
+    /// workload `name` on `node-c` at [`C_IP`], of ServiceAccount `demo/server`
+    /// ([`Mesh::destination_tls`] has its certificate).
+    pub fn destination_on_c(mut self, name: &'static str) -> Self {
+        self.on_c = Some(name);
+        self
+    }
+
+    /// Starts the bed; panics when it cannot.
+    pub fn start(self) -> Mesh {
+        self.try_start().expect("start the test bed")
+    }
+
+    /// Starts the bed: hosts, switch, capture rules, then both daemons, ready.
+    pub fn try_start(mut self) -> Result<Mesh> {
+        if let Some(name) = self.on_c {
+            self.a.workloads.push(Wl {
+                name,
+                sa: "server".into(),
+                node: "node-c",
+                ip: C_IP,
+            });
+        }
+        Mesh::start(self.a, self.b)
+    }
+}
+
 /// The running test bed; torn down on drop.
 pub struct Mesh {
     pub a_daemon: Process,
@@ -220,7 +268,12 @@ impl Mesh {
             "the client's bytes after the server's FIN"
         );
     }
-    pub fn start(a_opts: NodeOptions, b_opts: NodeOptions) -> Result<Mesh> {
+    /// The bed's builder: both daemons with [`NodeOptions::default`] unless told otherwise.
+    pub fn builder() -> MeshBuilder {
+        MeshBuilder::default()
+    }
+
+    fn start(a_opts: NodeOptions, b_opts: NodeOptions) -> Result<Mesh> {
         netns::require_prerequisites();
         let dir = tempfile::tempdir()?;
         let prefix = netns::unique_prefix();
@@ -272,11 +325,6 @@ impl Mesh {
         Ok(mesh)
     }
 
-    /// The default two-node mesh.
-    pub fn default_pair() -> Mesh {
-        Mesh::start(NodeOptions::default(), NodeOptions::default()).expect("start the test bed")
-    }
-
     /// The metrics text of the daemon in `ns`.
     /// Waits (up to 5 s) until the metric reaches `want` in the daemon of `ns`, since the
     /// far end of a refused connection may count it a moment after the near end sees it;
@@ -305,34 +353,16 @@ impl Mesh {
         }
     }
 
-    /// A bed whose host `c` is also a destination driven by the test itself: discovery (on
-    /// `a`, started with `a_args`) knows workload `name` on `node-c` at [`C_IP`], of
-    /// ServiceAccount `demo/server`. Returns the bed and a TLS server configuration with that
-    /// workload's certificate, for the test's own HBONE server on `C_IP:15008`.
-    pub fn with_destination_on_c(
-        name: &'static str,
-        a_args: Vec<String>,
-    ) -> (Mesh, std::sync::Arc<rustls::ServerConfig>) {
+    /// A TLS server configuration with the certificate of the workload on host `c` that
+    /// [`MeshBuilder::destination_on_c`] added (ServiceAccount `demo/server`), for the test's
+    /// own HBONE server on `C_IP:15008` ([`Mesh::serve_tunnels_on_c`]).
+    pub fn destination_tls(&self) -> std::sync::Arc<rustls::ServerConfig> {
         use ztunnel::identity::Identity;
-        let mut workloads = default_workloads();
-        workloads.push(Wl {
-            name,
-            sa: "server".into(),
-            node: "node-c",
-            ip: C_IP,
-        });
-        let a = NodeOptions {
-            workloads,
-            extra_args: a_args,
-            ..Default::default()
-        };
-        let mesh = Mesh::start(a, NodeOptions::default()).expect("start the test bed");
-        let ca = ztunnel::ca::LocalCa::load_or_create(&mesh.ca_dir, TRUST_DOMAIN).unwrap();
+        let ca = ztunnel::ca::LocalCa::load_or_create(&self.ca_dir, TRUST_DOMAIN).unwrap();
         let id: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
-        let tls = ztunnel::ca::issue(&ca, &id, Duration::from_secs(3600))
+        ztunnel::ca::issue(&ca, &id, Duration::from_secs(3600))
             .unwrap()
-            .server_config();
-        (mesh, tls)
+            .server_config()
     }
 
     /// The test's own tunnel server on host c, `C_IP:15008` (bound before this returns), with

@@ -38,7 +38,7 @@ impl Transport {
 
     /// The default two-node mesh tunnelling on this transport.
     pub fn pair(self) -> Mesh {
-        Mesh::start(self.client(), self.server()).expect("start the test bed")
+        Mesh::builder().a(self.client()).b(self.server()).start()
     }
 
     /// The environment of every daemon of an in-pod bed ([`crate::testbed::Builder`]): each

@@ -35,7 +35,7 @@ fn bed() -> Mesh {
         ],
         ..Default::default()
     };
-    let mesh = Mesh::start(NodeOptions::default(), b).expect("test bed");
+    let mesh = Mesh::builder().b(b).start();
     mesh.b.serve(8080, |l| async move {
         loop {
             let _ = ztunnel_e2e::apps::echo_one(&l).await;
@@ -301,7 +301,7 @@ fn a_client_certificate_with_several_uri_sans_is_accepted_as_istio_accepts_it() 
 #[test]
 fn a_server_certificate_with_several_uri_sans_is_accepted_as_istio_accepts_it() {
     use tokio::io::AsyncWriteExt;
-    let (mesh, _) = Mesh::with_destination_on_c("several", Vec::new());
+    let mesh = Mesh::builder().destination_on_c("several").start();
     let server = cert(
         &mesh,
         "server",
