@@ -253,7 +253,16 @@ struct Bed {
 impl Bed {
     fn start(quic: bool) -> Result<Bed> {
         let mut pods = default_pods();
-        let mut env = vec![("RUST_LOG", "info")];
+        // The caller's `ZTUNNEL_…` settings reach the daemons (the bed passes on no others),
+        // under the bed's own.
+        let inherited: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("ZTUNNEL_"))
+            .collect();
+        let mut env: Vec<(&str, &str)> = inherited
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        env.push(("RUST_LOG", "info"));
         if quic {
             pods.push(PodSpec {
                 name: "server-quic",
