@@ -103,13 +103,6 @@ pub struct Lease {
     metrics: Arc<Metrics>,
 }
 
-impl Lease {
-    /// The id of the connection the stream runs on.
-    pub fn connection_id(&self) -> u64 {
-        self.conn.id
-    }
-}
-
 impl Drop for Lease {
     fn drop(&mut self) {
         let key = self.conn.key_state.upgrade();
