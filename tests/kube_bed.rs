@@ -28,9 +28,10 @@ use ztunnel_e2e::daemon::access_lines;
 use ztunnel_e2e::kubebed::{has_table, spec, wait_for, whoami, Pause};
 use ztunnel_e2e::testbed::TestBed;
 
-#[test]
-fn pods_policies_and_enrollment_follow_the_api_server() {
-    let bed = TestBed::builder()
+/// The bed on the real API server with `client` and `legacy` on n1 (`demo`, enrolled, and
+/// `plain`, not) and `server` on n2 (`demo`).
+fn three_pods_on_the_api_server() -> TestBed {
+    TestBed::builder()
         .pods(vec![
             spec("client", "demo", 0, "10.20.1.10"),
             spec("server", "demo", 1, "10.20.2.10"),
@@ -38,7 +39,12 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         ])
         .kube(json!({}))
         .try_start()
-        .expect("the bed on the real API server");
+        .expect("the bed on the real API server")
+}
+
+#[test]
+fn pods_policies_and_enrollment_follow_the_api_server() {
+    let bed = three_pods_on_the_api_server();
     let demo = bed.api_namespace("demo");
     let plain = bed.api_namespace("plain");
     bed.pod("server").ns.serve_dual(8080, apps::whoami_server);
@@ -297,15 +303,7 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
 /// decides as Istio's ambient mode does, on real traffic.
 #[test]
 fn when_disable_and_port_level_mtls_from_the_api_server() {
-    let bed = TestBed::builder()
-        .pods(vec![
-            spec("client", "demo", 0, "10.20.1.10"),
-            spec("server", "demo", 1, "10.20.2.10"),
-            spec("legacy", "plain", 0, "10.20.1.11"),
-        ])
-        .kube(json!({}))
-        .try_start()
-        .expect("the bed on the real API server");
+    let bed = three_pods_on_the_api_server();
     let demo = bed.api_namespace("demo");
     let cp = bed.kube.as_ref().unwrap().cp;
     for port in [8080, 9090] {
