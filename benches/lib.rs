@@ -174,6 +174,7 @@ impl Fixture {
             let settings = PoolSettings {
                 max_streams: 100,
                 idle_timeout: Duration::from_secs(300),
+                spare_idle_timeout: ztunnel::hbone::pool::SPARE_IDLE_TIMEOUT,
                 connect,
                 quic: QuicSettings::default(),
                 sockets: redirects.clone(),

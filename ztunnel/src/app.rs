@@ -155,6 +155,7 @@ pub async fn start(
         PoolSettings {
             max_streams: cfg.pool_max_streams as usize,
             idle_timeout: cfg.pool_idle_timeout,
+            spare_idle_timeout: crate::hbone::pool::SPARE_IDLE_TIMEOUT,
             connect,
             quic: QuicSettings {
                 destinations: cfg.quic_destinations.clone(),

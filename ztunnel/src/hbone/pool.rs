@@ -5,9 +5,18 @@
 //! connection. Only one connection is dialled per key at a time: concurrent first requests
 //! wait for that one handshake rather than each opening their own. A connection whose driver
 //! ended (peer closed, ping timeout, error) is removed at once, so the next stream dials anew;
-//! a connection with no streams for `idle_timeout` is closed. The connections that leave from
+//! a connection with no streams for `idle_timeout` is closed, and a spare one (see below) for
+//! `spare_idle_timeout`. The connections that leave from
 //! a pod's network namespace are closed when the pod leaves the mesh ([`Pool::evict_netns`]),
 //! so that the pool does not keep the namespace open.
+//!
+//! A stream goes to the oldest connection of its key with room, so after a burst the newer
+//! connections empty first. A connection without streams is *spare* while an older open
+//! connection of its key has room (it gets no stream until that one is full): it is closed
+//! after the short `spare_idle_timeout` rather than the idle timeout, so that what a burst
+//! opened (each connection holds TLS and HTTP/2 buffers) is given back once the burst is over,
+//! while a key keeps one connection for its next stream. Whether a connection is spare is
+//! decided again whenever one of its key's connections ends its last stream or gains room.
 //!
 //! Reservation and idle-closing both happen under the key's lock, so a connection is never
 //! closed as idle while a stream is being placed on it.
@@ -67,6 +76,9 @@ pub struct PoolKey {
 pub struct PoolSettings {
     pub max_streams: usize,
     pub idle_timeout: Duration,
+    /// How long a spare connection (see the module's documentation) is kept without streams;
+    /// at most `idle_timeout`. [`SPARE_IDLE_TIMEOUT`] in the daemon.
+    pub spare_idle_timeout: Duration,
     pub connect: ConnectOptions,
     pub quic: QuicSettings,
     /// Where tunnel connections are dialled from ([`crate::net::sockets`]).
@@ -87,6 +99,10 @@ impl QuicSettings {
         self.destinations.iter().any(|n| n.contains(&ip))
     }
 }
+
+/// How long the daemon keeps a spare connection without streams: long enough that a burst
+/// that comes back within seconds finds its connections open.
+pub const SPARE_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long an address that did not answer on QUIC is dialled on HTTP/2 only.
 pub const QUIC_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -109,13 +125,20 @@ impl Drop for Lease {
         let _guard = key
             .as_ref()
             .map(|k| k.conns.lock().unwrap_or_else(|e| e.into_inner()));
-        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let before = self.conn.streams.fetch_sub(1, Ordering::AcqRel);
+        if before == 1 {
             *self
                 .conn
                 .idle_since
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = Instant::now();
             self.conn.unused.notify_waiters();
+        }
+        if before == 1 || before == self.conn.max_streams {
+            // Another of the key's connections may have become spare.
+            if let Some(k) = &key {
+                k.changed.notify_waiters();
+            }
         }
         self.metrics.pool_streams.dec();
     }
@@ -141,6 +164,7 @@ struct Conn {
     id: u64,
     link: Link,
     streams: AtomicUsize,
+    max_streams: usize,
     idle_since: Mutex<Instant>,
     closed: AtomicBool,
     key_state: Weak<KeyState>,
@@ -153,8 +177,11 @@ struct Conn {
 
 #[derive(Default)]
 struct KeyState {
+    /// Oldest first.
     conns: Mutex<Vec<Arc<Conn>>>,
     dialing: tokio::sync::Mutex<()>,
+    /// Told when one of the connections ends its last stream or gains room.
+    changed: tokio::sync::Notify,
 }
 
 impl KeyState {
@@ -384,6 +411,12 @@ impl Pool {
         self.inner.settings.idle_timeout * 2
     }
 
+    /// How long a connection without streams is kept: (in use, spare).
+    fn idle_timeouts(&self) -> (Duration, Duration) {
+        let s = &self.inner.settings;
+        (s.idle_timeout, s.spare_idle_timeout.min(s.idle_timeout))
+    }
+
     /// How long a stream's request may wait for the peer's answer: twice the connect timeout,
     /// since the peer answers within its own connect timeout to the application.
     pub fn answer_timeout(&self) -> Duration {
@@ -515,11 +548,7 @@ impl Pool {
         let ping = connection.ping_pong();
         let conn = self.register(key, ks, Link::H2(sender));
         let (id, evicted) = (conn.id, conn.evicted.clone());
-        let idle = watch_idle(
-            Arc::downgrade(&conn),
-            ks.clone(),
-            self.inner.settings.idle_timeout,
-        );
+        let idle = watch_idle(Arc::downgrade(&conn), ks.clone(), self.idle_timeouts());
         self.supervise(key, ks, id, async move {
             let keepalive = async {
                 match ping {
@@ -557,7 +586,7 @@ impl Pool {
         let conn = self.register(key, ks, Link::Quic(qc.clone()));
         let (id, evicted, unused) = (conn.id, conn.evicted.clone(), conn.unused.clone());
         let weak = Arc::downgrade(&conn);
-        let idle = watch_idle(weak.clone(), ks.clone(), self.inner.settings.idle_timeout);
+        let idle = watch_idle(weak.clone(), ks.clone(), self.idle_timeouts());
         self.supervise(key, ks, id, async move {
             tokio::select! {
                 e = qc.closed() => tracing::debug!(id, error = %e, "QUIC tunnel connection ended"),
@@ -589,6 +618,7 @@ impl Pool {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             link,
             streams: AtomicUsize::new(1),
+            max_streams: self.inner.settings.max_streams,
             idle_since: Mutex::new(Instant::now()),
             closed: AtomicBool::new(false),
             key_state: Arc::downgrade(ks),
@@ -694,26 +724,30 @@ impl Inner {
     }
 }
 
-/// Resolves once the connection has had no stream for `timeout`, after marking it closed and
-/// removing it from its key (both under the key's lock, so no stream lands on it meanwhile).
-/// It sleeps while streams are open until the last one ends (`unused`), and while there are
-/// none until `timeout` after the last one ended; it never polls.
-async fn watch_idle(conn: Weak<Conn>, ks: Arc<KeyState>, timeout: Duration) {
+/// Resolves once the connection has had no stream for its timeout (`timeouts`: the first
+/// for a connection in use, the second for a spare one), after marking it closed and removing
+/// it from its key (both under the key's lock, so no stream lands on it meanwhile). It sleeps
+/// while streams are open until the last one ends (`unused`), and while there are none until
+/// its timeout or until another connection of its key changes (`changed`); it never polls.
+async fn watch_idle(conn: Weak<Conn>, ks: Arc<KeyState>, timeouts: (Duration, Duration)) {
     loop {
         let Some(c) = conn.upgrade() else { return };
         let unused = c.unused.clone();
-        // Taken before the check, so that the last stream ending after it is not missed.
+        // Both taken before the check, so that a change after it is not missed.
         let last_stream_ended = unused.notified();
+        let key_changed = ks.changed.notified();
         let idle_until = {
             let mut conns = ks.conns.lock().unwrap_or_else(|e| e.into_inner());
             if c.streams.load(Ordering::Acquire) > 0 {
                 None
             } else {
                 let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                let spare = is_spare(&conns, &c);
+                let timeout = if spare { timeouts.1 } else { timeouts.0 };
                 if since.elapsed() >= timeout {
                     c.closed.store(true, Ordering::Release);
                     conns.retain(|x| x.id != c.id);
-                    tracing::debug!(id = c.id, "idle tunnel connection closed");
+                    tracing::debug!(id = c.id, spare, "idle tunnel connection closed");
                     return;
                 }
                 Some(since + timeout)
@@ -722,9 +756,22 @@ async fn watch_idle(conn: Weak<Conn>, ks: Arc<KeyState>, timeout: Duration) {
         drop(c);
         match idle_until {
             None => last_stream_ended.await,
-            Some(at) => tokio::time::sleep_until(at.into()).await,
+            Some(at) => tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = key_changed => {}
+            },
         }
     }
+}
+
+/// Whether `c` is spare: an older open connection of its key (`conns`) has room, and so takes
+/// every new stream before `c` would.
+fn is_spare(conns: &[Arc<Conn>], c: &Conn) -> bool {
+    conns.iter().any(|o| {
+        o.id < c.id
+            && !o.closed.load(Ordering::Acquire)
+            && o.streams.load(Ordering::Acquire) < o.max_streams
+    })
 }
 
 /// Whether a QUIC destination is dialled on QUIC at `now`, given when (if ever) it last went

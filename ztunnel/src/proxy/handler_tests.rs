@@ -92,6 +92,7 @@ impl Node {
         let settings = PoolSettings {
             max_streams: 100,
             idle_timeout: Duration::from_secs(300),
+            spare_idle_timeout: crate::hbone::pool::SPARE_IDLE_TIMEOUT,
             connect: CONNECT,
             quic: QuicSettings {
                 destinations: if quic {

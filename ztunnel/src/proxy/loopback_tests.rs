@@ -2,7 +2,8 @@
 //! without root: mutual TLS and HTTP/2 as in the daemon, with `netns: None` so the pool dials
 //! from the process's own namespace. What the pool promises: streams share a connection up
 //! to its limit and the next one dials another, an ended stream frees its place, an unused
-//! connection is closed after the idle timeout, many opens at once are all served on as few
+//! connection is closed after the idle timeout and a spare one (an older connection has room)
+//! sooner, whichever order a burst's streams end in, many opens at once are all served on as few
 //! connections as the limit allows, and a stream opened as the destination drains (a GOAWAY,
 //! the stream refused) goes to a newly dialled connection.
 
@@ -18,7 +19,7 @@ use crate::ca::{issue, LocalCa};
 use crate::discovery::Discovery;
 use crate::hbone::client::connect_request;
 use crate::hbone::early::Early;
-use crate::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings, Tunnel};
+use crate::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings, Tunnel, SPARE_IDLE_TIMEOUT};
 use crate::identity::{CertManager, Identity, WorkloadCert};
 use crate::metrics::Metrics;
 use crate::net::sockets::Kernel;
@@ -65,6 +66,7 @@ fn inbound(ca: &Arc<LocalCa>, listener: TcpListener) -> tokio::sync::watch::Send
     let settings = PoolSettings {
         max_streams: 100,
         idle_timeout: Duration::from_secs(300),
+        spare_idle_timeout: SPARE_IDLE_TIMEOUT,
         connect: CONNECT,
         quic: QuicSettings::default(),
         sockets: Kernel::shared(),
@@ -88,7 +90,17 @@ fn inbound(ca: &Arc<LocalCa>, listener: TcpListener) -> tokio::sync::watch::Send
 }
 
 impl Bed {
+    /// A bed whose pool keeps `max_streams` per connection and an unused connection for
+    /// `idle_timeout`, a spare one for [`SPARE_IDLE_TIMEOUT`].
     async fn start(max_streams: usize, idle_timeout: Duration) -> Bed {
+        Bed::with_spare(max_streams, idle_timeout, SPARE_IDLE_TIMEOUT).await
+    }
+
+    async fn with_spare(
+        max_streams: usize,
+        idle_timeout: Duration,
+        spare_idle_timeout: Duration,
+    ) -> Bed {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
         let client: Identity = "spiffe://cluster.local/ns/t/sa/client".parse().unwrap();
@@ -103,6 +115,7 @@ impl Bed {
         let settings = PoolSettings {
             max_streams,
             idle_timeout,
+            spare_idle_timeout,
             connect: CONNECT,
             quic: QuicSettings::default(),
             sockets: Kernel::shared(),
@@ -216,6 +229,76 @@ async fn an_unused_connection_is_closed_after_the_idle_timeout_and_dialled_again
     bed.until_connections(0).await;
     let _again = bed.open().await;
     assert_eq!(bed.dialled(), 2, "a new stream dials a new connection");
+}
+
+/// A burst of three connections' worth of streams, ended in `order` (by connection, oldest
+/// first = 0): once all have ended, the two spare connections are closed and the oldest stays.
+async fn after_a_burst_one_connection_stays(order: [usize; 3]) {
+    let bed = Bed::with_spare(2, Duration::from_secs(300), Duration::from_millis(200)).await;
+    let mut by_conn: Vec<Vec<Tunnel>> = Vec::new();
+    for _ in 0..3 {
+        by_conn.push(vec![bed.open().await, bed.open().await]);
+    }
+    assert_eq!(bed.dialled(), 3);
+    let oldest = bed.pool.connections().iter().map(|c| c.id).min().unwrap();
+    let mut by_conn: Vec<Option<Vec<Tunnel>>> = by_conn.into_iter().map(Some).collect();
+    for i in order {
+        // One stream, then the other: the connection first gains room, then empties. The
+        // pauses let the pool look at its connections before the next change.
+        let mut streams = by_conn[i].take().unwrap();
+        drop(streams.pop());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        drop(streams);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    bed.until_connections(1).await;
+    let left = bed.pool.connections();
+    assert_eq!(left[0].id, oldest, "the oldest connection is the one kept");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        bed.metrics.pool_connections.get(),
+        1,
+        "the kept connection waits for the idle timeout"
+    );
+    drop(bed.open().await);
+    assert_eq!(
+        bed.dialled(),
+        3,
+        "the next stream goes to the kept connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_the_spare_connections_close_when_the_newest_empty_first() {
+    after_a_burst_one_connection_stays([2, 1, 0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_the_spare_connections_close_when_the_oldest_empty_first() {
+    after_a_burst_one_connection_stays([0, 1, 2]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_the_spare_connections_close_in_any_order() {
+    after_a_burst_one_connection_stays([1, 2, 0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_connection_becomes_spare_when_an_older_one_gains_room() {
+    let bed = Bed::with_spare(2, Duration::from_secs(300), Duration::from_millis(200)).await;
+    let (a, b) = (bed.open().await, bed.open().await);
+    let (c, d) = (bed.open().await, bed.open().await);
+    assert_eq!(bed.dialled(), 2);
+    drop((c, d));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        bed.metrics.pool_connections.get(),
+        2,
+        "kept while the older connection is full"
+    );
+    drop(a);
+    bed.until_connections(1).await;
+    drop(b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
