@@ -429,13 +429,25 @@ fn closed_by(cause: CloseCause, direction: Direction) -> Outcome {
     }
 }
 
+/// Below this many rows the table keeps whatever room it has.
+const SHRINK_ABOVE: usize = 1024;
+
+/// Gives back the room a burst of connections made in the table (a `HashMap` never shrinks
+/// by itself) once it is under a quarter full, keeping room for twice what is left: each
+/// shrink halves the table at least, so the rehashing costs O(1) per removed row.
+fn shrink_after_burst<V>(live: &mut HashMap<u64, V>) {
+    if live.capacity() > SHRINK_ABOVE && live.len() * 4 < live.capacity() {
+        live.shrink_to(live.len() * 2);
+    }
+}
+
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.table
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.rec.id);
+        {
+            let mut live = self.table.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.remove(&self.rec.id);
+            shrink_after_burst(&mut live);
+        }
         self.table.notify_changed();
         let r = row(&self.rec);
         if let Some(rep) = &self.report {
@@ -479,6 +491,21 @@ mod tests {
 
     fn addr(s: &str) -> Option<SocketAddr> {
         Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn the_table_gives_back_the_room_of_a_burst() {
+        let table = Arc::new(ConnTable::default());
+        let capacity = || table.live.lock().unwrap().capacity();
+        let mut burst: Vec<Tracked> = (0..5000)
+            .map(|_| table.track(Direction::Outbound, ConnFacts::default()))
+            .collect();
+        let grown = capacity();
+        assert!(grown >= 5000, "{grown}");
+        let kept = burst.split_off(4900);
+        drop(burst);
+        assert!(capacity() <= SHRINK_ABOVE, "{} of {grown}", capacity());
+        assert_eq!(table.len(), kept.len());
     }
 
     #[tokio::test]
