@@ -381,6 +381,12 @@ fn dual_stack_quic_tunnels_carry_both_families_over_udp_15008_only() {
     // misspelt setting beside it is named in a warning, not silently ignored.
     assert_workers(&bed, 0, 3);
     let log = bed.log(0);
+    // The daemon started again with the allocator's tunable (`ztunnel/src/alloc.rs`).
+    assert!(
+        log.lines().any(|l| l.contains("starting ztunnel")
+            && l.contains("glibc_tunables=\"glibc.malloc.tcache_count=0\"")),
+        "{log}"
+    );
     let warned: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("no setting reads this environment variable"))

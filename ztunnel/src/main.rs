@@ -86,10 +86,11 @@ fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }
 
-async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+async fn run(cfg: RunConfig, not_restarted: Option<std::io::Error>) -> anyhow::Result<()> {
     let set_level = init_logging(&cfg.log_filter, cfg.log_format)?;
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(config = %cfg, workers, "starting ztunnel");
+    tracing::info!(config = %cfg, glibc_tunables = env("GLIBC_TUNABLES"), workers, "starting ztunnel");
+    warn_not_restarted(not_restarted);
     warn_unknown_variables(RunConfig::unknown_variables(env_names()));
     raise_fd_limit();
     let daemon = ztunnel::app::start(&cfg, set_level).await?;
@@ -113,6 +114,14 @@ fn warn_unknown_variables(names: Vec<String>) {
     }
 }
 
+/// The program could not start again with the allocator's tunable: it runs on with glibc's
+/// per-thread caches, which keep more memory after a load.
+fn warn_not_restarted(e: Option<std::io::Error>) {
+    if let Some(e) = e {
+        tracing::warn!(error = %e, tunable = ztunnel::alloc::TUNABLE, "cannot start again with the allocator's tunable; running without it");
+    }
+}
+
 /// Every proxied connection holds two descriptors: lift the soft limit to the hard one.
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -126,10 +135,11 @@ fn raise_fd_limit() {
     }
 }
 
-async fn ca(args: Vec<String>) -> anyhow::Result<()> {
+async fn ca(args: Vec<String>, not_restarted: Option<std::io::Error>) -> anyhow::Result<()> {
     let cfg = CaConfig::from_sources(args, &env).unwrap_or_else(|e| config_error(e));
     let _set_level = init_logging(&cfg.log_filter, cfg.log_format)?;
-    tracing::info!(config = %cfg, "starting ztunnel ca");
+    tracing::info!(config = %cfg, glibc_tunables = env("GLIBC_TUNABLES"), "starting ztunnel ca");
+    warn_not_restarted(not_restarted);
     warn_unknown_variables(CaConfig::unknown_variables(env_names()));
     ztunnel::ca::run(&cfg, wait_for_signal_quiet()).await?;
     Ok(())
@@ -156,6 +166,10 @@ fn main() -> ExitCode {
     } else {
         String::new()
     };
+    // The long-running commands start again with the allocator's tunable (see `alloc`).
+    let not_restarted = matches!(cmd.as_str(), "run" | "ca")
+        .then(ztunnel::alloc::restart_with_tunables)
+        .flatten();
     args[0] = format!("ztunnel {cmd}");
     ztunnel::alloc::tune();
     // The daemon's configuration is read first: it sizes the runtime.
@@ -173,8 +187,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cmd.as_str() {
-        "run" => rt.block_on(run(run_cfg.expect("parsed for `run`"))),
-        "ca" => rt.block_on(ca(args)),
+        "run" => rt.block_on(run(run_cfg.expect("parsed for `run`"), not_restarted)),
+        "ca" => rt.block_on(ca(args, not_restarted)),
         "ctl" => {
             return match rt.block_on(ztunnel::ctl::run(args)) {
                 Ok(out) => {
