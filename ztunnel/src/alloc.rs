@@ -20,7 +20,7 @@
 //! load those cached chunks lie scattered over the heap the load grew, each keeping its page
 //! resident: with 2 000 connections held and the load over, about 600 of them (350 KB) kept
 //! 1.8 MB of otherwise free heap resident in each daemon. Without the cache, what stays after
-//! such a load went from 1.5–2.2 MiB to 0.4 MiB, with the same CPU per GiB and per connection
+//! such a load went from 1.5–2.2 MiB to 0.4–0.5 MiB, with the same CPU per GiB and per connection
 //! (`benches/README.md`): small allocations then take the one arena's lock, which the two
 //! worker threads rarely contend for. glibc reads the cache's size only when a program starts
 //! (`GLIBC_TUNABLES`), so [`restart_with_tunables`] starts the daemon again with [`TUNABLE`]
