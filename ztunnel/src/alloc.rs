@@ -12,19 +12,17 @@
 //! thread's arena keeps up to [`TRIM_THRESHOLD`] of free top for good. Measured on the
 //! real-process bench (`benches/daemons.rs`), each daemon kept 8 to 12 MiB more anonymous
 //! memory 14 s after a bulk and connection load than before it; with one arena, under 1 MiB.
-//! The daemon runs two worker threads, whose small allocations mostly come from their
-//! per-thread caches, so one arena's lock is rarely contended.
 //!
 //! Each thread also keeps a cache of freed small chunks (glibc's tcache: up to seven of each
 //! of 64 sizes up to 1 KiB), which neither `free` nor `malloc_trim` returns to the heap. After a
 //! load those cached chunks lie scattered over the heap the load grew, each keeping its page
 //! resident: with 2 000 connections held and the load over, about 600 of them (350 KB) kept
 //! 1.8 MB of otherwise free heap resident in each daemon. Without the cache, what stays after
-//! such a load went from 1.5–2.2 MiB to 0.4–0.5 MiB, with the same CPU per GiB and per connection
-//! (`benches/README.md`): small allocations then take the one arena's lock, which the two
-//! worker threads rarely contend for. glibc reads the cache's size only when a program starts
-//! (`GLIBC_TUNABLES`), so [`restart_with_tunables`] starts the daemon again with [`TUNABLE`]
-//! before it does anything else.
+//! such a load went from 1.5–2.2 MiB to 0.4–0.5 MiB, with the same CPU per GiB and per
+//! connection (`benches/README.md`): small allocations then take the one arena's lock, which
+//! the daemon's two worker threads rarely contend for. glibc reads the cache's size only when
+//! a program starts (`GLIBC_TUNABLES`), so [`restart_with_tunables`] starts the daemon again
+//! with [`TUNABLE`] before it does anything else.
 //!
 //! Contract: [`tune`] raises the `mmap` threshold to [`MMAP_THRESHOLD`] and the trim threshold
 //! to [`TRIM_THRESHOLD`], so buffers of a bulk flow are reused from the heap, and limits the
