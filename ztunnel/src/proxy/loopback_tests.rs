@@ -235,13 +235,12 @@ async fn an_unused_connection_is_closed_after_the_idle_timeout_and_dialled_again
 /// first = 0): once all have ended, the two spare connections are closed and the oldest stays.
 async fn after_a_burst_one_connection_stays(order: [usize; 3]) {
     let bed = Bed::with_spare(2, Duration::from_secs(300), Duration::from_millis(200)).await;
-    let mut by_conn: Vec<Vec<Tunnel>> = Vec::new();
+    let mut by_conn: Vec<Option<Vec<Tunnel>>> = Vec::new();
     for _ in 0..3 {
-        by_conn.push(vec![bed.open().await, bed.open().await]);
+        by_conn.push(Some(vec![bed.open().await, bed.open().await]));
     }
     assert_eq!(bed.dialled(), 3);
     let oldest = bed.pool.connections().iter().map(|c| c.id).min().unwrap();
-    let mut by_conn: Vec<Option<Vec<Tunnel>>> = by_conn.into_iter().map(Some).collect();
     for i in order {
         // One stream, then the other: the connection first gains room, then empties. The
         // pauses let the pool look at its connections before the next change.
