@@ -1,6 +1,7 @@
 //! In-pod capture on the two-node test bed (`harness/testbed.rs`): pods wired by Debian's
 //! `bridge` + `host-local` with `ztunnel-cni` chained after them, one daemon per node; a
-//! connection to a Service with no endpoint reset at the source; Istio's telemetry
+//! connection to a Service with no endpoint reset at the source; a client address holding the
+//! destination pod's ephemeral range of connections per application port; Istio's telemetry
 //! (`capture/telemetry.rs`). Needs root, `ip`, `nft`,
 //! `tcpdump` and `containernetworking-plugins`.
 
@@ -246,6 +247,78 @@ fn enrolled_to_plain_is_plain_tcp_and_plain_to_enrolled_arrives_through_15006() 
         1.0,
         "{m1}"
     );
+}
+
+/// One client holding connections to two ports of one pod, with the server pod's ephemeral
+/// range narrowed to two ports: the destination's daemon connects to the application from the
+/// client's address with the source port chosen at connect time by the whole 4-tuple, so each
+/// application port takes two connections (four in all), each seen from the real client
+/// address. A port reserved when the socket is bound would let two through in all.
+#[test]
+fn a_client_address_holds_the_pods_port_range_per_application_port() {
+    let bed = TestBed::start();
+    let server = bed.pod("server");
+    server
+        .ns
+        .exec(
+            "sysctl",
+            &["-w", "net.ipv4.ip_local_port_range=40000 40001"],
+        )
+        .expect("narrow the server pod's ephemeral ports");
+    /// Accepts two connections; answers each first byte with the peer's address and holds
+    /// the connection until the client closes it.
+    async fn hold(l: TcpListener) -> Vec<String> {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let (mut s, peer) = l.accept().await.expect("accept");
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.expect("first byte");
+            s.write_all(format!("{}\n", peer.ip()).as_bytes())
+                .await
+                .expect("answer");
+            held.push((s, peer.ip().to_string()));
+        }
+        let mut peers = Vec::new();
+        for (mut s, peer) in held {
+            let _ = s.read_to_end(&mut Vec::new()).await;
+            peers.push(peer);
+        }
+        peers
+    }
+    let apps = [8080, 8081].map(|port| server.ns.serve(port, hold));
+    let answers = bed.pod("client").ns.block_on(async {
+        let mut open = Vec::new();
+        let mut answers = Vec::new();
+        for port in [8080, 8080, 8081, 8081] {
+            let once = async {
+                let mut s = TcpStream::connect(("10.20.2.10", port)).await?;
+                s.write_all(b"x").await?;
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while s.read(&mut b).await? == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                Ok::<_, std::io::Error>((s, String::from_utf8_lossy(&line).into_owned()))
+            };
+            match tokio::time::timeout(Duration::from_secs(10), once).await {
+                Ok(Ok((s, answer))) => {
+                    open.push(s);
+                    answers.push(format!("{port}: {answer}"));
+                }
+                Ok(Err(e)) => answers.push(format!("{port}: {e}")),
+                Err(_) => answers.push(format!("{port}: no answer within 10 s")),
+            }
+        }
+        answers
+    });
+    let want: Vec<String> = [8080, 8080, 8081, 8081]
+        .iter()
+        .map(|p| format!("{p}: 10.20.1.10"))
+        .collect();
+    assert_eq!(answers, want, "{}", bed.log(1));
+    for app in apps {
+        assert_eq!(server.ns.join(app), ["10.20.1.10", "10.20.1.10"]);
+    }
 }
 
 /// Asserts that node `i`'s daemon started with a runtime of `n` worker threads.

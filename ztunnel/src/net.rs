@@ -11,7 +11,11 @@
 //! A socket can be made inside a pod's network namespace ([`Origin::netns`]) and, for the
 //! daemon's connection to an application on behalf of a remote client, bound to that client's
 //! address with `IP_TRANSPARENT` ([`Origin::transparent_src`]), so the application sees the
-//! real client address. Network namespaces themselves, and running code inside one, are
+//! real client address. Its source port is chosen when it connects, not when it is bound
+//! (`IP_BIND_ADDRESS_NO_PORT`), so a port is shared by connections to different destinations
+//! as a plain `connect`'s is: a client address holds the pod's ephemeral range of connections
+//! to each application port, not that many in all. Network namespaces themselves, and running
+//! code inside one, are
 //! [`netns`]; the proxies reach all of this through the factory of [`sockets`].
 
 pub mod netns;
@@ -77,6 +81,12 @@ pub async fn connect_from(
             IpAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
         }
         sock.set_reuse_address(true)?;
+        // Linux 4.2 and later; an older kernel reserves the port at bind.
+        let _ = nix::sys::socket::setsockopt(
+            &sock,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        );
         sock.bind(&SocketAddr::new(src, 0).into())?;
     }
     if let Some(mark) = opts.mark {
