@@ -14,6 +14,13 @@
 //! [`ATTEMPT_TIMEOUT`]) and `corrupted` (bytes came back that were not those sent). Each is
 //! tagged with the phases it overlapped, so that a caller can tell what a kill may break from
 //! what nothing may.
+//!
+//! Every connection goes from one client address to one application port. Each closed one
+//! waits out TIME_WAIT (60 s) where it was closed first: in the client pod, and in the server
+//! pod for the daemon's connection to the application. At hundreds of connections a second
+//! beside thousands held, that is more than Linux's default ephemeral range (28 232 ports), so
+//! [`run`] gives both pods a wider one ([`PORT_RANGE`]), as a pod under such a load would
+//! (`net.ipv4.ip_local_port_range` is a namespaced sysctl that Kubernetes lets pods set).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +37,9 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server pod's application.
 const SERVER: (&str, u16) = ("10.20.2.10", 8080);
+
+/// The ephemeral ports of the client and server pods during the load.
+pub const PORT_RANGE: &str = "10000 65000";
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -398,6 +408,13 @@ pub fn run(bed: &mut TestBed, plan: &Plan) -> Result<Report> {
         held: plan.held,
         ..Default::default()
     };
+    for pod in ["client", "server"] {
+        let range = format!("net.ipv4.ip_local_port_range={PORT_RANGE}");
+        bed.pod(pod)
+            .ns
+            .exec("sysctl", &["-w", &range])
+            .with_context(|| format!("widen {pod}'s ephemeral ports"))?;
+    }
     let server = bed.pod("server");
     let _app = match &plan.server_program {
         Some(program) => {
