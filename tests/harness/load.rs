@@ -408,8 +408,8 @@ pub fn run(bed: &mut TestBed, plan: &Plan) -> Result<Report> {
         held: plan.held,
         ..Default::default()
     };
+    let range = format!("net.ipv4.ip_local_port_range={PORT_RANGE}");
     for pod in ["client", "server"] {
-        let range = format!("net.ipv4.ip_local_port_range={PORT_RANGE}");
         bed.pod(pod)
             .ns
             .exec("sysctl", &["-w", &range])

@@ -15,8 +15,8 @@
 //! (`IP_BIND_ADDRESS_NO_PORT`), so a port is shared by connections to different destinations
 //! as a plain `connect`'s is: a client address holds the pod's ephemeral range of connections
 //! to each application port, not that many in all. Network namespaces themselves, and running
-//! code inside one, are
-//! [`netns`]; the proxies reach all of this through the factory of [`sockets`].
+//! code inside one, are [`netns`]; the proxies reach all of this through the factory of
+//! [`sockets`].
 
 pub mod netns;
 pub mod sockets;
