@@ -26,7 +26,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::oneshot;
@@ -173,15 +175,11 @@ impl Gate {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Holders> {
-        self.holders.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Admits one more holder from `peer`, evicting another if the gate says so ([`decide`]),
     /// or says which cap it is over.
     pub fn try_admit(self: &Arc<Self>, peer: IpAddr) -> Result<Permit, Full> {
         let peer = peer.to_canonical();
-        let mut h = self.lock();
+        let mut h = self.holders.lock();
         match decide(self.limits, self.when_full, &h, peer, self.what) {
             Decision::Refuse(full) => return Err(full),
             Decision::Admit => h.total += 1,
@@ -225,7 +223,7 @@ impl Gate {
 
     /// Holders now, in all.
     pub fn held(&self) -> usize {
-        self.lock().total
+        self.holders.lock().total
     }
 
     pub fn limits(&self) -> Limits {
@@ -261,7 +259,7 @@ impl std::fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut h = self.gate.lock();
+        let mut h = self.gate.holders.lock();
         let Some(slots) = h.by_peer.get_mut(&self.peer) else {
             return;
         };
@@ -408,7 +406,7 @@ mod tests {
         assert_eq!(gate.held(), 3);
         drop(held);
         assert_eq!(gate.held(), 0);
-        assert!(gate.lock().by_peer.is_empty(), "no entry left");
+        assert!(gate.holders.lock().by_peer.is_empty(), "no entry left");
     }
 
     #[test]
@@ -491,7 +489,10 @@ mod tests {
             let (gate, held) = run(name, SMALL, WhenFull::EvictLargest, steps);
             drop(held);
             assert_eq!(gate.held(), 0, "{name}");
-            assert!(gate.lock().by_peer.is_empty(), "{name}: no entry left");
+            assert!(
+                gate.holders.lock().by_peer.is_empty(),
+                "{name}: no entry left"
+            );
         }
     }
 

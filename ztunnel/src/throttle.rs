@@ -10,7 +10,7 @@
 //! [`WINDOW`] from one call site, and the next line let through carries, in its `suppressed`
 //! field, how many were dropped since the previous one.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 /// Lines let through per window and call site.
@@ -45,7 +45,7 @@ impl Throttle {
     /// Whether an event at `now` may be logged: `Some(n)`, with `n` the events refused since
     /// the last one admitted, or `None` (the event is counted as suppressed).
     pub fn admit(&self, now: Instant) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.lock();
         let in_window = s
             .window_start
             .is_some_and(|start| now.saturating_duration_since(start) < WINDOW);

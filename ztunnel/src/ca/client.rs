@@ -51,7 +51,7 @@ enum Roots {
     /// Read at every dial; the last good bundle (its text) and its configuration.
     File {
         path: PathBuf,
-        last: std::sync::Mutex<(String, Arc<rustls::ClientConfig>)>,
+        last: parking_lot::Mutex<(String, Arc<rustls::ClientConfig>)>,
     },
 }
 
@@ -135,7 +135,7 @@ impl CaClient {
         let tls = c.tls();
         c.roots = Roots::File {
             path: root_file,
-            last: std::sync::Mutex::new((pem, tls)),
+            last: parking_lot::Mutex::new((pem, tls)),
         };
         Ok(c)
     }
@@ -171,7 +171,7 @@ impl CaClient {
             Roots::Fixed(tls) => return tls.clone(),
             Roots::File { path, last } => (path, last),
         };
-        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = last.lock();
         match std::fs::read_to_string(path) {
             Ok(pem) if pem == last.0 => {}
             Ok(pem) => match tls_config(&pem) {

@@ -23,7 +23,9 @@
 //! `cached_rejected`, `joined`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::{FutureExt, Shared};
@@ -169,12 +171,6 @@ struct Inner {
     metrics: Arc<CaMetrics>,
 }
 
-impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// The reviews of one authorizer ([module docs](self)).
 #[derive(Clone)]
 pub struct Reviews {
@@ -210,7 +206,7 @@ impl Reviews {
     pub async fn review(&self, token: &str, now: Instant) -> Result<TokenReviewStatus, Denied> {
         let key = token_hash(token);
         let pending = {
-            let mut st = self.inner.lock();
+            let mut st = self.inner.state.lock();
             if let Some(s) = st.cache.get(&key, now) {
                 drop(st);
                 self.inner.metrics.token_review_saved(if authenticated(&s) {
@@ -239,7 +235,7 @@ impl Reviews {
 
     /// Reviews kept now (tests and tools).
     pub fn cached(&self) -> usize {
-        self.inner.lock().cache.len()
+        self.inner.state.lock().cache.len()
     }
 }
 
@@ -275,7 +271,7 @@ async fn send(
             ),
         }),
     };
-    let mut st = inner.lock();
+    let mut st = inner.state.lock();
     st.pending.remove(&key);
     if let Ok(status) = &result {
         st.cache.put(key, status, now);

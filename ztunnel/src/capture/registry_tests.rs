@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
+
+use parking_lot::Mutex;
 
 use futures::executor::block_on;
 use ztunnel_proto::enroll::{Attachment, ErrorKind, PodAdd, PodDel, PodRef, Reply, Request};
@@ -51,7 +53,7 @@ struct Fake {
 
 impl Fake {
     fn note(&self, what: String) {
-        self.log.lock().unwrap().push(what);
+        self.log.lock().push(what);
     }
 }
 
@@ -75,7 +77,7 @@ impl Dataplane for Fake {
         if self.panic.swap(false, Ordering::SeqCst) {
             panic!("the fake's prepare panics, as asked");
         }
-        if let Some((there, go)) = self.gate.lock().unwrap().take() {
+        if let Some((there, go)) = self.gate.lock().take() {
             there.send(()).unwrap();
             go.recv().unwrap();
         }
@@ -119,7 +121,7 @@ struct Notes(Mutex<Vec<(String, Status)>>);
 
 impl Annotator for Notes {
     fn annotate(&self, pod: &PodRef, status: Status) {
-        self.0.lock().unwrap().push((pod.name.clone(), status));
+        self.0.lock().push((pod.name.clone(), status));
     }
     fn certificate(&self, _: &PodRef, _: Option<String>) {}
 }
@@ -187,11 +189,11 @@ impl Bed {
 
     /// What the dataplane was asked to do since the last call.
     fn events(&self) -> Vec<String> {
-        std::mem::take(&mut *self.log.lock().unwrap())
+        std::mem::take(&mut *self.log.lock())
     }
 
     fn notes(&self) -> Vec<(String, Status)> {
-        std::mem::take(&mut *self.notes.0.lock().unwrap())
+        std::mem::take(&mut *self.notes.0.lock())
     }
 
     fn call(&self, req: Request) -> Reply {

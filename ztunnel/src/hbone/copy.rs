@@ -258,7 +258,9 @@ impl StreamRecv for RecvStream {
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
 
     use bytes::Bytes;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -298,15 +300,15 @@ mod tests {
 
     impl StreamSend for Arc<Mutex<Seen>> {
         async fn send(&mut self, chunk: Bytes) -> Result<(), CopyError> {
-            self.lock().unwrap().sent.extend_from_slice(&chunk);
+            self.lock().sent.extend_from_slice(&chunk);
             Ok(())
         }
         fn finish(&mut self) -> Result<(), CopyError> {
-            self.lock().unwrap().finished = true;
+            self.lock().finished = true;
             Ok(())
         }
         fn reset(&mut self) {
-            self.lock().unwrap().reset = true;
+            self.lock().reset = true;
         }
     }
 
@@ -322,11 +324,11 @@ mod tests {
             queue.push(chunk)
         }
         fn written(&mut self, n: usize) -> Result<(), CopyError> {
-            self.seen.lock().unwrap().released += n;
+            self.seen.lock().released += n;
             Ok(())
         }
         fn stop(&mut self) {
-            self.seen.lock().unwrap().stopped = true;
+            self.seen.lock().stopped = true;
         }
     }
 
@@ -361,7 +363,7 @@ mod tests {
         client.read_to_end(&mut got).await.unwrap();
         task.await.unwrap().expect("a clean end");
         assert_eq!(got, b"world", "the stream's bytes, then its end as EOF");
-        let seen = seen.lock().unwrap();
+        let seen = seen.lock();
         assert_eq!(seen.sent, b"hello");
         assert!(seen.finished, "the client's EOF ends the stream");
         assert_eq!(seen.released, 5, "window given back once written");
@@ -379,7 +381,7 @@ mod tests {
         let err = task.await.unwrap().expect_err("the stream's error");
         assert!(matches!(err, CopyError::StreamClosed), "{err}");
         {
-            let seen = seen.lock().unwrap();
+            let seen = seen.lock();
             assert!(
                 seen.reset && seen.stopped,
                 "both directions reset: {seen:?}"
@@ -404,7 +406,7 @@ mod tests {
         let (_client, task) = run(fake, &seen, budget).await;
         let err = task.await.unwrap().expect_err("over the budget");
         assert!(matches!(err, CopyError::OverBudget(_)), "{err}");
-        assert!(seen.lock().unwrap().reset, "the stream is reset");
+        assert!(seen.lock().reset, "the stream is reset");
     }
 
     #[tokio::test]

@@ -39,7 +39,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -122,16 +124,10 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let key = self.conn.key_state.upgrade();
-        let _guard = key
-            .as_ref()
-            .map(|k| k.conns.lock().unwrap_or_else(|e| e.into_inner()));
+        let _guard = key.as_ref().map(|k| k.conns.lock());
         let before = self.conn.streams.fetch_sub(1, Ordering::AcqRel);
         if before == 1 {
-            *self
-                .conn
-                .idle_since
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            *self.conn.idle_since.lock() = Instant::now();
             self.conn.unused.notify_waiters();
         }
         if before == 1 || before == self.conn.max_streams {
@@ -188,7 +184,7 @@ impl KeyState {
     /// Takes a stream slot on an open connection with room, dialled after connection
     /// `newer_than`, if any.
     fn try_reserve(&self, max: usize, newer_than: u64) -> Option<Arc<Conn>> {
-        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = self.conns.lock();
         conns
             .iter()
             .find(|c| {
@@ -203,7 +199,7 @@ impl KeyState {
     }
 
     fn remove(&self, id: u64) -> bool {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conns = self.conns.lock();
         let before = conns.len();
         conns.retain(|c| c.id != id);
         conns.len() != before
@@ -424,7 +420,7 @@ impl Pool {
     }
 
     fn key_state(&self, key: &PoolKey) -> Arc<KeyState> {
-        let mut keys = self.inner.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keys = self.inner.keys.lock();
         if let Some(ks) = keys.get(key) {
             return ks.clone();
         }
@@ -432,7 +428,7 @@ impl Pool {
     }
 
     fn client_config(&self, cert: &WorkloadCert, dst: &Identity) -> Arc<ClientConfig> {
-        let mut cache = self.inner.tls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.inner.tls.lock();
         let k = (cert.serial.clone(), dst.clone());
         if let Some(c) = cache.get(&k) {
             return c.clone();
@@ -451,11 +447,7 @@ impl Pool {
         if !self.inner.settings.quic.wants(addr) {
             return false;
         }
-        let mut unanswered = self
-            .inner
-            .quic_unanswered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut unanswered = self.inner.quic_unanswered.lock();
         let due = quic_due(unanswered.get(&addr).copied(), Instant::now());
         if due {
             unanswered.remove(&addr);
@@ -469,11 +461,7 @@ impl Pool {
         netns: Option<&Arc<Netns>>,
         addr: SocketAddr,
     ) -> std::io::Result<quinn::Endpoint> {
-        let mut eps = self
-            .inner
-            .quic_endpoints
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut eps = self.inner.quic_endpoints.lock();
         let k = (netns.map(|n| n.id()), addr.is_ipv6());
         if let Some(ep) = eps.get(&k) {
             return Ok(ep.clone());
@@ -518,11 +506,7 @@ impl Pool {
                     Fallback::Remember => {
                         crate::warn_throttled!(addr = %key.addr, error = %e, "no answer on QUIC; tunnelling on HTTP/2");
                         self.inner.metrics.quic_fallbacks.inc();
-                        let mut unanswered = self
-                            .inner
-                            .quic_unanswered
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner());
+                        let mut unanswered = self.inner.quic_unanswered.lock();
                         // Bounded by the destinations that went silent within the period.
                         unanswered.retain(|_, at| at.elapsed() < QUIC_RETRY_AFTER);
                         unanswered.insert(key.addr, Instant::now());
@@ -626,10 +610,7 @@ impl Pool {
             evicted: Arc::default(),
             unused: Arc::default(),
         });
-        ks.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn.clone());
+        ks.conns.lock().push(conn.clone());
         let metrics = &self.inner.metrics;
         metrics.pool_connections_opened.inc();
         metrics.pool_connections.inc();
@@ -663,13 +644,13 @@ impl Pool {
     /// Closes the connections that leave from `netns` (a pod leaving the mesh): no new stream
     /// lands on them, and each ends once its last stream has (within 5 s). Returns how many.
     pub fn evict_netns(&self, netns: &Netns) -> usize {
-        let keys = self.inner.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = self.inner.keys.lock();
         let mut evicted = 0;
         for (_, ks) in keys
             .iter()
             .filter(|(k, _)| k.netns.as_deref() == Some(netns))
         {
-            let mut conns = ks.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut conns = ks.conns.lock();
             for c in conns.drain(..) {
                 c.closed.store(true, Ordering::Release);
                 c.evicted.notify_one();
@@ -681,17 +662,16 @@ impl Pool {
         self.inner
             .quic_endpoints
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .retain(|(ns, _), _| *ns != Some(netns.id()));
         evicted
     }
 
     /// The open connections, for the admin API and tests.
     pub fn connections(&self) -> Vec<ConnInfo> {
-        let keys = self.inner.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = self.inner.keys.lock();
         let mut out = Vec::new();
         for (key, ks) in keys.iter() {
-            for c in ks.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for c in ks.conns.lock().iter() {
                 out.push(ConnInfo {
                     id: c.id,
                     src: key.src.to_string(),
@@ -711,12 +691,8 @@ impl Inner {
     /// Drops a key's entry once it has no connection and nobody else holds it (a stream
     /// being placed holds it, so an entry is never dropped under a dial in progress).
     fn forget_key_if_unused(&self, key: &PoolKey, ks: Arc<KeyState>) {
-        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        let empty = ks
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty();
+        let mut keys = self.keys.lock();
+        let empty = ks.conns.lock().is_empty();
         // Held here (ks) and by the map: nobody else is using it.
         if empty && Arc::strong_count(&ks) == 2 {
             keys.remove(key);
@@ -737,11 +713,11 @@ async fn watch_idle(conn: Weak<Conn>, ks: Arc<KeyState>, timeouts: (Duration, Du
         let last_stream_ended = unused.notified();
         let key_changed = ks.changed.notified();
         let idle_until = {
-            let mut conns = ks.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut conns = ks.conns.lock();
             if c.streams.load(Ordering::Acquire) > 0 {
                 None
             } else {
-                let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                let since = *c.idle_since.lock();
                 let spare = is_spare(&conns, &c);
                 let timeout = if spare { timeouts.1 } else { timeouts.0 };
                 if since.elapsed() >= timeout {

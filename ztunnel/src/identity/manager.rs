@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -77,7 +79,7 @@ impl CertManager {
     /// The current certificate of `id`, signing it first if needed. Never an expired one.
     pub async fn fetch(&self, id: &Identity) -> Result<Arc<WorkloadCert>, Error> {
         let mut rx = {
-            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let mut entries = self.entries.lock();
             match entries.get(id) {
                 Some(e) => e.slot.clone(),
                 None => {
@@ -121,12 +123,7 @@ impl CertManager {
 
     /// Stops renewing `id` and drops its certificate.
     pub fn forget(&self, id: &Identity) {
-        if let Some(e) = self
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-        {
+        if let Some(e) = self.entries.lock().remove(id) {
             e.task.abort();
         }
     }
@@ -134,7 +131,7 @@ impl CertManager {
     /// The certificates currently held (for the admin API; no keys are reachable from here
     /// but through the TLS configurations).
     pub fn certs(&self) -> Vec<Arc<WorkloadCert>> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = self.entries.lock();
         let mut out: Vec<_> = entries
             .values()
             .filter_map(|e| match &*e.slot.borrow() {
@@ -159,12 +156,7 @@ impl CertManager {
 
 impl Drop for CertManager {
     fn drop(&mut self) {
-        for e in self
-            .entries
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
+        for e in self.entries.get_mut().values() {
             e.task.abort();
         }
     }

@@ -13,7 +13,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tokio::net::TcpStream;
 
@@ -84,27 +86,23 @@ pub struct Redirects {
 impl Redirects {
     /// What the listener on `listener` accepts was meant for `original_dst`.
     pub fn redirect(&self, listener: SocketAddr, original_dst: SocketAddr) {
-        lock(&self.original).insert(listener, original_dst);
+        self.original.lock().insert(listener, original_dst);
     }
 
     /// Connections to `addr` are made to `to`.
     pub fn move_to(&self, addr: SocketAddr, to: SocketAddr) {
-        lock(&self.moved).insert(addr, to);
+        self.moved.lock().insert(addr, to);
     }
 
     fn moved(&self, addr: SocketAddr) -> SocketAddr {
-        lock(&self.moved).get(&addr).copied().unwrap_or(addr)
+        self.moved.lock().get(&addr).copied().unwrap_or(addr)
     }
-}
-
-fn lock<K, V>(m: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Sockets for Redirects {
     fn original_dst(&self, tcp: &TcpStream) -> io::Result<SocketAddr> {
         let local = tcp.local_addr()?;
-        lock(&self.original).get(&local).copied().ok_or_else(|| {
+        self.original.lock().get(&local).copied().ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("no redirect to {local}"))
         })
     }

@@ -14,7 +14,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -143,7 +145,7 @@ impl ConnRecord {
 
     /// Whether this is a connection from (outbound) or to (inbound) one of `ips`.
     fn is_of_pod(&self, ips: &[IpAddr]) -> bool {
-        let f = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        let f = self.facts.lock();
         let pod_side = match self.direction {
             Direction::Outbound | Direction::Passthrough => f.src_addr,
             Direction::Inbound | Direction::InboundPlaintext => f.dst_addr,
@@ -197,10 +199,7 @@ impl ConnTable {
             close: tokio::sync::Notify::new(),
             close_cause: OnceLock::new(),
         });
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, rec.clone());
+        self.live.lock().insert(id, rec.clone());
         Tracked {
             table: self.clone(),
             rec,
@@ -223,7 +222,7 @@ impl ConnTable {
 
     /// Number of live connections.
     pub fn len(&self) -> usize {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.live.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -235,16 +234,12 @@ impl ConnTable {
     pub fn reevaluate(&self, state: &crate::discovery::State) -> usize {
         let mut closed = 0;
         for r in self.snapshot() {
-            let facts = r
-                .policy_facts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let facts = r.policy_facts.lock().clone();
             let Some(facts) = facts else { continue };
             let d = facts.evaluate(state);
             if !d.allowed {
                 {
-                    let mut f = r.facts.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut f = r.facts.lock();
                     f.decision = Some("deny");
                     f.policy = d.policy.as_ref().map(|p| p.to_string());
                 }
@@ -288,17 +283,12 @@ impl ConnTable {
     }
 
     fn snapshot(&self) -> Vec<Arc<ConnRecord>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.live.lock().values().cloned().collect()
     }
 
     /// A snapshot for the admin API.
     pub fn rows(&self) -> Vec<ConnRow> {
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.live.lock();
         let mut rows: Vec<ConnRow> = live.values().map(|r| row(r)).collect();
         rows.sort_by_key(|r| r.id);
         rows
@@ -309,7 +299,7 @@ fn row(r: &ConnRecord) -> ConnRow {
     ConnRow {
         id: r.id,
         direction: r.direction,
-        facts: r.facts.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        facts: r.facts.lock().clone(),
         bytes_sent: r.bytes.sent(),
         bytes_received: r.bytes.received(),
         duration_ms: r.started.elapsed().as_millis(),
@@ -341,7 +331,7 @@ impl Tracked {
 
     /// Updates the known facts.
     pub fn update(&self, f: impl FnOnce(&mut ConnFacts)) {
-        f(&mut self.rec.facts.lock().unwrap_or_else(|e| e.into_inner()));
+        f(&mut self.rec.facts.lock());
     }
 
     /// Sets the labels Istio's TCP metrics report the connection with: once it is carried
@@ -364,11 +354,7 @@ impl Tracked {
 
     /// Keeps what the policy engine needs to judge this connection again.
     pub fn set_policy_facts(&self, facts: PolicyFacts) {
-        *self
-            .rec
-            .policy_facts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(facts);
+        *self.rec.policy_facts.lock() = Some(facts);
     }
 
     /// Resolves when the daemon tells this connection to close, with the cause.
@@ -401,12 +387,7 @@ impl Tracked {
         if let Some(reason) = outcome.reason() {
             metrics.refused(reason);
         }
-        let f = self
-            .rec
-            .facts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let f = self.rec.facts.lock().clone();
         let log = match outcome {
             Outcome::PolicyRevoked => "closed: a policy change denies it".into(),
             _ => outcome.text(),
@@ -444,7 +425,7 @@ fn shrink_after_burst<V>(live: &mut HashMap<u64, V>) {
 impl Drop for Tracked {
     fn drop(&mut self) {
         {
-            let mut live = self.table.live.lock().unwrap_or_else(|e| e.into_inner());
+            let mut live = self.table.live.lock();
             live.remove(&self.rec.id);
             shrink_after_burst(&mut live);
         }
@@ -496,7 +477,7 @@ mod tests {
     #[test]
     fn the_table_gives_back_the_room_of_a_burst() {
         let table = Arc::new(ConnTable::default());
-        let capacity = || table.live.lock().unwrap().capacity();
+        let capacity = || table.live.lock().capacity();
         let mut burst: Vec<Tracked> = (0..5000)
             .map(|_| table.track(Direction::Outbound, ConnFacts::default()))
             .collect();

@@ -14,7 +14,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::identity::Identity;
 use crate::refusal::Reason;
@@ -162,7 +164,7 @@ impl Peers {
 
     /// What `addr` and `identity` hold now.
     pub fn held(&self, addr: IpAddr, identity: &Identity) -> (Count, Count) {
-        let held = self.held.lock().expect("peer table");
+        let held = self.held.lock();
         (
             held.by_addr
                 .get(&addr.to_canonical())
@@ -173,7 +175,7 @@ impl Peers {
     }
 
     fn take(&self, key: &Key, kind: Kind) -> Result<(), Over> {
-        let mut held = self.held.lock().expect("peer table");
+        let mut held = self.held.lock();
         let addr = held.by_addr.get(&key.addr).copied().unwrap_or_default();
         let id = held
             .by_identity
@@ -193,7 +195,7 @@ impl Peers {
     }
 
     fn give(&self, key: &Key, kind: Kind) {
-        let mut held = self.held.lock().expect("peer table");
+        let mut held = self.held.lock();
         if let Some(c) = held.by_addr.get_mut(&key.addr) {
             *c.get(kind) -= 1;
             if *c == Count::default() {
@@ -332,10 +334,6 @@ mod tests {
             peers.held(a, &id("x")),
             (Count::default(), Count::default())
         );
-        assert_eq!(
-            peers.held.lock().unwrap().by_addr.len(),
-            1,
-            "only b's is left"
-        );
+        assert_eq!(peers.held.lock().by_addr.len(), 1, "only b's is left");
     }
 }

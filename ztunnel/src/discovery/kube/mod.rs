@@ -44,7 +44,9 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -127,7 +129,7 @@ impl Shared {
         ev: watcher::Event<K>,
         buffer: &mut Option<BTreeMap<Key, V>>,
     ) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         let inner = &mut *inner;
         match ev {
             watcher::Event::Init => *buffer = Some(BTreeMap::new()),
@@ -409,7 +411,7 @@ pub async fn watch_kubernetes(
     // Wait until every collection has been listed once.
     loop {
         let notified = shared.synced.notified();
-        let synced = shared.inner.lock().unwrap().synced;
+        let synced = shared.inner.lock().synced;
         if synced >= total {
             break;
         }
@@ -551,7 +553,7 @@ impl Drop for AbortOnDrop {
 
 /// The model after the store's changes since the last update (see [`incremental`]).
 fn update(shared: &Shared) -> Result<super::State, Error> {
-    let mut guard = shared.inner.lock().unwrap();
+    let mut guard = shared.inner.lock();
     let inner = &mut *guard;
     let changes = std::mem::take(&mut inner.changes);
     let full = changes.full;

@@ -14,7 +14,9 @@
 //! fails with `404`, which is logged at debug level only.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
@@ -93,7 +95,7 @@ impl StatusWriter {
     pub fn observe(&self, object: &Value, wanted: Wanted) {
         let key = (wanted.kind, wanted.namespace.clone(), wanted.name.clone());
         let fresh = up_to_date(object, &wanted);
-        let mut pending = self.pending.lock().unwrap();
+        let mut pending = self.pending.lock();
         if fresh {
             pending.remove(&key);
         } else {
@@ -109,13 +111,7 @@ impl StatusWriter {
             tokio::time::sleep(jitter()).await;
             // What is still pending after the delay: another daemon's write, seen by the
             // watch meanwhile, has removed what it made unnecessary.
-            let due: Vec<Wanted> = self
-                .pending
-                .lock()
-                .unwrap()
-                .drain()
-                .map(|(_, w)| w)
-                .collect();
+            let due: Vec<Wanted> = self.pending.lock().drain().map(|(_, w)| w).collect();
             for w in due {
                 if let Err(e) = write(&client, &w).await {
                     if matches!(&e, kube::Error::Api(s) if s.code == 404) {
