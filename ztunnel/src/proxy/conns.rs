@@ -423,13 +423,10 @@ fn shrink_after_burst<V>(live: &mut HashMap<u64, V>) {
 }
 
 impl Drop for Tracked {
+    /// Reports and logs the connection, then takes it out of the table: a connection that has
+    /// left the table (which drain and `until_pod_closed` wait for) is in the metrics and the
+    /// access log.
     fn drop(&mut self) {
-        {
-            let mut live = self.table.live.lock();
-            live.remove(&self.rec.id);
-            shrink_after_burst(&mut live);
-        }
-        self.table.notify_changed();
         let r = row(&self.rec);
         if let Some(rep) = &self.report {
             // Bytes: `sent` is what was read from this side's TCP peer. At the source that
@@ -462,6 +459,12 @@ impl Drop for Tracked {
             error = &*self.outcome.text(),
             "connection closed"
         );
+        {
+            let mut live = self.table.live.lock();
+            live.remove(&self.rec.id);
+            shrink_after_burst(&mut live);
+        }
+        self.table.notify_changed();
     }
 }
 
