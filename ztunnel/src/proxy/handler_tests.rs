@@ -5,7 +5,8 @@
 //! promises of a connection: it reaches the application through a mutual-TLS tunnel with both
 //! identities known, the bytes a client writes before the tunnel is open arrive first and in
 //! order, a destination's policy is enforced (each over HTTP/2 and over QUIC), an address
-//! outside the mesh is reached in plain TCP, and each refusal (not redirected, unknown source,
+//! outside the mesh is reached in plain TCP, plain TCP's bytes are reported each way, and each
+//! refusal (not redirected, unknown source,
 //! denied by the destination's policy, a tunnel that cannot be opened, plaintext to a STRICT
 //! workload) resets the client and is counted under its reason.
 
@@ -75,6 +76,8 @@ const CONNECT: ConnectOptions = ConnectOptions {
 /// One node's proxies on loopback and an echo application on each workload address.
 struct Node {
     pi: Arc<ProxyInputs>,
+    /// The registry the node's metrics are in.
+    registry: prometheus_client::registry::Registry,
     redirects: Arc<Redirects>,
     /// The echo application on each of [`APPS`], in that order.
     apps: Vec<SocketAddr>,
@@ -88,7 +91,8 @@ impl Node {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
         let redirects = Arc::new(Redirects::default());
-        let metrics = Arc::new(Metrics::default());
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut registry));
         let settings = PoolSettings {
             max_streams: 100,
             idle_timeout: Duration::from_secs(300),
@@ -147,6 +151,7 @@ impl Node {
         }
         Node {
             pi,
+            registry,
             redirects,
             apps,
             _dir: dir,
@@ -219,6 +224,33 @@ impl Node {
             .get()
     }
 
+    /// The sum of a counter family's series, as `/metrics` exports it.
+    fn counter_sum(&self, family: &str) -> u64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Waits (at most 10 s) until no connection of `direction` is left in the table.
+    async fn until_closed(&self, direction: Direction) {
+        let table = &self.pi.connections;
+        let closed = async {
+            loop {
+                let changed = table.changed();
+                if !table.rows().iter().any(|r| r.direction == direction) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("closed within 10 s");
+    }
+
     /// The connection table's row of `direction` (exactly one expected).
     fn row(&self, direction: Direction) -> ConnRow {
         let mut rows: Vec<_> = self
@@ -242,6 +274,20 @@ async fn echo(l: TcpListener) {
         tokio::spawn(async move {
             let (mut r, mut w) = s.into_split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// What [`greeter`] says first.
+const GREETING: &[u8] = b"hello, this is the application\n";
+
+/// An application that greets each client, then echoes what it sends until it ends.
+async fn greeter(l: TcpListener) {
+    while let Ok((mut s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            s.write_all(GREETING).await?;
+            let (mut r, mut w) = s.split();
+            tokio::io::copy(&mut r, &mut w).await
         });
     }
 }
@@ -349,6 +395,40 @@ async fn an_address_outside_the_mesh_is_reached_in_plain_tcp() {
         0,
         "no tunnel"
     );
+}
+
+/// Plain TCP (passthrough at the source, plaintext at the destination) is reported with the
+/// client's bytes as the request and the application's as the response, as the tunnel is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_tcp_reports_its_bytes_each_way() {
+    let node = Node::start(false).await;
+    for (ip, direction) in [
+        (OUTSIDE, Direction::Passthrough),
+        (SERVER, Direction::InboundPlaintext),
+    ] {
+        let app = TcpListener::bind((ip, 0)).await.unwrap();
+        let dst = app.local_addr().unwrap();
+        tokio::spawn(greeter(app));
+        let (entry, from) = match direction {
+            Direction::Passthrough => (node.outbound(Some(dst)).await, CLIENT),
+            _ => (node.plaintext(dst).await, STRANGER),
+        };
+        let mut s = connect(from, entry).await.unwrap();
+        let mut greeting = vec![0; GREETING.len()];
+        s.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"ping").await.unwrap(), b"ping");
+        s.shutdown().await.unwrap();
+        assert_eq!(
+            s.read(&mut [0u8; 8]).await.unwrap(),
+            0,
+            "the application ends"
+        );
+        node.until_closed(direction).await;
+    }
+    let request = 2 * 4;
+    let response = 2 * (GREETING.len() + 4) as u64;
+    assert_eq!(node.counter_sum("istio_tcp_received_bytes_total"), request);
+    assert_eq!(node.counter_sum("istio_tcp_sent_bytes_total"), response);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,18 +111,5 @@ pub(super) async fn handle(
         }
     };
     tracked.report();
-    let copied = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut tcp, &mut app) => r,
-        cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),
-    };
-    match copied {
-        Ok((from_client, to_client)) => {
-            let b = &tracked.record().bytes;
-            b.received
-                .store(from_client, std::sync::atomic::Ordering::Relaxed);
-            b.sent
-                .store(to_client, std::sync::atomic::Ordering::Relaxed);
-        }
-        Err(e) => tracked.fail(Outcome::Broken(e.to_string())),
-    }
+    super::copy_plain(&pi, &mut tracked, &mut app, &mut tcp).await
 }

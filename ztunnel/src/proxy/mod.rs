@@ -291,6 +291,30 @@ fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
     }
 }
 
+/// Copies a plain TCP connection both ways (`tcp`, the side this daemon's access log calls
+/// the peer: the client at the source, the application at the destination, and `other`) until
+/// both directions end or the daemon tells it to close; the bytes are recorded as the tunnel's
+/// copy records them (`sent`: read from `tcp`).
+async fn copy_plain(
+    pi: &ProxyInputs,
+    tracked: &mut conns::Tracked,
+    tcp: &mut TcpStream,
+    other: &mut TcpStream,
+) {
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional(tcp, other) => r,
+        cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),
+    };
+    match copied {
+        Ok((sent, received)) => {
+            let b = &tracked.record().bytes;
+            b.sent.store(sent, Ordering::Relaxed);
+            b.received.store(received, Ordering::Relaxed);
+        }
+        Err(e) => tracked.fail(Outcome::Broken(e.to_string())),
+    }
+}
+
 /// One running handler, counted in [`ProxyInputs::inflight`] until dropped (which
 /// [`ConnTable::changed`] reports).
 struct Inflight(Arc<AtomicUsize>, Arc<ConnTable>);

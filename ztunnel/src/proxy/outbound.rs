@@ -33,28 +33,16 @@ use crate::refusal::Reason;
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
     // The setup is boxed (see `crate::task`): a dial's handshakes make its state large, and
     // only the copy lasts as long as the connection.
-    let Some(open) = Box::pin(open(&pi, &scope, tcp, peer)).await else {
-        return;
+    let open = match Box::pin(open(&pi, &scope, tcp, peer)).await {
+        Ok(open) => open,
+        Err(refused) => return reset(refused),
     };
     match open {
         Open::Passthrough {
             mut tcp,
             mut upstream,
             mut tracked,
-        } => {
-            let copied = tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => r,
-                cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),
-            };
-            match copied {
-                Ok((sent, received)) => {
-                    let b = &tracked.record().bytes;
-                    b.sent.store(sent, Ordering::Relaxed);
-                    b.received.store(received, Ordering::Relaxed);
-                }
-                Err(e) => tracked.fail(Outcome::Broken(e.to_string())),
-            }
-        }
+        } => super::copy_plain(&pi, &mut tracked, &mut tcp, &mut upstream).await,
         Open::Hbone {
             tcp,
             tunnel,
@@ -90,22 +78,25 @@ enum Open {
 }
 
 /// Plans the connection and carries the plan out: the upstream connected, or the tunnel's
-/// stream open with the client's first bytes sent. `None` when it was refused (counted,
-/// logged, and the client reset).
-async fn open(pi: &ProxyInputs, scope: &Scope, tcp: TcpStream, peer: SocketAddr) -> Option<Open> {
+/// stream open with the client's first bytes sent. `Err` gives the client's connection back
+/// when it was refused (counted and logged), to be reset.
+async fn open(
+    pi: &ProxyInputs,
+    scope: &Scope,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<Open, TcpStream> {
     let orig = match pi.sockets.original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
             crate::refused!(pi.metrics, Reason::OutboundNoOriginalDst, %peer, error = %e, "outbound connection was not redirected; refused");
-            reset(tcp);
-            return None;
+            return Err(tcp);
         }
     };
     let state = pi.discovery.current();
     let Some(src) = scope.workload(pi, &state, peer) else {
         crate::refused!(pi.metrics, Reason::OutboundUnknownSource, %peer, dst = %orig, "outbound connection from an unknown workload; refused");
-        reset(tcp);
-        return None;
+        return Err(tcp);
     };
     let src_id = pi.identity_of(&src);
     let plan = plan::outbound(&state, &src, orig, &mut |n| pi.pick(n));
@@ -156,8 +147,7 @@ async fn open(pi: &ProxyInputs, scope: &Scope, tcp: TcpStream, peer: SocketAddr)
         Ok(p) => p,
         Err(e) => {
             refuse!(pi, tracked, Outcome::NoRoute(e.to_string()), %peer, dst = %orig, error = %e, "no route; refused");
-            reset(tcp);
-            return None;
+            return Err(tcp);
         }
     };
     match plan {
@@ -171,12 +161,11 @@ async fn open(pi: &ProxyInputs, scope: &Scope, tcp: TcpStream, peer: SocketAddr)
                 Ok(u) => u,
                 Err(e) => {
                     tracked.fail(Outcome::PassthroughUnreachable(e.to_string()));
-                    reset(tcp);
-                    return None;
+                    return Err(tcp);
                 }
             };
             tracked.report();
-            Some(Open::Passthrough {
+            Ok(Open::Passthrough {
                 tcp,
                 upstream,
                 tracked,
@@ -199,8 +188,7 @@ async fn open(pi: &ProxyInputs, scope: &Scope, tcp: TcpStream, peer: SocketAddr)
                 Ok(c) => c,
                 Err(e) => {
                     refuse!(pi, tracked, Outcome::NoCertificate(e.to_string()), identity = %src_id, error = %e, "no certificate; refused");
-                    reset(tcp);
-                    return None;
+                    return Err(tcp);
                 }
             };
             let traceparent = crate::hbone::new_traceparent();
@@ -215,8 +203,7 @@ async fn open(pi: &ProxyInputs, scope: &Scope, tcp: TcpStream, peer: SocketAddr)
                 Ok(r) => r,
                 Err(e) => {
                     tracked.fail(Outcome::Failed(e.to_string()));
-                    reset(tcp);
-                    return None;
+                    return Err(tcp);
                 }
             };
             let key = PoolKey {
@@ -229,31 +216,28 @@ async fn open(pi: &ProxyInputs, scope: &Scope, tcp: TcpStream, peer: SocketAddr)
                 Ok(early) => early,
                 Err(e) => {
                     tracked.fail(Outcome::Failed(e.to_string()));
-                    reset(tcp);
-                    return None;
+                    return Err(tcp);
                 }
             };
             let tunnel = match pi.pool.open(&key, &cert, req, &mut early).await {
                 Ok(t) => t,
                 Err(e) => {
                     refuse!(pi, tracked, Outcome::tunnel(&e), dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
-                    reset(tcp);
-                    return None;
+                    return Err(tcp);
                 }
             };
             tracked.report();
             if let Some(e) = early.take_error() {
                 // The client reset while its stream was being opened: the stream is reset too.
                 tracked.fail(Outcome::Failed(e.to_string()));
-                reset(tcp);
-                return None;
+                return Err(tcp);
             }
             tracked
                 .record()
                 .bytes
                 .sent
                 .fetch_add(early.len() as u64, Ordering::Relaxed);
-            Some(Open::Hbone {
+            Ok(Open::Hbone {
                 tcp,
                 tunnel,
                 tracked,
