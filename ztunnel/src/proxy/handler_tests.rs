@@ -6,9 +6,9 @@
 //! identities known, the bytes a client writes before the tunnel is open arrive first and in
 //! order, a destination's policy is enforced (each over HTTP/2 and over QUIC), an address
 //! outside the mesh is reached in plain TCP, plain TCP's bytes are reported each way, and each
-//! refusal (not redirected, unknown source,
-//! denied by the destination's policy, a tunnel that cannot be opened, plaintext to a STRICT
-//! workload) resets the client and is counted under its reason.
+//! refusal (not redirected, unknown source, denied by the destination's policy, a tunnel that
+//! cannot be opened, plaintext to a STRICT workload) resets the client and is counted under
+//! its reason.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
