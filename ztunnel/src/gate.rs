@@ -29,7 +29,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::oneshot;
 

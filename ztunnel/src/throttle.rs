@@ -10,8 +10,9 @@
 //! [`WINDOW`] from one call site, and the next line let through carries, in its `suppressed`
 //! field, how many were dropped since the previous one.
 
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// Lines let through per window and call site.
 pub const BURST: u32 = 10;

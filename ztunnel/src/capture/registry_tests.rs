@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
-use parking_lot::Mutex;
-
 use futures::executor::block_on;
+use parking_lot::Mutex;
 use ztunnel_proto::enroll::{Attachment, ErrorKind, PodAdd, PodDel, PodRef, Reply, Request};
 
 use super::annotate::{Annotator, Status};

@@ -40,14 +40,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::Request;
 use ipnet::IpNet;
+use parking_lot::Mutex;
 use quinn::VarInt;
 use rustls::ClientConfig;
 use serde::Serialize;

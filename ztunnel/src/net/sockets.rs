@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-
 use tokio::net::TcpStream;
 
 use super::{ConnectOptions, Origin};

@@ -15,10 +15,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-
-use parking_lot::Mutex;
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::outcome::Outcome;

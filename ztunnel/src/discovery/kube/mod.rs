@@ -45,8 +45,6 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -55,6 +53,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
+use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 
 use super::enrollment::Rules;

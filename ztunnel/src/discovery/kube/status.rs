@@ -15,12 +15,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::time::Duration;
 
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::{Api, Client};
+use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 pub use crate::policy::{status_of, PolicyStatus, CONDITION_TYPE};
