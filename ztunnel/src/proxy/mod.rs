@@ -291,10 +291,9 @@ fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
     }
 }
 
-/// Copies a plain TCP connection both ways (`tcp`, the side this daemon's access log calls
-/// the peer: the client at the source, the application at the destination, and `other`) until
-/// both directions end or the daemon tells it to close; the bytes are recorded as the tunnel's
-/// copy records them (`sent`: read from `tcp`).
+/// Copies between `tcp` and `other`, both ways, until both directions end or the daemon
+/// tells the connection to close. `sent` counts what was read from `tcp`: the client at the
+/// source, the application at the destination, as the tunnel's copy counts them.
 async fn copy_plain(
     pi: &ProxyInputs,
     tracked: &mut conns::Tracked,
