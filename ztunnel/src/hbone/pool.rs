@@ -108,6 +108,10 @@ pub const SPARE_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an address that did not answer on QUIC is dialled on HTTP/2 only.
 pub const QUIC_RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// How long a connection taken out of the pool (idle, or its pod left) is given to finish
+/// its open streams and close.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// An open stream and the lease that keeps its connection's stream count.
 pub struct Tunnel {
     pub stream: TunnelStream,
@@ -495,7 +499,17 @@ impl Pool {
                 .map_err(PoolError::Endpoint)?;
             let peer = self.inner.settings.sockets.quic_peer(key.addr);
             match quic::connect(&ep, peer, quic::client_config(&tls)?).await {
-                Ok(c) => return Ok(self.add_quic(key, ks, c)),
+                Ok(qc) => {
+                    let conn = self.register(key, ks, Link::Quic(qc.clone()));
+                    let (id, ends) = (conn.id, qc.clone());
+                    let close =
+                        move |why: &'static str| qc.close(VarInt::from_u32(0), why.as_bytes());
+                    self.supervise(key, ks, &conn, close, async move {
+                        let e = ends.closed().await;
+                        tracing::debug!(id, error = %e, "QUIC tunnel connection ended");
+                    });
+                    return Ok(conn);
+                }
                 Err(e) => match e.fallback() {
                     Fallback::No => return Err(e.into()),
                     Fallback::ThisDial => {
@@ -530,9 +544,10 @@ impl Pool {
             client::handshake(tcp, key.addr, tls, settings.connect.timeout).await?;
         let ping = connection.ping_pong();
         let conn = self.register(key, ks, Link::H2(sender));
-        let (id, evicted) = (conn.id, conn.evicted.clone());
-        let idle = watch_idle(Arc::downgrade(&conn), ks.clone(), self.idle_timeouts());
-        self.supervise(key, ks, id, async move {
+        let id = conn.id;
+        // Closed by h2 (a GOAWAY) once every handle of it has dropped and its streams ended.
+        let close = |_: &'static str| {};
+        self.supervise(key, ks, &conn, close, async move {
             let keepalive = async {
                 match ping {
                     Some(p) => client::keepalive(p).await,
@@ -540,7 +555,7 @@ impl Pool {
                 }
             };
             tokio::select! {
-                r = &mut connection => {
+                r = connection => {
                     if let Err(e) = r {
                         tracing::debug!(id, error = %e, "tunnel connection ended");
                     }
@@ -550,48 +565,9 @@ impl Pool {
                         tracing::warn!(id, why, "tunnel connection closed");
                     }
                 }
-                _ = idle => {
-                    // Removed from the pool; let h2 finish with a GOAWAY once unused.
-                    let _ = tokio::time::timeout(Duration::from_secs(5), &mut connection).await;
-                }
-                _ = evicted.notified() => {
-                    tracing::debug!(id, "tunnel connection evicted");
-                    let _ = tokio::time::timeout(Duration::from_secs(5), &mut connection).await;
-                }
             }
         });
         Ok(conn)
-    }
-
-    /// Adds a QUIC connection for `key`, with one stream reserved, and the task that removes
-    /// it when it ends, idles out or is evicted.
-    fn add_quic(&self, key: &PoolKey, ks: &Arc<KeyState>, qc: quinn::Connection) -> Arc<Conn> {
-        let conn = self.register(key, ks, Link::Quic(qc.clone()));
-        let (id, evicted, unused) = (conn.id, conn.evicted.clone(), conn.unused.clone());
-        let weak = Arc::downgrade(&conn);
-        let idle = watch_idle(weak.clone(), ks.clone(), self.idle_timeouts());
-        self.supervise(key, ks, id, async move {
-            tokio::select! {
-                e = qc.closed() => tracing::debug!(id, error = %e, "QUIC tunnel connection ended"),
-                _ = idle => qc.close(VarInt::from_u32(0), b"idle"),
-                _ = evicted.notified() => {
-                    // Let the streams still open finish, for at most 5 s.
-                    let finished = async {
-                        loop {
-                            let ended = unused.notified();
-                            if weak.upgrade().is_none_or(|c| c.streams.load(Ordering::Acquire) == 0) {
-                                return;
-                            }
-                            ended.await;
-                        }
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(5), finished).await;
-                    tracing::debug!(id, "QUIC tunnel connection evicted");
-                    qc.close(VarInt::from_u32(0), b"evicted");
-                }
-            }
-        });
-        conn
     }
 
     /// Puts a new connection for `key` in the pool, with one stream reserved, and counts it.
@@ -617,21 +593,44 @@ impl Pool {
         conn
     }
 
-    /// Runs `until` (the connection's life: it resolves once the connection has ended or
-    /// must go) in a task, then takes connection `id` out of the pool.
+    /// Runs connection `conn`'s `driver` (it resolves once the connection has ended) in a
+    /// task that takes the connection out of the pool when it ends, idles out
+    /// ([`watch_idle`]) or is evicted. Then the connection's streams still open may finish,
+    /// and the transport close it (`close`, told why), within [`CLOSE_GRACE`]; what is left
+    /// after that is dropped.
     fn supervise(
         &self,
         key: &PoolKey,
         ks: &Arc<KeyState>,
-        id: u64,
-        until: impl std::future::Future<Output = ()> + Send + 'static,
+        conn: &Arc<Conn>,
+        close: impl FnOnce(&'static str) + Send + 'static,
+        driver: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         let ks = ks.clone();
         let pool = Arc::downgrade(&self.inner);
         let key = key.clone();
         let metrics = self.inner.metrics.clone();
+        let (id, evicted, weak) = (conn.id, conn.evicted.clone(), Arc::downgrade(conn));
+        let idle = watch_idle(weak.clone(), ks.clone(), self.idle_timeouts());
         tokio::spawn(async move {
-            until.await;
+            tokio::pin!(driver);
+            let why = tokio::select! {
+                () = &mut driver => None,
+                () = idle => Some("idle"),
+                () = evicted.notified() => Some("evicted"),
+            };
+            if let Some(why) = why {
+                tracing::debug!(id, why, "tunnel connection closing");
+                let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+                let ended = tokio::select! {
+                    () = &mut driver => true,
+                    _ = tokio::time::timeout_at(deadline, until_unused(&weak)) => false,
+                };
+                if !ended {
+                    close(why);
+                    let _ = tokio::time::timeout_at(deadline, driver).await;
+                }
+            }
             ks.remove(id);
             metrics.pool_connections.dec();
             if let Some(pool) = pool.upgrade() {
@@ -736,6 +735,20 @@ async fn watch_idle(conn: Weak<Conn>, ks: Arc<KeyState>, timeouts: (Duration, Du
                 _ = key_changed => {}
             },
         }
+    }
+}
+
+/// Resolves once `conn` has no stream open, or is gone.
+async fn until_unused(conn: &Weak<Conn>) {
+    loop {
+        let Some(c) = conn.upgrade() else { return };
+        let unused = c.unused.clone();
+        let ended = unused.notified();
+        if c.streams.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        drop(c);
+        ended.await;
     }
 }
 
