@@ -189,8 +189,12 @@ pub async fn open_stream_with(
 }
 
 /// Sends a ping every [`consts::PING_INTERVAL`]; returns when one is not answered within
-/// [`consts::PING_TIMEOUT`] or the connection failed.
-pub async fn keepalive(mut ping: PingPong) -> Result<(), &'static str> {
+/// [`consts::PING_TIMEOUT`] or the connection failed. Without a ping handle (h2 gives it out
+/// once) it never returns.
+pub async fn keepalive(ping: Option<PingPong>) -> Result<(), &'static str> {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
     loop {
         tokio::time::sleep(consts::PING_INTERVAL).await;
         ping.send_ping(Ping::opaque()).map_err(|_| "ping failed")?;

@@ -500,15 +500,11 @@ impl Pool {
             let peer = self.inner.settings.sockets.quic_peer(key.addr);
             match quic::connect(&ep, peer, quic::client_config(&tls)?).await {
                 Ok(qc) => {
-                    let conn = self.register(key, ks, Link::Quic(qc.clone()));
-                    let (id, ends) = (conn.id, qc.clone());
-                    let close =
-                        move |why: &'static str| qc.close(VarInt::from_u32(0), why.as_bytes());
-                    self.supervise(key, ks, &conn, close, async move {
+                    let ends = qc.clone();
+                    return Ok(self.add(key, ks, Link::Quic(qc), move |id| async move {
                         let e = ends.closed().await;
                         tracing::debug!(id, error = %e, "QUIC tunnel connection ended");
-                    });
-                    return Ok(conn);
+                    }));
                 }
                 Err(e) => match e.fallback() {
                     Fallback::No => return Err(e.into()),
@@ -543,36 +539,43 @@ impl Pool {
         let (sender, mut connection) =
             client::handshake(tcp, key.addr, tls, settings.connect.timeout).await?;
         let ping = connection.ping_pong();
-        let conn = self.register(key, ks, Link::H2(sender));
-        let id = conn.id;
-        // Closed by h2 (a GOAWAY) once every handle of it has dropped and its streams ended.
-        let close = |_: &'static str| {};
-        self.supervise(key, ks, &conn, close, async move {
-            let keepalive = async {
-                match ping {
-                    Some(p) => client::keepalive(p).await,
-                    None => std::future::pending().await,
-                }
-            };
+        Ok(self.add(key, ks, Link::H2(sender), move |id| async move {
             tokio::select! {
                 r = connection => {
                     if let Err(e) = r {
                         tracing::debug!(id, error = %e, "tunnel connection ended");
                     }
                 }
-                r = keepalive => {
+                r = client::keepalive(ping) => {
                     if let Err(why) = r {
                         tracing::warn!(id, why, "tunnel connection closed");
                     }
                 }
             }
-        });
-        Ok(conn)
+        }))
     }
 
     /// Puts a new connection for `key` in the pool, with one stream reserved, and counts it.
-    fn register(&self, key: &PoolKey, ks: &Arc<KeyState>, link: Link) -> Arc<Conn> {
+    /// Its `driver` (given its id; it resolves once the connection has ended) runs in a task
+    /// that takes the connection out of the pool when it ends, idles out ([`watch_idle`]) or
+    /// is evicted. The streams still open may then finish, and the connection close (a QUIC
+    /// one is told why; HTTP/2 sends its GOAWAY once nothing holds it), within
+    /// [`CLOSE_GRACE`]; what is left after that is dropped.
+    fn add<F>(
+        &self,
+        key: &PoolKey,
+        ks: &Arc<KeyState>,
+        link: Link,
+        driver: impl FnOnce(u64) -> F,
+    ) -> Arc<Conn>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         let transport = link.transport();
+        let quic = match &link {
+            Link::Quic(qc) => Some(qc.clone()),
+            Link::H2(_) => None,
+        };
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             link,
@@ -590,27 +593,12 @@ impl Pool {
         metrics.pool_connections_opened.inc();
         metrics.pool_connections.inc();
         tracing::debug!(id = conn.id, src = %key.src, dst = %key.dst, addr = %key.addr, transport, "tunnel connection opened");
-        conn
-    }
-
-    /// Runs connection `conn`'s `driver` (it resolves once the connection has ended) in a
-    /// task that takes the connection out of the pool when it ends, idles out
-    /// ([`watch_idle`]) or is evicted. Then the connection's streams still open may finish,
-    /// and the transport close it (`close`, told why), within [`CLOSE_GRACE`]; what is left
-    /// after that is dropped.
-    fn supervise(
-        &self,
-        key: &PoolKey,
-        ks: &Arc<KeyState>,
-        conn: &Arc<Conn>,
-        close: impl FnOnce(&'static str) + Send + 'static,
-        driver: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
+        let driver = driver(conn.id);
         let ks = ks.clone();
         let pool = Arc::downgrade(&self.inner);
         let key = key.clone();
         let metrics = self.inner.metrics.clone();
-        let (id, evicted, weak) = (conn.id, conn.evicted.clone(), Arc::downgrade(conn));
+        let (id, evicted, weak) = (conn.id, conn.evicted.clone(), Arc::downgrade(&conn));
         let idle = watch_idle(weak.clone(), ks.clone(), self.idle_timeouts());
         tokio::spawn(async move {
             tokio::pin!(driver);
@@ -627,7 +615,9 @@ impl Pool {
                     _ = tokio::time::timeout_at(deadline, until_unused(&weak)) => false,
                 };
                 if !ended {
-                    close(why);
+                    if let Some(qc) = quic {
+                        qc.close(VarInt::from_u32(0), why.as_bytes());
+                    }
                     let _ = tokio::time::timeout_at(deadline, driver).await;
                 }
             }
@@ -637,6 +627,7 @@ impl Pool {
                 pool.forget_key_if_unused(&key, ks);
             }
         });
+        conn
     }
 
     /// Closes the connections that leave from `netns` (a pod leaving the mesh): no new stream

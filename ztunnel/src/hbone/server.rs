@@ -251,10 +251,7 @@ where
     F: Fn(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let keepalive = match conn.ping_pong() {
-        Some(p) => futures::future::Either::Left(super::client::keepalive(p)),
-        None => futures::future::Either::Right(std::future::pending()),
-    };
+    let keepalive = super::client::keepalive(conn.ping_pong());
     tokio::pin!(keepalive);
     tokio::pin!(shutdown);
     let mut streams = Idle::new(idle, Instant::now());
