@@ -4,8 +4,9 @@
 //! to its limit and the next one dials another, an ended stream frees its place, an unused
 //! connection is closed after the idle timeout and a spare one (an older connection has room)
 //! sooner, whichever order a burst's streams end in, many opens at once are all served on as few
-//! connections as the limit allows, and a stream opened as the destination drains (a GOAWAY,
-//! the stream refused) goes to a newly dialled connection.
+//! connections as the limit allows, a stream opened as the destination drains (a GOAWAY,
+//! the stream refused) goes to a newly dialled connection, and an evicted connection (its
+//! pod left the mesh) takes no new stream but carries its open one to its end.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +18,10 @@ use tokio::net::TcpListener;
 use super::ProxyInputs;
 use crate::ca::{issue, LocalCa};
 use crate::discovery::Discovery;
+use crate::hbone::budget::{self, BufferBudget};
 use crate::hbone::client::connect_request;
+use crate::hbone::copy::ByteCounters;
+use crate::hbone::copy_tunnel;
 use crate::hbone::early::Early;
 use crate::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings, Tunnel, SPARE_IDLE_TIMEOUT};
 use crate::identity::{CertManager, Identity, WorkloadCert};
@@ -59,8 +63,13 @@ const CONNECT: ConnectOptions = ConnectOptions {
     timeout: Duration::from_secs(5),
 };
 
-/// Serves the daemon's inbound proxy on `listener`; returns its drain switch.
-fn inbound(ca: &Arc<LocalCa>, listener: TcpListener) -> tokio::sync::watch::Sender<bool> {
+/// Serves the daemon's inbound proxy on `listener`, and on QUIC at its address too when
+/// `quic`; returns its drain switch.
+fn inbound(
+    ca: &Arc<LocalCa>,
+    listener: TcpListener,
+    quic: bool,
+) -> tokio::sync::watch::Sender<bool> {
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let metrics = Arc::new(Metrics::default());
     let settings = PoolSettings {
@@ -85,6 +94,10 @@ fn inbound(ca: &Arc<LocalCa>, listener: TcpListener) -> tokio::sync::watch::Send
         false,
         draining,
     );
+    if quic {
+        let ep = super::quic_endpoint(None, listener.local_addr().unwrap()).unwrap();
+        tokio::spawn(super::serve_inbound_quic(pi.clone(), ep));
+    }
     tokio::spawn(super::serve_inbound(pi, listener));
     draining_tx
 }
@@ -93,13 +106,15 @@ impl Bed {
     /// A bed whose pool keeps `max_streams` per connection and an unused connection for
     /// `idle_timeout`, a spare one for [`SPARE_IDLE_TIMEOUT`].
     async fn start(max_streams: usize, idle_timeout: Duration) -> Bed {
-        Bed::with_spare(max_streams, idle_timeout, SPARE_IDLE_TIMEOUT).await
+        Bed::with(max_streams, idle_timeout, SPARE_IDLE_TIMEOUT, false).await
     }
 
-    async fn with_spare(
+    /// The bed, its pool dialling QUIC first when `quic`.
+    async fn with(
         max_streams: usize,
         idle_timeout: Duration,
         spare_idle_timeout: Duration,
+        quic: bool,
     ) -> Bed {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
@@ -111,13 +126,15 @@ impl Bed {
         tokio::spawn(echo(app_l));
         let tunnel_l = crate::net::listen(SocketAddr::new(SERVER_IP.parse().unwrap(), 0)).unwrap();
         let tunnel = tunnel_l.local_addr().unwrap();
-        let servers = vec![inbound(&ca, tunnel_l)];
+        let servers = vec![inbound(&ca, tunnel_l, quic)];
         let settings = PoolSettings {
             max_streams,
             idle_timeout,
             spare_idle_timeout,
             connect: CONNECT,
-            quic: QuicSettings::default(),
+            quic: QuicSettings {
+                destinations: [tunnel.ip().into()].into_iter().filter(|_| quic).collect(),
+            },
             sockets: Kernel::shared(),
         };
         let metrics = Arc::new(Metrics::default());
@@ -151,7 +168,7 @@ impl Bed {
     /// then on (as a daemon replacing another does, see [`crate::net::listen`]).
     fn add_server(&mut self) {
         let l = crate::net::listen(self.key.addr).unwrap();
-        self.servers.push(inbound(&self.ca, l));
+        self.servers.push(inbound(&self.ca, l, false));
     }
 
     fn dialled(&self) -> u64 {
@@ -160,7 +177,12 @@ impl Bed {
 
     /// Waits (up to 10 s) until the pool holds `n` connections.
     async fn until_connections(&self, n: i64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        self.until_connections_within(n, Duration::from_secs(10))
+            .await
+    }
+
+    async fn until_connections_within(&self, n: i64, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
         while self.metrics.pool_connections.get() != n {
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -234,7 +256,13 @@ async fn an_unused_connection_is_closed_after_the_idle_timeout_and_dialled_again
 /// A burst of three connections' worth of streams, ended in `order` (by connection, oldest
 /// first = 0): once all have ended, the two spare connections are closed and the oldest stays.
 async fn after_a_burst_one_connection_stays(order: [usize; 3]) {
-    let bed = Bed::with_spare(2, Duration::from_secs(300), Duration::from_millis(200)).await;
+    let bed = Bed::with(
+        2,
+        Duration::from_secs(300),
+        Duration::from_millis(200),
+        false,
+    )
+    .await;
     let mut by_conn: Vec<Option<Vec<Tunnel>>> = Vec::new();
     for _ in 0..3 {
         by_conn.push(Some(vec![bed.open().await, bed.open().await]));
@@ -284,7 +312,13 @@ async fn after_a_burst_the_spare_connections_close_in_any_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_connection_becomes_spare_when_an_older_one_gains_room() {
-    let bed = Bed::with_spare(2, Duration::from_secs(300), Duration::from_millis(200)).await;
+    let bed = Bed::with(
+        2,
+        Duration::from_secs(300),
+        Duration::from_millis(200),
+        false,
+    )
+    .await;
     let (a, b) = (bed.open().await, bed.open().await);
     let (c, d) = (bed.open().await, bed.open().await);
     assert_eq!(bed.dialled(), 2);
@@ -338,4 +372,60 @@ async fn a_stream_opened_as_the_destination_drains_goes_to_a_newly_dialled_conne
         "one connection dialled after the drain, then reused"
     );
     drop(held);
+}
+
+/// A connection on `transport` evicted with a stream open: the next stream dials another, the
+/// open one still carries bytes, and the connection closes once that has ended.
+async fn an_evicted_connection_carries_its_open_stream_to_its_end(quic: bool) {
+    // The pod's namespace is the process's own: the pool dials from it without switching.
+    let netns = crate::net::netns::Netns::open(std::path::Path::new("/proc/self/ns/net"))
+        .expect("the process's own network namespace");
+    let mut bed = Bed::with(100, Duration::from_secs(300), SPARE_IDLE_TIMEOUT, quic).await;
+    bed.key.netns = Some(Arc::new(netns));
+    let held = bed.open().await;
+    let transport = if quic { "quic" } else { "h2" };
+    assert_eq!(bed.pool.connections()[0].transport, transport);
+    // The stream carries a local connection, as the outbound proxy's copy does.
+    let (mut client, accepted) = crate::hbone::tests::pair().await;
+    let copy = tokio::spawn(async move {
+        let (rd, wr) = accepted.into_split();
+        let budget = BufferBudget::new(budget::DEFAULT_LIMIT, Default::default());
+        let counters = ByteCounters::default();
+        let copied = copy_tunnel(rd, wr, held.stream, &counters, &budget).await;
+        drop(held.lease);
+        copied
+    });
+    assert_eq!(bed.pool.evict_netns(bed.key.netns.as_ref().unwrap()), 1);
+    let fresh = bed.open().await;
+    assert_eq!(
+        bed.dialled(),
+        2,
+        "the evicted connection takes no new stream"
+    );
+    let mut echoed = [0u8; 10];
+    let round_trip = async {
+        client.write_all(b"still here").await?;
+        client.read_exact(&mut echoed).await
+    };
+    tokio::time::timeout(Duration::from_secs(4), round_trip)
+        .await
+        .expect("the evicted connection still carries its stream")
+        .unwrap();
+    assert_eq!(&echoed, b"still here");
+    drop(client);
+    copy.await.unwrap().expect("the stream ended cleanly");
+    // Closed once its stream has ended, well before the pool's 5 s grace would close it.
+    bed.until_connections_within(1, Duration::from_millis(2500))
+        .await;
+    drop(fresh);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_http2_connection_takes_no_new_stream_and_carries_its_open_one_to_its_end() {
+    an_evicted_connection_carries_its_open_stream_to_its_end(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_quic_connection_takes_no_new_stream_and_carries_its_open_one_to_its_end() {
+    an_evicted_connection_carries_its_open_stream_to_its_end(true).await;
 }
