@@ -136,9 +136,7 @@ fn new_connections(c: &mut Criterion) {
         ztunnel::hbone::quic::endpoint(None, "127.0.0.1:0".parse().unwrap(), None, None)
             .expect("QUIC endpoint")
     });
-    let header = ztunnel::hbone::quic::header_of(
-        &client::connect_request(f.echo, &Default::default()).unwrap(),
-    );
+    let header = ztunnel::hbone::quic::header(f.echo, &Default::default());
     g.bench_function("hbone_quic_fresh_mtls", |b| {
         b.iter_custom(|iters| {
             f.rt.block_on(async {

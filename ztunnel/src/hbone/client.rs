@@ -123,13 +123,7 @@ pub fn connect_request(
     let mut b = Request::builder()
         .method(Method::CONNECT)
         .uri(super::authority(target));
-    let forwarded = match (headers.forwarded_for, &headers.forwarded_host) {
-        (Some(addr), Some(host)) => Some(format!("for=\"{addr}\";host={host}")),
-        (Some(addr), None) => Some(format!("for=\"{addr}\"")),
-        (None, Some(host)) => Some(format!("host={host}")),
-        (None, None) => None,
-    };
-    if let Some(v) = forwarded {
+    if let Some(v) = headers.forwarded() {
         b = b.header(consts::FORWARDED, v);
     }
     if let Some(v) = &headers.baggage {

@@ -44,6 +44,18 @@ pub struct ConnectHeaders {
     pub traceparent: Option<String>,
 }
 
+impl ConnectHeaders {
+    /// The `forwarded` header's value, when there is one.
+    pub fn forwarded(&self) -> Option<String> {
+        match (self.forwarded_for, &self.forwarded_host) {
+            (Some(addr), Some(host)) => Some(format!("for=\"{addr}\";host={host}")),
+            (Some(addr), None) => Some(format!("for=\"{addr}\"")),
+            (None, Some(host)) => Some(format!("host={host}")),
+            (None, None) => None,
+        }
+    }
+}
+
 /// The two halves of an open tunnel stream, on either transport.
 pub enum TunnelStream {
     H2 {

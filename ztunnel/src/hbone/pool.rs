@@ -44,7 +44,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use http::Request;
 use ipnet::IpNet;
 use parking_lot::Mutex;
 use quinn::VarInt;
@@ -54,7 +53,7 @@ use serde::Serialize;
 use super::client::{self, ClientError};
 use super::early::Early;
 use super::quic::{self, Fallback, QuicError, QuicStreamError};
-use super::TunnelStream;
+use super::{ConnectHeaders, TunnelStream};
 use crate::identity::{Identity, WorkloadCert};
 use crate::metrics::{Metrics, ResponseFlag};
 use crate::net::netns::Netns;
@@ -244,7 +243,10 @@ impl PoolError {
 
     /// Whether the connection failed (not the stream), so no stream may land on it again.
     fn connection_failed(&self) -> bool {
-        !matches!(self, PoolError::Client(ClientError::Status(_)))
+        !matches!(
+            self,
+            PoolError::Client(ClientError::Status(_) | ClientError::Request(_))
+        )
     }
 
     /// Whether the peer provably did not process the stream, so it may be sent again.
@@ -324,7 +326,8 @@ impl Pool {
         &self.inner.settings.sockets
     }
 
-    /// Opens a stream for `req` to `key`, on a pooled connection when one has room.
+    /// Opens a stream to `target` (with `headers`) over `key`, on a pooled connection when one
+    /// has room.
     /// `cert` is the source workload's current certificate (used only to dial). The client's
     /// `early` bytes (see [`super::early`]) go out right behind the request, those it writes
     /// while the answer is in flight too, all of them again on a retry; the stream then
@@ -333,7 +336,8 @@ impl Pool {
         &self,
         key: &PoolKey,
         cert: &Arc<WorkloadCert>,
-        req: Request<()>,
+        target: SocketAddr,
+        headers: &ConnectHeaders,
         early: &mut Early<'_>,
     ) -> Result<Tunnel, PoolError> {
         let ks = self.key_state(key);
@@ -363,12 +367,14 @@ impl Pool {
             let open = async {
                 match &conn.link {
                     Link::H2(sender) => {
-                        client::open_stream_with(sender.clone(), copy_request(&req), early)
+                        let req =
+                            client::connect_request(target, headers).map_err(ClientError::from)?;
+                        client::open_stream_with(sender.clone(), req, early)
                             .await
                             .map(|(send, recv)| TunnelStream::H2 { send, recv })
                             .map_err(PoolError::from)
                     }
-                    Link::Quic(c) => quic::open_stream(c, &quic::header_of(&req), early)
+                    Link::Quic(c) => quic::open_stream(c, &quic::header(target, headers), early)
                         .await
                         .map(|(send, recv)| TunnelStream::Quic { send, recv })
                         .map_err(PoolError::from),
@@ -757,16 +763,6 @@ fn is_spare(conns: &[Arc<Conn>], c: &Conn) -> bool {
 /// unanswered: not within [`QUIC_RETRY_AFTER`] of that.
 fn quic_due(unanswered_at: Option<Instant>, now: Instant) -> bool {
     unanswered_at.is_none_or(|at| now.saturating_duration_since(at) >= QUIC_RETRY_AFTER)
-}
-
-/// A copy of a bodiless request (`http::Request` is not `Clone`).
-fn copy_request(req: &Request<()>) -> Request<()> {
-    let mut r = Request::new(());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    r
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use super::consts;
 use super::copy::{CopyError, StreamRecv, StreamSend};
 use super::early::Early;
 use super::queue::{Queue, CHUNKS_PER_WRITE};
+use super::ConnectHeaders;
 use crate::net::netns::Netns;
 
 /// A peer that does not complete the QUIC handshake within this time is taken as not
@@ -312,23 +313,14 @@ pub fn peer_certificates(conn: &quinn::Connection) -> Vec<CertificateDer<'static
         .unwrap_or_default()
 }
 
-/// The stream header of a `CONNECT` request built by [`super::client::connect_request`].
-pub fn header_of(req: &Request<()>) -> RequestHeader {
-    let get = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+/// The stream header of a tunnel to `target`: what [`super::client::connect_request`] sends
+/// on HTTP/2.
+pub fn header(target: SocketAddr, headers: &ConnectHeaders) -> RequestHeader {
     RequestHeader {
-        authority: req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_default(),
-        forwarded: get(consts::FORWARDED),
-        baggage: get(consts::BAGGAGE),
-        traceparent: get(consts::TRACEPARENT),
+        authority: super::authority(target),
+        forwarded: headers.forwarded(),
+        baggage: headers.baggage.clone(),
+        traceparent: headers.traceparent.clone(),
     }
 }
 
@@ -530,23 +522,24 @@ mod tests {
 
     #[test]
     fn header_and_request_agree() {
-        let req = super::super::client::connect_request(
-            "10.0.0.2:8080".parse().unwrap(),
-            &super::super::ConnectHeaders {
-                forwarded_for: Some("10.0.0.1:4000".parse().unwrap()),
-                forwarded_host: Some("b.demo.svc.cluster.local".into()),
-                baggage: Some("k8s.namespace.name=a".into()),
-                traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00".into()),
-            },
-        )
-        .unwrap();
-        let h = header_of(&req);
+        let target = "10.0.0.2:8080".parse().unwrap();
+        let headers = ConnectHeaders {
+            forwarded_for: Some("10.0.0.1:4000".parse().unwrap()),
+            forwarded_host: Some("b.demo.svc.cluster.local".into()),
+            baggage: Some("k8s.namespace.name=a".into()),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00".into()),
+        };
+        let h = header(target, &headers);
         assert_eq!(h.authority, "10.0.0.2:8080");
         assert_eq!(
             h.forwarded.as_deref(),
             Some("for=\"10.0.0.1:4000\";host=b.demo.svc.cluster.local")
         );
+        // The header stands for the request HTTP/2 sends.
+        let h2 = super::super::client::connect_request(target, &headers).unwrap();
         let back = request_of(&h).unwrap();
+        assert_eq!(back.uri(), h2.uri());
+        assert_eq!(back.headers(), h2.headers());
         let t = super::super::server::validate(&back, "10.0.0.2".parse().unwrap()).unwrap();
         assert_eq!(
             t.authority,

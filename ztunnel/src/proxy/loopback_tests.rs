@@ -19,7 +19,6 @@ use super::ProxyInputs;
 use crate::ca::{issue, LocalCa};
 use crate::discovery::Discovery;
 use crate::hbone::budget::{self, BufferBudget};
-use crate::hbone::client::connect_request;
 use crate::hbone::copy::ByteCounters;
 use crate::hbone::copy_tunnel;
 use crate::hbone::early::Early;
@@ -157,9 +156,15 @@ impl Bed {
 
     /// A stream to the application, answered `200` by the inbound proxy.
     async fn open(&self) -> Tunnel {
-        let req = connect_request(self.app, &Default::default()).unwrap();
+        let headers = Default::default();
         self.pool
-            .open(&self.key, &self.cert, req, &mut Early::default())
+            .open(
+                &self.key,
+                &self.cert,
+                self.app,
+                &headers,
+                &mut Early::default(),
+            )
             .await
             .expect("a tunnel to the application")
     }

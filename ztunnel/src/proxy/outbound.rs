@@ -22,7 +22,6 @@ use super::conns::{ConnFacts, Direction, Tracked};
 use super::outcome::{refuse, Outcome};
 use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
-use crate::hbone::client::connect_request;
 use crate::hbone::copy_tunnel;
 use crate::hbone::early::Early;
 use crate::hbone::pool::{PoolKey, Tunnel};
@@ -199,13 +198,6 @@ async fn open(
                 baggage: Some(crate::metrics::baggage(&src, &pi.cluster_id)),
                 traceparent: Some(traceparent),
             };
-            let req = match connect_request(dst_addr, &headers) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracked.fail(Outcome::Failed(e.to_string()));
-                    return Err(tcp);
-                }
-            };
             let key = PoolKey {
                 src: src_id,
                 dst: expected_identity,
@@ -219,7 +211,11 @@ async fn open(
                     return Err(tcp);
                 }
             };
-            let tunnel = match pi.pool.open(&key, &cert, req, &mut early).await {
+            let tunnel = match pi
+                .pool
+                .open(&key, &cert, dst_addr, &headers, &mut early)
+                .await
+            {
                 Ok(t) => t,
                 Err(e) => {
                     refuse!(pi, tracked, Outcome::tunnel(&e), dst = %dst_addr, tunnel = %tunnel_addr, error = %e, "tunnel refused");
