@@ -637,7 +637,8 @@ impl Pool {
     }
 
     /// Closes the connections that leave from `netns` (a pod leaving the mesh): no new stream
-    /// lands on them, and each ends once its last stream has (within 5 s). Returns how many.
+    /// lands on them, and each ends once its last stream has (within the pool's 5 s close
+    /// grace). Returns how many.
     pub fn evict_netns(&self, netns: &Netns) -> usize {
         let keys = self.inner.keys.lock();
         let mut evicted = 0;
