@@ -18,6 +18,12 @@
 //! Decoding fails closed: an unknown version, an over-long header, an unknown or repeated
 //! key, a missing authority, a truncated field or a value outside visible ASCII is an error
 //! (answered `400` by a server).
+//!
+//! A stream ended early is reset (and stopped) with an application error code:
+//! [`STREAM_RESET`] when its copy failed or was cut short, [`STREAM_REFUSED`] when the server
+//! did not process it because it drains. A refused stream's request may be sent again on
+//! another connection, and the client opens no more streams on the refusing one (as after an
+//! HTTP/2 `GOAWAY`).
 
 /// ALPN protocol of the QUIC transport.
 pub const ALPN: &[u8] = b"hbone-quic/1";
@@ -29,6 +35,11 @@ pub const MAX_FIELDS_LEN: usize = 8 * 1024;
 pub const PREFIX_LEN: usize = 3;
 /// Length of a response header.
 pub const RESPONSE_LEN: usize = 3;
+/// Application error code of a stream reset because its copy failed or was cut short.
+pub const STREAM_RESET: u32 = 1;
+/// Application error code of a stream the server did not process (it drains): it may be sent
+/// again on another connection.
+pub const STREAM_REFUSED: u32 = 2;
 
 const KEY_AUTHORITY: u8 = 1;
 const KEY_FORWARDED: u8 = 2;

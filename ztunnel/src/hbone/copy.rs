@@ -74,6 +74,10 @@ pub(super) trait StreamSend {
     fn finish(&mut self) -> Result<(), CopyError>;
     /// Resets the stream after a failure in either direction.
     fn reset(&mut self);
+    /// Waits until the peer has received all that was sent and the end (or gave up on it), so
+    /// that a connection closed once its streams have ended loses nothing. HTTP/2 needs no
+    /// wait: its connection writes out what it holds before it closes.
+    async fn delivered(&mut self) {}
 }
 
 /// The receiving half of a tunnel stream, as the copy loop sees it.
@@ -90,8 +94,9 @@ pub(super) trait StreamRecv {
     fn stop(&mut self);
 }
 
-/// Copies `tcp` ⇄ (`send`, `recv`) until both directions have ended; on an error both
-/// directions are reset (a dropped QUIC stream would otherwise end cleanly).
+/// Copies `tcp` ⇄ (`send`, `recv`) until both directions have ended and what was sent has
+/// been delivered; on an error both directions are reset (a dropped QUIC stream would
+/// otherwise end cleanly).
 pub(super) async fn copy<S: StreamSend, R: StreamRecv>(
     tcp_read: OwnedReadHalf,
     tcp_write: OwnedWriteHalf,
@@ -107,6 +112,8 @@ pub(super) async fn copy<S: StreamSend, R: StreamRecv>(
     if r.is_err() {
         send.reset();
         recv.stop();
+    } else {
+        send.delivered().await;
     }
     r.map(|_| ())
 }

@@ -37,7 +37,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A stream whose request header has not arrived by then is refused.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Application error code of a stream reset because its copy failed or was cut short.
-pub(super) const RESET: VarInt = VarInt::from_u32(1);
+pub(super) const RESET: VarInt = VarInt::from_u32(wire::STREAM_RESET);
+/// Application error code of a stream refused unprocessed: the server drains.
+const REFUSED: VarInt = VarInt::from_u32(wire::STREAM_REFUSED);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuicError {
@@ -65,6 +67,8 @@ pub enum QuicError {
     Header(#[from] HeaderError),
     #[error("no QUIC stream header within {HEADER_TIMEOUT:?}")]
     HeaderTimeout,
+    #[error("QUIC stream refused unprocessed: the peer drains")]
+    Refused,
 }
 
 impl QuicError {
@@ -94,11 +98,13 @@ impl QuicError {
         }
     }
 
-    /// Whether the connection, not the stream, failed (a stream may be tried on another).
+    /// Whether the connection, not the stream, failed or takes no more streams (a stream may
+    /// be tried on another).
     pub fn connection_failed(&self) -> bool {
         matches!(
             self,
             QuicError::Connection(_)
+                | QuicError::Refused
                 | QuicError::Write(quinn::WriteError::ConnectionLost(_))
                 | QuicError::Read(quinn::ReadExactError::ReadError(
                     quinn::ReadError::ConnectionLost(_)
@@ -358,6 +364,9 @@ pub async fn open_stream(
     }
     match send.write_all(&head).await {
         Ok(()) => {}
+        Err(quinn::WriteError::Stopped(code)) if code == REFUSED => {
+            return Err(QuicError::Refused.into())
+        }
         // The peer read the header and stopped the stream: a refusal, its answer tells why.
         Err(quinn::WriteError::Stopped(_)) => early.stop(),
         Err(e) => return Err(QuicError::from(e).into()),
@@ -370,7 +379,11 @@ pub async fn open_stream(
             tokio::select! {
                 biased;
                 r = &mut answer => {
-                    r.map_err(QuicError::from)?;
+                    r.map_err(|e| match e {
+                        quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code))
+                            if code == REFUSED => QuicError::Refused,
+                        e => e.into(),
+                    })?;
                     break;
                 }
                 more = early.next() => {
@@ -413,6 +426,11 @@ impl StreamSend for SendStream {
 
     fn reset(&mut self) {
         let _ = SendStream::reset(self, RESET);
+    }
+
+    async fn delivered(&mut self) {
+        // Acknowledged by the peer, stopped by it, or the connection lost: no longer ours.
+        let _ = self.stopped().await;
     }
 }
 
@@ -488,6 +506,13 @@ pub async fn respond(
         let _ = recv.stop(RESET);
     }
     sent
+}
+
+/// Refuses a stream without processing it (the server drains): the client may send its
+/// request again on another connection.
+pub fn refuse_unprocessed(mut send: SendStream, mut recv: RecvStream) {
+    let _ = send.reset(REFUSED);
+    let _ = recv.stop(REFUSED);
 }
 
 /// The server configuration an endpoint starts with: it presents no certificate, so it

@@ -14,8 +14,10 @@
 //! Each stream's header stands for a `CONNECT` and is validated, judged by policy and
 //! answered like one; a malformed or late header is `400` (`quic_bad_header`). A connection
 //! that breaks the QUIC protocol is counted (`inbound_quic_error`). On drain, no new connection
-//! is taken (a peer's dial is refused, and it falls back to HTTP/2) and each connection closes
-//! once its streams have ended. A daemon that starts while another still holds the port (a
+//! is taken (a peer's dial is refused, and it falls back to HTTP/2), a stream opened on a
+//! connection already here is refused unprocessed (the peer sends it again on a new
+//! connection, as after an HTTP/2 `GOAWAY`), and each connection closes once its streams have
+//! ended. A daemon that starts while another still holds the port (a
 //! rolling restart) binds it once that one has let it go.
 
 use std::net::SocketAddr;
@@ -246,13 +248,23 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
                     return;
                 }
             },
-            _ = pi.drained() => {
-                streams.all_closed().await;
-                conn.close(VarInt::from_u32(0), b"draining");
-                return;
-            }
+            _ = pi.drained() => break,
         }
     }
+    // Draining: the peer gets no more stream credit, and the streams it opens from now on
+    // are refused unprocessed, so that it sends them again on a new connection; this one
+    // closes once its open streams have ended.
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(0));
+    loop {
+        tokio::select! {
+            () = streams.all_closed() => break,
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => quic::refuse_unprocessed(send, recv),
+                Err(_) => return,
+            },
+        }
+    }
+    conn.close(VarInt::from_u32(0), b"draining");
 }
 
 pub(super) async fn stream(

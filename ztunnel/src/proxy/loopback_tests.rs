@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use super::ProxyInputs;
 use crate::ca::{issue, LocalCa};
@@ -379,6 +379,40 @@ async fn a_stream_opened_as_the_destination_drains_goes_to_a_newly_dialled_conne
     drop(held);
 }
 
+/// A local connection carried by `t`'s stream, as the outbound proxy's copy carries one: the
+/// client's end, and the copy (which gives the stream's place back when it ends).
+async fn carry(
+    t: Tunnel,
+) -> (
+    TcpStream,
+    tokio::task::JoinHandle<Result<(), crate::hbone::copy::CopyError>>,
+) {
+    let (client, accepted) = crate::hbone::tests::pair().await;
+    let copy = tokio::spawn(async move {
+        let (rd, wr) = accepted.into_split();
+        let budget = BufferBudget::new(budget::DEFAULT_LIMIT, Default::default());
+        let counters = ByteCounters::default();
+        let copied = copy_tunnel(rd, wr, t.stream, &counters, &budget).await;
+        drop(t.lease);
+        copied
+    });
+    (client, copy)
+}
+
+/// Sends `msg` through a carried connection and reads back its echo.
+async fn echoes(client: &mut TcpStream, msg: &[u8]) {
+    let mut echoed = vec![0u8; msg.len()];
+    let round_trip = async {
+        client.write_all(msg).await?;
+        client.read_exact(&mut echoed).await
+    };
+    tokio::time::timeout(Duration::from_secs(4), round_trip)
+        .await
+        .expect("the stream still carries bytes")
+        .unwrap();
+    assert_eq!(echoed, msg);
+}
+
 /// A connection on `transport` evicted with a stream open: the next stream dials another, the
 /// open one still carries bytes, and the connection closes once that has ended.
 async fn an_evicted_connection_carries_its_open_stream_to_its_end(quic: bool) {
@@ -390,16 +424,7 @@ async fn an_evicted_connection_carries_its_open_stream_to_its_end(quic: bool) {
     let held = bed.open().await;
     let transport = if quic { "quic" } else { "h2" };
     assert_eq!(bed.pool.connections()[0].transport, transport);
-    // The stream carries a local connection, as the outbound proxy's copy does.
-    let (mut client, accepted) = crate::hbone::tests::pair().await;
-    let copy = tokio::spawn(async move {
-        let (rd, wr) = accepted.into_split();
-        let budget = BufferBudget::new(budget::DEFAULT_LIMIT, Default::default());
-        let counters = ByteCounters::default();
-        let copied = copy_tunnel(rd, wr, held.stream, &counters, &budget).await;
-        drop(held.lease);
-        copied
-    });
+    let (mut client, copy) = carry(held).await;
     assert_eq!(bed.pool.evict_netns(bed.key.netns.as_ref().unwrap()), 1);
     let fresh = bed.open().await;
     assert_eq!(
@@ -407,16 +432,7 @@ async fn an_evicted_connection_carries_its_open_stream_to_its_end(quic: bool) {
         2,
         "the evicted connection takes no new stream"
     );
-    let mut echoed = [0u8; 10];
-    let round_trip = async {
-        client.write_all(b"still here").await?;
-        client.read_exact(&mut echoed).await
-    };
-    tokio::time::timeout(Duration::from_secs(4), round_trip)
-        .await
-        .expect("the evicted connection still carries its stream")
-        .unwrap();
-    assert_eq!(&echoed, b"still here");
+    echoes(&mut client, b"still here").await;
     drop(client);
     copy.await.unwrap().expect("the stream ended cleanly");
     // Closed once its stream has ended, well before the pool's 5 s grace would close it.
@@ -433,4 +449,28 @@ async fn an_evicted_http2_connection_takes_no_new_stream_and_carries_its_open_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicted_quic_connection_takes_no_new_stream_and_carries_its_open_one_to_its_end() {
     an_evicted_connection_carries_its_open_stream_to_its_end(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opened_as_a_quic_destination_drains_goes_to_a_newly_dialled_connection() {
+    let mut bed = Bed::with(100, Duration::from_secs(300), SPARE_IDLE_TIMEOUT, true).await;
+    // A long-lived stream keeps the QUIC connection open through the drain.
+    let (mut held, copy) = carry(bed.open().await).await;
+    assert_eq!(bed.pool.connections()[0].transport, "quic");
+    bed.add_server();
+    bed.servers[0].send(true).unwrap();
+    // The drained daemon refuses the streams opened on its connection from now on, and the
+    // pool sends them again on a connection dialled after the drain (on HTTP/2: the new daemon
+    // takes no QUIC).
+    for _ in 0..3 {
+        let opened = tokio::time::timeout(Duration::from_secs(5), bed.open())
+            .await
+            .expect("a stream opened during the drain is answered");
+        drop(opened);
+    }
+    assert_eq!(bed.dialled(), 2, "one connection dialled after the drain");
+    // The drained daemon's stream runs on.
+    echoes(&mut held, b"still here").await;
+    drop(held);
+    copy.await.unwrap().expect("the stream ended cleanly");
 }
