@@ -394,6 +394,7 @@ async fn echo_on(mut s: TcpStream, msg: &'static [u8]) -> std::io::Result<(TcpSt
 /// asserts that no connection failed.
 fn rolling_restart_refuses_nothing(bed: &mut TestBed) {
     bed.pod("server").ns.serve_dual(8080, apps::whoami_server);
+    bed.pod("server").ns.serve_dual(9090, apps::hold_server);
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -428,11 +429,22 @@ fn rolling_restart_refuses_nothing(bed: &mut TestBed) {
         }
     };
     flowing("before the restarts");
-    // Each node in turn: the new process starts beside the old, then the old one drains.
+    // Each node in turn: the new process starts beside the old, then the old one drains while
+    // a long-lived connection keeps its tunnel connection open (on the server's node, the
+    // client daemon's pooled connection to it, which the new connections share until the
+    // drain turns them away).
     for i in 0..2 {
+        let held = bed
+            .pod("client")
+            .ns
+            .block_on(apps::open_held("10.20.2.10", 9090, 1))
+            .expect("a long-lived connection");
         let newer = bed.spawn_daemon(i, "-next").unwrap();
         flowing("with both processes");
         let mut old = bed.nodes[i].daemon.replace(newer).unwrap();
+        old.terminate();
+        flowing("while the old process drains");
+        drop(held);
         old.stop(Duration::from_secs(5));
         flowing("after the old process left");
     }

@@ -132,10 +132,18 @@ impl Process {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    /// Sends SIGTERM and waits up to `grace` before SIGKILL.
     /// The process id (the daemon itself: `ip netns exec` execs it).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM only: the daemon starts draining and this returns at once ([`Process::stop`]
+    /// waits for it to exit).
+    pub fn terminate(&self) {
+        if let Some(pid) = self.pid() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
     }
 
     /// SIGKILL: the process dies at once, without draining or cleaning up.
