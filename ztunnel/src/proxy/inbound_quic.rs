@@ -17,8 +17,8 @@
 //! is taken (a peer's dial is refused, and it falls back to HTTP/2), a stream opened on a
 //! connection already here is refused unprocessed (the peer sends it again on a new
 //! connection, as after an HTTP/2 `GOAWAY`), and each connection closes once its streams have
-//! ended. A daemon that starts while another still holds the port (a
-//! rolling restart) binds it once that one has let it go.
+//! ended. A daemon that starts while another still holds the port (a rolling restart) binds
+//! it once that one has let it go.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
