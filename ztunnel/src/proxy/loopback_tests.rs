@@ -1,12 +1,14 @@
 //! The tunnel pool against the daemon's real inbound proxy on loopback, in-process and
-//! without root: mutual TLS and HTTP/2 as in the daemon, with `netns: None` so the pool dials
-//! from the process's own namespace. What the pool promises: streams share a connection up
-//! to its limit and the next one dials another, an ended stream frees its place, an unused
-//! connection is closed after the idle timeout and a spare one (an older connection has room)
-//! sooner, whichever order a burst's streams end in, many opens at once are all served on as few
-//! connections as the limit allows, a stream opened as the destination drains (a GOAWAY,
-//! the stream refused) goes to a newly dialled connection, and an evicted connection (its
-//! pod left the mesh) takes no new stream but carries its open one to its end.
+//! without root: mutual TLS and HTTP/2 (or QUIC, where a test says so) as in the daemon,
+//! dialling from the process's own namespace. What the pool promises: streams share a
+//! connection up to its limit and the next one dials another, an ended stream frees its
+//! place, an unused connection is closed after the idle timeout and a spare one (an older
+//! connection has room) sooner, whichever order a burst's streams end in, many opens at once
+//! are all served on as few connections as the limit allows, a stream opened as the
+//! destination drains (HTTP/2: a GOAWAY or the stream refused; QUIC: the stream refused
+//! unprocessed, while a held stream keeps the connection open) goes to a newly dialled
+//! connection, and an evicted connection (its pod left the mesh) takes no new stream but
+//! carries its open one to its end.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
