@@ -206,11 +206,11 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
             return;
         }
     };
-    pi.metrics.quic_connections_accepted.inc();
     let Some(peer) = Peer::admit(&pi, addr, local, identity, dst, dst_identity) else {
         conn.close(VarInt::from_u32(1), b"peer limit");
         return;
     };
+    pi.metrics.quic_connections_accepted.inc();
     let peer = Arc::new(peer);
     // As on HTTP/2 (`hbone::server::serve`): no stream started for this long and none open,
     // and the connection is closed.

@@ -8,7 +8,10 @@
 //! destination drains (HTTP/2: a GOAWAY or the stream refused; QUIC: the stream refused
 //! unprocessed, while a held stream keeps the connection open) goes to a newly dialled
 //! connection, and an evicted connection (its pod left the mesh) takes no new stream but
-//! carries its open one to its end.
+//! carries its open one to its end. And what the inbound proxy promises a peer's pool, on
+//! both transports: a connection over the peer's cap is closed before it carries a stream
+//! (not counted as accepted), a stream over it is answered `429`, and an ended stream's
+//! place comes back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +20,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::ProxyInputs;
+use super::peers::PeerLimits;
+use super::{ProxyInputs, TunnelLimits};
 use crate::ca::{issue, LocalCa};
 use crate::discovery::Discovery;
 use crate::hbone::budget::{self, BufferBudget};
@@ -26,7 +30,7 @@ use crate::hbone::copy_tunnel;
 use crate::hbone::early::Early;
 use crate::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings, Tunnel, SPARE_IDLE_TIMEOUT};
 use crate::identity::{CertManager, Identity, WorkloadCert};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::net::sockets::Kernel;
 use crate::net::ConnectOptions;
 
@@ -56,6 +60,8 @@ struct Bed {
     ca: Arc<LocalCa>,
     /// Each inbound proxy's drain switch, oldest first.
     servers: Vec<tokio::sync::watch::Sender<bool>>,
+    /// The first inbound proxy's metrics.
+    server_metrics: Arc<Metrics>,
     _dir: tempfile::TempDir,
 }
 
@@ -64,13 +70,14 @@ const CONNECT: ConnectOptions = ConnectOptions {
     timeout: Duration::from_secs(5),
 };
 
-/// Serves the daemon's inbound proxy on `listener`, and on QUIC at its address too when
-/// `quic`; returns its drain switch.
+/// Serves the daemon's inbound proxy, with `limits`, on `listener`, and on QUIC at its
+/// address too when `quic`; returns its drain switch and its metrics.
 fn inbound(
     ca: &Arc<LocalCa>,
     listener: TcpListener,
     quic: bool,
-) -> tokio::sync::watch::Sender<bool> {
+    limits: TunnelLimits,
+) -> (tokio::sync::watch::Sender<bool>, Arc<Metrics>) {
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let metrics = Arc::new(Metrics::default());
     let settings = PoolSettings {
@@ -88,10 +95,10 @@ fn inbound(
         Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
         CertManager::new(ca.clone(), DAY),
         Pool::new(settings, metrics.clone()),
-        metrics,
+        metrics.clone(),
         CONNECT,
         1000,
-        super::TunnelLimits::default(),
+        limits,
         false,
         draining,
     );
@@ -100,7 +107,7 @@ fn inbound(
         tokio::spawn(super::serve_inbound_quic(pi.clone(), ep));
     }
     tokio::spawn(super::serve_inbound(pi, listener));
-    draining_tx
+    (draining_tx, metrics)
 }
 
 impl Bed {
@@ -117,6 +124,18 @@ impl Bed {
         spare_idle_timeout: Duration,
         quic: bool,
     ) -> Bed {
+        let limits = TunnelLimits::default();
+        Bed::build(max_streams, idle_timeout, spare_idle_timeout, quic, limits).await
+    }
+
+    /// The bed, its inbound proxy holding tunnel peers to `limits`.
+    async fn build(
+        max_streams: usize,
+        idle_timeout: Duration,
+        spare_idle_timeout: Duration,
+        quic: bool,
+        limits: TunnelLimits,
+    ) -> Bed {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
         let client: Identity = "spiffe://cluster.local/ns/t/sa/client".parse().unwrap();
@@ -127,7 +146,7 @@ impl Bed {
         tokio::spawn(echo(app_l));
         let tunnel_l = crate::net::listen(SocketAddr::new(SERVER_IP.parse().unwrap(), 0)).unwrap();
         let tunnel = tunnel_l.local_addr().unwrap();
-        let servers = vec![inbound(&ca, tunnel_l, quic)];
+        let (drain, server_metrics) = inbound(&ca, tunnel_l, quic, limits);
         let settings = PoolSettings {
             max_streams,
             idle_timeout,
@@ -151,7 +170,8 @@ impl Bed {
             cert,
             app,
             ca,
-            servers,
+            servers: vec![drain],
+            server_metrics,
             _dir: dir,
         }
     }
@@ -175,7 +195,8 @@ impl Bed {
     /// then on (as a daemon replacing another does, see [`crate::net::listen`]).
     fn add_server(&mut self) {
         let l = crate::net::listen(self.key.addr).unwrap();
-        self.servers.push(inbound(&self.ca, l, false));
+        let limits = TunnelLimits::default();
+        self.servers.push(inbound(&self.ca, l, false, limits).0);
     }
 
     fn dialled(&self) -> u64 {
@@ -475,4 +496,160 @@ async fn a_stream_opened_as_a_quic_destination_drains_goes_to_a_newly_dialled_co
     echoes(&mut held, b"still here").await;
     drop(held);
     copy.await.unwrap().expect("the stream ended cleanly");
+}
+
+/// What the inbound proxy counted under `reason`.
+fn refusals(m: &Metrics, reason: crate::refusal::Reason) -> u64 {
+    let labels = ReasonLabels {
+        reason: reason.label(),
+    };
+    m.refusals.get_or_create(&labels).get()
+}
+
+/// A peer that holds as many streams and connections as the inbound proxy allows it
+/// (2 streams and 1 connection per address here): a second connection is closed before it
+/// carries a stream, and is not counted as accepted; a stream over the cap on the admitted
+/// connection is answered `429` before the application sees it, and a place comes back when
+/// a stream ends.
+async fn a_peer_is_held_to_its_connection_cap(quic: bool) {
+    use crate::refusal::Reason;
+    let limits = TunnelLimits {
+        peers: PeerLimits {
+            connections_per_address: 1,
+            streams_per_address: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let bed = Bed::build(
+        2,
+        Duration::from_secs(300),
+        SPARE_IDLE_TIMEOUT,
+        quic,
+        limits,
+    )
+    .await;
+    let accepted = || {
+        let m = &bed.server_metrics;
+        match quic {
+            true => m.quic_connections_accepted.get(),
+            false => m.hbone_connections_accepted.get(),
+        }
+    };
+    let (a, b) = (bed.open().await, bed.open().await);
+    assert_eq!(accepted(), 1);
+    let transport = if quic { "quic" } else { "h2" };
+    assert_eq!(bed.pool.connections()[0].transport, transport);
+    // The pool's connection is full (2 streams): the next stream dials a second one, which
+    // the proxy closes as over the cap.
+    let headers = Default::default();
+    let opened = bed
+        .pool
+        .open(
+            &bed.key,
+            &bed.cert,
+            bed.app,
+            &headers,
+            &mut Early::default(),
+        )
+        .await;
+    assert!(opened.is_err(), "a second connection carried a stream");
+    assert_eq!(
+        refusals(&bed.server_metrics, Reason::InboundPeerConnectionLimit),
+        1
+    );
+    assert_eq!(
+        accepted(),
+        1,
+        "the refused connection is not counted as accepted"
+    );
+    drop((a, b));
+}
+
+/// The stream cap (2 per address here) on a connection the pool would fill further: the
+/// third stream is answered `429` before the application sees it, and once a stream has ended
+/// its place is taken again.
+async fn a_peer_is_held_to_its_stream_cap(quic: bool) {
+    use crate::refusal::Reason;
+    let limits = TunnelLimits {
+        peers: PeerLimits {
+            streams_per_address: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let bed = Bed::build(
+        100,
+        Duration::from_secs(300),
+        SPARE_IDLE_TIMEOUT,
+        quic,
+        limits,
+    )
+    .await;
+    let (a, b) = (bed.open().await, bed.open().await);
+    let headers = Default::default();
+    let third = bed
+        .pool
+        .open(
+            &bed.key,
+            &bed.cert,
+            bed.app,
+            &headers,
+            &mut Early::default(),
+        )
+        .await;
+    let status = third.err().and_then(|e| e.status());
+    assert_eq!(status, Some(http::StatusCode::TOO_MANY_REQUESTS));
+    assert_eq!(
+        refusals(&bed.server_metrics, Reason::InboundPeerStreamLimit),
+        1
+    );
+    // A place comes back once the proxy has seen a stream end (its copy ends first).
+    let (client, copy) = carry(a).await;
+    drop(client);
+    copy.await.unwrap().expect("the stream ended cleanly");
+    let mut again = None;
+    for _ in 0..100 {
+        match bed
+            .pool
+            .open(
+                &bed.key,
+                &bed.cert,
+                bed.app,
+                &headers,
+                &mut Early::default(),
+            )
+            .await
+        {
+            Ok(t) => {
+                again = Some(t);
+                break;
+            }
+            Err(e) => assert_eq!(e.status(), Some(http::StatusCode::TOO_MANY_REQUESTS)),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "the ended stream's place was given back");
+    assert_eq!(bed.dialled(), 1, "all on the one admitted connection");
+    drop((b, again));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_is_held_to_its_connection_cap() {
+    a_peer_is_held_to_its_connection_cap(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_peer_is_held_to_its_connection_cap() {
+    a_peer_is_held_to_its_connection_cap(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_is_held_to_its_stream_cap() {
+    a_peer_is_held_to_its_stream_cap(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_peer_is_held_to_its_stream_cap() {
+    a_peer_is_held_to_its_stream_cap(true).await;
 }
