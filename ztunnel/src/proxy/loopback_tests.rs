@@ -506,11 +506,8 @@ fn refusals(m: &Metrics, reason: crate::refusal::Reason) -> u64 {
     m.refusals.get_or_create(&labels).get()
 }
 
-/// A peer that holds as many streams and connections as the inbound proxy allows it
-/// (2 streams and 1 connection per address here): a second connection is closed before it
-/// carries a stream, and is not counted as accepted; a stream over the cap on the admitted
-/// connection is answered `429` before the application sees it, and a place comes back when
-/// a stream ends.
+/// The connection cap (1 per address here), with the pool's connection full: the second
+/// connection is closed before it carries a stream, and is not counted as accepted.
 async fn a_peer_is_held_to_its_connection_cap(quic: bool) {
     use crate::refusal::Reason;
     let limits = TunnelLimits {
