@@ -513,7 +513,6 @@ async fn a_peer_is_held_to_its_connection_cap(quic: bool) {
     let limits = TunnelLimits {
         peers: PeerLimits {
             connections_per_address: 1,
-            streams_per_address: 2,
             ..Default::default()
         },
         ..Default::default()
