@@ -156,11 +156,10 @@ impl Process {
 
     /// SIGTERM, then SIGKILL if the process has not exited within `grace`.
     pub fn stop(&mut self, grace: Duration) {
+        self.terminate();
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {

@@ -28,7 +28,9 @@ use crate::hbone::budget::{self, BufferBudget};
 use crate::hbone::copy::ByteCounters;
 use crate::hbone::copy_tunnel;
 use crate::hbone::early::Early;
-use crate::hbone::pool::{Pool, PoolKey, PoolSettings, QuicSettings, Tunnel, SPARE_IDLE_TIMEOUT};
+use crate::hbone::pool::{
+    Pool, PoolError, PoolKey, PoolSettings, QuicSettings, Tunnel, SPARE_IDLE_TIMEOUT,
+};
 use crate::identity::{CertManager, Identity, WorkloadCert};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::net::sockets::Kernel;
@@ -178,17 +180,27 @@ impl Bed {
 
     /// A stream to the application, answered `200` by the inbound proxy.
     async fn open(&self) -> Tunnel {
+        self.try_open().await.expect("a tunnel to the application")
+    }
+
+    /// A stream to the application, or why the pool could not open one.
+    async fn try_open(&self) -> Result<Tunnel, PoolError> {
         let headers = Default::default();
+        let early = &mut Early::default();
         self.pool
-            .open(
-                &self.key,
-                &self.cert,
-                self.app,
-                &headers,
-                &mut Early::default(),
-            )
+            .open(&self.key, &self.cert, self.app, &headers, early)
             .await
-            .expect("a tunnel to the application")
+    }
+
+    /// A bed on `quic` or HTTP/2 whose pool keeps `max_streams` per connection, its inbound
+    /// proxy holding tunnel peers to `peers`.
+    async fn with_peer_limits(max_streams: usize, quic: bool, peers: PeerLimits) -> Bed {
+        let limits = TunnelLimits {
+            peers,
+            ..Default::default()
+        };
+        let idle = Duration::from_secs(300);
+        Bed::build(max_streams, idle, SPARE_IDLE_TIMEOUT, quic, limits).await
     }
 
     /// Starts another inbound proxy on the same port, which takes the new connections from
@@ -510,21 +522,11 @@ fn refusals(m: &Metrics, reason: crate::refusal::Reason) -> u64 {
 /// connection is closed before it carries a stream, and is not counted as accepted.
 async fn a_peer_is_held_to_its_connection_cap(quic: bool) {
     use crate::refusal::Reason;
-    let limits = TunnelLimits {
-        peers: PeerLimits {
-            connections_per_address: 1,
-            ..Default::default()
-        },
+    let peers = PeerLimits {
+        connections_per_address: 1,
         ..Default::default()
     };
-    let bed = Bed::build(
-        2,
-        Duration::from_secs(300),
-        SPARE_IDLE_TIMEOUT,
-        quic,
-        limits,
-    )
-    .await;
+    let bed = Bed::with_peer_limits(2, quic, peers).await;
     let accepted = || {
         let m = &bed.server_metrics;
         match quic {
@@ -538,17 +540,7 @@ async fn a_peer_is_held_to_its_connection_cap(quic: bool) {
     assert_eq!(bed.pool.connections()[0].transport, transport);
     // The pool's connection is full (2 streams): the next stream dials a second one, which
     // the proxy closes as over the cap.
-    let headers = Default::default();
-    let opened = bed
-        .pool
-        .open(
-            &bed.key,
-            &bed.cert,
-            bed.app,
-            &headers,
-            &mut Early::default(),
-        )
-        .await;
+    let opened = bed.try_open().await;
     assert!(opened.is_err(), "a second connection carried a stream");
     assert_eq!(
         refusals(&bed.server_metrics, Reason::InboundPeerConnectionLimit),
@@ -567,33 +559,13 @@ async fn a_peer_is_held_to_its_connection_cap(quic: bool) {
 /// its place is taken again.
 async fn a_peer_is_held_to_its_stream_cap(quic: bool) {
     use crate::refusal::Reason;
-    let limits = TunnelLimits {
-        peers: PeerLimits {
-            streams_per_address: 2,
-            ..Default::default()
-        },
+    let peers = PeerLimits {
+        streams_per_address: 2,
         ..Default::default()
     };
-    let bed = Bed::build(
-        100,
-        Duration::from_secs(300),
-        SPARE_IDLE_TIMEOUT,
-        quic,
-        limits,
-    )
-    .await;
+    let bed = Bed::with_peer_limits(100, quic, peers).await;
     let (a, b) = (bed.open().await, bed.open().await);
-    let headers = Default::default();
-    let third = bed
-        .pool
-        .open(
-            &bed.key,
-            &bed.cert,
-            bed.app,
-            &headers,
-            &mut Early::default(),
-        )
-        .await;
+    let third = bed.try_open().await;
     let status = third.err().and_then(|e| e.status());
     assert_eq!(status, Some(http::StatusCode::TOO_MANY_REQUESTS));
     assert_eq!(
@@ -606,17 +578,7 @@ async fn a_peer_is_held_to_its_stream_cap(quic: bool) {
     copy.await.unwrap().expect("the stream ended cleanly");
     let mut again = None;
     for _ in 0..100 {
-        match bed
-            .pool
-            .open(
-                &bed.key,
-                &bed.cert,
-                bed.app,
-                &headers,
-                &mut Early::default(),
-            )
-            .await
-        {
+        match bed.try_open().await {
             Ok(t) => {
                 again = Some(t);
                 break;
