@@ -36,6 +36,8 @@ use crate::net::netns::Netns;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A stream whose request header has not arrived by then is refused.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refusal ([`respond`]) waits for the peer to acknowledge it at most.
+const REFUSAL_DELIVERY: Duration = Duration::from_secs(2);
 /// Application error code of a stream reset because its copy failed or was cut short.
 pub(super) const RESET: VarInt = VarInt::from_u32(wire::STREAM_RESET);
 /// Application error code of a stream refused unprocessed: the server drains.
@@ -492,7 +494,9 @@ pub async fn read_header(recv: &mut RecvStream) -> Result<RequestHeader, QuicErr
     }
 }
 
-/// Answers a stream with `status`; anything but `200` ends the stream both ways.
+/// Answers a stream with `status`. Anything but `200` ends the stream both ways, and returns
+/// once the peer has the answer (or after [`REFUSAL_DELIVERY`]), so that closing the
+/// connection then loses nothing.
 pub async fn respond(
     send: &mut SendStream,
     recv: &mut RecvStream,
@@ -504,6 +508,10 @@ pub async fn respond(
     if status != StatusCode::OK {
         let _ = send.finish();
         let _ = recv.stop(RESET);
+        if sent.is_ok() {
+            // A connection closed now would discard the answer: it waits until the peer has it.
+            let _ = tokio::time::timeout(REFUSAL_DELIVERY, send.stopped()).await;
+        }
     }
     sent
 }
@@ -607,6 +615,45 @@ mod tests {
         assert!(rcv >= SOCKET_BUFFER.min(2 * max("rmem_max")), "{rcv}");
         assert!(snd >= SOCKET_BUFFER.min(2 * max("wmem_max")), "{snd}");
         assert!(rcv > max("rmem_default") && snd > max("wmem_default"));
+    }
+
+    /// A refusal reaches the peer although the server closes the connection as soon as it has
+    /// answered (as a draining daemon does once its last stream has ended).
+    #[tokio::test]
+    async fn a_refusal_reaches_the_peer_when_the_connection_closes_right_after() {
+        use crate::ca::{issue, LocalCa};
+        use crate::identity::Identity;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), "cluster.local").unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/t/sa/a".parse().unwrap();
+        let cert = issue(&ca, &id, Duration::from_secs(3600)).unwrap();
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let config = server_config(&cert.server_config(), 10).unwrap();
+        let server = endpoint(None, local, None, Some(config)).unwrap();
+        let addr = server.local_addr().unwrap();
+        let serving = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            read_header(&mut recv).await.unwrap();
+            respond(&mut send, &mut recv, StatusCode::UNAUTHORIZED)
+                .await
+                .unwrap();
+            conn.close(VarInt::from_u32(0), b"draining");
+            server
+        });
+        let client = endpoint(None, local, None, None).unwrap();
+        let config = client_config(&cert.client_config(&[id])).unwrap();
+        let conn = connect(&client, addr, config).await.unwrap();
+        let header = header(addr, &ConnectHeaders::default());
+        let answered = open_stream(&conn, &header, &mut Early::default()).await;
+        assert!(
+            matches!(
+                answered,
+                Err(QuicStreamError::Status(StatusCode::UNAUTHORIZED))
+            ),
+            "{answered:?}"
+        );
+        drop(serving.await.unwrap());
     }
 
     #[test]
