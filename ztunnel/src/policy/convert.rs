@@ -11,9 +11,9 @@ use std::sync::Arc;
 use super::compiled::{Compiled, Effect, Group, Kind, LabelPair, Match, PolicyRef};
 use super::matchers::{self, StrMatch};
 use super::objects::{
-    Action, AuthorizationPolicy, AuthorizationPolicySpec, MtlsMode, PeerAuthentication,
-    PolicyObject, Rule, Selector,
+    Action, AuthorizationPolicy, MtlsMode, PeerAuthentication, PolicyObject, Rule, Selector,
 };
+use super::validate::{selector_error, validate};
 
 /// The status condition type to write on both kinds (Istio's, for AuthorizationPolicy).
 pub const CONDITION_TYPE: &str = "ZtunnelAccepted";
@@ -103,162 +103,6 @@ fn authz_scope(sel: Option<&Selector>) -> Option<Vec<LabelPair>> {
         Some(s) if s.match_labels.is_none() => None,
         Some(s) => Some(sorted_labels(s)),
     }
-}
-
-fn selector_error(sel: Option<&Selector>) -> Option<String> {
-    for (k, v) in sel?.match_labels.iter().flatten() {
-        if k.is_empty() {
-            return Some("selector: empty label key".into());
-        }
-        if k.contains('*') || v.contains('*') {
-            return Some(format!("selector: wildcard in {k}={v}"));
-        }
-    }
-    None
-}
-
-fn no_empty(field: &str, v: &[String]) -> Result<(), String> {
-    if v.iter().any(String::is_empty) {
-        return Err(format!("empty value in {field}"));
-    }
-    Ok(())
-}
-
-fn ips(field: &str, v: &[String]) -> Result<(), String> {
-    no_empty(field, v)?;
-    match v.iter().find(|s| matchers::ip_block(s).is_none()) {
-        Some(bad) => Err(format!("{field}: {bad:?} is not an IP address or CIDR")),
-        None => Ok(()),
-    }
-}
-
-fn ports(field: &str, v: &[String]) -> Result<(), String> {
-    no_empty(field, v)?;
-    match v.iter().find(|s| matchers::port(s).is_none()) {
-        Some(bad) => Err(format!(
-            "{field}: {bad:?} is not a port (a decimal number from 0 to 65535)"
-        )),
-        None => Ok(()),
-    }
-}
-
-fn service_accounts(field: &str, v: &[String]) -> Result<(), String> {
-    if v.len() > 16 {
-        return Err(format!("{field}: more than 16 values"));
-    }
-    for s in v {
-        let ok = !s.is_empty()
-            && !s.contains('*')
-            && s.len() <= 320
-            && match s.split_once('/') {
-                None => true,
-                Some((ns, sa)) => !ns.is_empty() && !sa.is_empty() && !sa.contains('/'),
-            };
-        if !ok {
-            return Err(format!(
-                "{field}: {s:?} is not `serviceAccount` or `namespace/serviceAccount`"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The value checks of Istio's admission webhook (`ValidateAuthorizationPolicy`,
-/// `security.ValidateAttribute`): an object that fails them is not one Istio accepts.
-fn validate(spec: &AuthorizationPolicySpec) -> Result<(), String> {
-    let set = usize::from(spec.selector.is_some())
-        + usize::from(spec.target_ref.is_some())
-        + usize::from(!spec.target_refs.is_empty());
-    if set > 1 {
-        return Err("only one of selector, targetRef or targetRefs can be set".into());
-    }
-    if let Some(e) = selector_error(spec.selector.as_ref()) {
-        return Err(e);
-    }
-    if spec.provider.is_some() && spec.action != Action::Custom {
-        return Err("provider is only for the CUSTOM action".into());
-    }
-    for (i, r) in spec.rules.iter().enumerate() {
-        let at = |e: String| format!("rule {i}: {e}");
-        for f in &r.from {
-            let s = &f.source;
-            if (!s.principals.is_empty()
-                || !s.not_principals.is_empty()
-                || !s.namespaces.is_empty()
-                || !s.not_namespaces.is_empty())
-                && (!s.service_accounts.is_empty() || !s.not_service_accounts.is_empty())
-            {
-                return Err(at(
-                    "serviceAccounts cannot be set with namespaces or principals".into(),
-                ));
-            }
-            ips("ipBlocks", &s.ip_blocks).map_err(at)?;
-            ips("notIpBlocks", &s.not_ip_blocks).map_err(at)?;
-            ips("remoteIpBlocks", &s.remote_ip_blocks).map_err(at)?;
-            ips("notRemoteIpBlocks", &s.not_remote_ip_blocks).map_err(at)?;
-            service_accounts("serviceAccounts", &s.service_accounts).map_err(at)?;
-            service_accounts("notServiceAccounts", &s.not_service_accounts).map_err(at)?;
-            for (name, v) in [
-                ("principals", &s.principals),
-                ("notPrincipals", &s.not_principals),
-                ("requestPrincipals", &s.request_principals),
-                ("notRequestPrincipals", &s.not_request_principals),
-                ("namespaces", &s.namespaces),
-                ("notNamespaces", &s.not_namespaces),
-                ("trustDomains", &s.trust_domains),
-                ("notTrustDomains", &s.not_trust_domains),
-            ] {
-                no_empty(name, v).map_err(at)?;
-            }
-        }
-        for t in &r.to {
-            let o = &t.operation;
-            ports("ports", &o.ports).map_err(at)?;
-            ports("notPorts", &o.not_ports).map_err(at)?;
-            for (name, v) in [
-                ("hosts", &o.hosts),
-                ("notHosts", &o.not_hosts),
-                ("methods", &o.methods),
-                ("notMethods", &o.not_methods),
-                ("paths", &o.paths),
-                ("notPaths", &o.not_paths),
-            ] {
-                no_empty(name, v).map_err(at)?;
-            }
-        }
-        for w in &r.when {
-            let key = w.key.as_str();
-            if key.is_empty() {
-                return Err(at("when: empty key".into()));
-            }
-            if w.values.is_empty() && w.not_values.is_empty() {
-                return Err(at(format!("when {key}: neither values nor notValues")));
-            }
-            for v in [&w.values, &w.not_values] {
-                let check = match key {
-                    "source.ip" | "remote.ip" | "destination.ip" => ips(key, v),
-                    "destination.port" => ports(key, v),
-                    "source.serviceAccount" => service_accounts(key, v),
-                    "source.namespace"
-                    | "source.principal"
-                    | "source.trustDomain"
-                    | "request.auth.principal"
-                    | "request.auth.audiences"
-                    | "request.auth.presenter"
-                    | "connection.sni" => no_empty(key, v),
-                    k if k.starts_with("request.headers[")
-                        || k.starts_with("request.auth.claims[")
-                        || k.starts_with("experimental.") =>
-                    {
-                        no_empty(key, v)
-                    }
-                    _ => Err(format!("when: unknown or unsupported attribute {key}")),
-                };
-                check.map_err(at)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 fn to_matches(v: &[String]) -> Vec<StrMatch> {
@@ -465,10 +309,6 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
         let selector_ok = selector_error(p.spec.selector.as_ref()).is_none();
         return fail_closed(p, reason.clone(), selector_ok);
     }
-    if let Err(reason) = validate(&p.spec) {
-        let selector_ok = selector_error(p.spec.selector.as_ref()).is_none();
-        return fail_closed(p, reason, selector_ok);
-    }
     let spec = &p.spec;
     let dry_run = p
         .metadata
@@ -476,6 +316,17 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
         .get(DRY_RUN_ANNOTATION)
         .and_then(|v| go_bool(v))
         .unwrap_or(false);
+    // A dry-run policy, or a waypoint's (bound by reference, with no selector beside it), is
+    // never enforced here, whatever its rules say: it is ignored before they are checked, so
+    // that a value it gets wrong fails nothing closed.
+    let waypoint = spec.target_ref.is_some() || !spec.target_refs.is_empty();
+    let never_enforced = dry_run || (waypoint && spec.selector.is_none());
+    if !never_enforced {
+        if let Err(reason) = validate(spec) {
+            let selector_ok = selector_error(spec.selector.as_ref()).is_none();
+            return fail_closed(p, reason, selector_ok);
+        }
+    }
     let scope = authz_scope(spec.selector.as_ref());
     if dry_run {
         return (
@@ -490,7 +341,7 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
             },
         );
     }
-    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
+    if waypoint {
         return (
             // A waypoint's policy selects no workload.
             Converted::Ignored(None),

@@ -378,6 +378,18 @@ fn actions_scope_and_target_refs() {
             true,
         ),
         (
+            "authz.go: a waypoint's policy is not for ztunnel, even one Istio's webhook would refuse",
+            ap("web", "x", "{action: DENY, targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}], rules: [{to: [{operation: {ports: ['80-90']}}]}]}"),
+            BASE,
+            true,
+        ),
+        (
+            "authz.go: a dry-run policy is not sent, even one Istio's webhook would refuse",
+            "- {apiVersion: security.ztunnel.dev/v1, kind: AuthorizationPolicy, metadata: {name: x, namespace: web, annotations: {istio.io/dry-run: 'true'}}, spec: {rules: [{to: [{operation: {ports: ['80-90']}}]}]}}\n".into(),
+            BASE,
+            true,
+        ),
+        (
             "authz.go: targetRef (singular) likewise",
             ap("web", "x", "{action: DENY, targetRef: {kind: Service, name: web}, rules: [{}]}"),
             BASE,
@@ -420,6 +432,41 @@ fn unreadable_policies_fail_closed() {
         ("validation.go: empty values are refused", ap("web", "d", "{action: DENY, rules: [{from: [{source: {namespaces: ['']}}]}]}"), BASE, false),
         ("validation.go: unknown when key is refused", ap("web", "a", "{rules: [{when: [{key: destination.labels, values: [x]}]}]}"), BASE, false),
         ("validation.go: selector and targetRefs together are refused", ap("web", "d", "{action: DENY, selector: {matchLabels: {app: api}}, targetRefs: [{kind: Gateway, name: w}], rules: [{}]}"), BASE.labels("app=api"), false),
+        ("validation.go: an empty from.source is refused", ap("web", "d", "{action: DENY, rules: [{from: [{source: {}}]}]}"), BASE, false),
+        ("validation.go: a from without a source is refused", ap("web", "d", "{action: DENY, rules: [{from: [{}]}]}"), BASE, false),
+        ("validation.go: an empty to.operation is refused", ap("web", "d", "{action: DENY, rules: [{to: [{operation: {}}]}]}"), BASE, false),
+        (
+            "security.go CheckTrustDomainValues: a '/' in a trust domain is refused, so this ALLOW no longer lets foo in",
+            format!(
+                "{}{}",
+                ap("web", "a", "{rules: [{from: [{source: {principals: [cluster.local/ns/web/sa/frontend]}}]}]}"),
+                ap("web", "b", "{rules: [{from: [{source: {namespaces: [foo], trustDomains: ['legacy.td/x']}}]}]}")
+            ),
+            BASE,
+            false,
+        ),
+        (
+            "security.go CheckTrustDomainValues: a readable trust domain leaves the ALLOW as istiod converts it",
+            format!(
+                "{}{}",
+                ap("web", "a", "{rules: [{from: [{source: {principals: [cluster.local/ns/web/sa/frontend]}}]}]}"),
+                ap("web", "b", "{rules: [{from: [{source: {namespaces: [foo], notTrustDomains: ['*.legacy.td']}}]}]}")
+            ),
+            BASE,
+            true,
+        ),
+        ("security.go CheckWildcardValues: a wildcard inside a trust domain is refused", ap("web", "d", "{action: DENY, rules: [{from: [{source: {namespaces: [zzz], trustDomains: ['a*b']}}]}]}"), BASE, false),
+        ("security.go CheckWildcardValues: two wildcards in source.trustDomain are refused", ap("web", "d", "{action: DENY, rules: [{from: [{source: {namespaces: [zzz]}}], when: [{key: source.trustDomain, values: ['*td*']}]}]}"), BASE, false),
+        ("security.go CheckWildcardValues: one at the start is not", ap("web", "d", "{action: DENY, rules: [{from: [{source: {namespaces: [zzz]}}], when: [{key: source.trustDomain, values: ['*.td']}]}]}"), BASE, true),
+        ("security.go CheckValidPathTemplate: a brace outside a template is refused", ap("web", "d", "{action: DENY, rules: [{to: [{operation: {ports: ['81'], paths: ['/api/{id}']}}]}]}"), BASE, false),
+        ("security.go CheckValidPathTemplate: {**} must be the last template", ap("web", "d", "{action: DENY, rules: [{to: [{operation: {ports: ['81'], notPaths: ['/{**}/{*}']}}]}]}"), BASE, false),
+        ("security.go CheckValidPathTemplate: a segment beside a template must be plain", ap("web", "d", "{action: DENY, rules: [{to: [{operation: {ports: ['81'], paths: ['/a b/{*}']}}]}]}"), BASE, false),
+        ("security.go CheckValidPathTemplate: {*} and a last {**} are templates (the DENY is on port 81 only)", ap("web", "d", "{action: DENY, rules: [{to: [{operation: {ports: ['81'], paths: ['/api/{*}/x/{**}']}}]}]}"), BASE, true),
+        ("security.go validateMapKey: a header key needs a name in brackets", ap("web", "d", "{action: DENY, rules: [{from: [{source: {namespaces: [zzz]}}], when: [{key: 'request.headers[]', values: [x]}]}]}"), BASE, false),
+        ("security.go validateMapKey: any prefix before the brackets will do", ap("web", "d", "{action: DENY, rules: [{from: [{source: {namespaces: [zzz]}}], when: [{key: 'request.headers.x[y]', values: [x]}]}]}"), BASE, true),
+        ("security.go ValidateAttribute: only experimental.envoy.filters. keys are known", ap("web", "d", "{action: DENY, rules: [{from: [{source: {namespaces: [zzz]}}], when: [{key: 'experimental.x[y]', values: [x]}]}]}"), BASE, false),
+        ("security.go ValidateIPs (netip.ParseAddr): an IPv6 zone is accepted", ap("web", "d", "{action: DENY, rules: [{when: [{key: source.ip, values: ['fe80::1%eth0']}]}]}"), BASE, true),
+        ("authz.go stringToIP: ...and dropped", ap("web", "d", "{action: DENY, rules: [{when: [{key: source.ip, values: ['fe80::1%eth0']}]}]}"), BASE.src("fe80::1"), false),
     ];
     run(cases);
 }

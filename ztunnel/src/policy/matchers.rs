@@ -3,7 +3,7 @@
 //! matchers with `*` wildcards, address blocks and ports, each parsed once when discovery
 //! changes so that a decision does no parsing.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::IpNet;
 
@@ -41,16 +41,23 @@ impl StrMatch {
     }
 }
 
-/// An address block as istiod reads it: a CIDR (`a/n`) or one address; `None` for what
-/// istiod would skip (empty or unparsable).
+/// An address block as istiod reads it (Go's `netip`): a CIDR (`a/n`) or one address, an IPv6
+/// one with or without a zone (`fe80::1%eth0`, the zone dropped); `None` for what istiod would
+/// skip (empty or unparsable).
 pub fn ip_block(s: &str) -> Option<IpNet> {
     if s.is_empty() {
         return None;
     }
     if s.contains('/') {
-        s.parse::<IpNet>().ok()
-    } else {
-        s.parse::<IpAddr>().ok().map(IpNet::from)
+        return s.parse::<IpNet>().ok();
+    }
+    match s.split_once('%') {
+        None => s.parse::<IpAddr>().ok().map(IpNet::from),
+        Some((_, "")) => None,
+        Some((v6, _zone)) => v6
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(|a| IpNet::from(IpAddr::V6(a))),
     }
 }
 
@@ -145,6 +152,12 @@ mod tests {
         assert!(ip_block("10.0.0.0/33").is_none());
         assert!(ip_block("nope").is_none());
         assert!(ip_block("").is_none());
+        // Go's `netip.ParseAddr` takes an IPv6 zone (`AsSlice` drops it); not on IPv4, not
+        // empty, and `ParsePrefix` takes none.
+        assert_eq!(ip_block("fe80::1%eth0"), ip_block("fe80::1"));
+        for bad in ["fe80::1%", "10.0.0.1%eth0", "fe80::1%eth0/64", "%eth0"] {
+            assert_eq!(ip_block(bad), None, "{bad}");
+        }
         assert_eq!(port("8080"), Some(8080));
         assert_eq!(port("0"), Some(0));
         assert_eq!(port("0080"), Some(80));

@@ -12,6 +12,7 @@ pub mod from_istio;
 mod matchers;
 pub mod objects;
 mod roots;
+mod validate;
 
 pub use compiled::{Conn, Decision, Effect, Kind, PolicyRef, Reason};
 pub use convert::{status_of, PolicyStatus, CONDITION_TYPE, DRY_RUN_ANNOTATION};
