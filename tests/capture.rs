@@ -1,6 +1,7 @@
 //! In-pod capture on the two-node test bed (`harness/testbed.rs`): pods wired by Debian's
 //! `bridge` + `host-local` with `ztunnel-cni` chained after them, one daemon per node; a
-//! connection to a Service with no endpoint reset at the source; a client address holding the
+//! connection to a Service with no endpoint reset at the source, and one straight to the pod's
+//! own outbound listener over loopback too (never looped); a client address holding the
 //! destination pod's ephemeral range of connections per application port; Istio's telemetry
 //! (`capture/telemetry.rs`). Needs root, `ip`, `nft`,
 //! `tcpdump` and `containernetworking-plugins`.
@@ -551,5 +552,40 @@ fn a_connection_to_a_service_with_no_endpoint_is_reset_at_the_source() {
     assert_eq!(
         line["error"], "service demo/server has no endpoint",
         "{line}"
+    );
+}
+
+/// A pod's connection straight to its daemon's outbound listener over loopback
+/// (`127.0.0.1:15001`, `127.0.0.2:15001`: loopback is never captured, so its original
+/// destination is the listener itself) is reset at once, counted once each; it is never passed
+/// through to that destination, which would be the same listener again, each level holding
+/// sockets until the pod's ports run out.
+#[test]
+fn a_pods_connection_to_its_outbound_listener_over_loopback_is_reset_not_looped() {
+    let bed = TestBed::builder().start();
+    for dst in ["127.0.0.1:15001", "127.0.0.2:15001"] {
+        let outcome = bed.pod("client").ns.block_on(async move {
+            let mut s = TcpStream::connect(dst).await.expect("connect");
+            let mut buf = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{dst}: neither reset nor ended within 5 s"))
+        });
+        match &outcome {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("{dst}: the connection must be reset: {other:?}"),
+        }
+    }
+    let labels = [("reason", "outbound_no_original_dst")];
+    let m = bed.metrics_when(0, "ztunnel_refusals_total", &labels, 2.0);
+    assert_eq!(metric(&m, "ztunnel_refusals_total", &labels), 2.0, "{m}");
+    for direction in ["passthrough", "outbound"] {
+        let labels = [("direction", direction)];
+        expect_metric(&m, "ztunnel_proxied_connections_total", &labels, 0.0);
+    }
+    let log = bed.log(0);
+    assert!(
+        log.contains("it is to the outbound listener itself"),
+        "{log}"
     );
 }

@@ -54,7 +54,8 @@ macro_rules! reasons {
 }
 
 reasons! {
-    /// A captured connection whose original destination cannot be read.
+    /// A connection to the outbound listener whose original destination cannot be read, or
+    /// is the listener itself (it was not redirected: a self-call over loopback).
     OutboundNoOriginalDst = "outbound_no_original_dst", true, None;
     /// A captured connection whose source is no local workload.
     OutboundUnknownSource = "outbound_unknown_source", true, None;

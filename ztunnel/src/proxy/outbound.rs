@@ -92,6 +92,13 @@ async fn open(
             return Err(tcp);
         }
     };
+    if tcp.local_addr().is_ok_and(|l| same_addr(l, orig)) {
+        // Not redirected: it came to this listener directly (loopback is never captured), and
+        // its original destination is the listener itself; passed through, it would come
+        // back here again, and again.
+        crate::refused!(pi.metrics, Reason::OutboundNoOriginalDst, %peer, dst = %orig, "outbound connection was not redirected (it is to the outbound listener itself); refused");
+        return Err(tcp);
+    }
     let state = pi.discovery.current();
     let Some(src) = scope.workload(pi, &state, peer) else {
         crate::refused!(pi.metrics, Reason::OutboundUnknownSource, %peer, dst = %orig, "outbound connection from an unknown workload; refused");
@@ -240,4 +247,9 @@ async fn open(
             })
         }
     }
+}
+
+/// Whether `a` and `b` are the same address (an IPv4-mapped IPv6 one being its IPv4 one).
+fn same_addr(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
