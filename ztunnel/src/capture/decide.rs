@@ -27,12 +27,11 @@ pub enum Decision {
 /// Decides whether the pod joins the mesh on `node`: discovery knows it on this node and
 /// enrolls it (see [`crate::discovery::enrollment`]).
 pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decision {
-    let known = (!pod.uid.is_empty())
-        .then(|| state.workload_by_uid(&pod.uid))
-        .flatten()
-        .or_else(|| state.workload_by_name(&pod.namespace, &pod.name))
-        .or_else(|| ips.iter().find_map(|ip| state.workload_by_ip(*ip)))
-        .or_else(|| state.pending_by_name(&pod.namespace, &pod.name));
+    let known = workload_of(state, pod, ips).or_else(|| {
+        (pod.uid.is_empty() && !pod.namespace.is_empty())
+            .then(|| state.pending_by_name(&pod.namespace, &pod.name))
+            .flatten()
+    });
     let Some(w) = known else {
         if pod.namespace.is_empty() {
             return Decision::NotEnrolled("not a Kubernetes pod (no K8S_POD_NAMESPACE)".into());
@@ -75,6 +74,25 @@ pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decisi
         }));
     }
     Decision::Enroll(w.clone())
+}
+
+/// The workload discovery has for `pod`, when it is that pod: by uid when the request names
+/// one (a uid is one pod's; a name passes to the pod that replaces it, an address to any pod
+/// the node starts next); by namespace and name for a Kubernetes pod without one; by address
+/// only for a request that names no Kubernetes pod. So a pod is never served as another pod
+/// that held its address or its name while discovery has not caught up with it.
+pub fn workload_of<'a>(
+    state: &'a State,
+    pod: &PodRef,
+    ips: &[IpAddr],
+) -> Option<&'a Arc<Workload>> {
+    if !pod.uid.is_empty() {
+        state.workload_by_uid(&pod.uid)
+    } else if !pod.namespace.is_empty() {
+        state.workload_by_name(&pod.namespace, &pod.name)
+    } else {
+        ips.iter().find_map(|ip| state.workload_by_ip(*ip))
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +176,11 @@ workloads:
             (pod("plain", "old", "u4"), ip("10.0.0.4"), "not"),   // namespace not enrolled
             (pod("plain", "new", "u8"), ip("10.0.0.8"), "not"),   // unknown, plain namespace
             (pod("", "", ""), ip("10.9.9.9"), "not"),             // not a Kubernetes pod
+            // Never another pod that held the address or the name: discovery lags.
+            (pod("demo", "new", "u9"), ip("10.0.0.1"), "try"),
+            (pod("demo", "web-0", "u9"), ip("10.0.0.1"), "try"),
+            (pod("demo", "new", ""), ip("10.0.0.1"), "try"),
+            (pod("plain", "new", "u9"), ip("10.0.0.1"), "not"),
         ];
         for (p, ips, want) in cases {
             let got = match decide(&s, "n1", &p, &ips) {

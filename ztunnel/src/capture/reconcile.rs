@@ -24,7 +24,6 @@
 //! (`ztunnel_reconciler_passes_total`).
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,14 +72,6 @@ pub struct Plan {
     pub unknown: Vec<EnrolledPod>,
 }
 
-fn lookup<'a>(state: &'a State, pod: &PodRef, ips: &[IpAddr]) -> Option<&'a Arc<Workload>> {
-    (!pod.uid.is_empty())
-        .then(|| state.workload_by_uid(&pod.uid))
-        .flatten()
-        .or_else(|| state.workload_by_name(&pod.namespace, &pod.name))
-        .or_else(|| ips.iter().find_map(|ip| state.workload_by_ip(*ip)))
-}
-
 /// The plan for `node`, given what is `enrolled` there.
 pub fn plan(state: &State, node: &str, enrolled: &[EnrolledPod]) -> Plan {
     let mut out = Plan::default();
@@ -89,7 +80,7 @@ pub fn plan(state: &State, node: &str, enrolled: &[EnrolledPod]) -> Plan {
         let release = |why| Some((e.clone(), why));
         let ns_known_unlabelled =
             |ns: &str| state.namespace(ns).is_some() && !state.namespace_enrolled(ns);
-        let verdict = match lookup(state, &e.pod, &e.ips) {
+        let verdict = match super::decide::workload_of(state, &e.pod, &e.ips) {
             None if ns_known_unlabelled(&e.pod.namespace) => {
                 release(ReleaseReason::NamespaceNotAmbient)
             }
