@@ -185,6 +185,9 @@ fn transport(max_streams: u32) -> Arc<TransportConfig> {
         .stream_receive_window(VarInt::from_u32(consts::STREAM_WINDOW))
         .receive_window(VarInt::from_u32(consts::CONNECTION_WINDOW))
         .send_window(u64::from(consts::CONNECTION_WINDOW))
+        // HBONE carries no datagrams: none are accepted (quinn would otherwise keep up to a
+        // stream window of them, for the connection's life, for a reader that never comes).
+        .datagram_receive_buffer_size(None)
         .keep_alive_interval(Some(consts::PING_INTERVAL))
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(consts::PING_TIMEOUT).expect("20 s is a valid timeout"),
@@ -550,6 +553,7 @@ pub fn placeholder_server_config() -> quinn::ServerConfig {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use quinn::Connection;
 
     use super::*;
 
@@ -617,10 +621,14 @@ mod tests {
         assert!(rcv > max("rmem_default") && snd > max("wmem_default"));
     }
 
-    /// A refusal reaches the peer although the server closes the connection as soon as it has
-    /// answered (as a draining daemon does once its last stream has ended).
-    #[tokio::test]
-    async fn a_refusal_reaches_the_peer_when_the_connection_closes_right_after() {
+    /// A connection on loopback with the daemon's configurations and one workload
+    /// certificate: its server's side and its client's (their endpoints must be kept too).
+    async fn pair() -> (
+        Connection,
+        Connection,
+        [quinn::Endpoint; 2],
+        tempfile::TempDir,
+    ) {
         use crate::ca::{issue, LocalCa};
         use crate::identity::Identity;
         let dir = tempfile::tempdir().unwrap();
@@ -631,20 +639,29 @@ mod tests {
         let config = server_config(&cert.server_config(), 10).unwrap();
         let server = endpoint(None, local, None, Some(config)).unwrap();
         let addr = server.local_addr().unwrap();
+        let client = endpoint(None, local, None, None).unwrap();
+        let config = client_config(&cert.client_config(&[id])).unwrap();
+        let (accepted, dialled) = tokio::join!(
+            async { server.accept().await.unwrap().await.unwrap() },
+            connect(&client, addr, config)
+        );
+        (accepted, dialled.unwrap(), [server, client], dir)
+    }
+
+    /// A refusal reaches the peer although the server closes the connection as soon as it has
+    /// answered (as a draining daemon does once its last stream has ended).
+    #[tokio::test]
+    async fn a_refusal_reaches_the_peer_when_the_connection_closes_right_after() {
+        let (accepted, conn, _endpoints, _dir) = pair().await;
         let serving = tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let (mut send, mut recv) = accepted.accept_bi().await.unwrap();
             read_header(&mut recv).await.unwrap();
             respond(&mut send, &mut recv, StatusCode::UNAUTHORIZED)
                 .await
                 .unwrap();
-            conn.close(VarInt::from_u32(0), b"draining");
-            server
+            accepted.close(VarInt::from_u32(0), b"draining");
         });
-        let client = endpoint(None, local, None, None).unwrap();
-        let config = client_config(&cert.client_config(&[id])).unwrap();
-        let conn = connect(&client, addr, config).await.unwrap();
-        let header = header(addr, &ConnectHeaders::default());
+        let header = header(conn.remote_address(), &ConnectHeaders::default());
         let answered = open_stream(&conn, &header, &mut Early::default()).await;
         assert!(
             matches!(
@@ -653,7 +670,17 @@ mod tests {
             ),
             "{answered:?}"
         );
-        drop(serving.await.unwrap());
+        serving.await.unwrap();
+    }
+
+    /// Neither end of a tunnel takes datagrams: HBONE has none, and a peer's would be held
+    /// for the connection's life.
+    #[tokio::test]
+    async fn tunnels_take_no_datagrams() {
+        let (accepted, conn, _endpoints, _dir) = pair().await;
+        assert_eq!(conn.max_datagram_size(), None, "the server takes none");
+        assert_eq!(accepted.max_datagram_size(), None, "the client takes none");
+        assert!(conn.send_datagram(Bytes::from_static(b"x")).is_err());
     }
 
     #[test]
