@@ -6,7 +6,8 @@
 //! request, so no 400 can be sent). The application sees none of these. A `forwarded` header
 //! is recorded in the access log beside the tunnel peer's own address, never in its place. A
 //! tunnel connection to an address of no local workload is reset before TLS; a captured
-//! connection from an address of no workload is reset by the source's daemon.
+//! connection from an address of no workload is reset by the source's daemon. A peer that
+//! repeats a bad request has each one counted, and its warnings throttled and clipped.
 
 use std::time::Duration;
 
@@ -297,4 +298,63 @@ fn a_connect_without_authority_is_answered_400() {
             .any(|l| l.contains("CONNECT refused") && l.contains("missing_authority")),
         "{log}"
     );
+}
+
+/// An authenticated peer repeating a bad request as fast as it can: each one is answered `400`
+/// and counted, but its warnings come through in bursts (at most 10 a second, the next one
+/// saying how many were `suppressed`), each showing no more than 256 bytes of the peer's URI.
+#[test]
+fn a_peer_repeating_a_bad_request_is_counted_every_time_but_logged_in_clipped_bursts() {
+    const REQUESTS: usize = 200;
+    let mesh = Mesh::builder().start();
+    let cfg = mesh.client_tls();
+    let long_path = format!("/{}", "x".repeat(8 * 1024));
+    let statuses = mesh.c.block_on(async move {
+        let opts = ConnectOptions {
+            mark: None,
+            timeout: Duration::from_secs(5),
+        };
+        let tunnel = format!("{B_IP}:15008").parse().unwrap();
+        let (send, conn) = client::connect(tunnel, cfg, opts).await.expect("tunnel");
+        tokio::spawn(conn);
+        let mut statuses = Vec::new();
+        for _ in 0..REQUESTS {
+            let get = Request::builder()
+                .method(Method::GET)
+                .uri(format!("https://{B_IP}:8080{long_path}"))
+                .body(())
+                .unwrap();
+            let status = match client::open_stream(send.clone(), get).await {
+                Ok(_) => 200,
+                Err(e) => e.status().expect("an HTTP answer").as_u16(),
+            };
+            statuses.push(status);
+        }
+        statuses
+    });
+    assert!(statuses.iter().all(|s| *s == 400), "{statuses:?}");
+    let labels = [("reason", "method_not_connect")];
+    let m = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, REQUESTS as f64);
+    assert_eq!(
+        metric(&m, "ztunnel_refusals_total", &labels),
+        REQUESTS as f64,
+        "{m}"
+    );
+    let log = mesh.b_daemon.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("CONNECT refused"))
+        .collect();
+    assert!(
+        (1..=REQUESTS / 2).contains(&warnings.len()),
+        "{} warnings for {REQUESTS} refusals",
+        warnings.len()
+    );
+    for w in &warnings {
+        assert!(w.len() < 1024, "a warning of {} bytes: {w}", w.len());
+        assert!(
+            w.contains(&"x".repeat(200)),
+            "the URI's start is shown: {w}"
+        );
+    }
 }

@@ -10,7 +10,9 @@
 //! ([`crate::metrics::Metrics::register`]): a dashboard (or a test) that reads a reason which
 //! does not exist finds nothing, rather than a zero that looks like good news.
 //!
-//! Throttled warnings are those a peer can provoke before it authenticates, and those of
+//! Throttled warnings are those a peer can provoke before it authenticates, those of an
+//! authenticated peer's requests that cannot be served (malformed, to a daemon port, to an
+//! application that is not there: a peer can send them as fast as it likes), and those of
 //! outbound connections that cannot be carried (an application retrying in a loop): at most a
 //! burst per second per call site ([`crate::throttle`]). The others, policy denials first, are
 //! logged every time.
@@ -99,19 +101,19 @@ reasons! {
     /// A QUIC tunnel connection closed on a protocol error.
     InboundQuicError = "inbound_quic_error", true, None;
     /// A tunnel request that is not `CONNECT`: `400`.
-    MethodNotConnect = "method_not_connect", false, Some(400);
+    MethodNotConnect = "method_not_connect", true, Some(400);
     /// A `CONNECT` with a scheme or path: `400`.
-    ConnectWithPath = "connect_with_path", false, Some(400);
+    ConnectWithPath = "connect_with_path", true, Some(400);
     /// A `CONNECT` without `:authority`: `400`.
-    MissingAuthority = "missing_authority", false, Some(400);
+    MissingAuthority = "missing_authority", true, Some(400);
     /// A `CONNECT` whose `:authority` is not `ip:port`: `400`.
-    BadAuthority = "bad_authority", false, Some(400);
+    BadAuthority = "bad_authority", true, Some(400);
     /// A `CONNECT` to an address other than the connection's own: `400`.
-    AuthorityNotLocal = "authority_not_local", false, Some(400);
+    AuthorityNotLocal = "authority_not_local", true, Some(400);
     /// A `CONNECT` to one of the daemon's own ports: `503`.
-    Recursion = "recursion", false, Some(503);
+    Recursion = "recursion", true, Some(503);
     /// The application port is closed: `503`.
-    InboundAppUnreachable = "inbound_app_unreachable", false, Some(503);
+    InboundAppUnreachable = "inbound_app_unreachable", true, Some(503);
     /// Plaintext inbound whose original destination cannot be read.
     InboundPlaintextNoOriginalDst = "inbound_plaintext_no_original_dst", true, None;
     /// Plaintext inbound to an address of no local workload.

@@ -64,6 +64,19 @@ impl Throttle {
     }
 }
 
+/// What a warning shows of a value a peer chose (a request's URI or method): its first
+/// [`SHOWN`] bytes, cut at a character boundary, so that one line stays one line's size.
+pub fn shown(value: &str) -> &str {
+    if value.len() <= SHOWN {
+        return value;
+    }
+    let end = (0..=SHOWN).rev().find(|&i| value.is_char_boundary(i));
+    &value[..end.unwrap_or(0)]
+}
+
+/// How many bytes of a peer's value [`shown`] keeps.
+pub const SHOWN: usize = 256;
+
 impl Default for Throttle {
     fn default() -> Self {
         Self::new()
@@ -108,6 +121,16 @@ mod tests {
         for (i, (now, want)) in steps.into_iter().enumerate() {
             assert_eq!(t.admit(now), want, "step {i}");
         }
+    }
+
+    #[test]
+    fn a_peers_value_is_shown_up_to_its_limit_at_a_character_boundary() {
+        assert_eq!(shown("/short"), "/short");
+        let long = "a".repeat(SHOWN + 10);
+        assert_eq!(shown(&long).len(), SHOWN);
+        // A two-byte character across the limit is left out whole.
+        let across = format!("{}é", "a".repeat(SHOWN - 1));
+        assert_eq!(shown(&across), &across[..SHOWN - 1]);
     }
 
     #[test]

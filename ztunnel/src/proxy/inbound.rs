@@ -339,8 +339,10 @@ pub(super) async fn admit<B>(
 ) -> Result<TcpStream, StatusCode> {
     let invalid = |reason: Reason, tracked: &mut Tracked| {
         let status = reason.status().unwrap_or(StatusCode::BAD_REQUEST);
-        refuse!(pi, tracked, Outcome::Refused(reason), src = %peer.identity, uri = %req.uri(),
-            method = %req.method(), status = status.as_u16(), "CONNECT refused");
+        let (uri, method) = (req.uri().to_string(), req.method().as_str());
+        refuse!(pi, tracked, Outcome::Refused(reason), src = %peer.identity,
+            uri = crate::throttle::shown(&uri), method = crate::throttle::shown(method),
+            status = status.as_u16(), "CONNECT refused");
         status
     };
     let connect = match server::validate(req, peer.local.ip()) {
