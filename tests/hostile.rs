@@ -10,7 +10,8 @@
 //! Eight addresses holding every place with silent connections keep no one out: a legitimate
 //! tunnel takes the oldest place of one of them, and the silent connections are closed at the
 //! first-bytes deadline. Connections held open at the metrics endpoint, which listens on every
-//! address, are capped per peer as well. A peer that authenticates and then never sends the HTTP/2 preface is
+//! address, are capped per peer as well, and addresses holding every place of the readiness
+//! endpoint keep no prober out. A peer that authenticates and then never sends the HTTP/2 preface is
 //! dropped at the same deadline as the TLS handshake, and one that keeps a connection without
 //! streams has it closed after twice the pool idle timeout. On the other side, a destination
 //! that never answers a `CONNECT` is given up on, and the client it would hold is reset.
@@ -449,6 +450,58 @@ async fn connect_from(src: IpAddr, addr: SocketAddr) -> Option<TcpStream> {
         Err(e) => panic!("connect from {src}: {e}"),
     };
     Some(s)
+}
+
+/// Sixteen addresses holding every place of the readiness endpoint (sixteen connections each,
+/// the per-address cap) keep no prober out: the kubelet's probe, from an address holding none,
+/// takes the place of the oldest connection of one of them, which is closed and counted, and
+/// is answered; the others stay open.
+#[test]
+fn addresses_holding_every_place_of_the_readiness_endpoint_keep_no_prober_out() {
+    let mesh = Mesh::builder().start();
+    let limits = ztunnel::admin::ENDPOINT_CONNECTIONS;
+    // Loopback addresses of `b`'s own, which the capture leaves alone; the probe comes from
+    // `127.0.0.1`.
+    let sources: Vec<IpAddr> = (0..limits.total / limits.per_peer)
+        .map(|i| format!("127.0.0.{}", 2 + i).parse().unwrap())
+        .collect();
+    let ready: SocketAddr = "127.0.0.1:15021".parse().unwrap();
+    let held = mesh.b.block_on(async move {
+        let mut held = Vec::new();
+        for _ in 0..limits.per_peer {
+            for &src in &sources {
+                held.push(connect_from(src, ready).await.expect("a place"));
+            }
+        }
+        held
+    });
+    assert_eq!(held.len(), limits.total);
+    let (status, _) =
+        ztunnel_e2e::daemon::http(&mesh.b, "GET", "127.0.0.1:15021", "/healthz/ready")
+            .expect("the probe is answered");
+    assert_eq!(status, 200);
+    assert_refusals(&mesh.b, "admin_connection_limit", 1);
+    // Well within the endpoint's 10 s for a request's headers.
+    let open = mesh.b.block_on(async move {
+        let mut reads = tokio::task::JoinSet::new();
+        for mut s in held {
+            reads.spawn(async move {
+                let mut b = [0u8; 1];
+                match tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await {
+                    Err(_) => true,
+                    Ok(Ok(0) | Err(_)) => false,
+                    Ok(Ok(_)) => panic!("a silent holder was sent data"),
+                }
+            });
+        }
+        reads
+            .join_all()
+            .await
+            .into_iter()
+            .filter(|open| *open)
+            .count()
+    });
+    assert_eq!(open, limits.total - 1, "one holder closed, the others open");
 }
 
 /// A peer with a valid mesh certificate that completes TLS and then never sends the HTTP/2

@@ -9,8 +9,11 @@
 //! Each is a small HTTP/1.1 server (hyper). Handlers read shared state; nothing here touches
 //! the data path. `/config_dump` never includes private keys. Metrics and readiness listen on
 //! every address, so each endpoint caps its open connections ([`ENDPOINT_CONNECTIONS`]: a
-//! scraper or a prober needs one or two) and a peer over the cap is reset, counted as
-//! `admin_connection_limit` and logged (throttled); a request's headers must arrive within 10 s.
+//! scraper or a prober needs one or two): a peer over its address's cap is reset; when every
+//! place is held, a newcomer from an address holding fewer takes the place of the oldest
+//! connection of the address holding the most (which is closed), so a few addresses cannot
+//! keep the kubelet's probe or the scraper out; either is counted as `admin_connection_limit`
+//! and logged (throttled). A request's headers must arrive within 10 s.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,7 +31,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::discovery::Discovery;
-use crate::gate::{Gate, Limits};
+use crate::gate::{Gate, Limits, WhenFull};
 use crate::hbone::pool::Pool;
 use crate::identity::CertManager;
 use crate::metrics::Metrics;
@@ -258,7 +261,12 @@ pub async fn serve(
     state: Arc<AdminState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let gate = Gate::new("connections", ENDPOINT_CONNECTIONS);
+    let gate = Gate::with(
+        "connections",
+        ENDPOINT_CONNECTIONS,
+        WhenFull::EvictLargest,
+        None,
+    );
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer): (_, SocketAddr) = tokio::select! {
@@ -281,8 +289,9 @@ pub async fn serve(
             }
         };
         let state = state.clone();
+        let state_metrics = state.metrics.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let mut permit = permit;
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move {
@@ -297,8 +306,13 @@ pub async fn serve(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "admin connection error");
+            tokio::select! {
+                done = conn => if let Err(e) = done {
+                    tracing::debug!(%peer, error = %e, "admin connection error");
+                },
+                () = permit.evicted() => {
+                    crate::refused!(state_metrics, Reason::AdminConnectionLimit, %peer, ?endpoint, "admin connection closed: its place went to a newcomer from an address holding fewer");
+                }
             }
         });
     }
