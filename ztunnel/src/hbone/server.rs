@@ -71,7 +71,8 @@ pub fn validate<B>(req: &Request<B>, local_ip: IpAddr) -> Result<ConnectTarget, 
             if consts::RESERVED_PORTS.contains(&target.port()) {
                 return Err(Reason::Recursion);
             }
-            Authority::Addr(target)
+            // An IPv4 target written as IPv4-mapped IPv6 is its IPv4 address.
+            Authority::Addr(SocketAddr::new(target.ip().to_canonical(), target.port()))
         }
         Err(_) => match (authority.host(), authority.port_u16()) {
             (host, Some(port)) if is_hostname(host) => Authority::Service {
@@ -357,6 +358,7 @@ mod tests {
         );
         let cases: &[Case] = &[
             (Method::CONNECT, "10.0.0.2:8080", Ok("10.0.0.2:8080")),
+            (Method::CONNECT, "[::ffff:10.0.0.2]:8080", Ok("10.0.0.2:8080")),
             (
                 Method::GET,
                 "10.0.0.2:8080",
