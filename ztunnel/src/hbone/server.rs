@@ -358,7 +358,11 @@ mod tests {
         );
         let cases: &[Case] = &[
             (Method::CONNECT, "10.0.0.2:8080", Ok("10.0.0.2:8080")),
-            (Method::CONNECT, "[::ffff:10.0.0.2]:8080", Ok("10.0.0.2:8080")),
+            (
+                Method::CONNECT,
+                "[::ffff:10.0.0.2]:8080",
+                Ok("10.0.0.2:8080"),
+            ),
             (
                 Method::GET,
                 "10.0.0.2:8080",

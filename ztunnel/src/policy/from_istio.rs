@@ -15,8 +15,9 @@
 //!   ([`super::status_of`]): it is the same in Istio's ambient mode, so the converted object
 //!   means what the original meant there.
 //!
-//! Any other object (another kind, another group) is left out, and a comment says so. `List`
-//! objects are read item by item.
+//! Any other object (another kind, another group) is left out, and a comment says so, as is
+//! a PeerAuthentication that Istio never applies (a younger one of the same namespace and
+//! selector: Istio applies the oldest only). `List` objects are read item by item.
 
 use serde_json::{Map as Mapping, Value};
 
@@ -49,12 +50,60 @@ pub fn convert(yaml: &str, istio_root: &str, root: &str) -> Result<String, FromI
     for v in docs {
         flatten(v, &mut objects);
     }
+    let shadowed = shadowed(&objects);
     let mut out = String::new();
-    for o in objects {
+    for (i, o) in objects.into_iter().enumerate() {
         out.push_str("---\n");
-        out.push_str(&one(o, istio_root, root)?);
+        match shadowed.get(&i) {
+            Some(note) => out.push_str(&comment(std::slice::from_ref(note))),
+            None => out.push_str(&one(o, istio_root, root)?),
+        }
     }
     Ok(out)
+}
+
+/// Istio's PeerAuthentications that Istio never applies, by index, each with why: of several
+/// with the same scope (namespace and selector), istiod applies the oldest only
+/// (`convertedSelectorPeerAuthentications`; an object without a creation time counts as the
+/// oldest). They are left out: converted, they would compete with that one again by the
+/// creation times `kubectl apply` sets anew, all within the same second or so, and the order
+/// of their names would choose.
+fn shadowed(objects: &[Value]) -> std::collections::HashMap<usize, String> {
+    use std::collections::HashMap;
+    let mut scopes: HashMap<(&str, String), Vec<usize>> = HashMap::new();
+    for (i, o) in objects.iter().enumerate() {
+        let api = str_of(o, &["apiVersion"]);
+        if ISTIO_VERSIONS.contains(&api) && str_of(o, &["kind"]) == "PeerAuthentication" {
+            let ns = str_of(o, &["metadata", "namespace"]);
+            let selector = o.get("spec").and_then(|s| s.get("selector"));
+            let selector = selector.map(Value::to_string).unwrap_or_default();
+            scopes.entry((ns, selector)).or_default().push(i);
+        }
+    }
+    let age = |i: &usize| {
+        let o = &objects[*i];
+        let created = str_of(o, &["metadata", "creationTimestamp"]);
+        (created, str_of(o, &["metadata", "name"]))
+    };
+    let mut out = HashMap::new();
+    for ((ns, _), mut same) in scopes {
+        same.sort_by_key(age);
+        let Some((oldest, rest)) = same.split_first() else {
+            continue;
+        };
+        let (created, name) = age(oldest);
+        let created = match created {
+            "" => "no creation time".to_owned(),
+            t => format!("created {t}"),
+        };
+        for i in rest {
+            let left_out = str_of(&objects[*i], &["metadata", "name"]);
+            out.insert(*i, format!(
+                "left out PeerAuthentication {ns}/{left_out}: Istio applies only the oldest PeerAuthentication of the same namespace and selector, {ns}/{name} ({created}), so this one has no effect there"
+            ));
+        }
+    }
+    out
 }
 
 /// The objects of one document: itself, or a `List`'s items; nothing for an empty document.
@@ -274,6 +323,67 @@ items:
             "left out RequestAuthentication web/jwt (security.istio.io/v1)",
             // The HTTP-only rule: what Istio's ambient conversion does to it.
             "enforced as Istio's ambient mode enforces it (UnsupportedValue)",
+        ] {
+            assert!(out.contains(want), "missing {want:?} in:\n{out}");
+        }
+    }
+
+    /// Of PeerAuthentications with the same scope, Istio applies the oldest only: the others
+    /// are left out, whatever the order of their names or in the input.
+    #[test]
+    fn peer_authentications_istio_never_applies_are_left_out() {
+        let pa = |ns: &str, name: &str, created: &str, spec: &str| {
+            format!("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}{created}}}\nspec: {spec}\n")
+        };
+        let at = |t: &str| format!(", creationTimestamp: '{t}'");
+        let input = [
+            pa(
+                "web",
+                "aa-permissive",
+                &at("2025-06-01T00:00:00Z"),
+                "{mtls: {mode: PERMISSIVE}}",
+            ),
+            pa(
+                "web",
+                "zz-strict",
+                &at("2023-01-01T00:00:00Z"),
+                "{mtls: {mode: STRICT}}",
+            ),
+            pa(
+                "web",
+                "db",
+                &at("2025-06-01T00:00:00Z"),
+                "{selector: {matchLabels: {app: db}}, mtls: {mode: PERMISSIVE}}",
+            ),
+            pa(
+                "web",
+                "db-old",
+                "",
+                "{selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}}",
+            ),
+            pa(
+                "web",
+                "api",
+                &at("2025-06-01T00:00:00Z"),
+                "{selector: {matchLabels: {app: api}}, mtls: {mode: PERMISSIVE}}",
+            ),
+            pa(
+                "other",
+                "only",
+                &at("2025-06-01T00:00:00Z"),
+                "{mtls: {mode: PERMISSIVE}}",
+            ),
+        ]
+        .concat();
+        let out = convert(&input, "istio-system", "ztunnel-system").unwrap();
+        let names: Vec<String> = docs(&out)
+            .iter()
+            .map(|d| str_of(d, &["metadata", "name"]).to_owned())
+            .collect();
+        assert_eq!(names, ["zz-strict", "db-old", "api", "only"], "{out}");
+        for want in [
+            "left out PeerAuthentication web/aa-permissive: Istio applies only the oldest PeerAuthentication of the same namespace and selector, web/zz-strict (created 2023-01-01T00:00:00Z)",
+            "left out PeerAuthentication web/db: Istio applies only the oldest PeerAuthentication of the same namespace and selector, web/db-old (no creation time)",
         ] {
             assert!(out.contains(want), "missing {want:?} in:\n{out}");
         }
