@@ -498,7 +498,7 @@ pub async fn read_header(recv: &mut RecvStream) -> Result<RequestHeader, QuicErr
 }
 
 /// Answers a stream with `status`. Anything but `200` ends the stream both ways, and returns
-/// once the peer has the answer (or after [`REFUSAL_DELIVERY`]), so that closing the
+/// once the peer has the answer (or after 2 s at most), so that closing the
 /// connection then loses nothing.
 pub async fn respond(
     send: &mut SendStream,
