@@ -40,6 +40,8 @@ use crate::refusal::Reason;
 
 /// What the admin endpoints show.
 pub struct AdminState {
+    /// The node this daemon serves.
+    pub node: String,
     pub discovery: Discovery,
     pub certs: Arc<CertManager>,
     pub pool: Pool,
@@ -194,7 +196,7 @@ async fn admin(s: Arc<AdminState>, req: Request<Incoming>) -> Result<Response<Bo
                     .to_owned()
             };
             let state = s.discovery.current();
-            match crate::explain::explain(&state, &param("from"), &param("to")) {
+            match crate::explain::explain(&state, &s.node, &param("from"), &param("to")) {
                 Ok(e) => json_reply(&serde_json::to_value(&e).unwrap_or_default()),
                 Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
             }

@@ -189,6 +189,7 @@ pub async fn start(
         source,
     })?;
     let admin_state = Arc::new(AdminState {
+        node: pi.node.clone(),
         discovery: disc.clone(),
         certs: certs.clone(),
         pool,

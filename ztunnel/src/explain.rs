@@ -69,8 +69,11 @@ fn endpoint(state: &State, w: &Workload) -> Endpoint {
     }
 }
 
-/// Explains `from` → `to` (`to` is `namespace/name:port`, `ip:port` or `vip:port`).
-pub fn explain(state: &State, from: &str, to: &str) -> Result<Explanation, String> {
+/// Explains `from` → `to` (`to` is `namespace/name:port`, `ip:port` or `vip:port`) as the
+/// daemon of `node` sees it. A destination on another node is not explained: its daemon
+/// decides, and only it holds all of the workload's labels, by which policies select it
+/// (other nodes keep only the labels that enroll it).
+pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explanation, String> {
     let src = find(state, from)?;
     let (dst, port) = to
         .rsplit_once(':')
@@ -96,6 +99,12 @@ pub fn explain(state: &State, from: &str, to: &str) -> Result<Explanation, Strin
         }
         None => (find(state, dst)?, port, None),
     };
+    if &*dst.node != node {
+        return Err(format!(
+            "{}/{} runs on node {}: ask that node's daemon, which decides, and which alone holds all the labels policies select it by",
+            dst.namespace, dst.name, dst.node
+        ));
+    }
     let source = endpoint(state, &src);
     let destination = endpoint(state, &dst);
     let hbone = source.in_mesh && destination.in_mesh;
@@ -155,22 +164,25 @@ policies:
     #[test]
     fn explains_by_name_ip_and_vip() {
         let s = crate::discovery::parse(MESH, "cluster.local").unwrap();
-        let e = explain(&s, "demo/client", "demo/server:8080").unwrap();
+        let e = explain(&s, "n2", "demo/client", "demo/server:8080").unwrap();
         assert!(e.decision.allowed, "{e:?}");
         assert_eq!(
             e.decision.policy.as_ref().unwrap().to_string(),
             "demo/only-8080"
         );
         assert_eq!(e.transport, "hbone");
-        let e = explain(&s, "10.0.0.1", "10.0.0.2:9090").unwrap();
+        let e = explain(&s, "n2", "10.0.0.1", "10.0.0.2:9090").unwrap();
         assert!(!e.decision.allowed);
-        let e = explain(&s, "demo/client", "10.96.0.1:80").unwrap();
+        let e = explain(&s, "n2", "demo/client", "10.96.0.1:80").unwrap();
         assert_eq!((e.port, e.service.as_deref()), (8080, Some("demo/server")));
         assert!(e.decision.allowed);
-        let e = explain(&s, "plain/legacy", "demo/server:8080").unwrap();
+        let e = explain(&s, "n2", "plain/legacy", "demo/server:8080").unwrap();
         assert_eq!(e.transport, "plaintext");
         assert!(!e.decision.allowed, "no principal for plaintext");
-        assert!(explain(&s, "demo/nobody", "demo/server:80").is_err());
-        assert!(explain(&s, "demo/client", "demo/server").is_err());
+        assert!(explain(&s, "n2", "demo/nobody", "demo/server:80").is_err());
+        assert!(explain(&s, "n2", "demo/client", "demo/server").is_err());
+        // Asked on another node than the destination's, which decides.
+        let elsewhere = explain(&s, "n1", "demo/client", "demo/server:8080").unwrap_err();
+        assert!(elsewhere.contains("runs on node n2"), "{elsewhere}");
     }
 }
