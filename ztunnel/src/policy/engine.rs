@@ -11,7 +11,9 @@
 //!
 //! Scope: a policy applies to a workload of its own namespace (any namespace, when the policy
 //! is in a root namespace) when it has no selector, or when its selector's labels are all
-//! the workload's. There is one root namespace (`--root-namespace`, [`super::roots`]), or two
+//! the workload's; an authorization policy with a selector applies to a workload with no
+//! labels at all (istiod's `buildWorkloadPolicies` filters by the pod's labels, and its
+//! filter lets everything through for a nil label set). There is one root namespace (`--root-namespace`, [`super::roots`]), or two
 //! under the Istio-compatible setting (ours and Istio's, `--istio-root-namespace`): a policy
 //! in either is mesh-wide, so turning the setting on never narrows a policy that was
 //! mesh-wide.
@@ -65,7 +67,20 @@ impl Scope {
                 .flatten()
                 .filter(move |p| p.selects(labels))
         });
-        self.wide.iter().chain(selected).map(|p| &**p)
+        // A workload without labels: istiod's selector filter is skipped for a nil label set,
+        // so every authorization policy with a selector reaches it.
+        let unlabelled = labels.is_empty().then(|| {
+            self.by_label
+                .values()
+                .flat_map(HashMap::values)
+                .flatten()
+                .filter(|p| p.kind == Kind::AuthorizationPolicy)
+        });
+        self.wide
+            .iter()
+            .chain(selected)
+            .chain(unlabelled.into_iter().flatten())
+            .map(|p| &**p)
     }
 }
 
