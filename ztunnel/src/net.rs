@@ -166,8 +166,10 @@ pub fn listen_in(netns: Option<&Netns>, addr: SocketAddr) -> io::Result<TcpListe
 /// indexed in the order they joined, so while an old and a new daemon both listen, index 1 is
 /// the new one's; alone, a socket has no index 1 and the kernel falls back to its usual
 /// hashing, which picks it. The program belongs to the group, so it stays after the socket
-/// that set it closes; every daemon sets the same one. Joining a group takes the same user,
-/// so no other process can be steered to.
+/// that set it closes; every daemon sets the same one. Joining a group takes the same user:
+/// in a pod, a process running as root without a user namespace can join its own pod's
+/// groups (and, joining last, take that pod's new connections, as a process with
+/// `CAP_NET_ADMIN` could by removing the pod's rules); no other pod's.
 pub fn steer_to_newest(listener: &TcpListener) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let mut code = [libc::sock_filter {
