@@ -21,6 +21,20 @@ use ztunnel_e2e::daemon::metric;
 use ztunnel_e2e::mesh::{Mesh, B_IP};
 use ztunnel_e2e::raw_h2::{self, Outcome};
 
+/// The status a `GET` of `path` on `b`'s application port is answered with, on the tunnel
+/// connection `send` (a `GET` is never a tunnel: `400`).
+async fn get_status(send: &h2::client::SendRequest<bytes::Bytes>, path: &str) -> u16 {
+    let get = Request::builder()
+        .method(Method::GET)
+        .uri(format!("https://{B_IP}:8080{path}"))
+        .body(())
+        .unwrap();
+    match client::open_stream(send.clone(), get).await {
+        Ok(_) => 200,
+        Err(e) => e.status().expect("an HTTP answer").as_u16(),
+    }
+}
+
 #[test]
 fn connect_requests_get_the_contract_status() {
     let mesh = Mesh::builder().start();
@@ -56,16 +70,7 @@ fn connect_requests_get_the_contract_status() {
             };
             out.push((target, status.as_u16()));
         }
-        let get = Request::builder()
-            .method(Method::GET)
-            .uri(format!("https://{B_IP}:8080/"))
-            .body(())
-            .unwrap();
-        let status = match client::open_stream(send.clone(), get).await {
-            Ok(_) => 200,
-            Err(e) => e.status().expect("an HTTP answer").as_u16(),
-        };
-        out.push(("GET".into(), status));
+        out.push(("GET".into(), get_status(&send, "/").await));
 
         // The malformed CONNECT, by hand, on its own TLS connection.
         let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
@@ -319,16 +324,7 @@ fn a_peer_repeating_a_bad_request_is_counted_every_time_but_logged_in_clipped_bu
         tokio::spawn(conn);
         let mut statuses = Vec::new();
         for _ in 0..REQUESTS {
-            let get = Request::builder()
-                .method(Method::GET)
-                .uri(format!("https://{B_IP}:8080{long_path}"))
-                .body(())
-                .unwrap();
-            let status = match client::open_stream(send.clone(), get).await {
-                Ok(_) => 200,
-                Err(e) => e.status().expect("an HTTP answer").as_u16(),
-            };
-            statuses.push(status);
+            statuses.push(get_status(&send, &long_path).await);
         }
         statuses
     });

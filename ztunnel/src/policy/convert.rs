@@ -135,14 +135,7 @@ fn rule_clauses(effect: Effect, r: &Rule, ns: &str) -> (Option<Vec<Vec<Match>>>,
         let mut to = Vec::new();
         for t in &r.to {
             let o = &t.operation;
-            for (name, v) in [
-                ("hosts", &o.hosts),
-                ("notHosts", &o.not_hosts),
-                ("methods", &o.methods),
-                ("notMethods", &o.not_methods),
-                ("paths", &o.paths),
-                ("notPaths", &o.not_paths),
-            ] {
+            for (name, v) in o.http_fields() {
                 if !v.is_empty() {
                     http.insert(name.to_owned());
                 }

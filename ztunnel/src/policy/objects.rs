@@ -169,6 +169,20 @@ pub struct Operation {
     pub not_paths: Strings,
 }
 
+impl Operation {
+    /// Its HTTP fields, by name: the node daemon enforces none of them.
+    pub fn http_fields(&self) -> [(&'static str, &Strings); 6] {
+        [
+            ("hosts", &self.hosts),
+            ("notHosts", &self.not_hosts),
+            ("methods", &self.methods),
+            ("notMethods", &self.not_methods),
+            ("paths", &self.paths),
+            ("notPaths", &self.not_paths),
+        ]
+    }
+}
+
 /// `when`: a condition on one attribute. The node daemon evaluates the L4 keys
 /// (`source.ip`, `source.namespace`, `source.principal`, `destination.ip`,
 /// `destination.port`); the others are HTTP attributes.

@@ -187,14 +187,7 @@ pub(super) fn validate(spec: &AuthorizationPolicySpec) -> Result<(), String> {
             }
             ports("ports", &o.ports).map_err(at)?;
             ports("notPorts", &o.not_ports).map_err(at)?;
-            for (name, v) in [
-                ("hosts", &o.hosts),
-                ("notHosts", &o.not_hosts),
-                ("methods", &o.methods),
-                ("notMethods", &o.not_methods),
-                ("paths", &o.paths),
-                ("notPaths", &o.not_paths),
-            ] {
+            for (name, v) in o.http_fields() {
                 no_empty(name, v).map_err(at)?;
             }
             path_templates("paths", &o.paths).map_err(at)?;
