@@ -9,8 +9,11 @@
 //! connection from an address of no workload is reset by the source's daemon. A peer that
 //! repeats a bad request has each one counted, and its warnings throttled and clipped.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,9 +24,21 @@ use ztunnel_e2e::daemon::metric;
 use ztunnel_e2e::mesh::{Mesh, B_IP};
 use ztunnel_e2e::raw_h2::{self, Outcome};
 
+/// A tunnel connection to `b` (HTTP/2, 15008) with `cfg`, driven in the background.
+async fn tunnel_to_b(cfg: Arc<rustls::ClientConfig>) -> SendRequest<Bytes> {
+    let opts = ConnectOptions {
+        mark: None,
+        timeout: Duration::from_secs(5),
+    };
+    let tunnel = format!("{B_IP}:15008").parse().unwrap();
+    let (send, conn) = client::connect(tunnel, cfg, opts).await.expect("tunnel");
+    tokio::spawn(conn);
+    send
+}
+
 /// The status a `GET` of `path` on `b`'s application port is answered with, on the tunnel
 /// connection `send` (a `GET` is never a tunnel: `400`).
-async fn get_status(send: &h2::client::SendRequest<bytes::Bytes>, path: &str) -> u16 {
+async fn get_status(send: &SendRequest<Bytes>, path: &str) -> u16 {
     let get = Request::builder()
         .method(Method::GET)
         .uri(format!("https://{B_IP}:8080{path}"))
@@ -46,15 +61,7 @@ fn connect_requests_get_the_contract_status() {
     });
     let cfg = mesh.client_tls();
     let statuses = mesh.c.block_on(async move {
-        let opts = ConnectOptions {
-            mark: None,
-            timeout: Duration::from_secs(5),
-        };
-        let tunnel = format!("{B_IP}:15008").parse().unwrap();
-        let (send, conn) = client::connect(tunnel, cfg.clone(), opts)
-            .await
-            .expect("tunnel");
-        tokio::spawn(conn);
+        let send = tunnel_to_b(cfg.clone()).await;
         let mut out = Vec::new();
         for target in [
             format!("{B_IP}:15008"),
@@ -73,7 +80,9 @@ fn connect_requests_get_the_contract_status() {
         out.push(("GET".into(), get_status(&send, "/").await));
 
         // The malformed CONNECT, by hand, on its own TLS connection.
-        let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(format!("{B_IP}:15008"))
+            .await
+            .unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(ServerName::try_from(B_IP).unwrap(), tcp)
             .await
@@ -153,13 +162,7 @@ fn the_access_log_keeps_the_tunnel_peer_address_beside_a_forwarded_claim() {
     });
     let cfg = mesh.client_tls();
     mesh.c.block_on(async move {
-        let opts = ConnectOptions {
-            mark: None,
-            timeout: Duration::from_secs(5),
-        };
-        let tunnel = format!("{B_IP}:15008").parse().unwrap();
-        let (send, conn) = client::connect(tunnel, cfg, opts).await.expect("tunnel");
-        tokio::spawn(conn);
+        let send = tunnel_to_b(cfg).await;
         let headers = ztunnel::hbone::ConnectHeaders {
             forwarded_for: Some("203.0.113.9:4444".parse().unwrap()),
             ..Default::default()
@@ -315,13 +318,7 @@ fn a_peer_repeating_a_bad_request_is_counted_every_time_but_logged_in_clipped_bu
     let cfg = mesh.client_tls();
     let long_path = format!("/{}", "x".repeat(8 * 1024));
     let statuses = mesh.c.block_on(async move {
-        let opts = ConnectOptions {
-            mark: None,
-            timeout: Duration::from_secs(5),
-        };
-        let tunnel = format!("{B_IP}:15008").parse().unwrap();
-        let (send, conn) = client::connect(tunnel, cfg, opts).await.expect("tunnel");
-        tokio::spawn(conn);
+        let send = tunnel_to_b(cfg).await;
         let mut statuses = Vec::new();
         for _ in 0..REQUESTS {
             statuses.push(get_status(&send, &long_path).await);
