@@ -1,7 +1,8 @@
 //! `explain`: the decision the engine would make for a connection between two endpoints named
 //! by an operator (`namespace/name` or an IP; the destination with `:port`), without sending
 //! traffic. Pure: it reads a discovery snapshot. A Service VIP destination is explained for
-//! the endpoint and target port the outbound proxy would use first.
+//! one of its endpoints on the daemon's node (its decision is that daemon's to make) and the
+//! target port.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -91,10 +92,14 @@ pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explan
             let target = svc.target_port(port).ok_or_else(|| {
                 format!("service {}/{} has no port {port}", svc.namespace, svc.name)
             })?;
-            let ep =
-                state.endpoints_of_vip(ip).next().cloned().ok_or_else(|| {
-                    format!("service {}/{} has no endpoint", svc.namespace, svc.name)
-                })?;
+            // An endpoint on this node, whose daemon can answer for it, if the service has one.
+            let mut endpoints = state.endpoints_of_vip(ip).peekable();
+            let first = endpoints.peek().cloned().cloned();
+            let ep = endpoints
+                .find(|w| &*w.node == node)
+                .cloned()
+                .or(first)
+                .ok_or_else(|| format!("service {}/{} has no endpoint", svc.namespace, svc.name))?;
             (ep, target, Some(format!("{}/{}", svc.namespace, svc.name)))
         }
         None => (find(state, dst)?, port, None),
@@ -184,5 +189,7 @@ policies:
         // Asked on another node than the destination's, which decides.
         let elsewhere = explain(&s, "n1", "demo/client", "demo/server:8080").unwrap_err();
         assert!(elsewhere.contains("runs on node n2"), "{elsewhere}");
+        let vip = explain(&s, "n1", "demo/client", "10.96.0.1:80").unwrap_err();
+        assert!(vip.contains("runs on node n2"), "no endpoint here: {vip}");
     }
 }
