@@ -297,11 +297,6 @@ fn go_bool(s: &str) -> Option<bool> {
 
 /// istiod's `convertAuthorizationPolicy`, and the status it gives.
 pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus) {
-    if let Some(reason) = &p.invalid {
-        // `spec.selector` holds the selector if it could be read.
-        let selector_ok = selector_error(p.spec.selector.as_ref()).is_none();
-        return fail_closed(p, reason.clone(), selector_ok);
-    }
     let spec = &p.spec;
     let dry_run = p
         .metadata
@@ -310,12 +305,14 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
         .and_then(|v| go_bool(v))
         .unwrap_or(false);
     // A dry-run policy, or a waypoint's (bound by reference, with no selector beside it), is
-    // never enforced here, whatever its rules say: it is ignored before they are checked, so
-    // that a value it gets wrong fails nothing closed.
+    // never enforced here, whatever its rules say: it is ignored before they are read or
+    // checked, so that a value it gets wrong fails nothing closed.
     let waypoint = spec.target_ref.is_some() || !spec.target_refs.is_empty();
     let never_enforced = dry_run || (waypoint && spec.selector.is_none());
     if !never_enforced {
-        if let Err(reason) = validate(spec) {
+        let unreadable = p.invalid.clone().map_or_else(|| validate(spec), Err);
+        if let Err(reason) = unreadable {
+            // An unreadable spec keeps its selector if that could be read.
             let selector_ok = selector_error(spec.selector.as_ref()).is_none();
             return fail_closed(p, reason, selector_ok);
         }

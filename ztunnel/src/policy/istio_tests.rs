@@ -390,6 +390,24 @@ fn actions_scope_and_target_refs() {
             true,
         ),
         (
+            "authz.go: ...even one the daemon cannot read",
+            ap("web", "x", "{action: DENY, targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}], rules: [{from: [{source: {principalz: [x]}}]}]}"),
+            BASE,
+            true,
+        ),
+        (
+            "validation.go: an unreadable one with a selector beside its targetRefs fails closed where the selector reaches",
+            ap("web", "x", "{action: DENY, selector: {matchLabels: {app: web}}, targetRefs: [{kind: Gateway, name: wp}], rules: [{from: [{source: {principalz: [x]}}]}]}"),
+            BASE,
+            false,
+        ),
+        (
+            "...and one whose selector cannot be read fails closed in its whole namespace",
+            ap("web", "x", "{action: DENY, selector: {matchLabels: 3}, targetRefs: [{kind: Gateway, name: wp}], rules: [{}]}"),
+            BASE,
+            false,
+        ),
+        (
             "authz.go: targetRef (singular) likewise",
             ap("web", "x", "{action: DENY, targetRef: {kind: Service, name: web}, rules: [{}]}"),
             BASE,

@@ -464,6 +464,13 @@ impl PolicyObject {
                                 _ => field(&spec, "action").unwrap_or(Action::Deny),
                             },
                             selector: field(&spec, "selector"),
+                            // What makes it a waypoint's, never enforced here, when it has
+                            // no selector beside it.
+                            target_ref: field(&spec, "targetRef")
+                                .filter(|_| spec.get("selector").is_none()),
+                            target_refs: field(&spec, "targetRefs")
+                                .filter(|_| spec.get("selector").is_none())
+                                .unwrap_or_default(),
                             ..Default::default()
                         },
                         Some(format!("spec: {e}")),
