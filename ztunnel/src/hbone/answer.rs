@@ -16,10 +16,11 @@ pub enum Answer {
         respond: h2::server::SendResponse<Bytes>,
         body: h2::RecvStream,
     },
-    /// A QUIC stream whose request header has been read.
+    /// A QUIC stream whose request header has been read, and its connection.
     Quic {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
+        conn: quinn::Connection,
     },
 }
 
@@ -37,7 +38,9 @@ impl Answer {
     pub async fn refuse(self, status: StatusCode) {
         match self {
             Answer::H2 { respond, .. } => super::server::refuse(respond, status),
-            Answer::Quic { mut send, mut recv } => {
+            Answer::Quic {
+                mut send, mut recv, ..
+            } => {
                 let _ = quic::respond(&mut send, &mut recv, status).await;
             }
         }
@@ -51,8 +54,13 @@ impl Answer {
                 let send = respond.send_response(ok, false)?;
                 Ok(TunnelStream::H2 { send, recv: body })
             }
-            Answer::Quic { mut send, mut recv } => {
+            Answer::Quic {
+                mut send,
+                mut recv,
+                conn,
+            } => {
                 quic::respond(&mut send, &mut recv, StatusCode::OK).await?;
+                quic::admitted(&conn);
                 Ok(TunnelStream::Quic { send, recv })
             }
         }

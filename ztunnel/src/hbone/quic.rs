@@ -177,13 +177,14 @@ fn transport_code(e: &quinn::ConnectionError) -> Option<quinn::TransportErrorCod
 }
 
 /// The transport parameters of a tunnel connection: the server takes `max_streams` streams
-/// at once, the client none (a server never opens one).
-fn transport(max_streams: u32) -> Arc<TransportConfig> {
+/// at once, the client none (a server never opens one); `receive_window` bytes may be in
+/// flight to it on the whole connection.
+fn transport(max_streams: u32, receive_window: u32) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(consts::STREAM_WINDOW))
-        .receive_window(VarInt::from_u32(consts::CONNECTION_WINDOW))
+        .receive_window(VarInt::from_u32(receive_window))
         .send_window(u64::from(consts::CONNECTION_WINDOW))
         // HBONE carries no datagrams: none are accepted (quinn would otherwise keep up to a
         // stream window of them, for the connection's life, for a reader that never comes).
@@ -200,6 +201,19 @@ fn transport(max_streams: u32) -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+/// What a peer may have in flight on a tunnel connection (server side) until one of its
+/// streams has been admitted: enough for a stream's header and the client's early bytes. Until
+/// then, whatever it sends (a stream's data held back behind a gap, waiting for its header) is
+/// held by the transport, outside the node's budget of buffered bytes; a peer that policy lets
+/// in gets the full window ([`admitted`]).
+pub const ADMISSION_WINDOW: u32 = 256 * 1024;
+
+/// Opens a server connection's window to the full [`consts::CONNECTION_WINDOW`]: one of its
+/// streams has been admitted. Again on a connection already open, it does nothing.
+pub fn admitted(conn: &quinn::Connection) {
+    conn.set_receive_window(VarInt::from_u32(consts::CONNECTION_WINDOW));
+}
+
 /// The QUIC client configuration for a rustls tunnel client configuration (its certificate
 /// and expected peer identities), with the QUIC ALPN.
 pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
@@ -207,12 +221,13 @@ pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, 
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-    c.transport_config(transport(0));
+    c.transport_config(transport(0, consts::CONNECTION_WINDOW));
     Ok(c)
 }
 
 /// The QUIC server configuration for a rustls tunnel server configuration, accepting
-/// `max_streams` streams at once per connection and requiring the QUIC ALPN.
+/// `max_streams` streams at once per connection and requiring the QUIC ALPN. A connection's
+/// window is [`ADMISSION_WINDOW`] until one of its streams is admitted ([`admitted`]).
 pub fn server_config(
     tls: &rustls::ServerConfig,
     max_streams: u32,
@@ -221,7 +236,7 @@ pub fn server_config(
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
     let mut s = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    s.transport_config(transport(max_streams));
+    s.transport_config(transport(max_streams, ADMISSION_WINDOW));
     // A tunnel's source is its pod's address; it does not move.
     s.migration(false);
     Ok(s)
@@ -671,6 +686,39 @@ mod tests {
             "{answered:?}"
         );
         serving.await.unwrap();
+    }
+
+    /// Until one of its streams is admitted, a peer has no more than [`ADMISSION_WINDOW`] in
+    /// flight on a connection, whatever it has to send; then the full window.
+    #[tokio::test]
+    async fn a_connection_has_a_small_window_until_a_stream_is_admitted() {
+        let (accepted, conn, _endpoints, _dir) = pair().await;
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        // The write goes on as the server's window allows.
+        let len = 4 * ADMISSION_WINDOW as usize;
+        let writing = tokio::spawn(async move {
+            send.write_all(&vec![0u8; len]).await.unwrap();
+            send
+        });
+        let received = || accepted.stats().udp_rx.bytes;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = received();
+        assert!(
+            before < u64::from(ADMISSION_WINDOW) + 64 * 1024,
+            "{before} bytes arrived before admission"
+        );
+        admitted(&accepted);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while received() < len as u64 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} bytes arrived after admission",
+                received()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let written = tokio::time::timeout(Duration::from_secs(5), writing).await;
+        assert!(written.is_ok(), "the write ends once the window is open");
     }
 
     /// Neither end of a tunnel takes datagrams: HBONE has none, and a peer's would be held

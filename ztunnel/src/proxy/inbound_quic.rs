@@ -223,7 +223,8 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let inflight = pi.begin();
-                    let fut = stream(pi.clone(), scope.clone(), peer.clone(), send, recv);
+                    let streams_of = (send, recv, conn.clone());
+                    let fut = stream(pi.clone(), scope.clone(), peer.clone(), streams_of);
                     let held = streams.start(Instant::now());
                     tokio::spawn(crate::task::guarded(fut, (inflight, held)));
                 }
@@ -267,12 +268,12 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     conn.close(VarInt::from_u32(0), b"draining");
 }
 
+/// A QUIC tunnel stream's handler, given the stream's halves and its connection.
 pub(super) async fn stream(
     pi: Arc<ProxyInputs>,
     scope: Scope,
     peer: Arc<Peer>,
-    mut send: SendStream,
-    mut recv: RecvStream,
+    (mut send, mut recv, conn): (SendStream, RecvStream, quinn::Connection),
 ) {
     let mut tracked = track(&pi, &peer);
     let place = match peer.stream_place(&pi, &mut tracked) {
@@ -296,6 +297,6 @@ pub(super) async fn stream(
             return;
         }
     };
-    let answer = Answer::Quic { send, recv };
+    let answer = Answer::Quic { send, recv, conn };
     serve_stream(pi, scope, peer, Some((tracked, place)), req, answer).await
 }

@@ -497,7 +497,7 @@ mod tests {
     fn handlers_futures_stay_small() {
         let outbound = future_size4(super::outbound::handle);
         let inbound = future_size5(super::inbound::stream);
-        let inbound_quic = future_size5(super::inbound_quic::stream);
+        let inbound_quic = future_size4(super::inbound_quic::stream);
         assert!(outbound <= 2048, "outbound handler: {outbound} bytes");
         assert!(inbound <= 2048, "inbound stream handler: {inbound} bytes");
         assert!(
