@@ -93,12 +93,11 @@ pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explan
                 format!("service {}/{} has no port {port}", svc.namespace, svc.name)
             })?;
             // An endpoint on this node, whose daemon can answer for it, if the service has one.
-            let mut endpoints = state.endpoints_of_vip(ip).peekable();
-            let first = endpoints.peek().cloned().cloned();
-            let ep = endpoints
+            let ep = state
+                .endpoints_of_vip(ip)
                 .find(|w| &*w.node == node)
+                .or_else(|| state.endpoints_of_vip(ip).next())
                 .cloned()
-                .or(first)
                 .ok_or_else(|| format!("service {}/{} has no endpoint", svc.namespace, svc.name))?;
             (ep, target, Some(format!("{}/{}", svc.namespace, svc.name)))
         }

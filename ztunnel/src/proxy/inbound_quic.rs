@@ -223,8 +223,8 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let inflight = pi.begin();
-                    let streams_of = (send, recv, conn.clone());
-                    let fut = stream(pi.clone(), scope.clone(), peer.clone(), streams_of);
+                    let opened = (send, recv, conn.clone());
+                    let fut = stream(pi.clone(), scope.clone(), peer.clone(), opened);
                     let held = streams.start(Instant::now());
                     tokio::spawn(crate::task::guarded(fut, (inflight, held)));
                 }
