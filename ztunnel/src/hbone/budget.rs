@@ -8,17 +8,27 @@
 //!
 //! Contract: every byte a copy loop takes from a tunnel stream is counted ([`Holding::take`])
 //! until it is written to TCP ([`Holding::give`]) or the stream ends (the [`Holding`] is
-//! dropped). A stream may always hold [`FLOOR`] bytes. Beyond that, a take that would bring
-//! the node over its limit is refused ([`OverBudget`]): the copy loop then resets that stream
-//! (`buffer_budget`), which frees what it held. So the stream that keeps receiving for an
-//! application that does not read is the one given up, never a stream that holds little; and
-//! what the node holds stays under the limit plus [`FLOOR`] per stream. The decision is the
-//! pure [`admits`].
+//! dropped). Each stream is charged to its source: the address of the pod that opened it (the
+//! tunnel peer's address inbound, the client pod's outbound). A stream may always hold
+//! [`FLOOR`] bytes, as long as the floors of its source's streams (what each holds up to
+//! [`FLOOR`]) stay within the source's share ([`source_cap`], a sixteenth of the limit).
+//! Beyond that, a take that would bring the node over its limit is refused ([`OverBudget`]):
+//! the copy loop then resets that stream (`buffer_budget`), which frees what it held. So the
+//! stream that keeps receiving for an application that does not read is the one given up,
+//! never a stream that holds little; one pod's many stalled streams hold no more than its
+//! share beyond the limit, however many it opens; and what the node holds stays under the
+//! limit plus one share per source. The decision is the pure [`admits`].
 //!
 //! What a stream's transport holds before the copy loop takes it (bounded by its window) is
 //! not counted: the loop takes each chunk as it arrives, whether or not the application is
 //! reading ([`super::copy`]), up to a window's worth ([`QUEUE_MAX`]).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
 
 /// What a stream may always hold, whatever the node holds.
@@ -40,9 +50,16 @@ pub struct OverBudget {
     pub held: usize,
 }
 
-/// Whether a stream holding `mine` may take `n` more bytes while the node holds `node`.
-pub fn admits(node: usize, mine: usize, n: usize, limit: usize) -> bool {
-    mine + n <= FLOOR || node + n <= limit
+/// What the floors of one source's streams may add up to: a sixteenth of the node's limit,
+/// at least one [`FLOOR`].
+pub fn source_cap(limit: usize) -> usize {
+    (limit / 16).max(FLOOR)
+}
+
+/// Whether a stream holding `mine`, whose source's streams hold `floors` under their floors,
+/// may take `n` more bytes while the node holds `node`.
+pub fn admits(node: usize, mine: usize, floors: usize, n: usize, limit: usize) -> bool {
+    node + n <= limit || (mine + n <= FLOOR && floors + n <= source_cap(limit))
 }
 
 /// The node's budget; one per daemon, shared by every copy loop. What the node holds is kept
@@ -51,12 +68,19 @@ pub fn admits(node: usize, mine: usize, n: usize, limit: usize) -> bool {
 pub struct BufferBudget {
     limit: usize,
     held: Gauge,
+    /// What each source's streams hold under their floors; a source leaves the map with its
+    /// last stream.
+    floors: Mutex<HashMap<IpAddr, Arc<AtomicUsize>>>,
 }
 
 impl BufferBudget {
     /// A budget of `limit` bytes, counted in `held` (a fresh gauge when not exported).
     pub fn new(limit: usize, held: Gauge) -> Self {
-        BufferBudget { limit, held }
+        BufferBudget {
+            limit,
+            held,
+            floors: Mutex::default(),
+        }
     }
 
     /// A budget that never refuses (tools and benches that measure something else).
@@ -69,12 +93,21 @@ impl BufferBudget {
         self.held.get() as usize
     }
 
-    /// What one stream holds, counted in the budget until dropped.
-    pub fn holding(&self) -> Holding<'_> {
+    /// What one stream opened by `source` holds, counted in the budget until dropped.
+    pub fn holding(&self, source: IpAddr) -> Holding<'_> {
+        let source = source.to_canonical();
+        let floors = self.floors.lock().entry(source).or_default().clone();
         Holding {
             budget: self,
             mine: 0,
+            source,
+            floors: Some(floors),
         }
+    }
+
+    /// Sources whose streams hold a place in the budget now.
+    pub fn sources(&self) -> usize {
+        self.floors.lock().len()
     }
 }
 
@@ -83,20 +116,23 @@ impl BufferBudget {
 pub struct Holding<'a> {
     budget: &'a BufferBudget,
     mine: usize,
+    source: IpAddr,
+    /// Its source's floors (`None` only while it is dropped).
+    floors: Option<Arc<AtomicUsize>>,
 }
 
 impl Holding<'_> {
     /// Counts `n` more bytes held by this stream, unless the budget refuses them.
     pub fn take(&mut self, n: usize) -> Result<(), OverBudget> {
         let b = self.budget;
-        if !admits(b.held(), self.mine, n, b.limit) {
+        if !admits(b.held(), self.mine, self.floors(), n, b.limit) {
             return Err(OverBudget {
                 limit: b.limit,
                 held: self.mine,
             });
         }
         b.held.inc_by(n as i64);
-        self.mine += n;
+        self.set_mine(self.mine + n);
         Ok(())
     }
 
@@ -104,7 +140,27 @@ impl Holding<'_> {
     pub fn give(&mut self, n: usize) {
         let n = n.min(self.mine);
         self.budget.held.dec_by(n as i64);
-        self.mine -= n;
+        self.set_mine(self.mine - n);
+    }
+
+    /// What this stream's source's streams hold under their floors.
+    fn floors(&self) -> usize {
+        self.floors
+            .as_ref()
+            .map_or(0, |f| f.load(Ordering::Relaxed))
+    }
+
+    /// Sets what this stream holds, and its part of its source's floors.
+    fn set_mine(&mut self, mine: usize) {
+        let (was, now) = (self.mine.min(FLOOR), mine.min(FLOOR));
+        if let Some(f) = &self.floors {
+            if now > was {
+                f.fetch_add(now - was, Ordering::Relaxed);
+            } else if was > now {
+                f.fetch_sub(was - now, Ordering::Relaxed);
+            }
+        }
+        self.mine = mine;
     }
 
     /// Bytes this stream holds.
@@ -116,6 +172,17 @@ impl Holding<'_> {
 impl Drop for Holding<'_> {
     fn drop(&mut self) {
         self.budget.held.dec_by(self.mine as i64);
+        self.set_mine(0);
+        // Under the map's lock, where every other holder of the source's entry is made, so
+        // that the last stream of a source takes it out.
+        let mut map = self.budget.floors.lock();
+        if self
+            .floors
+            .take()
+            .is_some_and(|f| Arc::strong_count(&f) == 2)
+        {
+            map.remove(&self.source);
+        }
     }
 }
 
@@ -123,22 +190,38 @@ impl Drop for Holding<'_> {
 mod tests {
     use super::*;
 
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
     #[test]
     fn admits_table() {
         const K: usize = 1024;
         let limit = 1024 * K;
-        // (node, mine, n, admitted)
+        let cap = source_cap(limit);
+        assert_eq!(cap, FLOOR, "a sixteenth of 1 MiB");
+        assert_eq!(
+            source_cap(256 * limit),
+            16 * limit,
+            "a sixteenth of 256 MiB"
+        );
+        // (node, mine, source's floors, n, admitted)
         let cases = [
-            (0, 0, 16 * K, true),
-            (limit, 0, FLOOR, true),     // the floor, even over the limit
-            (limit, FLOOR - 1, 1, true), // up to the floor exactly
-            (limit, FLOOR, 1, false),    // beyond the floor, over the limit
-            (limit - 16 * K, FLOOR, 16 * K, true), // reaches the limit exactly
-            (limit - 16 * K, FLOOR, 16 * K + 1, false),
-            (0, 4 * limit, 1, true), // a stream may hold much while the node is under
+            (0, 0, 0, 16 * K, true),
+            (limit, 0, 0, FLOOR, true), // the floor, even over the limit
+            (limit, FLOOR - 1, FLOOR - 1, 1, true), // up to the floor exactly
+            (limit, FLOOR, FLOOR, 1, false), // beyond the floor, over the limit
+            (limit - 16 * K, FLOOR, FLOOR, 16 * K, true), // reaches the limit exactly
+            (limit - 16 * K, FLOOR, FLOOR, 16 * K + 1, false),
+            (0, 4 * limit, cap, 1, true), // a stream may hold much while the node is under
+            (0, 0, 4 * cap, 1, true),     // and so may its source
+            // Over the limit, a stream's floor only within its source's share.
+            (limit, 0, cap - 1, 1, true),
+            (limit, 0, cap, 1, false),
+            (limit, 0, cap - 16 * K, 16 * K + 1, false),
         ];
-        for (node, mine, n, want) in cases {
-            assert_eq!(admits(node, mine, n, limit), want, "{node} {mine} {n}");
+        for (node, mine, floors, n, want) in cases {
+            let got = admits(node, mine, floors, n, limit);
+            assert_eq!(got, want, "{node} {mine} {floors} {n}");
         }
     }
 
@@ -146,15 +229,15 @@ mod tests {
     fn a_stream_over_the_floor_is_refused_once_the_node_is_full_and_gives_back_on_drop() {
         let gauge = Gauge::default();
         let budget = BufferBudget::new(4 * FLOOR, gauge.clone());
-        let mut big = budget.holding();
+        let mut big = budget.holding(A);
         big.take(3 * FLOOR).unwrap();
-        let mut small = budget.holding();
+        let mut small = budget.holding(B);
         small.take(FLOOR).unwrap();
         assert_eq!(budget.held(), 4 * FLOOR);
         let over = big.take(1).unwrap_err();
         assert_eq!(over.held, 3 * FLOOR);
-        // Another stream still gets its floor.
-        let mut third = budget.holding();
+        // A stream of another source still gets its floor.
+        let mut third = budget.holding(IpAddr::from([10, 0, 0, 3]));
         third.take(FLOOR).unwrap();
         assert_eq!(
             third.take(1),
@@ -169,7 +252,54 @@ mod tests {
         drop(third);
         assert_eq!(budget.held(), FLOOR / 2);
         assert_eq!(gauge.get(), (FLOOR / 2) as i64);
+        assert_eq!(
+            budget.sources(),
+            1,
+            "the sources of dropped streams are gone"
+        );
         drop(small);
-        assert_eq!((budget.held(), gauge.get()), (0, 0));
+        assert_eq!((budget.held(), gauge.get(), budget.sources()), (0, 0, 0));
+    }
+
+    /// One source opening ever more streams that hold their floors on a full node: it gets
+    /// no more than its share, whatever the number of streams, while another source still
+    /// gets a floor; what is written on, or dropped, is given back to its source.
+    #[test]
+    fn the_floors_of_one_source_stop_at_its_share() {
+        let limit = 64 * FLOOR;
+        let cap = source_cap(limit);
+        assert_eq!(cap, 4 * FLOOR);
+        let budget = BufferBudget::new(limit, Gauge::default());
+        let mut filler = budget.holding(B);
+        filler.take(limit).unwrap();
+        // The mapped form of A is A.
+        let mapped = match A {
+            IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+            IpAddr::V6(_) => unreachable!(),
+        };
+        let mut streams: Vec<_> = (0..8)
+            .map(|i| budget.holding(if i % 2 == 0 { A } else { mapped }))
+            .collect();
+        let admitted = streams
+            .iter_mut()
+            .map(|s| s.take(FLOOR))
+            .filter(Result::is_ok)
+            .count();
+        assert_eq!(admitted, 4, "four floors make A's share");
+        assert_eq!(budget.held(), limit + cap);
+        // B's first stream holds the limit, one floor of it under its floor: B's next stream
+        // still gets its own.
+        let mut other = budget.holding(B);
+        other.take(FLOOR).unwrap();
+        // What one of A's streams writes on makes room for another's.
+        streams[0].give(FLOOR / 2);
+        assert!(streams[7].take(FLOOR / 2).is_ok());
+        assert!(streams[6].take(1).is_err());
+        // So does a dropped stream.
+        streams.remove(7);
+        assert!(streams[6].take(FLOOR / 2).is_ok());
+        drop(streams);
+        drop((filler, other));
+        assert_eq!((budget.held(), budget.sources()), (0, 0));
     }
 }

@@ -28,7 +28,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::budget::{BufferBudget, OverBudget, QUEUE_MAX};
+use super::budget::{Holding, OverBudget, QUEUE_MAX};
 use super::queue::Queue;
 
 const INITIAL_BUF: usize = 16 * 1024;
@@ -103,11 +103,11 @@ pub(super) async fn copy<S: StreamSend, R: StreamRecv>(
     mut send: S,
     mut recv: R,
     counters: &ByteCounters,
-    budget: &BufferBudget,
+    holding: Holding<'_>,
 ) -> Result<(), CopyError> {
     let r = tokio::try_join!(
         tcp_to_stream(tcp_read, &mut send, &counters.sent),
-        stream_to_tcp(&mut recv, tcp_write, &counters.received, budget),
+        stream_to_tcp(&mut recv, tcp_write, &counters.received, holding),
     );
     if r.is_err() {
         send.reset();
@@ -176,9 +176,9 @@ async fn stream_to_tcp<R: StreamRecv>(
     recv: &mut R,
     mut wr: OwnedWriteHalf,
     counter: &AtomicU64,
-    budget: &BufferBudget,
+    holding: Holding<'_>,
 ) -> Result<(), CopyError> {
-    let mut queue = Queue::new(budget);
+    let mut queue = Queue::new(holding);
     let mut ended = false;
     loop {
         let step = if queue.is_empty() {
@@ -274,6 +274,8 @@ mod tests {
 
     use super::{copy, ByteCounters, CopyError, Queue, StreamRecv, StreamSend, INITIAL_BUF};
     use crate::hbone::budget::{BufferBudget, OverBudget, FLOOR};
+
+    const SOURCE: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
     use crate::hbone::tests::pair;
 
     /// What the fake stream saw, shared with the test.
@@ -354,7 +356,7 @@ mod tests {
         let send = Arc::clone(seen);
         let task = tokio::spawn(async move {
             let counters = ByteCounters::default();
-            copy(rd, wr, send, fake, &counters, &budget).await
+            copy(rd, wr, send, fake, &counters, budget.holding(SOURCE)).await
         });
         (client, task)
     }

@@ -69,7 +69,7 @@ pub enum TunnelStream {
 }
 
 /// Copies `tcp` ⇄ `stream` until both directions have ended, on the stream's transport; what
-/// waits for the TCP side is counted in `budget`.
+/// waits for the TCP side is counted in the node's budget, as `holding`.
 ///
 /// Not an `async fn`: the future is the transport's own copy, without a copy of `stream` kept
 /// beside it for the connection's whole life (see `crate::task`); QUIC's is boxed, its state
@@ -79,11 +79,11 @@ pub fn copy_tunnel<'a>(
     tcp_write: OwnedWriteHalf,
     stream: TunnelStream,
     counters: &'a copy::ByteCounters,
-    budget: &'a budget::BufferBudget,
+    holding: budget::Holding<'a>,
 ) -> impl Future<Output = Result<(), copy::CopyError>> + Send + 'a {
     match stream {
         TunnelStream::H2 { send, recv } => Either::Left(copy::copy(
-            tcp_read, tcp_write, send, recv, counters, budget,
+            tcp_read, tcp_write, send, recv, counters, holding,
         )),
         TunnelStream::Quic { send, recv } => Either::Right(Box::pin(copy::copy(
             tcp_read,
@@ -91,7 +91,7 @@ pub fn copy_tunnel<'a>(
             send,
             quic::Chunks::new(recv),
             counters,
-            budget,
+            holding,
         ))),
     }
 }

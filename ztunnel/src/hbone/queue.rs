@@ -15,7 +15,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 
-use super::budget::{BufferBudget, Holding, OverBudget};
+use super::budget::{Holding, OverBudget};
 
 /// Chunks written in one `writev` at most.
 pub(super) const CHUNKS_PER_WRITE: usize = 32;
@@ -28,10 +28,10 @@ pub(super) struct Queue<'a> {
 }
 
 impl<'a> Queue<'a> {
-    pub(super) fn new(budget: &'a BufferBudget) -> Self {
+    pub(super) fn new(holding: Holding<'a>) -> Self {
         Queue {
             chunks: VecDeque::new(),
-            holding: budget.holding(),
+            holding,
         }
     }
 
@@ -88,6 +88,7 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     use super::*;
+    use crate::hbone::budget::BufferBudget;
     use crate::hbone::tests::pair;
 
     #[tokio::test]
@@ -101,7 +102,7 @@ mod tests {
             .collect();
         let want: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
         let budget = BufferBudget::unlimited();
-        let mut q = Queue::new(&budget);
+        let mut q = Queue::new(budget.holding([127, 0, 0, 1].into()));
         for c in &chunks {
             q.push(c.clone()).unwrap();
         }
@@ -126,7 +127,7 @@ mod tests {
     #[test]
     fn a_chunk_over_the_budget_is_refused_and_not_queued() {
         let budget = BufferBudget::new(super::super::budget::FLOOR, Default::default());
-        let mut q = Queue::new(&budget);
+        let mut q = Queue::new(budget.holding([127, 0, 0, 1].into()));
         q.push(Bytes::from(vec![0; super::super::budget::FLOOR]))
             .unwrap();
         assert!(q.push(Bytes::from_static(b"x")).is_err());

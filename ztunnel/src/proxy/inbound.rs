@@ -296,8 +296,9 @@ pub(super) fn serve_stream(
         };
         tracked.report();
         let (rd, wr) = app.into_split();
+        let (bytes, holding) = (&tracked.record().bytes, pi.budget.holding(peer.addr.ip()));
         tokio::select! {
-            r = copy_tunnel(rd, wr, stream, &tracked.record().bytes, &pi.budget) => {
+            r = copy_tunnel(rd, wr, stream, bytes, holding) => {
                 if let Err(e) = r {
                     super::copy_failed(&pi, tracked, e);
                 }

@@ -427,7 +427,8 @@ async fn carry(
         let (rd, wr) = accepted.into_split();
         let budget = BufferBudget::new(budget::DEFAULT_LIMIT, Default::default());
         let counters = ByteCounters::default();
-        let copied = copy_tunnel(rd, wr, t.stream, &counters, &budget).await;
+        let holding = budget.holding([127, 0, 0, 1].into());
+        let copied = copy_tunnel(rd, wr, t.stream, &counters, holding).await;
         drop(t.lease);
         copied
     });

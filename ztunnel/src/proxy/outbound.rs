@@ -48,9 +48,9 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             mut tracked,
         } => {
             let (rd, wr) = tcp.into_split();
-            let bytes = &tracked.record().bytes;
+            let (bytes, holding) = (&tracked.record().bytes, pi.budget.holding(peer.ip()));
             tokio::select! {
-                r = copy_tunnel(rd, wr, tunnel.stream, bytes, &pi.budget) => {
+                r = copy_tunnel(rd, wr, tunnel.stream, bytes, holding) => {
                     if let Err(e) = r {
                         super::copy_failed(&pi, &mut tracked, e);
                     }
