@@ -2,7 +2,8 @@
 //! `bridge` + `host-local` with `ztunnel-cni` chained after them, one daemon per node; a
 //! connection to a Service with no endpoint reset at the source, and one straight to the pod's
 //! own outbound listener over loopback too (never looped); a client address holding the
-//! destination pod's ephemeral range of connections per application port; Istio's telemetry
+//! destination pod's ephemeral range of connections per application port; plaintext captured in
+//! a pod but addressed to another address, refused; Istio's telemetry
 //! (`capture/telemetry.rs`). Needs root, `ip`, `nft`,
 //! `tcpdump` and `containernetworking-plugins`.
 
@@ -591,4 +592,39 @@ fn a_pods_connection_to_its_outbound_listener_over_loopback_is_reset_not_looped(
         log.contains("it is to the outbound listener itself"),
         "{log}"
     );
+}
+
+/// A pod on the same bridge sends a connection to the server pod's MAC address but to another
+/// IP address (a route through the server pod, as a crafted frame would): the server's
+/// capture takes it all the same, and its daemon refuses it as to no workload
+/// (`inbound_plaintext_unknown_destination`), reset at once, rather than carrying it on from
+/// inside the server pod to that address with the client's address as its source.
+#[test]
+fn plaintext_captured_in_a_pod_but_addressed_elsewhere_reaches_no_one() {
+    let bed = TestBed::start();
+    let legacy = bed.pod("legacy-2");
+    legacy
+        .ns
+        .ip(&["route", "add", "10.99.0.1/32", "via", "10.20.2.10"])
+        .unwrap();
+    let outcome = legacy.ns.block_on(async {
+        let exchange = async {
+            let mut s = TcpStream::connect("10.99.0.1:8080").await?;
+            s.read(&mut [0u8; 1]).await
+        };
+        tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .expect("neither reset nor ended within 5 s")
+    });
+    match &outcome {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection must be reset: {other:?}"),
+    }
+    let labels = [("reason", "inbound_plaintext_unknown_destination")];
+    let m = bed.metrics_when(1, "ztunnel_refusals_total", &labels, 1.0);
+    assert_eq!(metric(&m, "ztunnel_refusals_total", &labels), 1.0, "{m}");
+    let labels = [("direction", "inbound_plaintext")];
+    expect_metric(&m, "ztunnel_proxied_connections_total", &labels, 0.0);
+    let log = bed.log(1);
+    assert!(log.contains("10.99.0.1:8080"), "{log}");
 }

@@ -413,7 +413,7 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} cluster_id={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} cluster_id={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             self.cluster_id,
@@ -442,6 +442,7 @@ impl fmt::Display for RunConfig {
             self.tunnel.peers.streams_per_address,
             self.tunnel.peers.streams_per_identity,
             self.tunnel.buffered_bytes >> 20,
+            self.tunnel.connections_per_source,
             humantime::format_duration(self.pool_idle_timeout),
             self.quic_listen,
             self.quic_destinations

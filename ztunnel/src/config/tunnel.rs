@@ -1,6 +1,6 @@
 //! The daemon's caps on tunnel peers ([`TunnelLimits`]): pending handshakes and how long a
-//! silent one may wait, what an authenticated peer may hold, and the node's buffered-bytes
-//! budget. Each flag is typed and bounded by its parser ([`super::settings`]); the defaults are
+//! silent one may wait, what an authenticated peer may hold, the node's buffered-bytes
+//! budget, and the connections proxied for one source address. Each flag is typed and bounded by its parser ([`super::settings`]); the defaults are
 //! [`TunnelLimits::default`]'s; [`TunnelArgs::resolve`] checks what spans two flags.
 
 use std::time::Duration;
@@ -56,6 +56,11 @@ pub(super) struct TunnelArgs {
     #[arg(long, env = "ZTUNNEL_MAX_BUFFERED_MIB", value_parser = count(1 << 20),
           default_value_t = (default().buffered_bytes >> 20) as u32)]
     max_buffered_mib: u32,
+    /// Connections proxied at once for one source address: a local pod's outbound
+    /// connections, or a plaintext client's to the node's workloads
+    #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_SOURCE", value_parser = count(MILLION),
+          default_value_t = TunnelLimits::CONNECTIONS_PER_SOURCE as u32)]
+    max_connections_per_source: u32,
 }
 
 impl TunnelArgs {
@@ -78,6 +83,7 @@ impl TunnelArgs {
                 streams_per_identity: self.max_peer_streams_per_identity as usize,
             },
             buffered_bytes: self.max_buffered_mib as usize * (1 << 20),
+            connections_per_source: self.max_connections_per_source as usize,
         })
     }
 }

@@ -7,8 +7,8 @@
 //! order, a destination's policy is enforced (each over HTTP/2 and over QUIC), an address
 //! outside the mesh is reached in plain TCP, plain TCP's bytes are reported each way, and each
 //! refusal (not redirected, unknown source, denied by the destination's policy, a tunnel that
-//! cannot be opened, plaintext to a STRICT workload) resets the client and is counted under
-//! its reason.
+//! cannot be opened, plaintext to a STRICT workload, a source address over its cap of proxied
+//! connections) resets the client and is counted under its reason.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,6 +88,11 @@ impl Node {
     /// The node, its pool dialling QUIC when `quic` (its inbound proxies then accept QUIC
     /// too, on their listeners' addresses).
     async fn start(quic: bool) -> Node {
+        Node::start_with(quic, super::TunnelLimits::default()).await
+    }
+
+    /// The node, with `limits`.
+    async fn start_with(quic: bool, limits: super::TunnelLimits) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
         let redirects = Arc::new(Redirects::default());
@@ -122,7 +127,7 @@ impl Node {
             metrics,
             CONNECT,
             100,
-            super::TunnelLimits::default(),
+            limits,
             false,
             draining,
         );
@@ -249,6 +254,18 @@ impl Node {
         tokio::time::timeout(Duration::from_secs(10), closed)
             .await
             .expect("closed within 10 s");
+    }
+
+    /// Waits (at most 10 s) until the node's sources hold `n` proxied connections in all.
+    async fn until_sources_hold(&self, n: usize) {
+        let held = async {
+            while self.pi.sources.held() != n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .unwrap_or_else(|_| panic!("{} held, not {n}", self.pi.sources.held()));
     }
 
     /// The connection table's row of `direction` (exactly one expected).
@@ -499,4 +516,49 @@ async fn plaintext_reaches_a_permissive_workload_and_not_a_strict_one() {
     let strict = node.plaintext(node.app(GUARDED)).await;
     assert_reset(STRANGER, strict).await;
     assert_eq!(node.refusals(Reason::InboundPlaintextStrict), 1);
+}
+
+/// A source address has no more connections proxied at once than its cap (two here), outbound
+/// and plaintext alike: one more is reset at once and counted (`outbound_source_limit`,
+/// `inbound_plaintext_source_limit`), while another address is served; a place given back is
+/// taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_address_over_its_cap_of_proxied_connections_is_reset_and_counted() {
+    let limits = super::TunnelLimits {
+        connections_per_source: 2,
+        ..Default::default()
+    };
+    let node = Node::start_with(false, limits).await;
+    let cases = [
+        (
+            node.outbound(Some(node.app(OUTSIDE))).await,
+            [CLIENT, SERVER],
+            Reason::OutboundSourceLimit,
+        ),
+        (
+            node.plaintext(node.app(SERVER)).await,
+            [STRANGER, CLIENT],
+            Reason::InboundPlaintextSourceLimit,
+        ),
+    ];
+    for (entry, [from, other], reason) in cases {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = connect(from, entry).await.unwrap();
+            assert_eq!(round_trip(&mut s, b"held").await.unwrap(), b"held");
+            held.push(s);
+        }
+        assert_reset(from, entry).await;
+        assert_eq!(node.refusals(reason), 1, "{:?}", node.all_refusals());
+        let mut s = connect(other, entry).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"other").await.unwrap(), b"other");
+        drop(s);
+        drop(held.pop());
+        node.until_sources_hold(1).await;
+        let mut s = connect(from, entry).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"again").await.unwrap(), b"again");
+        drop((s, held));
+        node.until_sources_hold(0).await;
+        assert_eq!(node.refusals(reason), 1, "{:?}", node.all_refusals());
+    }
 }

@@ -159,7 +159,7 @@ async fn handshakes(
     accepted: Instant,
 ) -> Option<Handshaken> {
     let state = pi.discovery.current();
-    let Some(dst) = scope.workload(pi, &state, local) else {
+    let Some(dst) = scope.destination(pi, &state, local) else {
         crate::refused!(pi.metrics, Reason::InboundUnknownDestination, %peer, %local, "tunnel connection to an address of no local workload; refused");
         reset(tcp);
         return None;

@@ -1,6 +1,8 @@
 //! Inbound plaintext: a connection from outside the mesh to a local workload, redirected to
-//! 15006. There is no peer identity; it is delivered to the original destination (a port of
-//! 15001/15006/15008 is refused as recursion). A destination whose PeerAuthentication is
+//! 15006. There is no peer identity; it is delivered to the original destination, which must
+//! be an address of the workload (a port of 15001/15006/15008 is refused as recursion). The
+//! client's address holds a place among the node's proxied connections while it lasts
+//! ([`ProxyInputs::sources`](super::ProxyInputs::sources)); over its cap it is reset at once. A destination whose PeerAuthentication is
 //! STRICT refuses it; otherwise (PERMISSIVE) the policy engine judges it with no identity. A
 //! refused connection is reset before the application sees it; one that a later policy
 //! change denies is closed. Refusals are counted; the warnings anyone can provoke (not
@@ -26,6 +28,13 @@ pub(super) async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
 ) {
+    let _place = match pi.sources.try_admit(peer.ip()) {
+        Ok(place) => place,
+        Err(full) => {
+            crate::refused!(pi.metrics, Reason::InboundPlaintextSourceLimit, %peer, error = %full, "inbound plaintext connection refused: its client address has as many proxied as allowed");
+            return reset(tcp);
+        }
+    };
     let orig = match pi.sockets.original_dst(&tcp) {
         Ok(a) => a,
         Err(e) => {
@@ -34,7 +43,7 @@ pub(super) async fn handle(
         }
     };
     let state = pi.discovery.current();
-    let Some(dst) = scope.workload(&pi, &state, orig) else {
+    let Some(dst) = scope.destination(&pi, &state, orig) else {
         crate::refused!(pi.metrics, Reason::InboundPlaintextUnknownDestination, %peer, dst = %orig, "inbound plaintext to an unknown workload; refused");
         return reset(tcp);
     };

@@ -148,7 +148,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     };
     let local = SocketAddr::new(local_ip, bound.port());
     let state = pi.discovery.current();
-    let Some(dst) = scope.workload(&pi, &state, local) else {
+    let Some(dst) = scope.destination(&pi, &state, local) else {
         crate::refused!(pi.metrics, Reason::InboundUnknownDestination, peer = %addr, %local, "QUIC tunnel connection to an address of no local workload; refused");
         return incoming.refuse();
     };

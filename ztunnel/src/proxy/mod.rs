@@ -69,6 +69,20 @@ impl Scope {
         }
     }
 
+    /// The workload served that owns `addr`, a connection's destination: as [`Self::workload`],
+    /// and in a pod only when `addr` is one of its addresses. A packet can reach a pod's
+    /// capture addressed to another (crafted on a shared bridge, or a broadcast): it reaches
+    /// no workload, rather than being carried on from inside the pod.
+    fn destination(
+        &self,
+        pi: &ProxyInputs,
+        state: &State,
+        addr: SocketAddr,
+    ) -> Option<Arc<Workload>> {
+        self.workload(pi, state, addr)
+            .filter(|w| w.ips.contains(&addr.ip().to_canonical()))
+    }
+
     fn netns(&self) -> Option<Arc<Netns>> {
         match self {
             Scope::Node => None,
@@ -110,11 +124,16 @@ pub struct TunnelLimits {
     /// Bytes tunnel streams may hold for their applications, node-wide
     /// ([`crate::hbone::budget`]).
     pub buffered_bytes: usize,
+    /// Connections proxied at once for one source address ([`ProxyInputs::sources`]).
+    pub connections_per_source: usize,
 }
 
 impl TunnelLimits {
     /// The default of [`TunnelLimits::tls_first_bytes_timeout`].
     pub const TLS_FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(2);
+    /// The default of [`TunnelLimits::connections_per_source`]: as many as one address may
+    /// have streams at one destination node (`PeerLimits::streams_per_address`).
+    pub const CONNECTIONS_PER_SOURCE: usize = 16_384;
 }
 
 impl Default for TunnelLimits {
@@ -124,6 +143,7 @@ impl Default for TunnelLimits {
             tls_first_bytes_timeout: Self::TLS_FIRST_BYTES_TIMEOUT,
             peers: PeerLimits::default(),
             buffered_bytes: budget::DEFAULT_LIMIT,
+            connections_per_source: Self::CONNECTIONS_PER_SOURCE,
         }
     }
 }
@@ -156,6 +176,12 @@ pub struct ProxyInputs {
     pub peers: Arc<Peers>,
     /// What tunnel streams hold for slow applications, node-wide.
     pub budget: Arc<BufferBudget>,
+    /// Connections proxied now for each source address outside the tunnels: a local pod's
+    /// outbound connections (by its address), a plaintext client's to the node's workloads.
+    /// Each holds a place from accept to close; over the cap a connection is reset at once
+    /// (`outbound_source_limit`, `inbound_plaintext_source_limit`), so that one pod cannot
+    /// take the daemon's memory and descriptors from every other pod of the node.
+    pub sources: Arc<Gate>,
     /// The socket factory: the pool's, so that the proxies and their tunnels reach the
     /// network the same way.
     sockets: Arc<dyn Sockets>,
@@ -207,6 +233,13 @@ impl ProxyInputs {
                 limits.buffered_bytes,
                 metrics.buffered_bytes.clone(),
             )),
+            sources: Gate::new(
+                "proxied connections",
+                gate::Limits {
+                    total: usize::MAX,
+                    per_peer: limits.connections_per_source,
+                },
+            ),
             round_robin: AtomicUsize::new(0),
             inflight: Arc::default(),
         })

@@ -1,6 +1,8 @@
 //! Outbound: a captured connection of a local workload, redirected to 15001.
 //!
-//! Original destination from `SO_ORIGINAL_DST`; source workload from the [`Scope`]; the
+//! A pod address holds a place among the node's proxied connections while its connection
+//! lasts ([`ProxyInputs::sources`]); over its cap the connection is reset at once. Original
+//! destination from `SO_ORIGINAL_DST`; source workload from the [`Scope`]; the
 //! [`plan`](super::plan) decides HBONE (to the endpoint's 15008, with the source's certificate
 //! and the destination's expected identity) or passthrough (plain TCP outside the mesh). A
 //! connection that cannot be carried is reset and counted; it is never sent in plaintext to a
@@ -30,6 +32,13 @@ use crate::metrics::End;
 use crate::refusal::Reason;
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
+    let _place = match pi.sources.try_admit(peer.ip()) {
+        Ok(place) => place,
+        Err(full) => {
+            crate::refused!(pi.metrics, Reason::OutboundSourceLimit, %peer, error = %full, "outbound connection refused: its pod has as many proxied as allowed");
+            return reset(tcp);
+        }
+    };
     // The setup is boxed (see `crate::task`): a dial's handshakes make its state large, and
     // only the copy lasts as long as the connection.
     let open = match Box::pin(open(&pi, &scope, tcp, peer)).await {

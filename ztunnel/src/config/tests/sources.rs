@@ -24,6 +24,7 @@ fn flag_over_environment_over_default() {
             "--trust-domain" => c.trust_domain.clone(),
             "--log-format" => format!("{:?}", c.log_format),
             "--max-buffered-mib" => (c.tunnel.buffered_bytes >> 20).to_string(),
+            "--max-connections-per-source" => c.tunnel.connections_per_source.to_string(),
             "--state-dir" => c.state_dir.display().to_string(),
             other => panic!("{other}"),
         }
@@ -78,6 +79,13 @@ fn flag_over_environment_over_default() {
             "1",
             "2",
             "256",
+        ),
+        (
+            "--max-connections-per-source",
+            "ZTUNNEL_MAX_CONNECTIONS_PER_SOURCE",
+            "3",
+            "4",
+            "16384",
         ),
         (
             "--state-dir",
