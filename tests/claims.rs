@@ -70,7 +70,8 @@ fn readme_reasons() -> BTreeSet<Reason> {
     reasons
 }
 
-/// The text of every test: all of `tests/`, and the daemon's unit-test modules.
+/// The text of every test: all of `tests/`, and the daemon's unit-test modules and test files
+/// (`tests.rs`, `*_tests.rs`).
 fn test_text() -> String {
     let mut files = Vec::new();
     rust_files(&root().join("tests"), &mut files);
@@ -83,7 +84,8 @@ fn test_text() -> String {
     rust_files(&root().join("ztunnel/src"), &mut src);
     for p in src {
         let s = std::fs::read_to_string(&p).unwrap();
-        if p.file_name().is_some_and(|n| n == "tests.rs") {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name == "tests.rs" || name.ends_with("_tests.rs") {
             text.push_str(&s);
         } else if let Some(at) = s.find("#[cfg(test)]") {
             text.push_str(&s[at..]);
