@@ -68,9 +68,15 @@ pub fn admits(node: usize, mine: usize, floors: usize, n: usize, limit: usize) -
 pub struct BufferBudget {
     limit: usize,
     held: Gauge,
-    /// What each source's streams hold under their floors; a source leaves the map with its
-    /// last stream.
-    floors: Mutex<HashMap<IpAddr, Arc<AtomicUsize>>>,
+    /// The sources whose streams hold a place; a source leaves the map with its last stream.
+    sources: Mutex<HashMap<IpAddr, Arc<Source>>>,
+}
+
+/// One source's streams: what they hold under their floors.
+#[derive(Debug)]
+struct Source {
+    addr: IpAddr,
+    floors: AtomicUsize,
 }
 
 impl BufferBudget {
@@ -79,7 +85,7 @@ impl BufferBudget {
         BufferBudget {
             limit,
             held,
-            floors: Mutex::default(),
+            sources: Mutex::default(),
         }
     }
 
@@ -95,19 +101,24 @@ impl BufferBudget {
 
     /// What one stream opened by `source` holds, counted in the budget until dropped.
     pub fn holding(&self, source: IpAddr) -> Holding<'_> {
-        let source = source.to_canonical();
-        let floors = self.floors.lock().entry(source).or_default().clone();
+        let addr = source.to_canonical();
+        let mut sources = self.sources.lock();
+        let source = sources.entry(addr).or_insert_with(|| {
+            Arc::new(Source {
+                addr,
+                floors: AtomicUsize::new(0),
+            })
+        });
         Holding {
             budget: self,
             mine: 0,
-            source,
-            floors: Some(floors),
+            source: Some(source.clone()),
         }
     }
 
     /// Sources whose streams hold a place in the budget now.
     pub fn sources(&self) -> usize {
-        self.floors.lock().len()
+        self.sources.lock().len()
     }
 }
 
@@ -116,9 +127,8 @@ impl BufferBudget {
 pub struct Holding<'a> {
     budget: &'a BufferBudget,
     mine: usize,
-    source: IpAddr,
-    /// Its source's floors (`None` only while it is dropped).
-    floors: Option<Arc<AtomicUsize>>,
+    /// Its source (`None` only while it is dropped).
+    source: Option<Arc<Source>>,
 }
 
 impl Holding<'_> {
@@ -145,19 +155,19 @@ impl Holding<'_> {
 
     /// What this stream's source's streams hold under their floors.
     fn floors(&self) -> usize {
-        self.floors
+        self.source
             .as_ref()
-            .map_or(0, |f| f.load(Ordering::Relaxed))
+            .map_or(0, |s| s.floors.load(Ordering::Relaxed))
     }
 
     /// Sets what this stream holds, and its part of its source's floors.
     fn set_mine(&mut self, mine: usize) {
         let (was, now) = (self.mine.min(FLOOR), mine.min(FLOOR));
-        if let Some(f) = &self.floors {
+        if let Some(s) = &self.source {
             if now > was {
-                f.fetch_add(now - was, Ordering::Relaxed);
+                s.floors.fetch_add(now - was, Ordering::Relaxed);
             } else if was > now {
-                f.fetch_sub(was - now, Ordering::Relaxed);
+                s.floors.fetch_sub(was - now, Ordering::Relaxed);
             }
         }
         self.mine = mine;
@@ -175,13 +185,9 @@ impl Drop for Holding<'_> {
         self.set_mine(0);
         // Under the map's lock, where every other holder of the source's entry is made, so
         // that the last stream of a source takes it out.
-        let mut map = self.budget.floors.lock();
-        if self
-            .floors
-            .take()
-            .is_some_and(|f| Arc::strong_count(&f) == 2)
-        {
-            map.remove(&self.source);
+        let mut map = self.budget.sources.lock();
+        if let Some(s) = self.source.take().filter(|s| Arc::strong_count(s) == 2) {
+            map.remove(&s.addr);
         }
     }
 }
