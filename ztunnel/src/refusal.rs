@@ -59,13 +59,16 @@ reasons! {
     /// A connection to the outbound listener whose original destination cannot be read, or
     /// is the listener itself (it was not redirected: a self-call over loopback).
     OutboundNoOriginalDst = "outbound_no_original_dst", true, None;
-    /// A captured connection from a pod address that has as many connections proxied as
-    /// allowed.
-    OutboundSourceLimit = "outbound_source_limit", true, None;
     /// A captured connection whose source is no local workload.
     OutboundUnknownSource = "outbound_unknown_source", true, None;
     /// A captured connection with nowhere to go (a Service with no ready endpoint, …).
     OutboundNoRoute = "outbound_no_route", true, None;
+    /// A captured connection from a pod address that has as many connections proxied as
+    /// allowed.
+    OutboundSourceLimit = "outbound_source_limit", true, None;
+    /// Plaintext inbound from a client address that has as many connections proxied as
+    /// allowed.
+    InboundPlaintextSourceLimit = "inbound_plaintext_source_limit", true, None;
     /// No certificate for the source workload.
     OutboundNoCertificate = "outbound_no_certificate", true, None;
     /// The tunnel to the destination could not be opened.
@@ -117,8 +120,6 @@ reasons! {
     Recursion = "recursion", true, Some(503);
     /// The application port is closed: `503`.
     InboundAppUnreachable = "inbound_app_unreachable", true, Some(503);
-    /// Plaintext inbound from a client address that has as many connections proxied as allowed.
-    InboundPlaintextSourceLimit = "inbound_plaintext_source_limit", true, None;
     /// Plaintext inbound whose original destination cannot be read.
     InboundPlaintextNoOriginalDst = "inbound_plaintext_no_original_dst", true, None;
     /// Plaintext inbound to an address of no local workload.

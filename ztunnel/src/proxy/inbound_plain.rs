@@ -2,12 +2,12 @@
 //! 15006. There is no peer identity; it is delivered to the original destination, which must
 //! be an address of the workload (a port of 15001/15006/15008 is refused as recursion). The
 //! client's address holds a place among the node's proxied connections while it lasts
-//! ([`ProxyInputs::sources`](super::ProxyInputs::sources)); over its cap it is reset at once. A destination whose PeerAuthentication is
-//! STRICT refuses it; otherwise (PERMISSIVE) the policy engine judges it with no identity. A
-//! refused connection is reset before the application sees it; one that a later policy
-//! change denies is closed. Refusals are counted; the warnings anyone can provoke (not
-//! redirected, unknown destination, STRICT) are throttled ([`crate::throttle`]), while policy
-//! denials, an audit trail, are not.
+//! ([`ProxyInputs::sources`](super::ProxyInputs::sources)); over its cap it is reset at once.
+//! A destination whose PeerAuthentication is STRICT refuses it; otherwise (PERMISSIVE) the
+//! policy engine judges it with no identity. A refused connection is reset before the
+//! application sees it; one that a later policy change denies is closed. Refusals are
+//! counted; the warnings anyone can provoke (not redirected, unknown destination, STRICT) are
+//! throttled ([`crate::throttle`]), while policy denials, an audit trail, are not.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
