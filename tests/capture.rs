@@ -556,6 +556,24 @@ fn a_connection_to_a_service_with_no_endpoint_is_reset_at_the_source() {
     );
 }
 
+/// A connection from `pod` to `dst` is reset, at once or as soon as it is open, within 5 s.
+fn assert_reset(pod: &testbed::Pod, dst: &'static str) {
+    let outcome = pod.ns.block_on(async move {
+        let exchange = async {
+            // The reset may come before the connect is seen done.
+            let mut s = TcpStream::connect(dst).await?;
+            s.read(&mut [0u8; 1]).await
+        };
+        tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .unwrap_or_else(|_| panic!("{dst}: neither reset nor ended within 5 s"))
+    });
+    match &outcome {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("{dst}: the connection must be reset: {other:?}"),
+    }
+}
+
 /// A pod's connection straight to its daemon's outbound listener over loopback
 /// (`127.0.0.1:15001`, `127.0.0.2:15001`: loopback is never captured, so its original
 /// destination is the listener itself) is reset at once, counted once each; it is never passed
@@ -565,20 +583,7 @@ fn a_connection_to_a_service_with_no_endpoint_is_reset_at_the_source() {
 fn a_pods_connection_to_its_outbound_listener_over_loopback_is_reset_not_looped() {
     let bed = TestBed::builder().start();
     for dst in ["127.0.0.1:15001", "127.0.0.2:15001"] {
-        let outcome = bed.pod("client").ns.block_on(async move {
-            let exchange = async {
-                // The reset may come before the connect is seen done.
-                let mut s = TcpStream::connect(dst).await?;
-                s.read(&mut [0u8; 1]).await
-            };
-            tokio::time::timeout(Duration::from_secs(5), exchange)
-                .await
-                .unwrap_or_else(|_| panic!("{dst}: neither reset nor ended within 5 s"))
-        });
-        match &outcome {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            other => panic!("{dst}: the connection must be reset: {other:?}"),
-        }
+        assert_reset(bed.pod("client"), dst);
     }
     let labels = [("reason", "outbound_no_original_dst")];
     let m = bed.metrics_when(0, "ztunnel_refusals_total", &labels, 2.0);
@@ -607,19 +612,7 @@ fn plaintext_captured_in_a_pod_but_addressed_elsewhere_reaches_no_one() {
         .ns
         .ip(&["route", "add", "10.99.0.1/32", "via", "10.20.2.10"])
         .unwrap();
-    let outcome = legacy.ns.block_on(async {
-        let exchange = async {
-            let mut s = TcpStream::connect("10.99.0.1:8080").await?;
-            s.read(&mut [0u8; 1]).await
-        };
-        tokio::time::timeout(Duration::from_secs(5), exchange)
-            .await
-            .expect("neither reset nor ended within 5 s")
-    });
-    match &outcome {
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("the connection must be reset: {other:?}"),
-    }
+    assert_reset(legacy, "10.99.0.1:8080");
     let labels = [("reason", "inbound_plaintext_unknown_destination")];
     let m = bed.metrics_when(1, "ztunnel_refusals_total", &labels, 1.0);
     assert_eq!(metric(&m, "ztunnel_refusals_total", &labels), 1.0, "{m}");
