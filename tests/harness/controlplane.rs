@@ -68,6 +68,22 @@ pub fn shared() -> &'static ControlPlane {
     CP.get_or_init(|| ControlPlane::start().unwrap_or_else(|e| panic!("{e:#}")))
 }
 
+/// Deletes the namespace `name` when the test binary exits. The shared control plane lives in
+/// a `static`, whose `Drop` never runs, so its namespace would otherwise stay until the next
+/// test binary sweeps it.
+fn delete_at_exit(name: &str) {
+    static NAME: OnceLock<String> = OnceLock::new();
+    extern "C" fn delete() {
+        if let Some(name) = NAME.get() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+    if NAME.set(name.to_owned()).is_ok() {
+        // SAFETY: `delete` is an `extern "C" fn` with no arguments that does not unwind.
+        unsafe { libc::atexit(delete) };
+    }
+}
+
 /// The directory holding `kube-apiserver` and `etcd`: `$ZTUNNEL_CONTROLPLANE_DIR`, or what
 /// `tools/controlplane/build.sh` prints (it builds them on a machine that lacks them).
 pub fn binaries() -> Result<PathBuf> {
@@ -221,6 +237,7 @@ impl ControlPlane {
 
         let prefix = netns::unique_prefix();
         let ns = Netns::new(&format!("{prefix}-cp"))?;
+        delete_at_exit(&ns.name);
         ns.ip(&["link", "add", "br0", "type", "bridge"])?;
         ns.ip(&["addr", "add", &format!("{API_IP}/16"), "dev", "br0"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
