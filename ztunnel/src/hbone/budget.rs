@@ -117,7 +117,8 @@ impl BufferBudget {
     }
 
     /// Sources whose streams hold a place in the budget now.
-    pub fn sources(&self) -> usize {
+    #[cfg(test)]
+    fn sources(&self) -> usize {
         self.sources.lock().len()
     }
 }
@@ -183,8 +184,8 @@ impl Drop for Holding<'_> {
     fn drop(&mut self) {
         self.budget.held.dec_by(self.mine as i64);
         self.set_mine(0);
-        // Under the map's lock, where every other holder of the source's entry is made, so
-        // that the last stream of a source takes it out.
+        // Under the map's lock, where every holder of a source is made and let go, so that
+        // the count cannot change meanwhile and the last stream of a source takes it out.
         let mut map = self.budget.sources.lock();
         if let Some(s) = self.source.take().filter(|s| Arc::strong_count(s) == 2) {
             map.remove(&s.addr);
