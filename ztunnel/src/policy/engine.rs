@@ -13,10 +13,11 @@
 //! is in a root namespace) when it has no selector, or when its selector's labels are all
 //! the workload's; an authorization policy with a selector applies to a workload with no
 //! labels at all (istiod's `buildWorkloadPolicies` filters by the pod's labels, and its
-//! filter lets everything through for a nil label set). There is one root namespace (`--root-namespace`, [`super::roots`]), or two
-//! under the Istio-compatible setting (ours and Istio's, `--istio-root-namespace`): a policy
-//! in either is mesh-wide, so turning the setting on never narrows a policy that was
-//! mesh-wide.
+//! filter lets everything through for a nil label set). The root namespace is ours
+//! (`--root-namespace`, [`super::roots`]); under the Istio-compatible setting Istio's objects
+//! have their own (`--istio-root-namespace`), as they have in Istio. Each object is mesh-wide
+//! only in its own kind's root: one of ours in Istio's root, or one of Istio's in ours,
+//! applies to that namespace alone, as it would without the other mesh.
 //!
 //! Policies are indexed when discovery changes ([`PolicyIndex::build`]): by namespace, then by
 //! one label of the selector, so a decision looks only at policies that can apply, however
@@ -200,22 +201,25 @@ impl PolicyIndex {
             (&a.metadata.creation_timestamp, &a.metadata.name)
                 .cmp(&(&b.metadata.creation_timestamp, &b.metadata.name))
         });
-        let roots = idx.roots.clone();
-        let is_root = |ns: &str| roots.iter().any(|r| &**r == ns);
-        let oldest_unselected = |in_ns: &dyn Fn(&str) -> bool| {
+        let mesh_wide =
+            |p: &PeerAuthentication| idx.root_of(p.metadata.istio) == p.metadata.namespace;
+        let oldest_unselected = |scope: &dyn Fn(&PeerAuthentication) -> bool| {
             readable
                 .iter()
-                .find(|p| in_ns(&p.metadata.namespace) && p.spec.selector.is_none())
+                .find(|p| scope(p) && p.spec.selector.is_none())
                 .copied()
         };
-        // Mesh-level: the oldest without a selector in any root namespace.
-        let root_pol = oldest_unselected(&is_root);
+        // Mesh-level: the oldest without a selector in its kind's root namespace.
+        let root_pol = oldest_unselected(&mesh_wide);
+        let mut entries = Vec::with_capacity(readable.len());
         for (rank, p) in readable.iter().enumerate() {
-            let ns_pol = oldest_unselected(&|ns| ns == p.metadata.namespace);
-            let entry =
-                convert::peer_entry(p, rank, is_root(&p.metadata.namespace), ns_pol, root_pol);
+            let ns = &p.metadata.namespace;
+            let ns_pol = oldest_unselected(&|o| &o.metadata.namespace == ns);
+            entries.push(convert::peer_entry(p, rank, mesh_wide(p), ns_pol, root_pol));
+        }
+        for entry in entries {
             idx.peers
-                .entry(p.metadata.namespace.as_str().into())
+                .entry(entry.strict.name.namespace.clone())
                 .or_default()
                 .entries
                 .push(Arc::new(entry));
@@ -236,11 +240,19 @@ impl PolicyIndex {
         &self.roots
     }
 
-    fn is_root(&self, ns: &str) -> bool {
-        self.roots.iter().any(|r| &**r == ns)
+    /// The root namespace of Istio's objects (`istio`) or of ours.
+    fn root_of(&self, istio: bool) -> &str {
+        let i = usize::from(istio).min(self.roots.len().saturating_sub(1));
+        self.roots.get(i).map_or("", |r| r)
     }
 
-    /// `map`'s entries for the root namespaces other than `ns`.
+    /// Whether the policy applies to the whole mesh: it is in its kind's root namespace.
+    fn mesh_wide(&self, p: &PolicyRef) -> bool {
+        *p.namespace == *self.root_of(p.istio)
+    }
+
+    /// `map`'s entries for the root namespaces other than `ns` (callers keep those that are
+    /// mesh-wide there, [`Self::mesh_wide`]).
     fn in_other_roots<'a, V>(
         &'a self,
         map: &'a HashMap<Arc<str>, V>,
@@ -262,10 +274,13 @@ impl PolicyIndex {
     }
 
     fn applicable<'a>(&'a self, c: &'a Conn<'a>) -> impl Iterator<Item = &'a Compiled> + 'a {
-        let own = self.scopes.get(c.dst_namespace);
-        own.into_iter()
-            .chain(self.in_other_roots(&self.scopes, c.dst_namespace))
-            .flat_map(move |s| s.applicable(c.dst_labels))
+        let own = self.scopes.get(c.dst_namespace).into_iter();
+        let roots = self.in_other_roots(&self.scopes, c.dst_namespace);
+        own.flat_map(move |s| s.applicable(c.dst_labels)).chain(
+            roots
+                .flat_map(move |s| s.applicable(c.dst_labels))
+                .filter(move |p| self.mesh_wide(&p.name)),
+        )
     }
 
     /// The decision for `c`: the peer-authentication DENYs, then one pass over the
@@ -277,10 +292,9 @@ impl PolicyIndex {
 
     /// The policies in scope of a workload that the daemon ignores, and why.
     pub fn ignored_for(&self, namespace: &str, labels: &Labels) -> Vec<Ignored> {
-        let own = self.ignored.get(namespace);
-        own.into_iter()
-            .chain(self.in_other_roots(&self.ignored, namespace))
-            .flatten()
+        let own = self.ignored.get(namespace).into_iter().flatten();
+        let roots = self.in_other_roots(&self.ignored, namespace).flatten();
+        own.chain(roots.filter(|e| self.mesh_wide(&e.ignored.policy)))
             .filter(|e| {
                 e.selector
                     .iter()
@@ -411,11 +425,11 @@ impl PolicyIndex {
         let reaching = own.iter().filter(|e| e.selects(labels)).chain(
             self.in_other_roots(&self.peers, ns)
                 .flat_map(|s| s.entries.iter())
-                .filter(|e| e.selector.is_none()),
+                .filter(|e| e.selector.is_none() && self.mesh_wide(&e.strict.name)),
         );
         let (mut mesh, mut namespace, mut workload) = (None::<&PeerEntry>, None, None);
         for e in reaching {
-            let in_root = self.is_root(&e.strict.name.namespace);
+            let in_root = self.mesh_wide(&e.strict.name);
             let slot = if !e.has_labels() {
                 if in_root {
                     &mut mesh

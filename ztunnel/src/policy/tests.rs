@@ -662,6 +662,38 @@ fn two_root_namespaces() {
         idx_roots(&build("[]", &[])),
         [ROOT_NAMESPACE, "istio-system"]
     );
+    // Each kind's root is its own: one of Istio's in ours, or one of ours in Istio's, applies
+    // to its own namespace only, as it would in its own mesh.
+    let allow_all = |ns: &str, name: &str| {
+        format!("- {{apiVersion: security.ztunnel.dev/v1, kind: AuthorizationPolicy, metadata: {{name: {name}, namespace: {ns}}}, spec: {{rules: [{{}}]}}}}\n")
+    };
+    let only_foo = "- {apiVersion: security.ztunnel.dev/v1, kind: AuthorizationPolicy, metadata: {name: only-foo, namespace: web}, spec: {rules: [{from: [{source: {namespaces: [foo]}}]}]}}\n";
+    for (ns, istio) in [(ROOT_NAMESPACE, true), ("istio-system", false)] {
+        let named = if istio { &["all"][..] } else { &[] };
+        let idx = build(&format!("{only_foo}{}", allow_all(ns, "all")), named);
+        let d = decide(&idx, &c(BAR, "10.0.0.1", "web", "web", 80));
+        assert!(
+            !d.allowed,
+            "an allow-all in {ns} (istio: {istio}) opened web: {d:?}"
+        );
+        let d = decide(&idx, &c(BAR, "10.0.0.1", ns, "web", 80));
+        assert!(d.allowed, "it applies in {ns} itself: {d:?}");
+    }
+    // Istio's older PERMISSIVE in our root is that namespace's, not the mesh's: Istio's STRICT
+    // in its root is the mesh's.
+    let idx = build(
+        &format!(
+            "{}{}",
+            pa(ROOT_NAMESPACE, "old", t0, "PERMISSIVE"),
+            pa("istio-system", "mesh", t1, "STRICT")
+        ),
+        &["old", "mesh"],
+    );
+    assert!(!decide(&idx, &c(PLAIN, "10.0.0.1", "web", "web", 80)).allowed);
+    assert_eq!(
+        idx.mtls_mode(ROOT_NAMESPACE, &labels(&[]), 80),
+        MtlsMode::Permissive
+    );
 }
 
 fn idx_roots(idx: &PolicyIndex) -> Vec<&str> {
