@@ -3,18 +3,23 @@
 //! the tunnel ([`TunnelStream`], copied by [`super::copy_tunnel`]). The inbound proxy
 //! decides and copies without knowing which transport carried the request.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
+use super::outflow::Outflow;
 use super::quic;
 use super::TunnelStream;
 
 /// A received tunnel request's pending answer.
 pub enum Answer {
-    /// An HTTP/2 `CONNECT` stream: its response handle and its request body.
+    /// An HTTP/2 `CONNECT` stream: its response handle, its request body, and its
+    /// connection's unsent bytes.
     H2 {
         respond: h2::server::SendResponse<Bytes>,
         body: h2::RecvStream,
+        outflow: Arc<Outflow>,
     },
     /// A QUIC stream whose request header has been read, and its connection.
     Quic {
@@ -50,9 +55,18 @@ impl Answer {
     /// response has headers) and returns the stream that is now the tunnel.
     pub async fn accept(self, ok: Response<()>) -> Result<TunnelStream, AnswerError> {
         match self {
-            Answer::H2 { mut respond, body } => {
+            Answer::H2 {
+                mut respond,
+                body,
+                outflow,
+            } => {
                 let send = respond.send_response(ok, false)?;
-                Ok(TunnelStream::H2 { send, recv: body })
+                let outflow = Some(outflow);
+                Ok(TunnelStream::H2 {
+                    send,
+                    recv: body,
+                    outflow,
+                })
             }
             Answer::Quic {
                 mut send,

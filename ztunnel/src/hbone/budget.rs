@@ -22,9 +22,14 @@
 //! What a stream's transport holds before the copy loop takes it (bounded by its window) is
 //! not counted: the loop takes each chunk as it arrives, whether or not the application is
 //! reading ([`super::copy`]), up to a window's worth ([`QUEUE_MAX`]).
+//!
+//! The other way, what h2 holds unsent for a tunnel peer is counted too, per inbound HTTP/2
+//! connection ([`super::outflow`], a holder shared by the connection's streams): there a
+//! holder over its floor waits for the peer to read rather than being refused.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -101,19 +106,7 @@ impl BufferBudget {
 
     /// What one stream opened by `source` holds, counted in the budget until dropped.
     pub fn holding(&self, source: IpAddr) -> Holding<'_> {
-        let addr = source.to_canonical();
-        let mut sources = self.sources.lock();
-        let source = sources.entry(addr).or_insert_with(|| {
-            Arc::new(Source {
-                addr,
-                floors: AtomicUsize::new(0),
-            })
-        });
-        Holding {
-            budget: self,
-            mine: 0,
-            source: Some(source.clone()),
-        }
+        Held::new(self, source)
     }
 
     /// Sources whose streams hold a place in the budget now.
@@ -123,19 +116,44 @@ impl BufferBudget {
     }
 }
 
-/// What one stream holds of the budget.
+/// What one holder (a stream, or a tunnel connection's unsent bytes) holds of the budget,
+/// whichever way it reaches the budget: borrowed ([`Holding`]) or shared (`Arc`).
 #[derive(Debug)]
-pub struct Holding<'a> {
-    budget: &'a BufferBudget,
+pub struct Held<B: Deref<Target = BufferBudget>> {
+    budget: B,
     mine: usize,
     /// Its source (`None` only while it is dropped).
     source: Option<Arc<Source>>,
 }
 
-impl Holding<'_> {
+/// What one stream holds of the budget.
+pub type Holding<'a> = Held<&'a BufferBudget>;
+
+impl<B: Deref<Target = BufferBudget>> Held<B> {
+    /// A holder for `source`, holding nothing yet.
+    pub fn new(budget: B, source: IpAddr) -> Self {
+        let addr = source.to_canonical();
+        let source = budget
+            .sources
+            .lock()
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(Source {
+                    addr,
+                    floors: AtomicUsize::new(0),
+                })
+            })
+            .clone();
+        Held {
+            budget,
+            mine: 0,
+            source: Some(source),
+        }
+    }
+
     /// Counts `n` more bytes held by this stream, unless the budget refuses them.
     pub fn take(&mut self, n: usize) -> Result<(), OverBudget> {
-        let b = self.budget;
+        let b = &*self.budget;
         if !admits(b.held(), self.mine, self.floors(), n, b.limit) {
             return Err(OverBudget {
                 limit: b.limit,
@@ -180,7 +198,7 @@ impl Holding<'_> {
     }
 }
 
-impl Drop for Holding<'_> {
+impl<B: Deref<Target = BufferBudget>> Drop for Held<B> {
     fn drop(&mut self) {
         self.budget.held.dec_by(self.mine as i64);
         self.set_mine(0);

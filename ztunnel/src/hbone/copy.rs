@@ -21,6 +21,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -29,6 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::budget::{Holding, OverBudget, QUEUE_MAX};
+use super::outflow::{self, Outflow};
 use super::queue::Queue;
 
 const INITIAL_BUF: usize = 16 * 1024;
@@ -64,6 +66,15 @@ pub enum CopyError {
     Quic(String),
     #[error(transparent)]
     OverBudget(#[from] OverBudget),
+}
+
+impl From<outflow::Refused> for CopyError {
+    fn from(e: outflow::Refused) -> Self {
+        match e {
+            outflow::Refused::Closed => CopyError::StreamClosed,
+            outflow::Refused::OverBudget(over) => CopyError::OverBudget(over),
+        }
+    }
 }
 
 /// The sending half of a tunnel stream, as the copy loop sees it.
@@ -218,27 +229,65 @@ enum Step<A> {
     Arrived(Result<Option<A>, CopyError>),
 }
 
-impl StreamSend for SendStream<Bytes> {
+/// An HTTP/2 stream's sending half, and its connection's unsent bytes when they are counted
+/// ([`Outflow`]: on the server's side).
+pub(super) struct H2Send {
+    send: SendStream<Bytes>,
+    outflow: Option<Arc<Outflow>>,
+    ended: bool,
+}
+
+impl H2Send {
+    pub(super) fn new(send: SendStream<Bytes>, outflow: Option<Arc<Outflow>>) -> Self {
+        H2Send {
+            send,
+            outflow,
+            ended: false,
+        }
+    }
+}
+
+impl StreamSend for H2Send {
     async fn send(&mut self, mut chunk: Bytes) -> Result<(), CopyError> {
         while !chunk.is_empty() {
-            self.reserve_capacity(chunk.len());
-            let granted = match poll_fn(|cx| self.poll_capacity(cx)).await {
+            self.send.reserve_capacity(chunk.len());
+            let granted = match poll_fn(|cx| self.send.poll_capacity(cx)).await {
                 Some(r) => r?,
                 None => return Err(CopyError::StreamClosed),
             };
-            if granted > 0 {
-                self.send_data(chunk.split_to(granted.min(chunk.len())), false)?;
+            let mut n = granted.min(chunk.len());
+            if let (Some(outflow), true) = (&self.outflow, n > 0) {
+                let id = u32::from(self.send.stream_id());
+                n = match outflow.try_reserve(id, n)? {
+                    Some(n) => n,
+                    // Boxed: the wait is rare, and the copy's future lasts as long as the
+                    // connection (see `crate::task`).
+                    None => Box::pin(outflow.reserve(id, n)).await?,
+                };
+            }
+            if n > 0 {
+                self.send.send_data(chunk.split_to(n), false)?;
             }
         }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<(), CopyError> {
-        Ok(self.send_data(Bytes::new(), true)?)
+        self.send.send_data(Bytes::new(), true)?;
+        self.ended = true;
+        Ok(())
     }
 
     fn reset(&mut self) {
-        self.send_reset(h2::Reason::CANCEL);
+        self.send.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+impl Drop for H2Send {
+    fn drop(&mut self) {
+        if let (Some(outflow), false) = (&self.outflow, self.ended) {
+            outflow.abandon(u32::from(self.send.stream_id()));
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`copy`]: move bytes between a TCP socket and a stream with half-close, one loop for both
 //!   transports ([`copy_tunnel`] over a [`TunnelStream`]);
 //! - [`budget`], `queue`: count what streams hold for slow applications, node-wide;
+//! - [`outflow`]: count what an inbound HTTP/2 connection holds unsent for a slow peer;
 //! - [`early`]: send what a client writes before its stream is open right behind the `CONNECT`;
 //! - [`quic`]: the same tunnels over QUIC (UDP 15008), one stream per connection.
 
@@ -16,6 +17,7 @@ pub mod budget;
 pub mod client;
 pub mod copy;
 pub mod early;
+pub mod outflow;
 pub mod pool;
 mod queue;
 pub mod quic;
@@ -61,6 +63,8 @@ pub enum TunnelStream {
     H2 {
         send: h2::SendStream<Bytes>,
         recv: h2::RecvStream,
+        /// The connection's unsent bytes, counted on the server's side ([`outflow`]).
+        outflow: Option<std::sync::Arc<outflow::Outflow>>,
     },
     Quic {
         send: quinn::SendStream,
@@ -82,8 +86,17 @@ pub fn copy_tunnel<'a>(
     holding: budget::Holding<'a>,
 ) -> impl Future<Output = Result<(), copy::CopyError>> + Send + 'a {
     match stream {
-        TunnelStream::H2 { send, recv } => Either::Left(copy::copy(
-            tcp_read, tcp_write, send, recv, counters, holding,
+        TunnelStream::H2 {
+            send,
+            recv,
+            outflow,
+        } => Either::Left(copy::copy(
+            tcp_read,
+            tcp_write,
+            copy::H2Send::new(send, outflow),
+            recv,
+            counters,
+            holding,
         )),
         TunnelStream::Quic { send, recv } => Either::Right(Box::pin(copy::copy(
             tcp_read,

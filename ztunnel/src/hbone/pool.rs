@@ -371,7 +371,11 @@ impl Pool {
                             client::connect_request(target, headers).map_err(ClientError::from)?;
                         client::open_stream_with(sender.clone(), req, early)
                             .await
-                            .map(|(send, recv)| TunnelStream::H2 { send, recv })
+                            .map(|(send, recv)| TunnelStream::H2 {
+                                send,
+                                recv,
+                                outflow: None,
+                            })
                             .map_err(PoolError::from)
                     }
                     Link::Quic(c) => quic::open_stream(c, &quic::header(target, headers), early)

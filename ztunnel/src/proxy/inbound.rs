@@ -39,6 +39,7 @@ use super::{plan, reset, ProxyInputs, Scope};
 use crate::discovery::Workload;
 use crate::hbone::answer::Answer;
 use crate::hbone::copy_tunnel;
+use crate::hbone::outflow::{Metered, Outflow};
 use crate::hbone::server;
 use crate::identity::{self, Identity};
 use crate::metrics::End;
@@ -112,7 +113,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     // Until both handshakes are done the connection holds a place, which the gate may give to
     // a newcomer from a source holding fewer: then the connection is dropped.
     let handshakes = handshakes(&pi, &scope, tcp, peer, local, accepted);
-    let (h2, conn) = tokio::select! {
+    let (h2, conn, outflow) = tokio::select! {
         done = handshakes => match done {
             Some(done) => done,
             None => return,
@@ -132,7 +133,8 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     let idle = pi.pool.serve_idle_timeout();
     let result = server::serve(h2, idle, drained, |req, respond| {
         let guard = pi.begin();
-        let fut = stream(pi.clone(), scope.clone(), conn.clone(), req, respond);
+        let (conn, outflow) = (conn.clone(), outflow.clone());
+        let fut = stream(pi.clone(), scope.clone(), conn, outflow, req, respond);
         crate::task::guarded(fut, guard)
     })
     .await;
@@ -141,10 +143,12 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     }
 }
 
-/// A tunnel connection after both handshakes: its HTTP/2 server side, and who it is.
+/// A tunnel connection after both handshakes: its HTTP/2 server side, who it is, and what it
+/// holds unsent ([`Outflow`]).
 type Handshaken = (
-    h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+    h2::server::Connection<Metered<tokio_rustls::server::TlsStream<TcpStream>>, Bytes>,
     Peer,
+    Arc<Outflow>,
 );
 
 /// The TLS and HTTP/2 handshakes of a tunnel connection accepted at `accepted`: the first TLS
@@ -211,6 +215,8 @@ async fn handshakes(
             return None;
         }
     };
+    let outflow = Outflow::new(pi.budget.clone(), peer.ip());
+    let tls = Metered::new(tls, outflow.clone());
     let h2 = match tokio::time::timeout_at(deadline, server::handshake(tls, pi.max_streams)).await {
         Ok(Ok(h2)) => h2,
         Ok(Err(e)) => {
@@ -223,7 +229,7 @@ async fn handshakes(
         }
     };
     let conn = Peer::admit(pi, peer, local, src, dst, dst_identity)?;
-    Some((h2, conn))
+    Some((h2, conn, outflow))
 }
 
 /// A tunnel connection's HTTP/2 ended on an error.
@@ -245,12 +251,18 @@ pub(super) fn stream(
     pi: Arc<ProxyInputs>,
     scope: Scope,
     peer: Arc<Peer>,
+    outflow: Arc<Outflow>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let (parts, body) = req.into_parts();
     let req = Request::from_parts(parts, ());
-    serve_stream(pi, scope, peer, None, req, Answer::H2 { respond, body })
+    let answer = Answer::H2 {
+        respond,
+        body,
+        outflow,
+    };
+    serve_stream(pi, scope, peer, None, req, answer)
 }
 
 /// A stream's record and its place among what its peer holds ([`Peer::stream_place`]).

@@ -23,6 +23,8 @@ mod outbound;
 pub mod outcome;
 pub mod peers;
 pub mod plan;
+#[cfg(test)]
+mod slow_peer_tests;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -318,7 +320,7 @@ fn judge(
 fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
     match &e {
         CopyError::OverBudget(over) => {
-            refuse!(pi, tracked, Outcome::OverBudget(over.to_string()), error = %over, "tunnel stream reset: its application does not read, and the node's buffered-bytes budget is spent");
+            refuse!(pi, tracked, Outcome::OverBudget(over.to_string()), error = %over, "tunnel stream reset: the node's buffered-bytes budget is spent, and the stream or its source holds its share (an application or a peer that does not read)");
         }
         _ => tracked.fail(Outcome::Broken(e.to_string())),
     }
@@ -517,9 +519,9 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// The size of the future that a handler of five arguments returns.
-    fn future_size5<A, B, C, D, E, F: std::future::Future>(
-        _: impl Fn(A, B, C, D, E) -> F,
+    /// The size of the future that a handler of six arguments returns.
+    fn future_size6<A, B, C, D, E, G, F: std::future::Future>(
+        _: impl Fn(A, B, C, D, E, G) -> F,
     ) -> usize {
         std::mem::size_of::<F>()
     }
@@ -529,7 +531,7 @@ mod tests {
     #[test]
     fn handlers_futures_stay_small() {
         let outbound = future_size4(super::outbound::handle);
-        let inbound = future_size5(super::inbound::stream);
+        let inbound = future_size6(super::inbound::stream);
         let inbound_quic = future_size4(super::inbound_quic::stream);
         assert!(outbound <= 2048, "outbound handler: {outbound} bytes");
         assert!(inbound <= 2048, "inbound stream handler: {inbound} bytes");
