@@ -106,6 +106,36 @@ fn shadowed(objects: &[Value]) -> std::collections::HashMap<usize, String> {
     out
 }
 
+/// Writes each `serviceAccounts` and `notServiceAccounts` entry of `spec.rules[].from[].source`
+/// named without a namespace as `<ns>/<name>`: Istio reads a bare name as one of the policy's
+/// own namespace, which the move to our root namespace would change. Returns what it wrote.
+fn qualify_service_accounts(object: &mut Mapping<String, Value>, ns: &str) -> Vec<String> {
+    let mut written = Vec::new();
+    let rules = object
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("rules"))
+        .and_then(Value::as_array_mut);
+    for rule in rules.into_iter().flatten() {
+        let from = rule.get_mut("from").and_then(Value::as_array_mut);
+        for f in from.into_iter().flatten() {
+            let Some(source) = f.get_mut("source").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for key in ["serviceAccounts", "notServiceAccounts"] {
+                let names = source.get_mut(key).and_then(Value::as_array_mut);
+                for v in names.into_iter().flatten() {
+                    if let Some(name) = v.as_str().filter(|n| !n.contains('/')) {
+                        let q = format!("{ns}/{name}");
+                        written.push(q.clone());
+                        *v = Value::String(q);
+                    }
+                }
+            }
+        }
+    }
+    written
+}
+
 /// The objects of one document: itself, or a `List`'s items; nothing for an empty document.
 fn flatten(v: Value, out: &mut Vec<Value>) {
     if v.is_null() {
@@ -222,6 +252,15 @@ fn one(mut o: Value, istio_root: &str, root: &str) -> Result<String, FromIstioEr
             ));
         } else if ns.is_empty() {
             notes.push("no namespace: it will be created in kubectl's current namespace".into());
+        }
+    }
+    if ns == istio_root {
+        let qualified = qualify_service_accounts(m, istio_root);
+        if !qualified.is_empty() {
+            notes.push(format!(
+                "service accounts named without a namespace, which mean {istio_root}'s: written as {}",
+                qualified.join(", ")
+            ));
         }
     }
     match PolicyObject::from_value(o.clone()) {
@@ -417,6 +456,68 @@ items:
             out.contains(r"x\u{d}\u{a}kind: Secret\u{2028}a: b"),
             "{out}"
         );
+    }
+
+    /// A bare service account of a policy in Istio's root namespace names one of that
+    /// namespace: moved to ours, it is written with its namespace, so that it still denies
+    /// the same client.
+    #[test]
+    fn bare_service_accounts_keep_their_namespace_when_moved_to_our_root() {
+        let input = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-legacy, namespace: istio-system}
+spec:
+  action: DENY
+  rules: [{from: [{source: {serviceAccounts: [legacy-client, other/x]}}, {source: {notServiceAccounts: [gw]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: here, namespace: web}
+spec: {rules: [{from: [{source: {serviceAccounts: [client]}}]}]}
+";
+        let out = convert(input, "istio-system", "ztunnel-system").unwrap();
+        let d = docs(&out);
+        let source = |i: usize, j: usize| d[i]["spec"]["rules"][0]["from"][j]["source"].clone();
+        assert_eq!(
+            source(0, 0)["serviceAccounts"],
+            serde_json::json!(["istio-system/legacy-client", "other/x"])
+        );
+        assert_eq!(
+            source(0, 1)["notServiceAccounts"],
+            serde_json::json!(["istio-system/gw"])
+        );
+        assert_eq!(
+            source(1, 0)["serviceAccounts"],
+            serde_json::json!(["client"])
+        );
+        assert!(
+            out.contains("written as istio-system/legacy-client, istio-system/gw"),
+            "{out}"
+        );
+        let authz: Vec<_> = d
+            .iter()
+            .map(|v| match PolicyObject::from_value(v.clone()).unwrap() {
+                PolicyObject::Authorization(a) => a,
+                PolicyObject::PeerAuthentication(_) => unreachable!(),
+            })
+            .collect();
+        let idx = crate::policy::PolicyIndex::build(&authz, &[], &["ztunnel-system"]);
+        let no_labels = crate::labels::Labels::default();
+        let denied = |principal: &str| {
+            let c = crate::policy::Conn {
+                src_principal: Some(principal),
+                src_namespace: principal.split('/').nth(2),
+                src_ip: "10.0.0.1".parse().unwrap(),
+                dst_ip: "10.0.0.2".parse().unwrap(),
+                dst_namespace: "db",
+                dst_labels: &no_labels,
+                dst_port: 80,
+            };
+            !idx.evaluate(&c).allowed
+        };
+        assert!(denied("cluster.local/ns/istio-system/sa/legacy-client"));
+        // Excluded from the second clause, as `gw` of Istio's root namespace.
+        assert!(!denied("cluster.local/ns/istio-system/sa/gw"));
     }
 
     /// A YAML tag is not part of the data (Kubernetes' YAML reader drops it too): a tagged
