@@ -299,6 +299,7 @@ impl LocalCa {
         }
         let mut csr = CertificateSigningRequestParams::from_pem(&req.csr_pem)
             .map_err(|e| Error::BadRequest(format!("bad CSR: {e}")))?;
+        check_csr_key(&req.csr_pem)?;
         let want = SanType::URI(id.to_string().try_into()?);
         if csr.params.subject_alt_names != [want.clone()] {
             return Err(Error::BadRequest(format!(
@@ -439,6 +440,30 @@ pub(crate) fn issue_with_uris(
     )?)
 }
 
+/// Refuses a CSR whose key is not ECDSA P-256 signed with SHA-256: workload keys are P-256
+/// (the identity contract), and a certificate for another key, signed as if it were one,
+/// would not even parse.
+fn check_csr_key(csr_pem: &str) -> Result<(), Error> {
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256,
+    };
+    use x509_parser::prelude::{FromDer, X509CertificationRequest};
+    let bad = |why: &str| Error::BadRequest(format!("bad CSR: {why}"));
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|_| bad("not PEM"))?;
+    let (_, csr) =
+        X509CertificationRequest::from_der(&pem.contents).map_err(|_| bad("not a CSR"))?;
+    let key = &csr.certification_request_info.subject_pki.algorithm;
+    let curve = key.parameters.as_ref().and_then(|p| p.as_oid().ok());
+    if key.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY || curve.as_ref() != Some(&OID_EC_P256) {
+        return Err(bad("the key is not ECDSA P-256"));
+    }
+    if csr.signature_algorithm.algorithm != OID_SIG_ECDSA_WITH_SHA256 {
+        return Err(bad("not signed with ECDSA and SHA-256"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,6 +558,35 @@ mod tests {
         let life = cert.not_after.duration_since(SystemTime::now()).unwrap();
         assert!(life <= Duration::from_secs(3600), "{life:?}");
         assert!(life > Duration::from_secs(3500), "{life:?}");
+    }
+
+    /// Workload keys are P-256: a CSR for another key is refused, whatever it asks for.
+    #[test]
+    fn refuses_a_csr_whose_key_is_not_p256() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), "cluster.local").unwrap();
+        let me = id("spiffe://cluster.local/ns/demo/sa/web");
+        for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = vec![SanType::URI(me.to_string().try_into().unwrap())];
+            let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+            let req = SignRequest {
+                csr_pem: csr,
+                identity: me.to_string(),
+                lifetime_secs: 60,
+            };
+            let err = ca.sign(&req, SystemTime::now()).unwrap_err();
+            assert!(err.to_string().contains("not ECDSA P-256"), "{err}");
+        }
+        let ok = crate::identity::generate_csr(&me).unwrap();
+        let req = SignRequest {
+            csr_pem: ok.csr_pem,
+            identity: me.to_string(),
+            lifetime_secs: 60,
+        };
+        ca.sign(&req, SystemTime::now())
+            .expect("a P-256 CSR is signed");
     }
 
     #[test]
