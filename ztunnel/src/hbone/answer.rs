@@ -8,18 +8,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
-use super::outflow::Outflow;
 use super::quic;
+use super::server::ServerConn;
 use super::TunnelStream;
 
 /// A received tunnel request's pending answer.
 pub enum Answer {
     /// An HTTP/2 `CONNECT` stream: its response handle, its request body, and its
-    /// connection's unsent bytes.
+    /// connection.
     H2 {
         respond: h2::server::SendResponse<Bytes>,
         body: h2::RecvStream,
-        outflow: Arc<Outflow>,
+        conn: Arc<ServerConn>,
     },
     /// A QUIC stream whose request header has been read, and its connection.
     Quic {
@@ -58,14 +58,14 @@ impl Answer {
             Answer::H2 {
                 mut respond,
                 body,
-                outflow,
+                conn,
             } => {
                 let send = respond.send_response(ok, false)?;
-                let outflow = Some(outflow);
+                conn.admit();
                 Ok(TunnelStream::H2 {
                     send,
                     recv: body,
-                    outflow,
+                    outflow: Some(conn.outflow.clone()),
                 })
             }
             Answer::Quic {

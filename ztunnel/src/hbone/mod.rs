@@ -32,6 +32,14 @@ use bytes::Bytes;
 use futures::future::Either;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+/// What a peer may have in flight on a tunnel connection (server side, either transport)
+/// until one of its streams has been admitted: enough for a stream's request and the client's
+/// early bytes. Until then, whatever it sends (a stream's data while policy and the
+/// application's connect are pending, or held back behind a gap in QUIC, waiting for its
+/// header) is held by the transport, outside the node's budget of buffered bytes; a peer that
+/// policy lets in gets the full window ([`server::ServerConn::admit`], [`quic::admitted`]).
+pub const ADMISSION_WINDOW: u32 = 256 * 1024;
+
 /// The request headers a client sends with `CONNECT` (all optional on the wire).
 #[derive(Clone, Debug, Default)]
 pub struct ConnectHeaders {

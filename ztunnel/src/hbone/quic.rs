@@ -28,7 +28,7 @@ use super::consts;
 use super::copy::{CopyError, StreamRecv, StreamSend};
 use super::early::Early;
 use super::queue::{Queue, CHUNKS_PER_WRITE};
-use super::ConnectHeaders;
+use super::{ConnectHeaders, ADMISSION_WINDOW};
 use crate::net::netns::Netns;
 
 /// A peer that does not complete the QUIC handshake within this time is taken as not
@@ -200,13 +200,6 @@ fn transport(max_streams: u32, receive_window: u32) -> Arc<TransportConfig> {
         .initial_rtt(Duration::from_millis(50));
     Arc::new(t)
 }
-
-/// What a peer may have in flight on a tunnel connection (server side) until one of its
-/// streams has been admitted: enough for a stream's header and the client's early bytes. Until
-/// then, whatever it sends (a stream's data held back behind a gap, waiting for its header) is
-/// held by the transport, outside the node's budget of buffered bytes; a peer that policy lets
-/// in gets the full window ([`admitted`]).
-pub const ADMISSION_WINDOW: u32 = 256 * 1024;
 
 /// Opens a server connection's window to the full [`consts::CONNECTION_WINDOW`]: one of its
 /// streams has been admitted. Again on a connection already open, it does nothing.

@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use super::consts;
+use super::outflow::Outflow;
 use crate::refusal::Reason;
 
 /// What a CONNECT's `:authority` names.
@@ -217,8 +218,38 @@ impl Idle {
     }
 }
 
+/// One inbound HTTP/2 tunnel connection as its streams see it: what it holds unsent for the
+/// peer, and whether one of its streams has been admitted.
+#[derive(Debug)]
+pub struct ServerConn {
+    /// What the connection holds unsent for its peer.
+    pub outflow: Arc<Outflow>,
+    admitted: tokio::sync::Notify,
+}
+
+impl ServerConn {
+    pub fn new(outflow: Arc<Outflow>) -> Arc<Self> {
+        Arc::new(ServerConn {
+            outflow,
+            admitted: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// One of the connection's streams was admitted: its receive window opens to the full
+    /// [`consts::CONNECTION_WINDOW`] ([`serve`]); until then it is [`super::ADMISSION_WINDOW`].
+    pub fn admit(&self) {
+        self.admitted.notify_one();
+    }
+
+    /// Resolves once a stream has been admitted.
+    pub async fn admitted(&self) {
+        self.admitted.notified().await
+    }
+}
+
 /// The HTTP/2 server handshake of a tunnel connection, with the tunnel's settings: ours sent,
-/// the client's preface read. It waits as long as the client stays silent, so the caller
+/// the client's preface read. The connection's receive window is [`super::ADMISSION_WINDOW`]
+/// until [`serve`] is told that a stream was admitted. It waits as long as the client stays silent, so the caller
 /// bounds it (the inbound proxy, by the same deadline as the TLS handshake).
 pub async fn handshake<T>(io: T, max_streams: u32) -> Result<Connection<T, Bytes>, h2::Error>
 where
@@ -226,7 +257,7 @@ where
 {
     h2::server::Builder::new()
         .initial_window_size(consts::STREAM_WINDOW)
-        .initial_connection_window_size(consts::CONNECTION_WINDOW)
+        .initial_connection_window_size(super::ADMISSION_WINDOW)
         .max_frame_size(consts::MAX_FRAME_SIZE)
         .max_send_buffer_size(consts::MAX_FRAME_SIZE as usize)
         .max_concurrent_streams(max_streams.max(consts::SERVER_MAX_STREAMS))
@@ -240,11 +271,13 @@ where
 /// unanswered, or `shutdown` resolves (then a GOAWAY lets open streams finish). A connection
 /// on which no stream has started for `idle` and none is open is closed the same way: a
 /// peer's pool closes its idle connections itself, and one that keeps them (answering pings)
-/// must not hold them for ever.
+/// must not hold them for ever. Once `admitted` resolves (a stream was admitted), the
+/// connection's receive window opens to [`consts::CONNECTION_WINDOW`].
 pub async fn serve<T, F, Fut>(
     mut conn: Connection<T, Bytes>,
     idle: Duration,
     shutdown: impl Future<Output = ()>,
+    admitted: impl Future<Output = ()>,
     on_stream: F,
 ) -> Result<(), h2::Error>
 where
@@ -255,6 +288,8 @@ where
     let keepalive = super::client::keepalive(conn.ping_pong());
     tokio::pin!(keepalive);
     tokio::pin!(shutdown);
+    tokio::pin!(admitted);
+    let mut open = false;
     let mut streams = Idle::new(idle, Instant::now());
     let idle_check = tokio::time::sleep(idle);
     tokio::pin!(idle_check);
@@ -278,6 +313,10 @@ where
             _ = &mut shutdown, if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
+            }
+            _ = &mut admitted, if !open => {
+                open = true;
+                conn.set_target_window_size(consts::CONNECTION_WINDOW);
             }
             _ = &mut idle_check, if !draining => match streams.check(Instant::now()) {
                 Some(later) => idle_check.as_mut().reset(later),
@@ -346,6 +385,87 @@ mod tests {
             .await
             .expect("resolved once both ended")
             .unwrap();
+    }
+
+    /// Until one of its streams is admitted, a peer may send no more than
+    /// [`super::super::ADMISSION_WINDOW`] on a connection, however many streams it opens and
+    /// however long they wait for an answer; then the full window.
+    #[tokio::test]
+    async fn a_connection_has_a_small_window_until_a_stream_is_admitted() {
+        let (c, s) = super::super::tests::pair().await;
+        let admit = Arc::new(tokio::sync::Notify::new());
+        let server = tokio::spawn({
+            let admit = admit.clone();
+            async move {
+                let conn = handshake(s, 100).await.unwrap();
+                // Every stream waits for ever, holding its body unread.
+                let pending = |req: Request<RecvStream>, respond: SendResponse<Bytes>| async move {
+                    let _held = (req, respond);
+                    std::future::pending::<()>().await
+                };
+                serve(
+                    conn,
+                    Duration::from_secs(60),
+                    std::future::pending(),
+                    admit.notified(),
+                    pending,
+                )
+                .await
+            }
+        });
+        let (mut sender, conn) = h2::client::Builder::new()
+            .initial_window_size(consts::STREAM_WINDOW)
+            .handshake::<_, Bytes>(c)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        // Eight streams each want a stream window's worth: as much goes as the server grants.
+        let granted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut streams = Vec::new();
+        for _ in 0..8 {
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri("10.0.0.2:80")
+                .body(())
+                .unwrap();
+            sender = sender.ready().await.unwrap();
+            let (_response, mut send) = sender.send_request(req, false).unwrap();
+            let granted = granted.clone();
+            streams.push(tokio::spawn(async move {
+                let mut left = consts::STREAM_WINDOW as usize;
+                while left > 0 {
+                    send.reserve_capacity(left);
+                    let Some(Ok(n)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await
+                    else {
+                        return;
+                    };
+                    let n = n.min(left);
+                    send.send_data(Bytes::from(vec![0u8; n]), false).unwrap();
+                    granted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    left -= n;
+                }
+                std::future::pending::<()>().await
+            }));
+        }
+        let sent = || granted.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = sent();
+        assert!(
+            before <= super::super::ADMISSION_WINDOW as usize,
+            "{before} bytes sent before admission"
+        );
+        admit.notify_one();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while sent() < consts::CONNECTION_WINDOW as usize {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} bytes sent after admission",
+                sent()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.abort();
+        streams.iter().for_each(|s| s.abort());
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::discovery::Workload;
 use crate::hbone::answer::Answer;
 use crate::hbone::copy_tunnel;
 use crate::hbone::outflow::{Metered, Outflow};
-use crate::hbone::server;
+use crate::hbone::server::{self, ServerConn};
 use crate::identity::{self, Identity};
 use crate::metrics::End;
 use crate::refusal::Reason;
@@ -113,7 +113,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     // Until both handshakes are done the connection holds a place, which the gate may give to
     // a newcomer from a source holding fewer: then the connection is dropped.
     let handshakes = handshakes(&pi, &scope, tcp, peer, local, accepted);
-    let (h2, conn, outflow) = tokio::select! {
+    let (h2, conn, shared) = tokio::select! {
         done = handshakes => match done {
             Some(done) => done,
             None => return,
@@ -131,10 +131,14 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
         async move { pi.drained().await }
     };
     let idle = pi.pool.serve_idle_timeout();
-    let result = server::serve(h2, idle, drained, |req, respond| {
+    let admitted = {
+        let shared = shared.clone();
+        async move { shared.admitted().await }
+    };
+    let result = server::serve(h2, idle, drained, admitted, |req, respond| {
         let guard = pi.begin();
-        let (conn, outflow) = (conn.clone(), outflow.clone());
-        let fut = stream(pi.clone(), scope.clone(), conn, outflow, req, respond);
+        let (conn, shared) = (conn.clone(), shared.clone());
+        let fut = stream(pi.clone(), scope.clone(), conn, shared, req, respond);
         crate::task::guarded(fut, guard)
     })
     .await;
@@ -143,12 +147,12 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     }
 }
 
-/// A tunnel connection after both handshakes: its HTTP/2 server side, who it is, and what it
-/// holds unsent ([`Outflow`]).
+/// A tunnel connection after both handshakes: its HTTP/2 server side, who it is, and what its
+/// streams share ([`ServerConn`]).
 type Handshaken = (
     h2::server::Connection<Metered<tokio_rustls::server::TlsStream<TcpStream>>, Bytes>,
     Peer,
-    Arc<Outflow>,
+    Arc<ServerConn>,
 );
 
 /// The TLS and HTTP/2 handshakes of a tunnel connection accepted at `accepted`: the first TLS
@@ -229,7 +233,7 @@ async fn handshakes(
         }
     };
     let conn = Peer::admit(pi, peer, local, src, dst, dst_identity)?;
-    Some((h2, conn, outflow))
+    Some((h2, conn, ServerConn::new(outflow)))
 }
 
 /// A tunnel connection's HTTP/2 ended on an error.
@@ -251,7 +255,7 @@ pub(super) fn stream(
     pi: Arc<ProxyInputs>,
     scope: Scope,
     peer: Arc<Peer>,
-    outflow: Arc<Outflow>,
+    conn: Arc<ServerConn>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) -> impl Future<Output = ()> + Send + 'static {
@@ -260,7 +264,7 @@ pub(super) fn stream(
     let answer = Answer::H2 {
         respond,
         body,
-        outflow,
+        conn,
     };
     serve_stream(pi, scope, peer, None, req, answer)
 }
