@@ -188,10 +188,16 @@ async fn handshakes(
         return None;
     }
     let dst_identity = pi.identity_of(&dst);
-    let cert = match pi.certs.fetch(&dst_identity).await {
-        Ok(c) => c,
-        Err(e) => {
+    // Within the handshakes' deadline: a CA that does not answer holds no place for longer.
+    let cert = match tokio::time::timeout_at(deadline, pi.certs.fetch(&dst_identity)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, error = %e, "no certificate; tunnel refused");
+            reset(tcp);
+            return None;
+        }
+        Err(_) => {
+            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, "no certificate within the handshakes' deadline; tunnel refused");
             reset(tcp);
             return None;
         }

@@ -154,16 +154,24 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     };
     drop(state);
     let dst_identity = pi.identity_of(&dst);
-    let config = match pi.certs.fetch(&dst_identity).await.map(|cert| {
-        quic::server_config(&cert.server_config(), pi.max_streams).map_err(|e| e.to_string())
+    // Within the handshake's time: a CA that does not answer holds no place for longer.
+    let fetched = tokio::time::timeout(HANDSHAKE_TIMEOUT, pi.certs.fetch(&dst_identity)).await;
+    let config = match fetched.map(|r| {
+        r.map(|cert| {
+            quic::server_config(&cert.server_config(), pi.max_streams).map_err(|e| e.to_string())
+        })
     }) {
-        Ok(Ok(c)) => Arc::new(c),
-        Ok(Err(e)) => {
+        Ok(Ok(Ok(c))) => Arc::new(c),
+        Ok(Ok(Err(e))) => {
             crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, error = %e, "no QUIC configuration; tunnel refused");
             return incoming.refuse();
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, error = %e, "no certificate; tunnel refused");
+            return incoming.refuse();
+        }
+        Err(_) => {
+            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, "no certificate within the handshake's time; tunnel refused");
             return incoming.refuse();
         }
     };

@@ -1,9 +1,12 @@
-//! A tunnel peer that stops reading, in-process and without root: an authenticated HTTP/2
-//! peer (its certificate from the node's CA, its policy allowing it) opens streams to an
-//! application that writes without end, then reads nothing more from its connection. What
-//! the daemon takes from the application for that peer and cannot send stays within the
-//! node's buffered-bytes budget (plus what the kernel and TLS hold for the one connection),
-//! instead of a send buffer per stream.
+//! The inbound tunnel when the other side stalls, in-process and without root.
+//!
+//! - A peer that stops reading: an authenticated HTTP/2 peer (its certificate from the node's
+//!   CA, its policy allowing it) opens streams to an application that writes without end, then
+//!   reads nothing more from its connection. What the daemon takes from the application for
+//!   that peer and cannot send stays within the node's buffered-bytes budget (plus what the
+//!   kernel and TLS hold for the one connection), instead of a send buffer per stream.
+//! - A CA that does not answer: a connection waiting for its destination's certificate is
+//!   refused at the handshakes' deadline rather than holding its place for ever.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -97,12 +100,11 @@ fn taken_from_apps(pi: &ProxyInputs) -> u64 {
     pi.connections.rows().iter().map(|r| r.bytes_sent).sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_stops_reading_holds_no_more_than_the_node_budget() {
-    const STREAMS: usize = 64;
-    const LIMIT: usize = 1024 * 1024;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
+/// The inbound proxy on a listener of its own, with `limits` and certificates from `signer`.
+async fn inbound(
+    signer: Arc<dyn crate::identity::CertSigner>,
+    limits: TunnelLimits,
+) -> (Arc<ProxyInputs>, SocketAddr) {
     let metrics = Arc::new(Metrics::default());
     let settings = PoolSettings {
         max_streams: 100,
@@ -112,17 +114,15 @@ async fn a_peer_that_stops_reading_holds_no_more_than_the_node_budget() {
         quic: QuicSettings::default(),
         sockets: Kernel::shared(),
     };
-    let limits = TunnelLimits {
-        buffered_bytes: LIMIT,
-        ..Default::default()
-    };
-    let (_draining_tx, draining) = tokio::sync::watch::channel(false);
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
+    // The proxy never drains during a test.
+    std::mem::forget(draining_tx);
     let pi = ProxyInputs::new(
         "n".into(),
         "cluster.local".into(),
         "Kubernetes",
         Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
-        CertManager::new(ca.clone(), DAY),
+        CertManager::new(signer, DAY),
         Pool::new(settings, metrics.clone()),
         metrics,
         CONNECT,
@@ -131,13 +131,27 @@ async fn a_peer_that_stops_reading_holds_no_more_than_the_node_budget() {
         false,
         draining,
     );
+    let tunnel_l = crate::net::listen(SocketAddr::new(SERVER_IP.parse().unwrap(), 0)).unwrap();
+    let tunnel = tunnel_l.local_addr().unwrap();
+    tokio::spawn(super::serve_inbound(pi.clone(), tunnel_l));
+    (pi, tunnel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_holds_no_more_than_the_node_budget() {
+    const STREAMS: usize = 64;
+    const LIMIT: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(LocalCa::load_or_create(dir.path(), "cluster.local").unwrap());
+    let limits = TunnelLimits {
+        buffered_bytes: LIMIT,
+        ..Default::default()
+    };
+    let (pi, tunnel) = inbound(ca.clone(), limits).await;
     let app_l = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
     let app = app_l.local_addr().unwrap();
     let (go, wait) = tokio::sync::watch::channel(false);
     tokio::spawn(source(app_l, wait));
-    let tunnel_l = crate::net::listen(SocketAddr::new(SERVER_IP.parse().unwrap(), 0)).unwrap();
-    let tunnel = tunnel_l.local_addr().unwrap();
-    tokio::spawn(super::serve_inbound(pi.clone(), tunnel_l));
 
     // The peer: the client workload's certificate, a socket that takes little, and windows
     // as large as HTTP/2 allows, so that only the daemon's own limits hold it back.
@@ -202,4 +216,38 @@ async fn a_peer_that_stops_reading_holds_no_more_than_the_node_budget() {
         "the proxy took {last} bytes for a peer that reads nothing (at most {bound})"
     );
     drop(held);
+}
+
+/// A CA that never answers.
+struct Silent;
+
+impl crate::identity::CertSigner for Silent {
+    fn sign(
+        &self,
+        _: ztunnel_proto::ca::SignRequest,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<ztunnel_proto::ca::SignResponse, crate::identity::SignError>,
+    > {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_for_a_certificate_is_refused_at_the_handshake_deadline() {
+    let (pi, tunnel) = inbound(Arc::new(Silent), TunnelLimits::default()).await;
+    let mut tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
+    // Its first bytes, so that only the certificate is awaited.
+    tcp.write_all(&[0x16]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(pi.handshakes.held(), 1, "waiting, its place held");
+    let mut buf = [0u8; 16];
+    let within = super::HANDSHAKE_TIMEOUT + Duration::from_secs(5);
+    let ended = tokio::time::timeout(within, tokio::io::AsyncReadExt::read(&mut tcp, &mut buf));
+    assert!(ended.await.is_ok(), "still waiting after {within:?}");
+    assert_eq!(pi.handshakes.held(), 0, "its place given back");
+    let labels = crate::metrics::ReasonLabels {
+        reason: crate::refusal::Reason::InboundNoCertificate.label(),
+    };
+    assert_eq!(pi.metrics.refusals.get_or_create(&labels).get(), 1);
 }
