@@ -198,8 +198,7 @@ impl PolicyIndex {
             }
         }
         readable.sort_by(|a, b| {
-            (&a.metadata.creation_timestamp, &a.metadata.name)
-                .cmp(&(&b.metadata.creation_timestamp, &b.metadata.name))
+            (a.metadata.created(), &a.metadata.name).cmp(&(b.metadata.created(), &b.metadata.name))
         });
         let mesh_wide =
             |p: &PeerAuthentication| idx.root_of(p.metadata.istio) == p.metadata.namespace;

@@ -10,7 +10,8 @@
 //!   mesh-wide;
 //! - what the API server set (`status`, `uid`, `resourceVersion`, `generation`,
 //!   `creationTimestamp`, `managedFields`, `ownerReferences`, kubectl's last-applied
-//!   annotation), removed;
+//!   annotation), removed; a PeerAuthentication's creation time is kept as an annotation
+//!   ([`CREATED_ANNOTATION`]), so that the oldest still wins as in Istio;
 //! - what the daemons will not enforce as written, from the same conversion the engine runs
 //!   ([`super::status_of`]): it is the same in Istio's ambient mode, so the converted object
 //!   means what the original meant there.
@@ -21,7 +22,7 @@
 
 use serde_json::{Map as Mapping, Value};
 
-use super::objects::{PolicyObject, API_VERSION};
+use super::objects::{PolicyObject, API_VERSION, CREATED_ANNOTATION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FromIstioError {
@@ -226,6 +227,21 @@ fn one(mut o: Value, istio_root: &str, root: &str) -> Result<String, FromIstioEr
         .entry("metadata")
         .or_insert_with(|| Value::Object(Mapping::new()));
     if let Value::Object(meta) = meta {
+        let created = meta.get("creationTimestamp").and_then(Value::as_str);
+        if let Some(t) = created
+            .filter(|_| kind == "PeerAuthentication")
+            .map(str::to_owned)
+        {
+            let annotations = meta
+                .entry("annotations")
+                .or_insert_with(|| Value::Object(Mapping::new()));
+            if let Value::Object(a) = annotations {
+                a.insert(CREATED_ANNOTATION.into(), t.clone().into());
+                notes.push(format!(
+                    "creationTimestamp {t} kept as {CREATED_ANNOTATION}: the oldest PeerAuthentication wins, as in Istio"
+                ));
+            }
+        }
         let mut removed: Vec<&str> = SERVER_SET
             .iter()
             .copied()
@@ -518,6 +534,46 @@ spec: {rules: [{from: [{source: {serviceAccounts: [client]}}]}]}
         assert!(denied("cluster.local/ns/istio-system/sa/legacy-client"));
         // Excluded from the second clause, as `gw` of Istio's root namespace.
         assert!(!denied("cluster.local/ns/istio-system/sa/gw"));
+    }
+
+    /// Of two workload-level PeerAuthentications whose selectors overlap, Istio applies the
+    /// older to the pods both select. Converted (and applied anew, in the same second), they
+    /// keep that order by the annotation, not by their names.
+    #[test]
+    fn overlapping_peer_authentications_keep_their_order_by_age() {
+        let input = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: z-web, namespace: web, creationTimestamp: '2023-01-01T00:00:00Z'}
+spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: a-web-v2, namespace: web, creationTimestamp: '2025-01-01T00:00:00Z'}
+spec: {selector: {matchLabels: {app: web, version: v2}}, mtls: {mode: PERMISSIVE}}
+";
+        let out = convert(input, "istio-system", "ztunnel-system").unwrap();
+        let pas: Vec<_> = docs(&out)
+            .into_iter()
+            .map(|mut v| {
+                // As `kubectl apply` creates them: at the same time.
+                v["metadata"]["creationTimestamp"] = "2026-12-06T00:00:00Z".into();
+                match PolicyObject::from_value(v).unwrap() {
+                    PolicyObject::PeerAuthentication(p) => p,
+                    PolicyObject::Authorization(_) => unreachable!(),
+                }
+            })
+            .collect();
+        assert_eq!(pas.len(), 2, "{out}");
+        let idx = crate::policy::PolicyIndex::build(&[], &pas, &["ztunnel-system"]);
+        let v2: crate::labels::Labels = [("app", "web"), ("version", "v2")]
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        assert_eq!(
+            idx.mtls_mode("web", &v2, 80),
+            super::super::objects::MtlsMode::Strict,
+            "the older, STRICT, applies: {out}"
+        );
     }
 
     /// A YAML tag is not part of the data (Kubernetes' YAML reader drops it too): a tagged

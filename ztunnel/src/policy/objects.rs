@@ -41,6 +41,23 @@ pub struct ObjectMeta {
     pub istio: bool,
 }
 
+/// The creation time of the Istio object a converted one was made from (`ztunnel ctl
+/// convert`): it ranks the object by age in place of its own creation time, which `kubectl
+/// apply` sets anew. Only objects of one namespace (or the two roots) are ranked against each
+/// other, so whoever may write it there could reorder them anyway.
+pub const CREATED_ANNOTATION: &str = "ztunnel.dev/istio-creation-timestamp";
+
+impl ObjectMeta {
+    /// When the object counts as created, for ranking by age: [`CREATED_ANNOTATION`] when
+    /// set, else its creation time; `None` sorts as oldest.
+    pub fn created(&self) -> Option<&str> {
+        self.annotations
+            .get(CREATED_ANNOTATION)
+            .or(self.creation_timestamp.as_ref())
+            .map(String::as_str)
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selector {
