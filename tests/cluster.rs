@@ -121,6 +121,10 @@ fn the_api_server_refuses_what_its_schema_can_tell_is_wrong() {
         (ap("negative-port", port_rule("-1")), "ports"),
         (ap("bad-prefix", block_rule("10.0.0.0/33")), "ipBlocks"),
         (ap("not-an-ip", block_rule("10.0.0.256")), "ipBlocks"),
+        (
+            ap("zone-in-prefix", block_rule("fe80::1%eth0/64")),
+            "ipBlocks",
+        ),
         (ap("bad-action", json!({"action": "PERMIT"})), "action"),
         (
             ap(
@@ -152,6 +156,8 @@ fn the_api_server_refuses_what_its_schema_can_tell_is_wrong() {
         ap("ok-port", port_rule("8080")),
         ap("ok-block", block_rule("10.0.0.0/8")),
         ap("ok-block6", block_rule("fd00::/8")),
+        // An address with a zone, as Istio takes it (the zone is dropped).
+        ap("ok-zone", block_rule("fe80::1%eth0")),
         pa("ok-mode", json!({"mtls": {"mode": "DISABLE"}})),
     ]))
     .expect("the valid forms");

@@ -18,9 +18,10 @@ pub const API_VERSION: &str = "security.ztunnel.dev/v1";
 /// zeros allowed, no sign, no range).
 pub const PORT_PATTERN: &str =
     r"^0*([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
-/// An IPv4 or IPv6 address, or a CIDR block of either (the API server's rough check; the
-/// daemon parses each value and fails the policy closed if it cannot).
-pub const IP_BLOCK_PATTERN: &str = r"^(((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/(3[0-2]|[12]?[0-9]))?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?)$";
+/// An IPv4 or IPv6 address (an IPv6 one may carry a zone, which is dropped, as Istio reads it),
+/// or a CIDR block of either (the API server's rough check; the daemon parses each value and
+/// fails the policy closed if it cannot).
+pub const IP_BLOCK_PATTERN: &str = r"^(((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/(3[0-2]|[12]?[0-9]))?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(%[^/]+|/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?)$";
 
 /// The Kubernetes metadata the engine reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
