@@ -10,7 +10,7 @@
 //!
 //! Contract:
 //! - A stream asks [`Outflow::reserve`] before it hands bytes to h2, and is granted what the
-//!   budget admits: the connection may always hold [`FLOOR`](super::budget::FLOOR) (within its
+//!   budget admits: the connection may always hold [`FLOOR`] (within its
 //!   source's share), more while the node is under its limit. A stream whose connection holds
 //!   bytes waits until it has written some (a peer that reads nothing is closed by the
 //!   connection's keep-alive); one whose connection holds nothing and is still refused (its
