@@ -36,10 +36,10 @@ use crate::metrics::{Metrics, ReasonLabels};
 use crate::net::sockets::Kernel;
 use crate::net::ConnectOptions;
 
-const SERVER_IP: &str = "127.0.0.2";
-const DAY: Duration = Duration::from_secs(86400);
+pub(super) const SERVER_IP: &str = "127.0.0.2";
+pub(super) const DAY: Duration = Duration::from_secs(86400);
 
-fn mesh() -> String {
+pub(super) fn mesh() -> String {
     format!(
         "trustDomain: cluster.local
 namespaces:
@@ -67,19 +67,20 @@ struct Bed {
     _dir: tempfile::TempDir,
 }
 
-const CONNECT: ConnectOptions = ConnectOptions {
+pub(super) const CONNECT: ConnectOptions = ConnectOptions {
     mark: None,
     timeout: Duration::from_secs(5),
 };
 
-/// Serves the daemon's inbound proxy, with `limits`, on `listener`, and on QUIC at its
-/// address too when `quic`; returns its drain switch and its metrics.
-fn inbound(
-    ca: &Arc<LocalCa>,
+/// Serves the daemon's inbound proxy, with `limits` and certificates from `signer`, on
+/// `listener`, and on QUIC at its address too when `quic`; returns its drain switch and its
+/// inputs.
+pub(super) fn inbound(
+    signer: Arc<dyn crate::identity::CertSigner>,
     listener: TcpListener,
     quic: bool,
     limits: TunnelLimits,
-) -> (tokio::sync::watch::Sender<bool>, Arc<Metrics>) {
+) -> (tokio::sync::watch::Sender<bool>, Arc<ProxyInputs>) {
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let metrics = Arc::new(Metrics::default());
     let settings = PoolSettings {
@@ -95,9 +96,9 @@ fn inbound(
         "cluster.local".into(),
         "Kubernetes",
         Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
-        CertManager::new(ca.clone(), DAY),
+        CertManager::new(signer, DAY),
         Pool::new(settings, metrics.clone()),
-        metrics.clone(),
+        metrics,
         CONNECT,
         1000,
         limits,
@@ -108,8 +109,8 @@ fn inbound(
         let ep = super::quic_endpoint(None, listener.local_addr().unwrap()).unwrap();
         tokio::spawn(super::serve_inbound_quic(pi.clone(), ep));
     }
-    tokio::spawn(super::serve_inbound(pi, listener));
-    (draining_tx, metrics)
+    tokio::spawn(super::serve_inbound(pi.clone(), listener));
+    (draining_tx, pi)
 }
 
 impl Bed {
@@ -148,7 +149,8 @@ impl Bed {
         tokio::spawn(echo(app_l));
         let tunnel_l = crate::net::listen(SocketAddr::new(SERVER_IP.parse().unwrap(), 0)).unwrap();
         let tunnel = tunnel_l.local_addr().unwrap();
-        let (drain, server_metrics) = inbound(&ca, tunnel_l, quic, limits);
+        let (drain, inbound_pi) = inbound(ca.clone(), tunnel_l, quic, limits);
+        let server_metrics = inbound_pi.metrics.clone();
         let settings = PoolSettings {
             max_streams,
             idle_timeout,
@@ -208,7 +210,8 @@ impl Bed {
     fn add_server(&mut self) {
         let l = crate::net::listen(self.key.addr).unwrap();
         let limits = TunnelLimits::default();
-        self.servers.push(inbound(&self.ca, l, false, limits).0);
+        self.servers
+            .push(inbound(self.ca.clone(), l, false, limits).0);
     }
 
     fn dialled(&self) -> u64 {

@@ -19,33 +19,10 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket};
 
+use super::loopback_tests::{DAY, SERVER_IP};
 use super::{ProxyInputs, TunnelLimits};
 use crate::ca::{issue, LocalCa};
-use crate::discovery::Discovery;
-use crate::hbone::pool::{Pool, PoolSettings, QuicSettings, SPARE_IDLE_TIMEOUT};
-use crate::identity::{CertManager, Identity};
-use crate::metrics::Metrics;
-use crate::net::sockets::Kernel;
-use crate::net::ConnectOptions;
-
-const SERVER_IP: &str = "127.0.0.2";
-const DAY: Duration = Duration::from_secs(86400);
-const CONNECT: ConnectOptions = ConnectOptions {
-    mark: None,
-    timeout: Duration::from_secs(5),
-};
-
-fn mesh() -> String {
-    format!(
-        "trustDomain: cluster.local
-namespaces:
-  - {{name: t, labels: {{ztunnel.dev/dataplane-mode: ambient}}}}
-workloads:
-  - {{uid: c, name: client, namespace: t, serviceAccount: client, node: n, ips: [127.0.0.1], protocol: HBONE}}
-  - {{uid: s, name: server, namespace: t, serviceAccount: server, node: n, ips: [{SERVER_IP}], protocol: HBONE}}
-"
-    )
-}
+use crate::identity::Identity;
 
 /// An application that, once `go` is set, writes to each client until the client is gone.
 async fn source(l: TcpListener, go: tokio::sync::watch::Receiver<bool>) {
@@ -101,39 +78,15 @@ fn taken_from_apps(pi: &ProxyInputs) -> u64 {
 }
 
 /// The inbound proxy on a listener of its own, with `limits` and certificates from `signer`.
-async fn inbound(
+fn inbound(
     signer: Arc<dyn crate::identity::CertSigner>,
     limits: TunnelLimits,
 ) -> (Arc<ProxyInputs>, SocketAddr) {
-    let metrics = Arc::new(Metrics::default());
-    let settings = PoolSettings {
-        max_streams: 100,
-        idle_timeout: Duration::from_secs(300),
-        spare_idle_timeout: SPARE_IDLE_TIMEOUT,
-        connect: CONNECT,
-        quic: QuicSettings::default(),
-        sockets: Kernel::shared(),
-    };
-    let (draining_tx, draining) = tokio::sync::watch::channel(false);
+    let l = crate::net::listen(SocketAddr::new(SERVER_IP.parse().unwrap(), 0)).unwrap();
+    let tunnel = l.local_addr().unwrap();
+    let (drain, pi) = super::loopback_tests::inbound(signer, l, false, limits);
     // The proxy never drains during a test.
-    std::mem::forget(draining_tx);
-    let pi = ProxyInputs::new(
-        "n".into(),
-        "cluster.local".into(),
-        "Kubernetes",
-        Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
-        CertManager::new(signer, DAY),
-        Pool::new(settings, metrics.clone()),
-        metrics,
-        CONNECT,
-        1000,
-        limits,
-        false,
-        draining,
-    );
-    let tunnel_l = crate::net::listen(SocketAddr::new(SERVER_IP.parse().unwrap(), 0)).unwrap();
-    let tunnel = tunnel_l.local_addr().unwrap();
-    tokio::spawn(super::serve_inbound(pi.clone(), tunnel_l));
+    std::mem::forget(drain);
     (pi, tunnel)
 }
 
@@ -147,7 +100,7 @@ async fn a_peer_that_stops_reading_holds_no_more_than_the_node_budget() {
         buffered_bytes: LIMIT,
         ..Default::default()
     };
-    let (pi, tunnel) = inbound(ca.clone(), limits).await;
+    let (pi, tunnel) = inbound(ca.clone(), limits);
     let app_l = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
     let app = app_l.local_addr().unwrap();
     let (go, wait) = tokio::sync::watch::channel(false);
@@ -235,7 +188,7 @@ impl crate::identity::CertSigner for Silent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_waiting_for_a_certificate_is_refused_at_the_handshake_deadline() {
-    let (pi, tunnel) = inbound(Arc::new(Silent), TunnelLimits::default()).await;
+    let (pi, tunnel) = inbound(Arc::new(Silent), TunnelLimits::default());
     let mut tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
     // Its first bytes, so that only the certificate is awaited.
     tcp.write_all(&[0x16]).await.unwrap();
