@@ -249,8 +249,9 @@ impl ServerConn {
 
 /// The HTTP/2 server handshake of a tunnel connection, with the tunnel's settings: ours sent,
 /// the client's preface read. The connection's receive window is [`super::ADMISSION_WINDOW`]
-/// until [`serve`] is told that a stream was admitted. It waits as long as the client stays silent, so the caller
-/// bounds it (the inbound proxy, by the same deadline as the TLS handshake).
+/// until [`serve`] is told that a stream was admitted. It waits as long as the client stays
+/// silent, so the caller bounds it (the inbound proxy, by the same deadline as the TLS
+/// handshake).
 pub async fn handshake<T>(io: T, max_streams: u32) -> Result<Connection<T, Bytes>, h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin,
