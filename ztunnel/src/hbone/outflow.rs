@@ -17,8 +17,9 @@
 //!   source's share is spent) is refused ([`OverBudget`]) and reset, as a receiving stream is.
 //! - [`Metered`], the connection's transport under h2, reads the frames h2 writes and gives
 //!   back each `DATA` payload of a stream as it is written.
-//! - A stream dropped before it has ended its side (reset) gives back what it had not
-//!   written, which h2 discards. An ended one keeps it until its last frame is written.
+//! - A stream reset gives back what it had not written, which h2 discards: dropped before it
+//!   ended its side, or named by a `RST_STREAM` either way (h2's, or the peer's, which
+//!   [`Metered`] reads too). An ended one keeps it until its last frame is written.
 //! - When the connection ends ([`Metered`] dropped), everything is given back and waiting
 //!   streams are refused.
 
@@ -159,7 +160,10 @@ impl Outflow {
 pub struct Metered<T> {
     io: T,
     outflow: Arc<Outflow>,
-    frames: Frames,
+    /// What h2 writes.
+    sent: Frames,
+    /// What the peer sends, after its connection preface.
+    received: Frames,
 }
 
 impl<T> Metered<T> {
@@ -168,7 +172,8 @@ impl<T> Metered<T> {
         Metered {
             io,
             outflow,
-            frames: Frames::default(),
+            sent: Frames::default(),
+            received: Frames::after(PREFACE_LEN),
         }
     }
 
@@ -177,12 +182,19 @@ impl<T> Metered<T> {
         &self.io
     }
 
-    fn count(&mut self, mut bytes: &[u8]) {
-        let outflow = &self.outflow;
+    /// Reads what h2 wrote (`sent`) or what the peer sent: each `DATA` payload written is
+    /// given back, each stream reset either way abandoned.
+    fn count(&mut self, mut bytes: &[u8], sent: bool) {
+        let (frames, outflow) = match sent {
+            true => (&mut self.sent, &self.outflow),
+            false => (&mut self.received, &self.outflow),
+        };
         while !bytes.is_empty() {
-            let used = self
-                .frames
-                .feed(bytes, |id, n, end| outflow.written(id, n, end));
+            let used = frames.feed(bytes, |e| match e {
+                Frame::Data { id, n, end } if sent => outflow.written(id, n, end),
+                Frame::Data { .. } => {}
+                Frame::Reset(id) => outflow.abandon(id),
+            });
             bytes = &bytes[used..];
         }
     }
@@ -200,7 +212,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            self.count(&buf.filled()[before..], false);
+        }
+        r
     }
 }
 
@@ -212,7 +229,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            self.count(&buf[..n]);
+            self.count(&buf[..n], true);
         }
         r
     }
@@ -226,7 +243,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
         if let Poll::Ready(Ok(mut n)) = r {
             for b in bufs {
                 let k = n.min(b.len());
-                self.count(&b[..k]);
+                self.count(&b[..k], true);
                 n -= k;
             }
         }
@@ -246,10 +263,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
     }
 }
 
-/// Where a reader of an HTTP/2 frame stream is: in a frame's 9-byte header (`have < 9`), or
-/// in its payload.
+/// The length of the client's connection preface, which precedes its frames.
+const PREFACE_LEN: usize = 24;
+
+/// What a reader of an HTTP/2 frame stream reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frame {
+    /// `n` payload bytes of a `DATA` frame of stream `id`; `end` with the last byte of one
+    /// carrying END_STREAM.
+    Data { id: u32, n: usize, end: bool },
+    /// A `RST_STREAM` of stream `id`.
+    Reset(u32),
+}
+
+/// Where a reader of an HTTP/2 frame stream is: in bytes to skip, in a frame's 9-byte header
+/// (`have < 9`), or in its payload.
 #[derive(Debug, Default)]
 struct Frames {
+    /// Bytes still to skip before the first frame (a connection preface).
+    skip: usize,
     header: [u8; 9],
     /// Header bytes read so far; 9 while in the payload.
     have: usize,
@@ -260,10 +292,22 @@ struct Frames {
 }
 
 impl Frames {
-    /// Reads the start of `bytes`, a header's bytes or a payload's, and returns how many it
-    /// read (at least one). `on_data` is told each `DATA` payload read: its stream, its length,
-    /// and whether it ends a frame with END_STREAM.
-    fn feed(&mut self, bytes: &[u8], mut on_data: impl FnMut(u32, usize, bool)) -> usize {
+    /// A reader whose frames start after `skip` bytes.
+    fn after(skip: usize) -> Self {
+        Frames {
+            skip,
+            ..Frames::default()
+        }
+    }
+
+    /// Reads the start of `bytes` (skipped bytes, a header's, or a payload's) and returns how
+    /// many it read (at least one), telling `on` what it found.
+    fn feed(&mut self, bytes: &[u8], mut on: impl FnMut(Frame)) -> usize {
+        if self.skip > 0 {
+            let n = self.skip.min(bytes.len());
+            self.skip -= n;
+            return n;
+        }
         if self.have < 9 {
             let n = (9 - self.have).min(bytes.len());
             self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
@@ -272,11 +316,18 @@ impl Frames {
                 let h = &self.header;
                 self.left = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
                 let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-                // Type 0 is DATA; its flag 0x1 is END_STREAM.
+                // Type 0 is DATA (its flag 0x1 is END_STREAM), type 3 RST_STREAM.
                 self.data = (h[3] == 0).then_some((id, h[4] & 0x1 != 0));
+                if h[3] == 3 {
+                    on(Frame::Reset(id));
+                }
                 if self.left == 0 {
                     if let Some((id, true)) = self.data {
-                        on_data(id, 0, true);
+                        on(Frame::Data {
+                            id,
+                            n: 0,
+                            end: true,
+                        });
                     }
                     self.have = 0;
                 }
@@ -286,7 +337,8 @@ impl Frames {
         let n = self.left.min(bytes.len());
         self.left -= n;
         if let Some((id, end)) = self.data {
-            on_data(id, n, end && self.left == 0);
+            let end = end && self.left == 0;
+            on(Frame::Data { id, n, end });
         }
         if self.left == 0 {
             self.have = 0;
@@ -313,7 +365,8 @@ mod tests {
     }
 
     /// Each `DATA` payload is counted for its stream, and only `DATA`, however the writes cut
-    /// the frames; END_STREAM is told once, with the frame's last byte.
+    /// the frames (and after a preface, for what the peer sends); END_STREAM is told once, with
+    /// the frame's last byte, and a `RST_STREAM` once.
     #[test]
     fn data_payloads_are_counted_per_stream_across_any_cut() {
         let wire: Vec<u8> = [
@@ -324,25 +377,42 @@ mod tests {
             frame(0, 1, 1, 0),      // an empty DATA ending stream 1
             frame(0, 0, 7, 70_000), // a DATA larger than a write
             frame(6, 0, 0, 8),      // PING
+            frame(3, 0, 9, 4),      // RST_STREAM
         ]
         .concat();
-        let want: BTreeMap<u32, (usize, usize)> =
-            [(1, (5, 1)), (3, (3, 1)), (7, (70_000, 0))].into();
-        for cut in [1, 2, 8, 9, 10, 17, 4096, wire.len()] {
-            let mut frames = Frames::default();
-            let mut got: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
-            for write in wire.chunks(cut) {
-                let mut rest = write;
-                while !rest.is_empty() {
-                    let used = frames.feed(rest, |id, n, end| {
-                        let e = got.entry(id).or_default();
-                        e.0 += n;
-                        e.1 += usize::from(end);
-                    });
-                    rest = &rest[used..];
+        // Per stream: DATA bytes, END_STREAMs, resets.
+        let want: BTreeMap<u32, (usize, usize, usize)> = [
+            (1, (5, 1, 0)),
+            (3, (3, 1, 0)),
+            (7, (70_000, 0, 0)),
+            (9, (0, 0, 1)),
+        ]
+        .into();
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert_eq!(preface.len(), PREFACE_LEN);
+        for (skip, input) in [
+            (0, wire.clone()),
+            (PREFACE_LEN, [&preface[..], &wire].concat()),
+        ] {
+            for cut in [1, 2, 8, 9, 10, 17, 4096, input.len()] {
+                let mut frames = Frames::after(skip);
+                let mut got: BTreeMap<u32, (usize, usize, usize)> = BTreeMap::new();
+                for write in input.chunks(cut) {
+                    let mut rest = write;
+                    while !rest.is_empty() {
+                        let used = frames.feed(rest, |f| match f {
+                            Frame::Data { id, n, end } => {
+                                let e = got.entry(id).or_default();
+                                e.0 += n;
+                                e.1 += usize::from(end);
+                            }
+                            Frame::Reset(id) => got.entry(id).or_default().2 += 1,
+                        });
+                        rest = &rest[used..];
+                    }
                 }
+                assert_eq!(got, want, "writes of {cut} bytes after {skip}");
             }
-            assert_eq!(got, want, "writes of {cut} bytes");
         }
     }
 
@@ -383,6 +453,32 @@ mod tests {
         let refused = tokio::time::timeout(Duration::from_secs(5), waiting).await;
         assert!(matches!(refused.unwrap().unwrap(), Err(Refused::Closed)));
         assert_eq!(budget.held(), FLOOR, "only the other connection's");
+    }
+
+    /// A stream the peer resets (read on the connection's transport) gives back what it held:
+    /// h2 discards it, even after the stream had ended its side. The transport's end gives
+    /// back the rest.
+    #[tokio::test]
+    async fn a_stream_the_peer_resets_gives_back_what_it_held() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let budget = Arc::new(BufferBudget::new(FLOOR, Default::default()));
+        let out = Outflow::new(budget.clone(), A);
+        out.reserve(1, 1000).await.unwrap();
+        out.reserve(3, 10).await.unwrap();
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut metered = Metered::new(near, out.clone());
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let sent = [&preface[..], &frame(4, 0, 0, 0), &frame(3, 0, 1, 4)].concat();
+        far.write_all(&sent).await.unwrap();
+        let mut got = vec![0u8; sent.len()];
+        metered.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            out.held(),
+            10,
+            "stream 1's bytes are given back, stream 3's kept"
+        );
+        drop(metered);
+        assert_eq!((out.held(), budget.held()), (0, 0));
     }
 
     /// A connection holding nothing, whose source's share is spent on a full node, is refused
