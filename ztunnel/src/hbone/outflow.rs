@@ -9,12 +9,12 @@
 //! stream on every connection its caps allow.
 //!
 //! Contract:
-//! - A stream asks [`Outflow::reserve`] before it hands bytes to h2, and is granted what the
-//!   budget admits: the connection may always hold [`FLOOR`] (within its
-//!   source's share), more while the node is under its limit. A stream whose connection holds
-//!   bytes waits until it has written some (a peer that reads nothing is closed by the
-//!   connection's keep-alive); one whose connection holds nothing and is still refused (its
-//!   source's share is spent) is refused ([`OverBudget`]) and reset, as a receiving stream is.
+//! - A stream asks `Outflow::reserve` before it hands bytes to h2, and is granted what the
+//!   budget admits: the connection may always hold [`FLOOR`] (within its source's share),
+//!   more while the node is under its limit. A stream whose connection holds bytes waits
+//!   until it has written some (a peer that reads nothing is closed by the connection's
+//!   keep-alive); one whose connection holds nothing and is still refused (its source's
+//!   share is spent) is refused ([`OverBudget`]) and reset, as a receiving stream is.
 //! - [`Metered`], the connection's transport under h2, reads the frames h2 writes and gives
 //!   back each `DATA` payload of a stream as it is written.
 //! - A stream reset gives back what it had not written, which h2 discards: dropped before it
@@ -72,7 +72,7 @@ impl Outflow {
     }
 
     /// Waits until stream `id` may hand h2 up to `want` bytes (`want > 0`); returns how many.
-    pub async fn reserve(&self, id: u32, want: usize) -> Result<usize, Refused> {
+    pub(super) async fn reserve(&self, id: u32, want: usize) -> Result<usize, Refused> {
         loop {
             let written = self.written.notified();
             tokio::pin!(written);
@@ -86,7 +86,7 @@ impl Outflow {
     }
 
     /// [`Self::reserve`] without waiting: `None` when the stream must wait for a write.
-    pub fn try_reserve(&self, id: u32, want: usize) -> Result<Option<usize>, Refused> {
+    pub(super) fn try_reserve(&self, id: u32, want: usize) -> Result<Option<usize>, Refused> {
         let mut s = self.state.lock();
         if s.closed {
             return Err(Refused::Closed);
@@ -130,7 +130,7 @@ impl Outflow {
     }
 
     /// Stream `id` was reset: h2 discards what it had not written.
-    pub fn abandon(&self, id: u32) {
+    pub(super) fn abandon(&self, id: u32) {
         let mut s = self.state.lock();
         if let Some(left) = s.streams.remove(&id) {
             s.held.give(left);
@@ -150,7 +150,8 @@ impl Outflow {
     }
 
     /// Bytes handed to h2 and not yet written.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.state.lock().held.mine()
     }
 }
@@ -177,18 +178,15 @@ impl<T> Metered<T> {
         }
     }
 
-    /// The transport underneath.
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
-
     /// Reads what h2 wrote (`sent`) or what the peer sent: each `DATA` payload written is
     /// given back, each stream reset either way abandoned.
     fn count(&mut self, mut bytes: &[u8], sent: bool) {
-        let (frames, outflow) = match sent {
-            true => (&mut self.sent, &self.outflow),
-            false => (&mut self.received, &self.outflow),
+        let frames = if sent {
+            &mut self.sent
+        } else {
+            &mut self.received
         };
+        let outflow = &self.outflow;
         while !bytes.is_empty() {
             let used = frames.feed(bytes, |e| match e {
                 Frame::Data { id, n, end } if sent => outflow.written(id, n, end),

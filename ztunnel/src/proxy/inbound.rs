@@ -41,7 +41,7 @@ use crate::hbone::answer::Answer;
 use crate::hbone::copy_tunnel;
 use crate::hbone::outflow::{Metered, Outflow};
 use crate::hbone::server::{self, ServerConn};
-use crate::identity::{self, Identity};
+use crate::identity::{self, Identity, WorkloadCert};
 use crate::metrics::End;
 use crate::refusal::Reason;
 
@@ -188,19 +188,9 @@ async fn handshakes(
         return None;
     }
     let dst_identity = pi.identity_of(&dst);
-    // Within the handshakes' deadline: a CA that does not answer holds no place for longer.
-    let cert = match tokio::time::timeout_at(deadline, pi.certs.fetch(&dst_identity)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, error = %e, "no certificate; tunnel refused");
-            reset(tcp);
-            return None;
-        }
-        Err(_) => {
-            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, "no certificate within the handshakes' deadline; tunnel refused");
-            reset(tcp);
-            return None;
-        }
+    let Some(cert) = destination_cert(pi, &dst_identity, deadline).await else {
+        reset(tcp);
+        return None;
     };
     let acceptor = TlsAcceptor::from(cert.server_config());
     let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
@@ -240,6 +230,27 @@ async fn handshakes(
     };
     let conn = Peer::admit(pi, peer, local, src, dst, dst_identity)?;
     Some((h2, conn, ServerConn::new(outflow)))
+}
+
+/// The certificate of a tunnel connection's destination, `dst`, if it comes by `deadline` (a
+/// CA that does not answer holds no handshake place for longer); else `None`, the refusal
+/// counted and logged. Either transport.
+pub(super) async fn destination_cert(
+    pi: &ProxyInputs,
+    dst: &Identity,
+    deadline: Instant,
+) -> Option<Arc<WorkloadCert>> {
+    match tokio::time::timeout_at(deadline, pi.certs.fetch(dst)).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst, error = %e, "no certificate; tunnel refused");
+            None
+        }
+        Err(_) => {
+            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst, "no certificate within the handshake's deadline; tunnel refused");
+            None
+        }
+    }
 }
 
 /// A tunnel connection's HTTP/2 ended on an error.

@@ -28,7 +28,7 @@ use http::StatusCode;
 use quinn::{Incoming, RecvStream, SendStream, VarInt};
 use tokio::time::Instant;
 
-use super::inbound::{serve_stream, track, Peer, HANDSHAKE_TIMEOUT};
+use super::inbound::{destination_cert, serve_stream, track, Peer, HANDSHAKE_TIMEOUT};
 use super::outcome::{refuse, Outcome};
 use super::{ProxyInputs, QuicListener, Scope};
 use crate::hbone::answer::Answer;
@@ -154,24 +154,14 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
     };
     drop(state);
     let dst_identity = pi.identity_of(&dst);
-    // Within the handshake's time: a CA that does not answer holds no place for longer.
-    let fetched = tokio::time::timeout(HANDSHAKE_TIMEOUT, pi.certs.fetch(&dst_identity)).await;
-    let config = match fetched.map(|r| {
-        r.map(|cert| {
-            quic::server_config(&cert.server_config(), pi.max_streams).map_err(|e| e.to_string())
-        })
-    }) {
-        Ok(Ok(Ok(c))) => Arc::new(c),
-        Ok(Ok(Err(e))) => {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let Some(cert) = destination_cert(&pi, &dst_identity, deadline).await else {
+        return incoming.refuse();
+    };
+    let config = match quic::server_config(&cert.server_config(), pi.max_streams) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
             crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, error = %e, "no QUIC configuration; tunnel refused");
-            return incoming.refuse();
-        }
-        Ok(Err(e)) => {
-            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, error = %e, "no certificate; tunnel refused");
-            return incoming.refuse();
-        }
-        Err(_) => {
-            crate::refused!(pi.metrics, Reason::InboundNoCertificate, identity = %dst_identity, "no certificate within the handshake's time; tunnel refused");
             return incoming.refuse();
         }
     };
