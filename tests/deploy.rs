@@ -43,6 +43,8 @@ use invariants::GENERIC;
 
 // The README's claims (no bed either), in this binary.
 mod claims;
+// The Helm chart's rendering, checked with the same invariants.
+mod helm;
 
 #[test]
 fn strict_parsing_reports_unknown_fields_by_path() {

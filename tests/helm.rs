@@ -28,12 +28,8 @@ use k8s_openapi::api::core::v1::Container;
 use serde_json::Value;
 use ztunnel_e2e::controlplane;
 
-#[path = "deploy/manifests.rs"]
-mod manifests;
-use manifests::*;
-#[path = "deploy/invariants.rs"]
-mod invariants;
-use invariants::{Node, GENERIC};
+use super::invariants::{self, Node, GENERIC};
+use super::manifests::*;
 
 /// The labels Helm's conventions put on every object's metadata and kustomize does not: which
 /// tool, which release and which chart version manage it. They are the only thing left out
