@@ -38,15 +38,29 @@ pub fn binary(name: &str) -> PathBuf {
             .filter(|n| n != "debug");
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--workspace", "--bins"]);
-        // Cargo gives a test process its own CARGO_* variables; passing them on would make
-        // build scripts that watch the environment rebuild (and the next plain build rebuild
-        // again). Build with the environment a shell would have.
+        // Cargo gives a test process variables of its own; passing them on would make build
+        // scripts that watch the environment rebuild (and the next plain build rebuild
+        // again). Build with the environment a shell would have: the user's settings
+        // (`CARGO_INCREMENTAL`, `CARGO_PROFILE_*`, ...) kept, so that this build is the one
+        // `cargo test` made, not a second one.
         cmd.env_clear();
         for (k, v) in std::env::vars_os() {
             let k_str = k.to_string_lossy();
-            let cargo_set = (k_str.starts_with("CARGO_")
-                && !matches!(&*k_str, "CARGO_HOME" | "CARGO_TARGET_DIR"))
-                || matches!(&*k_str, "OUT_DIR" | "RUST_TEST_THREADS" | "CARGO");
+            let cargo_set = k_str.starts_with("CARGO_PKG_")
+                || k_str.starts_with("CARGO_BIN_EXE_")
+                || matches!(
+                    &*k_str,
+                    "CARGO"
+                        | "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                        | "RUST_TEST_THREADS"
+                );
             if !cargo_set {
                 cmd.env(k, v);
             }
