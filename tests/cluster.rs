@@ -128,6 +128,20 @@ fn the_api_server_refuses_what_its_schema_can_tell_is_wrong() {
         (ap("bad-action", json!({"action": "PERMIT"})), "action"),
         (
             ap(
+                "accounts-beside-namespaces",
+                json!({"rules": [{"from": [{"source": {"namespaces": ["a"], "serviceAccounts": []}}]}]}),
+            ),
+            "cannot be set with principals or namespaces",
+        ),
+        (
+            ap(
+                "accounts-beside-principals",
+                json!({"rules": [{"from": [{"source": {"notPrincipals": ["td/ns/a/sa/b"], "notServiceAccounts": ["a/b"]}}]}]}),
+            ),
+            "cannot be set with principals or namespaces",
+        ),
+        (
+            ap(
                 "both-targets",
                 json!({"selector": {"matchLabels": {"app": "a"}},
                        "targetRef": {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "g"}}),
@@ -158,6 +172,10 @@ fn the_api_server_refuses_what_its_schema_can_tell_is_wrong() {
         ap("ok-block6", block_rule("fd00::/8")),
         // An address with a zone, as Istio takes it (the zone is dropped).
         ap("ok-zone", block_rule("fe80::1%eth0")),
+        ap(
+            "ok-accounts",
+            json!({"rules": [{"from": [{"source": {"serviceAccounts": ["a/b"], "notIpBlocks": ["10.0.0.1"]}}]}]}),
+        ),
         pa("ok-mode", json!({"mtls": {"mode": "DISABLE"}})),
     ]))
     .expect("the valid forms");

@@ -115,8 +115,14 @@ pub struct Provider {
 /// A list of strings in a policy; `ports` and `ipBlocks` lists are checked by the API server.
 type Strings = Vec<String>;
 
+/// The peer a rule matches. `serviceAccounts` and `notServiceAccounts` cannot be set beside
+/// `principals`, `namespaces` or their `not` forms, even empty, as in Istio's CRD.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.serviceAccounts) || has(self.notServiceAccounts)) || !(has(self.principals) || has(self.notPrincipals) || has(self.namespaces) || has(self.notNamespaces))",
+    "message": "serviceAccounts and notServiceAccounts cannot be set with principals or namespaces",
+}]))]
 pub struct Source {
     /// Peer identities `<trust-domain>/ns/<namespace>/sa/<service-account>`; `*` alone, as
     /// prefix or as suffix.
