@@ -365,6 +365,19 @@ pub(super) fn authorization(p: &AuthorizationPolicy) -> (Converted, PolicyStatus
             );
         }
     };
+    if effect == Effect::Deny && spec.rules.is_empty() {
+        // Istio's webhook refuses it; one that got past (no webhook) denies nothing in
+        // Istio's ztunnel, and nothing here.
+        return (
+            Converted::Ignored(scope),
+            PolicyStatus {
+                accepted: false,
+                fail_closed: false,
+                reason: "Invalid",
+                message: "a DENY without rules matches no connection (Istio's admission webhook refuses it): the policy denies nothing and is ignored; `rules: [{}]` denies every connection".into(),
+            },
+        );
+    }
     let mut groups = Vec::new();
     let mut notes = Vec::new();
     let mut http_all = BTreeSet::new();

@@ -353,6 +353,7 @@ fn sources_and_plaintext_peers() {
         ("AuthorizationPolicy reference: a rule {} matches everything", ap("web", "a", "{rules: [{}]}"), BASE.plain(), true),
         ("rbac.rs Authorization::matches: no rules match nothing (ALLOW denies all)", ap("web", "a", "{}"), BASE, false),
         ("rbac.rs: DENY without rules denies nothing", ap("web", "d", "{action: DENY}"), BASE, true),
+        ("rbac.rs: DENY with empty rules denies nothing", ap("web", "d", "{action: DENY, rules: []}"), BASE, true),
     ];
     run(cases);
 }
@@ -361,6 +362,7 @@ fn sources_and_plaintext_peers() {
 fn actions_scope_and_target_refs() {
     let cases: &[Case] = &[
         ("authz.go convertAuthorizationPolicy: AUDIT is not sent to ztunnel", ap("web", "x", "{action: AUDIT, rules: [{}]}"), BASE, true),
+        ("validation.go: a CUSTOM the webhook refuses is not enforced either", ap("web", "x", "{action: CUSTOM, provider: {name: ext}, rules: [{from: [{source: {namespaces: [web]}}]}]}"), BASE, true),
         (
             "authz.go: CUSTOM is not sent to ztunnel (even beside an ALLOW that would not match)",
             format!(
@@ -583,6 +585,40 @@ fn statuses() {
         (s.accepted, s.fail_closed, s.reason),
         (false, false, "UnsupportedValue")
     );
+    // Istio's webhook refuses a DENY without rules; it denies nothing, and says so.
+    for spec in ["{action: DENY}", "{action: DENY, rules: []}"] {
+        let s = one(ap("web", "d", spec));
+        assert_eq!(
+            (s.accepted, s.fail_closed, s.reason),
+            (false, false, "Invalid"),
+            "{spec}"
+        );
+        assert!(s.message.contains("denies nothing"), "{s:?}");
+    }
+    // validation.go: a CUSTOM the webhook refuses is Invalid, and ignored all the same.
+    for (spec, why) in [
+        ("{action: CUSTOM, provider: {name: ext}}", "without rules"),
+        ("{action: CUSTOM, rules: [{}]}", "provider.name"),
+        ("{action: CUSTOM, provider: {name: ''}, rules: [{}]}", "provider.name"),
+        ("{action: CUSTOM, provider: {name: ext}, rules: [{from: [{source: {principals: [a]}}]}]}", "principals"),
+        ("{action: CUSTOM, provider: {name: ext}, rules: [{from: [{source: {notServiceAccounts: [a]}}]}]}", "notServiceAccounts"),
+        ("{action: CUSTOM, provider: {name: ext}, rules: [{when: [{key: source.namespace, values: [a]}]}]}", "source.namespace"),
+        ("{action: CUSTOM, provider: {name: ext}, rules: [{when: [{key: request.auth.principal, values: [a]}]}]}", "request.auth.principal"),
+    ] {
+        let s = one(ap("web", "x", spec));
+        assert_eq!(
+            (s.accepted, s.fail_closed, s.reason),
+            (false, false, "Invalid"),
+            "{spec}"
+        );
+        assert!(s.message.contains(why), "{spec}: {s:?}");
+    }
+    let s = one(ap(
+        "web",
+        "x",
+        "{action: CUSTOM, provider: {name: ext}, rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}], when: [{key: source.ip, values: [10.0.0.1]}]}]}",
+    ));
+    assert_eq!((s.accepted, s.reason), (false, "UnsupportedValue"), "{s:?}");
     // Fail-closed: not accepted, says why.
     let s = one(ap(
         "web",

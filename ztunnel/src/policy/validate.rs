@@ -144,6 +144,9 @@ pub(super) fn validate(spec: &AuthorizationPolicySpec) -> Result<(), String> {
     if spec.provider.is_some() && spec.action != Action::Custom {
         return Err("provider is only for the CUSTOM action".into());
     }
+    if spec.action == Action::Custom {
+        custom(spec)?;
+    }
     for (i, r) in spec.rules.iter().enumerate() {
         let at = |e: String| format!("rule {i}: {e}");
         for f in &r.from {
@@ -222,6 +225,54 @@ pub(super) fn validate(spec: &AuthorizationPolicySpec) -> Result<(), String> {
                     _ => Err(format!("when: unknown or unsupported attribute {key}")),
                 };
                 check.map_err(at)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the webhook asks of a CUSTOM policy besides the rest: rules, a provider's name, and no
+/// source attribute that the external authorizer's filter cannot match on.
+fn custom(spec: &AuthorizationPolicySpec) -> Result<(), String> {
+    if spec.rules.is_empty() {
+        return Err("a CUSTOM policy without rules is never triggered".into());
+    }
+    if spec.provider.as_ref().is_none_or(|p| p.name.is_empty()) {
+        return Err("a CUSTOM policy needs provider.name".into());
+    }
+    for (i, r) in spec.rules.iter().enumerate() {
+        let unsupported =
+            |what: &str| Err(format!("rule {i}: {what} is not supported with CUSTOM"));
+        for f in &r.from {
+            let s = &f.source;
+            for (name, v) in [
+                ("namespaces", &s.namespaces),
+                ("notNamespaces", &s.not_namespaces),
+                ("serviceAccounts", &s.service_accounts),
+                ("notServiceAccounts", &s.not_service_accounts),
+                ("trustDomains", &s.trust_domains),
+                ("notTrustDomains", &s.not_trust_domains),
+                ("principals", &s.principals),
+                ("notPrincipals", &s.not_principals),
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+            ] {
+                if !v.is_empty() {
+                    return unsupported(name);
+                }
+            }
+        }
+        for w in &r.when {
+            let key = w.key.as_str();
+            if matches!(
+                key,
+                "source.namespace"
+                    | "source.serviceAccount"
+                    | "source.trustDomain"
+                    | "source.principal"
+            ) || key.starts_with("request.auth.")
+            {
+                return unsupported(key);
             }
         }
     }
