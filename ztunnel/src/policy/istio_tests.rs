@@ -455,6 +455,7 @@ fn unreadable_policies_fail_closed() {
         ("README: an unknown field fails closed", ap("web", "d", "{action: DENY, rules: [{from: [{source: {principalz: [x]}}]}]}"), BASE, false),
         ("README: an unreadable action fails closed as DENY", ap("web", "d", "{action: REJECT}"), BASE, false),
         ("validation.go: empty values are refused", ap("web", "d", "{action: DENY, rules: [{from: [{source: {namespaces: ['']}}]}]}"), BASE, false),
+        ("security.go ValidateIPs: a prefix length with a leading zero is refused, so this ALLOW matches nothing", ap("web", "a", "{rules: [{when: [{key: source.ip, values: ['10.0.0.0/08']}]}]}"), BASE, false),
         ("validation.go: unknown when key is refused", ap("web", "a", "{rules: [{when: [{key: destination.labels, values: [x]}]}]}"), BASE, false),
         ("validation.go: selector and targetRefs together are refused", ap("web", "d", "{action: DENY, selector: {matchLabels: {app: api}}, targetRefs: [{kind: Gateway, name: w}], rules: [{}]}"), BASE.labels("app=api"), false),
         ("validation.go: an empty from.source is refused", ap("web", "d", "{action: DENY, rules: [{from: [{source: {}}]}]}"), BASE, false),

@@ -41,14 +41,18 @@ impl StrMatch {
     }
 }
 
-/// An address block as istiod reads it (Go's `netip`): a CIDR (`a/n`) or one address, an IPv6
-/// one with or without a zone (`fe80::1%eth0`, the zone dropped); `None` for what istiod would
-/// skip (empty or unparsable).
+/// An address block as istiod reads it (Go's `netip`): a CIDR (`a/n`, `n` in decimal without
+/// a leading zero) or one address, an IPv6 one with or without a zone (`fe80::1%eth0`, the zone
+/// dropped); `None` for what istiod would skip (empty or unparsable).
 pub fn ip_block(s: &str) -> Option<IpNet> {
     if s.is_empty() {
         return None;
     }
-    if s.contains('/') {
+    if let Some((_, bits)) = s.split_once('/') {
+        let decimal = !bits.is_empty() && bits.bytes().all(|b| b.is_ascii_digit());
+        if !decimal || (bits.len() > 1 && bits.starts_with('0')) {
+            return None;
+        }
         return s.parse::<IpNet>().ok();
     }
     match s.split_once('%') {
@@ -155,7 +159,18 @@ mod tests {
         // Go's `netip.ParseAddr` takes an IPv6 zone (`AsSlice` drops it); not on IPv4, not
         // empty, and `ParsePrefix` takes none.
         assert_eq!(ip_block("fe80::1%eth0"), ip_block("fe80::1"));
-        for bad in ["fe80::1%", "10.0.0.1%eth0", "fe80::1%eth0/64", "%eth0"] {
+        // `ParsePrefix` takes the length in decimal, without a leading zero.
+        assert_eq!(ip_block("10.0.0.0/0").map(|n| n.prefix_len()), Some(0));
+        for bad in [
+            "fe80::1%",
+            "10.0.0.1%eth0",
+            "fe80::1%eth0/64",
+            "%eth0",
+            "10.0.0.0/08",
+            "10.0.0.0/+8",
+            "10.0.0.0/",
+            "fd00::/0128",
+        ] {
             assert_eq!(ip_block(bad), None, "{bad}");
         }
         assert_eq!(port("8080"), Some(8080));
