@@ -586,6 +586,25 @@ fn helm_install_creates_every_object_on_the_api_server() {
 
     // Uninstalled: every object deleted. No namespace controller runs here, so the namespace
     // itself stays terminating: it is asked to go, not gone.
+    // A CRD's finalizer lists its objects before the CRD goes. The API server builds a
+    // kind's watch cache on its first list and answers `429` until it is built, and it
+    // rebuilds the caches of a group whenever one of its CRDs goes; the finalizer then backs
+    // off exponentially, past a minute at times. Nothing here watches the kinds, as the
+    // daemons would: the test lists them itself, before the uninstall and while it waits.
+    let list_kind = |crd: &Value| {
+        let name = crd["metadata"]["name"].as_str().unwrap_or_default();
+        cp.kubectl(&["get", name, "--all-namespaces", "-o", "name"])
+            .is_ok()
+    };
+    for crd in gke
+        .iter()
+        .filter(|v| v["kind"] == "CustomResourceDefinition")
+    {
+        controlplane::wait_until("its kind listed", Duration::from_secs(30), || {
+            list_kind(crd)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    }
     run(&["uninstall", "ztunnel"]);
     for v in &gke {
         let what = describe(v);
@@ -598,6 +617,9 @@ fn helm_install_creates_every_object_on_the_api_server() {
             continue;
         }
         controlplane::wait_until(&format!("{what} deleted"), Duration::from_secs(60), || {
+            if v["kind"] == "CustomResourceDefinition" {
+                list_kind(v);
+            }
             on_server(v).is_none()
         })
         .unwrap_or_else(|e| {
