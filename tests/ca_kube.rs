@@ -254,7 +254,7 @@ fn chains_to(chain_pem: &[String], roots_pem: &str) -> bool {
     .unwrap();
     let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
-        Arc::new(rustls::crypto::ring::default_provider()),
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
     )
     .build()
     .unwrap();

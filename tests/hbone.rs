@@ -1,6 +1,7 @@
 //! HBONE between two real daemon processes on the test bed (see `harness/mesh.rs`): bulk
-//! integrity, half-close, bytes written before the tunnel is up, pooling and an unexpected
-//! server identity, each run over HTTP/2 and over QUIC (`for_each_transport!`); identity
+//! integrity, half-close, bytes written before the tunnel is up, pooling, an unexpected
+//! server identity and a `pqc-only` daemon's key exchange, each run over HTTP/2 and over QUIC
+//! (`for_each_transport!`); identity
 //! refusals, CONNECT validation, and a transfer across a certificate renewal; HBONE's forms and
 //! headers as Istio's gateways use them (`hbone/forms.rs`, also against Python's `h2`). Needs
 //! root, `ip`, `nft` and `python3` with `h2`.
@@ -16,6 +17,7 @@ use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::{expect_metric, metric};
 use ztunnel_e2e::for_each_transport;
 use ztunnel_e2e::mesh::{Mesh, NodeOptions, Wl, A_IP, B_IP, C_IP};
+use ztunnel_e2e::transport::Transport;
 
 #[path = "hbone/forms.rs"]
 mod forms;
@@ -220,6 +222,68 @@ for_each_transport! {
             log.contains(t.handshake_failed_log()),
             "b refused the handshake:\n{log}"
         );
+    }
+
+    /// `b` takes the post-quantum hybrid key exchange only (`--tls-key-exchange pqc-only`, as
+    /// Istio's `COMPLIANCE_POLICY=pqc`): `a`, on the default, tunnels to it, its first choice
+    /// being the hybrid; a peer of the mesh offering X25519 alone is refused at the handshake
+    /// and counted.
+    fn pqc_only_takes_the_hybrid_and_refuses_a_classical_peer(t: Transport) {
+        let mut b = t.server();
+        b.extra_args
+            .extend(["--tls-key-exchange".into(), "pqc-only".into()]);
+        let mesh = Mesh::builder().a(t.client()).b(b).start();
+        mesh.check_half_close_both_ways();
+        expect_metric(&Mesh::metrics(&mesh.a), "ztunnel_quic_fallbacks_total", &[], 0.0);
+        let refused = mesh.c.block_on(classical_handshake(mesh.ca_dir.clone(), t));
+        assert!(refused.is_err(), "b must refuse X25519 alone");
+        let labels = [("reason", "inbound_tls_handshake")];
+        let mb = Mesh::metrics_when(&mesh.b, "ztunnel_refusals_total", &labels, 1.0);
+        expect_metric(&mb, "ztunnel_refusals_total", &labels, 1.0);
+        expect_metric(&mb, t.accepted_metric(), &[], 1.0);
+        let log = mesh.b_daemon.log();
+        assert!(
+            log.contains(t.handshake_failed_log()),
+            "b logs the refused handshake:\n{log}"
+        );
+    }
+}
+
+/// A TLS handshake with `b`'s tunnel port on `t`, by a client holding a certificate of the
+/// mesh (from `ca_dir`) whose only key exchange is X25519, as a peer built on ring offers.
+async fn classical_handshake(ca_dir: std::path::PathBuf, t: Transport) -> Result<(), String> {
+    use std::sync::Arc;
+    let ca = LocalCa::load_or_create(&ca_dir, "cluster.local").unwrap();
+    let me: Identity = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+    let cert = issue(&ca, &me, Duration::from_secs(3600)).unwrap();
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+        ..(*ztunnel::identity::tls::provider()).clone()
+    };
+    let server: Identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+    let cfg = cert.client_config_with(Arc::new(provider), &[server]);
+    match t {
+        Transport::Http2 => {
+            let opts = ConnectOptions {
+                mark: None,
+                timeout: Duration::from_secs(5),
+            };
+            client::connect(quic_common::tunnel_addr(), cfg, opts)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+        Transport::Quic => {
+            let cfg = ztunnel::hbone::quic::client_config(&cfg).unwrap();
+            let ep = quic_common::client_endpoint();
+            // A connection made is dropped (so closed) before the endpoint waits to be idle.
+            let r = ztunnel::hbone::quic::connect(&ep, quic_common::tunnel_addr(), cfg)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string());
+            ep.wait_idle().await;
+            r
+        }
     }
 }
 

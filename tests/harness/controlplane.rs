@@ -716,11 +716,10 @@ impl ControlPlane {
         let signed = format!("{header}.{}", B64.encode(serde_json::to_vec(&claims)?));
         let key_pem = std::fs::read_to_string(self.dir.join("sa.key"))?;
         let der = pem::parse(key_pem)?;
-        let rng = ring::rand::SystemRandom::new();
-        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let key = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             der.contents(),
-            &rng,
         )
         .map_err(|e| anyhow::anyhow!("the signing key: {e}"))?;
         let sig = key

@@ -63,11 +63,11 @@ pub const TOKEN_FILE: &str = "admin-token";
 /// A fresh random token, written to `<dir>/admin-token` readable by its owner only (the file
 /// is replaced, never widened).
 pub fn write_token(dir: &std::path::Path) -> std::io::Result<String> {
-    use ring::rand::SecureRandom;
+    use aws_lc_rs::rand::SecureRandom;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut raw = [0u8; 32];
-    ring::rand::SystemRandom::new()
+    aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut raw)
         .map_err(|_| std::io::Error::other("no system randomness"))?;
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();

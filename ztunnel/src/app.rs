@@ -42,6 +42,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::identity::Error),
     #[error("cannot start the pod registry's thread: {0}")]
     Registry(std::io::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]
@@ -110,6 +112,8 @@ pub async fn start(
     cfg: &RunConfig,
     set_log_level: crate::admin::SetLogLevel,
 ) -> Result<Daemon, StartError> {
+    // Before any certificate makes a TLS configuration.
+    crate::identity::tls::use_key_exchange(cfg.tls_key_exchange)?;
     // Before discovery builds its first policy index.
     let roots = cfg.root_namespaces();
     if !crate::policy::set_root_namespaces(&roots) && crate::policy::root_namespaces() != roots {

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
+use crate::identity::tls::KeyExchange;
+
 mod ca;
 mod settings;
 mod tunnel;
@@ -94,6 +96,8 @@ pub enum CaptureMode {
 pub struct RunConfig {
     pub node_name: String,
     pub trust_domain: String,
+    /// The key exchanges of every TLS handshake (tunnels both ways, the remote CA).
+    pub tls_key_exchange: KeyExchange,
     /// The cluster's id, as Istio's telemetry reports it (`*_cluster` labels).
     pub cluster_id: String,
     /// Policies in this namespace apply to the whole mesh.
@@ -358,6 +362,7 @@ impl RunConfig {
         Ok(RunConfig {
             node_name,
             trust_domain: a.common.trust_domain,
+            tls_key_exchange: a.common.tls_key_exchange,
             cluster_id: a.cluster_id,
             root_namespace: a.root_namespace,
             istio_root_namespace,
@@ -413,9 +418,10 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} cluster_id={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} tls_key_exchange={} cluster_id={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
+            self.tls_key_exchange,
             self.cluster_id,
             self.root_namespace,
             match &self.istio_root_namespace {

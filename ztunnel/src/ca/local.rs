@@ -165,7 +165,7 @@ fn offset(t: SystemTime) -> time::OffsetDateTime {
 
 fn random_serial() -> SerialNumber {
     let mut b = [0u8; 16];
-    rustls::crypto::ring::default_provider()
+    rustls::crypto::aws_lc_rs::default_provider()
         .secure_random
         .fill(&mut b)
         .expect("system randomness");

@@ -63,6 +63,7 @@ pub async fn run(
     cfg: &CaConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    crate::identity::tls::use_key_exchange(cfg.tls_key_exchange)?;
     tokio::pin!(shutdown);
     let metrics = Arc::new(metrics::CaMetrics::default());
     let needs_api = matches!(cfg.material, CaMaterialSource::Secret(_))

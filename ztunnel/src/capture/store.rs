@@ -86,7 +86,7 @@ impl Store {
             Err(e) => return Err(e),
         }
         let mut secret = vec![0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut secret)
             .map_err(|_| io::Error::other("no randomness"))?;
         let tmp = self
             .dir

@@ -18,6 +18,7 @@ use super::settings::{
 };
 use super::{ConfigError, LogFormat};
 use crate::gate::Limits;
+use crate::identity::tls::KeyExchange;
 
 /// The CA's caps; [`Default`] is what `ztunnel ca` runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +128,8 @@ pub struct CaConfig {
     pub material: CaMaterialSource,
     pub listen: SocketAddr,
     pub trust_domain: String,
+    /// The key exchanges of the CA's TLS handshakes.
+    pub tls_key_exchange: KeyExchange,
     pub server_names: Vec<String>,
     pub authorizer: CaAuthorizer,
     pub max_lifetime: Duration,
@@ -287,6 +290,7 @@ impl CaConfig {
             material,
             listen: a.listen,
             trust_domain: a.common.trust_domain,
+            tls_key_exchange: a.common.tls_key_exchange,
             server_names: a.server_names.concat(),
             authorizer,
             max_lifetime: a.max_lifetime,
@@ -316,9 +320,10 @@ impl fmt::Display for CaConfig {
         };
         write!(
             f,
-            "{material} listen={} trust_domain={} server_names={:?} authorizer=[{authorizer}] max_lifetime={} peer_request_burst={} peer_request_refill={:?} max_connections={} max_connections_per_peer={} max_requests_in_flight={} max_requests_in_flight_per_peer={} handshake_timeout={} idle_timeout={} log_format={:?} log={}",
+            "{material} listen={} trust_domain={} tls_key_exchange={} server_names={:?} authorizer=[{authorizer}] max_lifetime={} peer_request_burst={} peer_request_refill={:?} max_connections={} max_connections_per_peer={} max_requests_in_flight={} max_requests_in_flight_per_peer={} handshake_timeout={} idle_timeout={} log_format={:?} log={}",
             self.listen,
             self.trust_domain,
+            self.tls_key_exchange,
             self.server_names,
             humantime::format_duration(self.max_lifetime),
             self.limits.burst,

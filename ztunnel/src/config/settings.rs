@@ -18,6 +18,7 @@ use clap::parser::ValueSource;
 use clap::{Arg, Args, Command, CommandFactory, FromArgMatches};
 
 use super::{ConfigError, LogFormat};
+use crate::identity::tls::KeyExchange;
 
 /// The environment, as a lookup: the process's in the binary, a table in tests.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -28,6 +29,15 @@ pub(super) struct CommonArgs {
     /// SPIFFE trust domain
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local", value_parser = trust_domain)]
     pub trust_domain: String,
+    /// Key exchanges of every TLS handshake: hybrid (X25519MLKEM768 first, classical groups
+    /// accepted) or pqc-only (X25519MLKEM768 only, as Istio's COMPLIANCE_POLICY=pqc)
+    #[arg(
+        long,
+        env = "ZTUNNEL_TLS_KEY_EXCHANGE",
+        value_enum,
+        default_value = "hybrid"
+    )]
+    pub tls_key_exchange: KeyExchange,
     /// Log format; the level comes from RUST_LOG
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

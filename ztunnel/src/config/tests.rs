@@ -23,6 +23,8 @@ const BASE: &[&str] = &["--node-name", "n1", "--discovery-file", "/m.yaml"];
 fn defaults() {
     let c = run(BASE, &[]).unwrap();
     assert_eq!(c.trust_domain, "cluster.local");
+    assert_eq!(c.tls_key_exchange, KeyExchange::Hybrid);
+    assert!(c.to_string().contains(" tls_key_exchange=hybrid "), "{c}");
     assert_eq!(c.ca, CaSource::Dir("/var/lib/ztunnel/ca".into()));
     assert_eq!(c.cert_lifetime, Duration::from_secs(86400));
     assert_eq!(c.inbound_addr.port(), 15008);
@@ -115,9 +117,18 @@ fn environment_and_flag_precedence() {
         ("ZTUNNEL_HOST_PROC", "/host/proc"),
         ("ZTUNNEL_WORKER_THREADS", "4"),
         ("ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT", "1500ms"),
+        ("ZTUNNEL_TLS_KEY_EXCHANGE", "pqc-only"),
     ];
     let c = run(&[], &env).unwrap();
     assert_eq!(c.worker_threads, 4);
+    assert_eq!(c.tls_key_exchange, KeyExchange::PqcOnly);
+    assert!(c.to_string().contains(" tls_key_exchange=pqc-only "), "{c}");
+    assert_eq!(
+        run(&["--tls-key-exchange", "hybrid"], &env)
+            .unwrap()
+            .tls_key_exchange,
+        KeyExchange::Hybrid
+    );
     assert_eq!(
         c.tunnel.tls_first_bytes_timeout,
         Duration::from_millis(1500)
@@ -189,6 +200,11 @@ fn invalid_values() {
         ),
         (&["--trust-domain", "Bad Domain"], &[], "invalid --trust-domain"),
         (&["--quic-listen", "yes"], &[], "invalid --quic-listen"),
+        (
+            &[],
+            &[("ZTUNNEL_TLS_KEY_EXCHANGE", "x25519")],
+            "hybrid or pqc-only",
+        ),
         (
             &[],
             &[("ZTUNNEL_QUIC_DESTINATIONS", "10.0.0.0/8,pods")],
@@ -332,6 +348,7 @@ fn ca_config() {
     let c = CaConfig::from_sources(args, &|k| env.get(k).cloned()).unwrap();
     assert_eq!(c.server_names, ["a.svc", "b.svc"]);
     assert_eq!(c.listen.port(), 15012);
+    assert_eq!(c.tls_key_exchange, KeyExchange::Hybrid);
     assert_eq!(c.limits, CaLimits::default());
     assert_eq!(
         (c.limits.burst.get(), c.limits.refill),
@@ -346,9 +363,14 @@ fn ca_config() {
             "--peer-request-burst",
             "10",
         ],
-        &[("ZTUNNEL_CA_PEER_REQUEST_RATE", "4")],
+        &[
+            ("ZTUNNEL_CA_PEER_REQUEST_RATE", "4"),
+            ("ZTUNNEL_TLS_KEY_EXCHANGE", "pqc-only"),
+        ],
     )
     .unwrap();
+    assert_eq!(c.tls_key_exchange, KeyExchange::PqcOnly);
+    assert!(c.to_string().contains(" tls_key_exchange=pqc-only "), "{c}");
     assert_eq!(
         (c.limits.burst.get(), c.limits.refill),
         (10, Duration::from_millis(250))

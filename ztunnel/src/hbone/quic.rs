@@ -131,7 +131,7 @@ pub enum Fallback {
 static NODE_KEYS: OnceLock<NodeKeys> = OnceLock::new();
 
 struct NodeKeys {
-    reset: Arc<ring::hmac::Key>,
+    reset: Arc<aws_lc_rs::hmac::Key>,
     /// Signs the connection IDs endpoints hand out, so that the next daemon recognises the
     /// old one's as valid (it drops packets whose IDs it does not, without a reset).
     cid: u64,
@@ -145,9 +145,10 @@ struct NodeKeys {
 /// gone, instead of waiting out the idle timeout. Without it each process has random keys.
 /// Only the first call counts.
 pub fn use_reset_secret(secret: &[u8]) {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    let derive = |label: &[u8]| ring::hmac::sign(&key, label);
-    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derive(b"quic reset").as_ref());
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+    let derive = |label: &[u8]| aws_lc_rs::hmac::sign(&key, label);
+    let reset =
+        aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, derive(b"quic reset").as_ref());
     let mut cid = [0u8; 8];
     cid.copy_from_slice(&derive(b"quic cid").as_ref()[..8]);
     let _ = NODE_KEYS.set(NodeKeys {
@@ -548,13 +549,11 @@ pub fn placeholder_server_config() -> quinn::ServerConfig {
             None
         }
     }
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .expect("ring supports TLS 1.3")
-    .with_no_client_auth()
-    .with_cert_resolver(Arc::new(NoCertificate));
+    let tls = rustls::ServerConfig::builder_with_provider(crate::identity::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the provider supports TLS 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate));
     server_config(&tls, 1).expect("a TLS 1.3 configuration suits QUIC")
 }
 

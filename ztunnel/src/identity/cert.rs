@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -165,25 +166,39 @@ impl WorkloadCert {
     /// The TLS server configuration presenting this certificate (built once).
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server_config
-            .get_or_init(|| {
-                Arc::new(
-                    tls::server_config(
-                        self.chain.clone(),
-                        self.key.clone_key(),
-                        self.roots.clone(),
-                        self.identity.trust_domain(),
-                    )
-                    .expect("a validated certificate makes a valid server config"),
-                )
-            })
+            .get_or_init(|| self.server_config_with(tls::provider()))
             .clone()
+    }
+
+    /// [`Self::server_config`] on another crypto provider (other key exchanges), built anew.
+    pub fn server_config_with(&self, provider: Arc<CryptoProvider>) -> Arc<ServerConfig> {
+        Arc::new(
+            tls::server_config(
+                provider,
+                self.chain.clone(),
+                self.key.clone_key(),
+                self.roots.clone(),
+                self.identity.trust_domain(),
+            )
+            .expect("a validated certificate makes a valid server config"),
+        )
     }
 
     /// A TLS client configuration presenting this certificate and accepting only a server
     /// whose identity is in `expected`.
     pub fn client_config(&self, expected: &[Identity]) -> Arc<ClientConfig> {
+        self.client_config_with(tls::provider(), expected)
+    }
+
+    /// [`Self::client_config`] on another crypto provider (other key exchanges).
+    pub fn client_config_with(
+        &self,
+        provider: Arc<CryptoProvider>,
+        expected: &[Identity],
+    ) -> Arc<ClientConfig> {
         Arc::new(
             tls::client_config(
+                provider,
                 self.chain.clone(),
                 self.key.clone_key(),
                 self.roots.clone(),

@@ -1,6 +1,9 @@
 //! The TLS configurations of the tunnel, both ends, as DESIGN.md fixes them: TLS 1.3 only,
 //! AES-256-GCM and AES-128-GCM suites, ALPN `h2` (a server also accepts no ALPN), no SNI,
-//! no session resumption (every handshake checks identity anew), and mutual authentication:
+//! no session resumption (every handshake checks identity anew), and mutual authentication.
+//! The crypto is aws-lc-rs, whose key exchanges include the post-quantum hybrid
+//! X25519MLKEM768: it is preferred, and classical groups are taken from peers without it unless
+//! the process runs [`KeyExchange::PqcOnly`] ([`use_key_exchange`]). The checks:
 //!
 //! - server: the client's chain must end in our roots, and one of its leaf's URI SANs must be a
 //!   SPIFFE ID in our trust domain: the first such is the client's identity;
@@ -15,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::{CryptoProvider, SupportedKxGroup, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
@@ -28,18 +31,85 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use super::leaf::{leaf_identities, leaf_identity_in};
 use super::{Error, Identity};
 
-/// The crypto provider of the tunnel: ring with only the two AES-GCM TLS 1.3 suites.
+/// Which key exchanges a TLS handshake of this process offers and accepts
+/// ([`use_key_exchange`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyExchange {
+    /// The post-quantum hybrid X25519MLKEM768 first, then X25519, P-256 and P-384 for peers
+    /// without it: two daemons of this project, or one and an Istio ztunnel built on
+    /// aws-lc-rs, agree on the hybrid.
+    #[default]
+    Hybrid,
+    /// X25519MLKEM768 only, as Istio's `COMPLIANCE_POLICY=pqc`: a peer without it is refused.
+    PqcOnly,
+}
+
+impl KeyExchange {
+    /// The groups, most preferred first: a client sends a key share for the first (and for its
+    /// X25519 half), and a server takes the first of these the client has a share for.
+    fn groups(self) -> Vec<&'static dyn SupportedKxGroup> {
+        use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, SECP384R1, X25519, X25519MLKEM768};
+        match self {
+            KeyExchange::Hybrid => vec![X25519MLKEM768, X25519, SECP256R1, SECP384R1],
+            KeyExchange::PqcOnly => vec![X25519MLKEM768],
+        }
+    }
+}
+
+impl std::fmt::Display for KeyExchange {
+    /// As the flag spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
+
+static KEY_EXCHANGE: OnceLock<KeyExchange> = OnceLock::new();
+
+/// Makes every TLS configuration this process builds from now on use `kx` (the default is
+/// [`KeyExchange::Hybrid`]): the daemon's and the CA's own ([`provider`]), and those that
+/// libraries build on the process's default provider (the Kubernetes client), which keeps
+/// aws-lc-rs's other suites and TLS 1.2 for servers that need them. Called once at start,
+/// before any TLS configuration is built; an error if the process already settled on another.
+pub fn use_key_exchange(kx: KeyExchange) -> Result<(), Error> {
+    match *KEY_EXCHANGE.get_or_init(|| kx) {
+        settled if settled == kx => {
+            // Only the first install counts; a later call installs the same.
+            let _ = CryptoProvider {
+                kx_groups: kx.groups(),
+                ..rustls::crypto::aws_lc_rs::default_provider()
+            }
+            .install_default();
+            Ok(())
+        }
+        settled => Err(Error::Tls(format!(
+            "the key exchange is already {settled}, not {kx}"
+        ))),
+    }
+}
+
+/// The crypto provider of every TLS connection of the daemon and the CA: aws-lc-rs with only
+/// the two AES-GCM TLS 1.3 suites, and the key exchanges of [`use_key_exchange`].
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| {
-        let mut p = rustls::crypto::ring::default_provider();
-        p.cipher_suites = vec![
-            rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        ];
-        Arc::new(p)
+    P.get_or_init(|| provider_for(*KEY_EXCHANGE.get_or_init(KeyExchange::default)))
+        .clone()
+}
+
+/// The provider of [`provider`] for the key exchanges `kx`.
+pub fn provider_for(kx: KeyExchange) -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        kx_groups: kx.groups(),
+        ..default_provider()
     })
-    .clone()
 }
 
 const ALPN_H2: &[u8] = ztunnel_proto::hbone::ALPN_H2;
@@ -180,14 +250,14 @@ impl ServerCertVerifier for ServerVerifier {
     }
 }
 
-/// The tunnel server's TLS configuration.
+/// The tunnel server's TLS configuration, on `provider` ([`provider`] in the daemon).
 pub fn server_config(
+    provider: Arc<CryptoProvider>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
     trust_domain: &str,
 ) -> Result<ServerConfig, Error> {
-    let provider = provider();
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| Error::Tls(e.to_string()))?;
@@ -205,14 +275,14 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// The tunnel client's TLS configuration.
+/// The tunnel client's TLS configuration, on `provider` ([`provider`] in the daemon).
 pub fn client_config(
+    provider: Arc<CryptoProvider>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
     expected: Vec<Identity>,
 ) -> Result<ClientConfig, Error> {
-    let provider = provider();
     let verifier = Arc::new(ServerVerifier {
         roots,
         expected,
@@ -498,5 +568,121 @@ mod tests {
             c.unwrap_or_else(|e| panic!("{} to {}: {e}", client.identity, server.identity));
             assert_eq!(s.unwrap(), client.identity);
         }
+    }
+
+    /// The group a handshake between `client` and `server` agrees on, as each end reports it;
+    /// `Err` when the client's handshake fails.
+    async fn agreed_group(
+        client: Arc<ClientConfig>,
+        server: Arc<ServerConfig>,
+    ) -> Result<rustls::NamedGroup, String> {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let group = |conn: &rustls::CommonState| {
+            conn.negotiated_key_exchange_group()
+                .map(|g| g.name())
+                .ok_or("no group")
+        };
+        let server = async move {
+            let tls = TlsAcceptor::from(server).accept(s).await;
+            tls.map_err(|e| e.to_string())
+                .and_then(|tls| Ok(group(tls.get_ref().1)?))
+        };
+        let client = async move {
+            let name = ServerName::try_from("10.0.0.1").unwrap();
+            let tls = TlsConnector::from(client).connect(name, c).await;
+            tls.map_err(|e| e.to_string())
+                .and_then(|tls| Ok(group(tls.get_ref().1)?))
+        };
+        let (c, s) = tokio::join!(client, server);
+        if let Ok(g) = &c {
+            assert_eq!(s.as_ref(), Ok(g), "both ends agree");
+        }
+        c
+    }
+
+    /// Both ends prefer the post-quantum hybrid and take a classical group from a peer without
+    /// it (Istio's ztunnel built on ring offers X25519, its FIPS builds P-256 and P-384);
+    /// `pqc-only` takes nothing else, either way.
+    #[tokio::test]
+    async fn key_exchanges_prefer_the_hybrid_and_pqc_only_takes_nothing_else() {
+        use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, SECP384R1, X25519, X25519MLKEM768};
+        use rustls::NamedGroup as G;
+        let cas = cas();
+        let client = issue(&cas.main, &id("spiffe://cluster.local/ns/a/sa/client"), DAY).unwrap();
+        let server = issue(&cas.main, &id("spiffe://cluster.local/ns/b/sa/server"), DAY).unwrap();
+        let hybrid = || provider_for(KeyExchange::Hybrid);
+        let pqc_only = || provider_for(KeyExchange::PqcOnly);
+        let only = |groups: Vec<&'static dyn SupportedKxGroup>| {
+            Arc::new(CryptoProvider {
+                kx_groups: groups,
+                ..(*hybrid()).clone()
+            })
+        };
+        let cases = [
+            (
+                "hybrid both ends",
+                hybrid(),
+                hybrid(),
+                Some(G::X25519MLKEM768),
+            ),
+            (
+                "an X25519 client",
+                only(vec![X25519]),
+                hybrid(),
+                Some(G::X25519),
+            ),
+            (
+                "a P-256 and P-384 client",
+                only(vec![SECP256R1, SECP384R1]),
+                hybrid(),
+                Some(G::secp256r1),
+            ),
+            (
+                "an X25519 server",
+                hybrid(),
+                only(vec![X25519]),
+                Some(G::X25519),
+            ),
+            (
+                "pqc-only server",
+                hybrid(),
+                pqc_only(),
+                Some(G::X25519MLKEM768),
+            ),
+            (
+                "pqc-only client",
+                pqc_only(),
+                hybrid(),
+                Some(G::X25519MLKEM768),
+            ),
+            (
+                "an X25519 client, pqc-only server",
+                only(vec![X25519]),
+                pqc_only(),
+                None,
+            ),
+            (
+                "pqc-only client, an X25519 server",
+                pqc_only(),
+                only(vec![X25519]),
+                None,
+            ),
+            (
+                "a client with the hybrid last",
+                only(vec![X25519, X25519MLKEM768]),
+                pqc_only(),
+                Some(G::X25519MLKEM768),
+            ),
+        ];
+        for (what, c, s, want) in cases {
+            let cfg = client.client_config_with(c, std::slice::from_ref(&server.identity));
+            let got = agreed_group(cfg, server.server_config_with(s)).await;
+            match want {
+                Some(g) => assert_eq!(got, Ok(g), "{what}"),
+                None => assert!(got.is_err(), "{what}: {got:?}"),
+            }
+        }
+        // The process's provider is the hybrid one unless told otherwise.
+        assert_eq!(provider().kx_groups[0].name(), G::X25519MLKEM768);
     }
 }
