@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Container;
 use serde_json::Value;
+use ztunnel::identity::tls::KeyExchange;
 use ztunnel_e2e::controlplane;
 
 use super::invariants::{self, Node, GENERIC};
@@ -260,7 +261,7 @@ fn helm_lint_passes_for_the_defaults_and_every_profile() {
     }
     // The values' schema refuses a platform the chart does not know, and a misspelt key,
     // in lint and in every rendering.
-    for set in ["platform=eks", "plaform=gke"] {
+    for set in ["platform=eks", "plaform=gke", "tls.keyExchange=x25519"] {
         let out = helm(None, &["lint", "--strict", &chart, "--set", set]);
         assert!(!out.status.success(), "{set} passed lint");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -397,6 +398,7 @@ fn every_value_reaches_the_objects() {
         "ca.nodeSelector.pool=control",
         "istioCompat.enabled=true",
         "istioCompat.rootNamespace=mesh-root",
+        "tls.keyExchange=pqc-only",
         "resourceQuota.enabled=true",
         "resourceQuota.pods=300",
         "securityContextConstraints.enabled=true",
@@ -486,6 +488,13 @@ fn every_value_reaches_the_objects() {
     );
     let cfg = daemon_config(daemon);
     assert_eq!(cfg.istio_root_namespace.as_deref(), Some("mesh-root"));
+    assert_eq!(cfg.tls_key_exchange, KeyExchange::PqcOnly);
+    assert_eq!(
+        env_of(container(ca_spec, "ca"))
+            .get("ZTUNNEL_TLS_KEY_EXCHANGE")
+            .map(String::as_str),
+        Some("pqc-only")
+    );
     let hard = o.resource_quotas[0].spec.as_ref().unwrap().hard.clone();
     assert_eq!(hard.unwrap()["pods"].0, "300");
     named(&o.cluster_roles, "ztunnel-scc");
