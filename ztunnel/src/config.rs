@@ -96,7 +96,8 @@ pub enum CaptureMode {
 pub struct RunConfig {
     pub node_name: String,
     pub trust_domain: String,
-    /// The key exchanges of every TLS handshake (tunnels both ways, the remote CA).
+    /// The key exchanges of every TLS handshake (tunnels both ways, the remote CA, the
+    /// Kubernetes API).
     pub tls_key_exchange: KeyExchange,
     /// The cluster's id, as Istio's telemetry reports it (`*_cluster` labels).
     pub cluster_id: String,

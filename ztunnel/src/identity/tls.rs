@@ -75,18 +75,25 @@ static KEY_EXCHANGE: OnceLock<KeyExchange> = OnceLock::new();
 /// aws-lc-rs's other suites and TLS 1.2 for servers that need them. Called once at start,
 /// before any TLS configuration is built; an error if the process already settled on another.
 pub fn use_key_exchange(kx: KeyExchange) -> Result<(), Error> {
-    match *KEY_EXCHANGE.get_or_init(|| kx) {
-        settled if settled == kx => {
-            // Only the first install counts; a later call installs the same.
-            let _ = CryptoProvider {
-                kx_groups: kx.groups(),
-                ..rustls::crypto::aws_lc_rs::default_provider()
-            }
-            .install_default();
-            Ok(())
-        }
-        settled => Err(Error::Tls(format!(
+    let settled = *KEY_EXCHANGE.get_or_init(|| kx);
+    if settled != kx {
+        return Err(Error::Tls(format!(
             "the key exchange is already {settled}, not {kx}"
+        )));
+    }
+    // Only the first install counts: a default installed before this one must have the same
+    // groups, or the libraries' handshakes would not follow the setting.
+    let _ = CryptoProvider {
+        kx_groups: kx.groups(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    }
+    .install_default();
+    let names =
+        |groups: &[&dyn SupportedKxGroup]| -> Vec<_> { groups.iter().map(|g| g.name()).collect() };
+    match CryptoProvider::get_default() {
+        Some(p) if names(&p.kx_groups) == names(&kx.groups()) => Ok(()),
+        _ => Err(Error::Tls(format!(
+            "the process's default TLS provider was set before the key exchange ({kx})"
         ))),
     }
 }
@@ -684,5 +691,22 @@ mod tests {
         }
         // The process's provider is the hybrid one unless told otherwise.
         assert_eq!(provider().kx_groups[0].name(), G::X25519MLKEM768);
+    }
+
+    /// The setting is the process's: its own provider and the default one that libraries
+    /// build on follow it, and another setting later is refused rather than half applied.
+    #[test]
+    fn the_key_exchange_is_settled_once_for_the_whole_process() {
+        use_key_exchange(KeyExchange::Hybrid).unwrap();
+        use_key_exchange(KeyExchange::Hybrid).unwrap();
+        let e = use_key_exchange(KeyExchange::PqcOnly).unwrap_err();
+        assert!(e.to_string().contains("already hybrid"), "{e}");
+        let default = CryptoProvider::get_default().unwrap();
+        assert_eq!(
+            default.kx_groups[0].name(),
+            rustls::NamedGroup::X25519MLKEM768
+        );
+        assert_eq!(default.kx_groups.len(), 4);
+        assert_eq!(KeyExchange::PqcOnly.to_string(), "pqc-only");
     }
 }
