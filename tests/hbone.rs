@@ -1,10 +1,10 @@
 //! HBONE between two real daemon processes on the test bed (see `harness/mesh.rs`): bulk
 //! integrity, half-close, bytes written before the tunnel is up, pooling, an unexpected
 //! server identity and a `pqc-only` daemon's key exchange, each run over HTTP/2 and over QUIC
-//! (`for_each_transport!`); identity
-//! refusals, CONNECT validation, and a transfer across a certificate renewal; HBONE's forms and
-//! headers as Istio's gateways use them (`hbone/forms.rs`, also against Python's `h2`). Needs
-//! root, `ip`, `nft` and `python3` with `h2`.
+//! (`for_each_transport!`); identity refusals, CONNECT validation, and a transfer across a
+//! certificate renewal; HBONE's forms and headers as Istio's gateways use them
+//! (`hbone/forms.rs`, also against Python's `h2`). Needs root, `ip`, `nft` and `python3` with
+//! `h2`.
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -63,13 +63,10 @@ pub const TOKEN_FILE: &str = "admin-token";
 /// A fresh random token, written to `<dir>/admin-token` readable by its owner only (the file
 /// is replaced, never widened).
 pub fn write_token(dir: &std::path::Path) -> std::io::Result<String> {
-    use aws_lc_rs::rand::SecureRandom;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut raw = [0u8; 32];
-    aws_lc_rs::rand::SystemRandom::new()
-        .fill(&mut raw)
-        .map_err(|_| std::io::Error::other("no system randomness"))?;
+    aws_lc_rs::rand::fill(&mut raw).map_err(|_| std::io::Error::other("no system randomness"))?;
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     std::fs::create_dir_all(dir)?;
     let path = dir.join(TOKEN_FILE);

@@ -165,10 +165,7 @@ fn offset(t: SystemTime) -> time::OffsetDateTime {
 
 fn random_serial() -> SerialNumber {
     let mut b = [0u8; 16];
-    rustls::crypto::aws_lc_rs::default_provider()
-        .secure_random
-        .fill(&mut b)
-        .expect("system randomness");
+    aws_lc_rs::rand::fill(&mut b).expect("system randomness");
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // no leading zero byte
     SerialNumber::from_slice(&b)

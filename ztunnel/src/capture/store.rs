@@ -86,8 +86,7 @@ impl Store {
             Err(e) => return Err(e),
         }
         let mut secret = vec![0u8; 32];
-        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut secret)
-            .map_err(|_| io::Error::other("no randomness"))?;
+        aws_lc_rs::rand::fill(&mut secret).map_err(|_| io::Error::other("no randomness"))?;
         let tmp = self
             .dir
             .join(format!("quic-reset-key.{}.tmp", std::process::id()));

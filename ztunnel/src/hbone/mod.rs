@@ -124,7 +124,7 @@ pub fn new_traceparent() -> String {
     thread_local! {
         static STATE: Cell<u64> = Cell::new({
             let mut seed = [0u8; 8];
-            let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut seed);
+            let _ = aws_lc_rs::rand::fill(&mut seed);
             u64::from_ne_bytes(seed) | 1
         });
     }
