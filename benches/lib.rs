@@ -164,7 +164,7 @@ impl Fixture {
                 mark: None,
                 timeout: Duration::from_secs(5),
             };
-            let certs = ztunnel::identity::CertManager::new(ca.clone(), DAY);
+            let certs = ztunnel::identity::CertManager::new(ca.clone(), DAY, Default::default());
             let (_tx, draining) = tokio::sync::watch::channel(false);
             std::mem::forget(_tx);
             // The daemon's own handlers on both sides; a table stands in for the capture

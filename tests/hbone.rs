@@ -1,6 +1,7 @@
 //! HBONE between two real daemon processes on the test bed (see `harness/mesh.rs`): bulk
 //! integrity, half-close, bytes written before the tunnel is up, pooling, an unexpected
-//! server identity and a `pqc-only` daemon's key exchange, each run over HTTP/2 and over QUIC
+//! server identity, a `pqc-only` daemon's key exchange and revocation lists published while
+//! tunnels are open (`revocation.rs`), each run over HTTP/2 and over QUIC
 //! (`for_each_transport!`); identity refusals, CONNECT validation, and a transfer across a
 //! certificate renewal; HBONE's forms and headers as Istio's gateways use them
 //! (`hbone/forms.rs`, also against Python's `h2`). Needs root, `ip`, `nft` and `python3` with
@@ -32,6 +33,7 @@ mod quic_peers;
 mod quic_common;
 mod refusals;
 mod renewal;
+mod revocation;
 
 const MIB: usize = 1024 * 1024;
 

@@ -261,7 +261,12 @@ fn helm_lint_passes_for_the_defaults_and_every_profile() {
     }
     // The values' schema refuses a platform the chart does not know, and a misspelt key,
     // in lint and in every rendering.
-    for set in ["platform=eks", "plaform=gke", "tls.keyExchange=x25519"] {
+    for set in [
+        "platform=eks",
+        "plaform=gke",
+        "tls.keyExchange=x25519",
+        "tls.crlConfigMap=Not_A_Name",
+    ] {
         let out = helm(None, &["lint", "--strict", &chart, "--set", set]);
         assert!(!out.status.success(), "{set} passed lint");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -399,6 +404,7 @@ fn every_value_reaches_the_objects() {
         "istioCompat.enabled=true",
         "istioCompat.rootNamespace=mesh-root",
         "tls.keyExchange=pqc-only",
+        "tls.crlConfigMap=mesh-crl",
         "resourceQuota.enabled=true",
         "resourceQuota.pods=300",
         "securityContextConstraints.enabled=true",
@@ -489,6 +495,12 @@ fn every_value_reaches_the_objects() {
     let cfg = daemon_config(daemon);
     assert_eq!(cfg.istio_root_namespace.as_deref(), Some("mesh-root"));
     assert_eq!(cfg.tls_key_exchange, KeyExchange::PqcOnly);
+    // The revocation lists: the ConfigMap's key, mounted where the daemon reads them.
+    let crl = cfg.crl_path.expect("the daemon reads revocation lists");
+    let (_, v, rest) = mount_for(ds, daemon, &crl);
+    let cm = v.config_map.as_ref().expect("a ConfigMap volume");
+    assert_eq!((cm.name.as_str(), cm.optional), ("mesh-crl", Some(true)));
+    assert_eq!(rest, Path::new("ca-crl.pem"));
     assert_eq!(
         env_of(container(ca_spec, "ca"))
             .get("ZTUNNEL_TLS_KEY_EXCHANGE")

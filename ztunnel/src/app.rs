@@ -19,6 +19,7 @@ use crate::capture::{pods::Pods, rules, server as enrollment, store::Store};
 use crate::config::{CaSource, CaptureMode, DiscoverySource, RunConfig};
 use crate::discovery::{self, Discovery};
 use crate::hbone::pool::{Pool, PoolSettings, QuicSettings};
+use crate::identity::crl::{CrlError, CrlFile, Revocation};
 use crate::identity::{CertManager, CertSigner, Identity, SignError};
 use crate::metrics::{IdentityLabels, Metrics};
 use crate::net::{self, ConnectOptions};
@@ -44,6 +45,8 @@ pub enum StartError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] crate::identity::Error),
+    #[error("revocation lists: {0}")]
+    Crl(#[from] CrlError),
     #[error("cannot start the pod registry's thread: {0}")]
     Registry(std::io::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]
@@ -147,10 +150,19 @@ pub async fn start(
             .await?
         }
     };
-    let certs = CertManager::new(signer(cfg)?, cfg.cert_lifetime);
+    let (crl_file, revocation, crl_lists) = match &cfg.crl_path {
+        None => (None, Revocation::default(), 0),
+        Some(path) => {
+            let (file, crls) = CrlFile::open(path)?;
+            let n = crls.len();
+            (Some(file), Revocation::new(crls), n)
+        }
+    };
+    let certs = CertManager::new(signer(cfg)?, cfg.cert_lifetime, revocation.clone());
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
+    metrics.crl_lists.set(crl_lists as i64);
     let connect = ConnectOptions {
         mark: Some(crate::hbone::consts::SOCKET_MARK),
         timeout: cfg.connect_timeout,
@@ -299,6 +311,9 @@ pub async fn start(
     }
     tasks.push(tokio::spawn(crate::alloc::trim_periodically()));
     tasks.push(tokio::spawn(reevaluate_on_change(disc.clone(), pi.clone())));
+    if let Some(file) = crl_file {
+        tasks.push(tokio::spawn(reload_crls(file, revocation, pi.clone())));
+    }
     tasks.push(tokio::spawn(report_certificates(certs.clone(), pi.clone())));
     tasks.push(tokio::spawn(keep_certificates(
         disc,
@@ -388,6 +403,33 @@ async fn reevaluate_on_change(mut disc: Discovery, pi: Arc<ProxyInputs>) {
                 closed,
                 "policy change: established connections now denied are closed"
             );
+        }
+    }
+}
+
+/// How often the revocation file is read again.
+const CRL_POLL: Duration = Duration::from_secs(2);
+
+/// Reads the revocation file every [`CRL_POLL`]; when it changed and parses, puts its lists in
+/// force (new handshakes are checked against them, and the tunnel connections they revoke
+/// close on their own) and closes the proxied connections whose peer they revoke. A file
+/// that cannot be read or parsed is counted and logged, and the lists in force are kept.
+async fn reload_crls(mut file: CrlFile, revocation: Revocation, pi: Arc<ProxyInputs>) {
+    loop {
+        tokio::time::sleep(CRL_POLL).await;
+        match file.reread().await {
+            Ok(None) => {}
+            Ok(Some(crls)) => {
+                let lists = crls.len();
+                revocation.replace(crls);
+                pi.metrics.crl_lists.set(lists as i64);
+                let closed = pi.connections.revoke();
+                tracing::info!(path = %file.path().display(), lists, closed, "revocation lists reloaded");
+            }
+            Err(e) => {
+                pi.metrics.crl_refused.inc();
+                tracing::warn!(error = %e, "revocation file refused; the lists in force are kept");
+            }
         }
     }
 }

@@ -110,6 +110,8 @@ pub struct RunConfig {
     pub discovery: DiscoverySource,
     pub ca: CaSource,
     pub cert_lifetime: Duration,
+    /// The certificate revocation lists' file, read again when it changes; `None`: no lists.
+    pub crl_path: Option<PathBuf>,
     pub capture: CaptureMode,
     /// Holds the enrollment socket and the enrolled pods' records.
     pub state_dir: PathBuf,
@@ -207,6 +209,10 @@ struct RunArgs {
     /// File holding the bearer token for the remote CA
     #[arg(long, env = "ZTUNNEL_CA_TOKEN_FILE", value_parser = path)]
     ca_token_file: Option<PathBuf>,
+    /// Certificate revocation lists (PEM or DER) that peers' chains are checked against,
+    /// read again when the file changes; unset: none
+    #[arg(long, env = "ZTUNNEL_CRL_PATH", value_parser = path)]
+    crl_path: Option<PathBuf>,
     /// Workload certificate lifetime, renewed at half-life
     #[arg(long, env = "ZTUNNEL_CERT_LIFETIME", default_value = "24h",
           value_parser = at_least(Duration::from_secs(2)))]
@@ -370,6 +376,7 @@ impl RunConfig {
             discovery,
             ca,
             cert_lifetime: a.cert_lifetime,
+            crl_path: a.crl_path,
             capture: a.capture_mode,
             state_dir: a.state_dir,
             enrolled_namespaces_file,
@@ -419,7 +426,7 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} tls_key_exchange={} cluster_id={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} tls_key_exchange={} cluster_id={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} crl={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             self.tls_key_exchange,
@@ -430,6 +437,9 @@ impl fmt::Display for RunConfig {
                 None => "off".into(),
             },
             humantime::format_duration(self.cert_lifetime),
+            self.crl_path
+                .as_deref()
+                .map_or("none".into(), |p| p.display().to_string()),
             self.capture,
             self.state_dir.display(),
             self.enrolled_namespaces_file.display(),

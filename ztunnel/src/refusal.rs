@@ -73,6 +73,9 @@ reasons! {
     OutboundNoCertificate = "outbound_no_certificate", true, None;
     /// The tunnel to the destination could not be opened.
     OutboundTunnelFailed = "outbound_tunnel_failed", true, None;
+    /// The destination's certificate, or one of its chain, is revoked by a revocation list:
+    /// no tunnel to it.
+    OutboundPeerRevoked = "outbound_peer_revoked", true, None;
     /// The destination's policy answered `401`.
     OutboundDeniedByDestination = "outbound_denied_by_destination", true, None;
     /// A `CONNECT` to a service hostname, or a port of it, this node does not know.
@@ -92,6 +95,9 @@ reasons! {
     InboundTlsHandshake = "inbound_tls_handshake", true, None;
     /// No TLS handshake within its deadline.
     InboundTlsTimeout = "inbound_tls_timeout", true, None;
+    /// A tunnel peer whose certificate, or one of its chain, a revocation list revokes: its
+    /// handshake fails, or a stream on a connection it opened before is refused, `401`.
+    InboundPeerRevoked = "inbound_peer_revoked", true, Some(401);
     /// A tunnel connection closed on an HTTP/2 protocol error.
     InboundHttp2Error = "inbound_http2_error", true, None;
     /// No HTTP/2 preface within the handshakes' deadline.
@@ -138,6 +144,9 @@ reasons! {
     PolicyDenied = "policy_denied", false, Some(401);
     /// An open connection closed because a policy change now denies it.
     PolicyRevoked = "policy_revoked", false, None;
+    /// An open connection closed because a revocation list now revokes its peer's
+    /// certificate.
+    CertificateRevoked = "certificate_revoked", false, None;
     /// An enrollment client that sent no request in time.
     EnrollmentTimeout = "enrollment_timeout", false, None;
     /// A malformed enrollment request.

@@ -27,8 +27,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType,
+    SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use ztunnel_proto::ca::{SignRequest, SignResponse};
@@ -315,6 +317,47 @@ impl LocalCa {
             cert_chain_pem: chain,
             roots_pem: self.roots_pem.clone(),
         })
+    }
+
+    /// A certificate revocation list (PEM) signed by this CA, revoking the certificates it
+    /// issued with the serial numbers `serials` (hex, as [`crate::identity::WorkloadCert`]
+    /// gives them): list `number`, issued at `now`, next update after `validity`.
+    pub fn revocation_list(
+        &self,
+        serials: &[&str],
+        number: u64,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<String, Error> {
+        let revoked_certs = serials
+            .iter()
+            .map(|hex| {
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| {
+                        hex.get(i..i + 2)
+                            .and_then(|b| u8::from_str_radix(b, 16).ok())
+                    })
+                    .collect::<Option<Vec<u8>>>()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| Error::BadRequest(format!("bad serial number {hex:?}")))?;
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&bytes),
+                    revocation_time: offset(now),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: offset(now),
+            next_update: offset(now + validity),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 
     /// A serving certificate for the CA's own TLS endpoint: (chain PEM, key PEM).

@@ -25,6 +25,8 @@ fn defaults() {
     assert_eq!(c.trust_domain, "cluster.local");
     assert_eq!(c.tls_key_exchange, KeyExchange::Hybrid);
     assert!(c.to_string().contains(" tls_key_exchange=hybrid "), "{c}");
+    assert_eq!(c.crl_path, None);
+    assert!(c.to_string().contains(" crl=none "), "{c}");
     assert_eq!(c.ca, CaSource::Dir("/var/lib/ztunnel/ca".into()));
     assert_eq!(c.cert_lifetime, Duration::from_secs(86400));
     assert_eq!(c.inbound_addr.port(), 15008);
@@ -118,8 +120,25 @@ fn environment_and_flag_precedence() {
         ("ZTUNNEL_WORKER_THREADS", "4"),
         ("ZTUNNEL_TLS_FIRST_BYTES_TIMEOUT", "1500ms"),
         ("ZTUNNEL_TLS_KEY_EXCHANGE", "pqc-only"),
+        ("ZTUNNEL_CRL_PATH", "/etc/ztunnel/crl/ca-crl.pem"),
     ];
     let c = run(&[], &env).unwrap();
+    assert_eq!(
+        c.crl_path.as_deref(),
+        Some(std::path::Path::new("/etc/ztunnel/crl/ca-crl.pem"))
+    );
+    assert!(
+        c.to_string().contains(" crl=/etc/ztunnel/crl/ca-crl.pem "),
+        "{c}"
+    );
+    assert_eq!(
+        run(&["--crl-path", "/srv/crl.pem"], &env)
+            .unwrap()
+            .crl_path
+            .as_deref(),
+        Some(std::path::Path::new("/srv/crl.pem")),
+        "the flag wins over the environment"
+    );
     assert_eq!(c.worker_threads, 4);
     assert_eq!(c.tls_key_exchange, KeyExchange::PqcOnly);
     assert!(c.to_string().contains(" tls_key_exchange=pqc-only "), "{c}");

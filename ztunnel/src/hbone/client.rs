@@ -14,7 +14,7 @@ use h2::client::{Connection, SendRequest};
 use h2::{Ping, PingPong, RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -46,7 +46,24 @@ pub enum ClientError {
     Request(#[from] http::Error),
 }
 
+/// A client connection after its handshakes: the sender of its requests, the connection to
+/// drive, and the chain the server presented (leaf first).
+pub type Handshaken = (
+    SendRequest<Bytes>,
+    Connection<Transport, Bytes>,
+    Vec<CertificateDer<'static>>,
+);
+
 impl ClientError {
+    /// Whether the TLS handshake failed because a revocation list revokes the server's
+    /// certificate.
+    pub fn revoked(&self) -> bool {
+        match self {
+            ClientError::Tls { source, .. } => crate::identity::crl::is_revoked_io(source),
+            _ => false,
+        }
+    }
+
     /// Whether the peer provably did not process the request, so it may be sent again on
     /// another connection: the connection was going away (GOAWAY) or refused the stream.
     pub fn retryable(&self) -> bool {
@@ -80,7 +97,8 @@ pub async fn connect(
     let tcp = net::connect(addr, opts)
         .await
         .map_err(|source| ClientError::Connect { addr, source })?;
-    handshake(tcp, addr, tls, opts.timeout).await
+    let (send, conn, _chain) = handshake(tcp, addr, tls, opts.timeout).await?;
+    Ok((send, conn))
 }
 
 /// The TLS and HTTP/2 handshakes of a tunnel connection on `tcp`, connected to `addr`, the
@@ -90,7 +108,7 @@ pub async fn handshake(
     addr: SocketAddr,
     tls: Arc<ClientConfig>,
     timeout: std::time::Duration,
-) -> Result<(SendRequest<Bytes>, Connection<Transport, Bytes>), ClientError> {
+) -> Result<Handshaken, ClientError> {
     // No SNI is sent (the config disables it); the name only satisfies the API.
     let name = ServerName::IpAddress(addr.ip().into());
     let tls_stream = tokio::time::timeout(timeout, TlsConnector::from(tls).connect(name, tcp))
@@ -103,6 +121,12 @@ pub async fn handshake(
     if tls_stream.get_ref().1.alpn_protocol() != Some(consts::ALPN_H2) {
         return Err(ClientError::Alpn { addr });
     }
+    let chain = tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(consts::STREAM_WINDOW)
         .initial_connection_window_size(consts::CONNECTION_WINDOW)
@@ -112,7 +136,7 @@ pub async fn handshake(
         .enable_push(false)
         .handshake(tls_stream)
         .await?;
-    Ok((send, conn))
+    Ok((send, conn, chain))
 }
 
 /// Builds a classic CONNECT request to `target` with the optional headers.

@@ -8,7 +8,9 @@
 //! a connection with no streams for `idle_timeout` is closed, and a spare one (see below) for
 //! `spare_idle_timeout`. The connections that leave from
 //! a pod's network namespace are closed when the pod leaves the mesh ([`Pool::evict_netns`]),
-//! so that the pool does not keep the namespace open.
+//! so that the pool does not keep the namespace open. A connection whose destination's chain
+//! the revocation lists come to revoke ([`crate::identity::crl`]) gets no new stream and is
+//! closed the same way.
 //!
 //! A stream goes to the oldest connection of its key with room, so after a burst the newer
 //! connections empty first. A connection without streams is *spare* while an older open
@@ -48,12 +50,14 @@ use ipnet::IpNet;
 use parking_lot::Mutex;
 use quinn::VarInt;
 use rustls::ClientConfig;
+use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 
 use super::client::{self, ClientError};
 use super::early::Early;
 use super::quic::{self, Fallback, QuicError, QuicStreamError};
 use super::{ConnectHeaders, TunnelStream};
+use crate::identity::crl::{PeerChain, Usage};
 use crate::identity::{Identity, WorkloadCert};
 use crate::metrics::{Metrics, ResponseFlag};
 use crate::net::netns::Netns;
@@ -117,6 +121,13 @@ pub struct Tunnel {
     pub lease: Lease,
 }
 
+impl Tunnel {
+    /// The chain the destination presented on the tunnel's connection.
+    pub fn peer(&self) -> &Arc<PeerChain> {
+        &self.lease.conn.peer
+    }
+}
+
 /// Holds one stream slot on a pooled connection; released on drop.
 pub struct Lease {
     conn: Arc<Conn>,
@@ -171,6 +182,8 @@ struct Conn {
     evicted: Arc<tokio::sync::Notify>,
     /// Told when its last stream ends.
     unused: Arc<tokio::sync::Notify>,
+    /// The chain the destination presented, judged again when the revocation lists change.
+    peer: Arc<PeerChain>,
 }
 
 #[derive(Default)]
@@ -184,7 +197,7 @@ struct KeyState {
 
 impl KeyState {
     /// Takes a stream slot on an open connection with room, dialled after connection
-    /// `newer_than`, if any.
+    /// `newer_than`, whose destination the revocation lists still trust, if any.
     fn try_reserve(&self, max: usize, newer_than: u64) -> Option<Arc<Conn>> {
         let conns = self.conns.lock();
         conns
@@ -193,6 +206,7 @@ impl KeyState {
                 c.id > newer_than
                     && !c.closed.load(Ordering::Acquire)
                     && c.streams.load(Ordering::Acquire) < max
+                    && c.peer.trusted()
             })
             .map(|c| {
                 c.streams.fetch_add(1, Ordering::AcqRel);
@@ -238,6 +252,18 @@ impl PoolError {
             PoolError::Quic(QuicError::Handshake { .. }) => ResponseFlag::TlsFailure,
             PoolError::Client(ClientError::H2(_)) => ResponseFlag::H2HandshakeFailure,
             _ => ResponseFlag::Connect,
+        }
+    }
+
+    /// Whether the dial failed because a revocation list revokes the destination's
+    /// certificate.
+    pub fn revoked(&self) -> bool {
+        match self {
+            PoolError::Client(c) => c.revoked(),
+            PoolError::Quic(QuicError::Handshake { source, .. }) => {
+                crate::identity::crl::is_revoked_quic(source)
+            }
+            _ => false,
         }
     }
 
@@ -511,10 +537,13 @@ impl Pool {
             match quic::connect(&ep, peer, quic::client_config(&tls)?).await {
                 Ok(qc) => {
                     let ends = qc.clone();
-                    return Ok(self.add(key, ks, Link::Quic(qc), move |id| async move {
-                        let e = ends.closed().await;
-                        tracing::debug!(id, error = %e, "QUIC tunnel connection ended");
-                    }));
+                    let peer = self.peer_chain(quic::peer_certificates(&qc), cert);
+                    return Ok(
+                        self.add(key, ks, Link::Quic(qc), peer, move |id| async move {
+                            let e = ends.closed().await;
+                            tracing::debug!(id, error = %e, "QUIC tunnel connection ended");
+                        }),
+                    );
                 }
                 Err(e) => match e.fallback() {
                     Fallback::No => return Err(e.into()),
@@ -546,29 +575,46 @@ impl Pool {
                 addr: key.addr,
                 source,
             })?;
-        let (sender, mut connection) =
+        let (sender, mut connection, chain) =
             client::handshake(tcp, key.addr, tls, settings.connect.timeout).await?;
         let ping = connection.ping_pong();
-        Ok(self.add(key, ks, Link::H2(sender), move |id| async move {
-            tokio::select! {
-                r = connection => {
-                    if let Err(e) = r {
-                        tracing::debug!(id, error = %e, "tunnel connection ended");
+        let peer = self.peer_chain(chain, cert);
+        Ok(
+            self.add(key, ks, Link::H2(sender), peer, move |id| async move {
+                tokio::select! {
+                    r = connection => {
+                        if let Err(e) = r {
+                            tracing::debug!(id, error = %e, "tunnel connection ended");
+                        }
+                    }
+                    r = client::keepalive(ping) => {
+                        if let Err(why) = r {
+                            tracing::warn!(id, why, "tunnel connection closed");
+                        }
                     }
                 }
-                r = client::keepalive(ping) => {
-                    if let Err(why) = r {
-                        tracing::warn!(id, why, "tunnel connection closed");
-                    }
-                }
-            }
-        }))
+            }),
+        )
+    }
+
+    /// The destination's chain, verified just now against `cert`'s roots.
+    fn peer_chain(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        cert: &WorkloadCert,
+    ) -> Arc<PeerChain> {
+        Arc::new(PeerChain::new(
+            chain,
+            cert.roots.clone(),
+            Usage::Server,
+            cert.revocation().clone(),
+        ))
     }
 
     /// Puts a new connection for `key` in the pool, with one stream reserved, and counts it.
     /// Its `driver` (given its id; it resolves once the connection has ended) runs in a task
     /// that takes the connection out of the pool when it ends, idles out ([`watch_idle`]) or
-    /// is evicted. The streams still open may then finish, and the connection close (a QUIC
+    /// is evicted, or once the revocation lists revoke the destination's `peer` chain. The streams still open may then finish, and the connection close (a QUIC
     /// one is told why; HTTP/2 sends its GOAWAY once nothing holds it), within
     /// [`CLOSE_GRACE`]; what is left after that is dropped.
     fn add<F>(
@@ -576,6 +622,7 @@ impl Pool {
         key: &PoolKey,
         ks: &Arc<KeyState>,
         link: Link,
+        peer: Arc<PeerChain>,
         driver: impl FnOnce(u64) -> F,
     ) -> Arc<Conn>
     where
@@ -597,6 +644,7 @@ impl Pool {
             opened: Instant::now(),
             evicted: Arc::default(),
             unused: Arc::default(),
+            peer,
         });
         ks.conns.lock().push(conn.clone());
         let metrics = &self.inner.metrics;
@@ -610,12 +658,21 @@ impl Pool {
         let metrics = self.inner.metrics.clone();
         let (id, evicted, weak) = (conn.id, conn.evicted.clone(), Arc::downgrade(&conn));
         let idle = watch_idle(weak.clone(), ks.clone(), self.idle_timeouts());
+        let peer = conn.peer.clone();
         tokio::spawn(async move {
             tokio::pin!(driver);
             let why = tokio::select! {
                 () = &mut driver => None,
                 () = idle => Some("idle"),
                 () = evicted.notified() => Some("evicted"),
+                () = peer.until_revoked() => {
+                    if let Some(c) = weak.upgrade() {
+                        c.closed.store(true, Ordering::Release);
+                    }
+                    ks.remove(id);
+                    tracing::warn!(id, "tunnel connection closed: a revocation list revokes the destination's certificate");
+                    Some("revoked")
+                }
             };
             if let Some(why) = why {
                 tracing::debug!(id, why, "tunnel connection closing");

@@ -17,6 +17,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use super::crl::Revocation;
 use super::leaf::leaf_identities;
 use super::{tls, Error, Identity};
 
@@ -33,6 +34,8 @@ pub struct WorkloadCert {
     pub serial: String,
     /// When this node received it (renewal is planned from here).
     pub received_at: SystemTime,
+    /// The revocation lists its TLS configurations check peers against.
+    revocation: Revocation,
     server_config: OnceLock<Arc<ServerConfig>>,
 }
 
@@ -140,6 +143,7 @@ impl WorkloadCert {
             not_after,
             serial,
             received_at: now,
+            revocation: Revocation::default(),
             server_config: OnceLock::new(),
         })
     }
@@ -163,6 +167,19 @@ impl WorkloadCert {
         now >= self.not_after
     }
 
+    /// The certificate whose TLS configurations check peers against `revocation` (none by
+    /// default).
+    pub fn with_revocation(mut self, revocation: Revocation) -> Self {
+        self.revocation = revocation;
+        self.server_config = OnceLock::new();
+        self
+    }
+
+    /// The revocation lists its TLS configurations check peers against.
+    pub fn revocation(&self) -> &Revocation {
+        &self.revocation
+    }
+
     /// The TLS server configuration presenting this certificate (built once).
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server_config
@@ -179,6 +196,7 @@ impl WorkloadCert {
                 self.key.clone_key(),
                 self.roots.clone(),
                 self.identity.trust_domain(),
+                self.revocation.clone(),
             )
             .expect("a validated certificate makes a valid server config"),
         )
@@ -203,6 +221,7 @@ impl WorkloadCert {
                 self.key.clone_key(),
                 self.roots.clone(),
                 expected.to_vec(),
+                self.revocation.clone(),
             )
             .expect("a validated certificate makes a valid client config"),
         )

@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use ztunnel_proto::ca::SignRequest;
 
+use super::crl::Revocation;
 use super::{generate_csr, CertSigner, Error, Identity, SignError, WorkloadCert};
 
 #[derive(Clone, Debug)]
@@ -58,6 +59,8 @@ struct Counters {
 pub struct CertManager {
     signer: Arc<dyn CertSigner>,
     lifetime: Duration,
+    /// What the certificates' TLS configurations check peers against.
+    revocation: Revocation,
     entries: Mutex<HashMap<Identity, Entry>>,
     counters: Arc<Counters>,
 }
@@ -66,10 +69,17 @@ const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl CertManager {
-    pub fn new(signer: Arc<dyn CertSigner>, lifetime: Duration) -> Arc<Self> {
+    /// Certificates from `signer`, of `lifetime`, whose TLS configurations check peers against
+    /// `revocation`.
+    pub fn new(
+        signer: Arc<dyn CertSigner>,
+        lifetime: Duration,
+        revocation: Revocation,
+    ) -> Arc<Self> {
         Arc::new(CertManager {
             signer,
             lifetime,
+            revocation,
             entries: Mutex::default(),
             counters: Arc::default(),
         })
@@ -87,6 +97,7 @@ impl CertManager {
                         self.signer.clone(),
                         id.clone(),
                         self.lifetime,
+                        self.revocation.clone(),
                         tx,
                         self.counters.clone(),
                     ));
@@ -188,6 +199,7 @@ async fn keep(
     signer: Arc<dyn CertSigner>,
     id: Identity,
     lifetime: Duration,
+    revocation: Revocation,
     tx: watch::Sender<Slot>,
     counters: Arc<Counters>,
 ) {
@@ -196,7 +208,7 @@ async fn keep(
     loop {
         match sign_once(&*signer, &id, lifetime).await {
             Ok(cert) => {
-                let cert = Arc::new(cert);
+                let cert = Arc::new(cert.with_revocation(revocation.clone()));
                 let wait = cert
                     .refresh_at()
                     .duration_since(SystemTime::now())
@@ -280,7 +292,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_first_fetches_share_one_signing() {
         let (_d, s) = signer();
-        let m = CertManager::new(s.clone(), Duration::from_secs(3600));
+        let m = CertManager::new(s.clone(), Duration::from_secs(3600), Revocation::default());
         let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let (a, b, c) = tokio::join!(m.fetch(&id), m.fetch(&id), m.fetch(&id));
         let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
@@ -293,7 +305,7 @@ mod tests {
     #[tokio::test]
     async fn renews_at_half_life_and_keeps_the_old_arc_usable() {
         let (_d, s) = signer();
-        let m = CertManager::new(s.clone(), Duration::from_secs(2));
+        let m = CertManager::new(s.clone(), Duration::from_secs(2), Revocation::default());
         let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let first = m.fetch(&id).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -310,7 +322,7 @@ mod tests {
     async fn a_refusal_keeps_its_type_through_fetch() {
         let (_d, s) = signer();
         s.refuse.store(true, Ordering::SeqCst);
-        let m = CertManager::new(s.clone(), Duration::from_secs(3600));
+        let m = CertManager::new(s.clone(), Duration::from_secs(3600), Revocation::default());
         let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let e = m.fetch(&id).await.unwrap_err();
         assert!(
@@ -319,7 +331,7 @@ mod tests {
         );
         let (_d, s) = signer();
         s.fail.store(true, Ordering::SeqCst);
-        let m = CertManager::new(s, Duration::from_secs(3600));
+        let m = CertManager::new(s, Duration::from_secs(3600), Revocation::default());
         let e = m.fetch(&id).await.unwrap_err();
         assert!(
             !matches!(&e, Error::Sign(SignError::Refused { .. })),
@@ -331,7 +343,7 @@ mod tests {
     async fn signing_failure_is_an_error_and_counted() {
         let (_d, s) = signer();
         s.fail.store(true, Ordering::SeqCst);
-        let m = CertManager::new(s.clone(), Duration::from_secs(3600));
+        let m = CertManager::new(s.clone(), Duration::from_secs(3600), Revocation::default());
         let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let e = m.fetch(&id).await.unwrap_err();
         assert!(e.to_string().contains("down"), "{e}");

@@ -1,8 +1,10 @@
 //! Workload identity: SPIFFE IDs ([`Identity`]), workload certificates ([`WorkloadCert`]) with
 //! keys generated on the node, their issuance and renewal ([`CertManager`] over a
-//! [`CertSigner`]), and the mutual-TLS configurations that carry them ([`tls`]).
+//! [`CertSigner`]), the mutual-TLS configurations that carry them ([`tls`]), and the
+//! revocation lists they check peers against ([`crl`]).
 
 mod cert;
+pub mod crl;
 mod leaf;
 mod manager;
 mod spiffe;

@@ -10,6 +10,8 @@
 //! - client: the server's chain must end in our roots (its DNS name is not checked), and one of
 //!   its leaf's SPIFFE IDs must be one of the identities the destination is expected to have.
 //!
+//! Both then check the chain against the revocation lists in force ([`super::crl`]), if any.
+//!
 //! A leaf with several URI SANs is accepted as Istio accepts it: any SAN may satisfy each check.
 //! The identity a server reads for policy is the first in its own trust domain (Istio takes the
 //! first SAN, even from a trust domain no check has looked at).
@@ -28,6 +30,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use super::crl::{Revocation, Usage};
 use super::leaf::{leaf_identities, leaf_identity_in};
 use super::{Error, Identity};
 
@@ -147,11 +150,24 @@ fn bad_identity(msg: String) -> rustls::Error {
     ))))
 }
 
-/// Server side: webpki chain verification, then the trust-domain check.
+/// A presented chain, leaf first, as the revocation check takes it.
+fn chain_of<'a>(
+    end_entity: &CertificateDer<'a>,
+    intermediates: &[CertificateDer<'a>],
+) -> Vec<CertificateDer<'a>> {
+    std::iter::once(end_entity.clone())
+        .chain(intermediates.iter().cloned())
+        .collect()
+}
+
+/// Server side: webpki chain verification, then the trust-domain check, then revocation.
 #[derive(Debug)]
 struct ClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+    revocation: Revocation,
 }
 
 impl ClientCertVerifier for ClientVerifier {
@@ -176,6 +192,9 @@ impl ClientCertVerifier for ClientVerifier {
             tracing::warn!(ours = %self.trust_domain, error = %e, "client certificate carries no identity of our trust domain");
             return Err(bad_identity(e.to_string()));
         }
+        let chain = chain_of(end_entity, intermediates);
+        self.revocation
+            .verify(&chain, &self.roots, self.algs, Usage::Client, now)?;
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -199,12 +218,14 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
-/// Client side: chain to our roots (no name check), then the expected-identity check.
+/// Client side: chain to our roots (no name check), then the expected-identity check, then
+/// revocation.
 #[derive(Debug)]
 struct ServerVerifier {
     roots: Arc<RootCertStore>,
     expected: Vec<Identity>,
     algs: WebPkiSupportedAlgorithms,
+    revocation: Revocation,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -234,6 +255,9 @@ impl ServerCertVerifier for ServerVerifier {
                 "server identities {ids:?} not in expected {expected:?}"
             )));
         }
+        let chain = chain_of(end_entity, intermediates);
+        self.revocation
+            .verify(&chain, &self.roots, self.algs, Usage::Server, now)?;
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -264,13 +288,17 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
     trust_domain: &str,
+    revocation: Revocation,
 ) -> Result<ServerConfig, Error> {
-    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+    let inner = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| Error::Tls(e.to_string()))?;
     let verifier = Arc::new(ClientVerifier {
         inner,
         trust_domain: trust_domain.to_owned(),
+        roots,
+        algs: provider.signature_verification_algorithms,
+        revocation,
     });
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -289,11 +317,13 @@ pub fn client_config(
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
     expected: Vec<Identity>,
+    revocation: Revocation,
 ) -> Result<ClientConfig, Error> {
     let verifier = Arc::new(ServerVerifier {
         roots,
         expected,
         algs: provider.signature_verification_algorithms,
+        revocation,
     });
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -536,6 +566,7 @@ mod tests {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(ServerVerifier {
                 roots: server.roots.clone(),
+                revocation: Revocation::default(),
                 expected: vec![server.identity.clone()],
                 algs: provider().signature_verification_algorithms,
             }))

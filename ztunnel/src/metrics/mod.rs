@@ -75,6 +75,10 @@ pub struct Metrics {
     pub quic_retries: Counter,
     /// Tunnel dials that got no answer on QUIC and fell back to HTTP/2.
     pub quic_fallbacks: Counter,
+    /// Certificate revocation lists in force.
+    pub crl_lists: Gauge,
+    /// Revocation files refused (unreadable or malformed); the lists in force were kept.
+    pub crl_refused: Counter,
     /// Proxied connections, by direction (outbound, inbound, inbound_plaintext, passthrough).
     pub proxied_connections: Family<DirectionLabels, Counter>,
     /// Connections or streams refused, by reason.
@@ -190,6 +194,16 @@ impl Metrics {
             "quic_fallbacks",
             "Tunnel dials that got no answer on QUIC and fell back to HTTP/2",
             m.quic_fallbacks.clone(),
+        );
+        zt.register(
+            "crl_lists",
+            "Certificate revocation lists in force",
+            m.crl_lists.clone(),
+        );
+        zt.register(
+            "crl_refused",
+            "Revocation files refused (unreadable or malformed); the lists in force were kept",
+            m.crl_refused.clone(),
         );
         zt.register(
             "proxied_connections",

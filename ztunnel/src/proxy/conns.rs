@@ -7,8 +7,9 @@
 //! how it ended ([`Outcome`], recorded by [`Tracked::fail`]). The guard also reports the
 //! connection in Istio's TCP metrics ([`Tracked::report`], or at its end with a response
 //! flag). Inbound connections carry what the policy engine needs ([`PolicyFacts`]), so that
-//! [`ConnTable::reevaluate`] can close those that a policy change now denies;
-//! [`ConnTable::close_pod`] closes those from and to a pod leaving the mesh. A handler learns
+//! [`ConnTable::reevaluate`] can close those that a policy change now denies; tunnel streams
+//! carry their peer's chain, so that [`ConnTable::revoke`] can close those that revocation
+//! lists now revoke; [`ConnTable::close_pod`] closes those from and to a pod leaving the mesh. A handler learns
 //! which from [`Tracked::told_to_close`].
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 use super::outcome::Outcome;
 use crate::hbone::copy::ByteCounters;
+use crate::identity::crl::PeerChain;
 use crate::metrics::{IstioLabels, IstioTcp, Metrics};
 
 /// Which proxy carried a connection.
@@ -120,6 +122,8 @@ pub struct ConnRecord {
     pub bytes: ByteCounters,
     pub started: Instant,
     policy_facts: Mutex<Option<PolicyFacts>>,
+    /// The chain the tunnel's peer presented, for a tunnel stream.
+    peer: OnceLock<Arc<PeerChain>>,
     close: tokio::sync::Notify,
     close_cause: OnceLock<CloseCause>,
 }
@@ -133,6 +137,8 @@ pub enum CloseCause {
     /// being released from the mesh: without the pod's rules neither kind can go on (see
     /// `capture::registry`), so they are closed first.
     Released,
+    /// A revocation list now revokes its tunnel peer's certificate.
+    Revoked,
 }
 
 impl ConnRecord {
@@ -195,6 +201,7 @@ impl ConnTable {
             bytes: ByteCounters::default(),
             started: Instant::now(),
             policy_facts: Mutex::default(),
+            peer: OnceLock::new(),
             close: tokio::sync::Notify::new(),
             close_cause: OnceLock::new(),
         });
@@ -243,6 +250,19 @@ impl ConnTable {
                     f.policy = d.policy.as_ref().map(|p| p.to_string());
                 }
                 r.tell_to_close(CloseCause::PolicyDenied);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Tells every tunnel stream whose peer's chain the revocation lists now revoke to close;
+    /// returns how many.
+    pub fn revoke(&self) -> usize {
+        let mut closed = 0;
+        for r in self.snapshot() {
+            if r.peer.get().is_some_and(|p| !p.trusted()) {
+                r.tell_to_close(CloseCause::Revoked);
                 closed += 1;
             }
         }
@@ -356,6 +376,14 @@ impl Tracked {
         *self.rec.policy_facts.lock() = Some(facts);
     }
 
+    /// Records the chain the stream's tunnel peer presented, and says whether the revocation
+    /// lists still trust it. Recorded first, judged second: lists that change in between
+    /// close the stream through [`ConnTable::revoke`].
+    pub fn set_peer(&self, peer: &Arc<PeerChain>) -> bool {
+        let _ = self.rec.peer.set(peer.clone());
+        peer.trusted()
+    }
+
     /// Resolves when the daemon tells this connection to close, with the cause.
     pub async fn told_to_close(&self) -> CloseCause {
         self.rec.close.notified().await;
@@ -400,6 +428,7 @@ impl Tracked {
 fn closed_by(cause: CloseCause, direction: Direction) -> Outcome {
     match (cause, direction) {
         (CloseCause::PolicyDenied, _) => Outcome::PolicyRevoked,
+        (CloseCause::Revoked, _) => Outcome::CertificateRevoked,
         (CloseCause::Released, Direction::Outbound | Direction::Passthrough) => {
             Outcome::SourceReleased
         }

@@ -122,7 +122,7 @@ impl Node {
             "cluster.local".into(),
             "Kubernetes",
             Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
-            CertManager::new(ca, Duration::from_secs(86400)),
+            CertManager::new(ca, Duration::from_secs(86400), Default::default()),
             Pool::new(settings, metrics.clone()),
             metrics,
             CONNECT,

@@ -15,7 +15,10 @@
 //! `inbound_tls_first_bytes_timeout`) and finish both handshakes within [`HANDSHAKE_TIMEOUT`]
 //! of being accepted. A few addresses opening silent connections thus hold places for
 //! seconds, not ten, and keep out no peer from elsewhere. Refusals are answered with their
-//! status, counted and logged; a stream that a later policy change denies is reset. The
+//! status, counted and logged; a stream that a later policy change denies is reset. A peer
+//! whose chain the revocation lists revoke ([`crate::identity::crl`]) fails its handshake;
+//! lists that come to revoke it end its connection as on drain, close its open streams and
+//! refuse new ones (`401`). The
 //! warnings that a peer can provoke before it has authenticated are throttled
 //! ([`crate::throttle`]); the counts never are.
 
@@ -28,6 +31,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
+use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -41,6 +45,7 @@ use crate::hbone::answer::Answer;
 use crate::hbone::copy_tunnel;
 use crate::hbone::outflow::{Metered, Outflow};
 use crate::hbone::server::{self, ServerConn};
+use crate::identity::crl::{PeerChain, Usage};
 use crate::identity::{self, Identity, WorkloadCert};
 use crate::metrics::End;
 use crate::refusal::Reason;
@@ -48,51 +53,63 @@ use crate::refusal::Reason;
 /// A peer that has not finished its TLS and HTTP/2 handshakes by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An authenticated tunnel peer: its address and identity, the local workload it reached, and
-/// its connection's place among what peers hold ([`super::peers`]).
+/// An authenticated tunnel peer: its address, identity and the chain it presented, the local
+/// workload it reached, and its connection's place among what peers hold ([`super::peers`]).
 pub(super) struct Peer {
     pub(super) addr: SocketAddr,
     pub(super) local: SocketAddr,
     pub(super) identity: Identity,
+    pub(super) chain: Arc<PeerChain>,
     pub(super) dst: Arc<Workload>,
     pub(super) dst_identity: Identity,
     pub(super) place: PeerConn,
 }
 
+/// Who a tunnel connection's handshake authenticated, and the local workload it reached.
+pub(super) struct Handshake {
+    pub(super) addr: SocketAddr,
+    pub(super) local: SocketAddr,
+    pub(super) identity: Identity,
+    pub(super) chain: PeerChain,
+    pub(super) dst: Arc<Workload>,
+    pub(super) dst_identity: Identity,
+}
+
 impl Peer {
     /// The peer's connection after its handshakes, if its caps allow one more: else `None`
     /// (counted and logged), and the caller closes the connection.
-    pub(super) fn admit(
-        pi: &ProxyInputs,
-        addr: SocketAddr,
-        local: SocketAddr,
-        identity: Identity,
-        dst: Arc<Workload>,
-        dst_identity: Identity,
-    ) -> Option<Peer> {
-        match pi.peers.connect(addr.ip(), &identity) {
+    pub(super) fn admit(pi: &ProxyInputs, h: Handshake) -> Option<Peer> {
+        match pi.peers.connect(h.addr.ip(), &h.identity) {
             Ok(place) => Some(Peer {
-                addr,
-                local,
-                identity,
-                dst,
-                dst_identity,
+                addr: h.addr,
+                local: h.local,
+                identity: h.identity,
+                chain: Arc::new(h.chain),
+                dst: h.dst,
+                dst_identity: h.dst_identity,
                 place,
             }),
             Err(over) => {
-                crate::refused!(pi.metrics, over.reason(), peer = %addr, src = %identity, error = %over, "tunnel connection closed: over the peer's cap");
+                crate::refused!(pi.metrics, over.reason(), peer = %h.addr, src = %h.identity, error = %over, "tunnel connection closed: over the peer's cap");
                 None
             }
         }
     }
 
-    /// A place for a new stream of this peer's, if its caps allow one more: else the `429`
-    /// to answer (counted, logged and recorded).
+    /// A place for a new stream of this peer's, if the revocation lists still trust its chain
+    /// (else `401`) and its caps allow one more (else `429`); a refusal is counted, logged and
+    /// recorded.
     pub(super) fn stream_place(
         &self,
         pi: &ProxyInputs,
         tracked: &mut Tracked,
     ) -> Result<PeerStream, StatusCode> {
+        if !tracked.set_peer(&self.chain) {
+            refuse!(pi, tracked, Outcome::PeerRevoked, peer = %self.addr, src = %self.identity, "tunnel stream refused: a revocation list revokes the peer's certificate; 401");
+            return Err(Reason::InboundPeerRevoked
+                .status()
+                .unwrap_or(StatusCode::UNAUTHORIZED));
+        }
         self.place.stream().map_err(|over| {
             refuse!(pi, tracked, Outcome::OverPeerCap(over), peer = %self.addr, src = %self.identity, error = %over, "tunnel stream refused: over the peer's cap; 429");
             over.reason().status().unwrap_or(StatusCode::TOO_MANY_REQUESTS)
@@ -126,9 +143,16 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     drop(admitted);
     pi.metrics.hbone_connections_accepted.inc();
     let conn = Arc::new(conn);
+    // A connection whose peer the revocation lists come to revoke ends as on drain: no new
+    // stream, and its open ones are closed ([`super::conns::ConnTable::revoke`]).
     let drained = {
-        let pi = pi.clone();
-        async move { pi.drained().await }
+        let (pi, conn) = (pi.clone(), conn.clone());
+        async move {
+            tokio::select! {
+                () = pi.drained() => {}
+                () = conn.chain.until_revoked() => revoked(&conn),
+            }
+        }
     };
     let idle = pi.pool.serve_idle_timeout();
     let admitted = {
@@ -195,6 +219,10 @@ async fn handshakes(
     let acceptor = TlsAcceptor::from(cert.server_config());
     let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
+        Ok(Err(e)) if crate::identity::crl::is_revoked_io(&e) => {
+            crate::refused!(pi.metrics, Reason::InboundPeerRevoked, %peer, error = %e, "tunnel TLS handshake failed: a revocation list revokes the peer's certificate");
+            return None;
+        }
         Ok(Err(e)) => {
             crate::refused!(pi.metrics, Reason::InboundTlsHandshake, %peer, error = %e, "tunnel TLS handshake failed");
             return None;
@@ -204,10 +232,8 @@ async fn handshakes(
             return None;
         }
     };
-    let src = match identity::peer_identity(
-        tls.get_ref().1.peer_certificates().unwrap_or(&[]),
-        &pi.trust_domain,
-    ) {
+    let presented = tls.get_ref().1.peer_certificates().unwrap_or(&[]).to_vec();
+    let src = match identity::peer_identity(&presented, &pi.trust_domain) {
         Ok(id) => id,
         Err(e) => {
             // The handshake's verifier has read the same identity: this is a second line.
@@ -228,7 +254,18 @@ async fn handshakes(
             return None;
         }
     };
-    let conn = Peer::admit(pi, peer, local, src, dst, dst_identity)?;
+    let chain = client_chain(presented, &cert);
+    let conn = Peer::admit(
+        pi,
+        Handshake {
+            addr: peer,
+            local,
+            identity: src,
+            chain,
+            dst,
+            dst_identity,
+        },
+    )?;
     Some((h2, conn, ServerConn::new(outflow)))
 }
 
@@ -251,6 +288,26 @@ pub(super) async fn destination_cert(
             None
         }
     }
+}
+
+/// The chain a tunnel client presented, verified just now against `cert`'s roots and
+/// revocation lists. Either transport.
+pub(super) fn client_chain(
+    presented: Vec<CertificateDer<'static>>,
+    cert: &WorkloadCert,
+) -> PeerChain {
+    PeerChain::new(
+        presented,
+        cert.roots.clone(),
+        Usage::Client,
+        cert.revocation().clone(),
+    )
+}
+
+/// Logs that a tunnel connection ends because a revocation list now revokes its peer's
+/// certificate (its streams are counted as they are closed). Either transport.
+pub(super) fn revoked(peer: &Peer) {
+    tracing::warn!(peer = %peer.addr, src = %peer.identity, "tunnel connection closed: a revocation list revokes the peer's certificate");
 }
 
 /// A tunnel connection's HTTP/2 ended on an error.

@@ -28,7 +28,10 @@ use http::StatusCode;
 use quinn::{Incoming, RecvStream, SendStream, VarInt};
 use tokio::time::Instant;
 
-use super::inbound::{destination_cert, serve_stream, track, Peer, HANDSHAKE_TIMEOUT};
+use super::inbound::{
+    client_chain, destination_cert, revoked, serve_stream, track, Handshake, Peer,
+    HANDSHAKE_TIMEOUT,
+};
 use super::outcome::{refuse, Outcome};
 use super::{ProxyInputs, QuicListener, Scope};
 use crate::hbone::answer::Answer;
@@ -184,6 +187,10 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
             return;
         }
         Some(Ok(Ok(c))) => c,
+        Some(Ok(Err(e))) if crate::identity::crl::is_revoked_quic(&e) => {
+            crate::refused!(pi.metrics, Reason::InboundPeerRevoked, peer = %addr, error = %e, "QUIC tunnel handshake failed: a revocation list revokes the peer's certificate");
+            return;
+        }
         Some(Ok(Err(e))) => {
             crate::refused!(pi.metrics, Reason::InboundTlsHandshake, peer = %addr, error = %e, "QUIC tunnel handshake failed");
             return;
@@ -194,8 +201,8 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
         }
     };
     drop(admitted);
-    let identity = match identity::peer_identity(&quic::peer_certificates(&conn), &pi.trust_domain)
-    {
+    let presented = quic::peer_certificates(&conn);
+    let identity = match identity::peer_identity(&presented, &pi.trust_domain) {
         Ok(id) => id,
         Err(e) => {
             // The handshake's verifier has read the same identity: this is a second line.
@@ -204,7 +211,16 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
             return;
         }
     };
-    let Some(peer) = Peer::admit(&pi, addr, local, identity, dst, dst_identity) else {
+    let chain = client_chain(presented, &cert);
+    let handshake = Handshake {
+        addr,
+        local,
+        identity,
+        chain,
+        dst,
+        dst_identity,
+    };
+    let Some(peer) = Peer::admit(&pi, handshake) else {
         conn.close(VarInt::from_u32(1), b"peer limit");
         return;
     };
@@ -248,6 +264,12 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
                 }
             },
             _ = pi.drained() => break,
+            // Ends as on drain: no new stream, and the open ones are closed
+            // ([`super::conns::ConnTable::revoke`]).
+            _ = peer.chain.until_revoked() => {
+                revoked(&peer);
+                break;
+            }
         }
     }
     // Draining: the peer gets no more stream credit, and the streams it opens from now on

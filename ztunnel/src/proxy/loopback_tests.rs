@@ -96,7 +96,7 @@ pub(super) fn inbound(
         "cluster.local".into(),
         "Kubernetes",
         Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
-        CertManager::new(signer, DAY),
+        CertManager::new(signer, DAY, Default::default()),
         Pool::new(settings, metrics.clone()),
         metrics,
         CONNECT,

@@ -238,6 +238,13 @@ async fn open(
                     return Err(tcp);
                 }
             };
+            if !tracked.set_peer(tunnel.peer()) {
+                // The lists changed while the stream was being placed.
+                let outcome =
+                    Outcome::DestinationRevoked("the destination's certificate is revoked".into());
+                refuse!(pi, tracked, outcome, dst = %dst_addr, tunnel = %tunnel_addr, "tunnel refused: a revocation list revokes the destination's certificate");
+                return Err(tcp);
+            }
             tracked.report();
             if let Some(e) = early.take_error() {
                 // The client reset while its stream was being opened: the stream is reset too.

@@ -61,6 +61,13 @@ pub enum Outcome {
     OverBudget(String),
     /// Closed by the daemon: a policy change now denies it.
     PolicyRevoked,
+    /// Closed by the daemon: a revocation list now revokes its tunnel peer's certificate.
+    CertificateRevoked,
+    /// A tunnel stream refused because a revocation list now revokes the certificate its
+    /// peer authenticated the connection with.
+    PeerRevoked,
+    /// No tunnel to the destination: a revocation list revokes its certificate.
+    DestinationRevoked(String),
     /// Closed by the daemon: its source pod left the mesh.
     SourceReleased,
     /// Closed by the daemon: its destination pod left the mesh.
@@ -70,6 +77,9 @@ pub enum Outcome {
 impl Outcome {
     /// A tunnel that could not be opened: denied by the destination when it answered `401`.
     pub fn tunnel(e: &PoolError) -> Outcome {
+        if e.revoked() {
+            return Outcome::DestinationRevoked(e.to_string());
+        }
         match e.status() {
             Some(http::StatusCode::UNAUTHORIZED) => Outcome::DeniedByDestination(e.to_string()),
             _ => Outcome::TunnelFailed {
@@ -96,6 +106,9 @@ impl Outcome {
             Outcome::PlaintextAppUnreachable(_) => Reason::InboundPlaintextAppUnreachable,
             Outcome::OverBudget(_) => Reason::BufferBudget,
             Outcome::PolicyRevoked => Reason::PolicyRevoked,
+            Outcome::CertificateRevoked => Reason::CertificateRevoked,
+            Outcome::PeerRevoked => Reason::InboundPeerRevoked,
+            Outcome::DestinationRevoked(_) => Reason::OutboundPeerRevoked,
             Outcome::Completed
             | Outcome::PassthroughUnreachable(_)
             | Outcome::Failed(_)
@@ -111,6 +124,8 @@ impl Outcome {
         match self {
             Outcome::DeniedByPolicy | Outcome::PlaintextStrict => Some(ResponseFlag::Deny),
             Outcome::NoCertificate(_) => Some(ResponseFlag::IdentityError),
+            Outcome::DestinationRevoked(_) => Some(ResponseFlag::TlsFailure),
+            Outcome::PeerRevoked => Some(ResponseFlag::Deny),
             Outcome::DeniedByDestination(_)
             | Outcome::AppUnreachable(_)
             | Outcome::PlaintextAppUnreachable(_)
@@ -126,6 +141,7 @@ impl Outcome {
             | Outcome::Broken(_)
             | Outcome::OverBudget(_)
             | Outcome::PolicyRevoked
+            | Outcome::CertificateRevoked
             | Outcome::SourceReleased
             | Outcome::DestinationReleased => None,
         }
@@ -142,10 +158,15 @@ impl Outcome {
             Outcome::PlaintextStrict => "plaintext refused by STRICT peer authentication",
             Outcome::DeniedByPolicy => "denied by policy",
             Outcome::PolicyRevoked => "closed: denied by a policy change",
+            Outcome::CertificateRevoked => {
+                "closed: a revocation list revokes the peer's certificate"
+            }
+            Outcome::PeerRevoked => "the peer's certificate is revoked",
             Outcome::SourceReleased => "closed: the source pod left the mesh",
             Outcome::DestinationReleased => "closed: the destination pod left the mesh",
             Outcome::NoRoute(error)
             | Outcome::NoCertificate(error)
+            | Outcome::DestinationRevoked(error)
             | Outcome::DeniedByDestination(error)
             | Outcome::TunnelFailed { error, .. }
             | Outcome::AppUnreachable(error)
