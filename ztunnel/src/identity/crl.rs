@@ -312,13 +312,17 @@ pub struct PeerChain {
 
 impl PeerChain {
     /// The chain `chain` (leaf first) that a handshake verified just now against `roots` and
-    /// the lists of `revocation`.
+    /// the lists of `revocation`; kept only when lists are configured (without, it is never
+    /// judged again).
     pub fn new(
-        chain: Vec<CertificateDer<'static>>,
+        mut chain: Vec<CertificateDer<'static>>,
         roots: Arc<RootCertStore>,
         usage: Usage,
         revocation: Revocation,
     ) -> Self {
+        if !revocation.enabled() {
+            chain = Vec::new();
+        }
         let generation = revocation.generation();
         PeerChain {
             chain,
