@@ -15,7 +15,8 @@
 //!   published in the ConfigMap, the Secret is reused on restart; a rotation (a second root in
 //!   `root-cert.pem`, a new signing key) is picked up live: both roots are served, the leaf
 //!   and the CA's serving certificate chain to the new root; an invalid update is refused and
-//!   the CA keeps signing;
+//!   the CA keeps signing; the revocation lists are published from the Secret's `ca-crl.pem`
+//!   into their ConfigMap (empty before), and lists that do not parse are refused;
 //! - `replicas_starting_together_agree_on_one_root`: two replicas that both found no Secret
 //!   both create it: one create wins, the other (409) takes the winner's material; and two CA
 //!   processes started at once on a namespace without the Secret create it once between them
@@ -211,6 +212,11 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     controlplane::wait_until(what, TIMEOUT, &mut f).unwrap();
 }
 
+fn configmap_crl(cp: &ControlPlane) -> Option<String> {
+    cp.get("v1", "ConfigMap", Some(SYSTEM), secret::CRL_CONFIGMAP)
+        .and_then(|cm| cm["data"][secret::CRL_KEY].as_str().map(String::from))
+}
+
 fn configmap_root(cp: &ControlPlane) -> Option<String> {
     cp.get("v1", "ConfigMap", Some(SYSTEM), CONFIGMAP)
         .and_then(|cm| cm["data"]["root-cert.pem"].as_str().map(String::from))
@@ -230,8 +236,19 @@ fn secret_material(cp: &ControlPlane) -> Option<CaMaterial> {
 }
 
 fn put_secret(cp: &ControlPlane, m: &CaMaterial) {
+    put_secret_with_crl(cp, m, None)
+}
+
+/// The Secret holding `m`, and `crl` under `ca-crl.pem` when given.
+fn put_secret_with_crl(cp: &ControlPlane, m: &CaMaterial, crl: Option<&str>) {
     let mut s = ztunnel::ca::secret::secret_of(SECRET, m);
     s.metadata.namespace = Some(SYSTEM.into());
+    if let Some(crl) = crl {
+        s.data.get_or_insert_with(Default::default).insert(
+            secret::CRL_KEY.into(),
+            k8s_openapi::ByteString(crl.as_bytes().to_vec()),
+        );
+    }
     let mut v = serde_json::to_value(&s).unwrap();
     v["apiVersion"] = json!("v1");
     v["kind"] = json!("Secret");
@@ -242,6 +259,8 @@ fn put_secret(cp: &ControlPlane, m: &CaMaterial) {
 fn fresh_ca_objects(cp: &ControlPlane) {
     cp.delete("v1", "Secret", Some(SYSTEM), SECRET).unwrap();
     cp.delete("v1", "ConfigMap", Some(SYSTEM), CONFIGMAP)
+        .unwrap();
+    cp.delete("v1", "ConfigMap", Some(SYSTEM), secret::CRL_CONFIGMAP)
         .unwrap();
 }
 
@@ -519,6 +538,28 @@ fn secret_is_created_reused_and_rotated(cp: &ControlPlane) {
         status_of(sign(&h, &ca, &rotated.root_cert, Some("nope"), id)),
         401
     );
+
+    // Revocation lists: none in the Secret, an empty ConfigMap; then the Secret's are
+    // published; lists that do not parse are refused and the published ones kept.
+    assert_eq!(configmap_crl(cp).as_deref(), Some(""));
+    let signer = ztunnel::ca::LocalCa::from_material(&rotated, "cluster.local").unwrap();
+    let now = std::time::SystemTime::now();
+    let lists = signer
+        .revocation_list(&["0a0b0c"], 1, now, Duration::from_secs(3600))
+        .unwrap();
+    put_secret_with_crl(cp, &rotated, Some(&lists));
+    eventually("the revocation lists to be published", || {
+        configmap_crl(cp).as_deref() == Some(lists.as_str())
+    });
+    let garbled = "-----BEGIN X509 CRL-----\nbm90IGEgbGlzdA==\n-----END X509 CRL-----\n";
+    put_secret_with_crl(cp, &rotated, Some(garbled));
+    eventually("the garbled lists to be refused", || {
+        ca.log_text()
+            .contains("refusing the Secret's revocation lists")
+    });
+    assert_eq!(configmap_crl(cp).as_deref(), Some(lists.as_str()));
+    let resp = sign(&h, &ca, &rotated.root_cert, Some("s3cret"), id).unwrap();
+    assert!(chains_to(&resp.cert_chain_pem, &new_root), "still signing");
     ca.stop();
 }
 

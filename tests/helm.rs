@@ -512,6 +512,13 @@ fn every_value_reaches_the_objects() {
     named(&o.cluster_roles, "ztunnel-scc");
     named(&o.cluster_roles, "ztunnel-ca-scc");
 
+    // Without revocation lists: no path, no volume.
+    let o = Objects::parse(&template(&["tls.crlConfigMap="]));
+    let [daemon, _] = daemon_containers(&o);
+    assert_eq!(daemon_config(daemon).crl_path, None);
+    let ds = pod_spec_ds(named(&o.daemon_sets, "ztunnel"));
+    assert!(ds.volumes.iter().flatten().all(|v| v.name != "crl"));
+
     // Without the namespace: everything else stays.
     let without = template(&["createNamespace=false"]);
     let with = template(&[]);

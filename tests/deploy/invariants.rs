@@ -711,6 +711,7 @@ pub fn ca_deployment_agrees_with_the_ca_configuration_and_the_daemonset(o: &Obje
             ("", "secrets", &["get", "list", "watch"], &secret.name),
             ("", "secrets", &["create"], "*"),
             ("", "configmaps", &["get", "update"], "ztunnel-ca-root"),
+            ("", "configmaps", &["get", "update"], "ztunnel-ca-crl"),
             ("", "configmaps", &["create"], "*"),
         ])
     );

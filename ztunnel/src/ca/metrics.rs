@@ -7,7 +7,7 @@
 //! | `ztunnel_ca_connections` | | connections open (each holds a place of `--max-connections`) |
 //! | `ztunnel_ca_token_reviews_total` | `result` | TokenReviews sent (`authenticated`, `rejected`, `error`) |
 //! | `ztunnel_ca_token_reviews_saved_total` | `result` | TokenReviews not sent: answered from the cache (`cached_authenticated`, `cached_rejected`) or by the review of a concurrent request with the same token (`joined`) |
-//! | `ztunnel_ca_material_reloads_total` | `result` | signing-material updates (`applied`, `refused`) |
+//! | `ztunnel_ca_material_reloads_total` | `result` | signing-material updates (`applied`, `refused`; a Secret's revocation lists that do not parse are `refused` too) |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

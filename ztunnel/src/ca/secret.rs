@@ -15,6 +15,11 @@
 //! - The trust bundle is published into the ConfigMap `ztunnel-ca-root` (key `root-cert.pem`)
 //!   in the Secret's namespace, created or updated (get/create/update) whenever it changes, so
 //!   daemons can mount it.
+//! - So are the certificate revocation lists of the Secret's optional key `ca-crl.pem` (as an
+//!   Istio plugged-in CA keeps them), into the ConfigMap `ztunnel-ca-crl` under the same key:
+//!   empty while the Secret has none, which revokes nothing. Lists that do not parse are
+//!   refused, logged and counted like bad material, and the published ones kept; they do not
+//!   hold back a valid update of the signing material beside them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +42,23 @@ use super::{Error, LocalCa};
 pub const ROOT_CONFIGMAP: &str = "ztunnel-ca-root";
 /// Its key.
 pub const ROOT_KEY: &str = "root-cert.pem";
+
+/// The ConfigMap the revocation lists are published in.
+pub const CRL_CONFIGMAP: &str = "ztunnel-ca-crl";
+/// Its key, and the Secret's.
+pub const CRL_KEY: &str = "ca-crl.pem";
+
+/// The revocation lists of a Secret's optional key [`CRL_KEY`] (empty when it has none), if
+/// they are UTF-8 and parse.
+pub fn crl_of(secret: &Secret) -> Result<String, String> {
+    let Some(v) = secret.data.as_ref().and_then(|d| d.get(CRL_KEY)) else {
+        return Ok(String::new());
+    };
+    let text = String::from_utf8(v.0.clone()).map_err(|_| format!("key {CRL_KEY} is not UTF-8"))?;
+    crate::identity::crl::Crls::parse(text.as_bytes())
+        .map_err(|e| format!("key {CRL_KEY}: {e}"))?;
+    Ok(text)
+}
 
 /// The material in a Secret's data; every key must be present and UTF-8.
 pub fn material_of(secret: &Secret) -> Result<CaMaterial, String> {
@@ -142,20 +164,26 @@ pub async fn create_or_adopt(
 
 /// Makes ConfigMap [`ROOT_CONFIGMAP`] hold `bundle` under [`ROOT_KEY`].
 pub async fn publish_root(api: &Api<ConfigMap>, bundle: &str) -> Result<(), Error> {
-    let what = || format!("ConfigMap {ROOT_CONFIGMAP}");
+    publish(api, ROOT_CONFIGMAP, ROOT_KEY, bundle).await
+}
+
+/// Makes ConfigMap `name` hold `value` under `key`, creating it if needed.
+pub async fn publish(
+    api: &Api<ConfigMap>,
+    name: &str,
+    key: &str,
+    value: &str,
+) -> Result<(), Error> {
+    let what = || format!("ConfigMap {name}");
     for _ in 0..3 {
-        match api
-            .get_opt(ROOT_CONFIGMAP)
-            .await
-            .map_err(kube_err(what()))?
-        {
+        match api.get_opt(name).await.map_err(kube_err(what()))? {
             None => {
                 let cm = ConfigMap {
                     metadata: ObjectMeta {
-                        name: Some(ROOT_CONFIGMAP.into()),
+                        name: Some(name.into()),
                         ..Default::default()
                     },
-                    data: Some(BTreeMap::from([(ROOT_KEY.into(), bundle.into())])),
+                    data: Some(BTreeMap::from([(key.into(), value.into())])),
                     ..Default::default()
                 };
                 match api.create(&PostParams::default(), &cm).await {
@@ -166,14 +194,11 @@ pub async fn publish_root(api: &Api<ConfigMap>, bundle: &str) -> Result<(), Erro
             }
             Some(mut cm) => {
                 let data = cm.data.get_or_insert_with(BTreeMap::new);
-                if data.get(ROOT_KEY).map(String::as_str) == Some(bundle) {
+                if data.get(key).map(String::as_str) == Some(value) {
                     return Ok(());
                 }
-                data.insert(ROOT_KEY.into(), bundle.into());
-                match api
-                    .replace(ROOT_CONFIGMAP, &PostParams::default(), &cm)
-                    .await
-                {
+                data.insert(key.into(), value.into());
+                match api.replace(name, &PostParams::default(), &cm).await {
                     Ok(_) => return Ok(()),
                     Err(e) if is_conflict(&e) => continue,
                     Err(e) => return Err(kube_err(format!("updating {}", what()))(e)),
@@ -225,6 +250,7 @@ impl SecretWatch {
         let stream = watcher::watcher(self.secrets.clone(), cfg).default_backoff();
         futures::pin_mut!(stream);
         let mut published = false;
+        let mut crl: Option<String> = None;
         while let Some(ev) = stream.next().await {
             let secret = match ev {
                 Ok(Event::Apply(s)) | Ok(Event::InitApply(s)) => s,
@@ -266,6 +292,30 @@ impl SecretWatch {
                     Err(e) => tracing::warn!(error = %e, "CA: cannot publish the trust bundle"),
                 }
             }
+            self.publish_crl(&secret, &mut crl).await;
+        }
+    }
+
+    /// Publishes the Secret's revocation lists when they changed and parse (`published`: what
+    /// was published last).
+    async fn publish_crl(&self, secret: &Secret, published: &mut Option<String>) {
+        match crl_of(secret) {
+            Ok(lists) if published.as_ref() == Some(&lists) => {}
+            Ok(lists) => match publish(&self.configmaps, CRL_CONFIGMAP, CRL_KEY, &lists).await {
+                Ok(()) => {
+                    tracing::info!(
+                        configmap = CRL_CONFIGMAP,
+                        bytes = lists.len(),
+                        "CA: revocation lists published"
+                    );
+                    *published = Some(lists);
+                }
+                Err(e) => tracing::warn!(error = %e, "CA: cannot publish the revocation lists"),
+            },
+            Err(e) => {
+                self.metrics.reload(false);
+                tracing::error!(secret = %self.name, error = %e, "CA: refusing the Secret's revocation lists; keeping those published");
+            }
         }
     }
 }
@@ -285,5 +335,30 @@ mod tests {
             .unwrap_err()
             .contains("cert-chain.pem"));
         assert!(material_of(&Secret::default()).is_err());
+    }
+
+    #[test]
+    fn revocation_lists_are_optional_and_must_parse() {
+        let m = CaMaterial::generate("cluster.local").unwrap();
+        let mut s = secret_of("ca", &m);
+        assert_eq!(crl_of(&s).unwrap(), "", "none: an empty list");
+        let ca = LocalCa::from_material(&m, "cluster.local").unwrap();
+        let now = std::time::SystemTime::now();
+        let lists = ca
+            .revocation_list(&["01"], 1, now, std::time::Duration::from_secs(60))
+            .unwrap();
+        for (value, want) in [
+            (lists.as_bytes().to_vec(), Ok(lists.as_str())),
+            (b"not a list".to_vec(), Err("revocation list 1")),
+            (vec![0xff, 0xfe], Err("not UTF-8")),
+        ] {
+            let data = s.data.get_or_insert_with(BTreeMap::new);
+            data.insert(CRL_KEY.into(), ByteString(value));
+            match (crl_of(&s), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want),
+                (Err(e), Err(want)) => assert!(e.contains(want), "{e}"),
+                (got, want) => panic!("got {got:?}, want {want:?}"),
+            }
+        }
     }
 }
