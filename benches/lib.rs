@@ -21,6 +21,7 @@ use ztunnel::ca::{issue, LocalCa};
 use ztunnel::discovery::Discovery;
 use ztunnel::hbone::consts::HBONE_PORT;
 use ztunnel::hbone::pool::{Pool, PoolSettings, QuicSettings};
+use ztunnel::identity::crl::{Crls, Revocation};
 use ztunnel::identity::{Identity, WorkloadCert};
 use ztunnel::metrics::Metrics;
 use ztunnel::net::sockets::Redirects;
@@ -126,6 +127,12 @@ async fn relay(l: TcpListener, to: SocketAddr) {
 
 impl Fixture {
     pub fn new() -> Fixture {
+        Fixture::with_revoked(0)
+    }
+
+    /// A fixture whose daemon checks every peer, at both ends, against a revocation list of
+    /// `revoked` serial numbers of its CA (none is configured when `revoked` is 0).
+    pub fn with_revoked(revoked: usize) -> Fixture {
         // As the daemon does at start (see `ztunnel::alloc`).
         ztunnel::alloc::tune();
         // The daemon always has a subscriber (at `info` by default); without one, every span
@@ -144,7 +151,18 @@ impl Fixture {
         let ca = LocalCa::load_or_create(dir.path(), "cluster.local").expect("CA");
         let client_id: Identity = "spiffe://cluster.local/ns/bench/sa/client".parse().unwrap();
         let server_id: Identity = "spiffe://cluster.local/ns/bench/sa/server".parse().unwrap();
-        let client_cert = Arc::new(issue(&ca, &client_id, DAY).expect("client cert"));
+        let revocation = match revoked {
+            0 => Revocation::default(),
+            n => {
+                let serials: Vec<String> = (0..n).map(|i| format!("7f{i:014x}")).collect();
+                let serials: Vec<&str> = serials.iter().map(String::as_str).collect();
+                let now = std::time::SystemTime::now();
+                let pem = ca.revocation_list(&serials, 1, now, DAY).expect("list");
+                Revocation::new(Crls::parse(pem.as_bytes()).expect("list"))
+            }
+        };
+        let client_cert = issue(&ca, &client_id, DAY).expect("client cert");
+        let client_cert = Arc::new(client_cert.with_revocation(revocation.clone()));
         let ca = Arc::new(ca);
         let discovery = Discovery::fixed(
             ztunnel::discovery::parse(&yaml(), "cluster.local").expect("discovery"),
@@ -164,7 +182,7 @@ impl Fixture {
                 mark: None,
                 timeout: Duration::from_secs(5),
             };
-            let certs = ztunnel::identity::CertManager::new(ca.clone(), DAY, Default::default());
+            let certs = ztunnel::identity::CertManager::new(ca.clone(), DAY, revocation.clone());
             let (_tx, draining) = tokio::sync::watch::channel(false);
             std::mem::forget(_tx);
             // The daemon's own handlers on both sides; a table stands in for the capture

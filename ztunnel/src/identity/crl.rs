@@ -19,6 +19,7 @@
 //! is not what revocation is about). The result is cached per change, so the many streams of
 //! one connection cost one check.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -217,7 +218,15 @@ pub struct Revocation(Option<Arc<Shared>>);
 struct Shared {
     lists: watch::Sender<Arc<Crls>>,
     generation: AtomicU64,
+    /// The verdicts on chains already checked, by [`verdict_key`], and the generation of the
+    /// lists they were given under: a peer that dials again costs a digest, not a check.
+    verdicts: Mutex<(u64, HashMap<[u8; 32], Result<(), rustls::Error>>)>,
 }
+
+/// At most this many verdicts are kept; the set is emptied when full (and when the lists
+/// change). Only chains that verified against our roots reach the check, so the distinct
+/// ones are the mesh's certificates.
+const VERDICTS: usize = 4096;
 
 impl Revocation {
     /// Checks against `crls`, until [`Self::replace`]d.
@@ -225,6 +234,7 @@ impl Revocation {
         Revocation(Some(Arc::new(Shared {
             lists: watch::Sender::new(Arc::new(crls)),
             generation: AtomicU64::new(1),
+            verdicts: Mutex::new((1, HashMap::new())),
         })))
     }
 
@@ -260,11 +270,54 @@ impl Revocation {
         time: UnixTime,
     ) -> Result<(), rustls::Error> {
         let Some(s) = &self.0 else { return Ok(()) };
+        // The generation first: lists are replaced before it moves, so these are as new.
+        let generation = s.generation.load(Ordering::Acquire);
         let lists = s.lists.borrow().clone();
-        lists
+        let key = verdict_key(chain, roots, usage);
+        {
+            let verdicts = s.verdicts.lock();
+            if verdicts.0 == generation {
+                if let Some(v) = verdicts.1.get(&key) {
+                    return v.clone();
+                }
+            }
+        }
+        let verdict = lists
             .check(chain, roots, algs, usage, time)
-            .map_err(tls_error)
+            .map_err(tls_error);
+        let mut verdicts = s.verdicts.lock();
+        if verdicts.0 < generation {
+            *verdicts = (generation, HashMap::new());
+        }
+        if verdicts.0 == generation {
+            if verdicts.1.len() >= VERDICTS {
+                verdicts.1.clear();
+            }
+            verdicts.1.insert(key, verdict.clone());
+        }
+        verdict
     }
+}
+
+/// What a verdict depends on, besides the lists: the chain, the roots it was verified
+/// against, and which end presented it (SHA-256 of each, length-prefixed).
+fn verdict_key(chain: &[CertificateDer<'_>], roots: &RootCertStore, usage: Usage) -> [u8; 32] {
+    let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut add = |bytes: &[u8]| {
+        d.update(&(bytes.len() as u64).to_be_bytes());
+        d.update(bytes);
+    };
+    add(&[usage as u8]);
+    for c in chain {
+        add(c.as_ref());
+    }
+    for r in &roots.roots {
+        add(r.subject.as_ref());
+        add(r.subject_public_key_info.as_ref());
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(d.finish().as_ref());
+    key
 }
 
 /// The TLS error for a failed revocation check.
