@@ -220,8 +220,11 @@ struct Shared {
     generation: AtomicU64,
     /// The verdicts on chains already checked, by [`verdict_key`], and the generation of the
     /// lists they were given under: a peer that dials again costs a digest, not a check.
-    verdicts: Mutex<(u64, HashMap<[u8; 32], Result<(), rustls::Error>>)>,
+    verdicts: Mutex<(u64, Verdicts)>,
 }
+
+/// Verdicts on chains, by [`verdict_key`].
+type Verdicts = HashMap<[u8; 32], Result<(), rustls::Error>>;
 
 /// At most this many verdicts are kept; the set is emptied when full (and when the lists
 /// change). Only chains that verified against our roots reach the check, so the distinct
