@@ -108,6 +108,7 @@ for_each_transport! {
         let ma = Mesh::metrics_when(&mesh.a, "ztunnel_refusals_total", &revoked, 1.0);
         expect_metric(&ma, "ztunnel_refusals_total", &revoked, 1.0);
         expect_metric(&ma, "ztunnel_crl_lists", &[], 1.0);
+        assert_eq!(Mesh::config_dump(&mesh.a)["revocation"]["lists"], 1);
         assert!(
             Mesh::pool(&mesh.a).is_empty(),
             "the revoked connection left the pool: {:?}",

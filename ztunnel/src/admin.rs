@@ -142,6 +142,8 @@ pub fn config_dump(s: &AdminState) -> serde_json::Value {
     json!({
         "discovery": state.dump(),
         "certificates": certs,
+        // Revocation lists in force (`null`: none configured).
+        "revocation": {"lists": s.certs.revocation().lists_in_force()},
         "pool": s.pool.connections(),
     })
 }

@@ -613,10 +613,11 @@ impl Pool {
 
     /// Puts a new connection for `key` in the pool, with one stream reserved, and counts it.
     /// Its `driver` (given its id; it resolves once the connection has ended) runs in a task
-    /// that takes the connection out of the pool when it ends, idles out ([`watch_idle`]) or
-    /// is evicted, or once the revocation lists revoke the destination's `peer` chain. The streams still open may then finish, and the connection close (a QUIC
-    /// one is told why; HTTP/2 sends its GOAWAY once nothing holds it), within
-    /// [`CLOSE_GRACE`]; what is left after that is dropped.
+    /// that takes the connection out of the pool when it ends, idles out ([`watch_idle`]), is
+    /// evicted, or once the revocation lists revoke the destination's `peer` chain. The
+    /// streams still open may then finish, and the connection close (a QUIC one is told why;
+    /// HTTP/2 sends its GOAWAY once nothing holds it), within [`CLOSE_GRACE`]; what is left
+    /// after that is dropped.
     fn add<F>(
         &self,
         key: &PoolKey,

@@ -14,10 +14,13 @@
 //! because the file went stale). The check runs after the handshake's own verification, so
 //! it can only refuse more.
 //!
-//! A connection keeps the chain its peer presented ([`PeerChain`]), judged again each time the
-//! lists change, at the time of its handshake (a certificate that expires during a connection
-//! is not what revocation is about). The result is cached per change, so the many streams of
-//! one connection cost one check.
+//! A verdict is kept per chain (with the roots it was verified against) until the lists
+//! change, so a peer that dials again costs a digest rather than a check (the check verifies a
+//! path and the list's signature over its whole body: hundreds of microseconds for a long
+//! list). A connection keeps the chain its peer presented ([`PeerChain`]), judged again each
+//! time the lists change, at the time of its handshake (a certificate that expires during a
+//! connection is not what revocation is about), so the many streams of one connection cost
+//! one check.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -146,6 +149,8 @@ impl Crls {
 pub struct CrlFile {
     path: PathBuf,
     last: Option<Vec<u8>>,
+    /// The last read error, so that a file that stays unreadable is reported once.
+    failing: Option<std::io::ErrorKind>,
 }
 
 impl CrlFile {
@@ -155,6 +160,7 @@ impl CrlFile {
         let mut file = CrlFile {
             path: path.to_owned(),
             last: None,
+            failing: None,
         };
         match std::fs::read(path) {
             Ok(bytes) => {
@@ -176,13 +182,19 @@ impl CrlFile {
 
     /// Reads the file again: `Ok(None)` when it is unchanged or gone (the lists in force are
     /// kept: a revocation does not lapse because a file vanished), `Ok(Some(lists))` when it
-    /// changed, `Err` when it cannot be read or parsed (tried again once it changes).
+    /// changed, `Err` when it cannot be read or parsed (once for each change, or for each
+    /// new read error).
     pub async fn reread(&mut self) -> Result<Option<Crls>, CrlError> {
         let bytes = match tokio::fs::read(&self.path).await {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(self.read_error(source)),
+            Err(e) if self.failing == Some(e.kind()) => return Ok(None),
+            Err(source) => {
+                self.failing = Some(source.kind());
+                return Err(self.read_error(source));
+            }
         };
+        self.failing = None;
         if self.last.as_ref() == Some(&bytes) {
             return Ok(None);
         }
@@ -254,6 +266,11 @@ impl Revocation {
             s.lists.send_replace(Arc::new(crls));
             s.generation.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// How many lists are in force; `None` when no lists are configured.
+    pub fn lists_in_force(&self) -> Option<usize> {
+        self.0.as_ref().map(|s| s.lists.borrow().len())
     }
 
     fn generation(&self) -> u64 {
@@ -676,6 +693,11 @@ mod tests {
 
         std::fs::remove_file(&path).unwrap();
         assert!(file.reread().await.unwrap().is_none(), "gone: lists kept");
+
+        std::fs::create_dir(&path).unwrap();
+        assert!(file.reread().await.is_err(), "unreadable");
+        assert!(file.reread().await.unwrap().is_none(), "reported once");
+        std::fs::remove_dir(&path).unwrap();
 
         std::fs::write(&path, "garbage").unwrap();
         assert!(CrlFile::open(&path).is_err(), "malformed at start");

@@ -140,6 +140,11 @@ impl CertManager {
 
     /// The certificates currently held (for the admin API; no keys are reachable from here
     /// but through the TLS configurations).
+    /// The revocation lists the certificates' TLS configurations check peers against.
+    pub fn revocation(&self) -> &Revocation {
+        &self.revocation
+    }
+
     pub fn certs(&self) -> Vec<Arc<WorkloadCert>> {
         let entries = self.entries.lock();
         let mut out: Vec<_> = entries

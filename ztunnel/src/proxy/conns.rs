@@ -9,8 +9,8 @@
 //! flag). Inbound connections carry what the policy engine needs ([`PolicyFacts`]), so that
 //! [`ConnTable::reevaluate`] can close those that a policy change now denies; tunnel streams
 //! carry their peer's chain, so that [`ConnTable::revoke`] can close those that revocation
-//! lists now revoke; [`ConnTable::close_pod`] closes those from and to a pod leaving the mesh. A handler learns
-//! which from [`Tracked::told_to_close`].
+//! lists now revoke; [`ConnTable::close_pod`] closes those from and to a pod leaving the
+//! mesh. A handler learns which from [`Tracked::told_to_close`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
