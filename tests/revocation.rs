@@ -1,7 +1,8 @@
 //! Certificate revocation lists between two real daemons (`--crl-path`), over each transport:
 //! lists that come to revoke the peer's certificate close the tunnels already open and refuse
 //! new ones, on the dialling side and on the accepting side; lists taken back let tunnels
-//! through again; a malformed file is refused and the lists in force kept.
+//! through again; lists that revoke a daemon's own certificate have it renewed at once; a
+//! malformed file is refused and the lists in force kept.
 
 use std::path::Path;
 
@@ -77,7 +78,8 @@ for_each_transport! {
     /// (`certificate_revoked`) and the next is refused at its handshake
     /// (`outbound_peer_revoked`). Taken back, tunnels go through again. Then `b`'s lists
     /// revoke `a`'s client certificate: `b` closes the open tunnel and refuses the next
-    /// (`inbound_peer_revoked`). A malformed file is counted and changes nothing.
+    /// (`inbound_peer_revoked`); once `a`'s lists revoke it too, `a` renews it at once and
+    /// tunnels go through on the new one. A malformed file is counted and changes nothing.
     fn revocation_lists_close_open_tunnels_and_refuse_new_ones(t: Transport) {
         let dir = tempfile::tempdir().unwrap();
         let (crl_a, crl_b) = (dir.path().join("a-crl.pem"), dir.path().join("b-crl.pem"));
@@ -163,6 +165,25 @@ for_each_transport! {
         assert!(
             log.contains("a revocation list revokes the peer's certificate"),
             "b logs why:\n{log}"
+        );
+
+        // a learns it too: it renews the client's certificate at once, and the new one
+        // (which b's lists do not name) gets through.
+        publish(&crl_a, &list(&[&client], 3));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let renewed = loop {
+            let now = serial(&mesh.a, "spiffe://cluster.local/ns/demo/sa/client");
+            if now != client {
+                break now;
+            }
+            assert!(std::time::Instant::now() < deadline, "a did not renew the revoked certificate");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let held = open(&mesh);
+        drop(held);
+        assert!(
+            mesh.a_daemon.log().contains("the certificate is revoked by the lists in force; renewing it now"),
+            "a logs the renewal of {client} (now {renewed})"
         );
     }
 }

@@ -273,6 +273,17 @@ impl Revocation {
         self.0.as_ref().map(|s| s.lists.borrow().len())
     }
 
+    /// Resolves when the lists are replaced next; never when no lists are configured.
+    pub async fn changed(&self) {
+        let Some(s) = &self.0 else {
+            return std::future::pending().await;
+        };
+        let mut changes = s.lists.subscribe();
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     fn generation(&self) -> u64 {
         self.0
             .as_ref()
@@ -371,7 +382,8 @@ pub fn is_revoked_quic(e: &quinn::ConnectionError) -> bool {
 const CERTIFICATE_REVOKED_ALERT: u8 = 44;
 
 /// The chain a peer presented, kept with its connection so that it can be judged again when
-/// the lists of the daemon that verified it change.
+/// the lists of the daemon that verified it change (the certificate manager keeps its own
+/// certificates' chains so, to renew one the lists revoke).
 #[derive(Debug)]
 pub struct PeerChain {
     chain: Vec<CertificateDer<'static>>,

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use ztunnel_proto::ca::SignRequest;
 
-use super::crl::Revocation;
+use super::crl::{PeerChain, Revocation, Usage};
 use super::{generate_csr, CertSigner, Error, Identity, SignError, WorkloadCert};
 
 #[derive(Clone, Debug)]
@@ -199,7 +199,29 @@ async fn sign_once(
     )
 }
 
-/// The per-identity task: sign, publish, sleep to half-life, repeat.
+/// Waits until a certificate is due for renewal: at half-life (`wait` from now), or as soon as
+/// the revocation lists revoke it (`own` is its chain), so that its workload's peers do not
+/// refuse it until then. One issued revoked already (its issuer's certificate is revoked, say)
+/// is renewed when the lists change next, not at once, so that the CA is not asked in a loop.
+async fn until_renewal_due(id: &Identity, wait: Duration, own: &PeerChain, rev: &Revocation) {
+    if own.trusted() {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = own.until_revoked() => {
+                tracing::warn!(identity = %id, "the certificate is revoked by the lists in force; renewing it now");
+            }
+        }
+    } else {
+        tracing::error!(identity = %id, "the certificate just issued is revoked by the lists in force (its issuer's certificate?); renewed when the lists change, or at half-life");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = rev.changed() => {}
+        }
+    }
+}
+
+/// The per-identity task: sign, publish, sleep to half-life (or until the certificate is
+/// revoked), repeat.
 async fn keep(
     signer: Arc<dyn CertSigner>,
     id: Identity,
@@ -227,8 +249,14 @@ async fn keep(
                 }
                 have_one = true;
                 backoff = MIN_BACKOFF;
+                let own = PeerChain::new(
+                    cert.chain.clone(),
+                    cert.roots.clone(),
+                    Usage::Client,
+                    revocation.clone(),
+                );
                 tx.send_replace(Slot::Ready(cert));
-                tokio::time::sleep(wait).await;
+                until_renewal_due(&id, wait, &own, &revocation).await;
             }
             Err(e) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -357,6 +385,35 @@ mod tests {
         s.fail.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(1200)).await;
         m.fetch(&id).await.unwrap();
+    }
+
+    /// Lists that come to revoke a held certificate have it renewed at once (a new serial the
+    /// lists do not name), not at half-life.
+    #[tokio::test]
+    async fn a_revoked_certificate_is_renewed_at_once() {
+        let (_d, s) = signer();
+        let rev = Revocation::new(Default::default());
+        let m = CertManager::new(s.clone(), Duration::from_secs(3600), rev.clone());
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let first = m.fetch(&id).await.unwrap();
+        let now = SystemTime::now();
+        let list =
+            s.ca.revocation_list(&[&first.serial], 1, now, Duration::from_secs(60));
+        rev.replace(super::super::crl::Crls::parse(list.unwrap().as_bytes()).unwrap());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let second = loop {
+            let c = m.fetch(&id).await.unwrap();
+            if c.serial != first.serial {
+                break c;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not renewed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(m.renewed_total(), 1);
+        // The new one is trusted: it is kept until half-life.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(m.fetch(&id).await.unwrap().serial, second.serial);
+        assert_eq!(s.calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]
