@@ -480,6 +480,44 @@ pub(crate) fn issue_with_uris(
     )?)
 }
 
+/// Signing material whose signing certificate is an intermediate that `root`'s signing
+/// certificate issued, and that intermediate's serial (hex): for tests of chains longer than
+/// a leaf and its root.
+#[cfg(test)]
+pub(crate) fn intermediate_of(root: &CaMaterial) -> Result<(CaMaterial, String), Error> {
+    let issuer = Issuer::from_ca_cert_pem(&root.ca_cert, KeyPair::from_pem(&root.ca_key)?)?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let now = SystemTime::now();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "ztunnel intermediate CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = offset(now - CLOCK_SKEW);
+    params.not_after = offset(now + Duration::from_secs(86400));
+    let serial = random_serial();
+    let hex: String = serial
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    params.serial_number = Some(serial);
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &issuer)?.pem();
+    let material = CaMaterial {
+        ca_cert: cert.clone(),
+        ca_key: key.serialize_pem(),
+        root_cert: root.root_cert.clone(),
+        cert_chain: format!("{cert}{}", root.root_cert),
+    };
+    Ok((material, hex))
+}
+
 /// Refuses a CSR whose key is not ECDSA P-256 signed with SHA-256: workload keys are P-256
 /// (the identity contract), and a certificate for another key, signed as if it were one,
 /// would not even parse.

@@ -419,6 +419,19 @@ impl PeerChain {
         }
     }
 
+    /// A chain no handshake has verified against the lists yet (a certificate of our own):
+    /// judged at its first [`Self::trusted`].
+    pub fn unjudged(
+        chain: Vec<CertificateDer<'static>>,
+        roots: Arc<RootCertStore>,
+        usage: Usage,
+        revocation: Revocation,
+    ) -> Self {
+        let chain = PeerChain::new(chain, roots, usage, revocation);
+        *chain.judged.lock() = (0, true);
+        chain
+    }
+
     /// Whether no list in force revokes the chain (judged again only when they changed).
     pub fn trusted(&self) -> bool {
         let generation = self.revocation.generation();

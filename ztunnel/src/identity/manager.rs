@@ -249,7 +249,7 @@ async fn keep(
                 }
                 have_one = true;
                 backoff = MIN_BACKOFF;
-                let own = PeerChain::new(
+                let own = PeerChain::unjudged(
                     cert.chain.clone(),
                     cert.roots.clone(),
                     Usage::Client,
@@ -413,6 +413,43 @@ mod tests {
         // The new one is trusted: it is kept until half-life.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(m.fetch(&id).await.unwrap().serial, second.serial);
+        assert_eq!(s.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// A certificate issued revoked already (its issuer, an intermediate, is revoked) is not
+    /// renewed in a loop: once the lists change.
+    #[tokio::test]
+    async fn one_issued_revoked_already_waits_for_the_lists_to_change() {
+        let root = crate::ca::CaMaterial::generate("cluster.local").unwrap();
+        let (material, intermediate) = crate::ca::intermediate_of(&root).unwrap();
+        let root_ca = LocalCa::from_material(&root, "cluster.local").unwrap();
+        let now = SystemTime::now();
+        let list = root_ca.revocation_list(&[&intermediate], 1, now, Duration::from_secs(60));
+        let rev =
+            Revocation::new(super::super::crl::Crls::parse(list.unwrap().as_bytes()).unwrap());
+        let s = Arc::new(Counting {
+            ca: LocalCa::from_material(&material, "cluster.local").unwrap(),
+            calls: AtomicUsize::new(0),
+            fail: Default::default(),
+            refuse: Default::default(),
+        });
+        let m = CertManager::new(s.clone(), Duration::from_secs(3600), rev.clone());
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let first = m.fetch(&id).await.unwrap();
+        assert_eq!(first.chain.len(), 2, "leaf and intermediate");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            s.calls.load(Ordering::SeqCst),
+            1,
+            "not asked again in a loop"
+        );
+        // The lists change: it is renewed once.
+        rev.replace(Default::default());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while m.fetch(&id).await.unwrap().serial == first.serial {
+            assert!(tokio::time::Instant::now() < deadline, "not renewed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(s.calls.load(Ordering::SeqCst), 2);
     }
 
