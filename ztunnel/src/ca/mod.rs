@@ -25,9 +25,7 @@ use std::sync::{Arc, RwLock};
 
 pub use client::CaClient;
 #[cfg(test)]
-#[cfg(test)]
-pub(crate) use local::intermediate_of;
-pub(crate) use local::issue_with_uris;
+pub(crate) use local::{intermediate_of, issue_with_uris};
 pub use local::{issue, CaMaterial, LocalCa, DEFAULT_MAX_LIFETIME};
 pub use server::{Denied, SignAuthorizer, StaticTokenAuthorizer};
 
