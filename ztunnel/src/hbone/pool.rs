@@ -50,7 +50,6 @@ use ipnet::IpNet;
 use parking_lot::Mutex;
 use quinn::VarInt;
 use rustls::ClientConfig;
-use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 
 use super::client::{self, ClientError};
@@ -537,7 +536,8 @@ impl Pool {
             match quic::connect(&ep, peer, quic::client_config(&tls)?).await {
                 Ok(qc) => {
                     let ends = qc.clone();
-                    let peer = self.peer_chain(quic::peer_certificates(&qc), cert);
+                    let peer =
+                        Arc::new(cert.peer_chain(quic::peer_certificates(&qc), Usage::Server));
                     return Ok(
                         self.add(key, ks, Link::Quic(qc), peer, move |id| async move {
                             let e = ends.closed().await;
@@ -578,7 +578,7 @@ impl Pool {
         let (sender, mut connection, chain) =
             client::handshake(tcp, key.addr, tls, settings.connect.timeout).await?;
         let ping = connection.ping_pong();
-        let peer = self.peer_chain(chain, cert);
+        let peer = Arc::new(cert.peer_chain(chain, Usage::Server));
         Ok(
             self.add(key, ks, Link::H2(sender), peer, move |id| async move {
                 tokio::select! {
@@ -595,20 +595,6 @@ impl Pool {
                 }
             }),
         )
-    }
-
-    /// The destination's chain, verified just now against `cert`'s roots.
-    fn peer_chain(
-        &self,
-        chain: Vec<CertificateDer<'static>>,
-        cert: &WorkloadCert,
-    ) -> Arc<PeerChain> {
-        Arc::new(PeerChain::new(
-            chain,
-            cert.roots.clone(),
-            Usage::Server,
-            cert.revocation().clone(),
-        ))
     }
 
     /// Puts a new connection for `key` in the pool, with one stream reserved, and counts it.

@@ -17,7 +17,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::crl::Revocation;
+use super::crl::{PeerChain, Revocation, Usage};
 use super::leaf::leaf_identities;
 use super::{tls, Error, Identity};
 
@@ -178,6 +178,28 @@ impl WorkloadCert {
     /// The revocation lists its TLS configurations check peers against.
     pub fn revocation(&self) -> &Revocation {
         &self.revocation
+    }
+
+    /// The chain a peer presented (`usage` says which end) in a handshake that this
+    /// certificate's configuration verified just now: kept with the connection, to be judged
+    /// again when the lists change.
+    pub fn peer_chain(&self, presented: Vec<CertificateDer<'static>>, usage: Usage) -> PeerChain {
+        let algs = tls::provider().signature_verification_algorithms;
+        PeerChain::new(
+            presented,
+            self.roots.clone(),
+            usage,
+            self.revocation.clone(),
+            algs,
+        )
+    }
+
+    /// This certificate's own chain, to be judged against the lists (it went through no
+    /// handshake of ours).
+    pub fn own_chain(&self) -> PeerChain {
+        let algs = tls::provider().signature_verification_algorithms;
+        let (chain, roots) = (self.chain.clone(), self.roots.clone());
+        PeerChain::unjudged(chain, roots, Usage::Client, self.revocation.clone(), algs)
     }
 
     /// The TLS server configuration presenting this certificate (built once).

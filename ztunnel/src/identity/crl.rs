@@ -390,6 +390,7 @@ pub struct PeerChain {
     roots: Arc<RootCertStore>,
     usage: Usage,
     revocation: Revocation,
+    algs: WebPkiSupportedAlgorithms,
     verified_at: UnixTime,
     /// The generation last judged, and whether the chain was still trusted then.
     judged: Mutex<(u64, bool)>,
@@ -397,13 +398,14 @@ pub struct PeerChain {
 
 impl PeerChain {
     /// The chain `chain` (leaf first) that a handshake verified just now against `roots` and
-    /// the lists of `revocation`; kept only when lists are configured (without, it is never
-    /// judged again).
+    /// the lists of `revocation`, to be judged again with the signature algorithms `algs`;
+    /// kept only when lists are configured (without, it is never judged again).
     pub fn new(
         mut chain: Vec<CertificateDer<'static>>,
         roots: Arc<RootCertStore>,
         usage: Usage,
         revocation: Revocation,
+        algs: WebPkiSupportedAlgorithms,
     ) -> Self {
         if !revocation.enabled() {
             chain = Vec::new();
@@ -414,6 +416,7 @@ impl PeerChain {
             roots,
             usage,
             revocation,
+            algs,
             verified_at: UnixTime::now(),
             judged: Mutex::new((generation, true)),
         }
@@ -426,8 +429,9 @@ impl PeerChain {
         roots: Arc<RootCertStore>,
         usage: Usage,
         revocation: Revocation,
+        algs: WebPkiSupportedAlgorithms,
     ) -> Self {
-        let chain = PeerChain::new(chain, roots, usage, revocation);
+        let chain = PeerChain::new(chain, roots, usage, revocation, algs);
         *chain.judged.lock() = (0, true);
         chain
     }
@@ -437,10 +441,10 @@ impl PeerChain {
         let generation = self.revocation.generation();
         let mut judged = self.judged.lock();
         if judged.0 != generation {
-            let algs = super::tls::provider().signature_verification_algorithms;
+            let (chain, roots) = (&self.chain, &self.roots);
             let ok = self
                 .revocation
-                .verify(&self.chain, &self.roots, algs, self.usage, self.verified_at)
+                .verify(chain, roots, self.algs, self.usage, self.verified_at)
                 .is_ok();
             *judged = (generation, ok);
         }
@@ -478,6 +482,10 @@ mod tests {
 
     fn id(s: &str) -> Identity {
         s.parse().unwrap()
+    }
+
+    fn algs() -> WebPkiSupportedAlgorithms {
+        crate::identity::tls::provider().signature_verification_algorithms
     }
 
     fn list(ca: &LocalCa, serials: &[&str]) -> String {
@@ -656,6 +664,7 @@ mod tests {
             roots.clone(),
             Usage::Client,
             rev.clone(),
+            algs(),
         );
         assert!(chain.trusted());
 
@@ -684,6 +693,7 @@ mod tests {
             roots,
             Usage::Client,
             Revocation::default(),
+            algs(),
         );
         assert!(unchecked.trusted());
         assert!(

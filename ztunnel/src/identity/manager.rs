@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use ztunnel_proto::ca::SignRequest;
 
-use super::crl::{PeerChain, Revocation, Usage};
+use super::crl::{PeerChain, Revocation};
 use super::{generate_csr, CertSigner, Error, Identity, SignError, WorkloadCert};
 
 #[derive(Clone, Debug)]
@@ -249,12 +249,7 @@ async fn keep(
                 }
                 have_one = true;
                 backoff = MIN_BACKOFF;
-                let own = PeerChain::unjudged(
-                    cert.chain.clone(),
-                    cert.roots.clone(),
-                    Usage::Client,
-                    revocation.clone(),
-                );
+                let own = cert.own_chain();
                 tx.send_replace(Slot::Ready(cert));
                 until_renewal_due(&id, wait, &own, &revocation).await;
             }

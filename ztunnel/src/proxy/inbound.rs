@@ -18,9 +18,8 @@
 //! status, counted and logged; a stream that a later policy change denies is reset. A peer
 //! whose chain the revocation lists revoke ([`crate::identity::crl`]) fails its handshake;
 //! lists that come to revoke it end its connection as on drain, close its open streams and
-//! refuse new ones (`401`). The
-//! warnings that a peer can provoke before it has authenticated are throttled
-//! ([`crate::throttle`]); the counts never are.
+//! refuse new ones (`401`). The warnings that a peer can provoke before it has authenticated
+//! are throttled ([`crate::throttle`]); the counts never are.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,7 +30,6 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
-use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -254,7 +252,7 @@ async fn handshakes(
             return None;
         }
     };
-    let chain = client_chain(presented, &cert);
+    let chain = cert.peer_chain(presented, Usage::Client);
     let conn = Peer::admit(
         pi,
         Handshake {
@@ -288,20 +286,6 @@ pub(super) async fn destination_cert(
             None
         }
     }
-}
-
-/// The chain a tunnel client presented, verified just now against `cert`'s roots and
-/// revocation lists. Either transport.
-pub(super) fn client_chain(
-    presented: Vec<CertificateDer<'static>>,
-    cert: &WorkloadCert,
-) -> PeerChain {
-    PeerChain::new(
-        presented,
-        cert.roots.clone(),
-        Usage::Client,
-        cert.revocation().clone(),
-    )
 }
 
 /// Logs that a tunnel connection ends because a revocation list now revokes its peer's

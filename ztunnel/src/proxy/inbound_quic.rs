@@ -29,8 +29,7 @@ use quinn::{Incoming, RecvStream, SendStream, VarInt};
 use tokio::time::Instant;
 
 use super::inbound::{
-    client_chain, destination_cert, revoked, serve_stream, track, Handshake, Peer,
-    HANDSHAKE_TIMEOUT,
+    destination_cert, revoked, serve_stream, track, Handshake, Peer, HANDSHAKE_TIMEOUT,
 };
 use super::outcome::{refuse, Outcome};
 use super::{ProxyInputs, QuicListener, Scope};
@@ -38,6 +37,7 @@ use crate::hbone::answer::Answer;
 use crate::hbone::quic;
 use crate::hbone::server::Idle;
 use crate::identity;
+use crate::identity::crl::Usage;
 use crate::refusal::Reason;
 
 /// Binds the endpoint if another daemon held it (trying again every [`REBIND`] until it is
@@ -211,7 +211,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
             return;
         }
     };
-    let chain = client_chain(presented, &cert);
+    let chain = cert.peer_chain(presented, Usage::Client);
     let handshake = Handshake {
         addr,
         local,
