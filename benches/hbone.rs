@@ -1,6 +1,7 @@
 //! HBONE data-path benchmarks, each beside raw loopback TCP measured in the same run.
 //! See `benches/README.md` for how to run and read them.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -101,13 +102,7 @@ fn new_connections(c: &mut Criterion) {
     }
     // A fresh mutual-TLS tunnel connection each time: TCP, TLS 1.3 handshake with both
     // certificates checked, HTTP/2 handshake, CONNECT, one byte echoed.
-    let tls = f
-        .client_cert
-        .client_config(std::slice::from_ref(&f.server_id));
-    let opts = ConnectOptions {
-        mark: None,
-        timeout: Duration::from_secs(5),
-    };
+    let (tls, opts) = dial_settings(&f);
     g.bench_function("hbone_fresh_mtls", |b| {
         b.iter_custom(|iters| fresh_tunnels(&f, iters))
     });
@@ -162,19 +157,7 @@ fn new_connections(c: &mut Criterion) {
                 let tasks: Vec<_> = (0..IN_FLIGHT)
                     .map(|_| {
                         let (tls, tunnel, echo) = (tls.clone(), f.tunnel, f.echo);
-                        tokio::spawn(async move {
-                            let (send, conn) =
-                                client::connect(tunnel, tls, opts).await.expect("tunnel");
-                            let driver = tokio::spawn(conn);
-                            let req = client::connect_request(echo, &Default::default()).unwrap();
-                            let (mut tx, mut rx) =
-                                client::open_stream(send, req).await.expect("stream");
-                            tx.send_data(bytes::Bytes::from_static(b"x"), true).unwrap();
-                            let got = rx.data().await.expect("echo").expect("data");
-                            assert_eq!(&got[..], b"x");
-                            drop((tx, rx));
-                            driver.abort();
-                        })
+                        tokio::spawn(fresh_tunnel(tunnel, echo, tls, opts))
                     })
                     .collect();
                 for t in tasks {
@@ -189,6 +172,18 @@ fn new_connections(c: &mut Criterion) {
 /// `iters` fresh tunnels to `f`'s echo server, each its own TCP, TLS and HTTP/2 handshakes
 /// and one byte echoed on one stream; how long they took.
 fn fresh_tunnels(f: &Fixture, iters: u64) -> Duration {
+    let (tls, opts) = dial_settings(f);
+    f.rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..iters {
+            fresh_tunnel(f.tunnel, f.echo, tls.clone(), opts).await;
+        }
+        start.elapsed()
+    })
+}
+
+/// How a benchmark dials `f`'s tunnel: the client's TLS configuration and connect options.
+fn dial_settings(f: &Fixture) -> (Arc<rustls::ClientConfig>, ConnectOptions) {
     let tls = f
         .client_cert
         .client_config(std::slice::from_ref(&f.server_id));
@@ -196,23 +191,26 @@ fn fresh_tunnels(f: &Fixture, iters: u64) -> Duration {
         mark: None,
         timeout: Duration::from_secs(5),
     };
-    f.rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..iters {
-            let (send, conn) = client::connect(f.tunnel, tls.clone(), opts)
-                .await
-                .expect("tunnel");
-            let driver = tokio::spawn(conn);
-            let req = client::connect_request(f.echo, &Default::default()).unwrap();
-            let (mut tx, mut rx) = client::open_stream(send, req).await.expect("stream");
-            tx.send_data(bytes::Bytes::from_static(b"x"), true).unwrap();
-            let got = rx.data().await.expect("echo").expect("data");
-            assert_eq!(&got[..], b"x");
-            drop((tx, rx));
-            driver.abort();
-        }
-        start.elapsed()
-    })
+    (tls, opts)
+}
+
+/// One fresh tunnel to `tunnel` (TCP, TLS and HTTP/2 handshakes), a stream to `echo`, one
+/// byte echoed.
+async fn fresh_tunnel(
+    tunnel: std::net::SocketAddr,
+    echo: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    opts: ConnectOptions,
+) {
+    let (send, conn) = client::connect(tunnel, tls, opts).await.expect("tunnel");
+    let driver = tokio::spawn(conn);
+    let req = client::connect_request(echo, &Default::default()).unwrap();
+    let (mut tx, mut rx) = client::open_stream(send, req).await.expect("stream");
+    tx.send_data(bytes::Bytes::from_static(b"x"), true).unwrap();
+    let got = rx.data().await.expect("echo").expect("data");
+    assert_eq!(&got[..], b"x");
+    drop((tx, rx));
+    driver.abort();
 }
 
 criterion_group!(benches, throughput, request_response, new_connections);

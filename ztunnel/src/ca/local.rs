@@ -99,20 +99,10 @@ impl CaMaterial {
     /// A fresh self-signed ECDSA P-256 root (10 years) that is also the signing certificate.
     pub fn generate(trust_domain: &str) -> Result<Self, Error> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let now = SystemTime::now();
-        let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, trust_domain);
         dn.push(DnType::CommonName, "ztunnel root CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = offset(now - Duration::from_secs(3600));
-        params.not_after = offset(now + ROOT_LIFETIME);
+        let mut params = ca_params(dn, SystemTime::now(), ROOT_LIFETIME);
         params.serial_number = Some(random_serial());
         let root = params.self_signed(&key)?.pem();
         Ok(CaMaterial {
@@ -163,6 +153,22 @@ fn write(path: PathBuf, content: &str, mode: u32) -> Result<(), Error> {
 
 fn offset(t: SystemTime) -> time::OffsetDateTime {
     time::OffsetDateTime::from(t)
+}
+
+/// A CA certificate's parameters: `dn`, signing certificates and lists, valid from an hour
+/// before `now` for `lifetime`.
+fn ca_params(dn: DistinguishedName, now: SystemTime, lifetime: Duration) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = offset(now - Duration::from_secs(3600));
+    params.not_after = offset(now + lifetime);
+    params
 }
 
 fn random_serial() -> SerialNumber {
@@ -487,19 +493,10 @@ pub(crate) fn issue_with_uris(
 pub(crate) fn intermediate_of(root: &CaMaterial) -> Result<(CaMaterial, String), Error> {
     let issuer = Issuer::from_ca_cert_pem(&root.ca_cert, KeyPair::from_pem(&root.ca_key)?)?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let now = SystemTime::now();
-    let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "ztunnel intermediate CA");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.not_before = offset(now - CLOCK_SKEW);
-    params.not_after = offset(now + Duration::from_secs(86400));
+    let day = Duration::from_secs(86400);
+    let mut params = ca_params(dn, SystemTime::now(), day);
     let serial = random_serial();
     let hex: String = serial
         .to_bytes()
