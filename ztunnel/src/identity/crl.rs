@@ -24,7 +24,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -228,8 +227,8 @@ pub struct Revocation(Option<Arc<Shared>>);
 
 #[derive(Debug)]
 struct Shared {
-    lists: watch::Sender<Arc<Crls>>,
-    generation: AtomicU64,
+    /// The lists in force and their generation (one more at each replacement), read together.
+    lists: watch::Sender<(u64, Arc<Crls>)>,
     /// The verdicts on chains already checked, by [`verdict_key`], and the generation of the
     /// lists they were given under: a peer that dials again costs a digest, not a check.
     verdicts: Mutex<(u64, Verdicts)>,
@@ -247,8 +246,7 @@ impl Revocation {
     /// Checks against `crls`, until [`Self::replace`]d.
     pub fn new(crls: Crls) -> Revocation {
         Revocation(Some(Arc::new(Shared {
-            lists: watch::Sender::new(Arc::new(crls)),
-            generation: AtomicU64::new(1),
+            lists: watch::Sender::new((1, Arc::new(crls))),
             verdicts: Mutex::new((1, HashMap::new())),
         })))
     }
@@ -262,15 +260,16 @@ impl Revocation {
     /// [`PeerChain`] is judged again.
     pub fn replace(&self, crls: Crls) {
         if let Some(s) = &self.0 {
-            // The lists first: a check that reads the new generation must find them.
-            s.lists.send_replace(Arc::new(crls));
-            s.generation.fetch_add(1, Ordering::AcqRel);
+            s.lists.send_modify(|(generation, lists)| {
+                *generation += 1;
+                *lists = Arc::new(crls);
+            });
         }
     }
 
     /// How many lists are in force; `None` when no lists are configured.
     pub fn lists_in_force(&self) -> Option<usize> {
-        self.0.as_ref().map(|s| s.lists.borrow().len())
+        self.0.as_ref().map(|s| s.lists.borrow().1.len())
     }
 
     /// Resolves when the lists are replaced next; never when no lists are configured.
@@ -285,9 +284,7 @@ impl Revocation {
     }
 
     fn generation(&self) -> u64 {
-        self.0
-            .as_ref()
-            .map_or(0, |s| s.generation.load(Ordering::Acquire))
+        self.0.as_ref().map_or(0, |s| s.lists.borrow().0)
     }
 
     /// Checks a chain a handshake has verified against the lists in force, as the TLS
@@ -301,9 +298,7 @@ impl Revocation {
         time: UnixTime,
     ) -> Result<(), rustls::Error> {
         let Some(s) = &self.0 else { return Ok(()) };
-        // The generation first: lists are replaced before it moves, so these are as new.
-        let generation = s.generation.load(Ordering::Acquire);
-        let lists = s.lists.borrow().clone();
+        let (generation, lists) = s.lists.borrow().clone();
         let key = verdict_key(chain, roots, usage);
         {
             let verdicts = s.verdicts.lock();
