@@ -537,7 +537,7 @@ impl Pool {
                 Ok(qc) => {
                     let ends = qc.clone();
                     let peer =
-                        Arc::new(cert.peer_chain(quic::peer_certificates(&qc), Usage::Server));
+                        Arc::new(cert.peer_chain(&quic::peer_certificates(&qc), Usage::Server));
                     return Ok(
                         self.add(key, ks, Link::Quic(qc), peer, move |id| async move {
                             let e = ends.closed().await;
@@ -578,7 +578,7 @@ impl Pool {
         let (sender, mut connection, chain) =
             client::handshake(tcp, key.addr, tls, settings.connect.timeout).await?;
         let ping = connection.ping_pong();
-        let peer = Arc::new(cert.peer_chain(chain, Usage::Server));
+        let peer = Arc::new(cert.peer_chain(&chain, Usage::Server));
         Ok(
             self.add(key, ks, Link::H2(sender), peer, move |id| async move {
                 tokio::select! {

@@ -175,15 +175,10 @@ impl WorkloadCert {
         self
     }
 
-    /// The revocation lists its TLS configurations check peers against.
-    pub fn revocation(&self) -> &Revocation {
-        &self.revocation
-    }
-
     /// The chain a peer presented (`usage` says which end) in a handshake that this
     /// certificate's configuration verified just now: kept with the connection, to be judged
     /// again when the lists change.
-    pub fn peer_chain(&self, presented: Vec<CertificateDer<'static>>, usage: Usage) -> PeerChain {
+    pub fn peer_chain(&self, presented: &[CertificateDer<'_>], usage: Usage) -> PeerChain {
         let algs = tls::provider().signature_verification_algorithms;
         PeerChain::new(
             presented,
@@ -198,7 +193,7 @@ impl WorkloadCert {
     /// handshake of ours).
     pub fn own_chain(&self) -> PeerChain {
         let algs = tls::provider().signature_verification_algorithms;
-        let (chain, roots) = (self.chain.clone(), self.roots.clone());
+        let (chain, roots) = (&self.chain, self.roots.clone());
         PeerChain::unjudged(chain, roots, Usage::Client, self.revocation.clone(), algs)
     }
 

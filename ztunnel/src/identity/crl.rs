@@ -101,18 +101,17 @@ impl Crls {
         self.lists.is_empty()
     }
 
-    /// Whether `chain` (leaf first) is revoked anywhere on its path to `roots`, as of `time`.
+    /// Whether the chain of `leaf` and `intermediates` is revoked anywhere on its path to
+    /// `roots`, as of `time`.
     fn check(
         &self,
-        chain: &[CertificateDer<'_>],
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         roots: &RootCertStore,
         algs: WebPkiSupportedAlgorithms,
         usage: Usage,
         time: UnixTime,
     ) -> Result<(), webpki::Error> {
-        let Some((leaf, intermediates)) = chain.split_first() else {
-            return Err(webpki::Error::BadDer);
-        };
         if self.lists.is_empty() {
             return Ok(());
         }
@@ -287,11 +286,13 @@ impl Revocation {
         self.0.as_ref().map_or(0, |s| s.lists.borrow().0)
     }
 
-    /// Checks a chain a handshake has verified against the lists in force, as the TLS
-    /// error that refuses it (`Revoked` when a list revokes one of its certificates).
+    /// Checks a chain (`leaf` and `intermediates`) a handshake has verified against the lists
+    /// in force, as the TLS error that refuses it (`Revoked` when a list revokes one of its
+    /// certificates). Nothing is done when no lists are configured.
     pub fn verify(
         &self,
-        chain: &[CertificateDer<'_>],
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         roots: &RootCertStore,
         algs: WebPkiSupportedAlgorithms,
         usage: Usage,
@@ -299,7 +300,7 @@ impl Revocation {
     ) -> Result<(), rustls::Error> {
         let Some(s) = &self.0 else { return Ok(()) };
         let (generation, lists) = s.lists.borrow().clone();
-        let key = verdict_key(chain, roots, usage);
+        let key = verdict_key(leaf, intermediates, roots, usage);
         {
             let verdicts = s.verdicts.lock();
             if verdicts.0 == generation {
@@ -309,7 +310,7 @@ impl Revocation {
             }
         }
         let verdict = lists
-            .check(chain, roots, algs, usage, time)
+            .check(leaf, intermediates, roots, algs, usage, time)
             .map_err(tls_error);
         let mut verdicts = s.verdicts.lock();
         if verdicts.0 < generation {
@@ -327,14 +328,19 @@ impl Revocation {
 
 /// What a verdict depends on, besides the lists: the chain, the roots it was verified
 /// against, and which end presented it (SHA-256 of each, length-prefixed).
-fn verdict_key(chain: &[CertificateDer<'_>], roots: &RootCertStore, usage: Usage) -> [u8; 32] {
+fn verdict_key(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    usage: Usage,
+) -> [u8; 32] {
     let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut add = |bytes: &[u8]| {
         d.update(&(bytes.len() as u64).to_be_bytes());
         d.update(bytes);
     };
     add(&[usage as u8]);
-    for c in chain {
+    for c in std::iter::once(leaf).chain(intermediates) {
         add(c.as_ref());
     }
     for r in &roots.roots {
@@ -394,17 +400,18 @@ pub struct PeerChain {
 impl PeerChain {
     /// The chain `chain` (leaf first) that a handshake verified just now against `roots` and
     /// the lists of `revocation`, to be judged again with the signature algorithms `algs`;
-    /// kept only when lists are configured (without, it is never judged again).
+    /// copied only when lists are configured (without, it is never judged again).
     pub fn new(
-        mut chain: Vec<CertificateDer<'static>>,
+        chain: &[CertificateDer<'_>],
         roots: Arc<RootCertStore>,
         usage: Usage,
         revocation: Revocation,
         algs: WebPkiSupportedAlgorithms,
     ) -> Self {
-        if !revocation.enabled() {
-            chain = Vec::new();
-        }
+        let chain = match revocation.enabled() {
+            true => chain.iter().map(|c| c.clone().into_owned()).collect(),
+            false => Vec::new(),
+        };
         let generation = revocation.generation();
         PeerChain {
             chain,
@@ -420,7 +427,7 @@ impl PeerChain {
     /// A chain no handshake has verified against the lists yet (a certificate of our own):
     /// judged at its first [`Self::trusted`].
     pub fn unjudged(
-        chain: Vec<CertificateDer<'static>>,
+        chain: &[CertificateDer<'_>],
         roots: Arc<RootCertStore>,
         usage: Usage,
         revocation: Revocation,
@@ -436,11 +443,13 @@ impl PeerChain {
         let generation = self.revocation.generation();
         let mut judged = self.judged.lock();
         if judged.0 != generation {
-            let (chain, roots) = (&self.chain, &self.roots);
-            let ok = self
-                .revocation
-                .verify(chain, roots, self.algs, self.usage, self.verified_at)
-                .is_ok();
+            let (roots, algs, time) = (&self.roots, self.algs, self.verified_at);
+            let ok = self.chain.split_first().is_some_and(|(leaf, rest)| {
+                let verdict = self
+                    .revocation
+                    .verify(leaf, rest, roots, algs, self.usage, time);
+                verdict.is_ok()
+            });
             *judged = (generation, ok);
         }
         judged.1
@@ -655,7 +664,7 @@ mod tests {
         let roots = peer.roots.clone();
         let rev = Revocation::new(Crls::default());
         let chain = PeerChain::new(
-            peer.chain.clone(),
+            &peer.chain,
             roots.clone(),
             Usage::Client,
             rev.clone(),
@@ -684,7 +693,7 @@ mod tests {
         assert!(chain.trusted());
 
         let unchecked = PeerChain::new(
-            peer.chain.clone(),
+            &peer.chain,
             roots,
             Usage::Client,
             Revocation::default(),

@@ -150,16 +150,6 @@ fn bad_identity(msg: String) -> rustls::Error {
     ))))
 }
 
-/// A presented chain, leaf first, as the revocation check takes it.
-fn chain_of<'a>(
-    end_entity: &CertificateDer<'a>,
-    intermediates: &[CertificateDer<'a>],
-) -> Vec<CertificateDer<'a>> {
-    std::iter::once(end_entity.clone())
-        .chain(intermediates.iter().cloned())
-        .collect()
-}
-
 /// Server side: webpki chain verification, then the trust-domain check, then revocation.
 #[derive(Debug)]
 struct ClientVerifier {
@@ -192,11 +182,9 @@ impl ClientCertVerifier for ClientVerifier {
             tracing::warn!(ours = %self.trust_domain, error = %e, "client certificate carries no identity of our trust domain");
             return Err(bad_identity(e.to_string()));
         }
-        if self.revocation.enabled() {
-            let chain = chain_of(end_entity, intermediates);
-            self.revocation
-                .verify(&chain, &self.roots, self.algs, Usage::Client, now)?;
-        }
+        let (roots, algs) = (&self.roots, self.algs);
+        self.revocation
+            .verify(end_entity, intermediates, roots, algs, Usage::Client, now)?;
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -257,11 +245,9 @@ impl ServerCertVerifier for ServerVerifier {
                 "server identities {ids:?} not in expected {expected:?}"
             )));
         }
-        if self.revocation.enabled() {
-            let chain = chain_of(end_entity, intermediates);
-            self.revocation
-                .verify(&chain, &self.roots, self.algs, Usage::Server, now)?;
-        }
+        let (roots, algs) = (&self.roots, self.algs);
+        self.revocation
+            .verify(end_entity, intermediates, roots, algs, Usage::Server, now)?;
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(

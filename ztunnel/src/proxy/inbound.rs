@@ -230,8 +230,8 @@ async fn handshakes(
             return None;
         }
     };
-    let presented = tls.get_ref().1.peer_certificates().unwrap_or(&[]).to_vec();
-    let src = match identity::peer_identity(&presented, &pi.trust_domain) {
+    let presented = tls.get_ref().1.peer_certificates().unwrap_or(&[]);
+    let src = match identity::peer_identity(presented, &pi.trust_domain) {
         Ok(id) => id,
         Err(e) => {
             // The handshake's verifier has read the same identity: this is a second line.
@@ -239,6 +239,7 @@ async fn handshakes(
             return None;
         }
     };
+    let chain = cert.peer_chain(presented, Usage::Client);
     let outflow = Outflow::new(pi.budget.clone(), peer.ip());
     let tls = Metered::new(tls, outflow.clone());
     let h2 = match tokio::time::timeout_at(deadline, server::handshake(tls, pi.max_streams)).await {
@@ -252,7 +253,6 @@ async fn handshakes(
             return None;
         }
     };
-    let chain = cert.peer_chain(presented, Usage::Client);
     let conn = Peer::admit(
         pi,
         Handshake {

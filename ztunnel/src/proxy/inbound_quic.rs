@@ -211,7 +211,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
             return;
         }
     };
-    let chain = cert.peer_chain(presented, Usage::Client);
+    let chain = cert.peer_chain(&presented, Usage::Client);
     let handshake = Handshake {
         addr,
         local,
