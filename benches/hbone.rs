@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use ztunnel::hbone::client;
 use ztunnel::hbone::early::Early;
 use ztunnel::net::ConnectOptions;
-use ztunnel_benches::{push, round_trip, Fixture};
+use ztunnel_benches::{pull, push, round_trip, Fixture};
 
 const MIB: usize = 1024 * 1024;
 
@@ -29,6 +29,21 @@ fn throughput(c: &mut Criterion) {
     g.bench_function("relay_2hops", |b| {
         b.iter(|| f.rt.block_on(push(f.via_relay_sink, len)))
     });
+    g.finish();
+
+    // The other way: the application on the tunnel's server side sends, and the inbound
+    // daemon's send path (its HTTP/2 send accounting, QUIC's send window) carries it.
+    let mut g = c.benchmark_group("throughput_1_stream_download");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Bytes(len as u64));
+    for (name, addr) in [
+        ("raw_tcp", f.source),
+        ("hbone", f.via_tunnel_source),
+        ("hbone_quic", f.via_quic_source),
+        ("relay_2hops", f.via_relay_source),
+    ] {
+        g.bench_function(name, |b| b.iter(|| f.rt.block_on(pull(addr, len))));
+    }
     g.finish();
 
     let mut g = c.benchmark_group("throughput_8_streams");

@@ -38,15 +38,20 @@ pub struct Fixture {
     pub sink: SocketAddr,
     /// Echoes everything.
     pub echo: SocketAddr,
-    /// Tunnel entry to `sink` and to `echo`.
+    /// Sends as many bytes as the client asks for ([`pull`]), then closes.
+    pub source: SocketAddr,
+    /// Tunnel entry to `sink`, `echo` and `source`.
     pub via_tunnel_sink: SocketAddr,
     pub via_tunnel_echo: SocketAddr,
+    pub via_tunnel_source: SocketAddr,
     /// The same over QUIC.
     pub via_quic_sink: SocketAddr,
     pub via_quic_echo: SocketAddr,
+    pub via_quic_source: SocketAddr,
     /// Plain TCP relayed twice (`relay`): the tunnel's loopback crossings and nothing else.
     pub via_relay_sink: SocketAddr,
     pub via_relay_echo: SocketAddr,
+    pub via_relay_source: SocketAddr,
     /// The inbound tunnel listener (for fresh-handshake benchmarks).
     pub tunnel: SocketAddr,
     pub client_cert: Arc<WorkloadCert>,
@@ -80,6 +85,30 @@ async fn sink(l: TcpListener) {
                     return;
                 }
             }
+        });
+    }
+}
+
+/// Reads the number of bytes wanted (8 bytes, big-endian), sends them, and closes.
+async fn source(l: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = s.set_nodelay(true);
+            let Ok(mut left) = s.read_u64().await else {
+                return;
+            };
+            let buf = vec![0xa5u8; 256 * 1024];
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                left -= n as u64;
+            }
+            let _ = s.shutdown().await;
         });
     }
 }
@@ -173,9 +202,12 @@ impl Fixture {
                 async move { TcpListener::bind((ip.as_str(), 0)).await.expect("bind") }
             };
             let (sink_l, echo_l) = (bind(SERVER_IP).await, bind(SERVER_IP).await);
+            let source_l = bind(SERVER_IP).await;
             let (sink_a, echo_a) = (sink_l.local_addr().unwrap(), echo_l.local_addr().unwrap());
+            let source_a = source_l.local_addr().unwrap();
             tokio::spawn(sink(sink_l));
             tokio::spawn(echo(echo_l));
+            tokio::spawn(source(source_l));
 
             let metrics = Arc::new(Metrics::default());
             let connect = ConnectOptions {
@@ -229,7 +261,7 @@ impl Fixture {
 
             let mut entries = Vec::new();
             for pi in [&pi, &quic_pi] {
-                for target in [sink_a, echo_a] {
+                for target in [sink_a, echo_a, source_a] {
                     let l = bind("127.0.0.1").await;
                     let entry = l.local_addr().unwrap();
                     redirects.redirect(entry, target);
@@ -237,25 +269,30 @@ impl Fixture {
                     tokio::spawn(ztunnel::proxy::serve_outbound(pi.clone(), l));
                 }
             }
-            for target in [sink_a, echo_a] {
+            for target in [sink_a, echo_a, source_a] {
                 let (first, second) = (bind("127.0.0.1").await, bind(SERVER_IP).await);
                 entries.push(first.local_addr().unwrap());
                 tokio::spawn(relay(first, second.local_addr().unwrap()));
                 tokio::spawn(relay(second, target));
             }
-            (sink_a, echo_a, entries, tunnel)
+            (sink_a, echo_a, source_a, entries, tunnel)
         });
+        let e = &f.3;
         Fixture {
             rt,
             sink: f.0,
             echo: f.1,
-            via_tunnel_sink: f.2[0],
-            via_tunnel_echo: f.2[1],
-            via_quic_sink: f.2[2],
-            via_quic_echo: f.2[3],
-            via_relay_sink: f.2[4],
-            via_relay_echo: f.2[5],
-            tunnel: f.3,
+            source: f.2,
+            via_tunnel_sink: e[0],
+            via_tunnel_echo: e[1],
+            via_tunnel_source: e[2],
+            via_quic_sink: e[3],
+            via_quic_echo: e[4],
+            via_quic_source: e[5],
+            via_relay_sink: e[6],
+            via_relay_echo: e[7],
+            via_relay_source: e[8],
+            tunnel: f.4,
             client_cert,
             server_id,
             _dir: dir,
@@ -283,6 +320,22 @@ pub async fn push(addr: SocketAddr, len: usize) {
     s.shutdown().await.expect("shutdown");
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await.expect("sink answer");
+}
+
+/// Asks a source at `addr` for `len` bytes on a new connection and reads them to its end.
+pub async fn pull(addr: SocketAddr, len: usize) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.set_nodelay(true).unwrap();
+    s.write_u64(len as u64).await.expect("ask");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    loop {
+        match s.read(&mut buf).await.expect("read") {
+            0 => break,
+            n => got += n,
+        }
+    }
+    assert_eq!(got, len, "bytes from the source");
 }
 
 /// One request/response of `msg.len()` bytes over `s` (an echo).

@@ -454,7 +454,10 @@ fn under_load_new_quic_connections_must_prove_their_address() {
 
 /// As on HTTP/2 (`hostile.rs`): a QUIC tunnel connection without streams is closed by the
 /// daemon once no stream has started for twice its pool idle timeout (1 s here), although the
-/// client's keep-alives would keep it open; one whose stream stays open is kept.
+/// client's keep-alives would keep it open; one whose stream stays open is kept. The send
+/// window the busy one was granted on admission is counted in `b`'s budget of buffered bytes
+/// (`ztunnel_buffered_bytes`) while it is open, the idle one's not, and given back when it
+/// ends.
 #[test]
 fn idle_quic_connections_are_closed_and_busy_ones_kept() {
     let b = NodeOptions {
@@ -464,11 +467,16 @@ fn idle_quic_connections_are_closed_and_busy_ones_kept() {
     let mesh = Mesh::builder().b(b).start();
     mesh.b.serve(8080, apps::echo_interactive);
     let cfg = quic::client_config(&mesh.client_tls()).expect("QUIC client config");
-    mesh.c.block_on(async move {
+    let first = cfg.clone();
+    let (ep, idle) = mesh.c.block_on(async move {
         let ep = client_endpoint();
-        let idle = quic::connect(&ep, tunnel_addr(), cfg.clone())
+        let idle = quic::connect(&ep, tunnel_addr(), first)
             .await
             .expect("QUIC handshake with b");
+        (ep, idle)
+    });
+    let held_while_idle = counter(&mesh.b, "ztunnel_buffered_bytes", &[]);
+    let busy = mesh.c.block_on(async move {
         // A bound far above the daemon's 1 s: reaching it means the connection is held.
         let closed = tokio::time::timeout(Duration::from_secs(15), idle.closed()).await;
         assert!(
@@ -495,7 +503,19 @@ fn idle_quic_connections_are_closed_and_busy_ones_kept() {
             busy.close_reason().is_none(),
             "the busy connection was kept"
         );
+        (ep, busy)
     });
+    assert_eq!(held_while_idle, 0.0, "an unadmitted connection's window");
+    let granted = quic::SEND_WINDOW as f64;
+    let m = Mesh::metrics_when(&mesh.b, "ztunnel_buffered_bytes", &[], granted);
+    expect_metric(&m, "ztunnel_buffered_bytes", &[], granted);
+    let (ep, busy) = busy;
+    mesh.c.block_on(async move {
+        busy.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+    });
+    let m = Mesh::metrics_when(&mesh.b, "ztunnel_buffered_bytes", &[], 0.0);
+    expect_metric(&m, "ztunnel_buffered_bytes", &[], 0.0);
 }
 
 /// A client crypto configuration that tells its QUIC connection the server allows one

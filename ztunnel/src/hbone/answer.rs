@@ -25,7 +25,7 @@ pub enum Answer {
     Quic {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
-        conn: quinn::Connection,
+        conn: Arc<quic::ServerConn>,
     },
 }
 
@@ -74,7 +74,7 @@ impl Answer {
                 conn,
             } => {
                 quic::respond(&mut send, &mut recv, StatusCode::OK).await?;
-                quic::admitted(&conn);
+                conn.admit();
                 Ok(TunnelStream::Quic { send, recv })
             }
         }

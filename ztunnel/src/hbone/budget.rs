@@ -25,7 +25,9 @@
 //!
 //! The other way, what h2 holds unsent for a tunnel peer is counted too, per inbound HTTP/2
 //! connection ([`super::outflow`], a holder shared by the connection's streams): there a
-//! holder over its floor waits for the peer to read rather than being refused.
+//! holder over its floor waits for the peer to read rather than being refused. An inbound
+//! QUIC connection's send window, which bounds what quinn keeps unacknowledged, is counted
+//! whole while the connection lasts ([`super::quic::ServerConn`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;

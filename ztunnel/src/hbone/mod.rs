@@ -37,7 +37,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 /// early bytes. Until then, whatever it sends (a stream's data while policy and the
 /// application's connect are pending, or held back behind a gap in QUIC, waiting for its
 /// header) is held by the transport, outside the node's budget of buffered bytes; a peer that
-/// policy lets in gets the full window ([`server::ServerConn::admit`], [`quic::admitted`]).
+/// policy lets in gets the full window ([`server::ServerConn::admit`], [`quic::ServerConn::admit`]).
 pub const ADMISSION_WINDOW: u32 = 256 * 1024;
 
 /// The request headers a client sends with `CONNECT` (all optional on the wire).

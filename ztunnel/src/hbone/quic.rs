@@ -4,15 +4,16 @@
 //! opened with the stream header of [`ztunnel_proto::quic`] (what `CONNECT` carries) and
 //! answered with a status, as the HTTP/2 tunnel answers a `CONNECT`. TLS is the same mutual
 //! TLS 1.3 with the same certificates and identity checks (the rustls configurations of
-//! [`crate::identity`], with the QUIC ALPN); the transport's windows mirror the HTTP/2
-//! tunnel's (4 MiB per stream, 16 MiB per connection) and its keep-alive the pings (10 s,
-//! closed after 20 s of silence). Each endpoint's UDP socket has buffers large enough for a
+//! [`crate::identity`], with the QUIC ALPN); the transport's receive windows mirror the
+//! HTTP/2 tunnel's (4 MiB per stream, 16 MiB per connection) and its keep-alive the pings
+//! (10 s, closed after 20 s of silence). What a server connection holds to send is granted
+//! from the node's budget ([`ServerConn`]). Each endpoint's UDP socket has buffers large enough for a
 //! window's bursts ([`SOCKET_BUFFER`]).
 //!
 //! Bytes are copied over a stream by [`super::copy_tunnel`].
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use quinn::{RecvStream, SendStream, TransportConfig, VarInt};
 use rustls_pki_types::CertificateDer;
 use ztunnel_proto::quic::{self as wire, HeaderError, RequestHeader};
 
-use super::budget::OverBudget;
+use super::budget::{BufferBudget, Held, OverBudget, FLOOR};
 use super::consts;
 use super::copy::{CopyError, StreamRecv, StreamSend};
 use super::early::Early;
@@ -179,14 +180,14 @@ fn transport_code(e: &quinn::ConnectionError) -> Option<quinn::TransportErrorCod
 
 /// The transport parameters of a tunnel connection: the server takes `max_streams` streams
 /// at once, the client none (a server never opens one); `receive_window` bytes may be in
-/// flight to it on the whole connection.
-fn transport(max_streams: u32, receive_window: u32) -> Arc<TransportConfig> {
+/// flight to it on the whole connection, and `send_window` bytes held in it unacknowledged.
+fn transport(max_streams: u32, receive_window: u32, send_window: u64) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(consts::STREAM_WINDOW))
         .receive_window(VarInt::from_u32(receive_window))
-        .send_window(u64::from(consts::CONNECTION_WINDOW))
+        .send_window(send_window)
         // HBONE carries no datagrams: none are accepted (quinn would otherwise keep up to a
         // stream window of them, for the connection's life, for a reader that never comes).
         .datagram_receive_buffer_size(None)
@@ -202,10 +203,72 @@ fn transport(max_streams: u32, receive_window: u32) -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
-/// Opens a server connection's window to the full [`consts::CONNECTION_WINDOW`]: one of its
-/// streams has been admitted. Again on a connection already open, it does nothing.
-pub fn admitted(conn: &quinn::Connection) {
-    conn.set_receive_window(VarInt::from_u32(consts::CONNECTION_WINDOW));
+/// What a server connection may hold unacknowledged before one of its streams is admitted:
+/// refusals and their headers only. Not counted in the node's budget.
+pub const UNADMITTED_SEND_WINDOW: u64 = 16 * 1024;
+
+/// What a server connection may hold unacknowledged once a stream is admitted, when the
+/// node's budget grants it: several milliseconds of a 10 Gbit/s link, far above a cluster's
+/// round trip.
+pub const SEND_WINDOW: usize = 2 * 1024 * 1024;
+
+/// One inbound QUIC tunnel connection as its streams see it: the connection, and the send
+/// window it has been granted from the node's buffered-bytes budget ([`super::budget`]) for
+/// its source.
+///
+/// quinn keeps what a stream writes until the peer acknowledges it, up to the connection's
+/// send window, and the peer grants its own flow-control credit, so that credit is no bound:
+/// a peer that acknowledges nothing (while it keeps the connection alive) has quinn hold the
+/// whole window. quinn does not say how much of it is held, so the window itself is counted,
+/// as held, from the admission of the first stream until the connection ends:
+/// - before any admission the window is [`UNADMITTED_SEND_WINDOW`], not counted;
+/// - each admission grows it towards [`SEND_WINDOW`]: in full while the node is under its
+///   budget, else to the 64 KiB every holder may hold within its source's share
+///   ([`super::budget::FLOOR`]), else not at all (the streams are then slow, not refused);
+/// - it is given back when the connection ends (this dropped).
+#[derive(Debug)]
+pub struct ServerConn {
+    conn: quinn::Connection,
+    window: parking_lot::Mutex<Held<Arc<BufferBudget>>>,
+}
+
+impl ServerConn {
+    /// A connection from `source`, its window counted in `budget`.
+    pub fn new(conn: quinn::Connection, budget: Arc<BufferBudget>, source: IpAddr) -> Arc<Self> {
+        Arc::new(ServerConn {
+            conn,
+            window: parking_lot::Mutex::new(Held::new(budget, source)),
+        })
+    }
+
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// The send window granted now.
+    pub fn send_window(&self) -> u64 {
+        (self.window.lock().mine() as u64).max(UNADMITTED_SEND_WINDOW)
+    }
+
+    /// One of its streams was admitted: the receive window opens to the full
+    /// [`consts::CONNECTION_WINDOW`] (it was [`ADMISSION_WINDOW`]), and the send window grows
+    /// as the budget allows (see the type's documentation).
+    pub fn admit(&self) {
+        self.conn
+            .set_receive_window(VarInt::from_u32(consts::CONNECTION_WINDOW));
+        let mut held = self.window.lock();
+        let mine = held.mine();
+        if mine >= SEND_WINDOW {
+            return;
+        }
+        if held.take(SEND_WINDOW - mine).is_err() && mine < FLOOR {
+            let _ = held.take(FLOOR - mine);
+        }
+        if held.mine() > mine {
+            self.conn
+                .set_send_window((held.mine() as u64).max(UNADMITTED_SEND_WINDOW));
+        }
+    }
 }
 
 /// The QUIC client configuration for a rustls tunnel client configuration (its certificate
@@ -215,13 +278,17 @@ pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, 
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-    c.transport_config(transport(0, consts::CONNECTION_WINDOW));
+    c.transport_config(transport(
+        0,
+        consts::CONNECTION_WINDOW,
+        u64::from(consts::CONNECTION_WINDOW),
+    ));
     Ok(c)
 }
 
 /// The QUIC server configuration for a rustls tunnel server configuration, accepting
 /// `max_streams` streams at once per connection and requiring the QUIC ALPN. A connection's
-/// window is [`ADMISSION_WINDOW`] until one of its streams is admitted ([`admitted`]).
+/// windows are small until one of its streams is admitted ([`ServerConn::admit`]).
 pub fn server_config(
     tls: &rustls::ServerConfig,
     max_streams: u32,
@@ -230,7 +297,11 @@ pub fn server_config(
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
     let mut s = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    s.transport_config(transport(max_streams, ADMISSION_WINDOW));
+    s.transport_config(transport(
+        max_streams,
+        ADMISSION_WINDOW,
+        UNADMITTED_SEND_WINDOW,
+    ));
     // A tunnel's source is its pod's address; it does not move.
     s.migration(false);
     Ok(s)
@@ -636,6 +707,22 @@ mod tests {
         [quinn::Endpoint; 2],
         tempfile::TempDir,
     ) {
+        let (accepted, dialled, endpoints, dir, _) = pair_through(false).await;
+        (accepted, dialled, endpoints, dir)
+    }
+
+    /// [`pair`], through a UDP relay when `relayed`: the client dials the relay, which
+    /// forwards both ways until its flag is set, then drops everything (a peer gone silent
+    /// that acknowledges nothing).
+    async fn pair_through(
+        relayed: bool,
+    ) -> (
+        Connection,
+        Connection,
+        [quinn::Endpoint; 2],
+        tempfile::TempDir,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
         use crate::ca::{issue, LocalCa};
         use crate::identity::Identity;
         let dir = tempfile::tempdir().unwrap();
@@ -645,14 +732,48 @@ mod tests {
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let config = server_config(&cert.server_config(), 10).unwrap();
         let server = endpoint(None, local, None, Some(config)).unwrap();
-        let addr = server.local_addr().unwrap();
+        let mut addr = server.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if relayed {
+            addr = relay(addr, cut.clone()).await;
+        }
         let client = endpoint(None, local, None, None).unwrap();
         let config = client_config(&cert.client_config(&[id])).unwrap();
         let (accepted, dialled) = tokio::join!(
             async { server.accept().await.unwrap().await.unwrap() },
             connect(&client, addr, config)
         );
-        (accepted, dialled.unwrap(), [server, client], dir)
+        (accepted, dialled.unwrap(), [server, client], dir, cut)
+    }
+
+    /// A UDP relay to `server` for one client, dropping every datagram once `cut` is set.
+    async fn relay(server: SocketAddr, cut: Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+        use std::sync::atomic::Ordering;
+        use tokio::net::UdpSocket;
+        let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        back.connect(server).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut a, mut b) = ([0u8; 65536], [0u8; 65536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut a) => {
+                        client = Some(from);
+                        if !cut.load(Ordering::Relaxed) {
+                            let _ = back.send(&a[..n]).await;
+                        }
+                    }
+                    Ok(n) = back.recv(&mut b) => {
+                        if let (Some(to), false) = (client, cut.load(Ordering::Relaxed)) {
+                            let _ = front.send_to(&b[..n], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        addr
     }
 
     /// A refusal reaches the peer although the server closes the connection as soon as it has
@@ -699,7 +820,12 @@ mod tests {
             before < u64::from(ADMISSION_WINDOW) + 64 * 1024,
             "{before} bytes arrived before admission"
         );
-        admitted(&accepted);
+        ServerConn::new(
+            accepted.clone(),
+            Arc::new(BufferBudget::unlimited()),
+            "127.0.0.1".parse().unwrap(),
+        )
+        .admit();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while received() < len as u64 {
             assert!(
@@ -711,6 +837,79 @@ mod tests {
         }
         let written = tokio::time::timeout(Duration::from_secs(5), writing).await;
         assert!(written.is_ok(), "the write ends once the window is open");
+    }
+
+    /// What a server connection may hold for a peer that acknowledges nothing is its send
+    /// window, granted from the node's budget and counted there until the connection ends:
+    /// the full window while the node is under its budget, the floor when it is not, nothing
+    /// beyond the unadmitted window when the source's share is spent too, and only that
+    /// before any admission. The client's credit (4 MiB a stream) is no bound.
+    #[tokio::test]
+    async fn a_server_connection_holds_no_more_than_its_budget_grants() {
+        use std::sync::atomic::Ordering;
+        let limit = 64 * 1024 * 1024;
+        let share = super::super::budget::source_cap(limit);
+        // (what, held by another source, held by the connection's source under its streams'
+        // floors, whether a stream is admitted, the window)
+        let cases = [
+            ("under the budget", 0, 0, true, SEND_WINDOW as u64),
+            ("the node over its budget", limit, 0, true, FLOOR as u64),
+            (
+                "its source's share spent too",
+                limit - share,
+                share,
+                true,
+                UNADMITTED_SEND_WINDOW,
+            ),
+            ("no stream admitted", 0, 0, false, UNADMITTED_SEND_WINDOW),
+        ];
+        for (what, other, floors, admit, window) in cases {
+            let budget = Arc::new(BufferBudget::new(limit, Default::default()));
+            let source: IpAddr = "127.0.0.1".parse().unwrap();
+            let mut held = vec![Held::new(budget.clone(), "10.0.0.9".parse().unwrap())];
+            held[0].take(other).unwrap();
+            for _ in 0..floors / FLOOR {
+                let mut h = Held::new(budget.clone(), source);
+                h.take(FLOOR).unwrap();
+                held.push(h);
+            }
+            let (accepted, conn, _endpoints, _dir, cut) = pair_through(true).await;
+            let served = ServerConn::new(accepted.clone(), budget.clone(), source);
+            let (mut csend, _crecv) = conn.open_bi().await.unwrap();
+            csend.write_all(b"x").await.unwrap();
+            let (mut send, _recv) = accepted.accept_bi().await.unwrap();
+            if admit {
+                served.admit();
+            }
+            assert_eq!(served.send_window(), window, "{what}");
+            let counted = budget.held() - held.iter().map(Held::mine).sum::<usize>();
+            let expected = if window == UNADMITTED_SEND_WINDOW {
+                0
+            } else {
+                window
+            };
+            assert_eq!(counted as u64, expected, "{what}: counted in the budget");
+            cut.store(true, Ordering::Relaxed);
+            let mut written = 0u64;
+            let chunk = vec![0u8; 16 * 1024];
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(300), send.write(&chunk)).await
+            {
+                written += n as u64;
+                assert!(written <= 8 << 20, "{what}: {written} bytes taken");
+            }
+            assert!(
+                written <= window && written + 16 * 1024 > window / 2,
+                "{what}: {written} bytes held for a silent peer, window {window}"
+            );
+            drop((send, served, accepted));
+            drop(held);
+            assert_eq!(
+                budget.held(),
+                0,
+                "{what}: given back when the connection ends"
+            );
+        }
     }
 
     /// Neither end of a tunnel takes datagrams: HBONE has none, and a peer's would be held

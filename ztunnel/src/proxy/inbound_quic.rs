@@ -13,7 +13,9 @@
 //! with the token and may take a place, so forged source addresses take none.
 //! Each stream's header stands for a `CONNECT` and is validated, judged by policy and
 //! answered like one; a malformed or late header is `400` (`quic_bad_header`). A connection
-//! that breaks the QUIC protocol is counted (`inbound_quic_error`). On drain, no new connection
+//! that breaks the QUIC protocol is counted (`inbound_quic_error`). What a connection may hold
+//! unacknowledged for its peer is granted from the node's buffered-bytes budget
+//! ([`quic::ServerConn`]). On drain, no new connection
 //! is taken (a peer's dial is refused, and it falls back to HTTP/2), a stream opened on a
 //! connection already here is refused unprocessed (the peer sends it again on a new
 //! connection, as after an HTTP/2 `GOAWAY`), and each connection closes once its streams have
@@ -225,6 +227,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
         return;
     };
     pi.metrics.quic_connections_accepted.inc();
+    let served = quic::ServerConn::new(conn.clone(), pi.budget.clone(), addr.ip());
     let peer = Arc::new(peer);
     // As on HTTP/2 (`hbone::server::serve`): no stream started for this long and none open,
     // and the connection is closed.
@@ -237,7 +240,7 @@ async fn connection(pi: Arc<ProxyInputs>, scope: Scope, incoming: Incoming, boun
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let inflight = pi.begin();
-                    let opened = (send, recv, conn.clone());
+                    let opened = (send, recv, served.clone());
                     let fut = stream(pi.clone(), scope.clone(), peer.clone(), opened);
                     let held = streams.start(Instant::now());
                     tokio::spawn(crate::task::guarded(fut, (inflight, held)));
@@ -293,7 +296,7 @@ pub(super) async fn stream(
     pi: Arc<ProxyInputs>,
     scope: Scope,
     peer: Arc<Peer>,
-    (mut send, mut recv, conn): (SendStream, RecvStream, quinn::Connection),
+    (mut send, mut recv, conn): (SendStream, RecvStream, Arc<quic::ServerConn>),
 ) {
     let mut tracked = track(&pi, &peer);
     let place = match peer.stream_place(&pi, &mut tracked) {
