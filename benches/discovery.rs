@@ -87,6 +87,7 @@ fn store(pods: usize) -> Store {
                 service: name,
                 ports: vec![(String::new(), 8080)],
                 ready,
+                not_pods: Vec::new(),
             },
         );
     }

@@ -6,7 +6,8 @@
 //!
 //! - `pods_policies_and_enrollment_follow_the_api_server`: pods of an ambient namespace are
 //!   enrolled at CNI ADD and carried in mutual TLS (real client address, the client's identity
-//!   at the destination), through the Service's cluster IP too; a plain pod reaches them in
+//!   at the destination), through the Service's cluster IP too; the API server reached
+//!   through the `kubernetes` Service, whose endpoint is no pod (passed through); a plain pod reaches them in
 //!   plaintext; labelling the plain namespace enrolls its running pod without CNI, removing
 //!   the label releases it; an `AuthorizationPolicy` written to the API server closes a live
 //!   connection it denies and refuses new ones; an ALLOW whose rule names only HTTP methods
@@ -25,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztunnel_e2e::apps;
 use ztunnel_e2e::daemon::access_lines;
-use ztunnel_e2e::kubebed::{has_table, spec, wait_for, whoami, Pause};
+use ztunnel_e2e::kubebed::{has_table, http_get, spec, wait_for, whoami, Pause};
 use ztunnel_e2e::testbed::TestBed;
 
 /// The bed on the real API server with `client` and `legacy` on n1 (`demo`, enrolled, and
@@ -69,6 +70,15 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         || whoami(&bed, "client", &vip, 80).is_ok(),
     );
     assert_eq!(whoami(&bed, "client", &vip, 80).unwrap(), "10.20.1.10");
+    // The API server through the `kubernetes` Service (10.96.0.1:443), whose endpoint is the
+    // API server's own address, no pod: passed through, as Istio does, and answered (plain
+    // HTTP to its TLS port, which it says).
+    let api = http_get(&bed, "client", "10.96.0.1", 443);
+    assert!(
+        api.as_ref()
+            .is_ok_and(|a| a.contains("HTTP request to an HTTPS server")),
+        "the API server through its Service: {api:?}"
+    );
     // A plain pod reaches the server in plaintext (PERMISSIVE by default).
     assert_eq!(
         whoami(&bed, "legacy", "10.20.2.10", 8080).unwrap(),

@@ -92,9 +92,23 @@ impl KubeSource {
         plain_labels: Value,
     ) -> Result<KubeSource> {
         let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
-        for node in &bed.nodes {
-            cp.attach(&node.ns)?;
+        for (i, node) in bed.nodes.iter().enumerate() {
+            let addr = cp.attach(&node.ns)?;
+            // The API server answers pods directly, as a cluster's control plane routes to
+            // its pod subnets (they reach it through the `kubernetes` Service's endpoint).
+            let pods = format!("10.20.{}.0/24", i + 1);
+            cp.ns.ip(&["route", "replace", &pods, "via", &addr])?;
         }
+        // The `kubernetes` Service's slice, as the API server's endpoint reconciler writes it
+        // (this one runs without it): its own address, naming no pod.
+        cp.apply(
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [controlplane::API_IP], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": controlplane::API_PORT, "protocol": "TCP"}]}),
+        )?;
         // `bed.api_namespace` maps names only once `bed.kube` is set, after this.
         let demo = namespace_of(bed.prefix(), "demo");
         let plain = namespace_of(bed.prefix(), "plain");
@@ -325,6 +339,25 @@ pub fn spec(name: &'static str, ns: &'static str, node: usize, ip: &'static str)
 }
 
 /// What the whoami application at `ip:port` saw of a connection from pod `from`.
+/// What pod `from` is answered when it sends a plain HTTP request to `ip:port`, read until the
+/// far end closes (within 5 s).
+pub fn http_get(bed: &TestBed, from: &str, ip: &str, port: u16) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = format!("{ip}:{port}");
+    bed.pod(from).ns.block_on(async move {
+        let exchange = async {
+            let mut s = tokio::net::TcpStream::connect(&addr).await?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await?;
+            Ok(String::from_utf8_lossy(&got).into_owned())
+        };
+        tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    })
+}
+
 pub fn whoami(bed: &TestBed, from: &str, ip: &str, port: u16) -> std::io::Result<String> {
     let ip = ip.to_string();
     bed.pod(from)

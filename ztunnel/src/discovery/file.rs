@@ -79,7 +79,7 @@ struct PortEntry {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ServiceEntry {
     name: String,
     namespace: String,
@@ -87,6 +87,9 @@ struct ServiceEntry {
     ports: Vec<PortEntry>,
     #[serde(default)]
     selector: BTreeMap<String, String>,
+    /// Endpoints that are not workloads (an API server's address), reached as plain TCP.
+    #[serde(default)]
+    not_pods: Vec<IpAddr>,
 }
 
 /// Parses and validates a mesh file for a daemon in `trust_domain`, keeping every workload
@@ -210,6 +213,7 @@ impl Builder<'_> {
                 })
                 .collect(),
             selector: self.int.labels(&s.selector),
+            not_pods: s.not_pods,
         };
         self.services.push(svc);
         Ok(())

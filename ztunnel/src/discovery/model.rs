@@ -107,6 +107,10 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub selector: Labels,
+    /// Ready endpoints that are not pods, nor any workload's address (an API server, the
+    /// addresses of a selectorless service's own EndpointSlices): outside the mesh, reached
+    /// as plain TCP, as Istio reaches them.
+    pub not_pods: Vec<IpAddr>,
 }
 
 impl Service {

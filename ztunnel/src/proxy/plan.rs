@@ -2,7 +2,8 @@
 //! state, the source workload and the original destination (and a `pick` for load balancing).
 //!
 //! - a Service VIP: the port must be one of the service's; one endpoint of the VIP's address
-//!   family is picked and the port mapped to its target port;
+//!   family is picked and the port mapped to its target port; an endpoint that is not a
+//!   workload (an API server's address, say: [`Service::not_pods`]) is passed through;
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
 //! - a workload that speaks plain TCP, or an address outside the mesh: passthrough;
 //! - a mesh workload's 15001/15006/15008: refused, it would loop.
@@ -66,20 +67,26 @@ pub fn outbound(
                         service: name.clone(),
                         port: orig_dst.port(),
                     })?;
-            let candidates: Vec<(&Arc<Workload>, std::net::IpAddr)> = state
+            let family = |a: &std::net::IpAddr| a.is_ipv4() == ip.is_ipv4();
+            let candidates: Vec<(Option<&Arc<Workload>>, std::net::IpAddr)> = state
                 .endpoints_of_vip(ip)
-                .filter_map(|w| {
-                    w.ips
+                .filter_map(|w| w.ips.iter().find(|a| family(a)).map(|a| (Some(w), *a)))
+                .chain(
+                    svc.not_pods
                         .iter()
-                        .find(|a| a.is_ipv4() == ip.is_ipv4())
-                        .map(|a| (w, *a))
-                })
+                        .filter(|a| family(a) && state.workload_by_ip(**a).is_none())
+                        .map(|a| (None, *a)),
+                )
                 .collect();
             if candidates.is_empty() {
                 return Err(PlanError::NoEndpoints { service: name });
             }
             let (w, ep_ip) = candidates[pick(candidates.len()) % candidates.len()];
-            (w.clone(), SocketAddr::new(ep_ip, target_port), Some(name))
+            let dst_addr = SocketAddr::new(ep_ip, target_port);
+            let Some(w) = w else {
+                return Ok(Plan::Passthrough { dst_addr });
+            };
+            (w.clone(), dst_addr, Some(name))
         }
         None => match state.workload_by_ip(ip) {
             Some(w) => (w.clone(), SocketAddr::new(ip, orig_dst.port()), None),
@@ -176,6 +183,8 @@ workloads:
 services:
   - {name: b, namespace: demo, vips: [10.96.0.1, 'fd00::96:1'], ports: [{port: 80, targetPort: 8080}], selector: {app: b}}
   - {name: empty, namespace: demo, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: none}}
+  - {name: kubernetes, namespace: default, vips: [10.96.0.13], ports: [{port: 443, targetPort: 6443}], notPods: [192.0.2.10, 10.0.0.1]}
+  - {name: mixed, namespace: demo, vips: [10.96.0.14], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, notPods: [192.0.2.20]}
 ";
 
     enum Want {
@@ -229,6 +238,16 @@ services:
                     service: "demo/empty".into(),
                 }),
             ),
+            // An endpoint that is not a workload is passed through; a workload's address
+            // listed as one (10.0.0.1) is not taken for it.
+            ("10.96.0.13:443", 0, Want::Pass("192.0.2.10:6443")),
+            ("10.96.0.13:443", 1, Want::Pass("192.0.2.10:6443")),
+            (
+                "10.96.0.14:80",
+                1,
+                Want::Hbone("10.0.0.3:8080", "sa-b", Some("demo/mixed")),
+            ),
+            ("10.96.0.14:80", 2, Want::Pass("192.0.2.20:8080")),
             ("10.0.0.4:80", 0, Want::Pass("10.0.0.4:80")),
             ("192.0.2.1:443", 0, Want::Pass("192.0.2.1:443")),
             ("10.0.0.2:15008", 0, Want::Err(PlanError::Recursion(15008))),

@@ -203,7 +203,9 @@ impl World {
         }
         let r = &mut self.rng;
         let pool = if self.collide { IPS } else { 40 };
-        let ready = (0..r.below(5)).map(|_| pod_ip(r.below(pool))).collect();
+        let ready: Vec<_> = (0..r.below(5)).map(|_| pod_ip(r.below(pool))).collect();
+        // Some endpoints name no pod: the pod at the address (if any) keeps it a workload's.
+        let not_pods = ready.iter().filter(|_| r.chance(30)).copied().collect();
         let ports = match r.chance(70) {
             true => vec![("http".to_owned(), 8000 + r.below(3) as u16)],
             false => vec![],
@@ -212,6 +214,7 @@ impl World {
             service: format!("s{}", r.below(5)),
             ports,
             ready,
+            not_pods,
         };
         let old = self.store.slices.insert(k.clone(), e);
         self.changes.slice(k, old);

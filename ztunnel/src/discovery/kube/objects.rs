@@ -17,7 +17,8 @@
 //!   EndpointSlices), and selector.
 //! - EndpointSlices keep the service they belong to (`kubernetes.io/service-name`), their named
 //!   ports, and the addresses of ready endpoints only (`conditions.ready` absent counts as ready,
-//!   as the API documents).
+//!   as the API documents), noting those whose endpoint names no Pod (`targetRef`): an API
+//!   server's, or a selectorless service's manual addresses.
 //! - Policies go through [`PolicyObject::from_value`], as the file source's do: refused only
 //!   when they cannot be identified; an unreadable spec makes a policy that fails closed.
 
@@ -410,6 +411,8 @@ pub struct SliceEntry {
     pub ports: Vec<(String, u16)>,
     /// Addresses of ready endpoints.
     pub ready: Vec<IpAddr>,
+    /// Those of `ready` whose endpoint's `targetRef` is not a Pod (or is absent).
+    pub not_pods: Vec<IpAddr>,
 }
 
 /// The entry for an EndpointSlice: `Ok(None)` when it names no service.
@@ -434,26 +437,34 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
             Some((p.name.clone().unwrap_or_default(), port))
         })
         .collect();
-    let mut ready = Vec::new();
+    let (mut ready, mut not_pods) = (Vec::new(), Vec::new());
     for ep in &s.endpoints {
         if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
             continue;
         }
+        let pod = ep
+            .target_ref
+            .as_ref()
+            .is_some_and(|r| r.kind.as_deref() == Some("Pod"));
         for a in &ep.addresses {
             // FQDN slices carry names, not addresses: nothing the mesh can route to.
             if s.address_type == "FQDN" {
                 continue;
             }
-            ready.push(
-                a.parse::<IpAddr>()
-                    .map_err(|e| format!("{what}: address {a:?}: {e}"))?,
-            );
+            let ip = a
+                .parse::<IpAddr>()
+                .map_err(|e| format!("{what}: address {a:?}: {e}"))?;
+            ready.push(ip);
+            if !pod {
+                not_pods.push(ip);
+            }
         }
     }
     Ok(Some(SliceEntry {
         service: service.clone(),
         ports,
         ready,
+        not_pods,
     }))
 }
 

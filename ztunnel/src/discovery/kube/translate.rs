@@ -109,7 +109,8 @@ pub fn ready<'a>(slices: &'a [&'a SliceEntry]) -> impl Iterator<Item = &'a IpAdd
 /// What service `s` becomes, given its EndpointSlices, whether a VIP is claimed by another
 /// service too, and whether an IP is a workload's: the service (none when it is skipped),
 /// and the reasons it or some of its ports were skipped. Its endpoints are the workloads at
-/// [`ready`] addresses.
+/// [`ready`] addresses, and the ready addresses of endpoints that are not pods and not a
+/// workload's ([`Service::not_pods`]).
 pub fn service_outcome(
     s: &ServiceEntry,
     slices: &[&SliceEntry],
@@ -151,12 +152,21 @@ pub fn service_outcome(
             )),
         }
     }
+    let mut not_pods: Vec<IpAddr> = slices
+        .iter()
+        .flat_map(|sl| sl.not_pods.iter())
+        .filter(|ip| !workload_ip(ip))
+        .copied()
+        .collect();
+    not_pods.sort_unstable();
+    not_pods.dedup();
     let svc = Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
         vips: s.vips.clone(),
         ports,
         selector: s.selector.clone(),
+        not_pods,
     };
     (Some(svc), skipped)
 }
@@ -408,10 +418,14 @@ mod tests {
                      "ports": [{"name": "http", "port": 80, "targetPort": target, "protocol": "TCP"}]}})
     }
 
-    fn slice(ns: &str, svc: &str, eps: &[(&str, Option<bool>)]) -> serde_json::Value {
+    /// A slice of `svc` with endpoints (address, ready, its pod's name if it names one).
+    fn slice(ns: &str, svc: &str, eps: &[(&str, Option<bool>, Option<&str>)]) -> serde_json::Value {
         let eps: Vec<_> = eps
             .iter()
-            .map(|(ip, ready)| json!({"addresses": [ip], "conditions": {"ready": ready}}))
+            .map(|(ip, ready, pod)| {
+                let target = pod.map(|name| json!({"kind": "Pod", "namespace": ns, "name": name}));
+                json!({"addresses": [ip], "conditions": {"ready": ready}, "targetRef": target})
+            })
             .collect();
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": format!("{svc}-abc"), "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
@@ -661,35 +675,60 @@ mod tests {
             pod("demo", "b", "n2", "10.0.0.2"),
             pod("demo", "c", "n2", "10.0.0.3"),
         ];
-        // (service target, slice endpoints, want target port, want endpoint IPs)
+        // (service target, slice endpoints, want target port, want endpoint IPs, want
+        // endpoints that are not pods)
         type Case<'a> = (
             serde_json::Value,
-            Vec<(&'a str, Option<bool>)>,
+            Vec<(&'a str, Option<bool>, Option<&'a str>)>,
             Option<u16>,
+            Vec<&'a str>,
             Vec<&'a str>,
         );
         let cases: Vec<Case<'_>> = vec![
             (
                 json!(8080),
-                vec![("10.0.0.1", Some(true)), ("10.0.0.2", Some(false))],
+                vec![
+                    ("10.0.0.1", Some(true), Some("a")),
+                    ("10.0.0.2", Some(false), Some("b")),
+                ],
                 Some(8080),
                 vec!["10.0.0.1"],
+                vec![],
             ),
             (
                 json!("http"),
-                vec![("10.0.0.2", None), ("10.0.0.3", Some(true))],
+                vec![
+                    ("10.0.0.2", None, Some("b")),
+                    ("10.0.0.3", Some(true), Some("c")),
+                ],
                 Some(8080),
                 vec!["10.0.0.2", "10.0.0.3"],
-            ),
-            (
-                json!(9090),
-                vec![("10.9.9.9", Some(true))],
-                Some(9090),
                 vec![],
             ),
-            (json!(8080), vec![], Some(8080), vec![]),
+            // A pod not known (yet): neither a workload nor outside the mesh.
+            (
+                json!(9090),
+                vec![("10.9.9.9", Some(true), Some("x"))],
+                Some(9090),
+                vec![],
+                vec![],
+            ),
+            // An API server's address, a manual slice's: outside the mesh, ready ones only;
+            // a workload's address stays the workload's whatever the slice says.
+            (
+                json!(6443),
+                vec![
+                    ("192.0.2.10", None, None),
+                    ("192.0.2.11", Some(false), None),
+                    ("10.0.0.3", Some(true), None),
+                ],
+                Some(6443),
+                vec!["10.0.0.3"],
+                vec!["192.0.2.10"],
+            ),
+            (json!(8080), vec![], Some(8080), vec![], vec![]),
         ];
-        for (target, eps, want_port, want_eps) in cases {
+        for (target, eps, want_port, want_eps, want_not_pods) in cases {
             let mut objs = base.clone();
             objs.push(svc("demo", "web", "10.96.0.1", target.clone()));
             if !eps.is_empty() {
@@ -708,6 +747,8 @@ mod tests {
                 .collect();
             got.sort();
             assert_eq!(got, want_eps, "{target} {eps:?}");
+            let not_pods: Vec<String> = sv.not_pods.iter().map(|ip| ip.to_string()).collect();
+            assert_eq!(not_pods, want_not_pods, "{target} {eps:?}");
         }
         // A named port with no slice to resolve it: the port is skipped and said so.
         let mut objs = base.clone();
