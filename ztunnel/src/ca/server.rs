@@ -5,7 +5,8 @@
 //! (`super::kube`). A peer must finish its TLS handshake and send the HTTP/2 client preface
 //! within one deadline from the accept, send each request's body within the request timeout
 //! and is answered within it again; a connection with no stream for the idle timeout is closed
-//! (GOAWAY); bodies are capped; connections, streams, requests in flight (from a complete body
+//! (GOAWAY); a request's headers are capped ([`MAX_HEADER_LIST`], answered `431` beyond: h2
+//! keeps no more of them) and so are bodies; connections, streams, requests in flight (from a complete body
 //! until answered) and the request rate of each source address are capped ([`super::limits`]);
 //! a connection whose place the connection gate gives to a newcomer (every place held, its
 //! address holding the most) is closed at once, whatever its stage;
@@ -43,6 +44,11 @@ use crate::identity::{tls::provider, BoxFuture, Identity};
 
 /// How often the rate limiter forgets the addresses that have been quiet long enough.
 const FORGET_IDLE_EVERY: Duration = Duration::from_secs(60);
+
+/// The most a request's headers may take, decoded: a signing request carries a path and a
+/// bearer token (a projected token is a few KiB). h2's default, 16 MiB, would let every
+/// stream of a connection that has not authenticated hold that much while its body is awaited.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// Why a caller may not have an identity: `reason` is a short label for the refusal counter,
 /// `detail` the message sent back and logged (never a token).
@@ -299,6 +305,7 @@ async fn connect(
     };
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(guard.limits().streams_per_connection)
+        .max_header_list_size(MAX_HEADER_LIST)
         .handshake(tls);
     let conn = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(c)) => c,
@@ -345,8 +352,15 @@ async fn serve_connection<T>(
                         drop(held);
                     });
                 }
-                Some(Err(e)) => {
+                // The peer went away.
+                Some(Err(e)) if e.is_io() => {
                     return tracing::debug!(%peer, error = %e, "CA: connection ended")
+                }
+                // A protocol violation (headers far over the cap, a garbled frame): h2 has
+                // sent its GOAWAY.
+                Some(Err(e)) => {
+                    metrics.refused("http2_error");
+                    return crate::warn_throttled!(%peer, error = %e, "CA: connection closed on an HTTP/2 error");
                 }
                 None => return,
             },

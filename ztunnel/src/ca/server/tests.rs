@@ -549,6 +549,50 @@ async fn mute_connections_holding_every_place_keep_out_neither_newcomers_nor_a_d
 /// A connection carries at most `streams_per_connection` requests at once: the CA says so in
 /// its HTTP/2 settings, and with two requests held open (bodies never sent) a third on the
 /// same connection waits until one of them ends, while another connection is served.
+/// A request whose headers take more than [`super::MAX_HEADER_LIST`] is answered `431` without
+/// being kept (its connection serves on); one far over it closes the connection (h2's
+/// `GOAWAY`), counted as an HTTP/2 error.
+#[tokio::test]
+async fn requests_with_oversized_headers_are_refused() {
+    let ca = start(limits(4, 8, 256), static_auth()).await;
+    let (mut send, conn) = h2::client::handshake(tls_from("127.0.0.1", &ca).await)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let oversized = |send: &mut h2::client::SendRequest<Bytes>, filler: usize| {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://localhost{SIGN_PATH}"))
+            .header(http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .header("x-filler", "a".repeat(filler))
+            .body(())
+            .unwrap();
+        send.send_request(req, true).unwrap().0
+    };
+    let limit = super::MAX_HEADER_LIST as usize;
+    let status = tokio::time::timeout(Duration::from_secs(5), oversized(&mut send, limit + 1024))
+        .await
+        .expect("answered")
+        .map(|r| r.status());
+    assert!(
+        matches!(status, Ok(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)),
+        "{status:?}"
+    );
+    assert_eq!(
+        metrics_on(send.clone()).await,
+        Some(StatusCode::OK),
+        "the connection serves on"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), oversized(&mut send, 4 * limit))
+        .await
+        .expect("answered");
+    assert!(closed.as_ref().is_err_and(|e| e.is_go_away()), "{closed:?}");
+    eventually("the error counted", || {
+        ca.metrics.refusals("http2_error") == 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_connection_carries_at_most_its_streams_at_once() {
     let ca = start(
