@@ -10,8 +10,10 @@
 //!   for [`NEGATIVE_TTL`]; an error (the API server unreachable, a `5xx`, a malformed answer)
 //!   is never kept: the next request asks again;
 //! - concurrent requests with the same token share one review: the first sends it, the others
-//!   wait for its answer (`joined`); if every one of them gives up (timeout), the review is
-//!   left where it stopped and the next request with that token resumes it;
+//!   wait for its answer (`joined`); the review runs in a task of its own, so that it ends
+//!   (its place freed, its answer kept if it is one) even when every request waiting for it
+//!   has given up; one the API server has not answered within [`REVIEW_TIMEOUT`] ends as an
+//!   error;
 //! - at most [`MAX_IN_FLIGHT`] reviews are being sent at once; a review over it waits for a
 //!   place up to [`QUEUE_WAIT`], then is answered [`Denied::Busy`] (`503`,
 //!   `token_reviews_busy`), which is not kept either.
@@ -48,6 +50,9 @@ pub const REVIEW_TTL: Duration = Duration::from_secs(60);
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// Reviews being sent at once, in all.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// How long one review may hold its place waiting for the API server: as long as the request
+/// that asked for it may wait (the CA's request timeout).
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a review waits for one of those places before its requests are answered `503`.
 pub const QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// Most cached reviews; beyond it the expired ones go, then all (each node holds one token at
@@ -167,6 +172,7 @@ struct Inner {
     state: Mutex<State>,
     places: Semaphore,
     queue_wait: Duration,
+    timeout: Duration,
     metrics: Arc<CaMetrics>,
 }
 
@@ -180,15 +186,17 @@ impl Reviews {
     /// At most [`MAX_IN_FLIGHT`] reviews at once, each waiting at most [`QUEUE_WAIT`] for its
     /// place.
     pub fn new(reviewer: impl Reviewer, metrics: Arc<CaMetrics>) -> Self {
-        Self::with_bound(reviewer, metrics, MAX_IN_FLIGHT, QUEUE_WAIT)
+        Self::with_bound(reviewer, metrics, MAX_IN_FLIGHT, QUEUE_WAIT, REVIEW_TIMEOUT)
     }
 
-    /// At most `in_flight` reviews at once, each waiting at most `queue_wait` for its place.
+    /// At most `in_flight` reviews at once, each waiting at most `queue_wait` for its place
+    /// and `timeout` for its answer.
     pub fn with_bound(
         reviewer: impl Reviewer,
         metrics: Arc<CaMetrics>,
         in_flight: usize,
         queue_wait: Duration,
+        timeout: Duration,
     ) -> Self {
         Reviews {
             inner: Arc::new(Inner {
@@ -196,6 +204,7 @@ impl Reviews {
                 state: Mutex::default(),
                 places: Semaphore::new(in_flight),
                 queue_wait,
+                timeout,
                 metrics,
             }),
         }
@@ -221,9 +230,14 @@ impl Reviews {
                     p.clone()
                 }
                 None => {
-                    let p = send(self.inner.clone(), key, token.to_owned(), now)
-                        .boxed()
-                        .shared();
+                    let task = tokio::spawn(send(self.inner.clone(), key, token.to_owned(), now));
+                    let p = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(Denied::Unavailable(format!("the TokenReview's task: {e}")))
+                        })
+                    }
+                    .boxed()
+                    .shared();
                     st.pending.insert(key, p.clone());
                     p
                 }
@@ -247,7 +261,10 @@ async fn send(
     now: Instant,
 ) -> Result<TokenReviewStatus, Denied> {
     let result = match tokio::time::timeout(inner.queue_wait, inner.places.acquire()).await {
-        Ok(Ok(_place)) => match inner.reviewer.review(token).await {
+        Ok(Ok(_place)) => match tokio::time::timeout(inner.timeout, inner.reviewer.review(token))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", inner.timeout)))
+        {
             Ok(status) => {
                 inner.metrics.token_review(if authenticated(&status) {
                     "authenticated"

@@ -61,7 +61,7 @@ fn release(fake: &Fake, n: usize) {
 fn reviews(fake: &Arc<Fake>, bound: usize, wait: Duration) -> (Reviews, Arc<CaMetrics>) {
     let metrics = Arc::new(CaMetrics::default());
     (
-        Reviews::with_bound(reviewer(fake), metrics.clone(), bound, wait),
+        Reviews::with_bound(reviewer(fake), metrics.clone(), bound, wait, LONG),
         metrics,
     )
 }
@@ -195,15 +195,41 @@ async fn reviews_in_flight_are_bounded_and_those_over_wait_then_get_503() {
     assert_eq!(metrics2.token_reviews("rejected"), 2);
 }
 
+/// A review whose requests all gave up runs on: its place is freed for others and its answer
+/// kept, so the next request with the token is answered from the cache.
 #[tokio::test]
-async fn a_review_whose_requests_all_gave_up_is_resumed_not_sent_again() {
+async fn a_review_whose_requests_all_gave_up_ends_on_its_own() {
     let fake = Arc::new(Fake::default());
-    let (r, _) = reviews(&fake, 4, LONG);
+    let (r, _) = reviews(&fake, 1, Duration::from_millis(50));
     let t0 = Instant::now();
     let gave_up = tokio::time::timeout(Duration::from_millis(20), r.review("good", t0)).await;
     assert!(gave_up.is_err());
     assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
     release(&fake, 1);
+    let kept = tokio::time::timeout(Duration::from_secs(5), until(|| r.cached() == 1)).await;
+    assert!(kept.is_ok(), "the abandoned review ended and was kept");
+    // Its place is free: another token's review is sent.
+    release(&fake, 1);
+    assert_eq!(r.review("other", t0).await, Ok(status(false)));
     assert_eq!(r.review("good", t0).await, Ok(status(true)));
-    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+}
+
+/// A review the API server does not answer in time ends as an error, not kept, and gives its
+/// place back.
+#[tokio::test]
+async fn a_review_never_answered_ends_at_its_timeout() {
+    let fake = Arc::new(Fake::default());
+    let metrics = Arc::new(CaMetrics::default());
+    let timeout = Duration::from_millis(100);
+    let r = Reviews::with_bound(reviewer(&fake), metrics.clone(), 1, LONG, timeout);
+    let t0 = Instant::now();
+    let started = Instant::now();
+    let d = r.review("good", t0).await.unwrap_err();
+    assert_eq!(d.reason(), "unavailable");
+    assert!(started.elapsed() >= timeout);
+    assert_eq!(metrics.token_reviews("error"), 1);
+    assert_eq!(r.cached(), 0);
+    release(&fake, 1);
+    assert_eq!(r.review("other", t0).await, Ok(status(false)));
 }
