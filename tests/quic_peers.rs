@@ -456,8 +456,8 @@ fn under_load_new_quic_connections_must_prove_their_address() {
 /// daemon once no stream has started for twice its pool idle timeout (1 s here), although the
 /// client's keep-alives would keep it open; one whose stream stays open is kept. The send
 /// window the busy one was granted on admission is counted in `b`'s budget of buffered bytes
-/// (`ztunnel_buffered_bytes`) while it is open, the idle one's not, and given back when it
-/// ends.
+/// (`ztunnel_buffered_bytes`) while its stream is open, the idle one's not, and given back
+/// when the stream ends.
 #[test]
 fn idle_quic_connections_are_closed_and_busy_ones_kept() {
     let b = NodeOptions {
@@ -503,19 +503,26 @@ fn idle_quic_connections_are_closed_and_busy_ones_kept() {
             busy.close_reason().is_none(),
             "the busy connection was kept"
         );
-        (ep, busy)
+        (ep, busy, send, recv)
     });
     assert_eq!(held_while_idle, 0.0, "an unadmitted connection's window");
     let granted = quic::SEND_WINDOW as f64;
     let m = Mesh::metrics_when(&mesh.b, "ztunnel_buffered_bytes", &[], granted);
     expect_metric(&m, "ztunnel_buffered_bytes", &[], granted);
-    let (ep, busy) = busy;
-    mesh.c.block_on(async move {
-        busy.close(0u32.into(), b"done");
-        ep.wait_idle().await;
+    // The stream ends, the connection stays: the window is given back.
+    let (ep, busy, mut send, mut recv) = busy;
+    let busy = mesh.c.block_on(async move {
+        send.finish().unwrap();
+        recv.read_to_end(1024).await.expect("the stream ends");
+        busy
     });
     let m = Mesh::metrics_when(&mesh.b, "ztunnel_buffered_bytes", &[], 0.0);
     expect_metric(&m, "ztunnel_buffered_bytes", &[], 0.0);
+    mesh.c.block_on(async move {
+        assert!(busy.close_reason().is_none(), "the connection stayed");
+        busy.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+    });
 }
 
 /// A client crypto configuration that tells its QUIC connection the server allows one

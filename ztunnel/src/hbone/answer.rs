@@ -74,8 +74,8 @@ impl Answer {
                 conn,
             } => {
                 quic::respond(&mut send, &mut recv, StatusCode::OK).await?;
-                conn.admit();
-                Ok(TunnelStream::Quic { send, recv })
+                let window = Some(conn.admit());
+                Ok(TunnelStream::Quic { send, recv, window })
             }
         }
     }

@@ -27,7 +27,8 @@
 //! connection ([`super::outflow`], a holder shared by the connection's streams): there a
 //! holder over its floor waits for the peer to read rather than being refused. An inbound
 //! QUIC connection's send window, which bounds what quinn keeps unacknowledged, is counted
-//! whole while the connection lasts ([`super::quic::ServerConn`]).
+//! whole while the connection carries an admitted stream ([`Window`],
+//! [`super::quic::ServerConn`]), a source's windows within its share of the budget.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -79,11 +80,13 @@ pub struct BufferBudget {
     sources: Mutex<HashMap<IpAddr, Arc<Source>>>,
 }
 
-/// One source's streams: what they hold under their floors.
+/// One source's streams: what they hold under their floors, and the QUIC send windows its
+/// connections were granted.
 #[derive(Debug)]
 struct Source {
     addr: IpAddr,
     floors: AtomicUsize,
+    windows: AtomicUsize,
 }
 
 impl BufferBudget {
@@ -111,6 +114,32 @@ impl BufferBudget {
         Held::new(self, source)
     }
 
+    /// The entry of `source`, made if it has none: every holder of a source shares it.
+    fn join(&self, source: IpAddr) -> Arc<Source> {
+        let addr = source.to_canonical();
+        self.sources
+            .lock()
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(Source {
+                    addr,
+                    floors: AtomicUsize::new(0),
+                    windows: AtomicUsize::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Lets `source` go; the last of its holders takes its entry out. Under the map's lock,
+    /// where every holder of a source is made and let go, so that the count cannot change
+    /// meanwhile.
+    fn leave(&self, source: Arc<Source>) {
+        let mut map = self.sources.lock();
+        if Arc::strong_count(&source) == 2 {
+            map.remove(&source.addr);
+        }
+    }
+
     /// Sources whose streams hold a place in the budget now.
     #[cfg(test)]
     fn sources(&self) -> usize {
@@ -134,18 +163,7 @@ pub type Holding<'a> = Held<&'a BufferBudget>;
 impl<B: Deref<Target = BufferBudget>> Held<B> {
     /// A holder for `source`, holding nothing yet.
     pub fn new(budget: B, source: IpAddr) -> Self {
-        let addr = source.to_canonical();
-        let source = budget
-            .sources
-            .lock()
-            .entry(addr)
-            .or_insert_with(|| {
-                Arc::new(Source {
-                    addr,
-                    floors: AtomicUsize::new(0),
-                })
-            })
-            .clone();
+        let source = budget.join(source);
         Held {
             budget,
             mine: 0,
@@ -204,11 +222,79 @@ impl<B: Deref<Target = BufferBudget>> Drop for Held<B> {
     fn drop(&mut self) {
         self.budget.held.dec_by(self.mine as i64);
         self.set_mine(0);
-        // Under the map's lock, where every holder of a source is made and let go, so that
-        // the count cannot change meanwhile and the last stream of a source takes it out.
-        let mut map = self.budget.sources.lock();
-        if let Some(s) = self.source.take().filter(|s| Arc::strong_count(s) == 2) {
-            map.remove(&s.addr);
+        if let Some(s) = self.source.take() {
+            self.budget.leave(s);
+        }
+    }
+}
+
+/// Whether a QUIC connection's send window may grow by `n` while the node holds `node` and
+/// its source's windows `windows`: only within the node's limit and its source's share.
+pub fn admits_window(node: usize, windows: usize, n: usize, limit: usize) -> bool {
+    node + n <= limit && windows + n <= source_cap(limit)
+}
+
+/// What an inbound QUIC connection's send window holds of the budget
+/// ([`super::quic::ServerConn`]): the window it was granted, counted whole (quinn does not
+/// say how much of it is in use), so a source's windows together stay within its share
+/// ([`admits_window`]) whatever they hold.
+#[derive(Debug)]
+pub struct Window {
+    budget: Arc<BufferBudget>,
+    source: Option<Arc<Source>>,
+    granted: usize,
+}
+
+impl Window {
+    /// A window of nothing yet, for a connection from `source`.
+    pub fn new(budget: Arc<BufferBudget>, source: IpAddr) -> Self {
+        let source = Some(budget.join(source));
+        Window {
+            budget,
+            source,
+            granted: 0,
+        }
+    }
+
+    /// Grows the window to `to` if the budget admits it; returns the window granted.
+    pub fn grow_to(&mut self, to: usize) -> usize {
+        let Some(s) = &self.source else {
+            return self.granted;
+        };
+        let n = to.saturating_sub(self.granted);
+        let (node, limit) = (self.budget.held(), self.budget.limit);
+        let taken = n > 0
+            && s.windows
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                    admits_window(node, w, n, limit).then_some(w + n)
+                })
+                .is_ok();
+        if taken {
+            self.budget.held.inc_by(n as i64);
+            self.granted = to;
+        }
+        self.granted
+    }
+
+    /// Gives the whole window back.
+    pub fn release(&mut self) {
+        if let Some(s) = &self.source {
+            s.windows.fetch_sub(self.granted, Ordering::Relaxed);
+            self.budget.held.dec_by(self.granted as i64);
+            self.granted = 0;
+        }
+    }
+
+    pub fn granted(&self) -> usize {
+        self.granted
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        self.release();
+        if let Some(s) = self.source.take() {
+            self.budget.leave(s);
         }
     }
 }
@@ -219,6 +305,49 @@ mod tests {
 
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[test]
+    fn admits_window_table() {
+        const M: usize = 1024 * 1024;
+        let limit = 256 * M;
+        let share = source_cap(limit);
+        // (node, the source's windows, n, admitted)
+        let cases = [
+            (0, 0, 2 * M, true),
+            (limit - 2 * M, 0, 2 * M, true), // reaches the limit exactly
+            (limit - 2 * M + 1, 0, 2 * M, false), // over the limit
+            (0, share - 2 * M, 2 * M, true), // reaches the source's share exactly
+            (0, share - 2 * M + 1, 2 * M, false), // over the share, the node far from full
+        ];
+        for (node, windows, n, want) in cases {
+            assert_eq!(
+                admits_window(node, windows, n, limit),
+                want,
+                "{node} {windows} {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn windows_stay_within_their_source_share_and_are_given_back() {
+        const M: usize = 1024 * 1024;
+        let budget = Arc::new(BufferBudget::new(256 * M, Gauge::default()));
+        let share = source_cap(256 * M);
+        let mut a: Vec<Window> = (0..10).map(|_| Window::new(budget.clone(), A)).collect();
+        let granted: Vec<usize> = a.iter_mut().map(|w| w.grow_to(2 * M)).collect();
+        assert_eq!(granted.iter().sum::<usize>(), share, "{granted:?}");
+        assert_eq!(budget.held(), share);
+        // Another source is not held back by the first's share.
+        let mut b = Window::new(budget.clone(), B);
+        assert_eq!(b.grow_to(2 * M), 2 * M);
+        // Given back: released, or dropped with the connection.
+        a[0].release();
+        assert_eq!(a[9].grow_to(2 * M), 2 * M, "the freed part of the share");
+        drop(a);
+        drop(b);
+        assert_eq!(budget.held(), 0);
+        assert_eq!(budget.sources(), 0);
+    }
 
     #[test]
     fn admits_table() {

@@ -77,6 +77,9 @@ pub enum TunnelStream {
     Quic {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
+        /// The hold on the connection's send window, on the server's side
+        /// ([`quic::ServerConn`]), kept until the copy has ended.
+        window: Option<quic::Admitted>,
     },
 }
 
@@ -106,14 +109,19 @@ pub fn copy_tunnel<'a>(
             counters,
             holding,
         )),
-        TunnelStream::Quic { send, recv } => Either::Right(Box::pin(copy::copy(
-            tcp_read,
-            tcp_write,
-            send,
-            quic::Chunks::new(recv),
-            counters,
-            holding,
-        ))),
+        TunnelStream::Quic { send, recv, window } => Either::Right(Box::pin(async move {
+            let copied = copy::copy(
+                tcp_read,
+                tcp_write,
+                send,
+                quic::Chunks::new(recv),
+                counters,
+                holding,
+            )
+            .await;
+            drop(window);
+            copied
+        })),
     }
 }
 

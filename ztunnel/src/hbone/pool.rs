@@ -405,7 +405,11 @@ impl Pool {
                     }
                     Link::Quic(c) => quic::open_stream(c, &quic::header(target, headers), early)
                         .await
-                        .map(|(send, recv)| TunnelStream::Quic { send, recv })
+                        .map(|(send, recv)| TunnelStream::Quic {
+                            send,
+                            recv,
+                            window: None,
+                        })
                         .map_err(PoolError::from),
                 }
             };

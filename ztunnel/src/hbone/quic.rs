@@ -24,7 +24,7 @@ use quinn::{RecvStream, SendStream, TransportConfig, VarInt};
 use rustls_pki_types::CertificateDer;
 use ztunnel_proto::quic::{self as wire, HeaderError, RequestHeader};
 
-use super::budget::{BufferBudget, Held, OverBudget, FLOOR};
+use super::budget::{BufferBudget, OverBudget, Window, FLOOR};
 use super::consts;
 use super::copy::{CopyError, StreamRecv, StreamSend};
 use super::early::Early;
@@ -203,13 +203,13 @@ fn transport(max_streams: u32, receive_window: u32, send_window: u64) -> Arc<Tra
     Arc::new(t)
 }
 
-/// What a server connection may hold unacknowledged before one of its streams is admitted:
+/// What a server connection may hold unacknowledged while none of its streams is admitted:
 /// refusals and their headers only. Not counted in the node's budget.
 pub const UNADMITTED_SEND_WINDOW: u64 = 16 * 1024;
 
-/// What a server connection may hold unacknowledged once a stream is admitted, when the
-/// node's budget grants it: several milliseconds of a 10 Gbit/s link, far above a cluster's
-/// round trip.
+/// What a server connection may hold unacknowledged while it carries admitted streams, when
+/// the node's budget grants it: several milliseconds of a 10 Gbit/s link, far above a
+/// cluster's round trip.
 pub const SEND_WINDOW: usize = 2 * 1024 * 1024;
 
 /// One inbound QUIC tunnel connection as its streams see it: the connection, and the send
@@ -220,16 +220,35 @@ pub const SEND_WINDOW: usize = 2 * 1024 * 1024;
 /// send window, and the peer grants its own flow-control credit, so that credit is no bound:
 /// a peer that acknowledges nothing (while it keeps the connection alive) has quinn hold the
 /// whole window. quinn does not say how much of it is held, so the window itself is counted,
-/// as held, from the admission of the first stream until the connection ends:
-/// - before any admission the window is [`UNADMITTED_SEND_WINDOW`], not counted;
-/// - each admission grows it towards [`SEND_WINDOW`]: in full while the node is under its
-///   budget, else to the 64 KiB every holder may hold within its source's share
-///   ([`super::budget::FLOOR`]), else not at all (the streams are then slow, not refused);
-/// - it is given back when the connection ends (this dropped).
+/// as held ([`super::budget::Window`]), while the connection carries an admitted stream:
+/// - with none, the window is [`UNADMITTED_SEND_WINDOW`], not counted;
+/// - an admission grows it to [`SEND_WINDOW`] when the node is under its budget and the
+///   source's windows within its share (a sixteenth of the budget), else to 64 KiB
+///   ([`super::budget::FLOOR`]) on the same terms, else not at all (its streams are slow,
+///   not refused);
+/// - when the last admitted stream has ended (its bytes acknowledged, or the stream reset),
+///   the window goes back to [`UNADMITTED_SEND_WINDOW`] and the budget gets it back; it also
+///   does when the connection ends.
 #[derive(Debug)]
 pub struct ServerConn {
     conn: quinn::Connection,
-    window: parking_lot::Mutex<Held<Arc<BufferBudget>>>,
+    /// The window granted, and how many admitted streams hold it.
+    window: parking_lot::Mutex<(Window, usize)>,
+}
+
+/// An admitted stream's hold on its connection's send window ([`ServerConn::admit`]).
+#[derive(Debug)]
+pub struct Admitted(Arc<ServerConn>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut w = self.0.window.lock();
+        w.1 -= 1;
+        if w.1 == 0 && w.0.granted() > 0 {
+            w.0.release();
+            self.0.conn.set_send_window(UNADMITTED_SEND_WINDOW);
+        }
+    }
 }
 
 impl ServerConn {
@@ -237,7 +256,7 @@ impl ServerConn {
     pub fn new(conn: quinn::Connection, budget: Arc<BufferBudget>, source: IpAddr) -> Arc<Self> {
         Arc::new(ServerConn {
             conn,
-            window: parking_lot::Mutex::new(Held::new(budget, source)),
+            window: parking_lot::Mutex::new((Window::new(budget, source), 0)),
         })
     }
 
@@ -247,27 +266,27 @@ impl ServerConn {
 
     /// The send window granted now.
     pub fn send_window(&self) -> u64 {
-        (self.window.lock().mine() as u64).max(UNADMITTED_SEND_WINDOW)
+        (self.window.lock().0.granted() as u64).max(UNADMITTED_SEND_WINDOW)
     }
 
     /// One of its streams was admitted: the receive window opens to the full
     /// [`consts::CONNECTION_WINDOW`] (it was [`ADMISSION_WINDOW`]), and the send window grows
-    /// as the budget allows (see the type's documentation).
-    pub fn admit(&self) {
+    /// as the budget allows (see the type's documentation) for as long as the stream holds
+    /// what this returns.
+    pub fn admit(self: &Arc<Self>) -> Admitted {
         self.conn
             .set_receive_window(VarInt::from_u32(consts::CONNECTION_WINDOW));
-        let mut held = self.window.lock();
-        let mine = held.mine();
-        if mine >= SEND_WINDOW {
-            return;
+        let mut w = self.window.lock();
+        w.1 += 1;
+        let before = w.0.granted();
+        if before < SEND_WINDOW && w.0.grow_to(SEND_WINDOW) < FLOOR {
+            w.0.grow_to(FLOOR);
         }
-        if held.take(SEND_WINDOW - mine).is_err() && mine < FLOOR {
-            let _ = held.take(FLOOR - mine);
-        }
-        if held.mine() > mine {
+        if w.0.granted() > before {
             self.conn
-                .set_send_window((held.mine() as u64).max(UNADMITTED_SEND_WINDOW));
+                .set_send_window((w.0.granted() as u64).max(UNADMITTED_SEND_WINDOW));
         }
+        Admitted(self.clone())
     }
 }
 
@@ -820,12 +839,12 @@ mod tests {
             before < u64::from(ADMISSION_WINDOW) + 64 * 1024,
             "{before} bytes arrived before admission"
         );
-        ServerConn::new(
+        let served = ServerConn::new(
             accepted.clone(),
             Arc::new(BufferBudget::unlimited()),
             "127.0.0.1".parse().unwrap(),
-        )
-        .admit();
+        );
+        let _admitted = served.admit();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while received() < len as u64 {
             assert!(
@@ -840,54 +859,49 @@ mod tests {
     }
 
     /// What a server connection may hold for a peer that acknowledges nothing is its send
-    /// window, granted from the node's budget and counted there until the connection ends:
-    /// the full window while the node is under its budget, the floor when it is not, nothing
-    /// beyond the unadmitted window when the source's share is spent too, and only that
-    /// before any admission. The client's credit (4 MiB a stream) is no bound.
+    /// window, granted from the node's budget while it carries an admitted stream and counted
+    /// there: the full window while the node and the source's windows are under their bounds,
+    /// the floor when only that fits, nothing beyond the unadmitted window when not even that
+    /// does or no stream is admitted. The client's credit (4 MiB a stream) is no bound.
     #[tokio::test]
     async fn a_server_connection_holds_no_more_than_its_budget_grants() {
+        use super::super::budget::{source_cap, Held};
         use std::sync::atomic::Ordering;
         let limit = 64 * 1024 * 1024;
-        let share = super::super::budget::source_cap(limit);
-        // (what, held by another source, held by the connection's source under its streams'
-        // floors, whether a stream is admitted, the window)
+        let share = source_cap(limit);
+        let unadmitted = UNADMITTED_SEND_WINDOW;
+        // (what, held by another source, the connection's source's other windows, whether a
+        // stream is admitted, the window)
         let cases = [
             ("under the budget", 0, 0, true, SEND_WINDOW as u64),
-            ("the node over its budget", limit, 0, true, FLOOR as u64),
+            ("the node over its budget", limit, 0, true, unadmitted),
+            ("the node near it", limit - FLOOR, 0, true, FLOOR as u64),
+            ("the source's share spent", 0, share, true, unadmitted),
             (
-                "its source's share spent too",
-                limit - share,
-                share,
+                "the share nearly spent",
+                0,
+                share - FLOOR,
                 true,
-                UNADMITTED_SEND_WINDOW,
+                FLOOR as u64,
             ),
-            ("no stream admitted", 0, 0, false, UNADMITTED_SEND_WINDOW),
+            ("no stream admitted", 0, 0, false, unadmitted),
         ];
-        for (what, other, floors, admit, window) in cases {
+        for (what, other, windows, admit, window) in cases {
             let budget = Arc::new(BufferBudget::new(limit, Default::default()));
             let source: IpAddr = "127.0.0.1".parse().unwrap();
-            let mut held = vec![Held::new(budget.clone(), "10.0.0.9".parse().unwrap())];
-            held[0].take(other).unwrap();
-            for _ in 0..floors / FLOOR {
-                let mut h = Held::new(budget.clone(), source);
-                h.take(FLOOR).unwrap();
-                held.push(h);
-            }
+            let mut held = Held::new(budget.clone(), "10.0.0.9".parse().unwrap());
+            held.take(other).unwrap();
+            let mut others = Window::new(budget.clone(), source);
+            assert_eq!(others.grow_to(windows), windows, "{what}: the setup");
             let (accepted, conn, _endpoints, _dir, cut) = pair_through(true).await;
             let served = ServerConn::new(accepted.clone(), budget.clone(), source);
             let (mut csend, _crecv) = conn.open_bi().await.unwrap();
             csend.write_all(b"x").await.unwrap();
             let (mut send, _recv) = accepted.accept_bi().await.unwrap();
-            if admit {
-                served.admit();
-            }
+            let admitted = admit.then(|| served.admit());
             assert_eq!(served.send_window(), window, "{what}");
-            let counted = budget.held() - held.iter().map(Held::mine).sum::<usize>();
-            let expected = if window == UNADMITTED_SEND_WINDOW {
-                0
-            } else {
-                window
-            };
+            let counted = budget.held() - other - windows;
+            let expected = if window == unadmitted { 0 } else { window };
             assert_eq!(counted as u64, expected, "{what}: counted in the budget");
             cut.store(true, Ordering::Relaxed);
             let mut written = 0u64;
@@ -902,13 +916,12 @@ mod tests {
                 written <= window && written + 16 * 1024 > window / 2,
                 "{what}: {written} bytes held for a silent peer, window {window}"
             );
-            drop((send, served, accepted));
-            drop(held);
-            assert_eq!(
-                budget.held(),
-                0,
-                "{what}: given back when the connection ends"
-            );
+            // The last admitted stream ends: the window is given back.
+            drop(admitted);
+            assert_eq!(served.send_window(), unadmitted, "{what}: after the stream");
+            assert_eq!(budget.held(), other + windows, "{what}: given back");
+            drop((send, served, accepted, others, held));
+            assert_eq!(budget.held(), 0, "{what}: all given back");
         }
     }
 
