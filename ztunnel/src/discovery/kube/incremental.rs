@@ -385,7 +385,10 @@ impl Engine {
         let slot = old.and_then(|o| {
             let s = model.state().slot_of_ip(*o.ips.first()?)?;
             let w = model.state().workload_at(s)?;
-            Arc::ptr_eq(&w.name, &o.name).then_some(s)
+            // By value: the store's entry is rebuilt on every event, also when nothing the
+            // model keeps changed (the change is then skipped, and the model keeps the
+            // workload made from the entry before).
+            (w.name == o.name && w.namespace == o.namespace).then_some(s)
         });
         let mut pending_changed = false;
         if let Some(o) = old {

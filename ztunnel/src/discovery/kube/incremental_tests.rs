@@ -401,3 +401,61 @@ fn a_pod_change_does_not_rebuild() {
     let wl = s.workload_by_ip(e.ips[0]).unwrap();
     assert_eq!(wl.protocol, Protocol::Tcp);
 }
+
+/// A watch event that changes nothing the model keeps still replaces the store's entry (a
+/// new one, equal in value): the pod's later deletion takes its workload out all the same.
+#[test]
+fn a_pod_deleted_after_an_event_that_changed_nothing_leaves() {
+    let mut w = World::new(7, false);
+    for _ in 0..50 {
+        w.pod();
+    }
+    w.changes = Changes::default();
+    let mut engine = Engine::new(TD, NODE, Rules::default());
+    engine.update(&w.store, Changes::default()).0.unwrap();
+    for local in [true, false] {
+        let pods = match local {
+            true => &w.store.pods,
+            false => &w.store.remote_pods,
+        };
+        let (k, e) = pods
+            .iter()
+            .find(|(_, e)| e.service_account.as_ref() != "Bad/SA" && e.ips.len() == 1)
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .expect("a pod");
+        let ip = e.ips[0];
+        assert!(engine
+            .update(&w.store, Changes::default())
+            .0
+            .unwrap()
+            .workload_by_ip(ip)
+            .is_some());
+        // The same pod, rebuilt from an event (a status change the model does not keep).
+        let mut again = e.clone();
+        again.name = e.name.to_string().into();
+        again.namespace = e.namespace.to_string().into();
+        let slot = match local {
+            true => &mut w.store.pods,
+            false => &mut w.store.remote_pods,
+        };
+        let old = slot.insert(k.clone(), again);
+        let mut changes = Changes::default();
+        changes.pod(local, k.clone(), old);
+        engine.update(&w.store, changes).0.unwrap();
+        // Deleted.
+        let slot = match local {
+            true => &mut w.store.pods,
+            false => &mut w.store.remote_pods,
+        };
+        let old = slot.remove(&k);
+        let mut changes = Changes::default();
+        changes.pod(local, k.clone(), old);
+        let s = engine.update(&w.store, changes).0.unwrap();
+        let (want, _) = translate::build(TD, Rules::default(), &w.store);
+        assert_eq!(seen(&s), seen(&want.unwrap()), "local {local}");
+        assert!(
+            s.workload_by_ip(ip).is_none(),
+            "local {local}: the deleted pod left"
+        );
+    }
+}
