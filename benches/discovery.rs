@@ -73,6 +73,7 @@ fn store(pods: usize) -> Store {
                     target: Target::Number(8080),
                 }],
                 selector: Labels::default(),
+                use_waypoint: None,
             },
         );
         // Ten ready endpoints among the namespace's pods.

@@ -90,6 +90,9 @@ struct ServiceEntry {
     /// Endpoints that are not workloads (an API server's address), reached as plain TCP.
     #[serde(default)]
     not_pods: Vec<IpAddr>,
+    /// Only `istio.io/use-waypoint` is read.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// Parses and validates a mesh file for a daemon in `trust_domain`, keeping every workload
@@ -214,6 +217,10 @@ impl Builder<'_> {
                 .collect(),
             selector: self.int.labels(&s.selector),
             not_pods: s.not_pods,
+            use_waypoint: s
+                .labels
+                .get(crate::discovery::enrollment::ISTIO_USE_WAYPOINT)
+                .map(|v| v.as_str().into()),
         };
         self.services.push(svc);
         Ok(())

@@ -111,6 +111,8 @@ pub struct Service {
     /// addresses of a selectorless service's own EndpointSlices): outside the mesh, reached
     /// as plain TCP, as Istio reaches them.
     pub not_pods: Vec<IpAddr>,
+    /// Its `istio.io/use-waypoint` label ([`State::waypoint_of`]).
+    pub use_waypoint: Option<Arc<str>>,
 }
 
 impl Service {
@@ -499,6 +501,24 @@ impl State {
     /// The enrollment rules in force.
     pub fn enrollment(&self) -> Rules {
         self.base.enrollment
+    }
+
+    /// The waypoint Istio would send `svc`'s traffic through, under the Istio-compatible
+    /// setting: its `istio.io/use-waypoint` label, else its namespace's; `none` (or empty) on
+    /// the Service means none whatever its namespace says.
+    pub fn waypoint_of<'a>(&'a self, svc: &'a Service) -> Option<&'a str> {
+        if !self.base.enrollment.istio {
+            return None;
+        }
+        let ns = || {
+            self.namespace(&svc.namespace)
+                .and_then(|n| n.labels.get(super::enrollment::ISTIO_USE_WAYPOINT))
+                .map(|v| &**v)
+        };
+        svc.use_waypoint
+            .as_deref()
+            .or_else(ns)
+            .filter(|w| !w.is_empty() && *w != "none")
     }
 
     /// Whether namespace `name` enrolls its pods (see [`super::enrollment`]).

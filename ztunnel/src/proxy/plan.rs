@@ -3,7 +3,9 @@
 //!
 //! - a Service VIP: the port must be one of the service's; one endpoint of the VIP's address
 //!   family is picked and the port mapped to its target port; an endpoint that is not a
-//!   workload (an API server's address, say: [`Service::not_pods`]) is passed through;
+//!   workload (an API server's address, say: [`Service::not_pods`]) is passed through; under
+//!   the Istio-compatible setting, a Service Istio sends through a waypoint proxy
+//!   ([`State::waypoint_of`]) is refused: the waypoint's policies would be bypassed;
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
 //! - a workload that speaks plain TCP, or an address outside the mesh: passthrough;
 //! - a mesh workload's 15001/15006/15008: refused, it would loop.
@@ -47,6 +49,8 @@ pub enum PlanError {
     NoEndpoints { service: String },
     #[error("destination port {0} of a mesh workload would loop")]
     Recursion(u16),
+    #[error("service {service} sends its traffic through waypoint {waypoint} (istio.io/use-waypoint), whose policies this daemon cannot enforce")]
+    Waypoint { service: String, waypoint: String },
 }
 
 /// Plans the outbound connection of `source` to `orig_dst`.
@@ -61,6 +65,12 @@ pub fn outbound(
     let (dst, addr, service) = match state.service_by_vip(ip) {
         Some(svc) => {
             let name = format!("{}/{}", svc.namespace, svc.name);
+            if let Some(waypoint) = state.waypoint_of(svc) {
+                return Err(PlanError::Waypoint {
+                    service: name,
+                    waypoint: waypoint.to_owned(),
+                });
+            }
             let target_port =
                 svc.target_port(orig_dst.port())
                     .ok_or_else(|| PlanError::NoServicePort {
@@ -185,12 +195,57 @@ services:
   - {name: empty, namespace: demo, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: none}}
   - {name: kubernetes, namespace: default, vips: [10.96.0.13], ports: [{port: 443, targetPort: 6443}], notPods: [192.0.2.10, 10.0.0.1]}
   - {name: mixed, namespace: demo, vips: [10.96.0.14], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, notPods: [192.0.2.20]}
+  - {name: wp, namespace: demo, vips: [10.96.0.15], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: waypoint}}
+";
+
+    /// A namespace whose Services use a waypoint, one of them opting out.
+    const WAYPOINTS: &str = "
+namespaces: [{name: w, labels: {ztunnel.dev/dataplane-mode: ambient, istio.io/use-waypoint: ns-waypoint}}]
+workloads:
+  - {uid: a, name: a, namespace: w, serviceAccount: sa-a, node: n1, ips: [10.0.0.1]}
+  - {uid: b1, name: b1, namespace: w, serviceAccount: sa-b, node: n2, ips: [10.0.0.2], labels: {app: b}}
+services:
+  - {name: b, namespace: w, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: b}}
+  - {name: own, namespace: w, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: own}}
+  - {name: out, namespace: w, vips: [10.96.0.3], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: none}}
 ";
 
     enum Want {
         Hbone(&'static str, &'static str, Option<&'static str>),
         Pass(&'static str),
         Err(PlanError),
+    }
+
+    /// Under the Istio-compatible setting a Service that Istio sends through a waypoint is
+    /// refused (its namespace's label, its own, `none` opting out); the pod itself is reached
+    /// directly, as Istio's default waypoint (`istio.io/waypoint-for: service`) leaves it.
+    /// Without the setting the label means nothing.
+    #[test]
+    fn services_behind_a_waypoint_are_refused_under_istio_compat() {
+        use crate::discovery::enrollment::Rules;
+        let plain = crate::discovery::parse(WAYPOINTS, "cluster.local").unwrap();
+        let istio = crate::discovery::parse(WAYPOINTS, "cluster.local")
+            .unwrap()
+            .with_enrollment(Rules { istio: true });
+        let src = plain.workload_by_uid("a").unwrap().clone();
+        let waypoint = |service: &str, waypoint: &str| PlanError::Waypoint {
+            service: service.into(),
+            waypoint: waypoint.into(),
+        };
+        let cases = [
+            ("10.96.0.1:80", Some(waypoint("w/b", "ns-waypoint"))),
+            ("10.96.0.2:80", Some(waypoint("w/own", "own"))),
+            ("10.96.0.3:80", None),
+            ("10.0.0.2:8080", None),
+        ];
+        for (dst, want) in cases {
+            let d = dst.parse().unwrap();
+            assert_eq!(outbound(&istio, &src, d, &mut |_| 0).err(), want, "{dst}");
+            assert!(
+                outbound(&plain, &src, d, &mut |_| 0).is_ok(),
+                "{dst} without"
+            );
+        }
     }
 
     #[test]

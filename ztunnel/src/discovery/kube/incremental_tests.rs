@@ -187,6 +187,7 @@ impl World {
                 target,
             }],
             selector: Default::default(),
+            use_waypoint: self.rng.chance(20).then(|| "wp".into()),
         };
         let old = self.store.services.insert(k.clone(), e);
         self.changes.service(k, old);

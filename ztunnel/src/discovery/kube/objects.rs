@@ -342,6 +342,8 @@ pub struct ServiceEntry {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<PortEntry>,
     pub selector: Labels,
+    /// Its `istio.io/use-waypoint` label.
+    pub use_waypoint: Option<Arc<str>>,
 }
 
 /// The entry for a Service: `Ok(None)` for services without a VIP (headless, ExternalName).
@@ -400,6 +402,12 @@ pub fn service_entry(svc: &K8sService, int: &mut Interner) -> Result<Option<Serv
         vips,
         ports,
         selector: int.labels(spec.selector.as_ref().unwrap_or(&BTreeMap::new())),
+        use_waypoint: svc
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::discovery::enrollment::ISTIO_USE_WAYPOINT))
+            .map(|v| v.as_str().into()),
     }))
 }
 

@@ -167,6 +167,7 @@ pub fn service_outcome(
         ports,
         selector: s.selector.clone(),
         not_pods,
+        use_waypoint: s.use_waypoint.clone(),
     };
     (Some(svc), skipped)
 }
@@ -764,6 +765,36 @@ mod tests {
         assert!(
             skipped[0].contains("no resolvable target port"),
             "{skipped:?}"
+        );
+    }
+
+    /// A Service's `istio.io/use-waypoint` label is kept; under the Istio-compatible setting
+    /// it (or its namespace's) names the waypoint Istio would send its traffic through.
+    #[test]
+    fn a_services_waypoint_label_is_kept() {
+        let mut labelled = svc("demo", "w", "10.96.0.2", json!(8080));
+        labelled["metadata"]["labels"] = json!({"istio.io/use-waypoint": "wp"});
+        let objs = vec![
+            ns("demo", true),
+            svc("demo", "web", "10.96.0.1", json!(8080)),
+            labelled,
+        ];
+        let (st, refused) = store(&objs);
+        assert!(refused.is_empty(), "{refused:?}");
+        let rules = Rules { istio: true };
+        let (s, _) = build("cluster.local", rules, &st);
+        let s = s.unwrap();
+        let of = |vip: &str| s.waypoint_of(s.service_by_vip(vip.parse().unwrap()).unwrap());
+        assert_eq!(of("10.96.0.2"), Some("wp"));
+        assert_eq!(of("10.96.0.1"), None);
+        let (s, _) = build("cluster.local", Rules::default(), &st);
+        let s = s.unwrap();
+        let svc = s.service_by_vip("10.96.0.2".parse().unwrap()).unwrap();
+        assert_eq!(svc.use_waypoint.as_deref(), Some("wp"));
+        assert_eq!(
+            s.waypoint_of(svc),
+            None,
+            "without the Istio-compatible setting"
         );
     }
 
