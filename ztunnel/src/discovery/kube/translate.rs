@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::objects::{Key, PodEntry, ServiceEntry, SliceEntry, Target};
-use crate::discovery::enrollment::Rules;
+use crate::discovery::enrollment::{OtherMesh, Rules};
 use crate::discovery::model::{
     Labels, Locality, Namespace, Protocol, Service, ServicePort, State, Workload,
 };
@@ -78,6 +78,9 @@ pub fn pod_outcome(
         return PodOutcome::Skipped(format!("{}: IP {ip} is claimed by another pod too", what()));
     }
     let enrolled = rules.pod(ns_labels, &p.labels, p.other_mesh).is_ok();
+    // With Istio's objects read, a pod of Istio's ambient mode is reached as Istio's own
+    // ztunnel reaches it: through a tunnel to it (Istio's ztunnel answers), never in plaintext.
+    let istio_ambient = rules.istio && p.other_mesh == Some(OtherMesh::IstioAmbient);
     let w = Workload {
         uid: p.uid.clone(),
         name: p.name.clone(),
@@ -86,7 +89,7 @@ pub fn pod_outcome(
         node: p.node.clone(),
         ips: (&*p.ips).into(),
         labels: p.labels.clone(),
-        protocol: if enrolled {
+        protocol: if enrolled || istio_ambient {
             Protocol::Hbone
         } else {
             Protocol::Tcp
@@ -626,14 +629,17 @@ mod tests {
                 Protocol::Tcp,
                 Protocol::Hbone,
             ),
+            // Istio's ambient mode has it: never enrolled here, but with the setting
+            // reached through a tunnel, as Istio's own ztunnel reaches it.
             (
                 with("moved", "n2", "10.0.0.6", &|p| {
                     p["metadata"]["annotations"][ISTIO_REDIRECTION] = json!("enabled")
                 }),
                 Protocol::Tcp,
-                Protocol::Tcp,
+                Protocol::Hbone,
             ),
         ];
+        let istios = "10.0.0.6";
         for istio in [false, true] {
             let rules = Rules { istio };
             let mut objs = vec![ns("demo", true), ns("legacy", false), istio_ns.clone()];
@@ -649,7 +655,8 @@ mod tests {
                 let w = s.workload_by_ip(ip.parse().unwrap()).unwrap();
                 let want = if istio { *with } else { *without };
                 assert_eq!(w.protocol, want, "{ip} istio={istio}");
-                assert_eq!(s.enrolled(w), want == Protocol::Hbone, "{ip} istio={istio}");
+                let enrolled = want == Protocol::Hbone && ip != istios;
+                assert_eq!(s.enrolled(w), enrolled, "{ip} istio={istio}");
             }
         }
         let (st, _) = store_with(&[pods[4].0.clone()], Rules { istio: true });
