@@ -102,7 +102,7 @@ impl Crls {
     }
 
     /// Whether the chain of `leaf` and `intermediates` is revoked anywhere on its path to
-    /// `roots`, as of `time`.
+    /// `roots`, as of `time`; when it is not, the digests of the intermediates on that path.
     fn check(
         &self,
         leaf: &CertificateDer<'_>,
@@ -111,13 +111,13 @@ impl Crls {
         algs: WebPkiSupportedAlgorithms,
         usage: Usage,
         time: UnixTime,
-    ) -> Result<(), webpki::Error> {
+    ) -> Result<Vec<[u8; 32]>, webpki::Error> {
         if self.lists.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let lists: Vec<&CertRevocationList<'_>> = self.lists.iter().collect();
         let Ok(options) = RevocationOptionsBuilder::new(&lists) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let options = options
             .with_depth(RevocationCheckDepth::Chain)
@@ -138,7 +138,11 @@ impl Crls {
             Some(options),
             None,
         )
-        .map(drop)
+        .map(|path| {
+            path.intermediate_certificates()
+                .map(|c| digest(&c.der()))
+                .collect()
+        })
     }
 }
 
@@ -229,16 +233,20 @@ struct Shared {
     /// The lists in force and their generation (one more at each replacement), read together.
     lists: watch::Sender<(u64, Arc<Crls>)>,
     /// The verdicts on chains already checked, by [`verdict_key`], and the generation of the
-    /// lists they were given under: a peer that dials again costs a digest, not a check.
+    /// lists they were given under: a peer that dials again costs a few digests, not a check.
     verdicts: Mutex<(u64, Verdicts)>,
 }
 
-/// Verdicts on chains, by [`verdict_key`].
-type Verdicts = HashMap<[u8; 32], Result<(), rustls::Error>>;
+/// Verdicts by [`verdict_key`] (a leaf, the roots, the end), each with the digests of the
+/// intermediates its check used (the path it built; for a refusal, every one presented):
+/// a later chain with that leaf gets the verdict when it presents all of them, whatever else
+/// it presents, so certificates added to a chain neither miss the verdict nor crowd others
+/// out.
+type Verdicts = HashMap<[u8; 32], (Vec<[u8; 32]>, Result<(), rustls::Error>)>;
 
-/// At most this many verdicts are kept; the set is emptied when full (and when the lists
-/// change). Only chains that verified against our roots reach the check, so the distinct
-/// ones are the mesh's certificates.
+/// At most this many verdicts are kept (one leaf each); beyond it one is let go for each new
+/// one, and all when the lists change. Only chains that verified against our roots reach the
+/// check, so the distinct leaves are the mesh's certificates.
 const VERDICTS: usize = 4096;
 
 impl Revocation {
@@ -253,6 +261,12 @@ impl Revocation {
     /// Whether lists are configured at all.
     pub fn enabled(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// Verdicts kept now.
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.0.as_ref().map_or(0, |s| s.verdicts.lock().1.len())
     }
 
     /// Puts `crls` in force: new handshakes are checked against them, and every
@@ -300,49 +314,49 @@ impl Revocation {
     ) -> Result<(), rustls::Error> {
         let Some(s) = &self.0 else { return Ok(()) };
         let (generation, lists) = s.lists.borrow().clone();
-        let key = verdict_key(leaf, intermediates, roots, usage);
+        let key = verdict_key(leaf, roots, usage);
+        let presented: Vec<[u8; 32]> = intermediates.iter().map(|c| digest(c)).collect();
         {
             let verdicts = s.verdicts.lock();
             if verdicts.0 == generation {
-                if let Some(v) = verdicts.1.get(&key) {
-                    return v.clone();
+                if let Some((used, v)) = verdicts.1.get(&key) {
+                    if used.iter().all(|u| presented.contains(u)) {
+                        return v.clone();
+                    }
                 }
             }
         }
-        let verdict = lists
-            .check(leaf, intermediates, roots, algs, usage, time)
-            .map_err(tls_error);
+        let (used, verdict) = match lists.check(leaf, intermediates, roots, algs, usage, time) {
+            Ok(used) => (used, Ok(())),
+            Err(e) => (presented, Err(tls_error(e))),
+        };
         let mut verdicts = s.verdicts.lock();
         if verdicts.0 < generation {
             *verdicts = (generation, HashMap::new());
         }
         if verdicts.0 == generation {
-            if verdicts.1.len() >= VERDICTS {
-                verdicts.1.clear();
+            if verdicts.1.len() >= VERDICTS && !verdicts.1.contains_key(&key) {
+                if let Some(k) = verdicts.1.keys().next().copied() {
+                    verdicts.1.remove(&k);
+                }
             }
-            verdicts.1.insert(key, verdict.clone());
+            verdicts.1.insert(key, (used, verdict.clone()));
         }
         verdict
     }
 }
 
-/// What a verdict depends on, besides the lists: the chain, the roots it was verified
-/// against, and which end presented it (SHA-256 of each, length-prefixed).
-fn verdict_key(
-    leaf: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    roots: &RootCertStore,
-    usage: Usage,
-) -> [u8; 32] {
+/// What a verdict is kept under, besides the lists: the leaf, the roots it was verified
+/// against, and which end presented it (SHA-256 of each, length-prefixed); the intermediates
+/// are kept beside it ([`Verdicts`]).
+fn verdict_key(leaf: &CertificateDer<'_>, roots: &RootCertStore, usage: Usage) -> [u8; 32] {
     let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut add = |bytes: &[u8]| {
         d.update(&(bytes.len() as u64).to_be_bytes());
         d.update(bytes);
     };
     add(&[usage as u8]);
-    for c in std::iter::once(leaf).chain(intermediates) {
-        add(c.as_ref());
-    }
+    add(leaf.as_ref());
     for r in &roots.roots {
         add(r.subject.as_ref());
         add(r.subject_public_key_info.as_ref());
@@ -350,6 +364,13 @@ fn verdict_key(
     let mut key = [0u8; 32];
     key.copy_from_slice(d.finish().as_ref());
     key
+}
+
+/// SHA-256 of a certificate.
+fn digest(c: &CertificateDer<'_>) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, c.as_ref()).as_ref());
+    out
 }
 
 /// The TLS error for a failed revocation check.
@@ -705,6 +726,45 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// A verdict is kept per leaf with the intermediates its path used: a chain with other
+    /// certificates added gets it (and takes no other place), one without the intermediate
+    /// is checked again, and lists that revoke the intermediate refuse the leaf however it is
+    /// presented.
+    #[test]
+    fn a_verdict_is_kept_per_leaf_whatever_else_a_chain_carries() {
+        let root = crate::ca::CaMaterial::generate("cluster.local").unwrap();
+        let (material, intermediate) = crate::ca::intermediate_of(&root).unwrap();
+        let root_ca = LocalCa::from_material(&root, "cluster.local").unwrap();
+        let ca = LocalCa::from_material(&material, "cluster.local").unwrap();
+        let peer = issue(&ca, &id("spiffe://cluster.local/ns/a/sa/peer"), DAY).unwrap();
+        let other = issue(&ca, &id("spiffe://cluster.local/ns/a/sa/other"), DAY).unwrap();
+        let (leaf, inter) = (&peer.chain[0], &peer.chain[1]);
+        let roots = &peer.roots;
+        let now = UnixTime::now();
+        let rev = Revocation::new(Crls::parse(list(&root_ca, &["01"]).as_bytes()).unwrap());
+        let verify = |rev: &Revocation, leaf, rest: &[CertificateDer<'static>]| {
+            rev.verify(leaf, rest, roots, algs(), Usage::Client, now)
+        };
+        assert!(verify(&rev, leaf, std::slice::from_ref(inter)).is_ok());
+        assert_eq!(rev.kept(), 1);
+        // Other certificates beside the intermediate, in any number: the same verdict, no
+        // other place taken.
+        for junk in 0..20 {
+            let mut rest = vec![other.chain[0].clone(); junk % 3];
+            rest.push(inter.clone());
+            assert!(verify(&rev, leaf, &rest).is_ok());
+        }
+        assert_eq!(rev.kept(), 1);
+        // The lists revoke the intermediate: refused, with or without extras.
+        let revoked = list(&root_ca, &[&intermediate]);
+        rev.replace(Crls::parse(revoked.as_bytes()).unwrap());
+        assert!(verify(&rev, leaf, std::slice::from_ref(inter)).is_err());
+        let with_extra = [other.chain[0].clone(), inter.clone()];
+        assert!(verify(&rev, leaf, &with_extra).is_err());
+        assert!(verify(&rev, leaf, std::slice::from_ref(inter)).is_err());
+        assert_eq!(rev.kept(), 1, "one place per leaf");
     }
 
     /// The file is read at start (missing: no lists yet; malformed: an error), and again
