@@ -7,8 +7,8 @@
 //! [`crate::identity`], with the QUIC ALPN); the transport's receive windows mirror the
 //! HTTP/2 tunnel's (4 MiB per stream, 16 MiB per connection) and its keep-alive the pings
 //! (10 s, closed after 20 s of silence). What a server connection holds to send is granted
-//! from the node's budget ([`ServerConn`]). Each endpoint's UDP socket has buffers large enough for a
-//! window's bursts ([`SOCKET_BUFFER`]).
+//! from the node's budget ([`ServerConn`]). Each endpoint's UDP socket has buffers large
+//! enough for a window's bursts ([`SOCKET_BUFFER`]).
 //!
 //! Bytes are copied over a stream by [`super::copy_tunnel`].
 
@@ -258,10 +258,6 @@ impl ServerConn {
             conn,
             window: parking_lot::Mutex::new((Window::new(budget, source), 0)),
         })
-    }
-
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.conn
     }
 
     /// The send window granted now.
