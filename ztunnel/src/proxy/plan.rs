@@ -195,7 +195,6 @@ services:
   - {name: empty, namespace: demo, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: none}}
   - {name: kubernetes, namespace: default, vips: [10.96.0.13], ports: [{port: 443, targetPort: 6443}], notPods: [192.0.2.10, 10.0.0.1]}
   - {name: mixed, namespace: demo, vips: [10.96.0.14], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, notPods: [192.0.2.20]}
-  - {name: wp, namespace: demo, vips: [10.96.0.15], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: waypoint}}
 ";
 
     /// A namespace whose Services use a waypoint, one of them opting out.
