@@ -7,8 +7,8 @@
 //! - `pods_policies_and_enrollment_follow_the_api_server`: pods of an ambient namespace are
 //!   enrolled at CNI ADD and carried in mutual TLS (real client address, the client's identity
 //!   at the destination), through the Service's cluster IP too; the API server reached
-//!   through the `kubernetes` Service, whose endpoint is no pod (passed through); a plain pod reaches them in
-//!   plaintext; labelling the plain namespace enrolls its running pod without CNI, removing
+//!   through the `kubernetes` Service, whose endpoint is no pod, and a Service whose endpoint
+//!   is a host-network pod (both passed through); a plain pod reaches the server in plaintext; labelling the plain namespace enrolls its running pod without CNI, removing
 //!   the label releases it; an `AuthorizationPolicy` written to the API server closes a live
 //!   connection it denies and refuses new ones; an ALLOW whose rule names only HTTP methods
 //!   keeps its fields, denies as Istio's ambient mode does (the rule matches nothing) and says
@@ -78,6 +78,43 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         api.as_ref()
             .is_ok_and(|a| a.contains("HTTP request to an HTTPS server")),
         "the API server through its Service: {api:?}"
+    );
+    // A Service whose endpoint is a host-network pod (a node agent on n2, at its node's
+    // address): no workload, passed through in plaintext, as Istio does.
+    bed.nodes[1].ns.serve_dual(9100, apps::whoami_server);
+    let cp = bed.kube.as_ref().unwrap().cp;
+    let n2 = &bed.nodes[1].name;
+    cp.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "exporter", "namespace": demo, "labels": {"app": "exporter"}},
+        "spec": {"nodeName": n2, "hostNetwork": true,
+                 "containers": [{"name": "exporter", "image": "exporter"}]}}))
+        .unwrap();
+    let exporter = cp
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "exporter", "namespace": demo},
+            "spec": {"selector": {"app": "exporter"},
+                     "ports": [{"name": "metrics", "port": 9100, "protocol": "TCP"}]}}))
+        .unwrap()[0]["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cp.apply(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "exporter-abc", "namespace": demo,
+                     "labels": {"kubernetes.io/service-name": "exporter"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "metrics", "port": 9100, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["192.168.77.2"], "conditions": {"ready": true}, "nodeName": n2,
+                       "targetRef": {"kind": "Pod", "namespace": demo, "name": "exporter"}}]}),
+    )
+    .unwrap();
+    wait_for(
+        "the client's daemon to learn the host-network endpoint",
+        || whoami(&bed, "client", &exporter, 9100).is_ok(),
+    );
+    assert_eq!(
+        whoami(&bed, "client", &exporter, 9100).unwrap(),
+        "10.20.1.10"
     );
     // A plain pod reaches the server in plaintext (PERMISSIVE by default).
     assert_eq!(

@@ -2,7 +2,8 @@
 //! real API server ([`crate::controlplane`]) instead of the discovery file, the test playing
 //! the kubelet's and the controllers' parts:
 //!
-//! - each node is attached to the control plane; its daemon runs with a kubeconfig holding a
+//! - each node is attached to the control plane and has its Node object (its underlay address
+//!   as `InternalIP`); its daemon runs with a kubeconfig holding a
 //!   ServiceAccount token of `ztunnel-system/ztunnel` from the TokenRequest API, bound to a Pod
 //!   object of that ServiceAccount on the node (as the DaemonSet's projected token is), so it
 //!   has exactly `deploy/`'s permissions;
@@ -49,8 +50,9 @@ pub struct KubeSource {
     uids: Mutex<HashMap<(String, String), String>>,
     /// The cluster IP the API server gave the Service `server`.
     pub vip: String,
-    /// The bed's Kubernetes namespaces and its daemons' pods, deleted at the end.
+    /// The bed's Kubernetes namespaces, nodes and its daemons' pods, deleted at the end.
     namespaces: Vec<String>,
+    nodes: Vec<String>,
     daemon_pods: Vec<String>,
     /// Released last, once the bed's pods are gone.
     _turn: std::sync::MutexGuard<'static, ()>,
@@ -68,6 +70,9 @@ impl Drop for KubeSource {
                 "--grace-period=0",
                 "--force",
             ]);
+        }
+        for node in &self.nodes {
+            let _ = self.cp.delete("v1", "Node", None, node);
         }
         for pod in &self.daemon_pods {
             let _ = self.cp.kubectl(&[
@@ -98,6 +103,11 @@ impl KubeSource {
             // its pod subnets (they reach it through the `kubernetes` Service's endpoint).
             let pods = format!("10.20.{}.0/24", i + 1);
             cp.ns.ip(&["route", "replace", &pods, "via", &addr])?;
+            // Its Node object, with the address the kubelet reports (the underlay's).
+            cp.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}}))?;
+            cp.apply_status(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name},
+                "status": {"addresses": [{"type": "InternalIP", "address": format!("192.168.77.{}", i + 1)},
+                                         {"type": "Hostname", "address": node.name}]}}))?;
         }
         // The `kubernetes` Service's slice, as the API server's endpoint reconciler writes it
         // (this one runs without it): its own address, naming no pod.
@@ -141,6 +151,7 @@ impl KubeSource {
             uids: Mutex::new(HashMap::new()),
             vip,
             namespaces: vec![demo, plain],
+            nodes: bed.nodes.iter().map(|n| n.name.clone()).collect(),
             daemon_pods,
             _turn: turn,
         })

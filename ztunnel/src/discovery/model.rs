@@ -107,9 +107,9 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub selector: Labels,
-    /// Ready endpoints that are not pods, nor any workload's address (an API server, the
-    /// addresses of a selectorless service's own EndpointSlices): outside the mesh, reached
-    /// as plain TCP, as Istio reaches them.
+    /// Ready endpoints that are no workload's address (an API server, the addresses of a
+    /// selectorless service's own EndpointSlices, host-network pods at their node's address):
+    /// outside the mesh, reached as plain TCP, as Istio reaches them.
     pub not_pods: Vec<IpAddr>,
     /// Its `istio.io/use-waypoint` label ([`State::waypoint_of`]).
     pub use_waypoint: Option<Arc<str>>,

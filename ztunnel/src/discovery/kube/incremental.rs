@@ -15,7 +15,7 @@
 //! lose it, or regain it) or a uid claimed by two pods of this node; and every change after a
 //! full build failed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -72,6 +72,8 @@ pub struct Engine {
     ready: BTreeMap<(IpAddr, u32), u32>,
     /// Each service's EndpointSlices.
     slices_of: HashMap<u32, BTreeSet<Key>>,
+    /// Every node's addresses (a node change rebuilds in full).
+    node_ips: HashSet<IpAddr>,
     /// The slot of each service in the model.
     service_slot: HashMap<u32, u32>,
     /// This node's pods with no IP yet, in the model.
@@ -98,6 +100,7 @@ impl Engine {
             vips: BTreeMap::new(),
             ready: BTreeMap::new(),
             slices_of: HashMap::new(),
+            node_ips: HashSet::new(),
             service_slot: HashMap::new(),
             pending: BTreeMap::new(),
             skips: HashMap::new(),
@@ -206,6 +209,7 @@ impl Engine {
                 self.service_slot.insert(id, slot);
             }
         }
+        self.node_ips = translate::node_ips(store);
         self.ready.clear();
         self.slices_of.clear();
         for (k, s) in &store.slices {
@@ -375,7 +379,10 @@ impl Engine {
             let ns = store
                 .namespaces
                 .get(&(String::new(), n.namespace.to_string()));
-            let node = store.nodes.get(&(String::new(), n.node.to_string()));
+            let node = store
+                .nodes
+                .get(&(String::new(), n.node.to_string()))
+                .map(|e| &e.locality);
             let claims = &self.claims;
             translate::pod_outcome(&self.trust_domain, self.rules, n, ns, node, |ip| {
                 claims.get(ip).is_some_and(|c| *c > 1)
@@ -474,6 +481,7 @@ impl Engine {
                         > 1
                 },
                 |v| model.state().slot_of_ip(*v).is_some(),
+                |v| self.node_ips.contains(v),
             ),
             None => (None, Vec::new()),
         };

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::super::objects::{Interner, PodEntry, PortEntry, ServiceEntry, SliceEntry, Target};
+use super::super::objects::{
+    Interner, NodeEntry, PodEntry, PortEntry, ServiceEntry, SliceEntry, Target,
+};
 use super::*;
 use crate::discovery::{Labels, Locality, Protocol, DATAPLANE_MODE_LABEL};
 
@@ -70,12 +72,20 @@ impl World {
             let l = w.int.labels(&labels);
             w.store.namespaces.insert(key("", ns), l);
         }
-        for (n, zone) in [("n1", "z1"), ("n2", "z2")] {
+        // Node addresses among the pods' (endpoints of host-network pods, or of pods that
+        // took one of them).
+        for (n, zone, ip) in [("n1", "z1", 2), ("n2", "z2", IPS - 1)] {
             let l = w.int.locality(Locality {
                 region: "r".into(),
                 zone: zone.into(),
             });
-            w.store.nodes.insert(key("", n), l);
+            w.store.nodes.insert(
+                key("", n),
+                NodeEntry {
+                    locality: l,
+                    ips: Box::new([pod_ip(ip)]),
+                },
+            );
         }
         w
     }

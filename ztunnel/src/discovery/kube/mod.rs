@@ -8,7 +8,8 @@
 //! counted twice —, bookmarks accepted, errors retried with `default_backoff`; lists ask for
 //! `resourceVersion=0` so the API server answers them from its watch cache, not etcd):
 //! - namespaces (all; small);
-//! - nodes (all), decoded into a lean type: their names and labels only, for their locality;
+//! - nodes (all), decoded into a lean type: their names, labels (for their locality) and
+//!   addresses (where Services reach host-network pods) only;
 //! - pods on this node (`fieldSelector=spec.nodeName=<node>`), kept in full (labels, uid);
 //! - pods on other nodes (`fieldSelector=spec.nodeName!=<node>`), decoded straight into a lean
 //!   type and kept lean (see [`objects`]): never a full Pod in memory;
@@ -340,7 +341,7 @@ pub async fn watch_kubernetes(
         watcher::Config::default(),
         Kind {
             what: "Node",
-            entry: Box::new(|n, int| Ok(Some(objects::node_locality(n, int)))),
+            entry: Box::new(|n, int| Ok(Some(objects::node_entry(n, int)))),
             slot: |s| &mut s.nodes,
             change: |c, _, _| c.full = true,
         },

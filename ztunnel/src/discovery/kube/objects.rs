@@ -11,7 +11,8 @@
 //!   ([`Rules::keeps`]), which is all outbound routing and identity checks need; its service
 //!   membership comes from EndpointSlices.
 //! - Nodes keep their locality (region and zone, from their topology labels), which their
-//!   pods' telemetry reports.
+//!   pods' telemetry reports, and their IP addresses, at which Services reach their
+//!   host-network pods.
 //! - Services keep name, VIPs (`clusterIPs`; headless and ExternalName services have none and
 //!   are not kept), ports with their `targetPort` (a number, or a name resolved against the
 //!   EndpointSlices), and selector.
@@ -161,11 +162,26 @@ impl kube::Resource for LeanPod {
     }
 }
 
-/// A Node with only its name and labels (its status, with every image it holds, is skipped).
+/// A Node with only its name, labels and addresses (the rest of its status, with every image
+/// it holds, is skipped).
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct LeanNode {
     #[serde(deserialize_with = "lean_meta")]
     pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub status: LeanNodeStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LeanNodeStatus {
+    #[serde(default)]
+    pub addresses: Vec<NodeAddress>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NodeAddress {
+    #[serde(default)]
+    pub address: String,
 }
 
 impl kube::Resource for LeanNode {
@@ -192,12 +208,33 @@ impl kube::Resource for LeanNode {
     }
 }
 
-/// A node's locality, from its topology labels.
-pub fn node_locality(node: &LeanNode, int: &mut Interner) -> Arc<Locality> {
+/// A node as the daemon keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// From its topology labels.
+    pub locality: Arc<Locality>,
+    /// Its IP addresses (`status.addresses`; host names are left out): where its host-network
+    /// pods are reached.
+    pub ips: Box<[IpAddr]>,
+}
+
+/// The entry for `node`.
+pub fn node_entry(node: &LeanNode, int: &mut Interner) -> NodeEntry {
     let empty = BTreeMap::new();
-    int.locality(Locality::of_node(
-        node.metadata.labels.as_ref().unwrap_or(&empty),
-    ))
+    let mut ips: Vec<IpAddr> = node
+        .status
+        .addresses
+        .iter()
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    NodeEntry {
+        locality: int.locality(Locality::of_node(
+            node.metadata.labels.as_ref().unwrap_or(&empty),
+        )),
+        ips: ips.into(),
+    }
 }
 
 /// (namespace, name); namespace empty for cluster-scoped objects.

@@ -5,7 +5,8 @@
 //! an invalid identity, a VIP that is a pod IP…) are skipped and reported, and everything else
 //! is built. A workload's protocol is HBONE when it is enrolled (see
 //! [`crate::discovery::enrollment`]), else TCP. A
-//! service's endpoints are the workloads at the ready addresses of its EndpointSlices; a named
+//! service's endpoints are the workloads at the ready addresses of its EndpointSlices, and
+//! the addresses that are no workload's (an API server's, a host-network pod's); a named
 //! `targetPort` is resolved through the slices' ports (unresolved: the port is skipped). A
 //! workload's locality is its node's (none while the node is not known).
 
@@ -13,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::objects::{Key, PodEntry, ServiceEntry, SliceEntry, Target};
+use super::objects::{Key, NodeEntry, PodEntry, ServiceEntry, SliceEntry, Target};
 use crate::discovery::enrollment::{OtherMesh, Rules};
 use crate::discovery::model::{
     Labels, Locality, Namespace, Protocol, Service, ServicePort, State, Workload,
@@ -27,8 +28,8 @@ use crate::identity::Identity;
 pub struct Store {
     /// By ("", name).
     pub namespaces: BTreeMap<Key, Labels>,
-    /// Nodes' localities, by ("", name).
-    pub nodes: BTreeMap<Key, Arc<Locality>>,
+    /// Nodes' localities and addresses, by ("", name).
+    pub nodes: BTreeMap<Key, NodeEntry>,
     /// Pods on this node.
     pub pods: BTreeMap<Key, PodEntry>,
     /// Pods on other nodes (lean).
@@ -110,15 +111,17 @@ pub fn ready<'a>(slices: &'a [&'a SliceEntry]) -> impl Iterator<Item = &'a IpAdd
 }
 
 /// What service `s` becomes, given its EndpointSlices, whether a VIP is claimed by another
-/// service too, and whether an IP is a workload's: the service (none when it is skipped),
-/// and the reasons it or some of its ports were skipped. Its endpoints are the workloads at
-/// [`ready`] addresses, and the ready addresses of endpoints that are not pods and not a
-/// workload's ([`Service::not_pods`]).
+/// service too, whether an IP is a workload's, and whether it is a node's: the service (none
+/// when it is skipped), and the reasons it or some of its ports were skipped. Its endpoints
+/// are the workloads at [`ready`] addresses, and the ready addresses that are no workload's
+/// and either no pod's (no Pod `targetRef`) or a node's (a host-network pod's):
+/// [`Service::not_pods`], reached in plaintext as they are.
 pub fn service_outcome(
     s: &ServiceEntry,
     slices: &[&SliceEntry],
     shared_vip: impl Fn(&IpAddr) -> bool,
     workload_ip: impl Fn(&IpAddr) -> bool,
+    node_ip: impl Fn(&IpAddr) -> bool,
 ) -> (Option<Service>, Vec<String>) {
     let what = format!("service {}/{}", s.namespace, s.name);
     if let Some(v) = s.vips.iter().find(|v| shared_vip(v)) {
@@ -157,7 +160,11 @@ pub fn service_outcome(
     }
     let mut not_pods: Vec<IpAddr> = slices
         .iter()
-        .flat_map(|sl| sl.not_pods.iter())
+        .flat_map(|sl| {
+            sl.not_pods
+                .iter()
+                .chain(sl.ready.iter().filter(|ip| node_ip(ip)))
+        })
         .filter(|ip| !workload_ip(ip))
         .copied()
         .collect();
@@ -227,8 +234,9 @@ pub fn build_keyed(
     let locality_of: HashMap<&str, &Arc<Locality>> = store
         .nodes
         .iter()
-        .map(|((_, n), l)| (n.as_str(), l))
+        .map(|((_, n), e)| (n.as_str(), &e.locality))
         .collect();
+    let node_ips = node_ips(store);
     for (local, k, p) in pods() {
         match pod_outcome(
             trust_domain,
@@ -275,6 +283,7 @@ pub fn build_keyed(
             slices,
             |v| vip_owner[v] > 1,
             |v| index_of_ip.contains_key(v),
+            |v| node_ips.contains(v),
         );
         skipped.extend(why.into_iter().map(|w| (Of::Service(k.clone()), w)));
         let Some(svc) = svc else { continue };
@@ -307,6 +316,15 @@ pub fn build_keyed(
     )
     .map(|s| s.with_pending(pending).with_enrollment(rules));
     (state, skipped)
+}
+
+/// Every node's IP addresses.
+pub fn node_ips(store: &Store) -> std::collections::HashSet<IpAddr> {
+    store
+        .nodes
+        .values()
+        .flat_map(|n| n.ips.iter().copied())
+        .collect()
 }
 
 /// The labels of a namespace, interned.
@@ -343,7 +361,7 @@ mod tests {
                     "Node" => {
                         let n: LeanNode = serde_json::from_value(o.clone()).unwrap();
                         st.nodes
-                            .insert(key_of(&n.metadata), node_locality(&n, &mut int));
+                            .insert(key_of(&n.metadata), node_entry(&n, &mut int));
                     }
                     "Namespace" => {
                         let n: k8s_openapi::api::core::v1::Namespace =
@@ -682,6 +700,10 @@ mod tests {
             pod("demo", "a", NODE, "10.0.0.1"),
             pod("demo", "b", "n2", "10.0.0.2"),
             pod("demo", "c", "n2", "10.0.0.3"),
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n2"},
+                "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.2"},
+                                         {"type": "Hostname", "address": "n2"}],
+                           "images": [{"names": ["i"], "sizeBytes": 1}]}}),
         ];
         // (service target, slice endpoints, want target port, want endpoint IPs, want
         // endpoints that are not pods)
@@ -733,6 +755,18 @@ mod tests {
                 Some(6443),
                 vec!["10.0.0.3"],
                 vec!["192.0.2.10"],
+            ),
+            // Host-network pods, at their node's address: outside the mesh too.
+            (
+                json!(9100),
+                vec![
+                    ("192.168.1.2", Some(true), Some("exporter-n2")),
+                    ("192.168.1.3", Some(true), Some("exporter-n3")),
+                    ("10.0.0.1", Some(true), Some("a")),
+                ],
+                Some(9100),
+                vec!["10.0.0.1"],
+                vec!["192.168.1.2"],
             ),
             (json!(8080), vec![], Some(8080), vec![], vec![]),
         ];
