@@ -73,6 +73,7 @@ fn store(pods: usize) -> Store {
                     target: Target::Number(8080),
                 }],
                 selector: Labels::default(),
+                node_local: false,
                 use_waypoint: None,
             },
         );

@@ -7,8 +7,10 @@
 //! - `pods_policies_and_enrollment_follow_the_api_server`: pods of an ambient namespace are
 //!   enrolled at CNI ADD and carried in mutual TLS (real client address, the client's identity
 //!   at the destination), through the Service's cluster IP too; the API server reached
-//!   through the `kubernetes` Service, whose endpoint is no pod, and a Service whose endpoint
-//!   is a host-network pod (both passed through); a plain pod reaches the server in plaintext; labelling the plain namespace enrolls its running pod without CNI, removing
+//!   through the `kubernetes` Service, whose endpoint is no pod, a Service whose endpoint is
+//!   a host-network pod, and a selectorless Service on its slice's port (all passed
+//!   through); a node-local Service with no endpoint on the client's node refuses it; a plain
+//!   pod reaches the server in plaintext; labelling the plain namespace enrolls its running pod without CNI, removing
 //!   the label releases it; an `AuthorizationPolicy` written to the API server closes a live
 //!   connection it denies and refuses new ones; an ALLOW whose rule names only HTTP methods
 //!   keeps its fields, denies as Istio's ambient mode does (the rule matches nothing) and says
@@ -116,6 +118,38 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         whoami(&bed, "client", &exporter, 9100).unwrap(),
         "10.20.1.10"
     );
+    // A selectorless Service (port 5432, no targetPort) whose own slice names an address on
+    // another port: reached on the slice's port, as kube-proxy does.
+    let external = cp
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "external", "namespace": demo},
+            "spec": {"ports": [{"name": "db", "port": 5432, "protocol": "TCP"}]}}))
+        .unwrap()[0]["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cp.apply(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "external-1", "namespace": demo,
+                     "labels": {"kubernetes.io/service-name": "external"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "db", "port": 9100, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["192.168.77.2"]}]}),
+    )
+    .unwrap();
+    wait_for(
+        "the client's daemon to learn the selectorless Service",
+        || whoami(&bed, "client", &external, 5432).is_ok(),
+    );
+    // Node-local: the exporter's only endpoint is on n2, so the client on n1 is refused.
+    cp.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "exporter", "namespace": demo},
+        "spec": {"selector": {"app": "exporter"}, "internalTrafficPolicy": "Local",
+                 "ports": [{"name": "metrics", "port": 9100, "protocol": "TCP"}]}}))
+        .unwrap();
+    wait_for("the node-local Service to refuse the client", || {
+        whoami(&bed, "client", &exporter, 9100).is_err()
+    });
     // A plain pod reaches the server in plaintext (PERMISSIVE by default).
     assert_eq!(
         whoami(&bed, "legacy", "10.20.2.10", 8080).unwrap(),

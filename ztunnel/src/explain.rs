@@ -99,6 +99,12 @@ pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explan
                 .or_else(|| state.endpoints_of_vip(ip).next())
                 .cloned()
                 .ok_or_else(|| format!("service {}/{} has no endpoint", svc.namespace, svc.name))?;
+            let target = ep
+                .ips
+                .iter()
+                .find(|a| a.is_ipv4() == ip.is_ipv4())
+                .and_then(|a| svc.target_port_at(port, *a))
+                .unwrap_or(target);
             (ep, target, Some(format!("{}/{}", svc.namespace, svc.name)))
         }
         None => (find(state, dst)?, port, None),

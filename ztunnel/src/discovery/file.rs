@@ -36,7 +36,8 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 
 use super::model::{
-    Interner, Labels, Locality, Namespace, Protocol, Service, ServicePort, State, Workload,
+    Interner, Labels, Locality, Namespace, PortOverride, Protocol, Service, ServicePort, State,
+    Workload,
 };
 use super::policy::PolicyObject;
 use super::{Discovery, Error, Stats};
@@ -80,6 +81,14 @@ struct PortEntry {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct OverrideEntry {
+    ip: IpAddr,
+    port: u16,
+    target_port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ServiceEntry {
     name: String,
     namespace: String,
@@ -90,6 +99,12 @@ struct ServiceEntry {
     /// Endpoints that are not workloads (an API server's address), reached as plain TCP.
     #[serde(default)]
     not_pods: Vec<IpAddr>,
+    /// Endpoints whose target port is not the port's `targetPort`.
+    #[serde(default)]
+    port_overrides: Vec<OverrideEntry>,
+    /// `internalTrafficPolicy: Local`: only the endpoints on the source's node.
+    #[serde(default)]
+    node_local: bool,
     /// Only `istio.io/use-waypoint` is read.
     #[serde(default)]
     labels: BTreeMap<String, String>,
@@ -217,6 +232,20 @@ impl Builder<'_> {
                 .collect(),
             selector: self.int.labels(&s.selector),
             not_pods: s.not_pods,
+            port_overrides: {
+                let mut o: Vec<PortOverride> = s
+                    .port_overrides
+                    .iter()
+                    .map(|o| PortOverride {
+                        ip: o.ip,
+                        port: o.port,
+                        target_port: o.target_port,
+                    })
+                    .collect();
+                o.sort_by_key(|o| (o.ip, o.port));
+                o
+            },
+            node_local: s.node_local,
             use_waypoint: s
                 .labels
                 .get(crate::discovery::enrollment::ISTIO_USE_WAYPOINT)

@@ -100,12 +100,31 @@ pub struct ServicePort {
     pub target_port: u16,
 }
 
+/// An endpoint whose target port for one service port is not the service's: its
+/// EndpointSlice gives another (a selectorless service's own slice, a rollout that changes a
+/// named port's number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortOverride {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub target_port: u16,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Service {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     pub vips: Vec<IpAddr>,
+    /// Each port and the target port of its endpoints (but those of `port_overrides`).
     pub ports: Vec<ServicePort>,
+    /// Sorted; empty but for the cases [`PortOverride`] names.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub port_overrides: Vec<PortOverride>,
+    /// `internalTrafficPolicy: Local`: a source reaches only the endpoints on its own node
+    /// (none: refused), as kube-proxy and Istio do.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub node_local: bool,
     pub selector: Labels,
     /// Ready endpoints that are no workload's address (an API server, the addresses of a
     /// selectorless service's own EndpointSlices, host-network pods at their node's address):
@@ -116,12 +135,33 @@ pub struct Service {
 }
 
 impl Service {
-    /// The target port for `port`, if the service has it.
+    /// The target port for `port` of most endpoints, if the service has the port.
     pub fn target_port(&self, port: u16) -> Option<u16> {
         self.ports
             .iter()
             .find(|p| p.port == port)
             .map(|p| p.target_port)
+    }
+
+    /// The target port for `port` of the endpoint at `ip`, if the service has the port.
+    pub fn target_port_at(&self, port: u16, ip: IpAddr) -> Option<u16> {
+        let t = self.target_port(port)?;
+        Some(self.override_at(port, ip).unwrap_or(t))
+    }
+
+    fn override_at(&self, port: u16, ip: IpAddr) -> Option<u16> {
+        let i = self
+            .port_overrides
+            .binary_search_by(|o| (o.ip, o.port).cmp(&(ip, port)))
+            .ok()?;
+        Some(self.port_overrides[i].target_port)
+    }
+
+    /// Whether `target` is the target port of one of the service's ports at `ip`.
+    pub fn targets_at(&self, ip: IpAddr, target: u16) -> bool {
+        self.ports
+            .iter()
+            .any(|p| self.override_at(p.port, ip).unwrap_or(p.target_port) == target)
     }
 }
 

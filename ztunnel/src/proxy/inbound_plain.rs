@@ -68,7 +68,7 @@ pub(super) async fn handle(
     let dst_principal = pi.identity_of(&dst).to_string();
     let service = state
         .services_of(&dst)
-        .find(|s| s.ports.iter().any(|p| p.target_port == orig.port()))
+        .find(|s| s.targets_at(orig.ip(), orig.port()))
         .cloned();
     tracked.label(pi.istio_labels(
         "destination",

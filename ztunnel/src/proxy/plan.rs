@@ -2,7 +2,8 @@
 //! state, the source workload and the original destination (and a `pick` for load balancing).
 //!
 //! - a Service VIP: the port must be one of the service's; one endpoint of the VIP's address
-//!   family is picked and the port mapped to its target port; an endpoint that is not a
+//!   family is picked (of a node-local service, one on the source's node) and the port mapped
+//!   to its target port (the endpoint's own, [`Service::port_overrides`]); an endpoint that is not a
 //!   workload (an API server's address, say: [`Service::not_pods`]) is passed through; under
 //!   the Istio-compatible setting, a Service Istio sends through a waypoint proxy
 //!   ([`State::waypoint_of`]) is refused: the waypoint's policies would be bypassed;
@@ -60,7 +61,6 @@ pub fn outbound(
     orig_dst: SocketAddr,
     pick: &mut dyn FnMut(usize) -> usize,
 ) -> Result<Plan, PlanError> {
-    let _ = source;
     let ip = orig_dst.ip().to_canonical();
     let (dst, addr, service) = match state.service_by_vip(ip) {
         Some(svc) => {
@@ -71,15 +71,17 @@ pub fn outbound(
                     waypoint: waypoint.to_owned(),
                 });
             }
-            let target_port =
-                svc.target_port(orig_dst.port())
-                    .ok_or_else(|| PlanError::NoServicePort {
-                        service: name.clone(),
-                        port: orig_dst.port(),
-                    })?;
+            let port = orig_dst.port();
+            if svc.target_port(port).is_none() {
+                return Err(PlanError::NoServicePort {
+                    service: name,
+                    port,
+                });
+            }
             let family = |a: &std::net::IpAddr| a.is_ipv4() == ip.is_ipv4();
             let candidates: Vec<(Option<&Arc<Workload>>, std::net::IpAddr)> = state
                 .endpoints_of_vip(ip)
+                .filter(|w| !svc.node_local || w.node == source.node)
                 .filter_map(|w| w.ips.iter().find(|a| family(a)).map(|a| (Some(w), *a)))
                 .chain(
                     svc.not_pods
@@ -92,6 +94,7 @@ pub fn outbound(
                 return Err(PlanError::NoEndpoints { service: name });
             }
             let (w, ep_ip) = candidates[pick(candidates.len()) % candidates.len()];
+            let target_port = svc.target_port_at(port, ep_ip).expect("checked above");
             let dst_addr = SocketAddr::new(ep_ip, target_port);
             let Some(w) = w else {
                 return Ok(Plan::Passthrough { dst_addr });
@@ -149,7 +152,7 @@ pub fn inbound(
                 .service_by_hostname(host)
                 .ok_or(Reason::InboundUnknownService)?;
             let target_port = svc
-                .target_port(*port)
+                .target_port_at(*port, local_ip)
                 .ok_or(Reason::InboundUnknownService)?;
             if consts::RESERVED_PORTS.contains(&target_port) {
                 return Err(Reason::Recursion);
@@ -168,7 +171,7 @@ pub fn inbound(
             .or_else(|| {
                 state
                     .services_of(dst)
-                    .find(|s| s.ports.iter().any(|p| p.target_port == target.port()))
+                    .find(|s| s.targets_at(target.ip(), target.port()))
             })
             .cloned();
             Ok(InboundPlan {
@@ -332,6 +335,61 @@ services:
                 (_, got) => panic!("{dst}: unexpected {got:?}"),
             }
         }
+    }
+
+    /// A node-local service keeps to the source's node; an endpoint whose slice gives
+    /// another target port is reached there, outbound and inbound.
+    #[test]
+    fn node_local_services_and_endpoints_own_target_ports() {
+        let mesh = "
+namespaces: [{name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}]
+workloads:
+  - {uid: a, name: a, namespace: demo, serviceAccount: sa-a, node: n1, ips: [10.0.0.1]}
+  - {uid: b1, name: b1, namespace: demo, serviceAccount: sa-b, node: n1, ips: [10.0.0.2], labels: {app: b}}
+  - {uid: b2, name: b2, namespace: demo, serviceAccount: sa-b, node: n2, ips: [10.0.0.3], labels: {app: b}}
+  - {uid: c, name: c, namespace: demo, serviceAccount: sa-c, node: n3, ips: [10.0.0.4]}
+services:
+  - {name: local, namespace: demo, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, nodeLocal: true}
+  - {name: moved, namespace: demo, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, portOverrides: [{ip: 10.0.0.3, port: 80, targetPort: 8081}]}
+";
+        let state = crate::discovery::parse(mesh, "cluster.local").unwrap();
+        let from = |uid: &str, dst: &str, n: usize| {
+            let src = state.workload_by_uid(uid).unwrap();
+            match outbound(&state, src, dst.parse().unwrap(), &mut |_| n) {
+                Ok(Plan::Hbone { dst_addr, .. }) => Ok(dst_addr.to_string()),
+                Ok(p) => panic!("{p:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        for n in 0..3 {
+            assert_eq!(from("a", "10.96.0.1:80", n), Ok("10.0.0.2:8080".into()));
+        }
+        assert_eq!(
+            from("c", "10.96.0.1:80", 0),
+            Err(PlanError::NoEndpoints {
+                service: "demo/local".into()
+            })
+        );
+        assert_eq!(from("a", "10.96.0.2:80", 0), Ok("10.0.0.2:8080".into()));
+        assert_eq!(from("a", "10.96.0.2:80", 1), Ok("10.0.0.3:8081".into()));
+        // Inbound on b2: the hostname's port maps to b2's own target port, and a stream to
+        // 8081 is reported for `moved`.
+        let b2 = state.workload_by_uid("b2").unwrap();
+        let local: std::net::IpAddr = "10.0.0.3".parse().unwrap();
+        let target = |authority| ConnectTarget {
+            authority,
+            forwarded_for: None,
+            forwarded_host: None,
+            traceparent: None,
+        };
+        let host = Authority::Service {
+            host: "moved.demo.svc.cluster.local".into(),
+            port: 80,
+        };
+        let p = inbound(&state, b2, local, &target(host)).unwrap();
+        assert_eq!(p.target, SocketAddr::new(local, 8081));
+        let p = inbound(&state, b2, local, &target(Authority::Addr(p.target))).unwrap();
+        assert_eq!(p.service.unwrap().name.as_ref(), "moved");
     }
 
     #[test]

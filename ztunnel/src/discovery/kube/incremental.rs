@@ -15,7 +15,7 @@
 //! lose it, or regain it) or a uid claimed by two pods of this node; and every change after a
 //! full build failed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -73,7 +73,7 @@ pub struct Engine {
     /// Each service's EndpointSlices.
     slices_of: HashMap<u32, BTreeSet<Key>>,
     /// Every node's addresses (a node change rebuilds in full).
-    node_ips: HashSet<IpAddr>,
+    node_ips: HashMap<IpAddr, bool>,
     /// The slot of each service in the model.
     service_slot: HashMap<u32, u32>,
     /// This node's pods with no IP yet, in the model.
@@ -100,7 +100,7 @@ impl Engine {
             vips: BTreeMap::new(),
             ready: BTreeMap::new(),
             slices_of: HashMap::new(),
-            node_ips: HashSet::new(),
+            node_ips: HashMap::new(),
             service_slot: HashMap::new(),
             pending: BTreeMap::new(),
             skips: HashMap::new(),
@@ -481,7 +481,7 @@ impl Engine {
                         > 1
                 },
                 |v| model.state().slot_of_ip(*v).is_some(),
-                |v| self.node_ips.contains(v),
+                |v| self.node_ips.get(v).copied(),
             ),
             None => (None, Vec::new()),
         };

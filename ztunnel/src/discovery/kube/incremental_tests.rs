@@ -61,7 +61,10 @@ impl World {
             rng: Rng(seed),
             collide,
             int: Interner::default(),
-            store: Store::default(),
+            store: Store {
+                node: NODE.to_owned(),
+                ..Store::default()
+            },
             changes: Changes::default(),
         };
         for (ns, ambient) in [("a", true), ("b", false)] {
@@ -197,6 +200,7 @@ impl World {
                 target,
             }],
             selector: Default::default(),
+            node_local: self.rng.chance(20),
             use_waypoint: self.rng.chance(20).then(|| "wp".into()),
         };
         let old = self.store.services.insert(k.clone(), e);

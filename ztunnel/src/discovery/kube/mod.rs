@@ -307,7 +307,10 @@ pub async fn watch_kubernetes(
     }
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
-            store: Store::default(),
+            store: Store {
+                node: node.clone(),
+                ..Store::default()
+            },
             changes: Changes::default(),
             engine: Engine::new(&trust_domain, &node, rules),
             since_prune: 0,

@@ -15,7 +15,7 @@
 //!   host-network pods.
 //! - Services keep name, VIPs (`clusterIPs`; headless and ExternalName services have none and
 //!   are not kept), ports with their `targetPort` (a number, or a name resolved against the
-//!   EndpointSlices), and selector.
+//!   EndpointSlices), selector, and whether `internalTrafficPolicy` is `Local`.
 //! - EndpointSlices keep the service they belong to (`kubernetes.io/service-name`), their named
 //!   ports, and the addresses of ready endpoints only (`conditions.ready` absent counts as ready,
 //!   as the API documents), noting those whose endpoint names no Pod (`targetRef`): an API
@@ -379,6 +379,8 @@ pub struct ServiceEntry {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<PortEntry>,
     pub selector: Labels,
+    /// `internalTrafficPolicy: Local`.
+    pub node_local: bool,
     /// Its `istio.io/use-waypoint` label.
     pub use_waypoint: Option<Arc<str>>,
 }
@@ -439,6 +441,7 @@ pub fn service_entry(svc: &K8sService, int: &mut Interner) -> Result<Option<Serv
         vips,
         ports,
         selector: int.labels(spec.selector.as_ref().unwrap_or(&BTreeMap::new())),
+        node_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         use_waypoint: svc
             .metadata
             .labels
