@@ -42,19 +42,23 @@ pub struct Rules {
 #[serde(rename_all = "camelCase")]
 pub enum OtherMesh {
     IstioSidecar,
+    /// Redirected to Istio's ztunnel (`ambient.istio.io/redirection: enabled`).
     IstioAmbient,
+    /// Being redirected by Istio's CNI agent, not yet handed to its ztunnel (the annotation
+    /// with another value, `pending`): Istio reaches it in plaintext.
+    IstioAmbientPending,
 }
 
 impl OtherMesh {
     /// What a pod's annotations say: `annotation(key)` is the value of annotation `key`.
     pub fn of<'a>(annotation: impl Fn(&str) -> Option<&'a str>) -> Option<OtherMesh> {
         if annotation(ISTIO_SIDECAR_STATUS).is_some() {
-            Some(OtherMesh::IstioSidecar)
-        } else if annotation(ISTIO_REDIRECTION).is_some() {
-            Some(OtherMesh::IstioAmbient)
-        } else {
-            None
+            return Some(OtherMesh::IstioSidecar);
         }
+        annotation(ISTIO_REDIRECTION).map(|v| match v {
+            "enabled" => OtherMesh::IstioAmbient,
+            _ => OtherMesh::IstioAmbientPending,
+        })
     }
 
     /// Whether `key` is one of the annotations [`OtherMesh::of`] reads.
@@ -83,7 +87,7 @@ impl std::fmt::Display for NotEnrolled {
                 f,
                 "Istio handles the pod already: it has a sidecar ({ISTIO_SIDECAR_STATUS})"
             ),
-            NotEnrolled::Other(OtherMesh::IstioAmbient) => write!(
+            NotEnrolled::Other(OtherMesh::IstioAmbient | OtherMesh::IstioAmbientPending) => write!(
                 f,
                 "Istio handles the pod already: Istio's ambient mode redirected it ({ISTIO_REDIRECTION})"
             ),
@@ -289,7 +293,7 @@ mod tests {
         );
         assert_eq!(
             of(&[(ISTIO_REDIRECTION, "pending")]),
-            Some(OtherMesh::IstioAmbient)
+            Some(OtherMesh::IstioAmbientPending)
         );
         assert!(OtherMesh::reads(ISTIO_REDIRECTION) && !OtherMesh::reads("app"));
         let on = Rules { istio: true };

@@ -322,6 +322,14 @@ fn istios_labels_and_annotations_under_each_rule() {
             Protocol::Tcp,
             Protocol::Hbone,
         ),
+        // Being redirected, not yet handed to Istio's ztunnel: plaintext, as Istio sends it.
+        (
+            with("moved", "n2", "10.0.0.7", &|p| {
+                p["metadata"]["annotations"][ISTIO_REDIRECTION] = json!("pending")
+            }),
+            Protocol::Tcp,
+            Protocol::Tcp,
+        ),
     ];
     let istios = "10.0.0.6";
     for istio in [false, true] {
