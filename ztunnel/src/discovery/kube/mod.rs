@@ -24,8 +24,10 @@
 //!   are not installed): a setting that cannot be honoured is an error, not a silent no-op.
 //!
 //! A change marks the store dirty and is recorded with the entry it replaced
-//! ([`incremental::Changes`]); the publisher updates the state at most once per `coalesce`
-//! (bursts — a rollout, a re-list — become one update) and counts reloads. An update costs
+//! ([`incremental::Changes`]); an event that leaves an object's entry as it was (a node's
+//! status heartbeat, a policy's status written back, a pod's condition) changes nothing.
+//! The publisher updates the state at most once per `coalesce` (bursts — a rollout, a
+//! re-list — become one update) and counts reloads. An update costs
 //! what the changed objects touch, not the cluster ([`incremental::Engine`]); a re-list, a
 //! namespace, node or policy change rebuilds in full. A policy
 //! is never refused: one whose spec cannot be read in full is kept and fails closed (see
@@ -123,7 +125,7 @@ impl Shared {
     }
 
     /// Applies one watcher event to the store; `buffer` holds a re-list in progress.
-    fn apply<K: Resource, V: Clone>(
+    fn apply<K: Resource, V: Clone + PartialEq>(
         &self,
         kind: &Kind<K, V>,
         ev: watcher::Event<K>,
@@ -164,16 +166,21 @@ impl Shared {
                 drop(o);
                 let slot = (kind.slot)(&mut inner.store);
                 match entry {
+                    // What the model keeps of it is unchanged (a status heartbeat, a field
+                    // the entry drops): nothing to update.
+                    Ok(Some(v)) if slot.get(&k) == Some(&v) => return,
                     Ok(Some(v)) => {
                         let old = slot.insert(k.clone(), v);
                         (kind.change)(&mut inner.changes, k, old);
                     }
-                    Ok(None) => {
-                        if let Some(old) = slot.remove(&k) {
-                            (kind.change)(&mut inner.changes, k, Some(old));
-                        }
+                    Ok(None) => match slot.remove(&k) {
+                        Some(old) => (kind.change)(&mut inner.changes, k, Some(old)),
+                        None => return,
+                    },
+                    Err(e) => {
+                        self.refuse(kind.what, &k, &e);
+                        return;
                     }
-                    Err(e) => self.refuse(kind.what, &k, &e),
                 }
                 self.dirty.notify_one();
             }
@@ -188,6 +195,34 @@ impl Shared {
     }
 }
 
+fn node_kind() -> Kind<objects::LeanNode, objects::NodeEntry> {
+    Kind {
+        what: "Node",
+        entry: Box::new(|n, int| Ok(Some(objects::node_entry(n, int)))),
+        slot: |s| &mut s.nodes,
+        change: |c, _, _| c.full = true,
+    }
+}
+
+/// The pods of `node` (`local`) or of the other nodes, for the daemon of `node`.
+fn pod_kind(node: &str, rules: Rules, local: bool) -> Kind<objects::LeanPod, objects::PodEntry> {
+    let node = node.to_owned();
+    Kind {
+        what: "Pod",
+        entry: Box::new(move |p, int| objects::pod_entry(p, &node, rules, int)),
+        slot: if local {
+            |s| &mut s.pods
+        } else {
+            |s| &mut s.remote_pods
+        },
+        change: if local {
+            |c, k, old| c.pod(true, k, old)
+        } else {
+            |c, k, old| c.pod(false, k, old)
+        },
+    }
+}
+
 /// Runs one watcher until the process ends.
 fn spawn_watcher<K, V>(
     shared: Arc<Shared>,
@@ -197,7 +232,7 @@ fn spawn_watcher<K, V>(
 ) -> tokio::task::JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    V: Clone + Send + 'static,
+    V: Clone + PartialEq + Send + 'static,
 {
     tokio::spawn(async move {
         // `resourceVersion=0` without a page size: the API server answers the list from its
@@ -342,40 +377,19 @@ pub async fn watch_kubernetes(
         shared.clone(),
         Api::<objects::LeanNode>::all(client.clone()),
         watcher::Config::default(),
-        Kind {
-            what: "Node",
-            entry: Box::new(|n, int| Ok(Some(objects::node_entry(n, int)))),
-            slot: |s| &mut s.nodes,
-            change: |c, _, _| c.full = true,
-        },
+        node_kind(),
     ));
     tasks.push(spawn_watcher(
         shared.clone(),
         Api::<objects::LeanPod>::all(client.clone()),
         watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-        Kind {
-            what: "Pod",
-            entry: Box::new({
-                let node = node.clone();
-                move |p, int| objects::pod_entry(p, &node, rules, int)
-            }),
-            slot: |s| &mut s.pods,
-            change: |c, k, old| c.pod(true, k, old),
-        },
+        pod_kind(&node, rules, true),
     ));
     tasks.push(spawn_watcher(
         shared.clone(),
         Api::<objects::LeanPod>::all(client.clone()),
         watcher::Config::default().fields(&format!("spec.nodeName!={node}")),
-        Kind {
-            what: "Pod",
-            entry: Box::new({
-                let node = node.clone();
-                move |p, int| objects::pod_entry(p, &node, rules, int)
-            }),
-            slot: |s| &mut s.remote_pods,
-            change: |c, k, old| c.pod(false, k, old),
-        },
+        pod_kind(&node, rules, false),
     ));
     tasks.push(spawn_watcher(
         shared.clone(),
@@ -587,5 +601,78 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn shared() -> Shared {
+        Shared {
+            inner: Mutex::new(Inner {
+                store: Store::default(),
+                changes: Changes::default(),
+                engine: Engine::new("cluster.local", "n1", Rules::default()),
+                since_prune: 0,
+                interner: Interner::default(),
+                synced: 0,
+            }),
+            dirty: tokio::sync::Notify::new(),
+            synced: tokio::sync::Notify::new(),
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    /// Whether the store recorded a change since the last call (and forgets it).
+    fn changed(sh: &Shared) -> bool {
+        let c = std::mem::take(&mut sh.inner.lock().changes);
+        c.full || !c.pods.is_empty()
+    }
+
+    /// An event that leaves what the model keeps of an object as it was records nothing: a
+    /// node's status heartbeat no longer rebuilds the model in full.
+    #[test]
+    fn events_that_leave_an_entry_as_it_was_change_nothing() {
+        let sh = shared();
+        let mut buf = None;
+        let node = |zone: &str, heartbeat: &str| -> objects::LeanNode {
+            serde_json::from_value(json!({"metadata": {"name": "n2",
+                "labels": {"topology.kubernetes.io/zone": zone}},
+                "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.2"}],
+                           "conditions": [{"type": "Ready", "lastHeartbeatTime": heartbeat}]}}))
+            .unwrap()
+        };
+        let pod = |ip: &str, ready: &str| -> objects::LeanPod {
+            serde_json::from_value(
+                json!({"metadata": {"name": "p", "namespace": "demo", "uid": "u"},
+                "spec": {"nodeName": "n1"},
+                "status": {"phase": "Running", "podIPs": [{"ip": ip}],
+                           "conditions": [{"type": "Ready", "status": ready}]}}),
+            )
+            .unwrap()
+        };
+        let (nodes, pods) = (node_kind(), pod_kind("n1", Rules::default(), true));
+        enum Ev {
+            Node(objects::LeanNode),
+            Pod(objects::LeanPod),
+        }
+        let cases = [
+            ("a new node", Ev::Node(node("z1", "t1")), true),
+            ("its heartbeat", Ev::Node(node("z1", "t2")), false),
+            ("its zone", Ev::Node(node("z2", "t3")), true),
+            ("a new pod", Ev::Pod(pod("10.0.0.1", "False")), true),
+            ("its condition", Ev::Pod(pod("10.0.0.1", "True")), false),
+            ("its IP", Ev::Pod(pod("10.0.0.2", "True")), true),
+        ];
+        let mut pod_buf = None;
+        for (what, ev, want) in cases {
+            match ev {
+                Ev::Node(n) => sh.apply(&nodes, watcher::Event::Apply(n), &mut buf),
+                Ev::Pod(p) => sh.apply(&pods, watcher::Event::Apply(p), &mut pod_buf),
+            }
+            assert_eq!(changed(&sh), want, "{what}");
+        }
     }
 }
