@@ -234,6 +234,7 @@ impl Fixture {
                     "bench".into(),
                     "cluster.local".into(),
                     "Kubernetes",
+                    "cluster.local",
                     discovery.clone(),
                     certs.clone(),
                     Pool::new(settings, metrics.clone()),

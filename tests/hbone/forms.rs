@@ -1,6 +1,7 @@
 //! HBONE's forms and headers as Istio's gateways and waypoints use them, against b's daemon
 //! from host c, with our own HTTP/2 client and with an independent one (Python's `h2`,
-//! `tests/peers/hbone_client.py`): `CONNECT` to a service hostname, `forwarded` with `host=`,
+//! `tests/peers/hbone_client.py`): `CONNECT` to a service hostname (in the default cluster
+//! domain and in one configured), `forwarded` with `host=`,
 //! `traceparent` and `baggage`, the HTTP/2 settings, and peer certificates with several URI
 //! SANs on both sides.
 
@@ -24,6 +25,11 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 /// b's discovery has two services over its workload: `server` (80 → 8080) and `server-alt`
 /// (8080 → 8080); b echoes every connection on 8080.
 fn bed() -> Mesh {
+    bed_with(vec![])
+}
+
+/// [`bed`] with b's daemon run with `args` too.
+fn bed_with(args: Vec<String>) -> Mesh {
     let svc = |name: &str, vip: &str, port: u16| {
         json!({"name": name, "namespace": "demo", "vips": [vip],
                "ports": [{"port": port, "targetPort": 8080}], "selector": {"app": "server"}})
@@ -33,6 +39,7 @@ fn bed() -> Mesh {
             svc("server", "10.96.0.10", 80),
             svc("server-alt", "10.96.0.11", 8080),
         ],
+        extra_args: args,
         ..Default::default()
     };
     let mesh = Mesh::builder().b(b).start();
@@ -225,6 +232,20 @@ fn service_hostnames_forwarded_host_baggage_and_traceparent_with_our_client() {
             .any(|l| l.contains("connection closed") && l.contains(TRACEPARENT)),
         "b's access log carries the traceparent:\n{log}"
     );
+}
+
+/// With another cluster domain, service hostnames are in it: a `CONNECT` to one is carried and
+/// reported under it; one under `cluster.local` names no service.
+#[test]
+fn service_hostnames_in_the_configured_cluster_domain() {
+    let mesh = bed_with(vec!["--cluster-domain".into(), "corp.internal".into()]);
+    let client = cert(&mesh, "client", &[CLIENT]);
+    let host = "server.demo.svc.corp.internal";
+    let got = connect_ours(&mesh, &client, &format!("{host}:80"), &[]);
+    assert_eq!((got.status, got.echo.as_str()), (200, "ping"), "{got:?}");
+    opened_for(&mesh, host, 1.0);
+    let got = connect_ours(&mesh, &client, &format!("{HOST}:80"), &[]);
+    assert_eq!(got.status, 503, "{got:?}");
 }
 
 #[test]

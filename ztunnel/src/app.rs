@@ -185,6 +185,7 @@ pub async fn start(
         cfg.node_name.clone(),
         cfg.trust_domain.clone(),
         &cfg.cluster_id,
+        &cfg.cluster_domain,
         disc.clone(),
         certs.clone(),
         pool.clone(),

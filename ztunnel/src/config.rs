@@ -23,7 +23,8 @@ mod tunnel;
 pub use ca::{CaAuthorizer, CaConfig, CaLimits, CaMaterialSource, NamespacedName};
 pub use settings::Env;
 use settings::{
-    at_least, cidrs, count, label_value, log_filter, loopback, namespace, path, CommonArgs,
+    at_least, cidrs, count, dns_domain, label_value, log_filter, loopback, namespace, path,
+    CommonArgs,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,9 @@ pub struct RunConfig {
     pub tls_key_exchange: KeyExchange,
     /// The cluster's id, as Istio's telemetry reports it (`*_cluster` labels).
     pub cluster_id: String,
+    /// The cluster's DNS domain, in service hostnames (tunnel requests naming a service,
+    /// Istio's `destination_service` label).
+    pub cluster_domain: String,
     /// Policies in this namespace apply to the whole mesh.
     pub root_namespace: String,
     /// The Istio-compatible setting (cluster mode only), with Istio's root namespace: the
@@ -164,6 +168,10 @@ struct RunArgs {
     /// The cluster's id in Istio's telemetry (the source_cluster and destination_cluster labels)
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes", value_parser = label_value)]
     cluster_id: String,
+    /// The cluster's DNS domain: service hostnames are `<name>.<namespace>.svc.<domain>`
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = crate::discovery::DEFAULT_CLUSTER_DOMAIN,
+          value_parser = dns_domain)]
+    cluster_domain: String,
     /// The namespace whose policies apply to the whole mesh
     #[arg(long, env = "ZTUNNEL_ROOT_NAMESPACE", default_value = crate::policy::ROOT_NAMESPACE,
           value_parser = namespace)]
@@ -371,6 +379,7 @@ impl RunConfig {
             trust_domain: a.common.trust_domain,
             tls_key_exchange: a.common.tls_key_exchange,
             cluster_id: a.cluster_id,
+            cluster_domain: a.cluster_domain,
             root_namespace: a.root_namespace,
             istio_root_namespace,
             discovery,
@@ -426,11 +435,12 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} tls_key_exchange={} cluster_id={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} crl={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} tls_key_exchange={} cluster_id={} cluster_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} crl={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             self.tls_key_exchange,
             self.cluster_id,
+            self.cluster_domain,
             self.root_namespace,
             match &self.istio_root_namespace {
                 Some(root) => format!("on (root namespace {root})"),

@@ -380,6 +380,16 @@ pub(super) fn namespace(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// A DNS domain (a cluster's, `cluster.local`): dot-separated DNS-1123 labels, at most 253
+/// characters.
+pub(super) fn dns_domain(s: &str) -> Result<String, String> {
+    let ok = s.len() <= 253 && s.split('.').all(|l| namespace(l).is_ok());
+    if !ok {
+        return Err("not a DNS domain (lowercase DNS-1123 labels joined by dots)".into());
+    }
+    Ok(s.to_owned())
+}
+
 /// A label value: non-empty printable ASCII without spaces.
 pub(super) fn label_value(s: &str) -> Result<String, String> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic()) {

@@ -23,6 +23,11 @@ const BASE: &[&str] = &["--node-name", "n1", "--discovery-file", "/m.yaml"];
 fn defaults() {
     let c = run(BASE, &[]).unwrap();
     assert_eq!(c.trust_domain, "cluster.local");
+    assert_eq!(c.cluster_domain, "cluster.local");
+    assert!(
+        c.to_string().contains(" cluster_domain=cluster.local "),
+        "{c}"
+    );
     assert_eq!(c.tls_key_exchange, KeyExchange::Hybrid);
     assert!(c.to_string().contains(" tls_key_exchange=hybrid "), "{c}");
     assert_eq!(c.crl_path, None);
@@ -218,6 +223,9 @@ fn invalid_values() {
             "invalid --tls-first-bytes-timeout",
         ),
         (&["--trust-domain", "Bad Domain"], &[], "invalid --trust-domain"),
+        (&["--cluster-domain", "Corp.Local"], &[], "invalid --cluster-domain"),
+        (&[], &[("CLUSTER_DOMAIN", "corp..local")], "not a DNS domain"),
+        (&["--cluster-domain", ""], &[], "invalid --cluster-domain"),
         (&["--quic-listen", "yes"], &[], "invalid --quic-listen"),
         (
             &[],
@@ -672,6 +680,16 @@ fn ca_config_kubernetes() {
         let e = ca(args, &[]).unwrap_err().to_string();
         assert!(e.contains(want), "{args:?}: want {want:?} in {e}");
     }
+}
+
+#[test]
+fn cluster_domain_flag_and_env() {
+    let c = run(BASE, &[("CLUSTER_DOMAIN", "corp.internal")]).unwrap();
+    assert_eq!(c.cluster_domain, "corp.internal");
+    let mut a = BASE.to_vec();
+    a.extend(["--cluster-domain", "k8s.example.com"]);
+    let c = run(&a, &[("CLUSTER_DOMAIN", "corp.internal")]).unwrap();
+    assert_eq!(c.cluster_domain, "k8s.example.com", "the flag wins");
 }
 
 #[test]

@@ -567,11 +567,13 @@ services:
             "an empty selector selects nothing"
         );
         assert_eq!(
-            s.service_by_hostname("t1-b.b.svc.cluster.local")
+            s.service_by_hostname("t1-b.b.svc.cluster.local", "cluster.local")
                 .map(|v| &*v.name),
             Some("t1-b")
         );
-        assert!(s.service_by_hostname("t1-b.a.svc.cluster.local").is_none());
+        assert!(s
+            .service_by_hostname("t1-b.a.svc.cluster.local", "cluster.local")
+            .is_none());
     }
 
     /// The example the README points users to must stay valid and mean what it says.

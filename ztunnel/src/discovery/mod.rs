@@ -19,8 +19,8 @@ use std::sync::Arc;
 pub use crate::policy::objects as policy;
 pub use file::{parse, parse_for_node, watch_file};
 pub use kube::watch_kubernetes;
-/// The DNS suffix of service hostnames.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The cluster's DNS domain unless configured otherwise (`--cluster-domain`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 
 pub use model::{
     Interner, Labels, Locality, Namespace, PortOverride, Protocol, Service, ServicePort, Services,

@@ -502,9 +502,9 @@ impl State {
             .iter()
             .filter_map(|&i| self.service_at(i as u32))
     }
-    /// The service whose hostname is `host` (`<name>.<namespace>.svc.cluster.local`).
-    pub fn service_by_hostname(&self, host: &str) -> Option<&Arc<Service>> {
-        let rest = host.strip_suffix(super::CLUSTER_DOMAIN)?;
+    /// The service whose hostname is `host` (`<name>.<namespace>.svc.<cluster_domain>`).
+    pub fn service_by_hostname(&self, host: &str, cluster_domain: &str) -> Option<&Arc<Service>> {
+        let rest = host.strip_suffix(cluster_domain)?;
         self.service_at(self.service_by_hostname_key(rest.strip_suffix(".svc.")?)?)
     }
     /// Every service, in no guaranteed order.

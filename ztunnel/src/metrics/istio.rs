@@ -27,8 +27,6 @@ use prometheus_client::metrics::family::Family;
 
 use crate::discovery::{Service, Workload};
 
-pub use crate::discovery::CLUSTER_DOMAIN;
-
 /// `unknown`, shared.
 fn unknown() -> Arc<str> {
     static U: OnceLock<Arc<str>> = OnceLock::new();
@@ -127,10 +125,11 @@ impl ResponseFlag {
 
 impl IstioLabels {
     /// The labels of a connection between `src` and `dst`, to `service` when it went through
-    /// one, reported by `reporter` in cluster `cluster`.
+    /// one, reported by `reporter` in cluster `cluster` (of DNS domain `cluster_domain`).
     pub fn new(
         reporter: &'static str,
         cluster: &Arc<str>,
+        cluster_domain: &str,
         src: End<'_>,
         dst: End<'_>,
         service: Option<&Service>,
@@ -144,7 +143,7 @@ impl IstioLabels {
         let (s, d) = (src.workload, dst.workload);
         let (svc_host, svc_ns, svc_name) = match service {
             Some(svc) => (
-                Arc::from(hostname(svc)),
+                Arc::from(hostname(svc, cluster_domain)),
                 svc.namespace.clone(),
                 svc.name.clone(),
             ),
@@ -214,9 +213,9 @@ pub fn baggage(w: &Workload, cluster: &str) -> String {
     b
 }
 
-/// A service's hostname: `<name>.<namespace>.svc.cluster.local`.
-pub fn hostname(svc: &Service) -> String {
-    format!("{}.{}.svc.{CLUSTER_DOMAIN}", svc.name, svc.namespace)
+/// A service's hostname: `<name>.<namespace>.svc.<cluster_domain>`.
+pub fn hostname(svc: &Service, cluster_domain: &str) -> String {
+    format!("{}.{}.svc.{cluster_domain}", svc.name, svc.namespace)
 }
 
 /// Istio's TCP families.

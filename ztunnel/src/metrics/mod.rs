@@ -12,9 +12,7 @@ use prometheus_client::registry::Registry;
 use crate::refusal::Reason;
 
 mod istio;
-pub use istio::{
-    baggage, hostname, End, IstioLabels, IstioTcp, Opened, ResponseFlag, CLUSTER_DOMAIN,
-};
+pub use istio::{baggage, hostname, End, IstioLabels, IstioTcp, Opened, ResponseFlag};
 
 /// Every value of `ztunnel_proxied_connections_total{direction}`.
 pub const DIRECTIONS: &[&str] = &["outbound", "inbound", "inbound_plaintext", "passthrough"];

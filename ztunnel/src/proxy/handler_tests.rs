@@ -121,6 +121,7 @@ impl Node {
             "n".into(),
             "cluster.local".into(),
             "Kubernetes",
+            "cluster.local",
             Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
             CertManager::new(ca, Duration::from_secs(86400), Default::default()),
             Pool::new(settings, metrics.clone()),

@@ -425,7 +425,13 @@ pub(super) async fn admit<B>(
         Err(reason) => return Err(invalid(reason, tracked)),
     };
     let state = pi.discovery.current();
-    let plan = match plan::inbound(&state, &peer.dst, peer.local.ip(), &connect) {
+    let plan = match plan::inbound(
+        &state,
+        &pi.cluster_domain,
+        &peer.dst,
+        peer.local.ip(),
+        &connect,
+    ) {
         Ok(p) => p,
         Err(reason) => return Err(invalid(reason, tracked)),
     };

@@ -95,6 +95,7 @@ pub(super) fn inbound(
         "n".into(),
         "cluster.local".into(),
         "Kubernetes",
+        "cluster.local",
         Discovery::fixed(crate::discovery::parse(&mesh(), "cluster.local").unwrap()),
         CertManager::new(signer, DAY, Default::default()),
         Pool::new(settings, metrics.clone()),

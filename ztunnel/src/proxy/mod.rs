@@ -156,6 +156,8 @@ pub struct ProxyInputs {
     pub trust_domain: String,
     /// The cluster's id, as Istio's telemetry reports it.
     pub cluster_id: Arc<str>,
+    /// The cluster's DNS domain (service hostnames).
+    pub cluster_domain: Arc<str>,
     pub discovery: Discovery,
     pub certs: Arc<CertManager>,
     pub pool: Pool,
@@ -199,6 +201,7 @@ impl ProxyInputs {
         node: String,
         trust_domain: String,
         cluster_id: &str,
+        cluster_domain: &str,
         discovery: Discovery,
         certs: Arc<CertManager>,
         pool: Pool,
@@ -213,6 +216,7 @@ impl ProxyInputs {
             node,
             trust_domain,
             cluster_id: cluster_id.into(),
+            cluster_domain: cluster_domain.into(),
             discovery,
             certs,
             sockets: pool.sockets().clone(),
@@ -268,7 +272,15 @@ impl ProxyInputs {
         service: Option<&Service>,
         mutual_tls: bool,
     ) -> IstioLabels {
-        IstioLabels::new(reporter, &self.cluster_id, src, dst, service, mutual_tls)
+        IstioLabels::new(
+            reporter,
+            &self.cluster_id,
+            &self.cluster_domain,
+            src,
+            dst,
+            service,
+            mutual_tls,
+        )
     }
 
     /// Handlers running (connections accepted, tunnel streams received) that drain waits for.

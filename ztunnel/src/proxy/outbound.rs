@@ -210,7 +210,9 @@ async fn open(
             tracked.update(|f| f.traceparent = Some(traceparent.clone()));
             let headers = ConnectHeaders {
                 forwarded_for: Some(peer),
-                forwarded_host: service.as_deref().map(crate::metrics::hostname),
+                forwarded_host: service
+                    .as_deref()
+                    .map(|s| crate::metrics::hostname(s, &pi.cluster_domain)),
                 baggage: Some(crate::metrics::baggage(&src, &pi.cluster_id)),
                 traceparent: Some(traceparent),
             };

@@ -142,6 +142,7 @@ pub struct InboundPlan {
 /// stream's (Istio's guess).
 pub fn inbound(
     state: &State,
+    cluster_domain: &str,
     dst: &Workload,
     local_ip: std::net::IpAddr,
     t: &ConnectTarget,
@@ -149,7 +150,7 @@ pub fn inbound(
     match &t.authority {
         Authority::Service { host, port } => {
             let svc = state
-                .service_by_hostname(host)
+                .service_by_hostname(host, cluster_domain)
                 .ok_or(Reason::InboundUnknownService)?;
             let target_port = svc
                 .target_port_at(*port, local_ip)
@@ -165,7 +166,7 @@ pub fn inbound(
         Authority::Addr(target) => {
             let mut services = state.services_of(dst);
             let service = match &t.forwarded_host {
-                Some(h) => services.find(|s| crate::metrics::hostname(s) == *h),
+                Some(h) => services.find(|s| crate::metrics::hostname(s, cluster_domain) == *h),
                 None => None,
             }
             .or_else(|| {
@@ -386,9 +387,16 @@ services:
             host: "moved.demo.svc.cluster.local".into(),
             port: 80,
         };
-        let p = inbound(&state, b2, local, &target(host)).unwrap();
+        let p = inbound(&state, "cluster.local", b2, local, &target(host)).unwrap();
         assert_eq!(p.target, SocketAddr::new(local, 8081));
-        let p = inbound(&state, b2, local, &target(Authority::Addr(p.target))).unwrap();
+        let p = inbound(
+            &state,
+            "cluster.local",
+            b2,
+            local,
+            &target(Authority::Addr(p.target)),
+        )
+        .unwrap();
         assert_eq!(p.service.unwrap().name.as_ref(), "moved");
     }
 
@@ -449,12 +457,25 @@ services:
             ),
         ];
         for (t, want) in cases {
-            let got = inbound(&state, &dst, local, &t).map(|p| {
+            let got = inbound(&state, "cluster.local", &dst, local, &t).map(|p| {
                 assert_eq!(p.target.ip(), local);
                 (p.target.port(), p.service.map(|s| s.name.to_string()))
             });
             let want = want.map(|(p, s)| (p, s.map(str::to_owned)));
             assert_eq!(got, want, "{t:?}");
         }
+        // Another cluster domain: its hostnames, and only those, name services.
+        let inbound_in = |domain: &str, host: &str| {
+            let t = target(svc(host, 80), None);
+            inbound(&state, domain, &dst, local, &t).map(|p| p.target.port())
+        };
+        assert_eq!(
+            inbound_in("corp.internal", "b.demo.svc.corp.internal"),
+            Ok(8080)
+        );
+        assert_eq!(
+            inbound_in("corp.internal", "b.demo.svc.cluster.local"),
+            Err(Reason::InboundUnknownService)
+        );
     }
 }

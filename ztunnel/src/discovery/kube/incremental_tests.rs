@@ -298,7 +298,10 @@ fn seen(s: &State) -> serde_json::Value {
     let hosts: Vec<_> = ["a", "b"]
         .iter()
         .flat_map(|ns| (0..5).map(move |i| format!("s{i}.{ns}.svc.cluster.local")))
-        .map(|h| s.service_by_hostname(&h).map(|v| v.vips.clone()))
+        .map(|h| {
+            s.service_by_hostname(&h, "cluster.local")
+                .map(|v| v.vips.clone())
+        })
         .collect();
     let pending: Vec<String> = s.pending().iter().map(name).collect();
     let by_name: Vec<_> = ["a", "b"]
