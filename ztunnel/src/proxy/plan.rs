@@ -2,9 +2,11 @@
 //! state, the source workload and the original destination (and a `pick` for load balancing).
 //!
 //! - a Service VIP: the port must be one of the service's; one endpoint of the VIP's address
-//!   family is picked (of a node-local service, one on the source's node) and the port mapped
-//!   to its target port (the endpoint's own, [`Service::port_overrides`]); an endpoint that is not a
-//!   workload (an API server's address, say: [`Service::not_pods`]) is passed through; under
+//!   family is picked (of a dual-stack service, any endpoint, on its other family's address
+//!   when it has none of the VIP's; of a node-local service, one on the source's node) and
+//!   the port mapped to its target port (the endpoint's own, [`Service::port_overrides`]);
+//!   an endpoint that is not a workload (an API server's address, say:
+//!   [`Service::not_pods`]) is passed through; under
 //!   the Istio-compatible setting, a Service Istio sends through a waypoint proxy
 //!   ([`State::waypoint_of`]) is refused: the waypoint's policies would be bypassed;
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
@@ -79,14 +81,23 @@ pub fn outbound(
                 });
             }
             let family = |a: &std::net::IpAddr| a.is_ipv4() == ip.is_ipv4();
+            let dual = svc.vips.iter().any(|v| !family(v));
+            // The endpoint's address of the VIP's family, else (a dual-stack service) its
+            // other one.
+            let address = |ips: &[std::net::IpAddr]| {
+                ips.iter()
+                    .find(|a| family(a))
+                    .or(ips.first().filter(|_| dual))
+                    .copied()
+            };
             let candidates: Vec<(Option<&Arc<Workload>>, std::net::IpAddr)> = state
                 .endpoints_of_vip(ip)
                 .filter(|w| !svc.node_local || w.node == source.node)
-                .filter_map(|w| w.ips.iter().find(|a| family(a)).map(|a| (Some(w), *a)))
+                .filter_map(|w| address(&w.ips).map(|a| (Some(w), a)))
                 .chain(
                     svc.not_pods
                         .iter()
-                        .filter(|a| family(a) && state.workload_by_ip(**a).is_none())
+                        .filter(|a| (dual || family(a)) && state.workload_by_ip(**a).is_none())
                         .map(|a| (None, *a)),
                 )
                 .collect();
@@ -273,8 +284,15 @@ services:
             ),
             (
                 "[fd00::96:1]:80",
-                5,
+                4,
                 Want::Hbone("[fd00::2]:8080", "sa-b", Some("demo/b")),
+            ),
+            // A dual-stack service's endpoint with no address of the VIP's family is
+            // reached on its other one, as Istio does.
+            (
+                "[fd00::96:1]:80",
+                5,
+                Want::Hbone("10.0.0.3:8080", "sa-b", Some("demo/b")),
             ),
             (
                 "[fd00::2]:9000",
