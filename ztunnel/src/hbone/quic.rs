@@ -207,9 +207,10 @@ fn transport(max_streams: u32, receive_window: u32, send_window: u64) -> Arc<Tra
 /// refusals and their headers only. Not counted in the node's budget.
 pub const UNADMITTED_SEND_WINDOW: u64 = 16 * 1024;
 
-/// What a server connection may hold unacknowledged while it carries admitted streams, when
-/// the node's budget grants it: several milliseconds of a 10 Gbit/s link, far above a
-/// cluster's round trip.
+/// What a connection may hold unacknowledged: several milliseconds of a 10 Gbit/s link, far
+/// above a cluster's round trip. A client connection (one of the pool's, to a destination
+/// daemon) holds it always; a server connection while it carries admitted streams, when the
+/// node's budget grants it.
 pub const SEND_WINDOW: usize = 2 * 1024 * 1024;
 
 /// One inbound QUIC tunnel connection as its streams see it: the connection, and the send
@@ -293,11 +294,7 @@ pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, 
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-    c.transport_config(transport(
-        0,
-        consts::CONNECTION_WINDOW,
-        u64::from(consts::CONNECTION_WINDOW),
-    ));
+    c.transport_config(transport(0, consts::CONNECTION_WINDOW, SEND_WINDOW as u64));
     Ok(c)
 }
 

@@ -279,6 +279,43 @@ async fn a_server_connection_holds_no_more_than_its_budget_grants() {
     }
 }
 
+/// A client connection (the pool's) holds no more than its send window for a destination
+/// that acknowledges nothing, though the destination granted a stream more credit.
+#[tokio::test]
+async fn a_client_connection_holds_no_more_than_its_send_window() {
+    use std::sync::atomic::Ordering;
+    let budget = Arc::new(BufferBudget::new(1 << 30, Default::default()));
+    let (accepted, conn, _endpoints, _dir, cut) = pair_through(true).await;
+    let served = ServerConn::new(accepted.clone(), budget, "127.0.0.1".parse().unwrap());
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"x").await.unwrap();
+    let (_ssend, _srecv) = accepted.accept_bi().await.unwrap();
+    let credits = || conn.stats().frame_rx.max_data;
+    let before = credits();
+    let _admitted = served.admit();
+    // The admission's credit (a MAX_DATA frame) reaches the client before the cut.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while credits() == before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the grown credit reaches the client");
+    cut.store(true, Ordering::Relaxed);
+    let mut written = 0u64;
+    let chunk = vec![0u8; 16 * 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), send.write(&chunk)).await
+    {
+        written += n as u64;
+        assert!(written <= 8 << 20, "{written} bytes taken");
+    }
+    let window = SEND_WINDOW as u64;
+    assert!(
+        written <= window && written + 16 * 1024 > window / 2,
+        "{written} bytes held for a silent destination, window {window}"
+    );
+}
+
 /// Neither end of a tunnel takes datagrams: HBONE has none, and a peer's would be held
 /// for the connection's life.
 #[tokio::test]
