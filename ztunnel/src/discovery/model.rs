@@ -376,7 +376,9 @@ impl State {
         s.workload_count = s.workloads.len();
         for (i, svc) in services.into_iter().enumerate() {
             let what = format!("service {}/{}", svc.namespace, svc.name);
-            if svc.ports.iter().any(|p| p.port == 0 || p.target_port == 0) {
+            let zero = svc.ports.iter().any(|p| p.port == 0 || p.target_port == 0)
+                || svc.port_overrides.iter().any(|o| o.target_port == 0);
+            if zero {
                 return Err(Error::Invalid(format!("{what} has a port 0")));
             }
             let endpoints: Box<[u32]> = endpoints
@@ -564,7 +566,7 @@ impl State {
     /// Whether namespace `name` enrolls its pods (see [`super::enrollment`]).
     pub fn namespace_enrolled(&self, name: &str) -> bool {
         self.namespace(name)
-            .is_some_and(|n| self.base.enrollment.namespace(&n.labels))
+            .is_some_and(|n| self.base.enrollment.namespace(name, &n.labels))
     }
 
     /// The enrolled namespaces, sorted.
@@ -590,7 +592,9 @@ impl State {
     /// Whether `w` is enrolled, and if not, why (see [`super::enrollment`]).
     pub fn enrollment_of(&self, w: &Workload) -> Result<(), NotEnrolled> {
         let ns = self.namespace(&w.namespace).map(|n| &n.labels);
-        self.base.enrollment.pod(ns, &w.labels, w.other_mesh)
+        self.base
+            .enrollment
+            .pod(&w.namespace, ns, &w.labels, w.other_mesh)
     }
 
     /// Whether `w` is enrolled.

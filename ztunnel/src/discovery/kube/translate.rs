@@ -80,7 +80,9 @@ pub fn pod_outcome(
     if let Some(ip) = p.ips.iter().find(|ip| claimed_twice(ip)) {
         return PodOutcome::Skipped(format!("{}: IP {ip} is claimed by another pod too", what()));
     }
-    let enrolled = rules.pod(ns_labels, &p.labels, p.other_mesh).is_ok();
+    let enrolled = rules
+        .pod(&p.namespace, ns_labels, &p.labels, p.other_mesh)
+        .is_ok();
     // With Istio's objects read, a pod of Istio's ambient mode is reached as Istio's own
     // ztunnel reaches it: through a tunnel to it (Istio's ztunnel answers), never in plaintext.
     let istio_ambient = rules.istio && p.other_mesh == Some(OtherMesh::IstioAmbient);
@@ -366,6 +368,7 @@ pub fn namespace_labels(
 ) -> Labels {
     labels.map(|l| int.labels(l)).unwrap_or_default()
 }
+
 #[cfg(test)]
 #[path = "translate_tests.rs"]
 mod tests;
