@@ -214,7 +214,23 @@ fn ctl_shows_the_daemon_and_explains_decisions_without_traffic() {
         certs.contains("spiffe://cluster.local/ns/demo/sa/server"),
         "{certs}"
     );
-    assert!(!certs.contains("PRIVATE KEY"));
+    // The admin API's raw answers (no token needed) hold certificates' facts, never keys.
+    for path in ["/config_dump", "/connections"] {
+        let (status, body) =
+            ztunnel_e2e::daemon::http(&b.bed.nodes[1].ns, "GET", "127.0.0.1:15000", path).unwrap();
+        assert_eq!(status, 200, "{path}: {body}");
+        for key in ["PRIVATE KEY", "BEGIN", "privateKey", "\"key\""] {
+            assert!(!body.contains(key), "{path} holds {key:?}: {body}");
+        }
+    }
+    let dump =
+        ztunnel_e2e::daemon::http(&b.bed.nodes[1].ns, "GET", "127.0.0.1:15000", "/config_dump")
+            .unwrap()
+            .1;
+    assert!(
+        dump.contains("spiffe://cluster.local/ns/demo/sa/server"),
+        "the dump lists the certificate: {dump}"
+    );
     let policies = ctl(&b.bed, 1, &["policies"]);
     assert!(
         policies

@@ -110,8 +110,11 @@ impl Dataplane for Fake {
     fn probe_set(&self, _: &[std::net::IpAddr], _: bool) -> Result<(), RulesError> {
         Ok(())
     }
-    fn still_the_pods(&self, _: &PodRecord) -> bool {
-        true
+    /// A netns whose file is named `reused-…` stands for one that no longer holds the pod
+    /// (its pid reused by another process).
+    fn still_the_pods(&self, r: &PodRecord) -> bool {
+        let name = r.netns.file_name().unwrap_or_default().to_string_lossy();
+        !name.starts_with("reused-")
     }
 }
 
@@ -512,6 +515,46 @@ fn recovery_serves_the_recorded_pods_again() {
         .collect();
     assert_eq!(held, ["c1"]);
     assert_eq!(bed.recorded(), ["c1"]);
+}
+
+/// A reconciler record is served again only while its netns is still the pod's: one whose
+/// netns now belongs to another process is forgotten, its namespace left untouched.
+#[test]
+fn recovery_serves_a_reconciled_pod_again_only_in_its_own_netns() {
+    for (netns, served) in [("pod-ns", true), ("reused-ns", false)] {
+        let bed = Bed::new();
+        let ns = bed.ns(netns);
+        assert_eq!(bed.call(Request::Add(add("c1", &ns))), Reply::Enrolled);
+        // The record as the reconciler writes it (its attachment names the pod's uid).
+        let mut r = bed.store.load_all().unwrap().remove(0);
+        bed.store.remove(&r.attachment).unwrap();
+        r.attachment = reconciled_attachment(&r.pod.uid);
+        bed.store.save(&r).unwrap();
+        let log = Log::default();
+        let again = {
+            let fake = Fake {
+                log: log.clone(),
+                gate: Mutex::new(None),
+                panic: Arc::default(),
+            };
+            let cx = Context {
+                discovery: Discovery::fixed(
+                    crate::discovery::parse(MESH, "cluster.local").unwrap(),
+                ),
+                node: "n1".into(),
+                trust_domain: "cluster.local".into(),
+                metrics: Arc::new(Metrics::default()),
+                store: bed.store.clone(),
+                annotator: Arc::new(Notes::default()),
+            };
+            let (_, ready) = tokio::sync::watch::channel(true);
+            Pods::start(Registry::new(fake, cx), ready).unwrap()
+        };
+        assert_eq!(block_on(again.recover()), usize::from(served), "{netns}");
+        let touched = log.lock().iter().any(|l| l.contains(netns));
+        assert_eq!(touched, served, "{netns}: {:?}", log.lock());
+        assert_eq!(bed.recorded().len(), usize::from(served), "{netns}");
+    }
 }
 
 #[test]

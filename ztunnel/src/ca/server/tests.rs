@@ -638,3 +638,50 @@ async fn a_connection_carries_at_most_its_streams_at_once() {
         .unwrap();
     assert_eq!(third, Some(StatusCode::OK));
 }
+
+/// A body over `MAX_BODY` is refused `413` before it is all read (it is read before the
+/// caller is authenticated), a path that is no endpoint `404`; each counted under its reason,
+/// the connection serving on.
+#[tokio::test]
+async fn oversized_bodies_and_unknown_paths_are_refused_and_counted() {
+    let ca = start(limits(4, 8, 256), static_auth()).await;
+    let (mut send, conn) = h2::client::handshake(tls_from("127.0.0.1", &ca).await)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let post = |send: &mut h2::client::SendRequest<Bytes>, body: usize| {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://localhost{SIGN_PATH}"))
+            .header(http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(())
+            .unwrap();
+        let (resp, mut stream) = send.send_request(req, false).unwrap();
+        stream
+            .send_data(Bytes::from(vec![b'{'; body]), true)
+            .unwrap();
+        resp
+    };
+    // (body size, answer, reason counted)
+    let cases = [
+        (MAX_BODY + 1, StatusCode::PAYLOAD_TOO_LARGE, "bad_request"),
+        (4 * MAX_BODY, StatusCode::PAYLOAD_TOO_LARGE, "bad_request"),
+        (MAX_BODY, StatusCode::BAD_REQUEST, "bad_request"),
+    ];
+    for (n, (size, want, reason)) in cases.into_iter().enumerate() {
+        let resp = tokio::time::timeout(Duration::from_secs(5), post(&mut send, size))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(resp.status(), want, "{size} bytes");
+        eventually("the refusal counted", || {
+            ca.metrics.refusals(reason) == n as u64 + 1
+        })
+        .await;
+    }
+    let req = Request::get("https://localhost/nope").body(()).unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::NOT_FOUND);
+    eventually("the 404 counted", || ca.metrics.refusals("not_found") == 1).await;
+    assert_eq!(metrics_on(send.clone()).await, Some(StatusCode::OK));
+}
