@@ -142,6 +142,15 @@ impl PartialEq for RunConfigWithoutIstio<'_> {
 /// The DaemonSet's daemon container, fed to the daemon's own parser, and everything around it
 /// (probe, metrics, mounts, CA token and root, capabilities, grace period, rollout, RBAC)
 /// agree with that configuration.
+/// Not privileged, a read-only root filesystem and the runtime's default seccomp profile.
+fn hardened(c: &k8s_openapi::api::core::v1::Container) {
+    let sc = c.security_context.as_ref().expect("a security context");
+    assert_ne!(sc.privileged, Some(true), "{}", c.name);
+    assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+    let seccomp = sc.seccomp_profile.as_ref().map(|p| p.type_.as_str());
+    assert_eq!(seccomp, Some("RuntimeDefault"), "{}", c.name);
+}
+
 pub fn daemonset_agrees_with_the_daemon_configuration(o: &Objects, dirs: &Node) {
     let ds = named(&o.daemon_sets, "ztunnel");
     let spec = pod_spec_ds(ds);
@@ -274,6 +283,7 @@ pub fn daemonset_agrees_with_the_daemon_configuration(o: &Objects, dirs: &Node) 
     let (add, drop) = caps(daemon);
     assert_eq!(add, strings(&["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]));
     assert_eq!(drop, strings(&["ALL"]));
+    hardened(daemon);
 
     // Lifecycle: room to drain, every node, node-critical, surge rollout one node at a time.
     let grace = spec.termination_grace_period_seconds.expect("grace period");
@@ -446,6 +456,9 @@ pub fn installer_chains_the_plugin_to_the_daemons_socket(
     let (add, drop) = caps(installer);
     assert!(add.is_empty(), "the installer needs no capability: {add:?}");
     assert_eq!(drop, strings(&["ALL"]));
+    hardened(installer);
+    let sc = installer.security_context.as_ref().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
 
     // The real installer, with these flags (directories moved to a temporary node, once).
     let node = tempfile::tempdir().unwrap();
@@ -507,6 +520,11 @@ pub fn installer_chains_the_plugin_to_the_daemons_socket(
     assert_eq!(
         ours["enrolledNamespacesFile"],
         cfg.enrolled_namespaces_file.display().to_string()
+    );
+    // The plugin lets through without asking exactly the namespaces the daemons never enroll.
+    assert_eq!(
+        ours["excludeNamespaces"],
+        serde_json::json!(cfg.exclude_namespaces)
     );
     node
 }

@@ -126,6 +126,11 @@ pub async fn start(
             "the root namespaces are set once per process; keeping the first"
         );
     }
+    // Enrollment's rules, the same for the process's life (the list is kept for it).
+    let rules = discovery::enrollment::Rules {
+        istio: cfg.istio_root_namespace.is_some(),
+        excluded: Vec::leak(cfg.exclude_namespaces.clone()),
+    };
     // The API client, when discovery has one (the pods' enrollment annotation uses it too).
     let mut kube_client = None;
     let (disc, watcher) = match &cfg.discovery {
@@ -133,6 +138,7 @@ pub async fn start(
             path.clone(),
             cfg.trust_domain.clone(),
             Some(cfg.node_name.clone()),
+            rules,
             cfg.discovery_poll,
         )?,
         DiscoverySource::Kubernetes { kubeconfig } => {
@@ -142,9 +148,7 @@ pub async fn start(
                 client,
                 cfg.trust_domain.clone(),
                 cfg.node_name.clone(),
-                discovery::enrollment::Rules {
-                    istio: cfg.istio_root_namespace.is_some(),
-                },
+                rules,
                 std::time::Duration::from_millis(100),
             )
             .await?

@@ -23,8 +23,8 @@ mod tunnel;
 pub use ca::{CaAuthorizer, CaConfig, CaLimits, CaMaterialSource, NamespacedName};
 pub use settings::Env;
 use settings::{
-    at_least, cidrs, count, dns_domain, label_value, log_filter, loopback, namespace, path,
-    CommonArgs,
+    at_least, cidrs, count, dns_domain, label_value, log_filter, loopback, namespace, namespaces,
+    path, CommonArgs,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,8 @@ pub struct RunConfig {
     /// The cluster's DNS domain, in service hostnames (tunnel requests naming a service,
     /// Istio's `destination_service` label).
     pub cluster_domain: String,
+    /// Namespaces whose pods are never enrolled, whatever their labels.
+    pub exclude_namespaces: Vec<String>,
     /// Policies in this namespace apply to the whole mesh.
     pub root_namespace: String,
     /// The Istio-compatible setting (cluster mode only), with Istio's root namespace: the
@@ -172,6 +174,13 @@ struct RunArgs {
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = crate::discovery::DEFAULT_CLUSTER_DOMAIN,
           value_parser = dns_domain)]
     cluster_domain: String,
+    /// Namespaces whose pods are never enrolled, whatever their labels (comma-separated; empty
+    /// for none): the cluster's own and the mesh's CA. The CNI installer's
+    /// `--exclude-namespaces` must name the same
+    // Spelt `std::vec::Vec` so that clap takes the whole list as one value.
+    #[arg(long, env = "ZTUNNEL_EXCLUDE_NAMESPACES", default_value = "kube-system,ztunnel-system",
+          value_parser = namespaces)]
+    exclude_namespaces: std::vec::Vec<String>,
     /// The namespace whose policies apply to the whole mesh
     #[arg(long, env = "ZTUNNEL_ROOT_NAMESPACE", default_value = crate::policy::ROOT_NAMESPACE,
           value_parser = namespace)]
@@ -380,6 +389,7 @@ impl RunConfig {
             tls_key_exchange: a.common.tls_key_exchange,
             cluster_id: a.cluster_id,
             cluster_domain: a.cluster_domain,
+            exclude_namespaces: a.exclude_namespaces,
             root_namespace: a.root_namespace,
             istio_root_namespace,
             discovery,
@@ -435,12 +445,13 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} tls_key_exchange={} cluster_id={} cluster_domain={} root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} crl={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} tls_key_exchange={} cluster_id={} cluster_domain={} exclude_namespaces=[{}] root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} crl={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             self.tls_key_exchange,
             self.cluster_id,
             self.cluster_domain,
+            self.exclude_namespaces.join(","),
             self.root_namespace,
             match &self.istio_root_namespace {
                 Some(root) => format!("on (root namespace {root})"),

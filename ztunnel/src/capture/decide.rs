@@ -213,7 +213,10 @@ workloads:
         let plain = crate::discovery::parse(&mesh, "cluster.local").unwrap();
         let istio = crate::discovery::parse(&mesh, "cluster.local")
             .unwrap()
-            .with_enrollment(crate::discovery::enrollment::Rules { istio: true });
+            .with_enrollment(crate::discovery::enrollment::Rules {
+                istio: true,
+                ..Default::default()
+            });
         let ip = |s: &str| vec![s.parse::<IpAddr>().unwrap()];
         // (pod, want without Istio's rules, with them)
         let cases = [

@@ -47,6 +47,8 @@ pub const RESYNC: Duration = Duration::from_secs(10);
 pub enum ReleaseReason {
     NamespaceNotAmbient,
     OptedOut,
+    /// Its namespace is excluded from the mesh (`--exclude-namespaces`).
+    Excluded,
     /// Another mesh (Istio) handles the pod now.
     OtherMesh,
 }
@@ -56,6 +58,7 @@ impl ReleaseReason {
         match self {
             ReleaseReason::NamespaceNotAmbient => "namespace_not_ambient",
             ReleaseReason::OptedOut => "opted_out",
+            ReleaseReason::Excluded => "namespace_excluded",
             ReleaseReason::OtherMesh => "other_mesh",
         }
     }
@@ -98,6 +101,7 @@ pub fn plan(state: &State, node: &str, enrolled: &[EnrolledPod]) -> Plan {
                         Err(NotEnrolled::NotAsked) => None,
                         Err(NotEnrolled::OptedOut(_)) => release(ReleaseReason::OptedOut),
                         Err(NotEnrolled::Other(_)) => release(ReleaseReason::OtherMesh),
+                        Err(NotEnrolled::Excluded) => release(ReleaseReason::Excluded),
                     }
                 }
             }
@@ -273,6 +277,8 @@ workloads:
   - {uid: out, name: out, namespace: amb, serviceAccount: sa, node: n1, ips: [10.0.0.4], labels: {ztunnel.dev/dataplane-mode: none}}
   - {uid: p1, name: p1, namespace: plain, serviceAccount: sa, node: n1, ips: [10.0.0.5]}
   - {uid: g1, name: g1, namespace: ghost, serviceAccount: sa, node: n1, ips: [10.0.0.6]}
+  - {uid: s1, name: s1, namespace: amb, serviceAccount: sa, node: n1, ips: [10.0.0.7], annotations: {sidecar.istio.io/status: '{}'}}
+  - {uid: i1, name: i1, namespace: amb, serviceAccount: sa, node: n1, ips: [10.0.0.8], annotations: {ambient.istio.io/redirection: enabled}}
 ";
 
     fn cni(ns: &str, name: &str, uid: &str, ip: &str) -> EnrolledPod {
@@ -343,6 +349,17 @@ workloads:
                 vec![("out", OptedOut), ("p1", NamespaceNotAmbient)],
                 vec![],
             ),
+            // Istio handles it now (a sidecar injected, Istio's ambient mode): released, two
+            // proxies on one pod's traffic would break both; never enrolled anew.
+            (
+                vec![
+                    cni("amb", "s1", "s1", "10.0.0.7"),
+                    reconciled("amb", "i1", "i1", "10.0.0.8"),
+                ],
+                vec!["a1", "a2"],
+                vec![("s1", OtherMesh), ("i1", OtherMesh)],
+                vec![],
+            ),
             // Unknown pod in a known unlabelled namespace: released.
             (
                 vec![cni("plain", "gone", "x", "10.9.9.9")],
@@ -380,5 +397,19 @@ workloads:
             let got: Vec<&str> = p.unknown.iter().map(|e| e.pod.name.as_str()).collect();
             assert_eq!(got, want_unknown, "case {i}: unknown");
         }
+        // The ambient namespace excluded (`--exclude-namespaces`): its enrolled pods are
+        // released, none is enrolled.
+        let excluded = s.with_enrollment(crate::discovery::enrollment::Rules {
+            excluded: Vec::leak(vec!["amb".to_owned()]),
+            ..Default::default()
+        });
+        let p = plan(&excluded, "n1", &[cni("amb", "a1", "a1", "10.0.0.1")]);
+        assert!(p.enroll.is_empty(), "{:?}", p.enroll);
+        let got: Vec<(&str, ReleaseReason)> = p
+            .release
+            .iter()
+            .map(|(e, r)| (e.pod.name.as_str(), *r))
+            .collect();
+        assert_eq!(got, [("a1", Excluded)]);
     }
 }

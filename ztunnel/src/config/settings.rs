@@ -334,6 +334,13 @@ pub(super) fn cidrs(s: &str) -> Result<Vec<ipnet::IpNet>, String> {
         .collect()
 }
 
+/// A comma-separated list of namespace names; empty is none.
+pub(super) fn namespaces(s: &str) -> Result<Vec<String>, String> {
+    list(s)
+        .map(|n| namespace(n).map_err(|e| format!("{n:?}: {e}")))
+        .collect()
+}
+
 /// A comma-separated list of names; empty is none.
 pub(super) fn names(s: &str) -> Result<Vec<String>, String> {
     Ok(list(s).map(str::to_owned).collect())

@@ -49,6 +49,21 @@ fn defaults() {
     );
     assert_eq!(c.tunnel.tls_first_bytes_timeout, Duration::from_secs(2));
     assert_eq!(c.tunnel, crate::proxy::TunnelLimits::default());
+    // The defaults the README's table gives, as numbers.
+    let p = &c.tunnel.peers;
+    assert_eq!(
+        (
+            p.connections_per_address,
+            p.connections_per_identity,
+            p.streams_per_address,
+            p.streams_per_identity
+        ),
+        (256, 1024, 16_384, 65_536)
+    );
+    assert_eq!(c.tunnel.buffered_bytes, 256 << 20);
+    assert_eq!(c.tunnel.connections_per_source, 16_384);
+    assert_eq!(c.drain_grace, Duration::from_secs(30));
+    assert_eq!(c.connect_timeout, Duration::from_secs(10));
     assert!(c.to_string().contains(" tls_first_bytes_timeout=2s "));
     assert_eq!(c.pool_idle_timeout, Duration::from_secs(300));
     assert!(!c.quic_listen, "QUIC is off unless asked for");
@@ -680,6 +695,23 @@ fn ca_config_kubernetes() {
         let e = ca(args, &[]).unwrap_err().to_string();
         assert!(e.contains(want), "{args:?}: want {want:?} in {e}");
     }
+}
+
+#[test]
+fn excluded_namespaces() {
+    let c = run(BASE, &[]).unwrap();
+    assert_eq!(c.exclude_namespaces, ["kube-system", "ztunnel-system"]);
+    assert!(c
+        .to_string()
+        .contains(" exclude_namespaces=[kube-system,ztunnel-system] "));
+    let c = run(BASE, &[("ZTUNNEL_EXCLUDE_NAMESPACES", "a, b")]).unwrap();
+    assert_eq!(c.exclude_namespaces, ["a", "b"]);
+    let c = run(BASE, &[("ZTUNNEL_EXCLUDE_NAMESPACES", "")]).unwrap();
+    assert!(c.exclude_namespaces.is_empty(), "empty: none");
+    let e = run(BASE, &[("ZTUNNEL_EXCLUDE_NAMESPACES", "ok,Not_OK")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"Not_OK\""), "{e}");
 }
 
 #[test]

@@ -35,6 +35,9 @@ pub const ISTIO_USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub struct Rules {
     /// Istio's labels count too.
     pub istio: bool,
+    /// Namespaces whose pods are never enrolled, whatever their labels (the daemon's
+    /// `--exclude-namespaces`, the CNI plugin's `excludeNamespaces`).
+    pub excluded: &'static [String],
 }
 
 /// Another mesh that handles a pod already.
@@ -76,6 +79,8 @@ pub enum NotEnrolled {
     OptedOut(&'static str),
     /// Another mesh handles it.
     Other(OtherMesh),
+    /// Its namespace is one the daemons never enroll ([`Rules::excluded`]).
+    Excluded,
 }
 
 impl std::fmt::Display for NotEnrolled {
@@ -83,6 +88,10 @@ impl std::fmt::Display for NotEnrolled {
         match self {
             NotEnrolled::NotAsked => write!(f, "neither its namespace nor the pod is enrolled"),
             NotEnrolled::OptedOut(label) => write!(f, "the pod opted out ({label})"),
+            NotEnrolled::Excluded => write!(
+                f,
+                "its namespace is excluded from the mesh (--exclude-namespaces)"
+            ),
             NotEnrolled::Other(OtherMesh::IstioSidecar) => write!(
                 f,
                 "Istio handles the pod already: it has a sidecar ({ISTIO_SIDECAR_STATUS})"
@@ -106,21 +115,31 @@ impl Rules {
         key == DATAPLANE_MODE_LABEL || (self.istio && key == ISTIO_DATAPLANE_MODE_LABEL)
     }
 
-    /// Whether a namespace with these labels enrolls its pods.
-    pub fn namespace(&self, labels: &Labels) -> bool {
-        is(labels, DATAPLANE_MODE_LABEL, "ambient")
-            || (self.istio && is(labels, ISTIO_DATAPLANE_MODE_LABEL, "ambient"))
+    /// Whether namespace `name` is one whose pods are never enrolled.
+    pub fn excludes(&self, name: &str) -> bool {
+        self.excluded.iter().any(|e| e == name)
     }
 
-    /// Whether a pod is enrolled: `ns` are its namespace's labels (`None`: unknown namespace),
-    /// `pod` its labels, `other` what its annotations say.
+    /// Whether namespace `name`, with these labels, enrolls its pods.
+    pub fn namespace(&self, name: &str, labels: &Labels) -> bool {
+        !self.excludes(name)
+            && (is(labels, DATAPLANE_MODE_LABEL, "ambient")
+                || (self.istio && is(labels, ISTIO_DATAPLANE_MODE_LABEL, "ambient")))
+    }
+
+    /// Whether a pod is enrolled: `namespace` is its namespace, `ns` that namespace's
+    /// labels (`None`: unknown namespace), `pod` its labels, `other` what its annotations say.
     pub fn pod(
         &self,
+        namespace: &str,
         ns: Option<&Labels>,
         pod: &Labels,
         other: Option<OtherMesh>,
     ) -> Result<(), NotEnrolled> {
-        let asked = ns.is_some_and(|l| self.namespace(l))
+        if self.excludes(namespace) {
+            return Err(NotEnrolled::Excluded);
+        }
+        let asked = ns.is_some_and(|l| self.namespace(namespace, l))
             || (self.istio && is(pod, ISTIO_DATAPLANE_MODE_LABEL, "ambient"));
         if !asked {
             return Err(NotEnrolled::NotAsked);
@@ -158,8 +177,14 @@ mod tests {
     #[test]
     fn enrollment_table() {
         use NotEnrolled::*;
-        let off = Rules { istio: false };
-        let on = Rules { istio: true };
+        let off = Rules {
+            istio: false,
+            ..Default::default()
+        };
+        let on = Rules {
+            istio: true,
+            ..Default::default()
+        };
         let sidecar = Some(OtherMesh::IstioSidecar);
         let ambient = Some(OtherMesh::IstioAmbient);
         // (rules, namespace labels, pod labels, other mesh, want); Istio's cases follow
@@ -261,18 +286,55 @@ mod tests {
             (on, &[], &[], sidecar, Err(NotAsked)),
         ];
         for (i, (rules, ns, pod, other, want)) in table.iter().enumerate() {
-            let got = rules.pod(Some(&labels(ns)), &labels(pod), *other);
+            let got = rules.pod("app", Some(&labels(ns)), &labels(pod), *other);
             assert_eq!(
                 &got, want,
                 "case {i}: {rules:?} ns {ns:?} pod {pod:?} {other:?}"
             );
         }
         assert_eq!(
-            on.pod(None, &labels(&[ISTIO]), None),
+            on.pod("app", None, &labels(&[ISTIO]), None),
             Ok(()),
             "pod label, namespace unknown"
         );
-        assert_eq!(off.pod(None, &labels(&[]), None), Err(NotAsked));
+        assert_eq!(off.pod("app", None, &labels(&[]), None), Err(NotAsked));
+    }
+
+    /// An excluded namespace enrolls nothing, whatever its labels or its pods' say.
+    #[test]
+    fn excluded_namespaces_enroll_nothing() {
+        let excluded: &'static [String] = Vec::leak(vec!["kube-system".to_owned()]);
+        for istio in [false, true] {
+            let rules = Rules { istio, excluded };
+            let cases = [
+                (
+                    "kube-system",
+                    &[OURS][..],
+                    &[][..],
+                    Err(NotEnrolled::Excluded),
+                ),
+                (
+                    "kube-system",
+                    &[ISTIO][..],
+                    &[ISTIO][..],
+                    Err(NotEnrolled::Excluded),
+                ),
+                ("app", &[OURS][..], &[][..], Ok(())),
+            ];
+            for (ns, ns_labels, pod, want) in cases {
+                let got = rules.pod(ns, Some(&labels(ns_labels)), &labels(pod), None);
+                assert_eq!(got, want, "{ns} istio={istio}");
+                assert_eq!(rules.namespace(ns, &labels(&[OURS])), want.is_ok(), "{ns}");
+            }
+            let none = Rules {
+                istio,
+                excluded: &[],
+            };
+            assert!(none.namespace("kube-system", &labels(&[OURS])));
+        }
+        assert!(NotEnrolled::Excluded
+            .to_string()
+            .contains("--exclude-namespaces"));
     }
 
     #[test]
@@ -296,7 +358,10 @@ mod tests {
             Some(OtherMesh::IstioAmbientPending)
         );
         assert!(OtherMesh::reads(ISTIO_REDIRECTION) && !OtherMesh::reads("app"));
-        let on = Rules { istio: true };
+        let on = Rules {
+            istio: true,
+            ..Default::default()
+        };
         assert!(on.keeps(ISTIO_DATAPLANE_MODE_LABEL) && on.keeps(DATAPLANE_MODE_LABEL));
         assert!(!Rules::default().keeps(ISTIO_DATAPLANE_MODE_LABEL));
         assert!(!on.keeps("app"));

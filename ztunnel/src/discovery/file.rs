@@ -35,6 +35,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
+use super::enrollment::Rules;
 use super::model::{
     Interner, Labels, Locality, Namespace, PortOverride, Protocol, Service, ServicePort, State,
     Workload,
@@ -403,21 +404,24 @@ fn release_freed_memory() {
     }
 }
 
-/// Loads `path` (which must be valid now) and watches it, polling every `poll`. A poll reads
-/// the file only when its modification time or length changed, and reloads only when its
-/// content did.
+/// Loads `path` (which must be valid now) and watches it, polling every `poll`; its states
+/// decide enrollment under `rules`. A poll reads the file only when its modification time or
+/// length changed, and reloads only when its content did.
 pub fn watch_file(
     path: PathBuf,
     trust_domain: String,
     node: Option<String>,
+    rules: Rules,
     poll: Duration,
 ) -> Result<(Discovery, tokio::task::JoinHandle<()>), Error> {
     let (text, _) = read(&path)?;
     let mut version = stat(&path);
-    let state = parse_for_node(&text, &trust_domain, node.as_deref()).map_err(|e| Error::File {
-        path: path.clone(),
-        error: Box::new(e),
-    })?;
+    let state = parse_for_node(&text, &trust_domain, node.as_deref())
+        .map_err(|e| Error::File {
+            path: path.clone(),
+            error: Box::new(e),
+        })?
+        .with_enrollment(rules);
     let mut last = digest(&text);
     drop(text);
     release_freed_memory();
@@ -453,7 +457,8 @@ pub fn watch_file(
                 continue;
             }
             last = d;
-            let parsed = parse_for_node(&text, &trust_domain, node.as_deref());
+            let parsed = parse_for_node(&text, &trust_domain, node.as_deref())
+                .map(|s| s.with_enrollment(rules));
             drop(text);
             match parsed {
                 Ok(state) => {
@@ -623,6 +628,7 @@ services:
             (GOOD.replace("ips: [10.0.0.3]", "ips: [10.0.0.3, 10.0.0.3]"), "IP 10.0.0.3 is also legacy/old"),
             (GOOD.replace("serviceAccount: default", "serviceAccount: Bad/Name"), "legacy/old"),
             (GOOD.replace("targetPort: 8080", "targetPort: 0"), "port 0"),
+            (GOOD.replace("selector: {app: web}}", "selector: {app: web}, portOverrides: [{ip: 10.0.0.1, port: 80, targetPort: 0}]}"), "port 0"),
             (GOOD.replace("vips: [10.96.0.1]", "vips: [10.0.0.1]"), "workload IP"),
             (GOOD.replace("serviceAccount: web, node: n2", "serviceAcount: web, node: n2"), "serviceAcount"),
             (format!("{GOOD}extra: 1\n"), "extra"),
@@ -646,6 +652,7 @@ services:
             path.clone(),
             "cluster.local".into(),
             None,
+            Rules::default(),
             Duration::from_millis(20),
         )
         .unwrap();

@@ -240,7 +240,10 @@ services:
         let plain = crate::discovery::parse(WAYPOINTS, "cluster.local").unwrap();
         let istio = crate::discovery::parse(WAYPOINTS, "cluster.local")
             .unwrap()
-            .with_enrollment(Rules { istio: true });
+            .with_enrollment(Rules {
+                istio: true,
+                ..Default::default()
+            });
         let src = plain.workload_by_uid("a").unwrap().clone();
         let waypoint = |service: &str, waypoint: &str| PlanError::Waypoint {
             service: service.into(),

@@ -333,7 +333,10 @@ fn istios_labels_and_annotations_under_each_rule() {
     ];
     let istios = "10.0.0.6";
     for istio in [false, true] {
-        let rules = Rules { istio };
+        let rules = Rules {
+            istio,
+            ..Default::default()
+        };
         let mut objs = vec![ns("demo", true), ns("legacy", false), istio_ns.clone()];
         objs.extend(pods.iter().map(|p| p.0.clone()));
         let (st, refused) = store_with(&objs, rules);
@@ -351,7 +354,13 @@ fn istios_labels_and_annotations_under_each_rule() {
             assert_eq!(s.enrolled(w), enrolled, "{ip} istio={istio}");
         }
     }
-    let (st, _) = store_with(&[pods[4].0.clone()], Rules { istio: true });
+    let (st, _) = store_with(
+        &[pods[4].0.clone()],
+        Rules {
+            istio: true,
+            ..Default::default()
+        },
+    );
     let r = st.remote_pods.values().next().unwrap();
     assert_eq!(
         r.labels.len(),
@@ -359,7 +368,13 @@ fn istios_labels_and_annotations_under_each_rule() {
         "only the enrollment label: {:?}",
         r.labels
     );
-    let (st, _) = store_with(&[pods[5].0.clone()], Rules { istio: true });
+    let (st, _) = store_with(
+        &[pods[5].0.clone()],
+        Rules {
+            istio: true,
+            ..Default::default()
+        },
+    );
     let r = st.remote_pods.values().next().unwrap();
     assert_eq!(
         r.other_mesh,
@@ -663,7 +678,10 @@ fn a_services_waypoint_label_is_kept() {
     ];
     let (st, refused) = store(&objs);
     assert!(refused.is_empty(), "{refused:?}");
-    let rules = Rules { istio: true };
+    let rules = Rules {
+        istio: true,
+        ..Default::default()
+    };
     let (s, _) = build("cluster.local", rules, &st);
     let s = s.unwrap();
     let of = |vip: &str| s.waypoint_of(s.service_by_vip(vip.parse().unwrap()).unwrap());
