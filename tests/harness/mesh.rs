@@ -51,11 +51,13 @@ pub struct Wl {
     pub ip: &'static str,
 }
 
-/// The discovery file for a mesh of `workloads` and `services` (discovery file entries).
+/// The discovery file for a mesh of `workloads`, `services` and `policies` (discovery file
+/// entries).
 pub fn discovery_yaml(
     trust_domain: &str,
     workloads: &[Wl],
     services: &[serde_json::Value],
+    policies: &[serde_json::Value],
 ) -> String {
     let wls: Vec<_> = workloads
         .iter()
@@ -77,6 +79,7 @@ pub fn discovery_yaml(
         "namespaces": [{"name": "demo", "labels": {"ztunnel.dev/dataplane-mode": "ambient"}}],
         "workloads": wls,
         "services": services,
+        "policies": policies,
     });
     serde_saphyr::to_string(&doc).expect("yaml")
 }
@@ -91,6 +94,8 @@ pub struct NodeOptions {
     pub workloads: Vec<Wl>,
     /// Services of this daemon's discovery file (entries as the file spells them).
     pub services: Vec<serde_json::Value>,
+    /// Policies of this daemon's discovery file (objects as the file spells them).
+    pub policies: Vec<serde_json::Value>,
     pub extra_args: Vec<String>,
     /// Ask the `ztunnel ca` at this address (trusting the bed's root, with a token file)
     /// instead of signing in-process. A daemon whose CA does not answer never becomes ready:
@@ -122,6 +127,7 @@ impl Default for NodeOptions {
             ca_dir: None,
             workloads: default_workloads(),
             services: Vec::new(),
+            policies: Vec::new(),
             extra_args: Vec::new(),
             ca_address: None,
         }
@@ -450,7 +456,7 @@ fn start_daemon(
     let file = dir.join(format!("{node}.yaml"));
     std::fs::write(
         &file,
-        discovery_yaml(&o.trust_domain, &o.workloads, &o.services),
+        discovery_yaml(&o.trust_domain, &o.workloads, &o.services, &o.policies),
     )?;
     let ca = o.ca_dir.clone().unwrap_or_else(|| ca_dir.to_path_buf());
     let signer: Vec<String> = match &o.ca_address {

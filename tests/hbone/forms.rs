@@ -25,11 +25,11 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 /// b's discovery has two services over its workload: `server` (80 → 8080) and `server-alt`
 /// (8080 → 8080); b echoes every connection on 8080.
 fn bed() -> Mesh {
-    bed_with(vec![])
+    bed_with(vec![], vec![])
 }
 
-/// [`bed`] with b's daemon run with `args` too.
-fn bed_with(args: Vec<String>) -> Mesh {
+/// [`bed`] with b's daemon run with `args` too, and `policies` in its discovery.
+fn bed_with(args: Vec<String>, policies: Vec<Value>) -> Mesh {
     let svc = |name: &str, vip: &str, port: u16| {
         json!({"name": name, "namespace": "demo", "vips": [vip],
                "ports": [{"port": port, "targetPort": 8080}], "selector": {"app": "server"}})
@@ -40,6 +40,7 @@ fn bed_with(args: Vec<String>) -> Mesh {
             svc("server-alt", "10.96.0.11", 8080),
         ],
         extra_args: args,
+        policies,
         ..Default::default()
     };
     let mesh = Mesh::builder().b(b).start();
@@ -238,7 +239,10 @@ fn service_hostnames_forwarded_host_baggage_and_traceparent_with_our_client() {
 /// reported under it; one under `cluster.local` names no service.
 #[test]
 fn service_hostnames_in_the_configured_cluster_domain() {
-    let mesh = bed_with(vec!["--cluster-domain".into(), "corp.internal".into()]);
+    let mesh = bed_with(
+        vec!["--cluster-domain".into(), "corp.internal".into()],
+        vec![],
+    );
     let client = cert(&mesh, "client", &[CLIENT]);
     let host = "server.demo.svc.corp.internal";
     let got = connect_ours(&mesh, &client, &format!("{host}:80"), &[]);
@@ -246,6 +250,25 @@ fn service_hostnames_in_the_configured_cluster_domain() {
     opened_for(&mesh, host, 1.0);
     let got = connect_ours(&mesh, &client, &format!("{HOST}:80"), &[]);
     assert_eq!(got.status, 503, "{got:?}");
+}
+
+/// A policy on source addresses judges the tunnel's own source address: a peer's
+/// `forwarded: for=` is its claim, reported, never trusted by policy.
+#[test]
+fn ip_blocks_judge_the_tunnels_source_not_the_forwarded_claim() {
+    let deny_c = json!({"apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-c", "namespace": "demo"},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": [format!("{C_IP}/32")]}}]}]}});
+    let allow_other = json!({"apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "allow-other", "namespace": "demo"},
+        "spec": {"rules": [{"from": [{"source": {"ipBlocks": ["10.9.9.9/32"]}}]}]}});
+    for policy in [deny_c, allow_other] {
+        let mesh = bed_with(vec![], vec![policy.clone()]);
+        let client = cert(&mesh, "client", &[CLIENT]);
+        let spoofed = [("forwarded", "for=\"10.9.9.9:4000\"")];
+        let got = connect_ours(&mesh, &client, &format!("{B_IP}:8080"), &spoofed);
+        assert_eq!(got.status, 401, "{}: {got:?}", policy["metadata"]["name"]);
+    }
 }
 
 #[test]

@@ -566,6 +566,34 @@ mod tests {
         assert!(s.is_err());
     }
 
+    /// A client offering only suites other than the two the daemons speak is refused at the
+    /// handshake, for that reason. (TLS 1.2 is not built in at all: rustls without `tls12`.)
+    #[tokio::test]
+    async fn a_client_offering_only_other_suites_is_refused() {
+        use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+        let cas = cas();
+        let server = issue(&cas.main, &id("spiffe://cluster.local/ns/b/sa/server"), DAY).unwrap();
+        let chacha = Arc::new(CryptoProvider {
+            cipher_suites: vec![cipher_suite::TLS13_CHACHA20_POLY1305_SHA256],
+            ..default_provider()
+        });
+        let mut cfg = ClientConfig::builder_with_provider(chacha)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+                roots: server.roots.clone(),
+                revocation: Revocation::default(),
+                expected: vec![server.identity.clone()],
+                algs: provider().signature_verification_algorithms,
+            }))
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let (_, s) = handshake(Arc::new(cfg), &server).await;
+        let e = s.unwrap_err();
+        assert!(e.contains("NoCipherSuitesInCommon"), "{e}");
+    }
+
     /// A trust bundle of two roots (a root rotation in progress): each side's leaf chains to a
     /// different root, and both handshakes complete, each reading the other's identity.
     #[tokio::test]
