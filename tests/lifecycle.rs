@@ -82,7 +82,8 @@ fn the_cni_chain_with_a_real_daemon() {
         "a pod outside the mesh gets none"
     );
 
-    // CHECK passes, then fails once someone flushes the pod's table.
+    // CHECK passes, then fails once someone slips an `accept` before the inbound capture
+    // (the port's traffic would pass the mesh), and once someone flushes the pod's table.
     let check = node
         .runtime
         .check(&node.conflist, &pod.attachment, &pod.result)
@@ -91,14 +92,29 @@ fn the_cni_chain_with_a_real_daemon() {
         check.len() == 2 && check.iter().all(|o| o.code == 0),
         "both plugins of the chain succeed: {check:?}"
     );
-    pod.ns
-        .exec("nft", &["flush", "table", "inet", "ztunnel"])
-        .unwrap();
-    let check = node
-        .runtime
-        .check(&node.conflist, &pod.attachment, &pod.result)
-        .unwrap();
-    assert_eq!(check.last().unwrap().error_code(), Some(101), "{check:?}");
+    let bypass = [
+        "insert",
+        "rule",
+        "inet",
+        "ztunnel",
+        "prerouting_nat",
+        "tcp",
+        "dport",
+        "8080",
+        "accept",
+    ];
+    for change in [&bypass[..], &["flush", "table", "inet", "ztunnel"][..]] {
+        pod.ns.exec("nft", change).unwrap();
+        let check = node
+            .runtime
+            .check(&node.conflist, &pod.attachment, &pod.result)
+            .unwrap();
+        assert_eq!(
+            check.last().unwrap().error_code(),
+            Some(101),
+            "{change:?}: {check:?}"
+        );
+    }
 
     // DEL, twice: both succeed; the rules and the pod's record are gone.
     for _ in 0..2 {

@@ -2,8 +2,10 @@
 //!
 //! [`pod_ruleset`] renders the table (a pure function, tested as text); [`install`] replaces it
 //! in one `nft -f` transaction (atomic, idempotent: the table is declared, deleted and declared
-//! again in one batch) and adds the policy route; [`check`] reads it back; [`remove`] deletes
-//! both. What the rules do, in the pod's namespace:
+//! again in one batch) and adds the policy route; [`check`] reads it back and compares it, rule
+//! by rule, with the table as `nft` listed it right after this process's first install (every
+//! pod's table is the same; `nft` renders it in its own way, so the listing is the reference);
+//! [`remove`] deletes both. What the rules do, in the pod's namespace:
 //! - outbound TCP not to loopback → `redirect` to 15001 (the daemon reads `SO_ORIGINAL_DST`);
 //! - inbound TCP other than to 15008 → `redirect` to 15006;
 //! - packets of the daemon's own sockets (mark `0x539/0xfff`) are never captured;
@@ -105,7 +107,8 @@ table inet {TABLE} {{
     )
 }
 
-/// Lines that [`check`] expects in `nft list table` output: the captures and the skips.
+/// Lines that [`check`] expects in `nft list table` output before this process has installed
+/// a table to compare with: the captures and the skips.
 fn expected_lines() -> Vec<String> {
     vec![
         format!(
@@ -264,6 +267,11 @@ impl Family {
 /// listeners inherit queued connections.
 pub fn install(ns: &Netns, ipv6: bool) -> Result<(), RulesError> {
     run(ns, "nft", &["-f", "-"], Some(&pod_ruleset()))?;
+    if INSTALLED.get().is_none() {
+        if let Ok(listing) = run(ns, "nft", &["list", "table", "inet", TABLE], None) {
+            let _ = INSTALLED.set(rule_lines(&listing));
+        }
+    }
     policy_route(ns, Family::V4, true)?;
     if ipv6 {
         policy_route(ns, Family::V6, true)?;
@@ -276,16 +284,43 @@ pub fn install(ns: &Netns, ipv6: bool) -> Result<(), RulesError> {
     Ok(())
 }
 
-/// Verifies the pod's table is present with its capture rules.
+/// The table as `nft` listed it right after this process's first install.
+static INSTALLED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// A listing's chains, hooks and rules, one per line, without indentation or blank lines.
+fn rule_lines(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// How `listing` differs from the `installed` one (`None`: not yet known, then only the
+/// captures and skips are looked for): the first rule added, missing or changed.
+fn compare(installed: Option<&[String]>, listing: &str) -> Result<(), String> {
+    let got = rule_lines(listing);
+    let Some(want) = installed else {
+        return match expected_lines().into_iter().find(|w| !got.contains(w)) {
+            Some(w) => Err(format!("rule `{w}` is missing")),
+            None => Ok(()),
+        };
+    };
+    match want.iter().zip(&got).find(|(w, g)| w != g) {
+        Some((w, g)) => Err(format!("`{g}` where the installed table has `{w}`")),
+        None if got.len() > want.len() => Err(format!("`{}` added", got[want.len()])),
+        None if got.len() < want.len() => Err(format!("`{}` is missing", want[got.len()])),
+        None => Ok(()),
+    }
+}
+
+/// Verifies the pod's table is the one installed: present, nothing added, removed or changed
+/// (an `accept` slipped before a capture would let traffic past the mesh).
 pub fn check(ns: &Netns) -> Result<(), RulesError> {
     let listing = run(ns, "nft", &["list", "table", "inet", TABLE], None)
         .map_err(|e| RulesError::Altered(e.to_string()))?;
-    for want in expected_lines() {
-        if !listing.contains(&want) {
-            return Err(RulesError::Altered(format!("rule `{want}` is missing")));
-        }
-    }
-    Ok(())
+    compare(INSTALLED.get().map(Vec::as_slice), &listing).map_err(RulesError::Altered)
 }
 
 /// Removes the pod's table and policy route; a missing table is not an error.
@@ -376,6 +411,78 @@ mod tests {
         assert!(r.contains("ct mark set ct mark & 0xfffff000 | 0x111"));
         assert!(r.contains("type route hook output"));
         assert!(r.contains("ct mark & 0xfff == 0x111 meta mark set"));
+    }
+
+    /// A listing as `nft` renders the pod's table (its own spelling of the marks).
+    const LISTING: &str = "table inet ztunnel {
+\tchain prerouting_nat {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tip saddr 169.254.7.127 accept
+\t\tip6 saddr fd7a:7475:6e6e:656c::7f accept
+\t\tmeta mark & 0x00000fff == 0x00000539 accept
+\t\ttcp dport 15008 accept
+\t\tmeta l4proto tcp redirect to :15006
+\t}
+
+\tchain output_nat {
+\t\ttype nat hook output priority -100; policy accept;
+\t\tmeta l4proto tcp redirect to :15001
+\t}
+}
+";
+
+    #[test]
+    fn check_finds_rules_added_removed_or_changed() {
+        let installed = rule_lines(LISTING);
+        let edit = |from: &str, to: &str| LISTING.replacen(from, to, 1);
+        // (listing, compared with the installed table, or only with the expected lines)
+        let cases: Vec<(String, Option<&str>, Option<&str>)> = vec![
+            (LISTING.into(), None, None),
+            (LISTING.replace('\t', "    "), None, None),
+            (
+                edit(
+                    "\t\ttcp dport 15008",
+                    "\t\ttcp dport 8080 accept\n\t\ttcp dport 15008",
+                ),
+                Some("`tcp dport 8080 accept` where"),
+                None,
+            ),
+            (
+                edit("\t\tmeta l4proto tcp redirect to :15001\n", ""),
+                Some("`}` where the installed table has `meta l4proto tcp redirect to :15001`"),
+                Some("redirect to :15001` is missing"),
+            ),
+            (
+                edit(
+                    "meta mark & 0x00000fff == 0x00000539 accept",
+                    "meta mark & 0x00000fff == 0x00000001 accept",
+                ),
+                Some("0x00000001 accept` where"),
+                None,
+            ),
+            (
+                format!("{LISTING}table inet other {{\n}}\n"),
+                Some("`table inet other {` added"),
+                None,
+            ),
+            (
+                String::new(),
+                Some("`table inet ztunnel {` is missing"),
+                Some("is missing"),
+            ),
+        ];
+        for (listing, want, want_lines) in cases {
+            let got = compare(Some(&installed), &listing);
+            match want {
+                None => assert_eq!(got, Ok(()), "{listing}"),
+                Some(w) => assert!(got.as_ref().is_err_and(|e| e.contains(w)), "{w}: {got:?}"),
+            }
+            let got = compare(None, &listing);
+            match want_lines {
+                None => assert_eq!(got, Ok(()), "{listing}"),
+                Some(w) => assert!(got.as_ref().is_err_and(|e| e.contains(w)), "{w}: {got:?}"),
+            }
+        }
     }
 
     #[test]
