@@ -3,7 +3,8 @@
 //! documentation of its standard metrics (istio.io, "Istio Standard Metrics": the labels of
 //! `istio_tcp_*` and what each says), as Istio's ztunnel fills them in, and the bytes are
 //! counted exactly. A stream denied at the destination is reported there with its source
-//! workload and `response_flags="DENY"`. Metrics and readiness answer on IPv4 and IPv6.
+//! workload and `response_flags="DENY"`; a plain pod's connection with its workload and an
+//! `unknown` principal and security policy. Metrics and readiness answer on IPv4 and IPv6.
 
 use std::collections::BTreeMap;
 
@@ -214,5 +215,42 @@ fn istio_tcp_metrics_carry_istios_labels_and_values_at_both_reporters() {
     assert_eq!(
         exactly(&m, "istio_tcp_connections_failed_total", &refused),
         1.0
+    );
+
+    // A plain pod's connection (no tunnel, no certificate): its source is known by address,
+    // its principal and the security policy are `unknown`, never what discovery says of it.
+    let srv = bed.pod("server").ns.serve(8080, |l| async move {
+        let (mut s, _) = l.accept().await.expect("accept");
+        s.write_all(b"p").await.expect("write");
+    });
+    let got = bed.pod("legacy-1").ns.block_on(async {
+        let mut s = TcpStream::connect(("10.20.2.10", 8080)).await?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.map(|_| b[0])
+    });
+    assert_eq!(got.unwrap(), b'p');
+    bed.pod("server").ns.join(srv);
+    let plain = [
+        ("reporter", "destination"),
+        ("source_workload_namespace", "plain"),
+        ("source_principal", "unknown"),
+        ("connection_security_policy", "unknown"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/demo/sa/server",
+        ),
+    ];
+    let m = bed.metrics_when(1, "istio_tcp_connections_opened_total", &plain, 1.0);
+    let from_plain: Vec<_> = series(&m, "istio_tcp_connections_opened_total")
+        .into_iter()
+        .filter(|(l, _)| l["source_workload_namespace"] == "plain")
+        .collect();
+    assert_eq!(from_plain.len(), 1, "{from_plain:?}");
+    let (labels, _) = &from_plain[0];
+    assert_eq!(labels["source_workload"], "legacy-1", "{labels:?}");
+    assert_eq!(labels["source_principal"], "unknown", "{labels:?}");
+    assert_eq!(
+        labels["connection_security_policy"], "unknown",
+        "{labels:?}"
     );
 }
