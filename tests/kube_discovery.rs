@@ -9,7 +9,7 @@
 //! changes down to the enrollment decision, and refuse a policy the CRD admits but the
 //! daemon cannot enforce while keeping the rest. The last test runs the real
 //! `ztunnel run --discovery-source kubernetes` in a network namespace attached to the control
-//! plane.
+//! plane, its API client taking the post-quantum hybrid key exchange alone (`pqc-only`).
 //!
 //! The API server is shared by every test of the binary, and the daemon sees every object of
 //! the cluster: each test works in namespaces and on nodes of its own, gives its pods
@@ -590,6 +590,10 @@ fn the_daemon_runs_on_kubernetes_discovery() {
         dir.join("state").to_str().unwrap(),
         "--drain-grace",
         "1s",
+        // Its API client too takes the post-quantum hybrid alone: the real API server offers
+        // it (the other tests run on the default, which prefers it).
+        "--tls-key-exchange",
+        "pqc-only",
     ]
     .iter()
     .map(|s| s.to_string())
