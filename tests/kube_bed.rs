@@ -45,6 +45,31 @@ fn three_pods_on_the_api_server() -> TestBed {
         .expect("the bed on the real API server")
 }
 
+/// Service `name` in namespace `ns` with `spec`, and one EndpointSlice of it with `ports` and
+/// `endpoints` (as the endpoint-slice controller writes it, or a user for a selectorless
+/// Service); its cluster IP.
+fn service_with_slice(
+    cp: &ztunnel_e2e::controlplane::ControlPlane,
+    ns: &str,
+    name: &str,
+    spec: Value,
+    ports: Value,
+    endpoints: Value,
+) -> String {
+    let svc = cp
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}))
+        .unwrap();
+    cp.apply(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4", "ports": ports, "endpoints": endpoints}),
+    )
+    .unwrap();
+    svc[0]["spec"]["clusterIP"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn pods_policies_and_enrollment_follow_the_api_server() {
     let bed = three_pods_on_the_api_server();
@@ -91,25 +116,16 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
         "spec": {"nodeName": n2, "hostNetwork": true,
                  "containers": [{"name": "exporter", "image": "exporter"}]}}))
         .unwrap();
-    let exporter = cp
-        .apply(json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "exporter", "namespace": demo},
-            "spec": {"selector": {"app": "exporter"},
-                     "ports": [{"name": "metrics", "port": 9100, "protocol": "TCP"}]}}))
-        .unwrap()[0]["spec"]["clusterIP"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    cp.apply(
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "exporter-abc", "namespace": demo,
-                     "labels": {"kubernetes.io/service-name": "exporter"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "metrics", "port": 9100, "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["192.168.77.2"], "conditions": {"ready": true}, "nodeName": n2,
-                       "targetRef": {"kind": "Pod", "namespace": demo, "name": "exporter"}}]}),
-    )
-    .unwrap();
+    let exporter = service_with_slice(
+        cp,
+        &demo,
+        "exporter",
+        json!({"selector": {"app": "exporter"},
+               "ports": [{"name": "metrics", "port": 9100, "protocol": "TCP"}]}),
+        json!([{"name": "metrics", "port": 9100, "protocol": "TCP"}]),
+        json!([{"addresses": ["192.168.77.2"], "conditions": {"ready": true}, "nodeName": n2,
+                "targetRef": {"kind": "Pod", "namespace": demo, "name": "exporter"}}]),
+    );
     wait_for(
         "the client's daemon to learn the host-network endpoint",
         || whoami(&bed, "client", &exporter, 9100).is_ok(),
@@ -120,23 +136,14 @@ fn pods_policies_and_enrollment_follow_the_api_server() {
     );
     // A selectorless Service (port 5432, no targetPort) whose own slice names an address on
     // another port: reached on the slice's port, as kube-proxy does.
-    let external = cp
-        .apply(json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "external", "namespace": demo},
-            "spec": {"ports": [{"name": "db", "port": 5432, "protocol": "TCP"}]}}))
-        .unwrap()[0]["spec"]["clusterIP"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    cp.apply(
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "external-1", "namespace": demo,
-                     "labels": {"kubernetes.io/service-name": "external"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "db", "port": 9100, "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["192.168.77.2"]}]}),
-    )
-    .unwrap();
+    let external = service_with_slice(
+        cp,
+        &demo,
+        "external",
+        json!({"ports": [{"name": "db", "port": 5432, "protocol": "TCP"}]}),
+        json!([{"name": "db", "port": 9100, "protocol": "TCP"}]),
+        json!([{"addresses": ["192.168.77.2"]}]),
+    );
     wait_for(
         "the client's daemon to learn the selectorless Service",
         || whoami(&bed, "client", &external, 5432).is_ok(),

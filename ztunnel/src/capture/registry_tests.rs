@@ -490,23 +490,7 @@ fn recovery_serves_the_recorded_pods_again() {
     gone.netns = bed.dir.path().join("gone");
     bed.store.save(&gone).unwrap();
     // A second registry on the same records, as a restarted daemon.
-    let again = {
-        let fake = Fake {
-            log: Log::default(),
-            gate: Mutex::new(None),
-            panic: Arc::default(),
-        };
-        let cx = Context {
-            discovery: Discovery::fixed(crate::discovery::parse(MESH, "cluster.local").unwrap()),
-            node: "n1".into(),
-            trust_domain: "cluster.local".into(),
-            metrics: Arc::new(Metrics::default()),
-            store: bed.store.clone(),
-            annotator: Arc::new(Notes::default()),
-        };
-        let (_, ready) = tokio::sync::watch::channel(true);
-        Pods::start(Registry::new(fake, cx), ready).unwrap()
-    };
+    let again = restarted(&bed, Log::default());
     assert_eq!(block_on(again.recover()), 1);
     let held: Vec<String> = again
         .list()
@@ -515,6 +499,25 @@ fn recovery_serves_the_recorded_pods_again() {
         .collect();
     assert_eq!(held, ["c1"]);
     assert_eq!(bed.recorded(), ["c1"]);
+}
+
+/// A second registry on `bed`'s records, as a restarted daemon's, its fake noting in `log`.
+fn restarted(bed: &Bed, log: Log) -> Pods {
+    let fake = Fake {
+        log,
+        gate: Mutex::new(None),
+        panic: Arc::default(),
+    };
+    let cx = Context {
+        discovery: Discovery::fixed(crate::discovery::parse(MESH, "cluster.local").unwrap()),
+        node: "n1".into(),
+        trust_domain: "cluster.local".into(),
+        metrics: Arc::new(Metrics::default()),
+        store: bed.store.clone(),
+        annotator: Arc::new(Notes::default()),
+    };
+    let (_, ready) = tokio::sync::watch::channel(true);
+    Pods::start(Registry::new(fake, cx), ready).unwrap()
 }
 
 /// A reconciler record is served again only while its netns is still the pod's: one whose
@@ -531,25 +534,7 @@ fn recovery_serves_a_reconciled_pod_again_only_in_its_own_netns() {
         r.attachment = reconciled_attachment(&r.pod.uid);
         bed.store.save(&r).unwrap();
         let log = Log::default();
-        let again = {
-            let fake = Fake {
-                log: log.clone(),
-                gate: Mutex::new(None),
-                panic: Arc::default(),
-            };
-            let cx = Context {
-                discovery: Discovery::fixed(
-                    crate::discovery::parse(MESH, "cluster.local").unwrap(),
-                ),
-                node: "n1".into(),
-                trust_domain: "cluster.local".into(),
-                metrics: Arc::new(Metrics::default()),
-                store: bed.store.clone(),
-                annotator: Arc::new(Notes::default()),
-            };
-            let (_, ready) = tokio::sync::watch::channel(true);
-            Pods::start(Registry::new(fake, cx), ready).unwrap()
-        };
+        let again = restarted(&bed, log.clone());
         assert_eq!(block_on(again.recover()), usize::from(served), "{netns}");
         let touched = log.lock().iter().any(|l| l.contains(netns));
         assert_eq!(touched, served, "{netns}: {:?}", log.lock());

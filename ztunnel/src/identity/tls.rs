@@ -546,11 +546,10 @@ mod tests {
         assert!(s.unwrap_err().contains("trust domain"));
     }
 
-    #[tokio::test]
-    async fn client_without_certificate_is_refused() {
-        let cas = cas();
-        let server = issue(&cas.main, &id("spiffe://cluster.local/ns/b/sa/server"), DAY).unwrap();
-        let mut cfg = ClientConfig::builder_with_provider(provider())
+    /// A TLS 1.3 client of `server` with `provider`'s suites, and no certificate of its own.
+    fn anonymous_client(server: &WorkloadCert, provider: Arc<CryptoProvider>) -> Arc<ClientConfig> {
+        let algs = provider.signature_verification_algorithms;
+        let mut cfg = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
@@ -558,11 +557,18 @@ mod tests {
                 roots: server.roots.clone(),
                 revocation: Revocation::default(),
                 expected: vec![server.identity.clone()],
-                algs: provider().signature_verification_algorithms,
+                algs,
             }))
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let (_, s) = handshake(Arc::new(cfg), &server).await;
+        Arc::new(cfg)
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_refused() {
+        let cas = cas();
+        let server = issue(&cas.main, &id("spiffe://cluster.local/ns/b/sa/server"), DAY).unwrap();
+        let (_, s) = handshake(anonymous_client(&server, provider()), &server).await;
         assert!(s.is_err());
     }
 
@@ -577,19 +583,7 @@ mod tests {
             cipher_suites: vec![cipher_suite::TLS13_CHACHA20_POLY1305_SHA256],
             ..default_provider()
         });
-        let mut cfg = ClientConfig::builder_with_provider(chacha)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ServerVerifier {
-                roots: server.roots.clone(),
-                revocation: Revocation::default(),
-                expected: vec![server.identity.clone()],
-                algs: provider().signature_verification_algorithms,
-            }))
-            .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let (_, s) = handshake(Arc::new(cfg), &server).await;
+        let (_, s) = handshake(anonymous_client(&server, chacha), &server).await;
         let e = s.unwrap_err();
         assert!(e.contains("NoCipherSuitesInCommon"), "{e}");
     }

@@ -482,6 +482,25 @@ async fn metrics_on(send: h2::client::SendRequest<Bytes>) -> Option<StatusCode> 
     Some(resp.await.ok()?.status())
 }
 
+/// An HTTP/2 connection to the CA from `src`.
+async fn h2_from(src: &str, ca: &Ca) -> h2::client::SendRequest<Bytes> {
+    let (send, conn) = h2::client::handshake(tls_from(src, ca).await)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A sign request's head, with the token.
+fn sign_request() -> Request<()> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(format!("https://localhost{SIGN_PATH}"))
+        .header(http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .body(())
+        .unwrap()
+}
+
 /// Whether the CA has closed `s` (session tickets read past), within 5 s.
 async fn closed_by_the_ca(s: &mut TlsStream<TcpStream>) -> bool {
     let mut b = [0u8; 64];
@@ -546,27 +565,17 @@ async fn mute_connections_holding_every_place_keep_out_neither_newcomers_nor_a_d
     drop(legit);
 }
 
-/// A connection carries at most `streams_per_connection` requests at once: the CA says so in
-/// its HTTP/2 settings, and with two requests held open (bodies never sent) a third on the
-/// same connection waits until one of them ends, while another connection is served.
 /// A request whose headers take more than [`super::MAX_HEADER_LIST`] is answered `431` without
 /// being kept (its connection serves on); one far over it closes the connection (h2's
 /// `GOAWAY`), counted as an HTTP/2 error.
 #[tokio::test]
 async fn requests_with_oversized_headers_are_refused() {
     let ca = start(limits(4, 8, 256), static_auth()).await;
-    let (mut send, conn) = h2::client::handshake(tls_from("127.0.0.1", &ca).await)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_from("127.0.0.1", &ca).await;
     let oversized = |send: &mut h2::client::SendRequest<Bytes>, filler: usize| {
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("https://localhost{SIGN_PATH}"))
-            .header(http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-            .header("x-filler", "a".repeat(filler))
-            .body(())
-            .unwrap();
+        let mut req = sign_request();
+        let filler = http::HeaderValue::from_str(&"a".repeat(filler)).unwrap();
+        req.headers_mut().insert("x-filler", filler);
         send.send_request(req, true).unwrap().0
     };
     let limit = super::MAX_HEADER_LIST as usize;
@@ -593,6 +602,9 @@ async fn requests_with_oversized_headers_are_refused() {
     .await;
 }
 
+/// A connection carries at most `streams_per_connection` requests at once: the CA says so in
+/// its HTTP/2 settings, and with two requests held open (bodies never sent) a third on the
+/// same connection waits until one of them ends, while another connection is served.
 #[tokio::test]
 async fn a_connection_carries_at_most_its_streams_at_once() {
     let ca = start(
@@ -645,18 +657,9 @@ async fn a_connection_carries_at_most_its_streams_at_once() {
 #[tokio::test]
 async fn oversized_bodies_and_unknown_paths_are_refused_and_counted() {
     let ca = start(limits(4, 8, 256), static_auth()).await;
-    let (mut send, conn) = h2::client::handshake(tls_from("127.0.0.1", &ca).await)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_from("127.0.0.1", &ca).await;
     let post = |send: &mut h2::client::SendRequest<Bytes>, body: usize| {
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("https://localhost{SIGN_PATH}"))
-            .header(http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-            .body(())
-            .unwrap();
-        let (resp, mut stream) = send.send_request(req, false).unwrap();
+        let (resp, mut stream) = send.send_request(sign_request(), false).unwrap();
         stream
             .send_data(Bytes::from(vec![b'{'; body]), true)
             .unwrap();

@@ -119,6 +119,26 @@ fn key<K: Resource>(k: &K) -> Key {
 }
 
 impl Shared {
+    /// The empty store and model of the daemon of `node`.
+    fn new(trust_domain: &str, node: &str, rules: Rules) -> Shared {
+        Shared {
+            inner: Mutex::new(Inner {
+                store: Store {
+                    node: node.to_owned(),
+                    ..Store::default()
+                },
+                changes: Changes::default(),
+                engine: Engine::new(trust_domain, node, rules),
+                since_prune: 0,
+                interner: Interner::default(),
+                synced: 0,
+            }),
+            dirty: tokio::sync::Notify::new(),
+            synced: tokio::sync::Notify::new(),
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
     fn refuse(&self, what: &str, key: &Key, e: &str) {
         self.stats.objects_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(kind = what, namespace = %key.0, name = %key.1, error = %e, "Kubernetes object refused; skipped (an earlier good version, if any, is kept)");
@@ -340,22 +360,7 @@ pub async fn watch_kubernetes(
     if rules.istio {
         istio_served(&client).await?;
     }
-    let shared = Arc::new(Shared {
-        inner: Mutex::new(Inner {
-            store: Store {
-                node: node.clone(),
-                ..Store::default()
-            },
-            changes: Changes::default(),
-            engine: Engine::new(&trust_domain, &node, rules),
-            since_prune: 0,
-            interner: Interner::default(),
-            synced: 0,
-        }),
-        dirty: tokio::sync::Notify::new(),
-        synced: tokio::sync::Notify::new(),
-        stats: Arc::new(Stats::default()),
-    });
+    let shared = Arc::new(Shared::new(&trust_domain, &node, rules));
     let mut tasks = Vec::new();
     tasks.push(spawn_watcher(
         shared.clone(),
@@ -609,22 +614,6 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn shared() -> Shared {
-        Shared {
-            inner: Mutex::new(Inner {
-                store: Store::default(),
-                changes: Changes::default(),
-                engine: Engine::new("cluster.local", "n1", Rules::default()),
-                since_prune: 0,
-                interner: Interner::default(),
-                synced: 0,
-            }),
-            dirty: tokio::sync::Notify::new(),
-            synced: tokio::sync::Notify::new(),
-            stats: Arc::new(Stats::default()),
-        }
-    }
-
     /// Whether the store recorded a change since the last call (and forgets it).
     fn changed(sh: &Shared) -> bool {
         let c = std::mem::take(&mut sh.inner.lock().changes);
@@ -635,7 +624,7 @@ mod tests {
     /// node's status heartbeat no longer rebuilds the model in full.
     #[test]
     fn events_that_leave_an_entry_as_it_was_change_nothing() {
-        let sh = shared();
+        let sh = Shared::new("cluster.local", "n1", Rules::default());
         let mut buf = None;
         let node = |zone: &str, heartbeat: &str| -> objects::LeanNode {
             serde_json::from_value(json!({"metadata": {"name": "n2",

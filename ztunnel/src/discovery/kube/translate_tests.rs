@@ -528,6 +528,17 @@ fn target_ports_are_the_slices_and_local_services_keep_this_nodes_hosts() {
                          "labels": {"kubernetes.io/service-name": "web"}},
             "addressType": "IPv4", "ports": [{"name": name, "port": number}], "endpoints": eps})
     };
+    // Host-network agents on this node and n2, and an API server's address.
+    let agents = slice(
+        "http",
+        8080,
+        &[
+            ("192.168.1.1", Some("agent-n1")),
+            ("192.168.1.2", Some("agent-n2")),
+            ("192.0.2.7", None),
+        ],
+        0,
+    );
     // (port's name, its targetPort, internalTrafficPolicy, slices, want (port → target),
     // want overrides (ip, target), want not-pods)
     type Case<'a> = (
@@ -591,16 +602,7 @@ fn target_ports_are_the_slices_and_local_services_keep_this_nodes_hosts() {
             Some("http"),
             json!(8080),
             "Local",
-            vec![slice(
-                "http",
-                8080,
-                &[
-                    ("192.168.1.1", Some("agent-n1")),
-                    ("192.168.1.2", Some("agent-n2")),
-                    ("192.0.2.7", None),
-                ],
-                0,
-            )],
+            vec![agents.clone()],
             Some(8080),
             vec![],
             vec!["192.168.1.1"],
@@ -609,16 +611,7 @@ fn target_ports_are_the_slices_and_local_services_keep_this_nodes_hosts() {
             Some("http"),
             json!(8080),
             "Cluster",
-            vec![slice(
-                "http",
-                8080,
-                &[
-                    ("192.168.1.1", Some("agent-n1")),
-                    ("192.168.1.2", Some("agent-n2")),
-                    ("192.0.2.7", None),
-                ],
-                0,
-            )],
+            vec![agents.clone()],
             Some(8080),
             vec![],
             vec!["192.0.2.7", "192.168.1.1", "192.168.1.2"],
