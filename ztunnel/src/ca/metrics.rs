@@ -138,3 +138,30 @@ impl CaMetrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Each series is exported under the name the README gives it (a contract: dashboards
+    /// and alerts read them by name).
+    #[test]
+    fn series_are_exported_under_their_documented_names() {
+        let m = super::CaMetrics::default();
+        m.signed();
+        m.refused("bad_request");
+        m.token_review("authenticated");
+        m.token_review_saved("cached_authenticated");
+        m.reload(false);
+        m.connections_gauge().set(3);
+        let text = m.encode();
+        for line in [
+            "ztunnel_ca_signed_total 1",
+            "ztunnel_ca_refusals_total{reason=\"bad_request\"} 1",
+            "ztunnel_ca_token_reviews_total{result=\"authenticated\"} 1",
+            "ztunnel_ca_token_reviews_saved_total{result=\"cached_authenticated\"} 1",
+            "ztunnel_ca_material_reloads_total{result=\"refused\"} 1",
+            "ztunnel_ca_connections 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
+}
