@@ -74,6 +74,7 @@ fn store(pods: usize) -> Store {
                 }],
                 selector: Labels::default(),
                 node_local: false,
+                distribution: Default::default(),
                 use_waypoint: None,
             },
         );

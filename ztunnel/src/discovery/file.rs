@@ -106,6 +106,9 @@ struct ServiceEntry {
     /// `internalTrafficPolicy: Local`: only the endpoints on the source's node.
     #[serde(default)]
     node_local: bool,
+    /// `trafficDistribution` (`PreferSameZone`, `PreferClose`, `PreferSameNode`).
+    #[serde(default)]
+    traffic_distribution: Option<String>,
     /// Only `istio.io/use-waypoint` is read.
     #[serde(default)]
     labels: BTreeMap<String, String>,
@@ -247,6 +250,11 @@ impl Builder<'_> {
                 o
             },
             node_local: s.node_local,
+            distribution: s
+                .traffic_distribution
+                .as_deref()
+                .map(super::model::Distribution::parse)
+                .unwrap_or_default(),
             use_waypoint: s
                 .labels
                 .get(crate::discovery::enrollment::ISTIO_USE_WAYPOINT)

@@ -23,8 +23,8 @@ pub use kube::watch_kubernetes;
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 
 pub use model::{
-    Interner, Labels, Locality, Namespace, PortOverride, Protocol, Service, ServicePort, Services,
-    State, Telemetry, Workload, Workloads, DATAPLANE_MODE_LABEL,
+    Distribution, Interner, Labels, Locality, Namespace, PortOverride, Protocol, Service,
+    ServicePort, Services, State, Telemetry, Workload, Workloads, DATAPLANE_MODE_LABEL,
 };
 
 #[derive(Debug, thiserror::Error)]

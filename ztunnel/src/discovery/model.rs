@@ -111,6 +111,48 @@ pub struct PortOverride {
     pub target_port: u16,
 }
 
+/// Which endpoints a service's connections prefer (`trafficDistribution`): the closest to the
+/// source, as Istio ranks them (the same region, then zone, then node), spilling over to the
+/// next closest only when there are none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Distribution {
+    /// Any endpoint.
+    #[default]
+    Any,
+    /// `PreferSameZone` (or `PreferClose`).
+    PreferSameZone,
+    /// `PreferSameNode`.
+    PreferSameNode,
+}
+
+impl Distribution {
+    /// The value of a Service's `spec.trafficDistribution` (or Istio's
+    /// `networking.istio.io/traffic-distribution` annotation); unknown values are `Any`.
+    pub fn parse(s: &str) -> Distribution {
+        match s.to_ascii_lowercase().as_str() {
+            "preferclose" | "prefersamezone" => Distribution::PreferSameZone,
+            "prefersamenode" => Distribution::PreferSameNode,
+            _ => Distribution::Any,
+        }
+    }
+
+    /// How close an endpoint on `node` at `locality` is to a source on `src_node` at
+    /// `src_locality`: how many of the scopes (region, zone, then node) match in a row.
+    pub fn rank(self, src_node: &str, src: &Locality, node: &str, at: &Locality) -> usize {
+        let scopes = [
+            src.region == at.region,
+            src.zone == at.zone,
+            self == Distribution::PreferSameNode && src_node == node,
+        ];
+        let considered = match self {
+            Distribution::Any => 0,
+            Distribution::PreferSameZone => 2,
+            Distribution::PreferSameNode => 3,
+        };
+        scopes[..considered].iter().take_while(|m| **m).count()
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Service {
     pub name: Arc<str>,
@@ -125,6 +167,9 @@ pub struct Service {
     /// (none: refused), as kube-proxy and Istio do.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub node_local: bool,
+    /// Which endpoints its connections prefer.
+    #[serde(skip_serializing_if = "is_any")]
+    pub distribution: Distribution,
     pub selector: Labels,
     /// Ready endpoints that are no workload's address (an API server, the addresses of a
     /// selectorless service's own EndpointSlices, host-network pods at their node's address):
@@ -132,6 +177,10 @@ pub struct Service {
     pub not_pods: Vec<IpAddr>,
     /// Its `istio.io/use-waypoint` label ([`State::waypoint_of`]).
     pub use_waypoint: Option<Arc<str>>,
+}
+
+fn is_any(d: &Distribution) -> bool {
+    *d == Distribution::Any
 }
 
 impl Service {

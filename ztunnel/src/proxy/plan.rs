@@ -3,7 +3,8 @@
 //!
 //! - a Service VIP: the port must be one of the service's; one endpoint of the VIP's address
 //!   family is picked (of a dual-stack service, any endpoint, on its other family's address
-//!   when it has none of the VIP's; of a node-local service, one on the source's node) and
+//!   when it has none of the VIP's; of a node-local service, one on the source's node; of one
+//!   with a traffic distribution, one of the closest, [`crate::discovery::Distribution`]) and
 //!   the port mapped to its target port (the endpoint's own, [`Service::port_overrides`]);
 //!   an endpoint that is not a workload (an API server's address, say:
 //!   [`Service::not_pods`]) is passed through; under
@@ -101,6 +102,9 @@ pub fn outbound(
                         .map(|a| (None, *a)),
                 )
                 .collect();
+            // The closest endpoints, when the service prefers them (an endpoint that is no
+            // workload has no known locality).
+            let candidates = closest(svc, source, candidates);
             if candidates.is_empty() {
                 return Err(PlanError::NoEndpoints { service: name });
             }
@@ -130,6 +134,29 @@ pub fn outbound(
         dst_workload: dst,
         service,
     })
+}
+
+/// Of `candidates`, those closest to `source` by `svc`'s traffic distribution (all of them
+/// when it has none).
+fn closest<'a>(
+    svc: &Service,
+    source: &Workload,
+    candidates: Vec<(Option<&'a Arc<Workload>>, std::net::IpAddr)>,
+) -> Vec<(Option<&'a Arc<Workload>>, std::net::IpAddr)> {
+    let d = svc.distribution;
+    if d == crate::discovery::Distribution::Any {
+        return candidates;
+    }
+    let unknown = crate::discovery::Locality::default();
+    let rank = |w: Option<&Arc<Workload>>| match w {
+        Some(w) => d.rank(&source.node, &source.locality, &w.node, &w.locality),
+        None => d.rank(&source.node, &source.locality, "", &unknown),
+    };
+    let best = candidates.iter().map(|(w, _)| rank(*w)).max().unwrap_or(0);
+    candidates
+        .into_iter()
+        .filter(|(w, _)| rank(*w) == best)
+        .collect()
 }
 
 /// Where an inbound tunnel stream goes.
@@ -357,6 +384,50 @@ services:
                 (_, got) => panic!("{dst}: unexpected {got:?}"),
             }
         }
+    }
+
+    /// A service with a traffic distribution picks among the endpoints closest to the source
+    /// (region, then zone, then node), spilling over only when there are none closer.
+    #[test]
+    fn traffic_distribution_prefers_the_closest_endpoints() {
+        let mesh = "
+namespaces: [{name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}]
+workloads:
+  - {uid: a, name: a, namespace: demo, serviceAccount: sa-a, node: n1, ips: [10.0.0.1], locality: r1/z1}
+  - {uid: near, name: near, namespace: demo, serviceAccount: sa-b, node: n1, ips: [10.0.0.2], locality: r1/z1, labels: {app: b}}
+  - {uid: zone, name: zone, namespace: demo, serviceAccount: sa-b, node: n2, ips: [10.0.0.3], locality: r1/z1, labels: {app: b}}
+  - {uid: region, name: region, namespace: demo, serviceAccount: sa-b, node: n3, ips: [10.0.0.4], locality: r1/z2, labels: {app: b, far: x}}
+  - {uid: far, name: far, namespace: demo, serviceAccount: sa-b, node: n4, ips: [10.0.0.5], locality: r2/z9, labels: {app: b, far: x}}
+services:
+  - {name: any, namespace: demo, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: b}}
+  - {name: zone, namespace: demo, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, trafficDistribution: PreferClose}
+  - {name: node, namespace: demo, vips: [10.96.0.3], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, trafficDistribution: PreferSameNode}
+  - {name: spill, namespace: demo, vips: [10.96.0.4], ports: [{port: 80, targetPort: 8080}], selector: {far: x}, trafficDistribution: PreferSameZone}
+";
+        let state = crate::discovery::parse(mesh, "cluster.local").unwrap();
+        let src = state.workload_by_uid("a").unwrap();
+        // The endpoints each service's connections go to, over every pick.
+        let reached = |vip: &str| {
+            let mut ips: Vec<String> = (0..8)
+                .map(
+                    |n| match outbound(&state, src, vip.parse().unwrap(), &mut |_| n) {
+                        Ok(Plan::Hbone { dst_addr, .. }) => dst_addr.ip().to_string(),
+                        other => panic!("{vip}: {other:?}"),
+                    },
+                )
+                .collect();
+            ips.sort();
+            ips.dedup();
+            ips
+        };
+        assert_eq!(
+            reached("10.96.0.1:80"),
+            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
+        );
+        assert_eq!(reached("10.96.0.2:80"), ["10.0.0.2", "10.0.0.3"]);
+        assert_eq!(reached("10.96.0.3:80"), ["10.0.0.2"]);
+        // None in the source's zone: those of its region, not the far one.
+        assert_eq!(reached("10.96.0.4:80"), ["10.0.0.4"]);
     }
 
     /// A node-local service keeps to the source's node; an endpoint whose slice gives

@@ -201,6 +201,7 @@ impl World {
             }],
             selector: Default::default(),
             node_local: self.rng.chance(20),
+            distribution: Default::default(),
             use_waypoint: self.rng.chance(20).then(|| "wp".into()),
         };
         let old = self.store.services.insert(k.clone(), e);

@@ -15,7 +15,8 @@
 //!   host-network pods.
 //! - Services keep name, VIPs (`clusterIPs`; headless and ExternalName services have none and
 //!   are not kept), ports with their `targetPort` (a number, or a name resolved against the
-//!   EndpointSlices), selector, and whether `internalTrafficPolicy` is `Local`.
+//!   EndpointSlices), selector, whether `internalTrafficPolicy` is `Local`, and its
+//!   `trafficDistribution` (else Istio's annotation of it).
 //! - EndpointSlices keep the service they belong to (`kubernetes.io/service-name`), their named
 //!   ports, and the addresses of ready endpoints only (`conditions.ready` absent counts as ready,
 //!   as the API documents), noting those whose endpoint names no Pod (`targetRef`): an API
@@ -35,7 +36,10 @@ use serde::{Deserialize, Deserializer};
 
 use crate::discovery::enrollment::{OtherMesh, Rules};
 pub use crate::discovery::model::Interner;
-use crate::discovery::model::{Labels, Locality, Telemetry};
+use crate::discovery::model::{Distribution, Labels, Locality, Telemetry};
+
+/// Istio's annotation of a Service's traffic distribution (read where the field is not set).
+pub const ISTIO_TRAFFIC_DISTRIBUTION: &str = "networking.istio.io/traffic-distribution";
 use crate::discovery::policy::PolicyObject;
 
 /// A Pod with only the fields discovery reads.
@@ -381,6 +385,9 @@ pub struct ServiceEntry {
     pub selector: Labels,
     /// `internalTrafficPolicy: Local`.
     pub node_local: bool,
+    /// Its `trafficDistribution`, else Istio's `networking.istio.io/traffic-distribution`
+    /// annotation.
+    pub distribution: Distribution,
     /// Its `istio.io/use-waypoint` label.
     pub use_waypoint: Option<Arc<str>>,
 }
@@ -442,6 +449,15 @@ pub fn service_entry(svc: &K8sService, int: &mut Interner) -> Result<Option<Serv
         ports,
         selector: int.labels(spec.selector.as_ref().unwrap_or(&BTreeMap::new())),
         node_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        distribution: spec
+            .traffic_distribution
+            .as_deref()
+            .or_else(|| {
+                let a = svc.metadata.annotations.as_ref()?;
+                a.get(ISTIO_TRAFFIC_DISTRIBUTION).map(String::as_str)
+            })
+            .map(Distribution::parse)
+            .unwrap_or_default(),
         use_waypoint: svc
             .metadata
             .labels

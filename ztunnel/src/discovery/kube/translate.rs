@@ -207,6 +207,7 @@ pub fn service_outcome(
         ports,
         port_overrides,
         node_local: s.node_local,
+        distribution: s.distribution,
         selector: s.selector.clone(),
         not_pods,
         use_waypoint: s.use_waypoint.clone(),

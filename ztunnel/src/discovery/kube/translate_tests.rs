@@ -658,6 +658,46 @@ fn target_ports_are_the_slices_and_local_services_keep_this_nodes_hosts() {
     }
 }
 
+/// A Service's `trafficDistribution` is kept, else Istio's annotation of it; an unknown value
+/// prefers nothing.
+#[test]
+fn a_services_traffic_distribution_is_kept() {
+    use crate::discovery::Distribution;
+    let with = |field: Option<&str>, annotation: Option<&str>| {
+        let mut s = svc("demo", "web", "10.96.0.1", json!(8080));
+        if let Some(f) = field {
+            s["spec"]["trafficDistribution"] = json!(f);
+        }
+        if let Some(a) = annotation {
+            s["metadata"]["annotations"] = json!({"networking.istio.io/traffic-distribution": a});
+        }
+        let (st, refused) = store(&[ns("demo", true), s]);
+        assert!(refused.is_empty(), "{refused:?}");
+        let (s, _) = build("cluster.local", Rules::default(), &st);
+        let d = s
+            .unwrap()
+            .service_by_vip("10.96.0.1".parse().unwrap())
+            .unwrap()
+            .distribution;
+        d
+    };
+    let cases = [
+        (None, None, Distribution::Any),
+        (Some("PreferClose"), None, Distribution::PreferSameZone),
+        (Some("PreferSameZone"), None, Distribution::PreferSameZone),
+        (
+            Some("PreferSameNode"),
+            Some("PreferClose"),
+            Distribution::PreferSameNode,
+        ),
+        (None, Some("prefersamenode"), Distribution::PreferSameNode),
+        (Some("Sideways"), None, Distribution::Any),
+    ];
+    for (field, annotation, want) in cases {
+        assert_eq!(with(field, annotation), want, "{field:?} {annotation:?}");
+    }
+}
+
 /// A Service's `istio.io/use-waypoint` label is kept; under the Istio-compatible setting
 /// it (or its namespace's) names the waypoint Istio would send its traffic through.
 #[test]
