@@ -82,14 +82,6 @@ struct PortEntry {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct OverrideEntry {
-    ip: IpAddr,
-    port: u16,
-    target_port: u16,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ServiceEntry {
     name: String,
     namespace: String,
@@ -102,7 +94,7 @@ struct ServiceEntry {
     not_pods: Vec<IpAddr>,
     /// Endpoints whose target port is not the port's `targetPort`.
     #[serde(default)]
-    port_overrides: Vec<OverrideEntry>,
+    port_overrides: Vec<PortOverride>,
     /// `internalTrafficPolicy: Local`: only the endpoints on the source's node.
     #[serde(default)]
     node_local: bool,
@@ -237,16 +229,8 @@ impl Builder<'_> {
             selector: self.int.labels(&s.selector),
             not_pods: s.not_pods,
             port_overrides: {
-                let mut o: Vec<PortOverride> = s
-                    .port_overrides
-                    .iter()
-                    .map(|o| PortOverride {
-                        ip: o.ip,
-                        port: o.port,
-                        target_port: o.target_port,
-                    })
-                    .collect();
-                o.sort_by_key(|o| (o.ip, o.port));
+                let mut o = s.port_overrides;
+                o.sort_unstable();
                 o
             },
             node_local: s.node_local,

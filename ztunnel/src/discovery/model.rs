@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::policy::{AuthorizationPolicy, PeerAuthentication};
 use super::Error;
@@ -103,8 +103,8 @@ pub struct ServicePort {
 /// An endpoint whose target port for one service port is not the service's: its
 /// EndpointSlice gives another (a selectorless service's own slice, a rollout that changes a
 /// named port's number).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortOverride {
     pub ip: IpAddr,
     pub port: u16,
@@ -142,7 +142,7 @@ impl Distribution {
         let scopes = [
             src.region == at.region,
             src.zone == at.zone,
-            self == Distribution::PreferSameNode && src_node == node,
+            src_node == node,
         ];
         let considered = match self {
             Distribution::Any => 0,
