@@ -7,7 +7,8 @@
 //! asking for bookmarks, as the audit log shows), follow adds, updates and
 //! deletes of pods, services, endpoint slices and both policy kinds, namespace and pod label
 //! changes down to the enrollment decision, and refuse a policy the CRD admits but the
-//! daemon cannot enforce while keeping the rest. The last test runs the real
+//! daemon cannot enforce while keeping the rest; under `--istio-compat`, they refuse to start
+//! without read access to Istio's policy kinds. The last test runs the real
 //! `ztunnel run --discovery-source kubernetes` in a network namespace attached to the control
 //! plane, its API client taking the post-quantum hybrid key exchange alone (`pqc-only`).
 //!
@@ -562,6 +563,42 @@ fn a_policy_the_daemon_cannot_read_is_kept_and_fails_closed() {
         "policies are never refused"
     );
     assert_eq!(b.disc.reloads_failed(), 0);
+}
+
+/// Under `--istio-compat`, a daemon that may not read Istio's policy kinds (`deploy/base`
+/// grants ours only; the `istio-compat` overlay adds Istio's) refuses to start, naming what it
+/// could not list, rather than run without Istio's policies or wait for ever on their watch.
+#[test]
+fn istio_compat_refuses_to_start_without_istios_policies() {
+    let n = Names::seeded();
+    let (kc, node) = (n.kubeconfig.clone(), n.node.clone());
+    let started = n.cp.ns.block_on(async move {
+        let client = ztunnel::discovery::kube::client(Some(&kc)).await.unwrap();
+        let rules = ztunnel::discovery::enrollment::Rules {
+            istio: true,
+            ..Default::default()
+        };
+        let watch = ztunnel::discovery::watch_kubernetes(
+            client,
+            "cluster.local".into(),
+            node,
+            rules,
+            Duration::from_millis(20),
+        );
+        tokio::time::timeout(Duration::from_secs(20), watch)
+            .await
+            .map(|r| r.map(|(_, task)| task.abort()))
+    });
+    let error = match started {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(())) => panic!("the watchers started without Istio's policies"),
+        Err(_) => panic!("the start neither failed nor completed within 20 s"),
+    };
+    assert!(
+        error.contains("--istio-compat: cannot list security.istio.io/v1 authorizationpolicies")
+            && error.contains("forbidden"),
+        "{error}"
+    );
 }
 
 /// The real daemon, `--discovery-source kubernetes`, in a network namespace attached to the
