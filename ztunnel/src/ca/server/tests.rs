@@ -5,7 +5,8 @@
 //! each counted, while other addresses are served; connections that never become clients
 //! (no TLS, no HTTP/2 preface) closed at the deadline, idle ones closed and the client dialling
 //! again, requests whose body never comes holding no place in flight; and the client trying a
-//! request refused unanswered on its kept connection once more on a new one.
+//! request refused unanswered on its kept connection once more on a new one; an authorization
+//! that cannot be decided answered `500`, one never decided `408`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -687,4 +688,65 @@ async fn oversized_bodies_and_unknown_paths_are_refused_and_counted() {
     assert_eq!(resp.await.unwrap().status(), StatusCode::NOT_FOUND);
     eventually("the 404 counted", || ca.metrics.refusals("not_found") == 1).await;
     assert_eq!(metrics_on(send.clone()).await, Some(StatusCode::OK));
+}
+
+/// Answers by token: `unavailable` cannot be decided, `hang` is never answered, any other is
+/// allowed.
+struct Scripted;
+
+impl SignAuthorizer for Scripted {
+    fn authorize<'a>(
+        &'a self,
+        token: Option<&'a str>,
+        _identity: &'a Identity,
+    ) -> crate::identity::BoxFuture<'a, Result<(), Denied>> {
+        Box::pin(async move {
+            match token {
+                Some("unavailable") => Err(Denied::Unavailable("the API server is down".into())),
+                Some("hang") => std::future::pending().await,
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
+/// An authorization that cannot be decided is `500` (`unavailable`), one that is never
+/// decided `408` at the request timeout (`timeout`); each is counted, and gives back its
+/// place in flight, so the peer's next request (one place) is signed.
+#[tokio::test]
+async fn undecided_authorizations_are_500_or_408_and_counted() {
+    let ca = start(
+        CaLimits {
+            request_timeout: Duration::from_millis(300),
+            ..limits(4, 1, 256)
+        },
+        Arc::new(Scripted),
+    )
+    .await;
+    let with = |token: &str| {
+        CaClient::new(
+            ca.addr.to_string(),
+            "localhost".into(),
+            &ca.root,
+            Some(token.into()),
+        )
+        .unwrap()
+    };
+    for (token, status, reason) in [
+        ("unavailable", 500, "unavailable"),
+        ("hang", 408, "timeout"),
+    ] {
+        let client = with(token);
+        let answer = tokio::time::timeout(Duration::from_secs(5), client.sign(request()));
+        let err = answer.await.expect("answered").unwrap_err();
+        assert!(
+            matches!(&err, SignError::Refused { status: s, .. } if *s == status),
+            "{token}: {err}"
+        );
+        eventually("the refusal counted", || ca.metrics.refusals(reason) == 1).await;
+        with("ok")
+            .sign(request())
+            .await
+            .expect("its place is given back");
+    }
 }
