@@ -30,7 +30,7 @@ fn store(pods: usize) -> Store {
     let mut s = Store::default();
     for i in 0..1000 {
         s.namespaces
-            .insert((String::new(), format!("ns-{i}")), Labels::default());
+            .insert((String::new(), format!("ns-{i}")), Default::default());
     }
     for i in 0..pods {
         let ns = format!("ns-{}", i % 1000);

@@ -378,7 +378,8 @@ impl Engine {
         let outcome = new.map(|n| {
             let ns = store
                 .namespaces
-                .get(&(String::new(), n.namespace.to_string()));
+                .get(&(String::new(), n.namespace.to_string()))
+                .map(|e| &e.labels);
             let node = store
                 .nodes
                 .get(&(String::new(), n.node.to_string()))
@@ -472,6 +473,9 @@ impl Engine {
         let (svc, why) = match store.services.get(&key) {
             Some(e) => translate::service_outcome(
                 e,
+                store
+                    .namespaces
+                    .get(&(String::new(), e.namespace.to_string())),
                 &slices,
                 |v| {
                     self.vips

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::super::objects::{
-    Interner, NodeEntry, PodEntry, PortEntry, ServiceEntry, SliceEntry, Target,
+    Interner, NamespaceEntry, NodeEntry, PodEntry, PortEntry, ServiceEntry, SliceEntry, Target,
 };
 use super::*;
-use crate::discovery::{Labels, Locality, Protocol, DATAPLANE_MODE_LABEL};
+use crate::discovery::{Distribution, Labels, Locality, Protocol, DATAPLANE_MODE_LABEL};
 
 const NODE: &str = "n1";
 const TD: &str = "cluster.local";
@@ -72,8 +72,12 @@ impl World {
                 true => [(DATAPLANE_MODE_LABEL.to_owned(), "ambient".to_owned())].into(),
                 false => BTreeMap::new(),
             };
-            let l = w.int.labels(&labels);
-            w.store.namespaces.insert(key("", ns), l);
+            let labels = w.int.labels(&labels);
+            let e = NamespaceEntry {
+                labels,
+                distribution: ambient.then_some(Distribution::PreferSameZone),
+            };
+            w.store.namespaces.insert(key("", ns), e);
         }
         // Node addresses among the pods' (endpoints of host-network pods, or of pods that
         // took one of them).
@@ -201,7 +205,11 @@ impl World {
             }],
             selector: Default::default(),
             node_local: self.rng.chance(20),
-            distribution: Default::default(),
+            distribution: match self.rng.below(4) {
+                0 => Some(Distribution::PreferSameNode),
+                1 => Some(Distribution::Any),
+                _ => None,
+            },
             use_waypoint: self.rng.chance(20).then(|| "wp".into()),
         };
         let old = self.store.services.insert(k.clone(), e);
@@ -239,11 +247,14 @@ impl World {
     fn step(&mut self) {
         match self.rng.below(if self.collide { 20 } else { 100 }) {
             0 => {
-                // A namespace's labels: a full rebuild.
-                let l = self.store.namespaces.get_mut(&key("", "b")).unwrap();
-                *l = match l.is_empty() {
-                    true => Labels::of(&[(DATAPLANE_MODE_LABEL, "ambient")]),
-                    false => Labels::default(),
+                // A namespace's labels and traffic distribution: a full rebuild.
+                let e = self.store.namespaces.get_mut(&key("", "b")).unwrap();
+                *e = match e.labels.is_empty() {
+                    true => NamespaceEntry {
+                        labels: Labels::of(&[(DATAPLANE_MODE_LABEL, "ambient")]),
+                        distribution: Some(Distribution::PreferSameNode),
+                    },
+                    false => NamespaceEntry::default(),
                 };
                 self.changes.full = true;
             }

@@ -369,10 +369,7 @@ pub async fn watch_kubernetes(
         Kind {
             what: "Namespace",
             entry: Box::new(|n: &Namespace, int: &mut Interner| {
-                Ok(Some(translate::namespace_labels(
-                    n.metadata.labels.as_ref(),
-                    int,
-                )))
+                Ok(Some(objects::namespace_entry(n, int)))
             }),
             slot: |s| &mut s.namespaces,
             change: |c, _, _| c.full = true,

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service as K8sService;
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -38,7 +38,8 @@ use crate::discovery::enrollment::{OtherMesh, Rules};
 pub use crate::discovery::model::Interner;
 use crate::discovery::model::{Distribution, Labels, Locality, Telemetry};
 
-/// Istio's annotation of a Service's traffic distribution (read where the field is not set).
+/// Istio's annotation of a Service's traffic distribution (read where the field is not set),
+/// or of its namespace's (read where the Service has neither).
 pub const ISTIO_TRAFFIC_DISTRIBUTION: &str = "networking.istio.io/traffic-distribution";
 use crate::discovery::policy::PolicyObject;
 
@@ -210,6 +211,36 @@ impl kube::Resource for LeanNode {
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
     }
+}
+
+/// A namespace as the daemon keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceEntry {
+    pub labels: Labels,
+    /// Istio's `networking.istio.io/traffic-distribution` annotation: the traffic
+    /// distribution of its Services that set none.
+    pub distribution: Option<Distribution>,
+}
+
+/// The entry for namespace `ns`.
+pub fn namespace_entry(ns: &K8sNamespace, int: &mut Interner) -> NamespaceEntry {
+    let meta = &ns.metadata;
+    NamespaceEntry {
+        labels: meta
+            .labels
+            .as_ref()
+            .map(|l| int.labels(l))
+            .unwrap_or_default(),
+        distribution: annotated_distribution(meta),
+    }
+}
+
+/// Istio's `networking.istio.io/traffic-distribution` annotation, if present (unknown values
+/// are [`Distribution::Any`]).
+fn annotated_distribution(meta: &ObjectMeta) -> Option<Distribution> {
+    let a = meta.annotations.as_ref()?;
+    a.get(ISTIO_TRAFFIC_DISTRIBUTION)
+        .map(|v| Distribution::parse(v))
 }
 
 /// A node as the daemon keeps it.
@@ -385,9 +416,9 @@ pub struct ServiceEntry {
     pub selector: Labels,
     /// `internalTrafficPolicy: Local`.
     pub node_local: bool,
-    /// Its `trafficDistribution`, else Istio's `networking.istio.io/traffic-distribution`
-    /// annotation.
-    pub distribution: Distribution,
+    /// Its `trafficDistribution` if known, else Istio's `networking.istio.io/traffic-distribution`
+    /// annotation; `None`: neither, its namespace's applies ([`NamespaceEntry::distribution`]).
+    pub distribution: Option<Distribution>,
     /// Its `istio.io/use-waypoint` label.
     pub use_waypoint: Option<Arc<str>>,
 }
@@ -452,12 +483,9 @@ pub fn service_entry(svc: &K8sService, int: &mut Interner) -> Result<Option<Serv
         distribution: spec
             .traffic_distribution
             .as_deref()
-            .or_else(|| {
-                let a = svc.metadata.annotations.as_ref()?;
-                a.get(ISTIO_TRAFFIC_DISTRIBUTION).map(String::as_str)
-            })
             .map(Distribution::parse)
-            .unwrap_or_default(),
+            .filter(|d| *d != Distribution::Any)
+            .or_else(|| annotated_distribution(&svc.metadata)),
         use_waypoint: svc
             .metadata
             .labels

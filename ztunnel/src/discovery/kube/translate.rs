@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::objects::{Key, NodeEntry, PodEntry, ServiceEntry, SliceEntry, Target};
+use super::objects::{Key, NamespaceEntry, NodeEntry, PodEntry, ServiceEntry, SliceEntry, Target};
 use crate::discovery::enrollment::{OtherMesh, Rules};
 use crate::discovery::model::{
     Labels, Locality, Namespace, PortOverride, Protocol, Service, ServicePort, State, Workload,
@@ -29,7 +29,7 @@ pub struct Store {
     /// This daemon's node.
     pub node: String,
     /// By ("", name).
-    pub namespaces: BTreeMap<Key, Labels>,
+    pub namespaces: BTreeMap<Key, NamespaceEntry>,
     /// Nodes' localities and addresses, by ("", name).
     pub nodes: BTreeMap<Key, NodeEntry>,
     /// Pods on this node.
@@ -114,7 +114,8 @@ pub fn ready<'a>(slices: &'a [&'a SliceEntry]) -> impl Iterator<Item = &'a IpAdd
     slices.iter().flat_map(|sl| sl.ready.iter())
 }
 
-/// What service `s` becomes, given its EndpointSlices, whether a VIP is claimed by another
+/// What service `s` becomes, given its namespace's entry `ns` (its traffic distribution
+/// applies where the service sets none), its EndpointSlices, whether a VIP is claimed by another
 /// service too, whether an IP is a workload's, and whether it is a node's (`Some(true)`: this
 /// daemon's node): the service (none when it is skipped), and the reasons it or some of its
 /// ports were skipped.
@@ -131,6 +132,7 @@ pub fn ready<'a>(slices: &'a [&'a SliceEntry]) -> impl Iterator<Item = &'a IpAdd
 ///   [`Service::port_overrides`]. A named `targetPort` no slice resolves skips the port.
 pub fn service_outcome(
     s: &ServiceEntry,
+    ns: Option<&NamespaceEntry>,
     slices: &[&SliceEntry],
     shared_vip: impl Fn(&IpAddr) -> bool,
     workload_ip: impl Fn(&IpAddr) -> bool,
@@ -207,7 +209,10 @@ pub fn service_outcome(
         ports,
         port_overrides,
         node_local: s.node_local,
-        distribution: s.distribution,
+        distribution: s
+            .distribution
+            .or(ns.and_then(|n| n.distribution))
+            .unwrap_or_default(),
         selector: s.selector.clone(),
         not_pods,
         use_waypoint: s.use_waypoint.clone(),
@@ -236,16 +241,16 @@ pub fn build_keyed(
     let namespaces: Vec<Namespace> = store
         .namespaces
         .iter()
-        .map(|((_, n), l)| Namespace {
+        .map(|((_, n), e)| Namespace {
             name: n.as_str().into(),
-            labels: l.clone(),
+            labels: e.labels.clone(),
         })
         .collect();
 
-    let ns_labels: HashMap<&str, &Labels> = store
+    let ns_entries: HashMap<&str, &NamespaceEntry> = store
         .namespaces
         .iter()
-        .map(|((_, n), l)| (n.as_str(), l))
+        .map(|((_, n), e)| (n.as_str(), e))
         .collect();
     // Workloads, in (namespace, name) order, this node's first; of two pods claiming one IP
     // (a stale status), neither can be trusted with it: both are skipped.
@@ -275,7 +280,7 @@ pub fn build_keyed(
             trust_domain,
             rules,
             p,
-            ns_labels.get(&*p.namespace).copied(),
+            ns_entries.get(&*p.namespace).map(|e| &e.labels),
             locality_of.get(&*p.node).copied(),
             |ip| ip_count[ip] > 1,
         ) {
@@ -313,6 +318,7 @@ pub fn build_keyed(
             .unwrap_or(&[]);
         let (svc, why) = service_outcome(
             s,
+            ns_entries.get(&*s.namespace).copied(),
             slices,
             |v| vip_owner[v] > 1,
             |v| index_of_ip.contains_key(v),
@@ -360,14 +366,6 @@ pub fn node_ips(store: &Store) -> HashMap<IpAddr, bool> {
         }
     }
     ips
-}
-
-/// The labels of a namespace, interned.
-pub fn namespace_labels(
-    labels: Option<&BTreeMap<String, String>>,
-    int: &mut super::objects::Interner,
-) -> Labels {
-    labels.map(|l| int.labels(l)).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -33,10 +33,8 @@ fn store_with(objs: &[serde_json::Value], rules: Rules) -> (Store, Vec<String>) 
                 "Namespace" => {
                     let n: k8s_openapi::api::core::v1::Namespace =
                         serde_json::from_value(o.clone()).unwrap();
-                    st.namespaces.insert(
-                        key_of(&n.metadata),
-                        namespace_labels(n.metadata.labels.as_ref(), &mut int),
-                    );
+                    st.namespaces
+                        .insert(key_of(&n.metadata), namespace_entry(&n, &mut int));
                 }
                 "Pod" => {
                     let p: LeanPod = serde_json::from_value(o.clone()).unwrap();
@@ -658,20 +656,26 @@ fn target_ports_are_the_slices_and_local_services_keep_this_nodes_hosts() {
     }
 }
 
-/// A Service's `trafficDistribution` is kept, else Istio's annotation of it; an unknown value
-/// prefers nothing.
+/// A Service's `trafficDistribution` is kept, else Istio's annotation of it, else its
+/// namespace's annotation, as istiod reads them: an unknown field falls through to the
+/// annotations, an unknown annotation prefers nothing.
 #[test]
 fn a_services_traffic_distribution_is_kept() {
-    use crate::discovery::Distribution;
-    let with = |field: Option<&str>, annotation: Option<&str>| {
+    use crate::discovery::Distribution::{self, *};
+    const ISTIO: &str = "networking.istio.io/traffic-distribution";
+    let with = |field: Option<&str>, annotation: Option<&str>, of_ns: Option<&str>| {
         let mut s = svc("demo", "web", "10.96.0.1", json!(8080));
         if let Some(f) = field {
             s["spec"]["trafficDistribution"] = json!(f);
         }
         if let Some(a) = annotation {
-            s["metadata"]["annotations"] = json!({"networking.istio.io/traffic-distribution": a});
+            s["metadata"]["annotations"] = json!({ISTIO: a});
         }
-        let (st, refused) = store(&[ns("demo", true), s]);
+        let mut n = ns("demo", true);
+        if let Some(a) = of_ns {
+            n["metadata"]["annotations"] = json!({ISTIO: a});
+        }
+        let (st, refused) = store(&[n, s]);
         assert!(refused.is_empty(), "{refused:?}");
         let (s, _) = build("cluster.local", Rules::default(), &st);
         let d = s
@@ -681,20 +685,32 @@ fn a_services_traffic_distribution_is_kept() {
             .distribution;
         d
     };
-    let cases = [
-        (None, None, Distribution::Any),
-        (Some("PreferClose"), None, Distribution::PreferSameZone),
-        (Some("PreferSameZone"), None, Distribution::PreferSameZone),
+    // (field, the Service's annotation, the namespace's, what is kept)
+    let cases: [(_, _, _, Distribution); 10] = [
+        (None, None, None, Any),
+        (Some("PreferClose"), None, None, PreferSameZone),
+        (Some("PreferSameZone"), None, None, PreferSameZone),
         (
             Some("PreferSameNode"),
             Some("PreferClose"),
-            Distribution::PreferSameNode,
+            None,
+            PreferSameNode,
         ),
-        (None, Some("prefersamenode"), Distribution::PreferSameNode),
-        (Some("Sideways"), None, Distribution::Any),
+        (
+            None,
+            Some("prefersamenode"),
+            Some("PreferClose"),
+            PreferSameNode,
+        ),
+        (Some("Sideways"), None, None, Any),
+        (Some("Sideways"), Some("PreferClose"), None, PreferSameZone),
+        (None, None, Some("PreferSameNode"), PreferSameNode),
+        (None, Some("Sideways"), Some("PreferSameNode"), Any),
+        (None, None, Some("Sideways"), Any),
     ];
-    for (field, annotation, want) in cases {
-        assert_eq!(with(field, annotation), want, "{field:?} {annotation:?}");
+    for (field, annotation, of_ns, want) in cases {
+        let got = with(field, annotation, of_ns);
+        assert_eq!(got, want, "{field:?} {annotation:?} {of_ns:?}");
     }
 }
 
