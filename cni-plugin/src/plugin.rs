@@ -196,20 +196,32 @@ fn add(
         Ok(Reply::Error { kind, message }) => Err(from_kind(kind, message)),
         Ok(other @ Reply::Ok) => Err(CniError::TryAgain(unexpected("ADD", &other))),
         Err(CallError::Unreachable(why)) => {
-            let snap = snapshot::read(&conf.enrolled_namespaces_file);
-            match snapshot::decide(snap, env.args.pod_namespace.as_deref()) {
-                Fallback::PassThrough(reason) => {
-                    logs.push(format!(
-                        "ADD {who}: daemon unreachable ({why}); not enrolled: {reason}"
-                    ));
-                    pass()
-                }
-                Fallback::FailClosed(reason) => {
-                    Err(CniError::Unreachable(format!("{why}; {reason}")))
-                }
-            }
+            unreachable(env, conf, "ADD", &who, why, logs)?;
+            pass()
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// With the daemon unreachable, whether a pod may go on unenrolled: `Ok` when the daemon's
+/// snapshot says its namespace enrolls no pod (logged), else the error to refuse with.
+fn unreachable(
+    env: &Env,
+    conf: &NetConf,
+    cmd: &str,
+    who: &str,
+    why: String,
+    logs: &mut Vec<String>,
+) -> Result<(), CniError> {
+    let snap = snapshot::read(&conf.enrolled_namespaces_file);
+    match snapshot::decide(snap, env.args.pod_namespace.as_deref()) {
+        Fallback::PassThrough(reason) => {
+            logs.push(format!(
+                "{cmd} {who}: daemon unreachable ({why}); not enrolled: {reason}"
+            ));
+            Ok(())
+        }
+        Fallback::FailClosed(reason) => Err(CniError::Unreachable(format!("{why}; {reason}"))),
     }
 }
 
@@ -230,7 +242,15 @@ fn check(
     if excluded(env, conf) {
         return Ok(None);
     }
-    match call(&Request::Check(pod_add(env, conf)))? {
+    let reply = match call(&Request::Check(pod_add(env, conf))) {
+        Ok(reply) => reply,
+        Err(CallError::Unreachable(why)) => {
+            unreachable(env, conf, "CHECK", &who(env, conf), why, logs)?;
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match reply {
         Reply::Ok | Reply::Enrolled => Ok(None),
         Reply::NotEnrolled { reason } => {
             logs.push(format!("CHECK {}: not enrolled: {reason}", who(env, conf)));

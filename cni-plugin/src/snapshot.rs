@@ -1,11 +1,15 @@
-//! The daemon's snapshot of enrolled namespaces (`enrolledNamespacesFile`, a JSON array of
-//! namespace names the daemon rewrites whenever discovery changes), consulted only when the
-//! daemon cannot be reached on ADD. The decision fails closed: a pod passes through unenrolled
-//! only when the snapshot is readable and positively does not list its namespace.
+//! The daemon's enrollment snapshot (`enrolledNamespacesFile`,
+//! [`ztunnel_proto::enroll::Snapshot`], which the daemon rewrites whenever discovery changes),
+//! consulted only when the daemon cannot be reached on ADD or CHECK. The decision fails
+//! closed: a pod passes through unenrolled only when the snapshot is readable and positively
+//! says that no pod of its namespace is enrolled. A bare JSON array of namespace names (the
+//! snapshot of daemons that knew no other rule) is read as those namespaces alone.
 
 use std::path::Path;
 
-/// What to do with an ADD whose daemon is unreachable.
+use ztunnel_proto::enroll::Snapshot as Written;
+
+/// What to do with a request whose daemon is unreachable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fallback {
     /// The pod is not enrolled: hand `prevResult` on. The string says why.
@@ -14,13 +18,27 @@ pub enum Fallback {
     FailClosed(String),
 }
 
-/// The enrolled namespaces, or why they are unknown.
-pub type Snapshot = Result<Vec<String>, String>;
+/// The snapshot, or why it is unusable.
+pub type Snapshot = Result<Written, String>;
 
-/// Reads the snapshot: `Err` when it is missing, unreadable or not an array of strings.
+/// Reads the snapshot: `Err` when it is missing, unreadable, or neither a snapshot object nor
+/// an array of names.
 pub fn read(path: &Path) -> Snapshot {
     let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("parsing {}: {e}", path.display()))
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Snapshot(Written),
+        Names(Vec<String>),
+    }
+    match serde_json::from_slice(&bytes) {
+        Ok(Either::Snapshot(s)) => Ok(s),
+        Ok(Either::Names(namespaces)) => Ok(Written {
+            namespaces,
+            pod_labels_enroll: false,
+        }),
+        Err(e) => Err(format!("parsing {}: {e}", path.display())),
+    }
 }
 
 /// Decides from the snapshot and the pod's namespace (`K8S_POD_NAMESPACE`).
@@ -31,12 +49,16 @@ pub fn decide(snapshot: Snapshot, namespace: Option<&str>) -> Fallback {
         );
     };
     match snapshot {
-        Err(e) => Fallback::FailClosed(format!("no usable enrolled-namespaces snapshot: {e}")),
-        Ok(list) if list.iter().any(|n| n == ns) => {
+        Err(e) => Fallback::FailClosed(format!("no usable enrollment snapshot: {e}")),
+        Ok(s) if s.namespaces.iter().any(|n| n == ns) => {
             Fallback::FailClosed(format!("namespace {ns:?} is enrolled"))
         }
+        Ok(s) if s.pod_labels_enroll => Fallback::FailClosed(
+            "the daemon's rules let a pod's own labels enroll it, and its labels are unknown here"
+                .into(),
+        ),
         Ok(_) => Fallback::PassThrough(format!(
-            "namespace {ns:?} is not in the enrolled-namespaces snapshot"
+            "namespace {ns:?} is not in the enrollment snapshot"
         )),
     }
 }
@@ -47,34 +69,62 @@ mod tests {
 
     #[test]
     fn decides_fail_closed_unless_positively_unlisted() {
-        let list = || Ok(vec!["mesh".to_string(), "other".to_string()]);
-        let cases: [(Snapshot, Option<&str>, bool); 5] = [
-            (list(), Some("plain"), true),
-            (list(), Some("mesh"), false),
-            (list(), None, false),
+        let list = |pod_labels_enroll| {
+            Ok(Written {
+                namespaces: vec!["mesh".to_string(), "other".to_string()],
+                pod_labels_enroll,
+            })
+        };
+        let cases: [(Snapshot, Option<&str>, bool); 7] = [
+            (list(false), Some("plain"), true),
+            (list(false), Some("mesh"), false),
+            (list(false), None, false),
+            (list(true), Some("plain"), false),
+            (list(true), Some("mesh"), false),
             (Err("missing".into()), Some("plain"), false),
-            (Ok(vec![]), Some("plain"), true),
+            (Ok(Written::default()), Some("plain"), true),
         ];
         for (snap, ns, passes) in cases {
+            let what = format!("{snap:?} {ns:?}");
             let got = decide(snap, ns);
             assert_eq!(
                 matches!(got, Fallback::PassThrough(_)),
                 passes,
-                "{ns:?}: {got:?}"
+                "{what}: {got:?}"
             );
         }
     }
 
     #[test]
-    fn reads_only_an_array_of_names() {
+    fn reads_a_snapshot_or_an_array_of_names_only() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ns.json");
         assert!(read(&p).is_err());
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         std::fs::write(&p, r#"["a","b"]"#).unwrap();
-        assert_eq!(read(&p).unwrap(), vec!["a", "b"]);
-        std::fs::write(&p, r#"{"a":1}"#).unwrap();
-        assert!(read(&p).is_err());
-        std::fs::write(&p, "[\"a\"").unwrap();
-        assert!(read(&p).is_err());
+        assert_eq!(
+            read(&p).unwrap(),
+            Written {
+                namespaces: names(&["a", "b"]),
+                pod_labels_enroll: false
+            }
+        );
+        std::fs::write(&p, r#"{"namespaces":["a"],"podLabelsEnroll":true}"#).unwrap();
+        assert_eq!(
+            read(&p).unwrap(),
+            Written {
+                namespaces: names(&["a"]),
+                pod_labels_enroll: true
+            }
+        );
+        for unusable in [
+            r#"{"a":1}"#,
+            "[\"a\"",
+            r#"{"namespaces":["a"],"podLabelsEnroll":false,"newRule":true}"#,
+            r#"{"namespaces":["a"]}"#,
+        ] {
+            std::fs::write(&p, unusable).unwrap();
+            assert!(read(&p).is_err(), "{unusable}");
+        }
     }
 }

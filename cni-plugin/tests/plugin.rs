@@ -343,42 +343,54 @@ fn invalid_config_is_7() {
     plugin(&env("ADD", "/var/run/netns/p1"), Some(no_prev)).assert_error(7);
 }
 
+/// With the daemon unreachable, ADD and CHECK go by its snapshot: a pod passes (ADD hands
+/// `prevResult` on, CHECK succeeds) only when the snapshot is usable and its namespace
+/// (`demo`) is not listed, and the daemon's rules do not let a pod's own labels enroll it.
+/// Else both fail with 11.
 #[test]
-fn unreachable_daemon_and_listed_namespace_fails_closed() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("enrolled.json"),
-        r#"["kube-system","demo"]"#,
-    )
-    .unwrap();
-    let run = plugin(
-        &env("ADD", "/var/run/netns/p1"),
-        Some(&unreachable_conf(dir.path())),
-    );
-    let v = run.assert_error(11);
-    assert_eq!(v["msg"], "ztunnel daemon is unreachable");
-}
-
-#[test]
-fn unreachable_daemon_and_unlisted_namespace_passes_through() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("enrolled.json"), r#"["mesh-a","mesh-b"]"#).unwrap();
-    let run = plugin(
-        &env("ADD", "/var/run/netns/p1"),
-        Some(&unreachable_conf(dir.path())),
-    );
-    assert_passed_through(&run);
-    assert!(run.stderr.contains("unreachable"), "{}", run.stderr);
-}
-
-#[test]
-fn unreachable_daemon_and_missing_snapshot_fails_closed() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = plugin(
-        &env("ADD", "/var/run/netns/p1"),
-        Some(&unreachable_conf(dir.path())),
-    );
-    run.assert_error(11);
+fn unreachable_daemon_goes_by_its_snapshot() {
+    // (snapshot, whether the pod passes)
+    let cases = [
+        (Some(r#"["kube-system","demo"]"#), false),
+        (Some(r#"["mesh-a","mesh-b"]"#), true),
+        (
+            Some(r#"{"namespaces":["mesh-a"],"podLabelsEnroll":false}"#),
+            true,
+        ),
+        (
+            Some(r#"{"namespaces":["demo"],"podLabelsEnroll":false}"#),
+            false,
+        ),
+        (
+            Some(r#"{"namespaces":["mesh-a"],"podLabelsEnroll":true}"#),
+            false,
+        ),
+        (
+            Some(r#"{"namespaces":[],"podLabelsEnroll":false,"newRule":1}"#),
+            false,
+        ),
+        (Some("[\"mesh-a\""), false),
+        (None, false),
+    ];
+    for (snapshot, passes) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(s) = snapshot {
+            std::fs::write(dir.path().join("enrolled.json"), s).unwrap();
+        }
+        let input = unreachable_conf(dir.path());
+        let add = plugin(&env("ADD", "/var/run/netns/p1"), Some(&input));
+        let check = plugin(&env("CHECK", "/var/run/netns/p1"), Some(&input));
+        if passes {
+            assert_passed_through(&add);
+            assert!(add.stderr.contains("unreachable"), "{}", add.stderr);
+            check.assert_silent_success();
+        } else {
+            for run in [add, check] {
+                let v = run.assert_error(11);
+                assert_eq!(v["msg"], "ztunnel daemon is unreachable", "{snapshot:?}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -32,6 +32,21 @@ pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/cni.sock";
 /// The largest frame either side accepts (a GC list of a few thousand attachments fits).
 pub const MAX_FRAME: usize = 1 << 20;
 
+/// The daemon's snapshot of which pods it may enroll, a file the CNI plugin reads to decide
+/// an ADD while the daemon cannot be reached, as the JSON object
+/// `{"namespaces": [..], "podLabelsEnroll": bool}`. An unknown field makes the file unusable
+/// (the plugin then fails every pod it does not exclude), so a newer daemon's rules are never
+/// read as fewer than they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Snapshot {
+    /// The namespaces whose labels enroll their pods.
+    pub namespaces: Vec<String>,
+    /// Whether a pod's own labels may enroll it whatever its namespace's (Istio's rules): then
+    /// a pod of any namespace may be enrolled.
+    pub pod_labels_enroll: bool,
+}
+
 /// A pod as Kubernetes names it (from `CNI_ARGS`: `K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
 /// `K8S_POD_UID`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -447,8 +447,8 @@ fn ready_rx_for_pods(admin: &AdminState) -> watch::Receiver<bool> {
 /// in step with discovery.
 async fn publish_namespaces(mut disc: Discovery, file: std::path::PathBuf) {
     loop {
-        let names = disc.current().enrolled_namespaces();
-        if let Err(e) = crate::capture::store::save_namespaces(&file, &names) {
+        let snapshot = disc.current().enrollment_snapshot();
+        if let Err(e) = crate::capture::store::save_snapshot(&file, &snapshot) {
             tracing::warn!(file = %file.display(), error = %e, "cannot write the enrolled-namespaces file");
         }
         if disc.changed().await.is_err() {

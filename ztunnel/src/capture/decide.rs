@@ -32,6 +32,12 @@ pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decisi
             .then(|| state.pending_by_name(&pod.namespace, &pod.name))
             .flatten()
     });
+    if state.namespace_unseen(&pod.namespace) {
+        return Decision::TryAgain(format!(
+            "namespace {} of pod {} is not known to discovery yet",
+            pod.namespace, pod.name
+        ));
+    }
     let Some(w) = known else {
         if pod.namespace.is_empty() {
             return Decision::NotEnrolled("not a Kubernetes pod (no K8S_POD_NAMESPACE)".into());
@@ -193,6 +199,44 @@ workloads:
                 Decision::OtherMesh(_) => "other",
             };
             assert_eq!(got, want, "{p:?} {ips:?}");
+        }
+    }
+
+    /// On a source that lists every namespace (Kubernetes), a namespace discovery has not
+    /// listed is discovery lag: its pods are tried again, whether the pod is known or not. A
+    /// file lists only the namespaces it cares about: the others are not enrolled.
+    #[test]
+    fn a_namespace_not_seen_yet_is_tried_again_where_every_namespace_is_listed() {
+        let mesh = format!(
+            "{MESH}  - {{uid: u11, name: early, namespace: newer, serviceAccount: web, node: n1, ips: [10.0.0.11]}}\n"
+        );
+        let file = crate::discovery::parse(&mesh, "cluster.local").unwrap();
+        let cluster = crate::discovery::parse(&mesh, "cluster.local")
+            .unwrap()
+            .with_all_namespaces();
+        let ip = |s: &str| vec![s.parse::<IpAddr>().unwrap()];
+        // (pod, want from a file, from a source listing every namespace)
+        let cases = [
+            (pod("newer", "early", "u11"), ip("10.0.0.11"), "not", "try"),
+            (pod("newer", "fresh", "u12"), ip("10.0.0.12"), "not", "try"),
+            (pod("plain", "new", "u8"), ip("10.0.0.8"), "not", "not"),
+            (
+                pod("demo", "web-0", "u1"),
+                ip("10.0.0.1"),
+                "enroll",
+                "enroll",
+            ),
+        ];
+        for (p, ips, from_file, from_cluster) in cases {
+            for (s, want) in [(&file, from_file), (&cluster, from_cluster)] {
+                let got = match decide(s, "n1", &p, &ips) {
+                    Decision::Enroll(_) => "enroll",
+                    Decision::NotEnrolled(_) => "not",
+                    Decision::TryAgain(_) => "try",
+                    Decision::OtherMesh(_) => "other",
+                };
+                assert_eq!(got, want, "{p:?}");
+            }
         }
     }
 

@@ -155,13 +155,13 @@ impl Store {
 /// elsewhere (`--enrolled-namespaces-file`).
 pub const NAMESPACES_FILE: &str = "enrolled-namespaces.json";
 
-/// Writes the enrolled namespaces (a JSON array of names) for the CNI plugin to `file`,
-/// creating its directory if needed.
-pub fn save_namespaces(file: &Path, names: &[std::sync::Arc<str>]) -> io::Result<()> {
+/// Writes the enrollment snapshot for the CNI plugin to `file`, creating its directory if
+/// needed.
+pub fn save_snapshot(file: &Path, snapshot: &ztunnel_proto::enroll::Snapshot) -> io::Result<()> {
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let bytes = serde_json::to_vec(names).map_err(io::Error::other)?;
+    let bytes = serde_json::to_vec(snapshot).map_err(io::Error::other)?;
     write_atomic(file, &bytes)
 }
 

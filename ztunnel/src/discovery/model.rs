@@ -276,6 +276,9 @@ pub(super) struct Base {
     pub(super) pending: Vec<Arc<Workload>>,
     /// Which labels enroll a pod.
     pub(super) enrollment: Rules,
+    /// Every namespace of the cluster is listed (the Kubernetes source): one that is not has
+    /// not been seen by discovery yet.
+    pub(super) all_namespaces: bool,
 }
 
 /// The policies as listed and as compiled.
@@ -594,6 +597,19 @@ impl State {
         self.base.enrollment
     }
 
+    /// The state of a source that lists every namespace of the cluster (see
+    /// [`State::namespace_unseen`]).
+    pub fn with_all_namespaces(mut self) -> State {
+        self.base_mut().all_namespaces = true;
+        self
+    }
+
+    /// Whether namespace `name` exists but discovery has not seen it yet: a source that lists
+    /// every namespace does not list it. What its pods are is then unknown.
+    pub fn namespace_unseen(&self, name: &str) -> bool {
+        self.base.all_namespaces && self.namespace(name).is_none()
+    }
+
     /// The waypoint Istio would send `svc`'s traffic through, under the Istio-compatible
     /// setting: its `istio.io/use-waypoint` label, else its namespace's; `none` (or empty) on
     /// the Service means none whatever its namespace says.
@@ -629,6 +645,19 @@ impl State {
             .collect();
         v.sort();
         v
+    }
+
+    /// What the CNI plugin decides by while this daemon cannot be reached: the enrolled
+    /// namespaces, and whether a pod's own labels may enroll it elsewhere.
+    pub fn enrollment_snapshot(&self) -> ztunnel_proto::enroll::Snapshot {
+        ztunnel_proto::enroll::Snapshot {
+            namespaces: self
+                .enrolled_namespaces()
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+            pod_labels_enroll: self.base.enrollment.istio,
+        }
     }
 
     /// The workload named `namespace/name`.

@@ -272,5 +272,6 @@ fn fold(base: &Base, patch: &Patch) -> Base {
             .clone()
             .unwrap_or_else(|| base.pending.clone()),
         enrollment: base.enrollment,
+        all_namespaces: base.all_namespaces,
     }
 }

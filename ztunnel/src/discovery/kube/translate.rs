@@ -353,7 +353,11 @@ pub fn build_keyed(
             .cloned()
             .collect(),
     )
-    .map(|s| s.with_pending(pending).with_enrollment(rules));
+    .map(|s| {
+        s.with_pending(pending)
+            .with_enrollment(rules)
+            .with_all_namespaces()
+    });
     (state, skipped)
 }
 

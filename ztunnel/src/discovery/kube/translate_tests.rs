@@ -343,6 +343,13 @@ fn istios_labels_and_annotations_under_each_rule() {
         assert!(skipped.is_empty(), "{skipped:?}");
         let s = s.unwrap();
         assert_eq!(s.namespace_enrolled("moved"), istio);
+        // What the CNI plugin goes by while the daemon is down: under Istio's rules a pod's
+        // own label may enroll it in any namespace.
+        let snapshot = s.enrollment_snapshot();
+        assert_eq!(snapshot.pod_labels_enroll, istio);
+        let mut want = vec!["demo"];
+        want.extend(istio.then_some("moved"));
+        assert_eq!(snapshot.namespaces, want);
         for (p, without, with) in &pods {
             let ip = p["status"]["podIP"].as_str().unwrap();
             let w = s.workload_by_ip(ip.parse().unwrap()).unwrap();
