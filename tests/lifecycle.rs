@@ -133,7 +133,7 @@ fn the_cni_chain_with_a_real_daemon() {
         .count();
     assert_eq!(records, 2, "the records left are those of client and echo");
 
-    // STATUS: the daemon is ready. GC: pods not in the valid list are released.
+    // STATUS succeeds. GC: pods not in the valid list are released.
     let (outs, late2) = bed.try_add_pod(known[1].clone()).unwrap();
     assert!(
         outs.len() == 2 && outs.iter().all(|o| o.code == 0),

@@ -17,7 +17,8 @@
 //!   unprotected. A pod that is not enrolled gets [`Reply::NotEnrolled`] with the reason.
 //! - [`Request::Del`]: releases the pod (listeners, rules, netns handle); idempotent.
 //! - [`Request::Check`]: verifies an enrolled pod's rules and listeners are present.
-//! - [`Request::Status`]: [`Reply::Ok`] when the daemon is ready to enroll pods.
+//! - [`Request::Status`]: [`Reply::Ok`] when the daemon is ready to enroll pods. The plugin's
+//!   CNI STATUS does not ask it (it succeeds whatever the daemon's state).
 //! - [`Request::Gc`]: releases every enrolled pod whose attachment is not in the list.
 
 use std::io::{Read, Write};
