@@ -166,18 +166,27 @@ pub fn parse_env(command: Command, vars: &Vars) -> Result<Env, CniError> {
         container_id: get("CNI_CONTAINERID"),
         netns: get("CNI_NETNS"),
         ifname: get("CNI_IFNAME"),
-        args: parse_cni_args(vars.get("CNI_ARGS").map(String::as_str).unwrap_or(""))?,
+        args: parse_cni_args(
+            vars.get("CNI_ARGS").map(String::as_str).unwrap_or(""),
+            command != Command::Del,
+        )?,
     })
 }
 
 /// Parses `CNI_ARGS`: `;`-separated `KEY=VALUE` pairs. Unknown keys are ignored, empty
-/// segments skipped; a segment without `=` is malformed (code 4).
-pub fn parse_cni_args(s: &str) -> Result<CniArgs, CniError> {
+/// segments skipped; a segment without `=` is malformed (code 4) when `strict`, else skipped
+/// (DEL completes as far as it can).
+pub fn parse_cni_args(s: &str, strict: bool) -> Result<CniArgs, CniError> {
     let mut args = CniArgs::default();
     for pair in s.split(';').filter(|p| !p.trim().is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| {
-            CniError::InvalidEnv(format!("CNI_ARGS: {pair:?} is not a KEY=VALUE pair"))
-        })?;
+        let Some((k, v)) = pair.split_once('=') else {
+            if !strict {
+                continue;
+            }
+            return Err(CniError::InvalidEnv(format!(
+                "CNI_ARGS: {pair:?} is not a KEY=VALUE pair"
+            )));
+        };
         let slot = match k.trim() {
             "K8S_POD_NAMESPACE" => &mut args.pod_namespace,
             "K8S_POD_NAME" => &mut args.pod_name,
@@ -251,16 +260,18 @@ pub fn parse_conf(command: Command, stdin: &str) -> Result<NetConf, CniError> {
         _ => None,
     };
 
+    // `null` is an empty list: a runtime written in Go sends its nil slice so when no pod is
+    // left on the network.
     let valid_attachments = match command {
-        Command::Gc => {
-            let raw = fields
-                .get("cni.dev/valid-attachments")
-                .filter(|r| r.get() != "null")
-                .ok_or_else(|| {
-                    CniError::InvalidConfig("cni.dev/valid-attachments is required for GC".into())
-                })?;
-            Some(parse_valid_attachments(raw)?)
-        }
+        Command::Gc => match fields.get("cni.dev/valid-attachments") {
+            Some(raw) if raw.get() == "null" => Some(Vec::new()),
+            Some(raw) => Some(parse_valid_attachments(raw)?),
+            None => {
+                return Err(CniError::InvalidConfig(
+                    "cni.dev/valid-attachments is required for GC".into(),
+                ))
+            }
+        },
         _ => None,
     };
 
@@ -527,24 +538,34 @@ mod tests {
     fn cni_args() {
         let all = "IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME=web-0;\
                    K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1";
-        let got = parse_cni_args(all).unwrap();
-        assert_eq!(got.pod_namespace.as_deref(), Some("demo"));
-        assert_eq!(got.pod_name.as_deref(), Some("web-0"));
-        assert_eq!(got.pod_uid.as_deref(), Some("u-1"));
-        assert_eq!(parse_cni_args("").unwrap(), CniArgs::default());
-        assert_eq!(parse_cni_args(";;").unwrap(), CniArgs::default());
+        let pod = |s: &str, strict| parse_cni_args(s, strict).map(|a| a.pod_name);
+        for strict in [true, false] {
+            let got = parse_cni_args(all, strict).unwrap();
+            assert_eq!(got.pod_namespace.as_deref(), Some("demo"));
+            assert_eq!(got.pod_name.as_deref(), Some("web-0"));
+            assert_eq!(got.pod_uid.as_deref(), Some("u-1"));
+            for empty in ["", ";;", "K8S_POD_NAMESPACE="] {
+                assert_eq!(parse_cni_args(empty, strict).unwrap(), CniArgs::default());
+            }
+            assert_eq!(
+                pod("X=a=b;K8S_POD_NAME=p", strict).unwrap().as_deref(),
+                Some("p")
+            );
+        }
+        // A segment that is no pair: malformed, unless DEL's best effort skips it.
+        assert_eq!(code(pod("IgnoreUnknown;K8S_POD_NAME=p", true)), Some(4));
         assert_eq!(
-            parse_cni_args("K8S_POD_NAMESPACE=").unwrap(),
-            CniArgs::default()
-        );
-        assert_eq!(
-            parse_cni_args("X=a=b;K8S_POD_NAME=p")
+            pod("IgnoreUnknown;K8S_POD_NAME=p", false)
                 .unwrap()
-                .pod_name
                 .as_deref(),
             Some("p")
         );
-        assert_eq!(code(parse_cni_args("K8S_POD_NAME")), Some(4));
+        let del = vars(&[
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", "IgnoreUnknown;K8S_POD_NAME=p"),
+        ]);
+        assert!(parse_env(Command::Del, &del).is_ok());
     }
 
     const PREV: &str = r#"{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24"}]}"#;
@@ -645,6 +666,11 @@ mod tests {
                 Some(7),
             ),
             // Accepted.
+            (
+                Command::Gc,
+                r#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":null}"#.into(),
+                None,
+            ),
             (Command::Add, with(&prev), None),
             (
                 Command::Add,

@@ -82,9 +82,21 @@ fn dispatch(
 
 type Call<'a> = dyn Fn(&Request) -> Result<Reply, CallError> + 'a;
 
+/// VERSION: the versions supported, in the input's `cniVersion` when it is one of them (else
+/// the latest).
 fn version(stdin: &str) -> Result<Option<String>, CniError> {
+    let mut cni_version = LATEST_VERSION;
     if !stdin.trim().is_empty() {
-        conf::decode_object(stdin)?;
+        let fields = conf::decode_object(stdin)?;
+        let asked = fields
+            .get("cniVersion")
+            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+        if let Some(v) = SUPPORTED_VERSIONS
+            .iter()
+            .find(|v| Some(**v) == asked.as_deref())
+        {
+            cni_version = v;
+        }
     }
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
@@ -93,7 +105,7 @@ fn version(stdin: &str) -> Result<Option<String>, CniError> {
         supported_versions: &'static [&'static str],
     }
     let json = serde_json::to_string(&VersionResult {
-        cni_version: LATEST_VERSION,
+        cni_version,
         supported_versions: SUPPORTED_VERSIONS,
     })
     .map_err(|e| CniError::TryAgain(e.to_string()))?;
@@ -409,11 +421,11 @@ mod tests {
     #[test]
     fn version_needs_no_config() {
         let fake = Fake::unreachable();
-        for input in ["", r#"{"cniVersion":"1.0.0"}"#] {
+        for (input, answered) in [("", "1.1.0"), (r#"{"cniVersion":"1.0.0"}"#, "1.0.0")] {
             let o = run(&env("VERSION"), input.as_bytes(), &fake, &fake);
             let v: serde_json::Value =
                 serde_json::from_str(o.result.unwrap().as_deref().unwrap()).unwrap();
-            assert_eq!(v["cniVersion"], "1.1.0");
+            assert_eq!(v["cniVersion"], answered);
             assert_eq!(v["supportedVersions"].as_array().unwrap().len(), 5);
         }
         assert!(fake.requests().is_empty());
@@ -709,6 +721,12 @@ mod tests {
             &Fake::unreachable(),
         );
         assert_eq!(code(&o), Some(11));
+        // `null` (a Go runtime's list when no pod is left on the network): none is valid.
+        let fake = Fake::answering(Reply::Ok);
+        let none = r#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":null}"#;
+        let o = run(&env("GC"), none.as_bytes(), &fake, &fake);
+        assert_eq!(o.result, Ok(None));
+        assert_eq!(fake.requests(), vec![Request::Gc { valid: vec![] }]);
     }
 
     #[test]

@@ -209,11 +209,20 @@ fn assert_passed_through(run: &Run) {
 
 #[test]
 fn version() {
-    for stdin in [None, Some(""), Some(r#"{"cniVersion":"1.0.0"}"#)] {
+    // (stdin, the version answered in: the input's when supported)
+    let cases = [
+        (None, "1.1.0"),
+        (Some(""), "1.1.0"),
+        (Some(r#"{"cniVersion":"1.0.0"}"#), "1.0.0"),
+        (Some(r#"{"cniVersion":"0.4.0"}"#), "0.4.0"),
+        (Some(r#"{"cniVersion":"9.9.9"}"#), "1.1.0"),
+        (Some(r#"{"cniVersion":1}"#), "1.1.0"),
+    ];
+    for (stdin, answered) in cases {
         let run = plugin(&[("CNI_COMMAND", "VERSION")], stdin);
         assert!(run.ok, "{}", run.stderr);
         let v = run.json();
-        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["cniVersion"], answered, "{stdin:?}");
         assert_eq!(
             v["supportedVersions"],
             serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
