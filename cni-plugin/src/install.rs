@@ -1,8 +1,9 @@
 //! The node installer: `ztunnel-cni install` / `ztunnel-cni uninstall`, what the DaemonSet runs
 //! instead of the plugin. Install copies this binary into the CNI bin directory and chains the
-//! plugin into the node's primary network configuration (the lexically first `*.conflist` or
-//! `*.conf` in the conf directory), converting a single-plugin `.conf` into a `.conflist`;
-//! uninstall takes the entry and the binary out again. Both are idempotent.
+//! plugin into the node's primary network configuration (the first file by name that a runtime
+//! loads, [`find_primary`]), converting a single-plugin file into a `.conflist`, at a
+//! `cniVersion` the plugin supports only ([`version_supported`]); uninstall takes the entry and
+//! the binary out again. Both are idempotent.
 //!
 //! The configuration is handled as a `serde_json::Value` built with `preserve_order`, so every
 //! key and plugin that is not ours is written back as it was, in document order (re-serialized,
@@ -12,7 +13,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -136,7 +137,7 @@ pub enum InstallError {
     },
     #[error("{path}: {reason}")]
     Shape { path: PathBuf, reason: String },
-    #[error("no CNI network configuration (*.conflist, *.conf) in {0}")]
+    #[error("no CNI network configuration (*.conflist, *.conf, *.json) in {0}")]
     NoPrimary(PathBuf),
     #[error("not installed: {0}")]
     NotInstalled(String),
@@ -254,24 +255,29 @@ pub fn insert(conf: Json, settings: &Settings) -> Result<Inserted, String> {
             }
             None => list.push(settings.entry()),
         }
-        return Ok(Inserted::Conflist(Json::Object(fields)));
+        let conf = Json::Object(fields);
+        version_supported(&conf)?;
+        return Ok(Inserted::Conflist(conf));
     }
     match fields.get("type") {
         Some(Json::String(_)) => {}
         Some(_) => return Err("`type` is not a string".to_string()),
         None => return Err("neither a conflist (`plugins`) nor a plugin (`type`)".to_string()),
     }
+    // As a runtime converts it (libcni's `ConfListFromConf`): its name and version, empty
+    // when it has none.
     let mut list = Map::new();
     for key in ["cniVersion", "name"] {
-        if let Some(v) = fields.shift_remove(key) {
-            list.insert(key.into(), v);
-        }
+        let v = fields.shift_remove(key);
+        list.insert(key.into(), v.unwrap_or(Json::String(String::new())));
     }
     list.insert(
         "plugins".into(),
         Json::Array(vec![Json::Object(fields), settings.entry()]),
     );
-    Ok(Inserted::Converted(Json::Object(list)))
+    let conf = Json::Object(list);
+    version_supported(&conf)?;
+    Ok(Inserted::Converted(conf))
 }
 
 /// Takes our entries out of a conflist's `plugins`; `None` when there were none.
@@ -286,11 +292,15 @@ pub fn remove(conf: &Json) -> Option<Json> {
     Some(out)
 }
 
+/// Whether a runtime reads the file as a network configuration: the extensions libcni lists
+/// (hidden files included; our temp files end in `.tmp`).
 fn is_config_name(name: &str) -> bool {
-    (name.ends_with(".conflist") || name.ends_with(".conf")) && !name.starts_with('.')
+    [".conflist", ".conf", ".json"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
 }
 
-/// The configuration files of `dir`, sorted by name (temp files, hidden, are left out).
+/// The configuration files of `dir`, sorted by name, as a runtime lists them.
 pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -305,12 +315,117 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
     Ok(files)
 }
 
-/// The primary configuration: the lexically first configuration file, if any.
-pub fn find_primary(dir: &Path) -> Result<Option<PathBuf>, InstallError> {
-    Ok(config_files(dir)?.into_iter().next())
+/// Why a runtime would not load `conf` as a network (libcni's checks, which CRI-O applies
+/// before it skips to the next file), if it would not. A `.conflist` needs a `name` and its
+/// `plugins` inline, each with a `type` (plugins kept in a directory beside it would run after
+/// ours); another file is one plugin, with a `type`.
+pub fn unloadable(path: &Path, conf: &Json) -> Option<String> {
+    let Json::Object(fields) = conf else {
+        return Some("not a JSON object".into());
+    };
+    if path.extension().and_then(|e| e.to_str()) != Some("conflist") {
+        return match fields.get("type") {
+            Some(Json::String(t)) if !t.is_empty() => None,
+            _ => Some("a single plugin without a `type`".into()),
+        };
+    }
+    if !matches!(fields.get("name"), Some(Json::String(_))) {
+        return Some("a conflist without a `name`".into());
+    }
+    match fields.get("plugins") {
+        Some(Json::Array(list)) if list.is_empty() => Some("no plugins in `plugins`".into()),
+        Some(Json::Array(list)) => list
+            .iter()
+            .any(|p| !matches!(p.get("type"), Some(Json::String(_))))
+            .then(|| "a plugin in `plugins` without a `type`".into()),
+        _ => Some("no `plugins` list".into()),
+    }
 }
 
-/// Writes `data` to `path` via a temp file in the same directory and a rename.
+/// The configuration a runtime uses for pods: the first configuration file, by name, that
+/// it can load; and the earlier files it skips, with why.
+pub struct Primary {
+    pub path: PathBuf,
+    pub text: String,
+    pub conf: Json,
+    pub skipped: Vec<String>,
+}
+
+/// The primary configuration of `dir` ([`Primary`]), if any; when every file is unloadable,
+/// the first one's error.
+pub fn find_primary(dir: &Path) -> Result<Option<Primary>, InstallError> {
+    let mut skipped = Vec::new();
+    let mut first_error = None;
+    for path in config_files(dir)? {
+        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        let error = match parse(&text) {
+            Ok(conf) => match unloadable(&path, &conf) {
+                None => {
+                    return Ok(Some(Primary {
+                        path,
+                        text,
+                        conf,
+                        skipped,
+                    }))
+                }
+                Some(reason) => InstallError::Shape {
+                    path: path.clone(),
+                    reason,
+                },
+            },
+            Err(source) => InstallError::Json {
+                path: path.clone(),
+                source,
+            },
+        };
+        skipped.push(error.to_string());
+        first_error.get_or_insert(error);
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(None),
+    }
+}
+
+/// The `cniVersion` the runtime gives every plugin of `conf` (a conflist): its `cniVersion`,
+/// or the highest of it and its `cniVersions` (spec 1.1); `""` when there is none.
+fn effective_version(conf: &Json) -> String {
+    let mut versions: Vec<&str> = conf
+        .get("cniVersions")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Json::as_str)
+        .collect();
+    versions.extend(conf.get("cniVersion").and_then(Json::as_str));
+    let key = |v: &&str| {
+        v.split('.')
+            .map(|n| n.parse::<u32>().unwrap_or(0))
+            .collect::<Vec<_>>()
+    };
+    versions
+        .into_iter()
+        .max_by_key(key)
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Whether the plugin can run in `conf` (a conflist): the version the runtime gives it is one
+/// it supports; else why not.
+pub fn version_supported(conf: &Json) -> Result<(), String> {
+    let v = effective_version(conf);
+    if conf::SUPPORTED_VERSIONS.contains(&v.as_str()) {
+        return Ok(());
+    }
+    Err(format!(
+        "the runtime would run the chain at cniVersion {v:?}, which {PLUGIN_TYPE} does not \
+         support ({}); set the configuration's cniVersion to one of those",
+        conf::SUPPORTED_VERSIONS.join(", ")
+    ))
+}
+
+/// Writes `data` to `path` with `mode` via a temp file in the same directory and a rename.
+/// The temp file is created anew, readable by its owner alone until it has `mode`.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
@@ -319,7 +434,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallEr
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
@@ -347,29 +466,42 @@ fn file_mode(path: &Path) -> u32 {
 
 /// Chains the plugin into the primary configuration of `dir`; returns the file written and
 /// whether anything changed.
+/// A conflist that is a symbolic link is written through it (the link is kept); a
+/// single-plugin file is replaced by a `.conflist` of the same stem, unless one exists.
 pub fn install_config(dir: &Path, settings: &Settings) -> Result<(PathBuf, bool), InstallError> {
-    let primary = find_primary(dir)?.ok_or_else(|| InstallError::NoPrimary(dir.to_path_buf()))?;
-    let original = fs::read_to_string(&primary).map_err(io_err(&primary))?;
-    let conf = parse(&original).map_err(|source| InstallError::Json {
-        path: primary.clone(),
-        source,
-    })?;
-    let inserted = insert(conf, settings).map_err(|reason| InstallError::Shape {
+    let Primary {
+        path: primary,
+        text: original,
+        conf,
+        skipped,
+    } = find_primary(dir)?.ok_or_else(|| InstallError::NoPrimary(dir.to_path_buf()))?;
+    for s in skipped {
+        log(&format!("skipping {s} (a runtime skips it too)"));
+    }
+    let shape = |reason| InstallError::Shape {
         path: primary.clone(),
         reason,
-    })?;
+    };
+    let inserted = insert(conf, settings).map_err(shape)?;
     let text = render(inserted.json());
     let mode = file_mode(&primary);
     match inserted {
         Inserted::Conflist(_) => {
             let changed = text != original;
             if changed {
-                write_atomic(&primary, text.as_bytes(), mode)?;
+                let real = fs::canonicalize(&primary).map_err(io_err(&primary))?;
+                write_atomic(&real, text.as_bytes(), mode)?;
             }
             Ok((primary, changed))
         }
         Inserted::Converted(_) => {
             let target = primary.with_extension("conflist");
+            if fs::symlink_metadata(&target).is_ok() {
+                return Err(shape(format!(
+                    "converting it into a conflist would replace {}",
+                    target.display()
+                )));
+            }
             write_atomic(&target, text.as_bytes(), mode)?;
             fs::remove_file(&primary).map_err(io_err(&primary))?;
             Ok((target, true))
@@ -463,10 +595,16 @@ pub fn installed(options: &Options) -> Result<(), InstallError> {
     }
     let dir = &options.cni_conf_dir;
     let primary = find_primary(dir)?.ok_or_else(|| InstallError::NoPrimary(dir.to_path_buf()))?;
-    if !contains_ours(&read_conf(&primary)?) {
+    if !contains_ours(&primary.conf) {
         return Err(InstallError::NotInstalled(format!(
             "{} does not chain {PLUGIN_TYPE}",
-            primary.display()
+            primary.path.display()
+        )));
+    }
+    if let Err(reason) = version_supported(&primary.conf) {
+        return Err(InstallError::NotInstalled(format!(
+            "{}: {reason}",
+            primary.path.display()
         )));
     }
     Ok(())
@@ -569,16 +707,11 @@ fn check_once(
     seen: &mut Option<(PathBuf, String)>,
 ) -> Result<Option<String>, InstallError> {
     let primary = find_primary(dir)?.ok_or_else(|| InstallError::NoPrimary(dir.to_path_buf()))?;
-    let text = fs::read_to_string(&primary).map_err(io_err(&primary))?;
-    if matches!(seen, Some((p, t)) if *p == primary && *t == text) {
+    if matches!(seen, Some((p, t)) if *p == primary.path && *t == primary.text) {
         return Ok(None);
     }
-    *seen = Some((primary.clone(), text.clone()));
-    let conf = parse(&text).map_err(|source| InstallError::Json {
-        path: primary.clone(),
-        source,
-    })?;
-    if contains_ours(&conf) {
+    *seen = Some((primary.path.clone(), primary.text.clone()));
+    if contains_ours(&primary.conf) {
         return Ok(None);
     }
     let (file, _) = install_config(dir, settings)?;

@@ -126,13 +126,13 @@ fn inserting_twice_is_identical() {
 
 #[test]
 fn an_existing_entry_is_updated_in_place() {
-    let text = r#"{"name":"n","plugins":[
+    let text = r#"{"name":"n","cniVersion":"1.0.0","plugins":[
         {"type":"ztunnel-cni","timeout":"9s","extra":1,"socket":"/old"},
         {"type":"portmap"},
         {"type":"ztunnel-cni","socket":"/dup"}]}"#;
     let out = insert(parse(text).unwrap(), &settings()).unwrap();
     let expected = parse(
-        r#"{"name":"n","plugins":[
+        r#"{"name":"n","cniVersion":"1.0.0","plugins":[
         {"type":"ztunnel-cni","timeout":"3s","extra":1,"socket":"/run/z/cni.sock","enrolledNamespacesFile":"/run/z/ns.json","excludeNamespaces":["kube-system","infra"]},
         {"type":"portmap"}]}"#,
     )
@@ -175,23 +175,191 @@ fn json_round_trips_scalars_and_order() {
     assert_eq!(serde_json::to_string(&j).unwrap(), text);
 }
 
+/// The primary is the first file by name that a runtime loads (libcni's extensions, hidden
+/// files included); the files before it that a runtime skips are named.
 #[test]
-fn the_primary_is_the_first_config_file() {
-    let dir = tempfile::tempdir().unwrap();
-    assert_eq!(find_primary(dir.path()).unwrap(), None);
-    for name in [
-        "README.txt",
-        "20-b.conf",
-        "10-a.conflist",
-        ".10-a.conflist.1.tmp",
-        "00.json",
-    ] {
-        fs::write(dir.path().join(name), "{}").unwrap();
+fn the_primary_is_the_first_file_a_runtime_loads() {
+    let valid = r#"{"name":"k8s","cniVersion":"1.0.0","plugins":[{"type":"bridge"}]}"#;
+    let single = r#"{"cniVersion":"1.0.0","name":"one","type":"bridge"}"#;
+    // (files, the primary, how many files before it are skipped)
+    type Files<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Files<'_>, Option<&str>, usize); 7] = [
+        (&[], None, 0),
+        (
+            &[
+                ("README.txt", single),
+                ("20-b.conf", single),
+                ("10-a.conflist", valid),
+            ],
+            Some("10-a.conflist"),
+            0,
+        ),
+        (
+            &[("05-cilium.json", single), ("10-k8s.conflist", valid)],
+            Some("05-cilium.json"),
+            0,
+        ),
+        (
+            &[(".00-hidden.conflist", valid), ("10-k8s.conflist", valid)],
+            Some(".00-hidden.conflist"),
+            0,
+        ),
+        (
+            &[
+                ("00-broken.conflist", "{\"plugins\": ["),
+                ("10-k8s.conflist", valid),
+            ],
+            Some("10-k8s.conflist"),
+            1,
+        ),
+        (
+            &[
+                ("00-a.json", "{}"),
+                ("01-b.conflist", r#"{"plugins":[{"type":"x"}]}"#),
+                ("10-k8s.conf", single),
+            ],
+            Some("10-k8s.conf"),
+            2,
+        ),
+        (
+            &[(".10-a.conflist.1.tmp", valid), ("10-a.conflist", valid)],
+            Some("10-a.conflist"),
+            0,
+        ),
+    ];
+    for (files, want, skipped) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("05-dir.conf")).unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        let got = find_primary(dir.path()).unwrap();
+        let name = got
+            .as_ref()
+            .map(|p| p.path.file_name().unwrap().to_str().unwrap().to_owned());
+        assert_eq!(name.as_deref(), want, "{files:?}");
+        assert_eq!(got.map_or(0, |p| p.skipped.len()), skipped, "{files:?}");
     }
-    fs::create_dir(dir.path().join("05-dir.conf")).unwrap();
+}
+
+/// What a runtime refuses to load.
+#[test]
+fn unloadable_configurations() {
+    let cases = [
+        (
+            "a.conflist",
+            r#"{"name":"n","plugins":[{"type":"x"}]}"#,
+            None,
+        ),
+        (
+            "a.conflist",
+            r#"{"plugins":[{"type":"x"}]}"#,
+            Some("without a `name`"),
+        ),
+        (
+            "a.conflist",
+            r#"{"name":"n","plugins":[]}"#,
+            Some("no plugins"),
+        ),
+        ("a.conflist", r#"{"name":"n"}"#, Some("no `plugins` list")),
+        (
+            "a.conflist",
+            r#"{"name":"n","plugins":[{"t":1}]}"#,
+            Some("without a `type`"),
+        ),
+        ("a.conf", r#"{"type":"bridge"}"#, None),
+        (
+            "a.json",
+            r#"{"name":"n","plugins":[{"type":"x"}]}"#,
+            Some("without a `type`"),
+        ),
+        ("a.conf", "[]", Some("not a JSON object")),
+    ];
+    for (name, text, want) in cases {
+        let got = unloadable(Path::new(name), &parse(text).unwrap());
+        match want {
+            None => assert_eq!(got, None, "{name} {text}"),
+            Some(w) => assert!(
+                got.as_deref().is_some_and(|g| g.contains(w)),
+                "{name} {text}: {got:?}"
+            ),
+        }
+    }
+}
+
+/// The plugin is chained only where the runtime would run it at a version it supports: a
+/// conflist's `cniVersion`, or the highest of its `cniVersions`; a single plugin converted as
+/// a runtime converts it (its name and version, empty when absent).
+#[test]
+fn chained_only_at_a_supported_version() {
+    let cases = [
+        (
+            r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"type":"x"}]}"#,
+            true,
+        ),
+        (
+            r#"{"name":"n","cniVersion":"0.2.0","plugins":[{"type":"x"}]}"#,
+            false,
+        ),
+        (r#"{"name":"n","plugins":[{"type":"x"}]}"#, false),
+        (
+            r#"{"name":"n","cniVersions":["0.4.0","1.1.0"],"plugins":[{"type":"x"}]}"#,
+            true,
+        ),
+        (
+            r#"{"name":"n","cniVersion":"1.0.0","cniVersions":["1.10.0"],"plugins":[{"type":"x"}]}"#,
+            false,
+        ),
+        (r#"{"cniVersion":"0.4.0","type":"bridge"}"#, true),
+        (r#"{"name":"cbr0","type":"flannel"}"#, false),
+    ];
+    for (text, chained) in cases {
+        let got = insert(parse(text).unwrap(), &settings());
+        assert_eq!(got.is_ok(), chained, "{text}: {got:?}");
+        if let Err(e) = got {
+            assert!(e.contains("does not support"), "{e}");
+        }
+    }
+    let Ok(Inserted::Converted(out)) = insert(parse(cases[5].0).unwrap(), &settings()) else {
+        panic!("converted");
+    };
+    assert_eq!(keys(&out), ["cniVersion", "name", "plugins"]);
+    assert_eq!(out["name"], "");
+}
+
+/// A conflist reached through a symbolic link is written through it; a single plugin whose
+/// conflist name is taken is refused, both files kept; the written file keeps its mode.
+#[test]
+fn links_are_kept_and_other_files_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    fs::create_dir(&real).unwrap();
+    fs::write(real.join("k8s.conflist"), FLANNEL).unwrap();
+    fs::set_permissions(real.join("k8s.conflist"), fs::Permissions::from_mode(0o600)).unwrap();
+    let conf = dir.path().join("net.d");
+    fs::create_dir(&conf).unwrap();
+    std::os::unix::fs::symlink(real.join("k8s.conflist"), conf.join("10-k8s.conflist")).unwrap();
+    install_config(&conf, &settings()).unwrap();
+    assert!(fs::symlink_metadata(conf.join("10-k8s.conflist"))
+        .unwrap()
+        .is_symlink());
+    assert!(contains_ours(
+        &read_conf(&real.join("k8s.conflist")).unwrap()
+    ));
+    assert_eq!(file_mode(&real.join("k8s.conflist")), 0o600);
+
+    let other = tempfile::tempdir().unwrap();
+    fs::write(other.path().join("10-a.conf"), CILIUM).unwrap();
+    fs::write(other.path().join("10-a.conflist"), FLANNEL).unwrap();
+    let err = install_config(other.path(), &settings()).unwrap_err();
+    assert!(err.to_string().contains("would replace"), "{err}");
     assert_eq!(
-        find_primary(dir.path()).unwrap(),
-        Some(dir.path().join("10-a.conflist"))
+        fs::read_to_string(other.path().join("10-a.conf")).unwrap(),
+        CILIUM
+    );
+    assert_eq!(
+        fs::read_to_string(other.path().join("10-a.conflist")).unwrap(),
+        FLANNEL
     );
 }
 

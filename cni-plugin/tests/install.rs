@@ -355,6 +355,49 @@ fn installed_says_whether_the_node_is_set_up() {
     assert!(!probe().status.success(), "the binary is gone");
 }
 
+/// What CRI-O loads is what gets chained: a file it cannot load is skipped, a `.json` or
+/// hidden file counts. A configuration the runtime would run at a version the plugin does not
+/// support (an old flannel `.conf` without `cniVersion`) is not chained, and the probe says
+/// why; nor is one chained by hand at such a version ready.
+#[test]
+fn install_chains_what_the_runtime_loads_and_only_at_a_supported_version() {
+    let broken = Node::new(&[
+        ("00-broken.conflist", "{\"plugins\": ["),
+        ("10-flannel.conflist", FLANNEL),
+    ]);
+    broken.run("install");
+    assert!(types(&broken.read("10-flannel.conflist")).contains(&"ztunnel-cni".to_string()));
+    assert_eq!(broken.read("00-broken.conflist"), "{\"plugins\": [");
+    assert!(broken
+        .command("installed")
+        .output()
+        .unwrap()
+        .status
+        .success());
+    for first in ["05-cilium.json", ".05-cilium.conf"] {
+        let node = Node::new(&[(first, CILIUM), ("10-flannel.conflist", FLANNEL)]);
+        node.run("install");
+        assert_eq!(node.read("10-flannel.conflist"), FLANNEL, "{first}");
+        let converted = first.rsplit_once('.').unwrap().0.to_owned() + ".conflist";
+        assert!(types(&node.read(&converted)).contains(&"ztunnel-cni".to_string()));
+    }
+    let old = r#"{"name":"cbr0","type":"flannel","delegate":{"isDefaultGateway":true}}"#;
+    let node = Node::new(&[("10-flannel.conf", old)]);
+    let out = node.command("install").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cniVersion \"\""));
+    assert_eq!(node.read("10-flannel.conf"), old);
+    let by_hand = FLANNEL.replace("0.3.1", "0.2.0").replace(
+        r#"{"type":"portmap""#,
+        r#"{"type":"ztunnel-cni"},{"type":"portmap""#,
+    );
+    let node = Node::new(&[("10-flannel.conflist", &by_hand)]);
+    fs::copy(BIN, node.installed()).unwrap();
+    let out = node.command("installed").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not support"));
+}
+
 /// A plugin binary removed from the CNI bin directory (a CNI upgrade that empties it) is
 /// copied there again by the watcher.
 #[test]
