@@ -187,7 +187,7 @@ fn add(
         .prev_result
         .as_ref()
         .ok_or_else(|| CniError::InvalidConfig("prevResult is required for ADD".into()))?;
-    let pass = || Ok(Some(prev.raw.get().to_string()));
+    let pass = || crate::result::in_version(prev.raw.get(), &conf.cni_version).map(Some);
     let who = who(env, conf);
     if excluded(env, conf) {
         logs.push(format!(
@@ -373,7 +373,7 @@ mod tests {
         }
     }
 
-    const PREV: &str = r#"{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24"}],"dns":{}}"#;
+    const PREV: &str = r#"{"cniVersion":"1.1.0","ips":[{"address":"10.1.0.5/24"}],"dns":{}}"#;
 
     fn env(cmd: &str) -> Vars {
         [
