@@ -316,9 +316,9 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
 }
 
 /// Why a runtime would not load `conf` as a network (libcni's checks, which CRI-O applies
-/// before it skips to the next file), if it would not. A `.conflist` needs a `name` and its
-/// `plugins` inline, each with a `type` (plugins kept in a directory beside it would run after
-/// ours); another file is one plugin, with a `type`.
+/// before it skips to the next file), if it would not. A `.conflist` needs a `name`, and its
+/// `plugins`, when present, each with a `type` (without them, its plugins are files in a
+/// directory beside it: [`fragments`]); another file is one plugin, with a `type`.
 pub fn unloadable(path: &Path, conf: &Json) -> Option<String> {
     let Json::Object(fields) = conf else {
         return Some("not a JSON object".into());
@@ -338,8 +338,28 @@ pub fn unloadable(path: &Path, conf: &Json) -> Option<String> {
             .iter()
             .any(|p| !matches!(p.get("type"), Some(Json::String(_))))
             .then(|| "a plugin in `plugins` without a `type`".into()),
+        None if fields.get("loadOnlyInlinedPlugins") != Some(&Json::Bool(true)) => None,
         _ => Some("no `plugins` list".into()),
     }
+}
+
+/// The directory of plugin files a runtime appends to conflist `conf` of `dir` (libcni: the
+/// `*.conf` files of `<dir>/<name>/`, unless `loadOnlyInlinedPlugins`), if it holds any: they
+/// would run after ours, so the plugin is not chained there.
+pub fn fragments(dir: &Path, conf: &Json) -> Option<PathBuf> {
+    if conf.get("loadOnlyInlinedPlugins") == Some(&Json::Bool(true)) {
+        return None;
+    }
+    let name = conf
+        .get("name")
+        .and_then(Json::as_str)
+        .filter(|n| !n.is_empty())?;
+    let sub = dir.join(name);
+    let any = fs::read_dir(&sub)
+        .ok()?
+        .flatten()
+        .any(|e| e.path().extension().and_then(|x| x.to_str()) == Some("conf"));
+    any.then_some(sub)
 }
 
 /// The configuration a runtime uses for pods: the first configuration file, by name, that
@@ -482,6 +502,12 @@ pub fn install_config(dir: &Path, settings: &Settings) -> Result<(PathBuf, bool)
         path: primary.clone(),
         reason,
     };
+    if let Some(sub) = fragments(dir, &conf) {
+        return Err(shape(format!(
+            "its plugins in {} would run after {PLUGIN_TYPE}",
+            sub.display()
+        )));
+    }
     let inserted = insert(conf, settings).map_err(shape)?;
     let text = render(inserted.json());
     let mode = file_mode(&primary);
@@ -605,6 +631,13 @@ pub fn installed(options: &Options) -> Result<(), InstallError> {
         return Err(InstallError::NotInstalled(format!(
             "{}: {reason}",
             primary.path.display()
+        )));
+    }
+    if let Some(sub) = fragments(dir, &primary.conf) {
+        return Err(InstallError::NotInstalled(format!(
+            "{}: its plugins in {} run after {PLUGIN_TYPE}",
+            primary.path.display(),
+            sub.display()
         )));
     }
     Ok(())

@@ -261,7 +261,12 @@ fn unloadable_configurations() {
             r#"{"name":"n","plugins":[]}"#,
             Some("no plugins"),
         ),
-        ("a.conflist", r#"{"name":"n"}"#, Some("no `plugins` list")),
+        ("a.conflist", r#"{"name":"n"}"#, None),
+        (
+            "a.conflist",
+            r#"{"name":"n","loadOnlyInlinedPlugins":true}"#,
+            Some("no `plugins` list"),
+        ),
         (
             "a.conflist",
             r#"{"name":"n","plugins":[{"t":1}]}"#,
@@ -327,8 +332,9 @@ fn chained_only_at_a_supported_version() {
     assert_eq!(out["name"], "");
 }
 
-/// A conflist reached through a symbolic link is written through it; a single plugin whose
-/// conflist name is taken is refused, both files kept; the written file keeps its mode.
+/// A conflist reached through a symbolic link is written through it; one whose network has
+/// plugin files in a directory of its name (run after the inline ones) is refused, as is a
+/// single plugin whose conflist name is taken, the files kept; the written file keeps its mode.
 #[test]
 fn links_are_kept_and_other_files_never_replaced() {
     let dir = tempfile::tempdir().unwrap();
@@ -347,6 +353,25 @@ fn links_are_kept_and_other_files_never_replaced() {
         &read_conf(&real.join("k8s.conflist")).unwrap()
     ));
     assert_eq!(file_mode(&real.join("k8s.conflist")), 0o600);
+
+    // Plugins in a directory named after the network run after the inline ones.
+    let frag = tempfile::tempdir().unwrap();
+    fs::write(frag.path().join("10-k8s.conflist"), FLANNEL).unwrap();
+    fs::create_dir(frag.path().join("cbr0")).unwrap();
+    fs::write(
+        frag.path().join("cbr0/50-tune.conf"),
+        r#"{"type":"tuning"}"#,
+    )
+    .unwrap();
+    let err = install_config(frag.path(), &settings()).unwrap_err();
+    assert!(err.to_string().contains("would run after"), "{err}");
+    assert_eq!(
+        fs::read_to_string(frag.path().join("10-k8s.conflist")).unwrap(),
+        FLANNEL
+    );
+    let inlined = FLANNEL.replacen('{', r#"{"loadOnlyInlinedPlugins":true,"#, 1);
+    fs::write(frag.path().join("10-k8s.conflist"), inlined).unwrap();
+    install_config(frag.path(), &settings()).unwrap();
 
     let other = tempfile::tempdir().unwrap();
     fs::write(other.path().join("10-a.conf"), CILIUM).unwrap();
