@@ -499,7 +499,11 @@ impl<D: Dataplane> Registry<D> {
     }
 
     /// Serves again every pod recorded on the node whose netns still exists; forgets the
-    /// others. Returns how many were recovered.
+    /// others. A pod that is no longer enrolled (discovery says so) is released. One that
+    /// should be but cannot be served now (discovery lags, its rules or listeners or record
+    /// fail) keeps its rules and record: its connections are refused, never let through, until
+    /// the reconciler or its CNI plugin enrolls it again (counted as `enrollment_failed`).
+    /// Returns how many were recovered.
     pub fn recover(&mut self) -> usize {
         let records = match self.cx.store.load_all() {
             Ok(r) => r,
@@ -523,19 +527,32 @@ impl<D: Dataplane> Registry<D> {
             let state = self.cx.discovery.current();
             let decision = decide(&state, &self.cx.node, &r.pod, &r.ips);
             drop(state);
-            let result = match decision {
-                Decision::Enroll(w) => self.enroll(r.clone(), &w).map_err(|e| e.to_string()),
-                Decision::NotEnrolled(reason)
-                | Decision::TryAgain(reason)
-                | Decision::OtherMesh(reason) => Err(reason),
-            };
-            match result {
-                Ok(()) => n += 1,
-                Err(e) => {
-                    tracing::warn!(pod = %format!("{}/{}", r.pod.namespace, r.pod.name), error = %e, "not recovered; released");
-                    if let Ok(ns) = self.dp.open(&r.netns) {
-                        let _ = self.dp.remove_rules(&ns);
+            let pod = format!("{}/{}", r.pod.namespace, r.pod.name);
+            let failed = match decision {
+                Decision::Enroll(w) => match self.enroll(r.clone(), &w) {
+                    Ok(()) => {
+                        n += 1;
+                        continue;
                     }
+                    Err(EnrollError::Netns { .. }) => None,
+                    Err(e) => Some(e.to_string()),
+                },
+                Decision::TryAgain(reason) => Some(reason),
+                Decision::NotEnrolled(_) | Decision::OtherMesh(_) => None,
+            };
+            let Ok(ns) = self.dp.open(&r.netns) else {
+                tracing::info!(%pod, netns = %r.netns.display(), "pod's netns gone; record forgotten");
+                let _ = self.cx.store.remove(&r.attachment);
+                continue;
+            };
+            match failed {
+                Some(error) => {
+                    crate::refused!(self.cx.metrics, Reason::EnrollmentFailed, %pod, %error,
+                        "not recovered; its rules are kept (its connections refused) until it is enrolled again");
+                }
+                None => {
+                    tracing::info!(%pod, "no longer enrolled; released");
+                    let _ = self.dp.remove_rules(&ns);
                     let _ = self.cx.store.remove(&r.attachment);
                 }
             }

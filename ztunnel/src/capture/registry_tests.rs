@@ -48,6 +48,8 @@ struct Fake {
     gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
     /// The next `prepare` panics.
     panic: Arc<AtomicBool>,
+    /// Every `prepare` fails while set.
+    fail: Arc<AtomicBool>,
 }
 
 impl Fake {
@@ -75,6 +77,11 @@ impl Dataplane for Fake {
     fn prepare(&self, ns: &FakeNs, _ipv6: bool) -> Result<(), EnrollError> {
         if self.panic.swap(false, Ordering::SeqCst) {
             panic!("the fake's prepare panics, as asked");
+        }
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(EnrollError::Listen(std::io::Error::other(
+                "no file descriptors",
+            )));
         }
         if let Some((there, go)) = self.gate.lock().take() {
             there.send(()).unwrap();
@@ -154,6 +161,7 @@ impl Bed {
             log: log.clone(),
             gate: Mutex::new(gate),
             panic: panic.clone(),
+            fail: Arc::default(),
         };
         let cx = Context {
             discovery: Discovery::fixed(crate::discovery::parse(MESH, "cluster.local").unwrap()),
@@ -503,21 +511,70 @@ fn recovery_serves_the_recorded_pods_again() {
 
 /// A second registry on `bed`'s records, as a restarted daemon's, its fake noting in `log`.
 fn restarted(bed: &Bed, log: Log) -> Pods {
+    restarted_with(bed, log, Arc::default(), Arc::new(Metrics::default()))
+}
+
+/// [`restarted`], its fake's `prepare` failing while `fail` is set, counting in `metrics`.
+fn restarted_with(bed: &Bed, log: Log, fail: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Pods {
     let fake = Fake {
         log,
         gate: Mutex::new(None),
         panic: Arc::default(),
+        fail,
     };
     let cx = Context {
         discovery: Discovery::fixed(crate::discovery::parse(MESH, "cluster.local").unwrap()),
         node: "n1".into(),
         trust_domain: "cluster.local".into(),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         store: bed.store.clone(),
         annotator: Arc::new(Notes::default()),
     };
     let (_, ready) = tokio::sync::watch::channel(true);
     Pods::start(Registry::new(fake, cx), ready).unwrap()
+}
+
+/// At a restart, a recorded pod that is still enrolled but cannot be served (its listeners
+/// fail, or discovery does not know it yet) keeps its rules and its record, counted; one that
+/// is no longer enrolled is released.
+#[test]
+fn recovery_never_strips_the_rules_of_a_pod_it_cannot_serve() {
+    // (the recorded pod, whether prepare fails, whether it is released)
+    let unknown = PodRef {
+        uid: "u9".into(),
+        ..web0()
+    };
+    let elsewhere = PodRef {
+        namespace: "plain".into(),
+        name: "old".into(),
+        uid: "u8".into(),
+    };
+    let cases = [
+        (web0(), true, false),
+        (unknown, false, false),
+        (elsewhere, false, true),
+    ];
+    for (pod, fails, released) in cases {
+        let bed = Bed::new();
+        let ns = bed.ns("ns-a");
+        assert_eq!(bed.call(Request::Add(add("c1", &ns))), Reply::Enrolled);
+        let mut r = bed.store.load_all().unwrap().remove(0);
+        r.pod = pod.clone();
+        bed.store.save(&r).unwrap();
+        let (log, metrics) = (Log::default(), Arc::new(Metrics::default()));
+        let fail = Arc::new(AtomicBool::new(fails));
+        let again = restarted_with(&bed, log.clone(), fail, metrics.clone());
+        assert_eq!(block_on(again.recover()), 0, "{pod:?}");
+        let stripped = log.lock().iter().any(|l| l.starts_with("remove-rules"));
+        assert_eq!(stripped, released, "{pod:?}: {:?}", log.lock());
+        let kept: &[&str] = if released { &[] } else { &["c1"] };
+        assert_eq!(bed.recorded(), kept, "{pod:?}");
+        let labels = crate::metrics::ReasonLabels {
+            reason: crate::refusal::Reason::EnrollmentFailed.label(),
+        };
+        let counted = metrics.refusals.get_or_create(&labels).get();
+        assert_eq!(counted, u64::from(!released), "{pod:?}");
+    }
 }
 
 /// A reconciler record is served again only while its netns is still the pod's: one whose
