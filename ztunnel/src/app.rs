@@ -443,19 +443,41 @@ fn ready_rx_for_pods(admin: &AdminState) -> watch::Receiver<bool> {
     admin.ready.clone()
 }
 
-/// Keeps the enrolled-namespaces file, which the CNI plugin reads when the daemon is down,
-/// in step with discovery.
+/// Keeps the enrollment snapshot, which the CNI plugin reads when the daemon is down, in step
+/// with discovery. A write that fails (the file is then removed: the plugin fails closed) is
+/// tried again every [`SNAPSHOT_RETRY`] until it succeeds.
 async fn publish_namespaces(mut disc: Discovery, file: std::path::PathBuf) {
+    let mut failing = false;
     loop {
         let snapshot = disc.current().enrollment_snapshot();
-        if let Err(e) = crate::capture::store::save_snapshot(&file, &snapshot) {
-            tracing::warn!(file = %file.display(), error = %e, "cannot write the enrolled-namespaces file");
+        match crate::capture::store::save_snapshot(&file, &snapshot) {
+            Ok(()) if failing => {
+                tracing::info!(file = %file.display(), "enrollment snapshot written again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot write the enrollment snapshot; removed, so that the CNI plugin fails every pod it does not exclude while the daemon is down; trying again");
+                }
+                failing = true;
+            }
         }
-        if disc.changed().await.is_err() {
-            return;
+        let retry = async {
+            match failing {
+                true => tokio::time::sleep(SNAPSHOT_RETRY).await,
+                false => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = disc.changed() => if changed.is_err() { return },
+            () = retry => {}
         }
     }
 }
+
+/// How often a failed write of the enrollment snapshot is tried again.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(5);
 
 /// How fetching one workload's certificate went, as readiness sees it.
 #[derive(Debug)]

@@ -27,10 +27,20 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// Writes `bytes` to `path` through a temp file, synced, then renamed; the temp file is
+/// removed if that fails.
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Container ids come from the runtime; keep only what is safe in a file name.
@@ -156,18 +166,47 @@ impl Store {
 pub const NAMESPACES_FILE: &str = "enrolled-namespaces.json";
 
 /// Writes the enrollment snapshot for the CNI plugin to `file`, creating its directory if
-/// needed.
+/// needed. When that fails, the file is removed: an older snapshot could let a pod of a
+/// namespace enrolled since through unenrolled, while the plugin fails closed without one.
 pub fn save_snapshot(file: &Path, snapshot: &ztunnel_proto::enroll::Snapshot) -> io::Result<()> {
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let bytes = serde_json::to_vec(snapshot).map_err(io::Error::other)?;
-    write_atomic(file, &bytes)
+    let written = serde_json::to_vec(snapshot)
+        .map_err(io::Error::other)
+        .and_then(|bytes| write_atomic(file, &bytes));
+    if written.is_err() {
+        let _ = std::fs::remove_file(file);
+    }
+    written
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot that cannot be written leaves no snapshot (the plugin then fails closed),
+    /// not the older one; once writable, it is written again.
+    #[test]
+    fn a_failed_snapshot_write_leaves_no_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ns.json");
+        let snapshot = |ns: &str| ztunnel_proto::enroll::Snapshot {
+            namespaces: vec![ns.into()],
+            pod_labels_enroll: false,
+        };
+        save_snapshot(&file, &snapshot("a")).unwrap();
+        // The temp file's name taken by a directory: the write fails.
+        std::fs::create_dir(file.with_extension("tmp")).unwrap();
+        assert!(save_snapshot(&file, &snapshot("b")).is_err());
+        assert!(!file.exists(), "the older snapshot is gone");
+        std::fs::remove_dir(file.with_extension("tmp")).unwrap();
+        save_snapshot(&file, &snapshot("b")).unwrap();
+        let read: ztunnel_proto::enroll::Snapshot =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(read, snapshot("b"));
+        assert!(!file.with_extension("tmp").exists());
+    }
 
     #[test]
     fn records_round_trip_and_hostile_ids_stay_in_the_directory() {
