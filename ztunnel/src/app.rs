@@ -476,6 +476,10 @@ async fn publish_namespaces(mut disc: Discovery, file: std::path::PathBuf) {
     }
 }
 
+/// How often readiness looks at the certificates of this node's workloads when nothing else
+/// changes.
+const CERTIFICATES_RECHECK: Duration = Duration::from_secs(10);
+
 /// How often a failed write of the enrollment snapshot is tried again.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(5);
 
@@ -577,13 +581,15 @@ async fn keep_certificates(
             shown = now;
         }
         let _ = ready.send(ready_after(&outcomes));
-        if outcomes.iter().all(|o| matches!(o, Fetched::Loaded)) {
-            if disc.changed().await.is_err() {
-                return;
-            }
-        } else {
-            // Retry soon, or sooner if discovery changes.
-            let _ = tokio::time::timeout(Duration::from_secs(2), disc.changed()).await;
+        // Looked at again when discovery changes; also soon after a failure, and now and then
+        // when all are loaded, so that a certificate that expires without renewal (the CA
+        // down) turns readiness off.
+        let again = match outcomes.iter().all(|o| matches!(o, Fetched::Loaded)) {
+            true => CERTIFICATES_RECHECK,
+            false => Duration::from_secs(2),
+        };
+        if let Ok(Err(_)) = tokio::time::timeout(again, disc.changed()).await {
+            return;
         }
     }
 }

@@ -3,9 +3,15 @@
 //!
 //! Each identity has a task that signs, publishes the certificate, sleeps until renewal is
 //! due, and signs again; failures back off (1 s doubling to 30 s) while the previous
-//! certificate, if still valid, stays in use. Concurrent first callers of [`CertManager::fetch`]
-//! share the one signing request. A renewal only swaps the published `Arc`: connections made
-//! with the old certificate keep it and are not disturbed.
+//! certificate, if still valid, stays in use, and once it has expired the failure is what
+//! callers get. Concurrent first callers of [`CertManager::fetch`] share the one signing
+//! request. A renewal only swaps the published `Arc`: connections made with the old
+//! certificate keep it and are not disturbed.
+//!
+//! Renewal is due by the wall clock, which certificates are judged by, not by the time the
+//! task has slept: it looks again every [`RECHECK`], so that a clock stepped forward (an NTP
+//! correction, a suspended machine) renews within that time rather than after expiry; a
+//! caller that finds the certificate expired all the same has it renewed at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use ztunnel_proto::ca::SignRequest;
 
 use super::crl::{PeerChain, Revocation};
@@ -46,6 +52,8 @@ impl From<Error> for Failure {
 struct Entry {
     slot: watch::Receiver<Slot>,
     task: tokio::task::JoinHandle<()>,
+    /// Told by a caller that found the certificate expired: renew now.
+    renew: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -55,10 +63,14 @@ struct Counters {
     failed: AtomicU64,
 }
 
+/// The wall clock certificates are judged by (injected in tests).
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
 /// Certificates of the identities this node serves.
 pub struct CertManager {
     signer: Arc<dyn CertSigner>,
     lifetime: Duration,
+    clock: Clock,
     /// What the certificates' TLS configurations check peers against.
     revocation: Revocation,
     entries: Mutex<HashMap<Identity, Entry>>,
@@ -67,6 +79,8 @@ pub struct CertManager {
 
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a certificate's task looks at the wall clock while it waits for renewal.
+const RECHECK: Duration = Duration::from_secs(10);
 
 impl CertManager {
     /// Certificates from `signer`, of `lifetime`, whose TLS configurations check peers against
@@ -76,9 +90,20 @@ impl CertManager {
         lifetime: Duration,
         revocation: Revocation,
     ) -> Arc<Self> {
+        Self::with_clock(signer, lifetime, revocation, Arc::new(SystemTime::now))
+    }
+
+    /// [`CertManager::new`], judging certificates by `clock`.
+    pub fn with_clock(
+        signer: Arc<dyn CertSigner>,
+        lifetime: Duration,
+        revocation: Revocation,
+        clock: Clock,
+    ) -> Arc<Self> {
         Arc::new(CertManager {
             signer,
             lifetime,
+            clock,
             revocation,
             entries: Mutex::default(),
             counters: Arc::default(),
@@ -90,22 +115,33 @@ impl CertManager {
         let mut rx = {
             let mut entries = self.entries.lock();
             match entries.get(id) {
-                Some(e) => e.slot.clone(),
+                Some(e) => {
+                    if matches!(&*e.slot.borrow(), Slot::Ready(c) if c.expired((self.clock)())) {
+                        e.renew.notify_waiters();
+                    }
+                    e.slot.clone()
+                }
                 None => {
                     let (tx, rx) = watch::channel(Slot::Pending);
+                    let renew = Arc::new(Notify::new());
                     let task = tokio::spawn(keep(
-                        self.signer.clone(),
-                        id.clone(),
-                        self.lifetime,
-                        self.revocation.clone(),
+                        Keeper {
+                            signer: self.signer.clone(),
+                            id: id.clone(),
+                            lifetime: self.lifetime,
+                            revocation: self.revocation.clone(),
+                            counters: self.counters.clone(),
+                            renew: renew.clone(),
+                            clock: self.clock.clone(),
+                        },
                         tx,
-                        self.counters.clone(),
                     ));
                     entries.insert(
                         id.clone(),
                         Entry {
                             slot: rx.clone(),
                             task,
+                            renew,
                         },
                     );
                     rx
@@ -115,7 +151,7 @@ impl CertManager {
         let slot = rx
             .wait_for(|s| match s {
                 Slot::Pending => false,
-                Slot::Ready(c) => !c.expired(SystemTime::now()),
+                Slot::Ready(c) => !c.expired((self.clock)()),
                 Slot::Failed(_) => true,
             })
             .await
@@ -181,6 +217,7 @@ async fn sign_once(
     signer: &dyn CertSigner,
     id: &Identity,
     lifetime: Duration,
+    now: SystemTime,
 ) -> Result<WorkloadCert, Error> {
     let kc = generate_csr(id)?;
     let resp = signer
@@ -195,51 +232,72 @@ async fn sign_once(
         &kc.key,
         &resp.cert_chain_pem,
         &resp.roots_pem,
-        SystemTime::now(),
+        now,
     )
 }
 
-/// Waits until a certificate is due for renewal: at half-life (`wait` from now), or as soon as
-/// the revocation lists revoke it (`own` is its chain), so that its workload's peers do not
-/// refuse it until then. One issued revoked already (its issuer's certificate is revoked, say)
-/// is renewed when the lists change next, not at once, so that the CA is not asked in a loop.
-async fn until_renewal_due(id: &Identity, wait: Duration, own: &PeerChain, rev: &Revocation) {
-    if own.trusted() {
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = own.until_revoked() => {
-                tracing::warn!(identity = %id, "the certificate is revoked by the lists in force; renewing it now");
-            }
+/// Waits until a certificate is due for renewal: at half-life (`due`, by the wall clock,
+/// looked at every [`RECHECK`]), when a caller found it expired (`renew`), or as soon as the
+/// revocation lists revoke it (`own` is its chain), so that its workload's peers do not refuse
+/// it until then. One issued revoked already (its issuer's certificate is revoked, say) is
+/// renewed when the lists change next, not at once, so that the CA is not asked in a loop.
+async fn until_renewal_due(k: &Keeper, due: SystemTime, own: &PeerChain) {
+    let (id, rev) = (&k.id, &k.revocation);
+    let half_life = async {
+        while let Ok(left) = due.duration_since((k.clock)()) {
+            tokio::time::sleep(left.min(RECHECK)).await;
         }
-    } else {
-        tracing::error!(identity = %id, "the certificate just issued is revoked by the lists in force (its issuer's certificate?); renewed when the lists change, or at half-life");
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = rev.changed() => {}
+    };
+    let revoked = async {
+        if own.trusted() {
+            own.until_revoked().await;
+            tracing::warn!(identity = %id, "the certificate is revoked by the lists in force; renewing it now");
+        } else {
+            tracing::error!(identity = %id, "the certificate just issued is revoked by the lists in force (its issuer's certificate?); renewed when the lists change, or at half-life");
+            rev.changed().await;
+        }
+    };
+    tokio::select! {
+        () = half_life => {}
+        () = revoked => {}
+        () = k.renew.notified() => {
+            tracing::warn!(identity = %id, "the certificate has expired before its renewal (the clock stepped forward?); renewing it now");
         }
     }
 }
 
-/// The per-identity task: sign, publish, sleep to half-life (or until the certificate is
-/// revoked), repeat.
-async fn keep(
+/// What one identity's task works with.
+struct Keeper {
     signer: Arc<dyn CertSigner>,
     id: Identity,
     lifetime: Duration,
     revocation: Revocation,
-    tx: watch::Sender<Slot>,
     counters: Arc<Counters>,
-) {
+    /// Told by a caller that found the certificate expired.
+    renew: Arc<Notify>,
+    clock: Clock,
+}
+
+/// The per-identity task: sign, publish, sleep to half-life (or until the certificate is
+/// revoked, or found expired), repeat.
+async fn keep(k: Keeper, tx: watch::Sender<Slot>) {
+    let (id, counters, revocation) = (&k.id, &k.counters, &k.revocation);
     let mut backoff = MIN_BACKOFF;
     let mut have_one = false;
     loop {
-        match sign_once(&*signer, &id, lifetime).await {
+        match sign_once(&*k.signer, id, k.lifetime, (k.clock)()).await {
             Ok(cert) => {
                 let cert = Arc::new(cert.with_revocation(revocation.clone()));
-                let wait = cert
-                    .refresh_at()
-                    .duration_since(SystemTime::now())
-                    .unwrap_or_default();
+                let now = (k.clock)();
+                // Due already: this clock is ahead of the CA's by half a lifetime or more.
+                // Renewing at once would ask the CA in a loop for as long as that lasts.
+                let due = match cert.refresh_at() > now {
+                    true => cert.refresh_at(),
+                    false => {
+                        tracing::warn!(identity = %id, "the certificate just issued is due for renewal already: this node's clock is ahead of the CA's; renewing it again later");
+                        now + MAX_BACKOFF
+                    }
+                };
                 if have_one {
                     counters.renewed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(identity = %id, serial = %cert.serial, "certificate renewed");
@@ -251,17 +309,32 @@ async fn keep(
                 backoff = MIN_BACKOFF;
                 let own = cert.own_chain();
                 tx.send_replace(Slot::Ready(cert));
-                until_renewal_due(&id, wait, &own, &revocation).await;
+                until_renewal_due(&k, due, &own).await;
             }
             Err(e) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate signing failed");
-                let still_valid =
-                    matches!(&*tx.borrow(), Slot::Ready(c) if !c.expired(SystemTime::now()));
-                if !still_valid {
-                    tx.send_replace(Slot::Failed(e.into()));
+                let failure = Slot::Failed(e.into());
+                let expiry = match &*tx.borrow() {
+                    Slot::Ready(c) => c.not_after,
+                    _ => SystemTime::UNIX_EPOCH,
+                };
+                let retry = tokio::time::sleep(backoff);
+                tokio::pin!(retry);
+                match expiry.duration_since((k.clock)()) {
+                    // Still valid: kept until it expires, then the failure is what callers get.
+                    Ok(left) => tokio::select! {
+                        () = &mut retry => {}
+                        () = tokio::time::sleep(left) => {
+                            tx.send_replace(failure);
+                            retry.await;
+                        }
+                    },
+                    Err(_) => {
+                        tx.send_replace(failure);
+                        retry.await;
+                    }
                 }
-                tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
@@ -270,7 +343,7 @@ async fn keep(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
 
     use ztunnel_proto::ca::SignResponse;
 
@@ -278,12 +351,14 @@ mod tests {
     use crate::ca::LocalCa;
     use crate::identity::{BoxFuture, SignError};
 
-    /// Counts calls; fails while `fail` is set, refuses while `refuse` is.
+    /// Counts calls; fails while `fail` is set, refuses while `refuse` is; signs as of
+    /// `clock`'s time when set.
     struct Counting {
         ca: LocalCa,
         calls: AtomicUsize,
         fail: std::sync::atomic::AtomicBool,
         refuse: std::sync::atomic::AtomicBool,
+        clock: Option<Clock>,
     }
 
     impl CertSigner for Counting {
@@ -300,7 +375,13 @@ mod tests {
                         message: "no such pod on this node".into(),
                     });
                 }
-                CertSigner::sign(&self.ca, req).await
+                match &self.clock {
+                    Some(clock) => self
+                        .ca
+                        .sign(&req, clock())
+                        .map_err(|e| SignError::Transport(e.to_string())),
+                    None => CertSigner::sign(&self.ca, req).await,
+                }
             })
         }
     }
@@ -313,8 +394,75 @@ mod tests {
             calls: AtomicUsize::new(0),
             fail: Default::default(),
             refuse: Default::default(),
+            clock: None,
         });
         (dir, s)
+    }
+
+    /// A clock `ahead` seconds ahead of this machine's, and a manager judging by it whose
+    /// signer signs by it too (a certificate of an hour).
+    fn stepped() -> (
+        tempfile::TempDir,
+        Arc<Counting>,
+        Arc<CertManager>,
+        Arc<AtomicU64>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = Arc::new(AtomicU64::new(0));
+        let a = ahead.clone();
+        let clock: Clock =
+            Arc::new(move || SystemTime::now() + Duration::from_secs(a.load(Ordering::SeqCst)));
+        let s = Arc::new(Counting {
+            ca: LocalCa::load_or_create(dir.path(), "cluster.local").unwrap(),
+            calls: AtomicUsize::new(0),
+            fail: Default::default(),
+            refuse: Default::default(),
+            clock: Some(clock.clone()),
+        });
+        let hour = Duration::from_secs(3600);
+        let m = CertManager::with_clock(s.clone(), hour, Revocation::default(), clock);
+        (dir, s, m, ahead)
+    }
+
+    /// The wall clock stepped forward past half-life (a suspended machine, an NTP correction)
+    /// while the task slept less than that: renewed within a recheck, not when its sleep ends.
+    #[tokio::test(start_paused = true)]
+    async fn renewal_is_due_by_the_wall_clock() {
+        let (_d, _s, m, ahead) = stepped();
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let first = m.fetch(&id).await.unwrap();
+        ahead.store(2000, Ordering::SeqCst);
+        let renewed = async {
+            while m.fetch(&id).await.unwrap().serial == first.serial {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        tokio::time::timeout(RECHECK * 2, renewed)
+            .await
+            .expect("renewed within a recheck");
+    }
+
+    /// A certificate found expired (the clock stepped past its expiry) is renewed at once for
+    /// its caller; with the CA down, the caller gets the failure instead of waiting.
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_certificate_is_renewed_or_refused_at_once() {
+        for ca_up in [true, false] {
+            let (_d, s, m, ahead) = stepped();
+            let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+            let first = m.fetch(&id).await.unwrap();
+            s.fail.store(!ca_up, Ordering::SeqCst);
+            ahead.store(4000, Ordering::SeqCst);
+            let got = tokio::time::timeout(Duration::from_secs(5), m.fetch(&id))
+                .await
+                .expect("answered");
+            match got {
+                Ok(c) => {
+                    assert!(ca_up);
+                    assert_ne!(c.serial, first.serial);
+                }
+                Err(e) => assert!(!ca_up && e.to_string().contains("down"), "{e}"),
+            }
+        }
     }
 
     #[tokio::test]
@@ -427,6 +575,7 @@ mod tests {
             calls: AtomicUsize::new(0),
             fail: Default::default(),
             refuse: Default::default(),
+            clock: None,
         });
         let m = CertManager::new(s.clone(), Duration::from_secs(3600), rev.clone());
         let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();

@@ -199,7 +199,15 @@ async fn open(
                 f.dst_workload = Some(format!("{}/{}", dst_workload.namespace, dst_workload.name));
             });
             pi.metrics.proxied("outbound");
-            let cert = match pi.certs.fetch(&src_id).await {
+            // A CA that does not answer holds the connection no longer than a connect would.
+            let fetched = tokio::time::timeout(pi.connect.timeout, pi.certs.fetch(&src_id)).await;
+            let fetched = fetched.unwrap_or_else(|_| {
+                Err(crate::identity::Error::Certificate(format!(
+                    "none within {:?}",
+                    pi.connect.timeout
+                )))
+            });
+            let cert = match fetched {
                 Ok(c) => c,
                 Err(e) => {
                     refuse!(pi, tracked, Outcome::NoCertificate(e.to_string()), identity = %src_id, error = %e, "no certificate; refused");
