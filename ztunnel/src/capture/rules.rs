@@ -21,11 +21,14 @@
 //! Both address families are captured (the table is `inet`); the policy route is added for
 //! IPv6 too when the pod has an IPv6 address ([`install`]'s `ipv6`).
 //!
-//! `nft` and `ip` are run as child processes spawned inside the pod's netns.
+//! `nft` and `ip` are run as child processes spawned inside the pod's netns; one that has not
+//! ended within [`CHILD_TIMEOUT`] (stuck on a kernel lock, say) is killed and the operation
+//! fails, so that it does not hold the registry, and every other pod's enrollment, behind it.
 
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use ztunnel_proto::hbone as consts;
 
@@ -59,7 +62,15 @@ pub enum RulesError {
     },
     #[error("the capture table is missing or altered: {0}")]
     Altered(String),
+    #[error("{program} did not end within {after:?}; killed")]
+    Timeout {
+        program: &'static str,
+        after: Duration,
+    },
 }
+
+/// How long `nft` or `ip` may run.
+pub const CHILD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The pod's table, as `nft -f` input that replaces any previous version atomically.
 pub fn pod_ruleset() -> String {
@@ -151,6 +162,17 @@ fn run(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String, RulesError> {
+    run_for(ns, program, args, stdin, CHILD_TIMEOUT)
+}
+
+/// [`run`], killing the child after `timeout`.
+fn run_for(
+    ns: &Netns,
+    program: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+    timeout: Duration,
+) -> Result<String, RulesError> {
     let spawn_err = |source| RulesError::Spawn { program, source };
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -169,7 +191,21 @@ fn run(
         let mut pipe = child.stdin.take().expect("piped");
         pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
     }
-    let out = child.wait_with_output().map_err(spawn_err)?;
+    // Waited for on a thread of its own; the child is not reaped before it ends, so its pid
+    // is still its own when it is killed.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || drop(tx.send(child.wait_with_output())));
+    let out = match rx.recv_timeout(timeout) {
+        Ok(out) => out.map_err(spawn_err)?,
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(RulesError::Timeout {
+                program,
+                after: timeout,
+            });
+        }
+    };
     if !out.status.success() {
         return Err(RulesError::Failed {
             program,
@@ -387,6 +423,36 @@ fn probe_set_scripts(ips: &[IpAddr], add: bool) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child that does not end in time is killed and the call fails as such; one that
+    /// ends in time gives its output.
+    #[test]
+    fn a_child_stuck_past_its_timeout_is_killed() {
+        let ns = Netns::host();
+        let short = Duration::from_secs(1);
+        let out = run_for(ns, "sh", &["-c", "echo ok"], None, CHILD_TIMEOUT).unwrap();
+        assert_eq!(out, "ok\n");
+        // The child writes its pid, then hangs.
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let script = format!("echo $$ > {}; exec sleep 600", pid_file.display());
+        let err = run_for(ns, "sh", &["-c", &script], None, short).unwrap_err();
+        assert!(
+            matches!(err, RulesError::Timeout { program: "sh", .. }),
+            "{err}"
+        );
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let gone = || {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
+            // Gone, or a zombie until its waiter reaps it.
+            stat.map_or(true, |s| s.contains(") Z "))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !gone() {
+            assert!(std::time::Instant::now() < deadline, "the child still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     #[test]
     fn the_pod_table_captures_and_skips_what_the_contract_says() {
