@@ -97,6 +97,7 @@ pub async fn connect_from(
         }
     }
     sock.set_tcp_nodelay(true)?;
+    keepalive(&sock)?;
     let in_progress = match sock.connect(&addr.into()) {
         Ok(()) => false,
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
@@ -123,6 +124,20 @@ pub async fn connect_from(
             format!("connect to {addr} timed out after {:?}", opts.timeout),
         )),
     }
+}
+
+/// TCP keepalive, as Istio's ztunnel sets it: a peer gone without a word (its node lost, a
+/// NAT entry expired) is found out after 180 s of silence and 9 probes 180 s apart, and its
+/// connection ends, rather than holding its half of the proxy for ever. Applications' own
+/// keepalives only ever reach the daemon on their node, which answers them.
+pub const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(180))
+    .with_interval(Duration::from_secs(180))
+    .with_retries(9);
+
+/// Sets [`KEEPALIVE`] on a TCP socket.
+pub fn keepalive<'a>(sock: impl Into<socket2::SockRef<'a>>) -> io::Result<()> {
+    sock.into().set_tcp_keepalive(&KEEPALIVE)
 }
 
 /// Binds a listener with `SO_REUSEADDR` and `SO_REUSEPORT`, so that a new daemon process can

@@ -415,6 +415,43 @@ async fn an_address_outside_the_mesh_is_reached_in_plain_tcp() {
     );
 }
 
+/// The connections the listeners accept, and those the daemon dials (here plain TCP to the
+/// application), carry TCP keepalive as Istio's ztunnel sets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_and_dialled_connections_carry_keepalive() {
+    let node = Node::start(false).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let l = TcpListener::bind((SERVER, 0)).await.unwrap();
+    let entry = node.serve(l, None, "probe", move |_, _, tcp: TcpStream, _| {
+        let _ = tx.send(keepalive_of(&tcp));
+        async {}
+    });
+    let _client = connect(CLIENT, entry).await.unwrap();
+    let accepted = rx.recv().await.unwrap();
+    let dialled = crate::net::connect(node.app(OUTSIDE), CONNECT)
+        .await
+        .unwrap();
+    for got in [accepted, keepalive_of(&dialled)] {
+        assert_eq!(
+            got,
+            Some((Duration::from_secs(180), Duration::from_secs(180), 9))
+        );
+    }
+}
+
+/// A socket's keepalive (idle time, interval, probes), if it is on.
+fn keepalive_of(tcp: &TcpStream) -> Option<(Duration, Duration, u32)> {
+    let s = socket2::SockRef::from(tcp);
+    s.keepalive().unwrap().then(|| {
+        let time = s.tcp_keepalive_time().unwrap();
+        (
+            time,
+            s.tcp_keepalive_interval().unwrap(),
+            s.tcp_keepalive_retries().unwrap(),
+        )
+    })
+}
+
 /// Plain TCP (passthrough at the source, plaintext at the destination) is reported with the
 /// client's bytes as the request and the application's as the response, as the tunnel is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -506,13 +506,14 @@ async fn accept_loop<F, Fut>(
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
+                    let _ = crate::net::keepalive(&tcp);
                     let guard = pi.begin();
                     let fut = handle(pi.clone(), scope.clone(), tcp, peer);
                     tokio::spawn(crate::task::guarded(fut, guard));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    crate::warn_throttled!(listener = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
