@@ -245,7 +245,8 @@ where
 /// Input: `KEY=VALUE` lines (the environment; `REPLY=` picks the daemon's answer: `enrolled`
 /// (the default), `notEnrolled`, `ok`, `error`, `failed`, `version`), a NUL byte, then stdin.
 /// Input without a NUL is stdin for an ADD with a complete environment. What the plugin prints
-/// must be JSON: an ADD passes `prevResult` through byte for byte, an error object carries its
+/// must be JSON: an ADD passes `prevResult` through, byte for byte when it is in the
+/// configuration's `cniVersion`, else in that version with its other keys; an error object carries its
 /// code and a version the plugin speaks; every request it sends survives the wire.
 pub fn cni_plugin(data: &[u8]) {
     let (mut vars, stdin, reply) = match data.iter().position(|b| *b == 0) {
@@ -297,7 +298,15 @@ pub fn cni_plugin(data: &[u8]) {
                 let text = std::str::from_utf8(stdin).expect("an ADD that succeeds read UTF-8");
                 let conf = conf::parse_conf(Command::Add, text).expect("its configuration");
                 let prev = conf.prev_result.expect("an ADD has a prevResult");
-                assert_eq!(json, prev.raw.get(), "prevResult not passed through");
+                let before: serde_json::Value = serde_json::from_str(prev.raw.get()).unwrap();
+                let after: serde_json::Value = serde_json::from_str(json).unwrap();
+                if before["cniVersion"] == serde_json::json!(conf.cni_version) {
+                    assert_eq!(json, prev.raw.get(), "prevResult not passed through");
+                }
+                assert_eq!(after["cniVersion"], serde_json::json!(conf.cni_version));
+                for key in before.as_object().into_iter().flat_map(|o| o.keys()) {
+                    assert!(after.get(key).is_some(), "{key} lost: {json}");
+                }
             }
         }
         Ok(None) => {}
