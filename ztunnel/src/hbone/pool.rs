@@ -366,6 +366,24 @@ impl Pool {
         early: &mut Early<'_>,
     ) -> Result<Tunnel, PoolError> {
         let ks = self.key_state(key);
+        let opened = self.open_on(key, &ks, cert, target, headers, early).await;
+        if opened.is_err() {
+            // A key whose dial failed has no connection to forget it when it ends.
+            self.inner.forget_key_if_unused(key, ks);
+        }
+        opened
+    }
+
+    /// [`Pool::open`] on the key's state `ks`.
+    async fn open_on(
+        &self,
+        key: &PoolKey,
+        ks: &Arc<KeyState>,
+        cert: &Arc<WorkloadCert>,
+        target: SocketAddr,
+        headers: &ConnectHeaders,
+        early: &mut Early<'_>,
+    ) -> Result<Tunnel, PoolError> {
         let max = self.inner.settings.max_streams;
         // A pooled connection may be going away (the peer drains, or died unnoticed); a
         // stream it refused was never processed, so it is retried once, on a connection dialled
@@ -380,7 +398,7 @@ impl Pool {
                     let _dialing = ks.dialing.lock().await;
                     match ks.try_reserve(max, newer_than) {
                         Some(c) => (c, false),
-                        None => (self.dial(key, &ks, cert).await?, true),
+                        None => (self.dial(key, ks, cert).await?, true),
                     }
                 }
             };
@@ -692,7 +710,14 @@ impl Pool {
     /// lands on them, and each ends once its last stream has (within the pool's 5 s close
     /// grace). Returns how many.
     pub fn evict_netns(&self, netns: &Netns) -> usize {
-        let keys = self.inner.keys.lock();
+        let mut keys = self.inner.keys.lock();
+        // The keys of the namespace that nobody uses and that hold no connection go now (they
+        // hold the namespace open); the others once their connections have ended.
+        keys.retain(|k, ks| {
+            k.netns.as_deref() != Some(netns)
+                || Arc::strong_count(ks) > 1
+                || !ks.conns.lock().is_empty()
+        });
         let mut evicted = 0;
         for (_, ks) in keys
             .iter()
@@ -712,6 +737,12 @@ impl Pool {
             .lock()
             .retain(|(ns, _), _| *ns != Some(netns.id()));
         evicted
+    }
+
+    /// How many keys the pool holds state for.
+    #[cfg(test)]
+    pub(crate) fn keys_held(&self) -> usize {
+        self.inner.keys.lock().len()
     }
 
     /// The open connections, for the admin API and tests.

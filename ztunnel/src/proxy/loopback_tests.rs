@@ -274,6 +274,17 @@ async fn streams_share_a_connection_up_to_its_limit_and_the_next_dials_another()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_dial_failed_is_forgotten() {
+    let mut bed = Bed::start(100, Duration::from_secs(300)).await;
+    let closed = std::net::TcpListener::bind((SERVER_IP, 0)).unwrap();
+    bed.key.addr = closed.local_addr().unwrap();
+    drop(closed);
+    assert!(bed.try_open().await.is_err(), "nothing listens there");
+    // It held the key's namespace handle, for a pod that may have left since.
+    assert_eq!(bed.pool.keys_held(), 0);
+}
+
+#[tokio::test]
 async fn an_ended_stream_frees_its_place_for_the_next() {
     let bed = Bed::start(1, Duration::from_secs(300)).await;
     for _ in 0..3 {
