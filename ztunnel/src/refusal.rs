@@ -83,7 +83,7 @@ reasons! {
     /// A tunnel connection to an address of no local workload.
     InboundUnknownDestination = "inbound_unknown_destination", true, None;
     /// No certificate for the destination workload.
-    InboundNoCertificate = "inbound_no_certificate", false, None;
+    InboundNoCertificate = "inbound_no_certificate", true, None;
     /// Too many tunnel connections in their handshakes.
     InboundHandshakeLimit = "inbound_handshake_limit", true, None;
     /// A pending handshake whose place went to a newcomer.
@@ -201,6 +201,15 @@ mod tests {
         }
         assert!(!Reason::PolicyDenied.throttled());
         assert!(!Reason::PolicyRevoked.throttled());
-        assert!(Reason::InboundTlsHandshake.throttled());
+        // What a peer can provoke before it authenticates, as fast as it likes.
+        for r in [
+            Reason::InboundTlsHandshake,
+            Reason::InboundTlsFirstBytesTimeout,
+            Reason::InboundUnknownDestination,
+            Reason::InboundNoCertificate,
+            Reason::InboundHandshakeLimit,
+        ] {
+            assert!(r.throttled(), "{r}");
+        }
     }
 }

@@ -179,7 +179,7 @@ impl ClientCertVerifier for ClientVerifier {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
         if let Err(e) = peer_identity(std::slice::from_ref(end_entity), &self.trust_domain) {
-            tracing::warn!(ours = %self.trust_domain, error = %e, "client certificate carries no identity of our trust domain");
+            crate::warn_throttled!(ours = %self.trust_domain, error = %e, "client certificate carries no identity of our trust domain");
             return Err(bad_identity(e.to_string()));
         }
         let (roots, algs) = (&self.roots, self.algs);
@@ -240,7 +240,7 @@ impl ServerCertVerifier for ServerVerifier {
         if !ids.iter().any(|id| self.expected.contains(id)) {
             let expected: Vec<String> = self.expected.iter().map(|e| e.to_string()).collect();
             let ids: Vec<String> = ids.iter().map(|e| e.to_string()).collect();
-            tracing::warn!(peer = ?ids, ?expected, "server identity is not the expected one");
+            crate::warn_throttled!(peer = ?ids, ?expected, "server identity is not the expected one");
             return Err(bad_identity(format!(
                 "server identities {ids:?} not in expected {expected:?}"
             )));
