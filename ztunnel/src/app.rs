@@ -528,7 +528,6 @@ async fn keep_certificates(
     ready: watch::Sender<bool>,
     pods: Option<Arc<Pods>>,
 ) {
-    let mut held: HashSet<Identity> = HashSet::new();
     // The pods whose annotation shows a refused certificate, and why.
     let mut shown: HashMap<PodRef, String> = HashMap::new();
     loop {
@@ -540,8 +539,12 @@ async fn keep_certificates(
             .map(|w| w.identity(&trust_domain))
             .collect();
         drop(state);
-        for gone in held.difference(&wanted) {
-            certs.forget(gone);
+        // Every other identity's certificate goes, also one a connection asked for as its
+        // workload was leaving the node.
+        for id in certs.identities() {
+            if !wanted.contains(&id) {
+                certs.forget(&id);
+            }
         }
         let mut outcomes = Vec::with_capacity(wanted.len());
         let mut refused: HashMap<Identity, String> = HashMap::new();
@@ -565,7 +568,6 @@ async fn keep_certificates(
             }
             outcomes.push(outcome);
         }
-        held = wanted;
         if let Some(pods) = &pods {
             let state = disc.current();
             let now = refused_pods(&state, &node, &trust_domain, &refused);
@@ -655,6 +657,45 @@ workloads:
             ]
         );
         assert!(refused_pods(&state, "n1", "cluster.local", &HashMap::new()).is_empty());
+    }
+
+    /// Only this node's enrolled workloads keep certificates: one a connection asked for as
+    /// its workload left (or any other) is forgotten, not renewed for ever.
+    #[tokio::test]
+    async fn certificates_are_kept_for_this_nodes_enrolled_workloads_only() {
+        let mesh = "
+namespaces:
+  - {name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}
+workloads:
+  - {uid: u1, name: web-1, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.1]}
+";
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), "cluster.local").unwrap();
+        let day = Duration::from_secs(86400);
+        let certs = CertManager::new(Arc::new(ca), day, Revocation::default());
+        let left: Identity = "spiffe://cluster.local/ns/demo/sa/left".parse().unwrap();
+        certs.fetch(&left).await.unwrap();
+        let disc = Discovery::fixed(crate::discovery::parse(mesh, "cluster.local").unwrap());
+        let (ready, _) = watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let keeper = tokio::spawn(keep_certificates(
+            disc,
+            certs.clone(),
+            "n1".into(),
+            "cluster.local".into(),
+            metrics,
+            ready,
+            None,
+        ));
+        let web: Identity = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
+        let kept = async {
+            while certs.identities() != [web.clone()] {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let within = tokio::time::timeout(Duration::from_secs(10), kept).await;
+        keeper.abort();
+        within.unwrap_or_else(|_| panic!("kept: {:?}", certs.identities()));
     }
 
     #[test]

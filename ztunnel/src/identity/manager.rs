@@ -167,6 +167,11 @@ impl CertManager {
         }
     }
 
+    /// The identities whose certificates are kept.
+    pub fn identities(&self) -> Vec<Identity> {
+        self.entries.lock().keys().cloned().collect()
+    }
+
     /// Stops renewing `id` and drops its certificate.
     pub fn forget(&self, id: &Identity) {
         if let Some(e) = self.entries.lock().remove(id) {
