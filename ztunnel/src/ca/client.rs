@@ -5,7 +5,10 @@
 //! (the CA publishes both roots, then serves from the new one) without a restart; a file that
 //! cannot be read or holds no root keeps the last good bundle, logged;
 //! a request that fails on a kept connection before any answer is tried once more on a new
-//! one. The token is sent as a bearer token and never logged. A token file is re-read for every signing request: projected ServiceAccount
+//! one. One dial at a time: the requests that waited for a dial that failed fail with it
+//! rather than each dialling in turn behind the others (a CA that drops packets would take
+//! every waiter's full timeout, one after another). The token is sent as a bearer token and
+//! never logged. A token file is re-read for every signing request: projected ServiceAccount
 //! tokens are rotated by the kubelet.
 
 use std::path::{Path, PathBuf};
@@ -62,6 +65,8 @@ pub struct CaClient {
     roots: Roots,
     token: Token,
     conn: tokio::sync::Mutex<Option<Pooled>>,
+    /// Dials that failed so far, and the last one's error.
+    failed_dials: parking_lot::Mutex<(u64, Option<SignError>)>,
 }
 
 /// The TLS configuration that trusts the roots of `root_pem`.
@@ -154,6 +159,7 @@ impl CaClient {
             roots: Roots::Fixed(tls_config(root_pem)?),
             token,
             conn: tokio::sync::Mutex::new(None),
+            failed_dials: Default::default(),
         })
     }
 
@@ -238,11 +244,28 @@ impl CaClient {
         let mut tried_again = false;
         loop {
             let (send, task, kept) = {
+                let failed_before = self.failed_dials.lock().0;
                 let mut guard = self.conn.lock().await;
                 match guard.as_ref() {
                     Some(p) if !p.task.is_finished() => (p.send.clone(), p.task.id(), true),
                     _ => {
-                        let p = self.dial().await?;
+                        // A dial made while this request waited has failed: its error is
+                        // this request's too.
+                        let shared = {
+                            let failed = self.failed_dials.lock();
+                            (failed.0 != failed_before).then(|| failed.1.clone())
+                        };
+                        if let Some(Some(e)) = shared {
+                            return Err(e);
+                        }
+                        let p = match self.dial().await {
+                            Ok(p) => p,
+                            Err(e) => {
+                                let mut failed = self.failed_dials.lock();
+                                *failed = (failed.0 + 1, Some(e.clone()));
+                                return Err(e);
+                            }
+                        };
                         let got = (p.send.clone(), p.task.id(), false);
                         *guard = Some(p);
                         got

@@ -463,6 +463,34 @@ async fn a_request_refused_unanswered_on_the_kept_connection_is_tried_on_a_new_o
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
+/// Requests that waited for a dial that failed fail with it: the CA is dialled once, not once
+/// per waiting request in turn (with a CA dropping packets, each would wait its full timeout
+/// behind the others). Once it answers again, a request dials anew.
+#[tokio::test]
+async fn requests_waiting_on_a_failed_dial_fail_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = LocalCa::load_or_create(dir.path(), "cluster.local").unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    // Closes every connection at once: every TLS handshake fails.
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(tcp);
+        }
+    });
+    let c = CaClient::new(addr.to_string(), "localhost".into(), &ca.root_pem(), None).unwrap();
+    let (a, b, d) = tokio::join!(c.get("/"), c.get("/"), c.get("/"));
+    for r in [a, b, d] {
+        assert!(matches!(r, Err(SignError::Transport(_))), "{r:?}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one dial");
+    assert!(c.get("/").await.is_err());
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a later request dials");
+}
+
 /// An HTTP/2 connection from `src`, idle once it has been answered `GET /metrics` (no token
 /// needed), as a daemon keeps its connection between renewals.
 async fn daemon_connection_from(src: &str, ca: &Ca) -> h2::client::SendRequest<Bytes> {
