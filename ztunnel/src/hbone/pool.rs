@@ -190,6 +190,8 @@ struct KeyState {
     /// Oldest first.
     conns: Mutex<Vec<Arc<Conn>>>,
     dialing: tokio::sync::Mutex<()>,
+    /// Dials that failed so far, and the last one's error.
+    failed_dials: Mutex<(u64, Option<Arc<PoolError>>)>,
     /// Told when one of the connections ends its last stream or gains room.
     changed: tokio::sync::Notify,
 }
@@ -231,12 +233,16 @@ pub enum PoolError {
     Endpoint(std::io::Error),
     #[error("no answer to the stream's request within {0:?}")]
     NoAnswer(Duration),
+    /// The failure of a dial that several streams waited for.
+    #[error(transparent)]
+    Dial(Arc<PoolError>),
 }
 
 impl PoolError {
     pub fn status(&self) -> Option<http::StatusCode> {
         match self {
             PoolError::Client(c) => c.status(),
+            PoolError::Dial(e) => e.status(),
             _ => None,
         }
     }
@@ -250,6 +256,7 @@ impl PoolError {
             }
             PoolError::Quic(QuicError::Handshake { .. }) => ResponseFlag::TlsFailure,
             PoolError::Client(ClientError::H2(_)) => ResponseFlag::H2HandshakeFailure,
+            PoolError::Dial(e) => e.response_flag(),
             _ => ResponseFlag::Connect,
         }
     }
@@ -262,16 +269,20 @@ impl PoolError {
             PoolError::Quic(QuicError::Handshake { source, .. }) => {
                 crate::identity::crl::is_revoked_quic(source)
             }
+            PoolError::Dial(e) => e.revoked(),
             _ => false,
         }
     }
 
     /// Whether the connection failed (not the stream), so no stream may land on it again.
     fn connection_failed(&self) -> bool {
-        !matches!(
-            self,
-            PoolError::Client(ClientError::Status(_) | ClientError::Request(_))
-        )
+        match self {
+            PoolError::Dial(e) => e.connection_failed(),
+            e => !matches!(
+                e,
+                PoolError::Client(ClientError::Status(_) | ClientError::Request(_))
+            ),
+        }
     }
 
     /// Whether the peer provably did not process the stream, so it may be sent again.
@@ -279,6 +290,7 @@ impl PoolError {
         match self {
             PoolError::Client(c) => c.retryable(),
             PoolError::Quic(q) => q.connection_failed(),
+            PoolError::Dial(e) => e.retryable(),
             _ => false,
         }
     }
@@ -395,10 +407,30 @@ impl Pool {
             let (conn, fresh) = match ks.try_reserve(max, newer_than) {
                 Some(c) => (c, false),
                 None => {
+                    let failed_before = ks.failed_dials.lock().0;
                     let _dialing = ks.dialing.lock().await;
                     match ks.try_reserve(max, newer_than) {
                         Some(c) => (c, false),
-                        None => (self.dial(key, ks, cert).await?, true),
+                        None => {
+                            // A dial this stream waited for has failed: so does the stream,
+                            // rather than dial again behind the others.
+                            let shared = {
+                                let failed = ks.failed_dials.lock();
+                                (failed.0 != failed_before).then(|| failed.1.clone())
+                            };
+                            if let Some(Some(e)) = shared {
+                                return Err(PoolError::Dial(e));
+                            }
+                            match self.dial(key, ks, cert).await {
+                                Ok(c) => (c, true),
+                                Err(e) => {
+                                    let e = Arc::new(e);
+                                    let mut failed = ks.failed_dials.lock();
+                                    *failed = (failed.0 + 1, Some(e.clone()));
+                                    return Err(PoolError::Dial(e));
+                                }
+                            }
+                        }
                     }
                 }
             };

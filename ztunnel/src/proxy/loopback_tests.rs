@@ -284,6 +284,43 @@ async fn a_key_whose_dial_failed_is_forgotten() {
     assert_eq!(bed.pool.keys_held(), 0);
 }
 
+/// Streams that waited for a dial that failed fail with it: the peer is dialled once, not
+/// once per waiting stream in turn (a peer dropping packets would hold each for its own
+/// connect timeout behind the others).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_waiting_on_a_failed_dial_fail_with_it() {
+    let mut bed = Bed::start(100, Duration::from_secs(300)).await;
+    let l = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
+    bed.key.addr = l.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    // Closes every connection after a while: every TLS handshake fails, and the first dial
+    // is still under way when the other streams ask for one.
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                drop(tcp);
+            });
+        }
+    });
+    let (a, b, c) = tokio::join!(bed.try_open(), bed.try_open(), bed.try_open());
+    for r in [a, b, c] {
+        assert!(
+            r.is_err(),
+            "a tunnel to a peer that closes every connection"
+        );
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(bed.try_open().await.is_err());
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "dialled again"
+    );
+}
+
 #[tokio::test]
 async fn an_ended_stream_frees_its_place_for_the_next() {
     let bed = Bed::start(1, Duration::from_secs(300)).await;

@@ -389,6 +389,9 @@ mod tests {
         ];
         for (e, want) in cases {
             assert_eq!(Outcome::tunnel(&e), want, "{e:?}");
+            // The same failure, of a dial that several streams waited for.
+            let shared = PoolError::Dial(std::sync::Arc::new(e));
+            assert_eq!(Outcome::tunnel(&shared), want, "{shared:?}");
         }
     }
 }

@@ -474,11 +474,15 @@ async fn requests_waiting_on_a_failed_dial_fail_with_it() {
     let addr = l.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let counted = accepted.clone();
-    // Closes every connection at once: every TLS handshake fails.
+    // Closes every connection after a while: every TLS handshake fails, and the first dial
+    // is still under way when the other requests ask for one.
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
-            drop(tcp);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                drop(tcp);
+            });
         }
     });
     let c = CaClient::new(addr.to_string(), "localhost".into(), &ca.root_pem(), None).unwrap();
