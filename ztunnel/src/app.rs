@@ -166,6 +166,8 @@ pub async fn start(
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
+    disc.register(&mut registry);
+    certs.register(&mut registry);
     metrics.crl_lists.set(crl_lists as i64);
     let connect = ConnectOptions {
         mark: Some(crate::hbone::consts::SOCKET_MARK),
@@ -530,6 +532,8 @@ async fn keep_certificates(
 ) {
     // The pods whose annotation shows a refused certificate, and why.
     let mut shown: HashMap<PodRef, String> = HashMap::new();
+    // The CA's refusals of each identity counted so far.
+    let mut counted: HashMap<Identity, u64> = HashMap::new();
     loop {
         let state = disc.current();
         // Only workloads in the mesh need certificates.
@@ -546,6 +550,7 @@ async fn keep_certificates(
                 certs.forget(&id);
             }
         }
+        counted.retain(|id, _| wanted.contains(id));
         let mut outcomes = Vec::with_capacity(wanted.len());
         let mut refused: HashMap<Identity, String> = HashMap::new();
         for id in &wanted {
@@ -554,13 +559,18 @@ async fn keep_certificates(
                 Fetched::Loaded => {}
                 Fetched::Refused(e) => {
                     refused.insert(id.clone(), e.clone());
-                    tracing::warn!(identity = %id, error = %e, "the CA refused a certificate; this workload's connections are refused until it signs");
-                    metrics
-                        .certificate_refusals
-                        .get_or_create(&IdentityLabels {
-                            identity: id.to_string(),
-                        })
-                        .inc();
+                    // Counted (and logged) once per refusal by the CA, not once per pass.
+                    let now = certs.refusals(id);
+                    let before = counted.insert(id.clone(), now).unwrap_or(0);
+                    if now > before {
+                        tracing::warn!(identity = %id, error = %e, "the CA refused a certificate; this workload's connections are refused until it signs");
+                        metrics
+                            .certificate_refusals
+                            .get_or_create(&IdentityLabels {
+                                identity: id.to_string(),
+                            })
+                            .inc_by(now - before);
+                    }
                 }
                 Fetched::Failed(e) => {
                     tracing::warn!(identity = %id, error = %e, "cannot get a certificate");

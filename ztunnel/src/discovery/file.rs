@@ -29,7 +29,6 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -430,19 +429,30 @@ pub fn watch_file(
         stats: stats.clone(),
     };
     let task = tokio::spawn(async move {
+        let (mut missing, mut unreadable) = (false, false);
         loop {
             tokio::time::sleep(poll).await;
             let now = stat(&path);
+            if now.is_none() != missing {
+                missing = now.is_none();
+                match missing {
+                    true => tracing::warn!(file = %path.display(), "discovery file gone; keeping the last state"),
+                    false => tracing::info!(file = %path.display(), "discovery file back"),
+                }
+            }
             if now.is_none() || now == version {
                 continue;
             }
             let text = match read(&path) {
                 Ok((t, _)) => t,
                 Err(e) => {
-                    tracing::debug!(error = %e, "discovery file unreadable; keeping the last state");
+                    if !std::mem::replace(&mut unreadable, true) {
+                        tracing::warn!(error = %e, "discovery file unreadable; keeping the last state");
+                    }
                     continue;
                 }
             };
+            unreadable = false;
             version = now;
             let d = digest(&text);
             if d == last {
@@ -460,13 +470,13 @@ pub fn watch_file(
                         services = state.services().len(),
                         "discovery reloaded"
                     );
-                    stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    stats.reloads_ok.inc();
                     if tx.send(Arc::new(state)).is_err() {
                         return;
                     }
                 }
                 Err(e) => {
-                    stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    stats.reloads_failed.inc();
                     tracing::warn!(file = %path.display(), error = %e, "bad discovery file; keeping the last good state");
                 }
             }
@@ -676,5 +686,17 @@ services:
             "missing file keeps the last state"
         );
         assert_eq!(disc.reloads_ok(), 1);
+        // Exported under the names the README gives them.
+        let mut registry = prometheus_client::registry::Registry::default();
+        disc.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "ztunnel_discovery_updates_total 1",
+            "ztunnel_discovery_update_failures_total 1",
+            "ztunnel_discovery_objects_refused_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
     }
 }

@@ -13,8 +13,9 @@ mod overlay;
 pub mod telemetry;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
 
 pub use crate::policy::objects as policy;
 pub use file::{parse, parse_for_node, watch_file};
@@ -44,11 +45,12 @@ pub enum Error {
     Kube(String),
 }
 
+/// What a source counts, exported as `ztunnel_discovery_*` ([`Discovery::register`]).
 #[derive(Debug, Default)]
 struct Stats {
-    reloads_ok: AtomicU64,
-    reloads_failed: AtomicU64,
-    objects_refused: AtomicU64,
+    reloads_ok: Counter,
+    reloads_failed: Counter,
+    objects_refused: Counter,
 }
 
 /// A reader's handle on the current state. Cheap to clone.
@@ -81,15 +83,36 @@ impl Discovery {
     }
 
     pub fn reloads_ok(&self) -> u64 {
-        self.stats.reloads_ok.load(Ordering::Relaxed)
+        self.stats.reloads_ok.get()
     }
 
     pub fn reloads_failed(&self) -> u64 {
-        self.stats.reloads_failed.load(Ordering::Relaxed)
+        self.stats.reloads_failed.get()
     }
 
     /// Objects a source refused or skipped (Kubernetes: each time one arrives bad).
     pub fn objects_refused(&self) -> u64 {
-        self.stats.objects_refused.load(Ordering::Relaxed)
+        self.stats.objects_refused.get()
+    }
+
+    /// Exports what the source counts in `registry` (which prefixes nothing): model updates
+    /// applied and refused, objects skipped.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let zt = registry.sub_registry_with_prefix("ztunnel");
+        zt.register(
+            "discovery_updates",
+            "Discovery updates applied (a file reloaded, a batch of Kubernetes events)",
+            self.stats.reloads_ok.clone(),
+        );
+        zt.register(
+            "discovery_update_failures",
+            "Discovery updates refused, the last good state kept (a file that does not parse, a model that does not build)",
+            self.stats.reloads_failed.clone(),
+        );
+        zt.register(
+            "discovery_objects_refused",
+            "Kubernetes objects skipped (an earlier good version, if any, kept)",
+            self.stats.objects_refused.clone(),
+        );
     }
 }

@@ -14,11 +14,11 @@
 //! caller that finds the certificate expired all the same has it renewed at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{watch, Notify};
 use ztunnel_proto::ca::SignRequest;
 
@@ -54,13 +54,15 @@ struct Entry {
     task: tokio::task::JoinHandle<()>,
     /// Told by a caller that found the certificate expired: renew now.
     renew: Arc<Notify>,
+    /// How many times the CA has refused this identity.
+    refused: Counter,
 }
 
 #[derive(Default)]
 struct Counters {
-    issued: AtomicU64,
-    renewed: AtomicU64,
-    failed: AtomicU64,
+    issued: Counter,
+    renewed: Counter,
+    failed: Counter,
 }
 
 /// The wall clock certificates are judged by (injected in tests).
@@ -124,6 +126,7 @@ impl CertManager {
                 None => {
                     let (tx, rx) = watch::channel(Slot::Pending);
                     let renew = Arc::new(Notify::new());
+                    let refused = Counter::default();
                     let task = tokio::spawn(keep(
                         Keeper {
                             signer: self.signer.clone(),
@@ -132,6 +135,7 @@ impl CertManager {
                             revocation: self.revocation.clone(),
                             counters: self.counters.clone(),
                             renew: renew.clone(),
+                            refused: refused.clone(),
                             clock: self.clock.clone(),
                         },
                         tx,
@@ -142,6 +146,7 @@ impl CertManager {
                             slot: rx.clone(),
                             task,
                             renew,
+                            refused,
                         },
                     );
                     rx
@@ -165,6 +170,11 @@ impl CertManager {
             }
             Slot::Pending => unreachable!("waited past pending"),
         }
+    }
+
+    /// How many times the CA has refused `id` since its certificate has been kept.
+    pub fn refusals(&self, id: &Identity) -> u64 {
+        self.entries.lock().get(id).map_or(0, |e| e.refused.get())
     }
 
     /// The identities whose certificates are kept.
@@ -200,13 +210,33 @@ impl CertManager {
     }
 
     pub fn issued_total(&self) -> u64 {
-        self.counters.issued.load(Ordering::Relaxed)
+        self.counters.issued.get()
     }
     pub fn renewed_total(&self) -> u64 {
-        self.counters.renewed.load(Ordering::Relaxed)
+        self.counters.renewed.get()
     }
     pub fn failed_total(&self) -> u64 {
-        self.counters.failed.load(Ordering::Relaxed)
+        self.counters.failed.get()
+    }
+
+    /// Exports the signing counts in `registry` (which prefixes nothing).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let zt = registry.sub_registry_with_prefix("ztunnel");
+        zt.register(
+            "certificates_issued",
+            "Workload certificates issued (first ones)",
+            self.counters.issued.clone(),
+        );
+        zt.register(
+            "certificate_renewals",
+            "Workload certificates renewed",
+            self.counters.renewed.clone(),
+        );
+        zt.register(
+            "certificate_signing_failures",
+            "Signing attempts that failed (refused by the CA or unanswered), each retried",
+            self.counters.failed.clone(),
+        );
     }
 }
 
@@ -280,6 +310,8 @@ struct Keeper {
     counters: Arc<Counters>,
     /// Told by a caller that found the certificate expired.
     renew: Arc<Notify>,
+    /// Counts the CA's refusals.
+    refused: Counter,
     clock: Clock,
 }
 
@@ -304,10 +336,10 @@ async fn keep(k: Keeper, tx: watch::Sender<Slot>) {
                     }
                 };
                 if have_one {
-                    counters.renewed.fetch_add(1, Ordering::Relaxed);
+                    counters.renewed.inc();
                     tracing::info!(identity = %id, serial = %cert.serial, "certificate renewed");
                 } else {
-                    counters.issued.fetch_add(1, Ordering::Relaxed);
+                    counters.issued.inc();
                     tracing::info!(identity = %id, serial = %cert.serial, "certificate issued");
                 }
                 have_one = true;
@@ -317,9 +349,13 @@ async fn keep(k: Keeper, tx: watch::Sender<Slot>) {
                 until_renewal_due(&k, due, &own).await;
             }
             Err(e) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
+                counters.failed.inc();
                 tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate signing failed");
-                let failure = Slot::Failed(e.into());
+                let failure: Failure = e.into();
+                if let Failure::Refused(_) = failure {
+                    k.refused.inc();
+                }
+                let failure = Slot::Failed(failure);
                 let expiry = match &*tx.borrow() {
                     Slot::Ready(c) => c.not_after,
                     _ => SystemTime::UNIX_EPOCH,
@@ -348,7 +384,7 @@ async fn keep(k: Keeper, tx: watch::Sender<Slot>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, AtomicUsize};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     use ztunnel_proto::ca::SignResponse;
 
@@ -510,6 +546,21 @@ mod tests {
             matches!(&e, Error::Sign(SignError::Refused { status: 403, .. })),
             "{e:?}"
         );
+        // Counted once per refusal by the CA (a caller asking again counts nothing), and
+        // exported under the names the README gives them.
+        assert!(m.fetch(&id).await.is_err());
+        assert_eq!(m.refusals(&id), 1);
+        let mut registry = prometheus_client::registry::Registry::default();
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "ztunnel_certificate_signing_failures_total 1",
+            "ztunnel_certificates_issued_total 0",
+            "ztunnel_certificate_renewals_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
         let (_d, s) = signer();
         s.fail.store(true, Ordering::SeqCst);
         let m = CertManager::new(s, Duration::from_secs(3600), Revocation::default());

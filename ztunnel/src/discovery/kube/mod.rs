@@ -46,7 +46,6 @@ pub mod translate;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,7 +139,7 @@ impl Shared {
     }
 
     fn refuse(&self, what: &str, key: &Key, e: &str) {
-        self.stats.objects_refused.fetch_add(1, Ordering::Relaxed);
+        self.stats.objects_refused.inc();
         tracing::warn!(kind = what, namespace = %key.0, name = %key.1, error = %e, "Kubernetes object refused; skipped (an earlier good version, if any, is kept)");
     }
 
@@ -461,13 +460,13 @@ pub async fn watch_kubernetes(
                         services = state.services().len(),
                         "discovery updated"
                     );
-                    shared.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.reloads_ok.inc();
                     if tx.send(Arc::new(state)).is_err() {
                         return;
                     }
                 }
                 Err(e) => {
-                    shared.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.reloads_failed.inc();
                     tracing::warn!(error = %e, "discovery update failed; keeping the last state");
                 }
             }
@@ -584,7 +583,7 @@ fn update(shared: &Shared) -> Result<super::State, Error> {
     }
     drop(guard);
     for s in &fresh {
-        shared.stats.objects_refused.fetch_add(1, Ordering::Relaxed);
+        shared.stats.objects_refused.inc();
         tracing::warn!(reason = %s, "Kubernetes object skipped");
     }
     if full {
