@@ -64,7 +64,8 @@ pub struct Daemon {
     pub pods: Option<Arc<Pods>>,
     draining: watch::Sender<bool>,
     drain_grace: Duration,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The daemon's long-lived tasks, by name: each runs until the daemon drains.
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
 }
 
 fn signer(cfg: &RunConfig) -> Result<Arc<dyn CertSigner>, StartError> {
@@ -223,7 +224,7 @@ pub async fn start(
         set_log_level,
         token,
     });
-    let mut tasks = vec![watcher];
+    let mut tasks = vec![("discovery", watcher)];
     let mut pods = None;
     match cfg.capture {
         CaptureMode::Node => {
@@ -245,11 +246,10 @@ pub async fn start(
                     None
                 },
             };
-            tasks.push(tokio::spawn(proxy::serve(
-                pi.clone(),
-                Scope::Node,
-                listeners,
-            )));
+            tasks.push((
+                "proxies",
+                tokio::spawn(proxy::serve(pi.clone(), Scope::Node, listeners)),
+            ));
         }
         CaptureMode::InPod => {
             let state_err = |source| StartError::State {
@@ -285,21 +285,30 @@ pub async fn start(
             let recovered = p.recover().await;
             tracing::info!(recovered, "enrolled pods recovered from the node's records");
             let sock = enrollment::bind(&p).map_err(state_err)?;
-            tasks.push(tokio::spawn(enrollment::serve(sock, p.clone())));
-            tasks.push(tokio::spawn(publish_namespaces(
-                disc.clone(),
-                cfg.enrolled_namespaces_file.clone(),
-            )));
-            // Enrolls and releases running pods as namespace and pod labels change.
-            tasks.push(tokio::spawn(
-                crate::capture::reconcile::Reconciler::new(
-                    p.clone(),
+            tasks.push((
+                "enrollment socket",
+                tokio::spawn(enrollment::serve(sock, p.clone())),
+            ));
+            tasks.push((
+                "enrollment snapshot",
+                tokio::spawn(publish_namespaces(
                     disc.clone(),
-                    cfg.node_name.clone(),
-                    cfg.host_proc.clone(),
-                    pi.metrics.clone(),
-                )
-                .run(),
+                    cfg.enrolled_namespaces_file.clone(),
+                )),
+            ));
+            // Enrolls and releases running pods as namespace and pod labels change.
+            tasks.push((
+                "reconciler",
+                tokio::spawn(
+                    crate::capture::reconcile::Reconciler::new(
+                        p.clone(),
+                        disc.clone(),
+                        cfg.node_name.clone(),
+                        cfg.host_proc.clone(),
+                        pi.metrics.clone(),
+                    )
+                    .run(),
+                ),
             ));
             pods = Some(p);
         }
@@ -309,28 +318,46 @@ pub async fn start(
         (metrics_l, Endpoint::Metrics),
         (ready_l, Endpoint::Readiness),
     ] {
-        tasks.push(tokio::spawn(admin::serve(
-            l,
-            e,
-            admin_state.clone(),
-            std::future::pending(),
-        )));
+        tasks.push((
+            "admin server",
+            tokio::spawn(admin::serve(
+                l,
+                e,
+                admin_state.clone(),
+                std::future::pending(),
+            )),
+        ));
     }
-    tasks.push(tokio::spawn(crate::alloc::trim_periodically()));
-    tasks.push(tokio::spawn(reevaluate_on_change(disc.clone(), pi.clone())));
+    tasks.push((
+        "memory trim",
+        tokio::spawn(crate::alloc::trim_periodically()),
+    ));
+    tasks.push((
+        "policy re-evaluation",
+        tokio::spawn(reevaluate_on_change(disc.clone(), pi.clone())),
+    ));
     if let Some(file) = crl_file {
-        tasks.push(tokio::spawn(reload_crls(file, revocation, pi.clone())));
+        tasks.push((
+            "revocation lists",
+            tokio::spawn(reload_crls(file, revocation, pi.clone())),
+        ));
     }
-    tasks.push(tokio::spawn(report_certificates(certs.clone(), pi.clone())));
-    tasks.push(tokio::spawn(keep_certificates(
-        disc,
-        certs,
-        cfg.node_name.clone(),
-        cfg.trust_domain.clone(),
-        pi.metrics.clone(),
-        ready_tx,
-        pods.clone(),
-    )));
+    tasks.push((
+        "certificate gauges",
+        tokio::spawn(report_certificates(certs.clone(), pi.clone())),
+    ));
+    tasks.push((
+        "certificates",
+        tokio::spawn(keep_certificates(
+            disc,
+            certs,
+            cfg.node_name.clone(),
+            cfg.trust_domain.clone(),
+            pi.metrics.clone(),
+            ready_tx,
+            pods.clone(),
+        )),
+    ));
     Ok(Daemon {
         proxy: pi,
         pods,
@@ -341,6 +368,13 @@ pub async fn start(
 }
 
 impl Daemon {
+    /// Resolves when one of the daemon's long-lived tasks has ended before the daemon drains
+    /// (it panicked, or failed for good), with what ended: the daemon must not run on
+    /// without it (a restart recovers every enrolled pod, whose rules stay meanwhile).
+    pub async fn until_a_task_ends(&mut self) -> String {
+        first_ended(&mut self.tasks).await
+    }
+
     /// Stops accepting, lets established connections run for the grace period (or until none
     /// is left), then stops every task.
     pub async fn drain(self) {
@@ -359,10 +393,25 @@ impl Daemon {
                 break;
             }
         }
-        for t in &self.tasks {
+        for (_, t) in &self.tasks {
             t.abort();
         }
         tracing::info!(left = self.proxy.connections.len(), "drained");
+    }
+}
+
+/// The first of `tasks` to end, and how.
+async fn first_ended(tasks: &mut [(&'static str, tokio::task::JoinHandle<()>)]) -> String {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    let ended = futures::future::select_all(tasks.iter_mut().map(|(_, t)| t));
+    let (result, i, _) = ended.await;
+    let name = tasks[i].0;
+    match result {
+        Err(e) if e.is_panic() => format!("the {name} task panicked"),
+        Err(e) => format!("the {name} task was cancelled: {e}"),
+        Ok(()) => format!("the {name} task ended"),
     }
 }
 
@@ -706,6 +755,26 @@ workloads:
         let within = tokio::time::timeout(Duration::from_secs(10), kept).await;
         keeper.abort();
         within.unwrap_or_else(|_| panic!("kept: {:?}", certs.identities()));
+    }
+
+    /// The daemon's supervision names the first long-lived task that ends, and how; a panic
+    /// is counted.
+    #[tokio::test]
+    async fn the_first_task_to_end_is_named() {
+        crate::metrics::count_panics();
+        let before = crate::metrics::panics();
+        let mut tasks = vec![
+            ("waits", tokio::spawn(std::future::pending::<()>())),
+            ("fails", tokio::spawn(async { panic!("as the test asks") })),
+        ];
+        assert_eq!(first_ended(&mut tasks).await, "the fails task panicked");
+        assert!(crate::metrics::panics() > before);
+        let mut tasks = vec![
+            ("waits", tokio::spawn(std::future::pending::<()>())),
+            ("returns", tokio::spawn(async {})),
+        ];
+        assert_eq!(first_ended(&mut tasks).await, "the returns task ended");
+        tasks[0].1.abort();
     }
 
     #[test]

@@ -93,12 +93,25 @@ async fn run(cfg: RunConfig, not_restarted: Option<std::io::Error>) -> anyhow::R
     warn_not_restarted(not_restarted);
     warn_unknown_variables(RunConfig::unknown_variables(env_names()));
     raise_fd_limit();
-    let daemon = ztunnel::app::start(&cfg, set_level).await?;
+    ztunnel::metrics::count_panics();
+    let mut daemon = ztunnel::app::start(&cfg, set_level).await?;
     tracing::info!("ready to serve");
     ztunnel::residency::release_startup_pages_logged();
-    wait_for_signal().await?;
+    let ended = tokio::select! {
+        signal = wait_for_signal() => {
+            signal?;
+            None
+        }
+        ended = daemon.until_a_task_ends() => Some(ended),
+    };
+    if let Some(what) = &ended {
+        tracing::error!(task = %what, "a task the daemon cannot run without has ended; draining and exiting, to be restarted");
+    }
     daemon.drain().await;
-    Ok(())
+    match ended {
+        Some(what) => Err(anyhow::anyhow!("{what}")),
+        None => Ok(()),
+    }
 }
 
 /// The names of the process's environment variables.

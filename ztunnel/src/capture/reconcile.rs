@@ -161,6 +161,11 @@ impl Reconciler {
             .await
             {
                 Ok(r) => r,
+                // Its task's end stops the daemon, which is restarted.
+                Err(e) if e.is_panic() => {
+                    tracing::error!("a reconciler pass panicked; the reconciler stops");
+                    return;
+                }
                 // The runtime is shutting down.
                 Err(_) => return,
             };

@@ -436,7 +436,9 @@ pub fn watch_file(
             if now.is_none() != missing {
                 missing = now.is_none();
                 match missing {
-                    true => tracing::warn!(file = %path.display(), "discovery file gone; keeping the last state"),
+                    true => {
+                        tracing::warn!(file = %path.display(), "discovery file gone; keeping the last state")
+                    }
                     false => tracing::info!(file = %path.display(), "discovery file back"),
                 }
             }

@@ -11,6 +11,34 @@ use prometheus_client::registry::Registry;
 
 use crate::refusal::Reason;
 
+/// Panics anywhere in the process ([`count_panics`]).
+static PANICS: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
+
+/// Logs every panic as an error (with where it happened) and counts it in
+/// `ztunnel_panics_total`, before the hook in place (the standard one prints it). A panic in
+/// one connection's task ends that task only; one in a long-lived task ends the daemon
+/// ([`crate::app::Daemon::until_a_task_ends`]).
+pub fn count_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.inc();
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(%at, panic = %msg, "panicked");
+        previous(info);
+    }));
+}
+
+/// The panics counted so far.
+pub fn panics() -> u64 {
+    PANICS.get()
+}
+
 mod istio;
 pub use istio::{baggage, hostname, End, IstioLabels, IstioTcp, Opened, ResponseFlag};
 
@@ -247,6 +275,11 @@ impl Metrics {
             "annotation_failures",
             "Pod enrollment annotations that could not be written",
             m.annotation_failures.clone(),
+        );
+        zt.register(
+            "panics",
+            "Panics in the process (each logged as an error)",
+            PANICS.clone(),
         );
         zt.register(
             "policy_decisions",
