@@ -431,8 +431,9 @@ async fn answer(
             outcome.status.as_u16(),
             String::from_utf8_lossy(&outcome.body),
         );
-        // An authenticated caller refused an identity is never throttled.
-        if outcome.status == StatusCode::FORBIDDEN {
+        // A daemon refused an identity is never throttled; any other caller (a pod's own
+        // ServiceAccount token is authenticated too, and refused `not_daemon`) is.
+        if outcome.status == StatusCode::FORBIDDEN && reason != "not_daemon" {
             tracing::warn!(%peer, status, reason, %body, "CA: request refused");
         } else {
             crate::warn_throttled!(%peer, status, reason, %body, "CA: request refused");
