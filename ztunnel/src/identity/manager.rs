@@ -550,17 +550,14 @@ mod tests {
         // exported under the names the README gives them.
         assert!(m.fetch(&id).await.is_err());
         assert_eq!(m.refusals(&id), 1);
-        let mut registry = prometheus_client::registry::Registry::default();
-        m.register(&mut registry);
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        for line in [
-            "ztunnel_certificate_signing_failures_total 1",
-            "ztunnel_certificates_issued_total 0",
-            "ztunnel_certificate_renewals_total 0",
-        ] {
-            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
-        }
+        crate::metrics::assert_exported(
+            |r| m.register(r),
+            &[
+                "ztunnel_certificate_signing_failures_total 1",
+                "ztunnel_certificates_issued_total 0",
+                "ztunnel_certificate_renewals_total 0",
+            ],
+        );
         let (_d, s) = signer();
         s.fail.store(true, Ordering::SeqCst);
         let m = CertManager::new(s, Duration::from_secs(3600), Revocation::default());

@@ -34,6 +34,19 @@ pub fn count_panics() {
     }));
 }
 
+/// Asserts that `register` exports each of `lines` (exposition lines, `name value`) into a
+/// registry of its own.
+#[cfg(test)]
+pub(crate) fn assert_exported(register: impl FnOnce(&mut Registry), lines: &[&str]) {
+    let mut registry = Registry::default();
+    register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in lines {
+        assert!(text.lines().any(|l| l == *line), "{line} in:\n{text}");
+    }
+}
+
 /// The panics counted so far.
 pub fn panics() -> u64 {
     PANICS.get()
