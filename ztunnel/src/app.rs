@@ -591,11 +591,16 @@ async fn keep_certificates(
             .filter(|w| state.enrolled(w))
             .map(|w| w.identity(&trust_domain))
             .collect();
+        // Those of no workload of this node go, also one a connection asked for as its
+        // workload was leaving the node. (In node capture, the proxies serve every local
+        // workload: theirs are kept while they are here.)
+        let local: HashSet<Identity> = state
+            .local_workloads(&node)
+            .map(|w| w.identity(&trust_domain))
+            .collect();
         drop(state);
-        // Every other identity's certificate goes, also one a connection asked for as its
-        // workload was leaving the node.
         for id in certs.identities() {
-            if !wanted.contains(&id) {
+            if !local.contains(&id) {
                 certs.forget(&id);
             }
         }
@@ -718,10 +723,10 @@ workloads:
         assert!(refused_pods(&state, "n1", "cluster.local", &HashMap::new()).is_empty());
     }
 
-    /// Only this node's enrolled workloads keep certificates: one a connection asked for as
-    /// its workload left (or any other) is forgotten, not renewed for ever.
+    /// Only this node's workloads keep certificates: one a connection asked for as its
+    /// workload left (or any other) is forgotten, not renewed for ever.
     #[tokio::test]
-    async fn certificates_are_kept_for_this_nodes_enrolled_workloads_only() {
+    async fn certificates_are_kept_for_this_nodes_workloads_only() {
         let mesh = "
 namespaces:
   - {name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}
