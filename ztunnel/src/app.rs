@@ -730,8 +730,10 @@ workloads:
         let mesh = "
 namespaces:
   - {name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}
+  - {name: plain}
 workloads:
   - {uid: u1, name: web-1, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.1]}
+  - {uid: u2, name: old, namespace: plain, serviceAccount: old, node: n1, ips: [10.0.0.2]}
 ";
         let dir = tempfile::tempdir().unwrap();
         let ca = LocalCa::load_or_create(dir.path(), "cluster.local").unwrap();
@@ -739,6 +741,9 @@ workloads:
         let certs = CertManager::new(Arc::new(ca), day, Revocation::default());
         let left: Identity = "spiffe://cluster.local/ns/demo/sa/left".parse().unwrap();
         certs.fetch(&left).await.unwrap();
+        // A local workload outside the mesh (node capture serves it too) keeps its own.
+        let old: Identity = "spiffe://cluster.local/ns/plain/sa/old".parse().unwrap();
+        certs.fetch(&old).await.unwrap();
         let disc = Discovery::fixed(crate::discovery::parse(mesh, "cluster.local").unwrap());
         let (ready, _) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
@@ -753,7 +758,14 @@ workloads:
         ));
         let web: Identity = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
         let kept = async {
-            while certs.identities() != [web.clone()] {
+            let mut want = vec![old.clone(), web.clone()];
+            want.sort();
+            loop {
+                let mut kept = certs.identities();
+                kept.sort();
+                if kept == want {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
