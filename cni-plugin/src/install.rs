@@ -377,7 +377,15 @@ pub fn find_primary(dir: &Path) -> Result<Option<Primary>, InstallError> {
     let mut skipped = Vec::new();
     let mut first_error = None;
     for path in config_files(dir)? {
-        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) => {
+                let error = io_err(&path)(e);
+                skipped.push(error.to_string());
+                first_error.get_or_insert(error);
+                continue;
+            }
+        };
         let error = match parse(&text) {
             Ok(conf) => match unloadable(&path, &conf) {
                 None => {

@@ -242,6 +242,17 @@ fn the_primary_is_the_first_file_a_runtime_loads() {
     }
 }
 
+/// A file that cannot be read as text is skipped like one that does not parse.
+#[test]
+fn an_unreadable_file_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("00-binary.conflist"), [0xff, 0xfe, 0x00]).unwrap();
+    fs::write(dir.path().join("10-k8s.conflist"), FLANNEL).unwrap();
+    let p = find_primary(dir.path()).unwrap().unwrap();
+    assert_eq!(p.path, dir.path().join("10-k8s.conflist"));
+    assert_eq!(p.skipped.len(), 1, "{:?}", p.skipped);
+}
+
 /// What a runtime refuses to load.
 #[test]
 fn unloadable_configurations() {
