@@ -32,7 +32,7 @@ pub fn decide(state: &State, node: &str, pod: &PodRef, ips: &[IpAddr]) -> Decisi
             .then(|| state.pending_by_name(&pod.namespace, &pod.name))
             .flatten()
     });
-    if state.namespace_unseen(&pod.namespace) {
+    if !pod.namespace.is_empty() && state.namespace_unseen(&pod.namespace) {
         return Decision::TryAgain(format!(
             "namespace {} of pod {} is not known to discovery yet",
             pod.namespace, pod.name
@@ -226,6 +226,9 @@ workloads:
                 "enroll",
                 "enroll",
             ),
+            // No namespace (not a Kubernetes pod): by its address, else not in the mesh.
+            (pod("", "", ""), ip("10.0.0.1"), "enroll", "enroll"),
+            (pod("", "", ""), ip("10.9.9.9"), "not", "not"),
         ];
         for (p, ips, from_file, from_cluster) in cases {
             for (s, want) in [(&file, from_file), (&cluster, from_cluster)] {
