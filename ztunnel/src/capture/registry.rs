@@ -534,7 +534,6 @@ impl<D: Dataplane> Registry<D> {
                         n += 1;
                         continue;
                     }
-                    Err(EnrollError::Netns { .. }) => None,
                     Err(e) => Some(e.to_string()),
                 },
                 Decision::TryAgain(reason) => Some(reason),

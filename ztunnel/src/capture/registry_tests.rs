@@ -3,7 +3,7 @@
 //! the reconciler's and CNI's attachments of one pod hand over to each other.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 use futures::executor::block_on;
@@ -48,9 +48,12 @@ struct Fake {
     gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
     /// The next `prepare` panics.
     panic: Arc<AtomicBool>,
-    /// Every `prepare` fails while set.
-    fail: Arc<AtomicBool>,
+    /// [`PREPARE_FAILS`]: every `prepare` fails; [`OPEN_FAILS`]: the next `open` fails.
+    fail: Arc<AtomicUsize>,
 }
+
+const PREPARE_FAILS: usize = 1;
+const OPEN_FAILS: usize = 2;
 
 impl Fake {
     fn note(&self, what: String) {
@@ -65,6 +68,12 @@ impl Dataplane for Fake {
 
     fn open(&self, path: &Path) -> std::io::Result<FakeNs> {
         use std::os::unix::fs::MetadataExt;
+        let once = self
+            .fail
+            .compare_exchange(OPEN_FAILS, 0, Ordering::SeqCst, Ordering::SeqCst);
+        if once.is_ok() {
+            return Err(std::io::Error::other("too many open files"));
+        }
         let m = std::fs::metadata(path)?;
         Ok(FakeNs {
             name: path.file_name().unwrap().to_string_lossy().into(),
@@ -78,7 +87,7 @@ impl Dataplane for Fake {
         if self.panic.swap(false, Ordering::SeqCst) {
             panic!("the fake's prepare panics, as asked");
         }
-        if self.fail.load(Ordering::SeqCst) {
+        if self.fail.load(Ordering::SeqCst) == PREPARE_FAILS {
             return Err(EnrollError::Listen(std::io::Error::other(
                 "no file descriptors",
             )));
@@ -514,8 +523,8 @@ fn restarted(bed: &Bed, log: Log) -> Pods {
     restarted_with(bed, log, Arc::default(), Arc::new(Metrics::default()))
 }
 
-/// [`restarted`], its fake's `prepare` failing while `fail` is set, counting in `metrics`.
-fn restarted_with(bed: &Bed, log: Log, fail: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Pods {
+/// [`restarted`], its fake failing as `fail` says, counting in `metrics`.
+fn restarted_with(bed: &Bed, log: Log, fail: Arc<AtomicUsize>, metrics: Arc<Metrics>) -> Pods {
     let fake = Fake {
         log,
         gate: Mutex::new(None),
@@ -539,7 +548,7 @@ fn restarted_with(bed: &Bed, log: Log, fail: Arc<AtomicBool>, metrics: Arc<Metri
 /// is no longer enrolled is released.
 #[test]
 fn recovery_never_strips_the_rules_of_a_pod_it_cannot_serve() {
-    // (the recorded pod, whether prepare fails, whether it is released)
+    // (the recorded pod, how the fake fails, whether it is released)
     let unknown = PodRef {
         uid: "u9".into(),
         ..web0()
@@ -550,9 +559,10 @@ fn recovery_never_strips_the_rules_of_a_pod_it_cannot_serve() {
         uid: "u8".into(),
     };
     let cases = [
-        (web0(), true, false),
-        (unknown, false, false),
-        (elsewhere, false, true),
+        (web0(), PREPARE_FAILS, false),
+        (web0(), OPEN_FAILS, false),
+        (unknown, 0, false),
+        (elsewhere, 0, true),
     ];
     for (pod, fails, released) in cases {
         let bed = Bed::new();
@@ -562,7 +572,7 @@ fn recovery_never_strips_the_rules_of_a_pod_it_cannot_serve() {
         r.pod = pod.clone();
         bed.store.save(&r).unwrap();
         let (log, metrics) = (Log::default(), Arc::new(Metrics::default()));
-        let fail = Arc::new(AtomicBool::new(fails));
+        let fail = Arc::new(AtomicUsize::new(fails));
         let again = restarted_with(&bed, log.clone(), fail, metrics.clone());
         assert_eq!(block_on(again.recover()), 0, "{pod:?}");
         let stripped = log.lock().iter().any(|l| l.starts_with("remove-rules"));
