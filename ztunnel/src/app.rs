@@ -593,9 +593,11 @@ async fn keep_certificates(
             .collect();
         // Those of no workload of this node go, also one a connection asked for as its
         // workload was leaving the node. (In node capture, the proxies serve every local
-        // workload: theirs are kept while they are here.)
+        // workload, and an enrolled pod is served before discovery has its IP: theirs are
+        // kept while they are here.)
         let local: HashSet<Identity> = state
             .local_workloads(&node)
+            .chain(state.pending().iter().filter(|w| *w.node == *node))
             .map(|w| w.identity(&trust_domain))
             .collect();
         drop(state);

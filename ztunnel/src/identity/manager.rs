@@ -363,10 +363,15 @@ async fn keep(k: Keeper, tx: watch::Sender<Slot>) {
                 let retry = tokio::time::sleep(backoff);
                 tokio::pin!(retry);
                 match expiry.duration_since((k.clock)()) {
-                    // Still valid: kept until it expires, then the failure is what callers get.
+                    // Still valid: kept until it expires (or a caller finds it expired, the
+                    // clock having stepped), then the failure is what callers get.
                     Ok(left) => tokio::select! {
                         () = &mut retry => {}
                         () = tokio::time::sleep(left) => {
+                            tx.send_replace(failure);
+                            retry.await;
+                        }
+                        () = k.renew.notified() => {
                             tx.send_replace(failure);
                             retry.await;
                         }
@@ -481,6 +486,26 @@ mod tests {
         tokio::time::timeout(RECHECK * 2, renewed)
             .await
             .expect("renewed within a recheck");
+    }
+
+    /// With the CA down and the task backing off while its certificate is still valid, a
+    /// caller that finds it expired (the clock stepped) gets the failure at once, not at the
+    /// end of the backoff.
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_certificate_during_the_backoff_is_refused_at_once() {
+        let (_d, s, m, ahead) = stepped();
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        m.fetch(&id).await.unwrap();
+        s.fail.store(true, Ordering::SeqCst);
+        // Past half-life: renewals fail, backing off up to 30 s, the certificate still valid.
+        ahead.store(2000, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(85)).await;
+        assert!(m.failed_total() >= 5, "{}", m.failed_total());
+        ahead.store(4000, Ordering::SeqCst);
+        let got = tokio::time::timeout(Duration::from_secs(1), m.fetch(&id))
+            .await
+            .expect("answered at once");
+        assert!(got.is_err());
     }
 
     /// A certificate found expired (the clock stepped past its expiry) is renewed at once for
