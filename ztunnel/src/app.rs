@@ -746,7 +746,24 @@ workloads:
         // A local workload outside the mesh (node capture serves it too) keeps its own.
         let old: Identity = "spiffe://cluster.local/ns/plain/sa/old".parse().unwrap();
         certs.fetch(&old).await.unwrap();
-        let disc = Discovery::fixed(crate::discovery::parse(mesh, "cluster.local").unwrap());
+        // So does a pod enrolled before discovery has its IP, served by its uid.
+        let fresh: Identity = "spiffe://cluster.local/ns/demo/sa/fresh".parse().unwrap();
+        certs.fetch(&fresh).await.unwrap();
+        let pending = crate::discovery::Workload {
+            uid: "u3".into(),
+            name: "fresh-0".into(),
+            namespace: "demo".into(),
+            service_account: "fresh".into(),
+            node: "n1".into(),
+            ips: Vec::new().into(),
+            labels: Default::default(),
+            protocol: crate::discovery::Protocol::Hbone,
+            other_mesh: None,
+            telemetry: Default::default(),
+            locality: Default::default(),
+        };
+        let state = crate::discovery::parse(mesh, "cluster.local").unwrap();
+        let disc = Discovery::fixed(state.with_pending(vec![pending]));
         let (ready, _) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
         let keeper = tokio::spawn(keep_certificates(
@@ -760,7 +777,7 @@ workloads:
         ));
         let web: Identity = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
         let kept = async {
-            let mut want = vec![old.clone(), web.clone()];
+            let mut want = vec![old.clone(), web.clone(), fresh.clone()];
             want.sort();
             loop {
                 let mut kept = certs.identities();
