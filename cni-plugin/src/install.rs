@@ -377,15 +377,10 @@ pub fn find_primary(dir: &Path) -> Result<Option<Primary>, InstallError> {
     let mut skipped = Vec::new();
     let mut first_error = None;
     for path in config_files(dir)? {
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) => {
-                let error = io_err(&path)(e);
-                skipped.push(error.to_string());
-                first_error.get_or_insert(error);
-                continue;
-            }
-        };
+        // As Go reads it: bytes that are not UTF-8 stand for U+FFFD (such a file is not
+        // rewritten, see [`install_config`]).
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
         let error = match parse(&text) {
             Ok(conf) => match unloadable(&path, &conf) {
                 None => {
@@ -510,6 +505,11 @@ pub fn install_config(dir: &Path, settings: &Settings) -> Result<(PathBuf, bool)
         path: primary.clone(),
         reason,
     };
+    if std::str::from_utf8(&fs::read(&primary).map_err(io_err(&primary))?).is_err() {
+        return Err(shape(
+            "it is not UTF-8 text: not rewritten (the runtime reads it all the same)".into(),
+        ));
+    }
     if let Some(sub) = fragments(dir, &conf) {
         return Err(shape(format!(
             "its plugins in {} would run after {PLUGIN_TYPE}",

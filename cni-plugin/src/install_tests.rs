@@ -242,15 +242,33 @@ fn the_primary_is_the_first_file_a_runtime_loads() {
     }
 }
 
-/// A file that cannot be read as text is skipped like one that does not parse.
+/// Bytes that are not UTF-8 are read as a runtime written in Go reads them (U+FFFD): such a
+/// file can still be the primary; one of them outside JSON is skipped as malformed.
 #[test]
-fn an_unreadable_file_is_skipped() {
+fn bytes_that_are_not_utf8_are_read_as_go_reads_them() {
     let dir = tempfile::tempdir().unwrap();
-    fs::write(dir.path().join("00-binary.conflist"), [0xff, 0xfe, 0x00]).unwrap();
+    let mut latin1 = br#"{"name":"r"#.to_vec();
+    latin1.push(0xe9);
+    latin1.extend_from_slice(br#"seau","cniVersion":"1.0.0","plugins":[{"type":"bridge"}]}"#);
+    fs::write(dir.path().join("05-latin1.conflist"), &latin1).unwrap();
     fs::write(dir.path().join("10-k8s.conflist"), FLANNEL).unwrap();
     let p = find_primary(dir.path()).unwrap().unwrap();
-    assert_eq!(p.path, dir.path().join("10-k8s.conflist"));
+    assert_eq!(p.path, dir.path().join("05-latin1.conflist"));
+    fs::write(dir.path().join("00-binary.conflist"), [0xff, 0xfe, 0x00]).unwrap();
+    let p = find_primary(dir.path()).unwrap().unwrap();
+    assert_eq!(p.path, dir.path().join("05-latin1.conflist"));
     assert_eq!(p.skipped.len(), 1, "{:?}", p.skipped);
+    // Not rewritten (its bytes would change), nor the next file chained in its place.
+    let err = install_config(dir.path(), &settings()).unwrap_err();
+    assert!(err.to_string().contains("not UTF-8"), "{err}");
+    assert_eq!(
+        fs::read(dir.path().join("05-latin1.conflist")).unwrap(),
+        latin1
+    );
+    assert_eq!(
+        fs::read_to_string(dir.path().join("10-k8s.conflist")).unwrap(),
+        FLANNEL
+    );
 }
 
 /// What a runtime refuses to load.
