@@ -34,10 +34,11 @@ pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/cni.sock";
 pub const MAX_FRAME: usize = 1 << 20;
 
 /// The daemon's snapshot of which pods it may enroll, a file the CNI plugin reads to decide
-/// an ADD while the daemon cannot be reached, as the JSON object
-/// `{"namespaces": [..], "podLabelsEnroll": bool}`. An unknown field makes the file unusable
-/// (the plugin then fails every pod it does not exclude), so a newer daemon's rules are never
-/// read as fewer than they are.
+/// an ADD while the daemon cannot be reached: the JSON array of `namespaces` when
+/// `podLabelsEnroll` is false (which every plugin reads), else the JSON object
+/// `{"namespaces": [..], "podLabelsEnroll": true}`. An unknown field makes the file unusable
+/// (the plugin then fails every pod it does not exclude), and so does the object for a plugin
+/// that reads arrays only, so a daemon's rules are never read as fewer than they are.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Snapshot {

@@ -172,7 +172,12 @@ pub fn save_snapshot(file: &Path, snapshot: &ztunnel_proto::enroll::Snapshot) ->
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let written = serde_json::to_vec(snapshot)
+    // Without pod-label enrollment, the bare array of namespaces, which every plugin reads.
+    let bytes = match snapshot.pod_labels_enroll {
+        true => serde_json::to_vec(snapshot),
+        false => serde_json::to_vec(&snapshot.namespaces),
+    };
+    let written = bytes
         .map_err(io::Error::other)
         .and_then(|bytes| write_atomic(file, &bytes));
     if written.is_err() {
@@ -193,7 +198,7 @@ mod tests {
         let file = dir.path().join("ns.json");
         let snapshot = |ns: &str| ztunnel_proto::enroll::Snapshot {
             namespaces: vec![ns.into()],
-            pod_labels_enroll: false,
+            pod_labels_enroll: ns == "istio",
         };
         save_snapshot(&file, &snapshot("a")).unwrap();
         // The temp file's name taken by a directory: the write fails.
@@ -202,10 +207,14 @@ mod tests {
         assert!(!file.exists(), "the older snapshot is gone");
         std::fs::remove_dir(file.with_extension("tmp")).unwrap();
         save_snapshot(&file, &snapshot("b")).unwrap();
+        assert!(!file.with_extension("tmp").exists());
+        // The bare array of namespaces, which every plugin reads; the object only when a
+        // pod's labels enroll it (an older plugin then fails closed).
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), r#"["b"]"#);
+        save_snapshot(&file, &snapshot("istio")).unwrap();
         let read: ztunnel_proto::enroll::Snapshot =
             serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-        assert_eq!(read, snapshot("b"));
-        assert!(!file.with_extension("tmp").exists());
+        assert_eq!(read, snapshot("istio"));
     }
 
     #[test]
