@@ -54,14 +54,18 @@ use serde::Serialize;
 
 use super::client::{self, ClientError};
 use super::early::Early;
-use super::quic::{self, Fallback, QuicError, QuicStreamError};
+use super::quic::{self, Fallback};
 use super::{ConnectHeaders, TunnelStream};
 use crate::identity::crl::{PeerChain, Usage};
 use crate::identity::{Identity, WorkloadCert};
-use crate::metrics::{Metrics, ResponseFlag};
+use crate::metrics::Metrics;
 use crate::net::netns::Netns;
 use crate::net::sockets::Sockets;
 use crate::net::ConnectOptions;
+
+#[path = "pool_error.rs"]
+mod error;
+pub use error::PoolError;
 
 /// What makes two streams share a connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -220,89 +224,6 @@ impl KeyState {
         let before = conns.len();
         conns.retain(|c| c.id != id);
         conns.len() != before
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PoolError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error(transparent)]
-    Quic(#[from] QuicError),
-    #[error("QUIC endpoint: {0}")]
-    Endpoint(std::io::Error),
-    #[error("no answer to the stream's request within {0:?}")]
-    NoAnswer(Duration),
-    /// The failure of a dial that several streams waited for.
-    #[error(transparent)]
-    Dial(Arc<PoolError>),
-}
-
-impl PoolError {
-    pub fn status(&self) -> Option<http::StatusCode> {
-        match self {
-            PoolError::Client(c) => c.status(),
-            PoolError::Dial(e) => e.status(),
-            _ => None,
-        }
-    }
-
-    /// How Istio's telemetry reports this failure ([`ResponseFlag`]): a failed TLS or HTTP/2
-    /// handshake as such, anything else (unreachable, refused, a status) as `CONNECT`.
-    pub fn response_flag(&self) -> ResponseFlag {
-        match self {
-            PoolError::Client(ClientError::Tls { .. } | ClientError::Alpn { .. }) => {
-                ResponseFlag::TlsFailure
-            }
-            PoolError::Quic(QuicError::Handshake { .. }) => ResponseFlag::TlsFailure,
-            PoolError::Client(ClientError::H2(_)) => ResponseFlag::H2HandshakeFailure,
-            PoolError::Dial(e) => e.response_flag(),
-            _ => ResponseFlag::Connect,
-        }
-    }
-
-    /// Whether the dial failed because a revocation list revokes the destination's
-    /// certificate.
-    pub fn revoked(&self) -> bool {
-        match self {
-            PoolError::Client(c) => c.revoked(),
-            PoolError::Quic(QuicError::Handshake { source, .. }) => {
-                crate::identity::crl::is_revoked_quic(source)
-            }
-            PoolError::Dial(e) => e.revoked(),
-            _ => false,
-        }
-    }
-
-    /// Whether the connection failed (not the stream), so no stream may land on it again.
-    fn connection_failed(&self) -> bool {
-        match self {
-            PoolError::Dial(e) => e.connection_failed(),
-            e => !matches!(
-                e,
-                PoolError::Client(ClientError::Status(_) | ClientError::Request(_))
-            ),
-        }
-    }
-
-    /// Whether the peer provably did not process the stream, so it may be sent again.
-    fn retryable(&self) -> bool {
-        match self {
-            PoolError::Client(c) => c.retryable(),
-            PoolError::Quic(q) => q.connection_failed(),
-            PoolError::Dial(e) => e.retryable(),
-            _ => false,
-        }
-    }
-}
-
-impl From<QuicStreamError> for PoolError {
-    fn from(e: QuicStreamError) -> Self {
-        match e {
-            QuicStreamError::Quic(q) => PoolError::Quic(q),
-            // The peer answered, as an HTTP/2 peer answers a CONNECT.
-            QuicStreamError::Status(s) => PoolError::Client(ClientError::Status(s)),
-        }
     }
 }
 
@@ -882,43 +803,5 @@ fn quic_due(unanswered_at: Option<Instant>, now: Instant) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    use super::{quic_due, QuicSettings, QUIC_RETRY_AFTER};
-
-    #[test]
-    fn quic_destinations_match_by_cidr_and_ip() {
-        let q = QuicSettings {
-            destinations: vec![
-                "10.20.0.0/16".parse().unwrap(),
-                "fd00::7/128".parse().unwrap(),
-            ],
-        };
-        let cases = [
-            ("10.20.2.10:15008", true),
-            ("[::ffff:10.20.2.10]:15008", true),
-            ("10.21.0.1:15008", false),
-            ("[fd00::7]:15008", true),
-            ("[fd00::8]:15008", false),
-        ];
-        for (addr, want) in cases {
-            assert_eq!(q.wants(addr.parse().unwrap()), want, "{addr}");
-        }
-        assert!(!QuicSettings::default().wants("10.20.2.10:15008".parse().unwrap()));
-    }
-
-    #[test]
-    fn an_unanswered_destination_is_retried_on_quic_after_the_period() {
-        let t = Instant::now();
-        let cases = [
-            (None, Duration::ZERO, true),
-            (Some(t), Duration::ZERO, false),
-            (Some(t), QUIC_RETRY_AFTER - Duration::from_millis(1), false),
-            (Some(t), QUIC_RETRY_AFTER, true),
-        ];
-        for (at, later, want) in cases {
-            assert_eq!(quic_due(at, t + later), want, "{at:?} +{later:?}");
-        }
-    }
-}
+#[path = "pool_tests.rs"]
+mod tests;
