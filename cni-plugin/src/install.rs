@@ -366,7 +366,10 @@ pub fn fragments(dir: &Path, conf: &Json) -> Option<PathBuf> {
 /// it can load; and the earlier files it skips, with why.
 pub struct Primary {
     pub path: PathBuf,
+    /// Its text, with U+FFFD for bytes that are not UTF-8.
     pub text: String,
+    /// Whether it is UTF-8 text (else it is not rewritten).
+    pub utf8: bool,
     pub conf: Json,
     pub skipped: Vec<String>,
 }
@@ -380,13 +383,17 @@ pub fn find_primary(dir: &Path) -> Result<Option<Primary>, InstallError> {
         // As Go reads it: bytes that are not UTF-8 stand for U+FFFD (such a file is not
         // rewritten, see [`install_config`]).
         let bytes = fs::read(&path).map_err(io_err(&path))?;
-        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let (text, utf8) = match String::from_utf8(bytes) {
+            Ok(text) => (text, true),
+            Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), false),
+        };
         let error = match parse(&text) {
             Ok(conf) => match unloadable(&path, &conf) {
                 None => {
                     return Ok(Some(Primary {
                         path,
                         text,
+                        utf8,
                         conf,
                         skipped,
                     }))
@@ -495,6 +502,7 @@ pub fn install_config(dir: &Path, settings: &Settings) -> Result<(PathBuf, bool)
     let Primary {
         path: primary,
         text: original,
+        utf8,
         conf,
         skipped,
     } = find_primary(dir)?.ok_or_else(|| InstallError::NoPrimary(dir.to_path_buf()))?;
@@ -505,7 +513,7 @@ pub fn install_config(dir: &Path, settings: &Settings) -> Result<(PathBuf, bool)
         path: primary.clone(),
         reason,
     };
-    if std::str::from_utf8(&fs::read(&primary).map_err(io_err(&primary))?).is_err() {
+    if !utf8 {
         return Err(shape(
             "it is not UTF-8 text: not rewritten (the runtime reads it all the same)".into(),
         ));
