@@ -397,6 +397,42 @@ fn authorizes_nodes_by_token_and_pods(cp: &ControlPlane) {
         status_of(sign(&h, &ca, &root, Some(&tok_n1), &id("api"))) == 403
     });
 
+    // A mirror pod (a kubelet's static pod, which names no ServiceAccount; a node's own
+    // credential can create one in any namespace) lends its node no identity, not even the
+    // namespace's `default`. A pod created after it being signable shows the CA has seen it.
+    cp.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "static-1", "namespace": ns,
+                     "annotations": {"kubernetes.io/config.mirror": "static-1-hash"}},
+        "spec": {"nodeName": n1, "containers": [{"name": "app", "image": "registry.invalid/app"}]}}))
+    .unwrap();
+    let mirror = cp.get("v1", "Pod", Some(&ns), "static-1").unwrap();
+    assert_eq!(
+        mirror["spec"]["serviceAccountName"].as_str().unwrap_or(""),
+        "",
+        "the API server gave the mirror pod a ServiceAccount: {mirror}"
+    );
+    pod("after-1", "after", &n1, Some("Running"));
+    eventually("the pod after the mirror pod to be signable", || {
+        status_of(sign(&h, &ca, &root, Some(&tok_n1), &id("after"))) == 200
+    });
+    assert_eq!(
+        status_of(sign(&h, &ca, &root, Some(&tok_n1), &id("default"))),
+        403,
+        "a mirror pod lent its node the namespace's default identity"
+    );
+
+    // A daemon pod deleted after its token's review was kept gets nothing more: the CA looks
+    // the token's pod up for every request, whatever the kept review says.
+    let late = format!("ztunnel-{n1}-late");
+    let tok_late = daemon_token(&n1, &late);
+    eventually("the new daemon pod's token to be honoured", || {
+        status_of(sign(&h, &ca, &root, Some(&tok_late), &id("web"))) == 200
+    });
+    cp.delete("v1", "Pod", Some(SYSTEM), &late).unwrap();
+    eventually("the deleted daemon pod's token to be refused", || {
+        status_of(sign(&h, &ca, &root, Some(&tok_late), &id("web"))) == 403
+    });
+
     // Every refusal was counted, by reason; n1's many requests were reviewed once.
     let metrics = ca_metrics(&h, &ca, &root, &tok_n1);
     let count = |series: &str| -> u64 {
@@ -405,7 +441,8 @@ fn authorizes_nodes_by_token_and_pods(cp: &ControlPlane) {
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
     };
-    assert!(count("ztunnel_ca_refusals_total{reason=\"no_pod_on_node\"}") >= 5);
+    assert!(count("ztunnel_ca_refusals_total{reason=\"no_pod_on_node\"}") >= 6);
+    assert!(count("ztunnel_ca_refusals_total{reason=\"no_node\"}") >= 1);
     assert_eq!(count("ztunnel_ca_refusals_total{reason=\"not_daemon\"}"), 1);
     assert_eq!(
         count("ztunnel_ca_refusals_total{reason=\"unauthenticated\"}"),

@@ -7,18 +7,20 @@
 //!    `spec.audiences = [<audience>]`); refused (401) unless `status.authenticated` and the
 //!    audience is in `status.audiences`;
 //! 2. refused (403) unless the user is `system:serviceaccount:<daemon ns>:<daemon sa>`;
-//! 3. the caller's node is `status.user.extra["authentication.kubernetes.io/node-name"]`
-//!    (pod-bound tokens, Kubernetes ≥ 1.30), else the node of the pod the token is bound to
-//!    (`…/pod-uid`, which must be a pod of the daemon's ServiceAccount in the pod index);
-//!    neither → 403;
+//! 3. the token must be bound to a pod (`status.user.extra["authentication.kubernetes.io/pod-uid"]`
+//!    and `…/pod-name`) that the pod index holds now as a scheduled, unfinished pod of the
+//!    daemon's ServiceAccount: the caller's node is that pod's node, and a `…/node-name` the
+//!    token also carries (Kubernetes ≥ 1.30) must be the same → else 403. A token bound to a
+//!    Node, or to a daemon pod deleted since, gets nothing, whatever its cached review says;
 //! 4. the requested SPIFFE ID must be in the CA's trust domain and an active pod (Pending or
 //!    Running: not finished) with its namespace/ServiceAccount must be on that node
 //!    ([`PodIndex`]) → else 403.
 //!
 //! Reviews are cached under the SHA-256 of the token (never the token), authenticated ones for
 //! a minute, refused ones for a few seconds, de-duplicated while in flight and bounded in all
-//! ([`super::reviews`]); a pod deleted meanwhile still fails step 4 at once, as the pod index is
-//! consulted for every request. Tokens are never logged.
+//! ([`super::reviews`]); a daemon pod deleted or finished meanwhile fails step 3 at once, and a
+//! workload's pod step 4, as the pod index is consulted for every request. Tokens are never
+//! logged.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -104,38 +106,40 @@ pub fn authorize(
         ));
     }
     let extra = user.extra.unwrap_or_default();
-    let node = match single(&extra, EXTRA_NODE_NAME) {
-        Some(n) => n.to_owned(),
-        None => {
-            let (Some(pod), Some(uid)) = (
-                single(&extra, EXTRA_POD_NAME),
-                single(&extra, EXTRA_POD_UID),
-            ) else {
-                return Err(Denied::forbidden(
-                    "no_node",
-                    "the token is not bound to a pod: cannot tell the caller's node",
-                ));
-            };
-            match pods.get(uid) {
-                Some(p)
-                    if p.namespace == cfg.daemon_namespace
-                        && p.service_account == cfg.daemon_service_account
-                        && !p.node.is_empty() =>
-                {
-                    p.node.clone()
-                }
-                _ => {
-                    return Err(Denied::forbidden(
-                        "no_node",
-                        format!(
-                            "the token's pod {}/{pod} (uid {uid}) is not a scheduled daemon pod",
-                            cfg.daemon_namespace
-                        ),
-                    ))
-                }
-            }
-        }
+    let (Some(pod), Some(uid)) = (
+        single(&extra, EXTRA_POD_NAME),
+        single(&extra, EXTRA_POD_UID),
+    ) else {
+        return Err(Denied::forbidden(
+            "no_node",
+            "the token is not bound to a pod: cannot tell the caller's node",
+        ));
     };
+    let node = match pods.get(uid) {
+        Some(p)
+            if p.namespace == cfg.daemon_namespace
+                && p.service_account == cfg.daemon_service_account
+                && p.active
+                && !p.node.is_empty() =>
+        {
+            p.node.clone()
+        }
+        _ => return Err(Denied::forbidden(
+            "no_node",
+            format!(
+                "the token's pod {}/{pod} (uid {uid}) is not a scheduled, unfinished daemon pod",
+                cfg.daemon_namespace
+            ),
+        )),
+    };
+    if let Some(claimed) = single(&extra, EXTRA_NODE_NAME) {
+        if claimed != node {
+            return Err(Denied::forbidden(
+                "no_node",
+                format!("the token names node {claimed}, its pod runs on {node}"),
+            ));
+        }
+    }
     if requested.trust_domain() != cfg.trust_domain {
         return Err(Denied::forbidden(
             "trust_domain",
@@ -258,12 +262,16 @@ mod tests {
         add("db-1", "n2", "demo", "db", true);
         add("job-1", "n1", "demo", "job", false);
         add("zt-1", "n1", "ztunnel-system", "ztunnel", true);
+        add("zt-2", "n2", "ztunnel-system", "ztunnel", true);
+        add("zt-old", "n1", "ztunnel-system", "ztunnel", false);
         add("other-1", "n2", "demo", "ztunnel", true);
         ix
     }
 
     const NODE: (&str, &str) = (EXTRA_NODE_NAME, "n1");
     const POD: (&str, &str) = (EXTRA_POD_NAME, "ztunnel-abc");
+    /// A token bound to the running daemon pod `zt-1` on `n1`, naming that node too.
+    const BOUND: &[(&str, &str)] = &[NODE, POD, (EXTRA_POD_UID, "zt-1")];
 
     #[test]
     fn decisions() {
@@ -277,10 +285,38 @@ mod tests {
         let web = "spiffe://cluster.local/ns/demo/sa/web";
         let cases: Vec<Case<'_>> = vec![
             (
-                "node from the token",
-                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                "bound to the daemon pod, naming its node",
+                review(true, &["ztunnel-ca"], DAEMON, BOUND),
                 web,
                 Ok("n1"),
+            ),
+            (
+                "a node claim without a pod (a token bound to a Node)",
+                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                web,
+                Err("no_node"),
+            ),
+            (
+                "a node claim that is not the bound pod's node",
+                review(
+                    true,
+                    &["ztunnel-ca"],
+                    DAEMON,
+                    &[(EXTRA_NODE_NAME, "n2"), POD, (EXTRA_POD_UID, "zt-1")],
+                ),
+                "spiffe://cluster.local/ns/demo/sa/db",
+                Err("no_node"),
+            ),
+            (
+                "bound daemon pod finished",
+                review(
+                    true,
+                    &["ztunnel-ca"],
+                    DAEMON,
+                    &[NODE, POD, (EXTRA_POD_UID, "zt-old")],
+                ),
+                web,
+                Err("no_node"),
             ),
             (
                 "node from the bound pod",
@@ -295,19 +331,19 @@ mod tests {
             ),
             (
                 "not authenticated",
-                review(false, &["ztunnel-ca"], DAEMON, &[NODE]),
+                review(false, &["ztunnel-ca"], DAEMON, BOUND),
                 web,
                 Err("unauthenticated"),
             ),
             (
                 "wrong audience",
-                review(true, &["kubernetes"], DAEMON, &[NODE]),
+                review(true, &["kubernetes"], DAEMON, BOUND),
                 web,
                 Err("audience"),
             ),
             (
                 "no audience",
-                review(true, &[], DAEMON, &[NODE]),
+                review(true, &[], DAEMON, BOUND),
                 web,
                 Err("audience"),
             ),
@@ -317,7 +353,7 @@ mod tests {
                     true,
                     &["ztunnel-ca"],
                     "system:serviceaccount:demo:web",
-                    &[NODE],
+                    BOUND,
                 ),
                 web,
                 Err("not_daemon"),
@@ -328,7 +364,7 @@ mod tests {
                     true,
                     &["ztunnel-ca"],
                     "system:serviceaccount:demo:ztunnel",
-                    &[NODE],
+                    BOUND,
                 ),
                 web,
                 Err("not_daemon"),
@@ -375,25 +411,25 @@ mod tests {
             ),
             (
                 "identity on another node",
-                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                review(true, &["ztunnel-ca"], DAEMON, BOUND),
                 "spiffe://cluster.local/ns/demo/sa/db",
                 Err("no_pod_on_node"),
             ),
             (
                 "identity with no pod at all",
-                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                review(true, &["ztunnel-ca"], DAEMON, BOUND),
                 "spiffe://cluster.local/ns/demo/sa/ghost",
                 Err("no_pod_on_node"),
             ),
             (
                 "pod finished",
-                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                review(true, &["ztunnel-ca"], DAEMON, BOUND),
                 "spiffe://cluster.local/ns/demo/sa/job",
                 Err("no_pod_on_node"),
             ),
             (
                 "other trust domain",
-                review(true, &["ztunnel-ca"], DAEMON, &[NODE]),
+                review(true, &["ztunnel-ca"], DAEMON, BOUND),
                 "spiffe://evil.local/ns/demo/sa/web",
                 Err("trust_domain"),
             ),
@@ -403,7 +439,7 @@ mod tests {
                     true,
                     &["kubernetes", "ztunnel-ca"],
                     DAEMON,
-                    &[(EXTRA_NODE_NAME, "n2")],
+                    &[(EXTRA_NODE_NAME, "n2"), POD, (EXTRA_POD_UID, "zt-2")],
                 ),
                 "spiffe://cluster.local/ns/demo/sa/db",
                 Ok("n2"),

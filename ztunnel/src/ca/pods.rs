@@ -101,19 +101,23 @@ impl PodIndex {
     }
 }
 
-/// The uid and compact entry of a pod; `None` for a pod without uid or namespace.
+/// The uid and compact entry of a pod; `None` for a pod without uid, namespace or
+/// ServiceAccount. The API server gives every pod a ServiceAccount (`default` unless it names
+/// one) except a mirror pod, the API's copy of a kubelet's static pod, which may name none and
+/// which a node's own credential can create in any namespace: such a pod lends its node no
+/// identity, as in istiod's node authorizer.
 pub fn entry_of(pod: &LeanPod) -> Option<(String, PodEntry)> {
     let uid = pod.metadata.uid.clone()?;
     let namespace = pod.metadata.namespace.clone()?;
+    let service_account = pod
+        .spec
+        .service_account_name
+        .clone()
+        .filter(|s| !s.is_empty())?;
     let entry = PodEntry {
         node: pod.spec.node_name.clone().unwrap_or_default(),
         namespace,
-        service_account: pod
-            .spec
-            .service_account_name
-            .clone()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into()),
+        service_account,
         // Pending included: init containers and a pod's first connections need certificates
         // before the kubelet reports Running. Finished pods need none.
         active: !matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")),
@@ -228,8 +232,15 @@ mod tests {
         .unwrap();
         assert_eq!(
             entry_of(&bare),
-            Some(("u2".into(), e("", "demo", "default", true)))
+            None,
+            "a mirror pod names no ServiceAccount"
         );
+        let unnamed: LeanPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "demo", "uid": "u2"},
+            "spec": {"nodeName": "n1", "serviceAccountName": "", "containers": []}
+        }))
+        .unwrap();
+        assert_eq!(entry_of(&unnamed), None);
         for (phase, active) in [
             ("Pending", true),
             ("Running", true),
