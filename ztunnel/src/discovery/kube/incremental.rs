@@ -361,6 +361,10 @@ impl Engine {
             let uid = |e: Option<&PodEntry>| e.map(|e| e.uid.clone()).filter(|u| !u.is_empty());
             if let Some(u) = uid(old) {
                 let n = self.uids.get_mut(&u).expect("claimed");
+                if *n > 1 {
+                    // The other pod of that uid was skipped for it: it may be one now.
+                    return Err(Full);
+                }
                 *n -= 1;
                 if *n == 0 {
                     self.uids.remove(&u);
