@@ -14,7 +14,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ztunnel::discovery::enrollment::Rules;
 use ztunnel::discovery::kube::incremental::{Changes, Engine};
 use ztunnel::discovery::kube::objects::Key;
-use ztunnel::discovery::kube::objects::{PodEntry, PortEntry, ServiceEntry, SliceEntry, Target};
+use ztunnel::discovery::kube::objects::{
+    pod_key, PodEntry, PortEntry, ServiceEntry, SliceEntry, Target,
+};
 use ztunnel::discovery::kube::translate::{build, Store};
 use ztunnel::discovery::{Interner, Labels, DATAPLANE_MODE_LABEL};
 
@@ -50,6 +52,7 @@ fn store(pods: usize) -> Store {
             labels: Labels::default(),
             other_mesh: None,
             telemetry: int.telemetry(&name, &name, &labels),
+            terminating: false,
         };
         s.remote_pods.insert((ns, name), entry);
     }
@@ -78,11 +81,20 @@ fn store(pods: usize) -> Store {
                 use_waypoint: None,
             },
         );
-        // Ten ready endpoints among the namespace's pods.
-        let ready = (0..10)
+        // Ten ready endpoints among the namespace's pods, each naming its pod.
+        let eps: Vec<usize> = (0..10)
             .map(|k| i % 1000 + 1000 * (k + 10 * ((i / 1000) % 10)))
             .filter(|&p| p < pods)
-            .map(pod_ip)
+            .collect();
+        let ready = eps.iter().map(|&p| pod_ip(p)).collect();
+        let pod_keys = eps
+            .iter()
+            .map(|&p| {
+                pod_key(
+                    &format!("ns-{}", p % 1000),
+                    &format!("app-{}-7d4b9c-{p:05}", p % 500),
+                )
+            })
             .collect();
         s.slices.insert(
             (ns, format!("{name}-abcde")),
@@ -90,6 +102,7 @@ fn store(pods: usize) -> Store {
                 service: name,
                 ports: vec![(String::new(), 8080)],
                 ready,
+                pods: pod_keys,
                 not_pods: Vec::new(),
             },
         );

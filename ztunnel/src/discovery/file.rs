@@ -632,7 +632,6 @@ services:
             (GOOD.replace("ips: [10.0.0.3]", "ips: [10.0.0.3, 10.0.0.3]"), "IP 10.0.0.3 is also legacy/old"),
             (GOOD.replace("serviceAccount: default", "serviceAccount: Bad/Name"), "legacy/old"),
             (GOOD.replace("targetPort: 8080", "targetPort: 0"), "port 0"),
-            (GOOD.replace("selector: {app: web}}", "selector: {app: web}, portOverrides: [{ip: 10.0.0.1, port: 80, targetPort: 0}]}"), "port 0"),
             (GOOD.replace("vips: [10.96.0.1]", "vips: [10.0.0.1]"), "workload IP"),
             (GOOD.replace("serviceAccount: web, node: n2", "serviceAcount: web, node: n2"), "serviceAcount"),
             (format!("{GOOD}extra: 1\n"), "extra"),

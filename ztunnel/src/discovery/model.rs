@@ -102,7 +102,9 @@ pub struct ServicePort {
 
 /// An endpoint whose target port for one service port is not the service's: its
 /// EndpointSlice gives another (a selectorless service's own slice, a rollout that changes a
-/// named port's number).
+/// named port's number), or none: `target_port` 0 says that the endpoint has no port of the
+/// `targetPort`'s name (the endpoint-slice controller leaves the port out of such a pod's
+/// slice), so it is no endpoint of that port, as kube-proxy and Istio treat it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortOverride {
@@ -192,10 +194,13 @@ impl Service {
             .map(|p| p.target_port)
     }
 
-    /// The target port for `port` of the endpoint at `ip`, if the service has the port.
+    /// The target port for `port` of the endpoint at `ip`, if the service has the port there.
     pub fn target_port_at(&self, port: u16, ip: IpAddr) -> Option<u16> {
         let t = self.target_port(port)?;
-        Some(self.override_at(port, ip).unwrap_or(t))
+        match self.override_at(port, ip) {
+            Some(0) => None,
+            o => Some(o.unwrap_or(t)),
+        }
     }
 
     fn override_at(&self, port: u16, ip: IpAddr) -> Option<u16> {
@@ -279,6 +284,8 @@ pub(super) struct Base {
     /// Every namespace of the cluster is listed (the Kubernetes source): one that is not has
     /// not been seen by discovery yet.
     pub(super) all_namespaces: bool,
+    /// Sorted addresses that two pods claim, neither trusted with them: no workload's.
+    pub(super) contested: Box<[IpAddr]>,
 }
 
 /// The policies as listed and as compiled.
@@ -428,8 +435,7 @@ impl State {
         s.workload_count = s.workloads.len();
         for (i, svc) in services.into_iter().enumerate() {
             let what = format!("service {}/{}", svc.namespace, svc.name);
-            let zero = svc.ports.iter().any(|p| p.port == 0 || p.target_port == 0)
-                || svc.port_overrides.iter().any(|o| o.target_port == 0);
+            let zero = svc.ports.iter().any(|p| p.port == 0 || p.target_port == 0);
             if zero {
                 return Err(Error::Invalid(format!("{what} has a port 0")));
             }
@@ -602,6 +608,20 @@ impl State {
     pub fn with_all_namespaces(mut self) -> State {
         self.base_mut().all_namespaces = true;
         self
+    }
+
+    /// Marks `ips` as claimed by two pods, neither trusted with them (see [`State::contested`]).
+    pub fn with_contested(mut self, mut ips: Vec<IpAddr>) -> State {
+        ips.sort_unstable();
+        ips.dedup();
+        self.base_mut().contested = ips.into();
+        self
+    }
+
+    /// Whether two pods claim `ip` and neither is trusted with it: it is no workload's, yet a
+    /// mesh pod may hold it, so nothing goes to it in plaintext either.
+    pub fn contested(&self, ip: IpAddr) -> bool {
+        self.base.contested.binary_search(&ip).is_ok()
     }
 
     /// Whether namespace `name` exists but discovery has not seen it yet: a source that lists

@@ -273,5 +273,6 @@ fn fold(base: &Base, patch: &Patch) -> Base {
             .unwrap_or_else(|| base.pending.clone()),
         enrollment: base.enrollment,
         all_namespaces: base.all_namespaces,
+        contested: base.contested.clone(),
     }
 }

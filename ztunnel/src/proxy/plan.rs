@@ -5,13 +5,16 @@
 //!   family is picked (of a dual-stack service, any endpoint, on its other family's address
 //!   when it has none of the VIP's; of a node-local service, one on the source's node; of one
 //!   with a traffic distribution, one of the closest, [`crate::discovery::Distribution`]) and
-//!   the port mapped to its target port (the endpoint's own, [`Service::port_overrides`]);
+//!   the port mapped to its target port (the endpoint's own, [`Service::port_overrides`]; an
+//!   endpoint without a port of a named `targetPort` is not one of that port's);
 //!   an endpoint that is not a workload (an API server's address, say:
 //!   [`Service::not_pods`]) is passed through; under
 //!   the Istio-compatible setting, a Service Istio sends through a waypoint proxy
 //!   ([`State::waypoint_of`]) is refused: the waypoint's policies would be bypassed;
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
 //! - a workload that speaks plain TCP, or an address outside the mesh: passthrough;
+//! - an address two pods claim, neither trusted with it ([`State::contested`]): refused, as
+//!   either may be a mesh pod that must not be reached in plaintext;
 //! - a mesh workload's 15001/15006/15008: refused, it would loop.
 //!
 //! The inbound plan ([`inbound`]) is where a validated tunnel stream goes on the local
@@ -53,6 +56,8 @@ pub enum PlanError {
     NoEndpoints { service: String },
     #[error("destination port {0} of a mesh workload would loop")]
     Recursion(u16),
+    #[error("address {0} is claimed by two pods, neither trusted with it")]
+    Contested(std::net::IpAddr),
     #[error("service {service} sends its traffic through waypoint {waypoint} (istio.io/use-waypoint), whose policies this daemon cannot enforce")]
     Waypoint { service: String, waypoint: String },
 }
@@ -101,6 +106,7 @@ pub fn outbound(
                         .filter(|a| (dual || family(a)) && state.workload_by_ip(**a).is_none())
                         .map(|a| (None, *a)),
                 )
+                .filter(|(_, a)| svc.target_port_at(port, *a).is_some())
                 .collect();
             // The closest endpoints, when the service prefers them (an endpoint that is no
             // workload has no known locality).
@@ -118,6 +124,7 @@ pub fn outbound(
         }
         None => match state.workload_by_ip(ip) {
             Some(w) => (w.clone(), SocketAddr::new(ip, orig_dst.port()), None),
+            None if state.contested(ip) => return Err(PlanError::Contested(ip)),
             None => return Ok(Plan::Passthrough { dst_addr: orig_dst }),
         },
     };
@@ -237,6 +244,7 @@ services:
   - {name: empty, namespace: demo, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: none}}
   - {name: kubernetes, namespace: default, vips: [10.96.0.13], ports: [{port: 443, targetPort: 6443}], notPods: [192.0.2.10, 10.0.0.1]}
   - {name: mixed, namespace: demo, vips: [10.96.0.14], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, notPods: [192.0.2.20]}
+  - {name: named, namespace: demo, vips: [10.96.0.15], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, portOverrides: [{ip: 10.0.0.2, port: 80, targetPort: 0}]}
 ";
 
     /// A namespace whose Services use a waypoint, one of them opting out.
@@ -292,6 +300,25 @@ services:
         }
     }
 
+    /// An address two pods claim, neither trusted with it, is refused: either may be a mesh
+    /// pod, which must not be reached in plaintext.
+    #[test]
+    fn a_contested_address_is_refused_not_passed_through() {
+        let state = crate::discovery::parse(MESH, "cluster.local").unwrap();
+        let src = state.workload_by_uid("a").unwrap().clone();
+        let ip = "10.0.0.99".parse().unwrap();
+        let d = SocketAddr::new(ip, 8080);
+        assert_eq!(
+            outbound(&state, &src, d, &mut |_| 0),
+            Ok(Plan::Passthrough { dst_addr: d })
+        );
+        let state = state.with_contested(vec![ip]);
+        assert_eq!(
+            outbound(&state, &src, d, &mut |_| 0),
+            Err(PlanError::Contested(ip))
+        );
+    }
+
     #[test]
     fn outbound_table() {
         let state = crate::discovery::parse(MESH, "cluster.local").unwrap();
@@ -311,6 +338,17 @@ services:
                 "10.96.0.1:80",
                 1,
                 Want::Hbone("10.0.0.3:8080", "sa-b", Some("demo/b")),
+            ),
+            // An endpoint without the port (of a named `targetPort`) is not one of it.
+            (
+                "10.96.0.15:80",
+                0,
+                Want::Hbone("10.0.0.3:8080", "sa-b", Some("demo/named")),
+            ),
+            (
+                "10.96.0.15:80",
+                1,
+                Want::Hbone("10.0.0.3:8080", "sa-b", Some("demo/named")),
             ),
             (
                 "[fd00::96:1]:80",

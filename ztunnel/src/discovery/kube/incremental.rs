@@ -506,7 +506,11 @@ impl Engine {
                 let s = old.unwrap_or_else(|| model.new_service_slot());
                 let state = model.state();
                 let mut eps: Vec<u32> = translate::ready(&slices)
-                    .filter_map(|ip| state.slot_of_ip(*ip))
+                    .filter_map(|(ip, pod)| {
+                        let j = state.slot_of_ip(*ip)?;
+                        let w = state.workload_at(j)?;
+                        translate::is_endpoint(w, pod).then_some(j)
+                    })
                     .collect();
                 // In the order of a full build: this node's workloads first, then by key.
                 let order = |&j: &u32| {

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::super::objects::{
-    Interner, NamespaceEntry, NodeEntry, PodEntry, PortEntry, ServiceEntry, SliceEntry, Target,
+    pod_key, Interner, NamespaceEntry, NodeEntry, PodEntry, PortEntry, ServiceEntry, SliceEntry,
+    Target,
 };
 use super::*;
 use crate::discovery::{Distribution, Labels, Locality, Protocol, DATAPLANE_MODE_LABEL};
@@ -162,6 +163,7 @@ impl World {
             labels,
             other_mesh: None,
             telemetry,
+            terminating: r.chance(25),
         };
         let m = match local {
             true => &mut self.store.pods,
@@ -229,7 +231,15 @@ impl World {
         let pool = if self.collide { IPS } else { 40 };
         let ready: Vec<_> = (0..r.below(5)).map(|_| pod_ip(r.below(pool))).collect();
         // Some endpoints name no pod: the pod at the address (if any) keeps it a workload's.
-        let not_pods = ready.iter().filter(|_| r.chance(30)).copied().collect();
+        let not_pods: Vec<IpAddr> = ready.iter().filter(|_| r.chance(30)).copied().collect();
+        // The others name a pod, often not the one at the address now.
+        let pods = ready
+            .iter()
+            .map(|ip| match not_pods.contains(ip) {
+                true => 0,
+                false => pod_key(["a", "b"][r.below(2)], &format!("p{}", r.below(10))),
+            })
+            .collect();
         let ports = match r.chance(70) {
             true => vec![("http".to_owned(), 8000 + r.below(3) as u16)],
             false => vec![],
@@ -238,6 +248,7 @@ impl World {
             service: format!("s{}", r.below(5)),
             ports,
             ready,
+            pods,
             not_pods,
         };
         let old = self.store.slices.insert(k.clone(), e);
@@ -288,7 +299,7 @@ fn seen(s: &State) -> serde_json::Value {
                 .service_by_vip(*ip)
                 .map(|v| format!("{}/{}", v.namespace, v.name));
             let eps: Vec<String> = s.endpoints_of_vip(*ip).map(name).collect();
-            (s.workload_by_ip(*ip).map(name), svc, eps)
+            (s.workload_by_ip(*ip).map(name), svc, eps, s.contested(*ip))
         })
         .collect();
     let mut uids: Vec<String> = vec!["uid-twice".into()];

@@ -3,10 +3,11 @@
 //!
 //! - Pods arrive as [`LeanPod`], a `kube::Resource` that deserializes only the fields the model
 //!   needs (name, namespace, uid, labels, the annotations that say another mesh handles the
-//!   pod, its generated name and controller, node, host network, service account, phase, IPs): the rest of the Pod (containers,
+//!   pod, its generated name and controller, deletion time, node, host network, service account, phase, IPs): the rest of the Pod (containers,
 //!   managed fields, other annotations, conditions…) is skipped by the JSON decoder and never
 //!   allocated. A pod is a workload only if it is not host-network, not terminal
-//!   (`Succeeded`/`Failed`: its IP may already belong to another pod) and has an IP. A pod on
+//!   (`Succeeded`/`Failed`: its IP may already belong to another pod) and has an IP; whether
+//!   it is being deleted (`deletionTimestamp`) is kept, to settle an IP two pods claim. A pod on
 //!   another node keeps no uid and, of its labels, only the enrollment labels
 //!   ([`Rules::keeps`]), which is all outbound routing and identity checks need; its service
 //!   membership comes from EndpointSlices.
@@ -19,8 +20,10 @@
 //!   `trafficDistribution` (else Istio's annotation of it).
 //! - EndpointSlices keep the service they belong to (`kubernetes.io/service-name`), their named
 //!   ports, and the addresses of ready endpoints only (`conditions.ready` absent counts as ready,
-//!   as the API documents), noting those whose endpoint names no Pod (`targetRef`): an API
-//!   server's, or a selectorless service's manual addresses.
+//!   as the API documents), each with the Pod its endpoint names (`targetRef`), if any: an
+//!   address is an endpoint of the pod the slice names, not of whichever pod holds it now (a
+//!   slice lagging behind an address's reuse), as istiod joins them; an address that names no
+//!   Pod is an API server's, or a selectorless service's manual one.
 //! - Policies go through [`PolicyObject::from_value`], as the file source's do: refused only
 //!   when they cannot be identified; an unreadable spec makes a policy that fails closed.
 
@@ -92,6 +95,7 @@ fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
         #[serde(default, deserialize_with = "read_annotations")]
         annotations: Option<BTreeMap<String, String>>,
         owner_references: Option<Vec<OwnerReference>>,
+        deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     }
     let m = Meta::deserialize(d)?;
     let controller = m
@@ -108,6 +112,7 @@ fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
         labels: m.labels,
         annotations: m.annotations,
         owner_references: controller.map(|c| vec![c]),
+        deletion_timestamp: m.deletion_timestamp,
         ..Default::default()
     })
 }
@@ -298,6 +303,9 @@ pub struct PodEntry {
     pub other_mesh: Option<OtherMesh>,
     /// Its workload and canonical service ([`crate::discovery::telemetry`]).
     pub telemetry: Arc<Telemetry>,
+    /// Being deleted (`deletionTimestamp`): of two pods claiming one IP, the one that is not
+    /// keeps it ([`crate::discovery::kube::translate::pod_outcome`]).
+    pub terminating: bool,
 }
 
 /// The entry for `pod` on the daemon of `node`: `Ok(None)` when the pod is not a workload
@@ -390,6 +398,7 @@ pub fn pod_entry(
         labels,
         other_mesh,
         telemetry,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
     }))
 }
 
@@ -503,8 +512,19 @@ pub struct SliceEntry {
     pub ports: Vec<(String, u16)>,
     /// Addresses of ready endpoints.
     pub ready: Vec<IpAddr>,
+    /// For each of `ready`, the [`pod_key`] of the Pod its endpoint names (`targetRef`), 0
+    /// when it names none: an address is a pod's endpoint only while that pod holds it.
+    pub pods: Vec<u64>,
     /// Those of `ready` whose endpoint's `targetRef` is not a Pod (or is absent).
     pub not_pods: Vec<IpAddr>,
+}
+
+/// A pod's key in [`SliceEntry::pods`]: a hash of its namespace and name, never 0.
+pub fn pod_key(namespace: &str, name: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (namespace, name).hash(&mut h);
+    h.finish().max(1)
 }
 
 /// The entry for an EndpointSlice: `Ok(None)` when it names no service.
@@ -529,7 +549,7 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
             Some((p.name.clone().unwrap_or_default(), port))
         })
         .collect();
-    let (mut ready, mut not_pods) = (Vec::new(), Vec::new());
+    let (mut ready, mut pods, mut not_pods) = (Vec::new(), Vec::new(), Vec::new());
     for ep in &s.endpoints {
         if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
             continue;
@@ -537,7 +557,13 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
         let pod = ep
             .target_ref
             .as_ref()
-            .is_some_and(|r| r.kind.as_deref() == Some("Pod"));
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .map(|r| {
+                pod_key(
+                    r.namespace.as_deref().unwrap_or(&ns),
+                    r.name.as_deref().unwrap_or_default(),
+                )
+            });
         for a in &ep.addresses {
             // FQDN slices carry names, not addresses: nothing the mesh can route to.
             if s.address_type == "FQDN" {
@@ -547,7 +573,8 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
                 .parse::<IpAddr>()
                 .map_err(|e| format!("{what}: address {a:?}: {e}"))?;
             ready.push(ip);
-            if !pod {
+            pods.push(pod.unwrap_or(0));
+            if pod.is_none() {
                 not_pods.push(ip);
             }
         }
@@ -556,6 +583,7 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
         service: service.clone(),
         ports,
         ready,
+        pods,
         not_pods,
     }))
 }

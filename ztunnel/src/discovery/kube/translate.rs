@@ -10,11 +10,13 @@
 //! ports are the slices' ports, as kube-proxy's (see [`service_outcome`]). A
 //! workload's locality is its node's (none while the node is not known).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::objects::{Key, NamespaceEntry, NodeEntry, PodEntry, ServiceEntry, SliceEntry, Target};
+use super::objects::{
+    pod_key, Key, NamespaceEntry, NodeEntry, PodEntry, ServiceEntry, SliceEntry, Target,
+};
 use crate::discovery::enrollment::{OtherMesh, Rules};
 use crate::discovery::model::{
     Labels, Locality, Namespace, PortOverride, Protocol, Service, ServicePort, State, Workload,
@@ -64,7 +66,7 @@ pub enum PodOutcome {
 }
 
 /// What pod `p` becomes under `rules`, given its namespace's labels, its node's locality,
-/// and whether an IP is claimed by more than one pod.
+/// and whether another pod keeps one of its IPs from it (see [`build_keyed`]).
 pub fn pod_outcome(
     trust_domain: &str,
     rules: Rules,
@@ -109,9 +111,18 @@ pub fn pod_outcome(
     }
 }
 
-/// The addresses `slices` list as ready.
-pub fn ready<'a>(slices: &'a [&'a SliceEntry]) -> impl Iterator<Item = &'a IpAddr> + 'a {
-    slices.iter().flat_map(|sl| sl.ready.iter())
+/// The addresses `slices` list as ready, each with the key of the pod its endpoint names (0:
+/// none).
+pub fn ready<'a>(slices: &'a [&'a SliceEntry]) -> impl Iterator<Item = (&'a IpAddr, u64)> + 'a {
+    slices
+        .iter()
+        .flat_map(|sl| sl.ready.iter().zip(sl.pods.iter().copied()))
+}
+
+/// Whether workload `w`, at an address a slice lists, is the endpoint there: the endpoint
+/// names no pod, or names `w`'s.
+pub fn is_endpoint(w: &Workload, pod: u64) -> bool {
+    pod == 0 || pod == pod_key(&w.namespace, &w.name)
 }
 
 /// What service `s` becomes, given its namespace's entry `ns` (its traffic distribution
@@ -120,7 +131,8 @@ pub fn ready<'a>(slices: &'a [&'a SliceEntry]) -> impl Iterator<Item = &'a IpAdd
 /// daemon's node): the service (none when it is skipped), and the reasons it or some of its
 /// ports were skipped.
 ///
-/// - Its endpoints are the workloads at [`ready`] addresses, and the ready addresses that are
+/// - Its endpoints are the workloads at [`ready`] addresses (of the pod the endpoint names,
+///   [`is_endpoint`]), and the ready addresses that are
 ///   no workload's and either no pod's (no Pod `targetRef`) or a node's (a host-network
 ///   pod's): [`Service::not_pods`], reached in plaintext as they are. Of a node-local service
 ///   (`internalTrafficPolicy: Local`), only this node's are kept there (the plan keeps the
@@ -129,7 +141,9 @@ pub fn ready<'a>(slices: &'a [&'a SliceEntry]) -> impl Iterator<Item = &'a IpAdd
 ///   endpoint-slice controller writes the resolved target port there; a selectorless
 ///   service's slices give their own); the service's `targetPort` number, else the first
 ///   slice's, is the port's target, and the endpoints of slices that give another are
-///   [`Service::port_overrides`]. A named `targetPort` no slice resolves skips the port.
+///   [`Service::port_overrides`]. A named `targetPort` no slice resolves skips the port; the
+///   endpoints of the slices that do not resolve it (pods without a port of that name) are
+///   overridden with no target (0): they are not endpoints of that port.
 pub fn service_outcome(
     s: &ServiceEntry,
     ns: Option<&NamespaceEntry>,
@@ -177,6 +191,25 @@ pub fn service_outcome(
                         ip: *ip,
                         port: p.port,
                         target_port: own,
+                    }));
+                }
+                if matches!(p.target, Target::Name(_)) {
+                    // A pod without a port of that name is in a slice without the port:
+                    // not an endpoint of it (unless another slice lists it with the port).
+                    let with: HashSet<&IpAddr> = slices
+                        .iter()
+                        .filter(|sl| in_slice(sl).is_some())
+                        .flat_map(|sl| sl.ready.iter())
+                        .collect();
+                    let without = slices
+                        .iter()
+                        .filter(|sl| in_slice(sl).is_none())
+                        .flat_map(|sl| sl.ready.iter())
+                        .filter(|ip| !with.contains(ip));
+                    port_overrides.extend(without.map(|ip| PortOverride {
+                        ip: *ip,
+                        port: p.port,
+                        target_port: 0,
                     }));
                 }
             }
@@ -252,18 +285,27 @@ pub fn build_keyed(
         .iter()
         .map(|((_, n), e)| (n.as_str(), e))
         .collect();
-    // Workloads, in (namespace, name) order, this node's first; of two pods claiming one IP
-    // (a stale status), neither can be trusted with it: both are skipped.
-    let mut ip_count: HashMap<IpAddr, usize> = HashMap::new();
+    // Workloads, in (namespace, name) order, this node's first. Of pods claiming one IP (a
+    // stale status, a pod stuck terminating on a lost node whose address went to another), the
+    // only one not being deleted keeps it; with no such single one, none can be trusted with
+    // it: all are skipped, and the address is contested (refused, never reached in plaintext).
+    let mut claims: HashMap<IpAddr, (usize, usize)> = HashMap::new();
     let pods = || {
         let local = store.pods.iter().map(|(k, p)| (true, k, p));
         local.chain(store.remote_pods.iter().map(|(k, p)| (false, k, p)))
     };
     for (_, _, p) in pods() {
         for ip in p.ips.iter() {
-            *ip_count.entry(*ip).or_default() += 1;
+            let (all, live) = claims.entry(*ip).or_default();
+            *all += 1;
+            *live += usize::from(!p.terminating);
         }
     }
+    let contested: Vec<IpAddr> = claims
+        .iter()
+        .filter(|(_, (all, live))| *all > 1 && *live != 1)
+        .map(|(ip, _)| *ip)
+        .collect();
     let n = store.pods.len() + store.remote_pods.len();
     let mut workloads = Vec::with_capacity(n);
     let mut index_of_ip: HashMap<IpAddr, usize> = HashMap::with_capacity(n);
@@ -282,7 +324,10 @@ pub fn build_keyed(
             p,
             ns_entries.get(&*p.namespace).map(|e| &e.labels),
             locality_of.get(&*p.node).copied(),
-            |ip| ip_count[ip] > 1,
+            |ip| {
+                let (all, live) = claims[ip];
+                all > 1 && (p.terminating || live > 1)
+            },
         ) {
             PodOutcome::Skipped(why) => skipped.push((Of::Pod(local, k.clone()), why)),
             PodOutcome::Pending(w) => pending.push(w),
@@ -327,7 +372,10 @@ pub fn build_keyed(
         skipped.extend(why.into_iter().map(|w| (Of::Service(k.clone()), w)));
         let Some(svc) = svc else { continue };
         let mut eps: Vec<usize> = ready(slices)
-            .filter_map(|ip| index_of_ip.get(ip).copied())
+            .filter_map(|(ip, pod)| {
+                let i = *index_of_ip.get(ip)?;
+                is_endpoint(&workloads[i], pod).then_some(i)
+            })
             .collect();
         eps.sort_unstable();
         eps.dedup();
@@ -357,6 +405,7 @@ pub fn build_keyed(
         s.with_pending(pending)
             .with_enrollment(rules)
             .with_all_namespaces()
+            .with_contested(contested)
     });
     (state, skipped)
 }

@@ -429,6 +429,18 @@ fn services_get_ready_endpoints_and_resolved_ports() {
             vec!["10.0.0.2", "10.0.0.3"],
             vec![],
         ),
+        // A slice lagging behind an address's reuse names the pod that had it: the pod that
+        // holds it now is not an endpoint, nor is the address outside the mesh.
+        (
+            json!(8080),
+            vec![
+                ("10.0.0.2", Some(true), Some("gone")),
+                ("10.0.0.3", Some(true), Some("c")),
+            ],
+            Some(8080),
+            vec!["10.0.0.3"],
+            vec![],
+        ),
         // A pod not known (yet): neither a workload nor outside the mesh.
         (
             json!(9090),
@@ -591,6 +603,25 @@ fn target_ports_are_the_slices_and_local_services_keep_this_nodes_hosts() {
             vec![("10.0.0.2", 8081)],
             vec![],
         ),
+        // A named targetPort that some pods lack: their slice has no port, they are not
+        // endpoints of it.
+        (
+            Some("http"),
+            json!("http"),
+            "Cluster",
+            vec![
+                slice("http", 8080, &[("10.0.0.1", Some("a"))], 0),
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "web-1", "namespace": "demo",
+                                 "labels": {"kubernetes.io/service-name": "web"}},
+                    "addressType": "IPv4", "ports": [],
+                    "endpoints": [{"addresses": ["10.0.0.2"],
+                                   "targetRef": {"kind": "Pod", "namespace": "demo", "name": "b"}}]}),
+            ],
+            Some(8080),
+            vec![("10.0.0.2", 0)],
+            vec![],
+        ),
         // Slices that agree with the service: nothing to override.
         (
             Some("http"),
@@ -653,7 +684,7 @@ fn target_ports_are_the_slices_and_local_services_keep_this_nodes_hosts() {
         for (ip, t) in &want_overrides {
             assert_eq!(
                 sv.target_port_at(80, ip.parse().unwrap()),
-                Some(*t),
+                Some(*t).filter(|t| *t != 0),
                 "{what}"
             );
         }
@@ -816,4 +847,50 @@ fn one_bad_object_is_skipped_and_the_rest_kept() {
     assert_eq!(authz.len(), 2);
     let typo = authz.iter().find(|a| a.metadata.name == "typo").unwrap();
     assert!(typo.invalid.as_deref().unwrap().contains("principalz"));
+}
+
+/// Of two pods claiming one IP (a pod stuck terminating on a lost node, its address given to
+/// a new pod), the only one not being deleted keeps it; with none or both, neither does, and
+/// the address is contested: no workload's, and refused rather than reached in plaintext.
+#[test]
+fn an_ip_two_pods_claim_goes_to_the_one_not_being_deleted() {
+    let deleting = |mut p: serde_json::Value, yes: bool| {
+        if yes {
+            p["metadata"]["deletionTimestamp"] = json!("2026-12-07T10:00:00Z");
+        }
+        p
+    };
+    let ip: IpAddr = "10.0.0.9".parse().unwrap();
+    // (the old pod being deleted, the new one being deleted, which has the IP, contested)
+    let cases = [
+        (false, false, None, true),
+        (true, false, Some("new"), false),
+        (false, true, Some("old"), false),
+        (true, true, None, true),
+    ];
+    for (old_deleting, new_deleting, want, contested) in cases {
+        let objs = [
+            ns("demo", true),
+            ns("other", true),
+            deleting(pod("demo", "old", "n2", "10.0.0.9"), old_deleting),
+            deleting(pod("other", "new", NODE, "10.0.0.9"), new_deleting),
+        ];
+        let (st, refused) = store(&objs);
+        assert!(refused.is_empty(), "{refused:?}");
+        let (s, skipped) = build("cluster.local", Rules::default(), &st);
+        let s = s.unwrap();
+        let what = format!("old deleting {old_deleting}, new deleting {new_deleting}");
+        assert_eq!(
+            s.workload_by_ip(ip).map(|w| w.name.to_string()).as_deref(),
+            want,
+            "{what}"
+        );
+        assert_eq!(s.contested(ip), contested, "{what}");
+        let lost = if want.is_some() { 1 } else { 2 };
+        assert_eq!(
+            skipped.iter().filter(|w| w.contains("claimed")).count(),
+            lost,
+            "{what}: {skipped:?}"
+        );
+    }
 }
