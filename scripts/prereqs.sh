@@ -7,6 +7,7 @@ need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ -x /usr/lib/cni/bridge ] || [ -x /opt/cni/bin/bridge ] || need+=(containernetworking-plugins)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}" >&2

@@ -341,6 +341,35 @@ fn client_certificate_from_another_trust_domain_is_refused() {
     );
 }
 
+/// A plugged-in CA as Istio's documentation makes it with `openssl` (RSA 4096 root and
+/// intermediate, the signing key PKCS#1, `cert-chain.pem` up to the root): both daemons sign
+/// with it, and their tunnels verify the RSA chain both ways.
+#[test]
+fn a_plugged_in_ca_made_as_istio_documents_it_signs_for_both_daemons() {
+    let dir = tempfile::tempdir().unwrap();
+    let cacerts = ztunnel_e2e::certs::openssl_cacerts(dir.path()).expect("openssl cacerts");
+    let node = || NodeOptions {
+        ca_dir: Some(cacerts.clone()),
+        ..Default::default()
+    };
+    let mesh = Mesh::builder().a(node()).b(node()).start();
+    mesh.check_bulk_each_way(64 * 1024);
+    let ma = Mesh::metrics(&mesh.a);
+    expect_metric(
+        &ma,
+        "ztunnel_proxied_connections_total",
+        &[("direction", "outbound")],
+        1.0,
+    );
+    let mb = Mesh::metrics(&mesh.b);
+    expect_metric(
+        &mb,
+        "ztunnel_proxied_connections_total",
+        &[("direction", "inbound")],
+        1.0,
+    );
+}
+
 #[test]
 fn client_certificate_from_an_untrusted_ca_is_refused() {
     let other_ca = tempfile::tempdir().unwrap();

@@ -84,3 +84,122 @@ pub fn issue(ca_dir: &Path, dir: &Path, name: &str, uris: &[&str]) -> Result<Tes
         roots_pem: path("roots"),
     })
 }
+
+/// A plugged-in CA directory made with the `openssl` command line the way Istio's
+/// documentation makes one (`tools/certs`): an RSA 4096 root, an RSA 4096 intermediate
+/// (`pathlen:0`) that signs, `cert-chain.pem` the intermediate then the root. The root's key
+/// is PKCS#8 (what `openssl genrsa` writes today), the intermediate's PKCS#1 (`RSA PRIVATE
+/// KEY`, as in Istio's `samples/certs`). Returns the directory (`<dir>/cacerts`).
+pub fn openssl_cacerts(dir: &Path) -> Result<PathBuf> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("run openssl (is it installed?)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let conf = |name: &str, ext: &str, dn: &str| -> Result<()> {
+        let text = format!(
+            "[ req ]\nprompt = no\nencrypt_key = no\ndefault_md = sha256\n\
+             distinguished_name = req_dn\nreq_extensions = req_ext\nx509_extensions = req_ext\n\
+             [ req_ext ]\nsubjectKeyIdentifier = hash\n{ext}\n[ req_dn ]\n{dn}\n"
+        );
+        std::fs::write(dir.join(name), text).context("write an openssl configuration")
+    };
+    conf(
+        "root.conf",
+        "basicConstraints = critical, CA:true\n\
+         keyUsage = critical, digitalSignature, nonRepudiation, keyEncipherment, keyCertSign",
+        "O = Istio\nCN = Root CA",
+    )?;
+    conf(
+        "intermediate.conf",
+        "basicConstraints = critical, CA:true, pathlen:0\n\
+         keyUsage = critical, digitalSignature, nonRepudiation, keyEncipherment, keyCertSign\n\
+         subjectAltName = DNS:istiod.istio-system.svc",
+        "O = Istio\nCN = Intermediate CA\nL = cluster1",
+    )?;
+    run(&["genrsa", "-out", "root-key.pem", "4096"])?;
+    run(&[
+        "req",
+        "-new",
+        "-sha256",
+        "-key",
+        "root-key.pem",
+        "-config",
+        "root.conf",
+        "-out",
+        "root.csr",
+    ])?;
+    run(&[
+        "x509",
+        "-req",
+        "-sha256",
+        "-days",
+        "3650",
+        "-signkey",
+        "root-key.pem",
+        "-extensions",
+        "req_ext",
+        "-extfile",
+        "root.conf",
+        "-in",
+        "root.csr",
+        "-out",
+        "root-cert.pem",
+    ])?;
+    run(&["genrsa", "-traditional", "-out", "ca-key.pem", "4096"])?;
+    run(&[
+        "req",
+        "-new",
+        "-sha256",
+        "-key",
+        "ca-key.pem",
+        "-config",
+        "intermediate.conf",
+        "-out",
+        "ca.csr",
+    ])?;
+    run(&[
+        "x509",
+        "-req",
+        "-sha256",
+        "-days",
+        "3650",
+        "-CA",
+        "root-cert.pem",
+        "-CAkey",
+        "root-key.pem",
+        "-CAcreateserial",
+        "-extensions",
+        "req_ext",
+        "-extfile",
+        "intermediate.conf",
+        "-in",
+        "ca.csr",
+        "-out",
+        "ca-cert.pem",
+    ])?;
+    let out = dir.join("cacerts");
+    std::fs::create_dir_all(&out)?;
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| f.to_owned());
+    let key = read("ca-key.pem")?;
+    anyhow::ensure!(
+        key.starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+        "openssl wrote the signing key in another format than PKCS#1"
+    );
+    std::fs::write(out.join("ca-key.pem"), key)?;
+    std::fs::write(out.join("ca-cert.pem"), read("ca-cert.pem")?)?;
+    std::fs::write(out.join("root-cert.pem"), read("root-cert.pem")?)?;
+    std::fs::write(
+        out.join("cert-chain.pem"),
+        read("ca-cert.pem")? + &read("root-cert.pem")?,
+    )?;
+    Ok(out)
+}
