@@ -124,13 +124,15 @@ pub fn authorize(
         {
             p.node.clone()
         }
-        _ => return Err(Denied::forbidden(
-            "no_node",
-            format!(
+        _ => {
+            return Err(Denied::forbidden(
+                "no_node",
+                format!(
                 "the token's pod {}/{pod} (uid {uid}) is not a scheduled, unfinished daemon pod",
                 cfg.daemon_namespace
             ),
-        )),
+            ))
+        }
     };
     if let Some(claimed) = single(&extra, EXTRA_NODE_NAME) {
         if claimed != node {

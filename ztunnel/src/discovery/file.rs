@@ -15,7 +15,7 @@
 //!     annotations: {}      # optional; only those that say another mesh handles the pod are read
 //!     protocol: HBONE      # HBONE (in the mesh, the default) or TCP (plain)
 //!     workloadName: web    # optional: its Deployment, StatefulSet, …; the pod's name by default
-//!     locality: us-east1/us-east1-b   # optional: its node's region/zone
+//!     locality: us-east1/us-east1-b   # optional: its node's region/zone[/subzone]
 //! services:
 //!   - {name: web, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
 //! policies:                # AuthorizationPolicy and PeerAuthentication objects
@@ -68,7 +68,7 @@ struct WorkloadEntry {
     /// The workload it belongs to, as Istio names it (e.g. its Deployment); the label
     /// `service.istio.io/workload-name` overrides it, the pod's name is the default.
     workload_name: Option<String>,
-    /// Its node's `<region>/<zone>`, as Istio writes a locality.
+    /// Its node's `<region>/<zone>[/<subzone>]`, as Istio writes a locality.
     locality: Option<String>,
 }
 

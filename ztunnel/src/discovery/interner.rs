@@ -62,6 +62,7 @@ impl Interner {
         let l = Locality {
             region: self.get(&l.region),
             zone: self.get(&l.zone),
+            subzone: self.get(&l.subzone),
         };
         if let Some(a) = self.localities.get(&l) {
             return a.clone();

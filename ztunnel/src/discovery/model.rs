@@ -139,17 +139,20 @@ impl Distribution {
     }
 
     /// How close an endpoint on `node` at `locality` is to a source on `src_node` at
-    /// `src_locality`: how many of the scopes (region, zone, then node) match in a row.
+    /// `src_locality`: how many of the scopes match in a row, as istiod sets them (region and
+    /// zone for `PreferSameZone`; region, zone, Istio's subzone and node for
+    /// `PreferSameNode`).
     pub fn rank(self, src_node: &str, src: &Locality, node: &str, at: &Locality) -> usize {
         let scopes = [
             src.region == at.region,
             src.zone == at.zone,
+            src.subzone == at.subzone,
             src_node == node,
         ];
         let considered = match self {
             Distribution::Any => 0,
             Distribution::PreferSameZone => 2,
-            Distribution::PreferSameNode => 3,
+            Distribution::PreferSameNode => 4,
         };
         scopes[..considered].iter().take_while(|m| **m).count()
     }

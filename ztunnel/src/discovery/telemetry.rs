@@ -53,17 +53,21 @@ pub struct Telemetry {
     pub canonical_revision: Arc<str>,
 }
 
-/// Where a workload runs: its node's region and zone (empty when not known).
+/// Where a workload runs: its node's region, zone and Istio subzone (empty when not known).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Locality {
     pub region: Arc<str>,
     pub zone: Arc<str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub subzone: Arc<str>,
 }
 
 /// The node label that names its region.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 /// The node label that names its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The node label that names its subzone, as istiod reads it.
+pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
 
 impl Locality {
     /// The locality of a node with these labels.
@@ -72,6 +76,7 @@ impl Locality {
         Locality {
             region: get(REGION_LABEL),
             zone: get(ZONE_LABEL),
+            subzone: get(SUBZONE_LABEL),
         }
     }
 
@@ -81,11 +86,12 @@ impl Locality {
         Locality {
             region: parts.next().unwrap_or("").into(),
             zone: parts.next().unwrap_or("").into(),
+            subzone: parts.next().unwrap_or("").into(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.region.is_empty() && self.zone.is_empty()
+        self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
     }
 }
 
@@ -273,12 +279,24 @@ mod tests {
             ("other", "x"),
         ]);
         let l = Locality::of_node(&node);
-        assert_eq!((&*l.region, &*l.zone), ("eu-west1", "eu-west1-b"));
+        assert_eq!(
+            (&*l.region, &*l.zone, &*l.subzone),
+            ("eu-west1", "eu-west1-b", "")
+        );
+        let racked = labels(&[(ZONE_LABEL, "eu-west1-b"), (SUBZONE_LABEL, "rack-3")]);
+        let l = Locality::of_node(&racked);
+        assert_eq!(
+            (&*l.region, &*l.zone, &*l.subzone),
+            ("", "eu-west1-b", "rack-3")
+        );
         assert!(Locality::of_node(&labels(&[])).is_empty());
         let l = Locality::parse("us-east1/us-east1-c/rack-7");
-        assert_eq!((&*l.region, &*l.zone), ("us-east1", "us-east1-c"));
+        assert_eq!(
+            (&*l.region, &*l.zone, &*l.subzone),
+            ("us-east1", "us-east1-c", "rack-7")
+        );
         let l = Locality::parse("us-east1");
-        assert_eq!((&*l.region, &*l.zone), ("us-east1", ""));
+        assert_eq!((&*l.region, &*l.zone, &*l.subzone), ("us-east1", "", ""));
     }
 
     #[test]

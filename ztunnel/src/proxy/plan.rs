@@ -425,15 +425,17 @@ services:
     }
 
     /// A service with a traffic distribution picks among the endpoints closest to the source
-    /// (region, then zone, then node), spilling over only when there are none closer.
+    /// (region, then zone; for `PreferSameNode` then Istio's subzone, then node), spilling
+    /// over only when there are none closer.
     #[test]
     fn traffic_distribution_prefers_the_closest_endpoints() {
         let mesh = "
 namespaces: [{name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}]
 workloads:
-  - {uid: a, name: a, namespace: demo, serviceAccount: sa-a, node: n1, ips: [10.0.0.1], locality: r1/z1}
-  - {uid: near, name: near, namespace: demo, serviceAccount: sa-b, node: n1, ips: [10.0.0.2], locality: r1/z1, labels: {app: b}}
-  - {uid: zone, name: zone, namespace: demo, serviceAccount: sa-b, node: n2, ips: [10.0.0.3], locality: r1/z1, labels: {app: b}}
+  - {uid: a, name: a, namespace: demo, serviceAccount: sa-a, node: n1, ips: [10.0.0.1], locality: r1/z1/s1}
+  - {uid: near, name: near, namespace: demo, serviceAccount: sa-b, node: n1, ips: [10.0.0.2], locality: r1/z1/s1, labels: {app: b}}
+  - {uid: zone, name: zone, namespace: demo, serviceAccount: sa-b, node: n2, ips: [10.0.0.3], locality: r1/z1/s2, labels: {app: b, off: y}}
+  - {uid: sub, name: sub, namespace: demo, serviceAccount: sa-b, node: n5, ips: [10.0.0.6], locality: r1/z1/s1, labels: {app: b, off: y}}
   - {uid: region, name: region, namespace: demo, serviceAccount: sa-b, node: n3, ips: [10.0.0.4], locality: r1/z2, labels: {app: b, far: x}}
   - {uid: far, name: far, namespace: demo, serviceAccount: sa-b, node: n4, ips: [10.0.0.5], locality: r2/z9, labels: {app: b, far: x}}
 services:
@@ -441,6 +443,7 @@ services:
   - {name: zone, namespace: demo, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, trafficDistribution: PreferClose}
   - {name: node, namespace: demo, vips: [10.96.0.3], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, trafficDistribution: PreferSameNode}
   - {name: spill, namespace: demo, vips: [10.96.0.4], ports: [{port: 80, targetPort: 8080}], selector: {far: x}, trafficDistribution: PreferSameZone}
+  - {name: subzone, namespace: demo, vips: [10.96.0.5], ports: [{port: 80, targetPort: 8080}], selector: {off: y}, trafficDistribution: PreferSameNode}
 ";
         let state = crate::discovery::parse(mesh, "cluster.local").unwrap();
         let src = state.workload_by_uid("a").unwrap();
@@ -460,12 +463,18 @@ services:
         };
         assert_eq!(
             reached("10.96.0.1:80"),
-            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
+            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
         );
-        assert_eq!(reached("10.96.0.2:80"), ["10.0.0.2", "10.0.0.3"]);
+        // The zone's, whatever their subzone.
+        assert_eq!(
+            reached("10.96.0.2:80"),
+            ["10.0.0.2", "10.0.0.3", "10.0.0.6"]
+        );
         assert_eq!(reached("10.96.0.3:80"), ["10.0.0.2"]);
         // None in the source's zone: those of its region, not the far one.
         assert_eq!(reached("10.96.0.4:80"), ["10.0.0.4"]);
+        // None on the source's node: those of its subzone, not the rest of its zone.
+        assert_eq!(reached("10.96.0.5:80"), ["10.0.0.6"]);
     }
 
     /// A node-local service keeps to the source's node; an endpoint whose slice gives

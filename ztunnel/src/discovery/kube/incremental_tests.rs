@@ -86,6 +86,7 @@ impl World {
             let l = w.int.locality(Locality {
                 region: "r".into(),
                 zone: zone.into(),
+                subzone: "".into(),
             });
             w.store.nodes.insert(
                 key("", n),
