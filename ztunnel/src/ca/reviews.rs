@@ -5,7 +5,9 @@
 //! Every answer is keyed by the SHA-256 of the token ([`token_hash`]; the token itself is kept
 //! only as long as its review is being sent):
 //!
-//! - an authenticated review is reused for [`REVIEW_TTL`], a refused one (unauthenticated,
+//! - an authenticated review is reused for [`REVIEW_TTL`], or until the token's own expiry
+//!   (its `exp` claim, read once the API server has authenticated it) when that is sooner,
+//!   so a token is never honoured past its end; a refused one (unauthenticated,
 //!   which is also what the API server answers for a token not meant for the CA's audience)
 //!   for [`NEGATIVE_TTL`]; an error (the API server unreachable, a `5xx`, a malformed answer)
 //!   is never kept: the next request asks again;
@@ -26,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::{FutureExt, Shared};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
@@ -61,6 +63,23 @@ const CACHE_MAX: usize = 20_000;
 
 /// The refusal reason of a request whose review found no place in time.
 pub const BUSY: &str = "token_reviews_busy";
+
+/// When a JSON Web Token says it expires (its `exp` claim), read without checking its
+/// signature: only for a token the API server has authenticated. `None` when it says nothing
+/// readable.
+pub fn token_expiry(token: &str) -> Option<SystemTime> {
+    use base64::Engine;
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        exp: u64,
+    }
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Claims = serde_json::from_slice(&json).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp))
+}
 
 /// The cache and de-duplication key of a token.
 pub fn token_hash(token: &str) -> [u8; 32] {
@@ -128,11 +147,18 @@ impl ReviewCache {
         }
     }
 
-    /// Keeps `status` until `now` + [`REVIEW_TTL`] if it is authenticated, + [`NEGATIVE_TTL`]
+    /// Keeps `status` until `now` + [`REVIEW_TTL`] if it is authenticated (+ `token_left`,
+    /// what is left of the token's validity, when that is less), + [`NEGATIVE_TTL`]
     /// otherwise.
-    pub fn put(&mut self, key: [u8; 32], status: &TokenReviewStatus, now: Instant) {
+    pub fn put(
+        &mut self,
+        key: [u8; 32],
+        status: &TokenReviewStatus,
+        now: Instant,
+        token_left: Option<Duration>,
+    ) {
         let ttl = if authenticated(status) {
-            REVIEW_TTL
+            token_left.map_or(REVIEW_TTL, |left| left.min(REVIEW_TTL))
         } else {
             NEGATIVE_TTL
         };
@@ -260,6 +286,7 @@ async fn send(
     token: String,
     now: Instant,
 ) -> Result<TokenReviewStatus, Denied> {
+    let expiry = token_expiry(&token);
     let result = match tokio::time::timeout(inner.queue_wait, inner.places.acquire()).await {
         Ok(Ok(_place)) => match tokio::time::timeout(inner.timeout, inner.reviewer.review(token))
             .await
@@ -290,7 +317,8 @@ async fn send(
     let mut st = inner.state.lock();
     st.pending.remove(&key);
     if let Ok(status) = &result {
-        st.cache.put(key, status, now);
+        let left = expiry.map(|e| e.duration_since(SystemTime::now()).unwrap_or_default());
+        st.cache.put(key, status, now, left);
     }
     result
 }

@@ -7,7 +7,8 @@ use futures::future::join_all;
 
 use super::*;
 
-/// Answers `good` authenticated, `error` with an error, anything else refused; each review
+/// Answers `good` (and any token with a `.`, a JWT) authenticated, `error` with an error,
+/// anything else refused; each review
 /// waits for a place of `gate` (the test adds places to let reviews finish).
 struct Fake {
     gate: Semaphore,
@@ -47,6 +48,7 @@ fn reviewer(fake: &Arc<Fake>) -> impl Reviewer {
             match token.as_str() {
                 "good" => Ok(status(true)),
                 "error" => Err("the API server is down".into()),
+                t if t.contains('.') => Ok(status(true)),
                 _ => Ok(status(false)),
             }
         })
@@ -79,8 +81,8 @@ const LONG: Duration = Duration::from_secs(3600);
 fn the_cache_keeps_authenticated_reviews_a_minute_and_refused_ones_a_few_seconds() {
     let mut c = ReviewCache::default();
     let t0 = Instant::now();
-    c.put(token_hash("good"), &status(true), t0);
-    c.put(token_hash("bad"), &status(false), t0);
+    c.put(token_hash("good"), &status(true), t0, None);
+    c.put(token_hash("bad"), &status(false), t0, None);
     assert_eq!(c.get(&token_hash("good"), t0), Some(status(true)));
     assert_eq!(c.get(&token_hash("bad"), t0), Some(status(false)));
     assert_eq!(c.get(&token_hash("other"), t0), None);
@@ -89,6 +91,71 @@ fn the_cache_keeps_authenticated_reviews_a_minute_and_refused_ones_a_few_seconds
     assert_eq!(c.get(&token_hash("good"), later), Some(status(true)));
     assert_eq!(c.get(&token_hash("good"), t0 + REVIEW_TTL), None);
     assert!(c.is_empty());
+}
+
+/// An authenticated review is not reused past the token's own expiry; a refused one keeps
+/// its few seconds whatever the token says.
+#[test]
+fn an_authenticated_review_ends_with_its_token() {
+    let mut c = ReviewCache::default();
+    let t0 = Instant::now();
+    let left = Some(Duration::from_secs(10));
+    c.put(token_hash("ending"), &status(true), t0, left);
+    c.put(token_hash("bad"), &status(false), t0, Some(Duration::ZERO));
+    c.put(token_hash("long"), &status(true), t0, Some(LONG));
+    let soon = t0 + Duration::from_secs(10);
+    assert_eq!(c.get(&token_hash("ending"), soon), None);
+    assert_eq!(
+        c.get(&token_hash("bad"), soon - Duration::from_secs(6)),
+        Some(status(false))
+    );
+    assert_eq!(c.get(&token_hash("long"), soon), Some(status(true)));
+    assert_eq!(c.get(&token_hash("long"), t0 + REVIEW_TTL), None);
+}
+
+/// A token about to expire is reviewed again once it has, not a minute after its review.
+#[tokio::test]
+async fn a_token_about_to_expire_is_not_honoured_from_the_cache_after_it() {
+    use base64::Engine;
+    let fake = Arc::new(Fake::default());
+    release(&fake, 10);
+    let (r, metrics) = reviews(&fake, 4, LONG);
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 2;
+    let claims = format!(r#"{{"exp":{exp}}}"#);
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let token = format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(&claims));
+    let t0 = Instant::now();
+    assert_eq!(r.review(&token, t0).await, Ok(status(true)));
+    assert_eq!(r.review(&token, t0).await, Ok(status(true)));
+    assert_eq!(metrics.token_reviews_saved("cached_authenticated"), 1);
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    // Past its expiry (well within a minute of its review): asked about again.
+    assert_eq!(
+        r.review(&token, t0 + Duration::from_secs(3)).await,
+        Ok(status(true))
+    );
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+}
+
+/// A token's `exp` claim, as the API server writes it in a ServiceAccount token.
+#[test]
+fn a_tokens_expiry_is_its_exp_claim() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let jwt = |claims: &str| format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(claims));
+    let at = |secs| Some(std::time::UNIX_EPOCH + Duration::from_secs(secs));
+    assert_eq!(
+        token_expiry(&jwt(r#"{"exp":1800000000,"iss":"k"}"#)),
+        at(1_800_000_000)
+    );
+    assert_eq!(token_expiry(&jwt(r#"{"iss":"k"}"#)), None);
+    assert_eq!(token_expiry(&jwt(r#"{"exp":"soon"}"#)), None);
+    assert_eq!(token_expiry("not-a-token"), None);
+    assert_eq!(token_expiry("a.!!!.c"), None);
 }
 
 #[tokio::test]
