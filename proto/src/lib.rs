@@ -39,6 +39,9 @@ pub mod hbone {
     pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
     /// Streams one pooled tunnel connection carries before the pool opens another.
     pub const DEFAULT_MAX_STREAMS: u32 = 100;
+    /// Concurrent streams a tunnel client assumes the server accepts per connection until the
+    /// server's `SETTINGS` say (the least RFC 9113 recommends a server to allow).
+    pub const CLIENT_ASSUMED_MAX_STREAMS: usize = 100;
     /// Concurrent streams a tunnel server accepts per connection (`SETTINGS_MAX_CONCURRENT_STREAMS`),
     /// as Istio's ztunnel advertises; a pool configured for more is allowed that many.
     pub const SERVER_MAX_STREAMS: u32 = 200;

@@ -133,6 +133,7 @@ pub async fn handshake(
         .max_frame_size(consts::MAX_FRAME_SIZE)
         .max_send_buffer_size(consts::MAX_FRAME_SIZE as usize)
         .max_header_list_size(consts::CLIENT_MAX_HEADER_LIST)
+        .initial_max_send_streams(consts::CLIENT_ASSUMED_MAX_STREAMS)
         .enable_push(false)
         .handshake(tls_stream)
         .await?;

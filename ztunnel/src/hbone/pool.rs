@@ -1,8 +1,8 @@
 //! The tunnel connection pool.
 //!
 //! Streams to the same [`PoolKey`] (source identity, destination identity, tunnel address)
-//! share one TLS connection, up to `max_streams` at once; the next stream opens a second
-//! connection. Only one connection is dialled per key at a time: concurrent first requests
+//! share one TLS connection, up to `max_streams` at once (on HTTP/2 no more than the peer's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`); the next stream opens a second connection. Only one connection is dialled per key at a time: concurrent first requests
 //! wait for that one handshake rather than each opening their own. A connection whose driver
 //! ended (peer closed, ping timeout, error) is removed at once, so the next stream dials anew;
 //! a connection with no streams for `idle_timeout` is closed, and a spare one (see below) for
@@ -146,7 +146,7 @@ impl Drop for Lease {
             *self.conn.idle_since.lock() = Instant::now();
             self.conn.unused.notify_waiters();
         }
-        if before == 1 || before == self.conn.max_streams {
+        if before == 1 || before >= self.conn.capacity() {
             // Another of the key's connections may have become spare.
             if let Some(k) = &key {
                 k.changed.notify_waiters();
@@ -176,6 +176,7 @@ struct Conn {
     id: u64,
     link: Link,
     streams: AtomicUsize,
+    /// The pool's setting; see [`Conn::capacity`].
     max_streams: usize,
     idle_since: Mutex<Instant>,
     closed: AtomicBool,
@@ -187,6 +188,18 @@ struct Conn {
     unused: Arc<tokio::sync::Notify>,
     /// The chain the destination presented, judged again when the revocation lists change.
     peer: Arc<PeerChain>,
+}
+
+impl Conn {
+    /// How many streams it carries at once: the pool's setting, and on HTTP/2 no more than
+    /// the peer allows (its `SETTINGS_MAX_CONCURRENT_STREAMS`, assumed 100 until they arrive).
+    /// A stream over the peer's limit would wait inside the HTTP/2 client, unanswered.
+    fn capacity(&self) -> usize {
+        match &self.link {
+            Link::H2(send) => self.max_streams.min(send.current_max_send_streams()),
+            Link::Quic(_) => self.max_streams,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -203,14 +216,14 @@ struct KeyState {
 impl KeyState {
     /// Takes a stream slot on an open connection with room, dialled after connection
     /// `newer_than`, whose destination the revocation lists still trust, if any.
-    fn try_reserve(&self, max: usize, newer_than: u64) -> Option<Arc<Conn>> {
+    fn try_reserve(&self, newer_than: u64) -> Option<Arc<Conn>> {
         let conns = self.conns.lock();
         conns
             .iter()
             .find(|c| {
                 c.id > newer_than
                     && !c.closed.load(Ordering::Acquire)
-                    && c.streams.load(Ordering::Acquire) < max
+                    && c.streams.load(Ordering::Acquire) < c.capacity()
                     && c.peer.trusted()
             })
             .map(|c| {
@@ -317,7 +330,6 @@ impl Pool {
         headers: &ConnectHeaders,
         early: &mut Early<'_>,
     ) -> Result<Tunnel, PoolError> {
-        let max = self.inner.settings.max_streams;
         // A pooled connection may be going away (the peer drains, or died unnoticed); a
         // stream it refused was never processed, so it is retried once, on a connection dialled
         // after the refusal: the key's other pooled connections are likely going away too
@@ -325,12 +337,12 @@ impl Pool {
         let mut retried = false;
         let mut newer_than = 0;
         loop {
-            let (conn, fresh) = match ks.try_reserve(max, newer_than) {
+            let (conn, fresh) = match ks.try_reserve(newer_than) {
                 Some(c) => (c, false),
                 None => {
                     let failed_before = ks.failed_dials.lock().0;
                     let _dialing = ks.dialing.lock().await;
-                    match ks.try_reserve(max, newer_than) {
+                    match ks.try_reserve(newer_than) {
                         Some(c) => (c, false),
                         None => {
                             // A dial this stream waited for has failed: so does the stream,
@@ -792,7 +804,7 @@ fn is_spare(conns: &[Arc<Conn>], c: &Conn) -> bool {
     conns.iter().any(|o| {
         o.id < c.id
             && !o.closed.load(Ordering::Acquire)
-            && o.streams.load(Ordering::Acquire) < o.max_streams
+            && o.streams.load(Ordering::Acquire) < o.capacity()
     })
 }
 

@@ -101,7 +101,7 @@ pub(super) fn inbound(
         Pool::new(settings, metrics.clone()),
         metrics,
         CONNECT,
-        1000,
+        crate::hbone::consts::DEFAULT_MAX_STREAMS,
         limits,
         false,
         draining,
@@ -442,6 +442,33 @@ async fn many_opens_at_once_are_all_served_on_as_few_connections_as_the_limit_al
     }
     assert_eq!(bed.metrics.pool_streams.get(), OPENS as i64);
     assert_eq!(bed.dialled(), 3, "250 streams at 100 per connection");
+    drop(held);
+    assert_eq!(bed.metrics.pool_streams.get(), 0);
+}
+
+/// A pool allowed more streams per connection than the destination accepts (its
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`, 200 for ours as for Istio's) opens another connection
+/// rather than queue streams the peer would never answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_carries_no_more_streams_than_its_peer_allows() {
+    const OPENS: usize = 250;
+    let bed = Arc::new(Bed::start(300, Duration::from_secs(300)).await);
+    let opens: Vec<_> = (0..OPENS)
+        .map(|_| {
+            let bed = bed.clone();
+            tokio::spawn(async move { bed.open().await })
+        })
+        .collect();
+    let mut held = Vec::with_capacity(OPENS);
+    for o in opens {
+        held.push(o.await.expect("no open panicked"));
+    }
+    assert_eq!(bed.metrics.pool_streams.get(), OPENS as i64);
+    assert!(bed.dialled() >= 2, "250 streams on one connection");
+    let (mut client, copy) = carry(held.pop().unwrap()).await;
+    echoes(&mut client, b"the last stream opened").await;
+    drop(client);
+    let _ = copy.await;
     drop(held);
     assert_eq!(bed.metrics.pool_streams.get(), 0);
 }
