@@ -12,7 +12,9 @@
 //! idle connection costs no buffer); when it becomes readable a buffer is taken whose size
 //! grows while reads keep filling it (bulk flows, up to 256 KiB) and shrinks when they do not;
 //! each chunk is handed to the stream as `Bytes` without copying. An error or reset in either
-//! direction aborts both (the stream is reset, the socket closed).
+//! direction aborts both: the stream is reset, and the socket is reset too (`SO_LINGER` 0, an
+//! RST rather than a FIN), so that an application never takes a transfer cut off by its peer or
+//! by the tunnel for a complete one.
 //!
 //! What the client writes before its stream is open goes out right behind the `CONNECT`
 //! ([`super::early`]); the copy loop carries what follows.
@@ -109,20 +111,23 @@ pub(super) trait StreamRecv {
 /// been delivered; on an error both directions are reset (a dropped QUIC stream would
 /// otherwise end cleanly).
 pub(super) async fn copy<S: StreamSend, R: StreamRecv>(
-    tcp_read: OwnedReadHalf,
-    tcp_write: OwnedWriteHalf,
+    mut tcp_read: OwnedReadHalf,
+    mut tcp_write: OwnedWriteHalf,
     mut send: S,
     mut recv: R,
     counters: &ByteCounters,
     holding: Holding<'_>,
 ) -> Result<(), CopyError> {
     let r = tokio::try_join!(
-        tcp_to_stream(tcp_read, &mut send, &counters.sent),
-        stream_to_tcp(&mut recv, tcp_write, &counters.received, holding),
+        tcp_to_stream(&mut tcp_read, &mut send, &counters.sent),
+        stream_to_tcp(&mut recv, &mut tcp_write, &counters.received, holding),
     );
     if r.is_err() {
         send.reset();
         recv.stop();
+        // An RST when the socket closes, and no FIN before it.
+        reset_on_close(tcp_write.as_ref());
+        tcp_write.forget();
     } else {
         send.delivered().await;
     }
@@ -141,8 +146,13 @@ fn next_want(want: usize, n: usize) -> usize {
     }
 }
 
+/// Makes the socket's close an RST: a copy that failed must not end in a FIN.
+fn reset_on_close(tcp: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
 async fn tcp_to_stream(
-    mut rd: OwnedReadHalf,
+    rd: &mut OwnedReadHalf,
     send: &mut impl StreamSend,
     counter: &AtomicU64,
 ) -> Result<(), CopyError> {
@@ -150,7 +160,7 @@ async fn tcp_to_stream(
     let mut want = INITIAL_BUF;
     loop {
         let asked = want;
-        let n = poll_fn(|cx| read_chunk(&mut rd, cx, &mut buf, asked)).await?;
+        let n = poll_fn(|cx| read_chunk(rd, cx, &mut buf, asked)).await?;
         if n == 0 {
             return send.finish();
         }
@@ -185,7 +195,7 @@ fn read_chunk(
 
 async fn stream_to_tcp<R: StreamRecv>(
     recv: &mut R,
-    mut wr: OwnedWriteHalf,
+    wr: &mut OwnedWriteHalf,
     counter: &AtomicU64,
     holding: Holding<'_>,
 ) -> Result<(), CopyError> {
@@ -203,7 +213,7 @@ async fn stream_to_tcp<R: StreamRecv>(
             let take = !ended && queue.len() < QUEUE_MAX;
             tokio::select! {
                 biased;
-                w = queue.write_some(&mut wr) => Step::Wrote(w),
+                w = queue.write_some(wr) => Step::Wrote(w),
                 more = recv.arrived(), if take => Step::Arrived(more),
             }
         };
@@ -446,13 +456,19 @@ mod tests {
             );
             assert!(!seen.finished, "an aborted stream is not ended cleanly");
         }
-        // The loop let go of the client's socket: its reads end rather than wait.
+        // The loop let go of the client's socket with an RST: its reads end in an error, not
+        // in an EOF the application would take for a complete transfer.
         let mut rest = Vec::new();
         let read = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             client.read_to_end(&mut rest),
         );
-        assert!(read.await.is_ok(), "the client's socket is closed");
+        let read = read.await.expect("the client's socket is closed");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "after {rest:?}"
+        );
     }
 
     #[tokio::test]
