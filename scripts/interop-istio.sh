@@ -13,7 +13,8 @@
 # test root, so both trust the same root. Checked, each way: 30 MB with SHA-256 compared, 150
 # connections at once (two pooled tunnel connections), a server that speaks first, and an
 # AuthorizationPolicy DENY of the other's identity (refused, counted by ours); then Istio's
-# ztunnel under COMPLIANCE_POLICY=pqc (X25519MLKEM768 only). Not part of the test command:
+# ztunnel under COMPLIANCE_POLICY=pqc (X25519MLKEM768 only); then ours allowed 300 streams per
+# connection, more than Istio's accepts, holding 300 open at once. Not part of the test command:
 # Istio's ztunnel is not published where CI can fetch it.
 set -euo pipefail
 src=${1:?usage: $0 <istio/ztunnel checkout>}
@@ -104,14 +105,15 @@ Y
   fi
 }
 
-# Starts both daemons (extra environment for Istio's in $1) and waits until both are ready.
+# Starts both daemons (extra environment for Istio's in $1, extra flags for ours in $2) and
+# waits until both are ready.
 start() {
   for p in "$D"/ours.pid "$D"/istio.pid; do [ -e "$p" ] && kill "$(cat "$p")" 2>/dev/null || true; done
   sleep 0.5
   rm -rf "$D/a-state"
   ip netns exec "$A" "$ZT" run --capture-mode node --node-name node-a --trust-domain cluster.local \
     --discovery-file "$D/a.yaml" --state-dir "$D/a-state" --ca-dir "$D/ca" --drain-grace 1s \
-    >> "$D/ours.log" 2>&1 &
+    ${2:-} >> "$D/ours.log" 2>&1 &
   echo $! > "$D/ours.pid"
   ip netns exec "$C" env PROXY_MODE=dedicated PROXY_WORKLOAD_INFO=demo/server/server FAKE_CA=true \
     XDS_ADDRESS= CA_ADDRESS= LOCAL_XDS_PATH="$D/c.yaml" ENABLE_ORIG_SRC=false PACKET_MARK=1337 \
@@ -161,6 +163,20 @@ def many(host, n, size):
     ts = [threading.Thread(target=one) for _ in range(n)]
     [t.start() for t in ts]; [t.join() for t in ts]
     return ok.count(True)
+def held(host, n):
+    # n connections to the greeting server, each holding until every one has its greeting.
+    ok = []; barrier = threading.Barrier(n)
+    def one():
+        try:
+            c = socket.create_connection((host, 2525), timeout=30)
+            g = c.recv(100)
+            barrier.wait(30)
+            c.sendall(b"HELO\n"); ok.append(g == b"220 hello\n" and c.recv(100) == b"250 HELO\n")
+        except Exception:
+            ok.append(False); barrier.abort()
+    ts = [threading.Thread(target=one) for _ in range(n)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    return ok.count(True)
 def first(host):
     c = socket.create_connection((host, 2525), timeout=10)
     g = c.recv(100); c.sendall(b"HELO\n"); r = c.recv(100)
@@ -171,6 +187,7 @@ if cmd == "serve":
 elif cmd == "bulk": sys.exit(0 if exchange(sys.argv[2], int(sys.argv[3])) else 1)
 elif cmd == "many": n = int(sys.argv[3]); sys.exit(0 if many(sys.argv[2], n, 10000) == n else 1)
 elif cmd == "first": sys.exit(0 if first(sys.argv[2]) else 1)
+elif cmd == "held": n = int(sys.argv[3]); sys.exit(0 if held(sys.argv[2], n) == n else 1)
 elif cmd == "refused":
     try: sys.exit(1 if exchange(sys.argv[2], 100) else 0)
     except OSError: sys.exit(0)
@@ -213,6 +230,10 @@ start COMPLIANCE_POLICY=pqc
 sleep 0.5
 check "ours -> Istio's (pqc only)" ours bulk 100000
 check "Istio's (pqc only) -> ours" istio bulk 100000
+# Ours allowed more streams per connection than Istio's accepts (200): it opens another.
+start "" "--pool-max-streams 300"
+sleep 0.5
+check "ours (300 streams per connection allowed) -> Istio's: 300 held at once" ours held 300
 if [ $failed = 0 ]; then
   rm -rf "$D"
   echo "all passed"
