@@ -426,20 +426,26 @@ async fn an_empty_connection_becomes_spare_when_an_older_one_gains_room() {
     drop(b);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_opens_at_once_are_all_served_on_as_few_connections_as_the_limit_allows() {
-    const OPENS: usize = 250;
-    let bed = Arc::new(Bed::start(100, Duration::from_secs(300)).await);
-    let opens: Vec<_> = (0..OPENS)
+/// `n` streams opened at once, each in a task of its own, all held.
+async fn open_at_once(bed: &Arc<Bed>, n: usize) -> Vec<Tunnel> {
+    let opens: Vec<_> = (0..n)
         .map(|_| {
             let bed = bed.clone();
             tokio::spawn(async move { bed.open().await })
         })
         .collect();
-    let mut held = Vec::with_capacity(OPENS);
+    let mut held = Vec::with_capacity(n);
     for o in opens {
         held.push(o.await.expect("no open panicked"));
     }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_opens_at_once_are_all_served_on_as_few_connections_as_the_limit_allows() {
+    const OPENS: usize = 250;
+    let bed = Arc::new(Bed::start(100, Duration::from_secs(300)).await);
+    let held = open_at_once(&bed, OPENS).await;
     assert_eq!(bed.metrics.pool_streams.get(), OPENS as i64);
     assert_eq!(bed.dialled(), 3, "250 streams at 100 per connection");
     drop(held);
@@ -453,16 +459,7 @@ async fn many_opens_at_once_are_all_served_on_as_few_connections_as_the_limit_al
 async fn a_connection_carries_no_more_streams_than_its_peer_allows() {
     const OPENS: usize = 250;
     let bed = Arc::new(Bed::start(300, Duration::from_secs(300)).await);
-    let opens: Vec<_> = (0..OPENS)
-        .map(|_| {
-            let bed = bed.clone();
-            tokio::spawn(async move { bed.open().await })
-        })
-        .collect();
-    let mut held = Vec::with_capacity(OPENS);
-    for o in opens {
-        held.push(o.await.expect("no open panicked"));
-    }
+    let mut held = open_at_once(&bed, OPENS).await;
     assert_eq!(bed.metrics.pool_streams.get(), OPENS as i64);
     assert!(bed.dialled() >= 2, "250 streams on one connection");
     let (mut client, copy) = carry(held.pop().unwrap()).await;
