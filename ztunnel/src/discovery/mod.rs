@@ -10,6 +10,7 @@ mod ips;
 pub mod kube;
 mod model;
 mod overlay;
+mod service;
 pub mod telemetry;
 
 use std::path::PathBuf;
