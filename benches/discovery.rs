@@ -103,7 +103,6 @@ fn store(pods: usize) -> Store {
                 ports: vec![(String::new(), 8080)],
                 ready,
                 pods: pod_keys,
-                not_pods: Vec::new(),
             },
         );
     }

@@ -250,7 +250,6 @@ impl World {
             ports,
             ready,
             pods,
-            not_pods,
         };
         let old = self.store.slices.insert(k.clone(), e);
         self.changes.slice(k, old);

@@ -515,8 +515,17 @@ pub struct SliceEntry {
     /// For each of `ready`, the [`pod_key`] of the Pod its endpoint names (`targetRef`), 0
     /// when it names none: an address is a pod's endpoint only while that pod holds it.
     pub pods: Vec<u64>,
+}
+
+impl SliceEntry {
     /// Those of `ready` whose endpoint's `targetRef` is not a Pod (or is absent).
-    pub not_pods: Vec<IpAddr>,
+    pub fn not_pods(&self) -> impl Iterator<Item = &IpAddr> {
+        self.ready
+            .iter()
+            .zip(&self.pods)
+            .filter(|(_, pod)| **pod == 0)
+            .map(|(ip, _)| ip)
+    }
 }
 
 /// A pod's key in [`SliceEntry::pods`]: a hash of its namespace and name, never 0.
@@ -549,7 +558,7 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
             Some((p.name.clone().unwrap_or_default(), port))
         })
         .collect();
-    let (mut ready, mut pods, mut not_pods) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ready, mut pods) = (Vec::new(), Vec::new());
     for ep in &s.endpoints {
         if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
             continue;
@@ -574,9 +583,6 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
                 .map_err(|e| format!("{what}: address {a:?}: {e}"))?;
             ready.push(ip);
             pods.push(pod.unwrap_or(0));
-            if pod.is_none() {
-                not_pods.push(ip);
-            }
         }
     }
     Ok(Some(SliceEntry {
@@ -584,7 +590,6 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<Option<SliceEntry>, String> {
         ports,
         ready,
         pods,
-        not_pods,
     }))
 }
 

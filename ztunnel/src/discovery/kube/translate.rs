@@ -225,8 +225,7 @@ pub fn service_outcome(
     let mut not_pods: Vec<IpAddr> = slices
         .iter()
         .flat_map(|sl| {
-            sl.not_pods
-                .iter()
+            sl.not_pods()
                 .chain(sl.ready.iter().filter(|ip| node_ip(ip).is_some()))
         })
         .filter(|ip| !workload_ip(ip))
