@@ -15,7 +15,10 @@
 //!   exhaust; a cache re-initialised from etcd (etcd restarted) would answer 410, but for
 //!   every test of the binary at once;
 //! - a BOOKMARK followed by a closed watch, resumed from the bookmark's version (the real
-//!   server sends bookmarks about once a minute and closes watches only at their timeout).
+//!   server sends bookmarks about once a minute and closes watches only at their timeout);
+//! - watches refused (`403`, the daemon's rights taken away) after the streams closed: each
+//!   failed attempt counted by kind,
+//!   the last state kept, and the watches back once the server answers again.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -182,7 +185,7 @@ async fn gone_410_relists_and_objects_deleted_in_the_gap_are_gone() {
     let b = bed(seed()).await;
     b.until_watching(WATCHES).await;
     let lists = b.pod_lists();
-    b.api.refuse_watches(true);
+    b.api.refuse_watches(Some(503));
     b.api.close_watches();
     b.api.delete("v1", "Pod", Some("demo"), "remote");
     b.api.delete("v1", "Pod", Some("demo"), "local");
@@ -190,7 +193,7 @@ async fn gone_410_relists_and_objects_deleted_in_the_gap_are_gone() {
     b.api
         .delete(POLICY, "AuthorizationPolicy", Some("demo"), "no-evil");
     b.api.expire_history();
-    b.api.refuse_watches(false);
+    b.api.refuse_watches(None);
     let s = b
         .until("re-listed after 410", |s| {
             s.workload_by_name("demo", "fresh").is_some()
@@ -202,6 +205,49 @@ async fn gone_410_relists_and_objects_deleted_in_the_gap_are_gone() {
     assert_eq!(s.workloads().len(), 2, "{:#}", s.dump());
     assert_eq!(endpoints(&s, "10.96.0.1"), Vec::<String>::new());
     assert!(b.pod_lists() >= lists + 2, "both pod watchers re-listed");
+}
+
+#[tokio::test]
+async fn failing_watches_are_counted_by_kind_and_the_last_state_kept() {
+    let b = bed(seed()).await;
+    b.until_watching(WATCHES).await;
+    assert_eq!(b.disc.watch_failures("Pod"), 0);
+    b.api.refuse_watches(Some(403));
+    b.api.close_watches();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Both pod watchers (this node's, the others') and the namespaces' fail.
+    while b.disc.watch_failures("Pod") < 2 || b.disc.watch_failures("Namespace") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "failed watches not counted: Pod {}, Namespace {}",
+            b.disc.watch_failures("Pod"),
+            b.disc.watch_failures("Namespace")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = b.disc.current();
+    assert!(
+        s.workload_by_name("demo", "local").is_some(),
+        "{:#}",
+        s.dump()
+    );
+    assert_eq!(endpoints(&s, "10.96.0.1").len(), 2);
+    let mut registry = prometheus_client::registry::Registry::default();
+    b.disc.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ztunnel_discovery_watch_failures_total{kind=\"Pod\"} ")),
+        "{text}"
+    );
+    b.api.refuse_watches(None);
+    b.until_watching(WATCHES).await;
+    b.api.apply(pod("demo", "fresh", NODE, "10.0.0.9"));
+    b.until("a change after the watches recovered", |s| {
+        s.workload_by_name("demo", "fresh").is_some()
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -24,7 +24,8 @@
 //!   matching a watch's selector is DELETED (ADDED) for that watch. `allowWatchBookmarks`
 //!   enables BOOKMARK events ([`ApiServer::bookmark`]); `timeoutSeconds` ends the stream after
 //!   that long; [`ApiServer::close_watches`] ends every open stream;
-//!   [`ApiServer::refuse_watches`] answers new ones 503.
+//!   [`ApiServer::refuse_watches`] answers new ones with an error status (`503`, the server
+//!   going away, which kube's client retries itself; `403`, the caller's rights taken away).
 //! - Any other request answers 405. Every request is logged as `"METHOD /path?query"`
 //!   ([`ApiServer::requests`]).
 
@@ -125,8 +126,8 @@ struct Store {
     kinds: HashMap<(String, String), String>,
     requests: Vec<String>,
     next_uid: u64,
-    /// New watches answer 503 (an API server going away) while set.
-    refuse_watches: bool,
+    /// New watches answer this status while set.
+    refuse_watches: Option<u16>,
 }
 
 impl Store {
@@ -303,12 +304,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Err(e) => return fail(400, "BadRequest", &e),
     };
     let watch = matches!(q.get("watch").map(String::as_str), Some("1" | "true"));
-    if watch && store.refuse_watches {
-        return fail(
-            503,
-            "ServiceUnavailable",
-            "the stand-in refuses watches for now",
-        );
+    if let (true, Some(code)) = (watch, store.refuse_watches) {
+        let reason = match code {
+            403 => "Forbidden",
+            503 => "ServiceUnavailable",
+            _ => "InternalError",
+        };
+        return fail(code, reason, "the stand-in refuses watches for now");
     }
     if watch {
         return start_watch(&mut store, collection, selector, &q);
@@ -522,11 +524,11 @@ impl ApiServer {
         s.history.clear();
     }
 
-    /// While `on`, new watch requests answer 503 (lists still work): with
+    /// While `status` is set, new watch requests answer it (lists still work): with
     /// [`close_watches`](Self::close_watches), a gap in which a test changes objects before
-    /// the clients can watch again.
-    pub fn refuse_watches(&self, on: bool) {
-        self.store().refuse_watches = on;
+    /// the clients can watch again (`503`), or failing watches (`403`).
+    pub fn refuse_watches(&self, status: Option<u16>) {
+        self.store().refuse_watches = status;
     }
 
     /// Sends a BOOKMARK at the current resourceVersion to every watch that allowed them.

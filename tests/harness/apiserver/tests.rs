@@ -191,11 +191,11 @@ async fn the_runtime_watcher_relists_after_410() {
     while api.open_watches() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    api.refuse_watches(true);
+    api.refuse_watches(Some(503));
     api.close_watches();
     api.apply(pod("a", "p2", "n1"));
     api.expire_history();
-    api.refuse_watches(false);
+    api.refuse_watches(None);
     // Resumed from its version: 410, then a fresh list.
     assert!(matches!(next!(), watcher::Event::Init));
     let mut names = vec![];

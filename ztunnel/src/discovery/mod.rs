@@ -16,7 +16,9 @@ pub mod telemetry;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 pub use crate::policy::objects as policy;
 pub use file::{parse, parse_for_node, watch_file};
@@ -52,6 +54,13 @@ struct Stats {
     reloads_ok: Counter,
     reloads_failed: Counter,
     objects_refused: Counter,
+    watch_failures: Family<WatchKind, Counter>,
+}
+
+/// The collection a Kubernetes watch follows (`kind="Pod"`, …), as its warnings name it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchKind {
+    kind: &'static str,
 }
 
 /// A reader's handle on the current state. Cheap to clone.
@@ -96,8 +105,17 @@ impl Discovery {
         self.stats.objects_refused.get()
     }
 
+    /// Failed attempts of the Kubernetes watch of `kind` (its `what`, e.g. `Pod`) to list or
+    /// watch, each retried with backoff while the last state is kept.
+    pub fn watch_failures(&self, kind: &'static str) -> u64 {
+        self.stats
+            .watch_failures
+            .get_or_create(&WatchKind { kind })
+            .get()
+    }
+
     /// Exports what the source counts in `registry` (which prefixes nothing): model updates
-    /// applied and refused, objects skipped.
+    /// applied and refused, objects skipped, failed Kubernetes watches.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         let zt = registry.sub_registry_with_prefix("ztunnel");
         zt.register(
@@ -114,6 +132,11 @@ impl Discovery {
             "discovery_objects_refused",
             "Kubernetes objects skipped (an earlier good version, if any, kept)",
             self.stats.objects_refused.clone(),
+        );
+        zt.register(
+            "discovery_watch_failures",
+            "Kubernetes list or watch attempts that failed, by kind; each is retried with backoff while the last state is kept",
+            self.stats.watch_failures.clone(),
         );
     }
 }

@@ -6,7 +6,8 @@
 //! resourceVersion when the server closes the stream, re-listed on `410 Gone` with the
 //! collection replaced as a whole — so objects deleted during a gap are gone and none is
 //! counted twice —, bookmarks accepted, errors retried with `default_backoff`; lists ask for
-//! `resourceVersion=0` so the API server answers them from its watch cache, not etcd):
+//! `resourceVersion=0` so the API server answers them from its watch cache, not etcd; each
+//! failed attempt is logged and counted by kind, [`Discovery::watch_failures`]):
 //! - namespaces (all; small);
 //! - nodes (all), decoded into a lean type: their names, labels (for their locality) and
 //!   addresses (where Services reach host-network pods) only;
@@ -264,6 +265,11 @@ where
             match ev {
                 Ok(ev) => shared.apply(&kind, ev, &mut buffer),
                 Err(e) => {
+                    shared
+                        .stats
+                        .watch_failures
+                        .get_or_create(&super::WatchKind { kind: kind.what })
+                        .inc();
                     tracing::warn!(kind = kind.what, error = %e, "Kubernetes watch failed; retrying with backoff")
                 }
             }
