@@ -8,7 +8,7 @@
 //!   the port mapped to its target port (the endpoint's own, [`Service::port_overrides`]; an
 //!   endpoint without a port of a named `targetPort` is not one of that port's);
 //!   an endpoint that is not a workload (an API server's address, say:
-//!   [`Service::not_pods`]) is passed through; under
+//!   [`Service::not_pods`]) is passed through, unless its address is contested (below); under
 //!   the Istio-compatible setting, a Service Istio sends through a waypoint proxy
 //!   ([`State::waypoint_of`]) is refused: the waypoint's policies would be bypassed;
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
@@ -103,7 +103,11 @@ pub fn outbound(
                 .chain(
                     svc.not_pods
                         .iter()
-                        .filter(|a| (dual || family(a)) && state.workload_by_ip(**a).is_none())
+                        .filter(|a| {
+                            (dual || family(a))
+                                && state.workload_by_ip(**a).is_none()
+                                && !state.contested(**a)
+                        })
                         .map(|a| (None, *a)),
                 )
                 .filter(|(_, a)| svc.target_port_at(port, *a).is_some())
@@ -301,7 +305,7 @@ services:
     }
 
     /// An address two pods claim, neither trusted with it, is refused: either may be a mesh
-    /// pod, which must not be reached in plaintext.
+    /// pod, which must not be reached in plaintext, directly or as a Service's endpoint.
     #[test]
     fn a_contested_address_is_refused_not_passed_through() {
         let state = crate::discovery::parse(MESH, "cluster.local").unwrap();
@@ -316,6 +320,20 @@ services:
         assert_eq!(
             outbound(&state, &src, d, &mut |_| 0),
             Err(PlanError::Contested(ip))
+        );
+        // Nor through a Service that lists it as an endpoint naming no pod.
+        let kubernetes: SocketAddr = "10.96.0.13:443".parse().unwrap();
+        let api: SocketAddr = "192.0.2.10:6443".parse().unwrap();
+        assert_eq!(
+            outbound(&state, &src, kubernetes, &mut |_| 0),
+            Ok(Plan::Passthrough { dst_addr: api })
+        );
+        let state = state.with_contested(vec![ip, api.ip()]);
+        assert_eq!(
+            outbound(&state, &src, kubernetes, &mut |_| 0),
+            Err(PlanError::NoEndpoints {
+                service: "default/kubernetes".into()
+            })
         );
     }
 
