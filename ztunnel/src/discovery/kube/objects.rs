@@ -240,11 +240,12 @@ pub fn namespace_entry(ns: &K8sNamespace, int: &mut Interner) -> NamespaceEntry 
     }
 }
 
-/// Istio's `networking.istio.io/traffic-distribution` annotation, if present (unknown values
-/// are [`Distribution::Any`]).
+/// Istio's `networking.istio.io/traffic-distribution` annotation, if present and not empty
+/// (unknown values are [`Distribution::Any`]), as istiod reads it.
 fn annotated_distribution(meta: &ObjectMeta) -> Option<Distribution> {
     let a = meta.annotations.as_ref()?;
     a.get(ISTIO_TRAFFIC_DISTRIBUTION)
+        .filter(|v| !v.is_empty())
         .map(|v| Distribution::parse(v))
 }
 

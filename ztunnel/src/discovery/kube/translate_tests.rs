@@ -696,7 +696,7 @@ fn target_ports_are_the_slices_and_local_services_keep_this_nodes_hosts() {
 
 /// A Service's `trafficDistribution` is kept, else Istio's annotation of it, else its
 /// namespace's annotation, as istiod reads them: an unknown field falls through to the
-/// annotations, an unknown annotation prefers nothing.
+/// annotations, an unknown annotation prefers nothing, an empty one is none.
 #[test]
 fn a_services_traffic_distribution_is_kept() {
     use crate::discovery::Distribution::{self, *};
@@ -724,7 +724,7 @@ fn a_services_traffic_distribution_is_kept() {
         d
     };
     // (field, the Service's annotation, the namespace's, what is kept)
-    let cases: [(_, _, _, Distribution); 10] = [
+    let cases: [(_, _, _, Distribution); 12] = [
         (None, None, None, Any),
         (Some("PreferClose"), None, None, PreferSameZone),
         (Some("PreferSameZone"), None, None, PreferSameZone),
@@ -745,6 +745,8 @@ fn a_services_traffic_distribution_is_kept() {
         (None, None, Some("PreferSameNode"), PreferSameNode),
         (None, Some("Sideways"), Some("PreferSameNode"), Any),
         (None, None, Some("Sideways"), Any),
+        (None, Some(""), Some("PreferSameNode"), PreferSameNode),
+        (None, None, Some(""), Any),
     ];
     for (field, annotation, of_ns, want) in cases {
         let got = with(field, annotation, of_ns);
