@@ -495,13 +495,20 @@ fn ready_rx_for_pods(admin: &AdminState) -> watch::Receiver<bool> {
 }
 
 /// Keeps the enrollment snapshot, which the CNI plugin reads when the daemon is down, in step
-/// with discovery. A write that fails (the file is then removed: the plugin fails closed) is
-/// tried again every [`SNAPSHOT_RETRY`] until it succeeds.
+/// with discovery: written (and synced to disk) when it differs from the one last written, not
+/// at every change of the cluster. A write that fails (the file is then removed: the plugin
+/// fails closed) is tried again every [`SNAPSHOT_RETRY`] until it succeeds.
 async fn publish_namespaces(mut disc: Discovery, file: std::path::PathBuf) {
     let mut failing = false;
+    let mut written = None;
     loop {
         let snapshot = disc.current().enrollment_snapshot();
-        match crate::capture::store::save_snapshot(&file, &snapshot) {
+        let saved = match written.as_ref() == Some(&snapshot) {
+            true => Ok(()),
+            false => crate::capture::store::save_snapshot(&file, &snapshot),
+        };
+        written = saved.is_ok().then_some(snapshot);
+        match saved {
             Ok(()) if failing => {
                 tracing::info!(file = %file.display(), "enrollment snapshot written again");
                 failing = false;
@@ -795,6 +802,61 @@ workloads:
 
     /// The daemon's supervision names the first long-lived task that ends, and how; a panic
     /// is counted.
+    /// Waits up to 10 s for `f`.
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The enrollment snapshot is written again when the enrolled namespaces change, not when
+    /// anything else does.
+    #[tokio::test]
+    async fn the_enrollment_snapshot_is_written_only_when_it_changes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = dir.path().join("mesh.yaml");
+        let snap = dir.path().join("enrolled.json");
+        let yaml = |ns_label: &str, pods: usize| {
+            let mut y = format!(
+                "namespaces:\n  - {{name: demo, labels: {{ztunnel.dev/dataplane-mode: ambient}}}}\n  - {{name: other, labels: {{{ns_label}}}}}\nworkloads:\n"
+            );
+            for i in 0..pods {
+                y += &format!("  - {{uid: u{i}, name: p{i}, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.{}]}}\n", i + 1);
+            }
+            y
+        };
+        std::fs::write(&mesh, yaml("", 1)).unwrap();
+        let (disc, _watch) = discovery::watch_file(
+            mesh.clone(),
+            "cluster.local".into(),
+            Some("n1".into()),
+            Default::default(),
+            Duration::from_millis(10),
+        )
+        .unwrap();
+        let publisher = tokio::spawn(publish_namespaces(disc.clone(), snap.clone()));
+        until("first snapshot", || snap.exists()).await;
+        let inode = std::fs::metadata(&snap).unwrap().ino();
+        // A new pod: the namespaces are as they were.
+        std::fs::write(&mesh, yaml("", 2)).unwrap();
+        until("the new pod seen", || disc.current().workloads().len() == 2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(std::fs::metadata(&snap).unwrap().ino(), inode, "rewritten");
+        // Another namespace enrolled.
+        std::fs::write(&mesh, yaml("ztunnel.dev/dataplane-mode: ambient", 2)).unwrap();
+        until("the namespace in the snapshot", || {
+            std::fs::read_to_string(&snap)
+                .unwrap_or_default()
+                .contains("other")
+        })
+        .await;
+        assert_ne!(std::fs::metadata(&snap).unwrap().ino(), inode);
+        publisher.abort();
+    }
+
     #[tokio::test]
     async fn the_first_task_to_end_is_named() {
         crate::metrics::count_panics();
