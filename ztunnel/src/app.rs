@@ -372,7 +372,7 @@ impl Daemon {
     /// (it panicked, or failed for good), with what ended: the daemon must not run on
     /// without it (a restart recovers every enrolled pod, whose rules stay meanwhile).
     pub async fn until_a_task_ends(&mut self) -> String {
-        first_ended(&mut self.tasks).await
+        crate::task::first_ended(&mut self.tasks).await
     }
 
     /// Stops accepting, lets established connections run for the grace period (or until none
@@ -397,21 +397,6 @@ impl Daemon {
             t.abort();
         }
         tracing::info!(left = self.proxy.connections.len(), "drained");
-    }
-}
-
-/// The first of `tasks` to end, and how.
-async fn first_ended(tasks: &mut [(&'static str, tokio::task::JoinHandle<()>)]) -> String {
-    if tasks.is_empty() {
-        return std::future::pending().await;
-    }
-    let ended = futures::future::select_all(tasks.iter_mut().map(|(_, t)| t));
-    let (result, i, _) = ended.await;
-    let name = tasks[i].0;
-    match result {
-        Err(e) if e.is_panic() => format!("the {name} task panicked"),
-        Err(e) => format!("the {name} task was cancelled: {e}"),
-        Ok(()) => format!("the {name} task ended"),
     }
 }
 
@@ -855,24 +840,6 @@ workloads:
         .await;
         assert_ne!(std::fs::metadata(&snap).unwrap().ino(), inode);
         publisher.abort();
-    }
-
-    #[tokio::test]
-    async fn the_first_task_to_end_is_named() {
-        crate::metrics::count_panics();
-        let before = crate::metrics::panics();
-        let mut tasks = vec![
-            ("waits", tokio::spawn(std::future::pending::<()>())),
-            ("fails", tokio::spawn(async { panic!("as the test asks") })),
-        ];
-        assert_eq!(first_ended(&mut tasks).await, "the fails task panicked");
-        assert!(crate::metrics::panics() > before);
-        let mut tasks = vec![
-            ("waits", tokio::spawn(std::future::pending::<()>())),
-            ("returns", tokio::spawn(async {})),
-        ];
-        assert_eq!(first_ended(&mut tasks).await, "the returns task ended");
-        tasks[0].1.abort();
     }
 
     #[test]

@@ -37,7 +37,8 @@
 //! ([`Discovery::objects_refused`]) and skipped; everything else stays. When such an object
 //! that was good is updated into a bad one, its last good version is kept (as the file source
 //! keeps the last good file). [`watch_kubernetes`] returns once every collection has been
-//! listed, so the first state is complete.
+//! listed, so the first state is complete. A watcher that ends (it panicked on an object) ends
+//! the publisher, so the daemon restarts rather than keep a kind frozen.
 
 pub mod incremental;
 pub mod objects;
@@ -62,6 +63,7 @@ use serde::de::DeserializeOwned;
 use super::enrollment::Rules;
 use super::policy::PolicyObject;
 use super::{Discovery, Error, Stats};
+use crate::task::first_ended;
 use incremental::{Changes, Engine};
 use objects::{Interner, Key};
 use translate::Store;
@@ -243,18 +245,22 @@ fn pod_kind(node: &str, rules: Rules, local: bool) -> Kind<objects::LeanPod, obj
     }
 }
 
+/// A watcher's task, named by the kind it watches.
+type Watcher = (&'static str, tokio::task::JoinHandle<()>);
+
 /// Runs one watcher until the process ends.
 fn spawn_watcher<K, V>(
     shared: Arc<Shared>,
     api: Api<K>,
     cfg: watcher::Config,
     kind: Kind<K, V>,
-) -> tokio::task::JoinHandle<()>
+) -> Watcher
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     V: Clone + PartialEq + Send + 'static,
 {
-    tokio::spawn(async move {
+    let what = kind.what;
+    let task = tokio::spawn(async move {
         // `resourceVersion=0` without a page size: the API server answers the list from its
         // watch cache in one response (kube drops `resourceVersion=0` from paged lists).
         let mut cfg = cfg.any_semantic();
@@ -274,7 +280,8 @@ where
                 }
             }
         }
-    })
+    });
+    (what, task)
 }
 
 /// The API group of Istio's policy resources, read under the Istio-compatible setting.
@@ -366,7 +373,8 @@ pub async fn watch_kubernetes(
         istio_served(&client).await?;
     }
     let shared = Arc::new(Shared::new(&trust_domain, &node, rules));
-    let mut tasks = Vec::new();
+    let mut watchers = AbortOnDrop(Vec::new());
+    let tasks = &mut watchers.0;
     tasks.push(spawn_watcher(
         shared.clone(),
         Api::<Namespace>::all(client.clone()),
@@ -440,7 +448,12 @@ pub async fn watch_kubernetes(
             break;
         }
         tracing::debug!(synced, total, "waiting for the initial Kubernetes lists");
-        notified.await;
+        tokio::select! {
+            () = notified => {}
+            ended = first_ended(tasks) => {
+                return Err(Error::Kube(format!("before the first lists were done, {ended}")));
+            }
+        }
     }
     let state = update(&shared)?;
     tracing::info!(
@@ -454,8 +467,20 @@ pub async fn watch_kubernetes(
         rx,
         stats: shared.stats.clone(),
     };
-    let publisher = tokio::spawn(async move {
-        let _watchers = AbortOnDrop(tasks);
+    let publisher = tokio::spawn(publish(shared, tx, watchers, coalesce));
+    Ok((disc, publisher))
+}
+
+/// Publishes the store's state at most once per `coalesce` while every watcher runs. When one
+/// ends (it panicked on an object), this ends too, and with it the daemon: a kind no longer
+/// watched would keep its policies as they were, so a new DENY would never apply.
+async fn publish(
+    shared: Arc<Shared>,
+    tx: tokio::sync::watch::Sender<Arc<super::State>>,
+    mut watchers: AbortOnDrop,
+    coalesce: Duration,
+) {
+    let updates = async {
         loop {
             shared.dirty.notified().await;
             tokio::time::sleep(coalesce).await;
@@ -477,8 +502,13 @@ pub async fn watch_kubernetes(
                 }
             }
         }
-    });
-    Ok((disc, publisher))
+    };
+    tokio::select! {
+        () = updates => {}
+        ended = first_ended(&mut watchers.0) => {
+            tracing::error!(watcher = %ended, "a Kubernetes watch stopped; discovery cannot go on without it");
+        }
+    }
 }
 
 /// The watchers of one group's AuthorizationPolicy and PeerAuthentication: ours, with their
@@ -488,7 +518,7 @@ fn spawn_policy_watchers(
     client: &Client,
     group: &'static str,
     writer: Option<status::StatusWriter>,
-) -> [tokio::task::JoinHandle<()>; 2] {
+) -> [Watcher; 2] {
     let istio = group == ISTIO_GROUP;
     let ar = policy_resource(group, "AuthorizationPolicy", "authorizationpolicies");
     let authz = spawn_watcher(
@@ -564,12 +594,12 @@ async fn istio_served(client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
-/// Aborts the watchers when the publisher ends.
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+/// Aborts the watchers when the publisher ends (or the first lists fail).
+struct AbortOnDrop(Vec<Watcher>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        for t in &self.0 {
+        for (_, t) in &self.0 {
             t.abort();
         }
     }
@@ -620,6 +650,41 @@ mod tests {
     fn changed(sh: &Shared) -> bool {
         let c = std::mem::take(&mut sh.inner.lock().changes);
         c.full || !c.pods.is_empty()
+    }
+
+    /// A watcher that panics ends the publisher (and so discovery, and the daemon), which
+    /// aborts the other watchers; while they run, it publishes.
+    #[tokio::test]
+    async fn a_watcher_that_panics_ends_discovery() {
+        let shared = Arc::new(Shared::new("cluster.local", "n1", Rules::default()));
+        let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(update(&shared).unwrap()));
+        let (panic_now, panic_rx) = tokio::sync::oneshot::channel::<()>();
+        let other = tokio::spawn(std::future::pending::<()>());
+        let other_abort = other.abort_handle();
+        let watchers = AbortOnDrop(vec![
+            ("Pod", other),
+            (
+                "AuthorizationPolicy",
+                tokio::spawn(async move {
+                    let _ = panic_rx.await;
+                    panic!("as the test asks");
+                }),
+            ),
+        ]);
+        let publisher = tokio::spawn(publish(shared.clone(), tx, watchers, Duration::ZERO));
+        shared.dirty.notify_one();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("published while the watchers run")
+            .unwrap();
+        assert!(!publisher.is_finished());
+        panic_now.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), publisher)
+            .await
+            .expect("the publisher ends")
+            .unwrap();
+        tokio::task::yield_now().await;
+        assert!(other_abort.is_finished(), "the other watcher is aborted");
     }
 
     /// An event that leaves what the model keeps of an object as it was records nothing: a
