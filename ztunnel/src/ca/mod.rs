@@ -7,7 +7,8 @@
 //! [`run`] starts, in order: the signing material (Secret or directory: read or created, then
 //! watched), the
 //! authorizer (Kubernetes: the pod index is listed completely before the first request is
-//! served), then the listener.
+//! served), then the listener. When a watch ends (it panicked), [`run`] ends with an error, so
+//! the CA is restarted rather than sign from a frozen view.
 
 mod client;
 mod dir;
@@ -54,6 +55,8 @@ pub enum Error {
     Token { path: PathBuf, reason: String },
     #[error("Kubernetes API: {0}")]
     Kube(String),
+    #[error("{0}; the CA cannot go on without it")]
+    Stopped(String),
     #[error("shut down before the CA was ready")]
     Shutdown,
 }
@@ -93,7 +96,7 @@ pub async fn run(
                 _ = &mut shutdown => return Err(Error::Shutdown),
             };
             tracing::info!(secret = %s, "CA: signing material from the Secret");
-            tasks.push(task);
+            tasks.push(("Secret watch", task));
             rx
         }
         (CaMaterialSource::Dir(d), _) => {
@@ -107,7 +110,7 @@ pub async fn run(
                 cfg.max_lifetime,
                 metrics.clone(),
             );
-            tasks.push(task);
+            tasks.push(("CA directory watch", task));
             rx
         }
         (CaMaterialSource::Secret(_), None) => unreachable!("a Secret needs the API"),
@@ -125,10 +128,9 @@ pub async fn run(
         ) => {
             let index = Arc::new(RwLock::new(pods::PodIndex::default()));
             let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
-            tasks.push(pods::spawn_watcher(
-                ::kube::Api::all(client.clone()),
-                index.clone(),
-                synced_tx,
+            tasks.push((
+                "pod watch",
+                pods::spawn_watcher(::kube::Api::all(client.clone()), index.clone(), synced_tx),
             ));
             tracing::info!("CA: listing pods before serving");
             tokio::select! {
@@ -155,7 +157,7 @@ pub async fn run(
     })?;
     tracing::info!(listen = %cfg.listen, "CA serving");
     crate::residency::release_startup_pages_logged();
-    let result = server::serve(
+    let serve = server::serve(
         listener,
         ca,
         auth,
@@ -163,9 +165,14 @@ pub async fn run(
         metrics,
         cfg.limits,
         shutdown,
-    )
-    .await;
-    for t in tasks {
+    );
+    // A watch that ends (it panicked) would leave its material or pod index as it was: a
+    // deleted daemon pod's token would keep signing. The CA exits instead, to be restarted.
+    let result = tokio::select! {
+        r = serve => r,
+        ended = crate::task::first_ended(&mut tasks) => Err(Error::Stopped(ended)),
+    };
+    for (_, t) in tasks {
         t.abort();
     }
     result
