@@ -417,25 +417,28 @@ pub fn find_primary(dir: &Path) -> Result<Option<Primary>, InstallError> {
     }
 }
 
-/// The `cniVersion` the runtime gives every plugin of `conf` (a conflist): its `cniVersion`,
-/// or the highest of it and its `cniVersions` (spec 1.1); `""` when there is none.
+/// The `cniVersion` the runtime gives every plugin of `conf` (a conflist), as libcni (1.2 and
+/// later) picks it: with `cniVersions` (spec 1.1), the highest of those and `cniVersion` that
+/// are not newer than the newest spec ([`conf::LATEST_VERSION`], libcni's own), else
+/// `cniVersion`; `""` when there is none.
 fn effective_version(conf: &Json) -> String {
-    let mut versions: Vec<&str> = conf
-        .get("cniVersions")
-        .and_then(Json::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Json::as_str)
-        .collect();
-    versions.extend(conf.get("cniVersion").and_then(Json::as_str));
-    let key = |v: &&str| {
+    let key = |v: &str| {
         v.split('.')
             .map(|n| n.parse::<u32>().unwrap_or(0))
             .collect::<Vec<_>>()
     };
-    versions
-        .into_iter()
-        .max_by_key(key)
+    let stated = conf.get("cniVersion").and_then(Json::as_str);
+    let Some(listed) = conf.get("cniVersions").and_then(Json::as_array) else {
+        return stated.unwrap_or("").to_owned();
+    };
+    let newest = key(conf::LATEST_VERSION);
+    listed
+        .iter()
+        .filter_map(Json::as_str)
+        .chain(stated)
+        .filter(|v| key(v) <= newest)
+        .max_by_key(|v| key(v))
+        .or(stated)
         .unwrap_or("")
         .to_owned()
 }

@@ -322,8 +322,9 @@ fn unloadable_configurations() {
 }
 
 /// The plugin is chained only where the runtime would run it at a version it supports: a
-/// conflist's `cniVersion`, or the highest of its `cniVersions`; a single plugin converted as
-/// a runtime converts it (its name and version, empty when absent).
+/// conflist's `cniVersion`, or the highest of its `cniVersions` and `cniVersion` that libcni
+/// knows (versions newer than 1.1.0 are dropped, as libcni drops them); a single plugin
+/// converted as a runtime converts it (its name and version, empty when absent).
 #[test]
 fn chained_only_at_a_supported_version() {
     let cases = [
@@ -342,6 +343,18 @@ fn chained_only_at_a_supported_version() {
         ),
         (
             r#"{"name":"n","cniVersion":"1.0.0","cniVersions":["1.10.0"],"plugins":[{"type":"x"}]}"#,
+            true,
+        ),
+        (
+            r#"{"name":"n","cniVersions":["1.0.0","1.1.0","1.2.0"],"plugins":[{"type":"x"}]}"#,
+            true,
+        ),
+        (
+            r#"{"name":"n","cniVersion":"1.2.0","cniVersions":["0.2.0"],"plugins":[{"type":"x"}]}"#,
+            false,
+        ),
+        (
+            r#"{"name":"n","cniVersion":"1.2.0","cniVersions":["1.3.0"],"plugins":[{"type":"x"}]}"#,
             false,
         ),
         (r#"{"cniVersion":"0.4.0","type":"bridge"}"#, true),
@@ -354,7 +367,7 @@ fn chained_only_at_a_supported_version() {
             assert!(e.contains("does not support"), "{e}");
         }
     }
-    let Ok(Inserted::Converted(out)) = insert(parse(cases[5].0).unwrap(), &settings()) else {
+    let Ok(Inserted::Converted(out)) = insert(parse(cases[8].0).unwrap(), &settings()) else {
         panic!("converted");
     };
     assert_eq!(keys(&out), ["cniVersion", "name", "plugins"]);
