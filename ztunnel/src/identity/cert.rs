@@ -176,8 +176,8 @@ impl WorkloadCert {
     }
 
     /// The chain a peer presented (`usage` says which end) in a handshake that this
-    /// certificate's configuration verified just now: kept with the connection, to be judged
-    /// again when the lists change.
+    /// certificate's configuration verified: kept with the connection, judged against the
+    /// lists in force now and again when they change.
     pub fn peer_chain(&self, presented: &[CertificateDer<'_>], usage: Usage) -> PeerChain {
         let algs = tls::provider().signature_verification_algorithms;
         PeerChain::new(
@@ -194,7 +194,7 @@ impl WorkloadCert {
     pub fn own_chain(&self) -> PeerChain {
         let algs = tls::provider().signature_verification_algorithms;
         let (chain, roots) = (&self.chain, self.roots.clone());
-        PeerChain::unjudged(chain, roots, Usage::Client, self.revocation.clone(), algs)
+        PeerChain::new(chain, roots, Usage::Client, self.revocation.clone(), algs)
     }
 
     /// The TLS server configuration presenting this certificate (built once).

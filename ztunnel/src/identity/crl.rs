@@ -419,9 +419,11 @@ pub struct PeerChain {
 }
 
 impl PeerChain {
-    /// The chain `chain` (leaf first) that a handshake verified just now against `roots` and
-    /// the lists of `revocation`, to be judged again with the signature algorithms `algs`;
-    /// copied only when lists are configured (without, it is never judged again).
+    /// The chain `chain` (leaf first) that a handshake verified against `roots` (or a
+    /// certificate of our own), to be judged with the signature algorithms `algs` at its first
+    /// [`Self::trusted`] and again whenever the lists of `revocation` change: the lists a
+    /// handshake checked it against may have been replaced before its connection keeps it;
+    /// copied only when lists are configured (without, it is never judged).
     pub fn new(
         chain: &[CertificateDer<'_>],
         roots: Arc<RootCertStore>,
@@ -433,7 +435,6 @@ impl PeerChain {
             true => chain.iter().map(|c| c.clone().into_owned()).collect(),
             false => Vec::new(),
         };
-        let generation = revocation.generation();
         PeerChain {
             chain,
             roots,
@@ -441,22 +442,9 @@ impl PeerChain {
             revocation,
             algs,
             verified_at: UnixTime::now(),
-            judged: Mutex::new((generation, true)),
+            // Generations start at 1 when lists are configured; without, it stays 0.
+            judged: Mutex::new((0, true)),
         }
-    }
-
-    /// A chain no handshake has verified against the lists yet (a certificate of our own):
-    /// judged at its first [`Self::trusted`].
-    pub fn unjudged(
-        chain: &[CertificateDer<'_>],
-        roots: Arc<RootCertStore>,
-        usage: Usage,
-        revocation: Revocation,
-        algs: WebPkiSupportedAlgorithms,
-    ) -> Self {
-        let chain = PeerChain::new(chain, roots, usage, revocation, algs);
-        *chain.judged.lock() = (0, true);
-        chain
     }
 
     /// Whether no list in force revokes the chain (judged again only when they changed).
@@ -538,7 +526,26 @@ mod tests {
                 ca.root_pem().into_bytes(),
                 Err("without an X509 CRL"),
             ),
-            ("garbage", b"not a list".to_vec(), Err("revocation list 1")),
+            (
+                "PEM after a blank line and text",
+                format!("\n# revoked today\n{one}").into_bytes(),
+                Ok(1),
+            ),
+            (
+                "PEM after a byte-order mark",
+                format!("\u{feff}{one}").into_bytes(),
+                Ok(1),
+            ),
+            (
+                "garbage",
+                b"not a list".to_vec(),
+                Err("without an X509 CRL"),
+            ),
+            (
+                "garbage that looks like DER",
+                b"0 not a list".to_vec(),
+                Err("revocation list 1"),
+            ),
             (
                 "a truncated list",
                 der.as_ref()[..der.as_ref().len() / 2].to_vec(),
@@ -675,8 +682,8 @@ mod tests {
         }
     }
 
-    /// A connection's chain is judged again when the lists change, and only then; without
-    /// lists it is never revoked.
+    /// A connection's chain is judged against the lists in force when it is kept, and again
+    /// when they change, and only then; without lists it is never revoked.
     #[tokio::test]
     async fn a_kept_chain_is_judged_again_when_the_lists_change() {
         let dir = tempfile::tempdir().unwrap();
@@ -684,6 +691,18 @@ mod tests {
         let peer = issue(&ca, &id("spiffe://cluster.local/ns/a/sa/peer"), DAY).unwrap();
         let roots = peer.roots.clone();
         let rev = Revocation::new(Crls::default());
+        // Lists that revoke it, put in force after the handshake checked it and before its
+        // connection keeps it: judged against them.
+        rev.replace(Crls::parse(list(&ca, &[&peer.serial]).as_bytes()).unwrap());
+        let late = PeerChain::new(
+            &peer.chain,
+            roots.clone(),
+            Usage::Client,
+            rev.clone(),
+            algs(),
+        );
+        assert!(!late.trusted());
+        rev.replace(Crls::default());
         let chain = PeerChain::new(
             &peer.chain,
             roots.clone(),
