@@ -349,7 +349,7 @@ mod tests {
             .unwrap();
         for (value, want) in [
             (lists.as_bytes().to_vec(), Ok(lists.as_str())),
-            (b"not a list".to_vec(), Err("revocation list 1")),
+            (b"not a list".to_vec(), Err("without an X509 CRL")),
             (vec![0xff, 0xfe], Err("not UTF-8")),
         ] {
             let data = s.data.get_or_insert_with(BTreeMap::new);

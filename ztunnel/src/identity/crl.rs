@@ -60,13 +60,16 @@ pub struct Crls {
 }
 
 impl Crls {
-    /// The lists in a file's contents: PEM with `X509 CRL` blocks (other blocks are skipped),
-    /// one DER list, or nothing.
+    /// The lists in a file's contents: PEM with `X509 CRL` blocks (other blocks and text
+    /// around them are skipped), one DER list, or nothing.
     pub fn parse(bytes: &[u8]) -> Result<Crls, CrlError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Crls::default());
         }
-        let ders: Vec<CertificateRevocationListDer<'static>> = if bytes.starts_with(b"-----") {
+        // A DER list is one SEQUENCE; anything else is read as PEM text, which may have lines
+        // before its first block (and a byte-order mark, which would hide a first one).
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        let ders: Vec<CertificateRevocationListDer<'static>> = if bytes.first() != Some(&0x30) {
             let ders = CertificateRevocationListDer::pem_slice_iter(bytes)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| CrlError::Pem(e.to_string()))?;
