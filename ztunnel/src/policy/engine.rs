@@ -197,9 +197,7 @@ impl PolicyIndex {
                 None => readable.push(p),
             }
         }
-        readable.sort_by(|a, b| {
-            (a.metadata.created(), &a.metadata.name).cmp(&(b.metadata.created(), &b.metadata.name))
-        });
+        readable.sort_by(|a, b| a.metadata.age().cmp(&b.metadata.age()));
         let mesh_wide =
             |p: &PeerAuthentication| idx.root_of(p.metadata.istio) == p.metadata.namespace;
         let oldest_unselected = |scope: &dyn Fn(&PeerAuthentication) -> bool| {

@@ -11,7 +11,8 @@
 //! - what the API server set (`status`, `uid`, `resourceVersion`, `generation`,
 //!   `creationTimestamp`, `managedFields`, `ownerReferences`, kubectl's last-applied
 //!   annotation), removed; a PeerAuthentication's creation time is kept as an annotation
-//!   ([`CREATED_ANNOTATION`]), so that the oldest still wins as in Istio;
+//!   ([`CREATED_ANNOTATION`]) and PeerAuthentications are written oldest first, so that,
+//!   applied, the oldest still wins as in Istio;
 //! - what the daemons will not enforce as written, from the same conversion the engine runs
 //!   ([`super::status_of`]): it is the same in Istio's ambient mode, so the converted object
 //!   means what the original meant there.
@@ -52,8 +53,22 @@ pub fn convert(yaml: &str, istio_root: &str, root: &str) -> Result<String, FromI
         flatten(v, &mut objects);
     }
     let shadowed = shadowed(&objects);
+    // PeerAuthentications oldest first, in the places they take among the other objects:
+    // applied in this order, their new creation times keep Istio's ranking, and their
+    // annotations rank those created within the same second.
+    let slots: Vec<usize> = (0..objects.len())
+        .filter(|i| is_peer_authentication(&objects[*i]))
+        .collect();
+    let mut by_age = slots.clone();
+    by_age.sort_by_key(|i| age(&objects[*i]));
+    let mut order: Vec<usize> = (0..objects.len()).collect();
+    for (slot, i) in slots.into_iter().zip(by_age) {
+        order[slot] = i;
+    }
+    let mut objects: Vec<Option<Value>> = objects.into_iter().map(Some).collect();
     let mut out = String::new();
-    for (i, o) in objects.into_iter().enumerate() {
+    for i in order {
+        let o = objects[i].take().expect("each object once");
         out.push_str("---\n");
         match shadowed.get(&i) {
             Some(note) => out.push_str(&comment(std::slice::from_ref(note))),
@@ -61,6 +76,18 @@ pub fn convert(yaml: &str, istio_root: &str, root: &str) -> Result<String, FromI
         }
     }
     Ok(out)
+}
+
+/// Whether `o` is one of Istio's PeerAuthentications.
+fn is_peer_authentication(o: &Value) -> bool {
+    ISTIO_VERSIONS.contains(&str_of(o, &["apiVersion"]))
+        && str_of(o, &["kind"]) == "PeerAuthentication"
+}
+
+/// An Istio object's rank by age: its creation time (none as the oldest), then its name.
+fn age(o: &Value) -> (&str, &str) {
+    let created = str_of(o, &["metadata", "creationTimestamp"]);
+    (created, str_of(o, &["metadata", "name"]))
 }
 
 /// Istio's PeerAuthentications that Istio never applies, by index, each with why: of several
@@ -73,26 +100,20 @@ fn shadowed(objects: &[Value]) -> std::collections::HashMap<usize, String> {
     use std::collections::HashMap;
     let mut scopes: HashMap<(&str, String), Vec<usize>> = HashMap::new();
     for (i, o) in objects.iter().enumerate() {
-        let api = str_of(o, &["apiVersion"]);
-        if ISTIO_VERSIONS.contains(&api) && str_of(o, &["kind"]) == "PeerAuthentication" {
+        if is_peer_authentication(o) {
             let ns = str_of(o, &["metadata", "namespace"]);
             let selector = o.get("spec").and_then(|s| s.get("selector"));
             let selector = selector.map(Value::to_string).unwrap_or_default();
             scopes.entry((ns, selector)).or_default().push(i);
         }
     }
-    let age = |i: &usize| {
-        let o = &objects[*i];
-        let created = str_of(o, &["metadata", "creationTimestamp"]);
-        (created, str_of(o, &["metadata", "name"]))
-    };
     let mut out = HashMap::new();
     for ((ns, _), mut same) in scopes {
-        same.sort_by_key(age);
+        same.sort_by_key(|i| age(&objects[*i]));
         let Some((oldest, rest)) = same.split_first() else {
             continue;
         };
-        let (created, name) = age(oldest);
+        let (created, name) = age(&objects[*oldest]);
         let created = match created {
             "" => "no creation time".to_owned(),
             t => format!("created {t}"),
@@ -384,7 +405,8 @@ items:
     }
 
     /// Of PeerAuthentications with the same scope, Istio applies the oldest only: the others
-    /// are left out, whatever the order of their names or in the input.
+    /// are left out, whatever the order of their names or in the input; those kept are
+    /// written oldest first.
     #[test]
     fn peer_authentications_istio_never_applies_are_left_out() {
         let pa = |ns: &str, name: &str, created: &str, spec: &str| {
@@ -435,7 +457,7 @@ items:
             .iter()
             .map(|d| str_of(d, &["metadata", "name"]).to_owned())
             .collect();
-        assert_eq!(names, ["zz-strict", "db-old", "api", "only"], "{out}");
+        assert_eq!(names, ["db-old", "zz-strict", "api", "only"], "{out}");
         for want in [
             "left out PeerAuthentication web/aa-permissive: Istio applies only the oldest PeerAuthentication of the same namespace and selector, web/zz-strict (created 2023-01-01T00:00:00Z)",
             "left out PeerAuthentication web/db: Istio applies only the oldest PeerAuthentication of the same namespace and selector, web/db-old (no creation time)",

@@ -115,6 +115,11 @@ fn pa(ns: &str, name: &str, created: &str, spec: &str) -> String {
     format!("- {{apiVersion: security.ztunnel.dev/v1, kind: PeerAuthentication, metadata: {{name: {name}, namespace: {ns}, creationTimestamp: '{created}'}}, spec: {spec}}}\n")
 }
 
+/// [`pa`] converted from an Istio object created at `istio_created`.
+fn converted_pa(ns: &str, name: &str, created: &str, istio_created: &str, spec: &str) -> String {
+    format!("- {{apiVersion: security.ztunnel.dev/v1, kind: PeerAuthentication, metadata: {{name: {name}, namespace: {ns}, creationTimestamp: '{created}', annotations: {{ztunnel.dev/istio-creation-timestamp: '{istio_created}'}}}}, spec: {spec}}}\n")
+}
+
 /// (source, policies, connection, allowed)
 type Case = (&'static str, String, C, bool);
 
@@ -512,6 +517,9 @@ fn peer_authentication() {
         ("...workload UNSET inherits namespace", format!("{}{}", pa("web", "n", t0, strict), pa("web", "w", t0, "{selector: {matchLabels: {app: web}}}")), BASE.plain(), false),
         ("...oldest namespace-level policy wins (older STRICT)", format!("{}{}", pa("web", "old", t0, strict), pa("web", "new", t1, permissive)), BASE.plain(), false),
         ("...oldest namespace-level policy wins (older PERMISSIVE)", format!("{}{}", pa("web", "old", t1, strict), pa("web", "new", t0, permissive)), BASE.plain(), true),
+        ("README (ctl convert): objects created together are ranked by their Istio objects' creation times", format!("{}{}", converted_pa("web", "a", t1, "2023-06-01T00:00:00Z", strict), converted_pa("web", "b", t1, "2023-01-01T00:00:00Z", permissive)), BASE.plain(), true),
+        ("...but a newer object is never ranked before an older one by it", format!("{}{}", pa("web", "old", t0, strict), converted_pa("web", "new", t1, "", permissive)), BASE.plain(), false),
+        ("...whatever time it names", format!("{}{}", pa("web", "old", t0, strict), converted_pa("web", "new", t1, "2000-01-01T00:00:00Z", permissive)), BASE.plain(), false),
         ("workloads.go fetchPeerAuthentications: a selector does not reach a pod with no labels (SubsetOf, not krt's filter)", pa("web", "w", t0, "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}"), BASE.plain().labels(""), true),
         ("...nor does an unreadable one's (it fails closed where its selector reaches)", pa("web", "w", t0, "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICTER}}"), BASE.plain().labels(""), true),
         ("workloads.go fetchPeerAuthentications: root selector policies do not apply elsewhere", pa(ROOT, "s", t0, "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}"), BASE.plain(), true),

@@ -43,19 +43,23 @@ pub struct ObjectMeta {
 }
 
 /// The creation time of the Istio object a converted one was made from (`ztunnel ctl
-/// convert`): it ranks the object by age in place of its own creation time, which `kubectl
-/// apply` sets anew. Only objects of one namespace (or the two roots) are ranked against each
-/// other, so whoever may write it there could reorder them anyway.
+/// convert`): it ranks objects created at the same time (one `kubectl apply` of the
+/// converted file, within the second of the API server's timestamps), never before an
+/// object created earlier, so that writing it cannot put a new object ahead of the ones
+/// already there.
 pub const CREATED_ANNOTATION: &str = "ztunnel.dev/istio-creation-timestamp";
 
 impl ObjectMeta {
-    /// When the object counts as created, for ranking by age: [`CREATED_ANNOTATION`] when
-    /// set, else its creation time; `None` sorts as oldest.
-    pub fn created(&self) -> Option<&str> {
-        self.annotations
-            .get(CREATED_ANNOTATION)
-            .or(self.creation_timestamp.as_ref())
-            .map(String::as_str)
+    /// The object's rank by age, oldest first: its creation time (`None`, a document without
+    /// one, as oldest), then [`CREATED_ANNOTATION`] (absent after present), then its name.
+    pub fn age(&self) -> impl Ord + '_ {
+        let annotated = self.annotations.get(CREATED_ANNOTATION);
+        (
+            self.creation_timestamp.as_deref(),
+            annotated.is_none(),
+            annotated,
+            &self.name,
+        )
     }
 }
 
