@@ -210,6 +210,23 @@ pub fn contains_ours(conf: &Json) -> bool {
     matches!(conf.get("plugins"), Some(Json::Array(p)) if p.iter().any(is_ours))
 }
 
+/// Whether the configuration is a conflist whose `plugins` hold our entry once, with the
+/// fields of `settings` (an entry an older installer wrote may name another socket or
+/// snapshot file).
+pub fn chains_as(conf: &Json, settings: &Settings) -> bool {
+    let Some(Json::Array(plugins)) = conf.get("plugins") else {
+        return false;
+    };
+    let mut ours = plugins.iter().filter(|p| is_ours(p));
+    match (ours.next(), ours.next()) {
+        (Some(entry), None) => settings
+            .fields()
+            .into_iter()
+            .all(|(k, v)| entry.get(k) == Some(&v)),
+        _ => false,
+    }
+}
+
 /// What [`insert`] did with a configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Inserted {
@@ -659,6 +676,12 @@ pub fn installed(options: &Options) -> Result<(), InstallError> {
             sub.display()
         )));
     }
+    if !chains_as(&primary.conf, &options.settings()?) {
+        return Err(InstallError::NotInstalled(format!(
+            "{} chains {PLUGIN_TYPE} with other settings than these",
+            primary.path.display()
+        )));
+    }
     Ok(())
 }
 
@@ -682,7 +705,8 @@ pub fn stop_on_signal() -> Result<Arc<AtomicBool>, InstallError> {
 }
 
 /// `install --watch`: installs (waiting for a primary configuration if there is none yet),
-/// then every [`POLL_INTERVAL`] re-inserts the entry if the primary configuration lost it and
+/// then every [`POLL_INTERVAL`] re-inserts the entry if the primary configuration lost it
+/// (or updates it when it holds other settings: an upgrade that moved the socket), and
 /// copies the plugin binary again if it is gone from the CNI bin directory (a CNI upgrade
 /// that empties it), until `stop` is raised. A malformed file is reported and retried on the
 /// next change.
@@ -762,10 +786,11 @@ fn check_once(
     if matches!(seen, Some((p, t)) if *p == primary.path && *t == primary.text) {
         return Ok(None);
     }
-    *seen = Some((primary.path.clone(), primary.text.clone()));
-    if contains_ours(&primary.conf) {
+    if chains_as(&primary.conf, settings) {
+        *seen = Some((primary.path, primary.text));
         return Ok(None);
     }
+    // Not remembered as seen until written: a failed write is tried again at the next pass.
     let (file, _) = install_config(dir, settings)?;
     let now = fs::read_to_string(&file).map_err(io_err(&file))?;
     *seen = Some((file.clone(), now));

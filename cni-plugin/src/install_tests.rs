@@ -486,3 +486,31 @@ fn excluded_namespaces_are_written_as_the_plugin_reads_them() {
         assert_eq!(read.exclude_namespaces, *want, "{flag:?}");
     }
 }
+
+/// Our entry, once, with the installer's settings is the installation; missing, with another
+/// value of a setting, or twice, it is not.
+#[test]
+fn chained_as_the_settings_say() {
+    let with = |entries: &[Json]| {
+        let mut conf =
+            parse(r#"{"name":"n","cniVersion":"1.0.0","plugins":[{"type":"x"}]}"#).unwrap();
+        conf["plugins"]
+            .as_array_mut()
+            .unwrap()
+            .extend(entries.iter().cloned());
+        chains_as(&conf, &settings())
+    };
+    let mut other_socket = ours();
+    other_socket["socket"] = "/var/run/old/cni.sock".into();
+    let mut other_file = ours();
+    other_file["enrolledNamespacesFile"] = "/var/run/old/ns.json".into();
+    let mut more = ours();
+    more["log"] = "debug".into();
+    assert!(with(&[ours()]));
+    assert!(with(&[more]), "fields of its own kept");
+    assert!(!with(&[]));
+    assert!(!with(&[other_socket]));
+    assert!(!with(&[other_file]));
+    assert!(!with(&[ours(), ours()]));
+    assert!(!chains_as(&ours(), &settings()), "not a conflist");
+}

@@ -400,6 +400,65 @@ fn install_chains_what_the_runtime_loads_and_only_at_a_supported_version() {
 
 /// A plugin binary removed from the CNI bin directory (a CNI upgrade that empties it) is
 /// copied there again by the watcher.
+/// An entry an older installer wrote with other settings (an upgrade moved the snapshot file
+/// and the socket) is not the installation: `installed` says so, and the watcher updates it
+/// in place, the other plugins kept.
+#[test]
+fn watch_updates_an_entry_with_other_settings() {
+    let old = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[
+  {"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true}},
+  {"type":"portmap","capabilities":{"portMappings":true}},
+  {"type":"ztunnel-cni","socket":"/var/run/old/cni.sock","timeout":"2s",
+   "enrolledNamespacesFile":"/var/run/old/ns.json","excludeNamespaces":[]}]}"#;
+    let node = Node::new(&[("10-flannel.conflist", old)]);
+    let path = node.conf.join("10-flannel.conflist");
+    fs::copy(BIN, node.installed()).unwrap();
+    let probe = node.command("installed").output().unwrap();
+    assert!(!probe.status.success(), "an entry with other settings");
+    assert!(
+        String::from_utf8_lossy(&probe.stderr).contains("other settings"),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let _child = node.watch();
+    let socket = |text: &str| {
+        let v: Value = serde_json::from_str(text).unwrap();
+        v["plugins"][2]["socket"].as_str().unwrap_or("").to_owned()
+    };
+    wait_for("the entry updated", || {
+        socket(&fs::read_to_string(&path).unwrap()) == "/run/z/cni.sock"
+    });
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(types(&text), ["flannel", "portmap", "ztunnel-cni"]);
+    let probe = node.command("installed").output().unwrap();
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+}
+
+/// A write that fails (here its temp file's name is taken) is tried again at the next pass,
+/// not only when the file changes again.
+#[test]
+fn watch_tries_a_failed_write_again() {
+    let node = Node::new(&[("10-flannel.conflist", FLANNEL)]);
+    let path = node.conf.join("10-flannel.conflist");
+    let child = node.watch();
+    wait_for("the first install", || has_ours(&path));
+    let blocker = node
+        .conf
+        .join(format!(".10-flannel.conflist.{}.tmp", child.0.id()));
+    fs::create_dir(&blocker).unwrap();
+    fs::write(&path, FLANNEL).unwrap();
+    wait_for("the failed write logged", || {
+        node.log().contains("retrying")
+    });
+    assert!(!has_ours(&path));
+    fs::remove_dir(&blocker).unwrap();
+    wait_for("the write tried again", || has_ours(&path));
+}
+
 #[test]
 fn watch_copies_a_missing_plugin_binary_again() {
     let node = Node::new(&[("10-flannel.conflist", FLANNEL)]);
