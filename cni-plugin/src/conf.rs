@@ -365,8 +365,18 @@ pub fn parse_timeout(s: &str) -> Result<Duration, CniError> {
             "timeout {s:?} must be greater than zero"
         )));
     }
+    if d > LONGEST_TIMEOUT {
+        return Err(CniError::InvalidConfig(format!(
+            "timeout {s:?} must be at most {}",
+            humantime::format_duration(LONGEST_TIMEOUT)
+        )));
+    }
     Ok(d)
 }
+
+/// The longest daemon call a configuration may allow (a runtime gives up on a pod's sandbox
+/// long before).
+const LONGEST_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Reads the pod's addresses from `prevResult.ips[].address` ("10.1.0.5/24" → 10.1.0.5);
 /// the same field in the 0.3.x, 0.4.0 and 1.x result formats.
@@ -760,7 +770,16 @@ mod tests {
     fn timeouts() {
         assert_eq!(parse_timeout("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_timeout("500ms").unwrap(), Duration::from_millis(500));
-        for bad in ["", "5", "0ms", "-1s", "five seconds"] {
+        assert_eq!(parse_timeout("1h").unwrap(), Duration::from_secs(3600));
+        for bad in [
+            "",
+            "5",
+            "0ms",
+            "-1s",
+            "five seconds",
+            "61m",
+            "300000000000y",
+        ] {
             assert_eq!(code(parse_timeout(bad)), Some(7), "{bad:?}");
         }
     }
