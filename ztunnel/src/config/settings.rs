@@ -316,12 +316,16 @@ pub(super) fn duration(
     }
 }
 
-/// A duration of at least `min`.
+/// A duration of at least `min` (and at most [`LONGEST`]).
 pub(super) fn at_least(
     min: Duration,
 ) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
-    duration(min, Duration::MAX)
+    duration(min, LONGEST)
 }
+
+/// The longest duration a setting takes: ten years (of 365.25 days, as durations are read),
+/// far beyond any use, and far from the overflow of a deadline computed from it.
+const LONGEST: Duration = Duration::from_secs(315_576_000);
 
 /// A comma-separated list of CIDRs (a bare IP is its own /32 or /128); empty is none.
 pub(super) fn cidrs(s: &str) -> Result<Vec<ipnet::IpNet>, String> {

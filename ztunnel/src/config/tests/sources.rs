@@ -185,6 +185,11 @@ fn invalid_environment_values_name_the_variable() {
             "invalid socket address syntax",
         ),
         ("ZTUNNEL_CONNECT_TIMEOUT", "10ms", "must be at least 100ms"),
+        (
+            "ZTUNNEL_DRAIN_GRACE",
+            "300000000000y",
+            "must be at most 10years",
+        ),
         ("ZTUNNEL_LOG_FORMAT", "xml", "must be text or json"),
         ("ZTUNNEL_CAPTURE_MODE", "host", "must be inpod or node"),
         ("ZTUNNEL_QUIC_LISTEN", "1", "must be true or false"),
@@ -205,7 +210,7 @@ fn invalid_environment_values_name_the_variable() {
         let good = match *key {
             "ZTUNNEL_POOL_MAX_STREAMS" => "1",
             "ZTUNNEL_ADMIN_ADDR" | "ZTUNNEL_METRICS_ADDR" => "127.0.0.1:1",
-            "ZTUNNEL_CONNECT_TIMEOUT" => "1s",
+            "ZTUNNEL_CONNECT_TIMEOUT" | "ZTUNNEL_DRAIN_GRACE" => "1s",
             "ZTUNNEL_LOG_FORMAT" => "json",
             "ZTUNNEL_CAPTURE_MODE" => "node",
             "ZTUNNEL_QUIC_LISTEN" => "true",
