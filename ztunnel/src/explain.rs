@@ -70,7 +70,8 @@ fn endpoint(state: &State, w: &Workload) -> Endpoint {
     }
 }
 
-/// Explains `from` → `to` (`to` is `namespace/name:port`, `ip:port` or `vip:port`) as the
+/// Explains `from` → `to` (`to` is `namespace/name:port`, `ip:port` (`[ip]:port` for IPv6 too)
+/// or `vip:port`) as the
 /// daemon of `node` sees it. A destination on another node is not explained: its daemon
 /// decides, and only it holds all of the workload's labels, by which policies select it
 /// (other nodes keep only the labels that enroll it).
@@ -79,6 +80,11 @@ pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explan
     let (dst, port) = to
         .rsplit_once(':')
         .ok_or_else(|| format!("{to:?} has no :port"))?;
+    // `[fd00::2]:80`, as an IPv6 address is written with a port.
+    let dst = dst
+        .strip_prefix('[')
+        .and_then(|d| d.strip_suffix(']'))
+        .unwrap_or(dst);
     let port: u16 = port
         .parse()
         .map_err(|_| format!("{port:?} is not a port"))?;
@@ -158,7 +164,7 @@ namespaces:
   - {name: plain}
 workloads:
   - {uid: c, name: client, namespace: demo, serviceAccount: client, node: n1, ips: [10.0.0.1], labels: {app: client}}
-  - {uid: s, name: server, namespace: demo, serviceAccount: server, node: n2, ips: [10.0.0.2], labels: {app: server}}
+  - {uid: s, name: server, namespace: demo, serviceAccount: server, node: n2, ips: [10.0.0.2, 'fd00::2'], labels: {app: server}}
   - {uid: l, name: legacy, namespace: plain, serviceAccount: default, node: n2, ips: [10.0.0.3], protocol: TCP}
   - {uid: s1, name: server-1, namespace: demo, serviceAccount: server, node: n1, ips: [10.0.0.4], labels: {app: server}}
 services:
@@ -184,6 +190,10 @@ policies:
         assert_eq!(e.transport, "hbone");
         let e = explain(&s, "n2", "10.0.0.1", "10.0.0.2:9090").unwrap();
         assert!(!e.decision.allowed);
+        for v6 in ["[fd00::2]:8080", "fd00::2:8080"] {
+            let e = explain(&s, "n2", "demo/client", v6).unwrap();
+            assert_eq!(e.destination.workload, "demo/server", "{v6}");
+        }
         let e = explain(&s, "n2", "demo/client", "10.96.0.1:80").unwrap();
         assert_eq!((e.port, e.service.as_deref()), (8080, Some("demo/server")));
         assert!(e.decision.allowed);
