@@ -676,12 +676,6 @@ pub fn installed(options: &Options) -> Result<(), InstallError> {
             sub.display()
         )));
     }
-    if !chains_as(&primary.conf, &options.settings()?) {
-        return Err(InstallError::NotInstalled(format!(
-            "{} chains {PLUGIN_TYPE} with other settings than these",
-            primary.path.display()
-        )));
-    }
     Ok(())
 }
 
