@@ -597,6 +597,20 @@ fn secret_is_created_reused_and_rotated(cp: &ControlPlane) {
     assert_eq!(configmap_crl(cp).as_deref(), Some(lists.as_str()));
     let resp = sign(&h, &ca, &rotated.root_cert, Some("s3cret"), id).unwrap();
     assert!(chains_to(&resp.cert_chain_pem, &new_root), "still signing");
+
+    // The published ConfigMaps, deleted or changed by another hand, are written back.
+    cp.delete("v1", "ConfigMap", Some(SYSTEM), secret::CRL_CONFIGMAP)
+        .unwrap();
+    eventually("the revocation lists written back", || {
+        configmap_crl(cp).as_deref() == Some(lists.as_str())
+    });
+    cp.apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": CONFIGMAP, "namespace": SYSTEM},
+        "data": {"root-cert.pem": "tampered"}}))
+        .unwrap();
+    eventually("the trust bundle written back", || {
+        configmap_root(cp).as_deref() == Some(rotated.root_cert.as_str())
+    });
     ca.stop();
 }
 

@@ -728,8 +728,18 @@ pub fn ca_deployment_agrees_with_the_ca_configuration_and_the_daemonset(o: &Obje
         grant_set(&[
             ("", "secrets", &["get", "list", "watch"], &secret.name),
             ("", "secrets", &["create"], "*"),
-            ("", "configmaps", &["get", "update"], "ztunnel-ca-root"),
-            ("", "configmaps", &["get", "update"], "ztunnel-ca-crl"),
+            (
+                "",
+                "configmaps",
+                &["get", "list", "watch", "update"],
+                "ztunnel-ca-root",
+            ),
+            (
+                "",
+                "configmaps",
+                &["get", "list", "watch", "update"],
+                "ztunnel-ca-crl",
+            ),
             ("", "configmaps", &["create"], "*"),
         ])
     );

@@ -14,7 +14,8 @@
 //!   counted, and the old material kept; a deleted Secret keeps the current material.
 //! - The trust bundle is published into the ConfigMap `ztunnel-ca-root` (key `root-cert.pem`)
 //!   in the Secret's namespace, created or updated (get/create/update) whenever it changes, so
-//!   daemons can mount it.
+//!   daemons can mount it. Both published ConfigMaps are watched: one changed or deleted by
+//!   another hand is written back, as istiod keeps its root certificate ConfigMaps.
 //! - So are the certificate revocation lists of the Secret's optional key `ca-crl.pem` (as an
 //!   Istio plugged-in CA keeps them), into the ConfigMap `ztunnel-ca-crl` under the same key:
 //!   empty while the Secret has none, which revokes nothing. Lists that do not parse are
@@ -209,6 +210,11 @@ pub async fn publish(
     Err(Error::Kube(format!("{}: conflicting updates", what())))
 }
 
+/// Whether a watch event says the object was changed or deleted (not a list's replay).
+fn changed<K>(ev: &Result<Event<K>, watcher::Error>) -> bool {
+    matches!(ev, Ok(Event::Apply(_) | Event::Delete(_)))
+}
+
 /// What the watcher needs to build a signer.
 pub struct SecretWatch {
     pub secrets: Api<Secret>,
@@ -246,21 +252,41 @@ impl SecretWatch {
         mut bundle: String,
         tx: watch::Sender<Arc<LocalCa>>,
     ) {
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let stream = watcher::watcher(self.secrets.clone(), cfg).default_backoff();
-        futures::pin_mut!(stream);
+        let named =
+            |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let secrets = watcher::watcher(self.secrets.clone(), named(&self.name)).default_backoff();
+        let roots = watcher::watcher(self.configmaps.clone(), named(ROOT_CONFIGMAP));
+        let crls = watcher::watcher(self.configmaps.clone(), named(CRL_CONFIGMAP));
+        let (roots, crls) = (roots.default_backoff(), crls.default_backoff());
+        futures::pin_mut!(secrets, roots, crls);
         let mut published = false;
         let mut crl: Option<String> = None;
-        while let Some(ev) = stream.next().await {
-            let secret = match ev {
-                Ok(Event::Apply(s)) | Ok(Event::InitApply(s)) => s,
-                Ok(Event::Delete(_)) => {
-                    tracing::warn!(secret = %self.name, "CA: the Secret was deleted; keeping the current material");
+        loop {
+            let secret = tokio::select! {
+                ev = secrets.next() => match ev {
+                    Some(Ok(Event::Apply(s) | Event::InitApply(s))) => s,
+                    Some(Ok(Event::Delete(_))) => {
+                        tracing::warn!(secret = %self.name, "CA: the Secret was deleted; keeping the current material");
+                        continue;
+                    }
+                    Some(Ok(Event::Init | Event::InitDone)) => continue,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "CA: Secret watch failed; retrying");
+                        continue;
+                    }
+                    None => return,
+                },
+                // A published ConfigMap changed or deleted by another hand is written back.
+                Some(ev) = roots.next() => {
+                    if changed(&ev) && published {
+                        self.repair(ROOT_CONFIGMAP, ROOT_KEY, &bundle).await;
+                    }
                     continue;
                 }
-                Ok(Event::Init) | Ok(Event::InitDone) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "CA: Secret watch failed; retrying");
+                Some(ev) = crls.next() => {
+                    if let (true, Some(lists)) = (changed(&ev), &crl) {
+                        self.repair(CRL_CONFIGMAP, CRL_KEY, lists).await;
+                    }
                     continue;
                 }
             };
@@ -293,6 +319,35 @@ impl SecretWatch {
                 }
             }
             self.publish_crl(&secret, &mut crl).await;
+        }
+    }
+
+    /// Writes `value` back into ConfigMap `name` if it no longer holds it.
+    async fn repair(&self, name: &str, key: &str, value: &str) {
+        let holds = self
+            .configmaps
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|cm| {
+                cm.data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(String::as_str)
+                    == Some(value)
+            });
+        if holds {
+            return;
+        }
+        match publish(&self.configmaps, name, key, value).await {
+            Ok(()) => tracing::warn!(
+                configmap = name,
+                "CA: a published ConfigMap was changed or deleted; written back"
+            ),
+            Err(e) => {
+                tracing::warn!(configmap = name, error = %e, "CA: cannot write back a published ConfigMap")
+            }
         }
     }
 
