@@ -598,7 +598,9 @@ fn secret_is_created_reused_and_rotated(cp: &ControlPlane) {
     let resp = sign(&h, &ca, &rotated.root_cert, Some("s3cret"), id).unwrap();
     assert!(chains_to(&resp.cert_chain_pem, &new_root), "still signing");
 
-    // The published ConfigMaps, deleted or changed by another hand, are written back.
+    // The published ConfigMaps, deleted or changed by another hand, are written back with
+    // what the Secret holds (its lists good again).
+    put_secret_with_crl(cp, &rotated, Some(&lists));
     cp.delete("v1", "ConfigMap", Some(SYSTEM), secret::CRL_CONFIGMAP)
         .unwrap();
     eventually("the revocation lists written back", || {

@@ -15,7 +15,8 @@
 //! - The trust bundle is published into the ConfigMap `ztunnel-ca-root` (key `root-cert.pem`)
 //!   in the Secret's namespace, created or updated (get/create/update) whenever it changes, so
 //!   daemons can mount it. Both published ConfigMaps are watched: one changed or deleted by
-//!   another hand is written back, as istiod keeps its root certificate ConfigMaps.
+//!   another hand is written back with what the Secret holds (read again, so that replicas
+//!   agree), as istiod keeps its root certificate ConfigMaps.
 //! - So are the certificate revocation lists of the Secret's optional key `ca-crl.pem` (as an
 //!   Istio plugged-in CA keeps them), into the ConfigMap `ztunnel-ca-crl` under the same key:
 //!   empty while the Secret has none, which revokes nothing. Lists that do not parse are
@@ -278,14 +279,14 @@ impl SecretWatch {
                 },
                 // A published ConfigMap changed or deleted by another hand is written back.
                 Some(ev) = roots.next() => {
-                    if changed(&ev) && published {
-                        self.repair(ROOT_CONFIGMAP, ROOT_KEY, &bundle).await;
+                    if changed(&ev) {
+                        self.repair(ROOT_CONFIGMAP, ROOT_KEY).await;
                     }
                     continue;
                 }
                 Some(ev) = crls.next() => {
-                    if let (true, Some(lists)) = (changed(&ev), &crl) {
-                        self.repair(CRL_CONFIGMAP, CRL_KEY, lists).await;
+                    if changed(&ev) {
+                        self.repair(CRL_CONFIGMAP, CRL_KEY).await;
                     }
                     continue;
                 }
@@ -322,8 +323,24 @@ impl SecretWatch {
         }
     }
 
-    /// Writes `value` back into ConfigMap `name` if it no longer holds it.
-    async fn repair(&self, name: &str, key: &str, value: &str) {
+    /// Writes ConfigMap `name` back if it no longer holds what the Secret, read now, says
+    /// under `key` (the bundle of its roots, or its revocation lists). Read from the Secret,
+    /// not from this replica's view of it, so that replicas never write back each other's
+    /// older or newer views; nothing is written while the Secret holds what cannot be used.
+    async fn repair(&self, name: &str, key: &str) {
+        let Ok(Some(secret)) = self.secrets.get_opt(&self.name).await else {
+            return;
+        };
+        let expected = match key {
+            ROOT_KEY => material_of(&secret)
+                .ok()
+                .and_then(|m| self.build(&m).ok())
+                .map(|ca| ca.root_pem()),
+            _ => crl_of(&secret).ok(),
+        };
+        let Some(value) = expected else {
+            return;
+        };
         let holds = self
             .configmaps
             .get_opt(name)
@@ -335,12 +352,12 @@ impl SecretWatch {
                     .as_ref()
                     .and_then(|d| d.get(key))
                     .map(String::as_str)
-                    == Some(value)
+                    == Some(value.as_str())
             });
         if holds {
             return;
         }
-        match publish(&self.configmaps, name, key, value).await {
+        match publish(&self.configmaps, name, key, &value).await {
             Ok(()) => tracing::warn!(
                 configmap = name,
                 "CA: a published ConfigMap was changed or deleted; written back"
