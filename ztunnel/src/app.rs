@@ -785,8 +785,6 @@ workloads:
         within.unwrap_or_else(|_| panic!("kept: {:?}", certs.identities()));
     }
 
-    /// The daemon's supervision names the first long-lived task that ends, and how; a panic
-    /// is counted.
     /// Waits up to 10 s for `f`.
     async fn until(what: &str, f: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

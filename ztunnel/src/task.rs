@@ -41,6 +41,8 @@ pub async fn first_ended(tasks: &mut [(&'static str, tokio::task::JoinHandle<()>
 mod tests {
     use super::{first_ended, guarded};
 
+    /// The daemon's supervision names the first long-lived task that ends, and how; a panic
+    /// is counted.
     #[tokio::test]
     async fn the_first_task_to_end_is_named() {
         crate::metrics::count_panics();

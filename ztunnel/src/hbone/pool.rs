@@ -2,8 +2,9 @@
 //!
 //! Streams to the same [`PoolKey`] (source identity, destination identity, tunnel address)
 //! share one TLS connection, up to `max_streams` at once (on HTTP/2 no more than the peer's
-//! `SETTINGS_MAX_CONCURRENT_STREAMS`); the next stream opens a second connection. Only one connection is dialled per key at a time: concurrent first requests
-//! wait for that one handshake rather than each opening their own. A connection whose driver
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`); the next stream opens a second connection. Only one
+//! connection is dialled per key at a time: concurrent first requests wait for that one
+//! handshake rather than each opening their own. A connection whose driver
 //! ended (peer closed, ping timeout, error) is removed at once, so the next stream dials anew;
 //! a connection with no streams for `idle_timeout` is closed, and a spare one (see below) for
 //! `spare_idle_timeout`. The connections that leave from
