@@ -166,16 +166,19 @@ pub async fn create_or_adopt(
 
 /// Makes ConfigMap [`ROOT_CONFIGMAP`] hold `bundle` under [`ROOT_KEY`].
 pub async fn publish_root(api: &Api<ConfigMap>, bundle: &str) -> Result<(), Error> {
-    publish(api, ROOT_CONFIGMAP, ROOT_KEY, bundle).await
+    publish(api, ROOT_CONFIGMAP, ROOT_KEY, bundle)
+        .await
+        .map(drop)
 }
 
-/// Makes ConfigMap `name` hold `value` under `key`, creating it if needed.
+/// Makes ConfigMap `name` hold `value` under `key`, creating it if needed; whether it had to
+/// be written (it did not hold `value`).
 pub async fn publish(
     api: &Api<ConfigMap>,
     name: &str,
     key: &str,
     value: &str,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let what = || format!("ConfigMap {name}");
     for _ in 0..3 {
         match api.get_opt(name).await.map_err(kube_err(what()))? {
@@ -189,7 +192,7 @@ pub async fn publish(
                     ..Default::default()
                 };
                 match api.create(&PostParams::default(), &cm).await {
-                    Ok(_) => return Ok(()),
+                    Ok(_) => return Ok(true),
                     Err(e) if is_conflict(&e) => continue,
                     Err(e) => return Err(kube_err(format!("creating {}", what()))(e)),
                 }
@@ -197,11 +200,11 @@ pub async fn publish(
             Some(mut cm) => {
                 let data = cm.data.get_or_insert_with(BTreeMap::new);
                 if data.get(key).map(String::as_str) == Some(value) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 data.insert(key.into(), value.into());
                 match api.replace(name, &PostParams::default(), &cm).await {
-                    Ok(_) => return Ok(()),
+                    Ok(_) => return Ok(true),
                     Err(e) if is_conflict(&e) => continue,
                     Err(e) => return Err(kube_err(format!("updating {}", what()))(e)),
                 }
@@ -341,24 +344,9 @@ impl SecretWatch {
         let Some(value) = expected else {
             return;
         };
-        let holds = self
-            .configmaps
-            .get_opt(name)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|cm| {
-                cm.data
-                    .as_ref()
-                    .and_then(|d| d.get(key))
-                    .map(String::as_str)
-                    == Some(value.as_str())
-            });
-        if holds {
-            return;
-        }
         match publish(&self.configmaps, name, key, &value).await {
-            Ok(()) => tracing::warn!(
+            Ok(false) => {}
+            Ok(true) => tracing::warn!(
                 configmap = name,
                 "CA: a published ConfigMap was changed or deleted; written back"
             ),
@@ -374,7 +362,7 @@ impl SecretWatch {
         match crl_of(secret) {
             Ok(lists) if published.as_ref() == Some(&lists) => {}
             Ok(lists) => match publish(&self.configmaps, CRL_CONFIGMAP, CRL_KEY, &lists).await {
-                Ok(()) => {
+                Ok(_) => {
                     tracing::info!(
                         configmap = CRL_CONFIGMAP,
                         bytes = lists.len(),
