@@ -26,8 +26,8 @@ pub const ISTIO_DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const ISTIO_SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 /// Written by Istio's CNI agent on a pod it redirected to Istio's ztunnel.
 pub const ISTIO_REDIRECTION: &str = "ambient.istio.io/redirection";
-/// Istio's label that sends a Service's traffic (or a namespace's Services') through a
-/// waypoint proxy, read under the Istio-compatible setting; `none` opts a Service out.
+/// Istio's label that sends a Service's traffic (or a namespace's Services'), or a pod's,
+/// through a waypoint proxy, read under the Istio-compatible setting; `none` opts out.
 pub const ISTIO_USE_WAYPOINT: &str = "istio.io/use-waypoint";
 
 /// The enrollment rules in force.
@@ -110,9 +110,11 @@ fn is(labels: &Labels, key: &str, value: &str) -> bool {
 
 impl Rules {
     /// The pod labels discovery must keep of a pod on another node (whose other labels it
-    /// drops): those [`Rules::pod`] reads.
+    /// drops): those [`Rules::pod`] reads, and under the Istio-compatible setting the pod's
+    /// waypoint ([`crate::discovery::State::workload_waypoint`]).
     pub fn keeps(&self, key: &str) -> bool {
-        key == DATAPLANE_MODE_LABEL || (self.istio && key == ISTIO_DATAPLANE_MODE_LABEL)
+        key == DATAPLANE_MODE_LABEL
+            || (self.istio && (key == ISTIO_DATAPLANE_MODE_LABEL || key == ISTIO_USE_WAYPOINT))
     }
 
     /// Whether namespace `name` is one whose pods are never enrolled.

@@ -523,6 +523,23 @@ impl State {
             .filter(|w| !w.is_empty() && *w != "none")
     }
 
+    /// The waypoint a pod's own `istio.io/use-waypoint` label names, under the
+    /// Istio-compatible setting (`none` or empty: none). Istio sends the traffic addressed to
+    /// the pod through it when the waypoint serves workloads (`istio.io/waypoint-for:
+    /// workload` or `all`); a pod names one for no other use. Its namespace's label is not
+    /// read here: Istio's default waypoint serves Services only and leaves the pods reached
+    /// directly, and which kind a waypoint is is said on its Gateway, which discovery does
+    /// not watch.
+    pub fn workload_waypoint<'a>(&self, w: &'a Workload) -> Option<&'a str> {
+        if !self.base.enrollment.istio {
+            return None;
+        }
+        w.labels
+            .get(super::enrollment::ISTIO_USE_WAYPOINT)
+            .map(|v| &**v)
+            .filter(|w| !w.is_empty() && *w != "none")
+    }
+
     /// Whether namespace `name` enrolls its pods (see [`super::enrollment`]).
     pub fn namespace_enrolled(&self, name: &str) -> bool {
         self.namespace(name)

@@ -11,6 +11,8 @@
 //!   [`Service::not_pods`]) is passed through, unless its address is contested (below); under
 //!   the Istio-compatible setting, a Service Istio sends through a waypoint proxy
 //!   ([`State::waypoint_of`]) is refused: the waypoint's policies would be bypassed;
+//!   so is, addressed directly, a pod whose own label names a waypoint
+//!   ([`State::workload_waypoint`]);
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
 //! - a workload that speaks plain TCP, or an address outside the mesh: passthrough;
 //! - an address two pods claim, neither trusted with it ([`State::contested`]): refused, as
@@ -58,8 +60,8 @@ pub enum PlanError {
     Recursion(u16),
     #[error("address {0} is claimed by two pods, neither trusted with it")]
     Contested(std::net::IpAddr),
-    #[error("service {service} sends its traffic through waypoint {waypoint} (istio.io/use-waypoint), whose policies this daemon cannot enforce")]
-    Waypoint { service: String, waypoint: String },
+    #[error("{target} sends its traffic through waypoint {waypoint} (istio.io/use-waypoint), whose policies this daemon cannot enforce")]
+    Waypoint { target: String, waypoint: String },
 }
 
 /// Plans the outbound connection of `source` to `orig_dst`.
@@ -75,7 +77,7 @@ pub fn outbound(
             let name = format!("{}/{}", svc.namespace, svc.name);
             if let Some(waypoint) = state.waypoint_of(svc) {
                 return Err(PlanError::Waypoint {
-                    service: name,
+                    target: format!("service {name}"),
                     waypoint: waypoint.to_owned(),
                 });
             }
@@ -127,7 +129,15 @@ pub fn outbound(
             (w.clone(), dst_addr, Some(name))
         }
         None => match state.workload_by_ip(ip) {
-            Some(w) => (w.clone(), SocketAddr::new(ip, orig_dst.port()), None),
+            Some(w) => {
+                if let Some(waypoint) = state.workload_waypoint(w) {
+                    return Err(PlanError::Waypoint {
+                        target: format!("pod {}/{}", w.namespace, w.name),
+                        waypoint: waypoint.to_owned(),
+                    });
+                }
+                (w.clone(), SocketAddr::new(ip, orig_dst.port()), None)
+            }
             None if state.contested(ip) => return Err(PlanError::Contested(ip)),
             None => return Ok(Plan::Passthrough { dst_addr: orig_dst }),
         },
@@ -253,11 +263,16 @@ services:
 
     /// A namespace whose Services use a waypoint, one of them opting out.
     const WAYPOINTS: &str = "
-namespaces: [{name: w, labels: {ztunnel.dev/dataplane-mode: ambient, istio.io/use-waypoint: ns-waypoint}}]
+namespaces:
+  - {name: w, labels: {ztunnel.dev/dataplane-mode: ambient, istio.io/use-waypoint: ns-waypoint}}
+  - {name: v, labels: {ztunnel.dev/dataplane-mode: ambient}}
 workloads:
   - {uid: a, name: a, namespace: w, serviceAccount: sa-a, node: n1, ips: [10.0.0.1]}
   - {uid: b1, name: b1, namespace: w, serviceAccount: sa-b, node: n2, ips: [10.0.0.2], labels: {app: b}}
+  - {uid: c1, name: c1, namespace: v, serviceAccount: sa-c, node: n2, ips: [10.0.0.3], labels: {app: c, istio.io/use-waypoint: pod-wp}}
+  - {uid: c2, name: c2, namespace: w, serviceAccount: sa-c, node: n2, ips: [10.0.0.4], labels: {istio.io/use-waypoint: none}}
 services:
+  - {name: c, namespace: v, vips: [10.96.0.4], ports: [{port: 80, targetPort: 8080}], selector: {app: c}}
   - {name: b, namespace: w, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: b}}
   - {name: own, namespace: w, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: own}}
   - {name: out, namespace: w, vips: [10.96.0.3], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: none}}
@@ -270,9 +285,12 @@ services:
     }
 
     /// Under the Istio-compatible setting a Service that Istio sends through a waypoint is
-    /// refused (its namespace's label, its own, `none` opting out); the pod itself is reached
-    /// directly, as Istio's default waypoint (`istio.io/waypoint-for: service`) leaves it.
-    /// Without the setting the label means nothing.
+    /// refused (its namespace's label, its own, `none` opting out); a pod of a namespace with
+    /// a waypoint is reached directly, as Istio's default waypoint (`istio.io/waypoint-for:
+    /// service`) leaves it, and so is one labelled `none`; a pod whose own label names a
+    /// waypoint is refused when addressed directly, and reached through a Service without
+    /// one, as Istio sends only a pod's own traffic through its waypoint. Without the setting
+    /// the label means nothing.
     #[test]
     fn services_behind_a_waypoint_are_refused_under_istio_compat() {
         use crate::discovery::enrollment::Rules;
@@ -284,15 +302,18 @@ services:
                 ..Default::default()
             });
         let src = plain.workload_by_uid("a").unwrap().clone();
-        let waypoint = |service: &str, waypoint: &str| PlanError::Waypoint {
-            service: service.into(),
+        let waypoint = |target: &str, waypoint: &str| PlanError::Waypoint {
+            target: target.into(),
             waypoint: waypoint.into(),
         };
         let cases = [
-            ("10.96.0.1:80", Some(waypoint("w/b", "ns-waypoint"))),
-            ("10.96.0.2:80", Some(waypoint("w/own", "own"))),
+            ("10.96.0.1:80", Some(waypoint("service w/b", "ns-waypoint"))),
+            ("10.96.0.2:80", Some(waypoint("service w/own", "own"))),
             ("10.96.0.3:80", None),
             ("10.0.0.2:8080", None),
+            ("10.0.0.3:8080", Some(waypoint("pod v/c1", "pod-wp"))),
+            ("10.96.0.4:80", None),
+            ("10.0.0.4:8080", None),
         ];
         for (dst, want) in cases {
             let d = dst.parse().unwrap();

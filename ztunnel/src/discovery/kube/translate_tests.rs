@@ -787,6 +787,29 @@ fn a_services_waypoint_label_is_kept() {
     );
 }
 
+/// A pod's own `istio.io/use-waypoint` label is kept on every node under the Istio-compatible
+/// setting (the source's daemon plans with it), and means nothing without it.
+#[test]
+fn a_pods_waypoint_label_is_kept_on_other_nodes_under_istio_compat() {
+    let mut remote = pod("demo", "db-0", "n2", "10.0.0.7");
+    remote["metadata"]["labels"] = json!({"app": "db", "istio.io/use-waypoint": "wp"});
+    let objs = vec![ns("demo", true), remote];
+    for istio in [false, true] {
+        let rules = Rules {
+            istio,
+            ..Default::default()
+        };
+        let (st, refused) = store_with(&objs, rules);
+        assert!(refused.is_empty(), "{refused:?}");
+        let (s, _) = build("cluster.local", rules, &st);
+        let s = s.unwrap();
+        let w = s.workload_by_ip("10.0.0.7".parse().unwrap()).unwrap();
+        let want = istio.then_some("wp");
+        assert_eq!(s.workload_waypoint(w), want, "istio={istio}");
+        assert!(w.labels.get("app").is_none(), "other labels are dropped");
+    }
+}
+
 #[test]
 fn headless_and_external_services_have_no_vip() {
     let mut headless = svc("demo", "h", "None", json!(80));
