@@ -63,6 +63,7 @@ impl Dataplane for Node {
         let scope = Scope::Pod {
             uid: w.uid.clone(),
             netns: ns.clone(),
+            addr: w.ips.first().map(|a| a.to_canonical()),
         };
         let pi = self.pi.clone();
         let (listeners, listeners6) = bound;

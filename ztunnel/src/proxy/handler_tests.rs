@@ -176,8 +176,42 @@ impl Node {
         self.serve(l, Some(original_dst), "plaintext", inbound_plain::handle)
     }
 
+    /// An outbound listener of the client pod's own ([`Scope::Pod`], in this process's
+    /// netns), standing for `original_dst`.
+    async fn outbound_of_client_pod(&self, original_dst: SocketAddr) -> SocketAddr {
+        let l = TcpListener::bind((CLIENT, 0)).await.unwrap();
+        let netns = crate::net::netns::Netns::open(std::path::Path::new("/proc/self/ns/net"));
+        let scope = Scope::Pod {
+            uid: "c".into(),
+            netns: Arc::new(netns.unwrap()),
+            addr: Some(CLIENT.parse().unwrap()),
+        };
+        self.serve_in(
+            scope,
+            l,
+            Some(original_dst),
+            "outbound",
+            super::outbound::handle,
+        )
+    }
+
     fn serve<F, Fut>(
         &self,
+        l: TcpListener,
+        original_dst: Option<SocketAddr>,
+        name: &'static str,
+        handle: F,
+    ) -> SocketAddr
+    where
+        F: Fn(Arc<ProxyInputs>, Scope, TcpStream, SocketAddr) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.serve_in(Scope::Node, l, original_dst, name, handle)
+    }
+
+    fn serve_in<F, Fut>(
+        &self,
+        scope: Scope,
         l: TcpListener,
         original_dst: Option<SocketAddr>,
         name: &'static str,
@@ -191,7 +225,7 @@ impl Node {
         if let Some(dst) = original_dst {
             self.redirects.redirect(addr, dst);
         }
-        tokio::spawn(accept_loop(self.pi.clone(), Scope::Node, l, name, handle));
+        tokio::spawn(accept_loop(self.pi.clone(), scope, l, name, handle));
         addr
     }
 
@@ -599,4 +633,38 @@ async fn a_source_address_over_its_cap_of_proxied_connections_is_reset_and_count
         node.until_sources_hold(0).await;
         assert_eq!(node.refusals(reason), 1, "{:?}", node.all_refusals());
     }
+}
+
+/// A pod's outbound connections count under the pod's own address, whatever address they come
+/// from inside it: a pod that gives itself a neighbour's address (root in its netns may) and
+/// holds its cap of connections from there is refused its next one, from any address, and the
+/// neighbour's own connections are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_holding_connections_from_a_neighbours_address_takes_none_of_its_places() {
+    let limits = super::TunnelLimits {
+        connections_per_source: 2,
+        ..Default::default()
+    };
+    let node = Node::start_with(false, limits).await;
+    let pod = node.outbound_of_client_pod(node.app(OUTSIDE)).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect(SERVER, pod).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"held").await.unwrap(), b"held");
+        held.push(s);
+    }
+    assert_reset(STRANGER, pod).await;
+    assert_eq!(node.refusals(Reason::OutboundSourceLimit), 1);
+    // The neighbour (the server pod, here served on the node's listener by its address).
+    let neighbour = node.outbound(Some(node.app(OUTSIDE))).await;
+    let mut s = connect(SERVER, neighbour).await.unwrap();
+    assert_eq!(round_trip(&mut s, b"mine").await.unwrap(), b"mine");
+    assert_eq!(
+        node.refusals(Reason::OutboundSourceLimit),
+        1,
+        "{:?}",
+        node.all_refusals()
+    );
+    drop((s, held));
+    node.until_sources_hold(0).await;
 }

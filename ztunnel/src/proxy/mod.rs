@@ -54,8 +54,13 @@ use peers::{PeerLimits, Peers};
 pub enum Scope {
     /// Listeners on the node's addresses, serving every workload of the node.
     Node,
-    /// Listeners inside one enrolled pod's netns, serving that pod (by uid).
-    Pod { uid: Arc<str>, netns: Arc<Netns> },
+    /// Listeners inside one enrolled pod's netns, serving that pod (by uid); `addr` is its
+    /// first address when it was enrolled (see [`Scope::source_key`]).
+    Pod {
+        uid: Arc<str>,
+        netns: Arc<Netns>,
+        addr: Option<IpAddr>,
+    },
 }
 
 impl Scope {
@@ -83,6 +88,20 @@ impl Scope {
     ) -> Option<Arc<Workload>> {
         self.workload(pi, state, addr)
             .filter(|w| w.ips.contains(&addr.ip().to_canonical()))
+    }
+
+    /// The address an outbound connection from `peer` counts under, among
+    /// [`ProxyInputs::sources`] and in the buffer budget: in a pod, the pod's own, whatever
+    /// address the connection comes from inside it (a pod may give itself any address, a
+    /// neighbour's included, and would otherwise take that neighbour's places); on the node,
+    /// the peer's.
+    fn source_key(&self, peer: IpAddr) -> IpAddr {
+        match self {
+            Scope::Pod {
+                addr: Some(addr), ..
+            } => *addr,
+            _ => peer.to_canonical(),
+        }
     }
 
     fn netns(&self) -> Option<Arc<Netns>> {
@@ -181,7 +200,7 @@ pub struct ProxyInputs {
     /// What tunnel streams hold for slow applications, node-wide.
     pub budget: Arc<BufferBudget>,
     /// Connections proxied now for each source address outside the tunnels: a local pod's
-    /// outbound connections (by its address), a plaintext client's to the node's workloads.
+    /// outbound connections (by its own address, [`Scope::source_key`]), a plaintext client's to the node's workloads.
     /// Each holds a place from accept to close; over the cap a connection is reset at once
     /// (`outbound_source_limit`, `inbound_plaintext_source_limit`), so that one pod cannot
     /// take the daemon's memory and descriptors from every other pod of the node.

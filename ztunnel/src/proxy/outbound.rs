@@ -1,7 +1,8 @@
 //! Outbound: a captured connection of a local workload, redirected to 15001.
 //!
-//! A pod address holds a place among the node's proxied connections while its connection
-//! lasts ([`ProxyInputs::sources`]); over its cap the connection is reset at once. Original
+//! A pod holds a place among the node's proxied connections while its connection lasts
+//! ([`ProxyInputs::sources`], under the pod's own address whatever the connection's source
+//! address is, [`Scope::source_key`]); over its cap the connection is reset at once. Original
 //! destination from `SO_ORIGINAL_DST`; source workload from the [`Scope`]; the
 //! [`plan`](super::plan) decides HBONE (to the endpoint's 15008, with the source's certificate
 //! and the destination's expected identity) or passthrough (plain TCP outside the mesh). A
@@ -32,7 +33,8 @@ use crate::metrics::End;
 use crate::refusal::Reason;
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
-    let _place = match pi.sources.try_admit(peer.ip()) {
+    let source = scope.source_key(peer.ip());
+    let _place = match pi.sources.try_admit(source) {
         Ok(place) => place,
         Err(full) => {
             crate::refused!(pi.metrics, Reason::OutboundSourceLimit, %peer, error = %full, "outbound connection refused: its pod has as many proxied as allowed");
@@ -57,7 +59,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             mut tracked,
         } => {
             let (rd, wr) = tcp.into_split();
-            let (bytes, holding) = (&tracked.record().bytes, pi.budget.holding(peer.ip()));
+            let (bytes, holding) = (&tracked.record().bytes, pi.budget.holding(source));
             tokio::select! {
                 r = copy_tunnel(rd, wr, tunnel.stream, bytes, holding) => {
                     if let Err(e) = r {
