@@ -7,7 +7,9 @@
 //! output is saved and applied):
 //! - the `apiVersion`;
 //! - the namespace, when it is Istio's root namespace: moved to ours, so that it stays
-//!   mesh-wide;
+//!   mesh-wide (an object in a namespace that has our root's name, and is not Istio's root,
+//!   is an error: it would apply to the whole mesh, where Istio applies it to that namespace
+//!   alone);
 //! - what the API server set (`status`, `uid`, `resourceVersion`, `generation`,
 //!   `creationTimestamp`, `managedFields`, `ownerReferences`, kubectl's last-applied
 //!   annotation), removed; a PeerAuthentication's creation time is kept as an annotation
@@ -31,6 +33,8 @@ pub enum FromIstioError {
     Yaml(#[from] serde_saphyr::Error),
     #[error("cannot write YAML: {0}")]
     Write(#[from] serde_saphyr::SerializeError),
+    #[error("{what} is in namespace {root}, ztunnel's root namespace, where it would apply to the whole mesh; in Istio it applies to that namespace alone. Convert with another --root-namespace, or leave it out of the input")]
+    InOurRoot { what: String, root: String },
 }
 
 const ISTIO_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
@@ -233,6 +237,12 @@ fn one(mut o: Value, istio_root: &str, root: &str) -> Result<String, FromIstioEr
         return Ok(comment(&[format!(
             "left out {what} ({api}): only security.istio.io AuthorizationPolicy and PeerAuthentication are converted"
         )]));
+    }
+    if ns == root && ns != istio_root {
+        return Err(FromIstioError::InOurRoot {
+            what,
+            root: root.to_owned(),
+        });
     }
     let Value::Object(m) = &mut o else {
         return Ok(comment(&[format!(
@@ -494,6 +504,35 @@ items:
             out.contains(r"x\u{d}\u{a}kind: Secret\u{2028}a: b"),
             "{out}"
         );
+    }
+
+    /// An Istio object in a namespace that has the name of our root namespace (and is not
+    /// Istio's root) applies there to that namespace alone; in ours it would apply to the
+    /// whole mesh, so the conversion fails, naming it. Converted with another root, it stays
+    /// where it was.
+    #[test]
+    fn an_object_in_a_namespace_named_as_our_root_is_refused() {
+        let input = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-monitoring, namespace: ztunnel-system}
+spec: {rules: [{from: [{source: {namespaces: [monitoring]}}]}]}
+";
+        let e = convert(input, "istio-system", "ztunnel-system").unwrap_err();
+        assert!(
+            matches!(&e, FromIstioError::InOurRoot { what, root }
+                if what == "AuthorizationPolicy ztunnel-system/allow-monitoring" && root == "ztunnel-system"),
+            "{e}"
+        );
+        let out = convert(input, "istio-system", "mesh-root").unwrap();
+        assert_eq!(docs(&out)[0]["metadata"]["namespace"], "ztunnel-system");
+        // Istio's root is moved, even where both roots have one name.
+        let out = convert(
+            &input.replace("ztunnel-system", "istio-system"),
+            "istio-system",
+            "istio-system",
+        )
+        .unwrap();
+        assert_eq!(docs(&out)[0]["metadata"]["namespace"], "istio-system");
     }
 
     /// A bare service account of a policy in Istio's root namespace names one of that
