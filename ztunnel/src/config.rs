@@ -445,7 +445,7 @@ impl fmt::Display for RunConfig {
         };
         write!(
             f,
-            "node={} trust_domain={} tls_key_exchange={} cluster_id={} cluster_domain={} exclude_namespaces=[{}] root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} crl={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
+            "node={} trust_domain={} tls_key_exchange={} cluster_id={} cluster_domain={} exclude_namespaces=[{}] root_namespace={} istio_compat={} discovery=[{discovery}] ca=[{ca}] cert_lifetime={} crl={} capture={:?} state_dir={} enrolled_namespaces_file={} host_proc={} admin={} metrics={} readiness={} outbound={} inbound_plaintext={} inbound={} pool_max_streams={} max_pending_handshakes={} max_pending_handshakes_per_peer={} tls_first_bytes_timeout={} max_peer_connections_per_address={} max_peer_connections_per_identity={} max_peer_streams_per_address={} max_peer_streams_per_identity={} max_buffered_mib={} max_connections_per_source={} max_proxied_connections={} pool_idle_timeout={} quic_listen={} quic_destinations=[{}] connect_timeout={} drain_grace={} discovery_poll={} worker_threads={} log_format={:?} log={}",
             self.node_name,
             self.trust_domain,
             self.tls_key_exchange,
@@ -481,6 +481,7 @@ impl fmt::Display for RunConfig {
             self.tunnel.peers.streams_per_identity,
             self.tunnel.buffered_bytes >> 20,
             self.tunnel.connections_per_source,
+            self.tunnel.proxied_connections,
             humantime::format_duration(self.pool_idle_timeout),
             self.quic_listen,
             self.quic_destinations

@@ -69,6 +69,9 @@ reasons! {
     /// Plaintext inbound from a client address that has as many connections proxied as
     /// allowed.
     InboundPlaintextSourceLimit = "inbound_plaintext_source_limit", true, None;
+    /// An open connection (outbound or plaintext inbound) closed to give its place to a
+    /// newcomer: the node held as many as allowed, and its source the most.
+    ProxiedConnectionEvicted = "proxied_connection_evicted", true, None;
     /// No certificate for the source workload.
     OutboundNoCertificate = "outbound_no_certificate", true, None;
     /// The tunnel to the destination could not be opened.

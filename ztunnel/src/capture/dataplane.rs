@@ -17,7 +17,7 @@ use super::rules::{self, RulesError};
 use super::store::PodRecord;
 use crate::discovery::Workload;
 use crate::net::netns::Netns;
-use crate::proxy::{self, Listeners, ProxyInputs, Scope};
+use crate::proxy::{self, Listeners, PodScope, ProxyInputs, Scope};
 
 /// How long a release waits for the pod's connections to close before it removes the rules
 /// that carry them.
@@ -60,11 +60,11 @@ impl Dataplane for Node {
     }
 
     fn serve(&self, ns: &Arc<Netns>, w: &Workload, bound: Self::Bound) -> Self::Serving {
-        let scope = Scope::Pod {
+        let scope = Scope::Pod(Arc::new(PodScope {
             uid: w.uid.clone(),
             netns: ns.clone(),
             addr: w.ips.first().map(|a| a.to_canonical()),
-        };
+        }));
         let pi = self.pi.clone();
         let (listeners, listeners6) = bound;
         self.rt.spawn(async move {

@@ -223,6 +223,12 @@ fn invalid_values() {
             "invalid --max-pending-handshakes-per-peer \"256\": must not exceed --max-pending-handshakes (10)",
         ),
         (
+            &["--max-proxied-connections", "1000"],
+            &[],
+            "invalid --max-connections-per-source \"16384\": must not exceed --max-proxied-connections (1000)",
+        ),
+        (&[], &[("ZTUNNEL_MAX_PROXIED_CONNECTIONS", "0")], "1 to 1000000"),
+        (
             &["--tls-first-bytes-timeout", "50ms"],
             &[],
             "at least 100ms",

@@ -1,6 +1,7 @@
 //! The daemon's caps on tunnel peers ([`TunnelLimits`]): pending handshakes and how long a
 //! silent one may wait, what an authenticated peer may hold, the node's buffered-bytes
-//! budget, and the connections proxied for one source address. Each flag is typed and bounded by its parser ([`super::settings`]); the defaults are
+//! budget, and the connections proxied for one source address and node-wide. Each flag is
+//! typed and bounded by its parser ([`super::settings`]); the defaults are
 //! [`TunnelLimits::default`]'s; [`TunnelArgs::resolve`] checks what spans two flags.
 
 use std::time::Duration;
@@ -61,11 +62,25 @@ pub(super) struct TunnelArgs {
     #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_SOURCE", value_parser = count(MILLION),
           default_value_t = TunnelLimits::CONNECTIONS_PER_SOURCE as u32)]
     max_connections_per_source: u32,
+    /// Connections proxied at once outside the tunnels, node-wide; when all are held, the
+    /// source holding the most gives up its oldest to a newcomer from another
+    #[arg(long, env = "ZTUNNEL_MAX_PROXIED_CONNECTIONS", value_parser = count(MILLION),
+          default_value_t = TunnelLimits::PROXIED_CONNECTIONS as u32)]
+    max_proxied_connections: u32,
 }
 
 impl TunnelArgs {
-    /// The limits; the per-peer cap on pending handshakes may not exceed the node's.
+    /// The limits; a per-peer cap (pending handshakes, proxied connections) may not exceed
+    /// the node's.
     pub(super) fn resolve(self, origins: &Origins) -> Result<TunnelLimits, ConfigError> {
+        let sources = caps(
+            origins,
+            (self.max_proxied_connections, "max_proxied_connections"),
+            (
+                self.max_connections_per_source,
+                "max_connections_per_source",
+            ),
+        )?;
         Ok(TunnelLimits {
             handshakes: caps(
                 origins,
@@ -83,7 +98,8 @@ impl TunnelArgs {
                 streams_per_identity: self.max_peer_streams_per_identity as usize,
             },
             buffered_bytes: self.max_buffered_mib as usize * (1 << 20),
-            connections_per_source: self.max_connections_per_source as usize,
+            connections_per_source: sources.per_peer,
+            proxied_connections: sources.total,
         })
     }
 }

@@ -139,6 +139,9 @@ pub enum CloseCause {
     Released,
     /// A revocation list now revokes its tunnel peer's certificate.
     Revoked,
+    /// Its place among the node's proxied connections went to a newcomer: its source held
+    /// the most ([`super::ProxyInputs::sources`]).
+    Evicted,
 }
 
 impl ConnRecord {
@@ -429,6 +432,7 @@ fn closed_by(cause: CloseCause, direction: Direction) -> Outcome {
     match (cause, direction) {
         (CloseCause::PolicyDenied, _) => Outcome::PolicyRevoked,
         (CloseCause::Revoked, _) => Outcome::CertificateRevoked,
+        (CloseCause::Evicted, _) => Outcome::Evicted,
         (CloseCause::Released, Direction::Outbound | Direction::Passthrough) => {
             Outcome::SourceReleased
         }

@@ -181,11 +181,11 @@ impl Node {
     async fn outbound_of_client_pod(&self, original_dst: SocketAddr) -> SocketAddr {
         let l = TcpListener::bind((CLIENT, 0)).await.unwrap();
         let netns = crate::net::netns::Netns::open(std::path::Path::new("/proc/self/ns/net"));
-        let scope = Scope::Pod {
+        let scope = Scope::Pod(Arc::new(super::PodScope {
             uid: "c".into(),
             netns: Arc::new(netns.unwrap()),
             addr: Some(CLIENT.parse().unwrap()),
-        };
+        }));
         self.serve_in(
             scope,
             l,
@@ -666,5 +666,55 @@ async fn a_pod_holding_connections_from_a_neighbours_address_takes_none_of_its_p
         node.all_refusals()
     );
     drop((s, held));
+    node.until_sources_hold(0).await;
+}
+
+/// When the node holds as many proxied connections as allowed (four here), a newcomer from a
+/// source holding fewer than the largest takes the place of that source's oldest connection,
+/// which is closed and counted (`proxied_connection_evicted`); the largest source's other
+/// connections run on, and a newcomer of its own, which would leave it the largest, is reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_closes_the_oldest_connection_of_the_source_holding_the_most() {
+    let limits = super::TunnelLimits {
+        connections_per_source: 3,
+        proxied_connections: 4,
+        ..Default::default()
+    };
+    let node = Node::start_with(false, limits).await;
+    let entry = node.outbound(Some(node.app(OUTSIDE))).await;
+    let mut client = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect(CLIENT, entry).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"held").await.unwrap(), b"held");
+        client.push(s);
+    }
+    let plaintext = node.plaintext(node.app(SERVER)).await;
+    let mut stranger = connect(STRANGER, plaintext).await.unwrap();
+    assert_eq!(round_trip(&mut stranger, b"one").await.unwrap(), b"one");
+    node.until_sources_hold(4).await;
+
+    let mut newcomer = connect(SERVER, entry).await.unwrap();
+    assert_eq!(round_trip(&mut newcomer, b"new").await.unwrap(), b"new");
+    let mut buf = [0u8; 8];
+    let oldest = tokio::time::timeout(Duration::from_secs(10), client[0].read(&mut buf))
+        .await
+        .expect("the oldest is closed");
+    assert!(
+        matches!(oldest, Ok(0)) || oldest.is_err(),
+        "closed, not answered: {oldest:?}"
+    );
+    assert_eq!(node.refusals(Reason::ProxiedConnectionEvicted), 1);
+    for s in client[1..].iter_mut().chain([&mut stranger]) {
+        assert_eq!(round_trip(s, b"still").await.unwrap(), b"still");
+    }
+    assert_reset(CLIENT, entry).await;
+    assert_eq!(
+        node.refusals(Reason::OutboundSourceLimit),
+        1,
+        "{:?}",
+        node.all_refusals()
+    );
+    assert_eq!(node.refusals(Reason::ProxiedConnectionEvicted), 1);
+    drop((client, stranger, newcomer));
     node.until_sources_hold(0).await;
 }

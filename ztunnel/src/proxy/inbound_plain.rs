@@ -28,7 +28,7 @@ pub(super) async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
 ) {
-    let _place = match pi.sources.try_admit(peer.ip()) {
+    let mut place = match pi.sources.try_admit(peer.ip()) {
         Ok(place) => place,
         Err(full) => {
             crate::refused!(pi.metrics, Reason::InboundPlaintextSourceLimit, %peer, error = %full, "inbound plaintext connection refused: its client address has as many proxied as allowed");
@@ -120,5 +120,5 @@ pub(super) async fn handle(
         }
     };
     tracked.report();
-    super::copy_plain(&pi, &mut tracked, &mut app, &mut tcp).await
+    super::copy_plain(&pi, &mut place, &mut tracked, &mut app, &mut tcp).await
 }

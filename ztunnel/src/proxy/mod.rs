@@ -54,13 +54,17 @@ use peers::{PeerLimits, Peers};
 pub enum Scope {
     /// Listeners on the node's addresses, serving every workload of the node.
     Node,
-    /// Listeners inside one enrolled pod's netns, serving that pod (by uid); `addr` is its
-    /// first address when it was enrolled (see [`Scope::source_key`]).
-    Pod {
-        uid: Arc<str>,
-        netns: Arc<Netns>,
-        addr: Option<IpAddr>,
-    },
+    /// Listeners inside one enrolled pod's netns, serving that pod.
+    Pod(Arc<PodScope>),
+}
+
+/// The pod a [`Scope::Pod`] serves (shared: every connection's handler holds its scope).
+#[derive(Debug)]
+pub struct PodScope {
+    pub uid: Arc<str>,
+    pub netns: Arc<Netns>,
+    /// Its first address when it was enrolled (see [`Scope::source_key`]).
+    pub addr: Option<IpAddr>,
 }
 
 impl Scope {
@@ -69,8 +73,8 @@ impl Scope {
     fn workload(&self, pi: &ProxyInputs, state: &State, addr: SocketAddr) -> Option<Arc<Workload>> {
         match self {
             Scope::Node => pi.local_workload(state, addr),
-            Scope::Pod { uid, .. } => state
-                .workload_by_uid(uid)
+            Scope::Pod(pod) => state
+                .workload_by_uid(&pod.uid)
                 .filter(|w| &*w.node == pi.node.as_str())
                 .cloned(),
         }
@@ -97,17 +101,15 @@ impl Scope {
     /// the peer's.
     fn source_key(&self, peer: IpAddr) -> IpAddr {
         match self {
-            Scope::Pod {
-                addr: Some(addr), ..
-            } => *addr,
-            _ => peer.to_canonical(),
+            Scope::Pod(pod) => pod.addr.unwrap_or(peer).to_canonical(),
+            Scope::Node => peer.to_canonical(),
         }
     }
 
     fn netns(&self) -> Option<Arc<Netns>> {
         match self {
             Scope::Node => None,
-            Scope::Pod { netns, .. } => Some(netns.clone()),
+            Scope::Pod(pod) => Some(pod.netns.clone()),
         }
     }
 
@@ -124,8 +126,8 @@ impl Scope {
     fn app_origin(&self, client: IpAddr) -> Origin {
         match self {
             Scope::Node => Origin::default(),
-            Scope::Pod { netns, .. } => Origin {
-                netns: Some(netns.clone()),
+            Scope::Pod(pod) => Origin {
+                netns: Some(pod.netns.clone()),
                 transparent_src: Some(client.to_canonical()),
             },
         }
@@ -147,6 +149,8 @@ pub struct TunnelLimits {
     pub buffered_bytes: usize,
     /// Connections proxied at once for one source address ([`ProxyInputs::sources`]).
     pub connections_per_source: usize,
+    /// Connections proxied at once outside the tunnels, node-wide ([`ProxyInputs::sources`]).
+    pub proxied_connections: usize,
 }
 
 impl TunnelLimits {
@@ -155,6 +159,9 @@ impl TunnelLimits {
     /// The default of [`TunnelLimits::connections_per_source`]: as many as one address may
     /// have streams at one destination node (`PeerLimits::streams_per_address`).
     pub const CONNECTIONS_PER_SOURCE: usize = 16_384;
+    /// The default of [`TunnelLimits::proxied_connections`]: what the DaemonSet's memory
+    /// limit holds beside a full buffered-bytes budget (about 15 KiB a connection).
+    pub const PROXIED_CONNECTIONS: usize = 40_000;
 }
 
 impl Default for TunnelLimits {
@@ -165,6 +172,7 @@ impl Default for TunnelLimits {
             peers: PeerLimits::default(),
             buffered_bytes: budget::DEFAULT_LIMIT,
             connections_per_source: Self::CONNECTIONS_PER_SOURCE,
+            proxied_connections: Self::PROXIED_CONNECTIONS,
         }
     }
 }
@@ -199,11 +207,15 @@ pub struct ProxyInputs {
     pub peers: Arc<Peers>,
     /// What tunnel streams hold for slow applications, node-wide.
     pub budget: Arc<BufferBudget>,
-    /// Connections proxied now for each source address outside the tunnels: a local pod's
-    /// outbound connections (by its own address, [`Scope::source_key`]), a plaintext client's to the node's workloads.
-    /// Each holds a place from accept to close; over the cap a connection is reset at once
-    /// (`outbound_source_limit`, `inbound_plaintext_source_limit`), so that one pod cannot
-    /// take the daemon's memory and descriptors from every other pod of the node.
+    /// Connections proxied now outside the tunnels, for each source address and node-wide: a
+    /// local pod's outbound connections (by its own address, [`Scope::source_key`]), a
+    /// plaintext client's to the node's workloads. Each holds a place from accept to close.
+    /// Over its source's cap a connection is reset at once (`outbound_source_limit`,
+    /// `inbound_plaintext_source_limit`). When the node's places are all held, a newcomer
+    /// whose source holds fewer than the source holding the most takes the place of that
+    /// source's oldest connection, which is closed (`proxied_connection_evicted`); else it is
+    /// reset. So neither one pod nor several together can take the daemon's memory and
+    /// descriptors from the node's other pods.
     pub sources: Arc<Gate>,
     /// The socket factory: the pool's, so that the proxies and their tunnels reach the
     /// network the same way.
@@ -258,12 +270,14 @@ impl ProxyInputs {
                 limits.buffered_bytes,
                 metrics.buffered_bytes.clone(),
             )),
-            sources: Gate::new(
+            sources: Gate::with(
                 "proxied connections",
                 gate::Limits {
-                    total: usize::MAX,
+                    total: limits.proxied_connections,
                     per_peer: limits.connections_per_source,
                 },
+                WhenFull::EvictLargest,
+                None,
             ),
             round_robin: AtomicUsize::new(0),
             inflight: Arc::default(),
@@ -362,6 +376,7 @@ fn copy_failed(pi: &ProxyInputs, tracked: &mut conns::Tracked, e: CopyError) {
 /// source, the application at the destination, as the tunnel's copy counts them.
 async fn copy_plain(
     pi: &ProxyInputs,
+    place: &mut gate::Permit,
     tracked: &mut conns::Tracked,
     tcp: &mut TcpStream,
     other: &mut TcpStream,
@@ -369,6 +384,9 @@ async fn copy_plain(
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(tcp, other) => r,
         cause = tracked.told_to_close() => return tracked.closed_by_daemon(cause, &pi.metrics),
+        () = place.evicted() => {
+            return tracked.closed_by_daemon(conns::CloseCause::Evicted, &pi.metrics)
+        }
     };
     match copied {
         Ok((sent, received)) => {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::conns::{ConnFacts, Direction, Tracked};
+use super::conns::{CloseCause, ConnFacts, Direction, Tracked};
 use super::outcome::{refuse, Outcome};
 use super::plan::{self, Plan};
 use super::{reset, ProxyInputs, Scope};
@@ -33,8 +33,7 @@ use crate::metrics::End;
 use crate::refusal::Reason;
 
 pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, peer: SocketAddr) {
-    let source = scope.source_key(peer.ip());
-    let _place = match pi.sources.try_admit(source) {
+    let mut place = match pi.sources.try_admit(scope.source_key(peer.ip())) {
         Ok(place) => place,
         Err(full) => {
             crate::refused!(pi.metrics, Reason::OutboundSourceLimit, %peer, error = %full, "outbound connection refused: its pod has as many proxied as allowed");
@@ -52,14 +51,17 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
             mut tcp,
             mut upstream,
             mut tracked,
-        } => super::copy_plain(&pi, &mut tracked, &mut tcp, &mut upstream).await,
+        } => super::copy_plain(&pi, &mut place, &mut tracked, &mut tcp, &mut upstream).await,
         Open::Hbone {
             tcp,
             tunnel,
             mut tracked,
         } => {
             let (rd, wr) = tcp.into_split();
-            let (bytes, holding) = (&tracked.record().bytes, pi.budget.holding(source));
+            let (bytes, holding) = (
+                &tracked.record().bytes,
+                pi.budget.holding(scope.source_key(peer.ip())),
+            );
             tokio::select! {
                 r = copy_tunnel(rd, wr, tunnel.stream, bytes, holding) => {
                     if let Err(e) = r {
@@ -67,6 +69,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
                     }
                 }
                 cause = tracked.told_to_close() => tracked.closed_by_daemon(cause, &pi.metrics),
+                () = place.evicted() => tracked.closed_by_daemon(CloseCause::Evicted, &pi.metrics),
             }
             drop(tunnel.lease);
         }

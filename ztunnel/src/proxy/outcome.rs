@@ -68,6 +68,9 @@ pub enum Outcome {
     PeerRevoked,
     /// No tunnel to the destination: a revocation list revokes its certificate.
     DestinationRevoked(String),
+    /// Closed by the daemon: its place among the node's proxied connections went to a
+    /// newcomer, its source holding the most.
+    Evicted,
     /// Closed by the daemon: its source pod left the mesh.
     SourceReleased,
     /// Closed by the daemon: its destination pod left the mesh.
@@ -106,6 +109,7 @@ impl Outcome {
             Outcome::PlaintextAppUnreachable(_) => Reason::InboundPlaintextAppUnreachable,
             Outcome::OverBudget(_) => Reason::BufferBudget,
             Outcome::PolicyRevoked => Reason::PolicyRevoked,
+            Outcome::Evicted => Reason::ProxiedConnectionEvicted,
             Outcome::CertificateRevoked => Reason::CertificateRevoked,
             Outcome::PeerRevoked => Reason::InboundPeerRevoked,
             Outcome::DestinationRevoked(_) => Reason::OutboundPeerRevoked,
@@ -142,6 +146,7 @@ impl Outcome {
             | Outcome::OverBudget(_)
             | Outcome::PolicyRevoked
             | Outcome::CertificateRevoked
+            | Outcome::Evicted
             | Outcome::SourceReleased
             | Outcome::DestinationReleased => None,
         }
@@ -162,6 +167,9 @@ impl Outcome {
                 "closed: a revocation list revokes the peer's certificate"
             }
             Outcome::PeerRevoked => "the peer's certificate is revoked",
+            Outcome::Evicted => {
+                "closed: the node holds as many proxied connections as allowed, its source the most"
+            }
             Outcome::SourceReleased => "closed: the source pod left the mesh",
             Outcome::DestinationReleased => "closed: the destination pod left the mesh",
             Outcome::NoRoute(error)
@@ -326,6 +334,12 @@ mod tests {
                 Some(Reason::PolicyRevoked),
                 None,
                 "closed: denied by a policy change",
+            ),
+            (
+                Outcome::Evicted,
+                Some(Reason::ProxiedConnectionEvicted),
+                None,
+                "closed: the node holds as many proxied connections as allowed, its source the most",
             ),
             (
                 Outcome::SourceReleased,

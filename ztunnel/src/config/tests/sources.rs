@@ -25,6 +25,7 @@ fn flag_over_environment_over_default() {
             "--log-format" => format!("{:?}", c.log_format),
             "--max-buffered-mib" => (c.tunnel.buffered_bytes >> 20).to_string(),
             "--max-connections-per-source" => c.tunnel.connections_per_source.to_string(),
+            "--max-proxied-connections" => c.tunnel.proxied_connections.to_string(),
             "--state-dir" => c.state_dir.display().to_string(),
             other => panic!("{other}"),
         }
@@ -86,6 +87,13 @@ fn flag_over_environment_over_default() {
             "3",
             "4",
             "16384",
+        ),
+        (
+            "--max-proxied-connections",
+            "ZTUNNEL_MAX_PROXIED_CONNECTIONS",
+            "20000",
+            "30000",
+            "40000",
         ),
         (
             "--state-dir",
