@@ -408,6 +408,41 @@ fn dual_stack_pods_are_captured_over_ipv6_too_with_real_client_addresses_and_pro
         .block_on(apps::whoami("fd20:2::10", 8080, "probe"));
     assert_eq!(probe.unwrap(), "fd7a:7475:6e6e:656c::7f");
 
+    // A packet forwarded through the node that claims the node's address as its source is not
+    // given the probe address (IPv6 routes it, where IPv4 drops it as a martian): a pod on the
+    // other node sends from node 2's underlay address to the server's application. It reaches
+    // the pod with its own source, to be captured, and no handshake completes.
+    let spoofer = bed.pod("legacy-1");
+    spoofer
+        .ns
+        .ip(&["-6", "addr", "add", "fd77::2/128", "dev", "lo", "nodad"])
+        .unwrap();
+    let pcap = bed.dir().join("spoofed.pcap");
+    let cap = testbed::start_capture(&server.ns, "eth0", &pcap).unwrap();
+    let attempt = spoofer.ns.block_on(async {
+        let s = tokio::net::TcpSocket::new_v6()?;
+        s.bind("[fd77::2]:0".parse().unwrap())?;
+        let to = "[fd20:2::10]:8080".parse().unwrap();
+        tokio::time::timeout(Duration::from_secs(2), s.connect(to))
+            .await
+            .map_err(std::io::Error::other)?
+    });
+    let captured = testbed::stop_capture(cap, &pcap).unwrap();
+    assert!(attempt.is_err(), "no handshake: {attempt:?}");
+    assert!(
+        captured.lines.iter().any(|l| l.contains("fd77::2.")),
+        "the spoofed SYN reached the pod with its own source: {:?}",
+        captured.lines
+    );
+    assert!(
+        !captured
+            .lines
+            .iter()
+            .any(|l| l.contains("fd7a:7475:6e6e:656c::7f")),
+        "given the probe address: {:?}",
+        captured.lines
+    );
+
     // The IPv6 policy route and probe-set entry exist while the pod is enrolled, and DEL
     // removes them with the rest.
     let rule = "fwmark 0x111/0xfff lookup 133";
