@@ -202,8 +202,9 @@ pub fn daemonset_agrees_with_the_daemon_configuration(o: &Objects, dirs: &Node) 
     assert!(cfg.admin_addr.ip().is_loopback());
 
     // Resources: no CPU limit (throttling slows every pod on the node); a memory limit that
-    // leaves room, beyond the buffered-bytes budget the daemon is configured with, for tens of
-    // thousands of connections (about 15 KiB each, measured by `ztunnel-load`).
+    // leaves room, beyond the buffered-bytes budget the daemon is configured with, for as many
+    // outbound connections as the node's pods may hold (about 15 KiB each, measured by
+    // `ztunnel-load`).
     let resources = daemon.resources.as_ref().expect("resources");
     let limits = resources.limits.clone().unwrap_or_default();
     assert!(
@@ -217,9 +218,10 @@ pub fn daemonset_agrees_with_the_daemon_configuration(o: &Objects, dirs: &Node) 
         .or_else(|| memory.strip_suffix("Mi").map(|m| m.parse().unwrap()))
         .unwrap_or_else(|| panic!("memory limit in Mi or Gi: {memory}"));
     let budget_mib = cfg.tunnel.buffered_bytes >> 20;
+    let connections = cfg.tunnel.proxied_connections;
     assert!(
-        mib >= budget_mib + 20_000 * 15 / 1024 + 64,
-        "memory limit {mib} MiB: the budget ({budget_mib} MiB), 20 000 connections and the idle daemon must fit"
+        mib >= budget_mib + connections * 15 / 1024 + 64,
+        "memory limit {mib} MiB: the budget ({budget_mib} MiB), {connections} connections and the idle daemon must fit"
     );
 
     // Mounts: the state directory at the host's own path (the plugin on the host uses it),

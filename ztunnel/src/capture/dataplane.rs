@@ -63,7 +63,11 @@ impl Dataplane for Node {
         let scope = Scope::Pod(Arc::new(PodScope {
             uid: w.uid.clone(),
             netns: ns.clone(),
-            addr: w.ips.first().map(|a| a.to_canonical()),
+            // A pod without an address (none is enrolled) would share the unspecified one.
+            addr: w
+                .ips
+                .first()
+                .map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |a| a.to_canonical()),
         }));
         let pi = self.pi.clone();
         let (listeners, listeners6) = bound;

@@ -135,9 +135,10 @@ fn expected_lines() -> Vec<String> {
 
 /// The node-level table of one address family: kubelet probes (connections the node itself
 /// opens to an enrolled pod) leave with the probe address, which the pod's rules let through
-/// uncaptured. Only packets of the node's own sockets are taken (`meta skuid` matches nothing
-/// without one): a packet forwarded through the node that claims one of its addresses as its
-/// source (IPv6 routes it, where IPv4 drops it as a martian) is not given the probe address.
+/// uncaptured. Only packets the node sends itself are taken (`meta iif 0`: no input
+/// interface; a kernel client's, an NFS mount's, too): a packet forwarded through the node
+/// that claims one of its addresses as its source (IPv6 routes it; IPv4 drops it as a martian
+/// unless `accept_local` is set) is not given the probe address.
 pub fn node_ruleset(family: Family) -> String {
     let f = family.nft();
     let (addr_type, probe) = match family {
@@ -151,7 +152,7 @@ table {f} {NODE_TABLE} {{
   set enrolled {{ type {addr_type}; }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    {f} daddr @enrolled meta l4proto tcp fib saddr type local meta skuid >= 0 snat to {probe}
+    {f} daddr @enrolled meta l4proto tcp fib saddr type local meta iif 0 snat to {probe}
   }}
 }}
 "
@@ -558,12 +559,12 @@ mod tests {
         let r = node_ruleset(Family::V4);
         assert!(r.starts_with("table ip ztunnel_node\ndelete table ip ztunnel_node\n"));
         assert!(r.contains(
-            "ip daddr @enrolled meta l4proto tcp fib saddr type local meta skuid >= 0 snat to 169.254.7.127"
+            "ip daddr @enrolled meta l4proto tcp fib saddr type local meta iif 0 snat to 169.254.7.127"
         ));
         let r = node_ruleset(Family::V6);
         assert!(r.starts_with("table ip6 ztunnel_node\ndelete table ip6 ztunnel_node\n"));
         assert!(r.contains(
-            "ip6 daddr @enrolled meta l4proto tcp fib saddr type local meta skuid >= 0 snat to fd7a:7475:6e6e:656c::7f"
+            "ip6 daddr @enrolled meta l4proto tcp fib saddr type local meta iif 0 snat to fd7a:7475:6e6e:656c::7f"
         ));
     }
 

@@ -62,6 +62,15 @@ fn defaults() {
     );
     assert_eq!(c.tunnel.buffered_bytes, 256 << 20);
     assert_eq!(c.tunnel.connections_per_source, 16_384);
+    assert_eq!(c.tunnel.proxied_connections, 40_000);
+    // Left to its default, the node's cap on the pods' outbound connections is at least one
+    // pod's.
+    let c = run(
+        &["--node-name", "n1", "--discovery-file", "/m"],
+        &[("ZTUNNEL_MAX_CONNECTIONS_PER_SOURCE", "50000")],
+    )
+    .unwrap();
+    assert_eq!(c.tunnel.proxied_connections, 50_000);
     assert_eq!(c.drain_grace, Duration::from_secs(30));
     assert_eq!(c.connect_timeout, Duration::from_secs(10));
     assert!(c.to_string().contains(" tls_first_bytes_timeout=2s "));
@@ -228,6 +237,11 @@ fn invalid_values() {
             "invalid --max-connections-per-source \"16384\": must not exceed --max-proxied-connections (1000)",
         ),
         (&[], &[("ZTUNNEL_MAX_PROXIED_CONNECTIONS", "0")], "1 to 1000000"),
+        (
+            &["--max-connections-per-source", "50000"],
+            &[("ZTUNNEL_MAX_PROXIED_CONNECTIONS", "40000")],
+            "invalid --max-connections-per-source \"50000\": must not exceed ZTUNNEL_MAX_PROXIED_CONNECTIONS (40000)",
+        ),
         (
             &["--tls-first-bytes-timeout", "50ms"],
             &[],

@@ -62,8 +62,9 @@ pub(super) struct TunnelArgs {
     #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_SOURCE", value_parser = count(MILLION),
           default_value_t = TunnelLimits::CONNECTIONS_PER_SOURCE as u32)]
     max_connections_per_source: u32,
-    /// Connections proxied at once outside the tunnels, node-wide; when all are held, the
-    /// source holding the most gives up its oldest to a newcomer from another
+    /// Local pods' outbound connections proxied at once, node-wide (by default at least
+    /// one pod's cap); when all are held, the pod holding the most gives up its oldest to a
+    /// newcomer from another
     #[arg(long, env = "ZTUNNEL_MAX_PROXIED_CONNECTIONS", value_parser = count(MILLION),
           default_value_t = TunnelLimits::PROXIED_CONNECTIONS as u32)]
     max_proxied_connections: u32,
@@ -71,11 +72,18 @@ pub(super) struct TunnelArgs {
 
 impl TunnelArgs {
     /// The limits; a per-peer cap (pending handshakes, proxied connections) may not exceed
-    /// the node's.
+    /// the node's given with it.
     pub(super) fn resolve(self, origins: &Origins) -> Result<TunnelLimits, ConfigError> {
+        // Left to its default, the node's cap is at least one pod's.
+        let total = match origins.is_set("max_proxied_connections") {
+            true => self.max_proxied_connections,
+            false => self
+                .max_proxied_connections
+                .max(self.max_connections_per_source),
+        };
         let sources = caps(
             origins,
-            (self.max_proxied_connections, "max_proxied_connections"),
+            (total, "max_proxied_connections"),
             (
                 self.max_connections_per_source,
                 "max_connections_per_source",

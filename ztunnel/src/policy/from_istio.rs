@@ -298,7 +298,9 @@ fn one(mut o: Value, istio_root: &str, root: &str) -> Result<String, FromIstioEr
                 "namespace {istio_root} (Istio's root namespace) → {root} (ztunnel's root namespace), so that it stays mesh-wide"
             ));
         } else if ns.is_empty() {
-            notes.push("no namespace: it will be created in kubectl's current namespace".into());
+            notes.push(format!(
+                "no namespace: it will be created in kubectl's current namespace (if that is {root}, it applies to the whole mesh)"
+            ));
         }
     }
     if ns == istio_root {

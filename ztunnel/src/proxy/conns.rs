@@ -410,8 +410,8 @@ impl Tracked {
         self.outcome = outcome;
     }
 
-    /// Records that the daemon closed the connection for `cause` (logged now and on close; a
-    /// policy change is counted as `policy_revoked`).
+    /// Records that the daemon closed the connection for `cause` (logged now, throttled when its
+    /// reason is, and on close; a policy change is counted as `policy_revoked`).
     pub fn closed_by_daemon(&mut self, cause: CloseCause, metrics: &Metrics) {
         let outcome = closed_by(cause, self.rec.direction);
         if let Some(reason) = outcome.reason() {
@@ -422,7 +422,11 @@ impl Tracked {
             Outcome::PolicyRevoked => "closed: a policy change denies it".into(),
             _ => outcome.text(),
         };
-        tracing::info!(id = self.rec.id, src = ?f.src_addr, src_identity = ?f.src_identity, dst = ?f.dst_addr, "{log}");
+        if outcome.reason().is_some_and(|r| r.throttled()) {
+            crate::warn_throttled!(id = self.rec.id, src = ?f.src_addr, src_identity = ?f.src_identity, dst = ?f.dst_addr, "{log}");
+        } else {
+            tracing::info!(id = self.rec.id, src = ?f.src_addr, src_identity = ?f.src_identity, dst = ?f.dst_addr, "{log}");
+        }
         self.fail(outcome);
     }
 }

@@ -184,7 +184,7 @@ impl Node {
         let scope = Scope::Pod(Arc::new(super::PodScope {
             uid: "c".into(),
             netns: Arc::new(netns.unwrap()),
-            addr: Some(CLIENT.parse().unwrap()),
+            addr: CLIENT.parse().unwrap(),
         }));
         self.serve_in(
             scope,
@@ -291,16 +291,21 @@ impl Node {
             .expect("closed within 10 s");
     }
 
+    /// The places held among the pods' outbound connections and the plaintext clients'.
+    fn held(&self) -> usize {
+        self.pi.sources.held() + self.pi.plaintext_clients.held()
+    }
+
     /// Waits (at most 10 s) until the node's sources hold `n` proxied connections in all.
     async fn until_sources_hold(&self, n: usize) {
         let held = async {
-            while self.pi.sources.held() != n {
+            while self.held() != n {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
         tokio::time::timeout(Duration::from_secs(10), held)
             .await
-            .unwrap_or_else(|_| panic!("{} held, not {n}", self.pi.sources.held()));
+            .unwrap_or_else(|_| panic!("{} held, not {n}", self.held()));
     }
 
     /// The connection table's row of `direction` (exactly one expected).
@@ -669,34 +674,40 @@ async fn a_pod_holding_connections_from_a_neighbours_address_takes_none_of_its_p
     node.until_sources_hold(0).await;
 }
 
-/// When the node holds as many proxied connections as allowed (four here), a newcomer from a
-/// source holding fewer than the largest takes the place of that source's oldest connection,
-/// which is closed and counted (`proxied_connection_evicted`); the largest source's other
+/// When the node's pods hold as many outbound connections as allowed (four here), a newcomer
+/// from a pod holding fewer than the largest takes the place of that pod's oldest connection,
+/// which is closed and counted (`proxied_connection_evicted`); the largest pod's other
 /// connections run on, and a newcomer of its own, which would leave it the largest, is reset.
+/// Plaintext clients' connections take none of the pods' places.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_node_closes_the_oldest_connection_of_the_source_holding_the_most() {
+async fn a_full_node_closes_the_oldest_connection_of_the_pod_holding_the_most() {
     let limits = super::TunnelLimits {
         connections_per_source: 3,
         proxied_connections: 4,
         ..Default::default()
     };
     let node = Node::start_with(false, limits).await;
-    let entry = node.outbound(Some(node.app(OUTSIDE))).await;
-    let mut client = Vec::new();
-    for _ in 0..3 {
-        let mut s = connect(CLIENT, entry).await.unwrap();
-        assert_eq!(round_trip(&mut s, b"held").await.unwrap(), b"held");
-        client.push(s);
-    }
     let plaintext = node.plaintext(node.app(SERVER)).await;
-    let mut stranger = connect(STRANGER, plaintext).await.unwrap();
-    assert_eq!(round_trip(&mut stranger, b"one").await.unwrap(), b"one");
-    node.until_sources_hold(4).await;
+    let mut strangers = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect(STRANGER, plaintext).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"plain").await.unwrap(), b"plain");
+        strangers.push(s);
+    }
+    let entry = node.outbound(Some(node.app(OUTSIDE))).await;
+    let mut held = Vec::new();
+    for from in [CLIENT, CLIENT, CLIENT, SERVER] {
+        let mut s = connect(from, entry).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"held").await.unwrap(), b"held");
+        held.push(s);
+    }
+    assert_eq!(node.refusals(Reason::ProxiedConnectionEvicted), 0);
+    assert_eq!(node.pi.sources.held(), 4);
 
-    let mut newcomer = connect(SERVER, entry).await.unwrap();
+    let mut newcomer = connect(GUARDED, entry).await.unwrap();
     assert_eq!(round_trip(&mut newcomer, b"new").await.unwrap(), b"new");
     let mut buf = [0u8; 8];
-    let oldest = tokio::time::timeout(Duration::from_secs(10), client[0].read(&mut buf))
+    let oldest = tokio::time::timeout(Duration::from_secs(10), held[0].read(&mut buf))
         .await
         .expect("the oldest is closed");
     assert!(
@@ -704,7 +715,7 @@ async fn a_full_node_closes_the_oldest_connection_of_the_source_holding_the_most
         "closed, not answered: {oldest:?}"
     );
     assert_eq!(node.refusals(Reason::ProxiedConnectionEvicted), 1);
-    for s in client[1..].iter_mut().chain([&mut stranger]) {
+    for s in held[1..].iter_mut().chain(strangers.iter_mut()) {
         assert_eq!(round_trip(s, b"still").await.unwrap(), b"still");
     }
     assert_reset(CLIENT, entry).await;
@@ -715,6 +726,6 @@ async fn a_full_node_closes_the_oldest_connection_of_the_source_holding_the_most
         node.all_refusals()
     );
     assert_eq!(node.refusals(Reason::ProxiedConnectionEvicted), 1);
-    drop((client, stranger, newcomer));
+    drop((held, strangers, newcomer));
     node.until_sources_hold(0).await;
 }

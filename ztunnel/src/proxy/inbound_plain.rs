@@ -28,7 +28,7 @@ pub(super) async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
 ) {
-    let mut place = match pi.sources.try_admit(peer.ip()) {
+    let mut place = match pi.plaintext_clients.try_admit(peer.ip()) {
         Ok(place) => place,
         Err(full) => {
             crate::refused!(pi.metrics, Reason::InboundPlaintextSourceLimit, %peer, error = %full, "inbound plaintext connection refused: its client address has as many proxied as allowed");

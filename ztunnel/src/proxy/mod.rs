@@ -64,7 +64,7 @@ pub struct PodScope {
     pub uid: Arc<str>,
     pub netns: Arc<Netns>,
     /// Its first address when it was enrolled (see [`Scope::source_key`]).
-    pub addr: Option<IpAddr>,
+    pub addr: IpAddr,
 }
 
 impl Scope {
@@ -99,9 +99,9 @@ impl Scope {
     /// address the connection comes from inside it (a pod may give itself any address, a
     /// neighbour's included, and would otherwise take that neighbour's places); on the node,
     /// the peer's.
-    fn source_key(&self, peer: IpAddr) -> IpAddr {
+    pub fn source_key(&self, peer: IpAddr) -> IpAddr {
         match self {
-            Scope::Pod(pod) => pod.addr.unwrap_or(peer).to_canonical(),
+            Scope::Pod(pod) => pod.addr.to_canonical(),
             Scope::Node => peer.to_canonical(),
         }
     }
@@ -149,7 +149,8 @@ pub struct TunnelLimits {
     pub buffered_bytes: usize,
     /// Connections proxied at once for one source address ([`ProxyInputs::sources`]).
     pub connections_per_source: usize,
-    /// Connections proxied at once outside the tunnels, node-wide ([`ProxyInputs::sources`]).
+    /// The local pods' outbound connections proxied at once, node-wide
+    /// ([`ProxyInputs::sources`]).
     pub proxied_connections: usize,
 }
 
@@ -207,16 +208,20 @@ pub struct ProxyInputs {
     pub peers: Arc<Peers>,
     /// What tunnel streams hold for slow applications, node-wide.
     pub budget: Arc<BufferBudget>,
-    /// Connections proxied now outside the tunnels, for each source address and node-wide: a
-    /// local pod's outbound connections (by its own address, [`Scope::source_key`]), a
-    /// plaintext client's to the node's workloads. Each holds a place from accept to close.
-    /// Over its source's cap a connection is reset at once (`outbound_source_limit`,
-    /// `inbound_plaintext_source_limit`). When the node's places are all held, a newcomer
-    /// whose source holds fewer than the source holding the most takes the place of that
-    /// source's oldest connection, which is closed (`proxied_connection_evicted`); else it is
-    /// reset. So neither one pod nor several together can take the daemon's memory and
-    /// descriptors from the node's other pods.
+    /// The local pods' captured outbound connections now, for each pod (by its own address,
+    /// [`Scope::source_key`]) and node-wide. Each holds a place from accept to close. Over its
+    /// pod's cap a connection is reset at once (`outbound_source_limit`). When the node's
+    /// places are all held, a newcomer whose pod, even with it, would hold fewer than the pod
+    /// holding the most takes the place of that pod's oldest connection, which is closed once
+    /// it is set up (`proxied_connection_evicted`); else it is reset. So neither one pod nor
+    /// several together can take the daemon's memory and descriptors from the node's other
+    /// pods.
     pub sources: Arc<Gate>,
+    /// Plaintext clients' connections to the node's workloads (15006) now, for each client
+    /// address: over its cap a connection is reset at once
+    /// (`inbound_plaintext_source_limit`). Apart from the pods' outbound connections, so that
+    /// many client addresses cannot take the pods' places.
+    pub plaintext_clients: Arc<Gate>,
     /// The socket factory: the pool's, so that the proxies and their tunnels reach the
     /// network the same way.
     sockets: Arc<dyn Sockets>,
@@ -278,6 +283,13 @@ impl ProxyInputs {
                 },
                 WhenFull::EvictLargest,
                 None,
+            ),
+            plaintext_clients: Gate::new(
+                "plaintext connections",
+                gate::Limits {
+                    total: usize::MAX,
+                    per_peer: limits.connections_per_source,
+                },
             ),
             round_robin: AtomicUsize::new(0),
             inflight: Arc::default(),

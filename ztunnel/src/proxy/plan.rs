@@ -292,7 +292,7 @@ services:
     /// one, as Istio sends only a pod's own traffic through its waypoint. Without the setting
     /// the label means nothing.
     #[test]
-    fn services_behind_a_waypoint_are_refused_under_istio_compat() {
+    fn services_and_pods_behind_a_waypoint_are_refused_under_istio_compat() {
         use crate::discovery::enrollment::Rules;
         let plain = crate::discovery::parse(WAYPOINTS, "cluster.local").unwrap();
         let istio = crate::discovery::parse(WAYPOINTS, "cluster.local")
