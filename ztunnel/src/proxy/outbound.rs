@@ -36,7 +36,7 @@ pub(super) async fn handle(pi: Arc<ProxyInputs>, scope: Scope, tcp: TcpStream, p
     let mut place = match pi.sources.try_admit(scope.source_key(peer.ip())) {
         Ok(place) => place,
         Err(full) => {
-            crate::refused!(pi.metrics, Reason::OutboundSourceLimit, %peer, error = %full, "outbound connection refused: its pod has as many proxied as allowed");
+            crate::refused!(pi.metrics, Reason::OutboundSourceLimit, %peer, error = %full, "outbound connection refused: its pod, or the node's pods, have as many proxied as allowed");
             return reset(tcp);
         }
     };
