@@ -1,0 +1,184 @@
+//! The translation under the Istio-compatible setting: which of Istio's labels and
+//! annotations enroll a pod or keep it out, and the waypoints Services and pods name.
+
+use super::*;
+
+#[test]
+fn istios_labels_and_annotations_under_each_rule() {
+    use crate::discovery::enrollment::{
+        ISTIO_DATAPLANE_MODE_LABEL, ISTIO_REDIRECTION, ISTIO_SIDECAR_STATUS,
+    };
+    let istio_ns = json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "moved", "labels": {ISTIO_DATAPLANE_MODE_LABEL: "ambient"}}});
+    let with = |ns: &str, node: &str, ip: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let mut p = pod(ns, &format!("p{}", &ip[7..]), node, ip);
+        f(&mut p);
+        p
+    };
+    let pods = [
+        // (pod, protocol without the setting, with it)
+        (
+            with("moved", NODE, "10.0.0.1", &|_| {}),
+            Protocol::Tcp,
+            Protocol::Hbone,
+        ),
+        (
+            with("legacy", NODE, "10.0.0.2", &|p| {
+                p["metadata"]["labels"][ISTIO_DATAPLANE_MODE_LABEL] = json!("ambient")
+            }),
+            Protocol::Tcp,
+            Protocol::Hbone,
+        ),
+        (
+            with("demo", NODE, "10.0.0.3", &|p| {
+                p["metadata"]["labels"][ISTIO_DATAPLANE_MODE_LABEL] = json!("none")
+            }),
+            Protocol::Hbone,
+            Protocol::Tcp,
+        ),
+        (
+            with("demo", NODE, "10.0.0.4", &|p| {
+                p["metadata"]["annotations"][ISTIO_SIDECAR_STATUS] = json!("{\"containers\":[]}")
+            }),
+            Protocol::Tcp,
+            Protocol::Tcp,
+        ),
+        // Remote pods keep what enrollment reads: Istio's label and annotations.
+        (
+            with("legacy", "n2", "10.0.0.5", &|p| {
+                p["metadata"]["labels"][ISTIO_DATAPLANE_MODE_LABEL] = json!("ambient")
+            }),
+            Protocol::Tcp,
+            Protocol::Hbone,
+        ),
+        // Istio's ambient mode has it: never enrolled here, but with the setting
+        // reached through a tunnel, as Istio's own ztunnel reaches it.
+        (
+            with("moved", "n2", "10.0.0.6", &|p| {
+                p["metadata"]["annotations"][ISTIO_REDIRECTION] = json!("enabled")
+            }),
+            Protocol::Tcp,
+            Protocol::Hbone,
+        ),
+        // Being redirected, not yet handed to Istio's ztunnel: plaintext, as Istio sends it.
+        (
+            with("moved", "n2", "10.0.0.7", &|p| {
+                p["metadata"]["annotations"][ISTIO_REDIRECTION] = json!("pending")
+            }),
+            Protocol::Tcp,
+            Protocol::Tcp,
+        ),
+    ];
+    let istios = "10.0.0.6";
+    for istio in [false, true] {
+        let rules = Rules {
+            istio,
+            ..Default::default()
+        };
+        let mut objs = vec![ns("demo", true), ns("legacy", false), istio_ns.clone()];
+        objs.extend(pods.iter().map(|p| p.0.clone()));
+        let (st, refused) = store_with(&objs, rules);
+        assert!(refused.is_empty(), "{refused:?}");
+        let (s, skipped) = build("cluster.local", rules, &st);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let s = s.unwrap();
+        assert_eq!(s.namespace_enrolled("moved"), istio);
+        // What the CNI plugin goes by while the daemon is down: under Istio's rules a pod's
+        // own label may enroll it in any namespace.
+        let snapshot = s.enrollment_snapshot();
+        assert_eq!(snapshot.pod_labels_enroll, istio);
+        let mut want = vec!["demo"];
+        want.extend(istio.then_some("moved"));
+        assert_eq!(snapshot.namespaces, want);
+        for (p, without, with) in &pods {
+            let ip = p["status"]["podIP"].as_str().unwrap();
+            let w = s.workload_by_ip(ip.parse().unwrap()).unwrap();
+            let want = if istio { *with } else { *without };
+            assert_eq!(w.protocol, want, "{ip} istio={istio}");
+            let enrolled = want == Protocol::Hbone && ip != istios;
+            assert_eq!(s.enrolled(w), enrolled, "{ip} istio={istio}");
+        }
+    }
+    let (st, _) = store_with(
+        &[pods[4].0.clone()],
+        Rules {
+            istio: true,
+            ..Default::default()
+        },
+    );
+    let r = st.remote_pods.values().next().unwrap();
+    assert_eq!(
+        r.labels.len(),
+        1,
+        "only the enrollment label: {:?}",
+        r.labels
+    );
+    let (st, _) = store_with(
+        &[pods[5].0.clone()],
+        Rules {
+            istio: true,
+            ..Default::default()
+        },
+    );
+    let r = st.remote_pods.values().next().unwrap();
+    assert_eq!(
+        r.other_mesh,
+        Some(crate::discovery::enrollment::OtherMesh::IstioAmbient)
+    );
+}
+
+/// A Service's `istio.io/use-waypoint` label is kept; under the Istio-compatible setting
+/// it (or its namespace's) names the waypoint Istio would send its traffic through.
+#[test]
+fn a_services_waypoint_label_is_kept() {
+    let mut labelled = svc("demo", "w", "10.96.0.2", json!(8080));
+    labelled["metadata"]["labels"] = json!({"istio.io/use-waypoint": "wp"});
+    let objs = vec![
+        ns("demo", true),
+        svc("demo", "web", "10.96.0.1", json!(8080)),
+        labelled,
+    ];
+    let (st, refused) = store(&objs);
+    assert!(refused.is_empty(), "{refused:?}");
+    let rules = Rules {
+        istio: true,
+        ..Default::default()
+    };
+    let (s, _) = build("cluster.local", rules, &st);
+    let s = s.unwrap();
+    let of = |vip: &str| s.waypoint_of(s.service_by_vip(vip.parse().unwrap()).unwrap());
+    assert_eq!(of("10.96.0.2"), Some("wp"));
+    assert_eq!(of("10.96.0.1"), None);
+    let (s, _) = build("cluster.local", Rules::default(), &st);
+    let s = s.unwrap();
+    let svc = s.service_by_vip("10.96.0.2".parse().unwrap()).unwrap();
+    assert_eq!(svc.use_waypoint.as_deref(), Some("wp"));
+    assert_eq!(
+        s.waypoint_of(svc),
+        None,
+        "without the Istio-compatible setting"
+    );
+}
+
+/// A pod's own `istio.io/use-waypoint` label is kept on every node under the Istio-compatible
+/// setting (the source's daemon plans with it), and means nothing without it.
+#[test]
+fn a_pods_waypoint_label_is_kept_on_other_nodes_under_istio_compat() {
+    let mut remote = pod("demo", "db-0", "n2", "10.0.0.7");
+    remote["metadata"]["labels"] = json!({"app": "db", "istio.io/use-waypoint": "wp"});
+    let objs = vec![ns("demo", true), remote];
+    for istio in [false, true] {
+        let rules = Rules {
+            istio,
+            ..Default::default()
+        };
+        let (st, refused) = store_with(&objs, rules);
+        assert!(refused.is_empty(), "{refused:?}");
+        let (s, _) = build("cluster.local", rules, &st);
+        let s = s.unwrap();
+        let w = s.workload_by_ip("10.0.0.7".parse().unwrap()).unwrap();
+        let want = istio.then_some("wp");
+        assert_eq!(s.workload_waypoint(w), want, "istio={istio}");
+        assert!(w.labels.get("app").is_none(), "other labels are dropped");
+    }
+}
