@@ -356,6 +356,17 @@ async fn connect(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
     s.connect(to).await
 }
 
+/// One connection to `to` from each of `from`, each answered, held open.
+async fn hold(from: &[&str], to: SocketAddr) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for f in from {
+        let mut s = connect(f, to).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"held").await.unwrap(), b"held");
+        held.push(s);
+    }
+    held
+}
+
 /// Writes `msg` and reads as many bytes back.
 async fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     s.write_all(msg).await?;
@@ -619,12 +630,7 @@ async fn a_source_address_over_its_cap_of_proxied_connections_is_reset_and_count
         ),
     ];
     for (entry, [from, other], reason) in cases {
-        let mut held = Vec::new();
-        for _ in 0..2 {
-            let mut s = connect(from, entry).await.unwrap();
-            assert_eq!(round_trip(&mut s, b"held").await.unwrap(), b"held");
-            held.push(s);
-        }
+        let mut held = hold(&[from; 2], entry).await;
         assert_reset(from, entry).await;
         assert_eq!(node.refusals(reason), 1, "{:?}", node.all_refusals());
         let mut s = connect(other, entry).await.unwrap();
@@ -652,12 +658,7 @@ async fn a_pod_holding_connections_from_a_neighbours_address_takes_none_of_its_p
     };
     let node = Node::start_with(false, limits).await;
     let pod = node.outbound_of_client_pod(node.app(OUTSIDE)).await;
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut s = connect(SERVER, pod).await.unwrap();
-        assert_eq!(round_trip(&mut s, b"held").await.unwrap(), b"held");
-        held.push(s);
-    }
+    let held = hold(&[SERVER; 2], pod).await;
     assert_reset(STRANGER, pod).await;
     assert_eq!(node.refusals(Reason::OutboundSourceLimit), 1);
     // The neighbour (the server pod, here served on the node's listener by its address).
@@ -688,19 +689,9 @@ async fn a_full_node_closes_the_oldest_connection_of_the_pod_holding_the_most() 
     };
     let node = Node::start_with(false, limits).await;
     let plaintext = node.plaintext(node.app(SERVER)).await;
-    let mut strangers = Vec::new();
-    for _ in 0..3 {
-        let mut s = connect(STRANGER, plaintext).await.unwrap();
-        assert_eq!(round_trip(&mut s, b"plain").await.unwrap(), b"plain");
-        strangers.push(s);
-    }
+    let mut strangers = hold(&[STRANGER; 3], plaintext).await;
     let entry = node.outbound(Some(node.app(OUTSIDE))).await;
-    let mut held = Vec::new();
-    for from in [CLIENT, CLIENT, CLIENT, SERVER] {
-        let mut s = connect(from, entry).await.unwrap();
-        assert_eq!(round_trip(&mut s, b"held").await.unwrap(), b"held");
-        held.push(s);
-    }
+    let mut held = hold(&[CLIENT, CLIENT, CLIENT, SERVER], entry).await;
     assert_eq!(node.refusals(Reason::ProxiedConnectionEvicted), 0);
     assert_eq!(node.pi.sources.held(), 4);
 
