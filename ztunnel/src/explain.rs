@@ -71,9 +71,9 @@ fn endpoint(state: &State, w: &Workload) -> Endpoint {
 }
 
 /// Explains `from` → `to` (`to` is `namespace/name:port`, `ip:port` (`[ip]:port` for IPv6
-/// too) or `vip:port`) as the daemon of `node` sees it. A destination on another node is not explained: its daemon
-/// decides, and only it holds all of the workload's labels, by which policies select it
-/// (other nodes keep only the labels that enroll it).
+/// too) or `vip:port`) as the daemon of `node` sees it. A destination on another node is not
+/// explained: its daemon decides, and only it holds all of the workload's labels, by which
+/// policies select it (other nodes keep only the labels that enroll it).
 pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explanation, String> {
     let src = find(state, from)?;
     let (dst, port) = to
