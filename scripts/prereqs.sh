@@ -40,8 +40,9 @@ fi
 # The real Kubernetes control plane the tests run against (kube-apiserver and etcd, built from
 # their Go modules and cached outside the clone; about 10 minutes the first time on 2 cores).
 bash "$(dirname "$0")/../tools/controlplane/build.sh" >/dev/null
-# Istio's own CRDs (from the istio.io/api Go module), for the tests of the Istio-compatible
-# setting.
+# Istio's own CRDs (from the istio.io/api Go module) and the Gateway API's Gateway and
+# GatewayClass (from sigs.k8s.io/gateway-api), for the tests of the Istio-compatible setting.
 bash "$(dirname "$0")/../tools/istio/crds.sh" >/dev/null
+bash "$(dirname "$0")/../tools/istio/crds.sh" gateway-api >/dev/null
 # helm (from its Go module, cached outside the clone), for the tests of the Helm chart.
 bash "$(dirname "$0")/../tools/helm/build.sh" >/dev/null

@@ -11,7 +11,10 @@
 //!   PeerAuthentication in Istio's root namespace (`istio-system`) refuses a plaintext pod
 //!   mesh-wide until it is deleted; a namespace labelled `istio.io/dataplane-mode=ambient`
 //!   has its running pod enrolled, and that pod's own `istio.io/dataplane-mode=none` label
-//!   releases it; the overlay's Istio grants are all used and nothing was forbidden.
+//!   releases it; with the Gateway API's CRDs installed, a pod of a namespace whose waypoint
+//!   (a Gateway) is not ready yet, or takes workloads' traffic, is refused when addressed
+//!   directly, and reached when the waypoint takes Services' only; the overlay's Istio grants
+//!   are all used and nothing was forbidden.
 
 use std::time::Duration;
 
@@ -158,13 +161,69 @@ fn istios_objects_and_labels_are_enforced() {
         !has_table(&bed.pod("legacy").ns)
     });
 
-    // The overlay's RBAC: Istio's two kinds listed and watched, nothing forbidden (the API
-    // server writes its audit log a moment after each request: read until it shows them).
+    // A namespace's waypoint, declared by a Gateway: once ready and taking workloads'
+    // traffic, a pod of the namespace addressed directly is refused (Istio would send the
+    // connection through the waypoint); taking Services' traffic only, it is reached again.
+    cp.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+        "metadata": {"name": "istio-waypoint"},
+        "spec": {"controllerName": "istio.io/mesh-controller"}}))
+    .expect("a GatewayClass");
+    let gateway = |waypoint_for: &str| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": demo,
+                         "labels": {"istio.io/waypoint-for": waypoint_for}},
+            "spec": {"gatewayClassName": "istio-waypoint",
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+    };
+    cp.apply(gateway("workload")).expect("a Gateway");
+    cp.kubectl(&[
+        "label",
+        "namespace",
+        &demo,
+        "istio.io/use-waypoint=waypoint",
+    ])
+    .expect("label the namespace");
+    let no_route = |bed: &TestBed| {
+        metric(
+            &bed.metrics(0),
+            "ztunnel_refusals_total",
+            &[("reason", "outbound_no_route")],
+        )
+    };
+    let before = no_route(&bed);
+    wait_for("a waypoint not ready yet to be taken as one", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_err()
+    });
+    cp.apply_status(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "waypoint", "namespace": demo},
+        "status": {"addresses": [{"type": "IPAddress", "value": "10.96.200.1"}]}}))
+    .expect("the Gateway ready");
+    cp.apply(gateway("service")).expect("the Gateway for Services");
+    wait_for("a pod reached directly past a waypoint for Services", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
+    });
+    cp.apply(gateway("workload")).expect("the Gateway for workloads");
+    wait_for("a pod behind its namespace's waypoint refused", || {
+        whoami(&bed, "client", "10.20.2.10", 8080).is_err()
+    });
+    assert!(no_route(&bed) > before, "refused as outbound_no_route");
+    let waypoint = format!("{demo}/waypoint");
+    assert!(
+        bed.log(0).contains(&waypoint),
+        "the refusal names the waypoint {waypoint}"
+    );
+
+    // The overlay's RBAC: Istio's kinds listed and watched, nothing forbidden (the API server
+    // writes its audit log a moment after each request: read until it shows them).
     let problems = || -> Vec<String> {
         cp.rbac_problems_in("istio-compat", SYSTEM_NAMESPACE, "ztunnel")
             .expect("audit log")
             .into_iter()
-            .filter(|p| p.contains("security.istio.io") || p.contains("forbidden"))
+            .filter(|p| {
+                p.contains("security.istio.io")
+                    || p.contains("gateway.networking.k8s.io")
+                    || p.contains("forbidden")
+            })
             .collect()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

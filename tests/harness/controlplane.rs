@@ -660,19 +660,21 @@ impl ControlPlane {
     }
 
     /// Istio's own `security.istio.io` CRDs (AuthorizationPolicy, PeerAuthentication,
-    /// RequestAuthentication), as Istio publishes them (`tools/istio/crds.sh` fetches them
-    /// from the `istio.io/api` Go module), applied once per test binary and established.
+    /// RequestAuthentication), as Istio publishes them, and the Gateway API's Gateway and
+    /// GatewayClass, which declare Istio's waypoints, at the version Istio pins
+    /// (`tools/istio/crds.sh` fetches them from their Go modules), applied once per test
+    /// binary and established.
     pub fn install_istio_crds(&self) -> &Self {
         static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
         let done = DONE.get_or_init(|| {
-            let apply = || -> Result<()> {
+            let apply = |set: &str, group: &str, count: usize| -> Result<()> {
                 let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/istio/crds.sh");
-                let path = netns::sh("bash", &[&script.display().to_string()])?;
+                let path = netns::sh("bash", &[&script.display().to_string(), set])?;
                 let all = std::fs::read_to_string(path.trim())
                     .with_context(|| format!("read {}", path.trim()))?;
                 let mut names = Vec::new();
                 for crd in serde_saphyr::from_multiple::<Value>(&all)? {
-                    if crd["spec"]["group"] == "security.istio.io" {
+                    if crd["spec"]["group"] == group {
                         names.push(format!(
                             "crd/{}",
                             crd["metadata"]["name"].as_str().unwrap_or("")
@@ -680,15 +682,17 @@ impl ControlPlane {
                         self.apply(crd)?;
                     }
                 }
-                if names.len() != 3 {
-                    bail!("expected Istio's three security.istio.io CRDs, found {names:?}");
+                if names.len() != count {
+                    bail!("expected {count} {group} CRDs, found {names:?}");
                 }
                 let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
                 args.extend(names.iter().map(String::as_str));
                 self.kubectl(&args)?;
                 Ok(())
             };
-            apply().map_err(|e| format!("{e:#}"))
+            apply("istio", "security.istio.io", 3)
+                .and_then(|()| apply("gateway-api", "gateway.networking.k8s.io", 2))
+                .map_err(|e| format!("{e:#}"))
         });
         if let Err(e) = done {
             panic!("installing Istio's CRDs on the real API server failed: {e}");

@@ -114,7 +114,8 @@ impl Rules {
     /// waypoint ([`crate::discovery::State::workload_waypoint`]).
     pub fn keeps(&self, key: &str) -> bool {
         key == DATAPLANE_MODE_LABEL
-            || (self.istio && (key == ISTIO_DATAPLANE_MODE_LABEL || key == ISTIO_USE_WAYPOINT))
+            || (self.istio
+                && (key == ISTIO_DATAPLANE_MODE_LABEL || super::waypoint::names_waypoint(key)))
     }
 
     /// Whether namespace `name` is one whose pods are never enrolled.

@@ -20,6 +20,8 @@
 //!   - {name: web, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
 //! policies:                # AuthorizationPolicy and PeerAuthentication objects
 //!   - {apiVersion: security.ztunnel.dev/v1, kind: AuthorizationPolicy, metadata: {name: p, namespace: demo}, spec: {}}
+//! waypoints:               # Istio's ready waypoints (see `waypoint`); waypointFor: service by default
+//!   - {namespace: demo, name: waypoint, waypointFor: workload}
 //! ```
 //!
 //! Unknown fields are errors: a typo must never silently widen anything. The watcher polls
@@ -40,6 +42,7 @@ use super::model::{
     Workload,
 };
 use super::policy::PolicyObject;
+use super::waypoint;
 use super::{Discovery, Error, Stats};
 
 #[derive(Deserialize)]
@@ -158,6 +161,16 @@ struct Builder<'a> {
     peer: Vec<super::policy::PeerAuthentication>,
     /// The first policy object that cannot be identified.
     invalid: Option<String>,
+    waypoints: waypoint::Waypoints,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WaypointEntry {
+    namespace: String,
+    name: String,
+    /// `istio.io/waypoint-for` (`service` when not given).
+    waypoint_for: Option<String>,
 }
 
 const FIELDS: &[&str] = &[
@@ -166,6 +179,7 @@ const FIELDS: &[&str] = &[
     "workloads",
     "services",
     "policies",
+    "waypoints",
 ];
 
 impl Builder<'_> {
@@ -197,7 +211,14 @@ impl Builder<'_> {
             service_account: int.get(&w.service_account),
             node: int.get(&w.node),
             ips: w.ips.into(),
-            labels: if remote { Labels::default() } else { labels },
+            // A remote workload keeps only the labels that name its waypoint.
+            labels: match remote {
+                true => (labels.iter())
+                    .filter(|(k, _)| waypoint::names_waypoint(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                false => labels,
+            },
             protocol: w.protocol,
             other_mesh: super::enrollment::OtherMesh::of(|k| {
                 w.annotations.get(k).map(String::as_str)
@@ -213,6 +234,7 @@ impl Builder<'_> {
     }
 
     fn service(&mut self, s: ServiceEntry) -> Result<(), String> {
+        let label = |k: &str| s.labels.get(k).map(String::as_str);
         let svc = Service {
             name: s.name.into(),
             namespace: self.int.get(&s.namespace),
@@ -238,10 +260,8 @@ impl Builder<'_> {
                 .as_deref()
                 .map(super::model::Distribution::parse)
                 .unwrap_or_default(),
-            use_waypoint: s
-                .labels
-                .get(crate::discovery::enrollment::ISTIO_USE_WAYPOINT)
-                .map(|v| v.as_str().into()),
+            use_waypoint: waypoint::service_label(label).map(Into::into),
+            use_waypoint_namespace: label(waypoint::ISTIO_USE_WAYPOINT_NAMESPACE).map(Into::into),
         };
         self.services.push(svc);
         Ok(())
@@ -252,6 +272,12 @@ impl Builder<'_> {
             PolicyObject::Authorization(a) => self.authz.push(a),
             PolicyObject::PeerAuthentication(p) => self.peer.push(p),
         }
+        Ok(())
+    }
+
+    fn waypoint(&mut self, w: WaypointEntry) -> Result<(), String> {
+        let serves = waypoint::Serves::of(w.waypoint_for.as_deref(), None);
+        self.waypoints.insert(&w.namespace, &w.name, serves);
         Ok(())
     }
 
@@ -287,6 +313,7 @@ impl Builder<'_> {
             self.authz,
             self.peer,
         )
+        .map(|s| s.with_waypoints(self.waypoints))
     }
 }
 
@@ -312,6 +339,7 @@ impl<'de> serde::de::Visitor<'de> for &mut Builder<'_> {
                 "workloads" => m.next_value_seed(Each(b, Builder::workload))?,
                 "services" => m.next_value_seed(Each(b, Builder::service))?,
                 "policies" => m.next_value_seed(Each(b, Builder::policy))?,
+                "waypoints" => m.next_value_seed(Each(b, Builder::waypoint))?,
                 other => return Err(serde::de::Error::unknown_field(other, FIELDS)),
             }
         }
@@ -499,21 +527,37 @@ namespaces:
   - {name: legacy}
 workloads:
   - {uid: u1, name: web-0, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.1], labels: {app: web}}
-  - {uid: u2, name: web-1, namespace: demo, serviceAccount: web, node: n2, ips: [10.0.0.2, 'fd00::2'], labels: {app: web}}
+  - {uid: u2, name: web-1, namespace: demo, serviceAccount: web, node: n2, ips: [10.0.0.2, 'fd00::2'], labels: {app: web, istio.io/use-waypoint: wp}}
   - {uid: u3, name: old, namespace: legacy, serviceAccount: default, node: n1, ips: [10.0.0.3], protocol: TCP}
   - {uid: u4, name: out, namespace: demo, serviceAccount: web, node: n1, ips: [10.0.0.4], labels: {ztunnel.dev/dataplane-mode: none}}
+waypoints:
+  - {namespace: demo, name: wp, waypointFor: service}
 services:
   - {name: web, namespace: demo, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
 ";
 
+    /// A remote workload keeps only the labels that name its waypoint.
     #[test]
     fn a_node_keeps_remote_workloads_lean_and_their_endpoints() {
         let s = parse_for_node(GOOD, "cluster.local", Some("n1")).unwrap();
         let remote = s.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
-        assert!(
-            remote.labels.is_empty() && remote.uid.is_empty(),
-            "{remote:?}"
-        );
+        assert_eq!(remote.labels.len(), 1, "{remote:?}");
+        assert!(remote.uid.is_empty(), "{remote:?}");
+        let istio = crate::discovery::enrollment::Rules {
+            istio: true,
+            ..Default::default()
+        };
+        for (yaml, want) in [
+            // Its waypoint, listed, takes Services' traffic only.
+            (GOOD.to_owned(), None),
+            (GOOD.replace("name: wp,", "name: other,"), Some("demo/wp")),
+        ] {
+            let s = parse_for_node(&yaml, "cluster.local", Some("n1"))
+                .unwrap()
+                .with_enrollment(istio);
+            let remote = s.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
+            assert_eq!(s.workload_waypoint(remote).as_deref(), want);
+        }
         assert!(s.workload_by_uid("u2").is_none());
         let local = s.workload_by_uid("u1").unwrap();
         assert_eq!(local.labels.get("app").map(|v| &**v), Some("web"));

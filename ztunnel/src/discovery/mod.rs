@@ -12,6 +12,7 @@ mod model;
 mod overlay;
 mod service;
 pub mod telemetry;
+pub mod waypoint;
 
 use std::path::PathBuf;
 use std::sync::Arc;

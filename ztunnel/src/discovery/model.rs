@@ -161,6 +161,8 @@ pub(super) struct Base {
     pub(super) all_namespaces: bool,
     /// Sorted addresses that two pods claim, neither trusted with them: no workload's.
     pub(super) contested: Box<[IpAddr]>,
+    /// The ready waypoints (see [`super::waypoint`]).
+    pub(super) waypoints: Arc<super::waypoint::Waypoints>,
 }
 
 /// The policies as listed and as compiled.
@@ -364,7 +366,7 @@ impl State {
     }
 
     /// The base of a state being built (not shared yet).
-    fn base_mut(&mut self) -> &mut Base {
+    pub(super) fn base_mut(&mut self) -> &mut Base {
         Arc::get_mut(&mut self.base).expect("a state being built is not shared")
     }
 
@@ -503,41 +505,6 @@ impl State {
     /// every namespace does not list it. What its pods are is then unknown.
     pub fn namespace_unseen(&self, name: &str) -> bool {
         self.base.all_namespaces && self.namespace(name).is_none()
-    }
-
-    /// The waypoint Istio would send `svc`'s traffic through, under the Istio-compatible
-    /// setting: its `istio.io/use-waypoint` label, else its namespace's; `none` (or empty) on
-    /// the Service means none whatever its namespace says.
-    pub fn waypoint_of<'a>(&'a self, svc: &'a Service) -> Option<&'a str> {
-        if !self.base.enrollment.istio {
-            return None;
-        }
-        let ns = || {
-            self.namespace(&svc.namespace)
-                .and_then(|n| n.labels.get(super::enrollment::ISTIO_USE_WAYPOINT))
-                .map(|v| &**v)
-        };
-        svc.use_waypoint
-            .as_deref()
-            .or_else(ns)
-            .filter(|w| !w.is_empty() && *w != "none")
-    }
-
-    /// The waypoint a pod's own `istio.io/use-waypoint` label names, under the
-    /// Istio-compatible setting (`none` or empty: none). Istio sends the traffic addressed to
-    /// the pod through it when the waypoint serves workloads (`istio.io/waypoint-for:
-    /// workload` or `all`); a pod names one for no other use. Its namespace's label is not
-    /// read here: Istio's default waypoint serves Services only and leaves the pods reached
-    /// directly, and which kind a waypoint is is said on its Gateway, which discovery does
-    /// not watch.
-    pub fn workload_waypoint<'a>(&self, w: &'a Workload) -> Option<&'a str> {
-        if !self.base.enrollment.istio {
-            return None;
-        }
-        w.labels
-            .get(super::enrollment::ISTIO_USE_WAYPOINT)
-            .map(|v| &**v)
-            .filter(|w| !w.is_empty() && *w != "none")
     }
 
     /// Whether namespace `name` enrolls its pods (see [`super::enrollment`]).

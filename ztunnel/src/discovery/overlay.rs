@@ -274,5 +274,6 @@ fn fold(base: &Base, patch: &Patch) -> Base {
         enrollment: base.enrollment,
         all_namespaces: base.all_namespaces,
         contested: base.contested.clone(),
+        waypoints: base.waypoints.clone(),
     }
 }

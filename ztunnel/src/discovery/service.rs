@@ -99,8 +99,10 @@ pub struct Service {
     /// selectorless service's own EndpointSlices, host-network pods at their node's address):
     /// outside the mesh, reached as plain TCP, as Istio reaches them.
     pub not_pods: Vec<IpAddr>,
-    /// Its `istio.io/use-waypoint` label (the state's `waypoint_of` reads it).
+    /// Its `istio.io/use-waypoint` label (`none` for a gateway's own Service) and its
+    /// `istio.io/use-waypoint-namespace` (see [`super::waypoint`]).
     pub use_waypoint: Option<Arc<str>>,
+    pub use_waypoint_namespace: Option<Arc<str>>,
 }
 
 fn is_any(d: &Distribution) -> bool {

@@ -78,7 +78,7 @@ pub fn outbound(
             if let Some(waypoint) = state.waypoint_of(svc) {
                 return Err(PlanError::Waypoint {
                     target: format!("service {name}"),
-                    waypoint: waypoint.to_owned(),
+                    waypoint,
                 });
             }
             let port = orig_dst.port();
@@ -133,7 +133,7 @@ pub fn outbound(
                 if let Some(waypoint) = state.workload_waypoint(w) {
                     return Err(PlanError::Waypoint {
                         target: format!("pod {}/{}", w.namespace, w.name),
-                        waypoint: waypoint.to_owned(),
+                        waypoint,
                     });
                 }
                 (w.clone(), SocketAddr::new(ip, orig_dst.port()), None)
@@ -261,21 +261,29 @@ services:
   - {name: named, namespace: demo, vips: [10.96.0.15], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, portOverrides: [{ip: 10.0.0.2, port: 80, targetPort: 0}]}
 ";
 
-    /// A namespace whose Services use a waypoint, one of them opting out.
+    /// Namespaces with waypoints: `w`'s for Services (one Service opting out, another naming
+    /// its own), `x`'s for workloads; pods naming waypoints of their own.
     const WAYPOINTS: &str = "
 namespaces:
   - {name: w, labels: {ztunnel.dev/dataplane-mode: ambient, istio.io/use-waypoint: ns-waypoint}}
   - {name: v, labels: {ztunnel.dev/dataplane-mode: ambient}}
+  - {name: x, labels: {ztunnel.dev/dataplane-mode: ambient, istio.io/use-waypoint: x-wp}}
 workloads:
   - {uid: a, name: a, namespace: w, serviceAccount: sa-a, node: n1, ips: [10.0.0.1]}
   - {uid: b1, name: b1, namespace: w, serviceAccount: sa-b, node: n2, ips: [10.0.0.2], labels: {app: b}}
   - {uid: c1, name: c1, namespace: v, serviceAccount: sa-c, node: n2, ips: [10.0.0.3], labels: {app: c, istio.io/use-waypoint: pod-wp}}
   - {uid: c2, name: c2, namespace: w, serviceAccount: sa-c, node: n2, ips: [10.0.0.4], labels: {istio.io/use-waypoint: none}}
+  - {uid: c3, name: c3, namespace: v, serviceAccount: sa-c, node: n2, ips: [10.0.0.5], labels: {istio.io/use-waypoint: ns-waypoint, istio.io/use-waypoint-namespace: w}}
+  - {uid: d1, name: d1, namespace: x, serviceAccount: sa-d, node: n2, ips: [10.0.0.6], labels: {app: d}}
 services:
   - {name: c, namespace: v, vips: [10.96.0.4], ports: [{port: 80, targetPort: 8080}], selector: {app: c}}
   - {name: b, namespace: w, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: b}}
   - {name: own, namespace: w, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: own}}
   - {name: out, namespace: w, vips: [10.96.0.3], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: none}}
+  - {name: d, namespace: x, vips: [10.96.0.5], ports: [{port: 80, targetPort: 8080}], selector: {app: d}}
+waypoints:
+  - {namespace: w, name: ns-waypoint}
+  - {namespace: x, name: x-wp, waypointFor: workload}
 ";
 
     enum Want {
@@ -284,13 +292,15 @@ services:
         Err(PlanError),
     }
 
-    /// Under the Istio-compatible setting a Service that Istio sends through a waypoint is
-    /// refused (its namespace's label, its own, `none` opting out); a pod of a namespace with
-    /// a waypoint is reached directly, as Istio's default waypoint (`istio.io/waypoint-for:
-    /// service`) leaves it, and so is one labelled `none`; a pod whose own label names a
-    /// waypoint is refused when addressed directly, and reached through a Service without
-    /// one, as Istio sends only a pod's own traffic through its waypoint. Without the setting
-    /// the label means nothing.
+    /// Under the Istio-compatible setting what Istio sends through a waypoint is refused: a
+    /// Service whose own label or namespace's names a waypoint for Services, a pod addressed
+    /// directly whose own label or namespace's names one for workloads, and (failing closed)
+    /// whatever names a waypoint not known ready. A pod is reached directly when its waypoint
+    /// serves Services only (its namespace's, or in another namespace by its own label), or it
+    /// is labelled `none`; a Service likewise when its namespace's waypoint serves workloads
+    /// only; a pod behind a waypoint is reached through a Service without one, as Istio sends
+    /// only a pod's own traffic through its waypoint. Without the setting the labels mean
+    /// nothing.
     #[test]
     fn services_and_pods_behind_a_waypoint_are_refused_under_istio_compat() {
         use crate::discovery::enrollment::Rules;
@@ -307,13 +317,16 @@ services:
             waypoint: waypoint.into(),
         };
         let cases = [
-            ("10.96.0.1:80", Some(waypoint("service w/b", "ns-waypoint"))),
-            ("10.96.0.2:80", Some(waypoint("service w/own", "own"))),
+            ("10.96.0.1:80", Some(waypoint("service w/b", "w/ns-waypoint"))),
+            ("10.96.0.2:80", Some(waypoint("service w/own", "w/own"))),
             ("10.96.0.3:80", None),
             ("10.0.0.2:8080", None),
-            ("10.0.0.3:8080", Some(waypoint("pod v/c1", "pod-wp"))),
+            ("10.0.0.3:8080", Some(waypoint("pod v/c1", "v/pod-wp"))),
             ("10.96.0.4:80", None),
             ("10.0.0.4:8080", None),
+            ("10.0.0.5:8080", None),
+            ("10.0.0.6:8080", Some(waypoint("pod x/d1", "x/x-wp"))),
+            ("10.96.0.5:80", None),
         ];
         for (dst, want) in cases {
             let d = dst.parse().unwrap();

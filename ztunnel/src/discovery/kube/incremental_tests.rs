@@ -214,6 +214,7 @@ impl World {
                 _ => None,
             },
             use_waypoint: self.rng.chance(20).then(|| "wp".into()),
+            use_waypoint_namespace: None,
         };
         let old = self.store.services.insert(k.clone(), e);
         self.changes.service(k, old);

@@ -23,6 +23,8 @@
 //!   the daemons narrow or fail closed in them is logged and shown by `/explain`, not written
 //!   there. The daemon refuses to start if the API server does not serve them (Istio's CRDs
 //!   are not installed): a setting that cannot be honoured is an error, not a silent no-op.
+//!   Also, when the API server serves them, the Gateway API's Gateways and GatewayClasses,
+//!   which declare Istio's waypoints ([`gateways`]).
 //!
 //! A change marks the store dirty and is recorded with the entry it replaced
 //! ([`incremental::Changes`]); an event that leaves an object's entry as it was (a node's
@@ -40,6 +42,7 @@
 //! listed, so the first state is complete. A watcher that ends (it panicked on an object) ends
 //! the publisher, so the daemon restarts rather than keep a kind frozen.
 
+pub mod gateways;
 pub mod incremental;
 pub mod objects;
 pub mod status;
@@ -369,8 +372,15 @@ pub async fn watch_kubernetes(
     rules: Rules,
     coalesce: Duration,
 ) -> Result<(Discovery, tokio::task::JoinHandle<()>), Error> {
-    if rules.istio {
-        istio_served(&client).await?;
+    let gateways = match rules.istio {
+        true => {
+            istio_served(&client).await?;
+            gateways::served(&client).await?
+        }
+        false => false,
+    };
+    if rules.istio && !gateways {
+        tracing::info!("the Gateway API is not served: no waypoint is known ready, and what names one is refused");
     }
     let shared = Arc::new(Shared::new(&trust_domain, &node, rules));
     let mut watchers = AbortOnDrop(Vec::new());
@@ -437,6 +447,9 @@ pub async fn watch_kubernetes(
     ));
     if rules.istio {
         tasks.extend(spawn_policy_watchers(&shared, &client, ISTIO_GROUP, None));
+    }
+    if gateways {
+        tasks.extend(gateways::spawn(&shared, &client));
     }
     let total = tasks.len();
 

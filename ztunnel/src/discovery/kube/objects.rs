@@ -45,6 +45,7 @@ use crate::discovery::model::{Distribution, Labels, Locality, Telemetry};
 /// or of its namespace's (read where the Service has neither).
 pub const ISTIO_TRAFFIC_DISTRIBUTION: &str = "networking.istio.io/traffic-distribution";
 use crate::discovery::policy::PolicyObject;
+use crate::discovery::waypoint;
 
 /// A Pod with only the fields discovery reads.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -429,14 +430,18 @@ pub struct ServiceEntry {
     /// Its `trafficDistribution` if known, else Istio's `networking.istio.io/traffic-distribution`
     /// annotation; `None`: neither, its namespace's applies ([`NamespaceEntry::distribution`]).
     pub distribution: Option<Distribution>,
-    /// Its `istio.io/use-waypoint` label.
+    /// Its `istio.io/use-waypoint` label (see [`crate::discovery::waypoint::service_label`])
+    /// and `istio.io/use-waypoint-namespace`.
     pub use_waypoint: Option<Arc<str>>,
+    pub use_waypoint_namespace: Option<Arc<str>>,
 }
 
 /// The entry for a Service: `Ok(None)` for services without a VIP (headless, ExternalName).
 pub fn service_entry(svc: &K8sService, int: &mut Interner) -> Result<Option<ServiceEntry>, String> {
     let (ns, name) = key_of(&svc.metadata);
     let what = format!("service {ns}/{name}");
+    let labels = svc.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
     let Some(spec) = &svc.spec else {
         return Ok(None);
     };
@@ -496,12 +501,8 @@ pub fn service_entry(svc: &K8sService, int: &mut Interner) -> Result<Option<Serv
             .map(Distribution::parse)
             .filter(|d| *d != Distribution::Any)
             .or_else(|| annotated_distribution(&svc.metadata)),
-        use_waypoint: svc
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(crate::discovery::enrollment::ISTIO_USE_WAYPOINT))
-            .map(|v| v.as_str().into()),
+        use_waypoint: waypoint::service_label(label).map(Into::into),
+        use_waypoint_namespace: label(waypoint::ISTIO_USE_WAYPOINT_NAMESPACE).map(Into::into),
     }))
 }
 

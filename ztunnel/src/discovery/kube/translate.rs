@@ -45,6 +45,9 @@ pub struct Store {
     /// Istio's own (`security.istio.io/v1`), under the Istio-compatible setting.
     pub istio_authz: BTreeMap<Key, AuthorizationPolicy>,
     pub istio_peer_authn: BTreeMap<Key, PeerAuthentication>,
+    /// Ready Gateways and GatewayClasses, under the Istio-compatible setting.
+    pub gateways: BTreeMap<Key, super::gateways::GatewayEntry>,
+    pub gateway_classes: BTreeMap<Key, super::gateways::ClassEntry>,
 }
 
 /// Which object a skip is about: a pod (on this node or not) or a service.
@@ -248,6 +251,7 @@ pub fn service_outcome(
         selector: s.selector.clone(),
         not_pods,
         use_waypoint: s.use_waypoint.clone(),
+        use_waypoint_namespace: s.use_waypoint_namespace.clone(),
     };
     (Some(svc), skipped)
 }
@@ -405,6 +409,7 @@ pub fn build_keyed(
             .with_enrollment(rules)
             .with_all_namespaces()
             .with_contested(contested)
+            .with_waypoints(super::gateways::waypoints(store))
     });
     (state, skipped)
 }

@@ -127,16 +127,22 @@ fn istios_labels_and_annotations_under_each_rule() {
     );
 }
 
-/// A Service's `istio.io/use-waypoint` label is kept; under the Istio-compatible setting
-/// it (or its namespace's) names the waypoint Istio would send its traffic through.
+/// A Service's `istio.io/use-waypoint` and `istio.io/use-waypoint-namespace` labels are
+/// kept; under the Istio-compatible setting they (or its namespace's) name the waypoint Istio
+/// would send its traffic through. A waypoint's own Service has none.
 #[test]
 fn a_services_waypoint_label_is_kept() {
     let mut labelled = svc("demo", "w", "10.96.0.2", json!(8080));
-    labelled["metadata"]["labels"] = json!({"istio.io/use-waypoint": "wp"});
+    labelled["metadata"]["labels"] =
+        json!({"istio.io/use-waypoint": "wp", "istio.io/use-waypoint-namespace": "infra"});
+    let mut waypoint = svc("demo", "wp", "10.96.0.3", json!(15008));
+    waypoint["metadata"]["labels"] = json!({"istio.io/use-waypoint": "wp",
+        "gateway.istio.io/managed": "istio.io-mesh-controller"});
     let objs = vec![
         ns("demo", true),
         svc("demo", "web", "10.96.0.1", json!(8080)),
         labelled,
+        waypoint,
     ];
     let (st, refused) = store(&objs);
     assert!(refused.is_empty(), "{refused:?}");
@@ -147,8 +153,9 @@ fn a_services_waypoint_label_is_kept() {
     let (s, _) = build("cluster.local", rules, &st);
     let s = s.unwrap();
     let of = |vip: &str| s.waypoint_of(s.service_by_vip(vip.parse().unwrap()).unwrap());
-    assert_eq!(of("10.96.0.2"), Some("wp"));
+    assert_eq!(of("10.96.0.2").as_deref(), Some("infra/wp"));
     assert_eq!(of("10.96.0.1"), None);
+    assert_eq!(of("10.96.0.3"), None, "a waypoint's own Service");
     let (s, _) = build("cluster.local", Rules::default(), &st);
     let s = s.unwrap();
     let svc = s.service_by_vip("10.96.0.2".parse().unwrap()).unwrap();
@@ -160,12 +167,14 @@ fn a_services_waypoint_label_is_kept() {
     );
 }
 
-/// A pod's own `istio.io/use-waypoint` label is kept on every node under the Istio-compatible
-/// setting (the source's daemon plans with it), and means nothing without it.
+/// A pod's own `istio.io/use-waypoint` and `istio.io/use-waypoint-namespace` labels are kept
+/// on every node under the Istio-compatible setting (the source's daemon plans with them),
+/// and mean nothing without it.
 #[test]
 fn a_pods_waypoint_label_is_kept_on_other_nodes_under_istio_compat() {
     let mut remote = pod("demo", "db-0", "n2", "10.0.0.7");
-    remote["metadata"]["labels"] = json!({"app": "db", "istio.io/use-waypoint": "wp"});
+    remote["metadata"]["labels"] = json!({"app": "db", "istio.io/use-waypoint": "wp",
+        "istio.io/use-waypoint-namespace": "infra"});
     let objs = vec![ns("demo", true), remote];
     for istio in [false, true] {
         let rules = Rules {
@@ -177,8 +186,79 @@ fn a_pods_waypoint_label_is_kept_on_other_nodes_under_istio_compat() {
         let (s, _) = build("cluster.local", rules, &st);
         let s = s.unwrap();
         let w = s.workload_by_ip("10.0.0.7".parse().unwrap()).unwrap();
-        let want = istio.then_some("wp");
-        assert_eq!(s.workload_waypoint(w), want, "istio={istio}");
+        let want = istio.then_some("infra/wp");
+        assert_eq!(s.workload_waypoint(w).as_deref(), want, "istio={istio}");
         assert!(w.labels.get("app").is_none(), "other labels are dropped");
     }
+}
+
+/// A Gateway is a waypoint once ready (`status.addresses`); it takes what its
+/// `istio.io/waypoint-for` label says, else its class's, else Services' traffic. A pod of a
+/// namespace whose waypoint takes workloads' traffic goes through it; one whose waypoint is
+/// not ready yet is refused too (not known ready); one for Services only leaves it direct.
+#[test]
+fn gateways_declare_the_waypoints_and_what_they_take() {
+    let gw = |ns: &str, name: &str, class: &str, label: Option<&str>, ready: bool| {
+        let mut g = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"gatewayClassName": class, "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}});
+        if let Some(l) = label {
+            g["metadata"]["labels"] = json!({"istio.io/waypoint-for": l});
+        }
+        if ready {
+            g["status"] = json!({"addresses": [{"type": "IPAddress", "value": "10.96.9.9"}]});
+        }
+        g
+    };
+    let class = |name: &str, label: Option<&str>| {
+        let mut c = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": {"name": name}, "spec": {"controllerName": "istio.io/mesh-controller"}});
+        if let Some(l) = label {
+            c["metadata"]["labels"] = json!({"istio.io/waypoint-for": l});
+        }
+        c
+    };
+    let labelled = |name: &str, wp: &str| {
+        let mut n = ns(name, true);
+        n["metadata"]["labels"]["istio.io/use-waypoint"] = json!(wp);
+        n
+    };
+    let mut objs = vec![
+        class("istio-waypoint", None),
+        class("all-class", Some("all")),
+        gw("a", "wp", "istio-waypoint", None, true),
+        gw("b", "wp", "all-class", None, true),
+        gw("c", "wp", "all-class", Some("service"), true),
+        gw("d", "wp", "istio-waypoint", Some("workload"), false),
+        gw("e", "wp", "no-such-class", Some("workload"), true),
+    ];
+    let mut ip = 0;
+    for n in ["a", "b", "c", "d", "e"] {
+        objs.push(labelled(n, "wp"));
+        ip += 1;
+        objs.push(pod(n, &format!("p{ip}"), NODE, &format!("10.0.1.{ip}")));
+    }
+    let rules = Rules {
+        istio: true,
+        ..Default::default()
+    };
+    let (st, refused) = store_with(&objs, rules);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(st.gateways.len(), 4, "the Gateway not ready is not kept");
+    let (s, _) = build("cluster.local", rules, &st);
+    let s = s.unwrap();
+    let through = |ip: &str| {
+        let w = s.workload_by_ip(ip.parse().unwrap()).unwrap();
+        s.workload_waypoint(w)
+    };
+    assert_eq!(through("10.0.1.1"), None, "Services only, by default");
+    assert_eq!(through("10.0.1.2").as_deref(), Some("b/wp"), "its class says all");
+    assert_eq!(through("10.0.1.3"), None, "its own label wins over its class");
+    assert_eq!(through("10.0.1.4").as_deref(), Some("d/wp"), "not ready");
+    assert_eq!(through("10.0.1.5").as_deref(), Some("e/wp"), "its own label");
+
+    let mut bad = gw("f", "wp", "x", None, true);
+    bad["spec"] = json!({});
+    let (_, refused) = store_with(&[bad], rules);
+    assert_eq!(refused.len(), 1, "a ready Gateway without a class is refused");
 }

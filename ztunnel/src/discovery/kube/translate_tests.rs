@@ -62,6 +62,19 @@ fn store_with(objs: &[serde_json::Value], rules: Rules) -> (Store, Vec<String>) 
                         st.slices.insert(key_of(&s.metadata), e);
                     }
                 }
+                "Gateway" | "GatewayClass" => {
+                    let d: kube::api::DynamicObject = serde_json::from_value(o.clone()).unwrap();
+                    let k = key_of(&d.metadata);
+                    match kind {
+                        "Gateway" => match super::super::gateways::gateway_entry(&d)? {
+                            Some(e) => st.gateways.insert(k, e).map(|_| ()),
+                            None => None,
+                        },
+                        _ => (st.gateway_classes)
+                            .insert(k, super::super::gateways::class_entry(&d))
+                            .map(|_| ()),
+                    };
+                }
                 _ => match policy_entry(o.clone())? {
                     crate::discovery::policy::PolicyObject::Authorization(a) => {
                         st.authz

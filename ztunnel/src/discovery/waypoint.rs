@@ -1,0 +1,243 @@
+//! Which waypoint proxy Istio sends a Service's or a pod's traffic through, under the
+//! Istio-compatible setting, decided as istiod decides it. The daemons have no waypoint: the
+//! outbound plan refuses what Istio would send through one, since the policies bound to it
+//! (`targetRefs`) would otherwise be bypassed.
+//!
+//! - A Service names a waypoint by its `istio.io/use-waypoint` label, else its namespace's;
+//!   a pod likewise, by its own label, else its namespace's. `none` (or an empty value) on the
+//!   object opts it out whatever its namespace says. The waypoint is in the labelled object's
+//!   namespace unless its `istio.io/use-waypoint-namespace` label names another.
+//! - A waypoint is a Gateway API `Gateway` that is ready (it has `status.addresses`). What it
+//!   takes is its `istio.io/waypoint-for` label, else its GatewayClass's, else `service`:
+//!   `service`, `workload` or `all` (anything else: nothing). Traffic to an object whose
+//!   waypoint does not take that kind of traffic goes directly, as in Istio.
+//! - A Service that is a waypoint's own (`gateway.istio.io/managed` set by Istio for a
+//!   waypoint or an east-west gateway) has none.
+//!
+//! Fail closed where Istio is not: a waypoint that is named but not known to be ready (its
+//! Gateway not found, not ready yet, the Gateway API not served, or its attachment refused
+//! by the Gateway's `allowedRoutes`, which is not read) is taken to serve every kind of
+//! traffic, so what names it is refused where Istio would reach it directly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::enrollment::ISTIO_USE_WAYPOINT;
+use super::model::{State, Workload};
+use super::service::Service;
+use super::Labels;
+
+/// The namespace of the waypoint an `istio.io/use-waypoint` label names, when not the
+/// labelled object's.
+pub const ISTIO_USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+/// On a Gateway or its GatewayClass: what traffic the waypoint takes.
+pub const ISTIO_WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// Set by Istio on the objects of a gateway it deploys.
+pub const ISTIO_GATEWAY_MANAGED: &str = "gateway.istio.io/managed";
+
+/// `gateway.istio.io/managed` values of a waypoint's and an east-west gateway's Service.
+const MANAGED_GATEWAYS: [&str; 2] = ["istio.io-mesh-controller", "istio.io-eastwest-controller"];
+
+/// The kind of traffic a waypoint may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// Addressed to a Service.
+    Service,
+    /// Addressed to a pod directly.
+    Workload,
+}
+
+/// What traffic a ready waypoint takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Serves {
+    pub services: bool,
+    pub workloads: bool,
+}
+
+impl Serves {
+    /// From an `istio.io/waypoint-for` value.
+    pub fn parse(v: &str) -> Serves {
+        Serves {
+            services: matches!(v, "service" | "all"),
+            workloads: matches!(v, "workload" | "all"),
+        }
+    }
+
+    /// From the Gateway's and its GatewayClass's labels (`service` when neither says).
+    pub fn of(gateway: Option<&str>, class: Option<&str>) -> Serves {
+        Serves::parse(gateway.or(class).unwrap_or("service"))
+    }
+
+    fn takes(self, t: Traffic) -> bool {
+        match t {
+            Traffic::Service => self.services,
+            Traffic::Workload => self.workloads,
+        }
+    }
+}
+
+/// The ready waypoints, by `namespace/name`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Waypoints(HashMap<Box<str>, Serves>);
+
+impl Waypoints {
+    pub fn insert(&mut self, namespace: &str, name: &str, serves: Serves) {
+        self.0.insert(format!("{namespace}/{name}").into(), serves);
+    }
+
+    /// The waypoint (`namespace/name`) that `traffic` to an object of namespace `object_ns`
+    /// goes through: `own` is the object's `istio.io/use-waypoint` label and its
+    /// `istio.io/use-waypoint-namespace`, `ns` its namespace's labels.
+    fn through(
+        &self,
+        traffic: Traffic,
+        object_ns: &str,
+        own: (Option<&str>, Option<&str>),
+        ns: Option<&Labels>,
+    ) -> Option<String> {
+        let opted_out = |v: &str| v.is_empty() || v == "none";
+        let (name, namespace) = match own {
+            (Some(v), _) if opted_out(v) => return None,
+            (Some(v), other) => (v, other),
+            (None, _) => {
+                let ns = ns?;
+                let v = ns.get(ISTIO_USE_WAYPOINT).filter(|v| !opted_out(v))?;
+                (&**v, ns.get(ISTIO_USE_WAYPOINT_NAMESPACE).map(|v| &**v))
+            }
+        };
+        let named = format!("{}/{name}", namespace.unwrap_or(object_ns));
+        let takes = self.0.get(&*named).is_none_or(|s| s.takes(traffic));
+        takes.then_some(named)
+    }
+}
+
+/// Whether label `key` names an object's waypoint.
+pub fn names_waypoint(key: &str) -> bool {
+    key == ISTIO_USE_WAYPOINT || key == ISTIO_USE_WAYPOINT_NAMESPACE
+}
+
+/// The `istio.io/use-waypoint` label a Service is kept with, from its labels: `none` for a
+/// waypoint's or an east-west gateway's own Service.
+pub fn service_label<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<&'a str> {
+    match get(ISTIO_GATEWAY_MANAGED) {
+        Some(m) if MANAGED_GATEWAYS.contains(&m) => Some("none"),
+        _ => get(ISTIO_USE_WAYPOINT),
+    }
+}
+
+impl State {
+    /// The ready waypoints this state knows.
+    pub fn with_waypoints(mut self, waypoints: Waypoints) -> State {
+        self.base_mut().waypoints = Arc::new(waypoints);
+        self
+    }
+
+    /// The waypoint (`namespace/name`) Istio would send `svc`'s traffic through, under the
+    /// Istio-compatible setting (see the module's rules).
+    pub fn waypoint_of(&self, svc: &Service) -> Option<String> {
+        if !self.base.enrollment.istio {
+            return None;
+        }
+        let own = (
+            svc.use_waypoint.as_deref(),
+            svc.use_waypoint_namespace.as_deref(),
+        );
+        let ns = self.namespace(&svc.namespace).map(|n| &n.labels);
+        self.base
+            .waypoints
+            .through(Traffic::Service, &svc.namespace, own, ns)
+    }
+
+    /// The waypoint (`namespace/name`) Istio would send the traffic addressed to pod `w`
+    /// through, under the Istio-compatible setting (see the module's rules). A pod reached
+    /// through a Service does not go through it.
+    pub fn workload_waypoint(&self, w: &Workload) -> Option<String> {
+        if !self.base.enrollment.istio {
+            return None;
+        }
+        let get = |k| w.labels.get(k).map(|v| &**v);
+        let own = (get(ISTIO_USE_WAYPOINT), get(ISTIO_USE_WAYPOINT_NAMESPACE));
+        let ns = self.namespace(&w.namespace).map(|n| &n.labels);
+        self.base
+            .waypoints
+            .through(Traffic::Workload, &w.namespace, own, ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The waypoint a Service's or a pod's traffic goes through: named by the object, else its
+    /// namespace; in another namespace by `istio.io/use-waypoint-namespace`; refused unless
+    /// the waypoint is known not to take that traffic.
+    #[test]
+    fn the_waypoint_istio_would_use() {
+        let mut known = Waypoints::default();
+        known.insert("w", "svc-wp", Serves::of(None, None));
+        known.insert("w", "wl-wp", Serves::of(Some("workload"), Some("all")));
+        known.insert("w", "all-wp", Serves::of(None, Some("all")));
+        known.insert("w", "no-wp", Serves::of(Some("none"), None));
+        known.insert("infra", "shared", Serves::of(Some("workload"), None));
+        let ns = |pairs: &[(&str, &str)]| Labels::of(pairs);
+        let labelled = |v| ns(&[(ISTIO_USE_WAYPOINT, v)]);
+        use Traffic::{Service as S, Workload as W};
+        #[rustfmt::skip]
+        let cases: &[(Traffic, (Option<&str>, Option<&str>), Labels, Option<&str>)] = &[
+            // Named by the namespace.
+            (S, (None, None), labelled("svc-wp"), Some("w/svc-wp")),
+            (W, (None, None), labelled("svc-wp"), None),
+            (S, (None, None), labelled("wl-wp"), None),
+            (W, (None, None), labelled("wl-wp"), Some("w/wl-wp")),
+            (S, (None, None), labelled("all-wp"), Some("w/all-wp")),
+            (W, (None, None), labelled("all-wp"), Some("w/all-wp")),
+            (S, (None, None), labelled("no-wp"), None),
+            (W, (None, None), labelled("none"), None),
+            (W, (None, None), labelled(""), None),
+            (W, (None, None), ns(&[]), None),
+            // Not known ready: fail closed.
+            (S, (None, None), labelled("missing"), Some("w/missing")),
+            (W, (None, None), labelled("missing"), Some("w/missing")),
+            // Named by the object, which wins over its namespace.
+            (W, (Some("wl-wp"), None), ns(&[]), Some("w/wl-wp")),
+            (W, (Some("svc-wp"), None), labelled("wl-wp"), None),
+            (W, (Some("none"), None), labelled("wl-wp"), None),
+            (S, (Some(""), None), labelled("svc-wp"), None),
+            (S, (Some("missing"), None), labelled("no-wp"), Some("w/missing")),
+            // In another namespace.
+            (W, (Some("shared"), Some("infra")), ns(&[]), Some("infra/shared")),
+            (W, (Some("shared"), None), ns(&[]), Some("w/shared")),
+            (S, (Some("shared"), Some("infra")), ns(&[]), None),
+            (W, (None, None), ns(&[(ISTIO_USE_WAYPOINT, "shared"), (ISTIO_USE_WAYPOINT_NAMESPACE, "infra")]), Some("infra/shared")),
+            // The object's namespace override does not move its namespace's waypoint.
+            (W, (None, Some("infra")), labelled("wl-wp"), Some("w/wl-wp")),
+        ];
+        for (i, (traffic, own, labels, want)) in cases.iter().enumerate() {
+            let got = known.through(*traffic, "w", *own, Some(labels));
+            assert_eq!(got.as_deref(), *want, "case {i}: {traffic:?} {own:?} {labels:?}");
+        }
+        assert_eq!(known.through(W, "w", (None, None), None), None);
+    }
+
+    /// A waypoint's own Service, and an east-west gateway's, has none.
+    #[test]
+    fn a_gateways_own_service_has_no_waypoint() {
+        let labels = |m: Option<&'static str>| {
+            move |k: &str| match k {
+                ISTIO_GATEWAY_MANAGED => m,
+                ISTIO_USE_WAYPOINT => Some("wp"),
+                _ => None,
+            }
+        };
+        assert_eq!(
+            service_label(labels(Some("istio.io-mesh-controller"))),
+            Some("none")
+        );
+        assert_eq!(
+            service_label(labels(Some("istio.io-eastwest-controller"))),
+            Some("none")
+        );
+        assert_eq!(service_label(labels(Some("other"))), Some("wp"));
+        assert_eq!(service_label(labels(None)), Some("wp"));
+    }
+}
