@@ -79,6 +79,7 @@ fn store(pods: usize) -> Store {
                 node_local: false,
                 distribution: Default::default(),
                 use_waypoint: None,
+                use_waypoint_namespace: None,
             },
         );
         // Ten ready endpoints among the namespace's pods, each naming its pod.

@@ -164,9 +164,11 @@ fn istios_objects_and_labels_are_enforced() {
     // A namespace's waypoint, declared by a Gateway: once ready and taking workloads'
     // traffic, a pod of the namespace addressed directly is refused (Istio would send the
     // connection through the waypoint); taking Services' traffic only, it is reached again.
-    cp.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+    cp.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
         "metadata": {"name": "istio-waypoint"},
-        "spec": {"controllerName": "istio.io/mesh-controller"}}))
+        "spec": {"controllerName": "istio.io/mesh-controller"}}),
+    )
     .expect("a GatewayClass");
     let gateway = |waypoint_for: &str| {
         json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
@@ -194,15 +196,20 @@ fn istios_objects_and_labels_are_enforced() {
     wait_for("a waypoint not ready yet to be taken as one", || {
         whoami(&bed, "client", "10.20.2.10", 8080).is_err()
     });
-    cp.apply_status(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+    cp.apply_status(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "metadata": {"name": "waypoint", "namespace": demo},
-        "status": {"addresses": [{"type": "IPAddress", "value": "10.96.200.1"}]}}))
+        "status": {"addresses": [{"type": "IPAddress", "value": "10.96.200.1"}]}}),
+    )
     .expect("the Gateway ready");
-    cp.apply(gateway("service")).expect("the Gateway for Services");
-    wait_for("a pod reached directly past a waypoint for Services", || {
-        whoami(&bed, "client", "10.20.2.10", 8080).is_ok()
-    });
-    cp.apply(gateway("workload")).expect("the Gateway for workloads");
+    cp.apply(gateway("service"))
+        .expect("the Gateway for Services");
+    wait_for(
+        "a pod reached directly past a waypoint for Services",
+        || whoami(&bed, "client", "10.20.2.10", 8080).is_ok(),
+    );
+    cp.apply(gateway("workload"))
+        .expect("the Gateway for workloads");
     wait_for("a pod behind its namespace's waypoint refused", || {
         whoami(&bed, "client", "10.20.2.10", 8080).is_err()
     });

@@ -26,9 +26,6 @@ pub const ISTIO_DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const ISTIO_SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 /// Written by Istio's CNI agent on a pod it redirected to Istio's ztunnel.
 pub const ISTIO_REDIRECTION: &str = "ambient.istio.io/redirection";
-/// Istio's label that sends a Service's traffic (or a namespace's Services'), or a pod's,
-/// through a waypoint proxy, read under the Istio-compatible setting; `none` opts out.
-pub const ISTIO_USE_WAYPOINT: &str = "istio.io/use-waypoint";
 
 /// The enrollment rules in force.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -21,6 +21,7 @@ pub use super::interner::Interner;
 pub use super::ips::Ips;
 pub use super::service::{Distribution, PortOverride, Service, ServicePort};
 pub use super::telemetry::{Locality, Telemetry};
+use super::waypoint;
 pub use crate::labels::{Label, Labels};
 
 /// Whether a workload speaks HBONE (is in the mesh) or plain TCP.
@@ -162,7 +163,7 @@ pub(super) struct Base {
     /// Sorted addresses that two pods claim, neither trusted with them: no workload's.
     pub(super) contested: Box<[IpAddr]>,
     /// The ready waypoints (see [`super::waypoint`]).
-    pub(super) waypoints: Arc<super::waypoint::Waypoints>,
+    pub(super) waypoints: Arc<waypoint::Waypoints>,
 }
 
 /// The policies as listed and as compiled.
@@ -366,7 +367,7 @@ impl State {
     }
 
     /// The base of a state being built (not shared yet).
-    pub(super) fn base_mut(&mut self) -> &mut Base {
+    fn base_mut(&mut self) -> &mut Base {
         Arc::get_mut(&mut self.base).expect("a state being built is not shared")
     }
 
@@ -505,6 +506,46 @@ impl State {
     /// every namespace does not list it. What its pods are is then unknown.
     pub fn namespace_unseen(&self, name: &str) -> bool {
         self.base.all_namespaces && self.namespace(name).is_none()
+    }
+
+    /// The ready waypoints this state knows.
+    pub fn with_waypoints(mut self, waypoints: waypoint::Waypoints) -> State {
+        self.base_mut().waypoints = Arc::new(waypoints);
+        self
+    }
+
+    /// The waypoint (`namespace/name`) Istio would send `svc`'s traffic through, under the
+    /// Istio-compatible setting (see the module's rules).
+    pub fn waypoint_of(&self, svc: &Service) -> Option<String> {
+        if !self.base.enrollment.istio {
+            return None;
+        }
+        let own = (
+            svc.use_waypoint.as_deref(),
+            svc.use_waypoint_namespace.as_deref(),
+        );
+        let ns = self.namespace(&svc.namespace).map(|n| &n.labels);
+        self.base
+            .waypoints
+            .through(waypoint::Traffic::Service, &svc.namespace, own, ns)
+    }
+
+    /// The waypoint (`namespace/name`) Istio would send the traffic addressed to pod `w`
+    /// through, under the Istio-compatible setting (see the module's rules). A pod reached
+    /// through a Service does not go through it.
+    pub fn workload_waypoint(&self, w: &Workload) -> Option<String> {
+        if !self.base.enrollment.istio {
+            return None;
+        }
+        let get = |k| w.labels.get(k).map(|v| &**v);
+        let own = (
+            get(waypoint::ISTIO_USE_WAYPOINT),
+            get(waypoint::ISTIO_USE_WAYPOINT_NAMESPACE),
+        );
+        let ns = self.namespace(&w.namespace).map(|n| &n.labels);
+        self.base
+            .waypoints
+            .through(waypoint::Traffic::Workload, &w.namespace, own, ns)
     }
 
     /// Whether namespace `name` enrolls its pods (see [`super::enrollment`]).

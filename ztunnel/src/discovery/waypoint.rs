@@ -15,18 +15,18 @@
 //!   waypoint or an east-west gateway) has none.
 //!
 //! Fail closed where Istio is not: a waypoint that is named but not known to be ready (its
-//! Gateway not found, not ready yet, the Gateway API not served, or its attachment refused
-//! by the Gateway's `allowedRoutes`, which is not read) is taken to serve every kind of
-//! traffic, so what names it is refused where Istio would reach it directly.
+//! Gateway not found or not ready yet, the Gateway API not served) is taken to take every
+//! kind of traffic, so what names it is refused where Istio would reach it directly; and a
+//! Gateway's `allowedRoutes` are not read, so a waypoint that refuses an object's attachment
+//! (Istio then reaches the object directly) still counts as the object's.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use super::enrollment::ISTIO_USE_WAYPOINT;
-use super::model::{State, Workload};
-use super::service::Service;
 use super::Labels;
 
+/// Istio's label that sends a Service's traffic (or a namespace's Services'), or a pod's,
+/// through a waypoint proxy, read under the Istio-compatible setting; `none` opts out.
+pub const ISTIO_USE_WAYPOINT: &str = "istio.io/use-waypoint";
 /// The namespace of the waypoint an `istio.io/use-waypoint` label names, when not the
 /// labelled object's.
 pub const ISTIO_USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
@@ -88,7 +88,7 @@ impl Waypoints {
     /// The waypoint (`namespace/name`) that `traffic` to an object of namespace `object_ns`
     /// goes through: `own` is the object's `istio.io/use-waypoint` label and its
     /// `istio.io/use-waypoint-namespace`, `ns` its namespace's labels.
-    fn through(
+    pub fn through(
         &self,
         traffic: Traffic,
         object_ns: &str,
@@ -125,45 +125,6 @@ pub fn service_label<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<&'a st
     }
 }
 
-impl State {
-    /// The ready waypoints this state knows.
-    pub fn with_waypoints(mut self, waypoints: Waypoints) -> State {
-        self.base_mut().waypoints = Arc::new(waypoints);
-        self
-    }
-
-    /// The waypoint (`namespace/name`) Istio would send `svc`'s traffic through, under the
-    /// Istio-compatible setting (see the module's rules).
-    pub fn waypoint_of(&self, svc: &Service) -> Option<String> {
-        if !self.base.enrollment.istio {
-            return None;
-        }
-        let own = (
-            svc.use_waypoint.as_deref(),
-            svc.use_waypoint_namespace.as_deref(),
-        );
-        let ns = self.namespace(&svc.namespace).map(|n| &n.labels);
-        self.base
-            .waypoints
-            .through(Traffic::Service, &svc.namespace, own, ns)
-    }
-
-    /// The waypoint (`namespace/name`) Istio would send the traffic addressed to pod `w`
-    /// through, under the Istio-compatible setting (see the module's rules). A pod reached
-    /// through a Service does not go through it.
-    pub fn workload_waypoint(&self, w: &Workload) -> Option<String> {
-        if !self.base.enrollment.istio {
-            return None;
-        }
-        let get = |k| w.labels.get(k).map(|v| &**v);
-        let own = (get(ISTIO_USE_WAYPOINT), get(ISTIO_USE_WAYPOINT_NAMESPACE));
-        let ns = self.namespace(&w.namespace).map(|n| &n.labels);
-        self.base
-            .waypoints
-            .through(Traffic::Workload, &w.namespace, own, ns)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,7 +144,8 @@ mod tests {
         let labelled = |v| ns(&[(ISTIO_USE_WAYPOINT, v)]);
         use Traffic::{Service as S, Workload as W};
         #[rustfmt::skip]
-        let cases: &[(Traffic, (Option<&str>, Option<&str>), Labels, Option<&str>)] = &[
+        type Own<'a> = (Option<&'a str>, Option<&'a str>);
+        let cases: &[(Traffic, Own<'_>, Labels, Option<&str>)] = &[
             // Named by the namespace.
             (S, (None, None), labelled("svc-wp"), Some("w/svc-wp")),
             (W, (None, None), labelled("svc-wp"), None),
@@ -203,18 +165,40 @@ mod tests {
             (W, (Some("svc-wp"), None), labelled("wl-wp"), None),
             (W, (Some("none"), None), labelled("wl-wp"), None),
             (S, (Some(""), None), labelled("svc-wp"), None),
-            (S, (Some("missing"), None), labelled("no-wp"), Some("w/missing")),
+            (
+                S,
+                (Some("missing"), None),
+                labelled("no-wp"),
+                Some("w/missing"),
+            ),
             // In another namespace.
-            (W, (Some("shared"), Some("infra")), ns(&[]), Some("infra/shared")),
+            (
+                W,
+                (Some("shared"), Some("infra")),
+                ns(&[]),
+                Some("infra/shared"),
+            ),
             (W, (Some("shared"), None), ns(&[]), Some("w/shared")),
             (S, (Some("shared"), Some("infra")), ns(&[]), None),
-            (W, (None, None), ns(&[(ISTIO_USE_WAYPOINT, "shared"), (ISTIO_USE_WAYPOINT_NAMESPACE, "infra")]), Some("infra/shared")),
+            (
+                W,
+                (None, None),
+                ns(&[
+                    (ISTIO_USE_WAYPOINT, "shared"),
+                    (ISTIO_USE_WAYPOINT_NAMESPACE, "infra"),
+                ]),
+                Some("infra/shared"),
+            ),
             // The object's namespace override does not move its namespace's waypoint.
             (W, (None, Some("infra")), labelled("wl-wp"), Some("w/wl-wp")),
         ];
         for (i, (traffic, own, labels, want)) in cases.iter().enumerate() {
             let got = known.through(*traffic, "w", *own, Some(labels));
-            assert_eq!(got.as_deref(), *want, "case {i}: {traffic:?} {own:?} {labels:?}");
+            assert_eq!(
+                got.as_deref(),
+                *want,
+                "case {i}: {traffic:?} {own:?} {labels:?}"
+            );
         }
         assert_eq!(known.through(W, "w", (None, None), None), None);
     }

@@ -317,7 +317,10 @@ waypoints:
             waypoint: waypoint.into(),
         };
         let cases = [
-            ("10.96.0.1:80", Some(waypoint("service w/b", "w/ns-waypoint"))),
+            (
+                "10.96.0.1:80",
+                Some(waypoint("service w/b", "w/ns-waypoint")),
+            ),
             ("10.96.0.2:80", Some(waypoint("service w/own", "w/own"))),
             ("10.96.0.3:80", None),
             ("10.0.0.2:8080", None),

@@ -13,9 +13,8 @@ use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 
-use super::translate::Store;
 use super::{spawn_watcher, Kind, Shared, Watcher};
-use crate::discovery::waypoint::{Serves, Waypoints, ISTIO_WAYPOINT_FOR};
+use crate::discovery::waypoint::ISTIO_WAYPOINT_FOR;
 use crate::discovery::Error;
 
 /// The Gateway API's group.
@@ -72,18 +71,6 @@ pub fn class_entry(o: &DynamicObject) -> ClassEntry {
     }
 }
 
-/// The ready waypoints of `store`: each ready Gateway, taking what its label says, else its
-/// class's, else Services' traffic.
-pub fn waypoints(store: &Store) -> Waypoints {
-    let mut w = Waypoints::default();
-    for ((ns, name), g) in &store.gateways {
-        let class = store.gateway_classes.get(&(String::new(), g.class.to_string()));
-        let class = class.and_then(|c| c.waypoint_for.as_deref());
-        w.insert(ns, name, Serves::of(g.waypoint_for.as_deref(), class));
-    }
-    w
-}
-
 /// Whether the API server serves Gateways and GatewayClasses (`Ok(false)`: the Gateway API is
 /// not installed). Any other failure, such as not being allowed to list them, is an error.
 pub async fn served(client: &Client) -> Result<bool, Error> {
@@ -94,8 +81,8 @@ pub async fn served(client: &Client) -> Result<bool, Error> {
             Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
             Err(e) => {
                 return Err(Error::Kube(format!(
-                    "--istio-compat: cannot list {GROUP}/v1 {plural} (may the daemon list them?): {e}"
-                )))
+                "--istio-compat: cannot list {GROUP}/v1 {plural} (may the daemon list them?): {e}"
+            )))
             }
         }
     }

@@ -22,6 +22,7 @@ use crate::discovery::model::{
     Labels, Locality, Namespace, PortOverride, Protocol, Service, ServicePort, State, Workload,
 };
 use crate::discovery::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::discovery::waypoint;
 use crate::discovery::Error;
 use crate::identity::Identity;
 
@@ -409,9 +410,27 @@ pub fn build_keyed(
             .with_enrollment(rules)
             .with_all_namespaces()
             .with_contested(contested)
-            .with_waypoints(super::gateways::waypoints(store))
+            .with_waypoints(waypoints(store))
     });
     (state, skipped)
+}
+
+/// The ready waypoints of `store`: each ready Gateway, taking what its label says, else its
+/// class's, else Services' traffic.
+pub fn waypoints(store: &Store) -> waypoint::Waypoints {
+    let mut w = waypoint::Waypoints::default();
+    for ((ns, name), g) in &store.gateways {
+        let class = store
+            .gateway_classes
+            .get(&(String::new(), g.class.to_string()));
+        let class = class.and_then(|c| c.waypoint_for.as_deref());
+        w.insert(
+            ns,
+            name,
+            waypoint::Serves::of(g.waypoint_for.as_deref(), class),
+        );
+    }
+    w
 }
 
 /// Every node's IP addresses, each with whether it is this daemon's node's.

@@ -252,13 +252,29 @@ fn gateways_declare_the_waypoints_and_what_they_take() {
         s.workload_waypoint(w)
     };
     assert_eq!(through("10.0.1.1"), None, "Services only, by default");
-    assert_eq!(through("10.0.1.2").as_deref(), Some("b/wp"), "its class says all");
-    assert_eq!(through("10.0.1.3"), None, "its own label wins over its class");
+    assert_eq!(
+        through("10.0.1.2").as_deref(),
+        Some("b/wp"),
+        "its class says all"
+    );
+    assert_eq!(
+        through("10.0.1.3"),
+        None,
+        "its own label wins over its class"
+    );
     assert_eq!(through("10.0.1.4").as_deref(), Some("d/wp"), "not ready");
-    assert_eq!(through("10.0.1.5").as_deref(), Some("e/wp"), "its own label");
+    assert_eq!(
+        through("10.0.1.5").as_deref(),
+        Some("e/wp"),
+        "its own label"
+    );
 
     let mut bad = gw("f", "wp", "x", None, true);
     bad["spec"] = json!({});
     let (_, refused) = store_with(&[bad], rules);
-    assert_eq!(refused.len(), 1, "a ready Gateway without a class is refused");
+    assert_eq!(
+        refused.len(),
+        1,
+        "a ready Gateway without a class is refused"
+    );
 }
