@@ -103,19 +103,40 @@ pub fn istio_compat_is_the_base_with_the_setting_and_its_read_access(base: &Obje
         RunConfigWithoutIstio(&base_cfg),
         "only the setting differs"
     );
-    // One more ClusterRole, bound to the daemon: list and watch of Istio's two kinds.
+    // One more ClusterRole, bound to the daemon: list and watch of Istio's two kinds, and of
+    // the Gateway API's two that declare Istio's waypoints; nothing else.
     assert_eq!(o.cluster_roles.len(), base.cluster_roles.len() + 1);
     let role = named(&o.cluster_roles, "ztunnel-istio-compat");
     let rules = role.rules.as_ref().expect("rules");
-    assert_eq!(rules.len(), 1);
+    let granted: Vec<(String, Vec<String>, Vec<String>)> = rules
+        .iter()
+        .map(|r| {
+            let mut res = r.resources.clone().unwrap_or_default();
+            res.sort();
+            (
+                r.api_groups.clone().unwrap_or_default().join(","),
+                res,
+                r.verbs.clone(),
+            )
+        })
+        .collect();
+    let want = |g: &str, r: [&str; 2]| {
+        (
+            g.to_owned(),
+            r.map(String::from).to_vec(),
+            vec!["list".to_owned(), "watch".to_owned()],
+        )
+    };
     assert_eq!(
-        rules[0].api_groups.as_deref(),
-        Some(&["security.istio.io".to_owned()][..])
+        granted,
+        [
+            want(
+                "security.istio.io",
+                ["authorizationpolicies", "peerauthentications"]
+            ),
+            want("gateway.networking.k8s.io", ["gatewayclasses", "gateways"]),
+        ]
     );
-    let mut res = rules[0].resources.clone().unwrap_or_default();
-    res.sort();
-    assert_eq!(res, ["authorizationpolicies", "peerauthentications"]);
-    assert_eq!(rules[0].verbs, ["list", "watch"]);
     let binding = named(&o.cluster_role_bindings, "ztunnel-istio-compat");
     assert_eq!(binding.role_ref.name, "ztunnel-istio-compat");
     let subjects = binding.subjects.as_ref().expect("subjects");
