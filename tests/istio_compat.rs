@@ -15,6 +15,8 @@
 //!   (a Gateway) is not ready yet, or takes workloads' traffic, is refused when addressed
 //!   directly, and reached when the waypoint takes Services' only; the overlay's Istio grants
 //!   are all used and nothing was forbidden.
+//! - `istio_compat_refuses_to_start_when_it_may_not_read_served_gateways`: a daemon granted
+//!   Istio's policy kinds but not the Gateway API's, where it is served, refuses to start.
 
 use std::time::Duration;
 
@@ -27,7 +29,10 @@ use ztunnel_e2e::testbed::TestBed;
 
 #[test]
 fn istios_objects_and_labels_are_enforced() {
-    let cp = controlplane::shared().install_base().install_istio_crds();
+    let cp = controlplane::shared()
+        .install_base()
+        .install_istio_crds()
+        .install_gateway_api_crds();
     cp.apply_kustomization(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/istio-compat"),
     )
@@ -192,7 +197,6 @@ fn istios_objects_and_labels_are_enforced() {
             &[("reason", "outbound_no_route")],
         )
     };
-    let before = no_route(&bed);
     wait_for("a waypoint not ready yet to be taken as one", || {
         whoami(&bed, "client", "10.20.2.10", 8080).is_err()
     });
@@ -208,15 +212,17 @@ fn istios_objects_and_labels_are_enforced() {
         "a pod reached directly past a waypoint for Services",
         || whoami(&bed, "client", "10.20.2.10", 8080).is_ok(),
     );
+    let waypoint = format!("{demo}/waypoint");
+    let named = |bed: &TestBed| bed.log(0).matches(waypoint.as_str()).count();
+    let (before, logged) = (no_route(&bed), named(&bed));
     cp.apply(gateway("workload"))
         .expect("the Gateway for workloads");
     wait_for("a pod behind its namespace's waypoint refused", || {
         whoami(&bed, "client", "10.20.2.10", 8080).is_err()
     });
     assert!(no_route(&bed) > before, "refused as outbound_no_route");
-    let waypoint = format!("{demo}/waypoint");
     assert!(
-        bed.log(0).contains(&waypoint),
+        named(&bed) > logged,
         "the refusal names the waypoint {waypoint}"
     );
 
@@ -239,4 +245,46 @@ fn istios_objects_and_labels_are_enforced() {
     }
     let problems = problems();
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// Where the Gateway API is served, a daemon under `--istio-compat` that may read Istio's
+/// policy kinds but not Gateways refuses to start, naming what it could not list, rather than
+/// run without knowing Istio's waypoints.
+#[test]
+fn istio_compat_refuses_to_start_when_it_may_not_read_served_gateways() {
+    let cp = controlplane::shared()
+        .install_base()
+        .install_istio_crds()
+        .install_gateway_api_crds();
+    let dir = tempfile::tempdir().unwrap();
+    let kc = cp
+        .istio_policies_only_kubeconfig(dir.path(), "gateway-rbac-n1")
+        .unwrap();
+    let started = cp.ns.block_on(async move {
+        let client = ztunnel::discovery::kube::client(Some(&kc)).await.unwrap();
+        let rules = ztunnel::discovery::enrollment::Rules {
+            istio: true,
+            ..Default::default()
+        };
+        let watch = ztunnel::discovery::watch_kubernetes(
+            client,
+            "cluster.local".into(),
+            "gateway-rbac-n1".into(),
+            rules,
+            Duration::from_millis(20),
+        );
+        tokio::time::timeout(Duration::from_secs(20), watch)
+            .await
+            .map(|r| r.map(|(_, task)| task.abort()))
+    });
+    let error = match started {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(())) => panic!("the watchers started without reading the Gateway API"),
+        Err(_) => panic!("the start neither failed nor completed within 20 s"),
+    };
+    assert!(
+        error.contains("--istio-compat: cannot list gateway.networking.k8s.io/v1 gateways")
+            && error.contains("forbidden"),
+        "{error}"
+    );
 }

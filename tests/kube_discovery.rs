@@ -601,6 +601,52 @@ fn istio_compat_refuses_to_start_without_istios_policies() {
     );
 }
 
+/// Under `--istio-compat` on an API server without the Gateway API (this binary never installs
+/// it), a daemon deployed as `deploy/istio-compat` was before it read the Gateway API starts:
+/// the API server's discovery, which it may read, says there are no Gateways, which it may not
+/// list. What names a waypoint is then refused: no waypoint is known ready.
+#[test]
+fn istio_compat_without_the_gateway_api_starts_and_refuses_what_names_a_waypoint() {
+    let n = Names::seeded();
+    n.cp.install_istio_crds();
+    n.cp.kubectl(&[
+        "label",
+        "namespace",
+        &n.demo,
+        "istio.io/use-waypoint=waypoint",
+    ])
+    .unwrap();
+    let kc =
+        n.cp.istio_policies_only_kubeconfig(n.dir.path(), &n.node)
+            .unwrap();
+    let (node, local, web) = (n.node.clone(), n.addr("0.1"), n.vip(&n.demo, "web"));
+    let got = n.cp.ns.block_on(async move {
+        let client = ztunnel::discovery::kube::client(Some(&kc)).await.unwrap();
+        let rules = ztunnel::discovery::enrollment::Rules {
+            istio: true,
+            ..Default::default()
+        };
+        let watch = ztunnel::discovery::watch_kubernetes(
+            client,
+            "cluster.local".into(),
+            node,
+            rules,
+            Duration::from_millis(20),
+        );
+        let (disc, task) = tokio::time::timeout(Duration::from_secs(20), watch)
+            .await
+            .expect("started within 20 s")
+            .expect("started without the Gateway API");
+        task.abort();
+        let s = disc.current();
+        let w = s.workload_by_ip(local.parse().unwrap()).expect("the pod");
+        let svc = s.service_by_vip(web.parse().unwrap()).expect("the Service");
+        (s.workload_waypoint(w), s.waypoint_of(svc))
+    });
+    let want = Some(format!("{}/waypoint", n.demo));
+    assert_eq!(got, (want.clone(), want));
+}
+
 /// The real daemon, `--discovery-source kubernetes`, in a network namespace attached to the
 /// control plane, with its bound token: its workloads show in `/config_dump` and follow the
 /// API server.

@@ -85,7 +85,8 @@ pub fn objects_are_in_place(o: &Objects) {
 }
 
 /// The Istio-compatible rendering `o` is `base` with the setting turned on and read access to
-/// Istio's two policy kinds, and nothing else changed.
+/// Istio's two policy kinds and the Gateway API's two kinds that declare Istio's waypoints,
+/// and nothing else changed.
 pub fn istio_compat_is_the_base_with_the_setting_and_its_read_access(base: &Objects, o: &Objects) {
     let cfg = daemon_config(container(
         pod_spec_ds(named(&o.daemon_sets, "ztunnel")),

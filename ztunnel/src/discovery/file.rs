@@ -212,12 +212,13 @@ impl Builder<'_> {
             node: int.get(&w.node),
             ips: w.ips.into(),
             // A remote workload keeps only the labels that name its waypoint.
-            labels: match remote {
-                true => (labels.iter())
+            labels: if remote {
+                (labels.iter())
                     .filter(|(k, _)| waypoint::names_waypoint(k))
                     .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                false => labels,
+                    .collect()
+            } else {
+                labels
             },
             protocol: w.protocol,
             other_mesh: super::enrollment::OtherMesh::of(|k| {

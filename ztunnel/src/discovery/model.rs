@@ -520,10 +520,11 @@ impl State {
         if !self.base.enrollment.istio {
             return None;
         }
-        let own = (
-            svc.use_waypoint.as_deref(),
-            svc.use_waypoint_namespace.as_deref(),
-        );
+        let own = waypoint::UseWaypoint {
+            name: svc.use_waypoint.as_deref(),
+            namespace: svc.use_waypoint_namespace.as_deref(),
+            gateway: None,
+        };
         let ns = self.namespace(&svc.namespace).map(|n| &n.labels);
         self.base
             .waypoints
@@ -537,11 +538,7 @@ impl State {
         if !self.base.enrollment.istio {
             return None;
         }
-        let get = |k| w.labels.get(k).map(|v| &**v);
-        let own = (
-            get(waypoint::ISTIO_USE_WAYPOINT),
-            get(waypoint::ISTIO_USE_WAYPOINT_NAMESPACE),
-        );
+        let own = waypoint::UseWaypoint::of(|k| w.labels.get(k).map(|v| &**v));
         let ns = self.namespace(&w.namespace).map(|n| &n.labels);
         self.base
             .waypoints

@@ -99,9 +99,10 @@ pub struct Service {
     /// selectorless service's own EndpointSlices, host-network pods at their node's address):
     /// outside the mesh, reached as plain TCP, as Istio reaches them.
     pub not_pods: Vec<IpAddr>,
-    /// Its `istio.io/use-waypoint` label (`none` for a gateway's own Service) and its
-    /// `istio.io/use-waypoint-namespace` (see [`super::waypoint`]).
+    /// Its `istio.io/use-waypoint` label (`none` for a gateway's own Service, see
+    /// [`super::waypoint`]).
     pub use_waypoint: Option<Arc<str>>,
+    /// Its `istio.io/use-waypoint-namespace` label.
     pub use_waypoint_namespace: Option<Arc<str>>,
 }
 

@@ -11,8 +11,13 @@
 //!   takes is its `istio.io/waypoint-for` label, else its GatewayClass's, else `service`:
 //!   `service`, `workload` or `all` (anything else: nothing). Traffic to an object whose
 //!   waypoint does not take that kind of traffic goes directly, as in Istio.
-//! - A Service that is a waypoint's own (`gateway.istio.io/managed` set by Istio for a
-//!   waypoint or an east-west gateway) has none.
+//! - A Service that is a waypoint's own (`gateway.istio.io/managed` set by Istio to
+//!   `istio.io-mesh-controller`, or `istio.io-eastwest-controller` for an east-west gateway)
+//!   has none; nor has a ready waypoint's own pod (its `gateway.networking.k8s.io/gateway-name`
+//!   label names it).
+//!
+//! Istio's ServiceEntries and WorkloadEntries, which may name waypoints too (egress
+//! waypoints), are not read: traffic to their addresses is planned as to any other address.
 //!
 //! Fail closed where Istio is not: a waypoint that is named but not known to be ready (its
 //! Gateway not found or not ready yet, the Gateway API not served) is taken to take every
@@ -32,6 +37,8 @@ pub const ISTIO_USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const ISTIO_USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 /// On a Gateway or its GatewayClass: what traffic the waypoint takes.
 pub const ISTIO_WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// On a Gateway's pods: the Gateway they are replicas of.
+pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 /// Set by Istio on the objects of a gateway it deploys.
 pub const ISTIO_GATEWAY_MANAGED: &str = "gateway.istio.io/managed";
 
@@ -76,6 +83,28 @@ impl Serves {
     }
 }
 
+/// What an object's own labels say of its waypoint.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UseWaypoint<'a> {
+    /// `istio.io/use-waypoint`.
+    pub name: Option<&'a str>,
+    /// `istio.io/use-waypoint-namespace`.
+    pub namespace: Option<&'a str>,
+    /// A pod's `gateway.networking.k8s.io/gateway-name`: the Gateway it is a replica of.
+    pub gateway: Option<&'a str>,
+}
+
+impl<'a> UseWaypoint<'a> {
+    /// From a pod's labels.
+    pub fn of(get: impl Fn(&str) -> Option<&'a str>) -> UseWaypoint<'a> {
+        UseWaypoint {
+            name: get(ISTIO_USE_WAYPOINT),
+            namespace: get(ISTIO_USE_WAYPOINT_NAMESPACE),
+            gateway: get(GATEWAY_NAME),
+        }
+    }
+}
+
 /// The ready waypoints, by `namespace/name`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Waypoints(HashMap<Box<str>, Serves>);
@@ -86,20 +115,24 @@ impl Waypoints {
     }
 
     /// The waypoint (`namespace/name`) that `traffic` to an object of namespace `object_ns`
-    /// goes through: `own` is the object's `istio.io/use-waypoint` label and its
-    /// `istio.io/use-waypoint-namespace`, `ns` its namespace's labels.
+    /// goes through: `own` is what the object's labels say, `ns` its namespace's labels. A
+    /// ready waypoint's own replica has none.
     pub fn through(
         &self,
         traffic: Traffic,
         object_ns: &str,
-        own: (Option<&str>, Option<&str>),
+        own: UseWaypoint<'_>,
         ns: Option<&Labels>,
     ) -> Option<String> {
+        let replica = |g: &str| self.0.contains_key(&*format!("{object_ns}/{g}"));
+        if own.gateway.is_some_and(replica) {
+            return None;
+        }
         let opted_out = |v: &str| v.is_empty() || v == "none";
-        let (name, namespace) = match own {
-            (Some(v), _) if opted_out(v) => return None,
-            (Some(v), other) => (v, other),
-            (None, _) => {
+        let (name, namespace) = match own.name {
+            Some(v) if opted_out(v) => return None,
+            Some(v) => (v, own.namespace),
+            None => {
                 let ns = ns?;
                 let v = ns.get(ISTIO_USE_WAYPOINT).filter(|v| !opted_out(v))?;
                 (&**v, ns.get(ISTIO_USE_WAYPOINT_NAMESPACE).map(|v| &**v))
@@ -111,13 +144,19 @@ impl Waypoints {
     }
 }
 
-/// Whether label `key` names an object's waypoint.
+/// Whether label `key` is one a pod's waypoint is decided by.
 pub fn names_waypoint(key: &str) -> bool {
-    key == ISTIO_USE_WAYPOINT || key == ISTIO_USE_WAYPOINT_NAMESPACE
+    [
+        ISTIO_USE_WAYPOINT,
+        ISTIO_USE_WAYPOINT_NAMESPACE,
+        GATEWAY_NAME,
+    ]
+    .contains(&key)
 }
 
-/// The `istio.io/use-waypoint` label a Service is kept with, from its labels: `none` for a
-/// waypoint's or an east-west gateway's own Service.
+/// The `istio.io/use-waypoint` value a Service is kept with, from its labels (`get`): its
+/// label, but `none` for a waypoint's or an east-west gateway's own Service, labelled or
+/// not.
 pub fn service_label<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<&'a str> {
     match get(ISTIO_GATEWAY_MANAGED) {
         Some(m) if MANAGED_GATEWAYS.contains(&m) => Some("none"),
@@ -143,7 +182,6 @@ mod tests {
         let ns = |pairs: &[(&str, &str)]| Labels::of(pairs);
         let labelled = |v| ns(&[(ISTIO_USE_WAYPOINT, v)]);
         use Traffic::{Service as S, Workload as W};
-        #[rustfmt::skip]
         type Own<'a> = (Option<&'a str>, Option<&'a str>);
         let cases: &[(Traffic, Own<'_>, Labels, Option<&str>)] = &[
             // Named by the namespace.
@@ -192,15 +230,42 @@ mod tests {
             // The object's namespace override does not move its namespace's waypoint.
             (W, (None, Some("infra")), labelled("wl-wp"), Some("w/wl-wp")),
         ];
-        for (i, (traffic, own, labels, want)) in cases.iter().enumerate() {
-            let got = known.through(*traffic, "w", *own, Some(labels));
+        for (i, (traffic, (name, namespace), labels, want)) in cases.iter().enumerate() {
+            let own = UseWaypoint {
+                name: *name,
+                namespace: *namespace,
+                gateway: None,
+            };
+            let got = known.through(*traffic, "w", own, Some(labels));
             assert_eq!(
                 got.as_deref(),
                 *want,
                 "case {i}: {traffic:?} {own:?} {labels:?}"
             );
         }
-        assert_eq!(known.through(W, "w", (None, None), None), None);
+        let none = UseWaypoint::default();
+        assert_eq!(known.through(W, "w", none, None), None);
+        // A ready waypoint's own replica has none; a pod naming a Gateway that is not ready
+        // (or not a waypoint) is no replica.
+        let replica = |g| UseWaypoint {
+            gateway: Some(g),
+            ..none
+        };
+        let all = labelled("all-wp");
+        assert_eq!(known.through(W, "w", replica("all-wp"), Some(&all)), None);
+        assert_eq!(
+            known
+                .through(W, "w", replica("other"), Some(&all))
+                .as_deref(),
+            Some("w/all-wp")
+        );
+        assert_eq!(
+            known
+                .through(W, "x", replica("all-wp"), Some(&all))
+                .as_deref(),
+            Some("x/all-wp"),
+            "a replica of a Gateway of another namespace"
+        );
     }
 
     /// A waypoint's own Service, and an east-west gateway's, has none.

@@ -11,7 +11,7 @@
 //!   [`Service::not_pods`]) is passed through, unless its address is contested (below); under
 //!   the Istio-compatible setting, a Service Istio sends through a waypoint proxy
 //!   ([`State::waypoint_of`]) is refused: the waypoint's policies would be bypassed;
-//!   so is, addressed directly, a pod whose own label names a waypoint
+//!   so is, addressed directly, a pod whose waypoint takes workloads' traffic
 //!   ([`State::workload_waypoint`]);
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
 //! - a workload that speaks plain TCP, or an address outside the mesh: passthrough;
@@ -60,7 +60,7 @@ pub enum PlanError {
     Recursion(u16),
     #[error("address {0} is claimed by two pods, neither trusted with it")]
     Contested(std::net::IpAddr),
-    #[error("{target} sends its traffic through waypoint {waypoint} (istio.io/use-waypoint), whose policies this daemon cannot enforce")]
+    #[error("{target} sends its traffic through waypoint {waypoint} (istio.io/use-waypoint; one not known ready counts), whose policies this daemon cannot enforce")]
     Waypoint { target: String, waypoint: String },
 }
 

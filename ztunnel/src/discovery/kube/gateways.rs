@@ -4,18 +4,22 @@
 //! What makes a Gateway a ready waypoint, and what traffic it takes, is
 //! [`crate::discovery::waypoint`]'s; the store keeps only that.
 //!
-//! A Gateway API installed after the daemon started is read at its next start; until then a
-//! waypoint named by a label is not known ready, and what names it is refused.
+//! Whether the API server serves them is asked of its API discovery at start, and every
+//! minute after while it does not: until a Gateway API installed
+//! later is read, a waypoint named by a label is not known ready, and what names it is
+//! refused.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::api::{DynamicObject, ListParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 
-use super::{spawn_watcher, Kind, Shared, Watcher};
+use super::{spawn_watcher, v1_resource, Kind, Shared, Watcher};
 use crate::discovery::waypoint::ISTIO_WAYPOINT_FOR;
 use crate::discovery::Error;
+use crate::task::first_ended;
 
 /// The Gateway API's group.
 pub const GROUP: &str = "gateway.networking.k8s.io";
@@ -33,16 +37,6 @@ pub struct GatewayEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClassEntry {
     pub waypoint_for: Option<Arc<str>>,
-}
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: GROUP.into(),
-        version: "v1".into(),
-        api_version: format!("{GROUP}/v1"),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
 }
 
 fn waypoint_for(o: &DynamicObject) -> Option<Arc<str>> {
@@ -71,19 +65,35 @@ pub fn class_entry(o: &DynamicObject) -> ClassEntry {
     }
 }
 
-/// Whether the API server serves Gateways and GatewayClasses (`Ok(false)`: the Gateway API is
-/// not installed). Any other failure, such as not being allowed to list them, is an error.
+/// Whether the API server serves Gateways and GatewayClasses, as its API discovery (which
+/// every authenticated client may read) says: `Ok(false)` when the Gateway API is not
+/// installed. When it is, the daemon must be allowed to list them: a failure is an error.
 pub async fn served(client: &Client) -> Result<bool, Error> {
-    for (kind, plural) in [("Gateway", "gateways"), ("GatewayClass", "gatewayclasses")] {
-        let api = Api::<DynamicObject>::all_with(client.clone(), &resource(kind, plural));
-        match api.list_metadata(&ListParams::default().limit(1)).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
-            Err(e) => {
-                return Err(Error::Kube(format!(
-                "--istio-compat: cannot list {GROUP}/v1 {plural} (may the daemon list them?): {e}"
+    let resources = match client
+        .list_api_group_resources(&format!("{GROUP}/v1"))
+        .await
+    {
+        Ok(list) => list.resources,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
+        Err(e) => {
+            return Err(Error::Kube(format!(
+                "--istio-compat: cannot read the API discovery of {GROUP}/v1: {e}"
             )))
-            }
+        }
+    };
+    let plurals = ["gateways", "gatewayclasses"];
+    if !plurals
+        .iter()
+        .all(|p| resources.iter().any(|r| r.name == *p))
+    {
+        return Ok(false);
+    }
+    for (kind, plural) in [("Gateway", "gateways"), ("GatewayClass", "gatewayclasses")] {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &v1_resource(GROUP, kind, plural));
+        if let Err(e) = api.list_metadata(&ListParams::default().limit(1)).await {
+            return Err(Error::Kube(format!(
+                "--istio-compat: cannot list {GROUP}/v1 {plural} (may the daemon list them?): {e}"
+            )));
         }
     }
     Ok(true)
@@ -93,7 +103,7 @@ pub async fn served(client: &Client) -> Result<bool, Error> {
 pub(super) fn spawn(shared: &Arc<Shared>, client: &Client) -> [Watcher; 2] {
     let gateways = spawn_watcher(
         shared.clone(),
-        Api::<DynamicObject>::all_with(client.clone(), &resource("Gateway", "gateways")),
+        Api::<DynamicObject>::all_with(client.clone(), &v1_resource(GROUP, "Gateway", "gateways")),
         watcher::Config::default(),
         Kind {
             what: "Gateway",
@@ -104,7 +114,10 @@ pub(super) fn spawn(shared: &Arc<Shared>, client: &Client) -> [Watcher; 2] {
     );
     let classes = spawn_watcher(
         shared.clone(),
-        Api::<DynamicObject>::all_with(client.clone(), &resource("GatewayClass", "gatewayclasses")),
+        Api::<DynamicObject>::all_with(
+            client.clone(),
+            &v1_resource(GROUP, "GatewayClass", "gatewayclasses"),
+        ),
         watcher::Config::default(),
         Kind {
             what: "GatewayClass",
@@ -114,4 +127,29 @@ pub(super) fn spawn(shared: &Arc<Shared>, client: &Client) -> [Watcher; 2] {
         },
     );
     [gateways, classes]
+}
+
+/// How often a daemon whose API server did not serve the Gateway API asks again.
+const RECHECK: Duration = Duration::from_secs(60);
+
+/// A task that asks every `RECHECK` whether the Gateway API is served now, then runs the
+/// watchers of [`spawn`]; it ends when one of them ends, as a watcher does.
+pub(super) fn spawn_when_served(shared: Arc<Shared>, client: Client) -> Watcher {
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RECHECK).await;
+            match served(&client).await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the Gateway API is served but cannot be read; no waypoint is known ready")
+                }
+            }
+        }
+        tracing::info!("the Gateway API is served now: reading Gateways and GatewayClasses");
+        let mut watchers = super::AbortOnDrop(spawn(&shared, &client).into());
+        let ended = first_ended(&mut watchers.0).await;
+        tracing::error!(watcher = %ended, "a Gateway API watch stopped");
+    });
+    ("Gateway API (awaited)", task)
 }

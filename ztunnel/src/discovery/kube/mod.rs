@@ -32,7 +32,7 @@
 //! The publisher updates the state at most once per `coalesce` (bursts — a rollout, a
 //! re-list — become one update) and counts reloads. An update costs
 //! what the changed objects touch, not the cluster ([`incremental::Engine`]); a re-list, a
-//! namespace, node or policy change rebuilds in full. A policy
+//! namespace, node, policy, Gateway or GatewayClass change rebuilds in full. A policy
 //! is never refused: one whose spec cannot be read in full is kept and fails closed (see
 //! [`crate::discovery::policy`]), and its status says why. Another object that cannot be in the
 //! model (a malformed IP, an object without a name, …) is logged, counted
@@ -108,6 +108,21 @@ struct Shared {
     stats: Arc<Stats>,
 }
 
+/// A watcher's progress: the re-list it is receiving, and whether it has listed once.
+struct Progress<V> {
+    buffer: Option<BTreeMap<Key, V>>,
+    listed: bool,
+}
+
+impl<V> Default for Progress<V> {
+    fn default() -> Self {
+        Progress {
+            buffer: None,
+            listed: false,
+        }
+    }
+}
+
 /// How one watched kind maps into the store.
 struct Kind<K, V> {
     what: &'static str,
@@ -149,15 +164,16 @@ impl Shared {
         tracing::warn!(kind = what, namespace = %key.0, name = %key.1, error = %e, "Kubernetes object refused; skipped (an earlier good version, if any, is kept)");
     }
 
-    /// Applies one watcher event to the store; `buffer` holds a re-list in progress.
+    /// Applies one watcher event to the store, with `progress` the watcher's own.
     fn apply<K: Resource, V: Clone + PartialEq>(
         &self,
         kind: &Kind<K, V>,
         ev: watcher::Event<K>,
-        buffer: &mut Option<BTreeMap<Key, V>>,
+        progress: &mut Progress<V>,
     ) {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
+        let buffer = &mut progress.buffer;
         match ev {
             watcher::Event::Init => *buffer = Some(BTreeMap::new()),
             watcher::Event::InitApply(o) => {
@@ -181,8 +197,11 @@ impl Shared {
             watcher::Event::InitDone => {
                 *(kind.slot)(&mut inner.store) = buffer.take().unwrap_or_default();
                 inner.changes.full = true;
-                inner.synced += 1;
-                self.synced.notify_one();
+                // A re-list (after a watch error or `410 Gone`) is no other collection's list.
+                if !std::mem::replace(&mut progress.listed, true) {
+                    inner.synced += 1;
+                    self.synced.notify_one();
+                }
                 self.dirty.notify_one();
             }
             watcher::Event::Apply(o) => {
@@ -269,10 +288,10 @@ where
         let mut cfg = cfg.any_semantic();
         cfg.page_size = None;
         let mut stream = watcher(api, cfg).default_backoff().boxed();
-        let mut buffer = None;
+        let mut progress = Progress::default();
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(ev) => shared.apply(&kind, ev, &mut buffer),
+                Ok(ev) => shared.apply(&kind, ev, &mut progress),
                 Err(e) => {
                     shared
                         .stats
@@ -290,7 +309,8 @@ where
 /// The API group of Istio's policy resources, read under the Istio-compatible setting.
 pub const ISTIO_GROUP: &str = "security.istio.io";
 
-fn policy_resource(group: &str, kind: &str, plural: &str) -> ApiResource {
+/// The `v1` resource `plural` (of `kind`) of API group `group`.
+fn v1_resource(group: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: group.into(),
         version: "v1".into(),
@@ -372,15 +392,13 @@ pub async fn watch_kubernetes(
     rules: Rules,
     coalesce: Duration,
 ) -> Result<(Discovery, tokio::task::JoinHandle<()>), Error> {
-    let gateways = match rules.istio {
-        true => {
-            istio_served(&client).await?;
-            gateways::served(&client).await?
-        }
-        false => false,
-    };
+    let mut gateways = false;
+    if rules.istio {
+        istio_served(&client).await?;
+        gateways = gateways::served(&client).await?;
+    }
     if rules.istio && !gateways {
-        tracing::info!("the Gateway API is not served: no waypoint is known ready, and what names one is refused");
+        tracing::warn!("the Gateway API is not served: no waypoint is known ready, so what names one is refused; it is checked for again every minute");
     }
     let shared = Arc::new(Shared::new(&trust_domain, &node, rules));
     let mut watchers = AbortOnDrop(Vec::new());
@@ -452,6 +470,9 @@ pub async fn watch_kubernetes(
         tasks.extend(gateways::spawn(&shared, &client));
     }
     let total = tasks.len();
+    if rules.istio && !gateways {
+        tasks.push(gateways::spawn_when_served(shared.clone(), client.clone()));
+    }
 
     // Wait until every collection has been listed once.
     loop {
@@ -533,7 +554,7 @@ fn spawn_policy_watchers(
     writer: Option<status::StatusWriter>,
 ) -> [Watcher; 2] {
     let istio = group == ISTIO_GROUP;
-    let ar = policy_resource(group, "AuthorizationPolicy", "authorizationpolicies");
+    let ar = v1_resource(group, "AuthorizationPolicy", "authorizationpolicies");
     let authz = spawn_watcher(
         shared.clone(),
         Api::<DynamicObject>::all_with(client.clone(), &ar),
@@ -559,7 +580,7 @@ fn spawn_policy_watchers(
             change: |c, _, _| c.full = true,
         },
     );
-    let ar = policy_resource(group, "PeerAuthentication", "peerauthentications");
+    let ar = v1_resource(group, "PeerAuthentication", "peerauthentications");
     let peer = spawn_watcher(
         shared.clone(),
         Api::<DynamicObject>::all_with(client.clone(), &ar),
@@ -593,7 +614,7 @@ async fn istio_served(client: &Client) -> Result<(), Error> {
         ("AuthorizationPolicy", "authorizationpolicies"),
         ("PeerAuthentication", "peerauthentications"),
     ] {
-        let ar = policy_resource(ISTIO_GROUP, kind, plural);
+        let ar = v1_resource(ISTIO_GROUP, kind, plural);
         let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
         if let Err(e) = api
             .list_metadata(&kube::api::ListParams::default().limit(1))
@@ -705,7 +726,7 @@ mod tests {
     #[test]
     fn events_that_leave_an_entry_as_it_was_change_nothing() {
         let sh = Shared::new("cluster.local", "n1", Rules::default());
-        let mut buf = None;
+        let mut buf = Progress::default();
         let node = |zone: &str, heartbeat: &str| -> objects::LeanNode {
             serde_json::from_value(json!({"metadata": {"name": "n2",
                 "labels": {"topology.kubernetes.io/zone": zone}},
@@ -735,7 +756,7 @@ mod tests {
             ("its condition", Ev::Pod(pod("10.0.0.1", "True")), false),
             ("its IP", Ev::Pod(pod("10.0.0.2", "True")), true),
         ];
-        let mut pod_buf = None;
+        let mut pod_buf = Progress::default();
         for (what, ev, want) in cases {
             match ev {
                 Ev::Node(n) => sh.apply(&nodes, watcher::Event::Apply(n), &mut buf),
@@ -743,5 +764,24 @@ mod tests {
             }
             assert_eq!(changed(&sh), want, "{what}");
         }
+    }
+
+    /// Each watcher counts once toward the first complete state: a watcher that lists again
+    /// (after a watch error) before another has listed at all does not stand in for it.
+    #[test]
+    fn a_relist_is_not_another_collections_first_list() {
+        let sh = Shared::new("cluster.local", "n1", Rules::default());
+        let nodes = node_kind();
+        let mut progress = Progress::default();
+        for _ in 0..3 {
+            sh.apply(&nodes, watcher::Event::Init, &mut progress);
+            sh.apply(&nodes, watcher::Event::InitDone, &mut progress);
+        }
+        assert_eq!(sh.inner.lock().synced, 1);
+        let pods = pod_kind("n1", Rules::default(), true);
+        let mut progress = Progress::default();
+        sh.apply(&pods, watcher::Event::Init, &mut progress);
+        sh.apply(&pods, watcher::Event::InitDone, &mut progress);
+        assert_eq!(sh.inner.lock().synced, 2);
     }
 }

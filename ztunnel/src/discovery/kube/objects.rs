@@ -430,9 +430,10 @@ pub struct ServiceEntry {
     /// Its `trafficDistribution` if known, else Istio's `networking.istio.io/traffic-distribution`
     /// annotation; `None`: neither, its namespace's applies ([`NamespaceEntry::distribution`]).
     pub distribution: Option<Distribution>,
-    /// Its `istio.io/use-waypoint` label (see [`crate::discovery::waypoint::service_label`])
-    /// and `istio.io/use-waypoint-namespace`.
+    /// Its `istio.io/use-waypoint` label, as
+    /// [`crate::discovery::waypoint::service_label`] keeps it.
     pub use_waypoint: Option<Arc<str>>,
+    /// Its `istio.io/use-waypoint-namespace` label.
     pub use_waypoint_namespace: Option<Arc<str>>,
 }
 

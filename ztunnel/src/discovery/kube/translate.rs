@@ -46,7 +46,7 @@ pub struct Store {
     /// Istio's own (`security.istio.io/v1`), under the Istio-compatible setting.
     pub istio_authz: BTreeMap<Key, AuthorizationPolicy>,
     pub istio_peer_authn: BTreeMap<Key, PeerAuthentication>,
-    /// Ready Gateways and GatewayClasses, under the Istio-compatible setting.
+    /// Ready Gateways, and every GatewayClass, under the Istio-compatible setting.
     pub gateways: BTreeMap<Key, super::gateways::GatewayEntry>,
     pub gateway_classes: BTreeMap<Key, super::gateways::ClassEntry>,
 }
