@@ -5,9 +5,8 @@
 //! [`crate::discovery::waypoint`]'s; the store keeps only that.
 //!
 //! Whether the API server serves them is asked of its API discovery at start, and every
-//! minute after while it does not: until a Gateway API installed
-//! later is read, a waypoint named by a label is not known ready, and what names it is
-//! refused.
+//! minute after while it does not: until a Gateway API installed later is read, a waypoint
+//! named by a label is not known ready, and what names it is refused.
 
 use std::sync::Arc;
 use std::time::Duration;
