@@ -260,27 +260,9 @@ fn istio_compat_refuses_to_start_when_it_may_not_read_served_gateways() {
     let kc = cp
         .istio_policies_only_kubeconfig(dir.path(), "gateway-rbac-n1")
         .unwrap();
-    let started = cp.ns.block_on(async move {
-        let client = ztunnel::discovery::kube::client(Some(&kc)).await.unwrap();
-        let rules = ztunnel::discovery::enrollment::Rules {
-            istio: true,
-            ..Default::default()
-        };
-        let watch = ztunnel::discovery::watch_kubernetes(
-            client,
-            "cluster.local".into(),
-            "gateway-rbac-n1".into(),
-            rules,
-            Duration::from_millis(20),
-        );
-        tokio::time::timeout(Duration::from_secs(20), watch)
-            .await
-            .map(|r| r.map(|(_, task)| task.abort()))
-    });
-    let error = match started {
-        Ok(Err(e)) => e.to_string(),
-        Ok(Ok(())) => panic!("the watchers started without reading the Gateway API"),
-        Err(_) => panic!("the start neither failed nor completed within 20 s"),
+    let error = match cp.istio_discovery(&kc, "gateway-rbac-n1") {
+        Err(e) => e,
+        Ok(_) => panic!("the watchers started without reading the Gateway API"),
     };
     assert!(
         error.contains("--istio-compat: cannot list gateway.networking.k8s.io/v1 gateways")

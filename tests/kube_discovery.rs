@@ -571,28 +571,9 @@ fn a_policy_the_daemon_cannot_read_is_kept_and_fails_closed() {
 #[test]
 fn istio_compat_refuses_to_start_without_istios_policies() {
     let n = Names::seeded();
-    let (kc, node) = (n.kubeconfig.clone(), n.node.clone());
-    let started = n.cp.ns.block_on(async move {
-        let client = ztunnel::discovery::kube::client(Some(&kc)).await.unwrap();
-        let rules = ztunnel::discovery::enrollment::Rules {
-            istio: true,
-            ..Default::default()
-        };
-        let watch = ztunnel::discovery::watch_kubernetes(
-            client,
-            "cluster.local".into(),
-            node,
-            rules,
-            Duration::from_millis(20),
-        );
-        tokio::time::timeout(Duration::from_secs(20), watch)
-            .await
-            .map(|r| r.map(|(_, task)| task.abort()))
-    });
-    let error = match started {
-        Ok(Err(e)) => e.to_string(),
-        Ok(Ok(())) => panic!("the watchers started without Istio's policies"),
-        Err(_) => panic!("the start neither failed nor completed within 20 s"),
+    let error = match n.cp.istio_discovery(&n.kubeconfig, &n.node) {
+        Err(e) => e,
+        Ok(_) => panic!("the watchers started without Istio's policies"),
     };
     assert!(
         error.contains("--istio-compat: cannot list security.istio.io/v1 authorizationpolicies")
@@ -619,30 +600,16 @@ fn istio_compat_without_the_gateway_api_starts_and_refuses_what_names_a_waypoint
     let kc =
         n.cp.istio_policies_only_kubeconfig(n.dir.path(), &n.node)
             .unwrap();
-    let (node, local, web) = (n.node.clone(), n.addr("0.1"), n.vip(&n.demo, "web"));
-    let got = n.cp.ns.block_on(async move {
-        let client = ztunnel::discovery::kube::client(Some(&kc)).await.unwrap();
-        let rules = ztunnel::discovery::enrollment::Rules {
-            istio: true,
-            ..Default::default()
-        };
-        let watch = ztunnel::discovery::watch_kubernetes(
-            client,
-            "cluster.local".into(),
-            node,
-            rules,
-            Duration::from_millis(20),
-        );
-        let (disc, task) = tokio::time::timeout(Duration::from_secs(20), watch)
-            .await
-            .expect("started within 20 s")
-            .expect("started without the Gateway API");
-        task.abort();
-        let s = disc.current();
-        let w = s.workload_by_ip(local.parse().unwrap()).expect("the pod");
-        let svc = s.service_by_vip(web.parse().unwrap()).expect("the Service");
-        (s.workload_waypoint(w), s.waypoint_of(svc))
-    });
+    let s =
+        n.cp.istio_discovery(&kc, &n.node)
+            .expect("started without the Gateway API")
+            .current();
+    let w = s.workload_by_ip(n.addr("0.1").parse().unwrap());
+    let svc = s.service_by_vip(n.vip(&n.demo, "web").parse().unwrap());
+    let got = (
+        s.workload_waypoint(w.expect("the pod")),
+        s.waypoint_of(svc.expect("the Service")),
+    );
     let want = Some(format!("{}/waypoint", n.demo));
     assert_eq!(got, (want.clone(), want));
 }

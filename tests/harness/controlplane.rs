@@ -32,6 +32,7 @@ use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
 use serde_json::{json, Value};
 
+mod istio;
 mod rbac;
 
 use crate::daemon::die_with_test;
@@ -657,92 +658,6 @@ impl ControlPlane {
             panic!("applying deploy/base to the real API server failed: {e}");
         }
         self
-    }
-
-    /// Istio's own `security.istio.io` CRDs (AuthorizationPolicy, PeerAuthentication,
-    /// RequestAuthentication), as Istio publishes them (`tools/istio/crds.sh` fetches them
-    /// from the `istio.io/api` Go module), applied once per test binary and established.
-    pub fn install_istio_crds(&self) -> &Self {
-        static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-        self.install_crds(&DONE, "istio", "security.istio.io", 3)
-    }
-
-    /// The Gateway API's Gateway and GatewayClass CRDs (which declare Istio's waypoints), at
-    /// the version Istio pins (`tools/istio/crds.sh gateway-api` fetches them from the
-    /// `sigs.k8s.io/gateway-api` Go module), applied once per test binary and established.
-    pub fn install_gateway_api_crds(&self) -> &Self {
-        static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-        self.install_crds(&DONE, "gateway-api", "gateway.networking.k8s.io", 2)
-    }
-
-    /// The `count` CRDs of `group` that `tools/istio/crds.sh <set>` fetches, applied once
-    /// (`done`) and established; a failure fails every test that asks for them.
-    fn install_crds(
-        &self,
-        done: &OnceLock<std::result::Result<(), String>>,
-        set: &str,
-        group: &str,
-        count: usize,
-    ) -> &Self {
-        let done = done.get_or_init(|| {
-            let apply = || -> Result<()> {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/istio/crds.sh");
-                let path = netns::sh("bash", &[&script.display().to_string(), set])?;
-                let all = std::fs::read_to_string(path.trim())
-                    .with_context(|| format!("read {}", path.trim()))?;
-                let mut names = Vec::new();
-                for crd in serde_saphyr::from_multiple::<Value>(&all)? {
-                    if crd["spec"]["group"] == group {
-                        names.push(format!(
-                            "crd/{}",
-                            crd["metadata"]["name"].as_str().unwrap_or("")
-                        ));
-                        self.apply(crd)?;
-                    }
-                }
-                if names.len() != count {
-                    bail!("expected {count} {group} CRDs, found {names:?}");
-                }
-                let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
-                args.extend(names.iter().map(String::as_str));
-                self.kubectl(&args)?;
-                Ok(())
-            };
-            apply().map_err(|e| format!("{e:#}"))
-        });
-        if let Err(e) = done {
-            panic!("installing the {group} CRDs on the real API server failed: {e}");
-        }
-        self
-    }
-
-    /// A kubeconfig (in `dir`) for a daemon of `node` deployed as `deploy/istio-compat` was
-    /// before it read the Gateway API: ServiceAccount `ztunnel-istio-policies` of the system
-    /// namespace (created once), bound to the daemon's ClusterRole `ztunnel` and to one that
-    /// lists and watches Istio's two policy kinds, and nothing of the Gateway API.
-    pub fn istio_policies_only_kubeconfig(&self, dir: &Path, node: &str) -> Result<PathBuf> {
-        const SA: &str = "ztunnel-istio-policies";
-        let subjects =
-            json!([{"kind": "ServiceAccount", "name": SA, "namespace": SYSTEM_NAMESPACE}]);
-        let binding = |name: &str, role: &str| {
-            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                "metadata": {"name": name},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-                "subjects": subjects})
-        };
-        self.apply(json!([
-            {"apiVersion": "v1", "kind": "ServiceAccount",
-             "metadata": {"name": SA, "namespace": SYSTEM_NAMESPACE}},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-             "metadata": {"name": SA},
-             "rules": [{"apiGroups": ["security.istio.io"],
-                        "resources": ["authorizationpolicies", "peerauthentications"],
-                        "verbs": ["list", "watch"]}]},
-            binding(SA, SA),
-            binding(&format!("{SA}-daemon"), "ztunnel"),
-        ]))?;
-        let token = self.system_pod_token(SA, &format!("{SA}-{node}"), node, &[ISSUER])?;
-        self.token_kubeconfig(dir, "istio-policies.kubeconfig", &token)
     }
 
     /// `token` (a ServiceAccount JWT this API server signed) with its validity moved an hour
