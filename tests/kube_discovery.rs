@@ -8,7 +8,9 @@
 //! deletes of pods, services, endpoint slices and both policy kinds, namespace and pod label
 //! changes down to the enrollment decision, and refuse a policy the CRD admits but the
 //! daemon cannot enforce while keeping the rest; under `--istio-compat`, they refuse to start
-//! without read access to Istio's policy kinds. The last test runs the real
+//! without read access to Istio's policy kinds, and start where the Gateway API is not
+//! installed (with the identity of an older `deploy/istio-compat`, which may read Istio's
+//! policy kinds only), knowing no waypoint ready. The last test runs the real
 //! `ztunnel run --discovery-source kubernetes` in a network namespace attached to the control
 //! plane, its API client taking the post-quantum hybrid key exchange alone (`pqc-only`).
 //!

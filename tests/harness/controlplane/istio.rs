@@ -60,7 +60,20 @@ impl ControlPlane {
                 let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
                 args.extend(names.iter().map(String::as_str));
                 self.kubectl(&args)?;
-                Ok(())
+                // The API server's discovery lists a CRD's resource a moment after it is
+                // established: wait for that too, as the daemon reads it.
+                let path = format!("/apis/{group}/v1");
+                let plurals: Vec<&str> = names
+                    .iter()
+                    .filter_map(|n| n.strip_prefix("crd/")?.split('.').next())
+                    .collect();
+                let listed = || {
+                    let found = self.kubectl(&["get", "--raw", &path]).unwrap_or_default();
+                    plurals
+                        .iter()
+                        .all(|p| found.contains(&format!("\"name\":\"{p}\"")))
+                };
+                wait_until(&format!("{path} in the API discovery"), listed)
             };
             apply().map_err(|e| format!("{e:#}"))
         });
@@ -130,7 +143,28 @@ impl ControlPlane {
             binding(SA, SA),
             binding(&format!("{SA}-daemon"), "ztunnel"),
         ]))?;
+        // The authorizer sees new bindings a moment after they are written.
+        let user = format!("--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{SA}");
+        let granted = |what: &str| {
+            self.kubectl(&["auth", "can-i", "list", what, &user])
+                .is_ok_and(|out| out.trim() == "yes")
+        };
+        wait_until("the ServiceAccount's grants", || {
+            granted("authorizationpolicies.security.istio.io") && granted("pods")
+        })?;
         let token = self.system_pod_token(SA, &format!("{SA}-{node}"), node, &[ISSUER])?;
         self.token_kubeconfig(dir, "istio-policies.kubeconfig", &token)
     }
+}
+
+/// Polls `done` every 100 ms for up to 20 s.
+fn wait_until(what: &str, done: impl Fn() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }

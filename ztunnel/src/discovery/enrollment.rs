@@ -112,7 +112,7 @@ impl Rules {
     pub fn keeps(&self, key: &str) -> bool {
         key == DATAPLANE_MODE_LABEL
             || (self.istio
-                && (key == ISTIO_DATAPLANE_MODE_LABEL || super::waypoint::names_waypoint(key)))
+                && (key == ISTIO_DATAPLANE_MODE_LABEL || super::waypoint::decides_waypoint(key)))
     }
 
     /// Whether namespace `name` is one whose pods are never enrolled.
@@ -365,5 +365,7 @@ mod tests {
         assert!(on.keeps(ISTIO_DATAPLANE_MODE_LABEL) && on.keeps(DATAPLANE_MODE_LABEL));
         assert!(!Rules::default().keeps(ISTIO_DATAPLANE_MODE_LABEL));
         assert!(!on.keeps("app"));
+        let gateway = crate::discovery::waypoint::GATEWAY_NAME;
+        assert!(on.keeps(gateway) && !Rules::default().keeps(gateway));
     }
 }

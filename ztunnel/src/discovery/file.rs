@@ -214,7 +214,7 @@ impl Builder<'_> {
             // A remote workload keeps only the labels that name its waypoint.
             labels: if remote {
                 (labels.iter())
-                    .filter(|(k, _)| waypoint::names_waypoint(k))
+                    .filter(|(k, _)| waypoint::decides_waypoint(k))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect()
             } else {

@@ -9,12 +9,13 @@
 //!   namespace unless its `istio.io/use-waypoint-namespace` label names another.
 //! - A waypoint is a Gateway API `Gateway` that is ready (it has `status.addresses`). What it
 //!   takes is its `istio.io/waypoint-for` label, else its GatewayClass's, else `service`:
-//!   `service`, `workload` or `all` (anything else: nothing). Traffic to an object whose
+//!   `service`, `workload` or `all` (anything else: nothing). A ready Gateway whose class is
+//!   not known (yet) and that says nothing itself is taken to take every kind. Traffic to an object whose
 //!   waypoint does not take that kind of traffic goes directly, as in Istio.
 //! - A Service that is a waypoint's own (`gateway.istio.io/managed` set by Istio to
 //!   `istio.io-mesh-controller`, or `istio.io-eastwest-controller` for an east-west gateway)
-//!   has none; nor has a ready waypoint's own pod (its `gateway.networking.k8s.io/gateway-name`
-//!   label names it).
+//!   has none; nor has a pod whose `gateway.networking.k8s.io/gateway-name` label names a
+//!   ready waypoint of its own namespace (a waypoint's replica).
 //!
 //! Istio's ServiceEntries and WorkloadEntries, which may name waypoints too (egress
 //! waypoints), are not read: traffic to their addresses is planned as to any other address.
@@ -62,6 +63,12 @@ pub struct Serves {
 }
 
 impl Serves {
+    /// Every kind of traffic.
+    pub const ALL: Serves = Serves {
+        services: true,
+        workloads: true,
+    };
+
     /// From an `istio.io/waypoint-for` value.
     pub fn parse(v: &str) -> Serves {
         Serves {
@@ -145,7 +152,7 @@ impl Waypoints {
 }
 
 /// Whether label `key` is one a pod's waypoint is decided by.
-pub fn names_waypoint(key: &str) -> bool {
+pub fn decides_waypoint(key: &str) -> bool {
     [
         ISTIO_USE_WAYPOINT,
         ISTIO_USE_WAYPOINT_NAMESPACE,

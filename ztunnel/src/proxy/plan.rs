@@ -275,6 +275,7 @@ workloads:
   - {uid: c2, name: c2, namespace: w, serviceAccount: sa-c, node: n2, ips: [10.0.0.4], labels: {istio.io/use-waypoint: none}}
   - {uid: c3, name: c3, namespace: v, serviceAccount: sa-c, node: n2, ips: [10.0.0.5], labels: {istio.io/use-waypoint: ns-waypoint, istio.io/use-waypoint-namespace: w}}
   - {uid: d1, name: d1, namespace: x, serviceAccount: sa-d, node: n2, ips: [10.0.0.6], labels: {app: d}}
+  - {uid: d2, name: x-wp-0, namespace: x, serviceAccount: sa-d, node: n2, ips: [10.0.0.7], labels: {gateway.networking.k8s.io/gateway-name: x-wp}}
 services:
   - {name: c, namespace: v, vips: [10.96.0.4], ports: [{port: 80, targetPort: 8080}], selector: {app: c}}
   - {name: b, namespace: w, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: b}}
@@ -299,8 +300,8 @@ waypoints:
     /// serves Services only (its namespace's, or in another namespace by its own label), or it
     /// is labelled `none`; a Service likewise when its namespace's waypoint serves workloads
     /// only; a pod behind a waypoint is reached through a Service without one, as Istio sends
-    /// only a pod's own traffic through its waypoint. Without the setting the labels mean
-    /// nothing.
+    /// only a pod's own traffic through its waypoint; a waypoint's own replica is reached
+    /// directly. Without the setting the labels mean nothing.
     #[test]
     fn services_and_pods_behind_a_waypoint_are_refused_under_istio_compat() {
         use crate::discovery::enrollment::Rules;
@@ -330,6 +331,7 @@ waypoints:
             ("10.0.0.5:8080", None),
             ("10.0.0.6:8080", Some(waypoint("pod x/d1", "x/x-wp"))),
             ("10.96.0.5:80", None),
+            ("10.0.0.7:8080", None),
         ];
         for (dst, want) in cases {
             let d = dst.parse().unwrap();

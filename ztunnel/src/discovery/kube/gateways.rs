@@ -141,7 +141,7 @@ pub(super) fn spawn_when_served(shared: Arc<Shared>, client: Client) -> Watcher 
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "the Gateway API is served but cannot be read; no waypoint is known ready")
+                    tracing::warn!(error = %e, "cannot tell whether the Gateway API is served, or cannot read it; no waypoint is known ready")
                 }
             }
         }

@@ -24,7 +24,8 @@
 //!   there. The daemon refuses to start if the API server does not serve them (Istio's CRDs
 //!   are not installed): a setting that cannot be honoured is an error, not a silent no-op.
 //!   Also, when the API server serves them, the Gateway API's Gateways and GatewayClasses,
-//!   which declare Istio's waypoints ([`gateways`]).
+//!   which declare Istio's waypoints ([`gateways`]); when it does not at start, it is asked
+//!   again every minute, and the watchers started then are no part of the first state.
 //!
 //! A change marks the store dirty and is recorded with the entry it replaced
 //! ([`incremental::Changes`]); an event that leaves an object's entry as it was (a node's
@@ -456,7 +457,10 @@ pub async fn watch_kubernetes(
             change: |c, k, old| c.slice(k, old),
         },
     ));
-    let writer = status::StatusWriter::start(client.clone());
+    // Tasks that list nothing before the first state: joined to the watchers after it.
+    let mut others = AbortOnDrop(Vec::new());
+    let (writer, writing) = status::StatusWriter::start(client.clone());
+    others.0.push(("policy status writer", writing));
     tasks.extend(spawn_policy_watchers(
         &shared,
         &client,
@@ -470,9 +474,6 @@ pub async fn watch_kubernetes(
         tasks.extend(gateways::spawn(&shared, &client));
     }
     let total = tasks.len();
-    if rules.istio && !gateways {
-        tasks.push(gateways::spawn_when_served(shared.clone(), client.clone()));
-    }
 
     // Wait until every collection has been listed once.
     loop {
@@ -489,6 +490,11 @@ pub async fn watch_kubernetes(
             }
         }
     }
+    if rules.istio && !gateways {
+        let later = gateways::spawn_when_served(shared.clone(), client.clone());
+        others.0.push(later);
+    }
+    watchers.0.append(&mut others.0);
     let state = update(&shared)?;
     tracing::info!(
         node = %node,

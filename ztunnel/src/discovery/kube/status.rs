@@ -80,14 +80,14 @@ pub struct StatusWriter {
 }
 
 impl StatusWriter {
-    /// Starts the writer on `client`.
-    pub fn start(client: Client) -> StatusWriter {
+    /// Starts the writer on `client`; its task runs until it is aborted.
+    pub fn start(client: Client) -> (StatusWriter, tokio::task::JoinHandle<()>) {
         let w = StatusWriter {
             pending: Arc::default(),
             wake: Arc::default(),
         };
-        tokio::spawn(w.clone().run(client));
-        w
+        let task = tokio::spawn(w.clone().run(client));
+        (w, task)
     }
 
     /// Reports what `object` (as the API server sent it) should say.

@@ -416,19 +416,22 @@ pub fn build_keyed(
 }
 
 /// The ready waypoints of `store`: each ready Gateway, taking what its label says, else its
-/// class's, else Services' traffic.
+/// class's, else Services' traffic. A ready Gateway whose class is not listed (yet: its
+/// controller made it ready) and says nothing itself is taken to take every kind.
 pub fn waypoints(store: &Store) -> waypoint::Waypoints {
     let mut w = waypoint::Waypoints::default();
     for ((ns, name), g) in &store.gateways {
         let class = store
             .gateway_classes
             .get(&(String::new(), g.class.to_string()));
-        let class = class.and_then(|c| c.waypoint_for.as_deref());
-        w.insert(
-            ns,
-            name,
-            waypoint::Serves::of(g.waypoint_for.as_deref(), class),
-        );
+        let serves = match (&g.waypoint_for, class) {
+            (None, None) => waypoint::Serves::ALL,
+            (own, class) => waypoint::Serves::of(
+                own.as_deref(),
+                class.and_then(|c| c.waypoint_for.as_deref()),
+            ),
+        };
+        w.insert(ns, name, serves);
     }
     w
 }

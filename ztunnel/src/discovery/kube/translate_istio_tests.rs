@@ -167,15 +167,24 @@ fn a_services_waypoint_label_is_kept() {
     );
 }
 
-/// A pod's own `istio.io/use-waypoint` and `istio.io/use-waypoint-namespace` labels are kept
-/// on every node under the Istio-compatible setting (the source's daemon plans with them),
-/// and mean nothing without it.
+/// A pod's own `istio.io/use-waypoint`, `istio.io/use-waypoint-namespace` and
+/// `gateway.networking.k8s.io/gateway-name` labels are kept on every node under the
+/// Istio-compatible setting (the source's daemon plans with them), and mean nothing without
+/// it: a replica of a ready waypoint of its namespace has none.
 #[test]
 fn a_pods_waypoint_label_is_kept_on_other_nodes_under_istio_compat() {
     let mut remote = pod("demo", "db-0", "n2", "10.0.0.7");
     remote["metadata"]["labels"] = json!({"app": "db", "istio.io/use-waypoint": "wp",
         "istio.io/use-waypoint-namespace": "infra"});
-    let objs = vec![ns("demo", true), remote];
+    let mut replica = pod("demo", "wp-0", "n2", "10.0.0.8");
+    replica["metadata"]["labels"] = json!({"gateway.networking.k8s.io/gateway-name": "wp"});
+    let mut demo = ns("demo", true);
+    demo["metadata"]["labels"]["istio.io/use-waypoint"] = json!("wp");
+    let gateway = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": "demo", "labels": {"istio.io/waypoint-for": "all"}},
+        "spec": {"gatewayClassName": "istio-waypoint"},
+        "status": {"addresses": [{"type": "IPAddress", "value": "10.96.9.9"}]}});
+    let objs = vec![demo, remote, replica, gateway];
     for istio in [false, true] {
         let rules = Rules {
             istio,
@@ -189,6 +198,9 @@ fn a_pods_waypoint_label_is_kept_on_other_nodes_under_istio_compat() {
         let want = istio.then_some("infra/wp");
         assert_eq!(s.workload_waypoint(w).as_deref(), want, "istio={istio}");
         assert!(w.labels.get("app").is_none(), "other labels are dropped");
+        let r = s.workload_by_ip("10.0.0.8".parse().unwrap()).unwrap();
+        assert_eq!(s.workload_waypoint(r), None, "the waypoint's replica");
+        assert_eq!(r.labels.len(), usize::from(istio), "istio={istio}");
     }
 }
 
@@ -231,9 +243,10 @@ fn gateways_declare_the_waypoints_and_what_they_take() {
         gw("c", "wp", "all-class", Some("service"), true),
         gw("d", "wp", "istio-waypoint", Some("workload"), false),
         gw("e", "wp", "no-such-class", Some("workload"), true),
+        gw("f", "wp", "no-such-class", None, true),
     ];
     let mut ip = 0;
-    for n in ["a", "b", "c", "d", "e"] {
+    for n in ["a", "b", "c", "d", "e", "f"] {
         objs.push(labelled(n, "wp"));
         ip += 1;
         objs.push(pod(n, &format!("p{ip}"), NODE, &format!("10.0.1.{ip}")));
@@ -244,7 +257,7 @@ fn gateways_declare_the_waypoints_and_what_they_take() {
     };
     let (st, refused) = store_with(&objs, rules);
     assert!(refused.is_empty(), "{refused:?}");
-    assert_eq!(st.gateways.len(), 4, "the Gateway not ready is not kept");
+    assert_eq!(st.gateways.len(), 5, "the Gateway not ready is not kept");
     let (s, _) = build("cluster.local", rules, &st);
     let s = s.unwrap();
     let through = |ip: &str| {
@@ -268,8 +281,13 @@ fn gateways_declare_the_waypoints_and_what_they_take() {
         Some("e/wp"),
         "its own label"
     );
+    assert_eq!(
+        through("10.0.1.6").as_deref(),
+        Some("f/wp"),
+        "its class not known: every kind"
+    );
 
-    let mut bad = gw("f", "wp", "x", None, true);
+    let mut bad = gw("g", "wp", "x", None, true);
     bad["spec"] = json!({});
     let (_, refused) = store_with(&[bad], rules);
     assert_eq!(
