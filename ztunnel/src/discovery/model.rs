@@ -517,32 +517,37 @@ impl State {
     /// The waypoint (`namespace/name`) Istio would send `svc`'s traffic through, under the
     /// Istio-compatible setting (see the module's rules).
     pub fn waypoint_of(&self, svc: &Service) -> Option<String> {
-        if !self.base.enrollment.istio {
-            return None;
-        }
-        let own = waypoint::UseWaypoint {
-            name: svc.use_waypoint.as_deref(),
-            namespace: svc.use_waypoint_namespace.as_deref(),
-            gateway: None,
-        };
-        let ns = self.namespace(&svc.namespace).map(|n| &n.labels);
-        self.base
-            .waypoints
-            .through(waypoint::Traffic::Service, &svc.namespace, own, ns)
+        self.through(waypoint::Traffic::Service, &svc.namespace, || {
+            waypoint::UseWaypoint {
+                name: svc.use_waypoint.as_deref(),
+                namespace: svc.use_waypoint_namespace.as_deref(),
+                gateway: None,
+            }
+        })
     }
 
     /// The waypoint (`namespace/name`) Istio would send the traffic addressed to pod `w`
     /// through, under the Istio-compatible setting (see the module's rules). A pod reached
     /// through a Service does not go through it.
     pub fn workload_waypoint(&self, w: &Workload) -> Option<String> {
+        self.through(waypoint::Traffic::Workload, &w.namespace, || {
+            waypoint::UseWaypoint::of(|k| w.labels.get(k).map(|v| &**v))
+        })
+    }
+
+    /// The waypoint `traffic` to an object of `namespace`, whose labels say `own`, goes
+    /// through; none without the Istio-compatible setting, which then reads no label.
+    fn through<'a>(
+        &self,
+        traffic: waypoint::Traffic,
+        namespace: &str,
+        own: impl FnOnce() -> waypoint::UseWaypoint<'a>,
+    ) -> Option<String> {
         if !self.base.enrollment.istio {
             return None;
         }
-        let own = waypoint::UseWaypoint::of(|k| w.labels.get(k).map(|v| &**v));
-        let ns = self.namespace(&w.namespace).map(|n| &n.labels);
-        self.base
-            .waypoints
-            .through(waypoint::Traffic::Workload, &w.namespace, own, ns)
+        let ns = self.namespace(namespace).map(|n| &n.labels);
+        self.base.waypoints.through(traffic, namespace, own(), ns)
     }
 
     /// Whether namespace `name` enrolls its pods (see [`super::enrollment`]).

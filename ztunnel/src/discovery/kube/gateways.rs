@@ -11,17 +11,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{DynamicObject, ListParams};
+use kube::api::DynamicObject;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 
-use super::{spawn_watcher, v1_resource, Kind, Shared, Watcher};
+use super::{may_list, spawn_watcher, v1_resource, Kind, Shared, Watcher};
 use crate::discovery::waypoint::ISTIO_WAYPOINT_FOR;
 use crate::discovery::Error;
 use crate::task::first_ended;
 
 /// The Gateway API's group.
 pub const GROUP: &str = "gateway.networking.k8s.io";
+
+/// The kinds read, with their plurals.
+const KINDS: [(&str, &str); 2] = [("Gateway", "gateways"), ("GatewayClass", "gatewayclasses")];
 
 /// A ready Gateway (it has `status.addresses`), as the store keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,21 +83,11 @@ pub async fn served(client: &Client) -> Result<bool, Error> {
             )))
         }
     };
-    let plurals = ["gateways", "gatewayclasses"];
-    if !plurals
-        .iter()
-        .all(|p| resources.iter().any(|r| r.name == *p))
-    {
+    let listed = |plural: &str| resources.iter().any(|r| r.name == plural);
+    if !KINDS.iter().all(|(_, plural)| listed(plural)) {
         return Ok(false);
     }
-    for (kind, plural) in [("Gateway", "gateways"), ("GatewayClass", "gatewayclasses")] {
-        let api = Api::<DynamicObject>::all_with(client.clone(), &v1_resource(GROUP, kind, plural));
-        if let Err(e) = api.list_metadata(&ListParams::default().limit(1)).await {
-            return Err(Error::Kube(format!(
-                "--istio-compat: cannot list {GROUP}/v1 {plural} (may the daemon list them?): {e}"
-            )));
-        }
-    }
+    may_list(client, GROUP, &KINDS, "may the daemon list them?").await?;
     Ok(true)
 }
 

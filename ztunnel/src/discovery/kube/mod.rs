@@ -398,9 +398,6 @@ pub async fn watch_kubernetes(
         istio_served(&client).await?;
         gateways = gateways::served(&client).await?;
     }
-    if rules.istio && !gateways {
-        tracing::warn!("the Gateway API is not served: no waypoint is known ready, so what names one is refused; it is checked for again every minute");
-    }
     let shared = Arc::new(Shared::new(&trust_domain, &node, rules));
     let mut watchers = AbortOnDrop(Vec::new());
     let tasks = &mut watchers.0;
@@ -491,6 +488,7 @@ pub async fn watch_kubernetes(
         }
     }
     if rules.istio && !gateways {
+        tracing::warn!("the Gateway API is not served: no waypoint is known ready, so what names one is refused; it is checked for again every minute");
         let later = gateways::spawn_when_served(shared.clone(), client.clone());
         others.0.push(later);
     }
@@ -616,18 +614,30 @@ fn spawn_policy_watchers(
 
 /// Fails unless the API server serves Istio's two policy resources to this client.
 async fn istio_served(client: &Client) -> Result<(), Error> {
-    for (kind, plural) in [
+    let kinds = [
         ("AuthorizationPolicy", "authorizationpolicies"),
         ("PeerAuthentication", "peerauthentications"),
-    ] {
-        let ar = v1_resource(ISTIO_GROUP, kind, plural);
-        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    ];
+    let hint = "are Istio's CRDs installed, and may the daemon list them?";
+    may_list(client, ISTIO_GROUP, &kinds, hint).await
+}
+
+/// Fails, saying `hint`, unless this client may list each of `kinds` (kind, plural) of
+/// `group`'s `v1`, which the Istio-compatible setting reads.
+async fn may_list(
+    client: &Client,
+    group: &str,
+    kinds: &[(&str, &str)],
+    hint: &str,
+) -> Result<(), Error> {
+    for (kind, plural) in kinds {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &v1_resource(group, kind, plural));
         if let Err(e) = api
             .list_metadata(&kube::api::ListParams::default().limit(1))
             .await
         {
             return Err(Error::Kube(format!(
-                "--istio-compat: cannot list {ISTIO_GROUP}/v1 {plural} (are Istio's CRDs installed, and may the daemon list them?): {e}"
+                "--istio-compat: cannot list {group}/v1 {plural} ({hint}): {e}"
             )));
         }
     }
