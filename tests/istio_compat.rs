@@ -13,10 +13,13 @@
 //!   has its running pod enrolled, and that pod's own `istio.io/dataplane-mode=none` label
 //!   releases it; with the Gateway API's CRDs installed, a pod of a namespace whose waypoint
 //!   (a Gateway) is not ready yet, or takes workloads' traffic, is refused when addressed
-//!   directly, and reached when the waypoint takes Services' only; the overlay's Istio grants
-//!   are all used and nothing was forbidden.
-//! - `istio_compat_refuses_to_start_when_it_may_not_read_served_gateways`: a daemon granted
-//!   Istio's policy kinds but not the Gateway API's, where it is served, refuses to start.
+//!   directly, and reached when the waypoint takes Services' only; an address outside the
+//!   mesh that an Istio WorkloadEntry of that namespace declares is refused until the entry
+//!   opts out, and one in a ServiceEntry's range once the waypoint takes Services' traffic
+//!   too; the overlay's Istio grants are all used and nothing was forbidden.
+//! - `istio_compat_refuses_to_start_without_each_grant`: a daemon that may not list the
+//!   kinds of one of the groups the overlay grants (Istio's policies, its ServiceEntries and
+//!   WorkloadEntries, the Gateway API's), where they are served, refuses to start.
 
 use std::time::Duration;
 
@@ -224,6 +227,58 @@ fn istios_objects_and_labels_are_enforced() {
             && named(&bed) > logged
     });
 
+    // Istio's WorkloadEntry and ServiceEntry. An address no pod or Service has (a second one
+    // on `legacy`) is reached directly until a WorkloadEntry of the namespace declares it (its
+    // waypoint takes workloads' traffic), and again once the entry opts out; a ServiceEntry's
+    // range that holds it is refused once the waypoint takes Services' traffic too.
+    let vm = "10.20.1.50";
+    bed.pod("legacy")
+        .ns
+        .ip(&["addr", "add", &format!("{vm}/24"), "dev", "eth0"])
+        .expect("a second address");
+    wait_for("an address outside the mesh reached", || {
+        whoami(&bed, "client", vm, 8080).is_ok()
+    });
+    let workload_entry = |labels: serde_json::Value| {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+            "metadata": {"name": "vm", "namespace": demo, "labels": labels},
+            "spec": {"address": vm, "serviceAccount": "vm"}})
+    };
+    cp.apply(workload_entry(json!({})))
+        .expect("a WorkloadEntry");
+    let entry = format!("WorkloadEntry {demo}/vm");
+    wait_for(
+        "a WorkloadEntry behind its namespace's waypoint refused",
+        || whoami(&bed, "client", vm, 8080).is_err() && bed.log(0).contains(&entry),
+    );
+    cp.apply(workload_entry(json!({"istio.io/use-waypoint": "none"})))
+        .expect("the WorkloadEntry opted out");
+    wait_for("an opted-out WorkloadEntry reached", || {
+        whoami(&bed, "client", vm, 8080).is_ok()
+    });
+    cp.kubectl(&[
+        "delete",
+        "workloadentries.networking.istio.io",
+        "-n",
+        &demo,
+        "vm",
+    ])
+    .expect("the WorkloadEntry deleted");
+    cp.apply(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "vms", "namespace": demo},
+        "spec": {"hosts": ["vms.example"], "addresses": ["10.20.1.48/29"],
+                 "ports": [{"number": 8080, "name": "tcp", "protocol": "TCP"}],
+                 "resolution": "NONE"}}),
+    )
+    .expect("a ServiceEntry");
+    cp.apply(gateway("all")).expect("the Gateway for all");
+    let entry = format!("ServiceEntry {demo}/vms (10.20.1.48/29)");
+    wait_for(
+        "a ServiceEntry's range behind its namespace's waypoint refused",
+        || whoami(&bed, "client", vm, 8080).is_err() && bed.log(0).contains(&entry),
+    );
+
     // The overlay's RBAC: Istio's kinds listed and watched, nothing forbidden (the API server
     // writes its audit log a moment after each request: read until it shows them).
     let problems = || -> Vec<String> {
@@ -232,6 +287,7 @@ fn istios_objects_and_labels_are_enforced() {
             .into_iter()
             .filter(|p| {
                 p.contains("security.istio.io")
+                    || p.contains("networking.istio.io")
                     || p.contains("gateway.networking.k8s.io")
                     || p.contains("forbidden")
             })
@@ -245,26 +301,28 @@ fn istios_objects_and_labels_are_enforced() {
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
-/// Where the Gateway API is served, a daemon under `--istio-compat` that may read Istio's
-/// policy kinds but not Gateways refuses to start, naming what it could not list, rather than
-/// run without knowing Istio's waypoints.
+/// Where Istio's CRDs and the Gateway API are served, a daemon under `--istio-compat` that
+/// may not list the kinds of one of the groups it reads refuses to start, naming what it could
+/// not list, rather than run without knowing Istio's policies, entries or waypoints.
 #[test]
-fn istio_compat_refuses_to_start_when_it_may_not_read_served_gateways() {
+fn istio_compat_refuses_to_start_without_each_grant() {
     let cp = controlplane::shared()
         .install_base()
         .install_istio_crds()
         .install_gateway_api_crds();
     let dir = tempfile::tempdir().unwrap();
-    let kc = cp
-        .istio_policies_only_kubeconfig(dir.path(), "gateway-rbac-n1")
-        .unwrap();
-    let error = match cp.istio_discovery(&kc, "gateway-rbac-n1") {
-        Err(e) => e,
-        Ok(_) => panic!("the watchers started without reading the Gateway API"),
-    };
-    assert!(
-        error.contains("--istio-compat: cannot list gateway.networking.k8s.io/v1 gateways")
-            && error.contains("forbidden"),
-        "{error}"
-    );
+    for (group, resources) in controlplane::ISTIO_GRANTS {
+        let kc = cp
+            .istio_kubeconfig_without(dir.path(), "grants-n1", group)
+            .unwrap();
+        let error = match cp.istio_discovery(&kc, "grants-n1") {
+            Err(e) => e,
+            Ok(_) => panic!("the watchers started without reading {group}"),
+        };
+        let named = format!("--istio-compat: cannot list {group}/v1 {}", resources[0]);
+        assert!(
+            error.contains(&named) && error.contains("forbidden"),
+            "{group}: {error}"
+        );
+    }
 }

@@ -585,9 +585,9 @@ fn istio_compat_refuses_to_start_without_istios_policies() {
 }
 
 /// Under `--istio-compat` on an API server without the Gateway API (this binary never installs
-/// it), a daemon deployed as `deploy/istio-compat` was before it read the Gateway API starts:
-/// the API server's discovery, which it may read, says there are no Gateways, which it may not
-/// list. What names a waypoint is then refused: no waypoint is known ready.
+/// it), a daemon granted Istio's kinds but not the Gateway API's starts: the API server's
+/// discovery, which it may read, says there are no Gateways, which it may not list. What
+/// names a waypoint is then refused: no waypoint is known ready.
 #[test]
 fn istio_compat_without_the_gateway_api_starts_and_refuses_what_names_a_waypoint() {
     let n = Names::seeded();
@@ -600,7 +600,7 @@ fn istio_compat_without_the_gateway_api_starts_and_refuses_what_names_a_waypoint
     ])
     .unwrap();
     let kc =
-        n.cp.istio_policies_only_kubeconfig(n.dir.path(), &n.node)
+        n.cp.istio_kubeconfig_without(n.dir.path(), &n.node, "gateway.networking.k8s.io")
             .unwrap();
     let s =
         n.cp.istio_discovery(&kc, &n.node)

@@ -104,8 +104,9 @@ pub fn istio_compat_is_the_base_with_the_setting_and_its_read_access(base: &Obje
         RunConfigWithoutIstio(&base_cfg),
         "only the setting differs"
     );
-    // One more ClusterRole, bound to the daemon: list and watch of Istio's two kinds, and of
-    // the Gateway API's two that declare Istio's waypoints; nothing else.
+    // One more ClusterRole, bound to the daemon: list and watch of Istio's two policy kinds,
+    // its ServiceEntries and WorkloadEntries, and the Gateway API's two kinds that declare
+    // Istio's waypoints; nothing else.
     assert_eq!(o.cluster_roles.len(), base.cluster_roles.len() + 1);
     let role = named(&o.cluster_roles, "ztunnel-istio-compat");
     let rules = role.rules.as_ref().expect("rules");
@@ -135,6 +136,7 @@ pub fn istio_compat_is_the_base_with_the_setting_and_its_read_access(base: &Obje
                 "security.istio.io",
                 ["authorizationpolicies", "peerauthentications"]
             ),
+            want("networking.istio.io", ["serviceentries", "workloadentries"]),
             want("gateway.networking.k8s.io", ["gatewayclasses", "gateways"]),
         ]
     );

@@ -34,6 +34,7 @@ use serde_json::{json, Value};
 
 mod istio;
 mod rbac;
+pub use istio::ISTIO_GRANTS;
 
 use crate::daemon::die_with_test;
 use crate::netns::{self, Netns};

@@ -1,6 +1,7 @@
 //! What the tests of the Istio-compatible setting install and start on the test API server:
-//! Istio's CRDs and the Gateway API's, as their projects publish them, a daemon identity of
-//! an older `deploy/istio-compat`, and the daemon's Kubernetes discovery under the setting.
+//! Istio's CRDs and the Gateway API's, as their projects publish them, daemon identities
+//! granted all but one group of `deploy/istio-compat`'s, and the daemon's Kubernetes
+//! discovery under the setting.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -14,11 +15,14 @@ use crate::netns;
 
 impl ControlPlane {
     /// Istio's own `security.istio.io` CRDs (AuthorizationPolicy, PeerAuthentication,
-    /// RequestAuthentication), as Istio publishes them (`tools/istio/crds.sh` fetches them
+    /// RequestAuthentication) and `networking.istio.io` ones (ServiceEntry, WorkloadEntry, and
+    /// seven more), as Istio publishes them (`tools/istio/crds.sh` fetches them
     /// from the `istio.io/api` Go module), applied once per test binary and established.
     pub fn install_istio_crds(&self) -> &Self {
-        static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-        self.install_crds(&DONE, "istio", "security.istio.io", 3)
+        static SECURITY: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+        static NETWORKING: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+        self.install_crds(&SECURITY, "istio", "security.istio.io", 3)
+            .install_crds(&NETWORKING, "istio", "networking.istio.io", 9)
     }
 
     /// The Gateway API's Gateway and GatewayClass CRDs (which declare Istio's waypoints), at
@@ -44,13 +48,19 @@ impl ControlPlane {
                 let path = netns::sh("bash", &[&script.display().to_string(), set])?;
                 let all = std::fs::read_to_string(path.trim())
                     .with_context(|| format!("read {}", path.trim()))?;
-                let mut names = Vec::new();
+                let (mut names, mut plurals) = (Vec::new(), Vec::new());
                 for crd in serde_saphyr::from_multiple::<Value>(&all)? {
                     if crd["spec"]["group"] == group {
                         names.push(format!(
                             "crd/{}",
                             crd["metadata"]["name"].as_str().unwrap_or("")
                         ));
+                        let versions = crd["spec"]["versions"].as_array().cloned();
+                        if (versions.unwrap_or_default().iter())
+                            .any(|v| v["name"] == "v1" && v["served"] == true)
+                        {
+                            plurals.push(crd["spec"]["names"]["plural"].to_string());
+                        }
                         self.apply(crd)?;
                     }
                 }
@@ -60,18 +70,12 @@ impl ControlPlane {
                 let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
                 args.extend(names.iter().map(String::as_str));
                 self.kubectl(&args)?;
-                // The API server's discovery lists a CRD's resource a moment after it is
-                // established: wait for that too, as the daemon reads it.
+                // The API server's discovery lists a CRD's `v1` resource a moment after it
+                // is established: wait for that too, as the daemon reads it.
                 let path = format!("/apis/{group}/v1");
-                let plurals: Vec<&str> = names
-                    .iter()
-                    .filter_map(|n| n.strip_prefix("crd/")?.split('.').next())
-                    .collect();
                 let listed = || {
                     let found = self.kubectl(&["get", "--raw", &path]).unwrap_or_default();
-                    plurals
-                        .iter()
-                        .all(|p| found.contains(&format!("\"name\":\"{p}\"")))
+                    (plurals.iter()).all(|p| found.contains(&format!("\"name\":{p}")))
                 };
                 wait_until(&format!("{path} in the API discovery"), listed)
             };
@@ -118,44 +122,66 @@ impl ControlPlane {
         })
     }
 
-    /// A kubeconfig (in `dir`) for a daemon of `node` deployed as `deploy/istio-compat` was
-    /// before it read the Gateway API: ServiceAccount `ztunnel-istio-policies` of the system
-    /// namespace (created once), bound to the daemon's ClusterRole `ztunnel` and to one that
-    /// lists and watches Istio's two policy kinds, and nothing of the Gateway API.
-    pub fn istio_policies_only_kubeconfig(&self, dir: &Path, node: &str) -> Result<PathBuf> {
-        const SA: &str = "ztunnel-istio-policies";
+    /// A kubeconfig (in `dir`) for a daemon of `node` granted what `deploy/istio-compat`
+    /// grants, but for API group `left_out`: ServiceAccount `ztunnel-without-<its first
+    /// label>` of the system namespace (created once), bound to the daemon's ClusterRole
+    /// `ztunnel` and to one that lists and watches the other groups' kinds of [`ISTIO_GRANTS`].
+    pub fn istio_kubeconfig_without(
+        &self,
+        dir: &Path,
+        node: &str,
+        left_out: &str,
+    ) -> Result<PathBuf> {
+        let sa = format!("ztunnel-without-{}", left_out.split('.').next().unwrap());
         let subjects =
-            json!([{"kind": "ServiceAccount", "name": SA, "namespace": SYSTEM_NAMESPACE}]);
+            json!([{"kind": "ServiceAccount", "name": sa, "namespace": SYSTEM_NAMESPACE}]);
         let binding = |name: &str, role: &str| {
             json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                 "metadata": {"name": name},
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
                 "subjects": subjects})
         };
+        let granted: Vec<_> = ISTIO_GRANTS
+            .iter()
+            .filter(|(group, _)| *group != left_out)
+            .collect();
+        let rules: Vec<_> = (granted.iter())
+            .map(|(group, resources)| {
+                json!({"apiGroups": [group], "resources": resources, "verbs": ["list", "watch"]})
+            })
+            .collect();
         self.apply(json!([
             {"apiVersion": "v1", "kind": "ServiceAccount",
-             "metadata": {"name": SA, "namespace": SYSTEM_NAMESPACE}},
+             "metadata": {"name": sa, "namespace": SYSTEM_NAMESPACE}},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-             "metadata": {"name": SA},
-             "rules": [{"apiGroups": ["security.istio.io"],
-                        "resources": ["authorizationpolicies", "peerauthentications"],
-                        "verbs": ["list", "watch"]}]},
-            binding(SA, SA),
-            binding(&format!("{SA}-daemon"), "ztunnel"),
+             "metadata": {"name": sa}, "rules": rules},
+            binding(&sa, &sa),
+            binding(&format!("{sa}-daemon"), "ztunnel"),
         ]))?;
         // The authorizer sees new bindings a moment after they are written.
-        let user = format!("--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{SA}");
-        let granted = |what: &str| {
+        let user = format!("--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{sa}");
+        let may = |what: &str| {
             self.kubectl(&["auth", "can-i", "list", what, &user])
                 .is_ok_and(|out| out.trim() == "yes")
         };
+        let (group, resources) = granted[0];
         wait_until("the ServiceAccount's grants", || {
-            granted("authorizationpolicies.security.istio.io") && granted("pods")
+            may(&format!("{}.{group}", resources[0])) && may("pods")
         })?;
-        let token = self.system_pod_token(SA, &format!("{SA}-{node}"), node, &[ISSUER])?;
-        self.token_kubeconfig(dir, "istio-policies.kubeconfig", &token)
+        let token = self.system_pod_token(&sa, &format!("{sa}-{node}"), node, &[ISSUER])?;
+        self.token_kubeconfig(dir, &format!("{sa}.kubeconfig"), &token)
     }
 }
+
+/// What `deploy/istio-compat` grants the daemon to list and watch, by API group.
+pub const ISTIO_GRANTS: [(&str, [&str; 2]); 3] = [
+    (
+        "security.istio.io",
+        ["authorizationpolicies", "peerauthentications"],
+    ),
+    ("networking.istio.io", ["serviceentries", "workloadentries"]),
+    ("gateway.networking.k8s.io", ["gateways", "gatewayclasses"]),
+];
 
 /// Polls `done` every 100 ms for up to 20 s.
 fn wait_until(what: &str, done: impl Fn() -> bool) -> Result<()> {

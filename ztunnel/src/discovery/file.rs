@@ -22,6 +22,8 @@
 //!   - {apiVersion: security.ztunnel.dev/v1, kind: AuthorizationPolicy, metadata: {name: p, namespace: demo}, spec: {}}
 //! waypoints:               # Istio's ready waypoints (see `waypoint`); waypointFor: service by default
 //!   - {namespace: demo, name: waypoint, waypointFor: workload}
+//! istioEntries:            # Istio's ServiceEntry and WorkloadEntry objects (see `istio_entries`)
+//!   - {apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {name: vm, namespace: demo}, spec: {address: 192.0.2.7}}
 //! ```
 //!
 //! Unknown fields are errors: a typo must never silently widen anything. The watcher polls
@@ -42,7 +44,7 @@ use super::model::{
     Workload,
 };
 use super::policy::PolicyObject;
-use super::waypoint;
+use super::{istio_entries, waypoint};
 use super::{Discovery, Error, Stats};
 
 #[derive(Deserialize)]
@@ -162,6 +164,7 @@ struct Builder<'a> {
     /// The first policy object that cannot be identified.
     invalid: Option<String>,
     waypoints: waypoint::Waypoints,
+    entries: Vec<istio_entries::Entry>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +183,7 @@ const FIELDS: &[&str] = &[
     "services",
     "policies",
     "waypoints",
+    "istioEntries",
 ];
 
 impl Builder<'_> {
@@ -282,6 +286,12 @@ impl Builder<'_> {
         Ok(())
     }
 
+    fn istio_entry(&mut self, v: serde_json::Value) -> Result<(), String> {
+        let kind = istio_entries::checked_kind(&v)?;
+        self.entries.extend(istio_entries::parse(kind, &v)?);
+        Ok(())
+    }
+
     /// Selects the services' endpoints, drops the remote workloads' labels, builds.
     fn build(self, trust_domain: &str) -> Result<State, Error> {
         let endpoints = {
@@ -314,7 +324,10 @@ impl Builder<'_> {
             self.authz,
             self.peer,
         )
-        .map(|s| s.with_waypoints(self.waypoints))
+        .map(|s| {
+            s.with_waypoints(self.waypoints)
+                .with_istio_entries(istio_entries::Entries::new(self.entries))
+        })
     }
 }
 
@@ -341,6 +354,7 @@ impl<'de> serde::de::Visitor<'de> for &mut Builder<'_> {
                 "services" => m.next_value_seed(Each(b, Builder::service))?,
                 "policies" => m.next_value_seed(Each(b, Builder::policy))?,
                 "waypoints" => m.next_value_seed(Each(b, Builder::waypoint))?,
+                "istioEntries" => m.next_value_seed(Each(b, Builder::istio_entry))?,
                 other => return Err(serde::de::Error::unknown_field(other, FIELDS)),
             }
         }
@@ -684,6 +698,11 @@ services:
             (format!("{GOOD}  - {{name: web, namespace: demo, vips: [10.96.0.2], ports: [], selector: {{}}}}\n"), "service demo/web is listed twice"),
             (format!("{GOOD}trustDomain: cluster.local\n"), "duplicate"),
             (GOOD.replace("workloads:", "workloads: 3"), "sequence"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {{name: e, namespace: demo}}, spec: {{adresses: [192.0.2.1]}}}}]\n"), "unknown field spec.adresses"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {{name: e, namespace: demo}}, spec: {{address: 192.0.2.1}}, extra: 1}}]\n"), "unknown field extra"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: security.istio.io/v1, kind: ServiceEntry, metadata: {{name: e, namespace: demo}}}}]\n"), "not a networking.istio.io"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: Sidecar, metadata: {{name: e, namespace: demo}}}}]\n"), "not a networking.istio.io"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {{name: e, namespace: demo}}, spec: {{addresses: [ext.example]}}}}]\n"), "neither an IP address"),
         ];
         for (yaml, want) in cases {
             let e = parse(&yaml, "cluster.local").unwrap_err().to_string();

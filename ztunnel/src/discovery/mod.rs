@@ -7,6 +7,7 @@ pub mod enrollment;
 mod file;
 mod interner;
 mod ips;
+pub mod istio_entries;
 pub mod kube;
 mod model;
 mod overlay;

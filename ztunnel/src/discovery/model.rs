@@ -19,6 +19,7 @@ pub use super::enrollment::DATAPLANE_MODE_LABEL;
 use super::enrollment::{NotEnrolled, OtherMesh, Rules};
 pub use super::interner::Interner;
 pub use super::ips::Ips;
+use super::istio_entries::Entries;
 pub use super::service::{Distribution, PortOverride, Service, ServicePort};
 pub use super::telemetry::{Locality, Telemetry};
 use super::waypoint;
@@ -164,6 +165,8 @@ pub(super) struct Base {
     pub(super) contested: Box<[IpAddr]>,
     /// The ready waypoints (see [`super::waypoint`]).
     pub(super) waypoints: Arc<waypoint::Waypoints>,
+    /// The addresses Istio's ServiceEntries and WorkloadEntries declare.
+    pub(super) entries: Arc<Entries>,
 }
 
 /// The policies as listed and as compiled.
@@ -512,6 +515,26 @@ impl State {
     pub fn with_waypoints(mut self, waypoints: waypoint::Waypoints) -> State {
         self.base_mut().waypoints = Arc::new(waypoints);
         self
+    }
+
+    /// The addresses Istio's ServiceEntries and WorkloadEntries declare.
+    pub fn with_istio_entries(mut self, entries: Entries) -> State {
+        self.base_mut().entries = Arc::new(entries);
+        self
+    }
+
+    /// The ServiceEntry or WorkloadEntry that a pod of namespace `client` reaches at `ip`, and
+    /// the waypoint (`namespace/name`) Istio would send that traffic through, under the
+    /// Istio-compatible setting (see [`super::istio_entries`]).
+    pub fn entry_waypoint(&self, ip: IpAddr, client: &str) -> Option<(String, String)> {
+        if !self.base.enrollment.istio {
+            return None;
+        }
+        let entries = self.base.entries.addressed(ip, client);
+        entries.into_iter().find_map(|e| {
+            let waypoint = self.through(e.traffic, &e.namespace, || e.own())?;
+            Some((e.to_string(), waypoint))
+        })
     }
 
     /// The waypoint (`namespace/name`) Istio would send `svc`'s traffic through, under the

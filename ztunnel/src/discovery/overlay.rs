@@ -275,5 +275,6 @@ fn fold(base: &Base, patch: &Patch) -> Base {
         all_namespaces: base.all_namespaces,
         contested: base.contested.clone(),
         waypoints: base.waypoints.clone(),
+        entries: base.entries.clone(),
     }
 }

@@ -17,8 +17,9 @@
 //!   has none; nor has a pod whose `gateway.networking.k8s.io/gateway-name` label names a
 //!   ready waypoint of its own namespace (a waypoint's replica).
 //!
-//! Istio's ServiceEntries and WorkloadEntries, which may name waypoints too (egress
-//! waypoints), are not read: traffic to their addresses is planned as to any other address.
+//! The addresses of Istio's ServiceEntries and WorkloadEntries, which name waypoints by the
+//! same labels (egress waypoints), are Services' and workloads' alike
+//! ([`super::istio_entries`]).
 //!
 //! Fail closed where Istio is not: a waypoint that is named but not known to be ready (its
 //! Gateway not found or not ready yet, the Gateway API not served) is taken to take every

@@ -14,7 +14,9 @@
 //!   so is, addressed directly, a pod whose waypoint takes workloads' traffic
 //!   ([`State::workload_waypoint`]);
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
-//! - a workload that speaks plain TCP, or an address outside the mesh: passthrough;
+//! - a workload that speaks plain TCP, or an address outside the mesh: passthrough, unless
+//!   (under the Istio-compatible setting) an Istio ServiceEntry or WorkloadEntry declares the
+//!   address and Istio would send its traffic through a waypoint ([`State::entry_waypoint`]);
 //! - an address two pods claim, neither trusted with it ([`State::contested`]): refused, as
 //!   either may be a mesh pod that must not be reached in plaintext;
 //! - a mesh workload's 15001/15006/15008: refused, it would loop.
@@ -139,7 +141,10 @@ pub fn outbound(
                 (w.clone(), SocketAddr::new(ip, orig_dst.port()), None)
             }
             None if state.contested(ip) => return Err(PlanError::Contested(ip)),
-            None => return Ok(Plan::Passthrough { dst_addr: orig_dst }),
+            None => match state.entry_waypoint(ip, &source.namespace) {
+                Some((target, waypoint)) => return Err(PlanError::Waypoint { target, waypoint }),
+                None => return Ok(Plan::Passthrough { dst_addr: orig_dst }),
+            },
         },
     };
     if dst.protocol == Protocol::Tcp {
@@ -285,6 +290,16 @@ services:
 waypoints:
   - {namespace: w, name: ns-waypoint}
   - {namespace: x, name: x-wp, waypointFor: workload}
+istioEntries:
+  - {apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {name: ext, namespace: w},
+     spec: {hosts: [ext.example], addresses: [192.0.2.0/24], resolution: STATIC,
+           endpoints: [{address: 198.51.100.1}]}}
+  - {apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {name: open, namespace: x},
+     spec: {hosts: [open.example], addresses: [192.0.2.9]}}
+  - {apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {name: vm, namespace: x},
+     spec: {address: 198.51.100.2}}
+  - {apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {name: vm-out, namespace: x,
+     labels: {istio.io/use-waypoint: none}}, spec: {address: 198.51.100.3}}
 ";
 
     enum Want {
@@ -301,7 +316,8 @@ waypoints:
     /// is labelled `none`; a Service likewise when its namespace's waypoint serves workloads
     /// only; a pod behind a waypoint is reached through a Service without one, as Istio sends
     /// only a pod's own traffic through its waypoint; a waypoint's own replica is reached
-    /// directly. Without the setting the labels mean nothing.
+    /// directly. The addresses of Istio's ServiceEntries and WorkloadEntries are Services'
+    /// and workloads' alike. Without the setting the labels mean nothing.
     #[test]
     fn services_and_pods_behind_a_waypoint_are_refused_under_istio_compat() {
         use crate::discovery::enrollment::Rules;
@@ -332,6 +348,24 @@ waypoints:
             ("10.0.0.6:8080", Some(waypoint("pod x/d1", "x/x-wp"))),
             ("10.96.0.5:80", None),
             ("10.0.0.7:8080", None),
+            // Istio's ServiceEntries and WorkloadEntries: a range of a namespace whose waypoint
+            // takes Services; an exact address (which wins over the range) of one whose
+            // waypoint takes workloads only; a ServiceEntry's endpoint of the former; a
+            // WorkloadEntry of the latter, and one opted out.
+            (
+                "192.0.2.5:443",
+                Some(waypoint(
+                    "ServiceEntry w/ext (192.0.2.0/24)",
+                    "w/ns-waypoint",
+                )),
+            ),
+            ("192.0.2.9:443", None),
+            ("198.51.100.1:80", None),
+            (
+                "198.51.100.2:80",
+                Some(waypoint("WorkloadEntry x/vm (198.51.100.2/32)", "x/x-wp")),
+            ),
+            ("198.51.100.3:80", None),
         ];
         for (dst, want) in cases {
             let d = dst.parse().unwrap();

@@ -19,9 +19,11 @@
 //!   status condition is kept current by [`status::StatusWriter`];
 //! - under the Istio-compatible setting ([`Rules::istio`]), Istio's own
 //!   `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication too, decided exactly as
-//!   ours and named `istio:namespace/name`. Their status is Istio's (istiod writes it): what
+//!   ours and named `istio:namespace/name`, and Istio's `networking.istio.io/v1`
+//!   ServiceEntries and WorkloadEntries, of which the addresses and their waypoints are kept
+//!   ([`crate::discovery::istio_entries`]). The policies' status is Istio's (istiod writes it): what
 //!   the daemons narrow or fail closed in them is logged and shown by `/explain`, not written
-//!   there. The daemon refuses to start if the API server does not serve them (Istio's CRDs
+//!   there. The daemon refuses to start if the API server does not serve these four kinds (Istio's CRDs
 //!   are not installed): a setting that cannot be honoured is an error, not a silent no-op.
 //!   Also, when the API server serves them, the Gateway API's Gateways and GatewayClasses,
 //!   which declare Istio's waypoints ([`gateways`]); when it does not at start, it is asked
@@ -33,7 +35,8 @@
 //! The publisher updates the state at most once per `coalesce` (bursts — a rollout, a
 //! re-list — become one update) and counts reloads. An update costs
 //! what the changed objects touch, not the cluster ([`incremental::Engine`]); a re-list, a
-//! namespace, node, policy, Gateway or GatewayClass change rebuilds in full. A policy
+//! namespace, node, policy, Gateway, GatewayClass, ServiceEntry or WorkloadEntry change
+//! rebuilds in full. A policy
 //! is never refused: one whose spec cannot be read in full is kept and fails closed (see
 //! [`crate::discovery::policy`]), and its status says why. Another object that cannot be in the
 //! model (a malformed IP, an object without a name, …) is logged, counted
@@ -45,6 +48,7 @@
 
 pub mod gateways;
 pub mod incremental;
+mod networking;
 pub mod objects;
 pub mod status;
 pub mod translate;
@@ -466,6 +470,7 @@ pub async fn watch_kubernetes(
     ));
     if rules.istio {
         tasks.extend(spawn_policy_watchers(&shared, &client, ISTIO_GROUP, None));
+        tasks.extend(networking::spawn(&shared, &client));
     }
     if gateways {
         tasks.extend(gateways::spawn(&shared, &client));
@@ -612,14 +617,17 @@ fn spawn_policy_watchers(
     [authz, peer]
 }
 
-/// Fails unless the API server serves Istio's two policy resources to this client.
+/// Fails unless the API server serves Istio's two policy resources to this client, and its
+/// ServiceEntries and WorkloadEntries.
 async fn istio_served(client: &Client) -> Result<(), Error> {
     let kinds = [
         ("AuthorizationPolicy", "authorizationpolicies"),
         ("PeerAuthentication", "peerauthentications"),
     ];
     let hint = "are Istio's CRDs installed, and may the daemon list them?";
-    may_list(client, ISTIO_GROUP, &kinds, hint).await
+    may_list(client, ISTIO_GROUP, &kinds, hint).await?;
+    let group = super::istio_entries::GROUP;
+    may_list(client, group, &networking::KINDS, hint).await
 }
 
 /// Fails, saying `hint`, unless this client may list each of `kinds` (kind, plural) of

@@ -22,8 +22,8 @@ use crate::discovery::model::{
     Labels, Locality, Namespace, PortOverride, Protocol, Service, ServicePort, State, Workload,
 };
 use crate::discovery::policy::{AuthorizationPolicy, PeerAuthentication};
-use crate::discovery::waypoint;
 use crate::discovery::Error;
+use crate::discovery::{istio_entries, waypoint};
 use crate::identity::Identity;
 
 /// Everything the node keeps, by (namespace, name).
@@ -49,6 +49,10 @@ pub struct Store {
     /// Ready Gateways, and every GatewayClass, under the Istio-compatible setting.
     pub gateways: BTreeMap<Key, super::gateways::GatewayEntry>,
     pub gateway_classes: BTreeMap<Key, super::gateways::ClassEntry>,
+    /// What Istio's ServiceEntries and WorkloadEntries declare, under the Istio-compatible
+    /// setting.
+    pub service_entries: BTreeMap<Key, Arc<[istio_entries::Entry]>>,
+    pub workload_entries: BTreeMap<Key, Arc<[istio_entries::Entry]>>,
 }
 
 /// Which object a skip is about: a pod (on this node or not) or a service.
@@ -411,6 +415,7 @@ pub fn build_keyed(
             .with_all_namespaces()
             .with_contested(contested)
             .with_waypoints(waypoints(store))
+            .with_istio_entries(istio_entries(store))
     });
     (state, skipped)
 }
@@ -434,6 +439,12 @@ pub fn waypoints(store: &Store) -> waypoint::Waypoints {
         w.insert(ns, name, serves);
     }
     w
+}
+
+/// The addresses Istio's ServiceEntries and WorkloadEntries of `store` declare.
+pub fn istio_entries(store: &Store) -> istio_entries::Entries {
+    let all = (store.service_entries.values()).chain(store.workload_entries.values());
+    istio_entries::Entries::new(all.flat_map(|e| e.iter().cloned()))
 }
 
 /// Every node's IP addresses, each with whether it is this daemon's node's.

@@ -296,3 +296,71 @@ fn gateways_declare_the_waypoints_and_what_they_take() {
         "a ready Gateway without a class is refused"
     );
 }
+
+/// Istio's ServiceEntries and WorkloadEntries, as the API server returns them, declare
+/// addresses whose waypoints the plan asks about: a ServiceEntry's (its namespace's waypoint,
+/// for Services) and a WorkloadEntry's (its own label). One whose address Istio cannot
+/// parse is refused.
+#[test]
+fn service_and_workload_entries_declare_addresses_behind_waypoints() {
+    let gw = |ns: &str, waypoint_for: &str| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "wp", "namespace": ns, "labels": {"istio.io/waypoint-for": waypoint_for}},
+            "spec": {"gatewayClassName": "istio-waypoint"},
+            "status": {"addresses": [{"type": "IPAddress", "value": "10.96.9.9"}]}})
+    };
+    let mut egress = ns("egress", false);
+    egress["metadata"]["labels"] = json!({"istio.io/use-waypoint": "wp"});
+    let objs = [
+        ns("vms", false),
+        egress,
+        gw("egress", "service"),
+        gw("vms", "workload"),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": "ext", "namespace": "egress"},
+            "spec": {"hosts": ["ext.example"], "addresses": ["192.0.2.0/24"],
+                     "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+                     "resolution": "NONE"}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+            "metadata": {"name": "vm-1", "namespace": "vms",
+                         "labels": {"istio.io/use-waypoint": "wp"}},
+            "spec": {"address": "198.51.100.7", "serviceAccount": "vm"}}),
+    ];
+    let rules = Rules {
+        istio: true,
+        ..Default::default()
+    };
+    let (st, refused) = store_with(&objs, rules);
+    assert!(refused.is_empty(), "{refused:?}");
+    let (s, _) = build("cluster.local", rules, &st);
+    let s = s.unwrap();
+    let at = |ip: &str| s.entry_waypoint(ip.parse().unwrap(), "client-ns");
+    assert_eq!(
+        at("192.0.2.80"),
+        Some((
+            "ServiceEntry egress/ext (192.0.2.0/24)".into(),
+            "egress/wp".into()
+        ))
+    );
+    assert_eq!(
+        at("198.51.100.7"),
+        Some((
+            "WorkloadEntry vms/vm-1 (198.51.100.7/32)".into(),
+            "vms/wp".into()
+        ))
+    );
+    assert_eq!(at("198.51.100.8"), None);
+    let (s, _) = build("cluster.local", Rules::default(), &st);
+    assert_eq!(
+        s.unwrap()
+            .entry_waypoint("192.0.2.80".parse().unwrap(), "c"),
+        None,
+        "without the setting"
+    );
+
+    let bad = json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "bad", "namespace": "egress"},
+        "spec": {"hosts": ["bad.example"], "addresses": ["not-an-ip"]}});
+    let (_, refused) = store_with(&[bad], rules);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+}

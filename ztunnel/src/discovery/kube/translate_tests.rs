@@ -62,6 +62,18 @@ fn store_with(objs: &[serde_json::Value], rules: Rules) -> (Store, Vec<String>) 
                         st.slices.insert(key_of(&s.metadata), e);
                     }
                 }
+                "ServiceEntry" | "WorkloadEntry" => {
+                    let d: kube::api::DynamicObject = serde_json::from_value(o.clone()).unwrap();
+                    let k = key_of(&d.metadata);
+                    let of = crate::discovery::istio_entries::Kind::parse(kind).unwrap();
+                    let e = super::super::networking::entries(of, &d)?.unwrap();
+                    match of {
+                        crate::discovery::istio_entries::Kind::ServiceEntry => {
+                            st.service_entries.insert(k, e)
+                        }
+                        _ => st.workload_entries.insert(k, e),
+                    };
+                }
                 "Gateway" | "GatewayClass" => {
                     let d: kube::api::DynamicObject = serde_json::from_value(o.clone()).unwrap();
                     let k = key_of(&d.metadata);
