@@ -21,10 +21,11 @@
 //!   `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication too, decided exactly as
 //!   ours and named `istio:namespace/name`, and Istio's `networking.istio.io/v1`
 //!   ServiceEntries and WorkloadEntries, of which the addresses and their waypoints are kept
-//!   ([`crate::discovery::istio_entries`]). The policies' status is Istio's (istiod writes it): what
-//!   the daemons narrow or fail closed in them is logged and shown by `/explain`, not written
-//!   there. The daemon refuses to start if the API server does not serve these four kinds (Istio's CRDs
-//!   are not installed): a setting that cannot be honoured is an error, not a silent no-op.
+//!   ([`crate::discovery::istio_entries`]). The policies' status is Istio's (istiod writes
+//!   it): what the daemons narrow or fail closed in them is logged and shown by `/explain`,
+//!   not written there. The daemon refuses to start if the API server does not serve these
+//!   four kinds (Istio's CRDs are not installed): a setting that cannot be honoured is an
+//!   error, not a silent no-op.
 //!   Also, when the API server serves them, the Gateway API's Gateways and GatewayClasses,
 //!   which declare Istio's waypoints ([`gateways`]); when it does not at start, it is asked
 //!   again every minute, and the watchers started then are no part of the first state.
