@@ -703,6 +703,11 @@ services:
             (format!("{GOOD}istioEntries: [{{apiVersion: security.istio.io/v1, kind: ServiceEntry, metadata: {{name: e, namespace: demo}}}}]\n"), "not a networking.istio.io"),
             (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: Sidecar, metadata: {{name: e, namespace: demo}}}}]\n"), "not a networking.istio.io"),
             (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {{name: e, namespace: demo}}, spec: {{addresses: [ext.example]}}}}]\n"), "neither an IP address"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {{name: e, namespace: demo, lables: {{}}}}}}]\n"), "unknown field metadata.lables"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {{name: e, namespace: demo}}, spec: {{endpoints: [{{adress: 192.0.2.1}}]}}}}]\n"), "unknown field spec.endpoints[0].adress"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {{name: e, namespace: demo}}, spec: {{addresses: 192.0.2.1}}}}]\n"), "spec.addresses is not a list"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {{name: e, namespace: demo, labels: {{istio.io/use-waypoint: [a]}}}}, spec: {{address: 192.0.2.1}}}}]\n"), "metadata.labels.istio.io/use-waypoint is not a string"),
+            (format!("{GOOD}istioEntries: [{{apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {{name: e, namespace: demo}}, spec: [1]}}]\n"), "spec is not a mapping"),
         ];
         for (yaml, want) in cases {
             let e = parse(&yaml, "cluster.local").unwrap_err().to_string();

@@ -13,13 +13,14 @@
 //!   (`spec.labels`, overridden by its own) or the endpoint's, else the namespace's.
 //!
 //! An address is looked up as Istio's ztunnel looks it up: as a workload address first; else
-//! as a ServiceEntry's exact address, the client's namespace's ServiceEntries first; else in
-//! the ranges that hold it, the client's namespace's first, then the longest prefix. Where
+//! as a ServiceEntry's (or a Kubernetes Service's) exact address, the client's namespace's
+//! first; else in the ServiceEntries' ranges that hold it, the client's namespace's first,
+//! then the longest prefix. Where
 //! Istio would pick one of several equally good, each of them is asked (fail closed): the
 //! connection is refused if any names a waypoint that takes it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -90,7 +91,8 @@ impl std::fmt::Display for Entry {
 
 /// The entries of an object of `kind` (its JSON, with `metadata`, `spec` and `status`).
 /// An object Istio would not take (a ServiceEntry address that is neither an IP address nor
-/// a range, or no namespace) is an error; addresses that are host names are not entries.
+/// a range: Istio drops the whole ServiceEntry; no namespace) is an error; addresses that are
+/// host names are not entries.
 pub fn parse(kind: Kind, o: &Value) -> Result<Vec<Entry>, String> {
     let meta = &o["metadata"];
     let namespace: Arc<str> = match meta["namespace"].as_str() {
@@ -119,7 +121,7 @@ pub fn parse(kind: Kind, o: &Value) -> Result<Vec<Entry>, String> {
                 .flatten(),
         }
     };
-    let ip = |v: &Value| v.as_str().and_then(|a| a.parse::<IpAddr>().ok());
+    let ip = |v: &Value| v.as_str().and_then(ip_of);
     let mut entries = Vec::new();
     match kind {
         Kind::WorkloadEntry => {
@@ -155,8 +157,9 @@ pub fn parse(kind: Kind, o: &Value) -> Result<Vec<Entry>, String> {
 }
 
 /// The kind of a ServiceEntry or WorkloadEntry object written by hand (the file source), once
-/// its `apiVersion` is checked and it has no field these kinds do not have: a misspelt
-/// field must not leave an address undeclared.
+/// its `apiVersion` is checked and it has no field these kinds do not have, where this module
+/// reads: a misspelt field or a value of the wrong type must not leave an address or a label
+/// undeclared.
 pub fn checked_kind(o: &Value) -> Result<Kind, String> {
     let api = o["apiVersion"].as_str().unwrap_or_default();
     let kind = o["kind"].as_str().and_then(Kind::parse);
@@ -166,41 +169,84 @@ pub fn checked_kind(o: &Value) -> Result<Kind, String> {
             o["kind"]
         ));
     };
-    let spec: &[&str] = match kind {
-        Kind::ServiceEntry => &[
-            "hosts",
-            "addresses",
-            "ports",
-            "location",
-            "resolution",
-            "endpoints",
-            "workloadSelector",
-            "exportTo",
-            "subjectAltNames",
-        ],
-        Kind::WorkloadEntry => &[
-            "address",
-            "ports",
-            "labels",
-            "network",
-            "locality",
-            "weight",
-            "serviceAccount",
-        ],
-    };
-    let fields: [(&str, &[&str]); 2] = [
-        ("", &["apiVersion", "kind", "metadata", "spec", "status"]),
-        ("spec.", spec),
+    const LABELS: &[&str] = &[];
+    let spec = &o["spec"];
+    // Each mapping's path and known fields (none: labels, every value a string).
+    let mut mappings: Vec<(String, &Value, &[&str])> = vec![
+        (
+            String::new(),
+            o,
+            &["apiVersion", "kind", "metadata", "spec", "status"],
+        ),
+        (
+            "metadata".into(),
+            &o["metadata"],
+            &["name", "namespace", "labels", "annotations"],
+        ),
+        ("metadata.labels".into(), &o["metadata"]["labels"], LABELS),
     ];
-    for (path, known) in fields {
-        let v = if path.is_empty() { o } else { &o["spec"] };
-        let unknown = v.as_object().into_iter().flatten().map(|(k, _)| k);
-        if let Some(k) = unknown.into_iter().find(|k| !known.contains(&k.as_str())) {
-            return Err(format!("{kind:?}: unknown field {path}{k}"));
+    match kind {
+        Kind::WorkloadEntry => mappings.extend([
+            ("spec".into(), spec, WORKLOAD_ENTRY),
+            ("spec.labels".into(), &spec["labels"], LABELS),
+        ]),
+        Kind::ServiceEntry => {
+            mappings.push(("spec".into(), spec, SERVICE_ENTRY));
+            for field in ["addresses", "endpoints"] {
+                let v = &spec[field];
+                if !v.is_null() && !v.as_array().is_some_and(|a| a.iter().all(|e| !e.is_null())) {
+                    return Err(format!("{kind:?}: spec.{field} is not a list"));
+                }
+            }
+            for (i, ep) in array(&spec["endpoints"]).enumerate() {
+                let path = format!("spec.endpoints[{i}]");
+                mappings.push((format!("{path}.labels"), &ep["labels"], LABELS));
+                mappings.push((path, ep, WORKLOAD_ENTRY));
+            }
+        }
+    }
+    for (path, v, known) in mappings {
+        let fields = match v {
+            Value::Null => continue,
+            Value::Object(m) => m,
+            _ => return Err(format!("{kind:?}: {path} is not a mapping")),
+        };
+        for (k, v) in fields {
+            if known.is_empty() && !v.is_string() {
+                return Err(format!("{kind:?}: {path}.{k} is not a string"));
+            }
+            if !known.is_empty() && !known.contains(&k.as_str()) {
+                let dot = if path.is_empty() { "" } else { "." };
+                return Err(format!("{kind:?}: unknown field {path}{dot}{k}"));
+            }
         }
     }
     Ok(kind)
 }
+
+/// A ServiceEntry's `spec` fields.
+const SERVICE_ENTRY: &[&str] = &[
+    "hosts",
+    "addresses",
+    "ports",
+    "location",
+    "resolution",
+    "endpoints",
+    "workloadSelector",
+    "exportTo",
+    "subjectAltNames",
+];
+
+/// A WorkloadEntry's `spec` fields, which are also a ServiceEntry endpoint's.
+const WORKLOAD_ENTRY: &[&str] = &[
+    "address",
+    "ports",
+    "labels",
+    "network",
+    "locality",
+    "weight",
+    "serviceAccount",
+];
 
 fn array(v: &Value) -> impl Iterator<Item = &Value> {
     v.as_array().into_iter().flatten()
@@ -219,7 +265,16 @@ fn address_or_range(s: &str) -> Option<IpNet> {
     if s.contains('/') {
         return s.parse::<IpNet>().ok().map(|n| n.trunc());
     }
-    s.parse::<IpAddr>().ok().map(IpNet::from)
+    ip_of(s).map(IpNet::from)
+}
+
+/// An IP address; an IPv6 one with a zone (`fe80::1%eth0`) without it, as Istio reads it.
+fn ip_of(s: &str) -> Option<IpAddr> {
+    match s.split_once('%') {
+        Some((v6, zone)) if !zone.is_empty() => v6.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
+        Some(_) => None,
+        None => s.parse().ok(),
+    }
 }
 
 /// The entries of a state, for lookup by address.
@@ -245,8 +300,10 @@ impl Entries {
     }
 
     /// The entries that traffic from a pod of namespace `client` to `ip` is addressed to (see
-    /// the module's rules).
-    pub fn addressed(&self, ip: IpAddr, client: &str) -> Vec<&Entry> {
+    /// the module's rules). `service` is the namespace of the Kubernetes Service that has `ip`
+    /// as a VIP, if any: Istio's ztunnel picks among it and the ServiceEntries of that exact
+    /// address alike, and looks no further.
+    pub fn addressed(&self, ip: IpAddr, client: &str, service: Option<&str>) -> Vec<&Entry> {
         if let Some(at) = self.exact.get(&ip) {
             let workloads: Vec<&Entry> = (at.iter())
                 .filter(|e| e.traffic == Traffic::Workload)
@@ -255,11 +312,14 @@ impl Entries {
                 return workloads;
             }
             let own: Vec<&Entry> = at.iter().filter(|e| *e.namespace == *client).collect();
-            return if own.is_empty() {
-                at.iter().collect()
-            } else {
-                own
+            return match (own.is_empty(), service == Some(client)) {
+                (false, _) => own,
+                (true, true) => Vec::new(),
+                (true, false) => at.iter().collect(),
             };
+        }
+        if service.is_some() {
+            return Vec::new();
         }
         let holding = || self.ranges.iter().filter(|e| e.at.contains(&ip));
         let rank = |e: &Entry| (*e.namespace == *client, e.at.prefix_len());

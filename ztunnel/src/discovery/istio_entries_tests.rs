@@ -64,7 +64,16 @@ fn what_the_objects_declare() {
     assert_eq!(got[0].use_waypoint.as_deref(), Some("none"));
     assert_eq!(got[2].use_waypoint.as_deref(), Some("ep-wp"));
 
-    // Istio takes no ServiceEntry with an address it cannot parse, nor one without a namespace.
+    // A zoned IPv6 address is read without its zone, as Istio reads it.
+    let mut zoned = se.clone();
+    zoned["spec"]["addresses"] = json!(["fe80::1%eth0"]);
+    zoned["spec"]["endpoints"] = json!([{"address": "fe80::2%eth0"}]);
+    let got = parse(Kind::ServiceEntry, &zoned).unwrap();
+    let at: Vec<IpNet> = got.iter().map(|e| e.at).collect();
+    assert_eq!(at, [net("fe80::1"), net("fe80::2")]);
+
+    // Istio drops a ServiceEntry with an address it cannot parse, and takes none without a
+    // namespace.
     let mut bad = se.clone();
     bad["spec"]["addresses"] = json!(["192.0.2.7", "ext.example"]);
     assert!(parse(Kind::ServiceEntry, &bad)
@@ -121,34 +130,47 @@ fn the_entries_an_address_reaches() {
         e("b", "narrow-b", "10.1.0.0/16", S),
         e("c", "narrow-c", "10.1.0.0/16", S),
         e("c", "wide6", "2001:db8::/32", S),
+        e("e", "everything", "0.0.0.0/0", S),
     ]);
-    let names = |ip: &str, client: &str| -> Vec<String> {
-        let mut v: Vec<String> = (table.addressed(ip.parse().unwrap(), client).iter())
-            .map(|e| e.name.to_string())
-            .collect();
+    let names = |ip: &str, client: &str, service: Option<&str>| -> Vec<String> {
+        let found = table.addressed(ip.parse().unwrap(), client, service);
+        let mut v: Vec<String> = found.iter().map(|e| e.name.to_string()).collect();
         v.sort();
         v
     };
-    let cases: &[(&str, &str, &[&str])] = &[
+    let cases: &[(&str, &str, Option<&str>, &[&str])] = &[
         // Exact: the client's namespace's, else every one.
-        ("10.0.0.1", "a", &["vip-a"]),
-        ("10.0.0.1", "z", &["vip-a", "vip-b"]),
-        ("10.0.0.2", "z", &["vip-c", "vip-d"]),
+        ("10.0.0.1", "a", None, &["vip-a"]),
+        ("10.0.0.1", "z", None, &["vip-a", "vip-b"]),
+        ("10.0.0.2", "z", None, &["vip-c", "vip-d"]),
         // A workload address wins over a Service's.
-        ("10.0.0.3", "b", &["wl"]),
-        // An exact address wins over any range.
-        ("10.0.0.2", "a", &["vip-c", "vip-d"]),
+        ("10.0.0.3", "b", None, &["wl"]),
+        ("10.0.0.3", "b", Some("b"), &["wl"]),
+        // An exact address wins over any range, the client namespace's too.
+        ("10.0.0.2", "a", None, &["vip-c", "vip-d"]),
+        // Beside a Kubernetes Service at the address: the client namespace's ServiceEntries
+        // (even when the Service is the client namespace's too: Istio takes either); none when
+        // only the Service is; else every one. No range.
+        ("10.0.0.1", "a", Some("a"), &["vip-a"]),
+        ("10.0.0.1", "z", Some("z"), &[]),
+        ("10.0.0.1", "z", Some("y"), &["vip-a", "vip-b"]),
+        ("10.9.9.9", "a", Some("k"), &[]),
         // Ranges: the client's namespace's first, then the longest.
-        ("10.1.2.3", "a", &["wide-a"]),
-        ("10.1.2.3", "z", &["narrow-b", "narrow-c"]),
-        ("10.1.2.3", "b", &["narrow-b"]),
-        ("10.9.9.9", "z", &["wide-a"]),
-        ("2001:db8::1", "z", &["wide6"]),
+        ("10.1.2.3", "a", None, &["wide-a"]),
+        ("10.1.2.3", "z", None, &["narrow-b", "narrow-c"]),
+        ("10.1.2.3", "b", None, &["narrow-b"]),
+        ("10.9.9.9", "z", None, &["wide-a"]),
+        ("10.9.9.9", "e", None, &["everything"]),
+        ("192.0.2.1", "z", None, &["everything"]),
+        ("2001:db8::1", "z", None, &["wide6"]),
         // Nothing declared.
-        ("192.0.2.1", "a", &[]),
-        ("2001:db9::1", "a", &[]),
+        ("2001:db9::1", "a", None, &[]),
     ];
-    for (ip, client, want) in cases {
-        assert_eq!(names(ip, client), *want, "{ip} from {client}");
+    for (ip, client, service, want) in cases {
+        assert_eq!(
+            names(ip, client, *service),
+            *want,
+            "{ip} from {client} beside {service:?}"
+        );
     }
 }

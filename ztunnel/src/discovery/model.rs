@@ -525,12 +525,18 @@ impl State {
 
     /// The ServiceEntry or WorkloadEntry that a pod of namespace `client` reaches at `ip`, and
     /// the waypoint (`namespace/name`) Istio would send that traffic through, under the
-    /// Istio-compatible setting (see [`super::istio_entries`]).
-    pub fn entry_waypoint(&self, ip: IpAddr, client: &str) -> Option<(String, String)> {
+    /// Istio-compatible setting (see [`super::istio_entries`]); `service` is the namespace of
+    /// the Kubernetes Service whose VIP `ip` is, if any.
+    pub fn entry_waypoint(
+        &self,
+        ip: IpAddr,
+        client: &str,
+        service: Option<&str>,
+    ) -> Option<(String, String)> {
         if !self.base.enrollment.istio {
             return None;
         }
-        let entries = self.base.entries.addressed(ip, client);
+        let entries = self.base.entries.addressed(ip, client, service);
         entries.into_iter().find_map(|e| {
             let waypoint = self.through(e.traffic, &e.namespace, || e.own())?;
             Some((e.to_string(), waypoint))

@@ -10,7 +10,9 @@
 //!   an endpoint that is not a workload (an API server's address, say:
 //!   [`Service::not_pods`]) is passed through, unless its address is contested (below); under
 //!   the Istio-compatible setting, a Service Istio sends through a waypoint proxy
-//!   ([`State::waypoint_of`]) is refused: the waypoint's policies would be bypassed;
+//!   ([`State::waypoint_of`]) is refused: the waypoint's policies would be bypassed; so is
+//!   one whose VIP an Istio ServiceEntry has too, when Istio would pick that and send it
+//!   through a waypoint ([`State::entry_waypoint`]);
 //!   so is, addressed directly, a pod whose waypoint takes workloads' traffic
 //!   ([`State::workload_waypoint`]);
 //! - a workload that speaks HBONE: tunnel to its IP on 15008, expecting its identity;
@@ -83,6 +85,11 @@ pub fn outbound(
                     waypoint,
                 });
             }
+            if let Some((target, waypoint)) =
+                state.entry_waypoint(ip, &source.namespace, Some(&svc.namespace))
+            {
+                return Err(PlanError::Waypoint { target, waypoint });
+            }
             let port = orig_dst.port();
             if svc.target_port(port).is_none() {
                 return Err(PlanError::NoServicePort {
@@ -141,7 +148,7 @@ pub fn outbound(
                 (w.clone(), SocketAddr::new(ip, orig_dst.port()), None)
             }
             None if state.contested(ip) => return Err(PlanError::Contested(ip)),
-            None => match state.entry_waypoint(ip, &source.namespace) {
+            None => match state.entry_waypoint(ip, &source.namespace, None) {
                 Some((target, waypoint)) => return Err(PlanError::Waypoint { target, waypoint }),
                 None => return Ok(Plan::Passthrough { dst_addr: orig_dst }),
             },
@@ -287,6 +294,7 @@ services:
   - {name: own, namespace: w, vips: [10.96.0.2], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: own}}
   - {name: out, namespace: w, vips: [10.96.0.3], ports: [{port: 80, targetPort: 8080}], selector: {app: b}, labels: {istio.io/use-waypoint: none}}
   - {name: d, namespace: x, vips: [10.96.0.5], ports: [{port: 80, targetPort: 8080}], selector: {app: d}}
+  - {name: e, namespace: x, vips: [10.96.0.6], ports: [{port: 80, targetPort: 8080}], selector: {app: d}}
 waypoints:
   - {namespace: w, name: ns-waypoint}
   - {namespace: x, name: x-wp, waypointFor: workload}
@@ -296,6 +304,8 @@ istioEntries:
            endpoints: [{address: 198.51.100.1}]}}
   - {apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {name: open, namespace: x},
      spec: {hosts: [open.example], addresses: [192.0.2.9]}}
+  - {apiVersion: networking.istio.io/v1, kind: ServiceEntry, metadata: {name: shadow, namespace: w},
+     spec: {hosts: [shadow.example], addresses: [10.96.0.6]}}
   - {apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {name: vm, namespace: x},
      spec: {address: 198.51.100.2}}
   - {apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {name: vm-out, namespace: x,
@@ -366,6 +376,15 @@ istioEntries:
                 Some(waypoint("WorkloadEntry x/vm (198.51.100.2/32)", "x/x-wp")),
             ),
             ("198.51.100.3:80", None),
+            // A Service's VIP that a ServiceEntry of the client's namespace has too: Istio
+            // picks the ServiceEntry.
+            (
+                "10.96.0.6:80",
+                Some(waypoint(
+                    "ServiceEntry w/shadow (10.96.0.6/32)",
+                    "w/ns-waypoint",
+                )),
+            ),
         ];
         for (dst, want) in cases {
             let d = dst.parse().unwrap();

@@ -11,7 +11,8 @@
 //! store gives, up to the order of [`State::workloads`] and [`State::services`].
 //!
 //! Rebuilt in full (as rare as they are broad): the first state; a re-list; a change of a
-//! namespace, a node, a policy, a Gateway or a GatewayClass; a pod change touching an IP
+//! namespace, a node, a policy, a Gateway, a GatewayClass, a ServiceEntry or a
+//! WorkloadEntry; a pod change touching an IP
 //! claimed by two pods (which both lose it, or regain it) or a uid claimed by two pods of this
 //! node; and every change after a full build failed.
 

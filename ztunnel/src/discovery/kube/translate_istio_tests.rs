@@ -334,7 +334,7 @@ fn service_and_workload_entries_declare_addresses_behind_waypoints() {
     assert!(refused.is_empty(), "{refused:?}");
     let (s, _) = build("cluster.local", rules, &st);
     let s = s.unwrap();
-    let at = |ip: &str| s.entry_waypoint(ip.parse().unwrap(), "client-ns");
+    let at = |ip: &str| s.entry_waypoint(ip.parse().unwrap(), "client-ns", None);
     assert_eq!(
         at("192.0.2.80"),
         Some((
@@ -353,7 +353,7 @@ fn service_and_workload_entries_declare_addresses_behind_waypoints() {
     let (s, _) = build("cluster.local", Rules::default(), &st);
     assert_eq!(
         s.unwrap()
-            .entry_waypoint("192.0.2.80".parse().unwrap(), "c"),
+            .entry_waypoint("192.0.2.80".parse().unwrap(), "c", None),
         None,
         "without the setting"
     );
