@@ -326,6 +326,9 @@ fn render(cmd: &Cmd, v: &Value) -> String {
                 s(&v["transport"]),
                 s(&v["mtls_mode"])
             );
+            if let Some(why) = v["refused_at_source"].as_str() {
+                let _ = writeln!(out, "refused by the source's daemon: {why}");
+            }
             let _ = writeln!(out, "decision: {verdict} — {by} ({})", s(&d["reason"]));
             for c in v["considered"].as_array().into_iter().flatten() {
                 let _ = writeln!(
@@ -479,6 +482,14 @@ mod tests {
         );
         let none = render(&cmd, &v(Value::Null));
         assert!(none.contains("no policy"), "{none}");
+        assert!(!none.contains("refused by the source"), "{none}");
+        let mut refused = v(Value::Null);
+        refused["refused_at_source"] = "service c/d sends its traffic through waypoint c/wp".into();
+        let refused = render(&cmd, &refused);
+        assert!(
+            refused.contains("refused by the source's daemon: service c/d sends"),
+            "{refused}"
+        );
     }
 
     #[test]

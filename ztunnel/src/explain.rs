@@ -2,9 +2,10 @@
 //! by an operator (`namespace/name` or an IP; the destination with `:port`), without sending
 //! traffic. Pure: it reads a discovery snapshot. A Service VIP destination is explained for
 //! one of its endpoints on the daemon's node (its decision is that daemon's to make) and the
-//! target port.
+//! target port. What the source's daemon would refuse before any policy (its outbound plan's
+//! error) is named too.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -23,6 +24,11 @@ pub struct Explanation {
     pub service: Option<String>,
     /// How the source's daemon would carry it: `hbone` (mutual TLS) or `plaintext`.
     pub transport: &'static str,
+    /// Why the source's daemon refuses the connection before any policy, if it does (the
+    /// outbound plan's error: a Service or pod Istio sends through a waypoint, under the
+    /// Istio-compatible setting; a Service without an endpoint for the source; …). The
+    /// `decision` is then the destination's, had the connection reached it.
+    pub refused_at_source: Option<String>,
     /// The destination's peer-authentication mode for plaintext to this port.
     pub mtls_mode: MtlsMode,
     /// The engine's decision ([`crate::policy::PolicyIndex::evaluate`]'s, by the same code).
@@ -87,11 +93,9 @@ pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explan
     let port: u16 = port
         .parse()
         .map_err(|_| format!("{port:?} is not a port"))?;
-    let (dst, port, service) = match dst
-        .parse::<IpAddr>()
-        .ok()
-        .and_then(|ip| state.service_by_vip(ip))
-    {
+    let to_port = port;
+    let dialled = dst.parse::<IpAddr>().ok();
+    let (dst, port, service) = match dialled.and_then(|ip| state.service_by_vip(ip)) {
         Some(svc) => {
             let ip: IpAddr = dst.parse().expect("parsed above");
             let target = svc.target_port(port).ok_or_else(|| {
@@ -120,6 +124,11 @@ pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explan
             dst.namespace, dst.name, dst.node
         ));
     }
+    // What the source dialled: the address given (a VIP, or one of the pod's), else the pod's.
+    let dialled = SocketAddr::new(dialled.unwrap_or(dst.ips[0]), to_port);
+    let refused_at_source = crate::proxy::plan::outbound(state, &src, dialled, &mut |_| 0)
+        .err()
+        .map(|e| e.to_string());
     let source = endpoint(state, &src);
     let destination = endpoint(state, &dst);
     let hbone = source.in_mesh && destination.in_mesh;
@@ -145,6 +154,7 @@ pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explan
         port,
         service,
         transport: if hbone { "hbone" } else { "plaintext" },
+        refused_at_source,
         mtls_mode,
         decision,
         considered,
@@ -209,5 +219,30 @@ policies:
             let e = explain(&s, node, "demo/client", "10.96.0.1:80").unwrap();
             assert_eq!(e.destination.workload, endpoint, "asked on {node}");
         }
+        assert_eq!(e.refused_at_source, None);
+    }
+
+    /// Under the Istio-compatible setting, a Service behind its namespace's waypoint (for
+    /// Services) is refused by the source's daemon, whatever the destination would decide; the
+    /// pod addressed directly is not.
+    #[test]
+    fn names_what_the_source_refuses() {
+        let yaml = MESH.replace(
+            "{name: demo, labels: {ztunnel.dev/dataplane-mode: ambient}}",
+            "{name: demo, labels: {ztunnel.dev/dataplane-mode: ambient, istio.io/use-waypoint: wp}}",
+        ) + "waypoints: [{namespace: demo, name: wp}]\n";
+        let istio = crate::discovery::enrollment::Rules {
+            istio: true,
+            ..Default::default()
+        };
+        let s = crate::discovery::parse(&yaml, "cluster.local")
+            .unwrap()
+            .with_enrollment(istio);
+        let e = explain(&s, "n2", "demo/client", "10.96.0.1:80").unwrap();
+        let refused = e.refused_at_source.unwrap_or_default();
+        assert!(refused.contains("waypoint demo/wp"), "{refused}");
+        assert!(e.decision.allowed, "the destination's decision");
+        let e = explain(&s, "n2", "demo/client", "demo/server:8080").unwrap();
+        assert_eq!(e.refused_at_source, None);
     }
 }
