@@ -20,7 +20,7 @@
 //!   - {name: web, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
 //! policies:                # AuthorizationPolicy and PeerAuthentication objects
 //!   - {apiVersion: security.ztunnel.dev/v1, kind: AuthorizationPolicy, metadata: {name: p, namespace: demo}, spec: {}}
-//! waypoints:               # Istio's ready waypoints (see `waypoint`); waypointFor: service by default
+//! waypoints:               # Istio's ready waypoints (see `waypoint`), any namespace's to use; waypointFor: service by default
 //!   - {namespace: demo, name: waypoint, waypointFor: workload}
 //! istioEntries:            # Istio's ServiceEntry and WorkloadEntry objects (see `istio_entries`)
 //!   - {apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {name: vm, namespace: demo}, spec: {address: 192.0.2.7}}

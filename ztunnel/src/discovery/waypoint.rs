@@ -10,8 +10,13 @@
 //! - A waypoint is a Gateway API `Gateway` that is ready (it has `status.addresses`). What it
 //!   takes is its `istio.io/waypoint-for` label, else its GatewayClass's, else `service`:
 //!   `service`, `workload` or `all` (anything else: nothing). A ready Gateway whose class is
-//!   not known (yet) and that says nothing itself is taken to take every kind. Traffic to an object whose
-//!   waypoint does not take that kind of traffic goes directly, as in Istio.
+//!   not known (yet) and that says nothing itself is taken to take every kind. Traffic to an
+//!   object whose waypoint does not take that kind of traffic goes directly, as in Istio.
+//! - A waypoint of another namespace than the object's counts only if its listeners let the
+//!   object's namespace attach (`allowedRoutes.namespaces`: `Same` when not said, `All`, or
+//!   a `Selector` of namespace labels); otherwise the object's traffic goes directly, as in
+//!   Istio. Istio reads one listener (the HBONE one on 15008, or the one an inbound binding
+//!   names); here a namespace any listener lets attach counts, and the waypoint's own always.
 //! - A Service that is a waypoint's own (`gateway.istio.io/managed` set by Istio to
 //!   `istio.io-mesh-controller`, or `istio.io-eastwest-controller` for an east-west gateway)
 //!   has none; nor has a pod whose `gateway.networking.k8s.io/gateway-name` label names a
@@ -23,9 +28,7 @@
 //!
 //! Fail closed where Istio is not: a waypoint that is named but not known to be ready (its
 //! Gateway not found or not ready yet, the Gateway API not served) is taken to take every
-//! kind of traffic, so what names it is refused where Istio would reach it directly; and a
-//! Gateway's `allowedRoutes` are not read, so a waypoint that refuses an object's attachment
-//! (Istio then reaches the object directly) still counts as the object's.
+//! kind of traffic, so what names it is refused where Istio would reach it directly.
 
 use std::collections::HashMap;
 
@@ -113,13 +116,115 @@ impl<'a> UseWaypoint<'a> {
     }
 }
 
+/// Which namespaces one of a Gateway's listeners lets attach (its
+/// `allowedRoutes.namespaces`), as Istio reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attach {
+    All,
+    /// The Gateway's own namespace only (also what Istio makes of `None` and of no rule).
+    Same,
+    /// The namespaces whose labels match (`None`: a listener without a selector, which
+    /// matches none).
+    Selector(Option<Selector>),
+}
+
+impl Attach {
+    /// From a listener's `allowedRoutes.namespaces` (JSON).
+    pub fn parse(namespaces: &serde_json::Value) -> Attach {
+        match namespaces["from"].as_str() {
+            Some("All") => Attach::All,
+            Some("Selector") => {
+                let s = &namespaces["selector"];
+                Attach::Selector((!s.is_null()).then(|| Selector::parse(s)))
+            }
+            _ => Attach::Same,
+        }
+    }
+}
+
+/// A Kubernetes label selector (`matchLabels`, `matchExpressions`). One that cannot be read
+/// (an unknown operator) matches every namespace: the waypoint then counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    /// (key, operator, values) for each `matchLabels` pair (`In` one value) and expression;
+    /// `None`: unreadable.
+    requirements: Option<Vec<(String, String, Vec<String>)>>,
+}
+
+impl Selector {
+    pub fn parse(v: &serde_json::Value) -> Selector {
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        let mut reqs = Vec::new();
+        for (k, v) in v["matchLabels"].as_object().into_iter().flatten() {
+            let Some(v) = text(v) else {
+                return Selector { requirements: None };
+            };
+            reqs.push((k.clone(), "In".to_owned(), vec![v]));
+        }
+        for e in v["matchExpressions"].as_array().into_iter().flatten() {
+            let (Some(key), Some(op)) = (text(&e["key"]), text(&e["operator"])) else {
+                return Selector { requirements: None };
+            };
+            if !["In", "NotIn", "Exists", "DoesNotExist"].contains(&op.as_str()) {
+                return Selector { requirements: None };
+            }
+            let values = e["values"].as_array().into_iter().flatten();
+            reqs.push((key, op, values.filter_map(text).collect()));
+        }
+        Selector {
+            requirements: Some(reqs),
+        }
+    }
+
+    fn matches(&self, labels: Option<&Labels>) -> bool {
+        let Some(reqs) = &self.requirements else {
+            return true;
+        };
+        reqs.iter().all(|(key, op, values)| {
+            let v = labels.and_then(|l| l.get(key));
+            let listed = v.is_some_and(|v| values.iter().any(|x| **x == **v));
+            match op.as_str() {
+                "In" => listed,
+                "NotIn" => !listed,
+                "Exists" => v.is_some(),
+                _ => v.is_none(),
+            }
+        })
+    }
+}
+
+/// A ready waypoint: what it takes, and which namespaces its listeners let attach (a
+/// namespace any of them lets counts, and always its own: a superset of the one listener
+/// Istio reads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Waypoint {
+    serves: Serves,
+    attach: Box<[Attach]>,
+}
+
 /// The ready waypoints, by `namespace/name`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Waypoints(HashMap<Box<str>, Serves>);
+pub struct Waypoints(HashMap<Box<str>, Waypoint>);
 
 impl Waypoints {
+    /// A waypoint that lets every namespace attach.
     pub fn insert(&mut self, namespace: &str, name: &str, serves: Serves) {
-        self.0.insert(format!("{namespace}/{name}").into(), serves);
+        self.insert_attach(namespace, name, serves, vec![Attach::All]);
+    }
+
+    /// A waypoint whose listeners let `attach` attach.
+    pub fn insert_attach(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        serves: Serves,
+        attach: Vec<Attach>,
+    ) {
+        let w = Waypoint {
+            serves,
+            attach: attach.into(),
+        };
+        self.0.insert(format!("{namespace}/{name}").into(), w);
     }
 
     /// The waypoint (`namespace/name`) that `traffic` to an object of namespace `object_ns`
@@ -146,9 +251,18 @@ impl Waypoints {
                 (&**v, ns.get(ISTIO_USE_WAYPOINT_NAMESPACE).map(|v| &**v))
             }
         };
-        let named = format!("{}/{name}", namespace.unwrap_or(object_ns));
-        let takes = self.0.get(&*named).is_none_or(|s| s.takes(traffic));
-        takes.then_some(named)
+        let waypoint_ns = namespace.unwrap_or(object_ns);
+        let named = format!("{waypoint_ns}/{name}");
+        let Some(w) = self.0.get(&*named) else {
+            return Some(named);
+        };
+        let admits = waypoint_ns == object_ns
+            || w.attach.iter().any(|a| match a {
+                Attach::All => true,
+                Attach::Same => false,
+                Attach::Selector(s) => s.as_ref().is_some_and(|s| s.matches(ns)),
+            });
+        (w.serves.takes(traffic) && admits).then_some(named)
     }
 }
 
@@ -274,6 +388,133 @@ mod tests {
             Some("x/all-wp"),
             "a replica of a Gateway of another namespace"
         );
+    }
+
+    /// A waypoint in another namespace counts only for the namespaces its listeners let
+    /// attach (`allowedRoutes.namespaces`: `Same` when not said, `All`, or a `Selector` of
+    /// namespace labels); any listener's leave counts, and the waypoint's own namespace always
+    /// does. Otherwise the object's traffic goes directly, as in Istio.
+    #[test]
+    fn a_waypoint_counts_for_the_namespaces_it_lets_attach() {
+        use serde_json::json;
+        let selector =
+            |s: serde_json::Value| Attach::parse(&json!({"from": "Selector", "selector": s}));
+        let team_a = Labels::of(&[("team", "a"), ("tier", "web")]);
+        let team_b = Labels::of(&[("team", "b")]);
+        let cases: Vec<(Vec<Attach>, Option<&Labels>, bool)> = vec![
+            (vec![Attach::parse(&json!(null))], Some(&team_a), false),
+            (
+                vec![Attach::parse(&json!({"from": "Same"}))],
+                Some(&team_a),
+                false,
+            ),
+            (
+                vec![Attach::parse(&json!({"from": "None"}))],
+                Some(&team_a),
+                false,
+            ),
+            (vec![Attach::parse(&json!({"from": "All"}))], None, true),
+            (vec![Attach::Same, Attach::All], Some(&team_b), true),
+            (vec![], Some(&team_a), false),
+            (
+                vec![selector(json!({"matchLabels": {"team": "a"}}))],
+                Some(&team_a),
+                true,
+            ),
+            (
+                vec![selector(json!({"matchLabels": {"team": "a"}}))],
+                Some(&team_b),
+                false,
+            ),
+            (
+                vec![selector(json!({"matchLabels": {"team": "a"}}))],
+                None,
+                false,
+            ),
+            (vec![selector(json!({}))], Some(&team_b), true),
+            (
+                vec![Attach::parse(&json!({"from": "Selector"}))],
+                Some(&team_a),
+                false,
+            ),
+            (
+                vec![selector(
+                    json!({"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "c"]}]}),
+                )],
+                Some(&team_a),
+                true,
+            ),
+            (
+                vec![selector(
+                    json!({"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["a"]}]}),
+                )],
+                Some(&team_a),
+                false,
+            ),
+            (
+                vec![selector(
+                    json!({"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["a"]}]}),
+                )],
+                None,
+                true,
+            ),
+            (
+                vec![selector(
+                    json!({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}),
+                )],
+                Some(&team_b),
+                false,
+            ),
+            (
+                vec![selector(
+                    json!({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}),
+                )],
+                Some(&team_b),
+                true,
+            ),
+            (
+                vec![selector(
+                    json!({"matchLabels": {"team": "a"}, "matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}),
+                )],
+                Some(&team_a),
+                false,
+            ),
+            // An unreadable selector counts the waypoint (fail closed).
+            (
+                vec![selector(
+                    json!({"matchExpressions": [{"key": "team", "operator": "Gt", "values": ["1"]}]}),
+                )],
+                Some(&team_b),
+                true,
+            ),
+        ];
+        for (i, (attach, ns_labels, counts)) in cases.into_iter().enumerate() {
+            let mut known = Waypoints::default();
+            known.insert_attach("infra", "shared", Serves::ALL, attach.clone());
+            let own = UseWaypoint {
+                name: Some("shared"),
+                namespace: Some("infra"),
+                gateway: None,
+            };
+            let want = counts.then(|| "infra/shared".to_owned());
+            assert_eq!(
+                known.through(Traffic::Service, "app", own, ns_labels),
+                want,
+                "case {i}: {attach:?} {ns_labels:?}"
+            );
+            // Its own namespace always attaches.
+            let own = UseWaypoint {
+                name: Some("shared"),
+                ..UseWaypoint::default()
+            };
+            assert_eq!(
+                known
+                    .through(Traffic::Service, "infra", own, ns_labels)
+                    .as_deref(),
+                Some("infra/shared"),
+                "case {i} from its own namespace"
+            );
+        }
     }
 
     /// A waypoint's own Service, and an east-west gateway's, has none.

@@ -16,7 +16,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use super::{may_list, spawn_watcher, v1_resource, Kind, Shared, Watcher};
-use crate::discovery::waypoint::ISTIO_WAYPOINT_FOR;
+use crate::discovery::waypoint::{Attach, ISTIO_WAYPOINT_FOR};
 use crate::discovery::Error;
 use crate::task::first_ended;
 
@@ -33,6 +33,8 @@ pub struct GatewayEntry {
     pub class: Arc<str>,
     /// Its `istio.io/waypoint-for` label.
     pub waypoint_for: Option<Arc<str>>,
+    /// Which namespaces each of its listeners lets attach.
+    pub attach: Arc<[Attach]>,
 }
 
 /// A GatewayClass as the store keeps it: its `istio.io/waypoint-for` label.
@@ -55,9 +57,12 @@ pub fn gateway_entry(o: &DynamicObject) -> Result<Option<GatewayEntry>, String> 
     let class = o.data["spec"]["gatewayClassName"]
         .as_str()
         .ok_or("a Gateway without spec.gatewayClassName")?;
+    let listeners = o.data["spec"]["listeners"].as_array().into_iter().flatten();
+    let attach = listeners.map(|l| Attach::parse(&l["allowedRoutes"]["namespaces"]));
     Ok(Some(GatewayEntry {
         class: class.into(),
         waypoint_for: waypoint_for(o),
+        attach: attach.collect(),
     }))
 }
 

@@ -421,8 +421,9 @@ pub fn build_keyed(
 }
 
 /// The ready waypoints of `store`: each ready Gateway, taking what its label says, else its
-/// class's, else Services' traffic. A ready Gateway whose class is not listed (yet: its
-/// controller made it ready) and says nothing itself is taken to take every kind.
+/// class's, else Services' traffic, from the namespaces its listeners let attach. A ready
+/// Gateway whose class is not listed (yet: its controller made it ready) and says nothing
+/// itself is taken to take every kind.
 pub fn waypoints(store: &Store) -> waypoint::Waypoints {
     let mut w = waypoint::Waypoints::default();
     for ((ns, name), g) in &store.gateways {
@@ -436,7 +437,7 @@ pub fn waypoints(store: &Store) -> waypoint::Waypoints {
                 class.and_then(|c| c.waypoint_for.as_deref()),
             ),
         };
-        w.insert(ns, name, serves);
+        w.insert_attach(ns, name, serves, g.attach.to_vec());
     }
     w
 }

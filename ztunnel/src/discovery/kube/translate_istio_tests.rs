@@ -364,3 +364,45 @@ fn service_and_workload_entries_declare_addresses_behind_waypoints() {
     let (_, refused) = store_with(&[bad], rules);
     assert_eq!(refused.len(), 1, "{refused:?}");
 }
+
+/// A Gateway's listeners say which namespaces may use it as their waypoint
+/// (`allowedRoutes.namespaces`); a namespace they do not let attach reaches its pods directly,
+/// as in Istio.
+#[test]
+fn a_gateways_listeners_say_who_may_attach() {
+    let shared = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "shared", "namespace": "infra", "labels": {"istio.io/waypoint-for": "all"}},
+        "spec": {"gatewayClassName": "istio-waypoint", "listeners": [
+            {"name": "mesh", "port": 15008, "protocol": "HBONE",
+             "allowedRoutes": {"namespaces": {"from": "Selector",
+                                              "selector": {"matchLabels": {"team": "a"}}}}}]},
+        "status": {"addresses": [{"type": "IPAddress", "value": "10.96.9.9"}]}});
+    let team = |name: &str, team: &str| {
+        let mut n = ns(name, true);
+        n["metadata"]["labels"]["team"] = json!(team);
+        n["metadata"]["labels"]["istio.io/use-waypoint"] = json!("shared");
+        n["metadata"]["labels"]["istio.io/use-waypoint-namespace"] = json!("infra");
+        n
+    };
+    let objs = [
+        shared,
+        team("a", "a"),
+        team("b", "b"),
+        pod("a", "pa", NODE, "10.0.1.1"),
+        pod("b", "pb", NODE, "10.0.1.2"),
+    ];
+    let rules = Rules {
+        istio: true,
+        ..Default::default()
+    };
+    let (st, refused) = store_with(&objs, rules);
+    assert!(refused.is_empty(), "{refused:?}");
+    let (s, _) = build("cluster.local", rules, &st);
+    let s = s.unwrap();
+    let through = |ip: &str| {
+        let w = s.workload_by_ip(ip.parse().unwrap()).unwrap();
+        s.workload_waypoint(w)
+    };
+    assert_eq!(through("10.0.1.1").as_deref(), Some("infra/shared"));
+    assert_eq!(through("10.0.1.2"), None, "not let attach");
+}
