@@ -326,14 +326,7 @@ fn service_and_workload_entries_declare_addresses_behind_waypoints() {
                          "labels": {"istio.io/use-waypoint": "wp"}},
             "spec": {"address": "198.51.100.7", "serviceAccount": "vm"}}),
     ];
-    let rules = Rules {
-        istio: true,
-        ..Default::default()
-    };
-    let (st, refused) = store_with(&objs, rules);
-    assert!(refused.is_empty(), "{refused:?}");
-    let (s, _) = build("cluster.local", rules, &st);
-    let s = s.unwrap();
+    let (st, s) = istio_state(&objs);
     let at = |ip: &str| s.entry_waypoint(ip.parse().unwrap(), "client-ns", None);
     assert_eq!(
         at("192.0.2.80"),
@@ -361,7 +354,11 @@ fn service_and_workload_entries_declare_addresses_behind_waypoints() {
     let bad = json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
         "metadata": {"name": "bad", "namespace": "egress"},
         "spec": {"hosts": ["bad.example"], "addresses": ["not-an-ip"]}});
-    let (_, refused) = store_with(&[bad], rules);
+    let istio = Rules {
+        istio: true,
+        ..Default::default()
+    };
+    let (_, refused) = store_with(&[bad], istio);
     assert_eq!(refused.len(), 1, "{refused:?}");
 }
 
@@ -391,18 +388,23 @@ fn a_gateways_listeners_say_who_may_attach() {
         pod("a", "pa", NODE, "10.0.1.1"),
         pod("b", "pb", NODE, "10.0.1.2"),
     ];
-    let rules = Rules {
-        istio: true,
-        ..Default::default()
-    };
-    let (st, refused) = store_with(&objs, rules);
-    assert!(refused.is_empty(), "{refused:?}");
-    let (s, _) = build("cluster.local", rules, &st);
-    let s = s.unwrap();
+    let (_, s) = istio_state(&objs);
     let through = |ip: &str| {
         let w = s.workload_by_ip(ip.parse().unwrap()).unwrap();
         s.workload_waypoint(w)
     };
     assert_eq!(through("10.0.1.1").as_deref(), Some("infra/shared"));
     assert_eq!(through("10.0.1.2"), None, "not let attach");
+}
+
+/// The store and state of `objs` under the Istio-compatible setting, none of them refused.
+fn istio_state(objs: &[serde_json::Value]) -> (Store, crate::discovery::State) {
+    let rules = Rules {
+        istio: true,
+        ..Default::default()
+    };
+    let (st, refused) = store_with(objs, rules);
+    assert!(refused.is_empty(), "{refused:?}");
+    let (s, _) = build("cluster.local", rules, &st);
+    (st, s.unwrap())
 }
