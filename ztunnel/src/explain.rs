@@ -24,9 +24,10 @@ pub struct Explanation {
     pub service: Option<String>,
     /// How the source's daemon would carry it: `hbone` (mutual TLS) or `plaintext`.
     pub transport: &'static str,
-    /// Why the source's daemon refuses the connection before any policy, if it does (the
-    /// outbound plan's error: a Service or pod Istio sends through a waypoint, under the
-    /// Istio-compatible setting; a Service without an endpoint for the source; …). The
+    /// Why the source's daemon refuses the connection before any policy, if the source is a
+    /// pod it captures and it does (the outbound plan's error: a Service or pod Istio sends
+    /// through a waypoint, under the Istio-compatible setting; a Service without an endpoint
+    /// for the source; …; for a Service VIP, as planned to the first of its endpoints). The
     /// `decision` is then the destination's, had the connection reached it.
     pub refused_at_source: Option<String>,
     /// The destination's peer-authentication mode for plaintext to this port.
@@ -50,7 +51,7 @@ pub struct Endpoint {
 }
 
 fn find(state: &State, what: &str) -> Result<Arc<Workload>, String> {
-    if let Ok(ip) = what.parse::<IpAddr>() {
+    if let Ok(ip) = what.parse::<IpAddr>().map(|ip| ip.to_canonical()) {
         return state
             .workload_by_ip(ip)
             .cloned()
@@ -94,10 +95,10 @@ pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explan
         .parse()
         .map_err(|_| format!("{port:?} is not a port"))?;
     let to_port = port;
-    let dialled = dst.parse::<IpAddr>().ok();
+    let dialled = dst.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
     let (dst, port, service) = match dialled.and_then(|ip| state.service_by_vip(ip)) {
         Some(svc) => {
-            let ip: IpAddr = dst.parse().expect("parsed above");
+            let ip = dialled.expect("parsed above");
             let target = svc.target_port(port).ok_or_else(|| {
                 format!("service {}/{} has no port {port}", svc.namespace, svc.name)
             })?;
@@ -126,8 +127,11 @@ pub fn explain(state: &State, node: &str, from: &str, to: &str) -> Result<Explan
     }
     // What the source dialled: the address given (a VIP, or one of the pod's), else the pod's.
     let dialled = SocketAddr::new(dialled.unwrap_or(dst.ips[0]), to_port);
-    let refused_at_source = crate::proxy::plan::outbound(state, &src, dialled, &mut |_| 0)
-        .err()
+    // Only a source whose connections its daemon captures is refused by it.
+    let captured = src.protocol == crate::discovery::Protocol::Hbone && state.enrolled(&src);
+    let refused_at_source = captured
+        .then(|| crate::proxy::plan::outbound(state, &src, dialled, &mut |_| 0).err())
+        .flatten()
         .map(|e| e.to_string());
     let source = endpoint(state, &src);
     let destination = endpoint(state, &dst);
@@ -244,5 +248,11 @@ policies:
         assert!(e.decision.allowed, "the destination's decision");
         let e = explain(&s, "n2", "demo/client", "demo/server:8080").unwrap();
         assert_eq!(e.refused_at_source, None);
+        // A source outside the mesh is not captured: its connection goes in plaintext.
+        let e = explain(&s, "n2", "plain/legacy", "10.96.0.1:80").unwrap();
+        assert_eq!(e.refused_at_source, None);
+        // An IPv4-mapped address is the IPv4 one.
+        let e = explain(&s, "n2", "::ffff:10.0.0.1", "[::ffff:10.96.0.1]:80").unwrap();
+        assert!(e.refused_at_source.is_some(), "{e:?}");
     }
 }

@@ -16,7 +16,8 @@
 //!   object's namespace attach (`allowedRoutes.namespaces`: `Same` when not said, `All`, or
 //!   a `Selector` of namespace labels); otherwise the object's traffic goes directly, as in
 //!   Istio. Istio reads one listener (the HBONE one on 15008, or the one an inbound binding
-//!   names); here a namespace any listener lets attach counts, and the waypoint's own always.
+//!   names); here a namespace any listener lets attach counts, the waypoint's own always, and
+//!   so does a namespace not seen yet (fail closed).
 //! - A Service that is a waypoint's own (`gateway.istio.io/managed` set by Istio to
 //!   `istio.io-mesh-controller`, or `istio.io-eastwest-controller` for an east-west gateway)
 //!   has none; nor has a pod whose `gateway.networking.k8s.io/gateway-name` label names a
@@ -142,8 +143,10 @@ impl Attach {
     }
 }
 
-/// A Kubernetes label selector (`matchLabels`, `matchExpressions`). One that cannot be read
-/// (an unknown operator) matches every namespace: the waypoint then counts.
+/// A Kubernetes label selector (`matchLabels`, `matchExpressions`). One that Kubernetes
+/// would refuse (an unknown operator, `In` or `NotIn` without values, `Exists` or
+/// `DoesNotExist` with some, a value that is not a string) matches every namespace: the
+/// waypoint then counts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Selector {
     /// (key, operator, values) for each `matchLabels` pair (`In` one value) and expression;
@@ -165,23 +168,33 @@ impl Selector {
             let (Some(key), Some(op)) = (text(&e["key"]), text(&e["operator"])) else {
                 return Selector { requirements: None };
             };
-            if !["In", "NotIn", "Exists", "DoesNotExist"].contains(&op.as_str()) {
+            let values: Option<Vec<String>> = (e["values"].as_array().into_iter().flatten())
+                .map(text)
+                .collect();
+            let Some(values) = values else {
+                return Selector { requirements: None };
+            };
+            let valid = match op.as_str() {
+                "In" | "NotIn" => !values.is_empty(),
+                "Exists" | "DoesNotExist" => values.is_empty(),
+                _ => false,
+            };
+            if !valid {
                 return Selector { requirements: None };
             }
-            let values = e["values"].as_array().into_iter().flatten();
-            reqs.push((key, op, values.filter_map(text).collect()));
+            reqs.push((key, op, values));
         }
         Selector {
             requirements: Some(reqs),
         }
     }
 
-    fn matches(&self, labels: Option<&Labels>) -> bool {
+    fn matches(&self, labels: &Labels) -> bool {
         let Some(reqs) = &self.requirements else {
             return true;
         };
         reqs.iter().all(|(key, op, values)| {
-            let v = labels.and_then(|l| l.get(key));
+            let v = labels.get(key);
             let listed = v.is_some_and(|v| values.iter().any(|x| **x == **v));
             match op.as_str() {
                 "In" => listed,
@@ -260,7 +273,9 @@ impl Waypoints {
             || w.attach.iter().any(|a| match a {
                 Attach::All => true,
                 Attach::Same => false,
-                Attach::Selector(s) => s.as_ref().is_some_and(|s| s.matches(ns)),
+                // A namespace not seen yet may match (fail closed).
+                Attach::Selector(Some(s)) => ns.is_none_or(|ns| s.matches(ns)),
+                Attach::Selector(None) => false,
             });
         (w.serves.takes(traffic) && admits).then_some(named)
     }
@@ -426,10 +441,11 @@ mod tests {
                 Some(&team_b),
                 false,
             ),
+            // A namespace not seen yet may match.
             (
                 vec![selector(json!({"matchLabels": {"team": "a"}}))],
                 None,
-                false,
+                true,
             ),
             (vec![selector(json!({}))], Some(&team_b), true),
             (
@@ -479,11 +495,30 @@ mod tests {
                 Some(&team_a),
                 false,
             ),
-            // An unreadable selector counts the waypoint (fail closed).
+            // A selector Kubernetes would refuse counts the waypoint (fail closed).
             (
                 vec![selector(
                     json!({"matchExpressions": [{"key": "team", "operator": "Gt", "values": ["1"]}]}),
                 )],
+                Some(&team_b),
+                true,
+            ),
+            (
+                vec![selector(
+                    json!({"matchExpressions": [{"key": "team", "operator": "In"}]}),
+                )],
+                Some(&team_b),
+                true,
+            ),
+            (
+                vec![selector(
+                    json!({"matchExpressions": [{"key": "tier", "operator": "Exists", "values": ["x"]}]}),
+                )],
+                Some(&team_b),
+                true,
+            ),
+            (
+                vec![selector(json!({"matchLabels": {"team": 1}}))],
                 Some(&team_b),
                 true,
             ),
