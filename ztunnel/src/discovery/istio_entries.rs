@@ -20,11 +20,13 @@
 //! connection is refused if any names a waypoint that takes it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde_json::Value;
+
+use crate::policy::ip_block;
 
 use super::waypoint::{
     self, Traffic, UseWaypoint, GATEWAY_NAME, ISTIO_USE_WAYPOINT, ISTIO_USE_WAYPOINT_NAMESPACE,
@@ -260,21 +262,18 @@ fn strings(v: &Value) -> BTreeMap<&str, &str> {
         .collect()
 }
 
-/// An IP address (a host prefix) or a CIDR range, masked to its network (as Istio does).
+/// An IP address (a host prefix) or a CIDR range as istiod reads it ([`ip_block`]), a range
+/// masked to its network.
 fn address_or_range(s: &str) -> Option<IpNet> {
-    if s.contains('/') {
-        return s.parse::<IpNet>().ok().map(|n| n.trunc());
-    }
-    ip_of(s).map(IpNet::from)
+    ip_block(s).map(|n| n.trunc())
 }
 
-/// An IP address; an IPv6 one with a zone (`fe80::1%eth0`) without it, as Istio reads it.
+/// An IP address as istiod reads it (an IPv6 one with a zone, `fe80::1%eth0`, without it).
 fn ip_of(s: &str) -> Option<IpAddr> {
-    match s.split_once('%') {
-        Some((v6, zone)) if !zone.is_empty() => v6.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
-        Some(_) => None,
-        None => s.parse().ok(),
-    }
+    (!s.contains('/'))
+        .then(|| ip_block(s))
+        .flatten()
+        .map(|n| n.addr())
 }
 
 /// The entries of a state, for lookup by address.

@@ -17,6 +17,7 @@ mod validate;
 pub use compiled::{Conn, Decision, Effect, Kind, PolicyRef, Reason};
 pub use convert::{status_of, PolicyStatus, CONDITION_TYPE, DRY_RUN_ANNOTATION};
 pub use engine::{Considered, Ignored, PolicyIndex};
+pub(crate) use matchers::ip_block;
 pub use roots::{root_namespaces, set_root_namespaces, ROOT_NAMESPACE};
 
 #[cfg(test)]
